@@ -1,0 +1,416 @@
+//! The agent's life once joined: one outbound mTLS stream to the controller,
+//! re-dialled with jittered exponential backoff (DESIGN §2.1); heartbeats
+//! with host metrics; policy bundles verified before use; every job checked
+//! by `fleetcmd_core::authorize` before the executor sees it; results kept
+//! until the controller acknowledges them (sent again after a reconnect).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleetcmd_core::authorize::{AgentContext, authorize};
+use fleetcmd_core::job::{JobSpec, SignedJob};
+use fleetcmd_core::policy_bundle::PolicySignature;
+use fleetcmd_proto::v1 as pb;
+use pb::agent_message::Msg as Out;
+use pb::controller_message::Msg as In;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::AgentConfig;
+use crate::exec::{ExecLimits, Termination, execute};
+use crate::metrics::{Collector, HostMetrics};
+use crate::state::{PolicyStore, SeenSet, StateDir, StateError, write_atomic};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Identity(String),
+}
+
+/// Outbound queue of one stream. Bounded; results are never lost to it
+/// because they also stay in `pending` until acknowledged.
+const OUT_QUEUE: usize = 256;
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Inner {
+    config: AgentConfig,
+    dir: StateDir,
+    agent_id: String,
+    labels: BTreeMap<String, String>,
+    policy: Mutex<PolicyStore>,
+    seen: Mutex<SeenSet>,
+    /// Results not yet acknowledged by the controller.
+    pending: Mutex<BTreeMap<String, pb::JobResult>>,
+    out: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
+    collector: Arc<Mutex<Collector>>,
+    running: Mutex<HashMap<String, watch::Sender<bool>>>,
+}
+
+/// A running agent. `shutdown` stops it.
+pub struct AgentHandle {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    pub agent_id: String,
+}
+
+impl std::fmt::Debug for AgentHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentHandle").field("agent_id", &self.agent_id).finish()
+    }
+}
+
+impl AgentHandle {
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Loads the joined state and starts the connection loop.
+pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+    let dir = StateDir::new(&config.state_dir);
+    let identity = dir.load_identity()?;
+    let roots = identity.roots().map_err(AgentError::Identity)?;
+    let policy = PolicyStore::load(&dir, roots, identity.policy_threshold)?;
+    let seen = SeenSet::load(&dir)?;
+    dir.client_tls()?; // fail now, not in the loop, when files are missing
+    let mut labels = config.labels.clone();
+    labels.extend(identity.labels.clone());
+    let inner = Arc::new(Inner {
+        agent_id: identity.agent_id.clone(),
+        labels,
+        policy: Mutex::new(policy),
+        seen: Mutex::new(seen),
+        pending: Mutex::new(BTreeMap::new()),
+        out: Mutex::new(None),
+        collector: Arc::new(Mutex::new(Collector::new())),
+        running: Mutex::new(HashMap::new()),
+        dir,
+        config,
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(run(inner, stop_rx));
+    Ok(AgentHandle { stop, task, agent_id: identity.agent_id })
+}
+
+fn jitter_factor() -> f64 {
+    let mut b = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    0.8 + 0.4 * (u32::from_le_bytes(b) as f64 / u32::MAX as f64)
+}
+
+/// gRPC connection-backoff shape: base × 1.6ⁿ, ±20 % jitter, capped.
+pub fn backoff(attempt: u32) -> Duration {
+    let raw = BACKOFF_BASE.as_secs_f64() * 1.6f64.powi(attempt.min(20) as i32);
+    Duration::from_secs_f64(raw.min(BACKOFF_MAX.as_secs_f64()) * jitter_factor())
+}
+
+async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut jobs = JoinSet::new();
+    let mut attempt = 0u32;
+    loop {
+        match session(&inner, &mut stop, &mut jobs).await {
+            Ok(()) => break,
+            Err(SessionEnd { welcomed, reason }) => {
+                *lock(&inner.out) = None;
+                if welcomed {
+                    attempt = 0;
+                }
+                let wait = backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(agent_id = %inner.agent_id, %reason, retry_in_ms = wait.as_millis() as u64, "controller connection lost");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stopped(&mut stop) => break,
+                }
+            }
+        }
+    }
+    // Running commands are killed with their process groups when dropped.
+    for tx in lock(&inner.running).values() {
+        let _ = tx.send(true);
+    }
+    while jobs.join_next().await.is_some() {}
+    tracing::info!(agent_id = %inner.agent_id, "agent stopped");
+}
+
+struct SessionEnd {
+    welcomed: bool,
+    reason: String,
+}
+
+fn end(welcomed: bool, reason: impl std::fmt::Display) -> SessionEnd {
+    SessionEnd { welcomed, reason: reason.to_string() }
+}
+
+fn msg(m: Out) -> pb::AgentMessage {
+    pb::AgentMessage { msg: Some(m) }
+}
+
+/// One connection; returns Ok(()) only when asked to stop.
+async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>, jobs: &mut JoinSet<()>) -> Result<(), SessionEnd> {
+    let tls = inner.dir.client_tls().map_err(|e| end(false, e))?;
+    let channel = tokio::select! {
+        c = fleetcmd_proto::channel::connect(&inner.config.controller, &tls) => c.map_err(|e| end(false, e))?,
+        _ = stopped(stop) => return Ok(()),
+    };
+    let mut client = pb::agent_stream_client::AgentStreamClient::new(channel);
+    let (tx, rx) = mpsc::channel(OUT_QUEUE);
+    let hello = pb::Hello {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        hostname: inner.agent_id.clone(),
+        labels: inner.labels.clone().into_iter().collect(),
+        policy_version: lock(&inner.policy).version(),
+        allow: inner.config.allow.clone().unwrap_or_default(),
+    };
+    tx.try_send(msg(Out::Hello(hello))).map_err(|e| end(false, e))?;
+    let mut inbound = client.connect(ReceiverStream::new(rx)).await.map_err(|s| end(false, s.message()))?.into_inner();
+    let mut welcomed = false;
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
+    let mut renew_check = tokio::time::interval(Duration::from_secs(1));
+    let mut renewing_since: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stopped(stop) => return Ok(()),
+            _ = heartbeat.tick(), if welcomed => {
+                let hb = pb::Heartbeat { metrics: Some(collect(inner).await), policy_version: lock(&inner.policy).version(), agent_time: now_secs() };
+                // A full queue means the stream is stuck; drop this heartbeat.
+                let _ = tx.try_send(msg(Out::Heartbeat(hb)));
+            }
+            _ = renew_check.tick(), if welcomed => {
+                if renewing_since.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) && renewal_due(&inner.dir) {
+                    match renewal_request(&inner.dir) {
+                        Ok(csr) => {
+                            renewing_since = Some(std::time::Instant::now());
+                            let _ = tx.try_send(msg(Out::Renew(pb::RenewRequest { csr_der: csr })));
+                        }
+                        Err(e) => tracing::error!(error = %e, "building certificate renewal request"),
+                    }
+                }
+            }
+            m = inbound.message() => {
+                let m = match m {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Err(end(welcomed, "controller closed the stream")),
+                    Err(s) => return Err(end(welcomed, format!("{}: {}", code_name(s.code()), s.message()))),
+                };
+                match m.msg {
+                    Some(In::Welcome(w)) => {
+                        welcomed = true;
+                        heartbeat = tokio::time::interval(Duration::from_secs(u64::from(w.heartbeat_secs.max(1))));
+                        *lock(&inner.out) = Some(tx.clone());
+                        let unacked: Vec<pb::JobResult> = lock(&inner.pending).values().cloned().collect();
+                        for r in unacked {
+                            let _ = tx.send(msg(Out::Result(r))).await;
+                        }
+                        tracing::info!(agent_id = %inner.agent_id, "connected to controller");
+                    }
+                    Some(In::Policy(p)) => {
+                        let sigs: Vec<PolicySignature> = p.signatures.into_iter().map(|s| PolicySignature { key_id: s.key_id, signature: s.signature }).collect();
+                        match lock(&inner.policy).offer(&p.bundle, &sigs) {
+                            Ok(v) => tracing::info!(agent_id = %inner.agent_id, version = v, "policy accepted"),
+                            Err(e) => tracing::warn!(target: "fleetcmd::security", agent_id = %inner.agent_id, error = %e, "policy bundle refused; keeping the last good one"),
+                        }
+                    }
+                    Some(In::Job(j)) => {
+                        let inner = inner.clone();
+                        jobs.spawn(async move { handle_job(inner, j).await });
+                    }
+                    Some(In::Ack(a)) => {
+                        lock(&inner.pending).remove(&a.job_id);
+                    }
+                    Some(In::Renew(r)) => {
+                        renewing_since = None;
+                        if r.error.is_empty() {
+                            match write_atomic(&inner.dir.cert(), r.cert_pem.as_bytes(), 0o644) {
+                                Ok(()) => tracing::info!(agent_id = %inner.agent_id, "certificate renewed"),
+                                Err(e) => tracing::error!(error = %e, "writing renewed certificate"),
+                            }
+                        } else {
+                            tracing::error!(error = %r.error, "certificate renewal refused");
+                        }
+                    }
+                    None => {}
+                }
+            }
+            Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+        }
+    }
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    match c {
+        tonic::Code::PermissionDenied => "permission denied",
+        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::Unavailable => "unavailable",
+        _ => "error",
+    }
+}
+
+async fn collect(inner: &Arc<Inner>) -> pb::HostMetrics {
+    let c = inner.collector.clone();
+    let m: HostMetrics = tokio::task::spawn_blocking(move || lock(&c).collect()).await.unwrap_or_default();
+    pb::HostMetrics {
+        cpu_percent: m.cpu_percent,
+        load1: m.load1,
+        load5: m.load5,
+        load15: m.load15,
+        mem_total_bytes: m.mem_total_bytes,
+        mem_used_bytes: m.mem_used_bytes,
+        swap_total_bytes: m.swap_total_bytes,
+        swap_used_bytes: m.swap_used_bytes,
+        uptime_secs: m.uptime_secs,
+        process_count: m.process_count,
+        disks: m.disks.into_iter().map(|d| pb::DiskUsage { mount: d.mount, total_bytes: d.total_bytes, available_bytes: d.available_bytes }).collect(),
+    }
+}
+
+/// True once 2/3 of the current certificate's lifetime has passed.
+fn renewal_due(dir: &StateDir) -> bool {
+    let Ok(pem) = std::fs::read_to_string(dir.cert()) else { return false };
+    let Ok((_, p)) = x509_parser::pem::parse_x509_pem(pem.as_bytes()) else { return false };
+    let Ok(cert) = p.parse_x509() else { return false };
+    let nb = cert.validity().not_before.timestamp();
+    let na = cert.validity().not_after.timestamp();
+    let due = nb + (na - nb) * 2 / 3;
+    now_secs() as i64 >= due
+}
+
+fn renewal_request(dir: &StateDir) -> Result<Vec<u8>, String> {
+    let key_pem = std::fs::read_to_string(dir.key()).map_err(|e| e.to_string())?;
+    let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| e.to_string())?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .map_err(|e| e.to_string())?;
+    Ok(csr.der().to_vec())
+}
+
+fn refused(job_id: String, code: &str, reason: String) -> pb::JobResult {
+    pb::JobResult { job_id, outcome: pb::Outcome::Refused as i32, reason_code: code.to_owned(), reason, ..Default::default() }
+}
+
+async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
+    let job = SignedJob { spec: signed.spec, signature: signed.signature, key_id: signed.key_id };
+    // Only to label the result; nothing in an unverified spec is trusted.
+    let job_id = JobSpec::from_bytes(&job.spec).map(|s| s.id.to_string()).unwrap_or_default();
+    let now = now_secs();
+    let decision = {
+        let policy = lock(&inner.policy);
+        match policy.current() {
+            None => Err(refused(job_id.clone(), "no_policy", "the agent has no policy yet".into())),
+            Some(p) => {
+                let allow = inner.config.allow.as_deref();
+                let ctx = AgentContext { policy: p, name: &inner.agent_id, labels: &inner.labels, allow };
+                let mut seen = lock(&inner.seen);
+                match authorize(&job, &ctx, now, &|id| seen.contains(id.as_str())) {
+                    Err(r) => Err(refused(job_id.clone(), r.code(), r.to_string())),
+                    // Recorded durably before anything runs: a restart cannot reopen replay.
+                    Ok(cmd) => match seen.insert(cmd.job_id().as_str(), cmd.expires_at(), now) {
+                        Ok(()) => Ok(cmd),
+                        Err(e) => Err(refused(job_id.clone(), "state_error", format!("cannot record the job id: {e}"))),
+                    },
+                }
+            }
+        }
+    };
+    let result = match decision {
+        Err(r) => {
+            tracing::warn!(target: "fleetcmd::security", agent_id = %inner.agent_id, job_id = %job_id, reason = %r.reason, "job refused");
+            r
+        }
+        Ok(cmd) => {
+            send(&inner, msg(Out::Started(pb::JobStarted { job_id: job_id.clone() })));
+            let (cancel_tx, cancel_rx) = watch::channel(false);
+            lock(&inner.running).insert(job_id.clone(), cancel_tx);
+            let limits = ExecLimits { max_output: inner.config.max_output_bytes, ..ExecLimits::default() };
+            let out = execute(&cmd, &limits, cancel_rx).await;
+            lock(&inner.running).remove(&job_id);
+            let mut r = pb::JobResult {
+                job_id: job_id.clone(),
+                stdout: out.stdout,
+                stderr: out.stderr,
+                stdout_dropped: out.stdout_dropped,
+                stderr_dropped: out.stderr_dropped,
+                duration_ms: out.duration.as_millis() as u64,
+                ..Default::default()
+            };
+            match out.termination {
+                Termination::Exited(0) => {
+                    r.outcome = pb::Outcome::Ok as i32;
+                    r.exit_code = Some(0);
+                }
+                Termination::Exited(code) => {
+                    r.outcome = pb::Outcome::Failed as i32;
+                    r.exit_code = Some(code);
+                    r.reason = format!("exit status {code}");
+                }
+                Termination::Signaled(sig) => {
+                    r.outcome = pb::Outcome::Failed as i32;
+                    r.signal = Some(sig);
+                    r.reason = format!("killed by signal {sig}");
+                }
+                Termination::TimedOut => {
+                    r.outcome = pb::Outcome::TimedOut as i32;
+                    r.reason = format!("timed out after {}s; process group killed", cmd.timeout().as_secs());
+                }
+                Termination::Canceled => {
+                    r.outcome = pb::Outcome::Canceled as i32;
+                    r.reason = "canceled".into();
+                }
+                Termination::SpawnFailed(e) => {
+                    r.outcome = pb::Outcome::Failed as i32;
+                    r.reason_code = "spawn_failed".into();
+                    r.reason = e;
+                }
+            }
+            r
+        }
+    };
+    if result.job_id.is_empty() {
+        return; // not even a parseable spec: nothing to report against
+    }
+    lock(&inner.pending).insert(result.job_id.clone(), result.clone());
+    send(&inner, msg(Out::Result(result)));
+}
+
+/// Sends on the current stream if there is one; results stay in `pending`
+/// and are sent again on the next connection otherwise.
+fn send(inner: &Inner, m: pb::AgentMessage) {
+    if let Some(tx) = lock(&inner.out).as_ref() {
+        if tx.try_send(m).is_err() {
+            tracing::debug!(agent_id = %inner.agent_id, "outbound queue full; message will be resent");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        for attempt in 0..30 {
+            let nominal = (1.6f64.powi(attempt.min(20) as i32)).min(60.0);
+            let d = backoff(attempt).as_secs_f64();
+            assert!(d >= nominal * 0.8 - 1e-9 && d <= nominal * 1.2 + 1e-9, "attempt {attempt}: {d} vs {nominal}");
+        }
+    }
+}
+
+/// Resolves once the watch turns true (or its sender is gone).
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,15 @@
+//! The fleetcmd agent: joins the fleet with a pinned token, keeps one
+//! outbound mTLS stream to the controller, reports health, and runs only
+//! allow-listed commands from jobs it has verified itself (DESIGN §2.5).
+//! It opens no listening port.
+
+pub mod config;
+pub mod conn;
+pub mod exec;
+pub mod join;
+pub mod metrics;
+pub mod state;
+
+pub use config::AgentConfig;
+pub use conn::{AgentHandle, spawn};
+pub use join::{JoinOptions, join};

@@ -1,0 +1,148 @@
+//! Chat adapters: one folder per platform, all behind [`ChatAdapter`].
+//!
+//! An adapter has two halves so the router can answer while it keeps
+//! reading: the adapter itself is the receiving half (`recv` needs
+//! `&mut self`), and [`ChatAdapter::sender`] hands out a shareable
+//! [`ChatSender`] that any number of command tasks use at once.
+//!
+//! Replies are structured ([`Reply`]); each adapter renders them for its
+//! platform and is responsible for keeping command output inert there
+//! (DESIGN §2.11).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use fleetcmd_core::ids::Identity;
+
+pub mod console;
+
+/// A boxed, sendable future, for the object-safe [`ChatSender`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One chat message received by an adapter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Incoming {
+    /// The platform's stable user id (DESIGN §2.8), never a display name.
+    pub identity: Identity,
+    /// Where replies go; also the channel RBAC rules match on.
+    pub channel: String,
+    pub text: String,
+    /// The thread to answer in, where the platform has threads.
+    pub thread: Option<String>,
+    /// A direct conversation with the bot: every message is addressed to it.
+    pub direct: bool,
+    /// Sent by a bot (this one or another): always ignored.
+    pub from_bot: bool,
+}
+
+/// A posted message, for editing it later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageRef {
+    pub channel: String,
+    /// The platform's message id (the console numbers its messages).
+    pub id: String,
+}
+
+/// A structured reply: a header line, plain lines, then sections (one per
+/// host for job results). Every piece of text may hold untrusted data
+/// (argument values, agent output); adapters escape all of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reply {
+    /// The thread to answer in (copied from [`Incoming::thread`]).
+    pub thread: Option<String>,
+    pub header: String,
+    pub lines: Vec<String>,
+    pub sections: Vec<Section>,
+}
+
+/// A titled part of a reply, e.g. one host's result.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Section {
+    pub title: String,
+    /// Plain lines under the title (notes such as "output truncated").
+    pub notes: Vec<String>,
+    /// Preformatted blocks (command output, tables), shown verbatim but inert.
+    pub blocks: Vec<CodeBlock>,
+}
+
+/// Preformatted text with an optional label (`stdout`, `stderr`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CodeBlock {
+    pub label: String,
+    pub text: String,
+}
+
+impl Reply {
+    /// A reply with just a header.
+    pub fn text(header: impl Into<String>) -> Reply {
+        Reply { header: header.into(), ..Reply::default() }
+    }
+
+    /// Everything in the reply as plain text, for logs and tests (not escaped).
+    pub fn plain(&self) -> String {
+        let mut s = self.header.clone();
+        for l in &self.lines {
+            s.push('\n');
+            s.push_str(l);
+        }
+        for sec in &self.sections {
+            s.push('\n');
+            s.push_str(&sec.title);
+            for n in &sec.notes {
+                s.push('\n');
+                s.push_str(n);
+            }
+            for b in &sec.blocks {
+                s.push('\n');
+                s.push_str(&b.label);
+                s.push('\n');
+                s.push_str(&b.text);
+            }
+        }
+        s
+    }
+}
+
+/// Why an adapter could not send or edit.
+#[derive(thiserror::Error, Debug)]
+pub enum AdapterError {
+    #[error("writing to {what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("invalid identity for this adapter: {0}")]
+    Identity(#[from] fleetcmd_core::ids::IdError),
+    #[error("message {0} cannot be edited: unknown id")]
+    UnknownMessage(String),
+}
+
+/// The sending half of an adapter; shared by every command task.
+pub trait ChatSender: Send + Sync {
+    /// Posts `reply` in `channel`.
+    fn send<'a>(&'a self, channel: &'a str, reply: Reply) -> BoxFuture<'a, Result<MessageRef, AdapterError>>;
+    /// Replaces a posted message (platforms without edits post again).
+    fn edit<'a>(&'a self, msg: &'a MessageRef, reply: Reply) -> BoxFuture<'a, Result<(), AdapterError>>;
+}
+
+/// A chat platform connection.
+pub trait ChatAdapter: Send + 'static {
+    /// The next message; `None` at the end of input (the gateway then lets
+    /// running commands finish and returns).
+    fn recv(&mut self) -> impl Future<Output = Option<Incoming>> + Send;
+
+    /// The sending half, usable while `recv` is pending.
+    fn sender(&self) -> Arc<dyn ChatSender>;
+
+    /// Posts `reply` in `channel` (shortcut for `sender().send`).
+    fn send(&self, channel: &str, reply: Reply) -> impl Future<Output = Result<MessageRef, AdapterError>> + Send {
+        let sender = self.sender();
+        let channel = channel.to_owned();
+        async move { sender.send(&channel, reply).await }
+    }
+
+    /// Replaces a posted message (shortcut for `sender().edit`).
+    fn edit(&self, msg: &MessageRef, reply: Reply) -> impl Future<Output = Result<(), AdapterError>> + Send {
+        let sender = self.sender();
+        let msg = msg.clone();
+        async move { sender.edit(&msg, reply).await }
+    }
+}

@@ -1,0 +1,93 @@
+//! The gateway's view of the controller: a [`ControllerApi`] trait in front
+//! of the mTLS gRPC clients, so the router is tested with a fake.
+
+use std::future::Future;
+
+use fleetcmd_core::job::SignedJob;
+use fleetcmd_proto::channel::{ChannelError, ClientTls, endpoint};
+use fleetcmd_proto::v1;
+use fleetcmd_proto::v1::agents_client::AgentsClient;
+use fleetcmd_proto::v1::jobs_client::JobsClient;
+use fleetcmd_proto::v1::policy_client::PolicyClient;
+use tonic::transport::Channel;
+
+/// How many jobs `jobs` asks for.
+pub const JOBS_LIMIT: u32 = 20;
+
+/// A controller call that failed; the message is the gRPC status message,
+/// which is what chat users see.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+#[error("controller: {message} ({code:?})")]
+pub struct ControllerError {
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+impl From<tonic::Status> for ControllerError {
+    fn from(s: tonic::Status) -> ControllerError {
+        let message = if s.message().is_empty() { s.code().description().to_string() } else { s.message().to_string() };
+        ControllerError { code: s.code(), message }
+    }
+}
+
+/// The controller calls the gateway makes.
+pub trait ControllerApi: Send + Sync + 'static {
+    fn submit(&self, job: SignedJob) -> impl Future<Output = Result<v1::SubmitResponse, ControllerError>> + Send;
+    /// `id` may be a unique prefix.
+    fn get_job(&self, id: String) -> impl Future<Output = Result<v1::Job, ControllerError>> + Send;
+    /// Recent jobs, newest first; `requester` narrows to one identity.
+    fn list_jobs(
+        &self,
+        limit: u32,
+        requester: Option<String>,
+    ) -> impl Future<Output = Result<Vec<v1::Job>, ControllerError>> + Send;
+    /// An empty selector means all agents.
+    fn list_agents(&self, selector: String) -> impl Future<Output = Result<Vec<v1::Agent>, ControllerError>> + Send;
+    fn get_policy(&self) -> impl Future<Output = Result<v1::PolicyInfo, ControllerError>> + Send;
+}
+
+/// The real controller over mTLS gRPC.
+#[derive(Clone, Debug)]
+pub struct GrpcController {
+    channel: Channel,
+}
+
+impl GrpcController {
+    /// A controller client that connects on first use and reconnects after
+    /// failures, so a controller that is down at start does not stop the
+    /// gateway (calls fail with a clear message meanwhile).
+    pub fn connect_lazy(url: &str, tls: &ClientTls) -> Result<GrpcController, ChannelError> {
+        let ep = endpoint(url, &tls.ca_pem, Some((&tls.cert_pem, &tls.key_pem)))?;
+        Ok(GrpcController { channel: ep.connect_lazy() })
+    }
+
+    /// A client over an existing channel.
+    pub fn from_channel(channel: Channel) -> GrpcController {
+        GrpcController { channel }
+    }
+}
+
+impl ControllerApi for GrpcController {
+    async fn submit(&self, job: SignedJob) -> Result<v1::SubmitResponse, ControllerError> {
+        let req = v1::SignedJob { spec: job.spec, signature: job.signature, key_id: job.key_id };
+        Ok(JobsClient::new(self.channel.clone()).submit(req).await?.into_inner())
+    }
+
+    async fn get_job(&self, id: String) -> Result<v1::Job, ControllerError> {
+        Ok(JobsClient::new(self.channel.clone()).get(v1::GetJobRequest { job_id: id }).await?.into_inner())
+    }
+
+    async fn list_jobs(&self, limit: u32, requester: Option<String>) -> Result<Vec<v1::Job>, ControllerError> {
+        let req = v1::ListJobsRequest { limit, requester: requester.unwrap_or_default() };
+        Ok(JobsClient::new(self.channel.clone()).list(req).await?.into_inner().jobs)
+    }
+
+    async fn list_agents(&self, selector: String) -> Result<Vec<v1::Agent>, ControllerError> {
+        let req = v1::ListAgentsRequest { selector };
+        Ok(AgentsClient::new(self.channel.clone()).list(req).await?.into_inner().agents)
+    }
+
+    async fn get_policy(&self) -> Result<v1::PolicyInfo, ControllerError> {
+        Ok(PolicyClient::new(self.channel.clone()).get(v1::GetPolicyRequest {}).await?.into_inner())
+    }
+}

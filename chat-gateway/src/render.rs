@@ -1,0 +1,394 @@
+//! Building replies from controller data, and the text rules every adapter
+//! applies so output stays data (DESIGN §2.11).
+//!
+//! This module decides *what* a reply says; adapters decide how it looks on
+//! their platform and escape it there.
+
+use std::fmt::Write as _;
+
+use fleetcmd_core::policy::{ArgKind, CommandDef};
+use fleetcmd_proto::v1;
+
+use crate::adapters::{CodeBlock, Reply, Section};
+
+/// Characters of one output stream shown in chat.
+pub const MAX_OUTPUT_CHARS: usize = 1500;
+/// Lines of one output stream shown in chat.
+pub const MAX_OUTPUT_LINES: usize = 30;
+/// Hosts shown with a section in one job reply; the rest are counted.
+pub const MAX_HOST_SECTIONS: usize = 25;
+
+/// Job states after which nothing changes any more.
+pub const TERMINAL_STATES: [&str; 6] = ["succeeded", "failed", "aborted", "canceled", "expired", "denied"];
+
+/// Whether a job state is final.
+pub fn is_terminal(state: &str) -> bool {
+    TERMINAL_STATES.contains(&state)
+}
+
+/// Replaces control characters other than tab (ANSI escapes, carriage
+/// returns, bells, bidi overrides…) with U+FFFD, so text cannot rewrite the
+/// terminal or what a reader sees.
+pub fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if (c.is_control() && c != '\t') || is_bidi_control(c) { '\u{FFFD}' } else { c })
+        .collect()
+}
+
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}')
+}
+
+/// A job id prefix for chat: the 48-bit millisecond timestamp plus the first
+/// random bits of the UUIDv7, so ids of jobs started close together differ.
+/// The controller accepts any unique prefix.
+pub fn short_id(id: &str) -> &str {
+    id.get(..18).unwrap_or(id)
+}
+
+/// `" — asked by <who>"`, appended to headers so every reply names who asked.
+pub fn asked_by(who: &str) -> String {
+    format!(" — asked by {who}")
+}
+
+/// One line describing a command's positional arguments, e.g.
+/// `restart <unit: enum nginx.service|app.service>`.
+pub fn usage(def: &CommandDef) -> String {
+    let mut s = def.name.clone();
+    for name in def.positional() {
+        let Some(spec) = def.args.get(name) else { continue };
+        let kind = match &spec.kind {
+            ArgKind::Enum { values } => format!("enum {}", values.join("|")),
+            ArgKind::Int { min, max } => match (*min == i64::MIN, *max == i64::MAX) {
+                (true, true) => "int".to_string(),
+                _ => format!("int {min}..={max}"),
+            },
+            ArgKind::Pattern { source, .. } => format!("pattern {source}"),
+            other => other.name().to_string(),
+        };
+        match &spec.default {
+            Some(d) => {
+                let _ = write!(s, " [{name}: {kind}, default {d}]");
+            }
+            None => {
+                let _ = write!(s, " <{name}: {kind}>");
+            }
+        }
+    }
+    s
+}
+
+/// `help` and `help CMD` for the commands the asker may run here.
+pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
+    if let Some(topic) = topic {
+        return match commands.iter().find(|c| c.name == topic) {
+            Some(def) => {
+                let mut lines = vec![format!("usage: run {} on <selector>", usage(def))];
+                if !def.description.is_empty() {
+                    lines.push(def.description.clone());
+                }
+                lines.push(format!("timeout {}s", def.timeout.as_secs()));
+                if let Some(t) = &def.targets {
+                    lines.push(format!("only on `{t}`"));
+                }
+                if def.requires_approvals > 0 {
+                    lines.push(format!("needs {} approval(s)", def.requires_approvals));
+                }
+                Reply { header: format!("help for `{}`{}", def.name, asked_by(who)), lines, ..Reply::default() }
+            }
+            None => Reply::text(format!(
+                "`{}` is not a command you may run in this channel; try `help`{}",
+                topic,
+                asked_by(who)
+            )),
+        };
+    }
+    if commands.is_empty() {
+        return Reply::text(format!("you may not run any command in this channel{}", asked_by(who)));
+    }
+    let mut lines = vec![
+        "run <command> [args] on <selector> [--timeout D] [--dry-run]".to_string(),
+        "also: agents [selector], status [selector], job <id>, jobs [mine], whoami, policy, help <command>"
+            .to_string(),
+    ];
+    for def in commands {
+        let mut line = format!("• {}", usage(def));
+        if !def.description.is_empty() {
+            let _ = write!(line, " — {}", def.description);
+        }
+        lines.push(line);
+    }
+    Reply { header: format!("commands you may run here{}", asked_by(who)), lines, ..Reply::default() }
+}
+
+/// At most [`MAX_OUTPUT_LINES`] lines and [`MAX_OUTPUT_CHARS`] characters of
+/// `bytes` (lossy UTF-8), and whether anything was cut.
+pub fn truncate_output(bytes: &[u8]) -> (String, bool) {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim_end_matches('\n');
+    let mut out = String::new();
+    let mut cut = false;
+    for (i, line) in text.split('\n').enumerate() {
+        if i >= MAX_OUTPUT_LINES {
+            cut = true;
+            break;
+        }
+        let room = MAX_OUTPUT_CHARS.saturating_sub(out.chars().count());
+        if line.chars().count() + 1 > room {
+            if i > 0 {
+                out.push('\n');
+            }
+            out.extend(line.chars().take(room.saturating_sub(1)));
+            cut = true;
+            break;
+        }
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(line);
+    }
+    (out, cut)
+}
+
+fn outcome_detail(r: &v1::JobResult) -> String {
+    let mut parts = Vec::new();
+    if let Some(code) = r.exit_code {
+        parts.push(format!("exit {code}"));
+    }
+    if let Some(sig) = r.signal {
+        parts.push(format!("signal {sig}"));
+    }
+    match (r.reason_code.is_empty(), r.reason.is_empty()) {
+        (true, true) => {}
+        (false, true) => parts.push(r.reason_code.clone()),
+        (true, false) => parts.push(r.reason.clone()),
+        (false, false) => parts.push(format!("{}: {}", r.reason_code, r.reason)),
+    }
+    parts.push(format_ms(r.duration_ms));
+    parts.join(", ")
+}
+
+fn format_ms(ms: u64) -> String {
+    if ms < 1000 { format!("{ms} ms") } else { format!("{:.1} s", ms as f64 / 1000.0) }
+}
+
+/// One host's section of a job reply.
+pub fn target_section(job_id: &str, t: &v1::Target) -> Section {
+    let mut sec = Section { title: format!("{} — {}", t.agent_id, t.state), ..Section::default() };
+    let Some(r) = &t.result else { return sec };
+    sec.title = format!("{} — {}, {}", t.agent_id, t.state, outcome_detail(r));
+    for (label, bytes, dropped) in [("stdout", &r.stdout, r.stdout_dropped), ("stderr", &r.stderr, r.stderr_dropped)] {
+        if bytes.is_empty() && dropped == 0 {
+            continue;
+        }
+        let (text, cut) = truncate_output(bytes);
+        if !text.is_empty() {
+            sec.blocks.push(CodeBlock { label: label.to_string(), text });
+        }
+        if cut {
+            sec.notes.push(format!(
+                "{label} truncated in chat; full output: `output {} {}`",
+                short_id(job_id),
+                t.agent_id
+            ));
+        }
+        if dropped > 0 {
+            sec.notes.push(format!("the agent dropped {dropped} bytes of {label} (over its output cap)"));
+        }
+    }
+    sec
+}
+
+/// A job's state and per-host results; used while it runs and when it ends.
+pub fn job(job: &v1::Job) -> Reply {
+    let total = job.targets.len();
+    let ok = job.targets.iter().filter(|t| t.state == "ok").count();
+    let header = if is_terminal(&job.state) {
+        format!("job {} {} ({ok}/{total} ok){}", short_id(&job.job_id), job.state, asked_by(&job.requester))
+    } else {
+        let done = job.targets.iter().filter(|t| t.result.is_some()).count();
+        format!(
+            "job {} {} ({done}/{total} done, {ok} ok){}",
+            short_id(&job.job_id),
+            job.state,
+            asked_by(&job.requester)
+        )
+    };
+    let lines = vec![format!("`{}` on {}", job.command, job.selector)];
+    let mut sections: Vec<Section> =
+        job.targets.iter().take(MAX_HOST_SECTIONS).map(|t| target_section(&job.job_id, t)).collect();
+    if total > MAX_HOST_SECTIONS {
+        sections.push(Section {
+            title: format!("… and {} more hosts; `jobs` and `job {}` list them", total - MAX_HOST_SECTIONS, short_id(&job.job_id)),
+            ..Section::default()
+        });
+    }
+    Reply { header, lines, sections, ..Reply::default() }
+}
+
+/// `job ID` for someone other than the requester: the same view, but the
+/// header also names who is looking.
+pub fn job_for(j: &v1::Job, who: &str) -> Reply {
+    let mut r = job(j);
+    if j.requester != who {
+        r.header.push_str(&format!(" (shown to {who})"));
+    }
+    r
+}
+
+/// Recent jobs as a table.
+pub fn jobs(jobs: &[v1::Job], who: &str, mine: bool) -> Reply {
+    let header = format!("{} ({}){}", if mine { "your recent jobs" } else { "recent jobs" }, jobs.len(), asked_by(who));
+    if jobs.is_empty() {
+        return Reply::text(header);
+    }
+    let mut text = String::new();
+    for j in jobs {
+        let ok = j.targets.iter().filter(|t| t.state == "ok").count();
+        let _ = writeln!(
+            text,
+            "{:<18}  {:<10}  {:>3}/{:<3} {:<12} {:<24} {}",
+            short_id(&j.job_id),
+            j.state,
+            ok,
+            j.targets.len(),
+            j.command,
+            j.selector,
+            j.requester
+        );
+    }
+    Reply {
+        header,
+        sections: vec![Section {
+            blocks: vec![CodeBlock { label: String::new(), text: text.trim_end().to_string() }],
+            ..Section::default()
+        }],
+        ..Reply::default()
+    }
+}
+
+/// The agents table of `agents` / `status`.
+pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply {
+    let online = agents.iter().filter(|a| a.online && !a.revoked).count();
+    let header = format!(
+        "agents{}: {} ({} online){}",
+        selector.map(|s| format!(" matching {s}")).unwrap_or_default(),
+        agents.len(),
+        online,
+        asked_by(who)
+    );
+    if agents.is_empty() {
+        return Reply::text(header);
+    }
+    let mut text = format!("{:<24} {:<8} {:>6} {:>5}  {:<10} {}\n", "AGENT", "STATE", "LOAD1", "MEM%", "VERSION", "LABELS");
+    for a in agents {
+        let state = if a.revoked {
+            "revoked"
+        } else if a.online {
+            "online"
+        } else {
+            "offline"
+        };
+        let (load, mem) = match &a.metrics {
+            Some(m) if m.mem_total_bytes > 0 => (
+                format!("{:.2}", m.load1),
+                format!("{:.0}", m.mem_used_bytes as f64 * 100.0 / m.mem_total_bytes as f64),
+            ),
+            Some(m) => (format!("{:.2}", m.load1), "-".to_string()),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        let labels: Vec<String> = {
+            let mut l: Vec<_> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            l.sort();
+            l
+        };
+        let _ = writeln!(
+            text,
+            "{:<24} {:<8} {:>6} {:>5}  {:<10} {}",
+            a.agent_id,
+            state,
+            load,
+            mem,
+            if a.version.is_empty() { "-" } else { &a.version },
+            labels.join(",")
+        );
+    }
+    Reply {
+        header,
+        sections: vec![Section {
+            blocks: vec![CodeBlock { label: String::new(), text: text.trim_end().to_string() }],
+            ..Section::default()
+        }],
+        ..Reply::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_replaces_controls_but_keeps_tabs() {
+        for (input, expected) in [
+            ("plain", "plain"),
+            ("a\tb", "a\tb"),
+            ("\x1b[31mred", "\u{FFFD}[31mred"),
+            ("over\rwrite", "over\u{FFFD}write"),
+            ("bell\x07", "bell\u{FFFD}"),
+            ("rtl\u{202E}txt", "rtl\u{FFFD}txt"),
+            ("line\nbreak", "line\u{FFFD}break"),
+        ] {
+            assert_eq!(sanitize(input), expected, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn truncation() {
+        assert_eq!(truncate_output(b"a\nb\n"), ("a\nb".to_string(), false));
+        let many: String = (0..100).map(|i| format!("{i}\n")).collect();
+        let (text, cut) = truncate_output(many.as_bytes());
+        assert!(cut);
+        assert_eq!(text.lines().count(), MAX_OUTPUT_LINES);
+        let long = "x".repeat(MAX_OUTPUT_CHARS * 2);
+        let (text, cut) = truncate_output(long.as_bytes());
+        assert!(cut);
+        assert!(text.chars().count() < MAX_OUTPUT_CHARS);
+        assert_eq!(truncate_output(&[0xff, b'a']).0, "\u{FFFD}a");
+    }
+
+    #[test]
+    fn short_ids() {
+        assert_eq!(short_id("01890a5d-ac96-774b-bcce-b302099a8057"), "01890a5d-ac96-774b");
+        assert_eq!(short_id("0189"), "0189");
+    }
+
+    #[test]
+    fn job_reply_names_requester_and_dropped_bytes() {
+        let j = v1::Job {
+            job_id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
+            command: "uptime".into(),
+            selector: "all".into(),
+            requester: "console:alice".into(),
+            state: "failed".into(),
+            targets: vec![
+                v1::Target {
+                    agent_id: "web-1".into(),
+                    state: "ok".into(),
+                    result: Some(v1::JobResult { exit_code: Some(0), stdout: b"up 3 days".to_vec(), duration_ms: 12, ..Default::default() }),
+                },
+                v1::Target {
+                    agent_id: "web-2".into(),
+                    state: "failed".into(),
+                    result: Some(v1::JobResult { exit_code: Some(2), stderr_dropped: 10, duration_ms: 1500, ..Default::default() }),
+                },
+            ],
+            ..Default::default()
+        };
+        let r = job(&j);
+        assert_eq!(r.header, "job 01890a5d-ac96-774b failed (1/2 ok) — asked by console:alice");
+        assert_eq!(r.sections[0].title, "web-1 — ok, exit 0, 12 ms");
+        assert_eq!(r.sections[0].blocks[0].text, "up 3 days");
+        assert_eq!(r.sections[1].title, "web-2 — failed, exit 2, 1.5 s");
+        assert!(r.sections[1].notes[0].contains("dropped 10 bytes of stderr"), "{:?}", r.sections[1].notes);
+    }
+}

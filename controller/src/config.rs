@@ -1,0 +1,143 @@
+//! `controller.toml`: loaded, then validated in one pass that reports every
+//! problem with its key (DESIGN §9).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleetcmd_core::crypto::PublicKey;
+use serde::Deserialize;
+
+/// The file as written. Defaults live in `Default` below, in one place.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub tls_names: Vec<String>,
+    pub policy_roots: Vec<String>,
+    pub policy_threshold: usize,
+    pub agent_cert_ttl: String,
+    pub heartbeat_interval: String,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            listen: "127.0.0.1:7443".into(),
+            data_dir: "/var/lib/fleetcmd/controller".into(),
+            tls_names: Vec::new(),
+            policy_roots: Vec::new(),
+            policy_threshold: 1,
+            agent_cert_ttl: "24h".into(),
+            heartbeat_interval: "10s".into(),
+        }
+    }
+}
+
+/// The validated configuration the controller runs with.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls_names: Vec<String>,
+    pub policy_roots: Vec<PublicKey>,
+    pub policy_threshold: usize,
+    pub agent_cert_ttl: Duration,
+    pub heartbeat_interval: Duration,
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.iter().map(|p| format!("{}: {p}", .file)).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<String>,
+}
+
+impl RawConfig {
+    pub fn validate(&self, file: &str) -> Result<ControllerConfig, ConfigError> {
+        let mut problems = Vec::new();
+        let listen = self
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| problems.push(format!("listen: {:?} is not an address: {e}", self.listen)))
+            .ok();
+        let mut roots = Vec::new();
+        for (i, r) in self.policy_roots.iter().enumerate() {
+            match PublicKey::parse(r) {
+                Ok(k) => roots.push(k),
+                Err(e) => problems.push(format!("policy_roots[{i}]: {e}")),
+            }
+        }
+        if self.policy_roots.is_empty() {
+            problems.push("policy_roots: at least one policy root key is required (`fleetcmd policy keygen`)".into());
+        }
+        if self.policy_threshold == 0 || self.policy_threshold > self.policy_roots.len().max(1) {
+            problems.push(format!(
+                "policy_threshold: must be between 1 and the number of policy_roots ({}), got {}",
+                self.policy_roots.len(),
+                self.policy_threshold
+            ));
+        }
+        let mut duration = |key: &str, v: &str, min: Duration, max: Duration| -> Duration {
+            match fleetcmd_core::duration::parse_duration(v) {
+                Ok(d) if d >= min && d <= max => d,
+                Ok(_) => {
+                    problems.push(format!("{key}: {v:?} must be between {min:?} and {max:?}"));
+                    min
+                }
+                Err(e) => {
+                    problems.push(format!("{key}: {e}"));
+                    min
+                }
+            }
+        };
+        let agent_cert_ttl = duration("agent_cert_ttl", &self.agent_cert_ttl, Duration::from_secs(3), Duration::from_secs(90 * 86400));
+        let heartbeat_interval = duration("heartbeat_interval", &self.heartbeat_interval, Duration::from_millis(100), Duration::from_secs(3600));
+        if self.data_dir.as_os_str().is_empty() {
+            problems.push("data_dir: must not be empty".into());
+        }
+        match (listen, problems.is_empty()) {
+            (Some(listen), true) => Ok(ControllerConfig {
+                listen,
+                data_dir: self.data_dir.clone(),
+                tls_names: self.tls_names.clone(),
+                policy_roots: roots,
+                policy_threshold: self.policy_threshold,
+                agent_cert_ttl,
+                heartbeat_interval,
+            }),
+            _ => Err(ConfigError { file: file.to_owned(), problems }),
+        }
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<ControllerConfig, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError { file: file.clone(), problems: vec![e.to_string()] })?;
+    let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError { file: file.clone(), problems: vec![e.to_string().trim_end().to_string()] })?;
+    raw.validate(&file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let raw: RawConfig = toml::from_str("listen = \"nope\"\nagent_cert_ttl = \"forever\"\npolicy_roots = [\"ed25519:xx\"]\n").expect("toml");
+        let err = raw.validate("c.toml").expect_err("invalid");
+        let text = err.to_string();
+        for key in ["c.toml: listen:", "c.toml: agent_cert_ttl:", "c.toml: policy_roots[0]:"] {
+            assert!(text.contains(key), "{key} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<RawConfig>("lisen = \"127.0.0.1:1\"\n").expect_err("unknown key");
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+}

@@ -1,0 +1,16 @@
+//! The fleetcmd controller: the fleet CA and enrollment, the registry of
+//! connected agents, policy distribution, job submission and dispatch, and
+//! durable results in the store. It is not trusted to run code: it forwards
+//! signed jobs that the agents verify themselves (DESIGN §2).
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod pki;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod store;
+
+pub use config::ControllerConfig;
+pub use server::{RunningController, start};

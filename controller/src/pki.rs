@@ -1,0 +1,324 @@
+//! The fleet CA: creates it on first start, issues role-bearing certificates,
+//! and reads the role and name back out of a peer's certificate.
+//!
+//! What a certificate says is decided here, never by a CSR (DESIGN §2.10):
+//! only the CSR's public key is used; names, role, key usages and `CA:false`
+//! come from the caller, who got them from the token and the registry.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+/// The role a certificate grants; the service a caller may use follows from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Agent,
+    Gateway,
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Gateway => "gateway",
+            Role::Operator => "operator",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "agent" => Some(Role::Agent),
+            "gateway" => Some(Role::Gateway),
+            "operator" => Some(Role::Operator),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who is on the other end of an authenticated connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub role: Role,
+    pub name: String,
+}
+
+const URI_PREFIX: &str = "urn:fleetcmd:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("certificate signing request: {0}")]
+    BadCsr(String),
+    #[error("{path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone)]
+pub struct IssuedIdentity {
+    pub cert_pem: String,
+    pub key_pem: fleetcmd_core::crypto::Secret<String>,
+}
+
+impl std::fmt::Debug for IssuedIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedIdentity").field("key_pem", &"[redacted]").finish()
+    }
+}
+
+/// The fleet certificate authority, loaded from (or created in) a directory.
+pub struct Ca {
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").field("fingerprint", &self.fingerprint()).finish()
+    }
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
+}
+
+/// Writes `contents` to `path` with mode 0600, atomically (temp file + rename).
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| PkiError::Io { path: path.to_owned(), source };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(contents).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the OS random source is available");
+    bytes[0] &= 0x7f;
+    SerialNumber::from_slice(&bytes)
+}
+
+/// A new Ed25519 key pair (used for every TLS identity; an operator's TLS key
+/// is also the key it signs jobs with).
+pub fn new_key() -> Result<KeyPair, PkiError> {
+    Ok(KeyPair::generate_for(&rcgen::PKCS_ED25519)?)
+}
+
+impl Ca {
+    /// Loads `dir/ca.crt` + `dir/ca.key`, creating them on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Ca, PkiError> {
+        let cert_path = dir.join("ca.crt");
+        let key_path = dir.join("ca.key");
+        if cert_path.exists() {
+            let cert_pem = read(&cert_path)?;
+            let key_pem = read(&key_path)?;
+            let key = KeyPair::from_pem(&key_pem)
+                .map_err(|e| PkiError::BadFile { path: key_path.clone(), reason: e.to_string() })?;
+            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+                .map_err(|e| PkiError::BadFile { path: cert_path.clone(), reason: e.to_string() })?;
+            let cert_der = pem_to_der(&cert_pem)
+                .ok_or_else(|| PkiError::BadFile { path: cert_path, reason: "not a PEM certificate".into() })?;
+            return Ok(Ca { cert_pem, cert_der, issuer });
+        }
+        std::fs::create_dir_all(dir).map_err(|source| PkiError::Io { path: dir.to_owned(), source })?;
+        let key = new_key()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "fleetcmd fleet CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.not_before = now() - Duration::from_secs(3600);
+        params.not_after = now() + Duration::from_secs(10 * 365 * 86400);
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key)?;
+        write_private(&key_path, key.serialize_pem().as_bytes())?;
+        write_private(&cert_path, cert.pem().as_bytes())?;
+        let cert_pem = cert.pem();
+        Ok(Ca { cert_der: cert.der().to_vec(), cert_pem, issuer: Issuer::new(params, key) })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// SHA-256 of the CA certificate (DER), the value a join token pins.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fleetcmd_core::crypto::sha256(&self.cert_der)
+    }
+
+    fn leaf_params(&self, role: Role, name: &str, ttl: Duration) -> Result<CertificateParams, PkiError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        dn.push(DnType::OrganizationalUnitName, role.as_str());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.subject_alt_names = vec![SanType::URI(
+            format!("{URI_PREFIX}{}:{name}", role.as_str())
+                .try_into()
+                .map_err(|_| PkiError::BadCsr(format!("name {name:?} is not valid in a certificate")))?,
+        )];
+        params.not_before = now() - Duration::from_secs(300);
+        params.not_after = now() + ttl;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        Ok(params)
+    }
+
+    /// Issues a certificate for the public key in `csr_der`. Everything else
+    /// in the CSR (names, extensions, CA flag) is ignored.
+    pub fn issue_from_csr(&self, csr_der: &[u8], role: Role, name: &str, ttl: Duration) -> Result<String, PkiError> {
+        let der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der);
+        let csr = CertificateSigningRequestParams::from_der(&der).map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let params = self.leaf_params(role, name, ttl)?;
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+    }
+
+    /// Issues a fresh key and certificate (for operators and gateways, on the
+    /// controller host or in `fleetcmd dev`).
+    pub fn issue_identity(&self, role: Role, name: &str, ttl: Duration) -> Result<IssuedIdentity, PkiError> {
+        let key = new_key()?;
+        let params = self.leaf_params(role, name, ttl)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedIdentity { cert_pem: cert.pem(), key_pem: fleetcmd_core::crypto::Secret::new(key.serialize_pem()) })
+    }
+
+    /// The controller's own server certificate, valid for `names` plus the
+    /// loopback names. The returned chain includes the CA, so a joining agent
+    /// can check the CA against its token's pin.
+    pub fn issue_server(&self, names: &[String]) -> Result<IssuedIdentity, PkiError> {
+        let key = new_key()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "fleetcmd controller");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let mut sans = vec![
+            SanType::DnsName("localhost".try_into()?),
+            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+        ];
+        for n in names {
+            match n.parse::<IpAddr>() {
+                Ok(ip) => sans.push(SanType::IpAddress(ip)),
+                Err(_) => sans.push(SanType::DnsName(n.as_str().try_into()?)),
+            }
+        }
+        params.subject_alt_names = sans;
+        params.not_before = now() - Duration::from_secs(300);
+        params.not_after = now() + Duration::from_secs(365 * 86400);
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedIdentity {
+            cert_pem: format!("{}{}", cert.pem(), self.cert_pem),
+            key_pem: fleetcmd_core::crypto::Secret::new(key.serialize_pem()),
+        })
+    }
+}
+
+/// First certificate of a PEM text, as DER.
+pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let start = pem.find("-----BEGIN CERTIFICATE-----")? + "-----BEGIN CERTIFICATE-----".len();
+    let end = pem[start..].find("-----END CERTIFICATE-----")? + start;
+    let body: String = pem[start..end].chars().filter(|c| !c.is_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
+}
+
+/// Reads role and name from a certificate the TLS layer already verified
+/// against the fleet CA.
+pub fn peer_from_cert(der: &[u8]) -> Option<Peer> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|gn| match gn {
+        x509_parser::extensions::GeneralName::URI(uri) => {
+            let rest = uri.strip_prefix(URI_PREFIX)?;
+            let (role, name) = rest.split_once(':')?;
+            Some(Peer { role: Role::parse(role)?, name: name.to_owned() })
+        }
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificate_ignores_what_the_csr_asks_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::load_or_create(dir.path()).expect("ca");
+        // A CSR asking to be a CA, named "admin", with a server-auth usage.
+        let key = new_key().expect("key");
+        let mut asked = CertificateParams::new(vec!["evil.example".to_string()]).expect("params");
+        asked.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        asked.subject_alt_names.push(SanType::URI("urn:fleetcmd:operator:admin".try_into().expect("uri")));
+        let csr = asked.serialize_request(&key).expect("csr");
+        let pem = ca.issue_from_csr(csr.der(), Role::Agent, "web-1", Duration::from_secs(60)).expect("issue");
+        let der = pem_to_der(&pem).expect("der");
+        assert_eq!(peer_from_cert(&der), Some(Peer { role: Role::Agent, name: "web-1".into() }));
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("parse");
+        let bc = cert.basic_constraints().expect("ext").expect("present");
+        assert!(!bc.value.ca, "issued certificate must not be a CA");
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .expect("ext")
+            .expect("present")
+            .value
+            .general_names
+            .iter()
+            .map(|g| g.to_string())
+            .collect();
+        assert_eq!(names.len(), 1, "only the controller's SAN: {names:?}");
+    }
+
+    #[test]
+    fn ca_is_reloaded_with_the_same_fingerprint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = Ca::load_or_create(dir.path()).expect("create");
+        let b = Ca::load_or_create(dir.path()).expect("load");
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join("ca.key")).expect("meta").permissions());
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

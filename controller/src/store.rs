@@ -1,0 +1,323 @@
+//! Durable state of the controller behind one `Store` trait; sled is the
+//! embedded default (DESIGN §7). Keys are ordered for range scans: jobs by id
+//! (UUIDv7, so by time), targets by `job/agent`.
+//!
+//! Writes are visible at once and durable after `flush`; callers flush before
+//! they acknowledge anything (a result, a join, a policy push).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database at {path}: {reason}; restore the directory from a backup or move it aside to start empty")]
+    Open { path: String, reason: String },
+    #[error("database: {0}")]
+    Backend(String),
+    #[error("database record {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenRecord {
+    /// Hex SHA-256 of the token secret; the secret itself is never stored.
+    pub secret_hash: String,
+    pub expires_at: u64,
+    pub uses_left: u32,
+    pub labels: BTreeMap<String, String>,
+    pub name: Option<String>,
+    pub created_by: String,
+}
+
+/// Why a token could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("unknown join token")]
+    Unknown,
+    #[error("join token expired")]
+    Expired,
+    #[error("join token already used")]
+    Used,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentRecord {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub revoked: bool,
+    pub joined_at: u64,
+    #[serde(default)]
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobRecord {
+    pub id: String,
+    pub spec: Vec<u8>,
+    pub signature: Vec<u8>,
+    pub key_id: String,
+    pub command: String,
+    pub args: BTreeMap<String, String>,
+    pub selector: String,
+    pub requester: String,
+    pub channel: String,
+    pub created_at_ms: u64,
+    /// Unix seconds after which unfinished targets are failed.
+    pub deadline: u64,
+    pub state: String,
+    pub targets: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TargetRecord {
+    pub state: String,
+    /// The agent's `JobResult`, protobuf-encoded, once it arrived.
+    pub result: Option<Vec<u8>>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PolicyRecord {
+    pub version: u64,
+    pub bundle: Vec<u8>,
+    /// (key id, signature) pairs.
+    pub signatures: Vec<(String, Vec<u8>)>,
+}
+
+/// The controller's storage. Every method is quick except `flush`, which
+/// blocks until everything written so far is on disk: call it through
+/// `spawn_blocking`.
+pub trait Store: Send + Sync + 'static {
+    fn put_token(&self, id: &str, rec: &TokenRecord) -> Result<(), StoreError>;
+    /// Atomically checks the secret and consumes one use: of two concurrent
+    /// callers with a single-use token exactly one succeeds.
+    fn consume_token(&self, id: &str, secret_hash: &str, now: u64) -> Result<Result<TokenRecord, TokenRefusal>, StoreError>;
+    fn put_agent(&self, rec: &AgentRecord) -> Result<(), StoreError>;
+    fn get_agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
+    fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError>;
+    fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
+    /// Ids starting with `prefix`, at most `limit`.
+    fn job_ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// Newest first.
+    fn list_jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError>;
+    fn put_target(&self, job: &str, agent: &str, rec: &TargetRecord) -> Result<(), StoreError>;
+    fn get_target(&self, job: &str, agent: &str) -> Result<Option<TargetRecord>, StoreError>;
+    fn targets(&self, job: &str) -> Result<Vec<(String, TargetRecord)>, StoreError>;
+    fn put_policy(&self, rec: &PolicyRecord) -> Result<(), StoreError>;
+    fn get_policy(&self) -> Result<Option<PolicyRecord>, StoreError>;
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// The sled backend.
+pub struct SledStore {
+    db: sled::Db,
+    tokens: sled::Tree,
+    agents: sled::Tree,
+    jobs: sled::Tree,
+    targets: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore").finish_non_exhaustive()
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("store records serialize to JSON")
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: e.to_string() })
+}
+
+impl SledStore {
+    pub fn open(path: &Path) -> Result<SledStore, StoreError> {
+        let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: path.display().to_string(), reason: e.to_string() };
+        // sled panics on some corruptions instead of returning an error; turn
+        // that into the same clear message.
+        let db = std::panic::catch_unwind(|| sled::Config::new().path(path).open())
+            .map_err(|_| open_err(&"the database files are corrupt"))?
+            .map_err(|e| open_err(&e))?;
+        let tree = |name: &str| db.open_tree(name).map_err(|e| open_err(&e));
+        Ok(SledStore {
+            tokens: tree("tokens")?,
+            agents: tree("agents")?,
+            jobs: tree("jobs")?,
+            targets: tree("targets")?,
+            meta: tree("meta")?,
+            db,
+        })
+    }
+
+    fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
+        tree.get(key.as_bytes())?.map(|v| decode(key.as_bytes(), &v)).transpose()
+    }
+}
+
+impl Store for SledStore {
+    fn put_token(&self, id: &str, rec: &TokenRecord) -> Result<(), StoreError> {
+        self.tokens.insert(id.as_bytes(), encode(rec))?;
+        Ok(())
+    }
+
+    fn consume_token(&self, id: &str, secret_hash: &str, now: u64) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
+        loop {
+            let Some(old) = self.tokens.get(id.as_bytes())? else {
+                return Ok(Err(TokenRefusal::Unknown));
+            };
+            let rec: TokenRecord = decode(id.as_bytes(), &old)?;
+            // Comparing hashes, not secrets: timing reveals nothing an
+            // attacker can steer, since they cannot choose SHA-256 outputs.
+            if rec.secret_hash != secret_hash {
+                return Ok(Err(TokenRefusal::Unknown));
+            }
+            if now > rec.expires_at {
+                return Ok(Err(TokenRefusal::Expired));
+            }
+            if rec.uses_left == 0 {
+                return Ok(Err(TokenRefusal::Used));
+            }
+            let mut next = rec.clone();
+            next.uses_left -= 1;
+            match self.tokens.compare_and_swap(id.as_bytes(), Some(old), Some(encode(&next)))? {
+                Ok(()) => return Ok(Ok(rec)),
+                Err(_) => continue, // somebody else used it meanwhile: re-read
+            }
+        }
+    }
+
+    fn put_agent(&self, rec: &AgentRecord) -> Result<(), StoreError> {
+        self.agents.insert(rec.id.as_bytes(), encode(rec))?;
+        Ok(())
+    }
+
+    fn get_agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        Self::get(&self.agents, id)
+    }
+
+    fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        self.agents.iter().map(|kv| {
+            let (k, v) = kv?;
+            decode(&k, &v)
+        }).collect()
+    }
+
+    fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError> {
+        self.jobs.insert(rec.id.as_bytes(), encode(rec))?;
+        Ok(())
+    }
+
+    fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        Self::get(&self.jobs, id)
+    }
+
+    fn job_ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.jobs
+            .scan_prefix(prefix.as_bytes())
+            .keys()
+            .take(limit)
+            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
+            .collect()
+    }
+
+    fn list_jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        self.jobs.iter().rev().take(limit).map(|kv| {
+            let (k, v) = kv?;
+            decode(&k, &v)
+        }).collect()
+    }
+
+    fn put_target(&self, job: &str, agent: &str, rec: &TargetRecord) -> Result<(), StoreError> {
+        self.targets.insert(format!("{job}/{agent}").as_bytes(), encode(rec))?;
+        Ok(())
+    }
+
+    fn get_target(&self, job: &str, agent: &str) -> Result<Option<TargetRecord>, StoreError> {
+        Self::get(&self.targets, &format!("{job}/{agent}"))
+    }
+
+    fn targets(&self, job: &str) -> Result<Vec<(String, TargetRecord)>, StoreError> {
+        let prefix = format!("{job}/");
+        self.targets.scan_prefix(prefix.as_bytes()).map(|kv| {
+            let (k, v) = kv?;
+            let agent = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            Ok((agent, decode(&k, &v)?))
+        }).collect()
+    }
+
+    fn put_policy(&self, rec: &PolicyRecord) -> Result<(), StoreError> {
+        self.meta.insert(b"policy", encode(rec))?;
+        Ok(())
+    }
+
+    fn get_policy(&self) -> Result<Option<PolicyRecord>, StoreError> {
+        Self::get(&self.meta, "policy")
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(uses: u32) -> TokenRecord {
+        TokenRecord { secret_hash: "ab".repeat(32), expires_at: 100, uses_left: uses, labels: BTreeMap::new(), name: None, created_by: "t".into() }
+    }
+
+    #[test]
+    fn single_use_token_is_consumed_exactly_once_under_concurrency() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = std::sync::Arc::new(SledStore::open(dir.path()).expect("open"));
+        store.put_token("t1", &token(1)).expect("put");
+        let winners: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let store = store.clone();
+                    s.spawn(move || store.consume_token("t1", &"ab".repeat(32), 50).expect("store").is_ok() as usize)
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("thread")).sum()
+        });
+        assert_eq!(winners, 1);
+        assert_eq!(store.consume_token("t1", &"ab".repeat(32), 50).expect("store"), Err(TokenRefusal::Used));
+    }
+
+    #[test]
+    fn token_checks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        store.put_token("t", &token(2)).expect("put");
+        assert_eq!(store.consume_token("t", &"cd".repeat(32), 50).expect("store"), Err(TokenRefusal::Unknown));
+        assert_eq!(store.consume_token("nope", &"ab".repeat(32), 50).expect("store"), Err(TokenRefusal::Unknown));
+        assert_eq!(store.consume_token("t", &"ab".repeat(32), 101).expect("store"), Err(TokenRefusal::Expired));
+        assert!(store.consume_token("t", &"ab".repeat(32), 50).expect("store").is_ok());
+    }
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            store.put_target("j1", "web-1", &TargetRecord { state: "ok".into(), result: Some(vec![1, 2]), reason: String::new() }).expect("put");
+            store.flush().expect("flush");
+        }
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.targets("j1").expect("targets").len(), 1);
+    }
+}

@@ -1,0 +1,554 @@
+//! Building the argv of an allow-listed command from its template and the
+//! requested argument values (DESIGN §2.7: no shell, ever).
+//!
+//! A `{name}` element is replaced by exactly one element holding the value
+//! verbatim: values are never split, re-parsed or interpreted, so shell
+//! metacharacters stay literal text.
+
+use std::collections::BTreeMap;
+
+use crate::duration::parse_duration;
+use crate::policy::{ArgKind, ArgSpec, CommandDef, valid_arg_name};
+
+/// Why argument values were refused.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum ArgError {
+    #[error("`{command}` takes at most {max} argument(s), got {got}")]
+    TooMany {
+        command: String,
+        max: usize,
+        got: usize,
+    },
+    #[error("`{command}` has no argument `{arg}`")]
+    Unknown { command: String, arg: String },
+    #[error("argument `{arg}` of `{command}` is required")]
+    Missing { command: String, arg: String },
+    /// `command` is empty when the check ran outside a command ([`validate_arg`]).
+    #[error("{}", invalid_message(command, arg, reason))]
+    Invalid {
+        command: String,
+        arg: String,
+        reason: String,
+    },
+}
+
+fn invalid_message(command: &str, arg: &str, reason: &str) -> String {
+    if command.is_empty() {
+        format!("argument `{arg}`: {reason}")
+    } else {
+        format!("argument `{arg}` of `{command}`: {reason}")
+    }
+}
+
+impl ArgError {
+    fn in_command(self, name: &str) -> ArgError {
+        match self {
+            ArgError::Invalid { arg, reason, .. } => ArgError::Invalid {
+                command: name.to_string(),
+                arg,
+                reason,
+            },
+            other => other,
+        }
+    }
+}
+
+/// The placeholder name if `elem` is exactly `{name}`.
+pub(crate) fn whole_placeholder(elem: &str) -> Option<&str> {
+    let inner = elem.strip_prefix('{')?.strip_suffix('}')?;
+    valid_arg_name(inner).then_some(inner)
+}
+
+/// Every `{name}` occurring inside `elem`.
+pub(crate) fn embedded_placeholders(elem: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = elem;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        match after.find('}') {
+            Some(close) if valid_arg_name(&after[..close]) => {
+                out.push(&after[..close]);
+                rest = &after[close + 1..];
+            }
+            _ => rest = after,
+        }
+    }
+    out
+}
+
+impl CommandDef {
+    /// Argument names in order of first appearance in argv: the order of
+    /// positional chat and CLI arguments.
+    pub fn positional(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for elem in self.argv.iter().skip(1) {
+            if let Some(name) = whole_placeholder(elem)
+                && self.args.contains_key(name)
+                && !out.contains(&name)
+            {
+                out.push(name);
+            }
+        }
+        out
+    }
+}
+
+/// Maps positional values to argument names; missing trailing values are
+/// left out so defaults apply later.
+pub fn bind_positional(
+    def: &CommandDef,
+    values: &[String],
+) -> Result<BTreeMap<String, String>, ArgError> {
+    let names = def.positional();
+    if values.len() > names.len() {
+        return Err(ArgError::TooMany {
+            command: def.name.clone(),
+            max: names.len(),
+            got: values.len(),
+        });
+    }
+    Ok(names
+        .iter()
+        .zip(values)
+        .map(|(n, v)| (n.to_string(), v.clone()))
+        .collect())
+}
+
+/// Builds the argv to execute: validates every value (applying defaults) and
+/// replaces each `{name}` element by exactly one element. The result always
+/// has `def.argv.len()` elements.
+///
+/// ```
+/// # use std::collections::BTreeMap;
+/// # use fleetcmd_core::{policy::Policy, argv::build_argv};
+/// let policy = Policy::parse(r#"
+/// version = 1
+/// [commands.echo]
+/// argv = ["/bin/echo", "{text}"]
+/// args.text = { kind = "text" }
+/// "#).unwrap();
+/// let values = BTreeMap::from([("text".to_string(), "$(reboot); a b".to_string())]);
+/// let argv = build_argv(policy.command("echo").unwrap(), &values).unwrap();
+/// assert_eq!(argv, ["/bin/echo", "$(reboot); a b"]);
+/// ```
+pub fn build_argv(
+    def: &CommandDef,
+    values: &BTreeMap<String, String>,
+) -> Result<Vec<String>, ArgError> {
+    if let Some(unknown) = values.keys().find(|k| !def.args.contains_key(*k)) {
+        return Err(ArgError::Unknown {
+            command: def.name.clone(),
+            arg: unknown.clone(),
+        });
+    }
+    let mut resolved: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, spec) in &def.args {
+        let value = match (values.get(name), &spec.default) {
+            (Some(v), _) => v,
+            (None, Some(d)) => d,
+            (None, None) => {
+                return Err(ArgError::Missing {
+                    command: def.name.clone(),
+                    arg: name.clone(),
+                });
+            }
+        };
+        validate_arg(name, spec, value).map_err(|e| e.in_command(&def.name))?;
+        resolved.insert(name, value);
+    }
+    def.argv
+        .iter()
+        .enumerate()
+        .map(|(i, elem)| match whole_placeholder(elem) {
+            Some(name) if i > 0 => {
+                resolved
+                    .get(name)
+                    .map(|v| v.to_string())
+                    .ok_or_else(|| ArgError::Missing {
+                        command: def.name.clone(),
+                        arg: name.to_string(),
+                    })
+            }
+            _ => Ok(elem.clone()),
+        })
+        .collect()
+}
+
+/// Checks one value against its spec (the dash rule, then the kind's validator).
+pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<(), ArgError> {
+    let fail = |reason: String| ArgError::Invalid {
+        command: String::new(),
+        arg: name.to_string(),
+        reason,
+    };
+    if value.starts_with('-') && !spec.allow_dash {
+        return Err(fail("value must not start with `-`".to_string()));
+    }
+    if value.contains('\0') {
+        return Err(fail("value must not contain NUL".to_string()));
+    }
+    match &spec.kind {
+        ArgKind::Text { max_len } => {
+            if value.chars().count() > *max_len {
+                return Err(fail(format!("longer than {max_len} characters")));
+            }
+            if value.chars().any(char::is_control) {
+                return Err(fail("must not contain control characters".to_string()));
+            }
+        }
+        ArgKind::Int { min, max } => {
+            let n: i64 = value
+                .parse()
+                .map_err(|_| fail(format!("\"{}\" is not an integer", shorten(value))))?;
+            if n < *min || n > *max {
+                return Err(fail(format!("{n} is outside {min}..={max}")));
+            }
+        }
+        ArgKind::Enum { values } => {
+            if !values.iter().any(|v| v == value) {
+                return Err(fail(format!(
+                    "\"{}\" is not one of {}",
+                    shorten(value),
+                    values.join(", ")
+                )));
+            }
+        }
+        ArgKind::Pattern { regex, source } => {
+            if !regex.is_match(value) {
+                return Err(fail(format!(
+                    "\"{}\" does not match `{source}`",
+                    shorten(value)
+                )));
+            }
+        }
+        ArgKind::Hostname => {
+            if !valid_hostname(value) {
+                return Err(fail(format!(
+                    "\"{}\" is not a valid host name",
+                    shorten(value)
+                )));
+            }
+        }
+        ArgKind::Path { prefixes } => {
+            if !normalized_absolute_path(value) {
+                return Err(fail(format!(
+                    "\"{}\" must be an absolute path without `..`, `.` or `//`",
+                    shorten(value)
+                )));
+            }
+            if !prefixes.is_empty() && !prefixes.iter().any(|p| under_prefix(value, p)) {
+                return Err(fail(format!(
+                    "\"{}\" is not under {}",
+                    shorten(value),
+                    prefixes.join(", ")
+                )));
+            }
+        }
+        ArgKind::Duration => {
+            parse_duration(value).map_err(fail)?;
+        }
+    }
+    Ok(())
+}
+
+fn shorten(s: &str) -> String {
+    let mut out: String = s.chars().take(64).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}
+
+fn valid_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b.len() <= 63
+                && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Absolute, and free of `..`, `.`, empty segments and control characters.
+pub(crate) fn normalized_absolute_path(p: &str) -> bool {
+    if !p.starts_with('/') || p.chars().any(char::is_control) {
+        return false;
+    }
+    if p == "/" {
+        return true;
+    }
+    let body = p.strip_suffix('/').unwrap_or(p);
+    body[1..]
+        .split('/')
+        .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+}
+
+fn under_prefix(path: &str, prefix: &str) -> bool {
+    let prefix_dir = prefix.strip_suffix('/').unwrap_or(prefix);
+    path == prefix
+        || path == prefix_dir
+        || path
+            .strip_prefix(prefix_dir)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+
+    const POLICY: &str = r#"
+version = 1
+
+[commands.echo]
+argv = ["/bin/echo", "--", "{text}", "{text}"]
+args.text = { kind = "text", max_len = 20 }
+
+[commands.logs]
+argv = ["/usr/bin/journalctl", "-u", "{unit}", "-n", "{lines}", "--no-pager"]
+args.unit = { kind = "pattern", pattern = "^[a-z0-9@._-]+\\.service$" }
+args.lines = { kind = "int", min = 1, max = 500, default = 50 }
+
+[commands.grep]
+argv = ["/bin/grep", "{pattern}", "{file}"]
+args.pattern = { kind = "text", allow_dash = true }
+args.file = { kind = "path", prefixes = ["/var/log"] }
+
+[commands.ping]
+argv = ["/bin/ping", "-c", "1", "-w", "{wait}", "{host}"]
+args.host = { kind = "hostname" }
+args.wait = { kind = "duration", default = "5s" }
+
+[commands.restart]
+argv = ["/usr/bin/systemctl", "restart", "{unit}"]
+args.unit = { kind = "enum", values = ["nginx.service", "app.service"] }
+"#;
+
+    fn policy() -> Policy {
+        Policy::parse(POLICY).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `expected` is the argv, or `Err(substring of the error)`.
+    fn check(command: &str, args: &[(&str, &str)], expected: Result<&[&str], &str>) {
+        let p = policy();
+        let def = p.command(command).unwrap_or_else(|| panic!("no {command}"));
+        let values: BTreeMap<String, String> = args
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let got = build_argv(def, &values);
+        match (&got, expected) {
+            (Ok(argv), Ok(want)) => {
+                assert_eq!(argv, want, "{command} {args:?}");
+                assert_eq!(argv.len(), def.argv.len());
+            }
+            (Err(e), Err(part)) => assert!(e.to_string().contains(part), "{command} {args:?}: {e}"),
+            _ => panic!("{command} {args:?}: got {got:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn metacharacters_stay_one_verbatim_element() {
+        for value in [
+            "$(touch X)",
+            "; touch X",
+            "`touch X`",
+            "a b",
+            "a\"b'c",
+            "|&>*",
+            "{text}",
+            "",
+        ] {
+            check(
+                "echo",
+                &[("text", value)],
+                Ok(&["/bin/echo", "--", value, value]),
+            );
+        }
+    }
+
+    #[test]
+    fn build_table() {
+        check(
+            "echo",
+            &[("text", "-rf")],
+            Err("argument `text` of `echo`: value must not start with `-`"),
+        );
+        check("echo", &[("text", "a\nb")], Err("control characters"));
+        check("echo", &[("text", &"x".repeat(21))], Err("longer than 20"));
+        check("echo", &[], Err("argument `text` of `echo` is required"));
+        check(
+            "echo",
+            &[("text", "x"), ("other", "y")],
+            Err("`echo` has no argument `other`"),
+        );
+        check(
+            "logs",
+            &[("unit", "nginx.service")],
+            Ok(&[
+                "/usr/bin/journalctl",
+                "-u",
+                "nginx.service",
+                "-n",
+                "50",
+                "--no-pager",
+            ]),
+        );
+        check(
+            "logs",
+            &[("unit", "nginx.service"), ("lines", "500")],
+            Ok(&[
+                "/usr/bin/journalctl",
+                "-u",
+                "nginx.service",
+                "-n",
+                "500",
+                "--no-pager",
+            ]),
+        );
+        check(
+            "logs",
+            &[("unit", "nginx.service"), ("lines", "501")],
+            Err("outside 1..=500"),
+        );
+        check(
+            "logs",
+            &[("unit", "nginx.service"), ("lines", "0")],
+            Err("outside"),
+        );
+        check(
+            "logs",
+            &[("unit", "nginx.service"), ("lines", "-1")],
+            Err("must not start with `-`"),
+        );
+        check(
+            "logs",
+            &[("unit", "nginx.service"), ("lines", "1e3")],
+            Err("not an integer"),
+        );
+        check(
+            "logs",
+            &[("unit", "nginx.service; rm")],
+            Err("does not match"),
+        );
+        check(
+            "logs",
+            &[("unit", "xnginx.service\n")],
+            Err("does not match"),
+        );
+        check(
+            "grep",
+            &[("pattern", "-v"), ("file", "/var/log/syslog")],
+            Ok(&["/bin/grep", "-v", "/var/log/syslog"]),
+        );
+        check(
+            "grep",
+            &[("pattern", "x"), ("file", "/var/log/../../etc/shadow")],
+            Err("without `..`"),
+        );
+        check(
+            "grep",
+            &[("pattern", "x"), ("file", "/var/log//x")],
+            Err("without"),
+        );
+        check(
+            "grep",
+            &[("pattern", "x"), ("file", "/var/log/./x")],
+            Err("without"),
+        );
+        check(
+            "grep",
+            &[("pattern", "x"), ("file", "var/log/x")],
+            Err("absolute"),
+        );
+        check(
+            "grep",
+            &[("pattern", "x"), ("file", "/var/logs-evil/x")],
+            Err("is not under /var/log"),
+        );
+        check(
+            "grep",
+            &[("pattern", "x"), ("file", "/etc/shadow")],
+            Err("is not under"),
+        );
+        check(
+            "ping",
+            &[("host", "web-1.example.com")],
+            Ok(&["/bin/ping", "-c", "1", "-w", "5s", "web-1.example.com"]),
+        );
+        check(
+            "ping",
+            &[("host", "-oProxy")],
+            Err("must not start with `-`"),
+        );
+        check(
+            "ping",
+            &[("host", "bad_host")],
+            Err("not a valid host name"),
+        );
+        check("ping", &[("host", "a.-b")], Err("not a valid host name"));
+        check(
+            "ping",
+            &[("host", "h"), ("wait", "3w")],
+            Err("invalid duration"),
+        );
+        check(
+            "restart",
+            &[("unit", "nginx.service")],
+            Ok(&["/usr/bin/systemctl", "restart", "nginx.service"]),
+        );
+        check(
+            "restart",
+            &[("unit", "sshd.service")],
+            Err("is not one of nginx.service, app.service"),
+        );
+    }
+
+    #[test]
+    fn positional_order_and_binding() {
+        let p = policy();
+        let logs = p.command("logs").unwrap_or_else(|| panic!("logs"));
+        assert_eq!(logs.positional(), ["unit", "lines"]);
+        let echo = p.command("echo").unwrap_or_else(|| panic!("echo"));
+        assert_eq!(echo.positional(), ["text"]);
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let bound = bind_positional(logs, &s(&["a.service"]));
+        assert_eq!(
+            bound,
+            Ok(BTreeMap::from([(
+                "unit".to_string(),
+                "a.service".to_string()
+            )]))
+        );
+        let err = bind_positional(logs, &s(&["a", "b", "c"]))
+            .expect_err("three values for two arguments");
+        assert_eq!(err.to_string(), "`logs` takes at most 2 argument(s), got 3");
+    }
+
+    #[test]
+    fn validate_arg_without_command() {
+        let spec = ArgSpec {
+            kind: ArgKind::Text { max_len: 5 },
+            default: None,
+            allow_dash: false,
+        };
+        assert_eq!(
+            validate_arg("x", &spec, "-a").map_err(|e| e.to_string()),
+            Err("argument `x`: value must not start with `-`".to_string())
+        );
+        assert_eq!(validate_arg("x", &spec, "abc"), Ok(()));
+    }
+
+    #[test]
+    fn placeholders() {
+        assert_eq!(whole_placeholder("{unit}"), Some("unit"));
+        assert_eq!(whole_placeholder("{unit"), None);
+        assert_eq!(whole_placeholder("{a b}"), None);
+        assert_eq!(embedded_placeholders("--unit={unit}"), ["unit"]);
+        assert_eq!(embedded_placeholders("{a}{b}"), ["a", "b"]);
+        assert!(embedded_placeholders("{.foo} {}").is_empty());
+    }
+}

@@ -1,0 +1,443 @@
+//! The agent's decision (DESIGN §2.5): every check between a signed job
+//! arriving and a command being executed. The only way to obtain an
+//! [`AuthorizedCommand`], the one value the executor accepts, is [`authorize`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::argv::build_argv;
+use crate::ids::JobId;
+use crate::job::{JobSpec, SignedJob};
+use crate::policy::Policy;
+use crate::selector::Selector;
+
+/// What the agent knows about itself.
+#[derive(Clone, Copy, Debug)]
+pub struct AgentContext<'a> {
+    pub policy: &'a Policy,
+    pub name: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+    /// The host's own narrowing of the allow-list (`allow = [..]` in agent.toml).
+    pub allow: Option<&'a [String]>,
+}
+
+/// Why an agent refused a job. Reported with [`Refusal::code`] and audited.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    #[error(
+        "job spec of {size} bytes exceeds the limit of {} bytes",
+        crate::job::MAX_SPEC_BYTES
+    )]
+    Oversized { size: usize },
+    #[error("job signed by unknown signer \"{0}\"")]
+    UnknownSigner(String),
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("signer \"{signer}\" may not sign command \"{command}\"")]
+    SignerMayNotSign { signer: String, command: String },
+    #[error("malformed job spec: {0}")]
+    Malformed(String),
+    #[error("job is not yet valid")]
+    NotYetValid,
+    #[error("job expired")]
+    Expired,
+    #[error("policy has expired; refusing every job until a newer policy arrives")]
+    PolicyExpired,
+    #[error("job id already seen (replay)")]
+    Replayed,
+    #[error("command \"{0}\" is not in the allow-list")]
+    NotAllowed(String),
+    #[error("command \"{0}\" is not allowed on this host")]
+    NarrowedByHost(String),
+    #[error("{0}")]
+    BadArgument(String),
+    #[error("this agent is not matched by the job's selector")]
+    NotTargeted,
+    #[error("the command's `targets` do not include this host")]
+    CommandNotForThisHost,
+    #[error("needs {needed} approval(s), got {got}")]
+    MissingApprovals { needed: u32, got: u32 },
+    #[error("invalid target selector: {0}")]
+    BadSelector(String),
+}
+
+impl Refusal {
+    /// A stable snake_case code for metrics, audit records and the wire.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::Oversized { .. } => "oversized",
+            Refusal::UnknownSigner(_) => "unknown_signer",
+            Refusal::BadSignature => "bad_signature",
+            Refusal::SignerMayNotSign { .. } => "signer_may_not_sign",
+            Refusal::Malformed(_) => "malformed",
+            Refusal::NotYetValid => "not_yet_valid",
+            Refusal::Expired => "expired",
+            Refusal::PolicyExpired => "policy_expired",
+            Refusal::Replayed => "replayed",
+            Refusal::NotAllowed(_) => "not_allowed",
+            Refusal::NarrowedByHost(_) => "narrowed_by_host",
+            Refusal::BadArgument(_) => "bad_argument",
+            Refusal::NotTargeted => "not_targeted",
+            Refusal::CommandNotForThisHost => "command_not_for_this_host",
+            Refusal::MissingApprovals { .. } => "missing_approvals",
+            Refusal::BadSelector(_) => "bad_selector",
+        }
+    }
+}
+
+/// A command that passed every check, with its argv ready to execute.
+#[derive(Clone, Debug)]
+pub struct AuthorizedCommand {
+    spec: JobSpec,
+    argv: Vec<String>,
+    run_as: Option<String>,
+    timeout: Duration,
+    env: BTreeMap<String, String>,
+}
+
+impl AuthorizedCommand {
+    pub fn job_id(&self) -> &JobId {
+        &self.spec.id
+    }
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
+    }
+    /// argv[0] is the absolute program path; never pass this to a shell.
+    pub fn argv(&self) -> &[String] {
+        &self.argv
+    }
+    pub fn run_as(&self) -> Option<&str> {
+        self.run_as.as_deref()
+    }
+    /// `min(spec.timeout_secs (when > 0), the command's timeout)`.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+    /// The command's declared environment.
+    pub fn env(&self) -> &BTreeMap<String, String> {
+        &self.env
+    }
+    /// Unix seconds; the seen-set must keep the job id until then (plus skew).
+    pub fn expires_at(&self) -> u64 {
+        self.spec.expires_at
+    }
+}
+
+/// Runs every check of DESIGN §2.5 in order: [`SignedJob::verify`]
+/// (signature, signer trust, may_sign, time); the policy's own expiry;
+/// replay (`seen`); the allow-list and the host's narrowing; argument
+/// validation; the job's selector and the command's `targets` against this
+/// agent; approvals (distinct, never the requester).
+pub fn authorize(
+    job: &SignedJob,
+    ctx: &AgentContext,
+    now: u64,
+    seen: &dyn Fn(&JobId) -> bool,
+) -> Result<AuthorizedCommand, Refusal> {
+    let policy = ctx.policy;
+    let spec = job.verify(policy, now)?;
+    if policy.expires.is_some_and(|exp| now > exp) {
+        return Err(Refusal::PolicyExpired);
+    }
+    if seen(&spec.id) {
+        return Err(Refusal::Replayed);
+    }
+    let def = policy
+        .command(&spec.command)
+        .ok_or_else(|| Refusal::NotAllowed(spec.command.clone()))?;
+    if let Some(allow) = ctx.allow
+        && !allow.contains(&spec.command)
+    {
+        return Err(Refusal::NarrowedByHost(spec.command.clone()));
+    }
+    let argv = build_argv(def, &spec.args).map_err(|e| Refusal::BadArgument(e.to_string()))?;
+    let selector =
+        Selector::parse(&spec.selector).map_err(|e| Refusal::BadSelector(e.to_string()))?;
+    if !selector.matches(ctx.name, ctx.labels) {
+        return Err(Refusal::NotTargeted);
+    }
+    if def
+        .targets
+        .as_ref()
+        .is_some_and(|t| !t.matches(ctx.name, ctx.labels))
+    {
+        return Err(Refusal::CommandNotForThisHost);
+    }
+    let approvers: BTreeSet<_> = spec
+        .approvers
+        .iter()
+        .filter(|a| **a != spec.requester)
+        .collect();
+    let got = u32::try_from(approvers.len()).unwrap_or(u32::MAX);
+    if got < def.requires_approvals {
+        return Err(Refusal::MissingApprovals {
+            needed: def.requires_approvals,
+            got,
+        });
+    }
+    let timeout = match spec.timeout_secs {
+        0 => def.timeout,
+        secs => def.timeout.min(Duration::from_secs(secs)),
+    };
+    Ok(AuthorizedCommand {
+        argv,
+        run_as: def.run_as.clone(),
+        timeout,
+        env: def.env.clone(),
+        spec,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::test_keys::key;
+    use crate::ids::Identity;
+    use crate::job::tests::{JOB_ID, NOW, policy, spec};
+
+    fn id(s: &str) -> Identity {
+        Identity::parse(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn restart(approvers: &[&str]) -> JobSpec {
+        let mut s = spec("restart");
+        s.args.insert("unit".into(), "nginx.service".into());
+        s.selector = "role=web".into();
+        s.approvers = approvers.iter().map(|a| id(a)).collect();
+        s
+    }
+
+    struct Case {
+        spec: JobSpec,
+        name: &'static str,
+        labels: &'static str,
+        allow: Option<Vec<String>>,
+        seen: bool,
+        expected: Result<(), Refusal>,
+    }
+
+    fn case(spec: JobSpec, expected: Result<(), Refusal>) -> Case {
+        Case {
+            spec,
+            name: "web-1",
+            labels: "role=web,env=prod",
+            allow: None,
+            seen: false,
+            expected,
+        }
+    }
+
+    fn check(c: Case) {
+        let p = policy();
+        let labels = crate::selector::parse_labels(c.labels).unwrap_or_else(|e| panic!("{e}"));
+        let ctx = AgentContext {
+            policy: &p,
+            name: c.name,
+            labels: &labels,
+            allow: c.allow.as_deref(),
+        };
+        let job = SignedJob::sign(&c.spec, "gw", &key(1));
+        let got = authorize(&job, &ctx, NOW, &|_| c.seen);
+        assert_eq!(got.map(|_| ()), c.expected, "{:?}", c.spec);
+    }
+
+    #[test]
+    fn decision_table() {
+        let two = ["slack:T0001:U2", "slack:T0001:U3"];
+        check(case(spec("uptime"), Ok(())));
+        check(case(restart(&two), Ok(())));
+        check(Case {
+            seen: true,
+            ..case(spec("uptime"), Err(Refusal::Replayed))
+        });
+        check(case(spec("rm"), Err(Refusal::NotAllowed("rm".into()))));
+        check(Case {
+            allow: Some(vec!["restart".into()]),
+            ..case(
+                spec("uptime"),
+                Err(Refusal::NarrowedByHost("uptime".into())),
+            )
+        });
+        check(Case {
+            allow: Some(vec!["uptime".into()]),
+            ..case(spec("uptime"), Ok(()))
+        });
+        check(Case {
+            name: "db-1",
+            labels: "role=db",
+            ..case(restart(&two), Err(Refusal::NotTargeted))
+        });
+        let mut any = restart(&two);
+        any.selector = "all".into();
+        check(Case {
+            name: "db-1",
+            labels: "role=db",
+            ..case(any, Err(Refusal::CommandNotForThisHost))
+        });
+        let mut bad_sel = spec("uptime");
+        bad_sel.selector = "role in (".into();
+        assert!(matches!(
+            authorize_one(bad_sel),
+            Err(Refusal::BadSelector(_))
+        ));
+        let mut bad_arg = restart(&two);
+        bad_arg.args.insert("unit".into(), "sshd.service".into());
+        assert!(
+            matches!(authorize_one(bad_arg), Err(Refusal::BadArgument(m)) if m.contains("not one of"))
+        );
+        let mut dash = restart(&two);
+        dash.args.insert("unit".into(), "--help".into());
+        assert!(
+            matches!(authorize_one(dash), Err(Refusal::BadArgument(m)) if m.contains("must not start with `-`"))
+        );
+    }
+
+    fn authorize_one(s: JobSpec) -> Result<AuthorizedCommand, Refusal> {
+        let p = policy();
+        let labels = crate::selector::parse_labels("role=web").unwrap_or_default();
+        let ctx = AgentContext {
+            policy: &p,
+            name: "web-1",
+            labels: &labels,
+            allow: None,
+        };
+        authorize(&SignedJob::sign(&s, "gw", &key(1)), &ctx, NOW, &|_| false)
+    }
+
+    #[test]
+    fn approvals() {
+        let missing = |got| Err(Refusal::MissingApprovals { needed: 2, got });
+        check(case(restart(&[]), missing(0)));
+        check(case(restart(&["slack:T0001:U2"]), missing(1)));
+        // The requester (slack:T0001:U1) cannot approve their own job.
+        check(case(
+            restart(&["slack:T0001:U1", "slack:T0001:U2"]),
+            missing(1),
+        ));
+        // Duplicates count once.
+        check(case(
+            restart(&["slack:T0001:U2", "slack:T0001:U2"]),
+            missing(1),
+        ));
+        check(case(
+            restart(&["slack:T0001:U2", "slack:T0001:U3", "slack:T0001:U2"]),
+            Ok(()),
+        ));
+    }
+
+    #[test]
+    fn signature_and_time_checks_come_first() {
+        let p = policy();
+        let labels = BTreeMap::new();
+        let ctx = AgentContext {
+            policy: &p,
+            name: "web-1",
+            labels: &labels,
+            allow: None,
+        };
+        let forged = SignedJob::sign(&spec("uptime"), "gw", &key(9));
+        // A forged job is refused as such even when its id was seen.
+        assert_eq!(
+            authorize(&forged, &ctx, NOW, &|_| true).err(),
+            Some(Refusal::BadSignature)
+        );
+        let good = SignedJob::sign(&spec("uptime"), "gw", &key(1));
+        assert_eq!(
+            authorize(&good, &ctx, NOW + 100_000, &|_| true).err(),
+            Some(Refusal::Expired)
+        );
+    }
+
+    #[test]
+    fn expired_policy_refuses_everything() {
+        let mut p = policy();
+        p.expires = Some(NOW - 1);
+        let labels = BTreeMap::new();
+        let ctx = AgentContext {
+            policy: &p,
+            name: "web-1",
+            labels: &labels,
+            allow: None,
+        };
+        let good = SignedJob::sign(&spec("uptime"), "gw", &key(1));
+        assert_eq!(
+            authorize(&good, &ctx, NOW, &|_| false).err(),
+            Some(Refusal::PolicyExpired)
+        );
+        p.expires = Some(NOW);
+        let ctx = AgentContext {
+            policy: &p,
+            name: "web-1",
+            labels: &labels,
+            allow: None,
+        };
+        assert!(authorize(&good, &ctx, NOW, &|_| false).is_ok());
+    }
+
+    #[test]
+    fn authorized_command_contents() {
+        let mut s = restart(&["slack:T0001:U2", "slack:T0001:U3"]);
+        s.timeout_secs = 30;
+        let cmd = authorize_one(s.clone()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            cmd.argv(),
+            ["/usr/bin/systemctl", "restart", "nginx.service"]
+        );
+        assert_eq!(cmd.timeout(), Duration::from_secs(30));
+        assert_eq!(cmd.job_id().as_str(), JOB_ID);
+        assert_eq!(cmd.expires_at(), s.expires_at);
+        assert_eq!(cmd.run_as(), None);
+        assert!(cmd.env().is_empty());
+        assert_eq!(cmd.spec(), &s);
+        s.timeout_secs = 0;
+        assert_eq!(
+            authorize_one(s.clone()).map(|c| c.timeout()),
+            Ok(Duration::from_secs(120))
+        );
+        s.timeout_secs = 100_000;
+        assert_eq!(
+            authorize_one(s).map(|c| c.timeout()),
+            Ok(Duration::from_secs(120))
+        );
+    }
+
+    #[test]
+    fn refusal_messages_and_codes() {
+        for (r, msg, code) in [
+            (
+                Refusal::UnknownSigner("x".into()),
+                "job signed by unknown signer \"x\"",
+                "unknown_signer",
+            ),
+            (
+                Refusal::BadSignature,
+                "signature does not verify",
+                "bad_signature",
+            ),
+            (Refusal::Expired, "job expired", "expired"),
+            (
+                Refusal::Replayed,
+                "job id already seen (replay)",
+                "replayed",
+            ),
+            (
+                Refusal::NotAllowed("rm".into()),
+                "command \"rm\" is not in the allow-list",
+                "not_allowed",
+            ),
+            (
+                Refusal::MissingApprovals { needed: 2, got: 1 },
+                "needs 2 approval(s), got 1",
+                "missing_approvals",
+            ),
+            (
+                Refusal::Oversized { size: 70000 },
+                "job spec of 70000 bytes exceeds the limit of 65536 bytes",
+                "oversized",
+            ),
+        ] {
+            assert_eq!(r.to_string(), msg);
+            assert_eq!(r.code(), code);
+        }
+    }
+}

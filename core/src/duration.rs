@@ -1,0 +1,74 @@
+//! Durations as written in policies, chat options and CLI flags: `500ms`,
+//! `10s`, `5m`, `2h`, `1d`; a bare number means seconds.
+
+use std::time::Duration;
+
+/// Parses `500ms`, `10s`, `5m`, `2h`, `1d` or a bare number of seconds.
+///
+/// ```
+/// use std::time::Duration;
+/// use fleetcmd_core::duration::parse_duration;
+/// assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+/// ```
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || {
+        format!(
+            "invalid duration \"{s}\": expected a number with a unit such as 500ms, 10s, 5m, 2h or 1d"
+        )
+    };
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(err());
+    }
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let ms_per_unit: u64 = match unit {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(err()),
+    };
+    let ms = n.checked_mul(ms_per_unit).ok_or_else(err)?;
+    Ok(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: Option<Duration>) {
+        assert_eq!(
+            parse_duration(input).ok(),
+            expected,
+            "parse_duration({input:?})"
+        );
+    }
+
+    #[test]
+    fn table() {
+        check("500ms", Some(Duration::from_millis(500)));
+        check("10s", Some(Duration::from_secs(10)));
+        check("10", Some(Duration::from_secs(10)));
+        check(" 5m ", Some(Duration::from_secs(300)));
+        check("2h", Some(Duration::from_secs(7200)));
+        check("1d", Some(Duration::from_secs(86400)));
+        check("0s", Some(Duration::ZERO));
+        check("", None);
+        check("s", None);
+        check("-1s", None);
+        check("1.5s", None);
+        check("10 s", None);
+        check("3w", None);
+        check("99999999999999999999d", None);
+        check("999999999999999999d", None);
+    }
+
+    #[test]
+    fn error_names_input() {
+        let e = parse_duration("3w").expect_err("weeks are not a unit");
+        assert!(e.contains("\"3w\""), "{e}");
+    }
+}

@@ -1,0 +1,608 @@
+//! The chat command grammar of DESIGN §5, shared by every chat adapter.
+//!
+//! Messages are split into words; double- or single-quoted strings form one
+//! word. Quoting is parsed here and never passed to a shell: values end up
+//! as single argv elements.
+
+use std::time::Duration;
+
+use crate::duration::parse_duration;
+use crate::selector::Selector;
+
+/// A parsed chat command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChatCommand {
+    Help(Option<String>),
+    Run(RunRequest),
+    Job(String),
+    Jobs { mine: bool },
+    Output { id: String, host: Option<String> },
+    Cancel(String),
+    Approve(String),
+    Deny { id: String, reason: Option<String> },
+    Agents(Option<String>),
+    Status(Option<String>),
+    Health(Option<String>),
+    Audit(String),
+    Whoami,
+    Policy,
+}
+
+/// `run <command> [args…] on <selector> [options]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunRequest {
+    pub command: String,
+    /// Positional argument values, verbatim (quotes removed).
+    pub args: Vec<String>,
+    /// The selector text; it is known to parse with [`Selector::parse`].
+    pub selector: String,
+    pub options: RunOptions,
+}
+
+/// Rate control and dry-run options of `run` (DESIGN §4).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    pub batch: Option<Limit>,
+    pub max_errors: Option<Limit>,
+    pub canary: Option<u32>,
+    pub timeout: Option<Duration>,
+    pub dry_run: bool,
+}
+
+/// A number of targets or a percentage of them (`5` or `25%`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Count(u32),
+    /// 1..=100.
+    Percent(u8),
+}
+
+const RUN_USAGE: &str = "run <command> [args] on <selector> [--batch N|N%] [--max-errors N|N%] [--canary N] [--timeout D] [--dry-run]";
+
+/// Why a chat message could not be parsed.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum GrammarError {
+    #[error("empty command; try `help`")]
+    Empty,
+    #[error("unknown command `{0}`; try `help`")]
+    UnknownCommand(String),
+    #[error("unterminated quote starting at `{0}`")]
+    UnterminatedQuote(String),
+    #[error("usage: {0}")]
+    Usage(&'static str),
+    #[error("a target is required: run <command> [args] on <selector>")]
+    MissingTarget,
+    #[error("{0}")]
+    BadSelector(String),
+    #[error(
+        "unknown option `{0}`; options are --batch, --max-errors, --canary, --timeout and --dry-run"
+    )]
+    UnknownOption(String),
+    #[error("option `{option}`: {reason}")]
+    BadOption { option: String, reason: String },
+    #[error("unexpected `{0}` after the options; options go last")]
+    Unexpected(String),
+}
+
+/// Returns the command text when the message is addressed to the bot: it
+/// starts with `!`, `@<bot_name>`, `<bot_name>:` or `<bot_name>,` (name
+/// case-insensitive), or `direct` is true (a direct conversation). The
+/// prefix and surrounding whitespace are removed.
+///
+/// ```
+/// use fleetcmd_core::grammar::addressed;
+/// assert_eq!(addressed("!run uptime on all", "fleetcmd", false), Some("run uptime on all"));
+/// assert_eq!(addressed("@FleetCmd jobs", "fleetcmd", false), Some("jobs"));
+/// assert_eq!(addressed("fleetcmd, help", "fleetcmd", false), Some("help"));
+/// assert_eq!(addressed("hello all", "fleetcmd", false), None);
+/// ```
+pub fn addressed<'a>(text: &'a str, bot_name: &str, direct: bool) -> Option<&'a str> {
+    let t = text.trim();
+    if let Some(rest) = t.strip_prefix('!') {
+        return Some(rest.trim());
+    }
+    if !bot_name.is_empty() {
+        if let Some(rest) = t
+            .strip_prefix('@')
+            .and_then(|r| strip_prefix_ci(r, bot_name))
+            && (rest.is_empty()
+                || rest.starts_with(char::is_whitespace)
+                || rest.starts_with([':', ',']))
+        {
+            return Some(rest.strip_prefix([':', ',']).unwrap_or(rest).trim());
+        }
+        if let Some(rest) = strip_prefix_ci(t, bot_name).and_then(|r| r.strip_prefix([':', ','])) {
+            return Some(rest.trim());
+        }
+    }
+    direct.then_some(t)
+}
+
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Word {
+    text: String,
+    quoted: bool,
+}
+
+/// Splits on whitespace; a word starting with `"`, `'`, `“` or `‘` runs to
+/// the matching close quote (backslash escapes `\"` and `\\` inside double
+/// quotes). Quotes inside a bare word are literal (`don't`).
+fn tokenize(s: &str) -> Result<Vec<Word>, GrammarError> {
+    let mut words = Vec::new();
+    let mut chars = s.char_indices().peekable();
+    while let Some(&(start, c)) = chars.peek() {
+        if c.is_whitespace() {
+            chars.next();
+            continue;
+        }
+        let mut text = String::new();
+        let mut quoted = false;
+        let close = match c {
+            '"' => Some(('"', true)),
+            '\'' => Some(('\'', false)),
+            '“' => Some(('”', true)),
+            '‘' => Some(('’', false)),
+            _ => None,
+        };
+        if let Some((close, escapes)) = close {
+            chars.next();
+            quoted = true;
+            let mut closed = false;
+            while let Some((_, ch)) = chars.next() {
+                if ch == close {
+                    closed = true;
+                    break;
+                }
+                if escapes
+                    && ch == '\\'
+                    && let Some(&(_, next)) = chars.peek()
+                    && (next == '\\' || next == '"' || next == close)
+                {
+                    text.push(next);
+                    chars.next();
+                    continue;
+                }
+                text.push(ch);
+            }
+            if !closed {
+                let shown: String = s[start..].chars().take(20).collect();
+                return Err(GrammarError::UnterminatedQuote(shown));
+            }
+        }
+        while let Some(&(_, ch)) = chars.peek() {
+            if ch.is_whitespace() {
+                break;
+            }
+            text.push(ch);
+            chars.next();
+        }
+        words.push(Word { text, quoted });
+    }
+    Ok(words)
+}
+
+/// Parses the command text (as returned by [`addressed`]).
+///
+/// ```
+/// use fleetcmd_core::grammar::{parse, ChatCommand};
+/// let ChatCommand::Run(run) = parse(r#"run grep "two words" on role in (web,api) --batch 25%"#).unwrap() else { panic!() };
+/// assert_eq!(run.args, ["two words"]);
+/// assert_eq!(run.selector, "role in (web,api)");
+/// ```
+pub fn parse(text: &str) -> Result<ChatCommand, GrammarError> {
+    let words = tokenize(text)?;
+    let Some((first, rest)) = words.split_first() else {
+        return Err(GrammarError::Empty);
+    };
+    let texts: Vec<&str> = rest.iter().map(|w| w.text.as_str()).collect();
+    let joined = || (!texts.is_empty()).then(|| texts.join(" "));
+    let one = |usage: &'static str| match texts.as_slice() {
+        [id] => Ok(id.to_string()),
+        _ => Err(GrammarError::Usage(usage)),
+    };
+    let none = |cmd: ChatCommand, usage: &'static str| {
+        if texts.is_empty() {
+            Ok(cmd)
+        } else {
+            Err(GrammarError::Usage(usage))
+        }
+    };
+    match first.text.to_ascii_lowercase().as_str() {
+        "help" => match texts.as_slice() {
+            [] => Ok(ChatCommand::Help(None)),
+            [c] => Ok(ChatCommand::Help(Some(c.to_string()))),
+            _ => Err(GrammarError::Usage("help [command]")),
+        },
+        "run" => parse_run(rest).map(ChatCommand::Run),
+        "job" => one("job <id>").map(ChatCommand::Job),
+        "jobs" => match texts.as_slice() {
+            [] => Ok(ChatCommand::Jobs { mine: false }),
+            ["mine"] => Ok(ChatCommand::Jobs { mine: true }),
+            _ => Err(GrammarError::Usage("jobs [mine]")),
+        },
+        "output" => match texts.as_slice() {
+            [id] => Ok(ChatCommand::Output {
+                id: id.to_string(),
+                host: None,
+            }),
+            [id, host] => Ok(ChatCommand::Output {
+                id: id.to_string(),
+                host: Some(host.to_string()),
+            }),
+            _ => Err(GrammarError::Usage("output <id> [host]")),
+        },
+        "cancel" => one("cancel <id>").map(ChatCommand::Cancel),
+        "approve" => one("approve <id>").map(ChatCommand::Approve),
+        "deny" => match texts.split_first() {
+            Some((id, reason)) => Ok(ChatCommand::Deny {
+                id: id.to_string(),
+                reason: (!reason.is_empty()).then(|| reason.join(" ")),
+            }),
+            None => Err(GrammarError::Usage("deny <id> [reason]")),
+        },
+        "agents" => checked_selector(joined()).map(ChatCommand::Agents),
+        "status" => checked_selector(joined()).map(ChatCommand::Status),
+        "health" => match texts.as_slice() {
+            [] => Ok(ChatCommand::Health(None)),
+            [s] => Ok(ChatCommand::Health(Some(s.to_string()))),
+            _ => Err(GrammarError::Usage("health [service]")),
+        },
+        "audit" => joined()
+            .map(ChatCommand::Audit)
+            .ok_or(GrammarError::Usage("audit <query>")),
+        "whoami" => none(ChatCommand::Whoami, "whoami"),
+        "policy" => none(ChatCommand::Policy, "policy"),
+        _ => Err(GrammarError::UnknownCommand(
+            first.text.chars().take(40).collect(),
+        )),
+    }
+}
+
+fn checked_selector(s: Option<String>) -> Result<Option<String>, GrammarError> {
+    if let Some(s) = &s {
+        Selector::parse(s).map_err(|e| GrammarError::BadSelector(e.to_string()))?;
+    }
+    Ok(s)
+}
+
+fn is_option(w: &Word) -> bool {
+    !w.quoted && w.text.starts_with("--")
+}
+
+fn parse_run(words: &[Word]) -> Result<RunRequest, GrammarError> {
+    let Some(command) = words
+        .first()
+        .filter(|w| (w.text != "on" || w.quoted) && !is_option(w))
+    else {
+        return Err(GrammarError::Usage(RUN_USAGE));
+    };
+    // The last bare `on` separates arguments from the selector, so a quoted
+    // "on" (or one before it) can still be an argument value.
+    let on = words
+        .iter()
+        .rposition(|w| !w.quoted && w.text == "on")
+        .filter(|i| *i > 0)
+        .ok_or(GrammarError::MissingTarget)?;
+    let args = words[1..on].iter().map(|w| w.text.clone()).collect();
+    let after = &words[on + 1..];
+    let split = after.iter().position(is_option).unwrap_or(after.len());
+    let selector = after[..split]
+        .iter()
+        .map(|w| w.text.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if selector.is_empty() {
+        return Err(GrammarError::MissingTarget);
+    }
+    Selector::parse(&selector).map_err(|e| GrammarError::BadSelector(e.to_string()))?;
+    let options = parse_options(&after[split..])?;
+    Ok(RunRequest {
+        command: command.text.clone(),
+        args,
+        selector,
+        options,
+    })
+}
+
+fn parse_options(words: &[Word]) -> Result<RunOptions, GrammarError> {
+    let mut opts = RunOptions::default();
+    let mut it = words.iter();
+    let mut seen: Vec<String> = Vec::new();
+    while let Some(w) = it.next() {
+        if !is_option(w) {
+            return Err(GrammarError::Unexpected(w.text.clone()));
+        }
+        let (name, inline) = match w.text.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (w.text.as_str(), None),
+        };
+        let bad = |reason: String| GrammarError::BadOption {
+            option: name.to_string(),
+            reason,
+        };
+        if !matches!(
+            name,
+            "--batch" | "--max-errors" | "--canary" | "--timeout" | "--dry-run"
+        ) {
+            return Err(GrammarError::UnknownOption(name.to_string()));
+        }
+        if seen.iter().any(|s| s == name) {
+            return Err(bad("given twice".to_string()));
+        }
+        seen.push(name.to_string());
+        if name == "--dry-run" {
+            if inline.is_some() {
+                return Err(bad("takes no value".to_string()));
+            }
+            opts.dry_run = true;
+            continue;
+        }
+        let value = match inline {
+            Some(v) => v,
+            None => it
+                .next()
+                .filter(|v| !is_option(v))
+                .map(|v| v.text.clone())
+                .ok_or_else(|| bad("needs a value".to_string()))?,
+        };
+        match name {
+            "--batch" => {
+                let l = parse_limit(&value).map_err(bad)?;
+                if l == Limit::Count(0) {
+                    return Err(bad("must be at least 1".to_string()));
+                }
+                opts.batch = Some(l);
+            }
+            "--max-errors" => opts.max_errors = Some(parse_limit(&value).map_err(bad)?),
+            "--canary" => match value.parse::<u32>() {
+                Ok(n) if n >= 1 => opts.canary = Some(n),
+                _ => {
+                    return Err(bad(format!(
+                        "expected a number of hosts >= 1, got `{value}`"
+                    )));
+                }
+            },
+            _ => {
+                let d = parse_duration(&value).map_err(bad)?;
+                if d.is_zero() {
+                    return Err(bad("must be greater than zero".to_string()));
+                }
+                opts.timeout = Some(d);
+            }
+        }
+    }
+    Ok(opts)
+}
+
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    let err = || format!("expected a count such as 5 or a percentage such as 25%, got `{s}`");
+    match s.strip_suffix('%') {
+        Some(p) => match p.parse::<u8>() {
+            Ok(n) if (1..=100).contains(&n) => Ok(Limit::Percent(n)),
+            _ => Err(err()),
+        },
+        None => s.parse::<u32>().map(Limit::Count).map_err(|_| err()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(command: &str, args: &[&str], selector: &str, options: RunOptions) -> ChatCommand {
+        ChatCommand::Run(RunRequest {
+            command: command.to_string(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            selector: selector.to_string(),
+            options,
+        })
+    }
+
+    fn check(input: &str, expected: ChatCommand) {
+        assert_eq!(parse(input), Ok(expected), "parse({input:?})");
+    }
+
+    fn check_err(input: &str, part: &str) {
+        match parse(input) {
+            Ok(c) => panic!("parse({input:?}) = {c:?}, expected an error containing {part:?}"),
+            Err(e) => assert!(e.to_string().contains(part), "parse({input:?}): {e}"),
+        }
+    }
+
+    fn s(x: &str) -> Option<String> {
+        Some(x.to_string())
+    }
+
+    #[test]
+    fn simple_commands() {
+        use ChatCommand::*;
+        check("help", Help(None));
+        check("HELP restart", Help(s("restart")));
+        check("job 0189", Job("0189".into()));
+        check("jobs", Jobs { mine: false });
+        check("jobs mine", Jobs { mine: true });
+        check(
+            "output 0189",
+            Output {
+                id: "0189".into(),
+                host: None,
+            },
+        );
+        check(
+            "output 0189 web-1",
+            Output {
+                id: "0189".into(),
+                host: s("web-1"),
+            },
+        );
+        check("cancel 0189", Cancel("0189".into()));
+        check("approve 0189", Approve("0189".into()));
+        check(
+            "deny 0189",
+            Deny {
+                id: "0189".into(),
+                reason: None,
+            },
+        );
+        check(
+            "deny 0189 not during  the freeze",
+            Deny {
+                id: "0189".into(),
+                reason: s("not during the freeze"),
+            },
+        );
+        check("agents", Agents(None));
+        check("agents role in (web,api)", Agents(s("role in (web,api)")));
+        check("status env=prod", Status(s("env=prod")));
+        check("health", Health(None));
+        check("health api", Health(s("api")));
+        check("audit restart by alice", Audit("restart by alice".into()));
+        check("whoami", Whoami);
+        check("policy", Policy);
+    }
+
+    #[test]
+    fn run_commands() {
+        let d = RunOptions::default;
+        check("run uptime on all", run("uptime", &[], "all", d()));
+        check(
+            "run restart nginx.service on role=web",
+            run("restart", &["nginx.service"], "role=web", d()),
+        );
+        check(
+            "run restart nginx on role in (web,api)",
+            run("restart", &["nginx"], "role in (web,api)", d()),
+        );
+        check("run echo on on all", run("echo", &["on"], "all", d()));
+        check(r#"run echo "on" on all"#, run("echo", &["on"], "all", d()));
+        check(
+            r#"run echo "two words" 'single q' on name=web-*"#,
+            run("echo", &["two words", "single q"], "name=web-*", d()),
+        );
+        check(
+            r#"run echo "a \"quoted\" \\ b" on all"#,
+            run("echo", &[r#"a "quoted" \ b"#], "all", d()),
+        );
+        check(
+            "run echo “smart quotes” on all",
+            run("echo", &["smart quotes"], "all", d()),
+        );
+        check("run echo don't on all", run("echo", &["don't"], "all", d()));
+        check(
+            "run echo $(touch X) `id` ; on all",
+            run("echo", &["$(touch", "X)", "`id`", ";"], "all", d()),
+        );
+        check(
+            "run grep --verbose on all",
+            run("grep", &["--verbose"], "all", d()),
+        );
+        check(
+            "run restart nginx on role=web --batch 2 --max-errors 10% --canary 1 --timeout 5m --dry-run",
+            run(
+                "restart",
+                &["nginx"],
+                "role=web",
+                RunOptions {
+                    batch: Some(Limit::Count(2)),
+                    max_errors: Some(Limit::Percent(10)),
+                    canary: Some(1),
+                    timeout: Some(Duration::from_secs(300)),
+                    dry_run: true,
+                },
+            ),
+        );
+        check(
+            "run uptime on all --batch=25% --max-errors 0",
+            run(
+                "uptime",
+                &[],
+                "all",
+                RunOptions {
+                    batch: Some(Limit::Percent(25)),
+                    max_errors: Some(Limit::Count(0)),
+                    ..d()
+                },
+            ),
+        );
+    }
+
+    #[test]
+    fn errors() {
+        check_err("", "empty command");
+        check_err("   ", "empty command");
+        check_err("foo", "unknown command `foo`; try `help`");
+        check_err("run", "usage: run <command>");
+        check_err("run on all", "usage: run <command>");
+        check_err(
+            "run uptime",
+            "a target is required: run <command> [args] on <selector>",
+        );
+        check_err(r#"run uptime "on" all"#, "a target is required");
+        check_err("run uptime on", "a target is required");
+        check_err("run uptime on --dry-run", "a target is required");
+        check_err("run uptime on role=web*", "globs are only allowed");
+        check_err("run uptime on role in (web", "unbalanced");
+        check_err("run uptime on all --force", "unknown option `--force`");
+        check_err(
+            "run uptime on all --batch",
+            "option `--batch`: needs a value",
+        );
+        check_err("run uptime on all --batch 0", "must be at least 1");
+        check_err("run uptime on all --batch 101%", "percentage");
+        check_err("run uptime on all --batch 0%", "percentage");
+        check_err("run uptime on all --batch x", "expected a count");
+        check_err("run uptime on all --canary 0", "expected a number of hosts");
+        check_err("run uptime on all --timeout 3w", "invalid duration");
+        check_err("run uptime on all --timeout 0s", "greater than zero");
+        check_err("run uptime on all --dry-run --dry-run", "given twice");
+        check_err("run uptime on all --dry-run=yes", "takes no value");
+        check_err(
+            "run uptime on all --dry-run extra",
+            "unexpected `extra` after the options",
+        );
+        check_err(r#"run echo "unterminated on all"#, "unterminated quote");
+        check_err("run echo 'x on all", "unterminated quote");
+        check_err("job", "usage: job <id>");
+        check_err("job a b", "usage: job <id>");
+        check_err("jobs yours", "usage: jobs [mine]");
+        check_err("output", "usage: output");
+        check_err("deny", "usage: deny");
+        check_err("audit", "usage: audit");
+        check_err("whoami now", "usage: whoami");
+        check_err("agents role=web*", "globs");
+        check_err("help a b", "usage: help");
+    }
+
+    #[test]
+    fn addressing() {
+        for (text, direct, expected) in [
+            ("!run uptime on all", false, Some("run uptime on all")),
+            ("  ! help ", false, Some("help")),
+            ("@fleetcmd help", false, Some("help")),
+            ("@FLEETCMD: help", false, Some("help")),
+            ("@fleetcmd", false, Some("")),
+            ("fleetcmd: help", false, Some("help")),
+            ("FleetCmd, help", false, Some("help")),
+            ("fleetcmd help", false, None),
+            ("@fleetcmdx help", false, None),
+            ("fleetcmdx: help", false, None),
+            ("hello", false, None),
+            ("hello", true, Some("hello")),
+            (" !jobs", true, Some("jobs")),
+            ("@fleetcmd jobs", true, Some("jobs")),
+            ("é", false, None),
+        ] {
+            assert_eq!(
+                addressed(text, "fleetcmd", direct),
+                expected,
+                "{text:?} direct={direct}"
+            );
+        }
+    }
+}

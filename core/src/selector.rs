@@ -1,0 +1,463 @@
+//! Kubernetes-style label selectors choosing which agents a job targets
+//! (DESIGN §3): `role=web`, `env!=staging`, `role in (web,api)`,
+//! `role notin (a,b)`, `canary`, `!canary`, comma = AND, the key `name` for
+//! the agent's host name (globs `*`/`?` allowed), and `all`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Why a selector or a label list was refused.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum SelectorError {
+    #[error("empty selector; use `all` to target every agent")]
+    Empty,
+    #[error("invalid selector \"{input}\": {reason}")]
+    Invalid { input: String, reason: String },
+    #[error("invalid labels \"{input}\": {reason}")]
+    Labels { input: String, reason: String },
+}
+
+/// One requirement; a selector is their conjunction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Requirement {
+    Eq(String, String),
+    NotEq(String, String),
+    /// Values are sorted and deduplicated so equal sets compare equal.
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    NotExists(String),
+}
+
+/// A parsed label selector. The requirement-less selector is `all`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selector {
+    requirements: Vec<Requirement>,
+}
+
+/// The key that selects on the agent's host name instead of a label.
+pub const NAME_KEY: &str = "name";
+
+fn valid_key(k: &str) -> bool {
+    let b = k.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'/' | b'-'))
+}
+
+fn valid_value(v: &str, globs: bool) -> bool {
+    v.len() <= 63
+        && v.bytes().all(|c| {
+            c.is_ascii_alphanumeric()
+                || matches!(c, b'.' | b'_' | b'-')
+                || (globs && matches!(c, b'*' | b'?'))
+        })
+}
+
+impl Selector {
+    /// The selector that matches every agent.
+    pub fn all() -> Selector {
+        Selector {
+            requirements: Vec::new(),
+        }
+    }
+
+    /// Whether this is `all`.
+    pub fn is_all(&self) -> bool {
+        self.requirements.is_empty()
+    }
+
+    /// Parses a selector.
+    ///
+    /// ```
+    /// use std::collections::BTreeMap;
+    /// use fleetcmd_core::selector::Selector;
+    /// let s = Selector::parse("role in (web,api), !canary, name=web-*").unwrap();
+    /// let labels = BTreeMap::from([("role".to_string(), "web".to_string())]);
+    /// assert!(s.matches("web-1", &labels));
+    /// assert!(!s.matches("db-1", &labels));
+    /// ```
+    pub fn parse(s: &str) -> Result<Selector, SelectorError> {
+        let input: String = s.chars().take(200).collect();
+        let err = |reason: String| SelectorError::Invalid {
+            input: input.clone(),
+            reason,
+        };
+        let trimmed = s.trim();
+        if trimmed.is_empty() {
+            return Err(SelectorError::Empty);
+        }
+        if trimmed == "all" {
+            return Ok(Selector::all());
+        }
+        let mut parts = Vec::new();
+        let mut depth = 0u32;
+        let mut start = 0;
+        for (i, c) in trimmed.char_indices() {
+            match c {
+                '(' if depth > 0 => return Err(err("nested parentheses".to_string())),
+                '(' => depth += 1,
+                ')' if depth == 0 => return Err(err("unbalanced `)`".to_string())),
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    parts.push(&trimmed[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        if depth != 0 {
+            return Err(err("unbalanced `(`".to_string()));
+        }
+        parts.push(&trimmed[start..]);
+        let mut requirements = Vec::new();
+        for part in parts {
+            requirements.push(parse_requirement(part.trim()).map_err(&err)?);
+        }
+        Ok(Selector { requirements })
+    }
+
+    /// Whether an agent with host name `name` and `labels` is selected.
+    pub fn matches(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
+        self.requirements.iter().all(|r| r.matches(name, labels))
+    }
+
+    /// Structural, conservative implication: true when every requirement of
+    /// `other` appears verbatim in `self`, so every agent `self` selects is
+    /// also selected by `other`. `all` is implied by everything; `all`
+    /// implies only `all`.
+    pub fn implies(&self, other: &Selector) -> bool {
+        other
+            .requirements
+            .iter()
+            .all(|r| self.requirements.contains(r))
+    }
+}
+
+fn parse_requirement(part: &str) -> Result<Requirement, String> {
+    let key = |k: &str| -> Result<String, String> {
+        let k = k.trim();
+        if k == "all" {
+            return Err("`all` cannot be combined with other requirements".to_string());
+        }
+        if valid_key(k) {
+            Ok(k.to_string())
+        } else if k.is_empty() {
+            Err("empty requirement (stray comma?)".to_string())
+        } else {
+            Err(format!(
+                "invalid key `{k}`: use 1-63 letters, digits, `.`, `_`, `/` or `-`, starting with a letter or digit"
+            ))
+        }
+    };
+    let value = |k: &str, v: &str| -> Result<String, String> {
+        let v = v.trim();
+        let globs = k == NAME_KEY;
+        if valid_value(v, globs) {
+            Ok(v.to_string())
+        } else if !globs && valid_value(v, true) {
+            Err(format!(
+                "globs are only allowed for the `{NAME_KEY}` key, not in `{k}={v}`"
+            ))
+        } else {
+            Err(format!(
+                "invalid value `{v}`: use up to 63 letters, digits, `.`, `_` or `-`"
+            ))
+        }
+    };
+    if let Some(rest) = part.strip_prefix('!')
+        && !rest.contains('=')
+    {
+        return Ok(Requirement::NotExists(key(rest)?));
+    }
+    if let Some((k, v)) = part.split_once("!=") {
+        let k = key(k)?;
+        let v = value(&k, v)?;
+        return Ok(Requirement::NotEq(k, v));
+    }
+    if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+        let k = key(k)?;
+        let v = value(&k, v)?;
+        return Ok(Requirement::Eq(k, v));
+    }
+    if let Some(open) = part.find('(') {
+        let head = part[..open].trim();
+        let (k, op) = head.rsplit_once(char::is_whitespace).ok_or_else(|| {
+            format!("expected `<key> in (...)` or `<key> notin (...)`, got `{part}`")
+        })?;
+        let k = key(k)?;
+        let body = part[open + 1..]
+            .strip_suffix(')')
+            .ok_or_else(|| format!("unexpected text after `)` in `{part}`"))?;
+        let mut values = Vec::new();
+        for v in body.split(',') {
+            if v.trim().is_empty() {
+                return Err(format!("empty value in set `({body})`"));
+            }
+            values.push(value(&k, v)?);
+        }
+        values.sort();
+        values.dedup();
+        return match op.trim() {
+            "in" => Ok(Requirement::In(k, values)),
+            "notin" => Ok(Requirement::NotIn(k, values)),
+            other => Err(format!(
+                "unknown operator `{other}`; expected `in` or `notin`"
+            )),
+        };
+    }
+    if part.contains(')') {
+        return Err("unbalanced `)`".to_string());
+    }
+    Ok(Requirement::Exists(key(part)?))
+}
+
+impl Requirement {
+    fn matches(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
+        let actual = |k: &str| -> Option<&str> {
+            if k == NAME_KEY {
+                Some(name)
+            } else {
+                labels.get(k).map(String::as_str)
+            }
+        };
+        let eq = |k: &str, pattern: &str, v: &str| {
+            if k == NAME_KEY {
+                crate::glob::glob_match(pattern, v, true)
+            } else {
+                pattern == v
+            }
+        };
+        match self {
+            Requirement::Eq(k, want) => actual(k).is_some_and(|v| eq(k, want, v)),
+            Requirement::NotEq(k, want) => !actual(k).is_some_and(|v| eq(k, want, v)),
+            Requirement::In(k, set) => actual(k).is_some_and(|v| set.iter().any(|w| eq(k, w, v))),
+            Requirement::NotIn(k, set) => {
+                !actual(k).is_some_and(|v| set.iter().any(|w| eq(k, w, v)))
+            }
+            Requirement::Exists(k) => actual(k).is_some(),
+            Requirement::NotExists(k) => actual(k).is_none(),
+        }
+    }
+}
+
+impl fmt::Display for Requirement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Requirement::Eq(k, v) => write!(f, "{k}={v}"),
+            Requirement::NotEq(k, v) => write!(f, "{k}!={v}"),
+            Requirement::In(k, vs) => write!(f, "{k} in ({})", vs.join(",")),
+            Requirement::NotIn(k, vs) => write!(f, "{k} notin ({})", vs.join(",")),
+            Requirement::Exists(k) => write!(f, "{k}"),
+            Requirement::NotExists(k) => write!(f, "!{k}"),
+        }
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.requirements.is_empty() {
+            return f.write_str("all");
+        }
+        for (i, r) in self.requirements.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{r}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Selector {
+    type Err = SelectorError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Selector::parse(s)
+    }
+}
+
+/// Parses `k=v,k2=v2` into labels (an empty string gives no labels).
+/// Values are plain label values: globs are not allowed.
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, SelectorError> {
+    let input: String = s.chars().take(200).collect();
+    let err = |reason: String| SelectorError::Labels {
+        input: input.clone(),
+        reason,
+    };
+    let mut out = BTreeMap::new();
+    if s.trim().is_empty() {
+        return Ok(out);
+    }
+    for part in s.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| err(format!("expected `key=value`, got `{}`", part.trim())))?;
+        let (k, v) = (k.trim(), v.trim());
+        if !valid_key(k) {
+            return Err(err(format!(
+                "invalid key `{k}`: use 1-63 letters, digits, `.`, `_`, `/` or `-`, starting with a letter or digit"
+            )));
+        }
+        if k == NAME_KEY {
+            return Err(err(format!("`{NAME_KEY}` is reserved for the host name")));
+        }
+        if !valid_value(v, false) {
+            return Err(err(format!(
+                "invalid value `{v}` for `{k}`: use up to 63 letters, digits, `.`, `_` or `-`"
+            )));
+        }
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(err(format!("key `{k}` given twice")));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(s: &str) -> BTreeMap<String, String> {
+        match parse_labels(s) {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// `expected` is the canonical form, or `Err(substring of the error)`.
+    fn check_parse(input: &str, expected: Result<&str, &str>) {
+        let got = Selector::parse(input);
+        match (&got, expected) {
+            (Ok(sel), Ok(canon)) => {
+                assert_eq!(sel.to_string(), canon, "canonical form of {input:?}");
+                assert_eq!(
+                    Selector::parse(canon).as_ref(),
+                    Ok(sel),
+                    "round trip of {input:?}"
+                );
+            }
+            (Err(e), Err(part)) => assert!(e.to_string().contains(part), "{input:?}: {e}"),
+            _ => panic!("{input:?}: got {got:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn parse_table() {
+        check_parse("all", Ok("all"));
+        check_parse("  all ", Ok("all"));
+        check_parse("role=web", Ok("role=web"));
+        check_parse("role==web", Ok("role=web"));
+        check_parse(" role = web , env != staging ", Ok("role=web,env!=staging"));
+        check_parse("role in (web,api)", Ok("role in (api,web)"));
+        check_parse("role in ( web , api, web )", Ok("role in (api,web)"));
+        check_parse("role in(web)", Ok("role in (web)"));
+        check_parse(
+            "role notin (a,b),canary,!gpu",
+            Ok("role notin (a,b),canary,!gpu"),
+        );
+        check_parse("name=web-*", Ok("name=web-*"));
+        check_parse("name in (web-?,db-*)", Ok("name in (db-*,web-?)"));
+        check_parse(
+            "topology.kubernetes.io/zone=eu-1",
+            Ok("topology.kubernetes.io/zone=eu-1"),
+        );
+        check_parse("role=", Ok("role="));
+        check_parse("", Err("empty selector; use `all`"));
+        check_parse("   ", Err("empty selector"));
+        check_parse("role=web,", Err("empty requirement"));
+        check_parse(
+            "role=web*",
+            Err("globs are only allowed for the `name` key"),
+        );
+        check_parse("role in (web", Err("unbalanced `(`"));
+        check_parse("role in web)", Err("unbalanced `)`"));
+        check_parse("role in ((a))", Err("nested"));
+        check_parse("role in ()", Err("empty value"));
+        check_parse("role within (a)", Err("unknown operator"));
+        check_parse("ro le=web", Err("invalid key"));
+        check_parse("-role=web", Err("invalid key"));
+        check_parse("role=we b", Err("invalid value"));
+        check_parse("role=$(x)", Err("invalid value"));
+        check_parse("all,role=web", Err("`all` cannot be combined"));
+        check_parse(&format!("role={}", "a".repeat(64)), Err("invalid value"));
+    }
+
+    fn check_match(selector: &str, name: &str, lbls: &str, expected: bool) {
+        let sel = match Selector::parse(selector) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(
+            sel.matches(name, &labels(lbls)),
+            expected,
+            "{selector:?} on {name} {lbls}"
+        );
+    }
+
+    #[test]
+    fn match_table() {
+        for (sel, name, lbls, e) in [
+            ("all", "web-1", "", true),
+            ("role=web", "web-1", "role=web", true),
+            ("role=web", "web-1", "role=api", false),
+            ("role=web", "web-1", "", false),
+            ("env!=staging", "web-1", "env=prod", true),
+            ("env!=staging", "web-1", "", true),
+            ("env!=staging", "web-1", "env=staging", false),
+            ("role in (web,api)", "x", "role=api", true),
+            ("role in (web,api)", "x", "role=db", false),
+            ("role in (web,api)", "x", "", false),
+            ("role notin (web,api)", "x", "role=db", true),
+            ("role notin (web,api)", "x", "", true),
+            ("role notin (web,api)", "x", "role=web", false),
+            ("canary", "x", "canary=", true),
+            ("canary", "x", "", false),
+            ("!canary", "x", "", true),
+            ("!canary", "x", "canary=true", false),
+            ("name=web-*", "web-1", "", true),
+            ("name=web-*", "db-1", "", false),
+            ("name=web-?", "web-12", "", false),
+            ("name!=web-*", "db-1", "", true),
+            ("name in (db-1,web-*)", "web-9", "", true),
+            ("name", "anything", "", true),
+            ("role=web,env=prod", "x", "role=web,env=prod", true),
+            ("role=web,env=prod", "x", "role=web,env=dev", false),
+        ] {
+            check_match(sel, name, lbls, e);
+        }
+        // A label called `name` cannot impersonate the host name.
+        let spoof = BTreeMap::from([("name".to_string(), "db".to_string())]);
+        assert!(Selector::parse("name=web-1").is_ok_and(|s| s.matches("web-1", &spoof)));
+        assert!(Selector::parse("name=db").is_ok_and(|s| !s.matches("web-1", &spoof)));
+    }
+
+    #[test]
+    fn implication() {
+        let p = |s: &str| Selector::parse(s).unwrap_or_else(|e| panic!("{e}"));
+        assert!(p("role=web,env=prod").implies(&p("env=prod")));
+        assert!(p("env==prod").implies(&p("env=prod")));
+        assert!(!p("role=web").implies(&p("env=prod")));
+        assert!(!p("all").implies(&p("env=prod")));
+        assert!(p("role=web").implies(&p("all")));
+        assert!(p("role in (b,a)").implies(&p("role in (a,b)")));
+    }
+
+    #[test]
+    fn labels_table() {
+        for (input, ok) in [
+            ("", true),
+            ("role=web", true),
+            ("role=web, env=prod", true),
+            ("role", false),
+            ("role=web,role=api", false),
+            ("name=x", false),
+            ("role=web*", false),
+            ("=x", false),
+        ] {
+            assert_eq!(parse_labels(input).is_ok(), ok, "{input:?}");
+        }
+        assert_eq!(labels("a=1, b=2").get("b").map(String::as_str), Some("2"));
+    }
+}
