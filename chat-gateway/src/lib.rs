@@ -1,1 +1,118 @@
-//! placeholder
+//! The fleetcmd chat gateway: reads commands from chat through an adapter
+//! (see [`adapters`]), checks them against the signed policy, signs the
+//! resulting jobs with the gateway's Ed25519 key, submits them to the
+//! controller over mTLS gRPC and posts the results back, rendered so that
+//! command output stays data (DESIGN §2.4, §2.11, §5).
+//!
+//! The gateway never trusts the controller's policy blindly: every bundle
+//! is verified against the configured root keys before it is used, and an
+//! invalid or rolled-back bundle is refused (the last good one is kept).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetcmd_core::crypto::{PublicKey, SigningKey};
+use fleetcmd_core::job::DEFAULT_EXPIRY_SECS;
+use fleetcmd_proto::channel::{ChannelError, ClientTls};
+use tokio::task::JoinSet;
+
+pub mod adapters;
+pub mod config;
+pub mod controller;
+pub mod render;
+pub mod router;
+
+use adapters::ChatAdapter;
+use controller::{ControllerApi, GrpcController};
+use router::{Router, RouterConfig};
+
+/// Default lifetime of a signed job spec.
+pub const DEFAULT_JOB_EXPIRY: Duration = Duration::from_secs(DEFAULT_EXPIRY_SECS);
+/// Default interval between two polls of a running job.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Commands handled at once; when reached, the gateway stops reading until
+/// one finishes (backpressure on the chat connection).
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// Everything the gateway runtime needs.
+#[derive(Clone, Debug)]
+pub struct GatewayOptions {
+    pub controller_url: String,
+    pub tls: ClientTls,
+    pub signing_key: Arc<SigningKey>,
+    /// The id of `signing_key` in the policy's `[[signers]]`.
+    pub signer_id: String,
+    pub policy_roots: Vec<PublicKey>,
+    pub policy_threshold: usize,
+    pub bot_name: String,
+    /// Lifetime of signed jobs (default [`DEFAULT_JOB_EXPIRY`]).
+    pub job_expiry: Duration,
+    /// Poll interval while following a job (default [`DEFAULT_POLL_INTERVAL`]).
+    pub poll_interval: Duration,
+}
+
+impl GatewayOptions {
+    /// The router part of the options.
+    pub fn router_config(&self) -> RouterConfig {
+        RouterConfig {
+            signing_key: self.signing_key.clone(),
+            signer_id: self.signer_id.clone(),
+            policy_roots: self.policy_roots.clone(),
+            policy_threshold: self.policy_threshold,
+            bot_name: self.bot_name.clone(),
+            job_expiry: self.job_expiry,
+            poll_interval: self.poll_interval,
+        }
+    }
+}
+
+/// Why the gateway could not run.
+#[derive(thiserror::Error, Debug)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Controller(#[from] ChannelError),
+}
+
+/// Runs the gateway on `adapter` against the controller at
+/// `opts.controller_url` until the adapter's input ends, then waits for
+/// every command still running (including followed jobs) and returns.
+pub async fn run(opts: GatewayOptions, adapter: impl ChatAdapter) -> Result<(), GatewayError> {
+    // Lazy: an unreachable controller is reported per command, not fatal.
+    let ctl = GrpcController::connect_lazy(&opts.controller_url, &opts.tls)?;
+    serve(Arc::new(Router::new(opts.router_config(), ctl)), adapter).await;
+    Ok(())
+}
+
+/// The gateway loop over any controller: each addressed message is handled
+/// in its own task, so several commands (and running jobs) proceed at once.
+/// Returns when the input has ended and every task has finished.
+pub async fn serve<C: ControllerApi>(router: Arc<Router<C>>, mut adapter: impl ChatAdapter) {
+    let sender = adapter.sender();
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    while let Some(msg) = adapter.recv().await {
+        while let Some(done) = tasks.try_join_next() {
+            log_task_end(done);
+        }
+        if router.command_text(&msg).is_none() {
+            continue;
+        }
+        if tasks.len() >= MAX_IN_FLIGHT {
+            if let Some(done) = tasks.join_next().await {
+                log_task_end(done);
+            }
+        }
+        let router = router.clone();
+        let sender = sender.clone();
+        tasks.spawn(async move { router.handle(msg, sender.as_ref()).await });
+    }
+    tracing::debug!(outstanding = tasks.len(), "input ended; waiting for running commands");
+    while let Some(done) = tasks.join_next().await {
+        log_task_end(done);
+    }
+}
+
+fn log_task_end(r: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = r {
+        tracing::error!(error = %e, "command task failed");
+    }
+}

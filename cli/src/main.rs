@@ -2,32 +2,11 @@
 //! Thin: parse flags, call the library code in the modules below, map
 //! errors to exit codes (64 for bad usage or input, 1 for failures).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
-mod client;
-mod dev;
-mod policy_cmd;
-
-/// Connection to the controller as an operator. `fleetcmd dev` writes a file
-/// of these variables: `source DIR/env`.
-#[derive(Args, Debug, Clone)]
-pub struct Conn {
-    /// Controller address.
-    #[arg(long, env = "FLEETCMD_CONTROLLER", default_value = "https://127.0.0.1:7443", global = true)]
-    pub controller: String,
-    /// Fleet CA certificate (PEM).
-    #[arg(long, env = "FLEETCMD_CA", global = true)]
-    pub ca: Option<PathBuf>,
-    /// Your operator certificate (PEM).
-    #[arg(long, env = "FLEETCMD_CERT", global = true)]
-    pub cert: Option<PathBuf>,
-    /// Your operator key (PEM, Ed25519); it also signs your jobs.
-    #[arg(long, env = "FLEETCMD_KEY", global = true)]
-    pub key: Option<PathBuf>,
-}
+use fleetcmd_cli::{Failure, client, dev, policy_cmd};
 
 #[derive(Parser)]
 #[command(
@@ -42,7 +21,7 @@ Then:        source DIR/env          (DIR is printed by `fleetcmd dev`)\n\
 )]
 struct Cli {
     #[command(flatten)]
-    conn: Conn,
+    conn: fleetcmd_cli::Conn,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -100,22 +79,6 @@ enum TokenCmd {
         #[arg(long)]
         name: Option<String>,
     },
-}
-
-/// An error with the exit code it maps to.
-pub struct Failure {
-    pub code: u8,
-    pub error: anyhow::Error,
-}
-
-impl<E: Into<anyhow::Error>> From<E> for Failure {
-    fn from(e: E) -> Self {
-        Failure { code: 1, error: e.into() }
-    }
-}
-
-pub fn usage(msg: impl std::fmt::Display) -> Failure {
-    Failure { code: 64, error: anyhow::anyhow!("{msg}") }
 }
 
 fn main() -> ExitCode {

@@ -1,0 +1,276 @@
+//! `gateway.toml`: shape (serde, unknown keys refused), then values
+//! ([`GatewayConfig::validate`], every problem with its key path), then the
+//! files it names ([`GatewayConfig::options`]).
+//!
+//! ```toml
+//! controller = "https://controller.example.com:7443"
+//! ca = "/etc/fleetcmd/gateway/ca.pem"
+//! cert = "/etc/fleetcmd/gateway/cert.pem"
+//! key = "/etc/fleetcmd/gateway/key.pem"
+//! signing_key = "/etc/fleetcmd/gateway/signing-key.pem"   # PKCS#8 Ed25519
+//! signer_id = "gateway-main"
+//! policy_roots = ["ed25519:MCowBQYDK2VwAyEA..."]
+//! policy_threshold = 1     # default 1
+//! bot_name = "fleetcmd"    # default "fleetcmd"
+//!
+//! [console]
+//! enabled = true           # default false
+//! ```
+//!
+//! Relative paths are resolved against the directory of the config file.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fleetcmd_core::crypto::{PublicKey, SigningKey};
+use fleetcmd_proto::channel::{ClientTls, controller_url};
+use serde::Deserialize;
+
+use crate::{DEFAULT_JOB_EXPIRY, DEFAULT_POLL_INTERVAL, GatewayOptions};
+
+/// Where the gateway looks for its config by default.
+pub const DEFAULT_PATH: &str = "/etc/fleetcmd/gateway.toml";
+
+/// Defaults, in one place.
+pub mod defaults {
+    pub const POLICY_THRESHOLD: usize = 1;
+    pub const BOT_NAME: &str = "fleetcmd";
+    pub const CONSOLE_ENABLED: bool = false;
+
+    pub(super) fn policy_threshold() -> usize {
+        POLICY_THRESHOLD
+    }
+    pub(super) fn bot_name() -> String {
+        BOT_NAME.to_string()
+    }
+    pub(super) fn console_enabled() -> bool {
+        CONSOLE_ENABLED
+    }
+}
+
+/// The gateway configuration file.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Controller gRPC address, `https://host:port` or `host:port`.
+    pub controller: String,
+    /// Fleet CA certificate (PEM).
+    pub ca: PathBuf,
+    /// The gateway's client certificate (PEM), issued by the fleet CA.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// Ed25519 job-signing key, PKCS#8 PEM.
+    pub signing_key: PathBuf,
+    /// The signing key's id in the policy's `[[signers]]`.
+    pub signer_id: String,
+    /// Policy root public keys (`ed25519:…`).
+    pub policy_roots: Vec<String>,
+    #[serde(default = "defaults::policy_threshold")]
+    pub policy_threshold: usize,
+    #[serde(default = "defaults::bot_name")]
+    pub bot_name: String,
+    #[serde(default)]
+    pub console: ConsoleConfig,
+}
+
+/// `[console]`: the stdin/stdout adapter.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    #[serde(default = "defaults::console_enabled")]
+    pub enabled: bool,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> ConsoleConfig {
+        ConsoleConfig { enabled: defaults::CONSOLE_ENABLED }
+    }
+}
+
+/// One configuration problem, with the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Why a configuration could not be used; always names the file.
+#[derive(thiserror::Error, Debug)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", file.display())]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("{}: {message}", file.display())]
+    Parse { file: PathBuf, message: String },
+    #[error("{}: invalid configuration:\n{}", file.display(), list(problems))]
+    Invalid { file: PathBuf, problems: Vec<Problem> },
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n")
+}
+
+impl GatewayConfig {
+    /// Parses TOML text (shape only).
+    pub fn parse(text: &str, file: &Path) -> Result<GatewayConfig, ConfigError> {
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { file: file.to_path_buf(), message: e.to_string().trim_end().to_string() })
+    }
+
+    /// Reads and parses a file (shape only; call [`GatewayConfig::validate`]).
+    pub fn load(file: &Path) -> Result<GatewayConfig, ConfigError> {
+        let text =
+            std::fs::read_to_string(file).map_err(|source| ConfigError::Read { file: file.to_path_buf(), source })?;
+        GatewayConfig::parse(&text, file)
+    }
+
+    /// Checks the values; returns every problem at once.
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, message: String| problems.push(Problem { key: key.to_string(), message });
+        if let Err(e) = controller_url(&self.controller) {
+            bad("controller", e.to_string());
+        }
+        for (key, path) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key), ("signing_key", &self.signing_key)]
+        {
+            if path.as_os_str().is_empty() {
+                bad(key, "must name a file".to_string());
+            }
+        }
+        if self.signer_id.trim().is_empty() {
+            bad("signer_id", "must not be empty".to_string());
+        }
+        if self.policy_roots.is_empty() {
+            bad("policy_roots", "at least one policy root public key is required".to_string());
+        }
+        for (i, root) in self.policy_roots.iter().enumerate() {
+            if let Err(e) = PublicKey::parse(root) {
+                bad(&format!("policy_roots[{i}]"), e.to_string());
+            }
+        }
+        if self.policy_threshold == 0 || self.policy_threshold > self.policy_roots.len().max(1) {
+            bad(
+                "policy_threshold",
+                format!("must be between 1 and the number of policy_roots ({})", self.policy_roots.len()),
+            );
+        }
+        if self.bot_name.is_empty() || self.bot_name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bad("bot_name", "must be a non-empty name without spaces".to_string());
+        }
+        if !self.console.enabled {
+            bad("console.enabled", "no chat adapter is enabled (the console is the only adapter so far)".to_string());
+        }
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+
+    /// Validates, then reads the files the config names and builds the
+    /// gateway options. `file` is the config's own path: relative paths are
+    /// resolved against its directory, and errors name it.
+    pub fn options(&self, file: &Path) -> Result<GatewayOptions, ConfigError> {
+        let invalid = |problems| ConfigError::Invalid { file: file.to_path_buf(), problems };
+        self.validate().map_err(invalid)?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let mut problems = Vec::new();
+        let mut read = |key: &str, path: &Path| -> String {
+            let full = base.join(path);
+            match std::fs::read_to_string(&full) {
+                Ok(text) => text,
+                Err(e) => {
+                    problems.push(Problem { key: key.to_string(), message: format!("{}: {e}", full.display()) });
+                    String::new()
+                }
+            }
+        };
+        let ca_pem = read("ca", &self.ca);
+        let cert_pem = read("cert", &self.cert);
+        let key_pem = read("key", &self.key);
+        let signing_pem = read("signing_key", &self.signing_key);
+        let signing_key = if signing_pem.is_empty() {
+            None
+        } else {
+            match SigningKey::from_pkcs8_pem(&signing_pem) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    let full = base.join(&self.signing_key);
+                    problems.push(Problem { key: "signing_key".to_string(), message: format!("{}: {e}", full.display()) });
+                    None
+                }
+            }
+        };
+        let roots: Vec<PublicKey> = self.policy_roots.iter().filter_map(|r| PublicKey::parse(r).ok()).collect();
+        match signing_key {
+            Some(signing_key) if problems.is_empty() => Ok(GatewayOptions {
+                controller_url: self.controller.clone(),
+                tls: ClientTls { ca_pem, cert_pem, key_pem },
+                signing_key: Arc::new(signing_key),
+                signer_id: self.signer_id.clone(),
+                policy_roots: roots,
+                policy_threshold: self.policy_threshold,
+                bot_name: self.bot_name.clone(),
+                job_expiry: DEFAULT_JOB_EXPIRY,
+                poll_interval: DEFAULT_POLL_INTERVAL,
+            }),
+            _ => Err(invalid(problems)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROOT: &str = "ed25519:MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=";
+
+    fn text(extra: &str) -> String {
+        format!(
+            "controller = \"controller.example.com:7443\"\nca = \"ca.pem\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+             signing_key = \"sign.pem\"\nsigner_id = \"gw\"\npolicy_roots = [\"{ROOT}\"]\n{extra}"
+        )
+    }
+
+    fn check(extra: &str, expected_keys: &[&str]) {
+        let cfg = GatewayConfig::parse(&text(extra), Path::new("gateway.toml"));
+        let cfg = match cfg {
+            Ok(c) => c,
+            Err(e) => panic!("{extra:?}: {e}"),
+        };
+        let keys: Vec<String> = cfg.validate().err().unwrap_or_default().into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, expected_keys, "{extra:?}");
+    }
+
+    #[test]
+    fn validation_table() {
+        check("[console]\nenabled = true", &[]);
+        check("", &["console.enabled"]);
+        check("policy_threshold = 2\n[console]\nenabled = true", &["policy_threshold"]);
+        check("bot_name = \"fleet cmd\"\n[console]\nenabled = true", &["bot_name"]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let bad = "controller = \"http://x\"\nca = \"\"\ncert = \"c\"\nkey = \"k\"\nsigning_key = \"s\"\n\
+                   signer_id = \"\"\npolicy_roots = [\"nope\"]\npolicy_threshold = 0\n";
+        let cfg = GatewayConfig::parse(bad, Path::new("g.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let keys: Vec<String> = cfg.validate().err().unwrap_or_default().into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            ["controller", "ca", "signer_id", "policy_roots[0]", "policy_threshold", "console.enabled"]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_defaults() {
+        let err = GatewayConfig::parse(&text("colour = 1"), Path::new("/etc/g.toml")).err().map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(err.starts_with("/etc/g.toml: ") && err.contains("colour"), "{err}");
+        let cfg = GatewayConfig::parse(&text(""), Path::new("g.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((cfg.policy_threshold, cfg.bot_name.as_str(), cfg.console.enabled), (1, "fleetcmd", false));
+    }
+}

@@ -1,0 +1,88 @@
+//! `fleetcmd-gateway`: load and validate `gateway.toml`, then run the chat
+//! gateway (`run`) or only check the configuration (`validate`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fleetcmd_gateway::adapters::console::ConsoleAdapter;
+use fleetcmd_gateway::config::{DEFAULT_PATH, GatewayConfig};
+
+/// EX_USAGE: bad flags or configuration.
+const EXIT_CONFIG: u8 = 64;
+/// Runtime failure.
+const EXIT_RUNTIME: u8 = 1;
+
+#[derive(Parser, Debug)]
+#[command(name = "fleetcmd-gateway", version, about = "fleetcmd chat gateway")]
+struct Cli {
+    /// Path of gateway.toml.
+    #[arg(long, short, global = true, default_value = DEFAULT_PATH, env = "FLEETCMD_GATEWAY_CONFIG")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway.
+    Run,
+    /// Check the configuration (and the files it names) and exit.
+    Validate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Logs go to stderr: the console adapter owns stdout.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let options = match GatewayConfig::load(&cli.config).and_then(|c| c.options(&cli.config)) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("fleetcmd-gateway: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command {
+        Command::Validate => {
+            println!("{}: ok", cli.config.display());
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("fleetcmd-gateway: starting the async runtime: {e}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            };
+            runtime.block_on(async move {
+                let user = std::env::var("USER")
+                    .or_else(|_| std::env::var("LOGNAME"))
+                    .unwrap_or_else(|_| "unknown".to_string());
+                let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+                let adapter = match ConsoleAdapter::new(stdin, tokio::io::stdout(), &user) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        eprintln!("fleetcmd-gateway: console user {user:?}: {e}");
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                };
+                match fleetcmd_gateway::run(options, adapter).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("fleetcmd-gateway: {e}");
+                        ExitCode::from(EXIT_RUNTIME)
+                    }
+                }
+            })
+        }
+    }
+}

@@ -1,0 +1,529 @@
+//! The command router: parses addressed messages with the core grammar,
+//! checks RBAC against the verified policy, signs and submits jobs, follows
+//! them, and answers through the adapter's [`ChatSender`].
+//!
+//! Every command is checked against the policy: `help` lists only what the
+//! asker may run here, `run` goes through `check_run`, reads (`agents`,
+//! `job`, `jobs`, `policy`) need a role in this channel and show only jobs
+//! the asker asked for or may run on those targets (DESIGN §2.12).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fleetcmd_core::argv::{bind_positional, build_argv};
+use fleetcmd_core::crypto::{PublicKey, SigningKey};
+use fleetcmd_core::grammar::{self, ChatCommand, RunRequest};
+use fleetcmd_core::ids::{Identity, JobId};
+use fleetcmd_core::job::{JobSpec, SignedJob};
+use fleetcmd_core::policy::{Policy, Role};
+use fleetcmd_core::policy_bundle::{PolicySignature, bundle_hash, check_rollback, verify_bundle};
+use fleetcmd_core::rbac::{check_run, commands_for, roles_of};
+use fleetcmd_core::selector::Selector;
+use fleetcmd_proto::v1;
+
+use crate::adapters::{ChatSender, Incoming, MessageRef, Reply, Section};
+use crate::controller::{ControllerApi, JOBS_LIMIT};
+use crate::render::{self, asked_by, short_id};
+
+/// How long past its expiry and timeout a job is followed before the
+/// gateway stops polling and says so.
+pub const FOLLOW_SLACK: Duration = Duration::from_secs(60);
+/// Minimum time between two progress edits of a running job's message.
+pub const PROGRESS_EDIT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What the router needs besides the controller.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    pub signing_key: Arc<SigningKey>,
+    /// The signer id of `signing_key` in the policy's `[[signers]]`.
+    pub signer_id: String,
+    pub policy_roots: Vec<PublicKey>,
+    pub policy_threshold: usize,
+    pub bot_name: String,
+    pub job_expiry: Duration,
+    pub poll_interval: Duration,
+}
+
+/// A policy bundle that passed `verify_bundle`, with its hash.
+#[derive(Debug)]
+pub struct LoadedPolicy {
+    pub policy: Policy,
+    /// `sha256:<hex>` of the bundle bytes, computed here (not the controller's word).
+    pub hash: String,
+}
+
+/// Routes chat commands to the controller.
+pub struct Router<C> {
+    cfg: RouterConfig,
+    ctl: C,
+    policy: Mutex<Option<Arc<LoadedPolicy>>>,
+}
+
+impl<C> std::fmt::Debug for Router<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router").field("cfg", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn in_channel(role: &Role, channel: &str) -> bool {
+    role.channels.is_empty() || role.channels.iter().any(|c| c == channel)
+}
+
+fn not_yet(what: &str, who: &str) -> Reply {
+    Reply::text(format!("`{what}` is not available yet in this gateway{}", asked_by(who)))
+}
+
+impl<C: ControllerApi> Router<C> {
+    pub fn new(cfg: RouterConfig, ctl: C) -> Router<C> {
+        Router { cfg, ctl, policy: Mutex::new(None) }
+    }
+
+    /// The controller client.
+    pub fn controller(&self) -> &C {
+        &self.ctl
+    }
+
+    /// The command text when `msg` is for this bot and not from a bot.
+    pub fn command_text<'m>(&self, msg: &'m Incoming) -> Option<&'m str> {
+        if msg.from_bot {
+            return None;
+        }
+        grammar::addressed(&msg.text, &self.cfg.bot_name, msg.direct)
+    }
+
+    fn cached_policy(&self) -> Option<Arc<LoadedPolicy>> {
+        self.policy.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The current policy: fetched from the controller and verified against
+    /// the configured roots. A bundle that fails verification or rolls back
+    /// the version is refused and the last good one is kept.
+    pub async fn current_policy(&self) -> Result<Arc<LoadedPolicy>, String> {
+        let cached = self.cached_policy();
+        let info = match self.ctl.get_policy().await {
+            Ok(info) => info,
+            Err(e) => {
+                return match cached {
+                    Some(p) => {
+                        tracing::warn!(error = %e, "policy fetch failed; using the last verified policy");
+                        Ok(p)
+                    }
+                    None => Err(format!("could not fetch the policy from the controller: {}", e.message)),
+                };
+            }
+        };
+        let Some(signed) = info.policy else {
+            return cached.ok_or_else(|| "the controller has no policy yet".to_string());
+        };
+        let hash = bundle_hash(&signed.bundle);
+        if let Some(c) = &cached {
+            if c.hash == hash {
+                return Ok(c.clone());
+            }
+        }
+        let sigs: Vec<PolicySignature> = signed
+            .signatures
+            .iter()
+            .map(|s| PolicySignature { key_id: s.key_id.clone(), signature: s.signature.clone() })
+            .collect();
+        let verified = verify_bundle(&signed.bundle, &sigs, &self.cfg.policy_roots, self.cfg.policy_threshold)
+            .and_then(|p| check_rollback(cached.as_ref().map(|c| c.policy.version), &p).map(|()| p));
+        match verified {
+            Ok(policy) => {
+                tracing::info!(version = policy.version, %hash, "policy verified");
+                let loaded = Arc::new(LoadedPolicy { policy, hash });
+                *self.policy.lock().unwrap_or_else(|p| p.into_inner()) = Some(loaded.clone());
+                Ok(loaded)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %hash, "policy from the controller refused");
+                cached.ok_or_else(|| format!("the controller's policy was refused: {e}"))
+            }
+        }
+    }
+
+    async fn post(&self, out: &dyn ChatSender, msg: &Incoming, mut reply: Reply) -> Option<MessageRef> {
+        reply.thread = msg.thread.clone();
+        match out.send(&msg.channel, reply).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, channel = %msg.channel, "reply not sent");
+                None
+            }
+        }
+    }
+
+    /// Handles one message; replies go through `out`. Messages not for the
+    /// bot are ignored.
+    pub async fn handle(&self, msg: Incoming, out: &dyn ChatSender) {
+        let Some(text) = self.command_text(&msg) else { return };
+        let who = msg.identity.as_str().to_string();
+        let cmd = match grammar::parse(text) {
+            Ok(c) => c,
+            Err(e) => {
+                self.post(out, &msg, Reply::text(format!("{e}{}", asked_by(&who)))).await;
+                return;
+            }
+        };
+        let reply = match cmd {
+            ChatCommand::Run(req) => return self.run(&msg, req, out).await,
+            ChatCommand::Help(topic) => self.help(&msg, topic.as_deref()).await,
+            ChatCommand::Whoami => self.whoami(&msg).await,
+            ChatCommand::Policy => self.policy_info(&msg).await,
+            ChatCommand::Agents(sel) | ChatCommand::Status(sel) => self.agents(&msg, sel).await,
+            ChatCommand::Job(id) => self.job(&msg, id).await,
+            ChatCommand::Jobs { mine } => self.jobs(&msg, mine).await,
+            ChatCommand::Output { .. } => not_yet("output", &who),
+            ChatCommand::Cancel(_) => not_yet("cancel", &who),
+            ChatCommand::Approve(_) => not_yet("approve", &who),
+            ChatCommand::Deny { .. } => not_yet("deny", &who),
+            ChatCommand::Health(_) => not_yet("health", &who),
+            ChatCommand::Audit(_) => not_yet("audit", &who),
+        };
+        self.post(out, &msg, reply).await;
+    }
+
+    async fn help(&self, msg: &Incoming, topic: Option<&str>) -> Reply {
+        let who = msg.identity.as_str();
+        match self.current_policy().await {
+            Ok(p) => render::help(who, &commands_for(&p.policy, &msg.identity, &msg.channel), topic),
+            Err(e) => Reply::text(format!("{e}{}", asked_by(who))),
+        }
+    }
+
+    async fn whoami(&self, msg: &Incoming) -> Reply {
+        let who = msg.identity.as_str();
+        match self.current_policy().await {
+            Ok(p) => {
+                let roles = roles_of(&p.policy, &msg.identity);
+                let here: Vec<&str> =
+                    roles.iter().filter(|r| in_channel(r, &msg.channel)).map(|r| r.name.as_str()).collect();
+                let all: Vec<&str> = roles.iter().map(|r| r.name.as_str()).collect();
+                let mut reply = Reply::text(format!("you are {who}"));
+                reply.lines.push(format!(
+                    "roles: {}",
+                    if all.is_empty() { "none".to_string() } else { all.join(", ") }
+                ));
+                if here.len() != all.len() {
+                    reply.lines.push(format!(
+                        "usable in {}: {}",
+                        msg.channel,
+                        if here.is_empty() { "none".to_string() } else { here.join(", ") }
+                    ));
+                }
+                reply
+            }
+            Err(e) => Reply::text(format!("you are {who}; roles unknown: {e}")),
+        }
+    }
+
+    /// The policy, or the reply to send when the asker has no role here.
+    async fn policy_for_reads(&self, msg: &Incoming) -> Result<Arc<LoadedPolicy>, Reply> {
+        let who = msg.identity.as_str();
+        let p = self.current_policy().await.map_err(|e| Reply::text(format!("{e}{}", asked_by(who))))?;
+        let has_role = roles_of(&p.policy, &msg.identity).iter().any(|r| in_channel(r, &msg.channel));
+        if !has_role {
+            tracing::info!(identity = who, channel = %msg.channel, "read denied: no role in channel");
+            return Err(Reply::text(format!("you have no roles in this channel{}", asked_by(who))));
+        }
+        Ok(p)
+    }
+
+    async fn policy_info(&self, msg: &Incoming) -> Reply {
+        let who = msg.identity.as_str();
+        match self.policy_for_reads(msg).await {
+            Ok(p) => {
+                let mut reply =
+                    Reply::text(format!("policy version {} {}{}", p.policy.version, p.hash, asked_by(who)));
+                if let Some(exp) = p.policy.expires {
+                    reply.lines.push(format!("expires at unix time {exp}"));
+                }
+                reply.lines.push(format!(
+                    "{} commands, {} roles, verified against {} root key(s), threshold {}",
+                    p.policy.commands.len(),
+                    p.policy.roles.len(),
+                    self.cfg.policy_roots.len(),
+                    self.cfg.policy_threshold.max(1)
+                ));
+                reply
+            }
+            Err(r) => r,
+        }
+    }
+
+    async fn agents(&self, msg: &Incoming, selector: Option<String>) -> Reply {
+        let who = msg.identity.as_str();
+        if let Err(r) = self.policy_for_reads(msg).await {
+            return r;
+        }
+        match self.ctl.list_agents(selector.clone().unwrap_or_default()).await {
+            Ok(agents) => render::agents(&agents, selector.as_deref(), who),
+            Err(e) => Reply::text(format!("could not list agents: {}{}", e.message, asked_by(who))),
+        }
+    }
+
+    fn may_see(policy: &Policy, msg: &Incoming, job: &v1::Job) -> bool {
+        if job.requester == msg.identity.as_str() {
+            return true;
+        }
+        let Ok(sel) = Selector::parse(&job.selector) else { return false };
+        check_run(policy, &msg.identity, &msg.channel, &job.command, &sel).is_ok()
+    }
+
+    async fn job(&self, msg: &Incoming, id: String) -> Reply {
+        let who = msg.identity.as_str();
+        let p = match self.policy_for_reads(msg).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        match self.ctl.get_job(id.clone()).await {
+            Ok(job) if Self::may_see(&p.policy, msg, &job) => render::job_for(&job, who),
+            Ok(_) => Reply::text(format!("job {id} is not visible to you{}", asked_by(who))),
+            Err(e) => Reply::text(format!("job {id}: {}{}", e.message, asked_by(who))),
+        }
+    }
+
+    async fn jobs(&self, msg: &Incoming, mine: bool) -> Reply {
+        let who = msg.identity.as_str();
+        let p = match self.policy_for_reads(msg).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        match self.ctl.list_jobs(JOBS_LIMIT, mine.then(|| who.to_string())).await {
+            Ok(jobs) => {
+                let visible: Vec<v1::Job> = jobs
+                    .into_iter()
+                    .filter(|j| (!mine || j.requester == who) && Self::may_see(&p.policy, msg, j))
+                    .collect();
+                render::jobs(&visible, who, mine)
+            }
+            Err(e) => Reply::text(format!("could not list jobs: {}{}", e.message, asked_by(who))),
+        }
+    }
+
+    async fn run(&self, msg: &Incoming, req: RunRequest, out: &dyn ChatSender) {
+        let who = msg.identity.as_str();
+        let refuse = |text: String| Reply::text(format!("{text}{}", asked_by(who)));
+        let p = match self.current_policy().await {
+            Ok(p) => p,
+            Err(e) => {
+                self.post(out, msg, refuse(e)).await;
+                return;
+            }
+        };
+        let selector = match Selector::parse(&req.selector) {
+            Ok(s) => s,
+            Err(e) => {
+                self.post(out, msg, refuse(e.to_string())).await;
+                return;
+            }
+        };
+        if let Err(denied) = check_run(&p.policy, &msg.identity, &msg.channel, &req.command, &selector) {
+            tracing::info!(identity = who, channel = %msg.channel, command = %req.command, reason = %denied, "run denied");
+            self.post(out, msg, refuse(format!("refused: {denied}; nothing was submitted"))).await;
+            return;
+        }
+        let mut unsupported = Vec::new();
+        if req.options.batch.is_some() {
+            unsupported.push("--batch");
+        }
+        if req.options.max_errors.is_some() {
+            unsupported.push("--max-errors");
+        }
+        if req.options.canary.is_some() {
+            unsupported.push("--canary");
+        }
+        if !unsupported.is_empty() {
+            let text = format!("{} not available yet; nothing was submitted", unsupported.join(", "));
+            self.post(out, msg, refuse(text)).await;
+            return;
+        }
+        let Some(def) = p.policy.command(&req.command) else {
+            // check_run already refused unknown commands; kept for safety.
+            self.post(out, msg, refuse(format!("unknown command `{}`", req.command))).await;
+            return;
+        };
+        let args = match bind_positional(def, &req.args) {
+            Ok(a) => a,
+            Err(e) => {
+                self.post(out, msg, refuse(format!("{e}; usage: run {} on <selector>", render::usage(def)))).await;
+                return;
+            }
+        };
+        let argv = match build_argv(def, &args) {
+            Ok(a) => a,
+            Err(e) => {
+                self.post(out, msg, refuse(format!("{e}; nothing was submitted"))).await;
+                return;
+            }
+        };
+        if def.requires_approvals > 0 && !req.options.dry_run {
+            let text = format!(
+                "`{}` needs {} approval(s) and approvals are not available yet; nothing was submitted",
+                def.name, def.requires_approvals
+            );
+            self.post(out, msg, refuse(text)).await;
+            return;
+        }
+        if req.options.dry_run {
+            let reply = self.dry_run(msg, &req, def.targets.as_ref(), &argv).await;
+            self.post(out, msg, reply).await;
+            return;
+        }
+
+        let id = match JobId::from_uuid_v7_bytes(*uuid::Uuid::now_v7().as_bytes()) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::error!(error = %e, "uuid v7 rejected as job id");
+                self.post(out, msg, refuse("internal error creating a job id".to_string())).await;
+                return;
+            }
+        };
+        let now = unix_now();
+        let timeout = req.options.timeout.unwrap_or(Duration::ZERO);
+        let spec = JobSpec {
+            id: id.clone(),
+            command: def.name.clone(),
+            args,
+            selector: req.selector.clone(),
+            requester: msg.identity.clone(),
+            channel: msg.channel.clone(),
+            approvers: Vec::<Identity>::new(),
+            timeout_secs: timeout.as_secs(),
+            not_before: now,
+            expires_at: now + self.cfg.job_expiry.as_secs(),
+        };
+        let signed = SignedJob::sign(&spec, &self.cfg.signer_id, &self.cfg.signing_key);
+        let submitted = match self.ctl.submit(signed).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(job_id = id.as_str(), error = %e, "submit failed");
+                self.post(out, msg, refuse(format!("job not submitted: {}", e.message))).await;
+                return;
+            }
+        };
+        tracing::info!(job_id = id.as_str(), identity = who, command = %def.name, targets = submitted.targets.len(), "job submitted");
+        let job_id = if submitted.job_id.is_empty() { id.as_str().to_string() } else { submitted.job_id.clone() };
+        let n = submitted.targets.len();
+        let header = format!(
+            "job {} `{}` on {} by {who}: {n} target{}",
+            short_id(&job_id),
+            def.name,
+            req.selector,
+            if n == 1 { "" } else { "s" }
+        );
+        let Some(posted) = self.post(out, msg, Reply::text(header)).await else { return };
+        if n == 0 {
+            return;
+        }
+        let effective = if timeout.is_zero() { def.timeout } else { timeout };
+        let deadline = Instant::now() + self.cfg.job_expiry + effective + FOLLOW_SLACK;
+        self.follow(msg, &job_id, &posted, deadline, out).await;
+    }
+
+    async fn dry_run(
+        &self,
+        msg: &Incoming,
+        req: &RunRequest,
+        targets: Option<&Selector>,
+        argv: &[String],
+    ) -> Reply {
+        let who = msg.identity.as_str();
+        let agents = match self.ctl.list_agents(req.selector.clone()).await {
+            Ok(a) => a,
+            Err(e) => return Reply::text(format!("dry run: could not list agents: {}{}", e.message, asked_by(who))),
+        };
+        let mut lines = vec!["would run (argv, no shell): ".to_string() + &format!("{argv:?}")];
+        let mut table = String::new();
+        let mut would = 0usize;
+        for a in &agents {
+            let labels: std::collections::BTreeMap<String, String> =
+                a.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let note = if a.revoked {
+                "skipped: revoked"
+            } else if targets.is_some_and(|t| !t.matches(&a.agent_id, &labels)) {
+                "skipped: outside the command's targets"
+            } else if !a.online {
+                would += 1;
+                "offline"
+            } else {
+                would += 1;
+                "would run"
+            };
+            table.push_str(&format!("{:<24} {note}\n", a.agent_id));
+        }
+        if let Some(t) = targets {
+            lines.push(format!("the command may only run on `{t}`"));
+        }
+        let mut reply = Reply {
+            header: format!(
+                "dry run of `{}` on {}: {would} of {} matching agents; nothing was submitted{}",
+                req.command,
+                req.selector,
+                agents.len(),
+                asked_by(who)
+            ),
+            lines,
+            ..Reply::default()
+        };
+        if !table.is_empty() {
+            reply.sections.push(Section {
+                blocks: vec![crate::adapters::CodeBlock { label: String::new(), text: table.trim_end().to_string() }],
+                ..Section::default()
+            });
+        }
+        reply
+    }
+
+    /// Polls the job until it is final (or the deadline passes) and edits
+    /// the posted message with progress and then the result.
+    async fn follow(&self, msg: &Incoming, job_id: &str, posted: &MessageRef, deadline: Instant, out: &dyn ChatSender) {
+        let mut last_done = 0usize;
+        let mut last_edit = Instant::now();
+        let mut last_error: Option<String> = None;
+        loop {
+            tokio::time::sleep(self.cfg.poll_interval).await;
+            match self.ctl.get_job(job_id.to_string()).await {
+                Ok(job) if render::is_terminal(&job.state) => {
+                    let mut reply = render::job(&job);
+                    reply.thread = msg.thread.clone();
+                    if let Err(e) = out.edit(posted, reply.clone()).await {
+                        tracing::debug!(error = %e, "edit failed; posting the result instead");
+                        self.post(out, msg, reply).await;
+                    }
+                    return;
+                }
+                Ok(job) => {
+                    last_error = None;
+                    let done = job.targets.iter().filter(|t| t.result.is_some()).count();
+                    if done != last_done && last_edit.elapsed() >= PROGRESS_EDIT_INTERVAL {
+                        last_done = done;
+                        last_edit = Instant::now();
+                        let mut reply = render::job(&job);
+                        reply.thread = msg.thread.clone();
+                        let _ = out.edit(posted, reply).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(job_id, error = %e, "polling job failed");
+                    last_error = Some(e.message);
+                }
+            }
+            if Instant::now() >= deadline {
+                let why = last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default();
+                let text = format!(
+                    "stopped following job {}; it has not finished{why}. Ask with `job {}`{}",
+                    short_id(job_id),
+                    short_id(job_id),
+                    asked_by(msg.identity.as_str())
+                );
+                self.post(out, msg, Reply::text(text)).await;
+                return;
+            }
+        }
+    }
+}

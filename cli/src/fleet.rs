@@ -1,0 +1,292 @@
+//! A whole fleet on this machine: controller, agents joined through real
+//! tokens, operator and gateway identities, a signed example policy. Used by
+//! `fleetcmd dev` and by the end-to-end tests, so the README's demo and the
+//! tests exercise the same path.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use fleetcmd_agent::{AgentConfig, AgentHandle};
+use fleetcmd_controller::pki::{Peer, Role, write_private};
+use fleetcmd_controller::{ControllerConfig, RunningController};
+use fleetcmd_core::crypto::{PublicKey, SigningKey};
+use fleetcmd_core::policy_bundle::sign_bundle;
+use fleetcmd_proto::channel::ClientTls;
+use fleetcmd_proto::v1 as pb;
+
+use crate::policy_cmd::keygen;
+
+/// Name of the gateway's signer in the example policy.
+pub const GATEWAY_SIGNER: &str = "gateway-dev";
+/// Name of the operator's signer in the example policy.
+pub const OPERATOR_SIGNER: &str = "operator-dev";
+pub const OPERATOR_NAME: &str = "admin";
+
+/// The example policy of `fleetcmd dev`: `{gateway}` and `{operator}` are the
+/// signers' public keys, `{version}` the version.
+pub const EXAMPLE_POLICY: &str = r#"# fleetcmd dev: example policy (the allow-list and who may use it)
+version = {version}
+
+[[signers]]
+id = "gateway-dev"
+public_key = "{gateway}"
+may_sign = ["*"]
+
+[[signers]]
+id = "operator-dev"
+public_key = "{operator}"
+may_sign = ["*"]
+
+[commands.uptime]
+description = "Load average and uptime"
+argv = ["/usr/bin/uptime"]
+timeout = "10s"
+
+[commands.df]
+description = "Disk usage of local file systems"
+argv = ["/usr/bin/df", "-h", "-l", "-x", "tmpfs", "-x", "devtmpfs", "-x", "overlay"]
+timeout = "10s"
+
+[commands.echo]
+description = "Print a text"
+argv = ["/usr/bin/echo", "{text}"]
+args.text = { kind = "text", max_len = 200 }
+timeout = "10s"
+
+[commands.sleep]
+description = "Sleep for some seconds"
+argv = ["/usr/bin/sleep", "{seconds}"]
+args.seconds = { kind = "int", min = 0, max = 3600 }
+timeout = "1h"
+
+[commands.false]
+description = "Exit with status 1"
+argv = ["/usr/bin/false"]
+timeout = "10s"
+
+[roles.admin]
+commands = ["*"]
+
+[[bindings]]
+subjects = ["console:*", "cli:*"]
+roles = ["admin"]
+"#;
+
+pub fn example_policy(version: u64, gateway: &PublicKey, operator: &PublicKey) -> String {
+    EXAMPLE_POLICY
+        .replace("{version}", &version.to_string())
+        .replace("{gateway}", &gateway.to_string())
+        .replace("{operator}", &operator.to_string())
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub agents: usize,
+    pub heartbeat: Duration,
+    pub agent_cert_ttl: Duration,
+}
+
+impl FleetOptions {
+    pub fn new(data_dir: &Path) -> FleetOptions {
+        FleetOptions {
+            data_dir: data_dir.to_owned(),
+            listen: "127.0.0.1:0".parse().expect("a valid literal address"),
+            agents: 3,
+            heartbeat: Duration::from_secs(10),
+            agent_cert_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// A running local fleet.
+pub struct Fleet {
+    pub dir: PathBuf,
+    pub controller: RunningController,
+    pub agents: Vec<AgentHandle>,
+    pub admin_key: SigningKey,
+    pub gateway_key: Arc<SigningKey>,
+    pub operator_key: SigningKey,
+    /// Operator TLS identity (also in DIR/operator.{crt,key}).
+    pub operator_tls: ClientTls,
+    pub gateway_tls: ClientTls,
+    pub url: String,
+    pub policy_version: u64,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet").field("dir", &self.dir).field("url", &self.url).finish()
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Labels of dev agent number `i` (1-based): odd = web, even = db.
+pub fn dev_labels(i: usize) -> BTreeMap<String, String> {
+    let role = if i % 2 == 1 { "web" } else { "db" };
+    BTreeMap::from([("role".to_string(), role.to_string()), ("env".to_string(), "dev".to_string())])
+}
+
+impl Fleet {
+    pub async fn start(opts: FleetOptions) -> anyhow::Result<Fleet> {
+        let dir = opts.data_dir.clone();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let admin_key = keygen(&dir.join("admin.key")).map_err(|f| f.error)?;
+        let gateway_key = keygen(&dir.join("gateway-sign.key")).map_err(|f| f.error)?;
+        let config = ControllerConfig {
+            listen: opts.listen,
+            data_dir: dir.join("controller"),
+            tls_names: Vec::new(),
+            policy_roots: vec![admin_key.public_key()],
+            policy_threshold: 1,
+            agent_cert_ttl: opts.agent_cert_ttl,
+            heartbeat_interval: opts.heartbeat,
+        };
+        let controller = fleetcmd_controller::start(config).await.context("starting the controller")?;
+        let url = format!("https://{}", controller.addr());
+        let ca = &controller.shared().ca;
+        let ca_pem = ca.cert_pem().to_owned();
+        std::fs::write(dir.join("ca.crt"), &ca_pem)?;
+        let ttl = Duration::from_secs(30 * 86400);
+        let op = ca.issue_identity(Role::Operator, OPERATOR_NAME, ttl)?;
+        write_private(&dir.join("operator.key"), op.key_pem.expose().as_bytes())?;
+        std::fs::write(dir.join("operator.crt"), &op.cert_pem)?;
+        let gw = ca.issue_identity(Role::Gateway, "dev", ttl)?;
+        write_private(&dir.join("gateway.key"), gw.key_pem.expose().as_bytes())?;
+        std::fs::write(dir.join("gateway.crt"), &gw.cert_pem)?;
+        let operator_key = SigningKey::from_pkcs8_pem(op.key_pem.expose()).map_err(|e| anyhow::anyhow!("operator key: {e}"))?;
+        let operator_tls = ClientTls { ca_pem: ca_pem.clone(), cert_pem: op.cert_pem, key_pem: op.key_pem.expose().clone() };
+        let gateway_tls = ClientTls { ca_pem, cert_pem: gw.cert_pem, key_pem: gw.key_pem.expose().clone() };
+        let mut fleet = Fleet {
+            dir,
+            controller,
+            agents: Vec::new(),
+            admin_key,
+            gateway_key: Arc::new(gateway_key),
+            operator_key,
+            operator_tls,
+            gateway_tls,
+            url,
+            policy_version: 0,
+        };
+        let policy = example_policy(1, &fleet.gateway_key.public_key(), &fleet.operator_key.public_key());
+        fleet.push_policy(&policy).await?;
+        for i in 1..=opts.agents {
+            fleet.add_agent(&format!("dev-{i}"), dev_labels(i), None).await?;
+        }
+        fleet.wait_online(Duration::from_secs(20)).await?;
+        Ok(fleet)
+    }
+
+    /// Signs `text` with the admin root key, writes it as DIR/policy.toml
+    /// (+ .sig) and pushes it.
+    pub async fn push_policy(&mut self, text: &str) -> anyhow::Result<()> {
+        let path = self.dir.join("policy.toml");
+        std::fs::write(&path, text)?;
+        let sig = sign_bundle(text.as_bytes(), &self.admin_key);
+        std::fs::write(crate::policy_cmd::sig_path(&path), crate::policy_cmd::encode_sigs(std::slice::from_ref(&sig)))?;
+        let signed = pb::SignedPolicy {
+            bundle: text.as_bytes().to_vec(),
+            signatures: vec![pb::PolicySignature { key_id: sig.key_id, signature: sig.signature }],
+        };
+        let peer = Peer { role: Role::Operator, name: OPERATOR_NAME.into() };
+        let cur = self.controller.shared().push_policy(signed, &peer).await.map_err(|e| anyhow::anyhow!("pushing the policy: {e}"))?;
+        self.policy_version = cur.policy.version;
+        Ok(())
+    }
+
+    /// Creates a token, joins a new agent through the real Join RPC, starts it.
+    pub async fn add_agent(&mut self, name: &str, labels: BTreeMap<String, String>, allow: Option<Vec<String>>) -> anyhow::Result<()> {
+        let (token, _) = self
+            .controller
+            .shared()
+            .create_token(labels, Duration::from_secs(600), 1, Some(name.to_owned()), OPERATOR_NAME)
+            .await
+            .map_err(|e| anyhow::anyhow!("creating a token: {e}"))?;
+        let state_dir = self.dir.join("agents").join(name);
+        let opts = fleetcmd_agent::JoinOptions { controller: self.url.clone(), token: token.expose().clone(), name: name.to_owned(), state_dir: state_dir.clone() };
+        fleetcmd_agent::join(&opts, now()).await.with_context(|| format!("joining agent {name}"))?;
+        self.start_agent(name, allow)
+    }
+
+    /// Starts an already joined agent from its state directory.
+    pub fn start_agent(&mut self, name: &str, allow: Option<Vec<String>>) -> anyhow::Result<()> {
+        let config = AgentConfig {
+            controller: self.url.clone(),
+            state_dir: self.dir.join("agents").join(name),
+            labels: BTreeMap::new(),
+            allow,
+            max_output_bytes: 1024 * 1024,
+        };
+        self.agents.push(fleetcmd_agent::spawn(config).with_context(|| format!("starting agent {name}"))?);
+        Ok(())
+    }
+
+    /// Stops one agent (its state directory stays).
+    pub async fn stop_agent(&mut self, name: &str) {
+        if let Some(pos) = self.agents.iter().position(|a| a.agent_id == name) {
+            self.agents.remove(pos).shutdown().await;
+        }
+    }
+
+    /// Waits until every started agent is online with the current policy.
+    pub async fn wait_online(&self, limit: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            let list = self.controller.shared().list_agents("").map_err(|e| anyhow::anyhow!("{e}"))?;
+            let ready = self.agents.iter().all(|h| {
+                list.iter().any(|a| a.agent_id == h.agent_id && a.online && a.policy_version == self.policy_version)
+            });
+            if ready {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                anyhow::bail!("agents not online with policy {} after {limit:?}: {list:?}", self.policy_version);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `export …` lines for an operator shell.
+    pub fn env_file(&self) -> String {
+        format!(
+            "export FLEETCMD_CONTROLLER={}\nexport FLEETCMD_CA={}\nexport FLEETCMD_CERT={}\nexport FLEETCMD_KEY={}\n",
+            self.url,
+            self.dir.join("ca.crt").display(),
+            self.dir.join("operator.crt").display(),
+            self.dir.join("operator.key").display()
+        )
+    }
+
+    /// Gateway options for this fleet.
+    pub fn gateway_options(&self) -> fleetcmd_gateway::GatewayOptions {
+        fleetcmd_gateway::GatewayOptions {
+            controller_url: self.url.clone(),
+            tls: self.gateway_tls.clone(),
+            signing_key: self.gateway_key.clone(),
+            signer_id: GATEWAY_SIGNER.into(),
+            policy_roots: vec![self.admin_key.public_key()],
+            policy_threshold: 1,
+            bot_name: "fleetcmd".into(),
+            job_expiry: Duration::from_secs(fleetcmd_core::job::DEFAULT_EXPIRY_SECS),
+            poll_interval: Duration::from_millis(20),
+        }
+    }
+
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        for a in self.agents {
+            a.shutdown().await;
+        }
+        self.controller.shutdown().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,47 @@
+//! Library side of the `fleetcmd` command line: operator commands, policy
+//! tooling and the local fleet behind `fleetcmd dev` (which the end-to-end
+//! tests reuse, so what the README demonstrates is what is tested).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+pub mod client;
+pub mod dev;
+pub mod fleet;
+pub mod policy_cmd;
+
+/// Connection to the controller as an operator. `fleetcmd dev` writes a file
+/// of these variables: `source DIR/env`.
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// Controller address.
+    #[arg(long, env = "FLEETCMD_CONTROLLER", default_value = "https://127.0.0.1:7443", global = true)]
+    pub controller: String,
+    /// Fleet CA certificate (PEM).
+    #[arg(long, env = "FLEETCMD_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Your operator certificate (PEM).
+    #[arg(long, env = "FLEETCMD_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    /// Your operator key (PEM, Ed25519); it also signs your jobs.
+    #[arg(long, env = "FLEETCMD_KEY", global = true)]
+    pub key: Option<PathBuf>,
+}
+
+/// An error with the exit code it maps to.
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure { code: 1, error: e.into() }
+    }
+}
+
+pub fn usage(msg: impl std::fmt::Display) -> Failure {
+    Failure { code: 64, error: anyhow::anyhow!("{msg}") }
+}
+

@@ -1,0 +1,146 @@
+//! `fleetcmd policy`: check, keygen, sign, push, show.
+//!
+//! A signed bundle is two files: the policy TOML as written, and `FILE.sig`
+//! with one `KEY_ID BASE64_SIGNATURE` line per root signature. The signature
+//! covers the exact bytes of the TOML file.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use clap::Subcommand;
+use fleetcmd_core::crypto::SigningKey;
+use fleetcmd_core::policy::Policy;
+use fleetcmd_core::policy_bundle::{PolicySignature, sign_bundle};
+use fleetcmd_proto::v1 as pb;
+
+use crate::client::{channel, operator};
+use crate::{Conn, Failure, usage};
+
+#[derive(Subcommand)]
+pub enum PolicyCmd {
+    /// Validate a policy file and print every error with its line.
+    Check { file: PathBuf },
+    /// Generate an admin root key (PKCS#8 PEM, mode 0600) and print its public key.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a policy file with a root key, writing FILE.sig.
+    Sign {
+        file: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Push a signed policy (FILE and FILE.sig) to the controller.
+    Push { file: PathBuf },
+    /// Show the controller's current policy version and hash.
+    Show {
+        /// Print the whole policy text too.
+        #[arg(long)]
+        full: bool,
+    },
+}
+
+pub fn sig_path(file: &Path) -> PathBuf {
+    let mut s = file.as_os_str().to_owned();
+    s.push(".sig");
+    PathBuf::from(s)
+}
+
+pub fn encode_sigs(sigs: &[PolicySignature]) -> String {
+    sigs.iter()
+        .map(|s| format!("{} {}\n", s.key_id, base64::engine::general_purpose::STANDARD.encode(&s.signature)))
+        .collect()
+}
+
+pub fn decode_sigs(text: &str, path: &Path) -> Result<Vec<PolicySignature>, Failure> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = || usage(format!("{}:{}: expected `KEY_ID BASE64_SIGNATURE`", path.display(), i + 1));
+        let (id, sig) = line.trim().split_once(' ').ok_or_else(bad)?;
+        let sig = base64::engine::general_purpose::STANDARD.decode(sig.trim()).map_err(|_| bad())?;
+        out.push(PolicySignature { key_id: id.to_owned(), signature: sig });
+    }
+    Ok(out)
+}
+
+pub fn keygen(out: &Path) -> Result<SigningKey, Failure> {
+    let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+        .map_err(|_| anyhow::anyhow!("generating a key failed"))?;
+    let pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(doc.as_ref())
+    );
+    fleetcmd_controller::pki::write_private(out, pem.as_bytes())?;
+    Ok(SigningKey::from_pkcs8_pem(&pem).map_err(|e| anyhow::anyhow!("{e}"))?)
+}
+
+pub async fn run(conn: &Conn, cmd: PolicyCmd) -> Result<u8, Failure> {
+    match cmd {
+        PolicyCmd::Check { file } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| usage(format!("{}: {e}", file.display())))?;
+            match Policy::parse(&text) {
+                Ok(p) => {
+                    println!("{}: ok (version {}, {} commands, {} roles)", file.display(), p.version, p.commands.len(), p.roles.len());
+                    Ok(0)
+                }
+                Err(errs) => {
+                    for e in &errs.0 {
+                        eprintln!("{}: {e}", file.display());
+                    }
+                    Ok(64)
+                }
+            }
+        }
+        PolicyCmd::Keygen { out } => {
+            let key = keygen(&out)?;
+            println!("{}", key.public_key());
+            eprintln!("wrote {} (keep it offline); put the public key above in controller.toml `policy_roots`", out.display());
+            Ok(0)
+        }
+        PolicyCmd::Sign { file, key } => {
+            let bytes = std::fs::read(&file).map_err(|e| usage(format!("{}: {e}", file.display())))?;
+            let text = std::str::from_utf8(&bytes).map_err(|_| usage(format!("{}: not UTF-8", file.display())))?;
+            if let Err(errs) = Policy::parse(text) {
+                for e in &errs.0 {
+                    eprintln!("{}: {e}", file.display());
+                }
+                return Ok(64);
+            }
+            let pem = std::fs::read_to_string(&key).map_err(|e| usage(format!("{}: {e}", key.display())))?;
+            let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| usage(format!("{}: {e}", key.display())))?;
+            let out = sig_path(&file);
+            std::fs::write(&out, encode_sigs(&[sign_bundle(&bytes, &key)]))?;
+            println!("wrote {}", out.display());
+            Ok(0)
+        }
+        PolicyCmd::Push { file } => {
+            let bundle = std::fs::read(&file).map_err(|e| usage(format!("{}: {e}", file.display())))?;
+            let sp = sig_path(&file);
+            let sigs = std::fs::read_to_string(&sp).map_err(|e| usage(format!("{}: {e} (sign with `fleetcmd policy sign`)", sp.display())))?;
+            let sigs = decode_sigs(&sigs, &sp)?;
+            let op = operator(conn)?;
+            let mut c = pb::policy_client::PolicyClient::new(channel(conn, &op).await?);
+            let info = c
+                .push(pb::SignedPolicy {
+                    bundle,
+                    signatures: sigs.into_iter().map(|s| pb::PolicySignature { key_id: s.key_id, signature: s.signature }).collect(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("controller: {}", s.message()))?
+                .into_inner();
+            println!("policy version {} pushed ({})", info.version, info.hash);
+            Ok(0)
+        }
+        PolicyCmd::Show { full } => {
+            let op = operator(conn)?;
+            let mut c = pb::policy_client::PolicyClient::new(channel(conn, &op).await?);
+            let info = c.get(pb::GetPolicyRequest {}).await.map_err(|s| anyhow::anyhow!("controller: {}", s.message()))?.into_inner();
+            println!("version {}\nhash    {}", info.version, info.hash);
+            if full {
+                println!("\n{}", String::from_utf8_lossy(&info.policy.unwrap_or_default().bundle));
+            }
+            Ok(0)
+        }
+    }
+}
