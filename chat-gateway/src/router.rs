@@ -484,10 +484,9 @@ impl<C: ControllerApi> Router<C> {
     async fn follow(&self, msg: &Incoming, job_id: &str, posted: &MessageRef, deadline: Instant, out: &dyn ChatSender) {
         let mut last_done = 0usize;
         let mut last_edit = Instant::now();
-        let mut last_error: Option<String> = None;
         loop {
             tokio::time::sleep(self.cfg.poll_interval).await;
-            match self.ctl.get_job(job_id.to_string()).await {
+            let last_error = match self.ctl.get_job(job_id.to_string()).await {
                 Ok(job) if render::is_terminal(&job.state) => {
                     let mut reply = render::job(&job);
                     reply.thread = msg.thread.clone();
@@ -498,7 +497,6 @@ impl<C: ControllerApi> Router<C> {
                     return;
                 }
                 Ok(job) => {
-                    last_error = None;
                     let done = job.targets.iter().filter(|t| t.result.is_some()).count();
                     if done != last_done && last_edit.elapsed() >= PROGRESS_EDIT_INTERVAL {
                         last_done = done;
@@ -507,12 +505,13 @@ impl<C: ControllerApi> Router<C> {
                         reply.thread = msg.thread.clone();
                         let _ = out.edit(posted, reply).await;
                     }
+                    None
                 }
                 Err(e) => {
                     tracing::debug!(job_id, error = %e, "polling job failed");
-                    last_error = Some(e.message);
+                    Some(e.message)
                 }
-            }
+            };
             if Instant::now() >= deadline {
                 let why = last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default();
                 let text = format!(

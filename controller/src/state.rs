@@ -453,6 +453,50 @@ impl Shared {
         Ok(pb::SubmitResponse { job_id: id, targets: targets.into_iter().map(|(a, _)| a).collect() })
     }
 
+    /// Stores and dispatches a job WITHOUT any of the controller's checks, to
+    /// every named agent that is connected. This is what a compromised
+    /// controller could do; the tests use it to show that agents refuse such
+    /// jobs on their own. It adds no power: the controller is not trusted.
+    #[doc(hidden)]
+    pub async fn inject_job_unchecked(&self, signed: pb::SignedJob, job_id: &str, agents: &[&str]) -> ApiResult<()> {
+        let record = JobRecord {
+            id: job_id.to_owned(),
+            spec: signed.spec.clone(),
+            signature: signed.signature.clone(),
+            key_id: signed.key_id.clone(),
+            command: String::new(),
+            args: BTreeMap::new(),
+            selector: String::new(),
+            requester: String::new(),
+            channel: String::new(),
+            created_at_ms: now_ms(),
+            deadline: now_secs() + 60,
+            state: "running".into(),
+            targets: agents.iter().map(|a| a.to_string()).collect(),
+        };
+        for a in agents {
+            self.store.put_target(job_id, a, &TargetRecord { state: "dispatched".into(), result: None, reason: String::new() })?;
+        }
+        self.store.put_job(&record)?;
+        let msg = pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Job(signed)) };
+        for a in agents {
+            if let Some(l) = lock(&self.agents).get(*a) {
+                let _ = l.tx.try_send(Ok(msg.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a policy bundle to every connected agent WITHOUT verifying it
+    /// (a compromised controller's move; tests show agents refuse it).
+    #[doc(hidden)]
+    pub fn inject_policy_unchecked(&self, signed: pb::SignedPolicy) {
+        let msg = pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Policy(signed)) };
+        for live in lock(&self.agents).values() {
+            let _ = live.tx.try_send(Ok(msg.clone()));
+        }
+    }
+
     /// Writes a target's state unless it is already terminal (at most one
     /// result per job and agent). Returns whether it was written.
     fn update_target(&self, job: &str, agent: &str, rec: TargetRecord, allow_from_terminal: bool) -> ApiResult<bool> {
