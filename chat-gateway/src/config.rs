@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
-use fleetcmd_proto::channel::{ClientTls, controller_url};
+use fleetcmd_proto::channel::{ClientTls, controller_url, endpoint};
 use serde::Deserialize;
 
 use crate::{DEFAULT_JOB_EXPIRY, DEFAULT_POLL_INTERVAL, GatewayOptions};
@@ -85,7 +85,9 @@ pub struct ConsoleConfig {
 
 impl Default for ConsoleConfig {
     fn default() -> ConsoleConfig {
-        ConsoleConfig { enabled: defaults::CONSOLE_ENABLED }
+        ConsoleConfig {
+            enabled: defaults::CONSOLE_ENABLED,
+        }
     }
 }
 
@@ -106,40 +108,63 @@ impl fmt::Display for Problem {
 #[derive(thiserror::Error, Debug)]
 pub enum ConfigError {
     #[error("{}: cannot read: {source}", file.display())]
-    Read { file: PathBuf, source: std::io::Error },
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: {message}", file.display())]
     Parse { file: PathBuf, message: String },
     #[error("{}: invalid configuration:\n{}", file.display(), list(problems))]
-    Invalid { file: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        file: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 fn list(problems: &[Problem]) -> String {
-    problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n")
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl GatewayConfig {
     /// Parses TOML text (shape only).
     pub fn parse(text: &str, file: &Path) -> Result<GatewayConfig, ConfigError> {
-        toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { file: file.to_path_buf(), message: e.to_string().trim_end().to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })
     }
 
     /// Reads and parses a file (shape only; call [`GatewayConfig::validate`]).
     pub fn load(file: &Path) -> Result<GatewayConfig, ConfigError> {
-        let text =
-            std::fs::read_to_string(file).map_err(|source| ConfigError::Read { file: file.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_path_buf(),
+            source,
+        })?;
         GatewayConfig::parse(&text, file)
     }
 
     /// Checks the values; returns every problem at once.
     pub fn validate(&self) -> Result<(), Vec<Problem>> {
         let mut problems = Vec::new();
-        let mut bad = |key: &str, message: String| problems.push(Problem { key: key.to_string(), message });
+        let mut bad = |key: &str, message: String| {
+            problems.push(Problem {
+                key: key.to_string(),
+                message,
+            })
+        };
         if let Err(e) = controller_url(&self.controller) {
             bad("controller", e.to_string());
         }
-        for (key, path) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key), ("signing_key", &self.signing_key)]
-        {
+        for (key, path) in [
+            ("ca", &self.ca),
+            ("cert", &self.cert),
+            ("key", &self.key),
+            ("signing_key", &self.signing_key),
+        ] {
             if path.as_os_str().is_empty() {
                 bad(key, "must name a file".to_string());
             }
@@ -148,7 +173,10 @@ impl GatewayConfig {
             bad("signer_id", "must not be empty".to_string());
         }
         if self.policy_roots.is_empty() {
-            bad("policy_roots", "at least one policy root public key is required".to_string());
+            bad(
+                "policy_roots",
+                "at least one policy root public key is required".to_string(),
+            );
         }
         for (i, root) in self.policy_roots.iter().enumerate() {
             if let Err(e) = PublicKey::parse(root) {
@@ -158,57 +186,91 @@ impl GatewayConfig {
         if self.policy_threshold == 0 || self.policy_threshold > self.policy_roots.len().max(1) {
             bad(
                 "policy_threshold",
-                format!("must be between 1 and the number of policy_roots ({})", self.policy_roots.len()),
+                format!(
+                    "must be between 1 and the number of policy_roots ({})",
+                    self.policy_roots.len()
+                ),
             );
         }
-        if self.bot_name.is_empty() || self.bot_name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            bad("bot_name", "must be a non-empty name without spaces".to_string());
+        if self.bot_name.is_empty()
+            || self
+                .bot_name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            bad(
+                "bot_name",
+                "must be a non-empty name without spaces".to_string(),
+            );
         }
         if !self.console.enabled {
-            bad("console.enabled", "no chat adapter is enabled (the console is the only adapter so far)".to_string());
+            bad(
+                "console.enabled",
+                "no chat adapter is enabled (the console is the only adapter so far)".to_string(),
+            );
         }
-        if problems.is_empty() { Ok(()) } else { Err(problems) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
     }
 
     /// Validates, then reads the files the config names and builds the
     /// gateway options. `file` is the config's own path: relative paths are
     /// resolved against its directory, and errors name it.
     pub fn options(&self, file: &Path) -> Result<GatewayOptions, ConfigError> {
-        let invalid = |problems| ConfigError::Invalid { file: file.to_path_buf(), problems };
-        self.validate().map_err(invalid)?;
+        let mut problems = self.validate().err().unwrap_or_default();
         let base = file.parent().unwrap_or(Path::new("."));
-        let mut problems = Vec::new();
-        let mut read = |key: &str, path: &Path| -> String {
-            let full = base.join(path);
-            match std::fs::read_to_string(&full) {
-                Ok(text) => text,
-                Err(e) => {
-                    problems.push(Problem { key: key.to_string(), message: format!("{}: {e}", full.display()) });
-                    String::new()
-                }
+        let mut read = |key: &str, path: &Path, marker: &str| -> Option<String> {
+            if path.as_os_str().is_empty() {
+                return None;
             }
-        };
-        let ca_pem = read("ca", &self.ca);
-        let cert_pem = read("cert", &self.cert);
-        let key_pem = read("key", &self.key);
-        let signing_pem = read("signing_key", &self.signing_key);
-        let signing_key = if signing_pem.is_empty() {
-            None
-        } else {
-            match SigningKey::from_pkcs8_pem(&signing_pem) {
-                Ok(k) => Some(k),
+            let full = base.join(path);
+            let problem = |message: String| Problem { key: key.to_string(), message: format!("{}: {message}", full.display()) };
+            match std::fs::read_to_string(&full) {
+                Ok(text) if text.contains(marker) => Some(text),
+                Ok(_) => {
+                    problems.push(problem(format!("no `{marker}` PEM block found")));
+                    None
+                }
                 Err(e) => {
-                    let full = base.join(&self.signing_key);
-                    problems.push(Problem { key: "signing_key".to_string(), message: format!("{}: {e}", full.display()) });
+                    problems.push(problem(e.to_string()));
                     None
                 }
             }
         };
+        let ca_pem = read("ca", &self.ca, "-----BEGIN CERTIFICATE-----");
+        let cert_pem = read("cert", &self.cert, "-----BEGIN CERTIFICATE-----");
+        let key_pem = read("key", &self.key, "PRIVATE KEY-----");
+        let signing_pem = read("signing_key", &self.signing_key, "-----BEGIN PRIVATE KEY-----");
+        let signing_key = signing_pem.and_then(|pem| match SigningKey::from_pkcs8_pem(&pem) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                let full = base.join(&self.signing_key);
+                problems.push(Problem { key: "signing_key".to_string(), message: format!("{}: {e}", full.display()) });
+                None
+            }
+        });
+        let tls = match (ca_pem, cert_pem, key_pem) {
+            (Some(ca_pem), Some(cert_pem), Some(key_pem)) => {
+                let tls = ClientTls { ca_pem, cert_pem, key_pem };
+                // Builds (without connecting) what `run` will use, so
+                // `validate` catches TLS material the client library refuses.
+                if controller_url(&self.controller).is_ok()
+                    && let Err(e) = endpoint(&self.controller, &tls.ca_pem, Some((&tls.cert_pem, &tls.key_pem)))
+                {
+                    problems.push(Problem { key: "ca/cert/key".to_string(), message: format!("TLS setup refused: {e}") });
+                }
+                Some(tls)
+            }
+            _ => None,
+        };
         let roots: Vec<PublicKey> = self.policy_roots.iter().filter_map(|r| PublicKey::parse(r).ok()).collect();
-        match signing_key {
-            Some(signing_key) if problems.is_empty() => Ok(GatewayOptions {
+        match (signing_key, tls) {
+            (Some(signing_key), Some(tls)) if problems.is_empty() => Ok(GatewayOptions {
                 controller_url: self.controller.clone(),
-                tls: ClientTls { ca_pem, cert_pem, key_pem },
+                tls,
                 signing_key: Arc::new(signing_key),
                 signer_id: self.signer_id.clone(),
                 policy_roots: roots,
@@ -217,7 +279,7 @@ impl GatewayConfig {
                 job_expiry: DEFAULT_JOB_EXPIRY,
                 poll_interval: DEFAULT_POLL_INTERVAL,
             }),
-            _ => Err(invalid(problems)),
+            _ => Err(ConfigError::Invalid { file: file.to_path_buf(), problems }),
         }
     }
 }
@@ -241,7 +303,13 @@ mod tests {
             Ok(c) => c,
             Err(e) => panic!("{extra:?}: {e}"),
         };
-        let keys: Vec<String> = cfg.validate().err().unwrap_or_default().into_iter().map(|p| p.key).collect();
+        let keys: Vec<String> = cfg
+            .validate()
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
         assert_eq!(keys, expected_keys, "{extra:?}");
     }
 
@@ -249,8 +317,14 @@ mod tests {
     fn validation_table() {
         check("[console]\nenabled = true", &[]);
         check("", &["console.enabled"]);
-        check("policy_threshold = 2\n[console]\nenabled = true", &["policy_threshold"]);
-        check("bot_name = \"fleet cmd\"\n[console]\nenabled = true", &["bot_name"]);
+        check(
+            "policy_threshold = 2\n[console]\nenabled = true",
+            &["policy_threshold"],
+        );
+        check(
+            "bot_name = \"fleet cmd\"\n[console]\nenabled = true",
+            &["bot_name"],
+        );
     }
 
     #[test]
@@ -258,19 +332,45 @@ mod tests {
         let bad = "controller = \"http://x\"\nca = \"\"\ncert = \"c\"\nkey = \"k\"\nsigning_key = \"s\"\n\
                    signer_id = \"\"\npolicy_roots = [\"nope\"]\npolicy_threshold = 0\n";
         let cfg = GatewayConfig::parse(bad, Path::new("g.toml")).unwrap_or_else(|e| panic!("{e}"));
-        let keys: Vec<String> = cfg.validate().err().unwrap_or_default().into_iter().map(|p| p.key).collect();
+        let keys: Vec<String> = cfg
+            .validate()
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
         assert_eq!(
             keys,
-            ["controller", "ca", "signer_id", "policy_roots[0]", "policy_threshold", "console.enabled"]
+            [
+                "controller",
+                "ca",
+                "signer_id",
+                "policy_roots[0]",
+                "policy_threshold",
+                "console.enabled"
+            ]
         );
     }
 
     #[test]
     fn unknown_keys_and_defaults() {
-        let err = GatewayConfig::parse(&text("colour = 1"), Path::new("/etc/g.toml")).err().map(|e| e.to_string());
+        let err = GatewayConfig::parse(&text("colour = 1"), Path::new("/etc/g.toml"))
+            .err()
+            .map(|e| e.to_string());
         let err = err.unwrap_or_default();
-        assert!(err.starts_with("/etc/g.toml: ") && err.contains("colour"), "{err}");
-        let cfg = GatewayConfig::parse(&text(""), Path::new("g.toml")).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((cfg.policy_threshold, cfg.bot_name.as_str(), cfg.console.enabled), (1, "fleetcmd", false));
+        assert!(
+            err.starts_with("/etc/g.toml: ") && err.contains("colour"),
+            "{err}"
+        );
+        let cfg =
+            GatewayConfig::parse(&text(""), Path::new("g.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (
+                cfg.policy_threshold,
+                cfg.bot_name.as_str(),
+                cfg.console.enabled
+            ),
+            (1, "fleetcmd", false)
+        );
     }
 }

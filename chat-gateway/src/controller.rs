@@ -25,14 +25,24 @@ pub struct ControllerError {
 
 impl From<tonic::Status> for ControllerError {
     fn from(s: tonic::Status) -> ControllerError {
-        let message = if s.message().is_empty() { s.code().description().to_string() } else { s.message().to_string() };
-        ControllerError { code: s.code(), message }
+        let message = if s.message().is_empty() {
+            s.code().description().to_string()
+        } else {
+            s.message().to_string()
+        };
+        ControllerError {
+            code: s.code(),
+            message,
+        }
     }
 }
 
 /// The controller calls the gateway makes.
 pub trait ControllerApi: Send + Sync + 'static {
-    fn submit(&self, job: SignedJob) -> impl Future<Output = Result<v1::SubmitResponse, ControllerError>> + Send;
+    fn submit(
+        &self,
+        job: SignedJob,
+    ) -> impl Future<Output = Result<v1::SubmitResponse, ControllerError>> + Send;
     /// `id` may be a unique prefix.
     fn get_job(&self, id: String) -> impl Future<Output = Result<v1::Job, ControllerError>> + Send;
     /// Recent jobs, newest first; `requester` narrows to one identity.
@@ -42,7 +52,10 @@ pub trait ControllerApi: Send + Sync + 'static {
         requester: Option<String>,
     ) -> impl Future<Output = Result<Vec<v1::Job>, ControllerError>> + Send;
     /// An empty selector means all agents.
-    fn list_agents(&self, selector: String) -> impl Future<Output = Result<Vec<v1::Agent>, ControllerError>> + Send;
+    fn list_agents(
+        &self,
+        selector: String,
+    ) -> impl Future<Output = Result<Vec<v1::Agent>, ControllerError>> + Send;
     fn get_policy(&self) -> impl Future<Output = Result<v1::PolicyInfo, ControllerError>> + Send;
 }
 
@@ -58,7 +71,9 @@ impl GrpcController {
     /// gateway (calls fail with a clear message meanwhile).
     pub fn connect_lazy(url: &str, tls: &ClientTls) -> Result<GrpcController, ChannelError> {
         let ep = endpoint(url, &tls.ca_pem, Some((&tls.cert_pem, &tls.key_pem)))?;
-        Ok(GrpcController { channel: ep.connect_lazy() })
+        Ok(GrpcController {
+            channel: ep.connect_lazy(),
+        })
     }
 
     /// A client over an existing channel.
@@ -69,25 +84,53 @@ impl GrpcController {
 
 impl ControllerApi for GrpcController {
     async fn submit(&self, job: SignedJob) -> Result<v1::SubmitResponse, ControllerError> {
-        let req = v1::SignedJob { spec: job.spec, signature: job.signature, key_id: job.key_id };
-        Ok(JobsClient::new(self.channel.clone()).submit(req).await?.into_inner())
+        let req = v1::SignedJob {
+            spec: job.spec,
+            signature: job.signature,
+            key_id: job.key_id,
+        };
+        Ok(JobsClient::new(self.channel.clone())
+            .submit(req)
+            .await?
+            .into_inner())
     }
 
     async fn get_job(&self, id: String) -> Result<v1::Job, ControllerError> {
-        Ok(JobsClient::new(self.channel.clone()).get(v1::GetJobRequest { job_id: id }).await?.into_inner())
+        Ok(JobsClient::new(self.channel.clone())
+            .get(v1::GetJobRequest { job_id: id })
+            .await?
+            .into_inner())
     }
 
-    async fn list_jobs(&self, limit: u32, requester: Option<String>) -> Result<Vec<v1::Job>, ControllerError> {
-        let req = v1::ListJobsRequest { limit, requester: requester.unwrap_or_default() };
-        Ok(JobsClient::new(self.channel.clone()).list(req).await?.into_inner().jobs)
+    async fn list_jobs(
+        &self,
+        limit: u32,
+        requester: Option<String>,
+    ) -> Result<Vec<v1::Job>, ControllerError> {
+        let req = v1::ListJobsRequest {
+            limit,
+            requester: requester.unwrap_or_default(),
+        };
+        Ok(JobsClient::new(self.channel.clone())
+            .list(req)
+            .await?
+            .into_inner()
+            .jobs)
     }
 
     async fn list_agents(&self, selector: String) -> Result<Vec<v1::Agent>, ControllerError> {
         let req = v1::ListAgentsRequest { selector };
-        Ok(AgentsClient::new(self.channel.clone()).list(req).await?.into_inner().agents)
+        Ok(AgentsClient::new(self.channel.clone())
+            .list(req)
+            .await?
+            .into_inner()
+            .agents)
     }
 
     async fn get_policy(&self) -> Result<v1::PolicyInfo, ControllerError> {
-        Ok(PolicyClient::new(self.channel.clone()).get(v1::GetPolicyRequest {}).await?.into_inner())
+        Ok(PolicyClient::new(self.channel.clone())
+            .get(v1::GetPolicyRequest {})
+            .await?
+            .into_inner())
     }
 }

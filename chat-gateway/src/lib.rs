@@ -96,16 +96,19 @@ pub async fn serve<C: ControllerApi>(router: Arc<Router<C>>, mut adapter: impl C
         if router.command_text(&msg).is_none() {
             continue;
         }
-        if tasks.len() >= MAX_IN_FLIGHT {
-            if let Some(done) = tasks.join_next().await {
-                log_task_end(done);
-            }
+        if tasks.len() >= MAX_IN_FLIGHT
+            && let Some(done) = tasks.join_next().await
+        {
+            log_task_end(done);
         }
         let router = router.clone();
         let sender = sender.clone();
         tasks.spawn(async move { router.handle(msg, sender.as_ref()).await });
     }
-    tracing::debug!(outstanding = tasks.len(), "input ended; waiting for running commands");
+    tracing::debug!(
+        outstanding = tasks.len(),
+        "input ended; waiting for running commands"
+    );
     while let Some(done) = tasks.join_next().await {
         log_task_end(done);
     }

@@ -19,7 +19,14 @@ pub const MAX_OUTPUT_LINES: usize = 30;
 pub const MAX_HOST_SECTIONS: usize = 25;
 
 /// Job states after which nothing changes any more.
-pub const TERMINAL_STATES: [&str; 6] = ["succeeded", "failed", "aborted", "canceled", "expired", "denied"];
+pub const TERMINAL_STATES: [&str; 6] = [
+    "succeeded",
+    "failed",
+    "aborted",
+    "canceled",
+    "expired",
+    "denied",
+];
 
 /// Whether a job state is final.
 pub fn is_terminal(state: &str) -> bool {
@@ -31,7 +38,13 @@ pub fn is_terminal(state: &str) -> bool {
 /// terminal or what a reader sees.
 pub fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if (c.is_control() && c != '\t') || is_bidi_control(c) { '\u{FFFD}' } else { c })
+        .map(|c| {
+            if (c.is_control() && c != '\t') || is_bidi_control(c) {
+                '\u{FFFD}'
+            } else {
+                c
+            }
+        })
         .collect()
 }
 
@@ -56,7 +69,9 @@ pub fn asked_by(who: &str) -> String {
 pub fn usage(def: &CommandDef) -> String {
     let mut s = def.name.clone();
     for name in def.positional() {
-        let Some(spec) = def.args.get(name) else { continue };
+        let Some(spec) = def.args.get(name) else {
+            continue;
+        };
         let kind = match &spec.kind {
             ArgKind::Enum { values } => format!("enum {}", values.join("|")),
             ArgKind::Int { min, max } => match (*min == i64::MIN, *max == i64::MAX) {
@@ -94,7 +109,11 @@ pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
                 if def.requires_approvals > 0 {
                     lines.push(format!("needs {} approval(s)", def.requires_approvals));
                 }
-                Reply { header: format!("help for `{}`{}", def.name, asked_by(who)), lines, ..Reply::default() }
+                Reply {
+                    header: format!("help for `{}`{}", def.name, asked_by(who)),
+                    lines,
+                    ..Reply::default()
+                }
             }
             None => Reply::text(format!(
                 "`{}` is not a command you may run in this channel; try `help`{}",
@@ -104,7 +123,10 @@ pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
         };
     }
     if commands.is_empty() {
-        return Reply::text(format!("you may not run any command in this channel{}", asked_by(who)));
+        return Reply::text(format!(
+            "you may not run any command in this channel{}",
+            asked_by(who)
+        ));
     }
     let mut lines = vec![
         "run <command> [args] on <selector> [--timeout D] [--dry-run]".to_string(),
@@ -118,7 +140,11 @@ pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
         }
         lines.push(line);
     }
-    Reply { header: format!("commands you may run here{}", asked_by(who)), lines, ..Reply::default() }
+    Reply {
+        header: format!("commands you may run here{}", asked_by(who)),
+        lines,
+        ..Reply::default()
+    }
 }
 
 /// At most [`MAX_OUTPUT_LINES`] lines and [`MAX_OUTPUT_CHARS`] characters of
@@ -169,21 +195,34 @@ fn outcome_detail(r: &v1::JobResult) -> String {
 }
 
 fn format_ms(ms: u64) -> String {
-    if ms < 1000 { format!("{ms} ms") } else { format!("{:.1} s", ms as f64 / 1000.0) }
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
 }
 
 /// One host's section of a job reply.
 pub fn target_section(job_id: &str, t: &v1::Target) -> Section {
-    let mut sec = Section { title: format!("{} — {}", t.agent_id, t.state), ..Section::default() };
+    let mut sec = Section {
+        title: format!("{} — {}", t.agent_id, t.state),
+        ..Section::default()
+    };
     let Some(r) = &t.result else { return sec };
     sec.title = format!("{} — {}, {}", t.agent_id, t.state, outcome_detail(r));
-    for (label, bytes, dropped) in [("stdout", &r.stdout, r.stdout_dropped), ("stderr", &r.stderr, r.stderr_dropped)] {
+    for (label, bytes, dropped) in [
+        ("stdout", &r.stdout, r.stdout_dropped),
+        ("stderr", &r.stderr, r.stderr_dropped),
+    ] {
         if bytes.is_empty() && dropped == 0 {
             continue;
         }
         let (text, cut) = truncate_output(bytes);
         if !text.is_empty() {
-            sec.blocks.push(CodeBlock { label: label.to_string(), text });
+            sec.blocks.push(CodeBlock {
+                label: label.to_string(),
+                text,
+            });
         }
         if cut {
             sec.notes.push(format!(
@@ -193,7 +232,9 @@ pub fn target_section(job_id: &str, t: &v1::Target) -> Section {
             ));
         }
         if dropped > 0 {
-            sec.notes.push(format!("the agent dropped {dropped} bytes of {label} (over its output cap)"));
+            sec.notes.push(format!(
+                "the agent dropped {dropped} bytes of {label} (over its output cap)"
+            ));
         }
     }
     sec
@@ -204,7 +245,12 @@ pub fn job(job: &v1::Job) -> Reply {
     let total = job.targets.len();
     let ok = job.targets.iter().filter(|t| t.state == "ok").count();
     let header = if is_terminal(&job.state) {
-        format!("job {} {} ({ok}/{total} ok){}", short_id(&job.job_id), job.state, asked_by(&job.requester))
+        format!(
+            "job {} {} ({ok}/{total} ok){}",
+            short_id(&job.job_id),
+            job.state,
+            asked_by(&job.requester)
+        )
     } else {
         let done = job.targets.iter().filter(|t| t.result.is_some()).count();
         format!(
@@ -215,15 +261,28 @@ pub fn job(job: &v1::Job) -> Reply {
         )
     };
     let lines = vec![format!("`{}` on {}", job.command, job.selector)];
-    let mut sections: Vec<Section> =
-        job.targets.iter().take(MAX_HOST_SECTIONS).map(|t| target_section(&job.job_id, t)).collect();
+    let mut sections: Vec<Section> = job
+        .targets
+        .iter()
+        .take(MAX_HOST_SECTIONS)
+        .map(|t| target_section(&job.job_id, t))
+        .collect();
     if total > MAX_HOST_SECTIONS {
         sections.push(Section {
-            title: format!("… and {} more hosts; `jobs` and `job {}` list them", total - MAX_HOST_SECTIONS, short_id(&job.job_id)),
+            title: format!(
+                "… and {} more hosts; `jobs` and `job {}` list them",
+                total - MAX_HOST_SECTIONS,
+                short_id(&job.job_id)
+            ),
             ..Section::default()
         });
     }
-    Reply { header, lines, sections, ..Reply::default() }
+    Reply {
+        header,
+        lines,
+        sections,
+        ..Reply::default()
+    }
 }
 
 /// `job ID` for someone other than the requester: the same view, but the
@@ -238,7 +297,16 @@ pub fn job_for(j: &v1::Job, who: &str) -> Reply {
 
 /// Recent jobs as a table.
 pub fn jobs(jobs: &[v1::Job], who: &str, mine: bool) -> Reply {
-    let header = format!("{} ({}){}", if mine { "your recent jobs" } else { "recent jobs" }, jobs.len(), asked_by(who));
+    let header = format!(
+        "{} ({}){}",
+        if mine {
+            "your recent jobs"
+        } else {
+            "recent jobs"
+        },
+        jobs.len(),
+        asked_by(who)
+    );
     if jobs.is_empty() {
         return Reply::text(header);
     }
@@ -260,7 +328,10 @@ pub fn jobs(jobs: &[v1::Job], who: &str, mine: bool) -> Reply {
     Reply {
         header,
         sections: vec![Section {
-            blocks: vec![CodeBlock { label: String::new(), text: text.trim_end().to_string() }],
+            blocks: vec![CodeBlock {
+                label: String::new(),
+                text: text.trim_end().to_string(),
+            }],
             ..Section::default()
         }],
         ..Reply::default()
@@ -272,7 +343,9 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
     let online = agents.iter().filter(|a| a.online && !a.revoked).count();
     let header = format!(
         "agents{}: {} ({} online){}",
-        selector.map(|s| format!(" matching {s}")).unwrap_or_default(),
+        selector
+            .map(|s| format!(" matching {s}"))
+            .unwrap_or_default(),
         agents.len(),
         online,
         asked_by(who)
@@ -280,7 +353,10 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
     if agents.is_empty() {
         return Reply::text(header);
     }
-    let mut text = format!("{:<24} {:<8} {:>6} {:>5}  {:<10} {}\n", "AGENT", "STATE", "LOAD1", "MEM%", "VERSION", "LABELS");
+    let mut text = format!(
+        "{:<24} {:<8} {:>6} {:>5}  {:<10} {}\n",
+        "AGENT", "STATE", "LOAD1", "MEM%", "VERSION", "LABELS"
+    );
     for a in agents {
         let state = if a.revoked {
             "revoked"
@@ -292,7 +368,10 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
         let (load, mem) = match &a.metrics {
             Some(m) if m.mem_total_bytes > 0 => (
                 format!("{:.2}", m.load1),
-                format!("{:.0}", m.mem_used_bytes as f64 * 100.0 / m.mem_total_bytes as f64),
+                format!(
+                    "{:.0}",
+                    m.mem_used_bytes as f64 * 100.0 / m.mem_total_bytes as f64
+                ),
             ),
             Some(m) => (format!("{:.2}", m.load1), "-".to_string()),
             None => ("-".to_string(), "-".to_string()),
@@ -309,14 +388,21 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
             state,
             load,
             mem,
-            if a.version.is_empty() { "-" } else { &a.version },
+            if a.version.is_empty() {
+                "-"
+            } else {
+                &a.version
+            },
             labels.join(",")
         );
     }
     Reply {
         header,
         sections: vec![Section {
-            blocks: vec![CodeBlock { label: String::new(), text: text.trim_end().to_string() }],
+            blocks: vec![CodeBlock {
+                label: String::new(),
+                text: text.trim_end().to_string(),
+            }],
             ..Section::default()
         }],
         ..Reply::default()
@@ -358,7 +444,10 @@ mod tests {
 
     #[test]
     fn short_ids() {
-        assert_eq!(short_id("01890a5d-ac96-774b-bcce-b302099a8057"), "01890a5d-ac96-774b");
+        assert_eq!(
+            short_id("01890a5d-ac96-774b-bcce-b302099a8057"),
+            "01890a5d-ac96-774b"
+        );
         assert_eq!(short_id("0189"), "0189");
     }
 
@@ -374,21 +463,38 @@ mod tests {
                 v1::Target {
                     agent_id: "web-1".into(),
                     state: "ok".into(),
-                    result: Some(v1::JobResult { exit_code: Some(0), stdout: b"up 3 days".to_vec(), duration_ms: 12, ..Default::default() }),
+                    result: Some(v1::JobResult {
+                        exit_code: Some(0),
+                        stdout: b"up 3 days".to_vec(),
+                        duration_ms: 12,
+                        ..Default::default()
+                    }),
                 },
                 v1::Target {
                     agent_id: "web-2".into(),
                     state: "failed".into(),
-                    result: Some(v1::JobResult { exit_code: Some(2), stderr_dropped: 10, duration_ms: 1500, ..Default::default() }),
+                    result: Some(v1::JobResult {
+                        exit_code: Some(2),
+                        stderr_dropped: 10,
+                        duration_ms: 1500,
+                        ..Default::default()
+                    }),
                 },
             ],
             ..Default::default()
         };
         let r = job(&j);
-        assert_eq!(r.header, "job 01890a5d-ac96-774b failed (1/2 ok) — asked by console:alice");
+        assert_eq!(
+            r.header,
+            "job 01890a5d-ac96-774b failed (1/2 ok) — asked by console:alice"
+        );
         assert_eq!(r.sections[0].title, "web-1 — ok, exit 0, 12 ms");
         assert_eq!(r.sections[0].blocks[0].text, "up 3 days");
         assert_eq!(r.sections[1].title, "web-2 — failed, exit 2, 1.5 s");
-        assert!(r.sections[1].notes[0].contains("dropped 10 bytes of stderr"), "{:?}", r.sections[1].notes);
+        assert!(
+            r.sections[1].notes[0].contains("dropped 10 bytes of stderr"),
+            "{:?}",
+            r.sections[1].notes
+        );
     }
 }

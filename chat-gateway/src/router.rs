@@ -61,12 +61,17 @@ pub struct Router<C> {
 
 impl<C> std::fmt::Debug for Router<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Router").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("Router")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn in_channel(role: &Role, channel: &str) -> bool {
@@ -74,12 +79,19 @@ fn in_channel(role: &Role, channel: &str) -> bool {
 }
 
 fn not_yet(what: &str, who: &str) -> Reply {
-    Reply::text(format!("`{what}` is not available yet in this gateway{}", asked_by(who)))
+    Reply::text(format!(
+        "`{what}` is not available yet in this gateway{}",
+        asked_by(who)
+    ))
 }
 
 impl<C: ControllerApi> Router<C> {
     pub fn new(cfg: RouterConfig, ctl: C) -> Router<C> {
-        Router { cfg, ctl, policy: Mutex::new(None) }
+        Router {
+            cfg,
+            ctl,
+            policy: Mutex::new(None),
+        }
     }
 
     /// The controller client.
@@ -96,7 +108,10 @@ impl<C: ControllerApi> Router<C> {
     }
 
     fn cached_policy(&self) -> Option<Arc<LoadedPolicy>> {
-        self.policy.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The current policy: fetched from the controller and verified against
@@ -112,7 +127,10 @@ impl<C: ControllerApi> Router<C> {
                         tracing::warn!(error = %e, "policy fetch failed; using the last verified policy");
                         Ok(p)
                     }
-                    None => Err(format!("could not fetch the policy from the controller: {}", e.message)),
+                    None => Err(format!(
+                        "could not fetch the policy from the controller: {}",
+                        e.message
+                    )),
                 };
             }
         };
@@ -120,18 +138,24 @@ impl<C: ControllerApi> Router<C> {
             return cached.ok_or_else(|| "the controller has no policy yet".to_string());
         };
         let hash = bundle_hash(&signed.bundle);
-        if let Some(c) = &cached {
-            if c.hash == hash {
-                return Ok(c.clone());
-            }
+        if let Some(c) = cached.as_ref().filter(|c| c.hash == hash) {
+            return Ok(c.clone());
         }
         let sigs: Vec<PolicySignature> = signed
             .signatures
             .iter()
-            .map(|s| PolicySignature { key_id: s.key_id.clone(), signature: s.signature.clone() })
+            .map(|s| PolicySignature {
+                key_id: s.key_id.clone(),
+                signature: s.signature.clone(),
+            })
             .collect();
-        let verified = verify_bundle(&signed.bundle, &sigs, &self.cfg.policy_roots, self.cfg.policy_threshold)
-            .and_then(|p| check_rollback(cached.as_ref().map(|c| c.policy.version), &p).map(|()| p));
+        let verified = verify_bundle(
+            &signed.bundle,
+            &sigs,
+            &self.cfg.policy_roots,
+            self.cfg.policy_threshold,
+        )
+        .and_then(|p| check_rollback(cached.as_ref().map(|c| c.policy.version), &p).map(|()| p));
         match verified {
             Ok(policy) => {
                 tracing::info!(version = policy.version, %hash, "policy verified");
@@ -146,7 +170,12 @@ impl<C: ControllerApi> Router<C> {
         }
     }
 
-    async fn post(&self, out: &dyn ChatSender, msg: &Incoming, mut reply: Reply) -> Option<MessageRef> {
+    async fn post(
+        &self,
+        out: &dyn ChatSender,
+        msg: &Incoming,
+        mut reply: Reply,
+    ) -> Option<MessageRef> {
         reply.thread = msg.thread.clone();
         match out.send(&msg.channel, reply).await {
             Ok(r) => Some(r),
@@ -160,12 +189,15 @@ impl<C: ControllerApi> Router<C> {
     /// Handles one message; replies go through `out`. Messages not for the
     /// bot are ignored.
     pub async fn handle(&self, msg: Incoming, out: &dyn ChatSender) {
-        let Some(text) = self.command_text(&msg) else { return };
+        let Some(text) = self.command_text(&msg) else {
+            return;
+        };
         let who = msg.identity.as_str().to_string();
         let cmd = match grammar::parse(text) {
             Ok(c) => c,
             Err(e) => {
-                self.post(out, &msg, Reply::text(format!("{e}{}", asked_by(&who)))).await;
+                self.post(out, &msg, Reply::text(format!("{e}{}", asked_by(&who))))
+                    .await;
                 return;
             }
         };
@@ -190,7 +222,11 @@ impl<C: ControllerApi> Router<C> {
     async fn help(&self, msg: &Incoming, topic: Option<&str>) -> Reply {
         let who = msg.identity.as_str();
         match self.current_policy().await {
-            Ok(p) => render::help(who, &commands_for(&p.policy, &msg.identity, &msg.channel), topic),
+            Ok(p) => render::help(
+                who,
+                &commands_for(&p.policy, &msg.identity, &msg.channel),
+                topic,
+            ),
             Err(e) => Reply::text(format!("{e}{}", asked_by(who))),
         }
     }
@@ -200,19 +236,30 @@ impl<C: ControllerApi> Router<C> {
         match self.current_policy().await {
             Ok(p) => {
                 let roles = roles_of(&p.policy, &msg.identity);
-                let here: Vec<&str> =
-                    roles.iter().filter(|r| in_channel(r, &msg.channel)).map(|r| r.name.as_str()).collect();
+                let here: Vec<&str> = roles
+                    .iter()
+                    .filter(|r| in_channel(r, &msg.channel))
+                    .map(|r| r.name.as_str())
+                    .collect();
                 let all: Vec<&str> = roles.iter().map(|r| r.name.as_str()).collect();
                 let mut reply = Reply::text(format!("you are {who}"));
                 reply.lines.push(format!(
                     "roles: {}",
-                    if all.is_empty() { "none".to_string() } else { all.join(", ") }
+                    if all.is_empty() {
+                        "none".to_string()
+                    } else {
+                        all.join(", ")
+                    }
                 ));
                 if here.len() != all.len() {
                     reply.lines.push(format!(
                         "usable in {}: {}",
                         msg.channel,
-                        if here.is_empty() { "none".to_string() } else { here.join(", ") }
+                        if here.is_empty() {
+                            "none".to_string()
+                        } else {
+                            here.join(", ")
+                        }
                     ));
                 }
                 reply
@@ -224,11 +271,19 @@ impl<C: ControllerApi> Router<C> {
     /// The policy, or the reply to send when the asker has no role here.
     async fn policy_for_reads(&self, msg: &Incoming) -> Result<Arc<LoadedPolicy>, Reply> {
         let who = msg.identity.as_str();
-        let p = self.current_policy().await.map_err(|e| Reply::text(format!("{e}{}", asked_by(who))))?;
-        let has_role = roles_of(&p.policy, &msg.identity).iter().any(|r| in_channel(r, &msg.channel));
+        let p = self
+            .current_policy()
+            .await
+            .map_err(|e| Reply::text(format!("{e}{}", asked_by(who))))?;
+        let has_role = roles_of(&p.policy, &msg.identity)
+            .iter()
+            .any(|r| in_channel(r, &msg.channel));
         if !has_role {
             tracing::info!(identity = who, channel = %msg.channel, "read denied: no role in channel");
-            return Err(Reply::text(format!("you have no roles in this channel{}", asked_by(who))));
+            return Err(Reply::text(format!(
+                "you have no roles in this channel{}",
+                asked_by(who)
+            )));
         }
         Ok(p)
     }
@@ -237,8 +292,12 @@ impl<C: ControllerApi> Router<C> {
         let who = msg.identity.as_str();
         match self.policy_for_reads(msg).await {
             Ok(p) => {
-                let mut reply =
-                    Reply::text(format!("policy version {} {}{}", p.policy.version, p.hash, asked_by(who)));
+                let mut reply = Reply::text(format!(
+                    "policy version {} {}{}",
+                    p.policy.version,
+                    p.hash,
+                    asked_by(who)
+                ));
                 if let Some(exp) = p.policy.expires {
                     reply.lines.push(format!("expires at unix time {exp}"));
                 }
@@ -260,9 +319,17 @@ impl<C: ControllerApi> Router<C> {
         if let Err(r) = self.policy_for_reads(msg).await {
             return r;
         }
-        match self.ctl.list_agents(selector.clone().unwrap_or_default()).await {
+        match self
+            .ctl
+            .list_agents(selector.clone().unwrap_or_default())
+            .await
+        {
             Ok(agents) => render::agents(&agents, selector.as_deref(), who),
-            Err(e) => Reply::text(format!("could not list agents: {}{}", e.message, asked_by(who))),
+            Err(e) => Reply::text(format!(
+                "could not list agents: {}{}",
+                e.message,
+                asked_by(who)
+            )),
         }
     }
 
@@ -270,7 +337,9 @@ impl<C: ControllerApi> Router<C> {
         if job.requester == msg.identity.as_str() {
             return true;
         }
-        let Ok(sel) = Selector::parse(&job.selector) else { return false };
+        let Ok(sel) = Selector::parse(&job.selector) else {
+            return false;
+        };
         check_run(policy, &msg.identity, &msg.channel, &job.command, &sel).is_ok()
     }
 
@@ -293,7 +362,11 @@ impl<C: ControllerApi> Router<C> {
             Ok(p) => p,
             Err(r) => return r,
         };
-        match self.ctl.list_jobs(JOBS_LIMIT, mine.then(|| who.to_string())).await {
+        match self
+            .ctl
+            .list_jobs(JOBS_LIMIT, mine.then(|| who.to_string()))
+            .await
+        {
             Ok(jobs) => {
                 let visible: Vec<v1::Job> = jobs
                     .into_iter()
@@ -301,7 +374,11 @@ impl<C: ControllerApi> Router<C> {
                     .collect();
                 render::jobs(&visible, who, mine)
             }
-            Err(e) => Reply::text(format!("could not list jobs: {}{}", e.message, asked_by(who))),
+            Err(e) => Reply::text(format!(
+                "could not list jobs: {}{}",
+                e.message,
+                asked_by(who)
+            )),
         }
     }
 
@@ -322,9 +399,20 @@ impl<C: ControllerApi> Router<C> {
                 return;
             }
         };
-        if let Err(denied) = check_run(&p.policy, &msg.identity, &msg.channel, &req.command, &selector) {
+        if let Err(denied) = check_run(
+            &p.policy,
+            &msg.identity,
+            &msg.channel,
+            &req.command,
+            &selector,
+        ) {
             tracing::info!(identity = who, channel = %msg.channel, command = %req.command, reason = %denied, "run denied");
-            self.post(out, msg, refuse(format!("refused: {denied}; nothing was submitted"))).await;
+            self.post(
+                out,
+                msg,
+                refuse(format!("refused: {denied}; nothing was submitted")),
+            )
+            .await;
             return;
         }
         let mut unsupported = Vec::new();
@@ -338,26 +426,43 @@ impl<C: ControllerApi> Router<C> {
             unsupported.push("--canary");
         }
         if !unsupported.is_empty() {
-            let text = format!("{} not available yet; nothing was submitted", unsupported.join(", "));
+            let text = format!(
+                "{} not available yet; nothing was submitted",
+                unsupported.join(", ")
+            );
             self.post(out, msg, refuse(text)).await;
             return;
         }
         let Some(def) = p.policy.command(&req.command) else {
             // check_run already refused unknown commands; kept for safety.
-            self.post(out, msg, refuse(format!("unknown command `{}`", req.command))).await;
+            self.post(
+                out,
+                msg,
+                refuse(format!("unknown command `{}`", req.command)),
+            )
+            .await;
             return;
         };
         let args = match bind_positional(def, &req.args) {
             Ok(a) => a,
             Err(e) => {
-                self.post(out, msg, refuse(format!("{e}; usage: run {} on <selector>", render::usage(def)))).await;
+                self.post(
+                    out,
+                    msg,
+                    refuse(format!(
+                        "{e}; usage: run {} on <selector>",
+                        render::usage(def)
+                    )),
+                )
+                .await;
                 return;
             }
         };
         let argv = match build_argv(def, &args) {
             Ok(a) => a,
             Err(e) => {
-                self.post(out, msg, refuse(format!("{e}; nothing was submitted"))).await;
+                self.post(out, msg, refuse(format!("{e}; nothing was submitted")))
+                    .await;
                 return;
             }
         };
@@ -379,7 +484,12 @@ impl<C: ControllerApi> Router<C> {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!(error = %e, "uuid v7 rejected as job id");
-                self.post(out, msg, refuse("internal error creating a job id".to_string())).await;
+                self.post(
+                    out,
+                    msg,
+                    refuse("internal error creating a job id".to_string()),
+                )
+                .await;
                 return;
             }
         };
@@ -402,12 +512,21 @@ impl<C: ControllerApi> Router<C> {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(job_id = id.as_str(), error = %e, "submit failed");
-                self.post(out, msg, refuse(format!("job not submitted: {}", e.message))).await;
+                self.post(
+                    out,
+                    msg,
+                    refuse(format!("job not submitted: {}", e.message)),
+                )
+                .await;
                 return;
             }
         };
         tracing::info!(job_id = id.as_str(), identity = who, command = %def.name, targets = submitted.targets.len(), "job submitted");
-        let job_id = if submitted.job_id.is_empty() { id.as_str().to_string() } else { submitted.job_id.clone() };
+        let job_id = if submitted.job_id.is_empty() {
+            id.as_str().to_string()
+        } else {
+            submitted.job_id.clone()
+        };
         let n = submitted.targets.len();
         let header = format!(
             "job {} `{}` on {} by {who}: {n} target{}",
@@ -416,11 +535,17 @@ impl<C: ControllerApi> Router<C> {
             req.selector,
             if n == 1 { "" } else { "s" }
         );
-        let Some(posted) = self.post(out, msg, Reply::text(header)).await else { return };
+        let Some(posted) = self.post(out, msg, Reply::text(header)).await else {
+            return;
+        };
         if n == 0 {
             return;
         }
-        let effective = if timeout.is_zero() { def.timeout } else { timeout };
+        let effective = if timeout.is_zero() {
+            def.timeout
+        } else {
+            timeout
+        };
         let deadline = Instant::now() + self.cfg.job_expiry + effective + FOLLOW_SLACK;
         self.follow(msg, &job_id, &posted, deadline, out).await;
     }
@@ -435,14 +560,23 @@ impl<C: ControllerApi> Router<C> {
         let who = msg.identity.as_str();
         let agents = match self.ctl.list_agents(req.selector.clone()).await {
             Ok(a) => a,
-            Err(e) => return Reply::text(format!("dry run: could not list agents: {}{}", e.message, asked_by(who))),
+            Err(e) => {
+                return Reply::text(format!(
+                    "dry run: could not list agents: {}{}",
+                    e.message,
+                    asked_by(who)
+                ));
+            }
         };
         let mut lines = vec!["would run (argv, no shell): ".to_string() + &format!("{argv:?}")];
         let mut table = String::new();
         let mut would = 0usize;
         for a in &agents {
-            let labels: std::collections::BTreeMap<String, String> =
-                a.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let labels: std::collections::BTreeMap<String, String> = a
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             let note = if a.revoked {
                 "skipped: revoked"
             } else if targets.is_some_and(|t| !t.matches(&a.agent_id, &labels)) {
@@ -472,7 +606,10 @@ impl<C: ControllerApi> Router<C> {
         };
         if !table.is_empty() {
             reply.sections.push(Section {
-                blocks: vec![crate::adapters::CodeBlock { label: String::new(), text: table.trim_end().to_string() }],
+                blocks: vec![crate::adapters::CodeBlock {
+                    label: String::new(),
+                    text: table.trim_end().to_string(),
+                }],
                 ..Section::default()
             });
         }
@@ -481,7 +618,14 @@ impl<C: ControllerApi> Router<C> {
 
     /// Polls the job until it is final (or the deadline passes) and edits
     /// the posted message with progress and then the result.
-    async fn follow(&self, msg: &Incoming, job_id: &str, posted: &MessageRef, deadline: Instant, out: &dyn ChatSender) {
+    async fn follow(
+        &self,
+        msg: &Incoming,
+        job_id: &str,
+        posted: &MessageRef,
+        deadline: Instant,
+        out: &dyn ChatSender,
+    ) {
         let mut last_done = 0usize;
         let mut last_edit = Instant::now();
         loop {
@@ -513,7 +657,9 @@ impl<C: ControllerApi> Router<C> {
                 }
             };
             if Instant::now() >= deadline {
-                let why = last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default();
+                let why = last_error
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default();
                 let text = format!(
                     "stopped following job {}; it has not finished{why}. Ask with `job {}`{}",
                     short_id(job_id),

@@ -31,6 +31,8 @@ use crate::store::{AgentRecord, JobRecord, PolicyRecord, Store, TargetRecord, To
 pub const AGENT_QUEUE: usize = 256;
 /// Grace after a job's timeout before its silent targets are failed.
 const RESULT_GRACE: Duration = Duration::from_secs(30);
+/// How many recent jobs a suffix lookup scans.
+const SUFFIX_SCAN: usize = 10_000;
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86400);
 
 pub type AgentTx = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
@@ -571,15 +573,22 @@ impl Shared {
         Ok(())
     }
 
+    /// Resolves a full id, a unique prefix, or a unique suffix (the random
+    /// tail that chat shows: UUIDv7 prefixes are timestamps, so jobs started
+    /// close together share them).
     pub fn resolve_job_id(&self, id: &str) -> ApiResult<String> {
-        if id.len() < 4 || !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            return Err(ApiError::InvalidArgument(format!("job id {id:?}: give at least 4 hex digits")));
+        let id = id.trim().to_ascii_lowercase();
+        if id.len() < 4 || id.len() > 36 || !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(ApiError::InvalidArgument(format!("job id {id:?}: give at least 4 hex digits of it")));
         }
-        let ids = self.store.job_ids_with_prefix(&id.to_ascii_lowercase(), 2)?;
+        let mut ids = self.store.job_ids_with_prefix(&id, 2)?;
+        if ids.is_empty() {
+            ids = self.store.list_jobs(SUFFIX_SCAN)?.into_iter().map(|j| j.id).filter(|j| j.ends_with(&id)).take(2).collect();
+        }
         match ids.as_slice() {
             [one] => Ok(one.clone()),
             [] => Err(ApiError::NotFound(format!("no job {id}"))),
-            _ => Err(ApiError::InvalidArgument(format!("job id prefix {id} is ambiguous"))),
+            _ => Err(ApiError::InvalidArgument(format!("job id {id} is ambiguous; give more of it"))),
         }
     }
 

@@ -76,7 +76,10 @@ pub struct CodeBlock {
 impl Reply {
     /// A reply with just a header.
     pub fn text(header: impl Into<String>) -> Reply {
-        Reply { header: header.into(), ..Reply::default() }
+        Reply {
+            header: header.into(),
+            ..Reply::default()
+        }
     }
 
     /// Everything in the reply as plain text, for logs and tests (not escaped).
@@ -108,7 +111,10 @@ impl Reply {
 #[derive(thiserror::Error, Debug)]
 pub enum AdapterError {
     #[error("writing to {what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("invalid identity for this adapter: {0}")]
     Identity(#[from] fleetcmd_core::ids::IdError),
     #[error("message {0} cannot be edited: unknown id")]
@@ -118,9 +124,17 @@ pub enum AdapterError {
 /// The sending half of an adapter; shared by every command task.
 pub trait ChatSender: Send + Sync {
     /// Posts `reply` in `channel`.
-    fn send<'a>(&'a self, channel: &'a str, reply: Reply) -> BoxFuture<'a, Result<MessageRef, AdapterError>>;
+    fn send<'a>(
+        &'a self,
+        channel: &'a str,
+        reply: Reply,
+    ) -> BoxFuture<'a, Result<MessageRef, AdapterError>>;
     /// Replaces a posted message (platforms without edits post again).
-    fn edit<'a>(&'a self, msg: &'a MessageRef, reply: Reply) -> BoxFuture<'a, Result<(), AdapterError>>;
+    fn edit<'a>(
+        &'a self,
+        msg: &'a MessageRef,
+        reply: Reply,
+    ) -> BoxFuture<'a, Result<(), AdapterError>>;
 }
 
 /// A chat platform connection.
@@ -133,14 +147,22 @@ pub trait ChatAdapter: Send + 'static {
     fn sender(&self) -> Arc<dyn ChatSender>;
 
     /// Posts `reply` in `channel` (shortcut for `sender().send`).
-    fn send(&self, channel: &str, reply: Reply) -> impl Future<Output = Result<MessageRef, AdapterError>> + Send {
+    fn send(
+        &self,
+        channel: &str,
+        reply: Reply,
+    ) -> impl Future<Output = Result<MessageRef, AdapterError>> + Send {
         let sender = self.sender();
         let channel = channel.to_owned();
         async move { sender.send(&channel, reply).await }
     }
 
     /// Replaces a posted message (shortcut for `sender().edit`).
-    fn edit(&self, msg: &MessageRef, reply: Reply) -> impl Future<Output = Result<(), AdapterError>> + Send {
+    fn edit(
+        &self,
+        msg: &MessageRef,
+        reply: Reply,
+    ) -> impl Future<Output = Result<(), AdapterError>> + Send {
         let sender = self.sender();
         let msg = msg.clone();
         async move { sender.edit(&msg, reply).await }

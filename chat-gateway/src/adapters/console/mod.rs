@@ -31,7 +31,9 @@ pub struct ConsoleAdapter<R> {
 
 impl<R> std::fmt::Debug for ConsoleAdapter<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsoleAdapter").field("identity", &self.identity).finish_non_exhaustive()
+        f.debug_struct("ConsoleAdapter")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
     }
 }
 
@@ -45,7 +47,10 @@ impl<R: AsyncBufRead + Unpin + Send + 'static> ConsoleAdapter<R> {
         Ok(ConsoleAdapter {
             lines: input.lines(),
             identity,
-            sender: Arc::new(ConsoleSender { out: Mutex::new(Box::new(output)), next_id: AtomicU64::new(1) }),
+            sender: Arc::new(ConsoleSender {
+                out: Mutex::new(Box::new(output)),
+                next_id: AtomicU64::new(1),
+            }),
         })
     }
 
@@ -94,22 +99,36 @@ pub struct ConsoleSender {
 impl ConsoleSender {
     async fn write(&self, text: String) -> Result<(), AdapterError> {
         let mut out = self.out.lock().await;
-        let io = |source| AdapterError::Io { what: "console".to_string(), source };
+        let io = |source| AdapterError::Io {
+            what: "console".to_string(),
+            source,
+        };
         out.write_all(text.as_bytes()).await.map_err(io)?;
         out.flush().await.map_err(io)
     }
 }
 
 impl ChatSender for ConsoleSender {
-    fn send<'a>(&'a self, _channel: &'a str, reply: Reply) -> BoxFuture<'a, Result<MessageRef, AdapterError>> {
+    fn send<'a>(
+        &'a self,
+        _channel: &'a str,
+        reply: Reply,
+    ) -> BoxFuture<'a, Result<MessageRef, AdapterError>> {
         Box::pin(async move {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
             self.write(render(&id, false, &reply)).await?;
-            Ok(MessageRef { channel: CHANNEL.to_string(), id })
+            Ok(MessageRef {
+                channel: CHANNEL.to_string(),
+                id,
+            })
         })
     }
 
-    fn edit<'a>(&'a self, msg: &'a MessageRef, reply: Reply) -> BoxFuture<'a, Result<(), AdapterError>> {
+    fn edit<'a>(
+        &'a self,
+        msg: &'a MessageRef,
+        reply: Reply,
+    ) -> BoxFuture<'a, Result<(), AdapterError>> {
         Box::pin(async move { self.write(render(&msg.id, true, &reply)).await })
     }
 }

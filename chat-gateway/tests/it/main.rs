@@ -1,0 +1,7 @@
+//! Integration tests of the gateway crate: rendering, the console adapter
+//! and the router against a fake controller.
+
+mod console;
+mod render;
+mod router;
+mod support;

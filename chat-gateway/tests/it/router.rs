@@ -1,0 +1,348 @@
+//! The router against a fake controller: RBAC on every command, argument
+//! checks before submission, signed jobs, replies that name who asked.
+
+use std::sync::atomic::Ordering;
+
+use fleetcmd_core::job::JobSpec;
+use fleetcmd_core::policy_bundle::sign_bundle;
+use fleetcmd_gateway::adapters::console::ConsoleAdapter;
+use fleetcmd_gateway::router::Router;
+use fleetcmd_gateway::serve;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::support::{RecordingSender, Sent, ask, msg, new_key, now, world, world_with};
+
+fn one_text(sent: &[Sent]) -> String {
+    assert_eq!(sent.len(), 1, "{sent:#?}");
+    sent[0].text()
+}
+
+#[tokio::test]
+async fn help_lists_only_permitted_commands() {
+    let w = world();
+    let bob = one_text(&ask(&w, "console:bob", "!help").await);
+    assert!(bob.contains("• uptime") && bob.contains("• logs"), "{bob}");
+    assert!(!bob.contains("restart") && !bob.contains("reboot"), "{bob}");
+    assert!(bob.contains("asked by console:bob"), "{bob}");
+    assert!(bob.contains("[lines: int 1..=500, default 50]"), "{bob}");
+
+    let alice = one_text(&ask(&w, "console:alice", "!help").await);
+    assert!(
+        alice.contains("• restart <unit: enum nginx.service|app.service> — Restart an app service"),
+        "{alice}"
+    );
+
+    let topic = one_text(&ask(&w, "console:bob", "!help restart").await);
+    assert!(topic.contains("not a command you may run"), "{topic}");
+    let nobody = one_text(&ask(&w, "console:mallory", "!help").await);
+    assert!(nobody.contains("you may not run any command"), "{nobody}");
+}
+
+#[tokio::test]
+async fn run_refused_by_rbac_names_the_missing_role_and_submits_nothing() {
+    let w = world();
+    let text = one_text(&ask(&w, "console:bob", "!run restart nginx.service on role=web").await);
+    assert!(
+        text.contains("`restart` needs one of roles [oncall]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("you have [viewer]") && text.contains("asked by console:bob"),
+        "{text}"
+    );
+    let text = one_text(&ask(&w, "console:mallory", "!run uptime on all").await);
+    assert!(text.contains("you have no roles"), "{text}");
+    assert!(w.router.controller().submitted().is_empty());
+}
+
+#[tokio::test]
+async fn bad_arguments_are_rejected_before_submission() {
+    let w = world();
+    for (input, expected) in [
+        (
+            "!run restart apache.service on role=web",
+            "\"apache.service\" is not one of nginx.service, app.service",
+        ),
+        (
+            "!run restart on role=web",
+            "argument `unit` of `restart` is required",
+        ),
+        (
+            "!run restart a b on role=web",
+            "takes at most 1 argument(s), got 2",
+        ),
+        (
+            "!run logs nginx.service 900 on all",
+            "900 is outside 1..=500",
+        ),
+        ("!run logs -f on all", "must not start with `-`"),
+        (
+            "!run reboot on all",
+            "needs 1 approval(s) and approvals are not available yet",
+        ),
+        ("!run uptime on all --batch 2", "--batch not available yet"),
+        (
+            "!run uptime on all --canary 1 --max-errors 10%",
+            "--max-errors, --canary not available yet",
+        ),
+    ] {
+        let text = one_text(&ask(&w, "console:alice", input).await);
+        assert!(text.contains(expected), "{input}: {text}");
+        assert!(text.contains("asked by console:alice"), "{input}: {text}");
+    }
+    assert!(w.router.controller().submitted().is_empty());
+}
+
+#[tokio::test]
+async fn grammar_errors_are_answered() {
+    let w = world();
+    let text = one_text(&ask(&w, "console:alice", "!run uptime").await);
+    assert_eq!(
+        text,
+        "a target is required: run <command> [args] on <selector> — asked by console:alice"
+    );
+    let text = one_text(&ask(&w, "console:alice", "!frobnicate").await);
+    assert!(
+        text.starts_with("unknown command `frobnicate`; try `help`"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn unaddressed_and_bot_messages_are_ignored() {
+    let w = world();
+    assert!(
+        ask(&w, "console:alice", "run uptime on all")
+            .await
+            .is_empty()
+    );
+    let out = RecordingSender::default();
+    let mut m = msg("console:alice", "!run uptime on all");
+    m.from_bot = true;
+    w.router.handle(m, &out).await;
+    let mut m = msg("console:alice", "uptime please");
+    m.direct = true;
+    w.router.handle(m, &out).await;
+    assert_eq!(
+        out.all().len(),
+        1,
+        "only the direct message is answered: {:#?}",
+        out.all()
+    );
+    assert!(w.router.controller().submitted().is_empty());
+}
+
+#[tokio::test]
+async fn run_signs_submits_and_reports_the_result() {
+    let w = world_with(|c| c.running_polls.store(2, Ordering::SeqCst));
+    let sent = ask(
+        &w,
+        "console:alice",
+        "@fleetcmd run logs app.service on role=web --timeout 30s",
+    )
+    .await;
+    let subs = w.router.controller().submitted();
+    assert_eq!(subs.len(), 1);
+    let spec = subs[0]
+        .verify(&w.policy, now())
+        .unwrap_or_else(|e| panic!("signature: {e}"));
+    assert_eq!(subs[0].key_id, "gw");
+    assert_eq!(spec.command, "logs");
+    assert_eq!(
+        spec.args.get("unit").map(String::as_str),
+        Some("app.service")
+    );
+    assert_eq!(spec.selector, "role=web");
+    assert_eq!(spec.requester.as_str(), "console:alice");
+    assert_eq!(spec.channel, "console");
+    assert!(spec.approvers.is_empty());
+    assert_eq!(spec.timeout_secs, 30);
+    assert_eq!(spec.expires_at - spec.not_before, 600);
+    assert_eq!(
+        JobSpec::from_bytes(&subs[0].spec).map(|s| s.id),
+        Ok(spec.id.clone())
+    );
+
+    let short = &spec.id.as_str()[..18];
+    let first = sent.first().map(Sent::text).unwrap_or_default();
+    assert_eq!(
+        first,
+        format!("job {short} `logs` on role=web by console:alice: 2 targets")
+    );
+    let Some(Sent::Edit { id, reply }) = sent.last() else {
+        panic!("expected a final edit: {sent:#?}")
+    };
+    assert_eq!(id, "1");
+    assert_eq!(
+        reply.header,
+        format!("job {short} succeeded (2/2 ok) — asked by console:alice")
+    );
+    assert_eq!(reply.sections.len(), 2);
+    assert!(
+        reply.sections[0].title.starts_with("web-1 — ok, exit 0"),
+        "{reply:#?}"
+    );
+    assert_eq!(reply.sections[0].blocks[0].text, "up 3 days, load 0.5");
+    let _ = w.signer;
+}
+
+#[tokio::test]
+async fn dry_run_lists_agents_and_argv_without_submitting() {
+    let w = world();
+    let text = one_text(
+        &ask(
+            &w,
+            "console:alice",
+            "!run restart app.service on role=web --dry-run",
+        )
+        .await,
+    );
+    assert!(
+        text.contains(
+            "dry run of `restart` on role=web: 2 of 2 matching agents; nothing was submitted"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"["/usr/bin/systemctl", "restart", "app.service"]"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("web-1") && text.contains("would run"),
+        "{text}"
+    );
+    assert!(w.router.controller().submitted().is_empty());
+}
+
+#[tokio::test]
+async fn controller_errors_are_reported() {
+    let w = world_with(|c| c.unreachable = true);
+    let text = one_text(&ask(&w, "console:alice", "!run uptime on all").await);
+    assert!(
+        text.contains("could not fetch the policy from the controller: connection refused"),
+        "{text}"
+    );
+    let text = one_text(&ask(&w, "console:alice", "!whoami").await);
+    assert!(
+        text.contains("you are console:alice; roles unknown"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn policy_signed_by_an_unknown_root_is_refused() {
+    let w = world_with(|c| {
+        let Some(p) = c.policy.policy.as_mut() else {
+            return;
+        };
+        let sig = sign_bundle(&p.bundle, &new_key());
+        p.signatures = vec![fleetcmd_proto::v1::PolicySignature {
+            key_id: sig.key_id,
+            signature: sig.signature,
+        }];
+    });
+    let text = one_text(&ask(&w, "console:alice", "!run uptime on all").await);
+    assert!(
+        text.contains("the controller's policy was refused"),
+        "{text}"
+    );
+    assert!(w.router.controller().submitted().is_empty());
+    let _ = &w.root;
+}
+
+#[tokio::test]
+async fn reads_need_a_role_and_show_visible_jobs() {
+    let w = world();
+    let text = one_text(&ask(&w, "console:alice", "!whoami").await);
+    assert!(
+        text.contains("you are console:alice") && text.contains("roles: oncall"),
+        "{text}"
+    );
+    let text = one_text(&ask(&w, "console:alice", "!policy").await);
+    assert!(text.contains("policy version 4 sha256:"), "{text}");
+    let text = one_text(&ask(&w, "console:mallory", "!agents").await);
+    assert!(text.contains("you have no roles in this channel"), "{text}");
+    let text = one_text(&ask(&w, "console:bob", "!status role=web").await);
+    assert!(
+        text.contains("agents matching role=web: 2 (2 online)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("web-1")
+            && text.contains("online")
+            && text.contains("0.50")
+            && text.contains("25"),
+        "{text}"
+    );
+
+    ask(&w, "console:alice", "!run restart app.service on role=web").await;
+    let text = one_text(&ask(&w, "console:bob", "!jobs").await);
+    assert!(
+        text.contains("recent jobs (0)"),
+        "bob may not run restart: {text}"
+    );
+    let text = one_text(&ask(&w, "console:alice", "!jobs mine").await);
+    assert!(
+        text.contains("your recent jobs (1)") && text.contains("restart"),
+        "{text}"
+    );
+    let id = w
+        .router
+        .controller()
+        .submitted()
+        .first()
+        .and_then(|j| JobSpec::from_bytes(&j.spec).ok())
+        .map(|s| s.id);
+    let id = id.map(|i| i.as_str()[..13].to_string()).unwrap_or_default();
+    let text = one_text(&ask(&w, "console:bob", &format!("!job {id}")).await);
+    assert!(text.contains("not visible to you"), "{text}");
+    let text = one_text(&ask(&w, "console:alice", &format!("!job {id}")).await);
+    assert!(text.contains("succeeded (2/2 ok)"), "{text}");
+    for cmd in [
+        "output x",
+        "cancel x",
+        "approve x",
+        "deny x",
+        "health",
+        "audit alice",
+    ] {
+        let text = one_text(&ask(&w, "console:alice", &format!("!{cmd}")).await);
+        let name = cmd.split(' ').next().unwrap_or_default();
+        assert!(
+            text.starts_with(&format!("`{name}` is not available yet")),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn serve_answers_concurrently_and_waits_for_running_jobs() {
+    let w = world_with(|c| c.running_polls.store(20, Ordering::SeqCst));
+    let router: std::sync::Arc<Router<_>> = w.router.clone();
+    let (mut user_in, adapter_in) = tokio::io::duplex(4096);
+    let (adapter_out, mut user_out) = tokio::io::duplex(1 << 20);
+    let console = ConsoleAdapter::new(BufReader::new(adapter_in), adapter_out, "alice")
+        .unwrap_or_else(|e| panic!("{e}"));
+    user_in
+        .write_all(b"run uptime on all\n!whoami\nrun uptime\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(user_in);
+    let reader = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = user_out.read_to_string(&mut text).await;
+        text
+    });
+    serve(router, console).await;
+    let text = reader.await.unwrap_or_else(|e| panic!("{e}"));
+    let whoami = text.find("you are console:alice").unwrap_or(usize::MAX);
+    let done = text
+        .find("succeeded (2/2 ok)")
+        .unwrap_or_else(|| panic!("job result missing:\n{text}"));
+    assert!(
+        whoami < done,
+        "whoami is answered while the job runs:\n{text}"
+    );
+    assert!(text.contains("a target is required"), "{text}");
+    assert!(text.contains("  | up 3 days, load 0.5\n"), "{text}");
+}

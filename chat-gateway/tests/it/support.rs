@@ -1,0 +1,356 @@
+//! Keys, a signed test policy, a fake controller and a recording sender.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleetcmd_core::crypto::SigningKey;
+use fleetcmd_core::ids::Identity;
+use fleetcmd_core::job::{JobSpec, SignedJob};
+use fleetcmd_core::policy::Policy;
+use fleetcmd_core::policy_bundle::sign_bundle;
+use fleetcmd_gateway::adapters::{
+    AdapterError, BoxFuture, ChatSender, Incoming, MessageRef, Reply,
+};
+use fleetcmd_gateway::controller::{ControllerApi, ControllerError};
+use fleetcmd_gateway::router::{Router, RouterConfig};
+use fleetcmd_proto::v1;
+
+pub fn new_key() -> SigningKey {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+        .unwrap_or_else(|e| panic!("keygen: {e}"));
+    SigningKey::from_pkcs8_der(pkcs8.as_ref()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn policy_text(signer: &SigningKey) -> String {
+    format!(
+        r#"
+version = 4
+
+[[signers]]
+id = "gw"
+public_key = "{}"
+may_sign = ["*"]
+
+[commands.uptime]
+description = "Load average and uptime"
+argv = ["/usr/bin/uptime"]
+
+[commands.restart]
+description = "Restart an app service"
+argv = ["/usr/bin/systemctl", "restart", "{{unit}}"]
+args.unit = {{ kind = "enum", values = ["nginx.service", "app.service"] }}
+
+[commands.logs]
+argv = ["/usr/bin/journalctl", "-u", "{{unit}}", "-n", "{{lines}}"]
+args.unit = {{ kind = "pattern", pattern = "^[a-z0-9@._-]+\\.service$" }}
+args.lines = {{ kind = "int", min = 1, max = 500, default = 50 }}
+
+[commands.reboot]
+argv = ["/usr/sbin/reboot"]
+requires_approvals = 1
+
+[roles.oncall]
+commands = ["uptime", "restart", "logs", "reboot"]
+
+[roles.viewer]
+commands = ["uptime", "logs"]
+
+[[bindings]]
+subjects = ["console:alice"]
+roles = ["oncall"]
+
+[[bindings]]
+subjects = ["console:bob"]
+roles = ["viewer"]
+"#,
+        signer.public_key()
+    )
+}
+
+/// Everything a router test needs.
+pub struct World {
+    pub signer: Arc<SigningKey>,
+    pub root: SigningKey,
+    pub policy: Policy,
+    pub router: Arc<Router<FakeController>>,
+}
+
+pub fn world() -> World {
+    world_with(|_| {})
+}
+
+pub fn world_with(tweak: impl FnOnce(&mut FakeController)) -> World {
+    let signer = Arc::new(new_key());
+    let root = new_key();
+    let text = policy_text(&signer);
+    let policy = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    let sig = sign_bundle(text.as_bytes(), &root);
+    let mut fake = FakeController::new(v1::PolicyInfo {
+        version: policy.version,
+        hash: String::new(),
+        policy: Some(v1::SignedPolicy {
+            bundle: text.into_bytes(),
+            signatures: vec![v1::PolicySignature {
+                key_id: sig.key_id,
+                signature: sig.signature,
+            }],
+        }),
+    });
+    tweak(&mut fake);
+    let cfg = RouterConfig {
+        signing_key: signer.clone(),
+        signer_id: "gw".to_string(),
+        policy_roots: vec![root.public_key()],
+        policy_threshold: 1,
+        bot_name: "fleetcmd".to_string(),
+        job_expiry: Duration::from_secs(600),
+        poll_interval: Duration::from_millis(5),
+    };
+    World {
+        signer,
+        root,
+        policy,
+        router: Arc::new(Router::new(cfg, fake)),
+    }
+}
+
+pub fn agent(id: &str, role: &str, online: bool) -> v1::Agent {
+    v1::Agent {
+        agent_id: id.to_string(),
+        labels: HashMap::from([("role".to_string(), role.to_string())])
+            .into_iter()
+            .collect(),
+        online,
+        version: "0.1.0".to_string(),
+        metrics: Some(v1::HostMetrics {
+            load1: 0.5,
+            mem_total_bytes: 1000,
+            mem_used_bytes: 250,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A controller that records submissions and reports each job as running
+/// for `running_polls` polls, then succeeded on every agent.
+pub struct FakeController {
+    pub policy: v1::PolicyInfo,
+    pub agents: Vec<v1::Agent>,
+    pub submitted: Mutex<Vec<SignedJob>>,
+    pub running_polls: AtomicUsize,
+    pub unreachable: bool,
+    pub output: Vec<u8>,
+}
+
+impl FakeController {
+    pub fn new(policy: v1::PolicyInfo) -> FakeController {
+        FakeController {
+            policy,
+            agents: vec![agent("web-1", "web", true), agent("web-2", "web", true)],
+            submitted: Mutex::new(Vec::new()),
+            running_polls: AtomicUsize::new(0),
+            unreachable: false,
+            output: b"up 3 days, load 0.5".to_vec(),
+        }
+    }
+
+    pub fn submitted(&self) -> Vec<SignedJob> {
+        self.submitted.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn check(&self) -> Result<(), ControllerError> {
+        if self.unreachable {
+            Err(ControllerError {
+                code: tonic::Code::Unavailable,
+                message: "connection refused".to_string(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn spec(&self, id: &str) -> Option<JobSpec> {
+        let subs = self.submitted();
+        subs.iter()
+            .filter_map(|j| JobSpec::from_bytes(&j.spec).ok())
+            .find(|s| s.id.as_str().starts_with(id))
+    }
+}
+
+impl ControllerApi for FakeController {
+    async fn submit(&self, job: SignedJob) -> Result<v1::SubmitResponse, ControllerError> {
+        self.check()?;
+        let spec = JobSpec::from_bytes(&job.spec).map_err(|e| ControllerError {
+            code: tonic::Code::InvalidArgument,
+            message: e.to_string(),
+        })?;
+        if let Ok(mut s) = self.submitted.lock() {
+            s.push(job);
+        }
+        Ok(v1::SubmitResponse {
+            job_id: spec.id.as_str().to_string(),
+            targets: self.agents.iter().map(|a| a.agent_id.clone()).collect(),
+        })
+    }
+
+    async fn get_job(&self, id: String) -> Result<v1::Job, ControllerError> {
+        self.check()?;
+        let spec = self.spec(&id).ok_or_else(|| ControllerError {
+            code: tonic::Code::NotFound,
+            message: format!("job {id} not found"),
+        })?;
+        let running = self
+            .running_polls
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let targets = self
+            .agents
+            .iter()
+            .map(|a| v1::Target {
+                agent_id: a.agent_id.clone(),
+                state: if running { "running" } else { "ok" }.to_string(),
+                result: (!running).then(|| v1::JobResult {
+                    job_id: spec.id.as_str().to_string(),
+                    outcome: v1::Outcome::Ok as i32,
+                    exit_code: Some(0),
+                    stdout: self.output.clone(),
+                    duration_ms: 7,
+                    ..Default::default()
+                }),
+            })
+            .collect();
+        Ok(v1::Job {
+            job_id: spec.id.as_str().to_string(),
+            command: spec.command.clone(),
+            args: spec.args.clone().into_iter().collect(),
+            selector: spec.selector.clone(),
+            requester: spec.requester.as_str().to_string(),
+            channel: spec.channel.clone(),
+            state: if running { "running" } else { "succeeded" }.to_string(),
+            created_at_ms: 0,
+            targets,
+        })
+    }
+
+    async fn list_jobs(
+        &self,
+        _limit: u32,
+        requester: Option<String>,
+    ) -> Result<Vec<v1::Job>, ControllerError> {
+        self.check()?;
+        let mut out = Vec::new();
+        for j in self.submitted() {
+            let Ok(spec) = JobSpec::from_bytes(&j.spec) else {
+                continue;
+            };
+            if requester
+                .as_deref()
+                .is_some_and(|r| r != spec.requester.as_str())
+            {
+                continue;
+            }
+            out.push(self.get_job(spec.id.as_str().to_string()).await?);
+        }
+        Ok(out)
+    }
+
+    async fn list_agents(&self, _selector: String) -> Result<Vec<v1::Agent>, ControllerError> {
+        self.check()?;
+        Ok(self.agents.clone())
+    }
+
+    async fn get_policy(&self) -> Result<v1::PolicyInfo, ControllerError> {
+        self.check()?;
+        Ok(self.policy.clone())
+    }
+}
+
+/// What a sender was asked to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sent {
+    Send { channel: String, reply: Reply },
+    Edit { id: String, reply: Reply },
+}
+
+impl Sent {
+    pub fn text(&self) -> String {
+        match self {
+            Sent::Send { reply, .. } | Sent::Edit { reply, .. } => reply.plain(),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct RecordingSender {
+    pub sent: Mutex<Vec<Sent>>,
+}
+
+impl RecordingSender {
+    pub fn all(&self) -> Vec<Sent> {
+        self.sent.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl ChatSender for RecordingSender {
+    fn send<'a>(
+        &'a self,
+        channel: &'a str,
+        reply: Reply,
+    ) -> BoxFuture<'a, Result<MessageRef, AdapterError>> {
+        Box::pin(async move {
+            let mut s = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+            s.push(Sent::Send {
+                channel: channel.to_string(),
+                reply,
+            });
+            Ok(MessageRef {
+                channel: channel.to_string(),
+                id: s.len().to_string(),
+            })
+        })
+    }
+
+    fn edit<'a>(
+        &'a self,
+        msg: &'a MessageRef,
+        reply: Reply,
+    ) -> BoxFuture<'a, Result<(), AdapterError>> {
+        Box::pin(async move {
+            let mut s = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+            s.push(Sent::Edit {
+                id: msg.id.clone(),
+                reply,
+            });
+            Ok(())
+        })
+    }
+}
+
+pub fn msg(who: &str, text: &str) -> Incoming {
+    Incoming {
+        identity: Identity::parse(who).unwrap_or_else(|e| panic!("{e}")),
+        channel: "console".to_string(),
+        text: text.to_string(),
+        thread: None,
+        direct: false,
+        from_bot: false,
+    }
+}
+
+/// Runs one message through the router and returns what it sent.
+pub async fn ask(w: &World, who: &str, text: &str) -> Vec<Sent> {
+    let out = RecordingSender::default();
+    w.router.handle(msg(who, text), &out).await;
+    out.all()
+}
