@@ -227,7 +227,10 @@ impl GatewayConfig {
                 return None;
             }
             let full = base.join(path);
-            let problem = |message: String| Problem { key: key.to_string(), message: format!("{}: {message}", full.display()) };
+            let problem = |message: String| Problem {
+                key: key.to_string(),
+                message: format!("{}: {message}", full.display()),
+            };
             match std::fs::read_to_string(&full) {
                 Ok(text) if text.contains(marker) => Some(text),
                 Ok(_) => {
@@ -243,30 +246,52 @@ impl GatewayConfig {
         let ca_pem = read("ca", &self.ca, "-----BEGIN CERTIFICATE-----");
         let cert_pem = read("cert", &self.cert, "-----BEGIN CERTIFICATE-----");
         let key_pem = read("key", &self.key, "PRIVATE KEY-----");
-        let signing_pem = read("signing_key", &self.signing_key, "-----BEGIN PRIVATE KEY-----");
+        let signing_pem = read(
+            "signing_key",
+            &self.signing_key,
+            "-----BEGIN PRIVATE KEY-----",
+        );
         let signing_key = signing_pem.and_then(|pem| match SigningKey::from_pkcs8_pem(&pem) {
             Ok(k) => Some(k),
             Err(e) => {
                 let full = base.join(&self.signing_key);
-                problems.push(Problem { key: "signing_key".to_string(), message: format!("{}: {e}", full.display()) });
+                problems.push(Problem {
+                    key: "signing_key".to_string(),
+                    message: format!("{}: {e}", full.display()),
+                });
                 None
             }
         });
         let tls = match (ca_pem, cert_pem, key_pem) {
             (Some(ca_pem), Some(cert_pem), Some(key_pem)) => {
-                let tls = ClientTls { ca_pem, cert_pem, key_pem };
+                let tls = ClientTls {
+                    ca_pem,
+                    cert_pem,
+                    key_pem,
+                };
                 // Builds (without connecting) what `run` will use, so
                 // `validate` catches TLS material the client library refuses.
                 if controller_url(&self.controller).is_ok()
-                    && let Err(e) = endpoint(&self.controller, &tls.ca_pem, Some((&tls.cert_pem, &tls.key_pem)))
+                    && let Err(e) = endpoint(
+                        &self.controller,
+                        &tls.ca_pem,
+                        Some((&tls.cert_pem, &tls.key_pem)),
+                    )
                 {
-                    problems.push(Problem { key: "ca/cert/key".to_string(), message: format!("TLS setup refused: {e}") });
+                    problems.push(Problem {
+                        key: "ca/cert/key".to_string(),
+                        message: format!("TLS setup refused: {e}"),
+                    });
                 }
                 Some(tls)
             }
             _ => None,
         };
-        let roots: Vec<PublicKey> = self.policy_roots.iter().filter_map(|r| PublicKey::parse(r).ok()).collect();
+        let roots: Vec<PublicKey> = self
+            .policy_roots
+            .iter()
+            .filter_map(|r| PublicKey::parse(r).ok())
+            .collect();
         match (signing_key, tls) {
             (Some(signing_key), Some(tls)) if problems.is_empty() => Ok(GatewayOptions {
                 controller_url: self.controller.clone(),
@@ -279,7 +304,10 @@ impl GatewayConfig {
                 job_expiry: DEFAULT_JOB_EXPIRY,
                 poll_interval: DEFAULT_POLL_INTERVAL,
             }),
-            _ => Err(ConfigError::Invalid { file: file.to_path_buf(), problems }),
+            _ => Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                problems,
+            }),
         }
     }
 }

@@ -195,7 +195,9 @@ impl Ca {
                 .try_into()
                 .map_err(|_| PkiError::BadCsr(format!("name {name:?} is not valid in a certificate")))?,
         )];
-        params.not_before = now() - Duration::from_secs(300);
+        // Back-dated for clock skew, but never by more than a quarter of the
+        // lifetime: agents renew at 2/3 of not_before..not_after.
+        params.not_before = now() - Duration::from_secs(300).min(ttl / 4);
         params.not_after = now() + ttl;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;

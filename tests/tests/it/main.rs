@@ -2,3 +2,4 @@
 //! loopback. One binary, one module per area.
 
 mod e2e;
+mod grpc;
