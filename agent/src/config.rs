@@ -53,31 +53,50 @@ impl RawConfig {
     pub fn validate(&self, file: &str) -> Result<AgentConfig, ConfigError> {
         let mut problems = Vec::new();
         if self.controller.is_empty() {
-            problems.push("controller: required, e.g. \"https://ctl.example.com:7443\"".to_string());
+            problems
+                .push("controller: required, e.g. \"https://ctl.example.com:7443\"".to_string());
         } else if let Err(e) = fleetcmd_proto::channel::controller_url(&self.controller) {
             problems.push(format!("controller: {e}"));
         }
         if self.state_dir.as_os_str().is_empty() || !self.state_dir.is_absolute() {
-            problems.push(format!("state_dir: must be an absolute path, got {:?}", self.state_dir));
+            problems.push(format!(
+                "state_dir: must be an absolute path, got {:?}",
+                self.state_dir
+            ));
         }
         if !self.labels.is_empty() {
-            let text = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+            let text = self
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
             if let Err(e) = fleetcmd_core::selector::parse_labels(&text) {
                 problems.push(format!("labels: {e}"));
             }
         }
         if let Some(allow) = &self.allow {
             for (i, name) in allow.iter().enumerate() {
-                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                if name.is_empty()
+                    || !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
                     problems.push(format!("allow[{i}]: {name:?} is not a command name"));
                 }
             }
         }
         if !(1024..=64 * 1024 * 1024).contains(&self.max_output_bytes) {
-            problems.push(format!("max_output_bytes: must be between 1024 and 67108864, got {}", self.max_output_bytes));
+            problems.push(format!(
+                "max_output_bytes: must be between 1024 and 67108864, got {}",
+                self.max_output_bytes
+            ));
         }
         if !problems.is_empty() {
-            return Err(ConfigError { file: file.to_owned(), problems });
+            return Err(ConfigError {
+                file: file.to_owned(),
+                problems,
+            });
         }
         Ok(AgentConfig {
             controller: self.controller.clone(),
@@ -91,7 +110,13 @@ impl RawConfig {
 
 pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError { file: file.clone(), problems: vec![e.to_string()] })?;
-    let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError { file: file.clone(), problems: vec![e.to_string().trim_end().to_string()] })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        problems: vec![e.to_string()],
+    })?;
+    let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError {
+        file: file.clone(),
+        problems: vec![e.to_string().trim_end().to_string()],
+    })?;
     raw.validate(&file)
 }

@@ -38,7 +38,10 @@ const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -68,7 +71,9 @@ pub struct AgentHandle {
 
 impl std::fmt::Debug for AgentHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentHandle").field("agent_id", &self.agent_id).finish()
+        f.debug_struct("AgentHandle")
+            .field("agent_id", &self.agent_id)
+            .finish()
     }
 }
 
@@ -103,7 +108,11 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     });
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(run(inner, stop_rx));
-    Ok(AgentHandle { stop, task, agent_id: identity.agent_id })
+    Ok(AgentHandle {
+        stop,
+        task,
+        agent_id: identity.agent_id,
+    })
 }
 
 fn jitter_factor() -> f64 {
@@ -153,7 +162,10 @@ struct SessionEnd {
 }
 
 fn end(welcomed: bool, reason: impl std::fmt::Display) -> SessionEnd {
-    SessionEnd { welcomed, reason: reason.to_string() }
+    SessionEnd {
+        welcomed,
+        reason: reason.to_string(),
+    }
 }
 
 fn msg(m: Out) -> pb::AgentMessage {
@@ -161,7 +173,11 @@ fn msg(m: Out) -> pb::AgentMessage {
 }
 
 /// One connection; returns Ok(()) only when asked to stop.
-async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>, jobs: &mut JoinSet<()>) -> Result<(), SessionEnd> {
+async fn session(
+    inner: &Arc<Inner>,
+    stop: &mut watch::Receiver<bool>,
+    jobs: &mut JoinSet<()>,
+) -> Result<(), SessionEnd> {
     let tls = inner.dir.client_tls().map_err(|e| end(false, e))?;
     let channel = tokio::select! {
         c = fleetcmd_proto::channel::connect(&inner.config.controller, &tls) => c.map_err(|e| end(false, e))?,
@@ -176,8 +192,13 @@ async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>, jobs: &mu
         policy_version: lock(&inner.policy).version(),
         allow: inner.config.allow.clone().unwrap_or_default(),
     };
-    tx.try_send(msg(Out::Hello(hello))).map_err(|e| end(false, e))?;
-    let mut inbound = client.connect(ReceiverStream::new(rx)).await.map_err(|s| end(false, s.message()))?.into_inner();
+    tx.try_send(msg(Out::Hello(hello)))
+        .map_err(|e| end(false, e))?;
+    let mut inbound = client
+        .connect(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| end(false, s.message()))?
+        .into_inner();
     let mut welcomed = false;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
     let mut renew_check = tokio::time::interval(Duration::from_secs(1));
@@ -262,7 +283,9 @@ fn code_name(c: tonic::Code) -> &'static str {
 
 async fn collect(inner: &Arc<Inner>) -> pb::HostMetrics {
     let c = inner.collector.clone();
-    let m: HostMetrics = tokio::task::spawn_blocking(move || lock(&c).collect()).await.unwrap_or_default();
+    let m: HostMetrics = tokio::task::spawn_blocking(move || lock(&c).collect())
+        .await
+        .unwrap_or_default();
     pb::HostMetrics {
         cpu_percent: m.cpu_percent,
         load1: m.load1,
@@ -274,15 +297,29 @@ async fn collect(inner: &Arc<Inner>) -> pb::HostMetrics {
         swap_used_bytes: m.swap_used_bytes,
         uptime_secs: m.uptime_secs,
         process_count: m.process_count,
-        disks: m.disks.into_iter().map(|d| pb::DiskUsage { mount: d.mount, total_bytes: d.total_bytes, available_bytes: d.available_bytes }).collect(),
+        disks: m
+            .disks
+            .into_iter()
+            .map(|d| pb::DiskUsage {
+                mount: d.mount,
+                total_bytes: d.total_bytes,
+                available_bytes: d.available_bytes,
+            })
+            .collect(),
     }
 }
 
 /// True once 2/3 of the current certificate's lifetime has passed.
 fn renewal_due(dir: &StateDir) -> bool {
-    let Ok(pem) = std::fs::read_to_string(dir.cert()) else { return false };
-    let Ok((_, p)) = x509_parser::pem::parse_x509_pem(pem.as_bytes()) else { return false };
-    let Ok(cert) = p.parse_x509() else { return false };
+    let Ok(pem) = std::fs::read_to_string(dir.cert()) else {
+        return false;
+    };
+    let Ok((_, p)) = x509_parser::pem::parse_x509_pem(pem.as_bytes()) else {
+        return false;
+    };
+    let Ok(cert) = p.parse_x509() else {
+        return false;
+    };
     let nb = cert.validity().not_before.timestamp();
     let na = cert.validity().not_after.timestamp();
     let due = nb + (na - nb) * 2 / 3;
@@ -299,28 +336,53 @@ fn renewal_request(dir: &StateDir) -> Result<Vec<u8>, String> {
 }
 
 fn refused(job_id: String, code: &str, reason: String) -> pb::JobResult {
-    pb::JobResult { job_id, outcome: pb::Outcome::Refused as i32, reason_code: code.to_owned(), reason, ..Default::default() }
+    pb::JobResult {
+        job_id,
+        outcome: pb::Outcome::Refused as i32,
+        reason_code: code.to_owned(),
+        reason,
+        ..Default::default()
+    }
 }
 
 async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
-    let job = SignedJob { spec: signed.spec, signature: signed.signature, key_id: signed.key_id };
+    let job = SignedJob {
+        spec: signed.spec,
+        signature: signed.signature,
+        key_id: signed.key_id,
+    };
     // Only to label the result; nothing in an unverified spec is trusted.
-    let job_id = JobSpec::from_bytes(&job.spec).map(|s| s.id.to_string()).unwrap_or_default();
+    let job_id = JobSpec::from_bytes(&job.spec)
+        .map(|s| s.id.to_string())
+        .unwrap_or_default();
     let now = now_secs();
     let decision = {
         let policy = lock(&inner.policy);
         match policy.current() {
-            None => Err(refused(job_id.clone(), "no_policy", "the agent has no policy yet".into())),
+            None => Err(refused(
+                job_id.clone(),
+                "no_policy",
+                "the agent has no policy yet".into(),
+            )),
             Some(p) => {
                 let allow = inner.config.allow.as_deref();
-                let ctx = AgentContext { policy: p, name: &inner.agent_id, labels: &inner.labels, allow };
+                let ctx = AgentContext {
+                    policy: p,
+                    name: &inner.agent_id,
+                    labels: &inner.labels,
+                    allow,
+                };
                 let mut seen = lock(&inner.seen);
                 match authorize(&job, &ctx, now, &|id| seen.contains(id.as_str())) {
                     Err(r) => Err(refused(job_id.clone(), r.code(), r.to_string())),
                     // Recorded durably before anything runs: a restart cannot reopen replay.
                     Ok(cmd) => match seen.insert(cmd.job_id().as_str(), cmd.expires_at(), now) {
                         Ok(()) => Ok(cmd),
-                        Err(e) => Err(refused(job_id.clone(), "state_error", format!("cannot record the job id: {e}"))),
+                        Err(e) => Err(refused(
+                            job_id.clone(),
+                            "state_error",
+                            format!("cannot record the job id: {e}"),
+                        )),
                     },
                 }
             }
@@ -332,10 +394,18 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
             r
         }
         Ok(cmd) => {
-            send(&inner, msg(Out::Started(pb::JobStarted { job_id: job_id.clone() })));
+            send(
+                &inner,
+                msg(Out::Started(pb::JobStarted {
+                    job_id: job_id.clone(),
+                })),
+            );
             let (cancel_tx, cancel_rx) = watch::channel(false);
             lock(&inner.running).insert(job_id.clone(), cancel_tx);
-            let limits = ExecLimits { max_output: inner.config.max_output_bytes, ..ExecLimits::default() };
+            let limits = ExecLimits {
+                max_output: inner.config.max_output_bytes,
+                ..ExecLimits::default()
+            };
             let out = execute(&cmd, &limits, cancel_rx).await;
             lock(&inner.running).remove(&job_id);
             let mut r = pb::JobResult {
@@ -364,7 +434,10 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
                 }
                 Termination::TimedOut => {
                     r.outcome = pb::Outcome::TimedOut as i32;
-                    r.reason = format!("timed out after {}s; process group killed", cmd.timeout().as_secs());
+                    r.reason = format!(
+                        "timed out after {}s; process group killed",
+                        cmd.timeout().as_secs()
+                    );
                 }
                 Termination::Canceled => {
                     r.outcome = pb::Outcome::Canceled as i32;
@@ -389,11 +462,16 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
 /// Sends on the current stream if there is one; results stay in `pending`
 /// and are sent again on the next connection otherwise.
 fn send(inner: &Inner, m: pb::AgentMessage) {
-    if let Some(tx) = lock(&inner.out).as_ref() {
-        if tx.try_send(m).is_err() {
-            tracing::debug!(agent_id = %inner.agent_id, "outbound queue full; message will be resent");
-        }
+    if let Some(tx) = lock(&inner.out).as_ref()
+        && tx.try_send(m).is_err()
+    {
+        tracing::debug!(agent_id = %inner.agent_id, "outbound queue full; message will be resent");
     }
+}
+
+/// Resolves once the watch turns true (or its sender is gone).
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 #[cfg(test)]
@@ -405,12 +483,10 @@ mod tests {
         for attempt in 0..30 {
             let nominal = (1.6f64.powi(attempt.min(20) as i32)).min(60.0);
             let d = backoff(attempt).as_secs_f64();
-            assert!(d >= nominal * 0.8 - 1e-9 && d <= nominal * 1.2 + 1e-9, "attempt {attempt}: {d} vs {nominal}");
+            assert!(
+                d >= nominal * 0.8 - 1e-9 && d <= nominal * 1.2 + 1e-9,
+                "attempt {attempt}: {d} vs {nominal}"
+            );
         }
     }
-}
-
-/// Resolves once the watch turns true (or its sender is gone).
-async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }

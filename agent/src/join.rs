@@ -25,7 +25,9 @@ pub enum JoinError {
     Expired,
     #[error("controller {0}: {1}")]
     Connect(String, String),
-    #[error("controller {0} does not present the CA pinned by the token (wrong controller, or a token for another fleet)")]
+    #[error(
+        "controller {0} does not present the CA pinned by the token (wrong controller, or a token for another fleet)"
+    )]
     PinMismatch(String),
     #[error("controller refused the join: {0}")]
     Refused(String),
@@ -63,19 +65,43 @@ impl ServerCertVerifier for PinProbe {
                 return Ok(ServerCertVerified::assertion());
             }
         }
-        Err(rustls::Error::General("no certificate in the chain matches the pinned CA".into()))
+        Err(rustls::Error::General(
+            "no certificate in the chain matches the pinned CA".into(),
+        ))
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -92,11 +118,21 @@ fn der_to_pem(der: &[u8]) -> String {
 
 /// Fetches the CA certificate matching `pin` from the controller's TLS chain.
 async fn fetch_pinned_ca(url: &str, pin: [u8; 32]) -> Result<String, JoinError> {
-    let uri: tonic::transport::Uri = url.parse().map_err(|e| JoinError::Connect(url.into(), format!("{e}")))?;
-    let host = uri.host().ok_or_else(|| JoinError::Connect(url.into(), "no host".into()))?.trim_matches(['[', ']']).to_owned();
+    let uri: tonic::transport::Uri = url
+        .parse()
+        .map_err(|e| JoinError::Connect(url.into(), format!("{e}")))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| JoinError::Connect(url.into(), "no host".into()))?
+        .trim_matches(['[', ']'])
+        .to_owned();
     let port = uri.port_u16().unwrap_or(7443);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let probe = Arc::new(PinProbe { pin, found: Mutex::new(None), provider: provider.clone() });
+    let probe = Arc::new(PinProbe {
+        pin,
+        found: Mutex::new(None),
+        provider: provider.clone(),
+    });
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| JoinError::Connect(url.into(), e.to_string()))?
@@ -104,7 +140,8 @@ async fn fetch_pinned_ca(url: &str, pin: [u8; 32]) -> Result<String, JoinError> 
         .with_custom_certificate_verifier(probe.clone())
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let server_name = ServerName::try_from(host.clone()).map_err(|e| JoinError::Connect(url.into(), e.to_string()))?;
+    let server_name = ServerName::try_from(host.clone())
+        .map_err(|e| JoinError::Connect(url.into(), e.to_string()))?;
     let io = async {
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
         let _tls = connector.connect(server_name, tcp).await?;
@@ -114,8 +151,13 @@ async fn fetch_pinned_ca(url: &str, pin: [u8; 32]) -> Result<String, JoinError> 
     let found = probe.found.lock().unwrap_or_else(|p| p.into_inner()).take();
     match (found, res) {
         (Some(der), _) => Ok(der_to_pem(&der)),
-        (None, Err(_)) => Err(JoinError::Connect(url.into(), "TLS handshake timed out".into())),
-        (None, Ok(Err(e))) if !e.to_string().contains("pinned CA") => Err(JoinError::Connect(url.into(), e.to_string())),
+        (None, Err(_)) => Err(JoinError::Connect(
+            url.into(),
+            "TLS handshake timed out".into(),
+        )),
+        (None, Ok(Err(e))) if !e.to_string().contains("pinned CA") => {
+            Err(JoinError::Connect(url.into(), e.to_string()))
+        }
         (None, _) => Err(JoinError::PinMismatch(url.into())),
     }
 }
@@ -139,15 +181,23 @@ pub async fn join(opts: &JoinOptions, now: u64) -> Result<Identity, JoinError> {
     }
     let url = fleetcmd_proto::channel::controller_url(&opts.controller)?;
     let ca_pem = fetch_pinned_ca(&url, token.ca_sha256).await?;
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| JoinError::Key(e.to_string()))?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+        .map_err(|e| JoinError::Key(e.to_string()))?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
         .and_then(|p| p.serialize_request(&key))
         .map_err(|e| JoinError::Key(e.to_string()))?;
     let endpoint = fleetcmd_proto::channel::endpoint(&url, &ca_pem, None)?;
-    let channel = endpoint.connect().await.map_err(|e| JoinError::Connect(url.clone(), e.to_string()))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| JoinError::Connect(url.clone(), e.to_string()))?;
     let mut client = pb::enrollment_client::EnrollmentClient::new(channel);
     let resp = client
-        .join(pb::JoinRequest { token: opts.token.trim().to_owned(), csr_der: csr.der().to_vec(), name: opts.name.clone() })
+        .join(pb::JoinRequest {
+            token: opts.token.trim().to_owned(),
+            csr_der: csr.der().to_vec(),
+            name: opts.name.clone(),
+        })
         .await
         .map_err(|s| JoinError::Refused(s.message().to_owned()))?
         .into_inner();

@@ -7,10 +7,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "fleetcmd-agent", version, about = "The fleetcmd agent: runs allow-listed, signed jobs and reports health")]
+#[command(
+    name = "fleetcmd-agent",
+    version,
+    about = "The fleetcmd agent: runs allow-listed, signed jobs and reports health"
+)]
 struct Cli {
     /// Configuration file.
-    #[arg(long, short, global = true, default_value = "/etc/fleetcmd/agent.toml", env = "FLEETCMD_AGENT_CONFIG")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "/etc/fleetcmd/agent.toml",
+        env = "FLEETCMD_AGENT_CONFIG"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -38,13 +48,23 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cmd = cli.cmd.unwrap_or(Cmd::Run);
     // `join` may run before the config names a controller.
     let config = match (&cmd, fleetcmd_agent::config::load(&cli.config)) {
         (_, Ok(c)) => Some(c),
-        (Cmd::Join { controller: Some(_), .. }, Err(_)) if !cli.config.exists() => None,
+        (
+            Cmd::Join {
+                controller: Some(_),
+                ..
+            },
+            Err(_),
+        ) if !cli.config.exists() => None,
         (_, Err(e)) => {
             eprintln!("{e}");
             return ExitCode::from(64);
@@ -62,14 +82,35 @@ fn main() -> ExitCode {
             println!("{}: ok", cli.config.display());
             Ok(())
         }
-        Cmd::Join { controller, token, name } => rt.block_on(async {
-            let state_dir = config.as_ref().map(|c| c.state_dir.clone()).unwrap_or_else(|| "/var/lib/fleetcmd/agent".into());
-            let controller = controller.or_else(|| config.as_ref().map(|c| c.controller.clone())).unwrap_or_default();
+        Cmd::Join {
+            controller,
+            token,
+            name,
+        } => rt.block_on(async {
+            let state_dir = config
+                .as_ref()
+                .map(|c| c.state_dir.clone())
+                .unwrap_or_else(|| "/var/lib/fleetcmd/agent".into());
+            let controller = controller
+                .or_else(|| config.as_ref().map(|c| c.controller.clone()))
+                .unwrap_or_default();
             let name = name.unwrap_or_else(hostname);
-            let opts = fleetcmd_agent::JoinOptions { controller, token, name, state_dir };
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let opts = fleetcmd_agent::JoinOptions {
+                controller,
+                token,
+                name,
+                state_dir,
+            };
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
             let id = fleetcmd_agent::join(&opts, now).await?;
-            println!("joined as {} (state in {})", id.agent_id, opts.state_dir.display());
+            println!(
+                "joined as {} (state in {})",
+                id.agent_id,
+                opts.state_dir.display()
+            );
             Ok(())
         }),
         Cmd::Run => rt.block_on(async {

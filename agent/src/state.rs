@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("{0}: not joined yet; run `fleetcmd-agent join --controller URL --token TOKEN`")]
@@ -25,22 +28,34 @@ pub enum StateError {
 }
 
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), StateError> {
-    let io = |source| StateError::Io { path: path.to_owned(), source };
+    let io = |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(io)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
     f.write_all(contents).map_err(io)?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
     }
     Ok(())
 }
 
 fn read(path: &Path) -> Result<String, StateError> {
-    std::fs::read_to_string(path).map_err(|source| StateError::Io { path: path.to_owned(), source })
+    std::fs::read_to_string(path).map_err(|source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Who this agent is, as the controller decided at join time.
@@ -71,7 +86,9 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn new(dir: &Path) -> StateDir {
-        StateDir { dir: dir.to_owned() }
+        StateDir {
+            dir: dir.to_owned(),
+        }
     }
     pub fn key(&self) -> PathBuf {
         self.dir.join("agent.key")
@@ -98,7 +115,10 @@ impl StateDir {
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
-            .map_err(|source| StateError::Io { path: self.dir.clone(), source })
+            .map_err(|source| StateError::Io {
+                path: self.dir.clone(),
+                source,
+            })
     }
 
     pub fn save_identity(&self, id: &Identity) -> Result<(), StateError> {
@@ -111,7 +131,10 @@ impl StateDir {
         if !path.exists() {
             return Err(StateError::NotJoined(self.dir.clone()));
         }
-        serde_json::from_str(&read(&path)?).map_err(|e| StateError::Invalid { path, reason: e.to_string() })
+        serde_json::from_str(&read(&path)?).map_err(|e| StateError::Invalid {
+            path,
+            reason: e.to_string(),
+        })
     }
 
     /// Client TLS material (re-read at every connection: the certificate is
@@ -127,7 +150,10 @@ impl StateDir {
 
 impl Identity {
     pub fn roots(&self) -> Result<Vec<PublicKey>, String> {
-        self.policy_roots.iter().map(|r| PublicKey::parse(r).map_err(|e| format!("policy root {r}: {e}"))).collect()
+        self.policy_roots
+            .iter()
+            .map(|r| PublicKey::parse(r).map_err(|e| format!("policy root {r}: {e}")))
+            .collect()
     }
 }
 
@@ -143,19 +169,41 @@ pub struct PolicyStore {
 
 impl PolicyStore {
     /// Loads the last good bundle, verifying it again.
-    pub fn load(dir: &StateDir, roots: Vec<PublicKey>, threshold: usize) -> Result<PolicyStore, StateError> {
+    pub fn load(
+        dir: &StateDir,
+        roots: Vec<PublicKey>,
+        threshold: usize,
+    ) -> Result<PolicyStore, StateError> {
         let path = dir.policy_path();
-        let mut store = PolicyStore { path: path.clone(), roots, threshold, highest: 0, current: None };
+        let mut store = PolicyStore {
+            path: path.clone(),
+            roots,
+            threshold,
+            highest: 0,
+            current: None,
+        };
         if path.exists() {
             let st: PolicyState =
-                serde_json::from_str(&read(&path)?).map_err(|e| StateError::Invalid { path: path.clone(), reason: e.to_string() })?;
+                serde_json::from_str(&read(&path)?).map_err(|e| StateError::Invalid {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             store.highest = st.highest_version;
             if !st.bundle.is_empty() {
-                let sigs: Vec<PolicySignature> =
-                    st.signatures.iter().map(|(k, s)| PolicySignature { key_id: k.clone(), signature: s.clone() }).collect();
-                match policy_bundle::verify_bundle(&st.bundle, &sigs, &store.roots, store.threshold) {
+                let sigs: Vec<PolicySignature> = st
+                    .signatures
+                    .iter()
+                    .map(|(k, s)| PolicySignature {
+                        key_id: k.clone(),
+                        signature: s.clone(),
+                    })
+                    .collect();
+                match policy_bundle::verify_bundle(&st.bundle, &sigs, &store.roots, store.threshold)
+                {
                     Ok(p) => store.current = Some((p, policy_bundle::bundle_hash(&st.bundle))),
-                    Err(e) => tracing::error!(path = %path.display(), error = %e, "stored policy does not verify; waiting for a new one"),
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "stored policy does not verify; waiting for a new one")
+                    }
                 }
             }
         }
@@ -173,18 +221,31 @@ impl PolicyStore {
     /// Verifies a bundle (signature, threshold, strictly higher version) and
     /// makes it current; the previous one stays if anything is wrong.
     pub fn offer(&mut self, bundle: &[u8], sigs: &[PolicySignature]) -> Result<u64, String> {
-        if self.current.as_ref().is_some_and(|(_, h)| *h == policy_bundle::bundle_hash(bundle)) {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|(_, h)| *h == policy_bundle::bundle_hash(bundle))
+        {
             return Ok(self.version()); // the same bundle again (reconnect)
         }
-        let policy = policy_bundle::verify_bundle(bundle, sigs, &self.roots, self.threshold).map_err(|e| e.to_string())?;
+        let policy = policy_bundle::verify_bundle(bundle, sigs, &self.roots, self.threshold)
+            .map_err(|e| e.to_string())?;
         let floor = (self.highest > 0).then_some(self.highest);
         policy_bundle::check_rollback(floor, &policy).map_err(|e| e.to_string())?;
         let st = PolicyState {
             highest_version: policy.version,
             bundle: bundle.to_vec(),
-            signatures: sigs.iter().map(|s| (s.key_id.clone(), s.signature.clone())).collect(),
+            signatures: sigs
+                .iter()
+                .map(|s| (s.key_id.clone(), s.signature.clone()))
+                .collect(),
         };
-        write_atomic(&self.path, &serde_json::to_vec(&st).expect("policy state serializes"), 0o600).map_err(|e| e.to_string())?;
+        write_atomic(
+            &self.path,
+            &serde_json::to_vec(&st).expect("policy state serializes"),
+            0o600,
+        )
+        .map_err(|e| e.to_string())?;
         self.highest = policy.version;
         let version = policy.version;
         self.current = Some((policy, policy_bundle::bundle_hash(bundle)));
@@ -203,7 +264,10 @@ impl SeenSet {
     pub fn load(dir: &StateDir) -> Result<SeenSet, StateError> {
         let path = dir.seen_path();
         let ids = if path.exists() {
-            serde_json::from_str(&read(&path)?).map_err(|e| StateError::Invalid { path: path.clone(), reason: e.to_string() })?
+            serde_json::from_str(&read(&path)?).map_err(|e| StateError::Invalid {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?
         } else {
             BTreeMap::new()
         };
@@ -219,6 +283,10 @@ impl SeenSet {
         let skew = fleetcmd_core::job::CLOCK_SKEW_SECS;
         self.ids.retain(|_, exp| exp.saturating_add(skew) >= now);
         self.ids.insert(id.to_owned(), expires_at);
-        write_atomic(&self.path, &serde_json::to_vec(&self.ids).expect("seen set serializes"), 0o600)
+        write_atomic(
+            &self.path,
+            &serde_json::to_vec(&self.ids).expect("seen set serializes"),
+            0o600,
+        )
     }
 }

@@ -27,16 +27,43 @@ pub struct Operator {
 }
 
 pub fn operator(conn: &Conn) -> Result<Operator, Failure> {
-    let missing = |v: &str, f: &str| usage(format!("{f} is required (set {v} or pass {f}; `fleetcmd dev` writes DIR/env)"));
-    let ca = conn.ca.as_ref().ok_or_else(|| missing("FLEETCMD_CA", "--ca"))?;
-    let cert = conn.cert.as_ref().ok_or_else(|| missing("FLEETCMD_CERT", "--cert"))?;
-    let key = conn.key.as_ref().ok_or_else(|| missing("FLEETCMD_KEY", "--key"))?;
-    let tls = ClientTls { ca_pem: read(ca, "CA")?, cert_pem: read(cert, "certificate")?, key_pem: read(key, "key")? };
-    let signing = SigningKey::from_pkcs8_pem(&tls.key_pem).map_err(|e| usage(format!("key {}: {e}", key.display())))?;
-    let der = fleetcmd_controller::pki::pem_to_der(&tls.cert_pem).ok_or_else(|| usage(format!("certificate {}: not PEM", cert.display())))?;
-    let peer = fleetcmd_controller::pki::peer_from_cert(&der)
-        .ok_or_else(|| usage(format!("certificate {}: not a fleetcmd certificate", cert.display())))?;
-    Ok(Operator { tls, key: signing, name: peer.name })
+    let missing = |v: &str, f: &str| {
+        usage(format!(
+            "{f} is required (set {v} or pass {f}; `fleetcmd dev` writes DIR/env)"
+        ))
+    };
+    let ca = conn
+        .ca
+        .as_ref()
+        .ok_or_else(|| missing("FLEETCMD_CA", "--ca"))?;
+    let cert = conn
+        .cert
+        .as_ref()
+        .ok_or_else(|| missing("FLEETCMD_CERT", "--cert"))?;
+    let key = conn
+        .key
+        .as_ref()
+        .ok_or_else(|| missing("FLEETCMD_KEY", "--key"))?;
+    let tls = ClientTls {
+        ca_pem: read(ca, "CA")?,
+        cert_pem: read(cert, "certificate")?,
+        key_pem: read(key, "key")?,
+    };
+    let signing = SigningKey::from_pkcs8_pem(&tls.key_pem)
+        .map_err(|e| usage(format!("key {}: {e}", key.display())))?;
+    let der = fleetcmd_controller::pki::pem_to_der(&tls.cert_pem)
+        .ok_or_else(|| usage(format!("certificate {}: not PEM", cert.display())))?;
+    let peer = fleetcmd_controller::pki::peer_from_cert(&der).ok_or_else(|| {
+        usage(format!(
+            "certificate {}: not a fleetcmd certificate",
+            cert.display()
+        ))
+    })?;
+    Ok(Operator {
+        tls,
+        key: signing,
+        name: peer.name,
+    })
 }
 
 pub async fn channel(conn: &Conn, op: &Operator) -> Result<Channel, Failure> {
@@ -44,30 +71,61 @@ pub async fn channel(conn: &Conn, op: &Operator) -> Result<Channel, Failure> {
 }
 
 fn status(s: tonic::Status) -> Failure {
-    Failure { code: 1, error: anyhow::anyhow!("controller: {}", s.message()) }
+    Failure {
+        code: 1,
+        error: anyhow::anyhow!("controller: {}", s.message()),
+    }
 }
 
 pub async fn agents(conn: &Conn, selector: Option<&str>) -> Result<u8, Failure> {
     let op = operator(conn)?;
     let mut c = pb::agents_client::AgentsClient::new(channel(conn, &op).await?);
     let list = c
-        .list(pb::ListAgentsRequest { selector: selector.unwrap_or("").to_owned() })
+        .list(pb::ListAgentsRequest {
+            selector: selector.unwrap_or("").to_owned(),
+        })
         .await
         .map_err(status)?
         .into_inner()
         .agents;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{:<20} {:<8} {:>6} {:>6} {:<8} LABELS", "AGENT", "STATE", "LOAD1", "MEM%", "VERSION")?;
+    writeln!(
+        out,
+        "{:<20} {:<8} {:>6} {:>6} {:<8} LABELS",
+        "AGENT", "STATE", "LOAD1", "MEM%", "VERSION"
+    )?;
     for a in list {
-        let state = if a.revoked { "revoked" } else if a.online { "online" } else { "offline" };
+        let state = if a.revoked {
+            "revoked"
+        } else if a.online {
+            "online"
+        } else {
+            "offline"
+        };
         let (load, mem) = a
             .metrics
             .as_ref()
-            .map(|m| (format!("{:.2}", m.load1), format!("{:.0}", 100.0 * m.mem_used_bytes as f64 / m.mem_total_bytes.max(1) as f64)))
+            .map(|m| {
+                (
+                    format!("{:.2}", m.load1),
+                    format!(
+                        "{:.0}",
+                        100.0 * m.mem_used_bytes as f64 / m.mem_total_bytes.max(1) as f64
+                    ),
+                )
+            })
             .unwrap_or(("-".into(), "-".into()));
         let labels: BTreeMap<_, _> = a.labels.into_iter().collect();
-        let labels = labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-        writeln!(out, "{:<20} {:<8} {:>6} {:>6} {:<8} {labels}", a.agent_id, state, load, mem, a.version)?;
+        let labels = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        writeln!(
+            out,
+            "{:<20} {:<8} {:>6} {:>6} {:<8} {labels}",
+            a.agent_id, state, load, mem, a.version
+        )?;
     }
     Ok(0)
 }
@@ -75,26 +133,47 @@ pub async fn agents(conn: &Conn, selector: Option<&str>) -> Result<u8, Failure> 
 pub async fn revoke(conn: &Conn, id: &str) -> Result<u8, Failure> {
     let op = operator(conn)?;
     let mut c = pb::agents_client::AgentsClient::new(channel(conn, &op).await?);
-    c.revoke(pb::RevokeRequest { agent_id: id.to_owned() }).await.map_err(status)?;
+    c.revoke(pb::RevokeRequest {
+        agent_id: id.to_owned(),
+    })
+    .await
+    .map_err(status)?;
     println!("agent {id} revoked");
     Ok(0)
 }
 
-pub async fn token_create(conn: &Conn, labels: Option<String>, ttl: &str, uses: u32, name: Option<String>) -> Result<u8, Failure> {
+pub async fn token_create(
+    conn: &Conn,
+    labels: Option<String>,
+    ttl: &str,
+    uses: u32,
+    name: Option<String>,
+) -> Result<u8, Failure> {
     let labels = match labels.as_deref() {
-        Some(l) => fleetcmd_core::selector::parse_labels(l).map_err(|e| usage(format!("--labels: {e}")))?,
+        Some(l) => {
+            fleetcmd_core::selector::parse_labels(l).map_err(|e| usage(format!("--labels: {e}")))?
+        }
         None => BTreeMap::new(),
     };
-    let ttl = fleetcmd_core::duration::parse_duration(ttl).map_err(|e| usage(format!("--ttl: {e}")))?;
+    let ttl =
+        fleetcmd_core::duration::parse_duration(ttl).map_err(|e| usage(format!("--ttl: {e}")))?;
     let op = operator(conn)?;
     let mut c = pb::tokens_client::TokensClient::new(channel(conn, &op).await?);
     let t = c
-        .create(pb::CreateTokenRequest { labels: labels.into_iter().collect(), ttl_secs: ttl.as_secs(), uses, name: name.unwrap_or_default() })
+        .create(pb::CreateTokenRequest {
+            labels: labels.into_iter().collect(),
+            ttl_secs: ttl.as_secs(),
+            uses,
+            name: name.unwrap_or_default(),
+        })
         .await
         .map_err(status)?
         .into_inner();
     println!("{}", t.token);
-    eprintln!("expires at {} (unix); join with: fleetcmd-agent join --controller {} --token <token>", t.expires_at, conn.controller);
+    eprintln!(
+        "expires at {} (unix); join with: fleetcmd-agent join --controller {} --token <token>",
+        t.expires_at, conn.controller
+    );
     Ok(0)
 }
 
@@ -113,21 +192,41 @@ pub struct RunArgs {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Fetches the policy to map positional arguments and find our signer id.
 /// It is not trusted for anything else: the agents verify the bundle.
 async fn fetch_policy(ch: Channel) -> Result<Policy, Failure> {
-    let info = pb::policy_client::PolicyClient::new(ch).get(pb::GetPolicyRequest {}).await.map_err(status)?.into_inner();
+    let info = pb::policy_client::PolicyClient::new(ch)
+        .get(pb::GetPolicyRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
     let bundle = info.policy.map(|p| p.bundle).unwrap_or_default();
-    let text = String::from_utf8(bundle).map_err(|_| anyhow::anyhow!("controller's policy is not UTF-8"))?;
-    Policy::parse(&text).map_err(|e| anyhow::anyhow!("controller's policy does not parse: {e}").into())
+    let text = String::from_utf8(bundle)
+        .map_err(|_| anyhow::anyhow!("controller's policy is not UTF-8"))?;
+    Policy::parse(&text)
+        .map_err(|e| anyhow::anyhow!("controller's policy does not parse: {e}").into())
 }
 
-pub fn build_job(policy: &Policy, key: &SigningKey, requester: Identity, command: &str, args: &[String], selector: &str, timeout: Option<Duration>) -> Result<SignedJob, Failure> {
-    let def = policy.command(command).ok_or_else(|| usage(format!("`{command}` is not in the policy's allow-list")))?;
-    let values = fleetcmd_core::argv::bind_positional(def, args).map_err(|e| usage(e.to_string()))?;
+pub fn build_job(
+    policy: &Policy,
+    key: &SigningKey,
+    requester: Identity,
+    command: &str,
+    args: &[String],
+    selector: &str,
+    timeout: Option<Duration>,
+) -> Result<SignedJob, Failure> {
+    let def = policy
+        .command(command)
+        .ok_or_else(|| usage(format!("`{command}` is not in the policy's allow-list")))?;
+    let values =
+        fleetcmd_core::argv::bind_positional(def, args).map_err(|e| usage(e.to_string()))?;
     fleetcmd_core::argv::build_argv(def, &values).map_err(|e| usage(e.to_string()))?;
     fleetcmd_core::selector::Selector::parse(selector).map_err(|e| usage(format!("--on: {e}")))?;
     let me = key.public_key();
@@ -135,8 +234,14 @@ pub fn build_job(policy: &Policy, key: &SigningKey, requester: Identity, command
         .signers
         .iter()
         .find(|s| s.public_key == me)
-        .ok_or_else(|| usage(format!("your key ({me}) is not a [[signers]] entry of policy version {}", policy.version)))?;
-    let id = JobId::from_uuid_v7_bytes(*uuid::Uuid::now_v7().as_bytes()).map_err(|e| anyhow::anyhow!("job id: {e}"))?;
+        .ok_or_else(|| {
+            usage(format!(
+                "your key ({me}) is not a [[signers]] entry of policy version {}",
+                policy.version
+            ))
+        })?;
+    let id = JobId::from_uuid_v7_bytes(*uuid::Uuid::now_v7().as_bytes())
+        .map_err(|e| anyhow::anyhow!("job id: {e}"))?;
     let now = now();
     let spec = JobSpec {
         id,
@@ -154,7 +259,10 @@ pub fn build_job(policy: &Policy, key: &SigningKey, requester: Identity, command
 }
 
 pub fn is_finished(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "aborted" | "canceled" | "expired" | "denied")
+    matches!(
+        state,
+        "succeeded" | "failed" | "aborted" | "canceled" | "expired" | "denied"
+    )
 }
 
 pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
@@ -167,11 +275,24 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
         .map_err(|e| usage(format!("--timeout: {e}")))?;
     let ch = channel(conn, &op).await?;
     let policy = fetch_policy(ch.clone()).await?;
-    let requester = Identity::parse(&format!("cli:{}", op.name)).map_err(|e| usage(format!("certificate name: {e}")))?;
-    let job = build_job(&policy, &op.key, requester, &args.command, &args.args, &args.on, timeout)?;
+    let requester = Identity::parse(&format!("cli:{}", op.name))
+        .map_err(|e| usage(format!("certificate name: {e}")))?;
+    let job = build_job(
+        &policy,
+        &op.key,
+        requester,
+        &args.command,
+        &args.args,
+        &args.on,
+        timeout,
+    )?;
     let mut jobs = pb::jobs_client::JobsClient::new(ch);
     let sub = jobs
-        .submit(pb::SignedJob { spec: job.spec, signature: job.signature, key_id: job.key_id })
+        .submit(pb::SignedJob {
+            spec: job.spec,
+            signature: job.signature,
+            key_id: job.key_id,
+        })
         .await
         .map_err(status)?
         .into_inner();
@@ -181,10 +302,20 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
     Ok(if job.state == "succeeded" { 0 } else { 1 })
 }
 
-pub async fn wait(jobs: &mut pb::jobs_client::JobsClient<Channel>, id: &str, limit: Duration) -> Result<pb::Job, Failure> {
+pub async fn wait(
+    jobs: &mut pb::jobs_client::JobsClient<Channel>,
+    id: &str,
+    limit: Duration,
+) -> Result<pb::Job, Failure> {
     let start = Instant::now();
     loop {
-        let job = jobs.get(pb::GetJobRequest { job_id: id.to_owned() }).await.map_err(status)?.into_inner();
+        let job = jobs
+            .get(pb::GetJobRequest {
+                job_id: id.to_owned(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
         if is_finished(&job.state) || start.elapsed() > limit {
             return Ok(job);
         }
@@ -195,7 +326,13 @@ pub async fn wait(jobs: &mut pb::jobs_client::JobsClient<Channel>, id: &str, lim
 pub async fn job(conn: &Conn, id: &str) -> Result<u8, Failure> {
     let op = operator(conn)?;
     let mut jobs = pb::jobs_client::JobsClient::new(channel(conn, &op).await?);
-    let job = jobs.get(pb::GetJobRequest { job_id: id.to_owned() }).await.map_err(status)?.into_inner();
+    let job = jobs
+        .get(pb::GetJobRequest {
+            job_id: id.to_owned(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
     print_job(&job, true)?;
     Ok(0)
 }
@@ -214,13 +351,31 @@ pub fn print_job(job: &pb::Job, with_output: bool) -> std::io::Result<()> {
                 writeln!(out, "{} (stderr): {line}", t.agent_id)?;
             }
             if r.stdout_dropped + r.stderr_dropped > 0 {
-                writeln!(out, "{}: [output truncated: {} bytes dropped]", t.agent_id, r.stdout_dropped + r.stderr_dropped)?;
+                writeln!(
+                    out,
+                    "{}: [output truncated: {} bytes dropped]",
+                    t.agent_id,
+                    r.stdout_dropped + r.stderr_dropped
+                )?;
             }
         }
         if t.state != "ok" {
-            let why = if r.reason.is_empty() { String::new() } else { format!(": {}", r.reason) };
+            let why = if r.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", r.reason)
+            };
             writeln!(out, "{}: [{}{why}]", t.agent_id, t.state)?;
         }
     }
-    writeln!(out, "job {} `{}` on {}: {} ({ok}/{} ok), asked by {}", job.job_id, job.command, job.selector, job.state, job.targets.len(), job.requester)
+    writeln!(
+        out,
+        "job {} `{}` on {}: {} ({ok}/{} ok), asked by {}",
+        job.job_id,
+        job.command,
+        job.selector,
+        job.state,
+        job.targets.len(),
+        job.requester
+    )
 }

@@ -50,9 +50,16 @@ pub async fn run(args: DevArgs) -> Result<u8, Failure> {
         dir.display(),
         dir.display()
     );
-    let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "operator".into());
+    let user = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "operator".into());
     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
-    let adapter = fleetcmd_gateway::adapters::console::ConsoleAdapter::new(stdin, tokio::io::stdout(), &user)?;
+    let adapter = fleetcmd_gateway::adapters::console::ConsoleAdapter::new(
+        stdin,
+        tokio::io::stdout(),
+        &user,
+    )?;
     let result = fleetcmd_gateway::run(fleet.gateway_options(), adapter).await;
     fleet.shutdown().await?;
     result?;

@@ -122,18 +122,27 @@ pub struct Fleet {
 
 impl std::fmt::Debug for Fleet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fleet").field("dir", &self.dir).field("url", &self.url).finish()
+        f.debug_struct("Fleet")
+            .field("dir", &self.dir)
+            .field("url", &self.url)
+            .finish()
     }
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Labels of dev agent number `i` (1-based): odd = web, even = db.
 pub fn dev_labels(i: usize) -> BTreeMap<String, String> {
     let role = if i % 2 == 1 { "web" } else { "db" };
-    BTreeMap::from([("role".to_string(), role.to_string()), ("env".to_string(), "dev".to_string())])
+    BTreeMap::from([
+        ("role".to_string(), role.to_string()),
+        ("env".to_string(), "dev".to_string()),
+    ])
 }
 
 impl Fleet {
@@ -151,7 +160,9 @@ impl Fleet {
             agent_cert_ttl: opts.agent_cert_ttl,
             heartbeat_interval: opts.heartbeat,
         };
-        let controller = fleetcmd_controller::start(config).await.context("starting the controller")?;
+        let controller = fleetcmd_controller::start(config)
+            .await
+            .context("starting the controller")?;
         let url = format!("https://{}", controller.addr());
         let ca = &controller.shared().ca;
         let ca_pem = ca.cert_pem().to_owned();
@@ -163,9 +174,18 @@ impl Fleet {
         let gw = ca.issue_identity(Role::Gateway, "dev", ttl)?;
         write_private(&dir.join("gateway.key"), gw.key_pem.expose().as_bytes())?;
         std::fs::write(dir.join("gateway.crt"), &gw.cert_pem)?;
-        let operator_key = SigningKey::from_pkcs8_pem(op.key_pem.expose()).map_err(|e| anyhow::anyhow!("operator key: {e}"))?;
-        let operator_tls = ClientTls { ca_pem: ca_pem.clone(), cert_pem: op.cert_pem, key_pem: op.key_pem.expose().clone() };
-        let gateway_tls = ClientTls { ca_pem, cert_pem: gw.cert_pem, key_pem: gw.key_pem.expose().clone() };
+        let operator_key = SigningKey::from_pkcs8_pem(op.key_pem.expose())
+            .map_err(|e| anyhow::anyhow!("operator key: {e}"))?;
+        let operator_tls = ClientTls {
+            ca_pem: ca_pem.clone(),
+            cert_pem: op.cert_pem,
+            key_pem: op.key_pem.expose().clone(),
+        };
+        let gateway_tls = ClientTls {
+            ca_pem,
+            cert_pem: gw.cert_pem,
+            key_pem: gw.key_pem.expose().clone(),
+        };
         let mut fleet = Fleet {
             dir,
             controller,
@@ -178,10 +198,16 @@ impl Fleet {
             url,
             policy_version: 0,
         };
-        let policy = example_policy(1, &fleet.gateway_key.public_key(), &fleet.operator_key.public_key());
+        let policy = example_policy(
+            1,
+            &fleet.gateway_key.public_key(),
+            &fleet.operator_key.public_key(),
+        );
         fleet.push_policy(&policy).await?;
         for i in 1..=opts.agents {
-            fleet.add_agent(&format!("dev-{i}"), dev_labels(i), None).await?;
+            fleet
+                .add_agent(&format!("dev-{i}"), dev_labels(i), None)
+                .await?;
         }
         fleet.wait_online(Duration::from_secs(20)).await?;
         Ok(fleet)
@@ -193,28 +219,60 @@ impl Fleet {
         let path = self.dir.join("policy.toml");
         std::fs::write(&path, text)?;
         let sig = sign_bundle(text.as_bytes(), &self.admin_key);
-        std::fs::write(crate::policy_cmd::sig_path(&path), crate::policy_cmd::encode_sigs(std::slice::from_ref(&sig)))?;
+        std::fs::write(
+            crate::policy_cmd::sig_path(&path),
+            crate::policy_cmd::encode_sigs(std::slice::from_ref(&sig)),
+        )?;
         let signed = pb::SignedPolicy {
             bundle: text.as_bytes().to_vec(),
-            signatures: vec![pb::PolicySignature { key_id: sig.key_id, signature: sig.signature }],
+            signatures: vec![pb::PolicySignature {
+                key_id: sig.key_id,
+                signature: sig.signature,
+            }],
         };
-        let peer = Peer { role: Role::Operator, name: OPERATOR_NAME.into() };
-        let cur = self.controller.shared().push_policy(signed, &peer).await.map_err(|e| anyhow::anyhow!("pushing the policy: {e}"))?;
+        let peer = Peer {
+            role: Role::Operator,
+            name: OPERATOR_NAME.into(),
+        };
+        let cur = self
+            .controller
+            .shared()
+            .push_policy(signed, &peer)
+            .await
+            .map_err(|e| anyhow::anyhow!("pushing the policy: {e}"))?;
         self.policy_version = cur.policy.version;
         Ok(())
     }
 
     /// Creates a token, joins a new agent through the real Join RPC, starts it.
-    pub async fn add_agent(&mut self, name: &str, labels: BTreeMap<String, String>, allow: Option<Vec<String>>) -> anyhow::Result<()> {
+    pub async fn add_agent(
+        &mut self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        allow: Option<Vec<String>>,
+    ) -> anyhow::Result<()> {
         let (token, _) = self
             .controller
             .shared()
-            .create_token(labels, Duration::from_secs(600), 1, Some(name.to_owned()), OPERATOR_NAME)
+            .create_token(
+                labels,
+                Duration::from_secs(600),
+                1,
+                Some(name.to_owned()),
+                OPERATOR_NAME,
+            )
             .await
             .map_err(|e| anyhow::anyhow!("creating a token: {e}"))?;
         let state_dir = self.dir.join("agents").join(name);
-        let opts = fleetcmd_agent::JoinOptions { controller: self.url.clone(), token: token.expose().clone(), name: name.to_owned(), state_dir: state_dir.clone() };
-        fleetcmd_agent::join(&opts, now()).await.with_context(|| format!("joining agent {name}"))?;
+        let opts = fleetcmd_agent::JoinOptions {
+            controller: self.url.clone(),
+            token: token.expose().clone(),
+            name: name.to_owned(),
+            state_dir: state_dir.clone(),
+        };
+        fleetcmd_agent::join(&opts, now())
+            .await
+            .with_context(|| format!("joining agent {name}"))?;
         self.start_agent(name, allow)
     }
 
@@ -227,7 +285,8 @@ impl Fleet {
             allow,
             max_output_bytes: 1024 * 1024,
         };
-        self.agents.push(fleetcmd_agent::spawn(config).with_context(|| format!("starting agent {name}"))?);
+        self.agents
+            .push(fleetcmd_agent::spawn(config).with_context(|| format!("starting agent {name}"))?);
         Ok(())
     }
 
@@ -242,15 +301,24 @@ impl Fleet {
     pub async fn wait_online(&self, limit: Duration) -> anyhow::Result<()> {
         let start = Instant::now();
         loop {
-            let list = self.controller.shared().list_agents("").map_err(|e| anyhow::anyhow!("{e}"))?;
+            let list = self
+                .controller
+                .shared()
+                .list_agents("")
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let ready = self.agents.iter().all(|h| {
-                list.iter().any(|a| a.agent_id == h.agent_id && a.online && a.policy_version == self.policy_version)
+                list.iter().any(|a| {
+                    a.agent_id == h.agent_id && a.online && a.policy_version == self.policy_version
+                })
             });
             if ready {
                 return Ok(());
             }
             if start.elapsed() > limit {
-                anyhow::bail!("agents not online with policy {} after {limit:?}: {list:?}", self.policy_version);
+                anyhow::bail!(
+                    "agents not online with policy {} after {limit:?}: {list:?}",
+                    self.policy_version
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

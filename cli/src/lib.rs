@@ -16,7 +16,12 @@ pub mod policy_cmd;
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
     /// Controller address.
-    #[arg(long, env = "FLEETCMD_CONTROLLER", default_value = "https://127.0.0.1:7443", global = true)]
+    #[arg(
+        long,
+        env = "FLEETCMD_CONTROLLER",
+        default_value = "https://127.0.0.1:7443",
+        global = true
+    )]
     pub controller: String,
     /// Fleet CA certificate (PEM).
     #[arg(long, env = "FLEETCMD_CA", global = true)]
@@ -37,11 +42,16 @@ pub struct Failure {
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure { code: 1, error: e.into() }
+        Failure {
+            code: 1,
+            error: e.into(),
+        }
     }
 }
 
 pub fn usage(msg: impl std::fmt::Display) -> Failure {
-    Failure { code: 64, error: anyhow::anyhow!("{msg}") }
+    Failure {
+        code: 64,
+        error: anyhow::anyhow!("{msg}"),
+    }
 }
-

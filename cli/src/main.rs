@@ -88,7 +88,9 @@ fn main() -> ExitCode {
     let filter = if is_dev { "warn" } else { "error" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into()),
+        )
         .init();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -101,9 +103,23 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.cmd {
             Cmd::Dev(args) => dev::run(args).await,
-            Cmd::Agents { action: Some(AgentsCmd::Revoke { id }), .. } => client::revoke(&conn, &id).await,
-            Cmd::Agents { action: None, selector } => client::agents(&conn, selector.as_deref()).await,
-            Cmd::Token { action: TokenCmd::Create { labels, ttl, uses, name } } => client::token_create(&conn, labels, &ttl, uses, name).await,
+            Cmd::Agents {
+                action: Some(AgentsCmd::Revoke { id }),
+                ..
+            } => client::revoke(&conn, &id).await,
+            Cmd::Agents {
+                action: None,
+                selector,
+            } => client::agents(&conn, selector.as_deref()).await,
+            Cmd::Token {
+                action:
+                    TokenCmd::Create {
+                        labels,
+                        ttl,
+                        uses,
+                        name,
+                    },
+            } => client::token_create(&conn, labels, &ttl, uses, name).await,
             Cmd::Run(args) => client::run(&conn, args).await,
             Cmd::Job { id } => client::job(&conn, &id).await,
             Cmd::Policy { action } => policy_cmd::run(&conn, action).await,

@@ -49,17 +49,38 @@ pub fn sig_path(file: &Path) -> PathBuf {
 
 pub fn encode_sigs(sigs: &[PolicySignature]) -> String {
     sigs.iter()
-        .map(|s| format!("{} {}\n", s.key_id, base64::engine::general_purpose::STANDARD.encode(&s.signature)))
+        .map(|s| {
+            format!(
+                "{} {}\n",
+                s.key_id,
+                base64::engine::general_purpose::STANDARD.encode(&s.signature)
+            )
+        })
         .collect()
 }
 
 pub fn decode_sigs(text: &str, path: &Path) -> Result<Vec<PolicySignature>, Failure> {
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let bad = || usage(format!("{}:{}: expected `KEY_ID BASE64_SIGNATURE`", path.display(), i + 1));
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let bad = || {
+            usage(format!(
+                "{}:{}: expected `KEY_ID BASE64_SIGNATURE`",
+                path.display(),
+                i + 1
+            ))
+        };
         let (id, sig) = line.trim().split_once(' ').ok_or_else(bad)?;
-        let sig = base64::engine::general_purpose::STANDARD.decode(sig.trim()).map_err(|_| bad())?;
-        out.push(PolicySignature { key_id: id.to_owned(), signature: sig });
+        let sig = base64::engine::general_purpose::STANDARD
+            .decode(sig.trim())
+            .map_err(|_| bad())?;
+        out.push(PolicySignature {
+            key_id: id.to_owned(),
+            signature: sig,
+        });
     }
     Ok(out)
 }
@@ -78,10 +99,17 @@ pub fn keygen(out: &Path) -> Result<SigningKey, Failure> {
 pub async fn run(conn: &Conn, cmd: PolicyCmd) -> Result<u8, Failure> {
     match cmd {
         PolicyCmd::Check { file } => {
-            let text = std::fs::read_to_string(&file).map_err(|e| usage(format!("{}: {e}", file.display())))?;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| usage(format!("{}: {e}", file.display())))?;
             match Policy::parse(&text) {
                 Ok(p) => {
-                    println!("{}: ok (version {}, {} commands, {} roles)", file.display(), p.version, p.commands.len(), p.roles.len());
+                    println!(
+                        "{}: ok (version {}, {} commands, {} roles)",
+                        file.display(),
+                        p.version,
+                        p.commands.len(),
+                        p.roles.len()
+                    );
                     Ok(0)
                 }
                 Err(errs) => {
@@ -95,36 +123,55 @@ pub async fn run(conn: &Conn, cmd: PolicyCmd) -> Result<u8, Failure> {
         PolicyCmd::Keygen { out } => {
             let key = keygen(&out)?;
             println!("{}", key.public_key());
-            eprintln!("wrote {} (keep it offline); put the public key above in controller.toml `policy_roots`", out.display());
+            eprintln!(
+                "wrote {} (keep it offline); put the public key above in controller.toml `policy_roots`",
+                out.display()
+            );
             Ok(0)
         }
         PolicyCmd::Sign { file, key } => {
-            let bytes = std::fs::read(&file).map_err(|e| usage(format!("{}: {e}", file.display())))?;
-            let text = std::str::from_utf8(&bytes).map_err(|_| usage(format!("{}: not UTF-8", file.display())))?;
+            let bytes =
+                std::fs::read(&file).map_err(|e| usage(format!("{}: {e}", file.display())))?;
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|_| usage(format!("{}: not UTF-8", file.display())))?;
             if let Err(errs) = Policy::parse(text) {
                 for e in &errs.0 {
                     eprintln!("{}: {e}", file.display());
                 }
                 return Ok(64);
             }
-            let pem = std::fs::read_to_string(&key).map_err(|e| usage(format!("{}: {e}", key.display())))?;
-            let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| usage(format!("{}: {e}", key.display())))?;
+            let pem = std::fs::read_to_string(&key)
+                .map_err(|e| usage(format!("{}: {e}", key.display())))?;
+            let key = SigningKey::from_pkcs8_pem(&pem)
+                .map_err(|e| usage(format!("{}: {e}", key.display())))?;
             let out = sig_path(&file);
             std::fs::write(&out, encode_sigs(&[sign_bundle(&bytes, &key)]))?;
             println!("wrote {}", out.display());
             Ok(0)
         }
         PolicyCmd::Push { file } => {
-            let bundle = std::fs::read(&file).map_err(|e| usage(format!("{}: {e}", file.display())))?;
+            let bundle =
+                std::fs::read(&file).map_err(|e| usage(format!("{}: {e}", file.display())))?;
             let sp = sig_path(&file);
-            let sigs = std::fs::read_to_string(&sp).map_err(|e| usage(format!("{}: {e} (sign with `fleetcmd policy sign`)", sp.display())))?;
+            let sigs = std::fs::read_to_string(&sp).map_err(|e| {
+                usage(format!(
+                    "{}: {e} (sign with `fleetcmd policy sign`)",
+                    sp.display()
+                ))
+            })?;
             let sigs = decode_sigs(&sigs, &sp)?;
             let op = operator(conn)?;
             let mut c = pb::policy_client::PolicyClient::new(channel(conn, &op).await?);
             let info = c
                 .push(pb::SignedPolicy {
                     bundle,
-                    signatures: sigs.into_iter().map(|s| pb::PolicySignature { key_id: s.key_id, signature: s.signature }).collect(),
+                    signatures: sigs
+                        .into_iter()
+                        .map(|s| pb::PolicySignature {
+                            key_id: s.key_id,
+                            signature: s.signature,
+                        })
+                        .collect(),
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("controller: {}", s.message()))?
@@ -135,10 +182,17 @@ pub async fn run(conn: &Conn, cmd: PolicyCmd) -> Result<u8, Failure> {
         PolicyCmd::Show { full } => {
             let op = operator(conn)?;
             let mut c = pb::policy_client::PolicyClient::new(channel(conn, &op).await?);
-            let info = c.get(pb::GetPolicyRequest {}).await.map_err(|s| anyhow::anyhow!("controller: {}", s.message()))?.into_inner();
+            let info = c
+                .get(pb::GetPolicyRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("controller: {}", s.message()))?
+                .into_inner();
             println!("version {}\nhash    {}", info.version, info.hash);
             if full {
-                println!("\n{}", String::from_utf8_lossy(&info.policy.unwrap_or_default().bundle));
+                println!(
+                    "\n{}",
+                    String::from_utf8_lossy(&info.policy.unwrap_or_default().bundle)
+                );
             }
             Ok(0)
         }

@@ -17,19 +17,39 @@ pub fn peer_of<T>(req: &Request<T>) -> Option<Peer> {
 
 /// An interceptor admitting only the given roles; it stores the `Peer` in the
 /// request extensions for the handler.
-pub fn require(shared: Arc<Shared>, roles: &'static [Role]) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+pub fn require(
+    shared: Arc<Shared>,
+    roles: &'static [Role],
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut req: Request<()>| {
         let Some(peer) = peer_of(&req) else {
             shared.security_event("unauthenticated", "call without a client certificate");
-            return Err(Status::unauthenticated("a client certificate issued by the fleet CA is required"));
+            return Err(Status::unauthenticated(
+                "a client certificate issued by the fleet CA is required",
+            ));
         };
         if !roles.contains(&peer.role) {
-            shared.security_event("wrong_role", &format!("{} {} called a service for {:?}", peer.role, peer.name, roles));
-            return Err(Status::permission_denied(format!("a {} certificate may not call this service", peer.role)));
+            shared.security_event(
+                "wrong_role",
+                &format!(
+                    "{} {} called a service for {:?}",
+                    peer.role, peer.name, roles
+                ),
+            );
+            return Err(Status::permission_denied(format!(
+                "a {} certificate may not call this service",
+                peer.role
+            )));
         }
         if peer.role == Role::Agent && shared.is_revoked(&peer.name) {
-            shared.security_event("revoked", &format!("revoked agent {} tried to connect", peer.name));
-            return Err(Status::permission_denied(format!("agent {} is revoked", peer.name)));
+            shared.security_event(
+                "revoked",
+                &format!("revoked agent {} tried to connect", peer.name),
+            );
+            return Err(Status::permission_denied(format!(
+                "agent {} is revoked",
+                peer.name
+            )));
         }
         req.extensions_mut().insert(peer);
         Ok(req)
@@ -38,8 +58,7 @@ pub fn require(shared: Arc<Shared>, roles: &'static [Role]) -> impl FnMut(Reques
 
 /// The peer the interceptor admitted.
 pub fn admitted<T>(req: &Request<T>) -> Result<Peer, Status> {
-    req.extensions()
-        .get::<Peer>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("a client certificate issued by the fleet CA is required"))
+    req.extensions().get::<Peer>().cloned().ok_or_else(|| {
+        Status::unauthenticated("a client certificate issued by the fleet CA is required")
+    })
 }

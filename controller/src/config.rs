@@ -71,7 +71,10 @@ impl RawConfig {
             }
         }
         if self.policy_roots.is_empty() {
-            problems.push("policy_roots: at least one policy root key is required (`fleetcmd policy keygen`)".into());
+            problems.push(
+                "policy_roots: at least one policy root key is required (`fleetcmd policy keygen`)"
+                    .into(),
+            );
         }
         if self.policy_threshold == 0 || self.policy_threshold > self.policy_roots.len().max(1) {
             problems.push(format!(
@@ -93,8 +96,18 @@ impl RawConfig {
                 }
             }
         };
-        let agent_cert_ttl = duration("agent_cert_ttl", &self.agent_cert_ttl, Duration::from_secs(3), Duration::from_secs(90 * 86400));
-        let heartbeat_interval = duration("heartbeat_interval", &self.heartbeat_interval, Duration::from_millis(100), Duration::from_secs(3600));
+        let agent_cert_ttl = duration(
+            "agent_cert_ttl",
+            &self.agent_cert_ttl,
+            Duration::from_secs(3),
+            Duration::from_secs(90 * 86400),
+        );
+        let heartbeat_interval = duration(
+            "heartbeat_interval",
+            &self.heartbeat_interval,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        );
         if self.data_dir.as_os_str().is_empty() {
             problems.push("data_dir: must not be empty".into());
         }
@@ -108,7 +121,10 @@ impl RawConfig {
                 agent_cert_ttl,
                 heartbeat_interval,
             }),
-            _ => Err(ConfigError { file: file.to_owned(), problems }),
+            _ => Err(ConfigError {
+                file: file.to_owned(),
+                problems,
+            }),
         }
     }
 }
@@ -116,8 +132,14 @@ impl RawConfig {
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<ControllerConfig, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError { file: file.clone(), problems: vec![e.to_string()] })?;
-    let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError { file: file.clone(), problems: vec![e.to_string().trim_end().to_string()] })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        problems: vec![e.to_string()],
+    })?;
+    let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError {
+        file: file.clone(),
+        problems: vec![e.to_string().trim_end().to_string()],
+    })?;
     raw.validate(&file)
 }
 
@@ -127,17 +149,25 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_with_its_key() {
-        let raw: RawConfig = toml::from_str("listen = \"nope\"\nagent_cert_ttl = \"forever\"\npolicy_roots = [\"ed25519:xx\"]\n").expect("toml");
+        let raw: RawConfig = toml::from_str(
+            "listen = \"nope\"\nagent_cert_ttl = \"forever\"\npolicy_roots = [\"ed25519:xx\"]\n",
+        )
+        .expect("toml");
         let err = raw.validate("c.toml").expect_err("invalid");
         let text = err.to_string();
-        for key in ["c.toml: listen:", "c.toml: agent_cert_ttl:", "c.toml: policy_roots[0]:"] {
+        for key in [
+            "c.toml: listen:",
+            "c.toml: agent_cert_ttl:",
+            "c.toml: policy_roots[0]:",
+        ] {
             assert!(text.contains(key), "{key} missing from:\n{text}");
         }
     }
 
     #[test]
     fn unknown_keys_are_refused() {
-        let err = toml::from_str::<RawConfig>("lisen = \"127.0.0.1:1\"\n").expect_err("unknown key");
+        let err =
+            toml::from_str::<RawConfig>("lisen = \"127.0.0.1:1\"\n").expect_err("unknown key");
         assert!(err.to_string().contains("lisen"), "{err}");
     }
 }

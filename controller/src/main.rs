@@ -7,10 +7,20 @@ use clap::{Parser, Subcommand};
 use fleetcmd_controller::pki::{Ca, Role, write_private};
 
 #[derive(Parser)]
-#[command(name = "fleetcmd-controller", version, about = "The fleetcmd controller: CA, agent registry, job dispatch")]
+#[command(
+    name = "fleetcmd-controller",
+    version,
+    about = "The fleetcmd controller: CA, agent registry, job dispatch"
+)]
 struct Cli {
     /// Configuration file.
-    #[arg(long, short, global = true, default_value = "/etc/fleetcmd/controller.toml", env = "FLEETCMD_CONTROLLER_CONFIG")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "/etc/fleetcmd/controller.toml",
+        env = "FLEETCMD_CONTROLLER_CONFIG"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -42,7 +52,11 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = match fleetcmd_controller::config::load(&cli.config) {
         Ok(c) => c,
@@ -56,7 +70,12 @@ fn main() -> ExitCode {
             println!("{}: ok", cli.config.display());
             return ExitCode::SUCCESS;
         }
-        Cmd::IssueCert { role, name, out, days } => issue(&config, &role, &name, &out, days),
+        Cmd::IssueCert {
+            role,
+            name,
+            out,
+            days,
+        } => issue(&config, &role, &name, &out, days),
         Cmd::Run => run(config),
     };
     match result {
@@ -68,7 +87,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn issue(config: &fleetcmd_controller::ControllerConfig, role: &str, name: &str, out: &std::path::Path, days: u64) -> anyhow::Result<()> {
+fn issue(
+    config: &fleetcmd_controller::ControllerConfig,
+    role: &str,
+    name: &str,
+    out: &std::path::Path,
+    days: u64,
+) -> anyhow::Result<()> {
     let role = match Role::parse(role) {
         Some(r @ (Role::Operator | Role::Gateway)) => r,
         _ => anyhow::bail!("--role must be `operator` or `gateway`, got {role:?}"),
@@ -76,10 +101,16 @@ fn issue(config: &fleetcmd_controller::ControllerConfig, role: &str, name: &str,
     let ca = Ca::load_or_create(&config.data_dir.join("pki"))?;
     let id = ca.issue_identity(role, name, std::time::Duration::from_secs(days * 86400))?;
     std::fs::create_dir_all(out)?;
-    write_private(&out.join(format!("{name}.key")), id.key_pem.expose().as_bytes())?;
+    write_private(
+        &out.join(format!("{name}.key")),
+        id.key_pem.expose().as_bytes(),
+    )?;
     std::fs::write(out.join(format!("{name}.crt")), &id.cert_pem)?;
     std::fs::write(out.join("ca.crt"), ca.cert_pem())?;
-    println!("wrote {0}/{name}.crt, {0}/{name}.key and {0}/ca.crt", out.display());
+    println!(
+        "wrote {0}/{name}.crt, {0}/{name}.key and {0}/ca.crt",
+        out.display()
+    );
     Ok(())
 }
 

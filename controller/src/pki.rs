@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -81,7 +81,9 @@ pub struct IssuedIdentity {
 
 impl std::fmt::Debug for IssuedIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedIdentity").field("key_pem", &"[redacted]").finish()
+        f.debug_struct("IssuedIdentity")
+            .field("key_pem", &"[redacted]")
+            .finish()
     }
 }
 
@@ -94,19 +96,27 @@ pub struct Ca {
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca").field("fingerprint", &self.fingerprint()).finish()
+        f.debug_struct("Ca")
+            .field("fingerprint", &self.fingerprint())
+            .finish()
     }
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
-    std::fs::read_to_string(path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Writes `contents` to `path` with mode 0600, atomically (temp file + rename).
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| PkiError::Io { path: path.to_owned(), source };
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -146,22 +156,40 @@ impl Ca {
         if cert_path.exists() {
             let cert_pem = read(&cert_path)?;
             let key_pem = read(&key_path)?;
-            let key = KeyPair::from_pem(&key_pem)
-                .map_err(|e| PkiError::BadFile { path: key_path.clone(), reason: e.to_string() })?;
-            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
-                .map_err(|e| PkiError::BadFile { path: cert_path.clone(), reason: e.to_string() })?;
-            let cert_der = pem_to_der(&cert_pem)
-                .ok_or_else(|| PkiError::BadFile { path: cert_path, reason: "not a PEM certificate".into() })?;
-            return Ok(Ca { cert_pem, cert_der, issuer });
+            let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::BadFile {
+                path: key_path.clone(),
+                reason: e.to_string(),
+            })?;
+            let issuer =
+                Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| PkiError::BadFile {
+                    path: cert_path.clone(),
+                    reason: e.to_string(),
+                })?;
+            let cert_der = pem_to_der(&cert_pem).ok_or_else(|| PkiError::BadFile {
+                path: cert_path,
+                reason: "not a PEM certificate".into(),
+            })?;
+            return Ok(Ca {
+                cert_pem,
+                cert_der,
+                issuer,
+            });
         }
-        std::fs::create_dir_all(dir).map_err(|source| PkiError::Io { path: dir.to_owned(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
         let key = new_key()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "fleetcmd fleet CA");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.not_before = now() - Duration::from_secs(3600);
         params.not_after = now() + Duration::from_secs(10 * 365 * 86400);
         params.serial_number = Some(random_serial());
@@ -169,7 +197,11 @@ impl Ca {
         write_private(&key_path, key.serialize_pem().as_bytes())?;
         write_private(&cert_path, cert.pem().as_bytes())?;
         let cert_pem = cert.pem();
-        Ok(Ca { cert_der: cert.der().to_vec(), cert_pem, issuer: Issuer::new(params, key) })
+        Ok(Ca {
+            cert_der: cert.der().to_vec(),
+            cert_pem,
+            issuer: Issuer::new(params, key),
+        })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -181,7 +213,12 @@ impl Ca {
         fleetcmd_core::crypto::sha256(&self.cert_der)
     }
 
-    fn leaf_params(&self, role: Role, name: &str, ttl: Duration) -> Result<CertificateParams, PkiError> {
+    fn leaf_params(
+        &self,
+        role: Role,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<CertificateParams, PkiError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
@@ -193,7 +230,9 @@ impl Ca {
         params.subject_alt_names = vec![SanType::URI(
             format!("{URI_PREFIX}{}:{name}", role.as_str())
                 .try_into()
-                .map_err(|_| PkiError::BadCsr(format!("name {name:?} is not valid in a certificate")))?,
+                .map_err(|_| {
+                    PkiError::BadCsr(format!("name {name:?} is not valid in a certificate"))
+                })?,
         )];
         // Back-dated for clock skew, but never by more than a quarter of the
         // lifetime: agents renew at 2/3 of not_before..not_after.
@@ -206,20 +245,35 @@ impl Ca {
 
     /// Issues a certificate for the public key in `csr_der`. Everything else
     /// in the CSR (names, extensions, CA flag) is ignored.
-    pub fn issue_from_csr(&self, csr_der: &[u8], role: Role, name: &str, ttl: Duration) -> Result<String, PkiError> {
+    pub fn issue_from_csr(
+        &self,
+        csr_der: &[u8],
+        role: Role,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<String, PkiError> {
         let der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der);
-        let csr = CertificateSigningRequestParams::from_der(&der).map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let csr = CertificateSigningRequestParams::from_der(&der)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
         let params = self.leaf_params(role, name, ttl)?;
         Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
     }
 
     /// Issues a fresh key and certificate (for operators and gateways, on the
     /// controller host or in `fleetcmd dev`).
-    pub fn issue_identity(&self, role: Role, name: &str, ttl: Duration) -> Result<IssuedIdentity, PkiError> {
+    pub fn issue_identity(
+        &self,
+        role: Role,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<IssuedIdentity, PkiError> {
         let key = new_key()?;
         let params = self.leaf_params(role, name, ttl)?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedIdentity { cert_pem: cert.pem(), key_pem: fleetcmd_core::crypto::Secret::new(key.serialize_pem()) })
+        Ok(IssuedIdentity {
+            cert_pem: cert.pem(),
+            key_pem: fleetcmd_core::crypto::Secret::new(key.serialize_pem()),
+        })
     }
 
     /// The controller's own server certificate, valid for `names` plus the
@@ -263,7 +317,10 @@ pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
     use base64::Engine;
     let start = pem.find("-----BEGIN CERTIFICATE-----")? + "-----BEGIN CERTIFICATE-----".len();
     let end = pem[start..].find("-----END CERTIFICATE-----")? + start;
-    let body: String = pem[start..end].chars().filter(|c| !c.is_whitespace()).collect();
+    let body: String = pem[start..end]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
     base64::engine::general_purpose::STANDARD.decode(body).ok()
 }
 
@@ -276,7 +333,10 @@ pub fn peer_from_cert(der: &[u8]) -> Option<Peer> {
         x509_parser::extensions::GeneralName::URI(uri) => {
             let rest = uri.strip_prefix(URI_PREFIX)?;
             let (role, name) = rest.split_once(':')?;
-            Some(Peer { role: Role::parse(role)?, name: name.to_owned() })
+            Some(Peer {
+                role: Role::parse(role)?,
+                name: name.to_owned(),
+            })
         }
         _ => None,
     })
@@ -294,11 +354,21 @@ mod tests {
         let key = new_key().expect("key");
         let mut asked = CertificateParams::new(vec!["evil.example".to_string()]).expect("params");
         asked.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        asked.subject_alt_names.push(SanType::URI("urn:fleetcmd:operator:admin".try_into().expect("uri")));
+        asked.subject_alt_names.push(SanType::URI(
+            "urn:fleetcmd:operator:admin".try_into().expect("uri"),
+        ));
         let csr = asked.serialize_request(&key).expect("csr");
-        let pem = ca.issue_from_csr(csr.der(), Role::Agent, "web-1", Duration::from_secs(60)).expect("issue");
+        let pem = ca
+            .issue_from_csr(csr.der(), Role::Agent, "web-1", Duration::from_secs(60))
+            .expect("issue");
         let der = pem_to_der(&pem).expect("der");
-        assert_eq!(peer_from_cert(&der), Some(Peer { role: Role::Agent, name: "web-1".into() }));
+        assert_eq!(
+            peer_from_cert(&der),
+            Some(Peer {
+                role: Role::Agent,
+                name: "web-1".into()
+            })
+        );
         let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("parse");
         let bc = cert.basic_constraints().expect("ext").expect("present");
         assert!(!bc.value.ca, "issued certificate must not be a CA");
@@ -320,7 +390,11 @@ mod tests {
         let a = Ca::load_or_create(dir.path()).expect("create");
         let b = Ca::load_or_create(dir.path()).expect("load");
         assert_eq!(a.fingerprint(), b.fingerprint());
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join("ca.key")).expect("meta").permissions());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join("ca.key"))
+                .expect("meta")
+                .permissions(),
+        );
         assert_eq!(mode & 0o777, 0o600);
     }
 }

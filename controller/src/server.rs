@@ -22,7 +22,10 @@ use crate::store::SledStore;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
     #[error(transparent)]
@@ -30,7 +33,10 @@ pub enum StartError {
     #[error("{0}")]
     State(#[from] crate::error::ApiError),
     #[error("listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("tls: {0}")]
     Tls(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
@@ -48,7 +54,9 @@ pub struct RunningController {
 
 impl std::fmt::Debug for RunningController {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningController").field("addr", &self.addr).finish()
+        f.debug_struct("RunningController")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -70,7 +78,10 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         .map_err(|e| crate::error::ApiError::Internal(e.to_string()))??;
     let server_id = ca.issue_server(&config.tls_names)?;
     let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&server_id.cert_pem, server_id.key_pem.expose()))
+        .identity(Identity::from_pem(
+            &server_id.cert_pem,
+            server_id.key_pem.expose(),
+        ))
         .client_ca_root(Certificate::from_pem(ca.cert_pem()))
         // Join is the one call without a client certificate; the
         // interceptors refuse every other call that lacks one.
@@ -78,14 +89,24 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         .timeout(Duration::from_secs(10));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let shared = Arc::new(Shared::new(Arc::new(store), ca, config)?);
     let svc = Svc(shared.clone());
 
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health.set_serving::<pb::agent_stream_server::AgentStreamServer<Svc>>().await;
-    health.set_serving::<pb::jobs_server::JobsServer<Svc>>().await;
+    health
+        .set_serving::<pb::agent_stream_server::AgentStreamServer<Svc>>()
+        .await;
+    health
+        .set_serving::<pb::jobs_server::JobsServer<Svc>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(fleetcmd_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -101,13 +122,33 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         .http2_max_pending_accept_reset_streams(Some(64))
         .max_frame_size(Some(64 * 1024))
         .add_service(health_svc)
-        .add_service(InterceptedService::new(reflection, require(shared.clone(), ANY)))
+        .add_service(InterceptedService::new(
+            reflection,
+            require(shared.clone(), ANY),
+        ))
         .add_service(pb::enrollment_server::EnrollmentServer::new(svc.clone()))
-        .add_service(pb::agent_stream_server::AgentStreamServer::with_interceptor(svc.clone(), require(shared.clone(), AGENT)))
-        .add_service(pb::jobs_server::JobsServer::with_interceptor(svc.clone(), require(shared.clone(), CLIENTS)))
-        .add_service(pb::agents_server::AgentsServer::with_interceptor(svc.clone(), require(shared.clone(), CLIENTS)))
-        .add_service(pb::tokens_server::TokensServer::with_interceptor(svc.clone(), require(shared.clone(), OPERATOR)))
-        .add_service(pb::policy_server::PolicyServer::with_interceptor(svc, require(shared.clone(), ANY)));
+        .add_service(
+            pb::agent_stream_server::AgentStreamServer::with_interceptor(
+                svc.clone(),
+                require(shared.clone(), AGENT),
+            ),
+        )
+        .add_service(pb::jobs_server::JobsServer::with_interceptor(
+            svc.clone(),
+            require(shared.clone(), CLIENTS),
+        ))
+        .add_service(pb::agents_server::AgentsServer::with_interceptor(
+            svc.clone(),
+            require(shared.clone(), CLIENTS),
+        ))
+        .add_service(pb::tokens_server::TokensServer::with_interceptor(
+            svc.clone(),
+            require(shared.clone(), OPERATOR),
+        ))
+        .add_service(pb::policy_server::PolicyServer::with_interceptor(
+            svc,
+            require(shared.clone(), ANY),
+        ));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stopped(&mut stop_server).await;
@@ -127,7 +168,13 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         }
     });
     tracing::info!(%addr, "controller listening");
-    Ok(RunningController { addr, shared, stop, server, sweeper })
+    Ok(RunningController {
+        addr,
+        shared,
+        stop,
+        server,
+        sweeper,
+    })
 }
 
 impl RunningController {

@@ -24,10 +24,16 @@ pub struct Svc(pub Arc<Shared>);
 
 #[tonic::async_trait]
 impl pb::enrollment_server::Enrollment for Svc {
-    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
         let req = req.into_inner();
         if req.csr_der.len() > 16 * 1024 {
-            return Err(ApiError::InvalidArgument("certificate signing request over 16 KiB".into()).into());
+            return Err(ApiError::InvalidArgument(
+                "certificate signing request over 16 KiB".into(),
+            )
+            .into());
         }
         Ok(Response::new(self.0.join(req).await?))
     }
@@ -39,13 +45,23 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 impl pb::agent_stream_server::AgentStream for Svc {
     type ConnectStream = BoxStream<pb::ControllerMessage>;
 
-    async fn connect(&self, req: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
+    async fn connect(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
         let peer = admitted(&req)?;
         let agent = peer.name.clone();
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
-            Some(pb::AgentMessage { msg: Some(AgentMsg::Hello(h)) }) => h,
-            _ => return Err(ApiError::InvalidArgument("the first message on the agent stream must be Hello".into()).into()),
+            Some(pb::AgentMessage {
+                msg: Some(AgentMsg::Hello(h)),
+            }) => h,
+            _ => {
+                return Err(ApiError::InvalidArgument(
+                    "the first message on the agent stream must be Hello".into(),
+                )
+                .into());
+            }
         };
         let (tx, rx) = mpsc::channel(crate::state::AGENT_QUEUE);
         let welcome = pb::ControllerMessage {
@@ -54,7 +70,8 @@ impl pb::agent_stream_server::AgentStream for Svc {
                 heartbeat_secs: self.0.config.heartbeat_interval.as_secs().max(1) as u32,
             })),
         };
-        tx.try_send(Ok(welcome)).map_err(|_| Status::internal("agent queue"))?;
+        tx.try_send(Ok(welcome))
+            .map_err(|_| Status::internal("agent queue"))?;
         let conn = self.0.register(&agent, &hello, tx.clone())?;
         let shared = self.0.clone();
         tokio::spawn(async move {
@@ -79,7 +96,9 @@ impl pb::agent_stream_server::AgentStream for Svc {
                         match shared.record_result(&agent, r).await {
                             Ok(()) => {
                                 let ack = pb::ControllerMessage {
-                                    msg: Some(pb::controller_message::Msg::Ack(pb::ResultAck { job_id })),
+                                    msg: Some(pb::controller_message::Msg::Ack(pb::ResultAck {
+                                        job_id,
+                                    })),
                                 };
                                 // Backpressure: the ack waits for room rather than being dropped.
                                 if tx.send(Ok(ack)).await.is_err() {
@@ -87,15 +106,25 @@ impl pb::agent_stream_server::AgentStream for Svc {
                                 }
                             }
                             // Not acknowledged: the agent keeps it and sends it again.
-                            Err(e) => tracing::error!(agent_id = %agent, %job_id, error = %e, "storing result"),
+                            Err(e) => {
+                                tracing::error!(agent_id = %agent, %job_id, error = %e, "storing result")
+                            }
                         }
                     }
                     Some(AgentMsg::Renew(r)) => {
                         let renew = match shared.renew(&agent, &r.csr_der) {
-                            Ok(cert_pem) => pb::RenewResponse { cert_pem, error: String::new() },
-                            Err(e) => pb::RenewResponse { cert_pem: String::new(), error: e.to_string() },
+                            Ok(cert_pem) => pb::RenewResponse {
+                                cert_pem,
+                                error: String::new(),
+                            },
+                            Err(e) => pb::RenewResponse {
+                                cert_pem: String::new(),
+                                error: e.to_string(),
+                            },
                         };
-                        let msg = pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Renew(renew)) };
+                        let msg = pb::ControllerMessage {
+                            msg: Some(pb::controller_message::Msg::Renew(renew)),
+                        };
                         if tx.send(Ok(msg)).await.is_err() {
                             break "stream closed".to_string();
                         }
@@ -114,7 +143,10 @@ impl pb::agent_stream_server::AgentStream for Svc {
 
 #[tonic::async_trait]
 impl pb::jobs_server::Jobs for Svc {
-    async fn submit(&self, req: Request<pb::SignedJob>) -> Result<Response<pb::SubmitResponse>, Status> {
+    async fn submit(
+        &self,
+        req: Request<pb::SignedJob>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
         let peer = admitted(&req)?;
         Ok(Response::new(self.0.submit(&peer, req.into_inner()).await?))
     }
@@ -123,22 +155,37 @@ impl pb::jobs_server::Jobs for Svc {
         Ok(Response::new(self.0.get_job(&req.into_inner().job_id)?))
     }
 
-    async fn list(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let req = req.into_inner();
-        Ok(Response::new(pb::ListJobsResponse { jobs: self.0.list_jobs(req.limit, &req.requester)? }))
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: self.0.list_jobs(req.limit, &req.requester)?,
+        }))
     }
 }
 
 #[tonic::async_trait]
 impl pb::agents_server::Agents for Svc {
-    async fn list(&self, req: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        Ok(Response::new(pb::ListAgentsResponse { agents: self.0.list_agents(&req.into_inner().selector)? }))
+    async fn list(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: self.0.list_agents(&req.into_inner().selector)?,
+        }))
     }
 
-    async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Result<Response<pb::RevokeResponse>, Status> {
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
         let peer = admitted(&req)?;
         if peer.role != Role::Operator {
-            return Err(ApiError::PermissionDenied("only operators may revoke agents".into()).into());
+            return Err(
+                ApiError::PermissionDenied("only operators may revoke agents".into()).into(),
+            );
         }
         self.0.revoke(&req.into_inner().agent_id, &peer).await?;
         Ok(Response::new(pb::RevokeResponse {}))
@@ -147,41 +194,77 @@ impl pb::agents_server::Agents for Svc {
 
 #[tonic::async_trait]
 impl pb::tokens_server::Tokens for Svc {
-    async fn create(&self, req: Request<pb::CreateTokenRequest>) -> Result<Response<pb::CreateTokenResponse>, Status> {
+    async fn create(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let peer = admitted(&req)?;
         let req = req.into_inner();
         let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
-        let text = labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        let text = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
         if !text.is_empty() {
-            fleetcmd_core::selector::parse_labels(&text).map_err(|e| ApiError::InvalidArgument(format!("labels: {e}")))?;
+            fleetcmd_core::selector::parse_labels(&text)
+                .map_err(|e| ApiError::InvalidArgument(format!("labels: {e}")))?;
         }
-        let ttl = Duration::from_secs(if req.ttl_secs == 0 { 3600 } else { req.ttl_secs });
+        let ttl = Duration::from_secs(if req.ttl_secs == 0 {
+            3600
+        } else {
+            req.ttl_secs
+        });
         let name = Some(req.name).filter(|n| !n.is_empty());
-        let (token, expires_at) = self.0.create_token(labels, ttl, req.uses, name, &peer.name).await?;
-        Ok(Response::new(pb::CreateTokenResponse { token: token.expose().clone(), expires_at }))
+        let (token, expires_at) = self
+            .0
+            .create_token(labels, ttl, req.uses, name, &peer.name)
+            .await?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: token.expose().clone(),
+            expires_at,
+        }))
     }
 }
 
 #[tonic::async_trait]
 impl pb::policy_server::Policy for Svc {
-    async fn push(&self, req: Request<pb::SignedPolicy>) -> Result<Response<pb::PolicyInfo>, Status> {
+    async fn push(
+        &self,
+        req: Request<pb::SignedPolicy>,
+    ) -> Result<Response<pb::PolicyInfo>, Status> {
         let peer = admitted(&req)?;
         if peer.role != Role::Operator {
-            return Err(ApiError::PermissionDenied("only operators may push a policy".into()).into());
+            return Err(
+                ApiError::PermissionDenied("only operators may push a policy".into()).into(),
+            );
         }
         let req = req.into_inner();
         if req.bundle.len() > fleetcmd_core::policy_bundle::MAX_BUNDLE_BYTES {
-            return Err(ApiError::InvalidArgument("policy bundle over the size limit".into()).into());
+            return Err(
+                ApiError::InvalidArgument("policy bundle over the size limit".into()).into(),
+            );
         }
         let cur = self.0.push_policy(req, &peer).await?;
-        Ok(Response::new(pb::PolicyInfo { version: cur.policy.version, hash: cur.hash.clone(), policy: Some(signed_policy(&cur.record)) }))
+        Ok(Response::new(pb::PolicyInfo {
+            version: cur.policy.version,
+            hash: cur.hash.clone(),
+            policy: Some(signed_policy(&cur.record)),
+        }))
     }
 
-    async fn get(&self, _req: Request<pb::GetPolicyRequest>) -> Result<Response<pb::PolicyInfo>, Status> {
+    async fn get(
+        &self,
+        _req: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyInfo>, Status> {
         let cur = self
             .0
             .current_policy()
             .ok_or_else(|| ApiError::NotFound("no policy has been pushed yet".into()))?;
-        Ok(Response::new(pb::PolicyInfo { version: cur.policy.version, hash: cur.hash.clone(), policy: Some(signed_policy(&cur.record)) }))
+        Ok(Response::new(pb::PolicyInfo {
+            version: cur.policy.version,
+            hash: cur.hash.clone(),
+            policy: Some(signed_policy(&cur.record)),
+        }))
     }
 }

@@ -66,11 +66,17 @@ pub struct Shared {
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -79,7 +85,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Terminal target states; a job is finished when all its targets are.
 pub fn is_terminal(state: &str) -> bool {
-    matches!(state, "ok" | "failed" | "timed_out" | "refused" | "offline" | "canceled" | "skipped")
+    matches!(
+        state,
+        "ok" | "failed" | "timed_out" | "refused" | "offline" | "canceled" | "skipped"
+    )
 }
 
 fn outcome_state(o: i32) -> &'static str {
@@ -113,7 +122,9 @@ impl Shared {
         if let Some(rec) = shared.store.get_policy()? {
             // The stored bundle was verified when pushed; verify again so a
             // tampered database cannot smuggle in a policy.
-            let cur = shared.verify_policy(rec).map_err(|e| ApiError::Internal(format!("stored policy: {e}")))?;
+            let cur = shared
+                .verify_policy(rec)
+                .map_err(|e| ApiError::Internal(format!("stored policy: {e}")))?;
             *shared.policy.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(cur));
         }
         Ok(shared)
@@ -125,7 +136,10 @@ impl Shared {
     }
 
     pub fn is_revoked(&self, agent: &str) -> bool {
-        self.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(agent)
+        self.revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(agent)
     }
 
     async fn flush(&self) -> ApiResult<()> {
@@ -139,26 +153,49 @@ impl Shared {
     // ------------------------------------------------------------ policy
 
     pub fn current_policy(&self) -> Option<Arc<CurrentPolicy>> {
-        self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn verify_policy(&self, record: PolicyRecord) -> ApiResult<CurrentPolicy> {
         let sigs: Vec<PolicySignature> = record
             .signatures
             .iter()
-            .map(|(key_id, signature)| PolicySignature { key_id: key_id.clone(), signature: signature.clone() })
+            .map(|(key_id, signature)| PolicySignature {
+                key_id: key_id.clone(),
+                signature: signature.clone(),
+            })
             .collect();
-        let policy = policy_bundle::verify_bundle(&record.bundle, &sigs, &self.config.policy_roots, self.config.policy_threshold)
-            .map_err(|e| ApiError::InvalidArgument(format!("policy bundle refused: {e}")))?;
+        let policy = policy_bundle::verify_bundle(
+            &record.bundle,
+            &sigs,
+            &self.config.policy_roots,
+            self.config.policy_threshold,
+        )
+        .map_err(|e| ApiError::InvalidArgument(format!("policy bundle refused: {e}")))?;
         let hash = policy_bundle::bundle_hash(&record.bundle);
-        Ok(CurrentPolicy { policy, record, hash })
+        Ok(CurrentPolicy {
+            policy,
+            record,
+            hash,
+        })
     }
 
-    pub async fn push_policy(&self, signed: pb::SignedPolicy, by: &Peer) -> ApiResult<Arc<CurrentPolicy>> {
+    pub async fn push_policy(
+        &self,
+        signed: pb::SignedPolicy,
+        by: &Peer,
+    ) -> ApiResult<Arc<CurrentPolicy>> {
         let record = PolicyRecord {
             version: 0,
             bundle: signed.bundle,
-            signatures: signed.signatures.into_iter().map(|s| (s.key_id, s.signature)).collect(),
+            signatures: signed
+                .signatures
+                .into_iter()
+                .map(|s| (s.key_id, s.signature))
+                .collect(),
         };
         let mut cur = self.verify_policy(record).inspect_err(|e| {
             self.security_event("policy_refused", &format!("{} {}: {e}", by.role, by.name));
@@ -193,7 +230,10 @@ impl Shared {
         by: &str,
     ) -> ApiResult<(fleetcmd_core::crypto::Secret<String>, u64)> {
         if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
-            return Err(ApiError::InvalidArgument(format!("token ttl must be between 1s and {}s", MAX_TOKEN_TTL.as_secs())));
+            return Err(ApiError::InvalidArgument(format!(
+                "token ttl must be between 1s and {}s",
+                MAX_TOKEN_TTL.as_secs()
+            )));
         }
         if let Some(n) = &name {
             AgentId::parse(n).map_err(|e| ApiError::InvalidArgument(format!("token name: {e}")))?;
@@ -201,8 +241,10 @@ impl Shared {
         let rng = ring::rand::SystemRandom::new();
         let mut id = [0u8; 8];
         let mut secret = [0u8; 32];
-        ring::rand::SecureRandom::fill(&rng, &mut id).map_err(|_| ApiError::Internal("random source failed".into()))?;
-        ring::rand::SecureRandom::fill(&rng, &mut secret).map_err(|_| ApiError::Internal("random source failed".into()))?;
+        ring::rand::SecureRandom::fill(&rng, &mut id)
+            .map_err(|_| ApiError::Internal("random source failed".into()))?;
+        ring::rand::SecureRandom::fill(&rng, &mut secret)
+            .map_err(|_| ApiError::Internal("random source failed".into()))?;
         let expires_at = now_secs() + ttl.as_secs();
         let token = JoinToken {
             id,
@@ -232,29 +274,52 @@ impl Shared {
         })?;
         if token.ca_sha256 != self.ca.fingerprint() {
             self.security_event("join_refused", "token pins another CA");
-            return Err(ApiError::PermissionDenied("join token was issued for another fleet CA".into()));
+            return Err(ApiError::PermissionDenied(
+                "join token was issued for another fleet CA".into(),
+            ));
         }
         if token.roots_sha256 != roots_pin(&self.config.policy_roots) {
             self.security_event("join_refused", "token pins other policy roots");
-            return Err(ApiError::PermissionDenied("join token pins other policy root keys".into()));
+            return Err(ApiError::PermissionDenied(
+                "join token pins other policy root keys".into(),
+            ));
         }
-        let rec = self.store.consume_token(&token.id_hex(), &hex(&token.secret_hash()), now_secs())?.map_err(|r| {
-            self.security_event("join_refused", &format!("token {}: {r}", token.id_hex()));
-            ApiError::PermissionDenied(r.to_string())
-        })?;
+        let rec = self
+            .store
+            .consume_token(&token.id_hex(), &hex(&token.secret_hash()), now_secs())?
+            .map_err(|r| {
+                self.security_event("join_refused", &format!("token {}: {r}", token.id_hex()));
+                ApiError::PermissionDenied(r.to_string())
+            })?;
         let name = rec.name.clone().unwrap_or(req.name);
-        let id = AgentId::parse(&name).map_err(|e| ApiError::InvalidArgument(format!("agent name: {e}")))?;
-        if let Some(existing) = self.store.get_agent(id.as_str())? {
-            if existing.revoked {
-                self.security_event("join_refused", &format!("agent {id} is revoked"));
-                return Err(ApiError::PermissionDenied(format!("agent {id} is revoked; pick another name")));
-            }
+        let id = AgentId::parse(&name)
+            .map_err(|e| ApiError::InvalidArgument(format!("agent name: {e}")))?;
+        if self
+            .store
+            .get_agent(id.as_str())?
+            .is_some_and(|a| a.revoked)
+        {
+            self.security_event("join_refused", &format!("agent {id} is revoked"));
+            return Err(ApiError::PermissionDenied(format!(
+                "agent {id} is revoked; pick another name"
+            )));
         }
         let cert_pem = self
             .ca
-            .issue_from_csr(&req.csr_der, Role::Agent, id.as_str(), self.config.agent_cert_ttl)
+            .issue_from_csr(
+                &req.csr_der,
+                Role::Agent,
+                id.as_str(),
+                self.config.agent_cert_ttl,
+            )
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        let agent = AgentRecord { id: id.to_string(), labels: rec.labels.clone(), revoked: false, joined_at: now_secs(), version: String::new() };
+        let agent = AgentRecord {
+            id: id.to_string(),
+            labels: rec.labels.clone(),
+            revoked: false,
+            joined_at: now_secs(),
+            version: String::new(),
+        };
         self.store.put_agent(&agent)?;
         self.flush().await?;
         tracing::info!(agent_id = %id, "agent joined");
@@ -262,7 +327,12 @@ impl Shared {
             agent_id: id.to_string(),
             cert_pem,
             ca_pem: self.ca.cert_pem().to_owned(),
-            policy_roots: self.config.policy_roots.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            policy_roots: self
+                .config
+                .policy_roots
+                .iter()
+                .map(|k| k.as_bytes().to_vec())
+                .collect(),
             policy_threshold: self.config.policy_threshold as u32,
             labels: rec.labels.into_iter().collect(),
         })
@@ -283,7 +353,11 @@ impl Shared {
             .get_agent(agent)?
             .ok_or_else(|| ApiError::PermissionDenied(format!("agent {agent} is not enrolled")))?;
         // The controller's labels (from the token) win over the agent's own.
-        let mut labels: BTreeMap<String, String> = hello.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut labels: BTreeMap<String, String> = hello
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         labels.extend(rec.labels.clone());
         rec.version = hello.version.clone();
         self.store.put_agent(&rec)?;
@@ -304,7 +378,10 @@ impl Shared {
             },
         );
         if old.is_some() {
-            tracing::info!(agent_id = agent, "agent reconnected; previous stream replaced");
+            tracing::info!(
+                agent_id = agent,
+                "agent reconnected; previous stream replaced"
+            );
         }
         tracing::info!(agent_id = agent, conn, "agent connected");
         Ok(conn)
@@ -331,12 +408,18 @@ impl Shared {
     }
 
     pub fn list_agents(&self, selector: &str) -> ApiResult<Vec<pb::Agent>> {
-        let sel = if selector.trim().is_empty() { Selector::all() } else { parse_selector(selector)? };
+        let sel = if selector.trim().is_empty() {
+            Selector::all()
+        } else {
+            parse_selector(selector)?
+        };
         let agents = lock(&self.agents);
         let mut out = Vec::new();
         for rec in self.store.list_agents()? {
             let live = agents.get(&rec.id);
-            let labels = live.map(|l| l.labels.clone()).unwrap_or_else(|| rec.labels.clone());
+            let labels = live
+                .map(|l| l.labels.clone())
+                .unwrap_or_else(|| rec.labels.clone());
             if !sel.matches(&rec.id, &labels) {
                 continue;
             }
@@ -346,7 +429,9 @@ impl Shared {
                 online: live.is_some_and(|l| self.online(l)) && !rec.revoked,
                 revoked: rec.revoked,
                 version: live.map(|l| l.version.clone()).unwrap_or(rec.version),
-                last_seen_ms: live.map(|l| now_ms().saturating_sub(l.last_heartbeat.elapsed().as_millis() as u64)).unwrap_or(0),
+                last_seen_ms: live
+                    .map(|l| now_ms().saturating_sub(l.last_heartbeat.elapsed().as_millis() as u64))
+                    .unwrap_or(0),
                 metrics: live.and_then(|l| l.metrics.clone()),
                 policy_version: live.map(|l| l.policy_version).unwrap_or(0),
             });
@@ -357,15 +442,26 @@ impl Shared {
     /// Revokes an agent: durable first, then its stream is closed and every
     /// later call with its certificate is refused.
     pub async fn revoke(&self, agent: &str, by: &Peer) -> ApiResult<()> {
-        let mut rec = self.store.get_agent(agent)?.ok_or_else(|| ApiError::NotFound(format!("no agent {agent:?}")))?;
+        let mut rec = self
+            .store
+            .get_agent(agent)?
+            .ok_or_else(|| ApiError::NotFound(format!("no agent {agent:?}")))?;
         rec.revoked = true;
         self.store.put_agent(&rec)?;
         self.flush().await?;
-        self.revoked.write().unwrap_or_else(|p| p.into_inner()).insert(agent.to_owned());
+        self.revoked
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(agent.to_owned());
         if let Some(live) = lock(&self.agents).remove(agent) {
-            let _ = live.tx.try_send(Err(Status::permission_denied(format!("agent {agent} was revoked"))));
+            let _ = live.tx.try_send(Err(Status::permission_denied(format!(
+                "agent {agent} was revoked"
+            ))));
         }
-        self.security_event("agent_revoked", &format!("{agent} revoked by {} {}", by.role, by.name));
+        self.security_event(
+            "agent_revoked",
+            &format!("{agent} revoked by {} {}", by.role, by.name),
+        );
         Ok(())
     }
 
@@ -373,22 +469,41 @@ impl Shared {
 
     /// Checks a signed job as the agents will (defence in depth; the agents
     /// still decide), stores it durably, then dispatches it.
-    pub async fn submit(&self, peer: &Peer, signed: pb::SignedJob) -> ApiResult<pb::SubmitResponse> {
-        let cur = self
-            .current_policy()
-            .ok_or_else(|| ApiError::FailedPrecondition("no policy has been pushed yet (`fleetcmd policy push`)".into()))?;
-        let job = SignedJob { spec: signed.spec, signature: signed.signature, key_id: signed.key_id };
+    pub async fn submit(
+        &self,
+        peer: &Peer,
+        signed: pb::SignedJob,
+    ) -> ApiResult<pb::SubmitResponse> {
+        let cur = self.current_policy().ok_or_else(|| {
+            ApiError::FailedPrecondition(
+                "no policy has been pushed yet (`fleetcmd policy push`)".into(),
+            )
+        })?;
+        let job = SignedJob {
+            spec: signed.spec,
+            signature: signed.signature,
+            key_id: signed.key_id,
+        };
         let spec = job.verify(&cur.policy, now_secs()).inspect_err(|r| {
             self.security_event("job_refused", &format!("{} {}: {r}", peer.role, peer.name));
         })?;
-        let cmd = cur.policy.command(&spec.command).ok_or_else(|| Refusal::NotAllowed(spec.command.clone()))?;
-        fleetcmd_core::argv::build_argv(cmd, &spec.args).map_err(|e| Refusal::BadArgument(e.to_string()))?;
+        let cmd = cur
+            .policy
+            .command(&spec.command)
+            .ok_or_else(|| Refusal::NotAllowed(spec.command.clone()))?;
+        fleetcmd_core::argv::build_argv(cmd, &spec.args)
+            .map_err(|e| Refusal::BadArgument(e.to_string()))?;
         check_requester(peer, &spec.requester)?;
         let selector = parse_selector(&spec.selector)?;
         let id = spec.id.to_string();
         if self.store.get_job(&id)?.is_some() {
-            self.security_event("job_refused", &format!("replayed job id {id} from {} {}", peer.role, peer.name));
-            return Err(ApiError::AlreadyExists(format!("job {id} was already submitted")));
+            self.security_event(
+                "job_refused",
+                &format!("replayed job id {id} from {} {}", peer.role, peer.name),
+            );
+            return Err(ApiError::AlreadyExists(format!(
+                "job {id} was already submitted"
+            )));
         }
         // Resolve targets against the registry (the agents re-check their own labels).
         let mut targets: Vec<(String, bool)> = Vec::new();
@@ -399,15 +514,23 @@ impl Shared {
                     continue;
                 }
                 let live = agents.get(&rec.id);
-                let labels = live.map(|l| l.labels.clone()).unwrap_or_else(|| rec.labels.clone());
-                let for_host = cmd.targets.as_ref().is_none_or(|t| t.matches(&rec.id, &labels));
+                let labels = live
+                    .map(|l| l.labels.clone())
+                    .unwrap_or_else(|| rec.labels.clone());
+                let for_host = cmd
+                    .targets
+                    .as_ref()
+                    .is_none_or(|t| t.matches(&rec.id, &labels));
                 if selector.matches(&rec.id, &labels) && for_host {
                     targets.push((rec.id.clone(), live.is_some_and(|l| self.online(l))));
                 }
             }
         }
         if targets.is_empty() {
-            return Err(ApiError::NotFound(format!("no agent matches `{}` for command `{}`", spec.selector, spec.command)));
+            return Err(ApiError::NotFound(format!(
+                "no agent matches `{}` for command `{}`",
+                spec.selector, spec.command
+            )));
         }
         let record = JobRecord {
             id: id.clone(),
@@ -420,14 +543,28 @@ impl Shared {
             requester: spec.requester.to_string(),
             channel: spec.channel.clone(),
             created_at_ms: now_ms(),
-            deadline: now_secs() + cmd.timeout.as_secs().max(spec.timeout_secs) + RESULT_GRACE.as_secs(),
+            deadline: now_secs()
+                + cmd.timeout.as_secs().max(spec.timeout_secs)
+                + RESULT_GRACE.as_secs(),
             state: "running".into(),
             targets: targets.iter().map(|(a, _)| a.clone()).collect(),
         };
         for (agent, online) in &targets {
             let state = if *online { "pending" } else { "offline" };
-            let reason = if *online { "" } else { "agent offline when the job was dispatched" };
-            self.store.put_target(&id, agent, &TargetRecord { state: state.into(), result: None, reason: reason.into() })?;
+            let reason = if *online {
+                ""
+            } else {
+                "agent offline when the job was dispatched"
+            };
+            self.store.put_target(
+                &id,
+                agent,
+                &TargetRecord {
+                    state: state.into(),
+                    result: None,
+                    reason: reason.into(),
+                },
+            )?;
         }
         self.store.put_job(&record)?;
         self.flush().await?;
@@ -443,16 +580,30 @@ impl Shared {
             if !online {
                 continue;
             }
-            let sent = lock(&self.agents).get(agent).map(|l| l.tx.try_send(Ok(msg.clone())).is_ok()).unwrap_or(false);
+            let sent = lock(&self.agents)
+                .get(agent)
+                .map(|l| l.tx.try_send(Ok(msg.clone())).is_ok())
+                .unwrap_or(false);
             let rec = if sent {
-                TargetRecord { state: "dispatched".into(), result: None, reason: String::new() }
+                TargetRecord {
+                    state: "dispatched".into(),
+                    result: None,
+                    reason: String::new(),
+                }
             } else {
-                TargetRecord { state: "offline".into(), result: None, reason: "agent stream unavailable at dispatch".into() }
+                TargetRecord {
+                    state: "offline".into(),
+                    result: None,
+                    reason: "agent stream unavailable at dispatch".into(),
+                }
             };
             self.update_target(&id, agent, rec, false)?;
         }
         self.finish_if_done(&id)?;
-        Ok(pb::SubmitResponse { job_id: id, targets: targets.into_iter().map(|(a, _)| a).collect() })
+        Ok(pb::SubmitResponse {
+            job_id: id,
+            targets: targets.into_iter().map(|(a, _)| a).collect(),
+        })
     }
 
     /// Stores and dispatches a job WITHOUT any of the controller's checks, to
@@ -460,7 +611,12 @@ impl Shared {
     /// controller could do; the tests use it to show that agents refuse such
     /// jobs on their own. It adds no power: the controller is not trusted.
     #[doc(hidden)]
-    pub async fn inject_job_unchecked(&self, signed: pb::SignedJob, job_id: &str, agents: &[&str]) -> ApiResult<()> {
+    pub async fn inject_job_unchecked(
+        &self,
+        signed: pb::SignedJob,
+        job_id: &str,
+        agents: &[&str],
+    ) -> ApiResult<()> {
         let record = JobRecord {
             id: job_id.to_owned(),
             spec: signed.spec.clone(),
@@ -477,10 +633,20 @@ impl Shared {
             targets: agents.iter().map(|a| a.to_string()).collect(),
         };
         for a in agents {
-            self.store.put_target(job_id, a, &TargetRecord { state: "dispatched".into(), result: None, reason: String::new() })?;
+            self.store.put_target(
+                job_id,
+                a,
+                &TargetRecord {
+                    state: "dispatched".into(),
+                    result: None,
+                    reason: String::new(),
+                },
+            )?;
         }
         self.store.put_job(&record)?;
-        let msg = pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Job(signed)) };
+        let msg = pb::ControllerMessage {
+            msg: Some(pb::controller_message::Msg::Job(signed)),
+        };
         for a in agents {
             if let Some(l) = lock(&self.agents).get(*a) {
                 let _ = l.tx.try_send(Ok(msg.clone()));
@@ -493,7 +659,9 @@ impl Shared {
     /// (a compromised controller's move; tests show agents refuse it).
     #[doc(hidden)]
     pub fn inject_policy_unchecked(&self, signed: pb::SignedPolicy) {
-        let msg = pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Policy(signed)) };
+        let msg = pb::ControllerMessage {
+            msg: Some(pb::controller_message::Msg::Policy(signed)),
+        };
         for live in lock(&self.agents).values() {
             let _ = live.tx.try_send(Ok(msg.clone()));
         }
@@ -501,7 +669,13 @@ impl Shared {
 
     /// Writes a target's state unless it is already terminal (at most one
     /// result per job and agent). Returns whether it was written.
-    fn update_target(&self, job: &str, agent: &str, rec: TargetRecord, allow_from_terminal: bool) -> ApiResult<bool> {
+    fn update_target(
+        &self,
+        job: &str,
+        agent: &str,
+        rec: TargetRecord,
+        allow_from_terminal: bool,
+    ) -> ApiResult<bool> {
         let _g = lock(&self.job_lock);
         match self.store.get_target(job, agent)? {
             None => Ok(false),
@@ -515,13 +689,20 @@ impl Shared {
 
     fn finish_if_done(&self, job: &str) -> ApiResult<()> {
         let _g = lock(&self.job_lock);
-        let Some(mut rec) = self.store.get_job(job)? else { return Ok(()) };
+        let Some(mut rec) = self.store.get_job(job)? else {
+            return Ok(());
+        };
         if rec.state != "running" {
             return Ok(());
         }
         let targets = self.store.targets(job)?;
         if targets.iter().all(|(_, t)| is_terminal(&t.state)) {
-            rec.state = if targets.iter().all(|(_, t)| t.state == "ok") { "succeeded" } else { "failed" }.into();
+            rec.state = if targets.iter().all(|(_, t)| t.state == "ok") {
+                "succeeded"
+            } else {
+                "failed"
+            }
+            .into();
             tracing::info!(job_id = job, state = %rec.state, "job finished");
             self.store.put_job(&rec)?;
         }
@@ -529,7 +710,16 @@ impl Shared {
     }
 
     pub fn record_started(&self, agent: &str, job: &str) -> ApiResult<()> {
-        self.update_target(job, agent, TargetRecord { state: "running".into(), result: None, reason: String::new() }, false)?;
+        self.update_target(
+            job,
+            agent,
+            TargetRecord {
+                state: "running".into(),
+                result: None,
+                reason: String::new(),
+            },
+            false,
+        )?;
         Ok(())
     }
 
@@ -538,14 +728,21 @@ impl Shared {
     pub async fn record_result(&self, agent: &str, result: pb::JobResult) -> ApiResult<()> {
         let job = result.job_id.clone();
         let state = outcome_state(result.outcome);
-        let rec = TargetRecord { state: state.into(), reason: result.reason.clone(), result: Some(result.encode_to_vec()) };
+        let rec = TargetRecord {
+            state: state.into(),
+            reason: result.reason.clone(),
+            result: Some(result.encode_to_vec()),
+        };
         if !self.update_target(&job, agent, rec, false)? {
             tracing::debug!(job_id = %job, agent_id = agent, "result for an unknown or finished target ignored");
             return Ok(());
         }
         self.flush().await?;
         if state == "refused" {
-            self.security_event("job_refused_by_agent", &format!("agent {agent} refused job {job}: {}", result.reason));
+            self.security_event(
+                "job_refused_by_agent",
+                &format!("agent {agent} refused job {job}: {}", result.reason),
+            );
         }
         self.finish_if_done(&job)?;
         Ok(())
@@ -561,7 +758,11 @@ impl Shared {
             }
             for (agent, t) in self.store.targets(&job.id)? {
                 if !is_terminal(&t.state) {
-                    let rec = TargetRecord { state: "failed".into(), result: None, reason: "no result from the agent before the job's deadline".into() };
+                    let rec = TargetRecord {
+                        state: "failed".into(),
+                        result: None,
+                        reason: "no result from the agent before the job's deadline".into(),
+                    };
                     changed |= self.update_target(&job.id, &agent, rec, false)?;
                 }
             }
@@ -579,29 +780,46 @@ impl Shared {
     pub fn resolve_job_id(&self, id: &str) -> ApiResult<String> {
         let id = id.trim().to_ascii_lowercase();
         if id.len() < 4 || id.len() > 36 || !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            return Err(ApiError::InvalidArgument(format!("job id {id:?}: give at least 4 hex digits of it")));
+            return Err(ApiError::InvalidArgument(format!(
+                "job id {id:?}: give at least 4 hex digits of it"
+            )));
         }
         let mut ids = self.store.job_ids_with_prefix(&id, 2)?;
         if ids.is_empty() {
-            ids = self.store.list_jobs(SUFFIX_SCAN)?.into_iter().map(|j| j.id).filter(|j| j.ends_with(&id)).take(2).collect();
+            ids = self
+                .store
+                .list_jobs(SUFFIX_SCAN)?
+                .into_iter()
+                .map(|j| j.id)
+                .filter(|j| j.ends_with(&id))
+                .take(2)
+                .collect();
         }
         match ids.as_slice() {
             [one] => Ok(one.clone()),
             [] => Err(ApiError::NotFound(format!("no job {id}"))),
-            _ => Err(ApiError::InvalidArgument(format!("job id {id} is ambiguous; give more of it"))),
+            _ => Err(ApiError::InvalidArgument(format!(
+                "job id {id} is ambiguous; give more of it"
+            ))),
         }
     }
 
     pub fn get_job(&self, id: &str) -> ApiResult<pb::Job> {
         let id = self.resolve_job_id(id)?;
-        let rec = self.store.get_job(&id)?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+        let rec = self
+            .store
+            .get_job(&id)?
+            .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
         self.job_to_proto(rec)
     }
 
     pub fn list_jobs(&self, limit: u32, requester: &str) -> ApiResult<Vec<pb::Job>> {
         let limit = if limit == 0 { 20 } else { limit.min(500) } as usize;
         let mut out = Vec::new();
-        for rec in self.store.list_jobs(if requester.is_empty() { limit } else { 10_000 })? {
+        for rec in self
+            .store
+            .list_jobs(if requester.is_empty() { limit } else { 10_000 })?
+        {
             if !requester.is_empty() && rec.requester != requester {
                 continue;
             }
@@ -619,11 +837,22 @@ impl Shared {
             .targets(&rec.id)?
             .into_iter()
             .map(|(agent, t)| {
-                let mut result = t.result.as_deref().and_then(|b| pb::JobResult::decode(b).ok());
+                let mut result = t
+                    .result
+                    .as_deref()
+                    .and_then(|b| pb::JobResult::decode(b).ok());
                 if result.is_none() && !t.reason.is_empty() {
-                    result = Some(pb::JobResult { job_id: rec.id.clone(), reason: t.reason.clone(), ..Default::default() });
+                    result = Some(pb::JobResult {
+                        job_id: rec.id.clone(),
+                        reason: t.reason.clone(),
+                        ..Default::default()
+                    });
                 }
-                pb::Target { agent_id: agent, state: t.state, result }
+                pb::Target {
+                    agent_id: agent,
+                    state: t.state,
+                    result,
+                }
             })
             .collect();
         Ok(pb::Job {
@@ -651,7 +880,10 @@ fn check_requester(peer: &Peer, requester: &Identity) -> ApiResult<()> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::PermissionDenied(format!("{} {} may not submit jobs as {requester}", peer.role, peer.name)))
+        Err(ApiError::PermissionDenied(format!(
+            "{} {} may not submit jobs as {requester}",
+            peer.role, peer.name
+        )))
     }
 }
 
@@ -660,7 +892,11 @@ fn parse_selector(s: &str) -> ApiResult<Selector> {
 }
 
 pub fn policy_message(cur: &CurrentPolicy) -> pb::ControllerMessage {
-    pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Policy(signed_policy(&cur.record))) }
+    pb::ControllerMessage {
+        msg: Some(pb::controller_message::Msg::Policy(signed_policy(
+            &cur.record,
+        ))),
+    }
 }
 
 pub fn signed_policy(rec: &PolicyRecord) -> pb::SignedPolicy {
@@ -669,7 +905,10 @@ pub fn signed_policy(rec: &PolicyRecord) -> pb::SignedPolicy {
         signatures: rec
             .signatures
             .iter()
-            .map(|(key_id, signature)| pb::PolicySignature { key_id: key_id.clone(), signature: signature.clone() })
+            .map(|(key_id, signature)| pb::PolicySignature {
+                key_id: key_id.clone(),
+                signature: signature.clone(),
+            })
             .collect(),
     }
 }

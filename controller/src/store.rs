@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database at {path}: {reason}; restore the directory from a backup or move it aside to start empty")]
+    #[error(
+        "database at {path}: {reason}; restore the directory from a backup or move it aside to start empty"
+    )]
     Open { path: String, reason: String },
     #[error("database: {0}")]
     Backend(String),
@@ -99,7 +101,12 @@ pub trait Store: Send + Sync + 'static {
     fn put_token(&self, id: &str, rec: &TokenRecord) -> Result<(), StoreError>;
     /// Atomically checks the secret and consumes one use: of two concurrent
     /// callers with a single-use token exactly one succeeds.
-    fn consume_token(&self, id: &str, secret_hash: &str, now: u64) -> Result<Result<TokenRecord, TokenRefusal>, StoreError>;
+    fn consume_token(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        now: u64,
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError>;
     fn put_agent(&self, rec: &AgentRecord) -> Result<(), StoreError>;
     fn get_agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
     fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
@@ -138,13 +145,18 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: e.to_string() })
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
 }
 
 impl SledStore {
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
-        let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: path.display().to_string(), reason: e.to_string() };
+        let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
         // sled panics on some corruptions instead of returning an error; turn
         // that into the same clear message.
         let db = std::panic::catch_unwind(|| sled::Config::new().path(path).open())
@@ -162,7 +174,9 @@ impl SledStore {
     }
 
     fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
-        tree.get(key.as_bytes())?.map(|v| decode(key.as_bytes(), &v)).transpose()
+        tree.get(key.as_bytes())?
+            .map(|v| decode(key.as_bytes(), &v))
+            .transpose()
     }
 }
 
@@ -172,7 +186,12 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn consume_token(&self, id: &str, secret_hash: &str, now: u64) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
+    fn consume_token(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        now: u64,
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
         loop {
             let Some(old) = self.tokens.get(id.as_bytes())? else {
                 return Ok(Err(TokenRefusal::Unknown));
@@ -191,7 +210,10 @@ impl Store for SledStore {
             }
             let mut next = rec.clone();
             next.uses_left -= 1;
-            match self.tokens.compare_and_swap(id.as_bytes(), Some(old), Some(encode(&next)))? {
+            match self
+                .tokens
+                .compare_and_swap(id.as_bytes(), Some(old), Some(encode(&next)))?
+            {
                 Ok(()) => return Ok(Ok(rec)),
                 Err(_) => continue, // somebody else used it meanwhile: re-read
             }
@@ -208,10 +230,13 @@ impl Store for SledStore {
     }
 
     fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        self.agents.iter().map(|kv| {
-            let (k, v) = kv?;
-            decode(&k, &v)
-        }).collect()
+        self.agents
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
     }
 
     fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError> {
@@ -233,14 +258,20 @@ impl Store for SledStore {
     }
 
     fn list_jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
-        self.jobs.iter().rev().take(limit).map(|kv| {
-            let (k, v) = kv?;
-            decode(&k, &v)
-        }).collect()
+        self.jobs
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
     }
 
     fn put_target(&self, job: &str, agent: &str, rec: &TargetRecord) -> Result<(), StoreError> {
-        self.targets.insert(format!("{job}/{agent}").as_bytes(), encode(rec))?;
+        self.targets
+            .insert(format!("{job}/{agent}").as_bytes(), encode(rec))?;
         Ok(())
     }
 
@@ -250,11 +281,14 @@ impl Store for SledStore {
 
     fn targets(&self, job: &str) -> Result<Vec<(String, TargetRecord)>, StoreError> {
         let prefix = format!("{job}/");
-        self.targets.scan_prefix(prefix.as_bytes()).map(|kv| {
-            let (k, v) = kv?;
-            let agent = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            Ok((agent, decode(&k, &v)?))
-        }).collect()
+        self.targets
+            .scan_prefix(prefix.as_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                let agent = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                Ok((agent, decode(&k, &v)?))
+            })
+            .collect()
     }
 
     fn put_policy(&self, rec: &PolicyRecord) -> Result<(), StoreError> {
@@ -277,7 +311,14 @@ mod tests {
     use super::*;
 
     fn token(uses: u32) -> TokenRecord {
-        TokenRecord { secret_hash: "ab".repeat(32), expires_at: 100, uses_left: uses, labels: BTreeMap::new(), name: None, created_by: "t".into() }
+        TokenRecord {
+            secret_hash: "ab".repeat(32),
+            expires_at: 100,
+            uses_left: uses,
+            labels: BTreeMap::new(),
+            name: None,
+            created_by: "t".into(),
+        }
     }
 
     #[test]
@@ -289,13 +330,23 @@ mod tests {
             let handles: Vec<_> = (0..8)
                 .map(|_| {
                     let store = store.clone();
-                    s.spawn(move || store.consume_token("t1", &"ab".repeat(32), 50).expect("store").is_ok() as usize)
+                    s.spawn(move || {
+                        store
+                            .consume_token("t1", &"ab".repeat(32), 50)
+                            .expect("store")
+                            .is_ok() as usize
+                    })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().expect("thread")).sum()
         });
         assert_eq!(winners, 1);
-        assert_eq!(store.consume_token("t1", &"ab".repeat(32), 50).expect("store"), Err(TokenRefusal::Used));
+        assert_eq!(
+            store
+                .consume_token("t1", &"ab".repeat(32), 50)
+                .expect("store"),
+            Err(TokenRefusal::Used)
+        );
     }
 
     #[test]
@@ -303,10 +354,30 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
         store.put_token("t", &token(2)).expect("put");
-        assert_eq!(store.consume_token("t", &"cd".repeat(32), 50).expect("store"), Err(TokenRefusal::Unknown));
-        assert_eq!(store.consume_token("nope", &"ab".repeat(32), 50).expect("store"), Err(TokenRefusal::Unknown));
-        assert_eq!(store.consume_token("t", &"ab".repeat(32), 101).expect("store"), Err(TokenRefusal::Expired));
-        assert!(store.consume_token("t", &"ab".repeat(32), 50).expect("store").is_ok());
+        assert_eq!(
+            store
+                .consume_token("t", &"cd".repeat(32), 50)
+                .expect("store"),
+            Err(TokenRefusal::Unknown)
+        );
+        assert_eq!(
+            store
+                .consume_token("nope", &"ab".repeat(32), 50)
+                .expect("store"),
+            Err(TokenRefusal::Unknown)
+        );
+        assert_eq!(
+            store
+                .consume_token("t", &"ab".repeat(32), 101)
+                .expect("store"),
+            Err(TokenRefusal::Expired)
+        );
+        assert!(
+            store
+                .consume_token("t", &"ab".repeat(32), 50)
+                .expect("store")
+                .is_ok()
+        );
     }
 
     #[test]
@@ -314,7 +385,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = SledStore::open(dir.path()).expect("open");
-            store.put_target("j1", "web-1", &TargetRecord { state: "ok".into(), result: Some(vec![1, 2]), reason: String::new() }).expect("put");
+            store
+                .put_target(
+                    "j1",
+                    "web-1",
+                    &TargetRecord {
+                        state: "ok".into(),
+                        result: Some(vec![1, 2]),
+                        reason: String::new(),
+                    },
+                )
+                .expect("put");
             store.flush().expect("flush");
         }
         let store = SledStore::open(dir.path()).expect("reopen");

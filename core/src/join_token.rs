@@ -51,7 +51,10 @@ impl JoinToken {
             return Err(TokenError::Length(s.len()));
         }
         let body = s.strip_prefix(PREFIX).ok_or(TokenError::Prefix)?;
-        if !body.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        if !body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
             return Err(TokenError::Charset);
         }
         let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -87,7 +90,10 @@ impl JoinToken {
         raw.extend_from_slice(&self.expires_at.to_be_bytes());
         raw.extend_from_slice(&self.ca_sha256);
         raw.extend_from_slice(&self.roots_sha256);
-        Secret::new(format!("{PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)))
+        Secret::new(format!(
+            "{PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+        ))
     }
 
     /// Lowercase hex of the id, the store key.
@@ -137,12 +143,20 @@ mod tests {
     #[test]
     fn hostile_values_are_refused_before_decoding() {
         let good = sample().encode().expose().clone();
-        let check = |input: String, want: TokenError| assert_eq!(JoinToken::parse(&input), Err(want), "{input:?}");
+        let check = |input: String, want: TokenError| {
+            assert_eq!(JoinToken::parse(&input), Err(want), "{input:?}")
+        };
         check(format!("{good}\r\n"), TokenError::Length(TOKEN_LEN + 2));
         check("x".repeat(1 << 20), TokenError::Length(1 << 20));
         check(String::new(), TokenError::Length(0));
-        check(format!("{}$(id)", &good[..TOKEN_LEN - 5]), TokenError::Charset);
-        check(format!("{};rm -", &good[..TOKEN_LEN - 5]), TokenError::Charset);
+        check(
+            format!("{}$(id)", &good[..TOKEN_LEN - 5]),
+            TokenError::Charset,
+        );
+        check(
+            format!("{};rm -", &good[..TOKEN_LEN - 5]),
+            TokenError::Charset,
+        );
         check(format!("fct2_{}", &good[5..]), TokenError::Prefix);
     }
 

@@ -17,7 +17,12 @@ fn run_with_stdin(args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("fleetcmd starts");
-    child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
     child.wait_with_output().expect("fleetcmd finishes")
 }
 
@@ -30,19 +35,41 @@ fn readme_demo_prints_one_result_per_agent_and_exits_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("fleet");
     let out = run_with_stdin(
-        &["dev", "--listen", "127.0.0.1:0", "--data", data.to_str().expect("utf-8 path")],
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().expect("utf-8 path"),
+        ],
         "!run uptime on all\n",
     );
     let stdout = text(&out.stdout);
-    assert!(out.status.success(), "exit {:?}\nstdout:\n{stdout}\nstderr:\n{}", out.status, text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        text(&out.stderr)
+    );
     assert!(stdout.contains("succeeded (3/3 ok)"), "{stdout}");
     for agent in ["dev-1", "dev-2", "dev-3"] {
-        assert!(stdout.contains(&format!("{agent} — ok")), "{agent} missing:\n{stdout}");
+        assert!(
+            stdout.contains(&format!("{agent} — ok")),
+            "{agent} missing:\n{stdout}"
+        );
     }
     assert_eq!(stdout.matches("load average").count(), 3, "{stdout}");
     let env = std::fs::read_to_string(data.join("env")).expect("DIR/env written");
-    for var in ["FLEETCMD_CONTROLLER=https://127.0.0.1:", "FLEETCMD_CA=", "FLEETCMD_CERT=", "FLEETCMD_KEY="] {
-        assert!(env.contains(&format!("export {var}")), "{var} missing from env file:\n{env}");
+    for var in [
+        "FLEETCMD_CONTROLLER=https://127.0.0.1:",
+        "FLEETCMD_CA=",
+        "FLEETCMD_CERT=",
+        "FLEETCMD_KEY=",
+    ] {
+        assert!(
+            env.contains(&format!("export {var}")),
+            "{var} missing from env file:\n{env}"
+        );
     }
 }
 
@@ -76,7 +103,10 @@ fn operator_commands_against_a_live_fleet() {
     let out = fleetcmd(&fleet, &["run", "echo", "hi there", "--on", "role=web"]);
     let s = text(&out.stdout);
     assert!(out.status.success(), "{s}{}", text(&out.stderr));
-    assert!(s.contains("dev-1: hi there") && s.contains("dev-3: hi there") && !s.contains("dev-2"), "{s}");
+    assert!(
+        s.contains("dev-1: hi there") && s.contains("dev-3: hi there") && !s.contains("dev-2"),
+        "{s}"
+    );
 
     // Any failed host makes the exit status non-zero.
     let out = fleetcmd(&fleet, &["run", "false", "--on", "all"]);
@@ -87,33 +117,76 @@ fn operator_commands_against_a_live_fleet() {
     // A bad argument is refused before anything is submitted.
     let out = fleetcmd(&fleet, &["run", "sleep", "99999", "--on", "all"]);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("seconds"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("seconds"),
+        "{}",
+        text(&out.stderr)
+    );
 
-    let summary = s.lines().find(|l| l.starts_with("job ")).expect("summary line");
-    let id = summary.split_whitespace().nth(1).expect("job id in summary").to_owned();
+    let summary = s
+        .lines()
+        .find(|l| l.starts_with("job "))
+        .expect("summary line");
+    let id = summary
+        .split_whitespace()
+        .nth(1)
+        .expect("job id in summary")
+        .to_owned();
     let out = fleetcmd(&fleet, &["job", &id[id.len() - 8..]]);
-    assert!(text(&out.stdout).contains("`false` on all: failed (0/3 ok)"), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("`false` on all: failed (0/3 ok)"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 
-    let out = fleetcmd(&fleet, &["token", "create", "--labels", "role=web", "--ttl", "10m"]);
+    let out = fleetcmd(
+        &fleet,
+        &["token", "create", "--labels", "role=web", "--ttl", "10m"],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).trim().starts_with("fct1_"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).trim().starts_with("fct1_"),
+        "{}",
+        text(&out.stdout)
+    );
 
     let out = fleetcmd(&fleet, &["policy", "show"]);
-    assert!(text(&out.stdout).contains("version 1"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("version 1"),
+        "{}",
+        text(&out.stdout)
+    );
 
     let out = fleetcmd(&fleet, &["agents", "revoke", "dev-2"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = fleetcmd(&fleet, &["agents"]);
-    assert!(text(&out.stdout).lines().any(|l| l.starts_with("dev-2") && l.contains("revoked")), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("dev-2") && l.contains("revoked")),
+        "{}",
+        text(&out.stdout)
+    );
 
     rt.block_on(fleet.shutdown()).expect("shutdown");
 }
 
 #[test]
 fn missing_operator_identity_is_a_usage_error() {
-    let out = Command::new(BIN).args(["agents"]).env_remove("FLEETCMD_CA").env_remove("FLEETCMD_CERT").env_remove("FLEETCMD_KEY").output().expect("runs");
+    let out = Command::new(BIN)
+        .args(["agents"])
+        .env_remove("FLEETCMD_CA")
+        .env_remove("FLEETCMD_CERT")
+        .env_remove("FLEETCMD_KEY")
+        .output()
+        .expect("runs");
     assert_eq!(out.status.code(), Some(64));
-    assert!(text(&out.stderr).contains("FLEETCMD_CA"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("FLEETCMD_CA"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -125,32 +198,60 @@ fn policy_check_prints_every_error_with_its_line() {
         "version = 1\n\n[commands.a]\nargv = [\"rel/path\"]\n\n[commands.b]\nargv = [\"/bin/echo\", \"{x}\"]\n\n[roles.r]\ncommands = [\"nope\"]\n",
     )
     .expect("write");
-    let out = Command::new(BIN).args(["policy", "check", file.to_str().expect("utf-8")]).output().expect("runs");
+    let out = Command::new(BIN)
+        .args(["policy", "check", file.to_str().expect("utf-8")])
+        .output()
+        .expect("runs");
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.lines().count() >= 3, "expected every error:\n{err}");
-    assert!(err.contains("line 3") || err.contains("line 4"), "argv error with its line:\n{err}");
-    assert!(err.contains("line 6") || err.contains("line 7"), "placeholder error with its line:\n{err}");
-    assert!(err.contains("line 9") || err.contains("line 10"), "unknown command error with its line:\n{err}");
+    assert!(
+        err.contains("line 3") || err.contains("line 4"),
+        "argv error with its line:\n{err}"
+    );
+    assert!(
+        err.contains("line 6") || err.contains("line 7"),
+        "placeholder error with its line:\n{err}"
+    );
+    assert!(
+        err.contains("line 9") || err.contains("line 10"),
+        "unknown command error with its line:\n{err}"
+    );
 }
 
 #[test]
 fn policy_keygen_sign_and_verify_round_trip() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("admin.key");
-    let out = Command::new(BIN).args(["policy", "keygen", "--out", key.to_str().expect("utf-8")]).output().expect("runs");
+    let out = Command::new(BIN)
+        .args(["policy", "keygen", "--out", key.to_str().expect("utf-8")])
+        .output()
+        .expect("runs");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let public = text(&out.stdout).trim().to_owned();
     let root = fleetcmd_core::crypto::PublicKey::parse(&public).expect("printed public key parses");
     let file = dir.path().join("policy.toml");
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/policy.toml"), &file).expect("copy example");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/policy.toml"),
+        &file,
+    )
+    .expect("copy example");
     let out = Command::new(BIN)
-        .args(["policy", "sign", file.to_str().expect("utf-8"), "--key", key.to_str().expect("utf-8")])
+        .args([
+            "policy",
+            "sign",
+            file.to_str().expect("utf-8"),
+            "--key",
+            key.to_str().expect("utf-8"),
+        ])
         .output()
         .expect("runs");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let sigs = std::fs::read_to_string(dir.path().join("policy.toml.sig")).expect("sig file");
-    let sigs = fleetcmd_cli::policy_cmd::decode_sigs(&sigs, &file).map_err(|f| f.error).expect("sig file parses");
+    let sigs = fleetcmd_cli::policy_cmd::decode_sigs(&sigs, &file)
+        .map_err(|f| f.error)
+        .expect("sig file parses");
     let bundle = std::fs::read(&file).expect("bundle");
-    fleetcmd_core::policy_bundle::verify_bundle(&bundle, &sigs, &[root], 1).expect("signature verifies with the printed key");
+    fleetcmd_core::policy_bundle::verify_bundle(&bundle, &sigs, &[root], 1)
+        .expect("signature verifies with the printed key");
 }

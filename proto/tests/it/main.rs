@@ -54,12 +54,26 @@ fn generated_code_matches_proto_files() {
 #[test]
 fn descriptor_set_names_every_service() {
     let fds = prost_types_names(fleetcmd_proto::FILE_DESCRIPTOR_SET);
-    for svc in ["Enrollment", "AgentStream", "Jobs", "Agents", "Tokens", "Policy"] {
-        assert!(fds.contains(&svc.to_string()), "service {svc} missing from descriptor");
+    for svc in [
+        "Enrollment",
+        "AgentStream",
+        "Jobs",
+        "Agents",
+        "Tokens",
+        "Policy",
+    ] {
+        assert!(
+            fds.contains(&svc.to_string()),
+            "service {svc} missing from descriptor"
+        );
     }
 }
 
 fn prost_types_names(bytes: &[u8]) -> Vec<String> {
-    let fds = protox::prost_reflect::prost_types::FileDescriptorSet::decode(bytes).expect("descriptor decodes");
-    fds.file.iter().flat_map(|f| f.service.iter().map(|s| s.name().to_string())).collect()
+    let fds = protox::prost_reflect::prost_types::FileDescriptorSet::decode(bytes)
+        .expect("descriptor decodes");
+    fds.file
+        .iter()
+        .flat_map(|f| f.service.iter().map(|s| s.name().to_string()))
+        .collect()
 }

@@ -153,28 +153,28 @@ async fn requesters_cannot_be_spoofed() {
 
     // The gateway (validly signing with its own key) claims to be a CLI operator.
     let as_admin = marker(&fleet, "gateway-as-admin");
-    let spec = spec("mark", &[("path", &path("gateway-as-admin"))], "all", "cli:admin");
-    let job = fleetcmd_core::job::SignedJob::sign(&spec, fleet::GATEWAY_SIGNER, &fleet.gateway_key);
+    let s = spec("mark", &[("path", &path("gateway-as-admin"))], "all", "cli:admin");
+    let job = fleetcmd_core::job::SignedJob::sign(&s, fleet::GATEWAY_SIGNER, &fleet.gateway_key);
     let mut gw = JobsClient::new(fleet.gateway().await);
     assert_status(gw.submit(to_pb(job)).await, Code::PermissionDenied, "as cli:admin");
-    assert_not_stored(&fleet, spec.id.as_str());
+    assert_not_stored(&fleet, s.id.as_str());
 
     // The operator submits in somebody else's name (another CLI user, a chat user).
     let mut op = JobsClient::new(fleet.operator().await);
     for (i, requester) in ["cli:mallory", "slack:T0001:U024BE7LH"].into_iter().enumerate() {
         let name = format!("operator-as-other-{i}");
-        let spec = spec("mark", &[("path", &path(&name))], "all", requester);
-        let job = sign_op(&fleet, &spec);
+        let s = spec("mark", &[("path", &path(&name))], "all", requester);
+        let job = sign_op(&fleet, &s);
         assert_status(op.submit(to_pb(job)).await, Code::PermissionDenied, &format!("as {requester}"));
-        assert_not_stored(&fleet, spec.id.as_str());
+        assert_not_stored(&fleet, s.id.as_str());
         assert_absent(&marker(&fleet, &name));
     }
     assert_absent(&as_admin);
 
     // Control: the same shape in the caller's own name runs.
     let ok = marker(&fleet, "operator-as-self");
-    let spec = spec("mark", &[("path", &path("operator-as-self"))], "all", "cli:admin");
-    let job = fleet.submit_and_wait(sign_op(&fleet, &spec)).await.expect("own name accepted");
+    let s = spec("mark", &[("path", &path("operator-as-self"))], "all", "cli:admin");
+    let job = fleet.submit_and_wait(sign_op(&fleet, &s)).await.expect("own name accepted");
     assert_eq!(job.state, "succeeded", "{job:?}");
     assert!(ok.exists());
     fleet.fleet.shutdown().await.expect("shutdown");

@@ -1,5 +1,11 @@
 //! End-to-end tests: real controller, agents and gateway in-process on
 //! loopback. One binary, one module per area.
 
+mod allow_list;
+mod authn;
 mod e2e;
-mod grpc;
+mod enrollment;
+mod exec_limits;
+mod job_signatures;
+mod policy_trust;
+mod support;
