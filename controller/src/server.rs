@@ -65,6 +65,66 @@ const CLIENTS: &[Role] = &[Role::Gateway, Role::Operator];
 const OPERATOR: &[Role] = &[Role::Operator];
 const ANY: &[Role] = &[Role::Agent, Role::Gateway, Role::Operator];
 
+// Transport limits. The listener faces the network before anyone has
+// authenticated (Join needs no certificate), so every resource a peer can
+// make the controller hold is capped here; `tests/tests/it/transport.rs`
+// attacks each one (rapid reset, CONTINUATION flood, stalled handshakes,
+// oversized and malformed messages, idle connections).
+//
+// - TLS handshake: `ServerTlsConfig::timeout` (10 s, above). tonic runs
+//   handshakes concurrently, so a stalled peer costs one socket and one small
+//   task until then and does not delay anybody else's handshake.
+// - `MAX_CONCURRENT_STREAMS` (256): streams one connection may hold open.
+//   An agent uses one, the gateway and the CLI a handful.
+// - `CONCURRENCY_PER_CONNECTION` (64): requests one connection may have in
+//   a handler (including reading a unary request's body) at once; the rest
+//   wait. Bounds what one connection can make us buffer to 64 × the
+//   service's decoding limit.
+// - `REQUEST_TIMEOUT` (30 s): time for a handler to produce response
+//   headers, so a request whose body trickles in (or an agent stream that
+//   never says Hello) cannot hold its slot forever. Streams stay open after
+//   their headers; every unary call here answers in milliseconds.
+// - `MAX_HEADER_LIST_BYTES` (16 KiB, as hyper and gRPC-Go): gRPC metadata is
+//   small. Larger header blocks get a 431; h2 also ends the connection
+//   (GOAWAY) after a few CONTINUATION frames without END_HEADERS, so a
+//   CONTINUATION flood is never buffered.
+// - `MAX_PENDING_ACCEPT_RESETS` (20, the h2 default) and
+//   `MAX_LOCAL_ERROR_RESETS` (1024): HTTP/2 rapid reset (CVE-2023-44487)
+//   and "MadeYouReset" (CVE-2025-8671): a peer that makes us reset more
+//   streams than that gets GOAWAY ENHANCE_YOUR_CALM.
+// - `MAX_FRAME_BYTES` (64 KiB): largest frame we accept.
+// - HTTP/2 keepalive (PING every 30 s, 10 s to answer) and TCP keepalive
+//   (60 s): dead peers (agents behind a NAT that forgot them) are noticed and
+//   their connection dropped.
+// - Message sizes, per service, checked against the 5-byte gRPC prefix
+//   before the body is buffered (`OutOfRange` when over): 64 KiB for Join,
+//   health, reflection requests, tokens and agents (small requests, and Join
+//   is reachable without a certificate); 256 KiB for jobs (a signed spec is at
+//   most `MAX_SPEC_BYTES`, 64 KiB); 2 MiB for policy (a bundle is at most
+//   `MAX_BUNDLE_BYTES`, 1 MiB, plus signatures); 4 MiB (tonic's default,
+//   and what our clients decode) for the agent stream, whose results carry up
+//   to 1 MiB of stdout and 1 MiB of stderr with the default
+//   `max_output_bytes`, and for responses that list jobs or agents.
+//
+// tonic has no global connection limit: a peer that opens many connections
+// costs a socket and a small task each (see the per-connection figure in the
+// transport tests); put a connection limit in front (firewall, systemd
+// socket `MaxConnections`) where that matters.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+const CONCURRENCY_PER_CONNECTION: usize = 64;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+const MAX_FRAME_BYTES: u32 = 64 * 1024;
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+const SMALL_MESSAGE_BYTES: usize = 64 * 1024;
+const JOB_MESSAGE_BYTES: usize = 256 * 1024;
+const POLICY_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
 pub async fn start(config: ControllerConfig) -> Result<RunningController, StartError> {
     let io = |path: &std::path::Path| {
         let path = path.display().to_string();
@@ -116,40 +176,64 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
     let mut stop_server = stop.subscribe();
     let router = Server::builder()
         .tls_config(tls)?
-        .max_concurrent_streams(Some(256))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .http2_max_pending_accept_reset_streams(Some(64))
-        .max_frame_size(Some(64 * 1024))
-        .add_service(health_svc)
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+        .timeout(REQUEST_TIMEOUT)
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .max_frame_size(Some(MAX_FRAME_BYTES))
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .add_service(
+            health_svc
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES)
+                .max_encoding_message_size(SMALL_MESSAGE_BYTES),
+        )
         .add_service(InterceptedService::new(
-            reflection,
+            reflection
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             require(shared.clone(), ANY),
         ))
-        .add_service(pb::enrollment_server::EnrollmentServer::new(svc.clone()))
         .add_service(
-            pb::agent_stream_server::AgentStreamServer::with_interceptor(
-                svc.clone(),
-                require(shared.clone(), AGENT),
-            ),
+            pb::enrollment_server::EnrollmentServer::new(svc.clone())
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES)
+                .max_encoding_message_size(SMALL_MESSAGE_BYTES),
         )
-        .add_service(pb::jobs_server::JobsServer::with_interceptor(
-            svc.clone(),
+        .add_service(InterceptedService::new(
+            pb::agent_stream_server::AgentStreamServer::new(svc.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            require(shared.clone(), AGENT),
+        ))
+        .add_service(InterceptedService::new(
+            pb::jobs_server::JobsServer::new(svc.clone())
+                .max_decoding_message_size(JOB_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             require(shared.clone(), CLIENTS),
         ))
-        .add_service(pb::agents_server::AgentsServer::with_interceptor(
-            svc.clone(),
+        .add_service(InterceptedService::new(
+            pb::agents_server::AgentsServer::new(svc.clone())
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             require(shared.clone(), CLIENTS),
         ))
-        .add_service(pb::tokens_server::TokensServer::with_interceptor(
-            svc.clone(),
+        .add_service(InterceptedService::new(
+            pb::tokens_server::TokensServer::new(svc.clone())
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES)
+                .max_encoding_message_size(SMALL_MESSAGE_BYTES),
             require(shared.clone(), OPERATOR),
         ))
-        .add_service(pb::policy_server::PolicyServer::with_interceptor(
-            svc,
+        .add_service(InterceptedService::new(
+            pb::policy_server::PolicyServer::new(svc)
+                .max_decoding_message_size(POLICY_MESSAGE_BYTES)
+                .max_encoding_message_size(POLICY_MESSAGE_BYTES),
             require(shared.clone(), ANY),
         ));
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE));
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stopped(&mut stop_server).await;
     }));

@@ -291,18 +291,29 @@ impl Shared {
                 self.security_event("join_refused", &format!("token {}: {r}", token.id_hex()));
                 ApiError::PermissionDenied(r.to_string())
             })?;
+        // A token that names the agent may re-enrol that name (a reinstalled
+        // host); a token without a name may only take a name nobody holds.
+        let named_by_token = rec.name.is_some();
         let name = rec.name.clone().unwrap_or(req.name);
         let id = AgentId::parse(&name)
             .map_err(|e| ApiError::InvalidArgument(format!("agent name: {e}")))?;
-        if self
-            .store
-            .get_agent(id.as_str())?
-            .is_some_and(|a| a.revoked)
-        {
-            self.security_event("join_refused", &format!("agent {id} is revoked"));
-            return Err(ApiError::PermissionDenied(format!(
-                "agent {id} is revoked; pick another name"
-            )));
+        match self.store.get_agent(id.as_str())? {
+            Some(a) if a.revoked => {
+                self.security_event("join_refused", &format!("agent {id} is revoked"));
+                return Err(ApiError::PermissionDenied(format!(
+                    "agent {id} is revoked; pick another name"
+                )));
+            }
+            Some(_) if !named_by_token => {
+                self.security_event(
+                    "join_refused",
+                    &format!("token {} tried to take enrolled name {id}", token.id_hex()),
+                );
+                return Err(ApiError::PermissionDenied(format!(
+                    "agent name {id} is already enrolled; re-enrol it with a token created with `--name {id}`"
+                )));
+            }
+            _ => {}
         }
         let cert_pem = self
             .ca

@@ -125,7 +125,18 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// The sled backend.
+///
+/// sled poisons a database handle after its first I/O error (a full disk,
+/// say): every later operation returns that error. The store therefore
+/// reopens the database on the next call after an I/O error, so the
+/// controller recovers by itself once space returns; writes that were not
+/// flushed before the error were never acknowledged and are gone.
 pub struct SledStore {
+    path: std::path::PathBuf,
+    inner: std::sync::RwLock<Option<std::sync::Arc<SledTrees>>>,
+}
+
+struct SledTrees {
     db: sled::Db,
     tokens: sled::Tree,
     agents: sled::Tree,
@@ -136,7 +147,7 @@ pub struct SledStore {
 
 impl std::fmt::Debug for SledStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SledStore").finish_non_exhaustive()
+        f.debug_struct("SledStore").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -151,39 +162,87 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError
     })
 }
 
+fn open_trees(path: &Path) -> Result<SledTrees, StoreError> {
+    let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    // sled panics on some corruptions instead of returning an error; turn
+    // that into the same clear message.
+    let db = std::panic::catch_unwind(|| sled::Config::new().path(path).open())
+        .map_err(|_| open_err(&"the database files are corrupt"))?
+        .map_err(|e| open_err(&e))?;
+    let tree = |name: &str| db.open_tree(name).map_err(|e| open_err(&e));
+    Ok(SledTrees {
+        tokens: tree("tokens")?,
+        agents: tree("agents")?,
+        jobs: tree("jobs")?,
+        targets: tree("targets")?,
+        meta: tree("meta")?,
+        db,
+    })
+}
+
 impl SledStore {
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
-        let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        };
-        // sled panics on some corruptions instead of returning an error; turn
-        // that into the same clear message.
-        let db = std::panic::catch_unwind(|| sled::Config::new().path(path).open())
-            .map_err(|_| open_err(&"the database files are corrupt"))?
-            .map_err(|e| open_err(&e))?;
-        let tree = |name: &str| db.open_tree(name).map_err(|e| open_err(&e));
+        let trees = open_trees(path)?;
         Ok(SledStore {
-            tokens: tree("tokens")?,
-            agents: tree("agents")?,
-            jobs: tree("jobs")?,
-            targets: tree("targets")?,
-            meta: tree("meta")?,
-            db,
+            path: path.to_owned(),
+            inner: std::sync::RwLock::new(Some(std::sync::Arc::new(trees))),
         })
     }
 
-    fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
-        tree.get(key.as_bytes())?
+    /// The open database, reopening it if an I/O error poisoned the last one.
+    fn trees(&self) -> Result<std::sync::Arc<SledTrees>, StoreError> {
+        if let Some(t) = self.inner.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(t.clone());
+        }
+        let mut w = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = w.as_ref() {
+            return Ok(t.clone());
+        }
+        let t = std::sync::Arc::new(open_trees(&self.path)?);
+        tracing::warn!(path = %self.path.display(), "database reopened after an I/O error");
+        *w = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Maps a sled error; an I/O error drops the poisoned handle so the next
+    /// call reopens the database.
+    fn fail(&self, e: sled::Error) -> StoreError {
+        if matches!(e, sled::Error::Io(_)) {
+            *self.inner.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        StoreError::Backend(e.to_string())
+    }
+
+    fn get<T: DeserializeOwned>(&self, tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
+        tree.get(key.as_bytes())
+            .map_err(|e| self.fail(e))?
             .map(|v| decode(key.as_bytes(), &v))
             .transpose()
+    }
+
+    fn insert(&self, tree: &sled::Tree, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
+        tree.insert(key, value).map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    fn scan<T: DeserializeOwned>(
+        &self,
+        iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    ) -> Result<Vec<T>, StoreError> {
+        iter.map(|kv| {
+            let (k, v) = kv.map_err(|e| self.fail(e))?;
+            decode(&k, &v)
+        })
+        .collect()
     }
 }
 
 impl Store for SledStore {
     fn put_token(&self, id: &str, rec: &TokenRecord) -> Result<(), StoreError> {
-        self.tokens.insert(id.as_bytes(), encode(rec))?;
-        Ok(())
+        self.insert(&self.trees()?.tokens, id.as_bytes(), encode(rec))
     }
 
     fn consume_token(
@@ -192,8 +251,9 @@ impl Store for SledStore {
         secret_hash: &str,
         now: u64,
     ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
+        let t = self.trees()?;
         loop {
-            let Some(old) = self.tokens.get(id.as_bytes())? else {
+            let Some(old) = t.tokens.get(id.as_bytes()).map_err(|e| self.fail(e))? else {
                 return Ok(Err(TokenRefusal::Unknown));
             };
             let rec: TokenRecord = decode(id.as_bytes(), &old)?;
@@ -210,9 +270,10 @@ impl Store for SledStore {
             }
             let mut next = rec.clone();
             next.uses_left -= 1;
-            match self
+            match t
                 .tokens
-                .compare_and_swap(id.as_bytes(), Some(old), Some(encode(&next)))?
+                .compare_and_swap(id.as_bytes(), Some(old), Some(encode(&next)))
+                .map_err(|e| self.fail(e))?
             {
                 Ok(()) => return Ok(Ok(rec)),
                 Err(_) => continue, // somebody else used it meanwhile: re-read
@@ -221,70 +282,54 @@ impl Store for SledStore {
     }
 
     fn put_agent(&self, rec: &AgentRecord) -> Result<(), StoreError> {
-        self.agents.insert(rec.id.as_bytes(), encode(rec))?;
-        Ok(())
+        self.insert(&self.trees()?.agents, rec.id.as_bytes(), encode(rec))
     }
 
     fn get_agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
-        Self::get(&self.agents, id)
+        self.get(&self.trees()?.agents, id)
     }
 
     fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        self.agents
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+        self.scan(self.trees()?.agents.iter())
     }
 
     fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError> {
-        self.jobs.insert(rec.id.as_bytes(), encode(rec))?;
-        Ok(())
+        self.insert(&self.trees()?.jobs, rec.id.as_bytes(), encode(rec))
     }
 
     fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        Self::get(&self.jobs, id)
+        self.get(&self.trees()?.jobs, id)
     }
 
     fn job_ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
-        self.jobs
+        self.trees()?
+            .jobs
             .scan_prefix(prefix.as_bytes())
             .keys()
             .take(limit)
-            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
+            .map(|k| Ok(String::from_utf8_lossy(&k.map_err(|e| self.fail(e))?).into_owned()))
             .collect()
     }
 
     fn list_jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
-        self.jobs
-            .iter()
-            .rev()
-            .take(limit)
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+        self.scan(self.trees()?.jobs.iter().rev().take(limit))
     }
 
     fn put_target(&self, job: &str, agent: &str, rec: &TargetRecord) -> Result<(), StoreError> {
-        self.targets
-            .insert(format!("{job}/{agent}").as_bytes(), encode(rec))?;
-        Ok(())
+        self.insert(&self.trees()?.targets, format!("{job}/{agent}").as_bytes(), encode(rec))
     }
 
     fn get_target(&self, job: &str, agent: &str) -> Result<Option<TargetRecord>, StoreError> {
-        Self::get(&self.targets, &format!("{job}/{agent}"))
+        self.get(&self.trees()?.targets, &format!("{job}/{agent}"))
     }
 
     fn targets(&self, job: &str) -> Result<Vec<(String, TargetRecord)>, StoreError> {
         let prefix = format!("{job}/");
-        self.targets
+        self.trees()?
+            .targets
             .scan_prefix(prefix.as_bytes())
             .map(|kv| {
-                let (k, v) = kv?;
+                let (k, v) = kv.map_err(|e| self.fail(e))?;
                 let agent = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
                 Ok((agent, decode(&k, &v)?))
             })
@@ -292,16 +337,15 @@ impl Store for SledStore {
     }
 
     fn put_policy(&self, rec: &PolicyRecord) -> Result<(), StoreError> {
-        self.meta.insert(b"policy", encode(rec))?;
-        Ok(())
+        self.insert(&self.trees()?.meta, b"policy", encode(rec))
     }
 
     fn get_policy(&self) -> Result<Option<PolicyRecord>, StoreError> {
-        Self::get(&self.meta, "policy")
+        self.get(&self.trees()?.meta, "policy")
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.trees()?.db.flush().map_err(|e| self.fail(e))?;
         Ok(())
     }
 }

@@ -175,3 +175,18 @@ pub fn target<'a>(job: &'a pb::Job, agent: &str) -> &'a pb::Target {
 pub fn stdout(t: &pb::Target) -> String {
     String::from_utf8_lossy(&t.result.clone().unwrap_or_default().stdout).into_owned()
 }
+
+/// Records written by the `store-writer` crash-loop helper, so the checker
+/// can tell an intact record from a torn one.
+pub mod crash {
+    use fleetcmd_controller::store::TargetRecord;
+
+    pub fn job_key(i: u64) -> String {
+        format!("crash-{i:012}")
+    }
+
+    pub fn record(i: u64) -> TargetRecord {
+        let payload: Vec<u8> = (0..256u64).map(|j| (i.wrapping_mul(31).wrapping_add(j * 7) % 251) as u8).collect();
+        TargetRecord { state: "ok".into(), result: Some(payload), reason: format!("record {i}") }
+    }
+}

@@ -33,9 +33,9 @@ async fn reflection_lists_services_to_authenticated_clients_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn standard_health_service_reports_serving() {
+async fn standard_health_service_reports_serving_to_authenticated_clients() {
     let fleet = start_fleet(1).await;
-    let mut c = tonic_health::pb::health_client::HealthClient::new(fleet.anonymous().await);
+    let mut c = tonic_health::pb::health_client::HealthClient::new(fleet.gateway().await);
     for service in ["", "fleetcmd.v1.Jobs", "fleetcmd.v1.AgentStream"] {
         let resp = c.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.expect("health check").into_inner();
         assert_eq!(resp.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service:?}");

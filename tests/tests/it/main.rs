@@ -9,3 +9,4 @@ mod exec_limits;
 mod job_signatures;
 mod policy_trust;
 mod support;
+mod storage;

@@ -1,0 +1,49 @@
+//! Crash-loop helper: writes results through the controller's `Store` as
+//! fast as it can, in group commits, and prints the index of each record
+//! only after `flush` returned — the same "acknowledge after durable" order
+//! the controller uses. The crash-loop test `kill -9`s it at random moments.
+//!
+//! usage: store-writer DB_DIR FIRST_INDEX
+
+use std::io::Write;
+
+use fleetcmd_controller::store::{SledStore, Store};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (Some(dir), Some(first)) = (args.next(), args.next()) else {
+        eprintln!("usage: store-writer DB_DIR FIRST_INDEX");
+        std::process::exit(64);
+    };
+    let Ok(mut next) = first.parse::<u64>() else {
+        eprintln!("FIRST_INDEX must be a number");
+        std::process::exit(64);
+    };
+    let store = match SledStore::open(std::path::Path::new(&dir)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("open: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    loop {
+        // Group commit: a batch of 1..=16 writes, one flush, then the acks.
+        let batch = 1 + next % 16;
+        for i in next..next + batch {
+            if let Err(e) = store.put_target(&fleetcmd_tests::crash::job_key(i), "agent", &fleetcmd_tests::crash::record(i)) {
+                eprintln!("write {i}: {e}");
+                std::process::exit(3);
+            }
+        }
+        if let Err(e) = store.flush() {
+            eprintln!("flush: {e}");
+            std::process::exit(3);
+        }
+        next += batch;
+        if writeln!(out, "{}", next - 1).and_then(|_| out.flush()).is_err() {
+            return;
+        }
+    }
+}
+
