@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
+use fleetcmd_proto::v1 as pb;
 use fleetcmd_tests::*;
 use pb::jobs_client::JobsClient;
-use fleetcmd_proto::v1 as pb;
 use tonic::Code;
 
 use crate::support::*;
@@ -21,7 +21,11 @@ async fn commands_outside_the_allow_list_are_refused() {
     // At the controller.
     let (spec, job) = fleet.operator_job("rm", &[("path", victim_arg)], "all");
     let mut jobs = JobsClient::new(fleet.operator().await);
-    assert_status(jobs.submit(to_pb(job)).await, Code::PermissionDenied, "\"rm\" is not in the allow-list");
+    assert_status(
+        jobs.submit(to_pb(job)).await,
+        Code::PermissionDenied,
+        "\"rm\" is not in the allow-list",
+    );
     assert_not_stored(&fleet, spec.id.as_str());
 
     // At the agents, validly signed and sent by a compromised controller.
@@ -38,26 +42,56 @@ async fn commands_outside_the_allow_list_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_host_narrowing_is_enforced_by_its_agent() {
     let mut fleet = security_fleet(1).await;
-    fleet.add_agent("narrow-1", fleet::dev_labels(1), Some(vec!["uptime".into()])).await.expect("narrow agent joins");
-    fleet.wait_online(Duration::from_secs(10)).await.expect("online");
+    fleet
+        .add_agent(
+            "narrow-1",
+            fleet::dev_labels(1),
+            Some(vec!["uptime".into()]),
+        )
+        .await
+        .expect("narrow agent joins");
+    fleet
+        .wait_online(Duration::from_secs(10))
+        .await
+        .expect("online");
 
     // The controller dispatches (the policy allows echo); the host refuses.
-    let job = fleet.run("echo", &[("text", "narrowed")], "name=narrow-1").await.expect("submitted");
+    let job = fleet
+        .run("echo", &[("text", "narrowed")], "name=narrow-1")
+        .await
+        .expect("submitted");
     assert_refused(&job, "narrow-1", "narrowed_by_host");
     assert_eq!(stdout(target(&job, "narrow-1")), "");
 
     let m = marker(&fleet, "narrowed-mark");
-    let job = fleet.run("mark", &[("path", m.to_str().expect("utf-8"))], "all").await.expect("submitted");
+    let job = fleet
+        .run("mark", &[("path", m.to_str().expect("utf-8"))], "all")
+        .await
+        .expect("submitted");
     assert_refused(&job, "narrow-1", "narrowed_by_host");
-    assert_eq!(target(&job, "dev-1").state, "ok", "dev-1 does not narrow: {job:?}");
+    assert_eq!(
+        target(&job, "dev-1").state,
+        "ok",
+        "dev-1 does not narrow: {job:?}"
+    );
     assert!(m.exists(), "dev-1 created the marker");
     std::fs::remove_file(&m).expect("remove");
-    let job = fleet.run("mark", &[("path", m.to_str().expect("utf-8"))], "name=narrow-1").await.expect("submitted");
+    let job = fleet
+        .run(
+            "mark",
+            &[("path", m.to_str().expect("utf-8"))],
+            "name=narrow-1",
+        )
+        .await
+        .expect("submitted");
     assert_refused(&job, "narrow-1", "narrowed_by_host");
     assert_absent(&m);
 
     // Control: the command the host allows runs there.
-    let job = fleet.run("uptime", &[], "name=narrow-1").await.expect("submitted");
+    let job = fleet
+        .run("uptime", &[], "name=narrow-1")
+        .await
+        .expect("submitted");
     assert_eq!(target(&job, "narrow-1").state, "ok", "{job:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }
@@ -82,10 +116,17 @@ async fn shell_metacharacters_stay_literal_text() {
     })
     .collect();
     for (value, created) in &payloads {
-        let job = fleet.run("echo", &[("text", value)], "all").await.expect("submitted");
+        let job = fleet
+            .run("echo", &[("text", value)], "all")
+            .await
+            .expect("submitted");
         let t = target(&job, "dev-1");
         assert_eq!(t.state, "ok", "{job:?}");
-        assert_eq!(stdout(t), format!("{value}\n"), "the value was not passed as one literal argument");
+        assert_eq!(
+            stdout(t),
+            format!("{value}\n"),
+            "the value was not passed as one literal argument"
+        );
         assert_absent(created);
     }
     fleet.fleet.shutdown().await.expect("shutdown");
@@ -98,8 +139,15 @@ async fn option_like_and_escaping_arguments_are_refused() {
     for value in ["-e", "--help", "-n", "--version"] {
         // At the controller.
         let (spec, job) = fleet.operator_job("echo", &[("text", value)], "all");
-        let status = assert_status(jobs.submit(to_pb(job)).await, Code::PermissionDenied, "must not start with `-`");
-        assert!(status.message().contains("`text`"), "the refusal names the argument: {status:?}");
+        let status = assert_status(
+            jobs.submit(to_pb(job)).await,
+            Code::PermissionDenied,
+            "must not start with `-`",
+        );
+        assert!(
+            status.message().contains("`text`"),
+            "the refusal names the argument: {status:?}"
+        );
         assert_not_stored(&fleet, spec.id.as_str());
         // At the agents.
         let (spec, job) = fleet.operator_job("echo", &[("text", value)], "all");
@@ -114,11 +162,22 @@ async fn option_like_and_escaping_arguments_are_refused() {
 
     // A path that climbs out of its prefix, or lies outside it.
     let dir = fleet.path();
-    let escaped = dir.parent().expect("temp dir has a parent").join(format!("escaped-{}", new_job_id().as_str()));
-    let climbing = format!("{}/sub/../../{}", dir.display(), escaped.file_name().and_then(|n| n.to_str()).expect("name"));
+    let escaped = dir
+        .parent()
+        .expect("temp dir has a parent")
+        .join(format!("escaped-{}", new_job_id().as_str()));
+    let climbing = format!(
+        "{}/sub/../../{}",
+        dir.display(),
+        escaped.file_name().and_then(|n| n.to_str()).expect("name")
+    );
     for value in [climbing, escaped.display().to_string()] {
         let (spec, job) = fleet.operator_job("mark", &[("path", &value)], "all");
-        assert_status(jobs.submit(to_pb(job)).await, Code::PermissionDenied, "`path`");
+        assert_status(
+            jobs.submit(to_pb(job)).await,
+            Code::PermissionDenied,
+            "`path`",
+        );
         assert_not_stored(&fleet, spec.id.as_str());
         let (spec, job) = fleet.operator_job("mark", &[("path", &value)], "all");
         let got = inject(&fleet, job, spec.id.as_str(), &["dev-1", "dev-2"]).await;

@@ -18,19 +18,36 @@ use tonic::transport::Channel;
 use crate::support::*;
 
 /// An agent stream request that stays open (the sender is returned with it).
-fn hello_stream(name: &str) -> (tokio::sync::mpsc::Sender<pb::AgentMessage>, ReceiverStream<pb::AgentMessage>) {
+fn hello_stream(
+    name: &str,
+) -> (
+    tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    ReceiverStream<pb::AgentMessage>,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let hello = pb::Hello { version: "test".into(), hostname: name.into(), labels: HashMap::new(), policy_version: 0, allow: Vec::new() };
-    tx.try_send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }).expect("room for hello");
+    let hello = pb::Hello {
+        version: "test".into(),
+        hostname: name.into(),
+        labels: HashMap::new(),
+        policy_version: 0,
+        allow: Vec::new(),
+    };
+    tx.try_send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(hello)),
+    })
+    .expect("room for hello");
     (tx, ReceiverStream::new(rx))
 }
 
 /// Calls a method by path with an empty body (for services the test crate
 /// has no generated client for, e.g. gRPC reflection) and returns the status.
-async fn raw_call(channel: Channel, url: &str, path: &str) -> tonic::Status {
+/// `None` when the call was accepted (its status comes later, in trailers).
+async fn raw_call(channel: Channel, url: &str, path: &str) -> Option<tonic::Status> {
     use tonic::codegen::{Service, http};
     let mut channel = channel;
-    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.expect("channel ready");
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .expect("channel ready");
     let req = http::Request::builder()
         .method("POST")
         .uri(format!("{url}{path}"))
@@ -39,7 +56,7 @@ async fn raw_call(channel: Channel, url: &str, path: &str) -> tonic::Status {
         .body(tonic::body::Body::empty())
         .expect("request");
     let resp = channel.call(req).await.expect("http response");
-    tonic::Status::from_header_map(resp.headers()).unwrap_or_else(|| panic!("{path}: no grpc-status in the response headers: {resp:?}"))
+    tonic::Status::from_header_map(resp.headers())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -48,20 +65,56 @@ async fn every_rpc_but_join_requires_a_client_certificate() {
     let anon = fleet.anonymous().await;
     let mark = marker(&fleet, "anonymous-mark");
     let (_, job) = fleet.operator_job("mark", &[("path", mark.to_str().expect("utf-8"))], "all");
-    let id = fleetcmd_core::job::JobSpec::from_bytes(&job.spec).expect("spec").id.to_string();
+    let id = fleetcmd_core::job::JobSpec::from_bytes(&job.spec)
+        .expect("spec")
+        .id
+        .to_string();
     let unauth = "client certificate";
 
     let mut jobs = JobsClient::new(anon.clone());
     assert_status(jobs.submit(to_pb(job)).await, Code::Unauthenticated, unauth);
-    assert_status(jobs.get(pb::GetJobRequest { job_id: id.clone() }).await, Code::Unauthenticated, unauth);
-    assert_status(jobs.list(pb::ListJobsRequest { limit: 10, requester: String::new() }).await, Code::Unauthenticated, unauth);
+    assert_status(
+        jobs.get(pb::GetJobRequest { job_id: id.clone() }).await,
+        Code::Unauthenticated,
+        unauth,
+    );
+    assert_status(
+        jobs.list(pb::ListJobsRequest {
+            limit: 10,
+            requester: String::new(),
+        })
+        .await,
+        Code::Unauthenticated,
+        unauth,
+    );
 
     let mut agents = AgentsClient::new(anon.clone());
-    assert_status(agents.list(pb::ListAgentsRequest { selector: String::new() }).await, Code::Unauthenticated, unauth);
-    assert_status(agents.revoke(pb::RevokeRequest { agent_id: "dev-1".into() }).await, Code::Unauthenticated, unauth);
+    assert_status(
+        agents
+            .list(pb::ListAgentsRequest {
+                selector: String::new(),
+            })
+            .await,
+        Code::Unauthenticated,
+        unauth,
+    );
+    assert_status(
+        agents
+            .revoke(pb::RevokeRequest {
+                agent_id: "dev-1".into(),
+            })
+            .await,
+        Code::Unauthenticated,
+        unauth,
+    );
 
     let mut tokens = TokensClient::new(anon.clone());
-    let req = pb::CreateTokenRequest { labels: HashMap::new(), ttl_secs: 600, uses: 1, name: "intruder".into() };
+    let req = pb::CreateTokenRequest {
+        labels: HashMap::new(),
+        ttl_secs: 600,
+        uses: 1,
+        name: "intruder".into(),
+    };
     assert_status(tokens.create(req).await, Code::Unauthenticated, unauth);
 
     let mut policy = PolicyClient::new(anon.clone());
@@ -69,10 +122,17 @@ async fn every_rpc_but_join_requires_a_client_certificate() {
     let sig = fleetcmd_core::policy_bundle::sign_bundle(text.as_bytes(), &fleet.admin_key);
     let bundle = pb::SignedPolicy {
         bundle: text.into_bytes(),
-        signatures: vec![pb::PolicySignature { key_id: sig.key_id, signature: sig.signature }],
+        signatures: vec![pb::PolicySignature {
+            key_id: sig.key_id,
+            signature: sig.signature,
+        }],
     };
     assert_status(policy.push(bundle).await, Code::Unauthenticated, unauth);
-    assert_status(policy.get(pb::GetPolicyRequest {}).await, Code::Unauthenticated, unauth);
+    assert_status(
+        policy.get(pb::GetPolicyRequest {}).await,
+        Code::Unauthenticated,
+        unauth,
+    );
 
     let mut stream = AgentStreamClient::new(anon.clone());
     let (_tx, hello) = hello_stream("dev-1");
@@ -82,9 +142,12 @@ async fn every_rpc_but_join_requires_a_client_certificate() {
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     ] {
-        let status = raw_call(anon.clone(), &fleet.url, path).await;
+        let status = raw_call(anon.clone(), &fleet.url, path)
+            .await
+            .unwrap_or_else(|| panic!("{path}: call accepted without a certificate"));
         assert!(
-            status.code() == Code::Unauthenticated || (path.contains("v1alpha") && status.code() == Code::Unimplemented),
+            status.code() == Code::Unauthenticated
+                || (path.contains("v1alpha") && status.code() == Code::Unimplemented),
             "{path}: {status:?}"
         );
     }
@@ -95,54 +158,135 @@ async fn every_rpc_but_join_requires_a_client_certificate() {
     assert_absent(&mark);
     let dev1 = agent_info(&fleet, "dev-1");
     assert!(!dev1.revoked && dev1.online, "{dev1:?}");
-    assert_eq!(fleet.controller.shared().current_policy().expect("policy").policy.version, fleet.policy_version);
+    assert_eq!(
+        fleet
+            .controller
+            .shared()
+            .current_policy()
+            .expect("policy")
+            .policy
+            .version,
+        fleet.policy_version
+    );
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn certificates_are_confined_to_their_role() {
     let fleet = security_fleet(2).await;
-    let agent_ch = fleetcmd_proto::channel::connect(&fleet.url, &fleet.agent_tls("dev-1")).await.expect("agent channel");
+    let agent_ch = fleetcmd_proto::channel::connect(&fleet.url, &fleet.agent_tls("dev-1"))
+        .await
+        .expect("agent channel");
 
     // An agent certificate submitting a (validly signed) job.
     let mark = marker(&fleet, "agent-submitted");
     let (spec, job) = fleet.operator_job("mark", &[("path", mark.to_str().expect("utf-8"))], "all");
     let mut jobs = JobsClient::new(agent_ch.clone());
-    assert_status(jobs.submit(to_pb(job)).await, Code::PermissionDenied, "agent certificate");
+    assert_status(
+        jobs.submit(to_pb(job)).await,
+        Code::PermissionDenied,
+        "agent certificate",
+    );
     let mut tokens = TokensClient::new(agent_ch.clone());
-    let req = || pb::CreateTokenRequest { labels: HashMap::new(), ttl_secs: 600, uses: 1, name: "sneaky".into() };
-    assert_status(tokens.create(req()).await, Code::PermissionDenied, "agent certificate");
+    let req = || pb::CreateTokenRequest {
+        labels: HashMap::new(),
+        ttl_secs: 600,
+        uses: 1,
+        name: "sneaky".into(),
+    };
+    assert_status(
+        tokens.create(req()).await,
+        Code::PermissionDenied,
+        "agent certificate",
+    );
     let mut agents = AgentsClient::new(agent_ch.clone());
-    assert_status(agents.revoke(pb::RevokeRequest { agent_id: "dev-2".into() }).await, Code::PermissionDenied, "agent certificate");
+    assert_status(
+        agents
+            .revoke(pb::RevokeRequest {
+                agent_id: "dev-2".into(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "agent certificate",
+    );
     let signed_next = || {
-        let text = security_policy(&fleet, fleet.policy_version + 1) + "\n[commands.agent_pushed]\nargv = [\"/usr/bin/true\"]\n";
+        let text = security_policy(&fleet, fleet.policy_version + 1)
+            + "\n[commands.agent_pushed]\nargv = [\"/usr/bin/true\"]\n";
         let sig = fleetcmd_core::policy_bundle::sign_bundle(text.as_bytes(), &fleet.admin_key);
-        pb::SignedPolicy { bundle: text.into_bytes(), signatures: vec![pb::PolicySignature { key_id: sig.key_id, signature: sig.signature }] }
+        pb::SignedPolicy {
+            bundle: text.into_bytes(),
+            signatures: vec![pb::PolicySignature {
+                key_id: sig.key_id,
+                signature: sig.signature,
+            }],
+        }
     };
     let mut policy = PolicyClient::new(agent_ch.clone());
-    assert_status(policy.push(signed_next()).await, Code::PermissionDenied, "operators");
+    assert_status(
+        policy.push(signed_next()).await,
+        Code::PermissionDenied,
+        "operators",
+    );
 
     // A gateway certificate doing operator things, with otherwise valid requests.
     let gw = fleet.gateway().await;
     let mut tokens = TokensClient::new(gw.clone());
-    assert_status(tokens.create(req()).await, Code::PermissionDenied, "gateway certificate");
+    assert_status(
+        tokens.create(req()).await,
+        Code::PermissionDenied,
+        "gateway certificate",
+    );
     let mut policy = PolicyClient::new(gw.clone());
-    assert_status(policy.push(signed_next()).await, Code::PermissionDenied, "operators");
+    assert_status(
+        policy.push(signed_next()).await,
+        Code::PermissionDenied,
+        "operators",
+    );
     let mut agents = AgentsClient::new(gw.clone());
-    assert_status(agents.revoke(pb::RevokeRequest { agent_id: "dev-2".into() }).await, Code::PermissionDenied, "operators");
+    assert_status(
+        agents
+            .revoke(pb::RevokeRequest {
+                agent_id: "dev-2".into(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "operators",
+    );
 
     tokio::task::yield_now().await;
     assert_not_stored(&fleet, spec.id.as_str());
     assert_absent(&mark);
     let dev2 = agent_info(&fleet, "dev-2");
     assert!(!dev2.revoked && dev2.online, "{dev2:?}");
-    assert_eq!(fleet.controller.shared().current_policy().expect("policy").policy.version, fleet.policy_version);
+    assert_eq!(
+        fleet
+            .controller
+            .shared()
+            .current_policy()
+            .expect("policy")
+            .policy
+            .version,
+        fleet.policy_version
+    );
     // Control: the same channels work for what their roles may do.
     let mut policy = PolicyClient::new(agent_ch);
-    let got = policy.get(pb::GetPolicyRequest {}).await.expect("agents may read the policy");
+    let got = policy
+        .get(pb::GetPolicyRequest {})
+        .await
+        .expect("agents may read the policy");
     assert_eq!(got.into_inner().version, fleet.policy_version);
     let mut agents = AgentsClient::new(gw);
-    assert!(!agents.list(pb::ListAgentsRequest { selector: String::new() }).await.expect("gateways may list agents").into_inner().agents.is_empty());
+    assert!(
+        !agents
+            .list(pb::ListAgentsRequest {
+                selector: String::new()
+            })
+            .await
+            .expect("gateways may list agents")
+            .into_inner()
+            .agents
+            .is_empty()
+    );
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
@@ -153,19 +297,35 @@ async fn requesters_cannot_be_spoofed() {
 
     // The gateway (validly signing with its own key) claims to be a CLI operator.
     let as_admin = marker(&fleet, "gateway-as-admin");
-    let s = spec("mark", &[("path", &path("gateway-as-admin"))], "all", "cli:admin");
+    let s = spec(
+        "mark",
+        &[("path", &path("gateway-as-admin"))],
+        "all",
+        "cli:admin",
+    );
     let job = fleetcmd_core::job::SignedJob::sign(&s, fleet::GATEWAY_SIGNER, &fleet.gateway_key);
     let mut gw = JobsClient::new(fleet.gateway().await);
-    assert_status(gw.submit(to_pb(job)).await, Code::PermissionDenied, "as cli:admin");
+    assert_status(
+        gw.submit(to_pb(job)).await,
+        Code::PermissionDenied,
+        "as cli:admin",
+    );
     assert_not_stored(&fleet, s.id.as_str());
 
     // The operator submits in somebody else's name (another CLI user, a chat user).
     let mut op = JobsClient::new(fleet.operator().await);
-    for (i, requester) in ["cli:mallory", "slack:T0001:U024BE7LH"].into_iter().enumerate() {
+    for (i, requester) in ["cli:mallory", "slack:T0001:U024BE7LH"]
+        .into_iter()
+        .enumerate()
+    {
         let name = format!("operator-as-other-{i}");
         let s = spec("mark", &[("path", &path(&name))], "all", requester);
         let job = sign_op(&fleet, &s);
-        assert_status(op.submit(to_pb(job)).await, Code::PermissionDenied, &format!("as {requester}"));
+        assert_status(
+            op.submit(to_pb(job)).await,
+            Code::PermissionDenied,
+            &format!("as {requester}"),
+        );
         assert_not_stored(&fleet, s.id.as_str());
         assert_absent(&marker(&fleet, &name));
     }
@@ -173,9 +333,38 @@ async fn requesters_cannot_be_spoofed() {
 
     // Control: the same shape in the caller's own name runs.
     let ok = marker(&fleet, "operator-as-self");
-    let s = spec("mark", &[("path", &path("operator-as-self"))], "all", "cli:admin");
-    let job = fleet.submit_and_wait(sign_op(&fleet, &s)).await.expect("own name accepted");
+    let s = spec(
+        "mark",
+        &[("path", &path("operator-as-self"))],
+        "all",
+        "cli:admin",
+    );
+    let job = fleet
+        .submit_and_wait(sign_op(&fleet, &s))
+        .await
+        .expect("own name accepted");
     assert_eq!(job.state, "succeeded", "{job:?}");
     assert!(ok.exists());
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
+
+/// DESIGN §2.2 names one exception, Join; the standard gRPC health service
+/// on the same port is not one (the unauthenticated probes are the HTTP
+/// `/healthz` and `/readyz` endpoints).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_health_requires_a_client_certificate_too() {
+    let fleet = start_fleet(0).await;
+    for path in [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+    ] {
+        let status = raw_call(fleet.anonymous().await, &fleet.url, path).await;
+        let code = status.as_ref().map(|s| s.code());
+        assert_eq!(
+            code,
+            Some(Code::Unauthenticated),
+            "{path} answered a caller without a certificate: {status:?}"
+        );
+    }
     fleet.fleet.shutdown().await.expect("shutdown");
 }

@@ -11,8 +11,12 @@ use crate::support::*;
 /// Whether `pid` is gone: no /proc entry, a zombie (pid 1 here may not reap),
 /// or a different program under a reused pid.
 fn is_dead(pid: i32, comm: &str) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return true };
-    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { return true };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        return true;
+    };
     let name = &stat[open + 1..close];
     let state = stat[close + 1..].trim_start().chars().next().unwrap_or('X');
     name != comm || matches!(state, 'Z' | 'X' | 'x')
@@ -31,8 +35,15 @@ async fn a_timed_out_command_is_killed_with_its_children() {
     let tree_args = [("pidfile", pidfile.to_str().expect("utf-8"))];
     let tree = fleet.run("sh_tree", &tree_args, "all");
     let (capped, tree) = tokio::join!(capped, tree);
-    let (capped, tree) = (capped.expect("sleep submitted"), tree.expect("sh_tree submitted"));
-    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    let (capped, tree) = (
+        capped.expect("sleep submitted"),
+        tree.expect("sh_tree submitted"),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
 
     for job in [&tree, &capped] {
         let t = target(job, "dev-1");
@@ -41,14 +52,15 @@ async fn a_timed_out_command_is_killed_with_its_children() {
         assert_eq!(r.outcome, pb::Outcome::TimedOut as i32, "{r:?}");
         assert!(r.reason.contains("timed out"), "{r:?}");
         assert_eq!(r.exit_code, None, "{r:?}");
-        eprintln!("DEBUG {} {}", r.duration_ms, r.reason);
     }
 
     let text = std::fs::read_to_string(&pidfile).expect("the shell wrote its child's pid");
     let pid: i32 = text.trim().parse().expect("a pid");
     assert!(pid > 1, "{pid}");
-    eprintln!("DEBUG stat {:?}", std::fs::read_to_string(format!("/proc/{pid}/stat")));
-    assert!(is_dead(pid, "sleep"), "grandchild `sleep 30` (pid {pid}) survived the timeout");
+    assert!(
+        is_dead(pid, "sleep"),
+        "grandchild `sleep 30` (pid {pid}) survived the timeout"
+    );
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 

@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use fleetcmd_core::job::{JobSpec, SignedJob};
+use fleetcmd_proto::v1 as pb;
 use fleetcmd_tests::*;
 use pb::jobs_client::JobsClient;
-use fleetcmd_proto::v1 as pb;
 use tonic::Code;
 
 use crate::support::*;
@@ -31,7 +31,15 @@ fn forged_jobs(fleet: &TestFleet, tag: &str) -> Vec<Forged> {
     let path = |name: &str| marker(fleet, &format!("{tag}-{name}"));
     let mark = |name: &str| {
         let p = path(name);
-        (spec("mark", &[("path", p.to_str().expect("utf-8"))], "all", "cli:admin"), p)
+        (
+            spec(
+                "mark",
+                &[("path", p.to_str().expect("utf-8"))],
+                "all",
+                "cli:admin",
+            ),
+            p,
+        )
     };
     let forged = |label, job: SignedJob, spec: &JobSpec, markers, code, message| Forged {
         label,
@@ -44,26 +52,65 @@ fn forged_jobs(fleet: &TestFleet, tag: &str) -> Vec<Forged> {
     let mut out = Vec::new();
 
     let (s, p) = mark("unsigned");
-    let job = SignedJob { spec: s.to_bytes(), signature: Vec::new(), key_id: fleet::OPERATOR_SIGNER.into() };
-    out.push(forged("unsigned", job, &s, vec![p], "bad_signature", "signature does not verify"));
+    let job = SignedJob {
+        spec: s.to_bytes(),
+        signature: Vec::new(),
+        key_id: fleet::OPERATOR_SIGNER.into(),
+    };
+    out.push(forged(
+        "unsigned",
+        job,
+        &s,
+        vec![p],
+        "bad_signature",
+        "signature does not verify",
+    ));
 
     // Signed for ".../tamper-aaaa", then the path is changed in the signed bytes.
     let (s, signed_path) = mark("tamper-aaaa");
     let mut job = sign_op(fleet, &s);
     let (from, to) = (format!("{tag}-tamper-aaaa"), format!("{tag}-tamper-bbbb"));
-    let at = job.spec.windows(from.len()).position(|w| w == from.as_bytes()).expect("path in the spec bytes");
+    let at = job
+        .spec
+        .windows(from.len())
+        .position(|w| w == from.as_bytes())
+        .expect("path in the spec bytes");
     job.spec[at..at + to.len()].copy_from_slice(to.as_bytes());
     let tampered = JobSpec::from_bytes(&job.spec).expect("still a well-formed spec");
-    assert_eq!(tampered.args["path"], path("tamper-bbbb").to_str().expect("utf-8"));
-    out.push(forged("tampered", job, &s, vec![signed_path, path("tamper-bbbb")], "bad_signature", "signature does not verify"));
+    assert_eq!(
+        tampered.args["path"],
+        path("tamper-bbbb").to_str().expect("utf-8")
+    );
+    out.push(forged(
+        "tampered",
+        job,
+        &s,
+        vec![signed_path, path("tamper-bbbb")],
+        "bad_signature",
+        "signature does not verify",
+    ));
 
     let (s, p) = mark("wrong-key");
     let job = SignedJob::sign(&s, fleet::OPERATOR_SIGNER, &stranger_key());
-    out.push(forged("wrong key", job, &s, vec![p], "bad_signature", "signature does not verify"));
+    out.push(forged(
+        "wrong key",
+        job,
+        &s,
+        vec![p],
+        "bad_signature",
+        "signature does not verify",
+    ));
 
     let (s, p) = mark("unknown-signer");
     let job = SignedJob::sign(&s, "mallory", &stranger_key());
-    out.push(forged("unknown signer", job, &s, vec![p], "unknown_signer", "unknown signer"));
+    out.push(forged(
+        "unknown signer",
+        job,
+        &s,
+        vec![p],
+        "unknown_signer",
+        "unknown signer",
+    ));
 
     let (mut s, p) = mark("expired");
     s.not_before = now() - 900;
@@ -75,7 +122,14 @@ fn forged_jobs(fleet: &TestFleet, tag: &str) -> Vec<Forged> {
     s.not_before = now() + 5 * fleetcmd_core::job::CLOCK_SKEW_SECS;
     s.expires_at = s.not_before + 600;
     let job = sign_op(fleet, &s);
-    out.push(forged("not yet valid", job, &s, vec![p], "not_yet_valid", "not yet valid"));
+    out.push(forged(
+        "not yet valid",
+        job,
+        &s,
+        vec![p],
+        "not_yet_valid",
+        "not yet valid",
+    ));
     out
 }
 
@@ -86,13 +140,20 @@ async fn controller_refuses_forged_and_stale_jobs_at_submit() {
     for f in forged_jobs(&fleet, "ctl") {
         let res = jobs.submit(to_pb(f.job)).await;
         let status = assert_status(res, Code::PermissionDenied, f.message);
-        assert!(status.message().contains("refused"), "{}: {status:?}", f.label);
+        assert!(
+            status.message().contains("refused"),
+            "{}: {status:?}",
+            f.label
+        );
         assert_not_stored(&fleet, &f.id);
         f.markers.iter().for_each(|m| assert_absent(m));
     }
     // Control: a genuine job of the same shape runs.
     let ok = marker(&fleet, "ctl-genuine");
-    let job = fleet.run("mark", &[("path", ok.to_str().expect("utf-8"))], "all").await.expect("genuine job accepted");
+    let job = fleet
+        .run("mark", &[("path", ok.to_str().expect("utf-8"))], "all")
+        .await
+        .expect("genuine job accepted");
     assert_eq!(job.state, "succeeded", "{job:?}");
     assert!(ok.exists());
     fleet.fleet.shutdown().await.expect("shutdown");
@@ -109,6 +170,17 @@ async fn agents_refuse_forged_and_stale_jobs_on_their_own() {
         assert_eq!(job.state, "failed", "{}: {job:?}", f.label);
         f.markers.iter().for_each(|m| assert_absent(m));
     }
+    // A genuine job for dev-1, redirected by the controller to dev-2.
+    let m = marker(&fleet, "agent-redirected");
+    let (spec, job) = fleet.operator_job(
+        "mark",
+        &[("path", m.to_str().expect("utf-8"))],
+        "name=dev-1",
+    );
+    let got = inject(&fleet, job, spec.id.as_str(), &["dev-2"]).await;
+    assert_refused(&got, "dev-2", "not_targeted");
+    assert_absent(&m);
+
     // Control: a genuine job injected the same way runs.
     let ok = marker(&fleet, "agent-genuine");
     let (spec, job) = fleet.operator_job("mark", &[("path", ok.to_str().expect("utf-8"))], "all");
@@ -119,23 +191,36 @@ async fn agents_refuse_forged_and_stale_jobs_on_their_own() {
 }
 
 fn lines(p: &std::path::Path) -> usize {
-    std::fs::read_to_string(p).map(|s| s.lines().count()).unwrap_or(0)
+    std::fs::read_to_string(p)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replayed_job_runs_once_even_across_an_agent_restart() {
     let mut fleet = security_fleet(2).await;
     let file = marker(&fleet, "replay-count");
-    let (spec, job) = fleet.operator_job("append", &[("path", file.to_str().expect("utf-8"))], "name=dev-1");
+    let (spec, job) = fleet.operator_job(
+        "append",
+        &[("path", file.to_str().expect("utf-8"))],
+        "name=dev-1",
+    );
     let id = spec.id.to_string();
 
-    let first = fleet.submit_and_wait(job.clone()).await.expect("first submission");
+    let first = fleet
+        .submit_and_wait(job.clone())
+        .await
+        .expect("first submission");
     assert_eq!(target(&first, "dev-1").state, "ok", "{first:?}");
     assert_eq!(lines(&file), 1);
 
     // The controller refuses the same job id again.
     let mut jobs = JobsClient::new(fleet.operator().await);
-    assert_status(jobs.submit(to_pb(job.clone())).await, Code::AlreadyExists, "already submitted");
+    assert_status(
+        jobs.submit(to_pb(job.clone())).await,
+        Code::AlreadyExists,
+        "already submitted",
+    );
 
     // A compromised controller replays it straight to the agent.
     let again = inject(&fleet, job.clone(), &id, &["dev-1"]).await;
@@ -146,13 +231,23 @@ async fn replayed_job_runs_once_even_across_an_agent_restart() {
     fleet.stop_agent("dev-1").await;
     wait_offline(&fleet, "dev-1").await;
     fleet.start_agent("dev-1", None).expect("agent restarts");
-    fleet.wait_online(Duration::from_secs(10)).await.expect("agent back online");
+    fleet
+        .wait_online(Duration::from_secs(10))
+        .await
+        .expect("agent back online");
     let after_restart = inject(&fleet, job, &id, &["dev-1"]).await;
     assert_refused(&after_restart, "dev-1", "replayed");
     assert_eq!(lines(&file), 1, "the replay ran after the restart");
 
     // Control: the restarted agent still runs new jobs.
-    let fresh = fleet.run("append", &[("path", file.to_str().expect("utf-8"))], "name=dev-1").await.expect("fresh job");
+    let fresh = fleet
+        .run(
+            "append",
+            &[("path", file.to_str().expect("utf-8"))],
+            "name=dev-1",
+        )
+        .await
+        .expect("fresh job");
     assert_eq!(target(&fresh, "dev-1").state, "ok", "{fresh:?}");
     assert_eq!(lines(&file), 2);
     fleet.fleet.shutdown().await.expect("shutdown");

@@ -23,11 +23,18 @@ fn widened(fleet: &TestFleet, version: u64) -> String {
     )
 }
 
-fn signed(text: &str, key: &fleetcmd_core::crypto::SigningKey, key_id: Option<String>) -> pb::SignedPolicy {
+fn signed(
+    text: &str,
+    key: &fleetcmd_core::crypto::SigningKey,
+    key_id: Option<String>,
+) -> pb::SignedPolicy {
     let sig = sign_bundle(text.as_bytes(), key);
     pb::SignedPolicy {
         bundle: text.as_bytes().to_vec(),
-        signatures: vec![pb::PolicySignature { key_id: key_id.unwrap_or(sig.key_id), signature: sig.signature }],
+        signatures: vec![pb::PolicySignature {
+            key_id: key_id.unwrap_or(sig.key_id),
+            signature: sig.signature,
+        }],
     }
 }
 
@@ -41,11 +48,31 @@ fn bad_bundles(fleet: &TestFleet) -> Vec<(&'static str, pb::SignedPolicy, Code)>
     let mut unsigned = signed(&widened(fleet, v + 1), &fleet.admin_key, None);
     unsigned.signatures.clear();
     vec![
-        ("older version, admin-signed", signed(&widened(fleet, v - 1), &fleet.admin_key, None), Code::FailedPrecondition),
-        ("same version, admin-signed", signed(&widened(fleet, v), &fleet.admin_key, None), Code::FailedPrecondition),
-        ("newer, signed by a stranger", signed(&widened(fleet, v + 1), &stranger, None), Code::InvalidArgument),
-        ("newer, stranger posing as admin", signed(&widened(fleet, v + 1), &stranger, Some(admin_id)), Code::InvalidArgument),
-        ("newer, changed after signing", tampered, Code::InvalidArgument),
+        (
+            "older version, admin-signed",
+            signed(&widened(fleet, v - 1), &fleet.admin_key, None),
+            Code::FailedPrecondition,
+        ),
+        (
+            "same version, admin-signed",
+            signed(&widened(fleet, v), &fleet.admin_key, None),
+            Code::FailedPrecondition,
+        ),
+        (
+            "newer, signed by a stranger",
+            signed(&widened(fleet, v + 1), &stranger, None),
+            Code::InvalidArgument,
+        ),
+        (
+            "newer, stranger posing as admin",
+            signed(&widened(fleet, v + 1), &stranger, Some(admin_id)),
+            Code::InvalidArgument,
+        ),
+        (
+            "newer, changed after signing",
+            tampered,
+            Code::InvalidArgument,
+        ),
         ("newer, unsigned", unsigned, Code::InvalidArgument),
     ]
 }
@@ -56,21 +83,40 @@ async fn controller_refuses_rollback_and_forged_policies() {
     let before = fleet.controller.shared().current_policy().expect("policy");
     let mut policy = PolicyClient::new(fleet.operator().await);
     for (label, bundle, code) in bad_bundles(&fleet) {
-        let needle = if code == Code::FailedPrecondition { "rollback refused" } else { "policy bundle" };
+        let needle = if code == Code::FailedPrecondition {
+            "rollback refused"
+        } else {
+            "policy bundle"
+        };
         let status = assert_status(policy.push(bundle).await, code, needle);
         let cur = fleet.controller.shared().current_policy().expect("policy");
-        assert_eq!(cur.policy.version, fleet.policy_version, "{label}: {status:?}");
+        assert_eq!(
+            cur.policy.version, fleet.policy_version,
+            "{label}: {status:?}"
+        );
         assert_eq!(cur.hash, before.hash, "{label}");
         assert!(cur.policy.command("evil").is_none(), "{label}");
     }
-    let got = policy.get(pb::GetPolicyRequest {}).await.expect("get").into_inner();
-    assert_eq!((got.version, got.hash), (fleet.policy_version, before.hash.clone()));
+    let got = policy
+        .get(pb::GetPolicyRequest {})
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        (got.version, got.hash),
+        (fleet.policy_version, before.hash.clone())
+    );
     // The agents were not offered anything new, and `evil` is refused at submit.
     let m = marker(&fleet, "ctl-evil");
-    let res = fleet.run("evil", &[("path", m.to_str().expect("utf-8"))], "all").await;
+    let res = fleet
+        .run("evil", &[("path", m.to_str().expect("utf-8"))], "all")
+        .await;
     assert_status(res, Code::PermissionDenied, "not in the allow-list");
     assert_absent(&m);
-    assert_eq!(agent_info(&fleet, "dev-1").policy_version, fleet.policy_version);
+    assert_eq!(
+        agent_info(&fleet, "dev-1").policy_version,
+        fleet.policy_version
+    );
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
@@ -83,21 +129,31 @@ async fn agents_refuse_rollback_and_forged_policies_from_the_controller() {
         // Jobs follow the bundle on the same stream, so the agent has decided
         // on the bundle before it sees this job.
         let m = marker(&fleet, &format!("agent-evil-{i}"));
-        let (spec, job) = fleet.operator_job("evil", &[("path", m.to_str().expect("utf-8"))], "all");
+        let (spec, job) =
+            fleet.operator_job("evil", &[("path", m.to_str().expect("utf-8"))], "all");
         let got = inject(&fleet, job, spec.id.as_str(), &agents).await;
         for agent in agents {
             let r = result_of(&got, agent);
-            assert_eq!(r.reason_code, "not_allowed", "{label}: the agent took the bundle: {r:?}");
+            assert_eq!(
+                r.reason_code, "not_allowed",
+                "{label}: the agent took the bundle: {r:?}"
+            );
         }
         assert_absent(&m);
     }
     // Jobs keep running under the last good policy.
     let ok = marker(&fleet, "still-works");
-    let job = fleet.run("mark", &[("path", ok.to_str().expect("utf-8"))], "all").await.expect("submitted");
+    let job = fleet
+        .run("mark", &[("path", ok.to_str().expect("utf-8"))], "all")
+        .await
+        .expect("submitted");
     assert_eq!(job.state, "succeeded", "{job:?}");
     assert!(ok.exists());
     // And the agents report the old version in their next heartbeats.
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
     let shared = fleet.controller.shared().clone();
     let list = assert_eventually(Duration::from_secs(10), || {
         let shared = shared.clone();

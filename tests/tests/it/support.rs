@@ -38,7 +38,11 @@ timeout = "10s"
 
 /// The example policy at `version` plus the security test commands.
 pub fn security_policy(fleet: &TestFleet, version: u64) -> String {
-    let base = fleet::example_policy(version, &fleet.gateway_key.public_key(), &fleet.operator_key.public_key());
+    let base = fleet::example_policy(
+        version,
+        &fleet.gateway_key.public_key(),
+        &fleet.operator_key.public_key(),
+    );
     let dir = fleet.path().display().to_string();
     format!("{base}{}", SECURITY_COMMANDS.replace("@DIR@", &dir))
 }
@@ -47,8 +51,14 @@ pub fn security_policy(fleet: &TestFleet, version: u64) -> String {
 pub async fn security_fleet(agents: usize) -> TestFleet {
     let mut fleet = start_fleet(agents).await;
     let text = security_policy(&fleet, fleet.policy_version + 1);
-    fleet.push_policy(&text).await.expect("security policy pushed");
-    fleet.wait_online(Duration::from_secs(10)).await.expect("agents take the security policy");
+    fleet
+        .push_policy(&text)
+        .await
+        .expect("security policy pushed");
+    fleet
+        .wait_online(Duration::from_secs(10))
+        .await
+        .expect("agents take the security policy");
     fleet
 }
 
@@ -58,7 +68,11 @@ pub fn marker(fleet: &TestFleet, name: &str) -> PathBuf {
 }
 
 pub fn assert_absent(p: &Path) {
-    assert!(!p.exists(), "{} exists: a refused job had an effect", p.display());
+    assert!(
+        !p.exists(),
+        "{} exists: a refused job had an effect",
+        p.display()
+    );
 }
 
 /// Signs `spec` as the operator.
@@ -69,36 +83,57 @@ pub fn sign_op(fleet: &TestFleet, spec: &JobSpec) -> SignedJob {
 /// Sends `job` straight to `agents` as a compromised controller would (none
 /// of the controller's checks) and waits for every agent's answer.
 pub async fn inject(fleet: &TestFleet, job: SignedJob, id: &str, agents: &[&str]) -> pb::Job {
-    fleet.controller.shared().inject_job_unchecked(to_pb(job), id, agents).await.expect("job injected");
+    fleet
+        .controller
+        .shared()
+        .inject_job_unchecked(to_pb(job), id, agents)
+        .await
+        .expect("job injected");
     fleet.wait_job(id).await
 }
 
 /// The agent's result for `agent` in `job`.
 pub fn result_of(job: &pb::Job, agent: &str) -> pb::JobResult {
-    target(job, agent).result.clone().unwrap_or_else(|| panic!("no result from {agent} in {job:?}"))
+    target(job, agent)
+        .result
+        .clone()
+        .unwrap_or_else(|| panic!("no result from {agent} in {job:?}"))
 }
 
 /// Asserts that `agent` refused `job` with reason code `code`.
 pub fn assert_refused(job: &pb::Job, agent: &str, code: &str) {
     let t = target(job, agent);
-    assert_eq!(t.state, "refused", "{agent} should have refused with {code}: {t:?}");
+    assert_eq!(
+        t.state, "refused",
+        "{agent} should have refused with {code}: {t:?}"
+    );
     let r = result_of(job, agent);
     assert_eq!(r.outcome, pb::Outcome::Refused as i32, "{r:?}");
     assert_eq!(r.reason_code, code, "{r:?}");
     assert!(!r.reason.is_empty(), "a refusal carries a reason: {r:?}");
-    assert_eq!(r.exit_code, None, "nothing ran, so there is no exit code: {r:?}");
+    assert_eq!(
+        r.exit_code, None,
+        "nothing ran, so there is no exit code: {r:?}"
+    );
 }
 
 /// Asserts a gRPC call failed with `code` and a message containing `needle`.
 #[track_caller]
-pub fn assert_status<T: std::fmt::Debug>(res: Result<T, tonic::Status>, code: tonic::Code, needle: &str) -> tonic::Status {
+pub fn assert_status<T: std::fmt::Debug>(
+    res: Result<T, tonic::Status>,
+    code: tonic::Code,
+    needle: &str,
+) -> tonic::Status {
     let status = match res {
         Ok(v) => panic!("expected {code:?} ({needle}), got success: {v:?}"),
         Err(s) => s,
     };
     assert_eq!(status.code(), code, "{status:?}");
     assert!(
-        status.message().to_lowercase().contains(&needle.to_lowercase()),
+        status
+            .message()
+            .to_lowercase()
+            .contains(&needle.to_lowercase()),
         "message of {status:?} should mention {needle:?}"
     );
     status
@@ -117,7 +152,10 @@ pub async fn wait_offline(fleet: &TestFleet, name: &str) {
         let shared = shared.clone();
         async move {
             let list = shared.list_agents("").ok()?;
-            list.iter().find(|a| a.agent_id == name).filter(|a| !a.online).map(|_| ())
+            list.iter()
+                .find(|a| a.agent_id == name)
+                .filter(|a| !a.online)
+                .map(|_| ())
         }
     })
     .await
@@ -125,6 +163,12 @@ pub async fn wait_offline(fleet: &TestFleet, name: &str) {
 
 /// The agent `name` as the controller lists it.
 pub fn agent_info(fleet: &TestFleet, name: &str) -> pb::Agent {
-    let list = fleet.controller.shared().list_agents("").expect("list agents");
-    list.into_iter().find(|a| a.agent_id == name).unwrap_or_else(|| panic!("no agent {name}"))
+    let list = fleet
+        .controller
+        .shared()
+        .list_agents("")
+        .expect("list agents");
+    list.into_iter()
+        .find(|a| a.agent_id == name)
+        .unwrap_or_else(|| panic!("no agent {name}"))
 }
