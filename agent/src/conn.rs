@@ -207,7 +207,14 @@ async fn session(
         tokio::select! {
             _ = stopped(stop) => return Ok(()),
             _ = heartbeat.tick(), if welcomed => {
-                let hb = pb::Heartbeat { metrics: Some(collect(inner).await), policy_version: lock(&inner.policy).version(), agent_time: now_secs() };
+                let hb = {
+                    let metrics = Some(collect(inner).await);
+                    let (policy_version, policy_expired) = {
+                        let p = lock(&inner.policy);
+                        (p.version(), p.current().and_then(|c| c.expires).is_some_and(|e| e < now_secs()))
+                    };
+                    pb::Heartbeat { metrics, policy_version, agent_time: now_secs(), policy_expired }
+                };
                 // A full queue means the stream is stuck; drop this heartbeat.
                 let _ = tx.try_send(msg(Out::Heartbeat(hb)));
             }

@@ -1,14 +1,69 @@
 //! The command executor: runs one [`AuthorizedCommand`] the way DESIGN §2.7
 //! requires — argv executed directly (no shell), a cleared environment,
-//! stdin from `/dev/null`, cwd `/`, its own session and process group,
-//! `no_new_privs`, the `run_as` user, output capped per stream, and the whole
-//! process group killed (TERM, then KILL after a grace period) on timeout or
-//! cancel. Only an [`AuthorizedCommand`], which only the allow-list check can
-//! build, is accepted by the public entry point [`execute`].
+//! stdin from `/dev/null`, cwd `/`, no file descriptor of the agent but 0, 1
+//! and 2, its own session and process group, `no_new_privs`, the `run_as`
+//! user with only its primary group, output capped per stream, and
+//! everything the command started killed (TERM, then KILL after a grace
+//! period) on timeout or cancel, and when the command exits. Only an
+//! [`AuthorizedCommand`], which only the allow-list check can build, is
+//! accepted by the public entry point [`execute`].
+//!
+//! # Containment: cgroup v2 per job, else process group and sweep
+//!
+//! Killing the process group is not enough: a descendant that calls
+//! `setsid` (any daemonizing program, `setsid -f`, a double fork) leaves the
+//! group, and a TERM/KILL to the group never reaches it. So each job gets its
+//! own cgroup v2, `fleetcmd-job-<agent pid>-<n>`, created under the agent's
+//! own cgroup (found through `/proc/self/cgroup` and the `cgroup2` mount in
+//! `/proc/self/mountinfo`; on hybrid hosts that is `/sys/fs/cgroup/unified`).
+//! Between fork and exec the child writes `0` to the job cgroup's
+//! `cgroup.procs` (opened by the agent before the fork; a plain `write(2)`,
+//! which is async-signal-safe), so the command is inside before it can fork
+//! anything, and no descendant can leave: moving to another cgroup needs
+//! write access to a common ancestor's `cgroup.procs`, which only root has.
+//! TERM goes to the group and to every pid in `cgroup.procs`; KILL is a
+//! write to `cgroup.kill` (Linux ≥ 5.14; older kernels: members are
+//! SIGKILLed until none is left). The executor returns once `cgroup.events`
+//! says `populated 0` (bounded) and removes the cgroup. Cgroups left by an
+//! agent that died are removed at the next start. Under systemd, give the
+//! agent unit `Delegate=yes` so systemd leaves the job cgroups alone.
+//!
+//! When there is no writable cgroup2 hierarchy (a container with a
+//! read-only `/sys/fs/cgroup`, cgroup v1 only) the executor falls back to the
+//! process group plus a sweep: while the command runs, and right before each
+//! signal, `/proc` is walked for descendants of the child and of every
+//! descendant recorded before (with their start times, so a reused pid is
+//! never signalled), and those are signalled too. **Limitation:** a process
+//! that daemonizes by double fork faster than the sweep interval (200 ms),
+//! e.g. `setsid -f`, is re-parented to init before it is ever seen and
+//! escapes. A warning is logged once at startup in that case. A command run
+//! as root can always escape either mechanism; containment is about
+//! cleaning up after well-meaning commands, the allow-list is what keeps
+//! hostile ones out.
+//!
+//! # File descriptors
+//!
+//! Between fork and exec every fd ≥ 3 is marked close-on-exec with
+//! `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)` (Linux ≥ 5.11), falling back to
+//! `fcntl(FD_CLOEXEC)` on each fd below the `RLIMIT_NOFILE` soft limit
+//! (read before the fork). Marking rather than closing keeps the pipe through
+//! which the standard library reports a failed `exec` working until the
+//! `exec` succeeds; an fd that some library (or the agent's own parent)
+//! opened without `O_CLOEXEC` never reaches the command.
+//!
+//! # Memory
+//!
+//! Each stream is read in 64 KiB chunks into a buffer that never grows past
+//! [`ExecLimits::max_output`]; the rest is counted and dropped. So a job
+//! costs at most `2 × (max_output + 64 KiB)` of output memory however much
+//! it writes.
+
+mod contain;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::process::ExitStatusExt as _;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -21,20 +76,15 @@ use tokio::sync::watch;
 /// `PATH` given to every command; declared `env` may override it.
 const CHILD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// How long output is still read after the process group was killed. Only a
-/// descendant that left the group (its own `setsid`) can keep a pipe open that
-/// long; its further output is not waited for.
+/// How often the child and the rest of the job are checked while the TERM
+/// grace period runs.
+const TERM_POLL: Duration = Duration::from_millis(20);
+
+/// How long output is still read after everything the command started was
+/// killed. Only a descendant that escaped containment (see the module
+/// comment) can keep a pipe open that long; its further output is not waited
+/// for.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
-
-/// How often the process group is checked for remaining members while the
-/// TERM grace period runs, or after SIGKILL.
-const GROUP_POLL: Duration = Duration::from_millis(20);
-
-/// How long to wait after SIGKILL for the kernel to tear the group down, so
-/// nothing of the command is left running when the executor returns. Only a
-/// process stuck in uninterruptible I/O (or a zombie that the host's init does
-/// not reap) takes that long.
-const KILL_SETTLE: Duration = Duration::from_millis(500);
 
 /// Limits applied to every execution.
 #[derive(Debug, Clone)]
@@ -104,6 +154,7 @@ pub async fn execute(
             run_as: cmd.run_as(),
             env: cmd.env(),
             timeout: cmd.timeout(),
+            containment: contain::Mode::Auto,
         },
         limits,
         cancel,
@@ -117,6 +168,7 @@ struct Plan<'a> {
     run_as: Option<&'a str>,
     env: &'a BTreeMap<String, String>,
     timeout: Duration,
+    containment: contain::Mode,
 }
 
 /// Uid and primary gid to switch to in the child.
@@ -163,6 +215,24 @@ async fn run(
         },
     };
 
+    let cgroup = match plan.containment {
+        contain::Mode::ProcessGroup => None,
+        contain::Mode::Auto => {
+            let created = tokio::task::spawn_blocking(|| {
+                contain::cgroup_parent().map(contain::JobCgroup::create)
+            })
+            .await;
+            match created {
+                Ok(None) => None,
+                Ok(Some(Ok(cgroup))) => Some(cgroup),
+                // Fail closed: the host has cgroups, so a job that could not
+                // get one might leave processes behind.
+                Ok(Some(Err(err))) => return failed(format!("creating the job cgroup: {err}")),
+                Err(err) => return failed(format!("creating the job cgroup: {err}")),
+            }
+        }
+    };
+
     let mut command = Command::new(program);
     command
         .args(&plan.argv[1..])
@@ -175,11 +245,27 @@ async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    isolate_child(&mut command, credentials);
+    isolate_child(
+        &mut command,
+        ChildSetup {
+            credentials,
+            cgroup_procs: cgroup.as_ref().and_then(contain::JobCgroup::procs_fd),
+            fd_limit: fd_limit(),
+        },
+    );
 
-    let mut child = match command.spawn() {
+    let spawned = command.spawn();
+    // The command moved itself into the cgroup before exec (or failed).
+    let mut cgroup = cgroup;
+    if let Some(cgroup) = &mut cgroup {
+        cgroup.close_procs();
+    }
+    let mut child = match spawned {
         Ok(child) => child,
         Err(err) => {
+            if let Some(cgroup) = cgroup {
+                cgroup.discard().await;
+            }
             let who = plan
                 .run_as
                 .map(|u| format!(" as user `{u}`"))
@@ -189,9 +275,13 @@ async fn run(
     };
     // The child called setsid(), so its pid is also its process group id.
     let Some(pgid) = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok()) else {
+        // Only a child already reaped has no id; nothing is left to contain.
+        if let Some(cgroup) = cgroup {
+            cgroup.discard().await;
+        }
         return failed(format!("spawn `{program}`: no process id"));
     };
-    let mut group = GroupGuard { pgid, armed: true };
+    let mut jail = contain::Jail::new(pgid, cgroup);
     tracing::debug!(program = %program, pid = pgid, "command started");
 
     let mut stdout = Capture::new(limits.max_output);
@@ -207,7 +297,7 @@ async fn run(
         tokio::pin!(reading);
         let supervising = supervise(
             &mut child,
-            &group,
+            &mut jail,
             plan.timeout,
             limits.kill_grace,
             &mut cancel,
@@ -229,7 +319,8 @@ async fn run(
         }
         termination
     };
-    group.armed = false;
+    // Everything is dead and reaped; only the cgroup directory is left.
+    jail.release().await;
 
     ExecOutcome {
         termination,
@@ -241,11 +332,11 @@ async fn run(
     }
 }
 
-/// Waits for the child, enforcing timeout and cancel; always leaves the
-/// process group killed and the child reaped.
+/// Waits for the child, enforcing timeout and cancel; always leaves
+/// everything the command started killed and the child reaped.
 async fn supervise(
     child: &mut Child,
-    group: &GroupGuard,
+    jail: &mut contain::Jail,
     timeout: Duration,
     kill_grace: Duration,
     cancel: &mut watch::Receiver<bool>,
@@ -256,30 +347,36 @@ async fn supervise(
             std::future::pending::<()>().await;
         }
     };
-    let termination = tokio::select! {
-        status = child.wait() => {
-            // A grandchild may linger in the group after the child exits.
-            if group.signal(libc::SIGKILL) {
-                group.settle().await;
+    tokio::pin!(canceled);
+    let expired = tokio::time::sleep(timeout);
+    tokio::pin!(expired);
+    let termination = loop {
+        let sweep = jail.sweep_interval();
+        tokio::select! {
+            status = child.wait() => {
+                // Whatever the child started may still run: kill it too.
+                jail.finish().await;
+                return match status {
+                    Ok(status) => exit_termination(status),
+                    Err(err) => Termination::SpawnFailed(format!("waiting for the process: {err}")),
+                };
             }
-            return match status {
-                Ok(status) => exit_termination(status),
-                Err(err) => Termination::SpawnFailed(format!("waiting for the process: {err}")),
-            };
+            () = &mut expired => break Termination::TimedOut,
+            () = &mut canceled => break Termination::Canceled,
+            () = sleep_or_forever(sweep) => jail.record().await,
         }
-        () = tokio::time::sleep(timeout) => Termination::TimedOut,
-        () = canceled => Termination::Canceled,
     };
 
-    group.signal(libc::SIGTERM);
+    jail.record().await;
+    jail.signal(libc::SIGTERM);
     let deadline = tokio::time::Instant::now() + kill_grace;
     let mut reaped = false;
-    // Give the whole group, not only the child, the grace period to exit.
+    // Give everything, not only the child, the grace period to exit.
     loop {
-        if reaped && !group.has_members() {
+        if reaped && !jail.has_members() {
             break;
         }
-        let tick = tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + GROUP_POLL));
+        let tick = tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + TERM_POLL));
         tokio::select! {
             status = child.wait(), if !reaped => {
                 if let Err(err) = status {
@@ -294,14 +391,23 @@ async fn supervise(
             }
         }
     }
-    let hit = group.signal(libc::SIGKILL);
+    jail.record().await;
+    let hit = jail.kill();
     if !reaped && let Err(err) = child.wait().await {
         tracing::warn!(error = %err, "waiting for the process after SIGKILL");
     }
     if hit {
-        group.settle().await;
+        jail.settle().await;
     }
     termination
+}
+
+/// Sleeps for `period`, or forever when there is none.
+async fn sleep_or_forever(period: Option<Duration>) {
+    match period {
+        Some(period) => tokio::time::sleep(period).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn exit_termination(status: ExitStatus) -> Termination {
@@ -376,18 +482,53 @@ fn effective_uid() -> libc::uid_t {
     unsafe { libc::geteuid() }
 }
 
-/// Sets up the child between fork and exec: new session and process group,
-/// `no_new_privs`, then (if asked) groups, gid and uid, in that order.
+/// Everything the child needs between fork and exec, prepared before the
+/// fork (nothing there may allocate, take a lock or look anything up).
+#[derive(Debug, Clone, Copy)]
+struct ChildSetup {
+    credentials: Option<Credentials>,
+    /// The job cgroup's `cgroup.procs`, open for writing (close-on-exec).
+    cgroup_procs: Option<RawFd>,
+    /// Fds below this are marked close-on-exec when `close_range` is missing.
+    fd_limit: libc::c_int,
+}
+
+/// The soft `RLIMIT_NOFILE`: no fd of this process is at or above it
+/// (unless the limit was lowered after opening, which the agent never does).
 #[allow(unsafe_code)]
-fn isolate_child(command: &mut Command, credentials: Option<Credentials>) {
+fn fd_limit() -> libc::c_int {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1 << 20;
+    }
+    libc::c_int::try_from(limit.rlim_cur).unwrap_or(libc::c_int::MAX)
+}
+
+/// Sets up the child between fork and exec: into the job cgroup, new
+/// session and process group, `no_new_privs`, every fd ≥ 3 close-on-exec,
+/// then (if asked) groups, gid and uid, in that order.
+#[allow(unsafe_code)]
+fn isolate_child(command: &mut Command, setup: ChildSetup) {
     // SAFETY: the closure runs in the forked child before exec, where only
     // async-signal-safe functions may be called. It calls only the raw
-    // syscall wrappers setsid, prctl, setgroups, setgid and setuid, reads
-    // errno through `io::Error::last_os_error` (no allocation), and touches
-    // no memory but its captured `Copy` credentials (the user was looked up
-    // before fork).
+    // syscall wrappers write, setsid, prctl, syscall(close_range), fcntl,
+    // setgroups, setgid and setuid, reads errno through
+    // `io::Error::last_os_error` (no allocation), and touches no memory but
+    // its captured `Copy` setup (the user was looked up, the cgroup file
+    // opened and the fd limit read before fork).
     unsafe {
         command.pre_exec(move || {
+            if let Some(procs) = setup.cgroup_procs {
+                // "0" moves the writing process. First, so that everything
+                // the command ever does happens inside the cgroup.
+                if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if libc::setsid() == -1 {
                 return Err(io::Error::last_os_error());
             }
@@ -401,7 +542,21 @@ fn isolate_child(command: &mut Command, credentials: Option<Credentials>) {
             {
                 return Err(io::Error::last_os_error());
             }
-            if let Some(Credentials { uid, gid }) = credentials {
+            // Close-on-exec rather than closed: the standard library reports
+            // a failed exec through a pipe that must stay open until then.
+            if libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) != 0
+            {
+                // Before Linux 5.11. EBADF (not open) is the common case.
+                for fd in 3..setup.fd_limit {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
+            }
+            if let Some(Credentials { uid, gid }) = setup.credentials {
                 // Only the primary group: no supplementary group of the agent leaks.
                 if libc::setgroups(1, &gid) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0
                 {
@@ -410,64 +565,6 @@ fn isolate_child(command: &mut Command, credentials: Option<Credentials>) {
             }
             Ok(())
         });
-    }
-}
-
-/// The child's process group. While armed, dropping it (the `run` future was
-/// dropped mid-execution) SIGKILLs the whole group, not just the child that
-/// `kill_on_drop` covers.
-struct GroupGuard {
-    pgid: libc::pid_t,
-    armed: bool,
-}
-
-impl GroupGuard {
-    /// Sends `signal` to every member; a group that is already gone is fine.
-    /// Returns whether any process was signalled.
-    #[allow(unsafe_code)]
-    fn signal(&self, signal: libc::c_int) -> bool {
-        // SAFETY: kill has no memory-safety preconditions; the negative pid
-        // addresses the group whose leader is our (not yet reaped, or just
-        // reaped) child.
-        if unsafe { libc::kill(-self.pgid, signal) } == 0 {
-            return true;
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::ESRCH) {
-            tracing::warn!(pgid = self.pgid, signal, error = %err, "signalling the process group");
-        }
-        false
-    }
-
-    /// After SIGKILL: waits (bounded by [`KILL_SETTLE`]) until the group is gone.
-    async fn settle(&self) {
-        let deadline = tokio::time::Instant::now() + KILL_SETTLE;
-        while self.has_members() {
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    pgid = self.pgid,
-                    "process group still has members after SIGKILL"
-                );
-                return;
-            }
-            tokio::time::sleep(GROUP_POLL).await;
-        }
-    }
-
-    /// Whether any process (zombies included) is still in the group.
-    #[allow(unsafe_code)]
-    fn has_members(&self) -> bool {
-        // SAFETY: signal 0 only checks for existence and permission.
-        let alive = unsafe { libc::kill(-self.pgid, 0) } == 0;
-        alive || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-    }
-}
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            self.signal(libc::SIGKILL);
-        }
     }
 }
 
@@ -507,6 +604,13 @@ impl Capture {
 
     fn push(&mut self, bytes: &[u8]) {
         let room = self.cap.saturating_sub(self.kept.len()).min(bytes.len());
+        let needed = self.kept.len() + room;
+        if needed > self.kept.capacity() {
+            // Grow by doubling, but never past the cap: `Vec`'s own growth
+            // could reserve up to twice the cap.
+            let target = needed.max(self.kept.capacity() * 2).min(self.cap);
+            self.kept.reserve_exact(target - self.kept.len());
+        }
         self.kept.extend_from_slice(&bytes[..room]);
         self.dropped += (bytes.len() - room) as u64;
     }
@@ -527,6 +631,7 @@ mod tests {
         env: BTreeMap<String, String>,
         timeout: Duration,
         limits: ExecLimits,
+        containment: contain::Mode,
     }
 
     impl<'a> Run<'a> {
@@ -537,6 +642,7 @@ mod tests {
                 env: BTreeMap::new(),
                 timeout: Duration::from_secs(20),
                 limits: ExecLimits::default(),
+                containment: contain::Mode::Auto,
             }
         }
 
@@ -546,6 +652,7 @@ mod tests {
                 run_as: self.run_as,
                 env: &self.env,
                 timeout: self.timeout,
+                containment: self.containment,
             };
             run(plan, &self.limits, cancel).await
         }
@@ -899,6 +1006,515 @@ mod tests {
             out.termination,
             Termination::SpawnFailed("empty argv".to_owned())
         );
+    }
+
+    // ---- Process-wide checks, each run alone in a fresh copy of this test
+    // binary (concurrent tests would disturb the environment, the fd table,
+    // the set of children and the peak memory they look at).
+
+    /// Set in the fresh process to the name of the one test it runs.
+    const ISOLATED: &str = "FLEETCMD_EXEC_ISOLATED";
+
+    /// True in the fresh process; in the normal test run, runs `test` there
+    /// (with `env` added to its environment), asserts it passed, and returns
+    /// false.
+    fn isolated(test: &str, env: &[(&str, &str)]) -> bool {
+        if std::env::var(ISOLATED).is_ok_and(|t| t == test) {
+            return true;
+        }
+        let module = module_path!()
+            .split_once("::")
+            .expect("module path has a crate prefix")
+            .1;
+        let name = format!("{module}::{test}");
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary path"))
+            .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+            .env(ISOLATED, test)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run the test binary again");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("--- isolated {name} ---\n{stdout}{stderr}");
+        assert!(out.status.success(), "isolated {name} failed");
+        assert!(
+            stdout.contains("1 passed"),
+            "isolated run ran no test `{name}`"
+        );
+        false
+    }
+
+    fn assert_root() {
+        assert_eq!(
+            effective_uid(),
+            0,
+            "this test checks privilege dropping and needs root (CI runs tests as root)"
+        );
+    }
+
+    /// Children of this process that are zombies.
+    fn zombie_children() -> usize {
+        let me = std::process::id().to_string();
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+            .filter(|stat| {
+                let fields: Vec<&str> = stat
+                    .rsplit_once(')')
+                    .map(|(_, rest)| rest.split_whitespace().collect())
+                    .unwrap_or_default();
+                fields.first() == Some(&"Z") && fields.get(1) == Some(&me.as_str())
+            })
+            .count()
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .count()
+    }
+
+    /// Peak resident memory of this process, in KiB.
+    fn vm_hwm_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/self/status")
+    }
+
+    /// Job cgroups of this process that still exist.
+    fn leftover_cgroups() -> Vec<String> {
+        let Some(parent) = contain::cgroup_parent() else {
+            return Vec::new();
+        };
+        let mine = format!("fleetcmd-job-{}-", std::process::id());
+        std::fs::read_dir(parent)
+            .expect("cgroup parent")
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&mine))
+            .collect()
+    }
+
+    /// Waits (bounded) until `pid` is gone.
+    async fn assert_gone_eventually(pid: u32, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(pid) {
+            assert!(Instant::now() < deadline, "{what} {pid} is still alive");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn wait_for_file(file: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !file.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} never appeared",
+                file.display()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn agent_environment_never_reaches_the_child() {
+        let poison = [
+            ("LD_PRELOAD", "/nonexistent/fleetcmd-evil.so"),
+            ("BASH_ENV", "/nonexistent/fleetcmd-evil.sh"),
+            ("PATH", "/evil"),
+            ("FLEETCMD_SECRET", "hunter2"),
+        ];
+        if !isolated("agent_environment_never_reaches_the_child", &poison) {
+            return;
+        }
+        for (key, value) in poison {
+            assert_eq!(std::env::var(key).as_deref(), Ok(value), "test setup");
+        }
+        let mut run = Run::new(&["/usr/bin/env"]);
+        run.env
+            .insert("FLEETCMD_DECLARED".to_owned(), "yes".to_owned());
+        let out = run.go().await;
+        assert_eq!(out.termination, Termination::Exited(0));
+        // A preloaded library that does not exist would make ld.so complain here.
+        assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+        let mut lines: Vec<&str> = text(&out.stdout).lines().collect();
+        lines.sort_unstable();
+        assert_eq!(
+            lines,
+            [
+                "FLEETCMD_DECLARED=yes",
+                "LANG=C.UTF-8",
+                &format!("PATH={CHILD_PATH}"),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    #[allow(unsafe_code)]
+    async fn only_standard_fds_are_inherited() {
+        if !isolated("only_standard_fds_are_inherited", &[]) {
+            return;
+        }
+        // An fd opened the way a C library might: without O_CLOEXEC, once low
+        // and once high (a copy at 900; dup2 never sets close-on-exec).
+        // SAFETY: plain syscalls on a valid NUL-terminated path and on fds we own.
+        let (low, high) = unsafe {
+            let low = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+            assert!(low >= 3, "open: {}", io::Error::last_os_error());
+            let high = libc::dup2(low, 900);
+            assert_eq!(high, 900, "dup2: {}", io::Error::last_os_error());
+            for fd in [low, high] {
+                assert_eq!(libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC, 0);
+            }
+            (low, high)
+        };
+        let out = Run::new(&["/usr/bin/ls", "/proc/self/fd"]).go().await;
+        assert_eq!(out.termination, Termination::Exited(0));
+        // 3 is the directory ls itself opened to list /proc/self/fd.
+        assert_eq!(
+            text(&out.stdout).lines().collect::<Vec<_>>(),
+            ["0", "1", "2", "3"]
+        );
+        // Also as another user (a different pre_exec path).
+        assert_root();
+        let mut run = Run::new(&["/usr/bin/ls", "/proc/self/fd"]);
+        run.run_as = Some("nobody");
+        let out = run.go().await;
+        assert_eq!(
+            text(&out.stdout).lines().collect::<Vec<_>>(),
+            ["0", "1", "2", "3"]
+        );
+        // SAFETY: closing fds this test opened.
+        unsafe {
+            libc::close(low);
+            libc::close(high);
+        }
+    }
+
+    #[tokio::test]
+    #[allow(unsafe_code)]
+    async fn run_as_drops_the_agents_supplementary_groups() {
+        if !isolated("run_as_drops_the_agents_supplementary_groups", &[]) {
+            return;
+        }
+        assert_root();
+        // Give the "agent" supplementary groups that must not leak.
+        let groups: [libc::gid_t; 3] = [0, 4, 27];
+        // SAFETY: setgroups reads `groups.len()` gids from a valid array; glibc
+        // applies it to every thread of this (isolated) process.
+        let set = unsafe { libc::setgroups(groups.len(), groups.as_ptr()) };
+        assert_eq!(set, 0, "setgroups: {}", io::Error::last_os_error());
+        let out = Run::new(&["/usr/bin/id", "-G"]).go().await;
+        assert_eq!(
+            text(&out.stdout),
+            "0 4 27\n",
+            "test setup: root keeps its groups"
+        );
+
+        let mut run = Run::new(&["/usr/bin/id", "-G"]);
+        run.run_as = Some("nobody");
+        let out = run.go().await;
+        assert_eq!(
+            out.termination,
+            Termination::Exited(0),
+            "{}",
+            text(&out.stderr)
+        );
+        let primary = lookup_user("nobody")
+            .expect("look up nobody")
+            .expect("user nobody exists")
+            .gid;
+        assert_eq!(text(&out.stdout), format!("{primary}\n"));
+    }
+
+    #[tokio::test]
+    async fn agent_key_is_unreadable_to_run_as_user() {
+        assert_root();
+        use std::os::unix::fs::PermissionsExt as _;
+        // Like the agent's state dir: traversable, but the key is 0600 root.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod dir");
+        let key = dir.path().join("agent.key");
+        std::fs::write(&key, "PRIVATE KEY").expect("write key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+        let path = key.display().to_string();
+
+        let out = Run::new(&["/usr/bin/cat", &path]).go().await;
+        assert_eq!(
+            text(&out.stdout),
+            "PRIVATE KEY",
+            "test setup: root can read it"
+        );
+
+        let mut run = Run::new(&["/usr/bin/cat", &path]);
+        run.run_as = Some("nobody");
+        let out = run.go().await;
+        assert_eq!(out.termination, Termination::Exited(1));
+        assert!(out.stdout.is_empty());
+        assert!(
+            text(&out.stderr).contains("Permission denied"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn ten_thousand_short_jobs_leave_nothing_behind() {
+        if !isolated("ten_thousand_short_jobs_leave_nothing_behind", &[]) {
+            return;
+        }
+        const JOBS: usize = 10_000;
+        const CONCURRENCY: usize = 32;
+        // Warm up lazily initialized state (cgroup detection, tokio's
+        // process driver) so it is not counted as a leak.
+        assert_eq!(
+            Run::new(&["/usr/bin/true"]).go().await.termination,
+            Termination::Exited(0)
+        );
+        let fds_before = open_fds();
+        let zombies_before = zombie_children();
+
+        let started = Instant::now();
+        let all = async {
+            let mut set = tokio::task::JoinSet::new();
+            let mut spawned = 0;
+            let mut done = 0;
+            while done < JOBS {
+                while spawned < JOBS && set.len() < CONCURRENCY {
+                    set.spawn(async { Run::new(&["/usr/bin/true"]).go().await });
+                    spawned += 1;
+                }
+                let out = set
+                    .join_next()
+                    .await
+                    .expect("jobs in flight")
+                    .expect("job task panicked");
+                assert_eq!(out.termination, Termination::Exited(0));
+                done += 1;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(300), all)
+            .await
+            .expect("10 000 jobs finish within 300 s");
+        let elapsed = started.elapsed();
+        println!(
+            "{JOBS} jobs, {CONCURRENCY} at a time: {elapsed:?}, {:.0} jobs/s (cgroup: {})",
+            JOBS as f64 / elapsed.as_secs_f64(),
+            contain::cgroup_parent().is_some()
+        );
+
+        assert_eq!(zombie_children(), zombies_before, "zombies left");
+        assert_eq!(zombies_before, 0);
+        let fds_after = open_fds();
+        assert!(
+            fds_after.abs_diff(fds_before) <= 2,
+            "fds before {fds_before}, after {fds_after}"
+        );
+        assert_eq!(leftover_cgroups(), Vec::<String>::new());
+    }
+
+    /// A shell that starts a daemon the way `daemon(3)` does (fork, setsid,
+    /// parent exits: re-parented to init, outside the process group), waits
+    /// until the daemon wrote its pid, then sleeps.
+    fn daemonizing(pidfile: &Path) -> Vec<String> {
+        let pid = pidfile.display();
+        let script = format!(
+            "/usr/bin/setsid -f /bin/sh -c 'echo $$ > {pid}.tmp; mv {pid}.tmp {pid}; exec sleep 300'; \
+             while [ ! -e {pid} ]; do sleep 0.01; done; sleep 30"
+        );
+        argv(&["/bin/sh", "-c", &script])
+    }
+
+    fn assert_cgroups_available() {
+        assert!(
+            contain::cgroup_parent().is_some(),
+            "no writable cgroup v2 hierarchy: daemonized processes cannot be contained here \
+             (run with a writable cgroup2 mount, e.g. a privileged container)"
+        );
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_a_daemonized_grandchild() {
+        assert_cgroups_available();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("pid");
+        let mut run = Run::new(&[]);
+        run.argv = daemonizing(&pidfile);
+        run.timeout = Duration::from_secs(1);
+        run.limits.kill_grace = Duration::from_millis(200);
+        let out = run.go().await;
+        assert_eq!(
+            out.termination,
+            Termination::TimedOut,
+            "{}",
+            text(&out.stderr)
+        );
+        assert!(out.duration < Duration::from_secs(10), "{:?}", out.duration);
+        let daemon = read_pid(&pidfile);
+        // Killed and gone by the time the executor returned.
+        assert!(
+            !alive(daemon),
+            "daemonized grandchild {daemon} survived the timeout"
+        );
+        assert_eq!(leftover_cgroups(), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_a_daemonized_grandchild() {
+        assert_cgroups_available();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("pid");
+        let (tx, rx) = watch::channel(false);
+        let mut run = Run::new(&[]);
+        run.argv = daemonizing(&pidfile);
+        run.limits.kill_grace = Duration::from_millis(200);
+        let cancel = async {
+            wait_for_file(&pidfile).await;
+            tx.send(true).expect("receiver alive");
+        };
+        let (out, ()) = tokio::join!(run.with_cancel(rx), cancel);
+        assert_eq!(out.termination, Termination::Canceled);
+        let daemon = read_pid(&pidfile);
+        assert!(
+            !alive(daemon),
+            "daemonized grandchild {daemon} survived the cancel"
+        );
+    }
+
+    #[tokio::test]
+    async fn daemonized_grandchild_is_killed_after_normal_exit() {
+        assert_cgroups_available();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("pid");
+        let pid = pidfile.display();
+        let script = format!(
+            "/usr/bin/setsid -f /bin/sh -c 'echo $$ > {pid}.tmp; mv {pid}.tmp {pid}; exec sleep 300' >/dev/null 2>&1; \
+             while [ ! -e {pid} ]; do sleep 0.01; done"
+        );
+        let out = Run::new(&["/bin/sh", "-c", &script]).go().await;
+        assert_eq!(out.termination, Termination::Exited(0));
+        let daemon = read_pid(&pidfile);
+        assert!(
+            !alive(daemon),
+            "daemonized grandchild {daemon} outlived the job"
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_execution_kills_a_daemonized_grandchild() {
+        assert_cgroups_available();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("pid");
+        let mut run = Run::new(&[]);
+        run.argv = daemonizing(&pidfile);
+        let (_tx, rx) = watch::channel(false);
+        tokio::select! {
+            _ = run.with_cancel(rx) => panic!("the command should still be running"),
+            () = wait_for_file(&pidfile) => {}
+        }
+        let daemon = read_pid(&pidfile);
+        assert_gone_eventually(daemon, "daemonized grandchild").await;
+    }
+
+    #[tokio::test]
+    async fn commands_run_in_their_own_cgroup() {
+        assert_cgroups_available();
+        let out = Run::new(&["/usr/bin/cat", "/proc/self/cgroup"]).go().await;
+        let own = text(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("a cgroup v2 line");
+        let leaf = own.rsplit('/').next().unwrap_or_default();
+        assert!(
+            leaf.starts_with(&format!("fleetcmd-job-{}-", std::process::id())),
+            "{own}"
+        );
+        let dir = contain::cgroup_parent().expect("checked above").join(leaf);
+        assert!(!dir.exists(), "{} was not removed", dir.display());
+    }
+
+    #[tokio::test]
+    async fn process_group_fallback_sweeps_setsid_descendants() {
+        // Without cgroups a process that left the group by `setsid` is still
+        // found while its parent lives (a double fork, as in `daemonizing`,
+        // is the documented limitation).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("pid");
+        let script = format!(
+            "/usr/bin/setsid /usr/bin/sleep 300 & echo $! > {}; sleep 30",
+            pidfile.display()
+        );
+        let mut run = Run::new(&["/bin/sh", "-c", &script]);
+        run.containment = contain::Mode::ProcessGroup;
+        run.timeout = Duration::from_millis(500);
+        run.limits.kill_grace = Duration::from_millis(200);
+        let out = run.go().await;
+        assert_eq!(out.termination, Termination::TimedOut);
+        let escaped = read_pid(&pidfile);
+        assert!(
+            !alive(escaped),
+            "setsid descendant {escaped} survived the timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn binary_flood_stays_within_the_cap() {
+        let out = Run::new(&["/usr/bin/head", "-c", "5000000", "/dev/urandom"])
+            .go()
+            .await;
+        assert_eq!(out.termination, Termination::Exited(0));
+        let cap = ExecLimits::default().max_output;
+        assert_eq!(out.stdout.len(), cap);
+        assert_eq!(out.stdout_dropped, 5_000_000 - cap as u64);
+        assert!(out.stdout.capacity() <= cap, "{}", out.stdout.capacity());
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_is_kept_byte_for_byte() {
+        let mut run = Run::new(&["/usr/bin/printf", r"\377\376ok\200\300"]);
+        run.limits.max_output = 4;
+        let out = run.go().await;
+        assert_eq!(out.termination, Termination::Exited(0));
+        assert_eq!(out.stdout, b"\xff\xfeok");
+        assert_eq!(out.stdout_dropped, 2);
+    }
+
+    #[tokio::test]
+    async fn flood_does_not_grow_memory() {
+        if !isolated("flood_does_not_grow_memory", &[]) {
+            return;
+        }
+        let before = vm_hwm_kib();
+        let mut run = Run::new(&["/usr/bin/head", "-c", "200000000", "/dev/zero"]);
+        run.limits.max_output = 1024 * 1024;
+        run.timeout = Duration::from_secs(120);
+        let out = run.go().await;
+        let after = vm_hwm_kib();
+        assert_eq!(out.termination, Termination::Exited(0));
+        assert_eq!(out.stdout.len(), 1024 * 1024);
+        assert_eq!(out.stdout_dropped, 200_000_000 - 1024 * 1024);
+        println!("VmHWM before {before} KiB, after {after} KiB");
+        assert!(
+            after.saturating_sub(before) < 32 * 1024,
+            "peak memory grew from {before} KiB to {after} KiB"
+        );
+    }
+
+    #[test]
+    fn capture_never_reserves_past_the_cap() {
+        for cap in [0, 1, 1000, 65_536, 1_000_000, 1 << 20] {
+            let mut capture = Capture::new(cap);
+            for _ in 0..40 {
+                capture.push(&[1; 65_536]);
+                assert!(capture.kept.capacity() <= cap, "cap {cap}");
+            }
+            assert_eq!(capture.kept.len(), cap);
+        }
     }
 
     #[test]

@@ -91,6 +91,10 @@ pub struct FleetOptions {
     pub agents: usize,
     pub heartbeat: Duration,
     pub agent_cert_ttl: Duration,
+    /// Number of policy root keys (admin.key, admin-2.key, …).
+    pub policy_roots: usize,
+    /// Root signatures a bundle needs.
+    pub policy_threshold: usize,
 }
 
 impl FleetOptions {
@@ -101,6 +105,8 @@ impl FleetOptions {
             agents: 3,
             heartbeat: Duration::from_secs(10),
             agent_cert_ttl: Duration::from_secs(24 * 3600),
+            policy_roots: 1,
+            policy_threshold: 1,
         }
     }
 }
@@ -109,8 +115,14 @@ impl FleetOptions {
 pub struct Fleet {
     pub dir: PathBuf,
     pub controller: RunningController,
+    pub controller_config: ControllerConfig,
     pub agents: Vec<AgentHandle>,
+    /// The first policy root key.
     pub admin_key: SigningKey,
+    /// Further root keys (M-of-N); `push_policy` signs with as many keys as
+    /// the threshold needs.
+    pub more_admin_keys: Vec<SigningKey>,
+    pub policy_threshold: usize,
     pub gateway_key: Arc<SigningKey>,
     pub operator_key: SigningKey,
     /// Operator TLS identity (also in DIR/operator.{crt,key}).
@@ -150,17 +162,22 @@ impl Fleet {
         let dir = opts.data_dir.clone();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let admin_key = keygen(&dir.join("admin.key")).map_err(|f| f.error)?;
+        let more_admin_keys = (2..=opts.policy_roots.max(1))
+            .map(|i| keygen(&dir.join(format!("admin-{i}.key"))).map_err(|f| f.error))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let gateway_key = keygen(&dir.join("gateway-sign.key")).map_err(|f| f.error)?;
+        let mut roots = vec![admin_key.public_key()];
+        roots.extend(more_admin_keys.iter().map(|k| k.public_key()));
         let config = ControllerConfig {
             listen: opts.listen,
             data_dir: dir.join("controller"),
             tls_names: Vec::new(),
-            policy_roots: vec![admin_key.public_key()],
-            policy_threshold: 1,
+            policy_roots: roots,
+            policy_threshold: opts.policy_threshold,
             agent_cert_ttl: opts.agent_cert_ttl,
             heartbeat_interval: opts.heartbeat,
         };
-        let controller = fleetcmd_controller::start(config)
+        let controller = fleetcmd_controller::start(config.clone())
             .await
             .context("starting the controller")?;
         let url = format!("https://{}", controller.addr());
@@ -186,11 +203,16 @@ impl Fleet {
             cert_pem: gw.cert_pem,
             key_pem: gw.key_pem.expose().clone(),
         };
+        let mut controller_config = config;
+        controller_config.listen = controller.addr();
         let mut fleet = Fleet {
             dir,
             controller,
+            controller_config,
             agents: Vec::new(),
             admin_key,
+            more_admin_keys,
+            policy_threshold: opts.policy_threshold,
             gateway_key: Arc::new(gateway_key),
             operator_key,
             operator_tls,
@@ -218,17 +240,25 @@ impl Fleet {
     pub async fn push_policy(&mut self, text: &str) -> anyhow::Result<()> {
         let path = self.dir.join("policy.toml");
         std::fs::write(&path, text)?;
-        let sig = sign_bundle(text.as_bytes(), &self.admin_key);
+        // As many root signatures as the threshold needs (M-of-N roots).
+        let sigs: Vec<_> = std::iter::once(&self.admin_key)
+            .chain(&self.more_admin_keys)
+            .take(self.policy_threshold.max(1))
+            .map(|k| sign_bundle(text.as_bytes(), k))
+            .collect();
         std::fs::write(
             crate::policy_cmd::sig_path(&path),
-            crate::policy_cmd::encode_sigs(std::slice::from_ref(&sig)),
+            crate::policy_cmd::encode_sigs(&sigs),
         )?;
         let signed = pb::SignedPolicy {
             bundle: text.as_bytes().to_vec(),
-            signatures: vec![pb::PolicySignature {
-                key_id: sig.key_id,
-                signature: sig.signature,
-            }],
+            signatures: sigs
+                .into_iter()
+                .map(|s| pb::PolicySignature {
+                    key_id: s.key_id,
+                    signature: s.signature,
+                })
+                .collect(),
         };
         let peer = Peer {
             role: Role::Operator,
@@ -295,6 +325,17 @@ impl Fleet {
         if let Some(pos) = self.agents.iter().position(|a| a.agent_id == name) {
             self.agents.remove(pos).shutdown().await;
         }
+    }
+
+    /// Stops the controller, keeps it down for `downtime`, and starts it
+    /// again on the same address and data directory (agents reconnect).
+    pub async fn restart_controller(&mut self, downtime: Duration) -> anyhow::Result<()> {
+        self.controller.stop().await?;
+        tokio::time::sleep(downtime).await;
+        self.controller = fleetcmd_controller::start(self.controller_config.clone())
+            .await
+            .context("restarting the controller")?;
+        Ok(())
     }
 
     /// Waits until every started agent is online with the current policy.

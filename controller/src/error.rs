@@ -20,6 +20,8 @@ pub enum ApiError {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("job refused: {0}")]
     Refused(#[from] Refusal),
     #[error(transparent)]
@@ -37,6 +39,7 @@ impl From<ApiError> for Status {
             ApiError::NotFound(m) => Status::not_found(m),
             ApiError::AlreadyExists(m) => Status::already_exists(m),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
+            ApiError::ResourceExhausted(m) => Status::resource_exhausted(m),
             r @ ApiError::Refused(_) => Status::permission_denied(r.to_string()),
             // Details are logged where handled; callers learn only the kind.
             ApiError::Store(err) => {

@@ -48,8 +48,8 @@ pub struct RunningController {
     addr: SocketAddr,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
-    sweeper: JoinHandle<()>,
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    sweeper: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RunningController {
@@ -185,11 +185,12 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         .max_frame_size(Some(MAX_FRAME_BYTES))
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .add_service(
+        .add_service(InterceptedService::new(
             health_svc
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES)
                 .max_encoding_message_size(SMALL_MESSAGE_BYTES),
-        )
+            require(shared.clone(), ANY),
+        ))
         .add_service(InterceptedService::new(
             reflection
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES)
@@ -256,8 +257,8 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         addr,
         shared,
         stop,
-        server,
-        sweeper,
+        server: Some(server),
+        sweeper: Some(sweeper),
     })
 }
 
@@ -272,18 +273,35 @@ impl RunningController {
     }
 
     /// Stops accepting calls, waits for the server to end, flushes the store.
-    pub async fn shutdown(self) -> Result<(), StartError> {
+    pub async fn shutdown(mut self) -> Result<(), StartError> {
+        self.stop().await
+    }
+
+    /// `shutdown` in place (the value is spent afterwards; a restart makes a
+    /// new one with `start`).
+    pub async fn stop(&mut self) -> Result<(), StartError> {
         let _ = self.stop.send(true);
-        let _ = self.sweeper.await;
-        match tokio::time::timeout(Duration::from_secs(10), self.server).await {
-            Ok(Ok(res)) => res?,
-            Ok(Err(e)) => tracing::error!(error = %e, "controller server task"),
-            Err(_) => tracing::warn!("controller server did not stop within 10 s"),
+        // End the agents' long-lived streams, or the graceful shutdown would
+        // wait for them; the agents reconnect with backoff.
+        self.shared.disconnect_all();
+        if let Some(sweeper) = self.sweeper.take() {
+            let _ = sweeper.await;
+        }
+        if let Some(server) = self.server.take() {
+            match tokio::time::timeout(Duration::from_secs(10), server).await {
+                Ok(Ok(res)) => res?,
+                Ok(Err(e)) => tracing::error!(error = %e, "controller server task"),
+                Err(_) => tracing::warn!("controller server did not stop within 10 s"),
+            }
         }
         let store = self.shared.store.clone();
-        tokio::task::spawn_blocking(move || store.flush())
-            .await
-            .map_err(|e| crate::error::ApiError::Internal(e.to_string()))??;
+        tokio::task::spawn_blocking(move || {
+            let flushed = store.flush();
+            store.close();
+            flushed
+        })
+        .await
+        .map_err(|e| crate::error::ApiError::Internal(e.to_string()))??;
         Ok(())
     }
 }

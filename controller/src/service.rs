@@ -28,7 +28,24 @@ impl pb::enrollment_server::Enrollment for Svc {
         &self,
         req: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
-        let req = req.into_inner();
+        let ip = req
+            .remote_addr()
+            .map(|a| a.ip())
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        self.0.join_limiter.check(ip)?;
+        let result = self.join_checked(req.into_inner()).await;
+        if result.is_err() {
+            self.0.join_limiter.failed(ip);
+        }
+        result
+    }
+}
+
+impl Svc {
+    async fn join_checked(
+        &self,
+        req: pb::JoinRequest,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
         if req.csr_der.len() > 16 * 1024 {
             return Err(ApiError::InvalidArgument(
                 "certificate signing request over 16 KiB".into(),

@@ -51,6 +51,8 @@ struct Live {
     last_heartbeat: Instant,
     metrics: Option<pb::HostMetrics>,
     policy_version: u64,
+    clock_skew_secs: i64,
+    policy_expired: bool,
 }
 
 pub struct Shared {
@@ -63,6 +65,7 @@ pub struct Shared {
     /// Serializes read-modify-write of job records.
     job_lock: Mutex<()>,
     next_conn: AtomicU64,
+    pub join_limiter: JoinLimiter,
 }
 
 pub fn now_secs() -> u64 {
@@ -118,6 +121,7 @@ impl Shared {
             revoked: RwLock::new(revoked),
             job_lock: Mutex::new(()),
             next_conn: AtomicU64::new(1),
+            join_limiter: JoinLimiter::default(),
         };
         if let Some(rec) = shared.store.get_policy()? {
             // The stored bundle was verified when pushed; verify again so a
@@ -386,6 +390,8 @@ impl Shared {
                 last_heartbeat: Instant::now(),
                 metrics: None,
                 policy_version: hello.policy_version,
+                clock_skew_secs: 0,
+                policy_expired: false,
             },
         );
         if old.is_some() {
@@ -396,6 +402,16 @@ impl Shared {
         }
         tracing::info!(agent_id = agent, conn, "agent connected");
         Ok(conn)
+    }
+
+    /// Drops every live agent stream (controller shutdown).
+    pub fn disconnect_all(&self) {
+        for (_, live) in lock(&self.agents).drain() {
+            // An error item ends the response stream with this status.
+            let _ = live
+                .tx
+                .try_send(Err(Status::unavailable("controller shutting down")));
+        }
     }
 
     pub fn unregister(&self, agent: &str, conn: u64) {
@@ -411,6 +427,12 @@ impl Shared {
             live.last_heartbeat = Instant::now();
             live.policy_version = hb.policy_version;
             live.metrics = hb.metrics;
+            live.policy_expired = hb.policy_expired;
+            live.clock_skew_secs = if hb.agent_time == 0 {
+                0
+            } else {
+                hb.agent_time as i64 - now_secs() as i64
+            };
         }
     }
 
@@ -445,6 +467,9 @@ impl Shared {
                     .unwrap_or(0),
                 metrics: live.and_then(|l| l.metrics.clone()),
                 policy_version: live.map(|l| l.policy_version).unwrap_or(0),
+                clock_skew_secs: live.map(|l| l.clock_skew_secs).unwrap_or(0),
+                policy_expired: live.is_some_and(|l| l.policy_expired),
+                problems: live.map(health_problems).unwrap_or_default(),
             });
         }
         Ok(out)
@@ -877,6 +902,58 @@ impl Shared {
             created_at_ms: rec.created_at_ms,
             targets,
         })
+    }
+}
+
+/// What an operator should know about a connected agent's health.
+fn health_problems(live: &Live) -> Vec<String> {
+    let mut out = Vec::new();
+    let skew = live.clock_skew_secs;
+    if skew.unsigned_abs() > fleetcmd_core::job::CLOCK_SKEW_SECS {
+        out.push(format!(
+            "clock off by {skew:+}s (allowance {}s): jobs will be refused as expired or not yet valid",
+            fleetcmd_core::job::CLOCK_SKEW_SECS
+        ));
+    }
+    if live.policy_expired {
+        out.push(
+            "policy expired: the agent refuses every job until a newer policy is pushed".into(),
+        );
+    }
+    out
+}
+
+/// Failed joins allowed per source address and minute, so a token cannot be
+/// guessed by hammering `Join` (it could not anyway: 256-bit secrets), and a
+/// broken installer cannot flood the audit trail.
+pub const JOIN_FAILURES_PER_MINUTE: u32 = 10;
+
+/// Counts failed joins per source address in one-minute windows.
+#[derive(Default)]
+pub struct JoinLimiter {
+    failures: Mutex<HashMap<std::net::IpAddr, (u32, Instant)>>,
+}
+
+impl JoinLimiter {
+    /// Refuses a join from `ip` that has failed too often in the window.
+    pub fn check(&self, ip: std::net::IpAddr) -> ApiResult<()> {
+        let mut map = lock(&self.failures);
+        map.retain(|_, (_, since)| since.elapsed() < Duration::from_secs(60));
+        match map.get(&ip) {
+            Some((n, since)) if *n >= JOIN_FAILURES_PER_MINUTE => {
+                Err(ApiError::ResourceExhausted(format!(
+                    "too many failed joins from {ip}; retry in {}s",
+                    60u64.saturating_sub(since.elapsed().as_secs())
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn failed(&self, ip: std::net::IpAddr) {
+        let mut map = lock(&self.failures);
+        let e = map.entry(ip).or_insert((0, Instant::now()));
+        e.0 += 1;
     }
 }
 

@@ -122,6 +122,8 @@ pub trait Store: Send + Sync + 'static {
     fn put_policy(&self, rec: &PolicyRecord) -> Result<(), StoreError>;
     fn get_policy(&self) -> Result<Option<PolicyRecord>, StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
+    /// Releases the database (its files and lock); later calls fail.
+    fn close(&self);
 }
 
 /// The sled backend.
@@ -134,6 +136,7 @@ pub trait Store: Send + Sync + 'static {
 pub struct SledStore {
     path: std::path::PathBuf,
     inner: std::sync::RwLock<Option<std::sync::Arc<SledTrees>>>,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 struct SledTrees {
@@ -147,7 +150,9 @@ struct SledTrees {
 
 impl std::fmt::Debug for SledStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SledStore").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("SledStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -189,12 +194,21 @@ impl SledStore {
         Ok(SledStore {
             path: path.to_owned(),
             inner: std::sync::RwLock::new(Some(std::sync::Arc::new(trees))),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// The open database, reopening it if an I/O error poisoned the last one.
     fn trees(&self) -> Result<std::sync::Arc<SledTrees>, StoreError> {
-        if let Some(t) = self.inner.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Backend("the store is closed".into()));
+        }
+        if let Some(t) = self
+            .inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             return Ok(t.clone());
         }
         let mut w = self.inner.write().unwrap_or_else(|p| p.into_inner());
@@ -216,7 +230,11 @@ impl SledStore {
         StoreError::Backend(e.to_string())
     }
 
-    fn get<T: DeserializeOwned>(&self, tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
+    fn get<T: DeserializeOwned>(
+        &self,
+        tree: &sled::Tree,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
         tree.get(key.as_bytes())
             .map_err(|e| self.fail(e))?
             .map(|v| decode(key.as_bytes(), &v))
@@ -316,7 +334,11 @@ impl Store for SledStore {
     }
 
     fn put_target(&self, job: &str, agent: &str, rec: &TargetRecord) -> Result<(), StoreError> {
-        self.insert(&self.trees()?.targets, format!("{job}/{agent}").as_bytes(), encode(rec))
+        self.insert(
+            &self.trees()?.targets,
+            format!("{job}/{agent}").as_bytes(),
+            encode(rec),
+        )
     }
 
     fn get_target(&self, job: &str, agent: &str) -> Result<Option<TargetRecord>, StoreError> {
@@ -347,6 +369,12 @@ impl Store for SledStore {
     fn flush(&self) -> Result<(), StoreError> {
         self.trees()?.db.flush().map_err(|e| self.fail(e))?;
         Ok(())
+    }
+
+    fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 

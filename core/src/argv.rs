@@ -552,3 +552,155 @@ args.unit = { kind = "enum", values = ["nginx.service", "app.service"] }
         assert!(embedded_placeholders("{.foo} {}").is_empty());
     }
 }
+
+/// Property tests: for random templates and hostile values, `build_argv`
+/// keeps the template's shape, puts each value verbatim into exactly one
+/// element, leaves literals alone and applies the dash rule.
+#[cfg(test)]
+mod proptests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::build_argv;
+    use crate::policy::{ArgKind, Policy};
+
+    const NAMES: [&str; 4] = ["a", "unit", "_x", "n-2"];
+
+    #[derive(Clone, Debug)]
+    enum Elem {
+        Literal(String),
+        Placeholder(usize),
+    }
+
+    /// Literals never contain a `{name}`; some contain braces that are not placeholders.
+    fn literal() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[^{}\\p{Cc}]{0,12}",
+            1 => prop::sample::select(vec!["{}", "{.x}", "{a b}", "{", "}", "-", "--", "$(id)", "{9}"])
+                .prop_map(str::to_string),
+        ]
+    }
+
+    fn template() -> impl Strategy<Value = Vec<Elem>> {
+        prop::collection::vec(
+            prop_oneof![
+                literal().prop_map(Elem::Literal),
+                (0..NAMES.len()).prop_map(Elem::Placeholder),
+            ],
+            0..8,
+        )
+    }
+
+    /// Shell metacharacters, quotes, blanks, unicode; plus arbitrary strings
+    /// (control characters included, which must be refused).
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[-a-z $`;|&<>()*?'\"\\\\{}!#~=é漢🙂\u{a0}\u{2028}]{0,24}",
+            2 => "\\PC{0,24}",
+            1 => prop::sample::select(vec!["$(reboot)", "`id`", "; rm -rf /", "a | b", "-rf", "--", "-", "", "{a}", "  "])
+                .prop_map(str::to_string),
+            1 => any::<String>(),
+        ]
+    }
+
+    fn toml_str(s: &str) -> String {
+        toml::Value::String(s.to_string()).to_string()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        #[test]
+        fn placeholders_are_replaced_verbatim(
+            tmpl in template(),
+            allow_dash in prop::collection::vec(any::<bool>(), NAMES.len()),
+            max_len in 1usize..40,
+            values in prop::collection::vec(value(), NAMES.len()),
+        ) {
+            let used: Vec<usize> = {
+                let mut u: Vec<usize> = tmpl.iter().filter_map(|e| match e {
+                    Elem::Placeholder(i) => Some(*i),
+                    Elem::Literal(_) => None,
+                }).collect();
+                u.sort();
+                u.dedup();
+                u
+            };
+            let mut argv = vec!["\"/usr/bin/prog\"".to_string()];
+            argv.extend(tmpl.iter().map(|e| match e {
+                Elem::Literal(l) => toml_str(l),
+                Elem::Placeholder(i) => toml_str(&format!("{{{}}}", NAMES[*i])),
+            }));
+            let mut text = format!("version = 1\n[commands.c]\nargv = [{}]\n", argv.join(", "));
+            for &i in &used {
+                text += &format!(
+                    "args.{} = {{ kind = \"text\", max_len = {max_len}, allow_dash = {} }}\n",
+                    toml_str(NAMES[i]),
+                    allow_dash[i]
+                );
+            }
+            let policy = Policy::parse(&text)
+                .map_err(|e| TestCaseError::fail(format!("policy did not parse: {e}\n{text}")))?;
+            let def = policy.command("c").ok_or_else(|| TestCaseError::fail("no command c"))?;
+            let all_text = used.iter().all(|&i| def.args[NAMES[i]].kind == ArgKind::Text { max_len });
+            prop_assert!(all_text);
+
+            let given: BTreeMap<String, String> = used
+                .iter()
+                .map(|&i| (NAMES[i].to_string(), values[i].clone()))
+                .collect();
+            let refused: Vec<&str> = used
+                .iter()
+                .filter(|&&i| {
+                    let v = &values[i];
+                    (v.starts_with('-') && !allow_dash[i])
+                        || v.chars().any(char::is_control)
+                        || v.chars().count() > max_len
+                })
+                .map(|&i| NAMES[i])
+                .collect();
+            match build_argv(def, &given) {
+                Ok(out) if refused.is_empty() => {
+                    prop_assert_eq!(out.len(), tmpl.len() + 1);
+                    prop_assert_eq!(out[0].as_str(), "/usr/bin/prog");
+                    for (e, got) in tmpl.iter().zip(&out[1..]) {
+                        match e {
+                            Elem::Literal(l) => prop_assert_eq!(got, l),
+                            Elem::Placeholder(i) => prop_assert_eq!(got, &values[*i]),
+                        }
+                    }
+                }
+                Err(e) if !refused.is_empty() => {
+                    let msg = e.to_string();
+                    let names_one = refused.iter().any(|n| msg.contains(&format!("argument `{n}` of `c`")));
+                    prop_assert!(names_one, "{} should name one of {:?}", msg, refused);
+                }
+                got => prop_assert!(
+                    false,
+                    "template {:?} values {:?} allow_dash {:?} max_len {}: got {:?}, expected refusal of {:?}",
+                    tmpl, given, allow_dash, max_len, got, refused
+                ),
+            }
+        }
+
+        /// A value that starts with `-` is refused exactly when `allow_dash` is off.
+        #[test]
+        fn dash_rule(rest in "\\PC{0,16}", allow_dash in any::<bool>()) {
+            let text = format!(
+                "version = 1\n[commands.c]\nargv = [\"/bin/c\", \"{{v}}\"]\nargs.v = {{ kind = \"text\", allow_dash = {allow_dash} }}\n"
+            );
+            let policy = Policy::parse(&text)
+                .map_err(|e| TestCaseError::fail(format!("policy did not parse: {e}")))?;
+            let def = policy.command("c").ok_or_else(|| TestCaseError::fail("no command c"))?;
+            let value = format!("-{rest}");
+            let got = build_argv(def, &BTreeMap::from([("v".to_string(), value.clone())]));
+            if allow_dash {
+                prop_assert_eq!(got, Ok(vec!["/bin/c".to_string(), value]));
+            } else {
+                let msg = got.map_err(|e| e.to_string()).err().unwrap_or_default();
+                prop_assert!(msg.contains("must not start with `-`"), "{:?}: {}", value, msg);
+            }
+        }
+    }
+}

@@ -461,3 +461,241 @@ mod tests {
         assert_eq!(labels("a=1, b=2").get("b").map(String::as_str), Some("2"));
     }
 }
+
+/// Property tests: selectors built from the grammar round-trip through
+/// `Display`/`parse`, and `matches` agrees with a naive reference evaluator.
+#[cfg(test)]
+mod proptests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::{NAME_KEY, Selector};
+
+    /// A requirement as generated; values of `in`/`notin` keep their order
+    /// and duplicates, so normalization by the parser is exercised too.
+    #[derive(Clone, Debug)]
+    enum Req {
+        Eq(String, String, bool), // bool: written as `==`
+        NotEq(String, String),
+        In(String, Vec<String>),
+        NotIn(String, Vec<String>),
+        Exists(String),
+        NotExists(String),
+    }
+
+    /// A few keys that collide with the generated labels, plus random valid ones.
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => prop::sample::select(vec!["role", "env", "tier", "topology.io/zone", "a-b_c", NAME_KEY])
+                .prop_map(str::to_string),
+            1 => "[a-z0-9][a-z0-9._/-]{0,8}".prop_filter("`all` is reserved", |k| k != "all"),
+        ]
+    }
+
+    fn label_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => prop::sample::select(vec!["web", "api", "db", "prod", "x-1.2", "web-1"])
+                .prop_map(str::to_string),
+            1 => "[A-Za-z0-9._-]{0,6}",
+        ]
+    }
+
+    /// Values for the `name` key may hold globs.
+    fn value_for(k: &str) -> BoxedStrategy<String> {
+        if k == NAME_KEY {
+            prop_oneof![
+                2 => label_value(),
+                1 => "[a-z0-9.*?-]{0,6}",
+            ]
+            .boxed()
+        } else {
+            label_value().boxed()
+        }
+    }
+
+    fn nonempty_value_for(k: &str) -> BoxedStrategy<String> {
+        value_for(k)
+            .prop_filter("set values are non-empty", |v| !v.is_empty())
+            .boxed()
+    }
+
+    fn req() -> impl Strategy<Value = Req> {
+        key().prop_flat_map(|k| {
+            let k1 = k.clone();
+            let k2 = k.clone();
+            let k3 = k.clone();
+            let k4 = k.clone();
+            let k5 = k.clone();
+            prop_oneof![
+                (value_for(&k), any::<bool>()).prop_map(move |(v, dbl)| Req::Eq(
+                    k1.clone(),
+                    v,
+                    dbl
+                )),
+                value_for(&k).prop_map(move |v| Req::NotEq(k2.clone(), v)),
+                prop::collection::vec(nonempty_value_for(&k), 1..4)
+                    .prop_map(move |vs| Req::In(k3.clone(), vs)),
+                prop::collection::vec(nonempty_value_for(&k), 1..4)
+                    .prop_map(move |vs| Req::NotIn(k4.clone(), vs)),
+                Just(Req::Exists(k5.clone())),
+                Just(Req::NotExists(k)),
+            ]
+        })
+    }
+
+    /// Optional blanks around tokens (what `parse` must tolerate).
+    fn ws() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec!["", "", " ", "  ", "\t"])
+    }
+
+    /// Renders with the given blanks; `tight` gives the canonical form.
+    fn render(reqs: &[Req], blanks: &[&'static str]) -> String {
+        let mut b = blanks.iter().cycle();
+        let mut w = || *b.next().unwrap_or(&"");
+        let set = |vs: &[String], w: &mut dyn FnMut() -> &'static str| {
+            vs.iter()
+                .map(|v| format!("{}{v}{}", w(), w()))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        reqs.iter()
+            .map(|r| match r {
+                Req::Eq(k, v, dbl) => {
+                    format!(
+                        "{}{k}{}{}{}{v}{}",
+                        w(),
+                        w(),
+                        if *dbl { "==" } else { "=" },
+                        w(),
+                        w()
+                    )
+                }
+                Req::NotEq(k, v) => format!("{}{k}{}!={}{v}{}", w(), w(), w(), w()),
+                // `in`/`notin` need at least one blank between key and operator.
+                Req::In(k, vs) => {
+                    format!("{}{k} {}in{}({}){}", w(), w(), w(), set(vs, &mut w), w())
+                }
+                Req::NotIn(k, vs) => {
+                    format!("{}{k} {}notin{}({}){}", w(), w(), w(), set(vs, &mut w), w())
+                }
+                Req::Exists(k) => format!("{}{k}{}", w(), w()),
+                Req::NotExists(k) => format!("{}!{k}{}", w(), w()),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn canonical(reqs: &[Req]) -> String {
+        let set = |vs: &[String]| {
+            let mut vs = vs.to_vec();
+            vs.sort();
+            vs.dedup();
+            vs.join(",")
+        };
+        reqs.iter()
+            .map(|r| match r {
+                Req::Eq(k, v, _) => format!("{k}={v}"),
+                Req::NotEq(k, v) => format!("{k}!={v}"),
+                Req::In(k, vs) => format!("{k} in ({})", set(vs)),
+                Req::NotIn(k, vs) => format!("{k} notin ({})", set(vs)),
+                Req::Exists(k) => k.clone(),
+                Req::NotExists(k) => format!("!{k}"),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Naive recursive glob (`*` any run, `?` one char), independent of `crate::glob`.
+    fn glob(p: &[char], t: &[char]) -> bool {
+        match (p.first(), t.first()) {
+            (None, None) => true,
+            (Some('*'), _) => glob(&p[1..], t) || (!t.is_empty() && glob(p, &t[1..])),
+            (Some('?'), Some(_)) => glob(&p[1..], &t[1..]),
+            (Some(a), Some(b)) if a == b => glob(&p[1..], &t[1..]),
+            _ => false,
+        }
+    }
+
+    fn reference(reqs: &[Req], host: &str, labels: &BTreeMap<String, String>) -> bool {
+        let get = |k: &str| -> Option<String> {
+            if k == NAME_KEY {
+                Some(host.to_string())
+            } else {
+                labels.get(k).cloned()
+            }
+        };
+        let same = |k: &str, want: &str, have: &str| {
+            if k == NAME_KEY {
+                let p: Vec<char> = want.chars().collect();
+                let t: Vec<char> = have.chars().collect();
+                glob(&p, &t)
+            } else {
+                want == have
+            }
+        };
+        reqs.iter().all(|r| match r {
+            Req::Eq(k, v, _) => get(k).is_some_and(|h| same(k, v, &h)),
+            Req::NotEq(k, v) => !get(k).is_some_and(|h| same(k, v, &h)),
+            Req::In(k, vs) => get(k).is_some_and(|h| vs.iter().any(|v| same(k, v, &h))),
+            Req::NotIn(k, vs) => !get(k).is_some_and(|h| vs.iter().any(|v| same(k, v, &h))),
+            Req::Exists(k) => get(k).is_some(),
+            Req::NotExists(k) => get(k).is_none(),
+        })
+    }
+
+    fn labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+        prop::collection::btree_map(
+            key().prop_filter("`name` is the host name, not a label", |k| k != NAME_KEY),
+            label_value(),
+            0..5,
+        )
+    }
+
+    fn host() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec!["web-1", "web-12", "db-1", "api", ""])
+                .prop_map(str::to_string),
+            "[a-z0-9.-]{0,8}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        #[test]
+        fn round_trip_and_matches_reference(
+            reqs in prop::collection::vec(req(), 1..5),
+            blanks in prop::collection::vec(ws(), 1..16),
+            hosts in prop::collection::vec(host(), 1..4),
+            label_sets in prop::collection::vec(labels(), 1..4),
+        ) {
+            let text = render(&reqs, &blanks);
+            let sel = Selector::parse(&text)
+                .map_err(|e| TestCaseError::fail(format!("{text:?} did not parse: {e}")))?;
+            prop_assert_eq!(sel.to_string(), canonical(&reqs), "canonical form of {:?}", text);
+            let again = Selector::parse(&sel.to_string())
+                .map_err(|e| TestCaseError::fail(format!("{sel} did not re-parse: {e}")))?;
+            prop_assert_eq!(&again, &sel);
+            prop_assert!(!sel.is_all());
+            for h in &hosts {
+                for l in &label_sets {
+                    prop_assert_eq!(
+                        sel.matches(h, l),
+                        reference(&reqs, h, l),
+                        "selector {} on host {:?} labels {:?}", sel, h, l
+                    );
+                }
+            }
+        }
+
+        /// Whatever `parse` accepts prints to a form that parses back to the same value.
+        #[test]
+        fn any_accepted_text_round_trips(text in "[a-z!=(), .*?\\t-]{0,30}") {
+            if let Ok(sel) = Selector::parse(&text) {
+                let printed = sel.to_string();
+                prop_assert_eq!(Selector::parse(&printed), Ok(sel), "{:?} printed as {:?}", text, printed);
+            }
+        }
+    }
+}

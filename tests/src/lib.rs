@@ -60,18 +60,26 @@ impl TestFleet {
     }
 
     pub async fn operator(&self) -> Channel {
-        fleetcmd_proto::channel::connect(&self.url, &self.operator_tls).await.expect("operator connects")
+        fleetcmd_proto::channel::connect(&self.url, &self.operator_tls)
+            .await
+            .expect("operator connects")
     }
 
     pub async fn gateway(&self) -> Channel {
-        fleetcmd_proto::channel::connect(&self.url, &self.gateway_tls).await.expect("gateway connects")
+        fleetcmd_proto::channel::connect(&self.url, &self.gateway_tls)
+            .await
+            .expect("gateway connects")
     }
 
     /// TLS material of one agent (from its state directory).
     pub fn agent_tls(&self, name: &str) -> ClientTls {
         let dir = self.dir.join("agents").join(name);
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("agent state file");
-        ClientTls { ca_pem: read("ca.crt"), cert_pem: read("agent.crt"), key_pem: read("agent.key") }
+        ClientTls {
+            ca_pem: read("ca.crt"),
+            cert_pem: read("agent.crt"),
+            key_pem: read("agent.key"),
+        }
     }
 
     /// A channel that verifies the controller but presents no certificate.
@@ -84,14 +92,28 @@ impl TestFleet {
     }
 
     /// Signs a job as the operator (signer `operator-dev`).
-    pub fn operator_job(&self, command: &str, args: &[(&str, &str)], selector: &str) -> (JobSpec, SignedJob) {
+    pub fn operator_job(
+        &self,
+        command: &str,
+        args: &[(&str, &str)],
+        selector: &str,
+    ) -> (JobSpec, SignedJob) {
         let spec = spec(command, args, selector, "cli:admin");
-        let job = SignedJob::sign(&spec, fleetcmd_cli::fleet::OPERATOR_SIGNER, &self.operator_key);
+        let job = SignedJob::sign(
+            &spec,
+            fleetcmd_cli::fleet::OPERATOR_SIGNER,
+            &self.operator_key,
+        );
         (spec, job)
     }
 
     /// Submits as the operator and waits for the job to finish.
-    pub async fn run(&self, command: &str, args: &[(&str, &str)], selector: &str) -> Result<pb::Job, tonic::Status> {
+    pub async fn run(
+        &self,
+        command: &str,
+        args: &[(&str, &str)],
+        selector: &str,
+    ) -> Result<pb::Job, tonic::Status> {
         let (_, job) = self.operator_job(command, args, selector);
         self.submit_and_wait(job).await
     }
@@ -118,11 +140,18 @@ impl TestFleet {
 }
 
 pub fn to_pb(job: SignedJob) -> pb::SignedJob {
-    pb::SignedJob { spec: job.spec, signature: job.signature, key_id: job.key_id }
+    pb::SignedJob {
+        spec: job.spec,
+        signature: job.signature,
+        key_id: job.key_id,
+    }
 }
 
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 pub fn new_job_id() -> JobId {
@@ -134,7 +163,10 @@ pub fn spec(command: &str, args: &[(&str, &str)], selector: &str, requester: &st
     JobSpec {
         id: new_job_id(),
         command: command.into(),
-        args: args.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        args: args
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         selector: selector.into(),
         requester: Identity::parse(requester).expect("identity"),
         channel: "test".into(),
@@ -147,7 +179,8 @@ pub fn spec(command: &str, args: &[(&str, &str)], selector: &str, requester: &st
 
 /// A fresh Ed25519 key that no policy trusts.
 pub fn stranger_key() -> SigningKey {
-    let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).expect("keygen");
+    let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+        .expect("keygen");
     SigningKey::from_pkcs8_der(doc.as_ref()).expect("key")
 }
 
@@ -162,14 +195,20 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(start.elapsed() < limit, "condition not met within {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// The target of `agent` in `job`.
 pub fn target<'a>(job: &'a pb::Job, agent: &str) -> &'a pb::Target {
-    job.targets.iter().find(|t| t.agent_id == agent).unwrap_or_else(|| panic!("no target {agent} in {job:?}"))
+    job.targets
+        .iter()
+        .find(|t| t.agent_id == agent)
+        .unwrap_or_else(|| panic!("no target {agent} in {job:?}"))
 }
 
 pub fn stdout(t: &pb::Target) -> String {
@@ -186,7 +225,13 @@ pub mod crash {
     }
 
     pub fn record(i: u64) -> TargetRecord {
-        let payload: Vec<u8> = (0..256u64).map(|j| (i.wrapping_mul(31).wrapping_add(j * 7) % 251) as u8).collect();
-        TargetRecord { state: "ok".into(), result: Some(payload), reason: format!("record {i}") }
+        let payload: Vec<u8> = (0..256u64)
+            .map(|j| (i.wrapping_mul(31).wrapping_add(j * 7) % 251) as u8)
+            .collect();
+        TargetRecord {
+            state: "ok".into(),
+            result: Some(payload),
+            reason: format!("record {i}"),
+        }
     }
 }

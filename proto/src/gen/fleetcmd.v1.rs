@@ -77,6 +77,9 @@ pub struct Heartbeat {
     /// Seconds since the epoch on the agent's clock, to spot skew.
     #[prost(uint64, tag = "3")]
     pub agent_time: u64,
+    /// The agent's policy is past its `expires`: it refuses every job.
+    #[prost(bool, tag = "4")]
+    pub policy_expired: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct HostMetrics {
@@ -307,6 +310,15 @@ pub struct Agent {
     pub metrics: ::core::option::Option<HostMetrics>,
     #[prost(uint64, tag = "8")]
     pub policy_version: u64,
+    /// Agent clock minus controller clock at the last heartbeat, in seconds.
+    #[prost(int64, tag = "9")]
+    pub clock_skew_secs: i64,
+    /// The agent reports its policy as expired (it refuses jobs).
+    #[prost(bool, tag = "10")]
+    pub policy_expired: bool,
+    /// Human-readable health problems (clock skew, stale policy, ...).
+    #[prost(string, repeated, tag = "11")]
+    pub problems: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RevokeRequest {

@@ -31,7 +31,11 @@ fn main() {
         // Group commit: a batch of 1..=16 writes, one flush, then the acks.
         let batch = 1 + next % 16;
         for i in next..next + batch {
-            if let Err(e) = store.put_target(&fleetcmd_tests::crash::job_key(i), "agent", &fleetcmd_tests::crash::record(i)) {
+            if let Err(e) = store.put_target(
+                &fleetcmd_tests::crash::job_key(i),
+                "agent",
+                &fleetcmd_tests::crash::record(i),
+            ) {
                 eprintln!("write {i}: {e}");
                 std::process::exit(3);
             }
@@ -41,9 +45,11 @@ fn main() {
             std::process::exit(3);
         }
         next += batch;
-        if writeln!(out, "{}", next - 1).and_then(|_| out.flush()).is_err() {
+        if writeln!(out, "{}", next - 1)
+            .and_then(|_| out.flush())
+            .is_err()
+        {
             return;
         }
     }
 }
-

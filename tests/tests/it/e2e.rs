@@ -19,7 +19,10 @@ async fn three_agents_enrol_and_uptime_runs_on_all() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn selector_reaches_only_matching_agents() {
     let fleet = start_fleet(3).await;
-    let job = fleet.run("echo", &[("text", "hi")], "role=web").await.expect("submitted");
+    let job = fleet
+        .run("echo", &[("text", "hi")], "role=web")
+        .await
+        .expect("submitted");
     assert_eq!(job.state, "succeeded", "{job:?}");
     let mut names: Vec<_> = job.targets.iter().map(|t| t.agent_id.as_str()).collect();
     names.sort();

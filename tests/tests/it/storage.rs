@@ -23,8 +23,16 @@ fn pseudo_random(seed: &mut u64) -> u64 {
 /// cycle count for the long run recorded in BENCHMARKS.md.
 #[test]
 fn every_acknowledged_result_survives_kill_9_loops() {
-    let cycles: u64 = std::env::var("FLEETCMD_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    let budget = Duration::from_secs(std::env::var("FLEETCMD_CRASH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(90));
+    let cycles: u64 = std::env::var("FLEETCMD_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let budget = Duration::from_secs(
+        std::env::var("FLEETCMD_CRASH_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(90),
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("db");
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
@@ -65,17 +73,29 @@ fn every_acknowledged_result_survives_kill_9_loops() {
             use std::io::Read;
             let _ = e.read_to_string(&mut err);
         }
-        assert!(!err.contains("panicked") && !err.contains("open:"), "writer failed (status {status:?}): {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("open:"),
+            "writer failed (status {status:?}): {err}"
+        );
         kills += 1;
         // Reopen and check everything acknowledged so far.
-        let store = SledStore::open(&db).unwrap_or_else(|e| panic!("database does not reopen after kill {kills}: {e}"));
+        let store = SledStore::open(&db)
+            .unwrap_or_else(|e| panic!("database does not reopen after kill {kills}: {e}"));
         if let Some(a) = acked {
             // Re-check the whole range every 25 kills, otherwise the new part
             // and a sample of the old.
-            let from = if kills % 25 == 0 { 0 } else { checked_upto.saturating_sub(64) };
+            let from = if kills % 25 == 0 {
+                0
+            } else {
+                checked_upto.saturating_sub(64)
+            };
             for i in from..=a {
                 let got = store.get_target(&job_key(i), "agent").expect("read");
-                assert_eq!(got.as_ref(), Some(&record(i)), "acknowledged record {i} lost or torn after kill {kills}");
+                assert_eq!(
+                    got.as_ref(),
+                    Some(&record(i)),
+                    "acknowledged record {i} lost or torn after kill {kills}"
+                );
                 total_checked += 1;
             }
             checked_upto = a;
@@ -87,8 +107,14 @@ fn every_acknowledged_result_survives_kill_9_loops() {
         start.elapsed().as_secs_f64(),
         acked.map_or(0, |a| a + 1)
     );
-    assert!(kills >= 50.min(cycles), "too few kills ({kills}) to mean anything");
-    assert!(acked.is_some_and(|a| a >= 100), "writer acknowledged too little: {acked:?}");
+    assert!(
+        kills >= 50.min(cycles),
+        "too few kills ({kills}) to mean anything"
+    );
+    assert!(
+        acked.is_some_and(|a| a >= 100),
+        "writer acknowledged too little: {acked:?}"
+    );
 }
 
 /// A tmpfs of `size` mounted on a fresh directory; unmounted on drop.
@@ -104,7 +130,10 @@ impl SmallDisk {
             .arg(dir.path())
             .status()
             .expect("mount runs");
-        assert!(status.success(), "mounting a tmpfs failed: the storage tests run as root (CI does)");
+        assert!(
+            status.success(),
+            "mounting a tmpfs failed: the storage tests run as root (CI does)"
+        );
         SmallDisk { dir }
     }
 
@@ -122,7 +151,10 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -133,12 +165,20 @@ async fn full_disk_fails_closed_and_recovers_when_space_returns() {
     let mut opts = fleetcmd_cli::fleet::FleetOptions::new(&disk.dir.path().join("fleet"));
     opts.agents = 2;
     opts.heartbeat = Duration::from_secs(1);
-    let fleet = fleetcmd_cli::fleet::Fleet::start(opts).await.expect("fleet on the small disk");
+    let fleet = fleetcmd_cli::fleet::Fleet::start(opts)
+        .await
+        .expect("fleet on the small disk");
     // Markers live on another file system, so they can still be created.
-    let mut fleet = fleetcmd_tests::TestFleet { fleet, tmp: tempfile::tempdir().expect("tempdir") };
+    let mut fleet = fleetcmd_tests::TestFleet {
+        fleet,
+        tmp: tempfile::tempdir().expect("tempdir"),
+    };
     let policy = crate::support::security_policy(&fleet, fleet.policy_version + 1);
     fleet.push_policy(&policy).await.expect("policy");
-    fleet.wait_online(Duration::from_secs(10)).await.expect("online");
+    fleet
+        .wait_online(Duration::from_secs(10))
+        .await
+        .expect("online");
 
     let filler = disk.fill();
     // Submit until the store reports the full disk. Whatever it refused must
@@ -147,7 +187,8 @@ async fn full_disk_fails_closed_and_recovers_when_space_returns() {
     let mut refused = None;
     for i in 0..5000 {
         let m = fleet.path().join(format!("m{i}"));
-        let (spec, job) = fleet.operator_job("mark", &[("path", m.to_str().expect("utf-8"))], "all");
+        let (spec, job) =
+            fleet.operator_job("mark", &[("path", m.to_str().expect("utf-8"))], "all");
         match jobs.submit(fleetcmd_tests::to_pb(job)).await {
             Ok(_) => continue,
             Err(e) => {
@@ -166,15 +207,26 @@ async fn full_disk_fails_closed_and_recovers_when_space_returns() {
         let fleet = &fleet;
         let probe = probe.clone();
         async move {
-            let j = fleet.run("mark", &[("path", probe.to_str().expect("utf-8"))], "all").await.ok()?;
+            let j = fleet
+                .run("mark", &[("path", probe.to_str().expect("utf-8"))], "all")
+                .await
+                .ok()?;
             (j.state == "succeeded").then_some(j)
         }
     })
     .await;
     assert!(probe.exists(), "{after:?}");
-    assert!(!m.exists(), "a job whose record could not be stored ran anyway");
+    assert!(
+        !m.exists(),
+        "a job whose record could not be stored ran anyway"
+    );
     if let Ok(j) = fleet.controller.shared().get_job(spec.id.as_str()) {
-        assert!(j.targets.iter().all(|t| t.result.as_ref().is_none_or(|r| r.exit_code.is_none())), "{j:?}");
+        assert!(
+            j.targets
+                .iter()
+                .all(|t| t.result.as_ref().is_none_or(|r| r.exit_code.is_none())),
+            "{j:?}"
+        );
     }
     fleet.fleet.shutdown().await.expect("shutdown");
 }
@@ -182,7 +234,10 @@ async fn full_disk_fails_closed_and_recovers_when_space_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_database_stops_the_controller_with_a_restore_hint() {
     let fleet = fleetcmd_tests::start_fleet(1).await;
-    let job = fleet.run("echo", &[("text", "x")], "all").await.expect("job");
+    let job = fleet
+        .run("echo", &[("text", "x")], "all")
+        .await
+        .expect("job");
     assert_eq!(job.state, "succeeded");
     let data = fleet.dir.join("controller");
     let config = fleetcmd_controller::ControllerConfig {
@@ -200,13 +255,21 @@ async fn a_corrupt_database_stops_the_controller_with_a_restore_hint() {
     // snapshots): what a bad disk or a careless restore leaves behind.
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     for entry in walk(&data.join("db")) {
-        let len = std::fs::metadata(&entry).map(|m| m.len()).unwrap_or(0).max(64) as usize;
+        let len = std::fs::metadata(&entry)
+            .map(|m| m.len())
+            .unwrap_or(0)
+            .max(64) as usize;
         let junk: Vec<u8> = (0..len).map(|_| pseudo_random(&mut seed) as u8).collect();
         std::fs::write(&entry, junk).expect("corrupt");
     }
-    let err = fleetcmd_controller::start(config).await.expect_err("a corrupt database must not open");
+    let err = fleetcmd_controller::start(config)
+        .await
+        .expect_err("a corrupt database must not open");
     let msg = err.to_string();
-    assert!(msg.contains(&data.join("db").display().to_string()), "names the database: {msg}");
+    assert!(
+        msg.contains(&data.join("db").display().to_string()),
+        "names the database: {msg}"
+    );
     assert!(msg.contains("restore"), "gives a restore hint: {msg}");
     drop(tmp);
 }
