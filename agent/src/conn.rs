@@ -60,6 +60,8 @@ struct Inner {
     out: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
     collector: Arc<Mutex<Collector>>,
     running: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// Cancels that arrived before their job started.
+    canceled_early: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A running agent. `shutdown` stops it.
@@ -103,6 +105,7 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         out: Mutex::new(None),
         collector: Arc::new(Mutex::new(Collector::new())),
         running: Mutex::new(HashMap::new()),
+        canceled_early: Mutex::new(std::collections::HashSet::new()),
         dir,
         config,
     });
@@ -257,6 +260,20 @@ async fn session(
                         let inner = inner.clone();
                         jobs.spawn(async move { handle_job(inner, j).await });
                     }
+                    Some(In::Cancel(c)) => {
+                        // Not running (yet, or any more): the controller's
+                        // record already says canceled for pending targets.
+                        match lock(&inner.running).get(&c.job_id) {
+                            Some(tx) => {
+                                let _ = tx.send(true);
+                                tracing::info!(agent_id = %inner.agent_id, job_id = %c.job_id, "job canceled");
+                            }
+                            // It may be between its checks and its start.
+                            None => {
+                                lock(&inner.canceled_early).insert(c.job_id);
+                            }
+                        }
+                    }
                     Some(In::Ack(a)) => {
                         lock(&inner.pending).remove(&a.job_id);
                     }
@@ -407,7 +424,8 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
                     job_id: job_id.clone(),
                 })),
             );
-            let (cancel_tx, cancel_rx) = watch::channel(false);
+            let canceled_early = lock(&inner.canceled_early).remove(&job_id);
+            let (cancel_tx, cancel_rx) = watch::channel(canceled_early);
             lock(&inner.running).insert(job_id.clone(), cancel_tx);
             let limits = ExecLimits {
                 max_output: inner.config.max_output_bytes,

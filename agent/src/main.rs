@@ -1,50 +1,11 @@
 //! `fleetcmd-agent`: parse flags, load and validate the config, join or run.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
-#[derive(Parser)]
-#[command(
-    name = "fleetcmd-agent",
-    version,
-    about = "The fleetcmd agent: runs allow-listed, signed jobs and reports health"
-)]
-struct Cli {
-    /// Configuration file.
-    #[arg(
-        long,
-        short,
-        global = true,
-        default_value = "/etc/fleetcmd/agent.toml",
-        env = "FLEETCMD_AGENT_CONFIG"
-    )]
-    config: PathBuf,
-    #[command(subcommand)]
-    cmd: Option<Cmd>,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Run the agent (the default).
-    Run,
-    /// Check the configuration file and exit (0 = valid, 64 = invalid).
-    Validate,
-    /// Join the fleet with a token from `fleetcmd token create`.
-    Join {
-        /// Controller address, e.g. https://ctl.example.com:7443 (default: the config's `controller`).
-        #[arg(long)]
-        controller: Option<String>,
-        /// The join token.
-        #[arg(long, env = "FLEETCMD_JOIN_TOKEN", hide_env_values = true)]
-        token: String,
-        /// Name to ask for (default: this host's name; the token's name wins).
-        #[arg(long)]
-        name: Option<String>,
-    },
-}
+use fleetcmd_agent::cli_args::{Cli, Cmd};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -86,6 +47,7 @@ fn main() -> ExitCode {
             controller,
             token,
             name,
+            no_start,
         } => rt.block_on(async {
             let state_dir = config
                 .as_ref()
@@ -111,6 +73,12 @@ fn main() -> ExitCode {
                 id.agent_id,
                 opts.state_dir.display()
             );
+            if let Err(e) = record_controller(&cli.config, &opts.controller) {
+                eprintln!("fleetcmd-agent: {e:#}; set `controller` there by hand");
+            }
+            if !no_start {
+                start_service();
+            }
             Ok(())
         }),
         Cmd::Run => rt.block_on(async {
@@ -127,6 +95,64 @@ fn main() -> ExitCode {
             eprintln!("fleetcmd-agent: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Keep the controller given to `join --controller` for `run`: rewrite the
+/// `controller = ...` line of an existing config in place (comments, mode and
+/// owner are kept).
+fn record_controller(config: &std::path::Path, controller: &str) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(config) else {
+        return Ok(());
+    };
+    let line = format!("controller = {controller:?}");
+    let mut done = false;
+    let mut out: Vec<&str> = Vec::new();
+    for l in text.lines() {
+        let key = l.split('=').next().unwrap_or("").trim();
+        if !done && key == "controller" && l.contains('=') {
+            if l.trim() == line {
+                return Ok(());
+            }
+            out.push(&line);
+            done = true;
+        } else {
+            out.push(l);
+        }
+    }
+    if !done {
+        anyhow::bail!("{}: no top-level `controller` line", config.display());
+    }
+    let mut new = out.join("\n");
+    new.push('\n');
+    std::fs::write(config, new)
+        .map_err(|e| anyhow::anyhow!("{}: writing controller: {e}", config.display()))?;
+    println!("{}: controller = {controller:?}", config.display());
+    Ok(())
+}
+
+/// After a join in a package install: (re)start the enabled unit so the new
+/// identity is used at once. Without systemd (a container), say what to run.
+fn start_service() {
+    const UNIT: &str = "fleetcmd-agent.service";
+    if !std::path::Path::new("/run/systemd/system").is_dir() {
+        println!("systemd is not running: start the agent with `fleetcmd-agent run`");
+        return;
+    }
+    let systemctl = |args: &[&str]| {
+        std::process::Command::new("systemctl")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !systemctl(&["is-enabled", "--quiet", UNIT]) {
+        println!("{UNIT} is not enabled: start the agent with `systemctl enable --now {UNIT}`");
+    } else if systemctl(&["restart", UNIT]) {
+        println!("started {UNIT}");
+    } else {
+        eprintln!("fleetcmd-agent: starting {UNIT} failed; see `journalctl -u {UNIT}`");
     }
 }
 

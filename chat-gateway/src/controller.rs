@@ -57,6 +57,12 @@ pub trait ControllerApi: Send + Sync + 'static {
         selector: String,
     ) -> impl Future<Output = Result<Vec<v1::Agent>, ControllerError>> + Send;
     fn get_policy(&self) -> impl Future<Output = Result<v1::PolicyInfo, ControllerError>> + Send;
+    /// Cancels a job on behalf of `requested_by` (already authorized here).
+    fn cancel(
+        &self,
+        id: String,
+        requested_by: String,
+    ) -> impl Future<Output = Result<v1::Job, ControllerError>> + Send;
 }
 
 /// The real controller over mTLS gRPC.
@@ -110,6 +116,7 @@ impl ControllerApi for GrpcController {
         let req = v1::ListJobsRequest {
             limit,
             requester: requester.unwrap_or_default(),
+            state: String::new(),
         };
         Ok(JobsClient::new(self.channel.clone())
             .list(req)
@@ -125,6 +132,16 @@ impl ControllerApi for GrpcController {
             .await?
             .into_inner()
             .agents)
+    }
+
+    async fn cancel(&self, id: String, requested_by: String) -> Result<v1::Job, ControllerError> {
+        Ok(JobsClient::new(self.channel.clone())
+            .cancel(v1::CancelJobRequest {
+                job_id: id,
+                requested_by,
+            })
+            .await?
+            .into_inner())
     }
 
     async fn get_policy(&self) -> Result<v1::PolicyInfo, ControllerError> {

@@ -17,6 +17,7 @@ use fleetcmd_proto::channel::{ChannelError, ClientTls};
 use tokio::task::JoinSet;
 
 pub mod adapters;
+pub mod cli_args;
 pub mod config;
 pub mod controller;
 pub mod render;

@@ -1,35 +1,18 @@
 //! `fleetcmd-gateway`: load and validate `gateway.toml`, then run the chat
 //! gateway (`run`) or only check the configuration (`validate`).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use fleetcmd_gateway::adapters::console::ConsoleAdapter;
-use fleetcmd_gateway::config::{DEFAULT_PATH, GatewayConfig};
+use fleetcmd_gateway::config::GatewayConfig;
 
 /// EX_USAGE: bad flags or configuration.
 const EXIT_CONFIG: u8 = 64;
 /// Runtime failure.
 const EXIT_RUNTIME: u8 = 1;
 
-#[derive(Parser, Debug)]
-#[command(name = "fleetcmd-gateway", version, about = "fleetcmd chat gateway")]
-struct Cli {
-    /// Path of gateway.toml.
-    #[arg(long, short, global = true, default_value = DEFAULT_PATH, env = "FLEETCMD_GATEWAY_CONFIG")]
-    config: PathBuf,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Run the gateway.
-    Run,
-    /// Check the configuration (and the files it names) and exit.
-    Validate,
-}
+use fleetcmd_gateway::cli_args::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -75,6 +58,10 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_CONFIG);
                     }
                 };
+                // Configured and about to serve: tell systemd (Type=notify);
+                // a no-op outside systemd.
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                let _watchdog = spawn_watchdog();
                 match fleetcmd_gateway::run(options, adapter).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
@@ -85,4 +72,21 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// systemd `Type=notify`: ping the watchdog at half its interval while the
+/// runtime is alive (no-op without `WATCHDOG_USEC`, i.e. outside systemd).
+fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let every = std::time::Duration::from_micros(usec / 2);
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        }
+    }))
 }

@@ -295,6 +295,63 @@ pub fn job_for(j: &v1::Job, who: &str) -> Reply {
     r
 }
 
+/// Largest output a chat `output` reply carries per stream; the CLI's
+/// `fleetcmd job output` has all of it.
+const MAX_FULL_OUTPUT: usize = 64 * 1024;
+
+/// `output ID [HOST]`: each host's full stored output (up to a chat-sized
+/// cap), as inert blocks.
+pub fn output_for(j: &v1::Job, host: Option<&str>, who: &str) -> Reply {
+    let targets: Vec<&v1::Target> = j
+        .targets
+        .iter()
+        .filter(|t| host.is_none_or(|h| t.agent_id == h))
+        .collect();
+    let header = format!(
+        "output of job {} `{}`{}{}",
+        short_id(&j.job_id),
+        j.command,
+        host.map(|h| format!(" on {h}")).unwrap_or_default(),
+        asked_by(who)
+    );
+    if targets.is_empty() {
+        return Reply::text(format!("{header}: no such host in this job"));
+    }
+    let sections = targets
+        .into_iter()
+        .map(|t| {
+            let r = t.result.clone().unwrap_or_default();
+            let mut notes = vec![format!("state {}", t.state)];
+            let mut blocks = Vec::new();
+            for (label, bytes, dropped) in [
+                ("stdout", &r.stdout, r.stdout_dropped),
+                ("stderr", &r.stderr, r.stderr_dropped),
+            ] {
+                if bytes.is_empty() {
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_FULL_OUTPUT)]).into_owned();
+                if bytes.len() > MAX_FULL_OUTPUT {
+                    notes.push(format!(
+                        "{label}: first {MAX_FULL_OUTPUT} of {} bytes; `fleetcmd job output` has all",
+                        bytes.len()
+                    ));
+                }
+                if dropped > 0 {
+                    notes.push(format!("{label}: the agent dropped {dropped} bytes over its cap"));
+                }
+                blocks.push(CodeBlock { label: label.into(), text });
+            }
+            Section { title: t.agent_id.clone(), notes, blocks }
+        })
+        .collect();
+    Reply {
+        header,
+        sections,
+        ..Reply::default()
+    }
+}
+
 /// Recent jobs as a table.
 pub fn jobs(jobs: &[v1::Job], who: &str, mine: bool) -> Reply {
     let header = format!(

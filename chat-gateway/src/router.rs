@@ -209,8 +209,8 @@ impl<C: ControllerApi> Router<C> {
             ChatCommand::Agents(sel) | ChatCommand::Status(sel) => self.agents(&msg, sel).await,
             ChatCommand::Job(id) => self.job(&msg, id).await,
             ChatCommand::Jobs { mine } => self.jobs(&msg, mine).await,
-            ChatCommand::Output { .. } => not_yet("output", &who),
-            ChatCommand::Cancel(_) => not_yet("cancel", &who),
+            ChatCommand::Output { id, host } => self.output(&msg, id, host).await,
+            ChatCommand::Cancel(id) => self.cancel(&msg, id).await,
             ChatCommand::Approve(_) => not_yet("approve", &who),
             ChatCommand::Deny { .. } => not_yet("deny", &who),
             ChatCommand::Health(_) => not_yet("health", &who),
@@ -356,6 +356,45 @@ impl<C: ControllerApi> Router<C> {
         }
     }
 
+    /// `cancel ID`: the requester, or anyone who could run that command on
+    /// those targets in this channel, may cancel.
+    async fn cancel(&self, msg: &Incoming, id: String) -> Reply {
+        let who = msg.identity.as_str();
+        let p = match self.policy_for_reads(msg).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        match self.ctl.get_job(id.clone()).await {
+            Ok(job) if Self::may_see(&p.policy, msg, &job) => {
+                match self.ctl.cancel(job.job_id.clone(), who.to_string()).await {
+                    Ok(job) => render::job_for(&job, who),
+                    Err(e) => Reply::text(format!("job {id}: {}{}", e.message, asked_by(who))),
+                }
+            }
+            Ok(_) => Reply::text(format!(
+                "job {id} may only be canceled by its requester or by someone who may run its command on its targets here{}",
+                asked_by(who)
+            )),
+            Err(e) => Reply::text(format!("job {id}: {}{}", e.message, asked_by(who))),
+        }
+    }
+
+    /// `output ID [HOST]`: the stored output, as data.
+    async fn output(&self, msg: &Incoming, id: String, host: Option<String>) -> Reply {
+        let who = msg.identity.as_str();
+        let p = match self.policy_for_reads(msg).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        match self.ctl.get_job(id.clone()).await {
+            Ok(job) if Self::may_see(&p.policy, msg, &job) => {
+                render::output_for(&job, host.as_deref(), who)
+            }
+            Ok(_) => Reply::text(format!("job {id} is not visible to you{}", asked_by(who))),
+            Err(e) => Reply::text(format!("job {id}: {}{}", e.message, asked_by(who))),
+        }
+    }
+
     async fn jobs(&self, msg: &Incoming, mine: bool) -> Reply {
         let who = msg.identity.as_str();
         let p = match self.policy_for_reads(msg).await {
@@ -413,24 +452,6 @@ impl<C: ControllerApi> Router<C> {
                 refuse(format!("refused: {denied}; nothing was submitted")),
             )
             .await;
-            return;
-        }
-        let mut unsupported = Vec::new();
-        if req.options.batch.is_some() {
-            unsupported.push("--batch");
-        }
-        if req.options.max_errors.is_some() {
-            unsupported.push("--max-errors");
-        }
-        if req.options.canary.is_some() {
-            unsupported.push("--canary");
-        }
-        if !unsupported.is_empty() {
-            let text = format!(
-                "{} not available yet; nothing was submitted",
-                unsupported.join(", ")
-            );
-            self.post(out, msg, refuse(text)).await;
             return;
         }
         let Some(def) = p.policy.command(&req.command) else {
@@ -506,6 +527,11 @@ impl<C: ControllerApi> Router<C> {
             timeout_secs: timeout.as_secs(),
             not_before: now,
             expires_at: now + self.cfg.job_expiry.as_secs(),
+            rollout: fleetcmd_core::job::Rollout {
+                batch: req.options.batch,
+                max_errors: req.options.max_errors,
+                canary: req.options.canary,
+            },
         };
         let signed = SignedJob::sign(&spec, &self.cfg.signer_id, &self.cfg.signing_key);
         let submitted = match self.ctl.submit(signed).await {

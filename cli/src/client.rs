@@ -189,6 +189,43 @@ pub struct RunArgs {
     /// Timeout, e.g. `30s` (capped by the command's own timeout).
     #[arg(long)]
     pub timeout: Option<String>,
+    /// At most N (or N%) targets running at once [default: 50].
+    #[arg(long, value_name = "N|N%")]
+    pub batch: Option<String>,
+    /// Stop starting targets once more than N (or N%) failed
+    /// [default: 0 for commands that need approval, unlimited otherwise].
+    #[arg(long, value_name = "N|N%")]
+    pub max_errors: Option<String>,
+    /// Run on N targets first and go on only if they all succeed.
+    #[arg(long, value_name = "N")]
+    pub canary: Option<u32>,
+    /// Show the targets, the argv each would run and any refusal; run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl RunArgs {
+    /// The signed rollout options, checked.
+    pub fn rollout(&self) -> Result<fleetcmd_core::job::Rollout, Failure> {
+        let limit = |flag: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(fleetcmd_core::grammar::parse_limit)
+                .transpose()
+                .map_err(|e| usage(format!("{flag}: {e}")))
+        };
+        let batch = limit("--batch", &self.batch)?;
+        if batch == Some(fleetcmd_core::grammar::Limit::Count(0)) {
+            return Err(usage("--batch: must be at least 1"));
+        }
+        if self.canary == Some(0) {
+            return Err(usage("--canary: must be at least 1"));
+        }
+        Ok(fleetcmd_core::job::Rollout {
+            batch,
+            max_errors: limit("--max-errors", &self.max_errors)?,
+            canary: self.canary,
+        })
+    }
 }
 
 fn now() -> u64 {
@@ -221,6 +258,7 @@ pub fn build_job(
     args: &[String],
     selector: &str,
     timeout: Option<Duration>,
+    rollout: fleetcmd_core::job::Rollout,
 ) -> Result<SignedJob, Failure> {
     let def = policy
         .command(command)
@@ -254,6 +292,7 @@ pub fn build_job(
         timeout_secs: timeout.map(|t| t.as_secs()).unwrap_or(0),
         not_before: now,
         expires_at: now + DEFAULT_EXPIRY_SECS,
+        rollout,
     };
     Ok(SignedJob::sign(&spec, &signer.id, key))
 }
@@ -277,6 +316,10 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
     let policy = fetch_policy(ch.clone()).await?;
     let requester = Identity::parse(&format!("cli:{}", op.name))
         .map_err(|e| usage(format!("certificate name: {e}")))?;
+    let rollout = args.rollout()?;
+    if args.dry_run {
+        return dry_run(ch, &policy, &args).await;
+    }
     let job = build_job(
         &policy,
         &op.key,
@@ -285,6 +328,7 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
         &args.args,
         &args.on,
         timeout,
+        rollout,
     )?;
     let mut jobs = pb::jobs_client::JobsClient::new(ch);
     let sub = jobs
@@ -300,6 +344,172 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
     let job = wait(&mut jobs, &sub.job_id, Duration::from_secs(24 * 3600)).await?;
     print_job(&job, true)?;
     Ok(if job.state == "succeeded" { 0 } else { 1 })
+}
+
+/// `--dry-run`: resolves the targets and shows, per host, the argv it would
+/// run or why it would refuse — and submits nothing.
+async fn dry_run(ch: Channel, policy: &Policy, args: &RunArgs) -> Result<u8, Failure> {
+    let def = policy.command(&args.command).ok_or_else(|| {
+        usage(format!(
+            "`{}` is not in the policy's allow-list",
+            args.command
+        ))
+    })?;
+    let values =
+        fleetcmd_core::argv::bind_positional(def, &args.args).map_err(|e| usage(e.to_string()))?;
+    let argv = fleetcmd_core::argv::build_argv(def, &values).map_err(|e| usage(e.to_string()))?;
+    let agents = pb::agents_client::AgentsClient::new(ch)
+        .list(pb::ListAgentsRequest {
+            selector: args.on.clone(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .agents;
+    let mut out = std::io::stdout().lock();
+    let shown: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+    let mut would_run = 0;
+    for a in &agents {
+        let labels: std::collections::BTreeMap<String, String> =
+            a.labels.clone().into_iter().collect();
+        let refusal = if a.revoked {
+            Some("revoked".to_string())
+        } else if !def
+            .targets
+            .as_ref()
+            .is_none_or(|t| t.matches(&a.agent_id, &labels))
+        {
+            Some(format!(
+                "`{}` may only run on `{}`",
+                def.name,
+                def.targets
+                    .as_ref()
+                    .map(|t| t.to_string())
+                    .unwrap_or_default()
+            ))
+        } else if !a.online {
+            Some("offline".to_string())
+        } else {
+            None
+        };
+        match refusal {
+            None => {
+                would_run += 1;
+                writeln!(out, "{}: would run [{}]", a.agent_id, shown.join(", "))?;
+            }
+            Some(r) => writeln!(out, "{}: would not run: {r}", a.agent_id)?,
+        }
+    }
+    writeln!(
+        out,
+        "dry run: `{}` on {}: {would_run} of {} matching agent(s) would run it; nothing was submitted",
+        args.command,
+        args.on,
+        agents.len()
+    )?;
+    Ok(0)
+}
+
+/// `fleetcmd cancel ID`.
+pub async fn cancel(conn: &Conn, id: &str) -> Result<u8, Failure> {
+    let op = operator(conn)?;
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(conn, &op).await?);
+    let job = jobs
+        .cancel(pb::CancelJobRequest {
+            job_id: id.to_owned(),
+            requested_by: String::new(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let job = wait(&mut jobs, &job.job_id, Duration::from_secs(30)).await?;
+    print_job(&job, false)?;
+    Ok(0)
+}
+
+/// `fleetcmd jobs [--mine] [--state S]`.
+pub async fn jobs(
+    conn: &Conn,
+    mine: bool,
+    state: Option<String>,
+    limit: u32,
+) -> Result<u8, Failure> {
+    let op = operator(conn)?;
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(conn, &op).await?);
+    let list = jobs
+        .list(pb::ListJobsRequest {
+            limit,
+            requester: if mine {
+                format!("cli:{}", op.name)
+            } else {
+                String::new()
+            },
+            state: state.unwrap_or_default(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .jobs;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<36}  {:<10} {:>7}  {:<12} {:<20} REQUESTER",
+        "JOB", "STATE", "OK", "COMMAND", "SELECTOR"
+    )?;
+    for j in list {
+        let ok = j.targets.iter().filter(|t| t.state == "ok").count();
+        let ratio = format!("{ok}/{}", j.targets.len());
+        writeln!(
+            out,
+            "{:<36}  {:<10} {:>7}  {:<12} {:<20} {}",
+            j.job_id, j.state, ratio, j.command, j.selector, j.requester
+        )?;
+    }
+    Ok(0)
+}
+
+/// `fleetcmd job output ID [HOST]`: the full stored output, unprefixed.
+pub async fn job_output(conn: &Conn, id: &str, host: Option<&str>) -> Result<u8, Failure> {
+    let op = operator(conn)?;
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(conn, &op).await?);
+    let job = jobs
+        .get(pb::GetJobRequest {
+            job_id: id.to_owned(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let targets: Vec<_> = job
+        .targets
+        .iter()
+        .filter(|t| host.is_none_or(|h| t.agent_id == h))
+        .collect();
+    if targets.is_empty() {
+        return Err(usage(format!(
+            "job {} has no host {}",
+            job.job_id,
+            host.unwrap_or("")
+        )));
+    }
+    let mut out = std::io::stdout().lock();
+    for t in targets {
+        let r = t.result.clone().unwrap_or_default();
+        if host.is_none() {
+            writeln!(out, "==> {} ({}) <==", t.agent_id, t.state)?;
+        }
+        out.write_all(&r.stdout)?;
+        if !r.stderr.is_empty() {
+            std::io::stderr().write_all(&r.stderr)?;
+        }
+        if r.stdout_dropped + r.stderr_dropped > 0 {
+            eprintln!(
+                "{}: {} bytes were dropped over the agent's output cap",
+                t.agent_id,
+                r.stdout_dropped + r.stderr_dropped
+            );
+        }
+    }
+    Ok(0)
 }
 
 pub async fn wait(
@@ -367,6 +577,9 @@ pub fn print_job(job: &pb::Job, with_output: bool) -> std::io::Result<()> {
             };
             writeln!(out, "{}: [{}{why}]", t.agent_id, t.state)?;
         }
+    }
+    if !job.reason.is_empty() {
+        writeln!(out, "{}", job.reason)?;
     }
     writeln!(
         out,

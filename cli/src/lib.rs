@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+pub mod audit_cmd;
+pub mod cli_args;
 pub mod client;
 pub mod dev;
 pub mod fleet;

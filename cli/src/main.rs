@@ -4,82 +4,11 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 use fleetcmd_cli::{Failure, client, dev, policy_cmd};
 
-#[derive(Parser)]
-#[command(
-    name = "fleetcmd",
-    version,
-    about = "Run allow-listed commands on your fleet, safely, and see who did what",
-    long_about = "fleetcmd talks to a fleetcmd controller over mutually authenticated TLS.\n\n\
-Start here:  fleetcmd dev            a whole local fleet in one process (controller, 3 agents, console chat)\n\
-Then:        source DIR/env          (DIR is printed by `fleetcmd dev`)\n\
-             fleetcmd agents         list agents\n\
-             fleetcmd run uptime --on all"
-)]
-struct Cli {
-    #[command(flatten)]
-    conn: fleetcmd_cli::Conn,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Start a local fleet: controller, agents and a console chat on stdin/stdout.
-    Dev(dev::DevArgs),
-    /// List agents (optionally matching a selector), or revoke one.
-    Agents {
-        #[command(subcommand)]
-        action: Option<AgentsCmd>,
-        /// Label selector, e.g. `role=web,env!=staging` (default: all).
-        selector: Option<String>,
-    },
-    /// Join tokens for new agents.
-    Token {
-        #[command(subcommand)]
-        action: TokenCmd,
-    },
-    /// Run an allow-listed command on the agents matching a selector.
-    Run(client::RunArgs),
-    /// Show a job's state and each host's result.
-    Job {
-        /// Job id or a unique prefix of it (at least 4 characters).
-        id: String,
-    },
-    /// Check, sign, push and show the policy bundle.
-    Policy {
-        #[command(subcommand)]
-        action: policy_cmd::PolicyCmd,
-    },
-}
-
-#[derive(Subcommand)]
-enum AgentsCmd {
-    /// Revoke an agent: its stream is closed and its certificate refused.
-    Revoke { id: String },
-}
-
-#[derive(Subcommand)]
-enum TokenCmd {
-    /// Create a join token (printed once; stored hashed by the controller).
-    Create {
-        /// Labels the agent gets, e.g. `role=web,env=prod` (these win over the agent's own).
-        #[arg(long)]
-        labels: Option<String>,
-        /// Lifetime, e.g. `1h`, `30m`.
-        #[arg(long, default_value = "1h")]
-        ttl: String,
-        /// Uses before the token is spent.
-        #[arg(long, default_value_t = 1)]
-        uses: u32,
-        /// Bind the token to this agent name.
-        #[arg(long)]
-        name: Option<String>,
-    },
-}
+use fleetcmd_cli::cli_args::{AgentsCmd, Cli, Cmd, TokenCmd};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -121,8 +50,19 @@ fn main() -> ExitCode {
                     },
             } => client::token_create(&conn, labels, &ttl, uses, name).await,
             Cmd::Run(args) => client::run(&conn, args).await,
-            Cmd::Job { id } => client::job(&conn, &id).await,
+            Cmd::Job { id, rest } if id == "output" => match rest.as_slice() {
+                [job] => client::job_output(&conn, job, None).await,
+                [job, host] => client::job_output(&conn, job, Some(host)).await,
+                _ => Err(fleetcmd_cli::usage("usage: fleetcmd job output ID [HOST]")),
+            },
+            Cmd::Job { id, rest } if rest.is_empty() => client::job(&conn, &id).await,
+            Cmd::Job { .. } => Err(fleetcmd_cli::usage(
+                "usage: fleetcmd job ID | fleetcmd job output ID [HOST]",
+            )),
+            Cmd::Jobs { mine, state, limit } => client::jobs(&conn, mine, state, limit).await,
+            Cmd::Cancel { id } => client::cancel(&conn, &id).await,
             Cmd::Policy { action } => policy_cmd::run(&conn, action).await,
+            Cmd::Audit { action } => fleetcmd_cli::audit_cmd::run(&conn, action).await,
         }
     });
     match result {

@@ -23,19 +23,20 @@ pub fn require(
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut req: Request<()>| {
         let Some(peer) = peer_of(&req) else {
-            shared.security_event("unauthenticated", "call without a client certificate");
+            shared.security_event(
+                auth_failed(&req, "anonymous").detail("call without a client certificate"),
+            );
             return Err(Status::unauthenticated(
                 "a client certificate issued by the fleet CA is required",
             ));
         };
         if !roles.contains(&peer.role) {
-            shared.security_event(
-                "wrong_role",
-                &format!(
-                    "{} {} called a service for {:?}",
-                    peer.role, peer.name, roles
+            shared.security_event(auth_failed(&req, crate::audit::peer_actor(&peer)).detail(
+                format!(
+                    "wrong role: a {} certificate called a service for {roles:?}",
+                    peer.role
                 ),
-            );
+            ));
             return Err(Status::permission_denied(format!(
                 "a {} certificate may not call this service",
                 peer.role
@@ -43,8 +44,9 @@ pub fn require(
         }
         if peer.role == Role::Agent && shared.is_revoked(&peer.name) {
             shared.security_event(
-                "revoked",
-                &format!("revoked agent {} tried to connect", peer.name),
+                auth_failed(&req, crate::audit::peer_actor(&peer))
+                    .host(&peer.name)
+                    .detail("revoked agent tried to connect"),
             );
             return Err(Status::permission_denied(format!(
                 "agent {} is revoked",
@@ -54,6 +56,13 @@ pub fn require(
         req.extensions_mut().insert(peer);
         Ok(req)
     }
+}
+
+/// An authentication failure, from the caller's address and to the method.
+fn auth_failed(req: &Request<()>, actor: impl Into<String>) -> fleetcmd_core::audit::Event {
+    let source = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+    fleetcmd_core::audit::Event::new(fleetcmd_core::audit::EventKind::AuthFailed, actor)
+        .source(source)
 }
 
 /// The peer the interceptor admitted.

@@ -3,7 +3,9 @@
 //! durable results in the store. It is not trusted to run code: it forwards
 //! signed jobs that the agents verify themselves (DESIGN §2).
 
+pub mod audit;
 pub mod auth;
+pub mod cli_args;
 pub mod config;
 pub mod error;
 pub mod pki;

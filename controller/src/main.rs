@@ -1,54 +1,11 @@
 //! `fleetcmd-controller`: parse flags, load and validate the config, run.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use fleetcmd_controller::pki::{Ca, Role, write_private};
 
-#[derive(Parser)]
-#[command(
-    name = "fleetcmd-controller",
-    version,
-    about = "The fleetcmd controller: CA, agent registry, job dispatch"
-)]
-struct Cli {
-    /// Configuration file.
-    #[arg(
-        long,
-        short,
-        global = true,
-        default_value = "/etc/fleetcmd/controller.toml",
-        env = "FLEETCMD_CONTROLLER_CONFIG"
-    )]
-    config: PathBuf,
-    #[command(subcommand)]
-    cmd: Option<Cmd>,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Run the controller (the default).
-    Run,
-    /// Check the configuration file and exit (0 = valid, 64 = invalid).
-    Validate,
-    /// Issue a certificate and key for an operator or a gateway from the
-    /// controller's CA (run on the controller host).
-    IssueCert {
-        /// `operator` or `gateway`.
-        #[arg(long)]
-        role: String,
-        /// Name in the certificate (an operator's login, a gateway's name).
-        #[arg(long)]
-        name: String,
-        /// Directory to write NAME.crt, NAME.key and ca.crt into.
-        #[arg(long)]
-        out: PathBuf,
-        /// Certificate lifetime in days.
-        #[arg(long, default_value_t = 90)]
-        days: u64,
-    },
-}
+use fleetcmd_controller::cli_args::{Cli, Cmd};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -118,8 +75,15 @@ fn run(config: fleetcmd_controller::ControllerConfig) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let ctl = fleetcmd_controller::start(config).await?;
+        // Listening: tell systemd (Type=notify); a no-op outside systemd.
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let watchdog = spawn_watchdog();
         wait_for_signal().await;
         tracing::info!("shutting down");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        if let Some(w) = watchdog {
+            w.abort();
+        }
         ctl.shutdown().await?;
         Ok(())
     })
@@ -138,4 +102,21 @@ async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// systemd `Type=notify`: ping the watchdog at half its interval while the
+/// runtime is alive (no-op without `WATCHDOG_USEC`, i.e. outside systemd).
+fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let every = std::time::Duration::from_micros(usec / 2);
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        }
+    }))
 }

@@ -231,6 +231,14 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
                 .max_decoding_message_size(POLICY_MESSAGE_BYTES)
                 .max_encoding_message_size(POLICY_MESSAGE_BYTES),
             require(shared.clone(), ANY),
+        ))
+        // Search: operators and the gateway; export: operators; report: the
+        // gateway (checked in the handlers).
+        .add_service(InterceptedService::new(
+            pb::audit_server::AuditServer::new(crate::audit::service::AuditSvc(shared.clone()))
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            require(shared.clone(), CLIENTS),
         ));
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -246,6 +254,9 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
                 _ = tick.tick() => {
                     if let Err(e) = sweep_state.sweep().await {
                         tracing::error!(error = %e, "sweeping overdue jobs");
+                    }
+                    if let Err(e) = sweep_state.audit.tick().await {
+                        tracing::error!(error = %e, "signing the audit chain head");
                     }
                 }
                 _ = stopped(&mut stop_sweeper) => break,
@@ -293,6 +304,10 @@ impl RunningController {
                 Ok(Err(e)) => tracing::error!(error = %e, "controller server task"),
                 Err(_) => tracing::warn!("controller server did not stop within 10 s"),
             }
+        }
+        // The last signed head covers everything recorded up to shutdown.
+        if let Err(e) = self.shared.audit.sign_head() {
+            tracing::error!(error = %e, "signing the audit chain head at shutdown");
         }
         let store = self.shared.store.clone();
         tokio::task::spawn_blocking(move || {

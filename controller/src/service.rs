@@ -178,8 +178,25 @@ impl pb::jobs_server::Jobs for Svc {
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let req = req.into_inner();
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: self.0.list_jobs(req.limit, &req.requester)?,
+            jobs: self.0.list_jobs(req.limit, &req.requester, &req.state)?,
         }))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let peer = admitted(&req)?;
+        let req = req.into_inner();
+        // Operators cancel in their own name; a gateway names the chat user
+        // it checked (it enforces who may cancel what in chat).
+        let by = match peer.role {
+            Role::Gateway if !req.requested_by.is_empty() => {
+                format!("{} via gateway {}", req.requested_by, peer.name)
+            }
+            _ => format!("{} {}", peer.role, peer.name),
+        };
+        Ok(Response::new(self.0.cancel(&req.job_id, &by).await?))
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use fleetcmd_core::audit::{Event, EventKind};
 use fleetcmd_core::authorize::Refusal;
 use fleetcmd_core::crypto::PublicKey;
 use fleetcmd_core::ids::{AgentId, Identity};
@@ -14,6 +15,7 @@ use fleetcmd_core::job::SignedJob;
 use fleetcmd_core::join_token::{JoinToken, hex, roots_pin};
 use fleetcmd_core::policy::Policy;
 use fleetcmd_core::policy_bundle::{self, PolicySignature};
+use fleetcmd_core::rollout::Phase;
 use fleetcmd_core::selector::Selector;
 use fleetcmd_proto::v1 as pb;
 use prost::Message;
@@ -33,6 +35,8 @@ pub const AGENT_QUEUE: usize = 256;
 const RESULT_GRACE: Duration = Duration::from_secs(30);
 /// How many recent jobs a suffix lookup scans.
 const SUFFIX_SCAN: usize = 10_000;
+/// How many recent jobs the sweeper looks at for running ones.
+const SWEEP_SCAN: usize = 2_000;
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86400);
 
 pub type AgentTx = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
@@ -66,6 +70,8 @@ pub struct Shared {
     job_lock: Mutex<()>,
     next_conn: AtomicU64,
     pub join_limiter: JoinLimiter,
+    /// The audit trail (its trees live in `store`; one flush covers both).
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 pub fn now_secs() -> u64 {
@@ -112,7 +118,10 @@ impl Shared {
                 revoked.insert(a.id);
             }
         }
+        let audit = crate::audit::Audit::open(store.clone(), &config.data_dir.join("audit"))
+            .map_err(|e| ApiError::Internal(format!("audit trail: {e}")))?;
         let shared = Shared {
+            audit: Arc::new(audit),
             store,
             ca,
             config,
@@ -134,9 +143,21 @@ impl Shared {
         Ok(shared)
     }
 
-    /// Security-relevant refusals, in one place (the audit trail hooks in here).
-    pub fn security_event(&self, kind: &str, detail: &str) {
-        tracing::warn!(target: "fleetcmd::security", kind, detail, "security event");
+    /// Audit events (refusals and everything else that need not be durable
+    /// before an acknowledgement), in one place: logged and appended to the
+    /// audit trail by `Audit::record`, so logs and trail cannot disagree.
+    /// Durable with the next flush.
+    pub fn security_event(&self, event: Event) {
+        if let Err(e) = self.audit.record(event) {
+            tracing::error!(error = %e, "appending to the audit trail");
+        }
+    }
+
+    /// Appends an event that must be durable with the action it records:
+    /// the caller flushes after this and before acknowledging (fails closed).
+    fn audit_durable(&self, event: Event) -> ApiResult<()> {
+        self.audit.record(event)?;
+        Ok(())
     }
 
     pub fn is_revoked(&self, agent: &str) -> bool {
@@ -202,16 +223,34 @@ impl Shared {
                 .collect(),
         };
         let mut cur = self.verify_policy(record).inspect_err(|e| {
-            self.security_event("policy_refused", &format!("{} {}: {e}", by.role, by.name));
+            self.security_event(
+                Event::new(EventKind::PolicyRefused, crate::audit::peer_actor(by))
+                    .detail(e.to_string()),
+            );
         })?;
         cur.record.version = cur.policy.version;
         if let Some(old) = self.current_policy() {
             policy_bundle::check_rollback(Some(old.policy.version), &cur.policy).map_err(|e| {
-                self.security_event("policy_refused", &format!("{} {}: {e}", by.role, by.name));
+                self.security_event(
+                    Event::new(EventKind::PolicyRefused, crate::audit::peer_actor(by))
+                        .detail(e.to_string())
+                        .field("version", cur.policy.version)
+                        .field("current_version", old.policy.version)
+                        .field("hash", &cur.hash),
+                );
                 ApiError::FailedPrecondition(e.to_string())
             })?;
         }
         self.store.put_policy(&cur.record)?;
+        self.audit_durable(
+            Event::new(EventKind::PolicyPushed, crate::audit::peer_actor(by))
+                .field("version", cur.policy.version)
+                .field(
+                    "previous_version",
+                    self.current_policy().map_or(0, |p| p.policy.version),
+                )
+                .field("hash", &cur.hash),
+        )?;
         self.flush().await?;
         let cur = Arc::new(cur);
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Some(cur.clone());
@@ -266,6 +305,21 @@ impl Shared {
             created_by: by.to_owned(),
         };
         self.store.put_token(&token.id_hex(), &rec)?;
+        self.audit_durable(
+            Event::new(EventKind::TokenCreated, format!("cli:{by}"))
+                .field("token_id", token.id_hex())
+                .field("uses", rec.uses_left)
+                .field("expires_at", expires_at)
+                .field("name", rec.name.as_deref().unwrap_or(""))
+                .field(
+                    "labels",
+                    rec.labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+        )?;
         self.flush().await?;
         tracing::info!(token_id = %token.id_hex(), by, "join token created");
         Ok((token.encode(), expires_at))
@@ -273,17 +327,28 @@ impl Shared {
 
     pub async fn join(&self, req: pb::JoinRequest) -> ApiResult<pb::JoinResponse> {
         let token = JoinToken::parse(&req.token).map_err(|e| {
-            self.security_event("join_refused", &format!("malformed token: {e}"));
+            self.security_event(
+                Event::new(EventKind::TokenRefused, "anonymous")
+                    .detail(format!("malformed token: {e}")),
+            );
             ApiError::InvalidArgument(format!("malformed join token: {e}"))
         })?;
         if token.ca_sha256 != self.ca.fingerprint() {
-            self.security_event("join_refused", "token pins another CA");
+            self.security_event(
+                Event::new(EventKind::TokenRefused, "anonymous")
+                    .field("token_id", token.id_hex())
+                    .detail("token pins another CA"),
+            );
             return Err(ApiError::PermissionDenied(
                 "join token was issued for another fleet CA".into(),
             ));
         }
         if token.roots_sha256 != roots_pin(&self.config.policy_roots) {
-            self.security_event("join_refused", "token pins other policy roots");
+            self.security_event(
+                Event::new(EventKind::TokenRefused, "anonymous")
+                    .field("token_id", token.id_hex())
+                    .detail("token pins other policy roots"),
+            );
             return Err(ApiError::PermissionDenied(
                 "join token pins other policy root keys".into(),
             ));
@@ -292,7 +357,11 @@ impl Shared {
             .store
             .consume_token(&token.id_hex(), &hex(&token.secret_hash()), now_secs())?
             .map_err(|r| {
-                self.security_event("join_refused", &format!("token {}: {r}", token.id_hex()));
+                self.security_event(
+                    Event::new(EventKind::TokenRefused, "anonymous")
+                        .field("token_id", token.id_hex())
+                        .detail(r.to_string()),
+                );
                 ApiError::PermissionDenied(r.to_string())
             })?;
         // A token that names the agent may re-enrol that name (a reinstalled
@@ -303,15 +372,22 @@ impl Shared {
             .map_err(|e| ApiError::InvalidArgument(format!("agent name: {e}")))?;
         match self.store.get_agent(id.as_str())? {
             Some(a) if a.revoked => {
-                self.security_event("join_refused", &format!("agent {id} is revoked"));
+                self.security_event(
+                    Event::new(EventKind::TokenRefused, "anonymous")
+                        .field("token_id", token.id_hex())
+                        .host(id.as_str())
+                        .detail(format!("agent {id} is revoked")),
+                );
                 return Err(ApiError::PermissionDenied(format!(
                     "agent {id} is revoked; pick another name"
                 )));
             }
             Some(_) if !named_by_token => {
                 self.security_event(
-                    "join_refused",
-                    &format!("token {} tried to take enrolled name {id}", token.id_hex()),
+                    Event::new(EventKind::TokenRefused, "anonymous")
+                        .field("token_id", token.id_hex())
+                        .host(id.as_str())
+                        .detail(format!("token tried to take enrolled name {id}")),
                 );
                 return Err(ApiError::PermissionDenied(format!(
                     "agent name {id} is already enrolled; re-enrol it with a token created with `--name {id}`"
@@ -336,6 +412,25 @@ impl Shared {
             version: String::new(),
         };
         self.store.put_agent(&agent)?;
+        self.audit_durable(
+            Event::new(EventKind::TokenUsed, format!("agent:{id}"))
+                .field("token_id", token.id_hex())
+                .field("uses_left", rec.uses_left.saturating_sub(1))
+                .host(id.as_str()),
+        )?;
+        self.audit_durable(
+            Event::new(EventKind::AgentJoined, format!("agent:{id}"))
+                .field("token_id", token.id_hex())
+                .field(
+                    "labels",
+                    rec.labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
+                .host(id.as_str()),
+        )?;
         self.flush().await?;
         tracing::info!(agent_id = %id, "agent joined");
         Ok(pb::JoinResponse {
@@ -354,9 +449,16 @@ impl Shared {
     }
 
     pub fn renew(&self, agent: &str, csr_der: &[u8]) -> ApiResult<String> {
-        self.ca
+        let cert = self
+            .ca
             .issue_from_csr(csr_der, Role::Agent, agent, self.config.agent_cert_ttl)
-            .map_err(|e| ApiError::InvalidArgument(e.to_string()))
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        self.security_event(
+            Event::new(EventKind::AgentRenewed, format!("agent:{agent}"))
+                .host(agent)
+                .field("ttl_secs", self.config.agent_cert_ttl.as_secs()),
+        );
+        Ok(cert)
     }
 
     // ------------------------------------------------------------ live agents
@@ -484,6 +586,11 @@ impl Shared {
             .ok_or_else(|| ApiError::NotFound(format!("no agent {agent:?}")))?;
         rec.revoked = true;
         self.store.put_agent(&rec)?;
+        self.audit_durable(
+            Event::new(EventKind::AgentRevoked, crate::audit::peer_actor(by))
+                .host(agent)
+                .detail(format!("{agent} revoked")),
+        )?;
         self.flush().await?;
         self.revoked
             .write()
@@ -494,10 +601,6 @@ impl Shared {
                 "agent {agent} was revoked"
             ))));
         }
-        self.security_event(
-            "agent_revoked",
-            &format!("{agent} revoked by {} {}", by.role, by.name),
-        );
         Ok(())
     }
 
@@ -521,7 +624,11 @@ impl Shared {
             key_id: signed.key_id,
         };
         let spec = job.verify(&cur.policy, now_secs()).inspect_err(|r| {
-            self.security_event("job_refused", &format!("{} {}: {r}", peer.role, peer.name));
+            self.security_event(
+                Event::new(EventKind::JobRefused, crate::audit::peer_actor(peer))
+                    .detail(r.to_string())
+                    .field("key_id", &job.key_id),
+            );
         })?;
         let cmd = cur
             .policy
@@ -529,13 +636,24 @@ impl Shared {
             .ok_or_else(|| Refusal::NotAllowed(spec.command.clone()))?;
         fleetcmd_core::argv::build_argv(cmd, &spec.args)
             .map_err(|e| Refusal::BadArgument(e.to_string()))?;
-        check_requester(peer, &spec.requester)?;
+        check_requester(peer, &spec.requester).inspect_err(|e| {
+            self.security_event(
+                Event::new(EventKind::JobRefused, spec.requester.to_string())
+                    .source(crate::audit::peer_actor(peer))
+                    .job(spec.id.to_string())
+                    .command(&spec.command)
+                    .detail(e.to_string()),
+            );
+        })?;
         let selector = parse_selector(&spec.selector)?;
         let id = spec.id.to_string();
         if self.store.get_job(&id)?.is_some() {
             self.security_event(
-                "job_refused",
-                &format!("replayed job id {id} from {} {}", peer.role, peer.name),
+                Event::new(EventKind::JobRefused, spec.requester.to_string())
+                    .source(crate::audit::peer_actor(peer))
+                    .job(&id)
+                    .command(&spec.command)
+                    .detail("replayed job id"),
             );
             return Err(ApiError::AlreadyExists(format!(
                 "job {id} was already submitted"
@@ -568,6 +686,11 @@ impl Shared {
                 spec.selector, spec.command
             )));
         }
+        let target_timeout = if spec.timeout_secs > 0 {
+            cmd.timeout.as_secs().min(spec.timeout_secs)
+        } else {
+            cmd.timeout.as_secs()
+        };
         let record = JobRecord {
             id: id.clone(),
             spec: job.spec.clone(),
@@ -579,67 +702,221 @@ impl Shared {
             requester: spec.requester.to_string(),
             channel: spec.channel.clone(),
             created_at_ms: now_ms(),
-            deadline: now_secs()
-                + cmd.timeout.as_secs().max(spec.timeout_secs)
-                + RESULT_GRACE.as_secs(),
+            deadline: spec.expires_at + target_timeout + RESULT_GRACE.as_secs(),
             state: "running".into(),
             targets: targets.iter().map(|(a, _)| a.clone()).collect(),
+            rollout: spec.rollout,
+            needs_approval: cmd.requires_approvals > 0,
+            target_deadline_secs: target_timeout + RESULT_GRACE.as_secs(),
+            expires_at: spec.expires_at,
+            stopped: None,
         };
-        for (agent, online) in &targets {
-            let state = if *online { "pending" } else { "offline" };
-            let reason = if *online {
-                ""
-            } else {
-                "agent offline when the job was dispatched"
-            };
-            self.store.put_target(
-                &id,
-                agent,
-                &TargetRecord {
-                    state: state.into(),
-                    result: None,
-                    reason: reason.into(),
-                },
-            )?;
+        // Every target starts `pending`; `advance` dispatches them as the
+        // rollout allows and marks one that is offline when its turn comes.
+        for (agent, _) in &targets {
+            self.store
+                .put_target(&id, agent, &TargetRecord::new("pending", ""))?;
         }
         self.store.put_job(&record)?;
+        // Nothing runs without its audit record: same flush, before dispatch.
+        self.audit_durable(
+            Event::new(EventKind::JobSubmitted, spec.requester.to_string())
+                .source(crate::audit::peer_actor(peer))
+                .job(&id)
+                .command(&spec.command)
+                .hosts(targets.iter().map(|(a, _)| a.clone()))
+                .field(
+                    "args",
+                    spec.args
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                )
+                .field("selector", &spec.selector)
+                .field("channel", &spec.channel)
+                .field("target_count", targets.len())
+                .field("key_id", &job.key_id),
+        )?;
+        // Nothing is dispatched before the job's record is durable.
         self.flush().await?;
         tracing::info!(job_id = %id, command = %spec.command, requester = %spec.requester, targets = targets.len(), "job submitted");
-        let msg = pb::ControllerMessage {
-            msg: Some(pb::controller_message::Msg::Job(pb::SignedJob {
-                spec: job.spec,
-                signature: job.signature,
-                key_id: job.key_id,
-            })),
-        };
-        for (agent, online) in &targets {
-            if !online {
-                continue;
-            }
-            let sent = lock(&self.agents)
-                .get(agent)
-                .map(|l| l.tx.try_send(Ok(msg.clone())).is_ok())
-                .unwrap_or(false);
-            let rec = if sent {
-                TargetRecord {
-                    state: "dispatched".into(),
-                    result: None,
-                    reason: String::new(),
-                }
-            } else {
-                TargetRecord {
-                    state: "offline".into(),
-                    result: None,
-                    reason: "agent stream unavailable at dispatch".into(),
-                }
-            };
-            self.update_target(&id, agent, rec, false)?;
-        }
-        self.finish_if_done(&id)?;
+        self.advance(&id)?;
         Ok(pb::SubmitResponse {
             job_id: id,
             targets: targets.into_iter().map(|(a, _)| a).collect(),
         })
+    }
+
+    /// Starts whatever the job's rollout allows now, aborts it when its
+    /// error budget is spent or a canary failed, expires what can no longer
+    /// start, and finishes it when every target is done. Idempotent: called
+    /// after submit, after every result, and by the sweeper (which is what
+    /// resumes running jobs after a controller restart).
+    pub fn advance(&self, job_id: &str) -> ApiResult<()> {
+        let _g = lock(&self.job_lock);
+        let Some(mut job) = self.store.get_job(job_id)? else {
+            return Ok(());
+        };
+        if job.state != "running" {
+            return Ok(());
+        }
+        let mut states: Vec<TargetRecord> = Vec::with_capacity(job.targets.len());
+        for agent in &job.targets {
+            states.push(
+                self.store
+                    .get_target(job_id, agent)?
+                    .unwrap_or_else(|| TargetRecord::new("failed", "target record missing")),
+            );
+        }
+        let now = now_secs();
+        let mut job_changed = false;
+        loop {
+            if job.stopped.is_none()
+                && now > job.expires_at + fleetcmd_core::job::CLOCK_SKEW_SECS
+                && states.iter().any(|t| t.state == "pending")
+            {
+                job.stopped = Some((
+                    "expired".into(),
+                    "the job expired before every target could start".into(),
+                ));
+                job_changed = true;
+            }
+            let decision = if job.stopped.is_some() {
+                fleetcmd_core::rollout::Decision::default()
+            } else {
+                let phases: Vec<Phase> = states.iter().map(|t| Phase::of_state(&t.state)).collect();
+                fleetcmd_core::rollout::next(&phases, &job.rollout, job.needs_approval)
+            };
+            if let Some(why) = decision.abort {
+                job.stopped = Some(("aborted".into(), why));
+                job_changed = true;
+            }
+            if let Some((kind, why)) = &job.stopped {
+                // Nothing new starts; pending targets end here.
+                let end = if kind == "canceled" {
+                    "canceled"
+                } else {
+                    "skipped"
+                };
+                for (i, t) in states.iter_mut().enumerate() {
+                    if t.state == "pending" {
+                        *t = TargetRecord::new(end, why);
+                        self.store.put_target(job_id, &job.targets[i], t)?;
+                    }
+                }
+                break;
+            }
+            if decision.start.is_empty() {
+                break;
+            }
+            let msg = pb::ControllerMessage {
+                msg: Some(pb::controller_message::Msg::Job(pb::SignedJob {
+                    spec: job.spec.clone(),
+                    signature: job.signature.clone(),
+                    key_id: job.key_id.clone(),
+                })),
+            };
+            for i in decision.start {
+                let agent = &job.targets[i];
+                let sent = {
+                    let agents = lock(&self.agents);
+                    match agents.get(agent) {
+                        Some(l) if self.online(l) => l.tx.try_send(Ok(msg.clone())).is_ok(),
+                        _ => false,
+                    }
+                };
+                states[i] = if sent {
+                    TargetRecord {
+                        dispatched_at: now,
+                        ..TargetRecord::new("dispatched", "")
+                    }
+                } else {
+                    TargetRecord::new("offline", "agent offline when its turn came")
+                };
+                self.store.put_target(job_id, agent, &states[i])?;
+                self.security_event(
+                    Event::new(
+                        if sent {
+                            EventKind::JobDispatched
+                        } else {
+                            EventKind::JobFinished
+                        },
+                        "controller",
+                    )
+                    .job(job_id)
+                    .command(&job.command)
+                    .host(agent)
+                    .field("state", &states[i].state)
+                    .detail(&states[i].reason),
+                );
+            }
+            // An offline target frees its slot at once: decide again.
+        }
+        if states.iter().all(|t| is_terminal(&t.state)) {
+            job.state = match &job.stopped {
+                Some((kind, _)) => kind.clone(),
+                None if states.iter().all(|t| t.state == "ok") => "succeeded".into(),
+                None => "failed".into(),
+            };
+            tracing::info!(job_id, state = %job.state, "job finished");
+            job_changed = true;
+        }
+        if job_changed {
+            self.store.put_job(&job)?;
+        }
+        Ok(())
+    }
+
+    /// Cancels a job: pending targets end `canceled`, running ones are told
+    /// to stop (their agents kill the process group and report `canceled`).
+    pub async fn cancel(&self, id: &str, by: &str) -> ApiResult<pb::Job> {
+        let id = self.resolve_job_id(id)?;
+        let running: Vec<String> = {
+            let _g = lock(&self.job_lock);
+            let mut job = self
+                .store
+                .get_job(&id)?
+                .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+            if job.state != "running" {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "job {id} already ended: {}",
+                    job.state
+                )));
+            }
+            if job.stopped.is_none() {
+                job.stopped = Some(("canceled".into(), format!("canceled by {by}")));
+                self.store.put_job(&job)?;
+            }
+            let mut running = Vec::new();
+            for agent in &job.targets {
+                if let Some(t) = self.store.get_target(&id, agent)?
+                    && matches!(t.state.as_str(), "dispatched" | "running")
+                {
+                    running.push(agent.clone());
+                }
+            }
+            running
+        };
+        self.audit_durable(
+            Event::new(EventKind::JobCanceled, by)
+                .job(&id)
+                .hosts(running.iter().cloned()),
+        )?;
+        self.flush().await?;
+        tracing::info!(job_id = %id, by, "job canceled");
+        let msg = pb::ControllerMessage {
+            msg: Some(pb::controller_message::Msg::Cancel(pb::CancelJob {
+                job_id: id.clone(),
+            })),
+        };
+        for agent in &running {
+            if let Some(l) = lock(&self.agents).get(agent) {
+                let _ = l.tx.try_send(Ok(msg.clone()));
+            }
+        }
+        self.advance(&id)?;
+        self.get_job(&id)
     }
 
     /// Stores and dispatches a job WITHOUT any of the controller's checks, to
@@ -667,15 +944,19 @@ impl Shared {
             deadline: now_secs() + 60,
             state: "running".into(),
             targets: agents.iter().map(|a| a.to_string()).collect(),
+            rollout: Default::default(),
+            needs_approval: false,
+            target_deadline_secs: 60,
+            expires_at: now_secs() + 60,
+            stopped: None,
         };
         for a in agents {
             self.store.put_target(
                 job_id,
                 a,
                 &TargetRecord {
-                    state: "dispatched".into(),
-                    result: None,
-                    reason: String::new(),
+                    dispatched_at: now_secs(),
+                    ..TargetRecord::new("dispatched", "")
                 },
             )?;
         }
@@ -709,53 +990,23 @@ impl Shared {
         &self,
         job: &str,
         agent: &str,
-        rec: TargetRecord,
+        mut rec: TargetRecord,
         allow_from_terminal: bool,
     ) -> ApiResult<bool> {
         let _g = lock(&self.job_lock);
         match self.store.get_target(job, agent)? {
             None => Ok(false),
             Some(old) if is_terminal(&old.state) && !allow_from_terminal => Ok(false),
-            Some(_) => {
+            Some(old) => {
+                rec.dispatched_at = old.dispatched_at;
                 self.store.put_target(job, agent, &rec)?;
                 Ok(true)
             }
         }
     }
 
-    fn finish_if_done(&self, job: &str) -> ApiResult<()> {
-        let _g = lock(&self.job_lock);
-        let Some(mut rec) = self.store.get_job(job)? else {
-            return Ok(());
-        };
-        if rec.state != "running" {
-            return Ok(());
-        }
-        let targets = self.store.targets(job)?;
-        if targets.iter().all(|(_, t)| is_terminal(&t.state)) {
-            rec.state = if targets.iter().all(|(_, t)| t.state == "ok") {
-                "succeeded"
-            } else {
-                "failed"
-            }
-            .into();
-            tracing::info!(job_id = job, state = %rec.state, "job finished");
-            self.store.put_job(&rec)?;
-        }
-        Ok(())
-    }
-
     pub fn record_started(&self, agent: &str, job: &str) -> ApiResult<()> {
-        self.update_target(
-            job,
-            agent,
-            TargetRecord {
-                state: "running".into(),
-                result: None,
-                reason: String::new(),
-            },
-            false,
-        )?;
+        self.update_target(job, agent, TargetRecord::new("running", ""), false)?;
         Ok(())
     }
 
@@ -765,44 +1016,60 @@ impl Shared {
         let job = result.job_id.clone();
         let state = outcome_state(result.outcome);
         let rec = TargetRecord {
-            state: state.into(),
-            reason: result.reason.clone(),
             result: Some(result.encode_to_vec()),
+            ..TargetRecord::new(state, &result.reason)
         };
         if !self.update_target(&job, agent, rec, false)? {
             tracing::debug!(job_id = %job, agent_id = agent, "result for an unknown or finished target ignored");
             return Ok(());
         }
+        self.audit_durable(result_event(agent, &result, state))?;
         self.flush().await?;
-        if state == "refused" {
-            self.security_event(
-                "job_refused_by_agent",
-                &format!("agent {agent} refused job {job}: {}", result.reason),
-            );
-        }
-        self.finish_if_done(&job)?;
+        self.advance(&job)?;
         Ok(())
     }
 
-    /// Fails targets that never reported within their job's deadline.
+    /// Fails targets that never reported in time, expires jobs that can no
+    /// longer start, and advances every running job (after a restart this
+    /// is what resumes them).
     pub async fn sweep(&self) -> ApiResult<()> {
         let now = now_secs();
         let mut changed = false;
-        for job in self.store.list_jobs(1000)? {
-            if job.state != "running" || now <= job.deadline {
+        for job in self.store.list_jobs(SWEEP_SCAN)? {
+            if job.state != "running" {
                 continue;
             }
             for (agent, t) in self.store.targets(&job.id)? {
-                if !is_terminal(&t.state) {
-                    let rec = TargetRecord {
-                        state: "failed".into(),
-                        result: None,
-                        reason: "no result from the agent before the job's deadline".into(),
-                    };
-                    changed |= self.update_target(&job.id, &agent, rec, false)?;
+                let overdue = match t.state.as_str() {
+                    "dispatched" | "running" => {
+                        let since = if t.dispatched_at > 0 {
+                            t.dispatched_at
+                        } else {
+                            job.created_at_ms / 1000
+                        };
+                        now > since + job.target_deadline_secs.max(RESULT_GRACE.as_secs())
+                    }
+                    _ => false,
+                };
+                if overdue {
+                    let rec = TargetRecord::new(
+                        "failed",
+                        "no result from the agent before the target's deadline",
+                    );
+                    if self.update_target(&job.id, &agent, rec, false)? {
+                        changed = true;
+                        self.security_event(
+                            Event::new(EventKind::JobFinished, "controller")
+                                .job(&job.id)
+                                .command(&job.command)
+                                .host(&agent)
+                                .field("outcome", "failed")
+                                .detail("no result from the agent before the target's deadline"),
+                        );
+                    }
                 }
             }
-            self.finish_if_done(&job.id)?;
+            self.advance(&job.id)?;
         }
         if changed {
             self.flush().await?;
@@ -849,14 +1116,18 @@ impl Shared {
         self.job_to_proto(rec)
     }
 
-    pub fn list_jobs(&self, limit: u32, requester: &str) -> ApiResult<Vec<pb::Job>> {
+    /// Newest first, optionally only one requester's and/or one state.
+    pub fn list_jobs(&self, limit: u32, requester: &str, state: &str) -> ApiResult<Vec<pb::Job>> {
         let limit = if limit == 0 { 20 } else { limit.min(500) } as usize;
+        let filtered = !requester.is_empty() || !state.is_empty();
         let mut out = Vec::new();
         for rec in self
             .store
-            .list_jobs(if requester.is_empty() { limit } else { 10_000 })?
+            .list_jobs(if filtered { 10_000 } else { limit })?
         {
-            if !requester.is_empty() && rec.requester != requester {
+            if (!requester.is_empty() && rec.requester != requester)
+                || (!state.is_empty() && rec.state != state)
+            {
                 continue;
             }
             out.push(self.job_to_proto(rec)?);
@@ -901,8 +1172,36 @@ impl Shared {
             state: rec.state,
             created_at_ms: rec.created_at_ms,
             targets,
+            reason: rec.stopped.map(|(_, why)| why).unwrap_or_default(),
         })
     }
+}
+
+/// The audit event for one host's result: what happened, never the output.
+fn result_event(agent: &str, r: &pb::JobResult, state: &str) -> Event {
+    let kind = if state == "refused" {
+        EventKind::JobRefusedByAgent
+    } else {
+        EventKind::JobFinished
+    };
+    let mut e = Event::new(kind, format!("agent:{agent}"))
+        .job(&r.job_id)
+        .host(agent)
+        .field("outcome", state)
+        .field("duration_ms", r.duration_ms)
+        .field("stdout_bytes", r.stdout.len() as u64 + r.stdout_dropped)
+        .field("stderr_bytes", r.stderr.len() as u64 + r.stderr_dropped)
+        .detail(&r.reason);
+    if let Some(c) = r.exit_code {
+        e = e.field("exit_code", c);
+    }
+    if let Some(s) = r.signal {
+        e = e.field("signal", s);
+    }
+    if !r.reason_code.is_empty() {
+        e = e.field("reason_code", &r.reason_code);
+    }
+    e
 }
 
 /// What an operator should know about a connected agent's health.

@@ -76,6 +76,21 @@ pub struct JobRecord {
     pub deadline: u64,
     pub state: String,
     pub targets: Vec<String>,
+    /// Rollout the requester signed (batch, error budget, canaries).
+    #[serde(default)]
+    pub rollout: fleetcmd_core::job::Rollout,
+    #[serde(default)]
+    pub needs_approval: bool,
+    /// Seconds a dispatched target may take before it is failed (the
+    /// command's timeout, or the job's if shorter, plus a grace).
+    #[serde(default)]
+    pub target_deadline_secs: u64,
+    /// The spec's `expires_at`: pending targets cannot start after it.
+    #[serde(default)]
+    pub expires_at: u64,
+    /// Set when the job was aborted, canceled or expired, with the reason.
+    #[serde(default)]
+    pub stopped: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -84,6 +99,20 @@ pub struct TargetRecord {
     /// The agent's `JobResult`, protobuf-encoded, once it arrived.
     pub result: Option<Vec<u8>>,
     pub reason: String,
+    /// Unix seconds when it was dispatched (0 = not yet).
+    #[serde(default)]
+    pub dispatched_at: u64,
+}
+
+impl TargetRecord {
+    pub fn new(state: &str, reason: &str) -> TargetRecord {
+        TargetRecord {
+            state: state.into(),
+            result: None,
+            reason: reason.into(),
+            dispatched_at: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -124,6 +153,10 @@ pub trait Store: Send + Sync + 'static {
     fn flush(&self) -> Result<(), StoreError>;
     /// Releases the database (its files and lock); later calls fail.
     fn close(&self);
+    /// A named tree of the same database for a subsystem that keeps its own
+    /// keys (the audit trail, `crate::audit`), so that one `flush` makes
+    /// both durable. Fetch it per use: the handle changes after a reopen.
+    fn tree(&self, name: &str) -> Result<sled::Tree, StoreError>;
 }
 
 /// The sled backend.
@@ -369,6 +402,11 @@ impl Store for SledStore {
     fn flush(&self) -> Result<(), StoreError> {
         self.trees()?.db.flush().map_err(|e| self.fail(e))?;
         Ok(())
+    }
+
+    fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        let t = self.trees()?;
+        t.db.open_tree(name).map_err(|e| self.fail(e))
     }
 
     fn close(&self) {

@@ -50,11 +50,51 @@ pub struct RunOptions {
 }
 
 /// A number of targets or a percentage of them (`5` or `25%`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Limit {
     Count(u32),
     /// 1..=100.
     Percent(u8),
+}
+
+impl Limit {
+    /// The number of targets out of `total` this limit allows; a percentage
+    /// rounds up and never gives 0 for a non-empty job.
+    ///
+    /// ```
+    /// use fleetcmd_core::grammar::Limit;
+    /// assert_eq!(Limit::Percent(25).of(10), 3);
+    /// assert_eq!(Limit::Count(5).of(3), 5);
+    /// ```
+    pub fn of(self, total: u32) -> u32 {
+        match self {
+            Limit::Count(n) => n,
+            Limit::Percent(p) => (u64::from(total) * u64::from(p)).div_ceil(100).max(1) as u32,
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::Count(n) => write!(f, "{n}"),
+            Limit::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl TryFrom<String> for Limit {
+    type Error = String;
+    fn try_from(s: String) -> Result<Limit, String> {
+        parse_limit(&s)
+    }
+}
+
+impl From<Limit> for String {
+    fn from(l: Limit) -> String {
+        l.to_string()
+    }
 }
 
 const RUN_USAGE: &str = "run <command> [args] on <selector> [--batch N|N%] [--max-errors N|N%] [--canary N] [--timeout D] [--dry-run]";
@@ -380,7 +420,8 @@ fn parse_options(words: &[Word]) -> Result<RunOptions, GrammarError> {
     Ok(opts)
 }
 
-fn parse_limit(s: &str) -> Result<Limit, String> {
+/// Parses `5` or `25%` (1..=100).
+pub fn parse_limit(s: &str) -> Result<Limit, String> {
     let err = || format!("expected a count such as 5 or a percentage such as 25%, got `{s}`");
     match s.strip_suffix('%') {
         Some(p) => match p.parse::<u8>() {

@@ -34,6 +34,52 @@ pub struct JobSpec {
     pub not_before: u64,
     /// Unix seconds.
     pub expires_at: u64,
+    /// How the controller rolls the job out; signed with the rest, so it
+    /// cannot be loosened on the way (absent = DESIGN §4 defaults).
+    #[serde(default, skip_serializing_if = "Rollout::is_default")]
+    pub rollout: Rollout,
+}
+
+/// Rate control (DESIGN §4): at most `batch` targets running at once
+/// (default 50), stop starting new ones once more than `max_errors` failed
+/// (default 0 for commands that need approval, unlimited otherwise), and run
+/// `canary` targets first, going on only if they all succeed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<crate::grammar::Limit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_errors: Option<crate::grammar::Limit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<u32>,
+}
+
+/// Default `batch` (DESIGN §4).
+pub const DEFAULT_BATCH: u32 = 50;
+
+impl Rollout {
+    pub fn is_default(&self) -> bool {
+        *self == Rollout::default()
+    }
+
+    /// Targets that may run at once, out of `total`.
+    pub fn batch_of(&self, total: u32) -> u32 {
+        self.batch.map_or(DEFAULT_BATCH, |b| b.of(total)).max(1)
+    }
+
+    /// Failures tolerated before the job is aborted (`None` = unlimited).
+    pub fn max_errors_of(&self, total: u32, needs_approval: bool) -> Option<u32> {
+        match self.max_errors {
+            Some(l) => Some(match l {
+                crate::grammar::Limit::Count(n) => n,
+                // A percentage of 100 tolerates every failure.
+                crate::grammar::Limit::Percent(p) => (u64::from(total) * u64::from(p) / 100) as u32,
+            }),
+            None if needs_approval => Some(0),
+            None => None,
+        }
+    }
 }
 
 /// Why spec bytes could not be read.
@@ -176,6 +222,7 @@ requires_approvals = 2
             timeout_secs: 0,
             not_before: NOW,
             expires_at: NOW + DEFAULT_EXPIRY_SECS,
+            rollout: Rollout::default(),
         }
     }
 

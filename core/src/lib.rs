@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod argv;
+pub mod audit;
 pub mod authorize;
 pub mod crypto;
 pub mod duration;
@@ -19,6 +20,7 @@ pub mod join_token;
 pub mod policy;
 pub mod policy_bundle;
 pub mod rbac;
+pub mod rollout;
 pub mod selector;
 
 mod glob;

@@ -174,6 +174,7 @@ pub fn spec(command: &str, args: &[(&str, &str)], selector: &str, requester: &st
         timeout_secs: 0,
         not_before: now(),
         expires_at: now() + 600,
+        rollout: Default::default(),
     }
 }
 
@@ -229,9 +230,8 @@ pub mod crash {
             .map(|j| (i.wrapping_mul(31).wrapping_add(j * 7) % 251) as u8)
             .collect();
         TargetRecord {
-            state: "ok".into(),
             result: Some(payload),
-            reason: format!("record {i}"),
+            ..TargetRecord::new("ok", &format!("record {i}"))
         }
     }
 }

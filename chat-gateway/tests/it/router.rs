@@ -80,11 +80,6 @@ async fn bad_arguments_are_rejected_before_submission() {
             "!run reboot on all",
             "needs 1 approval(s) and approvals are not available yet",
         ),
-        ("!run uptime on all --batch 2", "--batch not available yet"),
-        (
-            "!run uptime on all --canary 1 --max-errors 10%",
-            "--max-errors, --canary not available yet",
-        ),
     ] {
         let text = one_text(&ask(&w, "console:alice", input).await);
         assert!(text.contains(expected), "{input}: {text}");
@@ -130,6 +125,26 @@ async fn unaddressed_and_bot_messages_are_ignored() {
         out.all()
     );
     assert!(w.router.controller().submitted().is_empty());
+}
+
+#[tokio::test]
+async fn rollout_options_are_signed_into_the_spec() {
+    let w = world();
+    ask(
+        &w,
+        "console:alice",
+        "!run uptime on all --batch 2 --canary 1 --max-errors 10%",
+    )
+    .await;
+    let subs = w.router.controller().submitted();
+    assert_eq!(subs.len(), 1);
+    let spec = subs[0]
+        .verify(&w.policy, now())
+        .unwrap_or_else(|e| panic!("signature: {e}"));
+    use fleetcmd_core::grammar::Limit;
+    assert_eq!(spec.rollout.batch, Some(Limit::Count(2)));
+    assert_eq!(spec.rollout.canary, Some(1));
+    assert_eq!(spec.rollout.max_errors, Some(Limit::Percent(10)));
 }
 
 #[tokio::test]
@@ -298,14 +313,36 @@ async fn reads_need_a_role_and_show_visible_jobs() {
     assert!(text.contains("not visible to you"), "{text}");
     let text = one_text(&ask(&w, "console:alice", &format!("!job {id}")).await);
     assert!(text.contains("succeeded (2/2 ok)"), "{text}");
-    for cmd in [
-        "output x",
-        "cancel x",
-        "approve x",
-        "deny x",
-        "health",
-        "audit alice",
-    ] {
+    // Output and cancel follow the same visibility rule as `job`.
+    let text = one_text(&ask(&w, "console:bob", &format!("!output {id}")).await);
+    assert!(text.contains("not visible to you"), "{text}");
+    let text = one_text(&ask(&w, "console:alice", &format!("!output {id} web-1")).await);
+    assert!(
+        text.contains("output of job") && text.contains("up 3 days"),
+        "{text}"
+    );
+    let text = one_text(&ask(&w, "console:bob", &format!("!cancel {id}")).await);
+    assert!(text.contains("may only be canceled"), "{text}");
+    assert!(
+        w.router
+            .controller()
+            .canceled
+            .lock()
+            .map(|c| c.is_empty())
+            .unwrap_or(false)
+    );
+    let text = one_text(&ask(&w, "console:alice", &format!("!cancel {id}")).await);
+    assert!(text.contains("canceled"), "{text}");
+    let canceled = w
+        .router
+        .controller()
+        .canceled
+        .lock()
+        .map(|c| c.clone())
+        .unwrap_or_default();
+    assert_eq!(canceled.len(), 1);
+    assert_eq!(canceled[0].1, "console:alice");
+    for cmd in ["approve x", "deny x", "health", "audit alice"] {
         let text = one_text(&ask(&w, "console:alice", &format!("!{cmd}")).await);
         let name = cmd.split(' ').next().unwrap_or_default();
         assert!(

@@ -151,6 +151,8 @@ pub struct FakeController {
     pub running_polls: AtomicUsize,
     pub unreachable: bool,
     pub output: Vec<u8>,
+    /// (job id, requested_by) of every cancel.
+    pub canceled: Mutex<Vec<(String, String)>>,
 }
 
 impl FakeController {
@@ -162,6 +164,7 @@ impl FakeController {
             running_polls: AtomicUsize::new(0),
             unreachable: false,
             output: b"up 3 days, load 0.5".to_vec(),
+            canceled: Mutex::new(Vec::new()),
         }
     }
 
@@ -240,6 +243,7 @@ impl ControllerApi for FakeController {
             state: if running { "running" } else { "succeeded" }.to_string(),
             created_at_ms: 0,
             targets,
+            reason: String::new(),
         })
     }
 
@@ -273,6 +277,16 @@ impl ControllerApi for FakeController {
     async fn get_policy(&self) -> Result<v1::PolicyInfo, ControllerError> {
         self.check()?;
         Ok(self.policy.clone())
+    }
+
+    async fn cancel(&self, id: String, requested_by: String) -> Result<v1::Job, ControllerError> {
+        self.check()?;
+        if let Ok(mut c) = self.canceled.lock() {
+            c.push((id.clone(), requested_by));
+        }
+        let mut job = self.get_job(id).await?;
+        job.state = "canceled".into();
+        Ok(job)
     }
 }
 

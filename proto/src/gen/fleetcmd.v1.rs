@@ -155,7 +155,7 @@ pub struct RenewRequest {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControllerMessage {
-    #[prost(oneof = "controller_message::Msg", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "controller_message::Msg", tags = "1, 2, 3, 4, 5, 6")]
     pub msg: ::core::option::Option<controller_message::Msg>,
 }
 /// Nested message and enum types in `ControllerMessage`.
@@ -172,7 +172,15 @@ pub mod controller_message {
         Renew(super::RenewResponse),
         #[prost(message, tag = "5")]
         Ack(super::ResultAck),
+        #[prost(message, tag = "6")]
+        Cancel(super::CancelJob),
     }
+}
+/// Stop a running job: the agent kills its process group (and cgroup).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CancelJob {
+    #[prost(string, tag = "1")]
+    pub job_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Welcome {
@@ -221,6 +229,14 @@ pub struct SignedPolicy {
     pub signatures: ::prost::alloc::vec::Vec<PolicySignature>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CancelJobRequest {
+    #[prost(string, tag = "1")]
+    pub job_id: ::prost::alloc::string::String,
+    /// Who asked (the gateway passes the chat identity; informational).
+    #[prost(string, tag = "2")]
+    pub requested_by: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SubmitResponse {
     #[prost(string, tag = "1")]
     pub job_id: ::prost::alloc::string::String,
@@ -239,6 +255,9 @@ pub struct ListJobsRequest {
     pub limit: u32,
     #[prost(string, tag = "2")]
     pub requester: ::prost::alloc::string::String,
+    /// Only jobs in this state (empty = any).
+    #[prost(string, tag = "3")]
+    pub state: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListJobsResponse {
@@ -268,6 +287,9 @@ pub struct Job {
     pub created_at_ms: u64,
     #[prost(message, repeated, tag = "9")]
     pub targets: ::prost::alloc::vec::Vec<Target>,
+    /// Why the job was aborted, canceled or expired.
+    #[prost(string, tag = "10")]
+    pub reason: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Target {
@@ -360,6 +382,80 @@ pub struct PolicyInfo {
     pub hash: ::prost::alloc::string::String,
     #[prost(message, optional, tag = "3")]
     pub policy: ::core::option::Option<SignedPolicy>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuditSearchRequest {
+    #[prost(string, tag = "1")]
+    pub text: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub actor: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub command: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub host: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub job_id: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "6")]
+    pub kinds: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Unix milliseconds; 0 = unbounded.
+    #[prost(uint64, tag = "7")]
+    pub since_ms: u64,
+    #[prost(uint64, tag = "8")]
+    pub until_ms: u64,
+    #[prost(uint32, tag = "9")]
+    pub limit: u32,
+    /// Page cursor: only records older than this sequence number.
+    #[prost(uint64, tag = "10")]
+    pub before_seq: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuditSearchResponse {
+    /// Records, newest first, each as its JSON line (the export format).
+    #[prost(string, repeated, tag = "1")]
+    pub records: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Cursor for the next page; 0 = no more.
+    #[prost(uint64, tag = "2")]
+    pub next_before_seq: u64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuditExportRequest {
+    /// 0 or 1 = from the first record.
+    #[prost(uint64, tag = "1")]
+    pub from_seq: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuditExportChunk {
+    /// JSON lines: records in sequence order.
+    #[prost(string, repeated, tag = "1")]
+    pub records: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// JSON lines: signed chain heads (sent in the first chunk).
+    #[prost(string, repeated, tag = "2")]
+    pub heads: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The audit public key (`ed25519:…`), in the first chunk.
+    #[prost(string, tag = "3")]
+    pub public_key: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuditReportRequest {
+    /// An event kind name, e.g. `chat_denied`.
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub actor: ::prost::alloc::string::String,
+    /// Where: the chat channel.
+    #[prost(string, tag = "3")]
+    pub source: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub command: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub detail: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub job_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuditReportResponse {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -1115,6 +1211,25 @@ pub mod jobs_client {
             req.extensions_mut().insert(GrpcMethod::new("fleetcmd.v1.Jobs", "List"));
             self.inner.unary(req, path, codec).await
         }
+        /// Cancels queued targets and kills running ones; returns the job.
+        pub async fn cancel(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CancelJobRequest>,
+        ) -> std::result::Result<tonic::Response<super::Job>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/fleetcmd.v1.Jobs/Cancel");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("fleetcmd.v1.Jobs", "Cancel"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1145,6 +1260,11 @@ pub mod jobs_server {
             tonic::Response<super::ListJobsResponse>,
             tonic::Status,
         >;
+        /// Cancels queued targets and kills running ones; returns the job.
+        async fn cancel(
+            &self,
+            request: tonic::Request<super::CancelJobRequest>,
+        ) -> std::result::Result<tonic::Response<super::Job>, tonic::Status>;
     }
     /// Gateway and operator roles.
     #[derive(Debug)]
@@ -1337,6 +1457,49 @@ pub mod jobs_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fleetcmd.v1.Jobs/Cancel" => {
+                    #[allow(non_camel_case_types)]
+                    struct CancelSvc<T: Jobs>(pub Arc<T>);
+                    impl<T: Jobs> tonic::server::UnaryService<super::CancelJobRequest>
+                    for CancelSvc<T> {
+                        type Response = super::Job;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CancelJobRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Jobs>::cancel(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CancelSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
@@ -2374,6 +2537,447 @@ pub mod policy_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "fleetcmd.v1.Policy";
     impl<T> tonic::server::NamedService for PolicyServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// Generated client implementations.
+pub mod audit_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// The audit trail (DESIGN §8). Operator role for search and export;
+    /// gateway role for search (chat `audit`) and for reporting what only the
+    /// gateway sees (chat denials, approvals, bad chat signatures).
+    #[derive(Debug, Clone)]
+    pub struct AuditClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl<T> AuditClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> AuditClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            AuditClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        pub async fn search(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuditSearchRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuditSearchResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/fleetcmd.v1.Audit/Search");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("fleetcmd.v1.Audit", "Search"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Records from a sequence number, in order, with the signed heads and
+        /// the audit public key, for verification by the caller.
+        pub async fn export(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuditExportRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::AuditExportChunk>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/fleetcmd.v1.Audit/Export");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("fleetcmd.v1.Audit", "Export"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        pub async fn report(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuditReportRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuditReportResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/fleetcmd.v1.Audit/Report");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("fleetcmd.v1.Audit", "Report"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod audit_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with AuditServer.
+    #[async_trait]
+    pub trait Audit: std::marker::Send + std::marker::Sync + 'static {
+        async fn search(
+            &self,
+            request: tonic::Request<super::AuditSearchRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuditSearchResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the Export method.
+        type ExportStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::AuditExportChunk, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Records from a sequence number, in order, with the signed heads and
+        /// the audit public key, for verification by the caller.
+        async fn export(
+            &self,
+            request: tonic::Request<super::AuditExportRequest>,
+        ) -> std::result::Result<tonic::Response<Self::ExportStream>, tonic::Status>;
+        async fn report(
+            &self,
+            request: tonic::Request<super::AuditReportRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuditReportResponse>,
+            tonic::Status,
+        >;
+    }
+    /// The audit trail (DESIGN §8). Operator role for search and export;
+    /// gateway role for search (chat `audit`) and for reporting what only the
+    /// gateway sees (chat denials, approvals, bad chat signatures).
+    #[derive(Debug)]
+    pub struct AuditServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> AuditServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for AuditServer<T>
+    where
+        T: Audit,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/fleetcmd.v1.Audit/Search" => {
+                    #[allow(non_camel_case_types)]
+                    struct SearchSvc<T: Audit>(pub Arc<T>);
+                    impl<T: Audit> tonic::server::UnaryService<super::AuditSearchRequest>
+                    for SearchSvc<T> {
+                        type Response = super::AuditSearchResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuditSearchRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Audit>::search(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SearchSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fleetcmd.v1.Audit/Export" => {
+                    #[allow(non_camel_case_types)]
+                    struct ExportSvc<T: Audit>(pub Arc<T>);
+                    impl<
+                        T: Audit,
+                    > tonic::server::ServerStreamingService<super::AuditExportRequest>
+                    for ExportSvc<T> {
+                        type Response = super::AuditExportChunk;
+                        type ResponseStream = T::ExportStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuditExportRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Audit>::export(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ExportSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fleetcmd.v1.Audit/Report" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportSvc<T: Audit>(pub Arc<T>);
+                    impl<T: Audit> tonic::server::UnaryService<super::AuditReportRequest>
+                    for ReportSvc<T> {
+                        type Response = super::AuditReportResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuditReportRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Audit>::report(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for AuditServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "fleetcmd.v1.Audit";
+    impl<T> tonic::server::NamedService for AuditServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }

@@ -82,6 +82,7 @@ async fn every_rpc_but_join_requires_a_client_certificate() {
         jobs.list(pb::ListJobsRequest {
             limit: 10,
             requester: String::new(),
+            state: String::new(),
         })
         .await,
         Code::Unauthenticated,

@@ -367,18 +367,20 @@ async fn hostile_token_values_are_refused_before_use_and_failed_joins_are_rate_l
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn renewal_survives_the_controller_being_down_when_it_is_due() {
     let started = tokio::time::Instant::now();
-    let mut fleet = start_fleet_with(1, |o| o.agent_cert_ttl = Duration::from_secs(9)).await;
+    let mut fleet = start_fleet_with(1, |o| o.agent_cert_ttl = Duration::from_secs(20)).await;
     let cert_path = fleet.dir.join("agents/dev-1/agent.crt");
     let first = std::fs::read_to_string(&cert_path).expect("cert");
-    // Renewal is due at 6 s; the controller is down from ~4 s to ~7.5 s.
-    tokio::time::sleep_until(started + Duration::from_secs(4)).await;
+    // Renewal is due at 13.3 s; the controller is down from 10 s to 14 s.
+    // The agent's reconnect backoff (1 s × 1.6ⁿ ± 20 %) brings it back by
+    // about 16 s, well before the first certificate expires at 20 s.
+    tokio::time::sleep_until(started + Duration::from_secs(10)).await;
     fleet
-        .restart_controller(Duration::from_millis(3500))
+        .restart_controller(Duration::from_secs(4))
         .await
         .expect("restart");
     // The agent reconnects with its still-valid certificate and renews.
     let cp = cert_path.clone();
-    assert_eventually(Duration::from_secs(8), || {
+    assert_eventually(Duration::from_secs(12), || {
         let cp = cp.clone();
         let first = first.clone();
         async move {
@@ -394,7 +396,7 @@ async fn renewal_survives_the_controller_being_down_when_it_is_due() {
         .await
         .expect("online");
     // Past the first certificate's expiry, still connected and working.
-    tokio::time::sleep_until(started + Duration::from_secs(10)).await;
+    tokio::time::sleep_until(started + Duration::from_secs(21)).await;
     let job = fleet
         .run("echo", &[("text", "renewed")], "all")
         .await

@@ -9,6 +9,7 @@ mod exec_limits;
 mod hardening;
 mod job_signatures;
 mod policy_trust;
+mod rollout;
 mod storage;
 mod support;
 mod transport;

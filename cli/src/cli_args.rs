@@ -1,0 +1,104 @@
+//! Command-line arguments of `fleetcmd`, in the library so that `xtask` can
+//! generate the man page and shell completions from them.
+
+use clap::{Parser, Subcommand};
+
+use crate::{client, dev, policy_cmd};
+
+#[derive(Parser)]
+#[command(
+    name = "fleetcmd",
+    version,
+    about = "Run allow-listed commands on your fleet, safely, and see who did what",
+    long_about = "fleetcmd talks to a fleetcmd controller over mutually authenticated TLS.\n\n\
+Start here:  fleetcmd dev            a whole local fleet in one process (controller, 3 agents, console chat)\n\
+Then:        source DIR/env          (DIR is printed by `fleetcmd dev`)\n\
+             fleetcmd agents         list agents\n\
+             fleetcmd run uptime --on all"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: crate::Conn,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Start a local fleet: controller, agents and a console chat on stdin/stdout.
+    Dev(dev::DevArgs),
+    /// List agents (optionally matching a selector), or revoke one.
+    Agents {
+        #[command(subcommand)]
+        action: Option<AgentsCmd>,
+        /// Label selector, e.g. `role=web,env!=staging` (default: all).
+        selector: Option<String>,
+    },
+    /// Join tokens for new agents.
+    Token {
+        #[command(subcommand)]
+        action: TokenCmd,
+    },
+    /// Run an allow-listed command on the agents matching a selector.
+    Run(client::RunArgs),
+    /// Show a job's state and each host's result (`job output ID [HOST]`
+    /// prints the full output).
+    Job {
+        /// Job id, a unique prefix, or its last 8+ hex digits; or `output`.
+        id: String,
+        /// With `output`: the job id, then optionally a host.
+        rest: Vec<String>,
+    },
+    /// Recent jobs, newest first.
+    Jobs {
+        /// Only jobs you asked for.
+        #[arg(long)]
+        mine: bool,
+        /// Only jobs in this state (running, succeeded, failed, aborted, canceled, expired).
+        #[arg(long)]
+        state: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Cancel a job: queued targets are dropped, running ones killed.
+    Cancel {
+        /// Job id, a unique prefix, or its last 8+ hex digits.
+        id: String,
+    },
+    /// Check, sign, push and show the policy bundle.
+    Policy {
+        #[command(subcommand)]
+        action: policy_cmd::PolicyCmd,
+    },
+    /// Verify, export and search the audit trail.
+    Audit {
+        #[command(subcommand)]
+        action: crate::audit_cmd::AuditCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AgentsCmd {
+    /// Revoke an agent: its stream is closed and its certificate refused.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create a join token (printed once; stored hashed by the controller).
+    Create {
+        /// Labels the agent gets, e.g. `role=web,env=prod` (these win over the agent's own).
+        #[arg(long)]
+        labels: Option<String>,
+        /// Lifetime, e.g. `1h`, `30m`.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Uses before the token is spent.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Bind the token to this agent name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
