@@ -57,6 +57,8 @@ struct Inner {
     seen: Mutex<SeenSet>,
     /// Results not yet acknowledged by the controller.
     pending: Mutex<BTreeMap<String, pb::JobResult>>,
+    /// The on-disk copy of `pending` (and started markers).
+    spool: crate::spool::Spool,
     out: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
     collector: Arc<Mutex<Collector>>,
     running: Mutex<HashMap<String, watch::Sender<bool>>>,
@@ -93,6 +95,14 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let roots = identity.roots().map_err(AgentError::Identity)?;
     let policy = PolicyStore::load(&dir, roots, identity.policy_threshold)?;
     let seen = SeenSet::load(&dir)?;
+    let spool = crate::spool::Spool::open(&dir.dir)?;
+    let pending = spool.recover()?;
+    if !pending.is_empty() {
+        tracing::info!(
+            results = pending.len(),
+            "unacknowledged results recovered from the spool"
+        );
+    }
     dir.client_tls()?; // fail now, not in the loop, when files are missing
     let mut labels = config.labels.clone();
     labels.extend(identity.labels.clone());
@@ -101,7 +111,8 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         labels,
         policy: Mutex::new(policy),
         seen: Mutex::new(seen),
-        pending: Mutex::new(BTreeMap::new()),
+        pending: Mutex::new(pending),
+        spool,
         out: Mutex::new(None),
         collector: Arc::new(Mutex::new(Collector::new())),
         running: Mutex::new(HashMap::new()),
@@ -276,6 +287,7 @@ async fn session(
                     }
                     Some(In::Ack(a)) => {
                         lock(&inner.pending).remove(&a.job_id);
+                        inner.spool.ack(&a.job_id);
                     }
                     Some(In::Renew(r)) => {
                         renewing_since = None;
@@ -413,11 +425,22 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
         }
     };
     let result = match decision {
+        // A redelivered job (e.g. after a controller restart) is answered
+        // with the result this agent still holds: at most once per agent.
+        Err(r) if r.reason_code == "replayed" && lock(&inner.pending).contains_key(&job_id) => {
+            if let Some(stored) = lock(&inner.pending).get(&job_id).cloned() {
+                send(&inner, msg(Out::Result(stored)));
+            }
+            return;
+        }
         Err(r) => {
             tracing::warn!(target: "fleetcmd::security", agent_id = %inner.agent_id, job_id = %job_id, reason = %r.reason, "job refused");
             r
         }
         Ok(cmd) => {
+            if let Err(e) = inner.spool.started(&job_id) {
+                tracing::error!(agent_id = %inner.agent_id, job_id = %job_id, error = %e, "spooling a start marker");
+            }
             send(
                 &inner,
                 msg(Out::Started(pb::JobStarted {
@@ -479,6 +502,10 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
     };
     if result.job_id.is_empty() {
         return; // not even a parseable spec: nothing to report against
+    }
+    // Durable before it is sent: it survives a restart until acknowledged.
+    if let Err(e) = inner.spool.put(&result) {
+        tracing::error!(agent_id = %inner.agent_id, job_id = %result.job_id, error = %e, "spooling a result");
     }
     lock(&inner.pending).insert(result.job_id.clone(), result.clone());
     send(&inner, msg(Out::Result(result)));

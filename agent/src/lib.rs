@@ -9,6 +9,7 @@ pub mod conn;
 pub mod exec;
 pub mod join;
 pub mod metrics;
+pub mod spool;
 pub mod state;
 
 pub use config::AgentConfig;

@@ -25,13 +25,14 @@ pub enum AuditCmd {
         #[arg(long)]
         from: Option<u64>,
         /// Verify an exported file offline instead of the controller's trail.
-        #[arg(long, requires = "key")]
+        #[arg(long, requires = "audit_key")]
         file: Option<PathBuf>,
         /// The audit public key (`ed25519:…`) or a file holding it
         /// (the controller writes DATA_DIR/audit/audit.pub). Required with
         /// --file; over gRPC it pins the key instead of taking the controller's.
+        /// (Not `--key`: that global flag is the operator's private key.)
         #[arg(long)]
-        key: Option<String>,
+        audit_key: Option<String>,
     },
     /// Write the trail (records and signed heads) as JSON lines.
     Export {
@@ -205,9 +206,9 @@ pub async fn run(conn: &Conn, cmd: AuditCmd) -> Result<u8, Failure> {
         AuditCmd::Verify {
             from,
             file: Some(file),
-            key,
+            audit_key,
         } => {
-            let key = read_key(key.as_deref().unwrap_or_default())?;
+            let key = read_key(audit_key.as_deref().unwrap_or_default())?;
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| usage(format!("{}: {e}", file.display())))?;
             let t = parse_lines(&text).map_err(|e| Failure {
@@ -219,15 +220,15 @@ pub async fn run(conn: &Conn, cmd: AuditCmd) -> Result<u8, Failure> {
         AuditCmd::Verify {
             from,
             file: None,
-            key,
+            audit_key,
         } => {
             let op = operator(conn)?;
             let t = fetch(channel(conn, &op).await?, from.unwrap_or(1)).await?;
-            let key = match key {
+            let key = match audit_key {
                 Some(k) => read_key(&k)?,
                 None => {
                     eprintln!(
-                        "using the audit key the controller reports; pin it with --key DATA_DIR/audit/audit.pub"
+                        "using the audit key the controller reports; pin it with --audit-key DATA_DIR/audit/audit.pub"
                     );
                     PublicKey::parse(&t.controller_key)
                         .map_err(|e| anyhow::anyhow!("controller audit key: {e}"))?

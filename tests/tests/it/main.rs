@@ -2,7 +2,9 @@
 //! loopback. One binary, one module per area.
 
 mod allow_list;
+mod audit;
 mod authn;
+mod crash;
 mod e2e;
 mod enrollment;
 mod exec_limits;
