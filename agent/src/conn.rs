@@ -427,6 +427,11 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
     let result = match decision {
         // A redelivered job (e.g. after a controller restart) is answered
         // with the result this agent still holds: at most once per agent.
+        // Still running here: its result will follow; nothing to answer.
+        Err(r) if r.reason_code == "replayed" && lock(&inner.running).contains_key(&job_id) => {
+            tracing::debug!(agent_id = %inner.agent_id, job_id = %job_id, "redelivered job is still running");
+            return;
+        }
         Err(r) if r.reason_code == "replayed" && lock(&inner.pending).contains_key(&job_id) => {
             if let Some(stored) = lock(&inner.pending).get(&job_id).cloned() {
                 send(&inner, msg(Out::Result(stored)));

@@ -67,11 +67,28 @@ pub struct Shared {
     agents: Mutex<HashMap<String, Live>>,
     revoked: RwLock<HashSet<String>>,
     /// Serializes read-modify-write of job records.
-    job_lock: Mutex<()>,
+    /// Running jobs' rollout state (the job record and each target's state),
+    /// so advancing a 10 000-target job after each result does not re-read
+    /// every target from the store. The mutex also serializes every
+    /// read-modify-write of job and target records.
+    job_lock: Mutex<HashMap<String, Run>>,
+    /// When this controller started: agents reconnect during the first
+    /// heartbeats, so a target is not declared offline before then.
+    started: Instant,
+    /// Whether the running jobs of a previous run were loaded (sweeper).
+    runs_loaded: std::sync::atomic::AtomicBool,
     next_conn: AtomicU64,
     pub join_limiter: JoinLimiter,
     /// The audit trail (its trees live in `store`; one flush covers both).
     pub audit: Arc<crate::audit::Audit>,
+}
+
+/// A running job as `advance` sees it.
+struct Run {
+    job: JobRecord,
+    /// (state, dispatched_at) per target, in `job.targets` order.
+    states: Vec<(String, u64)>,
+    index: HashMap<String, usize>,
 }
 
 pub fn now_secs() -> u64 {
@@ -128,7 +145,9 @@ impl Shared {
             policy: RwLock::new(None),
             agents: Mutex::new(HashMap::new()),
             revoked: RwLock::new(revoked),
-            job_lock: Mutex::new(()),
+            job_lock: Mutex::new(HashMap::new()),
+            runs_loaded: std::sync::atomic::AtomicBool::new(false),
+            started: Instant::now(),
             next_conn: AtomicU64::new(1),
             join_limiter: JoinLimiter::default(),
         };
@@ -754,27 +773,17 @@ impl Shared {
     /// after submit, after every result, and by the sweeper (which is what
     /// resumes running jobs after a controller restart).
     pub fn advance(&self, job_id: &str) -> ApiResult<()> {
-        let _g = lock(&self.job_lock);
-        let Some(mut job) = self.store.get_job(job_id)? else {
+        let mut runs = lock(&self.job_lock);
+        let Some(run) = self.run_of(&mut runs, job_id)? else {
             return Ok(());
         };
-        if job.state != "running" {
-            return Ok(());
-        }
-        let mut states: Vec<TargetRecord> = Vec::with_capacity(job.targets.len());
-        for agent in &job.targets {
-            states.push(
-                self.store
-                    .get_target(job_id, agent)?
-                    .unwrap_or_else(|| TargetRecord::new("failed", "target record missing")),
-            );
-        }
+        let Run { job, states, .. } = run;
         let now = now_secs();
         let mut job_changed = false;
         loop {
             if job.stopped.is_none()
                 && now > job.expires_at + fleetcmd_core::job::CLOCK_SKEW_SECS
-                && states.iter().any(|t| t.state == "pending")
+                && states.iter().any(|t| t.0 == "pending")
             {
                 job.stopped = Some((
                     "expired".into(),
@@ -785,7 +794,7 @@ impl Shared {
             let decision = if job.stopped.is_some() {
                 fleetcmd_core::rollout::Decision::default()
             } else {
-                let phases: Vec<Phase> = states.iter().map(|t| Phase::of_state(&t.state)).collect();
+                let phases: Vec<Phase> = states.iter().map(|t| Phase::of_state(&t.0)).collect();
                 fleetcmd_core::rollout::next(&phases, &job.rollout, job.needs_approval)
             };
             if let Some(why) = decision.abort {
@@ -800,9 +809,10 @@ impl Shared {
                     "skipped"
                 };
                 for (i, t) in states.iter_mut().enumerate() {
-                    if t.state == "pending" {
-                        *t = TargetRecord::new(end, why);
-                        self.store.put_target(job_id, &job.targets[i], t)?;
+                    if t.0 == "pending" {
+                        let rec = TargetRecord::new(end, why);
+                        self.store.put_target(job_id, &job.targets[i], &rec)?;
+                        *t = (rec.state, 0);
                     }
                 }
                 break;
@@ -817,6 +827,10 @@ impl Shared {
                     key_id: job.key_id.clone(),
                 })),
             };
+            // Right after a (re)start the agents are still reconnecting:
+            // leave their targets pending rather than call them offline.
+            let settling = self.started.elapsed() < self.config.heartbeat_interval * 3;
+            let mut deferred = false;
             for i in decision.start {
                 let agent = &job.targets[i];
                 let sent = {
@@ -826,7 +840,11 @@ impl Shared {
                         _ => false,
                     }
                 };
-                states[i] = if sent {
+                if !sent && settling {
+                    deferred = true;
+                    continue;
+                }
+                let rec = if sent {
                     TargetRecord {
                         dispatched_at: now,
                         ..TargetRecord::new("dispatched", "")
@@ -834,38 +852,56 @@ impl Shared {
                 } else {
                     TargetRecord::new("offline", "agent offline when its turn came")
                 };
-                self.store.put_target(job_id, agent, &states[i])?;
-                self.security_event(
-                    Event::new(
-                        if sent {
-                            EventKind::JobDispatched
-                        } else {
-                            EventKind::JobFinished
-                        },
-                        "controller",
-                    )
-                    .job(job_id)
-                    .command(&job.command)
-                    .host(agent)
-                    .field("state", &states[i].state)
-                    .detail(&states[i].reason),
-                );
+                self.store.put_target(job_id, agent, &rec)?;
+                states[i] = (rec.state, rec.dispatched_at);
+            }
+            if deferred {
+                break; // the sweeper tries again
             }
             // An offline target frees its slot at once: decide again.
         }
-        if states.iter().all(|t| is_terminal(&t.state)) {
+        let finished = states.iter().all(|t| is_terminal(&t.0));
+        if finished {
             job.state = match &job.stopped {
                 Some((kind, _)) => kind.clone(),
-                None if states.iter().all(|t| t.state == "ok") => "succeeded".into(),
+                None if states.iter().all(|t| t.0 == "ok") => "succeeded".into(),
                 None => "failed".into(),
             };
             tracing::info!(job_id, state = %job.state, "job finished");
             job_changed = true;
         }
         if job_changed {
-            self.store.put_job(&job)?;
+            self.store.put_job(job)?;
+        }
+        if finished {
+            runs.remove(job_id);
         }
         Ok(())
+    }
+
+    /// The cached rollout state of a running job, loaded on first use
+    /// (after a restart); `None` once the job has ended.
+    fn run_of<'a>(&self, runs: &'a mut HashMap<String, Run>, job_id: &str) -> ApiResult<Option<&'a mut Run>> {
+        if !runs.contains_key(job_id) {
+            let Some(job) = self.store.get_job(job_id)? else {
+                return Ok(None);
+            };
+            if job.state != "running" {
+                return Ok(None);
+            }
+            let mut states = Vec::with_capacity(job.targets.len());
+            let mut index = HashMap::with_capacity(job.targets.len());
+            for (i, agent) in job.targets.iter().enumerate() {
+                let t = self
+                    .store
+                    .get_target(job_id, agent)?
+                    .unwrap_or_else(|| TargetRecord::new("failed", "target record missing"));
+                states.push((t.state, t.dispatched_at));
+                index.insert(agent.clone(), i);
+            }
+            runs.insert(job_id.to_owned(), Run { job, states, index });
+        }
+        Ok(runs.get_mut(job_id))
     }
 
     /// Cancels a job: pending targets end `canceled`, running ones are told
@@ -873,30 +909,24 @@ impl Shared {
     pub async fn cancel(&self, id: &str, by: &str) -> ApiResult<pb::Job> {
         let id = self.resolve_job_id(id)?;
         let running: Vec<String> = {
-            let _g = lock(&self.job_lock);
-            let mut job = self
-                .store
-                .get_job(&id)?
-                .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
-            if job.state != "running" {
+            let mut runs = lock(&self.job_lock);
+            let Some(run) = self.run_of(&mut runs, &id)? else {
+                let state = self.store.get_job(&id)?.map(|j| j.state).unwrap_or_default();
                 return Err(ApiError::FailedPrecondition(format!(
-                    "job {id} already ended: {}",
-                    job.state
+                    "job {id} already ended: {state}"
                 )));
+            };
+            if run.job.stopped.is_none() {
+                run.job.stopped = Some(("canceled".into(), format!("canceled by {by}")));
+                self.store.put_job(&run.job)?;
             }
-            if job.stopped.is_none() {
-                job.stopped = Some(("canceled".into(), format!("canceled by {by}")));
-                self.store.put_job(&job)?;
-            }
-            let mut running = Vec::new();
-            for agent in &job.targets {
-                if let Some(t) = self.store.get_target(&id, agent)?
-                    && matches!(t.state.as_str(), "dispatched" | "running")
-                {
-                    running.push(agent.clone());
-                }
-            }
-            running
+            run.job
+                .targets
+                .iter()
+                .zip(&run.states)
+                .filter(|(_, s)| matches!(s.0.as_str(), "dispatched" | "running"))
+                .map(|(a, _)| a.clone())
+                .collect()
         };
         self.audit_durable(
             Event::new(EventKind::JobCanceled, by)
@@ -993,13 +1023,18 @@ impl Shared {
         mut rec: TargetRecord,
         allow_from_terminal: bool,
     ) -> ApiResult<bool> {
-        let _g = lock(&self.job_lock);
+        let mut runs = lock(&self.job_lock);
         match self.store.get_target(job, agent)? {
             None => Ok(false),
             Some(old) if is_terminal(&old.state) && !allow_from_terminal => Ok(false),
             Some(old) => {
                 rec.dispatched_at = old.dispatched_at;
                 self.store.put_target(job, agent, &rec)?;
+                if let Some(run) = runs.get_mut(job)
+                    && let Some(&i) = run.index.get(agent)
+                {
+                    run.states[i] = (rec.state.clone(), rec.dispatched_at);
+                }
                 Ok(true)
             }
         }
@@ -1033,43 +1068,48 @@ impl Shared {
     /// longer start, and advances every running job (after a restart this
     /// is what resumes them).
     pub async fn sweep(&self) -> ApiResult<()> {
-        let now = now_secs();
-        let mut changed = false;
-        for job in self.store.list_jobs(SWEEP_SCAN)? {
-            if job.state != "running" {
-                continue;
+        use std::sync::atomic::Ordering::AcqRel;
+        if !self.runs_loaded.swap(true, AcqRel) {
+            // First sweep after start: pick up the jobs a previous run left.
+            let running: Vec<String> = self
+                .store
+                .list_jobs(SWEEP_SCAN)?
+                .into_iter()
+                .filter(|j| j.state == "running")
+                .map(|j| j.id)
+                .collect();
+            let mut runs = lock(&self.job_lock);
+            for id in running {
+                self.run_of(&mut runs, &id)?;
             }
-            for (agent, t) in self.store.targets(&job.id)? {
-                let overdue = match t.state.as_str() {
-                    "dispatched" | "running" => {
-                        let since = if t.dispatched_at > 0 {
-                            t.dispatched_at
-                        } else {
-                            job.created_at_ms / 1000
-                        };
-                        now > since + job.target_deadline_secs.max(RESULT_GRACE.as_secs())
-                    }
-                    _ => false,
-                };
-                if overdue {
-                    let rec = TargetRecord::new(
-                        "failed",
-                        "no result from the agent before the target's deadline",
-                    );
-                    if self.update_target(&job.id, &agent, rec, false)? {
-                        changed = true;
-                        self.security_event(
-                            Event::new(EventKind::JobFinished, "controller")
-                                .job(&job.id)
-                                .command(&job.command)
-                                .host(&agent)
-                                .field("outcome", "failed")
-                                .detail("no result from the agent before the target's deadline"),
-                        );
+        }
+        let now = now_secs();
+        let (ids, overdue): (Vec<String>, Vec<(String, String)>) = {
+            let runs = lock(&self.job_lock);
+            let mut overdue = Vec::new();
+            for (id, run) in runs.iter() {
+                let limit = run.job.target_deadline_secs.max(RESULT_GRACE.as_secs());
+                for (agent, (state, at)) in run.job.targets.iter().zip(&run.states) {
+                    if matches!(state.as_str(), "dispatched" | "running") {
+                        let since = if *at > 0 { *at } else { run.job.created_at_ms / 1000 };
+                        if now > since + limit {
+                            overdue.push((id.clone(), agent.clone()));
+                        }
                     }
                 }
             }
-            self.advance(&job.id)?;
+            (runs.keys().cloned().collect(), overdue)
+        };
+        let mut changed = false;
+        for (job, agent) in overdue {
+            let rec = TargetRecord::new("failed", "no result from the agent before the target's deadline");
+            if self.update_target(&job, &agent, rec, false)? {
+                changed = true;
+                self.security_event(Event::new(EventKind::JobFinished, "controller").job(&job).host(&agent).field("outcome", "failed").detail("no result from the agent before the target's deadline"));
+            }
+        }
+        for id in ids {
+            self.advance(&id)?;
         }
         if changed {
             self.flush().await?;

@@ -500,9 +500,8 @@ mod tests {
                     "j1",
                     "web-1",
                     &TargetRecord {
-                        state: "ok".into(),
                         result: Some(vec![1, 2]),
-                        reason: String::new(),
+                        ..TargetRecord::new("ok", "")
                     },
                 )
                 .expect("put");
