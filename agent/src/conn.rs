@@ -34,6 +34,8 @@ pub enum AgentError {
 /// Outbound queue of one stream. Bounded; results are never lost to it
 /// because they also stay in `pending` until acknowledged.
 const OUT_QUEUE: usize = 256;
+/// Live output chunks buffered per running job before they are dropped.
+const LIVE_QUEUE: usize = 64;
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
@@ -455,11 +457,39 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
             let canceled_early = lock(&inner.canceled_early).remove(&job_id);
             let (cancel_tx, cancel_rx) = watch::channel(canceled_early);
             lock(&inner.running).insert(job_id.clone(), cancel_tx);
+            // Live output: chunks go out as they are produced, numbered, on
+            // the bounded stream queue (dropped when it is full; the full
+            // output still comes with the result).
+            let (live_tx, mut live_rx) = mpsc::channel::<crate::exec::LiveChunk>(LIVE_QUEUE);
+            let forward = {
+                let inner = inner.clone();
+                let job_id = job_id.clone();
+                tokio::spawn(async move {
+                    let mut seq = 0u64;
+                    while let Some(c) = live_rx.recv().await {
+                        seq += 1;
+                        let chunk = pb::OutputChunk {
+                            job_id: job_id.clone(),
+                            stream: u32::from(c.stream),
+                            seq,
+                            data: c.data,
+                            agent_id: String::new(),
+                        };
+                        send(&inner, msg(Out::Chunk(chunk)));
+                    }
+                })
+            };
             let limits = ExecLimits {
                 max_output: inner.config.max_output_bytes,
+                live: Some(crate::exec::LiveSink {
+                    tx: live_tx,
+                    dropped: Default::default(),
+                }),
                 ..ExecLimits::default()
             };
             let out = execute(&cmd, &limits, cancel_rx).await;
+            drop(limits);
+            let _ = forward.await; // chunks before the result
             lock(&inner.running).remove(&job_id);
             let mut r = pb::JobResult {
                 job_id: job_id.clone(),

@@ -93,12 +93,32 @@ pub struct ExecLimits {
     pub max_output: usize,
     /// Time between SIGTERM and SIGKILL to the process group on timeout or cancel.
     pub kill_grace: Duration,
+    /// Where kept output also goes as it is produced (live output). Bounded;
+    /// a full channel drops the chunk (counted in `LiveSink::dropped`), so a
+    /// slow consumer never stalls the command.
+    pub live: Option<LiveSink>,
+}
+
+/// One piece of a command's output as it was produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveChunk {
+    /// 1 = stdout, 2 = stderr.
+    pub stream: u8,
+    pub data: Vec<u8>,
+}
+
+/// The sending side of live output.
+#[derive(Debug, Clone)]
+pub struct LiveSink {
+    pub tx: tokio::sync::mpsc::Sender<LiveChunk>,
+    pub dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Default for ExecLimits {
     /// 1 MiB per stream, 5 s grace (DESIGN §2.7).
     fn default() -> Self {
         ExecLimits {
+            live: None,
             max_output: 1024 * 1024,
             kill_grace: Duration::from_secs(5),
         }
@@ -286,6 +306,8 @@ async fn run(
 
     let mut stdout = Capture::new(limits.max_output);
     let mut stderr = Capture::new(limits.max_output);
+    stdout.live = limits.live.clone().map(|l| (l, 1));
+    stderr.live = limits.live.clone().map(|l| (l, 2));
     let child_stdout = child.stdout.take();
     let child_stderr = child.stderr.take();
     let termination = {
@@ -573,6 +595,7 @@ struct Capture {
     cap: usize,
     kept: Vec<u8>,
     dropped: u64,
+    live: Option<(LiveSink, u8)>,
 }
 
 impl Capture {
@@ -581,6 +604,7 @@ impl Capture {
             cap,
             kept: Vec::new(),
             dropped: 0,
+            live: None,
         }
     }
 
@@ -613,6 +637,18 @@ impl Capture {
         }
         self.kept.extend_from_slice(&bytes[..room]);
         self.dropped += (bytes.len() - room) as u64;
+        if room > 0
+            && let Some((sink, stream)) = &self.live
+        {
+            let chunk = LiveChunk {
+                stream: *stream,
+                data: bytes[..room].to_vec(),
+            };
+            if sink.tx.try_send(chunk).is_err() {
+                sink.dropped
+                    .fetch_add(room as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
     }
 }
 

@@ -103,9 +103,9 @@ impl Spool {
             }
         }
         for id in started {
-            if !out.contains_key(&id) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(id.clone()) {
                 let r = pb::JobResult {
-                    job_id: id.clone(),
+                    job_id: id,
                     outcome: pb::Outcome::Failed as i32,
                     reason_code: "agent_restarted".into(),
                     reason: "the agent stopped while the job was running; its outcome is unknown"
@@ -113,7 +113,7 @@ impl Spool {
                     ..Default::default()
                 };
                 self.put(&r)?;
-                out.insert(id, r);
+                slot.insert(r);
             }
         }
         while out.len() > MAX_SPOOLED {

@@ -250,16 +250,29 @@ async fn fetch_policy(ch: Channel) -> Result<Policy, Failure> {
         .map_err(|e| anyhow::anyhow!("controller's policy does not parse: {e}").into())
 }
 
+/// What to run, as the operator typed it.
+#[derive(Debug, Clone)]
+pub struct JobRequest<'a> {
+    pub command: &'a str,
+    pub args: &'a [String],
+    pub selector: &'a str,
+    pub timeout: Option<Duration>,
+    pub rollout: fleetcmd_core::job::Rollout,
+}
+
 pub fn build_job(
     policy: &Policy,
     key: &SigningKey,
     requester: Identity,
-    command: &str,
-    args: &[String],
-    selector: &str,
-    timeout: Option<Duration>,
-    rollout: fleetcmd_core::job::Rollout,
+    req: JobRequest<'_>,
 ) -> Result<SignedJob, Failure> {
+    let JobRequest {
+        command,
+        args,
+        selector,
+        timeout,
+        rollout,
+    } = req;
     let def = policy
         .command(command)
         .ok_or_else(|| usage(format!("`{command}` is not in the policy's allow-list")))?;
@@ -324,11 +337,13 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
         &policy,
         &op.key,
         requester,
-        &args.command,
-        &args.args,
-        &args.on,
-        timeout,
-        rollout,
+        JobRequest {
+            command: &args.command,
+            args: &args.args,
+            selector: &args.on,
+            timeout,
+            rollout,
+        },
     )?;
     let mut jobs = pb::jobs_client::JobsClient::new(ch);
     let sub = jobs
@@ -341,9 +356,124 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
         .map_err(status)?
         .into_inner();
     eprintln!("job {} on {} agent(s)", sub.job_id, sub.targets.len());
-    let job = wait(&mut jobs, &sub.job_id, Duration::from_secs(24 * 3600)).await?;
-    print_job(&job, true)?;
+    let (job, complete) = follow(&mut jobs, &sub.job_id).await?;
+    // Live output already printed what arrived; print the stored output
+    // only if some of it was missed.
+    print_job(&job, !complete)?;
     Ok(if job.state == "succeeded" { 0 } else { 1 })
+}
+
+/// Follows a job with `Watch`, printing each host's output lines as they
+/// arrive (`host: line`), with a progress line on a terminal. Returns the
+/// finished job and whether every chunk arrived.
+pub async fn follow(
+    jobs: &mut pb::jobs_client::JobsClient<Channel>,
+    id: &str,
+) -> Result<(pb::Job, bool), Failure> {
+    use pb::job_event::Event;
+    use std::collections::HashMap;
+    use std::io::IsTerminal;
+    let mut stream = match jobs
+        .watch(pb::WatchJobRequest {
+            job_id: id.to_owned(),
+        })
+        .await
+    {
+        Ok(s) => s.into_inner(),
+        // An older controller without Watch: poll.
+        Err(_) => return Ok((wait(jobs, id, Duration::from_secs(24 * 3600)).await?, false)),
+    };
+    let tty = std::io::stderr().is_terminal();
+    let mut partial: HashMap<(String, u32), Vec<u8>> = HashMap::new();
+    let mut seqs: HashMap<String, u64> = HashMap::new();
+    let (mut total, mut done, mut failed) = (0usize, 0usize, 0usize);
+    let mut complete = true;
+    let mut out = std::io::stdout();
+    let line_prefix = |host: &str, stream: u32| {
+        if stream == 2 {
+            format!("{host} (stderr): ")
+        } else {
+            format!("{host}: ")
+        }
+    };
+    loop {
+        let ev = match stream.message().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => break,
+            Err(_) => {
+                complete = false;
+                break;
+            }
+        };
+        match ev.event {
+            Some(Event::Job(j)) => {
+                total = j.targets.len();
+                done = j.targets.iter().filter(|t| is_final(&t.state)).count();
+                if is_finished(&j.state) {
+                    break;
+                }
+            }
+            Some(Event::Chunk(c)) => {
+                let last = seqs.entry(c.agent_id.clone()).or_insert(0);
+                if c.seq != *last + 1 {
+                    complete = false;
+                }
+                *last = c.seq;
+                let buf = partial.entry((c.agent_id.clone(), c.stream)).or_default();
+                buf.extend_from_slice(&c.data);
+                while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=nl).collect();
+                    if tty {
+                        eprint!("\r\x1b[K");
+                    }
+                    write!(
+                        out,
+                        "{}{}",
+                        line_prefix(&c.agent_id, c.stream),
+                        String::from_utf8_lossy(&line)
+                    )?;
+                }
+            }
+            Some(Event::Target(t)) if is_final(&t.state) => {
+                done += 1;
+                if t.state != "ok" {
+                    failed += 1;
+                }
+            }
+            Some(Event::Target(_)) => {}
+            Some(Event::Missed(n)) => {
+                complete = false;
+                eprintln!("[{n} live event(s) missed; the stored output follows]");
+            }
+            None => {}
+        }
+        if tty && total > 0 {
+            eprint!("\r\x1b[K{done}/{total} done, {failed} failed");
+        }
+    }
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    for ((host, stream), rest) in partial {
+        if !rest.is_empty() {
+            writeln!(
+                out,
+                "{}{}",
+                line_prefix(&host, stream),
+                String::from_utf8_lossy(&rest)
+            )?;
+        }
+    }
+    let job = wait(jobs, id, Duration::from_secs(30)).await?;
+    Ok((job, complete))
+}
+
+/// A target state that will not change any more.
+fn is_final(state: &str) -> bool {
+    matches!(
+        state,
+        "ok" | "failed" | "timed_out" | "refused" | "offline" | "canceled" | "skipped"
+    )
 }
 
 /// `--dry-run`: resolves the targets and shows, per host, the argv it would

@@ -103,6 +103,7 @@ impl pb::agent_stream_server::AgentStream for Svc {
                 }
                 match msg.msg {
                     Some(AgentMsg::Heartbeat(hb)) => shared.heartbeat(&agent, conn, hb),
+                    Some(AgentMsg::Chunk(c)) => shared.live_chunk(&agent, c),
                     Some(AgentMsg::Started(s)) => {
                         if let Err(e) = shared.record_started(&agent, &s.job_id) {
                             tracing::warn!(agent_id = %agent, error = %e, "recording job start");
@@ -160,6 +161,43 @@ impl pb::agent_stream_server::AgentStream for Svc {
 
 #[tonic::async_trait]
 impl pb::jobs_server::Jobs for Svc {
+    type WatchStream = BoxStream<pb::JobEvent>;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (job, mut rx) = self.0.watch(&req.into_inner().job_id)?;
+        // Bounded both ways: a slow client fills this channel, the task
+        // stops reading the broadcast, and the lag is reported as `missed`.
+        let (tx, out) = mpsc::channel(64);
+        tokio::spawn(async move {
+            use pb::job_event::Event;
+            use tokio::sync::broadcast::error::RecvError;
+            let ended = job.state != "running";
+            let first = pb::JobEvent {
+                event: Some(Event::Job(job)),
+            };
+            if tx.send(Ok(first)).await.is_err() || ended {
+                return;
+            }
+            loop {
+                let ev = match rx.recv().await {
+                    Ok(ev) => ev,
+                    Err(RecvError::Lagged(n)) => pb::JobEvent {
+                        event: Some(Event::Missed(n)),
+                    },
+                    Err(RecvError::Closed) => return,
+                };
+                let last = matches!(ev.event, Some(Event::Job(_)));
+                if tx.send(Ok(ev)).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
     async fn submit(
         &self,
         req: Request<pb::SignedJob>,

@@ -35,6 +35,8 @@ pub const AGENT_QUEUE: usize = 256;
 const RESULT_GRACE: Duration = Duration::from_secs(30);
 /// How many recent jobs a suffix lookup scans.
 const SUFFIX_SCAN: usize = 10_000;
+/// Live events buffered per job for its watchers.
+const WATCH_BUFFER: usize = 1024;
 /// How many recent jobs the sweeper looks at for running ones.
 const SWEEP_SCAN: usize = 2_000;
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86400);
@@ -72,6 +74,10 @@ pub struct Shared {
     /// every target from the store. The mutex also serializes every
     /// read-modify-write of job and target records.
     job_lock: Mutex<HashMap<String, Run>>,
+    /// Live events of running jobs, for `Jobs.Watch`. Bounded per job: a
+    /// watcher that falls behind is told how many events it missed
+    /// (`broadcast` lag), and never slows agents or the controller.
+    watchers: Mutex<HashMap<String, tokio::sync::broadcast::Sender<pb::JobEvent>>>,
     /// When this controller started: agents reconnect during the first
     /// heartbeats, so a target is not declared offline before then.
     started: Instant,
@@ -148,6 +154,7 @@ impl Shared {
             job_lock: Mutex::new(HashMap::new()),
             runs_loaded: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
+            watchers: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             join_limiter: JoinLimiter::default(),
         };
@@ -853,6 +860,29 @@ impl Shared {
                     TargetRecord::new("offline", "agent offline when its turn came")
                 };
                 self.store.put_target(job_id, agent, &rec)?;
+                self.security_event(
+                    Event::new(
+                        if sent {
+                            EventKind::JobDispatched
+                        } else {
+                            EventKind::JobFinished
+                        },
+                        "controller",
+                    )
+                    .job(job_id)
+                    .command(&job.command)
+                    .host(agent)
+                    .field("state", &rec.state)
+                    .detail(&rec.reason),
+                );
+                self.publish(
+                    job_id,
+                    pb::job_event::Event::Target(pb::Target {
+                        agent_id: agent.clone(),
+                        state: rec.state.clone(),
+                        result: None,
+                    }),
+                );
                 states[i] = (rec.state, rec.dispatched_at);
             }
             if deferred {
@@ -875,13 +905,24 @@ impl Shared {
         }
         if finished {
             runs.remove(job_id);
+            drop(runs);
+            // The last event: the whole job. Then forget its watchers (they
+            // still read what is buffered).
+            if let Ok(job) = self.get_job(job_id) {
+                self.publish(job_id, pb::job_event::Event::Job(job));
+            }
+            lock(&self.watchers).remove(job_id);
         }
         Ok(())
     }
 
     /// The cached rollout state of a running job, loaded on first use
     /// (after a restart); `None` once the job has ended.
-    fn run_of<'a>(&self, runs: &'a mut HashMap<String, Run>, job_id: &str) -> ApiResult<Option<&'a mut Run>> {
+    fn run_of<'a>(
+        &self,
+        runs: &'a mut HashMap<String, Run>,
+        job_id: &str,
+    ) -> ApiResult<Option<&'a mut Run>> {
         if !runs.contains_key(job_id) {
             let Some(job) = self.store.get_job(job_id)? else {
                 return Ok(None);
@@ -911,7 +952,11 @@ impl Shared {
         let running: Vec<String> = {
             let mut runs = lock(&self.job_lock);
             let Some(run) = self.run_of(&mut runs, &id)? else {
-                let state = self.store.get_job(&id)?.map(|j| j.state).unwrap_or_default();
+                let state = self
+                    .store
+                    .get_job(&id)?
+                    .map(|j| j.state)
+                    .unwrap_or_default();
                 return Err(ApiError::FailedPrecondition(format!(
                     "job {id} already ended: {state}"
                 )));
@@ -1035,6 +1080,18 @@ impl Shared {
                 {
                     run.states[i] = (rec.state.clone(), rec.dispatched_at);
                 }
+                drop(runs);
+                self.publish(
+                    job,
+                    pb::job_event::Event::Target(pb::Target {
+                        agent_id: agent.to_owned(),
+                        state: rec.state.clone(),
+                        result: rec
+                            .result
+                            .as_deref()
+                            .and_then(|b| pb::JobResult::decode(b).ok()),
+                    }),
+                );
                 Ok(true)
             }
         }
@@ -1091,7 +1148,11 @@ impl Shared {
                 let limit = run.job.target_deadline_secs.max(RESULT_GRACE.as_secs());
                 for (agent, (state, at)) in run.job.targets.iter().zip(&run.states) {
                     if matches!(state.as_str(), "dispatched" | "running") {
-                        let since = if *at > 0 { *at } else { run.job.created_at_ms / 1000 };
+                        let since = if *at > 0 {
+                            *at
+                        } else {
+                            run.job.created_at_ms / 1000
+                        };
                         if now > since + limit {
                             overdue.push((id.clone(), agent.clone()));
                         }
@@ -1102,10 +1163,19 @@ impl Shared {
         };
         let mut changed = false;
         for (job, agent) in overdue {
-            let rec = TargetRecord::new("failed", "no result from the agent before the target's deadline");
+            let rec = TargetRecord::new(
+                "failed",
+                "no result from the agent before the target's deadline",
+            );
             if self.update_target(&job, &agent, rec, false)? {
                 changed = true;
-                self.security_event(Event::new(EventKind::JobFinished, "controller").job(&job).host(&agent).field("outcome", "failed").detail("no result from the agent before the target's deadline"));
+                self.security_event(
+                    Event::new(EventKind::JobFinished, "controller")
+                        .job(&job)
+                        .host(&agent)
+                        .field("outcome", "failed")
+                        .detail("no result from the agent before the target's deadline"),
+                );
             }
         }
         for id in ids {
@@ -1115,6 +1185,38 @@ impl Shared {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Sends a live event to the job's watchers, if any.
+    fn publish(&self, job_id: &str, event: pb::job_event::Event) {
+        if let Some(tx) = lock(&self.watchers).get(job_id) {
+            let _ = tx.send(pb::JobEvent { event: Some(event) });
+        }
+    }
+
+    /// Forwards a chunk of live output from `agent`.
+    pub fn live_chunk(&self, agent: &str, mut chunk: pb::OutputChunk) {
+        chunk.agent_id = agent.to_owned();
+        let job = chunk.job_id.clone();
+        self.publish(&job, pb::job_event::Event::Chunk(chunk));
+    }
+
+    /// Subscribes to a job's events; returns the job as it is now (taken
+    /// after subscribing, so nothing falls between the two).
+    pub fn watch(
+        &self,
+        id: &str,
+    ) -> ApiResult<(pb::Job, tokio::sync::broadcast::Receiver<pb::JobEvent>)> {
+        let id = self.resolve_job_id(id)?;
+        let rx = lock(&self.watchers)
+            .entry(id.clone())
+            .or_insert_with(|| tokio::sync::broadcast::channel(WATCH_BUFFER).0)
+            .subscribe();
+        let job = self.get_job(&id)?;
+        if job.state != "running" {
+            lock(&self.watchers).remove(&id);
+        }
+        Ok((job, rx))
     }
 
     /// Resolves a full id, a unique prefix, or a unique suffix (the random

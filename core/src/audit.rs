@@ -456,13 +456,13 @@ pub fn verify_chain<E: fmt::Display>(
         .filter(|h| opts.from.is_none_or(|f| h.seq >= f))
         .collect();
     heads.sort_by_key(|h| h.seq);
-    if let Some(key) = key {
-        if let Some(h) = heads.iter().find(|h| !h.signature_ok(key)) {
-            return Err(Broken::Head {
-                seq: h.seq,
-                reason: "signature does not verify with the audit key".into(),
-            });
-        }
+    if let Some(key) = key
+        && let Some(h) = heads.iter().find(|h| !h.signature_ok(key))
+    {
+        return Err(Broken::Head {
+            seq: h.seq,
+            reason: "signature does not verify with the audit key".into(),
+        });
     }
     let mut out = Verified::default();
     let mut expect_seq = opts.from.unwrap_or(1).max(1);
@@ -498,13 +498,13 @@ pub fn verify_chain<E: fmt::Display>(
                 reason,
             });
         }
-        if let Some(p) = &prev {
-            if &r.prev_hash != p {
-                return Err(Broken::Record {
+        if let Some(p) = &prev
+            && &r.prev_hash != p
+        {
+            return Err(Broken::Record {
                     seq: r.seq,
                     reason: "does not link to the previous record's hash (a record before it was inserted, removed or replaced)".into(),
                 });
-            }
         }
         if r.expected_hash() != r.hash {
             return Err(Broken::Record {
@@ -545,13 +545,14 @@ pub fn verify_chain<E: fmt::Display>(
         prev = Some(r.hash.clone());
         expect_seq = r.seq + 1;
     }
-    if let Some(h) = heads.last() {
-        if h.seq > out.last && h.seq > 0 {
-            return Err(Broken::Truncated {
-                head_seq: h.seq,
-                last_seq: out.last,
-            });
-        }
+    if let Some(h) = heads.last()
+        && h.seq > out.last
+        && h.seq > 0
+    {
+        return Err(Broken::Truncated {
+            head_seq: h.seq,
+            last_seq: out.last,
+        });
     }
     Ok(out)
 }
@@ -615,10 +616,10 @@ impl Filter {
         {
             return false;
         }
-        if let Some(t) = &self.text {
-            if !r.contains_text(&t.to_lowercase()) {
-                return false;
-            }
+        if let Some(t) = &self.text
+            && !r.contains_text(&t.to_lowercase())
+        {
+            return false;
         }
         true
     }

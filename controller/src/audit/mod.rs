@@ -468,7 +468,10 @@ impl Audit {
                 if before_seq.is_some_and(|b| seq >= b) {
                     continue;
                 }
-                let Some(r) = self.get(seq)? else { continue };
+                let Some(v) = records.get(seq_key(seq)).map_err(backend)? else {
+                    continue;
+                };
+                let r = decode_record(&seq_key(seq), &v)?;
                 if push(r, &mut out) {
                     stopped_early = true;
                     break;

@@ -32,7 +32,7 @@ pub struct JoinResponse {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AgentMessage {
-    #[prost(oneof = "agent_message::Msg", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "agent_message::Msg", tags = "1, 2, 3, 4, 5, 6")]
     pub msg: ::core::option::Option<agent_message::Msg>,
 }
 /// Nested message and enum types in `AgentMessage`.
@@ -49,7 +49,27 @@ pub mod agent_message {
         Renew(super::RenewRequest),
         #[prost(message, tag = "5")]
         Started(super::JobStarted),
+        #[prost(message, tag = "6")]
+        Chunk(super::OutputChunk),
     }
+}
+/// A piece of a running command's output, as it is produced (live output;
+/// the full output also comes in the JobResult).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OutputChunk {
+    #[prost(string, tag = "1")]
+    pub job_id: ::prost::alloc::string::String,
+    /// 1 = stdout, 2 = stderr.
+    #[prost(uint32, tag = "2")]
+    pub stream: u32,
+    /// Per job and agent, from 1; a gap means chunks were dropped.
+    #[prost(uint64, tag = "3")]
+    pub seq: u64,
+    #[prost(bytes = "vec", tag = "4")]
+    pub data: ::prost::alloc::vec::Vec<u8>,
+    /// Set by the controller when it forwards the chunk to watchers.
+    #[prost(string, tag = "5")]
+    pub agent_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Hello {
@@ -227,6 +247,34 @@ pub struct SignedPolicy {
     pub bundle: ::prost::alloc::vec::Vec<u8>,
     #[prost(message, repeated, tag = "2")]
     pub signatures: ::prost::alloc::vec::Vec<PolicySignature>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WatchJobRequest {
+    #[prost(string, tag = "1")]
+    pub job_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct JobEvent {
+    #[prost(oneof = "job_event::Event", tags = "1, 2, 3, 4")]
+    pub event: ::core::option::Option<job_event::Event>,
+}
+/// Nested message and enum types in `JobEvent`.
+pub mod job_event {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Event {
+        /// The whole job (first event, and the last when it ends).
+        #[prost(message, tag = "1")]
+        Job(super::Job),
+        /// A target changed state (with its result once it has one).
+        #[prost(message, tag = "2")]
+        Target(super::Target),
+        #[prost(message, tag = "3")]
+        Chunk(super::OutputChunk),
+        /// This watcher fell behind and missed this many events; `Get` (or
+        /// `fleetcmd job output`) has the stored output.
+        #[prost(uint64, tag = "4")]
+        Missed(u64),
+    }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CancelJobRequest {
@@ -1230,6 +1278,28 @@ pub mod jobs_client {
             req.extensions_mut().insert(GrpcMethod::new("fleetcmd.v1.Jobs", "Cancel"));
             self.inner.unary(req, path, codec).await
         }
+        /// The job now, then its events as they happen, until it ends.
+        pub async fn watch(
+            &mut self,
+            request: impl tonic::IntoRequest<super::WatchJobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::JobEvent>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/fleetcmd.v1.Jobs/Watch");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("fleetcmd.v1.Jobs", "Watch"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1265,6 +1335,17 @@ pub mod jobs_server {
             &self,
             request: tonic::Request<super::CancelJobRequest>,
         ) -> std::result::Result<tonic::Response<super::Job>, tonic::Status>;
+        /// Server streaming response type for the Watch method.
+        type WatchStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::JobEvent, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// The job now, then its events as they happen, until it ends.
+        async fn watch(
+            &self,
+            request: tonic::Request<super::WatchJobRequest>,
+        ) -> std::result::Result<tonic::Response<Self::WatchStream>, tonic::Status>;
     }
     /// Gateway and operator roles.
     #[derive(Debug)]
@@ -1511,6 +1592,52 @@ pub mod jobs_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fleetcmd.v1.Jobs/Watch" => {
+                    #[allow(non_camel_case_types)]
+                    struct WatchSvc<T: Jobs>(pub Arc<T>);
+                    impl<
+                        T: Jobs,
+                    > tonic::server::ServerStreamingService<super::WatchJobRequest>
+                    for WatchSvc<T> {
+                        type Response = super::JobEvent;
+                        type ResponseStream = T::WatchStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::WatchJobRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Jobs>::watch(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WatchSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

@@ -10,6 +10,7 @@ mod enrollment;
 mod exec_limits;
 mod hardening;
 mod job_signatures;
+mod live;
 mod policy_trust;
 mod rollout;
 mod storage;

@@ -223,7 +223,7 @@ async fn cancel_kills_running_targets_and_their_children_and_drops_queued_ones()
     );
     for pid in std::fs::read_to_string(&pids).expect("pids").lines() {
         let alive = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
-            .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+            .map(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
             .unwrap_or(false);
         assert!(!alive, "child sleep {pid} survived the cancel");
     }
