@@ -18,6 +18,8 @@ pub struct RawConfig {
     pub allow: Option<Vec<String>>,
     /// Output kept per stream of a command, in bytes.
     pub max_output_bytes: usize,
+    /// Jobs this host runs at once; later ones wait their turn.
+    pub max_concurrent_jobs: usize,
 }
 
 impl Default for RawConfig {
@@ -28,6 +30,7 @@ impl Default for RawConfig {
             labels: BTreeMap::new(),
             allow: None,
             max_output_bytes: 1024 * 1024,
+            max_concurrent_jobs: 16,
         }
     }
 }
@@ -40,6 +43,7 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     pub allow: Option<Vec<String>>,
     pub max_output_bytes: usize,
+    pub max_concurrent_jobs: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +96,12 @@ impl RawConfig {
                 self.max_output_bytes
             ));
         }
+        if !(1..=1024).contains(&self.max_concurrent_jobs) {
+            problems.push(format!(
+                "max_concurrent_jobs: must be between 1 and 1024, got {}",
+                self.max_concurrent_jobs
+            ));
+        }
         if !problems.is_empty() {
             return Err(ConfigError {
                 file: file.to_owned(),
@@ -104,6 +114,7 @@ impl RawConfig {
             labels: self.labels.clone(),
             allow: self.allow.clone(),
             max_output_bytes: self.max_output_bytes,
+            max_concurrent_jobs: self.max_concurrent_jobs,
         })
     }
 }

@@ -64,6 +64,9 @@ struct Inner {
     out: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
     collector: Arc<Mutex<Collector>>,
     running: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// Bounds the jobs running at once (`max_concurrent_jobs`); the others
+    /// wait here, already authorized, in arrival order.
+    slots: Arc<tokio::sync::Semaphore>,
     /// Cancels that arrived before their job started.
     canceled_early: Mutex<std::collections::HashSet<String>>,
 }
@@ -119,6 +122,7 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         collector: Arc::new(Mutex::new(Collector::new())),
         running: Mutex::new(HashMap::new()),
         canceled_early: Mutex::new(std::collections::HashSet::new()),
+        slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_jobs)),
         dir,
         config,
     });
@@ -445,6 +449,12 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
             r
         }
         Ok(cmd) => {
+            // Wait for a slot; a cancel meanwhile still reaches the job (it
+            // is marked canceled early and ends as soon as it starts).
+            let _slot = match inner.slots.clone().acquire_owned().await {
+                Ok(p) => Some(p),
+                Err(_) => None, // closed only at shutdown
+            };
             if let Err(e) = inner.spool.started(&job_id) {
                 tracing::error!(agent_id = %inner.agent_id, job_id = %job_id, error = %e, "spooling a start marker");
             }

@@ -95,6 +95,8 @@ pub struct FleetOptions {
     pub policy_roots: usize,
     /// Root signatures a bundle needs.
     pub policy_threshold: usize,
+    /// Each agent's `max_concurrent_jobs`.
+    pub agent_max_concurrent_jobs: usize,
 }
 
 impl FleetOptions {
@@ -107,6 +109,7 @@ impl FleetOptions {
             agent_cert_ttl: Duration::from_secs(24 * 3600),
             policy_roots: 1,
             policy_threshold: 1,
+            agent_max_concurrent_jobs: 16,
         }
     }
 }
@@ -130,6 +133,7 @@ pub struct Fleet {
     pub gateway_tls: ClientTls,
     pub url: String,
     pub policy_version: u64,
+    pub agent_max_concurrent_jobs: usize,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -219,6 +223,7 @@ impl Fleet {
             gateway_tls,
             url,
             policy_version: 0,
+            agent_max_concurrent_jobs: opts.agent_max_concurrent_jobs,
         };
         let policy = example_policy(
             1,
@@ -314,6 +319,7 @@ impl Fleet {
             labels: BTreeMap::new(),
             allow,
             max_output_bytes: 1024 * 1024,
+            max_concurrent_jobs: self.agent_max_concurrent_jobs,
         };
         self.agents
             .push(fleetcmd_agent::spawn(config).with_context(|| format!("starting agent {name}"))?);

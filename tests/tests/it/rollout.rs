@@ -238,3 +238,52 @@ async fn cancel_kills_running_targets_and_their_children_and_drops_queued_ones()
     assert!(err.message().contains("already ended"), "{err:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_runs_at_most_its_job_limit_at_once_and_queues_the_rest() {
+    let mut fleet = start_fleet_with(1, |o| o.agent_max_concurrent_jobs = 1).await;
+    let text = format!(
+        "{}{}",
+        security_policy(&fleet, 2),
+        EXTRA.replace("@DIR@", &fleet.path().display().to_string())
+    );
+    fleet.push_policy(&text).await.expect("policy");
+    fleet
+        .wait_online(Duration::from_secs(10))
+        .await
+        .expect("online");
+    let log = fleet.path().join("stamps");
+    let path = log.to_str().expect("utf-8").to_owned();
+    let mut ids = Vec::new();
+    let mut c = pb::jobs_client::JobsClient::new(fleet.operator().await);
+    for _ in 0..3 {
+        let job = with_rollout(&fleet, "stamp", &[("path", &path)], Rollout::default());
+        ids.push(
+            c.submit(to_pb(job))
+                .await
+                .expect("submit")
+                .into_inner()
+                .job_id,
+        );
+    }
+    for id in &ids {
+        assert_eq!(fleet.wait_job(id).await.state, "succeeded");
+    }
+    let text = std::fs::read_to_string(&log).expect("stamps");
+    let mut events: Vec<(u128, i32)> = text
+        .lines()
+        .filter_map(|l| {
+            let (kind, t) = l.split_once(' ')?;
+            Some((t.trim().parse().ok()?, if kind == "S" { 1 } else { -1 }))
+        })
+        .collect();
+    assert_eq!(events.len(), 6, "{text}");
+    events.sort_by_key(|(t, d)| (*t, *d));
+    let (mut now, mut peak) = (0, 0);
+    for (_, d) in events {
+        now += d;
+        peak = peak.max(now);
+    }
+    assert_eq!(peak, 1, "one job at a time on this agent:\n{text}");
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
