@@ -97,6 +97,8 @@ pub struct FleetOptions {
     pub policy_threshold: usize,
     /// Each agent's `max_concurrent_jobs`.
     pub agent_max_concurrent_jobs: usize,
+    pub job_retention: Duration,
+    pub job_store_max_bytes: u64,
 }
 
 impl FleetOptions {
@@ -110,6 +112,8 @@ impl FleetOptions {
             policy_roots: 1,
             policy_threshold: 1,
             agent_max_concurrent_jobs: 16,
+            job_retention: Duration::from_secs(30 * 86400),
+            job_store_max_bytes: 10 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -180,6 +184,8 @@ impl Fleet {
             policy_threshold: opts.policy_threshold,
             agent_cert_ttl: opts.agent_cert_ttl,
             heartbeat_interval: opts.heartbeat,
+            job_retention: opts.job_retention,
+            job_store_max_bytes: opts.job_store_max_bytes,
         };
         let controller = fleetcmd_controller::start(config.clone())
             .await

@@ -19,6 +19,11 @@ pub struct RawConfig {
     pub policy_threshold: usize,
     pub agent_cert_ttl: String,
     pub heartbeat_interval: String,
+    /// Finished jobs (with their output) are deleted after this long.
+    pub job_retention: String,
+    /// Finished jobs are deleted, oldest first, while their stored records
+    /// take more than this many bytes.
+    pub job_store_max_bytes: u64,
 }
 
 impl Default for RawConfig {
@@ -31,6 +36,8 @@ impl Default for RawConfig {
             policy_threshold: 1,
             agent_cert_ttl: "24h".into(),
             heartbeat_interval: "10s".into(),
+            job_retention: "30d".into(),
+            job_store_max_bytes: 10 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -45,6 +52,8 @@ pub struct ControllerConfig {
     pub policy_threshold: usize,
     pub agent_cert_ttl: Duration,
     pub heartbeat_interval: Duration,
+    pub job_retention: Duration,
+    pub job_store_max_bytes: u64,
 }
 
 /// Every problem found in a configuration file.
@@ -108,6 +117,18 @@ impl RawConfig {
             Duration::from_millis(100),
             Duration::from_secs(3600),
         );
+        let job_retention = duration(
+            "job_retention",
+            &self.job_retention,
+            Duration::from_secs(1),
+            Duration::from_secs(10 * 365 * 86400),
+        );
+        if self.job_store_max_bytes < 1024 * 1024 {
+            problems.push(format!(
+                "job_store_max_bytes: must be at least 1048576 (1 MiB), got {}",
+                self.job_store_max_bytes
+            ));
+        }
         if self.data_dir.as_os_str().is_empty() {
             problems.push("data_dir: must not be empty".into());
         }
@@ -120,6 +141,8 @@ impl RawConfig {
                 policy_threshold: self.policy_threshold,
                 agent_cert_ttl,
                 heartbeat_interval,
+                job_retention,
+                job_store_max_bytes: self.job_store_max_bytes,
             }),
             _ => Err(ConfigError {
                 file: file.to_owned(),

@@ -63,6 +63,8 @@ impl std::fmt::Debug for RunningController {
 const AGENT: &[Role] = &[Role::Agent];
 const CLIENTS: &[Role] = &[Role::Gateway, Role::Operator];
 const OPERATOR: &[Role] = &[Role::Operator];
+/// The sweeper ticks every second; retention runs once a minute.
+const RETENTION_EVERY_TICKS: u64 = 60;
 const ANY: &[Role] = &[Role::Agent, Role::Gateway, Role::Operator];
 
 // Transport limits. The listener faces the network before anyone has
@@ -249,6 +251,7 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
     let sweep_state = shared.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut retention_ticks = 0u64;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -257,6 +260,12 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
                     }
                     if let Err(e) = sweep_state.audit.tick().await {
                         tracing::error!(error = %e, "signing the audit chain head");
+                    }
+                    retention_ticks += 1;
+                    if retention_ticks % RETENTION_EVERY_TICKS == 0
+                        && let Err(e) = sweep_state.enforce_retention().await
+                    {
+                        tracing::error!(error = %e, "enforcing job retention");
                     }
                 }
                 _ = stopped(&mut stop_sweeper) => break,

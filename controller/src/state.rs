@@ -35,6 +35,8 @@ pub const AGENT_QUEUE: usize = 256;
 const RESULT_GRACE: Duration = Duration::from_secs(30);
 /// How many recent jobs a suffix lookup scans.
 const SUFFIX_SCAN: usize = 10_000;
+/// Jobs the retention task looks at per store scan.
+const RETENTION_BATCH: usize = 500;
 /// Live events buffered per job for its watchers.
 const WATCH_BUFFER: usize = 1024;
 /// How many recent jobs the sweeper looks at for running ones.
@@ -1185,6 +1187,57 @@ impl Shared {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Retention: deletes finished jobs older than `job_retention`, then the
+    /// oldest finished ones while the job records exceed
+    /// `job_store_max_bytes`. Running jobs are never deleted. Returns how
+    /// many jobs were deleted.
+    pub async fn enforce_retention(&self) -> ApiResult<usize> {
+        let cutoff_ms = now_ms().saturating_sub(self.config.job_retention.as_millis() as u64);
+        let mut deleted = 0;
+        // Oldest first, so the age rule stops at the first young job.
+        'age: loop {
+            let batch = self.store.oldest_jobs(RETENTION_BATCH)?;
+            let mut progressed = false;
+            for j in &batch {
+                if j.created_at_ms >= cutoff_ms {
+                    break 'age;
+                }
+                if j.state != "running" {
+                    self.store.delete_job(&j.id)?;
+                    deleted += 1;
+                    progressed = true;
+                }
+            }
+            if !progressed || batch.len() < RETENTION_BATCH {
+                break;
+            }
+        }
+        let mut size = self.store.job_bytes()?;
+        while size > self.config.job_store_max_bytes {
+            let batch: Vec<JobRecord> = self
+                .store
+                .oldest_jobs(RETENTION_BATCH)?
+                .into_iter()
+                .filter(|j| j.state != "running")
+                .collect();
+            if batch.is_empty() {
+                break;
+            }
+            for j in batch {
+                size = size.saturating_sub(self.store.delete_job(&j.id)?);
+                deleted += 1;
+                if size <= self.config.job_store_max_bytes {
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            self.flush().await?;
+            tracing::info!(deleted, "retention: old jobs deleted");
+        }
+        Ok(deleted)
     }
 
     /// Sends a live event to the job's watchers, if any.

@@ -28,6 +28,45 @@ impl From<sled::Error> for StoreError {
     }
 }
 
+/// Byte fields are stored as base64 text, not JSON arrays of numbers (which
+/// would take two to four bytes per byte of command output).
+mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
+
+    pub mod opt {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(b) => super::serialize(b, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|t| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(t)
+                        .map_err(serde::de::Error::custom)
+                })
+                .transpose()
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TokenRecord {
     /// Hex SHA-256 of the token secret; the secret itself is never stored.
@@ -63,7 +102,9 @@ pub struct AgentRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobRecord {
     pub id: String,
+    #[serde(with = "b64")]
     pub spec: Vec<u8>,
+    #[serde(with = "b64")]
     pub signature: Vec<u8>,
     pub key_id: String,
     pub command: String,
@@ -97,6 +138,7 @@ pub struct JobRecord {
 pub struct TargetRecord {
     pub state: String,
     /// The agent's `JobResult`, protobuf-encoded, once it arrived.
+    #[serde(with = "b64::opt", default)]
     pub result: Option<Vec<u8>>,
     pub reason: String,
     /// Unix seconds when it was dispatched (0 = not yet).
@@ -151,6 +193,12 @@ pub trait Store: Send + Sync + 'static {
     fn put_policy(&self, rec: &PolicyRecord) -> Result<(), StoreError>;
     fn get_policy(&self) -> Result<Option<PolicyRecord>, StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
+    /// Deletes a job and its targets' records (retention).
+    fn delete_job(&self, id: &str) -> Result<u64, StoreError>;
+    /// Jobs oldest first, at most `limit`.
+    fn oldest_jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError>;
+    /// Bytes the job and target records take (keys and values).
+    fn job_bytes(&self) -> Result<u64, StoreError>;
     /// Releases the database (its files and lock); later calls fail.
     fn close(&self);
     /// A named tree of the same database for a subsystem that keeps its own
@@ -402,6 +450,43 @@ impl Store for SledStore {
     fn flush(&self) -> Result<(), StoreError> {
         self.trees()?.db.flush().map_err(|e| self.fail(e))?;
         Ok(())
+    }
+
+    fn delete_job(&self, id: &str) -> Result<u64, StoreError> {
+        let t = self.trees()?;
+        let prefix = format!("{id}/");
+        let mut freed = 0u64;
+        let keys: Vec<sled::IVec> = t
+            .targets
+            .scan_prefix(prefix.as_bytes())
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.fail(e))?;
+        for k in keys {
+            if let Some(v) = t.targets.remove(&k).map_err(|e| self.fail(e))? {
+                freed += (k.len() + v.len()) as u64;
+            }
+        }
+        if let Some(v) = t.jobs.remove(id.as_bytes()).map_err(|e| self.fail(e))? {
+            freed += (id.len() + v.len()) as u64;
+        }
+        Ok(freed)
+    }
+
+    fn oldest_jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        self.scan(self.trees()?.jobs.iter().take(limit))
+    }
+
+    fn job_bytes(&self) -> Result<u64, StoreError> {
+        let t = self.trees()?;
+        let mut total = 0u64;
+        for tree in [&t.jobs, &t.targets] {
+            for kv in tree.iter() {
+                let (k, v) = kv.map_err(|e| self.fail(e))?;
+                total += (k.len() + v.len()) as u64;
+            }
+        }
+        Ok(total)
     }
 
     fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {

@@ -10,24 +10,48 @@ async fn list_services(ch: tonic::transport::Channel) -> Result<Vec<String>, ton
     let mut c = refl::server_reflection_client::ServerReflectionClient::new(ch);
     let req = refl::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(refl::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(
+            refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
     };
-    let mut stream = c.server_reflection_info(tokio_stream::iter(vec![req])).await?.into_inner();
-    let resp = stream.message().await?.ok_or_else(|| tonic::Status::unknown("no reflection response"))?;
+    let mut stream = c
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await?
+        .into_inner();
+    let resp = stream
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::unknown("no reflection response"))?;
     match resp.message_response {
-        Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(l)) => Ok(l.service.into_iter().map(|s| s.name).collect()),
-        other => Err(tonic::Status::unknown(format!("unexpected reflection response {other:?}"))),
+        Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
+            Ok(l.service.into_iter().map(|s| s.name).collect())
+        }
+        other => Err(tonic::Status::unknown(format!(
+            "unexpected reflection response {other:?}"
+        ))),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reflection_lists_services_to_authenticated_clients_only() {
     let fleet = start_fleet(1).await;
-    let services = list_services(fleet.operator().await).await.expect("operator may reflect");
-    for s in ["fleetcmd.v1.Jobs", "fleetcmd.v1.AgentStream", "fleetcmd.v1.Enrollment", "fleetcmd.v1.Policy"] {
-        assert!(services.iter().any(|x| x == s), "{s} missing from {services:?}");
+    let services = list_services(fleet.operator().await)
+        .await
+        .expect("operator may reflect");
+    for s in [
+        "fleetcmd.v1.Jobs",
+        "fleetcmd.v1.AgentStream",
+        "fleetcmd.v1.Enrollment",
+        "fleetcmd.v1.Policy",
+    ] {
+        assert!(
+            services.iter().any(|x| x == s),
+            "{s} missing from {services:?}"
+        );
     }
-    let err = list_services(fleet.anonymous().await).await.expect_err("anonymous reflection refused");
+    let err = list_services(fleet.anonymous().await)
+        .await
+        .expect_err("anonymous reflection refused");
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }
@@ -37,8 +61,18 @@ async fn standard_health_service_reports_serving_to_authenticated_clients() {
     let fleet = start_fleet(1).await;
     let mut c = tonic_health::pb::health_client::HealthClient::new(fleet.gateway().await);
     for service in ["", "fleetcmd.v1.Jobs", "fleetcmd.v1.AgentStream"] {
-        let resp = c.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.expect("health check").into_inner();
-        assert_eq!(resp.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service:?}");
+        let resp = c
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner();
+        assert_eq!(
+            resp.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
     }
     fleet.fleet.shutdown().await.expect("shutdown");
 }
@@ -62,8 +96,14 @@ async fn agent_certificate_is_renewed_over_the_stream_and_used_after_a_restart()
     tokio::time::sleep_until(started + Duration::from_secs(4)).await;
     fleet.stop_agent("dev-1").await;
     fleet.start_agent("dev-1", None).expect("restart");
-    fleet.wait_online(Duration::from_secs(10)).await.expect("online with the renewed certificate");
-    let job = fleet.run("echo", &[("text", "still here")], "all").await.expect("job");
+    fleet
+        .wait_online(Duration::from_secs(10))
+        .await
+        .expect("online with the renewed certificate");
+    let job = fleet
+        .run("echo", &[("text", "still here")], "all")
+        .await
+        .expect("job");
     assert_eq!(job.state, "succeeded", "{job:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }

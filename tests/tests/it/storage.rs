@@ -248,6 +248,8 @@ async fn a_corrupt_database_stops_the_controller_with_a_restore_hint() {
         policy_threshold: 1,
         agent_cert_ttl: Duration::from_secs(3600),
         heartbeat_interval: Duration::from_secs(10),
+        job_retention: Duration::from_secs(86400),
+        job_store_max_bytes: 1 << 30,
     };
     let tmp = fleet.tmp;
     fleet.fleet.shutdown().await.expect("shutdown");
@@ -285,4 +287,56 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_deletes_old_and_oversize_finished_jobs_only() {
+    let mut fleet = fleetcmd_tests::start_fleet_with(1, |o| {
+        o.job_retention = Duration::from_secs(2);
+        o.job_store_max_bytes = 3 * 1024 * 1024;
+    })
+    .await;
+    let policy = crate::support::security_policy(&fleet, fleet.policy_version + 1);
+    fleet.push_policy(&policy).await.expect("policy");
+    fleet
+        .wait_online(Duration::from_secs(10))
+        .await
+        .expect("online");
+    let shared = fleet.controller.shared().clone();
+    // Size: three floods of ~1.4 MiB stored each exceed 3 MiB; the oldest go.
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(fleet.run("flood", &[], "all").await.expect("flood").job_id);
+    }
+    let deleted = shared.enforce_retention().await.expect("retention");
+    assert!(deleted >= 1, "over the size limit, something must go");
+    assert!(
+        shared.get_job(&ids[0]).is_err(),
+        "the oldest job went first"
+    );
+    assert!(shared.get_job(&ids[2]).is_ok(), "the newest stays");
+    assert!(shared.store.job_bytes().expect("bytes") <= 3 * 1024 * 1024);
+    // Age: once older than the retention, finished jobs go; a running one stays.
+    let (_, sleeper) = fleet.operator_job("sleep", &[("seconds", "30")], "all");
+    let mut c = fleetcmd_proto::v1::jobs_client::JobsClient::new(fleet.operator().await);
+    let running = c
+        .submit(fleetcmd_tests::to_pb(sleeper))
+        .await
+        .expect("submit")
+        .into_inner()
+        .job_id;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    shared.enforce_retention().await.expect("retention");
+    assert!(shared.get_job(&ids[2]).is_err(), "older than the retention");
+    assert_eq!(
+        shared.get_job(&running).expect("running job kept").state,
+        "running"
+    );
+    c.cancel(fleetcmd_proto::v1::CancelJobRequest {
+        job_id: running,
+        requested_by: String::new(),
+    })
+    .await
+    .expect("cancel");
+    fleet.fleet.shutdown().await.expect("shutdown");
 }
