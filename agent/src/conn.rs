@@ -451,10 +451,8 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
         Ok(cmd) => {
             // Wait for a slot; a cancel meanwhile still reaches the job (it
             // is marked canceled early and ends as soon as it starts).
-            let _slot = match inner.slots.clone().acquire_owned().await {
-                Ok(p) => Some(p),
-                Err(_) => None, // closed only at shutdown
-            };
+            // (The semaphore is closed only at shutdown.)
+            let _slot = inner.slots.clone().acquire_owned().await.ok();
             if let Err(e) = inner.spool.started(&job_id) {
                 tracing::error!(agent_id = %inner.agent_id, job_id = %job_id, error = %e, "spooling a start marker");
             }

@@ -262,7 +262,7 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
                         tracing::error!(error = %e, "signing the audit chain head");
                     }
                     retention_ticks += 1;
-                    if retention_ticks % RETENTION_EVERY_TICKS == 0
+                    if retention_ticks.is_multiple_of(RETENTION_EVERY_TICKS)
                         && let Err(e) = sweep_state.enforce_retention().await
                     {
                         tracing::error!(error = %e, "enforcing job retention");
