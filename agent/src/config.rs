@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// Largest `max_output_bytes`: stdout and stderr of one job, kept in full,
+/// must fit one 4 MiB message to the controller.
+pub const MAX_OUTPUT_BYTES: usize = 3 * 512 * 1024;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
@@ -90,9 +94,11 @@ impl RawConfig {
                 }
             }
         }
-        if !(1024..=64 * 1024 * 1024).contains(&self.max_output_bytes) {
+        // Both streams travel in one result message on the agent stream,
+        // whose limit is 4 MiB: keep two full streams well under it.
+        if !(1024..=MAX_OUTPUT_BYTES).contains(&self.max_output_bytes) {
             problems.push(format!(
-                "max_output_bytes: must be between 1024 and 67108864, got {}",
+                "max_output_bytes: must be between 1024 and {MAX_OUTPUT_BYTES}, got {}",
                 self.max_output_bytes
             ));
         }
