@@ -43,11 +43,14 @@ fn main() -> anyhow::Result<()> {
 fn assets(mut cmd: clap::Command, out: &Path) -> anyhow::Result<()> {
     let name = cmd.get_name().to_string();
     cmd = cmd.bin_name(&name);
+    // No pages for clap's `help` subcommands (`fleetcmd-agent-help-join.1`).
+    let mut man_cmd = without_help(cmd.clone());
+    man_cmd.build();
     cmd.build();
     let man = out.join("man").join(&name);
     std::fs::create_dir_all(&man).with_context(|| man.display().to_string())?;
     // One page for the binary and one per subcommand (`fleetcmd-agent-join.1`).
-    clap_mangen::generate_to(cmd.clone(), &man).with_context(|| format!("man pages of {name}"))?;
+    clap_mangen::generate_to(man_cmd, &man).with_context(|| format!("man pages of {name}"))?;
     for (shell, dir, file) in [
         (Shell::Bash, "bash", name.clone()),
         (Shell::Zsh, "zsh", format!("_{name}")),
@@ -60,4 +63,9 @@ fn assets(mut cmd: clap::Command, out: &Path) -> anyhow::Result<()> {
         clap_complete::generate(shell, &mut cmd, &name, &mut f);
     }
     Ok(())
+}
+
+fn without_help(cmd: clap::Command) -> clap::Command {
+    cmd.disable_help_subcommand(true)
+        .mut_subcommands(without_help)
 }
