@@ -17,4 +17,5 @@ mod policy_trust;
 mod rollout;
 mod storage;
 mod support;
+mod systemd;
 mod transport;
