@@ -35,6 +35,8 @@ pub const AGENT_QUEUE: usize = 256;
 const RESULT_GRACE: Duration = Duration::from_secs(30);
 /// How many recent jobs a suffix lookup scans.
 const SUFFIX_SCAN: usize = 10_000;
+/// Finished job ids remembered so late results skip the store.
+const RECENTLY_FINISHED: usize = 4096;
 /// Jobs the retention task looks at per store scan.
 const RETENTION_BATCH: usize = 500;
 /// Live events buffered per job for its watchers.
@@ -83,6 +85,12 @@ pub struct Shared {
     /// When this controller started: agents reconnect during the first
     /// heartbeats, so a target is not declared offline before then.
     started: Instant,
+    /// Queue of flush waiters (see `flush`).
+    flusher: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    /// Jobs that finished lately: late results for them skip the store
+    /// lookup in `run_of` (a 10 000-target job would otherwise be decoded
+    /// once per straggling result).
+    finished: Mutex<(HashSet<String>, std::collections::VecDeque<String>)>,
     /// Whether the running jobs of a previous run were loaded (sweeper).
     runs_loaded: std::sync::atomic::AtomicBool,
     next_conn: AtomicU64,
@@ -145,7 +153,30 @@ impl Shared {
         }
         let audit = crate::audit::Audit::open(store.clone(), &config.data_dir.join("audit"))
             .map_err(|e| ApiError::Internal(format!("audit trail: {e}")))?;
+        let (flusher, mut waiters) = tokio::sync::mpsc::unbounded_channel::<
+            tokio::sync::oneshot::Sender<Result<(), String>>,
+        >();
+        let flush_store = store.clone();
+        // Ends when `Shared` (the only sender) is dropped.
+        tokio::spawn(async move {
+            while let Some(first) = waiters.recv().await {
+                let mut batch = vec![first];
+                while let Ok(more) = waiters.try_recv() {
+                    batch.push(more);
+                }
+                let s = flush_store.clone();
+                let result = match tokio::task::spawn_blocking(move || s.flush()).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("flush task: {e}")),
+                };
+                for w in batch {
+                    let _ = w.send(result.clone());
+                }
+            }
+        });
         let shared = Shared {
+            flusher,
+            finished: Mutex::new((HashSet::new(), std::collections::VecDeque::new())),
             audit: Arc::new(audit),
             store,
             ca,
@@ -195,12 +226,17 @@ impl Shared {
             .contains(agent)
     }
 
+    /// Makes everything written so far durable. Group commit: callers
+    /// queue up while a flush runs, and the next flush answers all of them,
+    /// so many concurrent results cost one fsync, not one each.
     async fn flush(&self) -> ApiResult<()> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.flush())
-            .await
-            .map_err(|e| ApiError::Internal(format!("flush task: {e}")))??;
-        Ok(())
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.flusher
+            .send(tx)
+            .map_err(|_| ApiError::Internal("the flusher has stopped".into()))?;
+        rx.await
+            .map_err(|_| ApiError::Internal("the flusher has stopped".into()))?
+            .map_err(|e| ApiError::Store(crate::store::StoreError::Backend(e)))
     }
 
     // ------------------------------------------------------------ policy
@@ -907,6 +943,17 @@ impl Shared {
         }
         if finished {
             runs.remove(job_id);
+            {
+                let mut f = lock(&self.finished);
+                if f.0.insert(job_id.to_owned()) {
+                    f.1.push_back(job_id.to_owned());
+                }
+                while f.1.len() > RECENTLY_FINISHED {
+                    if let Some(old) = f.1.pop_front() {
+                        f.0.remove(&old);
+                    }
+                }
+            }
             drop(runs);
             // The last event: the whole job. Then forget its watchers (they
             // still read what is buffered).
@@ -926,6 +973,9 @@ impl Shared {
         job_id: &str,
     ) -> ApiResult<Option<&'a mut Run>> {
         if !runs.contains_key(job_id) {
+            if lock(&self.finished).0.contains(job_id) {
+                return Ok(None);
+            }
             let Some(job) = self.store.get_job(job_id)? else {
                 return Ok(None);
             };
@@ -1007,6 +1057,13 @@ impl Shared {
         job_id: &str,
         agents: &[&str],
     ) -> ApiResult<()> {
+        // The hook may reuse a finished job's id (replay tests).
+        {
+            let mut f = lock(&self.finished);
+            f.0.remove(job_id);
+            f.1.retain(|x| x != job_id);
+        }
+        lock(&self.job_lock).remove(job_id);
         let record = JobRecord {
             id: job_id.to_owned(),
             spec: signed.spec.clone(),
