@@ -11,7 +11,7 @@
 //! let mut chain = Chain::genesis();
 //! let r1 = chain.append(1_000, Event::new(EventKind::TokenCreated, "operator admin"));
 //! let r2 = chain.append(2_000, Event::new(EventKind::AgentJoined, "agent web-1"));
-//! let report = verify_chain([r1, r2].into_iter().map(Ok), &[], None, &VerifyOptions::default());
+//! let report = verify_chain([r1, r2].into_iter().map(Ok::<_, std::convert::Infallible>), &[], None, &VerifyOptions::default());
 //! assert_eq!(report.unwrap().records, 2);
 //! ```
 
