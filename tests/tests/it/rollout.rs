@@ -50,6 +50,26 @@ fn with_rollout(
     sign_op(fleet, &s)
 }
 
+/// Replays the agents' own `S <ns>` / `E <ns>` stamps of `runs` commands
+/// and returns how many ran at once at the peak.
+fn peak_concurrency(text: &str, runs: usize) -> i32 {
+    let mut events: Vec<(u128, i32)> = text
+        .lines()
+        .filter_map(|l| {
+            let (kind, t) = l.split_once(' ')?;
+            Some((t.trim().parse().ok()?, if kind == "S" { 1 } else { -1 }))
+        })
+        .collect();
+    assert_eq!(events.len(), 2 * runs, "{text}");
+    events.sort_by_key(|(t, d)| (*t, *d));
+    let (mut now, mut peak) = (0, 0);
+    for (_, d) in events {
+        now += d;
+        peak = peak.max(now);
+    }
+    peak
+}
+
 fn states(job: &pb::Job) -> Vec<String> {
     let mut v: Vec<String> = job.targets.iter().map(|t| t.state.clone()).collect();
     v.sort();
@@ -73,20 +93,7 @@ async fn a_batch_never_exceeds_its_size_on_the_agents() {
     assert_eq!(done.state, "succeeded", "{done:?}");
     // Replay the agents' own start/end stamps to find the peak concurrency.
     let text = std::fs::read_to_string(&log).expect("stamps");
-    let mut events: Vec<(u128, i32)> = text
-        .lines()
-        .filter_map(|l| {
-            let (kind, t) = l.split_once(' ')?;
-            Some((t.trim().parse().ok()?, if kind == "S" { 1 } else { -1 }))
-        })
-        .collect();
-    assert_eq!(events.len(), 8, "{text}");
-    events.sort_by_key(|(t, d)| (*t, *d));
-    let (mut now, mut peak) = (0, 0);
-    for (_, d) in events {
-        now += d;
-        peak = peak.max(now);
-    }
+    let peak = peak_concurrency(&text, 4);
     assert_eq!(
         peak, 2,
         "at most (and, with 4 targets, exactly) 2 at once:\n{text}"
@@ -270,20 +277,7 @@ async fn an_agent_runs_at_most_its_job_limit_at_once_and_queues_the_rest() {
         assert_eq!(fleet.wait_job(id).await.state, "succeeded");
     }
     let text = std::fs::read_to_string(&log).expect("stamps");
-    let mut events: Vec<(u128, i32)> = text
-        .lines()
-        .filter_map(|l| {
-            let (kind, t) = l.split_once(' ')?;
-            Some((t.trim().parse().ok()?, if kind == "S" { 1 } else { -1 }))
-        })
-        .collect();
-    assert_eq!(events.len(), 6, "{text}");
-    events.sort_by_key(|(t, d)| (*t, *d));
-    let (mut now, mut peak) = (0, 0);
-    for (_, d) in events {
-        now += d;
-        peak = peak.max(now);
-    }
+    let peak = peak_concurrency(&text, 3);
     assert_eq!(peak, 1, "one job at a time on this agent:\n{text}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }
