@@ -408,7 +408,11 @@ pub async fn follow(
         match ev.event {
             Some(Event::Job(j)) => {
                 total = j.targets.len();
-                done = j.targets.iter().filter(|t| is_final(&t.state)).count();
+                done = j
+                    .targets
+                    .iter()
+                    .filter(|t| fleetcmd_controller::state::is_terminal(&t.state))
+                    .count();
                 if is_finished(&j.state) {
                     break;
                 }
@@ -434,7 +438,7 @@ pub async fn follow(
                     )?;
                 }
             }
-            Some(Event::Target(t)) if is_final(&t.state) => {
+            Some(Event::Target(t)) if fleetcmd_controller::state::is_terminal(&t.state) => {
                 done += 1;
                 if t.state != "ok" {
                     failed += 1;
@@ -466,14 +470,6 @@ pub async fn follow(
     }
     let job = wait(jobs, id, Duration::from_secs(30)).await?;
     Ok((job, complete))
-}
-
-/// A target state that will not change any more.
-fn is_final(state: &str) -> bool {
-    matches!(
-        state,
-        "ok" | "failed" | "timed_out" | "refused" | "offline" | "canceled" | "skipped"
-    )
 }
 
 /// `--dry-run`: resolves the targets and shows, per host, the argv it would

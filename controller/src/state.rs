@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleetcmd_core::audit::{Event, EventKind};
 use fleetcmd_core::authorize::Refusal;
-use fleetcmd_core::crypto::PublicKey;
 use fleetcmd_core::ids::{AgentId, Identity};
 use fleetcmd_core::job::SignedJob;
 use fleetcmd_core::join_token::{JoinToken, hex, roots_pin};
@@ -1550,9 +1549,4 @@ pub fn signed_policy(rec: &PolicyRecord) -> pb::SignedPolicy {
             })
             .collect(),
     }
-}
-
-/// The pin of the configured roots, as join tokens carry it.
-pub fn roots_fingerprint(roots: &[PublicKey]) -> String {
-    hex(&roots_pin(roots))
 }
