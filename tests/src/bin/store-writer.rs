@@ -19,11 +19,23 @@ fn main() {
         eprintln!("FIRST_INDEX must be a number");
         std::process::exit(64);
     };
-    let store = match SledStore::open(std::path::Path::new(&dir)) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("open: {e}");
-            std::process::exit(2);
+    // The checker reopens the database between kills; sled releases its
+    // file lock from a background thread shortly after the handle is
+    // dropped, so wait (bounded) for it rather than fail.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let store = loop {
+        match SledStore::open(std::path::Path::new(&dir)) {
+            Ok(s) => break s,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                eprintln!("open: {e}");
+                std::process::exit(2);
+            }
         }
     };
     let mut out = std::io::stdout().lock();
