@@ -107,9 +107,10 @@ impl JobId {
 }
 
 /// The schemes of [`Identity`], each followed by `:`.
-pub const IDENTITY_SCHEMES: [&str; 7] = [
+pub const IDENTITY_SCHEMES: [&str; 8] = [
     "slack",
     "mattermost",
+    "campfire",
     "irc",
     "xmpp",
     "console",
@@ -128,7 +129,7 @@ pub const MAX_IDENTITY_BYTES: usize = 256;
 
 impl Identity {
     /// Parses one of the forms of DESIGN §2.8: `slack:<team>:<user>`,
-    /// `mattermost:<server>:<user_id>`, `irc:<network>:<nick>!<user>@<host>`
+    /// `mattermost:<server>:<user_id>`, `campfire:<server>:<user_id>`, `irc:<network>:<nick>!<user>@<host>`
     /// (or `irc:<network>:<account>` where the server names the account),
     /// `xmpp:<bare-jid>`, `console:<os-user>`, `cli:<cert-subject>`,
     /// `webhook:<name>`.
@@ -156,7 +157,7 @@ impl Identity {
         };
         let ok = match scheme {
             "slack" => two_parts(rest, false) && rest.matches(':').count() == 1,
-            "mattermost" => two_parts(rest, true),
+            "mattermost" | "campfire" => two_parts(rest, true),
             "irc" => match rest.split_once(':') {
                 Some((network, who)) if !network.is_empty() && !who.is_empty() => {
                     match who.split_once('!') {
@@ -172,7 +173,7 @@ impl Identity {
             "console" | "cli" | "webhook" => !rest.is_empty(),
             _ => {
                 return Err(err(
-                    "unknown scheme; expected one of slack, mattermost, irc, xmpp, console, cli, webhook",
+                    "unknown scheme; expected one of slack, mattermost, campfire, irc, xmpp, console, cli, webhook",
                 ));
             }
         };
@@ -182,6 +183,7 @@ impl Identity {
             Err(err(match scheme {
                 "slack" => "expected slack:<team>:<user>",
                 "mattermost" => "expected mattermost:<server>:<user_id>",
+                "campfire" => "expected campfire:<server>:<user_id>",
                 "irc" => "expected irc:<network>:<nick>!<user>@<host>",
                 "xmpp" => "expected xmpp:<bare-jid>",
                 _ => "the part after the scheme must not be empty",

@@ -54,6 +54,22 @@ pub struct Reply {
     pub header: String,
     pub lines: Vec<String>,
     pub sections: Vec<Section>,
+    /// Buttons, where the platform has them (approve / deny). Platforms
+    /// without buttons show nothing extra: the text already says what to type.
+    pub actions: Vec<Action>,
+}
+
+/// A button offered with a reply. Clicking it is the same as typing
+/// `command`: the adapter verifies the platform's signature (or HMAC) on the
+/// click and delivers it as an [`Incoming`] from the clicking user, with
+/// `direct = true` so the bot name is not needed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Action {
+    pub label: String,
+    /// The chat command the click stands for, e.g. `approve 01a2b3c4`.
+    pub command: String,
+    /// Shown as a destructive action (red) where the platform can.
+    pub danger: bool,
 }
 
 /// A titled part of a reply, e.g. one host's result.
@@ -135,6 +151,13 @@ pub trait ChatSender: Send + Sync {
         msg: &'a MessageRef,
         reply: Reply,
     ) -> BoxFuture<'a, Result<(), AdapterError>>;
+
+    /// Whether `edit` really edits in place. On platforms without edits
+    /// (IRC) the router skips progress updates and posts only the final
+    /// summary instead of flooding the channel.
+    fn can_edit(&self) -> bool {
+        true
+    }
 }
 
 /// A chat platform connection.
