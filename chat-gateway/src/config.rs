@@ -24,10 +24,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
+use fleetcmd_core::duration::parse_duration;
 use fleetcmd_proto::channel::{ClientTls, controller_url, endpoint};
 use serde::Deserialize;
 
-use crate::{DEFAULT_JOB_EXPIRY, DEFAULT_POLL_INTERVAL, GatewayOptions};
+use crate::{DEFAULT_APPROVAL_WINDOW, DEFAULT_JOB_EXPIRY, DEFAULT_POLL_INTERVAL, GatewayOptions};
 
 /// Where the gateway looks for its config by default.
 pub const DEFAULT_PATH: &str = "/etc/fleetcmd/gateway.toml";
@@ -40,6 +41,10 @@ pub mod defaults {
 
     pub(super) fn policy_threshold() -> usize {
         POLICY_THRESHOLD
+    }
+    pub const APPROVAL_TIMEOUT: &str = "15m";
+    pub(super) fn approval_timeout() -> String {
+        APPROVAL_TIMEOUT.to_string()
     }
     pub(super) fn bot_name() -> String {
         BOT_NAME.to_string()
@@ -71,6 +76,9 @@ pub struct GatewayConfig {
     pub policy_threshold: usize,
     #[serde(default = "defaults::bot_name")]
     pub bot_name: String,
+    /// How long an approval request waits, e.g. `15m` (DESIGN §5).
+    #[serde(default = "defaults::approval_timeout")]
+    pub approval_timeout: String,
     #[serde(default)]
     pub console: ConsoleConfig,
 }
@@ -203,6 +211,14 @@ impl GatewayConfig {
                 "must be a non-empty name without spaces".to_string(),
             );
         }
+        match parse_duration(&self.approval_timeout) {
+            Ok(d) if d.as_secs() >= 10 && d.as_secs() <= 24 * 3600 => {}
+            Ok(_) => bad(
+                "approval_timeout",
+                "must be between 10s and 24h".to_string(),
+            ),
+            Err(e) => bad("approval_timeout", e),
+        }
         if !self.console.enabled {
             bad(
                 "console.enabled",
@@ -303,6 +319,8 @@ impl GatewayConfig {
                 bot_name: self.bot_name.clone(),
                 job_expiry: DEFAULT_JOB_EXPIRY,
                 poll_interval: DEFAULT_POLL_INTERVAL,
+                approval_window: parse_duration(&self.approval_timeout)
+                    .unwrap_or(DEFAULT_APPROVAL_WINDOW),
             }),
             _ => Err(ConfigError::Invalid {
                 file: file.to_path_buf(),

@@ -2,11 +2,15 @@
 //! of the mTLS gRPC clients, so the router is tested with a fake.
 
 use std::future::Future;
+use std::pin::Pin;
+
+use futures_util::{Stream, StreamExt};
 
 use fleetcmd_core::job::SignedJob;
 use fleetcmd_proto::channel::{ChannelError, ClientTls, endpoint};
 use fleetcmd_proto::v1;
 use fleetcmd_proto::v1::agents_client::AgentsClient;
+use fleetcmd_proto::v1::audit_client::AuditClient;
 use fleetcmd_proto::v1::jobs_client::JobsClient;
 use fleetcmd_proto::v1::policy_client::PolicyClient;
 use tonic::transport::Channel;
@@ -37,6 +41,9 @@ impl From<tonic::Status> for ControllerError {
     }
 }
 
+/// A job's live events ([`ControllerApi::watch`]).
+pub type JobEvents = Pin<Box<dyn Stream<Item = Result<v1::JobEvent, ControllerError>> + Send>>;
+
 /// The controller calls the gateway makes.
 pub trait ControllerApi: Send + Sync + 'static {
     fn submit(
@@ -63,6 +70,20 @@ pub trait ControllerApi: Send + Sync + 'static {
         id: String,
         requested_by: String,
     ) -> impl Future<Output = Result<v1::Job, ControllerError>> + Send;
+    /// Live events of a job (state changes, results, output chunks); the
+    /// router uses them to know when to re-read and edit its message.
+    fn watch(&self, id: String) -> impl Future<Output = Result<JobEvents, ControllerError>> + Send;
+    /// Records what only the gateway sees (chat denials, approvals) in the
+    /// controller's audit trail.
+    fn report(
+        &self,
+        event: v1::AuditReportRequest,
+    ) -> impl Future<Output = Result<u64, ControllerError>> + Send;
+    /// Audit records, newest first, each a JSON line.
+    fn audit_search(
+        &self,
+        req: v1::AuditSearchRequest,
+    ) -> impl Future<Output = Result<v1::AuditSearchResponse, ControllerError>> + Send;
 }
 
 /// The real controller over mTLS gRPC.
@@ -140,6 +161,32 @@ impl ControllerApi for GrpcController {
                 job_id: id,
                 requested_by,
             })
+            .await?
+            .into_inner())
+    }
+
+    async fn watch(&self, id: String) -> Result<JobEvents, ControllerError> {
+        let stream = JobsClient::new(self.channel.clone())
+            .watch(v1::WatchJobRequest { job_id: id })
+            .await?
+            .into_inner();
+        Ok(Box::pin(stream.map(|e| e.map_err(ControllerError::from))))
+    }
+
+    async fn report(&self, event: v1::AuditReportRequest) -> Result<u64, ControllerError> {
+        Ok(AuditClient::new(self.channel.clone())
+            .report(event)
+            .await?
+            .into_inner()
+            .seq)
+    }
+
+    async fn audit_search(
+        &self,
+        req: v1::AuditSearchRequest,
+    ) -> Result<v1::AuditSearchResponse, ControllerError> {
+        Ok(AuditClient::new(self.channel.clone())
+            .search(req)
             .await?
             .into_inner())
     }

@@ -17,6 +17,7 @@ use fleetcmd_proto::channel::{ChannelError, ClientTls};
 use tokio::task::JoinSet;
 
 pub mod adapters;
+pub mod approvals;
 pub mod cli_args;
 pub mod config;
 pub mod controller;
@@ -29,6 +30,9 @@ use router::{Router, RouterConfig};
 
 /// Default lifetime of a signed job spec.
 pub const DEFAULT_JOB_EXPIRY: Duration = Duration::from_secs(DEFAULT_EXPIRY_SECS);
+/// Default lifetime of an approval request (15 minutes).
+pub const DEFAULT_APPROVAL_WINDOW: Duration =
+    Duration::from_secs(fleetcmd_core::approval::DEFAULT_APPROVAL_WINDOW_SECS);
 /// Default interval between two polls of a running job.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Commands handled at once; when reached, the gateway stops reading until
@@ -50,6 +54,8 @@ pub struct GatewayOptions {
     pub job_expiry: Duration,
     /// Poll interval while following a job (default [`DEFAULT_POLL_INTERVAL`]).
     pub poll_interval: Duration,
+    /// How long an approval request waits (default [`DEFAULT_APPROVAL_WINDOW`]).
+    pub approval_window: Duration,
 }
 
 impl GatewayOptions {
@@ -63,6 +69,7 @@ impl GatewayOptions {
             bot_name: self.bot_name.clone(),
             job_expiry: self.job_expiry,
             poll_interval: self.poll_interval,
+            approval_window: self.approval_window,
         }
     }
 }

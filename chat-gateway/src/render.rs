@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use fleetcmd_core::policy::{ArgKind, CommandDef};
 use fleetcmd_proto::v1;
 
-use crate::adapters::{CodeBlock, Reply, Section};
+use crate::adapters::{Action, CodeBlock, Reply, Section};
 
 /// Characters of one output stream shown in chat.
 pub const MAX_OUTPUT_CHARS: usize = 1500;
@@ -240,7 +240,70 @@ pub fn target_section(job_id: &str, t: &v1::Target) -> Section {
     sec
 }
 
-/// A job's state and per-host results; used while it runs and when it ends.
+/// `15 min`, `90 s`, `2 h`: a window shown to users.
+pub fn format_duration(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    if secs >= 3600 && secs.is_multiple_of(3600) {
+        format!("{} h", secs / 3600)
+    } else if secs >= 60 && secs.is_multiple_of(60) {
+        format!("{} min", secs / 60)
+    } else {
+        format!("{secs} s")
+    }
+}
+
+/// The request posted when a command needs approval: what would run where,
+/// how many approvals it needs and how to give them (buttons too).
+pub fn approval_request(
+    short: &str,
+    command: &str,
+    argv: &[String],
+    selector: &str,
+    needed: u32,
+    window: std::time::Duration,
+    who: &str,
+) -> Reply {
+    Reply {
+        header: format!(
+            "job {short} `{command}` on {selector} needs {needed} approval{} within {}{}",
+            if needed == 1 { "" } else { "s" },
+            format_duration(window),
+            asked_by(who)
+        ),
+        lines: vec![
+            format!("would run (argv, no shell): {argv:?}"),
+            format!(
+                "approve with `approve {short}`, deny with `deny {short} <reason>`; not by the requester"
+            ),
+        ],
+        sections: Vec::new(),
+        actions: vec![
+            Action {
+                label: "Approve".into(),
+                command: format!("approve {short}"),
+                danger: false,
+            },
+            Action {
+                label: "Deny".into(),
+                command: format!("deny {short}"),
+                danger: true,
+            },
+        ],
+        thread: None,
+    }
+}
+
+/// Sort key of a target state: failures (0), unfinished (1), fine (2).
+fn failure_rank(state: &str) -> u8 {
+    match state {
+        "failed" | "timed_out" | "refused" | "offline" => 0,
+        "ok" | "canceled" | "skipped" => 2,
+        _ => 1,
+    }
+}
+
+/// A job's state and per-host results, failures first; used while it runs
+/// and when it ends.
 pub fn job(job: &v1::Job) -> Reply {
     let total = job.targets.len();
     let ok = job.targets.iter().filter(|t| t.state == "ok").count();
@@ -260,10 +323,20 @@ pub fn job(job: &v1::Job) -> Reply {
             asked_by(&job.requester)
         )
     };
-    let lines = vec![format!("`{}` on {}", job.command, job.selector)];
-    let mut sections: Vec<Section> = job
+    let failed = job
         .targets
         .iter()
+        .filter(|t| failure_rank(&t.state) == 0)
+        .count();
+    let mut lines = vec![format!("`{}` on {}", job.command, job.selector)];
+    if failed > 0 {
+        lines.push(format!("{failed} failed (listed first)"));
+    }
+    // Failures first, then hosts still running, then successes.
+    let mut order: Vec<&v1::Target> = job.targets.iter().collect();
+    order.sort_by_key(|t| failure_rank(&t.state));
+    let mut sections: Vec<Section> = order
+        .into_iter()
         .take(MAX_HOST_SECTIONS)
         .map(|t| target_section(&job.job_id, t))
         .collect();
@@ -545,13 +618,15 @@ mod tests {
             r.header,
             "job 01890a5d-ac96-774b failed (1/2 ok) — asked by console:alice"
         );
-        assert_eq!(r.sections[0].title, "web-1 — ok, exit 0, 12 ms");
-        assert_eq!(r.sections[0].blocks[0].text, "up 3 days");
-        assert_eq!(r.sections[1].title, "web-2 — failed, exit 2, 1.5 s");
+        // Failures first.
+        assert_eq!(r.lines[1], "1 failed (listed first)");
+        assert_eq!(r.sections[0].title, "web-2 — failed, exit 2, 1.5 s");
         assert!(
-            r.sections[1].notes[0].contains("dropped 10 bytes of stderr"),
+            r.sections[0].notes[0].contains("dropped 10 bytes of stderr"),
             "{:?}",
-            r.sections[1].notes
+            r.sections[0].notes
         );
+        assert_eq!(r.sections[1].title, "web-1 — ok, exit 0, 12 ms");
+        assert_eq!(r.sections[1].blocks[0].text, "up 3 days");
     }
 }

@@ -10,18 +10,21 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use fleetcmd_core::approval::{ApprovalRequest, Progress};
 use fleetcmd_core::argv::{bind_positional, build_argv};
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
 use fleetcmd_core::grammar::{self, ChatCommand, RunRequest};
 use fleetcmd_core::ids::{Identity, JobId};
 use fleetcmd_core::job::{JobSpec, SignedJob};
-use fleetcmd_core::policy::{Policy, Role};
+use fleetcmd_core::policy::{CommandDef, Policy, Role};
 use fleetcmd_core::policy_bundle::{PolicySignature, bundle_hash, check_rollback, verify_bundle};
 use fleetcmd_core::rbac::{check_run, commands_for, roles_of};
 use fleetcmd_core::selector::Selector;
 use fleetcmd_proto::v1;
+use futures_util::StreamExt;
 
 use crate::adapters::{ChatSender, Incoming, MessageRef, Reply, Section};
+use crate::approvals::{Approvals, ApprovalsError, Decision};
 use crate::controller::{ControllerApi, JOBS_LIMIT};
 use crate::render::{self, asked_by, short_id};
 
@@ -42,6 +45,8 @@ pub struct RouterConfig {
     pub bot_name: String,
     pub job_expiry: Duration,
     pub poll_interval: Duration,
+    /// How long an approval request waits (default 15 minutes).
+    pub approval_window: Duration,
 }
 
 /// A policy bundle that passed `verify_bundle`, with its hash.
@@ -57,6 +62,7 @@ pub struct Router<C> {
     cfg: RouterConfig,
     ctl: C,
     policy: Mutex<Option<Arc<LoadedPolicy>>>,
+    approvals: Approvals,
 }
 
 impl<C> std::fmt::Debug for Router<C> {
@@ -78,6 +84,24 @@ fn in_channel(role: &Role, channel: &str) -> bool {
     role.channels.is_empty() || role.channels.iter().any(|c| c == channel)
 }
 
+/// An audit event the gateway reports (the controller records the rest).
+fn event(
+    kind: &str,
+    msg: &Incoming,
+    command: &str,
+    job_id: &str,
+    detail: String,
+) -> v1::AuditReportRequest {
+    v1::AuditReportRequest {
+        kind: kind.to_string(),
+        actor: msg.identity.as_str().to_string(),
+        source: msg.channel.clone(),
+        command: command.to_string(),
+        detail,
+        job_id: job_id.to_string(),
+    }
+}
+
 fn not_yet(what: &str, who: &str) -> Reply {
     Reply::text(format!(
         "`{what}` is not available yet in this gateway{}",
@@ -91,12 +115,27 @@ impl<C: ControllerApi> Router<C> {
             cfg,
             ctl,
             policy: Mutex::new(None),
+            approvals: Approvals::default(),
         }
     }
 
     /// The controller client.
     pub fn controller(&self) -> &C {
         &self.ctl
+    }
+
+    /// Approval requests waiting now.
+    pub fn pending_approvals(&self) -> usize {
+        self.approvals.len()
+    }
+
+    /// Records `event` in the audit trail; a failure is logged, never shown
+    /// to the user (the reply has already been decided).
+    async fn report(&self, event: v1::AuditReportRequest) {
+        let kind = event.kind.clone();
+        if let Err(e) = self.ctl.report(event).await {
+            tracing::warn!(kind, error = %e, "audit report failed");
+        }
     }
 
     /// The command text when `msg` is for this bot and not from a bot.
@@ -211,8 +250,10 @@ impl<C: ControllerApi> Router<C> {
             ChatCommand::Jobs { mine } => self.jobs(&msg, mine).await,
             ChatCommand::Output { id, host } => self.output(&msg, id, host).await,
             ChatCommand::Cancel(id) => self.cancel(&msg, id).await,
-            ChatCommand::Approve(_) => not_yet("approve", &who),
-            ChatCommand::Deny { .. } => not_yet("deny", &who),
+            ChatCommand::Approve(id) => self.approve(&msg, &id).await,
+            ChatCommand::Deny { id, reason } => {
+                self.deny(&msg, &id, reason.as_deref().unwrap_or("")).await
+            }
             ChatCommand::Health(_) => not_yet("health", &who),
             ChatCommand::Audit(_) => not_yet("audit", &who),
         };
@@ -280,6 +321,14 @@ impl<C: ControllerApi> Router<C> {
             .any(|r| in_channel(r, &msg.channel));
         if !has_role {
             tracing::info!(identity = who, channel = %msg.channel, "read denied: no role in channel");
+            self.report(event(
+                "chat_denied",
+                msg,
+                "",
+                "",
+                format!("no role in {}", msg.channel),
+            ))
+            .await;
             return Err(Reply::text(format!(
                 "you have no roles in this channel{}",
                 asked_by(who)
@@ -452,6 +501,14 @@ impl<C: ControllerApi> Router<C> {
                 refuse(format!("refused: {denied}; nothing was submitted")),
             )
             .await;
+            self.report(event(
+                "chat_denied",
+                msg,
+                &req.command,
+                "",
+                format!("run on {}: {denied}", req.selector),
+            ))
+            .await;
             return;
         }
         let Some(def) = p.policy.command(&req.command) else {
@@ -487,14 +544,6 @@ impl<C: ControllerApi> Router<C> {
                 return;
             }
         };
-        if def.requires_approvals > 0 && !req.options.dry_run {
-            let text = format!(
-                "`{}` needs {} approval(s) and approvals are not available yet; nothing was submitted",
-                def.name, def.requires_approvals
-            );
-            self.post(out, msg, refuse(text)).await;
-            return;
-        }
         if req.options.dry_run {
             let reply = self.dry_run(msg, &req, def.targets.as_ref(), &argv).await;
             self.post(out, msg, reply).await;
@@ -514,6 +563,251 @@ impl<C: ControllerApi> Router<C> {
                 return;
             }
         };
+        let approvers = if def.requires_approvals > 0 {
+            match self.await_approval(msg, &req, def, &id, &argv, out).await {
+                Some(a) => a,
+                None => return,
+            }
+        } else {
+            Vec::new()
+        };
+        self.submit_and_follow(msg, &req, def, args, id, approvers, out)
+            .await;
+    }
+
+    /// Opens an approval request, posts it with approve/deny buttons and
+    /// waits for the decision. `Some(approvers)` once enough distinct
+    /// allowed approvers said yes; `None` (after saying so in the channel)
+    /// when denied, expired or refused.
+    async fn await_approval(
+        &self,
+        msg: &Incoming,
+        req: &RunRequest,
+        def: &CommandDef,
+        id: &JobId,
+        argv: &[String],
+        out: &dyn ChatSender,
+    ) -> Option<Vec<Identity>> {
+        let who = msg.identity.as_str();
+        let window = self.cfg.approval_window;
+        let request = ApprovalRequest::new(
+            id.clone(),
+            &def.name,
+            msg.identity.clone(),
+            def.requires_approvals,
+            unix_now(),
+            window.as_secs(),
+        );
+        let mut decided = match self.approvals.open(request) {
+            Ok(rx) => rx,
+            Err(e) => {
+                self.post(
+                    out,
+                    msg,
+                    Reply::text(format!("{e}; nothing was submitted{}", asked_by(who))),
+                )
+                .await;
+                return None;
+            }
+        };
+        let short = short_id(id.as_str()).to_string();
+        self.report(event(
+            "approval_requested",
+            msg,
+            &def.name,
+            id.as_str(),
+            format!(
+                "argv {argv:?} on {}; needs {}",
+                req.selector, def.requires_approvals
+            ),
+        ))
+        .await;
+        let request_reply = render::approval_request(
+            &short,
+            &def.name,
+            argv,
+            &req.selector,
+            def.requires_approvals,
+            window,
+            who,
+        );
+        let posted = self.post(out, msg, request_reply.clone()).await;
+        let settle = |text: String| {
+            let mut reply = request_reply.clone();
+            reply.actions.clear();
+            reply.lines.push(text);
+            reply.thread = msg.thread.clone();
+            reply
+        };
+        let decision = match tokio::time::timeout(window, &mut decided).await {
+            Ok(Ok(d)) => Some(d),
+            Ok(Err(_)) => None,
+            // An approval may land just as the window closes.
+            Err(_) => decided.try_recv().ok(),
+        };
+        let (text, approvers) = match decision {
+            Some(Decision::Approved(approvers)) => {
+                let names: Vec<&str> = approvers.iter().map(Identity::as_str).collect();
+                (
+                    format!("approved by {}; submitting", names.join(", ")),
+                    Some(approvers),
+                )
+            }
+            Some(Decision::Denied { by, reason }) => {
+                let why = if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {reason}")
+                };
+                (format!("denied by {}{why}; nothing ran", by.as_str()), None)
+            }
+            None => {
+                if !self.approvals.close(id.as_str()) {
+                    return None;
+                }
+                self.report(event(
+                    "approval_expired",
+                    msg,
+                    &def.name,
+                    id.as_str(),
+                    format!("no decision within {} s", window.as_secs()),
+                ))
+                .await;
+                (
+                    format!(
+                        "the approval request expired after {}; nothing ran",
+                        render::format_duration(window)
+                    ),
+                    None,
+                )
+            }
+        };
+        let reply = settle(text);
+        match &posted {
+            Some(p) if out.can_edit() => {
+                if out.edit(p, reply.clone()).await.is_err() {
+                    self.post(out, msg, reply).await;
+                }
+            }
+            _ => {
+                self.post(
+                    out,
+                    msg,
+                    Reply::text(reply.lines.last().cloned().unwrap_or_default()),
+                )
+                .await;
+            }
+        }
+        approvers
+    }
+
+    /// `approve ID`: records the asker's approval of a waiting request.
+    async fn approve(&self, msg: &Incoming, id: &str) -> Reply {
+        let who = msg.identity.as_str();
+        let p = match self.current_policy().await {
+            Ok(p) => p,
+            Err(e) => return Reply::text(format!("{e}{}", asked_by(who))),
+        };
+        match self
+            .approvals
+            .approve(id, &p.policy, &msg.identity, unix_now())
+        {
+            Ok(o) => {
+                let (detail, text) = match o.progress {
+                    Progress::Approved => (
+                        "enough approvals".to_string(),
+                        format!(
+                            "job {} (`{}` for {}) approved; submitting{}",
+                            short_id(&o.job_id),
+                            o.command,
+                            o.requester.as_str(),
+                            asked_by(who)
+                        ),
+                    ),
+                    Progress::Waiting { got, needed } => (
+                        format!("{got} of {needed}"),
+                        format!(
+                            "approval {got}/{needed} for job {} recorded{}",
+                            short_id(&o.job_id),
+                            asked_by(who)
+                        ),
+                    ),
+                };
+                self.report(event("approval_given", msg, &o.command, &o.job_id, detail))
+                    .await;
+                Reply::text(text)
+            }
+            Err(e) => {
+                if let ApprovalsError::Refused(why) = &e {
+                    self.report(event(
+                        "chat_denied",
+                        msg,
+                        "",
+                        "",
+                        format!("approve {id}: {why}"),
+                    ))
+                    .await;
+                }
+                Reply::text(format!("{e}{}", asked_by(who)))
+            }
+        }
+    }
+
+    /// `deny ID [reason]`: an approver denies, or the requester withdraws.
+    async fn deny(&self, msg: &Incoming, id: &str, reason: &str) -> Reply {
+        let who = msg.identity.as_str();
+        let p = match self.current_policy().await {
+            Ok(p) => p,
+            Err(e) => return Reply::text(format!("{e}{}", asked_by(who))),
+        };
+        match self.approvals.deny(id, &p.policy, &msg.identity, reason) {
+            Ok(o) => {
+                self.report(event(
+                    "approval_denied",
+                    msg,
+                    &o.command,
+                    &o.job_id,
+                    reason.to_string(),
+                ))
+                .await;
+                Reply::text(format!(
+                    "job {} (`{}` for {}) denied{}",
+                    short_id(&o.job_id),
+                    o.command,
+                    o.requester.as_str(),
+                    asked_by(who)
+                ))
+            }
+            Err(e) => {
+                if let ApprovalsError::Refused(why) = &e {
+                    self.report(event(
+                        "chat_denied",
+                        msg,
+                        "",
+                        "",
+                        format!("deny {id}: {why}"),
+                    ))
+                    .await;
+                }
+                Reply::text(format!("{e}{}", asked_by(who)))
+            }
+        }
+    }
+
+    /// Signs the job (with its approvers), submits it and follows it.
+    #[allow(clippy::too_many_arguments)]
+    async fn submit_and_follow(
+        &self,
+        msg: &Incoming,
+        req: &RunRequest,
+        def: &CommandDef,
+        args: std::collections::BTreeMap<String, String>,
+        id: JobId,
+        approvers: Vec<Identity>,
+        out: &dyn ChatSender,
+    ) {
+        let who = msg.identity.as_str();
+        let refuse = |text: String| Reply::text(format!("{text}{}", asked_by(who)));
         let now = unix_now();
         let timeout = req.options.timeout.unwrap_or(Duration::ZERO);
         let spec = JobSpec {
@@ -523,7 +817,7 @@ impl<C: ControllerApi> Router<C> {
             selector: req.selector.clone(),
             requester: msg.identity.clone(),
             channel: msg.channel.clone(),
-            approvers: Vec::<Identity>::new(),
+            approvers,
             timeout_secs: timeout.as_secs(),
             not_before: now,
             expires_at: now + self.cfg.job_expiry.as_secs(),
@@ -642,8 +936,10 @@ impl<C: ControllerApi> Router<C> {
         reply
     }
 
-    /// Polls the job until it is final (or the deadline passes) and edits
-    /// the posted message with progress and then the result.
+    /// Follows the job until it is final (or the deadline passes) and edits
+    /// the posted message with progress and then the result. Changes come
+    /// from the controller's `Watch` stream; when it is unavailable or ends
+    /// early the router polls `Get` every `poll_interval` instead.
     async fn follow(
         &self,
         msg: &Incoming,
@@ -652,36 +948,84 @@ impl<C: ControllerApi> Router<C> {
         deadline: Instant,
         out: &dyn ChatSender,
     ) {
+        let mut events = match self.ctl.watch(job_id.to_string()).await {
+            Ok(stream) => Some(stream),
+            Err(e) => {
+                tracing::debug!(job_id, error = %e, "watch unavailable; polling");
+                None
+            }
+        };
         let mut last_done = 0usize;
         let mut last_edit = Instant::now();
+        let mut last_fetch: Option<Instant> = None;
+        let mut last_error: Option<String>;
         loop {
-            tokio::time::sleep(self.cfg.poll_interval).await;
-            let last_error = match self.ctl.get_job(job_id.to_string()).await {
+            // Wait for a reason to look at the job again.
+            let mut final_job = None;
+            match events.as_mut() {
+                Some(stream) => {
+                    match tokio::time::timeout(PROGRESS_EDIT_INTERVAL, stream.next()).await {
+                        Ok(Some(Ok(ev))) => match ev.event {
+                            Some(v1::job_event::Event::Job(job))
+                                if render::is_terminal(&job.state) =>
+                            {
+                                final_job = Some(job);
+                            }
+                            // Output chunks and target changes: re-read at
+                            // most once per progress interval.
+                            _ if last_fetch
+                                .is_some_and(|t| t.elapsed() < PROGRESS_EDIT_INTERVAL) =>
+                            {
+                                continue;
+                            }
+                            _ => {}
+                        },
+                        Ok(Some(Err(e))) => {
+                            tracing::debug!(job_id, error = %e, "watch failed; polling");
+                            events = None;
+                        }
+                        Ok(None) => events = None,
+                        Err(_) => {}
+                    }
+                }
+                None => tokio::time::sleep(self.cfg.poll_interval).await,
+            }
+            let fetched = match final_job {
+                Some(job) => Ok(job),
+                None => {
+                    last_fetch = Some(Instant::now());
+                    self.ctl.get_job(job_id.to_string()).await
+                }
+            };
+            match fetched {
                 Ok(job) if render::is_terminal(&job.state) => {
                     let mut reply = render::job(&job);
                     reply.thread = msg.thread.clone();
-                    if let Err(e) = out.edit(posted, reply.clone()).await {
-                        tracing::debug!(error = %e, "edit failed; posting the result instead");
+                    let edited = out.can_edit() && out.edit(posted, reply.clone()).await.is_ok();
+                    if !edited {
                         self.post(out, msg, reply).await;
                     }
                     return;
                 }
                 Ok(job) => {
+                    last_error = None;
                     let done = job.targets.iter().filter(|t| t.result.is_some()).count();
-                    if done != last_done && last_edit.elapsed() >= PROGRESS_EDIT_INTERVAL {
+                    if out.can_edit()
+                        && done != last_done
+                        && last_edit.elapsed() >= PROGRESS_EDIT_INTERVAL
+                    {
                         last_done = done;
                         last_edit = Instant::now();
                         let mut reply = render::job(&job);
                         reply.thread = msg.thread.clone();
                         let _ = out.edit(posted, reply).await;
                     }
-                    None
                 }
                 Err(e) => {
-                    tracing::debug!(job_id, error = %e, "polling job failed");
-                    Some(e.message)
+                    tracing::debug!(job_id, error = %e, "reading job failed");
+                    last_error = Some(e.message);
                 }
-            };
+            }
             if Instant::now() >= deadline {
                 let why = last_error
                     .map(|e| format!(" (last error: {e})"))

@@ -400,6 +400,7 @@ impl Fleet {
             bot_name: "fleetcmd".into(),
             job_expiry: Duration::from_secs(fleetcmd_core::job::DEFAULT_EXPIRY_SECS),
             poll_interval: Duration::from_millis(20),
+            approval_window: fleetcmd_gateway::DEFAULT_APPROVAL_WINDOW,
         }
     }
 

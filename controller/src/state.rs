@@ -699,6 +699,28 @@ impl Shared {
             .ok_or_else(|| Refusal::NotAllowed(spec.command.clone()))?;
         fleetcmd_core::argv::build_argv(cmd, &spec.args)
             .map_err(|e| Refusal::BadArgument(e.to_string()))?;
+        let approved = fleetcmd_core::approval::counted_approvers(
+            &cur.policy,
+            &spec.command,
+            &spec.requester,
+            &spec.approvers,
+        )
+        .len();
+        let approved = u32::try_from(approved).unwrap_or(u32::MAX);
+        if approved < cmd.requires_approvals {
+            let refusal = Refusal::MissingApprovals {
+                needed: cmd.requires_approvals,
+                got: approved,
+            };
+            self.security_event(
+                Event::new(EventKind::JobRefused, spec.requester.to_string())
+                    .source(crate::audit::peer_actor(peer))
+                    .job(spec.id.to_string())
+                    .command(&spec.command)
+                    .detail(refusal.to_string()),
+            );
+            return Err(refusal.into());
+        }
         check_requester(peer, &spec.requester).inspect_err(|e| {
             self.security_event(
                 Event::new(EventKind::JobRefused, spec.requester.to_string())

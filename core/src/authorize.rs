@@ -2,9 +2,10 @@
 //! arriving and a command being executed. The only way to obtain an
 //! [`AuthorizedCommand`], the one value the executor accepts, is [`authorize`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::approval::counted_approvers;
 use crate::argv::build_argv;
 use crate::ids::JobId;
 use crate::job::{JobSpec, SignedJob};
@@ -127,7 +128,8 @@ impl AuthorizedCommand {
 /// (signature, signer trust, may_sign, time); the policy's own expiry;
 /// replay (`seen`); the allow-list and the host's narrowing; argument
 /// validation; the job's selector and the command's `targets` against this
-/// agent; approvals (distinct, never the requester).
+/// agent; approvals (distinct, never the requester, each allowed to
+/// approve the command by the policy).
 pub fn authorize(
     job: &SignedJob,
     ctx: &AgentContext,
@@ -163,11 +165,7 @@ pub fn authorize(
     {
         return Err(Refusal::CommandNotForThisHost);
     }
-    let approvers: BTreeSet<_> = spec
-        .approvers
-        .iter()
-        .filter(|a| **a != spec.requester)
-        .collect();
+    let approvers = counted_approvers(policy, &spec.command, &spec.requester, &spec.approvers);
     let got = u32::try_from(approvers.len()).unwrap_or(u32::MAX);
     if got < def.requires_approvals {
         return Err(Refusal::MissingApprovals {
@@ -322,6 +320,11 @@ mod tests {
         check(case(
             restart(&["slack:T0001:U2", "slack:T0001:U3", "slack:T0001:U2"]),
             Ok(()),
+        ));
+        // Someone the policy does not allow to approve `restart` is not counted.
+        check(case(
+            restart(&["slack:T0001:U2", "slack:T0001:U9"]),
+            missing(1),
         ));
     }
 

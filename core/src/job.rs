@@ -201,6 +201,9 @@ args.unit = {{ kind = "enum", values = ["nginx.service", "app.service"] }}
 timeout = "2m"
 targets = "role in (web,api)"
 requires_approvals = 2
+
+[approvers]
+restart = ["slack:T0001:U1", "slack:T0001:U2", "slack:T0001:U3"]
 "#
         )
     }

@@ -8,6 +8,7 @@
 //! expiry and replay logic is tested without sleeping.
 #![forbid(unsafe_code)]
 
+pub mod approval;
 pub mod argv;
 pub mod audit;
 pub mod authorize;

@@ -13,7 +13,7 @@ use fleetcmd_core::policy_bundle::sign_bundle;
 use fleetcmd_gateway::adapters::{
     AdapterError, BoxFuture, ChatSender, Incoming, MessageRef, Reply,
 };
-use fleetcmd_gateway::controller::{ControllerApi, ControllerError};
+use fleetcmd_gateway::controller::{ControllerApi, ControllerError, JobEvents};
 use fleetcmd_gateway::router::{Router, RouterConfig};
 use fleetcmd_proto::v1;
 
@@ -72,6 +72,10 @@ roles = ["oncall"]
 [[bindings]]
 subjects = ["console:bob"]
 roles = ["viewer"]
+
+[[bindings]]
+subjects = ["console:carol", "console:dave"]
+roles = ["oncall"]
 "#,
         signer.public_key()
     )
@@ -90,6 +94,14 @@ pub fn world() -> World {
 }
 
 pub fn world_with(tweak: impl FnOnce(&mut FakeController)) -> World {
+    world_with_config(tweak, |_| {})
+}
+
+/// A world with both the fake controller and the router config adjusted.
+pub fn world_with_config(
+    tweak: impl FnOnce(&mut FakeController),
+    tweak_cfg: impl FnOnce(&mut RouterConfig),
+) -> World {
     let signer = Arc::new(new_key());
     let root = new_key();
     let text = policy_text(&signer);
@@ -115,7 +127,10 @@ pub fn world_with(tweak: impl FnOnce(&mut FakeController)) -> World {
         bot_name: "fleetcmd".to_string(),
         job_expiry: Duration::from_secs(600),
         poll_interval: Duration::from_millis(5),
+        approval_window: Duration::from_secs(60),
     };
+    let mut cfg = cfg;
+    tweak_cfg(&mut cfg);
     World {
         signer,
         root,
@@ -153,6 +168,8 @@ pub struct FakeController {
     pub output: Vec<u8>,
     /// (job id, requested_by) of every cancel.
     pub canceled: Mutex<Vec<(String, String)>>,
+    /// Audit events the gateway reported.
+    pub reports: Mutex<Vec<v1::AuditReportRequest>>,
 }
 
 impl FakeController {
@@ -165,7 +182,27 @@ impl FakeController {
             unreachable: false,
             output: b"up 3 days, load 0.5".to_vec(),
             canceled: Mutex::new(Vec::new()),
+            reports: Mutex::new(Vec::new()),
         }
+    }
+
+    /// (kind, actor, command, detail) of every reported audit event.
+    pub fn reported(&self) -> Vec<(String, String, String, String)> {
+        self.reports
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .map(|e| {
+                        (
+                            e.kind.clone(),
+                            e.actor.clone(),
+                            e.command.clone(),
+                            e.detail.clone(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn submitted(&self) -> Vec<SignedJob> {
@@ -277,6 +314,29 @@ impl ControllerApi for FakeController {
     async fn get_policy(&self) -> Result<v1::PolicyInfo, ControllerError> {
         self.check()?;
         Ok(self.policy.clone())
+    }
+
+    /// No live events here: the router falls back to polling `get_job`.
+    async fn watch(&self, _id: String) -> Result<JobEvents, ControllerError> {
+        Err(ControllerError {
+            code: tonic::Code::Unimplemented,
+            message: "the fake controller has no Watch".to_string(),
+        })
+    }
+
+    async fn report(&self, event: v1::AuditReportRequest) -> Result<u64, ControllerError> {
+        self.check()?;
+        let mut r = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        r.push(event);
+        Ok(r.len() as u64)
+    }
+
+    async fn audit_search(
+        &self,
+        _req: v1::AuditSearchRequest,
+    ) -> Result<v1::AuditSearchResponse, ControllerError> {
+        self.check()?;
+        Ok(v1::AuditSearchResponse::default())
     }
 
     async fn cancel(&self, id: String, requested_by: String) -> Result<v1::Job, ControllerError> {

@@ -2,6 +2,7 @@
 //! loopback. One binary, one module per area.
 
 mod allow_list;
+mod approvals;
 mod audit;
 mod authn;
 mod crash;

@@ -1,0 +1,256 @@
+//! Two-person approval from chat, attacked: the requester approving their
+//! own job, a user without the right, the same person twice, a denial and an
+//! expiry — and the signed job carrying its approvers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetcmd_core::job::JobSpec;
+use fleetcmd_gateway::router::Router;
+
+use crate::support::{
+    FakeController, RecordingSender, Sent, World, ask, msg, world, world_with_config,
+};
+
+/// Starts `run reboot on all` for alice in its own task (it waits for the
+/// decision) and returns the task, its sender and the short id posted.
+async fn request_reboot(w: &World) -> (tokio::task::JoinHandle<()>, Arc<RecordingSender>, String) {
+    let out = Arc::new(RecordingSender::default());
+    let router: Arc<Router<FakeController>> = w.router.clone();
+    let task = {
+        let out = out.clone();
+        tokio::spawn(async move {
+            router
+                .handle(msg("console:alice", "!run reboot on all"), out.as_ref())
+                .await;
+        })
+    };
+    let short = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(Sent::Send { reply, .. }) = out.all().first() {
+                return reply.header.split_whitespace().nth(1).map(str::to_string);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no approval request posted"))
+    .unwrap_or_else(|| panic!("approval request without an id"));
+    (task, out, short)
+}
+
+fn submitted_approvers(w: &World) -> Vec<Vec<String>> {
+    w.router
+        .controller()
+        .submitted()
+        .iter()
+        .map(|j| {
+            JobSpec::from_bytes(&j.spec)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .approvers
+                .iter()
+                .map(|a| a.as_str().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+fn kinds(w: &World) -> Vec<String> {
+    w.router
+        .controller()
+        .reported()
+        .into_iter()
+        .map(|(k, ..)| k)
+        .collect()
+}
+
+async fn finish(task: tokio::task::JoinHandle<()>) {
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap_or_else(|_| panic!("run task did not finish"))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
+async fn a_command_needing_approval_waits_and_runs_after_another_approver_says_yes() {
+    let w = world();
+    let (task, out, short) = request_reboot(&w).await;
+    let request = out.all()[0].clone();
+    let Sent::Send { reply, .. } = &request else {
+        panic!("expected a posted request")
+    };
+    assert!(
+        reply.header.contains("needs 1 approval"),
+        "{}",
+        reply.header
+    );
+    assert_eq!(
+        reply
+            .actions
+            .iter()
+            .map(|a| a.command.as_str())
+            .collect::<Vec<_>>(),
+        [format!("approve {short}"), format!("deny {short}")]
+    );
+    assert!(
+        w.router.controller().submitted().is_empty(),
+        "ran before approval"
+    );
+    assert_eq!(w.router.pending_approvals(), 1);
+
+    let approved = ask(&w, "console:carol", &format!("!approve {short}")).await;
+    assert!(
+        approved[0].text().contains("approved; submitting"),
+        "{}",
+        approved[0].text()
+    );
+    finish(task).await;
+    assert_eq!(submitted_approvers(&w), [vec!["console:carol".to_string()]]);
+    let texts: Vec<String> = out.all().iter().map(Sent::text).collect();
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("approved by console:carol")),
+        "{texts:#?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.contains("succeeded")),
+        "the job was followed to its end: {texts:#?}"
+    );
+    assert_eq!(kinds(&w), ["approval_requested", "approval_given"]);
+    assert_eq!(w.router.pending_approvals(), 0);
+}
+
+#[tokio::test]
+async fn the_requester_cannot_approve_their_own_job_nor_can_someone_without_the_right() {
+    let w = world();
+    let (task, _out, short) = request_reboot(&w).await;
+    let own = ask(&w, "console:alice", &format!("!approve {short}")).await;
+    assert!(
+        own[0].text().contains("someone else must approve"),
+        "{}",
+        own[0].text()
+    );
+    // bob is a viewer: reboot is not among his role's commands.
+    let stranger = ask(&w, "console:bob", &format!("!approve {short}")).await;
+    assert!(
+        stranger[0].text().contains("may not approve `reboot`"),
+        "{}",
+        stranger[0].text()
+    );
+    // Nobody known to the policy at all.
+    let nobody = ask(&w, "console:mallory", &format!("!approve {short}")).await;
+    assert!(
+        nobody[0].text().contains("may not approve"),
+        "{}",
+        nobody[0].text()
+    );
+    assert!(w.router.controller().submitted().is_empty());
+    assert_eq!(w.router.pending_approvals(), 1);
+    let reported = w.router.controller().reported();
+    assert_eq!(
+        reported
+            .iter()
+            .filter(|(k, ..)| k == "chat_denied")
+            .map(|(_, actor, ..)| actor.as_str())
+            .collect::<Vec<_>>(),
+        ["console:alice", "console:bob", "console:mallory"]
+    );
+    // A second approval by the same person never counts twice: with one
+    // approval needed, carol's first completes it and her second finds
+    // nothing waiting.
+    ask(&w, "console:carol", &format!("!approve {short}")).await;
+    let again = ask(&w, "console:carol", &format!("!approve {short}")).await;
+    assert!(
+        again[0].text().contains("no approval request is waiting"),
+        "{}",
+        again[0].text()
+    );
+    finish(task).await;
+    assert_eq!(submitted_approvers(&w), [vec!["console:carol".to_string()]]);
+}
+
+#[tokio::test]
+async fn a_denied_request_never_runs_and_says_who_denied_and_why() {
+    let w = world();
+    let (task, out, short) = request_reboot(&w).await;
+    let denied = ask(
+        &w,
+        "console:dave",
+        &format!("!deny {short} not during the sale"),
+    )
+    .await;
+    assert!(denied[0].text().contains("denied"), "{}", denied[0].text());
+    finish(task).await;
+    assert!(w.router.controller().submitted().is_empty());
+    let texts: Vec<String> = out.all().iter().map(Sent::text).collect();
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("denied by console:dave: not during the sale; nothing ran")),
+        "{texts:#?}"
+    );
+    assert_eq!(kinds(&w), ["approval_requested", "approval_denied"]);
+    // bob may neither approve nor deny: his deny is refused.
+    let (task, _out, short) = request_reboot(&w).await;
+    let bob = ask(&w, "console:bob", &format!("!deny {short}")).await;
+    assert!(
+        bob[0].text().contains("only the requester"),
+        "{}",
+        bob[0].text()
+    );
+    // The requester may withdraw.
+    let own = ask(&w, "console:alice", &format!("!deny {short} wrong host")).await;
+    assert!(own[0].text().contains("denied"), "{}", own[0].text());
+    finish(task).await;
+    assert!(w.router.controller().submitted().is_empty());
+}
+
+#[tokio::test]
+async fn an_expired_request_runs_nothing_and_takes_no_late_approval() {
+    let w = world_with_config(
+        |_| {},
+        |cfg| cfg.approval_window = Duration::from_millis(300),
+    );
+    let (task, out, short) = request_reboot(&w).await;
+    finish(task).await;
+    let texts: Vec<String> = out.all().iter().map(Sent::text).collect();
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("expired") && t.contains("nothing ran")),
+        "{texts:#?}"
+    );
+    let late = ask(&w, "console:carol", &format!("!approve {short}")).await;
+    assert!(
+        late[0].text().contains("no approval request is waiting"),
+        "{}",
+        late[0].text()
+    );
+    assert!(w.router.controller().submitted().is_empty());
+    assert_eq!(kinds(&w), ["approval_requested", "approval_expired"]);
+}
+
+#[tokio::test]
+async fn dry_run_of_an_approval_command_needs_no_approval_and_runs_nothing() {
+    let w = world();
+    let sent = ask(&w, "console:alice", "!run reboot on all --dry-run").await;
+    assert!(sent[0].text().contains("dry run"), "{}", sent[0].text());
+    assert_eq!(w.router.pending_approvals(), 0);
+    assert!(w.router.controller().submitted().is_empty());
+}
+
+#[tokio::test]
+async fn a_refused_run_is_reported_to_the_audit_trail() {
+    let w = world();
+    let sent = ask(&w, "console:bob", "!run reboot on all").await;
+    assert!(sent[0].text().contains("refused"), "{}", sent[0].text());
+    let reported = w.router.controller().reported();
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    let (kind, actor, command, detail) = &reported[0];
+    assert_eq!(
+        (kind.as_str(), actor.as_str(), command.as_str()),
+        ("chat_denied", "console:bob", "reboot")
+    );
+    assert!(detail.contains("needs one of roles [oncall]"), "{detail}");
+}

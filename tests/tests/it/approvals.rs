@@ -1,0 +1,221 @@
+//! Two-person approval end to end: a chat request through the real router
+//! and controller, approved by another user, runs on real agents with its
+//! approver in the signed job; the audit trail records each step; and a job
+//! signed without the approvals it needs (a gateway bug or a stolen gateway
+//! key) is refused by the controller.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetcmd_core::ids::Identity;
+use fleetcmd_core::job::SignedJob;
+use fleetcmd_gateway::adapters::{
+    AdapterError, BoxFuture, ChatSender, Incoming, MessageRef, Reply,
+};
+use fleetcmd_gateway::controller::GrpcController;
+use fleetcmd_gateway::router::Router;
+use fleetcmd_proto::v1 as pb;
+use fleetcmd_tests::*;
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<String>>);
+
+impl Recorder {
+    fn texts(&self) -> Vec<String> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+impl ChatSender for Recorder {
+    fn send<'a>(
+        &'a self,
+        channel: &'a str,
+        reply: Reply,
+    ) -> BoxFuture<'a, Result<MessageRef, AdapterError>> {
+        Box::pin(async move {
+            let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            v.push(reply.plain());
+            Ok(MessageRef {
+                channel: channel.to_string(),
+                id: v.len().to_string(),
+            })
+        })
+    }
+    fn edit<'a>(
+        &'a self,
+        _msg: &'a MessageRef,
+        reply: Reply,
+    ) -> BoxFuture<'a, Result<(), AdapterError>> {
+        Box::pin(async move {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(reply.plain());
+            Ok(())
+        })
+    }
+}
+
+fn said(who: &str, text: &str) -> Incoming {
+    Incoming {
+        identity: Identity::parse(who).expect("identity"),
+        channel: "console".into(),
+        text: text.into(),
+        thread: None,
+        direct: true,
+        from_bot: false,
+    }
+}
+
+/// The dev policy plus `reboot-demo`, which needs one approval by carol.
+async fn push_approval_policy(fleet: &mut TestFleet) {
+    let base = fleetcmd_cli::fleet::example_policy(
+        fleet.policy_version + 1,
+        &fleet.gateway_key.public_key(),
+        &fleet.operator_key.public_key(),
+    );
+    let text = base.replace(
+        "[roles.admin]",
+        "[commands.reboot-demo]\n\
+         description = \"Pretend to reboot\"\n\
+         argv = [\"/usr/bin/echo\", \"rebooting (demo)\"]\n\
+         requires_approvals = 1\n\n\
+         [roles.admin]",
+    ) + "\n[approvers]\nreboot-demo = [\"console:carol\"]\n";
+    fleet.fleet.push_policy(&text).await.expect("policy pushed");
+}
+
+async fn router(fleet: &TestFleet) -> Arc<Router<GrpcController>> {
+    let ctl = GrpcController::from_channel(fleet.gateway().await);
+    Arc::new(Router::new(fleet.gateway_options().router_config(), ctl))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_approved_chat_request_runs_on_the_agents_and_every_step_is_audited() {
+    let mut fleet = start_fleet(2).await;
+    push_approval_policy(&mut fleet).await;
+    let router = router(&fleet).await;
+    let out = Arc::new(Recorder::default());
+    let task = {
+        let (router, out) = (router.clone(), out.clone());
+        tokio::spawn(async move {
+            router
+                .handle(
+                    said("console:alice", "run reboot-demo on all"),
+                    out.as_ref(),
+                )
+                .await;
+        })
+    };
+    let short = assert_eventually(Duration::from_secs(10), || {
+        let out = out.clone();
+        async move {
+            let first = out.texts().first().cloned()?;
+            first.split_whitespace().nth(1).map(str::to_string)
+        }
+    })
+    .await;
+    assert!(
+        out.texts()[0].contains("needs 1 approval"),
+        "{:?}",
+        out.texts()
+    );
+
+    // Another admin who is not listed in [approvers] cannot approve.
+    let bob = Recorder::default();
+    router
+        .handle(said("console:bob", &format!("approve {short}")), &bob)
+        .await;
+    assert!(
+        bob.texts()[0].contains("may not approve"),
+        "{:?}",
+        bob.texts()
+    );
+    assert_eq!(router.pending_approvals(), 1);
+
+    let carol = Recorder::default();
+    router
+        .handle(said("console:carol", &format!("approve {short}")), &carol)
+        .await;
+    assert!(carol.texts()[0].contains("approved"), "{:?}", carol.texts());
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the run finished")
+        .expect("run task");
+    let texts = out.texts();
+    let last = texts.last().cloned().unwrap_or_default();
+    assert!(last.contains("succeeded (2/2 ok)"), "{texts:#?}");
+    assert!(last.contains("rebooting (demo)"), "{last}");
+
+    // The controller's record of the job names its approver, and the
+    // trail has each step under the job id.
+    let jobs = fleet
+        .controller
+        .shared()
+        .list_jobs(10, "", "")
+        .expect("jobs");
+    let job = jobs
+        .iter()
+        .find(|j| j.job_id.starts_with(&short))
+        .expect("the job");
+    let mut audit = pb::audit_client::AuditClient::new(fleet.operator().await);
+    let records = audit
+        .search(pb::AuditSearchRequest {
+            job_id: job.job_id.clone(),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("audit search")
+        .into_inner()
+        .records;
+    let kinds: Vec<String> = records
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_str(r).expect("json record");
+            v["event"]["kind"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    for kind in ["approval_requested", "approval_given", "job_submitted"] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} missing: {kinds:?}");
+    }
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_signed_without_its_approvals_is_refused_by_the_controller() {
+    let mut fleet = start_fleet(1).await;
+    push_approval_policy(&mut fleet).await;
+    let mut jobs = pb::jobs_client::JobsClient::new(fleet.gateway().await);
+    let sign = |approvers: &[&str]| {
+        let mut s = spec("reboot-demo", &[], "all", "console:alice");
+        s.approvers = approvers
+            .iter()
+            .map(|a| Identity::parse(a).expect("identity"))
+            .collect();
+        to_pb(SignedJob::sign(
+            &s,
+            fleetcmd_cli::fleet::GATEWAY_SIGNER,
+            &fleet.gateway_key,
+        ))
+    };
+    // None; the requester approving herself; someone [approvers] does not name.
+    for approvers in [&[][..], &["console:alice"], &["console:mallory"]] {
+        let err = jobs
+            .submit(sign(approvers))
+            .await
+            .expect_err("an unapproved job is refused");
+        assert!(
+            err.message().contains("needs 1 approval(s), got 0"),
+            "{approvers:?}: {err:?}"
+        );
+    }
+    let ok = jobs
+        .submit(sign(&["console:carol"]))
+        .await
+        .expect("approved by carol")
+        .into_inner();
+    let job = fleet.wait_job(&ok.job_id).await;
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
