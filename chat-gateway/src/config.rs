@@ -46,6 +46,9 @@ pub mod defaults {
     pub(super) fn approval_timeout() -> String {
         APPROVAL_TIMEOUT.to_string()
     }
+    pub(super) fn http_listen() -> String {
+        crate::http::DEFAULT_LISTEN.to_string()
+    }
     pub(super) fn bot_name() -> String {
         BOT_NAME.to_string()
     }
@@ -81,6 +84,25 @@ pub struct GatewayConfig {
     pub approval_timeout: String,
     #[serde(default)]
     pub console: ConsoleConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// `[http]`: the listener for chat webhooks (used only when an adapter
+/// that receives HTTP is enabled).
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(default = "defaults::http_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> HttpConfig {
+        HttpConfig {
+            listen: crate::http::DEFAULT_LISTEN.to_string(),
+        }
+    }
 }
 
 /// `[console]`: the stdin/stdout adapter.
@@ -210,6 +232,9 @@ impl GatewayConfig {
                 "bot_name",
                 "must be a non-empty name without spaces".to_string(),
             );
+        }
+        if let Err(e) = self.http.listen.parse::<std::net::SocketAddr>() {
+            bad("http.listen", format!("expected ADDRESS:PORT, e.g. 127.0.0.1:7081: {e}"));
         }
         match parse_duration(&self.approval_timeout) {
             Ok(d) if d.as_secs() >= 10 && d.as_secs() <= 24 * 3600 => {}

@@ -21,6 +21,7 @@ pub mod approvals;
 pub mod cli_args;
 pub mod config;
 pub mod controller;
+pub mod http;
 pub mod render;
 pub mod router;
 
@@ -79,6 +80,76 @@ impl GatewayOptions {
 pub enum GatewayError {
     #[error(transparent)]
     Controller(#[from] ChannelError),
+}
+
+/// Several adapters served by one router (one gateway process can speak
+/// Slack, IRC and the console at once), plus the HTTP routes of the
+/// webhook-based ones on one listener.
+pub struct Gateway<C: ControllerApi> {
+    router: Arc<Router<C>>,
+    tasks: JoinSet<()>,
+    routes: axum::Router,
+    has_routes: bool,
+}
+
+impl<C: ControllerApi> std::fmt::Debug for Gateway<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("adapters", &self.tasks.len())
+            .field("has_routes", &self.has_routes)
+            .finish()
+    }
+}
+
+impl<C: ControllerApi> Gateway<C> {
+    pub fn new(router: Arc<Router<C>>) -> Gateway<C> {
+        Gateway {
+            router,
+            tasks: JoinSet::new(),
+            routes: axum::Router::new(),
+            has_routes: false,
+        }
+    }
+
+    /// The shared router.
+    pub fn router(&self) -> &Arc<Router<C>> {
+        &self.router
+    }
+
+    /// Starts serving `adapter` (its own task; the router is shared).
+    pub fn add(&mut self, adapter: impl ChatAdapter) {
+        self.tasks.spawn(serve(self.router.clone(), adapter));
+    }
+
+    /// Mounts an adapter's webhook routes on the gateway's HTTP listener.
+    pub fn add_routes(&mut self, routes: axum::Router) {
+        self.routes = std::mem::take(&mut self.routes).merge(routes);
+        self.has_routes = true;
+    }
+
+    /// Whether any adapter needs the HTTP listener.
+    pub fn needs_http(&self) -> bool {
+        self.has_routes
+    }
+
+    /// Serves until every adapter's input has ended (the HTTP listener, if
+    /// given, is stopped then).
+    pub async fn run(mut self, http: Option<tokio::net::TcpListener>) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = http.map(|listener| {
+            tokio::spawn(http::serve(listener, self.routes, async move {
+                let _ = stop_rx.await;
+            }))
+        });
+        while let Some(done) = self.tasks.join_next().await {
+            log_task_end(done);
+        }
+        let _ = stop_tx.send(());
+        match server {
+            Some(s) => s.await.map_err(std::io::Error::other)?,
+            None => Ok(()),
+        }
+    }
 }
 
 /// Runs the gateway on `adapter` against the controller at
