@@ -234,7 +234,10 @@ impl GatewayConfig {
             );
         }
         if let Err(e) = self.http.listen.parse::<std::net::SocketAddr>() {
-            bad("http.listen", format!("expected ADDRESS:PORT, e.g. 127.0.0.1:7081: {e}"));
+            bad(
+                "http.listen",
+                format!("expected ADDRESS:PORT, e.g. 127.0.0.1:7081: {e}"),
+            );
         }
         match parse_duration(&self.approval_timeout) {
             Ok(d) if d.as_secs() >= 10 && d.as_secs() <= 24 * 3600 => {}

@@ -25,7 +25,10 @@ pub fn app(routes: axum::Router) -> axum::Router {
 /// Binds `addr`; the error names the address.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("binding the HTTP listener on {addr}: {e}"))
+        std::io::Error::new(
+            e.kind(),
+            format!("binding the HTTP listener on {addr}: {e}"),
+        )
     })
 }
 

@@ -130,7 +130,7 @@ pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
     }
     let mut lines = vec![
         "run <command> [args] on <selector> [--timeout D] [--dry-run]".to_string(),
-        "also: agents [selector], status [selector], job <id>, jobs [mine], whoami, policy, help <command>"
+        "also: agents [selector], status [selector], job <id>, jobs [mine], output <id> [host], cancel <id>, approve <id>, deny <id> [reason], audit <query>, whoami, policy, help <command>"
             .to_string(),
     ];
     for def in commands {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleetcmd_core::approval::{ApprovalRequest, Progress};
 use fleetcmd_core::argv::{bind_positional, build_argv};
+use fleetcmd_core::audit::{ExportLine, Filter};
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
 use fleetcmd_core::grammar::{self, ChatCommand, RunRequest};
 use fleetcmd_core::ids::{Identity, JobId};
@@ -31,6 +32,10 @@ use crate::render::{self, asked_by, short_id};
 /// How long past its expiry and timeout a job is followed before the
 /// gateway stops polling and says so.
 pub const FOLLOW_SLACK: Duration = Duration::from_secs(60);
+/// Records one chat `audit` reply shows.
+pub const AUDIT_CHAT_RECORDS: usize = 20;
+/// Records asked of the controller per chat `audit` (before read filtering).
+const AUDIT_SEARCH_LIMIT: u32 = 200;
 /// Minimum time between two progress edits of a running job's message.
 pub const PROGRESS_EDIT_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -255,7 +260,7 @@ impl<C: ControllerApi> Router<C> {
                 self.deny(&msg, &id, reason.as_deref().unwrap_or("")).await
             }
             ChatCommand::Health(_) => not_yet("health", &who),
-            ChatCommand::Audit(_) => not_yet("audit", &who),
+            ChatCommand::Audit(query) => self.audit(&msg, &query).await,
         };
         self.post(out, &msg, reply).await;
     }
@@ -335,6 +340,92 @@ impl<C: ControllerApi> Router<C> {
             )));
         }
         Ok(p)
+    }
+
+    /// `audit QUERY`: the newest matching records the asker may read —
+    /// their own, those about commands their roles here include, or all of
+    /// them for a role with `*` (DESIGN §2.12).
+    async fn audit(&self, msg: &Incoming, query: &str) -> Reply {
+        let who = msg.identity.as_str();
+        let p = match self.policy_for_reads(msg).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        let now_ms = unix_now().saturating_mul(1000);
+        let filter = match Filter::parse_query(query, now_ms) {
+            Ok(f) => f,
+            Err(e) => return Reply::text(format!("audit: {e}{}", asked_by(who))),
+        };
+        let req = v1::AuditSearchRequest {
+            text: filter.text.clone().unwrap_or_default(),
+            actor: filter.actor.clone().unwrap_or_default(),
+            command: filter.command.clone().unwrap_or_default(),
+            host: filter.host.clone().unwrap_or_default(),
+            job_id: filter.job_id.clone().unwrap_or_default(),
+            kinds: filter
+                .kinds
+                .iter()
+                .map(|k| k.as_str().to_string())
+                .collect(),
+            since_ms: filter.since_ms.unwrap_or(0),
+            until_ms: filter.until_ms.unwrap_or(0),
+            limit: AUDIT_SEARCH_LIMIT,
+            before_seq: 0,
+        };
+        let resp = match self.ctl.audit_search(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Reply::text(format!(
+                    "audit search failed: {}{}",
+                    e.message,
+                    asked_by(who)
+                ));
+            }
+        };
+        let roles = roles_of(&p.policy, &msg.identity);
+        let everything = roles
+            .iter()
+            .any(|r| in_channel(r, &msg.channel) && r.commands.iter().any(|c| c == "*"));
+        let readable: Vec<&str> = commands_for(&p.policy, &msg.identity, &msg.channel)
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        let lines: Vec<String> = resp
+            .records
+            .iter()
+            .filter_map(|l| match serde_json::from_str::<ExportLine>(l) {
+                Ok(ExportLine::Record(r)) => Some(r),
+                _ => None,
+            })
+            .filter(|r| {
+                everything
+                    || r.event.actor == who
+                    || (!r.event.command.is_empty() && readable.contains(&r.event.command.as_str()))
+            })
+            .take(AUDIT_CHAT_RECORDS)
+            .map(|r| r.line())
+            .collect();
+        let mut reply = Reply::text(format!(
+            "audit: {} record{} for `{query}`, newest first{}",
+            lines.len(),
+            if lines.len() == 1 { "" } else { "s" },
+            asked_by(who)
+        ));
+        if lines.len() == AUDIT_CHAT_RECORDS {
+            reply.lines.push(format!(
+                "showing the newest {AUDIT_CHAT_RECORDS}; narrow with since:, until:, actor:, command:, host:, job: or kind:"
+            ));
+        }
+        if !lines.is_empty() {
+            reply.sections.push(Section {
+                blocks: vec![crate::adapters::CodeBlock {
+                    label: String::new(),
+                    text: lines.join("\n"),
+                }],
+                ..Section::default()
+            });
+        }
+        reply
     }
 
     async fn policy_info(&self, msg: &Incoming) -> Reply {

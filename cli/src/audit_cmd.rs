@@ -88,18 +88,6 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Parses `2h` (that long before `now_ms`) or an RFC 3339 time, to unix ms.
-pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, String> {
-    if let Ok(d) = fleetcmd_core::duration::parse_duration(s) {
-        return Ok(now_ms.saturating_sub(d.as_millis() as u64));
-    }
-    let t = time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
-        .map_err(|_| {
-        format!("time {s:?}: expected a duration such as 2h or an RFC 3339 time")
-    })?;
-    Ok((t.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
-}
-
 /// Reads `--key`: the key itself or a file holding it.
 pub fn read_key(arg: &str) -> Result<PublicKey, Failure> {
     let text = if Path::new(arg).is_file() {
@@ -275,7 +263,7 @@ pub async fn run(conn: &Conn, cmd: AuditCmd) -> Result<u8, Failure> {
                     serde_json::to_writer(&mut out, r)?;
                     writeln!(out)?;
                 } else {
-                    writeln!(out, "{}", render(r))?;
+                    writeln!(out, "{}", r.line())?;
                 }
             }
             if page.1 > 0 {
@@ -291,7 +279,7 @@ pub async fn search(ch: Channel, args: &SearchArgs) -> Result<(Vec<Record>, u64)
     let now = now_ms();
     let t = |s: &Option<String>| -> Result<u64, Failure> {
         s.as_deref()
-            .map(|s| parse_time(s, now).map_err(usage))
+            .map(|s| fleetcmd_core::duration::parse_time_ms(s, now).map_err(usage))
             .transpose()
             .map(|v| v.unwrap_or(0))
     };
@@ -322,48 +310,4 @@ pub async fn search(ch: Channel, args: &SearchArgs) -> Result<(Vec<Record>, u64)
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((records, resp.next_before_seq))
-}
-
-/// One line per record for people.
-pub fn render(r: &Record) -> String {
-    let e = &r.event;
-    let time = time::OffsetDateTime::from_unix_timestamp_nanos(r.time_ms as i128 * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| r.time_ms.to_string());
-    let mut s = format!("{:>6} {time} {:<20} {}", r.seq, e.kind.as_str(), e.actor);
-    if !e.source.is_empty() {
-        s.push_str(&format!(" via {}", e.source));
-    }
-    if !e.command.is_empty() {
-        s.push_str(&format!(" cmd={}", e.command));
-    }
-    if !e.job_id.is_empty() {
-        s.push_str(&format!(" job={}", e.job_id));
-    }
-    if !e.hosts.is_empty() {
-        s.push_str(&format!(" hosts={}", e.hosts.join(",")));
-    }
-    for (k, v) in &e.fields {
-        s.push_str(&format!(" {k}={v}"));
-    }
-    if !e.detail.is_empty() {
-        s.push_str(&format!(" — {}", e.detail));
-    }
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times_are_durations_back_or_rfc3339() {
-        assert_eq!(parse_time("2h", 10_000_000), Ok(10_000_000 - 7_200_000));
-        assert_eq!(parse_time("1970-01-01T00:00:01Z", 0), Ok(1000));
-        assert!(parse_time("yesterday", 0).is_err());
-    }
 }

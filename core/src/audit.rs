@@ -239,6 +239,39 @@ struct Canonical<'a> {
 }
 
 impl Record {
+    /// One line for people: `seq time kind actor via source cmd= job= hosts= fields — detail`.
+    pub fn line(&self) -> String {
+        let r = self;
+        let e = &r.event;
+        let time = time::OffsetDateTime::from_unix_timestamp_nanos(r.time_ms as i128 * 1_000_000)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| r.time_ms.to_string());
+        let mut s = format!("{:>6} {time} {:<20} {}", r.seq, e.kind.as_str(), e.actor);
+        if !e.source.is_empty() {
+            s.push_str(&format!(" via {}", e.source));
+        }
+        if !e.command.is_empty() {
+            s.push_str(&format!(" cmd={}", e.command));
+        }
+        if !e.job_id.is_empty() {
+            s.push_str(&format!(" job={}", e.job_id));
+        }
+        if !e.hosts.is_empty() {
+            s.push_str(&format!(" hosts={}", e.hosts.join(",")));
+        }
+        for (k, v) in &e.fields {
+            s.push_str(&format!(" {k}={v}"));
+        }
+        if !e.detail.is_empty() {
+            s.push_str(&format!(" — {}", e.detail));
+        }
+        s
+    }
+
     /// The bytes the hash covers (besides `prev_hash`): versioned JSON with a
     /// fixed field order (struct order; `fields` is a sorted map).
     pub fn canonical(&self) -> Vec<u8> {
@@ -579,6 +612,54 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// Parses a chat `audit` query: `key:value` terms (`actor:` or `by:`,
+    /// `command:` or `cmd:`, `host:`, `job:`, `kind:` (repeatable),
+    /// `since:`/`until:` as `2h` or RFC 3339) and free text for the rest.
+    ///
+    /// ```
+    /// use fleetcmd_core::audit::Filter;
+    /// let f = Filter::parse_query("restart by:slack:T1:U2 since:2h", 10_000_000).unwrap();
+    /// assert_eq!(f.text.as_deref(), Some("restart"));
+    /// assert_eq!(f.actor.as_deref(), Some("slack:T1:U2"));
+    /// assert_eq!(f.since_ms, Some(10_000_000 - 7_200_000));
+    /// ```
+    pub fn parse_query(query: &str, now_ms: u64) -> Result<Filter, String> {
+        let mut f = Filter::default();
+        let mut text = Vec::new();
+        for term in query.split_whitespace() {
+            let Some((key, value)) = term.split_once(':') else {
+                text.push(term);
+                continue;
+            };
+            let set = |slot: &mut Option<String>| {
+                if value.is_empty() {
+                    Err(format!("`{key}:` needs a value"))
+                } else {
+                    *slot = Some(value.to_string());
+                    Ok(())
+                }
+            };
+            match key {
+                "actor" | "by" => set(&mut f.actor)?,
+                "command" | "cmd" => set(&mut f.command)?,
+                "host" => set(&mut f.host)?,
+                "job" => set(&mut f.job_id)?,
+                "kind" => f.kinds.push(EventKind::parse(value)?),
+                "since" => f.since_ms = Some(crate::duration::parse_time_ms(value, now_ms)?),
+                "until" => f.until_ms = Some(crate::duration::parse_time_ms(value, now_ms)?),
+                _ => {
+                    return Err(format!(
+                        "unknown filter `{key}:`; filters are actor:, command:, host:, job:, kind:, since: and until:"
+                    ));
+                }
+            }
+        }
+        if !text.is_empty() {
+            f.text = Some(text.join(" "));
+        }
+        Ok(f)
+    }
+
     pub fn matches(&self, r: &Record) -> bool {
         let e = &r.event;
         if self.since_ms.is_some_and(|s| r.time_ms < s) {

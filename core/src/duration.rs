@@ -35,9 +35,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(ms))
 }
 
+/// A point in time as written in `--since`/`--until` and chat `audit`:
+/// a duration (`2h`: that long before `now_ms`) or an RFC 3339 time; unix ms.
+pub fn parse_time_ms(s: &str, now_ms: u64) -> Result<u64, String> {
+    if let Ok(d) = parse_duration(s) {
+        return Ok(now_ms.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
+    }
+    let t = time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
+        .map_err(|_| {
+        format!("time {s:?}: expected a duration such as 2h or an RFC 3339 time")
+    })?;
+    Ok(u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_durations_ago_or_rfc3339() {
+        assert_eq!(parse_time_ms("2h", 10_000_000), Ok(10_000_000 - 7_200_000));
+        assert_eq!(parse_time_ms("1970-01-01T00:00:01Z", 0), Ok(1000));
+        assert!(parse_time_ms("yesterday", 0).is_err());
+    }
 
     fn check(input: &str, expected: Option<Duration>) {
         assert_eq!(

@@ -2,6 +2,7 @@
 //! and the router against a fake controller.
 
 mod approvals;
+mod audit;
 mod config;
 mod console;
 mod render;

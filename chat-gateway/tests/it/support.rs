@@ -170,6 +170,9 @@ pub struct FakeController {
     pub canceled: Mutex<Vec<(String, String)>>,
     /// Audit events the gateway reported.
     pub reports: Mutex<Vec<v1::AuditReportRequest>>,
+    /// What `audit_search` answers (JSON lines), and the last request.
+    pub audit_records: Vec<String>,
+    pub audit_requests: Mutex<Vec<v1::AuditSearchRequest>>,
 }
 
 impl FakeController {
@@ -183,6 +186,8 @@ impl FakeController {
             output: b"up 3 days, load 0.5".to_vec(),
             canceled: Mutex::new(Vec::new()),
             reports: Mutex::new(Vec::new()),
+            audit_records: Vec::new(),
+            audit_requests: Mutex::new(Vec::new()),
         }
     }
 
@@ -333,10 +338,17 @@ impl ControllerApi for FakeController {
 
     async fn audit_search(
         &self,
-        _req: v1::AuditSearchRequest,
+        req: v1::AuditSearchRequest,
     ) -> Result<v1::AuditSearchResponse, ControllerError> {
         self.check()?;
-        Ok(v1::AuditSearchResponse::default())
+        self.audit_requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(req);
+        Ok(v1::AuditSearchResponse {
+            records: self.audit_records.clone(),
+            next_before_seq: 0,
+        })
     }
 
     async fn cancel(&self, id: String, requested_by: String) -> Result<v1::Job, ControllerError> {
