@@ -177,6 +177,7 @@ impl Fleet {
         let mut roots = vec![admin_key.public_key()];
         roots.extend(more_admin_keys.iter().map(|k| k.public_key()));
         let config = ControllerConfig {
+            audit_export: Vec::new(),
             listen: opts.listen,
             data_dir: dir.join("controller"),
             tls_names: Vec::new(),

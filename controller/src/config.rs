@@ -8,6 +8,8 @@ use std::time::Duration;
 use fleetcmd_core::crypto::PublicKey;
 use serde::Deserialize;
 
+use crate::audit::export::{ExportConfig, RawExport};
+
 /// The file as written. Defaults live in `Default` below, in one place.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -24,6 +26,8 @@ pub struct RawConfig {
     /// Finished jobs are deleted, oldest first, while their stored records
     /// take more than this many bytes.
     pub job_store_max_bytes: u64,
+    /// `[[audit_export]]`: continuous copies of the audit trail.
+    pub audit_export: Vec<RawExport>,
 }
 
 impl Default for RawConfig {
@@ -38,6 +42,7 @@ impl Default for RawConfig {
             heartbeat_interval: "10s".into(),
             job_retention: "30d".into(),
             job_store_max_bytes: 10 * 1024 * 1024 * 1024,
+            audit_export: Vec::new(),
         }
     }
 }
@@ -54,6 +59,7 @@ pub struct ControllerConfig {
     pub heartbeat_interval: Duration,
     pub job_retention: Duration,
     pub job_store_max_bytes: u64,
+    pub audit_export: Vec<ExportConfig>,
 }
 
 /// Every problem found in a configuration file.
@@ -132,6 +138,18 @@ impl RawConfig {
         if self.data_dir.as_os_str().is_empty() {
             problems.push("data_dir: must not be empty".into());
         }
+        let mut names = std::collections::BTreeSet::new();
+        let mut audit_export = Vec::new();
+        for (i, e) in self.audit_export.iter().enumerate() {
+            let at = format!("audit_export[{i}]");
+            if !names.insert(e.name.as_str()) {
+                problems.push(format!("{at}.name: {:?} is used twice", e.name));
+            }
+            match e.validate(&at) {
+                Ok(c) => audit_export.push(c),
+                Err(p) => problems.extend(p),
+            }
+        }
         match (listen, problems.is_empty()) {
             (Some(listen), true) => Ok(ControllerConfig {
                 listen,
@@ -143,6 +161,7 @@ impl RawConfig {
                 heartbeat_interval,
                 job_retention,
                 job_store_max_bytes: self.job_store_max_bytes,
+                audit_export,
             }),
             _ => Err(ConfigError {
                 file: file.to_owned(),

@@ -41,6 +41,8 @@ pub enum StartError {
     Tls(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(String),
+    #[error("audit export {name}: {reason}")]
+    Export { name: String, reason: String },
 }
 
 /// A running controller. Dropping it does not stop it: call `shutdown`.
@@ -50,6 +52,7 @@ pub struct RunningController {
     stop: watch::Sender<bool>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     sweeper: Option<JoinHandle<()>>,
+    exporters: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RunningController {
@@ -272,6 +275,17 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
             }
         }
     });
+    let mut exporters = Vec::new();
+    for cfg in &shared.config.audit_export {
+        let exporter =
+            crate::audit::export::Exporter::new(cfg, shared.audit.clone()).map_err(|reason| {
+                StartError::Export {
+                    name: cfg.name.clone(),
+                    reason,
+                }
+            })?;
+        exporters.push(tokio::spawn(exporter.run(stop.subscribe())));
+    }
     tracing::info!(%addr, "controller listening");
     Ok(RunningController {
         addr,
@@ -279,6 +293,7 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         stop,
         server: Some(server),
         sweeper: Some(sweeper),
+        exporters,
     })
 }
 
@@ -317,6 +332,15 @@ impl RunningController {
         // The last signed head covers everything recorded up to shutdown.
         if let Err(e) = self.shared.audit.sign_head() {
             tracing::error!(error = %e, "signing the audit chain head at shutdown");
+        }
+        // Exporters finish the batch in hand; the rest goes after a restart.
+        for e in self.exporters.drain(..) {
+            if tokio::time::timeout(Duration::from_secs(15), e)
+                .await
+                .is_err()
+            {
+                tracing::warn!("an audit exporter did not stop within 15 s");
+            }
         }
         let store = self.shared.store.clone();
         tokio::task::spawn_blocking(move || {

@@ -11,6 +11,7 @@
 //! cursors). Records are never rewritten; the time of a record never
 //! decreases along the chain, so the records tree is also in time order.
 
+pub mod export;
 pub mod service;
 
 use std::path::{Path, PathBuf};

@@ -4,6 +4,7 @@
 mod allow_list;
 mod approvals;
 mod audit;
+mod audit_export;
 mod authn;
 mod crash;
 mod deploy;
