@@ -5,4 +5,5 @@ mod config;
 mod console;
 mod render;
 mod router;
+mod slack;
 mod support;

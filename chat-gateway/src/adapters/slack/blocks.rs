@@ -176,7 +176,7 @@ fn section_blocks(sec: &Section, out: &mut Vec<(Value, usize)>) {
         let label = if b.label.is_empty() {
             String::new()
         } else {
-            format!("{}\n", inline(&b.label))
+            format!("_{}_\n", inline(&b.label))
         };
         // "```\n" + text + "\n```" around each piece.
         let room = MAX_SECTION_CHARS - label.chars().count() - 8;

@@ -368,7 +368,10 @@ mod tests {
             bot_token_file: Some(PathBuf::from("nope")),
             ..c.clone()
         };
-        let e = missing.secrets(&dir).map(|_| ()).unwrap_err().to_string();
+        let e = match missing.secrets(&dir) {
+            Ok(_) => panic!("a missing file is an error"),
+            Err(e) => e.to_string(),
+        };
         assert!(e.contains("bot_token_file") && e.contains("nope"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
