@@ -23,7 +23,6 @@ const DEDUPE_KEYS: usize = 4096;
 pub struct Ctx {
     pub team_id: String,
     pub bot_user_id: String,
-    pub bot_id: Option<String>,
 }
 
 /// A bounded set of recently seen keys.

@@ -137,7 +137,6 @@ impl SlackAdapter {
             Ctx {
                 team_id: whoami.team_id.clone(),
                 bot_user_id: whoami.user_id.clone(),
-                bot_id: whoami.bot_id.clone(),
             },
             tx,
         ));
