@@ -7,4 +7,5 @@ mod config;
 mod console;
 mod render;
 mod router;
+mod slack;
 mod support;
