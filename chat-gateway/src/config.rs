@@ -86,6 +86,9 @@ pub struct GatewayConfig {
     pub console: ConsoleConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    /// `[slack]`: Socket Mode or the Events API (docs/chat/slack.md).
+    #[serde(default)]
+    pub slack: Option<crate::adapters::slack::SlackConfig>,
 }
 
 /// `[http]`: the listener for chat webhooks (used only when an adapter
@@ -247,12 +250,24 @@ impl GatewayConfig {
             ),
             Err(e) => bad("approval_timeout", e),
         }
-        if !self.console.enabled {
+        let mut adapter_problems: Vec<Problem> = Vec::new();
+        let mut adapter = |name: &str, found: Vec<(String, String)>| {
+            adapter_problems.extend(found.into_iter().map(|(key, message)| Problem {
+                key: format!("{name}.{key}"),
+                message,
+            }));
+        };
+        if let Some(s) = &self.slack {
+            adapter("slack", s.validate());
+        }
+        if !self.console.enabled && self.slack.is_none() {
             bad(
                 "console.enabled",
-                "no chat adapter is enabled (the console is the only adapter so far)".to_string(),
+                "no chat adapter is enabled: enable [console] or configure one of [slack]"
+                    .to_string(),
             );
         }
+        problems.extend(adapter_problems);
         if problems.is_empty() {
             Ok(())
         } else {

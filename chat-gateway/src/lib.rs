@@ -22,6 +22,7 @@ pub mod cli_args;
 pub mod config;
 pub mod controller;
 pub mod http;
+pub mod launch;
 pub mod render;
 pub mod router;
 

@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fleetcmd_gateway::adapters::console::ConsoleAdapter;
 use fleetcmd_gateway::config::GatewayConfig;
+use fleetcmd_gateway::launch;
 
 /// EX_USAGE: bad flags or configuration.
 const EXIT_CONFIG: u8 = 64;
@@ -26,8 +26,10 @@ fn main() -> ExitCode {
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let options = match GatewayConfig::load(&cli.config).and_then(|c| c.options(&cli.config)) {
-        Ok(o) => o,
+    let loaded =
+        GatewayConfig::load(&cli.config).and_then(|c| c.options(&cli.config).map(|o| (c, o)));
+    let (config, options) = match loaded {
+        Ok(v) => v,
         Err(e) => {
             eprintln!("fleetcmd-gateway: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -47,29 +49,49 @@ fn main() -> ExitCode {
                 }
             };
             runtime.block_on(async move {
-                let user = std::env::var("USER")
-                    .or_else(|_| std::env::var("LOGNAME"))
-                    .unwrap_or_else(|_| "unknown".to_string());
-                let stdin = tokio::io::BufReader::new(tokio::io::stdin());
-                let adapter = match ConsoleAdapter::new(stdin, tokio::io::stdout(), &user) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        eprintln!("fleetcmd-gateway: console user {user:?}: {e}");
-                        return ExitCode::from(EXIT_CONFIG);
-                    }
+                let mut watchdog = None;
+                let ready = || {
+                    // Every adapter connected: tell systemd (Type=notify);
+                    // a no-op outside systemd.
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                    watchdog = spawn_watchdog();
                 };
-                // Configured and about to serve: tell systemd (Type=notify);
-                // a no-op outside systemd.
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-                let _watchdog = spawn_watchdog();
-                match fleetcmd_gateway::run(options, adapter).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("fleetcmd-gateway: {e}");
-                        ExitCode::from(EXIT_RUNTIME)
+                let run = launch::run(&config, &cli.config, options, ready);
+                tokio::select! {
+                    res = run => match res {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e @ launch::LaunchError::Adapter { .. }) => {
+                            eprintln!("fleetcmd-gateway: {e}");
+                            ExitCode::from(EXIT_CONFIG)
+                        }
+                        Err(e) => {
+                            eprintln!("fleetcmd-gateway: {e}");
+                            ExitCode::from(EXIT_RUNTIME)
+                        }
+                    },
+                    _ = shutdown_signal() => {
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+                        tracing::info!("stopping on signal");
+                        ExitCode::SUCCESS
                     }
                 }
             })
+        }
+    }
+}
+
+/// SIGTERM (systemd stop) or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

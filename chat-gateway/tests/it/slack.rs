@@ -938,6 +938,7 @@ fn slack_router() -> Arc<Router<FakeController>> {
         bot_name: "fleetcmd".into(),
         job_expiry: Duration::from_secs(600),
         poll_interval: Duration::from_millis(5),
+        approval_window: Duration::from_secs(60),
     };
     Arc::new(Router::new(cfg, ctl))
 }

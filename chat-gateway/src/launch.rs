@@ -1,0 +1,81 @@
+//! Builds and starts every adapter a `gateway.toml` enables, on one router
+//! and one HTTP listener: what `fleetcmd-gateway run` does after loading
+//! its configuration.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::adapters::AdapterError;
+use crate::adapters::console::ConsoleAdapter;
+use crate::adapters::slack::SlackAdapter;
+use crate::config::GatewayConfig;
+use crate::controller::GrpcController;
+use crate::router::Router;
+use crate::{Gateway, GatewayOptions};
+
+/// Why the gateway could not start.
+#[derive(thiserror::Error, Debug)]
+pub enum LaunchError {
+    #[error(transparent)]
+    Controller(#[from] fleetcmd_proto::channel::ChannelError),
+    #[error("[{adapter}]: {source}")]
+    Adapter {
+        adapter: &'static str,
+        source: AdapterError,
+    },
+    #[error("{0}")]
+    Http(std::io::Error),
+}
+
+fn adapter(name: &'static str) -> impl Fn(AdapterError) -> LaunchError {
+    move |source| LaunchError::Adapter {
+        adapter: name,
+        source,
+    }
+}
+
+/// Connects every enabled adapter (a bad token or an unreachable chat
+/// server fails here, naming the adapter), binds the HTTP listener when one
+/// needs it, then serves until every adapter's input has ended.
+/// `on_ready` runs once everything is connected (systemd notification).
+pub async fn run(
+    cfg: &GatewayConfig,
+    file: &Path,
+    opts: GatewayOptions,
+    on_ready: impl FnOnce(),
+) -> Result<(), LaunchError> {
+    let base = file.parent().unwrap_or(Path::new("."));
+    let ctl = GrpcController::connect_lazy(&opts.controller_url, &opts.tls)?;
+    let router = Arc::new(Router::new(opts.router_config(), ctl));
+    let mut gw = Gateway::new(router);
+    if cfg.console.enabled {
+        let user = std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| "unknown".to_string());
+        let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+        let console =
+            ConsoleAdapter::new(stdin, tokio::io::stdout(), &user).map_err(adapter("console"))?;
+        gw.add(console);
+    }
+    if let Some(slack) = &cfg.slack {
+        let secrets = slack.secrets(base).map_err(adapter("slack"))?;
+        let a = SlackAdapter::connect_with(slack, secrets)
+            .await
+            .map_err(adapter("slack"))?;
+        gw.add_routes(a.routes());
+        gw.add(a);
+    }
+    let http = if gw.needs_http() {
+        let addr =
+            cfg.http.listen.parse().map_err(|e| {
+                LaunchError::Http(std::io::Error::other(format!("http.listen: {e}")))
+            })?;
+        let listener = crate::http::bind(addr).await.map_err(LaunchError::Http)?;
+        tracing::info!(%addr, "HTTP listener for chat webhooks");
+        Some(listener)
+    } else {
+        None
+    };
+    on_ready();
+    gw.run(http).await.map_err(LaunchError::Http)
+}
