@@ -2,7 +2,10 @@
 //! client certificate against the fleet CA; here its role must match the
 //! service and a revoked agent is refused at once (DESIGN §2.2).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tonic::{Request, Status};
 
@@ -23,9 +26,15 @@ pub fn require(
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut req: Request<()>| {
         let Some(peer) = peer_of(&req) else {
-            shared.security_event(
-                auth_failed(&req, "anonymous").detail("call without a client certificate"),
-            );
+            let ip = req.remote_addr().map(|a| a.ip());
+            if let Some(suppressed) = shared.auth_limiter.admit(ip) {
+                let mut event =
+                    auth_failed(&req, "anonymous").detail("call without a client certificate");
+                if suppressed > 0 {
+                    event = event.field("suppressed_before", suppressed);
+                }
+                shared.security_event(event);
+            }
             return Err(Status::unauthenticated(
                 "a client certificate issued by the fleet CA is required",
             ));
@@ -58,6 +67,48 @@ pub fn require(
     }
 }
 
+/// Audit records of anonymous authentication failures kept per source
+/// address and minute; the rest are counted, not recorded, so a client
+/// hammering the controller without a certificate cannot flood the trail.
+pub const AUTH_FAILURES_RECORDED_PER_MINUTE: u32 = 10;
+/// Source addresses tracked at once (oldest windows are dropped beyond it).
+const AUTH_FAILURE_SOURCES: usize = 10_000;
+
+/// Decides which anonymous authentication failures become audit records.
+#[derive(Default)]
+pub struct AuthFailureLimiter {
+    /// Per address: window start, recorded in the window, suppressed since
+    /// the last record.
+    windows: Mutex<HashMap<Option<IpAddr>, (Instant, u32, u64)>>,
+}
+
+impl AuthFailureLimiter {
+    /// `Some(n)` when this failure is to be recorded (`n` = failures from
+    /// the same address suppressed since its last record); `None` to only
+    /// count it.
+    pub fn admit(&self, ip: Option<IpAddr>) -> Option<u64> {
+        let mut map = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= AUTH_FAILURE_SOURCES && !map.contains_key(&ip) {
+            map.retain(|_, (start, _, _)| start.elapsed() < Duration::from_secs(60));
+            if map.len() >= AUTH_FAILURE_SOURCES {
+                map.clear();
+            }
+        }
+        let w = map.entry(ip).or_insert((Instant::now(), 0, 0));
+        if w.0.elapsed() >= Duration::from_secs(60) {
+            w.0 = Instant::now();
+            w.1 = 0;
+        }
+        if w.1 < AUTH_FAILURES_RECORDED_PER_MINUTE {
+            w.1 += 1;
+            Some(std::mem::take(&mut w.2))
+        } else {
+            w.2 += 1;
+            None
+        }
+    }
+}
+
 /// An authentication failure, from the caller's address and to the method.
 fn auth_failed(req: &Request<()>, actor: impl Into<String>) -> fleetcmd_core::audit::Event {
     let source = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -70,4 +121,29 @@ pub fn admitted<T>(req: &Request<T>) -> Result<Peer, Status> {
     req.extensions().get::<Peer>().cloned().ok_or_else(|| {
         Status::unauthenticated("a client certificate issued by the fleet CA is required")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_failures_are_recorded_up_to_the_cap_then_counted() {
+        let l = AuthFailureLimiter::default();
+        let a: Option<IpAddr> = "10.0.0.1".parse().ok();
+        let b: Option<IpAddr> = "10.0.0.2".parse().ok();
+        let recorded = (0..100).filter(|_| l.admit(a).is_some()).count();
+        assert_eq!(recorded as u32, AUTH_FAILURES_RECORDED_PER_MINUTE);
+        // Another address has its own allowance.
+        assert_eq!(l.admit(b), Some(0));
+        // When the window turns, the next record carries the suppressed count.
+        {
+            let mut map = l.windows.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(w) = map.get_mut(&a) {
+                w.0 = Instant::now() - Duration::from_secs(61);
+            }
+        }
+        assert_eq!(l.admit(a), Some(90));
+        assert_eq!(l.admit(a), Some(0));
+    }
 }

@@ -94,6 +94,8 @@ pub struct Shared {
     runs_loaded: std::sync::atomic::AtomicBool,
     next_conn: AtomicU64,
     pub join_limiter: JoinLimiter,
+    /// Caps audit records of failed authentications per source address.
+    pub auth_limiter: crate::auth::AuthFailureLimiter,
     /// The audit trail (its trees live in `store`; one flush covers both).
     pub audit: Arc<crate::audit::Audit>,
 }
@@ -189,6 +191,7 @@ impl Shared {
             watchers: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             join_limiter: JoinLimiter::default(),
+            auth_limiter: crate::auth::AuthFailureLimiter::default(),
         };
         if let Some(rec) = shared.store.get_policy()? {
             // The stored bundle was verified when pushed; verify again so a
