@@ -26,7 +26,8 @@ pub mod launch;
 pub mod render;
 pub mod router;
 
-use adapters::ChatAdapter;
+use adapters::{AuthFailure, AuthFailures, ChatAdapter};
+use fleetcmd_core::ratelimit::WindowLimiter;
 use controller::{ControllerApi, GrpcController};
 use router::{Router, RouterConfig};
 
@@ -91,7 +92,14 @@ pub struct Gateway<C: ControllerApi> {
     tasks: JoinSet<()>,
     routes: axum::Router,
     has_routes: bool,
+    auth_failures: AuthFailures,
+    auth_rx: Option<tokio::sync::mpsc::Receiver<AuthFailure>>,
 }
+
+/// Queued auth-failure reports before the newest are dropped.
+pub const AUTH_FAILURE_QUEUE: usize = 256;
+/// Audit records of refused chat requests per adapter, source and minute.
+pub const AUTH_FAILURES_RECORDED_PER_MINUTE: u32 = 10;
 
 impl<C: ControllerApi> std::fmt::Debug for Gateway<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -104,12 +112,23 @@ impl<C: ControllerApi> std::fmt::Debug for Gateway<C> {
 
 impl<C: ControllerApi> Gateway<C> {
     pub fn new(router: Arc<Router<C>>) -> Gateway<C> {
+        let (auth_failures, auth_rx) = AuthFailures::channel(AUTH_FAILURE_QUEUE);
         Gateway {
             router,
             tasks: JoinSet::new(),
             routes: axum::Router::new(),
             has_routes: false,
+            auth_failures,
+            auth_rx: Some(auth_rx),
         }
+    }
+
+    /// The reporter adapters use for requests they refuse; reports become
+    /// `auth_failed` audit records (at most
+    /// [`AUTH_FAILURES_RECORDED_PER_MINUTE`] per adapter and source, the
+    /// rest counted).
+    pub fn auth_failures(&self) -> AuthFailures {
+        self.auth_failures.clone()
     }
 
     /// The shared router.
@@ -136,6 +155,22 @@ impl<C: ControllerApi> Gateway<C> {
     /// Serves until every adapter's input has ended (the HTTP listener, if
     /// given, is stopped then).
     pub async fn run(mut self, http: Option<tokio::net::TcpListener>) -> std::io::Result<()> {
+        let reporter = self.auth_rx.take().map(|mut rx| {
+            let router = self.router.clone();
+            tokio::spawn(async move {
+                let mut limiter = WindowLimiter::new(AUTH_FAILURES_RECORDED_PER_MINUTE, 60_000, 10_000);
+                while let Some(f) = rx.recv().await {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(0);
+                    let key = (f.adapter.clone(), f.source.clone());
+                    if let Some(suppressed) = limiter.admit(key, now) {
+                        router.report_auth_failure(&f, suppressed).await;
+                    }
+                }
+            })
+        });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = http.map(|listener| {
             tokio::spawn(http::serve(listener, self.routes, async move {
@@ -146,6 +181,9 @@ impl<C: ControllerApi> Gateway<C> {
             log_task_end(done);
         }
         let _ = stop_tx.send(());
+        if let Some(r) = reporter {
+            r.abort();
+        }
         match server {
             Some(s) => s.await.map_err(std::io::Error::other)?,
             None => Ok(()),

@@ -134,6 +134,23 @@ impl<C: ControllerApi> Router<C> {
         self.approvals.len()
     }
 
+    /// Records a request an adapter refused (bad signature, HMAC, token).
+    pub async fn report_auth_failure(&self, f: &crate::adapters::AuthFailure, suppressed: u64) {
+        let mut detail = f.detail.clone();
+        if suppressed > 0 {
+            detail.push_str(&format!(" ({suppressed} similar failures not recorded before this one)"));
+        }
+        self.report(v1::AuditReportRequest {
+            kind: "auth_failed".into(),
+            actor: format!("{} {}", f.adapter, f.source),
+            source: f.adapter.clone(),
+            command: String::new(),
+            detail,
+            job_id: String::new(),
+        })
+        .await;
+    }
+
     /// Records `event` in the audit trail; a failure is logged, never shown
     /// to the user (the reply has already been decided).
     async fn report(&self, event: v1::AuditReportRequest) {

@@ -2,10 +2,10 @@
 //! client certificate against the fleet CA; here its role must match the
 //! service and a revoked agent is refused at once (DESIGN §2.2).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+
+use fleetcmd_core::ratelimit::WindowLimiter;
 
 use tonic::{Request, Status};
 
@@ -71,41 +71,30 @@ pub fn require(
 /// address and minute; the rest are counted, not recorded, so a client
 /// hammering the controller without a certificate cannot flood the trail.
 pub const AUTH_FAILURES_RECORDED_PER_MINUTE: u32 = 10;
-/// Source addresses tracked at once (oldest windows are dropped beyond it).
+/// Source addresses tracked at once.
 const AUTH_FAILURE_SOURCES: usize = 10_000;
 
 /// Decides which anonymous authentication failures become audit records.
-#[derive(Default)]
-pub struct AuthFailureLimiter {
-    /// Per address: window start, recorded in the window, suppressed since
-    /// the last record.
-    windows: Mutex<HashMap<Option<IpAddr>, (Instant, u32, u64)>>,
+pub struct AuthFailureLimiter(Mutex<WindowLimiter<Option<IpAddr>>>);
+
+impl Default for AuthFailureLimiter {
+    fn default() -> Self {
+        AuthFailureLimiter(Mutex::new(WindowLimiter::new(
+            AUTH_FAILURES_RECORDED_PER_MINUTE,
+            60_000,
+            AUTH_FAILURE_SOURCES,
+        )))
+    }
 }
 
 impl AuthFailureLimiter {
-    /// `Some(n)` when this failure is to be recorded (`n` = failures from
-    /// the same address suppressed since its last record); `None` to only
-    /// count it.
+    /// `Some(n)` when this failure is to be recorded (`n` suppressed since
+    /// the last record from that address); `None` to only count it.
     pub fn admit(&self, ip: Option<IpAddr>) -> Option<u64> {
-        let mut map = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= AUTH_FAILURE_SOURCES && !map.contains_key(&ip) {
-            map.retain(|_, (start, _, _)| start.elapsed() < Duration::from_secs(60));
-            if map.len() >= AUTH_FAILURE_SOURCES {
-                map.clear();
-            }
-        }
-        let w = map.entry(ip).or_insert((Instant::now(), 0, 0));
-        if w.0.elapsed() >= Duration::from_secs(60) {
-            w.0 = Instant::now();
-            w.1 = 0;
-        }
-        if w.1 < AUTH_FAILURES_RECORDED_PER_MINUTE {
-            w.1 += 1;
-            Some(std::mem::take(&mut w.2))
-        } else {
-            w.2 += 1;
-            None
-        }
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(ip, crate::audit::now_ms())
     }
 }
 
@@ -121,29 +110,4 @@ pub fn admitted<T>(req: &Request<T>) -> Result<Peer, Status> {
     req.extensions().get::<Peer>().cloned().ok_or_else(|| {
         Status::unauthenticated("a client certificate issued by the fleet CA is required")
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn anonymous_failures_are_recorded_up_to_the_cap_then_counted() {
-        let l = AuthFailureLimiter::default();
-        let a: Option<IpAddr> = "10.0.0.1".parse().ok();
-        let b: Option<IpAddr> = "10.0.0.2".parse().ok();
-        let recorded = (0..100).filter(|_| l.admit(a).is_some()).count();
-        assert_eq!(recorded as u32, AUTH_FAILURES_RECORDED_PER_MINUTE);
-        // Another address has its own allowance.
-        assert_eq!(l.admit(b), Some(0));
-        // When the window turns, the next record carries the suppressed count.
-        {
-            let mut map = l.windows.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(w) = map.get_mut(&a) {
-                w.0 = Instant::now() - Duration::from_secs(61);
-            }
-        }
-        assert_eq!(l.admit(a), Some(90));
-        assert_eq!(l.admit(a), Some(0));
-    }
 }

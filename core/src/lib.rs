@@ -20,6 +20,7 @@ pub mod job;
 pub mod join_token;
 pub mod policy;
 pub mod policy_bundle;
+pub mod ratelimit;
 pub mod rbac;
 pub mod rollout;
 pub mod selector;

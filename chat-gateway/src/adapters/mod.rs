@@ -142,6 +142,58 @@ pub enum AdapterError {
     Platform { what: String, message: String },
 }
 
+/// A request an adapter refused before it reached the router — a bad
+/// signature, HMAC or token, a stale timestamp, a forged button click. The
+/// gateway records it in the audit trail as `auth_failed` (rate-limited per
+/// adapter and source).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthFailure {
+    /// `slack`, `mattermost`, `webhook:<name>`, …
+    pub adapter: String,
+    /// Where it came from: a peer address or the platform's claimed sender.
+    pub source: String,
+    /// What was wrong (never the secret or the signature itself).
+    pub detail: String,
+}
+
+/// Where adapters send their [`AuthFailure`]s. Bounded and non-blocking: a
+/// full queue drops the report (it is logged), so forged traffic cannot
+/// slow an adapter down.
+#[derive(Debug, Clone)]
+pub struct AuthFailures(Option<tokio::sync::mpsc::Sender<AuthFailure>>);
+
+impl AuthFailures {
+    /// Reports go nowhere (adapters built outside a gateway, tests).
+    pub fn none() -> AuthFailures {
+        AuthFailures(None)
+    }
+
+    /// A reporter and the receiving end, holding up to `capacity` reports.
+    pub fn channel(capacity: usize) -> (AuthFailures, tokio::sync::mpsc::Receiver<AuthFailure>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        (AuthFailures(Some(tx)), rx)
+    }
+
+    /// Logs and queues one failure.
+    pub fn report(&self, adapter: &str, source: impl Into<String>, detail: impl Into<String>) {
+        let f = AuthFailure {
+            adapter: adapter.to_string(),
+            source: source.into(),
+            detail: detail.into(),
+        };
+        tracing::warn!(adapter = %f.adapter, source = %f.source, detail = %f.detail, "chat request refused");
+        if let Some(tx) = &self.0 {
+            let _ = tx.try_send(f);
+        }
+    }
+}
+
+impl Default for AuthFailures {
+    fn default() -> Self {
+        AuthFailures::none()
+    }
+}
+
 /// The sending half of an adapter; shared by every command task.
 pub trait ChatSender: Send + Sync {
     /// Posts `reply` in `channel`.
