@@ -3,6 +3,7 @@
 
 mod config;
 mod console;
+mod mattermost;
 mod render;
 mod router;
 mod support;
