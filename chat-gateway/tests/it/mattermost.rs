@@ -22,7 +22,7 @@ use fleetcmd_core::policy::Policy;
 use fleetcmd_core::policy_bundle::sign_bundle;
 use fleetcmd_gateway::adapters::mattermost::buttons::ButtonSigner;
 use fleetcmd_gateway::adapters::mattermost::render::{MAX_POST_CHARS, post_body};
-use fleetcmd_gateway::adapters::mattermost::{MattermostAdapter, MattermostConfig};
+use fleetcmd_gateway::adapters::mattermost::{EDIT_INTERVAL, MattermostAdapter, MattermostConfig};
 use fleetcmd_gateway::adapters::{
     Action, AdapterError, ChatAdapter, CodeBlock, Incoming, Reply, Section,
 };
@@ -560,6 +560,7 @@ async fn posts_edits_and_long_replies_use_rest_v4_with_bearer() {
     );
 
     // Edits: PUT …/patch, at most one per second per post.
+    let first_edit = Instant::now();
     ok(h.adapter.edit(&posted, Reply::text("second")).await);
     ok(h.adapter.edit(&posted, Reply::text("third")).await);
     let e = f.patches();
@@ -568,8 +569,11 @@ async fn posts_edits_and_long_replies_use_rest_v4_with_bearer() {
     assert_eq!(e[0].auth, format!("Bearer {TOKEN}"));
     assert_eq!(e[0].body, json!({ "message": "**second**" }));
     assert_eq!(e[1].body, json!({ "message": "**third**" }));
-    let gap = e[1].at - e[0].at;
-    assert!(gap >= Duration::from_millis(950), "edits {gap:?} apart");
+    let gap = e[1].at - first_edit;
+    assert!(
+        gap >= EDIT_INTERVAL,
+        "second edit {gap:?} after the first was asked"
+    );
 
     // A reply over the post limit: cut, then the full text as a file in the thread.
     let long: String = (0..2500).map(|i| format!("output line {i:05}\n")).collect();

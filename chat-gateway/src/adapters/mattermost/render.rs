@@ -89,7 +89,11 @@ pub fn code(s: &str) -> String {
 
 /// The whole reply as Markdown (may exceed [`MAX_POST_CHARS`]; see [`fit`]).
 pub fn message(reply: &Reply) -> String {
-    let mut lines: Vec<String> = vec![format!("**{}**", inline(reply.header.trim()))];
+    let mut lines: Vec<String> = Vec::new();
+    // An empty `****` would be a horizontal rule.
+    if !reply.header.trim().is_empty() {
+        lines.push(format!("**{}**", inline(reply.header.trim())));
+    }
     for l in &reply.lines {
         lines.push(inline(l));
     }
@@ -288,6 +292,28 @@ mod tests {
         ] {
             assert_eq!(code(input), expected, "{input:?}");
         }
+    }
+
+    #[test]
+    fn message_layout() {
+        let reply = Reply {
+            header: " job x ok ".into(),
+            lines: vec!["`uptime` on all".into()],
+            sections: vec![crate::adapters::Section {
+                title: "web-1".into(),
+                notes: vec!["cut".into()],
+                blocks: vec![crate::adapters::CodeBlock {
+                    label: "stdout".into(),
+                    text: "up\n".into(),
+                }],
+            }],
+            ..Reply::default()
+        };
+        assert_eq!(
+            message(&reply),
+            "**job x ok**\n\\`uptime\\` on all\n\n**web-1**\n_cut_\nstdout:\n```\nup\n```"
+        );
+        assert_eq!(message(&Reply::text("  ")), "");
     }
 
     #[test]
