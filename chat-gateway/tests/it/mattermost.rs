@@ -1027,7 +1027,7 @@ async fn post_containing(f: &Fake, needle: &str) -> Req {
 }
 
 #[tokio::test]
-async fn a_channel_message_gets_a_reply_and_the_job_result_is_edited_in() {
+async fn a_channel_message_gets_a_reply_the_result_is_edited_in_and_a_dropped_socket_heals() {
     let (f, _gw, router, task) = gateway(b"up 3 days, load 0.5").await;
     say(&f, "u1", ALICE, "!run uptime on all", json!({}));
     let first = post_containing(&f, "2 targets").await;
@@ -1051,6 +1051,18 @@ async fn a_channel_message_gets_a_reply_and_the_job_result_is_edited_in() {
     // The bot's own posts came back as `posted` events and were ignored:
     // exactly one post (the job header) was made.
     assert_eq!(f.posts().len(), 1, "{:#?}", f.posts());
+
+    // The server drops the socket; the gateway reconnects and still answers.
+    f.push(WsCmd::Drop);
+    eventually("the reconnect", || (f.connects().len() >= 2).then_some(())).await;
+    live(&f, 1).await;
+    say(&f, "u2", BOB, "@fleetbot whoami", json!({}));
+    let again = post_containing(&f, "you are").await;
+    let text = again.body["message"].as_str().unwrap_or_default();
+    assert!(
+        text.contains(&format!("you are mattermost:test:{BOB}")),
+        "{text}"
+    );
     task.abort();
 }
 
