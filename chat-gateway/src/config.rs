@@ -89,6 +89,10 @@ pub struct GatewayConfig {
     /// `[slack]`: Socket Mode or the Events API (docs/chat/slack.md).
     #[serde(default)]
     pub slack: Option<crate::adapters::slack::SlackConfig>,
+    /// `[mattermost]`: REST v4 + WebSocket, slash commands, buttons
+    /// (docs/chat/mattermost.md).
+    #[serde(default)]
+    pub mattermost: Option<crate::adapters::mattermost::MattermostConfig>,
 }
 
 /// `[http]`: the listener for chat webhooks (used only when an adapter
@@ -260,10 +264,13 @@ impl GatewayConfig {
         if let Some(s) = &self.slack {
             adapter("slack", s.validate());
         }
-        if !self.console.enabled && self.slack.is_none() {
+        if let Some(m) = &self.mattermost {
+            adapter("mattermost", m.validate());
+        }
+        if !self.console.enabled && self.slack.is_none() && self.mattermost.is_none() {
             bad(
                 "console.enabled",
-                "no chat adapter is enabled: enable [console] or configure one of [slack]"
+                "no chat adapter is enabled: enable [console] or configure one of [slack], [mattermost]"
                     .to_string(),
             );
         }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::adapters::AdapterError;
 use crate::adapters::console::ConsoleAdapter;
+use crate::adapters::mattermost::MattermostAdapter;
 use crate::adapters::slack::SlackAdapter;
 use crate::config::GatewayConfig;
 use crate::controller::GrpcController;
@@ -62,6 +63,25 @@ pub async fn run(
         let a = SlackAdapter::connect_with(slack, secrets)
             .await
             .map_err(adapter("slack"))?;
+        gw.add_routes(a.routes());
+        gw.add(a);
+    }
+    if let Some(mm) = &cfg.mattermost {
+        // Relative secret files are relative to gateway.toml, like every path.
+        let mut mm = mm.clone();
+        for f in [
+            &mut mm.token_file,
+            &mut mm.slash_tokens_file,
+            &mut mm.action_secret_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *f = base.join(&*f);
+        }
+        let a = MattermostAdapter::connect(&mm)
+            .await
+            .map_err(adapter("mattermost"))?;
         gw.add_routes(a.routes());
         gw.add(a);
     }

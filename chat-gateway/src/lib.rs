@@ -27,8 +27,8 @@ pub mod render;
 pub mod router;
 
 use adapters::{AuthFailure, AuthFailures, ChatAdapter};
-use fleetcmd_core::ratelimit::WindowLimiter;
 use controller::{ControllerApi, GrpcController};
+use fleetcmd_core::ratelimit::WindowLimiter;
 use router::{Router, RouterConfig};
 
 /// Default lifetime of a signed job spec.
@@ -158,7 +158,8 @@ impl<C: ControllerApi> Gateway<C> {
         let reporter = self.auth_rx.take().map(|mut rx| {
             let router = self.router.clone();
             tokio::spawn(async move {
-                let mut limiter = WindowLimiter::new(AUTH_FAILURES_RECORDED_PER_MINUTE, 60_000, 10_000);
+                let mut limiter =
+                    WindowLimiter::new(AUTH_FAILURES_RECORDED_PER_MINUTE, 60_000, 10_000);
                 while let Some(f) = rx.recv().await {
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)

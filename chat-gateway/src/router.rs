@@ -138,7 +138,9 @@ impl<C: ControllerApi> Router<C> {
     pub async fn report_auth_failure(&self, f: &crate::adapters::AuthFailure, suppressed: u64) {
         let mut detail = f.detail.clone();
         if suppressed > 0 {
-            detail.push_str(&format!(" ({suppressed} similar failures not recorded before this one)"));
+            detail.push_str(&format!(
+                " ({suppressed} similar failures not recorded before this one)"
+            ));
         }
         self.report(v1::AuditReportRequest {
             kind: "auth_failed".into(),

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use fleetcmd_core::ids::Identity;
 
 pub mod console;
+pub mod mattermost;
 pub mod slack;
 
 /// A boxed, sendable future, for the object-safe [`ChatSender`].

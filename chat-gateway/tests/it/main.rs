@@ -5,6 +5,7 @@ mod approvals;
 mod audit;
 mod config;
 mod console;
+mod mattermost;
 mod render;
 mod router;
 mod slack;
