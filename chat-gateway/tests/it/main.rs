@@ -3,6 +3,7 @@
 
 mod config;
 mod console;
+mod irc;
 mod render;
 mod router;
 mod support;

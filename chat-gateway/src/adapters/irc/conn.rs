@@ -649,7 +649,13 @@ impl Link {
             .map_or(proto::WORST_CASE_HOST_BYTES, String::len);
         // A floor so a pathological nick or target still makes progress.
         let budget = proto::privmsg_text_budget(&c.nick, user, host, &line.target).max(64);
-        let (head, tail) = proto::split_at_boundary(&line.text, budget);
+        let (mut head, mut tail) = proto::split_at_boundary(&line.text, budget);
+        // Servers strip trailing spaces: a piece must not end with one, or
+        // it would be lost; the next piece starts with it instead.
+        let trimmed = head.trim_end();
+        if !tail.is_empty() && !trimmed.is_empty() {
+            (head, tail) = line.text.split_at(trimmed.len());
+        }
         if !tail.is_empty() {
             self.pending.push_front(OutLine {
                 target: line.target.clone(),

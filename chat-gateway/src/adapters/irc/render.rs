@@ -97,7 +97,7 @@ fn host(sec: &Section) -> Option<&str> {
 /// limit: the connection does that, knowing its own prefix length).
 pub fn render(reply: &Reply, limits: RenderLimits) -> Vec<String> {
     let full_output = reply.header.starts_with("output of job ");
-    let id = job_id(&reply.header).map(|s| clean(s));
+    let id = job_id(&reply.header).map(clean);
     let per_section = if full_output {
         limits.max_full_output_lines
     } else {
@@ -125,7 +125,8 @@ pub fn render(reply: &Reply, limits: RenderLimits) -> Vec<String> {
                 hidden += lines.len();
                 continue;
             }
-            if !block.label.trim().is_empty() {
+            // stdout is the usual case and goes unlabelled, to stay compact.
+            if !block.label.trim().is_empty() && block.label != "stdout" {
                 out.push(format!("  [{}]", clean(&block.label)));
             }
             for line in lines {
@@ -168,6 +169,11 @@ pub fn render(reply: &Reply, limits: RenderLimits) -> Vec<String> {
             .map(|a| format!("{} with: !{}", clean(&a.label), clean(&a.command)))
             .collect();
         out.push(format!("→ {}", hints.join(" · ")));
+    }
+    // Servers drop trailing spaces; dropping them here keeps what we send
+    // what arrives.
+    for line in &mut out {
+        line.truncate(line.trim_end().len());
     }
     out
 }
