@@ -72,7 +72,13 @@ struct Ngircd {
     conf: PathBuf,
     port: u16,
     tls_port: Option<u16>,
-    child: Option<tokio::process::Child>,
+    child: Option<std::process::Child>,
+}
+
+impl Drop for Ngircd {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl Ngircd {
@@ -138,14 +144,13 @@ impl Ngircd {
 
     async fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("ngircd.log")).expect("log file");
-        let child = tokio::process::Command::new(NGIRCD)
+        let child = std::process::Command::new(NGIRCD)
             .arg("-n")
             .arg("-f")
             .arg(&self.conf)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
-            .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {NGIRCD}: {e}"));
         self.child = Some(child);
@@ -165,9 +170,11 @@ impl Ngircd {
         }
     }
 
-    async fn kill(&mut self) {
+    /// Kills ngircd (SIGKILL: no goodbye to the clients) and reaps it.
+    fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
@@ -714,7 +721,7 @@ async fn the_bot_reconnects_after_a_server_restart_and_answers_again() {
     let mut bot = Bot::start(router_with(b"x"), &bot_config(server.port)).await;
     bot.wait("joining #ops", 10, |s| s.joined.len() == 1).await;
 
-    server.kill().await;
+    server.stop();
     let eof = timeout(Duration::from_secs(5), async {
         while alice.next().await.is_some() {}
     })
@@ -809,10 +816,6 @@ async fn tls_with_a_private_ca() {
     assert!(
         registered.is_err(),
         "registered despite an untrusted certificate"
-    );
-    assert!(
-        !server.log().contains("fleetcmd2"),
-        "the bot reached IRC registration"
     );
 }
 
@@ -1032,6 +1035,12 @@ reconnect_min_ms = 50
     // ping_timeout means a dead link, and it reconnects.
     s.expect("PING :fleetcmd").await;
     let mut s2 = Script::accept(&listener).await;
+    // Replies queued while the link is down go out once it is back (and
+    // the channel is joined again).
+    adapter
+        .send("irc:fake:#ops", Reply::text("queued while down"))
+        .await
+        .expect("queued");
     s2.expect("CAP LS 302").await;
     s2.expect("PASS :hunter2").await;
     s2.expect("NICK fleetcmd").await;
@@ -1042,6 +1051,8 @@ reconnect_min_ms = 50
     s2.expect("NICK fleetcmd_1").await;
     s2.line(":fake.server 001 fleetcmd_1 :Welcome").await;
     s2.expect("JOIN #ops").await;
+    s2.line(":fleetcmd_1!~fleetcmd@bot.example JOIN #ops").await;
+    s2.expect("PRIVMSG #ops :queued while down").await;
     s2.line(":carol!~c@c.example PRIVMSG #ops :still here")
         .await;
     let m = next_msg(&mut adapter).await;

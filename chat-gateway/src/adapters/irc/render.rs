@@ -216,6 +216,69 @@ mod tests {
         }
     }
 
+    fn limits(per_section: usize, full: usize, reply: usize) -> RenderLimits {
+        RenderLimits {
+            max_output_lines: per_section,
+            max_full_output_lines: full,
+            max_reply_lines: reply,
+        }
+    }
+
+    fn section(title: &str, lines: usize) -> Section {
+        Section {
+            title: title.into(),
+            notes: vec![],
+            blocks: vec![crate::adapters::CodeBlock {
+                label: "stdout".into(),
+                text: (1..=lines).map(|i| format!("l{i}\n")).collect(),
+            }],
+        }
+    }
+
+    #[test]
+    fn long_replies_are_cut_but_keep_their_actions() {
+        let reply = Reply {
+            header: "job 0189-ab failed (0/9 ok) — asked by x".into(),
+            sections: (1..=9)
+                .map(|i| section(&format!("h{i} — failed"), 3))
+                .collect(),
+            actions: vec![crate::adapters::Action {
+                label: "cancel".into(),
+                command: "cancel 0189-ab".into(),
+                danger: true,
+            }],
+            ..Reply::default()
+        };
+        let out = render(&reply, limits(2, 5, 6));
+        assert_eq!(
+            out,
+            [
+                "job 0189-ab failed (0/9 ok) — asked by x",
+                "» h1 — failed",
+                "  | l1",
+                "  | l2",
+                "  | … 1 more line; `output 0189-ab h1` for all",
+                "· … 32 more lines; `job 0189-ab` and `output 0189-ab HOST` show more",
+                "→ cancel with: !cancel 0189-ab",
+            ]
+        );
+    }
+
+    #[test]
+    fn output_replies_show_more_and_point_to_the_cli() {
+        let reply = Reply {
+            header: "output of job 0189-ab `uptime` on h1 — asked by x".into(),
+            sections: vec![section("h1", 8)],
+            ..Reply::default()
+        };
+        let out = render(&reply, limits(2, 5, 40));
+        assert_eq!(out.len(), 1 + 1 + 5 + 1, "{out:#?}");
+        assert_eq!(
+            out[7],
+            "  | … 3 more lines; not shown on IRC; `fleetcmd job output 0189-ab` has all"
+        );
+    }
+
     #[test]
     fn ids_and_hosts() {
         assert_eq!(job_id("job 0189-ab failed"), Some("0189-ab"));
