@@ -93,6 +93,9 @@ pub struct GatewayConfig {
     /// (docs/chat/mattermost.md).
     #[serde(default)]
     pub mattermost: Option<crate::adapters::mattermost::MattermostConfig>,
+    /// `[irc]`: plain or TLS, IRCv3 caps where offered (docs/chat/irc.md).
+    #[serde(default)]
+    pub irc: Option<crate::adapters::irc::IrcConfig>,
 }
 
 /// `[http]`: the listener for chat webhooks (used only when an adapter
@@ -267,10 +270,22 @@ impl GatewayConfig {
         if let Some(m) = &self.mattermost {
             adapter("mattermost", m.validate());
         }
-        if !self.console.enabled && self.slack.is_none() && self.mattermost.is_none() {
+        if let Some(i) = &self.irc {
+            // Its keys already carry the `irc.` prefix.
+            adapter_problems.extend(
+                i.validate()
+                    .into_iter()
+                    .map(|(key, message)| Problem { key, message }),
+            );
+        }
+        if !self.console.enabled
+            && self.slack.is_none()
+            && self.mattermost.is_none()
+            && self.irc.is_none()
+        {
             bad(
                 "console.enabled",
-                "no chat adapter is enabled: enable [console] or configure one of [slack], [mattermost]"
+                "no chat adapter is enabled: enable [console] or configure one of [slack], [mattermost], [irc]"
                     .to_string(),
             );
         }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::adapters::AdapterError;
 use crate::adapters::console::ConsoleAdapter;
+use crate::adapters::irc::IrcAdapter;
 use crate::adapters::mattermost::MattermostAdapter;
 use crate::adapters::slack::SlackAdapter;
 use crate::config::GatewayConfig;
@@ -83,6 +84,12 @@ pub async fn run(
             .await
             .map_err(adapter("mattermost"))?;
         gw.add_routes(a.routes());
+        gw.add(a);
+    }
+    if let Some(irc) = &cfg.irc {
+        let mut irc = irc.clone();
+        irc.resolve_paths(base);
+        let a = IrcAdapter::connect(&irc).await.map_err(adapter("irc"))?;
         gw.add(a);
     }
     let http = if gw.needs_http() {

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use fleetcmd_core::ids::Identity;
 
 pub mod console;
+pub mod irc;
 pub mod mattermost;
 pub mod slack;
 

@@ -5,6 +5,7 @@ mod approvals;
 mod audit;
 mod config;
 mod console;
+mod irc;
 mod mattermost;
 mod render;
 mod router;
