@@ -64,6 +64,7 @@ pub async fn run(
         let a = SlackAdapter::connect_with(slack, secrets)
             .await
             .map_err(adapter("slack"))?;
+        a.report_auth_failures(gw.auth_failures());
         gw.add_routes(a.routes());
         gw.add(a);
     }
@@ -83,6 +84,7 @@ pub async fn run(
         let a = MattermostAdapter::connect(&mm)
             .await
             .map_err(adapter("mattermost"))?;
+        a.report_auth_failures(gw.auth_failures());
         gw.add_routes(a.routes());
         gw.add(a);
     }

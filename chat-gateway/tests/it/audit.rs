@@ -80,3 +80,59 @@ async fn audit_passes_filters_and_shows_only_what_the_asker_may_read() {
         bad[0].text()
     );
 }
+
+#[tokio::test]
+async fn refused_chat_requests_are_reported_as_auth_failures_at_a_bounded_rate() {
+    use std::time::Duration;
+
+    use fleetcmd_gateway::Gateway;
+    use fleetcmd_gateway::adapters::console::ConsoleAdapter;
+
+    let w = crate::support::world();
+    let mut gw = Gateway::new(w.router.clone());
+    let (user_in, adapter_in) = tokio::io::duplex(1024);
+    let (adapter_out, _user_out) = tokio::io::duplex(1 << 16);
+    let console = ConsoleAdapter::new(tokio::io::BufReader::new(adapter_in), adapter_out, "alice")
+        .unwrap_or_else(|e| panic!("{e}"));
+    gw.add(console);
+    let failures = gw.auth_failures();
+    let run = tokio::spawn(gw.run(None));
+    for i in 0..25 {
+        failures.report("slack", "/slack/events", format!("bad signature {i}"));
+    }
+    failures.report("webhook:ci", "10.1.2.3", "bad HMAC");
+    let reported = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let r: Vec<_> = w
+                .router
+                .controller()
+                .reported()
+                .into_iter()
+                .filter(|(k, ..)| k == "auth_failed")
+                .collect();
+            if r.len() >= 11 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("auth failures were not reported"));
+    drop(user_in);
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .unwrap_or_else(|_| panic!("gateway did not stop"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let from_slack = reported
+        .iter()
+        .filter(|(_, actor, ..)| actor == "slack /slack/events")
+        .count();
+    assert_eq!(from_slack, 10, "{reported:#?}");
+    assert!(
+        reported
+            .iter()
+            .any(|(_, actor, _, detail)| actor == "webhook:ci 10.1.2.3" && detail == "bad HMAC"),
+        "{reported:#?}"
+    );
+}

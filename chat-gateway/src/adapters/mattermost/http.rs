@@ -40,6 +40,8 @@ pub(crate) struct HttpState {
     pub slash_macs: Vec<hmac::Tag>,
     pub compare_key: hmac::Key,
     pub signer: Arc<ButtonSigner>,
+    /// Where refused requests are reported (the gateway's audit reporter).
+    pub auth_failures: std::sync::OnceLock<crate::adapters::AuthFailures>,
 }
 
 impl HttpState {
@@ -63,7 +65,14 @@ impl HttpState {
             slash_macs,
             compare_key,
             signer,
+            auth_failures: std::sync::OnceLock::new(),
         })
+    }
+
+    fn refused(&self, user_id: &str, detail: String) {
+        if let Some(a) = self.auth_failures.get() {
+            a.report("mattermost", format!("user_id {user_id}"), detail);
+        }
     }
 
     fn slash_token_ok(&self, token: &str) -> bool {
@@ -164,6 +173,7 @@ async fn slash_command(
     };
     if token.is_empty() || !st.slash_token_ok(token) {
         tracing::warn!(user_id = %form.user_id, channel_id = %form.channel_id, "mattermost slash command refused: wrong token");
+        st.refused(&form.user_id, "slash command with a wrong token".into());
         return ephemeral(StatusCode::UNAUTHORIZED, "invalid slash command token");
     }
     if st.wrong_team(&form.team_id) {
@@ -227,6 +237,7 @@ async fn action(State(st): State<Arc<HttpState>>, body: Bytes) -> Response {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(user_id = %req.user_id, channel_id = %req.channel_id, reason = %e, "mattermost button click refused");
+            st.refused(&req.user_id, format!("button click refused: {e}"));
             return action_answer(
                 StatusCode::FORBIDDEN,
                 "this button is not valid (expired or not from this gateway); type the command instead",

@@ -167,6 +167,12 @@ impl MattermostAdapter {
         http::routes(self.http.clone())
     }
 
+    /// Reports refused slash commands and forged button clicks to `to` (the
+    /// gateway records them as `auth_failed`). Set once.
+    pub fn report_auth_failures(&self, to: crate::adapters::AuthFailures) {
+        let _ = self.http.auth_failures.set(to);
+    }
+
     /// The bot's Mattermost user id.
     pub fn bot_user_id(&self) -> &str {
         &self.bot_user_id

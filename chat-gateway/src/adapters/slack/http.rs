@@ -31,6 +31,8 @@ pub const MAX_SKEW_SECS: u64 = 5 * 60;
 pub struct HttpState {
     pub inbound: Arc<Inbound>,
     pub signing_secret: Option<Secret<String>>,
+    /// Where refused requests are reported (the gateway's audit reporter).
+    pub auth_failures: std::sync::OnceLock<crate::adapters::AuthFailures>,
 }
 
 /// `v0=` + hex HMAC-SHA256(secret, `v0:{timestamp}:{body}`).
@@ -138,6 +140,9 @@ impl HttpState {
         };
         result.err().map(|why| {
             tracing::warn!(path, reason = %why, "slack: request refused (401)");
+            if let Some(a) = self.auth_failures.get() {
+                a.report("slack", path, format!("request refused: {why}"));
+            }
             (StatusCode::UNAUTHORIZED, format!("refused: {why}\n")).into_response()
         })
     }

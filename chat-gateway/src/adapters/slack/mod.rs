@@ -164,11 +164,19 @@ impl SlackAdapter {
             http: Arc::new(http::HttpState {
                 inbound: inbound.clone(),
                 signing_secret: secrets.signing_secret,
+                auth_failures: std::sync::OnceLock::new(),
             }),
             inbound,
             socket,
             whoami,
         })
+    }
+
+    /// Reports requests refused for a bad or stale signature to `to` (the
+    /// gateway records them as `auth_failed`). Set once; later calls are
+    /// ignored.
+    pub fn report_auth_failures(&self, to: crate::adapters::AuthFailures) {
+        let _ = self.http.auth_failures.set(to);
     }
 
     /// The HTTP routes (`POST /slack/events`, `/slack/commands`,
