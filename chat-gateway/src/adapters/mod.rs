@@ -16,6 +16,7 @@ use std::sync::Arc;
 use fleetcmd_core::ids::Identity;
 
 pub mod console;
+pub mod xmpp;
 
 /// A boxed, sendable future, for the object-safe [`ChatSender`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -135,6 +136,9 @@ pub enum AdapterError {
     Identity(#[from] fleetcmd_core::ids::IdError),
     #[error("message {0} cannot be edited: unknown id")]
     UnknownMessage(String),
+    /// The platform refused or failed (connection, login, bad channel…).
+    #[error("{what}: {message}")]
+    Platform { what: String, message: String },
 }
 
 /// The sending half of an adapter; shared by every command task.
