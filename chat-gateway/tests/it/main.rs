@@ -6,3 +6,4 @@ mod console;
 mod render;
 mod router;
 mod support;
+mod xmpp;

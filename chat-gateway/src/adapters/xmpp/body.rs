@@ -11,6 +11,8 @@
 //!   they highlight nobody and trigger no bot;
 //! - control characters (ANSI escapes, bidi overrides…) are replaced, and
 //!   [`super::xml::escape_text`] makes `</body>` and friends plain text;
+//! - buttons ([`crate::adapters::Action`]) become one hint line saying
+//!   what to type (`→ Approve: type \`!approve ID\``);
 //! - long replies are cut at [`MAX_LINES`] lines / [`MAX_CHARS`] characters
 //!   with "… N more lines; `output ID HOST` for all".
 
@@ -120,9 +122,9 @@ pub fn render(reply: &Reply) -> String {
         let hints: Vec<String> = reply
             .actions
             .iter()
-            .map(|a| format!("{}: `!{}`", inert(&a.label), inert(&a.command)))
+            .map(|a| format!("{}: type `!{}`", inert(&a.label), inert(&a.command)))
             .collect();
-        lines.push((format!("  → reply {}", hints.join(" · ")), None));
+        lines.push((format!("  → {}", hints.join(" · ")), None));
     }
 
     let total = lines.len();

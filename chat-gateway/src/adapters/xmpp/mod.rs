@@ -698,9 +698,12 @@ impl Runner {
                     if last_rx.elapsed() > self.keepalive * 2 {
                         return Ended::Lost(ClientError::Timeout("waiting for the server (no answer to pings)"));
                     }
-                    let ping = stanza::ping(&self.opts.jid.domain, &stanza::new_id());
-                    if let Err(e) = self.write(&ping).await {
-                        return e;
+                    let mut out = vec![stanza::ping(&self.opts.jid.domain, &stanza::new_id())];
+                    out.extend(rooms.rejoin_missing());
+                    for xml in out {
+                        if let Err(e) = self.write(&xml).await {
+                            return e;
+                        }
                     }
                 }
             }

@@ -88,6 +88,17 @@ impl Rooms {
             .collect()
     }
 
+    /// Join presences for the rooms not joined (a join refused because the
+    /// room was locked or the service down, or a kick): sent again on each
+    /// keepalive tick.
+    pub fn rejoin_missing(&self) -> Vec<String> {
+        self.rooms
+            .iter()
+            .filter(|(_, r)| !r.joined)
+            .map(|(jid, r)| stanza::join(jid, &r.nick))
+            .collect()
+    }
+
     /// Whether `jid` is one of the configured rooms.
     pub fn is_room(&self, jid: &Jid) -> bool {
         self.rooms.contains_key(&jid.bare())
@@ -140,12 +151,12 @@ impl Rooms {
                     tracing::info!(room = %room_jid, nick = %room.nick, "nick in use; joining with another");
                     return vec![Action::Send(stanza::join(&room_jid, &room.nick))];
                 }
-                tracing::error!(room = %room_jid, nick, error = ?p.error, "cannot join room");
+                tracing::error!(room = %room_jid, nick, error = ?p.error, "cannot join room; trying again at the next keepalive");
                 Vec::new()
             }
             PresenceKind::Unavailable => {
                 if is_self || (room.joined && nick == room.nick && p.new_nick.is_none()) {
-                    tracing::warn!(room = %room_jid, statuses = ?p.statuses, "left or removed from room; rejoining after the next reconnect");
+                    tracing::warn!(room = %room_jid, statuses = ?p.statuses, "left or removed from room; rejoining at the next keepalive");
                     room.joined = false;
                     room.occupants.clear();
                 } else {
@@ -484,5 +495,12 @@ mod tests {
         );
         feed(&mut r, &kicked);
         assert!(r.joined().is_empty());
+        let again = r.rejoin_missing();
+        assert!(
+            matches!(again.as_slice(), [j] if j.contains("to='ops@conference.localhost/fleetcmd'")),
+            "{again:?}"
+        );
+        feed(&mut r, &self_presence("fleetcmd", "100"));
+        assert!(r.rejoin_missing().is_empty());
     }
 }
