@@ -70,6 +70,11 @@ impl Prosody {
     }
 
     async fn start() -> Prosody {
+        Prosody::start_with("").await
+    }
+
+    /// `extra` is Lua appended to the global section (later settings win).
+    async fn start_with(extra: &str) -> Prosody {
         for bin in [PROSODY, PROSODYCTL] {
             assert!(
                 Path::new(bin).exists(),
@@ -83,7 +88,7 @@ impl Prosody {
             child: None,
         };
         p.write_certs();
-        p.write_config();
+        p.write_config(extra);
         // Accounts: registered with prosodyctl (hashed, as in production).
         let mut regs = Vec::new();
         for user in ["alice", "mallory", "fleetbot"] {
@@ -147,7 +152,7 @@ impl Prosody {
         }
     }
 
-    fn write_config(&self) {
+    fn write_config(&self, extra: &str) {
         let d = self.dir.path().display();
         let cfg = format!(
             r#"-- written by fleetcmd's XMPP adapter tests
@@ -170,6 +175,7 @@ c2s_require_encryption = true
 allow_registration = false
 log = {{ debug = "{d}/prosody.log" }}
 ssl = {{ certificate = "{d}/certs/server.crt"; key = "{d}/certs/server.key" }}
+{extra}
 
 VirtualHost "localhost"
 
@@ -712,6 +718,43 @@ async fn starttls_trusts_the_configured_ca_and_nothing_weaker() {
             e.contains("TLS"),
             "direct TLS to a STARTTLS port fails cleanly: {e}"
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_only_over_tls_and_no_tls_only_to_loopback() {
+    within(async {
+        // A server offering only PLAIN: used, because the stream is TLS.
+        let p =
+            Prosody::start_with("disable_sasl_mechanisms = { \"SCRAM-SHA-1\", \"SCRAM-SHA-256\" }")
+                .await;
+        let opts = p
+            .config(BOT)
+            .client_options()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let conn = Connection::connect(&opts)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", p.logs()));
+        assert_eq!((conn.tls, conn.mechanism), (true, "PLAIN"));
+        drop(conn);
+        drop(p);
+
+        // A server that allows plaintext, on loopback: `tls = "none"` works
+        // (SCRAM, so the password is not sent in clear either).
+        let p = Prosody::start_with("c2s_require_encryption = false").await;
+        let mut cfg = p.bot_config(&[OPS]);
+        cfg.tls = TlsMode::None;
+        cfg.ca_file = None;
+        let conn = Connection::connect(&cfg.client_options().unwrap_or_else(|e| panic!("{e}")))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", p.logs()));
+        assert_eq!((conn.tls, conn.mechanism), (false, "SCRAM-SHA-1"));
+        // …but never to a non-loopback host.
+        cfg.host = Some("192.0.2.1".into());
+        let problems = cfg.validate();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].0, "tls");
     })
     .await;
 }
