@@ -96,6 +96,9 @@ pub struct GatewayConfig {
     /// `[irc]`: plain or TLS, IRCv3 caps where offered (docs/chat/irc.md).
     #[serde(default)]
     pub irc: Option<crate::adapters::irc::IrcConfig>,
+    /// `[xmpp]`: multi-user chat rooms (docs/chat/xmpp.md).
+    #[serde(default)]
+    pub xmpp: Option<crate::adapters::xmpp::XmppConfig>,
 }
 
 /// `[http]`: the listener for chat webhooks (used only when an adapter
@@ -270,6 +273,9 @@ impl GatewayConfig {
         if let Some(m) = &self.mattermost {
             adapter("mattermost", m.validate());
         }
+        if let Some(x) = &self.xmpp {
+            adapter("xmpp", x.validate());
+        }
         if let Some(i) = &self.irc {
             // Its keys already carry the `irc.` prefix.
             adapter_problems.extend(
@@ -282,10 +288,11 @@ impl GatewayConfig {
             && self.slack.is_none()
             && self.mattermost.is_none()
             && self.irc.is_none()
+            && self.xmpp.is_none()
         {
             bad(
                 "console.enabled",
-                "no chat adapter is enabled: enable [console] or configure one of [slack], [mattermost], [irc]"
+                "no chat adapter is enabled: enable [console] or configure one of [slack], [mattermost], [irc], [xmpp]"
                     .to_string(),
             );
         }

@@ -10,6 +10,7 @@ use crate::adapters::console::ConsoleAdapter;
 use crate::adapters::irc::IrcAdapter;
 use crate::adapters::mattermost::MattermostAdapter;
 use crate::adapters::slack::SlackAdapter;
+use crate::adapters::xmpp::XmppAdapter;
 use crate::config::GatewayConfig;
 use crate::controller::GrpcController;
 use crate::router::Router;
@@ -92,6 +93,14 @@ pub async fn run(
         let mut irc = irc.clone();
         irc.resolve_paths(base);
         let a = IrcAdapter::connect(&irc).await.map_err(adapter("irc"))?;
+        gw.add(a);
+    }
+    if let Some(x) = &cfg.xmpp {
+        let mut x = x.clone();
+        for f in [&mut x.password_file, &mut x.ca_file].into_iter().flatten() {
+            *f = base.join(&*f);
+        }
+        let a = XmppAdapter::connect(&x).await.map_err(adapter("xmpp"))?;
         gw.add(a);
     }
     let http = if gw.needs_http() {

@@ -19,6 +19,7 @@ pub mod console;
 pub mod irc;
 pub mod mattermost;
 pub mod slack;
+pub mod xmpp;
 
 /// A boxed, sendable future, for the object-safe [`ChatSender`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -11,3 +11,4 @@ mod render;
 mod router;
 mod slack;
 mod support;
+mod xmpp;

@@ -1,0 +1,931 @@
+//! The XMPP adapter against a REAL prosody, started by each test on a free
+//! loopback port with its own config, data directory and a throwaway CA
+//! (STARTTLS is required by the server). The users (alice, mallory) are
+//! ordinary XMPP clients built on the adapter's public client module; the
+//! bot runs the whole gateway loop (`serve`) against the fake controller
+//! with a policy that binds `xmpp:alice@localhost`.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetcmd_core::job::JobSpec;
+use fleetcmd_core::policy::Policy;
+use fleetcmd_core::policy_bundle::sign_bundle;
+use fleetcmd_gateway::adapters::xmpp::client::{ClientError, Connection, Reader, TlsMode, Writer};
+use fleetcmd_gateway::adapters::xmpp::jid::Jid;
+use fleetcmd_gateway::adapters::xmpp::rooms::HIDDEN_JIDS_WARNING;
+use fleetcmd_gateway::adapters::xmpp::stanza::{self, NS_CORRECT, NS_MUC_USER};
+use fleetcmd_gateway::adapters::xmpp::xml::{Element, NS_CLIENT};
+use fleetcmd_gateway::adapters::xmpp::{XmppAdapter, XmppConfig, body};
+use fleetcmd_gateway::adapters::{Action, Reply};
+use fleetcmd_gateway::router::{Router, RouterConfig};
+use fleetcmd_gateway::serve;
+use fleetcmd_proto::v1;
+use tokio::process::{Child, Command};
+
+use crate::support::{FakeController, new_key};
+
+const PROSODY: &str = "/usr/bin/prosody";
+const PROSODYCTL: &str = "/usr/bin/prosodyctl";
+const OPS: &str = "ops@conference.localhost";
+const SECRET_ROOM: &str = "secret@anon.localhost";
+const BOT: &str = "fleetbot@localhost";
+const NICK: &str = "fleetcmd";
+const PASSWORD: &str = "correct horse battery staple";
+/// Every test finishes well within this.
+const TEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// One expected stanza.
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn within<F: std::future::Future<Output = ()>>(f: F) {
+    if tokio::time::timeout(TEST_TIMEOUT, f).await.is_err() {
+        panic!("test did not finish within {TEST_TIMEOUT:?}");
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// A prosody server in a temporary directory.
+struct Prosody {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Prosody {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.path("certs/ca.pem")
+    }
+
+    async fn start() -> Prosody {
+        Prosody::start_with("").await
+    }
+
+    /// `extra` is Lua appended to the global section (later settings win).
+    async fn start_with(extra: &str) -> Prosody {
+        for bin in [PROSODY, PROSODYCTL] {
+            assert!(
+                Path::new(bin).exists(),
+                "{bin} not found: the XMPP adapter tests need a real prosody; install it with `apt-get install -y prosody`"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let p = Prosody {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        p.write_certs();
+        p.write_config(extra);
+        // Accounts: registered with prosodyctl (hashed, as in production).
+        let mut regs = Vec::new();
+        for user in ["alice", "mallory", "fleetbot"] {
+            let mut cmd = Command::new(PROSODYCTL);
+            cmd.arg("--config")
+                .arg(p.path("prosody.cfg.lua"))
+                .args(["register", user, "localhost", PASSWORD])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            regs.push((user, cmd.output()));
+        }
+        for (user, out) in regs {
+            let out = tokio::time::timeout(Duration::from_secs(10), out)
+                .await
+                .unwrap_or_else(|_| panic!("prosodyctl register {user}: timed out"))
+                .unwrap_or_else(|e| panic!("prosodyctl register {user}: {e}"));
+            assert!(
+                out.status.success(),
+                "prosodyctl register {user}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut p = p;
+        p.spawn().await;
+        p
+    }
+
+    fn write_certs(&self) {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        };
+        let certs = self.path("certs");
+        std::fs::create_dir_all(&certs).unwrap_or_else(|e| panic!("{e}"));
+        let ca_key = KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("{e}"));
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "fleetcmd xmpp test CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca.self_signed(&ca_key).unwrap_or_else(|e| panic!("{e}"));
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let mut leaf = CertificateParams::new(vec![
+            "localhost".to_string(),
+            "conference.localhost".to_string(),
+            "anon.localhost".to_string(),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        leaf.distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let cert = leaf
+            .signed_by(&key, &issuer)
+            .unwrap_or_else(|e| panic!("{e}"));
+        for (name, pem) in [
+            ("ca.pem", ca_cert.pem()),
+            ("server.crt", cert.pem()),
+            ("server.key", key.serialize_pem()),
+        ] {
+            std::fs::write(certs.join(name), pem).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    fn write_config(&self, extra: &str) {
+        let d = self.dir.path().display();
+        let cfg = format!(
+            r#"-- written by fleetcmd's XMPP adapter tests
+pidfile = "{d}/prosody.pid"
+data_path = "{d}/data"
+certificates = "{d}/certs"
+run_as_root = true
+interfaces = {{ "127.0.0.1" }}
+c2s_ports = {{ {port} }}
+c2s_direct_tls_ports = {{ }}
+s2s_ports = {{ }}
+component_ports = {{ }}
+http_ports = {{ }}
+https_ports = {{ }}
+modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "posix" }}
+modules_disabled = {{ "s2s" }}
+authentication = "internal_hashed"
+storage = "internal"
+c2s_require_encryption = true
+allow_registration = false
+log = {{ debug = "{d}/prosody.log" }}
+ssl = {{ certificate = "{d}/certs/server.crt"; key = "{d}/certs/server.key" }}
+{extra}
+
+VirtualHost "localhost"
+
+-- Real JIDs visible to every occupant: the bot can identify people.
+Component "conference.localhost" "muc"
+    muc_room_default_public_jids = true
+
+-- Real JIDs only for moderators: the bot (a participant) cannot.
+Component "anon.localhost" "muc"
+    muc_room_default_public_jids = false
+    muc_room_locking = false
+"#,
+            port = self.port
+        );
+        std::fs::create_dir_all(self.path("data")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(self.path("prosody.cfg.lua"), cfg).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Starts prosody in the foreground and waits for its port.
+    async fn spawn(&mut self) {
+        let log = std::fs::File::create(self.path("stdout.log")).unwrap_or_else(|e| panic!("{e}"));
+        let err = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new(PROSODY)
+            .arg("--config")
+            .arg(self.path("prosody.cfg.lua"))
+            .arg("-F")
+            .stdout(log)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {PROSODY}: {e}"));
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("prosody exited with {status}: {}", self.logs());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "prosody did not listen on {} within 10 s: {}",
+                self.port,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    fn logs(&self) -> String {
+        let out = std::fs::read_to_string(self.path("stdout.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(self.path("prosody.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        format!(
+            "{out}\n--- prosody.log (last lines, newest first) ---\n{}",
+            tail.join("\n")
+        )
+    }
+
+    fn config(&self, jid: &str) -> XmppConfig {
+        let mut cfg = XmppConfig::new(jid, PASSWORD);
+        cfg.host = Some("127.0.0.1".into());
+        cfg.port = Some(self.port);
+        cfg.ca_file = Some(self.ca());
+        cfg.keepalive_secs = 5;
+        cfg
+    }
+
+    fn bot_config(&self, rooms: &[&str]) -> XmppConfig {
+        let mut cfg = self.config(BOT);
+        cfg.rooms = rooms.iter().map(|r| r.to_string()).collect();
+        cfg.nick = NICK.to_string();
+        cfg
+    }
+}
+
+fn policy_text(signer: &fleetcmd_core::crypto::SigningKey) -> String {
+    format!(
+        r#"
+version = 3
+
+[[signers]]
+id = "gw"
+public_key = "{}"
+may_sign = ["*"]
+
+[commands.uptime]
+description = "Load average and uptime"
+argv = ["/usr/bin/uptime"]
+
+[roles.oncall]
+commands = ["uptime"]
+
+[[bindings]]
+subjects = ["xmpp:alice@localhost"]
+roles = ["oncall"]
+"#,
+        signer.public_key()
+    )
+}
+
+/// A router over the fake controller with a policy binding alice's JID.
+fn router(tweak: impl FnOnce(&mut FakeController)) -> Arc<Router<FakeController>> {
+    let signer = Arc::new(new_key());
+    let root = new_key();
+    let text = policy_text(&signer);
+    let policy = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    let sig = sign_bundle(text.as_bytes(), &root);
+    let mut fake = FakeController::new(v1::PolicyInfo {
+        version: policy.version,
+        hash: String::new(),
+        policy: Some(v1::SignedPolicy {
+            bundle: text.into_bytes(),
+            signatures: vec![v1::PolicySignature {
+                key_id: sig.key_id,
+                signature: sig.signature,
+            }],
+        }),
+    });
+    tweak(&mut fake);
+    let cfg = RouterConfig {
+        signing_key: signer,
+        signer_id: "gw".to_string(),
+        policy_roots: vec![root.public_key()],
+        policy_threshold: 1,
+        bot_name: "fleetcmd".to_string(),
+        job_expiry: Duration::from_secs(600),
+        poll_interval: Duration::from_millis(5),
+        approval_window: Duration::from_secs(60),
+    };
+    Arc::new(Router::new(cfg, fake))
+}
+
+/// Connects the bot, waits until it sits in `rooms`, runs the gateway.
+async fn start_bot(
+    p: &Prosody,
+    rooms: &[&str],
+    router: Arc<Router<FakeController>>,
+) -> tokio::task::JoinHandle<()> {
+    let adapter = XmppAdapter::connect(&p.bot_config(rooms))
+        .await
+        .unwrap_or_else(|e| panic!("bot connect: {e}\n{}", p.logs()));
+    let want: Vec<Jid> = rooms.iter().map(|r| jid(r)).collect();
+    assert!(
+        adapter.wait_joined(&want, WAIT).await,
+        "bot joined only {:?}",
+        adapter.joined_rooms()
+    );
+    tokio::spawn(serve(router, adapter))
+}
+
+fn jid(s: &str) -> Jid {
+    Jid::parse(s).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn body_of(el: &Element) -> Option<String> {
+    el.child("body", NS_CLIENT).map(Element::text)
+}
+
+fn from_of(el: &Element) -> &str {
+    el.attr("from").unwrap_or_default()
+}
+
+/// A message the bot posted in `room`.
+fn bot_said_in(room: &str, el: &Element) -> Option<String> {
+    (el.name == "message"
+        && el.attr("type") == Some("groupchat")
+        && from_of(el) == format!("{room}/{NICK}"))
+    .then(|| body_of(el))
+    .flatten()
+}
+
+/// An ordinary XMPP user.
+struct User {
+    reader: Reader,
+    writer: Writer,
+    name: String,
+    /// Stanzas read but not yet matched by `wait_for`.
+    backlog: VecDeque<Element>,
+    /// Everything received, for failure messages and "never" assertions.
+    seen: Vec<Element>,
+}
+
+impl User {
+    async fn login(p: &Prosody, name: &str) -> User {
+        let opts = p
+            .config(&format!("{name}@localhost/test"))
+            .client_options()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let conn = Connection::connect(&opts)
+            .await
+            .unwrap_or_else(|e| panic!("{name} login: {e}\n{}", p.logs()));
+        let mut u = User {
+            reader: conn.reader,
+            writer: conn.writer,
+            name: name.to_string(),
+            backlog: VecDeque::new(),
+            seen: Vec::new(),
+        };
+        u.send("<presence/>").await;
+        u
+    }
+
+    async fn send(&mut self, xml: &str) {
+        self.writer
+            .send(xml)
+            .await
+            .unwrap_or_else(|e| panic!("{} send: {e}", self.name));
+    }
+
+    async fn say(&mut self, room: &str, text: &str) {
+        let xml = stanza::message(&jid(room), "groupchat", &stanza::new_id(), text, None);
+        self.send(&xml).await;
+    }
+
+    async fn tell(&mut self, to: &str, text: &str) {
+        let xml = stanza::message(&jid(to), "chat", &stanza::new_id(), text, None);
+        self.send(&xml).await;
+    }
+
+    /// The first stanza (backlog first) matching `pred`, within [`WAIT`].
+    async fn wait_for(&mut self, what: &str, pred: impl Fn(&Element) -> bool) -> Element {
+        if let Some(i) = self.backlog.iter().position(&pred)
+            && let Some(el) = self.backlog.remove(i)
+        {
+            return el;
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.reader.next()).await;
+            match next {
+                Ok(Ok(el)) => {
+                    self.seen.push(el.clone());
+                    if pred(&el) {
+                        return el;
+                    }
+                    self.backlog.push_back(el);
+                }
+                Ok(Err(e)) => panic!("{}: stream ended waiting for {what}: {e}", self.name),
+                Err(_) => panic!(
+                    "{}: no {what} within {WAIT:?}; received:\n{:#?}",
+                    self.name,
+                    self.seen.iter().rev().take(12).collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
+
+    /// The body of the next message the bot posts in `room` containing `needle`.
+    async fn bot_reply(&mut self, room: &str, needle: &str) -> Element {
+        self.wait_for(
+            &format!("a message from the bot containing {needle:?}"),
+            |el| bot_said_in(room, el).is_some_and(|b| b.contains(needle)),
+        )
+        .await
+    }
+
+    /// Joins `room` as `nick`; unlocks the room if this created it.
+    async fn join(&mut self, room: &str, nick: &str) {
+        self.send(&stanza::join(&jid(room), nick)).await;
+        let me = format!("{room}/{nick}");
+        let presence = self
+            .wait_for(&format!("self-presence in {room}"), |el| {
+                el.name == "presence"
+                    && from_of(el) == me
+                    && (el.attr("type") == Some("error") || statuses(el).contains(&110))
+            })
+            .await;
+        assert_ne!(
+            presence.attr("type"),
+            Some("error"),
+            "{} could not join {room}: {presence:#?}",
+            self.name
+        );
+        let codes = statuses(&presence);
+        assert!(codes.contains(&110), "{presence:#?}");
+        if codes.contains(&201) {
+            self.send(&stanza::instant_room(&jid(room))).await;
+            self.wait_for("the instant-room result", |el| {
+                el.name == "iq" && el.attr("type") == Some("result") && from_of(el) == room
+            })
+            .await;
+        }
+    }
+}
+
+fn statuses(presence: &Element) -> Vec<u16> {
+    presence
+        .child("x", NS_MUC_USER)
+        .map(|x| {
+            x.elements()
+                .filter(|c| c.name == "status")
+                .filter_map(|c| c.attr("code").and_then(|c| c.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn submitted(router: &Router<FakeController>) -> Vec<JobSpec> {
+    router
+        .controller()
+        .submitted()
+        .iter()
+        .map(|j| JobSpec::from_bytes(&j.spec).unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_command_end_to_end_names_the_real_jid_and_edits_in_place() {
+    within(async {
+        let p = Prosody::start().await;
+        let router = router(|_| {});
+        let gw = start_bot(&p, &[OPS], router.clone()).await;
+        let mut alice = User::login(&p, "alice").await;
+        alice.join(OPS, "alice").await;
+
+        alice.say(OPS, "!whoami").await;
+        let who = alice.bot_reply(OPS, "you are").await;
+        assert_eq!(
+            body_of(&who).as_deref(),
+            Some("you are xmpp:alice@localhost\n  roles: oncall")
+        );
+
+        alice.say(OPS, "!run uptime on all").await;
+        let posted = alice.bot_reply(OPS, "2 targets").await;
+        let posted_body = body_of(&posted).unwrap_or_default();
+        assert!(
+            posted_body.contains("`uptime` on all by xmpp:alice@localhost"),
+            "{posted_body}"
+        );
+        let posted_id = posted
+            .attr("id")
+            .unwrap_or_else(|| panic!("no id: {posted:#?}"))
+            .to_string();
+        let done = alice.bot_reply(OPS, "succeeded").await;
+        let replace = done.child("replace", NS_CORRECT).and_then(|r| r.attr("id"));
+        assert_eq!(
+            replace,
+            Some(posted_id.as_str()),
+            "XEP-0308 correction of the first message: {done:#?}"
+        );
+        let text = body_of(&done).unwrap_or_default();
+        assert!(
+            text.contains("succeeded (2/2 ok) — asked by xmpp:alice@localhost"),
+            "{text}"
+        );
+        assert!(text.contains("\n    | up 3 days, load 0.5"), "{text}");
+
+        let jobs = submitted(&router);
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].requester.as_str(), "xmpp:alice@localhost");
+        assert_eq!(jobs[0].channel, "xmpp:ops@conference.localhost");
+        gw.abort();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoofed_nickname_gets_the_spoofers_own_identity() {
+    within(async {
+        let p = Prosody::start().await;
+        let router = router(|_| {});
+        let gw = start_bot(&p, &[OPS], router.clone()).await;
+        let mut alice = User::login(&p, "alice").await;
+        alice.join(OPS, "alice").await;
+        alice.say(OPS, "!whoami").await;
+        alice.bot_reply(OPS, "you are xmpp:alice@localhost").await;
+
+        let mut mallory = User::login(&p, "mallory").await;
+        mallory.join(OPS, "mal").await;
+        // alice leaves; mallory takes her nickname.
+        alice
+            .send(&format!("<presence type='unavailable' to='{OPS}/alice'/>"))
+            .await;
+        mallory
+            .wait_for("alice leaving", |el| {
+                from_of(el) == format!("{OPS}/alice") && el.attr("type") == Some("unavailable")
+            })
+            .await;
+        mallory.join(OPS, "alice").await;
+
+        mallory.say(OPS, "!run uptime on all").await;
+        let refused = mallory.bot_reply(OPS, "asked by").await;
+        assert_eq!(
+            body_of(&refused).as_deref(),
+            Some("refused: you have no roles; nothing was submitted — asked by xmpp:mallory@localhost")
+        );
+        mallory.say(OPS, "!whoami").await;
+        let who = mallory.bot_reply(OPS, "you are").await;
+        assert_eq!(
+            body_of(&who).as_deref(),
+            Some("you are xmpp:mallory@localhost\n  roles: none")
+        );
+        assert!(submitted(&router).is_empty(), "nothing may run for mallory");
+        let leaked: Vec<&Element> = mallory
+            .seen
+            .iter()
+            .filter(|el| bot_said_in(OPS, el).is_some_and(|b| b.contains("xmpp:alice@localhost")))
+            .collect();
+        // The only bot message naming alice is the answer to her own !whoami,
+        // sent before mallory joined: nothing after that speaks for alice.
+        assert!(leaked.is_empty(), "{leaked:#?}");
+        gw.abort();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_messages_are_answered_in_the_direct_chat() {
+    within(async {
+        let p = Prosody::start().await;
+        let router = router(|_| {});
+        let gw = start_bot(&p, &[OPS], router.clone()).await;
+        let mut alice = User::login(&p, "alice").await;
+        let from_bot = |el: &Element| {
+            el.name == "message"
+                && el.attr("type") == Some("chat")
+                && from_of(el).starts_with("fleetbot@localhost/")
+        };
+        alice.tell(BOT, "whoami").await;
+        let who = alice
+            .wait_for("the bot's direct answer", |el| {
+                from_bot(el) && body_of(el).is_some_and(|b| b.starts_with("you are"))
+            })
+            .await;
+        assert_eq!(
+            body_of(&who).as_deref(),
+            Some("you are xmpp:alice@localhost\n  roles: oncall")
+        );
+        alice.tell(BOT, "run uptime on all").await;
+        let done = alice
+            .wait_for("the job result", |el| {
+                from_bot(el) && body_of(el).is_some_and(|b| b.contains("succeeded"))
+            })
+            .await;
+        assert!(done.child("replace", NS_CORRECT).is_some(), "{done:#?}");
+        let jobs = submitted(&router);
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].channel, "xmpp:alice@localhost");
+        assert_eq!(jobs[0].requester.as_str(), "xmpp:alice@localhost");
+        gw.abort();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_a_prosody_restart_and_rejoins() {
+    within(async {
+        let mut p = Prosody::start().await;
+        let router = router(|_| {});
+        let gw = start_bot(&p, &[OPS], router.clone()).await;
+        let mut alice = User::login(&p, "alice").await;
+        alice.join(OPS, "alice").await;
+        alice.say(OPS, "!whoami").await;
+        alice.bot_reply(OPS, "you are xmpp:alice@localhost").await;
+
+        p.stop().await;
+        p.spawn().await;
+
+        let mut alice = User::login(&p, "alice").await;
+        alice.join(OPS, "alice").await;
+        alice
+            .wait_for("the bot back in the room", |el| {
+                el.name == "presence"
+                    && from_of(el) == format!("{OPS}/{NICK}")
+                    && el.attr("type").is_none()
+            })
+            .await;
+        alice.say(OPS, "!whoami").await;
+        let who = alice.bot_reply(OPS, "you are").await;
+        assert_eq!(
+            body_of(&who).as_deref(),
+            Some("you are xmpp:alice@localhost\n  roles: oncall")
+        );
+        gw.abort();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_trusts_the_configured_ca_and_nothing_weaker() {
+    within(async {
+        let p = Prosody::start().await;
+        let opts = p
+            .config(BOT)
+            .client_options()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let conn = Connection::connect(&opts)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", p.logs()));
+        assert!(conn.tls, "STARTTLS was used");
+        assert!(conn.mechanism.starts_with("SCRAM-"), "{}", conn.mechanism);
+        assert_eq!(conn.jid.to_string(), "fleetbot@localhost/fleetcmd");
+
+        let err = |cfg: XmppConfig| async move {
+            match XmppAdapter::connect(&cfg).await {
+                Ok(_) => panic!("connected with {cfg:?}"),
+                Err(e) => e.to_string(),
+            }
+        };
+        // The public roots do not include the test CA.
+        let mut public_roots = p.bot_config(&[]);
+        public_roots.ca_file = None;
+        let e = err(public_roots).await;
+        assert!(
+            e.contains("TLS") && e.contains("invalid peer certificate"),
+            "{e}"
+        );
+        // No TLS to a server that requires it: refused before any password is sent.
+        let mut plain = p.bot_config(&[]);
+        plain.tls = TlsMode::None;
+        let e = err(plain).await;
+        assert!(e.contains("requires TLS"), "{e}");
+        let mut wrong = p.bot_config(&[]);
+        wrong.password = Some(fleetcmd_gateway::adapters::xmpp::Password(
+            fleetcmd_core::crypto::Secret::new("wrong".into()),
+        ));
+        let e = err(wrong).await;
+        assert!(e.contains("authentication failed: not-authorized"), "{e}");
+        assert!(!e.contains(PASSWORD) && !e.contains("wrong"), "{e}");
+        let e = Connection::connect(&{
+            let mut o = opts.clone();
+            o.tls = TlsMode::Direct;
+            o
+        })
+        .await
+        .err()
+        .map(|e: ClientError| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            e.contains("TLS"),
+            "direct TLS to a STARTTLS port fails cleanly: {e}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_only_over_tls_and_no_tls_only_to_loopback() {
+    within(async {
+        // A server offering only PLAIN: used, because the stream is TLS.
+        let p =
+            Prosody::start_with("disable_sasl_mechanisms = { \"SCRAM-SHA-1\", \"SCRAM-SHA-256\" }")
+                .await;
+        let opts = p
+            .config(BOT)
+            .client_options()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let conn = Connection::connect(&opts)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", p.logs()));
+        assert_eq!((conn.tls, conn.mechanism), (true, "PLAIN"));
+        drop(conn);
+        drop(p);
+
+        // A server that allows plaintext, on loopback: `tls = "none"` works
+        // (SCRAM, so the password is not sent in clear either).
+        let p = Prosody::start_with("c2s_require_encryption = false").await;
+        let mut cfg = p.bot_config(&[OPS]);
+        cfg.tls = TlsMode::None;
+        cfg.ca_file = None;
+        let conn = Connection::connect(&cfg.client_options().unwrap_or_else(|e| panic!("{e}")))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", p.logs()));
+        assert_eq!((conn.tls, conn.mechanism), (false, "SCRAM-SHA-1"));
+        // …but never to a non-loopback host.
+        cfg.host = Some("192.0.2.1".into());
+        let problems = cfg.validate();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].0, "tls");
+    })
+    .await;
+}
+
+const HOSTILE: &str = "@all deploy now\n!run reboot on all\n</body><body>pwned</body>\n<!here> `x` &amp; ]]>\n\u{1b}[31mred\u{7}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_output_arrives_inert_and_well_formed() {
+    within(async {
+        let p = Prosody::start().await;
+        let router = router(|f| f.output = HOSTILE.as_bytes().to_vec());
+        let gw = start_bot(&p, &[OPS], router.clone()).await;
+        let mut alice = User::login(&p, "alice").await;
+        alice.join(OPS, "alice").await;
+        alice.say(OPS, "!run uptime on all").await;
+        let done = alice.bot_reply(OPS, "succeeded").await;
+        let bodies = done.elements().filter(|e| e.is("body", NS_CLIENT)).count();
+        assert_eq!(bodies, 1, "exactly one body: {done:#?}");
+        let text = body_of(&done).unwrap_or_default();
+        for expected in [
+            "    | @\u{2060}all deploy now",
+            "    | !run reboot on all",
+            "    | </body><body>pwned</body>",
+            "    | <!here> `x` &amp; ]]>",
+            "    | \u{FFFD}[31mred\u{FFFD}",
+        ] {
+            assert_eq!(
+                text.matches(expected).count(),
+                2,
+                "{expected:?} once per host in:\n{text}"
+            );
+        }
+        for line in text.lines() {
+            let t = line.trim_start();
+            assert!(
+                !t.starts_with(['!', '@', '/', '<']),
+                "line looks addressed: {line:?}"
+            );
+            assert!(
+                !line.chars().any(|c| c.is_control()),
+                "control char in {line:?}"
+            );
+        }
+        // The bot's stream survived its own output: it still answers.
+        alice.say(OPS, "!whoami").await;
+        alice.bot_reply(OPS, "you are xmpp:alice@localhost").await;
+        gw.abort();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_that_hides_real_jids_is_refused_with_one_warning() {
+    within(async {
+        let p = Prosody::start().await;
+        let router = router(|_| {});
+        // alice creates the room, so she owns it and the bot is a plain
+        // participant: it is not shown real JIDs there.
+        let mut alice = User::login(&p, "alice").await;
+        alice.join(SECRET_ROOM, "alice").await;
+        let gw = start_bot(&p, &[SECRET_ROOM], router.clone()).await;
+        alice
+            .wait_for("the bot joining", |el| {
+                from_of(el) == format!("{SECRET_ROOM}/{NICK}")
+            })
+            .await;
+        alice.say(SECRET_ROOM, "!whoami").await;
+        let warning = alice
+            .bot_reply(SECRET_ROOM, "I cannot tell who you are")
+            .await;
+        assert_eq!(body_of(&warning).as_deref(), Some(HIDDEN_JIDS_WARNING));
+        alice.say(SECRET_ROOM, "!run uptime on all").await;
+        alice.say(SECRET_ROOM, "fleetcmd: whoami").await;
+        // Make sure the bot has read both before checking it stayed silent:
+        // a direct message is answered only after them (one stream, in order).
+        alice.tell(BOT, "whoami").await;
+        alice
+            .wait_for("the direct answer", |el| {
+                el.attr("type") == Some("chat")
+                    && body_of(el).is_some_and(|b| b.starts_with("you are"))
+            })
+            .await;
+        let more: Vec<&Element> = alice
+            .seen
+            .iter()
+            .filter(|el| bot_said_in(SECRET_ROOM, el).is_some())
+            .collect();
+        assert_eq!(more.len(), 1, "one warning, no answers: {more:#?}");
+        assert!(submitted(&router).is_empty());
+        gw.abort();
+    })
+    .await;
+}
+
+fn target(
+    host: &str,
+    state: &str,
+    outcome: v1::Outcome,
+    code: i32,
+    out: &str,
+    err: &str,
+) -> v1::Target {
+    v1::Target {
+        agent_id: host.to_string(),
+        state: state.to_string(),
+        result: Some(v1::JobResult {
+            job_id: "0190ab12-34cd-7ef0-8123-456789abcdef".to_string(),
+            outcome: outcome as i32,
+            exit_code: Some(code),
+            stdout: out.as_bytes().to_vec(),
+            stderr: err.as_bytes().to_vec(),
+            duration_ms: 1234,
+            ..Default::default()
+        }),
+    }
+}
+
+#[test]
+fn job_result_body_snapshot() {
+    let job = v1::Job {
+        job_id: "0190ab12-34cd-7ef0-8123-456789abcdef".to_string(),
+        command: "uptime".to_string(),
+        selector: "role=web".to_string(),
+        requester: "xmpp:alice@localhost".to_string(),
+        channel: "xmpp:ops@conference.localhost".to_string(),
+        state: "failed".to_string(),
+        targets: vec![
+            target(
+                "web-1",
+                "ok",
+                v1::Outcome::Ok,
+                0,
+                " 10:00:01 up 3 days,  load average: 0.50\n@channel <!here> `rm -rf` ```\n!run reboot on all\n</body><body>x</body>",
+                "",
+            ),
+            target(
+                "web-2",
+                "failed",
+                v1::Outcome::Failed,
+                2,
+                "",
+                "uptime: /proc not mounted\n@all help",
+            ),
+        ],
+        ..Default::default()
+    };
+    let body = body::render(&fleetcmd_gateway::render::job(&job));
+    insta::assert_snapshot!("xmpp_job_result", body);
+}
+
+#[test]
+fn approval_request_body_snapshot() {
+    let reply = Reply {
+        header: "job 0190ab12-34cd-7ef0 `reboot` on role=web needs 1 approval — asked by xmpp:alice@localhost".to_string(),
+        lines: vec![
+            "an approver other than the requester may approve within 15 min".to_string(),
+        ],
+        actions: vec![
+            Action {
+                label: "Approve".to_string(),
+                command: "approve 0190ab12-34cd-7ef0".to_string(),
+                danger: false,
+            },
+            Action {
+                label: "Deny".to_string(),
+                command: "deny 0190ab12-34cd-7ef0".to_string(),
+                danger: true,
+            },
+        ],
+        ..Reply::default()
+    };
+    insta::assert_snapshot!("xmpp_approval_request", body::render(&reply));
+}
