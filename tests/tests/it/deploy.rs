@@ -47,3 +47,43 @@ fn example_gateway_config_parses_and_names_missing_files() {
         "{err}"
     );
 }
+
+/// The commented adapter sections of deploy/gateway.toml, uncommented, are
+/// a valid configuration that enables every adapter at once.
+#[test]
+fn example_gateway_adapter_sections_validate_all_enabled_at_once() {
+    let path = deploy("gateway.toml");
+    let text = std::fs::read_to_string(&path).expect("read");
+    let (head, adapters) = text
+        .split_once("# Any set of the adapters below")
+        .expect("the adapters block");
+    let toml_line = |l: &str| {
+        let t = l.trim_start_matches("# ");
+        t.starts_with('[') || t.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+    };
+    let uncommented: String = adapters
+        .lines()
+        .map(|l| {
+            if l.starts_with("# ") && toml_line(l) {
+                l.trim_start_matches("# ").to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let all = format!("{head}\n#{uncommented}\n");
+    let cfg = fleetcmd_gateway::config::GatewayConfig::parse(&all, &path)
+        .unwrap_or_else(|e| panic!("all adapters enabled: {e}\n{all}"));
+    assert!(cfg.slack.is_some() && cfg.mattermost.is_some());
+    assert!(cfg.irc.is_some() && cfg.xmpp.is_some());
+    // The example names secret files under /etc that do not exist here;
+    // anything else wrong with the sections is a failure.
+    if let Err(problems) = cfg.validate() {
+        let other: Vec<_> = problems
+            .iter()
+            .filter(|p| !(p.key.ends_with("_file") && p.message.contains("No such file")))
+            .collect();
+        assert!(other.is_empty(), "{other:#?}");
+    }
+}
