@@ -7,6 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fleetcmd_core::audit::EventKind;
 use fleetcmd_core::ids::Identity;
 use fleetcmd_core::job::SignedJob;
 use fleetcmd_gateway::adapters::{
@@ -217,5 +218,162 @@ async fn a_job_signed_without_its_approvals_is_refused_by_the_controller() {
         .into_inner();
     let job = fleet.wait_job(&ok.job_id).await;
     assert_eq!(job.state, "succeeded", "{job:?}");
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
+
+/// Kinds `audit::real_flows_produce_their_audit_events` produces.
+const KINDS_FROM_THE_MAIN_AUDIT_FLOW: [EventKind; 12] = [
+    EventKind::TokenCreated,
+    EventKind::TokenUsed,
+    EventKind::AgentJoined,
+    EventKind::PolicyPushed,
+    EventKind::PolicyRefused,
+    EventKind::JobSubmitted,
+    EventKind::JobDispatched,
+    EventKind::JobFinished,
+    EventKind::JobRefusedByAgent,
+    EventKind::AuthFailed,
+    EventKind::AgentRevoked,
+    EventKind::ChatDenied,
+];
+
+/// The other kinds, each from a real flow against a real controller and
+/// agents: certificate renewal, a refused token, a job refused at submit,
+/// a cancel, and every approval outcome through the real router. Together
+/// with the main audit flow this covers every kind there is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_event_kind_is_recorded_from_a_real_flow() {
+    let mut fleet = start_fleet_with(1, |o| o.agent_cert_ttl = Duration::from_secs(3)).await;
+    push_approval_policy(&mut fleet).await;
+
+    // A malformed join token.
+    let _ = pb::enrollment_client::EnrollmentClient::new(fleet.anonymous().await)
+        .join(pb::JoinRequest {
+            token: "fct1_not-a-token".into(),
+            csr_der: Vec::new(),
+            name: "intruder".into(),
+        })
+        .await
+        .expect_err("refused");
+    // A job signed by a key the policy does not know, refused at submit.
+    let forged = SignedJob::sign(
+        &spec("uptime", &[], "all", "cli:admin"),
+        fleetcmd_cli::fleet::OPERATOR_SIGNER,
+        &stranger_key(),
+    );
+    let _ = pb::jobs_client::JobsClient::new(fleet.operator().await)
+        .submit(to_pb(forged))
+        .await
+        .expect_err("forged job refused");
+    // A long job, canceled.
+    let (_, sleeper) = fleet.operator_job("sleep", &[("seconds", "600")], "all");
+    let mut jobs = pb::jobs_client::JobsClient::new(fleet.operator().await);
+    let sub = jobs
+        .submit(to_pb(sleeper))
+        .await
+        .expect("submitted")
+        .into_inner();
+    jobs.cancel(pb::CancelJobRequest {
+        job_id: sub.job_id.clone(),
+        requested_by: "cli:admin".into(),
+    })
+    .await
+    .expect("canceled");
+    fleet.wait_job(&sub.job_id).await;
+
+    // Approvals: one approved, one denied, one left to expire.
+    let ctl = GrpcController::from_channel(fleet.gateway().await);
+    let mut cfg = fleet.gateway_options().router_config();
+    cfg.approval_window = Duration::from_millis(1500);
+    let router = Arc::new(Router::new(cfg, ctl));
+    for decision in ["approve", "deny", "expire"] {
+        let out = Arc::new(Recorder::default());
+        let task = {
+            let (router, out) = (router.clone(), out.clone());
+            tokio::spawn(async move {
+                router
+                    .handle(
+                        said("console:alice", "run reboot-demo on all"),
+                        out.as_ref(),
+                    )
+                    .await;
+            })
+        };
+        let short = assert_eventually(Duration::from_secs(10), || {
+            let out = out.clone();
+            async move {
+                let first = out.texts().first().cloned()?;
+                first.split_whitespace().nth(1).map(str::to_string)
+            }
+        })
+        .await;
+        let carol = Recorder::default();
+        match decision {
+            "approve" => {
+                router
+                    .handle(said("console:carol", &format!("approve {short}")), &carol)
+                    .await
+            }
+            "deny" => {
+                router
+                    .handle(
+                        said("console:carol", &format!("deny {short} not now")),
+                        &carol,
+                    )
+                    .await
+            }
+            _ => {}
+        }
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the run finished")
+            .expect("run task");
+    }
+
+    // The agent's certificate (3 s) has been renewed at least once by now.
+    let audit = pb::audit_client::AuditClient::new(fleet.operator().await);
+    let seen = assert_eventually(Duration::from_secs(20), || {
+        let mut audit = audit.clone();
+        async move {
+            let records = audit
+                .search(pb::AuditSearchRequest {
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .records;
+            let seen: std::collections::BTreeSet<String> = records
+                .iter()
+                .filter_map(|r| serde_json::from_str::<serde_json::Value>(r).ok())
+                .filter_map(|v| v["event"]["kind"].as_str().map(str::to_string))
+                .collect();
+            seen.contains("agent_renewed").then_some(seen)
+        }
+    })
+    .await;
+    let mut missing = Vec::new();
+    for kind in EventKind::ALL {
+        if !seen.contains(kind.as_str()) && !KINDS_FROM_THE_MAIN_AUDIT_FLOW.contains(kind) {
+            missing.push(kind.as_str());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "no real flow produced {missing:?}; seen {seen:?}"
+    );
+    for kind in [
+        "agent_renewed",
+        "token_refused",
+        "job_refused",
+        "job_canceled",
+        "approval_requested",
+        "approval_given",
+        "approval_denied",
+        "approval_expired",
+    ] {
+        assert!(seen.contains(kind), "{kind} missing: {seen:?}");
+    }
     fleet.fleet.shutdown().await.expect("shutdown");
 }
