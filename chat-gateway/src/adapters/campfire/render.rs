@@ -135,7 +135,7 @@ pub fn render(reply: &Reply) -> String {
         for a in &reply.actions {
             let _ = write!(
                 out,
-                "<div>{}: type <code>{}</code></div>",
+                "<div>{}: mention the bot with <code>{}</code></div>",
                 inert(&a.label),
                 inert(&a.command)
             );
