@@ -426,6 +426,30 @@ async fn no_reply_in_time_is_an_empty_200_and_the_reply_is_posted_later() {
 }
 
 #[tokio::test]
+async fn other_bots_are_marked_and_answered_at_once() {
+    let (_fake, campfire_url, _c) = fake_campfire().await;
+    let mut cfg = config(&campfire_url, BOT_KEY);
+    cfg.ignore_user_ids = vec!["99".to_string()];
+    let mut adapter = CampfireAdapter::new(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    let (gw, _g) = serve_http(adapter.routes()).await;
+    let started = std::time::Instant::now();
+    let answer = deliver(
+        &gw,
+        TOKEN,
+        bytes(&payload(99, "Deploy Bot", "run uptime on all")),
+    )
+    .await;
+    assert_eq!((answer.status, answer.body.as_str()), (StatusCode::OK, ""));
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "not held for reply_wait_ms"
+    );
+    let msg = adapter.recv().await.unwrap_or_else(|| panic!("delivered"));
+    assert!(msg.from_bot, "the router ignores it");
+    assert_eq!(msg.identity.as_str(), "campfire:acme:99");
+}
+
+#[tokio::test]
 async fn a_wrong_bot_key_or_room_is_an_error_not_a_silent_success() {
     let (fake, campfire_url, _c) = fake_campfire().await;
     let wrong = CampfireAdapter::new(&config(&campfire_url, "7-stale0key"))

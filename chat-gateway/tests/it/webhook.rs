@@ -354,9 +354,9 @@ async fn bad_requests_are_refused_and_never_routed() {
 
     // The first message the router sees is this genuine one.
     let genuine_body = line("alice", "", "whoami");
-    let url2 = url.clone();
-    let genuine =
-        tokio::spawn(async move { post_signed(&url2, SECRET, now(), genuine_body).await });
+    let genuine_ts = now();
+    let (url2, body2) = (url.clone(), genuine_body.clone());
+    let genuine = tokio::spawn(async move { post_signed(&url2, SECRET, genuine_ts, body2).await });
     let msg = tokio::time::timeout(Duration::from_secs(5), adapter.recv())
         .await
         .unwrap_or_else(|_| panic!("nothing routed"))
@@ -386,6 +386,9 @@ async fn bad_requests_are_refused_and_never_routed() {
             }
         })
     );
+    // The same signed request again, inside the window: a replay.
+    let replay = post_signed(&url, SECRET, genuine_ts, genuine_body).await;
+    assert_eq!(replay.status, StatusCode::CONFLICT, "{}", replay.body);
 }
 
 #[tokio::test]

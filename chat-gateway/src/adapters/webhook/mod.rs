@@ -622,10 +622,42 @@ struct Shared {
     outgoing: HashMap<String, Target>,
     tx: Mutex<Option<mpsc::Sender<Incoming>>>,
     pending: Mutex<HashMap<String, oneshot::Sender<Envelope>>>,
+    /// Signatures accepted in the last two windows, with their timestamp:
+    /// a captured request replayed inside the window is refused.
+    seen: Mutex<HashMap<String, u64>>,
     next: AtomicU64,
 }
 
+/// Signatures remembered at most (one per accepted request in the window);
+/// when full, new requests get 503 rather than an unbounded set.
+pub const MAX_SEEN: usize = 10_000;
+
 impl Shared {
+    /// Records an accepted signature; a second use is a replay (409).
+    fn first_use(&self, hook: &str, sig: &str, ts: &str) -> Result<(), Response> {
+        let now = unix_now();
+        let ts: u64 = ts.trim().parse().unwrap_or(now);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        // A timestamp is accepted up to MAX_SKEW_SECS either side of now,
+        // so keep each signature until it can no longer verify.
+        seen.retain(|_, t| t.saturating_add(sign::MAX_SKEW_SECS) >= now);
+        let key = format!("{hook} {}", sig.trim().to_ascii_lowercase());
+        if seen.contains_key(&key) {
+            tracing::warn!(adapter = "webhook", hook, "replayed request refused");
+            return Err(status(StatusCode::CONFLICT, "replayed request\n"));
+        }
+        if seen.len() >= MAX_SEEN {
+            tracing::warn!(
+                adapter = "webhook",
+                hook,
+                "replay cache full; request refused"
+            );
+            return Err(status(StatusCode::SERVICE_UNAVAILABLE, "busy\n"));
+        }
+        seen.insert(key, ts);
+        Ok(())
+    }
+
     fn take_pending(&self, thread: &str) -> Option<oneshot::Sender<Envelope>> {
         self.pending
             .lock()
@@ -724,6 +756,7 @@ impl WebhookAdapter {
             outgoing,
             tx: Mutex::new(Some(tx)),
             pending: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
         });
         Ok(WebhookAdapter {
@@ -810,6 +843,9 @@ async fn incoming(
     if let Err(e) = sign::verify(hook.secret.expose().as_bytes(), ts, sig, &bytes, unix_now()) {
         tracing::warn!(adapter = "webhook", hook = %name, error = %e, "signature refused");
         return status(StatusCode::UNAUTHORIZED, "bad signature\n");
+    }
+    if let Err(r) = shared.first_use(&name, sig.unwrap_or_default(), ts.unwrap_or_default()) {
+        return r;
     }
     let body: InBody = match serde_json::from_slice(&bytes) {
         Ok(b) => b,
