@@ -595,8 +595,13 @@ async fn webhook(
         }
         pending.insert(thread.clone(), reply_tx);
     }
+    // Whatever happens to this request (answered, timed out, or the client
+    // went away and the future is dropped), its entry does not outlive it.
+    let _guard = PendingGuard {
+        shared: &shared,
+        thread: &thread,
+    };
     if let Err(why) = shared.send_incoming(msg) {
-        shared.take_pending(&thread);
         tracing::warn!(adapter = "campfire", why, "webhook message dropped");
         return status(StatusCode::SERVICE_UNAVAILABLE, "busy\n");
     }
@@ -611,7 +616,6 @@ async fn webhook(
         }
         _ => {
             // No reply in time: later replies go to the room's bot URL.
-            shared.take_pending(&thread);
             no_reply()
         }
     }
@@ -714,6 +718,18 @@ impl Shared {
             );
             tokio::time::sleep(d).await;
         }
+    }
+}
+
+/// Removes a request's pending entry when the request ends.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    thread: &'a str,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.take_pending(self.thread);
     }
 }
 

@@ -634,7 +634,7 @@ pub const MAX_SEEN: usize = 10_000;
 
 impl Shared {
     /// Records an accepted signature; a second use is a replay (409).
-    fn first_use(&self, hook: &str, sig: &str, ts: &str) -> Result<(), Response> {
+    fn first_use(&self, hook: &str, sig: &str, ts: &str) -> Result<(), (StatusCode, &'static str)> {
         let now = unix_now();
         let ts: u64 = ts.trim().parse().unwrap_or(now);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -644,7 +644,7 @@ impl Shared {
         let key = format!("{hook} {}", sig.trim().to_ascii_lowercase());
         if seen.contains_key(&key) {
             tracing::warn!(adapter = "webhook", hook, "replayed request refused");
-            return Err(status(StatusCode::CONFLICT, "replayed request\n"));
+            return Err((StatusCode::CONFLICT, "replayed request\n"));
         }
         if seen.len() >= MAX_SEEN {
             tracing::warn!(
@@ -652,7 +652,7 @@ impl Shared {
                 hook,
                 "replay cache full; request refused"
             );
-            return Err(status(StatusCode::SERVICE_UNAVAILABLE, "busy\n"));
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "busy\n"));
         }
         seen.insert(key, ts);
         Ok(())
@@ -844,8 +844,10 @@ async fn incoming(
         tracing::warn!(adapter = "webhook", hook = %name, error = %e, "signature refused");
         return status(StatusCode::UNAUTHORIZED, "bad signature\n");
     }
-    if let Err(r) = shared.first_use(&name, sig.unwrap_or_default(), ts.unwrap_or_default()) {
-        return r;
+    if let Err((code, text)) =
+        shared.first_use(&name, sig.unwrap_or_default(), ts.unwrap_or_default())
+    {
+        return status(code, text);
     }
     let body: InBody = match serde_json::from_slice(&bytes) {
         Ok(b) => b,
@@ -887,6 +889,12 @@ async fn incoming(
         }
         pending.insert(thread.clone(), reply_tx);
     }
+    // Whatever happens to this request (answered, timed out, or the client
+    // went away and the future is dropped), its entry does not outlive it.
+    let _guard = PendingGuard {
+        shared: &shared,
+        thread: &thread,
+    };
     let msg = Incoming {
         identity,
         channel,
@@ -900,24 +908,32 @@ async fn incoming(
         tx.map(|tx| tx.try_send(msg).is_ok()).unwrap_or(false)
     };
     if !queued {
-        shared.take_pending(&thread);
         tracing::warn!(adapter = "webhook", hook = %name, "queue full or shutting down; request refused");
         return status(StatusCode::SERVICE_UNAVAILABLE, "busy\n");
     }
     match tokio::time::timeout(hook.reply_wait, reply_rx).await {
         Ok(Ok(env)) => (StatusCode::OK, Json(env)).into_response(),
-        _ => {
-            shared.take_pending(&thread);
-            (
-                StatusCode::ACCEPTED,
-                Json(Envelope {
-                    channel: None,
-                    text: None,
-                    reply: None,
-                }),
-            )
-                .into_response()
-        }
+        _ => (
+            StatusCode::ACCEPTED,
+            Json(Envelope {
+                channel: None,
+                text: None,
+                reply: None,
+            }),
+        )
+            .into_response(),
+    }
+}
+
+/// Removes a request's pending entry when the request ends.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    thread: &'a str,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.take_pending(self.thread);
     }
 }
 
