@@ -17,7 +17,7 @@ use fleetcmd_core::policy::Policy;
 use fleetcmd_core::policy_bundle::sign_bundle;
 use fleetcmd_gateway::adapters::campfire::{CampfireAdapter, CampfireConfig, render};
 use fleetcmd_gateway::adapters::webhook::SecretString;
-use fleetcmd_gateway::adapters::{Action, ChatAdapter, CodeBlock, Reply, Section};
+use fleetcmd_gateway::adapters::{ChatAdapter, Reply};
 use fleetcmd_gateway::router::{Router, RouterConfig};
 use fleetcmd_gateway::serve;
 use fleetcmd_proto::v1;
@@ -60,13 +60,14 @@ pub fn router_with(
         bot_name: "fleetcmd".to_string(),
         job_expiry: Duration::from_secs(600),
         poll_interval: Duration::from_millis(5),
+        approval_window: Duration::from_secs(60),
     };
     Arc::new(Router::new(cfg, fake))
 }
 
 const BINDINGS: &str = r#"
 [[bindings]]
-subjects = ["campfire:acme:42"]
+subjects = ["campfire:acme:42", "campfire:acme:57"]
 roles = ["oncall"]
 "#;
 
@@ -282,6 +283,92 @@ async fn run_is_answered_in_the_response_and_the_result_posted_to_the_room() {
         .unwrap_or_else(|_| panic!("gateway did not stop"))
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(*fake.refused.lock().unwrap_or_else(|p| p.into_inner()), 0);
+}
+
+#[tokio::test]
+async fn approval_by_another_user_runs_the_job() {
+    let (fake, campfire_url, _c) = fake_campfire().await;
+    let router = router_with(BINDINGS, |_| {});
+    let adapter =
+        CampfireAdapter::new(&config(&campfire_url, BOT_KEY)).unwrap_or_else(|e| panic!("{e}"));
+    let (gw, _g) = serve_http(adapter.routes()).await;
+    let _gateway = tokio::spawn(serve(router.clone(), adapter));
+
+    let asked = deliver(
+        &gw,
+        TOKEN,
+        bytes(&payload(42, "Alice", "run reboot on all")),
+    )
+    .await;
+    assert!(
+        asked.body.contains(" needs 1 approval within "),
+        "{}",
+        asked.body
+    );
+    let short = asked
+        .body
+        .split("job ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        asked.body.contains(&format!(
+            "<div>Approve: mention the bot with <code>approve {short}</code></div>"
+        )),
+        "{}",
+        asked.body
+    );
+    assert!(
+        router.controller().submitted().is_empty(),
+        "waits for approval"
+    );
+    // The requester cannot approve their own request.
+    let own = deliver(
+        &gw,
+        TOKEN,
+        bytes(&payload(42, "Alice", &format!("approve {short}"))),
+    )
+    .await;
+    assert!(
+        own.body.contains("someone else must approve it"),
+        "{}",
+        own.body
+    );
+    assert!(router.controller().submitted().is_empty());
+
+    let approved = deliver(
+        &gw,
+        TOKEN,
+        bytes(&payload(57, "Bob", &format!("approve {short}"))),
+    )
+    .await;
+    assert_eq!(approved.status, StatusCode::OK, "{}", approved.body);
+    let mut posted = Vec::new();
+    for _ in 0..1000 {
+        posted = fake.posted();
+        if posted.iter().any(|p| p.body.contains("succeeded (2/2 ok)")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let all: Vec<&str> = posted.iter().map(|p| p.body.as_str()).collect();
+    assert!(
+        all.iter()
+            .any(|b| b.contains("approved by campfire:acme:57; submitting")),
+        "{all:#?}"
+    );
+    assert!(
+        all.iter().any(|b| b.contains("succeeded (2/2 ok)")),
+        "{all:#?}"
+    );
+    let subs = router.controller().submitted();
+    assert_eq!(subs.len(), 1);
+    let spec =
+        fleetcmd_core::job::JobSpec::from_bytes(&subs[0].spec).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(spec.requester.as_str(), "campfire:acme:42");
+    let approvers: Vec<&str> = spec.approvers.iter().map(|a| a.as_str()).collect();
+    assert_eq!(approvers, ["campfire:acme:57"]);
 }
 
 #[tokio::test]
@@ -582,32 +669,17 @@ fn snapshot_job_result() {
     insta::assert_snapshot!(visible(&render(&job_result())));
 }
 
+/// The router's approval request, as it is posted.
 pub fn approval_request() -> Reply {
-    Reply {
-        header: "`reboot` on role=web needs 1 approval — asked by campfire:acme:42".into(),
-        lines: vec!["job 01890a5d-ac96-774b waits for approval (expires in 15 min)".into()],
-        sections: vec![Section {
-            title: "would run on 2 agents".into(),
-            notes: vec![],
-            blocks: vec![CodeBlock {
-                label: String::new(),
-                text: "web-1\nweb-2".into(),
-            }],
-        }],
-        actions: vec![
-            Action {
-                label: "Approve".into(),
-                command: "approve 01890a5d-ac96-774b".into(),
-                danger: false,
-            },
-            Action {
-                label: "Deny".into(),
-                command: "deny 01890a5d-ac96-774b".into(),
-                danger: true,
-            },
-        ],
-        ..Reply::default()
-    }
+    fleetcmd_gateway::render::approval_request(
+        "01890a5d-ac96-774b",
+        "reboot",
+        &["/usr/sbin/reboot".to_string()],
+        "role=web",
+        1,
+        Duration::from_secs(900),
+        "campfire:acme:42",
+    )
 }
 
 #[test]
