@@ -17,7 +17,7 @@ use fleetcmd_core::policy::Policy;
 use fleetcmd_core::policy_bundle::sign_bundle;
 use fleetcmd_gateway::adapters::campfire::{CampfireAdapter, CampfireConfig, render};
 use fleetcmd_gateway::adapters::webhook::SecretString;
-use fleetcmd_gateway::adapters::{ChatAdapter, Reply};
+use fleetcmd_gateway::adapters::{AuthFailures, ChatAdapter, Reply};
 use fleetcmd_gateway::router::{Router, RouterConfig};
 use fleetcmd_gateway::serve;
 use fleetcmd_proto::v1;
@@ -410,6 +410,8 @@ async fn forged_or_malformed_webhooks_are_refused_and_never_routed() {
     let (_fake, campfire_url, _c) = fake_campfire().await;
     let mut adapter =
         CampfireAdapter::new(&config(&campfire_url, BOT_KEY)).unwrap_or_else(|e| panic!("{e}"));
+    let (reporter, mut reports) = AuthFailures::channel(16);
+    adapter.report_auth_failures(reporter);
     let (gw, _g) = serve_http(adapter.routes()).await;
 
     let good = bytes(&payload(42, "Alice", "whoami"));
@@ -457,6 +459,31 @@ async fn forged_or_malformed_webhooks_are_refused_and_never_routed() {
         deliver(&gw, TOKEN, huge).await.status,
         StatusCode::PAYLOAD_TOO_LARGE
     );
+
+    // Authentication failures go to the gateway's audit reporter, without
+    // the token or key; malformed bodies are not authentication failures.
+    let mut got = Vec::new();
+    while let Ok(f) = reports.try_recv() {
+        got.push((f.adapter, f.source, f.detail));
+    }
+    let expected = [
+        ("campfire", "webhook route", "wrong path token (404)"),
+        (
+            "campfire",
+            "user 42 in room 12",
+            "room path without this bot's key (401)",
+        ),
+        (
+            "campfire",
+            "user 42 in room 13",
+            "room path without this bot's key (401)",
+        ),
+    ];
+    let got_refs: Vec<(&str, &str, &str)> = got
+        .iter()
+        .map(|(a, s, d)| (a.as_str(), s.as_str(), d.as_str()))
+        .collect();
+    assert_eq!(got_refs, expected);
 
     // The first message the router sees is the genuine one sent now.
     let gw2 = gw.clone();

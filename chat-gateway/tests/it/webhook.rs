@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use fleetcmd_gateway::adapters::webhook::{
     Envelope, IncomingHookConfig, OutgoingHookConfig, SecretString, WebhookAdapter, WebhookConfig,
 };
-use fleetcmd_gateway::adapters::{ChatAdapter, Reply};
+use fleetcmd_gateway::adapters::{AuthFailures, ChatAdapter, Reply};
 use fleetcmd_gateway::serve;
 use serde_json::{Value, json};
 
@@ -268,6 +268,8 @@ async fn bad_requests_are_refused_and_never_routed() {
         outgoing: vec![],
     })
     .unwrap_or_else(|e| panic!("{e}"));
+    let (reporter, mut reports) = AuthFailures::channel(32);
+    adapter.report_auth_failures(reporter);
     let (gw, _g) = serve_http(adapter.routes()).await;
     let url = format!("{gw}/webhook/ops");
     let body = line("alice", "#ops", "!run uptime on all");
@@ -389,6 +391,28 @@ async fn bad_requests_are_refused_and_never_routed() {
     // The same signed request again, inside the window: a replay.
     let replay = post_signed(&url, SECRET, genuine_ts, genuine_body).await;
     assert_eq!(replay.status, StatusCode::CONFLICT, "{}", replay.body);
+
+    // Every refusal above except the body-size and body-content ones was
+    // reported to the gateway's audit reporter, never with a signature.
+    let mut got = Vec::new();
+    while let Ok(f) = reports.try_recv() {
+        assert!(!f.detail.contains("v1="), "{f:?}");
+        got.push(format!("{} {} {}", f.adapter, f.source, f.detail));
+    }
+    assert_eq!(
+        got,
+        [
+            "webhook:ops /webhook/ops signature does not match (401)",
+            "webhook:ops /webhook/ops timestamp outside the 5-minute window (401)",
+            "webhook:ops /webhook/ops timestamp outside the 5-minute window (401)",
+            "webhook:ops /webhook/ops missing signature headers (401)",
+            "webhook:ops /webhook/ops missing signature headers (401)",
+            "webhook:ops /webhook/ops missing signature headers (401)",
+            "webhook:ops /webhook/ops signature does not match (401)",
+            "webhook:nope /webhook/nope unknown hook (404)",
+            "webhook:ops /webhook/ops replayed request (409)",
+        ]
+    );
 }
 
 #[tokio::test]

@@ -43,7 +43,9 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use self::render::{MAX_MESSAGE_BYTES, escape_html, inert, render};
 use super::webhook::{SecretString, http_client, read_limited};
-use super::{AdapterError, BoxFuture, ChatAdapter, ChatSender, Incoming, MessageRef, Reply};
+use super::{
+    AdapterError, AuthFailures, BoxFuture, ChatAdapter, ChatSender, Incoming, MessageRef, Reply,
+};
 
 /// Route prefix; the webhook URL is `<gateway>/campfire/<path_token>`.
 pub const ROUTE_PREFIX: &str = "/campfire";
@@ -307,6 +309,8 @@ struct Shared {
     pending: Mutex<HashMap<String, oneshot::Sender<String>>>,
     next: AtomicU64,
     http: reqwest::Client,
+    /// Where refused requests are reported (the gateway's audit reporter).
+    auth_failures: std::sync::OnceLock<AuthFailures>,
 }
 
 /// The receiving half: webhook messages arrive through [`CampfireAdapter::routes`].
@@ -390,6 +394,7 @@ impl CampfireAdapter {
             pending: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             http: http_client(Duration::from_millis(cfg.timeout_ms))?,
+            auth_failures: std::sync::OnceLock::new(),
         });
         Ok(CampfireAdapter {
             rx,
@@ -415,6 +420,13 @@ impl CampfireAdapter {
     /// A handle that ends `recv` for a graceful shutdown.
     pub fn closer(&self) -> Closer {
         Closer(self.shared.clone())
+    }
+
+    /// Reports webhooks refused for a wrong path token or a room path
+    /// without this bot's key to `to` (the gateway records them as
+    /// `auth_failed`). Set once; later calls are ignored.
+    pub fn report_auth_failures(&self, to: AuthFailures) {
+        let _ = self.shared.auth_failures.set(to);
     }
 
     /// The channel string of a Campfire room.
@@ -493,6 +505,13 @@ fn no_reply() -> Response {
 }
 
 impl Shared {
+    fn refused(&self, source: &str, detail: &str) {
+        match self.auth_failures.get() {
+            Some(a) => a.report("campfire", source, detail),
+            None => tracing::warn!(adapter = "campfire", source, detail, "chat request refused"),
+        }
+    }
+
     /// Whether `path` is this bot's messages path for `room_id`: Campfire
     /// builds it with the bot's key, so a request without the key is not
     /// from Campfire. Compared in constant time.
@@ -519,10 +538,8 @@ async fn webhook(
     body: Body,
 ) -> Response {
     if !shared.token.matches(&token) {
-        tracing::warn!(
-            adapter = "campfire",
-            "webhook with a wrong path token refused"
-        );
+        // The token itself is never reported.
+        shared.refused("webhook route", "wrong path token (404)");
         return status(StatusCode::NOT_FOUND, "not found\n");
     }
     let bytes = match read_limited(body, MAX_WEBHOOK_BYTES).await {
@@ -545,10 +562,9 @@ async fn webhook(
     }
     let room_id = payload.room.id.0;
     if !shared.room_path_ok(&payload.room.path, &room_id) {
-        tracing::warn!(
-            adapter = "campfire",
-            room_id,
-            "webhook whose room path does not carry this bot's key refused"
+        shared.refused(
+            &format!("user {} in room {room_id}", payload.user.id.0),
+            "room path without this bot's key (401)",
         );
         return status(StatusCode::UNAUTHORIZED, "not from this Campfire bot\n");
     }

@@ -41,7 +41,9 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{AdapterError, BoxFuture, ChatAdapter, ChatSender, Incoming, MessageRef, Reply};
+use super::{
+    AdapterError, AuthFailures, BoxFuture, ChatAdapter, ChatSender, Incoming, MessageRef, Reply,
+};
 use crate::render::sanitize;
 
 /// Route prefix: `POST /webhook/<name>`.
@@ -625,6 +627,8 @@ struct Shared {
     /// Signatures accepted in the last two windows, with their timestamp:
     /// a captured request replayed inside the window is refused.
     seen: Mutex<HashMap<String, u64>>,
+    /// Where refused requests are reported (the gateway's audit reporter).
+    auth_failures: std::sync::OnceLock<AuthFailures>,
     next: AtomicU64,
 }
 
@@ -633,6 +637,15 @@ struct Shared {
 pub const MAX_SEEN: usize = 10_000;
 
 impl Shared {
+    fn refused(&self, hook: &str, detail: &str) {
+        let adapter = format!("webhook:{hook}");
+        let source = format!("{ROUTE_PREFIX}/{hook}");
+        match self.auth_failures.get() {
+            Some(a) => a.report(&adapter, source, detail),
+            None => tracing::warn!(adapter, source, detail, "chat request refused"),
+        }
+    }
+
     /// Records an accepted signature; a second use is a replay (409).
     fn first_use(&self, hook: &str, sig: &str, ts: &str) -> Result<(), (StatusCode, &'static str)> {
         let now = unix_now();
@@ -643,7 +656,8 @@ impl Shared {
         seen.retain(|_, t| t.saturating_add(sign::MAX_SKEW_SECS) >= now);
         let key = format!("{hook} {}", sig.trim().to_ascii_lowercase());
         if seen.contains_key(&key) {
-            tracing::warn!(adapter = "webhook", hook, "replayed request refused");
+            drop(seen);
+            self.refused(hook, "replayed request (409)");
             return Err((StatusCode::CONFLICT, "replayed request\n"));
         }
         if seen.len() >= MAX_SEEN {
@@ -757,6 +771,7 @@ impl WebhookAdapter {
             tx: Mutex::new(Some(tx)),
             pending: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
+            auth_failures: std::sync::OnceLock::new(),
             next: AtomicU64::new(1),
         });
         Ok(WebhookAdapter {
@@ -781,6 +796,13 @@ impl WebhookAdapter {
     /// A handle that ends `recv` for a graceful shutdown.
     pub fn closer(&self) -> Closer {
         Closer(self.shared.clone())
+    }
+
+    /// Reports refused requests (unknown hook, missing/bad/stale signature,
+    /// replay) to `to` (the gateway records them as `auth_failed`). Set
+    /// once; later calls are ignored.
+    pub fn report_auth_failures(&self, to: AuthFailures) {
+        let _ = self.shared.auth_failures.set(to);
     }
 
     /// The sender, for notifications outside the router.
@@ -824,13 +846,14 @@ async fn incoming(
     body: Body,
 ) -> Response {
     let Some(hook) = shared.incoming.get(&name) else {
-        tracing::warn!(adapter = "webhook", hook = %sanitize(&name), "request for an unknown hook refused");
+        let shown: String = sanitize(&name).chars().take(64).collect();
+        shared.refused(&shown, "unknown hook (404)");
         return status(StatusCode::NOT_FOUND, "unknown hook\n");
     };
     let ts = header_str(&headers, sign::TIMESTAMP_HEADER);
     let sig = header_str(&headers, sign::SIGNATURE_HEADER);
     if ts.is_none() || sig.is_none() {
-        tracing::warn!(adapter = "webhook", hook = %name, "unsigned request refused");
+        shared.refused(&name, "missing signature headers (401)");
         return status(StatusCode::UNAUTHORIZED, "missing signature headers\n");
     }
     let bytes = match read_limited(body, MAX_BODY_BYTES).await {
@@ -841,7 +864,7 @@ async fn incoming(
         }
     };
     if let Err(e) = sign::verify(hook.secret.expose().as_bytes(), ts, sig, &bytes, unix_now()) {
-        tracing::warn!(adapter = "webhook", hook = %name, error = %e, "signature refused");
+        shared.refused(&name, &format!("{e} (401)"));
         return status(StatusCode::UNAUTHORIZED, "bad signature\n");
     }
     if let Err((code, text)) =
