@@ -15,10 +15,12 @@ use std::sync::Arc;
 
 use fleetcmd_core::ids::Identity;
 
+pub mod campfire;
 pub mod console;
 pub mod irc;
 pub mod mattermost;
 pub mod slack;
+pub mod webhook;
 pub mod xmpp;
 
 /// A boxed, sendable future, for the object-safe [`ChatSender`].

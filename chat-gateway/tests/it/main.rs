@@ -3,6 +3,7 @@
 
 mod approvals;
 mod audit;
+mod campfire;
 mod config;
 mod console;
 mod irc;
@@ -11,4 +12,5 @@ mod render;
 mod router;
 mod slack;
 mod support;
+mod webhook;
 mod xmpp;
