@@ -99,6 +99,12 @@ pub struct GatewayConfig {
     /// `[xmpp]`: multi-user chat rooms (docs/chat/xmpp.md).
     #[serde(default)]
     pub xmpp: Option<crate::adapters::xmpp::XmppConfig>,
+    /// `[campfire]`: ONCE Campfire bot webhooks (docs/chat/campfire.md).
+    #[serde(default)]
+    pub campfire: Option<crate::adapters::campfire::CampfireConfig>,
+    /// `[webhook]`: signed incoming and outgoing webhooks (docs/chat/webhook.md).
+    #[serde(default)]
+    pub webhook: Option<crate::adapters::webhook::WebhookConfig>,
 }
 
 /// `[http]`: the listener for chat webhooks (used only when an adapter
@@ -276,10 +282,15 @@ impl GatewayConfig {
         if let Some(x) = &self.xmpp {
             adapter("xmpp", x.validate());
         }
-        if let Some(i) = &self.irc {
-            // Its keys already carry the `irc.` prefix.
+        // These name their keys with the section prefix already.
+        let prefixed = [
+            self.irc.as_ref().map(|c| c.validate()),
+            self.campfire.as_ref().map(|c| c.validate()),
+            self.webhook.as_ref().map(|c| c.validate()),
+        ];
+        for found in prefixed.into_iter().flatten() {
             adapter_problems.extend(
-                i.validate()
+                found
                     .into_iter()
                     .map(|(key, message)| Problem { key, message }),
             );
@@ -289,10 +300,12 @@ impl GatewayConfig {
             && self.mattermost.is_none()
             && self.irc.is_none()
             && self.xmpp.is_none()
+            && self.campfire.is_none()
+            && self.webhook.is_none()
         {
             bad(
                 "console.enabled",
-                "no chat adapter is enabled: enable [console] or configure one of [slack], [mattermost], [irc], [xmpp]"
+                "no chat adapter is enabled: enable [console] or configure one of [slack], [mattermost], [irc], [xmpp], [campfire], [webhook]"
                     .to_string(),
             );
         }

@@ -6,10 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::adapters::AdapterError;
+use crate::adapters::campfire::CampfireAdapter;
 use crate::adapters::console::ConsoleAdapter;
 use crate::adapters::irc::IrcAdapter;
 use crate::adapters::mattermost::MattermostAdapter;
 use crate::adapters::slack::SlackAdapter;
+use crate::adapters::webhook::WebhookAdapter;
 use crate::adapters::xmpp::XmppAdapter;
 use crate::config::GatewayConfig;
 use crate::controller::GrpcController;
@@ -101,6 +103,22 @@ pub async fn run(
             *f = base.join(&*f);
         }
         let a = XmppAdapter::connect(&x).await.map_err(adapter("xmpp"))?;
+        gw.add(a);
+    }
+    if let Some(c) = &cfg.campfire {
+        let mut c = c.clone();
+        c.resolve_paths(base);
+        let a = CampfireAdapter::new(&c).map_err(adapter("campfire"))?;
+        a.report_auth_failures(gw.auth_failures());
+        gw.add_routes(a.routes());
+        gw.add(a);
+    }
+    if let Some(w) = &cfg.webhook {
+        let mut w = w.clone();
+        w.resolve_paths(base);
+        let a = WebhookAdapter::new(&w).map_err(adapter("webhook"))?;
+        a.report_auth_failures(gw.auth_failures());
+        gw.add_routes(a.routes());
         gw.add(a);
     }
     let http = if gw.needs_http() {
