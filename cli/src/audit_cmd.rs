@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
 use fleetcmd_core::audit::{
-    Broken, ExportLine, Record, SignedHead, Verified, VerifyOptions, verify_chain,
+    Broken, ExportLine, Record, SignedHead, Verified, verify_chain, verify_options,
 };
 use fleetcmd_core::crypto::PublicKey;
 use fleetcmd_proto::v1 as pb;
@@ -99,7 +99,7 @@ pub fn read_key(arg: &str) -> Result<PublicKey, Failure> {
 }
 
 /// A fetched or read trail.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Trail {
     pub records: Vec<Record>,
     pub heads: Vec<SignedHead>,
@@ -151,12 +151,15 @@ pub async fn fetch(ch: Channel, from: u64) -> Result<Trail, Failure> {
 }
 
 /// Verifies a trail with `key`.
+/// A trail that starts after a retention prune is anchored at its signed
+/// checkpoint (see `fleetcmd_core::audit::verify_options`).
 pub fn verify_trail(t: &Trail, key: &PublicKey, from: Option<u64>) -> Result<Verified, Broken> {
+    let opts = verify_options(t.records.first().map(|r| r.seq), &t.heads, Some(key), from)?;
     verify_chain(
         t.records.iter().cloned().map(Ok::<_, String>),
         &t.heads,
         Some(key),
-        &VerifyOptions { from, anchor: None },
+        &opts,
     )
 }
 

@@ -178,6 +178,7 @@ impl Fleet {
         roots.extend(more_admin_keys.iter().map(|k| k.public_key()));
         let config = ControllerConfig {
             audit_export: Vec::new(),
+            audit_retention: None,
             listen: opts.listen,
             data_dir: dir.join("controller"),
             tls_names: Vec::new(),

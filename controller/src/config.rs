@@ -28,6 +28,9 @@ pub struct RawConfig {
     pub job_store_max_bytes: u64,
     /// `[[audit_export]]`: continuous copies of the audit trail.
     pub audit_export: Vec<RawExport>,
+    /// Audit records older than this are removed (a signed checkpoint keeps
+    /// the rest verifiable); `0` keeps them forever.
+    pub audit_retention: String,
 }
 
 impl Default for RawConfig {
@@ -43,6 +46,7 @@ impl Default for RawConfig {
             job_retention: "30d".into(),
             job_store_max_bytes: 10 * 1024 * 1024 * 1024,
             audit_export: Vec::new(),
+            audit_retention: "0".into(),
         }
     }
 }
@@ -60,6 +64,8 @@ pub struct ControllerConfig {
     pub job_retention: Duration,
     pub job_store_max_bytes: u64,
     pub audit_export: Vec<ExportConfig>,
+    /// `None`: keep the trail forever.
+    pub audit_retention: Option<Duration>,
 }
 
 /// Every problem found in a configuration file.
@@ -138,6 +144,21 @@ impl RawConfig {
         if self.data_dir.as_os_str().is_empty() {
             problems.push("data_dir: must not be empty".into());
         }
+        let audit_retention = match fleetcmd_core::duration::parse_duration(&self.audit_retention) {
+            Ok(d) if d.is_zero() => None,
+            Ok(d) if d >= Duration::from_secs(3600) => Some(d),
+            Ok(_) => {
+                problems.push(format!(
+                    "audit_retention: {:?} must be 0 (forever) or at least 1h",
+                    self.audit_retention
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(format!("audit_retention: {e}"));
+                None
+            }
+        };
         let mut names = std::collections::BTreeSet::new();
         let mut audit_export = Vec::new();
         for (i, e) in self.audit_export.iter().enumerate() {
@@ -162,6 +183,7 @@ impl RawConfig {
                 job_retention,
                 job_store_max_bytes: self.job_store_max_bytes,
                 audit_export,
+                audit_retention,
             }),
             _ => Err(ConfigError {
                 file: file.to_owned(),

@@ -265,10 +265,13 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
                         tracing::error!(error = %e, "signing the audit chain head");
                     }
                     retention_ticks += 1;
-                    if retention_ticks.is_multiple_of(RETENTION_EVERY_TICKS)
-                        && let Err(e) = sweep_state.enforce_retention().await
-                    {
-                        tracing::error!(error = %e, "enforcing job retention");
+                    if retention_ticks.is_multiple_of(RETENTION_EVERY_TICKS) {
+                        if let Err(e) = sweep_state.enforce_retention().await {
+                            tracing::error!(error = %e, "enforcing job retention");
+                        }
+                        if let Err(e) = prune_audit(&sweep_state).await {
+                            tracing::error!(error = %e, "enforcing audit retention");
+                        }
                     }
                 }
                 _ = stopped(&mut stop_sweeper) => break,
@@ -334,12 +337,15 @@ impl RunningController {
             tracing::error!(error = %e, "signing the audit chain head at shutdown");
         }
         // Exporters finish the batch in hand; the rest goes after a restart.
-        for e in self.exporters.drain(..) {
-            if tokio::time::timeout(Duration::from_secs(15), e)
+        // One stuck on a slow sink is aborted: its batch was not
+        // acknowledged, so the next start sends it again.
+        for mut e in self.exporters.drain(..) {
+            if tokio::time::timeout(Duration::from_secs(15), &mut e)
                 .await
                 .is_err()
             {
-                tracing::warn!("an audit exporter did not stop within 15 s");
+                tracing::warn!("an audit exporter did not stop within 15 s; aborting it");
+                e.abort();
             }
         }
         let store = self.shared.store.clone();
@@ -352,6 +358,36 @@ impl RunningController {
         .map_err(|e| crate::error::ApiError::Internal(e.to_string()))??;
         Ok(())
     }
+}
+
+/// Audit records pruned per retention pass.
+const AUDIT_PRUNE_BATCH: usize = 10_000;
+
+/// Audit retention: removes records older than `audit_retention` that every
+/// exporter has already sent.
+async fn prune_audit(shared: &Arc<Shared>) -> Result<u64, StartError> {
+    let Some(retention) = shared.config.audit_retention else {
+        return Ok(0);
+    };
+    let before_ms = crate::audit::now_ms()
+        .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+    let dir = crate::audit::export::Exporter::cursor_dir(&shared.audit);
+    let mut max_seq = u64::MAX;
+    for e in &shared.config.audit_export {
+        let c = crate::audit::export::Cursor::load(&dir, &e.name).map_err(|reason| {
+            StartError::Export {
+                name: e.name.clone(),
+                reason,
+            }
+        })?;
+        max_seq = max_seq.min(c.records);
+    }
+    let audit = shared.audit.clone();
+    let removed =
+        tokio::task::spawn_blocking(move || audit.prune(before_ms, max_seq, AUDIT_PRUNE_BATCH))
+            .await
+            .map_err(|e| crate::error::ApiError::Internal(e.to_string()))??;
+    Ok(removed)
 }
 
 /// Resolves once the watch turns true (or its sender is gone).

@@ -474,6 +474,46 @@ pub struct Verified {
     pub signed_up_to: u64,
 }
 
+/// How to verify a trail whose first record is `first_seq`: from the
+/// genesis when it starts at 1; after a retention prune (it starts later)
+/// from the signed head of the record just before it — the retention
+/// checkpoint, which must be present and (with `key`) signed by the audit
+/// key. `from` (`--from SEQ`) overrides both and trusts that record's link.
+pub fn verify_options(
+    first_seq: Option<u64>,
+    heads: &[SignedHead],
+    key: Option<&PublicKey>,
+    from: Option<u64>,
+) -> Result<VerifyOptions, Broken> {
+    if from.is_some() {
+        return Ok(VerifyOptions { from, anchor: None });
+    }
+    let first = match first_seq {
+        None | Some(0) | Some(1) => return Ok(VerifyOptions::default()),
+        Some(f) => f,
+    };
+    let Some(checkpoint) = heads.iter().find(|h| h.seq == first - 1) else {
+        return Err(Broken::Record {
+            seq: 1,
+            reason: format!(
+                "records 1..{} are missing and no signed retention checkpoint covers them",
+                first - 1
+            ),
+        });
+    };
+    if key.is_some_and(|k| !checkpoint.signature_ok(k)) {
+        return Err(Broken::Head {
+            seq: checkpoint.seq,
+            reason: "the retention checkpoint's signature does not verify with the audit key"
+                .into(),
+        });
+    }
+    Ok(VerifyOptions {
+        from: Some(first),
+        anchor: Some(checkpoint.hash.clone()),
+    })
+}
+
 /// Checks a trail in sequence order: numbering without gaps, each record's
 /// link to the previous hash, each record's hash over its contents, and each
 /// signed head (signature by `key`, and the record it names has that hash).

@@ -11,7 +11,9 @@
 //! its own last line back, Elasticsearch documents use the sequence number
 //! as `_id` with `create` (a repeat is a 409, counted as done); for stdout,
 //! syslog and Splunk a crash between the sink's acknowledgement and the
-//! cursor write can repeat that one batch (each line carries its `seq`).
+//! cursor write can repeat that one batch, and so can a syslog reader that
+//! stalls mid-batch (the send times out and the batch is retried); each
+//! line carries its `seq`.
 //! A failing sink is retried with exponential backoff (1 s … 60 s) forever;
 //! records are never dropped.
 
@@ -373,7 +375,10 @@ impl Cursor {
 pub enum Sink {
     File(FileSink),
     Stdout,
-    Syslog(PathBuf),
+    Syslog {
+        socket: PathBuf,
+        timeout: Duration,
+    },
     Elasticsearch {
         client: reqwest::Client,
         url: String,
@@ -394,7 +399,7 @@ impl std::fmt::Debug for Sink {
         f.write_str(match self {
             Sink::File(_) => "Sink::File",
             Sink::Stdout => "Sink::Stdout",
-            Sink::Syslog(_) => "Sink::Syslog",
+            Sink::Syslog { .. } => "Sink::Syslog",
             Sink::Elasticsearch { .. } => "Sink::Elasticsearch",
             Sink::Splunk { .. } => "Sink::Splunk",
         })
@@ -438,7 +443,10 @@ impl Sink {
                 keep: *keep,
             }),
             SinkConfig::Stdout => Sink::Stdout,
-            SinkConfig::Syslog { socket } => Sink::Syslog(socket.clone()),
+            SinkConfig::Syslog { socket } => Sink::Syslog {
+                socket: socket.clone(),
+                timeout,
+            },
             SinkConfig::Elasticsearch {
                 url,
                 index,
@@ -498,12 +506,21 @@ impl Sink {
                 out.flush()?;
                 Ok(())
             }
-            Sink::Syslog(socket) => {
+            Sink::Syslog { socket, timeout } => {
                 let sock = tokio::net::UnixDatagram::unbound()?;
                 let host = hostname();
                 for l in lines {
                     let msg = syslog_message(&host, l);
-                    sock.send_to(msg.as_bytes(), &*socket).await?;
+                    // A stalled reader (full socket queue) must not hang the
+                    // exporter: give up on the batch and retry it later.
+                    tokio::time::timeout(*timeout, sock.send_to(msg.as_bytes(), &*socket))
+                        .await
+                        .map_err(|_| {
+                            SinkError::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("{}: the syslog socket is not reading", socket.display()),
+                            ))
+                        })??;
                 }
                 Ok(())
             }

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleetcmd_core::audit::{
-    Broken, Chain, Event, EventKind, Filter, Record, SignedHead, Verified, VerifyOptions,
-    verify_chain,
+    Broken, Chain, Event, EventKind, Filter, Record, SignedHead, Verified, verify_chain,
+    verify_options,
 };
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
 
@@ -351,6 +351,67 @@ impl Audit {
         Ok(Some(head))
     }
 
+    /// Retention (DESIGN §8): removes the oldest records whose time is
+    /// before `before_ms` — never past `max_seq` (what every exporter
+    /// already has) nor the newest record (it anchors the chain tip), at
+    /// most `batch` per call. First it stores and flushes the retention
+    /// checkpoint, a signed head for the last record it removes, so the
+    /// rest of the trail still verifies from there (`verify_options`);
+    /// a crash part-way leaves records the checkpoint already covers, which
+    /// the next call removes. Returns the number of records removed.
+    pub fn prune(&self, before_ms: u64, max_seq: u64, batch: usize) -> Result<u64, StoreError> {
+        let records = self.store.tree(RECORDS)?;
+        let tip = lock(&self.chain).seq;
+        let limit = max_seq.min(tip.saturating_sub(1));
+        let mut last: Option<Record> = None;
+        let mut n = 0u64;
+        for kv in records.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            let r = decode_record(&k, &v)?;
+            if r.seq > limit || r.time_ms >= before_ms || n as usize >= batch {
+                break;
+            }
+            last = Some(r);
+            n += 1;
+        }
+        let Some(last) = last else { return Ok(0) };
+        let heads = self.store.tree(HEADS)?;
+        let checkpoint = SignedHead::sign(&Chain::after(&last), now_ms(), &self.key);
+        let json = serde_json::to_vec(&checkpoint).expect("signed heads serialize to JSON");
+        heads.insert(seq_key(last.seq), json).map_err(backend)?;
+        self.store.flush()?;
+        let index = self.store.tree(INDEX)?;
+        for kv in records.range(..=seq_key(last.seq)) {
+            let (k, v) = kv.map_err(backend)?;
+            let r = decode_record(&k, &v)?;
+            for key in index_keys(&r) {
+                index.remove(key).map_err(backend)?;
+            }
+            records.remove(k).map_err(backend)?;
+        }
+        for kv in heads.range(..seq_key(last.seq)) {
+            let (k, _) = kv.map_err(backend)?;
+            heads.remove(k).map_err(backend)?;
+        }
+        self.store.flush()?;
+        tracing::info!(
+            removed = n,
+            checkpoint_seq = last.seq,
+            "audit retention: removed the oldest records"
+        );
+        Ok(n)
+    }
+
+    /// The first record still stored (after retention), if any.
+    pub fn first_seq(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .store
+            .tree(RECORDS)?
+            .first()
+            .map_err(backend)?
+            .map(|(k, _)| seq_of(&k)))
+    }
+
     /// Periodic work (called every second by the controller's sweeper):
     /// signs the head every `HEAD_INTERVAL` when there is something new, and
     /// makes it durable.
@@ -368,21 +429,19 @@ impl Audit {
     /// Verifies the stored trail (records from `from`, or all) and its
     /// signed heads with this controller's key.
     pub fn verify(&self, from: Option<u64>) -> Result<Result<Verified, Broken>, StoreError> {
-        let heads = self.heads_from(from.unwrap_or(0))?;
+        let heads = self.heads_from(0)?;
+        let opts = match verify_options(self.first_seq()?, &heads, Some(&self.public), from) {
+            Ok(o) => o,
+            Err(broken) => return Ok(Err(broken)),
+        };
         let records = self.store.tree(RECORDS)?;
-        let iter =
-            records
-                .range(seq_key(from.unwrap_or(0))..)
-                .map(|kv| -> Result<Record, StoreError> {
-                    let (k, v) = kv.map_err(backend)?;
-                    decode_record(&k, &v)
-                });
-        Ok(verify_chain(
-            iter,
-            &heads,
-            Some(&self.public),
-            &VerifyOptions { from, anchor: None },
-        ))
+        let iter = records.range(seq_key(opts.from.unwrap_or(0))..).map(
+            |kv| -> Result<Record, StoreError> {
+                let (k, v) = kv.map_err(backend)?;
+                decode_record(&k, &v)
+            },
+        );
+        Ok(verify_chain(iter, &heads, Some(&self.public), &opts))
     }
 
     /// The first seq whose time is `>= t` (records are in time order).

@@ -468,3 +468,122 @@ fn search_filters_return_exactly_the_expected_records() {
     );
     assert_eq!(page.next_before, Some(298));
 }
+
+/// Retention: the oldest records go, a signed checkpoint for the last one
+/// removed keeps the rest verifiable (in the store and offline from an
+/// export), the chain continues after a restart, and removing or forging
+/// the checkpoint is detected.
+#[test]
+fn retention_prunes_behind_a_signed_checkpoint_and_the_rest_still_verifies() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("db");
+    let audit_dir = dir.path().join("audit");
+    let t = |i: u64| 1_000_000 + i * 1000;
+    let checkpoint_seq;
+    {
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&db).expect("open"));
+        let audit = Audit::open(store.clone(), &audit_dir).expect("audit");
+        for i in 0..100u64 {
+            audit
+                .append_at(
+                    t(i),
+                    Event::new(EventKind::ChatDenied, format!("cli:a{}", i % 3)).command("uptime"),
+                )
+                .expect("append");
+            if i == 49 {
+                audit.sign_head().expect("head");
+            }
+        }
+        audit.sign_head().expect("head");
+        // Older than record 60's time, but exporters have only sent up to 40.
+        assert_eq!(audit.prune(t(60), 40, 1000).expect("prune"), 40);
+        // Then they catch up: up to 60 (time-bound), in batches of 7.
+        let mut removed = 0;
+        while let n @ 1.. = audit.prune(t(60), u64::MAX, 7).expect("prune") {
+            removed += n;
+        }
+        assert_eq!(removed, 20);
+        checkpoint_seq = 60;
+        assert_eq!(audit.first_seq().expect("first"), Some(61));
+        let v = audit
+            .verify(None)
+            .expect("read")
+            .expect("verifies after pruning");
+        assert_eq!((v.first, v.last), (61, 100));
+        // Pruned records are gone from search too (indexes included).
+        let page = audit
+            .search(
+                &Filter {
+                    actor: Some("cli:a0".into()),
+                    ..Default::default()
+                },
+                1000,
+                None,
+            )
+            .expect("search");
+        assert!(
+            page.records.iter().all(|r| r.seq > 60),
+            "{:?}",
+            page.records.len()
+        );
+        assert_eq!(
+            page.records.len(),
+            (61..=100).filter(|s| (s - 1) % 3 == 0).count()
+        );
+
+        // Offline: an export (records + heads) verifies with only the key.
+        let trail = Trail {
+            records: audit.records_from(1, 10_000).expect("records"),
+            heads: audit.heads_from(0).expect("heads"),
+            controller_key: String::new(),
+        };
+        let v = audit_cmd::verify_trail(&trail, &audit.public_key(), None).expect("offline");
+        assert_eq!((v.first, v.last), (61, 100));
+        // Without the checkpoint the gap is named; with a forged one too.
+        let mut no_checkpoint = Trail {
+            heads: trail
+                .heads
+                .iter()
+                .filter(|h| h.seq != checkpoint_seq)
+                .cloned()
+                .collect(),
+            ..trail.clone()
+        };
+        let err = audit_cmd::verify_trail(&no_checkpoint, &audit.public_key(), None)
+            .expect_err("no checkpoint");
+        assert!(
+            err.to_string().contains("no signed retention checkpoint"),
+            "{err}"
+        );
+        let mut forged = trail
+            .heads
+            .iter()
+            .find(|h| h.seq == checkpoint_seq)
+            .cloned()
+            .expect("checkpoint head");
+        forged.hash = "00".repeat(32);
+        no_checkpoint.heads.push(forged);
+        let err = audit_cmd::verify_trail(&no_checkpoint, &audit.public_key(), None)
+            .expect_err("forged checkpoint");
+        assert!(err.to_string().contains("retention checkpoint"), "{err}");
+        // An edited first record after the checkpoint is caught.
+        let mut edited = trail.clone();
+        edited.records[0].event.actor = "cli:someone-else".into();
+        let err = audit_cmd::verify_trail(&edited, &audit.public_key(), None).expect_err("edited");
+        assert_eq!(err.seq(), 61, "{err}");
+        store.flush().expect("flush");
+        store.close();
+    }
+    // After a restart the chain continues where it was.
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&db).expect("reopen"));
+    let audit = Audit::open(store, &audit_dir).expect("audit");
+    let seq = audit
+        .append_at(t(200), Event::new(EventKind::ChatDenied, "cli:a9"))
+        .expect("append");
+    assert_eq!(seq, 101);
+    let v = audit
+        .verify(None)
+        .expect("read")
+        .expect("verifies after restart");
+    assert_eq!((v.first, v.last), (61, 101));
+}

@@ -22,6 +22,7 @@ use fleetcmd_tests::*;
 fn config(data: &Path, exports: Vec<ExportConfig>) -> ControllerConfig {
     ControllerConfig {
         audit_export: exports,
+        audit_retention: None,
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: data.to_path_buf(),
         tls_names: Vec::new(),
@@ -106,6 +107,20 @@ async fn file_and_syslog_exports_survive_a_restart_with_no_gap_and_no_duplicate(
     let out = tmp.path().join("audit.jsonl");
     let sock_path = tmp.path().join("log.sock");
     let sock = tokio::net::UnixDatagram::bind(&sock_path).expect("syslog socket");
+    // Read the syslog socket from the start, as syslogd would: a reader that
+    // stalls makes the sink time out and retry the batch (at least once).
+    let (dgram_tx, mut dgrams) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = sock.recv(&mut buf).await {
+            if dgram_tx
+                .send(String::from_utf8_lossy(&buf[..n]).to_string())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
     let exports = vec![
         export(
             "file",
@@ -148,13 +163,11 @@ async fn file_and_syslog_exports_survive_a_restart_with_no_gap_and_no_duplicate(
 
     // Syslog: one RFC 5424 datagram per line, authpriv.info.
     let mut got = Vec::new();
-    let mut buf = vec![0u8; 65536];
     while got.len() < last as usize {
-        let n = tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut buf))
+        let msg = tokio::time::timeout(Duration::from_secs(10), dgrams.recv())
             .await
             .expect("syslog datagrams keep coming")
-            .expect("recv");
-        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            .expect("the reader is running");
         assert!(msg.starts_with("<86>1 "), "{msg}");
         let json = msg
             .splitn(8, ' ')
@@ -436,6 +449,7 @@ async fn elasticsearch_and_splunk_exports_retry_failures_and_timeouts_without_lo
 fn bad_export_entries_are_named_in_the_config_error() {
     let text = r#"
 policy_roots = ["ed25519:MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE="]
+audit_retention = "5m"
 
 [[audit_export]]
 name = "es"
@@ -462,6 +476,7 @@ kind = "kafka"
     let err = raw.validate("controller.toml").expect_err("invalid");
     let msg = err.to_string();
     for want in [
+        "audit_retention: \"5m\" must be 0 (forever) or at least 1h",
         "audit_export[0].url: expected http(s)://host:port",
         "audit_export[0].index: must be a lowercase index name",
         "audit_export[1].name: \"es\" is used twice",

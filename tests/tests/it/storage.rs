@@ -242,6 +242,7 @@ async fn a_corrupt_database_stops_the_controller_with_a_restore_hint() {
     let data = fleet.dir.join("controller");
     let config = fleetcmd_controller::ControllerConfig {
         audit_export: Vec::new(),
+        audit_retention: None,
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: data.clone(),
         tls_names: Vec::new(),
