@@ -105,6 +105,9 @@ pub struct GatewayConfig {
     /// `[webhook]`: signed incoming and outgoing webhooks (docs/chat/webhook.md).
     #[serde(default)]
     pub webhook: Option<crate::adapters::webhook::WebhookConfig>,
+    /// `[audit_channel]`: selected audit events posted to one channel.
+    #[serde(default)]
+    pub audit_channel: Option<crate::audit_feed::AuditChannelConfig>,
 }
 
 /// `[http]`: the listener for chat webhooks (used only when an adapter
@@ -284,6 +287,7 @@ impl GatewayConfig {
         }
         // These name their keys with the section prefix already.
         let prefixed = [
+            self.audit_channel.as_ref().map(|c| c.validate()),
             self.irc.as_ref().map(|c| c.validate()),
             self.campfire.as_ref().map(|c| c.validate()),
             self.webhook.as_ref().map(|c| c.validate()),

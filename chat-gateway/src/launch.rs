@@ -5,7 +5,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::adapters::AdapterError;
 use crate::adapters::campfire::CampfireAdapter;
 use crate::adapters::console::ConsoleAdapter;
 use crate::adapters::irc::IrcAdapter;
@@ -13,6 +12,7 @@ use crate::adapters::mattermost::MattermostAdapter;
 use crate::adapters::slack::SlackAdapter;
 use crate::adapters::webhook::WebhookAdapter;
 use crate::adapters::xmpp::XmppAdapter;
+use crate::adapters::{AdapterError, ChatAdapter, ChatSender};
 use crate::config::GatewayConfig;
 use crate::controller::GrpcController;
 use crate::router::Router;
@@ -30,6 +30,8 @@ pub enum LaunchError {
     },
     #[error("{0}")]
     Http(std::io::Error),
+    #[error("[audit_channel]: {0}")]
+    AuditChannel(String),
 }
 
 fn adapter(name: &'static str) -> impl Fn(AdapterError) -> LaunchError {
@@ -52,7 +54,9 @@ pub async fn run(
     let base = file.parent().unwrap_or(Path::new("."));
     let ctl = GrpcController::connect_lazy(&opts.controller_url, &opts.tls)?;
     let router = Arc::new(Router::new(opts.router_config(), ctl));
-    let mut gw = Gateway::new(router);
+    let mut gw = Gateway::new(router.clone());
+    // Each adapter's sending half by channel scheme, for the audit channel.
+    let mut senders: Vec<(&'static str, Arc<dyn ChatSender>)> = Vec::new();
     if cfg.console.enabled {
         let user = std::env::var("USER")
             .or_else(|_| std::env::var("LOGNAME"))
@@ -60,6 +64,7 @@ pub async fn run(
         let stdin = tokio::io::BufReader::new(tokio::io::stdin());
         let console =
             ConsoleAdapter::new(stdin, tokio::io::stdout(), &user).map_err(adapter("console"))?;
+        senders.push(("console", console.sender()));
         gw.add(console);
     }
     if let Some(slack) = &cfg.slack {
@@ -69,6 +74,7 @@ pub async fn run(
             .map_err(adapter("slack"))?;
         a.report_auth_failures(gw.auth_failures());
         gw.add_routes(a.routes());
+        senders.push(("slack", a.sender()));
         gw.add(a);
     }
     if let Some(mm) = &cfg.mattermost {
@@ -89,12 +95,14 @@ pub async fn run(
             .map_err(adapter("mattermost"))?;
         a.report_auth_failures(gw.auth_failures());
         gw.add_routes(a.routes());
+        senders.push(("mattermost", a.sender()));
         gw.add(a);
     }
     if let Some(irc) = &cfg.irc {
         let mut irc = irc.clone();
         irc.resolve_paths(base);
         let a = IrcAdapter::connect(&irc).await.map_err(adapter("irc"))?;
+        senders.push(("irc", a.sender()));
         gw.add(a);
     }
     if let Some(x) = &cfg.xmpp {
@@ -103,6 +111,7 @@ pub async fn run(
             *f = base.join(&*f);
         }
         let a = XmppAdapter::connect(&x).await.map_err(adapter("xmpp"))?;
+        senders.push(("xmpp", a.sender()));
         gw.add(a);
     }
     if let Some(c) = &cfg.campfire {
@@ -111,6 +120,7 @@ pub async fn run(
         let a = CampfireAdapter::new(&c).map_err(adapter("campfire"))?;
         a.report_auth_failures(gw.auth_failures());
         gw.add_routes(a.routes());
+        senders.push(("campfire", a.sender()));
         gw.add(a);
     }
     if let Some(w) = &cfg.webhook {
@@ -119,7 +129,32 @@ pub async fn run(
         let a = WebhookAdapter::new(&w).map_err(adapter("webhook"))?;
         a.report_auth_failures(gw.auth_failures());
         gw.add_routes(a.routes());
+        senders.push(("webhook", a.sender()));
         gw.add(a);
+    }
+    if let Some(ac) = &cfg.audit_channel {
+        let scheme = ac.channel.split(':').next().unwrap_or_default();
+        let scheme = if scheme == "webhook-out" {
+            "webhook"
+        } else {
+            scheme
+        };
+        let Some((_, out)) = senders.iter().find(|(s, _)| *s == scheme) else {
+            return Err(LaunchError::AuditChannel(format!(
+                "{}: no enabled adapter posts to `{scheme}:` channels",
+                ac.channel
+            )));
+        };
+        let kinds = ac
+            .kinds()
+            .map_err(|p| LaunchError::AuditChannel(format!("{p:?}")))?;
+        gw.spawn_background(crate::audit_feed::run(
+            router.clone(),
+            out.clone(),
+            ac.channel.clone(),
+            kinds,
+            ac.interval(),
+        ));
     }
     let http = if gw.needs_http() {
         let addr =

@@ -8,6 +8,7 @@
 //! is verified against the configured root keys before it is used, and an
 //! invalid or rolled-back bundle is refused (the last good one is kept).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tokio::task::JoinSet;
 
 pub mod adapters;
 pub mod approvals;
+pub mod audit_feed;
 pub mod cli_args;
 pub mod config;
 pub mod controller;
@@ -94,6 +96,8 @@ pub struct Gateway<C: ControllerApi> {
     has_routes: bool,
     auth_failures: AuthFailures,
     auth_rx: Option<tokio::sync::mpsc::Receiver<AuthFailure>>,
+    /// Background work that lives as long as the adapters (audit channel).
+    background: JoinSet<()>,
 }
 
 /// Queued auth-failure reports before the newest are dropped.
@@ -120,7 +124,13 @@ impl<C: ControllerApi> Gateway<C> {
             has_routes: false,
             auth_failures,
             auth_rx: Some(auth_rx),
+            background: JoinSet::new(),
         }
+    }
+
+    /// Runs `task` alongside the adapters; it is stopped when they end.
+    pub fn spawn_background(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.background.spawn(task);
     }
 
     /// The reporter adapters use for requests they refuse; reports become
@@ -182,6 +192,7 @@ impl<C: ControllerApi> Gateway<C> {
             log_task_end(done);
         }
         let _ = stop_tx.send(());
+        self.background.abort_all();
         if let Some(r) = reporter {
             r.abort();
         }

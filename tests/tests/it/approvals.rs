@@ -377,3 +377,56 @@ async fn every_event_kind_is_recorded_from_a_real_flow() {
     }
     fleet.fleet.shutdown().await.expect("shutdown");
 }
+
+/// The audit channel: selected events reach one chat channel as they
+/// happen, each once, and other kinds do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_audit_channel_posts_selected_events_once_as_they_happen() {
+    let mut fleet = start_fleet(1).await;
+    let router = router(&fleet).await;
+    let out = Arc::new(Recorder::default());
+    let feed = tokio::spawn(fleetcmd_gateway::audit_feed::run(
+        router.clone(),
+        out.clone(),
+        "console".to_string(),
+        fleetcmd_gateway::audit_feed::DEFAULT_KINDS.to_vec(),
+        Duration::from_millis(100),
+    ));
+    // Let the feed find the end of the trail: nothing before it is posted.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    push_approval_policy(&mut fleet).await;
+    // A refused chat command (a Slack user the dev policy does not bind),
+    // and a job (job events are not selected).
+    let mallory = Recorder::default();
+    router
+        .handle(said("slack:T0001:U0MALLORY", "run uptime on all"), &mallory)
+        .await;
+    assert!(
+        mallory.texts()[0].contains("no roles"),
+        "{:?}",
+        mallory.texts()
+    );
+    fleet.run("uptime", &[], "all").await.expect("job");
+    let posted = assert_eventually(Duration::from_secs(10), || {
+        let out = out.clone();
+        async move {
+            let all = out.texts().join("\n");
+            (all.contains("policy_pushed") && all.contains("chat_denied")).then_some(all)
+        }
+    })
+    .await;
+    // One more poll, to catch repeats.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let all = out.texts().join("\n");
+    assert_eq!(all.matches("policy_pushed").count(), 1, "{all}");
+    assert!(
+        !all.contains("job_submitted") && !all.contains("job_finished"),
+        "{all}"
+    );
+    assert!(
+        !all.contains("agent_joined"),
+        "history is not replayed: {posted}"
+    );
+    feed.abort();
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
