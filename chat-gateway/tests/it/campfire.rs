@@ -25,8 +25,8 @@ use serde_json::json;
 
 use crate::support::{FakeController, new_key, policy_text};
 
-const BOT_KEY: &str = "7-kR3x9mP8qL2nZ5";
-const TOKEN: &str = "Zq3vN8xK2mW9pL4rT7yB1cD6";
+pub(crate) const BOT_KEY: &str = "7-kR3x9mP8qL2nZ5";
+pub(crate) const TOKEN: &str = "Zq3vN8xK2mW9pL4rT7yB1cD6";
 const ROOM: u64 = 12;
 
 /// A router over the fake controller whose signed policy also has `extra`
@@ -95,21 +95,21 @@ pub fn client() -> reqwest::Client {
 
 /// One message the fake Campfire received from the bot.
 #[derive(Clone, Debug)]
-struct Posted {
+pub(crate) struct Posted {
     room: String,
     content_type: String,
-    body: String,
+    pub(crate) body: String,
 }
 
 #[derive(Default)]
-struct FakeCampfire {
+pub(crate) struct FakeCampfire {
     posted: Mutex<Vec<Posted>>,
     /// Requests with a wrong key (answered like Campfire: sign-in redirect).
     refused: Mutex<usize>,
 }
 
 impl FakeCampfire {
-    fn posted(&self) -> Vec<Posted> {
+    pub(crate) fn posted(&self) -> Vec<Posted> {
         self.posted.lock().map(|p| p.clone()).unwrap_or_default()
     }
 }
@@ -141,7 +141,7 @@ async fn bot_messages(
     (StatusCode::CREATED, [(header::LOCATION, location)]).into_response()
 }
 
-async fn fake_campfire() -> (Arc<FakeCampfire>, String, tokio::task::JoinHandle<()>) {
+pub(crate) async fn fake_campfire() -> (Arc<FakeCampfire>, String, tokio::task::JoinHandle<()>) {
     let fake = Arc::new(FakeCampfire::default());
     let app = axum::Router::new()
         .route(
@@ -153,7 +153,7 @@ async fn fake_campfire() -> (Arc<FakeCampfire>, String, tokio::task::JoinHandle<
     (fake, url, task)
 }
 
-fn config(url: &str, bot_key: &str) -> CampfireConfig {
+pub(crate) fn config(url: &str, bot_key: &str) -> CampfireConfig {
     CampfireConfig {
         url: url.to_string(),
         server: "acme".to_string(),
@@ -169,7 +169,7 @@ fn config(url: &str, bot_key: &str) -> CampfireConfig {
 
 /// The JSON Campfire's `Webhook#payload` sends for a message that mentions
 /// the bot (`plain` has the bot's mention removed).
-fn payload(user_id: u64, user_name: &str, plain: &str) -> serde_json::Value {
+pub(crate) fn payload(user_id: u64, user_name: &str, plain: &str) -> serde_json::Value {
     json!({
         "user": {"id": user_id, "name": user_name},
         "room": {"id": ROOM, "name": "Ops", "path": format!("/rooms/{ROOM}/{BOT_KEY}/messages")},
@@ -184,14 +184,14 @@ fn payload(user_id: u64, user_name: &str, plain: &str) -> serde_json::Value {
     })
 }
 
-struct Answer {
-    status: StatusCode,
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
     content_type: Option<String>,
-    body: String,
+    pub(crate) body: String,
 }
 
 /// What Campfire does: POST the payload to the webhook URL, read the answer.
-async fn deliver(gateway: &str, token: &str, body: Vec<u8>) -> Answer {
+pub(crate) async fn deliver(gateway: &str, token: &str, body: Vec<u8>) -> Answer {
     let res = client()
         .post(format!("{gateway}/campfire/{token}"))
         .header(header::CONTENT_TYPE, "application/json")
@@ -210,7 +210,7 @@ async fn deliver(gateway: &str, token: &str, body: Vec<u8>) -> Answer {
     }
 }
 
-fn bytes(v: &serde_json::Value) -> Vec<u8> {
+pub(crate) fn bytes(v: &serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 

@@ -3,6 +3,8 @@
 use std::path::Path;
 
 use base64::Engine;
+use fleetcmd_gateway::adapters::campfire::CampfireAdapter;
+use fleetcmd_gateway::adapters::webhook::WebhookAdapter;
 use fleetcmd_gateway::config::{ConfigError, GatewayConfig};
 
 const ROOT: &str = "ed25519:MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=";
@@ -83,4 +85,145 @@ fn file_problems_are_all_reported_with_file_and_key() {
     let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(keys, ["cert", "signing_key"], "{problems:?}");
     assert!(problems[0].message.contains("missing.pem"), "{problems:?}");
+}
+
+/// Every adapter section at once, secrets in files next to gateway.toml
+/// (named relative to it, as documented).
+fn all_adapters(mattermost_dir: &str) -> String {
+    format!(
+        r##"
+[slack]
+mode = "events"
+bot_token_file = "slack-bot-token"
+signing_secret_file = "slack-signing-secret"
+
+[mattermost]
+url = "https://chat.example.com"
+server = "chat"
+token_file = "{mattermost_dir}mattermost.token"
+slash_tokens_file = "{mattermost_dir}mattermost-slash.tokens"
+action_secret_file = "{mattermost_dir}mattermost-action.key"
+callback_url = "https://gw.example.com/mattermost/actions"
+
+[irc]
+server = "irc.example.com"
+nick = "fleetcmd"
+network = "example"
+channels = ["#ops"]
+sasl_account = "fleetcmd"
+sasl_password_file = "irc-sasl"
+
+[xmpp]
+jid = "fleetcmd@example.com"
+password_file = "xmpp-password"
+rooms = ["ops@conference.example.com"]
+
+[campfire]
+url = "https://campfire.example.com"
+server = "acme"
+bot_key_file = "campfire-bot-key"
+path_token_file = "campfire-path-token"
+
+[[webhook.incoming]]
+name = "ops-tool"
+secret_file = "webhook-ops-tool.secret"
+reply_url = "https://ops-tool.example.com/fleetcmd/replies"
+
+[[webhook.outgoing]]
+name = "pager"
+url = "https://pager.example.com/hooks/fleetcmd"
+secret_file = "webhook-pager.secret"
+"##
+    )
+}
+
+fn write_adapter_secrets(dir: &Path) {
+    for (name, text) in [
+        ("slack-bot-token", "xoxb-1234-5678-abcdefghijkl\n"),
+        ("slack-signing-secret", "8f742231b10e8888abcd99yyyzzz85a5\n"),
+        ("mattermost.token", "bottoken0123456789abcdefgh\n"),
+        ("mattermost-slash.tokens", "slashtoken0123456789abcdef\n"),
+        ("mattermost-action.key", "action-secret-0123456789abcdef\n"),
+        ("irc-sasl", "sasl password\n"),
+        ("xmpp-password", "correct horse battery staple\n"),
+        ("campfire-bot-key", "7-kR3x9mP8qL2nZ5\n"),
+        ("campfire-path-token", "Zq3vN8xK2mW9pL4rT7yB1cD6\n"),
+        ("webhook-ops-tool.secret", "s3cret-0123456789-abcdef\n"),
+        ("webhook-pager.secret", "out-s3cret-0123456789-abcdef\n"),
+    ] {
+        write(dir, name, text);
+    }
+}
+
+#[test]
+fn every_adapter_enabled_at_once_parses_and_validates() {
+    let dir = fixture();
+    write_adapter_secrets(dir.path());
+    let file = dir.path().join("gateway.toml");
+    // No [console]: the chat adapters alone are enough.
+    let head = config("sign.pem", "cert.pem").replace("[console]\nenabled = true\n", "");
+    // [mattermost]'s secret files are given as absolute paths: its
+    // validation reads them relative to the working directory, not to
+    // gateway.toml (`run` itself resolves them against gateway.toml).
+    let mm_dir = format!("{}/", dir.path().display());
+    write(
+        dir.path(),
+        "gateway.toml",
+        &format!("{head}{}", all_adapters(&mm_dir)),
+    );
+    let cfg = GatewayConfig::load(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!cfg.console.enabled);
+    assert!(cfg.slack.is_some() && cfg.mattermost.is_some());
+    assert!(cfg.irc.is_some() && cfg.xmpp.is_some());
+    assert!(cfg.campfire.is_some() && cfg.webhook.is_some());
+    if let Err(problems) = cfg.validate() {
+        panic!("{problems:#?}");
+    }
+    let opts = cfg.options(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(opts.bot_name, "opsbot");
+
+    // The relative secret files are read from gateway.toml's directory by
+    // the adapters that can be built without a network.
+    let slack = cfg.slack.as_ref().map(|s| s.secrets(dir.path()));
+    assert!(matches!(slack, Some(Ok(_))), "{slack:?}");
+    let mut campfire = cfg.campfire.clone().unwrap_or_else(|| panic!("[campfire]"));
+    campfire.resolve_paths(dir.path());
+    if let Err(e) = CampfireAdapter::new(&campfire) {
+        panic!("{e}");
+    }
+    let mut webhook = cfg.webhook.clone().unwrap_or_else(|| panic!("[webhook]"));
+    webhook.resolve_paths(dir.path());
+    if let Err(e) = WebhookAdapter::new(&webhook) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn no_adapter_enabled_names_console_enabled() {
+    let dir = fixture();
+    let file = dir.path().join("gateway.toml");
+    let head = config("sign.pem", "cert.pem").replace("[console]\nenabled = true\n", "");
+    for text in [head.clone(), format!("{head}[console]\nenabled = false\n")] {
+        write(dir.path(), "gateway.toml", &text);
+        let cfg = GatewayConfig::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        let problems = cfg.validate().err().unwrap_or_default();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["console.enabled"], "{text}");
+        for section in [
+            "[slack]",
+            "[mattermost]",
+            "[irc]",
+            "[xmpp]",
+            "[campfire]",
+            "[webhook]",
+        ] {
+            assert!(problems[0].message.contains(section), "{problems:?}");
+        }
+        let err = cfg.options(&file).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("console.enabled: no chat adapter is enabled")),
+            "{err:?}"
+        );
+    }
 }

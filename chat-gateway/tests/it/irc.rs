@@ -42,7 +42,7 @@ fn free_port() -> u16 {
 }
 
 /// A CA and a `localhost` server certificate signed by it (PEM).
-struct TestPki {
+pub(crate) struct TestPki {
     ca_pem: String,
     cert_pem: String,
     key_pem: String,
@@ -67,10 +67,10 @@ fn test_pki(cn: &str) -> TestPki {
 }
 
 /// One ngircd process with its config in a temporary directory.
-struct Ngircd {
+pub(crate) struct Ngircd {
     dir: tempfile::TempDir,
     conf: PathBuf,
-    port: u16,
+    pub(crate) port: u16,
     tls_port: Option<u16>,
     child: Option<std::process::Child>,
 }
@@ -82,7 +82,7 @@ impl Drop for Ngircd {
 }
 
 impl Ngircd {
-    async fn start(tls: Option<&TestPki>) -> Ngircd {
+    pub(crate) async fn start(tls: Option<&TestPki>) -> Ngircd {
         assert!(
             std::path::Path::new(NGIRCD).exists(),
             "{NGIRCD} not found: these tests need a real IRC server; install it with `apt-get install -y ngircd`"
@@ -187,11 +187,11 @@ impl Ngircd {
 
 /// One line received by the test client, raw bytes kept.
 #[derive(Clone, Debug)]
-struct Line {
+pub(crate) struct Line {
     raw: Vec<u8>,
     at: Instant,
-    nick: String,
-    command: String,
+    pub(crate) nick: String,
+    pub(crate) command: String,
     params: Vec<String>,
 }
 
@@ -225,7 +225,7 @@ impl Line {
         }
     }
 
-    fn text(&self) -> &str {
+    pub(crate) fn text(&self) -> &str {
         self.params.last().map_or("", String::as_str)
     }
 
@@ -240,7 +240,7 @@ impl Line {
 }
 
 /// A user's IRC connection.
-struct Client {
+pub(crate) struct Client {
     nick: String,
     r: BufReader<OwnedReadHalf>,
     w: OwnedWriteHalf,
@@ -248,7 +248,7 @@ struct Client {
 }
 
 impl Client {
-    async fn connect(port: u16, nick: &str, user: &str) -> Client {
+    pub(crate) async fn connect(port: u16, nick: &str, user: &str) -> Client {
         let tcp = TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("client connect");
@@ -265,14 +265,14 @@ impl Client {
         c
     }
 
-    async fn send(&mut self, line: &str) {
+    pub(crate) async fn send(&mut self, line: &str) {
         self.w
             .write_all(format!("{line}\r\n").as_bytes())
             .await
             .expect("client write");
     }
 
-    async fn join(&mut self, chan: &str) {
+    pub(crate) async fn join(&mut self, chan: &str) {
         self.send(&format!("JOIN {chan}")).await;
         self.until(5, "end of NAMES", |l| l.command == "366").await;
     }
@@ -303,7 +303,7 @@ impl Client {
 
     /// Lines up to and including the first that `done` accepts; fails the
     /// test after `secs` seconds, showing what was seen.
-    async fn until(
+    pub(crate) async fn until(
         &mut self,
         secs: u64,
         what: &str,
@@ -339,7 +339,13 @@ impl Client {
     }
 
     /// The next `n` PRIVMSGs from `bot` to `to`.
-    async fn bot_lines(&mut self, bot: &str, to: &str, n: usize, secs: u64) -> Vec<Line> {
+    pub(crate) async fn bot_lines(
+        &mut self,
+        bot: &str,
+        to: &str,
+        n: usize,
+        secs: u64,
+    ) -> Vec<Line> {
         let mut count = 0;
         let lines = self
             .until(secs, &format!("{n} lines from the bot"), |l| {
@@ -435,7 +441,7 @@ fn router_with(output: &[u8]) -> Arc<Router<FakeController>> {
     Arc::new(Router::new(cfg, fake))
 }
 
-fn bot_config(port: u16) -> IrcConfig {
+pub(crate) fn bot_config(port: u16) -> IrcConfig {
     let mut cfg: IrcConfig = toml::from_str(&format!(
         r##"
 server = "127.0.0.1"
@@ -496,7 +502,7 @@ impl Bot {
     }
 }
 
-fn texts(lines: &[Line]) -> Vec<String> {
+pub(crate) fn texts(lines: &[Line]) -> Vec<String> {
     lines.iter().map(|l| l.text().to_string()).collect()
 }
 

@@ -8,6 +8,7 @@ mod config;
 mod console;
 mod irc;
 mod mattermost;
+mod multi;
 mod render;
 mod router;
 mod slack;

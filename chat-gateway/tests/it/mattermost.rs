@@ -38,11 +38,11 @@ const TOKEN: &str = "bottoken0123456789abcdefgh";
 const SLASH: &str = "slashtoken0123456789abcdef";
 const SECRET: &str = "action-secret-0123456789abcdef";
 const BOT: &str = "bot000000000000000000000id";
-const ALICE: &str = "alice0000000000000000000id";
+pub(crate) const ALICE: &str = "alice0000000000000000000id";
 const BOB: &str = "bob00000000000000000000xid";
 const MALLORY: &str = "mallory00000000000000000id";
 const OTHER_BOT: &str = "otherbot0000000000000000id";
-const CHANNEL: &str = "chan0000000000000000000ops";
+pub(crate) const CHANNEL: &str = "chan0000000000000000000ops";
 const DM: &str = "dm000000000000000000000000";
 const FORBIDDEN: &str = "forbidden00000000000000000";
 const TEAM: &str = "team00000000000000000000id";
@@ -50,12 +50,12 @@ const TEAM: &str = "team00000000000000000000id";
 // ---------------------------------------------------------------- fake server
 
 #[derive(Clone, Debug)]
-struct Req {
+pub(crate) struct Req {
     at: Instant,
     method: &'static str,
     path: String,
     auth: String,
-    body: Value,
+    pub(crate) body: Value,
 }
 
 #[derive(Clone, Debug)]
@@ -71,7 +71,7 @@ struct WsConnect {
     challenge: Value,
 }
 
-struct Fake {
+pub(crate) struct Fake {
     requests: Mutex<Vec<Req>>,
     next_id: AtomicUsize,
     /// Headers of the next 429 answers to `POST /posts`, in order.
@@ -124,14 +124,14 @@ impl Fake {
             .clone()
     }
 
-    fn posts(&self) -> Vec<Req> {
+    pub(crate) fn posts(&self) -> Vec<Req> {
         self.requests()
             .into_iter()
             .filter(|r| r.method == "POST" && r.path == "/api/v4/posts")
             .collect()
     }
 
-    fn patches(&self) -> Vec<Req> {
+    pub(crate) fn patches(&self) -> Vec<Req> {
         self.requests()
             .into_iter()
             .filter(|r| r.method == "PUT")
@@ -435,7 +435,7 @@ async fn serve_on(router: axum::Router) -> String {
     format!("http://{addr}")
 }
 
-async fn start_fake() -> (Arc<Fake>, String) {
+pub(crate) async fn start_fake() -> (Arc<Fake>, String) {
     let f = Fake::new();
     let app = axum::Router::new()
         .route("/api/v4/users/me", get(users_me))
@@ -451,7 +451,7 @@ async fn start_fake() -> (Arc<Fake>, String) {
 
 // ---------------------------------------------------------------- helpers
 
-fn config(base: &str, callback: &str, extra: &str) -> MattermostConfig {
+pub(crate) fn config(base: &str, callback: &str, extra: &str) -> MattermostConfig {
     toml::from_str(&format!(
         r#"
 url = "{base}"
@@ -507,7 +507,7 @@ async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-async fn live(f: &Fake, n: usize) {
+pub(crate) async fn live(f: &Fake, n: usize) {
     eventually("websocket connection", || {
         (f.live.load(Ordering::SeqCst) >= n).then_some(())
     })
@@ -1008,7 +1008,7 @@ async fn gateway(
     (h.fake, h.gw, router, task)
 }
 
-fn say(f: &Fake, id: &str, user: &str, text: &str, props: Value) {
+pub(crate) fn say(f: &Fake, id: &str, user: &str, text: &str, props: Value) {
     f.push(WsCmd::Event(posted_event(
         &post_json(id, user, CHANNEL, "", text, "", props),
         "O",
@@ -1016,7 +1016,7 @@ fn say(f: &Fake, id: &str, user: &str, text: &str, props: Value) {
     )));
 }
 
-async fn post_containing(f: &Fake, needle: &str) -> Req {
+pub(crate) async fn post_containing(f: &Fake, needle: &str) -> Req {
     eventually(needle, || {
         f.posts().into_iter().find(|p| {
             p.body["message"]

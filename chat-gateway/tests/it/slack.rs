@@ -5,7 +5,7 @@
 //! errors), end to end through the router, and the Block Kit rendering.
 
 #[path = "slack_fake.rs"]
-mod fake;
+pub(crate) mod fake;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -51,7 +51,7 @@ fn incoming(who: &str, channel: &str, text: &str, direct: bool, from_bot: bool) 
     }
 }
 
-fn message(user: &str, channel: &str, text: &str, ts: &str) -> Value {
+pub(crate) fn message(user: &str, channel: &str, text: &str, ts: &str) -> Value {
     json!({
         "type": "message", "user": user, "text": text, "ts": ts,
         "channel": channel, "channel_type": "channel", "team": TEAM,
@@ -59,7 +59,7 @@ fn message(user: &str, channel: &str, text: &str, ts: &str) -> Value {
     })
 }
 
-fn callback(event_id: &str, event: Value) -> Value {
+pub(crate) fn callback(event_id: &str, event: Value) -> Value {
     json!({
         "token": "XXYYZZ", "team_id": TEAM, "api_app_id": "A0APP",
         "event": event, "type": "event_callback", "event_id": event_id,
@@ -608,7 +608,7 @@ async fn serve_routes(a: &SlackAdapter) -> String {
 
 /// `v0=` + hex HMAC-SHA256, computed here with ring directly (not with the
 /// adapter's own signer).
-fn sign(secret: &str, ts: &str, body: &str) -> String {
+pub(crate) fn sign(secret: &str, ts: &str, body: &str) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
     let tag = ring::hmac::sign(&key, format!("v0:{ts}:{body}").as_bytes());
     let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();

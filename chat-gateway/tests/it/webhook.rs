@@ -19,10 +19,10 @@ use serde_json::{Value, json};
 
 use crate::campfire::{approval_request, client, job_result, router_with, serve_http, visible};
 
-const SECRET: &str = "s3cret-0123456789-abcdef";
+pub(crate) const SECRET: &str = "s3cret-0123456789-abcdef";
 const OUT_SECRET: &str = "out-s3cret-0123456789";
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -59,7 +59,7 @@ subjects = ["webhook:ops:alice"]
 roles = ["oncall"]
 "#;
 
-fn hook(reply_url: Option<String>, reply_wait_ms: u64) -> IncomingHookConfig {
+pub(crate) fn hook(reply_url: Option<String>, reply_wait_ms: u64) -> IncomingHookConfig {
     IncomingHookConfig {
         name: "ops".into(),
         secret: Some(SecretString::new(SECRET)),
@@ -71,9 +71,9 @@ fn hook(reply_url: Option<String>, reply_wait_ms: u64) -> IncomingHookConfig {
     }
 }
 
-struct Sent {
-    status: StatusCode,
-    body: String,
+pub(crate) struct Sent {
+    pub(crate) status: StatusCode,
+    pub(crate) body: String,
 }
 
 async fn post(url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Sent {
@@ -94,7 +94,7 @@ async fn post(url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Sent {
     }
 }
 
-async fn post_signed(url: &str, secret: &str, ts: u64, body: Vec<u8>) -> Sent {
+pub(crate) async fn post_signed(url: &str, secret: &str, ts: u64, body: Vec<u8>) -> Sent {
     let sig = signature(secret, ts, &body);
     post(
         url,
@@ -107,11 +107,11 @@ async fn post_signed(url: &str, secret: &str, ts: u64, body: Vec<u8>) -> Sent {
     .await
 }
 
-fn line(user: &str, channel: &str, text: &str) -> Vec<u8> {
+pub(crate) fn line(user: &str, channel: &str, text: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({"user": user, "channel": channel, "text": text})).unwrap_or_default()
 }
 
-fn parse(body: &str) -> Value {
+pub(crate) fn parse(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 

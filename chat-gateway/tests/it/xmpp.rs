@@ -30,7 +30,7 @@ use crate::support::{FakeController, new_key};
 
 const PROSODY: &str = "/usr/bin/prosody";
 const PROSODYCTL: &str = "/usr/bin/prosodyctl";
-const OPS: &str = "ops@conference.localhost";
+pub(crate) const OPS: &str = "ops@conference.localhost";
 const SECRET_ROOM: &str = "secret@anon.localhost";
 const BOT: &str = "fleetbot@localhost";
 const NICK: &str = "fleetcmd";
@@ -54,7 +54,7 @@ fn free_port() -> u16 {
 }
 
 /// A prosody server in a temporary directory.
-struct Prosody {
+pub(crate) struct Prosody {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
@@ -69,7 +69,7 @@ impl Prosody {
         self.path("certs/ca.pem")
     }
 
-    async fn start() -> Prosody {
+    pub(crate) async fn start() -> Prosody {
         Prosody::start_with("").await
     }
 
@@ -254,7 +254,7 @@ Component "anon.localhost" "muc"
         cfg
     }
 
-    fn bot_config(&self, rooms: &[&str]) -> XmppConfig {
+    pub(crate) fn bot_config(&self, rooms: &[&str]) -> XmppConfig {
         let mut cfg = self.config(BOT);
         cfg.rooms = rooms.iter().map(|r| r.to_string()).collect();
         cfg.nick = NICK.to_string();
@@ -337,11 +337,11 @@ async fn start_bot(
     tokio::spawn(serve(router, adapter))
 }
 
-fn jid(s: &str) -> Jid {
+pub(crate) fn jid(s: &str) -> Jid {
     Jid::parse(s).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn body_of(el: &Element) -> Option<String> {
+pub(crate) fn body_of(el: &Element) -> Option<String> {
     el.child("body", NS_CLIENT).map(Element::text)
 }
 
@@ -359,7 +359,7 @@ fn bot_said_in(room: &str, el: &Element) -> Option<String> {
 }
 
 /// An ordinary XMPP user.
-struct User {
+pub(crate) struct User {
     reader: Reader,
     writer: Writer,
     name: String,
@@ -370,7 +370,7 @@ struct User {
 }
 
 impl User {
-    async fn login(p: &Prosody, name: &str) -> User {
+    pub(crate) async fn login(p: &Prosody, name: &str) -> User {
         let opts = p
             .config(&format!("{name}@localhost/test"))
             .client_options()
@@ -396,7 +396,7 @@ impl User {
             .unwrap_or_else(|e| panic!("{} send: {e}", self.name));
     }
 
-    async fn say(&mut self, room: &str, text: &str) {
+    pub(crate) async fn say(&mut self, room: &str, text: &str) {
         let xml = stanza::message(&jid(room), "groupchat", &stanza::new_id(), text, None);
         self.send(&xml).await;
     }
@@ -435,7 +435,7 @@ impl User {
     }
 
     /// The body of the next message the bot posts in `room` containing `needle`.
-    async fn bot_reply(&mut self, room: &str, needle: &str) -> Element {
+    pub(crate) async fn bot_reply(&mut self, room: &str, needle: &str) -> Element {
         self.wait_for(
             &format!("a message from the bot containing {needle:?}"),
             |el| bot_said_in(room, el).is_some_and(|b| b.contains(needle)),
@@ -444,7 +444,7 @@ impl User {
     }
 
     /// Joins `room` as `nick`; unlocks the room if this created it.
-    async fn join(&mut self, room: &str, nick: &str) {
+    pub(crate) async fn join(&mut self, room: &str, nick: &str) {
         self.send(&stanza::join(&jid(room), nick)).await;
         let me = format!("{room}/{nick}");
         let presence = self
