@@ -183,11 +183,50 @@ fn list(problems: &[Problem]) -> String {
 
 impl GatewayConfig {
     /// Parses TOML text (shape only).
+    /// Relative paths in adapter sections are made relative to `file`'s
+    /// directory here, so `validate`, `options` and the adapters agree.
     pub fn parse(text: &str, file: &Path) -> Result<GatewayConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut cfg: GatewayConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
-        })
+        })?;
+        cfg.resolve_paths(file.parent().unwrap_or(Path::new(".")));
+        Ok(cfg)
+    }
+
+    /// Makes the adapters' relative file paths relative to `base`.
+    fn resolve_paths(&mut self, base: &Path) {
+        let join = |f: &mut PathBuf| {
+            if f.is_relative() {
+                *f = base.join(&*f);
+            }
+        };
+        if let Some(m) = &mut self.mattermost {
+            for f in [
+                &mut m.token_file,
+                &mut m.slash_tokens_file,
+                &mut m.action_secret_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                join(f);
+            }
+        }
+        if let Some(x) = &mut self.xmpp {
+            for f in [&mut x.password_file, &mut x.ca_file].into_iter().flatten() {
+                join(f);
+            }
+        }
+        if let Some(i) = &mut self.irc {
+            i.resolve_paths(base);
+        }
+        if let Some(c) = &mut self.campfire {
+            c.resolve_paths(base);
+        }
+        if let Some(w) = &mut self.webhook {
+            w.resolve_paths(base);
+        }
     }
 
     /// Reads and parses a file (shape only; call [`GatewayConfig::validate`]).

@@ -78,19 +78,7 @@ pub async fn run(
         gw.add(a);
     }
     if let Some(mm) = &cfg.mattermost {
-        // Relative secret files are relative to gateway.toml, like every path.
-        let mut mm = mm.clone();
-        for f in [
-            &mut mm.token_file,
-            &mut mm.slash_tokens_file,
-            &mut mm.action_secret_file,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            *f = base.join(&*f);
-        }
-        let a = MattermostAdapter::connect(&mm)
+        let a = MattermostAdapter::connect(mm)
             .await
             .map_err(adapter("mattermost"))?;
         a.report_auth_failures(gw.auth_failures());
@@ -99,34 +87,24 @@ pub async fn run(
         gw.add(a);
     }
     if let Some(irc) = &cfg.irc {
-        let mut irc = irc.clone();
-        irc.resolve_paths(base);
-        let a = IrcAdapter::connect(&irc).await.map_err(adapter("irc"))?;
+        let a = IrcAdapter::connect(irc).await.map_err(adapter("irc"))?;
         senders.push(("irc", a.sender()));
         gw.add(a);
     }
     if let Some(x) = &cfg.xmpp {
-        let mut x = x.clone();
-        for f in [&mut x.password_file, &mut x.ca_file].into_iter().flatten() {
-            *f = base.join(&*f);
-        }
-        let a = XmppAdapter::connect(&x).await.map_err(adapter("xmpp"))?;
+        let a = XmppAdapter::connect(x).await.map_err(adapter("xmpp"))?;
         senders.push(("xmpp", a.sender()));
         gw.add(a);
     }
     if let Some(c) = &cfg.campfire {
-        let mut c = c.clone();
-        c.resolve_paths(base);
-        let a = CampfireAdapter::new(&c).map_err(adapter("campfire"))?;
+        let a = CampfireAdapter::new(c).map_err(adapter("campfire"))?;
         a.report_auth_failures(gw.auth_failures());
         gw.add_routes(a.routes());
         senders.push(("campfire", a.sender()));
         gw.add(a);
     }
     if let Some(w) = &cfg.webhook {
-        let mut w = w.clone();
-        w.resolve_paths(base);
-        let a = WebhookAdapter::new(&w).map_err(adapter("webhook"))?;
+        let a = WebhookAdapter::new(w).map_err(adapter("webhook"))?;
         a.report_auth_failures(gw.auth_failures());
         gw.add_routes(a.routes());
         senders.push(("webhook", a.sender()));
