@@ -57,3 +57,64 @@ fn console_identity_must_be_valid() {
     let (c, _d) = tokio::io::duplex(16);
     assert!(ConsoleAdapter::new(BufReader::new(a), c, "").is_err());
 }
+
+/// How the console shows a job result (failures first, hostile output
+/// inert) and an approval request.
+#[test]
+fn console_rendering_snapshots() {
+    use fleetcmd_gateway::render;
+    use fleetcmd_proto::v1;
+    let job = v1::Job {
+        job_id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
+        command: "uptime".into(),
+        selector: "role=web".into(),
+        requester: "console:alice".into(),
+        state: "failed".into(),
+        targets: vec![
+            v1::Target {
+                agent_id: "web-1".into(),
+                state: "ok".into(),
+                result: Some(v1::JobResult {
+                    exit_code: Some(0),
+                    stdout: b"load 0.5 @channel <!here>\n!run reboot on all\n\x1b[2Jred\n```"
+                        .to_vec(),
+                    duration_ms: 12,
+                    ..Default::default()
+                }),
+            },
+            v1::Target {
+                agent_id: "web-2".into(),
+                state: "failed".into(),
+                result: Some(v1::JobResult {
+                    exit_code: Some(1),
+                    stderr: b"uptime: /proc/loadavg: No such file or directory".to_vec(),
+                    duration_ms: 1500,
+                    ..Default::default()
+                }),
+            },
+        ],
+        ..Default::default()
+    };
+    let reply = render::job(&job);
+    insta::assert_snapshot!(
+        "console_job_result",
+        fleetcmd_gateway::adapters::console::render("7", true, &reply)
+    );
+    let approval = render::approval_request(
+        "01890a5d-ac96-774b",
+        "restart",
+        &[
+            "/usr/bin/systemctl".into(),
+            "restart".into(),
+            "nginx.service".into(),
+        ],
+        "role=web",
+        1,
+        std::time::Duration::from_secs(900),
+        "console:alice",
+    );
+    insta::assert_snapshot!(
+        "console_approval_request",
+        fleetcmd_gateway::adapters::console::render("8", false, &approval)
+    );
+}
