@@ -39,6 +39,9 @@ struct FirstLine {
     start: Instant,
     marker: String,
     seen: Mutex<Option<Duration>>,
+    /// The first reply of any kind (the "job … N targets" header, posted
+    /// once the controller accepted the job).
+    first: Mutex<Option<Duration>>,
     last: Mutex<String>,
 }
 
@@ -48,11 +51,16 @@ impl FirstLine {
             start: Instant::now(),
             marker,
             seen: Mutex::new(None),
+            first: Mutex::new(None),
             last: Mutex::new(String::new()),
         }
     }
     fn note(&self, reply: &Reply) {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = reply.plain();
+        self.first
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| self.start.elapsed());
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if seen.is_none() && reply.plain().contains(&self.marker) {
             *seen = Some(self.start.elapsed());
@@ -98,8 +106,13 @@ fn message(user: &str, text: String) -> anyhow::Result<Incoming> {
     })
 }
 
-/// Runs `echo MARKER` for `user` and returns the time to the output line.
-async fn one(router: &Router<GrpcController>, user: &str, n: usize) -> anyhow::Result<Duration> {
+/// Runs `echo MARKER` for `user` and returns the time to the first reply
+/// (job accepted) and to the output line.
+async fn one(
+    router: &Router<GrpcController>,
+    user: &str,
+    n: usize,
+) -> anyhow::Result<(Duration, Duration)> {
     let marker = format!("bench-{user}-{n}");
     let out = FirstLine::new(marker.clone());
     router
@@ -108,10 +121,12 @@ async fn one(router: &Router<GrpcController>, user: &str, n: usize) -> anyhow::R
             &out,
         )
         .await;
-    out.elapsed().ok_or_else(|| {
+    let line = out.elapsed().ok_or_else(|| {
         let last = out.last.lock().map(|l| l.clone()).unwrap_or_default();
         anyhow::anyhow!("no output line for {marker}; last reply: {last}")
-    })
+    })?;
+    let first = out.first.lock().map(|f| f.unwrap_or(line)).unwrap_or(line);
+    Ok((first, line))
 }
 
 fn pct(sorted: &[Duration], q: f64) -> Duration {
@@ -160,13 +175,17 @@ fn main() -> anyhow::Result<()> {
         }
 
         let mut lat = Vec::with_capacity(args.iterations);
+        let mut accepted = Vec::with_capacity(args.iterations);
         for i in 0..args.iterations {
-            lat.push(one(&router, "alice", i).await?);
+            let (first, line) = one(&router, "alice", i).await?;
+            accepted.push(first);
+            lat.push(line);
         }
         println!(
             "chat message to first output line (router + controller + agent, 1 user, sequential):"
         );
-        summary("  latency", lat);
+        summary("  to the output line", lat);
+        summary("  to the first reply (job accepted)", accepted);
 
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
@@ -176,7 +195,7 @@ fn main() -> anyhow::Result<()> {
             tasks.spawn(async move {
                 let mut v = Vec::with_capacity(per_user);
                 for n in 0..per_user {
-                    v.push(one(&router, &format!("user{u}"), n).await?);
+                    v.push(one(&router, &format!("user{u}"), n).await?.1);
                 }
                 anyhow::Ok(v)
             });
