@@ -79,6 +79,10 @@ pub trait ControllerApi: Send + Sync + 'static {
         &self,
         event: v1::AuditReportRequest,
     ) -> impl Future<Output = Result<u64, ControllerError>> + Send;
+    /// Verifies the stored audit chain (the controller's check).
+    fn audit_verify(
+        &self,
+    ) -> impl Future<Output = Result<v1::AuditVerifyResponse, ControllerError>> + Send;
     /// Audit records, newest first, each a JSON line.
     fn audit_search(
         &self,
@@ -187,6 +191,13 @@ impl ControllerApi for GrpcController {
     ) -> Result<v1::AuditSearchResponse, ControllerError> {
         Ok(AuditClient::new(self.channel.clone())
             .search(req)
+            .await?
+            .into_inner())
+    }
+
+    async fn audit_verify(&self) -> Result<v1::AuditVerifyResponse, ControllerError> {
+        Ok(AuditClient::new(self.channel.clone())
+            .verify(v1::AuditVerifyRequest { from_seq: 0 })
             .await?
             .into_inner())
     }

@@ -370,6 +370,30 @@ impl<C: ControllerApi> Router<C> {
             Ok(p) => p,
             Err(r) => return r,
         };
+        if query.trim() == "verify" {
+            return match self.ctl.audit_verify().await {
+                Ok(v) if v.ok => Reply::text(format!(
+                    "audit trail ok: records {}..{} ({}), {} signed heads, signed up to {}{}",
+                    v.first,
+                    v.last,
+                    v.records,
+                    v.heads,
+                    v.signed_up_to,
+                    asked_by(who)
+                )),
+                Ok(v) => Reply::text(format!(
+                    "audit trail BROKEN at record {}: {}{}",
+                    v.broken_seq,
+                    v.reason,
+                    asked_by(who)
+                )),
+                Err(e) => Reply::text(format!(
+                    "audit verify failed: {}{}",
+                    e.message,
+                    asked_by(who)
+                )),
+            };
+        }
         let now_ms = unix_now().saturating_mul(1000);
         let filter = match Filter::parse_query(query, now_ms) {
             Ok(f) => f,

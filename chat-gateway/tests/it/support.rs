@@ -351,6 +351,19 @@ impl ControllerApi for FakeController {
         })
     }
 
+    async fn audit_verify(&self) -> Result<v1::AuditVerifyResponse, ControllerError> {
+        self.check()?;
+        Ok(v1::AuditVerifyResponse {
+            ok: true,
+            first: 1,
+            last: 42,
+            records: 42,
+            heads: 3,
+            signed_up_to: 40,
+            ..Default::default()
+        })
+    }
+
     async fn cancel(&self, id: String, requested_by: String) -> Result<v1::Job, ControllerError> {
         self.check()?;
         if let Ok(mut c) = self.canceled.lock() {

@@ -83,6 +83,36 @@ impl pb::audit_server::Audit for AuditSvc {
 
     type ExportStream = ExportStream;
 
+    async fn verify(
+        &self,
+        req: Request<pb::AuditVerifyRequest>,
+    ) -> Result<Response<pb::AuditVerifyResponse>, Status> {
+        let from = Some(req.into_inner().from_seq).filter(|s| *s > 0);
+        let audit = self.0.audit.clone();
+        let result = tokio::task::spawn_blocking(move || audit.verify(from))
+            .await
+            .map_err(|e| ApiError::Internal(format!("verify task: {e}")))?
+            .map_err(ApiError::from)?;
+        Ok(Response::new(match result {
+            Ok(v) => pb::AuditVerifyResponse {
+                ok: true,
+                first: v.first,
+                last: v.last,
+                records: v.records,
+                heads: v.heads,
+                signed_up_to: v.signed_up_to,
+                broken_seq: 0,
+                reason: String::new(),
+            },
+            Err(broken) => pb::AuditVerifyResponse {
+                ok: false,
+                broken_seq: broken.seq(),
+                reason: broken.to_string(),
+                ..Default::default()
+            },
+        }))
+    }
+
     async fn export(
         &self,
         req: Request<pb::AuditExportRequest>,

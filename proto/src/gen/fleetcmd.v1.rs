@@ -431,6 +431,33 @@ pub struct PolicyInfo {
     #[prost(message, optional, tag = "3")]
     pub policy: ::core::option::Option<SignedPolicy>,
 }
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuditVerifyRequest {
+    /// 0 = from the first stored record (after a retention checkpoint).
+    #[prost(uint64, tag = "1")]
+    pub from_seq: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuditVerifyResponse {
+    #[prost(bool, tag = "1")]
+    pub ok: bool,
+    #[prost(uint64, tag = "2")]
+    pub first: u64,
+    #[prost(uint64, tag = "3")]
+    pub last: u64,
+    #[prost(uint64, tag = "4")]
+    pub records: u64,
+    #[prost(uint64, tag = "5")]
+    pub heads: u64,
+    /// The newest record covered by a valid signed head.
+    #[prost(uint64, tag = "6")]
+    pub signed_up_to: u64,
+    /// When not ok: the first bad record (or head) and why.
+    #[prost(uint64, tag = "7")]
+    pub broken_seq: u64,
+    #[prost(string, tag = "8")]
+    pub reason: ::prost::alloc::string::String,
+}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AuditSearchRequest {
     #[prost(string, tag = "1")]
@@ -2815,6 +2842,30 @@ pub mod audit_client {
             req.extensions_mut().insert(GrpcMethod::new("fleetcmd.v1.Audit", "Report"));
             self.inner.unary(req, path, codec).await
         }
+        /// Verifies the stored chain and its signed heads with the controller's
+        /// audit key (operator and gateway: chat `audit verify`). An offline check
+        /// of an export (`fleetcmd audit verify --file`) needs no trust in this.
+        pub async fn verify(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuditVerifyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuditVerifyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/fleetcmd.v1.Audit/Verify");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("fleetcmd.v1.Audit", "Verify"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2854,6 +2905,16 @@ pub mod audit_server {
             request: tonic::Request<super::AuditReportRequest>,
         ) -> std::result::Result<
             tonic::Response<super::AuditReportResponse>,
+            tonic::Status,
+        >;
+        /// Verifies the stored chain and its signed heads with the controller's
+        /// audit key (operator and gateway: chat `audit verify`). An offline check
+        /// of an export (`fleetcmd audit verify --file`) needs no trust in this.
+        async fn verify(
+            &self,
+            request: tonic::Request<super::AuditVerifyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuditVerifyResponse>,
             tonic::Status,
         >;
     }
@@ -3053,6 +3114,49 @@ pub mod audit_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReportSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fleetcmd.v1.Audit/Verify" => {
+                    #[allow(non_camel_case_types)]
+                    struct VerifySvc<T: Audit>(pub Arc<T>);
+                    impl<T: Audit> tonic::server::UnaryService<super::AuditVerifyRequest>
+                    for VerifySvc<T> {
+                        type Response = super::AuditVerifyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuditVerifyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Audit>::verify(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = VerifySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

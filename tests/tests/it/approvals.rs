@@ -430,3 +430,26 @@ async fn the_audit_channel_posts_selected_events_once_as_they_happen() {
     feed.abort();
     fleet.fleet.shutdown().await.expect("shutdown");
 }
+
+/// `audit verify` from chat: the controller verifies its stored chain and
+/// the router answers with the span it checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn audit_verify_from_chat_reports_the_verified_span() {
+    let fleet = start_fleet(1).await;
+    fleet.run("uptime", &[], "all").await.expect("job");
+    let router = router(&fleet).await;
+    let out = Recorder::default();
+    router
+        .handle(said("console:alice", "audit verify"), &out)
+        .await;
+    let text = out.texts().join("\n");
+    assert!(text.contains("audit trail ok: records 1.."), "{text}");
+    // Someone without a role in the channel gets nothing.
+    let stranger = Recorder::default();
+    router
+        .handle(said("slack:T0001:U0NOBODY", "audit verify"), &stranger)
+        .await;
+    let text = stranger.texts().join("\n");
+    assert!(text.contains("no roles"), "{text}");
+    fleet.fleet.shutdown().await.expect("shutdown");
+}

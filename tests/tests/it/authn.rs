@@ -135,6 +135,33 @@ async fn every_rpc_but_join_requires_a_client_certificate() {
         unauth,
     );
 
+    let mut audit = pb::audit_client::AuditClient::new(anon.clone());
+    assert_status(
+        audit.search(pb::AuditSearchRequest::default()).await,
+        Code::Unauthenticated,
+        unauth,
+    );
+    assert_status(
+        audit.export(pb::AuditExportRequest { from_seq: 1 }).await,
+        Code::Unauthenticated,
+        unauth,
+    );
+    assert_status(
+        audit
+            .report(pb::AuditReportRequest {
+                kind: "chat_denied".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::Unauthenticated,
+        unauth,
+    );
+    assert_status(
+        audit.verify(pb::AuditVerifyRequest { from_seq: 0 }).await,
+        Code::Unauthenticated,
+        unauth,
+    );
+
     let mut stream = AgentStreamClient::new(anon.clone());
     let (_tx, hello) = hello_stream("dev-1");
     assert_status(stream.connect(hello).await, Code::Unauthenticated, unauth);
