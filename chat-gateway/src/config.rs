@@ -108,6 +108,9 @@ pub struct GatewayConfig {
     /// `[audit_channel]`: selected audit events posted to one channel.
     #[serde(default)]
     pub audit_channel: Option<crate::audit_feed::AuditChannelConfig>,
+    /// `[notify]`: `POST /notify` from monitoring (`fleetcmd notify`).
+    #[serde(default)]
+    pub notify: Option<crate::notify::NotifyConfig>,
 }
 
 /// `[http]`: the listener for chat webhooks (used only when an adapter
@@ -224,6 +227,9 @@ impl GatewayConfig {
         if let Some(c) = &mut self.campfire {
             c.resolve_paths(base);
         }
+        if let Some(f) = self.notify.as_mut().and_then(|n| n.secret_file.as_mut()) {
+            join(f);
+        }
         if let Some(w) = &mut self.webhook {
             w.resolve_paths(base);
         }
@@ -327,6 +333,7 @@ impl GatewayConfig {
         // These name their keys with the section prefix already.
         let prefixed = [
             self.audit_channel.as_ref().map(|c| c.validate()),
+            self.notify.as_ref().map(|c| c.validate()),
             self.irc.as_ref().map(|c| c.validate()),
             self.campfire.as_ref().map(|c| c.validate()),
             self.webhook.as_ref().map(|c| c.validate()),

@@ -32,6 +32,8 @@ pub enum LaunchError {
     Http(std::io::Error),
     #[error("[audit_channel]: {0}")]
     AuditChannel(String),
+    #[error("[notify]: {0}")]
+    Notify(String),
 }
 
 fn adapter(name: &'static str) -> impl Fn(AdapterError) -> LaunchError {
@@ -109,6 +111,15 @@ pub async fn run(
         gw.add_routes(a.routes());
         senders.push(("webhook", a.sender()));
         gw.add(a);
+    }
+    if let Some(n) = &cfg.notify {
+        let named = senders
+            .iter()
+            .map(|(s, out)| (s.to_string(), out.clone()))
+            .collect();
+        let routes =
+            crate::notify::routes(n, named, gw.auth_failures()).map_err(LaunchError::Notify)?;
+        gw.add_routes(routes);
     }
     if let Some(ac) = &cfg.audit_channel {
         let scheme = ac.channel.split(':').next().unwrap_or_default();

@@ -25,6 +25,7 @@ pub mod config;
 pub mod controller;
 pub mod http;
 pub mod launch;
+pub mod notify;
 pub mod render;
 pub mod router;
 

@@ -76,6 +76,9 @@ pub enum Cmd {
         #[command(subcommand)]
         action: crate::audit_cmd::AuditCmd,
     },
+    /// Post a monitoring notification into chat through the gateway
+    /// (for Nagios, Zabbix, Sensu and other script hooks).
+    Notify(crate::notify_cmd::NotifyArgs),
 }
 
 #[derive(Subcommand)]

@@ -63,6 +63,7 @@ fn main() -> ExitCode {
             Cmd::Cancel { id } => client::cancel(&conn, &id).await,
             Cmd::Policy { action } => policy_cmd::run(&conn, action).await,
             Cmd::Audit { action } => fleetcmd_cli::audit_cmd::run(&conn, action).await,
+            Cmd::Notify(args) => fleetcmd_cli::notify_cmd::run(args).await.map(|()| 0),
         }
     });
     match result {

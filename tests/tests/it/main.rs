@@ -15,6 +15,7 @@ mod grpc;
 mod hardening;
 mod job_signatures;
 mod live;
+mod notify;
 mod policy_trust;
 mod rollout;
 mod storage;
