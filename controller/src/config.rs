@@ -24,6 +24,9 @@ pub struct RawConfig {
     /// Finished jobs are deleted, oldest first, while their stored records
     /// take more than this many bytes.
     pub job_store_max_bytes: u64,
+    /// Bytes of the database's own page cache (sled's default is 1 GiB;
+    /// recently written and read pages are also in the OS page cache).
+    pub store_cache_bytes: u64,
 }
 
 impl Default for RawConfig {
@@ -38,6 +41,7 @@ impl Default for RawConfig {
             heartbeat_interval: "10s".into(),
             job_retention: "30d".into(),
             job_store_max_bytes: 10 * 1024 * 1024 * 1024,
+            store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -54,6 +58,7 @@ pub struct ControllerConfig {
     pub heartbeat_interval: Duration,
     pub job_retention: Duration,
     pub job_store_max_bytes: u64,
+    pub store_cache_bytes: u64,
 }
 
 /// Every problem found in a configuration file.
@@ -129,6 +134,12 @@ impl RawConfig {
                 self.job_store_max_bytes
             ));
         }
+        if self.store_cache_bytes < 1024 * 1024 {
+            problems.push(format!(
+                "store_cache_bytes: must be at least 1048576 (1 MiB), got {}",
+                self.store_cache_bytes
+            ));
+        }
         if self.data_dir.as_os_str().is_empty() {
             problems.push("data_dir: must not be empty".into());
         }
@@ -143,6 +154,7 @@ impl RawConfig {
                 heartbeat_interval,
                 job_retention,
                 job_store_max_bytes: self.job_store_max_bytes,
+                store_cache_bytes: self.store_cache_bytes,
             }),
             _ => Err(ConfigError {
                 file: file.to_owned(),
