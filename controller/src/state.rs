@@ -111,6 +111,14 @@ pub struct Shared {
     pub audit: Arc<crate::audit::Audit>,
 }
 
+/// A job `store_submission` wrote (not yet flushed).
+struct Submitted {
+    id: String,
+    command: String,
+    requester: String,
+    targets: Vec<String>,
+}
+
 /// A running job as `advance` sees it.
 struct Run {
     job: JobRecord,
@@ -714,12 +722,33 @@ impl Shared {
     // ------------------------------------------------------------ jobs
 
     /// Checks a signed job as the agents will (defence in depth; the agents
-    /// still decide), stores it durably, then dispatches it.
+    /// still decide), stores it durably, answers, and has the dispatcher
+    /// start it.
     pub async fn submit(
-        &self,
+        self: &Arc<Self>,
         peer: &Peer,
         signed: pb::SignedJob,
     ) -> ApiResult<pb::SubmitResponse> {
+        // Resolving the targets and writing a record per target take
+        // milliseconds at fleet scale: not on an async worker.
+        let this = self.clone();
+        let by = peer.clone();
+        let stored = tokio::task::spawn_blocking(move || this.store_submission(&by, signed))
+            .await
+            .map_err(|e| ApiError::Internal(format!("submit task: {e}")))??;
+        // Nothing is dispatched before the job's record is durable.
+        self.flush().await?;
+        tracing::info!(job_id = %stored.id, command = %stored.command, requester = %stored.requester, targets = stored.targets.len(), "job submitted");
+        // Durable: answer now, dispatch off the request path.
+        self.kick(&stored.id);
+        Ok(pb::SubmitResponse {
+            job_id: stored.id,
+            targets: stored.targets,
+        })
+    }
+
+    /// The checks and writes of `submit`, up to its flush (blocking).
+    fn store_submission(&self, peer: &Peer, signed: pb::SignedJob) -> ApiResult<Submitted> {
         let cur = self.current_policy().ok_or_else(|| {
             ApiError::FailedPrecondition(
                 "no policy has been pushed yet (`fleetcmd policy push`)".into(),
@@ -869,13 +898,10 @@ impl Shared {
                 .field("target_count", targets.len())
                 .field("key_id", &job.key_id),
         )?;
-        // Nothing is dispatched before the job's record is durable.
-        self.flush().await?;
-        tracing::info!(job_id = %id, command = %spec.command, requester = %spec.requester, targets = targets.len(), "job submitted");
-        // Durable: answer now, dispatch off the request path.
-        self.kick(&id);
-        Ok(pb::SubmitResponse {
-            job_id: id,
+        Ok(Submitted {
+            id,
+            command: spec.command.clone(),
+            requester: spec.requester.to_string(),
             targets: targets.into_iter().map(|(a, _)| a).collect(),
         })
     }
