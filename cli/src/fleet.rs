@@ -188,6 +188,7 @@ impl Fleet {
             heartbeat_interval: opts.heartbeat,
             job_retention: opts.job_retention,
             job_store_max_bytes: opts.job_store_max_bytes,
+            store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
         };
         let controller = fleetcmd_controller::start(config.clone())
             .await

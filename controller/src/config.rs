@@ -31,6 +31,9 @@ pub struct RawConfig {
     /// Audit records older than this are removed (a signed checkpoint keeps
     /// the rest verifiable); `0` keeps them forever.
     pub audit_retention: String,
+    /// Bytes of the database's own page cache (sled's default is 1 GiB;
+    /// recently written and read pages are also in the OS page cache).
+    pub store_cache_bytes: u64,
 }
 
 impl Default for RawConfig {
@@ -47,6 +50,7 @@ impl Default for RawConfig {
             job_store_max_bytes: 10 * 1024 * 1024 * 1024,
             audit_export: Vec::new(),
             audit_retention: "0".into(),
+            store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -66,6 +70,7 @@ pub struct ControllerConfig {
     pub audit_export: Vec<ExportConfig>,
     /// `None`: keep the trail forever.
     pub audit_retention: Option<Duration>,
+    pub store_cache_bytes: u64,
 }
 
 /// Every problem found in a configuration file.
@@ -141,6 +146,12 @@ impl RawConfig {
                 self.job_store_max_bytes
             ));
         }
+        if self.store_cache_bytes < 1024 * 1024 {
+            problems.push(format!(
+                "store_cache_bytes: must be at least 1048576 (1 MiB), got {}",
+                self.store_cache_bytes
+            ));
+        }
         if self.data_dir.as_os_str().is_empty() {
             problems.push("data_dir: must not be empty".into());
         }
@@ -184,6 +195,7 @@ impl RawConfig {
                 job_store_max_bytes: self.job_store_max_bytes,
                 audit_export,
                 audit_retention,
+                store_cache_bytes: self.store_cache_bytes,
             }),
             _ => Err(ConfigError {
                 file: file.to_owned(),

@@ -53,6 +53,7 @@ pub struct RunningController {
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     sweeper: Option<JoinHandle<()>>,
     exporters: Vec<JoinHandle<()>>,
+    dispatcher: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RunningController {
@@ -138,9 +139,11 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
     std::fs::create_dir_all(&config.data_dir).map_err(io(&config.data_dir))?;
     let ca = Ca::load_or_create(&config.data_dir.join("pki"))?;
     let db_path = config.data_dir.join("db");
-    let store = tokio::task::spawn_blocking(move || SledStore::open(&db_path))
-        .await
-        .map_err(|e| crate::error::ApiError::Internal(e.to_string()))??;
+    let cache_bytes = config.store_cache_bytes;
+    let store =
+        tokio::task::spawn_blocking(move || SledStore::open_with_cache(&db_path, cache_bytes))
+            .await
+            .map_err(|e| crate::error::ApiError::Internal(e.to_string()))??;
     let server_id = ca.issue_server(&config.tls_names)?;
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(
@@ -289,6 +292,19 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
             })?;
         exporters.push(tokio::spawn(exporter.run(stop.subscribe())));
     }
+    // Jobs are dispatched off the request path (Submit answers once the job
+    // is durable); see `Shared::dispatcher`.
+    let queue = shared
+        .take_dispatch_queue()
+        .expect("a new Shared has its dispatch queue");
+    let mut stop_dispatcher = stop.subscribe();
+    let dispatch_state = shared.clone();
+    let dispatcher = tokio::spawn(async move {
+        tokio::select! {
+            _ = dispatch_state.dispatcher(queue) => {}
+            _ = stopped(&mut stop_dispatcher) => {}
+        }
+    });
     tracing::info!(%addr, "controller listening");
     Ok(RunningController {
         addr,
@@ -297,6 +313,7 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         server: Some(server),
         sweeper: Some(sweeper),
         exporters,
+        dispatcher: Some(dispatcher),
     })
 }
 
@@ -324,6 +341,9 @@ impl RunningController {
         self.shared.disconnect_all();
         if let Some(sweeper) = self.sweeper.take() {
             let _ = sweeper.await;
+        }
+        if let Some(dispatcher) = self.dispatcher.take() {
+            let _ = dispatcher.await;
         }
         if let Some(server) = self.server.take() {
             match tokio::time::timeout(Duration::from_secs(10), server).await {

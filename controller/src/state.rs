@@ -30,6 +30,16 @@ use crate::store::{AgentRecord, JobRecord, PolicyRecord, Store, TargetRecord, To
 /// does not drain its stream, dispatch to it fails fast (the target is marked
 /// `offline`) instead of buffering without limit.
 pub const AGENT_QUEUE: usize = 256;
+/// Targets `advance` starts per hold of the job lock (and per
+/// `job_dispatched` audit record); results of the job are recorded between
+/// chunks.
+const DISPATCH_CHUNK: usize = 256;
+/// Targets a result may start on its agent stream's task (a slot it freed
+/// under `--batch`); more than that go to the dispatcher.
+const INLINE_DISPATCH: usize = 16;
+/// Jobs waiting for the dispatcher. When full, a job is not lost: the
+/// sweeper queues every running job each second.
+const DISPATCH_QUEUE: usize = 1024;
 /// Grace after a job's timeout before its silent targets are failed.
 const RESULT_GRACE: Duration = Duration::from_secs(30);
 /// How many recent jobs a suffix lookup scans.
@@ -93,11 +103,22 @@ pub struct Shared {
     /// Whether the running jobs of a previous run were loaded (sweeper).
     runs_loaded: std::sync::atomic::AtomicBool,
     next_conn: AtomicU64,
+    /// Jobs to advance off the request path (`kick`, `dispatcher`).
+    dispatch_tx: mpsc::Sender<String>,
+    dispatch_rx: Mutex<Option<mpsc::Receiver<String>>>,
     pub join_limiter: JoinLimiter,
     /// Caps audit records of failed authentications per source address.
     pub auth_limiter: crate::auth::AuthFailureLimiter,
     /// The audit trail (its trees live in `store`; one flush covers both).
     pub audit: Arc<crate::audit::Audit>,
+}
+
+/// A job `store_submission` wrote (not yet flushed).
+struct Submitted {
+    id: String,
+    command: String,
+    requester: String,
+    targets: Vec<String>,
 }
 
 /// A running job as `advance` sees it.
@@ -106,6 +127,34 @@ struct Run {
     /// (state, dispatched_at) per target, in `job.targets` order.
     states: Vec<(String, u64)>,
     index: HashMap<String, usize>,
+    /// Targets still `pending`, and not yet in a terminal state: kept by
+    /// `set` so that a result which neither frees a pending target nor ends
+    /// the job costs no pass over all targets.
+    pending: usize,
+    unfinished: usize,
+}
+
+impl Run {
+    fn new(job: JobRecord, states: Vec<(String, u64)>, index: HashMap<String, usize>) -> Run {
+        let pending = states.iter().filter(|t| t.0 == "pending").count();
+        let unfinished = states.iter().filter(|t| !is_terminal(&t.0)).count();
+        Run {
+            job,
+            states,
+            index,
+            pending,
+            unfinished,
+        }
+    }
+
+    fn set(&mut self, i: usize, state: &str, at: u64) {
+        let old = &self.states[i].0;
+        self.pending -= usize::from(old == "pending");
+        self.unfinished -= usize::from(!is_terminal(old));
+        self.pending += usize::from(state == "pending");
+        self.unfinished += usize::from(!is_terminal(state));
+        self.states[i] = (state.to_owned(), at);
+    }
 }
 
 pub fn now_secs() -> u64 {
@@ -175,8 +224,11 @@ impl Shared {
                 }
             }
         });
+        let (dispatch_tx, dispatch_rx) = mpsc::channel(DISPATCH_QUEUE);
         let shared = Shared {
             flusher,
+            dispatch_tx,
+            dispatch_rx: Mutex::new(Some(dispatch_rx)),
             finished: Mutex::new((HashSet::new(), std::collections::VecDeque::new())),
             audit: Arc::new(audit),
             store,
@@ -673,12 +725,33 @@ impl Shared {
     // ------------------------------------------------------------ jobs
 
     /// Checks a signed job as the agents will (defence in depth; the agents
-    /// still decide), stores it durably, then dispatches it.
+    /// still decide), stores it durably, answers, and has the dispatcher
+    /// start it.
     pub async fn submit(
-        &self,
+        self: &Arc<Self>,
         peer: &Peer,
         signed: pb::SignedJob,
     ) -> ApiResult<pb::SubmitResponse> {
+        // Resolving the targets and writing a record per target take
+        // milliseconds at fleet scale: not on an async worker.
+        let this = self.clone();
+        let by = peer.clone();
+        let stored = tokio::task::spawn_blocking(move || this.store_submission(&by, signed))
+            .await
+            .map_err(|e| ApiError::Internal(format!("submit task: {e}")))??;
+        // Nothing is dispatched before the job's record is durable.
+        self.flush().await?;
+        tracing::info!(job_id = %stored.id, command = %stored.command, requester = %stored.requester, targets = stored.targets.len(), "job submitted");
+        // Durable: answer now, dispatch off the request path.
+        self.kick(&stored.id);
+        Ok(pb::SubmitResponse {
+            job_id: stored.id,
+            targets: stored.targets,
+        })
+    }
+
+    /// The checks and writes of `submit`, up to its flush (blocking).
+    fn store_submission(&self, peer: &Peer, signed: pb::SignedJob) -> ApiResult<Submitted> {
         let cur = self.current_policy().ok_or_else(|| {
             ApiError::FailedPrecondition(
                 "no policy has been pushed yet (`fleetcmd policy push`)".into(),
@@ -801,10 +874,12 @@ impl Shared {
         };
         // Every target starts `pending`; `advance` dispatches them as the
         // rollout allows and marks one that is offline when its turn comes.
-        for (agent, _) in &targets {
-            self.store
-                .put_target(&id, agent, &TargetRecord::new("pending", ""))?;
-        }
+        let pending = TargetRecord::new("pending", "");
+        let writes: Vec<(&str, &TargetRecord)> = targets
+            .iter()
+            .map(|(a, _)| (a.as_str(), &pending))
+            .collect();
+        self.store.put_targets(&id, &writes)?;
         self.store.put_job(&record)?;
         // Nothing runs without its audit record: same flush, before dispatch.
         self.audit_durable(
@@ -826,12 +901,10 @@ impl Shared {
                 .field("target_count", targets.len())
                 .field("key_id", &job.key_id),
         )?;
-        // Nothing is dispatched before the job's record is durable.
-        self.flush().await?;
-        tracing::info!(job_id = %id, command = %spec.command, requester = %spec.requester, targets = targets.len(), "job submitted");
-        self.advance(&id)?;
-        Ok(pb::SubmitResponse {
-            job_id: id,
+        Ok(Submitted {
+            id,
+            command: spec.command.clone(),
+            requester: spec.requester.to_string(),
             targets: targets.into_iter().map(|(a, _)| a).collect(),
         })
     }
@@ -839,49 +912,76 @@ impl Shared {
     /// Starts whatever the job's rollout allows now, aborts it when its
     /// error budget is spent or a canary failed, expires what can no longer
     /// start, and finishes it when every target is done. Idempotent: called
-    /// after submit, after every result, and by the sweeper (which is what
-    /// resumes running jobs after a controller restart).
+    /// by the dispatcher after submit, after every result, and by the sweeper
+    /// (which is what resumes running jobs after a controller restart).
+    ///
+    /// Blocking (store writes for every target it starts): call it through
+    /// `spawn_blocking`, as the dispatcher does. It takes the job lock for at
+    /// most `DISPATCH_CHUNK` targets at a time, so results of the same job
+    /// are recorded between chunks.
     pub fn advance(&self, job_id: &str) -> ApiResult<()> {
+        while self.advance_some(job_id, DISPATCH_CHUNK)? {}
+        Ok(())
+    }
+
+    /// One step of `advance` that starts at most `limit` targets. Returns
+    /// whether the rollout allows more to start right now (call again).
+    fn advance_some(&self, job_id: &str, limit: usize) -> ApiResult<bool> {
         let mut runs = lock(&self.job_lock);
         let Some(run) = self.run_of(&mut runs, job_id)? else {
-            return Ok(());
+            return Ok(false);
         };
-        let Run { job, states, .. } = run;
+        // Nothing can start and the job is not ending: most results of a
+        // large job land here, without the O(targets) rollout decision. (An
+        // error budget spent with nothing pending changes no target; the
+        // last result's call below records the abort.)
+        if run.pending == 0 && run.unfinished > 0 {
+            return Ok(false);
+        }
         let now = now_secs();
         let mut job_changed = false;
+        let mut more = false;
+        let mut budget = limit;
         loop {
-            if job.stopped.is_none()
-                && now > job.expires_at + fleetcmd_core::job::CLOCK_SKEW_SECS
-                && states.iter().any(|t| t.0 == "pending")
+            if run.job.stopped.is_none()
+                && now > run.job.expires_at + fleetcmd_core::job::CLOCK_SKEW_SECS
+                && run.pending > 0
             {
-                job.stopped = Some((
+                run.job.stopped = Some((
                     "expired".into(),
                     "the job expired before every target could start".into(),
                 ));
                 job_changed = true;
             }
-            let decision = if job.stopped.is_some() {
+            let decision = if run.job.stopped.is_some() {
                 fleetcmd_core::rollout::Decision::default()
             } else {
-                let phases: Vec<Phase> = states.iter().map(|t| Phase::of_state(&t.0)).collect();
-                fleetcmd_core::rollout::next(&phases, &job.rollout, job.needs_approval)
+                let phases: Vec<Phase> = run.states.iter().map(|t| Phase::of_state(&t.0)).collect();
+                fleetcmd_core::rollout::next(&phases, &run.job.rollout, run.job.needs_approval)
             };
             if let Some(why) = decision.abort {
-                job.stopped = Some(("aborted".into(), why));
+                run.job.stopped = Some(("aborted".into(), why));
                 job_changed = true;
             }
-            if let Some((kind, why)) = &job.stopped {
+            if let Some((kind, why)) = run.job.stopped.clone() {
                 // Nothing new starts; pending targets end here.
                 let end = if kind == "canceled" {
                     "canceled"
                 } else {
                     "skipped"
                 };
-                for (i, t) in states.iter_mut().enumerate() {
-                    if t.0 == "pending" {
-                        let rec = TargetRecord::new(end, why);
-                        self.store.put_target(job_id, &job.targets[i], &rec)?;
-                        *t = (rec.state, 0);
+                let ended: Vec<usize> = (0..run.states.len())
+                    .filter(|&i| run.states[i].0 == "pending")
+                    .collect();
+                if !ended.is_empty() {
+                    let rec = TargetRecord::new(end, &why);
+                    let writes: Vec<(&str, &TargetRecord)> = ended
+                        .iter()
+                        .map(|&i| (run.job.targets[i].as_str(), &rec))
+                        .collect();
+                    self.store.put_targets(job_id, &writes)?;
+                    for i in ended {
+                        run.set(i, end, 0);
                     }
                 }
                 break;
@@ -889,81 +989,105 @@ impl Shared {
             if decision.start.is_empty() {
                 break;
             }
+            if budget == 0 {
+                more = true;
+                break;
+            }
+            let start: Vec<usize> = decision.start.into_iter().take(budget).collect();
+            budget -= start.len();
             let msg = pb::ControllerMessage {
                 msg: Some(pb::controller_message::Msg::Job(pb::SignedJob {
-                    spec: job.spec.clone(),
-                    signature: job.signature.clone(),
-                    key_id: job.key_id.clone(),
+                    spec: run.job.spec.clone(),
+                    signature: run.job.signature.clone(),
+                    key_id: run.job.key_id.clone(),
                 })),
             };
             // Right after a (re)start the agents are still reconnecting:
             // leave their targets pending rather than call them offline.
             let settling = self.started.elapsed() < self.config.heartbeat_interval * 3;
             let mut deferred = false;
-            for i in decision.start {
-                let agent = &job.targets[i];
-                let sent = {
-                    let agents = lock(&self.agents);
-                    match agents.get(agent) {
+            let mut sent_to = Vec::new();
+            let mut offline = Vec::new();
+            {
+                let agents = lock(&self.agents);
+                for i in start {
+                    let sent = match agents.get(&run.job.targets[i]) {
                         Some(l) if self.online(l) => l.tx.try_send(Ok(msg.clone())).is_ok(),
                         _ => false,
+                    };
+                    if sent {
+                        sent_to.push(i);
+                    } else if settling {
+                        deferred = true;
+                    } else {
+                        offline.push(i);
                     }
-                };
-                if !sent && settling {
-                    deferred = true;
+                }
+            }
+            let dispatched = TargetRecord {
+                dispatched_at: now,
+                ..TargetRecord::new("dispatched", "")
+            };
+            let gone = TargetRecord::new("offline", "agent offline when its turn came");
+            let writes: Vec<(&str, &TargetRecord)> = sent_to
+                .iter()
+                .map(|&i| (run.job.targets[i].as_str(), &dispatched))
+                .chain(
+                    offline
+                        .iter()
+                        .map(|&i| (run.job.targets[i].as_str(), &gone)),
+                )
+                .collect();
+            self.store.put_targets(job_id, &writes)?;
+            // One audit record per chunk and outcome, listing its hosts (the
+            // host index still finds each of them, DESIGN §8).
+            for (hosts, rec, kind) in [
+                (&sent_to, &dispatched, EventKind::JobDispatched),
+                (&offline, &gone, EventKind::JobFinished),
+            ] {
+                if hosts.is_empty() {
                     continue;
                 }
-                let rec = if sent {
-                    TargetRecord {
-                        dispatched_at: now,
-                        ..TargetRecord::new("dispatched", "")
-                    }
-                } else {
-                    TargetRecord::new("offline", "agent offline when its turn came")
-                };
-                self.store.put_target(job_id, agent, &rec)?;
                 self.security_event(
-                    Event::new(
-                        if sent {
-                            EventKind::JobDispatched
-                        } else {
-                            EventKind::JobFinished
-                        },
-                        "controller",
-                    )
-                    .job(job_id)
-                    .command(&job.command)
-                    .host(agent)
-                    .field("state", &rec.state)
-                    .detail(&rec.reason),
+                    Event::new(kind, "controller")
+                        .job(job_id)
+                        .command(&run.job.command)
+                        .hosts(hosts.iter().map(|&i| run.job.targets[i].clone()))
+                        .field("state", &rec.state)
+                        .field("target_count", hosts.len())
+                        .detail(&rec.reason),
                 );
-                self.publish(
-                    job_id,
-                    pb::job_event::Event::Target(pb::Target {
-                        agent_id: agent.clone(),
-                        state: rec.state.clone(),
-                        result: None,
-                    }),
-                );
-                states[i] = (rec.state, rec.dispatched_at);
+            }
+            for (hosts, rec) in [(&sent_to, &dispatched), (&offline, &gone)] {
+                for &i in hosts {
+                    self.publish(
+                        job_id,
+                        pb::job_event::Event::Target(pb::Target {
+                            agent_id: run.job.targets[i].clone(),
+                            state: rec.state.clone(),
+                            result: None,
+                        }),
+                    );
+                    run.set(i, &rec.state, rec.dispatched_at);
+                }
             }
             if deferred {
                 break; // the sweeper tries again
             }
             // An offline target frees its slot at once: decide again.
         }
-        let finished = states.iter().all(|t| is_terminal(&t.0));
+        let finished = run.unfinished == 0;
         if finished {
-            job.state = match &job.stopped {
+            run.job.state = match &run.job.stopped {
                 Some((kind, _)) => kind.clone(),
-                None if states.iter().all(|t| t.0 == "ok") => "succeeded".into(),
+                None if run.states.iter().all(|t| t.0 == "ok") => "succeeded".into(),
                 None => "failed".into(),
             };
-            tracing::info!(job_id, state = %job.state, "job finished");
+            tracing::info!(job_id, state = %run.job.state, "job finished");
             job_changed = true;
         }
         if job_changed {
-            self.store.put_job(job)?;
+            self.store.put_job(&run.job)?;
         }
         if finished {
             runs.remove(job_id);
@@ -979,14 +1103,54 @@ impl Shared {
                 }
             }
             drop(runs);
-            // The last event: the whole job. Then forget its watchers (they
+            // The last event: the whole job (read back from the store: O(targets),
+            // so only when somebody watches). Then forget its watchers (they
             // still read what is buffered).
-            if let Ok(job) = self.get_job(job_id) {
+            if self.watched(job_id)
+                && let Ok(job) = self.get_job(job_id)
+            {
                 self.publish(job_id, pb::job_event::Event::Job(job));
             }
             lock(&self.watchers).remove(job_id);
         }
-        Ok(())
+        Ok(more)
+    }
+
+    /// Queues a job for the dispatcher (`dispatcher`), which advances it off
+    /// the caller's task. When the queue is full the job still advances:
+    /// the sweeper queues every running job each second.
+    fn kick(&self, job_id: &str) {
+        if self.dispatch_tx.try_send(job_id.to_owned()).is_err() {
+            tracing::debug!(job_id, "dispatch queue full; the sweeper retries");
+        }
+    }
+
+    /// Advances the jobs queued by `kick`, each in `spawn_blocking` (its
+    /// store writes must not hold up an async worker). Runs until the task
+    /// is dropped (the server owns it and ends it on shutdown).
+    pub async fn dispatcher(self: Arc<Self>, mut queue: mpsc::Receiver<String>) {
+        while let Some(first) = queue.recv().await {
+            let mut ids = vec![first];
+            while let Ok(more) = queue.try_recv() {
+                if !ids.contains(&more) {
+                    ids.push(more);
+                }
+            }
+            for id in ids {
+                let shared = self.clone();
+                let job = id.clone();
+                match tokio::task::spawn_blocking(move || shared.advance(&job)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(job_id = %id, error = %e, "advancing job"),
+                    Err(e) => tracing::error!(job_id = %id, error = %e, "advancing job: task"),
+                }
+            }
+        }
+    }
+
+    /// The receiving end of the dispatch queue, for `dispatcher` (once).
+    pub fn take_dispatch_queue(&self) -> Option<mpsc::Receiver<String>> {
+        lock(&self.dispatch_rx).take()
     }
 
     /// The cached rollout state of a running job, loaded on first use
@@ -1016,7 +1180,7 @@ impl Shared {
                 states.push((t.state, t.dispatched_at));
                 index.insert(agent.clone(), i);
             }
-            runs.insert(job_id.to_owned(), Run { job, states, index });
+            runs.insert(job_id.to_owned(), Run::new(job, states, index));
         }
         Ok(runs.get_mut(job_id))
     }
@@ -1152,36 +1316,77 @@ impl Shared {
         allow_from_terminal: bool,
     ) -> ApiResult<bool> {
         let mut runs = lock(&self.job_lock);
-        match self.store.get_target(job, agent)? {
+        // A running job's target states are cached (and kept equal to the
+        // store's, but for `running`): no store read and decode per result.
+        let cached = runs
+            .get(job)
+            .and_then(|run| run.index.get(agent).map(|&i| run.states[i].clone()));
+        let old = match cached {
+            Some(c) => Some(c),
+            None => self
+                .store
+                .get_target(job, agent)?
+                .map(|t| (t.state, t.dispatched_at)),
+        };
+        match old {
             None => Ok(false),
-            Some(old) if is_terminal(&old.state) && !allow_from_terminal => Ok(false),
-            Some(old) => {
-                rec.dispatched_at = old.dispatched_at;
+            Some((state, _)) if is_terminal(&state) && !allow_from_terminal => Ok(false),
+            Some((_, dispatched_at)) => {
+                rec.dispatched_at = dispatched_at;
                 self.store.put_target(job, agent, &rec)?;
                 if let Some(run) = runs.get_mut(job)
                     && let Some(&i) = run.index.get(agent)
                 {
-                    run.states[i] = (rec.state.clone(), rec.dispatched_at);
+                    run.set(i, &rec.state, rec.dispatched_at);
                 }
                 drop(runs);
-                self.publish(
-                    job,
-                    pb::job_event::Event::Target(pb::Target {
-                        agent_id: agent.to_owned(),
-                        state: rec.state.clone(),
-                        result: rec
-                            .result
-                            .as_deref()
-                            .and_then(|b| pb::JobResult::decode(b).ok()),
-                    }),
-                );
+                if self.watched(job) {
+                    self.publish(
+                        job,
+                        pb::job_event::Event::Target(pb::Target {
+                            agent_id: agent.to_owned(),
+                            state: rec.state.clone(),
+                            result: rec
+                                .result
+                                .as_deref()
+                                .and_then(|b| pb::JobResult::decode(b).ok()),
+                        }),
+                    );
+                }
                 Ok(true)
             }
         }
     }
 
+    /// Notes that an agent started a dispatched target. In memory only (the
+    /// run cache, shown by `Jobs.Get` and `Watch`): `running` and
+    /// `dispatched` are the same to everything the controller decides (both
+    /// active, same deadline) and nothing is acknowledged on it, so it is
+    /// not worth a store write per target. After a restart such a target
+    /// shows `dispatched` until its result arrives.
     pub fn record_started(&self, agent: &str, job: &str) -> ApiResult<()> {
-        self.update_target(job, agent, TargetRecord::new("running", ""), false)?;
+        {
+            let mut runs = lock(&self.job_lock);
+            let Some(run) = runs.get_mut(job) else {
+                return Ok(());
+            };
+            let Some(&i) = run.index.get(agent) else {
+                return Ok(());
+            };
+            if run.states[i].0 != "dispatched" {
+                return Ok(()); // its result came first, or it ended
+            }
+            let at = run.states[i].1;
+            run.set(i, "running", at);
+        }
+        self.publish(
+            job,
+            pb::job_event::Event::Target(pb::Target {
+                agent_id: agent.to_owned(),
+                state: "running".into(),
+                result: None,
+            }),
+        );
         Ok(())
     }
 
@@ -1200,7 +1405,9 @@ impl Shared {
         }
         self.audit_durable(result_event(agent, &result, state))?;
         self.flush().await?;
-        self.advance(&job)?;
+        if self.advance_some(&job, INLINE_DISPATCH)? {
+            self.kick(&job);
+        }
         Ok(())
     }
 
@@ -1262,7 +1469,7 @@ impl Shared {
             }
         }
         for id in ids {
-            self.advance(&id)?;
+            self.kick(&id);
         }
         if changed {
             self.flush().await?;
@@ -1319,6 +1526,11 @@ impl Shared {
             tracing::info!(deleted, "retention: old jobs deleted");
         }
         Ok(deleted)
+    }
+
+    /// Whether anybody watches the job (to skip building its events).
+    fn watched(&self, job_id: &str) -> bool {
+        lock(&self.watchers).contains_key(job_id)
     }
 
     /// Sends a live event to the job's watchers, if any.
@@ -1415,9 +1627,22 @@ impl Shared {
     }
 
     fn job_to_proto(&self, rec: JobRecord) -> ApiResult<pb::Job> {
-        let targets = self
-            .store
-            .targets(&rec.id)?
+        let mut stored = self.store.targets(&rec.id)?;
+        if rec.state == "running" {
+            // `running` is kept in memory only (`record_started`).
+            let runs = lock(&self.job_lock);
+            if let Some(run) = runs.get(&rec.id) {
+                for (agent, t) in stored.iter_mut() {
+                    if t.state == "dispatched"
+                        && let Some(&i) = run.index.get(agent.as_str())
+                        && run.states[i].0 == "running"
+                    {
+                        t.state = "running".into();
+                    }
+                }
+            }
+        }
+        let targets = stored
             .into_iter()
             .map(|(agent, t)| {
                 let mut result = t

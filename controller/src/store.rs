@@ -188,6 +188,8 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first.
     fn list_jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError>;
     fn put_target(&self, job: &str, agent: &str, rec: &TargetRecord) -> Result<(), StoreError>;
+    /// Writes many targets of one job in one atomic batch (dispatch, submit).
+    fn put_targets(&self, job: &str, recs: &[(&str, &TargetRecord)]) -> Result<(), StoreError>;
     fn get_target(&self, job: &str, agent: &str) -> Result<Option<TargetRecord>, StoreError>;
     fn targets(&self, job: &str) -> Result<Vec<(String, TargetRecord)>, StoreError>;
     fn put_policy(&self, rec: &PolicyRecord) -> Result<(), StoreError>;
@@ -216,6 +218,7 @@ pub trait Store: Send + Sync + 'static {
 /// flushed before the error were never acknowledged and are gone.
 pub struct SledStore {
     path: std::path::PathBuf,
+    cache_bytes: u64,
     inner: std::sync::RwLock<Option<std::sync::Arc<SledTrees>>>,
     closed: std::sync::atomic::AtomicBool,
 }
@@ -248,16 +251,26 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError
     })
 }
 
-fn open_trees(path: &Path) -> Result<SledTrees, StoreError> {
+/// sled's page cache unless configured (`store_cache_bytes`): sled's own
+/// default is 1 GiB, which a controller with a few hundred thousand results
+/// fills, and the OS page cache holds the same pages again anyway.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+fn open_trees(path: &Path, cache_bytes: u64) -> Result<SledTrees, StoreError> {
     let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
         path: path.display().to_string(),
         reason: e.to_string(),
     };
     // sled panics on some corruptions instead of returning an error; turn
     // that into the same clear message.
-    let db = std::panic::catch_unwind(|| sled::Config::new().path(path).open())
-        .map_err(|_| open_err(&"the database files are corrupt"))?
-        .map_err(|e| open_err(&e))?;
+    let db = std::panic::catch_unwind(|| {
+        sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open()
+    })
+    .map_err(|_| open_err(&"the database files are corrupt"))?
+    .map_err(|e| open_err(&e))?;
     let tree = |name: &str| db.open_tree(name).map_err(|e| open_err(&e));
     Ok(SledTrees {
         tokens: tree("tokens")?,
@@ -270,10 +283,17 @@ fn open_trees(path: &Path) -> Result<SledTrees, StoreError> {
 }
 
 impl SledStore {
+    /// Opens with the default page cache (`DEFAULT_CACHE_BYTES`).
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
-        let trees = open_trees(path)?;
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens with a page cache of at most `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<SledStore, StoreError> {
+        let trees = open_trees(path, cache_bytes)?;
         Ok(SledStore {
             path: path.to_owned(),
+            cache_bytes,
             inner: std::sync::RwLock::new(Some(std::sync::Arc::new(trees))),
             closed: std::sync::atomic::AtomicBool::new(false),
         })
@@ -296,7 +316,7 @@ impl SledStore {
         if let Some(t) = w.as_ref() {
             return Ok(t.clone());
         }
-        let t = std::sync::Arc::new(open_trees(&self.path)?);
+        let t = std::sync::Arc::new(open_trees(&self.path, self.cache_bytes)?);
         tracing::warn!(path = %self.path.display(), "database reopened after an I/O error");
         *w = Some(t.clone());
         Ok(t)
@@ -420,6 +440,17 @@ impl Store for SledStore {
             format!("{job}/{agent}").as_bytes(),
             encode(rec),
         )
+    }
+
+    fn put_targets(&self, job: &str, recs: &[(&str, &TargetRecord)]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (agent, rec) in recs {
+            batch.insert(format!("{job}/{agent}").as_bytes(), encode(rec));
+        }
+        self.trees()?
+            .targets
+            .apply_batch(batch)
+            .map_err(|e| self.fail(e))
     }
 
     fn get_target(&self, job: &str, agent: &str) -> Result<Option<TargetRecord>, StoreError> {

@@ -154,6 +154,33 @@ async fn real_flows_produce_their_audit_events() {
         assert!(f.event.fields.contains_key("duration_ms"));
         assert!(!serde_json::to_string(f).expect("json").contains("hello\\n"));
     }
+    // Dispatch is recorded once per chunk of hosts, not once per host; the
+    // host index still finds the record from each of its hosts
+    // (`audit search --host`).
+    let dispatched: Vec<_> = of_job
+        .iter()
+        .filter(|r| r.event.kind == EventKind::JobDispatched)
+        .collect();
+    assert_eq!(dispatched.len(), 1, "{of_job:#?}");
+    assert_eq!(dispatched[0].event.fields["target_count"], "2");
+    for host in ["dev-1", "dev-2"] {
+        let by_host = search(
+            &fleet,
+            SearchArgs {
+                host: Some(host.into()),
+                kind: vec!["job_dispatched".into()],
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(
+            by_host
+                .iter()
+                .any(|r| r.event.job_id == job.job_id && r.event.hosts.iter().any(|h| h == host)),
+            "{host}: {by_host:#?}"
+        );
+    }
     let refused = search(
         &fleet,
         SearchArgs {

@@ -252,6 +252,7 @@ async fn a_corrupt_database_stops_the_controller_with_a_restore_hint() {
         heartbeat_interval: Duration::from_secs(10),
         job_retention: Duration::from_secs(86400),
         job_store_max_bytes: 1 << 30,
+        store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
     };
     let tmp = fleet.tmp;
     fleet.fleet.shutdown().await.expect("shutdown");
