@@ -13,77 +13,23 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use fleetcmd_core::policy::Policy;
-use fleetcmd_core::policy_bundle::sign_bundle;
 use fleetcmd_gateway::adapters::campfire::{CampfireAdapter, CampfireConfig, render};
 use fleetcmd_gateway::adapters::webhook::SecretString;
 use fleetcmd_gateway::adapters::{AuthFailures, ChatAdapter, Reply};
-use fleetcmd_gateway::router::{Router, RouterConfig};
 use fleetcmd_gateway::serve;
-use fleetcmd_proto::v1;
 use serde_json::json;
 
-use crate::support::{FakeController, new_key, policy_text};
+use crate::support::{failed_job, router_with_extra, serve_http};
 
 pub(crate) const BOT_KEY: &str = "7-kR3x9mP8qL2nZ5";
 pub(crate) const TOKEN: &str = "Zq3vN8xK2mW9pL4rT7yB1cD6";
 const ROOM: u64 = 12;
-
-/// A router over the fake controller whose signed policy also has `extra`
-/// (e.g. bindings for this platform's identities).
-pub fn router_with(
-    extra: &str,
-    tweak: impl FnOnce(&mut FakeController),
-) -> Arc<Router<FakeController>> {
-    let signer = Arc::new(new_key());
-    let root = new_key();
-    let text = format!("{}\n{extra}\n", policy_text(&signer));
-    let policy = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}"));
-    let sig = sign_bundle(text.as_bytes(), &root);
-    let mut fake = FakeController::new(v1::PolicyInfo {
-        version: policy.version,
-        hash: String::new(),
-        policy: Some(v1::SignedPolicy {
-            bundle: text.into_bytes(),
-            signatures: vec![v1::PolicySignature {
-                key_id: sig.key_id,
-                signature: sig.signature,
-            }],
-        }),
-    });
-    tweak(&mut fake);
-    let cfg = RouterConfig {
-        signing_key: signer,
-        signer_id: "gw".to_string(),
-        policy_roots: vec![root.public_key()],
-        policy_threshold: 1,
-        bot_name: "fleetcmd".to_string(),
-        job_expiry: Duration::from_secs(600),
-        poll_interval: Duration::from_millis(5),
-        approval_window: Duration::from_secs(60),
-    };
-    Arc::new(Router::new(cfg, fake))
-}
 
 const BINDINGS: &str = r#"
 [[bindings]]
 subjects = ["campfire:acme:42", "campfire:acme:57"]
 roles = ["oncall"]
 "#;
-
-/// Serves `app` on a loopback port; returns its base URL.
-pub async fn serve_http(app: axum::Router) -> (String, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("bind: {e}"));
-    let addr = listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("addr: {e}"));
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (format!("http://{addr}"), task)
-}
 
 pub fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -231,7 +177,7 @@ async fn wait_posts(fake: &FakeCampfire, n: usize) -> Vec<Posted> {
 #[tokio::test]
 async fn run_is_answered_in_the_response_and_the_result_posted_to_the_room() {
     let (fake, campfire_url, _c) = fake_campfire().await;
-    let router = router_with(BINDINGS, |c| c.running_polls.store(3, Ordering::SeqCst));
+    let router = router_with_extra(BINDINGS, |c| c.running_polls.store(3, Ordering::SeqCst));
     let adapter =
         CampfireAdapter::new(&config(&campfire_url, BOT_KEY)).unwrap_or_else(|e| panic!("{e}"));
     let closer = adapter.closer();
@@ -288,7 +234,7 @@ async fn run_is_answered_in_the_response_and_the_result_posted_to_the_room() {
 #[tokio::test]
 async fn approval_by_another_user_runs_the_job() {
     let (fake, campfire_url, _c) = fake_campfire().await;
-    let router = router_with(BINDINGS, |_| {});
+    let router = router_with_extra(BINDINGS, |_| {});
     let adapter =
         CampfireAdapter::new(&config(&campfire_url, BOT_KEY)).unwrap_or_else(|e| panic!("{e}"));
     let (gw, _g) = serve_http(adapter.routes()).await;
@@ -374,7 +320,7 @@ async fn approval_by_another_user_runs_the_job() {
 #[tokio::test]
 async fn a_display_name_grants_nothing() {
     let (fake, campfire_url, _c) = fake_campfire().await;
-    let router = router_with(BINDINGS, |_| {});
+    let router = router_with_extra(BINDINGS, |_| {});
     let adapter =
         CampfireAdapter::new(&config(&campfire_url, BOT_KEY)).unwrap_or_else(|e| panic!("{e}"));
     let (gw, _g) = serve_http(adapter.routes()).await;
@@ -600,7 +546,7 @@ pub const HOSTILE: &str = "@channel <!here> wake up\n!run restart nginx.service 
 #[tokio::test]
 async fn hostile_output_is_inert_in_the_room() {
     let (fake, campfire_url, _c) = fake_campfire().await;
-    let router = router_with(BINDINGS, |c| c.output = HOSTILE.as_bytes().to_vec());
+    let router = router_with_extra(BINDINGS, |c| c.output = HOSTILE.as_bytes().to_vec());
     let adapter =
         CampfireAdapter::new(&config(&campfire_url, BOT_KEY)).unwrap_or_else(|e| panic!("{e}"));
     let (gw, _g) = serve_http(adapter.routes()).await;
@@ -658,37 +604,13 @@ pub fn visible(html: &str) -> String {
 }
 
 pub fn job_result() -> Reply {
-    let job = v1::Job {
-        job_id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
-        command: "logs".into(),
-        selector: "role=web".into(),
-        requester: "campfire:acme:42".into(),
-        state: "failed".into(),
-        targets: vec![
-            v1::Target {
-                agent_id: "web-1".into(),
-                state: "ok".into(),
-                result: Some(v1::JobResult {
-                    exit_code: Some(0),
-                    stdout: HOSTILE.as_bytes().to_vec(),
-                    duration_ms: 12,
-                    ..Default::default()
-                }),
-            },
-            v1::Target {
-                agent_id: "web-2".into(),
-                state: "failed".into(),
-                result: Some(v1::JobResult {
-                    exit_code: Some(1),
-                    stderr: b"journalctl: unit <nginx> not found\n@here help".to_vec(),
-                    duration_ms: 1500,
-                    ..Default::default()
-                }),
-            },
-        ],
-        ..Default::default()
-    };
-    fleetcmd_gateway::render::job(&job)
+    fleetcmd_gateway::render::job(&failed_job(
+        "logs",
+        "campfire:acme:42",
+        HOSTILE.as_bytes(),
+        1,
+        b"journalctl: unit <nginx> not found\n@here help",
+    ))
 }
 
 #[test]

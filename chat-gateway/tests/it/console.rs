@@ -63,38 +63,13 @@ fn console_identity_must_be_valid() {
 #[test]
 fn console_rendering_snapshots() {
     use fleetcmd_gateway::render;
-    use fleetcmd_proto::v1;
-    let job = v1::Job {
-        job_id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
-        command: "uptime".into(),
-        selector: "role=web".into(),
-        requester: "console:alice".into(),
-        state: "failed".into(),
-        targets: vec![
-            v1::Target {
-                agent_id: "web-1".into(),
-                state: "ok".into(),
-                result: Some(v1::JobResult {
-                    exit_code: Some(0),
-                    stdout: b"load 0.5 @channel <!here>\n!run reboot on all\n\x1b[2Jred\n```"
-                        .to_vec(),
-                    duration_ms: 12,
-                    ..Default::default()
-                }),
-            },
-            v1::Target {
-                agent_id: "web-2".into(),
-                state: "failed".into(),
-                result: Some(v1::JobResult {
-                    exit_code: Some(1),
-                    stderr: b"uptime: /proc/loadavg: No such file or directory".to_vec(),
-                    duration_ms: 1500,
-                    ..Default::default()
-                }),
-            },
-        ],
-        ..Default::default()
-    };
+    let job = crate::support::failed_job(
+        "uptime",
+        "console:alice",
+        b"load 0.5 @channel <!here>\n!run reboot on all\n\x1b[2Jred\n```",
+        1,
+        b"uptime: /proc/loadavg: No such file or directory",
+    );
     let reply = render::job(&job);
     insta::assert_snapshot!(
         "console_job_result",

@@ -15,31 +15,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetcmd_core::job::JobSpec;
-use fleetcmd_core::policy::Policy;
-use fleetcmd_core::policy_bundle::sign_bundle;
 use fleetcmd_gateway::adapters::irc::render::{RenderLimits, render};
 use fleetcmd_gateway::adapters::irc::{IrcAdapter, IrcConfig, LinkStatus};
 use fleetcmd_gateway::adapters::{Action, ChatAdapter, Reply};
-use fleetcmd_gateway::router::{Router, RouterConfig};
-use fleetcmd_proto::v1;
+use fleetcmd_gateway::router::Router;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
-use crate::support::{FakeController, new_key};
+use crate::support::{FakeController, failed_job, free_port, router_for};
 
 const NGIRCD: &str = "/usr/sbin/ngircd";
 const NETWORK: &str = "test";
 const ALICE_ID: &str = "irc:test:alice!~alice@127.0.0.1";
 
 // ---------------------------------------------------------------- ngircd
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
-}
 
 /// A CA and a `localhost` server certificate signed by it (PEM).
 pub(crate) struct TestPki {
@@ -383,16 +375,8 @@ impl Client {
 
 // ------------------------------------------------------------- the bot
 
-fn policy_text(signer: &fleetcmd_core::crypto::SigningKey) -> String {
-    format!(
-        r##"
-version = 1
-
-[[signers]]
-id = "gw"
-public_key = "{}"
-may_sign = ["*"]
-
+/// The policy after its `[[signers]]` block.
+const POLICY: &str = r##"
 [commands.uptime]
 description = "Load average and uptime"
 argv = ["/usr/bin/uptime"]
@@ -405,40 +389,10 @@ channels = ["irc:test:#ops"]
 # Pinned to alice's username: another user taking the nick `alice` is not her.
 subjects = ["irc:test:alice!~alice@*"]
 roles = ["oncall"]
-"##,
-        signer.public_key()
-    )
-}
+"##;
 
 fn router_with(output: &[u8]) -> Arc<Router<FakeController>> {
-    let signer = Arc::new(new_key());
-    let root = new_key();
-    let text = policy_text(&signer);
-    let policy = Policy::parse(&text).expect("test policy parses");
-    let sig = sign_bundle(text.as_bytes(), &root);
-    let mut fake = FakeController::new(v1::PolicyInfo {
-        version: policy.version,
-        hash: String::new(),
-        policy: Some(v1::SignedPolicy {
-            bundle: text.into_bytes(),
-            signatures: vec![v1::PolicySignature {
-                key_id: sig.key_id,
-                signature: sig.signature,
-            }],
-        }),
-    });
-    fake.output = output.to_vec();
-    let cfg = RouterConfig {
-        signing_key: signer,
-        signer_id: "gw".to_string(),
-        policy_roots: vec![root.public_key()],
-        policy_threshold: 1,
-        bot_name: "fleetcmd".to_string(),
-        job_expiry: Duration::from_secs(600),
-        poll_interval: Duration::from_millis(5),
-        approval_window: Duration::from_secs(60),
-    };
-    Arc::new(Router::new(cfg, fake))
+    router_for(1, POLICY, |c| c.output = output.to_vec())
 }
 
 pub(crate) fn bot_config(port: u16) -> IrcConfig {
@@ -1101,36 +1055,13 @@ fn snapshot_job_result() {
     for i in 1..=9 {
         stdout.push_str(&format!("line {i}\n"));
     }
-    let job = v1::Job {
-        job_id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
-        command: "uptime".into(),
-        selector: "role=web".into(),
-        requester: ALICE_ID.into(),
-        state: "failed".into(),
-        targets: vec![
-            v1::Target {
-                agent_id: "web-1".into(),
-                state: "ok".into(),
-                result: Some(v1::JobResult {
-                    exit_code: Some(0),
-                    stdout: stdout.into_bytes(),
-                    duration_ms: 12,
-                    ..Default::default()
-                }),
-            },
-            v1::Target {
-                agent_id: "web-2".into(),
-                state: "failed".into(),
-                result: Some(v1::JobResult {
-                    exit_code: Some(2),
-                    stderr: b"uptime: cannot open /proc/loadavg\r\nQUIT :injected\n".to_vec(),
-                    duration_ms: 1500,
-                    ..Default::default()
-                }),
-            },
-        ],
-        ..Default::default()
-    };
+    let job = failed_job(
+        "uptime",
+        ALICE_ID,
+        stdout.as_bytes(),
+        2,
+        b"uptime: cannot open /proc/loadavg\r\nQUIT :injected\n",
+    );
     let reply = fleetcmd_gateway::render::job(&job);
     insta::assert_snapshot!(render(&reply, limits()).join("\n"));
 }

@@ -18,21 +18,19 @@ use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use fleetcmd_core::policy::Policy;
-use fleetcmd_core::policy_bundle::sign_bundle;
 use fleetcmd_gateway::adapters::mattermost::buttons::ButtonSigner;
 use fleetcmd_gateway::adapters::mattermost::render::{MAX_POST_CHARS, post_body};
 use fleetcmd_gateway::adapters::mattermost::{EDIT_INTERVAL, MattermostAdapter, MattermostConfig};
 use fleetcmd_gateway::adapters::{
     Action, AdapterError, ChatAdapter, CodeBlock, Incoming, Reply, Section,
 };
-use fleetcmd_gateway::router::{Router, RouterConfig};
+use fleetcmd_gateway::router::Router;
 use fleetcmd_proto::v1;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use tokio::time::{Instant, sleep, timeout};
 
-use crate::support::{FakeController, new_key, now};
+use crate::support::{FakeController, now, router_for, serve_http};
 
 const TOKEN: &str = "bottoken0123456789abcdefgh";
 const SLASH: &str = "slashtoken0123456789abcdef";
@@ -424,17 +422,6 @@ async fn ws_session(f: Arc<Fake>, query: HashMap<String, String>, mut socket: We
     f.live.fetch_sub(1, Ordering::SeqCst);
 }
 
-async fn serve_on(router: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("bind: {e}"));
-    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
-    format!("http://{addr}")
-}
-
 pub(crate) async fn start_fake() -> (Arc<Fake>, String) {
     let f = Fake::new();
     let app = axum::Router::new()
@@ -445,7 +432,7 @@ pub(crate) async fn start_fake() -> (Arc<Fake>, String) {
         .route("/api/v4/files", post(upload))
         .route("/api/v4/websocket", get(websocket))
         .with_state(f.clone());
-    let base = serve_on(app).await;
+    let (base, _) = serve_http(app).await;
     (f, base)
 }
 
@@ -934,16 +921,10 @@ async fn websocket_events_become_messages_and_survive_a_dropped_socket() {
 
 // ---------------------------------------------------------------- end to end
 
-fn policy_text(signer: &fleetcmd_core::crypto::SigningKey) -> String {
-    format!(
+/// A router over the fake controller with a policy binding Mattermost users.
+fn mm_router(output: &[u8]) -> Arc<Router<FakeController>> {
+    let policy = format!(
         r#"
-version = 4
-
-[[signers]]
-id = "gw"
-public_key = "{}"
-may_sign = ["*"]
-
 [commands.uptime]
 description = "Load average and uptime"
 argv = ["/usr/bin/uptime"]
@@ -955,41 +936,9 @@ channels = ["mattermost:test:{CHANNEL}"]
 [[bindings]]
 subjects = ["mattermost:test:{ALICE}", "mattermost:test:{BOB}"]
 roles = ["oncall"]
-"#,
-        signer.public_key()
-    )
-}
-
-/// A router over the fake controller with a policy binding Mattermost users.
-fn mm_router(output: &[u8]) -> Arc<Router<FakeController>> {
-    let signer = Arc::new(new_key());
-    let root = new_key();
-    let text = policy_text(&signer);
-    let policy = ok(Policy::parse(&text));
-    let sig = sign_bundle(text.as_bytes(), &root);
-    let mut fake = FakeController::new(v1::PolicyInfo {
-        version: policy.version,
-        hash: String::new(),
-        policy: Some(v1::SignedPolicy {
-            bundle: text.into_bytes(),
-            signatures: vec![v1::PolicySignature {
-                key_id: sig.key_id,
-                signature: sig.signature,
-            }],
-        }),
-    });
-    fake.output = output.to_vec();
-    let cfg = RouterConfig {
-        signing_key: signer,
-        signer_id: "gw".to_string(),
-        policy_roots: vec![root.public_key()],
-        policy_threshold: 1,
-        bot_name: "fleetcmd".to_string(),
-        job_expiry: Duration::from_secs(600),
-        poll_interval: Duration::from_millis(5),
-        approval_window: Duration::from_secs(60),
-    };
-    Arc::new(Router::new(cfg, fake))
+"#
+    );
+    router_for(4, &policy, |c| c.output = output.to_vec())
 }
 
 /// The harness with the gateway loop running on it.

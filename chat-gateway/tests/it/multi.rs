@@ -29,7 +29,7 @@ use serde_json::json;
 use tokio::time::{Instant, sleep, timeout};
 
 use crate::support::FakeController;
-use crate::{campfire, irc, mattermost, slack, webhook, xmpp};
+use crate::{campfire, irc, mattermost, slack, support, webhook, xmpp};
 
 /// The whole test, servers included, finishes well within this.
 const TEST_TIMEOUT: Duration = Duration::from_secs(40);
@@ -155,7 +155,7 @@ async fn every_adapter_at_once() {
         "http://{}",
         listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
     );
-    let router = campfire::router_with(&bindings(), |_| {});
+    let router = support::router_with_extra(&bindings(), |_| {});
     let mut gw = Gateway::new(router.clone());
 
     let mut irc_alice = irc::Client::connect(ngircd.port, "alice", "alice").await;

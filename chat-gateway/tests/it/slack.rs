@@ -11,19 +11,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use fleetcmd_core::policy::Policy;
-use fleetcmd_core::policy_bundle::sign_bundle;
 use fleetcmd_gateway::adapters::slack::{SlackAdapter, blocks};
 use fleetcmd_gateway::adapters::{
     Action, ChatAdapter, CodeBlock, Incoming, MessageRef, Reply, Section,
 };
 use fleetcmd_gateway::render;
-use fleetcmd_gateway::router::{Router, RouterConfig};
-use fleetcmd_proto::v1;
+use fleetcmd_gateway::router::Router;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::support::{FakeController, new_key, policy_text};
+use crate::support::{FakeController, POLICY_BODY, failed_job, router_for, serve_http};
 use fake::{BOT_TOKEN, BOT_USER, Fake, TEAM, eventually};
 
 const SECRET: &str = "test-signing-secret";
@@ -596,16 +593,6 @@ async fn long_replies_are_cut_at_50_blocks_and_uploaded_in_the_thread() {
 
 // ------------------------------------------------------------ HTTP (Events API)
 
-async fn serve_routes(a: &SlackAdapter) -> String {
-    let listener = unwrap(tokio::net::TcpListener::bind("127.0.0.1:0").await);
-    let addr = unwrap(listener.local_addr());
-    let app = a.routes();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    format!("http://{addr}")
-}
-
 /// `v0=` + hex HMAC-SHA256, computed here with ring directly (not with the
 /// adapter's own signer).
 pub(crate) fn sign(secret: &str, ts: &str, body: &str) -> String {
@@ -693,7 +680,7 @@ impl<'a> Post<'a> {
 async fn http_requests_without_a_valid_fresh_signature_are_refused() {
     let fake = Fake::start().await;
     let mut a = events_adapter(&fake).await;
-    let base = serve_routes(&a).await;
+    let (base, _) = serve_http(a.routes()).await;
     let event = callback(
         "Ev1",
         message("U0EVE", "C0OPS", "!run reboot on all", "3.1"),
@@ -789,7 +776,7 @@ async fn http_requests_without_a_valid_fresh_signature_are_refused() {
 async fn http_url_verification_retries_slash_commands_and_clicks() {
     let fake = Fake::start().await;
     let mut a = events_adapter(&fake).await;
-    let base = serve_routes(&a).await;
+    let (base, _) = serve_http(a.routes()).await;
 
     let challenge = json!({ "token": "Jhj5dZrVaK7ZwHHjRyZWjbDl", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification" });
     let (status, text) = Post::json(&challenge).send(&base).await;
@@ -913,41 +900,18 @@ const HOSTILE: &str = "load 0.5 @channel <!here> <!channel> <@U0ALICE>\n```\n!ru
 /// The router over the support fake controller, with a policy that binds
 /// `slack:T0TEAM:U0ALICE` (and only her) to `oncall`.
 fn slack_router() -> Arc<Router<FakeController>> {
-    let signer = Arc::new(new_key());
-    let root = new_key();
-    let text = policy_text(&signer).replace("console:alice", "slack:T0TEAM:U0ALICE");
-    let policy = unwrap(Policy::parse(&text));
-    let sig = sign_bundle(text.as_bytes(), &root);
-    let mut ctl = FakeController::new(v1::PolicyInfo {
-        version: policy.version,
-        hash: String::new(),
-        policy: Some(v1::SignedPolicy {
-            bundle: text.into_bytes(),
-            signatures: vec![v1::PolicySignature {
-                key_id: sig.key_id,
-                signature: sig.signature,
-            }],
-        }),
-    });
-    ctl.output = HOSTILE.as_bytes().to_vec();
-    let cfg = RouterConfig {
-        signing_key: signer,
-        signer_id: "gw".into(),
-        policy_roots: vec![root.public_key()],
-        policy_threshold: 1,
-        bot_name: "fleetcmd".into(),
-        job_expiry: Duration::from_secs(600),
-        poll_interval: Duration::from_millis(5),
-        approval_window: Duration::from_secs(60),
-    };
-    Arc::new(Router::new(cfg, ctl))
+    router_for(
+        4,
+        &POLICY_BODY.replace("console:alice", "slack:T0TEAM:U0ALICE"),
+        |c| c.output = HOSTILE.as_bytes().to_vec(),
+    )
 }
 
 #[tokio::test]
 async fn end_to_end_over_http_with_the_router() {
     let fake = Fake::start().await;
     let a = events_adapter(&fake).await;
-    let base = serve_routes(&a).await;
+    let (base, _) = serve_http(a.routes()).await;
     let stop = a.shutdown_handle();
     let router = slack_router();
     let gateway = tokio::spawn(fleetcmd_gateway::serve(router.clone(), a));
@@ -1052,39 +1016,13 @@ async fn end_to_end_over_http_with_the_router() {
 // ---------------------------------------------------------------- rendering
 
 fn job_result() -> Reply {
-    let job = v1::Job {
-        job_id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
-        command: "uptime".into(),
-        selector: "role=web".into(),
-        requester: "slack:T0TEAM:U0ALICE".into(),
-        state: "failed".into(),
-        targets: vec![
-            v1::Target {
-                agent_id: "web-1".into(),
-                state: "ok".into(),
-                result: Some(v1::JobResult {
-                    exit_code: Some(0),
-                    stdout: HOSTILE.as_bytes().to_vec(),
-                    duration_ms: 12,
-                    ..Default::default()
-                }),
-            },
-            v1::Target {
-                agent_id: "web-2".into(),
-                state: "failed".into(),
-                result: Some(v1::JobResult {
-                    exit_code: Some(1),
-                    stderr:
-                        b"uptime: /proc/loadavg: No such file or directory\n@here `rm -rf` & more"
-                            .to_vec(),
-                    duration_ms: 1500,
-                    ..Default::default()
-                }),
-            },
-        ],
-        ..Default::default()
-    };
-    render::job(&job)
+    render::job(&failed_job(
+        "uptime",
+        "slack:T0TEAM:U0ALICE",
+        HOSTILE.as_bytes(),
+        1,
+        b"uptime: /proc/loadavg: No such file or directory\n@here `rm -rf` & more",
+    ))
 }
 
 fn approval_request() -> Reply {

@@ -31,29 +31,44 @@ pub fn now() -> u64 {
         .unwrap_or(0)
 }
 
-pub fn policy_text(signer: &SigningKey) -> String {
-    format!(
-        r#"
-version = 4
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
 
-[[signers]]
-id = "gw"
-public_key = "{}"
-may_sign = ["*"]
+/// Serves `app` on a loopback port; returns its base URL and the serving
+/// task (dropping the handle leaves it running).
+pub async fn serve_http(app: axum::Router) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("addr: {e}"));
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}"), task)
+}
 
+/// The support test policy after its `[[signers]]` block: commands, roles
+/// and the console users' bindings.
+pub const POLICY_BODY: &str = r#"
 [commands.uptime]
 description = "Load average and uptime"
 argv = ["/usr/bin/uptime"]
 
 [commands.restart]
 description = "Restart an app service"
-argv = ["/usr/bin/systemctl", "restart", "{{unit}}"]
-args.unit = {{ kind = "enum", values = ["nginx.service", "app.service"] }}
+argv = ["/usr/bin/systemctl", "restart", "{unit}"]
+args.unit = { kind = "enum", values = ["nginx.service", "app.service"] }
 
 [commands.logs]
-argv = ["/usr/bin/journalctl", "-u", "{{unit}}", "-n", "{{lines}}"]
-args.unit = {{ kind = "pattern", pattern = "^[a-z0-9@._-]+\\.service$" }}
-args.lines = {{ kind = "int", min = 1, max = 500, default = 50 }}
+argv = ["/usr/bin/journalctl", "-u", "{unit}", "-n", "{lines}"]
+args.unit = { kind = "pattern", pattern = "^[a-z0-9@._-]+\\.service$" }
+args.lines = { kind = "int", min = 1, max = 500, default = 50 }
 
 [commands.reboot]
 argv = ["/usr/sbin/reboot"]
@@ -76,8 +91,21 @@ roles = ["viewer"]
 [[bindings]]
 subjects = ["console:carol", "console:dave"]
 roles = ["oncall"]
-"#,
-        signer.public_key()
+"#;
+
+/// A policy text: `version`, the `[[signers]]` entry `gw` for `signer`
+/// (the gateway's key), then `body` (commands, roles, bindings).
+pub fn policy_text(version: u64, signer: &SigningKey, body: &str) -> String {
+    format!(
+        r#"
+version = {version}
+
+[[signers]]
+id = "gw"
+public_key = "{key}"
+may_sign = ["*"]
+{body}"#,
+        key = signer.public_key()
     )
 }
 
@@ -102,9 +130,22 @@ pub fn world_with_config(
     tweak: impl FnOnce(&mut FakeController),
     tweak_cfg: impl FnOnce(&mut RouterConfig),
 ) -> World {
+    world_for(4, POLICY_BODY, tweak, tweak_cfg)
+}
+
+/// A world whose policy is `version` and `body` (see [`policy_text`]),
+/// signed by a fresh root key for a fresh gateway key, served by the fake
+/// controller (adjusted by `tweak`) to a router (config adjusted by
+/// `tweak_cfg`).
+pub fn world_for(
+    version: u64,
+    body: &str,
+    tweak: impl FnOnce(&mut FakeController),
+    tweak_cfg: impl FnOnce(&mut RouterConfig),
+) -> World {
     let signer = Arc::new(new_key());
     let root = new_key();
-    let text = policy_text(&signer);
+    let text = policy_text(version, &signer, body);
     let policy = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}"));
     let sig = sign_bundle(text.as_bytes(), &root);
     let mut fake = FakeController::new(v1::PolicyInfo {
@@ -119,7 +160,7 @@ pub fn world_with_config(
         }),
     });
     tweak(&mut fake);
-    let cfg = RouterConfig {
+    let mut cfg = RouterConfig {
         signing_key: signer.clone(),
         signer_id: "gw".to_string(),
         policy_roots: vec![root.public_key()],
@@ -129,13 +170,71 @@ pub fn world_with_config(
         poll_interval: Duration::from_millis(5),
         approval_window: Duration::from_secs(60),
     };
-    let mut cfg = cfg;
     tweak_cfg(&mut cfg);
     World {
         signer,
         root,
         policy,
         router: Arc::new(Router::new(cfg, fake)),
+    }
+}
+
+/// The router of [`world_for`] with the default config.
+pub fn router_for(
+    version: u64,
+    body: &str,
+    tweak: impl FnOnce(&mut FakeController),
+) -> Arc<Router<FakeController>> {
+    world_for(version, body, tweak, |_| {}).router
+}
+
+/// A router over the support policy with `extra` appended (e.g. bindings
+/// for a platform's identities).
+pub fn router_with_extra(
+    extra: &str,
+    tweak: impl FnOnce(&mut FakeController),
+) -> Arc<Router<FakeController>> {
+    router_for(4, &format!("{POLICY_BODY}\n{extra}\n"), tweak)
+}
+
+/// A job that failed on one of two web hosts, as the rendering snapshots
+/// show it: web-1 ok with `stdout`, web-2 failed with `code` and `stderr`.
+pub fn failed_job(
+    command: &str,
+    requester: &str,
+    stdout: &[u8],
+    code: i32,
+    stderr: &[u8],
+) -> v1::Job {
+    v1::Job {
+        job_id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
+        command: command.into(),
+        selector: "role=web".into(),
+        requester: requester.into(),
+        state: "failed".into(),
+        targets: vec![
+            v1::Target {
+                agent_id: "web-1".into(),
+                state: "ok".into(),
+                result: Some(v1::JobResult {
+                    exit_code: Some(0),
+                    stdout: stdout.to_vec(),
+                    duration_ms: 12,
+                    ..Default::default()
+                }),
+            },
+            v1::Target {
+                agent_id: "web-2".into(),
+                state: "failed".into(),
+                result: Some(v1::JobResult {
+                    exit_code: Some(code),
+                    stderr: stderr.to_vec(),
+                    duration_ms: 1500,
+                    ..Default::default()
+                }),
+            },
+        ],
+        ..Default::default()
     }
 }
 

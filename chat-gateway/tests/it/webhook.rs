@@ -17,7 +17,8 @@ use fleetcmd_gateway::adapters::{AuthFailures, ChatAdapter, Reply};
 use fleetcmd_gateway::serve;
 use serde_json::{Value, json};
 
-use crate::campfire::{approval_request, client, job_result, router_with, serve_http, visible};
+use crate::campfire::{approval_request, client, job_result, visible};
+use crate::support::{router_with_extra, serve_http};
 
 pub(crate) const SECRET: &str = "s3cret-0123456789-abcdef";
 const OUT_SECRET: &str = "out-s3cret-0123456789";
@@ -173,7 +174,7 @@ async fn receiver(
 #[tokio::test]
 async fn signed_line_is_routed_end_to_end_and_the_result_goes_signed_to_reply_url() {
     let (rx, reply_url, _r) = receiver(SECRET, vec![]).await;
-    let router = router_with(BINDINGS, |c| c.running_polls.store(3, Ordering::SeqCst));
+    let router = router_with_extra(BINDINGS, |c| c.running_polls.store(3, Ordering::SeqCst));
     let adapter = WebhookAdapter::new(&WebhookConfig {
         incoming: vec![hook(Some(reply_url), 3000)],
         outgoing: vec![],

@@ -12,8 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetcmd_core::job::JobSpec;
-use fleetcmd_core::policy::Policy;
-use fleetcmd_core::policy_bundle::sign_bundle;
 use fleetcmd_gateway::adapters::xmpp::client::{ClientError, Connection, Reader, TlsMode, Writer};
 use fleetcmd_gateway::adapters::xmpp::jid::Jid;
 use fleetcmd_gateway::adapters::xmpp::rooms::HIDDEN_JIDS_WARNING;
@@ -21,12 +19,12 @@ use fleetcmd_gateway::adapters::xmpp::stanza::{self, NS_CORRECT, NS_MUC_USER};
 use fleetcmd_gateway::adapters::xmpp::xml::{Element, NS_CLIENT};
 use fleetcmd_gateway::adapters::xmpp::{XmppAdapter, XmppConfig, body};
 use fleetcmd_gateway::adapters::{Action, Reply};
-use fleetcmd_gateway::router::{Router, RouterConfig};
+use fleetcmd_gateway::router::Router;
 use fleetcmd_gateway::serve;
 use fleetcmd_proto::v1;
 use tokio::process::{Child, Command};
 
-use crate::support::{FakeController, new_key};
+use crate::support::{FakeController, free_port, router_for};
 
 const PROSODY: &str = "/usr/bin/prosody";
 const PROSODYCTL: &str = "/usr/bin/prosodyctl";
@@ -44,13 +42,6 @@ async fn within<F: std::future::Future<Output = ()>>(f: F) {
     if tokio::time::timeout(TEST_TIMEOUT, f).await.is_err() {
         panic!("test did not finish within {TEST_TIMEOUT:?}");
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
 /// A prosody server in a temporary directory.
@@ -262,16 +253,8 @@ Component "anon.localhost" "muc"
     }
 }
 
-fn policy_text(signer: &fleetcmd_core::crypto::SigningKey) -> String {
-    format!(
-        r#"
-version = 3
-
-[[signers]]
-id = "gw"
-public_key = "{}"
-may_sign = ["*"]
-
+/// The policy after its `[[signers]]` block.
+const POLICY: &str = r#"
 [commands.uptime]
 description = "Load average and uptime"
 argv = ["/usr/bin/uptime"]
@@ -282,41 +265,11 @@ commands = ["uptime"]
 [[bindings]]
 subjects = ["xmpp:alice@localhost"]
 roles = ["oncall"]
-"#,
-        signer.public_key()
-    )
-}
+"#;
 
 /// A router over the fake controller with a policy binding alice's JID.
 fn router(tweak: impl FnOnce(&mut FakeController)) -> Arc<Router<FakeController>> {
-    let signer = Arc::new(new_key());
-    let root = new_key();
-    let text = policy_text(&signer);
-    let policy = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}"));
-    let sig = sign_bundle(text.as_bytes(), &root);
-    let mut fake = FakeController::new(v1::PolicyInfo {
-        version: policy.version,
-        hash: String::new(),
-        policy: Some(v1::SignedPolicy {
-            bundle: text.into_bytes(),
-            signatures: vec![v1::PolicySignature {
-                key_id: sig.key_id,
-                signature: sig.signature,
-            }],
-        }),
-    });
-    tweak(&mut fake);
-    let cfg = RouterConfig {
-        signing_key: signer,
-        signer_id: "gw".to_string(),
-        policy_roots: vec![root.public_key()],
-        policy_threshold: 1,
-        bot_name: "fleetcmd".to_string(),
-        job_expiry: Duration::from_secs(600),
-        poll_interval: Duration::from_millis(5),
-        approval_window: Duration::from_secs(60),
-    };
-    Arc::new(Router::new(cfg, fake))
+    router_for(3, POLICY, tweak)
 }
 
 /// Connects the bot, waits until it sits in `rooms`, runs the gateway.
