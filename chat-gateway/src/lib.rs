@@ -204,6 +204,14 @@ impl<C: ControllerApi> Gateway<C> {
     }
 }
 
+/// Unix seconds now (signature windows, approval and button expiry).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Runs the gateway on `adapter` against the controller at
 /// `opts.controller_url` until the adapter's input ends, then waits for
 /// every command still running (including followed jobs) and returns.

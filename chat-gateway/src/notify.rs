@@ -6,6 +6,7 @@
 //! body `{"channel", "severity", "text", "source"}`. `fleetcmd notify`
 //! signs and sends one. The text is untrusted: adapters render it inert.
 
+use crate::unix_now;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -155,13 +156,6 @@ struct NotifyState {
     channels: Vec<String>,
     senders: Vec<(String, Arc<dyn ChatSender>)>,
     auth_failures: AuthFailures,
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 async fn notify(

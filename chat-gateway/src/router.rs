@@ -7,8 +7,9 @@
 //! `job`, `jobs`, `policy`) need a role in this channel and show only jobs
 //! the asker asked for or may run on those targets (DESIGN §2.12).
 
+use crate::unix_now;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use fleetcmd_core::approval::{ApprovalRequest, Progress};
 use fleetcmd_core::argv::{bind_positional, build_argv};
@@ -76,13 +77,6 @@ impl<C> std::fmt::Debug for Router<C> {
             .field("cfg", &self.cfg)
             .finish_non_exhaustive()
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn in_channel(role: &Role, channel: &str) -> bool {

@@ -59,15 +59,8 @@ pub async fn run(args: NotifyArgs) -> Result<(), Failure> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let signature = sign::sign(secret.trim().as_bytes(), now, body.as_bytes());
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| Failure::from(anyhow::anyhow!("TLS setup: {e}")))?
-    .with_root_certificates(rustls::RootCertStore::from_iter(
-        webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
-    ))
-    .with_no_client_auth();
+    let tls = fleetcmd_gateway::adapters::public_tls_config("notify TLS")
+        .map_err(|e| Failure::from(anyhow::anyhow!("{e}")))?;
     let client = reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .timeout(Duration::from_secs(10))

@@ -199,6 +199,25 @@ impl Default for AuthFailures {
     }
 }
 
+/// TLS for chat platforms' public endpoints (Slack, Mattermost, webhooks):
+/// rustls with the ring provider and Mozilla's root list (no aws-lc, no
+/// system store). `what` names the caller in the error.
+pub fn public_tls_config(what: &str) -> Result<rustls::ClientConfig, AdapterError> {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| AdapterError::Platform {
+        what: what.to_string(),
+        message: e.to_string(),
+    })?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
+}
+
 /// The sending half of an adapter; shared by every command task.
 pub trait ChatSender: Send + Sync {
     /// Posts `reply` in `channel`.

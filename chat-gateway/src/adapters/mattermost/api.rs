@@ -2,6 +2,7 @@
 //! Bearer`, Mattermost's error JSON mapped to [`AdapterError::Platform`]
 //! and `429 Too Many Requests` honoured with bounded retries.
 
+use crate::unix_now;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,20 +28,7 @@ const MAX_ERROR_CHARS: usize = 300;
 /// The rustls client config shared by REST and WebSocket: ring provider,
 /// Mozilla's root list, HTTP/1.1 only.
 pub fn tls_config() -> Result<Arc<rustls::ClientConfig>, AdapterError> {
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| AdapterError::Platform {
-        what: "mattermost tls".to_string(),
-        message: e.to_string(),
-    })?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Arc::new(cfg))
+    crate::adapters::public_tls_config("mattermost tls").map(Arc::new)
 }
 
 /// Mattermost's error body: `{id, message, status_code, …}`.
@@ -108,13 +96,6 @@ pub fn rate_limit_wait(resp: &Response, now_unix: u64) -> Duration {
         Some(s) => Duration::from_secs_f64(s.min(86_400.0)),
         None => DEFAULT_RATE_LIMIT_WAIT,
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl Api {

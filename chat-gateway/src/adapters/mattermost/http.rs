@@ -2,6 +2,7 @@
 //! (`/mattermost/command`, form-encoded, token-checked) and button clicks
 //! (`/mattermost/actions`, JSON, HMAC-checked context).
 
+use crate::unix_now;
 use std::sync::Arc;
 
 use axum::Json;
@@ -116,13 +117,6 @@ pub(crate) fn routes(state: Arc<HttpState>) -> axum::Router {
         .route(ACTIONS_PATH, post(action))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn ephemeral(status: StatusCode, text: &str) -> Response {

@@ -13,6 +13,7 @@
 //! never the username or display name), channels
 //! `mattermost:<server>:<channel_id>`.
 
+use crate::unix_now;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,13 +47,6 @@ pub const EDIT_INTERVAL: Duration = Duration::from_secs(1);
 const TRACKED_POSTS: usize = 1024;
 /// Name of the file holding a reply too long for one post.
 const OVERFLOW_FILE: &str = "fleetcmd-reply.txt";
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 fn config_error(message: String) -> AdapterError {
     AdapterError::Platform {

@@ -5,7 +5,7 @@
 //! second per channel).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use fleetcmd_core::crypto::Secret;
@@ -62,15 +62,7 @@ pub struct Api {
 /// TLS for the Web API and the Socket Mode WebSocket: rustls with ring and
 /// the Mozilla roots (no aws-lc, no system store).
 pub fn tls_config() -> Result<rustls::ClientConfig, AdapterError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| platform("slack tls", e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    crate::adapters::public_tls_config("slack tls")
 }
 
 pub fn platform(what: &str, message: impl Into<String>) -> AdapterError {

@@ -7,8 +7,8 @@
 //! 401 and never routed. Accepted requests are answered at once (Slack
 //! wants 200 within 3 s) and routed through the adapter's queue.
 
+use crate::unix_now;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -115,13 +115,6 @@ pub fn verify(
         .ok_or(BadRequest::BadSignature)?;
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
     hmac::verify(&key, &base_string(timestamp, body), &tag).map_err(|_| BadRequest::BadSignature)
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl HttpState {

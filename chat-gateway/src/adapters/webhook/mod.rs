@@ -24,11 +24,12 @@
 
 pub mod sign;
 
+use crate::unix_now;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
@@ -330,16 +331,7 @@ pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client, AdapterE
         what: "http client".into(),
         message,
     };
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| err(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = crate::adapters::public_tls_config("http client")?;
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .redirect(reqwest::redirect::Policy::none())
@@ -366,13 +358,6 @@ pub(crate) async fn read_limited(body: Body, limit: usize) -> Result<Vec<u8>, Re
         buf.extend_from_slice(&chunk);
     }
     Ok(buf)
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The structured reply in JSON (raw data; the receiver escapes it).
