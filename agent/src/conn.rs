@@ -233,7 +233,7 @@ async fn session(
                         let p = lock(&inner.policy);
                         (p.version(), p.current().and_then(|c| c.expires).is_some_and(|e| e < now_secs()))
                     };
-                    pb::Heartbeat { metrics, policy_version, agent_time: now_secs(), policy_expired }
+                    pb::Heartbeat { metrics, policy_version, agent_time: now_secs(), policy_expired, checks: Vec::new() }
                 };
                 // A full queue means the stream is stuck; drop this heartbeat.
                 let _ = tx.try_send(msg(Out::Heartbeat(hb)));

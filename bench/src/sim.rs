@@ -219,6 +219,7 @@ async fn session(
                         .map(|d| d.as_secs())
                         .unwrap_or(0),
                     policy_expired: false,
+                    checks: Vec::new(),
                 };
                 if tx.try_send(msg(Out::Heartbeat(hb))).is_ok() {
                     stats.heartbeats.fetch_add(1, Ordering::Relaxed);

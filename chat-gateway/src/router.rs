@@ -273,6 +273,9 @@ impl<C: ControllerApi> Router<C> {
                 self.deny(&msg, &id, reason.as_deref().unwrap_or("")).await
             }
             ChatCommand::Health(_) => not_yet("health", &who),
+            ChatCommand::Silence { .. } => not_yet("silence", &who),
+            ChatCommand::Query(_) => not_yet("query", &who),
+            ChatCommand::Oncall(_) => not_yet("oncall", &who),
             ChatCommand::Audit(query) => self.audit(&msg, &query).await,
         };
         self.post(out, &msg, reply).await;

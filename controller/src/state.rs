@@ -69,6 +69,7 @@ struct Live {
     version: String,
     last_heartbeat: Instant,
     metrics: Option<pb::HostMetrics>,
+    checks: Vec<pb::CheckResult>,
     policy_version: u64,
     clock_skew_secs: i64,
     policy_expired: bool,
@@ -609,6 +610,7 @@ impl Shared {
                 version: hello.version.clone(),
                 last_heartbeat: Instant::now(),
                 metrics: None,
+                checks: Vec::new(),
                 policy_version: hello.policy_version,
                 clock_skew_secs: 0,
                 policy_expired: false,
@@ -647,6 +649,7 @@ impl Shared {
             live.last_heartbeat = Instant::now();
             live.policy_version = hb.policy_version;
             live.metrics = hb.metrics;
+            live.checks = hb.checks;
             live.policy_expired = hb.policy_expired;
             live.clock_skew_secs = if hb.agent_time == 0 {
                 0
@@ -690,6 +693,7 @@ impl Shared {
                 clock_skew_secs: live.map(|l| l.clock_skew_secs).unwrap_or(0),
                 policy_expired: live.is_some_and(|l| l.policy_expired),
                 problems: live.map(health_problems).unwrap_or_default(),
+                checks: live.map(|l| l.checks.clone()).unwrap_or_default(),
             });
         }
         Ok(out)

@@ -15,14 +15,33 @@ pub enum ChatCommand {
     Help(Option<String>),
     Run(RunRequest),
     Job(String),
-    Jobs { mine: bool },
-    Output { id: String, host: Option<String> },
+    Jobs {
+        mine: bool,
+    },
+    Output {
+        id: String,
+        host: Option<String>,
+    },
     Cancel(String),
     Approve(String),
-    Deny { id: String, reason: Option<String> },
+    Deny {
+        id: String,
+        reason: Option<String>,
+    },
     Agents(Option<String>),
     Status(Option<String>),
     Health(Option<String>),
+    /// `silence <service> <duration> [reason…]`; `silence <service> off`
+    /// lifts it (`for_` is then `None`).
+    Silence {
+        service: String,
+        for_: Option<Duration>,
+        reason: Option<String>,
+    },
+    /// `query <promql…>`: an instant query against the configured Prometheus.
+    Query(String),
+    /// `oncall [schedule]`: who is on call (PagerDuty).
+    Oncall(Option<String>),
     Audit(String),
     Whoami,
     Policy,
@@ -97,6 +116,7 @@ impl From<Limit> for String {
     }
 }
 
+const SILENCE_USAGE: &str = "silence <service> <duration> [reason] | silence <service> off";
 const RUN_USAGE: &str = "run <command> [args] on <selector> [--batch N|N%] [--max-errors N|N%] [--canary N] [--timeout D] [--dry-run]";
 
 /// Why a chat message could not be parsed.
@@ -292,6 +312,36 @@ pub fn parse(text: &str) -> Result<ChatCommand, GrammarError> {
             [] => Ok(ChatCommand::Health(None)),
             [s] => Ok(ChatCommand::Health(Some(s.to_string()))),
             _ => Err(GrammarError::Usage("health [service]")),
+        },
+        "silence" => match texts.as_slice() {
+            [service, "off"] => Ok(ChatCommand::Silence {
+                service: service.to_string(),
+                for_: None,
+                reason: None,
+            }),
+            [service, d, reason @ ..] => {
+                let for_ = parse_duration(d).map_err(|e| GrammarError::BadOption {
+                    option: "duration".into(),
+                    reason: e.to_string(),
+                })?;
+                if for_.is_zero() {
+                    return Err(GrammarError::Usage(SILENCE_USAGE));
+                }
+                Ok(ChatCommand::Silence {
+                    service: service.to_string(),
+                    for_: Some(for_),
+                    reason: (!reason.is_empty()).then(|| reason.join(" ")),
+                })
+            }
+            _ => Err(GrammarError::Usage(SILENCE_USAGE)),
+        },
+        "query" => joined()
+            .map(ChatCommand::Query)
+            .ok_or(GrammarError::Usage("query <promql>")),
+        "oncall" => match texts.as_slice() {
+            [] => Ok(ChatCommand::Oncall(None)),
+            [s] => Ok(ChatCommand::Oncall(Some(s.to_string()))),
+            _ => Err(GrammarError::Usage("oncall [schedule]")),
         },
         "audit" => joined()
             .map(ChatCommand::Audit)
@@ -503,6 +553,28 @@ mod tests {
         check("status env=prod", Status(s("env=prod")));
         check("health", Health(None));
         check("health api", Health(s("api")));
+        check(
+            "silence api 1h deploy in progress",
+            Silence {
+                service: "api".into(),
+                for_: Some(Duration::from_secs(3600)),
+                reason: s("deploy in progress"),
+            },
+        );
+        check(
+            "silence api off",
+            Silence {
+                service: "api".into(),
+                for_: None,
+                reason: None,
+            },
+        );
+        check(
+            "query up{job=\"fleet\"} == 0",
+            Query("up{job=\"fleet\"} == 0".into()),
+        );
+        check("oncall", Oncall(None));
+        check("oncall primary", Oncall(s("primary")));
         check("audit restart by alice", Audit("restart by alice".into()));
         check("whoami", Whoami);
         check("policy", Policy);
@@ -576,6 +648,11 @@ mod tests {
     #[test]
     fn errors() {
         check_err("", "empty command");
+        check_err("silence api", "silence <service> <duration>");
+        check_err("silence api soon", "duration");
+        check_err("silence api 0s", "silence <service> <duration>");
+        check_err("query", "query <promql>");
+        check_err("oncall a b", "oncall [schedule]");
         check_err("   ", "empty command");
         check_err("foo", "unknown command `foo`; try `help`");
         check_err("run", "usage: run <command>");

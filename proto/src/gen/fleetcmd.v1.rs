@@ -100,6 +100,52 @@ pub struct Heartbeat {
     /// The agent's policy is past its `expires`: it refuses every job.
     #[prost(bool, tag = "4")]
     pub policy_expired: bool,
+    /// The latest result of every check in agent.toml (DESIGN §6), each run on
+    /// its own interval; a check still running reports its previous result.
+    #[prost(message, repeated, tag = "5")]
+    pub checks: ::prost::alloc::vec::Vec<CheckResult>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CheckResult {
+    /// The check's name in agent.toml (`\[[check]\] name`), what services match.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// systemd, tcp, http, disk, load, memory, nagios.
+    #[prost(string, tag = "2")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(enumeration = "CheckState", tag = "3")]
+    pub state: i32,
+    /// One line: the plugin's first output line, or what was measured.
+    #[prost(string, tag = "4")]
+    pub summary: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub duration_ms: u64,
+    /// When the check finished, Unix milliseconds on the agent's clock.
+    #[prost(uint64, tag = "6")]
+    pub checked_at_ms: u64,
+    /// Nagios perfdata, or the figures a built-in check measured.
+    #[prost(message, repeated, tag = "7")]
+    pub perfdata: ::prost::alloc::vec::Vec<PerfData>,
+}
+/// One perfdata item: `'label'=value\[UOM\];[warn];\[crit\];[min];\[max\]`.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PerfData {
+    #[prost(string, tag = "1")]
+    pub label: ::prost::alloc::string::String,
+    #[prost(double, tag = "2")]
+    pub value: f64,
+    /// "", s, ms, us, %, B, KB, MB, GB, TB, c.
+    #[prost(string, tag = "3")]
+    pub unit: ::prost::alloc::string::String,
+    /// Threshold ranges verbatim (Nagios range syntax); empty = not given.
+    #[prost(string, tag = "4")]
+    pub warn: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub crit: ::prost::alloc::string::String,
+    #[prost(double, optional, tag = "6")]
+    pub min: ::core::option::Option<f64>,
+    #[prost(double, optional, tag = "7")]
+    pub max: ::core::option::Option<f64>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct HostMetrics {
@@ -389,6 +435,9 @@ pub struct Agent {
     /// Human-readable health problems (clock skew, stale policy, ...).
     #[prost(string, repeated, tag = "11")]
     pub problems: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The check results of the last heartbeat.
+    #[prost(message, repeated, tag = "12")]
+    pub checks: ::prost::alloc::vec::Vec<CheckResult>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RevokeRequest {
@@ -430,6 +479,178 @@ pub struct PolicyInfo {
     pub hash: ::prost::alloc::string::String,
     #[prost(message, optional, tag = "3")]
     pub policy: ::core::option::Option<SignedPolicy>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ServicesRequest {
+    /// Empty = every service.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// How many recent transitions to include per service.
+    #[prost(uint32, tag = "2")]
+    pub history: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ServicesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub services: ::prost::alloc::vec::Vec<Service>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Service {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// ok, degraded, down, unknown.
+    #[prost(string, tag = "2")]
+    pub state: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub since_ms: u64,
+    #[prost(string, tag = "4")]
+    pub selector: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub check: ::prost::alloc::string::String,
+    /// Instances whose check passes / instances the selector matches.
+    #[prost(uint32, tag = "6")]
+    pub passing: u32,
+    #[prost(uint32, tag = "7")]
+    pub total: u32,
+    #[prost(message, repeated, tag = "8")]
+    pub instances: ::prost::alloc::vec::Vec<ServiceInstance>,
+    /// Chat channels (`scheme:channel`) its alerts go to.
+    #[prost(string, repeated, tag = "9")]
+    pub channels: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// 0 = not silenced.
+    #[prost(uint64, tag = "10")]
+    pub silenced_until_ms: u64,
+    #[prost(string, tag = "11")]
+    pub silence_reason: ::prost::alloc::string::String,
+    #[prost(string, tag = "12")]
+    pub silenced_by: ::prost::alloc::string::String,
+    /// Recent transitions, newest first.
+    #[prost(message, repeated, tag = "13")]
+    pub history: ::prost::alloc::vec::Vec<ServiceTransition>,
+    /// Too many transitions recently: alerts held until it settles.
+    #[prost(bool, tag = "14")]
+    pub flapping: bool,
+    /// PagerDuty / Opsgenie / Statuspage targets from its config.
+    #[prost(string, tag = "15")]
+    pub pagerduty: ::prost::alloc::string::String,
+    #[prost(string, tag = "16")]
+    pub opsgenie: ::prost::alloc::string::String,
+    #[prost(string, tag = "17")]
+    pub statuspage_component: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ServiceInstance {
+    #[prost(string, tag = "1")]
+    pub agent_id: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub online: bool,
+    #[prost(enumeration = "CheckState", tag = "3")]
+    pub state: i32,
+    #[prost(string, tag = "4")]
+    pub summary: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub checked_at_ms: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ServiceTransition {
+    #[prost(string, tag = "1")]
+    pub from: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub to: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub at_ms: u64,
+    #[prost(uint32, tag = "4")]
+    pub passing: u32,
+    #[prost(uint32, tag = "5")]
+    pub total: u32,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HealthWatchRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AlertEvent {
+    #[prost(enumeration = "alert_event::Kind", tag = "1")]
+    pub kind: i32,
+    #[prost(message, optional, tag = "2")]
+    pub service: ::core::option::Option<Service>,
+    /// For TRANSITION: the state it left.
+    #[prost(string, tag = "3")]
+    pub from: ::prost::alloc::string::String,
+    /// The service's alerts are silenced: no chat message, no page.
+    #[prost(bool, tag = "4")]
+    pub silenced: bool,
+    #[prost(uint64, tag = "5")]
+    pub at_ms: u64,
+    /// One line, e.g. `api is degraded: 1 of 2 instances pass (web-2: CRITICAL connection refused)`.
+    #[prost(string, tag = "6")]
+    pub summary: ::prost::alloc::string::String,
+}
+/// Nested message and enum types in `AlertEvent`.
+pub mod alert_event {
+    #[derive(
+        Clone,
+        Copy,
+        Debug,
+        PartialEq,
+        Eq,
+        Hash,
+        PartialOrd,
+        Ord,
+        ::prost::Enumeration
+    )]
+    #[repr(i32)]
+    pub enum Kind {
+        Unspecified = 0,
+        /// The service's state when the watch starts (no chat message).
+        Snapshot = 1,
+        /// A damped state change (chat message, integrations).
+        Transition = 2,
+        /// Still not ok after the reminder interval.
+        Reminder = 3,
+    }
+    impl Kind {
+        /// String value of the enum field names used in the ProtoBuf definition.
+        ///
+        /// The values are not transformed in any way and thus are considered stable
+        /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+        pub fn as_str_name(&self) -> &'static str {
+            match self {
+                Self::Unspecified => "KIND_UNSPECIFIED",
+                Self::Snapshot => "KIND_SNAPSHOT",
+                Self::Transition => "KIND_TRANSITION",
+                Self::Reminder => "KIND_REMINDER",
+            }
+        }
+        /// Creates an enum from field names used in the ProtoBuf definition.
+        pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+            match value {
+                "KIND_UNSPECIFIED" => Some(Self::Unspecified),
+                "KIND_SNAPSHOT" => Some(Self::Snapshot),
+                "KIND_TRANSITION" => Some(Self::Transition),
+                "KIND_REMINDER" => Some(Self::Reminder),
+                _ => None,
+            }
+        }
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SilenceRequest {
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+    /// 0 = lift the silence.
+    #[prost(uint64, tag = "2")]
+    pub duration_secs: u64,
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+    /// The chat identity asking (the gateway asserts it, as for jobs).
+    #[prost(string, tag = "4")]
+    pub actor: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub channel: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SilenceResponse {
+    #[prost(uint64, tag = "1")]
+    pub until_ms: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AuditVerifyRequest {
@@ -531,6 +752,42 @@ pub struct AuditReportRequest {
 pub struct AuditReportResponse {
     #[prost(uint64, tag = "1")]
     pub seq: u64,
+}
+/// Nagios plugin semantics: exit 0/1/2/3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum CheckState {
+    Unspecified = 0,
+    Ok = 1,
+    Warning = 2,
+    Critical = 3,
+    Unknown = 4,
+}
+impl CheckState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "CHECK_STATE_UNSPECIFIED",
+            Self::Ok => "CHECK_STATE_OK",
+            Self::Warning => "CHECK_STATE_WARNING",
+            Self::Critical => "CHECK_STATE_CRITICAL",
+            Self::Unknown => "CHECK_STATE_UNKNOWN",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "CHECK_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "CHECK_STATE_OK" => Some(Self::Ok),
+            "CHECK_STATE_WARNING" => Some(Self::Warning),
+            "CHECK_STATE_CRITICAL" => Some(Self::Critical),
+            "CHECK_STATE_UNKNOWN" => Some(Self::Unknown),
+            _ => None,
+        }
+    }
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -2691,6 +2948,454 @@ pub mod policy_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "fleetcmd.v1.Policy";
     impl<T> tonic::server::NamedService for PolicyServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// Generated client implementations.
+pub mod health_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// Services declared in controller.toml (`[services.NAME]`, DESIGN §6) and
+    /// their alerts. Gateway and operator roles.
+    #[derive(Debug, Clone)]
+    pub struct HealthClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl<T> HealthClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> HealthClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            HealthClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Current state of every service (or the one named), worst first.
+        pub async fn services(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ServicesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ServicesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fleetcmd.v1.Health/Services",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fleetcmd.v1.Health", "Services"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Alert events: first one SNAPSHOT per service (its current state), then
+        /// TRANSITION / REMINDER events as the controller decides them (after flap
+        /// damping, deduplicated). Silenced services' events carry `silenced`.
+        pub async fn watch(
+            &mut self,
+            request: impl tonic::IntoRequest<super::HealthWatchRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::AlertEvent>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/fleetcmd.v1.Health/Watch");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("fleetcmd.v1.Health", "Watch"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// Silence a service's alerts for a while (chat `silence`), audited.
+        pub async fn silence(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SilenceRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SilenceResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fleetcmd.v1.Health/Silence",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fleetcmd.v1.Health", "Silence"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod health_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with HealthServer.
+    #[async_trait]
+    pub trait Health: std::marker::Send + std::marker::Sync + 'static {
+        /// Current state of every service (or the one named), worst first.
+        async fn services(
+            &self,
+            request: tonic::Request<super::ServicesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ServicesResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the Watch method.
+        type WatchStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::AlertEvent, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Alert events: first one SNAPSHOT per service (its current state), then
+        /// TRANSITION / REMINDER events as the controller decides them (after flap
+        /// damping, deduplicated). Silenced services' events carry `silenced`.
+        async fn watch(
+            &self,
+            request: tonic::Request<super::HealthWatchRequest>,
+        ) -> std::result::Result<tonic::Response<Self::WatchStream>, tonic::Status>;
+        /// Silence a service's alerts for a while (chat `silence`), audited.
+        async fn silence(
+            &self,
+            request: tonic::Request<super::SilenceRequest>,
+        ) -> std::result::Result<tonic::Response<super::SilenceResponse>, tonic::Status>;
+    }
+    /// Services declared in controller.toml (`[services.NAME]`, DESIGN §6) and
+    /// their alerts. Gateway and operator roles.
+    #[derive(Debug)]
+    pub struct HealthServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> HealthServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for HealthServer<T>
+    where
+        T: Health,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/fleetcmd.v1.Health/Services" => {
+                    #[allow(non_camel_case_types)]
+                    struct ServicesSvc<T: Health>(pub Arc<T>);
+                    impl<T: Health> tonic::server::UnaryService<super::ServicesRequest>
+                    for ServicesSvc<T> {
+                        type Response = super::ServicesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ServicesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Health>::services(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ServicesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fleetcmd.v1.Health/Watch" => {
+                    #[allow(non_camel_case_types)]
+                    struct WatchSvc<T: Health>(pub Arc<T>);
+                    impl<
+                        T: Health,
+                    > tonic::server::ServerStreamingService<super::HealthWatchRequest>
+                    for WatchSvc<T> {
+                        type Response = super::AlertEvent;
+                        type ResponseStream = T::WatchStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::HealthWatchRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Health>::watch(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WatchSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fleetcmd.v1.Health/Silence" => {
+                    #[allow(non_camel_case_types)]
+                    struct SilenceSvc<T: Health>(pub Arc<T>);
+                    impl<T: Health> tonic::server::UnaryService<super::SilenceRequest>
+                    for SilenceSvc<T> {
+                        type Response = super::SilenceResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SilenceRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Health>::silence(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SilenceSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for HealthServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "fleetcmd.v1.Health";
+    impl<T> tonic::server::NamedService for HealthServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
