@@ -112,11 +112,13 @@ pub async fn run(
         senders.push(("webhook", a.sender()));
         gw.add(a);
     }
+    let named: Vec<(String, Arc<dyn ChatSender>)> = senders
+        .iter()
+        .map(|(s, out)| (s.to_string(), out.clone()))
+        .collect();
+    // Service alerts from the controller into their channels.
+    gw.spawn_background(crate::alerts::run(router.clone(), named.clone(), None));
     if let Some(n) = &cfg.notify {
-        let named = senders
-            .iter()
-            .map(|(s, out)| (s.to_string(), out.clone()))
-            .collect();
         let routes =
             crate::notify::routes(n, named, gw.auth_failures()).map_err(LaunchError::Notify)?;
         gw.add_routes(routes);

@@ -18,6 +18,7 @@ use fleetcmd_proto::channel::{ChannelError, ClientTls};
 use tokio::task::JoinSet;
 
 pub mod adapters;
+pub mod alerts;
 pub mod approvals;
 pub mod audit_feed;
 pub mod cli_args;
