@@ -99,6 +99,10 @@ pub struct FleetOptions {
     pub agent_max_concurrent_jobs: usize,
     pub job_retention: Duration,
     pub job_store_max_bytes: u64,
+    /// The controller's `metrics_listen` (`None`: no `/metrics`).
+    pub controller_metrics: Option<SocketAddr>,
+    /// Agents serve their own `/metrics` on `127.0.0.1:0`.
+    pub agent_metrics: bool,
 }
 
 impl FleetOptions {
@@ -114,6 +118,8 @@ impl FleetOptions {
             agent_max_concurrent_jobs: 16,
             job_retention: Duration::from_secs(30 * 86400),
             job_store_max_bytes: 10 * 1024 * 1024 * 1024,
+            controller_metrics: None,
+            agent_metrics: false,
         }
     }
 }
@@ -138,6 +144,8 @@ pub struct Fleet {
     pub url: String,
     pub policy_version: u64,
     pub agent_max_concurrent_jobs: usize,
+    /// Agents serve `/metrics` on loopback (`FleetOptions::agent_metrics`).
+    pub agent_metrics: bool,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -189,6 +197,7 @@ impl Fleet {
             job_retention: opts.job_retention,
             job_store_max_bytes: opts.job_store_max_bytes,
             store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
+            metrics_listen: opts.controller_metrics,
         };
         let controller = fleetcmd_controller::start(config.clone())
             .await
@@ -218,6 +227,7 @@ impl Fleet {
         };
         let mut controller_config = config;
         controller_config.listen = controller.addr();
+        controller_config.metrics_listen = controller.metrics_addr();
         let mut fleet = Fleet {
             dir,
             controller,
@@ -233,6 +243,7 @@ impl Fleet {
             url,
             policy_version: 0,
             agent_max_concurrent_jobs: opts.agent_max_concurrent_jobs,
+            agent_metrics: opts.agent_metrics,
         };
         let policy = example_policy(
             1,
@@ -329,6 +340,9 @@ impl Fleet {
             allow,
             max_output_bytes: 1024 * 1024,
             max_concurrent_jobs: self.agent_max_concurrent_jobs,
+            metrics_listen: self
+                .agent_metrics
+                .then(|| "127.0.0.1:0".parse().expect("a valid literal address")),
         };
         self.agents
             .push(fleetcmd_agent::spawn(config).with_context(|| format!("starting agent {name}"))?);

@@ -34,6 +34,9 @@ pub struct RawConfig {
     /// Bytes of the database's own page cache (sled's default is 1 GiB;
     /// recently written and read pages are also in the OS page cache).
     pub store_cache_bytes: u64,
+    /// Address of the Prometheus `/metrics` listener (plain HTTP); empty:
+    /// no listener.
+    pub metrics_listen: String,
 }
 
 impl Default for RawConfig {
@@ -51,6 +54,7 @@ impl Default for RawConfig {
             audit_export: Vec::new(),
             audit_retention: "0".into(),
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
+            metrics_listen: String::new(),
         }
     }
 }
@@ -71,6 +75,8 @@ pub struct ControllerConfig {
     /// `None`: keep the trail forever.
     pub audit_retention: Option<Duration>,
     pub store_cache_bytes: u64,
+    /// `None`: no `/metrics` listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Every problem found in a configuration file.
@@ -170,6 +176,17 @@ impl RawConfig {
                 None
             }
         };
+        let metrics_listen = match self.metrics_listen.trim() {
+            "" => None,
+            addr => addr
+                .parse::<SocketAddr>()
+                .map_err(|e| {
+                    problems.push(format!(
+                        "metrics_listen: {addr:?} is not an address (e.g. \"127.0.0.1:9464\", or empty for none): {e}"
+                    ))
+                })
+                .ok(),
+        };
         let mut names = std::collections::BTreeSet::new();
         let mut audit_export = Vec::new();
         for (i, e) in self.audit_export.iter().enumerate() {
@@ -196,6 +213,7 @@ impl RawConfig {
                 audit_export,
                 audit_retention,
                 store_cache_bytes: self.store_cache_bytes,
+                metrics_listen,
             }),
             _ => Err(ConfigError {
                 file: file.to_owned(),
@@ -226,7 +244,7 @@ mod tests {
     #[test]
     fn every_problem_is_reported_with_its_key() {
         let raw: RawConfig = toml::from_str(
-            "listen = \"nope\"\nagent_cert_ttl = \"forever\"\npolicy_roots = [\"ed25519:xx\"]\n",
+            "listen = \"nope\"\nagent_cert_ttl = \"forever\"\npolicy_roots = [\"ed25519:xx\"]\nmetrics_listen = \"localhost\"\n",
         )
         .expect("toml");
         let err = raw.validate("c.toml").expect_err("invalid");
@@ -235,6 +253,7 @@ mod tests {
             "c.toml: listen:",
             "c.toml: agent_cert_ttl:",
             "c.toml: policy_roots[0]:",
+            "c.toml: metrics_listen:",
         ] {
             assert!(text.contains(key), "{key} missing from:\n{text}");
         }
