@@ -77,6 +77,9 @@ pub fn process_figures() -> ProcessFigures {
 #[derive(Debug)]
 struct AgentCollector(AgentFigures);
 
+/// A per-host gauge: name, help, and how to read it from a heartbeat.
+type HostGauge = (&'static str, &'static str, fn(&pb::HostMetrics) -> f64);
+
 fn gauge<L: EncodeLabelSet>(
     enc: &mut DescriptorEncoder,
     name: &'static str,
@@ -166,7 +169,7 @@ impl Collector for AgentCollector {
                 .map(|a| (NoLabels::default(), a.as_secs_f64())),
         )?;
         let m = f.heartbeat.as_ref().and_then(|h| h.metrics.as_ref());
-        let host: [(&'static str, &str, fn(&pb::HostMetrics) -> f64); 10] = [
+        let host: [HostGauge; 10] = [
             (
                 "fleetcmd_agent_cpu_percent",
                 "Host CPU usage over the last heartbeat interval, 0-100",

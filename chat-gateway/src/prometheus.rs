@@ -478,9 +478,7 @@ mod tests {
             keys(cfg("http://x:9090/?a=b", "10s", None)),
             ["prometheus.url"]
         );
-        assert!(
-            format!("{:?}", cfg("http://x", "10s", Some("sekrit"))).contains("sekrit") == false
-        );
+        assert!(!format!("{:?}", cfg("http://x", "10s", Some("sekrit"))).contains("sekrit"));
     }
 
     #[test]

@@ -195,6 +195,9 @@ impl Metrics {
 #[derive(Debug)]
 struct FleetCollector(FleetSnapshot);
 
+/// A per-host gauge: name, help, and how to read it from a heartbeat.
+type HostGauge = (&'static str, &'static str, fn(&pb::HostMetrics) -> f64);
+
 /// One gauge family: its descriptor, then one sample per row.
 fn gauge<L: EncodeLabelSet>(
     enc: &mut DescriptorEncoder,
@@ -290,7 +293,7 @@ impl Collector for FleetCollector {
             .iter()
             .filter_map(|a| a.metrics.as_ref().map(|m| (a.agent_id.as_str(), m)))
             .collect();
-        let per_host: [(&'static str, &str, fn(&pb::HostMetrics) -> f64); 11] = [
+        let per_host: [HostGauge; 11] = [
             (
                 "fleetcmd_host_cpu_percent",
                 "CPU usage over the last heartbeat interval, 0-100",
