@@ -24,6 +24,9 @@ pub struct RawConfig {
     pub max_output_bytes: usize,
     /// Jobs this host runs at once; later ones wait their turn.
     pub max_concurrent_jobs: usize,
+    /// Loopback address of the agent's own `/metrics`; empty: none (the
+    /// agent then opens no port at all).
+    pub metrics_listen: String,
 }
 
 impl Default for RawConfig {
@@ -35,6 +38,7 @@ impl Default for RawConfig {
             allow: None,
             max_output_bytes: 1024 * 1024,
             max_concurrent_jobs: 16,
+            metrics_listen: String::new(),
         }
     }
 }
@@ -48,6 +52,8 @@ pub struct AgentConfig {
     pub allow: Option<Vec<String>>,
     pub max_output_bytes: usize,
     pub max_concurrent_jobs: usize,
+    /// Always a loopback address when set.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +114,24 @@ impl RawConfig {
                 self.max_concurrent_jobs
             ));
         }
+        let metrics_listen = match self.metrics_listen.trim() {
+            "" => None,
+            text => match text.parse::<std::net::SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => Some(a),
+                Ok(a) => {
+                    problems.push(format!(
+                        "metrics_listen: {a} is not a loopback address; the agent serves metrics only to this host (use 127.0.0.1:PORT or [::1]:PORT)"
+                    ));
+                    None
+                }
+                Err(e) => {
+                    problems.push(format!(
+                        "metrics_listen: {text:?} is not an address (e.g. \"127.0.0.1:9465\", or empty for none): {e}"
+                    ));
+                    None
+                }
+            },
+        };
         if !problems.is_empty() {
             return Err(ConfigError {
                 file: file.to_owned(),
@@ -121,6 +145,7 @@ impl RawConfig {
             allow: self.allow.clone(),
             max_output_bytes: self.max_output_bytes,
             max_concurrent_jobs: self.max_concurrent_jobs,
+            metrics_listen,
         })
     }
 }
@@ -136,4 +161,38 @@ pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         problems: vec![e.to_string().trim_end().to_string()],
     })?;
     raw.validate(&file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(metrics_listen: &str) -> Result<AgentConfig, ConfigError> {
+        RawConfig {
+            controller: "https://ctl.example.com:7443".into(),
+            metrics_listen: metrics_listen.into(),
+            ..RawConfig::default()
+        }
+        .validate("agent.toml")
+    }
+
+    #[test]
+    fn metrics_listen_is_loopback_only() {
+        assert_eq!(check("").expect("valid").metrics_listen, None);
+        for ok in ["127.0.0.1:9465", "[::1]:9465", "127.0.0.2:0"] {
+            assert!(check(ok).expect(ok).metrics_listen.is_some(), "{ok}");
+        }
+        for bad in ["0.0.0.0:9465", "10.0.0.5:9465", "[::]:9465"] {
+            let e = check(bad).expect_err(bad).to_string();
+            assert!(
+                e.contains("agent.toml: metrics_listen:") && e.contains("not a loopback address"),
+                "{bad}: {e}"
+            );
+        }
+        let e = check("localhost:9465").expect_err("a name").to_string();
+        assert!(
+            e.contains("metrics_listen: \"localhost:9465\" is not an address"),
+            "{e}"
+        );
+    }
 }

@@ -29,6 +29,11 @@ pub enum AgentError {
     State(#[from] StateError),
     #[error("{0}")]
     Identity(String),
+    #[error("metrics_listen {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Outbound queue of one stream. Bounded; results are never lost to it
@@ -69,13 +74,19 @@ struct Inner {
     slots: Arc<tokio::sync::Semaphore>,
     /// Cancels that arrived before their job started.
     canceled_early: Mutex<std::collections::HashSet<String>>,
+    /// The last heartbeat sent and when, for `/metrics` (kept only when
+    /// `metrics_listen` is set).
+    last_heartbeat: Mutex<Option<(std::time::Instant, pb::Heartbeat)>>,
 }
 
 /// A running agent. `shutdown` stops it.
 pub struct AgentHandle {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    metrics: Option<tokio::task::JoinHandle<()>>,
     pub agent_id: String,
+    /// Where `/metrics` is served (`metrics_listen`), if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for AgentHandle {
@@ -90,6 +101,9 @@ impl AgentHandle {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        if let Some(m) = self.metrics {
+            let _ = m.await;
+        }
     }
 }
 
@@ -123,16 +137,47 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         running: Mutex::new(HashMap::new()),
         canceled_early: Mutex::new(std::collections::HashSet::new()),
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_jobs)),
+        last_heartbeat: Mutex::new(None),
         dir,
         config,
     });
+    let listener = match inner.config.metrics_listen {
+        Some(addr) => Some(
+            crate::exporter::bind(addr)
+                .and_then(|l| Ok((l.local_addr()?, l)))
+                .map_err(|source| AgentError::MetricsListen { addr, source })?,
+        ),
+        None => None,
+    };
     let (stop, stop_rx) = watch::channel(false);
+    let metrics_addr = listener.as_ref().map(|(a, _)| *a);
+    let metrics = listener.map(|(addr, listener)| {
+        tracing::info!(%addr, "agent metrics listening (GET /metrics, loopback only)");
+        let state = inner.clone();
+        let source: crate::exporter::Source = Arc::new(move || figures(&state));
+        tokio::spawn(crate::exporter::serve(listener, source, stop_rx.clone()))
+    });
     let task = tokio::spawn(run(inner, stop_rx));
     Ok(AgentHandle {
         stop,
         task,
+        metrics,
         agent_id: identity.agent_id,
+        metrics_addr,
     })
+}
+
+/// What `/metrics` shows, copied out under short locks.
+fn figures(inner: &Inner) -> crate::exporter::AgentFigures {
+    let last = lock(&inner.last_heartbeat).clone();
+    crate::exporter::AgentFigures {
+        heartbeat_age: last.as_ref().map(|(at, _)| at.elapsed()),
+        heartbeat: last.map(|(_, hb)| hb),
+        connected: lock(&inner.out).is_some(),
+        jobs_running: lock(&inner.running).len(),
+        results_unacknowledged: lock(&inner.pending).len(),
+        process: Default::default(),
+    }
 }
 
 fn jitter_factor() -> f64 {
@@ -235,6 +280,9 @@ async fn session(
                     };
                     pb::Heartbeat { metrics, policy_version, agent_time: now_secs(), policy_expired, checks: Vec::new() }
                 };
+                if inner.config.metrics_listen.is_some() {
+                    *lock(&inner.last_heartbeat) = Some((std::time::Instant::now(), hb.clone()));
+                }
                 // A full queue means the stream is stuck; drop this heartbeat.
                 let _ = tx.try_send(msg(Out::Heartbeat(hb)));
             }

@@ -1,12 +1,14 @@
 //! The fleetcmd agent: joins the fleet with a pinned token, keeps one
 //! outbound mTLS stream to the controller, reports health, and runs only
 //! allow-listed commands from jobs it has verified itself (DESIGN §2.5).
-//! It opens no listening port.
+//! It opens no listening port, except an optional loopback-only `/metrics`
+//! (`metrics_listen`, see `exporter`).
 
 pub mod cli_args;
 pub mod config;
 pub mod conn;
 pub mod exec;
+pub mod exporter;
 pub mod join;
 pub mod metrics;
 pub mod spool;

@@ -111,6 +111,9 @@ pub struct GatewayConfig {
     /// `[notify]`: `POST /notify` from monitoring (`fleetcmd notify`).
     #[serde(default)]
     pub notify: Option<crate::notify::NotifyConfig>,
+    /// `[prometheus]`: the server chat `query PROMQL` asks.
+    #[serde(default)]
+    pub prometheus: Option<crate::prometheus::PrometheusConfig>,
 }
 
 /// `[http]`: the listener for chat webhooks (used only when an adapter
@@ -337,6 +340,7 @@ impl GatewayConfig {
             self.irc.as_ref().map(|c| c.validate()),
             self.campfire.as_ref().map(|c| c.validate()),
             self.webhook.as_ref().map(|c| c.validate()),
+            self.prometheus.as_ref().map(|c| c.validate()),
         ];
         for found in prefixed.into_iter().flatten() {
             adapter_problems.extend(

@@ -34,6 +34,8 @@ pub enum LaunchError {
     AuditChannel(String),
     #[error("[notify]: {0}")]
     Notify(String),
+    #[error("{0}")]
+    Prometheus(String),
 }
 
 fn adapter(name: &'static str) -> impl Fn(AdapterError) -> LaunchError {
@@ -55,7 +57,13 @@ pub async fn run(
 ) -> Result<(), LaunchError> {
     let base = file.parent().unwrap_or(Path::new("."));
     let ctl = GrpcController::connect_lazy(&opts.controller_url, &opts.tls)?;
-    let router = Arc::new(Router::new(opts.router_config(), ctl));
+    let mut router = Router::new(opts.router_config(), ctl);
+    if let Some(p) = &cfg.prometheus {
+        let client = crate::prometheus::PromClient::new(p)
+            .map_err(|e| LaunchError::Prometheus(e.to_string()))?;
+        router = router.with_prometheus(client);
+    }
+    let router = Arc::new(router);
     let mut gw = Gateway::new(router.clone());
     // Each adapter's sending half by channel scheme, for the audit channel.
     let mut senders: Vec<(&'static str, Arc<dyn ChatSender>)> = Vec::new();

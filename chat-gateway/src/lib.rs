@@ -27,6 +27,7 @@ pub mod controller;
 pub mod http;
 pub mod launch;
 pub mod notify;
+pub mod prometheus;
 pub mod render;
 pub mod router;
 

@@ -69,6 +69,8 @@ pub struct Router<C> {
     ctl: C,
     policy: Mutex<Option<Arc<LoadedPolicy>>>,
     approvals: Approvals,
+    /// `[prometheus]`, for `query`.
+    prometheus: Option<Arc<crate::prometheus::PromClient>>,
 }
 
 impl<C> std::fmt::Debug for Router<C> {
@@ -115,7 +117,14 @@ impl<C: ControllerApi> Router<C> {
             ctl,
             policy: Mutex::new(None),
             approvals: Approvals::default(),
+            prometheus: None,
         }
+    }
+
+    /// Answers `query PROMQL` with this Prometheus client.
+    pub fn with_prometheus(mut self, client: crate::prometheus::PromClient) -> Router<C> {
+        self.prometheus = Some(Arc::new(client));
+        self
     }
 
     /// The controller client.
@@ -278,7 +287,10 @@ impl<C: ControllerApi> Router<C> {
                 for_,
                 reason,
             } => self.silence(&msg, service, for_, reason).await,
-            ChatCommand::Query(_) => not_yet("query", &who),
+            ChatCommand::Query(q) => match self.policy_for_reads(&msg).await {
+                Ok(_) => crate::prometheus::answer(self.prometheus.as_deref(), &q, &who).await,
+                Err(r) => r,
+            },
             ChatCommand::Oncall(_) => not_yet("oncall", &who),
             ChatCommand::Audit(query) => self.audit(&msg, &query).await,
         };

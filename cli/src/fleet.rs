@@ -101,6 +101,10 @@ pub struct FleetOptions {
     pub job_store_max_bytes: u64,
     /// `[services.NAME]` of the controller.
     pub services: Vec<fleetcmd_controller::health::ServiceConfig>,
+    /// The controller's `metrics_listen` (`None`: no `/metrics`).
+    pub controller_metrics: Option<SocketAddr>,
+    /// Agents serve their own `/metrics` on `127.0.0.1:0`.
+    pub agent_metrics: bool,
 }
 
 impl FleetOptions {
@@ -117,6 +121,8 @@ impl FleetOptions {
             job_retention: Duration::from_secs(30 * 86400),
             job_store_max_bytes: 10 * 1024 * 1024 * 1024,
             services: Vec::new(),
+            controller_metrics: None,
+            agent_metrics: false,
         }
     }
 }
@@ -141,6 +147,8 @@ pub struct Fleet {
     pub url: String,
     pub policy_version: u64,
     pub agent_max_concurrent_jobs: usize,
+    /// Agents serve `/metrics` on loopback (`FleetOptions::agent_metrics`).
+    pub agent_metrics: bool,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -193,6 +201,7 @@ impl Fleet {
             job_store_max_bytes: opts.job_store_max_bytes,
             store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
             services: opts.services.clone(),
+            metrics_listen: opts.controller_metrics,
         };
         let controller = fleetcmd_controller::start(config.clone())
             .await
@@ -222,6 +231,7 @@ impl Fleet {
         };
         let mut controller_config = config;
         controller_config.listen = controller.addr();
+        controller_config.metrics_listen = controller.metrics_addr();
         let mut fleet = Fleet {
             dir,
             controller,
@@ -237,6 +247,7 @@ impl Fleet {
             url,
             policy_version: 0,
             agent_max_concurrent_jobs: opts.agent_max_concurrent_jobs,
+            agent_metrics: opts.agent_metrics,
         };
         let policy = example_policy(
             1,
@@ -333,6 +344,9 @@ impl Fleet {
             allow,
             max_output_bytes: 1024 * 1024,
             max_concurrent_jobs: self.agent_max_concurrent_jobs,
+            metrics_listen: self
+                .agent_metrics
+                .then(|| "127.0.0.1:0".parse().expect("a valid literal address")),
         };
         self.agents
             .push(fleetcmd_agent::spawn(config).with_context(|| format!("starting agent {name}"))?);

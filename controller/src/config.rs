@@ -36,6 +36,9 @@ pub struct RawConfig {
     pub store_cache_bytes: u64,
     /// `[services.NAME]`: services made of agents and one of their checks.
     pub services: std::collections::BTreeMap<String, crate::health::RawService>,
+    /// Address of the Prometheus `/metrics` listener (plain HTTP); empty:
+    /// no listener.
+    pub metrics_listen: String,
 }
 
 impl Default for RawConfig {
@@ -54,6 +57,7 @@ impl Default for RawConfig {
             audit_retention: "0".into(),
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             services: Default::default(),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -75,6 +79,8 @@ pub struct ControllerConfig {
     pub audit_retention: Option<Duration>,
     pub store_cache_bytes: u64,
     pub services: Vec<crate::health::ServiceConfig>,
+    /// `None`: no `/metrics` listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Every problem found in a configuration file.
@@ -174,6 +180,17 @@ impl RawConfig {
                 None
             }
         };
+        let metrics_listen = match self.metrics_listen.trim() {
+            "" => None,
+            addr => addr
+                .parse::<SocketAddr>()
+                .map_err(|e| {
+                    problems.push(format!(
+                        "metrics_listen: {addr:?} is not an address (e.g. \"127.0.0.1:9464\", or empty for none): {e}"
+                    ))
+                })
+                .ok(),
+        };
         let mut names = std::collections::BTreeSet::new();
         let mut audit_export = Vec::new();
         for (i, e) in self.audit_export.iter().enumerate() {
@@ -204,6 +221,7 @@ impl RawConfig {
                 audit_retention,
                 store_cache_bytes: self.store_cache_bytes,
                 services,
+                metrics_listen,
             }),
             _ => Err(ConfigError {
                 file: file.to_owned(),
@@ -234,7 +252,7 @@ mod tests {
     #[test]
     fn every_problem_is_reported_with_its_key() {
         let raw: RawConfig = toml::from_str(
-            "listen = \"nope\"\nagent_cert_ttl = \"forever\"\npolicy_roots = [\"ed25519:xx\"]\n",
+            "listen = \"nope\"\nagent_cert_ttl = \"forever\"\npolicy_roots = [\"ed25519:xx\"]\nmetrics_listen = \"localhost\"\n",
         )
         .expect("toml");
         let err = raw.validate("c.toml").expect_err("invalid");
@@ -243,6 +261,7 @@ mod tests {
             "c.toml: listen:",
             "c.toml: agent_cert_ttl:",
             "c.toml: policy_roots[0]:",
+            "c.toml: metrics_listen:",
         ] {
             assert!(text.contains(key), "{key} missing from:\n{text}");
         }

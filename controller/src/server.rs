@@ -54,6 +54,8 @@ pub struct RunningController {
     sweeper: Option<JoinHandle<()>>,
     exporters: Vec<JoinHandle<()>>,
     dispatcher: Option<JoinHandle<()>>,
+    metrics_addr: Option<SocketAddr>,
+    metrics: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 impl std::fmt::Debug for RunningController {
@@ -165,6 +167,15 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         addr: config.listen,
         source,
     })?;
+    // Bound before anything starts, so a taken port fails the start.
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
     let shared = Arc::new(Shared::new(Arc::new(store), ca, config)?);
     let svc = Svc(shared.clone());
 
@@ -193,6 +204,7 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         .max_frame_size(Some(MAX_FRAME_BYTES))
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .layer(crate::metrics::RpcMetricsLayer::new(shared.metrics.clone()))
         .add_service(InterceptedService::new(
             health_svc
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES)
@@ -324,8 +336,29 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
             _ = stopped(&mut stop_dispatcher) => {}
         }
     });
+    // `/metrics` on its own listener and task: scrapes never share the gRPC
+    // server's connections or limits.
+    let mut metrics_addr = None;
+    let mut metrics = None;
+    if let Some(listener) = metrics_listener {
+        let local = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: shared.config.metrics_listen.unwrap_or(addr),
+            source,
+        })?;
+        let mut stop_metrics = stop.subscribe();
+        let app = metrics_app(shared.clone());
+        metrics = Some(tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stopped(&mut stop_metrics).await })
+                .await
+        }));
+        metrics_addr = Some(local);
+        tracing::info!(addr = %local, "metrics listening (GET /metrics)");
+    }
     tracing::info!(%addr, "controller listening");
     Ok(RunningController {
+        metrics_addr,
+        metrics,
         addr,
         shared,
         stop,
@@ -339,6 +372,11 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
 impl RunningController {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/metrics` is served (`metrics_listen`), if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The controller's state, for in-process use (`fleetcmd dev`, tests).
@@ -369,6 +407,14 @@ impl RunningController {
                 Ok(Ok(res)) => res?,
                 Ok(Err(e)) => tracing::error!(error = %e, "controller server task"),
                 Err(_) => tracing::warn!("controller server did not stop within 10 s"),
+            }
+        }
+        if let Some(m) = self.metrics.take() {
+            match tokio::time::timeout(Duration::from_secs(5), m).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "metrics listener"),
+                Ok(Err(e)) => tracing::error!(error = %e, "metrics listener task"),
+                Err(_) => tracing::warn!("metrics listener did not stop within 5 s"),
             }
         }
         // The last signed head covers everything recorded up to shutdown.
@@ -432,4 +478,55 @@ async fn prune_audit(shared: &Arc<Shared>) -> Result<u64, StartError> {
 /// Resolves once the watch turns true (or its sender is gone).
 async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+/// `GET /metrics`. One scrape is rendered at a time (each is one blocking
+/// task: a copy of the registry, then text for every host); others wait.
+fn metrics_app(shared: Arc<Shared>) -> axum::Router {
+    let gate = Arc::new(tokio::sync::Semaphore::new(1));
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || scrape(shared.clone(), gate.clone())),
+    )
+}
+
+async fn scrape(
+    shared: Arc<Shared>,
+    gate: Arc<tokio::sync::Semaphore>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let _permit = gate.acquire_owned().await;
+    // Reading the registry (store + a short hold of the agents lock) and
+    // rendering 10 000 hosts take milliseconds: off the async workers.
+    let rendered = tokio::task::spawn_blocking(move || {
+        let snapshot = crate::metrics::FleetSnapshot {
+            agents: shared.list_agents("")?,
+            services: shared.health.services("", 0)?,
+            now_ms: crate::audit::now_ms(),
+        };
+        Ok::<_, crate::error::ApiError>(shared.metrics.render(snapshot))
+    })
+    .await;
+    match rendered {
+        Ok(Ok(text)) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CONTENT_TYPE,
+            )],
+            text,
+        )
+            .into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "metrics scrape: reading the agent registry");
+            (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "could not read the agent registry\n",
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "metrics scrape task");
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
 }

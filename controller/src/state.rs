@@ -114,6 +114,9 @@ pub struct Shared {
     pub audit: Arc<crate::audit::Audit>,
     /// Services and their alerts (`crate::health`).
     pub health: Arc<crate::health::Health>,
+    /// Job and RPC counters for `/metrics` (fleet gauges are rendered from
+    /// `list_agents` at scrape time).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A job `store_submission` wrote (not yet flushed).
@@ -252,6 +255,7 @@ impl Shared {
             next_conn: AtomicU64::new(1),
             join_limiter: JoinLimiter::default(),
             auth_limiter: crate::auth::AuthFailureLimiter::default(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         };
         if let Some(rec) = shared.store.get_policy()? {
             // The stored bundle was verified when pushed; verify again so a
@@ -702,9 +706,12 @@ impl Shared {
         } else {
             parse_selector(selector)?
         };
+        // Read the store before taking the agents lock: heartbeats (and
+        // `/metrics` scrapes) wait for that lock, not for the store.
+        let records = self.store.list_agents()?;
         let agents = lock(&self.agents);
         let mut out = Vec::new();
-        for rec in self.store.list_agents()? {
+        for rec in records {
             let live = agents.get(&rec.id);
             let labels = live
                 .map(|l| l.labels.clone())
@@ -779,6 +786,7 @@ impl Shared {
         // Nothing is dispatched before the job's record is durable.
         self.flush().await?;
         tracing::info!(job_id = %stored.id, command = %stored.command, requester = %stored.requester, targets = stored.targets.len(), "job submitted");
+        self.metrics.job_submitted();
         // Durable: answer now, dispatch off the request path.
         self.kick(&stored.id);
         Ok(pb::SubmitResponse {
@@ -1121,6 +1129,11 @@ impl Shared {
                 None => "failed".into(),
             };
             tracing::info!(job_id, state = %run.job.state, "job finished");
+            self.metrics.job_finished(
+                &run.job.state,
+                Duration::from_millis(now_ms().saturating_sub(run.job.created_at_ms)),
+                run.states.iter().map(|t| t.0.as_str()),
+            );
             job_changed = true;
         }
         if job_changed {

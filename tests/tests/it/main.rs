@@ -17,6 +17,7 @@ mod job_signatures;
 mod live;
 mod notify;
 mod policy_trust;
+mod prometheus;
 mod rollout;
 mod storage;
 mod support;

@@ -1,0 +1,381 @@
+//! The agent's optional `/metrics` (`metrics_listen` in agent.toml, loopback
+//! only): this host's figures and check states as of the last heartbeat,
+//! plus the agent process's own figures, for a node-local Prometheus or
+//! agent (OpenMetrics text). Off unless configured: by default the agent
+//! opens no port (DESIGN §2.1).
+//!
+//! Everything here is named `fleetcmd_agent_*` and carries no `host` label
+//! (the scrape target is the host), so these series never mix with the
+//! controller's `fleetcmd_host_*` ones in sums.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetcmd_proto::v1 as pb;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+/// The content type of a scrape answer.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The agent process, read at scrape time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProcessFigures {
+    pub resident_bytes: u64,
+    pub virtual_bytes: u64,
+    pub cpu_seconds: f64,
+    pub open_fds: u64,
+    pub uptime_secs: u64,
+}
+
+/// What one scrape shows (plain data, copied out of the agent's state).
+#[derive(Debug, Clone, Default)]
+pub struct AgentFigures {
+    /// The last heartbeat sent (host metrics and checks), if any yet.
+    pub heartbeat: Option<pb::Heartbeat>,
+    /// How long ago it was built.
+    pub heartbeat_age: Option<Duration>,
+    /// The stream to the controller is up.
+    pub connected: bool,
+    pub jobs_running: usize,
+    /// Results kept until the controller acknowledges them.
+    pub results_unacknowledged: usize,
+    pub process: ProcessFigures,
+}
+
+/// Where the figures come from (the connection loop's state).
+pub type Source = Arc<dyn Fn() -> AgentFigures + Send + Sync>;
+
+/// Reads the agent process's figures (blocking: small `/proc` reads).
+pub fn process_figures() -> ProcessFigures {
+    use sysinfo::{ProcessRefreshKind, ProcessesToUpdate, System};
+    let mut out = ProcessFigures::default();
+    if let Ok(pid) = sysinfo::get_current_pid() {
+        let mut sys = System::new();
+        sys.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[pid]),
+            false,
+            ProcessRefreshKind::nothing().with_memory().with_cpu(),
+        );
+        if let Some(p) = sys.process(pid) {
+            out.resident_bytes = p.memory();
+            out.virtual_bytes = p.virtual_memory();
+            out.cpu_seconds = p.accumulated_cpu_time() as f64 / 1000.0;
+            out.uptime_secs = p.run_time();
+        }
+    }
+    out.open_fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as u64)
+        .unwrap_or(0);
+    out
+}
+
+#[derive(Debug)]
+struct AgentCollector(AgentFigures);
+
+/// A per-host gauge: name, help, and how to read it from a heartbeat.
+type HostGauge = (&'static str, &'static str, fn(&pb::HostMetrics) -> f64);
+
+fn gauge<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder,
+    name: &'static str,
+    help: &str,
+    rows: impl IntoIterator<Item = (L, f64)>,
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        m.encode_family(&labels)?.encode_gauge(&v)?;
+    }
+    Ok(())
+}
+
+type NoLabels = [(&'static str, &'static str); 0];
+
+fn one(v: f64) -> [(NoLabels, f64); 1] {
+    [([], v)]
+}
+
+/// Nagios code of a check state: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+fn nagios_code(state: i32) -> f64 {
+    match pb::CheckState::try_from(state) {
+        Ok(pb::CheckState::Ok) => 0.0,
+        Ok(pb::CheckState::Warning) => 1.0,
+        Ok(pb::CheckState::Critical) => 2.0,
+        _ => 3.0,
+    }
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let f = &self.0;
+        gauge(
+            &mut enc,
+            "fleetcmd_agent_connected",
+            "1 while the stream to the controller is up",
+            one(f64::from(u8::from(f.connected))),
+        )?;
+        gauge(
+            &mut enc,
+            "fleetcmd_agent_jobs_running",
+            "Jobs running (or waiting for a slot) on this agent",
+            one(f.jobs_running as f64),
+        )?;
+        gauge(
+            &mut enc,
+            "fleetcmd_agent_results_unacknowledged",
+            "Results kept until the controller acknowledges them",
+            one(f.results_unacknowledged as f64),
+        )?;
+        let p = &f.process;
+        gauge(
+            &mut enc,
+            "fleetcmd_agent_process_resident_bytes",
+            "Resident memory of the agent process",
+            one(p.resident_bytes as f64),
+        )?;
+        gauge(
+            &mut enc,
+            "fleetcmd_agent_process_virtual_bytes",
+            "Virtual memory of the agent process",
+            one(p.virtual_bytes as f64),
+        )?;
+        gauge(
+            &mut enc,
+            "fleetcmd_agent_process_cpu_seconds",
+            "CPU time (user + system) the agent process has used",
+            one(p.cpu_seconds),
+        )?;
+        gauge(
+            &mut enc,
+            "fleetcmd_agent_process_open_fds",
+            "Open file descriptors of the agent process",
+            one(p.open_fds as f64),
+        )?;
+        gauge(
+            &mut enc,
+            "fleetcmd_agent_process_uptime_seconds",
+            "Seconds since the agent process started",
+            one(p.uptime_secs as f64),
+        )?;
+        gauge(
+            &mut enc,
+            "fleetcmd_agent_heartbeat_age_seconds",
+            "Seconds since the figures below were sampled (the last heartbeat)",
+            f.heartbeat_age
+                .map(|a| (NoLabels::default(), a.as_secs_f64())),
+        )?;
+        let m = f.heartbeat.as_ref().and_then(|h| h.metrics.as_ref());
+        let host: [HostGauge; 10] = [
+            (
+                "fleetcmd_agent_cpu_percent",
+                "Host CPU usage over the last heartbeat interval, 0-100",
+                |m| f64::from(m.cpu_percent),
+            ),
+            ("fleetcmd_agent_load1", "1-minute load average", |m| m.load1),
+            ("fleetcmd_agent_load5", "5-minute load average", |m| m.load5),
+            ("fleetcmd_agent_load15", "15-minute load average", |m| {
+                m.load15
+            }),
+            ("fleetcmd_agent_memory_used_bytes", "Memory in use", |m| {
+                m.mem_used_bytes as f64
+            }),
+            (
+                "fleetcmd_agent_memory_total_bytes",
+                "Memory installed",
+                |m| m.mem_total_bytes as f64,
+            ),
+            ("fleetcmd_agent_swap_used_bytes", "Swap in use", |m| {
+                m.swap_used_bytes as f64
+            }),
+            ("fleetcmd_agent_swap_total_bytes", "Swap configured", |m| {
+                m.swap_total_bytes as f64
+            }),
+            (
+                "fleetcmd_agent_uptime_seconds",
+                "Seconds since the host booted",
+                |m| m.uptime_secs as f64,
+            ),
+            (
+                "fleetcmd_agent_processes",
+                "Processes running on the host",
+                |m| f64::from(m.process_count),
+            ),
+        ];
+        for (name, help, value) in host {
+            gauge(
+                &mut enc,
+                name,
+                help,
+                m.map(|m| (NoLabels::default(), value(m))),
+            )?;
+        }
+        let disks = || m.into_iter().flat_map(|m| m.disks.iter());
+        gauge(
+            &mut enc,
+            "fleetcmd_agent_disk_total_bytes",
+            "Size of a mounted file system",
+            disks().map(|d| ([("mount", d.mount.as_str())], d.total_bytes as f64)),
+        )?;
+        gauge(
+            &mut enc,
+            "fleetcmd_agent_disk_available_bytes",
+            "Space available to unprivileged users on a mounted file system",
+            disks().map(|d| ([("mount", d.mount.as_str())], d.available_bytes as f64)),
+        )?;
+        let checks = || f.heartbeat.iter().flat_map(|h| h.checks.iter());
+        gauge(
+            &mut enc,
+            "fleetcmd_agent_check_state",
+            "Latest result of a check, as a Nagios code: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN",
+            checks().map(|c| {
+                (
+                    [("check", c.name.as_str()), ("kind", c.kind.as_str())],
+                    nagios_code(c.state),
+                )
+            }),
+        )?;
+        gauge(
+            &mut enc,
+            "fleetcmd_agent_check_duration_seconds",
+            "How long the latest run of a check took",
+            checks().map(|c| {
+                (
+                    [("check", c.name.as_str()), ("kind", c.kind.as_str())],
+                    c.duration_ms as f64 / 1000.0,
+                )
+            }),
+        )?;
+        Ok(())
+    }
+}
+
+/// The scrape answer for `figures`.
+pub fn render(figures: AgentFigures) -> String {
+    let mut reg = Registry::default();
+    reg.register_collector(Box::new(AgentCollector(figures)));
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
+        tracing::error!(error = %e, "encoding metrics");
+    }
+    out
+}
+
+/// Binds `addr` (already checked to be loopback by the config). Call from
+/// within the runtime.
+pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(l)
+}
+
+/// Serves `GET /metrics` until `stop` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    source: Source,
+    mut stop: watch::Receiver<bool>,
+) {
+    use axum::response::IntoResponse;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let source = source.clone();
+            async move {
+                let figures = tokio::task::spawn_blocking(move || {
+                    let mut f = source();
+                    f.process = process_figures();
+                    render(f)
+                })
+                .await;
+                match figures {
+                    Ok(text) => {
+                        ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "metrics scrape task");
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                    }
+                }
+            }
+        }),
+    );
+    let res = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "metrics listener");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_host_figures_checks_and_process_without_a_host_label() {
+        let text = render(AgentFigures {
+            heartbeat: Some(pb::Heartbeat {
+                metrics: Some(pb::HostMetrics {
+                    load1: 1.5,
+                    disks: vec![pb::DiskUsage {
+                        mount: "/".into(),
+                        total_bytes: 10,
+                        available_bytes: 4,
+                    }],
+                    ..Default::default()
+                }),
+                checks: vec![pb::CheckResult {
+                    name: "ssh".into(),
+                    kind: "tcp".into(),
+                    state: pb::CheckState::Warning as i32,
+                    duration_ms: 20,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            heartbeat_age: Some(Duration::from_secs(3)),
+            connected: true,
+            jobs_running: 2,
+            results_unacknowledged: 0,
+            process: ProcessFigures {
+                resident_bytes: 4096,
+                ..Default::default()
+            },
+        });
+        for line in [
+            "fleetcmd_agent_connected 1.0",
+            "fleetcmd_agent_jobs_running 2.0",
+            "fleetcmd_agent_load1 1.5",
+            "fleetcmd_agent_heartbeat_age_seconds 3.0",
+            "fleetcmd_agent_disk_available_bytes{mount=\"/\"} 4.0",
+            "fleetcmd_agent_check_state{check=\"ssh\",kind=\"tcp\"} 1.0",
+            "fleetcmd_agent_check_duration_seconds{check=\"ssh\",kind=\"tcp\"} 0.02",
+            "fleetcmd_agent_process_resident_bytes 4096.0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        assert!(!text.contains("host="), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn before_the_first_heartbeat_only_process_figures_have_samples() {
+        let text = render(AgentFigures::default());
+        assert!(
+            !text.lines().any(|l| l.starts_with("fleetcmd_agent_load1 ")),
+            "{text}"
+        );
+        assert!(text.contains("fleetcmd_agent_connected 0.0"), "{text}");
+    }
+
+    #[test]
+    fn process_figures_are_read() {
+        let p = process_figures();
+        assert!(p.resident_bytes > 0 && p.open_fds > 0, "{p:?}");
+    }
+}
