@@ -34,6 +34,11 @@ pub enum LaunchError {
     AuditChannel(String),
     #[error("[notify]: {0}")]
     Notify(String),
+    #[error("[alertmanager]: {0}")]
+    Alertmanager(String),
+    /// The message names the section (`[pagerduty]: …`).
+    #[error("{0}")]
+    Alerts(String),
 }
 
 fn adapter(name: &'static str) -> impl Fn(AdapterError) -> LaunchError {
@@ -121,6 +126,38 @@ pub async fn run(
             crate::notify::routes(n, named, gw.auth_failures()).map_err(LaunchError::Notify)?;
         gw.add_routes(routes);
     }
+    if let Some(am) = &cfg.alertmanager {
+        let named = senders
+            .iter()
+            .map(|(s, out)| (s.to_string(), out.clone()))
+            .collect();
+        let routes = crate::alertmanager::routes(am, named, gw.auth_failures())
+            .map_err(LaunchError::Alertmanager)?;
+        gw.add_routes(routes);
+    }
+    if let Some(pd) = &cfg.pagerduty
+        && let Some(oncall) = crate::oncall::Oncall::from_config(pd)
+            .map_err(|e| LaunchError::Alerts(format!("[pagerduty]: {e}")))?
+    {
+        router.set_oncall(oncall);
+    }
+    // Service alerts to PagerDuty / Opsgenie / Statuspage. The controller's
+    // Health.Watch stream feeds `_alert_events` (bounded; see
+    // alerts::Integrations::spawn); held until the gateway stops.
+    let _alert_events = match crate::alerts::Integrations::from_config(
+        cfg.pagerduty.as_ref(),
+        cfg.opsgenie.as_ref(),
+        cfg.statuspage.as_ref(),
+    )
+    .map_err(LaunchError::Alerts)?
+    {
+        Some(integrations) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(crate::alerts::QUEUE);
+            gw.spawn_background(integrations.run(rx));
+            Some(tx)
+        }
+        None => None,
+    };
     if let Some(ac) = &cfg.audit_channel {
         let scheme = ac.channel.split(':').next().unwrap_or_default();
         let scheme = if scheme == "webhook-out" {

@@ -18,6 +18,8 @@ use fleetcmd_proto::channel::{ChannelError, ClientTls};
 use tokio::task::JoinSet;
 
 pub mod adapters;
+pub mod alertmanager;
+pub mod alerts;
 pub mod approvals;
 pub mod audit_feed;
 pub mod cli_args;
@@ -26,6 +28,7 @@ pub mod controller;
 pub mod http;
 pub mod launch;
 pub mod notify;
+pub mod oncall;
 pub mod render;
 pub mod router;
 

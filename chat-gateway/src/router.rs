@@ -69,6 +69,8 @@ pub struct Router<C> {
     ctl: C,
     policy: Mutex<Option<Arc<LoadedPolicy>>>,
     approvals: Approvals,
+    /// Chat `oncall` (PagerDuty REST), when `[pagerduty] api_token` is set.
+    pub(crate) oncall: std::sync::OnceLock<crate::oncall::Oncall>,
 }
 
 impl<C> std::fmt::Debug for Router<C> {
@@ -115,6 +117,7 @@ impl<C: ControllerApi> Router<C> {
             ctl,
             policy: Mutex::new(None),
             approvals: Approvals::default(),
+            oncall: std::sync::OnceLock::new(),
         }
     }
 
@@ -275,7 +278,13 @@ impl<C: ControllerApi> Router<C> {
             ChatCommand::Health(_) => not_yet("health", &who),
             ChatCommand::Silence { .. } => not_yet("silence", &who),
             ChatCommand::Query(_) => not_yet("query", &who),
-            ChatCommand::Oncall(_) => not_yet("oncall", &who),
+            ChatCommand::Oncall(schedule) => match self.policy_for_reads(&msg).await {
+                Err(r) => r,
+                Ok(_) => match self.oncall.get() {
+                    Some(o) => o.reply(schedule.as_deref(), &who).await,
+                    None => crate::oncall::not_configured(&who),
+                },
+            },
             ChatCommand::Audit(query) => self.audit(&msg, &query).await,
         };
         self.post(out, &msg, reply).await;
