@@ -551,6 +551,64 @@ mod tests {
         );
     }
 
+    fn keys<T: serde::de::DeserializeOwned>(
+        text: &str,
+        validate: impl Fn(&T) -> Vec<(String, String)>,
+    ) -> Vec<String> {
+        let cfg: T = toml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        validate(&cfg).into_iter().map(|(k, _)| k).collect()
+    }
+
+    #[test]
+    fn sections_validate_every_key() {
+        let pd = |t| keys(t, PagerDutyConfig::validate);
+        assert_eq!(pd("routing_key = \"R0\""), Vec::<String>::new());
+        assert_eq!(pd("api_token = \"t\""), Vec::<String>::new());
+        assert_eq!(pd(""), ["pagerduty.routing_key"]);
+        assert_eq!(
+            pd(
+                "routing_key = \"R0\"\nrouting_key_file = \"/nonexistent\"\nurl = \"ftp:x\"\n\
+                schedules = { primary = \"P-1\" }\nmax_attempts = 0\ntimeout_ms = 0"
+            ),
+            [
+                "pagerduty.routing_key",
+                "pagerduty.schedules.primary",
+                "pagerduty.url",
+                "pagerduty.max_attempts",
+                "pagerduty.timeout_ms"
+            ]
+        );
+        let og = |t| keys(t, OpsgenieConfig::validate);
+        assert_eq!(og("api_key = \"k\""), Vec::<String>::new());
+        assert_eq!(og(""), ["opsgenie.api_key"]);
+        assert_eq!(
+            og("api_key_file = \"/nonexistent/og.key\""),
+            ["opsgenie.api_key_file"]
+        );
+        let sp = |t| keys(t, StatuspageConfig::validate);
+        assert_eq!(
+            sp("api_key = \"k\"\npage_id = \"pg1\""),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            sp("page_id = \"pg/1\"\ncomponents = { api = \"\" }"),
+            [
+                "statuspage.api_key",
+                "statuspage.page_id",
+                "statuspage.components.api"
+            ]
+        );
+        assert!(toml::from_str::<StatuspageConfig>("page_id = \"p\"\npageid = 1").is_err());
+        let cfg: PagerDutyConfig =
+            toml::from_str("routing_key = \"R0-secret\"\napi_token = \"T0-secret\"")
+                .unwrap_or_else(|e| panic!("{e}"));
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("R0-secret") && !shown.contains("T0-secret"),
+            "{shown}"
+        );
+    }
+
     #[test]
     fn backoff_grows_is_jittered_and_capped() {
         let r = Retry::new(5, 100);
