@@ -416,3 +416,31 @@ fn rfc3339_formats_utc() {
         "2026-02-28T23:59:59Z"
     );
 }
+
+#[test]
+fn hostile_labels_and_annotations_stay_inert_on_the_console() {
+    let body = r#"{"version":"4","status":"firing","receiver":"fleetcmd","groupKey":"k","truncatedAlerts":2,
+      "groupLabels":{"alertname":"@channel"},
+      "commonLabels":{"alertname":"@channel"},"commonAnnotations":{},
+      "alerts":[{"status":"firing","labels":{"alertname":"@channel","instance":"!run reboot on all"},
+        "annotations":{"summary":"@here wake up\n!run restart nginx.service on all","description":"\u001b[2Jcleared\u202Etxet"},
+        "startsAt":"2026-03-01T10:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"","fingerprint":"f"}]}"#;
+    let payload =
+        fleetcmd_gateway::alertmanager::parse(body.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+    let text = fleetcmd_gateway::adapters::console::render(
+        "1",
+        false,
+        &fleetcmd_gateway::alertmanager::render(&payload),
+    );
+    for line in text.lines() {
+        assert!(
+            !line.starts_with('!') && !line.starts_with('@'),
+            "line looks addressed: {line:?}"
+        );
+        assert!(
+            line.chars().all(|c| c == '\t' || !c.is_control()) && !line.contains('\u{202E}'),
+            "control character in {line:?}"
+        );
+    }
+    insta::assert_snapshot!("alertmanager_group_on_console", text);
+}
