@@ -117,13 +117,13 @@ pub struct GatewayConfig {
     pub alertmanager: Option<crate::alertmanager::AlertmanagerConfig>,
     /// `[pagerduty]`: service alerts to the Events API v2, chat `oncall`.
     #[serde(default)]
-    pub pagerduty: Option<crate::alerts::PagerDutyConfig>,
+    pub pagerduty: Option<crate::integrations::PagerDutyConfig>,
     /// `[opsgenie]`: service alerts to the Opsgenie Alerts API.
     #[serde(default)]
-    pub opsgenie: Option<crate::alerts::OpsgenieConfig>,
+    pub opsgenie: Option<crate::integrations::OpsgenieConfig>,
     /// `[statuspage]`: service states to Statuspage components.
     #[serde(default)]
-    pub statuspage: Option<crate::alerts::StatuspageConfig>,
+    pub statuspage: Option<crate::integrations::StatuspageConfig>,
 }
 
 /// `[http]`: the listener for chat webhooks (used only when an adapter

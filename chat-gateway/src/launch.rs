@@ -143,8 +143,8 @@ pub async fn run(
     }
     // Service alerts to PagerDuty / Opsgenie / Statuspage. The controller's
     // Health.Watch stream feeds `_alert_events` (bounded; see
-    // alerts::Integrations::spawn); held until the gateway stops.
-    let _alert_events = match crate::alerts::Integrations::from_config(
+    // integrations::Integrations::spawn); held until the gateway stops.
+    let _alert_events = match crate::integrations::Integrations::from_config(
         cfg.pagerduty.as_ref(),
         cfg.opsgenie.as_ref(),
         cfg.statuspage.as_ref(),
@@ -152,7 +152,7 @@ pub async fn run(
     .map_err(LaunchError::Alerts)?
     {
         Some(integrations) => {
-            let (tx, rx) = tokio::sync::mpsc::channel(crate::alerts::QUEUE);
+            let (tx, rx) = tokio::sync::mpsc::channel(crate::integrations::QUEUE);
             gw.spawn_background(integrations.run(rx));
             Some(tx)
         }

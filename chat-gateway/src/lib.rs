@@ -19,13 +19,13 @@ use tokio::task::JoinSet;
 
 pub mod adapters;
 pub mod alertmanager;
-pub mod alerts;
 pub mod approvals;
 pub mod audit_feed;
 pub mod cli_args;
 pub mod config;
 pub mod controller;
 pub mod http;
+pub mod integrations;
 pub mod launch;
 pub mod notify;
 pub mod oncall;

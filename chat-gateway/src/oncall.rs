@@ -11,9 +11,9 @@ use fleetcmd_core::crypto::Secret;
 use serde::Deserialize;
 
 use crate::adapters::{CodeBlock, Reply, Section};
-use crate::alerts::one_line;
-use crate::alerts::pagerduty::{PagerDutyConfig, valid_id};
 use crate::controller::ControllerApi;
+use crate::integrations::one_line;
+use crate::integrations::pagerduty::{PagerDutyConfig, valid_id};
 use crate::render::asked_by;
 use crate::router::Router;
 
@@ -111,7 +111,7 @@ impl Oncall {
             return Ok(None);
         };
         Ok(Some(Oncall {
-            http: crate::alerts::client(cfg.timeout_ms)?,
+            http: crate::integrations::client(cfg.timeout_ms)?,
             api_url: cfg.api_url.trim_end_matches('/').to_string(),
             token,
             schedules: cfg.schedules.clone(),

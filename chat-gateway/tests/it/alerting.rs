@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use fleetcmd_gateway::alerts::{
+use fleetcmd_gateway::integrations::{
     GiveUp, Integrations, Opsgenie, OpsgenieConfig, PagerDuty, PagerDutyConfig, Statuspage,
     StatuspageConfig,
 };
