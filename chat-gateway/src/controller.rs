@@ -11,6 +11,7 @@ use fleetcmd_proto::channel::{ChannelError, ClientTls, endpoint};
 use fleetcmd_proto::v1;
 use fleetcmd_proto::v1::agents_client::AgentsClient;
 use fleetcmd_proto::v1::audit_client::AuditClient;
+use fleetcmd_proto::v1::health_client::HealthClient;
 use fleetcmd_proto::v1::jobs_client::JobsClient;
 use fleetcmd_proto::v1::policy_client::PolicyClient;
 use tonic::transport::Channel;
@@ -43,6 +44,9 @@ impl From<tonic::Status> for ControllerError {
 
 /// A job's live events ([`ControllerApi::watch`]).
 pub type JobEvents = Pin<Box<dyn Stream<Item = Result<v1::JobEvent, ControllerError>> + Send>>;
+
+/// Service alert events ([`ControllerApi::health_watch`]).
+pub type AlertEvents = Pin<Box<dyn Stream<Item = Result<v1::AlertEvent, ControllerError>> + Send>>;
 
 /// The controller calls the gateway makes.
 pub trait ControllerApi: Send + Sync + 'static {
@@ -88,6 +92,21 @@ pub trait ControllerApi: Send + Sync + 'static {
         &self,
         req: v1::AuditSearchRequest,
     ) -> impl Future<Output = Result<v1::AuditSearchResponse, ControllerError>> + Send;
+    /// Services, worst first (`name` empty = all), with up to `history`
+    /// recent transitions each.
+    fn health_services(
+        &self,
+        name: String,
+        history: u32,
+    ) -> impl Future<Output = Result<Vec<v1::Service>, ControllerError>> + Send;
+    /// Alert events: a snapshot of every service, then announcements.
+    fn health_watch(&self) -> impl Future<Output = Result<AlertEvents, ControllerError>> + Send;
+    /// Silences a service's alerts on behalf of a chat user (already
+    /// authorized here); returns until when.
+    fn silence(
+        &self,
+        req: v1::SilenceRequest,
+    ) -> impl Future<Output = Result<u64, ControllerError>> + Send;
 }
 
 /// The real controller over mTLS gRPC.
@@ -200,6 +219,34 @@ impl ControllerApi for GrpcController {
             .verify(v1::AuditVerifyRequest { from_seq: 0 })
             .await?
             .into_inner())
+    }
+
+    async fn health_services(
+        &self,
+        name: String,
+        history: u32,
+    ) -> Result<Vec<v1::Service>, ControllerError> {
+        Ok(HealthClient::new(self.channel.clone())
+            .services(v1::ServicesRequest { name, history })
+            .await?
+            .into_inner()
+            .services)
+    }
+
+    async fn health_watch(&self) -> Result<AlertEvents, ControllerError> {
+        let stream = HealthClient::new(self.channel.clone())
+            .watch(v1::HealthWatchRequest {})
+            .await?
+            .into_inner();
+        Ok(Box::pin(stream.map(|r| r.map_err(ControllerError::from))))
+    }
+
+    async fn silence(&self, req: v1::SilenceRequest) -> Result<u64, ControllerError> {
+        Ok(HealthClient::new(self.channel.clone())
+            .silence(req)
+            .await?
+            .into_inner()
+            .until_ms)
     }
 
     async fn get_policy(&self) -> Result<v1::PolicyInfo, ControllerError> {

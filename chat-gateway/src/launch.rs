@@ -117,11 +117,33 @@ pub async fn run(
         senders.push(("webhook", a.sender()));
         gw.add(a);
     }
+    let named: Vec<(String, Arc<dyn ChatSender>)> = senders
+        .iter()
+        .map(|(s, out)| (s.to_string(), out.clone()))
+        .collect();
+    // Service alerts to PagerDuty / Opsgenie / Statuspage, fed by
+    // alerts::run below (bounded; see integrations::Integrations::run).
+    let alert_events = match crate::integrations::Integrations::from_config(
+        cfg.pagerduty.as_ref(),
+        cfg.opsgenie.as_ref(),
+        cfg.statuspage.as_ref(),
+    )
+    .map_err(LaunchError::Alerts)?
+    {
+        Some(integrations) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(crate::integrations::QUEUE);
+            gw.spawn_background(integrations.run(rx));
+            Some(tx)
+        }
+        None => None,
+    };
+    // Service alerts from the controller into their channels.
+    gw.spawn_background(crate::alerts::run(
+        router.clone(),
+        named.clone(),
+        alert_events,
+    ));
     if let Some(n) = &cfg.notify {
-        let named = senders
-            .iter()
-            .map(|(s, out)| (s.to_string(), out.clone()))
-            .collect();
         let routes =
             crate::notify::routes(n, named, gw.auth_failures()).map_err(LaunchError::Notify)?;
         gw.add_routes(routes);
@@ -141,23 +163,6 @@ pub async fn run(
     {
         router.set_oncall(oncall);
     }
-    // Service alerts to PagerDuty / Opsgenie / Statuspage. The controller's
-    // Health.Watch stream feeds `_alert_events` (bounded; see
-    // integrations::Integrations::spawn); held until the gateway stops.
-    let _alert_events = match crate::integrations::Integrations::from_config(
-        cfg.pagerduty.as_ref(),
-        cfg.opsgenie.as_ref(),
-        cfg.statuspage.as_ref(),
-    )
-    .map_err(LaunchError::Alerts)?
-    {
-        Some(integrations) => {
-            let (tx, rx) = tokio::sync::mpsc::channel(crate::integrations::QUEUE);
-            gw.spawn_background(integrations.run(rx));
-            Some(tx)
-        }
-        None => None,
-    };
     if let Some(ac) = &cfg.audit_channel {
         let scheme = ac.channel.split(':').next().unwrap_or_default();
         let scheme = if scheme == "webhook-out" {

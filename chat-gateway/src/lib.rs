@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 
 pub mod adapters;
 pub mod alertmanager;
+pub mod alerts;
 pub mod approvals;
 pub mod audit_feed;
 pub mod cli_args;

@@ -130,7 +130,7 @@ pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
     }
     let mut lines = vec![
         "run <command> [args] on <selector> [--timeout D] [--dry-run]".to_string(),
-        "also: agents [selector], status [selector], job <id>, jobs [mine], output <id> [host], cancel <id>, approve <id>, deny <id> [reason], audit <query>, whoami, policy, help <command>"
+        "also: agents [selector], status [selector], job <id>, jobs [mine], output <id> [host], cancel <id>, approve <id>, deny <id> [reason], health [service], silence <service> <duration> [reason], query <promql>, oncall [schedule], audit <query>, whoami, policy, help <command>"
             .to_string(),
     ];
     for def in commands {
@@ -469,6 +469,54 @@ pub fn jobs(jobs: &[v1::Job], who: &str, mine: bool) -> Reply {
 }
 
 /// The agents table of `agents` / `status`.
+fn check_label(s: i32) -> &'static str {
+    match v1::CheckState::try_from(s) {
+        Ok(v1::CheckState::Ok) => "OK",
+        Ok(v1::CheckState::Warning) => "WARN",
+        Ok(v1::CheckState::Critical) => "CRIT",
+        _ => "UNKNOWN",
+    }
+}
+
+/// How bad an agent looks, for worst-first listings: revoked or offline,
+/// then a critical/unknown check, then a warning, then fine.
+fn agent_badness(a: &v1::Agent) -> u8 {
+    if a.revoked || !a.online {
+        return 3;
+    }
+    let worst = a
+        .checks
+        .iter()
+        .map(|c| match v1::CheckState::try_from(c.state) {
+            Ok(v1::CheckState::Ok) => 0,
+            Ok(v1::CheckState::Warning) => 1,
+            _ => 2,
+        })
+        .max()
+        .unwrap_or(0);
+    worst.max(u8::from(!a.problems.is_empty()))
+}
+
+/// The CHECKS column: failing checks by name, or how many pass.
+fn checks_column(a: &v1::Agent) -> String {
+    if a.checks.is_empty() {
+        return "-".into();
+    }
+    let failing: Vec<String> = a
+        .checks
+        .iter()
+        .filter(|c| c.state != v1::CheckState::Ok as i32)
+        .map(|c| format!("{}:{}", c.name, check_label(c.state)))
+        .collect();
+    if failing.is_empty() {
+        format!("{} ok", a.checks.len())
+    } else {
+        failing.join(",")
+    }
+}
+
+/// `agents` / `status`: worst first (offline, failing checks, warnings),
+/// with load, memory and the agents' checks at a glance.
 pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply {
     let online = agents.iter().filter(|a| a.online && !a.revoked).count();
     let header = format!(
@@ -483,11 +531,17 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
     if agents.is_empty() {
         return Reply::text(header);
     }
+    let mut sorted: Vec<&v1::Agent> = agents.iter().collect();
+    sorted.sort_by(|a, b| {
+        agent_badness(b)
+            .cmp(&agent_badness(a))
+            .then_with(|| a.agent_id.cmp(&b.agent_id))
+    });
     let mut text = format!(
-        "{:<24} {:<8} {:>6} {:>5}  {:<10} {}\n",
-        "AGENT", "STATE", "LOAD1", "MEM%", "VERSION", "LABELS"
+        "{:<24} {:<8} {:>6} {:>5}  {:<18} {:<10} {}\n",
+        "AGENT", "STATE", "LOAD1", "MEM%", "CHECKS", "VERSION", "LABELS"
     );
-    for a in agents {
+    for a in sorted {
         let state = if a.revoked {
             "revoked"
         } else if a.online {
@@ -513,11 +567,12 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
         };
         let _ = writeln!(
             text,
-            "{:<24} {:<8} {:>6} {:>5}  {:<10} {}",
+            "{:<24} {:<8} {:>6} {:>5}  {:<18} {:<10} {}",
             a.agent_id,
             state,
             load,
             mem,
+            checks_column(a),
             if a.version.is_empty() {
                 "-"
             } else {
@@ -526,6 +581,10 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
             labels.join(",")
         );
     }
+    code_reply(header, text)
+}
+
+fn code_reply(header: String, text: String) -> Reply {
     Reply {
         header,
         sections: vec![Section {
@@ -537,6 +596,121 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
         }],
         ..Reply::default()
     }
+}
+
+fn ago(now_ms: u64, at_ms: u64) -> String {
+    if at_ms == 0 {
+        return "-".into();
+    }
+    let secs = now_ms.saturating_sub(at_ms) / 1000;
+    format!(
+        "{} ago",
+        fleetcmd_core::duration::format_duration(std::time::Duration::from_secs(secs))
+    )
+}
+
+/// `health [service]` in chat: [`health_table`] with who asked.
+pub fn health(services: &[v1::Service], one: bool, now_ms: u64, who: &str) -> Reply {
+    let (header, text) = health_table(services, one, now_ms);
+    if text.is_empty() {
+        Reply::text(format!("{header}{}", asked_by(who)))
+    } else {
+        code_reply(format!("{header}{}", asked_by(who)), text)
+    }
+}
+
+/// Every service worst first, or (`one`) the first service with its
+/// instances and recent transitions: a header line and a table (empty
+/// when there is nothing to list). Shared by chat and `fleetcmd health`.
+pub fn health_table(services: &[v1::Service], one: bool, now_ms: u64) -> (String, String) {
+    if services.is_empty() {
+        return (
+            "no services are configured ([services.NAME] in controller.toml)".into(),
+            String::new(),
+        );
+    }
+    let silenced = |s: &v1::Service| {
+        if s.silenced_until_ms > now_ms {
+            format!(
+                "silenced for {} by {}",
+                fleetcmd_core::duration::format_duration(std::time::Duration::from_secs(
+                    (s.silenced_until_ms - now_ms) / 1000
+                )),
+                s.silenced_by
+            )
+        } else {
+            String::new()
+        }
+    };
+    if !one {
+        let bad = services.iter().filter(|s| s.state != "ok").count();
+        let header = format!("services: {} ({} not ok)", services.len(), bad);
+        let mut text = format!(
+            "{:<20} {:<9} {:>7}  {:<12} {}\n",
+            "SERVICE", "STATE", "PASSING", "SINCE", "NOTE"
+        );
+        for s in services {
+            let mut note = silenced(s);
+            if s.flapping {
+                note = format!("flapping {note}").trim().to_string();
+            }
+            let _ = writeln!(
+                text,
+                "{:<20} {:<9} {:>7}  {:<12} {}",
+                s.name,
+                s.state,
+                format!("{}/{}", s.passing, s.total),
+                ago(now_ms, s.since_ms),
+                note
+            );
+        }
+        return (header, text.trim_end().to_string());
+    }
+    let s = &services[0];
+    let mut header = format!(
+        "{} is {} ({} of {} instances pass; check {:?} on {})",
+        s.name, s.state, s.passing, s.total, s.check, s.selector
+    );
+    let note = silenced(s);
+    if !note.is_empty() {
+        header.push_str(&format!(" · {note}: {}", s.silence_reason));
+    }
+    let mut text = format!(
+        "{:<24} {:<8} {:<9} {}\n",
+        "INSTANCE", "AGENT", "CHECK", "SUMMARY"
+    );
+    let mut instances: Vec<&v1::ServiceInstance> = s.instances.iter().collect();
+    instances.sort_by_key(|i| {
+        (
+            i.online && i.state == v1::CheckState::Ok as i32,
+            i.agent_id.clone(),
+        )
+    });
+    for i in instances {
+        let _ = writeln!(
+            text,
+            "{:<24} {:<8} {:<9} {}",
+            i.agent_id,
+            if i.online { "online" } else { "offline" },
+            if i.online { check_label(i.state) } else { "-" },
+            i.summary.lines().next().unwrap_or_default()
+        );
+    }
+    if !s.history.is_empty() {
+        let _ = writeln!(text, "\nrecent changes:");
+        for t in &s.history {
+            let _ = writeln!(
+                text,
+                "  {:<12} {} → {} ({}/{})",
+                ago(now_ms, t.at_ms),
+                t.from,
+                t.to,
+                t.passing,
+                t.total
+            );
+        }
+    }
+    (header, text.trim_end().to_string())
 }
 
 #[cfg(test)]

@@ -275,8 +275,12 @@ impl<C: ControllerApi> Router<C> {
             ChatCommand::Deny { id, reason } => {
                 self.deny(&msg, &id, reason.as_deref().unwrap_or("")).await
             }
-            ChatCommand::Health(_) => not_yet("health", &who),
-            ChatCommand::Silence { .. } => not_yet("silence", &who),
+            ChatCommand::Health(name) => self.health(&msg, name).await,
+            ChatCommand::Silence {
+                service,
+                for_,
+                reason,
+            } => self.silence(&msg, service, for_, reason).await,
             ChatCommand::Query(_) => not_yet("query", &who),
             ChatCommand::Oncall(schedule) => match self.policy_for_reads(&msg).await {
                 Err(r) => r,
@@ -519,6 +523,98 @@ impl<C: ControllerApi> Router<C> {
                 e.message,
                 asked_by(who)
             )),
+        }
+    }
+
+    /// `health [service]`: every service worst first, or one in detail.
+    async fn health(&self, msg: &Incoming, name: Option<String>) -> Reply {
+        let who = msg.identity.as_str();
+        if let Err(r) = self.policy_for_reads(msg).await {
+            return r;
+        }
+        let one = name.is_some();
+        match self
+            .ctl
+            .health_services(name.clone().unwrap_or_default(), if one { 10 } else { 0 })
+            .await
+        {
+            Ok(services) if one && services.is_empty() => Reply::text(format!(
+                "no service named {}{}",
+                name.unwrap_or_default(),
+                asked_by(who)
+            )),
+            Ok(services) => render::health(&services, one, unix_now() * 1000, who),
+            Err(e) => Reply::text(format!("health: {}{}", e.message, asked_by(who))),
+        }
+    }
+
+    /// `silence SERVICE DURATION [reason]` / `silence SERVICE off`: allowed
+    /// to whoever may run some command on the service's hosts from this
+    /// channel (the people who would act on its alerts). Audited by the
+    /// controller with the chat identity.
+    async fn silence(
+        &self,
+        msg: &Incoming,
+        service: String,
+        for_: Option<std::time::Duration>,
+        reason: Option<String>,
+    ) -> Reply {
+        let who = msg.identity.as_str();
+        let p = match self.policy_for_reads(msg).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        let svc = match self.ctl.health_services(service.clone(), 0).await {
+            Ok(s) => match s.into_iter().next() {
+                Some(s) => s,
+                None => {
+                    return Reply::text(format!("no service named {service}{}", asked_by(who)));
+                }
+            },
+            Err(e) => return Reply::text(format!("silence: {}{}", e.message, asked_by(who))),
+        };
+        let allowed = Selector::parse(&svc.selector).is_ok_and(|sel| {
+            p.policy
+                .commands
+                .keys()
+                .any(|c| check_run(&p.policy, &msg.identity, &msg.channel, c, &sel).is_ok())
+        });
+        if !allowed {
+            self.report(event(
+                "chat_denied",
+                msg,
+                "silence",
+                "",
+                format!("silence {service}: may not act on {}", svc.selector),
+            ))
+            .await;
+            return Reply::text(format!(
+                "you may not silence {service}: that needs a role that may run a command on `{}` in this channel{}",
+                svc.selector,
+                asked_by(who)
+            ));
+        }
+        let req = v1::SilenceRequest {
+            service: service.clone(),
+            duration_secs: for_.map_or(0, |d| d.as_secs()),
+            reason: reason.clone().unwrap_or_default(),
+            actor: who.to_string(),
+            channel: msg.channel.clone(),
+        };
+        match (self.ctl.silence(req).await, for_) {
+            (Ok(_), None) => Reply::text(format!(
+                "alerts of {service} are no longer silenced{}",
+                asked_by(who)
+            )),
+            (Ok(_), Some(d)) => Reply::text(format!(
+                "alerts of {service} silenced for {}{}{}",
+                fleetcmd_core::duration::format_duration(d),
+                reason.map(|r| format!(": {r}")).unwrap_or_default(),
+                asked_by(who)
+            )),
+            (Err(e), _) => {
+                Reply::text(format!("silence {service}: {}{}", e.message, asked_by(who)))
+            }
         }
     }
 

@@ -76,6 +76,17 @@ pub enum Cmd {
         #[command(subcommand)]
         action: crate::audit_cmd::AuditCmd,
     },
+    /// Services (ok / degraded / down) with their instances, worst first;
+    /// exit status 2 when one is not ok. `health silence` mutes alerts.
+    Health {
+        #[command(subcommand)]
+        action: Option<crate::health_cmd::HealthCmd>,
+        /// One service, with its instances and recent changes.
+        service: Option<String>,
+        /// Recent changes to show for one service.
+        #[arg(long, default_value_t = 10)]
+        history: u32,
+    },
     /// Post a monitoring notification into chat through the gateway
     /// (for Nagios, Zabbix, Sensu and other script hooks).
     Notify(crate::notify_cmd::NotifyArgs),

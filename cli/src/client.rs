@@ -70,7 +70,7 @@ pub async fn channel(conn: &Conn, op: &Operator) -> Result<Channel, Failure> {
     Ok(fleetcmd_proto::channel::connect(&conn.controller, &op.tls).await?)
 }
 
-fn status(s: tonic::Status) -> Failure {
+pub(crate) fn status(s: tonic::Status) -> Failure {
     Failure {
         code: 1,
         error: anyhow::anyhow!("controller: {}", s.message()),

@@ -99,6 +99,8 @@ pub struct FleetOptions {
     pub agent_max_concurrent_jobs: usize,
     pub job_retention: Duration,
     pub job_store_max_bytes: u64,
+    /// `[services.NAME]` of the controller.
+    pub services: Vec<fleetcmd_controller::health::ServiceConfig>,
 }
 
 impl FleetOptions {
@@ -114,6 +116,7 @@ impl FleetOptions {
             agent_max_concurrent_jobs: 16,
             job_retention: Duration::from_secs(30 * 86400),
             job_store_max_bytes: 10 * 1024 * 1024 * 1024,
+            services: Vec::new(),
         }
     }
 }
@@ -189,6 +192,7 @@ impl Fleet {
             job_retention: opts.job_retention,
             job_store_max_bytes: opts.job_store_max_bytes,
             store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
+            services: opts.services.clone(),
         };
         let controller = fleetcmd_controller::start(config.clone())
             .await

@@ -11,6 +11,7 @@ pub mod cli_args;
 pub mod client;
 pub mod dev;
 pub mod fleet;
+pub mod health_cmd;
 pub mod notify_cmd;
 pub mod policy_cmd;
 

@@ -63,6 +63,15 @@ fn main() -> ExitCode {
             Cmd::Cancel { id } => client::cancel(&conn, &id).await,
             Cmd::Policy { action } => policy_cmd::run(&conn, action).await,
             Cmd::Audit { action } => fleetcmd_cli::audit_cmd::run(&conn, action).await,
+            Cmd::Health {
+                action: Some(action),
+                ..
+            } => fleetcmd_cli::health_cmd::run(&conn, action).await,
+            Cmd::Health {
+                action: None,
+                service,
+                history,
+            } => fleetcmd_cli::health_cmd::show(&conn, service.as_deref(), history).await,
             Cmd::Notify(args) => fleetcmd_cli::notify_cmd::run(args).await.map(|()| 0),
         }
     });

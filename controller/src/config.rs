@@ -34,6 +34,8 @@ pub struct RawConfig {
     /// Bytes of the database's own page cache (sled's default is 1 GiB;
     /// recently written and read pages are also in the OS page cache).
     pub store_cache_bytes: u64,
+    /// `[services.NAME]`: services made of agents and one of their checks.
+    pub services: std::collections::BTreeMap<String, crate::health::RawService>,
 }
 
 impl Default for RawConfig {
@@ -51,6 +53,7 @@ impl Default for RawConfig {
             audit_export: Vec::new(),
             audit_retention: "0".into(),
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
+            services: Default::default(),
         }
     }
 }
@@ -71,6 +74,7 @@ pub struct ControllerConfig {
     /// `None`: keep the trail forever.
     pub audit_retention: Option<Duration>,
     pub store_cache_bytes: u64,
+    pub services: Vec<crate::health::ServiceConfig>,
 }
 
 /// Every problem found in a configuration file.
@@ -182,6 +186,9 @@ impl RawConfig {
                 Err(p) => problems.extend(p),
             }
         }
+        let services = crate::health::config::validate(&self.services)
+            .map_err(|p| problems.extend(p))
+            .unwrap_or_default();
         match (listen, problems.is_empty()) {
             (Some(listen), true) => Ok(ControllerConfig {
                 listen,
@@ -196,6 +203,7 @@ impl RawConfig {
                 audit_export,
                 audit_retention,
                 store_cache_bytes: self.store_cache_bytes,
+                services,
             }),
             _ => Err(ConfigError {
                 file: file.to_owned(),

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cli_args;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod pki;
 pub mod server;
 pub mod service;

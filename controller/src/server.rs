@@ -247,6 +247,12 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             require(shared.clone(), CLIENTS),
+        ))
+        .add_service(InterceptedService::new(
+            pb::health_server::HealthServer::new(crate::health::service::HealthSvc(shared.clone()))
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            require(shared.clone(), CLIENTS),
         ));
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -257,6 +263,7 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
     let sweep_state = shared.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let health_every = sweep_state.config.heartbeat_interval.as_secs().clamp(1, 5);
         let mut retention_ticks = 0u64;
         loop {
             tokio::select! {
@@ -266,6 +273,18 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
                     }
                     if let Err(e) = sweep_state.audit.tick().await {
                         tracing::error!(error = %e, "signing the audit chain head");
+                    }
+                    // Services are evaluated about once per heartbeat
+                    // interval (at most every 5 s), when there are any.
+                    if !sweep_state.health.is_empty()
+                        && retention_ticks.is_multiple_of(health_every)
+                    {
+                        let s = sweep_state.clone();
+                        match tokio::task::spawn_blocking(move || s.health_tick()).await {
+                            Ok(Err(e)) => tracing::error!(error = %e, "evaluating services"),
+                            Err(e) => tracing::error!(error = %e, "evaluating services"),
+                            Ok(Ok(())) => {}
+                        }
                     }
                     retention_ticks += 1;
                     if retention_ticks.is_multiple_of(RETENTION_EVERY_TICKS) {

@@ -112,6 +112,8 @@ pub struct Shared {
     pub auth_limiter: crate::auth::AuthFailureLimiter,
     /// The audit trail (its trees live in `store`; one flush covers both).
     pub audit: Arc<crate::audit::Audit>,
+    /// Services and their alerts (`crate::health`).
+    pub health: Arc<crate::health::Health>,
 }
 
 /// A job `store_submission` wrote (not yet flushed).
@@ -226,7 +228,12 @@ impl Shared {
             }
         });
         let (dispatch_tx, dispatch_rx) = mpsc::channel(DISPATCH_QUEUE);
+        let health = Arc::new(crate::health::Health::open(
+            store.clone(),
+            config.services.clone(),
+        )?);
         let shared = Shared {
+            health,
             flusher,
             dispatch_tx,
             dispatch_rx: Mutex::new(Some(dispatch_rx)),
@@ -284,6 +291,32 @@ impl Shared {
     /// Makes everything written so far durable. Group commit: callers
     /// queue up while a flush runs, and the next flush answers all of them,
     /// so many concurrent results cost one fsync, not one each.
+    /// Makes everything written so far durable (for subsystems outside
+    /// this module that acknowledge an action, such as a silence).
+    pub async fn flush_now(&self) -> ApiResult<()> {
+        self.flush().await
+    }
+
+    /// Agents reconnect during the first three heartbeats after a start:
+    /// until then an absent agent is not evidence of anything.
+    pub fn settling(&self) -> bool {
+        self.started.elapsed() < self.config.heartbeat_interval * 3
+    }
+
+    /// Evaluates the services (`crate::health`) from the agents' latest
+    /// check results; audits announced changes. Blocking: reads the agent
+    /// list from the store.
+    pub fn health_tick(&self) -> ApiResult<()> {
+        if self.health.is_empty() || self.settling() {
+            return Ok(());
+        }
+        let agents = self.list_agents("")?;
+        for event in self.health.evaluate(&agents, now_ms())? {
+            self.security_event(event);
+        }
+        Ok(())
+    }
+
     async fn flush(&self) -> ApiResult<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.flusher

@@ -52,6 +52,10 @@ pub enum EventKind {
     /// A call without a certificate, with the wrong role, or by a revoked
     /// identity; bad chat signatures and webhook HMACs.
     AuthFailed,
+    /// A service's announced health state changed (after flap damping).
+    ServiceChanged,
+    /// A service's alerts were silenced (or the silence lifted).
+    ServiceSilenced,
 }
 
 impl EventKind {
@@ -76,6 +80,8 @@ impl EventKind {
         EventKind::ApprovalExpired,
         EventKind::ChatDenied,
         EventKind::AuthFailed,
+        EventKind::ServiceChanged,
+        EventKind::ServiceSilenced,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -100,6 +106,8 @@ impl EventKind {
             EventKind::ApprovalExpired => "approval_expired",
             EventKind::ChatDenied => "chat_denied",
             EventKind::AuthFailed => "auth_failed",
+            EventKind::ServiceChanged => "service_changed",
+            EventKind::ServiceSilenced => "service_silenced",
         }
     }
 

@@ -37,6 +37,27 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// A point in time as written in `--since`/`--until` and chat `audit`:
 /// a duration (`2h`: that long before `now_ms`) or an RFC 3339 time; unix ms.
+/// Formats a duration the way [`parse_duration`] reads it, largest units
+/// first: `1h30m`, `45s`, `2d`, `250ms`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let mut secs = d.as_secs();
+    let mut out = String::new();
+    for (unit, n) in [("d", 86400), ("h", 3600), ("m", 60), ("s", 1)] {
+        if secs >= n {
+            out.push_str(&format!("{}{unit}", secs / n));
+            secs %= n;
+        }
+    }
+    out
+}
+
 pub fn parse_time_ms(s: &str, now_ms: u64) -> Result<u64, String> {
     if let Ok(d) = parse_duration(s) {
         return Ok(now_ms.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));

@@ -15,6 +15,7 @@ pub mod authorize;
 pub mod crypto;
 pub mod duration;
 pub mod grammar;
+pub mod health;
 pub mod ids;
 pub mod job;
 pub mod join_token;

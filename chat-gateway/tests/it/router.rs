@@ -379,3 +379,90 @@ async fn serve_answers_concurrently_and_waits_for_running_jobs() {
     assert!(text.contains("a target is required"), "{text}");
     assert!(text.contains("  | up 3 days, load 0.5\n"), "{text}");
 }
+
+fn service(name: &str, state: &str, passing: u32, total: u32) -> fleetcmd_proto::v1::Service {
+    use fleetcmd_proto::v1;
+    v1::Service {
+        name: name.into(),
+        state: state.into(),
+        selector: "role=web".into(),
+        check: "http".into(),
+        passing,
+        total,
+        instances: (1..=total)
+            .map(|i| v1::ServiceInstance {
+                agent_id: format!("web-{i}"),
+                online: true,
+                state: if i <= passing {
+                    v1::CheckState::Ok as i32
+                } else {
+                    v1::CheckState::Critical as i32
+                },
+                summary: if i <= passing {
+                    "HTTP OK".into()
+                } else {
+                    "connection refused".into()
+                },
+                checked_at_ms: 0,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn health_shows_services_and_silence_is_limited_and_reported_with_the_chat_identity() {
+    // The controller lists services worst first; the router keeps its order.
+    let w = world_with(|f| {
+        f.services = vec![service("api", "degraded", 1, 2), service("web", "ok", 2, 2)]
+    });
+    let text = one_text(&ask(&w, "console:bob", "!health").await);
+    assert!(text.contains("services: 2 (1 not ok)"), "{text}");
+    let api = text.find("api").expect("api listed");
+    let web = text.rfind("web ").expect("web listed");
+    assert!(api < web, "worst first: {text}");
+    assert!(text.contains("1/2") && text.contains("degraded"), "{text}");
+
+    let text = one_text(&ask(&w, "console:bob", "!health api").await);
+    assert!(
+        text.contains("api is degraded (1 of 2 instances pass; check \"http\" on role=web)"),
+        "{text}"
+    );
+    // The failing instance first.
+    assert!(
+        text.find("web-2").expect("web-2") < text.find("web-1").expect("web-1")
+            && text.contains("connection refused"),
+        "{text}"
+    );
+    let text = one_text(&ask(&w, "console:bob", "!health nope").await);
+    assert!(text.contains("no service named nope"), "{text}");
+
+    // No role here: refused, reported, nothing silenced.
+    let text = one_text(&ask(&w, "console:mallory", "!silence api 1h").await);
+    assert!(text.contains("you have no roles in this channel"), "{text}");
+    assert!(w.router.controller().silences().is_empty());
+
+    let text = one_text(&ask(&w, "console:bob", "!silence api 2h deploying v2").await);
+    assert!(
+        text.contains("alerts of api silenced for 2h: deploying v2")
+            && text.contains("asked by console:bob"),
+        "{text}"
+    );
+    let text = one_text(&ask(&w, "console:bob", "!silence api off").await);
+    assert!(text.contains("no longer silenced"), "{text}");
+    let s = w.router.controller().silences();
+    assert_eq!(s.len(), 2, "{s:?}");
+    assert_eq!(
+        (
+            s[0].service.as_str(),
+            s[0].duration_secs,
+            s[0].reason.as_str(),
+            s[0].actor.as_str()
+        ),
+        ("api", 7200, "deploying v2", "console:bob")
+    );
+    assert_eq!(s[1].duration_secs, 0);
+    let text = one_text(&ask(&w, "console:bob", "!silence nope 1h").await);
+    assert!(text.contains("no service named nope"), "{text}");
+    assert_eq!(w.router.controller().silences().len(), 2);
+}

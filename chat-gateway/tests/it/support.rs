@@ -272,6 +272,8 @@ pub struct FakeController {
     /// What `audit_search` answers (JSON lines), and the last request.
     pub audit_records: Vec<String>,
     pub audit_requests: Mutex<Vec<v1::AuditSearchRequest>>,
+    pub services: Vec<v1::Service>,
+    pub silences: Mutex<Vec<v1::SilenceRequest>>,
 }
 
 impl FakeController {
@@ -287,7 +289,13 @@ impl FakeController {
             reports: Mutex::new(Vec::new()),
             audit_records: Vec::new(),
             audit_requests: Mutex::new(Vec::new()),
+            services: Vec::new(),
+            silences: Mutex::new(Vec::new()),
         }
+    }
+
+    pub fn silences(&self) -> Vec<v1::SilenceRequest> {
+        self.silences.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// (kind, actor, command, detail) of every reported audit event.
@@ -448,6 +456,40 @@ impl ControllerApi for FakeController {
             records: self.audit_records.clone(),
             next_before_seq: 0,
         })
+    }
+
+    async fn health_services(
+        &self,
+        name: String,
+        _history: u32,
+    ) -> Result<Vec<v1::Service>, ControllerError> {
+        self.check()?;
+        Ok(self
+            .services
+            .iter()
+            .filter(|s| name.is_empty() || s.name == name)
+            .cloned()
+            .collect())
+    }
+
+    async fn health_watch(
+        &self,
+    ) -> Result<fleetcmd_gateway::controller::AlertEvents, ControllerError> {
+        self.check()?;
+        Ok(Box::pin(futures_util::stream::empty()))
+    }
+
+    async fn silence(&self, req: v1::SilenceRequest) -> Result<u64, ControllerError> {
+        self.check()?;
+        let until = if req.duration_secs == 0 {
+            0
+        } else {
+            1_000 + req.duration_secs * 1000
+        };
+        if let Ok(mut s) = self.silences.lock() {
+            s.push(req);
+        }
+        Ok(until)
     }
 
     async fn audit_verify(&self) -> Result<v1::AuditVerifyResponse, ControllerError> {

@@ -606,6 +606,9 @@ pub mod alert_event {
         Transition = 2,
         /// Still not ok after the reminder interval.
         Reminder = 3,
+        /// Changing state too often: further transitions are held until it
+        /// settles (one chat message; integrations ignore it).
+        Flapping = 4,
     }
     impl Kind {
         /// String value of the enum field names used in the ProtoBuf definition.
@@ -618,6 +621,7 @@ pub mod alert_event {
                 Self::Snapshot => "KIND_SNAPSHOT",
                 Self::Transition => "KIND_TRANSITION",
                 Self::Reminder => "KIND_REMINDER",
+                Self::Flapping => "KIND_FLAPPING",
             }
         }
         /// Creates an enum from field names used in the ProtoBuf definition.
@@ -627,6 +631,7 @@ pub mod alert_event {
                 "KIND_SNAPSHOT" => Some(Self::Snapshot),
                 "KIND_TRANSITION" => Some(Self::Transition),
                 "KIND_REMINDER" => Some(Self::Reminder),
+                "KIND_FLAPPING" => Some(Self::Flapping),
                 _ => None,
             }
         }

@@ -24,6 +24,7 @@ fn config(data: &Path, exports: Vec<ExportConfig>) -> ControllerConfig {
         audit_export: exports,
         audit_retention: None,
         store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
+        services: Vec::new(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: data.to_path_buf(),
         tls_names: Vec::new(),

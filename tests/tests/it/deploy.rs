@@ -14,6 +14,23 @@ fn example_controller_config_validates() {
         .expect("deploy/controller.toml is valid");
 }
 
+/// deploy/examples/health/services.toml, appended to controller.toml as
+/// the file says, validates; and its services are the ones documented.
+#[test]
+fn example_services_validate_in_the_controller_config() {
+    let base = std::fs::read_to_string(deploy("controller.toml")).expect("controller.toml");
+    let services =
+        std::fs::read_to_string(deploy("examples/health/services.toml")).expect("services.toml");
+    let raw: fleetcmd_controller::config::RawConfig =
+        toml::from_str(&format!("{base}\n{services}")).expect("parses");
+    let cfg = raw
+        .validate("controller.toml + services.toml")
+        .expect("valid");
+    let names: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["api", "db", "disks"]);
+    assert!(cfg.services[2].damping.remind.is_zero());
+}
+
 #[test]
 fn example_agent_config_validates() {
     fleetcmd_agent::config::load(&deploy("agent.toml")).expect("deploy/agent.toml is valid");

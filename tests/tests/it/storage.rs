@@ -253,6 +253,7 @@ async fn a_corrupt_database_stops_the_controller_with_a_restore_hint() {
         job_retention: Duration::from_secs(86400),
         job_store_max_bytes: 1 << 30,
         store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
+        services: Vec::new(),
     };
     let tmp = fleet.tmp;
     fleet.fleet.shutdown().await.expect("shutdown");

@@ -1,0 +1,222 @@
+//! Service alerts into chat (DESIGN §6): the gateway follows the
+//! controller's `Health.Watch` stream and posts each announced state change
+//! (and reminder, and "started flapping") to the service's channels. The
+//! controller has already damped and deduplicated them; silenced services'
+//! events are not posted. Every event, snapshots included, is also handed
+//! to the integrations (PagerDuty, Opsgenie, Statuspage) when configured.
+//!
+//! The stream is re-opened with backoff when it ends; the snapshot that
+//! starts each stream is not posted (it is the state, not a change), so a
+//! reconnect never repeats an alert.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetcmd_proto::v1;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::adapters::{ChatSender, Reply};
+use crate::controller::ControllerApi;
+use crate::router::Router;
+
+/// Failing instances listed in one alert.
+pub const MAX_INSTANCES: usize = 10;
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+fn check_state(s: i32) -> &'static str {
+    match v1::CheckState::try_from(s) {
+        Ok(v1::CheckState::Ok) => "OK",
+        Ok(v1::CheckState::Warning) => "WARNING",
+        Ok(v1::CheckState::Critical) => "CRITICAL",
+        _ => "UNKNOWN",
+    }
+}
+
+fn passes(i: &v1::ServiceInstance) -> bool {
+    i.online && (i.state == v1::CheckState::Ok as i32 || i.state == v1::CheckState::Warning as i32)
+}
+
+/// The chat message for an alert event; `None` for events that are not
+/// posted (snapshots, silenced services).
+pub fn render(ev: &v1::AlertEvent) -> Option<Reply> {
+    use v1::alert_event::Kind;
+    let kind = Kind::try_from(ev.kind).unwrap_or(Kind::Unspecified);
+    if ev.silenced || matches!(kind, Kind::Snapshot | Kind::Unspecified) {
+        return None;
+    }
+    let s = ev.service.as_ref()?;
+    let tag = match (kind, s.state.as_str()) {
+        (Kind::Flapping, _) => "FLAPPING".to_string(),
+        (Kind::Transition, "ok") => "RECOVERED".to_string(),
+        (_, state) => state.to_ascii_uppercase(),
+    };
+    let mut reply = Reply::text(format!("[{tag}] {}", ev.summary));
+    if kind != Kind::Flapping && s.state != "ok" {
+        let failing: Vec<&v1::ServiceInstance> =
+            s.instances.iter().filter(|i| !passes(i)).collect();
+        for i in failing.iter().take(MAX_INSTANCES) {
+            reply.lines.push(if i.online {
+                format!(
+                    "  {}: {} {}",
+                    i.agent_id,
+                    check_state(i.state),
+                    i.summary.lines().next().unwrap_or_default()
+                )
+            } else {
+                format!("  {}: agent offline", i.agent_id)
+            });
+        }
+        if failing.len() > MAX_INSTANCES {
+            reply
+                .lines
+                .push(format!("  … {} more", failing.len() - MAX_INSTANCES));
+        }
+        reply.lines.push(format!(
+            "details: `health {}` · mute: `silence {} 1h <reason>`",
+            s.name, s.name
+        ));
+    }
+    Some(reply)
+}
+
+/// Follows the controller's alert stream until the task is dropped,
+/// posting through `senders` (by channel scheme) and handing every event
+/// to `integrations` (bounded: when they fall behind, events are dropped
+/// with a warning; the next snapshot brings them back in line).
+pub async fn run<C: ControllerApi>(
+    router: Arc<Router<C>>,
+    senders: Vec<(String, Arc<dyn ChatSender>)>,
+    integrations: Option<mpsc::Sender<v1::AlertEvent>>,
+) {
+    let ctl = router.controller();
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let mut stream = match ctl.health_watch().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "alerts: cannot follow the controller's health stream");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        while let Some(item) = stream.next().await {
+            let ev = match item {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::warn!(error = %e, "alerts: health stream failed");
+                    break;
+                }
+            };
+            backoff = BACKOFF_MIN;
+            if let Some(tx) = &integrations
+                && tx.try_send(ev.clone()).is_err()
+            {
+                tracing::warn!("alerts: integrations are behind; dropped one event");
+            }
+            post(&senders, &ev).await;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn post(senders: &[(String, Arc<dyn ChatSender>)], ev: &v1::AlertEvent) {
+    let (Some(reply), Some(s)) = (render(ev), ev.service.as_ref()) else {
+        return;
+    };
+    for channel in &s.channels {
+        let scheme = channel.split(':').next().unwrap_or_default();
+        let Some((_, out)) = senders.iter().find(|(name, _)| name == scheme) else {
+            tracing::warn!(
+                service = %s.name,
+                %channel,
+                "alerts: no enabled adapter posts to this channel"
+            );
+            continue;
+        };
+        if let Err(e) = out.send(channel, reply.clone()).await {
+            tracing::warn!(service = %s.name, %channel, error = %e, "alerts: post failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(
+        id: &str,
+        online: bool,
+        state: v1::CheckState,
+        summary: &str,
+    ) -> v1::ServiceInstance {
+        v1::ServiceInstance {
+            agent_id: id.into(),
+            online,
+            state: state as i32,
+            summary: summary.into(),
+            checked_at_ms: 0,
+        }
+    }
+
+    fn event(kind: v1::alert_event::Kind, state: &str, silenced: bool) -> v1::AlertEvent {
+        v1::AlertEvent {
+            kind: kind as i32,
+            service: Some(v1::Service {
+                name: "api".into(),
+                state: state.into(),
+                passing: 1,
+                total: 3,
+                instances: vec![
+                    instance("web-1", true, v1::CheckState::Ok, "HTTP OK"),
+                    instance(
+                        "web-2",
+                        true,
+                        v1::CheckState::Critical,
+                        "connection refused\nmore",
+                    ),
+                    instance("web-3", false, v1::CheckState::Unknown, "agent offline"),
+                ],
+                channels: vec!["irc:#ops".into()],
+                ..Default::default()
+            }),
+            from: "ok".into(),
+            silenced,
+            at_ms: 0,
+            summary: "api is degraded: 1 of 3 instances pass".into(),
+        }
+    }
+
+    #[test]
+    fn transitions_list_the_failing_instances() {
+        use v1::alert_event::Kind;
+        let r = render(&event(Kind::Transition, "degraded", false)).expect("posted");
+        assert_eq!(
+            r.header,
+            "[DEGRADED] api is degraded: 1 of 3 instances pass"
+        );
+        assert_eq!(
+            r.lines,
+            [
+                "  web-2: CRITICAL connection refused",
+                "  web-3: agent offline",
+                "details: `health api` · mute: `silence api 1h <reason>`",
+            ]
+        );
+    }
+
+    #[test]
+    fn snapshots_and_silenced_events_are_not_posted() {
+        use v1::alert_event::Kind;
+        assert!(render(&event(Kind::Snapshot, "degraded", false)).is_none());
+        assert!(render(&event(Kind::Transition, "down", true)).is_none());
+        let ok = render(&event(Kind::Transition, "ok", false)).expect("posted");
+        assert!(ok.header.starts_with("[RECOVERED]"), "{}", ok.header);
+        assert!(ok.lines.is_empty());
+        let flap = render(&event(Kind::Flapping, "down", false)).expect("posted");
+        assert!(flap.header.starts_with("[FLAPPING]"), "{}", flap.header);
+    }
+}

@@ -1,0 +1,453 @@
+//! Services and their alerts (DESIGN §6): each `[services.NAME]` is
+//! evaluated from its instances' check results on a timer; the pure rules
+//! in `fleetcmd_core::health` decide what is announced; announcements go to
+//! `Health.Watch` subscribers (the gateway: chat, PagerDuty, Opsgenie,
+//! Statuspage) and state changes and silences into the audit trail.
+//!
+//! What was last announced, silences and each service's recent transitions
+//! live in the store's `health` tree, so a restart neither repeats an alert
+//! nor forgets a silence.
+
+pub mod config;
+pub mod service;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use fleetcmd_core::audit::{Event, EventKind};
+use fleetcmd_core::health::{Alerting, Decision, ServiceState, evaluate};
+use fleetcmd_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::store::{Store, StoreError};
+pub use config::{RawService, ServiceConfig};
+
+/// Transitions kept per service.
+const HISTORY_KEPT: usize = 200;
+/// Alert events buffered for slow watchers; one that falls further behind
+/// gets a fresh snapshot instead (`service::Watch`).
+const EVENTS_BUFFER: usize = 256;
+const TREE: &str = "health";
+
+/// What survives a restart for one service.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Persisted {
+    state: String,
+    since_ms: u64,
+    #[serde(default)]
+    silenced_until_ms: u64,
+    #[serde(default)]
+    silence_reason: String,
+    #[serde(default)]
+    silenced_by: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredTransition {
+    from: String,
+    to: String,
+    at_ms: u64,
+    passing: u32,
+    total: u32,
+}
+
+struct Runtime {
+    alerting: Alerting,
+    persisted: Persisted,
+    passing: u32,
+    total: u32,
+    instances: Vec<pb::ServiceInstance>,
+}
+
+/// The health of every configured service.
+pub struct Health {
+    services: Vec<ServiceConfig>,
+    runtime: Mutex<HashMap<String, Runtime>>,
+    events: broadcast::Sender<pb::AlertEvent>,
+    store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("services", &self.services.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn backend(e: sled::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn state_key(name: &str) -> Vec<u8> {
+    format!("state/{name}").into_bytes()
+}
+
+fn history_prefix(name: &str) -> Vec<u8> {
+    format!("hist/{name}/").into_bytes()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("health records serialize to JSON")
+}
+
+/// Whether an instance's check result counts as passing.
+fn passes(state: i32) -> bool {
+    state == pb::CheckState::Ok as i32 || state == pb::CheckState::Warning as i32
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::CheckState::try_from(state) {
+        Ok(pb::CheckState::Ok) => "OK",
+        Ok(pb::CheckState::Warning) => "WARNING",
+        Ok(pb::CheckState::Critical) => "CRITICAL",
+        _ => "UNKNOWN",
+    }
+}
+
+impl Health {
+    /// Loads what was announced before a restart. Services removed from
+    /// the config keep their stored records until they come back.
+    pub fn open(store: Arc<dyn Store>, services: Vec<ServiceConfig>) -> Result<Health, StoreError> {
+        let tree = store.tree(TREE)?;
+        let mut runtime = HashMap::new();
+        for s in &services {
+            let key = state_key(&s.name);
+            let persisted: Persisted = match tree.get(&key).map_err(backend)? {
+                Some(v) => decode(&key, &v)?,
+                None => Persisted {
+                    state: ServiceState::Unknown.as_str().into(),
+                    ..Persisted::default()
+                },
+            };
+            let announced = ServiceState::parse(&persisted.state).unwrap_or(ServiceState::Unknown);
+            runtime.insert(
+                s.name.clone(),
+                Runtime {
+                    alerting: Alerting::new(announced, persisted.since_ms),
+                    persisted,
+                    passing: 0,
+                    total: 0,
+                    instances: Vec::new(),
+                },
+            );
+        }
+        Ok(Health {
+            services,
+            runtime: Mutex::new(runtime),
+            events: broadcast::channel(EVENTS_BUFFER).0,
+            store,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<pb::AlertEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn config(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// Evaluates every service from the agents' latest check results and
+    /// returns the audit events for announced state changes. Blocking
+    /// (store writes): call from `spawn_blocking`.
+    pub fn evaluate(&self, agents: &[pb::Agent], now_ms: u64) -> Result<Vec<Event>, StoreError> {
+        let tree = self.store.tree(TREE)?;
+        let mut audit = Vec::new();
+        let mut out = Vec::new();
+        let mut runtime = lock(&self.runtime);
+        for cfg in &self.services {
+            let Some(rt) = runtime.get_mut(&cfg.name) else {
+                continue;
+            };
+            let mut instances = Vec::new();
+            for a in agents.iter().filter(|a| !a.revoked) {
+                let labels = a.labels.clone().into_iter().collect();
+                if !cfg.selector.matches(&a.agent_id, &labels) {
+                    continue;
+                }
+                let check = a.checks.iter().find(|c| c.name == cfg.check);
+                instances.push(pb::ServiceInstance {
+                    agent_id: a.agent_id.clone(),
+                    online: a.online,
+                    state: match (a.online, check) {
+                        (true, Some(c)) => c.state,
+                        _ => pb::CheckState::Unknown as i32,
+                    },
+                    summary: match (a.online, check) {
+                        (false, _) => "agent offline".into(),
+                        (true, None) => format!("no check named {:?} on this agent", cfg.check),
+                        (true, Some(c)) => c.summary.clone(),
+                    },
+                    checked_at_ms: check.map(|c| c.checked_at_ms).unwrap_or(0),
+                });
+            }
+            instances.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+            let total = instances.len() as u32;
+            let passing = instances
+                .iter()
+                .filter(|i| i.online && passes(i.state))
+                .count() as u32;
+            rt.passing = passing;
+            rt.total = total;
+            rt.instances = instances;
+            let raw = evaluate(passing, total, cfg.thresholds);
+            let Some(decision) = rt.alerting.observe(raw, now_ms, &cfg.damping) else {
+                continue;
+            };
+            let silenced = rt.persisted.silenced_until_ms > now_ms;
+            let (kind, from) = match decision {
+                Decision::Transition { from, to } => {
+                    rt.persisted.state = to.as_str().into();
+                    rt.persisted.since_ms = now_ms;
+                    tree.insert(state_key(&cfg.name), encode(&rt.persisted))
+                        .map_err(backend)?;
+                    let t = StoredTransition {
+                        from: from.as_str().into(),
+                        to: to.as_str().into(),
+                        at_ms: now_ms,
+                        passing,
+                        total,
+                    };
+                    let mut key = history_prefix(&cfg.name);
+                    key.extend_from_slice(format!("{now_ms:020}").as_bytes());
+                    tree.insert(key, encode(&t)).map_err(backend)?;
+                    trim_history(&tree, &cfg.name)?;
+                    audit.push(
+                        Event::new(EventKind::ServiceChanged, "controller")
+                            .detail(format!(
+                                "service {} {} → {} ({passing} of {total} instances pass)",
+                                cfg.name, from, to
+                            ))
+                            .hosts(
+                                rt.instances
+                                    .iter()
+                                    .filter(|i| !(i.online && passes(i.state)))
+                                    .map(|i| i.agent_id.clone()),
+                            )
+                            .field("service", &cfg.name)
+                            .field("from", from)
+                            .field("to", to)
+                            .field("passing", passing)
+                            .field("total", total)
+                            .field("silenced", silenced),
+                    );
+                    (pb::alert_event::Kind::Transition, from.as_str())
+                }
+                Decision::Reminder { .. } => (pb::alert_event::Kind::Reminder, ""),
+                Decision::Flapping { .. } => (pb::alert_event::Kind::Flapping, ""),
+            };
+            let service = service_pb(cfg, rt, &[]);
+            out.push(pb::AlertEvent {
+                kind: kind as i32,
+                summary: summary(&service, decision),
+                service: Some(service),
+                from: from.into(),
+                silenced,
+                at_ms: now_ms,
+            });
+        }
+        drop(runtime);
+        for ev in out {
+            // No subscriber is fine: the state is stored and a watcher
+            // starting later gets it in its snapshot.
+            let _ = self.events.send(ev);
+        }
+        Ok(audit)
+    }
+
+    /// Every service (or the one named) with its recent transitions, worst
+    /// first. Blocking (store reads).
+    pub fn services(&self, name: &str, history: u32) -> Result<Vec<pb::Service>, StoreError> {
+        let tree = self.store.tree(TREE)?;
+        let runtime = lock(&self.runtime);
+        let mut out = Vec::new();
+        for cfg in self
+            .services
+            .iter()
+            .filter(|s| name.is_empty() || s.name == name)
+        {
+            let Some(rt) = runtime.get(&cfg.name) else {
+                continue;
+            };
+            let mut hist = Vec::new();
+            if history > 0 {
+                for kv in tree.scan_prefix(history_prefix(&cfg.name)).rev() {
+                    let (k, v) = kv.map_err(backend)?;
+                    let t: StoredTransition = decode(&k, &v)?;
+                    hist.push(pb::ServiceTransition {
+                        from: t.from,
+                        to: t.to,
+                        at_ms: t.at_ms,
+                        passing: t.passing,
+                        total: t.total,
+                    });
+                    if hist.len() >= history as usize {
+                        break;
+                    }
+                }
+            }
+            out.push(service_pb(cfg, rt, &hist));
+        }
+        out.sort_by(|a, b| {
+            let sev = |s: &pb::Service| ServiceState::parse(&s.state).map_or(1, |s| s.severity());
+            sev(b).cmp(&sev(a)).then_with(|| a.name.cmp(&b.name))
+        });
+        Ok(out)
+    }
+
+    /// One snapshot event per service, for a watcher that starts (or fell
+    /// behind).
+    pub fn snapshot(&self, now_ms: u64) -> Vec<pb::AlertEvent> {
+        let runtime = lock(&self.runtime);
+        self.services
+            .iter()
+            .filter_map(|cfg| {
+                let rt = runtime.get(&cfg.name)?;
+                let service = service_pb(cfg, rt, &[]);
+                Some(pb::AlertEvent {
+                    kind: pb::alert_event::Kind::Snapshot as i32,
+                    summary: format!(
+                        "{} is {} ({} of {} instances pass)",
+                        cfg.name, service.state, rt.passing, rt.total
+                    ),
+                    silenced: rt.persisted.silenced_until_ms > now_ms,
+                    service: Some(service),
+                    from: String::new(),
+                    at_ms: now_ms,
+                })
+            })
+            .collect()
+    }
+
+    /// Silences (or, with `until_ms == 0`, un-silences) a service's alerts.
+    /// Blocking (store write); the caller audits and flushes.
+    pub fn silence(
+        &self,
+        name: &str,
+        until_ms: u64,
+        reason: &str,
+        by: &str,
+    ) -> Result<bool, StoreError> {
+        let tree = self.store.tree(TREE)?;
+        let mut runtime = lock(&self.runtime);
+        let Some(rt) = runtime.get_mut(name) else {
+            return Ok(false);
+        };
+        rt.persisted.silenced_until_ms = until_ms;
+        rt.persisted.silence_reason = reason.into();
+        rt.persisted.silenced_by = by.into();
+        tree.insert(state_key(name), encode(&rt.persisted))
+            .map_err(backend)?;
+        Ok(true)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.services.iter().map(|s| s.name.as_str()).collect()
+    }
+}
+
+fn trim_history(tree: &sled::Tree, name: &str) -> Result<(), StoreError> {
+    let keys: Vec<sled::IVec> = tree
+        .scan_prefix(history_prefix(name))
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(backend)?;
+    if keys.len() > HISTORY_KEPT {
+        for k in &keys[..keys.len() - HISTORY_KEPT] {
+            tree.remove(k).map_err(backend)?;
+        }
+    }
+    Ok(())
+}
+
+fn service_pb(cfg: &ServiceConfig, rt: &Runtime, history: &[pb::ServiceTransition]) -> pb::Service {
+    // Until the first evaluation after a start (agents reconnect during
+    // the first heartbeats), the state is the one stored before the restart
+    // and there are no instances yet.
+    pb::Service {
+        name: cfg.name.clone(),
+        state: rt.alerting.announced().as_str().into(),
+        since_ms: rt.alerting.announced_at_ms(),
+        selector: cfg.selector_text.clone(),
+        check: cfg.check.clone(),
+        passing: rt.passing,
+        total: rt.total,
+        instances: rt.instances.clone(),
+        channels: cfg.channels.clone(),
+        silenced_until_ms: rt.persisted.silenced_until_ms,
+        silence_reason: rt.persisted.silence_reason.clone(),
+        silenced_by: rt.persisted.silenced_by.clone(),
+        history: history.to_vec(),
+        flapping: rt.alerting.flapping(),
+        pagerduty: cfg.pagerduty.clone(),
+        opsgenie: cfg.opsgenie.clone(),
+        statuspage_component: cfg.statuspage_component.clone(),
+    }
+}
+
+/// One line for chat and pages: what happened and which instances fail.
+fn summary(s: &pb::Service, d: Decision) -> String {
+    let failing: Vec<String> = s
+        .instances
+        .iter()
+        .filter(|i| !(i.online && passes(i.state)))
+        .take(5)
+        .map(|i| {
+            if i.online {
+                format!("{}: {} {}", i.agent_id, state_name(i.state), i.summary)
+            } else {
+                format!("{}: offline", i.agent_id)
+            }
+        })
+        .collect();
+    let more = s
+        .instances
+        .len()
+        .saturating_sub(s.passing as usize + failing.len());
+    let mut detail = failing.join("; ");
+    if more > 0 {
+        detail.push_str(&format!("; {more} more"));
+    }
+    let count = format!("{} of {} instances pass", s.passing, s.total);
+    match d {
+        Decision::Transition {
+            from,
+            to: ServiceState::Ok,
+        } => {
+            format!("{} recovered (was {from}): {count}", s.name)
+        }
+        Decision::Transition { to, .. } | Decision::Reminder { state: to } => {
+            let still = if matches!(d, Decision::Reminder { .. }) {
+                "still "
+            } else {
+                ""
+            };
+            if detail.is_empty() {
+                format!("{} is {still}{to}: {count}", s.name)
+            } else {
+                format!("{} is {still}{to}: {count} ({detail})", s.name)
+            }
+        }
+        Decision::Flapping { changes } => format!(
+            "{} is flapping ({changes} changes recently): alerts held until it settles; now {count}",
+            s.name
+        ),
+    }
+}
