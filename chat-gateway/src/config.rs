@@ -114,6 +114,19 @@ pub struct GatewayConfig {
     /// `[prometheus]`: the server chat `query PROMQL` asks.
     #[serde(default)]
     pub prometheus: Option<crate::prometheus::PrometheusConfig>,
+    /// `[alertmanager]`: `POST /alertmanager` from Prometheus Alertmanager
+    /// (docs/health/alerting.md).
+    #[serde(default)]
+    pub alertmanager: Option<crate::alertmanager::AlertmanagerConfig>,
+    /// `[pagerduty]`: service alerts to the Events API v2, chat `oncall`.
+    #[serde(default)]
+    pub pagerduty: Option<crate::integrations::PagerDutyConfig>,
+    /// `[opsgenie]`: service alerts to the Opsgenie Alerts API.
+    #[serde(default)]
+    pub opsgenie: Option<crate::integrations::OpsgenieConfig>,
+    /// `[statuspage]`: service states to Statuspage components.
+    #[serde(default)]
+    pub statuspage: Option<crate::integrations::StatuspageConfig>,
 }
 
 /// `[http]`: the listener for chat webhooks (used only when an adapter
@@ -236,6 +249,18 @@ impl GatewayConfig {
         if let Some(w) = &mut self.webhook {
             w.resolve_paths(base);
         }
+        if let Some(a) = &mut self.alertmanager {
+            a.resolve_paths(base);
+        }
+        if let Some(p) = &mut self.pagerduty {
+            p.resolve_paths(base);
+        }
+        if let Some(o) = &mut self.opsgenie {
+            o.resolve_paths(base);
+        }
+        if let Some(s) = &mut self.statuspage {
+            s.resolve_paths(base);
+        }
     }
 
     /// Reads and parses a file (shape only; call [`GatewayConfig::validate`]).
@@ -341,6 +366,10 @@ impl GatewayConfig {
             self.campfire.as_ref().map(|c| c.validate()),
             self.webhook.as_ref().map(|c| c.validate()),
             self.prometheus.as_ref().map(|c| c.validate()),
+            self.alertmanager.as_ref().map(|c| c.validate()),
+            self.pagerduty.as_ref().map(|c| c.validate()),
+            self.opsgenie.as_ref().map(|c| c.validate()),
+            self.statuspage.as_ref().map(|c| c.validate()),
         ];
         for found in prefixed.into_iter().flatten() {
             adapter_problems.extend(

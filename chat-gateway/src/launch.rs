@@ -36,6 +36,11 @@ pub enum LaunchError {
     Notify(String),
     #[error("{0}")]
     Prometheus(String),
+    #[error("[alertmanager]: {0}")]
+    Alertmanager(String),
+    /// The message names the section (`[pagerduty]: …`).
+    #[error("{0}")]
+    Alerts(String),
 }
 
 fn adapter(name: &'static str) -> impl Fn(AdapterError) -> LaunchError {
@@ -124,12 +129,47 @@ pub async fn run(
         .iter()
         .map(|(s, out)| (s.to_string(), out.clone()))
         .collect();
+    // Service alerts to PagerDuty / Opsgenie / Statuspage, fed by
+    // alerts::run below (bounded; see integrations::Integrations::run).
+    let alert_events = match crate::integrations::Integrations::from_config(
+        cfg.pagerduty.as_ref(),
+        cfg.opsgenie.as_ref(),
+        cfg.statuspage.as_ref(),
+    )
+    .map_err(LaunchError::Alerts)?
+    {
+        Some(integrations) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(crate::integrations::QUEUE);
+            gw.spawn_background(integrations.run(rx));
+            Some(tx)
+        }
+        None => None,
+    };
     // Service alerts from the controller into their channels.
-    gw.spawn_background(crate::alerts::run(router.clone(), named.clone(), None));
+    gw.spawn_background(crate::alerts::run(
+        router.clone(),
+        named.clone(),
+        alert_events,
+    ));
     if let Some(n) = &cfg.notify {
         let routes =
             crate::notify::routes(n, named, gw.auth_failures()).map_err(LaunchError::Notify)?;
         gw.add_routes(routes);
+    }
+    if let Some(am) = &cfg.alertmanager {
+        let named = senders
+            .iter()
+            .map(|(s, out)| (s.to_string(), out.clone()))
+            .collect();
+        let routes = crate::alertmanager::routes(am, named, gw.auth_failures())
+            .map_err(LaunchError::Alertmanager)?;
+        gw.add_routes(routes);
+    }
+    if let Some(pd) = &cfg.pagerduty
+        && let Some(oncall) = crate::oncall::Oncall::from_config(pd)
+            .map_err(|e| LaunchError::Alerts(format!("[pagerduty]: {e}")))?
+    {
+        router.set_oncall(oncall);
     }
     if let Some(ac) = &cfg.audit_channel {
         let scheme = ac.channel.split(':').next().unwrap_or_default();

@@ -18,6 +18,7 @@ use fleetcmd_proto::channel::{ChannelError, ClientTls};
 use tokio::task::JoinSet;
 
 pub mod adapters;
+pub mod alertmanager;
 pub mod alerts;
 pub mod approvals;
 pub mod audit_feed;
@@ -25,8 +26,10 @@ pub mod cli_args;
 pub mod config;
 pub mod controller;
 pub mod http;
+pub mod integrations;
 pub mod launch;
 pub mod notify;
+pub mod oncall;
 pub mod prometheus;
 pub mod render;
 pub mod router;

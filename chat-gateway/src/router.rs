@@ -71,6 +71,8 @@ pub struct Router<C> {
     approvals: Approvals,
     /// `[prometheus]`, for `query`.
     prometheus: Option<Arc<crate::prometheus::PromClient>>,
+    /// Chat `oncall` (PagerDuty REST), when `[pagerduty] api_token` is set.
+    pub(crate) oncall: std::sync::OnceLock<crate::oncall::Oncall>,
 }
 
 impl<C> std::fmt::Debug for Router<C> {
@@ -103,13 +105,6 @@ fn event(
     }
 }
 
-fn not_yet(what: &str, who: &str) -> Reply {
-    Reply::text(format!(
-        "`{what}` is not available yet in this gateway{}",
-        asked_by(who)
-    ))
-}
-
 impl<C: ControllerApi> Router<C> {
     pub fn new(cfg: RouterConfig, ctl: C) -> Router<C> {
         Router {
@@ -118,6 +113,7 @@ impl<C: ControllerApi> Router<C> {
             policy: Mutex::new(None),
             approvals: Approvals::default(),
             prometheus: None,
+            oncall: std::sync::OnceLock::new(),
         }
     }
 
@@ -291,7 +287,13 @@ impl<C: ControllerApi> Router<C> {
                 Ok(_) => crate::prometheus::answer(self.prometheus.as_deref(), &q, &who).await,
                 Err(r) => r,
             },
-            ChatCommand::Oncall(_) => not_yet("oncall", &who),
+            ChatCommand::Oncall(schedule) => match self.policy_for_reads(&msg).await {
+                Err(r) => r,
+                Ok(_) => match self.oncall.get() {
+                    Some(o) => o.reply(schedule.as_deref(), &who).await,
+                    None => crate::oncall::not_configured(&who),
+                },
+            },
             ChatCommand::Audit(query) => self.audit(&msg, &query).await,
         };
         self.post(out, &msg, reply).await;

@@ -1,6 +1,8 @@
 //! Integration tests of the gateway crate: rendering, the console adapter
 //! and the router against a fake controller.
 
+mod alerting;
+mod alertmanager;
 mod approvals;
 mod audit;
 mod campfire;

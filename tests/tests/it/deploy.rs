@@ -97,6 +97,8 @@ fn example_gateway_adapter_sections_validate_all_enabled_at_once() {
     assert!(cfg.campfire.is_some() && cfg.webhook.is_some());
     assert!(cfg.audit_channel.is_some() && cfg.notify.is_some());
     assert!(cfg.prometheus.is_some());
+    assert!(cfg.alertmanager.is_some() && cfg.pagerduty.is_some());
+    assert!(cfg.opsgenie.is_some() && cfg.statuspage.is_some());
     // The example names secret files under /etc that do not exist here;
     // anything else wrong with the sections is a failure.
     if let Err(problems) = cfg.validate() {

@@ -269,13 +269,13 @@ fn read_secret(
 /// Constant-time equality of a presented secret and the expected one: both
 /// are HMACed under a per-process random key and the tags are compared by
 /// `ring::hmac::verify`, so timing says nothing about the expected value.
-struct SecretMatcher {
+pub(crate) struct SecretMatcher {
     key: ring::hmac::Key,
     expected: ring::hmac::Tag,
 }
 
 impl SecretMatcher {
-    fn new(expected: &str) -> Result<SecretMatcher, AdapterError> {
+    pub(crate) fn new(expected: &str) -> Result<SecretMatcher, AdapterError> {
         let rng = ring::rand::SystemRandom::new();
         let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng).map_err(|_| {
             AdapterError::Platform {
@@ -287,7 +287,7 @@ impl SecretMatcher {
         Ok(SecretMatcher { key, expected })
     }
 
-    fn matches(&self, presented: &str) -> bool {
+    pub(crate) fn matches(&self, presented: &str) -> bool {
         ring::hmac::verify(&self.key, presented.as_bytes(), self.expected.as_ref()).is_ok()
     }
 }
