@@ -24,6 +24,8 @@ pub struct RawConfig {
     pub max_output_bytes: usize,
     /// Jobs this host runs at once; later ones wait their turn.
     pub max_concurrent_jobs: usize,
+    /// `[[check]]` tables: local health checks (DESIGN §6, docs/health/checks.md).
+    pub check: Vec<crate::checks::config::RawCheck>,
 }
 
 impl Default for RawConfig {
@@ -35,6 +37,7 @@ impl Default for RawConfig {
             allow: None,
             max_output_bytes: 1024 * 1024,
             max_concurrent_jobs: 16,
+            check: Vec::new(),
         }
     }
 }
@@ -48,6 +51,9 @@ pub struct AgentConfig {
     pub allow: Option<Vec<String>>,
     pub max_output_bytes: usize,
     pub max_concurrent_jobs: usize,
+    /// Health checks run on their own intervals; results go out with every
+    /// heartbeat.
+    pub checks: Vec<crate::checks::CheckConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +114,7 @@ impl RawConfig {
                 self.max_concurrent_jobs
             ));
         }
+        let checks = crate::checks::config::validate_checks(&self.check, &mut problems);
         if !problems.is_empty() {
             return Err(ConfigError {
                 file: file.to_owned(),
@@ -121,6 +128,7 @@ impl RawConfig {
             allow: self.allow.clone(),
             max_output_bytes: self.max_output_bytes,
             max_concurrent_jobs: self.max_concurrent_jobs,
+            checks,
         })
     }
 }

@@ -69,6 +69,8 @@ struct Inner {
     slots: Arc<tokio::sync::Semaphore>,
     /// Cancels that arrived before their job started.
     canceled_early: Mutex<std::collections::HashSet<String>>,
+    /// Latest check results; the heartbeat copies them, never waits for a check.
+    checks: crate::checks::Latest,
 }
 
 /// A running agent. `shutdown` stops it.
@@ -111,7 +113,9 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     dir.client_tls()?; // fail now, not in the loop, when files are missing
     let mut labels = config.labels.clone();
     labels.extend(identity.labels.clone());
+    let runner = crate::checks::CheckRunner::start(config.checks.clone());
     let inner = Arc::new(Inner {
+        checks: runner.latest(),
         agent_id: identity.agent_id.clone(),
         labels,
         policy: Mutex::new(policy),
@@ -127,7 +131,7 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         config,
     });
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(run(inner, stop_rx));
+    let task = tokio::spawn(run(inner, stop_rx, runner));
     Ok(AgentHandle {
         stop,
         task,
@@ -135,7 +139,8 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     })
 }
 
-fn jitter_factor() -> f64 {
+/// A factor in 0.8..1.2.
+pub(crate) fn jitter_factor() -> f64 {
     let mut b = [0u8; 4];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     0.8 + 0.4 * (u32::from_le_bytes(b) as f64 / u32::MAX as f64)
@@ -147,7 +152,11 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_secs_f64(raw.min(BACKOFF_MAX.as_secs_f64()) * jitter_factor())
 }
 
-async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+async fn run(
+    inner: Arc<Inner>,
+    mut stop: watch::Receiver<bool>,
+    checks: crate::checks::CheckRunner,
+) {
     let mut jobs = JoinSet::new();
     let mut attempt = 0u32;
     loop {
@@ -172,6 +181,7 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     for tx in lock(&inner.running).values() {
         let _ = tx.send(true);
     }
+    checks.shutdown().await;
     while jobs.join_next().await.is_some() {}
     tracing::info!(agent_id = %inner.agent_id, "agent stopped");
 }
@@ -233,7 +243,7 @@ async fn session(
                         let p = lock(&inner.policy);
                         (p.version(), p.current().and_then(|c| c.expires).is_some_and(|e| e < now_secs()))
                     };
-                    pb::Heartbeat { metrics, policy_version, agent_time: now_secs(), policy_expired, checks: Vec::new() }
+                    pb::Heartbeat { metrics, policy_version, agent_time: now_secs(), policy_expired, checks: inner.checks.snapshot() }
                 };
                 // A full queue means the stream is stuck; drop this heartbeat.
                 let _ = tx.try_send(msg(Out::Heartbeat(hb)));

@@ -3,6 +3,7 @@
 //! allow-listed commands from jobs it has verified itself (DESIGN §2.5).
 //! It opens no listening port.
 
+pub mod checks;
 pub mod cli_args;
 pub mod config;
 pub mod conn;

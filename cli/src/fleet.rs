@@ -329,6 +329,7 @@ impl Fleet {
             allow,
             max_output_bytes: 1024 * 1024,
             max_concurrent_jobs: self.agent_max_concurrent_jobs,
+            checks: Vec::new(),
         };
         self.agents
             .push(fleetcmd_agent::spawn(config).with_context(|| format!("starting agent {name}"))?);
