@@ -755,3 +755,46 @@ async fn results_reach_the_controller_in_heartbeats_and_a_slow_check_does_not_de
     controller.shutdown().await.expect("controller stops");
     drop(listener);
 }
+
+// ------------------------------------------------------------------ deploy example
+
+#[test]
+fn every_commented_example_in_deploy_agent_toml_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+    let text = std::fs::read_to_string(&path).expect("deploy/agent.toml");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The example's private CA, so that `ca_file` can be read.
+    let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+        .expect("params")
+        .self_signed(&rcgen::KeyPair::generate().expect("key"))
+        .expect("cert");
+    let ca_file = dir.path().join("internal-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write ca");
+    let example = regex::Regex::new(r"^# (\[\[check\]\]|[a-z_]+ = .*)$").expect("regex");
+    let mut kinds = Vec::new();
+    let uncommented: Vec<String> = text
+        .lines()
+        .map(|line| match example.captures(line) {
+            Some(c) => {
+                let line = c[1].replace(
+                    "/etc/fleetcmd/internal-ca.pem",
+                    &ca_file.display().to_string(),
+                );
+                if let Some(kind) = line.strip_prefix("kind = ") {
+                    kinds.push(kind.trim_matches('"').to_owned());
+                }
+                line
+            }
+            None => line.to_owned(),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["systemd", "tcp", "http", "disk", "load", "memory", "nagios"],
+        "one example per kind"
+    );
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, uncommented.join("\n")).expect("write");
+    let config = fleetcmd_agent::config::load(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.checks.len(), 7);
+}
