@@ -27,6 +27,8 @@ pub struct RawConfig {
     /// Loopback address of the agent's own `/metrics`; empty: none (the
     /// agent then opens no port at all).
     pub metrics_listen: String,
+    /// `[[check]]` tables: local health checks (DESIGN §6, docs/health/checks.md).
+    pub check: Vec<crate::checks::config::RawCheck>,
 }
 
 impl Default for RawConfig {
@@ -39,6 +41,7 @@ impl Default for RawConfig {
             max_output_bytes: 1024 * 1024,
             max_concurrent_jobs: 16,
             metrics_listen: String::new(),
+            check: Vec::new(),
         }
     }
 }
@@ -54,6 +57,9 @@ pub struct AgentConfig {
     pub max_concurrent_jobs: usize,
     /// Always a loopback address when set.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Health checks run on their own intervals; results go out with every
+    /// heartbeat.
+    pub checks: Vec<crate::checks::CheckConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +138,7 @@ impl RawConfig {
                 }
             },
         };
+        let checks = crate::checks::config::validate_checks(&self.check, &mut problems);
         if !problems.is_empty() {
             return Err(ConfigError {
                 file: file.to_owned(),
@@ -146,6 +153,7 @@ impl RawConfig {
             max_output_bytes: self.max_output_bytes,
             max_concurrent_jobs: self.max_concurrent_jobs,
             metrics_listen,
+            checks,
         })
     }
 }

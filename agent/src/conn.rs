@@ -77,6 +77,8 @@ struct Inner {
     /// The last heartbeat sent and when, for `/metrics` (kept only when
     /// `metrics_listen` is set).
     last_heartbeat: Mutex<Option<(std::time::Instant, pb::Heartbeat)>>,
+    /// Latest check results; the heartbeat copies them, never waits for a check.
+    checks: crate::checks::Latest,
 }
 
 /// A running agent. `shutdown` stops it.
@@ -125,7 +127,9 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     dir.client_tls()?; // fail now, not in the loop, when files are missing
     let mut labels = config.labels.clone();
     labels.extend(identity.labels.clone());
+    let runner = crate::checks::CheckRunner::start(config.checks.clone());
     let inner = Arc::new(Inner {
+        checks: runner.latest(),
         agent_id: identity.agent_id.clone(),
         labels,
         policy: Mutex::new(policy),
@@ -157,7 +161,7 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         let source: crate::exporter::Source = Arc::new(move || figures(&state));
         tokio::spawn(crate::exporter::serve(listener, source, stop_rx.clone()))
     });
-    let task = tokio::spawn(run(inner, stop_rx));
+    let task = tokio::spawn(run(inner, stop_rx, runner));
     Ok(AgentHandle {
         stop,
         task,
@@ -180,7 +184,8 @@ fn figures(inner: &Inner) -> crate::exporter::AgentFigures {
     }
 }
 
-fn jitter_factor() -> f64 {
+/// A factor in 0.8..1.2.
+pub(crate) fn jitter_factor() -> f64 {
     let mut b = [0u8; 4];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     0.8 + 0.4 * (u32::from_le_bytes(b) as f64 / u32::MAX as f64)
@@ -192,7 +197,11 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_secs_f64(raw.min(BACKOFF_MAX.as_secs_f64()) * jitter_factor())
 }
 
-async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+async fn run(
+    inner: Arc<Inner>,
+    mut stop: watch::Receiver<bool>,
+    checks: crate::checks::CheckRunner,
+) {
     let mut jobs = JoinSet::new();
     let mut attempt = 0u32;
     loop {
@@ -217,6 +226,7 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     for tx in lock(&inner.running).values() {
         let _ = tx.send(true);
     }
+    checks.shutdown().await;
     while jobs.join_next().await.is_some() {}
     tracing::info!(agent_id = %inner.agent_id, "agent stopped");
 }
@@ -278,7 +288,7 @@ async fn session(
                         let p = lock(&inner.policy);
                         (p.version(), p.current().and_then(|c| c.expires).is_some_and(|e| e < now_secs()))
                     };
-                    pb::Heartbeat { metrics, policy_version, agent_time: now_secs(), policy_expired, checks: Vec::new() }
+                    pb::Heartbeat { metrics, policy_version, agent_time: now_secs(), policy_expired, checks: inner.checks.snapshot() }
                 };
                 if inner.config.metrics_listen.is_some() {
                     *lock(&inner.last_heartbeat) = Some((std::time::Instant::now(), hb.clone()));

@@ -182,6 +182,36 @@ pub async fn execute(
     .await
 }
 
+/// Runs a Nagios plugin of a `nagios` check (`checks::nagios`), with the
+/// same containment as a job: no shell, cleared environment, own session,
+/// process group and cgroup, output capped, everything killed on timeout.
+///
+/// Crate-private on purpose: its argv comes only from agent.toml, written by
+/// the host's admin, never from the controller or a job, so it is not a
+/// path around [`AuthorizedCommand`] for anything remote. It runs as the
+/// agent's own user (no `run_as`).
+pub(crate) async fn execute_local_plugin(
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    timeout: Duration,
+    limits: &ExecLimits,
+) -> ExecOutcome {
+    // Never canceled: timeout, or dropping the future, ends it.
+    let (_never, cancel) = watch::channel(false);
+    run(
+        Plan {
+            argv,
+            run_as: None,
+            env,
+            timeout,
+            containment: contain::Mode::Auto,
+        },
+        limits,
+        cancel,
+    )
+    .await
+}
+
 /// What to run; built only from an [`AuthorizedCommand`] (or by tests).
 struct Plan<'a> {
     argv: &'a [String],

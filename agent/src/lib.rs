@@ -4,6 +4,7 @@
 //! It opens no listening port, except an optional loopback-only `/metrics`
 //! (`metrics_listen`, see `exporter`).
 
+pub mod checks;
 pub mod cli_args;
 pub mod config;
 pub mod conn;

@@ -101,6 +101,20 @@ impl Collector {
     }
 }
 
+/// Space on every real file system right now (the `disk` check). Blocking:
+/// call from spawn_blocking.
+pub fn disk_usage() -> Vec<DiskUsage> {
+    let disks = Disks::new_with_refreshed_list_specifics(DiskRefreshKind::nothing().with_storage());
+    real_disks(disks.list().iter().map(|disk| {
+        (
+            disk.file_system().to_string_lossy(),
+            disk.mount_point().to_string_lossy(),
+            disk.total_space(),
+            disk.available_space(),
+        )
+    }))
+}
+
 /// Number of all-digit entries in `proc` (one per process); 0 when it cannot
 /// be read.
 fn count_processes(proc: &Path) -> u32 {

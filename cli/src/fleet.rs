@@ -347,6 +347,7 @@ impl Fleet {
             metrics_listen: self
                 .agent_metrics
                 .then(|| "127.0.0.1:0".parse().expect("a valid literal address")),
+            checks: Vec::new(),
         };
         self.agents
             .push(fleetcmd_agent::spawn(config).with_context(|| format!("starting agent {name}"))?);

@@ -19,6 +19,7 @@ pub mod health;
 pub mod ids;
 pub mod job;
 pub mod join_token;
+pub mod nagios;
 pub mod policy;
 pub mod policy_bundle;
 pub mod ratelimit;

@@ -1,1 +1,3 @@
+//! Integration tests of the agent: one binary, one module per area.
 
+mod checks;
