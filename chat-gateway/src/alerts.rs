@@ -47,6 +47,11 @@ pub fn render(ev: &v1::AlertEvent) -> Option<Reply> {
         return None;
     }
     let s = ev.service.as_ref()?;
+    // A new service (or the first evaluation after it was configured)
+    // becoming ok is not news: nothing had been reported as wrong.
+    if kind == Kind::Transition && ev.from == "unknown" && s.state == "ok" {
+        return None;
+    }
     let tag = match (kind, s.state.as_str()) {
         (Kind::Flapping, _) => "FLAPPING".to_string(),
         (Kind::Transition, "ok") => "RECOVERED".to_string(),
@@ -213,6 +218,9 @@ mod tests {
         use v1::alert_event::Kind;
         assert!(render(&event(Kind::Snapshot, "degraded", false)).is_none());
         assert!(render(&event(Kind::Transition, "down", true)).is_none());
+        let mut first = event(Kind::Transition, "ok", false);
+        first.from = "unknown".into();
+        assert!(render(&first).is_none(), "unknown → ok is not news");
         let ok = render(&event(Kind::Transition, "ok", false)).expect("posted");
         assert!(ok.header.starts_with("[RECOVERED]"), "{}", ok.header);
         assert!(ok.lines.is_empty());

@@ -101,6 +101,8 @@ pub struct FleetOptions {
     pub job_store_max_bytes: u64,
     /// `[services.NAME]` of the controller.
     pub services: Vec<fleetcmd_controller::health::ServiceConfig>,
+    /// `[[check]]`s of the agents, by agent name (`dev-1`, …).
+    pub agent_checks: BTreeMap<String, Vec<fleetcmd_agent::checks::CheckConfig>>,
     /// The controller's `metrics_listen` (`None`: no `/metrics`).
     pub controller_metrics: Option<SocketAddr>,
     /// Agents serve their own `/metrics` on `127.0.0.1:0`.
@@ -121,6 +123,7 @@ impl FleetOptions {
             job_retention: Duration::from_secs(30 * 86400),
             job_store_max_bytes: 10 * 1024 * 1024 * 1024,
             services: Vec::new(),
+            agent_checks: BTreeMap::new(),
             controller_metrics: None,
             agent_metrics: false,
         }
@@ -149,6 +152,7 @@ pub struct Fleet {
     pub agent_max_concurrent_jobs: usize,
     /// Agents serve `/metrics` on loopback (`FleetOptions::agent_metrics`).
     pub agent_metrics: bool,
+    agent_checks: BTreeMap<String, Vec<fleetcmd_agent::checks::CheckConfig>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -248,6 +252,7 @@ impl Fleet {
             policy_version: 0,
             agent_max_concurrent_jobs: opts.agent_max_concurrent_jobs,
             agent_metrics: opts.agent_metrics,
+            agent_checks: opts.agent_checks.clone(),
         };
         let policy = example_policy(
             1,
@@ -347,7 +352,7 @@ impl Fleet {
             metrics_listen: self
                 .agent_metrics
                 .then(|| "127.0.0.1:0".parse().expect("a valid literal address")),
-            checks: Vec::new(),
+            checks: self.agent_checks.get(name).cloned().unwrap_or_default(),
         };
         self.agents
             .push(fleetcmd_agent::spawn(config).with_context(|| format!("starting agent {name}"))?);

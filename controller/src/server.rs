@@ -396,6 +396,7 @@ impl RunningController {
         // End the agents' long-lived streams, or the graceful shutdown would
         // wait for them; the agents reconnect with backoff.
         self.shared.disconnect_all();
+        self.shared.health.close();
         if let Some(sweeper) = self.sweeper.take() {
             let _ = sweeper.await;
         }

@@ -65,6 +65,9 @@ pub struct Health {
     services: Vec<ServiceConfig>,
     runtime: Mutex<HashMap<String, Runtime>>,
     events: broadcast::Sender<pb::AlertEvent>,
+    /// Set at shutdown: ends every `Watch` stream (the server's graceful
+    /// shutdown waits for open streams; watchers reconnect to the next).
+    closed: tokio::sync::watch::Sender<bool>,
     store: Arc<dyn Store>,
 }
 
@@ -148,6 +151,7 @@ impl Health {
             services,
             runtime: Mutex::new(runtime),
             events: broadcast::channel(EVENTS_BUFFER).0,
+            closed: tokio::sync::watch::channel(false).0,
             store,
         })
     }
@@ -158,6 +162,19 @@ impl Health {
 
     pub fn subscribe(&self) -> broadcast::Receiver<pb::AlertEvent> {
         self.events.subscribe()
+    }
+
+    /// Resolves when the controller shuts down.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.closed.subscribe();
+        async move {
+            let _ = rx.wait_for(|c| *c).await;
+        }
+    }
+
+    /// Ends every `Watch` stream (shutdown).
+    pub fn close(&self) {
+        self.closed.send_replace(true);
     }
 
     pub fn config(&self, name: &str) -> Option<&ServiceConfig> {

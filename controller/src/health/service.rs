@@ -70,7 +70,9 @@ impl pb::health_server::Health for HealthSvc {
         // Subscribe before the snapshot so nothing falls between them.
         let mut rx = health.subscribe();
         let (tx, out) = mpsc::channel(64);
+        let closed = health.closed();
         tokio::spawn(async move {
+            tokio::pin!(closed);
             let mut pending = health.snapshot(now_ms());
             loop {
                 for ev in pending.drain(..) {
@@ -88,6 +90,7 @@ impl pb::health_server::Health for HealthSvc {
                         Err(RecvError::Closed) => return,
                     },
                     _ = tx.closed() => return,
+                    () = &mut closed => return,
                 }
             }
         });

@@ -13,6 +13,7 @@ mod enrollment;
 mod exec_limits;
 mod grpc;
 mod hardening;
+mod health;
 mod job_signatures;
 mod live;
 mod notify;

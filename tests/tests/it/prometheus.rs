@@ -6,13 +6,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::support::Recorder;
 use fleetcmd_core::ids::Identity;
-use fleetcmd_gateway::adapters::{
-    AdapterError, BoxFuture, ChatSender, Incoming, MessageRef, Reply,
-};
+use fleetcmd_gateway::adapters::Incoming;
 use fleetcmd_gateway::controller::GrpcController;
 use fleetcmd_gateway::prometheus::{PromClient, PrometheusConfig, QueryData};
 use fleetcmd_gateway::router::Router;
@@ -188,39 +186,6 @@ fn hosts(rows: &[(serde_json::Map<String, Value>, String)]) -> Vec<String> {
     h
 }
 
-#[derive(Default)]
-struct Recorder(Mutex<Vec<String>>);
-
-impl ChatSender for Recorder {
-    fn send<'a>(
-        &'a self,
-        channel: &'a str,
-        reply: Reply,
-    ) -> BoxFuture<'a, Result<MessageRef, AdapterError>> {
-        Box::pin(async move {
-            let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            v.push(reply.plain());
-            Ok(MessageRef {
-                channel: channel.to_string(),
-                id: v.len().to_string(),
-            })
-        })
-    }
-    fn edit<'a>(
-        &'a self,
-        _msg: &'a MessageRef,
-        reply: Reply,
-    ) -> BoxFuture<'a, Result<(), AdapterError>> {
-        Box::pin(async move {
-            self.0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(reply.plain());
-            Ok(())
-        })
-    }
-}
-
 fn said(who: &str, channel: &str, text: &str) -> Incoming {
     Incoming {
         identity: Identity::parse(who).expect("identity"),
@@ -236,7 +201,7 @@ fn said(who: &str, channel: &str, text: &str) -> Incoming {
 async fn ask(router: &Router<GrpcController>, who: &str, channel: &str, text: &str) -> String {
     let rec = Recorder::default();
     router.handle(said(who, channel, text), &rec).await;
-    let replies = rec.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let replies = rec.texts();
     assert_eq!(replies.len(), 1, "{replies:?}");
     replies.into_iter().next().unwrap_or_default()
 }

@@ -172,3 +172,53 @@ pub fn agent_info(fleet: &TestFleet, name: &str) -> pb::Agent {
         .find(|a| a.agent_id == name)
         .unwrap_or_else(|| panic!("no agent {name}"))
 }
+
+/// A chat sender that records what was posted (and edits, as new
+/// entries): the plain text of each reply, in order.
+#[derive(Default)]
+pub struct Recorder(std::sync::Mutex<Vec<String>>);
+
+impl Recorder {
+    pub fn texts(&self) -> Vec<String> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    fn push(&self, text: String) -> usize {
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        v.push(text);
+        v.len()
+    }
+}
+
+impl fleetcmd_gateway::adapters::ChatSender for Recorder {
+    fn send<'a>(
+        &'a self,
+        channel: &'a str,
+        reply: fleetcmd_gateway::adapters::Reply,
+    ) -> fleetcmd_gateway::adapters::BoxFuture<
+        'a,
+        Result<fleetcmd_gateway::adapters::MessageRef, fleetcmd_gateway::adapters::AdapterError>,
+    > {
+        Box::pin(async move {
+            let n = self.push(reply.plain());
+            Ok(fleetcmd_gateway::adapters::MessageRef {
+                channel: channel.to_string(),
+                id: n.to_string(),
+            })
+        })
+    }
+
+    fn edit<'a>(
+        &'a self,
+        _msg: &'a fleetcmd_gateway::adapters::MessageRef,
+        reply: fleetcmd_gateway::adapters::Reply,
+    ) -> fleetcmd_gateway::adapters::BoxFuture<
+        'a,
+        Result<(), fleetcmd_gateway::adapters::AdapterError>,
+    > {
+        Box::pin(async move {
+            self.push(reply.plain());
+            Ok(())
+        })
+    }
+}
