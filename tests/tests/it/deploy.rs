@@ -31,6 +31,67 @@ fn example_services_validate_in_the_controller_config() {
     assert!(cfg.services[2].damping.remind.is_zero());
 }
 
+/// deploy/examples/health/agent-checks.toml, appended to agent.toml,
+/// validates, and has every check the example services name.
+#[test]
+fn example_agent_checks_validate_and_match_the_example_services() {
+    let base = std::fs::read_to_string(deploy("agent.toml")).expect("agent.toml");
+    let checks = std::fs::read_to_string(deploy("examples/health/agent-checks.toml"))
+        .expect("agent-checks.toml");
+    let raw: fleetcmd_agent::config::RawConfig =
+        toml::from_str(&format!("{base}\n{checks}")).expect("parses");
+    let cfg = raw
+        .validate("agent.toml + agent-checks.toml")
+        .expect("valid");
+    let names: Vec<&str> = cfg.checks.iter().map(|c| c.name.as_str()).collect();
+    let services =
+        std::fs::read_to_string(deploy("examples/health/services.toml")).expect("services.toml");
+    let services: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, fleetcmd_controller::health::RawService>,
+    > = toml::from_str(&services).expect("services parse");
+    for (name, s) in &services["services"] {
+        assert!(
+            names.contains(&s.check.as_str()),
+            "service {name} checks {:?}, which agent-checks.toml does not define ({names:?})",
+            s.check
+        );
+    }
+}
+
+/// Runs a checker from the prometheus packages on an example file.
+fn tool_accepts(tool: &str, args: &[&str], file: &str) {
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .arg(deploy(file))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{tool}: {e}; install it: apt-get install -y prometheus prometheus-alertmanager")
+        });
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} {file}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The Prometheus and Alertmanager examples pass the projects' own checkers.
+#[test]
+fn example_prometheus_and_alertmanager_configs_pass_their_checkers() {
+    tool_accepts(
+        "promtool",
+        &["check", "config"],
+        "examples/health/prometheus.yml",
+    );
+    tool_accepts(
+        "promtool",
+        &["check", "rules"],
+        "examples/health/fleetcmd-rules.yml",
+    );
+    tool_accepts("amtool", &["check-config"], "examples/alertmanager.yml");
+}
+
 #[test]
 fn example_agent_config_validates() {
     fleetcmd_agent::config::load(&deploy("agent.toml")).expect("deploy/agent.toml is valid");
