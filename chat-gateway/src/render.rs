@@ -654,8 +654,7 @@ pub fn health_table(services: &[v1::Service], one: bool, now_ms: u64) -> (String
             if s.flapping {
                 note = format!("flapping {note}").trim().to_string();
             }
-            let _ = writeln!(
-                text,
+            let row = format!(
                 "{:<20} {:<9} {:>7}  {:<12} {}",
                 s.name,
                 s.state,
@@ -663,6 +662,7 @@ pub fn health_table(services: &[v1::Service], one: bool, now_ms: u64) -> (String
                 ago(now_ms, s.since_ms),
                 note
             );
+            let _ = writeln!(text, "{}", row.trim_end());
         }
         return (header, text.trim_end().to_string());
     }

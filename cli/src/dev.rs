@@ -39,11 +39,12 @@ pub async fn run(args: DevArgs) -> Result<u8, Failure> {
     let mut opts = FleetOptions::new(&dir);
     opts.listen = args.listen;
     opts.agents = args.agents;
+    demo_health(&mut opts)?;
     let fleet = Fleet::start(opts).await?;
     std::fs::write(dir.join("env"), fleet.env_file())?;
     eprintln!(
         "fleetcmd dev: controller {} with {} agents (state in {})\n\
-         type chat commands here, e.g. `!run uptime on all`, `!help`, `!agents`; end with Ctrl-D\n\
+         type chat commands here, e.g. `!run uptime on all`, `!help`, `!agents`, `!health`; end with Ctrl-D\n\
          from another terminal: source {}/env; fleetcmd agents",
         fleet.url,
         fleet.agents.len(),
@@ -60,8 +61,79 @@ pub async fn run(args: DevArgs) -> Result<u8, Failure> {
         tokio::io::stdout(),
         &user,
     )?;
-    let result = fleetcmd_gateway::run(fleet.gateway_options(), adapter).await;
+    // The console gets the chat and the services' alerts.
+    let opts = fleet.gateway_options();
+    let ctl = fleetcmd_gateway::controller::GrpcController::connect_lazy(
+        &opts.controller_url,
+        &opts.tls,
+    )?;
+    let router = std::sync::Arc::new(fleetcmd_gateway::router::Router::new(
+        opts.router_config(),
+        ctl,
+    ));
+    let mut gw = fleetcmd_gateway::Gateway::new(router.clone());
+    use fleetcmd_gateway::adapters::ChatAdapter as _;
+    gw.spawn_background(fleetcmd_gateway::alerts::run(
+        router,
+        vec![("console".to_string(), adapter.sender())],
+        None,
+    ));
+    gw.add(adapter);
+    let result = gw.run(None).await;
     fleet.shutdown().await?;
     result?;
     Ok(0)
+}
+
+/// Checks on every dev agent (`disk`, `load`) and two services over them,
+/// alerting into the console, so `!health` and `!status` show something
+/// real (DESIGN §6). Quicker damping than the defaults: it is a demo.
+fn demo_health(opts: &mut FleetOptions) -> Result<(), Failure> {
+    const CHECKS: &str = r#"
+[[check]]
+name = "disk"
+kind = "disk"
+warn = "90%"
+crit = "97%"
+interval = "10s"
+
+[[check]]
+name = "load"
+kind = "load"
+warn = "4,3,2"
+crit = "8,6,4"
+per_cpu = true
+interval = "10s"
+"#;
+    const SERVICES: &str = r#"
+[fleet-disk]
+selector = "all"
+check = "disk"
+channels = ["console:dev"]
+confirm = "5s"
+
+[web]
+selector = "role=web"
+check = "load"
+channels = ["console:dev"]
+confirm = "5s"
+"#;
+    #[derive(serde::Deserialize)]
+    struct Checks {
+        check: Vec<fleetcmd_agent::checks::config::RawCheck>,
+    }
+    let raw: Checks = toml::from_str(CHECKS)?;
+    let mut problems = Vec::new();
+    let checks = fleetcmd_agent::checks::config::validate_checks(&raw.check, &mut problems);
+    let services: std::collections::BTreeMap<String, fleetcmd_controller::health::RawService> =
+        toml::from_str(SERVICES)?;
+    match fleetcmd_controller::health::config::validate(&services) {
+        Ok(s) if problems.is_empty() => opts.services = s,
+        Ok(_) => Err(anyhow::anyhow!("dev checks: {}", problems.join("; ")))?,
+        Err(p) => Err(anyhow::anyhow!("dev services: {}", p.join("; ")))?,
+    }
+    for i in 1..=opts.agents {
+        opts.agent_checks.insert(format!("dev-{i}"), checks.clone());
+    }
+    Ok(())
 }
