@@ -188,15 +188,20 @@ impl Health {
         let tree = self.store.tree(TREE)?;
         let mut audit = Vec::new();
         let mut out = Vec::new();
+        // Labels in the selector's form once per agent, not per service.
+        let agents: Vec<(&pb::Agent, std::collections::BTreeMap<String, String>)> = agents
+            .iter()
+            .filter(|a| !a.revoked)
+            .map(|a| (a, a.labels.clone().into_iter().collect()))
+            .collect();
         let mut runtime = lock(&self.runtime);
         for cfg in &self.services {
             let Some(rt) = runtime.get_mut(&cfg.name) else {
                 continue;
             };
             let mut instances = Vec::new();
-            for a in agents.iter().filter(|a| !a.revoked) {
-                let labels = a.labels.clone().into_iter().collect();
-                if !cfg.selector.matches(&a.agent_id, &labels) {
+            for (a, labels) in &agents {
+                if !cfg.selector.matches(&a.agent_id, labels) {
                     continue;
                 }
                 let check = a.checks.iter().find(|c| c.name == cfg.check);
@@ -466,5 +471,116 @@ fn summary(s: &pb::Service, d: Decision) -> String {
             "{} is flapping ({changes} changes recently): alerts held until it settles; now {count}",
             s.name
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str, role: &str, online: bool, check: Option<pb::CheckState>) -> pb::Agent {
+        pb::Agent {
+            agent_id: id.into(),
+            labels: [("role".to_string(), role.to_string())].into(),
+            online,
+            checks: check
+                .map(|s| pb::CheckResult {
+                    name: "http".into(),
+                    kind: "http".into(),
+                    state: s as i32,
+                    summary: format!("{s:?}"),
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn health(dir: &std::path::Path) -> Health {
+        let raw: std::collections::BTreeMap<String, RawService> = toml::from_str(
+            "[api]\nselector = \"role=api\"\ncheck = \"http\"\nconfirm = \"0s\"\nchannels = [\"irc:#ops\"]\n",
+        )
+        .expect("toml");
+        let services = config::validate(&raw).expect("valid");
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SledStore::open(&dir.join("db")).expect("store"));
+        Health::open(store, services).expect("health")
+    }
+
+    #[test]
+    fn instances_offline_or_without_the_check_fail_and_changes_are_audited_once() {
+        use pb::CheckState::{Critical, Ok, Warning};
+        let dir = tempfile::tempdir().expect("tmp");
+        let h = health(dir.path());
+        let mut rx = h.subscribe();
+        let state = |h: &Health| h.services("api", 10).expect("services")[0].clone();
+
+        // Nothing matches yet: unknown, nothing announced.
+        assert!(
+            h.evaluate(&[agent("db-1", "db", true, Some(Ok))], 1)
+                .expect("eval")
+                .is_empty()
+        );
+        assert_eq!(state(&h).state, "unknown");
+
+        // OK and WARNING pass: ok.
+        let fleet = [
+            agent("api-1", "api", true, Some(Ok)),
+            agent("api-2", "api", true, Some(Warning)),
+        ];
+        let audit = h.evaluate(&fleet, 2).expect("eval");
+        assert_eq!(audit.len(), 1);
+        assert_eq!(audit[0].fields["to"], "ok");
+        assert_eq!(
+            rx.try_recv().expect("event").summary,
+            "api recovered (was unknown): 2 of 2 instances pass"
+        );
+
+        // Offline, critical and missing-check instances all fail.
+        let fleet = [
+            agent("api-1", "api", true, Some(Ok)),
+            agent("api-2", "api", false, Some(Ok)),
+            agent("api-3", "api", true, Some(Critical)),
+            agent("api-4", "api", true, None),
+        ];
+        let audit = h.evaluate(&fleet, 3).expect("eval");
+        assert_eq!(audit.len(), 1);
+        assert_eq!(audit[0].hosts, ["api-2", "api-3", "api-4"]);
+        let ev = rx.try_recv().expect("event");
+        assert_eq!(
+            ev.summary,
+            "api is down: 1 of 4 instances pass (api-2: offline; api-3: CRITICAL Critical; \
+             api-4: UNKNOWN no check named \"http\" on this agent)"
+        );
+        // The same state again: nothing new.
+        assert!(h.evaluate(&fleet, 4).expect("eval").is_empty());
+        assert!(rx.try_recv().is_err());
+        let s = state(&h);
+        assert_eq!((s.state.as_str(), s.passing, s.total), ("down", 1, 4));
+        assert_eq!(s.history.len(), 2);
+        assert_eq!(
+            (s.history[0].from.as_str(), s.history[0].to.as_str()),
+            ("ok", "down")
+        );
+
+        // A silence is stored and marks the events, and survives a reopen.
+        assert!(
+            h.silence("api", 10_000, "maintenance", "irc:alice")
+                .expect("silence")
+        );
+        assert!(!h.silence("nope", 10_000, "", "irc:alice").expect("silence"));
+        let fleet_ok = [agent("api-1", "api", true, Some(Ok))];
+        h.evaluate(&fleet_ok, 5).expect("eval");
+        assert!(rx.try_recv().expect("event").silenced);
+        drop(h);
+        let h = health(dir.path());
+        let s = state(&h);
+        assert_eq!(
+            (s.state.as_str(), s.silenced_by.as_str()),
+            ("ok", "irc:alice")
+        );
+        // Restored: the announced state is not announced again.
+        assert!(h.evaluate(&fleet_ok, 6).expect("eval").is_empty());
     }
 }
