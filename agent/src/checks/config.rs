@@ -119,7 +119,8 @@ impl CheckKind {
 
 #[derive(Debug, Clone)]
 pub struct HttpCheck {
-    pub url: reqwest::Url,
+    /// `http://` or `https://` with a host (no user info).
+    pub url: hyper::Uri,
     /// Inclusive ranges of accepted status codes.
     pub expect_status: Vec<(u16, u16)>,
     pub body_contains: Option<String>,
@@ -375,8 +376,14 @@ fn http(check: &RawCheck, at: &str, problems: &mut Vec<String>) -> Option<CheckK
         "\"https://127.0.0.1:8443/healthz\"",
         problems,
     )
-    .and_then(|u| match reqwest::Url::parse(u) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Some(url),
+    .and_then(|u| match u.parse::<hyper::Uri>() {
+        Ok(url)
+            if matches!(url.scheme_str(), Some("http" | "https"))
+                && url.host().is_some_and(|h| !h.is_empty())
+                && !url.authority().is_some_and(|a| a.as_str().contains('@')) =>
+        {
+            Some(url)
+        }
         Ok(_) => {
             problems.push(format!(
                 "{at}.url: {u:?} must be an http:// or https:// URL"
@@ -430,7 +437,7 @@ fn http(check: &RawCheck, at: &str, problems: &mut Vec<String>) -> Option<CheckK
         }
     });
     if let Some(url) = &url
-        && url.scheme() == "http"
+        && url.scheme_str() == Some("http")
         && check.ca_file.is_some()
     {
         problems.push(format!("{at}.ca_file: the url is not https"));

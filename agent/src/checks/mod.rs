@@ -84,7 +84,7 @@ pub(crate) fn to_pb_state(state: CheckState) -> pb::CheckState {
     }
 }
 
-/// `err` and its sources, joined with ": " (reqwest and io errors say little
+/// `err` and its sources, joined with ": " (hyper, TLS and io errors say little
 /// at the top level).
 pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
