@@ -272,44 +272,83 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::from_std(l)
 }
 
-/// Serves `GET /metrics` until `stop` turns true.
+/// Serves `GET /metrics` until `stop` turns true: hyper's HTTP/1 server
+/// connection directly (no router framework: one path, and the agent's
+/// binary size is a target, DESIGN §10). Other paths get 404, other
+/// methods 405.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     source: Source,
     mut stop: watch::Receiver<bool>,
 ) {
-    use axum::response::IntoResponse;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let source = source.clone();
-            async move {
-                let figures = tokio::task::spawn_blocking(move || {
-                    let mut f = source();
-                    f.process = process_figures();
-                    render(f)
-                })
-                .await;
-                match figures {
-                    Ok(text) => {
-                        ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "metrics scrape task");
-                        axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
-                    }
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener: accept");
+                    continue;
                 }
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        while conns.try_join_next().is_some() {}
+        let source = source.clone();
+        let service = hyper::service::service_fn(move |req| answer(req, source.clone()));
+        conns.spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection");
             }
-        }),
-    );
-    let res = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
-    if let Err(e) = res {
-        tracing::error!(error = %e, "metrics listener");
+        });
     }
+    conns.abort_all();
+}
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+async fn answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    source: Source,
+) -> Result<hyper::Response<Body>, std::convert::Infallible> {
+    let reply = |status: hyper::StatusCode, text: String| {
+        let mut r = hyper::Response::new(Body::from(text));
+        *r.status_mut() = status;
+        r
+    };
+    if req.uri().path() != "/metrics" {
+        return Ok(reply(hyper::StatusCode::NOT_FOUND, "not found\n".into()));
+    }
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return Ok(reply(
+            hyper::StatusCode::METHOD_NOT_ALLOWED,
+            "GET /metrics\n".into(),
+        ));
+    }
+    let figures = tokio::task::spawn_blocking(move || {
+        let mut f = source();
+        f.process = process_figures();
+        render(f)
+    })
+    .await;
+    Ok(match figures {
+        Ok(text) => {
+            let mut r = reply(hyper::StatusCode::OK, text);
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(CONTENT_TYPE),
+            );
+            r
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "metrics scrape task");
+            reply(hyper::StatusCode::INTERNAL_SERVER_ERROR, String::new())
+        }
+    })
 }
 
 #[cfg(test)]
