@@ -917,14 +917,11 @@ impl Shared {
             expires_at: spec.expires_at,
             stopped: None,
         };
-        // Every target starts `pending`; `advance` dispatches them as the
-        // rollout allows and marks one that is offline when its turn comes.
-        let pending = TargetRecord::new("pending", "");
-        let writes: Vec<(&str, &TargetRecord)> = targets
-            .iter()
-            .map(|(a, _)| (a.as_str(), &pending))
-            .collect();
-        self.store.put_targets(&id, &writes)?;
+        // Every target starts `pending`, which is not stored: a target of
+        // the job record without a target record is pending (`run_of`,
+        // `job_to_proto`). `advance` dispatches them as the rollout allows
+        // and marks one that is offline when its turn comes. (Stores of
+        // earlier versions have `pending` records; they read the same.)
         self.store.put_job(&record)?;
         // Nothing runs without its audit record: same flush, before dispatch.
         self.audit_durable(
@@ -1223,11 +1220,12 @@ impl Shared {
             let mut states = Vec::with_capacity(job.targets.len());
             let mut index = HashMap::with_capacity(job.targets.len());
             for (i, agent) in job.targets.iter().enumerate() {
-                let t = self
-                    .store
-                    .get_target(job_id, agent)?
-                    .unwrap_or_else(|| TargetRecord::new("failed", "target record missing"));
-                states.push((t.state, t.dispatched_at));
+                // No record: not dispatched yet (`store_submission`).
+                let (state, at) = match self.store.get_target(job_id, agent)? {
+                    Some(t) => (t.state, t.dispatched_at),
+                    None => ("pending".to_owned(), 0),
+                };
+                states.push((state, at));
                 index.insert(agent.clone(), i);
             }
             runs.insert(job_id.to_owned(), Run::new(job, states, index));
@@ -1368,8 +1366,10 @@ impl Shared {
         let mut runs = lock(&self.job_lock);
         // A running job's target states are cached (and kept equal to the
         // store's, but for `running`): no store read and decode per result.
-        let cached = runs
-            .get(job)
+        // A running job that is not cached yet (a result right after a
+        // restart) is loaded first: its pending targets have no record.
+        let cached = self
+            .run_of(&mut runs, job)?
             .and_then(|run| run.index.get(agent).map(|&i| run.states[i].clone()));
         let old = match cached {
             Some(c) => Some(c),
@@ -1677,7 +1677,20 @@ impl Shared {
     }
 
     fn job_to_proto(&self, rec: JobRecord) -> ApiResult<pb::Job> {
-        let mut stored = self.store.targets(&rec.id)?;
+        let mut by_agent: HashMap<String, TargetRecord> =
+            self.store.targets(&rec.id)?.into_iter().collect();
+        // In the job's target order; a target without a record is pending
+        // (`store_submission`).
+        let mut stored: Vec<(String, TargetRecord)> = rec
+            .targets
+            .iter()
+            .map(|a| {
+                let t = by_agent
+                    .remove(a)
+                    .unwrap_or_else(|| TargetRecord::new("pending", ""));
+                (a.clone(), t)
+            })
+            .collect();
         if rec.state == "running" {
             // `running` is kept in memory only (`record_started`).
             let runs = lock(&self.job_lock);
