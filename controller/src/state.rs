@@ -54,7 +54,12 @@ const WATCH_BUFFER: usize = 1024;
 const SWEEP_SCAN: usize = 2_000;
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86400);
 
-pub type AgentTx = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
+/// One message for an agent's stream. Boxed: tokio's bounded channel
+/// allocates its slots in blocks of 32, and a `Result<ControllerMessage,
+/// Status>` is a few hundred bytes, so unboxed each connected agent's queue
+/// kept several KiB allocated (RSS per connection, DESIGN §10).
+pub type AgentItem = Box<Result<pb::ControllerMessage, Status>>;
+pub type AgentTx = mpsc::Sender<AgentItem>;
 
 pub struct CurrentPolicy {
     pub policy: Policy,
@@ -413,7 +418,7 @@ impl Shared {
         tracing::info!(version = cur.policy.version, hash = %cur.hash, by = %by.name, "policy pushed");
         let msg = policy_message(&cur);
         for live in lock(&self.agents).values() {
-            let _ = live.tx.try_send(Ok(msg.clone()));
+            let _ = live.tx.try_send(Box::new(Ok(msg.clone())));
         }
         Ok(cur)
     }
@@ -636,7 +641,7 @@ impl Shared {
         self.store.put_agent(&rec)?;
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         if let Some(cur) = self.current_policy() {
-            let _ = tx.try_send(Ok(policy_message(&cur)));
+            let _ = tx.try_send(Box::new(Ok(policy_message(&cur))));
         }
         let old = lock(&self.agents).insert(
             agent.to_owned(),
@@ -667,9 +672,9 @@ impl Shared {
     pub fn disconnect_all(&self) {
         for (_, live) in lock(&self.agents).drain() {
             // An error item ends the response stream with this status.
-            let _ = live
-                .tx
-                .try_send(Err(Status::unavailable("controller shutting down")));
+            let _ = live.tx.try_send(Box::new(Err(Status::unavailable(
+                "controller shutting down",
+            ))));
         }
     }
 
@@ -759,9 +764,11 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .insert(agent.to_owned());
         if let Some(live) = lock(&self.agents).remove(agent) {
-            let _ = live.tx.try_send(Err(Status::permission_denied(format!(
-                "agent {agent} was revoked"
-            ))));
+            let _ = live
+                .tx
+                .try_send(Box::new(Err(Status::permission_denied(format!(
+                    "agent {agent} was revoked"
+                )))));
         }
         Ok(())
     }
@@ -1054,7 +1061,9 @@ impl Shared {
                 let agents = lock(&self.agents);
                 for i in start {
                     let sent = match agents.get(&run.job.targets[i]) {
-                        Some(l) if self.online(l) => l.tx.try_send(Ok(msg.clone())).is_ok(),
+                        Some(l) if self.online(l) => {
+                            l.tx.try_send(Box::new(Ok(msg.clone()))).is_ok()
+                        }
                         _ => false,
                     };
                     if sent {
@@ -1275,7 +1284,7 @@ impl Shared {
         };
         for agent in &running {
             if let Some(l) = lock(&self.agents).get(agent) {
-                let _ = l.tx.try_send(Ok(msg.clone()));
+                let _ = l.tx.try_send(Box::new(Ok(msg.clone())));
             }
         }
         self.advance(&id)?;
@@ -1336,7 +1345,7 @@ impl Shared {
         };
         for a in agents {
             if let Some(l) = lock(&self.agents).get(*a) {
-                let _ = l.tx.try_send(Ok(msg.clone()));
+                let _ = l.tx.try_send(Box::new(Ok(msg.clone())));
             }
         }
         Ok(())
@@ -1350,7 +1359,7 @@ impl Shared {
             msg: Some(pb::controller_message::Msg::Policy(signed)),
         };
         for live in lock(&self.agents).values() {
-            let _ = live.tx.try_send(Ok(msg.clone()));
+            let _ = live.tx.try_send(Box::new(Ok(msg.clone())));
         }
     }
 
