@@ -111,7 +111,10 @@ impl pb::agent_stream_server::AgentStream for Svc {
                     }
                     Some(AgentMsg::Result(r)) => {
                         let job_id = r.job_id.clone();
-                        match shared.record_result(&agent, r).await {
+                        // Boxed: this task lives as long as the agent's
+                        // connection, and the store-and-flush future would
+                        // otherwise make every idle agent's task that big.
+                        match Box::pin(shared.record_result(&agent, r)).await {
                             Ok(()) => {
                                 let ack = pb::ControllerMessage {
                                     msg: Some(pb::controller_message::Msg::Ack(pb::ResultAck {
