@@ -10,8 +10,8 @@ use std::time::Duration;
 use fleetcmd_proto::v1 as pb;
 use pb::agent_message::Msg as AgentMsg;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::admitted;
@@ -87,7 +87,7 @@ impl pb::agent_stream_server::AgentStream for Svc {
                 heartbeat_secs: self.0.config.heartbeat_interval.as_secs().max(1) as u32,
             })),
         };
-        tx.try_send(Ok(welcome))
+        tx.try_send(Box::new(Ok(welcome)))
             .map_err(|_| Status::internal("agent queue"))?;
         let conn = self.0.register(&agent, &hello, tx.clone())?;
         let shared = self.0.clone();
@@ -111,7 +111,10 @@ impl pb::agent_stream_server::AgentStream for Svc {
                     }
                     Some(AgentMsg::Result(r)) => {
                         let job_id = r.job_id.clone();
-                        match shared.record_result(&agent, r).await {
+                        // Boxed: this task lives as long as the agent's
+                        // connection, and the store-and-flush future would
+                        // otherwise make every idle agent's task that big.
+                        match Box::pin(shared.record_result(&agent, r)).await {
                             Ok(()) => {
                                 let ack = pb::ControllerMessage {
                                     msg: Some(pb::controller_message::Msg::Ack(pb::ResultAck {
@@ -119,7 +122,7 @@ impl pb::agent_stream_server::AgentStream for Svc {
                                     })),
                                 };
                                 // Backpressure: the ack waits for room rather than being dropped.
-                                if tx.send(Ok(ack)).await.is_err() {
+                                if tx.send(Box::new(Ok(ack))).await.is_err() {
                                     break "stream closed".to_string();
                                 }
                             }
@@ -143,7 +146,7 @@ impl pb::agent_stream_server::AgentStream for Svc {
                         let msg = pb::ControllerMessage {
                             msg: Some(pb::controller_message::Msg::Renew(renew)),
                         };
-                        if tx.send(Ok(msg)).await.is_err() {
+                        if tx.send(Box::new(Ok(msg))).await.is_err() {
                             break "stream closed".to_string();
                         }
                     }
@@ -155,7 +158,7 @@ impl pb::agent_stream_server::AgentStream for Svc {
             tracing::debug!(agent_id = %agent, %reason, "agent stream ended");
             shared.unregister(&agent, conn);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| *m))))
     }
 }
 

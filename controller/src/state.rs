@@ -54,7 +54,12 @@ const WATCH_BUFFER: usize = 1024;
 const SWEEP_SCAN: usize = 2_000;
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86400);
 
-pub type AgentTx = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
+/// One message for an agent's stream. Boxed: tokio's bounded channel
+/// allocates its slots in blocks of 32, and a `Result<ControllerMessage,
+/// Status>` is a few hundred bytes, so unboxed each connected agent's queue
+/// kept several KiB allocated (RSS per connection, DESIGN §10).
+pub type AgentItem = Box<Result<pb::ControllerMessage, Status>>;
+pub type AgentTx = mpsc::Sender<AgentItem>;
 
 pub struct CurrentPolicy {
     pub policy: Policy,
@@ -413,7 +418,7 @@ impl Shared {
         tracing::info!(version = cur.policy.version, hash = %cur.hash, by = %by.name, "policy pushed");
         let msg = policy_message(&cur);
         for live in lock(&self.agents).values() {
-            let _ = live.tx.try_send(Ok(msg.clone()));
+            let _ = live.tx.try_send(Box::new(Ok(msg.clone())));
         }
         Ok(cur)
     }
@@ -636,7 +641,7 @@ impl Shared {
         self.store.put_agent(&rec)?;
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         if let Some(cur) = self.current_policy() {
-            let _ = tx.try_send(Ok(policy_message(&cur)));
+            let _ = tx.try_send(Box::new(Ok(policy_message(&cur))));
         }
         let old = lock(&self.agents).insert(
             agent.to_owned(),
@@ -667,9 +672,9 @@ impl Shared {
     pub fn disconnect_all(&self) {
         for (_, live) in lock(&self.agents).drain() {
             // An error item ends the response stream with this status.
-            let _ = live
-                .tx
-                .try_send(Err(Status::unavailable("controller shutting down")));
+            let _ = live.tx.try_send(Box::new(Err(Status::unavailable(
+                "controller shutting down",
+            ))));
         }
     }
 
@@ -759,9 +764,11 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .insert(agent.to_owned());
         if let Some(live) = lock(&self.agents).remove(agent) {
-            let _ = live.tx.try_send(Err(Status::permission_denied(format!(
-                "agent {agent} was revoked"
-            ))));
+            let _ = live
+                .tx
+                .try_send(Box::new(Err(Status::permission_denied(format!(
+                    "agent {agent} was revoked"
+                )))));
         }
         Ok(())
     }
@@ -917,14 +924,11 @@ impl Shared {
             expires_at: spec.expires_at,
             stopped: None,
         };
-        // Every target starts `pending`; `advance` dispatches them as the
-        // rollout allows and marks one that is offline when its turn comes.
-        let pending = TargetRecord::new("pending", "");
-        let writes: Vec<(&str, &TargetRecord)> = targets
-            .iter()
-            .map(|(a, _)| (a.as_str(), &pending))
-            .collect();
-        self.store.put_targets(&id, &writes)?;
+        // Every target starts `pending`, which is not stored: a target of
+        // the job record without a target record is pending (`run_of`,
+        // `job_to_proto`). `advance` dispatches them as the rollout allows
+        // and marks one that is offline when its turn comes. (Stores of
+        // earlier versions have `pending` records; they read the same.)
         self.store.put_job(&record)?;
         // Nothing runs without its audit record: same flush, before dispatch.
         self.audit_durable(
@@ -1057,7 +1061,9 @@ impl Shared {
                 let agents = lock(&self.agents);
                 for i in start {
                     let sent = match agents.get(&run.job.targets[i]) {
-                        Some(l) if self.online(l) => l.tx.try_send(Ok(msg.clone())).is_ok(),
+                        Some(l) if self.online(l) => {
+                            l.tx.try_send(Box::new(Ok(msg.clone()))).is_ok()
+                        }
                         _ => false,
                     };
                     if sent {
@@ -1223,11 +1229,12 @@ impl Shared {
             let mut states = Vec::with_capacity(job.targets.len());
             let mut index = HashMap::with_capacity(job.targets.len());
             for (i, agent) in job.targets.iter().enumerate() {
-                let t = self
-                    .store
-                    .get_target(job_id, agent)?
-                    .unwrap_or_else(|| TargetRecord::new("failed", "target record missing"));
-                states.push((t.state, t.dispatched_at));
+                // No record: not dispatched yet (`store_submission`).
+                let (state, at) = match self.store.get_target(job_id, agent)? {
+                    Some(t) => (t.state, t.dispatched_at),
+                    None => ("pending".to_owned(), 0),
+                };
+                states.push((state, at));
                 index.insert(agent.clone(), i);
             }
             runs.insert(job_id.to_owned(), Run::new(job, states, index));
@@ -1277,7 +1284,7 @@ impl Shared {
         };
         for agent in &running {
             if let Some(l) = lock(&self.agents).get(agent) {
-                let _ = l.tx.try_send(Ok(msg.clone()));
+                let _ = l.tx.try_send(Box::new(Ok(msg.clone())));
             }
         }
         self.advance(&id)?;
@@ -1338,7 +1345,7 @@ impl Shared {
         };
         for a in agents {
             if let Some(l) = lock(&self.agents).get(*a) {
-                let _ = l.tx.try_send(Ok(msg.clone()));
+                let _ = l.tx.try_send(Box::new(Ok(msg.clone())));
             }
         }
         Ok(())
@@ -1352,7 +1359,7 @@ impl Shared {
             msg: Some(pb::controller_message::Msg::Policy(signed)),
         };
         for live in lock(&self.agents).values() {
-            let _ = live.tx.try_send(Ok(msg.clone()));
+            let _ = live.tx.try_send(Box::new(Ok(msg.clone())));
         }
     }
 
@@ -1368,8 +1375,10 @@ impl Shared {
         let mut runs = lock(&self.job_lock);
         // A running job's target states are cached (and kept equal to the
         // store's, but for `running`): no store read and decode per result.
-        let cached = runs
-            .get(job)
+        // A running job that is not cached yet (a result right after a
+        // restart) is loaded first: its pending targets have no record.
+        let cached = self
+            .run_of(&mut runs, job)?
             .and_then(|run| run.index.get(agent).map(|&i| run.states[i].clone()));
         let old = match cached {
             Some(c) => Some(c),
@@ -1677,7 +1686,20 @@ impl Shared {
     }
 
     fn job_to_proto(&self, rec: JobRecord) -> ApiResult<pb::Job> {
-        let mut stored = self.store.targets(&rec.id)?;
+        let mut by_agent: HashMap<String, TargetRecord> =
+            self.store.targets(&rec.id)?.into_iter().collect();
+        // In the job's target order; a target without a record is pending
+        // (`store_submission`).
+        let mut stored: Vec<(String, TargetRecord)> = rec
+            .targets
+            .iter()
+            .map(|a| {
+                let t = by_agent
+                    .remove(a)
+                    .unwrap_or_else(|| TargetRecord::new("pending", ""));
+                (a.clone(), t)
+            })
+            .collect();
         if rec.state == "running" {
             // `running` is kept in memory only (`record_started`).
             let runs = lock(&self.job_lock);

@@ -157,6 +157,59 @@ impl TargetRecord {
     }
 }
 
+/// Target records are the most written records (one or two per target of
+/// every job), so they are stored compactly: a format byte, then protobuf
+/// (the result inside is protobuf already, no base64). Records written as
+/// JSON by earlier versions (first byte `{`) are still read.
+const TARGET_V2: u8 = 2;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct TargetWire {
+    #[prost(string, tag = "1")]
+    state: String,
+    #[prost(bytes = "vec", optional, tag = "2")]
+    result: Option<Vec<u8>>,
+    #[prost(string, tag = "3")]
+    reason: String,
+    #[prost(uint64, tag = "4")]
+    dispatched_at: u64,
+}
+
+fn encode_target(rec: &TargetRecord) -> Vec<u8> {
+    use prost::Message;
+    let wire = TargetWire {
+        state: rec.state.clone(),
+        result: rec.result.clone(),
+        reason: rec.reason.clone(),
+        dispatched_at: rec.dispatched_at,
+    };
+    let mut out = Vec::with_capacity(1 + wire.encoded_len());
+    out.push(TARGET_V2);
+    wire.encode(&mut out)
+        .expect("a Vec grows to fit any protobuf message");
+    out
+}
+
+fn decode_target(key: &[u8], bytes: &[u8]) -> Result<TargetRecord, StoreError> {
+    use prost::Message;
+    match bytes.split_first() {
+        Some((&TARGET_V2, rest)) => {
+            let w = TargetWire::decode(rest).map_err(|e| StoreError::Corrupt {
+                key: String::from_utf8_lossy(key).into_owned(),
+                reason: e.to_string(),
+            })?;
+            Ok(TargetRecord {
+                state: w.state,
+                result: w.result,
+                reason: w.reason,
+                dispatched_at: w.dispatched_at,
+            })
+        }
+        // Written by a version before the compact format.
+        _ => decode(key, bytes),
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PolicyRecord {
     pub version: u64,
@@ -438,14 +491,14 @@ impl Store for SledStore {
         self.insert(
             &self.trees()?.targets,
             format!("{job}/{agent}").as_bytes(),
-            encode(rec),
+            encode_target(rec),
         )
     }
 
     fn put_targets(&self, job: &str, recs: &[(&str, &TargetRecord)]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (agent, rec) in recs {
-            batch.insert(format!("{job}/{agent}").as_bytes(), encode(rec));
+            batch.insert(format!("{job}/{agent}").as_bytes(), encode_target(rec));
         }
         self.trees()?
             .targets
@@ -454,7 +507,13 @@ impl Store for SledStore {
     }
 
     fn get_target(&self, job: &str, agent: &str) -> Result<Option<TargetRecord>, StoreError> {
-        self.get(&self.trees()?.targets, &format!("{job}/{agent}"))
+        let key = format!("{job}/{agent}");
+        self.trees()?
+            .targets
+            .get(key.as_bytes())
+            .map_err(|e| self.fail(e))?
+            .map(|v| decode_target(key.as_bytes(), &v))
+            .transpose()
     }
 
     fn targets(&self, job: &str) -> Result<Vec<(String, TargetRecord)>, StoreError> {
@@ -465,7 +524,7 @@ impl Store for SledStore {
             .map(|kv| {
                 let (k, v) = kv.map_err(|e| self.fail(e))?;
                 let agent = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-                Ok((agent, decode(&k, &v)?))
+                Ok((agent, decode_target(&k, &v)?))
             })
             .collect()
     }
@@ -604,6 +663,60 @@ mod tests {
                 .expect("store")
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn target_records_are_compact_and_json_ones_of_earlier_versions_still_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let with_result = TargetRecord {
+            result: Some((0..=255u8).collect()),
+            dispatched_at: 1_764_000_000,
+            ..TargetRecord::new("failed", "exit code 2")
+        };
+        for rec in [
+            TargetRecord::new("dispatched", ""),
+            with_result.clone(),
+            TargetRecord::new("skipped", "the job was aborted"),
+        ] {
+            store.put_target("j1", "web-1", &rec).expect("put");
+            assert_eq!(store.get_target("j1", "web-1").expect("get"), Some(rec));
+        }
+        let compact = store
+            .trees()
+            .expect("trees")
+            .targets
+            .get(b"j1/web-1")
+            .expect("raw");
+        let json_len = encode(&with_result).len();
+        let compact_len = compact.expect("stored").len();
+        assert!(compact_len < json_len, "{compact_len} >= {json_len}");
+        // A record as the JSON format wrote it.
+        store
+            .trees()
+            .expect("trees")
+            .targets
+            .insert(b"j2/web-2", encode(&with_result))
+            .expect("raw insert");
+        assert_eq!(
+            store.get_target("j2", "web-2").expect("get"),
+            Some(with_result.clone())
+        );
+        assert_eq!(
+            store.targets("j2").expect("targets"),
+            vec![("web-2".to_owned(), with_result)]
+        );
+        // Neither format: a clear error, not a panic.
+        store
+            .trees()
+            .expect("trees")
+            .targets
+            .insert(b"j3/web-3", &[TARGET_V2, 0xff, 0xff][..])
+            .expect("raw insert");
+        assert!(matches!(
+            store.get_target("j3", "web-3"),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 
     #[test]

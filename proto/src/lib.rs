@@ -17,3 +17,4 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/fleetcmd_descriptor.b
 pub const PROTO_FILES: &[&str] = &["fleetcmd/v1/fleetcmd.proto"];
 
 pub mod channel;
+pub mod codec;

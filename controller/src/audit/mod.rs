@@ -150,12 +150,25 @@ fn index_key(dim: Dim, value: &str, time_ms: u64, seq: u64) -> Vec<u8> {
     k
 }
 
-fn index_keys(r: &Record) -> Vec<Vec<u8>> {
+/// The host an `agent:NAME` actor is, when the record is also about that
+/// host: then the actor index entry would duplicate the host entry (every
+/// per-agent result, `job_finished`), so it is left out and a search by that
+/// actor reads the host index too (`Audit::search`).
+fn actor_is_own_host(e: &Event) -> bool {
+    e.actor
+        .strip_prefix("agent:")
+        .is_some_and(|name| e.hosts.iter().any(|h| h == name))
+}
+
+/// The index entries of a record. `all` adds the actor entry that
+/// `actor_is_own_host` leaves out (earlier versions wrote it; retention
+/// removes it too).
+fn index_keys(r: &Record, all: bool) -> Vec<Vec<u8>> {
     let e = &r.event;
-    let mut out = vec![
-        index_key(Dim::Actor, &e.actor, r.time_ms, r.seq),
-        index_key(Dim::Kind, e.kind.as_str(), r.time_ms, r.seq),
-    ];
+    let mut out = vec![index_key(Dim::Kind, e.kind.as_str(), r.time_ms, r.seq)];
+    if all || !actor_is_own_host(e) {
+        out.push(index_key(Dim::Actor, &e.actor, r.time_ms, r.seq));
+    }
     if !e.command.is_empty() {
         out.push(index_key(Dim::Command, &e.command, r.time_ms, r.seq));
     }
@@ -173,6 +186,14 @@ fn decode_record(k: &[u8], v: &[u8]) -> Result<Record, StoreError> {
         key: format!("audit/{}", seq_of(k)),
         reason: e.to_string(),
     })
+}
+
+/// The `time seq` suffix of an index key (big-endian, so it orders them).
+fn time_seq(k: &[u8]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    let n = k.len().min(16);
+    b[16 - n..].copy_from_slice(&k[k.len() - n..]);
+    b
 }
 
 fn seq_of(k: &[u8]) -> u64 {
@@ -236,7 +257,7 @@ impl Audit {
         for kv in records.iter().rev().take(1000) {
             let (k, v) = kv?;
             let r = decode_record(&k, &v)?;
-            for key in index_keys(&r) {
+            for key in index_keys(&r, false) {
                 index.insert(key, &[][..])?;
             }
         }
@@ -287,7 +308,7 @@ impl Audit {
         let json = serde_json::to_vec(&rec).expect("audit records serialize to JSON");
         records.insert(seq_key(rec.seq), json).map_err(backend)?;
         let mut batch = sled::Batch::default();
-        for k in index_keys(&rec) {
+        for k in index_keys(&rec, false) {
             batch.insert(k, &[][..]);
         }
         index.apply_batch(batch).map_err(backend)?;
@@ -384,7 +405,7 @@ impl Audit {
         for kv in records.range(..=seq_key(last.seq)) {
             let (k, v) = kv.map_err(backend)?;
             let r = decode_record(&k, &v)?;
-            for key in index_keys(&r) {
+            for key in index_keys(&r, true) {
                 index.remove(key).map_err(backend)?;
             }
             records.remove(k).map_err(backend)?;
@@ -508,23 +529,51 @@ impl Audit {
         let mut stopped_early = false;
         if let Some((dim, value)) = dim {
             let index = self.store.tree(INDEX)?;
-            let prefix = index_prefix(dim, &value);
-            let mut lo = prefix.clone();
-            lo.extend_from_slice(&f.since_ms.unwrap_or(0).to_be_bytes());
-            let mut hi = prefix.clone();
-            match (before_seq, before_time) {
-                (Some(s), Some(t)) if f.until_ms.is_none_or(|u| t < u) => {
-                    hi.extend_from_slice(&t.to_be_bytes());
-                    hi.extend_from_slice(&s.to_be_bytes());
-                }
-                _ => {
-                    hi.extend_from_slice(&f.until_ms.unwrap_or(u64::MAX).to_be_bytes());
-                    hi.extend_from_slice(&[0u8; 8]);
-                }
+            // An agent's own results are indexed under its host only
+            // (`actor_is_own_host`): a search by `agent:NAME` reads both.
+            let mut prefixes = vec![index_prefix(dim, &value)];
+            if let (Dim::Actor, Some(host)) = (dim, value.strip_prefix("agent:")) {
+                prefixes.push(index_prefix(Dim::Host, host));
             }
-            for k in index.range(lo..hi).keys().rev() {
+            let ranges = prefixes.into_iter().map(|prefix| {
+                let mut lo = prefix.clone();
+                lo.extend_from_slice(&f.since_ms.unwrap_or(0).to_be_bytes());
+                let mut hi = prefix;
+                match (before_seq, before_time) {
+                    (Some(s), Some(t)) if f.until_ms.is_none_or(|u| t < u) => {
+                        hi.extend_from_slice(&t.to_be_bytes());
+                        hi.extend_from_slice(&s.to_be_bytes());
+                    }
+                    _ => {
+                        hi.extend_from_slice(&f.until_ms.unwrap_or(u64::MAX).to_be_bytes());
+                        hi.extend_from_slice(&[0u8; 8]);
+                    }
+                }
+                index.range(lo..hi).keys().rev().peekable()
+            });
+            let mut ranges: Vec<_> = ranges.collect();
+            let mut previous: Option<u64> = None;
+            loop {
+                // Newest first across the ranges: by the (time, seq) suffix.
+                let mut best: Option<(usize, [u8; 16])> = None;
+                for (i, r) in ranges.iter_mut().enumerate() {
+                    let suffix = match r.peek() {
+                        None => continue,
+                        Some(Err(_)) => [u8::MAX; 16],
+                        Some(Ok(k)) => time_seq(k),
+                    };
+                    if best.is_none_or(|(_, b)| suffix > b) {
+                        best = Some((i, suffix));
+                    }
+                }
+                let Some((i, _)) = best else { break };
+                let Some(k) = ranges[i].next() else { break };
                 let k = k.map_err(backend)?;
                 let seq = seq_of(&k);
+                if previous == Some(seq) {
+                    continue; // indexed under both (written by earlier versions)
+                }
+                previous = Some(seq);
                 if before_seq.is_some_and(|b| seq >= b) {
                     continue;
                 }

@@ -19,6 +19,7 @@ fn generate(out: &Path) -> Vec<u8> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::codec::ProstCodec")
         .emit_rerun_if_changed(false)
         .out_dir(out)
         .compile_fds(fds)

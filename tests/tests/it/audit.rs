@@ -500,6 +500,62 @@ fn search_filters_return_exactly_the_expected_records() {
 /// removed keeps the rest verifiable (in the store and offline from an
 /// export), the chain continues after a restart, and removing or forging
 /// the checkpoint is detected.
+/// An agent's own results (`agent:NAME` about host NAME) are indexed under
+/// the host only; a search by that actor still finds them, merged in time
+/// order with the agent's other records, across pages and with a time range.
+#[test]
+fn an_agents_results_are_found_by_actor_and_by_host() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("db")).expect("open"));
+    let audit = Audit::open(store, &dir.path().join("audit")).expect("audit");
+    for i in 0..60u64 {
+        let agent = format!("web-{}", i % 3);
+        let e = match i % 4 {
+            // about another host: indexed under the actor
+            0 => Event::new(EventKind::AuthFailed, format!("agent:{agent}")).host("other"),
+            // about no host: indexed under the actor
+            1 => Event::new(EventKind::AgentRenewed, format!("agent:{agent}")),
+            // the agent's own result: indexed under the host only
+            _ => Event::new(EventKind::JobFinished, format!("agent:{agent}"))
+                .job(format!("0190aaaa-0000-7000-8000-{i:012}"))
+                .host(&agent),
+        };
+        audit.append_at(1_000_000 + i * 1000, e).expect("append");
+    }
+    let run = |f: Filter| -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut before = None;
+        loop {
+            let page = audit.search(&f, 4, before).expect("search");
+            out.extend(page.records.iter().map(|r| r.seq));
+            match page.next_before {
+                Some(b) => before = Some(b),
+                None => return out,
+            }
+        }
+    };
+    let by_actor = |a: &str, since: Option<u64>| Filter {
+        actor: Some(a.into()),
+        since_ms: since,
+        ..Default::default()
+    };
+    let expect = |pred: &dyn Fn(u64) -> bool| -> Vec<u64> {
+        (0..60).rev().filter(|i| pred(*i)).map(|i| i + 1).collect()
+    };
+    assert_eq!(run(by_actor("agent:web-1", None)), expect(&|i| i % 3 == 1));
+    assert_eq!(
+        run(by_actor("agent:web-2", Some(1_030_000))),
+        expect(&|i| i % 3 == 2 && i >= 30)
+    );
+    assert_eq!(
+        run(Filter {
+            host: Some("web-0".into()),
+            ..Default::default()
+        }),
+        expect(&|i| i % 3 == 0 && i % 4 >= 2)
+    );
+}
+
 #[test]
 fn retention_prunes_behind_a_signed_checkpoint_and_the_rest_still_verifies() {
     let dir = tempfile::tempdir().expect("tmp");
