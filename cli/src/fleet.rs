@@ -205,6 +205,7 @@ impl Fleet {
             job_store_max_bytes: opts.job_store_max_bytes,
             store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
             services: opts.services.clone(),
+            host_alerts: None,
             metrics_listen: opts.controller_metrics,
         };
         let controller = fleetcmd_controller::start(config.clone())

@@ -36,6 +36,8 @@ pub struct RawConfig {
     pub store_cache_bytes: u64,
     /// `[services.NAME]`: services made of agents and one of their checks.
     pub services: std::collections::BTreeMap<String, crate::health::RawService>,
+    /// `[host_alerts]`: alerts on single hosts' checks.
+    pub host_alerts: Option<crate::health::config::RawHostAlerts>,
     /// Address of the Prometheus `/metrics` listener (plain HTTP); empty:
     /// no listener.
     pub metrics_listen: String,
@@ -57,6 +59,7 @@ impl Default for RawConfig {
             audit_retention: "0".into(),
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             services: Default::default(),
+            host_alerts: None,
             metrics_listen: String::new(),
         }
     }
@@ -79,6 +82,7 @@ pub struct ControllerConfig {
     pub audit_retention: Option<Duration>,
     pub store_cache_bytes: u64,
     pub services: Vec<crate::health::ServiceConfig>,
+    pub host_alerts: Option<crate::health::config::HostAlertsConfig>,
     /// `None`: no `/metrics` listener.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -206,6 +210,11 @@ impl RawConfig {
         let services = crate::health::config::validate(&self.services)
             .map_err(|p| problems.extend(p))
             .unwrap_or_default();
+        let host_alerts = self.host_alerts.as_ref().and_then(|h| {
+            crate::health::config::validate_host_alerts(h)
+                .map_err(|p| problems.extend(p))
+                .ok()
+        });
         match (listen, problems.is_empty()) {
             (Some(listen), true) => Ok(ControllerConfig {
                 listen,
@@ -221,6 +230,7 @@ impl RawConfig {
                 audit_retention,
                 store_cache_bytes: self.store_cache_bytes,
                 services,
+                host_alerts,
                 metrics_listen,
             }),
             _ => Err(ConfigError {

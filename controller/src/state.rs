@@ -239,6 +239,7 @@ impl Shared {
         let health = Arc::new(crate::health::Health::open(
             store.clone(),
             config.services.clone(),
+            config.host_alerts.clone(),
         )?);
         let shared = Shared {
             health,

@@ -71,6 +71,90 @@ pub struct ServiceConfig {
     pub statuspage_component: String,
 }
 
+/// `[host_alerts]`: alerts on individual hosts' checks (a full disk on one
+/// machine), besides services. Each (host, check) is alerted on its own:
+/// WARNING is `degraded`, CRITICAL `down`, UNKNOWN `unknown`, OK `ok`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHostAlerts {
+    /// Which agents (default: all).
+    pub selector: String,
+    /// Names of the agents' checks to alert on, e.g. `["disk", "memory"]`.
+    pub checks: Vec<String>,
+    pub channels: Vec<String>,
+    pub confirm: String,
+    pub flap_window: String,
+    pub flap_threshold: u32,
+    pub remind: String,
+}
+
+impl Default for RawHostAlerts {
+    fn default() -> Self {
+        let s = RawService::default();
+        RawHostAlerts {
+            selector: "all".into(),
+            checks: Vec::new(),
+            channels: Vec::new(),
+            confirm: s.confirm,
+            flap_window: s.flap_window,
+            flap_threshold: s.flap_threshold,
+            remind: s.remind,
+        }
+    }
+}
+
+/// Validated `[host_alerts]`.
+#[derive(Debug, Clone)]
+pub struct HostAlertsConfig {
+    pub selector: Selector,
+    pub checks: Vec<String>,
+    pub channels: Vec<String>,
+    pub damping: Damping,
+}
+
+/// Validates `[host_alerts]` with the same rules as a service's keys.
+pub fn validate_host_alerts(raw: &RawHostAlerts) -> Result<HostAlertsConfig, Vec<String>> {
+    // Reuse the service rules for selector, damping and channels.
+    let as_service = RawService {
+        selector: raw.selector.clone(),
+        check: raw.checks.first().cloned().unwrap_or_else(|| "-".into()),
+        channels: raw.channels.clone(),
+        confirm: raw.confirm.clone(),
+        flap_window: raw.flap_window.clone(),
+        flap_threshold: raw.flap_threshold,
+        remind: raw.remind.clone(),
+        ..RawService::default()
+    };
+    let mut problems = Vec::new();
+    let svc = match validate(&BTreeMap::from([("host_alerts".to_string(), as_service)])) {
+        Ok(mut v) => v.pop(),
+        Err(p) => {
+            problems.extend(
+                p.into_iter()
+                    .map(|p| p.replacen("services.host_alerts", "host_alerts", 1)),
+            );
+            None
+        }
+    };
+    if raw.checks.is_empty() {
+        problems.push("host_alerts.checks: name at least one check (e.g. [\"disk\"])".into());
+    }
+    for (i, c) in raw.checks.iter().enumerate() {
+        if c.trim().is_empty() {
+            problems.push(format!("host_alerts.checks[{i}]: must not be empty"));
+        }
+    }
+    match svc {
+        Some(s) if problems.is_empty() => Ok(HostAlertsConfig {
+            selector: s.selector,
+            checks: raw.checks.clone(),
+            channels: s.channels,
+            damping: s.damping,
+        }),
+        _ => Err(problems),
+    }
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -224,6 +308,24 @@ mod tests {
             err[0].contains("services.api.selector: required"),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn host_alerts_validate_like_services() {
+        let raw: RawHostAlerts =
+            toml::from_str("checks = [\"disk\"]\nchannels = [\"irc:#ops\"]\n").expect("toml");
+        let h = validate_host_alerts(&raw).expect("valid");
+        assert_eq!(h.checks, ["disk"]);
+        let raw: RawHostAlerts =
+            toml::from_str("channels = [\"ops\"]\nconfirm = \"soon\"\n").expect("toml");
+        let text = validate_host_alerts(&raw).expect_err("invalid").join("\n");
+        for want in [
+            "host_alerts.checks: name at least one check",
+            "host_alerts.channels[0]:",
+            "host_alerts.confirm:",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
     }
 
     #[test]

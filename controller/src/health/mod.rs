@@ -60,10 +60,21 @@ struct Runtime {
     instances: Vec<pb::ServiceInstance>,
 }
 
+struct HostRuntime {
+    alerting: Alerting,
+    persisted: Persisted,
+    instance: pb::ServiceInstance,
+    check: String,
+}
+
 /// The health of every configured service.
 pub struct Health {
     services: Vec<ServiceConfig>,
     runtime: Mutex<HashMap<String, Runtime>>,
+    host_alerts: Option<config::HostAlertsConfig>,
+    /// `HOST/CHECK` → its alerting state, for `[host_alerts]` (created when
+    /// first seen; what was announced is read back from the store then).
+    hosts: Mutex<HashMap<String, HostRuntime>>,
     events: broadcast::Sender<pb::AlertEvent>,
     /// Set at shutdown: ends every `Watch` stream (the server's graceful
     /// shutdown waits for open streams; watchers reconnect to the next).
@@ -123,7 +134,11 @@ fn state_name(state: i32) -> &'static str {
 impl Health {
     /// Loads what was announced before a restart. Services removed from
     /// the config keep their stored records until they come back.
-    pub fn open(store: Arc<dyn Store>, services: Vec<ServiceConfig>) -> Result<Health, StoreError> {
+    pub fn open(
+        store: Arc<dyn Store>,
+        services: Vec<ServiceConfig>,
+        host_alerts: Option<config::HostAlertsConfig>,
+    ) -> Result<Health, StoreError> {
         let tree = store.tree(TREE)?;
         let mut runtime = HashMap::new();
         for s in &services {
@@ -150,6 +165,8 @@ impl Health {
         Ok(Health {
             services,
             runtime: Mutex::new(runtime),
+            host_alerts,
+            hosts: Mutex::new(HashMap::new()),
             events: broadcast::channel(EVENTS_BUFFER).0,
             closed: tokio::sync::watch::channel(false).0,
             store,
@@ -157,7 +174,12 @@ impl Health {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty()
+        self.services.is_empty() && self.host_alerts.is_none()
+    }
+
+    /// A configured service, or a `HOST/CHECK` of `[host_alerts]` seen so far.
+    pub fn knows(&self, name: &str) -> bool {
+        self.config(name).is_some() || lock(&self.hosts).contains_key(name)
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<pb::AlertEvent> {
@@ -286,6 +308,9 @@ impl Health {
             });
         }
         drop(runtime);
+        if let Some(ha) = &self.host_alerts {
+            self.evaluate_hosts(ha, &agents, now_ms, &tree, &mut audit, &mut out)?;
+        }
         for ev in out {
             // No subscriber is fine: the state is stored and a watcher
             // starting later gets it in its snapshot.
@@ -294,10 +319,123 @@ impl Health {
         Ok(audit)
     }
 
+    /// `[host_alerts]`: each (online host, named check) on its own.
+    fn evaluate_hosts(
+        &self,
+        ha: &config::HostAlertsConfig,
+        agents: &[(&pb::Agent, std::collections::BTreeMap<String, String>)],
+        now_ms: u64,
+        tree: &sled::Tree,
+        audit: &mut Vec<Event>,
+        out: &mut Vec<pb::AlertEvent>,
+    ) -> Result<(), StoreError> {
+        let mut hosts = lock(&self.hosts);
+        // An offline agent or a check it does not have says nothing about
+        // the check: its last announced state stands (offline agents are
+        // visible in `status`, and in the services they belong to).
+        for (a, labels) in agents.iter().filter(|(a, _)| a.online) {
+            if !ha.selector.matches(&a.agent_id, labels) {
+                continue;
+            }
+            for c in a.checks.iter().filter(|c| ha.checks.contains(&c.name)) {
+                let key = format!("{}/{}", a.agent_id, c.name);
+                let rt = match hosts.entry(key.clone()) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let skey = state_key(&key);
+                        let persisted: Persisted = match tree.get(&skey).map_err(backend)? {
+                            Some(b) => decode(&skey, &b)?,
+                            None => Persisted {
+                                state: ServiceState::Unknown.as_str().into(),
+                                ..Persisted::default()
+                            },
+                        };
+                        let announced =
+                            ServiceState::parse(&persisted.state).unwrap_or(ServiceState::Unknown);
+                        v.insert(HostRuntime {
+                            alerting: Alerting::new(announced, persisted.since_ms),
+                            persisted,
+                            instance: pb::ServiceInstance::default(),
+                            check: c.name.clone(),
+                        })
+                    }
+                };
+                rt.instance = pb::ServiceInstance {
+                    agent_id: a.agent_id.clone(),
+                    online: true,
+                    state: c.state,
+                    summary: c.summary.clone(),
+                    checked_at_ms: c.checked_at_ms,
+                };
+                let raw = match pb::CheckState::try_from(c.state) {
+                    Ok(pb::CheckState::Ok) => ServiceState::Ok,
+                    Ok(pb::CheckState::Warning) => ServiceState::Degraded,
+                    Ok(pb::CheckState::Critical) => ServiceState::Down,
+                    _ => ServiceState::Unknown,
+                };
+                let Some(decision) = rt.alerting.observe(raw, now_ms, &ha.damping) else {
+                    continue;
+                };
+                let silenced = rt.persisted.silenced_until_ms > now_ms;
+                let line = c.summary.lines().next().unwrap_or_default();
+                let (kind, from, summary) = match decision {
+                    Decision::Transition { from, to } => {
+                        rt.persisted.state = to.as_str().into();
+                        rt.persisted.since_ms = now_ms;
+                        tree.insert(state_key(&key), encode(&rt.persisted))
+                            .map_err(backend)?;
+                        audit.push(
+                            Event::new(EventKind::ServiceChanged, "controller")
+                                .detail(format!("host check {key} {from} → {to}: {line}"))
+                                .host(a.agent_id.clone())
+                                .field("host_check", &key)
+                                .field("from", from)
+                                .field("to", to)
+                                .field("silenced", silenced),
+                        );
+                        let summary = if to == ServiceState::Ok {
+                            format!("{key} recovered (was {from}): {line}")
+                        } else {
+                            format!("{key} is {to}: {line}")
+                        };
+                        (pb::alert_event::Kind::Transition, from.as_str(), summary)
+                    }
+                    Decision::Reminder { state } => (
+                        pb::alert_event::Kind::Reminder,
+                        "",
+                        format!("{key} is still {state}: {line}"),
+                    ),
+                    Decision::Flapping { changes } => (
+                        pb::alert_event::Kind::Flapping,
+                        "",
+                        format!(
+                            "{key} is flapping ({changes} changes recently): alerts held until it settles"
+                        ),
+                    ),
+                };
+                out.push(pb::AlertEvent {
+                    kind: kind as i32,
+                    service: Some(host_pb(&key, rt, &ha.channels)),
+                    from: from.into(),
+                    silenced,
+                    at_ms: now_ms,
+                    summary,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Every service (or the one named) with its recent transitions, worst
     /// first. Blocking (store reads).
     pub fn services(&self, name: &str, history: u32) -> Result<Vec<pb::Service>, StoreError> {
         let tree = self.store.tree(TREE)?;
+        if self.config(name).is_none()
+            && let (Some(ha), Some(rt)) = (&self.host_alerts, lock(&self.hosts).get(name))
+        {
+            // A `[host_alerts]` HOST/CHECK, asked for by name.
+            return Ok(vec![host_pb(name, rt, &ha.channels)]);
+        }
         let runtime = lock(&self.runtime);
         let mut out = Vec::new();
         for cfg in self
@@ -337,6 +475,24 @@ impl Health {
     /// One snapshot event per service, for a watcher that starts (or fell
     /// behind).
     pub fn snapshot(&self, now_ms: u64) -> Vec<pb::AlertEvent> {
+        let mut events = self.service_snapshot(now_ms);
+        if let Some(ha) = &self.host_alerts {
+            for (key, rt) in lock(&self.hosts).iter() {
+                let service = host_pb(key, rt, &ha.channels);
+                events.push(pb::AlertEvent {
+                    kind: pb::alert_event::Kind::Snapshot as i32,
+                    summary: format!("{key} is {}", service.state),
+                    silenced: rt.persisted.silenced_until_ms > now_ms,
+                    service: Some(service),
+                    from: String::new(),
+                    at_ms: now_ms,
+                });
+            }
+        }
+        events
+    }
+
+    fn service_snapshot(&self, now_ms: u64) -> Vec<pb::AlertEvent> {
         let runtime = lock(&self.runtime);
         self.services
             .iter()
@@ -369,13 +525,18 @@ impl Health {
     ) -> Result<bool, StoreError> {
         let tree = self.store.tree(TREE)?;
         let mut runtime = lock(&self.runtime);
-        let Some(rt) = runtime.get_mut(name) else {
-            return Ok(false);
+        let mut hosts = lock(&self.hosts);
+        let persisted = match runtime.get_mut(name) {
+            Some(rt) => &mut rt.persisted,
+            None => match hosts.get_mut(name) {
+                Some(rt) => &mut rt.persisted,
+                None => return Ok(false),
+            },
         };
-        rt.persisted.silenced_until_ms = until_ms;
-        rt.persisted.silence_reason = reason.into();
-        rt.persisted.silenced_by = by.into();
-        tree.insert(state_key(name), encode(&rt.persisted))
+        persisted.silenced_until_ms = until_ms;
+        persisted.silence_reason = reason.into();
+        persisted.silenced_by = by.into();
+        tree.insert(state_key(name), encode(persisted))
             .map_err(backend)?;
         Ok(true)
     }
@@ -421,6 +582,28 @@ fn service_pb(cfg: &ServiceConfig, rt: &Runtime, history: &[pb::ServiceTransitio
         pagerduty: cfg.pagerduty.clone(),
         opsgenie: cfg.opsgenie.clone(),
         statuspage_component: cfg.statuspage_component.clone(),
+    }
+}
+
+/// A `[host_alerts]` HOST/CHECK as a one-instance service: its selector is
+/// the host (`name=HOST`), so chat's `silence` checks rights on that host.
+fn host_pb(key: &str, rt: &HostRuntime, channels: &[String]) -> pb::Service {
+    let ok = rt.alerting.announced() == ServiceState::Ok;
+    pb::Service {
+        name: key.into(),
+        state: rt.alerting.announced().as_str().into(),
+        since_ms: rt.alerting.announced_at_ms(),
+        selector: format!("name={}", rt.instance.agent_id),
+        check: rt.check.clone(),
+        passing: u32::from(ok),
+        total: 1,
+        instances: vec![rt.instance.clone()],
+        channels: channels.to_vec(),
+        silenced_until_ms: rt.persisted.silenced_until_ms,
+        silence_reason: rt.persisted.silence_reason.clone(),
+        silenced_by: rt.persisted.silenced_by.clone(),
+        flapping: rt.alerting.flapping(),
+        ..Default::default()
     }
 }
 
@@ -505,7 +688,87 @@ mod tests {
         let services = config::validate(&raw).expect("valid");
         let store: Arc<dyn Store> =
             Arc::new(crate::store::SledStore::open(&dir.join("db")).expect("store"));
-        Health::open(store, services).expect("health")
+        let hosts: config::RawHostAlerts = toml::from_str(
+            "checks = [\"http\"]\nselector = \"role=web\"\nconfirm = \"0s\"\nchannels = [\"irc:#ops\"]\n",
+        )
+        .expect("toml");
+        let hosts = config::validate_host_alerts(&hosts).expect("valid");
+        Health::open(store, services, Some(hosts)).expect("health")
+    }
+
+    #[test]
+    fn host_alerts_follow_each_hosts_check_and_can_be_silenced() {
+        use pb::CheckState::{Critical, Ok, Warning};
+        let dir = tempfile::tempdir().expect("tmp");
+        let h = health(dir.path());
+        let mut rx = h.subscribe();
+        let web = |s| {
+            [
+                agent("web-1", "web", true, Some(s)),
+                agent("api-1", "api", true, Some(s)),
+            ]
+        };
+        h.evaluate(&web(Ok), 1).expect("eval");
+        // unknown → ok for web-1 (the gateway does not post that), and the
+        // api service's own change; api-1 is not role=web.
+        let evs: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| e.summary)
+            .collect();
+        assert!(
+            evs.contains(&"web-1/http recovered (was unknown): Ok".to_string()),
+            "{evs:?}"
+        );
+        assert!(!evs.iter().any(|e| e.starts_with("api-1/")), "{evs:?}");
+
+        let audit = h.evaluate(&web(Warning), 2).expect("eval");
+        assert_eq!(audit[0].fields["host_check"], "web-1/http");
+        let ev = rx.try_recv().expect("event");
+        assert_eq!(ev.summary, "web-1/http is degraded: Warning");
+        let s = ev.service.expect("service");
+        assert_eq!(
+            (s.selector.as_str(), s.total, s.channels.as_slice()),
+            ("name=web-1", 1, &["irc:#ops".to_string()][..])
+        );
+        // Asked for by name; not in the service list.
+        assert_eq!(
+            h.services("web-1/http", 0).expect("one")[0].state,
+            "degraded"
+        );
+        assert!(
+            h.services("", 0)
+                .expect("all")
+                .iter()
+                .all(|s| s.name == "api")
+        );
+
+        assert!(h.knows("web-1/http"));
+        assert!(
+            h.silence("web-1/http", 10_000, "disk swap", "irc:alice")
+                .expect("silence")
+        );
+        h.evaluate(&web(Critical), 3).expect("eval");
+        let ev = std::iter::from_fn(|| rx.try_recv().ok())
+            .find(|e| e.summary.starts_with("web-1/"))
+            .expect("event");
+        assert!(
+            ev.silenced && ev.summary == "web-1/http is down: Critical",
+            "{ev:?}"
+        );
+        // An offline host says nothing new about its checks.
+        let offline = [agent("web-1", "web", false, Some(Ok))];
+        assert!(
+            h.evaluate(&offline, 4)
+                .expect("eval")
+                .iter()
+                .all(|e| !e.fields.contains_key("host_check"))
+        );
+        assert_eq!(
+            h.snapshot(5)
+                .iter()
+                .filter(|e| e.service.as_ref().is_some_and(|s| s.name == "web-1/http"))
+                .count(),
+            1
+        );
     }
 
     #[test]

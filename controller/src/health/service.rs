@@ -115,7 +115,7 @@ impl pb::health_server::Health for HealthSvc {
             }
             _ => peer_actor(&peer),
         };
-        if self.0.health.config(&req.service).is_none() {
+        if !self.0.health.knows(&req.service) {
             return Err(ApiError::NotFound(format!(
                 "no service named {:?}; configured: {}",
                 req.service,

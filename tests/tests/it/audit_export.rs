@@ -25,6 +25,7 @@ fn config(data: &Path, exports: Vec<ExportConfig>) -> ControllerConfig {
         audit_retention: None,
         store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
         services: Vec::new(),
+        host_alerts: None,
         metrics_listen: None,
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: data.to_path_buf(),

@@ -29,6 +29,8 @@ fn example_services_validate_in_the_controller_config() {
     let names: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["api", "db", "disks"]);
     assert!(cfg.services[2].damping.remind.is_zero());
+    let hosts = cfg.host_alerts.expect("[host_alerts]");
+    assert_eq!(hosts.checks, ["disk", "memory"]);
 }
 
 /// deploy/examples/health/agent-checks.toml, appended to agent.toml,
@@ -46,15 +48,19 @@ fn example_agent_checks_validate_and_match_the_example_services() {
     let names: Vec<&str> = cfg.checks.iter().map(|c| c.name.as_str()).collect();
     let services =
         std::fs::read_to_string(deploy("examples/health/services.toml")).expect("services.toml");
-    let services: std::collections::BTreeMap<
-        String,
-        std::collections::BTreeMap<String, fleetcmd_controller::health::RawService>,
-    > = toml::from_str(&services).expect("services parse");
-    for (name, s) in &services["services"] {
+    let ctl: fleetcmd_controller::config::RawConfig =
+        toml::from_str(&services).expect("services parse");
+    for (name, s) in &ctl.services {
         assert!(
             names.contains(&s.check.as_str()),
             "service {name} checks {:?}, which agent-checks.toml does not define ({names:?})",
             s.check
+        );
+    }
+    for c in &ctl.host_alerts.expect("[host_alerts]").checks {
+        assert!(
+            names.contains(&c.as_str()),
+            "host_alerts check {c:?} not in {names:?}"
         );
     }
 }
