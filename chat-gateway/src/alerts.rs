@@ -25,19 +25,6 @@ pub const MAX_INSTANCES: usize = 10;
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-fn check_state(s: i32) -> &'static str {
-    match v1::CheckState::try_from(s) {
-        Ok(v1::CheckState::Ok) => "OK",
-        Ok(v1::CheckState::Warning) => "WARNING",
-        Ok(v1::CheckState::Critical) => "CRITICAL",
-        _ => "UNKNOWN",
-    }
-}
-
-fn passes(i: &v1::ServiceInstance) -> bool {
-    i.online && (i.state == v1::CheckState::Ok as i32 || i.state == v1::CheckState::Warning as i32)
-}
-
 /// The chat message for an alert event; `None` for events that are not
 /// posted (snapshots, silenced services).
 pub fn render(ev: &v1::AlertEvent) -> Option<Reply> {
@@ -60,13 +47,13 @@ pub fn render(ev: &v1::AlertEvent) -> Option<Reply> {
     let mut reply = Reply::text(format!("[{tag}] {}", ev.summary));
     if kind != Kind::Flapping && s.state != "ok" {
         let failing: Vec<&v1::ServiceInstance> =
-            s.instances.iter().filter(|i| !passes(i)).collect();
+            s.instances.iter().filter(|i| !i.passes()).collect();
         for i in failing.iter().take(MAX_INSTANCES) {
             reply.lines.push(if i.online {
                 format!(
                     "  {}: {} {}",
                     i.agent_id,
-                    check_state(i.state),
+                    v1::CheckState::label(i.state),
                     i.summary.lines().next().unwrap_or_default()
                 )
             } else {

@@ -18,3 +18,27 @@ pub const PROTO_FILES: &[&str] = &["fleetcmd/v1/fleetcmd.proto"];
 
 pub mod channel;
 pub mod codec;
+
+impl v1::CheckState {
+    /// The Nagios name of a check result's state (`OK`, `WARNING`,
+    /// `CRITICAL`, `UNKNOWN`); an unset or unknown value is `UNKNOWN`.
+    pub fn label(state: i32) -> &'static str {
+        match v1::CheckState::try_from(state) {
+            Ok(v1::CheckState::Ok) => "OK",
+            Ok(v1::CheckState::Warning) => "WARNING",
+            Ok(v1::CheckState::Critical) => "CRITICAL",
+            _ => "UNKNOWN",
+        }
+    }
+}
+
+impl v1::ServiceInstance {
+    /// Whether the instance counts as passing for its service (DESIGN §6):
+    /// its agent is online and its check is OK or WARNING. The controller
+    /// counts with this and the gateway lists the others as failing.
+    pub fn passes(&self) -> bool {
+        self.online
+            && (self.state == v1::CheckState::Ok as i32
+                || self.state == v1::CheckState::Warning as i32)
+    }
+}

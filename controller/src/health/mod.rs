@@ -117,20 +117,6 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("health records serialize to JSON")
 }
 
-/// Whether an instance's check result counts as passing.
-fn passes(state: i32) -> bool {
-    state == pb::CheckState::Ok as i32 || state == pb::CheckState::Warning as i32
-}
-
-fn state_name(state: i32) -> &'static str {
-    match pb::CheckState::try_from(state) {
-        Ok(pb::CheckState::Ok) => "OK",
-        Ok(pb::CheckState::Warning) => "WARNING",
-        Ok(pb::CheckState::Critical) => "CRITICAL",
-        _ => "UNKNOWN",
-    }
-}
-
 impl Health {
     /// Loads what was announced before a restart. Services removed from
     /// the config keep their stored records until they come back.
@@ -244,10 +230,7 @@ impl Health {
             }
             instances.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
             let total = instances.len() as u32;
-            let passing = instances
-                .iter()
-                .filter(|i| i.online && passes(i.state))
-                .count() as u32;
+            let passing = instances.iter().filter(|i| i.passes()).count() as u32;
             rt.passing = passing;
             rt.total = total;
             rt.instances = instances;
@@ -282,7 +265,7 @@ impl Health {
                             .hosts(
                                 rt.instances
                                     .iter()
-                                    .filter(|i| !(i.online && passes(i.state)))
+                                    .filter(|i| !i.passes())
                                     .map(|i| i.agent_id.clone()),
                             )
                             .field("service", &cfg.name)
@@ -612,11 +595,16 @@ fn summary(s: &pb::Service, d: Decision) -> String {
     let failing: Vec<String> = s
         .instances
         .iter()
-        .filter(|i| !(i.online && passes(i.state)))
+        .filter(|i| !i.passes())
         .take(5)
         .map(|i| {
             if i.online {
-                format!("{}: {} {}", i.agent_id, state_name(i.state), i.summary)
+                format!(
+                    "{}: {} {}",
+                    i.agent_id,
+                    pb::CheckState::label(i.state),
+                    i.summary
+                )
             } else {
                 format!("{}: offline", i.agent_id)
             }
