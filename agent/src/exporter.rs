@@ -77,12 +77,9 @@ pub fn process_figures() -> ProcessFigures {
 #[derive(Debug)]
 struct AgentCollector(AgentFigures);
 
-/// A per-host gauge: name, help, and how to read it from a heartbeat.
-type HostGauge = (&'static str, &'static str, fn(&pb::HostMetrics) -> f64);
-
 fn gauge<L: EncodeLabelSet>(
     enc: &mut DescriptorEncoder,
-    name: &'static str,
+    name: &str,
     help: &str,
     rows: impl IntoIterator<Item = (L, f64)>,
 ) -> std::fmt::Result {
@@ -169,46 +166,10 @@ impl Collector for AgentCollector {
                 .map(|a| (NoLabels::default(), a.as_secs_f64())),
         )?;
         let m = f.heartbeat.as_ref().and_then(|h| h.metrics.as_ref());
-        let host: [HostGauge; 10] = [
-            (
-                "fleetcmd_agent_cpu_percent",
-                "Host CPU usage over the last heartbeat interval, 0-100",
-                |m| f64::from(m.cpu_percent),
-            ),
-            ("fleetcmd_agent_load1", "1-minute load average", |m| m.load1),
-            ("fleetcmd_agent_load5", "5-minute load average", |m| m.load5),
-            ("fleetcmd_agent_load15", "15-minute load average", |m| {
-                m.load15
-            }),
-            ("fleetcmd_agent_memory_used_bytes", "Memory in use", |m| {
-                m.mem_used_bytes as f64
-            }),
-            (
-                "fleetcmd_agent_memory_total_bytes",
-                "Memory installed",
-                |m| m.mem_total_bytes as f64,
-            ),
-            ("fleetcmd_agent_swap_used_bytes", "Swap in use", |m| {
-                m.swap_used_bytes as f64
-            }),
-            ("fleetcmd_agent_swap_total_bytes", "Swap configured", |m| {
-                m.swap_total_bytes as f64
-            }),
-            (
-                "fleetcmd_agent_uptime_seconds",
-                "Seconds since the host booted",
-                |m| m.uptime_secs as f64,
-            ),
-            (
-                "fleetcmd_agent_processes",
-                "Processes running on the host",
-                |m| f64::from(m.process_count),
-            ),
-        ];
-        for (name, help, value) in host {
+        for (suffix, help, value) in fleetcmd_proto::HOST_FIGURES {
             gauge(
                 &mut enc,
-                name,
+                &format!("fleetcmd_agent_{suffix}"),
                 help,
                 m.map(|m| (NoLabels::default(), value(m))),
             )?;

@@ -195,13 +195,10 @@ impl Metrics {
 #[derive(Debug)]
 struct FleetCollector(FleetSnapshot);
 
-/// A per-host gauge: name, help, and how to read it from a heartbeat.
-type HostGauge = (&'static str, &'static str, fn(&pb::HostMetrics) -> f64);
-
 /// One gauge family: its descriptor, then one sample per row.
 fn gauge<L: EncodeLabelSet>(
     enc: &mut DescriptorEncoder,
-    name: &'static str,
+    name: &str,
     help: &str,
     rows: impl IntoIterator<Item = (L, f64)>,
 ) -> std::fmt::Result {
@@ -293,55 +290,21 @@ impl Collector for FleetCollector {
             .iter()
             .filter_map(|a| a.metrics.as_ref().map(|m| (a.agent_id.as_str(), m)))
             .collect();
-        let per_host: [HostGauge; 11] = [
-            (
-                "fleetcmd_host_cpu_percent",
-                "CPU usage over the last heartbeat interval, 0-100",
-                |m| f64::from(m.cpu_percent),
-            ),
-            ("fleetcmd_host_load1", "1-minute load average", |m| m.load1),
-            ("fleetcmd_host_load5", "5-minute load average", |m| m.load5),
-            ("fleetcmd_host_load15", "15-minute load average", |m| {
-                m.load15
-            }),
-            ("fleetcmd_host_memory_used_bytes", "Memory in use", |m| {
-                m.mem_used_bytes as f64
-            }),
-            (
-                "fleetcmd_host_memory_total_bytes",
-                "Memory installed",
-                |m| m.mem_total_bytes as f64,
-            ),
-            ("fleetcmd_host_swap_used_bytes", "Swap in use", |m| {
-                m.swap_used_bytes as f64
-            }),
-            ("fleetcmd_host_swap_total_bytes", "Swap configured", |m| {
-                m.swap_total_bytes as f64
-            }),
-            (
-                "fleetcmd_host_uptime_seconds",
-                "Seconds since the host booted",
-                |m| m.uptime_secs as f64,
-            ),
-            (
-                "fleetcmd_host_processes",
-                "Processes running on the host",
-                |m| f64::from(m.process_count),
-            ),
-            (
-                "fleetcmd_host_disks",
-                "Real file systems reported by the agent",
-                |m| m.disks.len() as f64,
-            ),
-        ];
-        for (name, help, value) in per_host {
+        for (suffix, help, value) in fleetcmd_proto::HOST_FIGURES {
             gauge(
                 &mut enc,
-                name,
+                &format!("fleetcmd_host_{suffix}"),
                 help,
                 with.iter().map(|(h, m)| ([("host", *h)], value(m))),
             )?;
         }
+        gauge(
+            &mut enc,
+            "fleetcmd_host_disks",
+            "Real file systems reported by the agent",
+            with.iter()
+                .map(|(h, m)| ([("host", *h)], m.disks.len() as f64)),
+        )?;
         let disks = || {
             with.iter()
                 .flat_map(|(h, m)| m.disks.iter().map(move |d| (*h, d)))

@@ -42,3 +42,39 @@ impl v1::ServiceInstance {
                 || self.state == v1::CheckState::Warning as i32)
     }
 }
+
+/// One number of a `HostMetrics` sample as a metric: the name after the
+/// exporter's prefix, its help text, and how to read it.
+pub type HostFigure = (&'static str, &'static str, fn(&v1::HostMetrics) -> f64);
+
+/// The host figures both Prometheus exporters publish: the controller per
+/// host (`fleetcmd_host_*`, label `host`), the agent its own
+/// (`fleetcmd_agent_*`).
+pub const HOST_FIGURES: [HostFigure; 10] = [
+    (
+        "cpu_percent",
+        "CPU usage over the last heartbeat interval, 0-100",
+        |m| f64::from(m.cpu_percent),
+    ),
+    ("load1", "1-minute load average", |m| m.load1),
+    ("load5", "5-minute load average", |m| m.load5),
+    ("load15", "15-minute load average", |m| m.load15),
+    ("memory_used_bytes", "Memory in use", |m| {
+        m.mem_used_bytes as f64
+    }),
+    ("memory_total_bytes", "Memory installed", |m| {
+        m.mem_total_bytes as f64
+    }),
+    ("swap_used_bytes", "Swap in use", |m| {
+        m.swap_used_bytes as f64
+    }),
+    ("swap_total_bytes", "Swap configured", |m| {
+        m.swap_total_bytes as f64
+    }),
+    ("uptime_seconds", "Seconds since the host booted", |m| {
+        m.uptime_secs as f64
+    }),
+    ("processes", "Processes running on the host", |m| {
+        f64::from(m.process_count)
+    }),
+];
