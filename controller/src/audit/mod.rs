@@ -307,11 +307,16 @@ impl Audit {
         let rec = next.append(now_ms, event);
         let json = serde_json::to_vec(&rec).expect("audit records serialize to JSON");
         records.insert(seq_key(rec.seq), json).map_err(backend)?;
-        let mut batch = sled::Batch::default();
+        // Plain inserts, not a `sled::Batch`: sled 0.34 writes out and
+        // syncs its current log buffer before and after every batch (and
+        // takes a lock that stops every other tree operation meanwhile),
+        // which cost two log writes per audit record. The index does not
+        // need a batch's atomicity: sled recovers a prefix of its log, so
+        // only the newest surviving record can miss entries, and `open`
+        // re-indexes the newest records.
         for k in index_keys(&rec, false) {
-            batch.insert(k, &[][..]);
+            index.insert(k, &[][..]).map_err(backend)?;
         }
-        index.apply_batch(batch).map_err(backend)?;
         *chain = next;
         Ok(rec.seq)
     }
