@@ -86,6 +86,11 @@ pub struct Shared {
     pub config: ControllerConfig,
     policy: RwLock<Option<Arc<CurrentPolicy>>>,
     agents: Mutex<HashMap<String, Live>>,
+    /// Every enrolled agent's record as last stored (`save_agent` writes
+    /// the store first, then this), so that resolving a job's targets,
+    /// `Agents.List` and a reconnecting agent's registration do not scan
+    /// or decode the store's agent records.
+    directory: RwLock<BTreeMap<String, AgentRecord>>,
     revoked: RwLock<HashSet<String>>,
     /// Serializes read-modify-write of job records.
     /// Running jobs' rollout state (the job record and each target's state),
@@ -206,12 +211,16 @@ fn outcome_state(o: i32) -> &'static str {
 
 impl Shared {
     pub fn new(store: Arc<dyn Store>, ca: Ca, config: ControllerConfig) -> ApiResult<Shared> {
-        let mut revoked = HashSet::new();
-        for a in store.list_agents()? {
-            if a.revoked {
-                revoked.insert(a.id);
-            }
-        }
+        let directory: BTreeMap<String, AgentRecord> = store
+            .list_agents()?
+            .into_iter()
+            .map(|a| (a.id.clone(), a))
+            .collect();
+        let revoked: HashSet<String> = directory
+            .values()
+            .filter(|a| a.revoked)
+            .map(|a| a.id.clone())
+            .collect();
         let audit = crate::audit::Audit::open(store.clone(), &config.data_dir.join("audit"))
             .map_err(|e| ApiError::Internal(format!("audit trail: {e}")))?;
         let (flusher, mut waiters) = tokio::sync::mpsc::unbounded_channel::<
@@ -253,6 +262,7 @@ impl Shared {
             config,
             policy: RwLock::new(None),
             agents: Mutex::new(HashMap::new()),
+            directory: RwLock::new(directory),
             revoked: RwLock::new(revoked),
             job_lock: Mutex::new(HashMap::new()),
             runs_loaded: std::sync::atomic::AtomicBool::new(false),
@@ -289,6 +299,24 @@ impl Shared {
     fn audit_durable(&self, event: Event) -> ApiResult<()> {
         self.audit.record(event)?;
         Ok(())
+    }
+
+    /// Stores an agent's record and updates the in-memory directory.
+    fn save_agent(&self, rec: AgentRecord) -> ApiResult<()> {
+        self.store.put_agent(&rec)?;
+        self.directory
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.id.clone(), rec);
+        Ok(())
+    }
+
+    fn agent_record(&self, agent: &str) -> Option<AgentRecord> {
+        self.directory
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(agent)
+            .cloned()
     }
 
     pub fn is_revoked(&self, agent: &str) -> bool {
@@ -573,7 +601,7 @@ impl Shared {
             joined_at: now_secs(),
             version: String::new(),
         };
-        self.store.put_agent(&agent)?;
+        self.save_agent(agent)?;
         self.audit_durable(
             Event::new(EventKind::TokenUsed, format!("agent:{id}"))
                 .field("token_id", token.id_hex())
@@ -628,8 +656,7 @@ impl Shared {
     /// Registers a connected agent; returns its connection number.
     pub fn register(&self, agent: &str, hello: &pb::Hello, tx: AgentTx) -> ApiResult<u64> {
         let mut rec = self
-            .store
-            .get_agent(agent)?
+            .agent_record(agent)
             .ok_or_else(|| ApiError::PermissionDenied(format!("agent {agent} is not enrolled")))?;
         // The controller's labels (from the token) win over the agent's own.
         let mut labels: BTreeMap<String, String> = hello
@@ -638,8 +665,12 @@ impl Shared {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         labels.extend(rec.labels.clone());
-        rec.version = hello.version.clone();
-        self.store.put_agent(&rec)?;
+        // Stored only when it changed: a reconnect storm of 10 000 agents
+        // need not rewrite 10 000 records.
+        if rec.version != hello.version {
+            rec.version = hello.version.clone();
+            self.save_agent(rec)?;
+        }
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         if let Some(cur) = self.current_policy() {
             let _ = tx.try_send(Box::new(Ok(policy_message(&cur))));
@@ -712,25 +743,21 @@ impl Shared {
         } else {
             parse_selector(selector)?
         };
-        // Read the store before taking the agents lock: heartbeats (and
-        // `/metrics` scrapes) wait for that lock, not for the store.
-        let records = self.store.list_agents()?;
+        let directory = self.directory.read().unwrap_or_else(|p| p.into_inner());
         let agents = lock(&self.agents);
         let mut out = Vec::new();
-        for rec in records {
+        for rec in directory.values() {
             let live = agents.get(&rec.id);
-            let labels = live
-                .map(|l| l.labels.clone())
-                .unwrap_or_else(|| rec.labels.clone());
-            if !sel.matches(&rec.id, &labels) {
+            let labels = live.map_or(&rec.labels, |l| &l.labels);
+            if !sel.matches(&rec.id, labels) {
                 continue;
             }
             out.push(pb::Agent {
                 agent_id: rec.id.clone(),
-                labels: labels.into_iter().collect(),
+                labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 online: live.is_some_and(|l| self.online(l)) && !rec.revoked,
                 revoked: rec.revoked,
-                version: live.map(|l| l.version.clone()).unwrap_or(rec.version),
+                version: live.map_or_else(|| rec.version.clone(), |l| l.version.clone()),
                 last_seen_ms: live
                     .map(|l| now_ms().saturating_sub(l.last_heartbeat.elapsed().as_millis() as u64))
                     .unwrap_or(0),
@@ -749,11 +776,10 @@ impl Shared {
     /// later call with its certificate is refused.
     pub async fn revoke(&self, agent: &str, by: &Peer) -> ApiResult<()> {
         let mut rec = self
-            .store
-            .get_agent(agent)?
+            .agent_record(agent)
             .ok_or_else(|| ApiError::NotFound(format!("no agent {agent:?}")))?;
         rec.revoked = true;
-        self.store.put_agent(&rec)?;
+        self.save_agent(rec)?;
         self.audit_durable(
             Event::new(EventKind::AgentRevoked, crate::audit::peer_actor(by))
                 .host(agent)
@@ -876,20 +902,19 @@ impl Shared {
         // Resolve targets against the registry (the agents re-check their own labels).
         let mut targets: Vec<(String, bool)> = Vec::new();
         {
+            let directory = self.directory.read().unwrap_or_else(|p| p.into_inner());
             let agents = lock(&self.agents);
-            for rec in self.store.list_agents()? {
+            for rec in directory.values() {
                 if rec.revoked {
                     continue;
                 }
                 let live = agents.get(&rec.id);
-                let labels = live
-                    .map(|l| l.labels.clone())
-                    .unwrap_or_else(|| rec.labels.clone());
+                let labels = live.map_or(&rec.labels, |l| &l.labels);
                 let for_host = cmd
                     .targets
                     .as_ref()
-                    .is_none_or(|t| t.matches(&rec.id, &labels));
-                if selector.matches(&rec.id, &labels) && for_host {
+                    .is_none_or(|t| t.matches(&rec.id, labels));
+                if selector.matches(&rec.id, labels) && for_host {
                     targets.push((rec.id.clone(), live.is_some_and(|l| self.online(l))));
                 }
             }
@@ -970,7 +995,13 @@ impl Shared {
     /// most `DISPATCH_CHUNK` targets at a time, so results of the same job
     /// are recorded between chunks.
     pub fn advance(&self, job_id: &str) -> ApiResult<()> {
-        while self.advance_some(job_id, DISPATCH_CHUNK)? {}
+        while self.advance_some(job_id, DISPATCH_CHUNK)? {
+            // Each chunk's dispatch records are made durable before the
+            // next chunk goes out. Otherwise the first results' flush
+            // would have to write the whole fan-out's records first (a
+            // 10 000-target job: first result 0.7-0.9 s instead of 0.2 s).
+            self.store.flush()?;
+        }
         Ok(())
     }
 
