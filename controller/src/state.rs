@@ -67,10 +67,44 @@ pub struct CurrentPolicy {
     pub hash: String,
 }
 
+/// An enrolled agent as the directory keeps it: an `AgentRecord` whose
+/// labels are shared with the agent's `Live` entry while it is connected
+/// (the usual case: its own labels add nothing to the token's).
+#[derive(Clone)]
+struct Enrolled {
+    labels: Arc<BTreeMap<String, String>>,
+    revoked: bool,
+    joined_at: u64,
+    version: String,
+}
+
+impl Enrolled {
+    fn record(&self, id: &str) -> AgentRecord {
+        AgentRecord {
+            id: id.to_owned(),
+            labels: (*self.labels).clone(),
+            revoked: self.revoked,
+            joined_at: self.joined_at,
+            version: self.version.clone(),
+        }
+    }
+}
+
+impl From<AgentRecord> for Enrolled {
+    fn from(rec: AgentRecord) -> Enrolled {
+        Enrolled {
+            labels: Arc::new(rec.labels),
+            revoked: rec.revoked,
+            joined_at: rec.joined_at,
+            version: rec.version,
+        }
+    }
+}
+
 struct Live {
     conn: u64,
     tx: AgentTx,
-    labels: BTreeMap<String, String>,
+    labels: Arc<BTreeMap<String, String>>,
     version: String,
     last_heartbeat: Instant,
     metrics: Option<pb::HostMetrics>,
@@ -90,7 +124,7 @@ pub struct Shared {
     /// the store first, then this), so that resolving a job's targets,
     /// `Agents.List` and a reconnecting agent's registration do not scan
     /// or decode the store's agent records.
-    directory: RwLock<BTreeMap<String, AgentRecord>>,
+    directory: RwLock<BTreeMap<String, Enrolled>>,
     revoked: RwLock<HashSet<String>>,
     /// Serializes read-modify-write of job records.
     /// Running jobs' rollout state (the job record and each target's state),
@@ -211,15 +245,15 @@ fn outcome_state(o: i32) -> &'static str {
 
 impl Shared {
     pub fn new(store: Arc<dyn Store>, ca: Ca, config: ControllerConfig) -> ApiResult<Shared> {
-        let directory: BTreeMap<String, AgentRecord> = store
+        let directory: BTreeMap<String, Enrolled> = store
             .list_agents()?
             .into_iter()
-            .map(|a| (a.id.clone(), a))
+            .map(|a| (a.id.clone(), Enrolled::from(a)))
             .collect();
         let revoked: HashSet<String> = directory
-            .values()
-            .filter(|a| a.revoked)
-            .map(|a| a.id.clone())
+            .iter()
+            .filter(|(_, a)| a.revoked)
+            .map(|(id, _)| id.clone())
             .collect();
         let audit = crate::audit::Audit::open(store.clone(), &config.data_dir.join("audit"))
             .map_err(|e| ApiError::Internal(format!("audit trail: {e}")))?;
@@ -307,11 +341,11 @@ impl Shared {
         self.directory
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(rec.id.clone(), rec);
+            .insert(rec.id.clone(), Enrolled::from(rec));
         Ok(())
     }
 
-    fn agent_record(&self, agent: &str) -> Option<AgentRecord> {
+    fn enrolled(&self, agent: &str) -> Option<Enrolled> {
         self.directory
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -655,21 +689,27 @@ impl Shared {
 
     /// Registers a connected agent; returns its connection number.
     pub fn register(&self, agent: &str, hello: &pb::Hello, tx: AgentTx) -> ApiResult<u64> {
-        let mut rec = self
-            .agent_record(agent)
+        let rec = self
+            .enrolled(agent)
             .ok_or_else(|| ApiError::PermissionDenied(format!("agent {agent} is not enrolled")))?;
         // The controller's labels (from the token) win over the agent's own.
-        let mut labels: BTreeMap<String, String> = hello
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        labels.extend(rec.labels.clone());
+        let labels = if hello.labels.keys().all(|k| rec.labels.contains_key(k)) {
+            rec.labels.clone()
+        } else {
+            let mut labels: BTreeMap<String, String> = hello
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            labels.extend((*rec.labels).clone());
+            Arc::new(labels)
+        };
         // Stored only when it changed: a reconnect storm of 10 000 agents
         // need not rewrite 10 000 records.
         if rec.version != hello.version {
-            rec.version = hello.version.clone();
-            self.save_agent(rec)?;
+            let mut updated = rec.record(agent);
+            updated.version = hello.version.clone();
+            self.save_agent(updated)?;
         }
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         if let Some(cur) = self.current_policy() {
@@ -746,14 +786,14 @@ impl Shared {
         let directory = self.directory.read().unwrap_or_else(|p| p.into_inner());
         let agents = lock(&self.agents);
         let mut out = Vec::new();
-        for rec in directory.values() {
-            let live = agents.get(&rec.id);
-            let labels = live.map_or(&rec.labels, |l| &l.labels);
-            if !sel.matches(&rec.id, labels) {
+        for (id, rec) in directory.iter() {
+            let live = agents.get(id);
+            let labels = live.map_or(&*rec.labels, |l| &*l.labels);
+            if !sel.matches(id, labels) {
                 continue;
             }
             out.push(pb::Agent {
-                agent_id: rec.id.clone(),
+                agent_id: id.clone(),
                 labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 online: live.is_some_and(|l| self.online(l)) && !rec.revoked,
                 revoked: rec.revoked,
@@ -776,8 +816,9 @@ impl Shared {
     /// later call with its certificate is refused.
     pub async fn revoke(&self, agent: &str, by: &Peer) -> ApiResult<()> {
         let mut rec = self
-            .agent_record(agent)
-            .ok_or_else(|| ApiError::NotFound(format!("no agent {agent:?}")))?;
+            .enrolled(agent)
+            .ok_or_else(|| ApiError::NotFound(format!("no agent {agent:?}")))?
+            .record(agent);
         rec.revoked = true;
         self.save_agent(rec)?;
         self.audit_durable(
@@ -904,18 +945,15 @@ impl Shared {
         {
             let directory = self.directory.read().unwrap_or_else(|p| p.into_inner());
             let agents = lock(&self.agents);
-            for rec in directory.values() {
+            for (id, rec) in directory.iter() {
                 if rec.revoked {
                     continue;
                 }
-                let live = agents.get(&rec.id);
-                let labels = live.map_or(&rec.labels, |l| &l.labels);
-                let for_host = cmd
-                    .targets
-                    .as_ref()
-                    .is_none_or(|t| t.matches(&rec.id, labels));
-                if selector.matches(&rec.id, labels) && for_host {
-                    targets.push((rec.id.clone(), live.is_some_and(|l| self.online(l))));
+                let live = agents.get(id);
+                let labels = live.map_or(&*rec.labels, |l| &*l.labels);
+                let for_host = cmd.targets.as_ref().is_none_or(|t| t.matches(id, labels));
+                if selector.matches(id, labels) && for_host {
+                    targets.push((id.clone(), live.is_some_and(|l| self.online(l))));
                 }
             }
         }
