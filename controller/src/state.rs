@@ -90,14 +90,36 @@ impl Enrolled {
     }
 }
 
-impl From<AgentRecord> for Enrolled {
-    fn from(rec: AgentRecord) -> Enrolled {
-        Enrolled {
-            labels: Arc::new(rec.labels),
-            revoked: rec.revoked,
-            joined_at: rec.joined_at,
-            version: rec.version,
+/// The enrolled agents by id. Label sets are interned: fleets repeat a
+/// few sets (`role=web,env=prod`) over thousands of hosts, and a map per
+/// host cost about 0.7 KiB each (DESIGN §10's RSS budget per agent).
+#[derive(Default)]
+struct Directory {
+    agents: BTreeMap<String, Enrolled>,
+    label_sets: HashSet<Arc<BTreeMap<String, String>>>,
+}
+
+impl Directory {
+    fn intern(&mut self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
+        if let Some(shared) = self.label_sets.get(&labels) {
+            return shared.clone();
         }
+        let shared = Arc::new(labels);
+        self.label_sets.insert(shared.clone());
+        shared
+    }
+
+    fn insert(&mut self, rec: AgentRecord) {
+        let labels = self.intern(rec.labels);
+        self.agents.insert(
+            rec.id,
+            Enrolled {
+                labels,
+                revoked: rec.revoked,
+                joined_at: rec.joined_at,
+                version: rec.version,
+            },
+        );
     }
 }
 
@@ -124,7 +146,7 @@ pub struct Shared {
     /// the store first, then this), so that resolving a job's targets,
     /// `Agents.List` and a reconnecting agent's registration do not scan
     /// or decode the store's agent records.
-    directory: RwLock<BTreeMap<String, Enrolled>>,
+    directory: RwLock<Directory>,
     revoked: RwLock<HashSet<String>>,
     /// Serializes read-modify-write of job records.
     /// Running jobs' rollout state (the job record and each target's state),
@@ -245,12 +267,12 @@ fn outcome_state(o: i32) -> &'static str {
 
 impl Shared {
     pub fn new(store: Arc<dyn Store>, ca: Ca, config: ControllerConfig) -> ApiResult<Shared> {
-        let directory: BTreeMap<String, Enrolled> = store
-            .list_agents()?
-            .into_iter()
-            .map(|a| (a.id.clone(), Enrolled::from(a)))
-            .collect();
+        let mut directory = Directory::default();
+        for rec in store.list_agents()? {
+            directory.insert(rec);
+        }
         let revoked: HashSet<String> = directory
+            .agents
             .iter()
             .filter(|(_, a)| a.revoked)
             .map(|(id, _)| id.clone())
@@ -341,7 +363,7 @@ impl Shared {
         self.directory
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(rec.id.clone(), Enrolled::from(rec));
+            .insert(rec);
         Ok(())
     }
 
@@ -349,6 +371,7 @@ impl Shared {
         self.directory
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .agents
             .get(agent)
             .cloned()
     }
@@ -702,7 +725,10 @@ impl Shared {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             labels.extend((*rec.labels).clone());
-            Arc::new(labels)
+            self.directory
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .intern(labels)
         };
         // Stored only when it changed: a reconnect storm of 10 000 agents
         // need not rewrite 10 000 records.
@@ -786,7 +812,7 @@ impl Shared {
         let directory = self.directory.read().unwrap_or_else(|p| p.into_inner());
         let agents = lock(&self.agents);
         let mut out = Vec::new();
-        for (id, rec) in directory.iter() {
+        for (id, rec) in directory.agents.iter() {
             let live = agents.get(id);
             let labels = live.map_or(&*rec.labels, |l| &*l.labels);
             if !sel.matches(id, labels) {
@@ -945,7 +971,7 @@ impl Shared {
         {
             let directory = self.directory.read().unwrap_or_else(|p| p.into_inner());
             let agents = lock(&self.agents);
-            for (id, rec) in directory.iter() {
+            for (id, rec) in directory.agents.iter() {
                 if rec.revoked {
                     continue;
                 }
@@ -1940,5 +1966,48 @@ pub fn signed_policy(rec: &PolicyRecord) -> pb::SignedPolicy {
                 signature: signature.clone(),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, labels: &[(&str, &str)]) -> AgentRecord {
+        AgentRecord {
+            id: id.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            revoked: false,
+            joined_at: 1,
+            version: "0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn the_directory_shares_equal_label_sets_and_round_trips_records() {
+        let mut dir = Directory::default();
+        dir.insert(record("web-1", &[("role", "web"), ("env", "prod")]));
+        dir.insert(record("web-2", &[("env", "prod"), ("role", "web")]));
+        dir.insert(record("db-1", &[("role", "db"), ("env", "prod")]));
+        let (w1, w2, d1) = (
+            dir.agents["web-1"].labels.clone(),
+            dir.agents["web-2"].labels.clone(),
+            dir.agents["db-1"].labels.clone(),
+        );
+        assert!(Arc::ptr_eq(&w1, &w2));
+        assert!(!Arc::ptr_eq(&w1, &d1));
+        assert_eq!(dir.label_sets.len(), 2);
+        let again = record("db-1", &[("role", "db"), ("env", "prod")]);
+        assert_eq!(dir.agents["db-1"].record("db-1"), again);
+        // A changed record replaces the old one; its labels are interned too.
+        dir.insert(AgentRecord {
+            revoked: true,
+            ..record("db-1", &[("role", "web"), ("env", "prod")])
+        });
+        assert!(dir.agents["db-1"].revoked);
+        assert!(Arc::ptr_eq(&dir.agents["db-1"].labels, &w1));
     }
 }
