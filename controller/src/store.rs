@@ -241,7 +241,10 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first.
     fn list_jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError>;
     fn put_target(&self, job: &str, agent: &str, rec: &TargetRecord) -> Result<(), StoreError>;
-    /// Writes many targets of one job in one atomic batch (dispatch, submit).
+    /// Writes many targets of one job (a dispatch chunk). Not atomic: a
+    /// crash may keep some of them; a target without a record is pending
+    /// and is dispatched again, which agents answer from their own record
+    /// of the job id (at most once per agent).
     fn put_targets(&self, job: &str, recs: &[(&str, &TargetRecord)]) -> Result<(), StoreError>;
     fn get_target(&self, job: &str, agent: &str) -> Result<Option<TargetRecord>, StoreError>;
     fn targets(&self, job: &str) -> Result<Vec<(String, TargetRecord)>, StoreError>;
@@ -496,14 +499,16 @@ impl Store for SledStore {
     }
 
     fn put_targets(&self, job: &str, recs: &[(&str, &TargetRecord)]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        // Plain inserts: a `sled::Batch` takes sled's global write lock,
+        // which waits for a running flush and then holds up every other
+        // tree operation (results being recorded on the async workers).
+        let targets = &self.trees()?.targets;
         for (agent, rec) in recs {
-            batch.insert(format!("{job}/{agent}").as_bytes(), encode_target(rec));
+            targets
+                .insert(format!("{job}/{agent}").as_bytes(), encode_target(rec))
+                .map_err(|e| self.fail(e))?;
         }
-        self.trees()?
-            .targets
-            .apply_batch(batch)
-            .map_err(|e| self.fail(e))
+        Ok(())
     }
 
     fn get_target(&self, job: &str, agent: &str) -> Result<Option<TargetRecord>, StoreError> {

@@ -302,22 +302,29 @@ impl Audit {
     pub fn append_at(&self, now_ms: u64, event: Event) -> Result<u64, StoreError> {
         let records = self.store.tree(RECORDS)?;
         let index = self.store.tree(INDEX)?;
-        let mut chain = lock(&self.chain);
-        let mut next = chain.clone();
-        let rec = next.append(now_ms, event);
-        let json = serde_json::to_vec(&rec).expect("audit records serialize to JSON");
-        records.insert(seq_key(rec.seq), json).map_err(backend)?;
+        // The chain lock covers the hash and the record's insert (records
+        // reach the log in sequence order), not the index: a job submitted
+        // to 10 000 hosts has 10 000 index entries, and every result being
+        // recorded meanwhile would wait for them.
+        let rec = {
+            let mut chain = lock(&self.chain);
+            let mut next = chain.clone();
+            let rec = next.append(now_ms, event);
+            let json = serde_json::to_vec(&rec).expect("audit records serialize to JSON");
+            records.insert(seq_key(rec.seq), json).map_err(backend)?;
+            *chain = next;
+            rec
+        };
         // Plain inserts, not a `sled::Batch`: sled 0.34 writes out and
         // syncs its current log buffer before and after every batch (and
         // takes a lock that stops every other tree operation meanwhile),
         // which cost two log writes per audit record. The index does not
-        // need a batch's atomicity: sled recovers a prefix of its log, so
-        // only the newest surviving record can miss entries, and `open`
-        // re-indexes the newest records.
+        // need a batch's atomicity: it is made durable by the same flush
+        // as its record, and `open` re-indexes the newest records after a
+        // crash.
         for k in index_keys(&rec, false) {
             index.insert(k, &[][..]).map_err(backend)?;
         }
-        *chain = next;
         Ok(rec.seq)
     }
 
