@@ -312,6 +312,9 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError
 /// fills, and the OS page cache holds the same pages again anyway.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
+/// How long `open` waits for the database's file lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn open_trees(path: &Path, cache_bytes: u64) -> Result<SledTrees, StoreError> {
     let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
         path: path.display().to_string(),
@@ -319,14 +322,31 @@ fn open_trees(path: &Path, cache_bytes: u64) -> Result<SledTrees, StoreError> {
     };
     // sled panics on some corruptions instead of returning an error; turn
     // that into the same clear message.
-    let db = std::panic::catch_unwind(|| {
-        sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .open()
-    })
-    .map_err(|_| open_err(&"the database files are corrupt"))?
-    .map_err(|e| open_err(&e))?;
+    let open = || {
+        std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(path)
+                .cache_capacity(cache_bytes)
+                .open()
+        })
+        .map_err(|_| open_err(&"the database files are corrupt"))
+    };
+    // A handle of this process that was just dropped (a reopen after an
+    // I/O error, a restart within one process) can hold the database's
+    // file lock for a moment longer, while sled's threads let go of it;
+    // another process holding it is still refused, after LOCK_WAIT.
+    let started = std::time::Instant::now();
+    let db = loop {
+        match open()? {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && started.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break other.map_err(|e| open_err(&e))?,
+        }
+    };
     let tree = |name: &str| db.open_tree(name).map_err(|e| open_err(&e));
     Ok(SledTrees {
         tokens: tree("tokens")?,
@@ -722,6 +742,18 @@ mod tests {
             store.get_target("j3", "web-3"),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_database_held_open_elsewhere_is_refused_after_the_lock_wait() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _held = SledStore::open(dir.path()).expect("open");
+        let started = std::time::Instant::now();
+        let err = SledStore::open(dir.path()).expect_err("second open");
+        assert!(started.elapsed() >= LOCK_WAIT, "{:?}", started.elapsed());
+        let text = err.to_string();
+        assert!(text.contains("could not acquire lock"), "{text}");
+        assert!(text.contains(&dir.path().display().to_string()), "{text}");
     }
 
     #[test]
