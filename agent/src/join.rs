@@ -187,8 +187,7 @@ pub async fn join(opts: &JoinOptions, now: u64) -> Result<Identity, JoinError> {
         .and_then(|p| p.serialize_request(&key))
         .map_err(|e| JoinError::Key(e.to_string()))?;
     let endpoint = fleetcmd_proto::channel::endpoint(&url, &ca_pem, None)?;
-    let channel = endpoint
-        .connect()
+    let channel = fleetcmd_proto::channel::open(&endpoint)
         .await
         .map_err(|e| JoinError::Connect(url.clone(), e.to_string()))?;
     let mut client = pb::enrollment_client::EnrollmentClient::new(channel);

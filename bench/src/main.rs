@@ -331,9 +331,8 @@ async fn join_one(
 ) -> anyhow::Result<AgentIdentity> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?;
-    let ch = fleetcmd_proto::channel::endpoint(url, ca_pem, None)?
-        .connect()
-        .await?;
+    let ep = fleetcmd_proto::channel::endpoint(url, ca_pem, None)?;
+    let ch = fleetcmd_proto::channel::open(&ep).await?;
     let resp = pb::enrollment_client::EnrollmentClient::new(ch)
         .join(pb::JoinRequest {
             token: token.to_owned(),

@@ -178,7 +178,7 @@ async fn session(
         Err(e) => return (false, format!("endpoint: {e}")),
     };
     let channel = tokio::select! {
-        c = ep.connect() => match c {
+        c = fleetcmd_proto::channel::open(&ep) => match c {
             Ok(c) => c,
             Err(e) => return (false, format!("connect: {e}")),
         },

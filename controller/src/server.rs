@@ -119,9 +119,18 @@ const ANY: &[Role] = &[Role::Agent, Role::Gateway, Role::Operator];
 //   and "MadeYouReset" (CVE-2025-8671): a peer that makes us reset more
 //   streams than that gets GOAWAY ENHANCE_YOUR_CALM.
 // - `MAX_FRAME_BYTES` (64 KiB): largest frame we accept.
-// - HTTP/2 keepalive (PING every 30 s, 10 s to answer) and TCP keepalive
-//   (60 s): dead peers (agents behind a NAT that forgot them) are noticed and
-//   their connection dropped.
+// - Dead peers (a host gone, agents behind a NAT that forgot them) are
+//   noticed by the kernel: TCP keepalive after 60 s without traffic, probes
+//   every 10 s, dropped after 6 unanswered (under 2 minutes). No HTTP/2
+//   PINGs from this side: hyper's keepalive polls a timer on every
+//   connection wake-up and re-arms it once per interval per connection even
+//   when the peer is never pinged (agents send a heartbeat every 10 s), which
+//   was 10–30 % of the controller's idle CPU with 10 000 agents (BENCHMARKS,
+//   "Fleet scale", round 4). A peer whose kernel answers but whose process
+//   hangs keeps its socket and one small task: an agent is `offline` after 3
+//   missed heartbeats whatever its connection does, and a stalled watcher
+//   only fills its own bounded buffer. Clients ping the controller
+//   (`fleetcmd_proto::channel`).
 // - Message sizes, per service, checked against the 5-byte gRPC prefix
 //   before the body is buffered (`OutOfRange` when over): 64 KiB for Join,
 //   health, reflection requests, tokens and agents (small requests, and Join
@@ -143,9 +152,9 @@ const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 const MAX_FRAME_BYTES: u32 = 64 * 1024;
-const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE_RETRIES: u32 = 6;
 const SMALL_MESSAGE_BYTES: usize = 64 * 1024;
 const JOB_MESSAGE_BYTES: usize = 256 * 1024;
 const POLICY_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
@@ -220,8 +229,6 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .max_frame_size(Some(MAX_FRAME_BYTES))
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(crate::metrics::RpcMetricsLayer::new(shared.metrics.clone()))
         .add_service(InterceptedService::new(
             health_svc
@@ -286,7 +293,9 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         ));
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .with_keepalive(Some(TCP_KEEPALIVE));
+        .with_keepalive(Some(TCP_KEEPALIVE))
+        .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
+        .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stopped(&mut stop_server).await;
     }));

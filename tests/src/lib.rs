@@ -84,9 +84,9 @@ impl TestFleet {
 
     /// A channel that verifies the controller but presents no certificate.
     pub async fn anonymous(&self) -> Channel {
-        fleetcmd_proto::channel::endpoint(&self.url, &self.operator_tls.ca_pem, None)
-            .expect("endpoint")
-            .connect()
+        let ep = fleetcmd_proto::channel::endpoint(&self.url, &self.operator_tls.ca_pem, None)
+            .expect("endpoint");
+        fleetcmd_proto::channel::open(&ep)
             .await
             .expect("anonymous connects")
     }

@@ -2,6 +2,8 @@
 //! exactly what the `.proto` files produce. Regenerate with
 //! `FLEETCMD_BLESS=1 cargo test -p fleetcmd-proto`.
 
+mod channel;
+
 use std::path::{Path, PathBuf};
 
 use prost::Message;
