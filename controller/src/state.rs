@@ -1348,7 +1348,7 @@ impl Shared {
 
     /// Cancels a job: pending targets end `canceled`, running ones are told
     /// to stop (their agents kill the process group and report `canceled`).
-    pub async fn cancel(&self, id: &str, by: &str) -> ApiResult<pb::Job> {
+    pub async fn cancel(self: &Arc<Self>, id: &str, by: &str) -> ApiResult<pb::Job> {
         let id = self.resolve_job_id(id)?;
         let running: Vec<String> = {
             let mut runs = lock(&self.job_lock);
@@ -1391,7 +1391,13 @@ impl Shared {
                 let _ = l.tx.try_send(Box::new(Ok(msg.clone())));
             }
         }
-        self.advance(&id)?;
+        // Queued targets become `canceled` here: store writes, so on the
+        // blocking pool like every other `advance`.
+        let shared = self.clone();
+        let job = id.clone();
+        tokio::task::spawn_blocking(move || shared.advance(&job))
+            .await
+            .map_err(|e| ApiError::Internal(format!("canceling job {id}: {e}")))??;
         self.get_job(&id)
     }
 
