@@ -5,12 +5,13 @@
 //! in `DATA_DIR/audit/`); and the one place events are logged, so the logs
 //! and the trail never disagree.
 //!
-//! Trees: `audit` (big-endian seq → record JSON), `audit_index`
+//! Trees: `audit` (big-endian seq → record, in `codec`'s compact form), `audit_index`
 //! (`dim value 0x00 time seq` → empty; dims: actor, host, command, job,
 //! kind), `audit_heads` (seq → signed head JSON), `audit_meta` (exporter
 //! cursors). Records are never rewritten; the time of a record never
 //! decreases along the chain, so the records tree is also in time order.
 
+pub mod codec;
 pub mod export;
 pub mod service;
 
@@ -182,9 +183,9 @@ fn index_keys(r: &Record, all: bool) -> Vec<Vec<u8>> {
 }
 
 fn decode_record(k: &[u8], v: &[u8]) -> Result<Record, StoreError> {
-    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+    codec::decode(v).map_err(|reason| StoreError::Corrupt {
         key: format!("audit/{}", seq_of(k)),
-        reason: e.to_string(),
+        reason,
     })
 }
 
@@ -310,8 +311,9 @@ impl Audit {
             let mut chain = lock(&self.chain);
             let mut next = chain.clone();
             let rec = next.append(now_ms, event);
-            let json = serde_json::to_vec(&rec).expect("audit records serialize to JSON");
-            records.insert(seq_key(rec.seq), json).map_err(backend)?;
+            records
+                .insert(seq_key(rec.seq), codec::encode(&rec))
+                .map_err(backend)?;
             *chain = next;
             rec
         };

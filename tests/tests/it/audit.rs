@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetcmd_cli::audit_cmd::{self, SearchArgs, Trail};
-use fleetcmd_controller::audit::Audit;
+use fleetcmd_controller::audit::{Audit, codec};
 use fleetcmd_controller::store::{SledStore, Store};
 use fleetcmd_core::audit::{Event, EventKind, ExportLine, Filter, Record};
 use fleetcmd_core::crypto::PublicKey;
@@ -261,10 +261,9 @@ async fn tampering_with_the_stored_trail_is_detected_and_named() {
 
     // Edit: record 3 says someone else did it.
     let orig3 = get(3);
-    let mut r3: Record = serde_json::from_slice(&orig3).expect("record");
+    let mut r3: Record = codec::decode(&orig3).expect("record");
     r3.event.actor = "cli:nobody".into();
-    tree.insert(key(3), serde_json::to_vec(&r3).expect("json"))
-        .expect("edit");
+    tree.insert(key(3), codec::encode(&r3)).expect("edit");
     assert_eq!(first_bad(&audit), Some(3), "edited");
     tree.insert(key(3), orig3.clone()).expect("restore");
     assert_eq!(first_bad(&audit), None);
@@ -284,20 +283,18 @@ async fn tampering_with_the_stored_trail_is_detected_and_named() {
     tree.insert(key(5), orig5.clone()).expect("restore");
 
     // Insert a well-formed record after 4 (linked to it), shifting the rest.
-    let r4: Record = serde_json::from_slice(&orig4).expect("record");
+    let r4: Record = codec::decode(&orig4).expect("record");
     let mut chain = fleetcmd_core::audit::Chain::after(&r4);
     let forged = chain.append(
         r4.time_ms,
         Event::new(EventKind::PolicyPushed, "cli:mallory"),
     );
     let tail: Vec<Vec<u8>> = (5..=n).map(get).collect();
-    tree.insert(key(5), serde_json::to_vec(&forged).expect("json"))
-        .expect("insert");
+    tree.insert(key(5), codec::encode(&forged)).expect("insert");
     for (i, v) in tail.iter().enumerate() {
-        let mut r: Record = serde_json::from_slice(v).expect("record");
+        let mut r: Record = codec::decode(v).expect("record");
         r.seq = 6 + i as u64;
-        tree.insert(key(r.seq), serde_json::to_vec(&r).expect("json"))
-            .expect("shift");
+        tree.insert(key(r.seq), codec::encode(&r)).expect("shift");
     }
     assert_eq!(
         first_bad(&audit),
@@ -313,13 +310,11 @@ async fn tampering_with_the_stored_trail_is_detected_and_named() {
     // A consistently rewritten chain is caught by the signed head; the same
     // goes for truncation (the newest records removed).
     audit.sign_head().expect("head").expect("something to sign");
-    let mut chain =
-        fleetcmd_core::audit::Chain::after(&serde_json::from_slice(&get(n - 2)).expect("r"));
+    let mut chain = fleetcmd_core::audit::Chain::after(&codec::decode(&get(n - 2)).expect("r"));
     for s in n - 1..=n {
         let r = chain.append(0, Event::new(EventKind::TokenCreated, "cli:mallory"));
         assert_eq!(r.seq, s);
-        tree.insert(key(s), serde_json::to_vec(&r).expect("json"))
-            .expect("rewrite");
+        tree.insert(key(s), codec::encode(&r)).expect("rewrite");
     }
     assert_eq!(
         first_bad(&audit),
