@@ -276,8 +276,10 @@ async fn session(
         .into_inner();
     let mut welcomed = false;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
-    let mut renew_check = tokio::time::interval(Duration::from_secs(1));
-    let mut renewing_since: Option<std::time::Instant> = None;
+    // One timer for certificate renewal, set from the certificate itself
+    // (it used to read and parse the file every second).
+    let renew = tokio::time::sleep_until(next_renewal_check(&inner.dir));
+    tokio::pin!(renew);
     loop {
         tokio::select! {
             _ = stopped(stop) => return Ok(()),
@@ -296,16 +298,21 @@ async fn session(
                 // A full queue means the stream is stuck; drop this heartbeat.
                 let _ = tx.try_send(msg(Out::Heartbeat(hb)));
             }
-            _ = renew_check.tick(), if welcomed => {
-                if renewing_since.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) && renewal_due(&inner.dir) {
+            _ = &mut renew, if welcomed => {
+                let next = if renewal_due(&inner.dir) {
                     match renewal_request(&inner.dir) {
                         Ok(csr) => {
-                            renewing_since = Some(std::time::Instant::now());
                             let _ = tx.try_send(msg(Out::Renew(pb::RenewRequest { csr_der: csr })));
                         }
                         Err(e) => tracing::error!(error = %e, "building certificate renewal request"),
                     }
-                }
+                    // Asked again if no new certificate arrives by then
+                    // (no answer, a refusal, a failed write).
+                    tokio::time::Instant::now() + RENEW_RETRY
+                } else {
+                    next_renewal_check(&inner.dir)
+                };
+                renew.as_mut().reset(next);
             }
             m = inbound.message() => {
                 let m = match m {
@@ -354,10 +361,12 @@ async fn session(
                         inner.spool.ack(&a.job_id);
                     }
                     Some(In::Renew(r)) => {
-                        renewing_since = None;
                         if r.error.is_empty() {
                             match write_atomic(&inner.dir.cert(), r.cert_pem.as_bytes(), 0o644) {
-                                Ok(()) => tracing::info!(agent_id = %inner.agent_id, "certificate renewed"),
+                                Ok(()) => {
+                                    tracing::info!(agent_id = %inner.agent_id, "certificate renewed");
+                                    renew.as_mut().reset(next_renewal_check(&inner.dir));
+                                }
                                 Err(e) => tracing::error!(error = %e, "writing renewed certificate"),
                             }
                         } else {
@@ -410,20 +419,36 @@ async fn collect(inner: &Arc<Inner>) -> pb::HostMetrics {
 }
 
 /// True once 2/3 of the current certificate's lifetime has passed.
-fn renewal_due(dir: &StateDir) -> bool {
-    let Ok(pem) = std::fs::read_to_string(dir.cert()) else {
-        return false;
-    };
-    let Ok((_, p)) = x509_parser::pem::parse_x509_pem(pem.as_bytes()) else {
-        return false;
-    };
-    let Ok(cert) = p.parse_x509() else {
-        return false;
-    };
+/// How long after a renewal request without a new certificate the agent
+/// asks again.
+const RENEW_RETRY: Duration = Duration::from_secs(30);
+/// Longest sleep before looking at the certificate again (a clock that
+/// jumped, a certificate replaced on disk, one that cannot be read).
+const RENEW_RECHECK: Duration = Duration::from_secs(3600);
+
+/// When the certificate in `dir` is due for renewal (two thirds of its
+/// lifetime), in unix seconds; `None` when it cannot be read.
+fn renewal_due_at(dir: &StateDir) -> Option<i64> {
+    let pem = std::fs::read_to_string(dir.cert()).ok()?;
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let cert = p.parse_x509().ok()?;
     let nb = cert.validity().not_before.timestamp();
     let na = cert.validity().not_after.timestamp();
-    let due = nb + (na - nb) * 2 / 3;
-    now_secs() as i64 >= due
+    Some(nb + (na - nb) * 2 / 3)
+}
+
+fn renewal_due(dir: &StateDir) -> bool {
+    renewal_due_at(dir).is_some_and(|due| now_secs() as i64 >= due)
+}
+
+/// When to look at the certificate next: when it is due, at most an hour
+/// from now.
+fn next_renewal_check(dir: &StateDir) -> tokio::time::Instant {
+    let wait = match renewal_due_at(dir) {
+        Some(due) => Duration::from_secs(u64::try_from(due - now_secs() as i64).unwrap_or(0)),
+        None => RENEW_RECHECK,
+    };
+    tokio::time::Instant::now() + wait.min(RENEW_RECHECK)
 }
 
 fn renewal_request(dir: &StateDir) -> Result<Vec<u8>, String> {
