@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 
 use fleetcmd_core::audit::{Event, EventKind, Record};
+use fleetcmd_core::join_token::hex;
 
 const FORMAT_1: u8 = 1;
 
@@ -155,17 +156,6 @@ fn varint(out: &mut Vec<u8>, mut v: u64) {
 fn string(out: &mut Vec<u8>, s: &str) {
     varint(out, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn hex(b: &[u8]) -> String {
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(HEX[usize::from(x >> 4)] as char);
-        s.push(HEX[usize::from(x & 15)] as char);
-    }
-    s
 }
 
 /// 64 lowercase hex digits as 32 bytes; anything else is `None` (then the
