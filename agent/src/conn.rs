@@ -278,7 +278,7 @@ async fn session(
     let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
     // One timer for certificate renewal, set from the certificate itself
     // (it used to read and parse the file every second).
-    let renew = tokio::time::sleep_until(next_renewal_check(&inner.dir));
+    let renew = tokio::time::sleep_until(renewal_check_at(renewal_due_at(&inner.dir)));
     tokio::pin!(renew);
     loop {
         tokio::select! {
@@ -299,7 +299,8 @@ async fn session(
                 let _ = tx.try_send(msg(Out::Heartbeat(hb)));
             }
             _ = &mut renew, if welcomed => {
-                let next = if renewal_due(&inner.dir) {
+                let due_at = renewal_due_at(&inner.dir);
+                let next = if due_at.is_some_and(|due| now_secs() as i64 >= due) {
                     match renewal_request(&inner.dir) {
                         Ok(csr) => {
                             let _ = tx.try_send(msg(Out::Renew(pb::RenewRequest { csr_der: csr })));
@@ -310,7 +311,7 @@ async fn session(
                     // (no answer, a refusal, a failed write).
                     tokio::time::Instant::now() + RENEW_RETRY
                 } else {
-                    next_renewal_check(&inner.dir)
+                    renewal_check_at(due_at)
                 };
                 renew.as_mut().reset(next);
             }
@@ -365,7 +366,7 @@ async fn session(
                             match write_atomic(&inner.dir.cert(), r.cert_pem.as_bytes(), 0o644) {
                                 Ok(()) => {
                                     tracing::info!(agent_id = %inner.agent_id, "certificate renewed");
-                                    renew.as_mut().reset(next_renewal_check(&inner.dir));
+                                    renew.as_mut().reset(renewal_check_at(renewal_due_at(&inner.dir)));
                                 }
                                 Err(e) => tracing::error!(error = %e, "writing renewed certificate"),
                             }
@@ -437,14 +438,10 @@ fn renewal_due_at(dir: &StateDir) -> Option<i64> {
     Some(nb + (na - nb) * 2 / 3)
 }
 
-fn renewal_due(dir: &StateDir) -> bool {
-    renewal_due_at(dir).is_some_and(|due| now_secs() as i64 >= due)
-}
-
-/// When to look at the certificate next: when it is due, at most an hour
-/// from now.
-fn next_renewal_check(dir: &StateDir) -> tokio::time::Instant {
-    let wait = match renewal_due_at(dir) {
+/// When to look at the certificate next, given when it is due
+/// (`renewal_due_at`): then, at most an hour from now.
+fn renewal_check_at(due_at: Option<i64>) -> tokio::time::Instant {
+    let wait = match due_at {
         Some(due) => Duration::from_secs(u64::try_from(due - now_secs() as i64).unwrap_or(0)),
         None => RENEW_RECHECK,
     };

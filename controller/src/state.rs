@@ -1051,6 +1051,15 @@ impl Shared {
         })
     }
 
+    /// `advance` on the blocking pool: it writes to and flushes the store.
+    async fn advance_blocking(self: &Arc<Self>, job_id: &str) -> ApiResult<()> {
+        let shared = self.clone();
+        let job = job_id.to_owned();
+        tokio::task::spawn_blocking(move || shared.advance(&job))
+            .await
+            .map_err(|e| ApiError::Internal(format!("advancing job {job_id}: {e}")))?
+    }
+
     /// Starts whatever the job's rollout allows now, aborts it when its
     /// error budget is spent or a canary failed, expires what can no longer
     /// start, and finishes it when every target is done. Idempotent: called
@@ -1058,7 +1067,7 @@ impl Shared {
     /// (which is what resumes running jobs after a controller restart).
     ///
     /// Blocking (store writes for every target it starts): call it through
-    /// `spawn_blocking`, as the dispatcher does. It takes the job lock for at
+    /// `advance_blocking`, as the dispatcher and `cancel` do. It takes the job lock for at
     /// most `DISPATCH_CHUNK` targets at a time, so results of the same job
     /// are recorded between chunks.
     pub fn advance(&self, job_id: &str) -> ApiResult<()> {
@@ -1297,12 +1306,8 @@ impl Shared {
                 }
             }
             for id in ids {
-                let shared = self.clone();
-                let job = id.clone();
-                match tokio::task::spawn_blocking(move || shared.advance(&job)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!(job_id = %id, error = %e, "advancing job"),
-                    Err(e) => tracing::error!(job_id = %id, error = %e, "advancing job: task"),
+                if let Err(e) = self.advance_blocking(&id).await {
+                    tracing::error!(job_id = %id, error = %e, "advancing job");
                 }
             }
         }
@@ -1391,13 +1396,8 @@ impl Shared {
                 let _ = l.tx.try_send(Box::new(Ok(msg.clone())));
             }
         }
-        // Queued targets become `canceled` here: store writes, so on the
-        // blocking pool like every other `advance`.
-        let shared = self.clone();
-        let job = id.clone();
-        tokio::task::spawn_blocking(move || shared.advance(&job))
-            .await
-            .map_err(|e| ApiError::Internal(format!("canceling job {id}: {e}")))??;
+        // Queued targets become `canceled` here.
+        self.advance_blocking(&id).await?;
         self.get_job(&id)
     }
 
