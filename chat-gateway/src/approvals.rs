@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use fleetcmd_core::approval::{ApprovalError, ApprovalRequest, Progress};
+use fleetcmd_core::approval::{
+    ApprovalError, ApprovalRequest, GivenApproval, MIN_APPROVAL_ID_LEN, Progress,
+};
 use fleetcmd_core::ids::Identity;
 use fleetcmd_core::policy::Policy;
 use tokio::sync::oneshot;
@@ -19,8 +21,8 @@ pub const MAX_PENDING: usize = 32;
 /// How a request ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Enough approvals: these approvers go into the signed job.
-    Approved(Vec<Identity>),
+    /// Enough approvals: the gateway attests these in the signed job.
+    Approved(Vec<GivenApproval>),
     Denied {
         by: Identity,
         reason: String,
@@ -43,6 +45,8 @@ pub enum ApprovalsError {
     NotFound(String),
     #[error("`{0}` matches several approval requests; give more of the id")]
     Ambiguous(String),
+    #[error("give at least {MIN_APPROVAL_ID_LEN} characters of the job id, not `{0}`")]
+    TooShort(String),
     #[error("{MAX_PENDING} approval requests are already waiting; try again later")]
     Full,
     #[error(transparent)]
@@ -102,6 +106,9 @@ impl Approvals {
         pending: &'m mut HashMap<String, Pending>,
         prefix: &str,
     ) -> Result<&'m mut Pending, ApprovalsError> {
+        if prefix.chars().count() < MIN_APPROVAL_ID_LEN {
+            return Err(ApprovalsError::TooShort(prefix.to_string()));
+        }
         let mut hits = pending.keys().filter(|k| k.starts_with(prefix));
         let key = match (hits.next(), hits.next()) {
             (Some(k), None) if !prefix.is_empty() => k.clone(),
@@ -120,11 +127,12 @@ impl Approvals {
         prefix: &str,
         policy: &Policy,
         who: &Identity,
+        channel: &str,
         now: u64,
     ) -> Result<Outcome, ApprovalsError> {
         let mut pending = self.lock();
         let p = Self::find(&mut pending, prefix)?;
-        let progress = p.req.approve(policy, who, now)?;
+        let progress = p.req.approve(policy, who, channel, now)?;
         let outcome = Outcome {
             job_id: p.req.job_id.as_str().to_string(),
             command: p.req.command.clone(),
@@ -132,7 +140,7 @@ impl Approvals {
             progress,
         };
         if progress == Progress::Approved {
-            let approvers = p.req.approvers.clone();
+            let approvers = p.req.approvals.clone();
             if let Some(done) = pending.remove(&outcome.job_id)
                 && let Some(wake) = done.wake
             {
@@ -148,11 +156,12 @@ impl Approvals {
         prefix: &str,
         policy: &Policy,
         who: &Identity,
+        channel: &str,
         reason: &str,
     ) -> Result<Outcome, ApprovalsError> {
         let mut pending = self.lock();
         let p = Self::find(&mut pending, prefix)?;
-        p.req.check_deny(policy, who)?;
+        p.req.check_deny(policy, who, channel)?;
         let outcome = Outcome {
             job_id: p.req.job_id.as_str().to_string(),
             command: p.req.command.clone(),

@@ -11,12 +11,12 @@ use crate::unix_now;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleetcmd_core::approval::{ApprovalRequest, Progress};
+use fleetcmd_core::approval::{ApprovalError, ApprovalRequest, GivenApproval, Progress};
 use fleetcmd_core::argv::{bind_positional, build_argv};
 use fleetcmd_core::audit::{ExportLine, Filter};
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
 use fleetcmd_core::grammar::{self, ChatCommand, RunRequest};
-use fleetcmd_core::ids::{Identity, JobId};
+use fleetcmd_core::ids::JobId;
 use fleetcmd_core::job::{JobSpec, SignedJob};
 use fleetcmd_core::policy::{CommandDef, Policy, Role};
 use fleetcmd_core::policy_bundle::{PolicySignature, bundle_hash, check_rollback, verify_bundle};
@@ -828,7 +828,7 @@ impl<C: ControllerApi> Router<C> {
         id: &JobId,
         argv: &[String],
         out: &dyn ChatSender,
-    ) -> Option<Vec<Identity>> {
+    ) -> Option<Vec<GivenApproval>> {
         let who = msg.identity.as_str();
         let window = self.cfg.approval_window;
         let request = ApprovalRequest::new(
@@ -888,7 +888,7 @@ impl<C: ControllerApi> Router<C> {
         };
         let (text, approvers) = match decision {
             Some(Decision::Approved(approvers)) => {
-                let names: Vec<&str> = approvers.iter().map(Identity::as_str).collect();
+                let names: Vec<&str> = approvers.iter().map(|a| a.approver.as_str()).collect();
                 (
                     format!("approved by {}; submitting", names.join(", ")),
                     Some(approvers),
@@ -949,10 +949,19 @@ impl<C: ControllerApi> Router<C> {
             Ok(p) => p,
             Err(e) => return Reply::text(format!("{e}{}", asked_by(who))),
         };
-        match self
-            .approvals
-            .approve(id, &p.policy, &msg.identity, unix_now())
-        {
+        // The agents count an approval only if this gateway's signer may
+        // vouch for the approver: say so now rather than after the job.
+        let vouched = p
+            .policy
+            .signer(&self.cfg.signer_id)
+            .is_some_and(|s| s.vouches_for(&msg.identity));
+        let taken = if vouched {
+            self.approvals
+                .approve(id, &p.policy, &msg.identity, &msg.channel, unix_now())
+        } else {
+            Err(ApprovalsError::Refused(ApprovalError::NotVouched))
+        };
+        match taken {
             Ok(o) => {
                 let (detail, text) = match o.progress {
                     Progress::Approved => (
@@ -1001,7 +1010,10 @@ impl<C: ControllerApi> Router<C> {
             Ok(p) => p,
             Err(e) => return Reply::text(format!("{e}{}", asked_by(who))),
         };
-        match self.approvals.deny(id, &p.policy, &msg.identity, reason) {
+        match self
+            .approvals
+            .deny(id, &p.policy, &msg.identity, &msg.channel, reason)
+        {
             Ok(o) => {
                 self.report(event(
                     "approval_denied",
@@ -1035,7 +1047,8 @@ impl<C: ControllerApi> Router<C> {
         }
     }
 
-    /// Signs the job (with its approvers), submits it and follows it.
+    /// Signs the job (with the approvals this gateway attests), submits it
+    /// and follows it.
     #[allow(clippy::too_many_arguments)]
     async fn submit_and_follow(
         &self,
@@ -1044,7 +1057,7 @@ impl<C: ControllerApi> Router<C> {
         def: &CommandDef,
         args: std::collections::BTreeMap<String, String>,
         id: JobId,
-        approvers: Vec<Identity>,
+        approvals: Vec<GivenApproval>,
         out: &dyn ChatSender,
     ) {
         let who = msg.identity.as_str();
@@ -1058,7 +1071,8 @@ impl<C: ControllerApi> Router<C> {
             selector: req.selector.clone(),
             requester: msg.identity.clone(),
             channel: msg.channel.clone(),
-            approvers,
+            approvals: Vec::new(),
+            unattested_approvers: Vec::new(),
             timeout_secs: timeout.as_secs(),
             not_before: now,
             expires_at: now + self.cfg.job_expiry.as_secs(),
@@ -1068,6 +1082,11 @@ impl<C: ControllerApi> Router<C> {
                 canary: req.options.canary,
             },
         };
+        let mut spec = spec;
+        spec.approvals = approvals
+            .iter()
+            .map(|a| a.attest(&spec, &self.cfg.signer_id, &self.cfg.signing_key))
+            .collect();
         let signed = SignedJob::sign(&spec, &self.cfg.signer_id, &self.cfg.signing_key);
         let submitted = match self.ctl.submit(signed).await {
             Ok(s) => s,

@@ -35,11 +35,13 @@ version = {version}
 id = "gateway-dev"
 public_key = "{gateway}"
 may_sign = ["*"]
+vouches_for = ["console:*"]    # approvals it may attest: the chat users it verifies
 
 [[signers]]
 id = "operator-dev"
 public_key = "{operator}"
 may_sign = ["*"]
+vouches_for = ["cli:admin"]    # an operator's key vouches for that operator only
 
 [commands.uptime]
 description = "Load average and uptime"

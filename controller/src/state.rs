@@ -924,19 +924,12 @@ impl Shared {
             .ok_or_else(|| Refusal::NotAllowed(spec.command.clone()))?;
         fleetcmd_core::argv::build_argv(cmd, &spec.args)
             .map_err(|e| Refusal::BadArgument(e.to_string()))?;
-        let approved = fleetcmd_core::approval::counted_approvers(
-            &cur.policy,
-            &spec.command,
-            &spec.requester,
-            &spec.approvers,
-        )
-        .len();
-        let approved = u32::try_from(approved).unwrap_or(u32::MAX);
-        if approved < cmd.requires_approvals {
-            let refusal = Refusal::MissingApprovals {
-                needed: cmd.requires_approvals,
-                got: approved,
-            };
+        // Approvals are evidence: each must be attested by a signer that
+        // vouches for its approver, over this job's digest (the agents check
+        // the same on their own).
+        let approvals = fleetcmd_core::approval::verify_approvals(&cur.policy, &spec);
+        if approvals.got() < cmd.requires_approvals {
+            let refusal = Refusal::missing_approvals(cmd.requires_approvals, &approvals);
             self.security_event(
                 Event::new(EventKind::JobRefused, spec.requester.to_string())
                     .source(crate::audit::peer_actor(peer))
@@ -1024,25 +1017,27 @@ impl Shared {
         // earlier versions have `pending` records; they read the same.)
         self.store.put_job(&record)?;
         // Nothing runs without its audit record: same flush, before dispatch.
-        self.audit_durable(
-            Event::new(EventKind::JobSubmitted, spec.requester.to_string())
-                .source(crate::audit::peer_actor(peer))
-                .job(&id)
-                .command(&spec.command)
-                .hosts(targets.iter().map(|(a, _)| a.clone()))
-                .field(
-                    "args",
-                    spec.args
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                )
-                .field("selector", &spec.selector)
-                .field("channel", &spec.channel)
-                .field("target_count", targets.len())
-                .field("key_id", &job.key_id),
-        )?;
+        let mut submitted = Event::new(EventKind::JobSubmitted, spec.requester.to_string())
+            .source(crate::audit::peer_actor(peer))
+            .job(&id)
+            .command(&spec.command)
+            .hosts(targets.iter().map(|(a, _)| a.clone()))
+            .field(
+                "args",
+                spec.args
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
+            .field("selector", &spec.selector)
+            .field("channel", &spec.channel)
+            .field("target_count", targets.len())
+            .field("key_id", &job.key_id);
+        if !spec.approvals.is_empty() {
+            submitted = submitted.field("approved_by", approved_by(&spec));
+        }
+        self.audit_durable(submitted)?;
         Ok(Submitted {
             id,
             command: spec.command.clone(),
@@ -1941,6 +1936,16 @@ impl JoinLimiter {
 
 /// An operator may only submit jobs in its own name; a gateway only for chat
 /// identities (never posing as a CLI user).
+/// The approvals a submitted job carries, for its audit record: who, in
+/// which channel, attested by which signer (only counted ones get here).
+fn approved_by(spec: &fleetcmd_core::job::JobSpec) -> String {
+    spec.approvals
+        .iter()
+        .map(|a| format!("{} in {} via {}", a.approver, a.channel, a.key_id))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn check_requester(peer: &Peer, requester: &Identity) -> ApiResult<()> {
     let ok = match peer.role {
         Role::Operator => requester.as_str() == format!("cli:{}", peer.name),

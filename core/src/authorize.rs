@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::approval::counted_approvers;
+use crate::approval::verify_approvals;
 use crate::argv::build_argv;
 use crate::ids::JobId;
 use crate::job::{JobSpec, SignedJob};
@@ -56,13 +56,38 @@ pub enum Refusal {
     NotTargeted,
     #[error("the command's `targets` do not include this host")]
     CommandNotForThisHost,
-    #[error("needs {needed} approval(s), got {got}")]
-    MissingApprovals { needed: u32, got: u32 },
+    #[error(
+        "needs {needed} approval(s), got {got}{}",
+        not_counted_note(not_counted)
+    )]
+    MissingApprovals {
+        needed: u32,
+        got: u32,
+        /// Why the approvals that did not count were refused.
+        not_counted: Vec<String>,
+    },
     #[error("invalid target selector: {0}")]
     BadSelector(String),
 }
 
+fn not_counted_note(not_counted: &[String]) -> String {
+    if not_counted.is_empty() {
+        String::new()
+    } else {
+        format!(" (not counted: {})", not_counted.join("; "))
+    }
+}
+
 impl Refusal {
+    /// Approvals short of `needed`, with why the others did not count.
+    pub fn missing_approvals(needed: u32, v: &crate::approval::Verified<'_>) -> Refusal {
+        Refusal::MissingApprovals {
+            needed,
+            got: v.got(),
+            not_counted: v.rejected.iter().map(ToString::to_string).collect(),
+        }
+    }
+
     /// A stable snake_case code for metrics, audit records and the wire.
     pub fn code(&self) -> &'static str {
         match self {
@@ -165,13 +190,12 @@ pub fn authorize(
     {
         return Err(Refusal::CommandNotForThisHost);
     }
-    let approvers = counted_approvers(policy, &spec.command, &spec.requester, &spec.approvers);
-    let got = u32::try_from(approvers.len()).unwrap_or(u32::MAX);
-    if got < def.requires_approvals {
-        return Err(Refusal::MissingApprovals {
-            needed: def.requires_approvals,
-            got,
-        });
+    let approvals = verify_approvals(policy, &spec);
+    if approvals.got() < def.requires_approvals {
+        return Err(Refusal::missing_approvals(
+            def.requires_approvals,
+            &approvals,
+        ));
     }
     let timeout = match spec.timeout_secs {
         0 => def.timeout,
@@ -201,7 +225,23 @@ mod tests {
         let mut s = spec("restart");
         s.args.insert("unit".into(), "nginx.service".into());
         s.selector = "role=web".into();
-        s.approvers = approvers.iter().map(|a| id(a)).collect();
+        approved(s, approvers)
+    }
+
+    /// `s` with approvals by `approvers`, attested by the gateway `gw`.
+    fn approved(mut s: JobSpec, approvers: &[&str]) -> JobSpec {
+        let approvals: Vec<_> = approvers
+            .iter()
+            .map(|a| {
+                crate::approval::GivenApproval {
+                    approver: id(a),
+                    channel: "slack:T0001:C1".into(),
+                    approved_at: NOW,
+                }
+                .attest(&s, "gw", &key(1))
+            })
+            .collect();
+        s.approvals = approvals;
         s
     }
 
@@ -304,19 +344,30 @@ mod tests {
 
     #[test]
     fn approvals() {
-        let missing = |got| Err(Refusal::MissingApprovals { needed: 2, got });
-        check(case(restart(&[]), missing(0)));
-        check(case(restart(&["slack:T0001:U2"]), missing(1)));
+        let missing = |got, not_counted: &[&str]| {
+            Err(Refusal::MissingApprovals {
+                needed: 2,
+                got,
+                not_counted: not_counted.iter().map(|s| s.to_string()).collect(),
+            })
+        };
+        check(case(restart(&[]), missing(0, &[])));
+        check(case(restart(&["slack:T0001:U2"]), missing(1, &[])));
         // The requester (slack:T0001:U1) cannot approve their own job.
         check(case(
             restart(&["slack:T0001:U1", "slack:T0001:U2"]),
-            missing(1),
+            missing(1, &["slack:T0001:U1 requested the job"]),
         ));
         // Duplicates count once.
         check(case(
             restart(&["slack:T0001:U2", "slack:T0001:U2"]),
-            missing(1),
+            missing(1, &["slack:T0001:U2 approved twice"]),
         ));
+        // A bare list of approvers, as signers wrote before approvals were
+        // evidence, counts for nothing.
+        let mut listed = restart(&[]);
+        listed.unattested_approvers = vec![id("slack:T0001:U2"), id("slack:T0001:U3")];
+        check(case(listed, missing(0, &[])));
         check(case(
             restart(&["slack:T0001:U2", "slack:T0001:U3", "slack:T0001:U2"]),
             Ok(()),
@@ -324,7 +375,10 @@ mod tests {
         // Someone the policy does not allow to approve `restart` is not counted.
         check(case(
             restart(&["slack:T0001:U2", "slack:T0001:U9"]),
-            missing(1),
+            missing(
+                1,
+                &["slack:T0001:U9 may not approve `restart` from slack:T0001:C1"],
+            ),
         ));
     }
 
@@ -379,8 +433,9 @@ mod tests {
 
     #[test]
     fn authorized_command_contents() {
-        let mut s = restart(&["slack:T0001:U2", "slack:T0001:U3"]);
+        let mut s = restart(&[]);
         s.timeout_secs = 30;
+        let s = approved(s, &["slack:T0001:U2", "slack:T0001:U3"]);
         let cmd = authorize_one(s.clone()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             cmd.argv(),
@@ -392,16 +447,15 @@ mod tests {
         assert_eq!(cmd.run_as(), None);
         assert!(cmd.env().is_empty());
         assert_eq!(cmd.spec(), &s);
-        s.timeout_secs = 0;
-        assert_eq!(
-            authorize_one(s.clone()).map(|c| c.timeout()),
-            Ok(Duration::from_secs(120))
-        );
-        s.timeout_secs = 100_000;
-        assert_eq!(
-            authorize_one(s).map(|c| c.timeout()),
-            Ok(Duration::from_secs(120))
-        );
+        for (secs, expected) in [(0, 120), (100_000, 120)] {
+            let mut t = restart(&[]);
+            t.timeout_secs = secs;
+            let t = approved(t, &["slack:T0001:U2", "slack:T0001:U3"]);
+            assert_eq!(
+                authorize_one(t).map(|c| c.timeout()),
+                Ok(Duration::from_secs(expected))
+            );
+        }
     }
 
     #[test]
@@ -429,8 +483,12 @@ mod tests {
                 "not_allowed",
             ),
             (
-                Refusal::MissingApprovals { needed: 2, got: 1 },
-                "needs 2 approval(s), got 1",
+                Refusal::MissingApprovals {
+                    needed: 2,
+                    got: 1,
+                    not_counted: vec!["x approved twice".into()],
+                },
+                "needs 2 approval(s), got 1 (not counted: x approved twice)",
                 "missing_approvals",
             ),
             (

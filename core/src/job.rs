@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::approval::Approval;
 use crate::authorize::Refusal;
 use crate::crypto::{SigningKey, verify};
 use crate::ids::{Identity, JobId};
@@ -28,7 +29,14 @@ pub struct JobSpec {
     pub selector: String,
     pub requester: Identity,
     pub channel: String,
-    pub approvers: Vec<Identity>,
+    /// Signed approvals (see [`crate::approval`]); not part of
+    /// [`JobSpec::approval_digest`], which they sign.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<Approval>,
+    /// The bare approver list of signers before approvals were evidence.
+    /// Still parsed so their jobs are read, and never counted.
+    #[serde(default, rename = "approvers", skip_serializing_if = "Vec::is_empty")]
+    pub unattested_approvers: Vec<Identity>,
     pub timeout_secs: u64,
     /// Unix seconds.
     pub not_before: u64,
@@ -95,6 +103,16 @@ impl JobSpec {
     /// The JSON bytes that get signed.
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a JobSpec of strings and integers always serializes")
+    }
+
+    /// SHA-256 of the spec without its approvals: what each approval signs,
+    /// so an approval holds for exactly this job (id, command, arguments,
+    /// targets, requester, channel, validity and rollout).
+    pub fn approval_digest(&self) -> [u8; 32] {
+        let mut bare = self.clone();
+        bare.approvals.clear();
+        bare.unattested_approvers.clear();
+        crate::crypto::sha256(&bare.to_bytes())
     }
 
     /// Parses spec bytes; the size limit is checked before parsing.
@@ -191,6 +209,7 @@ version = 3
 id = "gw"
 public_key = "{signer_pk}"
 may_sign = [{may_sign}]
+vouches_for = ["slack:T0001:*"]
 
 [commands.uptime]
 argv = ["/usr/bin/uptime"]
@@ -221,7 +240,8 @@ restart = ["slack:T0001:U1", "slack:T0001:U2", "slack:T0001:U3"]
             selector: "all".to_string(),
             requester: Identity::parse("slack:T0001:U1").unwrap_or_else(|e| panic!("{e}")),
             channel: "slack:T0001:C1".to_string(),
-            approvers: Vec::new(),
+            approvals: Vec::new(),
+            unattested_approvers: Vec::new(),
             timeout_secs: 0,
             not_before: NOW,
             expires_at: NOW + DEFAULT_EXPIRY_SECS,

@@ -60,6 +60,10 @@ pub struct Signer {
     pub public_key: PublicKey,
     /// Command names, or `"*"` for all.
     pub may_sign: Vec<String>,
+    /// Identity patterns whose approvals this signer may attest (a gateway:
+    /// the chat identities it verifies, e.g. `slack:T0001:*`; an operator:
+    /// only `cli:<name>`). Empty: its approvals never count.
+    pub vouches_for: Vec<String>,
 }
 
 /// One allow-listed command.
@@ -237,6 +241,11 @@ impl Signer {
     pub fn may_sign(&self, command: &str) -> bool {
         self.may_sign.iter().any(|c| c == "*" || c == command)
     }
+
+    /// Whether this signer may attest an approval given by `who`.
+    pub fn vouches_for(&self, who: &crate::ids::Identity) -> bool {
+        self.vouches_for.iter().any(|p| who.matches_pattern(p))
+    }
 }
 
 // ---- raw TOML shape ----
@@ -267,6 +276,8 @@ struct RawSigner {
     public_key: String,
     #[serde(default)]
     may_sign: Vec<String>,
+    #[serde(default)]
+    vouches_for: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -405,10 +416,22 @@ impl Validator {
                     self.err(&[&entry, "may_sign"], format!("unknown command \"{c}\""));
                 }
             }
+            for p in &s.vouches_for {
+                if !has_known_scheme(p) {
+                    self.err(
+                        &[&entry, "vouches_for"],
+                        format!(
+                            "identity pattern \"{p}\" must start with one of {}",
+                            schemes_list()
+                        ),
+                    );
+                }
+            }
             signers.push(Signer {
                 id: s.id,
                 public_key,
                 may_sign: s.may_sign,
+                vouches_for: s.vouches_for,
             });
         }
 

@@ -129,12 +129,23 @@ pub fn commands_for<'p>(policy: &'p Policy, who: &Identity, channel: &str) -> Ve
         .collect()
 }
 
-/// Whether `who` may approve jobs of `command`: the `[approvers]` patterns
-/// when the command is listed there, else anyone whose roles include it.
-pub fn may_approve(policy: &Policy, who: &Identity, command: &str) -> bool {
+/// Whether `who` may approve jobs of `command` from `channel`: the
+/// `[approvers]` patterns when the command is listed there, else anyone
+/// whose roles include the command. Approver rights honour channel scope:
+/// without an `[approvers]` entry the approval must come from a channel of
+/// a role that lists the command; with one, an approver who has roles must
+/// give it from a channel one of those roles allows (an approver listed
+/// there and bound to no role at all is scoped by nothing but the list).
+pub fn may_approve(policy: &Policy, who: &Identity, command: &str, channel: &str) -> bool {
+    let roles = roles_of(policy, who);
     match policy.approvers.get(command) {
-        Some(patterns) => patterns.iter().any(|p| who.matches_pattern(p)),
-        None => roles_of(policy, who).iter().any(|r| lists(r, command)),
+        Some(patterns) => {
+            patterns.iter().any(|p| who.matches_pattern(p))
+                && (roles.is_empty() || roles.iter().any(|r| in_channel(r, channel)))
+        }
+        None => roles
+            .iter()
+            .any(|r| lists(r, command) && in_channel(r, channel)),
     }
 }
 
@@ -287,9 +298,58 @@ mod tests {
             ("console:root", "logs", false),
         ] {
             assert_eq!(
-                may_approve(&p, &id(who), command),
+                may_approve(&p, &id(who), command, ONCALL),
                 expected,
                 "{who} {command}"
+            );
+        }
+    }
+
+    #[test]
+    fn approver_rights_honour_channel_scope() {
+        let p = Policy::parse(
+            r#"
+version = 1
+[commands.restart]
+argv = ["/usr/bin/true"]
+[commands.deploy]
+argv = ["/usr/bin/true"]
+[roles.oncall]
+commands = ["restart", "deploy"]
+channels = ["irc:net:#ops"]
+[roles.leads]
+commands = []
+channels = ["irc:net:#leads"]
+[[bindings]]
+subjects = ["irc:net:carol!*@*"]
+roles = ["oncall"]
+[[bindings]]
+subjects = ["irc:net:lead!*@*"]
+roles = ["leads"]
+[approvers]
+deploy = ["irc:net:lead!*@*", "irc:net:dave!*@*"]
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        for (who, command, channel, expected) in [
+            // Role-based approver: only from a channel of a role listing the command.
+            ("irc:net:carol!c@h", "restart", "irc:net:#ops", true),
+            ("irc:net:carol!c@h", "restart", "irc:net:#random", false),
+            // A private message is no channel of the role.
+            ("irc:net:carol!c@h", "restart", "irc:net:carol", false),
+            ("irc:net:carol!c@h", "restart", "slack:T1:C1", false),
+            // Listed approver with a scoped role: that role's channels.
+            ("irc:net:lead!l@h", "deploy", "irc:net:#leads", true),
+            ("irc:net:lead!l@h", "deploy", "irc:net:#ops", false),
+            // A role listing the command does not make carol a listed approver.
+            ("irc:net:carol!c@h", "deploy", "irc:net:#ops", false),
+            // Listed and bound to no role: scoped by the list alone.
+            ("irc:net:dave!d@h", "deploy", "irc:net:#anywhere", true),
+        ] {
+            assert_eq!(
+                may_approve(&p, &id(who), command, channel),
+                expected,
+                "{who} {command} {channel}"
             );
         }
     }

@@ -47,9 +47,13 @@ fn submitted_approvers(w: &World) -> Vec<Vec<String>> {
         .map(|j| {
             JobSpec::from_bytes(&j.spec)
                 .unwrap_or_else(|e| panic!("{e}"))
-                .approvers
+                .approvals
                 .iter()
-                .map(|a| a.as_str().to_string())
+                .map(|a| {
+                    // Attested by this gateway's signer, in the approver's channel.
+                    assert_eq!(a.key_id, "gw");
+                    a.approver.as_str().to_string()
+                })
                 .collect()
         })
         .collect()
@@ -253,4 +257,70 @@ async fn a_refused_run_is_reported_to_the_audit_trail() {
         ("chat_denied", "console:bob", "reboot")
     );
     assert!(detail.contains("needs one of roles [oncall]"), "{detail}");
+}
+
+/// `approve 0` used to approve whatever single request was waiting: an
+/// approval must name the job with at least `MIN_APPROVAL_ID_LEN` characters.
+#[tokio::test]
+async fn approve_and_deny_need_a_long_enough_unambiguous_id() {
+    let w = world();
+    let (task, _out, short) = request_reboot(&w).await;
+    for prefix in [&short[..1], &short[..4], &short[..7]] {
+        for verb in ["approve", "deny"] {
+            let r = ask(&w, "console:carol", &format!("!{verb} {prefix}")).await;
+            assert!(
+                r[0].text().contains("give at least 8 characters"),
+                "{verb} {prefix}: {}",
+                r[0].text()
+            );
+        }
+    }
+    assert_eq!(w.router.pending_approvals(), 1);
+    assert!(w.router.controller().submitted().is_empty());
+    let r = ask(&w, "console:carol", &format!("!approve {}", &short[..8])).await;
+    assert!(r[0].text().contains("approved"), "{}", r[0].text());
+    finish(task).await;
+    assert_eq!(submitted_approvers(&w), [vec!["console:carol".to_string()]]);
+}
+
+/// An approver whose role is scoped to one channel approves from there
+/// only: not from another channel, and not in a private message.
+#[tokio::test]
+async fn an_approver_scoped_to_a_channel_approves_from_that_channel_only() {
+    let body = crate::support::POLICY_BODY.replace(
+        "[roles.viewer]",
+        "[roles.ops-lead]\ncommands = [\"reboot\"]\nchannels = [\"console:#ops\"]\n\n\
+         [[bindings]]\nsubjects = [\"console:erin\"]\nroles = [\"ops-lead\"]\n\n[roles.viewer]",
+    );
+    let w = crate::support::world_for(4, &body, |_| {}, |_| {});
+    let (task, _out, short) = request_reboot(&w).await;
+    let from = |channel: &str, direct: bool| {
+        let mut m = msg("console:erin", &format!("!approve {short}"));
+        m.channel = channel.to_string();
+        m.direct = direct;
+        m
+    };
+    for (channel, direct) in [
+        ("console", false),
+        ("console:#random", false),
+        ("console:erin", true),
+    ] {
+        let out = RecordingSender::default();
+        w.router.handle(from(channel, direct), &out).await;
+        let text = out.all()[0].text();
+        assert!(
+            text.contains("may not approve `reboot` jobs in this channel"),
+            "{channel}: {text}"
+        );
+    }
+    assert_eq!(w.router.pending_approvals(), 1);
+    let out = RecordingSender::default();
+    w.router.handle(from("console:#ops", false), &out).await;
+    assert!(
+        out.all()[0].text().contains("approved"),
+        "{}",
+        out.all()[0].text()
+    );
+    finish(task).await;
+    assert_eq!(submitted_approvers(&w).len(), 1);
 }

@@ -313,8 +313,9 @@ async fn approval_by_another_user_runs_the_job() {
     let spec =
         fleetcmd_core::job::JobSpec::from_bytes(&subs[0].spec).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(spec.requester.as_str(), "campfire:acme:42");
-    let approvers: Vec<&str> = spec.approvers.iter().map(|a| a.as_str()).collect();
+    let approvers: Vec<&str> = spec.approvals.iter().map(|a| a.approver.as_str()).collect();
     assert_eq!(approvers, ["campfire:acme:57"]);
+    assert_eq!(spec.approvals[0].key_id, "gw");
 }
 
 #[tokio::test]

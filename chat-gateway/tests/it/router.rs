@@ -166,7 +166,7 @@ async fn run_signs_submits_and_reports_the_result() {
     assert_eq!(spec.selector, "role=web");
     assert_eq!(spec.requester.as_str(), "console:alice");
     assert_eq!(spec.channel, "console");
-    assert!(spec.approvers.is_empty());
+    assert!(spec.approvals.is_empty());
     assert_eq!(spec.timeout_secs, 30);
     assert_eq!(spec.expires_at - spec.not_before, 600);
     assert_eq!(

@@ -7,7 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::Recorder;
+use crate::support::{Recorder, assert_refused, inject, result_of, sign_op};
+use fleetcmd_core::approval::GivenApproval;
 use fleetcmd_core::audit::EventKind;
 use fleetcmd_core::ids::Identity;
 use fleetcmd_core::job::SignedJob;
@@ -143,41 +144,159 @@ async fn an_approved_chat_request_runs_on_the_agents_and_every_step_is_audited()
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
+/// The audit records of `job_id`, as (kind, whole record text).
+async fn audit_of(fleet: &TestFleet, job_id: &str) -> Vec<(String, String)> {
+    let mut audit = pb::audit_client::AuditClient::new(fleet.operator().await);
+    audit
+        .search(pb::AuditSearchRequest {
+            job_id: job_id.to_string(),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("audit search")
+        .into_inner()
+        .records
+        .into_iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_str(&r).expect("json record");
+            (
+                v["event"]["kind"].as_str().unwrap_or_default().to_string(),
+                r,
+            )
+        })
+        .collect()
+}
+
+/// The insider attack: an operator whose key may sign every command signs
+/// a job that needs an approval and puts approvals in it herself — the
+/// approver's name as a bare list (how jobs carried approvers before), or
+/// as approvals her own key attests. Neither counts: the controller refuses
+/// at submit, each agent refuses on its own when a compromised controller
+/// forwards the job anyway, and every refusal is in the audit trail. Only
+/// an approval attested by the gateway, which vouches for chat identities,
+/// makes the job run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_job_signed_without_its_approvals_is_refused_by_the_controller() {
+async fn approvals_cannot_be_forged_by_a_signer_that_does_not_vouch_for_the_approver() {
     let mut fleet = start_fleet(1).await;
     push_approval_policy(&mut fleet).await;
-    let mut jobs = pb::jobs_client::JobsClient::new(fleet.gateway().await);
-    let sign = |approvers: &[&str]| {
-        let mut s = spec("reboot-demo", &[], "all", "console:alice");
-        s.approvers = approvers
-            .iter()
-            .map(|a| Identity::parse(a).expect("identity"))
-            .collect();
-        to_pb(SignedJob::sign(
-            &s,
-            fleetcmd_cli::fleet::GATEWAY_SIGNER,
-            &fleet.gateway_key,
-        ))
+    let mut op = pb::jobs_client::JobsClient::new(fleet.operator().await);
+    let carol = GivenApproval {
+        approver: Identity::parse("console:carol").expect("identity"),
+        channel: "console".into(),
+        approved_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs(),
     };
-    // None; the requester approving herself; someone [approvers] does not name.
-    for approvers in [&[][..], &["console:alice"], &["console:mallory"]] {
-        let err = jobs
-            .submit(sign(approvers))
+    // 1. A bare approver list, signed by the operator.
+    let mut listed = spec("reboot-demo", &[], "all", "cli:admin");
+    listed.unattested_approvers = vec![carol.approver.clone()];
+    // 2. Carol's approval attested by the operator's own key.
+    let mut self_attested = spec("reboot-demo", &[], "all", "cli:admin");
+    self_attested.approvals = vec![carol.attest(
+        &self_attested,
+        fleetcmd_cli::fleet::OPERATOR_SIGNER,
+        &fleet.operator_key,
+    )];
+    // 3. The gateway's genuine attestation of carol's approval, lifted onto
+    //    another job by the operator (it signs that job's digest, not this one).
+    let approved_elsewhere = spec("reboot-demo", &[], "all", "cli:admin");
+    let mut lifted = spec("reboot-demo", &[], "all", "cli:admin");
+    lifted.approvals = vec![carol.attest(
+        &approved_elsewhere,
+        fleetcmd_cli::fleet::GATEWAY_SIGNER,
+        &fleet.gateway_key,
+    )];
+    for (what, s, why) in [
+        (
+            "a bare approver list",
+            &listed,
+            "needs 1 approval(s), got 0",
+        ),
+        (
+            "an approval attested by the operator's key",
+            &self_attested,
+            "may not vouch for console:carol",
+        ),
+        (
+            "another job's approval",
+            &lifted,
+            "signature of console:carol's approval does not verify",
+        ),
+    ] {
+        let job = sign_op(&fleet, s);
+        let err = op
+            .submit(to_pb(job.clone()))
             .await
-            .expect_err("an unapproved job is refused");
+            .expect_err("a job with forged approvals is refused at submit");
+        assert!(err.message().contains(why), "{what}: {err:?}");
+        let records = audit_of(&fleet, s.id.as_str()).await;
         assert!(
-            err.message().contains("needs 1 approval(s), got 0"),
-            "{approvers:?}: {err:?}"
+            records
+                .iter()
+                .any(|(k, r)| k == "job_refused" && r.contains("needs 1 approval")),
+            "{what}: refusal not audited: {records:?}"
+        );
+        // A compromised controller forwards it anyway: the agent refuses.
+        let got = inject(&fleet, job, s.id.as_str(), &["dev-1"]).await;
+        assert_refused(&got, "dev-1", "missing_approvals");
+        let reason = result_of(&got, "dev-1").reason;
+        assert!(reason.contains(why), "{what}: {reason}");
+        let records = audit_of(&fleet, s.id.as_str()).await;
+        assert!(
+            records.iter().any(|(k, _)| k == "job_refused_by_agent"),
+            "{what}: agent refusal not audited: {records:?}"
         );
     }
-    let ok = jobs
-        .submit(sign(&["console:carol"]))
+    // The requester approving her own job through the gateway does not count.
+    let mut own = spec("reboot-demo", &[], "all", "console:carol");
+    own.approvals = vec![carol.attest(
+        &own,
+        fleetcmd_cli::fleet::GATEWAY_SIGNER,
+        &fleet.gateway_key,
+    )];
+    let mut gw = pb::jobs_client::JobsClient::new(fleet.gateway().await);
+    let err = gw
+        .submit(to_pb(SignedJob::sign(
+            &own,
+            fleetcmd_cli::fleet::GATEWAY_SIGNER,
+            &fleet.gateway_key,
+        )))
         .await
-        .expect("approved by carol")
+        .expect_err("own approval refused");
+    assert!(
+        err.message().contains("console:carol requested the job"),
+        "{err:?}"
+    );
+
+    // Control: the gateway attests carol's approval of alice's job: it runs,
+    // and the job's audit record names the approval.
+    let mut good = spec("reboot-demo", &[], "all", "console:alice");
+    good.approvals = vec![carol.attest(
+        &good,
+        fleetcmd_cli::fleet::GATEWAY_SIGNER,
+        &fleet.gateway_key,
+    )];
+    let ok = gw
+        .submit(to_pb(SignedJob::sign(
+            &good,
+            fleetcmd_cli::fleet::GATEWAY_SIGNER,
+            &fleet.gateway_key,
+        )))
+        .await
+        .expect("approved by carol, attested by the gateway")
         .into_inner();
     let job = fleet.wait_job(&ok.job_id).await;
     assert_eq!(job.state, "succeeded", "{job:?}");
+    let records = audit_of(&fleet, &ok.job_id).await;
+    assert!(
+        records
+            .iter()
+            .any(|(k, r)| k == "job_submitted"
+                && r.contains("console:carol in console via gateway-dev")),
+        "{records:?}"
+    );
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
