@@ -11,14 +11,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use fleetcmd_agent::{AgentConfig, AgentHandle};
-use fleetcmd_controller::pki::{Peer, Role, write_private};
+use fleetcmd_controller::keyfile::{Existing, write_private};
+use fleetcmd_controller::pki::{Peer, Role};
 use fleetcmd_controller::{ControllerConfig, RunningController};
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
 use fleetcmd_core::policy_bundle::sign_bundle;
 use fleetcmd_proto::channel::ClientTls;
 use fleetcmd_proto::v1 as pb;
 
-use crate::policy_cmd::keygen;
+use crate::policy_cmd::keygen_to;
 
 /// Name of the gateway's signer in the example policy.
 pub const GATEWAY_SIGNER: &str = "gateway-dev";
@@ -186,11 +187,14 @@ impl Fleet {
     pub async fn start(opts: FleetOptions) -> anyhow::Result<Fleet> {
         let dir = opts.data_dir.clone();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let admin_key = keygen(&dir.join("admin.key")).map_err(|f| f.error)?;
+        // A dev fleet's files are its own: a restart in the same directory
+        // replaces them (still never through a symlink).
+        let keygen = |p: PathBuf| keygen_to(&p, Existing::Replace).map_err(|f| f.error);
+        let admin_key = keygen(dir.join("admin.key"))?;
         let more_admin_keys = (2..=opts.policy_roots.max(1))
-            .map(|i| keygen(&dir.join(format!("admin-{i}.key"))).map_err(|f| f.error))
+            .map(|i| keygen(dir.join(format!("admin-{i}.key"))))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let gateway_key = keygen(&dir.join("gateway-sign.key")).map_err(|f| f.error)?;
+        let gateway_key = keygen(dir.join("gateway-sign.key"))?;
         let mut roots = vec![admin_key.public_key()];
         roots.extend(more_admin_keys.iter().map(|k| k.public_key()));
         let config = ControllerConfig {
@@ -219,10 +223,18 @@ impl Fleet {
         std::fs::write(dir.join("ca.crt"), &ca_pem)?;
         let ttl = Duration::from_secs(30 * 86400);
         let op = ca.issue_identity(Role::Operator, OPERATOR_NAME, ttl)?;
-        write_private(&dir.join("operator.key"), op.key_pem.expose().as_bytes())?;
+        write_private(
+            &dir.join("operator.key"),
+            op.key_pem.expose().as_bytes(),
+            Existing::Replace,
+        )?;
         std::fs::write(dir.join("operator.crt"), &op.cert_pem)?;
         let gw = ca.issue_identity(Role::Gateway, "dev", ttl)?;
-        write_private(&dir.join("gateway.key"), gw.key_pem.expose().as_bytes())?;
+        write_private(
+            &dir.join("gateway.key"),
+            gw.key_pem.expose().as_bytes(),
+            Existing::Replace,
+        )?;
         std::fs::write(dir.join("gateway.crt"), &gw.cert_pem)?;
         let operator_key = SigningKey::from_pkcs8_pem(op.key_pem.expose())
             .map_err(|e| anyhow::anyhow!("operator key: {e}"))?;

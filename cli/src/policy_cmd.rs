@@ -4,6 +4,7 @@
 //! with one `KEY_ID BASE64_SIGNATURE` line per root signature. The signature
 //! covers the exact bytes of the TOML file.
 
+use fleetcmd_controller::keyfile::Existing;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -24,6 +25,10 @@ pub enum PolicyCmd {
     Keygen {
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing regular file at OUT (a symlink or any other
+        /// non-regular file is never replaced).
+        #[arg(long)]
+        force: bool,
     },
     /// Sign a policy file with a root key, writing FILE.sig.
     Sign {
@@ -85,15 +90,23 @@ pub fn decode_sigs(text: &str, path: &Path) -> Result<Vec<PolicySignature>, Fail
     Ok(out)
 }
 
-pub fn keygen(out: &Path) -> Result<SigningKey, Failure> {
+/// Generates an Ed25519 key and writes it to `out` (0600, atomically; an
+/// existing file is kept unless `existing` says to replace a regular one).
+pub fn keygen_to(out: &Path, existing: Existing) -> Result<SigningKey, Failure> {
     let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
         .map_err(|_| anyhow::anyhow!("generating a key failed"))?;
     let pem = format!(
         "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
         base64::engine::general_purpose::STANDARD.encode(doc.as_ref())
     );
-    fleetcmd_controller::pki::write_private(out, pem.as_bytes())?;
+    fleetcmd_controller::keyfile::write_private(out, pem.as_bytes(), existing)
+        .map_err(|e| usage(e.to_string()))?;
     Ok(SigningKey::from_pkcs8_pem(&pem).map_err(|e| anyhow::anyhow!("{e}"))?)
+}
+
+/// [`keygen_to`] a path that must not exist yet.
+pub fn keygen(out: &Path) -> Result<SigningKey, Failure> {
+    keygen_to(out, Existing::Refuse)
 }
 
 pub async fn run(conn: &Conn, cmd: PolicyCmd) -> Result<u8, Failure> {
@@ -120,8 +133,13 @@ pub async fn run(conn: &Conn, cmd: PolicyCmd) -> Result<u8, Failure> {
                 }
             }
         }
-        PolicyCmd::Keygen { out } => {
-            let key = keygen(&out)?;
+        PolicyCmd::Keygen { out, force } => {
+            let existing = if force {
+                Existing::Replace
+            } else {
+                Existing::Refuse
+            };
+            let key = keygen_to(&out, existing)?;
             println!("{}", key.public_key());
             eprintln!(
                 "wrote {} (keep it offline); put the public key above in controller.toml `policy_roots`",

@@ -46,5 +46,9 @@ pub enum Cmd {
         /// Certificate lifetime in days.
         #[arg(long, default_value_t = 90)]
         days: u64,
+        /// Replace existing regular files (symlinks and other non-regular
+        /// files are never replaced).
+        #[arg(long)]
+        force: bool,
     },
 }

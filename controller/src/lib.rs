@@ -9,6 +9,7 @@ pub mod cli_args;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod keyfile;
 pub mod metrics;
 pub mod pki;
 pub mod server;

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fleetcmd_controller::pki::{Ca, Role, write_private};
+use fleetcmd_controller::keyfile::{Existing, check_target, write_private};
+use fleetcmd_controller::pki::{Ca, Role};
 
 use fleetcmd_controller::cli_args::{Cli, Cmd};
 
@@ -32,7 +33,8 @@ fn main() -> ExitCode {
             name,
             out,
             days,
-        } => issue(&config, &role, &name, &out, days),
+            force,
+        } => issue(&config, &role, &name, &out, days, force),
         Cmd::Run => run(config),
     };
     match result {
@@ -50,7 +52,13 @@ fn issue(
     name: &str,
     out: &std::path::Path,
     days: u64,
+    force: bool,
 ) -> anyhow::Result<()> {
+    let existing = if force {
+        Existing::Replace
+    } else {
+        Existing::Refuse
+    };
     let role = match Role::parse(role) {
         Some(r @ (Role::Operator | Role::Gateway)) => r,
         _ => anyhow::bail!("--role must be `operator` or `gateway`, got {role:?}"),
@@ -58,12 +66,21 @@ fn issue(
     let ca = Ca::load_or_create(&config.data_dir.join("pki"))?;
     let id = ca.issue_identity(role, name, std::time::Duration::from_secs(days * 86400))?;
     std::fs::create_dir_all(out)?;
-    write_private(
-        &out.join(format!("{name}.key")),
-        id.key_pem.expose().as_bytes(),
-    )?;
-    std::fs::write(out.join(format!("{name}.crt")), &id.cert_pem)?;
-    std::fs::write(out.join("ca.crt"), ca.cert_pem())?;
+    let files = [
+        (
+            out.join(format!("{name}.key")),
+            id.key_pem.expose().as_bytes(),
+        ),
+        (out.join(format!("{name}.crt")), id.cert_pem.as_bytes()),
+        (out.join("ca.crt"), ca.cert_pem().as_bytes()),
+    ];
+    // All three are checked before any is written: nothing half-done.
+    for (path, _) in &files {
+        check_target(path, existing)?;
+    }
+    for (path, contents) in &files {
+        write_private(path, contents, existing)?;
+    }
     println!(
         "wrote {0}/{name}.crt, {0}/{name}.key and {0}/ca.crt",
         out.display()

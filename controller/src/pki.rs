@@ -5,6 +5,7 @@
 //! only the CSR's public key is used; names, role, key usages and `CA:false`
 //! come from the caller, who got them from the token and the registry.
 
+use crate::keyfile::{Existing, write_private};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -70,6 +71,8 @@ pub enum PkiError {
     BadCsr(String),
     #[error("{path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
+    #[error(transparent)]
+    KeyFile(#[from] crate::keyfile::KeyFileError),
 }
 
 /// A certificate and its private key, both PEM.
@@ -107,27 +110,6 @@ fn read(path: &Path) -> Result<String, PkiError> {
         path: path.to_owned(),
         source,
     })
-}
-
-/// Writes `contents` to `path` with mode 0600, atomically (temp file + rename).
-pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| PkiError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(contents).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
 }
 
 fn now() -> OffsetDateTime {
@@ -194,8 +176,8 @@ impl Ca {
         params.not_after = now() + Duration::from_secs(10 * 365 * 86400);
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
-        write_private(&key_path, key.serialize_pem().as_bytes())?;
-        write_private(&cert_path, cert.pem().as_bytes())?;
+        write_private(&key_path, key.serialize_pem().as_bytes(), Existing::Refuse)?;
+        write_private(&cert_path, cert.pem().as_bytes(), Existing::Refuse)?;
         let cert_pem = cert.pem();
         Ok(Ca {
             cert_der: cert.der().to_vec(),

@@ -15,6 +15,7 @@ mod grpc;
 mod hardening;
 mod health;
 mod job_signatures;
+mod key_files;
 mod live;
 mod notify;
 mod policy_trust;

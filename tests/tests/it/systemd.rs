@@ -5,24 +5,10 @@
 //! controller says: READY once it listens, WATCHDOG pings, STOPPING on TERM.
 
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: `cargo build --workspace --bins` first (scripts/test does)",
-        p.display()
-    );
-    p
-}
+use crate::support::bin;
 
 #[test]
 fn controller_notifies_ready_pings_the_watchdog_and_says_stopping() {
