@@ -427,7 +427,10 @@ fn open(s: &quick_xml::events::BytesStart<'_>, parent: &Ns) -> Result<(Element, 
         let key = std::str::from_utf8(a.key.as_ref())
             .map_err(malformed)?
             .to_string();
-        let value = a.unescape_value().map_err(malformed)?.into_owned();
+        let value = a
+            .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+            .map_err(malformed)?
+            .into_owned();
         if key == "xmlns" {
             ns.default = value.clone();
         } else if let Some(p) = key.strip_prefix("xmlns:") {
