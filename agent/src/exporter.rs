@@ -2,7 +2,7 @@
 //! only): this host's figures and check states as of the last heartbeat,
 //! plus the agent process's own figures, for a node-local Prometheus or
 //! agent (OpenMetrics text). Off unless configured: by default the agent
-//! opens no port (DESIGN §2.1).
+//! opens no port (invariant 1 in ARCHITECTURE.md).
 //!
 //! Everything here is named `fleetcmd_agent_*` and carries no `host` label
 //! (the scrape target is the host), so these series never mix with the
@@ -235,7 +235,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 
 /// Serves `GET /metrics` until `stop` turns true: hyper's HTTP/1 server
 /// connection directly (no router framework: one path, and the agent's
-/// binary size is a target, DESIGN §10). Other paths get 404, other
+/// binary size is a target in BENCHMARKS.md). Other paths get 404, other
 /// methods 405.
 pub async fn serve(
     listener: tokio::net::TcpListener,

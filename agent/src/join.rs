@@ -1,4 +1,4 @@
-//! Joining the fleet (DESIGN §2.3): the token pins the CA and the policy
+//! Joining the fleet (invariant 3 in ARCHITECTURE.md): the token pins the CA and the policy
 //! roots, so nothing is trusted on first use. A first TLS handshake only
 //! fetches the controller's chain and keeps the certificate whose SHA-256 is
 //! the pin; the token's secret then travels over a second connection that

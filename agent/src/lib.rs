@@ -1,6 +1,6 @@
 //! The fleetcmd agent: joins the fleet with a pinned token, keeps one
 //! outbound mTLS stream to the controller, reports health, and runs only
-//! allow-listed commands from jobs it has verified itself (DESIGN §2.5).
+//! allow-listed commands from jobs it has verified itself (invariant 5 in ARCHITECTURE.md).
 //! It opens no listening port, except an optional loopback-only `/metrics`
 //! (`metrics_listen`, see `exporter`).
 

@@ -1,4 +1,4 @@
-//! Host metrics for the heartbeat (DESIGN §6): CPU, load, memory, swap,
+//! Host metrics for the heartbeat: CPU, load, memory, swap,
 //! disks, uptime and process count. Collected with `sysinfo`, refreshing only
 //! what is reported — never the process table, which is costly on busy hosts
 //! (the process count comes from counting `/proc` entries instead).

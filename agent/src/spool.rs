@@ -1,4 +1,4 @@
-//! The agent's result spool (DESIGN §4, "nothing lost"): a result is written
+//! The agent's result spool ("nothing lost"): a result is written
 //! here before it is sent and removed only when the controller acknowledges
 //! it (which it does after its own flush), so a result survives a lost
 //! connection, a controller crash and an agent restart. A job also leaves a

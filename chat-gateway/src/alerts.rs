@@ -1,4 +1,4 @@
-//! Service alerts into chat (DESIGN §6): the gateway follows the
+//! Service alerts into chat: the gateway follows the
 //! controller's `Health.Watch` stream and posts each announced state change
 //! (and reminder, and "started flapping") to the service's channels. The
 //! controller has already damped and deduplicated them; silenced services'

@@ -1,4 +1,4 @@
-//! Pending approval requests (DESIGN §3 `requires_approvals`, §5
+//! Pending approval requests (a command's `requires_approvals`, chat
 //! `approve`/`deny`). The decisions are `fleetcmd_core::approval`'s; this
 //! module keeps the open requests and wakes the command task that waits on
 //! each one. Requests live in memory: a gateway restart drops them (nothing

@@ -1,7 +1,7 @@
 //! Chat `oncall [schedule]`: who is on call now, from the PagerDuty REST
 //! API (`GET /oncalls?earliest=true&include[]=users`, limited to the named
 //! schedule, or to every schedule `[pagerduty] schedules` lists). Anyone
-//! with a role in the channel may ask (a read, DESIGN §2.12); the router
+//! with a role in the channel may ask (a read, ARCHITECTURE.md invariant 12); the router
 //! checks that before calling [`Oncall::reply`].
 
 use std::collections::BTreeMap;

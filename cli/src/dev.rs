@@ -87,7 +87,7 @@ pub async fn run(args: DevArgs) -> Result<u8, Failure> {
 
 /// Checks on every dev agent (`disk`, `load`) and two services over them,
 /// alerting into the console, so `!health` and `!status` show something
-/// real (DESIGN §6). Quicker damping than the defaults: it is a demo.
+/// real. Quicker damping than the defaults: it is a demo.
 fn demo_health(opts: &mut FleetOptions) -> Result<(), Failure> {
     const CHECKS: &str = r#"
 [[check]]

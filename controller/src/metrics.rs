@@ -1,4 +1,4 @@
-//! Prometheus metrics (`/metrics`, DESIGN §6), in the OpenMetrics text
+//! Prometheus metrics (`/metrics`), in the OpenMetrics text
 //! format with `prometheus-client`.
 //!
 //! Two kinds of figures:

@@ -1,5 +1,5 @@
 //! Durable state of the controller behind one `Store` trait; sled is the
-//! embedded default (DESIGN §7). Keys are ordered for range scans: jobs by id
+//! embedded default. Keys are ordered for range scans: jobs by id
 //! (UUIDv7, so by time), targets by `job/agent`.
 //!
 //! Writes are visible at once and durable after `flush`; callers flush before

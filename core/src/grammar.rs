@@ -1,4 +1,4 @@
-//! The chat command grammar of DESIGN §5, shared by every chat adapter.
+//! The chat command grammar, shared by every chat adapter.
 //!
 //! Messages are split into words; double- or single-quoted strings form one
 //! word. Quoting is parsed here and never passed to a shell: values end up
@@ -58,7 +58,7 @@ pub struct RunRequest {
     pub options: RunOptions,
 }
 
-/// Rate control and dry-run options of `run` (DESIGN §4).
+/// Rate control and dry-run options of `run`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunOptions {
     pub batch: Option<Limit>,

@@ -1,4 +1,4 @@
-//! Service health (DESIGN §6), pure: the state of a service from its
+//! Service health, pure: the state of a service from its
 //! instances' check results, and the alerting decisions made from a series
 //! of those states (flap damping, deduplication, reminders).
 //!

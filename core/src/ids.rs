@@ -1,5 +1,5 @@
 //! Identifiers built only through their parsers: agent names, job ids
-//! (UUIDv7) and the stable chat/CLI identities of DESIGN §2.8.
+//! (UUIDv7) and the stable chat/CLI identities of ARCHITECTURE.md invariant 8.
 
 use std::fmt;
 
@@ -128,7 +128,7 @@ pub struct Identity(String);
 pub const MAX_IDENTITY_BYTES: usize = 256;
 
 impl Identity {
-    /// Parses one of the forms of DESIGN §2.8: `slack:<team>:<user>`,
+    /// Parses one of the forms of ARCHITECTURE.md invariant 8: `slack:<team>:<user>`,
     /// `mattermost:<server>:<user_id>`, `campfire:<server>:<user_id>`, `irc:<network>:<nick>!<user>@<host>`
     /// (or `irc:<network>:<account>` where the server names the account),
     /// `xmpp:<bare-jid>`, `console:<os-user>`, `cli:<cert-subject>`,

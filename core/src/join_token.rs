@@ -1,4 +1,4 @@
-//! Join tokens (DESIGN §2.3): `fct1_` followed by the unpadded base64url of
+//! Join tokens (invariant 3 in ARCHITECTURE.md): `fct1_` followed by the unpadded base64url of
 //! id (8 bytes) ‖ secret (32) ‖ expiry (u64 BE unix seconds) ‖ SHA-256 of the
 //! CA certificate (32) ‖ SHA-256 of the policy root keys (32).
 //!

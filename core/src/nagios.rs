@@ -1,4 +1,4 @@
-//! Nagios plugin semantics (DESIGN §6), as pure functions: the exit-code
+//! Nagios plugin semantics, as pure functions: the exit-code
 //! mapping, the output format (summary, long output, performance data) and
 //! threshold ranges, following the Monitoring Plugins Development
 //! Guidelines. The agent runs plugins and built-in checks; what their output

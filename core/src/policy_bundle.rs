@@ -1,4 +1,4 @@
-//! Signed policy bundles (DESIGN §2.6): M-of-N root signatures over the
+//! Signed policy bundles (invariant 6 in ARCHITECTURE.md): M-of-N root signatures over the
 //! whole bundle, a size limit checked before parsing, and rollback refusal.
 
 use std::collections::BTreeSet;

@@ -1,4 +1,4 @@
-//! Which targets of a job start next (DESIGN §4): batches, an error budget
+//! Which targets of a job start next: batches, an error budget
 //! and canaries, decided from the targets' current phases alone, so the
 //! controller can re-run it after every result — and after a restart.
 

@@ -33,7 +33,7 @@ impl v1::CheckState {
 }
 
 impl v1::ServiceInstance {
-    /// Whether the instance counts as passing for its service (DESIGN §6):
+    /// Whether the instance counts as passing for its service:
     /// its agent is online and its check is OK or WARNING. The controller
     /// counts with this and the gateway lists the others as failing.
     pub fn passes(&self) -> bool {

@@ -7,7 +7,7 @@
 //!
 //! One HTTP/1.1 request on a fresh connection, with hyper's client
 //! connection (already in the agent through tonic) rather than a full HTTP
-//! client library: the agent's binary size is a target (DESIGN §10), and a
+//! client library: the agent's binary size is a target in BENCHMARKS.md, and a
 //! check needs no pool, redirects, cookies or proxies.
 
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Local health checks from agent.toml (`[[check]]`, DESIGN §6): each runs
+//! Local health checks from agent.toml (`[[check]]`): each runs
 //! on its own interval (jittered) in its own task, bounded by its timeout;
 //! the latest result of each is kept in [`Latest`], which the heartbeat reads
 //! without waiting for anything (a check still running reports its previous

@@ -1,6 +1,6 @@
 //! `fleetcmd-bench-chat`: chat message → first output line, through the
 //! gateway's router (what every adapter calls) with a real controller and a
-//! real local agent in this process over mTLS on loopback (DESIGN §10:
+//! real local agent in this process over mTLS on loopback (BENCHMARKS.md targets:
 //! p50 < 5 ms, p99 < 25 ms), then gateway throughput with many chat users at
 //! once. The command is `echo` (a real fork/exec on the agent).
 //!

@@ -7,7 +7,7 @@
 //!
 //! Replies are structured ([`Reply`]); each adapter renders them for its
 //! platform and is responsible for keeping command output inert there
-//! (DESIGN §2.11).
+//! (invariant 11 in ARCHITECTURE.md).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,7 +29,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// One chat message received by an adapter.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Incoming {
-    /// The platform's stable user id (DESIGN §2.8), never a display name.
+    /// The platform's stable user id (invariant 8 in ARCHITECTURE.md), never a display name.
     pub identity: Identity,
     /// Where replies go; also the channel RBAC rules match on.
     pub channel: String,

@@ -1,4 +1,4 @@
-//! Controller service alerts to incident tools (issue 7, DESIGN §6): the
+//! Controller service alerts to incident tools (issue 7): the
 //! controller's `Health.Watch` stream of [`v1::AlertEvent`]s drives
 //! [`pagerduty`] (Events API v2), [`opsgenie`] (Alerts API) and
 //! [`statuspage`] (component status), each optional in `gateway.toml`.

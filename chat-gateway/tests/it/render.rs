@@ -1,4 +1,4 @@
-//! Output is data (DESIGN §2.11): whatever a command prints, the console
+//! Output is data (invariant 11 in ARCHITECTURE.md): whatever a command prints, the console
 //! rendering cannot look like a command, a mention, or terminal control.
 
 use fleetcmd_gateway::adapters::console::{OUTPUT_PREFIX, render};

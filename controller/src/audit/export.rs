@@ -1,4 +1,4 @@
-//! Continuous export of the audit trail (DESIGN §8): JSON lines — the
+//! Continuous export of the audit trail: JSON lines — the
 //! records and the signed chain heads, in the same format as `fleetcmd
 //! audit export` — to a file (rotated), stdout, syslog/journald, an
 //! Elasticsearch/OpenSearch `_bulk` endpoint or a Splunk HTTP Event

@@ -1,4 +1,4 @@
-//! Services and their alerts (DESIGN §6): each `[services.NAME]` is
+//! Services and their alerts: each `[services.NAME]` is
 //! evaluated from its instances' check results on a timer; the pure rules
 //! in `fleetcmd_core::health` decide what is announced; announcements go to
 //! `Health.Watch` subscribers (the gateway: chat, PagerDuty, Opsgenie,

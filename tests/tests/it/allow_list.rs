@@ -1,4 +1,4 @@
-//! DESIGN §2.5/§2.7: only allow-listed commands run, the host may narrow the
+//! ARCHITECTURE.md invariants 5 and 7: only allow-listed commands run, the host may narrow the
 //! list further, argument values are single argv elements (never a shell),
 //! and values starting with `-` or escaping their path prefix are refused.
 

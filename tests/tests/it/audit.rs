@@ -1,4 +1,4 @@
-//! DESIGN §8 / issue 6: the audit trail records real flows, is hash-chained
+//! Issue 6: the audit trail records real flows, is hash-chained
 //! with signed heads so that editing, removing, reordering or inserting a
 //! record in the store is detected (and named), verifies offline from an
 //! export with only the public key, and is searchable.

@@ -1,4 +1,4 @@
-//! DESIGN §2.7: a command that outlives its timeout is killed with its whole
+//! ARCHITECTURE.md invariant 7: a command that outlives its timeout is killed with its whole
 //! process group, and output beyond the cap is dropped and counted.
 
 use std::time::{Duration, Instant};

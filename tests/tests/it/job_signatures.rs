@@ -1,4 +1,4 @@
-//! DESIGN §2.4/§2.5: a job runs only when a trusted signer signed exactly
+//! ARCHITECTURE.md invariants 4 and 5: a job runs only when a trusted signer signed exactly
 //! these bytes, within their validity window, and only once. The controller
 //! checks this at submit, and each agent checks it again on its own (shown
 //! by injecting jobs as a compromised controller would).

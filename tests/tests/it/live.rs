@@ -1,4 +1,4 @@
-//! Live output (DESIGN §4): chunks stream to watchers while the command
+//! Live output: chunks stream to watchers while the command
 //! runs, and a watcher that stops reading stalls nobody.
 
 use std::time::{Duration, Instant};

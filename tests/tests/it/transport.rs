@@ -1,5 +1,5 @@
 //! The controller's listener faces the network before anyone has
-//! authenticated (DESIGN §2.2: Join needs no certificate), so HTTP/2 and TLS
+//! authenticated (ARCHITECTURE.md invariant 2: Join needs no certificate), so HTTP/2 and TLS
 //! abuse must neither take its memory nor delay real agents' heartbeats.
 //! Each test attacks one limit set in `controller/src/server.rs` while two
 //! agents heartbeat every second, then checks that (a) the test process's RSS

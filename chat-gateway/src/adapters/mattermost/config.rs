@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer};
 use crate::adapters::AdapterError;
 
 /// How long a button click stays valid after the post was rendered: the
-/// default approval window (DESIGN §5, issue 5: requests expire after 15 min).
+/// default approval window (issue 5: requests expire after 15 min).
 pub const DEFAULT_BUTTON_MAX_AGE: Duration = Duration::from_secs(15 * 60);
 /// Shortest HMAC key accepted for `action_secret`, in bytes.
 pub const MIN_ACTION_SECRET_BYTES: usize = 16;

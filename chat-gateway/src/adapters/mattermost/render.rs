@@ -1,5 +1,5 @@
 //! A [`Reply`] as a Mattermost post: Markdown text with fenced code blocks,
-//! buttons as message-attachment actions (DESIGN §2.11: output is data).
+//! buttons as message-attachment actions (ARCHITECTURE.md invariant 11: output is data).
 //!
 //! Mattermost's server finds mentions by splitting the text on every
 //! character that is not a letter, digit or one of `: . - _ @`, after

@@ -22,7 +22,7 @@ use tokio_tungstenite::{Connector, connect_async_tls_with_config};
 use crate::adapters::Incoming;
 
 /// First reconnect delay; multiplied by 1.6 per failed attempt, ±20 %
-/// jitter, capped (DESIGN §2.1's backoff shape).
+/// jitter, capped (the backoff shape of ARCHITECTURE.md invariant 1).
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// A WebSocket ping this often…

@@ -1,5 +1,5 @@
 //! Block Kit rendering of a [`Reply`], keeping every piece of text inert
-//! (DESIGN §2.11):
+//! (invariant 11 in ARCHITECTURE.md):
 //!
 //! - `&`, `<` and `>` are escaped everywhere, so `<!here>`, `<!channel>`,
 //!   `<@U…>` and `<http://…|…>` in output are shown, never parsed;

@@ -57,7 +57,7 @@ const INCOMING_QUEUE: usize = 64;
 /// Outgoing message rate: a burst of this many, then [`SEND_RATE_PER_SEC`].
 const SEND_BURST: f64 = 10.0;
 const SEND_RATE_PER_SEC: f64 = 5.0;
-/// Reconnect backoff (DESIGN §2.1's shape): 1 s × 1.6ⁿ, ±20 %, capped.
+/// Reconnect backoff (the shape of ARCHITECTURE.md invariant 1): 1 s × 1.6ⁿ, ±20 %, capped.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
