@@ -115,17 +115,30 @@ pub(crate) fn config(url: &str, bot_key: &str) -> CampfireConfig {
 
 /// The JSON Campfire's `Webhook#payload` sends for a message that mentions
 /// the bot (`plain` has the bot's mention removed).
+/// Campfire gives every message its own id; the adapter runs each id once.
+static NEXT_MESSAGE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(9001);
+
 pub(crate) fn payload(user_id: u64, user_name: &str, plain: &str) -> serde_json::Value {
+    let id = NEXT_MESSAGE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    payload_with_id(id, user_id, user_name, plain)
+}
+
+pub(crate) fn payload_with_id(
+    message_id: u64,
+    user_id: u64,
+    user_name: &str,
+    plain: &str,
+) -> serde_json::Value {
     json!({
         "user": {"id": user_id, "name": user_name},
         "room": {"id": ROOM, "name": "Ops", "path": format!("/rooms/{ROOM}/{BOT_KEY}/messages")},
         "message": {
-            "id": 9001,
+            "id": message_id,
             "body": {
                 "html": format!("<div><action-text-attachment sgid=\"x\" content-type=\"application/vnd.campfire.mention\"></action-text-attachment> {plain}</div>"),
                 "plain": plain
             },
-            "path": format!("/rooms/{ROOM}/@9001")
+            "path": format!("/rooms/{ROOM}/@{message_id}")
         }
     })
 }

@@ -70,7 +70,26 @@ pub(super) struct Settings {
 pub(super) struct OutLine {
     pub target: String,
     pub text: String,
+    /// For a private reply: who asked ([`peer_token`] of the request). The
+    /// line is sent only while the nick still stands for that same person;
+    /// else it is dropped (logged), so a reply never reaches whoever took
+    /// the nick since.
+    pub expect: Option<String>,
 }
+
+/// Who holds a nick, as precisely as the server tells us: the full
+/// `nick!user@host`, plus the IRCv3 account when one was tagged.
+pub(super) fn peer_token(nick: &str, user: &str, host: &str, account: Option<&str>) -> String {
+    let mut t = format!("{}!{user}@{host}", irc_lower(nick));
+    if let Some(a) = account {
+        t.push_str(" account=");
+        t.push_str(a);
+    }
+    t
+}
+
+/// Nicks remembered with the identity that last messaged us privately.
+const MAX_PEERS: usize = 4096;
 
 /// What the connection is doing, for callers that want to wait for it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -165,6 +184,15 @@ pub(super) struct Ctx<'a> {
     pub account_tag: bool,
 }
 
+/// The IRCv3 account the server tagged `msg` with (only once `account-tag`
+/// was negotiated, so the tag comes from the server).
+fn account_of<'m>(msg: &'m Message, ctx: &Ctx<'_>) -> Option<&'m str> {
+    match msg.tag("account") {
+        Some(Some(a)) if ctx.account_tag && a != "*" => Some(a),
+        _ => None,
+    }
+}
+
 /// The [`Incoming`] a PRIVMSG stands for: `Ok(None)` when it is not for the
 /// router (CTCP, a target that is neither a channel nor us), `Err` when it
 /// is malformed.
@@ -205,11 +233,14 @@ pub(super) fn incoming(msg: &Message, ctx: &Ctx<'_>) -> Result<Option<Incoming>,
     let from_bot = same_nick(&src.nick, ctx.nick)
         || msg.tag("bot").is_some()
         || msg.tag("draft/bot").is_some();
+    // A private message's replies go back to the nick; the thread carries
+    // who asked, so they are sent only while the nick is still theirs.
+    let thread = direct.then(|| peer_token(&src.nick, user, host, account_of(msg, ctx)));
     Ok(Some(Incoming {
         identity,
         channel,
         text: text.to_string(),
-        thread: None,
+        thread,
         direct,
         from_bot,
     }))
@@ -389,6 +420,10 @@ pub(super) struct Link {
     out_rx: mpsc::Receiver<Vec<OutLine>>,
     out_open: bool,
     pending: VecDeque<OutLine>,
+    /// By lower-cased nick: [`peer_token`] of who last messaged us
+    /// privately under it, forgotten when the nick changes hands (NICK,
+    /// QUIT, another user@host or account seen under it) and on reconnect.
+    peers: std::collections::HashMap<String, String>,
     status: watch::Sender<LinkStatus>,
     stop: watch::Receiver<bool>,
     registrations: u64,
@@ -409,6 +444,7 @@ impl Link {
             out_rx,
             out_open: true,
             pending: VecDeque::new(),
+            peers: std::collections::HashMap::new(),
             status,
             stop,
             registrations: 0,
@@ -488,6 +524,8 @@ impl Link {
         tracing::info!(server = %self.s.server, port = self.s.port, tls = self.s.tls.is_some(), "irc connected");
         let (r, w) = tokio::io::split(stream);
         let now = Instant::now();
+        // Whoever held a nick may have left while we were away.
+        self.peers.clear();
         let mut c = Conn {
             reader: LineReader::new(r),
             writer: w,
@@ -639,6 +677,18 @@ impl Link {
         let Some(line) = self.pending.pop_front() else {
             return Ok(());
         };
+        if let Some(expect) = &line.expect
+            && !line.target.starts_with(|ch| c.chantypes.contains(ch))
+            && self.peers.get(&irc_lower(&line.target)) != Some(expect)
+        {
+            tracing::warn!(
+                nick = %line.target,
+                asked_by = %expect,
+                now = %self.peers.get(&irc_lower(&line.target)).map_or("unknown", String::as_str),
+                "irc: private reply dropped: the nick no longer belongs to who asked"
+            );
+            return Ok(());
+        }
         let user = c
             .user
             .as_ref()
@@ -660,6 +710,7 @@ impl Link {
             self.pending.push_front(OutLine {
                 target: line.target.clone(),
                 text: format!("{CONTINUATION_PREFIX}{tail}"),
+                expect: line.expect.clone(),
             });
         }
         let now = Instant::now();
@@ -689,6 +740,7 @@ impl Link {
             }
         };
         tracing::trace!(line = %line.trim_end(), "irc <<");
+        self.track_peer(c, &msg);
         match msg.command.as_str() {
             "PING" => {
                 let token = msg.params.last().map_or("", String::as_str);
@@ -801,6 +853,55 @@ impl Link {
         Ok(())
     }
 
+    /// Keeps [`Link::peers`] true: a private message records who sent it
+    /// under their nick; anything showing the nick changed hands forgets it.
+    fn track_peer(&mut self, c: &Conn, msg: &Message) {
+        let Some(src) = &msg.source else { return };
+        let nick = irc_lower(&src.nick);
+        match msg.command.as_str() {
+            "NICK" | "QUIT" => {
+                self.peers.remove(&nick);
+                if msg.command == "NICK" {
+                    self.peers.remove(&irc_lower(msg.param(0)));
+                }
+                return;
+            }
+            // account-notify: the nick logged in or out.
+            "ACCOUNT" => {
+                self.peers.remove(&nick);
+                return;
+            }
+            _ => {}
+        }
+        let (Some(user), Some(host)) = (&src.user, &src.host) else {
+            return;
+        };
+        let ctx = Ctx {
+            network: &self.s.network,
+            nick: &c.nick,
+            chantypes: &c.chantypes,
+            account_tag: c.caps.contains("account-tag"),
+        };
+        let direct =
+            msg.command == "PRIVMSG" && msg.params.len() >= 2 && same_nick(msg.param(0), &c.nick);
+        if direct {
+            let token = peer_token(&src.nick, user, host, account_of(msg, &ctx));
+            if self.peers.len() >= MAX_PEERS
+                && !self.peers.contains_key(&nick)
+                && let Some(k) = self.peers.keys().next().cloned()
+            {
+                self.peers.remove(&k);
+            }
+            self.peers.insert(nick, token);
+        } else if let Some(known) = self.peers.get(&nick) {
+            // Compared without the account: only PRIVMSG is sure to carry it.
+            let mask = peer_token(&src.nick, user, host, None);
+            if known.split(' ').next() != Some(mask.as_str()) {
+                self.peers.remove(&nick);
+            }
+        }
+    }
+
     fn deliver(&mut self, m: Incoming) {
         match self.in_tx.try_send(m) {
             Ok(()) => {}
@@ -903,7 +1004,7 @@ pub(super) fn wanted_caps(offered: &[String], sasl: bool) -> Vec<String> {
     for cap in offered {
         let (name, value) = cap.split_once('=').unwrap_or((cap.as_str(), ""));
         let want = match name {
-            "message-tags" | "account-tag" => true,
+            "message-tags" | "account-tag" | "account-notify" => true,
             "sasl" => {
                 sasl && (value.is_empty()
                     || value.split(',').any(|m| m.eq_ignore_ascii_case("PLAIN")))
@@ -953,6 +1054,7 @@ mod tests {
             .expect("for us");
         assert_eq!(m.channel, "irc:net:Alice");
         assert!(m.direct);
+        assert_eq!(m.thread.as_deref(), Some("alice!a@h"));
     }
 
     #[test]

@@ -12,7 +12,15 @@
 //!   IRCv3 `account` (only after `account-tag` was negotiated);
 //! - a channel message comes from `irc:<network>:#chan` (lower-cased), a
 //!   private message from `irc:<network>:<their nick>` with `direct = true`;
-//!   `send` accepts both forms back.
+//!   `send` accepts both forms back;
+//! - a `nick!user@host` identity is only as strong as its host part and
+//!   ident (`~user` means the server got no identd answer, so anyone on
+//!   that host can claim the user name): prefer accounts;
+//! - a private reply carries who asked (its `thread`) and is sent only
+//!   while the nick still belongs to the same `nick!user@host` and account
+//!   (tracked through NICK, QUIT, `account-notify` and every message seen
+//!   from the nick, forgotten on reconnect); otherwise it is dropped and
+//!   logged.
 //!
 //! Output (DESIGN §2.11) is rendered by [`render`] into inert lines, then
 //! split so every relayed line fits in 512 bytes on UTF-8 boundaries, and
@@ -633,6 +641,7 @@ impl IrcSender {
             .map(|text| OutLine {
                 target: target.clone(),
                 text,
+                expect: reply.thread.clone(),
             })
             .collect();
         match tokio::time::timeout(SEND_TIMEOUT, self.out_tx.send(batch)).await {
