@@ -55,19 +55,19 @@ impl std::fmt::Debug for GatewayStore {
 }
 
 impl GatewayStore {
-    /// Opens (creating, mode 0700) the state directory `dir`.
+    /// Opens the state directory `dir` (created with mode 0700 if missing).
     pub fn open(dir: &Path) -> Result<GatewayStore, StoreError> {
         let fail = |message: String| StoreError::Open {
             dir: dir.to_path_buf(),
             message,
         };
-        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        // Created 0700 when missing; an existing directory keeps the mode
+        // its owner gave it (systemd's StateDirectory=, tmpfiles.d).
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
         #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| fail(format!("setting mode 0700: {e}")))?;
-        }
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir).map_err(|e| fail(e.to_string()))?;
         let db = sled::Config::new()
             .path(dir.join("state.sled"))
             .open()
