@@ -560,6 +560,14 @@ mod tests {
             "bot_name = \"fleet cmd\"\n[console]\nenabled = true",
             &["bot_name"],
         );
+        check(
+            "state_dir = \"/dev/null\"\n[console]\nenabled = true",
+            &["state_dir"],
+        );
+        check(
+            "state_dir = \"\"\n[console]\nenabled = true",
+            &["state_dir"],
+        );
     }
 
     #[test]
@@ -606,6 +614,11 @@ mod tests {
                 cfg.console.enabled
             ),
             (1, "fleetcmd", false)
+        );
+        assert_eq!(
+            cfg.state_dir,
+            Path::new(crate::store::DEFAULT_STATE_DIR),
+            "state_dir default"
         );
     }
 }
