@@ -589,9 +589,23 @@ async fn a_spoofer_taking_alices_nick_gets_none_of_her_rights() {
 
 #[tokio::test]
 async fn a_spoofer_who_takes_the_nick_after_a_private_request_gets_no_private_reply() {
+    // Alice shares #ops with the bot: it sees her QUIT.
+    spoofer_after_a_private_request(true).await;
+}
+
+#[tokio::test]
+async fn a_spoofer_who_takes_the_nick_of_a_user_outside_the_bots_channels_gets_no_private_reply() {
+    // Alice is in no channel of the bot's: her QUIT is never shown to it,
+    // only asking the server who holds the nick before replying catches it.
+    spoofer_after_a_private_request(false).await;
+}
+
+async fn spoofer_after_a_private_request(alice_in_channel: bool) {
     let server = Ngircd::start(None).await;
     let mut alice = Client::connect(server.port, "alice", "alice").await;
-    alice.join("#ops").await;
+    if alice_in_channel {
+        alice.join("#ops").await;
+    }
     // Alice may run in private too; her job runs for a while.
     let policy = POLICY.replace(
         r#"channels = ["irc:test:#ops"]"#,

@@ -75,6 +75,8 @@ pub(super) struct OutLine {
     /// else it is dropped (logged), so a reply never reaches whoever took
     /// the nick since.
     pub expect: Option<String>,
+    /// The reply this line belongs to (lines of one reply share it).
+    pub batch: u64,
 }
 
 /// Who holds a nick, as precisely as the server tells us: the full
@@ -90,6 +92,11 @@ pub(super) fn peer_token(nick: &str, user: &str, host: &str, account: Option<&st
 
 /// Nicks remembered with the identity that last messaged us privately.
 const MAX_PEERS: usize = 4096;
+/// A nick's holder confirmed by USERHOST is trusted this long for the
+/// following lines of the same reply; each reply is checked anew.
+const VERIFIED_FOR: Duration = Duration::from_secs(2);
+/// How long to wait for the USERHOST answer before dropping the reply.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the connection is doing, for callers that want to wait for it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -424,6 +431,14 @@ pub(super) struct Link {
     /// privately under it, forgotten when the nick changes hands (NICK,
     /// QUIT, another user@host or account seen under it) and on reconnect.
     peers: std::collections::HashMap<String, String>,
+    /// A USERHOST sent to confirm who holds a nick before a private reply
+    /// (the server tells us about NICK and QUIT only in shared channels):
+    /// the lower-cased nick and when to give up. Sending waits for it.
+    verifying: Option<(String, Instant)>,
+    /// The last nick confirmed, for which reply, and when.
+    verified: Option<(String, u64, Instant)>,
+    /// The reply being verified (with `verifying`).
+    verifying_batch: u64,
     status: watch::Sender<LinkStatus>,
     stop: watch::Receiver<bool>,
     registrations: u64,
@@ -445,6 +460,9 @@ impl Link {
             out_open: true,
             pending: VecDeque::new(),
             peers: std::collections::HashMap::new(),
+            verifying: None,
+            verified: None,
+            verifying_batch: 0,
             status,
             stop,
             registrations: 0,
@@ -526,6 +544,8 @@ impl Link {
         let now = Instant::now();
         // Whoever held a nick may have left while we were away.
         self.peers.clear();
+        self.verifying = None;
+        self.verified = None;
         let mut c = Conn {
             reader: LineReader::new(r),
             writer: w,
@@ -574,7 +594,7 @@ impl Link {
         .await?;
         loop {
             let now = Instant::now();
-            let send_at = if c.ready(now) && !self.pending.is_empty() {
+            let send_at = if c.ready(now) && !self.pending.is_empty() && self.verifying.is_none() {
                 Some(c.bucket.ready_at(now))
             } else {
                 None
@@ -622,6 +642,9 @@ impl Link {
         if let Some(r) = c.rejoin.iter().map(|(_, at)| *at).min() {
             t = t.min(r);
         }
+        if let Some((_, give_up)) = &self.verifying {
+            t = t.min(*give_up);
+        }
         if c.registered && !c.awaiting_join.is_empty() && !self.pending.is_empty() {
             // Wake up when queued lines may go even without join confirmations.
             t = t.min(c.join_deadline);
@@ -631,6 +654,13 @@ impl Link {
 
     async fn on_timer(&mut self, c: &mut Conn) -> Result<(), String> {
         let now = Instant::now();
+        if let Some((nick, give_up)) = &self.verifying
+            && now >= *give_up
+        {
+            tracing::warn!(%nick, "irc: no USERHOST answer; private replies to the nick dropped");
+            self.peers.remove(nick);
+            self.verifying = None;
+        }
         if c.registered && now >= c.join_deadline && !c.awaiting_join.is_empty() {
             tracing::warn!(channels = ?c.awaiting_join, "irc: joins not confirmed; sending anyway");
             c.awaiting_join.clear();
@@ -689,6 +719,21 @@ impl Link {
             );
             return Ok(());
         }
+        if line.expect.is_some() && !line.target.starts_with(|ch| c.chantypes.contains(ch)) {
+            let nick = irc_lower(&line.target);
+            let now = Instant::now();
+            let fresh = self.verified.as_ref().is_some_and(|(n, b, at)| {
+                *n == nick && *b == line.batch && now.duration_since(*at) < VERIFIED_FOR
+            });
+            if !fresh {
+                // Ask who holds the nick now; the line waits for the answer.
+                c.write(&format!("USERHOST {}", line.target), false).await?;
+                self.verifying = Some((nick, now + VERIFY_TIMEOUT));
+                self.verifying_batch = line.batch;
+                self.pending.push_front(line);
+                return Ok(());
+            }
+        }
         let user = c
             .user
             .as_ref()
@@ -711,6 +756,7 @@ impl Link {
                 target: line.target.clone(),
                 text: format!("{CONTINUATION_PREFIX}{tail}"),
                 expect: line.expect.clone(),
+                batch: line.batch,
             });
         }
         let now = Instant::now();
@@ -801,6 +847,9 @@ impl Link {
                 ));
             }
             "396" => c.host = Some(msg.param(1).to_string()),
+            // RPL_USERHOST: `nick[*]=(+|-)user@host …`, the answer to a check
+            // before a private reply.
+            "302" => self.on_userhost(msg.params.last().map_or("", String::as_str)),
             "JOIN" if same_nick(msg.nick(), &c.nick) => {
                 if let Some(src) = &msg.source {
                     c.user.clone_from(&src.user);
@@ -851,6 +900,36 @@ impl Link {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Compares who holds the nick being verified with who asked: the same
+    /// `user@host` confirms it (for [`VERIFIED_FOR`]); anything else, or
+    /// the nick missing from the answer (gone), forgets the asker, so the
+    /// waiting reply is dropped.
+    fn on_userhost(&mut self, replies: &str) {
+        let Some((nick, _)) = self.verifying.take() else {
+            return;
+        };
+        let now_holds = replies.split_whitespace().find_map(|r| {
+            let (n, rest) = r.split_once('=')?;
+            (irc_lower(n.trim_end_matches('*')) == nick)
+                .then(|| rest.trim_start_matches(['+', '-']).to_string())
+        });
+        let asked = self
+            .peers
+            .get(&nick)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|m| m.split_once('!'))
+            .map(|(_, uh)| uh.to_string());
+        match (now_holds, asked) {
+            (Some(holder), Some(asker)) if holder == asker => {
+                self.verified = Some((nick, self.verifying_batch, Instant::now()));
+            }
+            (holder, _) => {
+                tracing::warn!(%nick, now = ?holder, "irc: the nick changed hands since the private request");
+                self.peers.remove(&nick);
+            }
+        }
     }
 
     /// Keeps [`Link::peers`] true: a private message records who sent it
