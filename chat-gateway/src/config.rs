@@ -46,6 +46,9 @@ pub mod defaults {
     pub(super) fn approval_timeout() -> String {
         APPROVAL_TIMEOUT.to_string()
     }
+    pub(super) fn state_dir() -> std::path::PathBuf {
+        crate::store::DEFAULT_STATE_DIR.into()
+    }
     pub(super) fn http_listen() -> String {
         crate::http::DEFAULT_LISTEN.to_string()
     }
@@ -82,6 +85,10 @@ pub struct GatewayConfig {
     /// How long an approval request waits, e.g. `15m` (DESIGN §5).
     #[serde(default = "defaults::approval_timeout")]
     pub approval_timeout: String,
+    /// Where the gateway keeps its state (replay records of every inbound
+    /// path), default [`crate::store::DEFAULT_STATE_DIR`]; created 0700.
+    #[serde(default = "defaults::state_dir")]
+    pub state_dir: PathBuf,
     #[serde(default)]
     pub console: ConsoleConfig,
     #[serde(default)]
@@ -220,6 +227,9 @@ impl GatewayConfig {
                 *f = base.join(&*f);
             }
         };
+        if !self.state_dir.as_os_str().is_empty() {
+            join(&mut self.state_dir);
+        }
         if let Some(m) = &mut self.mattermost {
             for f in [
                 &mut m.token_file,
@@ -326,6 +336,17 @@ impl GatewayConfig {
             bad(
                 "bot_name",
                 "must be a non-empty name without spaces".to_string(),
+            );
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            bad("state_dir", "must not be empty".to_string());
+        } else if self.state_dir.exists() && !self.state_dir.is_dir() {
+            bad(
+                "state_dir",
+                format!(
+                    "{}: exists and is not a directory",
+                    self.state_dir.display()
+                ),
             );
         }
         if let Err(e) = self.http.listen.parse::<std::net::SocketAddr>() {
@@ -539,6 +560,14 @@ mod tests {
             "bot_name = \"fleet cmd\"\n[console]\nenabled = true",
             &["bot_name"],
         );
+        check(
+            "state_dir = \"/dev/null\"\n[console]\nenabled = true",
+            &["state_dir"],
+        );
+        check(
+            "state_dir = \"\"\n[console]\nenabled = true",
+            &["state_dir"],
+        );
     }
 
     #[test]
@@ -585,6 +614,11 @@ mod tests {
                 cfg.console.enabled
             ),
             (1, "fleetcmd", false)
+        );
+        assert_eq!(
+            cfg.state_dir,
+            Path::new(crate::store::DEFAULT_STATE_DIR),
+            "state_dir default"
         );
     }
 }

@@ -30,6 +30,8 @@ pub enum LaunchError {
     },
     #[error("{0}")]
     Http(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("[audit_channel]: {0}")]
     AuditChannel(String),
     #[error("[notify]: {0}")]
@@ -69,6 +71,10 @@ pub async fn run(
         router = router.with_prometheus(client);
     }
     let router = Arc::new(router);
+    // Replay records of every inbound path, persisted: a request accepted
+    // once is refused after a restart too.
+    let store = crate::store::GatewayStore::open(&cfg.state_dir)?;
+    let replay = store.replay()?;
     let mut gw = Gateway::new(router.clone());
     // Each adapter's sending half by channel scheme, for the audit channel.
     let mut senders: Vec<(&'static str, Arc<dyn ChatSender>)> = Vec::new();
@@ -87,6 +93,7 @@ pub async fn run(
         let a = SlackAdapter::connect_with(slack, secrets)
             .await
             .map_err(adapter("slack"))?;
+        a.use_replay_guard(replay.clone());
         a.report_auth_failures(gw.auth_failures());
         gw.add_routes(a.routes());
         senders.push(("slack", a.sender()));
@@ -96,6 +103,7 @@ pub async fn run(
         let a = MattermostAdapter::connect(mm)
             .await
             .map_err(adapter("mattermost"))?;
+        a.use_replay_guard(replay.clone());
         a.report_auth_failures(gw.auth_failures());
         gw.add_routes(a.routes());
         senders.push(("mattermost", a.sender()));
@@ -113,6 +121,7 @@ pub async fn run(
     }
     if let Some(c) = &cfg.campfire {
         let a = CampfireAdapter::new(c).map_err(adapter("campfire"))?;
+        a.use_replay_guard(replay.clone());
         a.report_auth_failures(gw.auth_failures());
         gw.add_routes(a.routes());
         senders.push(("campfire", a.sender()));
@@ -120,6 +129,7 @@ pub async fn run(
     }
     if let Some(w) = &cfg.webhook {
         let a = WebhookAdapter::new(w).map_err(adapter("webhook"))?;
+        a.use_replay_guard(replay.clone());
         a.report_auth_failures(gw.auth_failures());
         gw.add_routes(a.routes());
         senders.push(("webhook", a.sender()));
@@ -152,8 +162,8 @@ pub async fn run(
         alert_events,
     ));
     if let Some(n) = &cfg.notify {
-        let routes =
-            crate::notify::routes(n, named, gw.auth_failures()).map_err(LaunchError::Notify)?;
+        let routes = crate::notify::routes(n, named, gw.auth_failures(), replay.clone())
+            .map_err(LaunchError::Notify)?;
         gw.add_routes(routes);
     }
     if let Some(am) = &cfg.alertmanager {

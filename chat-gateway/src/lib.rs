@@ -33,6 +33,7 @@ pub mod oncall;
 pub mod prometheus;
 pub mod render;
 pub mod router;
+pub mod store;
 
 use adapters::{AuthFailure, AuthFailures, ChatAdapter};
 use controller::{ControllerApi, GrpcController};
@@ -46,9 +47,15 @@ pub const DEFAULT_APPROVAL_WINDOW: Duration =
     Duration::from_secs(fleetcmd_core::approval::DEFAULT_APPROVAL_WINDOW_SECS);
 /// Default interval between two polls of a running job.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
-/// Commands handled at once; when reached, the gateway stops reading until
-/// one finishes (backpressure on the chat connection).
+/// `run` commands handled at once per adapter; over it, a new one is
+/// refused with a reply (reading goes on, so `cancel` still works).
 pub const MAX_IN_FLIGHT: usize = 64;
+/// `run` commands one user (chat identity) may have running at once per
+/// adapter; over it, they are told how many they have running.
+pub const MAX_RUNS_PER_USER: usize = 4;
+/// Quick commands (everything but `run`) handled at once per adapter; when
+/// reached, the gateway waits for one to finish before reading on.
+pub const MAX_QUICK_IN_FLIGHT: usize = 16;
 
 /// Everything the gateway runtime needs.
 #[derive(Clone, Debug)]
@@ -230,31 +237,143 @@ pub async fn run(opts: GatewayOptions, adapter: impl ChatAdapter) -> Result<(), 
 /// The gateway loop over any controller: each addressed message is handled
 /// in its own task, so several commands (and running jobs) proceed at once.
 /// Returns when the input has ended and every task has finished.
+///
+/// `run` commands (which follow a job, and may wait for approvals) are
+/// limited per user ([`MAX_RUNS_PER_USER`]) and per adapter
+/// ([`MAX_IN_FLIGHT`]); over either, the user is told so at once and the
+/// command is not run. Everything else (`cancel`, `job`, `approve`, …) is
+/// quick and has its own slots ([`MAX_QUICK_IN_FLIGHT`]), so a flood of
+/// long commands never keeps anyone from cancelling one.
 pub async fn serve<C: ControllerApi>(router: Arc<Router<C>>, mut adapter: impl ChatAdapter) {
     let sender = adapter.sender();
-    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut runs: JoinSet<()> = JoinSet::new();
+    let per_user = RunsPerUser::default();
+    let mut quick: JoinSet<()> = JoinSet::new();
+    let mut busy_replies: JoinSet<()> = JoinSet::new();
+    let mut busy_dropped: u64 = 0;
     while let Some(msg) = adapter.recv().await {
-        while let Some(done) = tasks.try_join_next() {
+        while let Some(done) = runs.try_join_next() {
             log_task_end(done);
         }
-        if router.command_text(&msg).is_none() {
+        while let Some(done) = quick.try_join_next() {
+            log_task_end(done);
+        }
+        while let Some(done) = busy_replies.try_join_next() {
+            log_task_end(done);
+        }
+        let Some(text) = router.command_text(&msg) else {
+            continue;
+        };
+        let is_run = matches!(
+            fleetcmd_core::grammar::parse(text),
+            Ok(fleetcmd_core::grammar::ChatCommand::Run(_))
+        );
+        if !is_run {
+            // Quick commands wait for a quick slot (backpressure), never
+            // for a running job.
+            if quick.len() >= MAX_QUICK_IN_FLIGHT
+                && let Some(done) = quick.join_next().await
+            {
+                log_task_end(done);
+            }
+            let router = router.clone();
+            let sender = sender.clone();
+            quick.spawn(async move { router.handle(msg, sender.as_ref()).await });
             continue;
         }
-        if tasks.len() >= MAX_IN_FLIGHT
-            && let Some(done) = tasks.join_next().await
-        {
-            log_task_end(done);
+        let who = msg.identity.as_str().to_string();
+        let mine = per_user.running(&who);
+        let refusal = if mine >= MAX_RUNS_PER_USER {
+            Some(format!(
+                "you have {mine} commands running (at most {MAX_RUNS_PER_USER} at once); wait for one to finish or cancel one"
+            ))
+        } else if runs.len() >= MAX_IN_FLIGHT {
+            Some(format!(
+                "the gateway is running {} commands on this chat (its limit); try again when one has finished",
+                runs.len()
+            ))
+        } else {
+            None
+        };
+        if let Some(text) = refusal {
+            tracing::warn!(identity = %who, channel = %msg.channel, mine, total = runs.len(), "command refused: too many running");
+            if busy_replies.len() >= MAX_QUICK_IN_FLIGHT {
+                busy_dropped += 1;
+                tracing::warn!(busy_dropped, "busy reply not sent: too many pending");
+                continue;
+            }
+            let sender = sender.clone();
+            busy_replies.spawn(async move {
+                let mut reply =
+                    adapters::Reply::text(format!("{text} (asked by {})", msg.identity.as_str()));
+                reply.thread = msg.thread.clone();
+                if let Err(e) = sender.send(&msg.channel, reply).await {
+                    tracing::warn!(error = %e, channel = %msg.channel, "reply not sent");
+                }
+            });
+            continue;
         }
+        let slot = per_user.take(who);
         let router = router.clone();
         let sender = sender.clone();
-        tasks.spawn(async move { router.handle(msg, sender.as_ref()).await });
+        runs.spawn(async move {
+            let _slot = slot;
+            router.handle(msg, sender.as_ref()).await;
+        });
     }
     tracing::debug!(
-        outstanding = tasks.len(),
+        outstanding = runs.len() + quick.len(),
         "input ended; waiting for running commands"
     );
-    while let Some(done) = tasks.join_next().await {
+    while let Some(done) = runs.join_next().await {
         log_task_end(done);
+    }
+    while let Some(done) = quick.join_next().await {
+        log_task_end(done);
+    }
+    while let Some(done) = busy_replies.join_next().await {
+        log_task_end(done);
+    }
+}
+
+/// `run` commands running per user on one adapter.
+#[derive(Default, Clone)]
+struct RunsPerUser(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+/// One running command's slot; given back when dropped (also when the
+/// task panics or is aborted).
+struct RunSlot {
+    of: RunsPerUser,
+    who: String,
+}
+
+impl RunsPerUser {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn running(&self, who: &str) -> usize {
+        self.lock().get(who).copied().unwrap_or(0)
+    }
+
+    fn take(&self, who: String) -> RunSlot {
+        *self.lock().entry(who.clone()).or_default() += 1;
+        RunSlot {
+            of: self.clone(),
+            who,
+        }
+    }
+}
+
+impl Drop for RunSlot {
+    fn drop(&mut self) {
+        let mut map = self.of.lock();
+        if let Some(n) = map.get_mut(&self.who) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.who);
+            }
+        }
     }
 }
 

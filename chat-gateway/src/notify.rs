@@ -5,6 +5,8 @@
 //! secret, "v1:" + timestamp + ":" + body))`, 5-minute window), with a JSON
 //! body `{"channel", "severity", "text", "source"}`. `fleetcmd notify`
 //! signs and sends one. The text is untrusted: adapters render it inert.
+//! A signature is accepted once: replays inside the window, also after a
+//! gateway restart, are refused (409) and reported as `auth_failed`.
 
 use crate::unix_now;
 use std::path::PathBuf;
@@ -19,6 +21,7 @@ use serde::Deserialize;
 use crate::adapters::webhook::SecretString;
 use crate::adapters::webhook::sign;
 use crate::adapters::{AuthFailures, ChatSender, Reply};
+use crate::store::{Refusal, ReplayGuard};
 
 /// The route.
 pub const NOTIFY_PATH: &str = "/notify";
@@ -156,6 +159,7 @@ struct NotifyState {
     channels: Vec<String>,
     senders: Vec<(String, Arc<dyn ChatSender>)>,
     auth_failures: AuthFailures,
+    replay: ReplayGuard,
 }
 
 async fn notify(
@@ -174,6 +178,32 @@ async fn notify(
         st.auth_failures
             .report("notify", NOTIFY_PATH, format!("notification refused: {e}"));
         return (StatusCode::UNAUTHORIZED, format!("refused: {e}\n"));
+    }
+    // Recorded (durably) before anything is posted, kept until the
+    // signature can no longer verify: a captured notification replayed,
+    // also after a restart, is refused.
+    let ts: u64 = header(sign::TIMESTAMP_HEADER)
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(unix_now);
+    let sig = header(sign::SIGNATURE_HEADER)
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match st
+        .replay
+        .admit("notify", &sig, ts.saturating_add(sign::MAX_SKEW_SECS))
+        .await
+    {
+        Ok(()) => {}
+        Err(Refusal::Replay) => {
+            st.auth_failures.report(
+                "notify",
+                NOTIFY_PATH,
+                "notification refused: replayed request (409)".to_string(),
+            );
+            return (StatusCode::CONFLICT, "replayed request\n".into());
+        }
+        Err(Refusal::Unavailable) => return (StatusCode::SERVICE_UNAVAILABLE, "busy\n".into()),
     }
     let n: Notification = match serde_json::from_slice(&body) {
         Ok(n) => n,
@@ -205,17 +235,20 @@ async fn notify(
     }
 }
 
-/// The `/notify` route, posting through `senders` (by channel scheme).
+/// The `/notify` route, posting through `senders` (by channel scheme);
+/// accepted signatures are kept in `replay` (the gateway's, persisted).
 pub fn routes(
     cfg: &NotifyConfig,
     senders: Vec<(String, Arc<dyn ChatSender>)>,
     auth_failures: AuthFailures,
+    replay: ReplayGuard,
 ) -> Result<axum::Router, String> {
     let state = Arc::new(NotifyState {
         secret: cfg.secret()?,
         channels: cfg.channels.clone(),
         senders,
         auth_failures,
+        replay,
     });
     Ok(axum::Router::new()
         .route(NOTIFY_PATH, post(notify))

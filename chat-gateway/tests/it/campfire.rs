@@ -115,17 +115,30 @@ pub(crate) fn config(url: &str, bot_key: &str) -> CampfireConfig {
 
 /// The JSON Campfire's `Webhook#payload` sends for a message that mentions
 /// the bot (`plain` has the bot's mention removed).
+/// Campfire gives every message its own id; the adapter runs each id once.
+static NEXT_MESSAGE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(9001);
+
 pub(crate) fn payload(user_id: u64, user_name: &str, plain: &str) -> serde_json::Value {
+    let id = NEXT_MESSAGE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    payload_with_id(id, user_id, user_name, plain)
+}
+
+pub(crate) fn payload_with_id(
+    message_id: u64,
+    user_id: u64,
+    user_name: &str,
+    plain: &str,
+) -> serde_json::Value {
     json!({
         "user": {"id": user_id, "name": user_name},
         "room": {"id": ROOM, "name": "Ops", "path": format!("/rooms/{ROOM}/{BOT_KEY}/messages")},
         "message": {
-            "id": 9001,
+            "id": message_id,
             "body": {
                 "html": format!("<div><action-text-attachment sgid=\"x\" content-type=\"application/vnd.campfire.mention\"></action-text-attachment> {plain}</div>"),
                 "plain": plain
             },
-            "path": format!("/rooms/{ROOM}/@9001")
+            "path": format!("/rooms/{ROOM}/@{message_id}")
         }
     })
 }
@@ -635,4 +648,48 @@ pub fn approval_request() -> Reply {
 #[test]
 fn snapshot_approval_request() {
     insta::assert_snapshot!(visible(&render(&approval_request())));
+}
+
+#[tokio::test]
+async fn the_same_message_id_delivered_twice_runs_once_and_is_reported() {
+    let (_fake, campfire_url, _c) = fake_campfire().await;
+    let router = router_with_extra(BINDINGS, |_| {});
+    let adapter =
+        CampfireAdapter::new(&config(&campfire_url, BOT_KEY)).unwrap_or_else(|e| panic!("{e}"));
+    let (failures, mut reports) = AuthFailures::channel(16);
+    adapter.report_auth_failures(failures);
+    let (gw, _g) = serve_http(adapter.routes()).await;
+    let _gateway = tokio::spawn(serve(router.clone(), adapter));
+
+    let message = bytes(&payload_with_id(70_001, 42, "Alice", "run uptime on all"));
+    let first = deliver(&gw, TOKEN, message.clone()).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    // Campfire (or anyone with the path token) sends it again.
+    let again = deliver(&gw, TOKEN, message).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert!(again.body.is_empty(), "{}", again.body);
+    let mut submitted = 0;
+    for _ in 0..500 {
+        submitted = router.controller().submitted().len();
+        if submitted > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(submitted, 1);
+    let f = reports
+        .try_recv()
+        .unwrap_or_else(|e| panic!("not reported: {e}"));
+    assert_eq!(
+        (f.adapter.as_str(), f.source.as_str(), f.detail.as_str()),
+        (
+            "campfire",
+            "user 42 in room 12",
+            "message 70001 delivered again; not run twice"
+        )
+    );
+    // A new message id from the same user runs.
+    let other = deliver(&gw, TOKEN, bytes(&payload(42, "Alice", "whoami"))).await;
+    assert!(other.body.contains("campfire:acme:42"), "{}", other.body);
+    assert_eq!(router.controller().submitted().len(), 1);
 }

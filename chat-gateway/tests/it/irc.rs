@@ -12,6 +12,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fleetcmd_core::job::JobSpec;
@@ -584,6 +585,71 @@ async fn a_spoofer_taking_alices_nick_gets_none_of_her_rights() {
         [format!("you are {spoofed}"), "· roles: none".to_string()]
     );
     assert!(router.controller().submitted().is_empty());
+}
+
+#[tokio::test]
+async fn a_spoofer_who_takes_the_nick_after_a_private_request_gets_no_private_reply() {
+    // Alice shares #ops with the bot: it sees her QUIT.
+    spoofer_after_a_private_request(true).await;
+}
+
+#[tokio::test]
+async fn a_spoofer_who_takes_the_nick_of_a_user_outside_the_bots_channels_gets_no_private_reply() {
+    // Alice is in no channel of the bot's: her QUIT is never shown to it,
+    // only asking the server who holds the nick before replying catches it.
+    spoofer_after_a_private_request(false).await;
+}
+
+async fn spoofer_after_a_private_request(alice_in_channel: bool) {
+    let server = Ngircd::start(None).await;
+    let mut alice = Client::connect(server.port, "alice", "alice").await;
+    if alice_in_channel {
+        alice.join("#ops").await;
+    }
+    // Alice may run in private too; her job runs for a while.
+    let policy = POLICY.replace(
+        r#"channels = ["irc:test:#ops"]"#,
+        r#"channels = ["irc:test:#ops", "irc:test:alice"]"#,
+    );
+    let router = router_for(1, &policy, |c| {
+        c.output = b"up 3 days\n".to_vec();
+        c.running_polls.store(200, Ordering::SeqCst);
+    });
+    let mut bot = Bot::start(router.clone(), &bot_config(server.port)).await;
+    bot.wait("joining #ops", 10, |s| s.joined.len() == 1).await;
+    alice.send("PRIVMSG fleetcmd :run uptime on all").await;
+    let first = texts(&alice.bot_lines("fleetcmd", "alice", 1, 5).await);
+    assert!(first[0].contains(ALICE_ID), "{first:?}");
+
+    // Alice leaves before her job ends; mallory (another user name, no
+    // identd either) registers with her nick at once.
+    alice.send("QUIT :bye").await;
+    while alice.next().await.is_some() {}
+    let mut mallory = Client::connect(server.port, "alice", "mallory").await;
+    let mut done = false;
+    for _ in 0..1000 {
+        if router.controller().running_polls.load(Ordering::SeqCst) == 0 {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(done, "the job never finished");
+    assert_eq!(router.controller().submitted().len(), 1);
+
+    // Whatever the bot sent to the nick since arrives before the answer to
+    // mallory's own request (one ordered queue): none of it is alice's.
+    mallory.send("PRIVMSG fleetcmd :whoami").await;
+    let got = texts(
+        &mallory
+            .replies("fleetcmd", "alice", 5, |t| t.starts_with("you are "))
+            .await,
+    );
+    assert_eq!(
+        got,
+        ["you are irc:test:alice!~mallory@127.0.0.1"],
+        "alice's private reply reached mallory"
+    );
 }
 
 #[tokio::test]

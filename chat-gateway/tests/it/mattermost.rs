@@ -1484,3 +1484,62 @@ team = "ops"
     assert_eq!(problems[0].0, "token_file");
     assert!(problems[0].1.ends_with(": empty"), "{problems:?}");
 }
+
+#[tokio::test]
+async fn a_slash_command_delivered_twice_with_its_trigger_id_runs_once_and_is_reported() {
+    let h = harness("").await;
+    let router = mm_router(b"x");
+    live(&h.fake, 1).await;
+    let (failures, mut reports) = fleetcmd_gateway::adapters::AuthFailures::channel(16);
+    h.adapter.report_auth_failures(failures);
+    let task = tokio::spawn(fleetcmd_gateway::serve(router.clone(), h.adapter));
+    let http = client();
+    let form = |trigger: &str| {
+        vec![
+            ("channel_id", CHANNEL.to_string()),
+            ("command", "/fleet".into()),
+            ("team_id", TEAM.into()),
+            ("text", "run uptime on all".into()),
+            ("token", SLASH.into()),
+            ("trigger_id", trigger.into()),
+            ("user_id", ALICE.into()),
+            ("user_name", "alice".into()),
+        ]
+    };
+    let send = |trigger: &'static str| {
+        let http = http.clone();
+        let gw = h.gw.clone();
+        let body = form(trigger);
+        async move {
+            ok(http
+                .post(format!("{gw}/mattermost/command"))
+                .form(&body)
+                .send()
+                .await)
+            .status()
+        }
+    };
+    assert_eq!(send("trig-dup").await, 200);
+    // Mattermost (or anyone holding the slash token) sends it again.
+    assert_eq!(send("trig-dup").await, 409);
+    eventually("the command ran", || {
+        (!router.controller().submitted().is_empty()).then_some(())
+    })
+    .await;
+    let f = ok(reports.try_recv());
+    assert_eq!(
+        (f.adapter.as_str(), f.source.as_str(), f.detail.as_str()),
+        (
+            "mattermost",
+            format!("user_id {ALICE}").as_str(),
+            "request delivered again (same trigger_id); not run twice"
+        )
+    );
+    // Another request (its own trigger id) runs.
+    assert_eq!(send("trig-other").await, 200);
+    eventually("the second command ran", || {
+        (router.controller().submitted().len() == 2).then_some(())
+    })
+    .await;
+    task.abort();
+}

@@ -1070,3 +1070,82 @@ fn approval_request_block_kit() {
     }
     insta::assert_snapshot!("slack_approval_request", pretty(&r));
 }
+
+/// A Slack events gateway on the state directory `dir`, served the way the
+/// gateway serves it; stop it by sending on the returned channel.
+async fn events_gateway_on(
+    fake: &Fake,
+    dir: &std::path::Path,
+) -> (
+    String,
+    SlackAdapter,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+    tokio::sync::mpsc::Receiver<fleetcmd_gateway::adapters::AuthFailure>,
+) {
+    let store = unwrap(fleetcmd_gateway::store::GatewayStore::open(dir));
+    let a = events_adapter(fake).await;
+    a.use_replay_guard(unwrap(store.replay()));
+    let (failures, reports) = fleetcmd_gateway::adapters::AuthFailures::channel(16);
+    a.report_auth_failures(failures);
+    let listener = unwrap(tokio::net::TcpListener::bind("127.0.0.1:0").await);
+    let addr = unwrap(listener.local_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(fleetcmd_gateway::http::serve(listener, a.routes(), async {
+        let _ = stopped.await;
+    }));
+    (format!("http://{addr}"), a, stop, server, reports)
+}
+
+#[tokio::test]
+async fn a_signed_event_replayed_after_a_gateway_restart_is_refused_and_reported() {
+    let fake = Fake::start().await;
+    let dir = unwrap(tempfile::tempdir());
+    // The request as captured from the wire: same body, timestamp, signature.
+    let captured = Post::json(&callback(
+        "EvReplay",
+        message("U0ALICE", "C0OPS", "!run uptime on all", "7.1"),
+    ));
+    let (body, ts, sig) = (
+        captured.body.clone(),
+        captured.ts.clone(),
+        captured.sig.clone(),
+    );
+    let replayed = || Post {
+        path: "/slack/events",
+        body: body.clone(),
+        content_type: "application/json",
+        ts: ts.clone(),
+        sig: sig.clone(),
+        retry: None,
+    };
+
+    let (base, mut a, stop, server, mut reports) = events_gateway_on(&fake, dir.path()).await;
+    assert_eq!(captured.send(&base).await.0, 200);
+    assert_eq!(recv(&mut a).await.text, "!run uptime on all");
+    let _ = stop.send(());
+    unwrap(unwrap(server.await));
+    drop(a);
+    assert!(reports.try_recv().is_err(), "nothing refused yet");
+
+    // A new gateway on the same state directory.
+    let (base, mut a, stop, server, mut reports) = events_gateway_on(&fake, dir.path()).await;
+    assert_eq!(replayed().send(&base).await.0, 200);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), a.recv())
+            .await
+            .is_err(),
+        "the replayed event was routed"
+    );
+    let f = unwrap(reports.try_recv());
+    assert_eq!(
+        (f.adapter.as_str(), f.source.as_str(), f.detail.as_str()),
+        (
+            "slack",
+            "/slack/events",
+            "request refused: replayed event (already handled)"
+        )
+    );
+    let _ = stop.send(());
+    unwrap(unwrap(server.await));
+}

@@ -55,6 +55,7 @@ async fn nagios_style_notifications_reach_the_channel_and_forgeries_do_not() {
         &cfg,
         vec![("irc".to_string(), posted.clone() as Arc<dyn ChatSender>)],
         failures,
+        fleetcmd_gateway::store::ReplayGuard::in_process(),
     )
     .expect("routes");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

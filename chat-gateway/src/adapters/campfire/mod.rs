@@ -10,7 +10,9 @@
 //!   bot's own mentions removed. Campfire does not sign these requests, so
 //!   the route carries an unguessable token (`POST /campfire/<path_token>`,
 //!   compared in constant time) and the adapter also checks that
-//!   `room.path` carries this bot's key, which only Campfire knows.
+//!   `room.path` carries this bot's key, which only Campfire knows. A
+//!   message id runs once: a second delivery (also after a gateway
+//!   restart, for [`DEDUPE_SECS`]) is dropped and reported.
 //! * **Out**: the answer to a webhook is its response body (`text/html`
 //!   becomes a message in the room); Campfire waits 7 s for it. The first
 //!   reply the router produces within `reply_wait_ms` goes there; later
@@ -46,6 +48,8 @@ use super::webhook::{SecretString, http_client, read_limited};
 use super::{
     AdapterError, AuthFailures, BoxFuture, ChatAdapter, ChatSender, Incoming, MessageRef, Reply,
 };
+use crate::store::{Refusal, ReplayGuard, ReplaySlot};
+use crate::unix_now;
 
 /// Route prefix; the webhook URL is `<gateway>/campfire/<path_token>`.
 pub const ROUTE_PREFIX: &str = "/campfire";
@@ -311,7 +315,13 @@ struct Shared {
     http: reqwest::Client,
     /// Where refused requests are reported (the gateway's audit reporter).
     auth_failures: std::sync::OnceLock<AuthFailures>,
+    /// Message ids already routed (the gateway's persisted replay records).
+    replay: ReplaySlot,
 }
+
+/// How long a message id is remembered: Campfire does not sign its
+/// webhooks, so this bounds re-deliveries, not a token holder.
+pub const DEDUPE_SECS: u64 = 24 * 60 * 60;
 
 /// The receiving half: webhook messages arrive through [`CampfireAdapter::routes`].
 pub struct CampfireAdapter {
@@ -395,6 +405,7 @@ impl CampfireAdapter {
             next: AtomicU64::new(1),
             http: http_client(Duration::from_millis(cfg.timeout_ms))?,
             auth_failures: std::sync::OnceLock::new(),
+            replay: ReplaySlot::default(),
         });
         Ok(CampfireAdapter {
             rx,
@@ -427,6 +438,12 @@ impl CampfireAdapter {
     /// `auth_failed`). Set once; later calls are ignored.
     pub fn report_auth_failures(&self, to: AuthFailures) {
         let _ = self.shared.auth_failures.set(to);
+    }
+
+    /// Keeps routed message ids in `guard` (the gateway's, persisted in
+    /// its state directory) from now on.
+    pub fn use_replay_guard(&self, guard: ReplayGuard) {
+        self.shared.replay.set(guard);
     }
 
     /// The channel string of a Campfire room.
@@ -580,6 +597,27 @@ async fn webhook(
     let text = payload.message.body.plain.trim().to_string();
     if text.is_empty() {
         return no_reply();
+    }
+    // Each message runs once: its id is recorded (durably, in the
+    // gateway's replay records) before it is routed, so the same message
+    // delivered again, also after a restart, is dropped and reported.
+    let message_id = &payload.message.id.0;
+    let until = unix_now().saturating_add(DEDUPE_SECS);
+    match shared
+        .replay
+        .get()
+        .admit("campfire", &format!("{room_id}:{message_id}"), until)
+        .await
+    {
+        Ok(()) => {}
+        Err(Refusal::Replay) => {
+            shared.refused(
+                &format!("user {user_id} in room {room_id}"),
+                &format!("message {message_id} delivered again; not run twice"),
+            );
+            return no_reply();
+        }
+        Err(Refusal::Unavailable) => return status(StatusCode::SERVICE_UNAVAILABLE, "busy\n"),
     }
     let channel = format!("campfire:{}:{room_id}", shared.server);
     // The correlation token travels as the message's thread: the router

@@ -70,7 +70,33 @@ pub(super) struct Settings {
 pub(super) struct OutLine {
     pub target: String,
     pub text: String,
+    /// For a private reply: who asked ([`peer_token`] of the request). The
+    /// line is sent only while the nick still stands for that same person;
+    /// else it is dropped (logged), so a reply never reaches whoever took
+    /// the nick since.
+    pub expect: Option<String>,
+    /// The reply this line belongs to (lines of one reply share it).
+    pub batch: u64,
 }
+
+/// Who holds a nick, as precisely as the server tells us: the full
+/// `nick!user@host`, plus the IRCv3 account when one was tagged.
+pub(super) fn peer_token(nick: &str, user: &str, host: &str, account: Option<&str>) -> String {
+    let mut t = format!("{}!{user}@{host}", irc_lower(nick));
+    if let Some(a) = account {
+        t.push_str(" account=");
+        t.push_str(a);
+    }
+    t
+}
+
+/// Nicks remembered with the identity that last messaged us privately.
+const MAX_PEERS: usize = 4096;
+/// A nick's holder confirmed by USERHOST is trusted this long for the
+/// following lines of the same reply; each reply is checked anew.
+const VERIFIED_FOR: Duration = Duration::from_secs(2);
+/// How long to wait for the USERHOST answer before dropping the reply.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the connection is doing, for callers that want to wait for it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -165,6 +191,15 @@ pub(super) struct Ctx<'a> {
     pub account_tag: bool,
 }
 
+/// The IRCv3 account the server tagged `msg` with (only once `account-tag`
+/// was negotiated, so the tag comes from the server).
+fn account_of<'m>(msg: &'m Message, ctx: &Ctx<'_>) -> Option<&'m str> {
+    match msg.tag("account") {
+        Some(Some(a)) if ctx.account_tag && a != "*" => Some(a),
+        _ => None,
+    }
+}
+
 /// The [`Incoming`] a PRIVMSG stands for: `Ok(None)` when it is not for the
 /// router (CTCP, a target that is neither a channel nor us), `Err` when it
 /// is malformed.
@@ -205,11 +240,14 @@ pub(super) fn incoming(msg: &Message, ctx: &Ctx<'_>) -> Result<Option<Incoming>,
     let from_bot = same_nick(&src.nick, ctx.nick)
         || msg.tag("bot").is_some()
         || msg.tag("draft/bot").is_some();
+    // A private message's replies go back to the nick; the thread carries
+    // who asked, so they are sent only while the nick is still theirs.
+    let thread = direct.then(|| peer_token(&src.nick, user, host, account_of(msg, ctx)));
     Ok(Some(Incoming {
         identity,
         channel,
         text: text.to_string(),
-        thread: None,
+        thread,
         direct,
         from_bot,
     }))
@@ -389,6 +427,18 @@ pub(super) struct Link {
     out_rx: mpsc::Receiver<Vec<OutLine>>,
     out_open: bool,
     pending: VecDeque<OutLine>,
+    /// By lower-cased nick: [`peer_token`] of who last messaged us
+    /// privately under it, forgotten when the nick changes hands (NICK,
+    /// QUIT, another user@host or account seen under it) and on reconnect.
+    peers: std::collections::HashMap<String, String>,
+    /// A USERHOST sent to confirm who holds a nick before a private reply
+    /// (the server tells us about NICK and QUIT only in shared channels):
+    /// the lower-cased nick and when to give up. Sending waits for it.
+    verifying: Option<(String, Instant)>,
+    /// The last nick confirmed, for which reply, and when.
+    verified: Option<(String, u64, Instant)>,
+    /// The reply being verified (with `verifying`).
+    verifying_batch: u64,
     status: watch::Sender<LinkStatus>,
     stop: watch::Receiver<bool>,
     registrations: u64,
@@ -409,6 +459,10 @@ impl Link {
             out_rx,
             out_open: true,
             pending: VecDeque::new(),
+            peers: std::collections::HashMap::new(),
+            verifying: None,
+            verified: None,
+            verifying_batch: 0,
             status,
             stop,
             registrations: 0,
@@ -488,6 +542,10 @@ impl Link {
         tracing::info!(server = %self.s.server, port = self.s.port, tls = self.s.tls.is_some(), "irc connected");
         let (r, w) = tokio::io::split(stream);
         let now = Instant::now();
+        // Whoever held a nick may have left while we were away.
+        self.peers.clear();
+        self.verifying = None;
+        self.verified = None;
         let mut c = Conn {
             reader: LineReader::new(r),
             writer: w,
@@ -536,7 +594,7 @@ impl Link {
         .await?;
         loop {
             let now = Instant::now();
-            let send_at = if c.ready(now) && !self.pending.is_empty() {
+            let send_at = if c.ready(now) && !self.pending.is_empty() && self.verifying.is_none() {
                 Some(c.bucket.ready_at(now))
             } else {
                 None
@@ -584,6 +642,9 @@ impl Link {
         if let Some(r) = c.rejoin.iter().map(|(_, at)| *at).min() {
             t = t.min(r);
         }
+        if let Some((_, give_up)) = &self.verifying {
+            t = t.min(*give_up);
+        }
         if c.registered && !c.awaiting_join.is_empty() && !self.pending.is_empty() {
             // Wake up when queued lines may go even without join confirmations.
             t = t.min(c.join_deadline);
@@ -593,6 +654,13 @@ impl Link {
 
     async fn on_timer(&mut self, c: &mut Conn) -> Result<(), String> {
         let now = Instant::now();
+        if let Some((nick, give_up)) = &self.verifying
+            && now >= *give_up
+        {
+            tracing::warn!(%nick, "irc: no USERHOST answer; private replies to the nick dropped");
+            self.peers.remove(nick);
+            self.verifying = None;
+        }
         if c.registered && now >= c.join_deadline && !c.awaiting_join.is_empty() {
             tracing::warn!(channels = ?c.awaiting_join, "irc: joins not confirmed; sending anyway");
             c.awaiting_join.clear();
@@ -639,6 +707,33 @@ impl Link {
         let Some(line) = self.pending.pop_front() else {
             return Ok(());
         };
+        if let Some(expect) = &line.expect
+            && !line.target.starts_with(|ch| c.chantypes.contains(ch))
+            && self.peers.get(&irc_lower(&line.target)) != Some(expect)
+        {
+            tracing::warn!(
+                nick = %line.target,
+                asked_by = %expect,
+                now = %self.peers.get(&irc_lower(&line.target)).map_or("unknown", String::as_str),
+                "irc: private reply dropped: the nick no longer belongs to who asked"
+            );
+            return Ok(());
+        }
+        if line.expect.is_some() && !line.target.starts_with(|ch| c.chantypes.contains(ch)) {
+            let nick = irc_lower(&line.target);
+            let now = Instant::now();
+            let fresh = self.verified.as_ref().is_some_and(|(n, b, at)| {
+                *n == nick && *b == line.batch && now.duration_since(*at) < VERIFIED_FOR
+            });
+            if !fresh {
+                // Ask who holds the nick now; the line waits for the answer.
+                c.write(&format!("USERHOST {}", line.target), false).await?;
+                self.verifying = Some((nick, now + VERIFY_TIMEOUT));
+                self.verifying_batch = line.batch;
+                self.pending.push_front(line);
+                return Ok(());
+            }
+        }
         let user = c
             .user
             .as_ref()
@@ -660,6 +755,8 @@ impl Link {
             self.pending.push_front(OutLine {
                 target: line.target.clone(),
                 text: format!("{CONTINUATION_PREFIX}{tail}"),
+                expect: line.expect.clone(),
+                batch: line.batch,
             });
         }
         let now = Instant::now();
@@ -689,6 +786,7 @@ impl Link {
             }
         };
         tracing::trace!(line = %line.trim_end(), "irc <<");
+        self.track_peer(c, &msg);
         match msg.command.as_str() {
             "PING" => {
                 let token = msg.params.last().map_or("", String::as_str);
@@ -749,6 +847,9 @@ impl Link {
                 ));
             }
             "396" => c.host = Some(msg.param(1).to_string()),
+            // RPL_USERHOST: `nick[*]=(+|-)user@host …`, the answer to a check
+            // before a private reply.
+            "302" => self.on_userhost(msg.params.last().map_or("", String::as_str)),
             "JOIN" if same_nick(msg.nick(), &c.nick) => {
                 if let Some(src) = &msg.source {
                     c.user.clone_from(&src.user);
@@ -799,6 +900,85 @@ impl Link {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Compares who holds the nick being verified with who asked: the same
+    /// `user@host` confirms it (for [`VERIFIED_FOR`]); anything else, or
+    /// the nick missing from the answer (gone), forgets the asker, so the
+    /// waiting reply is dropped.
+    fn on_userhost(&mut self, replies: &str) {
+        let Some((nick, _)) = self.verifying.take() else {
+            return;
+        };
+        let now_holds = replies.split_whitespace().find_map(|r| {
+            let (n, rest) = r.split_once('=')?;
+            (irc_lower(n.trim_end_matches('*')) == nick)
+                .then(|| rest.trim_start_matches(['+', '-']).to_string())
+        });
+        let asked = self
+            .peers
+            .get(&nick)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|m| m.split_once('!'))
+            .map(|(_, uh)| uh.to_string());
+        match (now_holds, asked) {
+            (Some(holder), Some(asker)) if holder == asker => {
+                self.verified = Some((nick, self.verifying_batch, Instant::now()));
+            }
+            (holder, _) => {
+                tracing::warn!(%nick, now = ?holder, "irc: the nick changed hands since the private request");
+                self.peers.remove(&nick);
+            }
+        }
+    }
+
+    /// Keeps [`Link::peers`] true: a private message records who sent it
+    /// under their nick; anything showing the nick changed hands forgets it.
+    fn track_peer(&mut self, c: &Conn, msg: &Message) {
+        let Some(src) = &msg.source else { return };
+        let nick = irc_lower(&src.nick);
+        match msg.command.as_str() {
+            "NICK" | "QUIT" => {
+                self.peers.remove(&nick);
+                if msg.command == "NICK" {
+                    self.peers.remove(&irc_lower(msg.param(0)));
+                }
+                return;
+            }
+            // account-notify: the nick logged in or out.
+            "ACCOUNT" => {
+                self.peers.remove(&nick);
+                return;
+            }
+            _ => {}
+        }
+        let (Some(user), Some(host)) = (&src.user, &src.host) else {
+            return;
+        };
+        let ctx = Ctx {
+            network: &self.s.network,
+            nick: &c.nick,
+            chantypes: &c.chantypes,
+            account_tag: c.caps.contains("account-tag"),
+        };
+        let direct =
+            msg.command == "PRIVMSG" && msg.params.len() >= 2 && same_nick(msg.param(0), &c.nick);
+        if direct {
+            let token = peer_token(&src.nick, user, host, account_of(msg, &ctx));
+            if self.peers.len() >= MAX_PEERS
+                && !self.peers.contains_key(&nick)
+                && let Some(k) = self.peers.keys().next().cloned()
+            {
+                self.peers.remove(&k);
+            }
+            self.peers.insert(nick, token);
+        } else if let Some(known) = self.peers.get(&nick) {
+            // Compared without the account: only PRIVMSG is sure to carry it.
+            let mask = peer_token(&src.nick, user, host, None);
+            if known.split(' ').next() != Some(mask.as_str()) {
+                self.peers.remove(&nick);
+            }
+        }
     }
 
     fn deliver(&mut self, m: Incoming) {
@@ -903,7 +1083,7 @@ pub(super) fn wanted_caps(offered: &[String], sasl: bool) -> Vec<String> {
     for cap in offered {
         let (name, value) = cap.split_once('=').unwrap_or((cap.as_str(), ""));
         let want = match name {
-            "message-tags" | "account-tag" => true,
+            "message-tags" | "account-tag" | "account-notify" => true,
             "sasl" => {
                 sasl && (value.is_empty()
                     || value.split(',').any(|m| m.eq_ignore_ascii_case("PLAIN")))
@@ -953,6 +1133,7 @@ mod tests {
             .expect("for us");
         assert_eq!(m.channel, "irc:net:Alice");
         assert!(m.direct);
+        assert_eq!(m.thread.as_deref(), Some("alice!a@h"));
     }
 
     #[test]

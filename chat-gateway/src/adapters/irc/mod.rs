@@ -12,7 +12,16 @@
 //!   IRCv3 `account` (only after `account-tag` was negotiated);
 //! - a channel message comes from `irc:<network>:#chan` (lower-cased), a
 //!   private message from `irc:<network>:<their nick>` with `direct = true`;
-//!   `send` accepts both forms back.
+//!   `send` accepts both forms back;
+//! - a `nick!user@host` identity is only as strong as its host part and
+//!   ident (`~user` means the server got no identd answer, so anyone on
+//!   that host can claim the user name): prefer accounts;
+//! - a private reply carries who asked (its `thread`) and is sent only
+//!   while the nick still belongs to the same `nick!user@host` and account
+//!   (tracked through NICK, QUIT, `account-notify` and every message seen
+//!   from the nick, forgotten on reconnect, and confirmed with `USERHOST`
+//!   before each reply, since the server shows NICK and QUIT only in shared
+//!   channels); otherwise it is dropped and logged.
 //!
 //! Output (DESIGN §2.11) is rendered by [`render`] into inert lines, then
 //! split so every relayed line fits in 512 bytes on UTF-8 boundaries, and
@@ -573,6 +582,7 @@ impl IrcAdapter {
                 out_tx,
                 limits: cfg.render_limits(),
                 next_id: AtomicU64::new(1),
+                next_batch: AtomicU64::new(1),
             }),
             status,
             stop: Arc::new(stop_tx),
@@ -607,6 +617,8 @@ pub struct IrcSender {
     out_tx: mpsc::Sender<Vec<OutLine>>,
     limits: RenderLimits,
     next_id: AtomicU64,
+    /// Numbers each reply's lines, so a private reply is checked as a whole.
+    next_batch: AtomicU64,
 }
 
 impl IrcSender {
@@ -628,11 +640,14 @@ impl IrcSender {
     }
 
     async fn queue(&self, target: String, reply: &Reply) -> Result<(), AdapterError> {
+        let batch = self.next_batch.fetch_add(1, Ordering::Relaxed);
         let batch: Vec<OutLine> = render::render(reply, self.limits)
             .into_iter()
             .map(|text| OutLine {
                 target: target.clone(),
                 text,
+                expect: reply.thread.clone(),
+                batch,
             })
             .collect();
         match tokio::time::timeout(SEND_TIMEOUT, self.out_tx.send(batch)).await {
@@ -786,6 +801,7 @@ sasl_password = "s3cret"
             out_tx,
             limits: cfg().render_limits(),
             next_id: AtomicU64::new(1),
+            next_batch: AtomicU64::new(1),
         };
         assert_eq!(s.target("irc:example:#ops").ok().as_deref(), Some("#ops"));
         assert_eq!(s.target("irc:example:alice").ok().as_deref(), Some("alice"));

@@ -1,6 +1,9 @@
 //! What Mattermost posts to the gateway: slash commands
 //! (`/mattermost/command`, form-encoded, token-checked) and button clicks
-//! (`/mattermost/actions`, JSON, HMAC-checked context).
+//! (`/mattermost/actions`, JSON, HMAC-checked context). The slash token
+//! vouches for the `user_id` Mattermost sends with it: whoever holds the
+//! token can claim any user. A request delivered again with the same
+//! `trigger_id` runs once (persisted, also across restarts).
 
 use crate::unix_now;
 use std::sync::Arc;
@@ -21,6 +24,7 @@ use tokio::sync::mpsc;
 use super::buttons::ButtonSigner;
 use super::render::inline;
 use crate::adapters::Incoming;
+use crate::store::{Refusal, ReplaySlot};
 
 /// The path of slash commands.
 pub const COMMAND_PATH: &str = "/mattermost/command";
@@ -43,7 +47,14 @@ pub(crate) struct HttpState {
     pub signer: Arc<ButtonSigner>,
     /// Where refused requests are reported (the gateway's audit reporter).
     pub auth_failures: std::sync::OnceLock<crate::adapters::AuthFailures>,
+    /// Trigger ids already routed (the gateway's persisted replay records).
+    pub replay: ReplaySlot,
 }
+
+/// How long a trigger id is remembered. Mattermost signs nothing and puts
+/// no timestamp we can check on a slash command: this bounds re-deliveries
+/// of one request, not what a holder of the slash token can send.
+pub const DEDUPE_SECS: u64 = 24 * 60 * 60;
 
 impl HttpState {
     pub fn new(
@@ -67,7 +78,39 @@ impl HttpState {
             compare_key,
             signer,
             auth_failures: std::sync::OnceLock::new(),
+            replay: ReplaySlot::default(),
         })
+    }
+
+    /// `None` the first time `trigger_id` is seen (recorded durably
+    /// first); else the answer to a request delivered again, which is
+    /// reported. Requests without a trigger id cannot be told apart from a
+    /// user typing the same command again, so they are not deduplicated.
+    async fn delivered_again(&self, user_id: &str, trigger_id: &str) -> Option<StatusCode> {
+        if trigger_id.is_empty() {
+            return None;
+        }
+        let until = unix_now().saturating_add(DEDUPE_SECS);
+        match self
+            .replay
+            .get()
+            .admit("mattermost", trigger_id, until)
+            .await
+        {
+            Ok(()) => None,
+            Err(Refusal::Replay) => {
+                tracing::warn!(
+                    user_id,
+                    "mattermost request delivered again (same trigger_id); not run twice"
+                );
+                self.refused(
+                    user_id,
+                    "request delivered again (same trigger_id); not run twice".into(),
+                );
+                Some(StatusCode::CONFLICT)
+            }
+            Err(Refusal::Unavailable) => Some(StatusCode::SERVICE_UNAVAILABLE),
+        }
     }
 
     fn refused(&self, user_id: &str, detail: String) {
@@ -141,6 +184,8 @@ struct SlashForm {
     team_id: String,
     #[serde(default)]
     text: String,
+    #[serde(default)]
+    trigger_id: String,
 }
 
 fn echo(command: &str) -> String {
@@ -177,6 +222,9 @@ async fn slash_command(
             "this gateway does not serve this team",
         );
     }
+    if let Some(code) = st.delivered_again(&form.user_id, &form.trigger_id).await {
+        return ephemeral(code, "this request was already received; it runs once");
+    }
     let text = form.text.trim();
     let text = if text.is_empty() { "help" } else { text }.to_string();
     let Some(msg) = st.incoming(&form.user_id, &form.channel_id, text.clone()) else {
@@ -212,6 +260,8 @@ struct ActionRequest {
     team_id: String,
     #[serde(default)]
     context: Value,
+    #[serde(default)]
+    trigger_id: String,
 }
 
 fn action_answer(status: StatusCode, text: &str) -> Response {
@@ -243,6 +293,9 @@ async fn action(State(st): State<Arc<HttpState>>, body: Bytes) -> Response {
             StatusCode::FORBIDDEN,
             "this gateway does not serve this team",
         );
+    }
+    if let Some(code) = st.delivered_again(&req.user_id, &req.trigger_id).await {
+        return action_answer(code, "this click was already received; it runs once");
     }
     let Some(msg) = st.incoming(&req.user_id, &click.channel_id, click.command.clone()) else {
         return action_answer(StatusCode::BAD_REQUEST, "missing or invalid user_id");

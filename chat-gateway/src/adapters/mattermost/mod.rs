@@ -167,6 +167,12 @@ impl MattermostAdapter {
         let _ = self.http.auth_failures.set(to);
     }
 
+    /// Keeps routed trigger ids in `guard` (the gateway's, persisted in its
+    /// state directory) from now on.
+    pub fn use_replay_guard(&self, guard: crate::store::ReplayGuard) {
+        self.http.replay.set(guard);
+    }
+
     /// The bot's Mattermost user id.
     pub fn bot_user_id(&self) -> &str {
         &self.bot_user_id

@@ -141,6 +141,25 @@ impl HttpState {
     }
 }
 
+impl HttpState {
+    /// Logs why a payload was not routed. A duplicate that Slack did not
+    /// mark as a retry is a replayed request (its ids were handled before,
+    /// perhaps before a restart): it is reported as well.
+    fn skipped(&self, path: &str, what: &str, headers: &HeaderMap, skip: &Skip) {
+        log_skip(what, skip);
+        if *skip == Skip::Duplicate && headers.get("x-slack-retry-num").is_none() {
+            tracing::warn!(path, what, "slack: replayed request not routed");
+            if let Some(a) = self.auth_failures.get() {
+                a.report(
+                    "slack",
+                    path,
+                    format!("request refused: replayed {what} (already handled)"),
+                );
+            }
+        }
+    }
+}
+
 /// Parses `application/x-www-form-urlencoded` into a JSON object of strings.
 pub fn parse_form(body: &[u8]) -> Option<Value> {
     let text = std::str::from_utf8(body).ok()?;
@@ -188,6 +207,7 @@ async fn events(State(s): State<Arc<HttpState>>, headers: HeaderMap, body: Bytes
     if let Some(r) = s.refuse(PATH, &headers, &body) {
         return r;
     }
+
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
         return bad_request(PATH, "malformed JSON");
     };
@@ -210,8 +230,8 @@ async fn events(State(s): State<Arc<HttpState>>, headers: HeaderMap, body: Bytes
                     .unwrap_or("");
                 tracing::debug!(retry = n, reason, "slack: event delivery retried");
             }
-            if let Err(skip) = s.inbound.event_callback(&v) {
-                log_skip("event", &skip);
+            if let Err(skip) = s.inbound.event_callback(&v).await {
+                s.skipped(PATH, "event", &headers, &skip);
             }
             StatusCode::OK.into_response()
         }
@@ -227,13 +247,14 @@ async fn commands(State(s): State<Arc<HttpState>>, headers: HeaderMap, body: Byt
     if let Some(r) = s.refuse(PATH, &headers, &body) {
         return r;
     }
+
     let Some(form) = parse_form(&body) else {
         return bad_request(PATH, "malformed form body");
     };
-    match s.inbound.slash_command(&form) {
+    match s.inbound.slash_command(&form).await {
         Ok(()) => Json(command_ack(&form)).into_response(),
         Err(skip) => {
-            log_skip("slash command", &skip);
+            s.skipped(PATH, "slash command", &headers, &skip);
             StatusCode::OK.into_response()
         }
     }
@@ -255,14 +276,15 @@ async fn actions(State(s): State<Arc<HttpState>>, headers: HeaderMap, body: Byte
     if let Some(r) = s.refuse(PATH, &headers, &body) {
         return r;
     }
+
     let payload = parse_form(&body)
         .and_then(|f| f.get("payload").and_then(Value::as_str).map(str::to_string))
         .and_then(|p| serde_json::from_str::<Value>(&p).ok());
     let Some(payload) = payload else {
         return bad_request(PATH, "malformed interactivity payload");
     };
-    if let Err(skip) = s.inbound.interaction(&payload) {
-        log_skip("interaction", &skip);
+    if let Err(skip) = s.inbound.interaction(&payload).await {
+        s.skipped(PATH, "interaction", &headers, &skip);
     }
     StatusCode::OK.into_response()
 }

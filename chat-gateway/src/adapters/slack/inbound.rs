@@ -1,10 +1,9 @@
 //! What Slack sends us (Events API callbacks, slash commands, block_actions
 //! clicks), turned into [`Incoming`] messages, whichever way it arrived
-//! (Socket Mode or HTTP). Retries are dropped here, by event id, envelope
-//! id, trigger id and message timestamp.
+//! (Socket Mode or HTTP). Retries and replays are dropped here, by event
+//! id, envelope id, trigger id and message timestamp, kept in the
+//! gateway's persisted replay records for [`DEDUPE_SECS`].
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fleetcmd_core::ids::Identity;
@@ -14,9 +13,13 @@ use tokio::sync::mpsc;
 use super::blocks::{ACTION_PREFIX, MAX_BUTTON_VALUE};
 use super::config::is_slack_id;
 use crate::adapters::Incoming;
+use crate::store::{Refusal, ReplayGuard, ReplaySlot};
 
-/// Keys remembered for deduplication (Slack retries within minutes).
-const DEDUPE_KEYS: usize = 4096;
+/// How long a dedupe key is kept (persisted): longer than Slack's retry
+/// schedule (retries after about 1 and 5 minutes) and than the five
+/// minutes a request signature stays valid, so neither a retry nor a
+/// replayed request runs twice, also after a gateway restart.
+pub const DEDUPE_SECS: u64 = 60 * 60;
 
 /// Who we are in the workspace.
 #[derive(Clone, Debug)]
@@ -25,34 +28,10 @@ pub struct Ctx {
     pub bot_user_id: String,
 }
 
-/// A bounded set of recently seen keys.
-#[derive(Default)]
-struct Seen {
-    set: HashSet<String>,
-    order: VecDeque<String>,
-}
-
-impl Seen {
-    /// `true` the first time `key` is seen.
-    fn first(&mut self, key: String) -> bool {
-        if self.set.contains(&key) {
-            return false;
-        }
-        if self.order.len() >= DEDUPE_KEYS
-            && let Some(old) = self.order.pop_front()
-        {
-            self.set.remove(&old);
-        }
-        self.order.push_back(key.clone());
-        self.set.insert(key);
-        true
-    }
-}
-
 /// Shared by the socket task and the HTTP handlers.
 pub struct Inbound {
     pub ctx: Ctx,
-    seen: Mutex<Seen>,
+    seen: ReplaySlot,
     tx: mpsc::Sender<Incoming>,
     dropped: AtomicU64,
 }
@@ -159,18 +138,26 @@ impl Inbound {
     pub fn new(ctx: Ctx, tx: mpsc::Sender<Incoming>) -> Inbound {
         Inbound {
             ctx,
-            seen: Mutex::new(Seen::default()),
+            seen: ReplaySlot::default(),
             tx,
             dropped: AtomicU64::new(0),
         }
     }
 
-    /// `true` the first time `key` is seen.
-    pub fn first(&self, key: String) -> bool {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .first(key)
+    /// Keeps dedupe keys in `guard` (the gateway's, persisted) from now on.
+    pub fn use_replay_guard(&self, guard: ReplayGuard) {
+        self.seen.set(guard);
+    }
+
+    /// `Ok` the first time `key` is seen (recorded durably first);
+    /// [`Skip::Duplicate`] after, also across restarts.
+    pub async fn first(&self, key: String) -> Result<(), Skip> {
+        let until = crate::unix_now().saturating_add(DEDUPE_SECS);
+        match self.seen.get().admit("slack", &key, until).await {
+            Ok(()) => Ok(()),
+            Err(Refusal::Replay) => Err(Skip::Duplicate),
+            Err(Refusal::Unavailable) => Err(refused("dedupe record not kept")),
+        }
     }
 
     /// Messages dropped because the router was not keeping up.
@@ -214,15 +201,13 @@ impl Inbound {
 
     /// An Events API `event_callback` (the HTTP body, or a Socket Mode
     /// `events_api` payload).
-    pub fn event_callback(&self, v: &Value) -> Result<(), Skip> {
+    pub async fn event_callback(&self, v: &Value) -> Result<(), Skip> {
         if v.get("type").and_then(Value::as_str) != Some("event_callback") {
             return Err(Skip::Ignored("not an event_callback"));
         }
         self.check_team(str_at(v, &["team_id"]))?;
-        if let Some(id) = str_at(v, &["event_id"])
-            && !self.first(format!("event:{id}"))
-        {
-            return Err(Skip::Duplicate);
+        if let Some(id) = str_at(v, &["event_id"]) {
+            self.first(format!("event:{id}")).await?;
         }
         let ev = v.get("event").ok_or_else(|| refused("no event"))?;
         let kind = str_at(ev, &["type"]).unwrap_or_default();
@@ -248,9 +233,7 @@ impl Inbound {
         let identity = identity(user_team, user)?;
         let channel = self.channel(channel_id)?;
         // A mention arrives twice (message + app_mention): once is enough.
-        if !self.first(format!("msg:{channel_id}:{ts}")) {
-            return Err(Skip::Duplicate);
-        }
+        self.first(format!("msg:{channel_id}:{ts}")).await?;
         let from_bot =
             ev.get("bot_id").is_some_and(|b| !b.is_null()) || user == self.ctx.bot_user_id;
         let im = str_at(ev, &["channel_type"]) == Some("im");
@@ -272,13 +255,11 @@ impl Inbound {
     /// the HTTP POST, or the Socket Mode payload (same names). The text is
     /// the command; the identity is `user_id` in `team_id` (never
     /// `user_name`, which anyone can change).
-    pub fn slash_command(&self, f: &Value) -> Result<(), Skip> {
+    pub async fn slash_command(&self, f: &Value) -> Result<(), Skip> {
         let team = str_at(f, &["team_id"]);
         self.check_team(team)?;
-        if let Some(t) = str_at(f, &["trigger_id"])
-            && !self.first(format!("trigger:{t}"))
-        {
-            return Err(Skip::Duplicate);
+        if let Some(t) = str_at(f, &["trigger_id"]) {
+            self.first(format!("trigger:{t}")).await?;
         }
         let user = str_at(f, &["user_id"]).ok_or_else(|| refused("no user_id"))?;
         let channel_id = str_at(f, &["channel_id"]).ok_or_else(|| refused("no channel_id"))?;
@@ -298,16 +279,14 @@ impl Inbound {
     /// An interactivity payload. Only `block_actions` clicks on our own
     /// buttons whose value is an approve/deny command are delivered, as a
     /// message from the clicking user.
-    pub fn interaction(&self, p: &Value) -> Result<(), Skip> {
+    pub async fn interaction(&self, p: &Value) -> Result<(), Skip> {
         if str_at(p, &["type"]) != Some("block_actions") {
             return Err(Skip::Ignored("interaction type"));
         }
         let team = str_at(p, &["team", "id"]).or_else(|| str_at(p, &["user", "team_id"]));
         self.check_team(team)?;
-        if let Some(t) = str_at(p, &["trigger_id"])
-            && !self.first(format!("trigger:{t}"))
-        {
-            return Err(Skip::Duplicate);
+        if let Some(t) = str_at(p, &["trigger_id"]) {
+            self.first(format!("trigger:{t}")).await?;
         }
         let user = str_at(p, &["user", "id"]).ok_or_else(|| refused("no user.id"))?;
         let user_team = str_at(p, &["user", "team_id"]).or(team).unwrap_or_default();

@@ -179,6 +179,12 @@ impl SlackAdapter {
         let _ = self.http.auth_failures.set(to);
     }
 
+    /// Keeps dedupe keys and request signatures in `guard` (the gateway's,
+    /// persisted in its state directory) from now on.
+    pub fn use_replay_guard(&self, guard: crate::store::ReplayGuard) {
+        self.inbound.use_replay_guard(guard);
+    }
+
     /// The HTTP routes (`POST /slack/events`, `/slack/commands`,
     /// `/slack/actions`), to mount at the root of the gateway's listener.
     /// They refuse everything (401) when no signing secret is configured.

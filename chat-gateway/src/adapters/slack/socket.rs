@@ -190,8 +190,8 @@ async fn session(mut ws: Ws, inbound: &Inbound) -> (End, bool) {
             if let Err(e) = ws.send(Message::text(ack.to_string())).await {
                 return (End::Lost(format!("ack failed: {e}")), hello);
             }
-            if !inbound.first(format!("envelope:{envelope}")) {
-                tracing::debug!(envelope, "slack: envelope delivered again; dropped");
+            if let Err(skip) = inbound.first(format!("envelope:{envelope}")).await {
+                tracing::debug!(envelope, reason = %skip, "slack: envelope not routed");
                 continue;
             }
         }
@@ -214,9 +214,9 @@ async fn session(mut ws: Ws, inbound: &Inbound) -> (End, bool) {
                 let _ = ws.close(None).await;
                 return (End::Disconnect(reason), hello);
             }
-            "events_api" => inbound.event_callback(payload),
-            "slash_commands" => inbound.slash_command(payload),
-            "interactive" => inbound.interaction(payload),
+            "events_api" => inbound.event_callback(payload).await,
+            "slash_commands" => inbound.slash_command(payload).await,
+            "interactive" => inbound.interaction(payload).await,
             _ => Err(Skip::Ignored("envelope type")),
         };
         if let Err(skip) = result {

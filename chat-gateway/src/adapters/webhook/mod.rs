@@ -46,6 +46,7 @@ use super::{
     AdapterError, AuthFailures, BoxFuture, ChatAdapter, ChatSender, Incoming, MessageRef, Reply,
 };
 use crate::render::sanitize;
+use crate::store::{Refusal, ReplayGuard, ReplaySlot};
 
 /// Route prefix: `POST /webhook/<name>`.
 pub const ROUTE_PREFIX: &str = "/webhook";
@@ -609,17 +610,13 @@ struct Shared {
     outgoing: HashMap<String, Target>,
     tx: Mutex<Option<mpsc::Sender<Incoming>>>,
     pending: Mutex<HashMap<String, oneshot::Sender<Envelope>>>,
-    /// Signatures accepted in the last two windows, with their timestamp:
+    /// Signatures accepted inside their window (persisted by the gateway):
     /// a captured request replayed inside the window is refused.
-    seen: Mutex<HashMap<String, u64>>,
+    replay: ReplaySlot,
     /// Where refused requests are reported (the gateway's audit reporter).
     auth_failures: std::sync::OnceLock<AuthFailures>,
     next: AtomicU64,
 }
-
-/// Signatures remembered at most (one per accepted request in the window);
-/// when full, new requests get 503 rather than an unbounded set.
-pub const MAX_SEEN: usize = 10_000;
 
 impl Shared {
     fn refused(&self, hook: &str, detail: &str) {
@@ -631,30 +628,31 @@ impl Shared {
         }
     }
 
-    /// Records an accepted signature; a second use is a replay (409).
-    fn first_use(&self, hook: &str, sig: &str, ts: &str) -> Result<(), (StatusCode, &'static str)> {
-        let now = unix_now();
-        let ts: u64 = ts.trim().parse().unwrap_or(now);
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+    /// Records an accepted signature (persisted, until it can no longer
+    /// verify); a second use, also after a restart, is a replay (409).
+    async fn first_use(
+        &self,
+        hook: &str,
+        sig: &str,
+        ts: &str,
+    ) -> Result<(), (StatusCode, &'static str)> {
+        let ts: u64 = ts.trim().parse().unwrap_or_else(|_| unix_now());
         // A timestamp is accepted up to MAX_SKEW_SECS either side of now,
         // so keep each signature until it can no longer verify.
-        seen.retain(|_, t| t.saturating_add(sign::MAX_SKEW_SECS) >= now);
         let key = format!("{hook} {}", sig.trim().to_ascii_lowercase());
-        if seen.contains_key(&key) {
-            drop(seen);
-            self.refused(hook, "replayed request (409)");
-            return Err((StatusCode::CONFLICT, "replayed request\n"));
+        match self
+            .replay
+            .get()
+            .admit("webhook", &key, ts.saturating_add(sign::MAX_SKEW_SECS))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(Refusal::Replay) => {
+                self.refused(hook, "replayed request (409)");
+                Err((StatusCode::CONFLICT, "replayed request\n"))
+            }
+            Err(Refusal::Unavailable) => Err((StatusCode::SERVICE_UNAVAILABLE, "busy\n")),
         }
-        if seen.len() >= MAX_SEEN {
-            tracing::warn!(
-                adapter = "webhook",
-                hook,
-                "replay cache full; request refused"
-            );
-            return Err((StatusCode::SERVICE_UNAVAILABLE, "busy\n"));
-        }
-        seen.insert(key, ts);
-        Ok(())
     }
 
     fn take_pending(&self, thread: &str) -> Option<oneshot::Sender<Envelope>> {
@@ -755,7 +753,7 @@ impl WebhookAdapter {
             outgoing,
             tx: Mutex::new(Some(tx)),
             pending: Mutex::new(HashMap::new()),
-            seen: Mutex::new(HashMap::new()),
+            replay: ReplaySlot::default(),
             auth_failures: std::sync::OnceLock::new(),
             next: AtomicU64::new(1),
         });
@@ -788,6 +786,12 @@ impl WebhookAdapter {
     /// once; later calls are ignored.
     pub fn report_auth_failures(&self, to: AuthFailures) {
         let _ = self.shared.auth_failures.set(to);
+    }
+
+    /// Keeps accepted signatures in `guard` (the gateway's, persisted in
+    /// its state directory) instead of for this process only. Set once.
+    pub fn use_replay_guard(&self, guard: ReplayGuard) {
+        self.shared.replay.set(guard);
     }
 
     /// The sender, for notifications outside the router.
@@ -852,8 +856,9 @@ async fn incoming(
         shared.refused(&name, &format!("{e} (401)"));
         return status(StatusCode::UNAUTHORIZED, "bad signature\n");
     }
-    if let Err((code, text)) =
-        shared.first_use(&name, sig.unwrap_or_default(), ts.unwrap_or_default())
+    if let Err((code, text)) = shared
+        .first_use(&name, sig.unwrap_or_default(), ts.unwrap_or_default())
+        .await
     {
         return status(code, text);
     }

@@ -1,0 +1,391 @@
+//! The gateway's state on disk, in `state_dir` (default
+//! [`DEFAULT_STATE_DIR`]): one sled database, one tree per kind of state,
+//! each behind a narrow typed handle. Today it holds the replay records of
+//! every inbound HTTP path ([`ReplayGuard`]); pending approvals and owed
+//! chat messages are meant to become further trees here, so a restart
+//! forgets none of them.
+//!
+//! Records are durable before the caller acts on them (record, flush, then
+//! act): a request accepted once is refused after any restart, for as long
+//! as its record is kept.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Where the gateway keeps its state unless `state_dir` says otherwise
+/// (systemd's `StateDirectory=fleetcmd/gateway`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/fleetcmd/gateway";
+/// Replay records kept at most. When every one is still inside its window,
+/// new requests are refused (503) rather than remembered without bound or
+/// forgotten early.
+pub const MAX_REPLAY_RECORDS: usize = 100_000;
+/// Expired records are pruned after this many new ones (and when full).
+const PRUNE_EVERY: usize = 1024;
+
+const REPLAY_TREE: &str = "replay";
+
+/// Why the store could not be opened or written.
+#[derive(thiserror::Error, Debug)]
+pub enum StoreError {
+    #[error("state_dir {dir}: {message}")]
+    Open { dir: PathBuf, message: String },
+    #[error("gateway state: {0}")]
+    Io(String),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+/// The open state directory. Cheap to clone; the database closes when the
+/// last clone (and every handle taken from it) is dropped, so a second
+/// gateway on the same directory is refused while the first runs.
+#[derive(Clone)]
+pub struct GatewayStore {
+    db: sled::Db,
+}
+
+impl std::fmt::Debug for GatewayStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayStore").finish_non_exhaustive()
+    }
+}
+
+impl GatewayStore {
+    /// Opens the state directory `dir` (created with mode 0700 if missing).
+    pub fn open(dir: &Path) -> Result<GatewayStore, StoreError> {
+        let fail = |message: String| StoreError::Open {
+            dir: dir.to_path_buf(),
+            message,
+        };
+        // Created 0700 when missing; an existing directory keeps the mode
+        // its owner gave it (systemd's StateDirectory=, tmpfiles.d).
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir).map_err(|e| fail(e.to_string()))?;
+        let db = sled::Config::new()
+            .path(dir.join("state.sled"))
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    fail("in use by another gateway".into())
+                }
+                e => fail(e.to_string()),
+            })?;
+        Ok(GatewayStore { db })
+    }
+
+    /// A store that lives only as long as this process (tests, and tools
+    /// that serve no inbound HTTP).
+    pub fn temporary() -> Result<GatewayStore, StoreError> {
+        let db = sled::Config::new().temporary(true).open()?;
+        Ok(GatewayStore { db })
+    }
+
+    /// The replay records, pruned of expired ones.
+    pub fn replay(&self) -> Result<ReplayGuard, StoreError> {
+        let tree = self.db.open_tree(REPLAY_TREE)?;
+        let guard = ReplayGuard {
+            inner: Arc::new(ReplayInner {
+                tree,
+                count: AtomicUsize::new(0),
+                since_prune: AtomicUsize::new(0),
+                max: MAX_REPLAY_RECORDS,
+            }),
+        };
+        guard.prune(crate::unix_now())?;
+        Ok(guard)
+    }
+}
+
+/// What [`ReplayGuard::first_use`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// Recorded now (durably): act on the request.
+    First,
+    /// Recorded before and still inside its window: a replay.
+    Replay,
+}
+
+/// Why a request could not be recorded; it must not be acted on.
+#[derive(thiserror::Error, Debug, PartialEq, Eq)]
+pub enum ReplayError {
+    #[error("replay records full ({0} inside their window)")]
+    Full(usize),
+    #[error("replay records not written: {0}")]
+    Storage(String),
+}
+
+/// Why [`ReplayGuard::admit`] refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Accepted before, inside its window: report it (`auth_failed`) and
+    /// answer 409 or drop it.
+    Replay,
+    /// Not recorded (full, or the disk failed; logged): answer 503 so the
+    /// sender retries later.
+    Unavailable,
+}
+
+/// The replay guard an adapter was given by the gateway (persisted, shared),
+/// or, until then, one of its own that lasts as long as the process.
+#[derive(Default)]
+pub struct ReplaySlot(std::sync::RwLock<Option<ReplayGuard>>);
+
+impl ReplaySlot {
+    /// Uses `guard` from now on.
+    pub fn set(&self, guard: ReplayGuard) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+    }
+
+    /// The guard in use.
+    pub fn get(&self) -> ReplayGuard {
+        if let Some(g) = &*self.0.read().unwrap_or_else(|p| p.into_inner()) {
+            return g.clone();
+        }
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(ReplayGuard::in_process)
+            .clone()
+    }
+}
+
+impl std::fmt::Debug for ReplaySlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplaySlot")
+    }
+}
+
+/// Remembers which inbound requests were accepted, until the end of the
+/// window in which they could be presented again (a signature's validity,
+/// a platform's retry window). One per gateway, shared by every adapter;
+/// keys are namespaced by the caller's `scope`.
+#[derive(Clone)]
+pub struct ReplayGuard {
+    inner: Arc<ReplayInner>,
+}
+
+struct ReplayInner {
+    tree: sled::Tree,
+    count: AtomicUsize,
+    since_prune: AtomicUsize,
+    max: usize,
+}
+
+impl std::fmt::Debug for ReplayGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayGuard")
+            .field("records", &self.inner.count.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn record_key(scope: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(scope.len() + key.len() + 1);
+    k.extend_from_slice(scope.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn until_of(v: &[u8]) -> u64 {
+    v.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+impl ReplayGuard {
+    /// A guard on a store of its own that lasts as long as the process:
+    /// what an adapter uses until the gateway gives it the shared one.
+    pub fn in_process() -> ReplayGuard {
+        GatewayStore::temporary()
+            .and_then(|s| s.replay())
+            .expect("a temporary sled database opens in memory")
+    }
+
+    /// Records `key` in `scope` as used until `keep_until` (unix seconds),
+    /// durably, and says whether it was used before inside its window.
+    /// `now` is the caller's clock (unix seconds).
+    pub async fn first_use(
+        &self,
+        scope: &str,
+        key: &str,
+        keep_until: u64,
+        now: u64,
+    ) -> Result<Use, ReplayError> {
+        let storage = |e: sled::Error| ReplayError::Storage(e.to_string());
+        let k = record_key(scope, key);
+        let tree = &self.inner.tree;
+        let old = tree.get(&k).map_err(storage)?;
+        if let Some(v) = &old
+            && until_of(v) >= now
+        {
+            return Ok(Use::Replay);
+        }
+        if old.is_none() && self.inner.count.load(Ordering::Relaxed) >= self.inner.max {
+            self.prune_blocking(now).await?;
+            let n = self.inner.count.load(Ordering::Relaxed);
+            if n >= self.inner.max {
+                return Err(ReplayError::Full(n));
+            }
+        }
+        let new = keep_until.max(now).to_be_bytes();
+        match tree
+            .compare_and_swap(&k, old.as_ref(), Some(&new[..]))
+            .map_err(storage)?
+        {
+            Ok(()) => {}
+            // Someone recorded it between our read and our write.
+            Err(_) => return Ok(Use::Replay),
+        }
+        if old.is_none() {
+            self.inner.count.fetch_add(1, Ordering::Relaxed);
+        }
+        tree.flush_async().await.map_err(storage)?;
+        if self.inner.since_prune.fetch_add(1, Ordering::Relaxed) + 1 >= PRUNE_EVERY {
+            self.prune_blocking(now).await?;
+        }
+        Ok(Use::First)
+    }
+
+    /// Forgets `key` (the request was refused after it was recorded and
+    /// may be presented again).
+    pub fn forget(&self, scope: &str, key: &str) {
+        if let Ok(Some(_)) = self.inner.tree.remove(record_key(scope, key)) {
+            self.inner.count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records kept now.
+    pub fn len(&self) -> usize {
+        self.inner.count.load(Ordering::Relaxed)
+    }
+
+    /// Whether no record is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    async fn prune_blocking(&self, now: u64) -> Result<(), ReplayError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.prune(now))
+            .await
+            .map_err(|e| ReplayError::Storage(e.to_string()))?
+            .map_err(|e| ReplayError::Storage(e.to_string()))
+    }
+
+    /// Removes every record whose window ended before `now` and recounts.
+    fn prune(&self, now: u64) -> Result<(), StoreError> {
+        let tree = &self.inner.tree;
+        let mut kept = 0usize;
+        for entry in tree.iter() {
+            let (k, v) = entry?;
+            if until_of(&v) < now {
+                tree.remove(k)?;
+            } else {
+                kept += 1;
+            }
+        }
+        self.inner.count.store(kept, Ordering::Relaxed);
+        self.inner.since_prune.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// [`first_use`](Self::first_use) at the current time, as an inbound
+    /// path answers it: `Ok` to act on the request, else why not.
+    pub async fn admit(&self, scope: &str, key: &str, keep_until: u64) -> Result<(), Refusal> {
+        match self
+            .first_use(scope, key, keep_until, crate::unix_now())
+            .await
+        {
+            Ok(Use::First) => Ok(()),
+            Ok(Use::Replay) => Err(Refusal::Replay),
+            Err(e) => {
+                tracing::error!(scope, error = %e, "request refused: replay record not kept");
+                Err(Refusal::Unavailable)
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn with_max(self, max: usize) -> ReplayGuard {
+        let inner = Arc::into_inner(self.inner).expect("only handle");
+        ReplayGuard {
+            inner: Arc::new(ReplayInner { max, ..inner }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn records_survive_a_reopen_until_their_window_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Opening prunes at the real clock, so the records live around it.
+        let now = crate::unix_now();
+        {
+            let g = GatewayStore::open(dir.path())
+                .and_then(|s| s.replay())
+                .expect("open");
+            for (scope, key, until, want) in [
+                ("webhook", "sig-a", now + 600, Use::First),
+                ("webhook", "sig-a", now + 600, Use::Replay),
+                ("slack", "sig-a", now + 600, Use::First),
+                ("webhook", "sig-b", now + 5, Use::First),
+            ] {
+                assert_eq!(
+                    g.first_use(scope, key, until, now).await,
+                    Ok(want),
+                    "{scope} {key}"
+                );
+            }
+        }
+        let g = GatewayStore::open(dir.path())
+            .and_then(|s| s.replay())
+            .expect("reopen");
+        for (key, at, want) in [
+            ("sig-a", now + 10, Use::Replay),
+            ("sig-b", now + 4, Use::Replay),
+            ("sig-b", now + 6, Use::First),
+        ] {
+            assert_eq!(
+                g.first_use("webhook", key, now + 600, at).await,
+                Ok(want),
+                "{key} at {at}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn full_refuses_new_records_until_old_ones_expire() {
+        let g = GatewayStore::temporary()
+            .and_then(|s| s.replay())
+            .expect("open")
+            .with_max(2);
+        assert_eq!(g.first_use("s", "a", 10, 1).await, Ok(Use::First));
+        assert_eq!(g.first_use("s", "b", 20, 1).await, Ok(Use::First));
+        assert_eq!(
+            g.first_use("s", "c", 20, 1).await,
+            Err(ReplayError::Full(2))
+        );
+        // "a" expired at 10: pruned, room for "c".
+        assert_eq!(g.first_use("s", "c", 20, 11).await, Ok(Use::First));
+        assert_eq!(g.len(), 2);
+        g.forget("s", "c");
+        assert_eq!(g.first_use("s", "c", 20, 11).await, Ok(Use::First));
+    }
+
+    #[test]
+    fn a_second_gateway_on_the_same_dir_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = GatewayStore::open(dir.path()).expect("open");
+        let e = GatewayStore::open(dir.path()).expect_err("second open");
+        assert!(e.to_string().contains("state_dir"), "{e}");
+    }
+}
