@@ -16,6 +16,7 @@ mod hardening;
 mod health;
 mod job_signatures;
 mod live;
+mod moment_of_use;
 mod notify;
 mod policy_trust;
 mod prometheus;
