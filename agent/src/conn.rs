@@ -701,6 +701,12 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut stream: watch:
                     r.outcome = pb::Outcome::Canceled as i32;
                     r.reason = "canceled".into();
                 }
+                // Nothing ran: a refusal, audited as one.
+                Termination::PathRefused(e) => {
+                    r.outcome = pb::Outcome::Refused as i32;
+                    r.reason_code = "path_refused".into();
+                    r.reason = e;
+                }
                 Termination::SpawnFailed(e) => {
                     r.outcome = pb::Outcome::Failed as i32;
                     r.reason_code = "spawn_failed".into();

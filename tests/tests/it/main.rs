@@ -18,6 +18,7 @@ mod job_signatures;
 mod live;
 mod moment_of_use;
 mod notify;
+mod path_args;
 mod policy_trust;
 mod prometheus;
 mod rollout;
