@@ -1362,6 +1362,58 @@ argv = ["/bin/true"]
     }
 
     #[test]
+    fn argument_options_of_path_and_format_characters() {
+        let cmd =
+            |arg: &str| format!("[commands.r]\nargv = [\"/bin/x\", \"{{a}}\"]\nargs.a = {arg}\n");
+        check(
+            &cmd(r#"{ kind = "path", create = true }"#),
+            Some(7),
+            "commands.r.args.a",
+            "`create` needs `prefixes`",
+        );
+        check(
+            &cmd(r#"{ kind = "text", create = true }"#),
+            Some(7),
+            "commands.r.args.a",
+            "`create` does not apply to kind \"text\"",
+        );
+        for kind in ["int", "hostname", "duration"] {
+            check(
+                &cmd(&format!(
+                    "{{ kind = \"{kind}\", allow_format_chars = true }}"
+                )),
+                Some(7),
+                "commands.r.args.a",
+                "`allow_format_chars` does not apply",
+            );
+        }
+        check(
+            &cmd(r#"{ kind = "text", default = "a\u202eb" }"#),
+            Some(7),
+            "commands.r.args.a",
+            "U+202E",
+        );
+        let text = format!(
+            "{BASE}{}",
+            cmd(r#"{ kind = "path", prefixes = ["/var/log"], create = true }"#)
+        );
+        let p = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            p.commands["r"].args["a"].kind,
+            ArgKind::Path {
+                prefixes: vec!["/var/log".into()],
+                create: true
+            }
+        );
+        let text = format!(
+            "{BASE}{}",
+            cmd(r#"{ kind = "text", allow_format_chars = true }"#)
+        );
+        let p = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.commands["r"].args["a"].allow_format_chars);
+    }
+
+    #[test]
     fn max_job_lifetime_setting() {
         let parse = |extra: &str| Policy::parse(&format!("version = 1\n{extra}"));
         assert_eq!(
