@@ -1,8 +1,17 @@
 //! The agent's life once joined: one outbound mTLS stream to the controller,
 //! re-dialled with jittered exponential backoff (DESIGN §2.1); heartbeats
 //! with host metrics; policy bundles verified before use; every job checked
-//! by `fleetcmd_core::authorize` before the executor sees it; results kept
-//! until the controller acknowledges them (sent again after a reconnect).
+//! by `fleetcmd_core::authorize` before the executor sees it, and checked
+//! again (`fleetcmd_core::authorize::recheck`) when its slot frees, right
+//! before it starts; results kept until the controller acknowledges them
+//! (sent again after a reconnect).
+//!
+//! A job waiting for a slot is bound to the stream that delivered it: the
+//! agent learns that it was revoked only from the controller closing that
+//! stream, so when it ends (for any reason: it cannot tell a revocation
+//! from a network failure until it reconnects) every job still waiting is
+//! refused (`agent_revoked` on permission denied, else `stream_ended`) and
+//! never starts. Jobs already running are not affected.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
