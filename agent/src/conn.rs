@@ -1,14 +1,25 @@
 //! The agent's life once joined: one outbound mTLS stream to the controller,
 //! re-dialled with jittered exponential backoff (DESIGN §2.1); heartbeats
 //! with host metrics; policy bundles verified before use; every job checked
-//! by `fleetcmd_core::authorize` before the executor sees it; results kept
-//! until the controller acknowledges them (sent again after a reconnect).
+//! by `fleetcmd_core::authorize` before the executor sees it, and checked
+//! again (`fleetcmd_core::authorize::recheck`) when its slot frees, right
+//! before it starts; results kept until the controller acknowledges them
+//! (sent again after a reconnect).
+//!
+//! A job waiting for a slot is bound to the stream that delivered it: the
+//! agent learns that it was revoked only from the controller closing that
+//! stream, so when it ends (for any reason: it cannot tell a revocation
+//! from a network failure until it reconnects) every job still waiting is
+//! refused (`agent_revoked` on permission denied, else `stream_ended`) and
+//! never starts. Jobs already running are not affected.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fleetcmd_core::authorize::{AgentContext, authorize};
+use fleetcmd_core::authorize::{
+    AgentContext, AuthorizedCommand, Refusal, Stream, authorize, recheck,
+};
 use fleetcmd_core::job::{JobSpec, SignedJob};
 use fleetcmd_core::policy_bundle::PolicySignature;
 use fleetcmd_proto::v1 as pb;
@@ -115,7 +126,7 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let identity = dir.load_identity()?;
     let roots = identity.roots().map_err(AgentError::Identity)?;
     let policy = PolicyStore::load(&dir, roots, identity.policy_threshold)?;
-    let seen = SeenSet::load(&dir)?;
+    let seen = SeenSet::load(&dir, now_secs())?;
     let spool = crate::spool::Spool::open(&dir.dir)?;
     let pending = spool.recover()?;
     if !pending.is_empty() {
@@ -205,9 +216,20 @@ async fn run(
     let mut jobs = JoinSet::new();
     let mut attempt = 0u32;
     loop {
-        match session(&inner, &mut stop, &mut jobs).await {
+        // Jobs are bound to the stream that delivered them: told here when
+        // it ends, so that none still waiting for a slot starts after that.
+        let (stream_tx, stream_rx) = watch::channel(Stream::Up);
+        let ended = session(&inner, &mut stop, &mut jobs, stream_rx).await;
+        let _ = stream_tx.send(match &ended {
+            Ok(()) => Stream::Ended("the agent is stopping".into()),
+            Err(e) if e.refused => Stream::Refused(e.reason.clone()),
+            Err(e) => Stream::Ended(e.reason.clone()),
+        });
+        match ended {
             Ok(()) => break,
-            Err(SessionEnd { welcomed, reason }) => {
+            Err(SessionEnd {
+                welcomed, reason, ..
+            }) => {
                 *lock(&inner.out) = None;
                 if welcomed {
                     attempt = 0;
@@ -234,12 +256,30 @@ async fn run(
 struct SessionEnd {
     welcomed: bool,
     reason: String,
+    /// The controller refused this agent (what it answers a revoked one).
+    refused: bool,
 }
 
 fn end(welcomed: bool, reason: impl std::fmt::Display) -> SessionEnd {
     SessionEnd {
         welcomed,
         reason: reason.to_string(),
+        refused: false,
+    }
+}
+
+/// The end of a stream by a gRPC status; permission denied and
+/// unauthenticated mean the controller no longer accepts this agent.
+fn end_by_status(welcomed: bool, s: &tonic::Status) -> SessionEnd {
+    SessionEnd {
+        refused: matches!(
+            s.code(),
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+        ),
+        ..end(
+            welcomed,
+            format!("{}: {}", code_name(s.code()), s.message()),
+        )
     }
 }
 
@@ -252,6 +292,7 @@ async fn session(
     inner: &Arc<Inner>,
     stop: &mut watch::Receiver<bool>,
     jobs: &mut JoinSet<()>,
+    stream: watch::Receiver<Stream>,
 ) -> Result<(), SessionEnd> {
     let tls = inner.dir.client_tls().map_err(|e| end(false, e))?;
     let channel = tokio::select! {
@@ -272,7 +313,7 @@ async fn session(
     let mut inbound = client
         .connect(ReceiverStream::new(rx))
         .await
-        .map_err(|s| end(false, s.message()))?
+        .map_err(|s| end_by_status(false, &s))?
         .into_inner();
     let mut welcomed = false;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
@@ -319,7 +360,7 @@ async fn session(
                 let m = match m {
                     Ok(Some(m)) => m,
                     Ok(None) => return Err(end(welcomed, "controller closed the stream")),
-                    Err(s) => return Err(end(welcomed, format!("{}: {}", code_name(s.code()), s.message()))),
+                    Err(s) => return Err(end_by_status(welcomed, &s)),
                 };
                 match m.msg {
                     Some(In::Welcome(w)) => {
@@ -341,7 +382,8 @@ async fn session(
                     }
                     Some(In::Job(j)) => {
                         let inner = inner.clone();
-                        jobs.spawn(async move { handle_job(inner, j).await });
+                        let stream = stream.clone();
+                        jobs.spawn(async move { handle_job(inner, j, stream).await });
                     }
                     Some(In::Cancel(c)) => {
                         // Not running (yet, or any more): the controller's
@@ -467,7 +509,41 @@ fn refused(job_id: String, code: &str, reason: String) -> pb::JobResult {
     }
 }
 
-async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
+/// What a queued job knows about its stream once it stops waiting.
+async fn stream_ended(stream: &mut watch::Receiver<Stream>) {
+    // A dropped sender: the connection loop is gone, so is the stream.
+    let _ = stream.wait_for(|s| *s != Stream::Up).await;
+}
+
+fn stream_now(stream: &watch::Receiver<Stream>) -> Stream {
+    if stream.has_changed().is_err() {
+        return Stream::Ended("the agent is stopping".into());
+    }
+    stream.borrow().clone()
+}
+
+/// [`recheck`] against the agent's current policy, labels and clock.
+fn check_at_start(
+    inner: &Inner,
+    cmd: &AuthorizedCommand,
+    stream: &Stream,
+) -> Result<AuthorizedCommand, Refusal> {
+    let policy = lock(&inner.policy);
+    // The agent always has a policy once it authorized a job: a stored
+    // one is only ever replaced by a newer one.
+    let Some(p) = policy.current() else {
+        return Err(Refusal::PolicyExpired);
+    };
+    let ctx = AgentContext {
+        policy: p,
+        name: &inner.agent_id,
+        labels: &inner.labels,
+        allow: inner.config.allow.as_deref(),
+    };
+    recheck(cmd, &ctx, now_secs(), stream)
+}
+
+async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut stream: watch::Receiver<Stream>) {
     let job = SignedJob {
         spec: signed.spec,
         signature: signed.signature,
@@ -498,7 +574,12 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
                 match authorize(&job, &ctx, now, &|id| seen.contains(id.as_str())) {
                     Err(r) => Err(refused(job_id.clone(), r.code(), r.to_string())),
                     // Recorded durably before anything runs: a restart cannot reopen replay.
-                    Ok(cmd) => match seen.insert(cmd.job_id().as_str(), cmd.expires_at(), now) {
+                    Ok(cmd) => match seen.insert(
+                        cmd.job_id().as_str(),
+                        cmd.expires_at(),
+                        now,
+                        p.max_job_lifetime.as_secs(),
+                    ) {
                         Ok(()) => Ok(cmd),
                         Err(e) => Err(refused(
                             job_id.clone(),
@@ -528,11 +609,26 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
             tracing::warn!(target: "fleetcmd::security", agent_id = %inner.agent_id, job_id = %job_id, reason = %r.reason, "job refused");
             r
         }
-        Ok(cmd) => {
+        Ok(admitted) => {
             // Wait for a slot; a cancel meanwhile still reaches the job (it
-            // is marked canceled early and ends as soon as it starts).
-            // (The semaphore is closed only at shutdown.)
-            let _slot = inner.slots.clone().acquire_owned().await.ok();
+            // is marked canceled early and ends as soon as it starts). A
+            // stream that ends meanwhile ends the wait: the job will be
+            // refused. (The semaphore is closed only at shutdown.)
+            let _slot = tokio::select! {
+                slot = inner.slots.clone().acquire_owned() => slot.ok(),
+                () = stream_ended(&mut stream) => None,
+            };
+            // Everything that authorized the job, again, now.
+            let cmd = match check_at_start(&inner, &admitted, &stream_now(&stream)) {
+                Ok(cmd) => cmd,
+                Err(r) => {
+                    tracing::warn!(target: "fleetcmd::security", agent_id = %inner.agent_id, job_id = %job_id, reason = %r, "queued job refused at the moment of use");
+                    lock(&inner.canceled_early).remove(&job_id);
+                    let result = refused(job_id.clone(), r.code(), r.to_string());
+                    report(&inner, result);
+                    return;
+                }
+            };
             if let Err(e) = inner.spool.started(&job_id) {
                 tracing::error!(agent_id = %inner.agent_id, job_id = %job_id, error = %e, "spooling a start marker");
             }
@@ -614,6 +710,12 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
                     r.outcome = pb::Outcome::Canceled as i32;
                     r.reason = "canceled".into();
                 }
+                // Nothing ran: a refusal, audited as one.
+                Termination::PathRefused(e) => {
+                    r.outcome = pb::Outcome::Refused as i32;
+                    r.reason_code = "path_refused".into();
+                    r.reason = e;
+                }
                 Termination::SpawnFailed(e) => {
                     r.outcome = pb::Outcome::Failed as i32;
                     r.reason_code = "spawn_failed".into();
@@ -623,6 +725,11 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
             r
         }
     };
+    report(&inner, result);
+}
+
+/// Keeps a result until acknowledged and sends it.
+fn report(inner: &Inner, result: pb::JobResult) {
     if result.job_id.is_empty() {
         return; // not even a parseable spec: nothing to report against
     }
@@ -631,7 +738,7 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob) {
         tracing::error!(agent_id = %inner.agent_id, job_id = %result.job_id, error = %e, "spooling a result");
     }
     lock(&inner.pending).insert(result.job_id.clone(), result.clone());
-    send(&inner, msg(Out::Result(result)));
+    send(inner, msg(Out::Result(result)));
 }
 
 /// Sends on the current stream if there is one; results stay in `pending`

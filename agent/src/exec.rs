@@ -51,6 +51,31 @@
 //! `exec` succeeds; an fd that some library (or the agent's own parent)
 //! opened without `O_CLOEXEC` never reaches the command.
 //!
+//! # Path arguments
+//!
+//! A `path` argument with `prefixes` could name a file outside its prefix
+//! through a symbolic link at the leaf or in a parent directory, placed
+//! there (or swapped in after any check by name) by whoever can write in
+//! the directory. So the command never gets the name: between fork and
+//! exec, *after* switching to the `run_as` user (so the open is subject to
+//! exactly that user's permissions, never the agent's), the child opens the
+//! prefix and then the rest of the path with `openat2(2)` and
+//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS` as an
+//! `O_PATH` descriptor, and places it at a number reserved by the parent
+//! before the fork; argv holds `/proc/self/fd/N` instead of the path. The
+//! command's own open of that name reopens the very inode that was checked,
+//! with the mode it asks for and its user's permissions. With `create =
+//! true`, a missing file is created empty with `O_CREAT | O_EXCL |
+//! O_NOFOLLOW` in its parent, itself resolved the same way. Any refusal
+//! (a symlink: `ELOOP`; an escape: `EXDEV`; a missing file; permission) is
+//! reported as a refusal naming the argument, and nothing runs. The prefix
+//! itself is written by the policy's admin and may contain symlinks
+//! (`/var/run` → `/run`). Needs Linux ≥ 5.6 (`openat2`); older kernels
+//! refuse such jobs. Hard links are not symlinks: where unprivileged users
+//! could hard-link files they cannot read into a prefix, keep the kernel's
+//! `fs.protected_hardlinks = 1` (the default on common distributions).
+//! These descriptors are the only ones above 2 the command inherits.
+//!
 //! # Memory
 //!
 //! Each stream is read in 64 KiB chunks into a buffer that never grows past
@@ -61,13 +86,15 @@
 mod contain;
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
+use std::os::fd::AsRawFd as _;
 use std::os::fd::RawFd;
 use std::os::unix::process::ExitStatusExt as _;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use fleetcmd_core::argv::PathArg;
 use fleetcmd_core::authorize::AuthorizedCommand;
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::process::{Child, Command};
@@ -139,6 +166,10 @@ pub enum Termination {
     /// The process could not be started (or, very rarely, not be waited
     /// for); the message says why and names the program.
     SpawnFailed(String),
+    /// A path argument could not be opened beneath its prefix without
+    /// following a symbolic link (or as the command's user); nothing ran.
+    /// The message names the argument and why.
+    PathRefused(String),
 }
 
 /// Result of one execution.
@@ -171,6 +202,7 @@ pub async fn execute(
     run(
         Plan {
             argv: cmd.argv(),
+            paths: cmd.paths(),
             run_as: cmd.run_as(),
             env: cmd.env(),
             timeout: cmd.timeout(),
@@ -201,6 +233,7 @@ pub(crate) async fn execute_local_plugin(
     run(
         Plan {
             argv,
+            paths: &[],
             run_as: None,
             env,
             timeout,
@@ -215,6 +248,8 @@ pub(crate) async fn execute_local_plugin(
 /// What to run; built only from an [`AuthorizedCommand`] (or by tests).
 struct Plan<'a> {
     argv: &'a [String],
+    /// Path arguments in `argv`, opened by the child (see the module comment).
+    paths: &'a [PathArg],
     run_as: Option<&'a str>,
     env: &'a BTreeMap<String, String>,
     timeout: Duration,
@@ -283,9 +318,18 @@ async fn run(
         }
     };
 
+    let paths = match PreparedPaths::new(plan.argv, plan.paths) {
+        Ok(p) => p,
+        Err(err) => {
+            if let Some(cgroup) = cgroup {
+                cgroup.discard().await;
+            }
+            return failed(format!("preparing path arguments: {err}"));
+        }
+    };
     let mut command = Command::new(program);
     command
-        .args(&plan.argv[1..])
+        .args(&paths.argv[1..])
         .env_clear()
         .env("PATH", CHILD_PATH)
         .env("LANG", "C.UTF-8")
@@ -301,10 +345,17 @@ async fn run(
             credentials,
             cgroup_procs: cgroup.as_ref().and_then(contain::JobCgroup::procs_fd),
             fd_limit: fd_limit(),
+            path_errors: paths.errors_fd(),
         },
+        paths.child.clone(),
     );
 
     let spawned = command.spawn();
+    // The child has exec'd or failed: the reserved numbers are free again.
+    let path_refusal = spawned
+        .as_ref()
+        .err()
+        .and_then(|_| paths.refusal(plan.run_as));
     // The command moved itself into the cgroup before exec (or failed).
     let mut cgroup = cgroup;
     if let Some(cgroup) = &mut cgroup {
@@ -315,6 +366,12 @@ async fn run(
         Err(err) => {
             if let Some(cgroup) = cgroup {
                 cgroup.discard().await;
+            }
+            if let Some(refusal) = path_refusal {
+                return ExecOutcome {
+                    termination: Termination::PathRefused(refusal),
+                    ..failed(String::new())
+                };
             }
             let who = plan
                 .run_as
@@ -534,6 +591,271 @@ fn effective_uid() -> libc::uid_t {
     unsafe { libc::geteuid() }
 }
 
+/// One path argument as the child opens it (see the module comment);
+/// every string prepared before the fork.
+#[derive(Debug)]
+struct ChildPath {
+    /// The number the command receives it as (reserved by the parent).
+    target: RawFd,
+    prefix: CString,
+    /// Below the prefix; empty for the prefix itself.
+    beneath: CString,
+    /// With `create`: the parent directory below the prefix (empty: the
+    /// prefix) and the leaf name.
+    create: Option<(CString, CString)>,
+}
+
+/// The path arguments of one execution: argv with `/proc/self/fd/N` in
+/// their places, the numbers reserved (held open on `/dev/null` until the
+/// child has exec'd, so nothing else takes them), and the pipe on which the
+/// child reports which one it could not open.
+struct PreparedPaths<'a> {
+    argv: std::borrow::Cow<'a, [String]>,
+    paths: &'a [PathArg],
+    child: std::sync::Arc<[ChildPath]>,
+    _reserved: Vec<std::fs::File>,
+    errors: Option<(std::io::PipeReader, std::io::PipeWriter)>,
+}
+
+/// The size of one report on the path error pipe: the path's index and
+/// the errno, both little-endian `i32`.
+const PATH_ERROR_LEN: usize = 8;
+
+impl<'a> PreparedPaths<'a> {
+    fn new(argv: &'a [String], paths: &'a [PathArg]) -> io::Result<PreparedPaths<'a>> {
+        if paths.is_empty() {
+            return Ok(PreparedPaths {
+                argv: std::borrow::Cow::Borrowed(argv),
+                paths,
+                child: std::sync::Arc::from(Vec::new()),
+                _reserved: Vec::new(),
+                errors: None,
+            });
+        }
+        let cstring = |s: &str| {
+            CString::new(s)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))
+        };
+        let mut owned = argv.to_vec();
+        let mut reserved = Vec::with_capacity(paths.len());
+        let mut child = Vec::with_capacity(paths.len());
+        for p in paths {
+            // Opened close-on-exec; the child puts the checked path here.
+            let slot = std::fs::File::open("/dev/null")?;
+            let target = slot.as_raw_fd();
+            reserved.push(slot);
+            let elem = owned.get_mut(p.index).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "path index beyond argv")
+            })?;
+            *elem = format!("/proc/self/fd/{target}");
+            let create = if p.create {
+                let (parent, leaf) = p.beneath.rsplit_once('/').unwrap_or(("", &p.beneath));
+                Some((cstring(parent)?, cstring(leaf)?))
+            } else {
+                None
+            };
+            child.push(ChildPath {
+                target,
+                prefix: cstring(&p.prefix)?,
+                beneath: cstring(&p.beneath)?,
+                create,
+            });
+        }
+        Ok(PreparedPaths {
+            argv: std::borrow::Cow::Owned(owned),
+            paths,
+            child: std::sync::Arc::from(child),
+            _reserved: reserved,
+            errors: Some(io::pipe()?),
+        })
+    }
+
+    fn errors_fd(&self) -> Option<RawFd> {
+        self.errors.as_ref().map(|(_, w)| w.as_raw_fd())
+    }
+
+    /// After a failed spawn: which path argument the child refused, and why.
+    fn refusal(self, run_as: Option<&str>) -> Option<String> {
+        use std::io::Read as _;
+        let (mut reader, writer) = self.errors?;
+        // Our copy closed, so the read ends (the child's copy is gone with it).
+        drop(writer);
+        let mut report = [0u8; PATH_ERROR_LEN];
+        reader.read_exact(&mut report).ok()?;
+        let index = i32::from_le_bytes([report[0], report[1], report[2], report[3]]);
+        let errno = i32::from_le_bytes([report[4], report[5], report[6], report[7]]);
+        let p = self.paths.get(usize::try_from(index).ok()?)?;
+        Some(path_refusal(p, errno, run_as))
+    }
+}
+
+/// Why path argument `p` was refused, from the child's errno.
+fn path_refusal(p: &PathArg, errno: i32, run_as: Option<&str>) -> String {
+    let path = if p.beneath.is_empty() {
+        p.prefix.clone()
+    } else {
+        format!("{}/{}", p.prefix.trim_end_matches('/'), p.beneath)
+    };
+    let why = match errno {
+        libc::ELOOP => format!(
+            "{path} is, or passes through, a symbolic link below {}",
+            p.prefix
+        ),
+        libc::EXDEV => format!("{path} resolves outside {}", p.prefix),
+        libc::ENOENT if p.create => format!("a directory of {path} does not exist"),
+        libc::ENOENT => format!("{path} does not exist (the argument does not set `create`)"),
+        libc::ENOTDIR => format!("a parent of {path} is not a directory"),
+        libc::EACCES | libc::EPERM => format!(
+            "user `{}` may not open {path}",
+            run_as.unwrap_or("of the agent")
+        ),
+        libc::ENOSYS => {
+            "this kernel lacks openat2 (Linux 5.6 or later is needed for path arguments)".to_owned()
+        }
+        other => format!("{path}: {}", io::Error::from_raw_os_error(other)),
+    };
+    format!("argument `{}`: {why}", p.arg)
+}
+
+/// `struct open_how` of `openat2(2)`.
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// The errno of the last failed call (no allocation: fine after fork).
+fn errno() -> libc::c_int {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// `openat2(dir, path, flags | O_CLOEXEC)` never through a symbolic link
+/// (not even a magic one) and never out of `dir`. Async-signal-safe.
+#[allow(unsafe_code)]
+fn open_beneath(dir: libc::c_int, path: &CStr, flags: libc::c_int) -> libc::c_int {
+    let how = OpenHow {
+        flags: u64::try_from(flags | libc::O_CLOEXEC).unwrap_or(0),
+        mode: 0,
+        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: `path` is NUL-terminated and `how` a valid `open_how` of the
+    // size passed; openat2 only reads them.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir,
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    libc::c_int::try_from(fd).unwrap_or(-1)
+}
+
+/// Opens one path argument in the child, as the command's user: the
+/// prefix, then the rest beneath it (created with `create`). `Err(errno)`.
+/// Async-signal-safe: only raw system calls on prepared strings.
+#[allow(unsafe_code)]
+fn open_path_arg(p: &ChildPath) -> Result<libc::c_int, libc::c_int> {
+    // SAFETY: a NUL-terminated path; open has no other precondition.
+    let dir = unsafe {
+        libc::open(
+            p.prefix.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if dir < 0 {
+        return Err(errno());
+    }
+    if p.beneath.is_empty() {
+        return Ok(dir);
+    }
+    let result = open_below(dir, p);
+    // SAFETY: `dir` is an fd this function opened.
+    unsafe { libc::close(dir) };
+    result
+}
+
+#[allow(unsafe_code)]
+fn open_below(dir: libc::c_int, p: &ChildPath) -> Result<libc::c_int, libc::c_int> {
+    let fd = open_beneath(dir, &p.beneath, libc::O_PATH);
+    if fd >= 0 {
+        return Ok(fd);
+    }
+    let err = errno();
+    let (Some((parent, leaf)), libc::ENOENT) = (&p.create, err) else {
+        return Err(err);
+    };
+    let parent_fd = if parent.is_empty() {
+        dir
+    } else {
+        open_beneath(dir, parent, libc::O_PATH | libc::O_DIRECTORY)
+    };
+    if parent_fd < 0 {
+        return Err(errno());
+    }
+    // O_EXCL never follows a symlink at the leaf: one that appeared
+    // meanwhile makes it fail with EEXIST, and the leaf is then resolved
+    // (and refused) like any existing one.
+    // SAFETY: a NUL-terminated name relative to an fd opened above.
+    let created = unsafe {
+        libc::openat(
+            parent_fd,
+            leaf.as_ptr(),
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o666 as libc::c_uint,
+        )
+    };
+    let result = if created >= 0 {
+        Ok(created)
+    } else if errno() == libc::EEXIST {
+        let fd = open_beneath(dir, &p.beneath, libc::O_PATH);
+        if fd >= 0 { Ok(fd) } else { Err(errno()) }
+    } else {
+        Err(errno())
+    };
+    if parent_fd != dir {
+        // SAFETY: an fd opened above.
+        unsafe { libc::close(parent_fd) };
+    }
+    result
+}
+
+/// Opens every path argument at its reserved number (without close-on-exec,
+/// so the command inherits it); on failure reports `(index, errno)` on
+/// `errors`. Runs in the child after the switch to the command's user.
+#[allow(unsafe_code)]
+fn place_path_args(paths: &[ChildPath], errors: Option<RawFd>) -> io::Result<()> {
+    for (i, p) in paths.iter().enumerate() {
+        let fd = match open_path_arg(p) {
+            Ok(fd) => fd,
+            Err(err) => {
+                let mut report = [0u8; PATH_ERROR_LEN];
+                report[..4].copy_from_slice(&i32::try_from(i).unwrap_or(i32::MAX).to_le_bytes());
+                report[4..].copy_from_slice(&err.to_le_bytes());
+                if let Some(w) = errors {
+                    // SAFETY: writes a stack buffer to the pipe opened before the fork.
+                    unsafe { libc::write(w, report.as_ptr().cast(), PATH_ERROR_LEN) };
+                }
+                return Err(io::Error::from_raw_os_error(err));
+            }
+        };
+        // SAFETY: both fds are open in this process; dup2 clears
+        // close-on-exec on the target, which is what is inherited.
+        let placed = unsafe { libc::dup2(fd, p.target) };
+        let err = errno();
+        // SAFETY: an fd opened above.
+        unsafe { libc::close(fd) };
+        if placed < 0 {
+            return Err(io::Error::from_raw_os_error(err));
+        }
+    }
+    Ok(())
+}
+
 /// Everything the child needs between fork and exec, prepared before the
 /// fork (nothing there may allocate, take a lock or look anything up).
 #[derive(Debug, Clone, Copy)]
@@ -543,6 +865,8 @@ struct ChildSetup {
     cgroup_procs: Option<RawFd>,
     /// Fds below this are marked close-on-exec when `close_range` is missing.
     fd_limit: libc::c_int,
+    /// Where the child reports a path argument it could not open.
+    path_errors: Option<RawFd>,
 }
 
 /// The soft `RLIMIT_NOFILE`: no fd of this process is at or above it
@@ -562,9 +886,10 @@ fn fd_limit() -> libc::c_int {
 
 /// Sets up the child between fork and exec: into the job cgroup, new
 /// session and process group, `no_new_privs`, every fd ≥ 3 close-on-exec,
-/// then (if asked) groups, gid and uid, in that order.
+/// then (if asked) groups, gid and uid, in that order; then, as that user,
+/// the path arguments at their reserved numbers.
 #[allow(unsafe_code)]
-fn isolate_child(command: &mut Command, setup: ChildSetup) {
+fn isolate_child(command: &mut Command, setup: ChildSetup, paths: std::sync::Arc<[ChildPath]>) {
     // SAFETY: the closure runs in the forked child before exec, where only
     // async-signal-safe functions may be called. It calls only the raw
     // syscall wrappers write, setsid, prctl, syscall(close_range), fcntl,
@@ -615,7 +940,8 @@ fn isolate_child(command: &mut Command, setup: ChildSetup) {
                     return Err(io::Error::last_os_error());
                 }
             }
-            Ok(())
+            // After the switch: opened with the command's user's rights.
+            place_path_args(&paths, setup.path_errors)
         });
     }
 }
@@ -693,6 +1019,7 @@ mod tests {
 
     struct Run<'a> {
         argv: Vec<String>,
+        paths: Vec<PathArg>,
         run_as: Option<&'a str>,
         env: BTreeMap<String, String>,
         timeout: Duration,
@@ -704,6 +1031,7 @@ mod tests {
         fn new(args: &[&str]) -> Run<'a> {
             Run {
                 argv: argv(args),
+                paths: Vec::new(),
                 run_as: None,
                 env: BTreeMap::new(),
                 timeout: Duration::from_secs(20),
@@ -715,6 +1043,7 @@ mod tests {
         async fn with_cancel(&self, cancel: watch::Receiver<bool>) -> ExecOutcome {
             let plan = Plan {
                 argv: &self.argv,
+                paths: &self.paths,
                 run_as: self.run_as,
                 env: &self.env,
                 timeout: self.timeout,
@@ -1609,5 +1938,235 @@ mod tests {
         let limits = ExecLimits::default();
         assert_eq!(limits.max_output, 1 << 20);
         assert_eq!(limits.kill_grace, Duration::from_secs(5));
+    }
+
+    /// A prefix directory (world-traversable, for `run_as` tests) with a
+    /// secret file outside it and the attacker's symlinks inside it.
+    struct PathScene {
+        _tmp: tempfile::TempDir,
+        prefix: std::path::PathBuf,
+        secret: std::path::PathBuf,
+    }
+
+    fn path_scene() -> PathScene {
+        use std::os::unix::fs::{PermissionsExt as _, symlink};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let prefix = tmp.path().join("logs");
+        std::fs::create_dir(&prefix).expect("prefix");
+        std::fs::create_dir(prefix.join("app")).expect("app");
+        std::fs::write(prefix.join("app").join("app.log"), "log line\n").expect("log");
+        let secret = tmp.path().join("secret");
+        std::fs::write(&secret, "SECRET\n").expect("secret");
+        symlink(&secret, prefix.join("leaf-link")).expect("leaf symlink");
+        symlink(tmp.path(), prefix.join("parent-link")).expect("parent symlink");
+        for dir in [&prefix, &prefix.join("app")] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        }
+        PathScene {
+            _tmp: tmp,
+            prefix,
+            secret,
+        }
+    }
+
+    impl PathScene {
+        /// A run of `args` whose element 1 is the path argument `beneath`.
+        fn run(&self, args: &[&str], beneath: &str, create: bool) -> Run<'static> {
+            let mut run = Run::new(args);
+            run.argv[1] = self.prefix.join(beneath).display().to_string();
+            run.paths = vec![PathArg {
+                index: 1,
+                arg: "file".into(),
+                prefix: self.prefix.display().to_string(),
+                beneath: beneath.into(),
+                create,
+            }];
+            run
+        }
+    }
+
+    fn refused(out: &ExecOutcome) -> String {
+        match &out.termination {
+            Termination::PathRefused(why) => why.clone(),
+            other => panic!(
+                "expected a path refusal, got {other:?}: {}",
+                text(&out.stdout)
+            ),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_path_argument_is_handed_over_as_the_descriptor_checked() {
+        let scene = path_scene();
+        let out = scene
+            .run(&["/bin/cat", "x"], "app/app.log", false)
+            .go()
+            .await;
+        assert_eq!(out.termination, Termination::Exited(0), "{out:?}");
+        assert_eq!(text(&out.stdout), "log line\n");
+        // The command sees a descriptor, not the name.
+        let out = scene
+            .run(&["/bin/echo", "x"], "app/app.log", false)
+            .go()
+            .await;
+        assert!(text(&out.stdout).starts_with("/proc/self/fd/"), "{out:?}");
+        // The prefix itself.
+        let out = scene.run(&["/usr/bin/ls", "x"], "", false).go().await;
+        assert!(text(&out.stdout).contains("app"), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn symlinks_at_the_leaf_or_in_a_parent_are_refused() {
+        let scene = path_scene();
+        let why = refused(&scene.run(&["/bin/cat", "x"], "leaf-link", false).go().await);
+        assert!(
+            why.starts_with("argument `file`: ") && why.contains("symbolic link"),
+            "{why}"
+        );
+        let why = refused(
+            &scene
+                .run(&["/bin/cat", "x"], "parent-link/secret", false)
+                .go()
+                .await,
+        );
+        assert!(why.contains("symbolic link"), "{why}");
+        // Also when the command may create the file: never through a link.
+        let why = refused(&scene.run(&["/bin/cat", "x"], "leaf-link", true).go().await);
+        assert!(why.contains("symbolic link"), "{why}");
+        let why = refused(
+            &scene
+                .run(&["/usr/bin/touch", "x"], "parent-link/new", true)
+                .go()
+                .await,
+        );
+        assert!(why.contains("symbolic link"), "{why}");
+        assert!(
+            !scene
+                .prefix
+                .parent()
+                .map(|p| p.join("new").exists())
+                .unwrap_or(true)
+        );
+        assert_eq!(
+            std::fs::read_to_string(&scene.secret).ok().as_deref(),
+            Some("SECRET\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_symlink_swapped_in_after_the_check_is_harmless() {
+        let scene = path_scene();
+        // The command itself replaces the file by a symlink to the secret
+        // once the agent has opened it, then reads "the file": it reads
+        // what was checked, never the secret.
+        let real = scene.prefix.join("app/app.log").display().to_string();
+        let secret = scene.secret.display().to_string();
+        let mut run = scene.run(
+            &[
+                "/bin/sh",
+                "x",
+                "-c",
+                "mv \"$2\" \"$2.old\" && ln -s \"$3\" \"$2\" && cat \"$1\"",
+                "sh",
+            ],
+            "app/app.log",
+            false,
+        );
+        // sh -c SCRIPT sh PATH REAL SECRET: the path argument is $1.
+        run.argv = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "mv \"$2\" \"$2.old\" && ln -s \"$3\" \"$2\" && cat \"$1\"".into(),
+            "sh".into(),
+            real.clone(),
+            real,
+            secret,
+        ];
+        run.paths[0].index = 4;
+        let out = run.go().await;
+        assert_eq!(out.termination, Termination::Exited(0), "{out:?}");
+        assert_eq!(text(&out.stdout), "log line\n");
+    }
+
+    #[tokio::test]
+    async fn missing_files_are_created_only_with_create() {
+        let scene = path_scene();
+        let why = refused(
+            &scene
+                .run(&["/usr/bin/touch", "x"], "app/new.log", false)
+                .go()
+                .await,
+        );
+        assert!(why.contains("does not exist"), "{why}");
+        assert!(!scene.prefix.join("app/new.log").exists());
+        let mut run = scene.run(&["/bin/sh", "x"], "app/new.log", true);
+        run.argv = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo hi >> \"$1\"".into(),
+            "sh".into(),
+            String::new(),
+        ];
+        run.paths[0].index = 4;
+        let out = run.go().await;
+        assert_eq!(out.termination, Termination::Exited(0), "{out:?}");
+        assert_eq!(
+            std::fs::read_to_string(scene.prefix.join("app/new.log"))
+                .ok()
+                .as_deref(),
+            Some("hi\n")
+        );
+        let why = refused(
+            &scene
+                .run(&["/usr/bin/touch", "x"], "nodir/new.log", true)
+                .go()
+                .await,
+        );
+        assert!(why.contains("does not exist"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn path_arguments_are_opened_with_the_run_as_users_rights() {
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_root();
+        let scene = path_scene();
+        let private = scene.prefix.join("private");
+        std::fs::create_dir(&private).expect("private dir");
+        std::fs::write(private.join("key"), "KEY\n").expect("key");
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let mut run = scene.run(&["/bin/cat", "x"], "private/key", false);
+        run.run_as = Some("nobody");
+        let why = refused(&run.go().await);
+        assert!(why.contains("user `nobody` may not open"), "{why}");
+        // A file the user may not read: the descriptor gives no more right.
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(private.join("key"), std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+        let mut run = scene.run(&["/bin/cat", "x"], "private/key", false);
+        run.run_as = Some("nobody");
+        let out = run.go().await;
+        assert_eq!(out.termination, Termination::Exited(1), "{out:?}");
+        assert!(!text(&out.stdout).contains("KEY"));
+        // Only 0-2 and the path argument are inherited.
+        let mut run = scene.run(&["/usr/bin/ls", "x", "/proc/self/fd"], "app/app.log", false);
+        run.run_as = Some("nobody");
+        let out = run.go().await;
+        let fd = text(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let listed: Vec<&str> = text(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter(|l| !l.is_empty() && !l.ends_with(':'))
+            .collect();
+        assert!(listed.contains(&fd.as_str()), "{out:?}");
+        assert!(listed.len() <= 5, "{listed:?}");
     }
 }

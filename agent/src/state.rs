@@ -253,17 +253,33 @@ impl PolicyStore {
     }
 }
 
-/// Job ids already seen, kept until they expire (plus the skew allowance).
+/// Job ids already seen, kept until they expire (plus the skew allowance),
+/// and never longer than the policy's `max_job_lifetime` (plus skew) from
+/// now: a job valid for longer is refused anyway, so its id need not be
+/// remembered, and a job signed for ten years cannot make the agent
+/// remember its id for ten years.
 #[derive(Debug)]
 pub struct SeenSet {
     path: PathBuf,
     ids: BTreeMap<String, u64>,
 }
 
+/// Whether an id expiring at `exp` must still be remembered at `now`, when
+/// no job valid for longer than `max_lifetime` seconds is accepted. An
+/// accepted job has `not_before <= now + skew` and `expires_at <=
+/// not_before + max_lifetime`; one expiring later than that is refused
+/// whether or not its id is remembered.
+fn keep(exp: u64, now: u64, max_lifetime: u64) -> bool {
+    let skew = fleetcmd_core::job::CLOCK_SKEW_SECS;
+    exp.saturating_add(skew) >= now && exp <= now.saturating_add(max_lifetime + skew)
+}
+
 impl SeenSet {
-    pub fn load(dir: &StateDir) -> Result<SeenSet, StateError> {
+    /// Loads the set; ids beyond the largest `max_job_lifetime` any policy
+    /// may set (from before the limit existed) are forgotten.
+    pub fn load(dir: &StateDir, now: u64) -> Result<SeenSet, StateError> {
         let path = dir.seen_path();
-        let ids = if path.exists() {
+        let mut ids: BTreeMap<String, u64> = if path.exists() {
             serde_json::from_str(&read(&path)?).map_err(|e| StateError::Invalid {
                 path: path.clone(),
                 reason: e.to_string(),
@@ -271,6 +287,8 @@ impl SeenSet {
         } else {
             BTreeMap::new()
         };
+        let ceiling = fleetcmd_core::policy::defaults::MAX_JOB_LIFETIME_CEILING.as_secs();
+        ids.retain(|_, exp| keep(*exp, now, ceiling));
         Ok(SeenSet { path, ids })
     }
 
@@ -278,15 +296,74 @@ impl SeenSet {
         self.ids.contains_key(id)
     }
 
-    /// Records an id durably before the job runs; forgets expired ones.
-    pub fn insert(&mut self, id: &str, expires_at: u64, now: u64) -> Result<(), StateError> {
-        let skew = fleetcmd_core::job::CLOCK_SKEW_SECS;
-        self.ids.retain(|_, exp| exp.saturating_add(skew) >= now);
+    /// Records an id durably before the job runs; forgets expired ones and
+    /// those beyond `max_lifetime` (the current policy's, in seconds).
+    pub fn insert(
+        &mut self,
+        id: &str,
+        expires_at: u64,
+        now: u64,
+        max_lifetime: u64,
+    ) -> Result<(), StateError> {
+        self.ids.retain(|_, exp| keep(*exp, now, max_lifetime));
         self.ids.insert(id.to_owned(), expires_at);
         write_atomic(
             &self.path,
             &serde_json::to_vec(&self.ids).expect("seen set serializes"),
             0o600,
         )
+    }
+
+    /// The remembered ids and their expiry (unix seconds).
+    pub fn entries(&self) -> &BTreeMap<String, u64> {
+        &self.ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+    const DAY: u64 = 86_400;
+
+    #[test]
+    fn seen_ids_are_kept_no_longer_than_the_lifetime_bound() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = StateDir::new(tmp.path());
+        let skew = fleetcmd_core::job::CLOCK_SKEW_SECS;
+        let ten_years = 10 * 365 * DAY;
+        // Written by an agent from before the limit: one id for ten years.
+        let old: BTreeMap<String, u64> = BTreeMap::from([
+            ("ten-years".to_string(), NOW + ten_years),
+            ("a-day".to_string(), NOW + DAY),
+            ("expired".to_string(), NOW - skew - 1),
+            ("in-skew".to_string(), NOW - skew),
+        ]);
+        write_atomic(
+            &dir.seen_path(),
+            &serde_json::to_vec(&old).expect("json"),
+            0o600,
+        )
+        .expect("write");
+        let mut seen = SeenSet::load(&dir, NOW).expect("load");
+        assert_eq!(
+            seen.entries().keys().collect::<Vec<_>>(),
+            ["a-day", "in-skew"]
+        );
+        // With a policy bound of one hour, a day-long id is not kept either.
+        seen.insert("new", NOW + 3600, NOW, 3600).expect("insert");
+        assert_eq!(
+            seen.entries().keys().collect::<Vec<_>>(),
+            ["in-skew", "new"]
+        );
+        // The bound is inclusive of the skew allowance.
+        seen.insert("edge", NOW + 3600 + skew, NOW, 3600)
+            .expect("insert");
+        assert!(seen.contains("edge") && seen.contains("new"));
+        let reloaded = SeenSet::load(&dir, NOW).expect("reload");
+        assert_eq!(reloaded.entries(), seen.entries());
+        let later = SeenSet::load(&dir, NOW + 3600 + 2 * skew).expect("reload later");
+        assert_eq!(later.entries().keys().collect::<Vec<_>>(), ["edge"]);
     }
 }

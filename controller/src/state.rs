@@ -867,6 +867,43 @@ impl Shared {
                     "agent {agent} was revoked"
                 )))));
         }
+        self.refuse_queued_on_revoked(agent).await
+    }
+
+    /// The jobs a revoked agent was sent but had not reported starting: it
+    /// starts none of them (a job is bound to the stream that delivered it,
+    /// and that stream has just been closed), and it cannot report that
+    /// any more, so they are recorded and audited as refused here.
+    async fn refuse_queued_on_revoked(&self, agent: &str) -> ApiResult<()> {
+        const REASON: &str = "agent revoked before it reported starting the job; an agent starts no job after the stream that delivered it ends";
+        let queued: Vec<String> = {
+            let runs = lock(&self.job_lock);
+            runs.iter()
+                .filter_map(|(id, run)| {
+                    let &i = run.index.get(agent)?;
+                    (run.states[i].0 == "dispatched").then(|| id.clone())
+                })
+                .collect()
+        };
+        let mut refused = Vec::new();
+        for job in queued {
+            if self.update_target(&job, agent, TargetRecord::new("refused", REASON), false)? {
+                self.audit_durable(
+                    Event::new(EventKind::JobRefused, "controller")
+                        .job(&job)
+                        .host(agent)
+                        .field("reason_code", "agent_revoked")
+                        .detail(REASON),
+                )?;
+                refused.push(job);
+            }
+        }
+        if !refused.is_empty() {
+            self.flush().await?;
+            for job in &refused {
+                self.kick(job);
+            }
+        }
         Ok(())
     }
 

@@ -1,9 +1,22 @@
 //! Building the argv of an allow-listed command from its template and the
 //! requested argument values (DESIGN §2.7: no shell, ever).
 //!
-//! A `{name}` element is replaced by exactly one element holding the value
-//! verbatim: values are never split, re-parsed or interpreted, so shell
-//! metacharacters stay literal text.
+//! A `{name}` element is replaced by exactly one element holding the
+//! value's canonical form — the value exactly as it was checked: values are
+//! never split, re-parsed or interpreted, so shell metacharacters stay
+//! literal text. Canonical forms: an `int` is written back in plain decimal
+//! (`+1` and `007` reach argv as `1` and `7`, so a command never sees a sign
+//! or base prefix the range check ignored); a `duration` is passed trimmed,
+//! as parsed; every other kind is passed unchanged.
+//!
+//! Characters refused in every kind: NUL and control characters (always),
+//! and — unless the argument says `allow_format_chars = true` — Unicode
+//! format characters (bidirectional controls, zero-width characters, the
+//! soft hyphen, BOM: category Cf), line and paragraph separators,
+//! private-use characters and invisible fillers, which make chat and audit
+//! lines show something other than what runs. Numbers are ASCII digits
+//! only, and `pattern` regexes use ASCII classes (`\d` is `[0-9]`), see
+//! [`compile_pattern`].
 
 use std::collections::BTreeMap;
 
@@ -114,9 +127,35 @@ pub fn bind_positional(
         .collect())
 }
 
+/// A `path` argument with `prefixes` at one position of argv: the agent
+/// opens it beneath `prefix` without following symbolic links and hands the
+/// command the descriptor it opened, never the name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathArg {
+    /// The argv element holding the path.
+    pub index: usize,
+    /// The argument's name.
+    pub arg: String,
+    /// The longest of the argument's `prefixes` the path is under (no
+    /// trailing `/` except for `/` itself).
+    pub prefix: String,
+    /// The path below `prefix`, without a leading or trailing `/`; empty
+    /// when the path is the prefix itself.
+    pub beneath: String,
+    /// Whether a missing file may be created (`create = true`).
+    pub create: bool,
+}
+
+/// An argv with the path arguments the agent must resolve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuiltArgv {
+    pub argv: Vec<String>,
+    pub paths: Vec<PathArg>,
+}
+
 /// Builds the argv to execute: validates every value (applying defaults) and
-/// replaces each `{name}` element by exactly one element. The result always
-/// has `def.argv.len()` elements.
+/// replaces each `{name}` element by exactly one element, the value's
+/// canonical form. The result always has `def.argv.len()` elements.
 ///
 /// ```
 /// # use std::collections::BTreeMap;
@@ -124,24 +163,34 @@ pub fn bind_positional(
 /// let policy = Policy::parse(r#"
 /// version = 1
 /// [commands.echo]
-/// argv = ["/bin/echo", "{text}"]
+/// argv = ["/bin/echo", "{text}", "{n}"]
 /// args.text = { kind = "text" }
+/// args.n = { kind = "int" }
 /// "#).unwrap();
-/// let values = BTreeMap::from([("text".to_string(), "$(reboot); a b".to_string())]);
+/// let values = BTreeMap::from([
+///     ("text".to_string(), "$(reboot); a b".to_string()),
+///     ("n".to_string(), "+007".to_string()),
+/// ]);
 /// let argv = build_argv(policy.command("echo").unwrap(), &values).unwrap();
-/// assert_eq!(argv, ["/bin/echo", "$(reboot); a b"]);
+/// assert_eq!(argv, ["/bin/echo", "$(reboot); a b", "7"]);
 /// ```
 pub fn build_argv(
     def: &CommandDef,
     values: &BTreeMap<String, String>,
 ) -> Result<Vec<String>, ArgError> {
+    build(def, values).map(|b| b.argv)
+}
+
+/// [`build_argv`] plus where its `path` arguments are (what the agent
+/// resolves without following symbolic links).
+pub fn build(def: &CommandDef, values: &BTreeMap<String, String>) -> Result<BuiltArgv, ArgError> {
     if let Some(unknown) = values.keys().find(|k| !def.args.contains_key(*k)) {
         return Err(ArgError::Unknown {
             command: def.name.clone(),
             arg: unknown.clone(),
         });
     }
-    let mut resolved: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut resolved: BTreeMap<&str, (String, &ArgSpec)> = BTreeMap::new();
     for (name, spec) in &def.args {
         let value = match (values.get(name), &spec.default) {
             (Some(v), _) => v,
@@ -153,29 +202,109 @@ pub fn build_argv(
                 });
             }
         };
-        validate_arg(name, spec, value).map_err(|e| e.in_command(&def.name))?;
-        resolved.insert(name, value);
+        let canonical = validate_arg(name, spec, value).map_err(|e| e.in_command(&def.name))?;
+        resolved.insert(name, (canonical, spec));
     }
-    def.argv
+    let mut paths = Vec::new();
+    let argv = def
+        .argv
         .iter()
         .enumerate()
         .map(|(i, elem)| match whole_placeholder(elem) {
             Some(name) if i > 0 => {
-                resolved
-                    .get(name)
-                    .map(|v| v.to_string())
-                    .ok_or_else(|| ArgError::Missing {
-                        command: def.name.clone(),
+                let (value, spec) = resolved.get(name).ok_or_else(|| ArgError::Missing {
+                    command: def.name.clone(),
+                    arg: name.to_string(),
+                })?;
+                if let ArgKind::Path { prefixes, create } = &spec.kind
+                    && let Some((prefix, beneath)) = split_at_prefix(value, prefixes)
+                {
+                    paths.push(PathArg {
+                        index: i,
                         arg: name.to_string(),
-                    })
+                        prefix,
+                        beneath,
+                        create: *create,
+                    });
+                }
+                Ok(value.clone())
             }
             _ => Ok(elem.clone()),
         })
-        .collect()
+        .collect::<Result<Vec<String>, ArgError>>()?;
+    Ok(BuiltArgv { argv, paths })
 }
 
-/// Checks one value against its spec (the dash rule, then the kind's validator).
-pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<(), ArgError> {
+/// The longest prefix `path` is under, and the rest of it below that prefix.
+fn split_at_prefix(path: &str, prefixes: &[String]) -> Option<(String, String)> {
+    let prefix = prefixes
+        .iter()
+        .filter(|p| under_prefix(path, p))
+        .max_by_key(|p| p.trim_end_matches('/').len())?;
+    let dir = prefix.trim_end_matches('/');
+    let rest = path[dir.len()..].trim_matches('/');
+    let dir = if dir.is_empty() { "/" } else { dir };
+    Some((dir.to_string(), rest.to_string()))
+}
+
+/// Characters refused unless `allow_format_chars`: Unicode format
+/// characters (general category Cf: bidi embeddings, overrides, isolates
+/// and marks, zero-width space and joiners, word joiner, invisible
+/// operators, soft hyphen, BOM, interlinear annotation, tags, ...), line and
+/// paragraph separators, private-use characters, and characters that
+/// render as nothing (Hangul fillers, the combining grapheme joiner, Khmer
+/// inherent vowels). Written out rather than taken from a Unicode table so
+/// the agent carries no general-category tables; Cf as of Unicode 15.1.
+pub(crate) fn is_format_char(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x00AD
+            | 0x034F
+            | 0x0600..=0x0605
+            | 0x061C
+            | 0x06DD
+            | 0x070F
+            | 0x0890..=0x0891
+            | 0x08E2
+            | 0x115F..=0x1160
+            | 0x17B4..=0x17B5
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x2028..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0x3164
+            | 0xE000..=0xF8FF
+            | 0xFEFF
+            | 0xFFA0
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+            | 0xF0000..=0xFFFFD
+            | 0x100000..=0x10FFFD
+    )
+}
+
+/// Compiles a `pattern` argument's regex as a full match, with ASCII
+/// classes: `\d`, `\w`, `\s`, `\b` and case-insensitive matching cover
+/// ASCII only (Unicode digits such as `٣` or `３` never match `\d`), and `.`
+/// or a negated class matches any one byte of a non-ASCII character. A
+/// pattern opts into Unicode classes explicitly with `(?u:...)`.
+pub fn compile_pattern(source: &str) -> Result<regex::bytes::Regex, regex::Error> {
+    regex::bytes::RegexBuilder::new(&format!("^(?:{source})$"))
+        .unicode(false)
+        .build()
+}
+
+/// Checks one value against its spec (the dash rule, the characters refused
+/// in every kind, then the kind's validator) and returns its canonical form:
+/// the exact string that reaches argv.
+pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<String, ArgError> {
     let fail = |reason: String| ArgError::Invalid {
         command: String::new(),
         arg: name.to_string(),
@@ -187,22 +316,36 @@ pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<(), ArgEr
     if value.contains('\0') {
         return Err(fail("value must not contain NUL".to_string()));
     }
+    if value.chars().any(char::is_control) {
+        return Err(fail("must not contain control characters".to_string()));
+    }
+    if !spec.allow_format_chars
+        && let Some(c) = value.chars().find(|c| is_format_char(*c))
+    {
+        return Err(fail(format!(
+            "must not contain invisible or formatting character U+{:04X} (the argument does not set `allow_format_chars`)",
+            u32::from(c)
+        )));
+    }
     match &spec.kind {
         ArgKind::Text { max_len } => {
             if value.chars().count() > *max_len {
                 return Err(fail(format!("longer than {max_len} characters")));
             }
-            if value.chars().any(char::is_control) {
-                return Err(fail("must not contain control characters".to_string()));
-            }
         }
         ArgKind::Int { min, max } => {
-            let n: i64 = value
-                .parse()
-                .map_err(|_| fail(format!("\"{}\" is not an integer", shorten(value))))?;
+            let digits = value.strip_prefix(['+', '-']).unwrap_or(value);
+            // `i64::from_str` takes ASCII digits only; said here, not assumed.
+            let n: i64 = if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                value.parse().ok()
+            } else {
+                None
+            }
+            .ok_or_else(|| fail(format!("\"{}\" is not an integer", shorten(value))))?;
             if n < *min || n > *max {
                 return Err(fail(format!("{n} is outside {min}..={max}")));
             }
+            return Ok(n.to_string());
         }
         ArgKind::Enum { values } => {
             if !values.iter().any(|v| v == value) {
@@ -214,7 +357,7 @@ pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<(), ArgEr
             }
         }
         ArgKind::Pattern { regex, source } => {
-            if !regex.is_match(value) {
+            if !regex.is_match(value.as_bytes()) {
                 return Err(fail(format!(
                     "\"{}\" does not match `{source}`",
                     shorten(value)
@@ -229,7 +372,7 @@ pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<(), ArgEr
                 )));
             }
         }
-        ArgKind::Path { prefixes } => {
+        ArgKind::Path { prefixes, .. } => {
             if !normalized_absolute_path(value) {
                 return Err(fail(format!(
                     "\"{}\" must be an absolute path without `..`, `.` or `//`",
@@ -246,9 +389,10 @@ pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<(), ArgEr
         }
         ArgKind::Duration => {
             parse_duration(value).map_err(fail)?;
+            return Ok(value.trim().to_string());
         }
     }
-    Ok(())
+    Ok(value.to_string())
 }
 
 fn shorten(s: &str) -> String {
@@ -437,7 +581,7 @@ args.unit = { kind = "enum", values = ["nginx.service", "app.service"] }
         check(
             "logs",
             &[("unit", "xnginx.service\n")],
-            Err("does not match"),
+            Err("control characters"),
         );
         check(
             "grep",
@@ -507,6 +651,177 @@ args.unit = { kind = "enum", values = ["nginx.service", "app.service"] }
         );
     }
 
+    /// `kind` is the TOML of one argument `v` of a command `c`; `expected`
+    /// is the canonical value, or `Err(substring of the error)`.
+    fn canon(kind: &str, value: &str, expected: Result<&str, &str>) {
+        let text =
+            format!("version = 1\n[commands.c]\nargv = [\"/bin/c\", \"{{v}}\"]\nargs.v = {kind}\n");
+        let p = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let def = p.command("c").unwrap_or_else(|| panic!("c"));
+        let got = build_argv(def, &BTreeMap::from([("v".to_string(), value.to_string())]));
+        match (&got, expected) {
+            (Ok(argv), Ok(want)) => assert_eq!(argv[1], want, "{kind} {value:?}"),
+            (Err(e), Err(part)) => assert!(e.to_string().contains(part), "{kind} {value:?}: {e}"),
+            _ => panic!("{kind} {value:?}: got {got:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn the_canonical_value_is_what_reaches_argv() {
+        let int = r#"{ kind = "int", min = 0, max = 1000 }"#;
+        let signed = r#"{ kind = "int", min = -10, max = 10, allow_dash = true }"#;
+        let duration = r#"{ kind = "duration" }"#;
+        for (kind, value, expected) in [
+            // `tail -n +1` prints everything: `+1` never reaches argv as `+1`.
+            (int, "+1", Ok("1")),
+            (int, "007", Ok("7")),
+            (int, "+0007", Ok("7")),
+            (int, "0", Ok("0")),
+            (int, "1000", Ok("1000")),
+            (int, "000000000000000000000000000000000001", Ok("1")),
+            (signed, "-0", Ok("0")),
+            (signed, "-007", Ok("-7")),
+            (signed, "+-1", Err("is not an integer")),
+            (int, "++1", Err("is not an integer")),
+            (int, "+", Err("is not an integer")),
+            (int, "", Err("is not an integer")),
+            (int, " 1", Err("is not an integer")),
+            (int, "1 ", Err("is not an integer")),
+            (int, "0x10", Err("is not an integer")),
+            (int, "1_000", Err("is not an integer")),
+            // Digits other than ASCII: Arabic-Indic, fullwidth, Devanagari.
+            (int, "\u{663}", Err("is not an integer")),
+            (int, "\u{ff11}", Err("is not an integer")),
+            (int, "1\u{967}", Err("is not an integer")),
+            (duration, "5s", Ok("5s")),
+            (duration, " 5s ", Ok("5s")),
+            (duration, "\u{3000}2m", Ok("2m")),
+            (duration, "\u{ff15}s", Err("invalid duration")),
+            (duration, "5s\t", Err("control characters")),
+        ] {
+            canon(kind, value, expected);
+        }
+    }
+
+    #[test]
+    fn format_and_control_characters_are_refused_in_every_kind() {
+        let kinds = [
+            r#"{ kind = "text" }"#,
+            r#"{ kind = "pattern", pattern = ".*" }"#,
+            r#"{ kind = "pattern", pattern = "(?u:.*)" }"#,
+            r#"{ kind = "path", prefixes = ["/var/log"] }"#,
+            r#"{ kind = "enum", values = ["a\u202eb", "a\u200bb", "a\nb"] }"#,
+        ];
+        let hostile = [
+            ("a\u{202e}b", "U+202E"), // right-to-left override
+            ("a\u{202a}b", "U+202A"),
+            ("a\u{2066}b", "U+2066"), // left-to-right isolate
+            ("a\u{2069}b", "U+2069"),
+            ("a\u{200b}b", "U+200B"), // zero-width space
+            ("a\u{200d}b", "U+200D"),
+            ("a\u{200e}b", "U+200E"),
+            ("a\u{200f}b", "U+200F"),
+            ("a\u{feff}b", "U+FEFF"),
+            ("a\u{ad}b", "U+00AD"), // soft hyphen
+            ("a\u{2060}b", "U+2060"),
+            ("a\u{61c}b", "U+061C"),
+            ("a\u{e0041}b", "U+E0041"), // tag character
+            ("a\u{2028}b", "U+2028"),
+            ("a\u{e000}b", "U+E000"),
+            ("a\u{3164}b", "U+3164"),
+            ("a\nb", "control characters"),
+            ("a\rb", "control characters"),
+            ("a\u{1b}[2Jb", "control characters"),
+            ("a\u{85}b", "control characters"),
+            ("a\0b", "NUL"),
+        ];
+        for kind in kinds {
+            for (value, part) in hostile {
+                let path_value;
+                let value = if kind.contains("path") {
+                    path_value = format!("/var/log/{value}");
+                    &path_value
+                } else {
+                    value
+                };
+                canon(kind, value, Err(part));
+            }
+        }
+        // Ordinary non-ASCII text stays allowed.
+        canon(r#"{ kind = "text" }"#, "café 漢字 🙂", Ok("café 漢字 🙂"));
+        canon(r#"{ kind = "text" }"#, "a\u{a0}b", Ok("a\u{a0}b"));
+        // An argument that opts in lets format characters (not controls) through.
+        let opted = r#"{ kind = "text", allow_format_chars = true }"#;
+        canon(opted, "שלום\u{200f}!", Ok("שלום\u{200f}!"));
+        canon(opted, "👩\u{200d}💻", Ok("👩\u{200d}💻"));
+        canon(opted, "a\nb", Err("control characters"));
+    }
+
+    #[test]
+    fn pattern_classes_are_ascii() {
+        let digits = r#"{ kind = "pattern", pattern = "\\d+" }"#;
+        let word = r#"{ kind = "pattern", pattern = "\\w+" }"#;
+        let any = r#"{ kind = "pattern", pattern = "[a-z]+\\..+" }"#;
+        let nocase = r#"{ kind = "pattern", pattern = "(?i)k" }"#;
+        let literal = r#"{ kind = "pattern", pattern = "café" }"#;
+        for (kind, value, expected) in [
+            (digits, "123", Ok("123")),
+            (digits, "\u{663}\u{664}", Err("does not match")),
+            (digits, "\u{ff11}", Err("does not match")),
+            (digits, "1\u{967}", Err("does not match")),
+            (word, "ab_1", Ok("ab_1")),
+            (word, "é", Err("does not match")),
+            (any, "a.é", Ok("a.é")),
+            (any, "a.b\tc", Err("control characters")),
+            (any, "a.b\u{202e}c", Err("U+202E")),
+            (nocase, "K", Ok("K")),
+            (nocase, "\u{212a}", Err("does not match")), // KELVIN SIGN
+            (literal, "café", Ok("café")),
+            (literal, "cafe", Err("does not match")),
+        ] {
+            canon(kind, value, expected);
+        }
+    }
+
+    #[test]
+    fn path_arguments_know_their_prefix() {
+        let text = r#"version = 1
+[commands.c]
+argv = ["/bin/c", "{a}", "{b}", "{a}", "{free}"]
+args.a = { kind = "path", prefixes = ["/var/log", "/var/log/app/"], create = true }
+args.b = { kind = "path", prefixes = ["/"] }
+args.free = { kind = "path" }
+"#;
+        let p = Policy::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        let def = p.command("c").unwrap_or_else(|| panic!("c"));
+        let values = BTreeMap::from([
+            ("a".to_string(), "/var/log/app/x/y.log".to_string()),
+            ("b".to_string(), "/etc/".to_string()),
+            ("free".to_string(), "/anything".to_string()),
+        ]);
+        let built = build(def, &values).unwrap_or_else(|e| panic!("{e}"));
+        let a = |index| PathArg {
+            index,
+            arg: "a".into(),
+            prefix: "/var/log/app".into(),
+            beneath: "x/y.log".into(),
+            create: true,
+        };
+        let b = PathArg {
+            index: 2,
+            arg: "b".into(),
+            prefix: "/".into(),
+            beneath: "etc".into(),
+            create: false,
+        };
+        assert_eq!(built.paths, [a(1), b, a(3)]);
+        assert_eq!(built.argv[4], "/anything");
+        assert_eq!(
+            split_at_prefix("/var/log", &["/var/log/".to_string()]),
+            Some(("/var/log".to_string(), String::new()))
+        );
+    }
+
     #[test]
     fn positional_order_and_binding() {
         let p = policy();
@@ -534,12 +849,13 @@ args.unit = { kind = "enum", values = ["nginx.service", "app.service"] }
             kind: ArgKind::Text { max_len: 5 },
             default: None,
             allow_dash: false,
+            allow_format_chars: false,
         };
         assert_eq!(
             validate_arg("x", &spec, "-a").map_err(|e| e.to_string()),
             Err("argument `x`: value must not start with `-`".to_string())
         );
-        assert_eq!(validate_arg("x", &spec, "abc"), Ok(()));
+        assert_eq!(validate_arg("x", &spec, "abc"), Ok("abc".to_string()));
     }
 
     #[test]
@@ -655,7 +971,7 @@ mod proptests {
                 .filter(|&&i| {
                     let v = &values[i];
                     (v.starts_with('-') && !allow_dash[i])
-                        || v.chars().any(char::is_control)
+                        || v.chars().any(|c| c.is_control() || super::is_format_char(c))
                         || v.chars().count() > max_len
                 })
                 .map(|&i| NAMES[i])
@@ -695,7 +1011,10 @@ mod proptests {
             let def = policy.command("c").ok_or_else(|| TestCaseError::fail("no command c"))?;
             let value = format!("-{rest}");
             let got = build_argv(def, &BTreeMap::from([("v".to_string(), value.clone())]));
-            if allow_dash {
+            if allow_dash && value.chars().any(super::is_format_char) {
+                let msg = got.map_err(|e| e.to_string()).err().unwrap_or_default();
+                prop_assert!(msg.contains("invisible or formatting character"), "{:?}: {}", value, msg);
+            } else if allow_dash {
                 prop_assert_eq!(got, Ok(vec!["/bin/c".to_string(), value]));
             } else {
                 let msg = got.map_err(|e| e.to_string()).err().unwrap_or_default();

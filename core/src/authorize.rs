@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::approval::verify_approvals;
-use crate::argv::build_argv;
+use crate::argv::PathArg;
 use crate::ids::JobId;
 use crate::job::{JobSpec, SignedJob};
 use crate::policy::Policy;
@@ -42,6 +42,10 @@ pub enum Refusal {
     NotYetValid,
     #[error("job expired")]
     Expired,
+    #[error(
+        "job is valid for {lifetime}s (expires_at - not_before), longer than the policy's max_job_lifetime of {max}s"
+    )]
+    LifetimeTooLong { lifetime: u64, max: u64 },
     #[error("policy has expired; refusing every job until a newer policy arrives")]
     PolicyExpired,
     #[error("job id already seen (replay)")]
@@ -68,6 +72,10 @@ pub enum Refusal {
     },
     #[error("invalid target selector: {0}")]
     BadSelector(String),
+    #[error("the stream that delivered the job ended before it could start ({0})")]
+    StreamEnded(String),
+    #[error("the controller refused this agent (revoked) before the job could start ({0})")]
+    AgentRevoked(String),
 }
 
 fn not_counted_note(not_counted: &[String]) -> String {
@@ -98,6 +106,7 @@ impl Refusal {
             Refusal::Malformed(_) => "malformed",
             Refusal::NotYetValid => "not_yet_valid",
             Refusal::Expired => "expired",
+            Refusal::LifetimeTooLong { .. } => "lifetime_too_long",
             Refusal::PolicyExpired => "policy_expired",
             Refusal::Replayed => "replayed",
             Refusal::NotAllowed(_) => "not_allowed",
@@ -107,6 +116,8 @@ impl Refusal {
             Refusal::CommandNotForThisHost => "command_not_for_this_host",
             Refusal::MissingApprovals { .. } => "missing_approvals",
             Refusal::BadSelector(_) => "bad_selector",
+            Refusal::StreamEnded(_) => "stream_ended",
+            Refusal::AgentRevoked(_) => "agent_revoked",
         }
     }
 }
@@ -114,8 +125,11 @@ impl Refusal {
 /// A command that passed every check, with its argv ready to execute.
 #[derive(Clone, Debug)]
 pub struct AuthorizedCommand {
+    /// Kept to check everything again at the moment of use ([`recheck`]).
+    job: SignedJob,
     spec: JobSpec,
     argv: Vec<String>,
+    paths: Vec<PathArg>,
     run_as: Option<String>,
     timeout: Duration,
     env: BTreeMap<String, String>,
@@ -131,6 +145,11 @@ impl AuthorizedCommand {
     /// argv[0] is the absolute program path; never pass this to a shell.
     pub fn argv(&self) -> &[String] {
         &self.argv
+    }
+    /// The `path` arguments (with prefixes) in argv, which the executor
+    /// opens beneath their prefix without following symbolic links.
+    pub fn paths(&self) -> &[PathArg] {
+        &self.paths
     }
     pub fn run_as(&self) -> Option<&str> {
         self.run_as.as_deref()
@@ -177,7 +196,8 @@ pub fn authorize(
     {
         return Err(Refusal::NarrowedByHost(spec.command.clone()));
     }
-    let argv = build_argv(def, &spec.args).map_err(|e| Refusal::BadArgument(e.to_string()))?;
+    let built =
+        crate::argv::build(def, &spec.args).map_err(|e| Refusal::BadArgument(e.to_string()))?;
     let selector =
         Selector::parse(&spec.selector).map_err(|e| Refusal::BadSelector(e.to_string()))?;
     if !selector.matches(ctx.name, ctx.labels) {
@@ -202,12 +222,52 @@ pub fn authorize(
         secs => def.timeout.min(Duration::from_secs(secs)),
     };
     Ok(AuthorizedCommand {
-        argv,
+        job: job.clone(),
+        argv: built.argv,
+        paths: built.paths,
         run_as: def.run_as.clone(),
         timeout,
         env: def.env.clone(),
         spec,
     })
+}
+
+/// What the agent knows, at the moment of use, about the stream that
+/// delivered a job. The agent learns that the controller no longer accepts
+/// it (revocation) only from that stream ending, so a job may start only
+/// while the stream that delivered it is still up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// Still connected.
+    Up,
+    /// Ended; the controller refused the agent (permission denied or
+    /// unauthenticated: what it answers a revoked agent).
+    Refused(String),
+    /// Ended for another reason (network, controller restart, shutdown).
+    Ended(String),
+}
+
+/// Every check of [`authorize`] again, immediately before the process
+/// starts, against what the agent knows *now*: the current policy (a newer
+/// version may have removed the command or the signer, changed its
+/// arguments, `targets` or approvers, or expired), the clock (the job or
+/// the policy may have expired while the job waited for a slot), the
+/// agent's labels and allow-list, and the stream that delivered the job
+/// (see [`Stream`]). The job id is not checked against the seen-set again:
+/// it was recorded there when the job was first authorized. Returns the
+/// command built from the current policy, which is what runs.
+pub fn recheck(
+    cmd: &AuthorizedCommand,
+    ctx: &AgentContext,
+    now: u64,
+    stream: &Stream,
+) -> Result<AuthorizedCommand, Refusal> {
+    match stream {
+        Stream::Up => {}
+        Stream::Refused(why) => return Err(Refusal::AgentRevoked(why.clone())),
+        Stream::Ended(why) => return Err(Refusal::StreamEnded(why.clone())),
+    }
+    authorize(&cmd.job, ctx, now, &|_| false)
 }
 
 #[cfg(test)]
@@ -458,6 +518,135 @@ mod tests {
         }
     }
 
+    /// A job authorized at `NOW` under the test policy, then checked again
+    /// at `now` against `policy` (edited from the test policy), `labels`
+    /// and `stream`.
+    fn recheck_with(
+        edit: impl Fn(&mut Policy),
+        labels: &str,
+        now: u64,
+        stream: Stream,
+    ) -> Result<(), Refusal> {
+        let p = policy();
+        let web = crate::selector::parse_labels("role=web").unwrap_or_default();
+        let ctx = AgentContext {
+            policy: &p,
+            name: "web-1",
+            labels: &web,
+            allow: None,
+        };
+        let job = SignedJob::sign(
+            &restart(&["slack:T0001:U2", "slack:T0001:U3"]),
+            "gw",
+            &key(1),
+        );
+        let admitted = authorize(&job, &ctx, NOW, &|_| false).unwrap_or_else(|e| panic!("{e}"));
+        let mut newer = policy();
+        newer.version += 1;
+        edit(&mut newer);
+        let labels = crate::selector::parse_labels(labels).unwrap_or_default();
+        let ctx = AgentContext {
+            policy: &newer,
+            name: "web-1",
+            labels: &labels,
+            allow: None,
+        };
+        recheck(&admitted, &ctx, now, &stream).map(|_| ())
+    }
+
+    #[test]
+    fn everything_is_checked_again_at_the_moment_of_use() {
+        let up = || Stream::Up;
+        let same = |_: &mut Policy| {};
+        // Nothing changed: it still runs (the seen-set is not consulted again).
+        assert_eq!(recheck_with(same, "role=web", NOW + 5, up()), Ok(()));
+        let last_second = NOW + crate::job::DEFAULT_EXPIRY_SECS + crate::job::CLOCK_SKEW_SECS;
+        assert_eq!(recheck_with(same, "role=web", last_second, up()), Ok(()));
+        // It waited for a slot past its expiry (plus skew).
+        assert_eq!(
+            recheck_with(same, "role=web", last_second + 1, up()),
+            Err(Refusal::Expired)
+        );
+        // A newer policy removed the command, the signer, or narrowed it.
+        assert_eq!(
+            recheck_with(
+                |p| {
+                    p.commands.remove("restart");
+                },
+                "role=web",
+                NOW,
+                up()
+            ),
+            Err(Refusal::NotAllowed("restart".into()))
+        );
+        assert_eq!(
+            recheck_with(|p| p.signers.clear(), "role=web", NOW, up()),
+            Err(Refusal::UnknownSigner("gw".into()))
+        );
+        assert_eq!(
+            recheck_with(
+                |p| p.signers[0].may_sign = vec!["uptime".into()],
+                "role=web",
+                NOW,
+                up()
+            ),
+            Err(Refusal::SignerMayNotSign {
+                signer: "gw".into(),
+                command: "restart".into()
+            })
+        );
+        let narrowed = |p: &mut Policy| {
+            if let Some(c) = p.commands.get_mut("restart")
+                && let Some(a) = c.args.get_mut("unit")
+            {
+                a.kind = crate::policy::ArgKind::Enum {
+                    values: vec!["app.service".into()],
+                };
+            }
+        };
+        assert!(matches!(
+            recheck_with(narrowed, "role=web", NOW, up()),
+            Err(Refusal::BadArgument(m)) if m.contains("not one of app.service")
+        ));
+        let targets = |p: &mut Policy| {
+            if let Some(c) = p.commands.get_mut("restart") {
+                c.targets = crate::selector::Selector::parse("role=api").ok();
+            }
+        };
+        assert_eq!(
+            recheck_with(targets, "role=web", NOW, up()),
+            Err(Refusal::CommandNotForThisHost)
+        );
+        let approvals = |p: &mut Policy| {
+            if let Some(c) = p.commands.get_mut("restart") {
+                c.requires_approvals = 3;
+            }
+        };
+        assert!(matches!(
+            recheck_with(approvals, "role=web", NOW, up()),
+            Err(Refusal::MissingApprovals { needed: 3, .. })
+        ));
+        assert_eq!(
+            recheck_with(|p| p.expires = Some(NOW), "role=web", NOW + 1, up()),
+            Err(Refusal::PolicyExpired)
+        );
+        // The agent's labels changed.
+        assert_eq!(
+            recheck_with(same, "role=db", NOW, up()),
+            Err(Refusal::NotTargeted)
+        );
+        // The stream that delivered it ended: revoked, or gone.
+        let why = "permission denied: agent web-1 was revoked";
+        assert_eq!(
+            recheck_with(same, "role=web", NOW, Stream::Refused(why.into())),
+            Err(Refusal::AgentRevoked(why.into()))
+        );
+        assert_eq!(
+            recheck_with(same, "role=web", NOW, Stream::Ended("unavailable".into())),
+            Err(Refusal::StreamEnded("unavailable".into()))
+        );
+    }
+
     #[test]
     fn refusal_messages_and_codes() {
         for (r, msg, code) in [
@@ -490,6 +679,24 @@ mod tests {
                 },
                 "needs 2 approval(s), got 1 (not counted: x approved twice)",
                 "missing_approvals",
+            ),
+            (
+                Refusal::AgentRevoked("permission denied: agent a was revoked".into()),
+                "the controller refused this agent (revoked) before the job could start (permission denied: agent a was revoked)",
+                "agent_revoked",
+            ),
+            (
+                Refusal::StreamEnded("unavailable".into()),
+                "the stream that delivered the job ended before it could start (unavailable)",
+                "stream_ended",
+            ),
+            (
+                Refusal::LifetimeTooLong {
+                    lifetime: 315_360_000,
+                    max: 86_400,
+                },
+                "job is valid for 315360000s (expires_at - not_before), longer than the policy's max_job_lifetime of 86400s",
+                "lifetime_too_long",
             ),
             (
                 Refusal::Oversized { size: 70000 },

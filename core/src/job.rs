@@ -150,7 +150,8 @@ impl SignedJob {
 
     /// Checks, in order: size; the signer `key_id` exists in `policy`; the
     /// signature is valid for its key; then parses the spec; the signer may
-    /// sign the spec's command; then time: refused if
+    /// sign the spec's command; its validity window (`expires_at -
+    /// not_before`) is at most the policy's `max_job_lifetime`; then time: refused if
     /// `now + CLOCK_SKEW_SECS < not_before` or `now > expires_at + CLOCK_SKEW_SECS`.
     /// Returns the parsed spec.
     pub fn verify(&self, policy: &Policy, now: u64) -> Result<JobSpec, Refusal> {
@@ -181,6 +182,13 @@ impl SignedJob {
             return Err(Refusal::Malformed(
                 "expires_at is before not_before".to_string(),
             ));
+        }
+        let lifetime = spec.expires_at - spec.not_before;
+        if lifetime > policy.max_job_lifetime.as_secs() {
+            return Err(Refusal::LifetimeTooLong {
+                lifetime,
+                max: policy.max_job_lifetime.as_secs(),
+            });
         }
         if now.saturating_add(CLOCK_SKEW_SECS) < spec.not_before {
             return Err(Refusal::NotYetValid);
@@ -340,6 +348,50 @@ restart = ["slack:T0001:U1", "slack:T0001:U2", "slack:T0001:U3"]
             backwards.verify(&p, NOW),
             Err(Refusal::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn lifetime_beyond_max_job_lifetime_is_refused() {
+        let mut p = policy();
+        assert_eq!(
+            p.max_job_lifetime,
+            crate::policy::defaults::MAX_JOB_LIFETIME
+        );
+        let day = 24 * 3600;
+        let ten_years = 10 * 365 * day;
+        for (lifetime, max, expected) in [
+            (day, day, Ok(())),
+            (
+                day + 1,
+                day,
+                Err(Refusal::LifetimeTooLong {
+                    lifetime: day + 1,
+                    max: day,
+                }),
+            ),
+            (
+                ten_years,
+                day,
+                Err(Refusal::LifetimeTooLong {
+                    lifetime: ten_years,
+                    max: day,
+                }),
+            ),
+            (600, 600, Ok(())),
+            (
+                601,
+                600,
+                Err(Refusal::LifetimeTooLong {
+                    lifetime: 601,
+                    max: 600,
+                }),
+            ),
+        ] {
+            p.max_job_lifetime = std::time::Duration::from_secs(max);
+            let mut s = spec("uptime");
+            s.expires_at = s.not_before + lifetime;
+            check(&SignedJob::sign(&s, "gw", &key(1)), &p, NOW, expected);
+        }
     }
 
     #[test]

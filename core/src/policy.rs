@@ -37,6 +37,16 @@ pub mod defaults {
     pub const MAX_APPROVALS: u32 = 10;
     /// `allow_dash` when not given.
     pub const ALLOW_DASH: bool = false;
+    /// `allow_format_chars` when not given.
+    pub const ALLOW_FORMAT_CHARS: bool = false;
+    /// `create` of a `path` argument when not given.
+    pub const CREATE: bool = false;
+    /// `max_job_lifetime` when not given: the longest `expires_at -
+    /// not_before` a job may be signed with.
+    pub const MAX_JOB_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+    /// Largest allowed `max_job_lifetime`. Agents keep a job id in their
+    /// seen-set for at most this long (plus the clock skew allowance).
+    pub const MAX_JOB_LIFETIME_CEILING: Duration = Duration::from_secs(30 * 24 * 3600);
 }
 
 /// A validated policy.
@@ -45,6 +55,9 @@ pub struct Policy {
     pub version: u64,
     /// Unix seconds after which agents refuse every job.
     pub expires: Option<u64>,
+    /// The longest validity window (`expires_at - not_before`) a job may be
+    /// signed with; longer ones are refused by the controller and agents.
+    pub max_job_lifetime: Duration,
     pub signers: Vec<Signer>,
     pub commands: BTreeMap<String, CommandDef>,
     pub roles: BTreeMap<String, Role>,
@@ -88,6 +101,12 @@ pub struct ArgSpec {
     pub kind: ArgKind,
     pub default: Option<String>,
     pub allow_dash: bool,
+    /// Lets Unicode format characters (category Cf: bidirectional controls,
+    /// zero-width joiners, soft hyphen, BOM), line/paragraph separators,
+    /// private-use and invisible filler characters through. Refused by
+    /// default in every kind: they make chat and audit lines show something
+    /// other than what runs. Control characters are refused regardless.
+    pub allow_format_chars: bool,
 }
 
 /// Argument kinds (DESIGN §3).
@@ -99,12 +118,19 @@ pub enum ArgKind {
     Int { min: i64, max: i64 },
     /// One of `values`, exactly.
     Enum { values: Vec<String> },
-    /// A full match of `source` (compiled as `^(?:source)$`).
-    Pattern { regex: regex::Regex, source: String },
+    /// A full match of `source`, with ASCII classes
+    /// ([`crate::argv::compile_pattern`]).
+    Pattern {
+        regex: regex::bytes::Regex,
+        source: String,
+    },
     /// An RFC 1123 host name.
     Hostname,
-    /// An absolute normalized path under one of `prefixes` (if any).
-    Path { prefixes: Vec<String> },
+    /// An absolute normalized path under one of `prefixes` (if any). With
+    /// prefixes, the agent resolves it beneath its prefix without following
+    /// symbolic links and hands the command the descriptor it checked;
+    /// `create` lets a missing file be created (empty, as `run_as`).
+    Path { prefixes: Vec<String>, create: bool },
     /// A duration such as `10s`, `5m`, `2h`, `1d`.
     Duration,
 }
@@ -118,7 +144,16 @@ impl PartialEq for ArgKind {
             (Enum { values: a }, Enum { values: b }) => a == b,
             (Pattern { source: a, .. }, Pattern { source: b, .. }) => a == b,
             (Hostname, Hostname) | (Duration, Duration) => true,
-            (Path { prefixes: a }, Path { prefixes: b }) => a == b,
+            (
+                Path {
+                    prefixes: a,
+                    create: c,
+                },
+                Path {
+                    prefixes: b,
+                    create: d,
+                },
+            ) => a == b && c == d,
             _ => false,
         }
     }
@@ -255,6 +290,7 @@ impl Signer {
 struct RawPolicy {
     version: Option<i64>,
     expires: Option<toml::Value>,
+    max_job_lifetime: Option<toml::Value>,
     #[serde(default)]
     signers: Vec<RawSigner>,
     #[serde(default)]
@@ -309,6 +345,8 @@ struct RawArg {
     prefixes: Option<Vec<String>>,
     default: Option<toml::Value>,
     allow_dash: Option<bool>,
+    allow_format_chars: Option<bool>,
+    create: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -394,6 +432,9 @@ impl Validator {
             Some(v) => v.unsigned_abs(),
         };
         let expires = raw.expires.and_then(|v| self.expires(v));
+        let max_job_lifetime = raw
+            .max_job_lifetime
+            .map_or(defaults::MAX_JOB_LIFETIME, |v| self.max_job_lifetime(v));
         let command_names: BTreeSet<String> = raw.commands.keys().cloned().collect();
 
         let mut signers: Vec<Signer> = Vec::new();
@@ -530,6 +571,7 @@ impl Validator {
         Policy {
             version,
             expires,
+            max_job_lifetime,
             signers,
             commands,
             roles,
@@ -565,6 +607,41 @@ impl Validator {
                     format!("\"{text}\" is not an RFC 3339 date-time with offset (e.g. 2027-03-01T00:00:00Z): {e}"),
                 );
                 None
+            }
+        }
+    }
+
+    fn max_job_lifetime(&mut self, v: toml::Value) -> Duration {
+        let parsed = match &v {
+            toml::Value::String(s) => parse_duration(s),
+            other => Err(format!(
+                "expected a duration such as \"24h\", got {}",
+                other.type_str()
+            )),
+        };
+        let ceiling = defaults::MAX_JOB_LIFETIME_CEILING;
+        match parsed {
+            Ok(d) if d < Duration::from_secs(1) => {
+                self.err(
+                    &["max_job_lifetime"],
+                    "max_job_lifetime must be at least 1s",
+                );
+                defaults::MAX_JOB_LIFETIME
+            }
+            Ok(d) if d > ceiling => {
+                self.err(
+                    &["max_job_lifetime"],
+                    format!(
+                        "max_job_lifetime must be at most {}",
+                        crate::duration::format_duration(ceiling)
+                    ),
+                );
+                defaults::MAX_JOB_LIFETIME
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(&["max_job_lifetime"], e);
+                defaults::MAX_JOB_LIFETIME
             }
         }
     }
@@ -738,7 +815,7 @@ impl Validator {
             "int" => &["min", "max"],
             "enum" => &["values"],
             "pattern" => &["pattern"],
-            "path" => &["prefixes"],
+            "path" => &["prefixes", "create"],
             "hostname" | "duration" => &[],
             other => {
                 self.err(
@@ -757,6 +834,7 @@ impl Validator {
             ("values", raw.values.is_some()),
             ("pattern", raw.pattern.is_some()),
             ("prefixes", raw.prefixes.is_some()),
+            ("create", raw.create.is_some()),
         ] {
             if present && !allowed.contains(&field) {
                 self.err(
@@ -800,7 +878,7 @@ impl Validator {
                     self.err(path, "kind \"pattern\" needs `pattern`");
                     return None;
                 };
-                match regex::Regex::new(&format!("^(?:{source})$")) {
+                match crate::argv::compile_pattern(&source) {
                     Ok(regex) => ArgKind::Pattern { regex, source },
                     Err(e) => {
                         let reason = e
@@ -826,7 +904,14 @@ impl Validator {
                         );
                     }
                 }
-                ArgKind::Path { prefixes }
+                let create = raw.create.unwrap_or(defaults::CREATE);
+                if create && prefixes.is_empty() {
+                    self.err(
+                        path,
+                        "`create` needs `prefixes`: a file is created only beneath one",
+                    );
+                }
+                ArgKind::Path { prefixes, create }
             }
             _ => ArgKind::Duration,
         };
@@ -849,7 +934,24 @@ impl Validator {
             kind,
             default,
             allow_dash: raw.allow_dash.unwrap_or(defaults::ALLOW_DASH),
+            allow_format_chars: raw
+                .allow_format_chars
+                .unwrap_or(defaults::ALLOW_FORMAT_CHARS),
         };
+        if spec.allow_format_chars
+            && matches!(
+                spec.kind,
+                ArgKind::Int { .. } | ArgKind::Hostname | ArgKind::Duration
+            )
+        {
+            self.err(
+                path,
+                format!(
+                    "`allow_format_chars` does not apply to kind \"{}\" (its values are ASCII)",
+                    spec.kind.name()
+                ),
+            );
+        }
         if let Some(d) = &spec.default
             && let Err(e) = validate_arg(name, &spec, d)
         {
@@ -1280,6 +1382,88 @@ argv = ["/bin/true"]
             "signers[0].may_sign",
             "unknown command \"nope\"",
         );
+    }
+
+    #[test]
+    fn argument_options_of_path_and_format_characters() {
+        let cmd =
+            |arg: &str| format!("[commands.r]\nargv = [\"/bin/x\", \"{{a}}\"]\nargs.a = {arg}\n");
+        check(
+            &cmd(r#"{ kind = "path", create = true }"#),
+            Some(7),
+            "commands.r.args.a",
+            "`create` needs `prefixes`",
+        );
+        check(
+            &cmd(r#"{ kind = "text", create = true }"#),
+            Some(7),
+            "commands.r.args.a",
+            "`create` does not apply to kind \"text\"",
+        );
+        for kind in ["int", "hostname", "duration"] {
+            check(
+                &cmd(&format!(
+                    "{{ kind = \"{kind}\", allow_format_chars = true }}"
+                )),
+                Some(7),
+                "commands.r.args.a",
+                "`allow_format_chars` does not apply",
+            );
+        }
+        check(
+            &cmd(r#"{ kind = "text", default = "a\u202eb" }"#),
+            Some(7),
+            "commands.r.args.a",
+            "U+202E",
+        );
+        let text = format!(
+            "{BASE}{}",
+            cmd(r#"{ kind = "path", prefixes = ["/var/log"], create = true }"#)
+        );
+        let p = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            p.commands["r"].args["a"].kind,
+            ArgKind::Path {
+                prefixes: vec!["/var/log".into()],
+                create: true
+            }
+        );
+        let text = format!(
+            "{BASE}{}",
+            cmd(r#"{ kind = "text", allow_format_chars = true }"#)
+        );
+        let p = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.commands["r"].args["a"].allow_format_chars);
+    }
+
+    #[test]
+    fn max_job_lifetime_setting() {
+        let parse = |extra: &str| Policy::parse(&format!("version = 1\n{extra}"));
+        assert_eq!(
+            parse("").map(|p| p.max_job_lifetime),
+            Ok(defaults::MAX_JOB_LIFETIME)
+        );
+        assert_eq!(
+            parse("max_job_lifetime = \"2h\"").map(|p| p.max_job_lifetime),
+            Ok(Duration::from_secs(7200))
+        );
+        assert_eq!(
+            parse("max_job_lifetime = \"30d\"").map(|p| p.max_job_lifetime),
+            Ok(defaults::MAX_JOB_LIFETIME_CEILING)
+        );
+        for (value, part) in [
+            ("\"31d\"", "must be at most 30d"),
+            ("\"0s\"", "must be at least 1s"),
+            ("\"10 years\"", "invalid duration"),
+            ("86400", "expected a duration such as \"24h\", got integer"),
+        ] {
+            let text = format!("max_job_lifetime = {value}");
+            let err = parse(&text).expect_err(&text).to_string();
+            assert!(
+                err.contains("line 2: max_job_lifetime: ") && err.contains(part),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]

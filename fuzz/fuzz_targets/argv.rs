@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use fleetcmd_core::argv::{bind_positional, build_argv};
+use fleetcmd_core::argv::{bind_positional, build_argv, validate_arg};
 use fleetcmd_core::policy::Policy;
 use libfuzzer_sys::fuzz_target;
 
@@ -75,7 +75,11 @@ fuzz_target!(|data: &[u8]| {
                         .get(name)
                         .or(def.args[name].default.as_ref())
                         .expect("build_argv succeeded, so a value or default exists");
-                    assert_eq!(got, want, "placeholder {elem} must be its value verbatim");
+                    // The value's canonical form (an `int` in plain decimal,
+                    // a `duration` trimmed), exactly as validated.
+                    let canonical = validate_arg(name, &def.args[name], want)
+                        .expect("build_argv succeeded, so the value is valid");
+                    assert_eq!(got, &canonical, "placeholder {elem} must be its canonical value");
                     if got.starts_with('-') {
                         assert!(def.args[name].allow_dash, "dash value accepted for {name}");
                     }

@@ -72,7 +72,7 @@ pub(super) async fn run(
             format!("timed out after {}", humantime(timeout)),
         ),
         Termination::Canceled => (CheckState::Unknown, "canceled".to_owned()),
-        Termination::SpawnFailed(e) => (CheckState::Unknown, e),
+        Termination::SpawnFailed(e) | Termination::PathRefused(e) => (CheckState::Unknown, e),
     };
     Outcome {
         state,

@@ -18,7 +18,7 @@ use crate::support::*;
 fn widened(fleet: &TestFleet, version: u64) -> String {
     let dir = fleet.path().display().to_string();
     format!(
-        "{}\n[commands.evil]\nargv = [\"/usr/bin/touch\", \"{{path}}\"]\nargs.path = {{ kind = \"path\", prefixes = [\"{dir}\"] }}\n",
+        "{}\n[commands.evil]\nargv = [\"/usr/bin/touch\", \"{{path}}\"]\nargs.path = {{ kind = \"path\", prefixes = [\"{dir}\"], create = true }}\n",
         security_policy(fleet, version)
     )
 }

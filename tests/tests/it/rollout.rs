@@ -14,13 +14,13 @@ const EXTRA: &str = r#"
 [commands.stamp]
 description = "Record start and end times around a short sleep"
 argv = ["/bin/sh", "-c", "echo S $(date +%s%N) >> \"$1\"; sleep 0.4; echo E $(date +%s%N) >> \"$1\"", "sh", "{path}"]
-args.path = { kind = "path", prefixes = ["@DIR@"] }
+args.path = { kind = "path", prefixes = ["@DIR@"], create = true }
 timeout = "10s"
 
 [commands.tree]
 description = "A long sleep with a child of its own"
 argv = ["/bin/sh", "-c", "sleep 600 & echo $! >> \"$1\"; wait", "sh", "{path}"]
-args.path = { kind = "path", prefixes = ["@DIR@"] }
+args.path = { kind = "path", prefixes = ["@DIR@"], create = true }
 timeout = "1h"
 "#;
 

@@ -15,19 +15,19 @@ const SECURITY_COMMANDS: &str = r#"
 [commands.mark]
 description = "Create a marker file"
 argv = ["/usr/bin/touch", "{path}"]
-args.path = { kind = "path", prefixes = ["@DIR@"] }
+args.path = { kind = "path", prefixes = ["@DIR@"], create = true }
 timeout = "10s"
 
 [commands.append]
 description = "Append one line to a file"
 argv = ["/bin/sh", "-c", "echo x >> \"$1\"", "sh", "{path}"]
-args.path = { kind = "path", prefixes = ["@DIR@"] }
+args.path = { kind = "path", prefixes = ["@DIR@"], create = true }
 timeout = "10s"
 
 [commands.sh_tree]
 description = "A shell with a grandchild that outlives the timeout"
 argv = ["/bin/sh", "-c", "sleep 30 & echo $! > \"$1\"; wait", "sh", "{pidfile}"]
-args.pidfile = { kind = "path", prefixes = ["@DIR@"] }
+args.pidfile = { kind = "path", prefixes = ["@DIR@"], create = true }
 timeout = "1s"
 
 [commands.flood]
