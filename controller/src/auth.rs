@@ -1,6 +1,7 @@
 //! Authentication of every RPC but `Join`: the TLS layer has verified the
 //! client certificate against the fleet CA; here its role must match the
-//! service and a revoked agent is refused at once (DESIGN §2.2).
+//! service, and a revoked agent or revoked operator/gateway certificate is
+//! refused at once (DESIGN §2.2).
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -60,6 +61,16 @@ pub fn require(
             return Err(Status::permission_denied(format!(
                 "agent {} is revoked",
                 peer.name
+            )));
+        }
+        if shared.certs.is_revoked(&peer) {
+            shared.security_event(
+                auth_failed(&req, crate::audit::peer_actor(&peer))
+                    .detail(format!("revoked certificate (serial {}) used", peer.serial)),
+            );
+            return Err(Status::permission_denied(format!(
+                "the {} certificate of {} is revoked",
+                peer.role, peer.name
             )));
         }
         req.extensions_mut().insert(peer);

@@ -49,14 +49,43 @@ fn issue(
     role: &str,
     name: &str,
     out: &std::path::Path,
-    days: u64,
+    days: Option<u64>,
 ) -> anyhow::Result<()> {
     let role = match Role::parse(role) {
         Some(r @ (Role::Operator | Role::Gateway)) => r,
         _ => anyhow::bail!("--role must be `operator` or `gateway`, got {role:?}"),
     };
-    let ca = Ca::load_or_create(&config.data_dir.join("pki"))?;
-    let id = ca.issue_identity(role, name, std::time::Duration::from_secs(days * 86400))?;
+    let ttl = match (days, role) {
+        (Some(0), _) => anyhow::bail!("--days must be at least 1"),
+        (Some(d), _) => std::time::Duration::from_secs(d.saturating_mul(86400)),
+        (None, Role::Gateway) => config.gateway_cert_ttl,
+        (None, _) => config.operator_cert_ttl,
+    };
+    let pki = config.data_dir.join("pki");
+    let ca = Ca::load_or_create(&pki)?;
+    let id = ca.issue_identity(role, name, ttl)?;
+    let peer = fleetcmd_controller::pki::pem_to_der(&id.cert_pem)
+        .and_then(|der| fleetcmd_controller::pki::peer_from_cert(&der))
+        .ok_or_else(|| anyhow::anyhow!("the issued certificate does not read back"))?;
+    // What was issued, for the admins' inventory (`fleetcmd certs revoke`
+    // by name needs no list: it refuses every certificate of that name
+    // issued before the revocation).
+    {
+        use std::io::Write;
+        let line = serde_json::json!({
+            "role": role.as_str(),
+            "name": name,
+            "serial": peer.serial,
+            "issued_at": peer.issued_at,
+            "ttl_secs": ttl.as_secs(),
+        });
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(pki.join("issued.jsonl"))?;
+        writeln!(log, "{line}")?;
+        log.sync_all()?;
+    }
     std::fs::create_dir_all(out)?;
     write_private(
         &out.join(format!("{name}.key")),
@@ -65,8 +94,10 @@ fn issue(
     std::fs::write(out.join(format!("{name}.crt")), &id.cert_pem)?;
     std::fs::write(out.join("ca.crt"), ca.cert_pem())?;
     println!(
-        "wrote {0}/{name}.crt, {0}/{name}.key and {0}/ca.crt",
-        out.display()
+        "wrote {0}/{name}.crt, {0}/{name}.key and {0}/ca.crt (serial {1}, valid {2} days)",
+        out.display(),
+        peer.serial,
+        ttl.as_secs() / 86400
     );
     Ok(())
 }

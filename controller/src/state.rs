@@ -186,6 +186,8 @@ pub struct Shared {
     /// Job and RPC counters for `/metrics` (fleet gauges are rendered from
     /// `list_agents` at scrape time).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Revoked operator and gateway certificates (`crate::revocation`).
+    pub certs: Arc<crate::revocation::Revocations>,
 }
 
 /// A job `store_submission` wrote (not yet flushed).
@@ -309,7 +311,9 @@ impl Shared {
             config.services.clone(),
             config.host_alerts.clone(),
         )?);
+        let certs = Arc::new(crate::revocation::Revocations::load(store.as_ref())?);
         let shared = Shared {
+            certs,
             health,
             flusher,
             dispatch_tx,

@@ -17,6 +17,7 @@ mod health;
 mod job_signatures;
 mod live;
 mod notify;
+mod operators;
 mod policy_trust;
 mod prometheus;
 mod rollout;
