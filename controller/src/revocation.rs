@@ -280,4 +280,31 @@ mod tests {
             assert_eq!(rev.covers(&p), covered, "{rev:?} {p:?}");
         }
     }
+
+    #[test]
+    fn revocations_survive_a_reopen_of_the_store() {
+        use crate::store::SledStore;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rec = CertRevocation {
+            role: "gateway".into(),
+            name: "main".into(),
+            serial: Some("0a1b".into()),
+            revoked_at: 7,
+            by: "cli:admin".into(),
+            reason: "key leaked".into(),
+        };
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            let revs = Revocations::load(&store).expect("load");
+            assert!(revs.list().is_empty());
+            revs.store(&store, &rec).expect("store");
+            store.flush().expect("flush");
+            store.close();
+        }
+        let store = SledStore::open(dir.path()).expect("reopen");
+        let revs = Revocations::load(&store).expect("load");
+        assert_eq!(revs.list(), vec![rec]);
+        assert!(revs.is_revoked(&peer(Role::Gateway, "main", "0a1b", 1)));
+        assert!(!revs.is_revoked(&peer(Role::Gateway, "main", "0a1c", 1)));
+    }
 }
