@@ -64,10 +64,17 @@ pub fn require(
             )));
         }
         if shared.certs.is_revoked(&peer) {
-            shared.security_event(
-                auth_failed(&req, crate::audit::peer_actor(&peer))
-                    .detail(format!("revoked certificate (serial {}) used", peer.serial)),
-            );
+            // A revoked gateway or script retries forever: recorded at the
+            // same bounded rate per address as anonymous calls.
+            let ip = req.remote_addr().map(|a| a.ip());
+            if let Some(suppressed) = shared.auth_limiter.admit(ip) {
+                let mut event = auth_failed(&req, crate::audit::peer_actor(&peer))
+                    .detail(format!("revoked certificate (serial {}) used", peer.serial));
+                if suppressed > 0 {
+                    event = event.field("suppressed_before", suppressed);
+                }
+                shared.security_event(event);
+            }
             return Err(Status::permission_denied(format!(
                 "the {} certificate of {} is revoked",
                 peer.role, peer.name

@@ -437,3 +437,56 @@ async fn revoked_operator_and_gateway_certificates_are_cut_off_at_once() {
     let done = as_op(&fleet, &alice, &["cancel", &web_job]).await;
     assert!(done.ok, "{}", done.stderr);
 }
+
+/// `issue-cert` gives operators 7 days and gateways 30 by default, prints
+/// the serial, and appends what it issued to `pki/issued.jsonl`.
+#[test]
+fn issue_cert_defaults_to_short_lifetimes_and_records_what_it_issued() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("controller.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\npolicy_roots = [\"{}\"]\n",
+            dir.path().join("data").display(),
+            stranger_key().public_key()
+        ),
+    )
+    .expect("config");
+    let mut serials = Vec::new();
+    for (role, name, days) in [("operator", "alice", 7), ("gateway", "main", 30)] {
+        let out = std::process::Command::new(bin("fleetcmd-controller"))
+            .arg("-c")
+            .arg(&cfg)
+            .args(["issue-cert", "--role", role, "--name", name, "--out"])
+            .arg(dir.path().join(name))
+            .output()
+            .expect("issue-cert runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(&format!("valid {days} days")), "{stdout}");
+        let pem = std::fs::read_to_string(dir.path().join(name).join(format!("{name}.crt")))
+            .expect("certificate written");
+        let peer = fleetcmd_controller::pki::pem_to_der(&pem)
+            .and_then(|der| fleetcmd_controller::pki::peer_from_cert(&der))
+            .expect("certificate reads back");
+        assert!(stdout.contains(&peer.serial), "{stdout}");
+        serials.push((role, name, days, peer.serial));
+    }
+    let log = std::fs::read_to_string(dir.path().join("data/pki/issued.jsonl")).expect("log");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    for (line, (role, name, days, serial)) in lines.iter().zip(&serials) {
+        assert_eq!(line["role"], *role, "{line}");
+        assert_eq!(line["name"], *name, "{line}");
+        assert_eq!(line["serial"], serial.as_str(), "{line}");
+        assert_eq!(line["ttl_secs"], days * 86400, "{line}");
+    }
+}
