@@ -98,16 +98,25 @@ pub fn check_read(shared: &Shared, peer: &Peer, job: &pb::Job) -> ApiResult<()> 
     }
 }
 
-/// `Jobs.List`: the jobs the caller may see (others are left out, not
-/// refused).
-pub fn visible_jobs(shared: &Shared, peer: &Peer, jobs: Vec<pb::Job>) -> ApiResult<Vec<pb::Job>> {
-    Ok(match caller(shared, peer)? {
-        Caller::Gateway => jobs,
-        Caller::Operator(who, policy) => jobs
-            .into_iter()
-            .filter(|j| sees(&who, policy.as_ref(), j))
-            .collect(),
-    })
+/// `Jobs.List`: the newest jobs the caller may see (others are left out,
+/// not refused).
+pub fn list_jobs(
+    shared: &Shared,
+    peer: &Peer,
+    limit: u32,
+    requester: &str,
+    state: &str,
+) -> ApiResult<Vec<pb::Job>> {
+    match caller(shared, peer)? {
+        Caller::Gateway => shared.list_jobs(limit, requester, state),
+        Caller::Operator(who, policy) => {
+            let keep = |job: JobFacts<'_>| match &policy {
+                Some(p) => rbac::may_see_job(p, &who, CLI_CHANNEL, job),
+                None => job.requester == who.as_str(),
+            };
+            shared.list_jobs_where(limit, requester, state, Some(&keep))
+        }
+    }
 }
 
 /// `Jobs.Cancel`: its requester, whoever could run it, or `jobs.cancel_any`.

@@ -226,9 +226,8 @@ impl pb::jobs_server::Jobs for Svc {
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let peer = admitted(&req)?;
         let req = req.into_inner();
-        let jobs = self.0.list_jobs(req.limit, &req.requester, &req.state)?;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: crate::access::visible_jobs(&self.0, &peer, jobs)?,
+            jobs: crate::access::list_jobs(&self.0, &peer, req.limit, &req.requester, &req.state)?,
         }))
     }
 

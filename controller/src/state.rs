@@ -1779,8 +1779,20 @@ impl Shared {
 
     /// Newest first, optionally only one requester's and/or one state.
     pub fn list_jobs(&self, limit: u32, requester: &str, state: &str) -> ApiResult<Vec<pb::Job>> {
+        self.list_jobs_where(limit, requester, state, None)
+    }
+
+    /// [`Shared::list_jobs`] keeping only the jobs `keep` accepts (those the
+    /// asker may read), so `limit` counts readable jobs.
+    pub fn list_jobs_where(
+        &self,
+        limit: u32,
+        requester: &str,
+        state: &str,
+        keep: Option<&dyn Fn(fleetcmd_core::rbac::JobFacts<'_>) -> bool>,
+    ) -> ApiResult<Vec<pb::Job>> {
         let limit = if limit == 0 { 20 } else { limit.min(500) } as usize;
-        let filtered = !requester.is_empty() || !state.is_empty();
+        let filtered = !requester.is_empty() || !state.is_empty() || keep.is_some();
         let mut out = Vec::new();
         for rec in self
             .store
@@ -1790,6 +1802,16 @@ impl Shared {
                 || (!state.is_empty() && rec.state != state)
             {
                 continue;
+            }
+            if let Some(keep) = keep {
+                let facts = fleetcmd_core::rbac::JobFacts {
+                    requester: &rec.requester,
+                    command: &rec.command,
+                    selector: &rec.selector,
+                };
+                if !keep(facts) {
+                    continue;
+                }
             }
             out.push(self.job_to_proto(rec)?);
             if out.len() >= limit {
