@@ -19,7 +19,7 @@ use crate::controller::ControllerApi;
 use crate::router::Router;
 
 /// Events posted by default.
-pub const DEFAULT_KINDS: [EventKind; 9] = [
+pub const DEFAULT_KINDS: [EventKind; 10] = [
     EventKind::ApprovalRequested,
     EventKind::ApprovalGiven,
     EventKind::ApprovalDenied,
@@ -29,6 +29,7 @@ pub const DEFAULT_KINDS: [EventKind; 9] = [
     EventKind::PolicyPushed,
     EventKind::PolicyRefused,
     EventKind::AgentRevoked,
+    EventKind::CertRevoked,
 ];
 /// Lines in one post; the rest is summarized with a search hint.
 pub const MAX_LINES: usize = 20;

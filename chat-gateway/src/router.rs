@@ -20,7 +20,9 @@ use fleetcmd_core::ids::JobId;
 use fleetcmd_core::job::{JobSpec, SignedJob};
 use fleetcmd_core::policy::{CommandDef, Policy, Role};
 use fleetcmd_core::policy_bundle::{PolicySignature, bundle_hash, check_rollback, verify_bundle};
-use fleetcmd_core::rbac::{check_run, commands_for, roles_of};
+use fleetcmd_core::rbac::{
+    JobFacts, check_run, commands_for, may_cancel_job, may_read_record, may_see_job, roles_of,
+};
 use fleetcmd_core::selector::Selector;
 use fleetcmd_proto::v1;
 use futures_util::StreamExt;
@@ -37,6 +39,8 @@ pub const FOLLOW_SLACK: Duration = Duration::from_secs(60);
 pub const AUDIT_CHAT_RECORDS: usize = 20;
 /// Records asked of the controller per chat `audit` (before read filtering).
 const AUDIT_SEARCH_LIMIT: u32 = 200;
+/// Jobs looked up per chat `audit` to decide whether their records show.
+const AUDIT_JOB_LOOKUPS: usize = 50;
 /// Minimum time between two progress edits of a running job's message.
 pub const PROGRESS_EDIT_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -377,8 +381,9 @@ impl<C: ControllerApi> Router<C> {
     }
 
     /// `audit QUERY`: the newest matching records the asker may read —
-    /// their own, those about commands their roles here include, or all of
-    /// them for a role with `*` (DESIGN §2.12).
+    /// their own, those about jobs `job` would show them, those about no
+    /// job naming a command their roles here include, or all of them with
+    /// `audit.read_all`.
     async fn audit(&self, msg: &Incoming, query: &str) -> Reply {
         let who = msg.identity.as_str();
         let p = match self.policy_for_reads(msg).await {
@@ -440,29 +445,36 @@ impl<C: ControllerApi> Router<C> {
                 ));
             }
         };
-        let roles = roles_of(&p.policy, &msg.identity);
-        let everything = roles
-            .iter()
-            .any(|r| in_channel(r, &msg.channel) && r.commands.iter().any(|c| c == "*"));
-        let readable: Vec<&str> = commands_for(&p.policy, &msg.identity, &msg.channel)
-            .iter()
-            .map(|c| c.name.as_str())
-            .collect();
-        let lines: Vec<String> = resp
-            .records
-            .iter()
-            .filter_map(|l| match serde_json::from_str::<ExportLine>(l) {
-                Ok(ExportLine::Record(r)) => Some(r),
-                _ => None,
-            })
-            .filter(|r| {
-                everything
-                    || r.event.actor == who
-                    || (!r.event.command.is_empty() && readable.contains(&r.event.command.as_str()))
-            })
-            .take(AUDIT_CHAT_RECORDS)
-            .map(|r| r.line())
-            .collect();
+        // A record about a job is shown exactly when `job` would show that
+        // job (`rbac::may_read_record`), so its job is looked up; records
+        // about jobs past the lookup budget, or unknown, stay hidden.
+        let mut jobs: std::collections::HashMap<String, Option<v1::Job>> = Default::default();
+        let mut lines: Vec<String> = Vec::new();
+        let records =
+            resp.records
+                .iter()
+                .filter_map(|l| match serde_json::from_str::<ExportLine>(l) {
+                    Ok(ExportLine::Record(r)) => Some(r),
+                    _ => None,
+                });
+        for r in records {
+            if lines.len() >= AUDIT_CHAT_RECORDS {
+                break;
+            }
+            let id = &r.event.job_id;
+            if !id.is_empty() && !jobs.contains_key(id) && jobs.len() < AUDIT_JOB_LOOKUPS {
+                let job = self.ctl.get_job(id.clone()).await.ok();
+                jobs.insert(id.clone(), job);
+            }
+            let facts = jobs.get(id).and_then(Option::as_ref).map(|j| JobFacts {
+                requester: &j.requester,
+                command: &j.command,
+                selector: &j.selector,
+            });
+            if may_read_record(&p.policy, &msg.identity, &msg.channel, &r.event, facts) {
+                lines.push(r.line());
+            }
+        }
         let mut reply = Reply::text(format!(
             "audit: {} record{} for `{query}`, newest first{}",
             lines.len(),
@@ -623,14 +635,17 @@ impl<C: ControllerApi> Router<C> {
         }
     }
 
-    fn may_see(policy: &Policy, msg: &Incoming, job: &v1::Job) -> bool {
-        if job.requester == msg.identity.as_str() {
-            return true;
+    fn facts(job: &v1::Job) -> JobFacts<'_> {
+        JobFacts {
+            requester: &job.requester,
+            command: &job.command,
+            selector: &job.selector,
         }
-        let Ok(sel) = Selector::parse(&job.selector) else {
-            return false;
-        };
-        check_run(policy, &msg.identity, &msg.channel, &job.command, &sel).is_ok()
+    }
+
+    /// The same rule as the controller's for operators (`rbac::may_see_job`).
+    fn may_see(policy: &Policy, msg: &Incoming, job: &v1::Job) -> bool {
+        may_see_job(policy, &msg.identity, &msg.channel, Self::facts(job))
     }
 
     async fn job(&self, msg: &Incoming, id: String) -> Reply {
@@ -655,7 +670,9 @@ impl<C: ControllerApi> Router<C> {
             Err(r) => return r,
         };
         match self.ctl.get_job(id.clone()).await {
-            Ok(job) if Self::may_see(&p.policy, msg, &job) => {
+            Ok(job)
+                if may_cancel_job(&p.policy, &msg.identity, &msg.channel, Self::facts(&job)) =>
+            {
                 match self.ctl.cancel(job.job_id.clone(), who.to_string()).await {
                     Ok(job) => render::job_for(&job, who),
                     Err(e) => Reply::text(format!("job {id}: {}{}", e.message, asked_by(who))),

@@ -71,6 +71,11 @@ pub enum Cmd {
         #[command(subcommand)]
         action: policy_cmd::PolicyCmd,
     },
+    /// Revoke operator and gateway certificates, list revocations.
+    Certs {
+        #[command(subcommand)]
+        action: crate::certs_cmd::CertsCmd,
+    },
     /// Verify, export and search the audit trail.
     Audit {
         #[command(subcommand)]

@@ -73,6 +73,9 @@ timeout = "10s"
 
 [roles.admin]
 commands = ["*"]
+# Beyond running commands: read and cancel every job, search and export the
+# audit trail, create tokens for any labels, revoke agents and certificates.
+may = ["*"]
 
 [[bindings]]
 subjects = ["console:*", "cli:*"]
@@ -206,6 +209,8 @@ impl Fleet {
             policy_roots: roots,
             policy_threshold: opts.policy_threshold,
             agent_cert_ttl: opts.agent_cert_ttl,
+            operator_cert_ttl: Duration::from_secs(7 * 86400),
+            gateway_cert_ttl: Duration::from_secs(30 * 86400),
             heartbeat_interval: opts.heartbeat,
             job_retention: opts.job_retention,
             job_store_max_bytes: opts.job_store_max_bytes,
@@ -309,10 +314,7 @@ impl Fleet {
                 })
                 .collect(),
         };
-        let peer = Peer {
-            role: Role::Operator,
-            name: OPERATOR_NAME.into(),
-        };
+        let peer = Peer::in_process(Role::Operator, OPERATOR_NAME);
         let cur = self
             .controller
             .shared()

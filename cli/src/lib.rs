@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 pub mod audit_cmd;
+pub mod certs_cmd;
 pub mod cli_args;
 pub mod client;
 pub mod dev;

@@ -62,6 +62,7 @@ fn main() -> ExitCode {
             Cmd::Jobs { mine, state, limit } => client::jobs(&conn, mine, state, limit).await,
             Cmd::Cancel { id } => client::cancel(&conn, &id).await,
             Cmd::Policy { action } => policy_cmd::run(&conn, action).await,
+            Cmd::Certs { action } => fleetcmd_cli::certs_cmd::run(&conn, action).await,
             Cmd::Audit { action } => fleetcmd_cli::audit_cmd::run(&conn, action).await,
             Cmd::Health {
                 action: Some(action),

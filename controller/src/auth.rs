@@ -1,6 +1,7 @@
 //! Authentication of every RPC but `Join`: the TLS layer has verified the
 //! client certificate against the fleet CA; here its role must match the
-//! service and a revoked agent is refused at once (DESIGN §2.2).
+//! service, and a revoked agent or revoked operator/gateway certificate is
+//! refused at once (DESIGN §2.2).
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -60,6 +61,23 @@ pub fn require(
             return Err(Status::permission_denied(format!(
                 "agent {} is revoked",
                 peer.name
+            )));
+        }
+        if shared.certs.is_revoked(&peer) {
+            // A revoked gateway or script retries forever: recorded at the
+            // same bounded rate per address as anonymous calls.
+            let ip = req.remote_addr().map(|a| a.ip());
+            if let Some(suppressed) = shared.auth_limiter.admit(ip) {
+                let mut event = auth_failed(&req, crate::audit::peer_actor(&peer))
+                    .detail(format!("revoked certificate (serial {}) used", peer.serial));
+                if suppressed > 0 {
+                    event = event.field("suppressed_before", suppressed);
+                }
+                shared.security_event(event);
+            }
+            return Err(Status::permission_denied(format!(
+                "the {} certificate of {} is revoked",
+                peer.role, peer.name
             )));
         }
         req.extensions_mut().insert(peer);

@@ -43,9 +43,10 @@ pub enum Cmd {
         /// Directory to write NAME.crt, NAME.key and ca.crt into.
         #[arg(long)]
         out: PathBuf,
-        /// Certificate lifetime in days.
-        #[arg(long, default_value_t = 90)]
-        days: u64,
+        /// Certificate lifetime in days (default: `operator_cert_ttl` or
+        /// `gateway_cert_ttl` of controller.toml, 7 and 30 days).
+        #[arg(long)]
+        days: Option<u64>,
         /// Replace existing regular files (symlinks and other non-regular
         /// files are never replaced).
         #[arg(long)]

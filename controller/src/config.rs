@@ -20,6 +20,10 @@ pub struct RawConfig {
     pub policy_roots: Vec<String>,
     pub policy_threshold: usize,
     pub agent_cert_ttl: String,
+    /// Default lifetime of `issue-cert --role operator` certificates.
+    pub operator_cert_ttl: String,
+    /// Default lifetime of `issue-cert --role gateway` certificates.
+    pub gateway_cert_ttl: String,
     pub heartbeat_interval: String,
     /// Finished jobs (with their output) are deleted after this long.
     pub job_retention: String,
@@ -52,6 +56,8 @@ impl Default for RawConfig {
             policy_roots: Vec::new(),
             policy_threshold: 1,
             agent_cert_ttl: "24h".into(),
+            operator_cert_ttl: "7d".into(),
+            gateway_cert_ttl: "30d".into(),
             heartbeat_interval: "10s".into(),
             job_retention: "30d".into(),
             job_store_max_bytes: 10 * 1024 * 1024 * 1024,
@@ -74,6 +80,8 @@ pub struct ControllerConfig {
     pub policy_roots: Vec<PublicKey>,
     pub policy_threshold: usize,
     pub agent_cert_ttl: Duration,
+    pub operator_cert_ttl: Duration,
+    pub gateway_cert_ttl: Duration,
     pub heartbeat_interval: Duration,
     pub job_retention: Duration,
     pub job_store_max_bytes: u64,
@@ -141,6 +149,21 @@ impl RawConfig {
             &self.agent_cert_ttl,
             Duration::from_secs(3),
             Duration::from_secs(90 * 86400),
+        );
+        // Operator and gateway certificates are not renewed automatically;
+        // revocation cuts one off at once, the lifetime bounds a stolen one
+        // nobody noticed.
+        let operator_cert_ttl = duration(
+            "operator_cert_ttl",
+            &self.operator_cert_ttl,
+            Duration::from_secs(60),
+            Duration::from_secs(365 * 86400),
+        );
+        let gateway_cert_ttl = duration(
+            "gateway_cert_ttl",
+            &self.gateway_cert_ttl,
+            Duration::from_secs(60),
+            Duration::from_secs(365 * 86400),
         );
         let heartbeat_interval = duration(
             "heartbeat_interval",
@@ -223,6 +246,8 @@ impl RawConfig {
                 policy_roots: roots,
                 policy_threshold: self.policy_threshold,
                 agent_cert_ttl,
+                operator_cert_ttl,
+                gateway_cert_ttl,
                 heartbeat_interval,
                 job_retention,
                 job_store_max_bytes: self.job_store_max_bytes,

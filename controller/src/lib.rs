@@ -3,6 +3,7 @@
 //! durable results in the store. It is not trusted to run code: it forwards
 //! signed jobs that the agents verify themselves (DESIGN §2).
 
+pub mod access;
 pub mod audit;
 pub mod auth;
 pub mod cli_args;
@@ -12,6 +13,7 @@ pub mod health;
 pub mod keyfile;
 pub mod metrics;
 pub mod pki;
+pub mod revocation;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -51,7 +51,7 @@ fn issue(
     role: &str,
     name: &str,
     out: &std::path::Path,
-    days: u64,
+    days: Option<u64>,
     force: bool,
 ) -> anyhow::Result<()> {
     let existing = if force {
@@ -63,27 +63,59 @@ fn issue(
         Some(r @ (Role::Operator | Role::Gateway)) => r,
         _ => anyhow::bail!("--role must be `operator` or `gateway`, got {role:?}"),
     };
-    let ca = Ca::load_or_create(&config.data_dir.join("pki"))?;
-    let id = ca.issue_identity(role, name, std::time::Duration::from_secs(days * 86400))?;
+    let ttl = match (days, role) {
+        (Some(0), _) => anyhow::bail!("--days must be at least 1"),
+        (Some(d), _) => std::time::Duration::from_secs(d.saturating_mul(86400)),
+        (None, Role::Gateway) => config.gateway_cert_ttl,
+        (None, _) => config.operator_cert_ttl,
+    };
+    // All three files are checked before anything is issued or written:
+    // nothing half-done, and nothing logged as issued that was not.
     std::fs::create_dir_all(out)?;
-    let files = [
-        (
-            out.join(format!("{name}.key")),
-            id.key_pem.expose().as_bytes(),
-        ),
-        (out.join(format!("{name}.crt")), id.cert_pem.as_bytes()),
-        (out.join("ca.crt"), ca.cert_pem().as_bytes()),
-    ];
-    // All three are checked before any is written: nothing half-done.
-    for (path, _) in &files {
+    let key_path = out.join(format!("{name}.key"));
+    let cert_path = out.join(format!("{name}.crt"));
+    let ca_path = out.join("ca.crt");
+    for path in [&key_path, &cert_path, &ca_path] {
         check_target(path, existing)?;
     }
+    let pki = config.data_dir.join("pki");
+    let ca = Ca::load_or_create(&pki)?;
+    let id = ca.issue_identity(role, name, ttl)?;
+    let peer = fleetcmd_controller::pki::pem_to_der(&id.cert_pem)
+        .and_then(|der| fleetcmd_controller::pki::peer_from_cert(&der))
+        .ok_or_else(|| anyhow::anyhow!("the issued certificate does not read back"))?;
+    // What was issued, for the admins' inventory (`fleetcmd certs revoke`
+    // by name needs no list: it refuses every certificate of that name
+    // issued before the revocation).
+    {
+        use std::io::Write;
+        let line = serde_json::json!({
+            "role": role.as_str(),
+            "name": name,
+            "serial": peer.serial,
+            "issued_at": peer.issued_at,
+            "ttl_secs": ttl.as_secs(),
+        });
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(pki.join("issued.jsonl"))?;
+        writeln!(log, "{line}")?;
+        log.sync_all()?;
+    }
+    let files = [
+        (key_path, id.key_pem.expose().as_bytes()),
+        (cert_path, id.cert_pem.as_bytes()),
+        (ca_path, ca.cert_pem().as_bytes()),
+    ];
     for (path, contents) in &files {
         write_private(path, contents, existing)?;
     }
     println!(
-        "wrote {0}/{name}.crt, {0}/{name}.key and {0}/ca.crt",
-        out.display()
+        "wrote {0}/{name}.crt, {0}/{name}.key and {0}/ca.crt (serial {1}, valid {2} days)",
+        out.display(),
+        peer.serial,
+        ttl.as_secs() / 86400
     );
     Ok(())
 }

@@ -54,6 +54,40 @@ impl std::fmt::Display for Role {
 pub struct Peer {
     pub role: Role,
     pub name: String,
+    /// The certificate's serial number, lowercase hex without leading
+    /// zeros (empty for an in-process caller without a certificate).
+    pub serial: String,
+    /// When the certificate was issued (Unix seconds; see [`issued_at`]).
+    pub issued_at: u64,
+}
+
+impl Peer {
+    /// A caller inside the controller's process (`fleetcmd dev`), with no
+    /// certificate of its own.
+    pub fn in_process(role: Role, name: &str) -> Peer {
+        Peer {
+            role,
+            name: name.to_owned(),
+            serial: String::new(),
+            issued_at: 0,
+        }
+    }
+}
+
+/// How far `leaf_params` back-dates `not_before` for a lifetime: 5 minutes
+/// for clock skew, but never more than a quarter of the lifetime.
+fn backdate(ttl: Duration) -> Duration {
+    Duration::from_secs(300).min(ttl / 4)
+}
+
+/// When a certificate made by `leaf_params` was issued, from its validity
+/// (Unix seconds): the inverse of `backdate`. The span is `ttl + backdate`,
+/// so the back-dating is `min(300, span / 5)`. Revocation by name compares
+/// this with the revocation time: certificates issued before it are
+/// refused, one issued after it (a replacement) is not.
+pub fn issued_at(not_before: u64, not_after: u64) -> u64 {
+    let span = not_after.saturating_sub(not_before);
+    not_before + (span / 5).min(300)
 }
 
 const URI_PREFIX: &str = "urn:fleetcmd:";
@@ -218,7 +252,7 @@ impl Ca {
         )];
         // Back-dated for clock skew, but never by more than a quarter of the
         // lifetime: agents renew at 2/3 of not_before..not_after.
-        params.not_before = now() - Duration::from_secs(300).min(ttl / 4);
+        params.not_before = now() - backdate(ttl);
         params.not_after = now() + ttl;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
@@ -318,10 +352,22 @@ pub fn peer_from_cert(der: &[u8]) -> Option<Peer> {
             Some(Peer {
                 role: Role::parse(role)?,
                 name: name.to_owned(),
+                serial: serial_hex(cert.raw_serial()),
+                issued_at: issued_at(
+                    u64::try_from(cert.validity().not_before.timestamp()).unwrap_or(0),
+                    u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0),
+                ),
             })
         }
         _ => None,
     })
+}
+
+/// A serial number as `fleetcmd` shows and accepts it: lowercase hex of
+/// its bytes without leading zero bytes.
+pub fn serial_hex(raw: &[u8]) -> String {
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    fleetcmd_core::join_token::hex(&raw[start..])
 }
 
 #[cfg(test)]
@@ -348,7 +394,9 @@ mod tests {
             peer_from_cert(&der),
             Some(Peer {
                 role: Role::Agent,
-                name: "web-1".into()
+                name: "web-1".into(),
+                serial: peer_from_cert(&der).expect("peer").serial,
+                issued_at: peer_from_cert(&der).expect("peer").issued_at,
             })
         );
         let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("parse");
@@ -364,6 +412,28 @@ mod tests {
             .map(|g| g.to_string())
             .collect();
         assert_eq!(names.len(), 1, "only the controller's SAN: {names:?}");
+    }
+
+    #[test]
+    fn issue_time_is_read_back_from_any_lifetime() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::load_or_create(dir.path()).expect("ca");
+        for ttl in [60, 1199, 1200, 3600, 7 * 86400, 30 * 86400, 400 * 86400] {
+            let before = now().unix_timestamp() as u64;
+            let id = ca
+                .issue_identity(Role::Operator, "alice", Duration::from_secs(ttl))
+                .expect("issue");
+            let after = now().unix_timestamp() as u64;
+            let peer = peer_from_cert(&pem_to_der(&id.cert_pem).expect("der")).expect("peer");
+            // Whole seconds in the certificate: at most one second early.
+            assert!(
+                peer.issued_at + 1 >= before && peer.issued_at <= after,
+                "ttl {ttl}: issued_at {} not in {before}..={after}",
+                peer.issued_at
+            );
+            assert_eq!(peer.serial.len() % 2, 0, "{}", peer.serial);
+            assert!(!peer.serial.starts_with("00"), "{}", peer.serial);
+        }
     }
 
     #[test]

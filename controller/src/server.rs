@@ -272,6 +272,12 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
             require(shared.clone(), OPERATOR),
         ))
         .add_service(InterceptedService::new(
+            pb::certs_server::CertsServer::new(svc.clone())
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            require(shared.clone(), OPERATOR),
+        ))
+        .add_service(InterceptedService::new(
             pb::policy_server::PolicyServer::new(svc)
                 .max_decoding_message_size(POLICY_MESSAGE_BYTES)
                 .max_encoding_message_size(POLICY_MESSAGE_BYTES),

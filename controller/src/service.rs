@@ -18,6 +18,7 @@ use crate::auth::admitted;
 use crate::error::ApiError;
 use crate::pki::Role;
 use crate::state::{Shared, signed_policy};
+use fleetcmd_core::policy::Permission;
 
 #[derive(Clone)]
 pub struct Svc(pub Arc<Shared>);
@@ -170,7 +171,9 @@ impl pb::jobs_server::Jobs for Svc {
         &self,
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let peer = admitted(&req)?;
         let (job, mut rx) = self.0.watch(&req.into_inner().job_id)?;
+        crate::access::check_read(&self.0, &peer, &job)?;
         // Bounded both ways: a slow client fills this channel, the task
         // stops reading the broadcast, and the lag is reported as `missed`.
         let (tx, out) = mpsc::channel(64);
@@ -198,7 +201,8 @@ impl pb::jobs_server::Jobs for Svc {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+        let out = self.0.certs.cut_off(peer, ReceiverStream::new(out));
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn submit(
@@ -210,16 +214,20 @@ impl pb::jobs_server::Jobs for Svc {
     }
 
     async fn get(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
-        Ok(Response::new(self.0.get_job(&req.into_inner().job_id)?))
+        let peer = admitted(&req)?;
+        let job = self.0.get_job(&req.into_inner().job_id)?;
+        crate::access::check_read(&self.0, &peer, &job)?;
+        Ok(Response::new(job))
     }
 
     async fn list(
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let peer = admitted(&req)?;
         let req = req.into_inner();
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: self.0.list_jobs(req.limit, &req.requester, &req.state)?,
+            jobs: crate::access::list_jobs(&self.0, &peer, req.limit, &req.requester, &req.state)?,
         }))
     }
 
@@ -229,6 +237,8 @@ impl pb::jobs_server::Jobs for Svc {
     ) -> Result<Response<pb::Job>, Status> {
         let peer = admitted(&req)?;
         let req = req.into_inner();
+        let job = self.0.get_job(&req.job_id)?;
+        crate::access::check_cancel(&self.0, &peer, &job)?;
         // Operators cancel in their own name; a gateway names the chat user
         // it checked (it enforces who may cancel what in chat).
         let by = match peer.role {
@@ -237,7 +247,7 @@ impl pb::jobs_server::Jobs for Svc {
             }
             _ => format!("{} {}", peer.role, peer.name),
         };
-        Ok(Response::new(self.0.cancel(&req.job_id, &by).await?))
+        Ok(Response::new(self.0.cancel(&job.job_id, &by).await?))
     }
 }
 
@@ -262,6 +272,7 @@ impl pb::agents_server::Agents for Svc {
                 ApiError::PermissionDenied("only operators may revoke agents".into()).into(),
             );
         }
+        crate::access::check_operator(&self.0, &peer, Permission::RevokeAgents, "revoke agents")?;
         self.0.revoke(&req.into_inner().agent_id, &peer).await?;
         Ok(Response::new(pb::RevokeResponse {}))
     }
@@ -285,6 +296,7 @@ impl pb::tokens_server::Tokens for Svc {
             fleetcmd_core::selector::parse_labels(&text)
                 .map_err(|e| ApiError::InvalidArgument(format!("labels: {e}")))?;
         }
+        crate::access::check_token(&self.0, &peer, &req.name, &labels)?;
         let ttl = Duration::from_secs(if req.ttl_secs == 0 {
             3600
         } else {
@@ -340,6 +352,64 @@ impl pb::policy_server::Policy for Svc {
             version: cur.policy.version,
             hash: cur.hash.clone(),
             policy: Some(signed_policy(&cur.record)),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::certs_server::Certs for Svc {
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeCertRequest>,
+    ) -> Result<Response<pb::RevokeCertResponse>, Status> {
+        let peer = admitted(&req)?;
+        crate::access::check_operator(
+            &self.0,
+            &peer,
+            Permission::RevokeCerts,
+            "revoke certificates",
+        )?;
+        let req = req.into_inner();
+        let rec = crate::revocation::revoke(
+            &self.0,
+            &peer,
+            &req.role,
+            &req.name,
+            &req.serial,
+            &req.reason,
+        )
+        .await?;
+        Ok(Response::new(pb::RevokeCertResponse {
+            revoked_at: rec.revoked_at,
+        }))
+    }
+
+    async fn list_revoked(
+        &self,
+        req: Request<pb::ListRevokedCertsRequest>,
+    ) -> Result<Response<pb::ListRevokedCertsResponse>, Status> {
+        let peer = admitted(&req)?;
+        crate::access::check_operator(
+            &self.0,
+            &peer,
+            Permission::RevokeCerts,
+            "list revoked certificates",
+        )?;
+        Ok(Response::new(pb::ListRevokedCertsResponse {
+            revoked: self
+                .0
+                .certs
+                .list()
+                .into_iter()
+                .map(|r| pb::RevokedCert {
+                    role: r.role,
+                    name: r.name,
+                    serial: r.serial.unwrap_or_default(),
+                    revoked_at: r.revoked_at,
+                    by: r.by,
+                    reason: r.reason,
+                })
+                .collect(),
         }))
     }
 }

@@ -186,6 +186,8 @@ pub struct Shared {
     /// Job and RPC counters for `/metrics` (fleet gauges are rendered from
     /// `list_agents` at scrape time).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Revoked operator and gateway certificates (`crate::revocation`).
+    pub certs: Arc<crate::revocation::Revocations>,
 }
 
 /// A job `store_submission` wrote (not yet flushed).
@@ -309,7 +311,9 @@ impl Shared {
             config.services.clone(),
             config.host_alerts.clone(),
         )?);
+        let certs = Arc::new(crate::revocation::Revocations::load(store.as_ref())?);
         let shared = Shared {
+            certs,
             health,
             flusher,
             dispatch_tx,
@@ -1807,8 +1811,20 @@ impl Shared {
 
     /// Newest first, optionally only one requester's and/or one state.
     pub fn list_jobs(&self, limit: u32, requester: &str, state: &str) -> ApiResult<Vec<pb::Job>> {
+        self.list_jobs_where(limit, requester, state, None)
+    }
+
+    /// [`Shared::list_jobs`] keeping only the jobs `keep` accepts (those the
+    /// asker may read), so `limit` counts readable jobs.
+    pub fn list_jobs_where(
+        &self,
+        limit: u32,
+        requester: &str,
+        state: &str,
+        keep: Option<&dyn Fn(fleetcmd_core::rbac::JobFacts<'_>) -> bool>,
+    ) -> ApiResult<Vec<pb::Job>> {
         let limit = if limit == 0 { 20 } else { limit.min(500) } as usize;
-        let filtered = !requester.is_empty() || !state.is_empty();
+        let filtered = !requester.is_empty() || !state.is_empty() || keep.is_some();
         let mut out = Vec::new();
         for rec in self
             .store
@@ -1818,6 +1834,16 @@ impl Shared {
                 || (!state.is_empty() && rec.state != state)
             {
                 continue;
+            }
+            if let Some(keep) = keep {
+                let facts = fleetcmd_core::rbac::JobFacts {
+                    requester: &rec.requester,
+                    command: &rec.command,
+                    selector: &rec.selector,
+                };
+                if !keep(facts) {
+                    continue;
+                }
             }
             out.push(self.job_to_proto(rec)?);
             if out.len() >= limit {

@@ -56,6 +56,11 @@ pub enum EventKind {
     ServiceChanged,
     /// A service's alerts were silenced (or the silence lifted).
     ServiceSilenced,
+    /// An operator or gateway certificate was revoked.
+    CertRevoked,
+    /// An authenticated caller was refused an action its policy roles do
+    /// not grant (reading another's job, a token for other labels, …).
+    PermissionDenied,
 }
 
 impl EventKind {
@@ -82,6 +87,8 @@ impl EventKind {
         EventKind::AuthFailed,
         EventKind::ServiceChanged,
         EventKind::ServiceSilenced,
+        EventKind::CertRevoked,
+        EventKind::PermissionDenied,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -108,6 +115,8 @@ impl EventKind {
             EventKind::AuthFailed => "auth_failed",
             EventKind::ServiceChanged => "service_changed",
             EventKind::ServiceSilenced => "service_silenced",
+            EventKind::CertRevoked => "cert_revoked",
+            EventKind::PermissionDenied => "permission_denied",
         }
     }
 
@@ -140,6 +149,8 @@ impl EventKind {
                 | EventKind::ChatDenied
                 | EventKind::AuthFailed
                 | EventKind::AgentRevoked
+                | EventKind::CertRevoked
+                | EventKind::PermissionDenied
         )
     }
 }

@@ -184,6 +184,70 @@ pub struct Role {
     pub targets: Option<Selector>,
     /// Channels where the role applies; empty = everywhere.
     pub channels: Vec<String>,
+    /// What the role may do besides running its commands (read every job,
+    /// create tokens, revoke, …); empty = nothing more.
+    pub may: Vec<Permission>,
+    /// With `tokens.create`: join tokens only for label sets this selects
+    /// (`None` = any labels).
+    pub token_labels: Option<Selector>,
+}
+
+/// A right beyond running commands, granted by a role's `may` list.
+/// Without it an identity reads only the jobs it requested or could run
+/// (and the audit records about them), cancels only those, and manages
+/// nothing. Pushing a policy needs none: the root signature is the
+/// authority, so a policy that forgot a grant can always be replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Permission {
+    /// Read every job and its output (`jobs.read_all`).
+    ReadAllJobs,
+    /// Cancel any job (`jobs.cancel_any`).
+    CancelAnyJob,
+    /// Search every audit record (`audit.read_all`).
+    ReadAllAudit,
+    /// Export the whole audit trail with its signed heads (`audit.export`).
+    ExportAudit,
+    /// Create join tokens, for the labels `token_labels` allows (`tokens.create`).
+    CreateTokens,
+    /// Revoke agents (`agents.revoke`).
+    RevokeAgents,
+    /// Revoke operator and gateway certificates (`certs.revoke`).
+    RevokeCerts,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 7] = [
+        Permission::ReadAllJobs,
+        Permission::CancelAnyJob,
+        Permission::ReadAllAudit,
+        Permission::ExportAudit,
+        Permission::CreateTokens,
+        Permission::RevokeAgents,
+        Permission::RevokeCerts,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::ReadAllJobs => "jobs.read_all",
+            Permission::CancelAnyJob => "jobs.cancel_any",
+            Permission::ReadAllAudit => "audit.read_all",
+            Permission::ExportAudit => "audit.export",
+            Permission::CreateTokens => "tokens.create",
+            Permission::RevokeAgents => "agents.revoke",
+            Permission::RevokeCerts => "certs.revoke",
+        }
+    }
+
+    /// Parses one `may` entry; `*` is expanded by the policy parser.
+    pub fn parse(s: &str) -> Option<Permission> {
+        Permission::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Grants roles to identities matching any of `subjects` (glob patterns).
@@ -357,6 +421,9 @@ struct RawRole {
     targets: Option<String>,
     #[serde(default)]
     channels: Vec<String>,
+    #[serde(default)]
+    may: Vec<String>,
+    token_labels: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -503,6 +570,32 @@ impl Validator {
                     "channel entries must not be empty",
                 );
             }
+            let mut may = BTreeSet::new();
+            for m in &r.may {
+                if m == "*" {
+                    may.extend(Permission::ALL);
+                } else if let Some(p) = Permission::parse(m) {
+                    may.insert(p);
+                } else {
+                    self.err(
+                        &[&path[..], &["may"]].concat(),
+                        format!(
+                            "unknown permission \"{m}\"; known: *, {}",
+                            Permission::ALL.map(Permission::as_str).join(", ")
+                        ),
+                    );
+                }
+            }
+            let token_labels = r
+                .token_labels
+                .as_deref()
+                .and_then(|t| self.selector(&[&path[..], &["token_labels"]].concat(), t));
+            if r.token_labels.is_some() && !may.contains(&Permission::CreateTokens) {
+                self.err(
+                    &[&path[..], &["token_labels"]].concat(),
+                    "token_labels needs \"tokens.create\" in may",
+                );
+            }
             roles.insert(
                 name.clone(),
                 Role {
@@ -510,6 +603,8 @@ impl Validator {
                     commands: r.commands,
                     targets,
                     channels: r.channels,
+                    may: may.into_iter().collect(),
+                    token_labels,
                 },
             );
         }
@@ -1330,6 +1425,24 @@ argv = ["/bin/true"]
             Some(7),
             "roles.r.channels",
             "must not be empty",
+        );
+        check(
+            "[roles.r]\ncommands = []\nmay = [\"jobs.read_all\", \"root\"]\n",
+            Some(7),
+            "roles.r.may",
+            "unknown permission \"root\"; known: *, jobs.read_all,",
+        );
+        check(
+            "[roles.r]\ncommands = []\nmay = [\"jobs.read_all\"]\ntoken_labels = \"role=web\"\n",
+            Some(8),
+            "roles.r.token_labels",
+            "token_labels needs \"tokens.create\" in may",
+        );
+        check(
+            "[roles.r]\ncommands = []\nmay = [\"tokens.create\"]\ntoken_labels = \"role=(\"\n",
+            Some(8),
+            "roles.r.token_labels",
+            "",
         );
         check(
             "[roles.r]\ncommands = [\"ok\"]\n[[bindings]]\nsubjects = [\"slack:T1:*\"]\nroles = [\"r\"]\n[[bindings]]\nsubjects = [\"slack:T1:*\"]\nroles = [\"nope\"]\n",

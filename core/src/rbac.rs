@@ -1,12 +1,17 @@
 //! Who may run what, where (RBAC for chat and CLI users): roles come from
 //! bindings whose subject patterns match the stable identity.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
+use crate::audit::Event;
 use crate::ids::Identity;
-use crate::policy::{CommandDef, Policy, Role};
+use crate::policy::{CommandDef, Permission, Policy, Role};
 use crate::selector::Selector;
+
+/// The channel of a `cli:` identity: what `fleetcmd` puts in the jobs it
+/// signs, and where the controller places an operator certificate's reads.
+pub const CLI_CHANNEL: &str = "cli";
 
 /// Why a request was denied. The message names what is missing without
 /// revealing other users' rights.
@@ -24,6 +29,13 @@ pub enum Denied {
     },
     #[error("role {role} may only target `{targets}`")]
     TargetOutsideRole { role: String, targets: String },
+    #[error("none of your roles grants `{0}`")]
+    Lacks(Permission),
+    #[error("your roles may create tokens only for labels matching {}; `{labels}` does not", allowed.join(" or "))]
+    TokenLabels {
+        labels: String,
+        allowed: Vec<String>,
+    },
 }
 
 fn needs_message(command: &str, needed: &[String], have: &[String]) -> String {
@@ -147,6 +159,106 @@ pub fn may_approve(policy: &Policy, who: &Identity, command: &str, channel: &str
             .iter()
             .any(|r| lists(r, command) && in_channel(r, channel)),
     }
+}
+
+/// Whether one of `who`'s roles that applies in `channel` grants `perm`.
+pub fn may(policy: &Policy, who: &Identity, channel: &str, perm: Permission) -> bool {
+    roles_of(policy, who)
+        .iter()
+        .any(|r| in_channel(r, channel) && r.may.contains(&perm))
+}
+
+/// What a read or cancel decision needs to know about a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobFacts<'a> {
+    pub requester: &'a str,
+    pub command: &'a str,
+    /// The job's target selector, as submitted.
+    pub selector: &'a str,
+}
+
+/// Whether `who` may see a job and its output: they requested it, they
+/// could run its command on its targets from `channel`, or a role grants
+/// `jobs.read_all`. The one rule for chat (`job`, `jobs`, `output`) and for
+/// operator certificates (`Jobs.Get`/`List`/`Watch`).
+pub fn may_see_job(policy: &Policy, who: &Identity, channel: &str, job: JobFacts<'_>) -> bool {
+    job.requester == who.as_str()
+        || could_run(policy, who, channel, job)
+        || may(policy, who, channel, Permission::ReadAllJobs)
+}
+
+/// Whether `who` may cancel a job: its requester, anyone who could run its
+/// command on its targets from `channel`, or a role with `jobs.cancel_any`.
+/// Reading every job (`jobs.read_all`) grants no cancel.
+pub fn may_cancel_job(policy: &Policy, who: &Identity, channel: &str, job: JobFacts<'_>) -> bool {
+    job.requester == who.as_str()
+        || could_run(policy, who, channel, job)
+        || may(policy, who, channel, Permission::CancelAnyJob)
+}
+
+fn could_run(policy: &Policy, who: &Identity, channel: &str, job: JobFacts<'_>) -> bool {
+    Selector::parse(job.selector)
+        .is_ok_and(|sel| check_run(policy, who, channel, job.command, &sel).is_ok())
+}
+
+/// Whether `who` may read an audit record: `audit.read_all`, or their own
+/// action, or — for a record about a job — exactly when they may see that
+/// job (`job` is `None` when it is not known, e.g. refused at submit or
+/// removed by retention: then only the first two rules apply); a record
+/// about no job is readable when it names a command one of their roles in
+/// `channel` includes. So a search never shows what `job`/`output` hide.
+pub fn may_read_record(
+    policy: &Policy,
+    who: &Identity,
+    channel: &str,
+    event: &Event,
+    job: Option<JobFacts<'_>>,
+) -> bool {
+    if event.actor == who.as_str() || may(policy, who, channel, Permission::ReadAllAudit) {
+        return true;
+    }
+    if !event.job_id.is_empty() {
+        return job.is_some_and(|j| may_see_job(policy, who, channel, j));
+    }
+    !event.command.is_empty()
+        && roles_of(policy, who)
+            .iter()
+            .any(|r| in_channel(r, channel) && lists(r, &event.command))
+}
+
+/// Whether `who` may create a join token for an agent `name` (empty when
+/// the token names none) with `labels`: a role with `tokens.create` whose
+/// `token_labels` is absent or selects that name and those labels.
+pub fn check_token(
+    policy: &Policy,
+    who: &Identity,
+    channel: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), Denied> {
+    let granting: Vec<&Role> = roles_of(policy, who)
+        .into_iter()
+        .filter(|r| in_channel(r, channel) && r.may.contains(&Permission::CreateTokens))
+        .collect();
+    if granting.is_empty() {
+        return Err(Denied::Lacks(Permission::CreateTokens));
+    }
+    let mut allowed = Vec::new();
+    for role in granting {
+        match &role.token_labels {
+            None => return Ok(()),
+            Some(sel) if sel.matches(name, labels) => return Ok(()),
+            Some(sel) => allowed.push(format!("`{sel}`")),
+        }
+    }
+    Err(Denied::TokenLabels {
+        labels: labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        allowed,
+    })
 }
 
 #[cfg(test)]
@@ -350,6 +462,284 @@ deploy = ["irc:net:lead!*@*", "irc:net:dave!*@*"]
                 may_approve(&p, &id(who), command, channel),
                 expected,
                 "{who} {command} {channel}"
+            );
+        }
+    }
+
+    /// Operators and a staging-scoped chat role, for the read, cancel,
+    /// audit and token decisions.
+    fn operators_policy() -> Policy {
+        Policy::parse(
+            r#"version = 1
+[commands.uptime]
+argv = ["/usr/bin/uptime"]
+[commands.restart]
+argv = ["/usr/bin/systemctl", "restart", "nginx"]
+
+[roles.web]
+commands = ["uptime"]
+targets = "role=web"
+may = ["tokens.create"]
+token_labels = "role=web"
+
+[roles.auditor]
+commands = []
+may = ["jobs.read_all", "audit.read_all"]
+
+[roles.canceller]
+commands = []
+may = ["jobs.cancel_any"]
+
+[roles.admin]
+commands = ["*"]
+may = ["*"]
+
+[roles.staging]
+commands = ["uptime", "restart"]
+targets = "env=staging"
+channels = ["slack:T1:COPS"]
+
+[[bindings]]
+subjects = ["cli:bob"]
+roles = ["web"]
+[[bindings]]
+subjects = ["cli:carol"]
+roles = ["auditor"]
+[[bindings]]
+subjects = ["cli:dave"]
+roles = ["canceller"]
+[[bindings]]
+subjects = ["cli:admin"]
+roles = ["admin"]
+[[bindings]]
+subjects = ["slack:T1:*"]
+roles = ["staging"]
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const ALICES_DB_JOB: JobFacts<'static> = JobFacts {
+        requester: "cli:alice",
+        command: "uptime",
+        selector: "role=db",
+    };
+    const ALICES_WEB_JOB: JobFacts<'static> = JobFacts {
+        requester: "cli:alice",
+        command: "uptime",
+        selector: "role=web,env=prod",
+    };
+    const PROD_RESTART: JobFacts<'static> = JobFacts {
+        requester: "slack:T1:UALICE",
+        command: "restart",
+        selector: "env=prod",
+    };
+    const STAGING_RESTART: JobFacts<'static> = JobFacts {
+        requester: "slack:T1:UALICE",
+        command: "restart",
+        selector: "env=staging,role=web",
+    };
+
+    #[test]
+    fn job_reads_and_cancels() {
+        let p = operators_policy();
+        // (who, channel, job, may see, may cancel)
+        let table: &[(&str, &str, JobFacts<'_>, bool, bool)] = &[
+            ("cli:alice", CLI_CHANNEL, ALICES_DB_JOB, true, true),
+            // bob's role runs uptime on role=web only.
+            ("cli:bob", CLI_CHANNEL, ALICES_DB_JOB, false, false),
+            ("cli:bob", CLI_CHANNEL, ALICES_WEB_JOB, true, true),
+            // Reading everything grants no cancel; cancelling anything
+            // grants no read.
+            ("cli:carol", CLI_CHANNEL, ALICES_DB_JOB, true, false),
+            ("cli:dave", CLI_CHANNEL, ALICES_DB_JOB, false, true),
+            ("cli:admin", CLI_CHANNEL, ALICES_DB_JOB, true, true),
+            ("cli:mallory", CLI_CHANNEL, ALICES_DB_JOB, false, false),
+            // A bad stored selector grants nothing but the requester's own.
+            (
+                "cli:bob",
+                CLI_CHANNEL,
+                JobFacts {
+                    selector: "role=(",
+                    ..ALICES_WEB_JOB
+                },
+                false,
+                false,
+            ),
+            // Chat: scoped to env=staging, in its channel only.
+            (
+                "slack:T1:UBOB",
+                "slack:T1:COPS",
+                STAGING_RESTART,
+                true,
+                true,
+            ),
+            ("slack:T1:UBOB", "slack:T1:COPS", PROD_RESTART, false, false),
+            (
+                "slack:T1:UBOB",
+                "slack:T1:CRANDOM",
+                STAGING_RESTART,
+                false,
+                false,
+            ),
+            (
+                "slack:T1:UALICE",
+                "slack:T1:CRANDOM",
+                PROD_RESTART,
+                true,
+                true,
+            ),
+        ];
+        for (who, channel, job, see, cancel) in table {
+            let w = id(who);
+            assert_eq!(
+                may_see_job(&p, &w, channel, *job),
+                *see,
+                "see: {who} {channel} {job:?}"
+            );
+            assert_eq!(
+                may_cancel_job(&p, &w, channel, *job),
+                *cancel,
+                "cancel: {who} {channel} {job:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn audit_records_follow_job_visibility() {
+        use crate::audit::EventKind;
+        let p = operators_policy();
+        let about = |job: &str, command: &str| {
+            Event::new(EventKind::JobFinished, "agent:db-1")
+                .job(job)
+                .command(command)
+        };
+        let own = Event::new(EventKind::TokenCreated, "cli:bob");
+        let join = Event::new(EventKind::AgentJoined, "agent:web-1");
+        let denied = Event::new(EventKind::ChatDenied, "slack:T1:UEVE").command("restart");
+        // (who, channel, event, job, readable)
+        let table: &[(&str, &str, &Event, Option<JobFacts<'_>>, bool)] = &[
+            (
+                "cli:bob",
+                CLI_CHANNEL,
+                &about("j1", "uptime"),
+                Some(ALICES_DB_JOB),
+                false,
+            ),
+            (
+                "cli:bob",
+                CLI_CHANNEL,
+                &about("j2", "uptime"),
+                Some(ALICES_WEB_JOB),
+                true,
+            ),
+            // An unknown job is not readable through its command name.
+            ("cli:bob", CLI_CHANNEL, &about("j3", "uptime"), None, false),
+            ("cli:bob", CLI_CHANNEL, &own, None, true),
+            ("cli:bob", CLI_CHANNEL, &join, None, false),
+            (
+                "cli:carol",
+                CLI_CHANNEL,
+                &about("j1", "uptime"),
+                Some(ALICES_DB_JOB),
+                true,
+            ),
+            ("cli:carol", CLI_CHANNEL, &join, None, true),
+            ("cli:admin", CLI_CHANNEL, &join, None, true),
+            // Chat scoped to env=staging: a prod job's records stay hidden
+            // even though the role includes the command.
+            (
+                "slack:T1:UBOB",
+                "slack:T1:COPS",
+                &about("j4", "restart"),
+                Some(PROD_RESTART),
+                false,
+            ),
+            (
+                "slack:T1:UBOB",
+                "slack:T1:COPS",
+                &about("j5", "restart"),
+                Some(STAGING_RESTART),
+                true,
+            ),
+            ("slack:T1:UBOB", "slack:T1:COPS", &denied, None, true),
+            ("slack:T1:UBOB", "slack:T1:CRANDOM", &denied, None, false),
+        ];
+        for (who, channel, event, job, readable) in table {
+            assert_eq!(
+                may_read_record(&p, &id(who), channel, event, *job),
+                *readable,
+                "{who} {channel} {event:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn token_labels_are_limited_by_role() {
+        let p = operators_policy();
+        let labels = |s: &str| crate::selector::parse_labels(s).unwrap_or_else(|e| panic!("{e}"));
+        // (who, name, labels, expected)
+        let table: &[(&str, &str, &str, Result<(), &str>)] = &[
+            ("cli:bob", "", "role=web,env=prod", Ok(())),
+            (
+                "cli:bob",
+                "",
+                "role=db",
+                Err(
+                    "your roles may create tokens only for labels matching `role=web`; `role=db` does not",
+                ),
+            ),
+            (
+                "cli:bob",
+                "db-1",
+                "env=prod",
+                Err(
+                    "your roles may create tokens only for labels matching `role=web`; `env=prod` does not",
+                ),
+            ),
+            (
+                "cli:carol",
+                "",
+                "role=web",
+                Err("none of your roles grants `tokens.create`"),
+            ),
+            (
+                "cli:mallory",
+                "",
+                "role=web",
+                Err("none of your roles grants `tokens.create`"),
+            ),
+            ("cli:admin", "", "role=db", Ok(())),
+        ];
+        for (who, name, l, expected) in table {
+            let got = if l.is_empty() {
+                check_token(&p, &id(who), CLI_CHANNEL, name, &BTreeMap::new())
+            } else {
+                check_token(&p, &id(who), CLI_CHANNEL, name, &labels(l))
+            }
+            .map_err(|e| e.to_string());
+            assert_eq!(got, expected.map_err(str::to_string), "{who} {name} {l}");
+        }
+    }
+
+    #[test]
+    fn permissions_come_from_roles_in_their_channel() {
+        let p = operators_policy();
+        for (who, perm, expected) in [
+            ("cli:admin", Permission::RevokeCerts, true),
+            ("cli:admin", Permission::ExportAudit, true),
+            ("cli:carol", Permission::ReadAllAudit, true),
+            ("cli:carol", Permission::ExportAudit, false),
+            ("cli:bob", Permission::CreateTokens, true),
+            ("cli:bob", Permission::RevokeAgents, false),
+            ("cli:mallory", Permission::ReadAllJobs, false),
+            // A look-alike of the admin's id is not the admin.
+            ("cli:admin2", Permission::RevokeCerts, false),
+        ] {
+            assert_eq!(
+                may(&p, &id(who), CLI_CHANNEL, perm),
+                expected,
+                "{who} {perm}"
             );
         }
     }

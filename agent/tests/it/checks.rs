@@ -647,6 +647,8 @@ async fn results_reach_the_controller_in_heartbeats_and_a_slow_check_does_not_de
         policy_roots: vec![root.public_key()],
         policy_threshold: 1,
         agent_cert_ttl: Duration::from_secs(3600),
+        operator_cert_ttl: Duration::from_secs(7 * 86400),
+        gateway_cert_ttl: Duration::from_secs(30 * 86400),
         heartbeat_interval: heartbeat,
         job_retention: Duration::from_secs(86400),
         job_store_max_bytes: 1 << 30,

@@ -136,3 +136,99 @@ async fn refused_chat_requests_are_reported_as_auth_failures_at_a_bounded_rate()
         "{reported:#?}"
     );
 }
+
+/// A chat user scoped to `env=staging` is not shown, by `audit`, the
+/// records of an `env=prod` job that `job` hides from them; the records of
+/// a staging job they could run are shown.
+#[tokio::test]
+async fn audit_hides_records_of_jobs_that_job_would_hide() {
+    use fleetcmd_core::ids::{Identity, JobId};
+    use fleetcmd_core::job::{JobSpec, SignedJob};
+
+    const PROD: &str = "01900000-0000-7000-8000-00000000abcd";
+    const STAGING: &str = "01900000-0000-7000-8000-00000000ef01";
+    let body = r#"
+[commands.restart]
+argv = ["/usr/bin/systemctl", "restart", "nginx"]
+
+[roles.staging]
+commands = ["restart"]
+targets = "env=staging"
+
+[roles.oncall]
+commands = ["restart"]
+
+[[bindings]]
+subjects = ["console:erin"]
+roles = ["staging"]
+
+[[bindings]]
+subjects = ["console:alice"]
+roles = ["oncall"]
+"#;
+    let key = crate::support::new_key();
+    let job = |id: &str, selector: &str| {
+        let spec = JobSpec {
+            id: JobId::parse(id).unwrap_or_else(|e| panic!("{e}")),
+            command: "restart".into(),
+            args: Default::default(),
+            selector: selector.into(),
+            requester: Identity::parse("console:alice").unwrap_or_else(|e| panic!("{e}")),
+            channel: "console".into(),
+            approvals: Vec::new(),
+            unattested_approvers: Vec::new(),
+            timeout_secs: 0,
+            not_before: 0,
+            expires_at: u64::MAX / 2,
+            rollout: Default::default(),
+        };
+        SignedJob::sign(&spec, "gw", &key)
+    };
+    let mut chain = Chain::genesis();
+    let mut line = |event: Event| {
+        let r = chain.append(1_000, event);
+        serde_json::to_string(&ExportLine::Record(r)).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let records = vec![
+        line(
+            Event::new(EventKind::JobFinished, "agent:db-1")
+                .job(PROD)
+                .command("restart")
+                .detail("prod secret output"),
+        ),
+        line(
+            Event::new(EventKind::JobFinished, "agent:stg-1")
+                .job(STAGING)
+                .command("restart")
+                .detail("staging output"),
+        ),
+    ];
+    let w = crate::support::world_for(
+        4,
+        body,
+        |c| {
+            c.audit_records = records;
+            c.submitted = std::sync::Mutex::new(vec![
+                job(PROD, "env=prod"),
+                job(STAGING, "env=staging,role=web"),
+            ]);
+        },
+        |_| {},
+    );
+    // `job` hides the prod job from erin...
+    let shown = ask(&w, "console:erin", &format!("!job {PROD}")).await;
+    assert!(
+        shown[0].text().contains("not visible to you"),
+        "{}",
+        shown[0].text()
+    );
+    // ...and so does `audit`, although her role includes the command.
+    let erin = ask(&w, "console:erin", "!audit restart").await;
+    let text = erin[0].text();
+    assert!(text.contains("1 record "), "{text}");
+    assert!(text.contains("staging output"), "{text}");
+    assert!(!text.contains("prod secret"), "{text}");
+    // The requester sees both.
+    let alice = ask(&w, "console:alice", "!audit restart").await;
+    assert!(alice[0].text().contains("2 records"), "{}", alice[0].text());
+}

@@ -510,6 +510,18 @@ impl Audit {
         limit: usize,
         before_seq: Option<u64>,
     ) -> Result<Page, StoreError> {
+        self.search_where(f, limit, before_seq, &mut |_| true)
+    }
+
+    /// [`Audit::search`] keeping only the records `keep` accepts (what the
+    /// asker may read), so a page is filled with readable records.
+    pub fn search_where(
+        &self,
+        f: &Filter,
+        limit: usize,
+        before_seq: Option<u64>,
+        keep: &mut dyn FnMut(&Record) -> bool,
+    ) -> Result<Page, StoreError> {
         let limit = limit.clamp(1, MAX_PAGE);
         let records = self.store.tree(RECORDS)?;
         let mut out = Vec::new();
@@ -518,7 +530,7 @@ impl Audit {
         let mut push = |r: Record, out: &mut Vec<Record>| -> bool {
             scanned += 1;
             last_seen = Some(r.seq);
-            if f.matches(&r) {
+            if f.matches(&r) && keep(&r) {
                 out.push(r);
             }
             out.len() >= limit || scanned >= MAX_SCAN

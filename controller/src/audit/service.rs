@@ -58,6 +58,7 @@ impl pb::audit_server::Audit for AuditSvc {
         &self,
         req: Request<pb::AuditSearchRequest>,
     ) -> Result<Response<pb::AuditSearchResponse>, Status> {
+        let peer = admitted(&req)?;
         let req = req.into_inner();
         let limit = if req.limit == 0 {
             50
@@ -67,10 +68,14 @@ impl pb::audit_server::Audit for AuditSvc {
         let before = Some(req.before_seq).filter(|s| *s > 0);
         let filter = filter_of(req)?;
         let audit = self.0.audit.clone();
-        let page = tokio::task::spawn_blocking(move || audit.search(&filter, limit, before))
-            .await
-            .map_err(|e| ApiError::Internal(format!("search task: {e}")))?
-            .map_err(ApiError::from)?;
+        let reader = crate::access::audit_reader(&self.0, &peer)?;
+        let page = tokio::task::spawn_blocking(move || match reader {
+            None => audit.search(&filter, limit, before),
+            Some(mut keep) => audit.search_where(&filter, limit, before, &mut keep),
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("search task: {e}")))?
+        .map_err(ApiError::from)?;
         Ok(Response::new(pb::AuditSearchResponse {
             records: page
                 .records
@@ -124,6 +129,14 @@ impl pb::audit_server::Audit for AuditSvc {
             )
             .into());
         }
+        // The whole trail or nothing: a chain with records left out cannot
+        // be verified, so export is its own grant rather than a filter.
+        crate::access::check_operator(
+            &self.0,
+            &peer,
+            fleetcmd_core::policy::Permission::ExportAudit,
+            "export the audit trail",
+        )?;
         let from = req.into_inner().from_seq.max(1);
         let audit = self.0.audit.clone();
         let heads: Vec<String> = audit
@@ -178,9 +191,10 @@ impl pb::audit_server::Audit for AuditSvc {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
+        Ok(Response::new(Box::pin(self.0.certs.cut_off(
+            peer,
             tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        ))))
     }
 
     async fn report(

@@ -64,8 +64,9 @@ impl pb::health_server::Health for HealthSvc {
 
     async fn watch(
         &self,
-        _req: Request<pb::HealthWatchRequest>,
+        req: Request<pb::HealthWatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let peer = admitted(&req)?;
         let health = self.0.health.clone();
         // Subscribe before the snapshot so nothing falls between them.
         let mut rx = health.subscribe();
@@ -94,7 +95,8 @@ impl pb::health_server::Health for HealthSvc {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+        let out = self.0.certs.cut_off(peer, ReceiverStream::new(out));
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn silence(

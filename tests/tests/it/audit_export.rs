@@ -33,6 +33,8 @@ fn config(data: &Path, exports: Vec<ExportConfig>) -> ControllerConfig {
         policy_roots: vec![stranger_key().public_key()],
         policy_threshold: 1,
         agent_cert_ttl: Duration::from_secs(3600),
+        operator_cert_ttl: Duration::from_secs(7 * 86400),
+        gateway_cert_ttl: Duration::from_secs(30 * 86400),
         heartbeat_interval: Duration::from_secs(10),
         job_retention: Duration::from_secs(86400),
         job_store_max_bytes: 1 << 30,

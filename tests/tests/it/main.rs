@@ -19,6 +19,7 @@ mod key_files;
 mod live;
 mod moment_of_use;
 mod notify;
+mod operators;
 mod path_args;
 mod policy_trust;
 mod prometheus;

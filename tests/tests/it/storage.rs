@@ -249,6 +249,8 @@ async fn a_corrupt_database_stops_the_controller_with_a_restore_hint() {
         policy_roots: vec![fleet.admin_key.public_key()],
         policy_threshold: 1,
         agent_cert_ttl: Duration::from_secs(3600),
+        operator_cert_ttl: Duration::from_secs(7 * 86400),
+        gateway_cert_ttl: Duration::from_secs(30 * 86400),
         heartbeat_interval: Duration::from_secs(10),
         job_retention: Duration::from_secs(86400),
         job_store_max_bytes: 1 << 30,
