@@ -1,4 +1,4 @@
-//! The command executor: runs one [`AuthorizedCommand`] the way DESIGN §2.7
+//! The command executor: runs one [`AuthorizedCommand`] the way ARCHITECTURE.md invariant 7
 //! requires — argv executed directly (no shell), a cleared environment,
 //! stdin from `/dev/null`, cwd `/`, no file descriptor of the agent but 0, 1
 //! and 2, its own session and process group, `no_new_privs`, the `run_as`
@@ -142,7 +142,7 @@ pub struct LiveSink {
 }
 
 impl Default for ExecLimits {
-    /// 1 MiB per stream, 5 s grace (DESIGN §2.7).
+    /// 1 MiB per stream, 5 s grace (invariant 7 in ARCHITECTURE.md).
     fn default() -> Self {
         ExecLimits {
             live: None,

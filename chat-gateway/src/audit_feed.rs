@@ -1,4 +1,4 @@
-//! The audit channel (DESIGN §8, issue 6): selected audit events — by
+//! The audit channel (issue 6): selected audit events — by
 //! default approvals, refusals and policy changes — posted to one chat
 //! channel as they happen, so the team sees them without searching.
 //!

@@ -82,7 +82,7 @@ pub struct GatewayConfig {
     pub policy_threshold: usize,
     #[serde(default = "defaults::bot_name")]
     pub bot_name: String,
-    /// How long an approval request waits, e.g. `15m` (DESIGN §5).
+    /// How long an approval request waits, e.g. `15m`.
     #[serde(default = "defaults::approval_timeout")]
     pub approval_timeout: String,
     /// Where the gateway keeps its state (replay records of every inbound

@@ -2,7 +2,7 @@
 //! (see [`adapters`]), checks them against the signed policy, signs the
 //! resulting jobs with the gateway's Ed25519 key, submits them to the
 //! controller over mTLS gRPC and posts the results back, rendered so that
-//! command output stays data (DESIGN §2.4, §2.11, §5).
+//! command output stays data (ARCHITECTURE.md invariants 4 and 11).
 //!
 //! The gateway never trusts the controller's policy blindly: every bundle
 //! is verified against the configured root keys before it is used, and an

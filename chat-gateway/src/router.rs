@@ -5,7 +5,7 @@
 //! Every command is checked against the policy: `help` lists only what the
 //! asker may run here, `run` goes through `check_run`, reads (`agents`,
 //! `job`, `jobs`, `policy`) need a role in this channel and show only jobs
-//! the asker asked for or may run on those targets (DESIGN §2.12).
+//! the asker asked for or may run on those targets (invariant 12 in ARCHITECTURE.md).
 
 use crate::unix_now;
 use std::sync::{Arc, Mutex};

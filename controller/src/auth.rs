@@ -1,7 +1,7 @@
 //! Authentication of every RPC but `Join`: the TLS layer has verified the
 //! client certificate against the fleet CA; here its role must match the
 //! service, and a revoked agent or revoked operator/gateway certificate is
-//! refused at once (DESIGN §2.2).
+//! refused at once (invariant 2 in ARCHITECTURE.md).
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};

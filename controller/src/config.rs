@@ -1,5 +1,5 @@
 //! `controller.toml`: loaded, then validated in one pass that reports every
-//! problem with its key (DESIGN §9).
+//! problem with its key.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! The fleetcmd controller: the fleet CA and enrollment, the registry of
 //! connected agents, policy distribution, job submission and dispatch, and
 //! durable results in the store. It is not trusted to run code: it forwards
-//! signed jobs that the agents verify themselves (DESIGN §2).
+//! signed jobs that the agents verify themselves (ARCHITECTURE.md invariants).
 
 pub mod access;
 pub mod audit;

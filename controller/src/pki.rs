@@ -1,7 +1,7 @@
 //! The fleet CA: creates it on first start, issues role-bearing certificates,
 //! and reads the role and name back out of a peer's certificate.
 //!
-//! What a certificate says is decided here, never by a CSR (DESIGN §2.10):
+//! What a certificate says is decided here, never by a CSR (invariant 10 in ARCHITECTURE.md):
 //! only the CSR's public key is used; names, role, key usages and `CA:false`
 //! come from the caller, who got them from the token and the registry.
 

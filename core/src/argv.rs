@@ -1,5 +1,5 @@
 //! Building the argv of an allow-listed command from its template and the
-//! requested argument values (DESIGN §2.7: no shell, ever).
+//! requested argument values (ARCHITECTURE.md invariant 7: no shell, ever).
 //!
 //! A `{name}` element is replaced by exactly one element holding the
 //! value's canonical form — the value exactly as it was checked: values are

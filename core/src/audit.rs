@@ -1,4 +1,4 @@
-//! The audit trail's pure half (DESIGN §8): the typed security events, the
+//! The audit trail's pure half: the typed security events, the
 //! record that carries one event in the chain, its canonical encoding, the
 //! hash chain (`hash = SHA-256(prev_hash ‖ canonical record)`), signed chain
 //! heads, verification that names the first bad record, and search filters.

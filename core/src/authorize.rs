@@ -1,4 +1,4 @@
-//! The agent's decision (DESIGN §2.5): every check between a signed job
+//! The agent's decision (invariant 5 in ARCHITECTURE.md): every check between a signed job
 //! arriving and a command being executed. The only way to obtain an
 //! [`AuthorizedCommand`], the one value the executor accepts, is [`authorize`].
 
@@ -168,7 +168,7 @@ impl AuthorizedCommand {
     }
 }
 
-/// Runs every check of DESIGN §2.5 in order: [`SignedJob::verify`]
+/// Runs every check of ARCHITECTURE.md invariant 5 in order: [`SignedJob::verify`]
 /// (signature, signer trust, may_sign, time); the policy's own expiry;
 /// replay (`seen`); the allow-list and the host's narrowing; argument
 /// validation; the job's selector and the command's `targets` against this

@@ -1,4 +1,4 @@
-//! Job specs and their signatures (DESIGN §2.4). The signature covers the
+//! Job specs and their signatures (invariant 4 in ARCHITECTURE.md). The signature covers the
 //! exact serialized bytes, which travel with it, so no canonicalization is
 //! needed; agents parse the bytes only after the signature checks out.
 
@@ -43,12 +43,12 @@ pub struct JobSpec {
     /// Unix seconds.
     pub expires_at: u64,
     /// How the controller rolls the job out; signed with the rest, so it
-    /// cannot be loosened on the way (absent = DESIGN §4 defaults).
+    /// cannot be loosened on the way (absent = the defaults of [`Rollout`]).
     #[serde(default, skip_serializing_if = "Rollout::is_default")]
     pub rollout: Rollout,
 }
 
-/// Rate control (DESIGN §4): at most `batch` targets running at once
+/// Rate control: at most `batch` targets running at once
 /// (default 50), stop starting new ones once more than `max_errors` failed
 /// (default 0 for commands that need approval, unlimited otherwise), and run
 /// `canary` targets first, going on only if they all succeed.
@@ -63,7 +63,7 @@ pub struct Rollout {
     pub canary: Option<u32>,
 }
 
-/// Default `batch` (DESIGN §4).
+/// Default `batch`.
 pub const DEFAULT_BATCH: u32 = 50;
 
 impl Rollout {

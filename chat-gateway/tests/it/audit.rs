@@ -1,5 +1,5 @@
 //! Chat `audit`: filters reach the controller's search, and each user sees
-//! only the records their roles may read (DESIGN §2.12).
+//! only the records their roles may read (invariant 12 in ARCHITECTURE.md).
 
 use fleetcmd_core::audit::{Chain, Event, EventKind, ExportLine};
 

@@ -1,4 +1,4 @@
-//! The audit trail's durable half (DESIGN §8): records in their own trees of
+//! The audit trail's durable half: records in their own trees of
 //! the controller's database, so the `flush` that makes an action durable
 //! makes its audit record durable too; secondary indexes for search; chain
 //! heads signed with the controller's audit key (generated on first start
@@ -386,7 +386,7 @@ impl Audit {
         Ok(Some(head))
     }
 
-    /// Retention (DESIGN §8): removes the oldest records whose time is
+    /// Retention: removes the oldest records whose time is
     /// before `before_ms` — never past `max_seq` (what every exporter
     /// already has) nor the newest record (it anchors the chain tip), at
     /// most `batch` per call. First it stores and flushes the retention

@@ -1,4 +1,4 @@
-//! Continuous audit export (DESIGN §8): sinks that fail, time out and
+//! Continuous audit export: sinks that fail, time out and
 //! recover, and a controller restart in the middle — every record arrives
 //! exactly once and in order (sequence numbers checked at the sink), with
 //! the signed heads alongside. Elasticsearch `_bulk` and Splunk HEC are

@@ -1,4 +1,4 @@
-//! DESIGN §2.6: a policy bundle is accepted only when the admin root key
+//! ARCHITECTURE.md invariant 6: a policy bundle is accepted only when the admin root key
 //! signed exactly its bytes and its version is newer than the current one —
 //! by the controller, and by every agent on its own (a compromised controller
 //! cannot widen the allow-list or roll it back).

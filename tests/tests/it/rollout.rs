@@ -1,4 +1,4 @@
-//! Jobs at fleet scale (DESIGN §4): batches, error budgets, canaries,
+//! Jobs at fleet scale: batches, error budgets, canaries,
 //! offline targets and cancel, end to end with real agents.
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! Storage promises (DESIGN §7): acknowledged = durable across `kill -9`,
+//! Storage promises: acknowledged = durable across `kill -9`,
 //! writes fail closed on a full disk and recover, a corrupt database stops
 //! the controller with a clear message.
 

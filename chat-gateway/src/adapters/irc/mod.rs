@@ -1,4 +1,4 @@
-//! The IRC adapter (DESIGN §5): one connection (plain TCP or TLS) to one
+//! The IRC adapter: one connection (plain TCP or TLS) to one
 //! network, registered under a nick (with alternatives when it is taken),
 //! IRCv3 capabilities where offered (`message-tags`, `account-tag`, SASL
 //! PLAIN), joined to the configured channels, kept alive with PING/PONG and
@@ -6,7 +6,7 @@
 //! stream survives reconnects; replies queued while the link is down are
 //! sent once it is back.
 //!
-//! Identities and channels (DESIGN §2.8):
+//! Identities and channels (invariant 8 in ARCHITECTURE.md):
 //! - a sender is `irc:<network>:<nick>!<user>@<host>`, or
 //!   `irc:<network>:<account>` when the server tags the message with an
 //!   IRCv3 `account` (only after `account-tag` was negotiated);
@@ -23,7 +23,7 @@
 //!   before each reply, since the server shows NICK and QUIT only in shared
 //!   channels); otherwise it is dropped and logged.
 //!
-//! Output (DESIGN §2.11) is rendered by [`render`] into inert lines, then
+//! Output (invariant 11 in ARCHITECTURE.md) is rendered by [`render`] into inert lines, then
 //! split so every relayed line fits in 512 bytes on UTF-8 boundaries, and
 //! sent through one queue with a token bucket (flood control), so replies
 //! keep their order and the server never disconnects the bot for flooding.

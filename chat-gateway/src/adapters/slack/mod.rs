@@ -1,4 +1,4 @@
-//! The Slack adapter (DESIGN §5): Socket Mode or the Events API over HTTP
+//! The Slack adapter: Socket Mode or the Events API over HTTP
 //! for what users say, the Web API (`chat.postMessage`, `chat.update`, file
 //! uploads) for replies, Block Kit for rendering and buttons. A small
 //! client of our own (reqwest + tokio-tungstenite), no Slack SDK.

@@ -32,7 +32,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const PING_EVERY: Duration = Duration::from_secs(30);
 /// No frame at all (not even a pong) for this long: reconnect.
 const IDLE_LIMIT: Duration = Duration::from_secs(90);
-/// Backoff after failures: 1 s × 1.6ⁿ, ±20 %, capped (DESIGN §2.1's shape).
+/// Backoff after failures: 1 s × 1.6ⁿ, ±20 %, capped (the shape of ARCHITECTURE.md invariant 1).
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
 
