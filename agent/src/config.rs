@@ -16,7 +16,12 @@ pub struct RawConfig {
     /// `https://host:7443`.
     pub controller: String,
     pub state_dir: PathBuf,
-    /// Labels this host declares; labels set by the join token win.
+    /// Facts this host reports about itself (`os = "debian-12"`): shown in
+    /// `fleetcmd agents`, never used for targeting or `targets` rules —
+    /// labels that grant come only from the join token.
+    pub facts: BTreeMap<String, String>,
+    /// Deprecated: what older agent.toml files call `labels`; reported as
+    /// facts, granting nothing.
     pub labels: BTreeMap<String, String>,
     /// Narrows the policy's allow-list on this host (absent = no narrowing).
     pub allow: Option<Vec<String>>,
@@ -36,6 +41,7 @@ impl Default for RawConfig {
         RawConfig {
             controller: String::new(),
             state_dir: "/var/lib/fleetcmd/agent".into(),
+            facts: BTreeMap::new(),
             labels: BTreeMap::new(),
             allow: None,
             max_output_bytes: 1024 * 1024,
@@ -51,7 +57,8 @@ impl Default for RawConfig {
 pub struct AgentConfig {
     pub controller: String,
     pub state_dir: PathBuf,
-    pub labels: BTreeMap<String, String>,
+    /// What the host reports about itself; grants nothing.
+    pub facts: BTreeMap<String, String>,
     pub allow: Option<Vec<String>>,
     pub max_output_bytes: usize,
     pub max_concurrent_jobs: usize,
@@ -85,14 +92,28 @@ impl RawConfig {
             ));
         }
         if !self.labels.is_empty() {
-            let text = self
-                .labels
+            tracing::warn!(
+                "{file}: `labels` is deprecated and grants nothing: a host's labels come only from its join token; \
+                 these are reported as facts (rename the key to `facts`)"
+            );
+        }
+        let mut facts = self.labels.clone();
+        facts.extend(self.facts.clone());
+        if facts.len() > fleetcmd_core::host::MAX_FACTS {
+            problems.push(format!(
+                "facts: {} facts, at most {}",
+                facts.len(),
+                fleetcmd_core::host::MAX_FACTS
+            ));
+        }
+        if !facts.is_empty() {
+            let text = facts
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(",");
             if let Err(e) = fleetcmd_core::selector::parse_labels(&text) {
-                problems.push(format!("labels: {e}"));
+                problems.push(format!("facts: {e}"));
             }
         }
         if let Some(allow) = &self.allow {
@@ -148,7 +169,7 @@ impl RawConfig {
         Ok(AgentConfig {
             controller: self.controller.clone(),
             state_dir: self.state_dir.clone(),
-            labels: self.labels.clone(),
+            facts,
             allow: self.allow.clone(),
             max_output_bytes: self.max_output_bytes,
             max_concurrent_jobs: self.max_concurrent_jobs,

@@ -190,7 +190,7 @@ async fn session(
     let hello = pb::Hello {
         version: "bench".into(),
         hostname: id.name.clone(),
-        labels: id.labels.iter().cloned().collect(),
+        facts: id.labels.iter().cloned().collect(),
         policy_version: 0,
         allow: Vec::new(),
     };

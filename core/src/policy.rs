@@ -326,7 +326,7 @@ struct Validator {
     errors: Vec<PolicyError>,
 }
 
-fn valid_name(s: &str) -> bool {
+pub(crate) fn valid_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 64

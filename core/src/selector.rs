@@ -38,7 +38,7 @@ pub struct Selector {
 /// The key that selects on the agent's host name instead of a label.
 pub const NAME_KEY: &str = "name";
 
-fn valid_key(k: &str) -> bool {
+pub(crate) fn valid_key(k: &str) -> bool {
     let b = k.as_bytes();
     !b.is_empty()
         && b.len() <= 63
@@ -47,7 +47,7 @@ fn valid_key(k: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'/' | b'-'))
 }
 
-fn valid_value(v: &str, globs: bool) -> bool {
+pub(crate) fn valid_value(v: &str, globs: bool) -> bool {
     v.len() <= 63
         && v.bytes().all(|c| {
             c.is_ascii_alphanumeric()

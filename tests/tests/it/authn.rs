@@ -28,7 +28,7 @@ fn hello_stream(
     let hello = pb::Hello {
         version: "test".into(),
         hostname: name.into(),
-        labels: HashMap::new(),
+        facts: HashMap::new(),
         policy_version: 0,
         allow: Vec::new(),
     };

@@ -187,7 +187,7 @@ async fn a_revoked_agent_is_cut_off_at_once() {
     let hello = pb::Hello {
         version: "probe".into(),
         hostname: "probe-1".into(),
-        labels: HashMap::new(),
+        facts: HashMap::new(),
         policy_version: 0,
         allow: Vec::new(),
     };
@@ -278,7 +278,7 @@ async fn a_revoked_agent_is_cut_off_at_once() {
     let hello = pb::Hello {
         version: "x".into(),
         hostname: "dev-2".into(),
-        labels: HashMap::new(),
+        facts: HashMap::new(),
         policy_version: 0,
         allow: Vec::new(),
     };
