@@ -47,7 +47,7 @@ pub async fn show(conn: &Conn, service: Option<&str>, history: u32) -> Result<u8
         .into_inner()
         .services;
     let (header, table) = fleetcmd_gateway::render::health_table(&services, one, now_ms());
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::term::Mode::from_conn(conn)?.stdout();
     writeln!(out, "{header}")?;
     if !table.is_empty() {
         writeln!(out, "{table}")?;

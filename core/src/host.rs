@@ -8,7 +8,8 @@
 //! ```
 //! use fleetcmd_core::host::HostReport;
 //! let facts = [("os".to_string(), "debian-12".to_string())].into();
-//! let r = HostReport::new("1.4.0", "web-1.example", facts, vec!["uptime".into()]).unwrap();
+//! let r = HostReport::new("1.4.0", "web-1.example", facts, vec!["uptime".into()])
+//!     .expect("a plain report is accepted");
 //! assert_eq!(r.facts["os"], "debian-12");
 //! assert!(HostReport::new("1.4\x1b[2J", "", Default::default(), vec![]).is_err());
 //! ```
@@ -138,19 +139,22 @@ mod tests {
             .collect()
     }
 
+    /// (version, hostname, facts, allow, the field refused or `None`)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        BTreeMap<String, String>,
+        Vec<String>,
+        Option<&'a str>,
+    );
+
     #[test]
     fn reports_are_checked_field_by_field() {
         let many: BTreeMap<String, String> = (0..=MAX_FACTS)
             .map(|i| (format!("k{i}"), "v".to_string()))
             .collect();
         let long = "a".repeat(64);
-        let cases: &[(
-            &str,
-            &str,
-            BTreeMap<String, String>,
-            Vec<String>,
-            Option<&str>,
-        )] = &[
+        let cases: &[Case] = &[
             (
                 "1.4.0",
                 "web-1",
@@ -216,7 +220,8 @@ mod tests {
             );
         }
         let version = "1".repeat(MAX_VERSION + 1);
-        let e = HostReport::new(&version, "", BTreeMap::new(), vec![]).unwrap_err();
+        let e = HostReport::new(&version, "", BTreeMap::new(), vec![])
+            .expect_err("a version over 64 bytes is refused");
         assert_eq!(e.to_string(), "hello version: 65 bytes, at most 64");
     }
 }

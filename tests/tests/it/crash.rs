@@ -4,7 +4,7 @@
 //! agent's result still arrives; an agent `kill -9`ed mid-job is restarted
 //! and its target ends `failed` with a clear reason instead of `running`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -13,17 +13,8 @@ use fleetcmd_proto::channel::ClientTls;
 use fleetcmd_proto::v1 as pb;
 use fleetcmd_tests::*;
 
-/// A workspace binary next to this test's deps directory.
 fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the binaries first (`cargo build --workspace --bins`; scripts/test does)",
-        p.display()
-    );
-    p
+    workspace_bin(name)
 }
 
 struct Proc(Child);
