@@ -268,18 +268,15 @@ fn issue_agents(ca: &Ca, names: &[String]) -> anyhow::Result<Vec<AgentIdentity>>
     std::thread::scope(|s| {
         let handles: Vec<_> = names
             .chunks(chunk)
-            .enumerate()
-            .map(|(c, part)| {
+            .map(|part| {
                 s.spawn(move || -> anyhow::Result<Vec<AgentIdentity>> {
                     part.iter()
-                        .enumerate()
-                        .map(|(j, name)| {
+                        .map(|name| {
                             let id = ca.issue_identity(Role::Agent, name, ttl)?;
                             Ok(AgentIdentity {
                                 name: name.clone(),
                                 cert_pem: id.cert_pem,
                                 key_pem: id.key_pem.expose().clone(),
-                                labels: labels(c * chunk + j + 1),
                             })
                         })
                         .collect()
@@ -327,7 +324,6 @@ async fn join_one(
     ca_pem: &str,
     token: &str,
     name: &str,
-    i: usize,
 ) -> anyhow::Result<AgentIdentity> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?;
@@ -345,7 +341,6 @@ async fn join_one(
         name: resp.agent_id,
         cert_pem: resp.cert_pem,
         key_pem: key.serialize_pem(),
-        labels: labels(i),
     })
 }
 
@@ -599,15 +594,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut times = Vec::new();
         for j in 1..=joined {
             let t = Instant::now();
-            let id = join_one(
-                &url,
-                &ca_pem,
-                &tok,
-                &format!("bench-join-{j}"),
-                n - joined + j,
-            )
-            .await
-            .with_context(|| format!("joining bench-join-{j}"))?;
+            let id = join_one(&url, &ca_pem, &tok, &format!("bench-join-{j}"))
+                .await
+                .with_context(|| format!("joining bench-join-{j}"))?;
             times.push(t.elapsed());
             identities.push(id);
         }

@@ -130,8 +130,10 @@ struct Live {
     conn: u64,
     tx: AgentTx,
     /// What the host reports about itself (its `Hello`): shown, never
-    /// matched by a selector.
-    facts: BTreeMap<String, String>,
+    /// matched by a selector. The usual empty set is shared; others are
+    /// not interned, so an agent reconnecting with ever new facts cannot
+    /// grow the directory's set of label sets.
+    facts: Arc<BTreeMap<String, String>>,
     version: String,
     last_heartbeat: Instant,
     metrics: Option<pb::HostMetrics>,
@@ -736,6 +738,14 @@ impl Shared {
         let rec = self
             .enrolled(agent)
             .ok_or_else(|| ApiError::PermissionDenied(format!("agent {agent} is not enrolled")))?;
+        let facts = if hello.facts.is_empty() {
+            self.directory
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .intern(BTreeMap::new())
+        } else {
+            Arc::new(hello.facts)
+        };
         // Stored only when it changed: a reconnect storm of 10 000 agents
         // need not rewrite 10 000 records.
         if rec.version != hello.version {
@@ -752,7 +762,7 @@ impl Shared {
             Live {
                 conn,
                 tx,
-                facts: hello.facts,
+                facts,
                 version: hello.version,
                 last_heartbeat: Instant::now(),
                 metrics: None,
