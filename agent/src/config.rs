@@ -224,4 +224,48 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn labels_in_agent_toml_are_only_facts() {
+        let load = |text: &str| -> Result<AgentConfig, ConfigError> {
+            let raw: RawConfig = toml::from_str(&format!(
+                "controller = \"https://ctl.example.com:7443\"\n{text}"
+            ))
+            .expect("toml");
+            raw.validate("agent.toml")
+        };
+        let pairs =
+            |c: &AgentConfig| -> Vec<(String, String)> { c.facts.clone().into_iter().collect() };
+        // (agent.toml lines, the facts or a piece of the error)
+        type Case<'a> = (&'a str, Result<&'a [(&'a str, &'a str)], &'a str>);
+        let cases: &[Case] = &[
+            ("", Ok(&[])),
+            ("facts = { os = \"debian-12\" }", Ok(&[("os", "debian-12")])),
+            // The deprecated key is read as facts; `facts` wins on a clash.
+            (
+                "labels = { role = \"db\", os = \"x\" }\nfacts = { os = \"debian-12\" }",
+                Ok(&[("os", "debian-12"), ("role", "db")]),
+            ),
+            ("facts = { os = \"deb ian\" }", Err("facts: invalid labels")),
+            (
+                "labels = { \"ro le\" = \"db\" }",
+                Err("facts: invalid labels"),
+            ),
+        ];
+        for (text, want) in cases {
+            match (load(text), want) {
+                (Ok(c), Ok(want)) => {
+                    let want: Vec<(String, String)> = want
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect();
+                    assert_eq!(pairs(&c), want, "{text}");
+                }
+                (Err(e), Err(needle)) => {
+                    assert!(e.to_string().contains(needle), "{text}: {e}")
+                }
+                (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
 }
