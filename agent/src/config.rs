@@ -117,12 +117,15 @@ impl RawConfig {
             }
         }
         if let Some(allow) = &self.allow {
+            if allow.len() > fleetcmd_core::host::MAX_ALLOW {
+                problems.push(format!(
+                    "allow: {} entries, at most {}",
+                    allow.len(),
+                    fleetcmd_core::host::MAX_ALLOW
+                ));
+            }
             for (i, name) in allow.iter().enumerate() {
-                if name.is_empty()
-                    || !name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                {
+                if !fleetcmd_core::host::is_allow_entry(name) {
                     problems.push(format!("allow[{i}]: {name:?} is not a command name"));
                 }
             }

@@ -123,6 +123,13 @@ impl HostReport {
     }
 }
 
+/// Whether `name` may be an entry of a host's allow-list narrowing: a
+/// command name as the policy spells them (agent.toml is checked with the
+/// same rule the controller applies to the `Hello`).
+pub fn is_allow_entry(name: &str) -> bool {
+    crate::policy::valid_name(name)
+}
+
 /// The start of a refused value, for the error message.
 fn truncated(s: &str) -> String {
     s.chars().take(64).collect()
