@@ -1,5 +1,5 @@
 //! `agent.toml`: loaded, then validated in one pass that names every problem
-//! with its key (DESIGN §9).
+//! with its key.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,12 @@ pub struct RawConfig {
     /// `https://host:7443`.
     pub controller: String,
     pub state_dir: PathBuf,
-    /// Labels this host declares; labels set by the join token win.
+    /// Facts this host reports about itself (`os = "debian-12"`): shown in
+    /// `fleetcmd agents`, never used for targeting or `targets` rules —
+    /// labels that grant come only from the join token.
+    pub facts: BTreeMap<String, String>,
+    /// Deprecated: what older agent.toml files call `labels`; reported as
+    /// facts, granting nothing.
     pub labels: BTreeMap<String, String>,
     /// Narrows the policy's allow-list on this host (absent = no narrowing).
     pub allow: Option<Vec<String>>,
@@ -27,7 +32,7 @@ pub struct RawConfig {
     /// Loopback address of the agent's own `/metrics`; empty: none (the
     /// agent then opens no port at all).
     pub metrics_listen: String,
-    /// `[[check]]` tables: local health checks (DESIGN §6, docs/health/checks.md).
+    /// `[[check]]` tables: local health checks (docs/health/checks.md).
     pub check: Vec<crate::checks::config::RawCheck>,
 }
 
@@ -36,6 +41,7 @@ impl Default for RawConfig {
         RawConfig {
             controller: String::new(),
             state_dir: "/var/lib/fleetcmd/agent".into(),
+            facts: BTreeMap::new(),
             labels: BTreeMap::new(),
             allow: None,
             max_output_bytes: 1024 * 1024,
@@ -51,7 +57,8 @@ impl Default for RawConfig {
 pub struct AgentConfig {
     pub controller: String,
     pub state_dir: PathBuf,
-    pub labels: BTreeMap<String, String>,
+    /// What the host reports about itself; grants nothing.
+    pub facts: BTreeMap<String, String>,
     pub allow: Option<Vec<String>>,
     pub max_output_bytes: usize,
     pub max_concurrent_jobs: usize,
@@ -85,23 +92,40 @@ impl RawConfig {
             ));
         }
         if !self.labels.is_empty() {
-            let text = self
-                .labels
+            tracing::warn!(
+                "{file}: `labels` is deprecated and grants nothing: a host's labels come only from its join token; \
+                 these are reported as facts (rename the key to `facts`)"
+            );
+        }
+        let mut facts = self.labels.clone();
+        facts.extend(self.facts.clone());
+        if facts.len() > fleetcmd_core::host::MAX_FACTS {
+            problems.push(format!(
+                "facts: {} facts, at most {}",
+                facts.len(),
+                fleetcmd_core::host::MAX_FACTS
+            ));
+        }
+        if !facts.is_empty() {
+            let text = facts
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(",");
             if let Err(e) = fleetcmd_core::selector::parse_labels(&text) {
-                problems.push(format!("labels: {e}"));
+                problems.push(format!("facts: {e}"));
             }
         }
         if let Some(allow) = &self.allow {
+            if allow.len() > fleetcmd_core::host::MAX_ALLOW {
+                problems.push(format!(
+                    "allow: {} entries, at most {}",
+                    allow.len(),
+                    fleetcmd_core::host::MAX_ALLOW
+                ));
+            }
             for (i, name) in allow.iter().enumerate() {
-                if name.is_empty()
-                    || !name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                {
+                if !fleetcmd_core::host::is_allow_entry(name) {
                     problems.push(format!("allow[{i}]: {name:?} is not a command name"));
                 }
             }
@@ -148,7 +172,7 @@ impl RawConfig {
         Ok(AgentConfig {
             controller: self.controller.clone(),
             state_dir: self.state_dir.clone(),
-            labels: self.labels.clone(),
+            facts,
             allow: self.allow.clone(),
             max_output_bytes: self.max_output_bytes,
             max_concurrent_jobs: self.max_concurrent_jobs,
@@ -202,5 +226,49 @@ mod tests {
             e.contains("metrics_listen: \"localhost:9465\" is not an address"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn labels_in_agent_toml_are_only_facts() {
+        let load = |text: &str| -> Result<AgentConfig, ConfigError> {
+            let raw: RawConfig = toml::from_str(&format!(
+                "controller = \"https://ctl.example.com:7443\"\n{text}"
+            ))
+            .expect("toml");
+            raw.validate("agent.toml")
+        };
+        let pairs =
+            |c: &AgentConfig| -> Vec<(String, String)> { c.facts.clone().into_iter().collect() };
+        // (agent.toml lines, the facts or a piece of the error)
+        type Case<'a> = (&'a str, Result<&'a [(&'a str, &'a str)], &'a str>);
+        let cases: &[Case] = &[
+            ("", Ok(&[])),
+            ("facts = { os = \"debian-12\" }", Ok(&[("os", "debian-12")])),
+            // The deprecated key is read as facts; `facts` wins on a clash.
+            (
+                "labels = { role = \"db\", os = \"x\" }\nfacts = { os = \"debian-12\" }",
+                Ok(&[("os", "debian-12"), ("role", "db")]),
+            ),
+            ("facts = { os = \"deb ian\" }", Err("facts: invalid labels")),
+            (
+                "labels = { \"ro le\" = \"db\" }",
+                Err("facts: invalid labels"),
+            ),
+        ];
+        for (text, want) in cases {
+            match (load(text), want) {
+                (Ok(c), Ok(want)) => {
+                    let want: Vec<(String, String)> = want
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect();
+                    assert_eq!(pairs(&c), want, "{text}");
+                }
+                (Err(e), Err(needle)) => {
+                    assert!(e.to_string().contains(needle), "{text}: {e}")
+                }
+                (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 }

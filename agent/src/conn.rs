@@ -1,5 +1,5 @@
 //! The agent's life once joined: one outbound mTLS stream to the controller,
-//! re-dialled with jittered exponential backoff (DESIGN §2.1); heartbeats
+//! re-dialled with jittered exponential backoff (invariant 1 in ARCHITECTURE.md); heartbeats
 //! with host metrics; policy bundles verified before use; every job checked
 //! by `fleetcmd_core::authorize` before the executor sees it, and checked
 //! again (`fleetcmd_core::authorize::recheck`) when its slot frees, right
@@ -70,6 +70,9 @@ struct Inner {
     config: AgentConfig,
     dir: StateDir,
     agent_id: String,
+    /// The labels this agent was granted when it joined (its join token's,
+    /// in the state dir): the only ones its selector and `targets` checks
+    /// use. agent.toml's facts grant nothing.
     labels: BTreeMap<String, String>,
     policy: Mutex<PolicyStore>,
     seen: Mutex<SeenSet>,
@@ -136,8 +139,7 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         );
     }
     dir.client_tls()?; // fail now, not in the loop, when files are missing
-    let mut labels = config.labels.clone();
-    labels.extend(identity.labels.clone());
+    let labels = identity.labels.clone();
     let runner = crate::checks::CheckRunner::start(config.checks.clone());
     let inner = Arc::new(Inner {
         checks: runner.latest(),
@@ -304,7 +306,7 @@ async fn session(
     let hello = pb::Hello {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         hostname: inner.agent_id.clone(),
-        labels: inner.labels.clone().into_iter().collect(),
+        facts: inner.config.facts.clone().into_iter().collect(),
         policy_version: lock(&inner.policy).version(),
         allow: inner.config.allow.clone().unwrap_or_default(),
     };
@@ -365,6 +367,19 @@ async fn session(
                 match m.msg {
                     Some(In::Welcome(w)) => {
                         welcomed = true;
+                        let granted: BTreeMap<String, String> = w.labels.into_iter().collect();
+                        if granted != inner.labels {
+                            // The controller's record changed since this
+                            // agent joined; the agent keeps checking against
+                            // what it was given at enrolment (a controller
+                            // cannot widen a host's labels on its own).
+                            tracing::warn!(
+                                agent_id = %inner.agent_id,
+                                enrolled = ?inner.labels,
+                                controller = ?granted,
+                                "the controller's labels for this agent differ from its enrolment labels; using the enrolment labels"
+                            );
+                        }
                         heartbeat = tokio::time::interval(Duration::from_secs(u64::from(w.heartbeat_secs.max(1))));
                         *lock(&inner.out) = Some(tx.clone());
                         let unacked: Vec<pb::JobResult> = lock(&inner.pending).values().cloned().collect();

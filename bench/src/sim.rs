@@ -21,7 +21,6 @@ pub struct AgentIdentity {
     pub name: String,
     pub cert_pem: String,
     pub key_pem: String,
-    pub labels: Vec<(String, String)>,
 }
 
 /// When each target of a job reached this side.
@@ -190,7 +189,9 @@ async fn session(
     let hello = pb::Hello {
         version: "bench".into(),
         hostname: id.name.clone(),
-        labels: id.labels.iter().cloned().collect(),
+        // Labels come from the enrolment record; a default agent.toml
+        // reports no facts.
+        facts: Default::default(),
         policy_version: 0,
         allow: Vec::new(),
     };

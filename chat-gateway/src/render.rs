@@ -1,5 +1,5 @@
 //! Building replies from controller data, and the text rules every adapter
-//! applies so output stays data (DESIGN §2.11).
+//! applies so output stays data (invariant 11 in ARCHITECTURE.md).
 //!
 //! This module decides *what* a reply says; adapters decide how it looks on
 //! their platform and escape it there.
@@ -34,22 +34,20 @@ pub fn is_terminal(state: &str) -> bool {
 }
 
 /// Replaces control characters other than tab (ANSI escapes, carriage
-/// returns, bells, bidi overrides…) with U+FFFD, so text cannot rewrite the
-/// terminal or what a reader sees.
+/// returns, bells, newlines) and invisible or bidi formatting characters
+/// (the set of `fleetcmd_core::terminal::is_unsafe`, which the CLI escapes
+/// too) with U+FFFD, so text cannot rewrite the terminal or what a reader
+/// sees.
 pub fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| {
-            if (c.is_control() && c != '\t') || is_bidi_control(c) {
+            if c == '\n' || fleetcmd_core::terminal::is_unsafe(c) {
                 '\u{FFFD}'
             } else {
                 c
             }
         })
         .collect()
-}
-
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}')
 }
 
 /// A job id prefix for chat: the 48-bit millisecond timestamp plus the first
@@ -726,6 +724,7 @@ mod tests {
             ("over\rwrite", "over\u{FFFD}write"),
             ("bell\x07", "bell\u{FFFD}"),
             ("rtl\u{202E}txt", "rtl\u{FFFD}txt"),
+            ("zero\u{200B}width", "zero\u{FFFD}width"),
             ("line\nbreak", "line\u{FFFD}break"),
         ] {
             assert_eq!(sanitize(input), expected, "{input:?}");

@@ -245,7 +245,9 @@ pub async fn run(conn: &Conn, cmd: AuditCmd) -> Result<u8, Failure> {
                 buf.push(b'\n');
             }
             if out.as_os_str() == "-" {
-                std::io::stdout().lock().write_all(&buf)?;
+                let mode = crate::term::Mode::from_conn(conn)?;
+                let text = String::from_utf8(buf).map_err(|e| anyhow::anyhow!("export: {e}"))?;
+                mode.stdout().write_verbatim(&mode.json(&text))?;
             } else {
                 std::fs::write(&out, &buf).map_err(|e| usage(format!("{}: {e}", out.display())))?;
                 eprintln!(
@@ -260,10 +262,12 @@ pub async fn run(conn: &Conn, cmd: AuditCmd) -> Result<u8, Failure> {
         AuditCmd::Search(args) => {
             let op = operator(conn)?;
             let page = search(channel(conn, &op).await?, &args).await?;
-            let mut out = std::io::stdout().lock();
+            let mode = crate::term::Mode::from_conn(conn)?;
+            let mut out = mode.stdout();
             for r in &page.0 {
                 if args.json {
-                    serde_json::to_writer(&mut out, r)?;
+                    let line = serde_json::to_string(r)?;
+                    out.write_verbatim(&mode.json(&line))?;
                     writeln!(out)?;
                 } else {
                     writeln!(out, "{}", r.line())?;

@@ -27,7 +27,8 @@ pub struct Cli {
 pub enum Cmd {
     /// Start a local fleet: controller, agents and a console chat on stdin/stdout.
     Dev(dev::DevArgs),
-    /// List agents (optionally matching a selector), or revoke one.
+    /// List agents (optionally matching a selector on their granted labels),
+    /// or revoke one. FACTS are what each host reports about itself.
     Agents {
         #[command(subcommand)]
         action: Option<AgentsCmd>,
@@ -107,7 +108,7 @@ pub enum AgentsCmd {
 pub enum TokenCmd {
     /// Create a join token (printed once; stored hashed by the controller).
     Create {
-        /// Labels the agent gets, e.g. `role=web,env=prod` (these win over the agent's own).
+        /// Labels the agent gets, e.g. `role=web,env=prod`: the only labels selectors and `targets` match.
         #[arg(long)]
         labels: Option<String>,
         /// Lifetime, e.g. `1h`, `30m`.

@@ -78,6 +78,7 @@ pub(crate) fn status(s: tonic::Status) -> Failure {
 }
 
 pub async fn agents(conn: &Conn, selector: Option<&str>) -> Result<u8, Failure> {
+    let mode = crate::term::Mode::from_conn(conn)?;
     let op = operator(conn)?;
     let mut c = pb::agents_client::AgentsClient::new(channel(conn, &op).await?);
     let list = c
@@ -88,10 +89,10 @@ pub async fn agents(conn: &Conn, selector: Option<&str>) -> Result<u8, Failure> 
         .map_err(status)?
         .into_inner()
         .agents;
-    let mut out = std::io::stdout().lock();
+    let mut out = mode.stdout();
     writeln!(
         out,
-        "{:<20} {:<8} {:>6} {:>6} {:<8} LABELS",
+        "{:<20} {:<8} {:>6} {:>6} {:<8} LABELS  FACTS",
         "AGENT", "STATE", "LOAD1", "MEM%", "VERSION"
     )?;
     for a in list {
@@ -115,15 +116,25 @@ pub async fn agents(conn: &Conn, selector: Option<&str>) -> Result<u8, Failure> 
                 )
             })
             .unwrap_or(("-".into(), "-".into()));
-        let labels: BTreeMap<_, _> = a.labels.into_iter().collect();
-        let labels = labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let pairs = |m: std::collections::HashMap<String, String>| {
+            let sorted: BTreeMap<_, _> = m.into_iter().collect();
+            let text = sorted
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            if text.is_empty() {
+                "-".to_owned()
+            } else {
+                text
+            }
+        };
+        // Granted labels (enrolment) and self-reported facts in separate
+        // columns: facts grant nothing and no selector matches them.
+        let (labels, facts) = (pairs(a.labels), pairs(a.facts));
         writeln!(
             out,
-            "{:<20} {:<8} {:>6} {:>6} {:<8} {labels}",
+            "{:<20} {:<8} {:>6} {:>6} {:<8} {labels}  {facts}",
             a.agent_id, state, load, mem, a.version
         )?;
     }
@@ -319,6 +330,7 @@ pub fn is_finished(state: &str) -> bool {
 }
 
 pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
+    let mode = crate::term::Mode::from_conn(conn)?;
     let op = operator(conn)?;
     let timeout = args
         .timeout
@@ -332,7 +344,7 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
         .map_err(|e| usage(format!("certificate name: {e}")))?;
     let rollout = args.rollout()?;
     if args.dry_run {
-        return dry_run(ch, &policy, &args).await;
+        return dry_run(ch, &policy, &args, mode).await;
     }
     let job = build_job(
         &policy,
@@ -357,10 +369,10 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
         .map_err(status)?
         .into_inner();
     eprintln!("job {} on {} agent(s)", sub.job_id, sub.targets.len());
-    let (job, complete) = follow(&mut jobs, &sub.job_id).await?;
+    let (job, complete) = follow(&mut jobs, &sub.job_id, mode).await?;
     // Live output already printed what arrived; print the stored output
     // only if some of it was missed.
-    print_job(&job, !complete)?;
+    print_job(&mut mode.stdout(), &job, !complete)?;
     Ok(if job.state == "succeeded" { 0 } else { 1 })
 }
 
@@ -370,6 +382,7 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
 pub async fn follow(
     jobs: &mut pb::jobs_client::JobsClient<Channel>,
     id: &str,
+    mode: crate::term::Mode,
 ) -> Result<(pb::Job, bool), Failure> {
     use pb::job_event::Event;
     use std::collections::HashMap;
@@ -389,7 +402,7 @@ pub async fn follow(
     let mut seqs: HashMap<String, u64> = HashMap::new();
     let (mut total, mut done, mut failed) = (0usize, 0usize, 0usize);
     let mut complete = true;
-    let mut out = std::io::stdout();
+    let mut out = mode.stdout();
     let line_prefix = |host: &str, stream: u32| {
         if stream == 2 {
             format!("{host} (stderr): ")
@@ -431,12 +444,9 @@ pub async fn follow(
                     if tty {
                         eprint!("\r\x1b[K");
                     }
-                    write!(
-                        out,
-                        "{}{}",
-                        line_prefix(&c.agent_id, c.stream),
-                        String::from_utf8_lossy(&line)
-                    )?;
+                    write!(out, "{}", line_prefix(&c.agent_id, c.stream))?;
+                    out.write_all(&line)?;
+                    out.flush()?;
                 }
             }
             Some(Event::Target(t)) if fleetcmd_controller::state::is_terminal(&t.state) => {
@@ -449,6 +459,7 @@ pub async fn follow(
             Some(Event::Missed(n)) => {
                 complete = false;
                 eprintln!("[{n} live event(s) missed; the stored output follows]");
+                out.flush()?;
             }
             None => {}
         }
@@ -461,12 +472,9 @@ pub async fn follow(
     }
     for ((host, stream), rest) in partial {
         if !rest.is_empty() {
-            writeln!(
-                out,
-                "{}{}",
-                line_prefix(&host, stream),
-                String::from_utf8_lossy(&rest)
-            )?;
+            write!(out, "{}", line_prefix(&host, stream))?;
+            out.write_all(&rest)?;
+            writeln!(out)?;
         }
     }
     let job = wait(jobs, id, Duration::from_secs(30)).await?;
@@ -475,7 +483,12 @@ pub async fn follow(
 
 /// `--dry-run`: resolves the targets and shows, per host, the argv it would
 /// run or why it would refuse — and submits nothing.
-async fn dry_run(ch: Channel, policy: &Policy, args: &RunArgs) -> Result<u8, Failure> {
+async fn dry_run(
+    ch: Channel,
+    policy: &Policy,
+    args: &RunArgs,
+    mode: crate::term::Mode,
+) -> Result<u8, Failure> {
     let def = policy.command(&args.command).ok_or_else(|| {
         usage(format!(
             "`{}` is not in the policy's allow-list",
@@ -493,7 +506,7 @@ async fn dry_run(ch: Channel, policy: &Policy, args: &RunArgs) -> Result<u8, Fai
         .map_err(status)?
         .into_inner()
         .agents;
-    let mut out = std::io::stdout().lock();
+    let mut out = mode.stdout();
     let shown: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
     let mut would_run = 0;
     for a in &agents {
@@ -539,6 +552,7 @@ async fn dry_run(ch: Channel, policy: &Policy, args: &RunArgs) -> Result<u8, Fai
 
 /// `fleetcmd cancel ID`.
 pub async fn cancel(conn: &Conn, id: &str) -> Result<u8, Failure> {
+    let mode = crate::term::Mode::from_conn(conn)?;
     let op = operator(conn)?;
     let mut jobs = pb::jobs_client::JobsClient::new(channel(conn, &op).await?);
     let job = jobs
@@ -550,7 +564,7 @@ pub async fn cancel(conn: &Conn, id: &str) -> Result<u8, Failure> {
         .map_err(status)?
         .into_inner();
     let job = wait(&mut jobs, &job.job_id, Duration::from_secs(30)).await?;
-    print_job(&job, false)?;
+    print_job(&mut mode.stdout(), &job, false)?;
     Ok(0)
 }
 
@@ -561,6 +575,7 @@ pub async fn jobs(
     state: Option<String>,
     limit: u32,
 ) -> Result<u8, Failure> {
+    let mode = crate::term::Mode::from_conn(conn)?;
     let op = operator(conn)?;
     let mut jobs = pb::jobs_client::JobsClient::new(channel(conn, &op).await?);
     let list = jobs
@@ -577,7 +592,7 @@ pub async fn jobs(
         .map_err(status)?
         .into_inner()
         .jobs;
-    let mut out = std::io::stdout().lock();
+    let mut out = mode.stdout();
     writeln!(
         out,
         "{:<36}  {:<10} {:>7}  {:<12} {:<20} REQUESTER",
@@ -597,6 +612,7 @@ pub async fn jobs(
 
 /// `fleetcmd job output ID [HOST]`: the full stored output, unprefixed.
 pub async fn job_output(conn: &Conn, id: &str, host: Option<&str>) -> Result<u8, Failure> {
+    let mode = crate::term::Mode::from_conn(conn)?;
     let op = operator(conn)?;
     let mut jobs = pb::jobs_client::JobsClient::new(channel(conn, &op).await?);
     let job = jobs
@@ -618,20 +634,21 @@ pub async fn job_output(conn: &Conn, id: &str, host: Option<&str>) -> Result<u8,
             host.unwrap_or("")
         )));
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = mode.stdout();
     for t in targets {
         let r = t.result.clone().unwrap_or_default();
         if host.is_none() {
             writeln!(out, "==> {} ({}) <==", t.agent_id, t.state)?;
         }
         out.write_all(&r.stdout)?;
+        out.flush()?;
         if !r.stderr.is_empty() {
-            std::io::stderr().write_all(&r.stderr)?;
+            mode.stderr().write_all(&r.stderr)?;
         }
         if r.stdout_dropped + r.stderr_dropped > 0 {
             eprintln!(
                 "{}: {} bytes were dropped over the agent's output cap",
-                t.agent_id,
+                fleetcmd_core::terminal::escape(&t.agent_id),
                 r.stdout_dropped + r.stderr_dropped
             );
         }
@@ -661,6 +678,7 @@ pub async fn wait(
 }
 
 pub async fn job(conn: &Conn, id: &str) -> Result<u8, Failure> {
+    let mode = crate::term::Mode::from_conn(conn)?;
     let op = operator(conn)?;
     let mut jobs = pb::jobs_client::JobsClient::new(channel(conn, &op).await?);
     let job = jobs
@@ -670,13 +688,13 @@ pub async fn job(conn: &Conn, id: &str) -> Result<u8, Failure> {
         .await
         .map_err(status)?
         .into_inner();
-    print_job(&job, true)?;
+    print_job(&mut mode.stdout(), &job, true)?;
     Ok(0)
 }
 
-/// Prints each host's output prefixed by the host, then a summary line.
-pub fn print_job(job: &pb::Job, with_output: bool) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
+/// Prints each host's output prefixed by the host, then a summary line,
+/// to `out` (an escaping writer from `term::Mode`).
+pub fn print_job(out: &mut impl Write, job: &pb::Job, with_output: bool) -> std::io::Result<()> {
     let ok = job.targets.iter().filter(|t| t.state == "ok").count();
     for t in &job.targets {
         let r = t.result.clone().unwrap_or_default();

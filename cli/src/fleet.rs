@@ -362,7 +362,7 @@ impl Fleet {
         let config = AgentConfig {
             controller: self.url.clone(),
             state_dir: self.dir.join("agents").join(name),
-            labels: BTreeMap::new(),
+            facts: BTreeMap::new(),
             allow,
             max_output_bytes: 1024 * 1024,
             max_concurrent_jobs: self.agent_max_concurrent_jobs,

@@ -1,4 +1,4 @@
-//! `fleetcmd health`: the services of DESIGN §6 (state, instances, recent
+//! `fleetcmd health`: the services of controller.toml (state, instances, recent
 //! changes) and silencing their alerts, over the controller's `Health`
 //! service with the operator certificate.
 
@@ -47,7 +47,7 @@ pub async fn show(conn: &Conn, service: Option<&str>, history: u32) -> Result<u8
         .into_inner()
         .services;
     let (header, table) = fleetcmd_gateway::render::health_table(&services, one, now_ms());
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::term::Mode::from_conn(conn)?.stdout();
     writeln!(out, "{header}")?;
     if !table.is_empty() {
         writeln!(out, "{table}")?;

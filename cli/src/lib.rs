@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod health_cmd;
 pub mod notify_cmd;
 pub mod policy_cmd;
+pub mod term;
 
 /// Connection to the controller as an operator. `fleetcmd dev` writes a file
 /// of these variables: `source DIR/env`.
@@ -37,6 +38,10 @@ pub struct Conn {
     /// Your operator key (PEM, Ed25519); it also signs your jobs.
     #[arg(long, env = "FLEETCMD_KEY", global = true)]
     pub key: Option<PathBuf>,
+    /// Print command output and fleet-supplied text as received, without
+    /// escaping control characters; refused when stdout is a terminal.
+    #[arg(long, global = true)]
+    pub raw: bool,
 }
 
 /// An error with the exit code it maps to.

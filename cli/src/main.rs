@@ -79,7 +79,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(Failure { code, error }) => {
-            eprintln!("fleetcmd: {error:#}");
+            // Errors quote what the controller and the fleet said.
+            let error = format!("{error:#}");
+            eprintln!("fleetcmd: {}", fleetcmd_core::terminal::escape(&error));
             ExitCode::from(code)
         }
     }

@@ -79,7 +79,7 @@ pub async fn run(args: NotifyArgs) -> Result<(), Failure> {
     let status = resp.status();
     let answer = resp.text().await.unwrap_or_default();
     if status.is_success() {
-        println!("{}", answer.trim());
+        println!("{}", fleetcmd_core::terminal::escape(answer.trim()));
         Ok(())
     } else {
         Err(Failure::from(anyhow::anyhow!(

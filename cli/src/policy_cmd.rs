@@ -5,6 +5,7 @@
 //! covers the exact bytes of the TOML file.
 
 use fleetcmd_controller::keyfile::Existing;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -198,6 +199,7 @@ pub async fn run(conn: &Conn, cmd: PolicyCmd) -> Result<u8, Failure> {
             Ok(0)
         }
         PolicyCmd::Show { full } => {
+            let mode = crate::term::Mode::from_conn(conn)?;
             let op = operator(conn)?;
             let mut c = pb::policy_client::PolicyClient::new(channel(conn, &op).await?);
             let info = c
@@ -205,12 +207,12 @@ pub async fn run(conn: &Conn, cmd: PolicyCmd) -> Result<u8, Failure> {
                 .await
                 .map_err(|s| anyhow::anyhow!("controller: {}", s.message()))?
                 .into_inner();
-            println!("version {}\nhash    {}", info.version, info.hash);
+            let mut out = mode.stdout();
+            writeln!(out, "version {}\nhash    {}", info.version, info.hash)?;
             if full {
-                println!(
-                    "\n{}",
-                    String::from_utf8_lossy(&info.policy.unwrap_or_default().bundle)
-                );
+                writeln!(out)?;
+                out.write_all(&info.policy.unwrap_or_default().bundle)?;
+                writeln!(out)?;
             }
             Ok(0)
         }

@@ -57,6 +57,19 @@ impl Svc {
     }
 }
 
+/// What an agent says about itself, checked before anything keeps it
+/// (charset, length and count of every field); a bad `Hello` refuses the
+/// stream with the reason.
+fn host_report(hello: pb::Hello) -> Result<fleetcmd_core::host::HostReport, ApiError> {
+    fleetcmd_core::host::HostReport::new(
+        &hello.version,
+        &hello.hostname,
+        hello.facts.into_iter().collect(),
+        hello.allow,
+    )
+    .map_err(|e| ApiError::InvalidArgument(e.to_string()))
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -81,16 +94,24 @@ impl pb::agent_stream_server::AgentStream for Svc {
                 .into());
             }
         };
+        let policy_version = hello.policy_version;
+        let report = host_report(hello).inspect_err(|e| {
+            tracing::warn!(agent_id = %agent, error = %e, "agent hello refused");
+        })?;
+        let labels = self.0.granted_labels(&agent)?;
         let (tx, rx) = mpsc::channel(crate::state::AGENT_QUEUE);
         let welcome = pb::ControllerMessage {
             msg: Some(pb::controller_message::Msg::Welcome(pb::Welcome {
                 agent_id: agent.clone(),
                 heartbeat_secs: self.0.config.heartbeat_interval.as_secs().max(1) as u32,
+                labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             })),
         };
         tx.try_send(Box::new(Ok(welcome)))
             .map_err(|_| Status::internal("agent queue"))?;
-        let conn = self.0.register(&agent, &hello, tx.clone())?;
+        let conn = self
+            .0
+            .register(&agent, report, policy_version, tx.clone())?;
         let shared = self.0.clone();
         tokio::spawn(async move {
             let reason = loop {

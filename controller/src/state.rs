@@ -60,7 +60,7 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86400);
 /// One message for an agent's stream. Boxed: tokio's bounded channel
 /// allocates its slots in blocks of 32, and a `Result<ControllerMessage,
 /// Status>` is a few hundred bytes, so unboxed each connected agent's queue
-/// kept several KiB allocated (RSS per connection, DESIGN §10).
+/// kept several KiB allocated (RSS per connection, BENCHMARKS.md targets).
 pub type AgentItem = Box<Result<pb::ControllerMessage, Status>>;
 pub type AgentTx = mpsc::Sender<AgentItem>;
 
@@ -71,8 +71,8 @@ pub struct CurrentPolicy {
 }
 
 /// An enrolled agent as the directory keeps it: an `AgentRecord` whose
-/// labels are shared with the agent's `Live` entry while it is connected
-/// (the usual case: its own labels add nothing to the token's).
+/// labels (interned) are the only ones that grant anything: selectors and
+/// `targets` rules match them, never what the agent reports about itself.
 #[derive(Clone)]
 struct Enrolled {
     labels: Arc<BTreeMap<String, String>>,
@@ -95,7 +95,7 @@ impl Enrolled {
 
 /// The enrolled agents by id. Label sets are interned: fleets repeat a
 /// few sets (`role=web,env=prod`) over thousands of hosts, and a map per
-/// host cost about 0.7 KiB each (DESIGN §10's RSS budget per agent).
+/// host cost about 0.7 KiB each (BENCHMARKS.md targets's RSS budget per agent).
 #[derive(Default)]
 struct Directory {
     agents: BTreeMap<String, Enrolled>,
@@ -129,7 +129,11 @@ impl Directory {
 struct Live {
     conn: u64,
     tx: AgentTx,
-    labels: Arc<BTreeMap<String, String>>,
+    /// What the host reports about itself (its `Hello`): shown, never
+    /// matched by a selector. The usual empty set is shared; others are
+    /// not interned, so an agent reconnecting with ever new facts cannot
+    /// grow the directory's set of label sets.
+    facts: Arc<BTreeMap<String, String>>,
     version: String,
     last_heartbeat: Instant,
     metrics: Option<pb::HostMetrics>,
@@ -717,25 +721,34 @@ impl Shared {
 
     // ------------------------------------------------------------ live agents
 
-    /// Registers a connected agent; returns its connection number.
-    pub fn register(&self, agent: &str, hello: &pb::Hello, tx: AgentTx) -> ApiResult<u64> {
+    /// The labels an agent was granted at enrolment (its join token's).
+    pub fn granted_labels(&self, agent: &str) -> ApiResult<Arc<BTreeMap<String, String>>> {
+        self.enrolled(agent)
+            .map(|rec| rec.labels)
+            .ok_or_else(|| ApiError::PermissionDenied(format!("agent {agent} is not enrolled")))
+    }
+
+    /// Registers a connected agent with what it reports about itself
+    /// (validated at the gRPC boundary); returns its connection number.
+    /// Its facts are kept apart from its granted labels: a host cannot put
+    /// itself into `role=db` by saying so.
+    pub fn register(
+        &self,
+        agent: &str,
+        hello: fleetcmd_core::host::HostReport,
+        policy_version: u64,
+        tx: AgentTx,
+    ) -> ApiResult<u64> {
         let rec = self
             .enrolled(agent)
             .ok_or_else(|| ApiError::PermissionDenied(format!("agent {agent} is not enrolled")))?;
-        // The controller's labels (from the token) win over the agent's own.
-        let labels = if hello.labels.keys().all(|k| rec.labels.contains_key(k)) {
-            rec.labels.clone()
-        } else {
-            let mut labels: BTreeMap<String, String> = hello
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            labels.extend((*rec.labels).clone());
+        let facts = if hello.facts.is_empty() {
             self.directory
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
-                .intern(labels)
+                .intern(BTreeMap::new())
+        } else {
+            Arc::new(hello.facts)
         };
         // Stored only when it changed: a reconnect storm of 10 000 agents
         // need not rewrite 10 000 records.
@@ -753,12 +766,12 @@ impl Shared {
             Live {
                 conn,
                 tx,
-                labels,
-                version: hello.version.clone(),
+                facts,
+                version: hello.version,
                 last_heartbeat: Instant::now(),
                 metrics: None,
                 checks: Vec::new(),
-                policy_version: hello.policy_version,
+                policy_version,
                 clock_skew_secs: 0,
                 policy_expired: false,
             },
@@ -821,13 +834,24 @@ impl Shared {
         let mut out = Vec::new();
         for (id, rec) in directory.agents.iter() {
             let live = agents.get(id);
-            let labels = live.map_or(&*rec.labels, |l| &*l.labels);
-            if !sel.matches(id, labels) {
+            if !sel.matches(id, &rec.labels) {
                 continue;
             }
             out.push(pb::Agent {
                 agent_id: id.clone(),
-                labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                labels: rec
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                facts: live
+                    .map(|l| {
+                        l.facts
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 online: live.is_some_and(|l| self.online(l)) && !rec.revoked,
                 revoked: rec.revoked,
                 version: live.map_or_else(|| rec.version.clone(), |l| l.version.clone()),
@@ -1003,7 +1027,9 @@ impl Shared {
                 "job {id} was already submitted"
             )));
         }
-        // Resolve targets against the registry (the agents re-check their own labels).
+        // Resolve targets against the enrolment records' labels, never what
+        // agents report about themselves (the agents re-check their own
+        // granted labels).
         let mut targets: Vec<(String, bool)> = Vec::new();
         {
             let directory = self.directory.read().unwrap_or_else(|p| p.into_inner());
@@ -1013,7 +1039,7 @@ impl Shared {
                     continue;
                 }
                 let live = agents.get(id);
-                let labels = live.map_or(&*rec.labels, |l| &*l.labels);
+                let labels = &*rec.labels;
                 let for_host = cmd.targets.as_ref().is_none_or(|t| t.matches(id, labels));
                 if selector.matches(id, labels) && for_host {
                     targets.push((id.clone(), live.is_some_and(|l| self.online(l))));
@@ -1240,7 +1266,7 @@ impl Shared {
                 .collect();
             self.store.put_targets(job_id, &writes)?;
             // One audit record per chunk and outcome, listing its hosts (the
-            // host index still finds each of them, DESIGN §8).
+            // host index still finds each of them).
             for (hosts, rec, kind) in [
                 (&sent_to, &dispatched, EventKind::JobDispatched),
                 (&offline, &gone, EventKind::JobFinished),
@@ -1595,11 +1621,40 @@ impl Shared {
         Ok(())
     }
 
+    /// Whether `agent` is a target of `job` that was dispatched and has not
+    /// finished: the only agent whose output and result for it count.
+    fn is_active_target(&self, job: &str, agent: &str) -> ApiResult<bool> {
+        let mut runs = lock(&self.job_lock);
+        let state = match self.run_of(&mut runs, job)? {
+            Some(run) => run.index.get(agent).map(|&i| run.states[i].0.clone()),
+            None => None,
+        };
+        Ok(matches!(state.as_deref(), Some("dispatched" | "running")))
+    }
+
     /// Stores a result durably; the caller acknowledges it only after this
-    /// returns.
+    /// returns. A result from an agent the job was never dispatched to (not
+    /// a target, or a target still pending) is logged and dropped: an agent
+    /// cannot write another host's result, nor one for a job it never got.
     pub async fn record_result(&self, agent: &str, result: pb::JobResult) -> ApiResult<()> {
         let job = result.job_id.clone();
         let state = outcome_state(result.outcome);
+        if !self.is_active_target(&job, agent)? {
+            let known = self
+                .store
+                .get_target(&job, agent)?
+                .is_some_and(|t| t.state != "pending");
+            if known {
+                tracing::debug!(job_id = %job, agent_id = agent, "result for a finished target ignored");
+            } else {
+                tracing::warn!(
+                    job_id = ?job.chars().take(36).collect::<String>(),
+                    agent_id = agent,
+                    "result for a job never dispatched to this agent ignored"
+                );
+            }
+            return Ok(());
+        }
         let rec = TargetRecord {
             result: Some(result.encode_to_vec()),
             ..TargetRecord::new(state, &result.reason)
@@ -1745,8 +1800,27 @@ impl Shared {
         }
     }
 
-    /// Forwards a chunk of live output from `agent`.
+    /// Forwards a chunk of live output from `agent` to the job's watchers,
+    /// if `agent` is a dispatched, unfinished target of that job: no agent
+    /// can put lines into another host's job.
     pub fn live_chunk(&self, agent: &str, mut chunk: pb::OutputChunk) {
+        if !self.watched(&chunk.job_id) {
+            return;
+        }
+        match self.is_active_target(&chunk.job_id, agent) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(
+                    agent_id = agent,
+                    "live output for a job not dispatched to this agent dropped"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(agent_id = agent, error = %e, "checking a live output chunk's target");
+                return;
+            }
+        }
         chunk.agent_id = agent.to_owned();
         let job = chunk.job_id.clone();
         self.publish(&job, pb::job_event::Event::Chunk(chunk));

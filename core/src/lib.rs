@@ -16,6 +16,7 @@ pub mod crypto;
 pub mod duration;
 pub mod grammar;
 pub mod health;
+pub mod host;
 pub mod ids;
 pub mod job;
 pub mod join_token;
@@ -26,5 +27,6 @@ pub mod ratelimit;
 pub mod rbac;
 pub mod rollout;
 pub mod selector;
+pub mod terminal;
 
 mod glob;

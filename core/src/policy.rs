@@ -1,4 +1,4 @@
-//! The policy bundle of DESIGN §3: signers, the command allow-list with argv
+//! The policy bundle: signers, the command allow-list with argv
 //! templates and argument validators, roles, bindings and approvers.
 //!
 //! [`Policy::parse`] deserializes the TOML strictly (`deny_unknown_fields`)
@@ -109,7 +109,7 @@ pub struct ArgSpec {
     pub allow_format_chars: bool,
 }
 
-/// Argument kinds (DESIGN §3).
+/// Argument kinds.
 #[derive(Clone, Debug)]
 pub enum ArgKind {
     /// Any text without control characters, at most `max_len` characters.
@@ -442,7 +442,7 @@ struct Validator {
     errors: Vec<PolicyError>,
 }
 
-fn valid_name(s: &str) -> bool {
+pub(crate) fn valid_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 64
@@ -1156,7 +1156,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::crypto::test_keys::key;
 
-    /// The example policy of DESIGN §3 with a real signer key.
+    /// The example policy (as in deploy/policy.toml) with a real signer key.
     pub(crate) fn design_example() -> String {
         r#"version = 7                       # strictly increasing
 expires = "2027-03-01T00:00:00Z"  # optional; agents refuse jobs after it

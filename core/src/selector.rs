@@ -1,5 +1,5 @@
 //! Kubernetes-style label selectors choosing which agents a job targets
-//! (DESIGN §3): `role=web`, `env!=staging`, `role in (web,api)`,
+//!: `role=web`, `env!=staging`, `role in (web,api)`,
 //! `role notin (a,b)`, `canary`, `!canary`, comma = AND, the key `name` for
 //! the agent's host name (globs `*`/`?` allowed), and `all`.
 
@@ -38,7 +38,7 @@ pub struct Selector {
 /// The key that selects on the agent's host name instead of a label.
 pub const NAME_KEY: &str = "name";
 
-fn valid_key(k: &str) -> bool {
+pub(crate) fn valid_key(k: &str) -> bool {
     let b = k.as_bytes();
     !b.is_empty()
         && b.len() <= 63
@@ -47,7 +47,7 @@ fn valid_key(k: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'/' | b'-'))
 }
 
-fn valid_value(v: &str, globs: bool) -> bool {
+pub(crate) fn valid_value(v: &str, globs: bool) -> bool {
     v.len() <= 63
         && v.bytes().all(|c| {
             c.is_ascii_alphanumeric()

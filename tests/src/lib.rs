@@ -139,6 +139,81 @@ impl TestFleet {
     }
 }
 
+/// A hostile agent: a raw `AgentStream` connection with `name`'s real
+/// certificate that sends whatever the test tells it to (it replaces the
+/// real agent's stream until that one reconnects).
+pub struct RawAgent {
+    pub tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    /// The controller's answer to the `Hello`: its stream, or the refusal.
+    pub inbound: Result<tonic::Streaming<pb::ControllerMessage>, tonic::Status>,
+}
+
+impl TestFleet {
+    /// Connects as agent `name` and sends `hello` first.
+    pub async fn raw_agent(&self, name: &str, hello: pb::Hello) -> RawAgent {
+        let ch = fleetcmd_proto::channel::connect(&self.url, &self.agent_tls(name))
+            .await
+            .expect("agent channel");
+        let mut c = pb::agent_stream_client::AgentStreamClient::new(ch)
+            .max_encoding_message_size(16 * 1024 * 1024);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(hello)),
+        })
+        .await
+        .expect("queue hello");
+        let inbound = c
+            .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map(|r| r.into_inner());
+        RawAgent { tx, inbound }
+    }
+}
+
+impl RawAgent {
+    pub async fn send(&self, msg: pb::agent_message::Msg) {
+        self.tx
+            .send(pb::AgentMessage { msg: Some(msg) })
+            .await
+            .expect("raw agent stream open");
+    }
+
+    /// Waits (bounded) for the controller's acknowledgement of a result for
+    /// `job_id`: everything sent before that result has been handled.
+    pub async fn acked(&mut self, job_id: &str) {
+        let inbound = self.inbound.as_mut().expect("the stream was accepted");
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let m = inbound.message().await.expect("stream").expect("open");
+                if let Some(pb::controller_message::Msg::Ack(a)) = m.msg
+                    && a.job_id == job_id
+                {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the result was acknowledged in time");
+    }
+}
+
+/// A workspace binary next to this test's deps directory (built by
+/// `cargo build --workspace --bins`; scripts/test does).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`; scripts/test does)",
+        p.display()
+    );
+    p
+}
+
 pub fn to_pb(job: SignedJob) -> pb::SignedJob {
     pb::SignedJob {
         spec: job.spec,

@@ -702,7 +702,7 @@ async fn results_reach_the_controller_in_heartbeats_and_a_slow_check_does_not_de
     let agent = fleetcmd_agent::spawn(fleetcmd_agent::AgentConfig {
         controller: url,
         state_dir,
-        labels: Default::default(),
+        facts: Default::default(),
         allow: None,
         max_output_bytes: 1 << 20,
         max_concurrent_jobs: 4,

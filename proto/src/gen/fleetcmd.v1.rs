@@ -71,14 +71,21 @@ pub struct OutputChunk {
     #[prost(string, tag = "5")]
     pub agent_id: ::prost::alloc::string::String,
 }
+/// What the agent reports about itself. None of it grants anything: the
+/// controller validates every field (charset, length, count) and refuses the
+/// stream otherwise; targeting and `targets` rules use only the labels of the
+/// agent's enrolment record (its join token's).
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Hello {
     #[prost(string, tag = "1")]
     pub version: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub hostname: ::prost::alloc::string::String,
+    /// Facts the host reports about itself (agent.toml `facts`): shown by
+    /// `Agents.List`, never used for targeting. Field 3 was `labels`; agents
+    /// that still send labels there have them treated as facts.
     #[prost(map = "string, string", tag = "3")]
-    pub labels: ::std::collections::HashMap<
+    pub facts: ::std::collections::HashMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
@@ -100,7 +107,7 @@ pub struct Heartbeat {
     /// The agent's policy is past its `expires`: it refuses every job.
     #[prost(bool, tag = "4")]
     pub policy_expired: bool,
-    /// The latest result of every check in agent.toml (DESIGN §6), each run on
+    /// The latest result of every check in agent.toml, each run on
     /// its own interval; a check still running reports its previous result.
     #[prost(message, repeated, tag = "5")]
     pub checks: ::prost::alloc::vec::Vec<CheckResult>,
@@ -248,12 +255,20 @@ pub struct CancelJob {
     #[prost(string, tag = "1")]
     pub job_id: ::prost::alloc::string::String,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Welcome {
     #[prost(string, tag = "1")]
     pub agent_id: ::prost::alloc::string::String,
     #[prost(uint32, tag = "2")]
     pub heartbeat_secs: u32,
+    /// The agent's granted labels as the controller's enrolment record holds
+    /// them (informational: the agent checks selectors and `targets` rules
+    /// against the labels it was given when it joined, not these).
+    #[prost(map = "string, string", tag = "3")]
+    pub labels: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RenewResponse {
@@ -409,6 +424,8 @@ pub struct ListAgentsResponse {
 pub struct Agent {
     #[prost(string, tag = "1")]
     pub agent_id: ::prost::alloc::string::String,
+    /// Granted labels: from the agent's enrolment record (its join token).
+    /// Selectors and `targets` rules match these only.
     #[prost(map = "string, string", tag = "2")]
     pub labels: ::std::collections::HashMap<
         ::prost::alloc::string::String,
@@ -438,6 +455,13 @@ pub struct Agent {
     /// The check results of the last heartbeat.
     #[prost(message, repeated, tag = "12")]
     pub checks: ::prost::alloc::vec::Vec<CheckResult>,
+    /// What the host reports about itself (its Hello): shown, never granting,
+    /// not selectable.
+    #[prost(map = "string, string", tag = "13")]
+    pub facts: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RevokeRequest {
@@ -3375,7 +3399,7 @@ pub mod health_client {
     )]
     use tonic::codegen::*;
     use tonic::codegen::http::Uri;
-    /// Services declared in controller.toml (`[services.NAME]`, DESIGN §6) and
+    /// Services declared in controller.toml (`[services.NAME]`) and
     /// their alerts. Gateway and operator roles.
     #[derive(Debug, Clone)]
     pub struct HealthClient<T> {
@@ -3562,7 +3586,7 @@ pub mod health_server {
             request: tonic::Request<super::SilenceRequest>,
         ) -> std::result::Result<tonic::Response<super::SilenceResponse>, tonic::Status>;
     }
-    /// Services declared in controller.toml (`[services.NAME]`, DESIGN §6) and
+    /// Services declared in controller.toml (`[services.NAME]`) and
     /// their alerts. Gateway and operator roles.
     #[derive(Debug)]
     pub struct HealthServer<T> {
@@ -3823,7 +3847,7 @@ pub mod audit_client {
     )]
     use tonic::codegen::*;
     use tonic::codegen::http::Uri;
-    /// The audit trail (DESIGN §8). Operator role for search and export;
+    /// The audit trail. Operator role for search and export;
     /// gateway role for search (chat `audit`) and for reporting what only the
     /// gateway sees (chat denials, approvals, bad chat signatures).
     #[derive(Debug, Clone)]
@@ -4036,7 +4060,7 @@ pub mod audit_server {
             tonic::Status,
         >;
     }
-    /// The audit trail (DESIGN §8). Operator role for search and export;
+    /// The audit trail. Operator role for search and export;
     /// gateway role for search (chat `audit`) and for reporting what only the
     /// gateway sees (chat denials, approvals, bad chat signatures).
     #[derive(Debug)]

@@ -1,4 +1,4 @@
-//! DESIGN §2.2: every RPC but Join needs a client certificate from the fleet
+//! ARCHITECTURE.md invariant 2: every RPC but Join needs a client certificate from the fleet
 //! CA, and the certificate's role must match the service; §2.4/§2.8: a
 //! caller may only submit jobs in the name it is entitled to.
 
@@ -28,7 +28,7 @@ fn hello_stream(
     let hello = pb::Hello {
         version: "test".into(),
         hostname: name.into(),
-        labels: HashMap::new(),
+        facts: HashMap::new(),
         policy_version: 0,
         allow: Vec::new(),
     };
@@ -376,7 +376,7 @@ async fn requesters_cannot_be_spoofed() {
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
-/// DESIGN §2.2 names one exception, Join; the standard gRPC health service
+/// ARCHITECTURE.md invariant 2 names one exception, Join; the standard gRPC health service
 /// on the same port is not one (the unauthenticated probes are the HTTP
 /// `/healthz` and `/readyz` endpoints).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

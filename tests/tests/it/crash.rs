@@ -1,4 +1,4 @@
-//! "Nothing lost" with real processes (DESIGN §4): the installed-style
+//! "Nothing lost" with real processes: the installed-style
 //! binaries `fleetcmd-controller` and `fleetcmd-agent` run as separate
 //! processes; the controller is `kill -9`ed mid-job and restarted, and every
 //! agent's result still arrives; an agent `kill -9`ed mid-job is restarted
@@ -13,7 +13,7 @@ use fleetcmd_proto::channel::ClientTls;
 use fleetcmd_proto::v1 as pb;
 use fleetcmd_tests::*;
 
-use crate::support::bin;
+use fleetcmd_tests::workspace_bin as bin;
 
 struct Proc(Child);
 

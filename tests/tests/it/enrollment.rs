@@ -1,4 +1,4 @@
-//! DESIGN §2.2/§2.3: join tokens are single-use and pinned to one fleet CA;
+//! ARCHITECTURE.md invariants 2 and 3: join tokens are single-use and pinned to one fleet CA;
 //! a revoked agent loses its live stream at once and every later call with
 //! its certificate is refused.
 
@@ -130,7 +130,7 @@ async fn a_join_token_of_another_fleet_is_refused() {
     other.fleet.shutdown().await.expect("shutdown");
 }
 
-/// DESIGN §2.10: the controller, not the joiner, decides names. A token that
+/// ARCHITECTURE.md invariant 10: the controller, not the joiner, decides names. A token that
 /// names no agent (the CLI default, and the usual reusable fleet token) must
 /// not let its holder take over the name of an enrolled, live agent: jobs
 /// signed for `name=dev-1` would then run on (and report from) the intruder.
@@ -187,7 +187,7 @@ async fn a_revoked_agent_is_cut_off_at_once() {
     let hello = pb::Hello {
         version: "probe".into(),
         hostname: "probe-1".into(),
-        labels: HashMap::new(),
+        facts: HashMap::new(),
         policy_version: 0,
         allow: Vec::new(),
     };
@@ -278,7 +278,7 @@ async fn a_revoked_agent_is_cut_off_at_once() {
     let hello = pb::Hello {
         version: "x".into(),
         hostname: "dev-2".into(),
-        labels: HashMap::new(),
+        facts: HashMap::new(),
         policy_version: 0,
         allow: Vec::new(),
     };

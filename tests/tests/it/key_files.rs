@@ -7,7 +7,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use crate::support::bin;
+use fleetcmd_tests::workspace_bin as bin;
 
 fn keygen(out: &Path, force: bool) -> Output {
     let mut c = Command::new(bin("fleetcmd"));

@@ -62,21 +62,6 @@ pub async fn security_fleet(agents: usize) -> TestFleet {
     fleet
 }
 
-/// A workspace binary (`fleetcmd`, `fleetcmd-controller`, …) next to this
-/// test binary's deps directory, for tests that run them as separate
-/// processes.
-pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the binaries first (`cargo build --workspace --bins`; scripts/test does)",
-        p.display()
-    );
-    p
-}
-
 /// A fresh path inside the fleet's directory (not created).
 pub fn marker(fleet: &TestFleet, name: &str) -> PathBuf {
     fleet.path().join(name)

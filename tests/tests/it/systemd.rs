@@ -8,7 +8,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::bin;
+use fleetcmd_tests::workspace_bin as bin;
 
 #[test]
 fn controller_notifies_ready_pings_the_watchdog_and_says_stopping() {

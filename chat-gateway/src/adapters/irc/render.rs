@@ -46,14 +46,10 @@ pub fn clean(s: &str) -> String {
     s.chars()
         .filter_map(|c| match c {
             '\t' | '\r' | '\n' => Some(' '),
-            c if c.is_control() || is_bidi_control(c) => None,
+            c if fleetcmd_core::terminal::is_unsafe(c) => None,
             c => Some(c),
         })
         .collect()
-}
-
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}')
 }
 
 /// `line` if it cannot address a bot, else `line` with `· ` in front: it
