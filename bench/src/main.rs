@@ -991,7 +991,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // ---------------------------------------------------------------- against §10
     let o = serde_json::Value::Object(out.clone());
-    println!("against BENCHMARKS.md targets (ratio = measured / target; ≤ 1 meets it, except ingest: ≥ 1):");
+    println!(
+        "against BENCHMARKS.md targets (ratio = measured / target; ≤ 1 meets it, except ingest: ≥ 1):"
+    );
     let rows = [
         (
             "controller RSS with N agents (MiB) < 400",

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::{Recorder, assert_refused, inject, result_of, sign_op};
+use crate::support::{Recorder, assert_refused, audit_of, inject, result_of, sign_op};
 use fleetcmd_core::approval::GivenApproval;
 use fleetcmd_core::audit::EventKind;
 use fleetcmd_core::ids::Identity;
@@ -145,24 +145,14 @@ async fn an_approved_chat_request_runs_on_the_agents_and_every_step_is_audited()
 }
 
 /// The audit records of `job_id`, as (kind, whole record text).
-async fn audit_of(fleet: &TestFleet, job_id: &str) -> Vec<(String, String)> {
-    let mut audit = pb::audit_client::AuditClient::new(fleet.operator().await);
-    audit
-        .search(pb::AuditSearchRequest {
-            job_id: job_id.to_string(),
-            limit: 100,
-            ..Default::default()
-        })
+async fn records_of(fleet: &TestFleet, job_id: &str) -> Vec<(String, String)> {
+    audit_of(fleet, job_id)
         .await
-        .expect("audit search")
-        .into_inner()
-        .records
         .into_iter()
-        .map(|r| {
-            let v: serde_json::Value = serde_json::from_str(&r).expect("json record");
+        .map(|v| {
             (
                 v["event"]["kind"].as_str().unwrap_or_default().to_string(),
-                r,
+                v.to_string(),
             )
         })
         .collect()
@@ -231,7 +221,7 @@ async fn approvals_cannot_be_forged_by_a_signer_that_does_not_vouch_for_the_appr
             .await
             .expect_err("a job with forged approvals is refused at submit");
         assert!(err.message().contains(why), "{what}: {err:?}");
-        let records = audit_of(&fleet, s.id.as_str()).await;
+        let records = records_of(&fleet, s.id.as_str()).await;
         assert!(
             records
                 .iter()
@@ -243,7 +233,7 @@ async fn approvals_cannot_be_forged_by_a_signer_that_does_not_vouch_for_the_appr
         assert_refused(&got, "dev-1", "missing_approvals");
         let reason = result_of(&got, "dev-1").reason;
         assert!(reason.contains(why), "{what}: {reason}");
-        let records = audit_of(&fleet, s.id.as_str()).await;
+        let records = records_of(&fleet, s.id.as_str()).await;
         assert!(
             records.iter().any(|(k, _)| k == "job_refused_by_agent"),
             "{what}: agent refusal not audited: {records:?}"
@@ -289,7 +279,7 @@ async fn approvals_cannot_be_forged_by_a_signer_that_does_not_vouch_for_the_appr
         .into_inner();
     let job = fleet.wait_job(&ok.job_id).await;
     assert_eq!(job.state, "succeeded", "{job:?}");
-    let records = audit_of(&fleet, &ok.job_id).await;
+    let records = records_of(&fleet, &ok.job_id).await;
     assert!(
         records
             .iter()

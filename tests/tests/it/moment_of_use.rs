@@ -134,24 +134,6 @@ async fn cancel(fleet: &TestFleet, id: &str) {
     .expect("cancel");
 }
 
-/// The audit records about job `id`, as JSON.
-async fn audit_of(fleet: &TestFleet, id: &str) -> Vec<serde_json::Value> {
-    let mut audit = pb::audit_client::AuditClient::new(fleet.operator().await);
-    audit
-        .search(pb::AuditSearchRequest {
-            job_id: id.to_owned(),
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .expect("audit search")
-        .into_inner()
-        .records
-        .iter()
-        .map(|r| serde_json::from_str(r).expect("json record"))
-        .collect()
-}
-
 /// Asserts the trail holds a record of `kind` about `id` on the agent
 /// whose text mentions `needle`.
 async fn assert_audited(fleet: &TestFleet, id: &str, kind: &str, needle: &str) {

@@ -62,6 +62,24 @@ pub async fn security_fleet(agents: usize) -> TestFleet {
     fleet
 }
 
+/// The audit records about job `id`, as JSON.
+pub async fn audit_of(fleet: &TestFleet, id: &str) -> Vec<serde_json::Value> {
+    let mut audit = pb::audit_client::AuditClient::new(fleet.operator().await);
+    audit
+        .search(pb::AuditSearchRequest {
+            job_id: id.to_owned(),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("audit search")
+        .into_inner()
+        .records
+        .iter()
+        .map(|r| serde_json::from_str(r).expect("json record"))
+        .collect()
+}
+
 /// A fresh path inside the fleet's directory (not created).
 pub fn marker(fleet: &TestFleet, name: &str) -> PathBuf {
     fleet.path().join(name)
