@@ -314,6 +314,15 @@ async fn an_approver_scoped_to_a_channel_approves_from_that_channel_only() {
         );
     }
     assert_eq!(w.router.pending_approvals(), 1);
+    // Each refused approval is in the audit trail.
+    let denied = w
+        .router
+        .controller()
+        .reported()
+        .iter()
+        .filter(|(k, actor, ..)| k == "chat_denied" && actor == "console:erin")
+        .count();
+    assert_eq!(denied, 3);
     let out = RecordingSender::default();
     w.router.handle(from("console:#ops", false), &out).await;
     assert!(
