@@ -1014,6 +1014,25 @@ impl Shared {
             );
         })?;
         let selector = parse_selector(&spec.selector)?;
+        // The requester's roles bound what it may run, for operators as for
+        // chat users (whose gateway checked the same): agents check it too.
+        fleetcmd_core::rbac::check_run(
+            &cur.policy,
+            &spec.requester,
+            &spec.channel,
+            &spec.command,
+            &selector,
+        )
+        .map_err(|d| Refusal::RequesterMayNotRun(d.to_string()))
+        .inspect_err(|r| {
+            self.security_event(
+                Event::new(EventKind::JobRefused, spec.requester.to_string())
+                    .source(crate::audit::peer_actor(peer))
+                    .job(spec.id.to_string())
+                    .command(&spec.command)
+                    .detail(r.to_string()),
+            );
+        })?;
         let id = spec.id.to_string();
         if self.store.get_job(&id)?.is_some() {
             self.security_event(

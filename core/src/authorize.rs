@@ -36,6 +36,10 @@ pub enum Refusal {
     BadSignature,
     #[error("signer \"{signer}\" may not sign command \"{command}\"")]
     SignerMayNotSign { signer: String, command: String },
+    #[error("signer \"{signer}\" may not sign for {requester}")]
+    SignerMayNotVouch { signer: String, requester: String },
+    #[error("the requester may not run this: {0}")]
+    RequesterMayNotRun(String),
     #[error("malformed job spec: {0}")]
     Malformed(String),
     #[error("job is not yet valid")]
@@ -103,6 +107,8 @@ impl Refusal {
             Refusal::UnknownSigner(_) => "unknown_signer",
             Refusal::BadSignature => "bad_signature",
             Refusal::SignerMayNotSign { .. } => "signer_may_not_sign",
+            Refusal::SignerMayNotVouch { .. } => "signer_may_not_vouch",
+            Refusal::RequesterMayNotRun(_) => "requester_may_not_run",
             Refusal::Malformed(_) => "malformed",
             Refusal::NotYetValid => "not_yet_valid",
             Refusal::Expired => "expired",
@@ -210,6 +216,17 @@ pub fn authorize(
     {
         return Err(Refusal::CommandNotForThisHost);
     }
+    // The requester's own roles: the command, from this channel, on targets
+    // within the role's — the same rule the gateway and controller apply
+    // before signing, checked again here so no signer can ask beyond them.
+    crate::rbac::check_run(
+        policy,
+        &spec.requester,
+        &spec.channel,
+        &spec.command,
+        &selector,
+    )
+    .map_err(|d| Refusal::RequesterMayNotRun(d.to_string()))?;
     let approvals = verify_approvals(policy, &spec);
     if approvals.got() < def.requires_approvals {
         return Err(Refusal::missing_approvals(
@@ -400,6 +417,53 @@ mod tests {
             allow: None,
         };
         authorize(&SignedJob::sign(&s, "gw", &key(1)), &ctx, NOW, &|_| false)
+    }
+
+    /// `s` authorized under the test policy as changed by `edit`.
+    fn authorize_under(s: JobSpec, edit: impl FnOnce(&mut Policy)) -> Result<(), Refusal> {
+        let mut p = policy();
+        edit(&mut p);
+        let labels = crate::selector::parse_labels("role=web").unwrap_or_default();
+        let ctx = AgentContext {
+            policy: &p,
+            name: "web-1",
+            labels: &labels,
+            allow: None,
+        };
+        authorize(&SignedJob::sign(&s, "gw", &key(1)), &ctx, NOW, &|_| false).map(|_| ())
+    }
+
+    #[test]
+    fn the_requester_needs_a_role_for_the_command_its_channel_and_targets() {
+        assert_eq!(authorize_under(spec("uptime"), |_| {}), Ok(()));
+        // No role at all: a signer that may sign everything asks for nobody.
+        assert_eq!(
+            authorize_under(spec("uptime"), |p| p.bindings.clear()),
+            Err(Refusal::RequesterMayNotRun("you have no roles".into()))
+        );
+        // The role is for another channel.
+        let r = authorize_under(spec("uptime"), |p| {
+            if let Some(r) = p.roles.get_mut("ops") {
+                r.channels = vec!["slack:T0001:COTHER".into()];
+            }
+        });
+        assert!(
+            matches!(&r, Err(Refusal::RequesterMayNotRun(m)) if m.contains("in this channel")),
+            "{r:?}"
+        );
+        // The role's targets do not contain the job's selector.
+        let mut on_all = restart(&[]);
+        on_all.selector = "all".into();
+        let on_all = approved(on_all, &["slack:T0001:U2", "slack:T0001:U3"]);
+        let r = authorize_under(on_all, |p| {
+            if let Some(r) = p.roles.get_mut("ops") {
+                r.targets = crate::selector::Selector::parse("role=web").ok();
+            }
+        });
+        assert!(
+            matches!(&r, Err(Refusal::RequesterMayNotRun(m)) if m.contains("may only target")),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -178,6 +178,15 @@ impl SignedJob {
                 command: spec.command.clone(),
             });
         }
+        // A signer speaks only for the identities it owns: an operator's key
+        // for that operator, a gateway's for the chat users it verifies. So a
+        // key (stolen, or another operator's) cannot ask in someone else's name.
+        if !signer.vouches_for(&spec.requester) {
+            return Err(Refusal::SignerMayNotVouch {
+                signer: signer.id.clone(),
+                requester: spec.requester.to_string(),
+            });
+        }
         if spec.expires_at < spec.not_before {
             return Err(Refusal::Malformed(
                 "expires_at is before not_before".to_string(),
@@ -228,6 +237,13 @@ args.unit = {{ kind = "enum", values = ["nginx.service", "app.service"] }}
 timeout = "2m"
 targets = "role in (web,api)"
 requires_approvals = 2
+
+[roles.ops]
+commands = ["*"]
+
+[[bindings]]
+subjects = ["slack:T0001:*"]
+roles = ["ops"]
 
 [approvers]
 restart = ["slack:T0001:U1", "slack:T0001:U2", "slack:T0001:U3"]
@@ -392,6 +408,22 @@ restart = ["slack:T0001:U1", "slack:T0001:U2", "slack:T0001:U3"]
             s.expires_at = s.not_before + lifetime;
             check(&SignedJob::sign(&s, "gw", &key(1)), &p, NOW, expected);
         }
+    }
+
+    #[test]
+    fn a_signer_signs_only_in_the_name_of_identities_it_vouches_for() {
+        let p = policy();
+        let mut s = spec("uptime");
+        s.requester = Identity::parse("cli:bob").unwrap_or_else(|e| panic!("{e}"));
+        check(
+            &SignedJob::sign(&s, "gw", &key(1)),
+            &p,
+            NOW,
+            Err(Refusal::SignerMayNotVouch {
+                signer: "gw".into(),
+                requester: "cli:bob".into(),
+            }),
+        );
     }
 
     #[test]

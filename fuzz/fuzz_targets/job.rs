@@ -34,11 +34,13 @@ version = 1
 id = "gw"
 public_key = "{}"
 may_sign = ["uptime", "restart"]
+vouches_for = ["slack:*", "irc:*", "console:*"]
 
 [[signers]]
 id = "ops"
 public_key = "{}"
 may_sign = ["*"]
+vouches_for = ["cli:*"]
 
 [commands.uptime]
 argv = ["/usr/bin/uptime"]

@@ -51,6 +51,20 @@ fn forged_jobs(fleet: &TestFleet, tag: &str) -> Vec<Forged> {
     };
     let mut out = Vec::new();
 
+    // A key the policy trusts, speaking for someone it does not vouch for:
+    // the gateway's key (chat identities only) asking as the operator — or
+    // any operator's key asking in another's name.
+    let (s, p) = mark("other-key");
+    let job = SignedJob::sign(&s, fleet::GATEWAY_SIGNER, &fleet.gateway_key);
+    out.push(forged(
+        "signed by a key that does not vouch for the requester",
+        job,
+        &s,
+        vec![p],
+        "signer_may_not_vouch",
+        "may not sign for cli:admin",
+    ));
+
     let (s, p) = mark("unsigned");
     let job = SignedJob {
         spec: s.to_bytes(),
@@ -250,5 +264,56 @@ async fn replayed_job_runs_once_even_across_an_agent_restart() {
         .expect("fresh job");
     assert_eq!(target(&fresh, "dev-1").state, "ok", "{fresh:?}");
     assert_eq!(lines(&file), 2);
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
+
+/// A signer that may sign every command still asks only within its
+/// requester's roles: an operator bound to a role for `role=web` hosts has
+/// a job on `all` refused by the controller and, forwarded anyway, by each
+/// agent on its own; both are audited. On `role=web` it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_runs_only_within_its_requesters_roles() {
+    let mut fleet = security_fleet(2).await;
+    let text = security_policy(&fleet, fleet.policy_version + 1).replace(
+        "[roles.admin]\ncommands = [\"*\"]",
+        "[roles.admin]\ncommands = [\"*\"]\ntargets = \"role=web\"",
+    );
+    assert!(text.contains("targets = \"role=web\""), "{text}");
+    fleet.push_policy(&text).await.expect("policy pushed");
+    fleet
+        .wait_online(Duration::from_secs(10))
+        .await
+        .expect("agents take the policy");
+    let m = marker(&fleet, "beyond-roles");
+    let (spec, job) = fleet.operator_job("mark", &[("path", m.to_str().expect("utf-8"))], "all");
+    let res = JobsClient::new(fleet.operator().await)
+        .submit(to_pb(job.clone()))
+        .await;
+    assert_status(res, Code::PermissionDenied, "may only target `role=web`");
+    let refused_at_submit = audit_of(&fleet, spec.id.as_str()).await;
+    assert!(
+        refused_at_submit
+            .iter()
+            .any(|r| r["event"]["kind"] == "job_refused"),
+        "{refused_at_submit:?}"
+    );
+    let got = inject(&fleet, job, spec.id.as_str(), &["dev-1", "dev-2"]).await;
+    for agent in ["dev-1", "dev-2"] {
+        assert_refused(&got, agent, "requester_may_not_run");
+    }
+    assert_absent(&m);
+    let records = audit_of(&fleet, spec.id.as_str()).await;
+    assert!(
+        records
+            .iter()
+            .any(|r| r["event"]["kind"] == "job_refused_by_agent"),
+        "{records:?}"
+    );
+    let ok = marker(&fleet, "within-roles");
+    let job = fleet
+        .run("mark", &[("path", ok.to_str().expect("utf-8"))], "role=web")
+        .await
+        .expect("within the role");
+    assert_eq!(job.state, "succeeded", "{job:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }

@@ -91,6 +91,7 @@ fn operators_policy(fleet: &TestFleet, alice: &Operator) -> String {
 id = "alice"
 public_key = "{alice}"
 may_sign = ["*"]
+vouches_for = ["cli:alice"]
 
 [roles.ops]
 commands = ["*"]
