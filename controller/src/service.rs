@@ -70,6 +70,45 @@ fn host_report(hello: pb::Hello) -> Result<fleetcmd_core::host::HostReport, ApiE
     .map_err(|e| ApiError::InvalidArgument(e.to_string()))
 }
 
+/// The bounds of a heartbeat (`core::host::check_heartbeat`), checked
+/// before the controller keeps anything of it.
+fn heartbeat_report(hb: &pb::Heartbeat) -> Result<(), fleetcmd_core::host::HeartbeatError> {
+    let perfdata: Vec<Vec<[&str; 4]>> = hb
+        .checks
+        .iter()
+        .map(|c| {
+            c.perfdata
+                .iter()
+                .map(|p| {
+                    [
+                        p.label.as_str(),
+                        p.unit.as_str(),
+                        p.warn.as_str(),
+                        p.crit.as_str(),
+                    ]
+                })
+                .collect()
+        })
+        .collect();
+    let checks: Vec<fleetcmd_core::host::CheckFields<'_>> = hb
+        .checks
+        .iter()
+        .zip(&perfdata)
+        .map(|(c, p)| fleetcmd_core::host::CheckFields {
+            name: &c.name,
+            kind: &c.kind,
+            summary: &c.summary,
+            perfdata: p,
+        })
+        .collect();
+    let mounts: Vec<&str> = hb
+        .metrics
+        .iter()
+        .flat_map(|m| m.disks.iter().map(|d| d.mount.as_str()))
+        .collect();
+    fleetcmd_core::host::check_heartbeat(&checks, &mounts)
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -124,7 +163,15 @@ impl pb::agent_stream_server::AgentStream for Svc {
                     break "agent revoked".to_string();
                 }
                 match msg.msg {
-                    Some(AgentMsg::Heartbeat(hb)) => shared.heartbeat(&agent, conn, hb),
+                    Some(AgentMsg::Heartbeat(hb)) => {
+                        // Unbounded check results poisoned the audit trail
+                        // (service records of megabytes) and every listing.
+                        if let Err(e) = heartbeat_report(&hb) {
+                            tracing::warn!(agent_id = %agent, error = %e, "heartbeat refused; closing the stream");
+                            break e.to_string();
+                        }
+                        shared.heartbeat(&agent, conn, hb)
+                    }
                     Some(AgentMsg::Chunk(c)) => shared.live_chunk(&agent, c),
                     Some(AgentMsg::Started(s)) => {
                         if let Err(e) = shared.record_started(&agent, &s.job_id) {

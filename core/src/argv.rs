@@ -247,48 +247,9 @@ fn split_at_prefix(path: &str, prefixes: &[String]) -> Option<(String, String)> 
     Some((dir.to_string(), rest.to_string()))
 }
 
-/// Characters refused unless `allow_format_chars`: Unicode format
-/// characters (general category Cf: bidi embeddings, overrides, isolates
-/// and marks, zero-width space and joiners, word joiner, invisible
-/// operators, soft hyphen, BOM, interlinear annotation, tags, ...), line and
-/// paragraph separators, private-use characters, and characters that
-/// render as nothing (Hangul fillers, the combining grapheme joiner, Khmer
-/// inherent vowels). Written out rather than taken from a Unicode table so
-/// the agent carries no general-category tables; Cf as of Unicode 15.1.
-pub(crate) fn is_format_char(c: char) -> bool {
-    matches!(
-        u32::from(c),
-        0x00AD
-            | 0x034F
-            | 0x0600..=0x0605
-            | 0x061C
-            | 0x06DD
-            | 0x070F
-            | 0x0890..=0x0891
-            | 0x08E2
-            | 0x115F..=0x1160
-            | 0x17B4..=0x17B5
-            | 0x180E
-            | 0x200B..=0x200F
-            | 0x2028..=0x202E
-            | 0x2060..=0x2064
-            | 0x2066..=0x206F
-            | 0x3164
-            | 0xE000..=0xF8FF
-            | 0xFEFF
-            | 0xFFA0
-            | 0xFFF9..=0xFFFB
-            | 0x110BD
-            | 0x110CD
-            | 0x13430..=0x1343F
-            | 0x1BCA0..=0x1BCA3
-            | 0x1D173..=0x1D17A
-            | 0xE0001
-            | 0xE0020..=0xE007F
-            | 0xF0000..=0xFFFFD
-            | 0x100000..=0x10FFFD
-    )
-}
+/// Characters refused unless `allow_format_chars`: the invisible and
+/// formatting characters the terminal escaping also replaces.
+pub(crate) use crate::terminal::is_format as is_format_char;
 
 /// Compiles a `pattern` argument's regex as a full match, with ASCII
 /// classes: `\d`, `\w`, `\s`, `\b` and case-insensitive matching cover

@@ -232,3 +232,162 @@ mod tests {
         assert_eq!(e.to_string(), "hello version: 65 bytes, at most 64");
     }
 }
+
+/// Most check results one heartbeat may carry.
+pub const MAX_CHECKS: usize = 64;
+/// Longest check summary: the agent cuts a plugin's first line to 512
+/// bytes plus an ellipsis, so this leaves room and still bounds a rogue.
+pub const MAX_CHECK_SUMMARY: usize = 1024;
+/// Most perfdata values of one check result.
+pub const MAX_PERFDATA: usize = 32;
+/// Most disks one heartbeat may report.
+pub const MAX_DISKS: usize = 64;
+const MAX_CHECK_NAME: usize = 64;
+const MAX_PERF_FIELD: usize = 64;
+const MAX_MOUNT: usize = 4096;
+
+/// One check result of a heartbeat, as plain values.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckFields<'a> {
+    pub name: &'a str,
+    pub kind: &'a str,
+    pub summary: &'a str,
+    /// Each perfdata value's label, unit, warn and crit.
+    pub perfdata: &'a [[&'a str; 4]],
+}
+
+/// Which part of a heartbeat was refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("heartbeat {field}: {reason}")]
+pub struct HeartbeatError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn hb_err(field: impl Into<String>, reason: impl Into<String>) -> HeartbeatError {
+    HeartbeatError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Checks what a heartbeat reports about the host's checks and disks
+/// before the controller keeps it: the results feed service states, the
+/// audit trail, alerts in chat and every listing, so one host must not be
+/// able to make them unbounded or unreadable. Names as agent.toml allows
+/// them (1–64 of letters, digits, `-_.`), at most [`MAX_CHECKS`] results,
+/// summaries of at most [`MAX_CHECK_SUMMARY`] bytes, at most
+/// [`MAX_PERFDATA`] perfdata values with short fields, at most
+/// [`MAX_DISKS`] disks. Summaries are text from plugins and may hold
+/// anything: every renderer escapes them (`terminal`, chat).
+pub fn check_heartbeat(checks: &[CheckFields<'_>], mounts: &[&str]) -> Result<(), HeartbeatError> {
+    if checks.len() > MAX_CHECKS {
+        return Err(hb_err(
+            "checks",
+            format!("{} results, at most {MAX_CHECKS}", checks.len()),
+        ));
+    }
+    for (i, c) in checks.iter().enumerate() {
+        let at = |f: &str| format!("checks[{i}].{f}");
+        if c.name.is_empty()
+            || c.name.len() > MAX_CHECK_NAME
+            || !c
+                .name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+        {
+            return Err(hb_err(
+                at("name"),
+                "must be 1-64 letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if c.kind.len() > 16 || !c.kind.chars().all(|ch| ch.is_ascii_lowercase()) {
+            return Err(hb_err(at("kind"), "must be at most 16 lowercase letters"));
+        }
+        if c.summary.len() > MAX_CHECK_SUMMARY {
+            return Err(hb_err(
+                at("summary"),
+                format!("{} bytes, at most {MAX_CHECK_SUMMARY}", c.summary.len()),
+            ));
+        }
+        if c.perfdata.len() > MAX_PERFDATA {
+            return Err(hb_err(
+                at("perfdata"),
+                format!("{} values, at most {MAX_PERFDATA}", c.perfdata.len()),
+            ));
+        }
+        for (j, fields) in c.perfdata.iter().enumerate() {
+            if let Some(f) = fields.iter().find(|f| f.len() > MAX_PERF_FIELD) {
+                return Err(hb_err(
+                    format!("checks[{i}].perfdata[{j}]"),
+                    format!("field of {} bytes, at most {MAX_PERF_FIELD}", f.len()),
+                ));
+            }
+        }
+    }
+    if mounts.len() > MAX_DISKS {
+        return Err(hb_err(
+            "disks",
+            format!("{} disks, at most {MAX_DISKS}", mounts.len()),
+        ));
+    }
+    if let Some(m) = mounts.iter().find(|m| m.len() > MAX_MOUNT) {
+        return Err(hb_err(
+            "disks",
+            format!("mount point of {} bytes, at most {MAX_MOUNT}", m.len()),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod heartbeat_tests {
+    use super::*;
+
+    fn check<'a>(name: &'a str, summary: &'a str, perfdata: &'a [[&'a str; 4]]) -> CheckFields<'a> {
+        CheckFields {
+            name,
+            kind: "nagios",
+            summary,
+            perfdata,
+        }
+    }
+
+    #[test]
+    fn heartbeats_are_bounded_and_plain() {
+        let ok = [check(
+            "disk",
+            "DISK OK - 40% used",
+            &[["/", "%", "80", "90"]],
+        )];
+        assert_eq!(check_heartbeat(&ok, &["/", "/var"]), Ok(()));
+        let big = "S".repeat(2_200_000);
+        let field_of = |r: Result<(), HeartbeatError>| r.map_err(|e| e.field);
+        assert_eq!(
+            field_of(check_heartbeat(&[check("disk", &big, &[])], &[])),
+            Err("checks[0].summary".into())
+        );
+        let many: Vec<_> = (0..MAX_CHECKS + 1).map(|_| check("c", "", &[])).collect();
+        assert_eq!(field_of(check_heartbeat(&many, &[])), Err("checks".into()));
+        for name in ["", "zz:OK   env=prod,role=db", "a\x1b[2J", &"n".repeat(65)] {
+            assert_eq!(
+                field_of(check_heartbeat(&[check(name, "", &[])], &[])),
+                Err("checks[0].name".into()),
+                "{name:?}"
+            );
+        }
+        let long = "p".repeat(65);
+        let perf = [[long.as_str(), "", "", ""]];
+        assert_eq!(
+            field_of(check_heartbeat(&[check("c", "", &perf)], &[])),
+            Err("checks[0].perfdata[0]".into())
+        );
+        let perfs: Vec<[&str; 4]> = (0..MAX_PERFDATA + 1).map(|_| ["l", "", "", ""]).collect();
+        assert_eq!(
+            field_of(check_heartbeat(&[check("c", "", &perfs)], &[])),
+            Err("checks[0].perfdata".into())
+        );
+        let mounts: Vec<&str> = (0..MAX_DISKS + 1).map(|_| "/").collect();
+        assert_eq!(field_of(check_heartbeat(&[], &mounts)), Err("disks".into()));
+    }
+}

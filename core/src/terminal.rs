@@ -17,19 +17,57 @@ use std::fmt::Write as _;
 
 /// Whether `c` must not reach a terminal as is: C0 controls but newline and
 /// tab, DEL, C1 controls (U+0080–U+009F: a terminal may read U+009B as CSI),
-/// and invisible or bidirectional formatting characters (zero-width
-/// characters, LRM/RLM/ALM, embeddings, overrides, isolates, line and
-/// paragraph separators, the BOM).
+/// and every character [`is_format`] names.
 pub fn is_unsafe(c: char) -> bool {
     match c {
         '\n' | '\t' => false,
         c if c.is_control() => true, // C0, DEL, C1
-        '\u{00AD}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{180E}' => true,
-        '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{206F}' => true,
-        '\u{3164}' | '\u{FEFF}' | '\u{FFA0}' | '\u{FFF9}'..='\u{FFFB}' => true,
-        '\u{E0000}'..='\u{E007F}' => true, // tag characters
-        _ => false,
+        c => is_format(c),
     }
+}
+
+/// Characters that change what a reader sees without being visible
+/// themselves: Unicode format characters (general category Cf: bidi marks,
+/// embeddings, overrides and isolates, zero-width space and joiners, word
+/// joiner, invisible operators, soft hyphen, BOM, interlinear annotation,
+/// tags, ...), line and paragraph separators, private-use characters, and
+/// characters that render as nothing (Hangul fillers, the combining
+/// grapheme joiner, Khmer inherent vowels, Mongolian variation selectors).
+/// One list for everything: argument values refuse these (unless
+/// `allow_format_chars`), and the CLI and chat escape or replace them in
+/// what the fleet sends. Written out rather than taken from a Unicode table
+/// so the agent carries no general-category tables; Cf as of Unicode 15.1.
+pub fn is_format(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x00AD
+            | 0x034F
+            | 0x0600..=0x0605
+            | 0x061C
+            | 0x06DD
+            | 0x070F
+            | 0x0890..=0x0891
+            | 0x08E2
+            | 0x115F..=0x1160
+            | 0x17B4..=0x17B5
+            | 0x180B..=0x180F
+            | 0x200B..=0x200F
+            | 0x2028..=0x202E
+            | 0x2060..=0x206F
+            | 0x3164
+            | 0xE000..=0xF8FF
+            | 0xFEFF
+            | 0xFFA0
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0000..=0xE007F
+            | 0xF0000..=0xFFFFD
+            | 0x100000..=0x10FFFD
+    )
 }
 
 fn push_escaped(out: &mut String, c: char) {
@@ -113,6 +151,28 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(escape(input), *want, "{input:?}");
         }
+    }
+
+    #[test]
+    fn what_arguments_refuse_as_invisible_the_terminal_escapes() {
+        // One list: every character an argument refuses as invisible or
+        // formatting is escaped in output too (an outside test found
+        // Arabic number signs, musical format controls, the combining
+        // grapheme joiner and private use shown raw).
+        for c in [
+            '\u{0600}',
+            '\u{034F}',
+            '\u{180B}',
+            '\u{E000}',
+            '\u{1D173}',
+            '\u{1BCA0}',
+            '\u{F0000}',
+            '\u{E0001}',
+        ] {
+            assert!(is_format(c) && is_unsafe(c), "{c:?}");
+            assert_eq!(escape(&c.to_string()), format!("\\u{{{:x}}}", c as u32));
+        }
+        assert!(!is_unsafe('é') && !is_unsafe('日') && !is_unsafe('\u{1F600}'));
     }
 
     #[test]

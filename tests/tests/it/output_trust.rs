@@ -337,3 +337,74 @@ async fn the_cli_escapes_what_the_fleet_sends_and_passes_it_raw_only_to_a_pipe()
     assert_eq!(raw.stdout, want, "{}", String::from_utf8_lossy(&raw.stdout));
     fleet.fleet.shutdown().await.expect("shutdown");
 }
+
+/// Heartbeats are bounded like the hello: a check summary of megabytes (it
+/// became service records no audit search, export or listing could carry)
+/// or a check name that draws a fake table row closes the rogue's stream,
+/// and nothing of it is kept. A plain heartbeat on the same terms is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_and_hostile_heartbeats_close_the_stream_and_keep_nothing() {
+    let fleet = security_fleet(2).await;
+    let beat = |name: &str, summary: String| {
+        Msg::Heartbeat(pb::Heartbeat {
+            checks: vec![pb::CheckResult {
+                name: name.into(),
+                kind: "nagios".into(),
+                state: pb::CheckState::Critical as i32,
+                summary,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    };
+    let huge = "S".repeat(2_200_000);
+    let fake_row = format!(
+        "zz:OK              0.1.0      env=prod,role=db{}",
+        " ".repeat(90)
+    );
+    for (what, msg) in [
+        ("a 2.2 MB summary", beat("disk", huge)),
+        ("a name drawing a table row", beat(&fake_row, "ok".into())),
+    ] {
+        let mut rogue = fleet.raw_agent("dev-1", hello("1.0")).await;
+        rogue.send(msg).await;
+        let inbound = rogue.inbound.as_mut().expect("hello accepted");
+        let ended = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return "closed".to_string(),
+                    Err(s) => return s.to_string(),
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "{what}: the stream stayed open");
+        let a = agent_info(&fleet, "dev-1");
+        assert!(
+            a.checks
+                .iter()
+                .all(|c| c.summary.len() <= 1024 && !c.name.contains("role=db")),
+            "{what}: kept {:?}",
+            a.checks
+                .iter()
+                .map(|c| (&c.name, c.summary.len()))
+                .collect::<Vec<_>>()
+        );
+    }
+    // Control: a plain heartbeat is kept.
+    let rogue = fleet.raw_agent("dev-1", hello("1.0")).await;
+    rogue
+        .send(beat("disk", "DISK CRITICAL - 99% used".into()))
+        .await;
+    assert_eventually(Duration::from_secs(10), || async {
+        agent_info(&fleet, "dev-1")
+            .checks
+            .iter()
+            .any(|c| c.summary == "DISK CRITICAL - 99% used")
+            .then_some(())
+    })
+    .await;
+    drop(rogue);
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
