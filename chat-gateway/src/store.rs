@@ -96,6 +96,7 @@ impl GatewayStore {
                 count: AtomicUsize::new(0),
                 since_prune: AtomicUsize::new(0),
                 max: MAX_REPLAY_RECORDS,
+                flushing: std::sync::Mutex::new(()),
             }),
         };
         guard.prune(crate::unix_now())?;
@@ -176,6 +177,13 @@ struct ReplayInner {
     count: AtomicUsize,
     since_prune: AtomicUsize,
     max: usize,
+    /// One flush at a time. sled 0.34's `flush_async` deadlocks when
+    /// several run at once (its io threads stall in `make_stable`; an
+    /// outside test wedged the gateway with ten concurrent signed
+    /// requests). A blocking `flush` under this lock writes everything
+    /// recorded so far, so callers that queue behind it find their record
+    /// already durable: a group commit.
+    flushing: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for ReplayGuard {
@@ -245,7 +253,7 @@ impl ReplayGuard {
         if old.is_none() {
             self.inner.count.fetch_add(1, Ordering::Relaxed);
         }
-        tree.flush_async().await.map_err(storage)?;
+        self.flush_blocking().await?;
         if self.inner.since_prune.fetch_add(1, Ordering::Relaxed) + 1 >= PRUNE_EVERY {
             self.prune_blocking(now).await?;
         }
@@ -268,6 +276,18 @@ impl ReplayGuard {
     /// Whether no record is kept.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Makes every record written so far durable, on the blocking pool.
+    async fn flush_blocking(&self) -> Result<(), ReplayError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _one = me.inner.flushing.lock().unwrap_or_else(|p| p.into_inner());
+            me.inner.tree.flush().map(|_| ())
+        })
+        .await
+        .map_err(|e| ReplayError::Storage(e.to_string()))?
+        .map_err(|e| ReplayError::Storage(e.to_string()))
     }
 
     async fn prune_blocking(&self, now: u64) -> Result<(), ReplayError> {
@@ -379,6 +399,47 @@ mod tests {
         assert_eq!(g.len(), 2);
         g.forget("s", "c");
         assert_eq!(g.first_use("s", "c", 20, 11).await, Ok(Use::First));
+    }
+
+    /// Ten and more signed requests at once wedged the gateway for good
+    /// (concurrent `flush_async`): every record of a burst of 400 requests,
+    /// 50 at a time, is taken and durable, in bounded time, and survives
+    /// a reopen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_burst_of_concurrent_records_never_wedges_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = crate::unix_now();
+        {
+            let g = GatewayStore::open(dir.path())
+                .and_then(|s| s.replay())
+                .expect("open");
+            let burst = async {
+                for round in 0..8 {
+                    let mut set = tokio::task::JoinSet::new();
+                    for i in 0..50 {
+                        let g = g.clone();
+                        set.spawn(async move {
+                            g.first_use("hook", &format!("sig-{round}-{i}"), now + 300, now)
+                                .await
+                        });
+                    }
+                    while let Some(r) = set.join_next().await {
+                        assert_eq!(r.expect("task").expect("recorded"), Use::First);
+                    }
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(60), burst)
+                .await
+                .expect("the burst finished: no flush deadlock");
+            assert_eq!(g.len(), 400);
+        }
+        let g = GatewayStore::open(dir.path())
+            .and_then(|s| s.replay())
+            .expect("reopen");
+        assert_eq!(
+            g.first_use("hook", "sig-7-49", now + 300, now).await.ok(),
+            Some(Use::Replay)
+        );
     }
 
     #[test]

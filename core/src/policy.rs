@@ -1201,8 +1201,12 @@ roles = ["oncall"]
 subjects = ["slack:T0001:*"]      # everyone in the workspace
 roles = ["viewer"]
 
-[approvers]
-restart = ["slack:T0001:U0LEAD*"] # who may approve (default: anyone with the command)
+[[bindings]]
+subjects = ["slack:T0001:U0LEAD*"]  # the leads: on call, and approve restarts
+roles = ["oncall"]
+
+[approvers]                       # narrows who, among those whose roles list it
+restart = ["slack:T0001:U0LEAD*"] # (default: anyone whose roles list the command)
 "#
         .replace("PUBKEY", &key(1).public_key().to_string())
     }
@@ -1237,7 +1241,7 @@ restart = ["slack:T0001:U0LEAD*"] # who may approve (default: anyone with the co
         assert_eq!(logs.args["lines"].default.as_deref(), Some("50"));
         assert_eq!(logs.args["lines"].kind, ArgKind::Int { min: 1, max: 500 });
         assert_eq!(p.roles["oncall"].channels.len(), 2);
-        assert_eq!(p.bindings.len(), 2);
+        assert_eq!(p.bindings.len(), 3);
         assert_eq!(p.approvers["restart"], ["slack:T0001:U0LEAD*"]);
         assert!(p.command("nope").is_none());
     }

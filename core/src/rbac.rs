@@ -141,24 +141,24 @@ pub fn commands_for<'p>(policy: &'p Policy, who: &Identity, channel: &str) -> Ve
         .collect()
 }
 
-/// Whether `who` may approve jobs of `command` from `channel`: the
-/// `[approvers]` patterns when the command is listed there, else anyone
-/// whose roles include the command. Approver rights honour channel scope:
-/// without an `[approvers]` entry the approval must come from a channel of
-/// a role that lists the command; with one, an approver who has roles must
-/// give it from a channel one of those roles allows (an approver listed
-/// there and bound to no role at all is scoped by nothing but the list).
+/// Whether `who` may approve jobs of `command` from `channel`: one of
+/// `who`'s roles lists the command and applies in `channel`, and, when the
+/// command has an `[approvers]` entry, `who` matches one of its patterns
+/// (the entry narrows who among them approves; it grants nothing alone).
+/// Approver rights are the rights of a role, with its channel scope: an
+/// unrelated unscoped role (everyone's `viewer`) does not carry an approval
+/// out of the approving role's channels, and a listed approver bound to no
+/// role listing the command approves nothing (an outside test approved from
+/// a private message both ways).
 pub fn may_approve(policy: &Policy, who: &Identity, command: &str, channel: &str) -> bool {
-    let roles = roles_of(policy, who);
-    match policy.approvers.get(command) {
-        Some(patterns) => {
-            patterns.iter().any(|p| who.matches_pattern(p))
-                && (roles.is_empty() || roles.iter().any(|r| in_channel(r, channel)))
-        }
-        None => roles
+    let listed = policy
+        .approvers
+        .get(command)
+        .is_none_or(|patterns| patterns.iter().any(|p| who.matches_pattern(p)));
+    listed
+        && roles_of(policy, who)
             .iter()
-            .any(|r| lists(r, command) && in_channel(r, channel)),
-    }
+            .any(|r| lists(r, command) && in_channel(r, channel))
 }
 
 /// Whether one of `who`'s roles that applies in `channel` grants `perm`.
@@ -430,14 +430,21 @@ argv = ["/usr/bin/true"]
 commands = ["restart", "deploy"]
 channels = ["irc:net:#ops"]
 [roles.leads]
-commands = []
+commands = ["deploy"]
 channels = ["irc:net:#leads"]
+[roles.viewer]
+commands = ["uptime"]
+[commands.uptime]
+argv = ["/usr/bin/true"]
 [[bindings]]
 subjects = ["irc:net:carol!*@*"]
 roles = ["oncall"]
 [[bindings]]
 subjects = ["irc:net:lead!*@*"]
 roles = ["leads"]
+[[bindings]]
+subjects = ["irc:net:*"]
+roles = ["viewer"]
 [approvers]
 deploy = ["irc:net:lead!*@*", "irc:net:dave!*@*"]
 "#,
@@ -450,13 +457,18 @@ deploy = ["irc:net:lead!*@*", "irc:net:dave!*@*"]
             // A private message is no channel of the role.
             ("irc:net:carol!c@h", "restart", "irc:net:carol", false),
             ("irc:net:carol!c@h", "restart", "slack:T1:C1", false),
-            // Listed approver with a scoped role: that role's channels.
+            // Listed approver: the channels of the role listing the command.
             ("irc:net:lead!l@h", "deploy", "irc:net:#leads", true),
             ("irc:net:lead!l@h", "deploy", "irc:net:#ops", false),
+            // Everyone's unscoped viewer role does not carry the lead's
+            // approval out of #leads, into a private message or elsewhere.
+            ("irc:net:lead!l@h", "deploy", "irc:net:lead", false),
+            ("irc:net:lead!l@h", "deploy", "irc:net:#random", false),
             // A role listing the command does not make carol a listed approver.
             ("irc:net:carol!c@h", "deploy", "irc:net:#ops", false),
-            // Listed and bound to no role: scoped by the list alone.
-            ("irc:net:dave!d@h", "deploy", "irc:net:#anywhere", true),
+            // Listed, but no role lists the command: approves nothing.
+            ("irc:net:dave!d@h", "deploy", "irc:net:#anywhere", false),
+            ("irc:net:dave!d@h", "deploy", "irc:net:#leads", false),
         ] {
             assert_eq!(
                 may_approve(&p, &id(who), command, channel),

@@ -32,7 +32,11 @@ pub fn is_unsafe(c: char) -> bool {
 /// joiner, invisible operators, soft hyphen, BOM, interlinear annotation,
 /// tags, ...), line and paragraph separators, private-use characters, and
 /// characters that render as nothing (Hangul fillers, the combining
-/// grapheme joiner, Khmer inherent vowels, Mongolian variation selectors).
+/// grapheme joiner, Khmer inherent vowels, Mongolian and Unicode variation
+/// selectors, and the unassigned default-ignorable blocks FFF0–FFF8 and
+/// E0080–E0FFF, which a newer font or terminal may render as nothing).
+/// Variation selectors cost an emoji its presentation choice in output
+/// (`❤\u{fe0f}`), the price of one list.
 /// One list for everything: argument values refuse these (unless
 /// `allow_format_chars`), and the CLI and chat escape or replace them in
 /// what the fleet sends. Written out rather than taken from a Unicode table
@@ -56,15 +60,16 @@ pub fn is_format(c: char) -> bool {
             | 0x2060..=0x206F
             | 0x3164
             | 0xE000..=0xF8FF
+            | 0xFE00..=0xFE0F
             | 0xFEFF
             | 0xFFA0
-            | 0xFFF9..=0xFFFB
+            | 0xFFF0..=0xFFFB
             | 0x110BD
             | 0x110CD
             | 0x13430..=0x1343F
             | 0x1BCA0..=0x1BCA3
             | 0x1D173..=0x1D17A
-            | 0xE0000..=0xE007F
+            | 0xE0000..=0xE0FFF
             | 0xF0000..=0xFFFFD
             | 0x100000..=0x10FFFD
     )
@@ -168,6 +173,15 @@ mod tests {
             '\u{1BCA0}',
             '\u{F0000}',
             '\u{E0001}',
+            // Default-ignorable code points (found by an outside test):
+            // variation selectors, unassigned specials and tag blocks.
+            '\u{FE0F}',
+            '\u{FE00}',
+            '\u{FFF0}',
+            '\u{FFF8}',
+            '\u{E0100}',
+            '\u{E01EF}',
+            '\u{E0FFF}',
         ] {
             assert!(is_format(c) && is_unsafe(c), "{c:?}");
             assert_eq!(escape(&c.to_string()), format!("\\u{{{:x}}}", c as u32));
