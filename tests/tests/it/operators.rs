@@ -745,6 +745,49 @@ async fn revoked_operator_and_gateway_certificates_are_cut_off_at_once() {
     assert!(done.ok, "{}", done.stderr);
 }
 
+/// `issue-cert --days` is capped at a year: a refused lifetime issues,
+/// writes and records nothing.
+#[test]
+fn issue_cert_refuses_lifetimes_over_a_year() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("controller.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\npolicy_roots = [\"{}\"]\n",
+            dir.path().join("data").display(),
+            stranger_key().public_key()
+        ),
+    )
+    .expect("config");
+    let issue = |days: &str, name: &str| {
+        std::process::Command::new(bin("fleetcmd-controller"))
+            .arg("-c")
+            .arg(&cfg)
+            .args(["issue-cert", "--role", "operator", "--name", name])
+            .args(["--days", days, "--out"])
+            .arg(dir.path().join(name))
+            .output()
+            .expect("issue-cert runs")
+    };
+    let out = issue("36500", "century");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a 100-year certificate was issued");
+    assert!(
+        stderr.contains("--days must be at most 365, got 36500"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("century/century.crt").exists());
+    assert!(!dir.path().join("data/pki/issued.jsonl").exists());
+    let out = issue("365", "year");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid 365 days"));
+}
+
 /// `issue-cert` gives operators 7 days and gateways 30 by default, prints
 /// the serial, and appends what it issued to `pki/issued.jsonl`.
 #[test]
