@@ -429,8 +429,16 @@ impl pb::certs_server::Certs for Svc {
             &req.reason,
         )
         .await?;
+        let revoked_at = rec.revoked_at;
+        let data_dir = self.0.config.data_dir.clone();
+        let warning = tokio::task::spawn_blocking(move || {
+            crate::revocation::unrecorded_warning(&data_dir, &rec)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("checking issued.jsonl: {e}")))?;
         Ok(Response::new(pb::RevokeCertResponse {
-            revoked_at: rec.revoked_at,
+            revoked_at,
+            warning: warning.unwrap_or_default(),
         }))
     }
 

@@ -745,6 +745,47 @@ async fn revoked_operator_and_gateway_certificates_are_cut_off_at_once() {
     assert!(done.ok, "{}", done.stderr);
 }
 
+/// `certs revoke --name` of a name `issue-cert` never recorded (a typo)
+/// warns, and revokes all the same; a recorded name does not warn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_certificate_never_issued_warns() {
+    let (fleet, _alice, bob) = operators_fleet().await;
+    let pki = fleet.controller.shared().config.data_dir.join("pki");
+    std::fs::create_dir_all(&pki).expect("pki dir");
+    let bob_serial = fleetcmd_controller::pki::pem_to_der(&bob.tls.cert_pem)
+        .and_then(|der| fleetcmd_controller::pki::peer_from_cert(&der))
+        .expect("bob's certificate reads back")
+        .serial;
+    std::fs::write(
+        pki.join("issued.jsonl"),
+        format!(
+            "{}\n",
+            serde_json::json!({"role": "operator", "name": "bob", "serial": bob_serial, "issued_at": 1, "ttl_secs": 3600})
+        ),
+    )
+    .expect("issued.jsonl");
+    let typo = as_admin(
+        &fleet,
+        &["certs", "revoke", "--role", "operator", "--name", "bbo"],
+    )
+    .await;
+    assert!(typo.ok, "{}", typo.stderr);
+    assert!(
+        typo.stderr
+            .contains("warning: no operator certificate named bbo is recorded in"),
+        "{}",
+        typo.stderr
+    );
+    let real = as_admin(
+        &fleet,
+        &["certs", "revoke", "--role", "operator", "--name", "bob"],
+    )
+    .await;
+    assert!(real.ok, "{}", real.stderr);
+    assert!(!real.stderr.contains("warning"), "{}", real.stderr);
+    refused(&as_op(&fleet, &bob, &["jobs"]).await, "revoked");
+}
+
 /// `issue-cert --days` is capped at a year: a refused lifetime issues,
 /// writes and records nothing.
 #[test]
