@@ -515,6 +515,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 revoked: false,
                 joined_at: now_secs(),
                 version: String::new(),
+                enrolment_cert: None,
             })?;
         }
         store.flush()?;

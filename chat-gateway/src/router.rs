@@ -590,12 +590,13 @@ impl<C: ControllerApi> Router<C> {
             },
             Err(e) => return Reply::text(format!("silence: {}{}", e.message, asked_by(who))),
         };
-        let allowed = Selector::parse(&svc.selector).is_ok_and(|sel| {
-            p.policy
-                .commands
-                .keys()
-                .any(|c| check_run(&p.policy, &msg.identity, &msg.channel, c, &sel).is_ok())
-        });
+        let allowed = fleetcmd_core::rbac::check_silence(
+            &p.policy,
+            &msg.identity,
+            &msg.channel,
+            &svc.selector,
+        )
+        .is_ok();
         if !allowed {
             self.report(event(
                 "chat_denied",

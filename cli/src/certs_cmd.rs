@@ -55,6 +55,9 @@ pub async fn run(conn: &Conn, cmd: CertsCmd) -> Result<u8, Failure> {
                 .await
                 .map_err(status)?
                 .into_inner();
+            if !resp.warning.is_empty() {
+                eprintln!("warning: {}", resp.warning);
+            }
             match serial {
                 Some(s) => println!("{role} certificate {name} (serial {s}) revoked"),
                 None => println!(

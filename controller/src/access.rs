@@ -180,19 +180,43 @@ pub fn check_operator(shared: &Shared, peer: &Peer, perm: Permission, what: &str
 }
 
 /// `Tokens.Create`: `tokens.create`, for labels the role's `token_labels`
-/// selects.
+/// selects; a token naming an enrolled agent re-enrols it, so the role
+/// must also select that agent's current enrolment labels (`enrolled`).
 pub fn check_token(
     shared: &Shared,
     peer: &Peer,
     name: &str,
     labels: &BTreeMap<String, String>,
+    enrolled: Option<&BTreeMap<String, String>>,
 ) -> ApiResult<()> {
     check_operator(shared, peer, Permission::CreateTokens, "create join tokens")?;
     let Caller::Operator(who, Some(policy)) = caller(shared, peer)? else {
         return Err(ApiError::PermissionDenied("no policy".into()));
     };
-    rbac::check_token(&policy, &who, CLI_CHANNEL, name, labels)
+    rbac::check_token(&policy, &who, CLI_CHANNEL, name, labels, enrolled)
         .map_err(|e| deny(shared, peer, "", format!("{who}: {e}")))
+}
+
+/// `Health.Silence` from an operator: a role that may run some command on
+/// the service's hosts (`selector`), the rule chat's `silence` applies per
+/// chat user. A gateway has checked its chat user itself.
+pub fn check_silence(shared: &Shared, peer: &Peer, service: &str, selector: &str) -> ApiResult<()> {
+    let (who, policy) = match caller(shared, peer)? {
+        Caller::Gateway => return Ok(()),
+        Caller::Operator(who, policy) => (who, policy),
+    };
+    let result = match &policy {
+        Some(p) => rbac::check_silence(p, &who, CLI_CHANNEL, selector),
+        None => Err(rbac::Denied::Silence(selector.to_string())),
+    };
+    result.map_err(|e| {
+        deny(
+            shared,
+            peer,
+            "",
+            format!("{who} may not silence {service}: {e}"),
+        )
+    })
 }
 
 /// `Audit.Search`: `None` when the caller reads every record; otherwise a

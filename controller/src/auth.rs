@@ -63,6 +63,27 @@ pub fn require(
                 peer.name
             )));
         }
+        if peer.role == Role::Agent && !shared.agent_cert_current(&peer) {
+            // Issued before the name was enrolled again: its previous
+            // holder. Retries forever, so recorded at the bounded rate.
+            let ip = req.remote_addr().map(|a| a.ip());
+            if let Some(suppressed) = shared.auth_limiter.admit(ip) {
+                let mut event = auth_failed(&req, crate::audit::peer_actor(&peer))
+                    .host(&peer.name)
+                    .detail(format!(
+                        "agent certificate (serial {}) issued before the name's last enrolment used",
+                        peer.serial
+                    ));
+                if suppressed > 0 {
+                    event = event.field("suppressed_before", suppressed);
+                }
+                shared.security_event(event);
+            }
+            return Err(Status::permission_denied(format!(
+                "agent {} was enrolled again; this certificate is no longer accepted",
+                peer.name
+            )));
+        }
         if shared.certs.is_revoked(&peer) {
             // A revoked gateway or script retries forever: recorded at the
             // same bounded rate per address as anonymous calls.

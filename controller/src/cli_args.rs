@@ -44,7 +44,7 @@ pub enum Cmd {
         #[arg(long)]
         out: PathBuf,
         /// Certificate lifetime in days (default: `operator_cert_ttl` or
-        /// `gateway_cert_ttl` of controller.toml, 7 and 30 days).
+        /// `gateway_cert_ttl` of controller.toml, 7 and 30 days); at most 365.
         #[arg(long)]
         days: Option<u64>,
         /// Replace existing regular files (symlinks and other non-regular

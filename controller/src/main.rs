@@ -46,6 +46,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Longest lifetime `issue-cert --days` gives.
+const MAX_CERT_DAYS: u64 = 365;
+
 fn issue(
     config: &fleetcmd_controller::ControllerConfig,
     role: &str,
@@ -65,6 +68,11 @@ fn issue(
     };
     let ttl = match (days, role) {
         (Some(0), _) => anyhow::bail!("--days must be at least 1"),
+        // A certificate is revocable, but its lifetime is what bounds one
+        // that leaked unnoticed: no decade-long operator certificates.
+        (Some(d), _) if d > MAX_CERT_DAYS => anyhow::bail!(
+            "--days must be at most {MAX_CERT_DAYS}, got {d}: issue a new certificate when this one runs out"
+        ),
         (Some(d), _) => std::time::Duration::from_secs(d.saturating_mul(86400)),
         (None, Role::Gateway) => config.gateway_cert_ttl,
         (None, _) => config.operator_cert_ttl,

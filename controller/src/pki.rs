@@ -328,6 +328,39 @@ impl Ca {
     }
 }
 
+/// The certificate an agent was last (re-)enrolled with. Enrolling a name
+/// again hands it to another key: every agent certificate for that name
+/// issued before the new enrolment is refused from then on (an operator
+/// who once held the name keeps nothing), while the enrolment certificate
+/// and renewals issued after it are accepted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EnrolmentCert {
+    /// Its serial, as [`Peer::serial`].
+    pub serial: String,
+    /// When it was issued, as [`Peer::issued_at`].
+    pub issued_at: u64,
+}
+
+impl EnrolmentCert {
+    /// Of a certificate just issued (PEM).
+    pub fn of(cert_pem: &str) -> Option<EnrolmentCert> {
+        let peer = peer_from_cert(&pem_to_der(cert_pem)?)?;
+        Some(EnrolmentCert {
+            serial: peer.serial,
+            issued_at: peer.issued_at,
+        })
+    }
+
+    /// Whether an agent certificate with `serial`, issued at `issued_at`,
+    /// is still accepted: the enrolment certificate itself, or one issued
+    /// in a later second (a renewal). Times have whole seconds: one issued
+    /// in the same second as the enrolment certificate is refused (fail
+    /// closed; renewals come at two thirds of the lifetime).
+    pub fn admits(&self, serial: &str, issued_at: u64) -> bool {
+        serial == self.serial || issued_at > self.issued_at
+    }
+}
+
 /// First certificate of a PEM text, as DER.
 pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
     use base64::Engine;
@@ -373,6 +406,36 @@ pub fn serial_hex(raw: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_enrolment_refuses_the_certificates_issued_before_it() {
+        let enrolment = EnrolmentCert {
+            serial: "0a1b".into(),
+            issued_at: 1_000,
+        };
+        // (serial, issued_at, admitted)
+        for (serial, issued_at, admitted) in [
+            // The enrolment certificate itself.
+            ("0a1b", 1_000, true),
+            // A renewal, issued later.
+            ("77", 1_001, true),
+            ("77", 50_000, true),
+            // The previous holder's certificates: earlier, or in the same
+            // second (fail closed).
+            ("77", 999, false),
+            ("77", 0, false),
+            ("77", 1_000, false),
+            // A serial is compared whole.
+            ("0a1", 1_000, false),
+            ("", 1_000, false),
+        ] {
+            assert_eq!(
+                enrolment.admits(serial, issued_at),
+                admitted,
+                "{serial} {issued_at}"
+            );
+        }
+    }
 
     #[test]
     fn issued_certificate_ignores_what_the_csr_asks_for() {

@@ -234,6 +234,42 @@ pub async fn revoke(
     Ok(rec)
 }
 
+/// A warning for a revocation of a certificate that `issue-cert` never
+/// recorded in `pki/issued.jsonl` under `data_dir` (a misspelt name
+/// revokes nothing that exists); `None` when it is recorded.
+pub fn unrecorded_warning(data_dir: &std::path::Path, rec: &CertRevocation) -> Option<String> {
+    let path = data_dir.join("pki").join("issued.jsonl");
+    let what = match &rec.serial {
+        Some(s) => format!("{} certificate {} with serial {s}", rec.role, rec.name),
+        None => format!("{} certificate named {}", rec.role, rec.name),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(log) if issued_in(&log, rec) => None,
+        Ok(_) => Some(format!(
+            "no {what} is recorded in {}: check the name; revoked all the same",
+            path.display()
+        )),
+        Err(e) => Some(format!(
+            "could not check {} for a {what} ({e}); revoked all the same",
+            path.display()
+        )),
+    }
+}
+
+/// Whether the `issued.jsonl` text records a certificate `rec` covers.
+fn issued_in(log: &str, rec: &CertRevocation) -> bool {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|line| {
+            line["role"] == rec.role.as_str()
+                && line["name"] == rec.name.as_str()
+                && rec
+                    .serial
+                    .as_ref()
+                    .is_none_or(|s| line["serial"] == s.as_str())
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +281,39 @@ mod tests {
             serial: serial.into(),
             issued_at,
         }
+    }
+
+    #[test]
+    fn a_revocation_of_an_unrecorded_certificate_is_found() {
+        let log = concat!(
+            r#"{"role":"operator","name":"alice","serial":"0a1b","issued_at":1,"ttl_secs":604800}"#,
+            "\n",
+            r#"{"role":"gateway","name":"main","serial":"77","issued_at":2,"ttl_secs":2592000}"#,
+            "\n",
+            "not json\n",
+        );
+        let rec = |role: &str, name: &str, serial: Option<&str>| CertRevocation {
+            role: role.into(),
+            name: name.into(),
+            serial: serial.map(str::to_owned),
+            revoked_at: 10,
+            by: "cli:admin".into(),
+            reason: String::new(),
+        };
+        // (revocation, recorded)
+        for (r, recorded) in [
+            (rec("operator", "alice", None), true),
+            (rec("operator", "alice", Some("0a1b")), true),
+            (rec("gateway", "main", None), true),
+            // A typo, another role, another serial.
+            (rec("operator", "alcie", None), false),
+            (rec("gateway", "alice", None), false),
+            (rec("operator", "alice", Some("0a1c")), false),
+        ] {
+            assert_eq!(issued_in(log, &r), recorded, "{r:?}");
+        }
+        assert!(issued_in(log, &rec("operator", "alice", None)));
+        assert!(!issued_in("", &rec("operator", "alice", None)));
     }
 
     #[test]

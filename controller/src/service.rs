@@ -122,6 +122,9 @@ impl pb::agent_stream_server::AgentStream for Svc {
         let peer = admitted(&req)?;
         let agent = peer.name.clone();
         let mut inbound = req.into_inner();
+        let current = move |shared: &crate::state::Shared| {
+            !shared.is_revoked(&peer.name) && shared.agent_cert_current(&peer)
+        };
         let hello = match inbound.message().await? {
             Some(pb::AgentMessage {
                 msg: Some(AgentMsg::Hello(h)),
@@ -148,6 +151,12 @@ impl pb::agent_stream_server::AgentStream for Svc {
         };
         tx.try_send(Box::new(Ok(welcome)))
             .map_err(|_| Status::internal("agent queue"))?;
+        if !current(&self.0) {
+            return Err(ApiError::PermissionDenied(format!(
+                "agent {agent} was enrolled again; this certificate is no longer accepted"
+            ))
+            .into());
+        }
         let conn = self
             .0
             .register(&agent, report, policy_version, tx.clone())?;
@@ -159,8 +168,10 @@ impl pb::agent_stream_server::AgentStream for Svc {
                     Ok(None) => break "stream closed".to_string(),
                     Err(e) => break e.to_string(),
                 };
-                if shared.is_revoked(&agent) {
-                    break "agent revoked".to_string();
+                // Also after the name was enrolled again (the holder of an
+                // older certificate neither reports nor renews).
+                if !current(&shared) {
+                    break "agent revoked or enrolled again".to_string();
                 }
                 match msg.msg {
                     Some(AgentMsg::Heartbeat(hb)) => {
@@ -364,7 +375,18 @@ impl pb::tokens_server::Tokens for Svc {
             fleetcmd_core::selector::parse_labels(&text)
                 .map_err(|e| ApiError::InvalidArgument(format!("labels: {e}")))?;
         }
-        crate::access::check_token(&self.0, &peer, &req.name, &labels)?;
+        // A token naming an enrolled agent re-enrols it: checked against
+        // that enrolment, and bound to it.
+        let enrolled = Some(req.name.as_str())
+            .filter(|n| !n.is_empty())
+            .and_then(|n| self.0.enrolment_of(n));
+        crate::access::check_token(
+            &self.0,
+            &peer,
+            &req.name,
+            &labels,
+            enrolled.as_ref().map(|(current, _)| current),
+        )?;
         let ttl = Duration::from_secs(if req.ttl_secs == 0 {
             3600
         } else {
@@ -373,7 +395,14 @@ impl pb::tokens_server::Tokens for Svc {
         let name = Some(req.name).filter(|n| !n.is_empty());
         let (token, expires_at) = self
             .0
-            .create_token(labels, ttl, req.uses, name, &peer.name)
+            .create_token_for(
+                labels,
+                ttl,
+                req.uses,
+                name,
+                &peer.name,
+                enrolled.map(|(_, joined_at)| joined_at),
+            )
             .await?;
         Ok(Response::new(pb::CreateTokenResponse {
             token: token.expose().clone(),
@@ -447,8 +476,16 @@ impl pb::certs_server::Certs for Svc {
             &req.reason,
         )
         .await?;
+        let revoked_at = rec.revoked_at;
+        let data_dir = self.0.config.data_dir.clone();
+        let warning = tokio::task::spawn_blocking(move || {
+            crate::revocation::unrecorded_warning(&data_dir, &rec)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("checking issued.jsonl: {e}")))?;
         Ok(Response::new(pb::RevokeCertResponse {
-            revoked_at: rec.revoked_at,
+            revoked_at,
+            warning: warning.unwrap_or_default(),
         }))
     }
 

@@ -79,6 +79,7 @@ struct Enrolled {
     revoked: bool,
     joined_at: u64,
     version: String,
+    enrolment_cert: Option<crate::pki::EnrolmentCert>,
 }
 
 impl Enrolled {
@@ -89,6 +90,7 @@ impl Enrolled {
             revoked: self.revoked,
             joined_at: self.joined_at,
             version: self.version.clone(),
+            enrolment_cert: self.enrolment_cert.clone(),
         }
     }
 }
@@ -121,6 +123,7 @@ impl Directory {
                 revoked: rec.revoked,
                 joined_at: rec.joined_at,
                 version: rec.version,
+                enrolment_cert: rec.enrolment_cert,
             },
         );
     }
@@ -387,6 +390,15 @@ impl Shared {
             .cloned()
     }
 
+    /// Whether an agent certificate is still accepted for its name: not
+    /// issued before the name's last enrolment (the name's previous holder
+    /// is refused after a re-enrolment).
+    pub fn agent_cert_current(&self, peer: &Peer) -> bool {
+        self.enrolled(&peer.name)
+            .and_then(|rec| rec.enrolment_cert)
+            .is_none_or(|cert| cert.admits(&peer.serial, peer.issued_at))
+    }
+
     pub fn is_revoked(&self, agent: &str) -> bool {
         self.revoked
             .read()
@@ -522,6 +534,8 @@ impl Shared {
 
     // ------------------------------------------------------------ tokens and joining
 
+    /// A join token; one naming an enrolled agent re-enrols that
+    /// enrolment (see [`TokenRecord::replaces`]).
     pub async fn create_token(
         &self,
         labels: BTreeMap<String, String>,
@@ -529,6 +543,32 @@ impl Shared {
         uses: u32,
         name: Option<String>,
         by: &str,
+    ) -> ApiResult<(fleetcmd_core::crypto::Secret<String>, u64)> {
+        let replaces = name
+            .as_deref()
+            .and_then(|n| self.enrolment_of(n))
+            .map(|(_, joined_at)| joined_at);
+        self.create_token_for(labels, ttl, uses, name, by, replaces)
+            .await
+    }
+
+    /// An enrolled agent's labels and `joined_at` (what a token naming it
+    /// would re-enrol).
+    pub fn enrolment_of(&self, agent: &str) -> Option<(BTreeMap<String, String>, u64)> {
+        self.enrolled(agent)
+            .map(|rec| ((*rec.labels).clone(), rec.joined_at))
+    }
+
+    /// [`Shared::create_token`] for the enrolment the caller's rights were
+    /// checked against (`replaces`: its `joined_at`, `None` for a free name).
+    pub async fn create_token_for(
+        &self,
+        labels: BTreeMap<String, String>,
+        ttl: Duration,
+        uses: u32,
+        name: Option<String>,
+        by: &str,
+        replaces: Option<u64>,
     ) -> ApiResult<(fleetcmd_core::crypto::Secret<String>, u64)> {
         if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
             return Err(ApiError::InvalidArgument(format!(
@@ -559,6 +599,7 @@ impl Shared {
             expires_at,
             uses_left: uses.max(1),
             labels,
+            replaces: replaces.filter(|_| name.is_some()),
             name,
             created_by: by.to_owned(),
         };
@@ -628,7 +669,23 @@ impl Shared {
         let name = rec.name.clone().unwrap_or(req.name);
         let id = AgentId::parse(&name)
             .map_err(|e| ApiError::InvalidArgument(format!("agent name: {e}")))?;
-        match self.store.get_agent(id.as_str())? {
+        let current = self.store.get_agent(id.as_str())?;
+        if named_by_token && current.as_ref().map(|a| a.joined_at) != rec.replaces {
+            // The name was enrolled (again) after the token was made: its
+            // creator's rights were checked against another enrolment.
+            self.security_event(
+                Event::new(EventKind::TokenRefused, "anonymous")
+                    .field("token_id", token.id_hex())
+                    .host(id.as_str())
+                    .detail(format!(
+                        "token was created for another enrolment of {id} than the current one"
+                    )),
+            );
+            return Err(ApiError::PermissionDenied(format!(
+                "agent name {id} was enrolled after this token was created; create a new token with `--name {id}`"
+            )));
+        }
+        match current {
             Some(a) if a.revoked => {
                 self.security_event(
                     Event::new(EventKind::TokenRefused, "anonymous")
@@ -662,12 +719,15 @@ impl Shared {
                 self.config.agent_cert_ttl,
             )
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let enrolment_cert = crate::pki::EnrolmentCert::of(&cert_pem)
+            .ok_or_else(|| ApiError::Internal("reading back an issued certificate".into()))?;
         let agent = AgentRecord {
             id: id.to_string(),
             labels: rec.labels.clone(),
             revoked: false,
             joined_at: now_secs(),
             version: String::new(),
+            enrolment_cert: Some(enrolment_cert),
         };
         self.save_agent(agent)?;
         self.audit_durable(
@@ -690,6 +750,15 @@ impl Shared {
                 .host(id.as_str()),
         )?;
         self.flush().await?;
+        // A re-enrolment: the previous holder's stream ends now (its
+        // certificates are refused from here on, see `agent_cert_current`).
+        if let Some(live) = lock(&self.agents).remove(id.as_str()) {
+            let _ = live
+                .tx
+                .try_send(Box::new(Err(Status::permission_denied(format!(
+                    "agent {id} was enrolled again; this certificate is no longer accepted"
+                )))));
+        }
         tracing::info!(agent_id = %id, "agent joined");
         Ok(pb::JoinResponse {
             agent_id: id.to_string(),
@@ -776,7 +845,13 @@ impl Shared {
                 policy_expired: false,
             },
         );
-        if old.is_some() {
+        if let Some(old) = old {
+            // Ended, not just forgotten: a stream left open would look
+            // healthy to the agent at its other end, which would then never
+            // reconnect while the controller ignores it.
+            let _ = old.tx.try_send(Box::new(Err(Status::aborted(format!(
+                "a newer connection of agent {agent} replaced this one"
+            )))));
             tracing::info!(
                 agent_id = agent,
                 "agent reconnected; previous stream replaced"
@@ -2158,6 +2233,7 @@ mod tests {
             revoked: false,
             joined_at: 1,
             version: "0.1.0".into(),
+            enrolment_cert: None,
         }
     }
 

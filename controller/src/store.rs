@@ -76,6 +76,12 @@ pub struct TokenRecord {
     pub labels: BTreeMap<String, String>,
     pub name: Option<String>,
     pub created_by: String,
+    /// For a token naming an agent that was enrolled when the token was
+    /// created: that enrolment's `joined_at`. The token re-enrols exactly
+    /// that enrolment (the one its creator's rights were checked against);
+    /// `None`: the name was free, and the token takes no enrolled name.
+    #[serde(default)]
+    pub replaces: Option<u64>,
 }
 
 /// Why a token could not be used.
@@ -97,6 +103,10 @@ pub struct AgentRecord {
     pub joined_at: u64,
     #[serde(default)]
     pub version: String,
+    /// The certificate of the last enrolment (`None` in records written
+    /// before it was kept): earlier certificates for the name are refused.
+    #[serde(default)]
+    pub enrolment_cert: Option<crate::pki::EnrolmentCert>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -628,6 +638,7 @@ mod tests {
             labels: BTreeMap::new(),
             name: None,
             created_by: "t".into(),
+            replaces: None,
         }
     }
 

@@ -36,6 +36,14 @@ pub enum Denied {
         labels: String,
         allowed: Vec<String>,
     },
+    #[error("agent {name} is enrolled with labels `{current}`: a token naming it re-enrols that host and needs a role whose `token_labels` select its current labels; yours select only {}", allowed.join(" or "))]
+    ReEnrol {
+        name: String,
+        current: String,
+        allowed: Vec<String>,
+    },
+    #[error("silencing alerts on `{0}` needs a role that may run a command on those hosts")]
+    Silence(String),
 }
 
 fn needs_message(command: &str, needed: &[String], have: &[String]) -> String {
@@ -226,15 +234,20 @@ pub fn may_read_record(
             .any(|r| in_channel(r, channel) && lists(r, &event.command))
 }
 
-/// Whether `who` may create a join token for an agent `name` (empty when
-/// the token names none) with `labels`: a role with `tokens.create` whose
-/// `token_labels` is absent or selects that name and those labels.
+/// Whether `who` may create a join token for `name` (empty: the joining
+/// host picks its name) with `labels`: a role with `tokens.create` whose
+/// `token_labels` select the new labels. A token naming an agent that is
+/// already enrolled (`enrolled`: its current enrolment labels) re-enrols
+/// that host, which takes it over: the same role's `token_labels` must
+/// also select the host as it is enrolled now, so an operator limited to
+/// `role=web` cannot turn a `role=db` host into its own.
 pub fn check_token(
     policy: &Policy,
     who: &Identity,
     channel: &str,
     name: &str,
     labels: &BTreeMap<String, String>,
+    enrolled: Option<&BTreeMap<String, String>>,
 ) -> Result<(), Denied> {
     let granting: Vec<&Role> = roles_of(policy, who)
         .into_iter()
@@ -244,21 +257,62 @@ pub fn check_token(
         return Err(Denied::Lacks(Permission::CreateTokens));
     }
     let mut allowed = Vec::new();
+    let mut selects_new = false;
     for role in granting {
         match &role.token_labels {
             None => return Ok(()),
-            Some(sel) if sel.matches(name, labels) => return Ok(()),
+            Some(sel) if sel.matches(name, labels) => {
+                selects_new = true;
+                if enrolled.is_none_or(|cur| sel.matches(name, cur)) {
+                    return Ok(());
+                }
+                allowed.push(format!("`{sel}`"));
+            }
             Some(sel) => allowed.push(format!("`{sel}`")),
         }
     }
-    Err(Denied::TokenLabels {
-        labels: labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(","),
-        allowed,
-    })
+    match enrolled {
+        Some(cur) if selects_new => Err(Denied::ReEnrol {
+            name: name.to_string(),
+            current: label_text(cur),
+            allowed,
+        }),
+        _ => Err(Denied::TokenLabels {
+            labels: label_text(labels),
+            allowed,
+        }),
+    }
+}
+
+fn label_text(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Whether `who` may silence (or un-silence) the alerts of a service whose
+/// hosts `selector` selects: whoever may run some command of the policy on
+/// those hosts from `channel` (the people who would act on its alerts).
+/// The one rule for chat `silence` and operators' `Health.Silence`.
+pub fn check_silence(
+    policy: &Policy,
+    who: &Identity,
+    channel: &str,
+    selector: &str,
+) -> Result<(), Denied> {
+    let allowed = Selector::parse(selector).is_ok_and(|sel| {
+        policy
+            .commands
+            .keys()
+            .any(|c| check_run(policy, who, channel, c, &sel).is_ok())
+    });
+    if allowed {
+        Ok(())
+    } else {
+        Err(Denied::Silence(selector.to_string()))
+    }
 }
 
 #[cfg(test)]
@@ -725,12 +779,109 @@ roles = ["staging"]
         ];
         for (who, name, l, expected) in table {
             let got = if l.is_empty() {
-                check_token(&p, &id(who), CLI_CHANNEL, name, &BTreeMap::new())
+                check_token(&p, &id(who), CLI_CHANNEL, name, &BTreeMap::new(), None)
             } else {
-                check_token(&p, &id(who), CLI_CHANNEL, name, &labels(l))
+                check_token(&p, &id(who), CLI_CHANNEL, name, &labels(l), None)
             }
             .map_err(|e| e.to_string());
             assert_eq!(got, expected.map_err(str::to_string), "{who} {name} {l}");
+        }
+    }
+
+    #[test]
+    fn a_token_naming_an_enrolled_agent_needs_the_right_to_enrol_it_as_it_is() {
+        let p = operators_policy();
+        let labels = |s: &str| crate::selector::parse_labels(s).unwrap_or_else(|e| panic!("{e}"));
+        // (who, name, new labels, current enrolment labels, expected)
+        type Row<'a> = (&'a str, &'a str, &'a str, &'a str, Result<(), &'a str>);
+        let table: &[Row<'_>] = &[
+            // Taking over a role=db host as role=web: refused.
+            (
+                "cli:bob",
+                "db1",
+                "role=web",
+                "role=db",
+                Err(
+                    "agent db1 is enrolled with labels `role=db`: a token naming it re-enrols that host and needs a role whose `token_labels` select its current labels; yours select only `role=web`",
+                ),
+            ),
+            // An enrolled host without labels is not in role=web either.
+            (
+                "cli:bob",
+                "bare",
+                "role=web",
+                "",
+                Err(
+                    "agent bare is enrolled with labels ``: a token naming it re-enrols that host and needs a role whose `token_labels` select its current labels; yours select only `role=web`",
+                ),
+            ),
+            // Re-enrolling one of its own web hosts: allowed.
+            ("cli:bob", "web1", "role=web,env=prod", "role=web", Ok(())),
+            // The new labels are checked as well.
+            (
+                "cli:bob",
+                "web1",
+                "role=db",
+                "role=web",
+                Err(
+                    "your roles may create tokens only for labels matching `role=web`; `role=db` does not",
+                ),
+            ),
+            // Without `token_labels` a role enrols anything.
+            ("cli:admin", "db1", "role=web", "role=db", Ok(())),
+            (
+                "cli:carol",
+                "db1",
+                "role=db",
+                "role=db",
+                Err("none of your roles grants `tokens.create`"),
+            ),
+        ];
+        for (who, name, new, cur, expected) in table {
+            let cur = if cur.is_empty() {
+                BTreeMap::new()
+            } else {
+                labels(cur)
+            };
+            let got = check_token(&p, &id(who), CLI_CHANNEL, name, &labels(new), Some(&cur))
+                .map_err(|e| e.to_string());
+            assert_eq!(
+                got,
+                expected.map_err(str::to_string),
+                "{who} {name} {new} {cur:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn silencing_needs_a_role_that_may_run_a_command_on_the_service_hosts() {
+        let p = operators_policy();
+        // (who, channel, service selector, allowed)
+        for (who, channel, selector, allowed) in [
+            ("cli:bob", CLI_CHANNEL, "role=web", true),
+            ("cli:bob", CLI_CHANNEL, "role=web,env=prod", true),
+            ("cli:bob", CLI_CHANNEL, "role=db", false),
+            ("cli:bob", CLI_CHANNEL, "name=db1", false),
+            // Roles without commands (reading every job) silence nothing.
+            ("cli:carol", CLI_CHANNEL, "role=db", false),
+            ("cli:mallory", CLI_CHANNEL, "role=web", false),
+            ("cli:admin", CLI_CHANNEL, "role=db", true),
+            // A chat role counts only in its channels.
+            ("slack:T1:U1", "slack:T1:COPS", "env=staging", true),
+            ("slack:T1:U1", "slack:T1:COTHER", "env=staging", false),
+            // A selector that does not parse grants nothing.
+            ("cli:admin", CLI_CHANNEL, "role=web,,env=prod", false),
+        ] {
+            let got = check_silence(&p, &id(who), channel, selector);
+            assert_eq!(got.is_ok(), allowed, "{who} {channel} {selector}: {got:?}");
+            if let Err(e) = got {
+                assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "silencing alerts on `{selector}` needs a role that may run a command on those hosts"
+                    )
+                );
+            }
         }
     }
 

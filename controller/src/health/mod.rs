@@ -168,6 +168,17 @@ impl Health {
         self.config(name).is_some() || lock(&self.hosts).contains_key(name)
     }
 
+    /// The selector of a service's hosts (`name=HOST` for a `[host_alerts]`
+    /// HOST/CHECK), as `Health.Services` shows it.
+    pub fn selector_of(&self, name: &str) -> Option<String> {
+        if let Some(cfg) = self.config(name) {
+            return Some(cfg.selector_text.clone());
+        }
+        lock(&self.hosts)
+            .get(name)
+            .map(|rt| format!("name={}", rt.instance.agent_id))
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<pb::AlertEvent> {
         self.events.subscribe()
     }

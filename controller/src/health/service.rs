@@ -125,6 +125,12 @@ impl pb::health_server::Health for HealthSvc {
             ))
             .into());
         }
+        let selector = self
+            .0
+            .health
+            .selector_of(&req.service)
+            .ok_or_else(|| ApiError::NotFound(format!("no service named {:?}", req.service)))?;
+        crate::access::check_silence(&self.0, &peer, &req.service, &selector)?;
         let dur = Duration::from_secs(req.duration_secs);
         if dur > MAX_SILENCE {
             return Err(ApiError::InvalidArgument(format!(

@@ -485,11 +485,15 @@ pub struct RevokeCertRequest {
     #[prost(string, tag = "4")]
     pub reason: ::prost::alloc::string::String,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RevokeCertResponse {
     /// Unix seconds.
     #[prost(uint64, tag = "1")]
     pub revoked_at: u64,
+    /// Set when `pki/issued.jsonl` records no such certificate (a typo in the
+    /// name?): the revocation is in force all the same.
+    #[prost(string, tag = "2")]
+    pub warning: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListRevokedCertsRequest {}

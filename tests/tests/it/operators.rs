@@ -1,7 +1,9 @@
 //! Operators are bounded by their policy roles and can be revoked: attacks
 //! by an operator (`bob`) with separate `fleetcmd` processes against another
 //! operator's (`alice`) jobs, and revocation of operator and gateway
-//! certificates cutting off calls and open streams at once.
+//! certificates cutting off calls and open streams at once; an operator
+//! cannot take over an enrolled agent with a named join token, and an
+//! older certificate of a re-enrolled agent is refused.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -212,7 +214,13 @@ fn records(fleet: &TestFleet, actor: &str, kind: EventKind) -> Vec<Record> {
 }
 
 async fn operators_fleet() -> (TestFleet, Operator, Operator) {
-    let mut fleet = start_fleet(2).await;
+    operators_fleet_with(|_| {}).await
+}
+
+async fn operators_fleet_with(
+    tweak: impl FnOnce(&mut fleetcmd_cli::fleet::FleetOptions),
+) -> (TestFleet, Operator, Operator) {
+    let mut fleet = start_fleet_with(2, tweak).await;
     let alice = issue_operator(&fleet, "alice");
     let bob = issue_operator(&fleet, "bob");
     let text = operators_policy(&fleet, &alice);
@@ -323,6 +331,300 @@ async fn an_operator_reads_cancels_and_enrolls_only_what_its_roles_allow() {
     assert!(done.ok, "{}", done.stderr);
     let done = as_op(&fleet, &alice, &["cancel", &web_job]).await;
     assert!(done.ok, "{}", done.stderr);
+}
+
+/// The token `fleetcmd token create ARGS` printed.
+fn created_token(run: &Run) -> String {
+    assert!(run.ok, "token create: {}", run.stderr);
+    run.stdout.trim().to_owned()
+}
+
+/// Joins a host as `name` with `token` (state in DIR/`dir`).
+async fn join(fleet: &TestFleet, token: &str, name: &str, dir: &str) -> Result<ClientTls, String> {
+    let state_dir = fleet.path().join(dir);
+    let opts = fleetcmd_agent::JoinOptions {
+        controller: fleet.url.clone(),
+        token: token.to_owned(),
+        name: name.to_owned(),
+        state_dir: state_dir.clone(),
+    };
+    fleetcmd_agent::join(&opts, now())
+        .await
+        .map_err(|e| e.to_string())?;
+    let read = |f: &str| std::fs::read_to_string(state_dir.join(f)).expect("agent state file");
+    Ok(ClientTls {
+        ca_pem: read("ca.crt"),
+        cert_pem: read("agent.crt"),
+        key_pem: read("agent.key"),
+    })
+}
+
+/// An agent stream opened with `tls` (the sender keeps it open), or the
+/// controller's refusal.
+async fn agent_stream(
+    fleet: &TestFleet,
+    tls: &ClientTls,
+) -> (
+    tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    Result<tonic::Streaming<pb::ControllerMessage>, tonic::Status>,
+) {
+    let ch = fleetcmd_proto::channel::connect(&fleet.url, tls)
+        .await
+        .expect("TLS completes");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.try_send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            version: "probe".into(),
+            hostname: "probe".into(),
+            ..Default::default()
+        })),
+    })
+    .expect("room");
+    let res = pb::agent_stream_client::AgentStreamClient::new(ch)
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(|r| r.into_inner());
+    (tx, res)
+}
+
+/// The labels of the `Welcome` that opens an accepted agent stream.
+async fn welcomed(stream: &mut tonic::Streaming<pb::ControllerMessage>) -> Vec<(String, String)> {
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("welcome in time")
+        .expect("stream")
+        .expect("a message");
+    match first.msg {
+        Some(pb::controller_message::Msg::Welcome(w)) => {
+            let mut l: Vec<_> = w.labels.into_iter().collect();
+            l.sort();
+            l
+        }
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+}
+
+/// How an agent stream ends (bounded wait): its status.
+async fn stream_end(mut stream: tonic::Streaming<pb::ControllerMessage>) -> tonic::Status {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(s) => return s,
+            }
+        }
+    })
+    .await
+    .expect("the agent stream was not closed")
+}
+
+fn labels_of(fleet: &TestFleet, agent: &str) -> String {
+    let a = fleet
+        .controller
+        .shared()
+        .list_agents(&format!("name={agent}"))
+        .expect("list")
+        .pop()
+        .unwrap_or_else(|| panic!("{agent} is enrolled"));
+    let mut l: Vec<_> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    l.sort();
+    l.join(",")
+}
+
+/// Bob (`tokens.create` for `role=web`) tries to take over dev-2 (an
+/// enrolled `role=db` host) with a token naming it: refused and audited.
+/// A token he made while a name was free does not take it once the admin
+/// has enrolled it. And once a name he held is enrolled again by the
+/// admin, his certificate for it is refused and his open stream closed,
+/// while the new one is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_cannot_take_over_an_enrolled_agent_with_a_named_token() {
+    let (fleet, _alice, bob) = operators_fleet().await;
+    refused(
+        &as_op(
+            &fleet,
+            &bob,
+            &["token", "create", "--labels", "role=web", "--name", "dev-2"],
+        )
+        .await,
+        "agent dev-2 is enrolled with labels `env=dev,role=db`",
+    );
+    assert_eq!(labels_of(&fleet, "dev-2"), "env=dev,role=db");
+    let denied = records(&fleet, "cli:bob", EventKind::PermissionDenied);
+    assert!(
+        denied
+            .iter()
+            .any(|r| r.event.detail.contains("agent dev-2 is enrolled")),
+        "the refused takeover is audited: {denied:#?}"
+    );
+    // Control: re-enrolling one of the web hosts is within bob's rights.
+    created_token(
+        &as_op(
+            &fleet,
+            &bob,
+            &["token", "create", "--labels", "role=web", "--name", "dev-1"],
+        )
+        .await,
+    );
+
+    // A token for a name that was free when it was made.
+    let early = created_token(
+        &as_op(
+            &fleet,
+            &bob,
+            &["token", "create", "--labels", "role=web", "--name", "db9"],
+        )
+        .await,
+    );
+    let admins = created_token(
+        &as_admin(
+            &fleet,
+            &["token", "create", "--labels", "role=db", "--name", "db9"],
+        )
+        .await,
+    );
+    join(&fleet, &admins, "db9", "db9")
+        .await
+        .expect("the admin enrols db9");
+    let err = join(&fleet, &early, "db9", "bob-db9")
+        .await
+        .expect_err("bob's early token takes db9");
+    assert!(
+        err.contains("enrolled after this token was created"),
+        "{err}"
+    );
+    assert_eq!(labels_of(&fleet, "db9"), "role=db");
+
+    // Bob enrols web9, a web host of his own, and holds its stream.
+    let own = created_token(
+        &as_op(
+            &fleet,
+            &bob,
+            &["token", "create", "--labels", "role=web", "--name", "web9"],
+        )
+        .await,
+    );
+    let bobs = join(&fleet, &own, "web9", "bob-web9")
+        .await
+        .expect("bob enrols web9");
+    let (_bob_tx, bob_stream) = agent_stream(&fleet, &bobs).await;
+    let mut bob_stream = bob_stream.expect("bob's web9 connects");
+    assert_eq!(
+        welcomed(&mut bob_stream).await,
+        [("role".into(), "web".into())]
+    );
+
+    // The admin enrols web9 again, on another host, as a db host.
+    let again = created_token(
+        &as_admin(
+            &fleet,
+            &["token", "create", "--labels", "role=db", "--name", "web9"],
+        )
+        .await,
+    );
+    let real = join(&fleet, &again, "web9", "real-web9")
+        .await
+        .expect("the admin re-enrols web9");
+    let end = stream_end(bob_stream).await;
+    assert_eq!(end.code(), tonic::Code::PermissionDenied, "{end:?}");
+    assert!(end.message().contains("enrolled again"), "{end:?}");
+    // Bob's certificate (still within its lifetime) opens nothing now...
+    let (_tx, res) = agent_stream(&fleet, &bobs).await;
+    let status = res.expect_err("bob's old web9 certificate is refused");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("enrolled again"), "{status:?}");
+    let uses = records(&fleet, "agent:web9", EventKind::AuthFailed);
+    assert!(
+        uses.iter()
+            .any(|r| r.event.detail.contains("before the name's last enrolment")),
+        "{uses:#?}"
+    );
+    // ...and the new host's certificate is accepted, with the admin's labels.
+    let (_real_tx, res) = agent_stream(&fleet, &real).await;
+    let mut real_stream = res.expect("the re-enrolled web9 connects");
+    assert_eq!(
+        welcomed(&mut real_stream).await,
+        [("role".into(), "db".into())]
+    );
+}
+
+/// An agent whose stream another connection with its certificate replaced
+/// is told so (its stream ends), and reconnects: before, the replaced
+/// stream stayed open, looked healthy to the agent, and the agent never
+/// came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_off_agent_is_told_and_reconnects() {
+    let (fleet, _alice, _bob) = operators_fleet().await;
+    // A second connection with dev-1's certificate replaces the running
+    // agent's stream; the agent then reconnects and replaces it in turn.
+    let (_tx, res) = agent_stream(&fleet, &fleet.agent_tls("dev-1")).await;
+    let mut intruder = res.expect("a second dev-1 stream is accepted");
+    welcomed(&mut intruder).await;
+    let end = stream_end(intruder).await;
+    assert_eq!(end.code(), tonic::Code::Aborted, "{end:?}");
+    assert!(end.message().contains("replaced"), "{end:?}");
+    fleet
+        .wait_online(Duration::from_secs(10))
+        .await
+        .expect("dev-1 is back online");
+}
+
+/// `fleetcmd health silence`: an operator needs a role that may run a
+/// command on the service's hosts (the rule chat's `silence` applies);
+/// refusals are audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_silences_only_alerts_of_hosts_its_roles_act_on() {
+    let text = "[db]\nselector = \"role=db\"\ncheck = \"app\"\nchannels = [\"rec:#ops\"]\n\
+                [web]\nselector = \"role=web\"\ncheck = \"app\"\nchannels = [\"rec:#ops\"]\n";
+    let raw: std::collections::BTreeMap<String, fleetcmd_controller::health::RawService> =
+        toml::from_str(text).expect("services toml");
+    let services = fleetcmd_controller::health::config::validate(&raw).expect("valid services");
+    let (fleet, _alice, bob) = operators_fleet_with(|o| o.services = services).await;
+    let carol = issue_operator(&fleet, "carol");
+
+    refused(
+        &as_op(&fleet, &carol, &["health", "silence", "db", "30d"]).await,
+        "cli:carol may not silence db: silencing alerts on `role=db` needs a role that may run a command on those hosts",
+    );
+    refused(
+        &as_op(&fleet, &bob, &["health", "silence", "db", "30d"]).await,
+        "may not silence db",
+    );
+    let web = as_op(&fleet, &bob, &["health", "silence", "web", "1h"]).await;
+    assert!(web.ok, "{}", web.stderr);
+    let db = as_admin(&fleet, &["health", "silence", "db", "1h"]).await;
+    assert!(db.ok, "{}", db.stderr);
+
+    let services = fleet
+        .controller
+        .shared()
+        .health
+        .services("", 0)
+        .expect("services");
+    let silenced_by = |name: &str| {
+        services
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.silenced_by.clone())
+            .expect("service")
+    };
+    assert_eq!(silenced_by("db"), "cli:admin");
+    assert_eq!(silenced_by("web"), "cli:bob");
+    for who in ["cli:carol", "cli:bob"] {
+        let denied = records(&fleet, who, EventKind::PermissionDenied);
+        assert!(
+            denied
+                .iter()
+                .any(|r| r.event.detail.contains("may not silence db")),
+            "{who}: {denied:#?}"
+        );
+        let done = records(&fleet, who, EventKind::ServiceSilenced);
+        assert!(
+            done.iter().all(|r| !r.event.detail.contains("service db")),
+            "{who}: {done:#?}"
+        );
+    }
 }
 
 /// Opens `Jobs.Watch` on `job` and reads its first event.
@@ -442,6 +744,90 @@ async fn revoked_operator_and_gateway_certificates_are_cut_off_at_once() {
 
     let done = as_op(&fleet, &alice, &["cancel", &web_job]).await;
     assert!(done.ok, "{}", done.stderr);
+}
+
+/// `certs revoke --name` of a name `issue-cert` never recorded (a typo)
+/// warns, and revokes all the same; a recorded name does not warn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_certificate_never_issued_warns() {
+    let (fleet, _alice, bob) = operators_fleet().await;
+    let pki = fleet.controller.shared().config.data_dir.join("pki");
+    std::fs::create_dir_all(&pki).expect("pki dir");
+    let bob_serial = fleetcmd_controller::pki::pem_to_der(&bob.tls.cert_pem)
+        .and_then(|der| fleetcmd_controller::pki::peer_from_cert(&der))
+        .expect("bob's certificate reads back")
+        .serial;
+    std::fs::write(
+        pki.join("issued.jsonl"),
+        format!(
+            "{}\n",
+            serde_json::json!({"role": "operator", "name": "bob", "serial": bob_serial, "issued_at": 1, "ttl_secs": 3600})
+        ),
+    )
+    .expect("issued.jsonl");
+    let typo = as_admin(
+        &fleet,
+        &["certs", "revoke", "--role", "operator", "--name", "bbo"],
+    )
+    .await;
+    assert!(typo.ok, "{}", typo.stderr);
+    assert!(
+        typo.stderr
+            .contains("warning: no operator certificate named bbo is recorded in"),
+        "{}",
+        typo.stderr
+    );
+    let real = as_admin(
+        &fleet,
+        &["certs", "revoke", "--role", "operator", "--name", "bob"],
+    )
+    .await;
+    assert!(real.ok, "{}", real.stderr);
+    assert!(!real.stderr.contains("warning"), "{}", real.stderr);
+    refused(&as_op(&fleet, &bob, &["jobs"]).await, "revoked");
+}
+
+/// `issue-cert --days` is capped at a year: a refused lifetime issues,
+/// writes and records nothing.
+#[test]
+fn issue_cert_refuses_lifetimes_over_a_year() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("controller.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\npolicy_roots = [\"{}\"]\n",
+            dir.path().join("data").display(),
+            stranger_key().public_key()
+        ),
+    )
+    .expect("config");
+    let issue = |days: &str, name: &str| {
+        std::process::Command::new(bin("fleetcmd-controller"))
+            .arg("-c")
+            .arg(&cfg)
+            .args(["issue-cert", "--role", "operator", "--name", name])
+            .args(["--days", days, "--out"])
+            .arg(dir.path().join(name))
+            .output()
+            .expect("issue-cert runs")
+    };
+    let out = issue("36500", "century");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a 100-year certificate was issued");
+    assert!(
+        stderr.contains("--days must be at most 365, got 36500"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("century/century.crt").exists());
+    assert!(!dir.path().join("data/pki/issued.jsonl").exists());
+    let out = issue("365", "year");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid 365 days"));
 }
 
 /// `issue-cert` gives operators 7 days and gateways 30 by default, prints
