@@ -66,6 +66,7 @@ fn issue(
         Some(r @ (Role::Operator | Role::Gateway)) => r,
         _ => anyhow::bail!("--role must be `operator` or `gateway`, got {role:?}"),
     };
+    fleetcmd_controller::pki::check_cert_name(name).map_err(anyhow::Error::msg)?;
     let ttl = match (days, role) {
         (Some(0), _) => anyhow::bail!("--days must be at least 1"),
         // A certificate is revocable, but its lifetime is what bounds one

@@ -361,6 +361,30 @@ impl EnrolmentCert {
     }
 }
 
+/// Checks an operator's or gateway's certificate name (`issue-cert
+/// --name`): 1 to 64 ASCII letters, digits, `.`, `_`, `-` and `@`,
+/// starting with a letter or digit. The name becomes file names in the
+/// `--out` directory (`NAME.crt`, `NAME.key`) and the identity `cli:NAME`
+/// in policies: a path separator or `..` would write outside that directory
+/// (found by an outside test: `--name ../evil`), and a `*` would read as a
+/// pattern.
+pub fn check_cert_name(name: &str) -> Result<(), String> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "--name {:?} must be 1 to 64 ASCII letters, digits, `.`, `_`, `-` or `@`, starting with a letter or digit",
+            name.chars().take(80).collect::<String>()
+        ))
+    }
+}
+
 /// First certificate of a PEM text, as DER.
 pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
     use base64::Engine;
@@ -406,6 +430,38 @@ pub fn serial_hex(raw: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_names_are_plain_file_names() {
+        for ok in [
+            "alice",
+            "gw-main",
+            "a",
+            "alice.smith@example.com",
+            "0ps_2",
+            &"a".repeat(64),
+        ] {
+            assert_eq!(check_cert_name(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "../evil",
+            "/tmp/x",
+            "a/b",
+            ".hidden",
+            "-rf",
+            "..",
+            "al ice",
+            "a*",
+            "a\nb",
+            "ålice",
+            "a\\b",
+            &"a".repeat(65),
+        ] {
+            let err = check_cert_name(bad).expect_err(bad);
+            assert!(err.starts_with("--name"), "{err}");
+        }
+    }
 
     #[test]
     fn an_enrolment_refuses_the_certificates_issued_before_it() {

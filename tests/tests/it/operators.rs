@@ -830,6 +830,47 @@ fn issue_cert_refuses_lifetimes_over_a_year() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid 365 days"));
 }
 
+/// `issue-cert --name` is a file name in `--out`, never a path: a name
+/// that climbs out of it or is absolute issues, writes and records
+/// nothing (found by an outside test: `--name ../evil`).
+#[test]
+fn issue_cert_refuses_a_name_that_is_a_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("controller.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\npolicy_roots = [\"{}\"]\n",
+            dir.path().join("data").display(),
+            stranger_key().public_key()
+        ),
+    )
+    .expect("config");
+    let out_dir = dir.path().join("out");
+    let absolute = dir.path().join("elsewhere");
+    for name in [
+        "../evil".to_string(),
+        format!("{}", absolute.display()),
+        ".hidden".into(),
+        "a*".into(),
+    ] {
+        let out = std::process::Command::new(bin("fleetcmd-controller"))
+            .arg("-c")
+            .arg(&cfg)
+            .args(["issue-cert", "--role", "operator", "--name", &name, "--out"])
+            .arg(&out_dir)
+            .output()
+            .expect("issue-cert runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: issued");
+        assert!(stderr.contains("--name"), "{name}: {stderr}");
+        assert!(!dir.path().join("evil.key").exists(), "{name}");
+        assert!(!dir.path().join("elsewhere.key").exists(), "{name}");
+        assert!(!out_dir.exists(), "{name}: --out created");
+        assert!(!dir.path().join("data/pki/issued.jsonl").exists(), "{name}");
+    }
+}
+
 /// `issue-cert` gives operators 7 days and gateways 30 by default, prints
 /// the serial, and appends what it issued to `pki/issued.jsonl`.
 #[test]
