@@ -13,6 +13,8 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // Colour only for a person at a terminal, not in journals or files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cmd = cli.cmd.unwrap_or(Cmd::Run);
@@ -67,13 +69,22 @@ fn main() -> ExitCode {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
+            // Without a config, join writes one (controller and state
+            // dir) so `run` finds what join used: checked before joining,
+            // so a join never leaves an identity without its config.
+            let new_config = config.is_none();
+            if new_config {
+                check_new_config(&cli.config)?;
+            }
             let id = fleetcmd_agent::join(&opts, now).await?;
             println!(
                 "joined as {} (state in {})",
                 id.agent_id,
                 opts.state_dir.display()
             );
-            if let Err(e) = record_controller(&cli.config, &opts.controller) {
+            if new_config {
+                write_new_config(&cli.config, &opts.controller, &opts.state_dir)?;
+            } else if let Err(e) = record_controller(&cli.config, &opts.controller) {
                 eprintln!("fleetcmd-agent: {e:#}; set `controller` there by hand");
             }
             if !no_start {
@@ -96,6 +107,49 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether join may write a new config at `path`: its directory exists
+/// or can be made, and nothing is there yet.
+fn check_new_config(path: &std::path::Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("{}: cannot write the config here: {e}", dir.display()))?;
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        anyhow::bail!(
+            "{}: exists but could not be read as a config",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The config a first join writes: what `run` needs, nothing more
+/// (deploy/agent.toml shows every key).
+fn write_new_config(
+    path: &std::path::Path,
+    controller: &str,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let text = format!(
+        "# Written by `fleetcmd-agent join`; every key: deploy/agent.toml.\n\
+         controller = {controller:?}\n\
+         state_dir = {:?}\n",
+        state_dir.display().to_string()
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("{}: writing the config: {e}", path.display()))?;
+    use std::io::Write as _;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| anyhow::anyhow!("{}: writing the config: {e}", path.display()))?;
+    fleetcmd_agent::config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("wrote {}", path.display());
+    Ok(())
 }
 
 /// Keep the controller given to `join --controller` for `run`: rewrite the

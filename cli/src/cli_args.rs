@@ -27,6 +27,10 @@ pub struct Cli {
 pub enum Cmd {
     /// Start a local fleet: controller, agents and a console chat on stdin/stdout.
     Dev(dev::DevArgs),
+    /// Write everything a team's fleet needs into one directory: policy
+    /// root key, controller config and CA, operator identity, a first
+    /// signed policy, gateway config and keys, one join line per host.
+    Init(crate::init::InitArgs),
     /// List agents (optionally matching a selector on their granted labels),
     /// or revoke one. FACTS are what each host reports about itself.
     Agents {

@@ -13,6 +13,7 @@ pub mod client;
 pub mod dev;
 pub mod fleet;
 pub mod health_cmd;
+pub mod init;
 pub mod notify_cmd;
 pub mod policy_cmd;
 pub mod term;

@@ -20,6 +20,8 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into()),
         )
+        // Colour only for a person at a terminal, not in journals or files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.cmd {
             Cmd::Dev(args) => dev::run(args).await,
+            Cmd::Init(args) => fleetcmd_cli::init::run(args).await,
             Cmd::Agents {
                 action: Some(AgentsCmd::Revoke { id }),
                 ..

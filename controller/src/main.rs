@@ -14,6 +14,8 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // Colour only for a person at a terminal, not in journals or files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = match fleetcmd_controller::config::load(&cli.config) {

@@ -12,6 +12,7 @@ mod irc;
 mod limits;
 mod mattermost;
 mod multi;
+mod ngircd;
 mod render;
 mod replay;
 mod router;

@@ -142,7 +142,8 @@ async fn one_gateway_serves_every_adapter_at_once_on_one_router() {
 
 async fn every_adapter_at_once() {
     // ---- the chat servers: real ngircd and prosody, local fakes
-    let (ngircd, prosody) = tokio::join!(irc::Ngircd::start(None), xmpp::Prosody::start());
+    let (ngircd, prosody) =
+        tokio::join!(crate::ngircd::Ngircd::start(None), xmpp::Prosody::start());
     let slack_fake = slack::fake::Fake::start().await;
     let (mm_fake, mm_base) = mattermost::start_fake().await;
     let (campfire_fake, campfire_url, _campfire_task) = campfire::fake_campfire().await;

@@ -8,6 +8,7 @@ mod audit_export;
 mod authn;
 mod crash;
 mod deploy;
+mod docs;
 mod e2e;
 mod enrollment;
 mod exec_limits;
@@ -19,6 +20,10 @@ mod key_files;
 mod labels;
 mod live;
 mod moment_of_use;
+// The gateway tests' real ngircd, one file for both test binaries.
+#[path = "../../../chat-gateway/tests/it/ngircd.rs"]
+#[allow(dead_code)] // the TLS half serves the gateway's IRC tests
+mod ngircd;
 mod notify;
 mod operators;
 mod output_trust;

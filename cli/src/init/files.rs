@@ -1,0 +1,418 @@
+//! The text of the files `fleetcmd init` writes: pure functions of the
+//! choices, so each one is tested against the real parser that will read it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use fleetcmd_core::crypto::PublicKey;
+
+/// The IRC network a gateway joins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Irc {
+    /// Host name or address.
+    pub server: String,
+    pub port: u16,
+    pub tls: bool,
+    /// The network's name in identities (`irc:NETWORK:nick!user@host`).
+    pub network: String,
+    pub channels: Vec<String>,
+    pub nick: String,
+}
+
+/// Everything the files depend on.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Where agents, operators and the gateway reach the controller.
+    pub url: String,
+    pub listen: SocketAddr,
+    /// Extra names for the controller's TLS certificate (the URL's host).
+    pub tls_names: Vec<String>,
+    pub operator: String,
+    /// Chat identities (or patterns) bound to the `ops` role.
+    pub chat_admins: Vec<String>,
+    pub console: bool,
+    pub irc: Option<Irc>,
+    /// Host name → labels, one join token each.
+    pub hosts: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// The gateway's signer id in the policy and gateway.toml.
+pub const GATEWAY_SIGNER: &str = "gateway-main";
+/// The gateway certificate's name.
+pub const GATEWAY_NAME: &str = "main";
+
+impl Plan {
+    /// The operator's signer id in the policy.
+    pub fn operator_signer(&self) -> String {
+        format!("operator-{}", self.operator)
+    }
+
+    /// The chat identities the gateway vouches for: every user of the
+    /// chats it serves (each adapter verifies its users itself).
+    pub fn gateway_vouches_for(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.console {
+            v.push("console:*".to_string());
+        }
+        if let Some(irc) = &self.irc {
+            v.push(format!("irc:{}:*", irc.network));
+        }
+        v
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    // TOML basic strings take JSON's escapes for everything we write.
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+fn toml_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| toml_str(s)).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The first signed policy: the operator administers everything, the chat
+/// admins run every command from their chats, a restart needs one
+/// approval.
+pub fn policy(plan: &Plan, gateway: &PublicKey, operator: &PublicKey) -> String {
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"# The fleet's policy: the allow-list and who may use it. Written by
+# `fleetcmd init`; change it, then sign and push it as the operator:
+#   fleetcmd policy check policy.toml
+#   fleetcmd policy sign policy.toml --key admin/policy-root.key
+#   fleetcmd policy push policy.toml
+# (every push needs a higher `version`). deploy/policy.toml in the
+# project shows every option.
+version = 1
+
+# Keys that sign jobs, and the identities each signs for.
+[[signers]]
+id = "{gw_id}"
+public_key = "{gateway}"
+may_sign = ["*"]
+vouches_for = {gw_vouches}     # the chat users the gateway verifies
+
+[[signers]]
+id = "{op_id}"
+public_key = "{operator}"
+may_sign = ["*"]
+vouches_for = [{op_identity}]  # an operator's key speaks for that operator only
+
+[commands.uptime]
+description = "Load average and uptime"
+argv = ["/usr/bin/uptime"]
+timeout = "10s"
+
+[commands.df]
+description = "Disk usage of local file systems"
+argv = ["/usr/bin/df", "-h", "-l", "-x", "tmpfs", "-x", "devtmpfs", "-x", "overlay"]
+timeout = "10s"
+
+[commands.free]
+description = "Memory in use"
+argv = ["/usr/bin/free", "-m"]
+timeout = "10s"
+
+[commands.status]
+description = "Whether a systemd unit is active"
+argv = ["/usr/bin/systemctl", "is-active", "{{unit}}"]
+args.unit = {{ kind = "pattern", pattern = "^[a-z0-9@._-]+\\.(service|timer|socket)$" }}
+timeout = "10s"
+
+[commands.restart]
+description = "Restart a systemd service (needs one approval)"
+argv = ["/usr/bin/systemctl", "restart", "{{unit}}"]
+args.unit = {{ kind = "pattern", pattern = "^[a-z0-9@._-]+\\.service$" }}
+timeout = "2m"
+requires_approvals = 1          # by someone else whose role lists `restart`
+
+[roles.admin]
+commands = ["*"]
+may = ["*"]                     # read and cancel every job, audit, tokens, revocations
+
+[roles.ops]
+commands = ["*"]
+
+[[bindings]]
+subjects = [{op_identity}]
+roles = ["admin"]
+"#,
+        gw_id = GATEWAY_SIGNER,
+        gateway = gateway,
+        gw_vouches = toml_list(&plan.gateway_vouches_for()),
+        op_id = plan.operator_signer(),
+        operator = operator,
+        op_identity = toml_str(&format!("cli:{}", plan.operator)),
+    );
+    if plan.chat_admins.is_empty() {
+        s.push_str(
+            "\n# Chat users: bind their stable ids (see docs/chat/) to a role, e.g.\n\
+             # [[bindings]]\n\
+             # subjects = [\"irc:libera:alice!*@ops.example.com\"]\n\
+             # roles = [\"ops\"]\n",
+        );
+    } else {
+        let _ = write!(
+            s,
+            "\n[[bindings]]\nsubjects = {}\nroles = [\"ops\"]\n",
+            toml_list(&plan.chat_admins)
+        );
+    }
+    s
+}
+
+/// controller.toml: `data_dir` is absolute, so it runs from anywhere.
+pub fn controller_toml(plan: &Plan, data_dir: &Path, root: &PublicKey) -> String {
+    format!(
+        r#"# The controller, written by `fleetcmd init` (every key: deploy/controller.toml).
+# Check with `fleetcmd-controller -c THIS validate`, start with `... run`.
+listen = {listen}
+# Database, fleet CA and keys.
+data_dir = {data_dir}
+# Names in the controller's TLS certificate besides localhost, 127.0.0.1
+# and ::1: agents, operators and the gateway reach it by one of them.
+tls_names = {tls_names}
+# The admin's policy root key (admin/policy-root.key: keep it offline).
+policy_roots = [{root}]
+policy_threshold = 1
+operator_cert_ttl = "7d"
+gateway_cert_ttl = "30d"
+"#,
+        listen = toml_str(&plan.listen.to_string()),
+        data_dir = toml_str(&data_dir.display().to_string()),
+        tls_names = toml_list(&plan.tls_names),
+        root = toml_str(&root.to_string()),
+    )
+}
+
+/// The operator's environment for `fleetcmd`.
+pub fn operator_env(plan: &Plan, dir: &Path) -> String {
+    let p = |f: &str| dir.join(f).display().to_string();
+    format!(
+        "# `source` this file to act as {op}: fleetcmd agents, fleetcmd run ...\n\
+         export FLEETCMD_CONTROLLER={url}\n\
+         export FLEETCMD_CA={ca}\n\
+         export FLEETCMD_CERT={cert}\n\
+         export FLEETCMD_KEY={key}\n",
+        op = plan.operator,
+        url = shell_word(&plan.url),
+        ca = shell_word(&p("ca.crt")),
+        cert = shell_word(&p(&format!("{}.crt", plan.operator))),
+        key = shell_word(&p(&format!("{}.key", plan.operator))),
+    )
+}
+
+/// gateway.toml with the chosen chats; the others are commented out with
+/// the guide to follow.
+pub fn gateway_toml(plan: &Plan, root: &PublicKey) -> String {
+    let mut s = format!(
+        r#"# The chat gateway, written by `fleetcmd init` (every key:
+# deploy/gateway.toml; each chat's setup: docs/chat/).
+# Check with `fleetcmd-gateway -c THIS validate`, start with `... run`.
+# Relative paths are resolved against this file's directory.
+controller = {url}
+ca = "ca.crt"
+cert = "{gw}.crt"
+key = "{gw}.key"
+# Signs the chat users' jobs: the policy's [[signers]] "{signer}".
+signing_key = "sign.key"
+signer_id = "{signer}"
+policy_roots = [{root}]
+policy_threshold = 1
+bot_name = "fleetcmd"
+# What the gateway must remember across restarts.
+state_dir = "state"
+"#,
+        url = toml_str(&plan.url),
+        gw = GATEWAY_NAME,
+        signer = GATEWAY_SIGNER,
+        root = toml_str(&root.to_string()),
+    );
+    if plan.console {
+        s.push_str("\n# Chat on the gateway's own stdin/stdout.\n[console]\nenabled = true\n");
+    }
+    match &plan.irc {
+        Some(irc) => {
+            let _ = write!(
+                s,
+                "\n# IRC (docs/chat/irc.md). Users are `irc:{net}:nick!user@host`.\n\
+                 [irc]\nserver = {server}\nport = {port}\ntls = {tls}\nnick = {nick}\n\
+                 network = {net_q}\nchannels = {channels}\n",
+                net = irc.network,
+                server = toml_str(&irc.server),
+                port = irc.port,
+                tls = irc.tls,
+                nick = toml_str(&irc.nick),
+                net_q = toml_str(&irc.network),
+                channels = toml_list(&irc.channels),
+            );
+        }
+        None => s.push_str(
+            "\n# IRC (docs/chat/irc.md).\n# [irc]\n# server = \"irc.libera.chat\"\n\
+             # nick = \"fleetcmd\"\n# network = \"libera\"\n# channels = [\"#ops\"]\n",
+        ),
+    }
+    s.push_str(
+        "\n# XMPP (docs/chat/xmpp.md).\n# [xmpp]\n# jid = \"fleetcmd@example.com\"\n\
+         # password_file = \"xmpp-password\"\n# rooms = [\"ops@conference.example.com\"]\n\
+         \n# Slack (docs/chat/slack.md).\n# [slack]\n# mode = \"socket\"\n\
+         # bot_token_file = \"slack-bot-token\"\n# app_token_file = \"slack-app-token\"\n\
+         \n# Mattermost (docs/chat/mattermost.md).\n# [mattermost]\n\
+         # url = \"https://chat.example.com\"\n# server = \"chat\"\n\
+         # token_file = \"mattermost.token\"\n",
+    );
+    s
+}
+
+/// The line to paste on a host: joins it under its name with its token.
+pub fn join_line(plan: &Plan, host: &str, token: &str) -> String {
+    format!(
+        "fleetcmd-agent join --controller {} --name {} --token {}",
+        shell_word(&plan.url),
+        shell_word(host),
+        shell_word(token)
+    )
+}
+
+/// `s` as one word for a POSIX shell (quoted only when it needs it).
+pub fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@,+%".contains(&b));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// `k=v,k=v` for the README of the directory.
+pub fn describe_hosts(plan: &Plan) -> String {
+    plan.hosts
+        .iter()
+        .map(|(h, l)| format!("  {h}: {}\n", labels_text(l)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A distinct public key per `n` (only its bytes matter here).
+    fn key(n: u8) -> Key {
+        Key(PublicKey::from_bytes([n; 32]))
+    }
+
+    struct Key(PublicKey);
+
+    impl Key {
+        fn public_key(&self) -> PublicKey {
+            self.0
+        }
+    }
+
+    fn plan() -> Plan {
+        Plan {
+            url: "https://ctl.example.com:7443".into(),
+            listen: "0.0.0.0:7443".parse().expect("addr"),
+            tls_names: vec!["ctl.example.com".into()],
+            operator: "alice".into(),
+            chat_admins: vec!["irc:libera:alice!*@ops.example.com".into()],
+            console: true,
+            irc: Some(Irc {
+                server: "irc.example.com".into(),
+                port: 6697,
+                tls: true,
+                network: "libera".into(),
+                channels: vec!["#ops".into()],
+                nick: "fleetcmd".into(),
+            }),
+            hosts: BTreeMap::from([(
+                "web-1".to_string(),
+                BTreeMap::from([("role".to_string(), "web".to_string())]),
+            )]),
+        }
+    }
+
+    #[test]
+    fn the_policy_parses_and_binds_what_was_asked() {
+        let p = plan();
+        let text = policy(&p, &key(1).public_key(), &key(2).public_key());
+        let parsed = fleetcmd_core::policy::Policy::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        let gw = parsed.signer(GATEWAY_SIGNER).expect("gateway signer");
+        assert_eq!(gw.public_key, key(1).public_key());
+        let op = parsed.signer("operator-alice").expect("operator signer");
+        assert_eq!(op.public_key, key(2).public_key());
+        assert_eq!(
+            parsed.command("restart").map(|c| c.requires_approvals),
+            Some(1)
+        );
+        let alice = fleetcmd_core::ids::Identity::parse("irc:libera:alice!a@ops.example.com")
+            .expect("identity");
+        let sel = fleetcmd_core::selector::Selector::parse("all").expect("selector");
+        assert!(
+            fleetcmd_core::rbac::check_run(&parsed, &alice, "irc:libera:#ops", "uptime", &sel)
+                .is_ok()
+        );
+        let stranger =
+            fleetcmd_core::ids::Identity::parse("irc:libera:eve!e@evil.example").expect("id");
+        assert!(
+            fleetcmd_core::rbac::check_run(&parsed, &stranger, "irc:libera:#ops", "uptime", &sel)
+                .is_err()
+        );
+        // No chat admins: a commented example, still a valid policy.
+        let mut none = p.clone();
+        none.chat_admins.clear();
+        let text = policy(&none, &key(1).public_key(), &key(2).public_key());
+        fleetcmd_core::policy::Policy::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn the_configs_pass_their_own_validation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = plan();
+        let ctl = dir.path().join("controller.toml");
+        std::fs::write(
+            &ctl,
+            controller_toml(&p, &dir.path().join("data"), &key(3).public_key()),
+        )
+        .expect("write");
+        let cfg = fleetcmd_controller::config::load(&ctl).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.listen, p.listen);
+        let gw = dir.path().join("gateway.toml");
+        std::fs::write(&gw, gateway_toml(&p, &key(3).public_key())).expect("write");
+        let cfg = fleetcmd_gateway::config::GatewayConfig::parse(
+            &std::fs::read_to_string(&gw).expect("read"),
+            &gw,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.irc.map(|i| i.channels), Some(vec!["#ops".to_string()]));
+        assert!(cfg.console.enabled);
+    }
+
+    #[test]
+    fn shell_words_survive_a_shell() {
+        assert_eq!(shell_word("fct1_abc"), "fct1_abc");
+        assert_eq!(shell_word("https://h:1"), "https://h:1");
+        assert_eq!(shell_word("a b"), "'a b'");
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+        assert_eq!(shell_word(""), "''");
+        let line = join_line(&plan(), "web-1", "fct1_x");
+        assert_eq!(
+            line,
+            "fleetcmd-agent join --controller https://ctl.example.com:7443 --name web-1 --token fct1_x"
+        );
+    }
+}
