@@ -56,11 +56,30 @@ fn adapter(name: &'static str) -> impl Fn(AdapterError) -> LaunchError {
 /// server fails here, naming the adapter), binds the HTTP listener when one
 /// needs it, then serves until every adapter's input has ended.
 /// `on_ready` runs once everything is connected (systemd notification).
+/// What to tell on a stop signal before the process ends: IRC says QUIT
+/// (the channel sees the bot leave, not a dead connection).
+#[derive(Clone, Default, Debug)]
+pub struct Stops(Arc<std::sync::Mutex<Vec<crate::adapters::irc::IrcStop>>>);
+
+impl Stops {
+    fn add(&self, stop: crate::adapters::irc::IrcStop) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(stop);
+    }
+
+    /// Tells every adapter that says goodbye to say it now.
+    pub fn stop_all(&self) {
+        for s in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            s.stop();
+        }
+    }
+}
+
 pub async fn run(
     cfg: &GatewayConfig,
     file: &Path,
     opts: GatewayOptions,
     on_ready: impl FnOnce(),
+    stops: &Stops,
 ) -> Result<(), LaunchError> {
     let base = file.parent().unwrap_or(Path::new("."));
     let ctl = GrpcController::connect_lazy(&opts.controller_url, &opts.tls)?;
@@ -111,6 +130,7 @@ pub async fn run(
     }
     if let Some(irc) = &cfg.irc {
         let a = IrcAdapter::connect(irc).await.map_err(adapter("irc"))?;
+        stops.add(a.stop_handle());
         senders.push(("irc", a.sender()));
         gw.add(a);
     }

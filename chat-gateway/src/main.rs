@@ -58,9 +58,11 @@ fn main() -> ExitCode {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
                     watchdog = spawn_watchdog();
                 };
-                let run = launch::run(&config, &cli.config, options, ready);
+                let stops = launch::Stops::default();
+                let run = launch::run(&config, &cli.config, options, ready, &stops);
+                tokio::pin!(run);
                 tokio::select! {
-                    res = run => match res {
+                    res = &mut run => match res {
                         Ok(()) => ExitCode::SUCCESS,
                         Err(e @ launch::LaunchError::Adapter { .. }) => {
                             eprintln!("fleetcmd-gateway: {e}");
@@ -74,6 +76,10 @@ fn main() -> ExitCode {
                     _ = shutdown_signal() => {
                         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
                         tracing::info!("stopping on signal");
+                        // Goodbyes (IRC QUIT) go out while the adapters
+                        // still run; at most 2 s, then the process ends.
+                        stops.stop_all();
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut run).await;
                         ExitCode::SUCCESS
                     }
                 }

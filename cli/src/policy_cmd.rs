@@ -143,7 +143,9 @@ pub async fn run(conn: &Conn, cmd: PolicyCmd) -> Result<u8, Failure> {
             let key = keygen_to(&out, existing)?;
             println!("{}", key.public_key());
             eprintln!(
-                "wrote {} (keep it offline); put the public key above in controller.toml `policy_roots`",
+                "wrote {}; its public key is above. A policy root key (keep it offline) goes into \
+                 `policy_roots` of controller.toml and gateway.toml; a key that signs jobs (a gateway's \
+                 `signing_key`) into a `[[signers]]` entry of the policy",
                 out.display()
             );
             Ok(0)

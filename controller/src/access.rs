@@ -70,6 +70,31 @@ fn deny(shared: &Shared, peer: &Peer, job_id: &str, message: String) -> ApiError
     ApiError::PermissionDenied(message)
 }
 
+/// A refusal about a job the caller may not see: the audit record names
+/// the job, its command and targets; the caller learns none of them (an
+/// outside test read other operators' commands and selectors from the
+/// refusal text).
+fn deny_hidden(
+    shared: &Shared,
+    peer: &Peer,
+    job: &pb::Job,
+    refusal: String,
+    grant: Permission,
+) -> ApiError {
+    let why = format!(
+        "not its requester, your roles may not run its command on its targets, and none grants `{grant}`"
+    );
+    shared.security_event(
+        Event::new(EventKind::PermissionDenied, crate::audit::peer_actor(peer))
+            .job(&job.job_id)
+            .detail(format!(
+                "{refusal} ({}: `{}` on `{}`): {why}",
+                job.job_id, job.command, job.selector
+            )),
+    );
+    ApiError::PermissionDenied(format!("{refusal}: {why}"))
+}
+
 fn sees(who: &Identity, policy: Option<&Policy>, job: &pb::Job) -> bool {
     match policy {
         Some(p) => rbac::may_see_job(p, who, CLI_CHANNEL, facts(job)),
@@ -83,17 +108,12 @@ pub fn check_read(shared: &Shared, peer: &Peer, job: &pb::Job) -> ApiResult<()> 
     match caller(shared, peer)? {
         Caller::Gateway => Ok(()),
         Caller::Operator(who, policy) if sees(&who, policy.as_ref(), job) => Ok(()),
-        Caller::Operator(who, _) => Err(deny(
+        Caller::Operator(who, _) => Err(deny_hidden(
             shared,
             peer,
-            &job.job_id,
-            format!(
-                "{who} may not read job {}: not its requester, its roles may not run `{}` on `{}`, and none grants `{}`",
-                job.job_id,
-                job.command,
-                job.selector,
-                Permission::ReadAllJobs
-            ),
+            job,
+            format!("{who} may not read that job"),
+            Permission::ReadAllJobs,
         )),
     }
 }
@@ -131,17 +151,12 @@ pub fn check_cancel(shared: &Shared, peer: &Peer, job: &pb::Job) -> ApiResult<()
             if ok {
                 Ok(())
             } else {
-                Err(deny(
+                Err(deny_hidden(
                     shared,
                     peer,
-                    &job.job_id,
-                    format!(
-                        "{who} may not cancel job {}: not its requester, its roles may not run `{}` on `{}`, and none grants `{}`",
-                        job.job_id,
-                        job.command,
-                        job.selector,
-                        Permission::CancelAnyJob
-                    ),
+                    job,
+                    format!("{who} may not cancel that job"),
+                    Permission::CancelAnyJob,
                 ))
             }
         }

@@ -375,6 +375,12 @@ pub fn check_cert_name(name: &str) -> Result<(), String> {
         && b[0].is_ascii_alphanumeric()
         && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'@'));
+    if name == "ca" {
+        // NAME.crt would be the fleet CA file written beside it.
+        return Err(
+            "--name \"ca\" is taken: ca.crt is the fleet CA written beside NAME.crt".into(),
+        );
+    }
     if ok {
         Ok(())
     } else {
@@ -445,6 +451,7 @@ mod tests {
         }
         for bad in [
             "",
+            "ca",
             "../evil",
             "/tmp/x",
             "a/b",

@@ -20,7 +20,6 @@
 
 use std::collections::BTreeMap;
 
-use crate::duration::parse_duration;
 use crate::policy::{ArgKind, ArgSpec, CommandDef, valid_arg_name};
 
 /// Why argument values were refused.
@@ -349,8 +348,7 @@ pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<String, A
             }
         }
         ArgKind::Duration => {
-            parse_duration(value).map_err(fail)?;
-            return Ok(value.trim().to_string());
+            return crate::duration::canonical_duration(value).map_err(fail);
         }
     }
     Ok(value.to_string())
@@ -657,6 +655,15 @@ args.unit = { kind = "enum", values = ["nginx.service", "app.service"] }
             (duration, "5s", Ok("5s")),
             (duration, " 5s ", Ok("5s")),
             (duration, "\u{3000}2m", Ok("2m")),
+            // Leading zeros never reach argv (`010` is 8 to an octal reader).
+            (duration, "0010s", Ok("10s")),
+            (duration, "007", Ok("7")),
+            (duration, "0s", Ok("0s")),
+            (
+                duration,
+                "000000000000000000000000000000000000000000000000000000000001d",
+                Ok("1d"),
+            ),
             (duration, "\u{ff15}s", Err("invalid duration")),
             (duration, "5s\t", Err("control characters")),
         ] {

@@ -35,6 +35,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(ms))
 }
 
+/// The canonical text of a duration [`parse_duration`] accepts: trimmed,
+/// the number in plain decimal without leading zeros, the unit as written
+/// (`0010s` → `10s`, ` 5m ` → `5m`, `007` → `7`). What an argument check
+/// parsed is what the command gets: a command reading `010` as octal would
+/// otherwise see 8 where 10 was checked (found by an outside test).
+pub fn canonical_duration(s: &str) -> Result<String, String> {
+    parse_duration(s)?;
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|e| format!("{e}"))?;
+    Ok(format!("{n}{unit}"))
+}
+
 /// A point in time as written in `--since`/`--until` and chat `audit`:
 /// a duration (`2h`: that long before `now_ms`) or an RFC 3339 time; unix ms.
 /// Formats a duration the way [`parse_duration`] reads it, largest units

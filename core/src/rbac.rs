@@ -44,6 +44,8 @@ pub enum Denied {
     },
     #[error("silencing alerts on `{0}` needs a role that may run a command on those hosts")]
     Silence(String),
+    #[error("channel `{channel}` is not on {who}'s platform")]
+    ForeignChannel { who: String, channel: String },
 }
 
 fn needs_message(command: &str, needed: &[String], have: &[String]) -> String {
@@ -93,6 +95,12 @@ pub fn check_run(
     command: &str,
     selector: &Selector,
 ) -> Result<(), Denied> {
+    if !on_own_platform(who, channel) {
+        return Err(Denied::ForeignChannel {
+            who: who.as_str().to_string(),
+            channel: channel.to_string(),
+        });
+    }
     let roles = roles_of(policy, who);
     if roles.is_empty() {
         return Err(Denied::NoRoles);
@@ -149,6 +157,18 @@ pub fn commands_for<'p>(policy: &'p Policy, who: &Identity, channel: &str) -> Ve
         .collect()
 }
 
+/// Whether `channel` is on `who`'s own platform: its scheme (the part
+/// before the first `:`, or all of it) is `who`'s. An operator (`cli:NAME`)
+/// acts from the channel `cli`, a chat user from a channel of their chat
+/// (`irc:libera:#ops` for `irc:libera:alice!…`). The signer names both
+/// requester and channel, so without this an operator's key could claim a
+/// chat channel and use that channel's roles from the CLI (found by an
+/// outside test); checked for jobs and approvals alike.
+pub fn on_own_platform(who: &Identity, channel: &str) -> bool {
+    let scheme = channel.split_once(':').map_or(channel, |(s, _)| s);
+    scheme == who.scheme()
+}
+
 /// Whether `who` may approve jobs of `command` from `channel`: one of
 /// `who`'s roles lists the command and applies in `channel`, and, when the
 /// command has an `[approvers]` entry, `who` matches one of its patterns
@@ -159,6 +179,9 @@ pub fn commands_for<'p>(policy: &'p Policy, who: &Identity, channel: &str) -> Ve
 /// role listing the command approves nothing (an outside test approved from
 /// a private message both ways).
 pub fn may_approve(policy: &Policy, who: &Identity, command: &str, channel: &str) -> bool {
+    if !on_own_platform(who, channel) {
+        return false;
+    }
     let listed = policy
         .approvers
         .get(command)
@@ -418,10 +441,18 @@ mod tests {
         );
         check(
             "mattermost:chat:U024BE7LH",
-            ONCALL,
+            "mattermost:chat:C0OPS",
             "uptime",
             "all",
             Err("you have no roles"),
+        );
+        // Another platform's channel: refused before any role is looked at.
+        check(
+            "mattermost:chat:U024BE7LH",
+            ONCALL,
+            "uptime",
+            "all",
+            Err("channel `slack:T0001:C0ONCALL` is not on mattermost:chat:U024BE7LH's platform"),
         );
     }
 
@@ -446,6 +477,58 @@ mod tests {
         assert_eq!(cmds(ALICE, ONCALL), ["logs", "restart", "uptime"]);
         assert_eq!(cmds(ALICE, "slack:T0001:CRANDOM"), ["logs", "uptime"]);
         assert!(cmds("console:root", ONCALL).is_empty());
+    }
+
+    #[test]
+    fn jobs_and_approvals_come_from_a_channel_of_the_requesters_platform() {
+        let p = Policy::parse(
+            r#"
+version = 1
+[commands.echo]
+argv = ["/usr/bin/echo"]
+[roles.oncall]
+commands = ["echo"]
+channels = ["webhook:ops:#ops"]
+[[bindings]]
+subjects = ["cli:carol", "webhook:ops:carol"]
+roles = ["oncall"]
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let all = Selector::parse("all").unwrap_or_else(|e| panic!("{e}"));
+        let carol_chat = id("webhook:ops:carol");
+        let carol_cli = id("cli:carol");
+        assert_eq!(
+            check_run(&p, &carol_chat, "webhook:ops:#ops", "echo", &all),
+            Ok(())
+        );
+        // Her operator key names the chat channel: refused, whatever the roles.
+        assert_eq!(
+            check_run(&p, &carol_cli, "webhook:ops:#ops", "echo", &all),
+            Err(Denied::ForeignChannel {
+                who: "cli:carol".into(),
+                channel: "webhook:ops:#ops".into()
+            })
+        );
+        assert!(!may_approve(&p, &carol_cli, "echo", "webhook:ops:#ops"));
+        assert!(may_approve(&p, &carol_chat, "echo", "webhook:ops:#ops"));
+        // A chat user in the CLI's channel, or another chat's.
+        assert!(check_run(&p, &carol_chat, CLI_CHANNEL, "echo", &all).is_err());
+        assert!(check_run(&p, &carol_chat, "irc:net:#ops", "echo", &all).is_err());
+        for (who, channel, own) in [
+            ("cli:a", "cli", true),
+            ("cli:a", "cli:x", true),
+            ("console:root", "console", true),
+            ("irc:n:a!u@h", "irc:n:#ops", true),
+            ("irc:n:a!u@h", "irc:n:a", true),
+            ("irc:n:a!u@h", "ircx:n:#ops", false),
+            ("slack:T1:U1", "slack:T1:C1", true),
+            ("slack:T1:U1", "cli", false),
+            ("cli:a", "console", false),
+            ("cli:a", "", false),
+        ] {
+            assert_eq!(on_own_platform(&id(who), channel), own, "{who} {channel}");
+        }
     }
 
     #[test]

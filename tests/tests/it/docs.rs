@@ -257,11 +257,15 @@ async fn the_readme_takes_a_team_from_nothing_to_a_chat_answer_from_two_hosts() 
         std::fs::create_dir_all(dir).expect("mount point");
     }
     let mut answered = None;
+    let mut gateway_group = None;
     for (i, block) in blocks.iter().enumerate() {
         let script = map(&block.script);
         match block.role.as_str() {
             "controller" => {
                 run.block(&format!("README block {i}"), &[], &work, &script);
+                if script.contains("fleetcmd-gateway") {
+                    gateway_group = run.groups.0.last().copied();
+                }
                 if script.contains("fleetcmd-controller") {
                     wait_listening(ctl_port, &run).await;
                 }
@@ -339,6 +343,21 @@ async fn the_readme_takes_a_team_from_nothing_to_a_chat_answer_from_two_hosts() 
         !all.contains("not allowed") && !all.contains("denied"),
         "{all}"
     );
+    // Stopping the gateway (SIGTERM, as systemd does): the bot says QUIT.
+    let group = gateway_group.expect("the README starts the gateway");
+    let term = Command::new("pkill")
+        .args(["-TERM", "-f", "-g", &group.to_string(), "fleetcmd-gateway"])
+        .status()
+        .expect("pkill");
+    assert!(term.success(), "no fleetcmd-gateway in group {group}");
+    // Its own QUIT, not the server's note of a dropped connection.
+    alice
+        .until(|l| {
+            l.starts_with(":fleetcmd!")
+                && l.contains(" QUIT ")
+                && l.contains("fleetcmd gateway stopping")
+        })
+        .await;
 }
 
 async fn wait_listening(port: u16, run: &Run) {

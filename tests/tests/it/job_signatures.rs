@@ -271,6 +271,39 @@ async fn replayed_job_runs_once_even_across_an_agent_restart() {
 /// requester's roles: an operator bound to a role for `role=web` hosts has
 /// a job on `all` refused by the controller and, forwarded anyway, by each
 /// agent on its own; both are audited. On `role=web` it runs.
+/// An operator's key signs the job's channel too: naming a chat channel
+/// (to use a role scoped to it) is refused at submit and by every agent
+/// (found by an outside test: channel-scoped roles worked from the CLI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_job_that_names_a_chat_channel_is_refused() {
+    let fleet = security_fleet(1).await;
+    let m = marker(&fleet, "foreign-channel");
+    let mut spec = fleetcmd_tests::spec(
+        "mark",
+        &[("path", m.to_str().expect("utf-8"))],
+        "all",
+        "cli:admin",
+    );
+    spec.channel = "console".into();
+    let job = SignedJob::sign(
+        &spec,
+        fleetcmd_cli::fleet::OPERATOR_SIGNER,
+        &fleet.operator_key,
+    );
+    let res = JobsClient::new(fleet.operator().await)
+        .submit(to_pb(job.clone()))
+        .await;
+    assert_status(
+        res,
+        Code::PermissionDenied,
+        "is not on cli:admin's platform",
+    );
+    let got = inject(&fleet, job, spec.id.as_str(), &["dev-1"]).await;
+    assert_refused(&got, "dev-1", "requester_may_not_run");
+    assert_absent(&m);
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_runs_only_within_its_requesters_roles() {
     let mut fleet = security_fleet(2).await;

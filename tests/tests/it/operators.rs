@@ -239,13 +239,17 @@ async fn an_operator_reads_cancels_and_enrolls_only_what_its_roles_allow() {
     let web_job = alice_sleeps(&fleet, &alice, "role=web").await;
     let db_job = alice_sleeps(&fleet, &alice, "role=db").await;
 
-    refused(
-        &as_op(&fleet, &bob, &["job", &db_job]).await,
-        "may not read job",
+    let hidden = as_op(&fleet, &bob, &["job", &db_job]).await;
+    refused(&hidden, "may not read that job");
+    // The refusal names nothing of the job: not its command, not its targets.
+    assert!(
+        !hidden.stderr.contains("sleep") && !hidden.stderr.contains("role=db"),
+        "{}",
+        hidden.stderr
     );
     refused(
         &as_op(&fleet, &bob, &["job", "output", &db_job]).await,
-        "may not read job",
+        "may not read that job",
     );
     let shown = as_op(&fleet, &bob, &["job", &web_job]).await;
     assert!(shown.ok, "{}", shown.stderr);
@@ -257,7 +261,7 @@ async fn an_operator_reads_cancels_and_enrolls_only_what_its_roles_allow() {
 
     refused(
         &as_op(&fleet, &bob, &["cancel", &db_job]).await,
-        "may not cancel job",
+        "may not cancel that job",
     );
     assert_eq!(
         fleet
