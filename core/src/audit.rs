@@ -279,10 +279,7 @@ impl Record {
         }
         if !e.job_id.is_empty() {
             // The short id, as chat and the CLI show it; JSON keeps the full id.
-            match crate::ids::JobId::parse(&e.job_id) {
-                Ok(id) => s.push_str(&format!(" job={}", id.short())),
-                Err(_) => s.push_str(&format!(" job={}", e.job_id)),
-            }
+            s.push_str(&format!(" job={}", crate::ids::short_form(&e.job_id)));
         }
         if !e.hosts.is_empty() {
             s.push_str(&format!(" hosts={}", e.hosts.join(",")));
@@ -757,11 +754,7 @@ impl Filter {
         {
             return false;
         }
-        if self
-            .job_id
-            .as_ref()
-            .is_some_and(|j| !j.matches(&e.job_id))
-        {
+        if self.job_id.as_ref().is_some_and(|j| !j.matches(&e.job_id)) {
             return false;
         }
         if let Some(t) = &self.text

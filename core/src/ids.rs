@@ -122,6 +122,27 @@ impl JobId {
     }
 }
 
+/// How a job id given as text is shown to people: its short id when it is
+/// a job id ([`JobId::short`]), otherwise the text as it is (e.g. an old or
+/// foreign record), so nothing is hidden.
+///
+/// ```
+/// use fleetcmd_core::ids::short_form;
+/// assert_eq!(short_form("01890a5d-ac96-774b-bcce-b302099a8057"), "b302099a8057");
+/// assert_eq!(short_form("job-1"), "job-1");
+/// ```
+pub fn short_form(id: &str) -> &str {
+    match JobId::parse(id) {
+        Ok(_) => &id[36 - SHORT_JOB_ID_LEN..],
+        Err(_) => id,
+    }
+}
+
+/// How many fresh ids a submitter (gateway, CLI) tries for one job when
+/// the controller says each one's short id names a stored job already.
+/// With 48 random bits a second try is all but never needed.
+pub const SHORT_ID_ATTEMPTS: usize = 3;
+
 /// Hex digits in a [`ShortJobId`].
 pub const SHORT_JOB_ID_LEN: usize = 12;
 
