@@ -1027,14 +1027,24 @@ fn job_result() -> Reply {
 
 fn approval_request() -> Reply {
     Reply {
-        header: "job b302099a8057 `reboot` on role=web needs 1 approval — asked by slack:T0TEAM:U0ALICE".into(),
+        header:
+            "job b302099a8057 `reboot` on role=web needs 1 approval — asked by slack:T0TEAM:U0ALICE"
+                .into(),
         lines: vec![
             "approvers: role oncall, not the requester; expires in 15 min".into(),
             "or type `approve b302099a8057` / `deny b302099a8057 <reason>`".into(),
         ],
         actions: vec![
-            Action { label: "Approve".into(), command: "approve b302099a8057".into(), danger: false },
-            Action { label: "Deny".into(), command: "deny b302099a8057".into(), danger: true },
+            Action {
+                label: "Approve".into(),
+                command: "approve b302099a8057".into(),
+                danger: false,
+            },
+            Action {
+                label: "Deny".into(),
+                command: "deny b302099a8057".into(),
+                danger: true,
+            },
         ],
         ..Reply::default()
     }
