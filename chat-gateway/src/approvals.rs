@@ -118,8 +118,8 @@ impl Approvals {
     }
 
     /// `who` approves the request `prefix` names (its short id, full id or
-    /// a prefix of it: `JobRef`). When
-    /// that makes enough approvals the waiting task is woken to submit.
+    /// a prefix of it: `JobRef`). When that makes enough approvals the
+    /// waiting task is woken to submit.
     pub fn approve(
         &self,
         prefix: &str,
