@@ -7,10 +7,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use fleetcmd_core::approval::{
-    ApprovalError, ApprovalRequest, GivenApproval, MIN_APPROVAL_ID_LEN, Progress,
-};
-use fleetcmd_core::ids::Identity;
+use fleetcmd_core::approval::{ApprovalError, ApprovalRequest, GivenApproval, Progress};
+use fleetcmd_core::ids::{IdError, Identity, JobRef};
 use fleetcmd_core::policy::Policy;
 use tokio::sync::oneshot;
 
@@ -45,8 +43,9 @@ pub enum ApprovalsError {
     NotFound(String),
     #[error("`{0}` matches several approval requests; give more of the id")]
     Ambiguous(String),
-    #[error("give at least {MIN_APPROVAL_ID_LEN} characters of the job id, not `{0}`")]
-    TooShort(String),
+    /// Neither a full id, a short id, nor a long enough prefix.
+    #[error(transparent)]
+    BadId(#[from] IdError),
     #[error("{MAX_PENDING} approval requests are already waiting; try again later")]
     Full,
     #[error(transparent)]
@@ -106,12 +105,10 @@ impl Approvals {
         pending: &'m mut HashMap<String, Pending>,
         prefix: &str,
     ) -> Result<&'m mut Pending, ApprovalsError> {
-        if prefix.chars().count() < MIN_APPROVAL_ID_LEN {
-            return Err(ApprovalsError::TooShort(prefix.to_string()));
-        }
-        let mut hits = pending.keys().filter(|k| k.starts_with(prefix));
+        let named = JobRef::parse(prefix)?;
+        let mut hits = pending.keys().filter(|k| named.matches(k));
         let key = match (hits.next(), hits.next()) {
-            (Some(k), None) if !prefix.is_empty() => k.clone(),
+            (Some(k), None) => k.clone(),
             (Some(_), Some(_)) => return Err(ApprovalsError::Ambiguous(prefix.to_string())),
             _ => return Err(ApprovalsError::NotFound(prefix.to_string())),
         };
@@ -120,8 +117,9 @@ impl Approvals {
             .ok_or_else(|| ApprovalsError::NotFound(prefix.to_string()))
     }
 
-    /// `who` approves the request whose job id starts with `prefix`. When
-    /// that makes enough approvals the waiting task is woken to submit.
+    /// `who` approves the request `prefix` names (its short id, full id or
+    /// a prefix of it: `JobRef`). When that makes enough approvals the
+    /// waiting task is woken to submit.
     pub fn approve(
         &self,
         prefix: &str,

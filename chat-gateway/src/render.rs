@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 
+use fleetcmd_core::ids::short_form;
 use fleetcmd_core::policy::{ArgKind, CommandDef};
 use fleetcmd_proto::v1;
 
@@ -48,13 +49,6 @@ pub fn sanitize(s: &str) -> String {
             }
         })
         .collect()
-}
-
-/// A job id prefix for chat: the 48-bit millisecond timestamp plus the first
-/// random bits of the UUIDv7, so ids of jobs started close together differ.
-/// The controller accepts any unique prefix.
-pub fn short_id(id: &str) -> &str {
-    id.get(..18).unwrap_or(id)
 }
 
 /// `" — asked by <who>"`, appended to headers so every reply names who asked.
@@ -225,7 +219,7 @@ pub fn target_section(job_id: &str, t: &v1::Target) -> Section {
         if cut {
             sec.notes.push(format!(
                 "{label} truncated in chat; full output: `output {} {}`",
-                short_id(job_id),
+                short_form(job_id),
                 t.agent_id
             ));
         }
@@ -308,7 +302,7 @@ pub fn job(job: &v1::Job) -> Reply {
     let header = if is_terminal(&job.state) {
         format!(
             "job {} {} ({ok}/{total} ok){}",
-            short_id(&job.job_id),
+            short_form(&job.job_id),
             job.state,
             asked_by(&job.requester)
         )
@@ -316,7 +310,7 @@ pub fn job(job: &v1::Job) -> Reply {
         let done = job.targets.iter().filter(|t| t.result.is_some()).count();
         format!(
             "job {} {} ({done}/{total} done, {ok} ok){}",
-            short_id(&job.job_id),
+            short_form(&job.job_id),
             job.state,
             asked_by(&job.requester)
         )
@@ -343,7 +337,7 @@ pub fn job(job: &v1::Job) -> Reply {
             title: format!(
                 "… and {} more hosts; `jobs` and `job {}` list them",
                 total - MAX_HOST_SECTIONS,
-                short_id(&job.job_id)
+                short_form(&job.job_id)
             ),
             ..Section::default()
         });
@@ -380,7 +374,7 @@ pub fn output_for(j: &v1::Job, host: Option<&str>, who: &str) -> Reply {
         .collect();
     let header = format!(
         "output of job {} `{}`{}{}",
-        short_id(&j.job_id),
+        short_form(&j.job_id),
         j.command,
         host.map(|h| format!(" on {h}")).unwrap_or_default(),
         asked_by(who)
@@ -444,7 +438,7 @@ pub fn jobs(jobs: &[v1::Job], who: &str, mine: bool) -> Reply {
         let _ = writeln!(
             text,
             "{:<18}  {:<10}  {:>3}/{:<3} {:<12} {:<24} {}",
-            short_id(&j.job_id),
+            short_form(&j.job_id),
             j.state,
             ok,
             j.targets.len(),
@@ -746,15 +740,6 @@ mod tests {
     }
 
     #[test]
-    fn short_ids() {
-        assert_eq!(
-            short_id("01890a5d-ac96-774b-bcce-b302099a8057"),
-            "01890a5d-ac96-774b"
-        );
-        assert_eq!(short_id("0189"), "0189");
-    }
-
-    #[test]
     fn job_reply_names_requester_and_dropped_bytes() {
         let j = v1::Job {
             job_id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
@@ -789,7 +774,7 @@ mod tests {
         let r = job(&j);
         assert_eq!(
             r.header,
-            "job 01890a5d-ac96-774b failed (1/2 ok) — asked by console:alice"
+            "job b302099a8057 failed (1/2 ok) — asked by console:alice"
         );
         // Failures first.
         assert_eq!(r.lines[1], "1 failed (listed first)");

@@ -16,7 +16,7 @@ use fleetcmd_core::argv::{bind_positional, build_argv};
 use fleetcmd_core::audit::{ExportLine, Filter};
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
 use fleetcmd_core::grammar::{self, ChatCommand, RunRequest};
-use fleetcmd_core::ids::JobId;
+use fleetcmd_core::ids::{IdError, JobId, SHORT_ID_ATTEMPTS, short_form};
 use fleetcmd_core::job::{JobSpec, SignedJob};
 use fleetcmd_core::policy::{CommandDef, Policy, Role};
 use fleetcmd_core::policy_bundle::{PolicySignature, bundle_hash, check_rollback, verify_bundle};
@@ -30,7 +30,7 @@ use futures_util::StreamExt;
 use crate::adapters::{ChatSender, Incoming, MessageRef, Reply, Section};
 use crate::approvals::{Approvals, ApprovalsError, Decision};
 use crate::controller::{ControllerApi, JOBS_LIMIT};
-use crate::render::{self, asked_by, short_id};
+use crate::render::{self, asked_by};
 
 /// How long past its expiry and timeout a job is followed before the
 /// gateway stops polling and says so.
@@ -85,6 +85,11 @@ impl<C> std::fmt::Debug for Router<C> {
             .field("cfg", &self.cfg)
             .finish_non_exhaustive()
     }
+}
+
+/// A fresh job id: a version 7 UUID (time-ordered, 74 random bits).
+fn new_job_id() -> Result<JobId, IdError> {
+    JobId::from_uuid_v7_bytes(*uuid::Uuid::now_v7().as_bytes())
 }
 
 fn in_channel(role: &Role, channel: &str) -> bool {
@@ -424,7 +429,11 @@ impl<C: ControllerApi> Router<C> {
             actor: filter.actor.clone().unwrap_or_default(),
             command: filter.command.clone().unwrap_or_default(),
             host: filter.host.clone().unwrap_or_default(),
-            job_id: filter.job_id.clone().unwrap_or_default(),
+            job_id: filter
+                .job_id
+                .as_ref()
+                .map(|j| j.to_string())
+                .unwrap_or_default(),
             kinds: filter
                 .kinds
                 .iter()
@@ -809,7 +818,7 @@ impl<C: ControllerApi> Router<C> {
             return;
         }
 
-        let id = match JobId::from_uuid_v7_bytes(*uuid::Uuid::now_v7().as_bytes()) {
+        let id = match new_job_id() {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!(error = %e, "uuid v7 rejected as job id");
@@ -869,7 +878,7 @@ impl<C: ControllerApi> Router<C> {
                 return None;
             }
         };
-        let short = short_id(id.as_str()).to_string();
+        let short = short_form(id.as_str()).to_string();
         self.report(event(
             "approval_requested",
             msg,
@@ -986,7 +995,7 @@ impl<C: ControllerApi> Router<C> {
                         "enough approvals".to_string(),
                         format!(
                             "job {} (`{}` for {}) approved; submitting{}",
-                            short_id(&o.job_id),
+                            short_form(&o.job_id),
                             o.command,
                             o.requester.as_str(),
                             asked_by(who)
@@ -996,7 +1005,7 @@ impl<C: ControllerApi> Router<C> {
                         format!("{got} of {needed}"),
                         format!(
                             "approval {got}/{needed} for job {} recorded{}",
-                            short_id(&o.job_id),
+                            short_form(&o.job_id),
                             asked_by(who)
                         ),
                     ),
@@ -1043,7 +1052,7 @@ impl<C: ControllerApi> Router<C> {
                 .await;
                 Reply::text(format!(
                     "job {} (`{}` for {}) denied{}",
-                    short_id(&o.job_id),
+                    short_form(&o.job_id),
                     o.command,
                     o.requester.as_str(),
                     asked_by(who)
@@ -1080,44 +1089,59 @@ impl<C: ControllerApi> Router<C> {
     ) {
         let who = msg.identity.as_str();
         let refuse = |text: String| Reply::text(format!("{text}{}", asked_by(who)));
-        let now = unix_now();
         let timeout = req.options.timeout.unwrap_or(Duration::ZERO);
-        let spec = JobSpec {
-            id: id.clone(),
-            command: def.name.clone(),
-            args,
-            selector: req.selector.clone(),
-            requester: msg.identity.clone(),
-            channel: msg.channel.clone(),
-            approvals: Vec::new(),
-            unattested_approvers: Vec::new(),
-            timeout_secs: timeout.as_secs(),
-            not_before: now,
-            expires_at: now + self.cfg.job_expiry.as_secs(),
-            rollout: fleetcmd_core::job::Rollout {
-                batch: req.options.batch,
-                max_errors: req.options.max_errors,
-                canary: req.options.canary,
-            },
-        };
-        let mut spec = spec;
-        spec.approvals = approvals
-            .iter()
-            .map(|a| a.attest(&spec, &self.cfg.signer_id, &self.cfg.signing_key))
-            .collect();
-        let signed = SignedJob::sign(&spec, &self.cfg.signer_id, &self.cfg.signing_key);
-        let submitted = match self.ctl.submit(signed).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(job_id = id.as_str(), error = %e, "submit failed");
-                self.post(
-                    out,
-                    msg,
-                    refuse(format!("job not submitted: {}", e.message)),
-                )
-                .await;
-                return;
+        let mut id = id;
+        let mut attempt = 1;
+        let submitted = loop {
+            let now = unix_now();
+            let mut spec = JobSpec {
+                id: id.clone(),
+                command: def.name.clone(),
+                args: args.clone(),
+                selector: req.selector.clone(),
+                requester: msg.identity.clone(),
+                channel: msg.channel.clone(),
+                approvals: Vec::new(),
+                unattested_approvers: Vec::new(),
+                timeout_secs: timeout.as_secs(),
+                not_before: now,
+                expires_at: now + self.cfg.job_expiry.as_secs(),
+                rollout: fleetcmd_core::job::Rollout {
+                    batch: req.options.batch,
+                    max_errors: req.options.max_errors,
+                    canary: req.options.canary,
+                },
+            };
+            // The approvals were given to this request; they are attested
+            // again for each id it is submitted with.
+            spec.approvals = approvals
+                .iter()
+                .map(|a| a.attest(&spec, &self.cfg.signer_id, &self.cfg.signing_key))
+                .collect();
+            let signed = SignedJob::sign(&spec, &self.cfg.signer_id, &self.cfg.signing_key);
+            let e = match self.ctl.submit(signed).await {
+                Ok(s) => break s,
+                Err(e) => e,
+            };
+            // ABORTED: this id's short id names a stored job already; a
+            // fresh id makes a fresh short id. Nothing else is retried.
+            let fresh = (e.code == tonic::Code::Aborted && attempt < SHORT_ID_ATTEMPTS)
+                .then(new_job_id)
+                .and_then(Result::ok);
+            if let Some(fresh) = fresh {
+                tracing::info!(job_id = id.as_str(), new_job_id = fresh.as_str(), error = %e, "short id taken; signing again with a new id");
+                id = fresh;
+                attempt += 1;
+                continue;
             }
+            tracing::warn!(job_id = id.as_str(), error = %e, "submit failed");
+            self.post(
+                out,
+                msg,
+                refuse(format!("job not submitted: {}", e.message)),
+            )
+            .await;
+            return;
         };
         tracing::info!(job_id = id.as_str(), identity = who, command = %def.name, targets = submitted.targets.len(), "job submitted");
         let job_id = if submitted.job_id.is_empty() {
@@ -1128,7 +1152,7 @@ impl<C: ControllerApi> Router<C> {
         let n = submitted.targets.len();
         let header = format!(
             "job {} `{}` on {} by {who}: {n} target{}",
-            short_id(&job_id),
+            short_form(&job_id),
             def.name,
             req.selector,
             if n == 1 { "" } else { "s" }
@@ -1310,8 +1334,8 @@ impl<C: ControllerApi> Router<C> {
                     .unwrap_or_default();
                 let text = format!(
                     "stopped following job {}; it has not finished{why}. Ask with `job {}`{}",
-                    short_id(job_id),
-                    short_id(job_id),
+                    short_form(job_id),
+                    short_form(job_id),
                     asked_by(msg.identity.as_str())
                 );
                 self.post(out, msg, Reply::text(text)).await;

@@ -58,7 +58,7 @@ pub struct SearchArgs {
     pub command: Option<String>,
     #[arg(long)]
     pub host: Option<String>,
-    /// Job id (full, or a prefix).
+    /// Job: its 12-digit short id, the full id, or 8+ characters of it.
     #[arg(long)]
     pub job: Option<String>,
     /// Event kind (repeatable), e.g. `job_submitted`, `auth_failed`.

@@ -49,7 +49,8 @@ pub enum Cmd {
     /// Show a job's state and each host's result (`job output ID [HOST]`
     /// prints the full output).
     Job {
-        /// Job id, a unique prefix, or its last 8+ hex digits; or `output`.
+        /// Job id: its 12-digit short id, the full id, or 8+ characters of
+        /// the full id; or `output`.
         id: String,
         /// With `output`: the job id, then optionally a host.
         rest: Vec<String>,
@@ -68,7 +69,8 @@ pub enum Cmd {
     },
     /// Cancel a job: queued targets are dropped, running ones killed.
     Cancel {
-        /// Job id, a unique prefix, or its last 8+ hex digits.
+        /// Job id: its 12-digit short id, the full id, or 8+ characters of
+        /// the full id.
         id: String,
     },
     /// Check, sign, push and show the policy bundle.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use fleetcmd_core::crypto::SigningKey;
-use fleetcmd_core::ids::{Identity, JobId};
+use fleetcmd_core::ids::{Identity, JobId, SHORT_ID_ATTEMPTS, short_form};
 use fleetcmd_core::job::{DEFAULT_EXPIRY_SECS, JobSpec, SignedJob};
 use fleetcmd_core::policy::Policy;
 use fleetcmd_proto::channel::ClientTls;
@@ -271,13 +271,15 @@ pub struct JobRequest<'a> {
     pub rollout: fleetcmd_core::job::Rollout,
 }
 
+/// Checks the request against the policy and signs it as job `id`.
 pub fn build_job(
     policy: &Policy,
     key: &SigningKey,
     requester: Identity,
-    req: JobRequest<'_>,
+    req: &JobRequest<'_>,
+    id: JobId,
 ) -> Result<SignedJob, Failure> {
-    let JobRequest {
+    let &JobRequest {
         command,
         args,
         selector,
@@ -302,8 +304,6 @@ pub fn build_job(
                 policy.version
             ))
         })?;
-    let id = JobId::from_uuid_v7_bytes(*uuid::Uuid::now_v7().as_bytes())
-        .map_err(|e| anyhow::anyhow!("job id: {e}"))?;
     let now = now();
     let spec = JobSpec {
         id,
@@ -320,6 +320,44 @@ pub fn build_job(
         rollout,
     };
     Ok(SignedJob::sign(&spec, &signer.id, key))
+}
+
+/// A fresh job id: a version 7 UUID (time-ordered, 74 random bits).
+pub fn new_job_id() -> Result<JobId, Failure> {
+    JobId::from_uuid_v7_bytes(*uuid::Uuid::now_v7().as_bytes())
+        .map_err(|e| anyhow::anyhow!("job id: {e}").into())
+}
+
+/// Submits the job `sign` makes for the first id of `ids`, and signs it
+/// again for the next one while the controller answers ABORTED: that job's
+/// short id names a stored job already (48 random bits: it hardly ever
+/// happens, but a short id must name one job). Any other refusal, and
+/// ALREADY_EXISTS (a replay) above all, is returned as it is.
+pub async fn submit_fresh(
+    jobs: &mut pb::jobs_client::JobsClient<Channel>,
+    ids: impl IntoIterator<Item = JobId>,
+    sign: impl Fn(JobId) -> Result<SignedJob, Failure>,
+) -> Result<pb::SubmitResponse, Failure> {
+    let mut last = None;
+    for id in ids.into_iter().take(SHORT_ID_ATTEMPTS) {
+        let job = sign(id)?;
+        match jobs
+            .submit(pb::SignedJob {
+                spec: job.spec,
+                signature: job.signature,
+                key_id: job.key_id,
+            })
+            .await
+        {
+            Ok(sub) => return Ok(sub.into_inner()),
+            Err(s) if s.code() == tonic::Code::Aborted => last = Some(s),
+            Err(s) => return Err(status(s)),
+        }
+    }
+    Err(last.map_or_else(
+        || anyhow::anyhow!("no job id to submit with").into(),
+        status,
+    ))
 }
 
 pub fn is_finished(state: &str) -> bool {
@@ -346,29 +384,25 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
     if args.dry_run {
         return dry_run(ch, &policy, &args, mode).await;
     }
-    let job = build_job(
-        &policy,
-        &op.key,
-        requester,
-        JobRequest {
-            command: &args.command,
-            args: &args.args,
-            selector: &args.on,
-            timeout,
-            rollout,
-        },
-    )?;
+    let req = JobRequest {
+        command: &args.command,
+        args: &args.args,
+        selector: &args.on,
+        timeout,
+        rollout,
+    };
+    // Checked once, so a refusal is not repeated for each id.
+    build_job(&policy, &op.key, requester.clone(), &req, new_job_id()?)?;
     let mut jobs = pb::jobs_client::JobsClient::new(ch);
-    let sub = jobs
-        .submit(pb::SignedJob {
-            spec: job.spec,
-            signature: job.signature,
-            key_id: job.key_id,
-        })
-        .await
-        .map_err(status)?
-        .into_inner();
-    eprintln!("job {} on {} agent(s)", sub.job_id, sub.targets.len());
+    let sub = submit_fresh(&mut jobs, std::iter::from_fn(|| new_job_id().ok()), |id| {
+        build_job(&policy, &op.key, requester.clone(), &req, id)
+    })
+    .await?;
+    eprintln!(
+        "job {} on {} agent(s)",
+        short_form(&sub.job_id),
+        sub.targets.len()
+    );
     let (job, complete) = follow(&mut jobs, &sub.job_id, mode).await?;
     // Live output already printed what arrived; print the stored output
     // only if some of it was missed.
@@ -595,7 +629,7 @@ pub async fn jobs(
     let mut out = mode.stdout();
     writeln!(
         out,
-        "{:<36}  {:<10} {:>7}  {:<12} {:<20} REQUESTER",
+        "{:<12}  {:<10} {:>7}  {:<12} {:<20} REQUESTER",
         "JOB", "STATE", "OK", "COMMAND", "SELECTOR"
     )?;
     for j in list {
@@ -603,8 +637,13 @@ pub async fn jobs(
         let ratio = format!("{ok}/{}", j.targets.len());
         writeln!(
             out,
-            "{:<36}  {:<10} {:>7}  {:<12} {:<20} {}",
-            j.job_id, j.state, ratio, j.command, j.selector, j.requester
+            "{:<12}  {:<10} {:>7}  {:<12} {:<20} {}",
+            short_form(&j.job_id),
+            j.state,
+            ratio,
+            j.command,
+            j.selector,
+            j.requester
         )?;
     }
     Ok(0)
@@ -630,7 +669,7 @@ pub async fn job_output(conn: &Conn, id: &str, host: Option<&str>) -> Result<u8,
     if targets.is_empty() {
         return Err(usage(format!(
             "job {} has no host {}",
-            job.job_id,
+            short_form(&job.job_id),
             host.unwrap_or("")
         )));
     }
@@ -729,7 +768,7 @@ pub fn print_job(out: &mut impl Write, job: &pb::Job, with_output: bool) -> std:
     writeln!(
         out,
         "job {} `{}` on {}: {} ({ok}/{} ok), asked by {}",
-        job.job_id,
+        short_form(&job.job_id),
         job.command,
         job.selector,
         job.state,

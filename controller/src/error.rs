@@ -18,6 +18,15 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// The job's short id (its id's last 12 hex digits) names a stored job
+    /// already: ABORTED, not ALREADY_EXISTS (a replayed id), because the
+    /// submitter should sign the job again with a new id, and must not
+    /// after a replay (the job may have been stored). The other job is not
+    /// named: the submitter may not be allowed to read it.
+    #[error(
+        "job {job}: its short id {short} already names another job; submit it again with a new job id"
+    )]
+    ShortIdTaken { job: String, short: String },
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
@@ -38,6 +47,7 @@ impl From<ApiError> for Status {
             ApiError::InvalidArgument(m) => Status::invalid_argument(m),
             ApiError::NotFound(m) => Status::not_found(m),
             ApiError::AlreadyExists(m) => Status::already_exists(m),
+            e @ ApiError::ShortIdTaken { .. } => Status::aborted(e.to_string()),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
             ApiError::ResourceExhausted(m) => Status::resource_exhausted(m),
             r @ ApiError::Refused(_) => Status::permission_denied(r.to_string()),

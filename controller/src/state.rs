@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleetcmd_core::audit::{Event, EventKind};
 use fleetcmd_core::authorize::Refusal;
-use fleetcmd_core::ids::{AgentId, Identity};
+use fleetcmd_core::ids::{AgentId, Identity, JobRef};
 use fleetcmd_core::job::SignedJob;
 use fleetcmd_core::join_token::{JoinToken, hex, roots_pin};
 use fleetcmd_core::policy::Policy;
@@ -45,8 +45,6 @@ const INLINE_DISPATCH: usize = 16;
 const DISPATCH_QUEUE: usize = 1024;
 /// Grace after a job's timeout before its silent targets are failed.
 const RESULT_GRACE: Duration = Duration::from_secs(30);
-/// How many recent jobs a suffix lookup scans.
-const SUFFIX_SCAN: usize = 10_000;
 /// Finished job ids remembered so late results skip the store.
 const RECENTLY_FINISHED: usize = 4096;
 /// Jobs the retention task looks at per store scan.
@@ -1176,6 +1174,17 @@ impl Shared {
         // `job_to_proto`). `advance` dispatches them as the rollout allows
         // and marks one that is offline when its turn comes. (Stores of
         // earlier versions have `pending` records; they read the same.)
+        // A short id names one job: the submitter picks a new id and signs
+        // again (`ShortIdTaken` is ABORTED, which says so). Claimed last, so
+        // a refusal above leaves nothing behind.
+        let short = spec.id.short();
+        if let Some(holder) = self.store.claim_short_id(short.as_str(), &id)? {
+            tracing::info!(job_id = %id, holder = %holder, short_id = %short, "short id taken; job refused");
+            return Err(ApiError::ShortIdTaken {
+                job: id,
+                short: short.to_string(),
+            });
+        }
         self.store.put_job(&record)?;
         // Nothing runs without its audit record: same flush, before dispatch.
         let mut submitted = Event::new(EventKind::JobSubmitted, spec.requester.to_string())
@@ -1938,32 +1947,25 @@ impl Shared {
         Ok((job, rx))
     }
 
-    /// Resolves a full id, a unique prefix, or a unique suffix (the random
-    /// tail that chat shows: UUIDv7 prefixes are timestamps, so jobs started
-    /// close together share them).
+    /// Resolves what a person typed (`JobRef`): a full id, a short id (an
+    /// index lookup: a short id names one job, submit sees to it), or a
+    /// prefix of the full id that only one job has.
     pub fn resolve_job_id(&self, id: &str) -> ApiResult<String> {
-        let id = id.trim().to_ascii_lowercase();
-        if id.len() < 4 || id.len() > 36 || !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            return Err(ApiError::InvalidArgument(format!(
-                "job id {id:?}: give at least 4 hex digits of it"
-            )));
-        }
-        let mut ids = self.store.job_ids_with_prefix(&id, 2)?;
-        if ids.is_empty() {
-            ids = self
+        let named = JobRef::parse(id).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let ids = match &named {
+            JobRef::Short(short) => self
                 .store
-                .list_jobs(SUFFIX_SCAN)?
+                .job_id_by_short(short.as_str())?
                 .into_iter()
-                .map(|j| j.id)
-                .filter(|j| j.ends_with(&id))
-                .take(2)
-                .collect();
-        }
+                .collect(),
+            JobRef::Full(full) => self.store.job_ids_with_prefix(full.as_str(), 1)?,
+            JobRef::Prefix(prefix) => self.store.job_ids_with_prefix(prefix, 2)?,
+        };
         match ids.as_slice() {
             [one] => Ok(one.clone()),
-            [] => Err(ApiError::NotFound(format!("no job {id}"))),
+            [] => Err(ApiError::NotFound(format!("no job {named}"))),
             _ => Err(ApiError::InvalidArgument(format!(
-                "job id {id} is ambiguous; give more of it"
+                "job id {named} is the start of several jobs' ids; give its 12-digit short id"
             ))),
         }
     }

@@ -1,6 +1,7 @@
 //! Durable state of the controller behind one `Store` trait; sled is the
 //! embedded default. Keys are ordered for range scans: jobs by id
-//! (UUIDv7, so by time), targets by `job/agent`.
+//! (UUIDv7, so by time), targets by `job/agent`; `job_short` maps each
+//! job's short id (the last 12 hex digits) to its full id.
 //!
 //! Writes are visible at once and durable after `flush`; callers flush before
 //! they acknowledge anything (a result, a join, a policy push).
@@ -246,6 +247,12 @@ pub trait Store: Send + Sync + 'static {
     fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
     fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError>;
     fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
+    /// Records that `short` names job `id`, unless it already names another
+    /// job: then that job's id, and nothing is written. Atomic: of two
+    /// concurrent claims of one short id exactly one succeeds.
+    fn claim_short_id(&self, short: &str, id: &str) -> Result<Option<String>, StoreError>;
+    /// The full id of the job whose short id is `short` (an index lookup).
+    fn job_id_by_short(&self, short: &str) -> Result<Option<String>, StoreError>;
     /// Ids starting with `prefix`, at most `limit`.
     fn job_ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError>;
     /// Newest first.
@@ -261,7 +268,7 @@ pub trait Store: Send + Sync + 'static {
     fn put_policy(&self, rec: &PolicyRecord) -> Result<(), StoreError>;
     fn get_policy(&self) -> Result<Option<PolicyRecord>, StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
-    /// Deletes a job and its targets' records (retention).
+    /// Deletes a job, its short id and its targets' records (retention).
     fn delete_job(&self, id: &str) -> Result<u64, StoreError>;
     /// Jobs oldest first, at most `limit`.
     fn oldest_jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError>;
@@ -294,8 +301,50 @@ struct SledTrees {
     tokens: sled::Tree,
     agents: sled::Tree,
     jobs: sled::Tree,
+    job_short: sled::Tree,
     targets: sled::Tree,
     meta: sled::Tree,
+}
+
+/// `meta` key set once `job_short` holds every stored job's short id.
+const SHORT_INDEX_BUILT: &[u8] = b"job_short_index_v1";
+
+/// The short id of a stored job id; `None` for a key that is not a job id.
+fn short_of(id: &[u8]) -> Option<String> {
+    let id = std::str::from_utf8(id).ok()?;
+    fleetcmd_core::ids::JobId::parse(id)
+        .ok()
+        .map(|j| j.short().to_string())
+}
+
+/// Indexes the jobs of a store written before `job_short` existed, once.
+/// Two old jobs could share a short id (nothing refused it then): the
+/// older keeps it, and the newer is still found by its full id or a prefix.
+fn build_short_index(trees: &SledTrees) -> Result<(), sled::Error> {
+    if trees.meta.contains_key(SHORT_INDEX_BUILT)? {
+        return Ok(());
+    }
+    let mut shared = 0usize;
+    for key in trees.jobs.iter().keys() {
+        let key = key?;
+        if let Some(short) = short_of(&key)
+            && trees
+                .job_short
+                .compare_and_swap(short.as_bytes(), None as Option<&[u8]>, Some(&key))?
+                .is_err()
+        {
+            shared += 1;
+        }
+    }
+    if shared > 0 {
+        tracing::warn!(
+            jobs = shared,
+            "stored jobs share a short id with an older job; name them by full id"
+        );
+    }
+    trees.meta.insert(SHORT_INDEX_BUILT, &[1u8][..])?;
+    trees.db.flush()?;
+    Ok(())
 }
 
 impl std::fmt::Debug for SledStore {
@@ -358,14 +407,17 @@ fn open_trees(path: &Path, cache_bytes: u64) -> Result<SledTrees, StoreError> {
         }
     };
     let tree = |name: &str| db.open_tree(name).map_err(|e| open_err(&e));
-    Ok(SledTrees {
+    let trees = SledTrees {
         tokens: tree("tokens")?,
         agents: tree("agents")?,
         jobs: tree("jobs")?,
+        job_short: tree("job_short")?,
         targets: tree("targets")?,
         meta: tree("meta")?,
         db,
-    })
+    };
+    build_short_index(&trees).map_err(|e| open_err(&e))?;
+    Ok(trees)
 }
 
 impl SledStore {
@@ -506,6 +558,30 @@ impl Store for SledStore {
         self.get(&self.trees()?.jobs, id)
     }
 
+    fn claim_short_id(&self, short: &str, id: &str) -> Result<Option<String>, StoreError> {
+        let taken = self
+            .trees()?
+            .job_short
+            .compare_and_swap(short.as_bytes(), None as Option<&[u8]>, Some(id.as_bytes()))
+            .map_err(|e| self.fail(e))?;
+        Ok(match taken {
+            Ok(()) => None,
+            Err(cas) => cas
+                .current
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .filter(|other| other != id),
+        })
+    }
+
+    fn job_id_by_short(&self, short: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .trees()?
+            .job_short
+            .get(short.as_bytes())
+            .map_err(|e| self.fail(e))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
     fn job_ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         self.trees()?
             .jobs
@@ -594,6 +670,14 @@ impl Store for SledStore {
         }
         if let Some(v) = t.jobs.remove(id.as_bytes()).map_err(|e| self.fail(e))? {
             freed += (id.len() + v.len()) as u64;
+        }
+        if let Some(short) = short_of(id.as_bytes()) {
+            // Only if it names this job (an old store may have given it to
+            // another one).
+            t.job_short
+                .compare_and_swap(short.as_bytes(), Some(id.as_bytes()), None as Option<&[u8]>)
+                .map_err(|e| self.fail(e))?
+                .ok();
         }
         Ok(freed)
     }
@@ -765,6 +849,87 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("could not acquire lock"), "{text}");
         assert!(text.contains(&dir.path().display().to_string()), "{text}");
+    }
+
+    /// Two v7 ids of one millisecond with the same random tail.
+    const A: &str = "01890a5d-ac96-774b-bcce-b302099a8057";
+    const B: &str = "01890a5d-ac96-7001-8000-b302099a8057";
+    const C: &str = "01890a5d-ac96-7002-8000-000000000001";
+
+    #[test]
+    fn a_short_id_names_one_job_and_is_freed_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let short = "b302099a8057";
+        assert_eq!(store.job_id_by_short(short).expect("get"), None);
+        assert_eq!(store.claim_short_id(short, A).expect("claim"), None);
+        // Claiming it again for the same job is not a clash.
+        assert_eq!(store.claim_short_id(short, A).expect("claim"), None);
+        assert_eq!(
+            store.claim_short_id(short, B).expect("claim"),
+            Some(A.to_string())
+        );
+        assert_eq!(store.job_id_by_short(short).expect("get"), Some(A.into()));
+        // Retention deletes the job and frees its short id; deleting another
+        // job never takes a short id it does not hold.
+        store.delete_job(B).expect("delete");
+        assert_eq!(store.job_id_by_short(short).expect("get"), Some(A.into()));
+        store.delete_job(A).expect("delete");
+        assert_eq!(store.job_id_by_short(short).expect("get"), None);
+        assert_eq!(store.claim_short_id(short, B).expect("claim"), None);
+    }
+
+    #[test]
+    fn concurrent_claims_of_one_short_id_have_one_winner() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = std::sync::Arc::new(SledStore::open(dir.path()).expect("open"));
+        let ids: Vec<String> = (0..8)
+            .map(|i| format!("01890a5d-ac96-70{i:02}-8000-b302099a8057"))
+            .collect();
+        let winners: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = ids
+                .iter()
+                .map(|id| {
+                    let store = store.clone();
+                    s.spawn(move || {
+                        store
+                            .claim_short_id("b302099a8057", id)
+                            .expect("claim")
+                            .is_none()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("join"))
+                .collect()
+        });
+        assert_eq!(winners.iter().filter(|w| **w).count(), 1, "{winners:?}");
+    }
+
+    #[test]
+    fn a_store_of_an_earlier_version_is_indexed_once_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            // What an earlier version wrote: jobs, no short id index.
+            let db = sled::open(dir.path()).expect("sled");
+            let jobs = db.open_tree("jobs").expect("tree");
+            for id in [A, B, C] {
+                jobs.insert(id, &b"{}"[..]).expect("insert");
+            }
+            db.flush().expect("flush");
+        }
+        let store = SledStore::open(dir.path()).expect("open");
+        // A and B share a short id: the older (the first key: B) keeps it.
+        let lookups = |store: &SledStore| {
+            ["b302099a8057", "000000000001"].map(|short| store.job_id_by_short(short).expect("get"))
+        };
+        let want = [Some(B.to_string()), Some(C.to_string())];
+        assert_eq!(lookups(&store), want);
+        store.close();
+        drop(store);
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(lookups(&store), want);
     }
 
     #[test]

@@ -27,10 +27,6 @@ use crate::rbac::may_approve;
 /// How long an approval request waits before it expires (15 minutes).
 pub const DEFAULT_APPROVAL_WINDOW_SECS: u64 = 15 * 60;
 
-/// Shortest job id prefix `approve`/`deny` accept: one or two characters
-/// would approve whatever single request is waiting without naming it.
-pub const MIN_APPROVAL_ID_LEN: usize = 8;
-
 /// One approval as it travels in a signed job: given by `approver` in
 /// `channel` at `approved_at`, attested by the policy signer `key_id`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -258,7 +258,8 @@ struct Canonical<'a> {
 }
 
 impl Record {
-    /// One line for people: `seq time kind actor via source cmd= job= hosts= fields — detail`.
+    /// One line for people: `seq time kind actor via source cmd= job= hosts= fields — detail`
+    /// (`job=` the short id).
     pub fn line(&self) -> String {
         let r = self;
         let e = &r.event;
@@ -277,7 +278,8 @@ impl Record {
             s.push_str(&format!(" cmd={}", e.command));
         }
         if !e.job_id.is_empty() {
-            s.push_str(&format!(" job={}", e.job_id));
+            // The short id, as chat and the CLI show it; JSON keeps the full id.
+            s.push_str(&format!(" job={}", crate::ids::short_form(&e.job_id)));
         }
         if !e.hosts.is_empty() {
             s.push_str(&format!(" hosts={}", e.hosts.join(",")));
@@ -660,8 +662,8 @@ pub struct Filter {
     pub command: Option<String>,
     /// One of the event's hosts.
     pub host: Option<String>,
-    /// Full job id or a prefix of it.
-    pub job_id: Option<String>,
+    /// The job: its full id, short id, or a prefix of the full id.
+    pub job_id: Option<crate::ids::JobRef>,
     /// Any of these kinds (empty = all).
     pub kinds: Vec<EventKind>,
     /// Inclusive lower bound, unix ms.
@@ -702,7 +704,10 @@ impl Filter {
                 "actor" | "by" => set(&mut f.actor)?,
                 "command" | "cmd" => set(&mut f.command)?,
                 "host" => set(&mut f.host)?,
-                "job" => set(&mut f.job_id)?,
+                "job" => {
+                    f.job_id =
+                        Some(crate::ids::JobRef::parse(value).map_err(|e| format!("`job:` {e}"))?)
+                }
                 "kind" => f.kinds.push(EventKind::parse(value)?),
                 "since" => f.since_ms = Some(crate::duration::parse_time_ms(value, now_ms)?),
                 "until" => f.until_ms = Some(crate::duration::parse_time_ms(value, now_ms)?),
@@ -749,11 +754,7 @@ impl Filter {
         {
             return false;
         }
-        if self
-            .job_id
-            .as_ref()
-            .is_some_and(|j| e.job_id.is_empty() || !e.job_id.starts_with(j.as_str()))
-        {
+        if self.job_id.as_ref().is_some_and(|j| !j.matches(&e.job_id)) {
             return false;
         }
         if let Some(t) = &self.text
@@ -782,7 +783,7 @@ mod tests {
                 c.append(
                     i * 1000,
                     Event::new(EventKind::JobSubmitted, format!("operator op{}", i % 3))
-                        .job(format!("job-{i}"))
+                        .job(format!("0190aaaa-0000-7000-8000-{i:012}"))
                         .command(if i % 2 == 0 { "uptime" } else { "restart" })
                         .host(format!("web-{}", i % 4))
                         .detail(format!("detail number {i}")),
@@ -949,9 +950,18 @@ mod tests {
             vec![2, 4, 6, 8, 10, 12]
         );
         assert_eq!(seqs(f(|x| x.host = Some("web-0".into()))), vec![4, 8, 12]);
+        let job = |typed: &str| {
+            let r = crate::ids::JobRef::parse(typed).expect(typed);
+            Filter {
+                job_id: Some(r),
+                ..Filter::default()
+            }
+        };
+        assert_eq!(seqs(job("000000000011")), vec![11]);
+        assert_eq!(seqs(job("0190aaaa-0000-7000-8000-000000000011")), vec![11]);
         assert_eq!(
-            seqs(f(|x| x.job_id = Some("job-1".into()))),
-            vec![1, 10, 11, 12]
+            seqs(job("0190aaaa-0000-7000-8000-00000000001")),
+            vec![10, 11, 12]
         );
         assert_eq!(seqs(f(|x| x.text = Some("NUMBER 11".into()))), vec![11]);
         assert_eq!(

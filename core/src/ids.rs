@@ -1,5 +1,6 @@
 //! Identifiers built only through their parsers: agent names, job ids
-//! (UUIDv7) and the stable chat/CLI identities of ARCHITECTURE.md invariant 8.
+//! (UUIDv7) with their short form and the references people type for them,
+//! and the stable chat/CLI identities of ARCHITECTURE.md invariant 8.
 
 use std::fmt;
 
@@ -98,11 +99,171 @@ impl JobId {
         &self.0
     }
 
+    /// The id people see and type: the last 12 hex digits, 48 random bits
+    /// of the UUIDv7. The leading digits are a millisecond timestamp, so
+    /// jobs submitted together share them; the tail is what differs. The
+    /// controller refuses a job whose short id a stored job already has, so
+    /// a short id names one job per controller.
+    ///
+    /// ```
+    /// use fleetcmd_core::ids::JobId;
+    /// let id = JobId::parse("01890a5d-ac96-774b-bcce-b302099a8057").unwrap();
+    /// assert_eq!(id.short().as_str(), "b302099a8057");
+    /// ```
+    pub fn short(&self) -> ShortJobId {
+        ShortJobId(self.0[36 - SHORT_JOB_ID_LEN..].to_string())
+    }
+
     /// The creation time in unix milliseconds (the first 48 bits of a v7 UUID).
     pub fn unix_ms(&self) -> u64 {
         let hex: String = self.0.chars().filter(|c| *c != '-').take(12).collect();
         // The parser guarantees 12 hex digits here.
         u64::from_str_radix(&hex, 16).unwrap_or(0)
+    }
+}
+
+/// How a job id given as text is shown to people: its short id when it is
+/// a job id ([`JobId::short`]), otherwise the text as it is (e.g. an old or
+/// foreign record), so nothing is hidden.
+///
+/// ```
+/// use fleetcmd_core::ids::short_form;
+/// assert_eq!(short_form("01890a5d-ac96-774b-bcce-b302099a8057"), "b302099a8057");
+/// assert_eq!(short_form("job-1"), "job-1");
+/// ```
+pub fn short_form(id: &str) -> &str {
+    match JobId::parse(id) {
+        Ok(_) => &id[36 - SHORT_JOB_ID_LEN..],
+        Err(_) => id,
+    }
+}
+
+/// How many fresh ids a submitter (gateway, CLI) tries for one job when
+/// the controller says each one's short id names a stored job already.
+/// With 48 random bits a second try is all but never needed.
+pub const SHORT_ID_ATTEMPTS: usize = 3;
+
+/// Hex digits in a [`ShortJobId`].
+pub const SHORT_JOB_ID_LEN: usize = 12;
+
+/// Fewest characters of a full job id accepted as a prefix: one or two
+/// characters would name whatever single job or request there is.
+pub const MIN_JOB_ID_PREFIX_LEN: usize = 8;
+
+/// A job's short id ([`JobId::short`]): exactly 12 lowercase hex digits.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ShortJobId(String);
+
+impl ShortJobId {
+    /// Parses exactly 12 lowercase hex digits.
+    pub fn parse(s: &str) -> Result<ShortJobId, IdError> {
+        if s.len() == SHORT_JOB_ID_LEN && is_lower_hex(s) {
+            Ok(ShortJobId(s.to_string()))
+        } else {
+            Err(IdError::JobId {
+                input: shown(s),
+                reason: "a short job id is exactly 12 lowercase hex digits".into(),
+            })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn is_lower_hex(s: &str) -> bool {
+    s.bytes()
+        .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+}
+
+/// How a person names a job: the full id, its short id, or a prefix of the
+/// full id of at least [`MIN_JOB_ID_PREFIX_LEN`] characters.
+///
+/// The forms cannot be confused: a prefix longer than 8 characters has a
+/// hyphen at position 9 and a short id never has one, so 12 hex digits are
+/// always a short id. A short id names one job (the controller refuses a
+/// second one at submit); a prefix names one job only while no other job
+/// shares it, and lookups refuse it as ambiguous otherwise.
+///
+/// ```
+/// use fleetcmd_core::ids::{JobId, JobRef};
+/// let id = JobId::parse("01890a5d-ac96-774b-bcce-b302099a8057").unwrap();
+/// for typed in ["b302099a8057", "B302099A8057", "01890a5d-ac96", id.as_str()] {
+///     assert!(JobRef::parse(typed).unwrap().matches(id.as_str()), "{typed}");
+/// }
+/// // The last 9 digits: neither a short id nor the start of a full id.
+/// assert!(JobRef::parse("2099a8057").is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobRef {
+    Full(JobId),
+    Short(ShortJobId),
+    Prefix(String),
+}
+
+impl JobRef {
+    /// Parses what someone typed; surrounding whitespace is ignored and
+    /// upper-case hex digits are taken as lower-case.
+    pub fn parse(s: &str) -> Result<JobRef, IdError> {
+        let typed = s.trim().to_ascii_lowercase();
+        let err = |reason: &str| IdError::JobId {
+            input: shown(s.trim()),
+            reason: reason.to_string(),
+        };
+        if typed.len() == 36 {
+            return JobId::parse(&typed).map(JobRef::Full);
+        }
+        if typed.len() == SHORT_JOB_ID_LEN && is_lower_hex(&typed) {
+            return Ok(JobRef::Short(ShortJobId(typed)));
+        }
+        if typed.len() < MIN_JOB_ID_PREFIX_LEN {
+            return Err(err(
+                "give the 12-digit short id, the full id, or at least 8 characters of the full id",
+            ));
+        }
+        if typed.len() > 36 {
+            return Err(err("longer than a full job id (36 characters)"));
+        }
+        for (i, c) in typed.bytes().enumerate() {
+            let fits = match i {
+                8 | 13 | 18 | 23 => c == b'-',
+                14 => c == b'7',
+                _ => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
+            };
+            if !fits {
+                return Err(err(
+                    "neither a short id (exactly 12 hex digits) nor the start of a full id \
+                     (hex digits with hyphens after the 8th, 12th, 16th and 20th)",
+                ));
+            }
+        }
+        Ok(JobRef::Prefix(typed))
+    }
+
+    /// Whether the job with full id `id` is the one named.
+    pub fn matches(&self, id: &str) -> bool {
+        match self {
+            JobRef::Full(full) => full.as_str() == id,
+            JobRef::Short(short) => id.len() == 36 && id.ends_with(short.as_str()),
+            JobRef::Prefix(p) => id.starts_with(p.as_str()),
+        }
+    }
+
+    /// The text as it will be looked up (trimmed, lower-case).
+    pub fn as_str(&self) -> &str {
+        match self {
+            JobRef::Full(full) => full.as_str(),
+            JobRef::Short(short) => short.as_str(),
+            JobRef::Prefix(p) => p,
+        }
+    }
+}
+
+impl fmt::Display for JobRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -247,6 +408,7 @@ macro_rules! string_newtype {
 }
 string_newtype!(AgentId);
 string_newtype!(JobId);
+string_newtype!(ShortJobId);
 string_newtype!(Identity);
 
 #[cfg(test)]
@@ -314,6 +476,96 @@ mod tests {
         assert_eq!(id.map(|i| i.unix_ms()), Some(0x0189_0a5d_ac96));
         b[6] = 0x47;
         assert!(JobId::from_uuid_v7_bytes(b).is_err());
+    }
+
+    #[test]
+    fn short_ids_are_the_random_tail() {
+        let id = JobId::parse("01890a5d-ac96-774b-bcce-b302099a8057").ok();
+        assert_eq!(
+            id.map(|i| i.short().to_string()).as_deref(),
+            Some("b302099a8057")
+        );
+        for (input, ok) in [
+            ("b302099a8057", true),
+            ("B302099A8057", false),
+            ("b302099a805", false),
+            ("b302099a80571", false),
+            ("b302099a805g", false),
+            ("b302-99a8057", false),
+            ("", false),
+        ] {
+            assert_eq!(ShortJobId::parse(input).is_ok(), ok, "{input:?}");
+        }
+    }
+
+    fn check_ref(input: &str, expected: Result<JobRef, &str>) {
+        match (JobRef::parse(input), expected) {
+            (Ok(got), Ok(want)) => assert_eq!(got, want, "{input:?}"),
+            (Err(e), Err(part)) => assert!(e.to_string().contains(part), "{input:?}: {e}"),
+            (got, want) => panic!("{input:?}: got {got:?}, expected {want:?}"),
+        }
+    }
+
+    #[test]
+    fn job_refs() {
+        let full = "01890a5d-ac96-774b-bcce-b302099a8057";
+        let short = |s: &str| JobRef::Short(ShortJobId(s.into()));
+        let prefix = |s: &str| JobRef::Prefix(s.into());
+        for (input, expected) in [
+            (full, JobId::parse(full).map(JobRef::Full).map_err(|_| "")),
+            (
+                " 01890A5D-AC96-774B-BCCE-B302099A8057\n",
+                JobId::parse(full).map(JobRef::Full).map_err(|_| ""),
+            ),
+            ("b302099a8057", Ok(short("b302099a8057"))),
+            ("B302099A8057", Ok(short("b302099a8057"))),
+            // Twelve hex digits are a short id, never a prefix: a prefix
+            // that long has a hyphen.
+            ("01890a5dac96", Ok(short("01890a5dac96"))),
+            ("01890a5d", Ok(prefix("01890a5d"))),
+            ("01890a5d-", Ok(prefix("01890a5d-"))),
+            ("01890a5d-ac96-774b", Ok(prefix("01890a5d-ac96-774b"))),
+            ("01890a5d-ac96-7", Ok(prefix("01890a5d-ac96-7"))),
+            ("", Err("give the 12-digit short id")),
+            ("0189", Err("give the 12-digit short id")),
+            ("0189a5d", Err("at least 8 characters")),
+            ("099a8057", Ok(prefix("099a8057"))),
+            ("2099a8057", Err("neither a short id")),
+            ("b302099a80571", Err("neither a short id")),
+            ("01890a5d-ac96-474b", Err("neither a short id")),
+            ("01890a5d_ac96", Err("neither a short id")),
+            (
+                "01890a5d-ac96-774b-bcce-b302099a805",
+                Ok(prefix("01890a5d-ac96-774b-bcce-b302099a805")),
+            ),
+            (
+                "01890a5d-ac96-474b-bcce-b302099a8057",
+                Err("expected a version 7 UUID"),
+            ),
+            (&format!("{full}0"), Err("longer than a full job id")),
+            ("zzzzzzzzzzzz", Err("neither a short id")),
+        ] {
+            check_ref(input, expected);
+        }
+    }
+
+    #[test]
+    fn job_refs_match_their_job_only() {
+        let a = "01890a5d-ac96-774b-bcce-b302099a8057";
+        let b = "01890a5d-ac96-774b-bcce-00000000a057";
+        for (typed, hits_a, hits_b) in [
+            (a, true, false),
+            ("b302099a8057", true, false),
+            ("00000000a057", false, true),
+            ("01890a5d-ac96-774b", true, true),
+            ("01890a5d-ac96-774b-bcce-b", true, false),
+        ] {
+            let r = JobRef::parse(typed).expect(typed);
+            assert_eq!((r.matches(a), r.matches(b)), (hits_a, hits_b), "{typed}");
+        }
+        // A short id is never a match for a string that is not a full id.
+        let r = JobRef::parse("b302099a8057").expect("short");
+        assert!(!r.matches("b302099a8057"));
     }
 
     fn check_identity(input: &str, ok: bool) {

@@ -9,7 +9,7 @@ use fleetcmd_core::job::JobSpec;
 use fleetcmd_gateway::router::Router;
 
 use crate::support::{
-    FakeController, RecordingSender, Sent, World, ask, msg, world, world_with_config,
+    FakeController, RecordingSender, Sent, World, ask, msg, now, world, world_with_config,
 };
 
 /// Starts `run reboot on all` for alice in its own task (it waits for the
@@ -260,27 +260,61 @@ async fn a_refused_run_is_reported_to_the_audit_trail() {
 }
 
 /// `approve 0` used to approve whatever single request was waiting: an
-/// approval must name the job with at least `MIN_APPROVAL_ID_LEN` characters.
+/// approval names the job by its short id (what the request shows), its
+/// full id, or at least 8 characters of the full id.
 #[tokio::test]
 async fn approve_and_deny_need_a_long_enough_unambiguous_id() {
     let w = world();
     let (task, _out, short) = request_reboot(&w).await;
-    for prefix in [&short[..1], &short[..4], &short[..7]] {
+    assert_eq!(short.len(), 12, "the request shows the short id: {short}");
+    for typed in [&short[..1], &short[..4], &short[..7]] {
         for verb in ["approve", "deny"] {
-            let r = ask(&w, "console:carol", &format!("!{verb} {prefix}")).await;
+            let r = ask(&w, "console:carol", &format!("!{verb} {typed}")).await;
             assert!(
-                r[0].text().contains("give at least 8 characters"),
-                "{verb} {prefix}: {}",
+                r[0].text().contains("give the 12-digit short id"),
+                "{verb} {typed}: {}",
                 r[0].text()
             );
         }
     }
+    // Part of the short id is neither it nor the start of the full id.
+    let r = ask(&w, "console:carol", &format!("!approve {}", &short[..9])).await;
+    assert!(
+        r[0].text().contains("neither a short id"),
+        "{}",
+        r[0].text()
+    );
     assert_eq!(w.router.pending_approvals(), 1);
     assert!(w.router.controller().submitted().is_empty());
-    let r = ask(&w, "console:carol", &format!("!approve {}", &short[..8])).await;
+    let r = ask(&w, "console:carol", &format!("!approve {short}")).await;
     assert!(r[0].text().contains("approved"), "{}", r[0].text());
     finish(task).await;
     assert_eq!(submitted_approvers(&w), [vec!["console:carol".to_string()]]);
+    let subs = w.router.controller().submitted();
+    let spec = subs[0].verify(&w.policy, now()).expect("signed");
+    assert_eq!(spec.id.short().as_str(), short);
+}
+
+/// An approved job whose short id turns out to be taken at submit is signed
+/// again with a new id, and its approvals are attested again for that id:
+/// they still count (the controller and agents check them over the job).
+#[tokio::test]
+async fn approvals_are_attested_again_when_the_id_changes_at_submit() {
+    let w = world();
+    w.router
+        .controller()
+        .short_ids_taken
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let (task, _out, short) = request_reboot(&w).await;
+    let r = ask(&w, "console:carol", &format!("!approve {short}")).await;
+    assert!(r[0].text().contains("approved"), "{}", r[0].text());
+    finish(task).await;
+    let subs = w.router.controller().submitted();
+    assert_eq!(subs.len(), 1);
+    let spec = subs[0].verify(&w.policy, now()).expect("signed");
+    assert_ne!(spec.id.short().as_str(), short);
+    let counted = fleetcmd_core::approval::verify_approvals(&w.policy, &spec);
+    assert_eq!(counted.got(), 1, "{counted:?}");
 }
 
 /// An approver whose role is scoped to one channel approves from there

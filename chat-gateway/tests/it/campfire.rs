@@ -635,7 +635,7 @@ fn snapshot_job_result() {
 /// The router's approval request, as it is posted.
 pub fn approval_request() -> Reply {
     fleetcmd_gateway::render::approval_request(
-        "01890a5d-ac96-774b",
+        "b302099a8057",
         "reboot",
         &["/usr/sbin/reboot".to_string()],
         "role=web",

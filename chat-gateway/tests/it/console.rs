@@ -76,7 +76,7 @@ fn console_rendering_snapshots() {
         fleetcmd_gateway::adapters::console::render("7", true, &reply)
     );
     let approval = render::approval_request(
-        "01890a5d-ac96-774b",
+        "b302099a8057",
         "restart",
         &[
             "/usr/bin/systemctl".into(),

@@ -986,7 +986,7 @@ fn snapshot_job_result() {
 #[test]
 fn snapshot_approval_request() {
     let reply = Reply {
-        header: "job 01890a5d-ac96-774b `reboot` on role=web needs 1 approval — asked by irc:test:alice!~alice@127.0.0.1".into(),
+        header: "job b302099a8057 `reboot` on role=web needs 1 approval — asked by irc:test:alice!~alice@127.0.0.1".into(),
         lines: vec![
             "expires in 15 min".into(),
             "!approve is for the approvers in the policy; the requester cannot approve".into(),
@@ -994,12 +994,12 @@ fn snapshot_approval_request() {
         actions: vec![
             Action {
                 label: "approve".into(),
-                command: "approve 01890a5d-ac96-774b".into(),
+                command: "approve b302099a8057".into(),
                 danger: false,
             },
             Action {
                 label: "deny".into(),
-                command: "deny 01890a5d-ac96-774b".into(),
+                command: "deny b302099a8057".into(),
                 danger: true,
             },
         ],

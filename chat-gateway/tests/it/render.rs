@@ -84,11 +84,11 @@ fn job_result_with_hostile_output_renders_inert() {
     let reply = r::job(&job);
     assert_eq!(
         reply.header,
-        "job 01890a5d-ac96-774b succeeded (1/1 ok) — asked by console:alice"
+        "job b302099a8057 succeeded (1/1 ok) — asked by console:alice"
     );
     let notes = reply.sections[0].notes.join("\n");
     assert!(
-        notes.contains("stderr truncated in chat; full output: `output 01890a5d-ac96-774b web-1`"),
+        notes.contains("stderr truncated in chat; full output: `output b302099a8057 web-1`"),
         "{notes}"
     );
     assert!(notes.contains("dropped 3 bytes of stdout"), "{notes}");

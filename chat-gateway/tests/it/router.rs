@@ -174,7 +174,10 @@ async fn run_signs_submits_and_reports_the_result() {
         Ok(spec.id.clone())
     );
 
-    let short = &spec.id.as_str()[..18];
+    // Chat shows the short id: the UUIDv7's random tail, never its
+    // timestamp (which jobs of the same moment share).
+    let short = spec.id.short().to_string();
+    assert_eq!(short, &spec.id.as_str()[24..]);
     let first = sent.first().map(Sent::text).unwrap_or_default();
     assert_eq!(
         first,
@@ -194,7 +197,68 @@ async fn run_signs_submits_and_reports_the_result() {
         "{reply:#?}"
     );
     assert_eq!(reply.sections[0].blocks[0].text, "up 3 days, load 0.5");
+    // What chat shows is what chat takes back.
+    let again = ask(&w, "console:alice", &format!("!job {short}")).await;
+    assert!(
+        again[0]
+            .text()
+            .starts_with(&format!("job {short} succeeded")),
+        "{again:#?}"
+    );
+    let output = ask(&w, "console:alice", &format!("!output {short}")).await;
+    assert!(
+        output[0].text().contains("up 3 days, load 0.5"),
+        "{output:#?}"
+    );
     let _ = w.signer;
+}
+
+/// The controller refuses a job whose short id a stored job has (ABORTED):
+/// the gateway signs the same request again with a new id, and chat only
+/// ever shows the id that was stored.
+#[tokio::test]
+async fn a_taken_short_id_is_signed_again_with_a_new_id() {
+    let w = world_with(|c| c.short_ids_taken.store(1, Ordering::SeqCst));
+    let sent = ask(&w, "console:alice", "!run uptime on all").await;
+    let ctl = w.router.controller();
+    let refused = ctl
+        .short_id_refused
+        .lock()
+        .map(|r| r.clone())
+        .unwrap_or_default();
+    let subs = ctl.submitted();
+    assert_eq!((refused.len(), subs.len()), (1, 1));
+    let first = refused[0].verify(&w.policy, now()).expect("signed");
+    let second = subs[0].verify(&w.policy, now()).expect("signed again");
+    assert_ne!(first.id, second.id);
+    assert_ne!(first.id.short(), second.id.short());
+    assert_eq!(
+        (&first.command, &first.selector, &first.requester),
+        (&second.command, &second.selector, &second.requester)
+    );
+    let text: Vec<String> = sent.iter().map(Sent::text).collect();
+    let all = text.join("\n");
+    assert!(
+        all.contains(&format!("job {} `uptime`", second.id.short())),
+        "{all}"
+    );
+    assert!(!all.contains(first.id.short().as_str()), "{all}");
+}
+
+/// Three taken short ids in a row: the gateway gives up and says why.
+#[tokio::test]
+async fn a_short_id_taken_every_time_is_reported_not_retried_forever() {
+    let w = world_with(|c| c.short_ids_taken.store(10, Ordering::SeqCst));
+    let sent = ask(&w, "console:alice", "!run uptime on all").await;
+    let ctl = w.router.controller();
+    let refused = ctl.short_id_refused.lock().map(|r| r.len()).unwrap_or(0);
+    assert_eq!(refused, fleetcmd_core::ids::SHORT_ID_ATTEMPTS);
+    assert!(ctl.submitted().is_empty());
+    assert!(
+        sent[0].text().contains("job not submitted")
+            && sent[0].text().contains("already names another job"),
+        "{sent:#?}"
+    );
 }
 
 #[tokio::test]

@@ -1027,14 +1027,24 @@ fn job_result() -> Reply {
 
 fn approval_request() -> Reply {
     Reply {
-        header: "job 01890a5d-ac96-774b `reboot` on role=web needs 1 approval — asked by slack:T0TEAM:U0ALICE".into(),
+        header:
+            "job b302099a8057 `reboot` on role=web needs 1 approval — asked by slack:T0TEAM:U0ALICE"
+                .into(),
         lines: vec![
             "approvers: role oncall, not the requester; expires in 15 min".into(),
-            "or type `approve 01890a5d-ac96-774b` / `deny 01890a5d-ac96-774b <reason>`".into(),
+            "or type `approve b302099a8057` / `deny b302099a8057 <reason>`".into(),
         ],
         actions: vec![
-            Action { label: "Approve".into(), command: "approve 01890a5d-ac96-774b".into(), danger: false },
-            Action { label: "Deny".into(), command: "deny 01890a5d-ac96-774b".into(), danger: true },
+            Action {
+                label: "Approve".into(),
+                command: "approve b302099a8057".into(),
+                danger: false,
+            },
+            Action {
+                label: "Deny".into(),
+                command: "deny b302099a8057".into(),
+                danger: true,
+            },
         ],
         ..Reply::default()
     }
@@ -1061,7 +1071,7 @@ fn approval_request_block_kit() {
     let buttons = &r.blocks[r.blocks.len() - 1];
     assert_eq!(buttons["elements"][0]["style"], "primary");
     assert_eq!(buttons["elements"][1]["style"], "danger");
-    assert_eq!(buttons["elements"][1]["value"], "deny 01890a5d-ac96-774b");
+    assert_eq!(buttons["elements"][1]["value"], "deny b302099a8057");
     // What a click sends back is accepted by the click filter.
     for b in buttons["elements"].as_array().into_iter().flatten() {
         assert!(fleetcmd_gateway::adapters::slack::is_approval_command(

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleetcmd_core::crypto::SigningKey;
-use fleetcmd_core::ids::Identity;
+use fleetcmd_core::ids::{Identity, JobRef};
 use fleetcmd_core::job::{JobSpec, SignedJob};
 use fleetcmd_core::policy::Policy;
 use fleetcmd_core::policy_bundle::sign_bundle;
@@ -275,6 +275,11 @@ pub struct FakeController {
     pub audit_requests: Mutex<Vec<v1::AuditSearchRequest>>,
     pub services: Vec<v1::Service>,
     pub silences: Mutex<Vec<v1::SilenceRequest>>,
+    /// How many of the next submissions are refused as the controller
+    /// refuses a job whose short id a stored job has (ABORTED); those jobs
+    /// are kept in `short_id_refused`.
+    pub short_ids_taken: AtomicUsize,
+    pub short_id_refused: Mutex<Vec<SignedJob>>,
 }
 
 impl FakeController {
@@ -292,6 +297,8 @@ impl FakeController {
             audit_requests: Mutex::new(Vec::new()),
             services: Vec::new(),
             silences: Mutex::new(Vec::new()),
+            short_ids_taken: AtomicUsize::new(0),
+            short_id_refused: Mutex::new(Vec::new()),
         }
     }
 
@@ -337,7 +344,7 @@ impl FakeController {
         let subs = self.submitted();
         subs.iter()
             .filter_map(|j| JobSpec::from_bytes(&j.spec).ok())
-            .find(|s| s.id.as_str().starts_with(id))
+            .find(|s| JobRef::parse(id).is_ok_and(|r| r.matches(s.id.as_str())))
     }
 }
 
@@ -348,6 +355,23 @@ impl ControllerApi for FakeController {
             code: tonic::Code::InvalidArgument,
             message: e.to_string(),
         })?;
+        if self
+            .short_ids_taken
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            if let Ok(mut r) = self.short_id_refused.lock() {
+                r.push(job);
+            }
+            return Err(ControllerError {
+                code: tonic::Code::Aborted,
+                message: format!(
+                    "job {}: its short id {} already names another job; submit it again with a new job id",
+                    spec.id,
+                    spec.id.short()
+                ),
+            });
+        }
         if let Ok(mut s) = self.submitted.lock() {
             s.push(job);
         }

@@ -132,7 +132,9 @@ fn operator_commands_against_a_live_fleet() {
         .nth(1)
         .expect("job id in summary")
         .to_owned();
-    let out = fleetcmd(&fleet, &["job", &id[id.len() - 8..]]);
+    // The summary shows the short id, and `job` takes it back.
+    assert_eq!(id.len(), 12, "{summary}");
+    let out = fleetcmd(&fleet, &["job", &id]);
     assert!(
         text(&out.stdout).contains("`false` on all: failed (0/3 ok)"),
         "{}{}",

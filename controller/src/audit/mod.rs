@@ -24,6 +24,7 @@ use fleetcmd_core::audit::{
     verify_options,
 };
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
+use fleetcmd_core::ids::JobRef;
 
 use crate::store::{Store, StoreError};
 
@@ -535,8 +536,15 @@ impl Audit {
             }
             out.len() >= limit || scanned >= MAX_SCAN
         };
-        let dim = if let Some(j) = f.job_id.as_ref().filter(|j| j.len() >= 36) {
-            Some((Dim::Job, j.clone()))
+        // A job named by its full or short id reads the job's index; a
+        // short id whose job retention deleted, or a prefix, scans.
+        let job = match &f.job_id {
+            Some(JobRef::Full(id)) => Some(id.to_string()),
+            Some(JobRef::Short(short)) => self.store.job_id_by_short(short.as_str())?,
+            _ => None,
+        };
+        let dim = if let Some(j) = job {
+            Some((Dim::Job, j))
         } else if let Some(a) = f.actor.as_ref().filter(|a| !a.ends_with('*')) {
             Some((Dim::Actor, a.clone()))
         } else if let Some(h) = &f.host {

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use fleetcmd_core::audit::{Event, EventKind, ExportLine, Filter};
+use fleetcmd_core::ids::JobRef;
 use fleetcmd_proto::v1 as pb;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -39,7 +40,10 @@ pub fn filter_of(req: pb::AuditSearchRequest) -> Result<Filter, ApiError> {
         actor: text(req.actor),
         command: text(req.command),
         host: text(req.host),
-        job_id: text(req.job_id),
+        job_id: text(req.job_id)
+            .map(|j| JobRef::parse(&j))
+            .transpose()
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?,
         kinds,
         since_ms: Some(req.since_ms).filter(|t| *t > 0),
         until_ms: Some(req.until_ms).filter(|t| *t > 0),

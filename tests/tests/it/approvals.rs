@@ -118,7 +118,7 @@ async fn an_approved_chat_request_runs_on_the_agents_and_every_step_is_audited()
         .expect("jobs");
     let job = jobs
         .iter()
-        .find(|j| j.job_id.starts_with(&short))
+        .find(|j| fleetcmd_core::ids::short_form(&j.job_id) == short)
         .expect("the job");
     let mut audit = pb::audit_client::AuditClient::new(fleet.operator().await);
     let records = audit

@@ -448,9 +448,10 @@ fn search_filters_return_exactly_the_expected_records() {
         expect(&|i| i % 2 == 1)
     );
     assert_eq!(
-        run(f(
-            &|x| x.job_id = Some("0190aaaa-0000-7000-8000-000000000012".into())
-        )),
+        run(f(&|x| x.job_id = fleetcmd_core::ids::JobRef::parse(
+            "0190aaaa-0000-7000-8000-000000000012"
+        )
+        .ok())),
         expect(&|i| i / 10 == 12)
     );
     assert_eq!(

@@ -31,6 +31,7 @@ mod path_args;
 mod policy_trust;
 mod prometheus;
 mod rollout;
+mod short_ids;
 mod storage;
 mod support;
 mod systemd;

@@ -256,8 +256,10 @@ async fn an_operator_reads_cancels_and_enrolls_only_what_its_roles_allow() {
     // `--limit 1` counts the jobs bob may read: the newest is alice's db job.
     let jobs = as_op(&fleet, &bob, &["jobs", "--limit", "1"]).await;
     assert!(jobs.ok, "{}", jobs.stderr);
-    assert!(!jobs.stdout.contains(&db_job), "{}", jobs.stdout);
-    assert!(jobs.stdout.contains(&web_job), "{}", jobs.stdout);
+    // `jobs` shows short ids.
+    let short = fleetcmd_core::ids::short_form;
+    assert!(!jobs.stdout.contains(short(&db_job)), "{}", jobs.stdout);
+    assert!(jobs.stdout.contains(short(&web_job)), "{}", jobs.stdout);
 
     refused(
         &as_op(&fleet, &bob, &["cancel", &db_job]).await,
@@ -287,7 +289,9 @@ async fn an_operator_reads_cancels_and_enrolls_only_what_its_roles_allow() {
     assert!(bob_search.ok, "{}", bob_search.stderr);
     let about_job = |out: &str| -> Vec<String> {
         out.lines()
-            .filter(|l| l.contains(&db_job) && !l.contains("permission_denied"))
+            .filter(|l| {
+                l.contains(&format!("job={}", short(&db_job))) && !l.contains("permission_denied")
+            })
             .map(str::to_owned)
             .collect()
     };

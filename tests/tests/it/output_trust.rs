@@ -4,7 +4,6 @@
 //! of it; and the `fleetcmd` binary escapes what the fleet sends before it
 //! reaches a terminal (`--raw` passes bytes through, to pipes only).
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use fleetcmd_core::grammar::Limit;
@@ -232,42 +231,6 @@ description = "Output that tries to drive the terminal"
 argv = ["/usr/bin/printf", 'fine\033]0;pwned\007\033]52;c;cHduZWQ=\007\033[2J\033[1A\rdev-9: spoofed\302\233H \342\200\256desrever\n']
 timeout = "10s"
 "#;
-
-/// How to run the real `fleetcmd` binary against the fleet as its operator.
-#[derive(Clone)]
-struct Cli {
-    env: Vec<(&'static str, std::ffi::OsString)>,
-}
-
-impl Cli {
-    fn new(fleet: &TestFleet) -> Cli {
-        Cli {
-            env: vec![
-                ("FLEETCMD_CONTROLLER", fleet.url.clone().into()),
-                ("FLEETCMD_CA", fleet.dir.join("ca.crt").into()),
-                ("FLEETCMD_CERT", fleet.dir.join("operator.crt").into()),
-                ("FLEETCMD_KEY", fleet.dir.join("operator.key").into()),
-            ],
-        }
-    }
-
-    /// Runs it as a separate process, stdout and stderr captured (pipes,
-    /// not a terminal), off the async threads.
-    async fn run(&self, args: &[&str]) -> std::process::Output {
-        let env = self.env.clone();
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        tokio::task::spawn_blocking(move || {
-            Command::new(workspace_bin("fleetcmd"))
-                .args(&args)
-                .envs(env)
-                .stdin(Stdio::null())
-                .output()
-                .expect("fleetcmd runs")
-        })
-        .await
-        .expect("fleetcmd task")
-    }
-}
 
 fn assert_inert(what: &str, bytes: &[u8]) {
     let text = String::from_utf8_lossy(bytes);

@@ -211,7 +211,8 @@ async fn cancel_kills_running_targets_and_their_children_and_drops_queued_ones()
     .await;
     let started = std::time::Instant::now();
     c.cancel(pb::CancelJobRequest {
-        job_id: id[id.len() - 8..].to_string(),
+        // The short id, as the CLI and chat show it.
+        job_id: fleetcmd_core::ids::short_form(&id).to_string(),
         requested_by: String::new(),
     })
     .await

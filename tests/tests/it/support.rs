@@ -3,6 +3,7 @@
 //! and shortcuts for the "compromised controller" injections.
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use fleetcmd_core::job::{JobSpec, SignedJob};
@@ -238,5 +239,41 @@ impl fleetcmd_gateway::adapters::ChatSender for Recorder {
             self.push(reply.plain());
             Ok(())
         })
+    }
+}
+
+/// How to run the real `fleetcmd` binary against the fleet as its operator.
+#[derive(Clone)]
+pub struct Cli {
+    env: Vec<(&'static str, std::ffi::OsString)>,
+}
+
+impl Cli {
+    pub fn new(fleet: &TestFleet) -> Cli {
+        Cli {
+            env: vec![
+                ("FLEETCMD_CONTROLLER", fleet.url.clone().into()),
+                ("FLEETCMD_CA", fleet.dir.join("ca.crt").into()),
+                ("FLEETCMD_CERT", fleet.dir.join("operator.crt").into()),
+                ("FLEETCMD_KEY", fleet.dir.join("operator.key").into()),
+            ],
+        }
+    }
+
+    /// Runs it as a separate process, stdout and stderr captured (pipes,
+    /// not a terminal), off the async threads.
+    pub async fn run(&self, args: &[&str]) -> std::process::Output {
+        let env = self.env.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            Command::new(workspace_bin("fleetcmd"))
+                .args(&args)
+                .envs(env)
+                .stdin(Stdio::null())
+                .output()
+                .expect("fleetcmd runs")
+        })
+        .await
+        .expect("fleetcmd task")
     }
 }

@@ -1,7 +1,7 @@
 //! How a [`Reply`] looks on IRC: a few compact lines, every one inert.
 //!
 //! ```text
-//! job 01890a5d-ac96-774b failed (1/2 ok) — asked by irc:net:alice!~alice@host
+//! job b302099a8057 failed (1/2 ok) — asked by irc:net:alice!~alice@host
 //! · `uptime` on all
 //! » web-1 — ok, exit 0, 12 ms
 //!   | up 3 days
@@ -9,8 +9,8 @@
 //!   (stderr truncated in chat; …)
 //!   [stderr]
 //!   | boom
-//!   | … 12 more lines; `output 01890a5d-ac96-774b web-2` for all
-//! → approve with: !approve 0189… · deny with: !deny 0189…
+//!   | … 12 more lines; `output b302099a8057 web-2` for all
+//! → approve with: !approve b302099a8057 · deny with: !deny b302099a8057
 //! ```
 //!
 //! Every line but the header starts with one of our markers (`·`, `»`,
