@@ -19,10 +19,9 @@ fn read(path: &std::path::Path, what: &str) -> Result<String, Failure> {
     std::fs::read_to_string(path).map_err(|e| usage(format!("{what} {}: {e}", path.display())))
 }
 
-/// The operator's identity: TLS material, signing key and name.
+/// The operator's identity: TLS material and name.
 pub struct Operator {
     pub tls: ClientTls,
-    pub key: SigningKey,
     pub name: String,
 }
 
@@ -49,8 +48,6 @@ pub fn operator(conn: &Conn) -> Result<Operator, Failure> {
         cert_pem: read(cert, "certificate")?,
         key_pem: read(key, "key")?,
     };
-    let signing = SigningKey::from_pkcs8_pem(&tls.key_pem)
-        .map_err(|e| usage(format!("key {}: {e}", key.display())))?;
     let der = fleetcmd_controller::pki::pem_to_der(&tls.cert_pem)
         .ok_or_else(|| usage(format!("certificate {}: not PEM", cert.display())))?;
     let peer = fleetcmd_controller::pki::peer_from_cert(&der).ok_or_else(|| {
@@ -61,8 +58,36 @@ pub fn operator(conn: &Conn) -> Result<Operator, Failure> {
     })?;
     Ok(Operator {
         tls,
-        key: signing,
         name: peer.name,
+    })
+}
+
+/// The operator's Ed25519 job signing key: `--signing-key`, else
+/// `NAME.sign.key` beside `--key` (as `issue-cert` writes them), else
+/// `--key` itself when it is Ed25519 (operator certificates issued before
+/// TLS keys became ECDSA P-256 sign with their TLS key).
+pub fn signing_key(conn: &Conn) -> Result<SigningKey, Failure> {
+    let load = |path: &std::path::Path| {
+        SigningKey::from_pkcs8_pem(&read(path, "signing key")?)
+            .map_err(|e| usage(format!("signing key {}: {e}", path.display())))
+    };
+    if let Some(path) = &conn.signing_key {
+        return load(path);
+    }
+    let key = conn
+        .key
+        .as_ref()
+        .ok_or_else(|| usage("--signing-key is required (set FLEETCMD_SIGNING_KEY or pass --signing-key)"))?;
+    let beside = key.with_extension("sign.key");
+    if beside.exists() {
+        return load(&beside);
+    }
+    SigningKey::from_pkcs8_pem(&read(key, "key")?).map_err(|_| {
+        usage(format!(
+            "no job signing key: {} is not Ed25519 (a TLS key) and {} does not exist; pass --signing-key or set FLEETCMD_SIGNING_KEY",
+            key.display(),
+            beside.display()
+        ))
     })
 }
 
@@ -346,9 +371,10 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
     if args.dry_run {
         return dry_run(ch, &policy, &args, mode).await;
     }
+    let key = signing_key(conn)?;
     let job = build_job(
         &policy,
-        &op.key,
+        &key,
         requester,
         JobRequest {
             command: &args.command,

@@ -172,8 +172,8 @@ async fn setup() -> (World, Proc, Vec<Proc>) {
         cert_pem: read("admin.crt"),
         key_pem: read("admin.key"),
     };
-    world.op_key =
-        fleetcmd_core::crypto::SigningKey::from_pkcs8_pem(&world.op.key_pem).expect("operator key");
+    world.op_key = fleetcmd_core::crypto::SigningKey::from_pkcs8_pem(&read("admin.sign.key"))
+        .expect("operator signing key");
     let policy = fleetcmd_cli::fleet::example_policy(
         1,
         &world.op_key.public_key(),
