@@ -18,6 +18,7 @@ import base64
 import importlib
 import json
 import os
+import re
 import secrets
 import sys
 import tempfile
@@ -112,6 +113,13 @@ def policy_public_key(key: Ed25519PrivateKey) -> str:
     return "ed25519:" + base64.b64encode(spki).decode()
 
 
+def glob_match(pattern: str, text: str) -> bool:
+    """A policy identity pattern: `*` matches any run of characters,
+    everything else is literal, the whole text must match."""
+    regex = ".*".join(re.escape(part) for part in pattern.split("*"))
+    return re.fullmatch(regex, text, re.DOTALL) is not None
+
+
 def uuid7() -> str:
     """A version 7 UUID (48 bits of Unix milliseconds, then random), in the
     lowercase 8-4-4-4-12 form the controller requires for a job id."""
@@ -152,19 +160,29 @@ class Fleet:
             raise Usage(f"--signing-key {path}: not an Ed25519 key")
         return key
 
-    def signer_id(self, key: Ed25519PrivateKey) -> str:
-        """The policy's `[[signers]]` id of our key (the policy comes from
-        the controller; only the agents' verification of it matters)."""
+    def signer_id(self, key: Ed25519PrivateKey, requester: str, command: str) -> str:
+        """The id of the policy's `[[signers]]` entry for our key that may
+        sign `command` (`may_sign`) for `requester` (`vouches_for`). One
+        key may have several entries. The policy comes from the controller;
+        only the agents' verification of it matters."""
         info = self.rpc.PolicyStub(self.channel).Get(self.pb.GetPolicyRequest(), timeout=30)
         policy = tomllib.loads(info.policy.bundle.decode())
         mine = policy_public_key(key)
         for signer in policy.get("signers", []):
-            if signer.get("public_key") == mine:
+            if (
+                signer.get("public_key") == mine
+                and any(c in ("*", command) for c in signer.get("may_sign", []))
+                and any(glob_match(p, requester) for p in signer.get("vouches_for", []))
+            ):
                 return signer["id"]
-        raise Usage(f"your signing key ({mine}) is not a [[signers]] entry of the policy")
+        raise Usage(
+            f"your signing key ({mine}) has no [[signers]] entry in the policy"
+            f" that may sign `{command}` for {requester}"
+        )
 
     def submit(self, command, values, selector, timeout_secs=0):
         key = self.signing_key()
+        requester = "cli:" + operator_name(self.cert_pem, self.args.cert)
         now = int(time.time())
         # The job spec: a JSON object with exactly these fields (unknown
         # ones are refused). The signature covers these exact bytes, which
@@ -174,7 +192,7 @@ class Fleet:
             "command": command,
             "args": values,
             "selector": selector,
-            "requester": "cli:" + operator_name(self.cert_pem, self.args.cert),
+            "requester": requester,
             "channel": "cli",
             "timeout_secs": timeout_secs,
             "not_before": now,
@@ -182,7 +200,9 @@ class Fleet:
         }
         spec_bytes = json.dumps(spec, separators=(",", ":")).encode()
         job = self.pb.SignedJob(
-            spec=spec_bytes, signature=key.sign(spec_bytes), key_id=self.signer_id(key)
+            spec=spec_bytes,
+            signature=key.sign(spec_bytes),
+            key_id=self.signer_id(key, requester, command),
         )
         return self.rpc.JobsStub(self.channel).Submit(job, timeout=30)
 
