@@ -211,7 +211,10 @@ mod tests {
         let err = renewal
             .install(&dir, "not a certificate")
             .expect_err("garbage");
-        assert!(err.to_string().starts_with("renewed certificate: "), "{err}");
+        assert!(
+            err.to_string().starts_with("renewed certificate: "),
+            "{err}"
+        );
         let after = (
             std::fs::read_to_string(dir.key()).expect("key"),
             std::fs::read_to_string(dir.cert()).expect("cert"),
@@ -250,9 +253,11 @@ new
             let want_key = if new_holds { &new } else { &old };
             assert_eq!(tls.key_pem, want_key.serialize_pem(), "after {steps} steps");
             assert_eq!(
-                tls.cert_pem.contains("
+                tls.cert_pem.contains(
+                    "
 new
-"),
+"
+                ),
                 new_holds,
                 "after {steps} steps: key and certificate belong together"
             );

@@ -74,10 +74,9 @@ pub fn signing_key(conn: &Conn) -> Result<SigningKey, Failure> {
     if let Some(path) = &conn.signing_key {
         return load(path);
     }
-    let key = conn
-        .key
-        .as_ref()
-        .ok_or_else(|| usage("--signing-key is required (set FLEETCMD_SIGNING_KEY or pass --signing-key)"))?;
+    let key = conn.key.as_ref().ok_or_else(|| {
+        usage("--signing-key is required (set FLEETCMD_SIGNING_KEY or pass --signing-key)")
+    })?;
     let beside = key.with_extension("sign.key");
     if beside.exists() {
         return load(&beside);

@@ -142,10 +142,7 @@ fn issue(
     for (path, contents) in &files {
         write_private(path, contents, existing)?;
     }
-    let written: Vec<String> = files
-        .iter()
-        .map(|(p, _)| p.display().to_string())
-        .collect();
+    let written: Vec<String> = files.iter().map(|(p, _)| p.display().to_string()).collect();
     println!(
         "wrote {} (serial {}, valid {} days)",
         written.join(", "),
@@ -153,9 +150,7 @@ fn issue(
         ttl.as_secs() / 86400
     );
     if let Some(public) = signer {
-        println!(
-            "{name}'s job signing key, for a [[signers]] entry of the policy: {public}"
-        );
+        println!("{name}'s job signing key, for a [[signers]] entry of the policy: {public}");
     }
     Ok(())
 }

@@ -147,7 +147,11 @@ async fn the_python_example_lists_agents_and_gets_a_signed_jobs_result() {
     // The controller has it as the operator's signed job.
     let job = world.job(&id).await.expect("the job is stored");
     assert_eq!(
-        (job.state.as_str(), job.requester.as_str(), job.command.as_str()),
+        (
+            job.state.as_str(),
+            job.requester.as_str(),
+            job.command.as_str()
+        ),
         ("succeeded", "cli:admin", "echo"),
         "{job:?}"
     );
@@ -161,7 +165,10 @@ async fn the_python_example_lists_agents_and_gets_a_signed_jobs_result() {
         .find(|r| r["event"]["kind"] == "job_submitted")
         .unwrap_or_else(|| panic!("job_submitted in:\n{}", audit.stdout));
     assert_eq!(submitted["event"]["actor"], "cli:admin", "{submitted}");
-    assert_eq!(submitted["event"]["fields"]["key_id"], "operator-dev", "{submitted}");
+    assert_eq!(
+        submitted["event"]["fields"]["key_id"], "operator-dev",
+        "{submitted}"
+    );
 
     // Bad input is named, and nothing is submitted.
     let bad = fleet_py(&python, &world, &["run", "echo", "hello"]).await;

@@ -200,7 +200,9 @@ async fn an_ed25519_fleet_keeps_its_ca_and_its_agents_renew_into_p256_keys() {
         .expect("job");
     assert_eq!(job.state, "succeeded", "{job:?}");
     assert!(
-        job.targets.iter().any(|t| t.agent_id == "old-1" && t.state == "ok"),
+        job.targets
+            .iter()
+            .any(|t| t.agent_id == "old-1" && t.state == "ok"),
         "{job:?}"
     );
 
