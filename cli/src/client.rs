@@ -762,3 +762,69 @@ pub fn print_job(out: &mut impl Write, job: &pb::Job, with_output: bool) -> std:
         job.requester
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(key: Option<&std::path::Path>, signing_key: Option<&std::path::Path>) -> Conn {
+        Conn {
+            controller: String::new(),
+            ca: None,
+            cert: None,
+            key: key.map(Into::into),
+            signing_key: signing_key.map(Into::into),
+            raw: false,
+        }
+    }
+
+    #[test]
+    fn the_signing_key_is_the_flag_else_beside_the_key_else_an_ed25519_key_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, pem: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, pem).expect("write");
+            p
+        };
+        let ed = |name: &str| {
+            let pem = fleetcmd_controller::pki::new_signing_key_pem().expect("key");
+            let key = SigningKey::from_pkcs8_pem(pem.expose()).expect("ed25519");
+            (write(name, pem.expose()), key.public_key())
+        };
+        let p256 = |name: &str| {
+            let key = fleetcmd_controller::pki::new_key().expect("key");
+            write(name, &key.serialize_pem())
+        };
+        let public = |c: &Conn| {
+            signing_key(c)
+                .map(|k| k.public_key())
+                .map_err(|f| f.error.to_string())
+        };
+
+        // issue-cert's files: NAME.key (P-256) and NAME.sign.key beside it.
+        let tls = p256("alice.key");
+        let (_, beside) = ed("alice.sign.key");
+        assert_eq!(public(&conn(Some(&tls), None)), Ok(beside.clone()));
+        // --signing-key wins.
+        let (flag_path, flag) = ed("other.pem");
+        assert_eq!(public(&conn(Some(&tls), Some(&flag_path))), Ok(flag));
+        // An operator key from before P-256 signs with itself.
+        let (old_path, old) = ed("old.key");
+        assert_eq!(public(&conn(Some(&old_path), None)), Ok(old));
+        // A P-256 key alone signs nothing, and the error says what to do.
+        let lone = p256("bob.key");
+        let err = public(&conn(Some(&lone), None)).expect_err("no signing key");
+        assert!(
+            err.contains("bob.key is not Ed25519")
+                && err.contains("bob.sign.key does not exist")
+                && err.contains("--signing-key"),
+            "{err}"
+        );
+        // A signing key that is not Ed25519 is named.
+        let err = public(&conn(Some(&tls), Some(&lone))).expect_err("not Ed25519");
+        assert!(
+            err.starts_with(&format!("signing key {}: ", lone.display())),
+            "{err}"
+        );
+    }
+}
