@@ -804,7 +804,7 @@ mod tests {
         // issue-cert's files: NAME.key (P-256) and NAME.sign.key beside it.
         let tls = p256("alice.key");
         let (_, beside) = ed("alice.sign.key");
-        assert_eq!(public(&conn(Some(&tls), None)), Ok(beside.clone()));
+        assert_eq!(public(&conn(Some(&tls), None)), Ok(beside));
         // --signing-key wins.
         let (flag_path, flag) = ed("other.pem");
         assert_eq!(public(&conn(Some(&tls), Some(&flag_path))), Ok(flag));
