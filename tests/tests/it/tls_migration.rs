@@ -120,7 +120,6 @@ async fn an_ed25519_fleet_keeps_its_ca_and_its_agents_renew_into_p256_keys() {
         o.agent_cert_ttl = Duration::from_secs(6);
     })
     .await;
-    let started = tokio::time::Instant::now();
     assert_eq!(
         fleet.controller.shared().ca.cert_pem(),
         ca_pem,
@@ -178,7 +177,19 @@ async fn an_ed25519_fleet_keeps_its_ca_and_its_agents_renew_into_p256_keys() {
     // Once the Ed25519 certificate has expired, restart the agent and the
     // controller (which issues its server certificate again): old-1 can
     // only connect with the P-256 key and certificate.
-    tokio::time::sleep_until(started + Duration::from_secs(7)).await;
+    let expires = {
+        let der = fleetcmd_controller::pki::pem_to_der(&enrolment_cert).expect("DER");
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("certificate");
+        cert.validity().not_after.timestamp()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64();
+    tokio::time::sleep(Duration::from_secs_f64(
+        (expires as f64 + 1.0 - now).max(0.0),
+    ))
+    .await;
     fleet.stop_agent("old-1").await;
     fleet
         .restart_controller(Duration::ZERO)
