@@ -32,7 +32,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::config::AgentConfig;
 use crate::exec::{ExecLimits, Termination, execute};
 use crate::metrics::{Collector, HostMetrics};
-use crate::state::{PolicyStore, SeenSet, StateDir, StateError, write_atomic};
+use crate::renewal::{Installed, Renewal};
+use crate::state::{PolicyStore, SeenSet, StateDir, StateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -323,6 +324,7 @@ async fn session(
     // (it used to read and parse the file every second).
     let renew = tokio::time::sleep_until(renewal_check_at(renewal_due_at(&inner.dir)));
     tokio::pin!(renew);
+    let mut renewal = Renewal::default();
     loop {
         tokio::select! {
             _ = stopped(stop) => return Ok(()),
@@ -344,7 +346,7 @@ async fn session(
             _ = &mut renew, if welcomed => {
                 let due_at = renewal_due_at(&inner.dir);
                 let next = if due_at.is_some_and(|due| now_secs() as i64 >= due) {
-                    match renewal_request(&inner.dir) {
+                    match renewal.request(&inner.dir) {
                         Ok(csr) => {
                             let _ = tx.try_send(msg(Out::Renew(pb::RenewRequest { csr_der: csr })));
                         }
@@ -420,12 +422,13 @@ async fn session(
                     }
                     Some(In::Renew(r)) => {
                         if r.error.is_empty() {
-                            match write_atomic(&inner.dir.cert(), r.cert_pem.as_bytes(), 0o644) {
-                                Ok(()) => {
-                                    tracing::info!(agent_id = %inner.agent_id, "certificate renewed");
+                            match renewal.install(&inner.dir, &r.cert_pem) {
+                                Ok(installed) => {
+                                    let new_key = installed == Installed::KeyAndCertificate;
+                                    tracing::info!(agent_id = %inner.agent_id, new_key, "certificate renewed");
                                     renew.as_mut().reset(renewal_check_at(renewal_due_at(&inner.dir)));
                                 }
-                                Err(e) => tracing::error!(error = %e, "writing renewed certificate"),
+                                Err(e) => tracing::error!(error = %e, "installing the renewed certificate"),
                             }
                         } else {
                             tracing::error!(error = %r.error, "certificate renewal refused");
@@ -503,15 +506,6 @@ fn renewal_check_at(due_at: Option<i64>) -> tokio::time::Instant {
         None => RENEW_RECHECK,
     };
     tokio::time::Instant::now() + wait.min(RENEW_RECHECK)
-}
-
-fn renewal_request(dir: &StateDir) -> Result<Vec<u8>, String> {
-    let key_pem = std::fs::read_to_string(dir.key()).map_err(|e| e.to_string())?;
-    let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| e.to_string())?;
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .and_then(|p| p.serialize_request(&key))
-        .map_err(|e| e.to_string())?;
-    Ok(csr.der().to_vec())
 }
 
 fn refused(job_id: String, code: &str, reason: String) -> pb::JobResult {

@@ -181,8 +181,7 @@ pub async fn join(opts: &JoinOptions, now: u64) -> Result<Identity, JoinError> {
     }
     let url = fleetcmd_proto::channel::controller_url(&opts.controller)?;
     let ca_pem = fetch_pinned_ca(&url, token.ca_sha256).await?;
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
-        .map_err(|e| JoinError::Key(e.to_string()))?;
+    let key = crate::renewal::new_tls_key().map_err(|e| JoinError::Key(e.to_string()))?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
         .and_then(|p| p.serialize_request(&key))
         .map_err(|e| JoinError::Key(e.to_string()))?;

@@ -12,6 +12,7 @@ pub mod exec;
 pub mod exporter;
 pub mod join;
 pub mod metrics;
+pub mod renewal;
 pub mod spool;
 pub mod state;
 

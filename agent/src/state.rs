@@ -137,9 +137,57 @@ impl StateDir {
         })
     }
 
+    fn next(path: &Path) -> PathBuf {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".next");
+        PathBuf::from(name)
+    }
+
+    /// Replaces key and certificate together (a renewal into a new key):
+    /// both are written beside the current ones as `.next`, the
+    /// certificate last, so an existing `agent.crt.next` means a complete
+    /// pair; then each is renamed into place. A crash at any point leaves
+    /// either the old pair or something [`Self::client_tls`] completes.
+    pub fn replace_key_and_cert(&self, key_pem: &str, cert_pem: &str) -> Result<(), StateError> {
+        write_atomic(&Self::next(&self.key()), key_pem.as_bytes(), 0o600)?;
+        write_atomic(&Self::next(&self.cert()), cert_pem.as_bytes(), 0o644)?;
+        self.finish_replacement()
+    }
+
+    /// Completes a replacement that a crash interrupted, or drops a new
+    /// key that never got its certificate.
+    fn finish_replacement(&self) -> Result<(), StateError> {
+        let rename = |from: &Path, to: &Path| {
+            std::fs::rename(from, to).map_err(|source| StateError::Io {
+                path: from.to_owned(),
+                source,
+            })
+        };
+        let (key_next, cert_next) = (Self::next(&self.key()), Self::next(&self.cert()));
+        if cert_next.exists() {
+            if key_next.exists() {
+                rename(&key_next, &self.key())?;
+            }
+            rename(&cert_next, &self.cert())?;
+        } else if key_next.exists() {
+            std::fs::remove_file(&key_next).map_err(|source| StateError::Io {
+                path: key_next.clone(),
+                source,
+            })?;
+        } else {
+            return Ok(());
+        }
+        if let Ok(d) = std::fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
     /// Client TLS material (re-read at every connection: the certificate is
-    /// renewed in place).
+    /// renewed in place, and a renewal into a new key a crash interrupted
+    /// is completed first).
     pub fn client_tls(&self) -> Result<fleetcmd_proto::channel::ClientTls, StateError> {
+        self.finish_replacement()?;
         Ok(fleetcmd_proto::channel::ClientTls {
             ca_pem: read(&self.ca())?,
             cert_pem: read(&self.cert())?,

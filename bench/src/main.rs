@@ -495,8 +495,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         fleetcmd_cli::fleet::OPERATOR_NAME,
         Duration::from_secs(7 * 86400),
     )?;
-    let operator_key = SigningKey::from_pkcs8_pem(op.key_pem.expose())
-        .map_err(|e| anyhow::anyhow!("operator key: {e}"))?;
+    let operator_key = random_key()?;
     let operator_tls = ClientTls {
         ca_pem: ca_pem.clone(),
         cert_pem: op.cert_pem.clone(),

@@ -19,10 +19,9 @@ fn read(path: &std::path::Path, what: &str) -> Result<String, Failure> {
     std::fs::read_to_string(path).map_err(|e| usage(format!("{what} {}: {e}", path.display())))
 }
 
-/// The operator's identity: TLS material, signing key and name.
+/// The operator's identity: TLS material and name.
 pub struct Operator {
     pub tls: ClientTls,
-    pub key: SigningKey,
     pub name: String,
 }
 
@@ -49,8 +48,6 @@ pub fn operator(conn: &Conn) -> Result<Operator, Failure> {
         cert_pem: read(cert, "certificate")?,
         key_pem: read(key, "key")?,
     };
-    let signing = SigningKey::from_pkcs8_pem(&tls.key_pem)
-        .map_err(|e| usage(format!("key {}: {e}", key.display())))?;
     let der = fleetcmd_controller::pki::pem_to_der(&tls.cert_pem)
         .ok_or_else(|| usage(format!("certificate {}: not PEM", cert.display())))?;
     let peer = fleetcmd_controller::pki::peer_from_cert(&der).ok_or_else(|| {
@@ -61,8 +58,35 @@ pub fn operator(conn: &Conn) -> Result<Operator, Failure> {
     })?;
     Ok(Operator {
         tls,
-        key: signing,
         name: peer.name,
+    })
+}
+
+/// The operator's Ed25519 job signing key: `--signing-key`, else
+/// `NAME.sign.key` beside `--key` (as `issue-cert` writes them), else
+/// `--key` itself when it is Ed25519 (operator certificates issued before
+/// TLS keys became ECDSA P-256 sign with their TLS key).
+pub fn signing_key(conn: &Conn) -> Result<SigningKey, Failure> {
+    let load = |path: &std::path::Path| {
+        SigningKey::from_pkcs8_pem(&read(path, "signing key")?)
+            .map_err(|e| usage(format!("signing key {}: {e}", path.display())))
+    };
+    if let Some(path) = &conn.signing_key {
+        return load(path);
+    }
+    let key = conn.key.as_ref().ok_or_else(|| {
+        usage("--signing-key is required (set FLEETCMD_SIGNING_KEY or pass --signing-key)")
+    })?;
+    let beside = key.with_extension("sign.key");
+    if beside.exists() {
+        return load(&beside);
+    }
+    SigningKey::from_pkcs8_pem(&read(key, "key")?).map_err(|_| {
+        usage(format!(
+            "no job signing key: {} is not Ed25519 (a TLS key) and {} does not exist; pass --signing-key or set FLEETCMD_SIGNING_KEY",
+            key.display(),
+            beside.display()
+        ))
     })
 }
 
@@ -384,6 +408,7 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
     if args.dry_run {
         return dry_run(ch, &policy, &args, mode).await;
     }
+    let key = signing_key(conn)?;
     let req = JobRequest {
         command: &args.command,
         args: &args.args,
@@ -392,10 +417,10 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
         rollout,
     };
     // Checked once, so a refusal is not repeated for each id.
-    build_job(&policy, &op.key, requester.clone(), &req, new_job_id()?)?;
+    build_job(&policy, &key, requester.clone(), &req, new_job_id()?)?;
     let mut jobs = pb::jobs_client::JobsClient::new(ch);
     let sub = submit_fresh(&mut jobs, std::iter::from_fn(|| new_job_id().ok()), |id| {
-        build_job(&policy, &op.key, requester.clone(), &req, id)
+        build_job(&policy, &key, requester.clone(), &req, id)
     })
     .await?;
     eprintln!(
@@ -775,4 +800,70 @@ pub fn print_job(out: &mut impl Write, job: &pb::Job, with_output: bool) -> std:
         job.targets.len(),
         job.requester
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(key: Option<&std::path::Path>, signing_key: Option<&std::path::Path>) -> Conn {
+        Conn {
+            controller: String::new(),
+            ca: None,
+            cert: None,
+            key: key.map(Into::into),
+            signing_key: signing_key.map(Into::into),
+            raw: false,
+        }
+    }
+
+    #[test]
+    fn the_signing_key_is_the_flag_else_beside_the_key_else_an_ed25519_key_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, pem: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, pem).expect("write");
+            p
+        };
+        let ed = |name: &str| {
+            let pem = fleetcmd_controller::pki::new_signing_key_pem().expect("key");
+            let key = SigningKey::from_pkcs8_pem(pem.expose()).expect("ed25519");
+            (write(name, pem.expose()), key.public_key())
+        };
+        let p256 = |name: &str| {
+            let key = fleetcmd_controller::pki::new_key().expect("key");
+            write(name, &key.serialize_pem())
+        };
+        let public = |c: &Conn| {
+            signing_key(c)
+                .map(|k| k.public_key())
+                .map_err(|f| f.error.to_string())
+        };
+
+        // issue-cert's files: NAME.key (P-256) and NAME.sign.key beside it.
+        let tls = p256("alice.key");
+        let (_, beside) = ed("alice.sign.key");
+        assert_eq!(public(&conn(Some(&tls), None)), Ok(beside));
+        // --signing-key wins.
+        let (flag_path, flag) = ed("other.pem");
+        assert_eq!(public(&conn(Some(&tls), Some(&flag_path))), Ok(flag));
+        // An operator key from before P-256 signs with itself.
+        let (old_path, old) = ed("old.key");
+        assert_eq!(public(&conn(Some(&old_path), None)), Ok(old));
+        // A P-256 key alone signs nothing, and the error says what to do.
+        let lone = p256("bob.key");
+        let err = public(&conn(Some(&lone), None)).expect_err("no signing key");
+        assert!(
+            err.contains("bob.key is not Ed25519")
+                && err.contains("bob.sign.key does not exist")
+                && err.contains("--signing-key"),
+            "{err}"
+        );
+        // A signing key that is not Ed25519 is named.
+        let err = public(&conn(Some(&tls), Some(&lone))).expect_err("not Ed25519");
+        assert!(
+            err.starts_with(&format!("signing key {}: ", lone.display())),
+            "{err}"
+        );
+    }
 }

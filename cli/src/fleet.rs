@@ -241,8 +241,9 @@ impl Fleet {
             Existing::Replace,
         )?;
         std::fs::write(dir.join("gateway.crt"), &gw.cert_pem)?;
-        let operator_key = SigningKey::from_pkcs8_pem(op.key_pem.expose())
-            .map_err(|e| anyhow::anyhow!("operator key: {e}"))?;
+        // The operator's TLS key is P-256; its jobs are signed with an
+        // Ed25519 key of its own, as `issue-cert` makes them.
+        let operator_key = keygen(dir.join("operator.sign.key"))?;
         let operator_tls = ClientTls {
             ca_pem: ca_pem.clone(),
             cert_pem: op.cert_pem,
@@ -424,11 +425,12 @@ impl Fleet {
     /// `export …` lines for an operator shell.
     pub fn env_file(&self) -> String {
         format!(
-            "export FLEETCMD_CONTROLLER={}\nexport FLEETCMD_CA={}\nexport FLEETCMD_CERT={}\nexport FLEETCMD_KEY={}\n",
+            "export FLEETCMD_CONTROLLER={}\nexport FLEETCMD_CA={}\nexport FLEETCMD_CERT={}\nexport FLEETCMD_KEY={}\nexport FLEETCMD_SIGNING_KEY={}\n",
             self.url,
             self.dir.join("ca.crt").display(),
             self.dir.join("operator.crt").display(),
-            self.dir.join("operator.key").display()
+            self.dir.join("operator.key").display(),
+            self.dir.join("operator.sign.key").display()
         )
     }
 

@@ -36,9 +36,13 @@ pub struct Conn {
     /// Your operator certificate (PEM).
     #[arg(long, env = "FLEETCMD_CERT", global = true)]
     pub cert: Option<PathBuf>,
-    /// Your operator key (PEM, Ed25519); it also signs your jobs.
+    /// Your operator certificate's key (PEM).
     #[arg(long, env = "FLEETCMD_KEY", global = true)]
     pub key: Option<PathBuf>,
+    /// Your Ed25519 key that signs your jobs (PEM) [default: NAME.sign.key
+    /// beside --key; an Ed25519 --key itself, as issued before P-256].
+    #[arg(long, env = "FLEETCMD_SIGNING_KEY", global = true)]
+    pub signing_key: Option<PathBuf>,
     /// Print command output and fleet-supplied text as received, without
     /// escaping control characters; refused when stdout is a terminal.
     #[arg(long, global = true)]

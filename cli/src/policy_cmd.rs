@@ -94,15 +94,10 @@ pub fn decode_sigs(text: &str, path: &Path) -> Result<Vec<PolicySignature>, Fail
 /// Generates an Ed25519 key and writes it to `out` (0600, atomically; an
 /// existing file is kept unless `existing` says to replace a regular one).
 pub fn keygen_to(out: &Path, existing: Existing) -> Result<SigningKey, Failure> {
-    let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-        .map_err(|_| anyhow::anyhow!("generating a key failed"))?;
-    let pem = format!(
-        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
-        base64::engine::general_purpose::STANDARD.encode(doc.as_ref())
-    );
-    fleetcmd_controller::keyfile::write_private(out, pem.as_bytes(), existing)
+    let pem = fleetcmd_controller::pki::new_signing_key_pem()?;
+    fleetcmd_controller::keyfile::write_private(out, pem.expose().as_bytes(), existing)
         .map_err(|e| usage(e.to_string()))?;
-    Ok(SigningKey::from_pkcs8_pem(&pem).map_err(|e| anyhow::anyhow!("{e}"))?)
+    Ok(SigningKey::from_pkcs8_pem(pem.expose()).map_err(|e| anyhow::anyhow!("{e}"))?)
 }
 
 /// [`keygen_to`] a path that must not exist yet.

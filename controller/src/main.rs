@@ -80,13 +80,23 @@ fn issue(
         (None, Role::Gateway) => config.gateway_cert_ttl,
         (None, _) => config.operator_cert_ttl,
     };
-    // All three files are checked before anything is issued or written:
-    // nothing half-done, and nothing logged as issued that was not.
+    // An operator's TLS key is ECDSA P-256 (what every gRPC client can
+    // use); its jobs and approvals are signed with an Ed25519 key of its
+    // own, NAME.sign.key, whose public key (NAME.sign.pub) goes into the
+    // policy's `[[signers]]`. A gateway's signing key is configured apart.
     std::fs::create_dir_all(out)?;
     let key_path = out.join(format!("{name}.key"));
     let cert_path = out.join(format!("{name}.crt"));
     let ca_path = out.join("ca.crt");
-    for path in [&key_path, &cert_path, &ca_path] {
+    let sign_key_path = out.join(format!("{name}.sign.key"));
+    let sign_pub_path = out.join(format!("{name}.sign.pub"));
+    let mut paths = vec![&key_path, &cert_path, &ca_path];
+    if role == Role::Operator {
+        paths.extend([&sign_key_path, &sign_pub_path]);
+    }
+    // Every file is checked before anything is issued or written: nothing
+    // half-done, and nothing logged as issued that was not.
+    for path in paths {
         check_target(path, existing)?;
     }
     let pki = config.data_dir.join("pki");
@@ -114,20 +124,36 @@ fn issue(
         writeln!(log, "{line}")?;
         log.sync_all()?;
     }
-    let files = [
-        (key_path, id.key_pem.expose().as_bytes()),
-        (cert_path, id.cert_pem.as_bytes()),
-        (ca_path, ca.cert_pem().as_bytes()),
+    let mut files = vec![
+        (key_path, id.key_pem.expose().as_bytes().to_vec()),
+        (cert_path, id.cert_pem.as_bytes().to_vec()),
+        (ca_path, ca.cert_pem().as_bytes().to_vec()),
     ];
+    let signer = match role {
+        Role::Operator => {
+            let pem = fleetcmd_controller::pki::new_signing_key_pem()?;
+            let public = fleetcmd_core::crypto::SigningKey::from_pkcs8_pem(pem.expose())
+                .map_err(|e| anyhow::anyhow!("the new signing key does not read back: {e}"))?
+                .public_key();
+            files.push((sign_key_path, pem.expose().as_bytes().to_vec()));
+            files.push((sign_pub_path, format!("{public}\n").into_bytes()));
+            Some(public)
+        }
+        _ => None,
+    };
     for (path, contents) in &files {
         write_private(path, contents, existing)?;
     }
+    let written: Vec<String> = files.iter().map(|(p, _)| p.display().to_string()).collect();
     println!(
-        "wrote {0}/{name}.crt, {0}/{name}.key and {0}/ca.crt (serial {1}, valid {2} days)",
-        out.display(),
+        "wrote {} (serial {}, valid {} days)",
+        written.join(", "),
         peer.serial,
         ttl.as_secs() / 86400
     );
+    if let Some(public) = signer {
+        println!("{name}'s job signing key, for a [[signers]] entry of the policy: {public}");
+    }
     Ok(())
 }
 

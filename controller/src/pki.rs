@@ -107,6 +107,8 @@ pub enum PkiError {
     BadFile { path: PathBuf, reason: String },
     #[error(transparent)]
     KeyFile(#[from] crate::keyfile::KeyFileError),
+    #[error("generating an Ed25519 signing key failed")]
+    KeyGeneration,
 }
 
 /// A certificate and its private key, both PEM.
@@ -158,14 +160,38 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-/// A new Ed25519 key pair (used for every TLS identity; an operator's TLS key
-/// is also the key it signs jobs with).
+/// A new ECDSA P-256 key pair, for every TLS identity: the CA, the
+/// controller's server certificate and the agent, operator and gateway
+/// client certificates. gRPC clients built on gRPC-core/BoringSSL (Python
+/// grpcio, Ruby, C++, C#, PHP) offer no Ed25519 signature scheme in the
+/// handshake and cannot load an Ed25519 client key, so an Ed25519 server
+/// or client certificate shuts them out. Signatures over jobs, approvals,
+/// policies and the audit trail stay Ed25519 ([`new_signing_key_pem`]).
 pub fn new_key() -> Result<KeyPair, PkiError> {
-    Ok(KeyPair::generate_for(&rcgen::PKCS_ED25519)?)
+    Ok(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?)
+}
+
+/// A new Ed25519 signing key as a PKCS#8 PEM: an operator's key for
+/// signing jobs and approvals (a `[[signers]]` entry of the policy), a
+/// policy root or a gateway's signing key. Not a TLS key ([`new_key`]).
+pub fn new_signing_key_pem() -> Result<fleetcmd_core::crypto::Secret<String>, PkiError> {
+    use base64::Engine;
+    let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+        .map_err(|_| PkiError::KeyGeneration)?;
+    Ok(fleetcmd_core::crypto::Secret::new(format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(doc.as_ref())
+    )))
 }
 
 impl Ca {
-    /// Loads `dir/ca.crt` + `dir/ca.key`, creating them on first start.
+    /// Loads `dir/ca.crt` + `dir/ca.key`, creating them on first start
+    /// (with a P-256 key). A CA that exists is kept whatever its key, an
+    /// Ed25519 one of an earlier version included: join tokens pin its
+    /// SHA-256 and agents verify the controller against it, and gRPC-core
+    /// clients verify a chain it signed with Ed25519 (what they cannot do
+    /// is use an Ed25519 key in the handshake, so the controller's server
+    /// certificate, issued at every start, is P-256 whatever the CA).
     pub fn load_or_create(dir: &Path) -> Result<Ca, PkiError> {
         let cert_path = dir.join("ca.crt");
         let key_path = dir.join("ca.key");
@@ -574,5 +600,50 @@ mod tests {
                 .permissions(),
         );
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// The OIDs of a certificate's key and of the signature over it.
+    fn algorithms(pem: &str) -> (String, String) {
+        let der = pem_to_der(pem).expect("der");
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("parse");
+        (
+            cert.public_key().algorithm.algorithm.to_id_string(),
+            cert.signature_algorithm.algorithm.to_id_string(),
+        )
+    }
+
+    const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+    const ECDSA_SHA256: &str = "1.2.840.10045.4.3.2";
+
+    #[test]
+    fn every_tls_identity_of_a_new_fleet_is_p256_and_signing_keys_are_ed25519() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::load_or_create(dir.path()).expect("ca");
+        let want = (EC_PUBLIC_KEY.to_owned(), ECDSA_SHA256.to_owned());
+        assert_eq!(algorithms(ca.cert_pem()), want, "CA");
+        let server = ca.issue_server(&["ctl.example".into()]).expect("server");
+        assert_eq!(algorithms(&server.cert_pem), want, "server certificate");
+        for role in [Role::Operator, Role::Gateway] {
+            let id = ca
+                .issue_identity(role, "alice", Duration::from_secs(60))
+                .expect("issue");
+            assert_eq!(algorithms(&id.cert_pem), want, "{role}");
+            assert!(
+                fleetcmd_core::crypto::SigningKey::from_pkcs8_pem(id.key_pem.expose()).is_err(),
+                "{role}: a TLS key is not an Ed25519 key"
+            );
+        }
+        let agent_key = new_key().expect("key");
+        let csr = CertificateParams::new(Vec::<String>::new())
+            .and_then(|p| p.serialize_request(&agent_key))
+            .expect("csr");
+        let agent = ca
+            .issue_from_csr(csr.der(), Role::Agent, "web-1", Duration::from_secs(60))
+            .expect("agent");
+        assert_eq!(algorithms(&agent), want, "agent");
+        let signing = new_signing_key_pem().expect("signing key");
+        let key = fleetcmd_core::crypto::SigningKey::from_pkcs8_pem(signing.expose())
+            .expect("an Ed25519 signing key");
+        assert!(key.public_key().to_string().starts_with("ed25519:"));
     }
 }

@@ -205,12 +205,14 @@ pub fn operator_env(plan: &Plan, dir: &Path) -> String {
          export FLEETCMD_CONTROLLER={url}\n\
          export FLEETCMD_CA={ca}\n\
          export FLEETCMD_CERT={cert}\n\
-         export FLEETCMD_KEY={key}\n",
+         export FLEETCMD_KEY={key}\n\
+         export FLEETCMD_SIGNING_KEY={sign}\n",
         op = plan.operator,
         url = shell_word(&plan.url),
         ca = shell_word(&p("ca.crt")),
         cert = shell_word(&p(&format!("{}.crt", plan.operator))),
         key = shell_word(&p(&format!("{}.key", plan.operator))),
+        sign = shell_word(&p(&format!("{}.sign.key", plan.operator))),
     )
 }
 

@@ -289,14 +289,18 @@ async fn enrol(
 ) -> Result<(), Failure> {
     let shared = ctl.shared();
     let ca_pem = shared.ca.cert_pem().to_owned();
-    // The operator's certificate; its key also signs the operator's jobs.
+    // The operator's certificate (TLS), and the Ed25519 key that signs the
+    // operator's jobs, as `issue-cert` writes them.
     let op_dir = dir.join("operator");
     let op = shared
         .ca
         .issue_identity(Role::Operator, &plan.operator, config.operator_cert_ttl)?;
-    let op_key = SigningKey::from_pkcs8_pem(op.key_pem.expose())
-        .map_err(|e| anyhow::anyhow!("operator key: {e}"))?;
     write_identity(&op_dir, &plan.operator, &op, &ca_pem)?;
+    let op_key = keygen(&op_dir.join(format!("{}.sign.key", plan.operator)))?;
+    std::fs::write(
+        op_dir.join(format!("{}.sign.pub", plan.operator)),
+        format!("{}\n", op_key.public_key()),
+    )?;
     std::fs::write(
         op_dir.join(format!("{}.env", plan.operator)),
         files::operator_env(plan, &op_dir),

@@ -15,7 +15,7 @@ use fleetcmd_tests::*;
 
 use fleetcmd_tests::workspace_bin as bin;
 
-struct Proc(Child);
+pub(crate) struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -43,9 +43,11 @@ impl Proc {
     }
 }
 
-struct World {
-    dir: tempfile::TempDir,
-    url: String,
+/// A fleet of the real binaries: the controller, `issue-cert`'s operator
+/// `admin` in `dir/op/` and two agents `a-1`, `a-2` (`setup`).
+pub(crate) struct World {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) url: String,
     controller_cfg: PathBuf,
     op: ClientTls,
     op_key: fleetcmd_core::crypto::SigningKey,
@@ -83,7 +85,7 @@ impl World {
         .await
     }
 
-    async fn job(&self, id: &str) -> Option<pb::Job> {
+    pub(crate) async fn job(&self, id: &str) -> Option<pb::Job> {
         let ch = fleetcmd_proto::channel::connect(&self.url, &self.op)
             .await
             .ok()?;
@@ -112,7 +114,7 @@ impl World {
     }
 }
 
-async fn setup() -> (World, Proc, Vec<Proc>) {
+pub(crate) async fn setup() -> (World, Proc, Vec<Proc>) {
     init();
     let dir = tempfile::tempdir().expect("tempdir");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -172,8 +174,8 @@ async fn setup() -> (World, Proc, Vec<Proc>) {
         cert_pem: read("admin.crt"),
         key_pem: read("admin.key"),
     };
-    world.op_key =
-        fleetcmd_core::crypto::SigningKey::from_pkcs8_pem(&world.op.key_pem).expect("operator key");
+    world.op_key = fleetcmd_core::crypto::SigningKey::from_pkcs8_pem(&read("admin.sign.key"))
+        .expect("operator signing key");
     let policy = fleetcmd_cli::fleet::example_policy(
         1,
         &world.op_key.public_key(),

@@ -136,9 +136,33 @@ fn issue_cert_writes_nothing_when_any_of_its_files_exists() {
     }
     assert_eq!(read(&victim), "victim's data");
     std::fs::remove_file(out.join("ca.crt")).expect("unlink");
+    // The operator's signing key is one of its files: in the way, it
+    // stops everything too.
+    std::os::unix::fs::symlink(&victim, out.join("alice.sign.key")).expect("symlink");
+    for force in [false, true] {
+        refused(&issue(force), "symbolic link");
+        assert!(!out.join("alice.key").exists() && !out.join("ca.crt").exists());
+    }
+    assert_eq!(read(&victim), "victim's data");
+    std::fs::remove_file(out.join("alice.sign.key")).expect("unlink");
     let ok = issue(false);
     assert!(ok.status.success(), "{ok:?}");
     let key = read(&out.join("alice.key"));
+    // A P-256 TLS key, and an Ed25519 signing key whose public key is
+    // printed and written for the policy.
+    assert!(
+        fleetcmd_core::crypto::SigningKey::from_pkcs8_pem(&key).is_err(),
+        "the TLS key is not Ed25519"
+    );
+    let signing =
+        fleetcmd_core::crypto::SigningKey::from_pkcs8_pem(&read(&out.join("alice.sign.key")))
+            .expect("an Ed25519 signing key");
+    let public = signing.public_key().to_string();
+    assert_eq!(read(&out.join("alice.sign.pub")), format!("{public}\n"));
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains(&public),
+        "{ok:?}"
+    );
     refused(&issue(false), "already exists");
     assert_eq!(read(&out.join("alice.key")), key);
     let again = issue(true);

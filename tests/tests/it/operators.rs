@@ -62,13 +62,21 @@ fn issue_operator(fleet: &TestFleet, name: &str) -> Operator {
         fleetcmd_controller::keyfile::Existing::Refuse,
     )
     .expect("write key");
+    // The job signing key beside the TLS key, as `issue-cert` writes it.
+    let signing = fleetcmd_controller::pki::new_signing_key_pem().expect("signing key");
+    fleetcmd_controller::keyfile::write_private(
+        &dir.join(format!("{name}.sign.key")),
+        signing.expose().as_bytes(),
+        fleetcmd_controller::keyfile::Existing::Refuse,
+    )
+    .expect("write signing key");
     Operator {
         tls: ClientTls {
             ca_pem: fleet.operator_tls.ca_pem.clone(),
             cert_pem: id.cert_pem.clone(),
             key_pem: id.key_pem.expose().clone(),
         },
-        key: SigningKey::from_pkcs8_pem(id.key_pem.expose()).expect("operator key"),
+        key: SigningKey::from_pkcs8_pem(signing.expose()).expect("operator signing key"),
         cert_path,
         key_path,
     }
