@@ -351,7 +351,7 @@ fn job_spec(command: &str, batch_percent: Option<u8>) -> anyhow::Result<JobSpec>
         args: BTreeMap::new(),
         selector: "all".into(),
         requester: Identity::parse("cli:admin").map_err(|e| anyhow::anyhow!("{e}"))?,
-        channel: "bench".into(),
+        channel: fleetcmd_core::rbac::CLI_CHANNEL.into(),
         approvals: Vec::new(),
         unattested_approvers: Vec::new(),
         timeout_secs: 0,

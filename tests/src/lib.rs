@@ -243,8 +243,9 @@ pub fn spec(command: &str, args: &[(&str, &str)], selector: &str, requester: &st
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         selector: selector.into(),
+        // A channel of the requester's platform (`cli` for operators).
+        channel: requester.split(':').next().unwrap_or_default().into(),
         requester: Identity::parse(requester).expect("identity"),
-        channel: "test".into(),
         approvals: Vec::new(),
         unattested_approvers: Vec::new(),
         timeout_secs: 0,
