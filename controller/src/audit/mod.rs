@@ -70,6 +70,7 @@ pub fn reportable(kind: EventKind) -> bool {
             | EventKind::ApprovalGiven
             | EventKind::ApprovalDenied
             | EventKind::ApprovalExpired
+            | EventKind::ApprovalDropped
             | EventKind::JobCanceled
     )
 }
