@@ -27,6 +27,8 @@ use crate::unix_now;
 /// How often the policy is asked for again while the controller cannot
 /// be reached after a restart.
 pub const POLICY_RETRY: Duration = Duration::from_secs(1);
+/// Logged once a pending approval ended after a restart, its record gone.
+pub const ENDED: &str = "pending approval ended after a restart";
 
 /// Finishes everything `router`'s store holds, posting through the sender
 /// of each record's channel scheme (`slack`, `irc`, `console`, …, as in
@@ -117,6 +119,7 @@ pub async fn run<C: ControllerApi>(
                     .await;
                 router.approvals.forget(&bad.key);
                 router.approvals.flush().await;
+                tracing::info!(job_id = %bad.key, "{ENDED}");
             }
         }
     }
@@ -202,6 +205,7 @@ async fn resume_job<C: ControllerApi>(router: &Router<C>, job: OwedJob, out: &dy
         .follow(&msg, &job.job_id, &posted, Instant::now() + left, out)
         .await;
     router.paid(&job.job_id).await;
+    tracing::info!(job_id = %job.job_id, "owed job result posted; nothing owed any more");
 }
 
 /// Ends or reopens one pending approval.
@@ -331,6 +335,7 @@ async fn end_expired<C: ControllerApi>(
     router.post(out, msg, Reply::text(text)).await;
     router.approvals.forget(job_id);
     router.approvals.flush().await;
+    tracing::info!(job_id, "{ENDED}");
 }
 
 /// The request can no longer run: audited with `reason`, the requester
@@ -363,4 +368,5 @@ async fn end_dropped<C: ControllerApi>(
     }
     router.approvals.forget(job_id);
     router.approvals.flush().await;
+    tracing::info!(job_id, "{ENDED}");
 }

@@ -918,6 +918,8 @@ impl<C: ControllerApi> Router<C> {
                 return None;
             }
         };
+        // Durable before anyone is asked: a restart from here on finds it.
+        self.approvals.flush().await;
         let short = short_id(id.as_str()).to_string();
         self.report(event(
             "approval_requested",

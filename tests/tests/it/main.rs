@@ -11,6 +11,7 @@ mod deploy;
 mod e2e;
 mod enrollment;
 mod exec_limits;
+mod gateway_restart;
 mod grpc;
 mod hardening;
 mod health;
