@@ -167,6 +167,9 @@ pub struct Unreadable {
     pub reason: String,
 }
 
+/// One record read back: its key and value, or why it is unreadable.
+pub type Loaded<T> = Result<(String, T), Unreadable>;
+
 impl<T: serde::Serialize + serde::de::DeserializeOwned> Records<T> {
     /// Writes `value` under `key` (in memory until the next flush).
     pub fn put(&self, key: &str, value: &T) -> Result<(), StoreError> {
@@ -183,7 +186,7 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Records<T> {
 
     /// Every record, in key order; those that do not parse as `T` come
     /// back as [`Unreadable`] with the reason.
-    pub fn all(&self) -> Result<Vec<Result<(String, T), Unreadable>>, StoreError> {
+    pub fn all(&self) -> Result<Vec<Loaded<T>>, StoreError> {
         let mut out = Vec::new();
         for entry in self.tree.iter() {
             let (k, v) = entry?;
