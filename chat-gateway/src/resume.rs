@@ -332,7 +332,20 @@ async fn end_expired<C: ControllerApi>(
         short_id(job_id),
         render::format_duration(window),
     );
-    router.post(out, msg, Reply::text(text)).await;
+    finish(router, msg, job_id, Some((out, text))).await;
+}
+
+/// Tells the requester `told` (where its adapter is there) and removes the
+/// ended request's record.
+async fn finish<C: ControllerApi>(
+    router: &Router<C>,
+    msg: &Incoming,
+    job_id: &str,
+    told: Option<(&dyn ChatSender, String)>,
+) {
+    if let Some((out, text)) = told {
+        router.post(out, msg, Reply::text(text)).await;
+    }
     router.approvals.forget(job_id);
     router.approvals.flush().await;
     tracing::info!(job_id, "{ENDED}");
@@ -358,15 +371,13 @@ async fn end_dropped<C: ControllerApi>(
             reason.clone(),
         ))
         .await;
-    if let Some(out) = out {
-        let who = msg.identity.as_str();
+    let who = msg.identity.as_str();
+    let told = out.map(|out| {
         let text = format!(
             "{who}: the approval request for job {} (`{command}`) was dropped: {reason}; nothing ran",
             short_id(job_id),
         );
-        router.post(out, msg, Reply::text(text)).await;
-    }
-    router.approvals.forget(job_id);
-    router.approvals.flush().await;
-    tracing::info!(job_id, "{ENDED}");
+        (out, text)
+    });
+    finish(router, msg, job_id, told).await;
 }

@@ -31,6 +31,16 @@ fn said(who: &str, text: &str) -> Incoming {
 
 /// The dev policy plus `reboot-demo`, which needs one approval by carol.
 async fn push_approval_policy(fleet: &mut TestFleet) {
+    push_reboot_demo_policy(fleet, 1, &["console:carol"]).await;
+}
+
+/// The dev policy plus `reboot-demo`, which needs `approvals` approvals by
+/// one of `approvers`.
+pub(crate) async fn push_reboot_demo_policy(
+    fleet: &mut TestFleet,
+    approvals: u32,
+    approvers: &[&str],
+) {
     let base = fleetcmd_cli::fleet::example_policy(
         fleet.policy_version + 1,
         &fleet.gateway_key.public_key(),
@@ -38,12 +48,14 @@ async fn push_approval_policy(fleet: &mut TestFleet) {
     );
     let text = base.replace(
         "[roles.admin]",
-        "[commands.reboot-demo]\n\
-         description = \"Pretend to reboot\"\n\
-         argv = [\"/usr/bin/echo\", \"rebooting (demo)\"]\n\
-         requires_approvals = 1\n\n\
-         [roles.admin]",
-    ) + "\n[approvers]\nreboot-demo = [\"console:carol\"]\n";
+        &format!(
+            "[commands.reboot-demo]\n\
+             description = \"Pretend to reboot\"\n\
+             argv = [\"/usr/bin/echo\", \"rebooting (demo)\"]\n\
+             requires_approvals = {approvals}\n\n\
+             [roles.admin]"
+        ),
+    ) + &format!("\n[approvers]\nreboot-demo = {approvers:?}\n");
     fleet.fleet.push_policy(&text).await.expect("policy pushed");
 }
 

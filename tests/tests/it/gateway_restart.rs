@@ -197,22 +197,23 @@ enabled = true
 /// The dev policy plus `reboot-demo`, which needs `approvals` approvals by
 /// carol or bob.
 async fn push_policy(fleet: &mut TestFleet, approvals: u32) {
-    let base = fleetcmd_cli::fleet::example_policy(
-        fleet.policy_version + 1,
-        &fleet.gateway_key.public_key(),
-        &fleet.operator_key.public_key(),
-    );
-    let text = base.replace(
-        "[roles.admin]",
-        &format!(
-            "[commands.reboot-demo]\n\
-             description = \"Pretend to reboot\"\n\
-             argv = [\"/usr/bin/echo\", \"rebooting (demo)\"]\n\
-             requires_approvals = {approvals}\n\n\
-             [roles.admin]"
-        ),
-    ) + "\n[approvers]\nreboot-demo = [\"console:carol\", \"console:bob\"]\n";
-    fleet.fleet.push_policy(&text).await.expect("policy pushed");
+    crate::approvals::push_reboot_demo_policy(fleet, approvals, &["console:carol", "console:bob"])
+        .await;
+}
+
+/// alice asks for `reboot-demo` on a gateway that is then killed with
+/// SIGKILL: the gateway.toml, the state dir and the id shown.
+async fn asked_then_killed(
+    fleet: &TestFleet,
+    approval_timeout: &str,
+) -> (PathBuf, PathBuf, String) {
+    let state = fleet.path().join("gateway-state");
+    let config = gateway_config(fleet, &state, approval_timeout);
+    let mut asked = Gateway::start(&config, "alice");
+    asked.say("run reboot-demo on all");
+    let id = asked.line("the approval request", approve_id).await;
+    asked.kill9();
+    (config, state, id)
 }
 
 /// The job id shown in a `job ID `COMMAND`` header line.
@@ -348,13 +349,7 @@ async fn a_result_owed_when_the_gateway_was_killed_is_posted_once_after_a_restar
 async fn an_approval_pending_when_the_gateway_was_killed_is_approved_after_a_restart_and_runs() {
     let mut fleet = start_fleet(1).await;
     push_policy(&mut fleet, 1).await;
-    let state = fleet.path().join("gateway-state");
-    let config = gateway_config(&fleet, &state, "15m");
-
-    let mut asked = Gateway::start(&config, "alice");
-    asked.say("run reboot-demo on all");
-    let id = asked.line("the approval request", approve_id).await;
-    asked.kill9();
+    let (config, _, id) = asked_then_killed(&fleet, "15m").await;
 
     // carol's console, on the same state dir: the request is still there.
     let mut carol = Gateway::start(&config, "carol");
@@ -390,16 +385,11 @@ async fn an_approval_that_expired_while_the_gateway_was_down_is_recorded_expired
  {
     let mut fleet = start_fleet(1).await;
     push_policy(&mut fleet, 1).await;
-    let state = fleet.path().join("gateway-state");
     // The shortest window gateway.toml accepts.
     let window = Duration::from_secs(10);
-    let config = gateway_config(&fleet, &state, "10s");
-
-    let mut asked = Gateway::start(&config, "alice");
-    asked.say("run reboot-demo on all");
-    let id = asked.line("the approval request", approve_id).await;
+    let (config, _, id) = asked_then_killed(&fleet, "10s").await;
+    // Seen after the request was made, so no earlier than its expiry.
     let expires = Instant::now() + window;
-    asked.kill9();
     // The gateway stays down until the request's window has passed.
     tokio::time::sleep_until((expires + Duration::from_millis(500)).into()).await;
 
@@ -429,13 +419,7 @@ async fn an_approval_that_expired_while_the_gateway_was_down_is_recorded_expired
 async fn requests_the_policy_no_longer_allows_and_damaged_records_are_dropped_with_the_reason() {
     let mut fleet = start_fleet(1).await;
     push_policy(&mut fleet, 1).await;
-    let state = fleet.path().join("gateway-state");
-    let config = gateway_config(&fleet, &state, "15m");
-
-    let mut asked = Gateway::start(&config, "alice");
-    asked.say("run reboot-demo on all");
-    let id = asked.line("the approval request", approve_id).await;
-    asked.kill9();
+    let (config, state, id) = asked_then_killed(&fleet, "15m").await;
 
     // While the gateway is down: the command stops needing approval, and
     // two records are damaged on disk.
