@@ -19,11 +19,12 @@ use crate::controller::ControllerApi;
 use crate::router::Router;
 
 /// Events posted by default.
-pub const DEFAULT_KINDS: [EventKind; 10] = [
+pub const DEFAULT_KINDS: [EventKind; 11] = [
     EventKind::ApprovalRequested,
     EventKind::ApprovalGiven,
     EventKind::ApprovalDenied,
     EventKind::ApprovalExpired,
+    EventKind::ApprovalDropped,
     EventKind::ChatDenied,
     EventKind::JobRefused,
     EventKind::PolicyPushed,

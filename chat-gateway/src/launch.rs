@@ -83,16 +83,18 @@ pub async fn run(
 ) -> Result<(), LaunchError> {
     let base = file.parent().unwrap_or(Path::new("."));
     let ctl = GrpcController::connect_lazy(&opts.controller_url, &opts.tls)?;
-    let mut router = Router::new(opts.router_config(), ctl);
+    // The gateway's state: replay records of every inbound path, the job
+    // results it still owes the chat and the pending approvals, persisted so
+    // a restart forgets none of them.
+    let store = crate::store::GatewayStore::open(&cfg.state_dir)?;
+    let mut router = Router::new(opts.router_config(), ctl).with_store(&store)?;
     if let Some(p) = &cfg.prometheus {
         let client = crate::prometheus::PromClient::new(p)
             .map_err(|e| LaunchError::Prometheus(e.to_string()))?;
         router = router.with_prometheus(client);
     }
     let router = Arc::new(router);
-    // Replay records of every inbound path, persisted: a request accepted
-    // once is refused after a restart too.
-    let store = crate::store::GatewayStore::open(&cfg.state_dir)?;
+    // A request accepted once is refused after a restart too.
     let replay = store.replay()?;
     let mut gw = Gateway::new(router.clone());
     // Each adapter's sending half by channel scheme, for the audit channel.
@@ -159,6 +161,8 @@ pub async fn run(
         .iter()
         .map(|(s, out)| (s.to_string(), out.clone()))
         .collect();
+    // What was owed to the chat when the gateway last stopped.
+    gw.spawn_background(crate::resume::run(router.clone(), named.clone()));
     // Service alerts to PagerDuty / Opsgenie / Statuspage, fed by
     // alerts::run below (bounded; see integrations::Integrations::run).
     let alert_events = match crate::integrations::Integrations::from_config(

@@ -30,8 +30,10 @@ pub mod integrations;
 pub mod launch;
 pub mod notify;
 pub mod oncall;
+pub mod owed;
 pub mod prometheus;
 pub mod render;
+pub mod resume;
 pub mod router;
 pub mod store;
 

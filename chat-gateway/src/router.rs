@@ -28,8 +28,9 @@ use fleetcmd_proto::v1;
 use futures_util::StreamExt;
 
 use crate::adapters::{ChatSender, Incoming, MessageRef, Reply, Section};
-use crate::approvals::{Approvals, ApprovalsError, Decision};
+use crate::approvals::{Approvals, ApprovalsError, Decision, Origin};
 use crate::controller::{ControllerApi, JOBS_LIMIT};
+use crate::owed::{OwedJob, OwedJobs, StoredJob};
 use crate::render::{self, asked_by};
 
 /// How long past its expiry and timeout a job is followed before the
@@ -67,12 +68,36 @@ pub struct LoadedPolicy {
     pub hash: String,
 }
 
+/// A `run` request that passed [`Router::check_request`]: the command,
+/// its arguments and the argv they make.
+pub(crate) type RunChecked<'p> = (
+    &'p CommandDef,
+    std::collections::BTreeMap<String, String>,
+    Vec<String>,
+);
+
+/// Why [`Router::check_request`] refused: the reply text, and the reason
+/// to audit as `chat_denied` when it was a matter of rights.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub text: String,
+    pub denied: Option<String>,
+}
+
+impl Refused {
+    fn text(text: String) -> Refused {
+        Refused { text, denied: None }
+    }
+}
+
 /// Routes chat commands to the controller.
 pub struct Router<C> {
     cfg: RouterConfig,
     ctl: C,
     policy: Mutex<Option<Arc<LoadedPolicy>>>,
-    approvals: Approvals,
+    pub(crate) approvals: Approvals,
+    /// Job results still to post, persisted (none: in memory only).
+    owed: Option<OwedJobs>,
     /// `[prometheus]`, for `query`.
     prometheus: Option<Arc<crate::prometheus::PromClient>>,
     /// Chat `oncall` (PagerDuty REST), when `[pagerduty] api_token` is set.
@@ -97,7 +122,7 @@ fn in_channel(role: &Role, channel: &str) -> bool {
 }
 
 /// An audit event the gateway reports (the controller records the rest).
-fn event(
+pub(crate) fn event(
     kind: &str,
     msg: &Incoming,
     command: &str,
@@ -121,8 +146,44 @@ impl<C: ControllerApi> Router<C> {
             ctl,
             policy: Mutex::new(None),
             approvals: Approvals::default(),
+            owed: None,
             prometheus: None,
             oncall: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Keeps what the gateway owes the chat (job results to post, pending
+    /// approvals) in `store`, so a restart finishes it ([`crate::resume`]).
+    pub fn with_store(
+        mut self,
+        store: &crate::store::GatewayStore,
+    ) -> Result<Router<C>, crate::store::StoreError> {
+        self.approvals = Approvals::persisted(store)?;
+        self.owed = Some(OwedJobs::open(store)?);
+        Ok(self)
+    }
+
+    /// The owed job records, when persisted.
+    pub fn owed(&self) -> Option<&OwedJobs> {
+        self.owed.as_ref()
+    }
+
+    /// Records `job` as owed (durably); a failure is logged and the job
+    /// goes on, followed in memory only.
+    pub(crate) async fn owe(&self, job: &OwedJob) {
+        if let Some(o) = &self.owed
+            && let Err(e) = o.owe(job).await
+        {
+            tracing::error!(job_id = %job.job_id, error = %e, "owed job result not persisted");
+        }
+    }
+
+    /// Nothing more is owed for `job_id`.
+    pub(crate) async fn paid(&self, job_id: &str) {
+        if let Some(o) = &self.owed
+            && let Err(e) = o.paid(job_id).await
+        {
+            tracing::error!(job_id, error = %e, "posted job result not recorded");
         }
     }
 
@@ -163,7 +224,7 @@ impl<C: ControllerApi> Router<C> {
 
     /// Records `event` in the audit trail; a failure is logged, never shown
     /// to the user (the reply has already been decided).
-    async fn report(&self, event: v1::AuditReportRequest) {
+    pub(crate) async fn report(&self, event: v1::AuditReportRequest) {
         let kind = event.kind.clone();
         if let Err(e) = self.ctl.report(event).await {
             tracing::warn!(kind, error = %e, "audit report failed");
@@ -241,7 +302,7 @@ impl<C: ControllerApi> Router<C> {
         }
     }
 
-    async fn post(
+    pub(crate) async fn post(
         &self,
         out: &dyn ChatSender,
         msg: &Incoming,
@@ -738,6 +799,41 @@ impl<C: ControllerApi> Router<C> {
         }
     }
 
+    /// What `run` checks before anything is submitted or an approval is
+    /// asked for (and, after a restart, before a pending approval is
+    /// reopened): the selector, the asker's right to run the command here,
+    /// the arguments. `Ok` is the command, its arguments and the argv.
+    pub(crate) fn check_request<'p>(
+        &self,
+        policy: &'p Policy,
+        msg: &Incoming,
+        req: &RunRequest,
+    ) -> Result<RunChecked<'p>, Refused> {
+        let who = msg.identity.as_str();
+        let selector = Selector::parse(&req.selector).map_err(|e| Refused::text(e.to_string()))?;
+        if let Err(denied) = check_run(policy, &msg.identity, &msg.channel, &req.command, &selector)
+        {
+            tracing::info!(identity = who, channel = %msg.channel, command = %req.command, reason = %denied, "run denied");
+            return Err(Refused {
+                text: format!("refused: {denied}; nothing was submitted"),
+                denied: Some(format!("run on {}: {denied}", req.selector)),
+            });
+        }
+        // check_run already refused unknown commands; kept for safety.
+        let def = policy
+            .command(&req.command)
+            .ok_or_else(|| Refused::text(format!("unknown command `{}`", req.command)))?;
+        let args = bind_positional(def, &req.args).map_err(|e| {
+            Refused::text(format!(
+                "{e}; usage: run {} on <selector>",
+                render::usage(def)
+            ))
+        })?;
+        let argv = build_argv(def, &args)
+            .map_err(|e| Refused::text(format!("{e}; nothing was submitted")))?;
+        Ok((def, args, argv))
+    }
+
     async fn run(&self, msg: &Incoming, req: RunRequest, out: &dyn ChatSender) {
         let who = msg.identity.as_str();
         let refuse = |text: String| Reply::text(format!("{text}{}", asked_by(who)));
@@ -748,67 +844,14 @@ impl<C: ControllerApi> Router<C> {
                 return;
             }
         };
-        let selector = match Selector::parse(&req.selector) {
-            Ok(s) => s,
-            Err(e) => {
-                self.post(out, msg, refuse(e.to_string())).await;
-                return;
-            }
-        };
-        if let Err(denied) = check_run(
-            &p.policy,
-            &msg.identity,
-            &msg.channel,
-            &req.command,
-            &selector,
-        ) {
-            tracing::info!(identity = who, channel = %msg.channel, command = %req.command, reason = %denied, "run denied");
-            self.post(
-                out,
-                msg,
-                refuse(format!("refused: {denied}; nothing was submitted")),
-            )
-            .await;
-            self.report(event(
-                "chat_denied",
-                msg,
-                &req.command,
-                "",
-                format!("run on {}: {denied}", req.selector),
-            ))
-            .await;
-            return;
-        }
-        let Some(def) = p.policy.command(&req.command) else {
-            // check_run already refused unknown commands; kept for safety.
-            self.post(
-                out,
-                msg,
-                refuse(format!("unknown command `{}`", req.command)),
-            )
-            .await;
-            return;
-        };
-        let args = match bind_positional(def, &req.args) {
-            Ok(a) => a,
-            Err(e) => {
-                self.post(
-                    out,
-                    msg,
-                    refuse(format!(
-                        "{e}; usage: run {} on <selector>",
-                        render::usage(def)
-                    )),
-                )
-                .await;
-                return;
-            }
-        };
-        let argv = match build_argv(def, &args) {
-            Ok(a) => a,
-            Err(e) => {
-                self.post(out, msg, refuse(format!("{e}; nothing was submitted")))
-                    .await;
+        let (def, args, argv) = match self.check_request(&p.policy, msg, &req) {
+            Ok(checked) => checked,
+            Err(refusal) => {
+                self.post(out, msg, refuse(refusal.text)).await;
+                if let Some(denied) = refusal.denied {
+                    self.report(event("chat_denied", msg, &req.command, "", denied))
+                        .await;
+                }
                 return;
             }
         };
@@ -847,7 +890,7 @@ impl<C: ControllerApi> Router<C> {
     /// waits for the decision. `Some(approvers)` once enough distinct
     /// allowed approvers said yes; `None` (after saying so in the channel)
     /// when denied, expired or refused.
-    async fn await_approval(
+    pub(crate) async fn await_approval(
         &self,
         msg: &Incoming,
         req: &RunRequest,
@@ -866,7 +909,13 @@ impl<C: ControllerApi> Router<C> {
             unix_now(),
             window.as_secs(),
         );
-        let mut decided = match self.approvals.open(request) {
+        let origin = Origin {
+            channel: msg.channel.clone(),
+            thread: msg.thread.clone(),
+            text: self.command_text(msg).unwrap_or(&msg.text).to_string(),
+            message: None,
+        };
+        let decided = match self.approvals.open(request, origin) {
             Ok(rx) => rx,
             Err(e) => {
                 self.post(
@@ -878,6 +927,8 @@ impl<C: ControllerApi> Router<C> {
                 return None;
             }
         };
+        // Durable before anyone is asked: a restart from here on finds it.
+        self.approvals.flush().await;
         let short = short_form(id.as_str()).to_string();
         self.report(event(
             "approval_requested",
@@ -900,6 +951,38 @@ impl<C: ControllerApi> Router<C> {
             who,
         );
         let posted = self.post(out, msg, request_reply.clone()).await;
+        self.approvals
+            .posted(id.as_str(), posted.as_ref().map(|p| p.id.clone()));
+        self.approvals.flush().await;
+        self.settle_approval(
+            msg,
+            &def.name,
+            id,
+            (request_reply, posted),
+            window,
+            window,
+            decided,
+            out,
+        )
+        .await
+    }
+
+    /// Waits up to `wait` for the decision on the request for `id` (posted
+    /// as `request`), says how it ended and reports an expiry. `window` is
+    /// the request's whole lifetime, for the expiry text.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn settle_approval(
+        &self,
+        msg: &Incoming,
+        command: &str,
+        id: &JobId,
+        request: (Reply, Option<MessageRef>),
+        wait: Duration,
+        window: Duration,
+        mut decided: tokio::sync::oneshot::Receiver<Decision>,
+        out: &dyn ChatSender,
+    ) -> Option<Vec<GivenApproval>> {
+        let (request_reply, posted) = request;
         let settle = |text: String| {
             let mut reply = request_reply.clone();
             reply.actions.clear();
@@ -907,7 +990,7 @@ impl<C: ControllerApi> Router<C> {
             reply.thread = msg.thread.clone();
             reply
         };
-        let decision = match tokio::time::timeout(window, &mut decided).await {
+        let decision = match tokio::time::timeout(wait, &mut decided).await {
             Ok(Ok(d)) => Some(d),
             Ok(Err(_)) => None,
             // An approval may land just as the window closes.
@@ -933,10 +1016,11 @@ impl<C: ControllerApi> Router<C> {
                 if !self.approvals.close(id.as_str()) {
                     return None;
                 }
+                self.approvals.flush().await;
                 self.report(event(
                     "approval_expired",
                     msg,
-                    &def.name,
+                    command,
                     id.as_str(),
                     format!("no decision within {} s", window.as_secs()),
                 ))
@@ -990,6 +1074,7 @@ impl<C: ControllerApi> Router<C> {
         };
         match taken {
             Ok(o) => {
+                self.approvals.flush().await;
                 let (detail, text) = match o.progress {
                     Progress::Approved => (
                         "enough approvals".to_string(),
@@ -1042,6 +1127,7 @@ impl<C: ControllerApi> Router<C> {
             .deny(id, &p.policy, &msg.identity, &msg.channel, reason)
         {
             Ok(o) => {
+                self.approvals.flush().await;
                 self.report(event(
                     "approval_denied",
                     msg,
@@ -1077,7 +1163,7 @@ impl<C: ControllerApi> Router<C> {
     /// Signs the job (with the approvals this gateway attests), submits it
     /// and follows it.
     #[allow(clippy::too_many_arguments)]
-    async fn submit_and_follow(
+    pub(crate) async fn submit_and_follow(
         &self,
         msg: &Incoming,
         req: &RunRequest,
@@ -1090,9 +1176,16 @@ impl<C: ControllerApi> Router<C> {
         let who = msg.identity.as_str();
         let refuse = |text: String| Reply::text(format!("{text}{}", asked_by(who)));
         let timeout = req.options.timeout.unwrap_or(Duration::ZERO);
+        let effective = if timeout.is_zero() {
+            def.timeout
+        } else {
+            timeout
+        };
+        let follow_for = self.cfg.job_expiry + effective + FOLLOW_SLACK;
+        let deadline = Instant::now() + follow_for;
         let mut id = id;
         let mut attempt = 1;
-        let submitted = loop {
+        let (submitted, mut owed) = loop {
             let now = unix_now();
             let mut spec = JobSpec {
                 id: id.clone(),
@@ -1119,10 +1212,27 @@ impl<C: ControllerApi> Router<C> {
                 .map(|a| a.attest(&spec, &self.cfg.signer_id, &self.cfg.signing_key))
                 .collect();
             let signed = SignedJob::sign(&spec, &self.cfg.signer_id, &self.cfg.signing_key);
+            // Owed before it is submitted: a restart in between submits it then.
+            let owed = OwedJob {
+                v: crate::owed::RECORD_VERSION,
+                job_id: id.as_str().to_string(),
+                command: def.name.clone(),
+                requester: msg.identity.clone(),
+                channel: msg.channel.clone(),
+                thread: msg.thread.clone(),
+                message: None,
+                follow_until: now + follow_for.as_secs(),
+                signed: StoredJob::of(&signed),
+            };
+            self.owe(&owed).await;
+            // The approval's end is its job, owed now.
+            self.approvals.forget(id.as_str());
+            self.approvals.flush().await;
             let e = match self.ctl.submit(signed).await {
-                Ok(s) => break s,
+                Ok(s) => break (s, owed),
                 Err(e) => e,
             };
+            self.paid(id.as_str()).await;
             // ABORTED: this id's short id names a stored job already; a
             // fresh id makes a fresh short id. Nothing else is retried.
             let fresh = (e.code == tonic::Code::Aborted && attempt < SHORT_ID_ATTEMPTS)
@@ -1158,18 +1268,17 @@ impl<C: ControllerApi> Router<C> {
             if n == 1 { "" } else { "s" }
         );
         let Some(posted) = self.post(out, msg, Reply::text(header)).await else {
+            self.paid(id.as_str()).await;
             return;
         };
         if n == 0 {
+            self.paid(id.as_str()).await;
             return;
         }
-        let effective = if timeout.is_zero() {
-            def.timeout
-        } else {
-            timeout
-        };
-        let deadline = Instant::now() + self.cfg.job_expiry + effective + FOLLOW_SLACK;
+        owed.message = Some(posted.id.clone());
+        self.owe(&owed).await;
         self.follow(msg, &job_id, &posted, deadline, out).await;
+        self.paid(id.as_str()).await;
     }
 
     async fn dry_run(
@@ -1242,7 +1351,7 @@ impl<C: ControllerApi> Router<C> {
     /// the posted message with progress and then the result. Changes come
     /// from the controller's `Watch` stream; when it is unavailable or ends
     /// early the router polls `Get` every `poll_interval` instead.
-    async fn follow(
+    pub(crate) async fn follow(
         &self,
         msg: &Incoming,
         job_id: &str,

@@ -1,8 +1,9 @@
 //! The gateway's state on disk, in `state_dir` (default
 //! [`DEFAULT_STATE_DIR`]): one sled database, one tree per kind of state,
-//! each behind a narrow typed handle. Today it holds the replay records of
-//! every inbound HTTP path ([`ReplayGuard`]); pending approvals and owed
-//! chat messages are meant to become further trees here, so a restart
+//! each behind a narrow typed handle: the replay records of every inbound
+//! HTTP path ([`ReplayGuard`]), and [`Records`] trees of versioned JSON
+//! records for what the gateway still owes the chat (job results to post:
+//! `crate::owed`; pending approvals: `crate::approvals`), so a restart
 //! forgets none of them.
 //!
 //! Records are durable before the caller acts on them (record, flush, then
@@ -46,6 +47,9 @@ impl From<sled::Error> for StoreError {
 #[derive(Clone)]
 pub struct GatewayStore {
     db: sled::Db,
+    /// One flush at a time across every tree (see [`ReplayInner::flushing`]:
+    /// sled flushes the whole database, and concurrent flushes deadlocked).
+    flushing: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for GatewayStore {
@@ -77,14 +81,20 @@ impl GatewayStore {
                 }
                 e => fail(e.to_string()),
             })?;
-        Ok(GatewayStore { db })
+        Ok(GatewayStore {
+            db,
+            flushing: Arc::default(),
+        })
     }
 
     /// A store that lives only as long as this process (tests, and tools
     /// that serve no inbound HTTP).
     pub fn temporary() -> Result<GatewayStore, StoreError> {
         let db = sled::Config::new().temporary(true).open()?;
-        Ok(GatewayStore { db })
+        Ok(GatewayStore {
+            db,
+            flushing: Arc::default(),
+        })
     }
 
     /// The replay records, pruned of expired ones.
@@ -96,11 +106,121 @@ impl GatewayStore {
                 count: AtomicUsize::new(0),
                 since_prune: AtomicUsize::new(0),
                 max: MAX_REPLAY_RECORDS,
-                flushing: std::sync::Mutex::new(()),
+                flushing: self.flushing.clone(),
             }),
         };
         guard.prune(crate::unix_now())?;
         Ok(guard)
+    }
+}
+
+impl GatewayStore {
+    /// The records of tree `name`, typed as `T` (JSON values).
+    pub fn records<T>(&self, name: &'static str) -> Result<Records<T>, StoreError> {
+        Ok(Records {
+            tree: self.db.open_tree(name)?,
+            name,
+            flushing: self.flushing.clone(),
+            _t: std::marker::PhantomData,
+        })
+    }
+}
+
+/// A tree of JSON records of one type, keyed by a string (a job id). Writes
+/// land in memory at once ([`put`](Records::put), [`remove`](Records::remove)
+/// do no I/O, so they may be called under a lock) and become durable with
+/// [`flush`](Records::flush), which runs on the blocking pool, one flush at
+/// a time for the whole store.
+pub struct Records<T> {
+    tree: sled::Tree,
+    name: &'static str,
+    flushing: Arc<std::sync::Mutex<()>>,
+    _t: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Records<T> {
+    fn clone(&self) -> Self {
+        Records {
+            tree: self.tree.clone(),
+            name: self.name,
+            flushing: self.flushing.clone(),
+            _t: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Records<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Records")
+            .field("tree", &self.name)
+            .field("len", &self.tree.len())
+            .finish()
+    }
+}
+
+/// A stored record that could not be read back, with why; it is never
+/// acted on (the caller reports and removes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// The record's key as stored (lossy UTF-8).
+    pub key: String,
+    pub reason: String,
+}
+
+/// One record read back: its key and value, or why it is unreadable.
+pub type Loaded<T> = Result<(String, T), Unreadable>;
+
+impl<T: serde::Serialize + serde::de::DeserializeOwned> Records<T> {
+    /// Writes `value` under `key` (in memory until the next flush).
+    pub fn put(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value)
+            .map_err(|e| StoreError::Io(format!("{} {key}: {e}", self.name)))?;
+        self.tree.insert(key.as_bytes(), bytes)?;
+        Ok(())
+    }
+
+    /// Removes `key` (in memory until the next flush); true if it was there.
+    pub fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.tree.remove(key.as_bytes())?.is_some())
+    }
+
+    /// Every record, in key order; those that do not parse as `T` come
+    /// back as [`Unreadable`] with the reason.
+    pub fn all(&self) -> Result<Vec<Loaded<T>>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.tree.iter() {
+            let (k, v) = entry?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            out.push(match serde_json::from_slice::<T>(&v) {
+                Ok(t) => Ok((key, t)),
+                Err(e) => Err(Unreadable {
+                    key,
+                    reason: format!("unreadable {} record: {e}", self.name),
+                }),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Makes every write so far durable (the whole store's), on the
+    /// blocking pool.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let tree = self.tree.clone();
+        let flushing = self.flushing.clone();
+        tokio::task::spawn_blocking(move || {
+            let _one = flushing.lock().unwrap_or_else(|p| p.into_inner());
+            tree.flush().map(|_| ())
+        })
+        .await
+        .map_err(|e| StoreError::Io(e.to_string()))?
+        .map_err(StoreError::from)
+    }
+
+    /// Writes raw bytes under `key`: for tests that plant a damaged record.
+    pub fn put_raw(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.tree.insert(key.as_bytes(), bytes)?;
+        self.tree.flush()?;
+        Ok(())
     }
 }
 
@@ -183,7 +303,7 @@ struct ReplayInner {
     /// requests). A blocking `flush` under this lock writes everything
     /// recorded so far, so callers that queue behind it find their record
     /// already durable: a group commit.
-    flushing: std::sync::Mutex<()>,
+    flushing: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for ReplayGuard {

@@ -48,6 +48,9 @@ pub enum EventKind {
     ApprovalGiven,
     ApprovalDenied,
     ApprovalExpired,
+    /// A pending approval ended without a decision: the policy changed
+    /// under it, its record was unreadable, or its adapter is gone.
+    ApprovalDropped,
     ChatDenied,
     /// A call without a certificate, with the wrong role, or by a revoked
     /// identity; bad chat signatures and webhook HMACs.
@@ -83,6 +86,7 @@ impl EventKind {
         EventKind::ApprovalGiven,
         EventKind::ApprovalDenied,
         EventKind::ApprovalExpired,
+        EventKind::ApprovalDropped,
         EventKind::ChatDenied,
         EventKind::AuthFailed,
         EventKind::ServiceChanged,
@@ -111,6 +115,7 @@ impl EventKind {
             EventKind::ApprovalGiven => "approval_given",
             EventKind::ApprovalDenied => "approval_denied",
             EventKind::ApprovalExpired => "approval_expired",
+            EventKind::ApprovalDropped => "approval_dropped",
             EventKind::ChatDenied => "chat_denied",
             EventKind::AuthFailed => "auth_failed",
             EventKind::ServiceChanged => "service_changed",

@@ -71,6 +71,7 @@ pub fn reportable(kind: EventKind) -> bool {
             | EventKind::ApprovalGiven
             | EventKind::ApprovalDenied
             | EventKind::ApprovalExpired
+            | EventKind::ApprovalDropped
             | EventKind::JobCanceled
     )
 }
