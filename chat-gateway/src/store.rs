@@ -58,6 +58,32 @@ impl std::fmt::Debug for GatewayStore {
     }
 }
 
+/// The state dir holds what the gateway owes the chat (pending approvals,
+/// followed jobs) and its replay records: whoever else can write it can
+/// erase a pending approval without any audit record (found by an outside
+/// test). It must be this process's own, writable by nobody else.
+fn check_private(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(dir).map_err(|e| e.to_string())?;
+    // /proc/self belongs to the process's effective user.
+    let me = std::fs::metadata("/proc/self")
+        .map_err(|e| format!("/proc/self: {e}"))?
+        .uid();
+    if meta.uid() != me {
+        return Err(format!(
+            "owned by uid {}, not by this gateway's user (uid {me}): chown it, or use a state_dir of its own",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "writable by group or others (mode {:o}): chmod 0700 it",
+            meta.mode() & 0o777
+        ));
+    }
+    Ok(())
+}
+
 impl GatewayStore {
     /// Opens the state directory `dir` (created with mode 0700 if missing).
     pub fn open(dir: &Path) -> Result<GatewayStore, StoreError> {
@@ -72,6 +98,7 @@ impl GatewayStore {
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
         builder.create(dir).map_err(|e| fail(e.to_string()))?;
+        check_private(dir).map_err(fail)?;
         let db = sled::Config::new()
             .path(dir.join("state.sled"))
             .open()
@@ -519,6 +546,22 @@ mod tests {
         assert_eq!(g.len(), 2);
         g.forget("s", "c");
         assert_eq!(g.first_use("s", "c", 20, 11).await, Ok(Use::First));
+    }
+
+    #[test]
+    fn a_state_dir_others_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).expect("dir");
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let err = GatewayStore::open(&state).expect_err("a 0777 state dir");
+        assert!(
+            err.to_string().contains("writable by group or others"),
+            "{err}"
+        );
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        GatewayStore::open(&state).expect("a private state dir");
     }
 
     /// Ten and more signed requests at once wedged the gateway for good

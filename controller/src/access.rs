@@ -70,10 +70,9 @@ fn deny(shared: &Shared, peer: &Peer, job_id: &str, message: String) -> ApiError
     ApiError::PermissionDenied(message)
 }
 
-/// A refusal about a job the caller may not see: the audit record names
-/// the job, its command and targets; the caller learns none of them (an
-/// outside test read other operators' commands and selectors from the
-/// refusal text).
+/// A refusal about a job the caller may not see: neither the reply nor
+/// the audit record (which the caller may read as their own action) names
+/// the job's command or targets (outside tests read them from both).
 fn deny_hidden(
     shared: &Shared,
     peer: &Peer,
@@ -87,10 +86,9 @@ fn deny_hidden(
     shared.security_event(
         Event::new(EventKind::PermissionDenied, crate::audit::peer_actor(peer))
             .job(&job.job_id)
-            .detail(format!(
-                "{refusal} ({}: `{}` on `{}`): {why}",
-                job.job_id, job.command, job.selector
-            )),
+            // The record is the caller's to read too (their own action):
+            // it names the job, not its command or targets.
+            .detail(format!("{refusal}: {why}")),
     );
     ApiError::PermissionDenied(format!("{refusal}: {why}"))
 }

@@ -166,6 +166,14 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         move |source| StartError::Io { path, source }
     };
     std::fs::create_dir_all(&config.data_dir).map_err(io(&config.data_dir))?;
+    // The CA key, the database (every job's output) and the audit key are
+    // the controller's alone: its directory is 0700 whatever the umask
+    // (an outside test read job output from a 0755 data_dir as nobody).
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(&config.data_dir))?;
+    }
     let ca = Ca::load_or_create(&config.data_dir.join("pki"))?;
     let db_path = config.data_dir.join("db");
     let cache_bytes = config.store_cache_bytes;

@@ -289,7 +289,16 @@ impl pb::jobs_server::Jobs for Svc {
         req: Request<pb::SignedJob>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let peer = admitted(&req)?;
-        Ok(Response::new(self.0.submit(&peer, req.into_inner()).await?))
+        // Its own task: a caller that goes away mid-call (a deadline, a
+        // killed gateway) must not cut a submission off between storing
+        // the job and handing it to the dispatcher (an outside test left
+        // jobs stored as running, to run at the next restart).
+        let shared = self.0.clone();
+        let job = req.into_inner();
+        let res = tokio::spawn(async move { shared.submit(&peer, job).await })
+            .await
+            .map_err(|e| Status::internal(format!("submitting: {e}")))?;
+        Ok(Response::new(res?))
     }
 
     async fn get(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {

@@ -117,6 +117,8 @@ pub enum NotCounted {
 pub struct Verified<'a> {
     pub counted: BTreeSet<&'a Identity>,
     pub rejected: Vec<NotCounted>,
+    /// The persons counted ([`Identity::person`]): one approval each.
+    persons: BTreeSet<String>,
 }
 
 impl Verified<'_> {
@@ -158,7 +160,7 @@ pub fn verify_approvals<'a>(policy: &Policy, spec: &'a JobSpec) -> Verified<'a> 
             out.rejected.push(NotCounted::BadSignature(who));
             continue;
         }
-        if a.approver == spec.requester {
+        if a.approver.same_person(&spec.requester) {
             out.rejected.push(NotCounted::Requester(who));
             continue;
         }
@@ -170,9 +172,11 @@ pub fn verify_approvals<'a>(policy: &Policy, spec: &'a JobSpec) -> Verified<'a> 
             });
             continue;
         }
-        if !out.counted.insert(&a.approver) {
+        if !out.persons.insert(a.approver.person()) {
             out.rejected.push(NotCounted::Duplicate(who));
+            continue;
         }
+        out.counted.insert(&a.approver);
     }
     out
 }
@@ -256,10 +260,10 @@ impl ApprovalRequest {
         if self.expired(now) {
             return Err(ApprovalError::Expired(id));
         }
-        if *who == self.requester {
+        if who.same_person(&self.requester) {
             return Err(ApprovalError::OwnRequest(id));
         }
-        if self.approvals.iter().any(|a| a.approver == *who) {
+        if self.approvals.iter().any(|a| a.approver.same_person(who)) {
             return Err(ApprovalError::AlreadyApproved(id));
         }
         if !may_approve(policy, who, &self.command, channel) {
@@ -286,12 +290,14 @@ impl ApprovalRequest {
     /// Approvals that count under `policy` (a policy change between two
     /// approvals can take an approver's right away).
     pub fn got(&self, policy: &Policy) -> u32 {
+        let mut persons = BTreeSet::new();
         let n = self
             .approvals
             .iter()
             .filter(|a| {
-                a.approver != self.requester
+                !a.approver.same_person(&self.requester)
                     && may_approve(policy, &a.approver, &self.command, &a.channel)
+                    && persons.insert(a.approver.person())
             })
             .count();
         u32::try_from(n).unwrap_or(u32::MAX)
@@ -305,7 +311,7 @@ impl ApprovalRequest {
         who: &Identity,
         channel: &str,
     ) -> Result<(), ApprovalError> {
-        if *who == self.requester || may_approve(policy, who, &self.command, channel) {
+        if who.same_person(&self.requester) || may_approve(policy, who, &self.command, channel) {
             Ok(())
         } else {
             Err(ApprovalError::MayNotDeny(self.job_id.as_str().to_string()))
@@ -394,6 +400,27 @@ restart = ["irc:net:lead*"]
         );
         assert_eq!(r.approvals[1].channel, CH);
         assert_eq!(r.approvals[1].approved_at, 1003);
+    }
+
+    #[test]
+    fn one_person_under_another_irc_user_name_is_still_one_person() {
+        let p = policy();
+        // The requester reconnects as lead0!other@elsewhere: still lead0.
+        let mut r = request("restart", 1);
+        assert_eq!(
+            r.approve(&p, &id("irc:net:LEAD0!~x@elsewhere"), CH, 1001),
+            Err(ApprovalError::OwnRequest(JOB.into()))
+        );
+        // One approver twice under two user names counts once.
+        let mut r = request("restart", 2);
+        assert_eq!(
+            r.approve(&p, &id("irc:net:lead1!~a@h"), CH, 1001),
+            Ok(Progress::Waiting { got: 1, needed: 2 })
+        );
+        assert_eq!(
+            r.approve(&p, &id("irc:net:lead1!~b@h"), CH, 1002),
+            Err(ApprovalError::AlreadyApproved(JOB.into()))
+        );
     }
 
     #[test]

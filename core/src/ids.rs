@@ -356,6 +356,36 @@ impl Identity {
         &self.0
     }
 
+    /// Who this identity is as a person, for "never the requester" and
+    /// "each approver once": the identity itself, except an IRC
+    /// `nick!user@host`, which is its network and nick (ASCII case folded).
+    /// The user part is whatever the client sends where the server runs no
+    /// identd, and a host is shared by everyone behind it, so one person
+    /// reconnecting as `alice!~a2@h` is still alice (found by an outside
+    /// test: a requester approved their own job under another user name).
+    ///
+    /// ```
+    /// use fleetcmd_core::ids::Identity;
+    /// let a = Identity::parse("irc:net:Alice!~a1@h1").unwrap();
+    /// let b = Identity::parse("irc:net:alice!~a2@h2").unwrap();
+    /// assert_eq!(a.person(), b.person());
+    /// assert_eq!(Identity::parse("slack:T1:U1").unwrap().person(), "slack:T1:U1");
+    /// ```
+    pub fn person(&self) -> String {
+        if let Some(rest) = self.0.strip_prefix("irc:")
+            && let Some((network, who)) = rest.split_once(':')
+            && let Some((nick, _)) = who.split_once('!')
+        {
+            return format!("irc:{network}:{}", nick.to_ascii_lowercase());
+        }
+        self.0.clone()
+    }
+
+    /// Whether two identities are the same person ([`Identity::person`]).
+    pub fn same_person(&self, other: &Identity) -> bool {
+        self.person() == other.person()
+    }
+
     /// The scheme, e.g. `slack`.
     pub fn scheme(&self) -> &str {
         self.0.split_once(':').map_or("", |(s, _)| s)

@@ -158,15 +158,27 @@ pub fn commands_for<'p>(policy: &'p Policy, who: &Identity, channel: &str) -> Ve
 }
 
 /// Whether `channel` is on `who`'s own platform: its scheme (the part
-/// before the first `:`, or all of it) is `who`'s. An operator (`cli:NAME`)
+/// before the first `:`, or all of it) is `who`'s, and where `who` names a
+/// network, workspace or server (`irc:NET:…`, `slack:TEAM:…`,
+/// `mattermost:SERVER:…`, `campfire:SERVER:…`, `webhook:NAME:…`: three
+/// parts or more), the channel names the same one. An operator (`cli:NAME`)
 /// acts from the channel `cli`, a chat user from a channel of their chat
-/// (`irc:libera:#ops` for `irc:libera:alice!…`). The signer names both
-/// requester and channel, so without this an operator's key could claim a
-/// chat channel and use that channel's roles from the CLI (found by an
-/// outside test); checked for jobs and approvals alike.
+/// (`irc:libera:#ops` or the private `irc:libera:alice` for
+/// `irc:libera:alice!…`). The signer names both requester and channel, so
+/// without this an operator's key could claim a chat channel and use that
+/// channel's roles from the CLI, and a gateway could move its users into
+/// another network's channels (found by outside tests); checked for jobs
+/// and approvals alike.
 pub fn on_own_platform(who: &Identity, channel: &str) -> bool {
     let scheme = channel.split_once(':').map_or(channel, |(s, _)| s);
-    scheme == who.scheme()
+    if scheme != who.scheme() {
+        return false;
+    }
+    let mut parts = who.as_str().splitn(3, ':');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(scheme), Some(place), Some(_)) => channel.starts_with(&format!("{scheme}:{place}:")),
+        _ => true,
+    }
 }
 
 /// Whether `who` may approve jobs of `command` from `channel`: one of
@@ -426,7 +438,7 @@ mod tests {
         );
         check(
             "slack:T0002:U024BE7LH",
-            ONCALL,
+            "slack:T0002:C0OPS",
             "uptime",
             "all",
             Err("you have no roles"),
@@ -522,6 +534,16 @@ roles = ["oncall"]
             ("irc:n:a!u@h", "irc:n:#ops", true),
             ("irc:n:a!u@h", "irc:n:a", true),
             ("irc:n:a!u@h", "ircx:n:#ops", false),
+            // Another network, workspace or webhook than the user's own.
+            ("irc:n:a!u@h", "irc:other:#ops", false),
+            ("irc:n:a!u@h", "irc:n", false),
+            ("slack:T1:U1", "slack:T2:C1", false),
+            ("webhook:ops:carol", "webhook:other:#ops", false),
+            (
+                "xmpp:a@example.com",
+                "xmpp:ops@conference.example.com",
+                true,
+            ),
             ("slack:T1:U1", "slack:T1:C1", true),
             ("slack:T1:U1", "cli", false),
             ("cli:a", "console", false),

@@ -135,12 +135,13 @@ may = ["*"]                     # read and cancel every job, audit, tokens, revo
 
 [roles.ops]
 commands = ["*"]
-
+{ops_channels}
 [[bindings]]
 subjects = [{op_identity}]
 roles = ["admin"]
 "#,
         basic = crate::fleet::BASIC_COMMANDS,
+        ops_channels = ops_channels(plan),
         gw_id = GATEWAY_SIGNER,
         gateway = gateway,
         gw_vouches = toml_list(&plan.gateway_vouches_for()),
@@ -163,6 +164,30 @@ roles = ["admin"]
         );
     }
     s
+}
+
+/// The chat admins act where the team sees them: the IRC channels the
+/// bot joins and the console (not private messages, where one person could
+/// ask and approve out of everyone's sight).
+fn ops_channels(plan: &Plan) -> String {
+    let mut channels = Vec::new();
+    if plan.console {
+        channels.push("console".to_string());
+    }
+    if let Some(irc) = &plan.irc {
+        channels.extend(
+            irc.channels
+                .iter()
+                .map(|c| format!("irc:{}:{c}", irc.network)),
+        );
+    }
+    if channels.is_empty() {
+        return String::new();
+    }
+    format!(
+        "channels = {}          # where the team sees what is asked and approved\n",
+        toml_list(&channels)
+    )
 }
 
 /// controller.toml: `data_dir` is absolute, so it runs from anywhere.
@@ -271,12 +296,15 @@ state_dir = "state"
 }
 
 /// The line to paste on a host: joins it under its name with its token.
+/// The token goes in the environment, not argv: another local user reads
+/// a process's arguments in /proc but not its environment (an outside test
+/// stole a token from the command line and joined first).
 pub fn join_line(plan: &Plan, host: &str, token: &str) -> String {
     format!(
-        "fleetcmd-agent join --controller {} --name {} --token {}",
+        "FLEETCMD_JOIN_TOKEN={} fleetcmd-agent join --controller {} --name {}",
+        shell_word(token),
         shell_word(&plan.url),
-        shell_word(host),
-        shell_word(token)
+        shell_word(host)
     )
 }
 
@@ -360,6 +388,11 @@ mod tests {
             fleetcmd_core::rbac::check_run(&parsed, &alice, "irc:libera:#ops", "uptime", &sel)
                 .is_ok()
         );
+        // Not from a private message: the team sees what admins do.
+        assert!(
+            fleetcmd_core::rbac::check_run(&parsed, &alice, "irc:libera:alice", "uptime", &sel)
+                .is_err()
+        );
         let stranger =
             fleetcmd_core::ids::Identity::parse("irc:libera:eve!e@evil.example").expect("id");
         assert!(
@@ -406,7 +439,7 @@ mod tests {
         let line = join_line(&plan(), "web-1", "fct1_x");
         assert_eq!(
             line,
-            "fleetcmd-agent join --controller https://ctl.example.com:7443 --name web-1 --token fct1_x"
+            "FLEETCMD_JOIN_TOKEN=fct1_x fleetcmd-agent join --controller https://ctl.example.com:7443 --name web-1"
         );
     }
 }

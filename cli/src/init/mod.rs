@@ -121,8 +121,7 @@ fn plan(args: &InitArgs) -> Result<Plan, Failure> {
         return Err(usage("--irc-server needs --chat irc"));
     }
     for who in &args.chat_admins {
-        fleetcmd_core::ids::Identity::parse(who)
-            .map_err(|e| usage(format!("--chat-admin {who:?}: {e}")))?;
+        check_chat_admin(who)?;
     }
     let tls_names = match url.host.parse::<std::net::IpAddr>() {
         Ok(ip) if ip.is_loopback() => Vec::new(),
@@ -139,6 +138,29 @@ fn plan(args: &InitArgs) -> Result<Plan, Failure> {
         irc,
         hosts,
     })
+}
+
+/// A chat admin gets every command: a well-formed identity or pattern,
+/// and on IRC one that a stranger cannot take by picking a nick. A
+/// `nick!user@host` is only as strong as its host part (the user part is
+/// the client's word where the server runs no identd), so the host must be
+/// named (`alice!*@ops.example.com`), or the IRCv3 account used
+/// (`irc:libera:alice`). An outside test took `alice!*@*` by connecting as
+/// alice.
+fn check_chat_admin(who: &str) -> Result<(), Failure> {
+    fleetcmd_core::ids::Identity::parse(who)
+        .map_err(|e| usage(format!("--chat-admin {who:?}: {e}")))?;
+    if let Some(rest) = who.strip_prefix("irc:")
+        && let Some((_, userhost)) = rest.split_once('!')
+    {
+        let host = userhost.rsplit_once('@').map_or("", |(_, h)| h);
+        if host.is_empty() || host.contains('*') {
+            return Err(usage(format!(
+                "--chat-admin {who:?}: anyone can take a nick; name the host                  (irc:NET:alice!*@ops.example.com) or use the IRCv3 account (irc:NET:alice)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The host and port of an `https://HOST:PORT` controller URL.

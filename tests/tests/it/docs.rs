@@ -3,7 +3,8 @@
 //! (not copied here) and run with bash, in order, with the real binaries on
 //! PATH. The only changes are the documented example names: the controller
 //! `ctl.example.com:7443` and the IRC server `irc.example.com:6667` become
-//! loopback addresses on free ports. `controller` blocks run in one working
+//! loopback addresses on free ports, and alice's `ops.example.com` is
+//! loopback. `controller` blocks run in one working
 //! directory; `each-host` blocks run once per host in its own mount and UTS
 //! namespace (its own /etc/fleetcmd, /var/lib/fleetcmd and host name), in a
 //! directory holding only its join file, as if copied there. Then alice, a
@@ -235,6 +236,8 @@ async fn the_readme_takes_a_team_from_nothing_to_a_chat_answer_from_two_hosts() 
     let map = |s: &str| {
         s.replace("ctl.example.com:7443", &format!("127.0.0.1:{ctl_port}"))
             .replace("irc.example.com:6667", &format!("127.0.0.1:{}", irc.port))
+            // Where alice connects from.
+            .replace("ops.example.com", "127.0.0.1")
     };
     let tmp = tempfile::tempdir().expect("tempdir");
     let work = tmp.path().join("controller-host");

@@ -462,3 +462,39 @@ async fn an_agent_with_a_skewed_clock_shows_it_in_its_health() {
     drop(tx);
     fleet.fleet.shutdown().await.expect("shutdown");
 }
+
+/// A caller that gives up mid-submit (a tiny deadline, a killed gateway)
+/// does not leave its job stored but never dispatched: every job the
+/// controller stored runs now, not at its next restart (found by an
+/// outside test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_the_caller_abandons_is_dispatched_or_not_stored() {
+    let fleet = start_fleet(1).await;
+    let ch = fleet.operator().await;
+    let mut ids = Vec::new();
+    for i in 0..40u64 {
+        let (spec, job) = fleet.operator_job("uptime", &[], "all");
+        let mut req = tonic::Request::new(to_pb(job));
+        // 1 ms to 20.5 ms: some calls end before, some during, some after
+        // the submission.
+        req.set_timeout(Duration::from_micros(1000 + i * 500));
+        let _ = pb::jobs_client::JobsClient::new(ch.clone())
+            .submit(req)
+            .await;
+        ids.push(spec.id.as_str().to_string());
+    }
+    let shared = fleet.controller.shared().clone();
+    let mut stored = 0;
+    for id in &ids {
+        if shared.get_job(id).is_ok() {
+            stored += 1;
+            let job = fleet.wait_job(id).await;
+            assert_eq!(job.state, "succeeded", "{job:?}");
+        }
+    }
+    assert!(
+        stored > 0,
+        "no submission got through: the deadlines were too short to test anything"
+    );
+    fleet.fleet.shutdown().await.expect("shutdown");
+}

@@ -44,7 +44,14 @@ fn init_writes_every_secret_readable_by_its_owner_only() {
         String::from_utf8_lossy(&out.stderr)
     );
     let fleet = tmp.path().join("fleet");
-    for dir in ["admin", "controller", "operator", "gateway", "hosts"] {
+    for dir in [
+        "admin",
+        "controller",
+        "controller/data",
+        "operator",
+        "gateway",
+        "hosts",
+    ] {
         assert_eq!(mode(&fleet.join(dir)), 0o700, "{dir}");
     }
     let mut keys = 0;
@@ -65,9 +72,10 @@ fn init_writes_every_secret_readable_by_its_owner_only() {
     assert!(keys >= 8, "only {keys} secrets found");
     let join = std::fs::read_to_string(fleet.join("hosts/web-1.join")).expect("join line");
     assert!(
-        join.starts_with(
-            "fleetcmd-agent join --controller https://127.0.0.1:7443 --name web-1 --token fct1_"
-        ),
+        join.starts_with("FLEETCMD_JOIN_TOKEN=fct1_")
+            && join.ends_with(
+                " fleetcmd-agent join --controller https://127.0.0.1:7443 --name web-1\n"
+            ),
         "{join}"
     );
 }
@@ -97,6 +105,15 @@ fn init_refuses_a_used_directory_and_bad_flags_and_writes_nothing() {
         (vec!["--chat", "irc"], "--irc-server"),
         (vec!["--chat", "slack"], "--chat \"slack\""),
         (vec!["--chat-admin", "nobody"], "--chat-admin"),
+        // Anyone can take a nick: an IRC admin names the host.
+        (
+            vec!["--chat-admin", "irc:x:alice!*@*"],
+            "anyone can take a nick",
+        ),
+        (
+            vec!["--chat-admin", "irc:x:alice!a@h*"],
+            "anyone can take a nick",
+        ),
         (vec!["--token-ttl", "soon"], "--token-ttl"),
     ] {
         let mut all = vec!["--dir", "fresh"];

@@ -259,6 +259,20 @@ async fn an_operator_reads_cancels_and_enrolls_only_what_its_roles_allow() {
         &as_op(&fleet, &bob, &["job", "output", &db_job]).await,
         "may not read that job",
     );
+    // Nor does the audit record of that refusal, which bob may read as his
+    // own action.
+    let own = as_op(&fleet, &bob, &["audit", "search", "--job", &db_job]).await;
+    assert!(own.ok, "{}", own.stderr);
+    assert!(
+        own.stdout.contains("may not read that job"),
+        "{}",
+        own.stdout
+    );
+    assert!(
+        !own.stdout.contains("sleep") && !own.stdout.contains("role=db"),
+        "{}",
+        own.stdout
+    );
     let shown = as_op(&fleet, &bob, &["job", &web_job]).await;
     assert!(shown.ok, "{}", shown.stderr);
     // `--limit 1` counts the jobs bob may read: the newest is alice's db job.
