@@ -24,6 +24,7 @@ use fleetcmd_core::rbac::{
     JobFacts, check_run, commands_for, may_cancel_job, may_read_record, may_see_job, roles_of,
 };
 use fleetcmd_core::selector::Selector;
+use fleetcmd_core::terminal::excerpt;
 use fleetcmd_proto::v1;
 use futures_util::StreamExt;
 
@@ -546,9 +547,10 @@ impl<C: ControllerApi> Router<C> {
             }
         }
         let mut reply = Reply::text(format!(
-            "audit: {} record{} for `{query}`, newest first{}",
+            "audit: {} record{} for `{}`, newest first{}",
             lines.len(),
             if lines.len() == 1 { "" } else { "s" },
+            excerpt(query),
             asked_by(who)
         ));
         if lines.len() == AUDIT_CHAT_RECORDS {
@@ -561,6 +563,7 @@ impl<C: ControllerApi> Router<C> {
                 blocks: vec![crate::adapters::CodeBlock {
                     label: String::new(),
                     text: lines.join("\n"),
+                    omitted_lines: 0,
                 }],
                 ..Section::default()
             });
@@ -655,7 +658,11 @@ impl<C: ControllerApi> Router<C> {
             Ok(s) => match s.into_iter().next() {
                 Some(s) => s,
                 None => {
-                    return Reply::text(format!("no service named {service}{}", asked_by(who)));
+                    return Reply::text(format!(
+                        "no service named {}{}",
+                        excerpt(&service),
+                        asked_by(who)
+                    ));
                 }
             },
             Err(e) => return Reply::text(format!("silence: {}{}", e.message, asked_by(who))),
@@ -697,12 +704,17 @@ impl<C: ControllerApi> Router<C> {
             (Ok(_), Some(d)) => Reply::text(format!(
                 "alerts of {service} silenced for {}{}{}",
                 fleetcmd_core::duration::format_duration(d),
-                reason.map(|r| format!(": {r}")).unwrap_or_default(),
+                reason
+                    .map(|r| format!(": {}", excerpt(&r)))
+                    .unwrap_or_default(),
                 asked_by(who)
             )),
-            (Err(e), _) => {
-                Reply::text(format!("silence {service}: {}{}", e.message, asked_by(who)))
-            }
+            (Err(e), _) => Reply::text(format!(
+                "silence {}: {}{}",
+                excerpt(&service),
+                e.message,
+                asked_by(who)
+            )),
         }
     }
 
@@ -727,8 +739,17 @@ impl<C: ControllerApi> Router<C> {
         };
         match self.ctl.get_job(id.clone()).await {
             Ok(job) if Self::may_see(&p.policy, msg, &job) => render::job_for(&job, who),
-            Ok(_) => Reply::text(format!("job {id} is not visible to you{}", asked_by(who))),
-            Err(e) => Reply::text(format!("job {id}: {}{}", e.message, asked_by(who))),
+            Ok(_) => Reply::text(format!(
+                "job {} is not visible to you{}",
+                excerpt(&id),
+                asked_by(who)
+            )),
+            Err(e) => Reply::text(format!(
+                "job {}: {}{}",
+                excerpt(&id),
+                e.message,
+                asked_by(who)
+            )),
         }
     }
 
@@ -740,20 +761,39 @@ impl<C: ControllerApi> Router<C> {
             Ok(p) => p,
             Err(r) => return r,
         };
+        let shown = excerpt(&id);
         match self.ctl.get_job(id.clone()).await {
             Ok(job)
                 if may_cancel_job(&p.policy, &msg.identity, &msg.channel, Self::facts(&job)) =>
             {
                 match self.ctl.cancel(job.job_id.clone(), who.to_string()).await {
                     Ok(job) => render::job_for(&job, who),
-                    Err(e) => Reply::text(format!("job {id}: {}{}", e.message, asked_by(who))),
+                    Err(e) => Reply::text(format!("job {shown}: {}{}", e.message, asked_by(who))),
                 }
             }
-            Ok(_) => Reply::text(format!(
-                "job {id} may only be canceled by its requester or by someone who may run its command on its targets here{}",
-                asked_by(who)
-            )),
-            Err(e) => Reply::text(format!("job {id}: {}{}", e.message, asked_by(who))),
+            Ok(job) => {
+                // A refusal of rights is a security event like a refused
+                // run: audited as `chat_denied`, with the job it was about.
+                tracing::info!(identity = who, channel = %msg.channel, job_id = %job.job_id, "cancel denied");
+                self.report(event(
+                    "chat_denied",
+                    msg,
+                    &job.command,
+                    &job.job_id,
+                    format!(
+                        "cancel {}: not its requester, and may not run `{}` on {} here",
+                        short_form(&job.job_id),
+                        job.command,
+                        job.selector
+                    ),
+                ))
+                .await;
+                Reply::text(format!(
+                    "job {shown} may only be canceled by its requester or by someone who may run its command on its targets here{}",
+                    asked_by(who)
+                ))
+            }
+            Err(e) => Reply::text(format!("job {shown}: {}{}", e.message, asked_by(who))),
         }
     }
 
@@ -768,8 +808,17 @@ impl<C: ControllerApi> Router<C> {
             Ok(job) if Self::may_see(&p.policy, msg, &job) => {
                 render::output_for(&job, host.as_deref(), who)
             }
-            Ok(_) => Reply::text(format!("job {id} is not visible to you{}", asked_by(who))),
-            Err(e) => Reply::text(format!("job {id}: {}{}", e.message, asked_by(who))),
+            Ok(_) => Reply::text(format!(
+                "job {} is not visible to you{}",
+                excerpt(&id),
+                asked_by(who)
+            )),
+            Err(e) => Reply::text(format!(
+                "job {}: {}{}",
+                excerpt(&id),
+                e.message,
+                asked_by(who)
+            )),
         }
     }
 
@@ -822,7 +871,7 @@ impl<C: ControllerApi> Router<C> {
         // check_run already refused unknown commands; kept for safety.
         let def = policy
             .command(&req.command)
-            .ok_or_else(|| Refused::text(format!("unknown command `{}`", req.command)))?;
+            .ok_or_else(|| Refused::text(format!("unknown command `{}`", excerpt(&req.command))))?;
         let args = bind_positional(def, &req.args).map_err(|e| {
             Refused::text(format!(
                 "{e}; usage: run {} on <selector>",
@@ -1106,7 +1155,7 @@ impl<C: ControllerApi> Router<C> {
                         msg,
                         "",
                         "",
-                        format!("approve {id}: {why}"),
+                        format!("approve {}: {why}", excerpt(id)),
                     ))
                     .await;
                 }
@@ -1151,7 +1200,7 @@ impl<C: ControllerApi> Router<C> {
                         msg,
                         "",
                         "",
-                        format!("deny {id}: {why}"),
+                        format!("deny {}: {why}", excerpt(id)),
                     ))
                     .await;
                 }
@@ -1340,6 +1389,7 @@ impl<C: ControllerApi> Router<C> {
                 blocks: vec![crate::adapters::CodeBlock {
                     label: String::new(),
                     text: table.trim_end().to_string(),
+                    omitted_lines: 0,
                 }],
                 ..Section::default()
             });

@@ -93,6 +93,10 @@ pub struct Section {
 pub struct CodeBlock {
     pub label: String,
     pub text: String,
+    /// Lines of the original (a host's whole output) left out of `text`
+    /// before the reply was built; an adapter that cuts further adds them
+    /// to its own "N more lines", so the count says what is really missing.
+    pub omitted_lines: usize,
 }
 
 impl Reply {
