@@ -16,7 +16,7 @@ use fleetcmd_core::argv::{bind_positional, build_argv};
 use fleetcmd_core::audit::{ExportLine, Filter};
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
 use fleetcmd_core::grammar::{self, ChatCommand, RunRequest};
-use fleetcmd_core::ids::{IdError, JobId, SHORT_ID_ATTEMPTS, short_form};
+use fleetcmd_core::ids::{IdError, JobId, JobRef, SHORT_ID_ATTEMPTS, short_form};
 use fleetcmd_core::job::{JobSpec, SignedJob};
 use fleetcmd_core::policy::{CommandDef, Policy, Role};
 use fleetcmd_core::policy_bundle::{PolicySignature, bundle_hash, check_rollback, verify_bundle};
@@ -737,6 +737,11 @@ impl<C: ControllerApi> Router<C> {
             Ok(p) => p,
             Err(r) => return r,
         };
+        // A reference that cannot name a job is refused here: the reply quotes
+        // a bounded excerpt of it, and the controller is not asked.
+        if let Err(e) = JobRef::parse(&id) {
+            return Reply::text(format!("{e}{}", asked_by(who)));
+        }
         match self.ctl.get_job(id.clone()).await {
             Ok(job) if Self::may_see(&p.policy, msg, &job) => render::job_for(&job, who),
             Ok(_) => Reply::text(format!(
@@ -761,6 +766,9 @@ impl<C: ControllerApi> Router<C> {
             Ok(p) => p,
             Err(r) => return r,
         };
+        if let Err(e) = JobRef::parse(&id) {
+            return Reply::text(format!("{e}{}", asked_by(who)));
+        }
         let shown = excerpt(&id);
         match self.ctl.get_job(id.clone()).await {
             Ok(job)
@@ -804,6 +812,9 @@ impl<C: ControllerApi> Router<C> {
             Ok(p) => p,
             Err(r) => return r,
         };
+        if let Err(e) = JobRef::parse(&id) {
+            return Reply::text(format!("{e}{}", asked_by(who)));
+        }
         match self.ctl.get_job(id.clone()).await {
             Ok(job) if Self::may_see(&p.policy, msg, &job) => {
                 render::output_for(&job, host.as_deref(), who)
