@@ -731,30 +731,50 @@ impl<C: ControllerApi> Router<C> {
         may_see_job(policy, &msg.identity, &msg.channel, Self::facts(job))
     }
 
-    async fn job(&self, msg: &Incoming, id: String) -> Reply {
+    /// The job `id` names, with the policy to judge it by; or the reply
+    /// when the asker has no role here, `id` cannot name a job, or the
+    /// controller has none. Replies quote a bounded excerpt of `id`.
+    async fn find_job(
+        &self,
+        msg: &Incoming,
+        id: &str,
+    ) -> Result<(Arc<LoadedPolicy>, v1::Job), Reply> {
         let who = msg.identity.as_str();
-        let p = match self.policy_for_reads(msg).await {
-            Ok(p) => p,
-            Err(r) => return r,
-        };
-        // A reference that cannot name a job is refused here: the reply quotes
-        // a bounded excerpt of it, and the controller is not asked.
-        if let Err(e) = JobRef::parse(&id) {
-            return Reply::text(format!("{e}{}", asked_by(who)));
+        let p = self.policy_for_reads(msg).await?;
+        // A reference that cannot name a job is refused here, and the
+        // controller is not asked.
+        if let Err(e) = JobRef::parse(id) {
+            return Err(Reply::text(format!("{e}{}", asked_by(who))));
         }
-        match self.ctl.get_job(id.clone()).await {
-            Ok(job) if Self::may_see(&p.policy, msg, &job) => render::job_for(&job, who),
-            Ok(_) => Reply::text(format!(
-                "job {} is not visible to you{}",
-                excerpt(&id),
-                asked_by(who)
-            )),
-            Err(e) => Reply::text(format!(
+        match self.ctl.get_job(id.to_string()).await {
+            Ok(job) => Ok((p, job)),
+            Err(e) => Err(Reply::text(format!(
                 "job {}: {}{}",
-                excerpt(&id),
+                excerpt(id),
                 e.message,
                 asked_by(who)
-            )),
+            ))),
+        }
+    }
+
+    /// [`Self::find_job`], for a job the asker may see.
+    async fn visible_job(&self, msg: &Incoming, id: &str) -> Result<v1::Job, Reply> {
+        let (p, job) = self.find_job(msg, id).await?;
+        if Self::may_see(&p.policy, msg, &job) {
+            Ok(job)
+        } else {
+            Err(Reply::text(format!(
+                "job {} is not visible to you{}",
+                excerpt(id),
+                asked_by(msg.identity.as_str())
+            )))
+        }
+    }
+
+    async fn job(&self, msg: &Incoming, id: String) -> Reply {
+        match self.visible_job(msg, &id).await {
+            Ok(job) => render::job_for(&job, msg.identity.as_str()),
+            Err(r) => r,
         }
     }
 
@@ -762,74 +782,49 @@ impl<C: ControllerApi> Router<C> {
     /// those targets in this channel, may cancel.
     async fn cancel(&self, msg: &Incoming, id: String) -> Reply {
         let who = msg.identity.as_str();
-        let p = match self.policy_for_reads(msg).await {
-            Ok(p) => p,
+        let (p, job) = match self.find_job(msg, &id).await {
+            Ok(found) => found,
             Err(r) => return r,
         };
-        if let Err(e) = JobRef::parse(&id) {
-            return Reply::text(format!("{e}{}", asked_by(who)));
-        }
-        let shown = excerpt(&id);
-        match self.ctl.get_job(id.clone()).await {
-            Ok(job)
-                if may_cancel_job(&p.policy, &msg.identity, &msg.channel, Self::facts(&job)) =>
-            {
-                match self.ctl.cancel(job.job_id.clone(), who.to_string()).await {
-                    Ok(job) => render::job_for(&job, who),
-                    Err(e) => Reply::text(format!("job {shown}: {}{}", e.message, asked_by(who))),
-                }
-            }
-            Ok(job) => {
-                // A refusal of rights is a security event like a refused
-                // run: audited as `chat_denied`, with the job it was about.
-                tracing::info!(identity = who, channel = %msg.channel, job_id = %job.job_id, "cancel denied");
-                self.report(event(
-                    "chat_denied",
-                    msg,
-                    &job.command,
-                    &job.job_id,
-                    format!(
-                        "cancel {}: not its requester, and may not run `{}` on {} here",
-                        short_form(&job.job_id),
-                        job.command,
-                        job.selector
-                    ),
-                ))
-                .await;
-                Reply::text(format!(
-                    "job {shown} may only be canceled by its requester or by someone who may run its command on its targets here{}",
-                    asked_by(who)
-                ))
-            }
-            Err(e) => Reply::text(format!("job {shown}: {}{}", e.message, asked_by(who))),
-        }
-    }
-
-    /// `output ID [HOST]`: the stored output, as data.
-    async fn output(&self, msg: &Incoming, id: String, host: Option<String>) -> Reply {
-        let who = msg.identity.as_str();
-        let p = match self.policy_for_reads(msg).await {
-            Ok(p) => p,
-            Err(r) => return r,
-        };
-        if let Err(e) = JobRef::parse(&id) {
-            return Reply::text(format!("{e}{}", asked_by(who)));
-        }
-        match self.ctl.get_job(id.clone()).await {
-            Ok(job) if Self::may_see(&p.policy, msg, &job) => {
-                render::output_for(&job, host.as_deref(), who)
-            }
-            Ok(_) => Reply::text(format!(
-                "job {} is not visible to you{}",
+        if !may_cancel_job(&p.policy, &msg.identity, &msg.channel, Self::facts(&job)) {
+            // A refusal of rights is a security event like a refused run:
+            // audited as `chat_denied`, with the job it was about.
+            tracing::info!(identity = who, channel = %msg.channel, job_id = %job.job_id, "cancel denied");
+            self.report(event(
+                "chat_denied",
+                msg,
+                &job.command,
+                &job.job_id,
+                format!(
+                    "cancel {}: not its requester, and may not run `{}` on {} here",
+                    short_form(&job.job_id),
+                    job.command,
+                    job.selector
+                ),
+            ))
+            .await;
+            return Reply::text(format!(
+                "job {} may only be canceled by its requester or by someone who may run its command on its targets here{}",
                 excerpt(&id),
                 asked_by(who)
-            )),
+            ));
+        }
+        match self.ctl.cancel(job.job_id.clone(), who.to_string()).await {
+            Ok(job) => render::job_for(&job, who),
             Err(e) => Reply::text(format!(
                 "job {}: {}{}",
                 excerpt(&id),
                 e.message,
                 asked_by(who)
             )),
+        }
+    }
+
+    /// `output ID [HOST]`: the stored output, as data.
+    async fn output(&self, msg: &Incoming, id: String, host: Option<String>) -> Reply {
+        match self.visible_job(msg, &id).await {
+            Ok(job) => render::output_for(&job, host.as_deref(), msg.identity.as_str()),
+            Err(r) => r,
         }
     }
 

@@ -12,6 +12,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::support::{RecordingSender, Sent, ask, msg, new_key, now, world, world_with};
 
+/// The options of `run` that help must not hide.
+const RUN_OPTIONS: [&str; 5] = [
+    "--batch",
+    "--max-errors",
+    "--canary",
+    "--timeout",
+    "--dry-run",
+];
+
 fn one_text(sent: &[Sent]) -> String {
     assert_eq!(sent.len(), 1, "{sent:#?}");
     sent[0].text()
@@ -35,13 +44,7 @@ async fn help_lists_only_permitted_commands() {
     let topic = one_text(&ask(&w, "console:bob", "!help restart").await);
     assert!(topic.contains("not a command you may run"), "{topic}");
     // The rate and dry-run options of run are listed, not hidden.
-    for option in [
-        "--batch",
-        "--max-errors",
-        "--canary",
-        "--timeout",
-        "--dry-run",
-    ] {
+    for option in RUN_OPTIONS {
         assert!(bob.contains(option), "{option}: {bob}");
     }
     // `help VERB` answers for every verb of the grammar, even for someone
@@ -55,13 +58,7 @@ async fn help_lists_only_permitted_commands() {
         );
     }
     let run = one_text(&ask(&w, "console:bob", "!help run").await);
-    for option in [
-        "--batch",
-        "--max-errors",
-        "--canary",
-        "--timeout",
-        "--dry-run",
-    ] {
+    for option in RUN_OPTIONS {
         assert!(
             run.lines().any(|l| l.trim_start().starts_with(option)),
             "{option} not explained: {run}"
