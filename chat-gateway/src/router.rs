@@ -1063,7 +1063,7 @@ impl<C: ControllerApi> Router<C> {
                 let why = if reason.is_empty() {
                     String::new()
                 } else {
-                    format!(": {reason}")
+                    format!(": {}", excerpt(&reason))
                 };
                 (format!("denied by {}{why}; nothing ran", by.as_str()), None)
             }

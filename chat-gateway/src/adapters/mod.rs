@@ -141,7 +141,9 @@ pub enum AdapterError {
         what: String,
         source: std::io::Error,
     },
-    #[error("invalid identity for this adapter: {0}")]
+    /// The `IdError` already says "invalid identity"; saying it again
+    /// read `invalid identity for this adapter: invalid identity …`.
+    #[error("{0} (for this adapter)")]
     Identity(#[from] fleetcmd_core::ids::IdError),
     #[error("message {0} cannot be edited: unknown id")]
     UnknownMessage(String),
