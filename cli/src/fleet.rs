@@ -27,8 +27,22 @@ pub const GATEWAY_SIGNER: &str = "gateway-dev";
 pub const OPERATOR_SIGNER: &str = "operator-dev";
 pub const OPERATOR_NAME: &str = "admin";
 
+/// The commands every first policy starts with (`fleetcmd dev`'s and
+/// `fleetcmd init`'s): they read, never change, a host.
+pub const BASIC_COMMANDS: &str = r#"[commands.uptime]
+description = "Load average and uptime"
+argv = ["/usr/bin/uptime"]
+timeout = "10s"
+
+[commands.df]
+description = "Disk usage of local file systems"
+argv = ["/usr/bin/df", "-h", "-l", "-x", "tmpfs", "-x", "devtmpfs", "-x", "overlay"]
+timeout = "10s"
+"#;
+
 /// The example policy of `fleetcmd dev`: `{gateway}` and `{operator}` are the
-/// signers' public keys, `{version}` the version.
+/// signers' public keys, `{version}` the version, `{basic}` the
+/// [`BASIC_COMMANDS`].
 pub const EXAMPLE_POLICY: &str = r#"# fleetcmd dev: example policy (the allow-list and who may use it)
 version = {version}
 
@@ -44,16 +58,7 @@ public_key = "{operator}"
 may_sign = ["*"]
 vouches_for = ["cli:admin"]    # an operator's key vouches for that operator only
 
-[commands.uptime]
-description = "Load average and uptime"
-argv = ["/usr/bin/uptime"]
-timeout = "10s"
-
-[commands.df]
-description = "Disk usage of local file systems"
-argv = ["/usr/bin/df", "-h", "-l", "-x", "tmpfs", "-x", "devtmpfs", "-x", "overlay"]
-timeout = "10s"
-
+{basic}
 [commands.echo]
 description = "Print a text"
 argv = ["/usr/bin/echo", "{text}"]
@@ -84,6 +89,7 @@ roles = ["admin"]
 
 pub fn example_policy(version: u64, gateway: &PublicKey, operator: &PublicKey) -> String {
     EXAMPLE_POLICY
+        .replace("{basic}", BASIC_COMMANDS)
         .replace("{version}", &version.to_string())
         .replace("{gateway}", &gateway.to_string())
         .replace("{operator}", &operator.to_string())

@@ -110,16 +110,7 @@ public_key = "{operator}"
 may_sign = ["*"]
 vouches_for = [{op_identity}]  # an operator's key speaks for that operator only
 
-[commands.uptime]
-description = "Load average and uptime"
-argv = ["/usr/bin/uptime"]
-timeout = "10s"
-
-[commands.df]
-description = "Disk usage of local file systems"
-argv = ["/usr/bin/df", "-h", "-l", "-x", "tmpfs", "-x", "devtmpfs", "-x", "overlay"]
-timeout = "10s"
-
+{basic}
 [commands.free]
 description = "Memory in use"
 argv = ["/usr/bin/free", "-m"]
@@ -149,6 +140,7 @@ commands = ["*"]
 subjects = [{op_identity}]
 roles = ["admin"]
 "#,
+        basic = crate::fleet::BASIC_COMMANDS,
         gw_id = GATEWAY_SIGNER,
         gateway = gateway,
         gw_vouches = toml_list(&plan.gateway_vouches_for()),

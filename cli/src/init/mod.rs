@@ -228,7 +228,10 @@ fn prepare_dir(dir: &Path) -> Result<PathBuf, Failure> {
     for sub in ["admin", "controller", "operator", "gateway", "hosts"] {
         std::fs::create_dir(dir.join(sub))?;
     }
+    // Everything but the policy is someone's secret: the controller's
+    // directory holds its CA key and database.
     set_mode(&dir.join("admin"), 0o700)?;
+    set_mode(&dir.join("controller"), 0o700)?;
     set_mode(&dir.join("operator"), 0o700)?;
     set_mode(&dir.join("gateway"), 0o700)?;
     set_mode(&dir.join("hosts"), 0o700)?;

@@ -19,9 +19,14 @@ use fleetcmd_proto::v1 as pb;
 use fleetcmd_tests::*;
 
 fn said(who: &str, text: &str) -> Incoming {
+    // A channel of the speaker's own chat (`console` for console users).
+    let channel = match who.split(':').next() {
+        Some("console") | None => "console".to_string(),
+        Some(scheme) => format!("{scheme}:T0001:C0OPS"),
+    };
     Incoming {
         identity: Identity::parse(who).expect("identity"),
-        channel: "console".into(),
+        channel,
         text: text.into(),
         thread: None,
         direct: true,

@@ -231,7 +231,8 @@ fn approve_id(line: &str) -> Option<String> {
     rest.split('`').next().map(str::to_string)
 }
 
-/// Audit records about approvals whose job id starts with `shown`, as
+/// Audit records about approvals of the job chat showed as `shown` (its
+/// short id, or a prefix of its full id), as
 /// (kind, detail).
 async fn approval_records(fleet: &TestFleet, shown: &str) -> Vec<(String, String)> {
     let mut audit = pb::audit_client::AuditClient::new(fleet.operator().await);
@@ -257,9 +258,9 @@ async fn approval_records(fleet: &TestFleet, shown: &str) -> Vec<(String, String
         .iter()
         .filter_map(|r| serde_json::from_str::<serde_json::Value>(r).ok())
         .filter(|v| {
-            v["event"]["job_id"]
-                .as_str()
-                .is_some_and(|id| id.starts_with(shown))
+            v["event"]["job_id"].as_str().is_some_and(|id| {
+                fleetcmd_core::ids::short_form(id) == shown || id.starts_with(shown)
+            })
         })
         .map(|v| {
             (

@@ -16,6 +16,7 @@ mod gateway_restart;
 mod grpc;
 mod hardening;
 mod health;
+mod init;
 mod job_signatures;
 mod key_files;
 mod labels;
