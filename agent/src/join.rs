@@ -19,7 +19,9 @@ use crate::state::{Identity, StateDir, StateError, write_atomic};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
-    #[error("join token: {0}")]
+    /// The token's own message names it ("join token must …"); a prefix
+    /// here would say it twice, and `{:#}` would add the source a third time.
+    #[error(transparent)]
     Token(#[from] fleetcmd_core::join_token::TokenError),
     #[error("join token expired")]
     Expired,
@@ -37,7 +39,7 @@ pub enum JoinError {
     Key(String),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("{0}")]
+    #[error(transparent)]
     Url(#[from] fleetcmd_proto::channel::ChannelError),
 }
 

@@ -85,7 +85,10 @@ fn main() -> ExitCode {
             if new_config {
                 write_new_config(&cli.config, &opts.controller, &opts.state_dir)?;
             } else if let Err(e) = record_controller(&cli.config, &opts.controller) {
-                eprintln!("fleetcmd-agent: {e:#}; set `controller` there by hand");
+                eprintln!(
+                    "fleetcmd-agent: {}; set `controller` there by hand",
+                    fleetcmd_core::error_chain::error_chain(e.as_ref())
+                );
             }
             if !no_start {
                 start_service();
@@ -103,7 +106,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fleetcmd-agent: {e:#}");
+            eprintln!(
+                "fleetcmd-agent: {}",
+                fleetcmd_core::error_chain::error_chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -21,6 +21,7 @@ use crate::store::{GatewayStore, Records, StoreError, Unreadable};
 use fleetcmd_core::approval::{ApprovalError, ApprovalRequest, GivenApproval, Progress};
 use fleetcmd_core::ids::{IdError, Identity, JobId, JobRef};
 use fleetcmd_core::policy::Policy;
+use fleetcmd_core::terminal::excerpt;
 use tokio::sync::oneshot;
 
 /// Requests waiting at once; beyond it `run` of an approval command is
@@ -50,9 +51,9 @@ pub struct Outcome {
 /// Why `approve` / `deny` did nothing.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum ApprovalsError {
-    #[error("no approval request is waiting for `{0}`")]
+    #[error("no approval request is waiting for `{}`", excerpt(.0))]
     NotFound(String),
-    #[error("`{0}` matches several approval requests; give more of the id")]
+    #[error("`{}` matches several approval requests; give more of the id", excerpt(.0))]
     Ambiguous(String),
     /// Neither a full id, a short id, nor a long enough prefix.
     #[error(transparent)]

@@ -124,6 +124,7 @@ pub fn render(records: &[Record]) -> Reply {
         blocks: vec![CodeBlock {
             label: String::new(),
             text: shown.join("\n"),
+            omitted_lines: 0,
         }],
         ..Section::default()
     });

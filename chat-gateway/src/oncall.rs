@@ -285,6 +285,7 @@ pub fn render(entries: &[Entry], schedule: Option<&str>, who: &str) -> Reply {
         blocks: vec![CodeBlock {
             label: String::new(),
             text,
+            omitted_lines: 0,
         }],
     });
     reply

@@ -319,6 +319,7 @@ pub fn render(promql: &str, data: &QueryData, who: &str) -> Reply {
             blocks: vec![CodeBlock {
                 label: String::new(),
                 text: text.trim_end().to_string(),
+                omitted_lines: 0,
             }],
             ..Section::default()
         }],
@@ -341,6 +342,7 @@ pub fn render_error(promql: &str, err: &PromError, who: &str) -> Reply {
             blocks: vec![CodeBlock {
                 label: "error".into(),
                 text: detail,
+                omitted_lines: 0,
             }],
             ..Section::default()
         }],

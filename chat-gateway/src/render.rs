@@ -6,8 +6,10 @@
 
 use std::fmt::Write as _;
 
+use fleetcmd_core::grammar;
 use fleetcmd_core::ids::short_form;
 use fleetcmd_core::policy::{ArgKind, CommandDef};
+use fleetcmd_core::terminal::excerpt;
 use fleetcmd_proto::v1;
 
 use crate::adapters::{Action, CodeBlock, Reply, Section};
@@ -85,10 +87,32 @@ pub fn usage(def: &CommandDef) -> String {
     s
 }
 
-/// `help` and `help CMD` for the commands the asker may run here.
+/// `help VERB`: the verb's usage, what it does and its options; when a
+/// command the asker may run has the same name, its usage too.
+fn verb_help(who: &str, verb: &grammar::VerbHelp, def: Option<&CommandDef>) -> Reply {
+    let mut lines = vec![format!("usage: {}", verb.usage), verb.about.to_string()];
+    lines.extend(verb.details.iter().map(|d| d.to_string()));
+    if let Some(def) = def {
+        lines.push(format!(
+            "also a command here: run {} on <selector>",
+            usage(def)
+        ));
+    }
+    Reply {
+        header: format!("help for `{}`{}", verb.verb, asked_by(who)),
+        lines,
+        ..Reply::default()
+    }
+}
+
+/// `help`, `help VERB` and `help CMD` for the commands the asker may run here.
 pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
     if let Some(topic) = topic {
-        return match commands.iter().find(|c| c.name == topic) {
+        let def = commands.iter().find(|c| c.name == topic);
+        if let Some(verb) = grammar::verb_help(topic) {
+            return verb_help(who, verb, def.copied());
+        }
+        return match def {
             Some(def) => {
                 let mut lines = vec![format!("usage: run {} on <selector>", usage(def))];
                 if !def.description.is_empty() {
@@ -109,7 +133,7 @@ pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
             }
             None => Reply::text(format!(
                 "`{}` is not a command you may run in this channel; try `help`{}",
-                topic,
+                excerpt(topic),
                 asked_by(who)
             )),
         };
@@ -120,11 +144,17 @@ pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
             asked_by(who)
         ));
     }
-    let mut lines = vec![
-        "run <command> [args] on <selector> [--timeout D] [--dry-run]".to_string(),
-        "also: agents [selector], status [selector], job <id>, jobs [mine], output <id> [host], cancel <id>, approve <id>, deny <id> [reason], health [service], silence <service> <duration> [reason], query <promql>, oncall [schedule], audit <query>, whoami, policy, help <command>"
-            .to_string(),
-    ];
+    let (run, others): (Vec<&grammar::VerbHelp>, Vec<_>) =
+        grammar::VERBS.iter().partition(|v| v.verb == "run");
+    let mut lines: Vec<String> = run.iter().map(|v| v.usage.to_string()).collect();
+    lines.push(format!(
+        "also: {}; `help VERB` for any of them",
+        others
+            .iter()
+            .map(|v| v.usage)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     for def in commands {
         let mut line = format!("• {}", usage(def));
         if !def.description.is_empty() {
@@ -166,6 +196,18 @@ pub fn truncate_output(bytes: &[u8]) -> (String, bool) {
         out.push_str(line);
     }
     (out, cut)
+}
+
+/// Lines in command output as a reply shows them: trailing newlines are
+/// dropped, as [`truncate_output`] drops them.
+fn lines_in(bytes: &[u8]) -> usize {
+    let end = bytes.iter().rposition(|b| *b != b'\n').map_or(0, |i| i + 1);
+    let text = &bytes[..end];
+    if text.is_empty() {
+        0
+    } else {
+        text.iter().filter(|b| **b == b'\n').count() + 1
+    }
 }
 
 fn outcome_detail(r: &v1::JobResult) -> String {
@@ -211,9 +253,11 @@ pub fn target_section(job_id: &str, t: &v1::Target) -> Section {
         }
         let (text, cut) = truncate_output(bytes);
         if !text.is_empty() {
+            let omitted_lines = lines_in(bytes).saturating_sub(lines_in(text.as_bytes()));
             sec.blocks.push(CodeBlock {
                 label: label.to_string(),
                 text,
+                omitted_lines,
             });
         }
         if cut {
@@ -395,7 +439,9 @@ pub fn output_for(j: &v1::Job, host: Option<&str>, who: &str) -> Reply {
                 if bytes.is_empty() {
                     continue;
                 }
-                let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_FULL_OUTPUT)]).into_owned();
+                let kept = &bytes[..bytes.len().min(MAX_FULL_OUTPUT)];
+                let omitted_lines = lines_in(bytes).saturating_sub(lines_in(kept));
+                let text = String::from_utf8_lossy(kept).into_owned();
                 if bytes.len() > MAX_FULL_OUTPUT {
                     notes.push(format!(
                         "{label}: first {MAX_FULL_OUTPUT} of {} bytes; `fleetcmd job output` has all",
@@ -405,7 +451,7 @@ pub fn output_for(j: &v1::Job, host: Option<&str>, who: &str) -> Reply {
                 if dropped > 0 {
                     notes.push(format!("{label}: the agent dropped {dropped} bytes over its cap"));
                 }
-                blocks.push(CodeBlock { label: label.into(), text });
+                blocks.push(CodeBlock { label: label.into(), text, omitted_lines });
             }
             Section { title: t.agent_id.clone(), notes, blocks }
         })
@@ -453,6 +499,7 @@ pub fn jobs(jobs: &[v1::Job], who: &str, mine: bool) -> Reply {
             blocks: vec![CodeBlock {
                 label: String::new(),
                 text: text.trim_end().to_string(),
+                omitted_lines: 0,
             }],
             ..Section::default()
         }],
@@ -583,6 +630,7 @@ fn code_reply(header: String, text: String) -> Reply {
             blocks: vec![CodeBlock {
                 label: String::new(),
                 text: text.trim_end().to_string(),
+                omitted_lines: 0,
             }],
             ..Section::default()
         }],

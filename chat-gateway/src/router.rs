@@ -16,7 +16,7 @@ use fleetcmd_core::argv::{bind_positional, build_argv};
 use fleetcmd_core::audit::{ExportLine, Filter};
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
 use fleetcmd_core::grammar::{self, ChatCommand, RunRequest};
-use fleetcmd_core::ids::{IdError, JobId, SHORT_ID_ATTEMPTS, short_form};
+use fleetcmd_core::ids::{IdError, JobId, JobRef, SHORT_ID_ATTEMPTS, short_form};
 use fleetcmd_core::job::{JobSpec, SignedJob};
 use fleetcmd_core::policy::{CommandDef, Policy, Role};
 use fleetcmd_core::policy_bundle::{PolicySignature, bundle_hash, check_rollback, verify_bundle};
@@ -24,6 +24,7 @@ use fleetcmd_core::rbac::{
     JobFacts, check_run, commands_for, may_cancel_job, may_read_record, may_see_job, roles_of,
 };
 use fleetcmd_core::selector::Selector;
+use fleetcmd_core::terminal::excerpt;
 use fleetcmd_proto::v1;
 use futures_util::StreamExt;
 
@@ -546,9 +547,10 @@ impl<C: ControllerApi> Router<C> {
             }
         }
         let mut reply = Reply::text(format!(
-            "audit: {} record{} for `{query}`, newest first{}",
+            "audit: {} record{} for `{}`, newest first{}",
             lines.len(),
             if lines.len() == 1 { "" } else { "s" },
+            excerpt(query),
             asked_by(who)
         ));
         if lines.len() == AUDIT_CHAT_RECORDS {
@@ -561,6 +563,7 @@ impl<C: ControllerApi> Router<C> {
                 blocks: vec![crate::adapters::CodeBlock {
                     label: String::new(),
                     text: lines.join("\n"),
+                    omitted_lines: 0,
                 }],
                 ..Section::default()
             });
@@ -655,7 +658,11 @@ impl<C: ControllerApi> Router<C> {
             Ok(s) => match s.into_iter().next() {
                 Some(s) => s,
                 None => {
-                    return Reply::text(format!("no service named {service}{}", asked_by(who)));
+                    return Reply::text(format!(
+                        "no service named {}{}",
+                        excerpt(&service),
+                        asked_by(who)
+                    ));
                 }
             },
             Err(e) => return Reply::text(format!("silence: {}{}", e.message, asked_by(who))),
@@ -697,12 +704,17 @@ impl<C: ControllerApi> Router<C> {
             (Ok(_), Some(d)) => Reply::text(format!(
                 "alerts of {service} silenced for {}{}{}",
                 fleetcmd_core::duration::format_duration(d),
-                reason.map(|r| format!(": {r}")).unwrap_or_default(),
+                reason
+                    .map(|r| format!(": {}", excerpt(&r)))
+                    .unwrap_or_default(),
                 asked_by(who)
             )),
-            (Err(e), _) => {
-                Reply::text(format!("silence {service}: {}{}", e.message, asked_by(who)))
-            }
+            (Err(e), _) => Reply::text(format!(
+                "silence {}: {}{}",
+                excerpt(&service),
+                e.message,
+                asked_by(who)
+            )),
         }
     }
 
@@ -719,16 +731,50 @@ impl<C: ControllerApi> Router<C> {
         may_see_job(policy, &msg.identity, &msg.channel, Self::facts(job))
     }
 
-    async fn job(&self, msg: &Incoming, id: String) -> Reply {
+    /// The job `id` names, with the policy to judge it by; or the reply
+    /// when the asker has no role here, `id` cannot name a job, or the
+    /// controller has none. Replies quote a bounded excerpt of `id`.
+    async fn find_job(
+        &self,
+        msg: &Incoming,
+        id: &str,
+    ) -> Result<(Arc<LoadedPolicy>, v1::Job), Reply> {
         let who = msg.identity.as_str();
-        let p = match self.policy_for_reads(msg).await {
-            Ok(p) => p,
-            Err(r) => return r,
-        };
-        match self.ctl.get_job(id.clone()).await {
-            Ok(job) if Self::may_see(&p.policy, msg, &job) => render::job_for(&job, who),
-            Ok(_) => Reply::text(format!("job {id} is not visible to you{}", asked_by(who))),
-            Err(e) => Reply::text(format!("job {id}: {}{}", e.message, asked_by(who))),
+        let p = self.policy_for_reads(msg).await?;
+        // A reference that cannot name a job is refused here, and the
+        // controller is not asked.
+        if let Err(e) = JobRef::parse(id) {
+            return Err(Reply::text(format!("{e}{}", asked_by(who))));
+        }
+        match self.ctl.get_job(id.to_string()).await {
+            Ok(job) => Ok((p, job)),
+            Err(e) => Err(Reply::text(format!(
+                "job {}: {}{}",
+                excerpt(id),
+                e.message,
+                asked_by(who)
+            ))),
+        }
+    }
+
+    /// [`Self::find_job`], for a job the asker may see.
+    async fn visible_job(&self, msg: &Incoming, id: &str) -> Result<v1::Job, Reply> {
+        let (p, job) = self.find_job(msg, id).await?;
+        if Self::may_see(&p.policy, msg, &job) {
+            Ok(job)
+        } else {
+            Err(Reply::text(format!(
+                "job {} is not visible to you{}",
+                excerpt(id),
+                asked_by(msg.identity.as_str())
+            )))
+        }
+    }
+
+    async fn job(&self, msg: &Incoming, id: String) -> Reply {
+        match self.visible_job(msg, &id).await {
+            Ok(job) => render::job_for(&job, msg.identity.as_str()),
+            Err(r) => r,
         }
     }
 
@@ -736,40 +782,49 @@ impl<C: ControllerApi> Router<C> {
     /// those targets in this channel, may cancel.
     async fn cancel(&self, msg: &Incoming, id: String) -> Reply {
         let who = msg.identity.as_str();
-        let p = match self.policy_for_reads(msg).await {
-            Ok(p) => p,
+        let (p, job) = match self.find_job(msg, &id).await {
+            Ok(found) => found,
             Err(r) => return r,
         };
-        match self.ctl.get_job(id.clone()).await {
-            Ok(job)
-                if may_cancel_job(&p.policy, &msg.identity, &msg.channel, Self::facts(&job)) =>
-            {
-                match self.ctl.cancel(job.job_id.clone(), who.to_string()).await {
-                    Ok(job) => render::job_for(&job, who),
-                    Err(e) => Reply::text(format!("job {id}: {}{}", e.message, asked_by(who))),
-                }
-            }
-            Ok(_) => Reply::text(format!(
-                "job {id} may only be canceled by its requester or by someone who may run its command on its targets here{}",
+        if !may_cancel_job(&p.policy, &msg.identity, &msg.channel, Self::facts(&job)) {
+            // A refusal of rights is a security event like a refused run:
+            // audited as `chat_denied`, with the job it was about.
+            tracing::info!(identity = who, channel = %msg.channel, job_id = %job.job_id, "cancel denied");
+            self.report(event(
+                "chat_denied",
+                msg,
+                &job.command,
+                &job.job_id,
+                format!(
+                    "cancel {}: not its requester, and may not run `{}` on {} here",
+                    short_form(&job.job_id),
+                    job.command,
+                    job.selector
+                ),
+            ))
+            .await;
+            return Reply::text(format!(
+                "job {} may only be canceled by its requester or by someone who may run its command on its targets here{}",
+                excerpt(&id),
+                asked_by(who)
+            ));
+        }
+        match self.ctl.cancel(job.job_id.clone(), who.to_string()).await {
+            Ok(job) => render::job_for(&job, who),
+            Err(e) => Reply::text(format!(
+                "job {}: {}{}",
+                excerpt(&id),
+                e.message,
                 asked_by(who)
             )),
-            Err(e) => Reply::text(format!("job {id}: {}{}", e.message, asked_by(who))),
         }
     }
 
     /// `output ID [HOST]`: the stored output, as data.
     async fn output(&self, msg: &Incoming, id: String, host: Option<String>) -> Reply {
-        let who = msg.identity.as_str();
-        let p = match self.policy_for_reads(msg).await {
-            Ok(p) => p,
-            Err(r) => return r,
-        };
-        match self.ctl.get_job(id.clone()).await {
-            Ok(job) if Self::may_see(&p.policy, msg, &job) => {
-                render::output_for(&job, host.as_deref(), who)
-            }
-            Ok(_) => Reply::text(format!("job {id} is not visible to you{}", asked_by(who))),
-            Err(e) => Reply::text(format!("job {id}: {}{}", e.message, asked_by(who))),
+        match self.visible_job(msg, &id).await {
+            Ok(job) => render::output_for(&job, host.as_deref(), msg.identity.as_str()),
+            Err(r) => r,
         }
     }
 
@@ -822,7 +877,7 @@ impl<C: ControllerApi> Router<C> {
         // check_run already refused unknown commands; kept for safety.
         let def = policy
             .command(&req.command)
-            .ok_or_else(|| Refused::text(format!("unknown command `{}`", req.command)))?;
+            .ok_or_else(|| Refused::text(format!("unknown command `{}`", excerpt(&req.command))))?;
         let args = bind_positional(def, &req.args).map_err(|e| {
             Refused::text(format!(
                 "{e}; usage: run {} on <selector>",
@@ -1008,7 +1063,7 @@ impl<C: ControllerApi> Router<C> {
                 let why = if reason.is_empty() {
                     String::new()
                 } else {
-                    format!(": {reason}")
+                    format!(": {}", excerpt(&reason))
                 };
                 (format!("denied by {}{why}; nothing ran", by.as_str()), None)
             }
@@ -1106,7 +1161,7 @@ impl<C: ControllerApi> Router<C> {
                         msg,
                         "",
                         "",
-                        format!("approve {id}: {why}"),
+                        format!("approve {}: {why}", excerpt(id)),
                     ))
                     .await;
                 }
@@ -1151,7 +1206,7 @@ impl<C: ControllerApi> Router<C> {
                         msg,
                         "",
                         "",
-                        format!("deny {id}: {why}"),
+                        format!("deny {}: {why}", excerpt(id)),
                     ))
                     .await;
                 }
@@ -1340,6 +1395,7 @@ impl<C: ControllerApi> Router<C> {
                 blocks: vec![crate::adapters::CodeBlock {
                     label: String::new(),
                     text: table.trim_end().to_string(),
+                    omitted_lines: 0,
                 }],
                 ..Section::default()
             });

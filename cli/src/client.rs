@@ -392,14 +392,15 @@ pub fn is_finished(state: &str) -> bool {
 }
 
 pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
-    let mode = crate::term::Mode::from_conn(conn)?;
-    let op = operator(conn)?;
+    // A bad flag is a usage error before anything is loaded or dialled.
     let timeout = args
         .timeout
         .as_deref()
-        .map(fleetcmd_core::duration::parse_duration)
+        .map(fleetcmd_core::duration::parse_job_timeout)
         .transpose()
         .map_err(|e| usage(format!("--timeout: {e}")))?;
+    let mode = crate::term::Mode::from_conn(conn)?;
+    let op = operator(conn)?;
     let ch = channel(conn, &op).await?;
     let policy = fetch_policy(ch.clone()).await?;
     let requester = Identity::parse(&format!("cli:{}", op.name))

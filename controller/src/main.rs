@@ -42,7 +42,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fleetcmd-controller: {e:#}");
+            eprintln!(
+                "fleetcmd-controller: {}",
+                fleetcmd_core::error_chain::error_chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 
 use crate::policy::{ArgKind, ArgSpec, CommandDef, valid_arg_name};
+use crate::terminal::excerpt;
 
 /// Why argument values were refused.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -301,7 +302,7 @@ pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<String, A
             } else {
                 None
             }
-            .ok_or_else(|| fail(format!("\"{}\" is not an integer", shorten(value))))?;
+            .ok_or_else(|| fail(format!("\"{}\" is not an integer", excerpt(value))))?;
             if n < *min || n > *max {
                 return Err(fail(format!("{n} is outside {min}..={max}")));
             }
@@ -311,7 +312,7 @@ pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<String, A
             if !values.iter().any(|v| v == value) {
                 return Err(fail(format!(
                     "\"{}\" is not one of {}",
-                    shorten(value),
+                    excerpt(value),
                     values.join(", ")
                 )));
             }
@@ -320,7 +321,7 @@ pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<String, A
             if !regex.is_match(value.as_bytes()) {
                 return Err(fail(format!(
                     "\"{}\" does not match `{source}`",
-                    shorten(value)
+                    excerpt(value)
                 )));
             }
         }
@@ -328,7 +329,7 @@ pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<String, A
             if !valid_hostname(value) {
                 return Err(fail(format!(
                     "\"{}\" is not a valid host name",
-                    shorten(value)
+                    excerpt(value)
                 )));
             }
         }
@@ -336,13 +337,13 @@ pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<String, A
             if !normalized_absolute_path(value) {
                 return Err(fail(format!(
                     "\"{}\" must be an absolute path without `..`, `.` or `//`",
-                    shorten(value)
+                    excerpt(value)
                 )));
             }
             if !prefixes.is_empty() && !prefixes.iter().any(|p| under_prefix(value, p)) {
                 return Err(fail(format!(
                     "\"{}\" is not under {}",
-                    shorten(value),
+                    excerpt(value),
                     prefixes.join(", ")
                 )));
             }
@@ -352,14 +353,6 @@ pub fn validate_arg(name: &str, spec: &ArgSpec, value: &str) -> Result<String, A
         }
     }
     Ok(value.to_string())
-}
-
-fn shorten(s: &str) -> String {
-    let mut out: String = s.chars().take(64).collect();
-    if out.len() < s.len() {
-        out.push('…');
-    }
-    out
 }
 
 fn valid_hostname(s: &str) -> bool {

@@ -13,7 +13,8 @@ use std::time::Duration;
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || {
         format!(
-            "invalid duration \"{s}\": expected a number with a unit such as 500ms, 10s, 5m, 2h or 1d"
+            "invalid duration \"{}\": expected a number with a unit such as 500ms, 10s, 5m, 2h or 1d",
+            crate::terminal::excerpt(s)
         )
     };
     let t = s.trim();
@@ -33,6 +34,38 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     let ms = n.checked_mul(ms_per_unit).ok_or_else(err)?;
     Ok(Duration::from_millis(ms))
+}
+
+/// The shortest timeout a job may be given: a job carries its timeout in
+/// whole seconds, where 0 means "the command's own timeout", so a shorter
+/// one would silently become the policy's default.
+pub const MIN_JOB_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Parses a job's `--timeout` (chat and CLI): a [`parse_duration`] of at
+/// least [`MIN_JOB_TIMEOUT`] in whole seconds; anything else is refused
+/// rather than rounded.
+///
+/// ```
+/// use std::time::Duration;
+/// use fleetcmd_core::duration::parse_job_timeout;
+/// assert_eq!(parse_job_timeout("90s"), Ok(Duration::from_secs(90)));
+/// assert!(parse_job_timeout("500ms").unwrap_err().contains("at least 1s"));
+/// ```
+pub fn parse_job_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    let shown = crate::terminal::excerpt(s.trim());
+    if d < MIN_JOB_TIMEOUT {
+        return Err(format!(
+            "must be at least {} (a job's timeout is whole seconds), got {shown}",
+            format_duration(MIN_JOB_TIMEOUT)
+        ));
+    }
+    if d.subsec_nanos() != 0 {
+        return Err(format!(
+            "must be whole seconds (a job's timeout is whole seconds), got {shown}"
+        ));
+    }
+    Ok(d)
 }
 
 /// The canonical text of a duration [`parse_duration`] accepts: trimmed,

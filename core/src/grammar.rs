@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
-use crate::duration::parse_duration;
+use crate::duration::{parse_duration, parse_job_timeout};
 use crate::selector::Selector;
+use crate::terminal::excerpt;
 
 /// A parsed chat command.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,6 +119,142 @@ impl From<Limit> for String {
 
 const SILENCE_USAGE: &str = "silence <service> <duration> [reason] | silence <service> off";
 const RUN_USAGE: &str = "run <command> [args] on <selector> [--batch N|N%] [--max-errors N|N%] [--canary N] [--timeout D] [--dry-run]";
+
+/// What `help VERB` says about one verb of the grammar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerbHelp {
+    pub verb: &'static str,
+    pub usage: &'static str,
+    /// One line on what it does.
+    pub about: &'static str,
+    /// Further lines: options and rules worth knowing.
+    pub details: &'static [&'static str],
+}
+
+/// Every verb of the grammar, in the order `help` lists them; [`parse`]
+/// accepts exactly these first words.
+pub const VERBS: &[VerbHelp] = &[
+    VerbHelp {
+        verb: "run",
+        usage: RUN_USAGE,
+        about: "run an allow-listed command on the agents the selector picks",
+        details: &[
+            "--batch N|N%: start at most N hosts (or N% of them) at a time",
+            "--max-errors N|N%: stop starting hosts once more than N (or N%) have failed",
+            "--canary N: run on N hosts first; the rest start only if those succeed",
+            "--timeout D: stop each host's run after D (whole seconds, at least 1s; e.g. 30s, 5m), capped by the command's own timeout",
+            "--dry-run: show the argv and the hosts it would run on; nothing is submitted",
+            "selectors: all, name=web-*, role=web, role in (web,api), !draining, joined by commas",
+        ],
+    },
+    VerbHelp {
+        verb: "job",
+        usage: "job <id>",
+        about: "a job's state and each host's result",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "jobs",
+        usage: "jobs [mine]",
+        about: "recent jobs you may see (`mine`: only yours)",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "output",
+        usage: "output <id> [host]",
+        about: "the stored output of a job, for every host or one",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "cancel",
+        usage: "cancel <id>",
+        about: "cancel a job: its requester, or someone who may run its command on its hosts here",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "approve",
+        usage: "approve <id>",
+        about: "approve a job that waits for approval (not your own)",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "deny",
+        usage: "deny <id> [reason]",
+        about: "deny a job that waits for approval; nothing runs",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "agents",
+        usage: "agents [selector]",
+        about: "agents, their labels and whether they are online",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "status",
+        usage: "status [selector]",
+        about: "the same as `agents`",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "health",
+        usage: "health [service]",
+        about: "the health of the services the controller checks",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "silence",
+        usage: SILENCE_USAGE,
+        about: "mute alerts for a service for a while (e.g. 30m), or lift the silence",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "query",
+        usage: "query <promql>",
+        about: "an instant query against the configured Prometheus",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "oncall",
+        usage: "oncall [schedule]",
+        about: "who is on call",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "audit",
+        usage: "audit <query> | audit verify",
+        about: "the newest audit records you may read that match the query; `verify` checks the chain",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "whoami",
+        usage: "whoami",
+        about: "your identity and roles",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "policy",
+        usage: "policy",
+        about: "the policy version in force",
+        details: &[],
+    },
+    VerbHelp {
+        verb: "help",
+        usage: "help [verb or command]",
+        about: "the commands you may run here, or help on one verb or command",
+        details: &[],
+    },
+];
+
+/// Help for `verb` (any case), if it is a verb of the grammar.
+///
+/// ```
+/// use fleetcmd_core::grammar::verb_help;
+/// assert!(verb_help("RUN").unwrap().usage.contains("--canary"));
+/// assert_eq!(verb_help("restart"), None);
+/// ```
+pub fn verb_help(verb: &str) -> Option<&'static VerbHelp> {
+    VERBS.iter().find(|v| v.verb.eq_ignore_ascii_case(verb))
+}
 
 /// Why a chat message could not be parsed.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -232,7 +369,7 @@ fn tokenize(s: &str) -> Result<Vec<Word>, GrammarError> {
             }
             if !closed {
                 let shown: String = s[start..].chars().take(20).collect();
-                return Err(GrammarError::UnterminatedQuote(shown));
+                return Err(GrammarError::UnterminatedQuote(excerpt(&shown)));
             }
         }
         while let Some(&(_, ch)) = chars.peek() {
@@ -348,9 +485,7 @@ pub fn parse(text: &str) -> Result<ChatCommand, GrammarError> {
             .ok_or(GrammarError::Usage("audit <query>")),
         "whoami" => none(ChatCommand::Whoami, "whoami"),
         "policy" => none(ChatCommand::Policy, "policy"),
-        _ => Err(GrammarError::UnknownCommand(
-            first.text.chars().take(40).collect(),
-        )),
+        _ => Err(GrammarError::UnknownCommand(excerpt(&first.text))),
     }
 }
 
@@ -406,21 +541,21 @@ fn parse_options(words: &[Word]) -> Result<RunOptions, GrammarError> {
     let mut seen: Vec<String> = Vec::new();
     while let Some(w) = it.next() {
         if !is_option(w) {
-            return Err(GrammarError::Unexpected(w.text.clone()));
+            return Err(GrammarError::Unexpected(excerpt(&w.text)));
         }
         let (name, inline) = match w.text.split_once('=') {
             Some((n, v)) => (n, Some(v.to_string())),
             None => (w.text.as_str(), None),
         };
         let bad = |reason: String| GrammarError::BadOption {
-            option: name.to_string(),
+            option: excerpt(name),
             reason,
         };
         if !matches!(
             name,
             "--batch" | "--max-errors" | "--canary" | "--timeout" | "--dry-run"
         ) {
-            return Err(GrammarError::UnknownOption(name.to_string()));
+            return Err(GrammarError::UnknownOption(excerpt(name)));
         }
         if seen.iter().any(|s| s == name) {
             return Err(bad("given twice".to_string()));
@@ -454,16 +589,13 @@ fn parse_options(words: &[Word]) -> Result<RunOptions, GrammarError> {
                 Ok(n) if n >= 1 => opts.canary = Some(n),
                 _ => {
                     return Err(bad(format!(
-                        "expected a number of hosts >= 1, got `{value}`"
+                        "expected a number of hosts >= 1, got `{}`",
+                        excerpt(&value)
                     )));
                 }
             },
             _ => {
-                let d = parse_duration(&value).map_err(bad)?;
-                if d.is_zero() {
-                    return Err(bad("must be greater than zero".to_string()));
-                }
-                opts.timeout = Some(d);
+                opts.timeout = Some(parse_job_timeout(&value).map_err(bad)?);
             }
         }
     }
@@ -472,7 +604,12 @@ fn parse_options(words: &[Word]) -> Result<RunOptions, GrammarError> {
 
 /// Parses `5` or `25%` (1..=100).
 pub fn parse_limit(s: &str) -> Result<Limit, String> {
-    let err = || format!("expected a count such as 5 or a percentage such as 25%, got `{s}`");
+    let err = || {
+        format!(
+            "expected a count such as 5 or a percentage such as 25%, got `{}`",
+            excerpt(s)
+        )
+    };
     match s.strip_suffix('%') {
         Some(p) => match p.parse::<u8>() {
             Ok(n) if (1..=100).contains(&n) => Ok(Limit::Percent(n)),
@@ -677,7 +814,18 @@ mod tests {
         check_err("run uptime on all --batch x", "expected a count");
         check_err("run uptime on all --canary 0", "expected a number of hosts");
         check_err("run uptime on all --timeout 3w", "invalid duration");
-        check_err("run uptime on all --timeout 0s", "greater than zero");
+        check_err(
+            "run uptime on all --timeout 0s",
+            "option `--timeout`: must be at least 1s",
+        );
+        check_err(
+            "run uptime on all --timeout 500ms",
+            "option `--timeout`: must be at least 1s (a job's timeout is whole seconds), got 500ms",
+        );
+        check_err(
+            "run uptime on all --timeout=1500ms",
+            "option `--timeout`: must be whole seconds",
+        );
         check_err("run uptime on all --dry-run --dry-run", "given twice");
         check_err("run uptime on all --dry-run=yes", "takes no value");
         check_err(
@@ -695,6 +843,63 @@ mod tests {
         check_err("whoami now", "usage: whoami");
         check_err("agents role=web*", "globs");
         check_err("help a b", "usage: help");
+    }
+
+    #[test]
+    fn every_verb_has_help_and_help_names_exactly_the_verbs() {
+        for v in VERBS {
+            // A verb parses (maybe with a usage error), never as unknown.
+            if let Err(e) = parse(v.verb) {
+                assert!(
+                    !matches!(e, GrammarError::UnknownCommand(_)),
+                    "{}: {e}",
+                    v.verb
+                );
+            }
+            assert!(v.usage.starts_with(v.verb), "{v:?}");
+            assert!(!v.about.is_empty(), "{v:?}");
+        }
+        let run = verb_help("run").expect("run has help");
+        for option in [
+            "--batch",
+            "--max-errors",
+            "--canary",
+            "--timeout",
+            "--dry-run",
+        ] {
+            assert!(run.usage.contains(option), "{option}");
+            assert!(
+                run.details.iter().any(|d| d.starts_with(option)),
+                "{option}"
+            );
+        }
+        assert_eq!(verb_help("reboot"), None);
+    }
+
+    #[test]
+    fn errors_quote_a_bounded_escaped_excerpt_of_the_input() {
+        let huge = "x".repeat(100_000);
+        for input in [
+            format!("{huge} now"),
+            format!("run uptime on all --{huge}"),
+            format!("run uptime on all --batch {huge}"),
+            format!("run uptime on all --canary {huge}"),
+            format!("run uptime on all --timeout {huge}"),
+            format!("run uptime on all --dry-run {huge}"),
+            format!("run uptime on role={huge}!"),
+            format!("run uptime on {huge}("),
+            format!("run uptime on k in ({huge}"),
+            format!("agents {huge}!"),
+            format!("silence web {huge}"),
+        ] {
+            let e = parse(&input).expect_err(&input[..40]).to_string();
+            assert!(e.chars().count() < 400, "{} chars: {}", e.len(), &e[..200]);
+            assert!(e.contains(&format!("{}…", "x".repeat(50))), "{e}");
+        }
+        let e = parse("nope`\x1b[2J\u{202e}")
+            .expect_err("not a verb")
+            .to_string();
+        assert_eq!(e, "unknown command `nope'\\x1b[2J\\u{202e}`; try `help`");
     }
 
     #[test]

@@ -6,6 +6,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+// What an error quotes of a refused identifier.
+use crate::terminal::excerpt as shown;
+
 /// Why an identifier was refused.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum IdError {
@@ -17,10 +20,6 @@ pub enum IdError {
     JobId { input: String, reason: String },
     #[error("invalid identity \"{input}\": {reason}")]
     Identity { input: String, reason: String },
-}
-
-fn shown(s: &str) -> String {
-    s.chars().take(100).collect()
 }
 
 /// An agent's name: `[a-z0-9][a-z0-9.-]{0,62}`.

@@ -14,6 +14,7 @@ pub mod audit;
 pub mod authorize;
 pub mod crypto;
 pub mod duration;
+pub mod error_chain;
 pub mod grammar;
 pub mod health;
 pub mod host;

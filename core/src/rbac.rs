@@ -8,6 +8,7 @@ use crate::audit::Event;
 use crate::ids::Identity;
 use crate::policy::{CommandDef, Permission, Policy, Role};
 use crate::selector::Selector;
+use crate::terminal::excerpt;
 
 /// The channel of a `cli:` identity: what `fleetcmd` puts in the jobs it
 /// signs, and where the controller places an operator certificate's reads.
@@ -19,7 +20,7 @@ pub const CLI_CHANNEL: &str = "cli";
 pub enum Denied {
     #[error("you have no roles")]
     NoRoles,
-    #[error("unknown command `{0}`")]
+    #[error("unknown command `{}`", excerpt(.0))]
     UnknownCommand(String),
     #[error("{}", needs_message(command, needed, have))]
     NeedsRole {
@@ -42,7 +43,7 @@ pub enum Denied {
         current: String,
         allowed: Vec<String>,
     },
-    #[error("silencing alerts on `{0}` needs a role that may run a command on those hosts")]
+    #[error("silencing alerts on `{}` needs a role that may run a command on those hosts", excerpt(.0))]
     Silence(String),
     #[error("channel `{channel}` is not on {who}'s platform")]
     ForeignChannel { who: String, channel: String },
@@ -50,6 +51,7 @@ pub enum Denied {
 
 fn needs_message(command: &str, needed: &[String], have: &[String]) -> String {
     let mut s = String::new();
+    let command = excerpt(command);
     if needed.is_empty() {
         let _ = write!(s, "no role may run `{command}` in this channel");
     } else {

@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::terminal::excerpt;
+
 /// Why a selector or a label list was refused.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum SelectorError {
@@ -80,7 +82,7 @@ impl Selector {
     /// assert!(!s.matches("db-1", &labels));
     /// ```
     pub fn parse(s: &str) -> Result<Selector, SelectorError> {
-        let input: String = s.chars().take(200).collect();
+        let input = excerpt(s);
         let err = |reason: String| SelectorError::Invalid {
             input: input.clone(),
             reason,
@@ -148,7 +150,8 @@ fn parse_requirement(part: &str) -> Result<Requirement, String> {
             Err("empty requirement (stray comma?)".to_string())
         } else {
             Err(format!(
-                "invalid key `{k}`: use 1-63 letters, digits, `.`, `_`, `/` or `-`, starting with a letter or digit"
+                "invalid key `{}`: use 1-63 letters, digits, `.`, `_`, `/` or `-`, starting with a letter or digit",
+                excerpt(k)
             ))
         }
     };
@@ -159,11 +162,14 @@ fn parse_requirement(part: &str) -> Result<Requirement, String> {
             Ok(v.to_string())
         } else if !globs && valid_value(v, true) {
             Err(format!(
-                "globs are only allowed for the `{NAME_KEY}` key, not in `{k}={v}`"
+                "globs are only allowed for the `{NAME_KEY}` key, not in `{}={}`",
+                excerpt(k),
+                excerpt(v)
             ))
         } else {
             Err(format!(
-                "invalid value `{v}`: use up to 63 letters, digits, `.`, `_` or `-`"
+                "invalid value `{}`: use up to 63 letters, digits, `.`, `_` or `-`",
+                excerpt(v)
             ))
         }
     };
@@ -185,16 +191,19 @@ fn parse_requirement(part: &str) -> Result<Requirement, String> {
     if let Some(open) = part.find('(') {
         let head = part[..open].trim();
         let (k, op) = head.rsplit_once(char::is_whitespace).ok_or_else(|| {
-            format!("expected `<key> in (...)` or `<key> notin (...)`, got `{part}`")
+            format!(
+                "expected `<key> in (...)` or `<key> notin (...)`, got `{}`",
+                excerpt(part)
+            )
         })?;
         let k = key(k)?;
         let body = part[open + 1..]
             .strip_suffix(')')
-            .ok_or_else(|| format!("unexpected text after `)` in `{part}`"))?;
+            .ok_or_else(|| format!("unexpected text after `)` in `{}`", excerpt(part)))?;
         let mut values = Vec::new();
         for v in body.split(',') {
             if v.trim().is_empty() {
-                return Err(format!("empty value in set `({body})`"));
+                return Err(format!("empty value in set `({})`", excerpt(body)));
             }
             values.push(value(&k, v)?);
         }
@@ -204,7 +213,8 @@ fn parse_requirement(part: &str) -> Result<Requirement, String> {
             "in" => Ok(Requirement::In(k, values)),
             "notin" => Ok(Requirement::NotIn(k, values)),
             other => Err(format!(
-                "unknown operator `{other}`; expected `in` or `notin`"
+                "unknown operator `{}`; expected `in` or `notin`",
+                excerpt(other)
             )),
         };
     }
@@ -281,7 +291,7 @@ impl std::str::FromStr for Selector {
 /// Parses `k=v,k2=v2` into labels (an empty string gives no labels).
 /// Values are plain label values: globs are not allowed.
 pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, SelectorError> {
-    let input: String = s.chars().take(200).collect();
+    let input = excerpt(s);
     let err = |reason: String| SelectorError::Labels {
         input: input.clone(),
         reason,
@@ -291,13 +301,17 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, SelectorError> 
         return Ok(out);
     }
     for part in s.split(',') {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| err(format!("expected `key=value`, got `{}`", part.trim())))?;
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            err(format!(
+                "expected `key=value`, got `{}`",
+                excerpt(part.trim())
+            ))
+        })?;
         let (k, v) = (k.trim(), v.trim());
         if !valid_key(k) {
             return Err(err(format!(
-                "invalid key `{k}`: use 1-63 letters, digits, `.`, `_`, `/` or `-`, starting with a letter or digit"
+                "invalid key `{}`: use 1-63 letters, digits, `.`, `_`, `/` or `-`, starting with a letter or digit",
+                excerpt(k)
             )));
         }
         if k == NAME_KEY {
@@ -305,11 +319,13 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, SelectorError> 
         }
         if !valid_value(v, false) {
             return Err(err(format!(
-                "invalid value `{v}` for `{k}`: use up to 63 letters, digits, `.`, `_` or `-`"
+                "invalid value `{}` for `{}`: use up to 63 letters, digits, `.`, `_` or `-`",
+                excerpt(v),
+                excerpt(k)
             )));
         }
         if out.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(err(format!("key `{k}` given twice")));
+            return Err(err(format!("key `{}` given twice", excerpt(k))));
         }
     }
     Ok(out)

@@ -104,6 +104,39 @@ pub fn escape(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Characters of user input a reply quotes at most (see [`excerpt`]).
+pub const EXCERPT_CHARS: usize = 100;
+
+/// A bounded, one-line, inert excerpt of user input for a reply or an
+/// error that quotes it: at most [`EXCERPT_CHARS`] characters and then `…`,
+/// with newlines and tabs shown as `\n` and `\t`, every [`is_unsafe`]
+/// character escaped as [`escape`] does, and backticks shown as `'` so the
+/// excerpt cannot close the code span a reply puts it in. A 100 KB message
+/// is answered with 100 characters of it, not echoed back.
+///
+/// ```
+/// use fleetcmd_core::terminal::excerpt;
+/// assert_eq!(excerpt("rn`x`\nboom"), "rn'x'\\nboom");
+/// assert_eq!(excerpt(&"a".repeat(5000)).chars().count(), 101);
+/// ```
+pub fn excerpt(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == EXCERPT_CHARS {
+            out.push('…');
+            break;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '`' => out.push('\''),
+            c if is_unsafe(c) => push_escaped(&mut out, c),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Bytes (command output, which need not be UTF-8) escaped as [`escape`]
 /// does, with each byte that is not part of valid UTF-8 shown as `\xNN`.
 /// Returns the escaped text and how many bytes at the end were held back

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fleetcmd_core::error_chain::error_chain;
 use fleetcmd_core::nagios::CheckState;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
@@ -21,7 +22,7 @@ use rustls::pki_types::pem::PemObject as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::config::HttpCheck;
-use super::{Outcome, error_chain, humantime, perf};
+use super::{Outcome, humantime, perf};
 
 /// Body bytes read for matching and `size`; the rest is not read.
 const MAX_BODY: usize = 1024 * 1024;

@@ -84,22 +84,6 @@ pub(crate) fn to_pb_state(state: CheckState) -> pb::CheckState {
     }
 }
 
-/// `err` and its sources, joined with ": " (hyper, TLS and io errors say little
-/// at the top level).
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let s = e.to_string();
-        if !text.contains(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        source = e.source();
-    }
-    text
-}
-
 fn one_line(text: &str) -> String {
     let line = text.lines().next().unwrap_or("").trim();
     if line.len() <= MAX_SUMMARY {

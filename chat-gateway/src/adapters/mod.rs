@@ -93,6 +93,10 @@ pub struct Section {
 pub struct CodeBlock {
     pub label: String,
     pub text: String,
+    /// Lines of the original (a host's whole output) left out of `text`
+    /// before the reply was built; an adapter that cuts further adds them
+    /// to its own "N more lines", so the count says what is really missing.
+    pub omitted_lines: usize,
 }
 
 impl Reply {
@@ -137,7 +141,9 @@ pub enum AdapterError {
         what: String,
         source: std::io::Error,
     },
-    #[error("invalid identity for this adapter: {0}")]
+    /// The `IdError` already says "invalid identity"; saying it again
+    /// read `invalid identity for this adapter: invalid identity …`.
+    #[error("{0} (for this adapter)")]
     Identity(#[from] fleetcmd_core::ids::IdError),
     #[error("message {0} cannot be edited: unknown id")]
     UnknownMessage(String),

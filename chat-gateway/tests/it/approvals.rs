@@ -208,6 +208,23 @@ async fn a_denied_request_never_runs_and_says_who_denied_and_why() {
     assert!(own[0].text().contains("denied"), "{}", own[0].text());
     finish(task).await;
     assert!(w.router.controller().submitted().is_empty());
+    // A reason of 100 KB is quoted back as a bounded excerpt.
+    let (task, out, short) = request_reboot(&w).await;
+    let long = "r".repeat(100_000);
+    ask(&w, "console:dave", &format!("!deny {short} {long}")).await;
+    finish(task).await;
+    let told = out
+        .all()
+        .iter()
+        .map(Sent::text)
+        .find(|t| t.contains("denied by console:dave"))
+        .unwrap_or_default();
+    assert!(
+        told.len() < 1000 && told.contains(&format!("{}…; nothing ran", "r".repeat(100))),
+        "{} bytes: {}",
+        told.len(),
+        &told[..told.len().min(300)]
+    );
 }
 
 #[tokio::test]

@@ -570,6 +570,7 @@ async fn posts_edits_and_long_replies_use_rest_v4_with_bearer() {
             blocks: vec![CodeBlock {
                 label: "stdout".into(),
                 text: long.clone(),
+                omitted_lines: 0,
             }],
             ..Section::default()
         }],

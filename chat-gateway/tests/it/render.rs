@@ -33,6 +33,7 @@ fn hostile_output_stays_inert_on_the_console() {
             blocks: vec![CodeBlock {
                 label: "stdout".to_string(),
                 text: HOSTILE.to_string(),
+                omitted_lines: 0,
             }],
         }],
         ..Reply::default()

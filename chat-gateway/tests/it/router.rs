@@ -12,6 +12,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::support::{RecordingSender, Sent, ask, msg, new_key, now, world, world_with};
 
+/// The options of `run` that help must not hide.
+const RUN_OPTIONS: [&str; 5] = [
+    "--batch",
+    "--max-errors",
+    "--canary",
+    "--timeout",
+    "--dry-run",
+];
+
 fn one_text(sent: &[Sent]) -> String {
     assert_eq!(sent.len(), 1, "{sent:#?}");
     sent[0].text()
@@ -34,6 +43,29 @@ async fn help_lists_only_permitted_commands() {
 
     let topic = one_text(&ask(&w, "console:bob", "!help restart").await);
     assert!(topic.contains("not a command you may run"), "{topic}");
+    // The rate and dry-run options of run are listed, not hidden.
+    for option in RUN_OPTIONS {
+        assert!(bob.contains(option), "{option}: {bob}");
+    }
+    // `help VERB` answers for every verb of the grammar, even for someone
+    // who may run nothing.
+    for verb in fleetcmd_core::grammar::VERBS {
+        let text = one_text(&ask(&w, "console:mallory", &format!("!help {}", verb.verb)).await);
+        assert!(
+            text.starts_with(&format!("help for `{}`", verb.verb))
+                && text.contains(&format!("usage: {}", verb.usage)),
+            "{text}"
+        );
+    }
+    let run = one_text(&ask(&w, "console:bob", "!help run").await);
+    for option in RUN_OPTIONS {
+        assert!(
+            run.lines().any(|l| l.trim_start().starts_with(option)),
+            "{option} not explained: {run}"
+        );
+    }
+    let long = one_text(&ask(&w, "console:bob", &format!("!help {}", "z".repeat(100_000))).await);
+    assert!(long.len() < 400 && long.contains("not a command"), "{long}");
     let nobody = one_text(&ask(&w, "console:mallory", "!help").await);
     assert!(nobody.contains("you may not run any command"), "{nobody}");
 }
@@ -383,6 +415,20 @@ async fn reads_need_a_role_and_show_visible_jobs() {
     );
     let text = one_text(&ask(&w, "console:bob", &format!("!cancel {id}")).await);
     assert!(text.contains("may only be canceled"), "{text}");
+    // The refused cancel is in the audit trail, like any refusal of rights.
+    let denied: Vec<_> = w
+        .router
+        .controller()
+        .reported()
+        .into_iter()
+        .filter(|(kind, actor, ..)| kind == "chat_denied" && actor == "console:bob")
+        .collect();
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(denied[0].2, "restart", "{denied:?}");
+    assert!(
+        denied[0].3.starts_with("cancel ") && denied[0].3.contains("may not run `restart`"),
+        "{denied:?}"
+    );
     assert!(
         w.router
             .controller()
@@ -521,4 +567,44 @@ async fn health_shows_services_and_silence_is_limited_and_reported_with_the_chat
     let text = one_text(&ask(&w, "console:bob", "!silence nope 1h").await);
     assert!(text.contains("no service named nope"), "{text}");
     assert_eq!(w.router.controller().silences().len(), 2);
+}
+
+#[tokio::test]
+async fn replies_quote_at_most_a_bounded_excerpt_of_the_input() {
+    let w = world();
+    let huge = "q".repeat(100_000);
+    for input in [
+        format!("!{huge}"),
+        format!("!run {huge} on all"),
+        format!("!run uptime on role={huge}"),
+        format!("!run uptime on all --batch {huge}"),
+        format!("!run logs {huge} on all"),
+        format!("!job {huge}"),
+        format!("!output {huge}"),
+        format!("!cancel {huge}"),
+        format!("!approve {huge}"),
+        format!("!deny {huge} {huge}"),
+        format!("!help {huge}"),
+        format!("!silence {huge} 1h"),
+        format!("!audit {huge}"),
+    ] {
+        let sent = ask(&w, "console:alice", &input).await;
+        for reply in sent {
+            let text = reply.text();
+            assert!(
+                text.len() < 1000,
+                "{} replied with {} bytes: {}…",
+                &input[..20],
+                text.len(),
+                &text[..300]
+            );
+        }
+    }
+    // Escaped as well as bounded: no raw control characters come back.
+    let text = one_text(&ask(&w, "console:alice", "!run \u{1b}[2Jx on all").await);
+    assert!(
+        !text.contains('\u{1b}') && text.contains("\\x1b[2Jx"),
+        "{text}"
+    );
+    assert!(w.router.controller().submitted().is_empty());
 }

@@ -541,6 +541,7 @@ async fn long_replies_are_cut_at_50_blocks_and_uploaded_in_the_thread() {
                     text: (0..40)
                         .map(|l| format!("web-{i} line {l} <!here>\n"))
                         .collect(),
+                    omitted_lines: 0,
                 }],
                 ..Section::default()
             })

@@ -192,6 +192,32 @@ fn missing_operator_identity_is_a_usage_error() {
 }
 
 #[test]
+fn a_timeout_under_one_second_is_refused_not_turned_into_the_default() {
+    for (timeout, expected) in [
+        (
+            "500ms",
+            "--timeout: must be at least 1s (a job's timeout is whole seconds), got 500ms",
+        ),
+        ("0s", "--timeout: must be at least 1s"),
+        ("1500ms", "--timeout: must be whole seconds"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["run", "uptime", "--on", "all", "--timeout", timeout])
+            .env_remove("FLEETCMD_CA")
+            .env_remove("FLEETCMD_CERT")
+            .env_remove("FLEETCMD_KEY")
+            .output()
+            .expect("runs");
+        assert_eq!(out.status.code(), Some(64), "{timeout}");
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{timeout}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
 fn policy_check_prints_every_error_with_its_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("policy.toml");

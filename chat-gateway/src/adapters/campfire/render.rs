@@ -175,6 +175,7 @@ mod tests {
                     blocks: vec![CodeBlock {
                         label: "stdout".into(),
                         text,
+                        omitted_lines: 0,
                     }],
                     ..Section::default()
                 },

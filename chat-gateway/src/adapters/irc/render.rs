@@ -227,6 +227,7 @@ mod tests {
             blocks: vec![crate::adapters::CodeBlock {
                 label: "stdout".into(),
                 text: (1..=lines).map(|i| format!("l{i}\n")).collect(),
+                omitted_lines: 0,
             }],
         }
     }

@@ -305,6 +305,7 @@ mod tests {
                 blocks: vec![crate::adapters::CodeBlock {
                     label: "stdout".into(),
                     text: "up\n".into(),
+                    omitted_lines: 0,
                 }],
             }],
             ..Reply::default()

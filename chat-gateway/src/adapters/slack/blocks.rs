@@ -341,6 +341,7 @@ mod tests {
                     blocks: vec![CodeBlock {
                         label: "stdout".into(),
                         text: "z".repeat(4000),
+                        omitted_lines: 0,
                     }],
                     ..Section::default()
                 })

@@ -1168,6 +1168,7 @@ mod tests {
                 blocks: vec![crate::adapters::CodeBlock {
                     label: "stdout".into(),
                     text: "!run reboot\n<!here>\x1b[2J".into(),
+                    omitted_lines: 0,
                 }],
                 ..Default::default()
             }],
