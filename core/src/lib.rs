@@ -28,5 +28,6 @@ pub mod rbac;
 pub mod rollout;
 pub mod selector;
 pub mod terminal;
+pub mod when;
 
 mod glob;
