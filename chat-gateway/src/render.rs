@@ -169,7 +169,8 @@ pub fn truncate_output(bytes: &[u8]) -> (String, bool) {
     (out, cut)
 }
 
-fn outcome_detail(r: &v1::JobResult) -> String {
+/// `exit 1, 2.5 s`: how a host's run ended and how long it took.
+pub fn outcome_detail(r: &v1::JobResult) -> String {
     let mut parts = Vec::new();
     if let Some(code) = r.exit_code {
         parts.push(format!("exit {code}"));
