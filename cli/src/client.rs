@@ -924,6 +924,53 @@ mod tests {
     }
 
     #[test]
+    fn job_summary_shows_failures_first_and_the_first_lines_with_the_way_to_the_rest() {
+        let target = |host: &str, state: &str, lines: usize| pb::Target {
+            agent_id: host.into(),
+            state: state.into(),
+            result: Some(pb::JobResult {
+                exit_code: Some(i32::from(state != "ok")),
+                stdout: (1..=lines)
+                    .map(|i| format!("{host} line {i}\n"))
+                    .collect::<String>()
+                    .into_bytes(),
+                duration_ms: 1_500,
+                ..Default::default()
+            }),
+        };
+        let job = pb::Job {
+            job_id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
+            command: "df".into(),
+            selector: "all".into(),
+            requester: "cli:admin".into(),
+            state: "failed".into(),
+            // 2026-12-06T05:52:33Z
+            created_at_ms: 1_796_536_353_000,
+            targets: vec![target("web-1", "ok", 9), target("web-2", "failed", 2)],
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        print_summary(&mut out, &job, 1_796_536_353_000 + 65_000).expect("write");
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            "created 2026-12-06T05:52:33Z (1 min ago), slowest host 1.5 s\n\
+             1 failed, 1 ok\n\
+             ==> web-2 (failed, exit 1, 1.5 s)\n\
+             web-2: web-2 line 1\n\
+             web-2: web-2 line 2\n\
+             ==> web-1 (ok, exit 0, 1.5 s)\n\
+             web-1: web-1 line 1\n\
+             web-1: web-1 line 2\n\
+             web-1: web-1 line 3\n\
+             web-1: web-1 line 4\n\
+             web-1: web-1 line 5\n\
+             web-1: … 4 more lines\n\
+             job b302099a8057 `df` on all: failed (1/2 ok), asked by cli:admin\n\
+             full output: fleetcmd job output b302099a8057 [HOST]\n"
+        );
+    }
+
+    #[test]
     fn the_progress_line_waits_a_few_seconds_then_counts_and_times() {
         let at = |secs| Duration::from_secs(secs);
         assert_eq!(progress_line(1, 3, 0, at(1)), None, "a short job shows none");
