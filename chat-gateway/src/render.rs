@@ -819,15 +819,12 @@ pub fn health_table(services: &[v1::Service], one: bool, now_ms: u64) -> (String
     }
     let s = &services[0];
     let mut header = format!(
-        "{} is {} since {} ({} of {} instances pass; check {:?} on {})",
-        s.name,
-        s.state,
-        when::stamp(now_ms, s.since_ms),
-        s.passing,
-        s.total,
-        s.check,
-        s.selector
+        "{} is {} ({} of {} instances pass; check {:?} on {})",
+        s.name, s.state, s.passing, s.total, s.check, s.selector
     );
+    if s.since_ms != 0 {
+        header.push_str(&format!(" since {}", when::stamp(now_ms, s.since_ms)));
+    }
     let note = silenced(s);
     if !note.is_empty() {
         header.push_str(&format!(" · {note}: {}", s.silence_reason));
