@@ -7,8 +7,8 @@
 use std::fmt::Write as _;
 
 use fleetcmd_core::ids::short_form;
-use fleetcmd_core::when;
 use fleetcmd_core::policy::{ArgKind, CommandDef};
+use fleetcmd_core::when;
 use fleetcmd_proto::v1;
 
 use crate::adapters::{Action, CodeBlock, Reply, Section};
@@ -308,7 +308,12 @@ pub fn progress(job: &v1::Job, now_ms: u64) -> String {
         .iter()
         .filter(|t| failure_rank(&t.state) == 0)
         .count();
-    progress_text(done, total, failed, now_ms.saturating_sub(job.created_at_ms))
+    progress_text(
+        done,
+        total,
+        failed,
+        now_ms.saturating_sub(job.created_at_ms),
+    )
 }
 
 /// [`progress`] from counts, for a caller that follows events.
@@ -1001,7 +1006,10 @@ mod tests {
         // says how to see the rest; nothing says "line 6".
         assert!(r.sections[0].title.starts_with("web-2 — failed"), "{text}");
         assert!(!text.contains("line 6"), "{text}");
-        assert!(text.contains("5 more lines: `output b302099a8057 web-1`"), "{text}");
+        assert!(
+            text.contains("5 more lines: `output b302099a8057 web-1`"),
+            "{text}"
+        );
         assert!(!text.contains("output b302099a8057 web-3"), "{text}");
         insta::assert_snapshot!(text);
     }
@@ -1095,5 +1103,4 @@ mod tests {
         let (_, list) = health_table(&[s], false, now);
         assert!(list.contains("2 h ago"), "{list}");
     }
-
 }

@@ -120,8 +120,12 @@ mod tests {
         man_page(crate::cli_args::Cli::command(), Some("run"), &mut out).expect("page");
         let page = String::from_utf8(out).expect("utf-8");
         assert!(page.contains(".TH fleetcmd-run 1"), "{page}");
-        let err = man_page(crate::cli_args::Cli::command(), Some("nope"), &mut Vec::new())
-            .expect_err("no such subcommand");
+        let err = man_page(
+            crate::cli_args::Cli::command(),
+            Some("nope"),
+            &mut Vec::new(),
+        )
+        .expect_err("no such subcommand");
         assert!(
             err.to_string()
                 .starts_with("fleetcmd has no subcommand \"nope\"; man pages: dev, init"),

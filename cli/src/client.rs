@@ -973,7 +973,11 @@ mod tests {
     #[test]
     fn the_progress_line_waits_a_few_seconds_then_counts_and_times() {
         let at = |secs| Duration::from_secs(secs);
-        assert_eq!(progress_line(1, 3, 0, at(1)), None, "a short job shows none");
+        assert_eq!(
+            progress_line(1, 3, 0, at(1)),
+            None,
+            "a short job shows none"
+        );
         assert_eq!(progress_line(0, 0, 0, at(5)), None, "targets not known yet");
         assert_eq!(
             progress_line(2, 3, 1, at(12)).as_deref(),

@@ -98,7 +98,10 @@ mod tests {
         assert_eq!(rfc3339(T), "2026-12-06T05:52:33Z");
         assert_eq!(rfc3339(T + 999), "2026-12-06T05:52:33Z");
         assert_eq!(rfc3339(0), "-");
-        assert_eq!(rfc3339(u64::MAX), format!("{} ms after the epoch", u64::MAX));
+        assert_eq!(
+            rfc3339(u64::MAX),
+            format!("{} ms after the epoch", u64::MAX)
+        );
     }
 
     #[test]

@@ -34,15 +34,26 @@ fn completions_and_the_man_page_are_printed_without_the_packages() {
     }
     let out = bare(&["completions", "tcsh"]);
     assert_eq!(out.status.code(), Some(2), "clap's usage error");
-    assert!(text(&out.stderr).contains("bash, zsh, fish"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("bash, zsh, fish"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = bare(&["man"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let page = text(&out.stdout);
     assert!(page.contains(".TH fleetcmd 1"), "{page}");
-    assert!(page.contains("completions"), "the page lists the subcommands: {page}");
+    assert!(
+        page.contains("completions"),
+        "the page lists the subcommands: {page}"
+    );
     let out = bare(&["man", "run"]);
-    assert!(text(&out.stdout).contains(".TH fleetcmd-run 1"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains(".TH fleetcmd-run 1"),
+        "{}",
+        text(&out.stdout)
+    );
     let out = bare(&["man", "runn"]);
     assert_eq!(out.status.code(), Some(64));
     assert!(
@@ -75,7 +86,10 @@ fn jobs_show_age_and_duration_and_job_shows_a_summary() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let table = text(&out.stdout);
     let header = table.lines().next().expect("header");
-    assert!(header.contains(" AGE ") && header.contains(" DURATION "), "{table}");
+    assert!(
+        header.contains(" AGE ") && header.contains(" DURATION "),
+        "{table}"
+    );
     let row = table
         .lines()
         .find(|l| l.starts_with(&id))
@@ -92,7 +106,9 @@ fn jobs_show_age_and_duration_and_job_shows_a_summary() {
     let lines: Vec<&str> = summary.lines().collect();
     // When, as RFC 3339 and relative; then the counts; then each host.
     assert!(
-        lines[0].starts_with("created 20") && lines[0].contains("Z (") && lines[0].contains("slowest host"),
+        lines[0].starts_with("created 20")
+            && lines[0].contains("Z (")
+            && lines[0].contains("slowest host"),
         "{summary}"
     );
     assert_eq!(lines[1], "3 failed", "{summary}");
@@ -111,9 +127,15 @@ fn jobs_show_age_and_duration_and_job_shows_a_summary() {
 
     let out = fleetcmd(&fleet, &["agents"]);
     let agents = text(&out.stdout);
-    assert!(agents.lines().next().is_some_and(|h| h.contains(" SEEN ")), "{agents}");
     assert!(
-        agents.lines().skip(1).all(|l| l.contains(" s ago") || l.contains("just now")),
+        agents.lines().next().is_some_and(|h| h.contains(" SEEN ")),
+        "{agents}"
+    );
+    assert!(
+        agents
+            .lines()
+            .skip(1)
+            .all(|l| l.contains(" s ago") || l.contains("just now")),
         "heartbeats every second: {agents}"
     );
     rt.block_on(fleet.shutdown()).expect("shutdown");

@@ -526,7 +526,9 @@ impl Health {
 
 /// The agents that count (not revoked), with their labels in the
 /// selector's form once per agent, not per service.
-fn with_labels(agents: &[pb::Agent]) -> Vec<(&pb::Agent, std::collections::BTreeMap<String, String>)> {
+fn with_labels(
+    agents: &[pb::Agent],
+) -> Vec<(&pb::Agent, std::collections::BTreeMap<String, String>)> {
     agents
         .iter()
         .filter(|a| !a.revoked)

@@ -362,7 +362,10 @@ async fn after_a_controller_restart_health_shows_the_reconnected_instances_at_on
         "instances known only after {:?}, when the controller had settled",
         restarted.elapsed()
     );
-    assert_eq!(s.state, "ok", "the state announced before the restart: {s:?}");
+    assert_eq!(
+        s.state, "ok",
+        "the state announced before the restart: {s:?}"
+    );
     assert!(s.instances.iter().all(|i| i.online), "{s:?}");
 
     // What `fleetcmd health` prints from it.
