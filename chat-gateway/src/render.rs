@@ -685,8 +685,13 @@ fn checks_column(a: &v1::Agent) -> String {
 }
 
 /// `agents` / `status`: worst first (offline, failing checks, warnings),
-/// with load, memory and the agents' checks at a glance.
+/// with load, memory, the agents' checks and when each was last heard from.
 pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply {
+    agents_at(agents, selector, who, now_ms())
+}
+
+/// [`agents`] at a given time (the SEEN column).
+pub fn agents_at(agents: &[v1::Agent], selector: Option<&str>, who: &str, now_ms: u64) -> Reply {
     let online = agents.iter().filter(|a| a.online && !a.revoked).count();
     let header = format!(
         "agents{}: {} ({} online){}",
@@ -707,8 +712,8 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
             .then_with(|| a.agent_id.cmp(&b.agent_id))
     });
     let mut text = format!(
-        "{:<24} {:<8} {:>6} {:>5}  {:<18} {:<10} {}\n",
-        "AGENT", "STATE", "LOAD1", "MEM%", "CHECKS", "VERSION", "LABELS"
+        "{:<24} {:<8} {:>6} {:>5}  {:<18} {:<10} {:<12} {}\n",
+        "AGENT", "STATE", "LOAD1", "MEM%", "CHECKS", "VERSION", "SEEN", "LABELS"
     );
     for a in sorted {
         let state = if a.revoked {
@@ -734,9 +739,8 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
             l.sort();
             l
         };
-        let _ = writeln!(
-            text,
-            "{:<24} {:<8} {:>6} {:>5}  {:<18} {:<10} {}",
+        let row = format!(
+            "{:<24} {:<8} {:>6} {:>5}  {:<18} {:<10} {:<12} {}",
             a.agent_id,
             state,
             load,
@@ -747,8 +751,10 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
             } else {
                 &a.version
             },
+            when::relative(now_ms, a.last_seen_ms),
             labels.join(",")
         );
+        let _ = writeln!(text, "{}", row.trim_end());
     }
     code_reply(header, text)
 }
@@ -1102,5 +1108,41 @@ mod tests {
         );
         let (_, list) = health_table(&[s], false, now);
         assert!(list.contains("2 h ago"), "{list}");
+    }
+
+    #[test]
+    fn agents_show_when_each_was_last_seen() {
+        let agent = |id: &str, online: bool, seen: u64| v1::Agent {
+            agent_id: id.into(),
+            online,
+            last_seen_ms: seen,
+            ..Default::default()
+        };
+        let r = agents_at(
+            &[
+                agent("web-1", true, T - 2_000),
+                agent("web-2", false, T - 3_600_000),
+            ],
+            None,
+            "console:alice",
+            T,
+        );
+        let table = &r.sections[0].blocks[0].text;
+        let row = |id: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(id))
+                .unwrap_or_else(|| panic!("{id} in {table}"))
+                .to_string()
+        };
+        assert!(
+            table.lines().next().is_some_and(|h| h.contains(" SEEN ")),
+            "{table}"
+        );
+        assert!(row("web-1").ends_with(" 2 s ago"), "{table}");
+        assert!(
+            row("web-2").ends_with(" 1 h ago"),
+            "no trailing blanks: {table}"
+        );
     }
 }

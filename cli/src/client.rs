@@ -522,11 +522,13 @@ pub async fn follow(
         match ev.and_then(|ev| ev.event) {
             Some(Event::Job(j)) => {
                 total = j.targets.len();
-                done = j
+                let ended: Vec<_> = j
                     .targets
                     .iter()
                     .filter(|t| fleetcmd_controller::state::is_terminal(&t.state))
-                    .count();
+                    .collect();
+                done = ended.len();
+                failed = ended.iter().filter(|t| t.state != "ok").count();
                 if is_finished(&j.state) {
                     break;
                 }
