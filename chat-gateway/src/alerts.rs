@@ -44,8 +44,24 @@ pub fn render(ev: &v1::AlertEvent) -> Option<Reply> {
         (Kind::Transition, "ok") => "RECOVERED".to_string(),
         (_, state) => state.to_ascii_uppercase(),
     };
-    let mut reply = Reply::text(format!("[{tag}] {}", ev.summary));
-    if kind != Kind::Flapping && s.state != "ok" {
+    let listed = kind != Kind::Flapping && s.state != "ok";
+    // The controller's summary ends with the failing instances for pages,
+    // which get one line; here they are listed below the header, so the
+    // header says only what happened (else each instance shows twice).
+    let headline = if listed {
+        format!(
+            "{} is {}{}: {} of {} instances pass",
+            s.name,
+            if kind == Kind::Reminder { "still " } else { "" },
+            s.state,
+            s.passing,
+            s.total
+        )
+    } else {
+        ev.summary.clone()
+    };
+    let mut reply = Reply::text(format!("[{tag}] {headline}"));
+    if listed {
         let failing: Vec<&v1::ServiceInstance> =
             s.instances.iter().filter(|i| !i.passes()).collect();
         for i in failing.iter().take(MAX_INSTANCES) {
@@ -178,7 +194,31 @@ mod tests {
             from: "ok".into(),
             silenced,
             at_ms: 0,
-            summary: "api is degraded: 1 of 3 instances pass".into(),
+            // As the controller writes it: the failing instances included.
+            summary: "api is degraded: 1 of 3 instances pass (web-2: CRITICAL connection refused; \
+                      web-3: offline)"
+                .into(),
+        }
+    }
+
+    /// The whole message as a person reads it: each failing instance once.
+    fn text(r: &Reply) -> String {
+        std::iter::once(r.header.as_str())
+            .chain(r.lines.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn each_failing_instance_is_named_once() {
+        use v1::alert_event::Kind;
+        for kind in [Kind::Transition, Kind::Reminder] {
+            let r = render(&event(kind, "degraded", false)).expect("posted");
+            let text = text(&r);
+            for host in ["web-2", "web-3"] {
+                assert_eq!(text.matches(host).count(), 1, "{host} in {text}");
+            }
+            insta::assert_snapshot!(format!("alert_{}", kind.as_str_name()), text);
         }
     }
 

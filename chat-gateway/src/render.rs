@@ -10,6 +10,7 @@ use fleetcmd_core::grammar;
 use fleetcmd_core::ids::short_form;
 use fleetcmd_core::policy::{ArgKind, CommandDef};
 use fleetcmd_core::terminal::excerpt;
+use fleetcmd_core::when;
 use fleetcmd_proto::v1;
 
 use crate::adapters::{Action, CodeBlock, Reply, Section};
@@ -210,7 +211,8 @@ fn lines_in(bytes: &[u8]) -> usize {
     }
 }
 
-fn outcome_detail(r: &v1::JobResult) -> String {
+/// `exit 1, 2.5 s`: how a host's run ended and how long it took.
+pub fn outcome_detail(r: &v1::JobResult) -> String {
     let mut parts = Vec::new();
     if let Some(code) = r.exit_code {
         parts.push(format!("exit {code}"));
@@ -224,16 +226,8 @@ fn outcome_detail(r: &v1::JobResult) -> String {
         (true, false) => parts.push(r.reason.clone()),
         (false, false) => parts.push(format!("{}: {}", r.reason_code, r.reason)),
     }
-    parts.push(format_ms(r.duration_ms));
+    parts.push(when::elapsed(r.duration_ms));
     parts.join(", ")
-}
-
-fn format_ms(ms: u64) -> String {
-    if ms < 1000 {
-        format!("{ms} ms")
-    } else {
-        format!("{:.1} s", ms as f64 / 1000.0)
-    }
 }
 
 /// One host's section of a job reply.
@@ -338,9 +332,110 @@ fn failure_rank(state: &str) -> u8 {
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Lines of each host's output in a `job ID` summary; `output ID [HOST]`
+/// (chat) and `fleetcmd job output ID [HOST]` show all of it.
+pub const SUMMARY_LINES: usize = 5;
+
+/// A job's progress while it runs, the same words in chat's edited message
+/// and the CLI's progress line: `3/10 done, 1 failed, 12 s`.
+pub fn progress(job: &v1::Job, now_ms: u64) -> String {
+    let total = job.targets.len();
+    let done = job.targets.iter().filter(|t| t.result.is_some()).count();
+    let failed = job
+        .targets
+        .iter()
+        .filter(|t| failure_rank(&t.state) == 0)
+        .count();
+    progress_text(
+        done,
+        total,
+        failed,
+        now_ms.saturating_sub(job.created_at_ms),
+    )
+}
+
+/// [`progress`] from counts, for a caller that follows events.
+pub fn progress_text(done: usize, total: usize, failed: usize, elapsed_ms: u64) -> String {
+    format!(
+        "{done}/{total} done, {failed} failed, {}",
+        when::coarse(elapsed_ms)
+    )
+}
+
+/// How many targets are in each state, failures first, then unfinished,
+/// then fine: `1 failed, 1 timed_out, 3 ok`.
+pub fn state_counts(job: &v1::Job) -> String {
+    let mut counts: Vec<(u8, &str, usize)> = Vec::new();
+    for t in &job.targets {
+        match counts.iter_mut().find(|(_, s, _)| *s == t.state) {
+            Some(c) => c.2 += 1,
+            None => counts.push((failure_rank(&t.state), &t.state, 1)),
+        }
+    }
+    counts.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    if counts.is_empty() {
+        return "no targets".into();
+    }
+    counts
+        .iter()
+        .map(|(_, s, n)| format!("{n} {s}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The job's targets, failures first, then unfinished, then fine (stable:
+/// hosts keep their order within each group).
+pub fn failures_first(job: &v1::Job) -> Vec<&v1::Target> {
+    let mut order: Vec<&v1::Target> = job.targets.iter().collect();
+    order.sort_by_key(|t| failure_rank(&t.state));
+    order
+}
+
+/// The first `n` lines of `bytes` (lossy UTF-8, trailing newline ignored)
+/// and how many lines were left out.
+pub fn first_lines(bytes: &[u8], n: usize) -> (String, usize) {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim_end_matches('\n');
+    if text.is_empty() {
+        return (String::new(), 0);
+    }
+    let total = text.split('\n').count();
+    let shown: Vec<&str> = text.split('\n').take(n).collect();
+    (shown.join("\n"), total.saturating_sub(n))
+}
+
+/// When a job was created and how long its slowest host ran:
+/// `created 2026-12-06T05:52:33Z (3 min ago), slowest host 1.5 s`.
+pub fn job_times(job: &v1::Job, now_ms: u64) -> String {
+    let mut s = format!("created {}", when::stamp(now_ms, job.created_at_ms));
+    if let Some(ms) = slowest_ms(job) {
+        let _ = write!(s, ", slowest host {}", when::elapsed(ms));
+    }
+    s
+}
+
+/// The longest run time of the job's finished hosts.
+pub fn slowest_ms(job: &v1::Job) -> Option<u64> {
+    job.targets
+        .iter()
+        .filter_map(|t| t.result.as_ref().map(|r| r.duration_ms))
+        .max()
+}
+
 /// A job's state and per-host results, failures first; used while it runs
-/// and when it ends.
+/// and when it ends (the router edits the live message with it).
 pub fn job(job: &v1::Job) -> Reply {
+    job_at(job, now_ms())
+}
+
+/// [`job`] at a given time (elapsed time in the progress header).
+pub fn job_at(job: &v1::Job, now_ms: u64) -> Reply {
     let total = job.targets.len();
     let ok = job.targets.iter().filter(|t| t.state == "ok").count();
     let header = if is_terminal(&job.state) {
@@ -351,11 +446,11 @@ pub fn job(job: &v1::Job) -> Reply {
             asked_by(&job.requester)
         )
     } else {
-        let done = job.targets.iter().filter(|t| t.result.is_some()).count();
         format!(
-            "job {} {} ({done}/{total} done, {ok} ok){}",
+            "job {} {} ({}){}",
             short_form(&job.job_id),
             job.state,
+            progress(job, now_ms),
             asked_by(&job.requester)
         )
     };
@@ -369,9 +464,7 @@ pub fn job(job: &v1::Job) -> Reply {
         lines.push(format!("{failed} failed (listed first)"));
     }
     // Failures first, then hosts still running, then successes.
-    let mut order: Vec<&v1::Target> = job.targets.iter().collect();
-    order.sort_by_key(|t| failure_rank(&t.state));
-    let mut sections: Vec<Section> = order
+    let mut sections: Vec<Section> = failures_first(job)
         .into_iter()
         .take(MAX_HOST_SECTIONS)
         .map(|t| target_section(&job.job_id, t))
@@ -394,14 +487,86 @@ pub fn job(job: &v1::Job) -> Reply {
     }
 }
 
-/// `job ID` for someone other than the requester: the same view, but the
-/// header also names who is looking.
+/// `job ID`: a summary — counts by state, times, then each host failures
+/// first with the first [`SUMMARY_LINES`] lines of its output and the
+/// `output` command that shows the rest. Someone other than the requester
+/// is named in the header.
 pub fn job_for(j: &v1::Job, who: &str) -> Reply {
-    let mut r = job(j);
+    job_summary(j, who, now_ms())
+}
+
+/// [`job_for`] at a given time.
+pub fn job_summary(j: &v1::Job, who: &str, now_ms: u64) -> Reply {
+    let short = short_form(&j.job_id);
+    let total = j.targets.len();
+    let ok = j.targets.iter().filter(|t| t.state == "ok").count();
+    let mut header = if is_terminal(&j.state) {
+        format!("job {short} {} ({ok}/{total} ok)", j.state)
+    } else {
+        format!("job {short} {} ({})", j.state, progress(j, now_ms))
+    };
+    header.push_str(&asked_by(&j.requester));
     if j.requester != who {
-        r.header.push_str(&format!(" (shown to {who})"));
+        header.push_str(&format!(" (shown to {who})"));
     }
-    r
+    let mut lines = vec![
+        format!("`{}` on {}", j.command, j.selector),
+        job_times(j, now_ms),
+        state_counts(j),
+    ];
+    if !j.reason.is_empty() {
+        lines.push(j.reason.clone());
+    }
+    let mut sections: Vec<Section> = failures_first(j)
+        .into_iter()
+        .take(MAX_HOST_SECTIONS)
+        .map(|t| {
+            let mut sec = Section {
+                title: match &t.result {
+                    Some(r) => format!("{} — {}, {}", t.agent_id, t.state, outcome_detail(r)),
+                    None => format!("{} — {}", t.agent_id, t.state),
+                },
+                ..Section::default()
+            };
+            let Some(r) = &t.result else { return sec };
+            let mut more = 0;
+            for (label, bytes) in [("stdout", &r.stdout), ("stderr", &r.stderr)] {
+                let (text, left) = first_lines(bytes, SUMMARY_LINES);
+                more += left;
+                if !text.is_empty() {
+                    sec.blocks.push(CodeBlock {
+                        label: label.into(),
+                        text,
+                        // Counted in the note below, with the way to the rest.
+                        omitted_lines: 0,
+                    });
+                }
+            }
+            if more > 0 {
+                sec.notes.push(format!(
+                    "{more} more line{}: `output {short} {}`",
+                    if more == 1 { "" } else { "s" },
+                    t.agent_id
+                ));
+            }
+            sec
+        })
+        .collect();
+    if total > MAX_HOST_SECTIONS {
+        sections.push(Section {
+            title: format!(
+                "… and {} more hosts; `output {short}` shows every host",
+                total - MAX_HOST_SECTIONS
+            ),
+            ..Section::default()
+        });
+    }
+    Reply {
+        header,
+        lines,
+        sections,
+        ..Reply::default()
+    }
 }
 
 /// Largest output a chat `output` reply carries per stream; the CLI's
@@ -478,16 +643,20 @@ pub fn jobs(jobs: &[v1::Job], who: &str, mine: bool) -> Reply {
     if jobs.is_empty() {
         return Reply::text(header);
     }
+    let now = now_ms();
     let mut text = String::new();
     for j in jobs {
         let ok = j.targets.iter().filter(|t| t.state == "ok").count();
+        let (age, duration) = age_and_duration(j, now);
         let _ = writeln!(
             text,
-            "{:<18}  {:<10}  {:>3}/{:<3} {:<12} {:<24} {}",
+            "{:<18}  {:<10}  {:>3}/{:<3} {:>10} {:>10}  {:<12} {:<24} {}",
             short_form(&j.job_id),
             j.state,
             ok,
             j.targets.len(),
+            age,
+            duration,
             j.command,
             j.selector,
             j.requester
@@ -505,6 +674,16 @@ pub fn jobs(jobs: &[v1::Job], who: &str, mine: bool) -> Reply {
         }],
         ..Reply::default()
     }
+}
+
+/// The AGE and DURATION columns of a jobs table: how long ago the job was
+/// created (`3 min ago`), and how long its slowest host ran (`1.5 s`; `-`
+/// while no host has finished).
+pub fn age_and_duration(j: &v1::Job, now_ms: u64) -> (String, String) {
+    (
+        when::relative(now_ms, j.created_at_ms),
+        slowest_ms(j).map_or_else(|| "-".into(), when::elapsed),
+    )
 }
 
 /// The agents table of `agents` / `status`.
@@ -555,8 +734,13 @@ fn checks_column(a: &v1::Agent) -> String {
 }
 
 /// `agents` / `status`: worst first (offline, failing checks, warnings),
-/// with load, memory and the agents' checks at a glance.
+/// with load, memory, the agents' checks and when each was last heard from.
 pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply {
+    agents_at(agents, selector, who, now_ms())
+}
+
+/// [`agents`] at a given time (the SEEN column).
+pub fn agents_at(agents: &[v1::Agent], selector: Option<&str>, who: &str, now_ms: u64) -> Reply {
     let online = agents.iter().filter(|a| a.online && !a.revoked).count();
     let header = format!(
         "agents{}: {} ({} online){}",
@@ -577,8 +761,8 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
             .then_with(|| a.agent_id.cmp(&b.agent_id))
     });
     let mut text = format!(
-        "{:<24} {:<8} {:>6} {:>5}  {:<18} {:<10} {}\n",
-        "AGENT", "STATE", "LOAD1", "MEM%", "CHECKS", "VERSION", "LABELS"
+        "{:<24} {:<8} {:>6} {:>5}  {:<18} {:<10} {:<12} {}\n",
+        "AGENT", "STATE", "LOAD1", "MEM%", "CHECKS", "VERSION", "SEEN", "LABELS"
     );
     for a in sorted {
         let state = if a.revoked {
@@ -604,9 +788,8 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
             l.sort();
             l
         };
-        let _ = writeln!(
-            text,
-            "{:<24} {:<8} {:>6} {:>5}  {:<18} {:<10} {}",
+        let row = format!(
+            "{:<24} {:<8} {:>6} {:>5}  {:<18} {:<10} {:<12} {}",
             a.agent_id,
             state,
             load,
@@ -617,8 +800,10 @@ pub fn agents(agents: &[v1::Agent], selector: Option<&str>, who: &str) -> Reply 
             } else {
                 &a.version
             },
+            when::relative(now_ms, a.last_seen_ms),
             labels.join(",")
         );
+        let _ = writeln!(text, "{}", row.trim_end());
     }
     code_reply(header, text)
 }
@@ -636,17 +821,6 @@ fn code_reply(header: String, text: String) -> Reply {
         }],
         ..Reply::default()
     }
-}
-
-fn ago(now_ms: u64, at_ms: u64) -> String {
-    if at_ms == 0 {
-        return "-".into();
-    }
-    let secs = now_ms.saturating_sub(at_ms) / 1000;
-    format!(
-        "{} ago",
-        fleetcmd_core::duration::format_duration(std::time::Duration::from_secs(secs))
-    )
 }
 
 /// `health [service]` in chat: [`health_table`] with who asked.
@@ -672,10 +846,8 @@ pub fn health_table(services: &[v1::Service], one: bool, now_ms: u64) -> (String
     let silenced = |s: &v1::Service| {
         if s.silenced_until_ms > now_ms {
             format!(
-                "silenced for {} by {}",
-                fleetcmd_core::duration::format_duration(std::time::Duration::from_secs(
-                    (s.silenced_until_ms - now_ms) / 1000
-                )),
+                "silenced until {} by {}",
+                when::stamp(now_ms, s.silenced_until_ms),
                 s.silenced_by
             )
         } else {
@@ -699,7 +871,7 @@ pub fn health_table(services: &[v1::Service], one: bool, now_ms: u64) -> (String
                 s.name,
                 s.state,
                 format!("{}/{}", s.passing, s.total),
-                ago(now_ms, s.since_ms),
+                when::relative(now_ms, s.since_ms),
                 note
             );
             let _ = writeln!(text, "{}", row.trim_end());
@@ -711,6 +883,9 @@ pub fn health_table(services: &[v1::Service], one: bool, now_ms: u64) -> (String
         "{} is {} ({} of {} instances pass; check {:?} on {})",
         s.name, s.state, s.passing, s.total, s.check, s.selector
     );
+    if s.since_ms != 0 {
+        header.push_str(&format!(" since {}", when::stamp(now_ms, s.since_ms)));
+    }
     let note = silenced(s);
     if !note.is_empty() {
         header.push_str(&format!(" · {note}: {}", s.silence_reason));
@@ -741,8 +916,8 @@ pub fn health_table(services: &[v1::Service], one: bool, now_ms: u64) -> (String
         for t in &s.history {
             let _ = writeln!(
                 text,
-                "  {:<12} {} → {} ({}/{})",
-                ago(now_ms, t.at_ms),
+                "  {} {} → {} ({}/{})",
+                when::stamp(now_ms, t.at_ms),
                 t.from,
                 t.to,
                 t.passing,
@@ -834,5 +1009,190 @@ mod tests {
         );
         assert_eq!(r.sections[1].title, "web-1 — ok, exit 0, 12 ms");
         assert_eq!(r.sections[1].blocks[0].text, "up 3 days");
+    }
+
+    // 2026-12-06T05:52:33Z
+    const T: u64 = 1_796_536_353_000;
+
+    fn target(host: &str, state: &str, stdout: &str, ms: u64) -> v1::Target {
+        v1::Target {
+            agent_id: host.into(),
+            state: state.into(),
+            result: Some(v1::JobResult {
+                exit_code: Some(i32::from(state != "ok")),
+                stdout: stdout.as_bytes().to_vec(),
+                duration_ms: ms,
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn ten_lines(host: &str) -> String {
+        (1..=10).map(|i| format!("{host} line {i}\n")).collect()
+    }
+
+    #[test]
+    fn job_summary_counts_states_puts_failures_first_and_shows_first_lines() {
+        let j = v1::Job {
+            job_id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
+            command: "df".into(),
+            selector: "all".into(),
+            requester: "console:alice".into(),
+            state: "failed".into(),
+            created_at_ms: T,
+            targets: vec![
+                target("web-1", "ok", &ten_lines("web-1"), 1_200),
+                target("web-2", "failed", &ten_lines("web-2"), 2_500),
+                target("web-3", "ok", "one line\n", 300),
+            ],
+            ..Default::default()
+        };
+        let r = job_summary(&j, "console:bob", T + 3 * 60_000);
+        let mut text = vec![r.header.clone()];
+        text.extend(r.lines.iter().cloned());
+        for sec in &r.sections {
+            text.push(format!("## {}", sec.title));
+            for b in &sec.blocks {
+                text.push(b.text.clone());
+            }
+            text.extend(sec.notes.iter().cloned());
+        }
+        let text = text.join("\n");
+        // The failure comes first, each host shows SUMMARY_LINES lines and
+        // says how to see the rest; nothing says "line 6".
+        assert!(r.sections[0].title.starts_with("web-2 — failed"), "{text}");
+        assert!(!text.contains("line 6"), "{text}");
+        assert!(
+            text.contains("5 more lines: `output b302099a8057 web-1`"),
+            "{text}"
+        );
+        assert!(!text.contains("output b302099a8057 web-3"), "{text}");
+        insta::assert_snapshot!(text);
+    }
+
+    #[test]
+    fn jobs_table_has_age_and_duration() {
+        let j = v1::Job {
+            created_at_ms: T,
+            targets: vec![
+                target("web-1", "ok", "", 1_200),
+                target("web-2", "ok", "", 65_000),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            age_and_duration(&j, T + 3 * 60_000),
+            ("3 min ago".to_string(), "1 min 5 s".to_string())
+        );
+        let running = v1::Job {
+            created_at_ms: T,
+            targets: vec![v1::Target {
+                agent_id: "web-1".into(),
+                state: "running".into(),
+                result: None,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            age_and_duration(&running, T + 5_000),
+            ("5 s ago".to_string(), "-".to_string())
+        );
+    }
+
+    #[test]
+    fn a_running_job_shows_done_failed_and_elapsed() {
+        let mut j = v1::Job {
+            job_id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
+            requester: "console:alice".into(),
+            state: "running".into(),
+            created_at_ms: T,
+            targets: vec![
+                target("web-1", "ok", "", 10),
+                target("web-2", "failed", "", 10),
+                v1::Target {
+                    agent_id: "web-3".into(),
+                    state: "running".into(),
+                    result: None,
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(progress(&j, T + 12_000), "2/3 done, 1 failed, 12 s");
+        assert_eq!(
+            job_at(&j, T + 12_000).header,
+            "job b302099a8057 running (2/3 done, 1 failed, 12 s) — asked by console:alice"
+        );
+        j.state = "failed".into();
+        assert_eq!(
+            job_at(&j, T + 12_000).header,
+            "job b302099a8057 failed (1/3 ok) — asked by console:alice"
+        );
+    }
+
+    #[test]
+    fn health_shows_since_and_history_as_rfc3339_and_relative() {
+        let s = v1::Service {
+            name: "api".into(),
+            state: "degraded".into(),
+            since_ms: T,
+            passing: 1,
+            total: 2,
+            history: vec![v1::ServiceTransition {
+                from: "ok".into(),
+                to: "degraded".into(),
+                at_ms: T,
+                passing: 1,
+                total: 2,
+            }],
+            ..Default::default()
+        };
+        let now = T + 2 * 3_600_000;
+        let (header, table) = health_table(std::slice::from_ref(&s), true, now);
+        assert!(
+            header.contains("since 2026-12-06T05:52:33Z (2 h ago)"),
+            "{header}"
+        );
+        assert!(
+            table.contains("2026-12-06T05:52:33Z (2 h ago) ok → degraded (1/2)"),
+            "{table}"
+        );
+        let (_, list) = health_table(&[s], false, now);
+        assert!(list.contains("2 h ago"), "{list}");
+    }
+
+    #[test]
+    fn agents_show_when_each_was_last_seen() {
+        let agent = |id: &str, online: bool, seen: u64| v1::Agent {
+            agent_id: id.into(),
+            online,
+            last_seen_ms: seen,
+            ..Default::default()
+        };
+        let r = agents_at(
+            &[
+                agent("web-1", true, T - 2_000),
+                agent("web-2", false, T - 3_600_000),
+            ],
+            None,
+            "console:alice",
+            T,
+        );
+        let table = &r.sections[0].blocks[0].text;
+        let row = |id: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(id))
+                .unwrap_or_else(|| panic!("{id} in {table}"))
+                .to_string()
+        };
+        assert!(
+            table.lines().next().is_some_and(|h| h.contains(" SEEN ")),
+            "{table}"
+        );
+        assert!(row("web-1").ends_with(" 2 s ago"), "{table}");
+        assert!(
+            row("web-2").ends_with(" 1 h ago"),
+            "no trailing blanks: {table}"
+        );
     }
 }

@@ -61,8 +61,8 @@ pub async fn run(conn: &Conn, cmd: CertsCmd) -> Result<u8, Failure> {
             match serial {
                 Some(s) => println!("{role} certificate {name} (serial {s}) revoked"),
                 None => println!(
-                    "every {role} certificate of {name} issued until {} (unix) revoked",
-                    resp.revoked_at
+                    "every {role} certificate of {name} issued until {} revoked",
+                    fleetcmd_core::when::rfc3339(resp.revoked_at.saturating_mul(1000))
                 ),
             }
             Ok(0)
@@ -74,9 +74,10 @@ pub async fn run(conn: &Conn, cmd: CertsCmd) -> Result<u8, Failure> {
                 .map_err(status)?
                 .into_inner();
             println!(
-                "{:<9} {:<20} {:<34} {:>12} BY",
-                "ROLE", "NAME", "SERIAL", "REVOKED_AT"
+                "{:<9} {:<20} {:<34} {:<34} BY",
+                "ROLE", "NAME", "SERIAL", "REVOKED"
             );
+            let now = crate::client::now_ms();
             for r in list.revoked {
                 let serial = if r.serial.is_empty() {
                     "(all issued before)".to_string()
@@ -84,11 +85,11 @@ pub async fn run(conn: &Conn, cmd: CertsCmd) -> Result<u8, Failure> {
                     r.serial
                 };
                 println!(
-                    "{:<9} {:<20} {:<34} {:>12} {}",
+                    "{:<9} {:<20} {:<34} {:<34} {}",
                     r.role,
                     r.name.escape_debug(),
                     serial,
-                    r.revoked_at,
+                    fleetcmd_core::when::stamp(now, r.revoked_at.saturating_mul(1000)),
                     r.by.escape_debug()
                 );
             }

@@ -102,6 +102,17 @@ pub enum Cmd {
     /// Post a monitoring notification into chat through the gateway
     /// (for Nagios, Zabbix, Sensu and other script hooks).
     Notify(crate::notify_cmd::NotifyArgs),
+    /// Print a shell completion script, e.g.
+    /// `fleetcmd completions bash > ~/.local/share/bash-completion/completions/fleetcmd`.
+    Completions {
+        #[arg(value_enum)]
+        shell: crate::assets::CompletionShell,
+    },
+    /// Print the man page (roff), or a subcommand's: `fleetcmd man | man -l -`.
+    Man {
+        /// A subcommand, e.g. `run` for fleetcmd-run(1).
+        subcommand: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

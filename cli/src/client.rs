@@ -116,9 +116,10 @@ pub async fn agents(conn: &Conn, selector: Option<&str>) -> Result<u8, Failure> 
     let mut out = mode.stdout();
     writeln!(
         out,
-        "{:<20} {:<8} {:>6} {:>6} {:<8} LABELS  FACTS",
-        "AGENT", "STATE", "LOAD1", "MEM%", "VERSION"
+        "{:<20} {:<8} {:>6} {:>6} {:<8} {:<12} LABELS  FACTS",
+        "AGENT", "STATE", "LOAD1", "MEM%", "VERSION", "SEEN"
     )?;
+    let now = now_ms();
     for a in list {
         let state = if a.revoked {
             "revoked"
@@ -158,8 +159,13 @@ pub async fn agents(conn: &Conn, selector: Option<&str>) -> Result<u8, Failure> 
         let (labels, facts) = (pairs(a.labels), pairs(a.facts));
         writeln!(
             out,
-            "{:<20} {:<8} {:>6} {:>6} {:<8} {labels}  {facts}",
-            a.agent_id, state, load, mem, a.version
+            "{:<20} {:<8} {:>6} {:>6} {:<8} {:<12} {labels}  {facts}",
+            a.agent_id,
+            state,
+            load,
+            mem,
+            a.version,
+            fleetcmd_core::when::relative(now, a.last_seen_ms)
         )?;
     }
     Ok(0)
@@ -206,8 +212,9 @@ pub async fn token_create(
         .into_inner();
     println!("{}", t.token);
     eprintln!(
-        "expires at {} (unix); join with: fleetcmd-agent join --controller {} --token <token>",
-        t.expires_at, conn.controller
+        "expires {}; join with: fleetcmd-agent join --controller {} --token <token>",
+        fleetcmd_core::when::stamp(now_ms(), t.expires_at.saturating_mul(1000)),
+        conn.controller
     );
     Ok(0)
 }
@@ -268,6 +275,13 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Unix milliseconds now, for rendering times (`fleetcmd_core::when`).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Fetches the policy to map positional arguments and find our signer id.
@@ -436,6 +450,30 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
     Ok(if job.state == "succeeded" { 0 } else { 1 })
 }
 
+/// Jobs that finish sooner show no progress line.
+pub const PROGRESS_AFTER: Duration = Duration::from_secs(2);
+/// How often the progress line is redrawn while nothing happens.
+const PROGRESS_TICK: Duration = Duration::from_secs(1);
+
+/// The terminal progress line of a job followed for `elapsed`:
+/// `3/10 done, 1 failed, 12 s` (the words of chat's edited message), or
+/// nothing before [`PROGRESS_AFTER`] or while the targets are not known.
+pub fn progress_line(
+    done: usize,
+    total: usize,
+    failed: usize,
+    elapsed: Duration,
+) -> Option<String> {
+    (elapsed >= PROGRESS_AFTER && total > 0).then(|| {
+        fleetcmd_gateway::render::progress_text(
+            done,
+            total,
+            failed,
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+        )
+    })
+}
+
 /// Follows a job with `Watch`, printing each host's output lines as they
 /// arrive (`host: line`), with a progress line on a terminal. Returns the
 /// finished job and whether every chunk arrived.
@@ -470,23 +508,28 @@ pub async fn follow(
             format!("{host}: ")
         }
     };
+    let start = Instant::now();
     loop {
-        let ev = match stream.message().await {
-            Ok(Some(ev)) => ev,
-            Ok(None) => break,
-            Err(_) => {
+        let ev = match tokio::time::timeout(PROGRESS_TICK, stream.message()).await {
+            // Nothing new: the progress line's clock still moves.
+            Err(_) => None,
+            Ok(Ok(Some(ev))) => Some(ev),
+            Ok(Ok(None)) => break,
+            Ok(Err(_)) => {
                 complete = false;
                 break;
             }
         };
-        match ev.event {
+        match ev.and_then(|ev| ev.event) {
             Some(Event::Job(j)) => {
                 total = j.targets.len();
-                done = j
+                let ended: Vec<_> = j
                     .targets
                     .iter()
                     .filter(|t| fleetcmd_controller::state::is_terminal(&t.state))
-                    .count();
+                    .collect();
+                done = ended.len();
+                failed = ended.iter().filter(|t| t.state != "ok").count();
                 if is_finished(&j.state) {
                     break;
                 }
@@ -523,8 +566,8 @@ pub async fn follow(
             }
             None => {}
         }
-        if tty && total > 0 {
-            eprint!("\r\x1b[K{done}/{total} done, {failed} failed");
+        if tty && let Some(line) = progress_line(done, total, failed, start.elapsed()) {
+            eprint!("\r\x1b[K{line}");
         }
     }
     if tty {
@@ -655,18 +698,22 @@ pub async fn jobs(
     let mut out = mode.stdout();
     writeln!(
         out,
-        "{:<12}  {:<10} {:>7}  {:<12} {:<20} REQUESTER",
-        "JOB", "STATE", "OK", "COMMAND", "SELECTOR"
+        "{:<12}  {:<10} {:>7}  {:<12} {:<10}  {:<12} {:<20} REQUESTER",
+        "JOB", "STATE", "OK", "AGE", "DURATION", "COMMAND", "SELECTOR"
     )?;
+    let now = now_ms();
     for j in list {
         let ok = j.targets.iter().filter(|t| t.state == "ok").count();
         let ratio = format!("{ok}/{}", j.targets.len());
+        let (age, duration) = fleetcmd_gateway::render::age_and_duration(&j, now);
         writeln!(
             out,
-            "{:<12}  {:<10} {:>7}  {:<12} {:<20} {}",
+            "{:<12}  {:<10} {:>7}  {:<12} {:<10}  {:<12} {:<20} {}",
             short_form(&j.job_id),
             j.state,
             ratio,
+            age,
+            duration,
             j.command,
             j.selector,
             j.requester
@@ -753,8 +800,69 @@ pub async fn job(conn: &Conn, id: &str) -> Result<u8, Failure> {
         .await
         .map_err(status)?
         .into_inner();
-    print_job(&mut mode.stdout(), &job, true)?;
+    print_summary(&mut mode.stdout(), &job, now_ms())?;
     Ok(0)
+}
+
+/// `fleetcmd job ID`: counts by state and times, then each host failures
+/// first with the first lines of its output (not all of it: `fleetcmd job
+/// output ID [HOST]` has that), then the summary line `run` ends with.
+pub fn print_summary(out: &mut impl Write, job: &pb::Job, now_ms: u64) -> std::io::Result<()> {
+    use fleetcmd_gateway::render;
+    let short = short_form(&job.job_id);
+    writeln!(out, "{}", render::job_times(job, now_ms))?;
+    writeln!(out, "{}", render::state_counts(job))?;
+    if !is_finished(&job.state) {
+        writeln!(out, "progress: {}", render::progress(job, now_ms))?;
+    }
+    let mut cut = false;
+    for t in render::failures_first(job) {
+        let Some(r) = &t.result else {
+            writeln!(out, "==> {} ({})", t.agent_id, t.state)?;
+            continue;
+        };
+        writeln!(
+            out,
+            "==> {} ({}, {})",
+            t.agent_id,
+            t.state,
+            render::outcome_detail(r)
+        )?;
+        let mut more = 0;
+        for (prefix, bytes) in [("", &r.stdout), ("(stderr) ", &r.stderr)] {
+            let (text, left) = render::first_lines(bytes, render::SUMMARY_LINES);
+            more += left;
+            for line in text.lines() {
+                writeln!(out, "{}: {prefix}{line}", t.agent_id)?;
+            }
+        }
+        if more > 0 {
+            cut = true;
+            writeln!(
+                out,
+                "{}: … {more} more line{}",
+                t.agent_id,
+                if more == 1 { "" } else { "s" }
+            )?;
+        }
+    }
+    if !job.reason.is_empty() {
+        writeln!(out, "{}", job.reason)?;
+    }
+    let ok = job.targets.iter().filter(|t| t.state == "ok").count();
+    writeln!(
+        out,
+        "job {short} `{}` on {}: {} ({ok}/{} ok), asked by {}",
+        job.command,
+        job.selector,
+        job.state,
+        job.targets.len(),
+        job.requester
+    )?;
+    if cut {
+        writeln!(out, "full output: fleetcmd job output {short} [HOST]")?;
+    }
+    Ok(())
 }
 
 /// Prints each host's output prefixed by the host, then a summary line,
@@ -816,6 +924,72 @@ mod tests {
             signing_key: signing_key.map(Into::into),
             raw: false,
         }
+    }
+
+    #[test]
+    fn job_summary_shows_failures_first_and_the_first_lines_with_the_way_to_the_rest() {
+        let target = |host: &str, state: &str, lines: usize| pb::Target {
+            agent_id: host.into(),
+            state: state.into(),
+            result: Some(pb::JobResult {
+                exit_code: Some(i32::from(state != "ok")),
+                stdout: (1..=lines)
+                    .map(|i| format!("{host} line {i}\n"))
+                    .collect::<String>()
+                    .into_bytes(),
+                duration_ms: 1_500,
+                ..Default::default()
+            }),
+        };
+        let job = pb::Job {
+            job_id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
+            command: "df".into(),
+            selector: "all".into(),
+            requester: "cli:admin".into(),
+            state: "failed".into(),
+            // 2026-12-06T05:52:33Z
+            created_at_ms: 1_796_536_353_000,
+            targets: vec![target("web-1", "ok", 9), target("web-2", "failed", 2)],
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        print_summary(&mut out, &job, 1_796_536_353_000 + 65_000).expect("write");
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            "created 2026-12-06T05:52:33Z (1 min ago), slowest host 1.5 s\n\
+             1 failed, 1 ok\n\
+             ==> web-2 (failed, exit 1, 1.5 s)\n\
+             web-2: web-2 line 1\n\
+             web-2: web-2 line 2\n\
+             ==> web-1 (ok, exit 0, 1.5 s)\n\
+             web-1: web-1 line 1\n\
+             web-1: web-1 line 2\n\
+             web-1: web-1 line 3\n\
+             web-1: web-1 line 4\n\
+             web-1: web-1 line 5\n\
+             web-1: … 4 more lines\n\
+             job b302099a8057 `df` on all: failed (1/2 ok), asked by cli:admin\n\
+             full output: fleetcmd job output b302099a8057 [HOST]\n"
+        );
+    }
+
+    #[test]
+    fn the_progress_line_waits_a_few_seconds_then_counts_and_times() {
+        let at = |secs| Duration::from_secs(secs);
+        assert_eq!(
+            progress_line(1, 3, 0, at(1)),
+            None,
+            "a short job shows none"
+        );
+        assert_eq!(progress_line(0, 0, 0, at(5)), None, "targets not known yet");
+        assert_eq!(
+            progress_line(2, 3, 1, at(12)).as_deref(),
+            Some("2/3 done, 1 failed, 12 s")
+        );
+        assert_eq!(
+            progress_line(9, 10, 0, at(185)).as_deref(),
+            Some("9/10 done, 0 failed, 3 min")
+        );
     }
 
     #[test]

@@ -91,7 +91,10 @@ pub async fn run(conn: &Conn, cmd: HealthCmd) -> Result<u8, Failure> {
     if until == 0 {
         println!("alerts of {service} are no longer silenced");
     } else {
-        println!("alerts of {service} silenced for {duration}");
+        println!(
+            "alerts of {service} silenced for {duration}, until {}",
+            fleetcmd_core::when::stamp(now_ms(), until)
+        );
     }
     Ok(0)
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+pub mod assets;
 pub mod audit_cmd;
 pub mod certs_cmd;
 pub mod cli_args;

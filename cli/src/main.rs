@@ -77,6 +77,23 @@ fn main() -> ExitCode {
                 history,
             } => fleetcmd_cli::health_cmd::show(&conn, service.as_deref(), history).await,
             Cmd::Notify(args) => fleetcmd_cli::notify_cmd::run(args).await.map(|()| 0),
+            Cmd::Completions { shell } => {
+                let cmd = <Cli as clap::CommandFactory>::command();
+                let script = fleetcmd_cli::assets::completions(cmd, shell);
+                std::io::Write::write_all(&mut std::io::stdout().lock(), &script)
+                    .map(|()| 0)
+                    .map_err(Into::into)
+            }
+            Cmd::Man { subcommand } => {
+                let cmd = <Cli as clap::CommandFactory>::command();
+                fleetcmd_cli::assets::man_page(
+                    cmd,
+                    subcommand.as_deref(),
+                    &mut std::io::stdout().lock(),
+                )
+                .map(|()| 0)
+                .map_err(fleetcmd_cli::usage)
+            }
         }
     });
     match result {

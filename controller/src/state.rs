@@ -423,10 +423,15 @@ impl Shared {
     /// check results; audits announced changes. Blocking: reads the agent
     /// list from the store.
     pub fn health_tick(&self) -> ApiResult<()> {
-        if self.health.is_empty() || self.settling() {
+        if self.health.is_empty() {
             return Ok(());
         }
         let agents = self.list_agents("")?;
+        if self.settling() {
+            // Shown, not judged: nothing is announced while agents reconnect.
+            self.health.refresh(&agents);
+            return Ok(());
+        }
         for event in self.health.evaluate(&agents, now_ms())? {
             self.security_event(event);
         }

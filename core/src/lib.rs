@@ -29,5 +29,6 @@ pub mod rbac;
 pub mod rollout;
 pub mod selector;
 pub mod terminal;
+pub mod when;
 
 mod glob;

@@ -1,6 +1,8 @@
 //! The `fleetcmd` binary as a user runs it: the README's demo, operator
 //! commands against a live fleet, policy tooling, exit codes.
 
+mod human;
+
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;

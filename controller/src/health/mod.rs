@@ -200,6 +200,21 @@ impl Health {
         self.services.iter().find(|s| s.name == name)
     }
 
+    /// Shows each service's instances as the agents report them now,
+    /// without deciding or announcing anything: for the first heartbeats
+    /// after a controller start, while agents reconnect and an absent one
+    /// is no evidence. `health` then lists the instances known so far (not
+    /// `0/0`) under the state announced before the restart.
+    pub fn refresh(&self, agents: &[pb::Agent]) {
+        let agents = with_labels(agents);
+        let mut runtime = lock(&self.runtime);
+        for cfg in &self.services {
+            if let Some(rt) = runtime.get_mut(&cfg.name) {
+                observe(cfg, rt, &agents, Observing::Settling);
+            }
+        }
+    }
+
     /// Evaluates every service from the agents' latest check results and
     /// returns the audit events for announced state changes. Blocking
     /// (store writes): call from `spawn_blocking`.
@@ -207,44 +222,13 @@ impl Health {
         let tree = self.store.tree(TREE)?;
         let mut audit = Vec::new();
         let mut out = Vec::new();
-        // Labels in the selector's form once per agent, not per service.
-        let agents: Vec<(&pb::Agent, std::collections::BTreeMap<String, String>)> = agents
-            .iter()
-            .filter(|a| !a.revoked)
-            .map(|a| (a, a.labels.clone().into_iter().collect()))
-            .collect();
+        let agents = with_labels(agents);
         let mut runtime = lock(&self.runtime);
         for cfg in &self.services {
             let Some(rt) = runtime.get_mut(&cfg.name) else {
                 continue;
             };
-            let mut instances = Vec::new();
-            for (a, labels) in &agents {
-                if !cfg.selector.matches(&a.agent_id, labels) {
-                    continue;
-                }
-                let check = a.checks.iter().find(|c| c.name == cfg.check);
-                instances.push(pb::ServiceInstance {
-                    agent_id: a.agent_id.clone(),
-                    online: a.online,
-                    state: match (a.online, check) {
-                        (true, Some(c)) => c.state,
-                        _ => pb::CheckState::Unknown as i32,
-                    },
-                    summary: match (a.online, check) {
-                        (false, _) => "agent offline".into(),
-                        (true, None) => format!("no check named {:?} on this agent", cfg.check),
-                        (true, Some(c)) => c.summary.clone(),
-                    },
-                    checked_at_ms: check.map(|c| c.checked_at_ms).unwrap_or(0),
-                });
-            }
-            instances.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
-            let total = instances.len() as u32;
-            let passing = instances.iter().filter(|i| i.passes()).count() as u32;
-            rt.passing = passing;
-            rt.total = total;
-            rt.instances = instances;
+            let (passing, total) = observe(cfg, rt, &agents, Observing::Settled);
             let raw = evaluate(passing, total, cfg.thresholds);
             let Some(decision) = rt.alerting.observe(raw, now_ms, &cfg.damping) else {
                 continue;
@@ -540,6 +524,71 @@ impl Health {
     }
 }
 
+/// The agents that count (not revoked), with their labels in the
+/// selector's form once per agent, not per service.
+fn with_labels(
+    agents: &[pb::Agent],
+) -> Vec<(&pb::Agent, std::collections::BTreeMap<String, String>)> {
+    agents
+        .iter()
+        .filter(|a| !a.revoked)
+        .map(|a| (a, a.labels.clone().into_iter().collect()))
+        .collect()
+}
+
+/// Whether the controller has seen every agent's heartbeat since it
+/// started: before, an online agent without check results has simply not
+/// reported yet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Observing {
+    Settling,
+    Settled,
+}
+
+/// Sets a service's instances from the agents matching its selector and
+/// returns (passing, total).
+fn observe(
+    cfg: &ServiceConfig,
+    rt: &mut Runtime,
+    agents: &[(&pb::Agent, std::collections::BTreeMap<String, String>)],
+    when: Observing,
+) -> (u32, u32) {
+    let mut instances = Vec::new();
+    for (a, labels) in agents {
+        if !cfg.selector.matches(&a.agent_id, labels) {
+            continue;
+        }
+        let check = a.checks.iter().find(|c| c.name == cfg.check);
+        instances.push(pb::ServiceInstance {
+            agent_id: a.agent_id.clone(),
+            online: a.online,
+            state: match (a.online, check) {
+                (true, Some(c)) => c.state,
+                _ => pb::CheckState::Unknown as i32,
+            },
+            summary: match (a.online, check) {
+                (false, _) if when == Observing::Settling => {
+                    "not reconnected yet since the controller started".into()
+                }
+                (false, _) => "agent offline".into(),
+                (true, None) if when == Observing::Settling => {
+                    "waiting for its first heartbeat since the controller started".into()
+                }
+                (true, None) => format!("no check named {:?} on this agent", cfg.check),
+                (true, Some(c)) => c.summary.clone(),
+            },
+            checked_at_ms: check.map(|c| c.checked_at_ms).unwrap_or(0),
+        });
+    }
+    instances.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+    let total = instances.len() as u32;
+    let passing = instances.iter().filter(|i| i.passes()).count() as u32;
+    rt.passing = passing;
+    rt.total = total;
+    rt.instances = instances;
+    (passing, total)
+}
+
 fn trim_history(tree: &sled::Tree, name: &str) -> Result<(), StoreError> {
     let keys: Vec<sled::IVec> = tree
         .scan_prefix(history_prefix(name))
@@ -556,8 +605,8 @@ fn trim_history(tree: &sled::Tree, name: &str) -> Result<(), StoreError> {
 
 fn service_pb(cfg: &ServiceConfig, rt: &Runtime, history: &[pb::ServiceTransition]) -> pb::Service {
     // Until the first evaluation after a start (agents reconnect during
-    // the first heartbeats), the state is the one stored before the restart
-    // and there are no instances yet.
+    // the first heartbeats), the state is the one stored before the restart;
+    // the instances are those known so far (`Health::refresh`).
     pb::Service {
         name: cfg.name.clone(),
         state: rt.alerting.announced().as_str().into(),

@@ -44,11 +44,18 @@ impl pb::health_server::Health for HealthSvc {
         let shared = self.0.clone();
         let name = req.name.clone();
         let services = tokio::task::spawn_blocking(move || {
-            shared.health.services(&name, req.history.min(MAX_HISTORY))
+            // While agents reconnect after a start, show the instances as
+            // they are now rather than as of the last tick.
+            if shared.settling() {
+                shared.health.refresh(&shared.list_agents("")?);
+            }
+            shared
+                .health
+                .services(&name, req.history.min(MAX_HISTORY))
+                .map_err(ApiError::from)
         })
         .await
-        .map_err(blocking_err)?
-        .map_err(ApiError::from)?;
+        .map_err(blocking_err)??;
         if !req.name.is_empty() && services.is_empty() {
             return Err(ApiError::NotFound(format!(
                 "no service named {:?}; configured: {}",

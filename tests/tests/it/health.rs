@@ -123,6 +123,11 @@ struct World {
 /// Two dev agents whose `app` check the test sets through `state`, a
 /// service over them, and the gateway's alert task posting to `rec`.
 async fn world(damping: &str) -> World {
+    world_with(damping, Duration::from_secs(1)).await
+}
+
+/// [`world`] with the fleet's heartbeat interval.
+async fn world_with(damping: &str, heartbeat: Duration) -> World {
     let dir = tempfile::tempdir().expect("temp dir");
     let plugin = dir.path().join("check_app");
     std::fs::write(&plugin, PLUGIN).expect("plugin");
@@ -135,6 +140,7 @@ async fn world(damping: &str) -> World {
         .map(|a| (a, dir.path().join(format!("{a}.state"))))
         .collect();
     let fleet = start_fleet_with(2, |o| {
+        o.heartbeat = heartbeat;
         o.services = services(damping);
         for (agent, file) in &state {
             o.agent_checks
@@ -320,6 +326,58 @@ async fn a_service_goes_degraded_down_and_ok_with_one_chat_message_per_change() 
 
 /// A service that keeps changing faster than the confirm time says so once
 /// ("flapping") and then holds its alerts; no state message gets through.
+/// After a controller restart the agents reconnect at once, but services
+/// are judged only after three heartbeats (an absent agent is no evidence
+/// before). Meanwhile `health` shows the instances known so far under the
+/// state announced before the restart — not `unknown 0/0` — and announces
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_controller_restart_health_shows_the_reconnected_instances_at_once() {
+    // 3 s heartbeats: the controller settles for 9 s after its start.
+    let heartbeat = Duration::from_secs(3);
+    let World {
+        mut fleet,
+        rec,
+        alert_task,
+        _dir,
+        ..
+    } = world_with("", heartbeat).await;
+    let restarted = std::time::Instant::now();
+    fleet
+        .fleet
+        .restart_controller(Duration::from_millis(200))
+        .await
+        .expect("controller restarts");
+    let s = assert_eventually(Duration::from_secs(30), || {
+        let fleet = &fleet;
+        async move {
+            service(fleet)
+                .await
+                .filter(|s| s.total == 2 && s.passing == 2)
+        }
+    })
+    .await;
+    assert!(
+        restarted.elapsed() < heartbeat * 3,
+        "instances known only after {:?}, when the controller had settled",
+        restarted.elapsed()
+    );
+    assert_eq!(
+        s.state, "ok",
+        "the state announced before the restart: {s:?}"
+    );
+    assert!(s.instances.iter().all(|i| i.online), "{s:?}");
+
+    // What `fleetcmd health` prints from it.
+    let (_, table) = fleetcmd_gateway::render::health_table(&[s], false, 0);
+    assert!(table.contains("api ") && table.contains("2/2"), "{table}");
+    assert!(!table.contains("0/0"), "{table}");
+    // Nothing was announced: ok before, ok now.
+    assert!(rec.texts().is_empty(), "{:#?}", rec.texts());
+    alert_task.abort();
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flapping_service_is_announced_once_and_then_held() {
     let w = world("confirm = \"3s\"\nflap_threshold = 4\nflap_window = \"1m\"").await;
