@@ -88,7 +88,11 @@ pub(super) const MERGE_SEPARATOR: &str = " ‖ ";
 /// stays within `budget` bytes. Each merged line keeps its own text, so a
 /// reply still names who asked; the message starts with `first`, which is
 /// inert, so the merged text cannot address a bot either.
-pub(super) fn coalesce(mut first: OutLine, pending: &mut VecDeque<OutLine>, budget: usize) -> OutLine {
+pub(super) fn coalesce(
+    mut first: OutLine,
+    pending: &mut VecDeque<OutLine>,
+    budget: usize,
+) -> OutLine {
     if first.expect.is_some() {
         return first;
     }
@@ -775,11 +779,14 @@ impl Link {
             .map_or(proto::WORST_CASE_HOST_BYTES, String::len);
         // A floor so a pathological nick or target still makes progress.
         let budget = proto::privmsg_text_budget(&c.nick, user, host, &line.target).max(64);
-        // More lines waiting than the flood control lets out now: merge
-        // the waiting lines to the same target into fewer messages, so
-        // many users' replies are not held back one line per interval.
+        // Other replies waiting behind this one, and more lines than the
+        // flood control lets out now: merge the waiting lines to the same
+        // target into fewer messages, so many users' replies are not held
+        // back one line per interval. A reply alone keeps its lines.
         let now = Instant::now();
-        let line = if self.pending.len() >= c.bucket.available(now) {
+        let backlog = self.pending.len() >= c.bucket.available(now)
+            && self.pending.iter().any(|l| l.batch != line.batch);
+        let line = if backlog {
             coalesce(line, &mut self.pending, budget)
         } else {
             line
@@ -1327,10 +1334,16 @@ mod tests {
         assert_eq!(pending[0].target, "#dev");
 
         // The budget is never exceeded and lines are never cut.
-        let mut pending: VecDeque<OutLine> =
-            [out("#ops", &"b".repeat(30), None, 2), out("#ops", "c", None, 3)].into();
+        let mut pending: VecDeque<OutLine> = [
+            out("#ops", &"b".repeat(30), None, 2),
+            out("#ops", "c", None, 3),
+        ]
+        .into();
         let merged = coalesce(out("#ops", &"a".repeat(30), None, 1), &mut pending, 65);
-        assert_eq!(merged.text, format!("{} ‖ {}", "a".repeat(30), "b".repeat(30)));
+        assert_eq!(
+            merged.text,
+            format!("{} ‖ {}", "a".repeat(30), "b".repeat(30))
+        );
         assert_eq!(merged.text.len(), 65);
         assert_eq!(pending.len(), 1, "`c` would not fit");
         let mut pending: VecDeque<OutLine> = [out("#ops", &"b".repeat(30), None, 2)].into();

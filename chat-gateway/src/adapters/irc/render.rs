@@ -206,7 +206,11 @@ pub fn render(reply: &Reply, limits: RenderLimits) -> Vec<String> {
             }
         }
         if hidden > 0 || cut_upstream {
-            let s = if hidden == 1 && !cut_upstream { "" } else { "s" };
+            let s = if hidden == 1 && !cut_upstream {
+                ""
+            } else {
+                "s"
+            };
             let count = match (hidden, cut_upstream) {
                 (0, _) => "".to_string(),
                 (n, true) => format!("at least {n} "),
@@ -368,7 +372,9 @@ mod tests {
         };
         assert_eq!(
             render(&reply, limits(10, 50, 40)),
-            ["job 0189-ab ok (1/1 ok) — asked by irc:n:alice!a@h · `uptime` on all » web-1 — ok, exit 0, 12 ms |  10:00:00 up 3 days"]
+            [
+                "job 0189-ab ok (1/1 ok) — asked by irc:n:alice!a@h · `uptime` on all » web-1 — ok, exit 0, 12 ms |  10:00:00 up 3 days"
+            ]
         );
         // No output: still one line.
         let mut quiet = reply.clone();
@@ -380,7 +386,10 @@ mod tests {
         let out = render(&long, limits(10, 50, 40));
         assert_eq!(out.len(), 2, "{out:#?}");
         assert!(out[0].ends_with("» web-1 — ok, exit 0, 12 ms"), "{out:#?}");
-        assert_eq!(out[1], format!("{OUTPUT_PREFIX}{}", "x".repeat(COMPACT_MAX_BYTES)));
+        assert_eq!(
+            out[1],
+            format!("{OUTPUT_PREFIX}{}", "x".repeat(COMPACT_MAX_BYTES))
+        );
         // Two output lines, two hosts, or a note keep the long form.
         let mut two = reply.clone();
         two.sections[0].blocks[0].text = "a\nb".into();
@@ -389,7 +398,9 @@ mod tests {
         hosts.sections.push(section("web-2 — ok", 1));
         assert_eq!(render(&hosts, limits(10, 50, 40)).len(), 6);
         let mut noted = reply;
-        noted.sections[0].notes.push("the agent dropped 5 bytes".into());
+        noted.sections[0]
+            .notes
+            .push("the agent dropped 5 bytes".into());
         assert_eq!(render(&noted, limits(10, 50, 40)).len(), 5);
     }
 
