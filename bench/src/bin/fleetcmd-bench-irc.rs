@@ -193,7 +193,9 @@ impl User {
             answer.is_some()
         })
         .await
-        .with_context(|| format!("{me}: no answer to {command:?} from {bot}; its last line: {last:?}"))?;
+        .with_context(|| {
+            format!("{me}: no answer to {command:?} from {bot}; its last line: {last:?}")
+        })?;
         Ok((started.elapsed(), answer.as_deref().and_then(job_time)))
     }
 }

@@ -404,34 +404,31 @@ mod tests {
         assert_eq!(render(&noted, limits(10, 50, 40)).len(), 5);
     }
 
+    /// A one-host result of `lines` output lines that the gateway noted
+    /// it had cut for chat.
+    fn cut_for_chat_reply(lines: usize) -> Reply {
+        let mut sec = section("web-1 — ok, exit 0, 1 ms", lines);
+        sec.notes
+            .push("stdout truncated in chat; full output: `output 0189-ab web-1`".into());
+        Reply {
+            header: "job 0189-ab ok (1/1 ok) — asked by x".into(),
+            sections: vec![sec],
+            ..Reply::default()
+        }
+    }
+
     #[test]
     fn the_count_of_hidden_lines_is_never_too_small() {
         // The gateway kept 30 of the host's 500 lines (and said so in a
         // note); IRC shows 10: 20 is what we know is missing, not all.
-        let mut sec = section("web-1 — ok, exit 0, 1 ms", 30);
-        sec.notes
-            .push("stdout truncated in chat; full output: `output 0189-ab web-1`".into());
-        let reply = Reply {
-            header: "job 0189-ab ok (1/1 ok) — asked by x".into(),
-            sections: vec![sec],
-            ..Reply::default()
-        };
-        let out = render(&reply, limits(10, 50, 40));
+        let out = render(&cut_for_chat_reply(30), limits(10, 50, 40));
         assert_eq!(out.len(), 1 + 1 + 10 + 1, "{out:#?}");
         assert_eq!(
             out[12],
             "  | … at least 20 more lines; `output 0189-ab web-1` for all"
         );
         // Cut for length only (nothing hidden here): still says there is more.
-        let mut sec = section("web-1 — ok, exit 0, 1 ms", 2);
-        sec.notes
-            .push("stdout truncated in chat; full output: `output 0189-ab web-1`".into());
-        let reply = Reply {
-            header: "job 0189-ab ok (1/1 ok) — asked by x".into(),
-            sections: vec![sec],
-            ..Reply::default()
-        };
-        let out = render(&reply, limits(10, 50, 40));
+        let out = render(&cut_for_chat_reply(2), limits(10, 50, 40));
         assert_eq!(
             out.last().map(String::as_str),
             Some("  | … more lines; `output 0189-ab web-1` for all"),
