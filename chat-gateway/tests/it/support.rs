@@ -469,7 +469,6 @@ impl ControllerApi for FakeController {
         let job = self.get_job(id).await?;
         let first = v1::JobEvent {
             event: Some(v1::job_event::Event::Job(job)),
-            ..Default::default()
         };
         Ok(Box::pin(futures_util::stream::iter([Ok(first)])))
     }
