@@ -1315,6 +1315,13 @@ impl<C: ControllerApi> Router<C> {
             submitted.job_id.clone()
         };
         let n = submitted.targets.len();
+        if n > 0
+            && let Some(job) = self.result_within(&job_id, out.ack_grace()).await
+        {
+            self.post(out, msg, render::job(&job)).await;
+            self.paid(id.as_str()).await;
+            return;
+        }
         let header = format!(
             "job {} `{}` on {} by {who}: {n} target{}",
             short_form(&job_id),
@@ -1401,6 +1408,27 @@ impl<C: ControllerApi> Router<C> {
             });
         }
         reply
+    }
+
+    /// The job once final, if it is within `grace` (from the controller's
+    /// `Watch`, whose first event is the job as it stands); `None` when it
+    /// is still running then, or cannot be watched.
+    async fn result_within(&self, job_id: &str, grace: Duration) -> Option<v1::Job> {
+        if grace.is_zero() {
+            return None;
+        }
+        let until = tokio::time::Instant::now() + grace;
+        let mut events = self.ctl.watch(job_id.to_string()).await.ok()?;
+        loop {
+            match tokio::time::timeout_at(until, events.next()).await {
+                Ok(Some(Ok(v1::JobEvent {
+                    event: Some(v1::job_event::Event::Job(job)),
+                    ..
+                }))) if render::is_terminal(&job.state) => return Some(job),
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(_)) | None) | Err(_) => return None,
+            }
+        }
     }
 
     /// Follows the job until it is final (or the deadline passes) and edits

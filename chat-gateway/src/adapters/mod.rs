@@ -245,6 +245,14 @@ pub trait ChatSender: Send + Sync {
     fn can_edit(&self) -> bool {
         true
     }
+
+    /// How long the router waits for a job's result before posting the
+    /// "job … N targets" acknowledgement: a job that finishes within it
+    /// gets its result alone. Zero (post at once) where messages can be
+    /// edited; line-based platforms (IRC) pay for every line.
+    fn ack_grace(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// A chat platform connection.

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
 use crate::ngircd::{NETWORK, Ngircd, test_pki};
-use crate::support::{FakeController, failed_job, router_for};
+use crate::support::{FakeController, agent, failed_job, router_for};
 
 const ALICE_ID: &str = "irc:test:alice!~alice@127.0.0.1";
 
@@ -591,6 +591,103 @@ async fn flood_control_spaces_lines_as_configured() {
     }
     // …and not much slower either.
     assert!(at[16] < interval * 14 + Duration::from_secs(1), "{at:?}");
+}
+
+/// The router over one agent and a controller that reports the job's end
+/// on `Watch` at once (a job done in a few ms).
+fn quick_router(extra: &str) -> Arc<Router<FakeController>> {
+    router_for(1, &format!("{POLICY}\n{extra}"), |c| {
+        c.watch = true;
+        c.agents = vec![agent("web-1", "web", true)];
+    })
+}
+
+#[tokio::test]
+async fn a_quick_job_on_one_host_is_one_line_and_needs_no_acknowledgement() {
+    let server = Ngircd::start(None).await;
+    let mut alice = Client::connect(server.port, "alice", "alice").await;
+    alice.join("#ops").await;
+    let mut bot = Bot::start(quick_router(""), &bot_config(server.port)).await;
+    bot.wait("joining #ops", 10, |s| s.joined.len() == 1).await;
+    alice.send("PRIVMSG #ops :!run uptime on all").await;
+    let got = texts(&alice.bot_lines("fleetcmd", "#ops", 1, 10).await);
+    let id = got[0].split(' ').nth(1).expect("job id").to_string();
+    assert_eq!(
+        got,
+        [format!(
+            "job {id} succeeded (1/1 ok) — asked by {ALICE_ID} · `uptime` on all » web-1 — ok, exit 0, 7 ms | up 3 days, load 0.5"
+        )]
+    );
+    // Nothing else follows for that job: the next line is the next answer.
+    alice.send("PRIVMSG #ops :!whoami").await;
+    let next = texts(&alice.bot_lines("fleetcmd", "#ops", 1, 10).await);
+    assert_eq!(next, [format!("you are {ALICE_ID}")]);
+}
+
+#[tokio::test]
+async fn replies_waiting_for_the_flood_control_are_merged_and_stay_attributable() {
+    const BOB_ID: &str = "irc:test:bob!~bob@127.0.0.1";
+    let server = Ngircd::start(None).await;
+    let mut alice = Client::connect(server.port, "alice", "alice").await;
+    alice.join("#ops").await;
+    let mut bob = Client::connect(server.port, "bob", "bob").await;
+    bob.join("#ops").await;
+    let mut cfg = bot_config(server.port);
+    // One line at once, then one per second: replies pile up behind it.
+    cfg.burst = 1;
+    cfg.interval_ms = 1000;
+    let bob_binding = "[[bindings]]\nsubjects = [\"irc:test:bob!~bob@*\"]\nroles = [\"oncall\"]\n";
+    let mut bot = Bot::start(quick_router(bob_binding), &cfg).await;
+    bot.wait("joining #ops", 10, |s| s.joined.len() == 1).await;
+    for _ in 0..3 {
+        alice.send("PRIVMSG #ops :!run uptime on all").await;
+        bob.send("PRIVMSG #ops :!run uptime on all").await;
+    }
+    let mut replies = 0;
+    let lines = alice
+        .until(20, "six job results", |l| {
+            if l.is_privmsg("fleetcmd", "#ops") {
+                replies += l.text().matches("succeeded (1/1 ok)").count();
+            }
+            replies == 6
+        })
+        .await;
+    let msgs: Vec<&Line> = lines
+        .iter()
+        .filter(|l| l.is_privmsg("fleetcmd", "#ops"))
+        .collect();
+    // Six replies in fewer messages than replies (without merging: six).
+    assert!(msgs.len() < 6, "{:#?}", texts(&lines));
+    let mut by_alice = 0;
+    let mut by_bob = 0;
+    for m in &msgs {
+        assert!(m.raw.len() <= 512, "{} bytes", m.raw.len());
+        // Each merged part is one whole reply naming who asked.
+        for part in m.text().split(" ‖ ") {
+            assert!(
+                part.starts_with("job ") && part.ends_with("| up 3 days, load 0.5"),
+                "{part:?} in {:?}",
+                m.text()
+            );
+            if part.contains(&format!("asked by {ALICE_ID} ")) {
+                by_alice += 1;
+            } else if part.contains(&format!("asked by {BOB_ID} ")) {
+                by_bob += 1;
+            } else {
+                panic!("{part:?} names nobody");
+            }
+        }
+    }
+    assert_eq!((by_alice, by_bob), (3, 3));
+    // The flood control still holds: one message per interval after the
+    // burst (100 ms for delivery jitter).
+    for pair in msgs.windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(
+            gap + Duration::from_millis(100) >= Duration::from_secs(1),
+            "{gap:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -280,6 +280,9 @@ pub struct FakeController {
     /// are kept in `short_id_refused`.
     pub short_ids_taken: AtomicUsize,
     pub short_id_refused: Mutex<Vec<SignedJob>>,
+    /// Whether `watch` answers (with the job as `get_job` shows it, then
+    /// the end of the stream); without it the router polls.
+    pub watch: bool,
 }
 
 impl FakeController {
@@ -299,6 +302,7 @@ impl FakeController {
             silences: Mutex::new(Vec::new()),
             short_ids_taken: AtomicUsize::new(0),
             short_id_refused: Mutex::new(Vec::new()),
+            watch: false,
         }
     }
 
@@ -453,12 +457,20 @@ impl ControllerApi for FakeController {
         Ok(self.policy.clone())
     }
 
-    /// No live events here: the router falls back to polling `get_job`.
-    async fn watch(&self, _id: String) -> Result<JobEvents, ControllerError> {
-        Err(ControllerError {
-            code: tonic::Code::Unimplemented,
-            message: "the fake controller has no Watch".to_string(),
-        })
+    /// Unless `watch` is set, no live events here: the router falls back
+    /// to polling `get_job`.
+    async fn watch(&self, id: String) -> Result<JobEvents, ControllerError> {
+        if !self.watch {
+            return Err(ControllerError {
+                code: tonic::Code::Unimplemented,
+                message: "the fake controller has no Watch".to_string(),
+            });
+        }
+        let job = self.get_job(id).await?;
+        let first = v1::JobEvent {
+            event: Some(v1::job_event::Event::Job(job)),
+        };
+        Ok(Box::pin(futures_util::stream::iter([Ok(first)])))
     }
 
     async fn report(&self, event: v1::AuditReportRequest) -> Result<u64, ControllerError> {

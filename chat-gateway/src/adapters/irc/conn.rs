@@ -79,6 +79,35 @@ pub(super) struct OutLine {
     pub batch: u64,
 }
 
+/// Between lines merged into one message.
+pub(super) const MERGE_SEPARATOR: &str = " ‖ ";
+
+/// `first` with the lines after it in `pending` appended (each whole,
+/// after [`MERGE_SEPARATOR`], in order) while they go to the same target,
+/// are not private replies (those are checked per reply) and the text
+/// stays within `budget` bytes. Each merged line keeps its own text, so a
+/// reply still names who asked; the message starts with `first`, which is
+/// inert, so the merged text cannot address a bot either.
+pub(super) fn coalesce(
+    mut first: OutLine,
+    pending: &mut VecDeque<OutLine>,
+    budget: usize,
+) -> OutLine {
+    if first.expect.is_some() {
+        return first;
+    }
+    while let Some(next) = pending.front() {
+        let fits = first.text.len() + MERGE_SEPARATOR.len() + next.text.len() <= budget;
+        if next.target != first.target || next.expect.is_some() || !fits {
+            break;
+        }
+        let next = pending.pop_front().expect("front was just seen");
+        first.text.push_str(MERGE_SEPARATOR);
+        first.text.push_str(&next.text);
+    }
+    first
+}
+
 /// Who holds a nick, as precisely as the server tells us: the full
 /// `nick!user@host`, plus the IRCv3 account when one was tagged.
 pub(super) fn peer_token(nick: &str, user: &str, host: &str, account: Option<&str>) -> String {
@@ -173,6 +202,12 @@ impl Bucket {
         } else {
             now + self.interval.mul_f64(1.0 - self.tokens)
         }
+    }
+
+    /// Lines that may go right now without waiting.
+    pub(super) fn available(&mut self, now: Instant) -> usize {
+        self.refill(now);
+        self.tokens.max(0.0) as usize
     }
 
     /// Uses one token (call when a line is written).
@@ -744,6 +779,18 @@ impl Link {
             .map_or(proto::WORST_CASE_HOST_BYTES, String::len);
         // A floor so a pathological nick or target still makes progress.
         let budget = proto::privmsg_text_budget(&c.nick, user, host, &line.target).max(64);
+        // Other replies waiting behind this one, and more lines than the
+        // flood control lets out now: merge the waiting lines to the same
+        // target into fewer messages, so many users' replies are not held
+        // back one line per interval. A reply alone keeps its lines.
+        let now = Instant::now();
+        let backlog = self.pending.len() >= c.bucket.available(now)
+            && self.pending.iter().any(|l| l.batch != line.batch);
+        let line = if backlog {
+            coalesce(line, &mut self.pending, budget)
+        } else {
+            line
+        };
         let (mut head, mut tail) = proto::split_at_boundary(&line.text, budget);
         // Servers strip trailing spaces: a piece must not end with one, or
         // it would be lost; the next piece starts with it instead.
@@ -759,7 +806,6 @@ impl Link {
                 batch: line.batch,
             });
         }
-        let now = Instant::now();
         c.bucket.take(now);
         c.write(&format!("PRIVMSG {} :{head}", line.target), false)
             .await
@@ -1257,6 +1303,60 @@ mod tests {
                 "{attempt}: {d}"
             );
         }
+    }
+
+    fn out(target: &str, text: &str, expect: Option<&str>, batch: u64) -> OutLine {
+        OutLine {
+            target: target.into(),
+            text: text.into(),
+            expect: expect.map(String::from),
+            batch,
+        }
+    }
+
+    #[test]
+    fn waiting_lines_to_one_target_are_merged_whole_and_in_order() {
+        let mut pending: VecDeque<OutLine> = [
+            out("#ops", "job 2 ok — asked by bob", None, 2),
+            out("#ops", "job 3 ok — asked by carol", None, 3),
+            out("#dev", "job 4 ok — asked by dave", None, 4),
+            out("#ops", "job 5 ok — asked by erin", None, 5),
+        ]
+        .into();
+        let first = out("#ops", "job 1 ok — asked by alice", None, 1);
+        let merged = coalesce(first.clone(), &mut pending, 400);
+        assert_eq!(
+            merged.text,
+            "job 1 ok — asked by alice ‖ job 2 ok — asked by bob ‖ job 3 ok — asked by carol"
+        );
+        // Another target stops the merge: order across targets is kept.
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending[0].target, "#dev");
+
+        // The budget is never exceeded and lines are never cut.
+        let mut pending: VecDeque<OutLine> = [
+            out("#ops", &"b".repeat(30), None, 2),
+            out("#ops", "c", None, 3),
+        ]
+        .into();
+        let merged = coalesce(out("#ops", &"a".repeat(30), None, 1), &mut pending, 65);
+        assert_eq!(
+            merged.text,
+            format!("{} ‖ {}", "a".repeat(30), "b".repeat(30))
+        );
+        assert_eq!(merged.text.len(), 65);
+        assert_eq!(pending.len(), 1, "`c` would not fit");
+        let mut pending: VecDeque<OutLine> = [out("#ops", &"b".repeat(30), None, 2)].into();
+        let merged = coalesce(out("#ops", &"a".repeat(30), None, 1), &mut pending, 64);
+        assert_eq!((merged.text.len(), pending.len()), (30, 1));
+
+        // Private replies are never merged (each is checked on its own).
+        let mut pending: VecDeque<OutLine> = [out("bob", "x", Some("bob!b@h"), 2)].into();
+        let merged = coalesce(out("bob", "y", None, 1), &mut pending, 400);
+        assert_eq!((merged.text.as_str(), pending.len()), ("y", 1));
+        let mut pending: VecDeque<OutLine> = [out("bob", "x", None, 2)].into();
+        let merged = coalesce(out("bob", "y", Some("bob!b@h"), 1), &mut pending, 400);
+        assert_eq!((merged.text.as_str(), pending.len()), ("y", 1));
     }
 
     #[test]

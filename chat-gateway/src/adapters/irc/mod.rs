@@ -110,6 +110,10 @@ const OUT_QUEUE: usize = 64;
 /// is far behind), new messages are dropped with a warning rather than
 /// stalling the connection, which must keep answering PINGs.
 const IN_QUEUE: usize = 256;
+/// How long the router waits for a job's result before acknowledging it:
+/// most single-host commands finish well within it, and a person hardly
+/// notices the wait.
+const ACK_GRACE: Duration = Duration::from_millis(300);
 /// How long `send` waits for room in the outgoing queue.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -697,6 +701,12 @@ impl ChatSender for IrcSender {
 
     fn can_edit(&self) -> bool {
         false
+    }
+
+    /// A quick job's result replaces its acknowledgement (one line instead
+    /// of two through the flood control).
+    fn ack_grace(&self) -> Duration {
+        ACK_GRACE
     }
 }
 

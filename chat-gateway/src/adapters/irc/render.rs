@@ -89,9 +89,76 @@ fn host(sec: &Section) -> Option<&str> {
     (!h.is_empty() && !h.contains(char::is_whitespace) && !h.contains('`')).then_some(h)
 }
 
+/// Bytes up to which a one-host result is folded onto one line (a PRIVMSG
+/// text has room for about 400 after the prefix; longer stays multi-line).
+pub const COMPACT_MAX_BYTES: usize = 360;
+
+/// Whether a note only says that the gateway cut this output for chat
+/// (the section then holds fewer lines than the host printed).
+fn cut_for_chat(note: &str) -> bool {
+    note.contains("truncated in chat")
+}
+
+/// A result for one host folded onto one or two lines: header, summary
+/// lines and host title on the first, and its one output line after a
+/// ` | ` on the same line when it fits (else on a second line). `None`
+/// when the reply is anything else (several hosts, notes, actions, more
+/// than one line of output), which keeps the long form.
+fn compact(reply: &Reply) -> Option<Vec<String>> {
+    let [sec] = reply.sections.as_slice() else {
+        return None;
+    };
+    if !reply.actions.is_empty() || !sec.notes.is_empty() || sec.title.trim().is_empty() {
+        return None;
+    }
+    let mut output: Vec<String> = Vec::new();
+    for block in &sec.blocks {
+        if block.label != "stdout" && !block.label.trim().is_empty() {
+            return None;
+        }
+        output.extend(
+            block
+                .text
+                .trim_end_matches('\n')
+                .split('\n')
+                .map(clean)
+                .filter(|l| !l.trim().is_empty()),
+        );
+    }
+    if output.len() > 1 {
+        return None;
+    }
+    let mut first = inert(clean(&reply.header));
+    for line in &reply.lines {
+        let line = clean(line);
+        if !line.trim().is_empty() {
+            first.push_str(&format!(" · {line}"));
+        }
+    }
+    first.push_str(&format!(" » {}", clean(&sec.title)));
+    let mut out = vec![first];
+    if let Some(line) = output.pop() {
+        let joined = format!("{} | {}", out[0], line.trim_end());
+        if joined.len() <= COMPACT_MAX_BYTES {
+            out[0] = joined;
+        } else {
+            out.push(format!("{OUTPUT_PREFIX}{line}"));
+        }
+    }
+    for line in &mut out {
+        line.truncate(line.trim_end().len());
+    }
+    (out[0].len() <= COMPACT_MAX_BYTES).then_some(out)
+}
+
 /// The reply as IRC message texts, in order (not yet split to the line
 /// limit: the connection does that, knowing its own prefix length).
+/// A one-host result with at most one output line is one or two lines
+/// ([`compact`]): on IRC every line costs a token of the flood control.
 pub fn render(reply: &Reply, limits: RenderLimits) -> Vec<String> {
+    if let Some(out) = compact(reply) {
+        return out;
+    }
     let full_output = reply.header.starts_with("output of job ");
     let id = job_id(&reply.header).map(clean);
     let per_section = if full_output {
@@ -110,7 +177,11 @@ pub fn render(reply: &Reply, limits: RenderLimits) -> Vec<String> {
         if !sec.title.trim().is_empty() {
             out.push(format!("» {}", clean(&sec.title)));
         }
-        for note in &sec.notes {
+        // The gateway already cut this output for chat: our count is only
+        // of what it kept, so the hint says "at least" and points to the
+        // full output itself (the gateway's own note would repeat it).
+        let cut_upstream = sec.notes.iter().any(|n| cut_for_chat(n));
+        for note in sec.notes.iter().filter(|n| !cut_for_chat(n)) {
             out.push(format!("  ({})", clean(note)));
         }
         let mut shown = 0usize;
@@ -134,8 +205,17 @@ pub fn render(reply: &Reply, limits: RenderLimits) -> Vec<String> {
                 }
             }
         }
-        if hidden > 0 {
-            let s = if hidden == 1 { "" } else { "s" };
+        if hidden > 0 || cut_upstream {
+            let s = if hidden == 1 && !cut_upstream {
+                ""
+            } else {
+                "s"
+            };
+            let count = match (hidden, cut_upstream) {
+                (0, _) => "".to_string(),
+                (n, true) => format!("at least {n} "),
+                (n, false) => format!("{n} "),
+            };
             let hint = match (&id, host(sec), full_output) {
                 (Some(id), _, true) => {
                     format!("not shown on IRC; `fleetcmd job output {id}` has all")
@@ -144,7 +224,7 @@ pub fn render(reply: &Reply, limits: RenderLimits) -> Vec<String> {
                 (Some(id), None, false) => format!("`output {id}` for all"),
                 (None, _, _) => "not shown on IRC".to_string(),
             };
-            out.push(format!("{OUTPUT_PREFIX}… {hidden} more line{s}; {hint}"));
+            out.push(format!("{OUTPUT_PREFIX}… {count}more line{s}; {hint}"));
         }
     }
     let max = limits.max_reply_lines.max(2);
@@ -273,6 +353,87 @@ mod tests {
         assert_eq!(
             out[7],
             "  | … 3 more lines; not shown on IRC; `fleetcmd job output 0189-ab` has all"
+        );
+    }
+
+    #[test]
+    fn a_short_one_host_result_is_one_line() {
+        let reply = Reply {
+            header: "job 0189-ab ok (1/1 ok) — asked by irc:n:alice!a@h".into(),
+            lines: vec!["`uptime` on all".into()],
+            sections: vec![Section {
+                title: "web-1 — ok, exit 0, 12 ms".into(),
+                notes: vec![],
+                blocks: vec![crate::adapters::CodeBlock {
+                    label: "stdout".into(),
+                    text: " 10:00:00 up 3 days\n".into(),
+                }],
+            }],
+            ..Reply::default()
+        };
+        assert_eq!(
+            render(&reply, limits(10, 50, 40)),
+            [
+                "job 0189-ab ok (1/1 ok) — asked by irc:n:alice!a@h · `uptime` on all » web-1 — ok, exit 0, 12 ms |  10:00:00 up 3 days"
+            ]
+        );
+        // No output: still one line.
+        let mut quiet = reply.clone();
+        quiet.sections[0].blocks.clear();
+        assert_eq!(render(&quiet, limits(10, 50, 40)).len(), 1);
+        // A long output line goes on a second line instead.
+        let mut long = reply.clone();
+        long.sections[0].blocks[0].text = "x".repeat(COMPACT_MAX_BYTES);
+        let out = render(&long, limits(10, 50, 40));
+        assert_eq!(out.len(), 2, "{out:#?}");
+        assert!(out[0].ends_with("» web-1 — ok, exit 0, 12 ms"), "{out:#?}");
+        assert_eq!(
+            out[1],
+            format!("{OUTPUT_PREFIX}{}", "x".repeat(COMPACT_MAX_BYTES))
+        );
+        // Two output lines, two hosts, or a note keep the long form.
+        let mut two = reply.clone();
+        two.sections[0].blocks[0].text = "a\nb".into();
+        assert_eq!(render(&two, limits(10, 50, 40)).len(), 5);
+        let mut hosts = reply.clone();
+        hosts.sections.push(section("web-2 — ok", 1));
+        assert_eq!(render(&hosts, limits(10, 50, 40)).len(), 6);
+        let mut noted = reply;
+        noted.sections[0]
+            .notes
+            .push("the agent dropped 5 bytes".into());
+        assert_eq!(render(&noted, limits(10, 50, 40)).len(), 5);
+    }
+
+    /// A one-host result of `lines` output lines that the gateway noted
+    /// it had cut for chat.
+    fn cut_for_chat_reply(lines: usize) -> Reply {
+        let mut sec = section("web-1 — ok, exit 0, 1 ms", lines);
+        sec.notes
+            .push("stdout truncated in chat; full output: `output 0189-ab web-1`".into());
+        Reply {
+            header: "job 0189-ab ok (1/1 ok) — asked by x".into(),
+            sections: vec![sec],
+            ..Reply::default()
+        }
+    }
+
+    #[test]
+    fn the_count_of_hidden_lines_is_never_too_small() {
+        // The gateway kept 30 of the host's 500 lines (and said so in a
+        // note); IRC shows 10: 20 is what we know is missing, not all.
+        let out = render(&cut_for_chat_reply(30), limits(10, 50, 40));
+        assert_eq!(out.len(), 1 + 1 + 10 + 1, "{out:#?}");
+        assert_eq!(
+            out[12],
+            "  | … at least 20 more lines; `output 0189-ab web-1` for all"
+        );
+        // Cut for length only (nothing hidden here): still says there is more.
+        let out = render(&cut_for_chat_reply(2), limits(10, 50, 40));
+        assert_eq!(
+            out.last().map(String::as_str),
+            Some("  | … more lines; `output 0189-ab web-1` for all"),
+            "{out:#?}"
         );
     }
 
