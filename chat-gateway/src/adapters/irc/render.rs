@@ -205,6 +205,11 @@ pub fn render(reply: &Reply, limits: RenderLimits) -> Vec<String> {
                 }
             }
         }
+        // Lines the gateway left out before us, when it counted them: the
+        // count is exact again.
+        let upstream: usize = sec.blocks.iter().map(|b| b.omitted_lines).sum();
+        hidden += upstream;
+        let cut_upstream = cut_upstream && upstream == 0;
         if hidden > 0 || cut_upstream {
             let s = if hidden == 1 && !cut_upstream {
                 ""
@@ -367,6 +372,7 @@ mod tests {
                 blocks: vec![crate::adapters::CodeBlock {
                     label: "stdout".into(),
                     text: " 10:00:00 up 3 days\n".into(),
+                    omitted_lines: 0,
                 }],
             }],
             ..Reply::default()
@@ -427,6 +433,15 @@ mod tests {
         assert_eq!(
             out[12],
             "  | … at least 20 more lines; `output 0189-ab web-1` for all"
+        );
+        // When the gateway counted what it left out (470 of 500), the count
+        // is exact: 20 here plus 470 there.
+        let mut counted = cut_for_chat_reply(30);
+        counted.sections[0].blocks[0].omitted_lines = 470;
+        let out = render(&counted, limits(10, 50, 40));
+        assert_eq!(
+            out[12],
+            "  | … 490 more lines; `output 0189-ab web-1` for all"
         );
         // Cut for length only (nothing hidden here): still says there is more.
         let out = render(&cut_for_chat_reply(2), limits(10, 50, 40));
