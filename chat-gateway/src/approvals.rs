@@ -53,6 +53,10 @@ pub struct Outcome {
 pub enum ApprovalsError {
     #[error("no approval request is waiting for `{}`", excerpt(.0))]
     NotFound(String),
+    /// A request is waiting, but not one this person may see: told exactly
+    /// what [`ApprovalsError::NotFound`] tells (audited as refused).
+    #[error("no approval request is waiting for `{}`", excerpt(.0))]
+    Hidden(String),
     #[error("`{}` matches several approval requests; give more of the id", excerpt(.0))]
     Ambiguous(String),
     /// Neither a full id, a short id, nor a long enough prefix.
@@ -291,15 +295,30 @@ impl Approvals {
         self.records.as_ref()
     }
 
+    /// The request `prefix` names among those `who` may see: their own, or
+    /// ones for a command they could approve somewhere. The rest are
+    /// "not waiting" to them, and count for no ambiguity.
     fn find<'m>(
         pending: &'m mut HashMap<String, Pending>,
         prefix: &str,
+        policy: &Policy,
+        who: &Identity,
     ) -> Result<&'m mut Pending, ApprovalsError> {
         let named = JobRef::parse(prefix)?;
-        let mut hits = pending.keys().filter(|k| named.matches(k));
+        let sees = |p: &Pending| {
+            who.same_person(&p.req.requester)
+                || fleetcmd_core::rbac::may_see_approval(policy, who, &p.req.command)
+        };
+        let mut hits = pending
+            .iter()
+            .filter(|(k, p)| named.matches(k) && sees(p))
+            .map(|(k, _)| k);
         let key = match (hits.next(), hits.next()) {
             (Some(k), None) => k.clone(),
             (Some(_), Some(_)) => return Err(ApprovalsError::Ambiguous(prefix.to_string())),
+            _ if pending.keys().any(|k| named.matches(k)) => {
+                return Err(ApprovalsError::Hidden(prefix.to_string()));
+            }
             _ => return Err(ApprovalsError::NotFound(prefix.to_string())),
         };
         pending
@@ -319,7 +338,7 @@ impl Approvals {
         now: u64,
     ) -> Result<Outcome, ApprovalsError> {
         let mut pending = self.lock();
-        let p = Self::find(&mut pending, prefix)?;
+        let p = Self::find(&mut pending, prefix, policy, who)?;
         let progress = p.req.approve(policy, who, channel, now)?;
         let outcome = Outcome {
             job_id: p.req.job_id.as_str().to_string(),
@@ -350,7 +369,7 @@ impl Approvals {
         reason: &str,
     ) -> Result<Outcome, ApprovalsError> {
         let mut pending = self.lock();
-        let p = Self::find(&mut pending, prefix)?;
+        let p = Self::find(&mut pending, prefix, policy, who)?;
         p.req.check_deny(policy, who, channel)?;
         let outcome = Outcome {
             job_id: p.req.job_id.as_str().to_string(),

@@ -1155,7 +1155,14 @@ impl<C: ControllerApi> Router<C> {
                 Reply::text(text)
             }
             Err(e) => {
-                if let ApprovalsError::Refused(why) = &e {
+                let why = match &e {
+                    ApprovalsError::Refused(why) => Some(why.to_string()),
+                    ApprovalsError::Hidden(_) => {
+                        Some("a request this user may not see".to_string())
+                    }
+                    _ => None,
+                };
+                if let Some(why) = why {
                     self.report(event(
                         "chat_denied",
                         msg,
@@ -1200,7 +1207,14 @@ impl<C: ControllerApi> Router<C> {
                 ))
             }
             Err(e) => {
-                if let ApprovalsError::Refused(why) = &e {
+                let why = match &e {
+                    ApprovalsError::Refused(why) => Some(why.to_string()),
+                    ApprovalsError::Hidden(_) => {
+                        Some("a request this user may not see".to_string())
+                    }
+                    _ => None,
+                };
+                if let Some(why) = why {
                     self.report(event(
                         "chat_denied",
                         msg,

@@ -195,7 +195,7 @@ pub enum ApprovalError {
     NotAnApprover { command: String },
     #[error("this gateway's signer may not vouch for your approval")]
     NotVouched,
-    #[error("only the requester or an allowed approver may deny job {0}")]
+    #[error("only the requester or an allowed approver may deny job {}", crate::ids::short_form(.0))]
     MayNotDeny(String),
 }
 

@@ -135,17 +135,30 @@ async fn the_requester_cannot_approve_their_own_job_nor_can_someone_without_the_
         "{}",
         own[0].text()
     );
-    // bob is a viewer: reboot is not among his role's commands.
+    // bob is a viewer: reboot is not among his role's commands. He is
+    // told what an id that names nothing tells: not the command, not the
+    // full id (found by an outside test), for approve and deny alike.
     let stranger = ask(&w, "console:bob", &format!("!approve {short}")).await;
     assert!(
-        stranger[0].text().contains("may not approve `reboot`"),
+        stranger[0]
+            .text()
+            .contains("no approval request is waiting"),
         "{}",
         stranger[0].text()
+    );
+    let stranger_deny = ask(&w, "console:bob", &format!("!deny {short} no")).await;
+    assert!(
+        stranger_deny[0]
+            .text()
+            .contains("no approval request is waiting")
+            && !stranger_deny[0].text().contains("reboot"),
+        "{}",
+        stranger_deny[0].text()
     );
     // Nobody known to the policy at all.
     let nobody = ask(&w, "console:mallory", &format!("!approve {short}")).await;
     assert!(
-        nobody[0].text().contains("may not approve"),
+        nobody[0].text().contains("no approval request is waiting"),
         "{}",
         nobody[0].text()
     );
@@ -158,7 +171,12 @@ async fn the_requester_cannot_approve_their_own_job_nor_can_someone_without_the_
             .filter(|(k, ..)| k == "chat_denied")
             .map(|(_, actor, ..)| actor.as_str())
             .collect::<Vec<_>>(),
-        ["console:alice", "console:bob", "console:mallory"]
+        [
+            "console:alice",
+            "console:bob",
+            "console:bob",
+            "console:mallory"
+        ]
     );
     // A second approval by the same person never counts twice: with one
     // approval needed, carol's first completes it and her second finds
@@ -195,11 +213,11 @@ async fn a_denied_request_never_runs_and_says_who_denied_and_why() {
         "{texts:#?}"
     );
     assert_eq!(kinds(&w), ["approval_requested", "approval_denied"]);
-    // bob may neither approve nor deny: his deny is refused.
+    // bob may neither approve nor deny: to him no such request waits.
     let (task, _out, short) = request_reboot(&w).await;
     let bob = ask(&w, "console:bob", &format!("!deny {short}")).await;
     assert!(
-        bob[0].text().contains("only the requester"),
+        bob[0].text().contains("no approval request is waiting"),
         "{}",
         bob[0].text()
     );
