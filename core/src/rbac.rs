@@ -207,16 +207,12 @@ pub fn may_approve(policy: &Policy, who: &Identity, command: &str, channel: &str
 }
 
 /// Whether `who` may see an approval request for `command` at all: one
-/// of their roles lists it, in any channel (and `[approvers]` admits them
-/// where it names the command). Others are told no request is waiting, as
-/// for an id that names none, so `approve`/`deny` reveal no one else's
-/// requests (found by an outside test).
+/// of their roles lists it, in any channel (they are then told why they may
+/// not approve, e.g. `[approvers]` or the channel). Others are told no
+/// request is waiting, as for an id that names none, so `approve`/`deny`
+/// reveal no one else's requests (found by an outside test).
 pub fn may_see_approval(policy: &Policy, who: &Identity, command: &str) -> bool {
-    let listed = policy
-        .approvers
-        .get(command)
-        .is_none_or(|patterns| patterns.iter().any(|p| who.matches_pattern(p)));
-    listed && roles_of(policy, who).iter().any(|r| lists(r, command))
+    roles_of(policy, who).iter().any(|r| lists(r, command))
 }
 
 /// Whether one of `who`'s roles that applies in `channel` grants `perm`.
