@@ -1061,6 +1061,30 @@ impl Shared {
                     .field("key_id", &job.key_id),
             );
         })?;
+        // A job id's time is when the job was made: not in the future, and
+        // no longer before its not_before than a job may live (an approved
+        // job is signed up to the approval window after its id was shown).
+        // Otherwise an id dated 10889 or 1970 would pin a job on top of
+        // `jobs` or hide it (found by an outside test).
+        let made = spec.id.unix_ms() / 1000;
+        let skew = fleetcmd_core::job::CLOCK_SKEW_SECS;
+        if made > now_secs().saturating_add(skew)
+            || made.saturating_add(cur.policy.max_job_lifetime.as_secs() + skew) < spec.not_before
+        {
+            let refusal = Refusal::Malformed(format!(
+                "job id {} is dated {made}, in the future or long before its not_before {}: make a fresh id",
+                spec.id.as_str(),
+                spec.not_before
+            ));
+            self.security_event(
+                Event::new(EventKind::JobRefused, spec.requester.to_string())
+                    .source(crate::audit::peer_actor(peer))
+                    .job(spec.id.to_string())
+                    .command(&spec.command)
+                    .detail(refusal.to_string()),
+            );
+            return Err(refusal.into());
+        }
         let cmd = cur
             .policy
             .command(&spec.command)

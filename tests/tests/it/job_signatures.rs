@@ -350,3 +350,36 @@ async fn a_job_runs_only_within_its_requesters_roles() {
     assert_eq!(job.state, "succeeded", "{job:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }
+
+/// A job id dated far from when its job was made (1970, the year 10889)
+/// is refused at submit and audited, so no one hides a job from `jobs` or
+/// pins one on top (found by an outside test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_id_dated_far_from_its_making_is_refused_at_submit() {
+    let fleet = security_fleet(1).await;
+    for ms in [0u64, 0xffff_ffff_ffff, now() * 1000 + 3_600_000] {
+        let mut bytes = *uuid::Uuid::now_v7().as_bytes();
+        bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        let id = fleetcmd_core::ids::JobId::from_uuid_v7_bytes(bytes).expect("v7 id");
+        let mut spec = fleetcmd_tests::spec("uptime", &[], "all", "cli:admin");
+        spec.id = id.clone();
+        let job = SignedJob::sign(
+            &spec,
+            fleetcmd_cli::fleet::OPERATOR_SIGNER,
+            &fleet.operator_key,
+        );
+        let res = JobsClient::new(fleet.operator().await)
+            .submit(to_pb(job))
+            .await;
+        assert_status(
+            res,
+            Code::PermissionDenied,
+            "in the future or long before its not_before",
+        );
+        assert!(fleet.controller.shared().get_job(id.as_str()).is_err());
+    }
+    // Made now: runs.
+    let job = fleet.run("uptime", &[], "all").await.expect("a fresh id");
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
