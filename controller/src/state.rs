@@ -1061,6 +1061,17 @@ impl Shared {
                     .field("key_id", &job.key_id),
             );
         })?;
+        // Every refusal of a job that verified: audited with who asked,
+        // through which peer, which job and command, and why.
+        let refused = |why: String| {
+            self.security_event(
+                Event::new(EventKind::JobRefused, spec.requester.to_string())
+                    .source(crate::audit::peer_actor(peer))
+                    .job(spec.id.to_string())
+                    .command(&spec.command)
+                    .detail(why),
+            );
+        };
         // A job id's time is when the job was made: not in the future, and
         // no longer before its not_before than a job may live (an approved
         // job is signed up to the approval window after its id was shown).
@@ -1076,13 +1087,7 @@ impl Shared {
                 spec.id.as_str(),
                 spec.not_before
             ));
-            self.security_event(
-                Event::new(EventKind::JobRefused, spec.requester.to_string())
-                    .source(crate::audit::peer_actor(peer))
-                    .job(spec.id.to_string())
-                    .command(&spec.command)
-                    .detail(refusal.to_string()),
-            );
+            refused(refusal.to_string());
             return Err(refusal.into());
         }
         let cmd = cur
@@ -1097,23 +1102,11 @@ impl Shared {
         let approvals = fleetcmd_core::approval::verify_approvals(&cur.policy, &spec);
         if approvals.got() < cmd.requires_approvals {
             let refusal = Refusal::missing_approvals(cmd.requires_approvals, &approvals);
-            self.security_event(
-                Event::new(EventKind::JobRefused, spec.requester.to_string())
-                    .source(crate::audit::peer_actor(peer))
-                    .job(spec.id.to_string())
-                    .command(&spec.command)
-                    .detail(refusal.to_string()),
-            );
+            refused(refusal.to_string());
             return Err(refusal.into());
         }
         check_requester(peer, &spec.requester).inspect_err(|e| {
-            self.security_event(
-                Event::new(EventKind::JobRefused, spec.requester.to_string())
-                    .source(crate::audit::peer_actor(peer))
-                    .job(spec.id.to_string())
-                    .command(&spec.command)
-                    .detail(e.to_string()),
-            );
+            refused(e.to_string());
         })?;
         let selector = parse_selector(&spec.selector)?;
         // The requester's roles bound what it may run, for operators as for
@@ -1127,13 +1120,7 @@ impl Shared {
         )
         .map_err(|d| Refusal::RequesterMayNotRun(d.to_string()))
         .inspect_err(|r| {
-            self.security_event(
-                Event::new(EventKind::JobRefused, spec.requester.to_string())
-                    .source(crate::audit::peer_actor(peer))
-                    .job(spec.id.to_string())
-                    .command(&spec.command)
-                    .detail(r.to_string()),
-            );
+            refused(r.to_string());
         })?;
         let id = spec.id.to_string();
         if self.store.get_job(&id)?.is_some() {
