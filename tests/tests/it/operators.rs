@@ -817,21 +817,28 @@ async fn revoking_a_certificate_never_issued_warns() {
     refused(&as_op(&fleet, &bob, &["jobs"]).await, "revoked");
 }
 
+/// A minimal controller.toml in `dir` for running `issue-cert` (data in
+/// `dir/data`); its path.
+fn issue_cert_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let cfg = dir.join("controller.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\npolicy_roots = [\"{}\"]\n",
+            dir.join("data").display(),
+            stranger_key().public_key()
+        ),
+    )
+    .expect("config");
+    cfg
+}
+
 /// `issue-cert --days` is capped at a year: a refused lifetime issues,
 /// writes and records nothing.
 #[test]
 fn issue_cert_refuses_lifetimes_over_a_year() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = dir.path().join("controller.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\npolicy_roots = [\"{}\"]\n",
-            dir.path().join("data").display(),
-            stranger_key().public_key()
-        ),
-    )
-    .expect("config");
+    let cfg = issue_cert_config(dir.path());
     let issue = |days: &str, name: &str| {
         std::process::Command::new(bin("fleetcmd-controller"))
             .arg("-c")
@@ -866,16 +873,7 @@ fn issue_cert_refuses_lifetimes_over_a_year() {
 #[test]
 fn issue_cert_refuses_a_name_that_is_a_path() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = dir.path().join("controller.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\npolicy_roots = [\"{}\"]\n",
-            dir.path().join("data").display(),
-            stranger_key().public_key()
-        ),
-    )
-    .expect("config");
+    let cfg = issue_cert_config(dir.path());
     let out_dir = dir.path().join("out");
     let absolute = dir.path().join("elsewhere");
     for name in [
@@ -906,16 +904,7 @@ fn issue_cert_refuses_a_name_that_is_a_path() {
 #[test]
 fn issue_cert_defaults_to_short_lifetimes_and_records_what_it_issued() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = dir.path().join("controller.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\npolicy_roots = [\"{}\"]\n",
-            dir.path().join("data").display(),
-            stranger_key().public_key()
-        ),
-    )
-    .expect("config");
+    let cfg = issue_cert_config(dir.path());
     let mut serials = Vec::new();
     for (role, name, days) in [("operator", "alice", 7), ("gateway", "main", 30)] {
         let out = std::process::Command::new(bin("fleetcmd-controller"))
