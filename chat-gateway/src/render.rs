@@ -629,19 +629,39 @@ pub fn output_for(j: &v1::Job, host: Option<&str>, who: &str) -> Reply {
 }
 
 /// Recent jobs as a table.
-pub fn jobs(jobs: &[v1::Job], who: &str, mine: bool) -> Reply {
-    let header = format!(
-        "{} ({}){}",
-        if mine {
-            "your recent jobs"
-        } else {
-            "recent jobs"
-        },
-        jobs.len(),
-        asked_by(who)
-    );
+/// Which page of `jobs` a reply shows.
+#[derive(Clone, Copy, Debug)]
+pub struct JobsPage {
+    pub mine: bool,
+    pub page: u32,
+    /// The position of the page's first job (1 for page 1).
+    pub first: usize,
+    /// Older jobs follow on the next page.
+    pub more: bool,
+}
+
+pub fn jobs(jobs: &[v1::Job], who: &str, at: JobsPage) -> Reply {
+    let title = if at.mine {
+        "your recent jobs"
+    } else {
+        "recent jobs"
+    };
+    let count = match (at.page, jobs.len()) {
+        (1, n) if !at.more => format!("({n})"),
+        (_, 0) => format!("page {}: none", at.page),
+        (_, n) => format!("page {}: {}-{}", at.page, at.first, at.first + n - 1),
+    };
+    let header = format!("{title} {count}{}", asked_by(who));
     if jobs.is_empty() {
         return Reply::text(header);
+    }
+    let mut lines = Vec::new();
+    if at.more {
+        lines.push(format!(
+            "older: `jobs {}page {}`",
+            if at.mine { "mine " } else { "" },
+            at.page + 1
+        ));
     }
     let now = now_ms();
     let mut text = String::new();
@@ -664,6 +684,7 @@ pub fn jobs(jobs: &[v1::Job], who: &str, mine: bool) -> Reply {
     }
     Reply {
         header,
+        lines,
         sections: vec![Section {
             blocks: vec![CodeBlock {
                 label: String::new(),

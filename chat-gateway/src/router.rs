@@ -30,7 +30,7 @@ use futures_util::StreamExt;
 
 use crate::adapters::{ChatSender, Incoming, MessageRef, Reply, Section};
 use crate::approvals::{Approvals, ApprovalsError, Decision, Origin};
-use crate::controller::{ControllerApi, JOBS_LIMIT};
+use crate::controller::{ControllerApi, JOBS_SCAN};
 use crate::owed::{OwedJob, OwedJobs, StoredJob};
 use crate::render::{self, asked_by};
 
@@ -341,7 +341,7 @@ impl<C: ControllerApi> Router<C> {
             ChatCommand::Policy => self.policy_info(&msg).await,
             ChatCommand::Agents(sel) | ChatCommand::Status(sel) => self.agents(&msg, sel).await,
             ChatCommand::Job(id) => self.job(&msg, id).await,
-            ChatCommand::Jobs { mine } => self.jobs(&msg, mine).await,
+            ChatCommand::Jobs { mine, page } => self.jobs(&msg, mine, page).await,
             ChatCommand::Output { id, host } => self.output(&msg, id, host).await,
             ChatCommand::Cancel(id) => self.cancel(&msg, id).await,
             ChatCommand::Approve(id) => self.approve(&msg, &id).await,
@@ -828,15 +828,26 @@ impl<C: ControllerApi> Router<C> {
         }
     }
 
-    async fn jobs(&self, msg: &Incoming, mine: bool) -> Reply {
+    /// `jobs [mine] [page N]`: page N of the jobs the asker may see,
+    /// newest first (`mine`: those they requested).
+    async fn jobs(&self, msg: &Incoming, mine: bool, page: u32) -> Reply {
         let who = msg.identity.as_str();
         let p = match self.policy_for_reads(msg).await {
             Ok(p) => p,
             Err(r) => return r,
         };
+        let per_page = grammar::JOBS_PAGE as usize;
+        // Someone's own jobs are filtered by the controller, so asking for
+        // the pages up to this one (and one more job) is enough; the others
+        // are filtered here, by what the asker may see.
+        let limit = if mine {
+            page * grammar::JOBS_PAGE + 1
+        } else {
+            JOBS_SCAN
+        };
         match self
             .ctl
-            .list_jobs(JOBS_LIMIT, mine.then(|| who.to_string()))
+            .list_jobs(limit, mine.then(|| who.to_string()))
             .await
         {
             Ok(jobs) => {
@@ -844,7 +855,19 @@ impl<C: ControllerApi> Router<C> {
                     .into_iter()
                     .filter(|j| (!mine || j.requester == who) && Self::may_see(&p.policy, msg, j))
                     .collect();
-                render::jobs(&visible, who, mine)
+                let skip = (page as usize - 1) * per_page;
+                let more = visible.len() > skip + per_page;
+                let shown: Vec<v1::Job> = visible.into_iter().skip(skip).take(per_page).collect();
+                render::jobs(
+                    &shown,
+                    who,
+                    render::JobsPage {
+                        mine,
+                        page,
+                        first: skip + 1,
+                        more,
+                    },
+                )
             }
             Err(e) => Reply::text(format!(
                 "could not list jobs: {}{}",

@@ -16,8 +16,10 @@ pub enum ChatCommand {
     Help(Option<String>),
     Run(RunRequest),
     Job(String),
+    /// `jobs [mine] [page N]`: page 1 is the newest [`JOBS_PAGE`] jobs.
     Jobs {
         mine: bool,
+        page: u32,
     },
     Output {
         id: String,
@@ -47,6 +49,11 @@ pub enum ChatCommand {
     Whoami,
     Policy,
 }
+
+/// Jobs on one page of `jobs`.
+pub const JOBS_PAGE: u32 = 10;
+/// The oldest page `jobs` shows (the newest 500 jobs).
+pub const MAX_JOBS_PAGE: u32 = 50;
 
 /// `run <command> [args…] on <selector> [options]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,9 +162,9 @@ pub const VERBS: &[VerbHelp] = &[
     },
     VerbHelp {
         verb: "jobs",
-        usage: "jobs [mine]",
-        about: "recent jobs you may see (`mine`: only yours)",
-        details: &[],
+        usage: "jobs [mine] [page N]",
+        about: "recent jobs you may see, newest first (`mine`: only yours)",
+        details: &["ten jobs a page; `page 2` shows the ten before them, up to page 50"],
     },
     VerbHelp {
         verb: "output",
@@ -418,11 +425,32 @@ pub fn parse(text: &str) -> Result<ChatCommand, GrammarError> {
         },
         "run" => parse_run(rest).map(ChatCommand::Run),
         "job" => one("job <id>").map(ChatCommand::Job),
-        "jobs" => match texts.as_slice() {
-            [] => Ok(ChatCommand::Jobs { mine: false }),
-            ["mine"] => Ok(ChatCommand::Jobs { mine: true }),
-            _ => Err(GrammarError::Usage("jobs [mine]")),
-        },
+        "jobs" => {
+            let usage = GrammarError::Usage("jobs [mine] [page N]");
+            let (mine, page) = match texts.as_slice() {
+                [] => (false, None),
+                ["mine"] => (true, None),
+                ["page", n] => (false, Some(*n)),
+                ["mine", "page", n] => (true, Some(*n)),
+                _ => return Err(usage),
+            };
+            let page = match page {
+                None => 1,
+                Some(n) => match n.parse::<u32>() {
+                    Ok(n) if (1..=MAX_JOBS_PAGE).contains(&n) => n,
+                    _ => {
+                        return Err(GrammarError::BadOption {
+                            option: "page".into(),
+                            reason: format!(
+                                "a number from 1 to {MAX_JOBS_PAGE}, not \"{}\"",
+                                crate::terminal::excerpt(n)
+                            ),
+                        });
+                    }
+                },
+            };
+            Ok(ChatCommand::Jobs { mine, page })
+        }
         "output" => match texts.as_slice() {
             [id] => Ok(ChatCommand::Output {
                 id: id.to_string(),
@@ -653,8 +681,43 @@ mod tests {
         check("help", Help(None));
         check("HELP restart", Help(s("restart")));
         check("job 0189", Job("0189".into()));
-        check("jobs", Jobs { mine: false });
-        check("jobs mine", Jobs { mine: true });
+        check(
+            "jobs",
+            Jobs {
+                mine: false,
+                page: 1,
+            },
+        );
+        check(
+            "jobs mine",
+            Jobs {
+                mine: true,
+                page: 1,
+            },
+        );
+        check(
+            "jobs mine page 3",
+            Jobs {
+                mine: true,
+                page: 3,
+            },
+        );
+        check(
+            "jobs page 50",
+            Jobs {
+                mine: false,
+                page: 50,
+            },
+        );
+        for bad in [
+            "jobs page 0",
+            "jobs page 51",
+            "jobs page x",
+            "jobs page",
+            "jobs 2",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
         check(
             "output 0189",
             Output {

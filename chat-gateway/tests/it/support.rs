@@ -425,14 +425,18 @@ impl ControllerApi for FakeController {
         })
     }
 
+    /// Newest first, at most `limit`, like the controller.
     async fn list_jobs(
         &self,
-        _limit: u32,
+        limit: u32,
         requester: Option<String>,
     ) -> Result<Vec<v1::Job>, ControllerError> {
         self.check()?;
         let mut out = Vec::new();
-        for j in self.submitted() {
+        for j in self.submitted().iter().rev() {
+            if out.len() >= limit as usize {
+                break;
+            }
             let Ok(spec) = JobSpec::from_bytes(&j.spec) else {
                 continue;
             };
