@@ -39,6 +39,11 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Validate => {
+            // What `run` would refuse before connecting anything.
+            if let Err(e) = fleetcmd_gateway::store::check_state_dir(&config.state_dir) {
+                eprintln!("fleetcmd-gateway: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             println!("{}: ok", cli.config.display());
             ExitCode::SUCCESS
         }

@@ -159,8 +159,11 @@ impl<C: ControllerApi> Router<C> {
         mut self,
         store: &crate::store::GatewayStore,
     ) -> Result<Router<C>, crate::store::StoreError> {
-        self.approvals = Approvals::persisted(store)?;
-        self.owed = Some(OwedJobs::open(store)?);
+        // Sealed with the key the gateway signs jobs with: a record it did
+        // not write is never acted on.
+        let seal = crate::store::Seal::new(self.cfg.signing_key.clone());
+        self.approvals = Approvals::persisted(store, &seal)?;
+        self.owed = Some(OwedJobs::open(store, &seal)?);
         Ok(self)
     }
 
