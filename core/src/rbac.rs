@@ -161,9 +161,10 @@ pub fn commands_for<'p>(policy: &'p Policy, who: &Identity, channel: &str) -> Ve
 
 /// Whether `channel` is on `who`'s own platform: its scheme (the part
 /// before the first `:`, or all of it) is `who`'s, and where `who` names a
-/// network, workspace or server (`irc:NET:…`, `slack:TEAM:…`,
-/// `mattermost:SERVER:…`, `campfire:SERVER:…`, `webhook:NAME:…`: three
-/// parts or more), the channel names the same one. An operator (`cli:NAME`)
+/// place ([`Identity::place`]: a network, workspace or server, as in
+/// `irc:NET:…`, `slack:TEAM:…`, `mattermost:SERVER:…`, `webhook:NAME:…`),
+/// the channel names the same one. Platforms with global user ids
+/// (`matrix:@alice:example.org`) have no place. An operator (`cli:NAME`)
 /// acts from the channel `cli`, a chat user from a channel of their chat
 /// (`irc:libera:#ops` or the private `irc:libera:alice` for
 /// `irc:libera:alice!…`). The signer names both requester and channel, so
@@ -176,10 +177,9 @@ pub fn on_own_platform(who: &Identity, channel: &str) -> bool {
     if scheme != who.scheme() {
         return false;
     }
-    let mut parts = who.as_str().splitn(3, ':');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(scheme), Some(place), Some(_)) => channel.starts_with(&format!("{scheme}:{place}:")),
-        _ => true,
+    match who.place() {
+        Some(place) => channel.starts_with(&format!("{scheme}:{place}:")),
+        None => true,
     }
 }
 

@@ -383,3 +383,92 @@ async fn a_job_id_dated_far_from_its_making_is_refused_at_submit() {
     assert_eq!(job.state, "succeeded", "{job:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }
+
+/// Core has no list of chat platforms (each adapter checks its own form):
+/// an agent built before a platform existed runs its users' jobs when the
+/// policy grants them, and still refuses an identity that is malformed
+/// whatever the platform.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_platform_core_never_heard_of_runs_jobs_and_malformed_identities_do_not() {
+    let mut fleet = security_fleet(1).await;
+    let text = security_policy(&fleet, fleet.policy_version + 1)
+        .replace(
+            "vouches_for = [\"console:*\"]",
+            "vouches_for = [\"console:*\", \"zulip:chat.example.com:*\"]",
+        )
+        .replace(
+            "subjects = [\"console:*\", \"cli:*\"]",
+            "subjects = [\"console:*\", \"cli:*\", \"zulip:chat.example.com:*\"]",
+        );
+    assert!(
+        text.contains("\"zulip:chat.example.com:*\"]\nroles"),
+        "{text}"
+    );
+    fleet.push_policy(&text).await.expect("policy pushed");
+    fleet
+        .wait_online(Duration::from_secs(10))
+        .await
+        .expect("agents take the policy");
+
+    let zulip_job = |name: &str| {
+        let m = marker(&fleet, name);
+        let mut s = spec(
+            "mark",
+            &[("path", m.to_str().expect("utf-8"))],
+            "all",
+            "zulip:chat.example.com:42",
+        );
+        s.channel = "zulip:chat.example.com:ops".into();
+        (s, m)
+    };
+
+    // Well-formed: accepted at submit and run by the agent.
+    let (s, m) = zulip_job("new-platform");
+    let job = SignedJob::sign(&s, fleet::GATEWAY_SIGNER, &fleet.gateway_key);
+    JobsClient::new(fleet.gateway().await)
+        .submit(to_pb(job))
+        .await
+        .expect("a job from a new platform is accepted");
+    let done = fleet.wait_job(s.id.as_str()).await;
+    assert_eq!(target(&done, "dev-1").state, "ok", "{done:?}");
+    assert!(m.exists(), "the new platform's job ran");
+
+    // Malformed identities, signed by the same trusted key over exactly
+    // these bytes: refused by the controller and, on its own, by the agent.
+    for (i, bad) in [
+        "Zulip:chat.example.com:42",
+        "zulip:",
+        "zulip:chat.example.com:",
+        "zu lip:42",
+        "zulip:chat.example.com:4\u{202e}2",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (s, m) = zulip_job(&format!("malformed-{i}"));
+        let text = String::from_utf8(s.to_bytes()).expect("a spec is JSON");
+        let forged = text.replace(
+            "\"zulip:chat.example.com:42\"",
+            &serde_json::to_string(bad).expect("json string"),
+        );
+        assert_ne!(forged, text, "the requester is in the spec");
+        let bytes = forged.into_bytes();
+        let job = SignedJob {
+            signature: fleet.gateway_key.sign(&bytes),
+            spec: bytes,
+            key_id: fleet::GATEWAY_SIGNER.into(),
+        };
+        let res = JobsClient::new(fleet.gateway().await)
+            .submit(to_pb(job.clone()))
+            .await;
+        assert_status(
+            res,
+            Code::PermissionDenied,
+            "malformed job spec: invalid identity",
+        );
+        let got = inject(&fleet, job, s.id.as_str(), &["dev-1"]).await;
+        assert_refused(&got, "dev-1", "malformed");
+        assert_absent(&m);
+    }
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
