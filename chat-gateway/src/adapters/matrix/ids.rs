@@ -28,9 +28,16 @@ pub fn is_user_id(s: &str) -> bool {
     sigil_id(s, '@')
 }
 
-/// `!opaque:server`.
+/// `!opaque:server`, or `!opaque` alone (room version 12 and later name
+/// no server in a room id).
 pub fn is_room_id(s: &str) -> bool {
     sigil_id(s, '!')
+        || (s.len() > 1
+            && s.len() <= MAX_ID_BYTES
+            && s.starts_with('!')
+            && !s
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '/'))
 }
 
 /// `#name:server`.
@@ -81,6 +88,8 @@ mod tests {
             ("@alice:example.com", true, false, false),
             ("@alice:localhost:8448", true, false, false),
             ("!AbC:example.com", false, true, false),
+            ("!MRTjiXFl40o7lFdIDvKZ-4NZX9t8wQ", false, true, false),
+            ("!", false, false, false),
             ("#ops:example.com", false, false, true),
             ("@alice", false, false, false),
             ("@:example.com", false, false, false),
@@ -100,7 +109,13 @@ mod tests {
     fn channels_round_trip_and_bad_ones_are_named() {
         assert_eq!(channel("!r:hs"), "matrix:!r:hs");
         assert_eq!(room_of("matrix:!r:hs").ok(), Some("!r:hs"));
-        for bad in ["matrix:#ops:hs", "xmpp:!r:hs", "matrix:", "!r:hs"] {
+        for bad in [
+            "matrix:#ops:hs",
+            "xmpp:!r:hs",
+            "matrix:",
+            "matrix:!",
+            "!r:hs",
+        ] {
             let e = room_of(bad).expect_err(bad).to_string();
             assert!(e.contains("not matrix:!room:server"), "{e}");
         }

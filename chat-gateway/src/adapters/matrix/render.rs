@@ -32,7 +32,12 @@ pub fn escape_html(s: &str) -> String {
 
 /// The plain body of `reply`.
 pub fn body(reply: &Reply) -> String {
-    let mut text = crate::adapters::xmpp::body::render(reply);
+    // The plain layout breaks every `@word` with a word joiner; our own
+    // `matrix:@user:server` identities stay copyable (into a policy's
+    // bindings): `m.mentions` being present and empty already keeps
+    // homeservers from notifying anyone for a reply's text.
+    let mut text =
+        crate::adapters::xmpp::body::render(reply).replace("matrix:@\u{2060}", "matrix:@");
     if !reply.actions.is_empty() {
         text.push_str(&format!(
             "\n  → or react {APPROVE_KEY} to approve, {DENY_KEY} to deny"
