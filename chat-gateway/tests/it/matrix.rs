@@ -20,7 +20,8 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use crate::support::{FakeController, router_with_extra};
 use crate::synapse::{SHARED_SECRET, Synapse, matrix_dir};
 
-/// Every test finishes well within this (Synapse's start included).
+/// Every test finishes well within this (Synapse's start included; about
+/// 10 to 25 s each on 2 cores).
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// One expected message, in seconds (for user.py).
 const WAIT_SECS: u64 = 20;
@@ -31,7 +32,12 @@ subjects = ["matrix:@alice:localhost", "matrix:@carol:localhost"]
 roles = ["oncall"]
 "#;
 
+/// Runs `f` within [`TEST_TIMEOUT`], after the venv is there (its first
+/// install takes a minute or more and is not the test's).
 async fn within<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::task::spawn_blocking(crate::synapse::venv_python)
+        .await
+        .expect("venv");
     if tokio::time::timeout(TEST_TIMEOUT, f).await.is_err() {
         panic!("test did not finish within {TEST_TIMEOUT:?}");
     }

@@ -261,4 +261,21 @@ mod tests {
         c.access_token_file = Some(dir.path().join("tok"));
         assert!(matches!(c.login(), Ok(Login::Token(t)) if t.expose() == "syt_abc"));
     }
+
+    #[test]
+    fn the_setup_guides_section_parses_and_validates() {
+        let doc = include_str!("../../../../docs/chat/matrix.md");
+        let section = doc
+            .split("```toml\n")
+            .filter_map(|b| b.split_once("```").map(|(toml, _)| toml))
+            .find(|t| t.starts_with("[matrix]"))
+            .expect("docs/chat/matrix.md has a [matrix] block");
+        #[derive(Deserialize)]
+        struct File {
+            matrix: MatrixConfig,
+        }
+        let f: File = toml::from_str(section).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(f.matrix.validate(), vec![]);
+        assert_eq!(f.matrix.rooms.len(), 2);
+    }
 }
