@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetcmd_core::job::JobSpec;
 use fleetcmd_gateway::adapters::matrix::rooms::E2EE_REFUSAL;
 use fleetcmd_gateway::adapters::matrix::{MatrixAdapter, MatrixConfig};
 use fleetcmd_gateway::router::Router;
@@ -19,6 +18,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use crate::support::{FakeController, router_with_extra};
 use crate::synapse::{SHARED_SECRET, Synapse, matrix_dir};
+use crate::xmpp::submitted;
 
 /// Every test finishes well within this (Synapse's start included; about
 /// 10 to 25 s each on 2 cores).
@@ -161,15 +161,6 @@ fn text_of(ev: &Value) -> String {
         .or(c["body"].as_str())
         .unwrap_or_default()
         .to_string()
-}
-
-fn submitted(router: &Router<FakeController>) -> Vec<JobSpec> {
-    router
-        .controller()
-        .submitted()
-        .iter()
-        .map(|j| JobSpec::from_bytes(&j.spec).unwrap_or_else(|e| panic!("{e}")))
-        .collect()
 }
 
 /// Registers the bot and the humans, logs alice in, and has her create

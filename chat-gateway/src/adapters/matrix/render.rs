@@ -13,22 +13,7 @@ use serde_json::{Value, json};
 
 use super::rooms::{APPROVE_KEY, DENY_KEY};
 use crate::adapters::Reply;
-
-/// Escapes text for HTML element content and attribute values.
-pub fn escape_html(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+use crate::adapters::xmpp::xml::escape_attr as escape_html;
 
 /// The plain body of `reply`.
 pub fn body(reply: &Reply) -> String {
@@ -145,15 +130,7 @@ mod tests {
 
     #[test]
     fn approval_requests_say_which_reactions_count() {
-        let r = crate::render::approval_request(
-            "0123456789ab",
-            "reboot",
-            &[],
-            "all",
-            1,
-            std::time::Duration::from_secs(60),
-            "matrix:@alice:hs",
-        );
+        let r = super::super::rooms::tests::approval_request();
         let b = body(&r);
         assert!(b.contains("type `!approve 0123456789ab`"), "{b}");
         assert!(b.ends_with("react ✅ to approve, ❌ to deny"), "{b}");

@@ -177,10 +177,23 @@ impl Rooms {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     const OPS: &str = "!ops:hs";
+
+    /// A request for one approval of `reboot`, job `0123456789ab`.
+    pub(in crate::adapters::matrix) fn approval_request() -> crate::adapters::Reply {
+        crate::render::approval_request(
+            "0123456789ab",
+            "reboot",
+            &[],
+            "all",
+            1,
+            std::time::Duration::from_secs(60),
+            "matrix:@alice:hs",
+        )
+    }
 
     fn rooms() -> Rooms {
         Rooms::new("@bot:hs", [OPS.to_string()])
@@ -275,16 +288,7 @@ mod tests {
     #[test]
     fn reactions_on_an_approval_request_are_its_commands() {
         let a = Approvals::default();
-        let actions = crate::render::approval_request(
-            "0123456789ab",
-            "reboot",
-            &[],
-            "all",
-            1,
-            std::time::Duration::from_secs(60),
-            "matrix:@alice:hs",
-        )
-        .actions;
+        let actions = approval_request().actions;
         a.record(OPS, "$req", &actions);
         a.record(OPS, "$plain", &[]);
         let mut r = rooms();
