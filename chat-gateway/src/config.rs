@@ -106,6 +106,10 @@ pub struct GatewayConfig {
     /// `[xmpp]`: multi-user chat rooms (docs/chat/xmpp.md).
     #[serde(default)]
     pub xmpp: Option<crate::adapters::xmpp::XmppConfig>,
+    // [matrix] (one registry line once launch/config have a registry).
+    /// `[matrix]`: rooms over the client-server API (docs/chat/matrix.md).
+    #[serde(default)]
+    pub matrix: Option<crate::adapters::matrix::MatrixConfig>,
     /// `[campfire]`: ONCE Campfire bot webhooks (docs/chat/campfire.md).
     #[serde(default)]
     pub campfire: Option<crate::adapters::campfire::CampfireConfig>,
@@ -250,6 +254,10 @@ impl GatewayConfig {
         if let Some(i) = &mut self.irc {
             i.resolve_paths(base);
         }
+        // [matrix]
+        if let Some(m) = &mut self.matrix {
+            m.resolve_paths(base);
+        }
         if let Some(c) = &mut self.campfire {
             c.resolve_paths(base);
         }
@@ -379,6 +387,10 @@ impl GatewayConfig {
         if let Some(x) = &self.xmpp {
             adapter("xmpp", x.validate());
         }
+        // [matrix]
+        if let Some(m) = &self.matrix {
+            adapter("matrix", m.validate());
+        }
         // These name their keys with the section prefix already.
         let prefixed = [
             self.audit_channel.as_ref().map(|c| c.validate()),
@@ -404,12 +416,13 @@ impl GatewayConfig {
             && self.mattermost.is_none()
             && self.irc.is_none()
             && self.xmpp.is_none()
+            && self.matrix.is_none()
             && self.campfire.is_none()
             && self.webhook.is_none()
         {
             bad(
                 "console.enabled",
-                "no chat adapter is enabled: enable [console] or configure one of [slack], [mattermost], [irc], [xmpp], [campfire], [webhook]"
+                "no chat adapter is enabled: enable [console] or configure one of [slack], [mattermost], [irc], [xmpp], [matrix], [campfire], [webhook]"
                     .to_string(),
             );
         }

@@ -141,6 +141,14 @@ pub async fn run(
         senders.push(("xmpp", a.sender()));
         gw.add(a);
     }
+    // [matrix] (one registry line once launch has a registry).
+    if let Some(m) = &cfg.matrix {
+        let a = crate::adapters::matrix::MatrixAdapter::connect(m)
+            .await
+            .map_err(adapter("matrix"))?;
+        senders.push(("matrix", a.sender()));
+        gw.add(a);
+    }
     if let Some(c) = &cfg.campfire {
         let a = CampfireAdapter::new(c).map_err(adapter("campfire"))?;
         a.use_replay_guard(replay.clone());

@@ -18,6 +18,7 @@ use fleetcmd_core::ids::Identity;
 pub mod campfire;
 pub mod console;
 pub mod irc;
+pub mod matrix;
 pub mod mattermost;
 pub mod slack;
 pub mod webhook;

@@ -104,7 +104,7 @@ version = {version}
 id = "gw"
 public_key = "{key}"
 may_sign = ["*"]
-vouches_for = ["console:*", "slack:*", "mattermost:*", "irc:*", "xmpp:*", "campfire:*", "webhook:*"]
+vouches_for = ["console:*", "slack:*", "mattermost:*", "irc:*", "xmpp:*", "matrix:*", "campfire:*", "webhook:*"]
 {body}"#,
         key = signer.public_key()
     )

@@ -437,7 +437,7 @@ fn statuses(presence: &Element) -> Vec<u16> {
         .unwrap_or_default()
 }
 
-fn submitted(router: &Router<FakeController>) -> Vec<JobSpec> {
+pub(crate) fn submitted(router: &Router<FakeController>) -> Vec<JobSpec> {
     router
         .controller()
         .submitted()
