@@ -177,7 +177,7 @@ mod tests {
             owed.owe(&future).await.expect("owe d");
             owed.records().put_raw("e", b"{not json").expect("raw");
         }
-        let owed = GatewayStore::open(dir.path())
+        let owed = GatewayStore::reopen(dir.path())
             .and_then(|s| OwedJobs::open(&s, &seal))
             .expect("reopen");
         let loaded = owed.load().expect("load");

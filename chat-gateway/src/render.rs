@@ -271,14 +271,18 @@ pub fn target_section(job_id: &str, t: &v1::Target) -> Section {
 }
 
 /// `15 min`, `90 s`, `2 h`: a window shown to users.
+/// A window as people say it: `15 min`, `2 h`, and what is left of one
+/// after a restart the same way (`14 min 25 s`, `1 h 59 min`), never a
+/// bare count of seconds above a minute.
 pub fn format_duration(d: std::time::Duration) -> String {
     let secs = d.as_secs();
-    if secs >= 3600 && secs.is_multiple_of(3600) {
-        format!("{} h", secs / 3600)
-    } else if secs >= 60 && secs.is_multiple_of(60) {
-        format!("{} min", secs / 60)
-    } else {
-        format!("{secs} s")
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    match (h, m, s) {
+        (0, 0, s) => format!("{s} s"),
+        (0, m, 0) => format!("{m} min"),
+        (0, m, s) => format!("{m} min {s} s"),
+        (h, 0, _) => format!("{h} h"),
+        (h, m, _) => format!("{h} h {m} min"),
     }
 }
 
@@ -952,6 +956,25 @@ pub fn health_table(services: &[v1::Service], one: bool, now_ms: u64) -> (String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An outside test saw "within 865 s" for a request reopened after a
+    /// restart, next to "within 15 min" for the first one.
+    #[test]
+    fn durations_read_as_people_say_them() {
+        use std::time::Duration;
+        for (secs, want) in [
+            (0, "0 s"),
+            (59, "59 s"),
+            (900, "15 min"),
+            (865, "14 min 25 s"),
+            (3600, "1 h"),
+            (7200, "2 h"),
+            (7140 + 3600, "2 h 59 min"),
+            (3661, "1 h 1 min"),
+        ] {
+            assert_eq!(format_duration(Duration::from_secs(secs)), want, "{secs}");
+        }
+    }
 
     #[test]
     fn sanitize_replaces_controls_but_keeps_tabs() {

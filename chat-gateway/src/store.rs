@@ -132,7 +132,10 @@ impl GatewayStore {
             .path(&path)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
                     fail("in use by another gateway".into())
                 }
                 e => fail(format!(
@@ -155,6 +158,23 @@ impl GatewayStore {
             db,
             flushing: Arc::default(),
         })
+    }
+
+    /// Opens `dir` again in the same process: sled releases the previous
+    /// handle's file lock from a background thread, a moment after the
+    /// last handle is dropped, so this waits up to 5 s for it (tests only:
+    /// a restarted gateway is a new process).
+    #[cfg(test)]
+    pub(crate) fn reopen(dir: &Path) -> Result<GatewayStore, StoreError> {
+        let start = std::time::Instant::now();
+        loop {
+            match GatewayStore::open(dir) {
+                Err(e) if e.to_string().contains("in use") && start.elapsed().as_secs() < 5 => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// A store that lives only as long as this process (tests, and tools
@@ -688,7 +708,7 @@ mod tests {
                 );
             }
         }
-        let g = GatewayStore::open(dir.path())
+        let g = GatewayStore::reopen(dir.path())
             .and_then(|s| s.replay())
             .expect("reopen");
         for (key, at, want) in [
@@ -771,7 +791,7 @@ mod tests {
                 .expect("the burst finished: no flush deadlock");
             assert_eq!(g.len(), 400);
         }
-        let g = GatewayStore::open(dir.path())
+        let g = GatewayStore::reopen(dir.path())
             .and_then(|s| s.replay())
             .expect("reopen");
         assert_eq!(
@@ -785,6 +805,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let _first = GatewayStore::open(dir.path()).expect("open");
         let e = GatewayStore::open(dir.path()).expect_err("second open");
-        assert!(e.to_string().contains("state_dir"), "{e}");
+        assert!(
+            e.to_string().contains("state_dir")
+                && e.to_string().contains("in use by another gateway"),
+            "{e}"
+        );
     }
 }

@@ -124,7 +124,18 @@ pub fn check_run(
                 .filter(|r| lists(r, command) && in_channel(r, channel))
                 .map(|r| r.name.clone())
                 .collect(),
-            have: roles.iter().map(|r| r.name.clone()).collect(),
+            // A role scoped to other channels is named with where it
+            // applies, so "you have [ops]" does not read as usable here.
+            have: roles
+                .iter()
+                .map(|r| {
+                    if in_channel(r, channel) {
+                        r.name.clone()
+                    } else {
+                        format!("{} (only in {})", r.name, r.channels.join(", "))
+                    }
+                })
+                .collect(),
         });
     }
     let mut narrowest: Option<(&Role, &Selector)> = None;
@@ -416,7 +427,9 @@ mod tests {
             "slack:T0001:CRANDOM",
             "restart",
             "env=prod",
-            Err("no role may run `restart` in this channel; you have [oncall, viewer]"),
+            Err(
+                "no role may run `restart` in this channel; you have [oncall (only in slack:T0001:C0ONCALL, irc:libera:#ops), viewer]",
+            ),
         );
         check(
             "irc:libera:alice!al@ops.example.com",
@@ -646,6 +659,27 @@ deploy = ["irc:net:lead!*@*", "irc:net:dave!*@*"]
                 "{who} {command} {channel}"
             );
         }
+    }
+
+    /// A role scoped to other channels is named with where it applies (an
+    /// outside test read "you have [ops]" in a private message as usable).
+    #[test]
+    fn a_refusal_says_where_a_scoped_role_applies() {
+        let p = operators_policy();
+        let sel = Selector::parse("env=staging").unwrap_or_else(|e| panic!("{e}"));
+        let err = check_run(
+            &p,
+            &id("slack:T1:UALICE"),
+            "slack:T1:DALICE",
+            "uptime",
+            &sel,
+        )
+        .expect_err("not usable in a private message");
+        assert_eq!(
+            err.to_string(),
+            "`uptime` needs one of roles [admin, web] in this channel; you have [staging (only in slack:T1:COPS)]"
+        );
+        assert!(check_run(&p, &id("slack:T1:UALICE"), "slack:T1:COPS", "uptime", &sel).is_ok());
     }
 
     /// Operators and a staging-scoped chat role, for the read, cancel,
