@@ -131,12 +131,15 @@ fn init_writes_every_file_with_its_own_mode_whatever_the_umask() {
 fn init_refuses_a_directory_others_could_change_and_a_dangling_symlink() {
     use std::os::unix::fs::MetadataExt as _;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let open = tmp.path().join("open");
-    std::fs::create_dir(&open).expect("dir");
-    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    let theirs = tmp.path().join("theirs");
-    std::fs::create_dir(&theirs).expect("dir");
-    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mkdir = |name: &str, mode: u32| {
+        let p = tmp.path().join(name);
+        std::fs::create_dir(&p).expect("dir");
+        // Exactly `mode`, whatever the umask.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        p
+    };
+    let open = mkdir("open", 0o777);
+    let theirs = mkdir("theirs", 0o755);
     // The tests run as root; nobody is another user.
     std::os::unix::fs::chown(&theirs, Some(65534), Some(65534))
         .expect("chown to nobody (the tests run as root)");
