@@ -205,16 +205,17 @@ pub async fn token_create(
             labels: labels.into_iter().collect(),
             ttl_secs: ttl.as_secs(),
             uses,
-            name: name.unwrap_or_default(),
+            name: name.clone().unwrap_or_default(),
         })
         .await
         .map_err(status)?
         .into_inner();
     println!("{}", t.token);
+    // The token in the environment, never in argv, as init's join files.
     eprintln!(
-        "expires {}; join with: fleetcmd-agent join --controller {} --token <token>",
+        "expires {}; on the host: {}",
         fleetcmd_core::when::stamp(now_ms(), t.expires_at.saturating_mul(1000)),
-        conn.controller
+        crate::init::files::join_command(&conn.controller, name.as_deref(), &t.token)
     );
     Ok(0)
 }
