@@ -980,6 +980,7 @@ mod tests {
                         duration_ms: 12,
                         ..Default::default()
                     }),
+                    ..Default::default()
                 },
                 v1::Target {
                     agent_id: "web-2".into(),
@@ -990,6 +991,7 @@ mod tests {
                         duration_ms: 1500,
                         ..Default::default()
                     }),
+                    ..Default::default()
                 },
             ],
             ..Default::default()
@@ -1024,6 +1026,7 @@ mod tests {
                 duration_ms: ms,
                 ..Default::default()
             }),
+            ..Default::default()
         }
     }
 
@@ -1090,6 +1093,7 @@ mod tests {
                 agent_id: "web-1".into(),
                 state: "running".into(),
                 result: None,
+                ..Default::default()
             }],
             ..Default::default()
         };
@@ -1113,6 +1117,7 @@ mod tests {
                     agent_id: "web-3".into(),
                     state: "running".into(),
                     result: None,
+                    ..Default::default()
                 },
             ],
             ..Default::default()

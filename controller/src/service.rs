@@ -259,7 +259,7 @@ impl pb::jobs_server::Jobs for Svc {
         tokio::spawn(async move {
             use pb::job_event::Event;
             use tokio::sync::broadcast::error::RecvError;
-            let ended = job.state != "running";
+            let ended = job.job_state() != pb::JobState::Running;
             let first = pb::JobEvent {
                 event: Some(Event::Job(job)),
             };

@@ -16,6 +16,7 @@ use fleetcmd_core::policy::Policy;
 use fleetcmd_core::policy_bundle::{self, PolicySignature};
 use fleetcmd_core::rollout::Phase;
 use fleetcmd_core::selector::Selector;
+use fleetcmd_core::state::{JobState, Stop, TargetState};
 use fleetcmd_proto::v1 as pb;
 use prost::Message;
 use tokio::sync::mpsc;
@@ -207,7 +208,7 @@ struct Submitted {
 struct Run {
     job: JobRecord,
     /// (state, dispatched_at) per target, in `job.targets` order.
-    states: Vec<(String, u64)>,
+    states: Vec<(TargetState, u64)>,
     index: HashMap<String, usize>,
     /// Targets still `pending`, and not yet in a terminal state: kept by
     /// `set` so that a result which neither frees a pending target nor ends
@@ -217,9 +218,12 @@ struct Run {
 }
 
 impl Run {
-    fn new(job: JobRecord, states: Vec<(String, u64)>, index: HashMap<String, usize>) -> Run {
-        let pending = states.iter().filter(|t| t.0 == "pending").count();
-        let unfinished = states.iter().filter(|t| !is_terminal(&t.0)).count();
+    fn new(job: JobRecord, states: Vec<(TargetState, u64)>, index: HashMap<String, usize>) -> Run {
+        let pending = states
+            .iter()
+            .filter(|t| t.0 == TargetState::Pending)
+            .count();
+        let unfinished = states.iter().filter(|t| !t.0.is_terminal()).count();
         Run {
             job,
             states,
@@ -229,13 +233,13 @@ impl Run {
         }
     }
 
-    fn set(&mut self, i: usize, state: &str, at: u64) {
-        let old = &self.states[i].0;
-        self.pending -= usize::from(old == "pending");
-        self.unfinished -= usize::from(!is_terminal(old));
-        self.pending += usize::from(state == "pending");
-        self.unfinished += usize::from(!is_terminal(state));
-        self.states[i] = (state.to_owned(), at);
+    fn set(&mut self, i: usize, state: TargetState, at: u64) {
+        let old = self.states[i].0;
+        self.pending -= usize::from(old == TargetState::Pending);
+        self.unfinished -= usize::from(!old.is_terminal());
+        self.pending += usize::from(state == TargetState::Pending);
+        self.unfinished += usize::from(!state.is_terminal());
+        self.states[i] = (state, at);
     }
 }
 
@@ -257,21 +261,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Terminal target states; a job is finished when all its targets are.
-pub fn is_terminal(state: &str) -> bool {
-    matches!(
-        state,
-        "ok" | "failed" | "timed_out" | "refused" | "offline" | "canceled" | "skipped"
-    )
-}
-
-fn outcome_state(o: i32) -> &'static str {
+/// The state a target ends in for an agent's reported outcome.
+fn outcome_state(o: i32) -> TargetState {
     match pb::Outcome::try_from(o) {
-        Ok(pb::Outcome::Ok) => "ok",
-        Ok(pb::Outcome::TimedOut) => "timed_out",
-        Ok(pb::Outcome::Refused) => "refused",
-        Ok(pb::Outcome::Canceled) => "canceled",
-        _ => "failed",
+        Ok(pb::Outcome::Ok) => TargetState::Ok,
+        Ok(pb::Outcome::TimedOut) => TargetState::TimedOut,
+        Ok(pb::Outcome::Refused) => TargetState::Refused,
+        Ok(pb::Outcome::Canceled) => TargetState::Canceled,
+        _ => TargetState::Failed,
     }
 }
 
@@ -987,13 +984,13 @@ impl Shared {
             runs.iter()
                 .filter_map(|(id, run)| {
                     let &i = run.index.get(agent)?;
-                    (run.states[i].0 == "dispatched").then(|| id.clone())
+                    (run.states[i].0 == TargetState::Dispatched).then(|| id.clone())
                 })
                 .collect()
         };
         let mut refused = Vec::new();
         for job in queued {
-            if self.update_target(&job, agent, TargetRecord::new("refused", REASON), false)? {
+            if self.update_target(&job, agent, TargetRecord::new(TargetState::Refused, REASON))? {
                 self.audit_durable(
                     Event::new(EventKind::JobRefused, "controller")
                         .job(&job)
@@ -1177,7 +1174,7 @@ impl Shared {
             channel: spec.channel.clone(),
             created_at_ms: now_ms(),
             deadline: spec.expires_at + target_timeout + RESULT_GRACE.as_secs(),
-            state: "running".into(),
+            state: JobState::Running,
             targets: targets.iter().map(|(a, _)| a.clone()).collect(),
             rollout: spec.rollout,
             needs_approval: cmd.requires_approvals > 0,
@@ -1291,7 +1288,7 @@ impl Shared {
                 && run.pending > 0
             {
                 run.job.stopped = Some((
-                    "expired".into(),
+                    Stop::Expired,
                     "the job expired before every target could start".into(),
                 ));
                 job_changed = true;
@@ -1299,22 +1296,18 @@ impl Shared {
             let decision = if run.job.stopped.is_some() {
                 fleetcmd_core::rollout::Decision::default()
             } else {
-                let phases: Vec<Phase> = run.states.iter().map(|t| Phase::of_state(&t.0)).collect();
+                let phases: Vec<Phase> = run.states.iter().map(|t| Phase::of_state(t.0)).collect();
                 fleetcmd_core::rollout::next(&phases, &run.job.rollout, run.job.needs_approval)
             };
             if let Some(why) = decision.abort {
-                run.job.stopped = Some(("aborted".into(), why));
+                run.job.stopped = Some((Stop::Aborted, why));
                 job_changed = true;
             }
             if let Some((kind, why)) = run.job.stopped.clone() {
                 // Nothing new starts; pending targets end here.
-                let end = if kind == "canceled" {
-                    "canceled"
-                } else {
-                    "skipped"
-                };
+                let end = kind.pending_become();
                 let ended: Vec<usize> = (0..run.states.len())
-                    .filter(|&i| run.states[i].0 == "pending")
+                    .filter(|&i| run.states[i].0 == TargetState::Pending)
                     .collect();
                 if !ended.is_empty() {
                     let rec = TargetRecord::new(end, &why);
@@ -1371,9 +1364,9 @@ impl Shared {
             }
             let dispatched = TargetRecord {
                 dispatched_at: now,
-                ..TargetRecord::new("dispatched", "")
+                ..TargetRecord::new(TargetState::Dispatched, "")
             };
-            let gone = TargetRecord::new("offline", "agent offline when its turn came");
+            let gone = TargetRecord::new(TargetState::Offline, "agent offline when its turn came");
             let writes: Vec<(&str, &TargetRecord)> = sent_to
                 .iter()
                 .map(|&i| (run.job.targets[i].as_str(), &dispatched))
@@ -1398,7 +1391,7 @@ impl Shared {
                         .job(job_id)
                         .command(&run.job.command)
                         .hosts(hosts.iter().map(|&i| run.job.targets[i].clone()))
-                        .field("state", &rec.state)
+                        .field("state", rec.state.as_str())
                         .field("target_count", hosts.len())
                         .detail(&rec.reason),
                 );
@@ -1407,13 +1400,13 @@ impl Shared {
                 for &i in hosts {
                     self.publish(
                         job_id,
-                        pb::job_event::Event::Target(pb::Target {
-                            agent_id: run.job.targets[i].clone(),
-                            state: rec.state.clone(),
-                            result: None,
-                        }),
+                        pb::job_event::Event::Target(pb::Target::new(
+                            run.job.targets[i].clone(),
+                            rec.state,
+                            None,
+                        )),
                     );
-                    run.set(i, &rec.state, rec.dispatched_at);
+                    run.set(i, rec.state, rec.dispatched_at);
                 }
             }
             if deferred {
@@ -1423,14 +1416,13 @@ impl Shared {
         }
         let finished = run.unfinished == 0;
         if finished {
-            run.job.state = match &run.job.stopped {
-                Some((kind, _)) => kind.clone(),
-                None if run.states.iter().all(|t| t.0 == "ok") => "succeeded".into(),
-                None => "failed".into(),
-            };
+            run.job.state = JobState::of_ended(
+                run.job.stopped.as_ref().map(|(kind, _)| *kind),
+                run.states.iter().map(|t| t.0),
+            );
             tracing::info!(job_id, state = %run.job.state, "job finished");
             self.metrics.job_finished(
-                &run.job.state,
+                run.job.state.as_str(),
                 Duration::from_millis(now_ms().saturating_sub(run.job.created_at_ms)),
                 run.states.iter().map(|t| t.0.as_str()),
             );
@@ -1513,7 +1505,7 @@ impl Shared {
             let Some(job) = self.store.get_job(job_id)? else {
                 return Ok(None);
             };
-            if job.state != "running" {
+            if job.state != JobState::Running {
                 return Ok(None);
             }
             let mut states = Vec::with_capacity(job.targets.len());
@@ -1522,7 +1514,7 @@ impl Shared {
                 // No record: not dispatched yet (`store_submission`).
                 let (state, at) = match self.store.get_target(job_id, agent)? {
                     Some(t) => (t.state, t.dispatched_at),
-                    None => ("pending".to_owned(), 0),
+                    None => (TargetState::Pending, 0),
                 };
                 states.push((state, at));
                 index.insert(agent.clone(), i);
@@ -1542,21 +1534,20 @@ impl Shared {
                 let state = self
                     .store
                     .get_job(&id)?
-                    .map(|j| j.state)
-                    .unwrap_or_default();
+                    .map_or("deleted", |j| j.state.as_str());
                 return Err(ApiError::FailedPrecondition(format!(
                     "job {id} already ended: {state}"
                 )));
             };
             if run.job.stopped.is_none() {
-                run.job.stopped = Some(("canceled".into(), format!("canceled by {by}")));
+                run.job.stopped = Some((Stop::Canceled, format!("canceled by {by}")));
                 self.store.put_job(&run.job)?;
             }
             run.job
                 .targets
                 .iter()
                 .zip(&run.states)
-                .filter(|(_, s)| matches!(s.0.as_str(), "dispatched" | "running"))
+                .filter(|(_, s)| s.0.is_active())
                 .map(|(a, _)| a.clone())
                 .collect()
         };
@@ -1612,7 +1603,7 @@ impl Shared {
             channel: String::new(),
             created_at_ms: now_ms(),
             deadline: now_secs() + 60,
-            state: "running".into(),
+            state: JobState::Running,
             targets: agents.iter().map(|a| a.to_string()).collect(),
             rollout: Default::default(),
             needs_approval: false,
@@ -1626,7 +1617,7 @@ impl Shared {
                 a,
                 &TargetRecord {
                     dispatched_at: now_secs(),
-                    ..TargetRecord::new("dispatched", "")
+                    ..TargetRecord::new(TargetState::Dispatched, "")
                 },
             )?;
         }
@@ -1654,15 +1645,10 @@ impl Shared {
         }
     }
 
-    /// Writes a target's state unless it is already terminal (at most one
-    /// result per job and agent). Returns whether it was written.
-    fn update_target(
-        &self,
-        job: &str,
-        agent: &str,
-        mut rec: TargetRecord,
-        allow_from_terminal: bool,
-    ) -> ApiResult<bool> {
+    /// Writes a target's state if its current one may become it
+    /// (`TargetState::can_become`: an ended target never changes, so at
+    /// most one result per job and agent). Returns whether it was written.
+    fn update_target(&self, job: &str, agent: &str, mut rec: TargetRecord) -> ApiResult<bool> {
         let mut runs = lock(&self.job_lock);
         // A running job's target states are cached (and kept equal to the
         // store's, but for `running`): no store read and decode per result.
@@ -1670,7 +1656,7 @@ impl Shared {
         // restart) is loaded first: its pending targets have no record.
         let cached = self
             .run_of(&mut runs, job)?
-            .and_then(|run| run.index.get(agent).map(|&i| run.states[i].clone()));
+            .and_then(|run| run.index.get(agent).map(|&i| run.states[i]));
         let old = match cached {
             Some(c) => Some(c),
             None => self
@@ -1680,27 +1666,26 @@ impl Shared {
         };
         match old {
             None => Ok(false),
-            Some((state, _)) if is_terminal(&state) && !allow_from_terminal => Ok(false),
+            Some((state, _)) if !state.can_become(rec.state) => Ok(false),
             Some((_, dispatched_at)) => {
                 rec.dispatched_at = dispatched_at;
                 self.store.put_target(job, agent, &rec)?;
                 if let Some(run) = runs.get_mut(job)
                     && let Some(&i) = run.index.get(agent)
                 {
-                    run.set(i, &rec.state, rec.dispatched_at);
+                    run.set(i, rec.state, rec.dispatched_at);
                 }
                 drop(runs);
                 if self.watched(job) {
                     self.publish(
                         job,
-                        pb::job_event::Event::Target(pb::Target {
-                            agent_id: agent.to_owned(),
-                            state: rec.state.clone(),
-                            result: rec
-                                .result
+                        pb::job_event::Event::Target(pb::Target::new(
+                            agent.to_owned(),
+                            rec.state,
+                            rec.result
                                 .as_deref()
                                 .and_then(|b| pb::JobResult::decode(b).ok()),
-                        }),
+                        )),
                     );
                 }
                 Ok(true)
@@ -1723,19 +1708,19 @@ impl Shared {
             let Some(&i) = run.index.get(agent) else {
                 return Ok(());
             };
-            if run.states[i].0 != "dispatched" {
+            if run.states[i].0 != TargetState::Dispatched {
                 return Ok(()); // its result came first, or it ended
             }
             let at = run.states[i].1;
-            run.set(i, "running", at);
+            run.set(i, TargetState::Running, at);
         }
         self.publish(
             job,
-            pb::job_event::Event::Target(pb::Target {
-                agent_id: agent.to_owned(),
-                state: "running".into(),
-                result: None,
-            }),
+            pb::job_event::Event::Target(pb::Target::new(
+                agent.to_owned(),
+                TargetState::Running,
+                None,
+            )),
         );
         Ok(())
     }
@@ -1745,10 +1730,10 @@ impl Shared {
     fn is_active_target(&self, job: &str, agent: &str) -> ApiResult<bool> {
         let mut runs = lock(&self.job_lock);
         let state = match self.run_of(&mut runs, job)? {
-            Some(run) => run.index.get(agent).map(|&i| run.states[i].0.clone()),
+            Some(run) => run.index.get(agent).map(|&i| run.states[i].0),
             None => None,
         };
-        Ok(matches!(state.as_deref(), Some("dispatched" | "running")))
+        Ok(state.is_some_and(TargetState::is_active))
     }
 
     /// Stores a result durably; the caller acknowledges it only after this
@@ -1762,7 +1747,7 @@ impl Shared {
             let known = self
                 .store
                 .get_target(&job, agent)?
-                .is_some_and(|t| t.state != "pending");
+                .is_some_and(|t| t.state != TargetState::Pending);
             if known {
                 tracing::debug!(job_id = %job, agent_id = agent, "result for a finished target ignored");
             } else {
@@ -1778,7 +1763,7 @@ impl Shared {
             result: Some(result.encode_to_vec()),
             ..TargetRecord::new(state, &result.reason)
         };
-        if !self.update_target(&job, agent, rec, false)? {
+        if !self.update_target(&job, agent, rec)? {
             tracing::debug!(job_id = %job, agent_id = agent, "result for an unknown or finished target ignored");
             return Ok(());
         }
@@ -1801,7 +1786,7 @@ impl Shared {
                 .store
                 .list_jobs(SWEEP_SCAN)?
                 .into_iter()
-                .filter(|j| j.state == "running")
+                .filter(|j| j.state == JobState::Running)
                 .map(|j| j.id)
                 .collect();
             let mut runs = lock(&self.job_lock);
@@ -1816,7 +1801,7 @@ impl Shared {
             for (id, run) in runs.iter() {
                 let limit = run.job.target_deadline_secs.max(RESULT_GRACE.as_secs());
                 for (agent, (state, at)) in run.job.targets.iter().zip(&run.states) {
-                    if matches!(state.as_str(), "dispatched" | "running") {
+                    if state.is_active() {
                         let since = if *at > 0 {
                             *at
                         } else {
@@ -1833,16 +1818,16 @@ impl Shared {
         let mut changed = false;
         for (job, agent) in overdue {
             let rec = TargetRecord::new(
-                "failed",
+                TargetState::Failed,
                 "no result from the agent before the target's deadline",
             );
-            if self.update_target(&job, &agent, rec, false)? {
+            if self.update_target(&job, &agent, rec)? {
                 changed = true;
                 self.security_event(
                     Event::new(EventKind::JobFinished, "controller")
                         .job(&job)
                         .host(&agent)
-                        .field("outcome", "failed")
+                        .field("outcome", TargetState::Failed.as_str())
                         .detail("no result from the agent before the target's deadline"),
                 );
             }
@@ -1871,7 +1856,7 @@ impl Shared {
                 if j.created_at_ms >= cutoff_ms {
                     break 'age;
                 }
-                if j.state != "running" {
+                if j.state.is_terminal() {
                     self.store.delete_job(&j.id)?;
                     deleted += 1;
                     progressed = true;
@@ -1887,7 +1872,7 @@ impl Shared {
                 .store
                 .oldest_jobs(RETENTION_BATCH)?
                 .into_iter()
-                .filter(|j| j.state != "running")
+                .filter(|j| j.state.is_terminal())
                 .collect();
             if batch.is_empty() {
                 break;
@@ -1957,7 +1942,7 @@ impl Shared {
             .or_insert_with(|| tokio::sync::broadcast::channel(WATCH_BUFFER).0)
             .subscribe();
         let job = self.get_job(&id)?;
-        if job.state != "running" {
+        if job.job_state() != pb::JobState::Running {
             lock(&self.watchers).remove(&id);
         }
         Ok((job, rx))
@@ -2010,14 +1995,23 @@ impl Shared {
         keep: Option<&dyn Fn(fleetcmd_core::rbac::JobFacts<'_>) -> bool>,
     ) -> ApiResult<Vec<pb::Job>> {
         let limit = if limit == 0 { 20 } else { limit.min(500) } as usize;
-        let filtered = !requester.is_empty() || !state.is_empty() || keep.is_some();
+        let state: Option<JobState> = if state.is_empty() {
+            None
+        } else {
+            Some(
+                state
+                    .parse()
+                    .map_err(|e| ApiError::InvalidArgument(format!("state filter: {e}")))?,
+            )
+        };
+        let filtered = !requester.is_empty() || state.is_some() || keep.is_some();
         let mut out = Vec::new();
         for rec in self
             .store
             .list_jobs(if filtered { 10_000 } else { limit })?
         {
             if (!requester.is_empty() && rec.requester != requester)
-                || (!state.is_empty() && rec.state != state)
+                || state.is_some_and(|s| rec.state != s)
             {
                 continue;
             }
@@ -2050,20 +2044,20 @@ impl Shared {
             .map(|a| {
                 let t = by_agent
                     .remove(a)
-                    .unwrap_or_else(|| TargetRecord::new("pending", ""));
+                    .unwrap_or_else(|| TargetRecord::new(TargetState::Pending, ""));
                 (a.clone(), t)
             })
             .collect();
-        if rec.state == "running" {
+        if rec.state == JobState::Running {
             // `running` is kept in memory only (`record_started`).
             let runs = lock(&self.job_lock);
             if let Some(run) = runs.get(&rec.id) {
                 for (agent, t) in stored.iter_mut() {
-                    if t.state == "dispatched"
+                    if t.state == TargetState::Dispatched
                         && let Some(&i) = run.index.get(agent.as_str())
-                        && run.states[i].0 == "running"
+                        && run.states[i].0 == TargetState::Running
                     {
-                        t.state = "running".into();
+                        t.state = TargetState::Running;
                     }
                 }
             }
@@ -2082,31 +2076,29 @@ impl Shared {
                         ..Default::default()
                     });
                 }
-                pb::Target {
-                    agent_id: agent,
-                    state: t.state,
-                    result,
-                }
+                pb::Target::new(agent, t.state, result)
             })
             .collect();
-        Ok(pb::Job {
+        let mut job = pb::Job {
             job_id: rec.id,
             command: rec.command,
             args: rec.args.into_iter().collect(),
             selector: rec.selector,
             requester: rec.requester,
             channel: rec.channel,
-            state: rec.state,
             created_at_ms: rec.created_at_ms,
             targets,
             reason: rec.stopped.map(|(_, why)| why).unwrap_or_default(),
-        })
+            ..Default::default()
+        };
+        job.set_state(rec.state);
+        Ok(job)
     }
 }
 
 /// The audit event for one host's result: what happened, never the output.
-fn result_event(agent: &str, r: &pb::JobResult, state: &str) -> Event {
-    let kind = if state == "refused" {
+fn result_event(agent: &str, r: &pb::JobResult, state: TargetState) -> Event {
+    let kind = if state == TargetState::Refused {
         EventKind::JobRefusedByAgent
     } else {
         EventKind::JobFinished
@@ -2114,7 +2106,7 @@ fn result_event(agent: &str, r: &pb::JobResult, state: &str) -> Event {
     let mut e = Event::new(kind, format!("agent:{agent}"))
         .job(&r.job_id)
         .host(agent)
-        .field("outcome", state)
+        .field("outcome", state.as_str())
         .field("duration_ms", r.duration_ms)
         .field("stdout_bytes", r.stdout.len() as u64 + r.stdout_dropped)
         .field("stderr_bytes", r.stderr.len() as u64 + r.stderr_dropped)

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use fleetcmd_core::state::{JobState, Stop, TargetState, UnknownState};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +127,7 @@ pub struct JobRecord {
     pub created_at_ms: u64,
     /// Unix seconds after which unfinished targets are failed.
     pub deadline: u64,
-    pub state: String,
+    pub state: JobState,
     pub targets: Vec<String>,
     /// Rollout the requester signed (batch, error budget, canaries).
     #[serde(default)]
@@ -142,12 +143,12 @@ pub struct JobRecord {
     pub expires_at: u64,
     /// Set when the job was aborted, canceled or expired, with the reason.
     #[serde(default)]
-    pub stopped: Option<(String, String)>,
+    pub stopped: Option<(Stop, String)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TargetRecord {
-    pub state: String,
+    pub state: TargetState,
     /// The agent's `JobResult`, protobuf-encoded, once it arrived.
     #[serde(with = "b64::opt", default)]
     pub result: Option<Vec<u8>>,
@@ -158,9 +159,9 @@ pub struct TargetRecord {
 }
 
 impl TargetRecord {
-    pub fn new(state: &str, reason: &str) -> TargetRecord {
+    pub fn new(state: TargetState, reason: &str) -> TargetRecord {
         TargetRecord {
-            state: state.into(),
+            state,
             result: None,
             reason: reason.into(),
             dispatched_at: 0,
@@ -189,7 +190,7 @@ struct TargetWire {
 fn encode_target(rec: &TargetRecord) -> Vec<u8> {
     use prost::Message;
     let wire = TargetWire {
-        state: rec.state.clone(),
+        state: rec.state.as_str().to_owned(),
         result: rec.result.clone(),
         reason: rec.reason.clone(),
         dispatched_at: rec.dispatched_at,
@@ -209,8 +210,15 @@ fn decode_target(key: &[u8], bytes: &[u8]) -> Result<TargetRecord, StoreError> {
                 key: String::from_utf8_lossy(key).into_owned(),
                 reason: e.to_string(),
             })?;
+            let state = w
+                .state
+                .parse()
+                .map_err(|e: UnknownState| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    reason: e.to_string(),
+                })?;
             Ok(TargetRecord {
-                state: w.state,
+                state,
                 result: w.result,
                 reason: w.reason,
                 dispatched_at: w.dispatched_at,
@@ -792,12 +800,12 @@ mod tests {
         let with_result = TargetRecord {
             result: Some((0..=255u8).collect()),
             dispatched_at: 1_764_000_000,
-            ..TargetRecord::new("failed", "exit code 2")
+            ..TargetRecord::new(TargetState::Failed, "exit code 2")
         };
         for rec in [
-            TargetRecord::new("dispatched", ""),
+            TargetRecord::new(TargetState::Dispatched, ""),
             with_result.clone(),
-            TargetRecord::new("skipped", "the job was aborted"),
+            TargetRecord::new(TargetState::Skipped, "the job was aborted"),
         ] {
             store.put_target("j1", "web-1", &rec).expect("put");
             assert_eq!(store.get_target("j1", "web-1").expect("get"), Some(rec));
@@ -943,7 +951,7 @@ mod tests {
                     "web-1",
                     &TargetRecord {
                         result: Some(vec![1, 2]),
-                        ..TargetRecord::new("ok", "")
+                        ..TargetRecord::new(TargetState::Ok, "")
                     },
                 )
                 .expect("put");

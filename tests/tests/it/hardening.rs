@@ -3,6 +3,7 @@
 //! mix-and-match, M-of-N roots, size limits, concurrent token use, failed-join
 //! rate limiting, renewal while the controller is down, clock skew.
 
+use fleetcmd_proto::v1::JobState;
 use std::time::Duration;
 
 use fleetcmd_core::policy_bundle::sign_bundle;
@@ -124,7 +125,7 @@ async fn an_expired_policy_freezes_nothing_agents_refuse_and_report_it() {
         .run("mark", &[("path", m.to_str().expect("utf-8"))], "all")
         .await
         .expect("job");
-    assert_eq!(ok.state, "succeeded", "{ok:?}");
+    assert_eq!(ok.job_state(), JobState::Succeeded, "{ok:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
@@ -401,7 +402,7 @@ async fn renewal_survives_the_controller_being_down_when_it_is_due() {
         .run("echo", &[("text", "renewed")], "all")
         .await
         .expect("job");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     fleet.stop_agent("dev-1").await;
     fleet.start_agent("dev-1", None).expect("restart");
     fleet
@@ -489,7 +490,7 @@ async fn a_submit_the_caller_abandons_is_dispatched_or_not_stored() {
         if shared.get_job(id).is_ok() {
             stored += 1;
             let job = fleet.wait_job(id).await;
-            assert_eq!(job.state, "succeeded", "{job:?}");
+            assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
         }
     }
     assert!(

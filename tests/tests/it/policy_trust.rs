@@ -3,6 +3,7 @@
 //! by the controller, and by every agent on its own (a compromised controller
 //! cannot widen the allow-list or roll it back).
 
+use fleetcmd_proto::v1::JobState;
 use std::time::Duration;
 
 use fleetcmd_core::policy_bundle::sign_bundle;
@@ -147,7 +148,7 @@ async fn agents_refuse_rollback_and_forged_policies_from_the_controller() {
         .run("mark", &[("path", ok.to_str().expect("utf-8"))], "all")
         .await
         .expect("submitted");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     assert!(ok.exists());
     // And the agents report the old version in their next heartbeats.
     let since = std::time::SystemTime::now()
