@@ -246,7 +246,7 @@ async fn a_revoked_agent_is_cut_off_at_once() {
     assert_eventually(Duration::from_secs(10), || {
         let shared = shared.clone();
         async move {
-            let list = shared.list_agents("").ok()?;
+            let list = shared.registry.list_agents("").ok()?;
             list.iter()
                 .filter(|a| a.agent_id == "dev-1" || a.agent_id == "dev-3")
                 .all(|a| a.last_seen_ms >= since)

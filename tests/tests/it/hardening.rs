@@ -34,7 +34,7 @@ async fn wait_versions(fleet: &TestFleet, version: u64) {
     assert_eventually(Duration::from_secs(10), || {
         let shared = shared.clone();
         async move {
-            let l = shared.list_agents("").ok()?;
+            let l = shared.registry.list_agents("").ok()?;
             l.iter()
                 .filter(|a| !a.revoked)
                 .all(|a| a.online && a.policy_version == version)

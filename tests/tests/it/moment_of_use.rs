@@ -54,7 +54,7 @@ async fn wait_agent_policy(fleet: &TestFleet, version: u64) {
     assert_eventually(Duration::from_secs(15), || {
         let shared = shared.clone();
         async move {
-            let list = shared.list_agents("").ok()?;
+            let list = shared.registry.list_agents("").ok()?;
             list.iter()
                 .find(|a| a.agent_id == AGENT && a.online && a.policy_version == version)
                 .map(|_| ())

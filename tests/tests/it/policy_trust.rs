@@ -159,7 +159,7 @@ async fn agents_refuse_rollback_and_forged_policies_from_the_controller() {
     let list = assert_eventually(Duration::from_secs(10), || {
         let shared = shared.clone();
         async move {
-            let list = shared.list_agents("").ok()?;
+            let list = shared.registry.list_agents("").ok()?;
             list.iter().all(|a| a.last_seen_ms >= since).then_some(list)
         }
     })

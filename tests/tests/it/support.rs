@@ -172,7 +172,7 @@ pub async fn wait_offline(fleet: &TestFleet, name: &str) {
     assert_eventually(Duration::from_secs(10), || {
         let shared = shared.clone();
         async move {
-            let list = shared.list_agents("").ok()?;
+            let list = shared.registry.list_agents("").ok()?;
             list.iter()
                 .find(|a| a.agent_id == name)
                 .filter(|a| !a.online)

@@ -97,7 +97,7 @@ fn watchdog(fleet: &TestFleet) -> Watchdog {
                 ..Observed::default()
             };
             while !stop.load(Ordering::Relaxed) {
-                let agents = shared.list_agents("").expect("listing agents");
+                let agents = shared.registry.list_agents("").expect("listing agents");
                 assert_eq!(agents.len(), expected, "{agents:?}");
                 let now = now_ms();
                 for a in &agents {

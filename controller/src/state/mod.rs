@@ -3,13 +3,12 @@
 //! services in `service/` are thin adapters over these methods.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleetcmd_core::audit::{Event, EventKind};
-use fleetcmd_core::authorize::Refusal;
-use fleetcmd_core::ids::{AgentId, Identity, JobRef};
+use fleetcmd_core::ids::{AgentId, JobRef};
 use fleetcmd_core::job::SignedJob;
 use fleetcmd_core::join_token::{JoinToken, hex, roots_pin};
 use fleetcmd_core::policy::Policy;
@@ -25,6 +24,11 @@ use tonic::Status;
 use crate::config::ControllerConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::pki::{Ca, Peer, Role};
+mod registry;
+pub mod submission;
+pub mod watch;
+pub use registry::Registry;
+
 use crate::store::{AgentRecord, JobRecord, PolicyRecord, Store, TargetRecord, TokenRecord};
 
 /// Outbound messages queued for one agent's stream. Bounded: when an agent
@@ -44,14 +48,10 @@ const INLINE_DISPATCH: usize = 16;
 /// Jobs waiting for the dispatcher. When full, a job is not lost: the
 /// sweeper queues every running job each second.
 const DISPATCH_QUEUE: usize = 1024;
-/// Grace after a job's timeout before its silent targets are failed.
-const RESULT_GRACE: Duration = Duration::from_secs(30);
 /// Finished job ids remembered so late results skip the store.
 const RECENTLY_FINISHED: usize = 4096;
 /// Jobs the retention task looks at per store scan.
 const RETENTION_BATCH: usize = 500;
-/// Live events buffered per job for its watchers.
-const WATCH_BUFFER: usize = 1024;
 /// How many recent jobs the sweeper looks at for running ones.
 const SWEEP_SCAN: usize = 2_000;
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86400);
@@ -69,107 +69,21 @@ pub struct CurrentPolicy {
     pub hash: String,
 }
 
-/// An enrolled agent as the directory keeps it: an `AgentRecord` whose
-/// labels (interned) are the only ones that grant anything: selectors and
-/// `targets` rules match them, never what the agent reports about itself.
-#[derive(Clone)]
-struct Enrolled {
-    labels: Arc<BTreeMap<String, String>>,
-    revoked: bool,
-    joined_at: u64,
-    version: String,
-    enrolment_cert: Option<crate::pki::EnrolmentCert>,
-}
-
-impl Enrolled {
-    fn record(&self, id: &str) -> AgentRecord {
-        AgentRecord {
-            id: id.to_owned(),
-            labels: (*self.labels).clone(),
-            revoked: self.revoked,
-            joined_at: self.joined_at,
-            version: self.version.clone(),
-            enrolment_cert: self.enrolment_cert.clone(),
-        }
-    }
-}
-
-/// The enrolled agents by id. Label sets are interned: fleets repeat a
-/// few sets (`role=web,env=prod`) over thousands of hosts, and a map per
-/// host cost about 0.7 KiB each (BENCHMARKS.md targets's RSS budget per agent).
-#[derive(Default)]
-struct Directory {
-    agents: BTreeMap<String, Enrolled>,
-    label_sets: HashSet<Arc<BTreeMap<String, String>>>,
-}
-
-impl Directory {
-    fn intern(&mut self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
-        if let Some(shared) = self.label_sets.get(&labels) {
-            return shared.clone();
-        }
-        let shared = Arc::new(labels);
-        self.label_sets.insert(shared.clone());
-        shared
-    }
-
-    fn insert(&mut self, rec: AgentRecord) {
-        let labels = self.intern(rec.labels);
-        self.agents.insert(
-            rec.id,
-            Enrolled {
-                labels,
-                revoked: rec.revoked,
-                joined_at: rec.joined_at,
-                version: rec.version,
-                enrolment_cert: rec.enrolment_cert,
-            },
-        );
-    }
-}
-
-struct Live {
-    conn: u64,
-    tx: AgentTx,
-    /// What the host reports about itself (its `Hello`): shown, never
-    /// matched by a selector. The usual empty set is shared; others are
-    /// not interned, so an agent reconnecting with ever new facts cannot
-    /// grow the directory's set of label sets.
-    facts: Arc<BTreeMap<String, String>>,
-    version: String,
-    last_heartbeat: Instant,
-    metrics: Option<pb::HostMetrics>,
-    checks: Vec<pb::CheckResult>,
-    policy_version: u64,
-    clock_skew_secs: i64,
-    policy_expired: bool,
-}
-
 pub struct Shared {
     pub store: Arc<dyn Store>,
     pub ca: Ca,
     pub config: ControllerConfig,
     policy: RwLock<Option<Arc<CurrentPolicy>>>,
-    agents: Mutex<HashMap<String, Live>>,
-    /// Every enrolled agent's record as last stored (`save_agent` writes
-    /// the store first, then this), so that resolving a job's targets,
-    /// `Agents.List` and a reconnecting agent's registration do not scan
-    /// or decode the store's agent records.
-    directory: RwLock<Directory>,
-    revoked: RwLock<HashSet<String>>,
+    /// Enrolled and connected agents.
+    pub registry: registry::Registry,
     /// Serializes read-modify-write of job records.
     /// Running jobs' rollout state (the job record and each target's state),
     /// so advancing a 10 000-target job after each result does not re-read
     /// every target from the store. The mutex also serializes every
     /// read-modify-write of job and target records.
     job_lock: Mutex<HashMap<String, Run>>,
-    /// Live events of running jobs, for `Jobs.Watch`. Bounded per job: a
-    /// watcher that falls behind is told how many events it missed
-    /// (`broadcast` lag), and never slows agents or the controller.
-    watchers: Mutex<HashMap<String, tokio::sync::broadcast::Sender<pb::JobEvent>>>,
-    /// When this controller started: agents reconnect during the first
-    /// heartbeats, so a target is not declared offline before then.
-    started: Instant,
+    /// Live events of running jobs, for `Jobs.Watch`.
+    pub watch: watch::WatchHub,
     /// Queue of flush waiters (see `flush`).
     flusher: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<(), String>>>,
     /// Jobs that finished lately: late results for them skip the store
@@ -178,7 +92,6 @@ pub struct Shared {
     finished: Mutex<(HashSet<String>, std::collections::VecDeque<String>)>,
     /// Whether the running jobs of a previous run were loaded (sweeper).
     runs_loaded: std::sync::atomic::AtomicBool,
-    next_conn: AtomicU64,
     /// Jobs to advance off the request path (`kick`, `dispatcher`).
     dispatch_tx: mpsc::Sender<String>,
     dispatch_rx: Mutex<Option<mpsc::Receiver<String>>>,
@@ -274,16 +187,7 @@ fn outcome_state(o: i32) -> TargetState {
 
 impl Shared {
     pub fn new(store: Arc<dyn Store>, ca: Ca, config: ControllerConfig) -> ApiResult<Shared> {
-        let mut directory = Directory::default();
-        for rec in store.list_agents()? {
-            directory.insert(rec);
-        }
-        let revoked: HashSet<String> = directory
-            .agents
-            .iter()
-            .filter(|(_, a)| a.revoked)
-            .map(|(id, _)| id.clone())
-            .collect();
+        let registry = registry::Registry::new(store.list_agents()?, config.heartbeat_interval);
         let audit = crate::audit::Audit::open(store.clone(), &config.data_dir.join("audit"))
             .map_err(|e| ApiError::Internal(format!("audit trail: {e}")))?;
         let (flusher, mut waiters) = tokio::sync::mpsc::unbounded_channel::<
@@ -326,14 +230,10 @@ impl Shared {
             ca,
             config,
             policy: RwLock::new(None),
-            agents: Mutex::new(HashMap::new()),
-            directory: RwLock::new(directory),
-            revoked: RwLock::new(revoked),
+            registry,
             job_lock: Mutex::new(HashMap::new()),
             runs_loaded: std::sync::atomic::AtomicBool::new(false),
-            started: Instant::now(),
-            watchers: Mutex::new(HashMap::new()),
-            next_conn: AtomicU64::new(1),
+            watch: watch::WatchHub::default(),
             join_limiter: JoinLimiter::default(),
             auth_limiter: crate::auth::AuthFailureLimiter::default(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
@@ -366,41 +266,6 @@ impl Shared {
         Ok(())
     }
 
-    /// Stores an agent's record and updates the in-memory directory.
-    fn save_agent(&self, rec: AgentRecord) -> ApiResult<()> {
-        self.store.put_agent(&rec)?;
-        self.directory
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(rec);
-        Ok(())
-    }
-
-    fn enrolled(&self, agent: &str) -> Option<Enrolled> {
-        self.directory
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .agents
-            .get(agent)
-            .cloned()
-    }
-
-    /// Whether an agent certificate is still accepted for its name: not
-    /// issued before the name's last enrolment (the name's previous holder
-    /// is refused after a re-enrolment).
-    pub fn agent_cert_current(&self, peer: &Peer) -> bool {
-        self.enrolled(&peer.name)
-            .and_then(|rec| rec.enrolment_cert)
-            .is_none_or(|cert| cert.admits(&peer.serial, peer.issued_at))
-    }
-
-    pub fn is_revoked(&self, agent: &str) -> bool {
-        self.revoked
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(agent)
-    }
-
     /// Makes everything written so far durable. Group commit: callers
     /// queue up while a flush runs, and the next flush answers all of them,
     /// so many concurrent results cost one fsync, not one each.
@@ -410,12 +275,6 @@ impl Shared {
         self.flush().await
     }
 
-    /// Agents reconnect during the first three heartbeats after a start:
-    /// until then an absent agent is not evidence of anything.
-    pub fn settling(&self) -> bool {
-        self.started.elapsed() < self.config.heartbeat_interval * 3
-    }
-
     /// Evaluates the services (`crate::health`) from the agents' latest
     /// check results; audits announced changes. Blocking: reads the agent
     /// list from the store.
@@ -423,8 +282,8 @@ impl Shared {
         if self.health.is_empty() {
             return Ok(());
         }
-        let agents = self.list_agents("")?;
-        if self.settling() {
+        let agents = self.registry.list_agents("")?;
+        if self.registry.settling() {
             // Shown, not judged: nothing is announced while agents reconnect.
             self.health.refresh(&agents);
             return Ok(());
@@ -526,9 +385,7 @@ impl Shared {
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Some(cur.clone());
         tracing::info!(version = cur.policy.version, hash = %cur.hash, by = %by.name, "policy pushed");
         let msg = policy_message(&cur);
-        for live in lock(&self.agents).values() {
-            let _ = live.tx.try_send(Box::new(Ok(msg.clone())));
-        }
+        self.registry.send_all(&msg);
         Ok(cur)
     }
 
@@ -546,17 +403,10 @@ impl Shared {
     ) -> ApiResult<(fleetcmd_core::crypto::Secret<String>, u64)> {
         let replaces = name
             .as_deref()
-            .and_then(|n| self.enrolment_of(n))
+            .and_then(|n| self.registry.enrolment_of(n))
             .map(|(_, joined_at)| joined_at);
         self.create_token_for(labels, ttl, uses, name, by, replaces)
             .await
-    }
-
-    /// An enrolled agent's labels and `joined_at` (what a token naming it
-    /// would re-enrol).
-    pub fn enrolment_of(&self, agent: &str) -> Option<(BTreeMap<String, String>, u64)> {
-        self.enrolled(agent)
-            .map(|rec| ((*rec.labels).clone(), rec.joined_at))
     }
 
     /// [`Shared::create_token`] for the enrolment the caller's rights were
@@ -729,7 +579,7 @@ impl Shared {
             version: String::new(),
             enrolment_cert: Some(enrolment_cert),
         };
-        self.save_agent(agent)?;
+        self.registry.save(self.store.as_ref(), agent)?;
         self.audit_durable(
             Event::new(EventKind::TokenUsed, format!("agent:{id}"))
                 .field("token_id", token.id_hex())
@@ -752,13 +602,12 @@ impl Shared {
         self.flush().await?;
         // A re-enrolment: the previous holder's stream ends now (its
         // certificates are refused from here on, see `agent_cert_current`).
-        if let Some(live) = lock(&self.agents).remove(id.as_str()) {
-            let _ = live
-                .tx
-                .try_send(Box::new(Err(Status::permission_denied(format!(
-                    "agent {id} was enrolled again; this certificate is no longer accepted"
-                )))));
-        }
+        self.registry.end_stream(
+            id.as_str(),
+            Status::permission_denied(format!(
+                "agent {id} was enrolled again; this certificate is no longer accepted"
+            )),
+        );
         tracing::info!(agent_id = %id, "agent joined");
         Ok(pb::JoinResponse {
             agent_id: id.to_string(),
@@ -790,17 +639,8 @@ impl Shared {
 
     // ------------------------------------------------------------ live agents
 
-    /// The labels an agent was granted at enrolment (its join token's).
-    pub fn granted_labels(&self, agent: &str) -> ApiResult<Arc<BTreeMap<String, String>>> {
-        self.enrolled(agent)
-            .map(|rec| rec.labels)
-            .ok_or_else(|| ApiError::PermissionDenied(format!("agent {agent} is not enrolled")))
-    }
-
-    /// Registers a connected agent with what it reports about itself
-    /// (validated at the gRPC boundary); returns its connection number.
-    /// Its facts are kept apart from its granted labels: a host cannot put
-    /// itself into `role=db` by saying so.
+    /// Registers a connected agent (`Registry::register`) and queues the
+    /// current policy on its stream first.
     pub fn register(
         &self,
         agent: &str,
@@ -808,168 +648,31 @@ impl Shared {
         policy_version: u64,
         tx: AgentTx,
     ) -> ApiResult<u64> {
-        let rec = self
-            .enrolled(agent)
-            .ok_or_else(|| ApiError::PermissionDenied(format!("agent {agent} is not enrolled")))?;
-        let facts = if hello.facts.is_empty() {
-            self.directory
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .intern(BTreeMap::new())
-        } else {
-            Arc::new(hello.facts)
-        };
-        // Stored only when it changed: a reconnect storm of 10 000 agents
-        // need not rewrite 10 000 records.
-        if rec.version != hello.version {
-            let mut updated = rec.record(agent);
-            updated.version = hello.version.clone();
-            self.save_agent(updated)?;
-        }
-        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        if let Some(cur) = self.current_policy() {
-            let _ = tx.try_send(Box::new(Ok(policy_message(&cur))));
-        }
-        let old = lock(&self.agents).insert(
-            agent.to_owned(),
-            Live {
-                conn,
-                tx,
-                facts,
-                version: hello.version,
-                last_heartbeat: Instant::now(),
-                metrics: None,
-                checks: Vec::new(),
-                policy_version,
-                clock_skew_secs: 0,
-                policy_expired: false,
-            },
-        );
-        if let Some(old) = old {
-            // Ended, not just forgotten: a stream left open would look
-            // healthy to the agent at its other end, which would then never
-            // reconnect while the controller ignores it.
-            let _ = old.tx.try_send(Box::new(Err(Status::aborted(format!(
-                "a newer connection of agent {agent} replaced this one"
-            )))));
-            tracing::info!(
-                agent_id = agent,
-                "agent reconnected; previous stream replaced"
-            );
-        }
-        tracing::info!(agent_id = agent, conn, "agent connected");
-        Ok(conn)
-    }
-
-    /// Drops every live agent stream (controller shutdown).
-    pub fn disconnect_all(&self) {
-        for (_, live) in lock(&self.agents).drain() {
-            // An error item ends the response stream with this status.
-            let _ = live.tx.try_send(Box::new(Err(Status::unavailable(
-                "controller shutting down",
-            ))));
-        }
-    }
-
-    pub fn unregister(&self, agent: &str, conn: u64) {
-        let mut agents = lock(&self.agents);
-        if agents.get(agent).is_some_and(|l| l.conn == conn) {
-            agents.remove(agent);
-            tracing::info!(agent_id = agent, conn, "agent disconnected");
-        }
-    }
-
-    pub fn heartbeat(&self, agent: &str, conn: u64, hb: pb::Heartbeat) {
-        if let Some(live) = lock(&self.agents).get_mut(agent).filter(|l| l.conn == conn) {
-            live.last_heartbeat = Instant::now();
-            live.policy_version = hb.policy_version;
-            live.metrics = hb.metrics;
-            live.checks = hb.checks;
-            live.policy_expired = hb.policy_expired;
-            live.clock_skew_secs = if hb.agent_time == 0 {
-                0
-            } else {
-                hb.agent_time as i64 - now_secs() as i64
-            };
-        }
-    }
-
-    fn online(&self, live: &Live) -> bool {
-        live.last_heartbeat.elapsed() < self.config.heartbeat_interval * 3 && !live.tx.is_closed()
-    }
-
-    pub fn list_agents(&self, selector: &str) -> ApiResult<Vec<pb::Agent>> {
-        let sel = if selector.trim().is_empty() {
-            Selector::all()
-        } else {
-            parse_selector(selector)?
-        };
-        let directory = self.directory.read().unwrap_or_else(|p| p.into_inner());
-        let agents = lock(&self.agents);
-        let mut out = Vec::new();
-        for (id, rec) in directory.agents.iter() {
-            let live = agents.get(id);
-            if !sel.matches(id, &rec.labels) {
-                continue;
-            }
-            out.push(pb::Agent {
-                agent_id: id.clone(),
-                labels: rec
-                    .labels
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                facts: live
-                    .map(|l| {
-                        l.facts
-                            .iter()
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                online: live.is_some_and(|l| self.online(l)) && !rec.revoked,
-                revoked: rec.revoked,
-                version: live.map_or_else(|| rec.version.clone(), |l| l.version.clone()),
-                last_seen_ms: live
-                    .map(|l| now_ms().saturating_sub(l.last_heartbeat.elapsed().as_millis() as u64))
-                    .unwrap_or(0),
-                metrics: live.and_then(|l| l.metrics.clone()),
-                policy_version: live.map(|l| l.policy_version).unwrap_or(0),
-                clock_skew_secs: live.map(|l| l.clock_skew_secs).unwrap_or(0),
-                policy_expired: live.is_some_and(|l| l.policy_expired),
-                problems: live.map(health_problems).unwrap_or_default(),
-                checks: live.map(|l| l.checks.clone()).unwrap_or_default(),
-            });
-        }
-        Ok(out)
+        let first = self.current_policy().map(|cur| policy_message(&cur));
+        self.registry
+            .register(self.store.as_ref(), agent, hello, policy_version, tx, first)
     }
 
     /// Revokes an agent: durable first, then its stream is closed and every
     /// later call with its certificate is refused.
     pub async fn revoke(&self, agent: &str, by: &Peer) -> ApiResult<()> {
         let mut rec = self
-            .enrolled(agent)
-            .ok_or_else(|| ApiError::NotFound(format!("no agent {agent:?}")))?
-            .record(agent);
+            .registry
+            .record(agent)
+            .ok_or_else(|| ApiError::NotFound(format!("no agent {agent:?}")))?;
         rec.revoked = true;
-        self.save_agent(rec)?;
+        self.registry.save(self.store.as_ref(), rec)?;
         self.audit_durable(
             Event::new(EventKind::AgentRevoked, crate::audit::peer_actor(by))
                 .host(agent)
                 .detail(format!("{agent} revoked")),
         )?;
         self.flush().await?;
-        self.revoked
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(agent.to_owned());
-        if let Some(live) = lock(&self.agents).remove(agent) {
-            let _ = live
-                .tx
-                .try_send(Box::new(Err(Status::permission_denied(format!(
-                    "agent {agent} was revoked"
-                )))));
-        }
+        self.registry.mark_revoked(agent);
+        self.registry.end_stream(
+            agent,
+            Status::permission_denied(format!("agent {agent} was revoked")),
+        );
         self.refuse_queued_on_revoked(agent).await
     }
 
@@ -1051,74 +754,28 @@ impl Shared {
             signature: signed.signature,
             key_id: signed.key_id,
         };
-        let spec = job.verify(&cur.policy, now_secs()).inspect_err(|r| {
-            self.security_event(
-                Event::new(EventKind::JobRefused, crate::audit::peer_actor(peer))
-                    .detail(r.to_string())
-                    .field("key_id", &job.key_id),
-            );
-        })?;
-        // Every refusal of a job that verified: audited with who asked,
-        // through which peer, which job and command, and why.
-        let refused = |why: String| {
-            self.security_event(
-                Event::new(EventKind::JobRefused, spec.requester.to_string())
-                    .source(crate::audit::peer_actor(peer))
-                    .job(spec.id.to_string())
-                    .command(&spec.command)
-                    .detail(why),
-            );
-        };
-        // A job id's time is when the job was made: not in the future, and
-        // no longer before its not_before than a job may live (an approved
-        // job is signed up to the approval window after its id was shown).
-        // Otherwise an id dated 10889 or 1970 would pin a job on top of
-        // `jobs` or hide it (found by an outside test).
-        let made = spec.id.unix_ms() / 1000;
-        let skew = fleetcmd_core::job::CLOCK_SKEW_SECS;
-        if made > now_secs().saturating_add(skew)
-            || made.saturating_add(cur.policy.max_job_lifetime.as_secs() + skew) < spec.not_before
-        {
-            let refusal = Refusal::Malformed(format!(
-                "job id {} is dated {made}, in the future or long before its not_before {}: make a fresh id",
-                spec.id.as_str(),
-                spec.not_before
-            ));
-            refused(refusal.to_string());
-            return Err(refusal.into());
-        }
-        let cmd = cur
-            .policy
-            .command(&spec.command)
-            .ok_or_else(|| Refusal::NotAllowed(spec.command.clone()))?;
-        fleetcmd_core::argv::build_argv(cmd, &spec.args)
-            .map_err(|e| Refusal::BadArgument(e.to_string()))?;
-        // Approvals are evidence: each must be attested by a signer that
-        // vouches for its approver, over this job's digest (the agents check
-        // the same on their own).
-        let approvals = fleetcmd_core::approval::verify_approvals(&cur.policy, &spec);
-        if approvals.got() < cmd.requires_approvals {
-            let refusal = Refusal::missing_approvals(cmd.requires_approvals, &approvals);
-            refused(refusal.to_string());
-            return Err(refusal.into());
-        }
-        check_requester(peer, &spec.requester).inspect_err(|e| {
-            refused(e.to_string());
-        })?;
-        let selector = parse_selector(&spec.selector)?;
-        // The requester's roles bound what it may run, for operators as for
-        // chat users (whose gateway checked the same): agents check it too.
-        fleetcmd_core::rbac::check_run(
-            &cur.policy,
-            &spec.requester,
-            &spec.channel,
-            &spec.command,
-            &selector,
-        )
-        .map_err(|d| Refusal::RequesterMayNotRun(d.to_string()))
-        .inspect_err(|r| {
-            refused(r.to_string());
-        })?;
+        let accepted =
+            submission::check(&cur.policy, peer, &job, now_secs()).map_err(|refused| {
+                match &refused {
+                    submission::Refused::Unverified(r) => self.security_event(
+                        Event::new(EventKind::JobRefused, crate::audit::peer_actor(peer))
+                            .detail(r.to_string())
+                            .field("key_id", &job.key_id),
+                    ),
+                    // Every refusal of a job that verified: audited with who
+                    // asked, through which peer, which job and command, and why.
+                    submission::Refused::Audited { spec, why, .. } => self.security_event(
+                        Event::new(EventKind::JobRefused, spec.requester.to_string())
+                            .source(crate::audit::peer_actor(peer))
+                            .job(spec.id.to_string())
+                            .command(&spec.command)
+                            .detail(why),
+                    ),
+                    submission::Refused::Unaudited(_) => {}
+                }
+                refused.into_error()
+            })?;
+        let spec = &accepted.spec;
         let id = spec.id.to_string();
         if self.store.get_job(&id)?.is_some() {
             self.security_event(
@@ -1135,58 +792,25 @@ impl Shared {
         // Resolve targets against the enrolment records' labels, never what
         // agents report about themselves (the agents re-check their own
         // granted labels).
-        let mut targets: Vec<(String, bool)> = Vec::new();
-        {
-            let directory = self.directory.read().unwrap_or_else(|p| p.into_inner());
-            let agents = lock(&self.agents);
-            for (id, rec) in directory.agents.iter() {
-                if rec.revoked {
-                    continue;
-                }
-                let live = agents.get(id);
-                let labels = &*rec.labels;
-                let for_host = cmd.targets.as_ref().is_none_or(|t| t.matches(id, labels));
-                if selector.matches(id, labels) && for_host {
-                    targets.push((id.clone(), live.is_some_and(|l| self.online(l))));
-                }
-            }
-        }
+        let targets = self
+            .registry
+            .matching(&accepted.selector, accepted.command.targets.as_ref());
         if targets.is_empty() {
             return Err(ApiError::NotFound(format!(
                 "no agent matches `{}` for command `{}`",
                 spec.selector, spec.command
             )));
         }
-        let target_timeout = if spec.timeout_secs > 0 {
-            cmd.timeout.as_secs().min(spec.timeout_secs)
-        } else {
-            cmd.timeout.as_secs()
-        };
-        let record = JobRecord {
-            id: id.clone(),
-            spec: job.spec.clone(),
-            signature: job.signature.clone(),
-            key_id: job.key_id.clone(),
-            command: spec.command.clone(),
-            args: spec.args.clone(),
-            selector: spec.selector.clone(),
-            requester: spec.requester.to_string(),
-            channel: spec.channel.clone(),
-            created_at_ms: now_ms(),
-            deadline: spec.expires_at + target_timeout + RESULT_GRACE.as_secs(),
-            state: JobState::Running,
-            targets: targets.iter().map(|(a, _)| a.clone()).collect(),
-            rollout: spec.rollout,
-            needs_approval: cmd.requires_approvals > 0,
-            target_deadline_secs: target_timeout + RESULT_GRACE.as_secs(),
-            expires_at: spec.expires_at,
-            stopped: None,
-        };
         // Every target starts `pending`, which is not stored: a target of
         // the job record without a target record is pending (`run_of`,
         // `job_to_proto`). `advance` dispatches them as the rollout allows
         // and marks one that is offline when its turn comes. (Stores of
         // earlier versions have `pending` records; they read the same.)
+        let record = accepted.record(
+            &job,
+            targets.iter().map(|(a, _)| a.clone()).collect(),
+            now_ms(),
+        );
         // A short id names one job: the submitter picks a new id and signs
         // again (`ShortIdTaken` is ABORTED, which says so). Claimed last, so
         // a refusal above leaves nothing behind.
@@ -1218,7 +842,7 @@ impl Shared {
             .field("target_count", targets.len())
             .field("key_id", &job.key_id);
         if !spec.approvals.is_empty() {
-            submitted = submitted.field("approved_by", approved_by(&spec));
+            submitted = submitted.field("approved_by", submission::approved_by(spec));
         }
         self.audit_durable(submitted)?;
         Ok(Submitted {
@@ -1340,26 +964,20 @@ impl Shared {
             };
             // Right after a (re)start the agents are still reconnecting:
             // leave their targets pending rather than call them offline.
-            let settling = self.started.elapsed() < self.config.heartbeat_interval * 3;
+            let settling = self.registry.settling();
             let mut deferred = false;
             let mut sent_to = Vec::new();
             let mut offline = Vec::new();
-            {
-                let agents = lock(&self.agents);
-                for i in start {
-                    let sent = match agents.get(&run.job.targets[i]) {
-                        Some(l) if self.online(l) => {
-                            l.tx.try_send(Box::new(Ok(msg.clone()))).is_ok()
-                        }
-                        _ => false,
-                    };
-                    if sent {
-                        sent_to.push(i);
-                    } else if settling {
-                        deferred = true;
-                    } else {
-                        offline.push(i);
-                    }
+            let sent = self
+                .registry
+                .send_if_online(start.iter().map(|&i| run.job.targets[i].as_str()), &msg);
+            for (i, sent) in start.into_iter().zip(sent) {
+                if sent {
+                    sent_to.push(i);
+                } else if settling {
+                    deferred = true;
+                } else {
+                    offline.push(i);
                 }
             }
             let dispatched = TargetRecord {
@@ -1398,7 +1016,7 @@ impl Shared {
             }
             for (hosts, rec) in [(&sent_to, &dispatched), (&offline, &gone)] {
                 for &i in hosts {
-                    self.publish(
+                    self.watch.publish(
                         job_id,
                         pb::job_event::Event::Target(pb::Target::new(
                             run.job.targets[i].clone(),
@@ -1448,12 +1066,12 @@ impl Shared {
             // The last event: the whole job (read back from the store: O(targets),
             // so only when somebody watches). Then forget its watchers (they
             // still read what is buffered).
-            if self.watched(job_id)
+            if self.watch.is_watched(job_id)
                 && let Ok(job) = self.get_job(job_id)
             {
-                self.publish(job_id, pb::job_event::Event::Job(job));
+                self.watch.publish(job_id, pb::job_event::Event::Job(job));
             }
-            lock(&self.watchers).remove(job_id);
+            self.watch.forget(job_id);
         }
         Ok(more)
     }
@@ -1564,9 +1182,7 @@ impl Shared {
             })),
         };
         for agent in &running {
-            if let Some(l) = lock(&self.agents).get(agent) {
-                let _ = l.tx.try_send(Box::new(Ok(msg.clone())));
-            }
+            self.registry.send(agent, msg.clone());
         }
         // Queued targets become `canceled` here.
         self.advance_blocking(&id).await?;
@@ -1626,9 +1242,7 @@ impl Shared {
             msg: Some(pb::controller_message::Msg::Job(signed)),
         };
         for a in agents {
-            if let Some(l) = lock(&self.agents).get(*a) {
-                let _ = l.tx.try_send(Box::new(Ok(msg.clone())));
-            }
+            self.registry.send(a, msg.clone());
         }
         Ok(())
     }
@@ -1640,9 +1254,7 @@ impl Shared {
         let msg = pb::ControllerMessage {
             msg: Some(pb::controller_message::Msg::Policy(signed)),
         };
-        for live in lock(&self.agents).values() {
-            let _ = live.tx.try_send(Box::new(Ok(msg.clone())));
-        }
+        self.registry.send_all(&msg);
     }
 
     /// Writes a target's state if its current one may become it
@@ -1676,8 +1288,8 @@ impl Shared {
                     run.set(i, rec.state, rec.dispatched_at);
                 }
                 drop(runs);
-                if self.watched(job) {
-                    self.publish(
+                if self.watch.is_watched(job) {
+                    self.watch.publish(
                         job,
                         pb::job_event::Event::Target(pb::Target::new(
                             agent.to_owned(),
@@ -1714,7 +1326,7 @@ impl Shared {
             let at = run.states[i].1;
             run.set(i, TargetState::Running, at);
         }
-        self.publish(
+        self.watch.publish(
             job,
             pb::job_event::Event::Target(pb::Target::new(
                 agent.to_owned(),
@@ -1799,7 +1411,10 @@ impl Shared {
             let runs = lock(&self.job_lock);
             let mut overdue = Vec::new();
             for (id, run) in runs.iter() {
-                let limit = run.job.target_deadline_secs.max(RESULT_GRACE.as_secs());
+                let limit = run
+                    .job
+                    .target_deadline_secs
+                    .max(submission::RESULT_GRACE_SECS);
                 for (agent, (state, at)) in run.job.targets.iter().zip(&run.states) {
                     if state.is_active() {
                         let since = if *at > 0 {
@@ -1892,23 +1507,11 @@ impl Shared {
         Ok(deleted)
     }
 
-    /// Whether anybody watches the job (to skip building its events).
-    fn watched(&self, job_id: &str) -> bool {
-        lock(&self.watchers).contains_key(job_id)
-    }
-
-    /// Sends a live event to the job's watchers, if any.
-    fn publish(&self, job_id: &str, event: pb::job_event::Event) {
-        if let Some(tx) = lock(&self.watchers).get(job_id) {
-            let _ = tx.send(pb::JobEvent { event: Some(event) });
-        }
-    }
-
     /// Forwards a chunk of live output from `agent` to the job's watchers,
     /// if `agent` is a dispatched, unfinished target of that job: no agent
     /// can put lines into another host's job.
     pub fn live_chunk(&self, agent: &str, mut chunk: pb::OutputChunk) {
-        if !self.watched(&chunk.job_id) {
+        if !self.watch.is_watched(&chunk.job_id) {
             return;
         }
         match self.is_active_target(&chunk.job_id, agent) {
@@ -1927,7 +1530,7 @@ impl Shared {
         }
         chunk.agent_id = agent.to_owned();
         let job = chunk.job_id.clone();
-        self.publish(&job, pb::job_event::Event::Chunk(chunk));
+        self.watch.publish(&job, pb::job_event::Event::Chunk(chunk));
     }
 
     /// Subscribes to a job's events; returns the job as it is now (taken
@@ -1937,13 +1540,10 @@ impl Shared {
         id: &str,
     ) -> ApiResult<(pb::Job, tokio::sync::broadcast::Receiver<pb::JobEvent>)> {
         let id = self.resolve_job_id(id)?;
-        let rx = lock(&self.watchers)
-            .entry(id.clone())
-            .or_insert_with(|| tokio::sync::broadcast::channel(WATCH_BUFFER).0)
-            .subscribe();
+        let rx = self.watch.subscribe(&id);
         let job = self.get_job(&id)?;
         if job.job_state() != pb::JobState::Running {
-            lock(&self.watchers).remove(&id);
+            self.watch.forget(&id);
         }
         Ok((job, rx))
     }
@@ -2123,24 +1723,6 @@ fn result_event(agent: &str, r: &pb::JobResult, state: TargetState) -> Event {
     e
 }
 
-/// What an operator should know about a connected agent's health.
-fn health_problems(live: &Live) -> Vec<String> {
-    let mut out = Vec::new();
-    let skew = live.clock_skew_secs;
-    if skew.unsigned_abs() > fleetcmd_core::job::CLOCK_SKEW_SECS {
-        out.push(format!(
-            "clock off by {skew:+}s (allowance {}s): jobs will be refused as expired or not yet valid",
-            fleetcmd_core::job::CLOCK_SKEW_SECS
-        ));
-    }
-    if live.policy_expired {
-        out.push(
-            "policy expired: the agent refuses every job until a newer policy is pushed".into(),
-        );
-    }
-    out
-}
-
 /// Failed joins allowed per source address and minute, so a token cannot be
 /// guessed by hammering `Join` (it could not anyway: 256-bit secrets), and a
 /// broken installer cannot flood the audit trail.
@@ -2175,34 +1757,6 @@ impl JoinLimiter {
     }
 }
 
-/// An operator may only submit jobs in its own name; a gateway only for chat
-/// identities (never posing as a CLI user).
-/// The approvals a submitted job carries, for its audit record: who, in
-/// which channel, attested by which signer (only counted ones get here).
-fn approved_by(spec: &fleetcmd_core::job::JobSpec) -> String {
-    spec.approvals
-        .iter()
-        .map(|a| format!("{} in {} via {}", a.approver, a.channel, a.key_id))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn check_requester(peer: &Peer, requester: &Identity) -> ApiResult<()> {
-    let ok = match peer.role {
-        Role::Operator => requester.as_str() == format!("cli:{}", peer.name),
-        Role::Gateway => requester.scheme() != "cli",
-        Role::Agent => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::PermissionDenied(format!(
-            "{} {} may not submit jobs as {requester}",
-            peer.role, peer.name
-        )))
-    }
-}
-
 fn parse_selector(s: &str) -> ApiResult<Selector> {
     Selector::parse(s).map_err(|e| ApiError::InvalidArgument(format!("selector `{s}`: {e}")))
 }
@@ -2226,49 +1780,5 @@ pub fn signed_policy(rec: &PolicyRecord) -> pb::SignedPolicy {
                 signature: signature.clone(),
             })
             .collect(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(id: &str, labels: &[(&str, &str)]) -> AgentRecord {
-        AgentRecord {
-            id: id.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).into(), (*v).into()))
-                .collect(),
-            revoked: false,
-            joined_at: 1,
-            version: "0.1.0".into(),
-            enrolment_cert: None,
-        }
-    }
-
-    #[test]
-    fn the_directory_shares_equal_label_sets_and_round_trips_records() {
-        let mut dir = Directory::default();
-        dir.insert(record("web-1", &[("role", "web"), ("env", "prod")]));
-        dir.insert(record("web-2", &[("env", "prod"), ("role", "web")]));
-        dir.insert(record("db-1", &[("role", "db"), ("env", "prod")]));
-        let (w1, w2, d1) = (
-            dir.agents["web-1"].labels.clone(),
-            dir.agents["web-2"].labels.clone(),
-            dir.agents["db-1"].labels.clone(),
-        );
-        assert!(Arc::ptr_eq(&w1, &w2));
-        assert!(!Arc::ptr_eq(&w1, &d1));
-        assert_eq!(dir.label_sets.len(), 2);
-        let again = record("db-1", &[("role", "db"), ("env", "prod")]);
-        assert_eq!(dir.agents["db-1"].record("db-1"), again);
-        // A changed record replaces the old one; its labels are interned too.
-        dir.insert(AgentRecord {
-            revoked: true,
-            ..record("db-1", &[("role", "web"), ("env", "prod")])
-        });
-        assert!(dir.agents["db-1"].revoked);
-        assert!(Arc::ptr_eq(&dir.agents["db-1"].labels, &w1));
     }
 }
