@@ -54,6 +54,7 @@ fn agent_names(fleet: &TestFleet) -> Vec<String> {
     fleet
         .controller
         .shared()
+        .registry
         .list_agents("")
         .expect("list")
         .into_iter()

@@ -103,6 +103,7 @@ async fn an_expired_policy_freezes_nothing_agents_refuse_and_report_it() {
         let shared = shared.clone();
         async move {
             shared
+                .registry
                 .list_agents("")
                 .ok()?
                 .into_iter()
@@ -282,6 +283,7 @@ async fn one_single_use_token_joined_concurrently_admits_exactly_one() {
         fleet
             .controller
             .shared()
+            .registry
             .list_agents("")
             .expect("list")
             .len(),
@@ -449,6 +451,7 @@ async fn an_agent_with_a_skewed_clock_shows_it_in_its_health() {
         let shared = shared.clone();
         async move {
             shared
+                .registry
                 .list_agents("")
                 .ok()?
                 .into_iter()

@@ -70,6 +70,7 @@ async fn a_host_that_labels_itself_role_db_gets_no_db_jobs_and_runs_no_db_comman
     let db: Vec<String> = fleet
         .controller
         .shared()
+        .registry
         .list_agents("role=db")
         .expect("list")
         .into_iter()

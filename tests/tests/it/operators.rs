@@ -457,6 +457,7 @@ fn labels_of(fleet: &TestFleet, agent: &str) -> String {
     let a = fleet
         .controller
         .shared()
+        .registry
         .list_agents(&format!("name={agent}"))
         .expect("list")
         .pop()

@@ -187,6 +187,7 @@ pub fn agent_info(fleet: &TestFleet, name: &str) -> pb::Agent {
     let list = fleet
         .controller
         .shared()
+        .registry
         .list_agents("")
         .expect("list agents");
     list.into_iter()

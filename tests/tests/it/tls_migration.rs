@@ -105,6 +105,7 @@ fn online(fleet: &TestFleet, name: &str) -> bool {
     fleet
         .controller
         .shared()
+        .registry
         .list_agents("")
         .expect("agents")
         .iter()
