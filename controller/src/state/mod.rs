@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleetcmd_core::audit::{Event, EventKind};
 use fleetcmd_core::ids::{AgentId, JobRef};
@@ -24,7 +24,11 @@ use tonic::Status;
 use crate::config::ControllerConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::pki::{Ca, Peer, Role};
+pub mod convert;
+pub mod join_limiter;
 mod registry;
+pub use convert::{policy_message, signed_policy};
+pub use join_limiter::{JOIN_FAILURES_PER_MINUTE, JoinLimiter};
 pub mod submission;
 pub mod watch;
 pub use registry::Registry;
@@ -1379,7 +1383,7 @@ impl Shared {
             tracing::debug!(job_id = %job, agent_id = agent, "result for an unknown or finished target ignored");
             return Ok(());
         }
-        self.audit_durable(result_event(agent, &result, state))?;
+        self.audit_durable(convert::result_event(agent, &result, state))?;
         self.flush().await?;
         if self.advance_some(&job, INLINE_DISPATCH)? {
             self.kick(&job);
@@ -1634,151 +1638,21 @@ impl Shared {
     }
 
     fn job_to_proto(&self, rec: JobRecord) -> ApiResult<pb::Job> {
-        let mut by_agent: HashMap<String, TargetRecord> =
+        let stored: HashMap<String, TargetRecord> =
             self.store.targets(&rec.id)?.into_iter().collect();
-        // In the job's target order; a target without a record is pending
-        // (`store_submission`).
-        let mut stored: Vec<(String, TargetRecord)> = rec
-            .targets
-            .iter()
-            .map(|a| {
-                let t = by_agent
-                    .remove(a)
-                    .unwrap_or_else(|| TargetRecord::new(TargetState::Pending, ""));
-                (a.clone(), t)
+        // `running` is kept in memory only (`record_started`).
+        let runs = lock(&self.job_lock);
+        let run = runs.get(&rec.id);
+        Ok(convert::job(rec, stored, |agent| {
+            run.is_some_and(|run| {
+                run.index
+                    .get(agent)
+                    .is_some_and(|&i| run.states[i].0 == TargetState::Running)
             })
-            .collect();
-        if rec.state == JobState::Running {
-            // `running` is kept in memory only (`record_started`).
-            let runs = lock(&self.job_lock);
-            if let Some(run) = runs.get(&rec.id) {
-                for (agent, t) in stored.iter_mut() {
-                    if t.state == TargetState::Dispatched
-                        && let Some(&i) = run.index.get(agent.as_str())
-                        && run.states[i].0 == TargetState::Running
-                    {
-                        t.state = TargetState::Running;
-                    }
-                }
-            }
-        }
-        let targets = stored
-            .into_iter()
-            .map(|(agent, t)| {
-                let mut result = t
-                    .result
-                    .as_deref()
-                    .and_then(|b| pb::JobResult::decode(b).ok());
-                if result.is_none() && !t.reason.is_empty() {
-                    result = Some(pb::JobResult {
-                        job_id: rec.id.clone(),
-                        reason: t.reason.clone(),
-                        ..Default::default()
-                    });
-                }
-                pb::Target::new(agent, t.state, result)
-            })
-            .collect();
-        let mut job = pb::Job {
-            job_id: rec.id,
-            command: rec.command,
-            args: rec.args.into_iter().collect(),
-            selector: rec.selector,
-            requester: rec.requester,
-            channel: rec.channel,
-            created_at_ms: rec.created_at_ms,
-            targets,
-            reason: rec.stopped.map(|(_, why)| why).unwrap_or_default(),
-            ..Default::default()
-        };
-        job.set_state(rec.state);
-        Ok(job)
-    }
-}
-
-/// The audit event for one host's result: what happened, never the output.
-fn result_event(agent: &str, r: &pb::JobResult, state: TargetState) -> Event {
-    let kind = if state == TargetState::Refused {
-        EventKind::JobRefusedByAgent
-    } else {
-        EventKind::JobFinished
-    };
-    let mut e = Event::new(kind, format!("agent:{agent}"))
-        .job(&r.job_id)
-        .host(agent)
-        .field("outcome", state.as_str())
-        .field("duration_ms", r.duration_ms)
-        .field("stdout_bytes", r.stdout.len() as u64 + r.stdout_dropped)
-        .field("stderr_bytes", r.stderr.len() as u64 + r.stderr_dropped)
-        .detail(&r.reason);
-    if let Some(c) = r.exit_code {
-        e = e.field("exit_code", c);
-    }
-    if let Some(s) = r.signal {
-        e = e.field("signal", s);
-    }
-    if !r.reason_code.is_empty() {
-        e = e.field("reason_code", &r.reason_code);
-    }
-    e
-}
-
-/// Failed joins allowed per source address and minute, so a token cannot be
-/// guessed by hammering `Join` (it could not anyway: 256-bit secrets), and a
-/// broken installer cannot flood the audit trail.
-pub const JOIN_FAILURES_PER_MINUTE: u32 = 10;
-
-/// Counts failed joins per source address in one-minute windows.
-#[derive(Default)]
-pub struct JoinLimiter {
-    failures: Mutex<HashMap<std::net::IpAddr, (u32, Instant)>>,
-}
-
-impl JoinLimiter {
-    /// Refuses a join from `ip` that has failed too often in the window.
-    pub fn check(&self, ip: std::net::IpAddr) -> ApiResult<()> {
-        let mut map = lock(&self.failures);
-        map.retain(|_, (_, since)| since.elapsed() < Duration::from_secs(60));
-        match map.get(&ip) {
-            Some((n, since)) if *n >= JOIN_FAILURES_PER_MINUTE => {
-                Err(ApiError::ResourceExhausted(format!(
-                    "too many failed joins from {ip}; retry in {}s",
-                    60u64.saturating_sub(since.elapsed().as_secs())
-                )))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    pub fn failed(&self, ip: std::net::IpAddr) {
-        let mut map = lock(&self.failures);
-        let e = map.entry(ip).or_insert((0, Instant::now()));
-        e.0 += 1;
+        }))
     }
 }
 
 fn parse_selector(s: &str) -> ApiResult<Selector> {
     Selector::parse(s).map_err(|e| ApiError::InvalidArgument(format!("selector `{s}`: {e}")))
-}
-
-pub fn policy_message(cur: &CurrentPolicy) -> pb::ControllerMessage {
-    pb::ControllerMessage {
-        msg: Some(pb::controller_message::Msg::Policy(signed_policy(
-            &cur.record,
-        ))),
-    }
-}
-
-pub fn signed_policy(rec: &PolicyRecord) -> pb::SignedPolicy {
-    pb::SignedPolicy {
-        bundle: rec.bundle.clone(),
-        signatures: rec
-            .signatures
-            .iter()
-            .map(|(key_id, signature)| pb::PolicySignature {
-                key_id: key_id.clone(),
-                signature: signature.clone(),
-            })
-            .collect(),
-    }
 }
