@@ -452,7 +452,8 @@ impl pb::policy_server::Policy for Svc {
     ) -> Result<Response<pb::PolicyInfo>, Status> {
         let cur = self
             .0
-            .current_policy()
+            .policy
+            .current()
             .ok_or_else(|| ApiError::NotFound("no policy has been pushed yet".into()))?;
         Ok(Response::new(pb::PolicyInfo {
             version: cur.policy.version,

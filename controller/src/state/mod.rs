@@ -4,15 +4,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleetcmd_core::audit::{Event, EventKind};
 use fleetcmd_core::ids::{AgentId, JobRef};
 use fleetcmd_core::job::SignedJob;
 use fleetcmd_core::join_token::{JoinToken, hex, roots_pin};
-use fleetcmd_core::policy::Policy;
-use fleetcmd_core::policy_bundle::{self, PolicySignature};
+use fleetcmd_core::policy_bundle;
 use fleetcmd_core::rollout::Phase;
 use fleetcmd_core::selector::Selector;
 use fleetcmd_core::state::{JobState, Stop, TargetState};
@@ -26,9 +25,13 @@ use crate::error::{ApiError, ApiResult};
 use crate::pki::{Ca, Peer, Role};
 pub mod convert;
 pub mod join_limiter;
+pub mod policy;
 mod registry;
+pub use policy::CurrentPolicy;
+mod runs;
 pub use convert::{policy_message, signed_policy};
 pub use join_limiter::{JOIN_FAILURES_PER_MINUTE, JoinLimiter};
+use runs::Run;
 pub mod submission;
 pub mod watch;
 pub use registry::Registry;
@@ -67,17 +70,12 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86400);
 pub type AgentItem = Box<Result<pb::ControllerMessage, Status>>;
 pub type AgentTx = mpsc::Sender<AgentItem>;
 
-pub struct CurrentPolicy {
-    pub policy: Policy,
-    pub record: PolicyRecord,
-    pub hash: String,
-}
-
 pub struct Shared {
     pub store: Arc<dyn Store>,
     pub ca: Ca,
     pub config: ControllerConfig,
-    policy: RwLock<Option<Arc<CurrentPolicy>>>,
+    /// The current policy (`policy::Policies`).
+    pub policy: policy::Policies,
     /// Enrolled and connected agents.
     pub registry: registry::Registry,
     /// Serializes read-modify-write of job records.
@@ -119,45 +117,6 @@ struct Submitted {
     command: String,
     requester: String,
     targets: Vec<String>,
-}
-
-/// A running job as `advance` sees it.
-struct Run {
-    job: JobRecord,
-    /// (state, dispatched_at) per target, in `job.targets` order.
-    states: Vec<(TargetState, u64)>,
-    index: HashMap<String, usize>,
-    /// Targets still `pending`, and not yet in a terminal state: kept by
-    /// `set` so that a result which neither frees a pending target nor ends
-    /// the job costs no pass over all targets.
-    pending: usize,
-    unfinished: usize,
-}
-
-impl Run {
-    fn new(job: JobRecord, states: Vec<(TargetState, u64)>, index: HashMap<String, usize>) -> Run {
-        let pending = states
-            .iter()
-            .filter(|t| t.0 == TargetState::Pending)
-            .count();
-        let unfinished = states.iter().filter(|t| !t.0.is_terminal()).count();
-        Run {
-            job,
-            states,
-            index,
-            pending,
-            unfinished,
-        }
-    }
-
-    fn set(&mut self, i: usize, state: TargetState, at: u64) {
-        let old = self.states[i].0;
-        self.pending -= usize::from(old == TargetState::Pending);
-        self.unfinished -= usize::from(!old.is_terminal());
-        self.pending += usize::from(state == TargetState::Pending);
-        self.unfinished += usize::from(!state.is_terminal());
-        self.states[i] = (state, at);
-    }
 }
 
 pub fn now_secs() -> u64 {
@@ -222,6 +181,7 @@ impl Shared {
             config.host_alerts.clone(),
         )?);
         let certs = Arc::new(crate::revocation::Revocations::load(store.as_ref())?);
+        let policy = policy::Policies::new(config.policy_roots.clone(), config.policy_threshold);
         let shared = Shared {
             certs,
             health,
@@ -233,7 +193,7 @@ impl Shared {
             store,
             ca,
             config,
-            policy: RwLock::new(None),
+            policy,
             registry,
             job_lock: Mutex::new(HashMap::new()),
             runs_loaded: std::sync::atomic::AtomicBool::new(false),
@@ -246,9 +206,10 @@ impl Shared {
             // The stored bundle was verified when pushed; verify again so a
             // tampered database cannot smuggle in a policy.
             let cur = shared
-                .verify_policy(rec)
+                .policy
+                .verify(rec)
                 .map_err(|e| ApiError::Internal(format!("stored policy: {e}")))?;
-            *shared.policy.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(cur));
+            shared.policy.set(Arc::new(cur));
         }
         Ok(shared)
     }
@@ -310,37 +271,6 @@ impl Shared {
 
     // ------------------------------------------------------------ policy
 
-    pub fn current_policy(&self) -> Option<Arc<CurrentPolicy>> {
-        self.policy
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn verify_policy(&self, record: PolicyRecord) -> ApiResult<CurrentPolicy> {
-        let sigs: Vec<PolicySignature> = record
-            .signatures
-            .iter()
-            .map(|(key_id, signature)| PolicySignature {
-                key_id: key_id.clone(),
-                signature: signature.clone(),
-            })
-            .collect();
-        let policy = policy_bundle::verify_bundle(
-            &record.bundle,
-            &sigs,
-            &self.config.policy_roots,
-            self.config.policy_threshold,
-        )
-        .map_err(|e| ApiError::InvalidArgument(format!("policy bundle refused: {e}")))?;
-        let hash = policy_bundle::bundle_hash(&record.bundle);
-        Ok(CurrentPolicy {
-            policy,
-            record,
-            hash,
-        })
-    }
-
     pub async fn push_policy(
         &self,
         signed: pb::SignedPolicy,
@@ -355,14 +285,14 @@ impl Shared {
                 .map(|s| (s.key_id, s.signature))
                 .collect(),
         };
-        let mut cur = self.verify_policy(record).inspect_err(|e| {
+        let mut cur = self.policy.verify(record).inspect_err(|e| {
             self.security_event(
                 Event::new(EventKind::PolicyRefused, crate::audit::peer_actor(by))
                     .detail(e.to_string()),
             );
         })?;
         cur.record.version = cur.policy.version;
-        if let Some(old) = self.current_policy() {
+        if let Some(old) = self.policy.current() {
             policy_bundle::check_rollback(Some(old.policy.version), &cur.policy).map_err(|e| {
                 self.security_event(
                     Event::new(EventKind::PolicyRefused, crate::audit::peer_actor(by))
@@ -380,13 +310,13 @@ impl Shared {
                 .field("version", cur.policy.version)
                 .field(
                     "previous_version",
-                    self.current_policy().map_or(0, |p| p.policy.version),
+                    self.policy.current().map_or(0, |p| p.policy.version),
                 )
                 .field("hash", &cur.hash),
         )?;
         self.flush().await?;
         let cur = Arc::new(cur);
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Some(cur.clone());
+        self.policy.set(cur.clone());
         tracing::info!(version = cur.policy.version, hash = %cur.hash, by = %by.name, "policy pushed");
         let msg = policy_message(&cur);
         self.registry.send_all(&msg);
@@ -652,7 +582,7 @@ impl Shared {
         policy_version: u64,
         tx: AgentTx,
     ) -> ApiResult<u64> {
-        let first = self.current_policy().map(|cur| policy_message(&cur));
+        let first = self.policy.current().map(|cur| policy_message(&cur));
         self.registry
             .register(self.store.as_ref(), agent, hello, policy_version, tx, first)
     }
@@ -748,7 +678,7 @@ impl Shared {
 
     /// The checks and writes of `submit`, up to its flush (blocking).
     fn store_submission(&self, peer: &Peer, signed: pb::SignedJob) -> ApiResult<Submitted> {
-        let cur = self.current_policy().ok_or_else(|| {
+        let cur = self.policy.current().ok_or_else(|| {
             ApiError::FailedPrecondition(
                 "no policy has been pushed yet (`fleetcmd policy push`)".into(),
             )

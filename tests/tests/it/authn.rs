@@ -191,7 +191,8 @@ async fn every_rpc_but_join_requires_a_client_certificate() {
         fleet
             .controller
             .shared()
-            .current_policy()
+            .policy
+            .current()
             .expect("policy")
             .policy
             .version,
@@ -291,7 +292,8 @@ async fn certificates_are_confined_to_their_role() {
         fleet
             .controller
             .shared()
-            .current_policy()
+            .policy
+            .current()
             .expect("policy")
             .policy
             .version,

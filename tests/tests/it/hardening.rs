@@ -235,7 +235,8 @@ async fn oversized_jobs_bundles_and_unknown_fields_are_refused() {
         fleet
             .controller
             .shared()
-            .current_policy()
+            .policy
+            .current()
             .expect("policy")
             .policy
             .version,

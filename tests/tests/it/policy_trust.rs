@@ -81,7 +81,7 @@ fn bad_bundles(fleet: &TestFleet) -> Vec<(&'static str, pb::SignedPolicy, Code)>
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn controller_refuses_rollback_and_forged_policies() {
     let fleet = security_fleet(1).await;
-    let before = fleet.controller.shared().current_policy().expect("policy");
+    let before = fleet.controller.shared().policy.current().expect("policy");
     let mut policy = PolicyClient::new(fleet.operator().await);
     for (label, bundle, code) in bad_bundles(&fleet) {
         let needle = if code == Code::FailedPrecondition {
@@ -90,7 +90,7 @@ async fn controller_refuses_rollback_and_forged_policies() {
             "policy bundle"
         };
         let status = assert_status(policy.push(bundle).await, code, needle);
-        let cur = fleet.controller.shared().current_policy().expect("policy");
+        let cur = fleet.controller.shared().policy.current().expect("policy");
         assert_eq!(
             cur.policy.version, fleet.policy_version,
             "{label}: {status:?}"
