@@ -27,6 +27,7 @@ pub mod convert;
 pub mod join_limiter;
 pub mod policy;
 mod registry;
+mod retention;
 pub use policy::CurrentPolicy;
 mod runs;
 pub use convert::{policy_message, signed_policy};
@@ -57,8 +58,6 @@ const INLINE_DISPATCH: usize = 16;
 const DISPATCH_QUEUE: usize = 1024;
 /// Finished job ids remembered so late results skip the store.
 const RECENTLY_FINISHED: usize = 4096;
-/// Jobs the retention task looks at per store scan.
-const RETENTION_BATCH: usize = 500;
 /// How many recent jobs the sweeper looks at for running ones.
 const SWEEP_SCAN: usize = 2_000;
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86400);
@@ -1390,50 +1389,15 @@ impl Shared {
         Ok(())
     }
 
-    /// Retention: deletes finished jobs older than `job_retention`, then the
-    /// oldest finished ones while the job records exceed
-    /// `job_store_max_bytes`. Running jobs are never deleted. Returns how
-    /// many jobs were deleted.
+    /// Retention (`retention::delete_old`), then one flush for all it
+    /// deleted. Returns how many jobs were deleted.
     pub async fn enforce_retention(&self) -> ApiResult<usize> {
-        let cutoff_ms = now_ms().saturating_sub(self.config.job_retention.as_millis() as u64);
-        let mut deleted = 0;
-        // Oldest first, so the age rule stops at the first young job.
-        'age: loop {
-            let batch = self.store.oldest_jobs(RETENTION_BATCH)?;
-            let mut progressed = false;
-            for j in &batch {
-                if j.created_at_ms >= cutoff_ms {
-                    break 'age;
-                }
-                if j.state.is_terminal() {
-                    self.store.delete_job(&j.id)?;
-                    deleted += 1;
-                    progressed = true;
-                }
-            }
-            if !progressed || batch.len() < RETENTION_BATCH {
-                break;
-            }
-        }
-        let mut size = self.store.job_bytes()?;
-        while size > self.config.job_store_max_bytes {
-            let batch: Vec<JobRecord> = self
-                .store
-                .oldest_jobs(RETENTION_BATCH)?
-                .into_iter()
-                .filter(|j| j.state.is_terminal())
-                .collect();
-            if batch.is_empty() {
-                break;
-            }
-            for j in batch {
-                size = size.saturating_sub(self.store.delete_job(&j.id)?);
-                deleted += 1;
-                if size <= self.config.job_store_max_bytes {
-                    break;
-                }
-            }
-        }
+        let deleted = retention::delete_old(
+            self.store.as_ref(),
+            self.config.job_retention,
+            self.config.job_store_max_bytes,
+            now_ms(),
+        )?;
         if deleted > 0 {
             self.flush().await?;
             tracing::info!(deleted, "retention: old jobs deleted");
