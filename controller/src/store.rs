@@ -169,6 +169,39 @@ impl TargetRecord {
     }
 }
 
+#[cfg(test)]
+impl JobRecord {
+    /// A job record for tests: `uptime` on `targets` by cli:alice, a 1 KB
+    /// spec, no deadlines.
+    pub(crate) fn for_test(
+        id: &str,
+        created_at_ms: u64,
+        state: JobState,
+        targets: &[&str],
+    ) -> Self {
+        JobRecord {
+            id: id.into(),
+            spec: vec![b'x'; 1000],
+            signature: Vec::new(),
+            key_id: "k".into(),
+            command: "uptime".into(),
+            args: BTreeMap::new(),
+            selector: "all".into(),
+            requester: "cli:alice".into(),
+            channel: "cli:alice".into(),
+            created_at_ms,
+            deadline: 0,
+            state,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            rollout: Default::default(),
+            needs_approval: false,
+            target_deadline_secs: 0,
+            expires_at: 0,
+            stopped: None,
+        }
+    }
+}
+
 /// Target records are the most written records (one or two per target of
 /// every job), so they are stored compactly: a format byte, then protobuf
 /// (the result inside is protobuf already, no base64). Records written as

@@ -126,33 +126,12 @@ pub fn signed_policy(rec: &PolicyRecord) -> pb::SignedPolicy {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use fleetcmd_core::state::Stop;
 
     use super::*;
 
     fn record(state: JobState, targets: &[&str]) -> JobRecord {
-        JobRecord {
-            id: "0190ab12-34cd-7ef0-8123-456789abcdef".into(),
-            spec: Vec::new(),
-            signature: Vec::new(),
-            key_id: "k".into(),
-            command: "uptime".into(),
-            args: BTreeMap::new(),
-            selector: "all".into(),
-            requester: "cli:alice".into(),
-            channel: "cli:alice".into(),
-            created_at_ms: 1,
-            deadline: 2,
-            state,
-            targets: targets.iter().map(|t| t.to_string()).collect(),
-            rollout: Default::default(),
-            needs_approval: false,
-            target_deadline_secs: 3,
-            expires_at: 4,
-            stopped: None,
-        }
+        JobRecord::for_test("0190ab12-34cd-7ef0-8123-456789abcdef", 1, state, targets)
     }
 
     fn states(job: &pb::Job) -> Vec<(String, TargetState)> {

@@ -1,9 +1,14 @@
-//! The controller's shared state and its operations: enrollment, the live
-//! agent registry, policy, job submission, dispatch and results. The gRPC
-//! services in `service/` are thin adapters over these methods.
+//! The controller's composition root: `Shared` holds the parts, each in a
+//! module with one job — `registry` (enrolled and connected agents),
+//! `policy` (the current policy), `submission` (the submit checks, pure),
+//! `dispatch` (the rollout/dispatch driver, results, cancel, sweep),
+//! `runs` (a running job's cached state), `watch` (live events),
+//! `retention`, `convert` (records to the API's messages), `join_limiter`
+//! — and the operations that span parts (join, revoke, push a policy,
+//! submit), which audit and flush before they acknowledge. The gRPC
+//! services are thin adapters over these.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

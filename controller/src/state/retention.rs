@@ -61,35 +61,10 @@ pub fn delete_old(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use fleetcmd_core::state::JobState;
 
     use super::*;
     use crate::store::SledStore;
-
-    fn job(id: &str, created_at_ms: u64, state: JobState) -> JobRecord {
-        JobRecord {
-            id: id.into(),
-            spec: vec![b'x'; 1000],
-            signature: Vec::new(),
-            key_id: "k".into(),
-            command: "uptime".into(),
-            args: BTreeMap::new(),
-            selector: "all".into(),
-            requester: "cli:alice".into(),
-            channel: "cli:alice".into(),
-            created_at_ms,
-            deadline: 0,
-            state,
-            targets: Vec::new(),
-            rollout: Default::default(),
-            needs_approval: false,
-            target_deadline_secs: 0,
-            expires_at: 0,
-            stopped: None,
-        }
-    }
 
     fn ids(store: &dyn Store) -> Vec<String> {
         let mut v: Vec<String> = store
@@ -115,7 +90,9 @@ mod tests {
             ("05-young-done", 90_000, JobState::Succeeded),
         ];
         for (id, at, state) in jobs {
-            store.put_job(&job(id, at, state)).expect("put");
+            store
+                .put_job(&JobRecord::for_test(id, at, state, &[]))
+                .expect("put");
         }
         let hour = Duration::from_secs(3600);
         // Age: only finished jobs created before the cutoff (now - 40 s =

@@ -59,13 +59,12 @@ mod tests {
     #[test]
     fn counts_follow_every_state_change() {
         use TargetState::*;
-        let job: JobRecord = serde_json::from_value(serde_json::json!({
-            "id": "j", "spec": "", "signature": "", "key_id": "k", "command": "c",
-            "args": {}, "selector": "all", "requester": "cli:a", "channel": "cli:a",
-            "created_at_ms": 0, "deadline": 0, "state": "running",
-            "targets": ["a", "b", "c"],
-        }))
-        .expect("a job record");
+        let job = JobRecord::for_test(
+            "j",
+            0,
+            fleetcmd_core::state::JobState::Running,
+            &["a", "b", "c"],
+        );
         let index = HashMap::from([("a".into(), 0), ("b".into(), 1), ("c".into(), 2)]);
         let mut run = Run::new(job, vec![(Pending, 0), (Dispatched, 5), (Ok, 5)], index);
         let counts = |r: &Run| (r.pending, r.unfinished);
