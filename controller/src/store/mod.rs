@@ -6,6 +6,9 @@
 //! Writes are visible at once and durable after `flush`; callers flush before
 //! they acknowledge anything (a result, a join, a policy push).
 
+#[cfg(test)]
+pub mod conformance;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
