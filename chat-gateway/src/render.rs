@@ -1024,6 +1024,7 @@ mod tests {
                         duration_ms: 12,
                         ..Default::default()
                     }),
+                    ..Default::default()
                 },
                 v1::Target {
                     agent_id: "web-2".into(),
@@ -1034,6 +1035,7 @@ mod tests {
                         duration_ms: 1500,
                         ..Default::default()
                     }),
+                    ..Default::default()
                 },
             ],
             ..Default::default()
@@ -1068,6 +1070,7 @@ mod tests {
                 duration_ms: ms,
                 ..Default::default()
             }),
+            ..Default::default()
         }
     }
 
@@ -1134,6 +1137,7 @@ mod tests {
                 agent_id: "web-1".into(),
                 state: "running".into(),
                 result: None,
+                ..Default::default()
             }],
             ..Default::default()
         };
@@ -1157,6 +1161,7 @@ mod tests {
                     agent_id: "web-3".into(),
                     state: "running".into(),
                     result: None,
+                    ..Default::default()
                 },
             ],
             ..Default::default()

@@ -1332,6 +1332,7 @@ fn job_result() -> Reply {
             duration_ms: 12,
             ..Default::default()
         }),
+        ..Default::default()
     };
     fleetcmd_gateway::render::job(&v1::Job {
         job_id: JOB.into(),

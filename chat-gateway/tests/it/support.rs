@@ -223,6 +223,7 @@ pub fn failed_job(
                     duration_ms: 12,
                     ..Default::default()
                 }),
+                ..Default::default()
             },
             v1::Target {
                 agent_id: "web-2".into(),
@@ -233,6 +234,7 @@ pub fn failed_job(
                     duration_ms: 1500,
                     ..Default::default()
                 }),
+                ..Default::default()
             },
         ],
         ..Default::default()
@@ -409,6 +411,7 @@ impl ControllerApi for FakeController {
                     duration_ms: 7,
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .collect();
         Ok(v1::Job {
@@ -422,6 +425,7 @@ impl ControllerApi for FakeController {
             created_at_ms: 0,
             targets,
             reason: String::new(),
+            ..Default::default()
         })
     }
 

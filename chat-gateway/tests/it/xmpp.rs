@@ -823,6 +823,7 @@ fn target(
             duration_ms: 1234,
             ..Default::default()
         }),
+        ..Default::default()
     }
 }
 

@@ -8,6 +8,7 @@
 //! are dropped with the reason — and every approval request has exactly one
 //! end in the audit trail.
 
+use fleetcmd_proto::v1::JobState;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -321,7 +322,7 @@ async fn a_result_owed_when_the_gateway_was_killed_is_posted_once_after_a_restar
         "killed before the result: {before}"
     );
     let job = fleet.wait_job(&shown).await;
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
 
     let second = Gateway::start(&config, "alice");
     let resumed = second.resumed().await;
@@ -375,7 +376,7 @@ async fn an_approval_pending_when_the_gateway_was_killed_is_approved_after_a_res
     assert!(result.contains("console:alice"), "{result}");
     let job = fleet.wait_job(&id).await;
     assert_eq!(job.requester, "console:alice");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     let records = one_end(&fleet, &id, "approval_given").await;
     assert!(
         records

@@ -3,6 +3,7 @@
 //! checks this at submit, and each agent checks it again on its own (shown
 //! by injecting jobs as a compromised controller would).
 
+use fleetcmd_proto::v1::{JobState, TargetState};
 use std::time::Duration;
 
 use fleetcmd_core::job::{JobSpec, SignedJob};
@@ -168,7 +169,7 @@ async fn controller_refuses_forged_and_stale_jobs_at_submit() {
         .run("mark", &[("path", ok.to_str().expect("utf-8"))], "all")
         .await
         .expect("genuine job accepted");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     assert!(ok.exists());
     fleet.fleet.shutdown().await.expect("shutdown");
 }
@@ -181,7 +182,7 @@ async fn agents_refuse_forged_and_stale_jobs_on_their_own() {
         for agent in ["dev-1", "dev-2"] {
             assert_refused(&job, agent, f.code);
         }
-        assert_eq!(job.state, "failed", "{}: {job:?}", f.label);
+        assert_eq!(job.job_state(), JobState::Failed, "{}: {job:?}", f.label);
         f.markers.iter().for_each(|m| assert_absent(m));
     }
     // A genuine job for dev-1, redirected by the controller to dev-2.
@@ -199,7 +200,7 @@ async fn agents_refuse_forged_and_stale_jobs_on_their_own() {
     let ok = marker(&fleet, "agent-genuine");
     let (spec, job) = fleet.operator_job("mark", &[("path", ok.to_str().expect("utf-8"))], "all");
     let job = inject(&fleet, job, spec.id.as_str(), &["dev-1", "dev-2"]).await;
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     assert!(ok.exists());
     fleet.fleet.shutdown().await.expect("shutdown");
 }
@@ -225,7 +226,11 @@ async fn replayed_job_runs_once_even_across_an_agent_restart() {
         .submit_and_wait(job.clone())
         .await
         .expect("first submission");
-    assert_eq!(target(&first, "dev-1").state, "ok", "{first:?}");
+    assert_eq!(
+        target(&first, "dev-1").target_state(),
+        TargetState::Ok,
+        "{first:?}"
+    );
     assert_eq!(lines(&file), 1);
 
     // The controller refuses the same job id again.
@@ -262,7 +267,11 @@ async fn replayed_job_runs_once_even_across_an_agent_restart() {
         )
         .await
         .expect("fresh job");
-    assert_eq!(target(&fresh, "dev-1").state, "ok", "{fresh:?}");
+    assert_eq!(
+        target(&fresh, "dev-1").target_state(),
+        TargetState::Ok,
+        "{fresh:?}"
+    );
     assert_eq!(lines(&file), 2);
     fleet.fleet.shutdown().await.expect("shutdown");
 }
@@ -347,7 +356,7 @@ async fn a_job_runs_only_within_its_requesters_roles() {
         .run("mark", &[("path", ok.to_str().expect("utf-8"))], "role=web")
         .await
         .expect("within the role");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
@@ -380,7 +389,7 @@ async fn a_job_id_dated_far_from_its_making_is_refused_at_submit() {
     }
     // Made now: runs.
     let job = fleet.run("uptime", &[], "all").await.expect("a fresh id");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
