@@ -87,12 +87,17 @@ pub async fn run(
     // results it still owes the chat and the pending approvals, persisted so
     // a restart forgets none of them.
     let store = crate::store::GatewayStore::open(&cfg.state_dir)?;
-    let mut router = Router::new(opts.router_config(), ctl).with_store(&store)?;
-    if let Some(p) = &cfg.prometheus {
-        let client = crate::prometheus::PromClient::new(p)
-            .map_err(|e| LaunchError::Prometheus(e.to_string()))?;
-        router = router.with_prometheus(client);
-    }
+    let router = Router::new(opts.router_config(), ctl).with_store(&store)?;
+    let query: Arc<dyn crate::registry::Commands> = match &cfg.prometheus {
+        Some(p) => Arc::new(
+            crate::prometheus::PromClient::new(p)
+                .map_err(|e| LaunchError::Prometheus(e.to_string()))?,
+        ),
+        None => Arc::new(crate::prometheus::NotConfigured),
+    };
+    router
+        .register_commands(query)
+        .map_err(|e| LaunchError::Prometheus(e.to_string()))?;
     let router = Arc::new(router);
     // A request accepted once is refused after a restart too.
     let replay = store.replay()?;
@@ -199,12 +204,18 @@ pub async fn run(
             .map_err(LaunchError::Alertmanager)?;
         gw.add_routes(routes);
     }
-    if let Some(pd) = &cfg.pagerduty
-        && let Some(oncall) = crate::oncall::Oncall::from_config(pd)
+    let oncall: Arc<dyn crate::registry::Commands> = match &cfg.pagerduty {
+        Some(pd) => match crate::oncall::Oncall::from_config(pd)
             .map_err(|e| LaunchError::Alerts(format!("[pagerduty]: {e}")))?
-    {
-        router.set_oncall(oncall);
-    }
+        {
+            Some(o) => Arc::new(o),
+            None => Arc::new(crate::oncall::NotConfigured),
+        },
+        None => Arc::new(crate::oncall::NotConfigured),
+    };
+    router
+        .register_commands(oncall)
+        .map_err(|e| LaunchError::Alerts(format!("[pagerduty]: {e}")))?;
     if let Some(ac) = &cfg.audit_channel {
         let scheme = ac.channel.split(':').next().unwrap_or_default();
         let scheme = if scheme == "webhook-out" {

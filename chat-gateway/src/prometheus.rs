@@ -19,7 +19,9 @@ use serde_json::Value;
 
 use crate::adapters::webhook::SecretString;
 use crate::adapters::{CodeBlock, Reply, Section};
+use crate::registry::{Call, CallContext, CommandSpec, Commands, Guard};
 use crate::render::asked_by;
+use futures_util::future::BoxFuture;
 
 /// Rows a reply shows; the rest are counted.
 pub const MAX_ROWS: usize = 20;
@@ -350,20 +352,55 @@ pub fn render_error(promql: &str, err: &PromError, who: &str) -> Reply {
     }
 }
 
-/// `query PROMQL` for someone allowed to read here.
-pub async fn answer(client: Option<&PromClient>, promql: &str, who: &str) -> Reply {
-    let Some(client) = client else {
-        return Reply::text(format!(
+fn spec() -> Vec<CommandSpec> {
+    vec![CommandSpec {
+        verb: "query".into(),
+        usage: "query <promql>".into(),
+        summary: "an instant query against the configured Prometheus".into(),
+        help: String::new(),
+        guard: Guard::AnyRoleHere,
+    }]
+}
+
+/// `query` without `[prometheus]`: says what to configure.
+#[derive(Debug, Default)]
+pub struct NotConfigured;
+
+impl Commands for NotConfigured {
+    fn commands(&self) -> Vec<CommandSpec> {
+        spec()
+    }
+
+    fn call<'a>(&'a self, call: Call<'a>, _: &'a dyn CallContext) -> BoxFuture<'a, Reply> {
+        let reply = Reply::text(format!(
             "`query` needs a Prometheus server: set [prometheus] url in gateway.toml{}",
-            asked_by(who)
+            asked_by(call.msg.identity.as_str())
         ));
-    };
-    match client.query(promql).await {
-        Ok(data) => render(promql, &data, who),
-        Err(e) => {
-            tracing::info!(error = %e, "prometheus query failed");
-            render_error(promql, &e, who)
-        }
+        Box::pin(async move { reply })
+    }
+}
+
+/// `query <promql>`: answered from this Prometheus server.
+impl Commands for PromClient {
+    fn commands(&self) -> Vec<CommandSpec> {
+        spec()
+    }
+
+    fn call<'a>(&'a self, call: Call<'a>, _: &'a dyn CallContext) -> BoxFuture<'a, Reply> {
+        let who = call.msg.identity.as_str();
+        let promql = call.args;
+        Box::pin(async move {
+            if promql.is_empty() {
+                return Reply::text(format!("usage: query <promql>{}", asked_by(who)));
+            }
+            match self.query(promql).await {
+                Ok(data) => render(promql, &data, who),
+                Err(e) => {
+                    tracing::info!(error = %e, "prometheus query failed");
+                    render_error(promql, &e, who)
+                }
+            }
+        })
     }
 }
 

@@ -603,11 +603,13 @@ async fn oncall_shows_who_is_on_call_and_a_refused_token_clearly() {
         &url,
         "[schedules]\nprimary = \"PI7DH85\"\nsecondary = \"PXYZ999\"\n",
     );
-    w.router.set_oncall(
-        Oncall::from_config(&cfg)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .expect("api token"),
-    );
+    w.router
+        .register_commands(std::sync::Arc::new(
+            Oncall::from_config(&cfg)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .expect("api token"),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
     let sent = ask(&w, "console:bob", "!oncall primary").await;
     assert_eq!(sent.len(), 1);
     let text = sent[0].text();
@@ -682,6 +684,9 @@ async fn oncall_shows_who_is_on_call_and_a_refused_token_clearly() {
 #[tokio::test]
 async fn oncall_without_an_api_token_says_what_to_configure() {
     let w = world();
+    w.router
+        .register_commands(std::sync::Arc::new(fleetcmd_gateway::oncall::NotConfigured))
+        .unwrap_or_else(|e| panic!("{e}"));
     let sent = ask(&w, "console:bob", "!oncall").await;
     assert_eq!(
         sent[0].text(),
