@@ -400,6 +400,24 @@ pub fn routes(
         .with_state(state))
 }
 
+impl crate::registry::Component for AlertmanagerConfig {
+    const NAME: &'static str = "alertmanager";
+
+    fn resolve_paths(&mut self, base: &Path) {
+        AlertmanagerConfig::resolve_paths(self, base);
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        AlertmanagerConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let r = routes(&self, cx.senders(), cx.auth_failures())?;
+        cx.routes(r);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -404,6 +404,23 @@ impl Commands for PromClient {
     }
 }
 
+impl crate::registry::Component for PrometheusConfig {
+    const NAME: &'static str = "prometheus";
+
+    fn validate(&self) -> Vec<(String, String)> {
+        PrometheusConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let client = PromClient::new(&self).map_err(|e| e.to_string())?;
+        cx.commands(std::sync::Arc::new(client))
+    }
+
+    fn absent(cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        cx.commands(std::sync::Arc::new(NotConfigured))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

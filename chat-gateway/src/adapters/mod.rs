@@ -256,6 +256,15 @@ pub trait ChatSender: Send + Sync {
 }
 
 /// A chat platform connection.
+/// `found` (keys relative to a section) with the section name in front of
+/// each key, as `gateway.toml validate` names them.
+pub(crate) fn prefixed(section: &str, found: Vec<(String, String)>) -> Vec<(String, String)> {
+    found
+        .into_iter()
+        .map(|(key, message)| (format!("{section}.{key}"), message))
+        .collect()
+}
+
 pub trait ChatAdapter: Send + 'static {
     /// The next message; `None` at the end of input (the gateway then lets
     /// running commands finish and returns).

@@ -383,53 +383,49 @@ pub trait Integration: Send + Sync + 'static {
     fn handle(&self, ev: &v1::AlertEvent) -> impl Future<Output = ()> + Send;
 }
 
-/// The integrations `gateway.toml` enables.
-#[derive(Default)]
-pub struct Integrations {
-    pub pagerduty: Option<PagerDuty>,
-    pub opsgenie: Option<Opsgenie>,
-    pub statuspage: Option<Statuspage>,
+/// One consumer of the service alert stream, ready to start on its own
+/// task behind its own bounded queue.
+pub struct AlertHook {
+    name: &'static str,
+    start: StartFn,
 }
 
-impl std::fmt::Debug for Integrations {
+/// Starts an integration's task in the set; its queue's sending end.
+type StartFn = Box<dyn FnOnce(&mut JoinSet<()>) -> EventQueue + Send>;
+
+/// The sending end of one integration's event queue.
+type EventQueue = mpsc::Sender<Arc<v1::AlertEvent>>;
+
+impl std::fmt::Debug for AlertHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Integrations")
-            .field("pagerduty", &self.pagerduty.is_some())
-            .field("opsgenie", &self.opsgenie.is_some())
-            .field("statuspage", &self.statuspage.is_some())
-            .finish()
+        f.write_str(self.name)
     }
+}
+
+impl AlertHook {
+    /// `integration`, handling events in order on its own task.
+    pub fn of<I: Integration>(integration: I) -> AlertHook {
+        AlertHook {
+            name: integration.name(),
+            start: Box::new(move |set| worker(set, integration).1),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// The alert hooks the enabled components contributed.
+#[derive(Debug, Default)]
+pub struct Integrations {
+    pub hooks: Vec<AlertHook>,
 }
 
 /// Events dropped because an integration's queue was full (all integrations).
 pub static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 impl Integrations {
-    /// Builds what the sections configure (`Ok(None)` when none sends
-    /// alerts). Errors name the section.
-    pub fn from_config(
-        pagerduty: Option<&PagerDutyConfig>,
-        opsgenie: Option<&OpsgenieConfig>,
-        statuspage: Option<&StatuspageConfig>,
-    ) -> Result<Option<Integrations>, String> {
-        let i = Integrations {
-            pagerduty: match pagerduty {
-                Some(c) => PagerDuty::new(c).map_err(|e| format!("[pagerduty]: {e}"))?,
-                None => None,
-            },
-            opsgenie: opsgenie
-                .map(Opsgenie::new)
-                .transpose()
-                .map_err(|e| format!("[opsgenie]: {e}"))?,
-            statuspage: statuspage
-                .map(Statuspage::new)
-                .transpose()
-                .map_err(|e| format!("[statuspage]: {e}"))?,
-        };
-        let any = i.pagerduty.is_some() || i.opsgenie.is_some() || i.statuspage.is_some();
-        Ok(any.then_some(i))
-    }
-
     /// Starts one task per integration, each behind its own bounded queue,
     /// and hands every event from `rx` to each queue. Ends when `rx` is
     /// closed and the queues are drained; aborting the handle stops
@@ -441,16 +437,11 @@ impl Integrations {
     /// What [`Integrations::spawn`] runs, for an owner's own task set.
     pub async fn run(self, mut rx: mpsc::Receiver<v1::AlertEvent>) {
         let mut workers = JoinSet::new();
-        let mut queues: Vec<(&'static str, mpsc::Sender<Arc<v1::AlertEvent>>)> = Vec::new();
-        if let Some(i) = self.pagerduty {
-            queues.push(worker(&mut workers, i));
-        }
-        if let Some(i) = self.opsgenie {
-            queues.push(worker(&mut workers, i));
-        }
-        if let Some(i) = self.statuspage {
-            queues.push(worker(&mut workers, i));
-        }
+        let queues: Vec<(&'static str, mpsc::Sender<Arc<v1::AlertEvent>>)> = self
+            .hooks
+            .into_iter()
+            .map(|h| (h.name, (h.start)(&mut workers)))
+            .collect();
         while let Some(ev) = rx.recv().await {
             let ev = Arc::new(ev);
             for (name, q) in &queues {

@@ -264,3 +264,20 @@ impl Integration for Opsgenie {
         let _ = self.send(ev).await;
     }
 }
+
+impl crate::registry::Component for OpsgenieConfig {
+    const NAME: &'static str = "opsgenie";
+
+    fn resolve_paths(&mut self, base: &Path) {
+        OpsgenieConfig::resolve_paths(self, base);
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        OpsgenieConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        cx.alert_hook(super::AlertHook::of(Opsgenie::new(&self)?));
+        Ok(())
+    }
+}

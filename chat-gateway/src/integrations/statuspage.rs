@@ -225,3 +225,20 @@ impl Integration for Statuspage {
         let _ = self.send(ev).await;
     }
 }
+
+impl crate::registry::Component for StatuspageConfig {
+    const NAME: &'static str = "statuspage";
+
+    fn resolve_paths(&mut self, base: &Path) {
+        StatuspageConfig::resolve_paths(self, base);
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        StatuspageConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        cx.alert_hook(super::AlertHook::of(Statuspage::new(&self)?));
+        Ok(())
+    }
+}

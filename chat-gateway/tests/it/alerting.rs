@@ -12,8 +12,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use fleetcmd_gateway::integrations::{
-    GiveUp, Integrations, Opsgenie, OpsgenieConfig, PagerDuty, PagerDutyConfig, Statuspage,
-    StatuspageConfig,
+    AlertHook, GiveUp, Integrations, Opsgenie, OpsgenieConfig, PagerDuty, PagerDutyConfig,
+    Statuspage, StatuspageConfig,
 };
 use fleetcmd_gateway::oncall::Oncall;
 use fleetcmd_proto::v1;
@@ -264,13 +264,21 @@ fn pd_body(action: &str, severity: &str, summary: &str, passing: u32, instances:
 #[tokio::test]
 async fn transitions_reach_every_integration_in_order_and_a_stuck_one_blocks_no_other() {
     let (url, fake) = fake().await;
-    let integrations = Integrations::from_config(
-        Some(&pd_config(&url, "")),
-        Some(&og_config(&url)),
-        Some(&sp_config(&url)),
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-    .expect("three integrations");
+    let ok = |e: String| -> AlertHook { panic!("{e}") };
+    let integrations = Integrations {
+        hooks: vec![
+            PagerDuty::new(&pd_config(&url, ""))
+                .unwrap_or_else(|e| panic!("{e}"))
+                .map(AlertHook::of)
+                .expect("routing key"),
+            Opsgenie::new(&og_config(&url))
+                .map(AlertHook::of)
+                .unwrap_or_else(ok),
+            Statuspage::new(&sp_config(&url))
+                .map(AlertHook::of)
+                .unwrap_or_else(ok),
+        ],
+    };
     // Statuspage hangs until released: the others must not wait for it.
     fake.held
         .lock()

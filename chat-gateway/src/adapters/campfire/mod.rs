@@ -853,6 +853,28 @@ impl ChatSender for CampfireSender {
     }
 }
 
+impl crate::registry::Component for CampfireConfig {
+    const NAME: &'static str = "campfire";
+    const CHAT: bool = true;
+
+    fn resolve_paths(&mut self, base: &Path) {
+        CampfireConfig::resolve_paths(self, base);
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        CampfireConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let a = CampfireAdapter::new(&self).map_err(|e| e.to_string())?;
+        a.use_replay_guard(cx.replay_guard());
+        a.report_auth_failures(cx.auth_failures());
+        cx.routes(a.routes());
+        cx.serve(Self::NAME, a);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

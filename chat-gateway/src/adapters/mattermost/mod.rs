@@ -336,3 +336,38 @@ impl ChatSender for MattermostSender {
         })
     }
 }
+
+impl crate::registry::Component for MattermostConfig {
+    const NAME: &'static str = "mattermost";
+    const CHAT: bool = true;
+
+    fn resolve_paths(&mut self, base: &std::path::Path) {
+        for f in [
+            &mut self.token_file,
+            &mut self.slash_tokens_file,
+            &mut self.action_secret_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if f.is_relative() {
+                *f = base.join(&*f);
+            }
+        }
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        super::prefixed(Self::NAME, MattermostConfig::validate(self))
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let a = MattermostAdapter::connect(&self)
+            .await
+            .map_err(|e| e.to_string())?;
+        a.use_replay_guard(cx.replay_guard());
+        a.report_auth_failures(cx.auth_failures());
+        cx.routes(a.routes());
+        cx.serve(Self::NAME, a);
+        Ok(())
+    }
+}

@@ -387,3 +387,24 @@ impl ChatSender for SlackSender {
         Box::pin(self.update(msg, reply))
     }
 }
+
+impl crate::registry::Component for SlackConfig {
+    const NAME: &'static str = "slack";
+    const CHAT: bool = true;
+
+    fn validate(&self) -> Vec<(String, String)> {
+        super::prefixed(Self::NAME, SlackConfig::validate(self))
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let secrets = self.secrets(cx.base()).map_err(|e| e.to_string())?;
+        let a = SlackAdapter::connect_with(&self, secrets)
+            .await
+            .map_err(|e| e.to_string())?;
+        a.use_replay_guard(cx.replay_guard());
+        a.report_auth_failures(cx.auth_failures());
+        cx.routes(a.routes());
+        cx.serve(Self::NAME, a);
+        Ok(())
+    }
+}

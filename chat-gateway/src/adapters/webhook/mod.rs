@@ -1069,6 +1069,28 @@ impl ChatSender for WebhookSender {
     }
 }
 
+impl crate::registry::Component for WebhookConfig {
+    const NAME: &'static str = "webhook";
+    const CHAT: bool = true;
+
+    fn resolve_paths(&mut self, base: &Path) {
+        WebhookConfig::resolve_paths(self, base);
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        WebhookConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let a = WebhookAdapter::new(&self).map_err(|e| e.to_string())?;
+        a.use_replay_guard(cx.replay_guard());
+        a.report_auth_failures(cx.auth_failures());
+        cx.routes(a.routes());
+        cx.serve(Self::NAME, a);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -739,6 +739,34 @@ impl Runner {
     }
 }
 
+impl crate::registry::Component for XmppConfig {
+    const NAME: &'static str = "xmpp";
+    const CHAT: bool = true;
+
+    fn resolve_paths(&mut self, base: &std::path::Path) {
+        for f in [&mut self.password_file, &mut self.ca_file]
+            .into_iter()
+            .flatten()
+        {
+            if f.is_relative() {
+                *f = base.join(&*f);
+            }
+        }
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        super::prefixed(Self::NAME, XmppConfig::validate(self))
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let a = XmppAdapter::connect(&self)
+            .await
+            .map_err(|e| e.to_string())?;
+        cx.serve(Self::NAME, a);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
