@@ -321,19 +321,9 @@ impl Commands for Oncall {
 const USAGE: &str = "oncall [schedule]";
 
 /// `oncall` when `[pagerduty] api_token` is not set: says what to configure.
-#[derive(Debug, Default)]
-pub struct NotConfigured;
-
-impl Commands for NotConfigured {
-    fn commands(&self) -> Vec<CommandSpec> {
-        spec()
-    }
-
-    fn call<'a>(&'a self, call: Call<'a>, _: &'a dyn CallContext) -> BoxFuture<'a, Reply> {
-        let reply = Reply::text(format!(
-            "oncall needs [pagerduty] api_token in gateway.toml{}",
-            asked_by(call.msg.identity.as_str())
-        ));
-        Box::pin(async move { reply })
+pub fn not_configured() -> crate::registry::Unconfigured {
+    crate::registry::Unconfigured {
+        specs: spec(),
+        message: "oncall needs [pagerduty] api_token in gateway.toml".into(),
     }
 }

@@ -363,23 +363,12 @@ fn spec() -> Vec<CommandSpec> {
 }
 
 /// `query` without `[prometheus]`: says what to configure.
-#[derive(Debug, Default)]
-pub struct NotConfigured;
-
-impl Commands for NotConfigured {
-    fn commands(&self) -> Vec<CommandSpec> {
-        spec()
-    }
-
-    fn call<'a>(&'a self, call: Call<'a>, _: &'a dyn CallContext) -> BoxFuture<'a, Reply> {
-        let reply = Reply::text(format!(
-            "`query` needs a Prometheus server: set [prometheus] url in gateway.toml{}",
-            asked_by(call.msg.identity.as_str())
-        ));
-        Box::pin(async move { reply })
+pub fn not_configured() -> crate::registry::Unconfigured {
+    crate::registry::Unconfigured {
+        specs: spec(),
+        message: "`query` needs a Prometheus server: set [prometheus] url in gateway.toml".into(),
     }
 }
-
 /// `query <promql>`: answered from this Prometheus server.
 impl Commands for PromClient {
     fn commands(&self) -> Vec<CommandSpec> {
@@ -417,7 +406,7 @@ impl crate::registry::Component for PrometheusConfig {
     }
 
     fn absent(cx: &mut crate::registry::BuildContext) -> Result<(), String> {
-        cx.commands(std::sync::Arc::new(NotConfigured))
+        cx.commands(std::sync::Arc::new(not_configured()))
     }
 }
 

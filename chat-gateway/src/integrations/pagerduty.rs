@@ -336,11 +336,11 @@ impl crate::registry::Component for PagerDutyConfig {
         }
         match crate::oncall::Oncall::from_config(&self)? {
             Some(o) => cx.commands(std::sync::Arc::new(o)),
-            None => cx.commands(std::sync::Arc::new(crate::oncall::NotConfigured)),
+            None => cx.commands(std::sync::Arc::new(crate::oncall::not_configured())),
         }
     }
 
     fn absent(cx: &mut crate::registry::BuildContext) -> Result<(), String> {
-        cx.commands(std::sync::Arc::new(crate::oncall::NotConfigured))
+        cx.commands(std::sync::Arc::new(crate::oncall::not_configured()))
     }
 }

@@ -117,6 +117,30 @@ pub trait Commands: Send + Sync {
     fn call<'a>(&'a self, call: Call<'a>, ctx: &'a dyn CallContext) -> BoxFuture<'a, Reply>;
 }
 
+/// The verbs of an integration whose section is missing or incomplete:
+/// each call says what to configure (and nothing else happens).
+#[derive(Clone, Debug)]
+pub struct Unconfigured {
+    pub specs: Vec<CommandSpec>,
+    /// `oncall needs [pagerduty] api_token in gateway.toml`.
+    pub message: String,
+}
+
+impl Commands for Unconfigured {
+    fn commands(&self) -> Vec<CommandSpec> {
+        self.specs.clone()
+    }
+
+    fn call<'a>(&'a self, call: Call<'a>, _: &'a dyn CallContext) -> BoxFuture<'a, Reply> {
+        let reply = Reply::text(format!(
+            "{}{}",
+            self.message,
+            crate::render::asked_by(call.msg.identity.as_str())
+        ));
+        Box::pin(async move { reply })
+    }
+}
+
 /// Why a set of commands could not be registered.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum CommandError {

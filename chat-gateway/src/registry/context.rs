@@ -6,7 +6,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::adapters::{AuthFailures, ChatAdapter, ChatSender};
+use crate::adapters::{AuthFailures, ChatAdapter, ChatSender, HttpInbound};
 use crate::controller::GrpcController;
 use crate::integrations::AlertHook;
 use crate::router::Router;
@@ -93,6 +93,15 @@ impl BuildContext {
     pub fn serve(&mut self, name: &str, adapter: impl ChatAdapter) {
         self.senders.push((name.to_string(), adapter.sender()));
         self.gw.add(adapter);
+    }
+
+    /// Serves `adapter` (see [`BuildContext::serve`]) and mounts its
+    /// routes, with the gateway's replay guard and auth-failure reporter.
+    pub fn serve_http(&mut self, name: &str, adapter: impl HttpInbound) {
+        adapter.use_replay_guard(self.replay_guard());
+        adapter.report_auth_failures(self.auth_failures());
+        self.routes(adapter.routes());
+        self.serve(name, adapter);
     }
 
     /// The sending halves of the chat platforms built so far, by name.

@@ -33,6 +33,7 @@ use serde::de::DeserializeOwned;
 
 pub use command::{
     Call, CallContext, CommandError, CommandSpec, CommandTable, Commands, Guard, RunOutcome,
+    Unconfigured,
 };
 pub use context::BuildContext;
 

@@ -693,7 +693,9 @@ async fn oncall_shows_who_is_on_call_and_a_refused_token_clearly() {
 async fn oncall_without_an_api_token_says_what_to_configure() {
     let w = world();
     w.router
-        .register_commands(std::sync::Arc::new(fleetcmd_gateway::oncall::NotConfigured))
+        .register_commands(std::sync::Arc::new(
+            fleetcmd_gateway::oncall::not_configured(),
+        ))
         .unwrap_or_else(|e| panic!("{e}"));
     let sent = ask(&w, "console:bob", "!oncall").await;
     assert_eq!(

@@ -6,6 +6,7 @@
 //! Location; a wrong bot key is redirected to the sign-in page and a room
 //! the bot is not in is 404, as Campfire does).
 
+use fleetcmd_gateway::adapters::HttpInbound;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -4,6 +4,7 @@
 //! (`auth_failed`), for the generic webhooks and `/notify`. (Slack,
 //! Campfire and Mattermost have theirs next to their other tests.)
 
+use fleetcmd_gateway::adapters::HttpInbound;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -3,6 +3,7 @@
 //! (`v1=hex(HMAC-SHA256(secret, "v1:" + ts + ":" + body))`), not with the
 //! adapter's own code, so a change of scheme on one side fails the test.
 
+use fleetcmd_gateway::adapters::HttpInbound;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -172,26 +172,6 @@ impl SlackAdapter {
         })
     }
 
-    /// Reports requests refused for a bad or stale signature to `to` (the
-    /// gateway records them as `auth_failed`). Set once; later calls are
-    /// ignored.
-    pub fn report_auth_failures(&self, to: crate::adapters::AuthFailures) {
-        let _ = self.http.auth_failures.set(to);
-    }
-
-    /// Keeps dedupe keys and request signatures in `guard` (the gateway's,
-    /// persisted in its state directory) from now on.
-    pub fn use_replay_guard(&self, guard: crate::store::ReplayGuard) {
-        self.inbound.use_replay_guard(guard);
-    }
-
-    /// The HTTP routes (`POST /slack/events`, `/slack/commands`,
-    /// `/slack/actions`), to mount at the root of the gateway's listener.
-    /// They refuse everything (401) when no signing secret is configured.
-    pub fn routes(&self) -> axum::Router {
-        http::routes(self.http.clone())
-    }
-
     /// A handle that ends `recv`.
     pub fn shutdown_handle(&self) -> SlackShutdown {
         SlackShutdown(self.close.clone())
@@ -388,6 +368,28 @@ impl ChatSender for SlackSender {
     }
 }
 
+impl crate::adapters::HttpInbound for SlackAdapter {
+    /// The HTTP routes (`POST /slack/events`, `/slack/commands`,
+    /// `/slack/actions`), to mount at the root of the gateway's listener.
+    /// They refuse everything (401) when no signing secret is configured.
+    fn routes(&self) -> axum::Router {
+        http::routes(self.http.clone())
+    }
+
+    /// Reports requests refused for a bad or stale signature to `to` (the
+    /// gateway records them as `auth_failed`). Set once; later calls are
+    /// ignored.
+    fn report_auth_failures(&self, to: crate::adapters::AuthFailures) {
+        let _ = self.http.auth_failures.set(to);
+    }
+
+    /// Keeps dedupe keys and request signatures in `guard` (the gateway's,
+    /// persisted in its state directory) from now on.
+    fn use_replay_guard(&self, guard: crate::store::ReplayGuard) {
+        self.inbound.use_replay_guard(guard);
+    }
+}
+
 impl crate::registry::Component for SlackConfig {
     const NAME: &'static str = "slack";
     const CHAT: bool = true;
@@ -401,10 +403,7 @@ impl crate::registry::Component for SlackConfig {
         let a = SlackAdapter::connect_with(&self, secrets)
             .await
             .map_err(|e| e.to_string())?;
-        a.use_replay_guard(cx.replay_guard());
-        a.report_auth_failures(cx.auth_failures());
-        cx.routes(a.routes());
-        cx.serve(Self::NAME, a);
+        cx.serve_http(Self::NAME, a);
         Ok(())
     }
 }

@@ -766,32 +766,9 @@ impl WebhookAdapter {
         })
     }
 
-    /// `POST /webhook/{name}`, to be mounted on the gateway's HTTP listener.
-    pub fn routes(&self) -> axum::Router {
-        axum::Router::new()
-            .route(
-                &format!("{ROUTE_PREFIX}/{{name}}"),
-                axum::routing::post(incoming),
-            )
-            .with_state(self.shared.clone())
-    }
-
     /// A handle that ends `recv` for a graceful shutdown.
     pub fn closer(&self) -> Closer {
         Closer(self.shared.clone())
-    }
-
-    /// Reports refused requests (unknown hook, missing/bad/stale signature,
-    /// replay) to `to` (the gateway records them as `auth_failed`). Set
-    /// once; later calls are ignored.
-    pub fn report_auth_failures(&self, to: AuthFailures) {
-        let _ = self.shared.auth_failures.set(to);
-    }
-
-    /// Keeps accepted signatures in `guard` (the gateway's, persisted in
-    /// its state directory) instead of for this process only. Set once.
-    pub fn use_replay_guard(&self, guard: ReplayGuard) {
-        self.shared.replay.set(guard);
     }
 
     /// The sender, for notifications outside the router.
@@ -1069,6 +1046,31 @@ impl ChatSender for WebhookSender {
     }
 }
 
+impl crate::adapters::HttpInbound for WebhookAdapter {
+    /// `POST /webhook/{name}`, to be mounted on the gateway's HTTP listener.
+    fn routes(&self) -> axum::Router {
+        axum::Router::new()
+            .route(
+                &format!("{ROUTE_PREFIX}/{{name}}"),
+                axum::routing::post(incoming),
+            )
+            .with_state(self.shared.clone())
+    }
+
+    /// Reports refused requests (unknown hook, missing/bad/stale signature,
+    /// replay) to `to` (the gateway records them as `auth_failed`). Set
+    /// once; later calls are ignored.
+    fn report_auth_failures(&self, to: AuthFailures) {
+        let _ = self.shared.auth_failures.set(to);
+    }
+
+    /// Keeps accepted signatures in `guard` (the gateway's, persisted in
+    /// its state directory) instead of for this process only. Set once.
+    fn use_replay_guard(&self, guard: ReplayGuard) {
+        self.shared.replay.set(guard);
+    }
+}
+
 impl crate::registry::Component for WebhookConfig {
     const NAME: &'static str = "webhook";
     const CHAT: bool = true;
@@ -1083,10 +1085,7 @@ impl crate::registry::Component for WebhookConfig {
 
     async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
         let a = WebhookAdapter::new(&self).map_err(|e| e.to_string())?;
-        a.use_replay_guard(cx.replay_guard());
-        a.report_auth_failures(cx.auth_failures());
-        cx.routes(a.routes());
-        cx.serve(Self::NAME, a);
+        cx.serve_http(Self::NAME, a);
         Ok(())
     }
 }
