@@ -22,6 +22,7 @@ pub mod alertmanager;
 pub mod alerts;
 pub mod approvals;
 pub mod audit_feed;
+pub mod backoff;
 pub mod cli_args;
 pub mod config;
 pub mod controller;

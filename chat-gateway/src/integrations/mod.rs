@@ -134,16 +134,15 @@ impl Retry {
     /// many gateways do not retry in step; at least `retry_after`.
     pub fn delay(&self, n: u32, retry_after: Option<Duration>) -> Duration {
         let max = Duration::from_millis(defaults::MAX_BACKOFF_MS);
-        let raw = self.base.saturating_mul(1u32 << n.min(20)).min(max);
-        let jittered = raw.mul_f64(0.5 + 0.5 * random_fraction());
+        let jittered = crate::backoff::Backoff {
+            first: self.base,
+            factor: 2.0,
+            max,
+            jitter: crate::backoff::Jitter::HalfToFull,
+        }
+        .delay(n);
         jittered.max(retry_after.unwrap_or_default()).min(max)
     }
-}
-
-fn random_fraction() -> f64 {
-    let mut b = [0u8; 4];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
 }
 
 /// How one HTTP attempt ended.
