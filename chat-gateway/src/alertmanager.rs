@@ -25,8 +25,8 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::adapters::campfire::SecretMatcher;
-use crate::adapters::webhook::SecretString;
 use crate::adapters::{AuthFailures, ChatSender, Reply, Section};
+use crate::secret::SecretString;
 
 /// The route.
 pub const ALERTMANAGER_PATH: &str = "/alertmanager";

@@ -18,9 +18,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use serde::Deserialize;
 
-use crate::adapters::webhook::SecretString;
 use crate::adapters::webhook::sign;
 use crate::adapters::{AuthFailures, ChatSender, Reply};
+use crate::secret::SecretString;
 use crate::store::{Refusal, ReplayGuard};
 
 /// The route.

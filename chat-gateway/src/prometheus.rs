@@ -17,10 +17,10 @@ use fleetcmd_core::duration::parse_duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::adapters::webhook::SecretString;
 use crate::adapters::{CodeBlock, Reply, Section};
 use crate::registry::{Call, CallContext, CommandSpec, Commands, Guard};
 use crate::render::asked_by;
+use crate::secret::SecretString;
 use futures_util::future::BoxFuture;
 
 /// Rows a reply shows; the rest are counted.
@@ -135,7 +135,7 @@ impl PromClient {
         let timeout = parse_duration(&cfg.timeout).map_err(PromError::Config)?;
         // A little longer than the evaluation timeout Prometheus is given,
         // so its own timeout error arrives instead of ours.
-        let http = crate::adapters::webhook::http_client(timeout + Duration::from_secs(2))
+        let http = crate::http_client::http_client(timeout + Duration::from_secs(2))
             .map_err(|e| PromError::Config(e.to_string()))?;
         Ok(PromClient {
             http,
@@ -161,13 +161,16 @@ impl PromClient {
         }
         let mut resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(PromError::TooLarge);
+        let body = match crate::body::read_response(&mut resp, MAX_ANSWER_BYTES).await {
+            Ok(b) => b,
+            Err(crate::body::BodyError::TooLarge(_)) => return Err(PromError::TooLarge),
+            Err(crate::body::BodyError::Read(message)) => {
+                return Err(PromError::Transport {
+                    url: self.endpoint.to_string(),
+                    message,
+                });
             }
-            body.extend_from_slice(&chunk);
-        }
+        };
         parse_answer(status, &body)
     }
 }

@@ -28,12 +28,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use fleetcmd_core::crypto::Secret;
 use fleetcmd_proto::v1;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::adapters::webhook::SecretString;
+use crate::secret::{check_secret, load_secret};
 
 pub mod opsgenie;
 pub mod pagerduty;
@@ -245,17 +244,8 @@ pub(crate) async fn classify(
 }
 
 /// The first 4 KiB of a response body, lossily decoded.
-async fn read_capped(mut resp: reqwest::Response) -> String {
-    const CAP: usize = 4096;
-    let mut buf = Vec::new();
-    while buf.len() < CAP {
-        match resp.chunk().await {
-            Ok(Some(c)) => buf.extend_from_slice(&c),
-            _ => break,
-        }
-    }
-    buf.truncate(CAP);
-    String::from_utf8_lossy(&buf).into_owned()
+async fn read_capped(resp: reqwest::Response) -> String {
+    String::from_utf8_lossy(&crate::body::read_response_prefix(resp, 4096).await).into_owned()
 }
 
 /// Text on one line, capped (for logs and refusal messages).
@@ -267,49 +257,6 @@ pub(crate) fn one_line(s: &str) -> String {
         t
     } else {
         s
-    }
-}
-
-/// A secret given inline or as a file: every problem, keyed `at.name`.
-pub(crate) fn check_secret(
-    p: &mut Vec<(String, String)>,
-    at: &str,
-    name: &str,
-    inline: &Option<SecretString>,
-    file: &Option<PathBuf>,
-) {
-    match (inline, file) {
-        (Some(_), Some(_)) => p.push((
-            format!("{at}.{name}"),
-            format!("give either `{name}` or `{name}_file`, not both"),
-        )),
-        (Some(s), None) if s.expose().trim().is_empty() => {
-            p.push((format!("{at}.{name}"), "must not be empty".into()))
-        }
-        (None, Some(f)) => match std::fs::read_to_string(f) {
-            Ok(s) if s.trim().is_empty() => p.push((
-                format!("{at}.{name}_file"),
-                format!("{}: empty", f.display()),
-            )),
-            Ok(_) => {}
-            Err(e) => p.push((format!("{at}.{name}_file"), format!("{}: {e}", f.display()))),
-        },
-        _ => {}
-    }
-}
-
-/// The secret's value (read from the file when given), if any.
-pub(crate) fn load_secret(
-    inline: &Option<SecretString>,
-    file: &Option<PathBuf>,
-    key: &str,
-) -> Result<Option<Secret<String>>, String> {
-    match (inline, file) {
-        (Some(s), _) => Ok(Some(Secret::new(s.expose().trim().to_string()))),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .map(|s| Some(Secret::new(s.trim().to_string())))
-            .map_err(|e| format!("{key}_file: {}: {e}", f.display())),
-        (None, None) => Ok(None),
     }
 }
 
@@ -348,8 +295,7 @@ pub(crate) fn check_retry(
 
 /// The HTTP client of an integration (rustls, Mozilla roots, no redirects).
 pub(crate) fn client(timeout_ms: u64) -> Result<reqwest::Client, String> {
-    crate::adapters::webhook::http_client(Duration::from_millis(timeout_ms))
-        .map_err(|e| e.to_string())
+    crate::http_client::http_client(Duration::from_millis(timeout_ms)).map_err(|e| e.to_string())
 }
 
 /// `fleetcmd-<service>`: the PagerDuty dedup key and Opsgenie alias.

@@ -15,7 +15,7 @@ use super::{
     Action, GiveUp, Integration, Level, Retry, alert_key, attempts, check_retry, check_secret,
     check_url, classify, client, decide, defaults, instances, load_secret, one_line, resolve,
 };
-use crate::adapters::webhook::SecretString;
+use crate::secret::SecretString;
 
 /// The API (EU accounts use `https://api.eu.opsgenie.com`).
 pub const API_URL: &str = "https://api.opsgenie.com";

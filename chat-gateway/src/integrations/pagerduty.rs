@@ -19,7 +19,7 @@ use super::{
     Action, GiveUp, Integration, Level, Retry, alert_key, attempts, check_retry, check_secret,
     check_url, classify, client, decide, defaults, instances, load_secret, one_line, resolve,
 };
-use crate::adapters::webhook::SecretString;
+use crate::secret::SecretString;
 
 /// The Events API v2 endpoint.
 pub const EVENTS_URL: &str = "https://events.pagerduty.com/v2/enqueue";

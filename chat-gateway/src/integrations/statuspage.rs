@@ -18,7 +18,7 @@ use super::{
     Action, GiveUp, Integration, Level, Retry, attempts, check_retry, check_secret, check_url,
     classify, client, decide, defaults, load_secret, one_line, resolve,
 };
-use crate::adapters::webhook::SecretString;
+use crate::secret::SecretString;
 
 /// The API.
 pub const API_URL: &str = "https://api.statuspage.io/v1";

@@ -15,8 +15,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fleetcmd_gateway::adapters::campfire::{CampfireAdapter, CampfireConfig, render};
-use fleetcmd_gateway::adapters::webhook::SecretString;
 use fleetcmd_gateway::adapters::{AuthFailures, ChatAdapter, Reply};
+use fleetcmd_gateway::secret::SecretString;
 use fleetcmd_gateway::serve;
 use serde_json::json;
 

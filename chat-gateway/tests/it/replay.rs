@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use fleetcmd_gateway::adapters::webhook::{SecretString, WebhookAdapter, WebhookConfig, sign};
+use fleetcmd_gateway::adapters::webhook::{WebhookAdapter, WebhookConfig, sign};
 use fleetcmd_gateway::adapters::{
     AdapterError, AuthFailure, AuthFailures, BoxFuture, ChatAdapter, ChatSender, MessageRef, Reply,
 };
 use fleetcmd_gateway::notify::{NOTIFY_PATH, NotifyConfig};
+use fleetcmd_gateway::secret::SecretString;
 use fleetcmd_gateway::store::GatewayStore;
 use tokio::sync::{mpsc, oneshot};
 

@@ -44,10 +44,12 @@ use serde::{Deserialize, Deserializer};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::render::{MAX_MESSAGE_BYTES, escape_html, inert, render};
-use super::webhook::{SecretString, http_client, read_limited};
 use super::{
     AdapterError, AuthFailures, BoxFuture, ChatAdapter, ChatSender, Incoming, MessageRef, Reply,
 };
+use crate::body::read_request as read_limited;
+use crate::http_client::http_client;
+use crate::secret::SecretString;
 use crate::store::{Refusal, ReplayGuard, ReplaySlot};
 use crate::unix_now;
 
