@@ -69,7 +69,7 @@ fn main() -> ExitCode {
                 tokio::select! {
                     res = &mut run => match res {
                         Ok(()) => ExitCode::SUCCESS,
-                        Err(e @ launch::LaunchError::Adapter { .. }) => {
+                        Err(e @ launch::LaunchError::Component { .. }) => {
                             eprintln!("fleetcmd-gateway: {e}");
                             ExitCode::from(EXIT_CONFIG)
                         }

@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 
+use crate::registry::CommandSpec;
 use fleetcmd_core::grammar;
 use fleetcmd_core::ids::short_form;
 use fleetcmd_core::policy::{ArgKind, CommandDef};
@@ -106,12 +107,48 @@ fn verb_help(who: &str, verb: &grammar::VerbHelp, def: Option<&CommandDef>) -> R
     }
 }
 
-/// `help`, `help VERB` and `help CMD` for the commands the asker may run here.
-pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
+/// `help VERB` for a verb an integration or plugin registered.
+fn registered_help(who: &str, spec: &CommandSpec, def: Option<&CommandDef>) -> Reply {
+    let mut lines = vec![format!("usage: {}", spec.usage)];
+    lines.extend(
+        [spec.summary.as_str(), spec.help.as_str()]
+            .into_iter()
+            .flat_map(str::lines)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string),
+    );
+    if let Some(def) = def {
+        lines.push(format!(
+            "also a command here: run {} on <selector>",
+            usage(def)
+        ));
+    }
+    Reply {
+        header: format!("help for `{}`{}", spec.verb, asked_by(who)),
+        lines,
+        ..Reply::default()
+    }
+}
+
+/// `help`, `help VERB` and `help CMD` for the commands the asker may run
+/// here; `registered` are the verbs integrations added that the asker's
+/// guard admits here.
+pub fn help(
+    who: &str,
+    commands: &[&CommandDef],
+    registered: &[&CommandSpec],
+    topic: Option<&str>,
+) -> Reply {
     if let Some(topic) = topic {
         let def = commands.iter().find(|c| c.name == topic);
         if let Some(verb) = grammar::verb_help(topic) {
             return verb_help(who, verb, def.copied());
+        }
+        if let Some(spec) = registered
+            .iter()
+            .find(|s| s.verb.eq_ignore_ascii_case(topic))
+        {
+            return registered_help(who, spec, def.copied());
         }
         return match def {
             Some(def) => {
@@ -139,7 +176,7 @@ pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
             )),
         };
     }
-    if commands.is_empty() {
+    if commands.is_empty() && registered.is_empty() {
         return Reply::text(format!(
             "you may not run any command in this channel{}",
             asked_by(who)
@@ -153,6 +190,7 @@ pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
         others
             .iter()
             .map(|v| v.usage)
+            .chain(registered.iter().map(|s| s.usage.as_str()))
             .collect::<Vec<_>>()
             .join(", ")
     ));

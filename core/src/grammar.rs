@@ -3,6 +3,11 @@
 //! Messages are split into words; double- or single-quoted strings form one
 //! word. Quoting is parsed here and never passed to a shell: values end up
 //! as single argv elements.
+//!
+//! These are the built-in verbs only; verbs that integrations add (the
+//! gateway's `query`, `oncall`, plugins' commands) are not known here and
+//! parse as [`GrammarError::UnknownCommand`], which the gateway then looks
+//! up among its registered commands.
 
 use std::time::Duration;
 
@@ -41,10 +46,6 @@ pub enum ChatCommand {
         for_: Option<Duration>,
         reason: Option<String>,
     },
-    /// `query <promql…>`: an instant query against the configured Prometheus.
-    Query(String),
-    /// `oncall [schedule]`: who is on call (PagerDuty).
-    Oncall(Option<String>),
     Audit(String),
     Whoami,
     Policy,
@@ -212,18 +213,6 @@ pub const VERBS: &[VerbHelp] = &[
         verb: "silence",
         usage: SILENCE_USAGE,
         about: "mute alerts for a service for a while (e.g. 30m), or lift the silence",
-        details: &[],
-    },
-    VerbHelp {
-        verb: "query",
-        usage: "query <promql>",
-        about: "an instant query against the configured Prometheus",
-        details: &[],
-    },
-    VerbHelp {
-        verb: "oncall",
-        usage: "oncall [schedule]",
-        about: "who is on call",
         details: &[],
     },
     VerbHelp {
@@ -500,14 +489,6 @@ pub fn parse(text: &str) -> Result<ChatCommand, GrammarError> {
             }
             _ => Err(GrammarError::Usage(SILENCE_USAGE)),
         },
-        "query" => joined()
-            .map(ChatCommand::Query)
-            .ok_or(GrammarError::Usage("query <promql>")),
-        "oncall" => match texts.as_slice() {
-            [] => Ok(ChatCommand::Oncall(None)),
-            [s] => Ok(ChatCommand::Oncall(Some(s.to_string()))),
-            _ => Err(GrammarError::Usage("oncall [schedule]")),
-        },
         "audit" => joined()
             .map(ChatCommand::Audit)
             .ok_or(GrammarError::Usage("audit <query>")),
@@ -769,12 +750,6 @@ mod tests {
                 reason: None,
             },
         );
-        check(
-            "query up{job=\"fleet\"} == 0",
-            Query("up{job=\"fleet\"} == 0".into()),
-        );
-        check("oncall", Oncall(None));
-        check("oncall primary", Oncall(s("primary")));
         check("audit restart by alice", Audit("restart by alice".into()));
         check("whoami", Whoami);
         check("policy", Policy);
@@ -851,8 +826,10 @@ mod tests {
         check_err("silence api", "silence <service> <duration>");
         check_err("silence api soon", "duration");
         check_err("silence api 0s", "silence <service> <duration>");
-        check_err("query", "query <promql>");
-        check_err("oncall a b", "oncall [schedule]");
+        // Integrations' verbs are not the core's: the gateway looks them up
+        // among its registered commands.
+        check_err("query up", "unknown command `query`; try `help`");
+        check_err("oncall", "unknown command `oncall`; try `help`");
         check_err("   ", "empty command");
         check_err("foo", "unknown command `foo`; try `help`");
         check_err("run", "usage: run <command>");

@@ -69,7 +69,9 @@ fn lists(role: &Role, command: &str) -> bool {
     role.commands.iter().any(|c| c == "*" || c == command)
 }
 
-fn in_channel(role: &Role, channel: &str) -> bool {
+/// Whether `role` applies in `channel` (a role without channels applies
+/// everywhere).
+pub fn in_channel(role: &Role, channel: &str) -> bool {
     role.channels.is_empty() || role.channels.iter().any(|c| c == channel)
 }
 

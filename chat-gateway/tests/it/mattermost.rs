@@ -7,6 +7,7 @@
 //! (`PostActionIntegrationRequest`). End to end through the router with a
 //! policy that binds Mattermost identities.
 
+use fleetcmd_gateway::adapters::HttpInbound;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -520,8 +520,12 @@ mod tests {
             &gw,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(cfg.irc.map(|i| i.channels), Some(vec!["#ops".to_string()]));
-        assert!(cfg.console.enabled);
+        use fleetcmd_gateway::adapters::{console::ConsoleConfig, irc::IrcConfig};
+        assert_eq!(
+            cfg.section::<IrcConfig>().map(|i| i.channels),
+            Some(vec!["#ops".to_string()])
+        );
+        assert!(cfg.section::<ConsoleConfig>().is_some_and(|c| c.enabled));
     }
 
     #[test]

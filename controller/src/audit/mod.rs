@@ -66,6 +66,7 @@ pub fn reportable(kind: EventKind) -> bool {
     matches!(
         kind,
         EventKind::ChatDenied
+            | EventKind::ChatCommand
             | EventKind::AuthFailed
             | EventKind::ApprovalRequested
             | EventKind::ApprovalGiven

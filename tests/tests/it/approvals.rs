@@ -430,6 +430,19 @@ async fn every_event_kind_is_recorded_from_a_real_flow() {
             .expect("the run finished")
             .expect("run task");
     }
+    // A registered command's call is reported and recorded (`chat_command`).
+    router
+        .register_commands(Arc::new(fleetcmd_gateway::prometheus::not_configured()))
+        .expect("query registered");
+    let out = Recorder::default();
+    router.handle(said("console:alice", "query up"), &out).await;
+    assert!(
+        out.texts()
+            .iter()
+            .any(|t| t.contains("needs a Prometheus server")),
+        "{:?}",
+        out.texts()
+    );
 
     // The agent's certificate (3 s) has been renewed at least once by now.
     let audit = pb::audit_client::AuditClient::new(fleet.operator().await);

@@ -264,8 +264,10 @@ async fn a_real_prometheus_scrapes_fleet_metrics_and_chat_queries_it() {
 
     // The same through chat: `query` answers with a table of the series.
     let ctl = GrpcController::from_channel(fleet.gateway().await);
-    let router = Router::new(fleet.gateway_options().router_config(), ctl)
-        .with_prometheus(client(&server.url));
+    let router = Router::new(fleet.gateway_options().router_config(), ctl);
+    router
+        .register_commands(std::sync::Arc::new(client(&server.url)))
+        .unwrap_or_else(|e| panic!("{e}"));
     let reply = ask(
         &router,
         "console:alice",

@@ -256,7 +256,7 @@ impl Api {
             what: "matrix homeserver".into(),
             message: e.to_string(),
         })?;
-        let http = crate::adapters::webhook::http_client(REQUEST_TIMEOUT)?;
+        let http = crate::http_client::http_client(REQUEST_TIMEOUT)?;
         let token = match login {
             Login::Token(t) => t,
             Login::Password(pw) => {

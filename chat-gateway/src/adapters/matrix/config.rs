@@ -168,21 +168,20 @@ impl MatrixConfig {
             (None, Some(f)) => (f, "password_file"),
             (None, None) => unreachable!("validate requires one of them"),
         };
-        let text = std::fs::read_to_string(file).map_err(|source| AdapterError::Io {
-            what: format!("matrix {key} {}", file.display()),
-            source,
-        })?;
-        let value = text.trim_end_matches(['\n', '\r']).to_string();
-        if value.is_empty() {
-            return Err(AdapterError::Platform {
-                what: "matrix config".into(),
-                message: format!("{key} {}: empty", file.display()),
-            });
-        }
+        // The gateway's one secret reader (trimmed, the file named).
+        let platform = |message: String| AdapterError::Platform {
+            what: "matrix config".into(),
+            message,
+        };
+        let value =
+            crate::secret::load_secret(&None, &Some(file.clone()), key.trim_end_matches("_file"))
+                .map_err(platform)?
+                .filter(|v| !v.expose().is_empty())
+                .ok_or_else(|| platform(format!("{key} {}: empty", file.display())))?;
         Ok(if self.access_token_file.is_some() {
-            Login::Token(Secret::new(value))
+            Login::Token(value)
         } else {
-            Login::Password(Secret::new(value))
+            Login::Password(value)
         })
     }
 }
@@ -249,7 +248,7 @@ mod tests {
         c.password_file = Some(dir.path().join("missing"));
         let e = c.login().expect_err("missing file").to_string();
         assert!(
-            e.contains("matrix password_file") && e.contains("missing"),
+            e.contains("matrix config: password_file") && e.contains("missing"),
             "{e}"
         );
         std::fs::write(dir.path().join("empty"), "\n").expect("write");

@@ -241,3 +241,24 @@ async fn sync_loop(
         }
     }
 }
+
+impl crate::registry::Component for MatrixConfig {
+    const NAME: &'static str = "matrix";
+    const CHAT: bool = true;
+
+    fn resolve_paths(&mut self, base: &std::path::Path) {
+        MatrixConfig::resolve_paths(self, base);
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        super::prefixed(Self::NAME, MatrixConfig::validate(self))
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let a = MatrixAdapter::connect(&self)
+            .await
+            .map_err(|e| e.to_string())?;
+        cx.serve(Self::NAME, a);
+        Ok(())
+    }
+}
