@@ -906,6 +906,12 @@ impl Shared {
         };
         match ids.as_slice() {
             [one] => Ok(one.clone()),
+            // A prefix is read from the start of the full id, which jobs of
+            // one moment share; someone who typed the first digits of a
+            // short id (its end) is told so.
+            [] if matches!(named, JobRef::Prefix(_)) => Err(ApiError::NotFound(format!(
+                "no job whose full id starts with {named}: 8 to 11 characters are the start of the full id; the short id `jobs` shows is its last 12 hex digits"
+            ))),
             [] => Err(ApiError::NotFound(format!("no job {named}"))),
             _ => Err(ApiError::InvalidArgument(format!(
                 "job id {named} is the start of several jobs' ids; give its 12-digit short id"

@@ -184,6 +184,15 @@ async fn jobs_of_one_millisecond_have_distinct_short_ids_that_the_cli_resolves()
     let t = text(&partial);
     assert!(!partial.status.success(), "{t}");
     assert!(t.contains("neither a short id"), "{t}");
+    // The first 8 digits of a short id read as the start of a full id (as
+    // an old README taught): the refusal says which end is which.
+    let start_of_short = cli.run(&["job", &sa[..8]]).await;
+    let t = text(&start_of_short);
+    assert!(!start_of_short.status.success(), "{t}");
+    assert!(
+        t.contains("start of the full id") && t.contains("last 12 hex digits"),
+        "{t}"
+    );
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
