@@ -100,7 +100,7 @@ impl AlertmanagerConfig {
                 "alertmanager.token".into(),
                 format!("must be at least {MIN_TOKEN_BYTES} bytes (value not shown)"),
             )),
-            (None, Some(f)) => match std::fs::read_to_string(f) {
+            (None, Some(f)) => match crate::secret::read_private(f) {
                 Ok(t) if t.trim().len() < MIN_TOKEN_BYTES => p.push((
                     "alertmanager.token_file".into(),
                     format!(
@@ -146,7 +146,7 @@ impl AlertmanagerConfig {
     pub fn token(&self) -> Result<String, String> {
         match (&self.token, &self.token_file) {
             (Some(t), _) => Ok(t.expose().trim().to_string()),
-            (None, Some(f)) => std::fs::read_to_string(f)
+            (None, Some(f)) => crate::secret::read_private(f)
                 .map(|s| s.trim().to_string())
                 .map_err(|e| format!("token_file: {}: {e}", f.display())),
             (None, None) => Err("no token".into()),

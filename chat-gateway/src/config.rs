@@ -345,6 +345,19 @@ impl GatewayConfig {
     pub fn options(&self, file: &Path) -> Result<GatewayOptions, ConfigError> {
         let mut problems = self.validate().err().unwrap_or_default();
         let base = file.parent().unwrap_or(Path::new("."));
+        // The two private keys must be kept from other local users.
+        for (key, path) in [("key", &self.key), ("signing_key", &self.signing_key)] {
+            let full = base.join(path);
+            if !path.as_os_str().is_empty()
+                && full.exists()
+                && let Err(message) = crate::secret::check_private_file(&full)
+            {
+                problems.push(Problem {
+                    key: key.to_string(),
+                    message,
+                });
+            }
+        }
         let mut read = |key: &str, path: &Path, marker: &str| -> Option<String> {
             if path.as_os_str().is_empty() {
                 return None;

@@ -59,7 +59,7 @@ impl NotifyConfig {
                 p.push(("notify.secret".into(), "must be at least 16 bytes".into()))
             }
             (None, Some(f)) => {
-                if let Err(e) = std::fs::read_to_string(f) {
+                if let Err(e) = crate::secret::read_private(f) {
                     p.push(("notify.secret_file".into(), format!("{}: {e}", f.display())));
                 }
             }
@@ -77,7 +77,7 @@ impl NotifyConfig {
     pub fn secret(&self) -> Result<Vec<u8>, String> {
         match (&self.secret, &self.secret_file) {
             (Some(s), _) => Ok(s.0.expose().as_bytes().to_vec()),
-            (None, Some(f)) => std::fs::read_to_string(f)
+            (None, Some(f)) => crate::secret::read_private(f)
                 .map(|s| s.trim().as_bytes().to_vec())
                 .map_err(|e| format!("notify.secret_file: {}: {e}", f.display())),
             (None, None) => Err("notify: no secret".into()),

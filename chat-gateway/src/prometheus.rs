@@ -58,15 +58,19 @@ impl PrometheusConfig {
         if let Err(e) = base_url(&self.url) {
             p.push(("prometheus.url".into(), e));
         }
-        if self
-            .bearer_token
-            .as_ref()
-            .is_some_and(|t| t.expose().trim().is_empty())
-        {
-            p.push((
-                "prometheus.bearer_token".into(),
-                "must not be empty (leave it out for none)".into(),
-            ));
+        if let Some(t) = &self.bearer_token {
+            if t.expose().trim().is_empty() {
+                p.push((
+                    "prometheus.bearer_token".into(),
+                    "must not be empty (leave it out for none)".into(),
+                ));
+            } else if t.expose().trim().chars().any(char::is_control) {
+                // A header value cannot carry it: every query would fail.
+                p.push((
+                    "prometheus.bearer_token".into(),
+                    "must not contain control characters (a newline?)".into(),
+                ));
+            }
         }
         match parse_duration(&self.timeout) {
             Ok(d) if d >= Duration::from_secs(1) && d <= Duration::from_secs(300) => {}
@@ -80,18 +84,25 @@ impl PrometheusConfig {
     }
 }
 
-/// The base URL, checked: http(s), a host, no query or fragment.
+/// The base URL, checked: http(s), a host, no user name or password, no
+/// query or fragment. Errors never quote the value (it may hold a password
+/// or a token: an outside test saw one in chat).
 fn base_url(text: &str) -> Result<reqwest::Url, String> {
     let url = reqwest::Url::parse(text.trim())
-        .map_err(|e| format!("{text:?} is not a URL (e.g. \"http://127.0.0.1:9090\"): {e}"))?;
+        .map_err(|e| format!("not a URL (e.g. \"http://127.0.0.1:9090\"): {e}"))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("{text:?}: must be http:// or https://"));
+        return Err("must be http:// or https://".into());
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{text:?}: has no host"));
+        return Err("has no host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "must not carry a user name or password: give a token in `bearer_token` (or put a proxy that adds the credentials in front)".into(),
+        );
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("{text:?}: must not have a query or fragment"));
+        return Err("must not have a query or fragment".into());
     }
     Ok(url)
 }
@@ -101,7 +112,8 @@ fn base_url(text: &str) -> Result<reqwest::Url, String> {
 pub enum PromError {
     #[error("[prometheus]: {0}")]
     Config(String),
-    #[error("prometheus at {url}: {message}")]
+    /// Shown in chat without the address (the log has it).
+    #[error("prometheus unreachable: {message}")]
     Transport { url: String, message: String },
     #[error("prometheus answered HTTP {status} without an API error")]
     Http { status: u16 },
@@ -147,9 +159,13 @@ impl PromClient {
 
     /// Runs one instant query; `data` of a successful answer.
     pub async fn query(&self, promql: &str) -> Result<QueryData, PromError> {
-        let transport = |e: reqwest::Error| PromError::Transport {
-            url: self.endpoint.to_string(),
-            message: e.without_url().to_string(),
+        let transport = |e: reqwest::Error| {
+            let message = e.without_url().to_string();
+            tracing::warn!(url = %self.endpoint, error = %message, "prometheus query failed");
+            PromError::Transport {
+                url: self.endpoint.to_string(),
+                message,
+            }
         };
         let timeout = format!("{}ms", self.timeout.as_millis());
         let mut req = self
@@ -527,6 +543,47 @@ mod tests {
             ["prometheus.url"]
         );
         assert!(!format!("{:?}", cfg("http://x", "10s", Some("sekrit"))).contains("sekrit"));
+        // Credentials in the URL are refused, and no problem quotes the
+        // value (an outside test saw a password in chat and in the log).
+        for url in [
+            "http://promuser:SECRETPW@127.0.0.1:9090",
+            "http://SECRETPW@127.0.0.1:9090",
+            "http://u:SECRETPW@127.0.0.1:1/x?token=SECRETPW",
+            "SECRETPW not a url",
+        ] {
+            let problems = cfg(url, "10s", None).validate();
+            assert_eq!(problems.len(), 1, "{url}: {problems:?}");
+            assert!(!problems[0].1.contains("SECRETPW"), "{problems:?}");
+        }
+        assert!(
+            cfg("http://u:p@127.0.0.1:9090", "10s", None).validate()[0]
+                .1
+                .contains("bearer_token")
+        );
+        // A token a header cannot carry is refused before any query fails.
+        assert_eq!(
+            keys(cfg("http://x", "10s", Some("abc\ndef"))),
+            ["prometheus.bearer_token"]
+        );
+    }
+
+    /// A query that got no answer tells chat what went wrong, not where
+    /// Prometheus lives.
+    #[tokio::test]
+    async fn an_unreachable_prometheus_is_named_without_its_address() {
+        let c = PromClient::new(&PrometheusConfig {
+            url: "http://127.0.0.1:1/internal-prom/".into(),
+            bearer_token: None,
+            timeout: "1s".into(),
+        })
+        .expect("client");
+        let err = c.query("up").await.expect_err("nothing listens on port 1");
+        let reply = render_error("up", &err, "console:alice").plain();
+        assert!(reply.contains("prometheus unreachable"), "{reply}");
+        assert!(
+            !reply.contains("127.0.0.1") && !reply.contains("internal-prom"),
+            "{reply}"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `Debug`, never logged. Every component reads its tokens, keys and
 //! webhook secrets through this module.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use fleetcmd_core::crypto::Secret;
 use serde::{Deserialize, Deserializer};
@@ -34,6 +34,47 @@ impl<'de> Deserialize<'de> for SecretString {
     }
 }
 
+/// Whether a file holding a secret (a key, a token, a password) keeps it
+/// from other local users: no permission bits for "others" (group read is
+/// how the packages share a key with the `fleetcmd` group). A key anyone on
+/// the host can read lets them sign jobs as every chat user the gateway
+/// speaks for (found by an outside test: a 0644 signing key and a 0666
+/// password file were taken without a word).
+pub fn check_private_file(path: &Path) -> Result<(), String> {
+    kept_private(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Reads a secret file, refused (`PermissionDenied`) when other local users
+/// may read or write it ([`check_private_file`]): every secret file the
+/// gateway reads goes through here.
+pub fn read_private(path: &Path) -> std::io::Result<String> {
+    kept_private(path)?;
+    std::fs::read_to_string(path)
+}
+
+/// Writes a secret file 0600, for unit tests.
+#[cfg(test)]
+pub(crate) fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, text).expect("secret file written");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+fn kept_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o007 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "readable or writable by every local user (mode {:o}): chmod o-rwx it (0600, or 0640 for the service's group)",
+                mode & 0o777
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A secret given inline or as a file: every problem, keyed `at.name`.
 pub fn check_secret(
     p: &mut Vec<(String, String)>,
@@ -50,7 +91,7 @@ pub fn check_secret(
         (Some(s), None) if s.expose().trim().is_empty() => {
             p.push((format!("{at}.{name}"), "must not be empty".into()))
         }
-        (None, Some(f)) => match std::fs::read_to_string(f) {
+        (None, Some(f)) => match read_private(f) {
             Ok(s) if s.trim().is_empty() => p.push((
                 format!("{at}.{name}_file"),
                 format!("{}: empty", f.display()),
@@ -70,7 +111,7 @@ pub fn load_secret(
 ) -> Result<Option<Secret<String>>, String> {
     match (inline, file) {
         (Some(s), _) => Ok(Some(Secret::new(s.expose().trim().to_string()))),
-        (None, Some(f)) => std::fs::read_to_string(f)
+        (None, Some(f)) => read_private(f)
             .map(|s| Some(Secret::new(s.trim().to_string())))
             .map_err(|e| format!("{key}_file: {}: {e}", f.display())),
         (None, None) => Ok(None),

@@ -10,7 +10,7 @@ use fleetcmd_gateway::config::{ConfigError, GatewayConfig};
 const ROOT: &str = "ed25519:MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=";
 
 fn write(dir: &Path, name: &str, text: &str) {
-    std::fs::write(dir.join(name), text).unwrap_or_else(|e| panic!("{name}: {e}"));
+    crate::support::write_private(dir.join(name), text);
 }
 
 fn fixture() -> tempfile::TempDir {
@@ -58,6 +58,62 @@ fn loads_options_with_paths_relative_to_the_file() {
     assert!(
         !format!("{opts:?}").contains("PRIVATE KEY"),
         "key material must not be in Debug"
+    );
+}
+
+/// Private keys and secret files that every local user may read are
+/// refused, naming the file and the fix (an outside test saw a 0644 signing
+/// key and a 0666 password file taken without a word).
+#[test]
+fn keys_and_secret_files_other_users_can_read_are_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = fixture();
+    let file = dir.path().join("gateway.toml");
+    write(dir.path(), "gateway.toml", &config("sign.pem", "cert.pem"));
+    let chmod = |name: &str, mode: u32| {
+        std::fs::set_permissions(dir.path().join(name), std::fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    chmod("sign.pem", 0o644);
+    chmod("key.pem", 0o604);
+    let err = GatewayConfig::load(&file)
+        .and_then(|c| c.options(&file))
+        .expect_err("readable keys")
+        .to_string();
+    for want in [
+        "signing_key",
+        "sign.pem",
+        "key",
+        "key.pem",
+        "mode 644",
+        "chmod o-rwx",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    // The packages' layout: readable by the service's group only.
+    chmod("sign.pem", 0o640);
+    chmod("key.pem", 0o640);
+    GatewayConfig::load(&file)
+        .and_then(|c| c.options(&file))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A secret file of a section, the same.
+    write(dir.path(), "irc-pass", "s3cret\n");
+    chmod("irc-pass", 0o666);
+    write(
+        dir.path(),
+        "gateway.toml",
+        &format!(
+            "{}[notify]\nsecret_file = \"irc-pass\"\nchannels = [\"console\"]\n",
+            config("sign.pem", "cert.pem")
+        ),
+    );
+    let err = GatewayConfig::load(&file)
+        .and_then(|c| c.options(&file))
+        .expect_err("a readable password file")
+        .to_string();
+    assert!(
+        err.contains("notify.secret_file") && err.contains("mode 666"),
+        "{err}"
     );
 }
 

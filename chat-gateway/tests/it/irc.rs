@@ -909,7 +909,7 @@ async fn caps_sasl_account_tags_and_dead_link_against_a_scripted_server() {
         .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let pw = tempfile::NamedTempFile::new().expect("tempfile");
-    std::fs::write(pw.path(), "s3cret\n").expect("password file");
+    crate::support::write_private(pw.path(), "s3cret\n");
     let cfg: IrcConfig = toml::from_str(&format!(
         r##"
 server = "127.0.0.1"

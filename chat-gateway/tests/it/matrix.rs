@@ -186,7 +186,7 @@ async fn world(hs: &Synapse, with_secret: bool) -> (User, String, Option<String>
 /// The bot's config: password login, the given rooms.
 fn bot_config(hs: &Synapse, rooms: &[&str]) -> MatrixConfig {
     let pw = hs.dir.path().join("bot-password");
-    std::fs::write(&pw, "pw-bot\n").expect("password file");
+    crate::support::write_private(&pw, "pw-bot\n");
     let mut cfg = MatrixConfig::new(&hs.url, &Synapse::user_id("bot"), &pw);
     cfg.rooms = rooms.iter().map(|r| r.to_string()).collect();
     cfg.sync_timeout_secs = 5;
@@ -330,7 +330,7 @@ async fn a_refused_token_or_unknown_room_fails_the_start_naming_it() {
         let hs = Synapse::start().await;
         let (_alice, _ops, _) = world(&hs, false).await;
         let tok = hs.dir.path().join("bad-token");
-        std::fs::write(&tok, "syt_not_a_token\n").expect("token file");
+        crate::support::write_private(&tok, "syt_not_a_token\n");
         let mut cfg = bot_config(&hs, &["#ops:localhost"]);
         cfg.password_file = None;
         cfg.access_token_file = Some(tok);

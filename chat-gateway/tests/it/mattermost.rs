@@ -1445,12 +1445,9 @@ button_max_age = "10s"
     let token_file = dir.path().join("token");
     let slash_file = dir.path().join("slash");
     let secret_file = dir.path().join("secret");
-    ok(std::fs::write(&token_file, format!("{TOKEN}\n")));
-    ok(std::fs::write(
-        &slash_file,
-        format!("{SLASH}\n\nsecond-slash-token\n"),
-    ));
-    ok(std::fs::write(&secret_file, format!("{SECRET}\n")));
+    crate::support::write_private(&token_file, format!("{TOKEN}\n"));
+    crate::support::write_private(&slash_file, format!("{SLASH}\n\nsecond-slash-token\n"));
+    crate::support::write_private(&secret_file, format!("{SECRET}\n"));
     let cfg: MattermostConfig = ok(toml::from_str(&format!(
         r#"
 url = "https://chat.example.com"
@@ -1481,7 +1478,7 @@ team = "ops"
         toml::from_str::<MattermostConfig>("url = \"x\"\nbogus = 1").is_err(),
         "unknown keys refused"
     );
-    ok(std::fs::write(&token_file, "\n"));
+    crate::support::write_private(&token_file, "\n");
     let problems = cfg.validate();
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert_eq!(problems[0].0, "token_file");

@@ -17,6 +17,16 @@ use fleetcmd_gateway::controller::{ControllerApi, ControllerError, JobEvents};
 use fleetcmd_gateway::router::{Router, RouterConfig};
 use fleetcmd_proto::v1;
 
+/// Writes a secret file as its owner alone may read it (0600): the
+/// gateway refuses secret files other local users can read.
+pub fn write_private(path: impl AsRef<std::path::Path>, text: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = path.as_ref();
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
 pub fn new_key() -> SigningKey {
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)

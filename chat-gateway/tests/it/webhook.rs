@@ -539,7 +539,7 @@ async fn outgoing_notifications_retry_5xx_429_and_timeouts_but_not_4xx() {
 async fn secret_files_are_read_and_named_when_missing() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let path = dir.path().join("ops.secret");
-    std::fs::write(&path, format!("{SECRET}\n")).unwrap_or_else(|e| panic!("{e}"));
+    crate::support::write_private(&path, format!("{SECRET}\n"));
     let mut h = hook(None, 3000);
     h.secret = None;
     h.secret_file = Some("ops.secret".into());

@@ -264,7 +264,7 @@ fn read_secret(
             message: format!("{key} is not configured"),
         });
     };
-    std::fs::read_to_string(path)
+    crate::secret::read_private(path)
         .map(|s| Secret::new(s.trim().to_string()))
         .map_err(|source| AdapterError::Io {
             what: format!("campfire {key}_file {}", path.display()),

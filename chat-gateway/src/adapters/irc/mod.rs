@@ -425,7 +425,7 @@ fn read_secret(
         return Ok(Some(s.clone()));
     }
     let Some(path) = file else { return Ok(None) };
-    let text = std::fs::read_to_string(path).map_err(|source| AdapterError::Io {
+    let text = crate::secret::read_private(path).map_err(|source| AdapterError::Io {
         what: format!("irc.{key} {}", path.display()),
         source,
     })?;

@@ -251,11 +251,11 @@ mod tests {
             e.contains("matrix config: password_file") && e.contains("missing"),
             "{e}"
         );
-        std::fs::write(dir.path().join("empty"), "\n").expect("write");
+        crate::secret::write_private(&dir.path().join("empty"), "\n");
         c.password_file = Some(dir.path().join("empty"));
         let e = c.login().expect_err("empty file").to_string();
         assert!(e.contains("empty"), "{e}");
-        std::fs::write(dir.path().join("tok"), "syt_abc\n").expect("write");
+        crate::secret::write_private(&dir.path().join("tok"), "syt_abc\n");
         c.password_file = None;
         c.access_token_file = Some(dir.path().join("tok"));
         assert!(matches!(c.login(), Ok(Login::Token(t)) if t.expose() == "syt_abc"));

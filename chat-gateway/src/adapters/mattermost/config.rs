@@ -96,7 +96,7 @@ pub(crate) struct Secrets {
 }
 
 fn read_file(key: &str, file: &Path) -> Result<String, (String, String)> {
-    std::fs::read_to_string(file).map_err(|e| {
+    crate::secret::read_private(file).map_err(|e| {
         (
             key.to_string(),
             format!("{}: cannot read: {e}", file.display()),

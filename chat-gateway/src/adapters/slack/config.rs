@@ -204,7 +204,7 @@ impl SlackConfig {
                 (Some(s), _) => (s.expose().to_string(), key.to_string()),
                 (None, Some(path)) => {
                     let path = base.join(path);
-                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                    let text = crate::secret::read_private(&path).map_err(|e| {
                         config_error(format!("{key}_file {}: cannot read: {e}", path.display()))
                     })?;
                     (
@@ -321,7 +321,7 @@ mod tests {
     fn secrets_come_from_files_and_never_print() {
         let dir = std::env::temp_dir().join(format!("fleetcmd-slack-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
-        let _ = std::fs::write(dir.join("bot"), "xoxb-from-file\n");
+        crate::secret::write_private(&dir.join("bot"), "xoxb-from-file\n");
         let c = SlackConfig {
             bot_token_file: Some(PathBuf::from("bot")),
             app_token: Some(ConfigSecret::new("xapp-inline")),

@@ -251,7 +251,7 @@ impl XmppConfig {
         let password = match (&self.password, &self.password_file) {
             (Some(p), _) => p.0.clone(),
             (None, Some(f)) => {
-                let text = std::fs::read_to_string(f).map_err(|source| AdapterError::Io {
+                let text = crate::secret::read_private(f).map_err(|source| AdapterError::Io {
                     what: format!("xmpp password_file {}", f.display()),
                     source,
                 })?;
@@ -829,7 +829,7 @@ tls = "required"
         let dir = std::env::temp_dir().join(format!("fleetcmd-xmpp-{}", stanza::new_id()));
         let _ = std::fs::create_dir_all(&dir);
         let file = dir.join("pw");
-        let _ = std::fs::write(&file, "s3cret\n");
+        crate::secret::write_private(&file, "s3cret\n");
         let mut cfg = XmppConfig::new("bot@localhost", "x");
         cfg.password = None;
         cfg.password_file = Some(file.clone());
