@@ -103,6 +103,8 @@ pub struct Router<C> {
     prometheus: Option<Arc<crate::prometheus::PromClient>>,
     /// Chat `oncall` (PagerDuty REST), when `[pagerduty] api_token` is set.
     pub(crate) oncall: std::sync::OnceLock<crate::oncall::Oncall>,
+    /// `[[plugin]]`: chat commands served by plugin processes.
+    pub(crate) plugins: std::sync::OnceLock<Arc<crate::plugins::PluginHost>>,
 }
 
 impl<C> std::fmt::Debug for Router<C> {
@@ -150,6 +152,7 @@ impl<C: ControllerApi> Router<C> {
             owed: None,
             prometheus: None,
             oncall: std::sync::OnceLock::new(),
+            plugins: std::sync::OnceLock::new(),
         }
     }
 
@@ -326,6 +329,12 @@ impl<C: ControllerApi> Router<C> {
             return;
         };
         let who = msg.identity.as_str().to_string();
+        if let Some(host) = self.plugins.get()
+            && let Some(reply) = self.plugin_command(host, &msg, text, out).await
+        {
+            self.post(out, &msg, reply).await;
+            return;
+        }
         let cmd = match grammar::parse(text) {
             Ok(c) => c,
             Err(e) => {
@@ -373,11 +382,19 @@ impl<C: ControllerApi> Router<C> {
     async fn help(&self, msg: &Incoming, topic: Option<&str>) -> Reply {
         let who = msg.identity.as_str();
         match self.current_policy().await {
-            Ok(p) => render::help(
-                who,
-                &commands_for(&p.policy, &msg.identity, &msg.channel),
-                topic,
-            ),
+            Ok(p) => {
+                let mut reply = render::help(
+                    who,
+                    &commands_for(&p.policy, &msg.identity, &msg.channel),
+                    topic,
+                );
+                if topic.is_none()
+                    && let Some(host) = self.plugins.get()
+                {
+                    reply.lines.extend(host.help_lines(&p.policy, msg));
+                }
+                reply
+            }
             Err(e) => Reply::text(format!("{e}{}", asked_by(who))),
         }
     }

@@ -64,6 +64,9 @@ pub enum EventKind {
     /// An authenticated caller was refused an action its policy roles do
     /// not grant (reading another's job, a token for other labels, …).
     PermissionDenied,
+    /// A chat user called a gateway plugin command (who, what, where, and
+    /// how it ended: answered, timed out, plugin not available).
+    PluginCalled,
 }
 
 impl EventKind {
@@ -93,6 +96,7 @@ impl EventKind {
         EventKind::ServiceSilenced,
         EventKind::CertRevoked,
         EventKind::PermissionDenied,
+        EventKind::PluginCalled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -122,6 +126,7 @@ impl EventKind {
             EventKind::ServiceSilenced => "service_silenced",
             EventKind::CertRevoked => "cert_revoked",
             EventKind::PermissionDenied => "permission_denied",
+            EventKind::PluginCalled => "plugin_called",
         }
     }
 

@@ -73,6 +73,7 @@ pub fn reportable(kind: EventKind) -> bool {
             | EventKind::ApprovalExpired
             | EventKind::ApprovalDropped
             | EventKind::JobCanceled
+            | EventKind::PluginCalled
     )
 }
 
