@@ -244,9 +244,8 @@ impl<C: ControllerApi> JobRunner for AsCaller<'_, C> {
 impl<C: ControllerApi> Router<C> {
     /// Serves the commands of `host`'s plugins (set once; later calls are
     /// ignored).
-    pub fn with_plugins(self, host: PluginHost) -> Router<C> {
+    pub fn serve_plugins(&self, host: PluginHost) {
         let _ = self.plugins.set(Arc::new(host));
-        self
     }
 
     /// A `handle` whose future is boxed: a plugin's `job.run` re-enters it.

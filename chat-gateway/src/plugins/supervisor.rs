@@ -21,6 +21,9 @@ use super::protocol::{
 };
 use crate::adapters::BoxFuture;
 
+/// How long a plugin that broke off is waited for, to report its exit status.
+const EXIT_GRACE: Duration = Duration::from_millis(500);
+
 /// Submits a job on behalf of the caller of the command being answered.
 pub trait JobRunner: Send + Sync {
     fn run_as_caller(&self, req: JobRunParams) -> BoxFuture<'_, Result<JobRunResult, String>>;
@@ -172,8 +175,10 @@ impl Plugin {
                 message: e.message,
             }),
             Ok(Err(Broken(why))) => {
-                let why = match conn.child.try_wait() {
-                    Ok(Some(status)) => format!("{why}: it exited with {status}"),
+                // A plugin that closed its output has usually exited: name
+                // its status (waited for briefly; a live one is killed).
+                let why = match tokio::time::timeout(EXIT_GRACE, conn.child.wait()).await {
+                    Ok(Ok(status)) => format!("{why}: it exited with {status}"),
                     _ => why,
                 };
                 Err(self.down(&mut state, failures + 1, why))

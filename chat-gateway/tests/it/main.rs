@@ -13,6 +13,7 @@ mod limits;
 mod mattermost;
 mod multi;
 mod ngircd;
+mod plugins;
 mod render;
 mod replay;
 mod router;
