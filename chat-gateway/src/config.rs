@@ -125,6 +125,9 @@ pub struct GatewayConfig {
     /// (docs/health/alerting.md).
     #[serde(default)]
     pub alertmanager: Option<crate::alertmanager::AlertmanagerConfig>,
+    /// `[[plugin]]`: out-of-process plugins (docs/plugins.md).
+    #[serde(default)]
+    pub plugin: Vec<crate::plugins::config::PluginConfig>,
     /// `[pagerduty]`: service alerts to the Events API v2, chat `oncall`.
     #[serde(default)]
     pub pagerduty: Option<crate::integrations::PagerDutyConfig>,

@@ -38,6 +38,8 @@ pub enum LaunchError {
     Notify(String),
     #[error("{0}")]
     Prometheus(String),
+    #[error("[[plugin]]: {0}")]
+    Plugins(#[from] crate::plugins::config::PluginConfigError),
     #[error("[alertmanager]: {0}")]
     Alertmanager(String),
     /// The message names the section (`[pagerduty]: …`).
@@ -94,6 +96,9 @@ pub async fn run(
         router = router.with_prometheus(client);
     }
     let router = Arc::new(router);
+    router.serve_plugins(crate::plugins::PluginHost::new(
+        crate::plugins::config::load(&cfg.plugin)?,
+    ));
     // A request accepted once is refused after a restart too.
     let replay = store.replay()?;
     let mut gw = Gateway::new(router.clone());

@@ -30,7 +30,7 @@ pub mod defaults {
 }
 
 /// One `[[plugin]]` entry as written.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// The plugin's `plugin.toml`.
@@ -47,7 +47,7 @@ pub struct PluginConfig {
 }
 
 /// Where a secret's value comes from.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "lowercase")]
 pub enum SecretSource {
     /// A file holding one line (trailing newline removed).

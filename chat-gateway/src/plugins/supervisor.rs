@@ -243,13 +243,8 @@ impl Plugin {
         let line_bytes = self.spec.limits.line_bytes;
         let stderr = StderrTask(tokio::spawn(async move {
             let mut r = BufReader::new(stderr);
-            loop {
-                match read_line(&mut r, line_bytes).await {
-                    Ok(Some(line)) => {
-                        tracing::info!(plugin = %stderr_name, "stderr: {}", fleetcmd_core::terminal::excerpt(&line))
-                    }
-                    Ok(None) | Err(_) => break,
-                }
+            while let Ok(Some(line)) = read_line(&mut r, line_bytes).await {
+                tracing::info!(plugin = %stderr_name, "stderr: {}", fleetcmd_core::terminal::excerpt(&line));
             }
         }));
         let mut conn = Conn {
@@ -325,7 +320,7 @@ async fn exchange<P: serde::Serialize>(
             .map_err(|e| Broken(format!("it broke the protocol: {e}")))?
         {
             Message::Response { id: got, outcome } => {
-                if got != Value::from(id) {
+                if got != id {
                     return Err(Broken(format!("it answered request {got}, expected {id}")));
                 }
                 return Ok(outcome);
