@@ -559,8 +559,11 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut stream: watch:
         key_id: signed.key_id,
     };
     // Only to label the result; nothing in an unverified spec is trusted.
+    // A spec that does not parse (a malformed requester, say) is still
+    // answered under its id, so the refusal reaches the job it belongs to.
     let job_id = JobSpec::from_bytes(&job.spec)
         .map(|s| s.id.to_string())
+        .or_else(|_| JobSpec::id_of_unparsed(&job.spec).ok_or(()))
         .unwrap_or_default();
     let now = now_secs();
     let decision = {

@@ -742,9 +742,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             })
             .await?
             .into_inner();
-        get_ok = j.targets.iter().filter(|t| t.state == "ok").count();
+        get_ok = j
+            .targets
+            .iter()
+            .filter(|t| t.target_state() == pb::TargetState::Ok)
+            .count();
+        let running = j.job_state() == pb::JobState::Running;
         get_state = j.state;
-        if get_state != "running" {
+        if !running {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

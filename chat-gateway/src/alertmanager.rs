@@ -25,8 +25,8 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::adapters::campfire::SecretMatcher;
-use crate::adapters::webhook::SecretString;
 use crate::adapters::{AuthFailures, ChatSender, Reply, Section};
+use crate::secret::SecretString;
 
 /// The route.
 pub const ALERTMANAGER_PATH: &str = "/alertmanager";
@@ -398,6 +398,24 @@ pub fn routes(
     Ok(axum::Router::new()
         .route(ALERTMANAGER_PATH, post(receive))
         .with_state(state))
+}
+
+impl crate::registry::Component for AlertmanagerConfig {
+    const NAME: &'static str = "alertmanager";
+
+    fn resolve_paths(&mut self, base: &Path) {
+        AlertmanagerConfig::resolve_paths(self, base);
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        AlertmanagerConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let r = routes(&self, cx.senders(), cx.auth_failures())?;
+        cx.routes(r);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{GatewayStore, Records, StoreError, Unreadable};
+use crate::store::{GatewayStore, Records, Seal, StoreError, Unreadable};
 
 use fleetcmd_core::approval::{ApprovalError, ApprovalRequest, GivenApproval, Progress};
 use fleetcmd_core::ids::{IdError, Identity, JobId, JobRef};
@@ -189,10 +189,10 @@ impl Approvals {
     }
 
     /// Requests kept in `store` as well as in memory.
-    pub fn persisted(store: &GatewayStore) -> Result<Approvals, StoreError> {
+    pub fn persisted(store: &GatewayStore, seal: &Seal) -> Result<Approvals, StoreError> {
         Ok(Approvals {
             pending: Mutex::default(),
-            records: Some(store.records(TREE)?),
+            records: Some(store.records(TREE, seal)?),
         })
     }
 

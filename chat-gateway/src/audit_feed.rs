@@ -190,3 +190,38 @@ pub async fn run<C: ControllerApi>(
         }
     }
 }
+
+impl crate::registry::Component for AuditChannelConfig {
+    const NAME: &'static str = "audit_channel";
+
+    fn validate(&self) -> Vec<(String, String)> {
+        AuditChannelConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let scheme = self.channel.split(':').next().unwrap_or_default();
+        // Outgoing webhooks are posted by the `webhook` platform.
+        let scheme = if scheme == "webhook-out" {
+            "webhook"
+        } else {
+            scheme
+        };
+        let senders = cx.senders();
+        let Some((_, out)) = senders.iter().find(|(s, _)| s == scheme) else {
+            return Err(format!(
+                "{}: no enabled adapter posts to `{scheme}:` channels",
+                self.channel
+            ));
+        };
+        let kinds = self.kinds().map_err(|p| format!("{p:?}"))?;
+        let task = run(
+            cx.router().clone(),
+            out.clone(),
+            self.channel.clone(),
+            kinds,
+            self.interval(),
+        );
+        cx.background(task);
+        Ok(())
+    }
+}

@@ -19,6 +19,7 @@
 //!
 //! Relative paths are resolved against the directory of the config file.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,7 +38,6 @@ pub const DEFAULT_PATH: &str = "/etc/fleetcmd/gateway.toml";
 pub mod defaults {
     pub const POLICY_THRESHOLD: usize = 1;
     pub const BOT_NAME: &str = "fleetcmd";
-    pub const CONSOLE_ENABLED: bool = false;
 
     pub(super) fn policy_threshold() -> usize {
         POLICY_THRESHOLD
@@ -55,14 +55,12 @@ pub mod defaults {
     pub(super) fn bot_name() -> String {
         BOT_NAME.to_string()
     }
-    pub(super) fn console_enabled() -> bool {
-        CONSOLE_ENABLED
-    }
 }
 
-/// The gateway configuration file.
-#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+/// The gateway configuration file. Its own keys are parsed here; every
+/// section beyond `[http]` belongs to a registered component (unknown keys
+/// are refused there, and unknown sections here).
+#[derive(Deserialize, Debug, Clone, PartialEq)]
 pub struct GatewayConfig {
     /// Controller gRPC address, `https://host:port` or `host:port`.
     pub controller: String,
@@ -90,53 +88,17 @@ pub struct GatewayConfig {
     #[serde(default = "defaults::state_dir")]
     pub state_dir: PathBuf,
     #[serde(default)]
-    pub console: ConsoleConfig,
-    #[serde(default)]
     pub http: HttpConfig,
-    /// `[slack]`: Socket Mode or the Events API (docs/chat/slack.md).
-    #[serde(default)]
-    pub slack: Option<crate::adapters::slack::SlackConfig>,
-    /// `[mattermost]`: REST v4 + WebSocket, slash commands, buttons
-    /// (docs/chat/mattermost.md).
-    #[serde(default)]
-    pub mattermost: Option<crate::adapters::mattermost::MattermostConfig>,
-    /// `[irc]`: plain or TLS, IRCv3 caps where offered (docs/chat/irc.md).
-    #[serde(default)]
-    pub irc: Option<crate::adapters::irc::IrcConfig>,
-    /// `[xmpp]`: multi-user chat rooms (docs/chat/xmpp.md).
-    #[serde(default)]
-    pub xmpp: Option<crate::adapters::xmpp::XmppConfig>,
-    /// `[campfire]`: ONCE Campfire bot webhooks (docs/chat/campfire.md).
-    #[serde(default)]
-    pub campfire: Option<crate::adapters::campfire::CampfireConfig>,
-    /// `[webhook]`: signed incoming and outgoing webhooks (docs/chat/webhook.md).
-    #[serde(default)]
-    pub webhook: Option<crate::adapters::webhook::WebhookConfig>,
-    /// `[audit_channel]`: selected audit events posted to one channel.
-    #[serde(default)]
-    pub audit_channel: Option<crate::audit_feed::AuditChannelConfig>,
-    /// `[notify]`: `POST /notify` from monitoring (`fleetcmd notify`).
-    #[serde(default)]
-    pub notify: Option<crate::notify::NotifyConfig>,
-    /// `[prometheus]`: the server chat `query PROMQL` asks.
-    #[serde(default)]
-    pub prometheus: Option<crate::prometheus::PrometheusConfig>,
-    /// `[alertmanager]`: `POST /alertmanager` from Prometheus Alertmanager
-    /// (docs/health/alerting.md).
-    #[serde(default)]
-    pub alertmanager: Option<crate::alertmanager::AlertmanagerConfig>,
-    /// `[[plugin]]`: out-of-process plugins (docs/plugins.md).
-    #[serde(default)]
-    pub plugin: Vec<crate::plugins::config::PluginConfig>,
-    /// `[pagerduty]`: service alerts to the Events API v2, chat `oncall`.
-    #[serde(default)]
-    pub pagerduty: Option<crate::integrations::PagerDutyConfig>,
-    /// `[opsgenie]`: service alerts to the Opsgenie Alerts API.
-    #[serde(default)]
-    pub opsgenie: Option<crate::integrations::OpsgenieConfig>,
-    /// `[statuspage]`: service states to Statuspage components.
-    #[serde(default)]
-    pub statuspage: Option<crate::integrations::StatuspageConfig>,
+    /// Every other section (`[slack]`, `[pagerduty]`, …): a chat platform
+    /// or an integration, selected by its name in the registry
+    /// ([`crate::registry::components`]); a name no component claims is
+    /// refused by [`GatewayConfig::parse`].
+    #[serde(flatten)]
+    pub sections: BTreeMap<String, toml::Value>,
+    /// The config file's directory: relative paths in sections are
+    /// resolved against it.
+    #[serde(skip)]
+    pub base: PathBuf,
 }
 
 /// `[http]`: the listener for chat webhooks (used only when an adapter
@@ -152,22 +114,6 @@ impl Default for HttpConfig {
     fn default() -> HttpConfig {
         HttpConfig {
             listen: crate::http::DEFAULT_LISTEN.to_string(),
-        }
-    }
-}
-
-/// `[console]`: the stdin/stdout adapter.
-#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct ConsoleConfig {
-    #[serde(default = "defaults::console_enabled")]
-    pub enabled: bool,
-}
-
-impl Default for ConsoleConfig {
-    fn default() -> ConsoleConfig {
-        ConsoleConfig {
-            enabled: defaults::CONSOLE_ENABLED,
         }
     }
 }
@@ -219,60 +165,43 @@ impl GatewayConfig {
             file: file.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        cfg.resolve_paths(file.parent().unwrap_or(Path::new(".")));
+        cfg.base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        if !cfg.state_dir.as_os_str().is_empty() && cfg.state_dir.is_relative() {
+            cfg.state_dir = cfg.base.join(&cfg.state_dir);
+        }
+        // Each section's shape, by the component that claims its name.
+        for (name, section) in &cfg.sections {
+            let parse_error = |message: String| ConfigError::Parse {
+                file: file.to_path_buf(),
+                message,
+            };
+            let Some(entry) = crate::registry::find(name) else {
+                return Err(parse_error(format!(
+                    "unknown key or section `{}`: not a gateway setting, and no chat platform or integration is named so (known sections: http, {})",
+                    fleetcmd_core::terminal::excerpt(name),
+                    crate::registry::components()
+                        .iter()
+                        .map(|e| e.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            };
+            entry
+                .parse(section, &cfg.base)
+                .map_err(|e| parse_error(format!("[{name}]: {e}")))?;
+        }
         Ok(cfg)
     }
 
-    /// Makes the adapters' relative file paths relative to `base`.
-    fn resolve_paths(&mut self, base: &Path) {
-        let join = |f: &mut PathBuf| {
-            if f.is_relative() {
-                *f = base.join(&*f);
+    /// The section of component `T`, typed, when the file has one.
+    pub fn section<T: crate::registry::Component>(&self) -> Option<T> {
+        let raw = self.sections.get(T::NAME)?;
+        match crate::registry::typed(raw, &self.base) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(section = T::NAME, error = %e, "section does not parse");
+                None
             }
-        };
-        if !self.state_dir.as_os_str().is_empty() {
-            join(&mut self.state_dir);
-        }
-        if let Some(m) = &mut self.mattermost {
-            for f in [
-                &mut m.token_file,
-                &mut m.slash_tokens_file,
-                &mut m.action_secret_file,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                join(f);
-            }
-        }
-        if let Some(x) = &mut self.xmpp {
-            for f in [&mut x.password_file, &mut x.ca_file].into_iter().flatten() {
-                join(f);
-            }
-        }
-        if let Some(i) = &mut self.irc {
-            i.resolve_paths(base);
-        }
-        if let Some(c) = &mut self.campfire {
-            c.resolve_paths(base);
-        }
-        if let Some(f) = self.notify.as_mut().and_then(|n| n.secret_file.as_mut()) {
-            join(f);
-        }
-        if let Some(w) = &mut self.webhook {
-            w.resolve_paths(base);
-        }
-        if let Some(a) = &mut self.alertmanager {
-            a.resolve_paths(base);
-        }
-        if let Some(p) = &mut self.pagerduty {
-            p.resolve_paths(base);
-        }
-        if let Some(o) = &mut self.opsgenie {
-            o.resolve_paths(base);
-        }
-        if let Some(s) = &mut self.statuspage {
-            s.resolve_paths(base);
         }
     }
 
@@ -367,53 +296,39 @@ impl GatewayConfig {
             Err(e) => bad("approval_timeout", e),
         }
         let mut adapter_problems: Vec<Problem> = Vec::new();
-        let mut adapter = |name: &str, found: Vec<(String, String)>| {
-            adapter_problems.extend(found.into_iter().map(|(key, message)| Problem {
-                key: format!("{name}.{key}"),
-                message,
-            }));
-        };
-        if let Some(s) = &self.slack {
-            adapter("slack", s.validate());
+        let mut chat_enabled = false;
+        for entry in crate::registry::components() {
+            let Some(section) = self.sections.get(entry.name) else {
+                continue;
+            };
+            match entry.parse(section, &self.base) {
+                Ok(parsed) => {
+                    chat_enabled |= entry.chat && parsed.enabled;
+                    adapter_problems.extend(
+                        parsed
+                            .problems
+                            .into_iter()
+                            .map(|(key, message)| Problem { key, message }),
+                    );
+                }
+                Err(message) => adapter_problems.push(Problem {
+                    key: entry.name.to_string(),
+                    message,
+                }),
+            }
         }
-        if let Some(m) = &self.mattermost {
-            adapter("mattermost", m.validate());
-        }
-        if let Some(x) = &self.xmpp {
-            adapter("xmpp", x.validate());
-        }
-        // These name their keys with the section prefix already.
-        let prefixed = [
-            self.audit_channel.as_ref().map(|c| c.validate()),
-            self.notify.as_ref().map(|c| c.validate()),
-            self.irc.as_ref().map(|c| c.validate()),
-            self.campfire.as_ref().map(|c| c.validate()),
-            self.webhook.as_ref().map(|c| c.validate()),
-            self.prometheus.as_ref().map(|c| c.validate()),
-            self.alertmanager.as_ref().map(|c| c.validate()),
-            self.pagerduty.as_ref().map(|c| c.validate()),
-            self.opsgenie.as_ref().map(|c| c.validate()),
-            self.statuspage.as_ref().map(|c| c.validate()),
-        ];
-        for found in prefixed.into_iter().flatten() {
-            adapter_problems.extend(
-                found
-                    .into_iter()
-                    .map(|(key, message)| Problem { key, message }),
-            );
-        }
-        if !self.console.enabled
-            && self.slack.is_none()
-            && self.mattermost.is_none()
-            && self.irc.is_none()
-            && self.xmpp.is_none()
-            && self.campfire.is_none()
-            && self.webhook.is_none()
-        {
+        if !chat_enabled {
+            let chats: Vec<String> = crate::registry::components()
+                .iter()
+                .filter(|e| e.chat && e.name != "console")
+                .map(|e| format!("[{}]", e.name))
+                .collect();
             bad(
                 "console.enabled",
-                "no chat adapter is enabled: enable [console] or configure one of [slack], [mattermost], [irc], [xmpp], [campfire], [webhook]"
-                    .to_string(),
+                format!(
+                    "no chat adapter is enabled: enable [console] or configure one of {}",
+                    chats.join(", ")
+                ),
             );
         }
         problems.extend(adapter_problems);
@@ -614,7 +529,8 @@ mod tests {
             (
                 cfg.policy_threshold,
                 cfg.bot_name.as_str(),
-                cfg.console.enabled
+                cfg.section::<crate::adapters::console::ConsoleConfig>()
+                    .is_some_and(|c| c.enabled)
             ),
             (1, "fleetcmd", false)
         );

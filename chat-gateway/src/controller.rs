@@ -16,8 +16,11 @@ use fleetcmd_proto::v1::jobs_client::JobsClient;
 use fleetcmd_proto::v1::policy_client::PolicyClient;
 use tonic::transport::Channel;
 
-/// How many jobs `jobs` asks for.
-pub const JOBS_LIMIT: u32 = 20;
+/// How many of the newest jobs `jobs` looks through: every page of it
+/// (`grammar::MAX_JOBS_PAGE` pages of `grammar::JOBS_PAGE`), and one more
+/// to know whether there is an older page.
+pub const JOBS_SCAN: u32 =
+    fleetcmd_core::grammar::MAX_JOBS_PAGE * fleetcmd_core::grammar::JOBS_PAGE + 1;
 
 /// A controller call that failed; the message is the gRPC status message,
 /// which is what chat users see.

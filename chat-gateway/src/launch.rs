@@ -1,20 +1,14 @@
-//! Builds and starts every adapter a `gateway.toml` enables, on one router
-//! and one HTTP listener: what `fleetcmd-gateway run` does after loading
-//! its configuration.
+//! Builds and starts every component a `gateway.toml` enables (the chat
+//! platforms and integrations of [`crate::registry`], each selected by its
+//! section name), on one router and one HTTP listener: what
+//! `fleetcmd-gateway run` does after loading its configuration.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::adapters::campfire::CampfireAdapter;
-use crate::adapters::console::ConsoleAdapter;
-use crate::adapters::irc::IrcAdapter;
-use crate::adapters::mattermost::MattermostAdapter;
-use crate::adapters::slack::SlackAdapter;
-use crate::adapters::webhook::WebhookAdapter;
-use crate::adapters::xmpp::XmppAdapter;
-use crate::adapters::{AdapterError, ChatAdapter, ChatSender};
 use crate::config::GatewayConfig;
 use crate::controller::GrpcController;
+use crate::registry::{BuildContext, components};
 use crate::router::Router;
 use crate::{Gateway, GatewayOptions};
 
@@ -23,59 +17,54 @@ use crate::{Gateway, GatewayOptions};
 pub enum LaunchError {
     #[error(transparent)]
     Controller(#[from] fleetcmd_proto::channel::ChannelError),
-    #[error("[{adapter}]: {source}")]
-    Adapter {
-        adapter: &'static str,
-        source: AdapterError,
+    /// A component could not be built (a bad token, an unreachable chat
+    /// server, a file it names): the message names its section.
+    #[error("[{component}]: {message}")]
+    Component {
+        component: &'static str,
+        message: String,
     },
     #[error("{0}")]
     Http(std::io::Error),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    #[error("[audit_channel]: {0}")]
-    AuditChannel(String),
-    #[error("[notify]: {0}")]
-    Notify(String),
-    #[error("{0}")]
-    Prometheus(String),
-    #[error("[[plugin]]: {0}")]
-    Plugins(#[from] crate::plugins::config::PluginConfigError),
-    #[error("[alertmanager]: {0}")]
-    Alertmanager(String),
-    /// The message names the section (`[pagerduty]: …`).
-    #[error("{0}")]
-    Alerts(String),
 }
 
-fn adapter(name: &'static str) -> impl Fn(AdapterError) -> LaunchError {
-    move |source| LaunchError::Adapter {
-        adapter: name,
-        source,
+/// What to do on a stop signal before the process ends: IRC says QUIT
+/// (the channel sees the bot leave, not a dead connection).
+#[derive(Clone, Default)]
+pub struct Stops(Arc<std::sync::Mutex<Vec<StopFn>>>);
+
+type StopFn = Box<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for Stops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|s| s.len()).unwrap_or(0);
+        f.debug_tuple("Stops").field(&n).finish()
     }
 }
-
-/// Connects every enabled adapter (a bad token or an unreachable chat
-/// server fails here, naming the adapter), binds the HTTP listener when one
-/// needs it, then serves until every adapter's input has ended.
-/// `on_ready` runs once everything is connected (systemd notification).
-/// What to tell on a stop signal before the process ends: IRC says QUIT
-/// (the channel sees the bot leave, not a dead connection).
-#[derive(Clone, Default, Debug)]
-pub struct Stops(Arc<std::sync::Mutex<Vec<crate::adapters::irc::IrcStop>>>);
 
 impl Stops {
-    fn add(&self, stop: crate::adapters::irc::IrcStop) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(stop);
+    pub(crate) fn add(&self, stop: impl Fn() + Send + Sync + 'static) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(stop));
     }
 
-    /// Tells every adapter that says goodbye to say it now.
+    /// Tells every component that says goodbye to say it now.
     pub fn stop_all(&self) {
         for s in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            s.stop();
+            s();
         }
     }
 }
 
+/// Builds every enabled component in registry order (a bad token or an
+/// unreachable chat server fails here, naming the section), binds the HTTP
+/// listener when one needs it, then serves until every adapter's input has
+/// ended. `on_ready` runs once everything is connected (systemd
+/// notification).
 pub async fn run(
     cfg: &GatewayConfig,
     file: &Path,
@@ -89,151 +78,43 @@ pub async fn run(
     // results it still owes the chat and the pending approvals, persisted so
     // a restart forgets none of them.
     let store = crate::store::GatewayStore::open(&cfg.state_dir)?;
-    let mut router = Router::new(opts.router_config(), ctl).with_store(&store)?;
-    if let Some(p) = &cfg.prometheus {
-        let client = crate::prometheus::PromClient::new(p)
-            .map_err(|e| LaunchError::Prometheus(e.to_string()))?;
-        router = router.with_prometheus(client);
-    }
-    let router = Arc::new(router);
-    router.serve_plugins(crate::plugins::PluginHost::new(
-        crate::plugins::config::load(&cfg.plugin)?,
-    ));
+    let router = Arc::new(Router::new(opts.router_config(), ctl).with_store(&store)?);
     // A request accepted once is refused after a restart too.
     let replay = store.replay()?;
-    let mut gw = Gateway::new(router.clone());
-    // Each adapter's sending half by channel scheme, for the audit channel.
-    let mut senders: Vec<(&'static str, Arc<dyn ChatSender>)> = Vec::new();
-    if cfg.console.enabled {
-        let user = std::env::var("USER")
-            .or_else(|_| std::env::var("LOGNAME"))
-            .unwrap_or_else(|_| "unknown".to_string());
-        let stdin = tokio::io::BufReader::new(tokio::io::stdin());
-        let console =
-            ConsoleAdapter::new(stdin, tokio::io::stdout(), &user).map_err(adapter("console"))?;
-        senders.push(("console", console.sender()));
-        gw.add(console);
+    let mut cx = BuildContext::new(base, Gateway::new(router.clone()), replay, stops.clone());
+    for entry in components() {
+        let component = entry.name;
+        let failed = |message: String| LaunchError::Component { component, message };
+        match cfg.sections.get(component) {
+            Some(section) => {
+                let parsed = entry.parse(section, base).map_err(failed)?;
+                if parsed.enabled {
+                    parsed.build(&mut cx).await.map_err(failed)?;
+                    tracing::info!(component, "enabled");
+                }
+            }
+            None => entry.absent(&mut cx).map_err(failed)?,
+        }
     }
-    if let Some(slack) = &cfg.slack {
-        let secrets = slack.secrets(base).map_err(adapter("slack"))?;
-        let a = SlackAdapter::connect_with(slack, secrets)
-            .await
-            .map_err(adapter("slack"))?;
-        a.use_replay_guard(replay.clone());
-        a.report_auth_failures(gw.auth_failures());
-        gw.add_routes(a.routes());
-        senders.push(("slack", a.sender()));
-        gw.add(a);
-    }
-    if let Some(mm) = &cfg.mattermost {
-        let a = MattermostAdapter::connect(mm)
-            .await
-            .map_err(adapter("mattermost"))?;
-        a.use_replay_guard(replay.clone());
-        a.report_auth_failures(gw.auth_failures());
-        gw.add_routes(a.routes());
-        senders.push(("mattermost", a.sender()));
-        gw.add(a);
-    }
-    if let Some(irc) = &cfg.irc {
-        let a = IrcAdapter::connect(irc).await.map_err(adapter("irc"))?;
-        stops.add(a.stop_handle());
-        senders.push(("irc", a.sender()));
-        gw.add(a);
-    }
-    if let Some(x) = &cfg.xmpp {
-        let a = XmppAdapter::connect(x).await.map_err(adapter("xmpp"))?;
-        senders.push(("xmpp", a.sender()));
-        gw.add(a);
-    }
-    if let Some(c) = &cfg.campfire {
-        let a = CampfireAdapter::new(c).map_err(adapter("campfire"))?;
-        a.use_replay_guard(replay.clone());
-        a.report_auth_failures(gw.auth_failures());
-        gw.add_routes(a.routes());
-        senders.push(("campfire", a.sender()));
-        gw.add(a);
-    }
-    if let Some(w) = &cfg.webhook {
-        let a = WebhookAdapter::new(w).map_err(adapter("webhook"))?;
-        a.use_replay_guard(replay.clone());
-        a.report_auth_failures(gw.auth_failures());
-        gw.add_routes(a.routes());
-        senders.push(("webhook", a.sender()));
-        gw.add(a);
-    }
-    let named: Vec<(String, Arc<dyn ChatSender>)> = senders
-        .iter()
-        .map(|(s, out)| (s.to_string(), out.clone()))
-        .collect();
+    let assembled = cx.finish();
+    let mut gw = assembled.gw;
+    let named = assembled.senders;
     // What was owed to the chat when the gateway last stopped.
     gw.spawn_background(crate::resume::run(router.clone(), named.clone()));
-    // Service alerts to PagerDuty / Opsgenie / Statuspage, fed by
-    // alerts::run below (bounded; see integrations::Integrations::run).
-    let alert_events = match crate::integrations::Integrations::from_config(
-        cfg.pagerduty.as_ref(),
-        cfg.opsgenie.as_ref(),
-        cfg.statuspage.as_ref(),
-    )
-    .map_err(LaunchError::Alerts)?
-    {
-        Some(integrations) => {
-            let (tx, rx) = tokio::sync::mpsc::channel(crate::integrations::QUEUE);
-            gw.spawn_background(integrations.run(rx));
-            Some(tx)
-        }
-        None => None,
+    // Service alerts to the components that hook them (PagerDuty,
+    // Opsgenie, Statuspage), each behind its own bounded queue.
+    let alert_events = if assembled.alert_hooks.is_empty() {
+        None
+    } else {
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::integrations::QUEUE);
+        let hooks = crate::integrations::Integrations {
+            hooks: assembled.alert_hooks,
+        };
+        gw.spawn_background(hooks.run(rx));
+        Some(tx)
     };
     // Service alerts from the controller into their channels.
-    gw.spawn_background(crate::alerts::run(
-        router.clone(),
-        named.clone(),
-        alert_events,
-    ));
-    if let Some(n) = &cfg.notify {
-        let routes = crate::notify::routes(n, named, gw.auth_failures(), replay.clone())
-            .map_err(LaunchError::Notify)?;
-        gw.add_routes(routes);
-    }
-    if let Some(am) = &cfg.alertmanager {
-        let named = senders
-            .iter()
-            .map(|(s, out)| (s.to_string(), out.clone()))
-            .collect();
-        let routes = crate::alertmanager::routes(am, named, gw.auth_failures())
-            .map_err(LaunchError::Alertmanager)?;
-        gw.add_routes(routes);
-    }
-    if let Some(pd) = &cfg.pagerduty
-        && let Some(oncall) = crate::oncall::Oncall::from_config(pd)
-            .map_err(|e| LaunchError::Alerts(format!("[pagerduty]: {e}")))?
-    {
-        router.set_oncall(oncall);
-    }
-    if let Some(ac) = &cfg.audit_channel {
-        let scheme = ac.channel.split(':').next().unwrap_or_default();
-        let scheme = if scheme == "webhook-out" {
-            "webhook"
-        } else {
-            scheme
-        };
-        let Some((_, out)) = senders.iter().find(|(s, _)| *s == scheme) else {
-            return Err(LaunchError::AuditChannel(format!(
-                "{}: no enabled adapter posts to `{scheme}:` channels",
-                ac.channel
-            )));
-        };
-        let kinds = ac
-            .kinds()
-            .map_err(|p| LaunchError::AuditChannel(format!("{p:?}")))?;
-        gw.spawn_background(crate::audit_feed::run(
-            router.clone(),
-            out.clone(),
-            ac.channel.clone(),
-            kinds,
-            ac.interval(),
-        ));
-    }
+    gw.spawn_background(crate::alerts::run(router.clone(), named, alert_events));
     let http = if gw.needs_http() {
         let addr =
             cfg.http.listen.parse().map_err(|e| {

@@ -22,10 +22,13 @@ pub mod alertmanager;
 pub mod alerts;
 pub mod approvals;
 pub mod audit_feed;
+pub mod backoff;
+pub mod body;
 pub mod cli_args;
 pub mod config;
 pub mod controller;
 pub mod http;
+pub mod http_client;
 pub mod integrations;
 pub mod launch;
 pub mod notify;
@@ -33,9 +36,11 @@ pub mod oncall;
 pub mod owed;
 pub mod plugins;
 pub mod prometheus;
+pub mod registry;
 pub mod render;
 pub mod resume;
 pub mod router;
+pub mod secret;
 pub mod store;
 
 use adapters::{AuthFailure, AuthFailures, ChatAdapter};
@@ -267,10 +272,12 @@ pub async fn serve<C: ControllerApi>(router: Arc<Router<C>>, mut adapter: impl C
         let Some(text) = router.command_text(&msg) else {
             continue;
         };
+        // Registered commands may submit and follow a job as the caller,
+        // so they are limited like `run`.
         let is_run = matches!(
             fleetcmd_core::grammar::parse(text),
             Ok(fleetcmd_core::grammar::ChatCommand::Run(_))
-        );
+        ) || router.is_registered_command(text);
         if !is_run {
             // Quick commands wait for a quick slot (backpressure), never
             // for a running job.

@@ -39,6 +39,11 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Validate => {
+            // What `run` would refuse before connecting anything.
+            if let Err(e) = fleetcmd_gateway::store::check_state_dir(&config.state_dir) {
+                eprintln!("fleetcmd-gateway: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             println!("{}: ok", cli.config.display());
             ExitCode::SUCCESS
         }
@@ -64,7 +69,7 @@ fn main() -> ExitCode {
                 tokio::select! {
                     res = &mut run => match res {
                         Ok(()) => ExitCode::SUCCESS,
-                        Err(e @ launch::LaunchError::Adapter { .. }) => {
+                        Err(e @ launch::LaunchError::Component { .. }) => {
                             eprintln!("fleetcmd-gateway: {e}");
                             ExitCode::from(EXIT_CONFIG)
                         }

@@ -18,9 +18,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use serde::Deserialize;
 
-use crate::adapters::webhook::SecretString;
 use crate::adapters::webhook::sign;
 use crate::adapters::{AuthFailures, ChatSender, Reply};
+use crate::secret::SecretString;
 use crate::store::{Refusal, ReplayGuard};
 
 /// The route.
@@ -254,4 +254,26 @@ pub fn routes(
         .route(NOTIFY_PATH, post(notify))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state))
+}
+
+impl crate::registry::Component for NotifyConfig {
+    const NAME: &'static str = "notify";
+
+    fn resolve_paths(&mut self, base: &std::path::Path) {
+        if let Some(f) = self.secret_file.as_mut()
+            && f.is_relative()
+        {
+            *f = base.join(&*f);
+        }
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        NotifyConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let r = routes(&self, cx.senders(), cx.auth_failures(), cx.replay_guard())?;
+        cx.routes(r);
+        Ok(())
+    }
 }

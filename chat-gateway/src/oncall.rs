@@ -11,11 +11,11 @@ use fleetcmd_core::crypto::Secret;
 use serde::Deserialize;
 
 use crate::adapters::{CodeBlock, Reply, Section};
-use crate::controller::ControllerApi;
 use crate::integrations::one_line;
 use crate::integrations::pagerduty::{PagerDutyConfig, valid_id};
+use crate::registry::{Call, CallContext, CommandSpec, Commands, Guard};
 use crate::render::asked_by;
-use crate::router::Router;
+use futures_util::future::BoxFuture;
 
 /// Entries shown; the rest are counted.
 pub const MAX_ROWS: usize = 25;
@@ -291,19 +291,39 @@ pub fn render(entries: &[Entry], schedule: Option<&str>, who: &str) -> Reply {
     reply
 }
 
-/// The answer when no `[pagerduty] api_token` is configured.
-pub fn not_configured(who: &str) -> Reply {
-    Reply::text(format!(
-        "oncall needs [pagerduty] api_token in gateway.toml{}",
-        asked_by(who)
-    ))
+fn spec() -> Vec<CommandSpec> {
+    vec![CommandSpec {
+        verb: "oncall".into(),
+        usage: USAGE.into(),
+        summary: "who is on call (PagerDuty)".into(),
+        help: "without a schedule: every schedule in [pagerduty.schedules]".into(),
+        guard: Guard::AnyRoleHere,
+    }]
 }
 
-impl<C: ControllerApi> Router<C> {
-    /// Enables chat `oncall` (once; later calls are ignored).
-    pub fn set_oncall(&self, oncall: Oncall) {
-        if self.oncall.set(oncall).is_err() {
-            tracing::warn!("oncall already configured; ignored");
-        }
+impl Commands for Oncall {
+    fn commands(&self) -> Vec<CommandSpec> {
+        spec()
+    }
+
+    fn call<'a>(&'a self, call: Call<'a>, _: &'a dyn CallContext) -> BoxFuture<'a, Reply> {
+        let who = call.msg.identity.as_str();
+        Box::pin(async move {
+            match call.args.split_whitespace().collect::<Vec<_>>().as_slice() {
+                [] => self.reply(None, who).await,
+                [s] => self.reply(Some(s), who).await,
+                _ => Reply::text(format!("usage: {USAGE}{}", asked_by(who))),
+            }
+        })
+    }
+}
+
+const USAGE: &str = "oncall [schedule]";
+
+/// `oncall` when `[pagerduty] api_token` is not set: says what to configure.
+pub fn not_configured() -> crate::registry::Unconfigured {
+    crate::registry::Unconfigured {
+        specs: spec(),
+        message: "oncall needs [pagerduty] api_token in gateway.toml".into(),
     }
 }

@@ -14,7 +14,7 @@ use fleetcmd_core::ids::Identity;
 use fleetcmd_core::job::SignedJob;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{GatewayStore, Records, StoreError, Unreadable};
+use crate::store::{GatewayStore, Records, Seal, StoreError, Unreadable};
 
 /// The sled tree of owed job records.
 pub const TREE: &str = "owed_jobs";
@@ -83,9 +83,9 @@ pub struct OwedJobs {
 }
 
 impl OwedJobs {
-    pub fn open(store: &GatewayStore) -> Result<OwedJobs, StoreError> {
+    pub fn open(store: &GatewayStore, seal: &Seal) -> Result<OwedJobs, StoreError> {
         Ok(OwedJobs {
-            records: store.records(TREE)?,
+            records: store.records(TREE, seal)?,
         })
     }
 
@@ -160,9 +160,10 @@ mod tests {
     #[tokio::test]
     async fn owed_jobs_survive_a_reopen_until_paid_and_damage_is_named() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let seal = Seal::fresh();
         {
             let owed = GatewayStore::open(dir.path())
-                .and_then(|s| OwedJobs::open(&s))
+                .and_then(|s| OwedJobs::open(&s, &seal))
                 .expect("open");
             owed.owe(&job("a")).await.expect("owe a");
             let mut b = job("b");
@@ -176,8 +177,8 @@ mod tests {
             owed.owe(&future).await.expect("owe d");
             owed.records().put_raw("e", b"{not json").expect("raw");
         }
-        let owed = GatewayStore::open(dir.path())
-            .and_then(|s| OwedJobs::open(&s))
+        let owed = GatewayStore::reopen(dir.path())
+            .and_then(|s| OwedJobs::open(&s, &seal))
             .expect("reopen");
         let loaded = owed.load().expect("load");
         let ok: Vec<_> = loaded.iter().filter_map(|r| r.as_ref().ok()).collect();

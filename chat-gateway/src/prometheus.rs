@@ -17,9 +17,11 @@ use fleetcmd_core::duration::parse_duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::adapters::webhook::SecretString;
 use crate::adapters::{CodeBlock, Reply, Section};
+use crate::registry::{Call, CallContext, CommandSpec, Commands, Guard};
 use crate::render::asked_by;
+use crate::secret::SecretString;
+use futures_util::future::BoxFuture;
 
 /// Rows a reply shows; the rest are counted.
 pub const MAX_ROWS: usize = 20;
@@ -133,7 +135,7 @@ impl PromClient {
         let timeout = parse_duration(&cfg.timeout).map_err(PromError::Config)?;
         // A little longer than the evaluation timeout Prometheus is given,
         // so its own timeout error arrives instead of ours.
-        let http = crate::adapters::webhook::http_client(timeout + Duration::from_secs(2))
+        let http = crate::http_client::http_client(timeout + Duration::from_secs(2))
             .map_err(|e| PromError::Config(e.to_string()))?;
         Ok(PromClient {
             http,
@@ -159,13 +161,16 @@ impl PromClient {
         }
         let mut resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(PromError::TooLarge);
+        let body = match crate::body::read_response(&mut resp, MAX_ANSWER_BYTES).await {
+            Ok(b) => b,
+            Err(crate::body::BodyError::TooLarge(_)) => return Err(PromError::TooLarge),
+            Err(crate::body::BodyError::Read(message)) => {
+                return Err(PromError::Transport {
+                    url: self.endpoint.to_string(),
+                    message,
+                });
             }
-            body.extend_from_slice(&chunk);
-        }
+        };
         parse_answer(status, &body)
     }
 }
@@ -350,20 +355,61 @@ pub fn render_error(promql: &str, err: &PromError, who: &str) -> Reply {
     }
 }
 
-/// `query PROMQL` for someone allowed to read here.
-pub async fn answer(client: Option<&PromClient>, promql: &str, who: &str) -> Reply {
-    let Some(client) = client else {
-        return Reply::text(format!(
-            "`query` needs a Prometheus server: set [prometheus] url in gateway.toml{}",
-            asked_by(who)
-        ));
-    };
-    match client.query(promql).await {
-        Ok(data) => render(promql, &data, who),
-        Err(e) => {
-            tracing::info!(error = %e, "prometheus query failed");
-            render_error(promql, &e, who)
-        }
+fn spec() -> Vec<CommandSpec> {
+    vec![CommandSpec {
+        verb: "query".into(),
+        usage: "query <promql>".into(),
+        summary: "an instant query against the configured Prometheus".into(),
+        help: String::new(),
+        guard: Guard::AnyRoleHere,
+    }]
+}
+
+/// `query` without `[prometheus]`: says what to configure.
+pub fn not_configured() -> crate::registry::Unconfigured {
+    crate::registry::Unconfigured {
+        specs: spec(),
+        message: "`query` needs a Prometheus server: set [prometheus] url in gateway.toml".into(),
+    }
+}
+/// `query <promql>`: answered from this Prometheus server.
+impl Commands for PromClient {
+    fn commands(&self) -> Vec<CommandSpec> {
+        spec()
+    }
+
+    fn call<'a>(&'a self, call: Call<'a>, _: &'a dyn CallContext) -> BoxFuture<'a, Reply> {
+        let who = call.msg.identity.as_str();
+        let promql = call.args;
+        Box::pin(async move {
+            if promql.is_empty() {
+                return Reply::text(format!("usage: query <promql>{}", asked_by(who)));
+            }
+            match self.query(promql).await {
+                Ok(data) => render(promql, &data, who),
+                Err(e) => {
+                    tracing::info!(error = %e, "prometheus query failed");
+                    render_error(promql, &e, who)
+                }
+            }
+        })
+    }
+}
+
+impl crate::registry::Component for PrometheusConfig {
+    const NAME: &'static str = "prometheus";
+
+    fn validate(&self) -> Vec<(String, String)> {
+        PrometheusConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let client = PromClient::new(&self).map_err(|e| e.to_string())?;
+        cx.commands(std::sync::Arc::new(client))
+    }
+
+    fn absent(cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        cx.commands(std::sync::Arc::new(not_configured()))
     }
 }
 

@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 
+use crate::registry::CommandSpec;
 use fleetcmd_core::grammar;
 use fleetcmd_core::ids::short_form;
 use fleetcmd_core::policy::{ArgKind, CommandDef};
@@ -106,12 +107,48 @@ fn verb_help(who: &str, verb: &grammar::VerbHelp, def: Option<&CommandDef>) -> R
     }
 }
 
-/// `help`, `help VERB` and `help CMD` for the commands the asker may run here.
-pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
+/// `help VERB` for a verb an integration or plugin registered.
+fn registered_help(who: &str, spec: &CommandSpec, def: Option<&CommandDef>) -> Reply {
+    let mut lines = vec![format!("usage: {}", spec.usage)];
+    lines.extend(
+        [spec.summary.as_str(), spec.help.as_str()]
+            .into_iter()
+            .flat_map(str::lines)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string),
+    );
+    if let Some(def) = def {
+        lines.push(format!(
+            "also a command here: run {} on <selector>",
+            usage(def)
+        ));
+    }
+    Reply {
+        header: format!("help for `{}`{}", spec.verb, asked_by(who)),
+        lines,
+        ..Reply::default()
+    }
+}
+
+/// `help`, `help VERB` and `help CMD` for the commands the asker may run
+/// here; `registered` are the verbs integrations added that the asker's
+/// guard admits here.
+pub fn help(
+    who: &str,
+    commands: &[&CommandDef],
+    registered: &[&CommandSpec],
+    topic: Option<&str>,
+) -> Reply {
     if let Some(topic) = topic {
         let def = commands.iter().find(|c| c.name == topic);
         if let Some(verb) = grammar::verb_help(topic) {
             return verb_help(who, verb, def.copied());
+        }
+        if let Some(spec) = registered
+            .iter()
+            .find(|s| s.verb.eq_ignore_ascii_case(topic))
+        {
+            return registered_help(who, spec, def.copied());
         }
         return match def {
             Some(def) => {
@@ -139,7 +176,7 @@ pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
             )),
         };
     }
-    if commands.is_empty() {
+    if commands.is_empty() && registered.is_empty() {
         return Reply::text(format!(
             "you may not run any command in this channel{}",
             asked_by(who)
@@ -153,6 +190,7 @@ pub fn help(who: &str, commands: &[&CommandDef], topic: Option<&str>) -> Reply {
         others
             .iter()
             .map(|v| v.usage)
+            .chain(registered.iter().map(|s| s.usage.as_str()))
             .collect::<Vec<_>>()
             .join(", ")
     ));
@@ -271,14 +309,18 @@ pub fn target_section(job_id: &str, t: &v1::Target) -> Section {
 }
 
 /// `15 min`, `90 s`, `2 h`: a window shown to users.
+/// A window as people say it: `15 min`, `2 h`, and what is left of one
+/// after a restart the same way (`14 min 25 s`, `1 h 59 min`), never a
+/// bare count of seconds above a minute.
 pub fn format_duration(d: std::time::Duration) -> String {
     let secs = d.as_secs();
-    if secs >= 3600 && secs.is_multiple_of(3600) {
-        format!("{} h", secs / 3600)
-    } else if secs >= 60 && secs.is_multiple_of(60) {
-        format!("{} min", secs / 60)
-    } else {
-        format!("{secs} s")
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    match (h, m, s) {
+        (0, 0, s) => format!("{s} s"),
+        (0, m, 0) => format!("{m} min"),
+        (0, m, s) => format!("{m} min {s} s"),
+        (h, 0, _) => format!("{h} h"),
+        (h, m, _) => format!("{h} h {m} min"),
     }
 }
 
@@ -629,19 +671,39 @@ pub fn output_for(j: &v1::Job, host: Option<&str>, who: &str) -> Reply {
 }
 
 /// Recent jobs as a table.
-pub fn jobs(jobs: &[v1::Job], who: &str, mine: bool) -> Reply {
-    let header = format!(
-        "{} ({}){}",
-        if mine {
-            "your recent jobs"
-        } else {
-            "recent jobs"
-        },
-        jobs.len(),
-        asked_by(who)
-    );
+/// Which page of `jobs` a reply shows.
+#[derive(Clone, Copy, Debug)]
+pub struct JobsPage {
+    pub mine: bool,
+    pub page: u32,
+    /// The position of the page's first job (1 for page 1).
+    pub first: usize,
+    /// Older jobs follow on the next page.
+    pub more: bool,
+}
+
+pub fn jobs(jobs: &[v1::Job], who: &str, at: JobsPage) -> Reply {
+    let title = if at.mine {
+        "your recent jobs"
+    } else {
+        "recent jobs"
+    };
+    let count = match (at.page, jobs.len()) {
+        (1, n) if !at.more => format!("({n})"),
+        (_, 0) => format!("page {}: none", at.page),
+        (_, n) => format!("page {}: {}-{}", at.page, at.first, at.first + n - 1),
+    };
+    let header = format!("{title} {count}{}", asked_by(who));
     if jobs.is_empty() {
         return Reply::text(header);
+    }
+    let mut lines = Vec::new();
+    if at.more {
+        lines.push(format!(
+            "older: `jobs {}page {}`",
+            if at.mine { "mine " } else { "" },
+            at.page + 1
+        ));
     }
     let now = now_ms();
     let mut text = String::new();
@@ -664,6 +726,7 @@ pub fn jobs(jobs: &[v1::Job], who: &str, mine: bool) -> Reply {
     }
     Reply {
         header,
+        lines,
         sections: vec![Section {
             blocks: vec![CodeBlock {
                 label: String::new(),
@@ -932,6 +995,25 @@ pub fn health_table(services: &[v1::Service], one: bool, now_ms: u64) -> (String
 mod tests {
     use super::*;
 
+    /// An outside test saw "within 865 s" for a request reopened after a
+    /// restart, next to "within 15 min" for the first one.
+    #[test]
+    fn durations_read_as_people_say_them() {
+        use std::time::Duration;
+        for (secs, want) in [
+            (0, "0 s"),
+            (59, "59 s"),
+            (900, "15 min"),
+            (865, "14 min 25 s"),
+            (3600, "1 h"),
+            (7200, "2 h"),
+            (7140 + 3600, "2 h 59 min"),
+            (3661, "1 h 1 min"),
+        ] {
+            assert_eq!(format_duration(Duration::from_secs(secs)), want, "{secs}");
+        }
+    }
+
     #[test]
     fn sanitize_replaces_controls_but_keeps_tabs() {
         for (input, expected) in [
@@ -980,6 +1062,7 @@ mod tests {
                         duration_ms: 12,
                         ..Default::default()
                     }),
+                    ..Default::default()
                 },
                 v1::Target {
                     agent_id: "web-2".into(),
@@ -990,6 +1073,7 @@ mod tests {
                         duration_ms: 1500,
                         ..Default::default()
                     }),
+                    ..Default::default()
                 },
             ],
             ..Default::default()
@@ -1024,6 +1108,7 @@ mod tests {
                 duration_ms: ms,
                 ..Default::default()
             }),
+            ..Default::default()
         }
     }
 
@@ -1090,6 +1175,7 @@ mod tests {
                 agent_id: "web-1".into(),
                 state: "running".into(),
                 result: None,
+                ..Default::default()
             }],
             ..Default::default()
         };
@@ -1113,6 +1199,7 @@ mod tests {
                     agent_id: "web-3".into(),
                     state: "running".into(),
                     result: None,
+                    ..Default::default()
                 },
             ],
             ..Default::default()

@@ -300,7 +300,8 @@ async fn resume_approval<C: ControllerApi>(
             None => return,
         }
     };
-    router
+    // Submitted or not, the channel has been told.
+    let _ = router
         .submit_and_follow(&msg, &run, def, args, id, approvers, out)
         .await;
 }

@@ -15,13 +15,14 @@ use fleetcmd_core::approval::{ApprovalError, ApprovalRequest, GivenApproval, Pro
 use fleetcmd_core::argv::{bind_positional, build_argv};
 use fleetcmd_core::audit::{ExportLine, Filter};
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
-use fleetcmd_core::grammar::{self, ChatCommand, RunRequest};
+use fleetcmd_core::grammar::{self, ChatCommand, GrammarError, RunRequest};
 use fleetcmd_core::ids::{IdError, JobId, JobRef, SHORT_ID_ATTEMPTS, short_form};
 use fleetcmd_core::job::{JobSpec, SignedJob};
-use fleetcmd_core::policy::{CommandDef, Policy, Role};
+use fleetcmd_core::policy::{CommandDef, Policy};
 use fleetcmd_core::policy_bundle::{PolicySignature, bundle_hash, check_rollback, verify_bundle};
 use fleetcmd_core::rbac::{
-    JobFacts, check_run, commands_for, may_cancel_job, may_read_record, may_see_job, roles_of,
+    JobFacts, check_run, commands_for, in_channel, may_cancel_job, may_read_record, may_see_job,
+    roles_of,
 };
 use fleetcmd_core::selector::Selector;
 use fleetcmd_core::terminal::excerpt;
@@ -30,8 +31,12 @@ use futures_util::StreamExt;
 
 use crate::adapters::{ChatSender, Incoming, MessageRef, Reply, Section};
 use crate::approvals::{Approvals, ApprovalsError, Decision, Origin};
-use crate::controller::{ControllerApi, JOBS_LIMIT};
+use crate::controller::{ControllerApi, JOBS_SCAN};
 use crate::owed::{OwedJob, OwedJobs, StoredJob};
+use crate::registry::command::{Registered, split_verb};
+use crate::registry::{
+    Call, CallContext, CommandError, CommandSpec, CommandTable, Commands, Guard, RunOutcome,
+};
 use crate::render::{self, asked_by};
 
 /// How long past its expiry and timeout a job is followed before the
@@ -99,12 +104,8 @@ pub struct Router<C> {
     pub(crate) approvals: Approvals,
     /// Job results still to post, persisted (none: in memory only).
     owed: Option<OwedJobs>,
-    /// `[prometheus]`, for `query`.
-    prometheus: Option<Arc<crate::prometheus::PromClient>>,
-    /// Chat `oncall` (PagerDuty REST), when `[pagerduty] api_token` is set.
-    pub(crate) oncall: std::sync::OnceLock<crate::oncall::Oncall>,
-    /// `[[plugin]]`: chat commands served by plugin processes.
-    pub(crate) plugins: std::sync::OnceLock<Arc<crate::plugins::PluginHost>>,
+    /// Verbs integrations and plugins added to the grammar.
+    commands: std::sync::RwLock<CommandTable>,
 }
 
 impl<C> std::fmt::Debug for Router<C> {
@@ -118,10 +119,6 @@ impl<C> std::fmt::Debug for Router<C> {
 /// A fresh job id: a version 7 UUID (time-ordered, 74 random bits).
 fn new_job_id() -> Result<JobId, IdError> {
     JobId::from_uuid_v7_bytes(*uuid::Uuid::now_v7().as_bytes())
-}
-
-fn in_channel(role: &Role, channel: &str) -> bool {
-    role.channels.is_empty() || role.channels.iter().any(|c| c == channel)
 }
 
 /// An audit event the gateway reports (the controller records the rest).
@@ -150,9 +147,7 @@ impl<C: ControllerApi> Router<C> {
             policy: Mutex::new(None),
             approvals: Approvals::default(),
             owed: None,
-            prometheus: None,
-            oncall: std::sync::OnceLock::new(),
-            plugins: std::sync::OnceLock::new(),
+            commands: std::sync::RwLock::new(CommandTable::default()),
         }
     }
 
@@ -162,8 +157,11 @@ impl<C: ControllerApi> Router<C> {
         mut self,
         store: &crate::store::GatewayStore,
     ) -> Result<Router<C>, crate::store::StoreError> {
-        self.approvals = Approvals::persisted(store)?;
-        self.owed = Some(OwedJobs::open(store)?);
+        // Sealed with the key the gateway signs jobs with: a record it did
+        // not write is never acted on.
+        let seal = crate::store::Seal::new(self.cfg.signing_key.clone());
+        self.approvals = Approvals::persisted(store, &seal)?;
+        self.owed = Some(OwedJobs::open(store, &seal)?);
         Ok(self)
     }
 
@@ -191,10 +189,27 @@ impl<C: ControllerApi> Router<C> {
         }
     }
 
-    /// Answers `query PROMQL` with this Prometheus client.
-    pub fn with_prometheus(mut self, client: crate::prometheus::PromClient) -> Router<C> {
-        self.prometheus = Some(Arc::new(client));
-        self
+    /// Adds the verbs of `commands` to the chat grammar (all of them, or
+    /// none when one is a built-in verb or already registered).
+    pub fn register_commands(&self, commands: Arc<dyn Commands>) -> Result<(), CommandError> {
+        self.commands
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(commands)
+    }
+
+    fn registered(&self, verb: &str) -> Option<Registered> {
+        self.commands
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(verb)
+            .cloned()
+    }
+
+    /// Whether `text` calls a registered command (which may follow a job,
+    /// so it is limited like `run`).
+    pub fn is_registered_command(&self, text: &str) -> bool {
+        self.registered(split_verb(text).0).is_some()
     }
 
     /// The controller client.
@@ -329,14 +344,15 @@ impl<C: ControllerApi> Router<C> {
             return;
         };
         let who = msg.identity.as_str().to_string();
-        if let Some(host) = self.plugins.get()
-            && let Some(reply) = self.plugin_command(host, &msg, text, out).await
-        {
-            self.post(out, &msg, reply).await;
-            return;
-        }
         let cmd = match grammar::parse(text) {
             Ok(c) => c,
+            Err(GrammarError::UnknownCommand(_))
+                if let Some(r) = self.registered(split_verb(text).0) =>
+            {
+                let reply = self.call_registered(&msg, &r, out).await;
+                self.post(out, &msg, reply).await;
+                return;
+            }
             Err(e) => {
                 self.post(out, &msg, Reply::text(format!("{e}{}", asked_by(&who))))
                     .await;
@@ -344,13 +360,16 @@ impl<C: ControllerApi> Router<C> {
             }
         };
         let reply = match cmd {
-            ChatCommand::Run(req) => return self.run(&msg, req, out).await,
+            ChatCommand::Run(req) => {
+                self.run(&msg, req, out).await;
+                return;
+            }
             ChatCommand::Help(topic) => self.help(&msg, topic.as_deref()).await,
             ChatCommand::Whoami => self.whoami(&msg).await,
             ChatCommand::Policy => self.policy_info(&msg).await,
             ChatCommand::Agents(sel) | ChatCommand::Status(sel) => self.agents(&msg, sel).await,
             ChatCommand::Job(id) => self.job(&msg, id).await,
-            ChatCommand::Jobs { mine } => self.jobs(&msg, mine).await,
+            ChatCommand::Jobs { mine, page } => self.jobs(&msg, mine, page).await,
             ChatCommand::Output { id, host } => self.output(&msg, id, host).await,
             ChatCommand::Cancel(id) => self.cancel(&msg, id).await,
             ChatCommand::Approve(id) => self.approve(&msg, &id).await,
@@ -363,17 +382,6 @@ impl<C: ControllerApi> Router<C> {
                 for_,
                 reason,
             } => self.silence(&msg, service, for_, reason).await,
-            ChatCommand::Query(q) => match self.policy_for_reads(&msg).await {
-                Ok(_) => crate::prometheus::answer(self.prometheus.as_deref(), &q, &who).await,
-                Err(r) => r,
-            },
-            ChatCommand::Oncall(schedule) => match self.policy_for_reads(&msg).await {
-                Err(r) => r,
-                Ok(_) => match self.oncall.get() {
-                    Some(o) => o.reply(schedule.as_deref(), &who).await,
-                    None => crate::oncall::not_configured(&who),
-                },
-            },
             ChatCommand::Audit(query) => self.audit(&msg, &query).await,
         };
         self.post(out, &msg, reply).await;
@@ -383,20 +391,75 @@ impl<C: ControllerApi> Router<C> {
         let who = msg.identity.as_str();
         match self.current_policy().await {
             Ok(p) => {
-                let mut reply = render::help(
+                // Registered verbs only for those their guard admits here.
+                let table = self
+                    .commands
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                let extra: Vec<&CommandSpec> = table
+                    .specs()
+                    .filter(|s| s.guard.admits(&p.policy, &msg.identity, &msg.channel))
+                    .collect();
+                render::help(
                     who,
                     &commands_for(&p.policy, &msg.identity, &msg.channel),
+                    &extra,
                     topic,
-                );
-                if topic.is_none()
-                    && let Some(host) = self.plugins.get()
-                {
-                    reply.lines.extend(host.help_lines(&p.policy, msg));
-                }
-                reply
+                )
             }
             Err(e) => Reply::text(format!("{e}{}", asked_by(who))),
         }
+    }
+
+    /// One call of a registered command: its guard checked against the
+    /// verified policy (a refusal answered and audited as `chat_denied`),
+    /// then the call, audited as `chat_command` with its outcome.
+    async fn call_registered(&self, msg: &Incoming, r: &Registered, out: &dyn ChatSender) -> Reply {
+        let who = msg.identity.as_str();
+        let verb = r.spec.verb.as_str();
+        let p = match self.current_policy().await {
+            Ok(p) => p,
+            Err(e) => return Reply::text(format!("{e}{}", asked_by(who))),
+        };
+        if !r.spec.guard.admits(&p.policy, &msg.identity, &msg.channel) {
+            let (text, denied) = match &r.spec.guard {
+                Guard::AnyRoleHere => (
+                    "you have no roles in this channel".to_string(),
+                    format!("no role in {}", msg.channel),
+                ),
+                Guard::Action(a) => (
+                    format!("refused: `{verb}` needs a role here that may `{a}`"),
+                    format!("`{verb}` needs {a} in {}", msg.channel),
+                ),
+            };
+            tracing::info!(identity = who, channel = %msg.channel, verb, "registered command denied");
+            self.report(event("chat_denied", msg, verb, "", denied))
+                .await;
+            return Reply::text(format!("{text}{}", asked_by(who)));
+        }
+        let (_, args) = split_verb(self.command_text(msg).unwrap_or_default());
+        let ctx = CallerRun {
+            router: self,
+            msg,
+            out,
+        };
+        let call = Call { msg, verb, args };
+        let reply = r.by.call(call, &ctx).await;
+        let outcome = if reply.header.is_empty() {
+            reply.lines.first().cloned().unwrap_or_default()
+        } else {
+            reply.header.clone()
+        };
+        self.report(event(
+            "chat_command",
+            msg,
+            verb,
+            "",
+            format!("{}: {}", excerpt(args), excerpt(&outcome)),
+        ))
+        .await;
+        reply
     }
 
     async fn whoami(&self, msg: &Incoming) -> Reply {
@@ -845,15 +908,26 @@ impl<C: ControllerApi> Router<C> {
         }
     }
 
-    async fn jobs(&self, msg: &Incoming, mine: bool) -> Reply {
+    /// `jobs [mine] [page N]`: page N of the jobs the asker may see,
+    /// newest first (`mine`: those they requested).
+    async fn jobs(&self, msg: &Incoming, mine: bool, page: u32) -> Reply {
         let who = msg.identity.as_str();
         let p = match self.policy_for_reads(msg).await {
             Ok(p) => p,
             Err(r) => return r,
         };
+        let per_page = grammar::JOBS_PAGE as usize;
+        // Someone's own jobs are filtered by the controller, so asking for
+        // the pages up to this one (and one more job) is enough; the others
+        // are filtered here, by what the asker may see.
+        let limit = if mine {
+            page * grammar::JOBS_PAGE + 1
+        } else {
+            JOBS_SCAN
+        };
         match self
             .ctl
-            .list_jobs(JOBS_LIMIT, mine.then(|| who.to_string()))
+            .list_jobs(limit, mine.then(|| who.to_string()))
             .await
         {
             Ok(jobs) => {
@@ -861,7 +935,19 @@ impl<C: ControllerApi> Router<C> {
                     .into_iter()
                     .filter(|j| (!mine || j.requester == who) && Self::may_see(&p.policy, msg, j))
                     .collect();
-                render::jobs(&visible, who, mine)
+                let skip = (page as usize - 1) * per_page;
+                let more = visible.len() > skip + per_page;
+                let shown: Vec<v1::Job> = visible.into_iter().skip(skip).take(per_page).collect();
+                render::jobs(
+                    &shown,
+                    who,
+                    render::JobsPage {
+                        mine,
+                        page,
+                        first: skip + 1,
+                        more,
+                    },
+                )
             }
             Err(e) => Reply::text(format!(
                 "could not list jobs: {}{}",
@@ -906,31 +992,34 @@ impl<C: ControllerApi> Router<C> {
         Ok((def, args, argv))
     }
 
-    async fn run(&self, msg: &Incoming, req: RunRequest, out: &dyn ChatSender) {
+    async fn run(&self, msg: &Incoming, req: RunRequest, out: &dyn ChatSender) -> RunOutcome {
         let who = msg.identity.as_str();
         let refuse = |text: String| Reply::text(format!("{text}{}", asked_by(who)));
+        let not = |reason: &str| RunOutcome::NotSubmitted {
+            reason: reason.to_string(),
+        };
         let p = match self.current_policy().await {
             Ok(p) => p,
             Err(e) => {
-                self.post(out, msg, refuse(e)).await;
-                return;
+                self.post(out, msg, refuse(e.clone())).await;
+                return not(&e);
             }
         };
         let (def, args, argv) = match self.check_request(&p.policy, msg, &req) {
             Ok(checked) => checked,
             Err(refusal) => {
-                self.post(out, msg, refuse(refusal.text)).await;
+                self.post(out, msg, refuse(refusal.text.clone())).await;
                 if let Some(denied) = refusal.denied {
                     self.report(event("chat_denied", msg, &req.command, "", denied))
                         .await;
                 }
-                return;
+                return not(&refusal.text);
             }
         };
         if req.options.dry_run {
             let reply = self.dry_run(msg, &req, def.targets.as_ref(), &argv).await;
             self.post(out, msg, reply).await;
-            return;
+            return RunOutcome::DryRun;
         }
 
         let id = match new_job_id() {
@@ -943,19 +1032,24 @@ impl<C: ControllerApi> Router<C> {
                     refuse("internal error creating a job id".to_string()),
                 )
                 .await;
-                return;
+                return not("internal error creating a job id");
             }
         };
         let approvers = if def.requires_approvals > 0 {
             match self.await_approval(msg, &req, def, &id, &argv, out).await {
                 Some(a) => a,
-                None => return,
+                None => return not("not approved"),
             }
         } else {
             Vec::new()
         };
-        self.submit_and_follow(msg, &req, def, args, id, approvers, out)
-            .await;
+        match self
+            .submit_and_follow(msg, &req, def, args, id, approvers, out)
+            .await
+        {
+            Ok(job_id) => RunOutcome::Submitted { job_id },
+            Err(reason) => RunOutcome::NotSubmitted { reason },
+        }
     }
 
     /// Opens an approval request, posts it with approve/deny buttons and
@@ -1258,7 +1352,7 @@ impl<C: ControllerApi> Router<C> {
         id: JobId,
         approvals: Vec<GivenApproval>,
         out: &dyn ChatSender,
-    ) {
+    ) -> Result<String, String> {
         let who = msg.identity.as_str();
         let refuse = |text: String| Reply::text(format!("{text}{}", asked_by(who)));
         let timeout = req.options.timeout.unwrap_or(Duration::ZERO);
@@ -1331,13 +1425,9 @@ impl<C: ControllerApi> Router<C> {
                 continue;
             }
             tracing::warn!(job_id = id.as_str(), error = %e, "submit failed");
-            self.post(
-                out,
-                msg,
-                refuse(format!("job not submitted: {}", e.message)),
-            )
-            .await;
-            return;
+            let reason = format!("job not submitted: {}", e.message);
+            self.post(out, msg, refuse(reason.clone())).await;
+            return Err(reason);
         };
         tracing::info!(job_id = id.as_str(), identity = who, command = %def.name, targets = submitted.targets.len(), "job submitted");
         let job_id = if submitted.job_id.is_empty() {
@@ -1351,7 +1441,7 @@ impl<C: ControllerApi> Router<C> {
         {
             self.post(out, msg, render::job(&job)).await;
             self.paid(id.as_str()).await;
-            return;
+            return Ok(job_id);
         }
         let header = format!(
             "job {} `{}` on {} by {who}: {n} target{}",
@@ -1362,16 +1452,17 @@ impl<C: ControllerApi> Router<C> {
         );
         let Some(posted) = self.post(out, msg, Reply::text(header)).await else {
             self.paid(id.as_str()).await;
-            return;
+            return Ok(job_id);
         };
         if n == 0 {
             self.paid(id.as_str()).await;
-            return;
+            return Ok(job_id);
         }
         owed.message = Some(posted.id.clone());
         self.owe(&owed).await;
         self.follow(msg, &job_id, &posted, deadline, out).await;
         self.paid(id.as_str()).await;
+        Ok(job_id)
     }
 
     async fn dry_run(
@@ -1566,5 +1657,22 @@ impl<C: ControllerApi> Router<C> {
                 return;
             }
         }
+    }
+}
+
+/// What a registered command may ask of the router during one call: a job
+/// submitted as the caller, through `run`'s own path.
+struct CallerRun<'a, C> {
+    router: &'a Router<C>,
+    msg: &'a Incoming,
+    out: &'a dyn ChatSender,
+}
+
+impl<C: ControllerApi> CallContext for CallerRun<'_, C> {
+    fn run_as_caller<'a>(
+        &'a self,
+        run: RunRequest,
+    ) -> futures_util::future::BoxFuture<'a, RunOutcome> {
+        Box::pin(self.router.run(self.msg, run, self.out))
     }
 }

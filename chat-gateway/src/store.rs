@@ -9,10 +9,25 @@
 //! Records are durable before the caller acts on them (record, flush, then
 //! act): a request accepted once is refused after any restart, for as long
 //! as its record is kept.
+//!
+//! Records are evidence the gateway acts on after a restart (approvals it
+//! will attest, channels it will post a job's output to), so each is
+//! sealed: signed with the gateway's own signing key over the tree, the key
+//! and the record's exact bytes ([`Seal`]). A record changed, added or
+//! moved outside the gateway does not verify and is never acted on (found
+//! by an outside test: a name added to a stored approval was attested and
+//! the job ran; an owed record re-pointed posted a job's output to another
+//! channel). Whoever can read the signing key can still forge records —
+//! write access to `state_dir` and the key are the same trust — but the
+//! state alone grants nothing.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use fleetcmd_core::crypto::{PublicKey, SigningKey, verify};
 
 /// Where the gateway keeps its state unless `state_dir` says otherwise
 /// (systemd's `StateDirectory=fleetcmd/gateway`).
@@ -84,6 +99,19 @@ fn check_private(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// What `fleetcmd-gateway validate` checks of `state_dir` without opening
+/// it: missing is fine (created 0700 at start); present, it must pass the
+/// same ownership and mode check as at start.
+pub fn check_state_dir(dir: &Path) -> Result<(), StoreError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    check_private(dir).map_err(|message| StoreError::Open {
+        dir: dir.to_path_buf(),
+        message,
+    })
+}
+
 impl GatewayStore {
     /// Opens the state directory `dir` (created with mode 0700 if missing).
     pub fn open(dir: &Path) -> Result<GatewayStore, StoreError> {
@@ -99,19 +127,54 @@ impl GatewayStore {
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
         builder.create(dir).map_err(|e| fail(e.to_string()))?;
         check_private(dir).map_err(fail)?;
+        let path = dir.join("state.sled");
         let db = sled::Config::new()
-            .path(dir.join("state.sled"))
+            .path(&path)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
                     fail("in use by another gateway".into())
                 }
-                e => fail(e.to_string()),
+                e => fail(format!(
+                    "the state store {} cannot be read ({e}). To start with an empty state, \
+                 move it aside (`mv {0} {0}.broken`) and start again: pending approvals and \
+                 unposted results are then lost (the controller keeps every job and its result: \
+                 `fleetcmd jobs`), and replay records start empty",
+                    path.display()
+                )),
             })?;
+        // Pending approval texts and whole signed jobs: readable by this
+        // user only, whatever the mode of `dir` (sled creates its files 0644).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        }
         Ok(GatewayStore {
             db,
             flushing: Arc::default(),
         })
+    }
+
+    /// Opens `dir` again in the same process: sled releases the previous
+    /// handle's file lock from a background thread, a moment after the
+    /// last handle is dropped, so this waits up to 5 s for it (tests only:
+    /// a restarted gateway is a new process).
+    #[cfg(test)]
+    pub(crate) fn reopen(dir: &Path) -> Result<GatewayStore, StoreError> {
+        let start = std::time::Instant::now();
+        loop {
+            match GatewayStore::open(dir) {
+                Err(e) if e.to_string().contains("in use") && start.elapsed().as_secs() < 5 => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// A store that lives only as long as this process (tests, and tools
@@ -142,14 +205,84 @@ impl GatewayStore {
 }
 
 impl GatewayStore {
-    /// The records of tree `name`, typed as `T` (JSON values).
-    pub fn records<T>(&self, name: &'static str) -> Result<Records<T>, StoreError> {
+    /// The records of tree `name`, typed as `T` (JSON values), sealed with
+    /// `seal`.
+    pub fn records<T>(&self, name: &'static str, seal: &Seal) -> Result<Records<T>, StoreError> {
         Ok(Records {
             tree: self.db.open_tree(name)?,
             name,
             flushing: self.flushing.clone(),
+            seal: seal.clone(),
             _t: std::marker::PhantomData,
         })
+    }
+}
+
+/// Signs the records the gateway writes and checks those it reads back
+/// (the gateway's own job-signing key; see the module docs).
+#[derive(Clone)]
+pub struct Seal {
+    key: Arc<SigningKey>,
+    public: PublicKey,
+}
+
+impl std::fmt::Debug for Seal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seal")
+            .field("key", &self.public.fingerprint())
+            .finish()
+    }
+}
+
+/// A record as stored: its JSON text and the seal over it.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sealed {
+    record: String,
+    seal: String,
+}
+
+impl Seal {
+    pub fn new(key: Arc<SigningKey>) -> Seal {
+        let public = key.public_key();
+        Seal { key, public }
+    }
+
+    /// A seal with a fresh key, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn fresh() -> Seal {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("keygen");
+        Seal::new(Arc::new(
+            SigningKey::from_pkcs8_der(pkcs8.as_ref()).expect("key"),
+        ))
+    }
+
+    /// What is signed: the tree and the key bind a record to its place.
+    fn message(tree: &str, key: &str, record: &str) -> Vec<u8> {
+        format!("fleetcmd-gateway-record-v1\0{tree}\0{key}\0{record}").into_bytes()
+    }
+
+    fn wrap(&self, tree: &str, key: &str, record: String) -> Result<Vec<u8>, serde_json::Error> {
+        let seal = STANDARD.encode(self.key.sign(&Self::message(tree, key, &record)));
+        serde_json::to_vec(&Sealed { record, seal })
+    }
+
+    /// The record's JSON text, if its seal verifies; else why not.
+    fn open(&self, tree: &str, key: &str, bytes: &[u8]) -> Result<String, String> {
+        let sealed: Sealed = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let ok = STANDARD.decode(&sealed.seal).is_ok_and(|sig| {
+            verify(
+                &self.public,
+                &Self::message(tree, key, &sealed.record),
+                &sig,
+            )
+        });
+        if ok {
+            Ok(sealed.record)
+        } else {
+            Err("its seal does not verify: written by another key or changed outside the gateway; not acted on".into())
+        }
     }
 }
 
@@ -162,6 +295,7 @@ pub struct Records<T> {
     tree: sled::Tree,
     name: &'static str,
     flushing: Arc<std::sync::Mutex<()>>,
+    seal: Seal,
     _t: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -171,6 +305,7 @@ impl<T> Clone for Records<T> {
             tree: self.tree.clone(),
             name: self.name,
             flushing: self.flushing.clone(),
+            seal: self.seal.clone(),
             _t: std::marker::PhantomData,
         }
     }
@@ -200,7 +335,8 @@ pub type Loaded<T> = Result<(String, T), Unreadable>;
 impl<T: serde::Serialize + serde::de::DeserializeOwned> Records<T> {
     /// Writes `value` under `key` (in memory until the next flush).
     pub fn put(&self, key: &str, value: &T) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value)
+        let bytes = serde_json::to_string(value)
+            .and_then(|json| self.seal.wrap(self.name, key, json))
             .map_err(|e| StoreError::Io(format!("{} {key}: {e}", self.name)))?;
         self.tree.insert(key.as_bytes(), bytes)?;
         Ok(())
@@ -218,11 +354,15 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Records<T> {
         for entry in self.tree.iter() {
             let (k, v) = entry?;
             let key = String::from_utf8_lossy(&k).into_owned();
-            out.push(match serde_json::from_slice::<T>(&v) {
+            let read = self
+                .seal
+                .open(self.name, &key, &v)
+                .and_then(|json| serde_json::from_str::<T>(&json).map_err(|e| e.to_string()));
+            out.push(match read {
                 Ok(t) => Ok((key, t)),
                 Err(e) => Err(Unreadable {
+                    reason: format!("unreadable {} record {key}: {e}", self.name),
                     key,
-                    reason: format!("unreadable {} record: {e}", self.name),
                 }),
             });
         }
@@ -241,6 +381,11 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Records<T> {
         .await
         .map_err(|e| StoreError::Io(e.to_string()))?
         .map_err(StoreError::from)
+    }
+
+    /// The bytes stored under `key`: for tests that tamper with a record.
+    pub fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree.get(key.as_bytes())?.map(|v| v.to_vec()))
     }
 
     /// Writes raw bytes under `key`: for tests that plant a damaged record.
@@ -491,6 +636,56 @@ impl ReplayGuard {
 mod tests {
     use super::*;
 
+    /// A record is acted on only as the gateway wrote it: changed, moved to
+    /// another key or tree, or sealed by another key, it is unreadable.
+    #[test]
+    fn records_are_read_back_only_as_sealed() {
+        let store = GatewayStore::temporary().expect("store");
+        let seal = Seal::fresh();
+        let records: Records<Vec<String>> = store.records("t", &seal).expect("tree");
+        records.put("a", &vec!["bob".to_string()]).expect("put");
+        let raw = records.get_raw("a").expect("get").expect("stored");
+        let text = String::from_utf8(raw.clone()).expect("json");
+        // Changed: another name added to the record, seal kept.
+        let changed = text.replacen("[\\\"bob\\\"]", "[\\\"bob\\\",\\\"eve\\\"]", 1);
+        assert_ne!(changed, text, "{text}");
+        records.put_raw("changed", changed.as_bytes()).expect("raw");
+        // Moved: the same bytes under another key, and in another tree.
+        records.put_raw("moved", &raw).expect("raw");
+        let other: Records<Vec<String>> = store.records("u", &seal).expect("tree");
+        other.put_raw("a", &raw).expect("raw");
+        // Sealed by another key.
+        let stranger: Records<Vec<String>> = store.records("t", &Seal::fresh()).expect("tree");
+        stranger
+            .put("foreign", &vec!["eve".to_string()])
+            .expect("put");
+        // Unsealed, as an older gateway wrote records.
+        records.put_raw("plain", b"[\"bob\"]").expect("raw");
+
+        let loaded = records.all().expect("all");
+        let ok: Vec<_> = loaded.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(ok, vec![&("a".to_string(), vec!["bob".to_string()])]);
+        for r in loaded.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(
+                ["changed", "moved", "foreign", "plain"].contains(&r.key.as_str()),
+                "{r:?}"
+            );
+        }
+        let reasons: Vec<_> = loaded
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .filter(|r| r.key != "plain")
+            .map(|r| r.reason.clone())
+            .collect();
+        assert_eq!(reasons.len(), 3, "{loaded:?}");
+        assert!(
+            reasons.iter().all(|r| r.contains("seal does not verify")),
+            "{reasons:?}"
+        );
+        let moved = other.all().expect("all");
+        assert!(moved[0].is_err(), "{moved:?}");
+    }
+
     #[tokio::test]
     async fn records_survive_a_reopen_until_their_window_ends() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -513,7 +708,7 @@ mod tests {
                 );
             }
         }
-        let g = GatewayStore::open(dir.path())
+        let g = GatewayStore::reopen(dir.path())
             .and_then(|s| s.replay())
             .expect("reopen");
         for (key, at, want) in [
@@ -596,7 +791,7 @@ mod tests {
                 .expect("the burst finished: no flush deadlock");
             assert_eq!(g.len(), 400);
         }
-        let g = GatewayStore::open(dir.path())
+        let g = GatewayStore::reopen(dir.path())
             .and_then(|s| s.replay())
             .expect("reopen");
         assert_eq!(
@@ -610,6 +805,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let _first = GatewayStore::open(dir.path()).expect("open");
         let e = GatewayStore::open(dir.path()).expect_err("second open");
-        assert!(e.to_string().contains("state_dir"), "{e}");
+        assert!(
+            e.to_string().contains("state_dir")
+                && e.to_string().contains("in use by another gateway"),
+            "{e}"
+        );
     }
 }

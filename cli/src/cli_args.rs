@@ -30,6 +30,9 @@ pub enum Cmd {
     /// Write everything a team's fleet needs into one directory: policy
     /// root key, controller config and CA, operator identity, a first
     /// signed policy, gateway config and keys, one join line per host.
+    ///
+    /// `--url` is the address the new controller will have; init runs its
+    /// own controller for a moment and uses none of the connection options.
     Init(crate::init::InitArgs),
     /// List agents (optionally matching a selector on their granted labels),
     /// or revoke one. FACTS are what each host reports about itself.

@@ -9,6 +9,7 @@ use fleetcmd_core::crypto::SigningKey;
 use fleetcmd_core::ids::{Identity, JobId, SHORT_ID_ATTEMPTS, short_form};
 use fleetcmd_core::job::{DEFAULT_EXPIRY_SECS, JobSpec, SignedJob};
 use fleetcmd_core::policy::Policy;
+use fleetcmd_core::state::{JobState, TargetState};
 use fleetcmd_proto::channel::ClientTls;
 use fleetcmd_proto::v1 as pb;
 use tonic::transport::Channel;
@@ -205,16 +206,17 @@ pub async fn token_create(
             labels: labels.into_iter().collect(),
             ttl_secs: ttl.as_secs(),
             uses,
-            name: name.unwrap_or_default(),
+            name: name.clone().unwrap_or_default(),
         })
         .await
         .map_err(status)?
         .into_inner();
     println!("{}", t.token);
+    // The token in the environment, never in argv, as init's join files.
     eprintln!(
-        "expires {}; join with: fleetcmd-agent join --controller {} --token <token>",
+        "expires {}; on the host: {}",
         fleetcmd_core::when::stamp(now_ms(), t.expires_at.saturating_mul(1000)),
-        conn.controller
+        crate::init::files::join_command(&conn.controller, name.as_deref(), &t.token)
     );
     Ok(0)
 }
@@ -398,11 +400,18 @@ pub async fn submit_fresh(
     ))
 }
 
-pub fn is_finished(state: &str) -> bool {
-    matches!(
-        state,
-        "succeeded" | "failed" | "aborted" | "canceled" | "expired" | "denied"
-    )
+/// Whether the job has ended (a state this CLI does not know is not an end).
+pub fn is_finished(job: &pb::Job) -> bool {
+    job.current_state().is_some_and(JobState::is_terminal)
+}
+
+/// Whether the target has ended.
+fn target_ended(t: &pb::Target) -> bool {
+    t.current_state().is_some_and(TargetState::is_terminal)
+}
+
+fn target_ok(t: &pb::Target) -> bool {
+    t.current_state() == Some(TargetState::Ok)
 }
 
 pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
@@ -447,7 +456,11 @@ pub async fn run(conn: &Conn, args: RunArgs) -> Result<u8, Failure> {
     // Live output already printed what arrived; print the stored output
     // only if some of it was missed.
     print_job(&mut mode.stdout(), &job, !complete)?;
-    Ok(if job.state == "succeeded" { 0 } else { 1 })
+    Ok(if job.current_state() == Some(JobState::Succeeded) {
+        0
+    } else {
+        1
+    })
 }
 
 /// Jobs that finish sooner show no progress line.
@@ -523,14 +536,10 @@ pub async fn follow(
         match ev.and_then(|ev| ev.event) {
             Some(Event::Job(j)) => {
                 total = j.targets.len();
-                let ended: Vec<_> = j
-                    .targets
-                    .iter()
-                    .filter(|t| fleetcmd_controller::state::is_terminal(&t.state))
-                    .collect();
+                let ended: Vec<_> = j.targets.iter().filter(|t| target_ended(t)).collect();
                 done = ended.len();
-                failed = ended.iter().filter(|t| t.state != "ok").count();
-                if is_finished(&j.state) {
+                failed = ended.iter().filter(|t| !target_ok(t)).count();
+                if is_finished(&j) {
                     break;
                 }
             }
@@ -552,9 +561,9 @@ pub async fn follow(
                     out.flush()?;
                 }
             }
-            Some(Event::Target(t)) if fleetcmd_controller::state::is_terminal(&t.state) => {
+            Some(Event::Target(t)) if target_ended(&t) => {
                 done += 1;
-                if t.state != "ok" {
+                if !target_ok(&t) {
                     failed += 1;
                 }
             }
@@ -703,7 +712,7 @@ pub async fn jobs(
     )?;
     let now = now_ms();
     for j in list {
-        let ok = j.targets.iter().filter(|t| t.state == "ok").count();
+        let ok = j.targets.iter().filter(|t| target_ok(t)).count();
         let ratio = format!("{ok}/{}", j.targets.len());
         let (age, duration) = fleetcmd_gateway::render::age_and_duration(&j, now);
         writeln!(
@@ -782,7 +791,7 @@ pub async fn wait(
             .await
             .map_err(status)?
             .into_inner();
-        if is_finished(&job.state) || start.elapsed() > limit {
+        if is_finished(&job) || start.elapsed() > limit {
             return Ok(job);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -812,7 +821,7 @@ pub fn print_summary(out: &mut impl Write, job: &pb::Job, now_ms: u64) -> std::i
     let short = short_form(&job.job_id);
     writeln!(out, "{}", render::job_times(job, now_ms))?;
     writeln!(out, "{}", render::state_counts(job))?;
-    if !is_finished(&job.state) {
+    if !is_finished(job) {
         writeln!(out, "progress: {}", render::progress(job, now_ms))?;
     }
     let mut cut = false;
@@ -849,7 +858,7 @@ pub fn print_summary(out: &mut impl Write, job: &pb::Job, now_ms: u64) -> std::i
     if !job.reason.is_empty() {
         writeln!(out, "{}", job.reason)?;
     }
-    let ok = job.targets.iter().filter(|t| t.state == "ok").count();
+    let ok = job.targets.iter().filter(|t| target_ok(t)).count();
     writeln!(
         out,
         "job {short} `{}` on {}: {} ({ok}/{} ok), asked by {}",
@@ -868,7 +877,7 @@ pub fn print_summary(out: &mut impl Write, job: &pb::Job, now_ms: u64) -> std::i
 /// Prints each host's output prefixed by the host, then a summary line,
 /// to `out` (an escaping writer from `term::Mode`).
 pub fn print_job(out: &mut impl Write, job: &pb::Job, with_output: bool) -> std::io::Result<()> {
-    let ok = job.targets.iter().filter(|t| t.state == "ok").count();
+    let ok = job.targets.iter().filter(|t| target_ok(t)).count();
     for t in &job.targets {
         let r = t.result.clone().unwrap_or_default();
         if with_output {
@@ -887,7 +896,7 @@ pub fn print_job(out: &mut impl Write, job: &pb::Job, with_output: bool) -> std:
                 )?;
             }
         }
-        if t.state != "ok" {
+        if !target_ok(t) {
             let why = if r.reason.is_empty() {
                 String::new()
             } else {
@@ -928,30 +937,32 @@ mod tests {
 
     #[test]
     fn job_summary_shows_failures_first_and_the_first_lines_with_the_way_to_the_rest() {
-        let target = |host: &str, state: &str, lines: usize| pb::Target {
-            agent_id: host.into(),
-            state: state.into(),
-            result: Some(pb::JobResult {
-                exit_code: Some(i32::from(state != "ok")),
+        let target = |host: &str, state: TargetState, lines: usize| {
+            let result = pb::JobResult {
+                exit_code: Some(i32::from(state != TargetState::Ok)),
                 stdout: (1..=lines)
                     .map(|i| format!("{host} line {i}\n"))
                     .collect::<String>()
                     .into_bytes(),
                 duration_ms: 1_500,
                 ..Default::default()
-            }),
+            };
+            pb::Target::new(host.into(), state, Some(result))
         };
-        let job = pb::Job {
+        let mut job = pb::Job {
             job_id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
             command: "df".into(),
             selector: "all".into(),
             requester: "cli:admin".into(),
-            state: "failed".into(),
             // 2026-12-06T05:52:33Z
             created_at_ms: 1_796_536_353_000,
-            targets: vec![target("web-1", "ok", 9), target("web-2", "failed", 2)],
+            targets: vec![
+                target("web-1", TargetState::Ok, 9),
+                target("web-2", TargetState::Failed, 2),
+            ],
             ..Default::default()
         };
+        job.set_state(JobState::Failed);
         let mut out = Vec::new();
         print_summary(&mut out, &job, 1_796_536_353_000 + 65_000).expect("write");
         assert_eq!(

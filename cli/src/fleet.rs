@@ -408,6 +408,7 @@ impl Fleet {
             let list = self
                 .controller
                 .shared()
+                .registry
                 .list_agents("")
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let ready = self.agents.iter().all(|h| {

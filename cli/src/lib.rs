@@ -20,8 +20,12 @@ pub mod policy_cmd;
 pub mod term;
 
 /// Connection to the controller as an operator. `fleetcmd dev` writes a file
-/// of these variables: `source DIR/env`.
+/// of these variables: `source DIR/env`. Global, so every subcommand's help
+/// lists them: under their own heading, apart from the subcommand's own
+/// options (an outside test read `init --help`'s `--controller` as the
+/// address to give the new fleet, which is `--url`).
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = CONN_HEADING)]
 pub struct Conn {
     /// Controller address.
     #[arg(
@@ -49,6 +53,9 @@ pub struct Conn {
     #[arg(long, global = true)]
     pub raw: bool,
 }
+
+/// The help heading of [`Conn`]'s options.
+pub const CONN_HEADING: &str = "Connection to a running controller (not used by init or dev)";
 
 /// An error with the exit code it maps to.
 pub struct Failure {

@@ -43,7 +43,7 @@ fn caller(shared: &Shared, peer: &Peer) -> ApiResult<Caller> {
             })?;
             Ok(Caller::Operator(
                 who,
-                shared.current_policy().map(|c| c.policy.clone()),
+                shared.policy.current().map(|c| c.policy.clone()),
             ))
         }
         Role::Agent => Err(ApiError::PermissionDenied(

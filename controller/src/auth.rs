@@ -52,7 +52,7 @@ pub fn require(
                 peer.role
             )));
         }
-        if peer.role == Role::Agent && shared.is_revoked(&peer.name) {
+        if peer.role == Role::Agent && shared.registry.is_revoked(&peer.name) {
             shared.security_event(
                 auth_failed(&req, crate::audit::peer_actor(&peer))
                     .host(&peer.name)
@@ -63,7 +63,7 @@ pub fn require(
                 peer.name
             )));
         }
-        if peer.role == Role::Agent && !shared.agent_cert_current(&peer) {
+        if peer.role == Role::Agent && !shared.registry.agent_cert_current(&peer) {
             // Issued before the name was enrolled again: its previous
             // holder. Retries forever, so recorded at the bounded rate.
             let ip = req.remote_addr().map(|a| a.ip());

@@ -439,7 +439,7 @@ impl RunningController {
         let _ = self.stop.send(true);
         // End the agents' long-lived streams, or the graceful shutdown would
         // wait for them; the agents reconnect with backoff.
-        self.shared.disconnect_all();
+        self.shared.registry.disconnect_all();
         self.shared.health.close();
         if let Some(sweeper) = self.sweeper.take() {
             let _ = sweeper.await;
@@ -545,7 +545,7 @@ async fn scrape(
     // rendering 10 000 hosts take milliseconds: off the async workers.
     let rendered = tokio::task::spawn_blocking(move || {
         let snapshot = crate::metrics::FleetSnapshot {
-            agents: shared.list_agents("")?,
+            agents: shared.registry.list_agents("")?,
             services: shared.health.services("", 0)?,
             now_ms: crate::audit::now_ms(),
         };

@@ -123,7 +123,7 @@ impl pb::agent_stream_server::AgentStream for Svc {
         let agent = peer.name.clone();
         let mut inbound = req.into_inner();
         let current = move |shared: &crate::state::Shared| {
-            !shared.is_revoked(&peer.name) && shared.agent_cert_current(&peer)
+            !shared.registry.is_revoked(&peer.name) && shared.registry.agent_cert_current(&peer)
         };
         let hello = match inbound.message().await? {
             Some(pb::AgentMessage {
@@ -140,7 +140,7 @@ impl pb::agent_stream_server::AgentStream for Svc {
         let report = host_report(hello).inspect_err(|e| {
             tracing::warn!(agent_id = %agent, error = %e, "agent hello refused");
         })?;
-        let labels = self.0.granted_labels(&agent)?;
+        let labels = self.0.registry.granted_labels(&agent)?;
         let (tx, rx) = mpsc::channel(crate::state::AGENT_QUEUE);
         let welcome = pb::ControllerMessage {
             msg: Some(pb::controller_message::Msg::Welcome(pb::Welcome {
@@ -181,7 +181,7 @@ impl pb::agent_stream_server::AgentStream for Svc {
                             tracing::warn!(agent_id = %agent, error = %e, "heartbeat refused; closing the stream");
                             break e.to_string();
                         }
-                        shared.heartbeat(&agent, conn, hb)
+                        shared.registry.heartbeat(&agent, conn, hb)
                     }
                     Some(AgentMsg::Chunk(c)) => shared.live_chunk(&agent, c),
                     Some(AgentMsg::Started(s)) => {
@@ -236,7 +236,7 @@ impl pb::agent_stream_server::AgentStream for Svc {
                 }
             };
             tracing::debug!(agent_id = %agent, %reason, "agent stream ended");
-            shared.unregister(&agent, conn);
+            shared.registry.unregister(&agent, conn);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| *m))))
     }
@@ -259,7 +259,7 @@ impl pb::jobs_server::Jobs for Svc {
         tokio::spawn(async move {
             use pb::job_event::Event;
             use tokio::sync::broadcast::error::RecvError;
-            let ended = job.state != "running";
+            let ended = job.job_state() != pb::JobState::Running;
             let first = pb::JobEvent {
                 event: Some(Event::Job(job)),
             };
@@ -346,7 +346,7 @@ impl pb::agents_server::Agents for Svc {
         req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         Ok(Response::new(pb::ListAgentsResponse {
-            agents: self.0.list_agents(&req.into_inner().selector)?,
+            agents: self.0.registry.list_agents(&req.into_inner().selector)?,
         }))
     }
 
@@ -388,7 +388,7 @@ impl pb::tokens_server::Tokens for Svc {
         // that enrolment, and bound to it.
         let enrolled = Some(req.name.as_str())
             .filter(|n| !n.is_empty())
-            .and_then(|n| self.0.enrolment_of(n));
+            .and_then(|n| self.0.registry.enrolment_of(n));
         crate::access::check_token(
             &self.0,
             &peer,
@@ -452,7 +452,8 @@ impl pb::policy_server::Policy for Svc {
     ) -> Result<Response<pb::PolicyInfo>, Status> {
         let cur = self
             .0
-            .current_policy()
+            .policy
+            .current()
             .ok_or_else(|| ApiError::NotFound("no policy has been pushed yet".into()))?;
         Ok(Response::new(pb::PolicyInfo {
             version: cur.policy.version,

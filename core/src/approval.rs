@@ -256,7 +256,8 @@ impl ApprovalRequest {
         channel: &str,
         now: u64,
     ) -> Result<Progress, ApprovalError> {
-        let id = self.job_id.as_str().to_string();
+        // As chat shows it: the short id.
+        let id = crate::ids::short_form(self.job_id.as_str()).to_string();
         if self.expired(now) {
             return Err(ApprovalError::Expired(id));
         }
@@ -314,7 +315,9 @@ impl ApprovalRequest {
         if who.same_person(&self.requester) || may_approve(policy, who, &self.command, channel) {
             Ok(())
         } else {
-            Err(ApprovalError::MayNotDeny(self.job_id.as_str().to_string()))
+            Err(ApprovalError::MayNotDeny(
+                crate::ids::short_form(self.job_id.as_str()).to_string(),
+            ))
         }
     }
 }
@@ -392,7 +395,9 @@ restart = ["irc:net:lead*"]
         );
         assert_eq!(
             r.approve(&p, &id("irc:net:lead1"), CH, 1002),
-            Err(ApprovalError::AlreadyApproved(JOB.into()))
+            Err(ApprovalError::AlreadyApproved(
+                crate::ids::short_form(JOB).into()
+            ))
         );
         assert_eq!(
             r.approve(&p, &id("irc:net:lead2"), CH, 1003),
@@ -409,7 +414,9 @@ restart = ["irc:net:lead*"]
         let mut r = request("restart", 1);
         assert_eq!(
             r.approve(&p, &id("irc:net:LEAD0!~x@elsewhere"), CH, 1001),
-            Err(ApprovalError::OwnRequest(JOB.into()))
+            Err(ApprovalError::OwnRequest(
+                crate::ids::short_form(JOB).into()
+            ))
         );
         // One approver twice under two user names counts once.
         let mut r = request("restart", 2);
@@ -419,7 +426,9 @@ restart = ["irc:net:lead*"]
         );
         assert_eq!(
             r.approve(&p, &id("irc:net:lead1!~b@h"), CH, 1002),
-            Err(ApprovalError::AlreadyApproved(JOB.into()))
+            Err(ApprovalError::AlreadyApproved(
+                crate::ids::short_form(JOB).into()
+            ))
         );
     }
 
@@ -429,7 +438,9 @@ restart = ["irc:net:lead*"]
         let mut r = request("restart", 1);
         assert_eq!(
             r.approve(&p, &id("irc:net:lead0"), CH, 1001),
-            Err(ApprovalError::OwnRequest(JOB.into()))
+            Err(ApprovalError::OwnRequest(
+                crate::ids::short_form(JOB).into()
+            ))
         );
         assert!(r.approvals.is_empty());
     }
@@ -475,7 +486,9 @@ restart = ["irc:net:lead*"]
             );
             assert_eq!(
                 r.check_deny(&p, &id("irc:net:lead1"), channel),
-                Err(ApprovalError::MayNotDeny(JOB.into()))
+                Err(ApprovalError::MayNotDeny(
+                    crate::ids::short_form(JOB).into()
+                ))
             );
         }
     }
@@ -486,7 +499,7 @@ restart = ["irc:net:lead*"]
         let mut r = request("restart", 1);
         assert_eq!(
             r.approve(&p, &id("irc:net:lead1"), CH, 1060),
-            Err(ApprovalError::Expired(JOB.into()))
+            Err(ApprovalError::Expired(crate::ids::short_form(JOB).into()))
         );
     }
 
@@ -498,7 +511,9 @@ restart = ["irc:net:lead*"]
         assert_eq!(r.check_deny(&p, &id("irc:net:lead7"), CH), Ok(()));
         assert_eq!(
             r.check_deny(&p, &id("slack:T1:U9"), "slack:T1:C1"),
-            Err(ApprovalError::MayNotDeny(JOB.into()))
+            Err(ApprovalError::MayNotDeny(
+                crate::ids::short_form(JOB).into()
+            ))
         );
     }
 

@@ -64,9 +64,9 @@ pub enum EventKind {
     /// An authenticated caller was refused an action its policy roles do
     /// not grant (reading another's job, a token for other labels, …).
     PermissionDenied,
-    /// A chat user called a gateway plugin command (who, what, where, and
-    /// how it ended: answered, timed out, plugin not available).
-    PluginCalled,
+    /// A chat command an integration or plugin registered was called
+    /// (who, which verb, where, and the outcome in `detail`).
+    ChatCommand,
 }
 
 impl EventKind {
@@ -96,7 +96,7 @@ impl EventKind {
         EventKind::ServiceSilenced,
         EventKind::CertRevoked,
         EventKind::PermissionDenied,
-        EventKind::PluginCalled,
+        EventKind::ChatCommand,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -126,7 +126,7 @@ impl EventKind {
             EventKind::ServiceSilenced => "service_silenced",
             EventKind::CertRevoked => "cert_revoked",
             EventKind::PermissionDenied => "permission_denied",
-            EventKind::PluginCalled => "plugin_called",
+            EventKind::ChatCommand => "chat_command",
         }
     }
 

@@ -3,6 +3,11 @@
 //! Messages are split into words; double- or single-quoted strings form one
 //! word. Quoting is parsed here and never passed to a shell: values end up
 //! as single argv elements.
+//!
+//! These are the built-in verbs only; verbs that integrations add (the
+//! gateway's `query`, `oncall`, plugins' commands) are not known here and
+//! parse as [`GrammarError::UnknownCommand`], which the gateway then looks
+//! up among its registered commands.
 
 use std::time::Duration;
 
@@ -16,8 +21,10 @@ pub enum ChatCommand {
     Help(Option<String>),
     Run(RunRequest),
     Job(String),
+    /// `jobs [mine] [page N]`: page 1 is the newest [`JOBS_PAGE`] jobs.
     Jobs {
         mine: bool,
+        page: u32,
     },
     Output {
         id: String,
@@ -39,14 +46,15 @@ pub enum ChatCommand {
         for_: Option<Duration>,
         reason: Option<String>,
     },
-    /// `query <promql…>`: an instant query against the configured Prometheus.
-    Query(String),
-    /// `oncall [schedule]`: who is on call (PagerDuty).
-    Oncall(Option<String>),
     Audit(String),
     Whoami,
     Policy,
 }
+
+/// Jobs on one page of `jobs`.
+pub const JOBS_PAGE: u32 = 10;
+/// The oldest page `jobs` shows (the newest 500 jobs).
+pub const MAX_JOBS_PAGE: u32 = 50;
 
 /// `run <command> [args…] on <selector> [options]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,9 +163,9 @@ pub const VERBS: &[VerbHelp] = &[
     },
     VerbHelp {
         verb: "jobs",
-        usage: "jobs [mine]",
-        about: "recent jobs you may see (`mine`: only yours)",
-        details: &[],
+        usage: "jobs [mine] [page N]",
+        about: "recent jobs you may see, newest first (`mine`: only yours)",
+        details: &["ten jobs a page; `page 2` shows the ten before them, up to page 50"],
     },
     VerbHelp {
         verb: "output",
@@ -205,18 +213,6 @@ pub const VERBS: &[VerbHelp] = &[
         verb: "silence",
         usage: SILENCE_USAGE,
         about: "mute alerts for a service for a while (e.g. 30m), or lift the silence",
-        details: &[],
-    },
-    VerbHelp {
-        verb: "query",
-        usage: "query <promql>",
-        about: "an instant query against the configured Prometheus",
-        details: &[],
-    },
-    VerbHelp {
-        verb: "oncall",
-        usage: "oncall [schedule]",
-        about: "who is on call",
         details: &[],
     },
     VerbHelp {
@@ -424,11 +420,32 @@ pub fn parse(text: &str) -> Result<ChatCommand, GrammarError> {
         },
         "run" => parse_run(rest).map(ChatCommand::Run),
         "job" => one("job <id>").map(ChatCommand::Job),
-        "jobs" => match texts.as_slice() {
-            [] => Ok(ChatCommand::Jobs { mine: false }),
-            ["mine"] => Ok(ChatCommand::Jobs { mine: true }),
-            _ => Err(GrammarError::Usage("jobs [mine]")),
-        },
+        "jobs" => {
+            let usage = GrammarError::Usage("jobs [mine] [page N]");
+            let (mine, page) = match texts.as_slice() {
+                [] => (false, None),
+                ["mine"] => (true, None),
+                ["page", n] => (false, Some(*n)),
+                ["mine", "page", n] => (true, Some(*n)),
+                _ => return Err(usage),
+            };
+            let page = match page {
+                None => 1,
+                Some(n) => match n.parse::<u32>() {
+                    Ok(n) if (1..=MAX_JOBS_PAGE).contains(&n) => n,
+                    _ => {
+                        return Err(GrammarError::BadOption {
+                            option: "page".into(),
+                            reason: format!(
+                                "a number from 1 to {MAX_JOBS_PAGE}, not \"{}\"",
+                                crate::terminal::excerpt(n)
+                            ),
+                        });
+                    }
+                },
+            };
+            Ok(ChatCommand::Jobs { mine, page })
+        }
         "output" => match texts.as_slice() {
             [id] => Ok(ChatCommand::Output {
                 id: id.to_string(),
@@ -477,14 +494,6 @@ pub fn parse(text: &str) -> Result<ChatCommand, GrammarError> {
                 })
             }
             _ => Err(GrammarError::Usage(SILENCE_USAGE)),
-        },
-        "query" => joined()
-            .map(ChatCommand::Query)
-            .ok_or(GrammarError::Usage("query <promql>")),
-        "oncall" => match texts.as_slice() {
-            [] => Ok(ChatCommand::Oncall(None)),
-            [s] => Ok(ChatCommand::Oncall(Some(s.to_string()))),
-            _ => Err(GrammarError::Usage("oncall [schedule]")),
         },
         "audit" => joined()
             .map(ChatCommand::Audit)
@@ -659,8 +668,43 @@ mod tests {
         check("help", Help(None));
         check("HELP restart", Help(s("restart")));
         check("job 0189", Job("0189".into()));
-        check("jobs", Jobs { mine: false });
-        check("jobs mine", Jobs { mine: true });
+        check(
+            "jobs",
+            Jobs {
+                mine: false,
+                page: 1,
+            },
+        );
+        check(
+            "jobs mine",
+            Jobs {
+                mine: true,
+                page: 1,
+            },
+        );
+        check(
+            "jobs mine page 3",
+            Jobs {
+                mine: true,
+                page: 3,
+            },
+        );
+        check(
+            "jobs page 50",
+            Jobs {
+                mine: false,
+                page: 50,
+            },
+        );
+        for bad in [
+            "jobs page 0",
+            "jobs page 51",
+            "jobs page x",
+            "jobs page",
+            "jobs 2",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
         check(
             "output 0189",
             Output {
@@ -712,12 +756,6 @@ mod tests {
                 reason: None,
             },
         );
-        check(
-            "query up{job=\"fleet\"} == 0",
-            Query("up{job=\"fleet\"} == 0".into()),
-        );
-        check("oncall", Oncall(None));
-        check("oncall primary", Oncall(s("primary")));
         check("audit restart by alice", Audit("restart by alice".into()));
         check("whoami", Whoami);
         check("policy", Policy);
@@ -794,8 +832,10 @@ mod tests {
         check_err("silence api", "silence <service> <duration>");
         check_err("silence api soon", "duration");
         check_err("silence api 0s", "silence <service> <duration>");
-        check_err("query", "query <promql>");
-        check_err("oncall a b", "oncall [schedule]");
+        // Integrations' verbs are not the core's: the gateway looks them up
+        // among its registered commands.
+        check_err("query up", "unknown command `query`; try `help`");
+        check_err("oncall", "unknown command `oncall`; try `help`");
         check_err("   ", "empty command");
         check_err("foo", "unknown command `foo`; try `help`");
         check_err("run", "usage: run <command>");

@@ -125,6 +125,22 @@ impl JobSpec {
         }
         serde_json::from_slice(b).map_err(|e| JobError::Malformed(e.to_string()))
     }
+
+    /// The well-formed job id of spec bytes that do not parse as a whole
+    /// (a malformed requester, say), to answer the refusal under the job it
+    /// belongs to. Nothing else of such bytes is read, and the id is only a
+    /// label: it authorises nothing.
+    pub fn id_of_unparsed(b: &[u8]) -> Option<String> {
+        #[derive(Deserialize)]
+        struct IdOnly {
+            id: String,
+        }
+        if b.len() > MAX_SPEC_BYTES {
+            return None;
+        }
+        let only: IdOnly = serde_json::from_slice(b).ok()?;
+        JobId::parse(&only.id).ok().map(|id| id.to_string())
+    }
 }
 
 /// Spec bytes with the signature over exactly those bytes.

@@ -28,6 +28,7 @@ pub mod ratelimit;
 pub mod rbac;
 pub mod rollout;
 pub mod selector;
+pub mod state;
 pub mod terminal;
 pub mod when;
 

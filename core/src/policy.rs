@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::argv::{embedded_placeholders, validate_arg, whole_placeholder};
 use crate::crypto::PublicKey;
 use crate::duration::parse_duration;
-use crate::ids::IDENTITY_SCHEMES;
+use crate::ids::valid_platform;
 use crate::selector::Selector;
 
 /// Every default of the policy format, in one place.
@@ -557,15 +557,15 @@ fn valid_env_name(s: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
 }
 
-fn has_known_scheme(pattern: &str) -> bool {
-    IDENTITY_SCHEMES
-        .iter()
-        .any(|s| pattern.strip_prefix(s).is_some_and(|r| r.starts_with(':')))
+/// An identity pattern starts with a platform name and `:` (`slack:T1:*`,
+/// `matrix:@alice:example.org`); any platform, as for identities.
+fn has_platform(pattern: &str) -> bool {
+    pattern
+        .split_once(':')
+        .is_some_and(|(platform, _)| valid_platform(platform))
 }
 
-fn schemes_list() -> String {
-    IDENTITY_SCHEMES.map(|s| format!("{s}:")).join(", ")
-}
+const PLATFORM_HINT: &str = "a platform name and `:` (e.g. `slack:`, `irc:`, `matrix:`)";
 
 impl Validator {
     fn err(&mut self, path: &[&str], message: impl Into<String>) {
@@ -615,13 +615,10 @@ impl Validator {
                 }
             }
             for p in &s.vouches_for {
-                if !has_known_scheme(p) {
+                if !has_platform(p) {
                     self.err(
                         &[&entry, "vouches_for"],
-                        format!(
-                            "identity pattern \"{p}\" must start with one of {}",
-                            schemes_list()
-                        ),
+                        format!("identity pattern \"{p}\" must start with {PLATFORM_HINT}"),
                     );
                 }
             }
@@ -718,13 +715,10 @@ impl Validator {
                 );
             }
             for s in &b.subjects {
-                if !has_known_scheme(s) {
+                if !has_platform(s) {
                     self.err(
                         &[&entry, "subjects"],
-                        format!(
-                            "subject pattern \"{s}\" must start with one of {}",
-                            schemes_list()
-                        ),
+                        format!("subject pattern \"{s}\" must start with {PLATFORM_HINT}"),
                     );
                 }
             }
@@ -750,13 +744,10 @@ impl Validator {
                 );
             }
             for p in patterns {
-                if !has_known_scheme(p) {
+                if !has_platform(p) {
                     self.err(
                         &["approvers", command],
-                        format!(
-                            "approver pattern \"{p}\" must start with one of {}",
-                            schemes_list()
-                        ),
+                        format!("approver pattern \"{p}\" must start with {PLATFORM_HINT}"),
                     );
                 }
             }
@@ -1575,13 +1566,13 @@ argv = ["/bin/true"]
             "[roles.r]\ncommands = [\"ok\"]\n[[bindings]]\nsubjects = [\"U024BE7LH\"]\nroles = [\"r\"]\n",
             Some(8),
             "bindings[0].subjects",
-            "must start with one of slack:",
+            "must start with a platform name",
         );
         check(
-            "[roles.r]\ncommands = [\"ok\"]\n[[bindings]]\nsubjects = [\"slackish:x\"]\nroles = [\"r\"]\n",
+            "[roles.r]\ncommands = [\"ok\"]\n[[bindings]]\nsubjects = [\"Slack:x\"]\nroles = [\"r\"]\n",
             Some(8),
             "bindings[0].subjects",
-            "must start with one of",
+            "must start with a platform name",
         );
         check(
             "[approvers]\nnope = [\"slack:T1:*\"]\n",

@@ -69,7 +69,9 @@ fn lists(role: &Role, command: &str) -> bool {
     role.commands.iter().any(|c| c == "*" || c == command)
 }
 
-fn in_channel(role: &Role, channel: &str) -> bool {
+/// Whether `role` applies in `channel` (a role without channels applies
+/// everywhere).
+pub fn in_channel(role: &Role, channel: &str) -> bool {
     role.channels.is_empty() || role.channels.iter().any(|c| c == channel)
 }
 
@@ -124,7 +126,18 @@ pub fn check_run(
                 .filter(|r| lists(r, command) && in_channel(r, channel))
                 .map(|r| r.name.clone())
                 .collect(),
-            have: roles.iter().map(|r| r.name.clone()).collect(),
+            // A role scoped to other channels is named with where it
+            // applies, so "you have [ops]" does not read as usable here.
+            have: roles
+                .iter()
+                .map(|r| {
+                    if in_channel(r, channel) {
+                        r.name.clone()
+                    } else {
+                        format!("{} (only in {})", r.name, r.channels.join(", "))
+                    }
+                })
+                .collect(),
         });
     }
     let mut narrowest: Option<(&Role, &Selector)> = None;
@@ -161,9 +174,10 @@ pub fn commands_for<'p>(policy: &'p Policy, who: &Identity, channel: &str) -> Ve
 
 /// Whether `channel` is on `who`'s own platform: its scheme (the part
 /// before the first `:`, or all of it) is `who`'s, and where `who` names a
-/// network, workspace or server (`irc:NET:…`, `slack:TEAM:…`,
-/// `mattermost:SERVER:…`, `campfire:SERVER:…`, `webhook:NAME:…`: three
-/// parts or more), the channel names the same one. An operator (`cli:NAME`)
+/// place ([`Identity::place`]: a network, workspace or server, as in
+/// `irc:NET:…`, `slack:TEAM:…`, `mattermost:SERVER:…`, `webhook:NAME:…`),
+/// the channel names the same one. Platforms with global user ids
+/// (`matrix:@alice:example.org`) have no place. An operator (`cli:NAME`)
 /// acts from the channel `cli`, a chat user from a channel of their chat
 /// (`irc:libera:#ops` or the private `irc:libera:alice` for
 /// `irc:libera:alice!…`). The signer names both requester and channel, so
@@ -176,10 +190,9 @@ pub fn on_own_platform(who: &Identity, channel: &str) -> bool {
     if scheme != who.scheme() {
         return false;
     }
-    let mut parts = who.as_str().splitn(3, ':');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(scheme), Some(place), Some(_)) => channel.starts_with(&format!("{scheme}:{place}:")),
-        _ => true,
+    match who.place() {
+        Some(place) => channel.starts_with(&format!("{scheme}:{place}:")),
+        None => true,
     }
 }
 
@@ -223,15 +236,22 @@ pub fn may(policy: &Policy, who: &Identity, channel: &str, perm: Permission) -> 
 }
 
 /// Whether one of `who`'s roles that applies in `channel` grants the
-/// plugin action `action` (`plugin:NAME.COMMAND`) through a
-/// `plugin:NAME.COMMAND` or `plugin:NAME.*` entry in its `may` list.
-/// Agents never ask this: plugin commands run in the gateway, so a policy
-/// granting them means nothing to an agent beyond parsing.
+/// action named `action` in its `may` list: a built-in permission
+/// (`audit.read_all`, also through `*`) or a plugin action
+/// (`plugin:NAME.COMMAND`, granted by `plugin:NAME.COMMAND` or
+/// `plugin:NAME.*`; `*` does not include plugins). The one rule for every
+/// chat command guarded by an action name, built-in or plugin. A channel of
+/// another platform than `who`'s grants nothing. Agents never ask this:
+/// such commands run in the gateway.
 pub fn may_action(policy: &Policy, who: &Identity, channel: &str, action: &str) -> bool {
+    let grants = |r: &Role| match Permission::parse(action) {
+        Some(perm) => r.may.contains(&perm),
+        None => r.plugins.iter().any(|g| g.allows(action)),
+    };
     on_own_platform(who, channel)
         && roles_of(policy, who)
             .iter()
-            .any(|r| in_channel(r, channel) && r.plugins.iter().any(|g| g.allows(action)))
+            .any(|r| in_channel(r, channel) && grants(r))
 }
 
 /// What a read or cancel decision needs to know about a job.
@@ -428,7 +448,9 @@ mod tests {
             "slack:T0001:CRANDOM",
             "restart",
             "env=prod",
-            Err("no role may run `restart` in this channel; you have [oncall, viewer]"),
+            Err(
+                "no role may run `restart` in this channel; you have [oncall (only in slack:T0001:C0ONCALL, irc:libera:#ops), viewer]",
+            ),
         );
         check(
             "irc:libera:alice!al@ops.example.com",
@@ -658,6 +680,27 @@ deploy = ["irc:net:lead!*@*", "irc:net:dave!*@*"]
                 "{who} {command} {channel}"
             );
         }
+    }
+
+    /// A role scoped to other channels is named with where it applies (an
+    /// outside test read "you have [ops]" in a private message as usable).
+    #[test]
+    fn a_refusal_says_where_a_scoped_role_applies() {
+        let p = operators_policy();
+        let sel = Selector::parse("env=staging").unwrap_or_else(|e| panic!("{e}"));
+        let err = check_run(
+            &p,
+            &id("slack:T1:UALICE"),
+            "slack:T1:DALICE",
+            "uptime",
+            &sel,
+        )
+        .expect_err("not usable in a private message");
+        assert_eq!(
+            err.to_string(),
+            "`uptime` needs one of roles [admin, web] in this channel; you have [staging (only in slack:T1:COPS)]"
+        );
+        assert!(check_run(&p, &id("slack:T1:UALICE"), "slack:T1:COPS", "uptime", &sel).is_ok());
     }
 
     /// Operators and a staging-scoped chat role, for the read, cancel,
@@ -1076,6 +1119,11 @@ roles = ["admin"]
             ("slack:T1:U2", ops, "plugin:deploy.rollback", false),
             ("slack:T1:U3", ops, "plugin:deploy.rollback", false),
             ("slack:T1:U1", ops, "deploy.rollback", false),
+            // Built-in permissions by the same rule, `*` included.
+            ("slack:T1:U2", ops, "audit.read_all", true),
+            ("slack:T1:U1", ops, "audit.read_all", false),
+            // Another platform's channel grants nothing.
+            ("slack:T1:U2", "irc:libera:#ops", "audit.read_all", false),
         ] {
             assert_eq!(
                 may_action(&p, &id(who), channel, action),

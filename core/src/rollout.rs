@@ -3,6 +3,7 @@
 //! controller can re-run it after every result — and after a restart.
 
 use crate::job::Rollout;
+use crate::state::TargetState;
 
 /// Where one target stands, as far as rollout is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,14 +20,17 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// The phase of a target state string as the controller stores it.
-    pub fn of_state(state: &str) -> Phase {
+    /// The phase of a target in `state`.
+    pub fn of_state(state: TargetState) -> Phase {
         match state {
-            "pending" => Phase::Pending,
-            "dispatched" | "running" => Phase::Active,
-            "ok" => Phase::Ok,
-            "canceled" | "skipped" => Phase::Stopped,
-            _ => Phase::Failed,
+            TargetState::Pending => Phase::Pending,
+            TargetState::Dispatched | TargetState::Running => Phase::Active,
+            TargetState::Ok => Phase::Ok,
+            TargetState::Canceled | TargetState::Skipped => Phase::Stopped,
+            TargetState::Failed
+            | TargetState::TimedOut
+            | TargetState::Refused
+            | TargetState::Offline => Phase::Failed,
         }
     }
 }

@@ -18,6 +18,7 @@ pub const PROTO_FILES: &[&str] = &["fleetcmd/v1/fleetcmd.proto"];
 
 pub mod channel;
 pub mod codec;
+pub mod state;
 
 impl v1::CheckState {
     /// The Nagios name of a check result's state (`OK`, `WARNING`,

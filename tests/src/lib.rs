@@ -132,7 +132,7 @@ impl TestFleet {
             let id = id.clone();
             async move {
                 let j = shared.get_job(&id).ok()?;
-                fleetcmd_cli::client::is_finished(&j.state).then_some(j)
+                fleetcmd_cli::client::is_finished(&j).then_some(j)
             }
         })
         .await
@@ -308,7 +308,10 @@ pub mod crash {
             .collect();
         TargetRecord {
             result: Some(payload),
-            ..TargetRecord::new("ok", &format!("record {i}"))
+            ..TargetRecord::new(
+                fleetcmd_core::state::TargetState::Ok,
+                &format!("record {i}"),
+            )
         }
     }
 }

@@ -713,6 +713,7 @@ async fn results_reach_the_controller_in_heartbeats_and_a_slow_check_does_not_de
 
     let agent_view = || {
         shared
+            .registry
             .list_agents("")
             .ok()
             .and_then(|l| l.into_iter().find(|a| a.agent_id == "web-1"))

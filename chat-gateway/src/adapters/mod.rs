@@ -18,6 +18,7 @@ use fleetcmd_core::ids::Identity;
 pub mod campfire;
 pub mod console;
 pub mod irc;
+pub mod matrix;
 pub mod mattermost;
 pub mod slack;
 pub mod webhook;
@@ -256,6 +257,28 @@ pub trait ChatSender: Send + Sync {
 }
 
 /// A chat platform connection.
+/// A chat platform that also receives HTTP (events, slash commands, button
+/// clicks): its routes are mounted on the gateway's one listener, refused
+/// requests are reported, and accepted ones are remembered so a replay is
+/// refused (also after a restart).
+pub trait HttpInbound: ChatAdapter {
+    /// The routes to mount on the gateway's listener.
+    fn routes(&self) -> axum::Router;
+    /// Where to report refused requests (audited as `auth_failed`); set once.
+    fn report_auth_failures(&self, to: AuthFailures);
+    /// Where accepted request ids and signatures are kept; set once.
+    fn use_replay_guard(&self, guard: crate::store::ReplayGuard);
+}
+
+/// `found` (keys relative to a section) with the section name in front of
+/// each key, as `gateway.toml validate` names them.
+pub(crate) fn prefixed(section: &str, found: Vec<(String, String)>) -> Vec<(String, String)> {
+    found
+        .into_iter()
+        .map(|(key, message)| (format!("{section}.{key}"), message))
+        .collect()
+}
+
 pub trait ChatAdapter: Send + 'static {
     /// The next message; `None` at the end of input (the gateway then lets
     /// running commands finish and returns).

@@ -28,12 +28,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use fleetcmd_core::crypto::Secret;
 use fleetcmd_proto::v1;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::adapters::webhook::SecretString;
+use crate::secret::{check_secret, load_secret};
 
 pub mod opsgenie;
 pub mod pagerduty;
@@ -134,16 +133,15 @@ impl Retry {
     /// many gateways do not retry in step; at least `retry_after`.
     pub fn delay(&self, n: u32, retry_after: Option<Duration>) -> Duration {
         let max = Duration::from_millis(defaults::MAX_BACKOFF_MS);
-        let raw = self.base.saturating_mul(1u32 << n.min(20)).min(max);
-        let jittered = raw.mul_f64(0.5 + 0.5 * random_fraction());
+        let jittered = crate::backoff::Backoff {
+            first: self.base,
+            factor: 2.0,
+            max,
+            jitter: crate::backoff::Jitter::HalfToFull,
+        }
+        .delay(n);
         jittered.max(retry_after.unwrap_or_default()).min(max)
     }
-}
-
-fn random_fraction() -> f64 {
-    let mut b = [0u8; 4];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
 }
 
 /// How one HTTP attempt ended.
@@ -246,17 +244,8 @@ pub(crate) async fn classify(
 }
 
 /// The first 4 KiB of a response body, lossily decoded.
-async fn read_capped(mut resp: reqwest::Response) -> String {
-    const CAP: usize = 4096;
-    let mut buf = Vec::new();
-    while buf.len() < CAP {
-        match resp.chunk().await {
-            Ok(Some(c)) => buf.extend_from_slice(&c),
-            _ => break,
-        }
-    }
-    buf.truncate(CAP);
-    String::from_utf8_lossy(&buf).into_owned()
+async fn read_capped(resp: reqwest::Response) -> String {
+    String::from_utf8_lossy(&crate::body::read_response_prefix(resp, 4096).await).into_owned()
 }
 
 /// Text on one line, capped (for logs and refusal messages).
@@ -268,49 +257,6 @@ pub(crate) fn one_line(s: &str) -> String {
         t
     } else {
         s
-    }
-}
-
-/// A secret given inline or as a file: every problem, keyed `at.name`.
-pub(crate) fn check_secret(
-    p: &mut Vec<(String, String)>,
-    at: &str,
-    name: &str,
-    inline: &Option<SecretString>,
-    file: &Option<PathBuf>,
-) {
-    match (inline, file) {
-        (Some(_), Some(_)) => p.push((
-            format!("{at}.{name}"),
-            format!("give either `{name}` or `{name}_file`, not both"),
-        )),
-        (Some(s), None) if s.expose().trim().is_empty() => {
-            p.push((format!("{at}.{name}"), "must not be empty".into()))
-        }
-        (None, Some(f)) => match std::fs::read_to_string(f) {
-            Ok(s) if s.trim().is_empty() => p.push((
-                format!("{at}.{name}_file"),
-                format!("{}: empty", f.display()),
-            )),
-            Ok(_) => {}
-            Err(e) => p.push((format!("{at}.{name}_file"), format!("{}: {e}", f.display()))),
-        },
-        _ => {}
-    }
-}
-
-/// The secret's value (read from the file when given), if any.
-pub(crate) fn load_secret(
-    inline: &Option<SecretString>,
-    file: &Option<PathBuf>,
-    key: &str,
-) -> Result<Option<Secret<String>>, String> {
-    match (inline, file) {
-        (Some(s), _) => Ok(Some(Secret::new(s.expose().trim().to_string()))),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .map(|s| Some(Secret::new(s.trim().to_string())))
-            .map_err(|e| format!("{key}_file: {}: {e}", f.display())),
-        (None, None) => Ok(None),
     }
 }
 
@@ -349,8 +295,7 @@ pub(crate) fn check_retry(
 
 /// The HTTP client of an integration (rustls, Mozilla roots, no redirects).
 pub(crate) fn client(timeout_ms: u64) -> Result<reqwest::Client, String> {
-    crate::adapters::webhook::http_client(Duration::from_millis(timeout_ms))
-        .map_err(|e| e.to_string())
+    crate::http_client::http_client(Duration::from_millis(timeout_ms)).map_err(|e| e.to_string())
 }
 
 /// `fleetcmd-<service>`: the PagerDuty dedup key and Opsgenie alias.
@@ -383,53 +328,49 @@ pub trait Integration: Send + Sync + 'static {
     fn handle(&self, ev: &v1::AlertEvent) -> impl Future<Output = ()> + Send;
 }
 
-/// The integrations `gateway.toml` enables.
-#[derive(Default)]
-pub struct Integrations {
-    pub pagerduty: Option<PagerDuty>,
-    pub opsgenie: Option<Opsgenie>,
-    pub statuspage: Option<Statuspage>,
+/// One consumer of the service alert stream, ready to start on its own
+/// task behind its own bounded queue.
+pub struct AlertHook {
+    name: &'static str,
+    start: StartFn,
 }
 
-impl std::fmt::Debug for Integrations {
+/// Starts an integration's task in the set; its queue's sending end.
+type StartFn = Box<dyn FnOnce(&mut JoinSet<()>) -> EventQueue + Send>;
+
+/// The sending end of one integration's event queue.
+type EventQueue = mpsc::Sender<Arc<v1::AlertEvent>>;
+
+impl std::fmt::Debug for AlertHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Integrations")
-            .field("pagerduty", &self.pagerduty.is_some())
-            .field("opsgenie", &self.opsgenie.is_some())
-            .field("statuspage", &self.statuspage.is_some())
-            .finish()
+        f.write_str(self.name)
     }
+}
+
+impl AlertHook {
+    /// `integration`, handling events in order on its own task.
+    pub fn of<I: Integration>(integration: I) -> AlertHook {
+        AlertHook {
+            name: integration.name(),
+            start: Box::new(move |set| worker(set, integration).1),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// The alert hooks the enabled components contributed.
+#[derive(Debug, Default)]
+pub struct Integrations {
+    pub hooks: Vec<AlertHook>,
 }
 
 /// Events dropped because an integration's queue was full (all integrations).
 pub static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 impl Integrations {
-    /// Builds what the sections configure (`Ok(None)` when none sends
-    /// alerts). Errors name the section.
-    pub fn from_config(
-        pagerduty: Option<&PagerDutyConfig>,
-        opsgenie: Option<&OpsgenieConfig>,
-        statuspage: Option<&StatuspageConfig>,
-    ) -> Result<Option<Integrations>, String> {
-        let i = Integrations {
-            pagerduty: match pagerduty {
-                Some(c) => PagerDuty::new(c).map_err(|e| format!("[pagerduty]: {e}"))?,
-                None => None,
-            },
-            opsgenie: opsgenie
-                .map(Opsgenie::new)
-                .transpose()
-                .map_err(|e| format!("[opsgenie]: {e}"))?,
-            statuspage: statuspage
-                .map(Statuspage::new)
-                .transpose()
-                .map_err(|e| format!("[statuspage]: {e}"))?,
-        };
-        let any = i.pagerduty.is_some() || i.opsgenie.is_some() || i.statuspage.is_some();
-        Ok(any.then_some(i))
-    }
-
     /// Starts one task per integration, each behind its own bounded queue,
     /// and hands every event from `rx` to each queue. Ends when `rx` is
     /// closed and the queues are drained; aborting the handle stops
@@ -441,16 +382,11 @@ impl Integrations {
     /// What [`Integrations::spawn`] runs, for an owner's own task set.
     pub async fn run(self, mut rx: mpsc::Receiver<v1::AlertEvent>) {
         let mut workers = JoinSet::new();
-        let mut queues: Vec<(&'static str, mpsc::Sender<Arc<v1::AlertEvent>>)> = Vec::new();
-        if let Some(i) = self.pagerduty {
-            queues.push(worker(&mut workers, i));
-        }
-        if let Some(i) = self.opsgenie {
-            queues.push(worker(&mut workers, i));
-        }
-        if let Some(i) = self.statuspage {
-            queues.push(worker(&mut workers, i));
-        }
+        let queues: Vec<(&'static str, mpsc::Sender<Arc<v1::AlertEvent>>)> = self
+            .hooks
+            .into_iter()
+            .map(|h| (h.name, (h.start)(&mut workers)))
+            .collect();
         while let Some(ev) = rx.recv().await {
             let ev = Arc::new(ev);
             for (name, q) in &queues {

@@ -15,7 +15,7 @@ use super::{
     Action, GiveUp, Integration, Level, Retry, alert_key, attempts, check_retry, check_secret,
     check_url, classify, client, decide, defaults, instances, load_secret, one_line, resolve,
 };
-use crate::adapters::webhook::SecretString;
+use crate::secret::SecretString;
 
 /// The API (EU accounts use `https://api.eu.opsgenie.com`).
 pub const API_URL: &str = "https://api.opsgenie.com";
@@ -262,5 +262,22 @@ impl Integration for Opsgenie {
     }
     async fn handle(&self, ev: &v1::AlertEvent) {
         let _ = self.send(ev).await;
+    }
+}
+
+impl crate::registry::Component for OpsgenieConfig {
+    const NAME: &'static str = "opsgenie";
+
+    fn resolve_paths(&mut self, base: &Path) {
+        OpsgenieConfig::resolve_paths(self, base);
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        OpsgenieConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        cx.alert_hook(super::AlertHook::of(Opsgenie::new(&self)?));
+        Ok(())
     }
 }

@@ -19,7 +19,7 @@ use super::{
     Action, GiveUp, Integration, Level, Retry, alert_key, attempts, check_retry, check_secret,
     check_url, classify, client, decide, defaults, instances, load_secret, one_line, resolve,
 };
-use crate::adapters::webhook::SecretString;
+use crate::secret::SecretString;
 
 /// The Events API v2 endpoint.
 pub const EVENTS_URL: &str = "https://events.pagerduty.com/v2/enqueue";
@@ -314,5 +314,33 @@ impl Integration for PagerDuty {
     }
     async fn handle(&self, ev: &v1::AlertEvent) {
         let _ = self.send(ev).await;
+    }
+}
+
+/// `[pagerduty]`: service alerts to the Events API v2 (with a
+/// `routing_key`) and chat `oncall` (with an `api_token`).
+impl crate::registry::Component for PagerDutyConfig {
+    const NAME: &'static str = "pagerduty";
+
+    fn resolve_paths(&mut self, base: &Path) {
+        PagerDutyConfig::resolve_paths(self, base);
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        PagerDutyConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        if let Some(pd) = PagerDuty::new(&self)? {
+            cx.alert_hook(super::AlertHook::of(pd));
+        }
+        match crate::oncall::Oncall::from_config(&self)? {
+            Some(o) => cx.commands(std::sync::Arc::new(o)),
+            None => cx.commands(std::sync::Arc::new(crate::oncall::not_configured())),
+        }
+    }
+
+    fn absent(cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        cx.commands(std::sync::Arc::new(crate::oncall::not_configured()))
     }
 }

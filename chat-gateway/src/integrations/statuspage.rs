@@ -18,7 +18,7 @@ use super::{
     Action, GiveUp, Integration, Level, Retry, attempts, check_retry, check_secret, check_url,
     classify, client, decide, defaults, load_secret, one_line, resolve,
 };
-use crate::adapters::webhook::SecretString;
+use crate::secret::SecretString;
 
 /// The API.
 pub const API_URL: &str = "https://api.statuspage.io/v1";
@@ -223,5 +223,22 @@ impl Integration for Statuspage {
     }
     async fn handle(&self, ev: &v1::AlertEvent) {
         let _ = self.send(ev).await;
+    }
+}
+
+impl crate::registry::Component for StatuspageConfig {
+    const NAME: &'static str = "statuspage";
+
+    fn resolve_paths(&mut self, base: &Path) {
+        StatuspageConfig::resolve_paths(self, base);
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        StatuspageConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        cx.alert_hook(super::AlertHook::of(Statuspage::new(&self)?));
+        Ok(())
     }
 }

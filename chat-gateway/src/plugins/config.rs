@@ -1,15 +1,22 @@
 //! `[[plugin]]` in `gateway.toml`: which plugins run, where the values of
 //! their declared secrets come from, and their limits. The commands and the
 //! secret *names* are the plugin's own, in its manifest.
+//!
+//! All `[[plugin]]` entries together are one registry component
+//! ([`PluginsConfig`]): its build starts the plugin host and registers
+//! every plugin's commands with the router.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleetcmd_core::crypto::Secret;
 use serde::Deserialize;
 
-use super::manifest::{Manifest, ManifestError};
+use super::manifest::Manifest;
+use crate::registry::{BuildContext, Component};
+use crate::secret::SecretSource;
 
 /// Every default of `[[plugin]]`, in one place.
 pub mod defaults {
@@ -46,14 +53,39 @@ pub struct PluginConfig {
     pub restart_min: Option<String>,
 }
 
-/// Where a secret's value comes from.
-#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
-pub enum SecretSource {
-    /// A file holding one line (trailing newline removed).
-    File(PathBuf),
-    /// An environment variable of the gateway.
-    Env(String),
+/// Every `[[plugin]]` entry: the registry component named `plugin`.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(transparent)]
+pub struct PluginsConfig(pub Vec<PluginConfig>);
+
+impl Component for PluginsConfig {
+    const NAME: &'static str = "plugin";
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for e in &mut self.0 {
+            if e.manifest.is_relative() {
+                e.manifest = base.join(&e.manifest);
+            }
+            for source in e.secrets.values_mut() {
+                source.resolve_paths(base);
+            }
+        }
+    }
+
+    /// Reads every manifest and secret: what is missing is said now, not
+    /// on the first call.
+    fn validate(&self) -> Vec<(String, String)> {
+        load(&self.0).err().map(|e| e.problems).unwrap_or_default()
+    }
+
+    fn enabled(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    async fn build(self, cx: &mut BuildContext) -> Result<(), String> {
+        let specs = load(&self.0).map_err(|e| e.to_string())?;
+        cx.commands(Arc::new(super::PluginHost::new(specs)))
+    }
 }
 
 /// A plugin ready to be supervised: its manifest, the secret values it
@@ -89,19 +121,12 @@ impl Default for Limits {
     }
 }
 
-/// Why `[[plugin]]` entries were refused: every problem with its key.
+/// Why `[[plugin]]` entries were refused: every problem with its key path
+/// (`plugin[1].secrets.TOKEN`).
 #[derive(thiserror::Error, Debug)]
-#[error("{}", problems.join("; "))]
+#[error("{}", problems.iter().map(|(k, m)| format!("{k}: {m}")).collect::<Vec<_>>().join("; "))]
 pub struct PluginConfigError {
-    pub problems: Vec<String>,
-}
-
-impl From<ManifestError> for PluginConfigError {
-    fn from(e: ManifestError) -> PluginConfigError {
-        PluginConfigError {
-            problems: vec![e.to_string()],
-        }
-    }
+    pub problems: Vec<(String, String)>,
 }
 
 /// Loads every `[[plugin]]` entry: manifests read and checked, secret
@@ -114,18 +139,24 @@ pub fn load(entries: &[PluginConfig]) -> Result<Vec<PluginSpec>, PluginConfigErr
         match load_one(e, &key) {
             Ok(spec) => {
                 if specs.iter().any(|s| s.manifest.name == spec.manifest.name) {
-                    problems.push(format!(
-                        "{key}: a plugin named \"{}\" is configured twice",
-                        spec.manifest.name
+                    problems.push((
+                        key.clone(),
+                        format!(
+                            "a plugin named \"{}\" is configured twice",
+                            spec.manifest.name
+                        ),
                     ));
                 }
                 for c in &spec.manifest.commands {
                     if let Some(other) =
                         specs.iter().find(|s| s.manifest.command(&c.verb).is_some())
                     {
-                        problems.push(format!(
-                            "{key}: verb \"{}\" is also plugin \"{}\"'s",
-                            c.verb, other.manifest.name
+                        problems.push((
+                            key.clone(),
+                            format!(
+                                "verb \"{}\" is also plugin \"{}\"'s",
+                                c.verb, other.manifest.name
+                            ),
                         ));
                     }
                 }
@@ -141,69 +172,74 @@ pub fn load(entries: &[PluginConfig]) -> Result<Vec<PluginSpec>, PluginConfigErr
     }
 }
 
-fn duration(
-    key: &str,
-    v: &Option<String>,
-    default: Duration,
-    problems: &mut Vec<String>,
-) -> Duration {
+type Problems = Vec<(String, String)>;
+
+fn duration(key: String, v: &Option<String>, default: Duration, problems: &mut Problems) -> Duration {
     match v.as_deref().map(fleetcmd_core::duration::parse_duration) {
         None => default,
         Some(Ok(d)) if !d.is_zero() => d,
         Some(Ok(_)) => {
-            problems.push(format!("{key}: must be more than 0s"));
+            problems.push((key, "must be more than 0s".to_string()));
             default
         }
         Some(Err(e)) => {
-            problems.push(format!("{key}: {e}"));
+            problems.push((key, e));
             default
         }
     }
 }
 
-fn load_one(e: &PluginConfig, key: &str) -> Result<PluginSpec, Vec<String>> {
-    let manifest = Manifest::load(&e.manifest).map_err(|m| vec![format!("{key}.manifest: {m}")])?;
+fn load_one(e: &PluginConfig, key: &str) -> Result<PluginSpec, Problems> {
+    let manifest =
+        Manifest::load(&e.manifest).map_err(|m| vec![(format!("{key}.manifest"), m.to_string())])?;
     let mut problems = Vec::new();
     let mut secrets = Vec::new();
     for name in &manifest.secrets {
         let Some(source) = e.secrets.get(name) else {
-            problems.push(format!(
-                "{key}.secrets: plugin \"{}\" declares secret {name}; give it as {name} = {{ file = \"…\" }} or {{ env = \"…\" }}",
-                manifest.name
+            problems.push((
+                format!("{key}.secrets"),
+                format!(
+                    "plugin \"{}\" declares secret {name}; give it as {name} = {{ file = \"…\" }} or {{ env = \"…\" }}",
+                    manifest.name
+                ),
             ));
             continue;
         };
-        match read(source) {
+        match source.load() {
             Ok(v) => secrets.push((name.clone(), v)),
-            Err(err) => problems.push(format!("{key}.secrets.{name}: {err}")),
+            Err(err) => problems.push((format!("{key}.secrets.{name}"), err)),
         }
     }
     for name in e.secrets.keys() {
         if !manifest.secrets.contains(name) {
-            problems.push(format!(
-                "{key}.secrets.{name}: plugin \"{}\" does not declare it in its manifest, so it is never passed",
-                manifest.name
+            problems.push((
+                format!("{key}.secrets.{name}"),
+                format!(
+                    "plugin \"{}\" does not declare it in its manifest, so it is never passed",
+                    manifest.name
+                ),
             ));
         }
     }
     let defaults = Limits::default();
     let limits = Limits {
         call_timeout: duration(
-            &format!("{key}.call_timeout"),
+            format!("{key}.call_timeout"),
             &e.call_timeout,
             defaults.call_timeout,
             &mut problems,
         ),
         restart_min: duration(
-            &format!("{key}.restart_min"),
+            format!("{key}.restart_min"),
             &e.restart_min,
             defaults.restart_min,
             &mut problems,
         ),
         memory_bytes: match e.memory_mb {
             Some(mb) if !(16..=1024 * 1024).contains(&mb) => {
-                problems.push(format!(
-                    "{key}.memory_mb: {mb} is not between 16 and 1048576"
+                problems.push((
+                    format!("{key}.memory_mb"),
+                    format!("{mb} is not between 16 and 1048576"),
                 ));
                 0
             }
@@ -212,8 +248,9 @@ fn load_one(e: &PluginConfig, key: &str) -> Result<PluginSpec, Vec<String>> {
         },
         reply_bytes: match e.reply_bytes {
             Some(n) if !(256..=1024 * 1024).contains(&n) => {
-                problems.push(format!(
-                    "{key}.reply_bytes: {n} is not between 256 and 1048576"
+                problems.push((
+                    format!("{key}.reply_bytes"),
+                    format!("{n} is not between 256 and 1048576"),
                 ));
                 0
             }
@@ -231,23 +268,4 @@ fn load_one(e: &PluginConfig, key: &str) -> Result<PluginSpec, Vec<String>> {
     } else {
         Err(problems)
     }
-}
-
-fn read(source: &SecretSource) -> Result<Secret<String>, String> {
-    let (value, from) = match source {
-        SecretSource::File(path) => (
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
-            path.display().to_string(),
-        ),
-        SecretSource::Env(var) => (
-            std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?,
-            format!("${var}"),
-        ),
-    };
-    let value = value.trim_end_matches(['\r', '\n']).to_string();
-    if value.is_empty() || value.contains(['\r', '\n', '\0']) {
-        return Err(format!("{from} must hold one non-empty line"));
-    }
-    Ok(Secret::new(value))
 }

@@ -1,23 +1,23 @@
-//! The chat side of plugins: finds the plugin serving a verb, checks the
-//! caller's `plugin:NAME.VERB` grant, calls it, renders its answer inert,
-//! audits the call (`plugin_called`, or `chat_denied` when refused), lists
-//! usable plugin commands in `help`, and serves the plugin's `job.run` by
-//! handing the router the `run` command the caller could have typed.
+//! The chat side of plugins: every plugin's commands as one [`Commands`]
+//! set on the gateway's registry (each guarded by `plugin:NAME.VERB` in the
+//! signed policy; the router checks the grant, audits every call as
+//! `chat_command` and every refusal as `chat_denied`, and lists in `help`
+//! only what the asker may use), the plugin called with the verified
+//! caller, its answer rendered inert, and its `job.run` handed to
+//! [`CallContext::run_as_caller`]: the caller's own `run`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use fleetcmd_core::grammar::{self, ChatCommand};
-use fleetcmd_core::policy::Policy;
-use fleetcmd_core::rbac::may_action;
+use fleetcmd_core::grammar::{self, RunOptions, RunRequest};
 
 use super::config::PluginSpec;
-use super::manifest::CommandSpec;
+use super::manifest;
 use super::protocol::{Caller, CommandResult, JobRunParams, JobRunResult};
 use super::supervisor::{JobRunner, Plugin};
-use crate::adapters::{BoxFuture, ChatSender, CodeBlock, Incoming, MessageRef, Reply, Section};
-use crate::controller::ControllerApi;
+use crate::adapters::{BoxFuture, CodeBlock, Incoming, Reply, Section};
+use crate::registry::{Call, CallContext, CommandSpec, Commands, Guard, RunOutcome};
 use crate::render::asked_by;
-use crate::router::{Router, event};
 
 /// Every configured plugin.
 #[derive(Debug, Default)]
@@ -36,28 +36,57 @@ impl PluginHost {
     }
 
     /// The plugin serving `verb`, and the command.
-    pub fn find(&self, verb: &str) -> Option<(&Arc<Plugin>, &CommandSpec)> {
+    pub fn find(&self, verb: &str) -> Option<(&Arc<Plugin>, &manifest::CommandSpec)> {
         self.plugins
             .iter()
             .find_map(|p| p.spec.manifest.command(verb).map(|c| (p, c)))
     }
 
-    /// `help` lines for the plugin commands `msg`'s sender may use here.
-    pub fn help_lines(&self, policy: &Policy, msg: &Incoming) -> Vec<String> {
-        let mut lines = Vec::new();
-        for p in &self.plugins {
-            for c in &p.spec.manifest.commands {
-                if may_action(policy, &msg.identity, &msg.channel, &c.action(p.name())) {
-                    lines.push(format!(
-                        "{} — {} (plugin {})",
-                        c.usage(),
-                        c.summary,
-                        p.name()
-                    ));
-                }
-            }
+    async fn answer(&self, call: Call<'_>, ctx: &dyn CallContext) -> Reply {
+        let who = call.msg.identity.as_str();
+        let Some((plugin, command)) = self.find(call.verb) else {
+            // The router calls only the verbs registered from these manifests.
+            return Reply::text(format!("unknown command `{}`{}", call.verb, asked_by(who)));
+        };
+        let args = match grammar::words(call.args) {
+            Ok(a) => a,
+            Err(e) => return Reply::text(format!("{e}{}", asked_by(who))),
+        };
+        if let Err(e) = command.check_args(&args) {
+            return Reply::text(format!("{e}{}", asked_by(who)));
         }
-        lines
+        let jobs = AsCaller { ctx };
+        match plugin.call(call.verb, &args, &caller(call.msg), &jobs).await {
+            Ok(result) => render(
+                plugin.name(),
+                call.verb,
+                who,
+                result,
+                plugin.spec.limits.reply_bytes,
+            ),
+            Err(e) => Reply::text(format!("{e}{}", asked_by(who))),
+        }
+    }
+}
+
+impl Commands for PluginHost {
+    fn commands(&self) -> Vec<CommandSpec> {
+        self.plugins
+            .iter()
+            .flat_map(|p| {
+                p.spec.manifest.commands.iter().map(|c| CommandSpec {
+                    verb: c.verb.clone(),
+                    usage: c.usage(),
+                    summary: format!("{} (plugin {})", c.summary, p.name()),
+                    help: c.help.join("\n"),
+                    guard: Guard::Action(c.action(p.name())),
+                })
+            })
+            .collect()
+    }
+
+    fn call<'a>(&'a self, call: Call<'a>, ctx: &'a dyn CallContext) -> BoxFuture<'a, Reply> {
+        Box::pin(self.answer(call, ctx))
     }
 }
 
@@ -93,7 +122,11 @@ pub fn render(
 ) -> Reply {
     let mut budget = max_bytes;
     let mut cut = 0usize;
-    let mut reply = Reply::text(format!("{verb} (plugin {plugin}){}", asked_by(who)));
+    // The header names the outcome: the router audits it with the call.
+    let mut reply = Reply::text(format!(
+        "{verb}: answered by plugin {plugin}{}",
+        asked_by(who)
+    ));
     for l in result.lines {
         if let Some(l) = take(&mut budget, &mut cut, l) {
             reply.lines.push(l);
@@ -137,184 +170,45 @@ pub fn caller(msg: &Incoming) -> Caller {
     }
 }
 
-/// Double quotes `s` for the chat grammar (`\` and `"` escaped).
-fn quoted(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+/// A plugin's `job.run`, as the caller's own `run` (typed: the values
+/// cannot become options or another selector).
+pub fn run_request(p: JobRunParams) -> Result<RunRequest, String> {
+    let timeout = match p.timeout_secs {
+        Some(0) => return Err("timeout_secs must be at least 1".to_string()),
+        t => t.map(Duration::from_secs),
+    };
+    Ok(RunRequest {
+        command: p.command,
+        args: p.args,
+        selector: p.selector,
+        options: RunOptions {
+            timeout,
+            dry_run: p.dry_run,
+            ..RunOptions::default()
+        },
+    })
 }
 
-/// The `run` command text a `job.run` stands for, checked to parse back to
-/// exactly the request (so no value can smuggle in an option or selector).
-pub fn run_text(req: &JobRunParams) -> Result<String, String> {
-    let mut text = format!("run {}", quoted(&req.command));
-    for a in &req.args {
-        text.push(' ');
-        text.push_str(&quoted(a));
-    }
-    text.push_str(" on ");
-    text.push_str(&quoted(&req.selector));
-    if let Some(t) = req.timeout_secs {
-        text.push_str(&format!(" --timeout {t}s"));
-    }
-    match grammar::parse(&text) {
-        Ok(ChatCommand::Run(r))
-            if r.command == req.command
-                && r.args == req.args
-                && r.selector == req.selector
-                && r.options.timeout.map(|d| d.as_secs()) == req.timeout_secs
-                && !r.options.dry_run =>
-        {
-            Ok(text)
-        }
-        Ok(_) => Err("the request does not make one unambiguous run command".to_string()),
-        Err(e) => Err(format!("not a valid run request: {e}")),
+/// The protocol's form of how the run ended.
+pub fn job_result(outcome: RunOutcome) -> JobRunResult {
+    match outcome {
+        RunOutcome::Submitted { job_id } => JobRunResult::Submitted { job_id },
+        RunOutcome::DryRun => JobRunResult::DryRun,
+        RunOutcome::NotSubmitted { reason } => JobRunResult::NotSubmitted { reason },
     }
 }
 
-/// Posts through to the chat and keeps the text of what was posted.
-struct Recording<'a> {
-    out: &'a dyn ChatSender,
-    posted: std::sync::Mutex<Vec<String>>,
+/// `job.run` for one call, through the router's path for the caller.
+struct AsCaller<'a> {
+    ctx: &'a dyn CallContext,
 }
 
-impl Recording<'_> {
-    fn keep(&self, reply: &Reply) {
-        if let Ok(mut p) = self.posted.lock() {
-            p.push(reply.plain());
-        }
-    }
-}
-
-impl ChatSender for Recording<'_> {
-    fn send<'a>(
-        &'a self,
-        channel: &'a str,
-        reply: Reply,
-    ) -> BoxFuture<'a, Result<MessageRef, crate::adapters::AdapterError>> {
-        self.keep(&reply);
-        self.out.send(channel, reply)
-    }
-
-    fn edit<'a>(
-        &'a self,
-        msg: &'a MessageRef,
-        reply: Reply,
-    ) -> BoxFuture<'a, Result<(), crate::adapters::AdapterError>> {
-        self.keep(&reply);
-        self.out.edit(msg, reply)
-    }
-
-    fn can_edit(&self) -> bool {
-        self.out.can_edit()
-    }
-
-    fn ack_grace(&self) -> std::time::Duration {
-        self.out.ack_grace()
-    }
-}
-
-/// `job.run` for one call: the caller's message, the router, the chat.
-struct AsCaller<'a, C> {
-    router: &'a Router<C>,
-    msg: &'a Incoming,
-    out: &'a dyn ChatSender,
-}
-
-impl<C: ControllerApi> JobRunner for AsCaller<'_, C> {
+impl JobRunner for AsCaller<'_> {
     fn run_as_caller(&self, req: JobRunParams) -> BoxFuture<'_, Result<JobRunResult, String>> {
         Box::pin(async move {
-            let text = run_text(&req)?;
-            let msg = Incoming {
-                text,
-                direct: true,
-                ..self.msg.clone()
-            };
-            let rec = Recording {
-                out: self.out,
-                posted: std::sync::Mutex::new(Vec::new()),
-            };
-            // The same path as the caller typing it: RBAC, approvals,
-            // signing, submission, audit, the result posted to them.
-            self.router.handle_boxed(msg, &rec).await;
-            let replies = rec.posted.into_inner().unwrap_or_default();
-            Ok(JobRunResult { replies })
+            let run = run_request(req)?;
+            Ok(job_result(self.ctx.run_as_caller(run).await))
         })
-    }
-}
-
-impl<C: ControllerApi> Router<C> {
-    /// Serves the commands of `host`'s plugins (set once; later calls are
-    /// ignored).
-    pub fn serve_plugins(&self, host: PluginHost) {
-        let _ = self.plugins.set(Arc::new(host));
-    }
-
-    /// A `handle` whose future is boxed: a plugin's `job.run` re-enters it.
-    fn handle_boxed<'a>(&'a self, msg: Incoming, out: &'a dyn ChatSender) -> BoxFuture<'a, ()> {
-        Box::pin(self.handle(msg, out))
-    }
-
-    /// Answers `text` when its verb is a plugin's; `None` otherwise.
-    pub(crate) async fn plugin_command(
-        &self,
-        host: &PluginHost,
-        msg: &Incoming,
-        text: &str,
-        out: &dyn ChatSender,
-    ) -> Option<Reply> {
-        let words = grammar::words(text).ok()?;
-        let (verb, args) = words.split_first()?;
-        let (plugin, command) = host.find(verb)?;
-        let who = msg.identity.as_str();
-        let action = command.action(plugin.name());
-        let policy = match self.current_policy().await {
-            Ok(p) => p,
-            Err(e) => return Some(Reply::text(format!("{e}{}", asked_by(who)))),
-        };
-        if !may_action(&policy.policy, &msg.identity, &msg.channel, &action) {
-            self.report(event(
-                "chat_denied",
-                msg,
-                &action,
-                "",
-                format!("{action}: no role grants it in this channel"),
-            ))
-            .await;
-            return Some(Reply::text(format!(
-                "refused: none of your roles grants `{action}` in this channel{}",
-                asked_by(who)
-            )));
-        }
-        if let Err(e) = command.check_args(args) {
-            return Some(Reply::text(format!("{e}{}", asked_by(who))));
-        }
-        let jobs = AsCaller {
-            router: self,
-            msg,
-            out,
-        };
-        let outcome = plugin.call(verb, args, &caller(msg), &jobs).await;
-        let (detail, reply) = match outcome {
-            Ok(result) => (
-                "answered".to_string(),
-                render(
-                    plugin.name(),
-                    verb,
-                    who,
-                    result,
-                    plugin.spec.limits.reply_bytes,
-                ),
-            ),
-            Err(e) => (e.to_string(), Reply::text(format!("{e}{}", asked_by(who)))),
-        };
-        self.report(event(
-            "plugin_called",
-            msg,
-            &action,
-            "",
-            format!("{} {}: {detail}", verb, args.len()),
-        ))
-        .await;
-        Some(reply)
     }
 }
 
@@ -322,27 +216,32 @@ impl<C: ControllerApi> Router<C> {
 mod tests {
     use super::*;
 
-    fn req(command: &str, args: &[&str], selector: &str) -> JobRunParams {
-        JobRunParams {
-            command: command.to_string(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            selector: selector.to_string(),
-            timeout_secs: None,
-        }
-    }
-
     #[test]
-    fn a_job_request_becomes_exactly_one_run_command() {
+    fn a_job_request_is_the_run_it_names_and_nothing_more() {
+        let params = |timeout_secs, dry_run| JobRunParams {
+            command: "restart".into(),
+            args: vec!["x on all --dry-run".into()],
+            selector: "role=web".into(),
+            timeout_secs,
+            dry_run,
+        };
         assert_eq!(
-            run_text(&req("restart", &["nginx.service"], "role=web")).as_deref(),
-            Ok(r#"run "restart" "nginx.service" on "role=web""#)
+            run_request(params(Some(90), false)),
+            Ok(RunRequest {
+                command: "restart".into(),
+                args: vec!["x on all --dry-run".into()],
+                selector: "role=web".into(),
+                options: RunOptions {
+                    timeout: Some(Duration::from_secs(90)),
+                    ..RunOptions::default()
+                },
+            })
         );
-        // Values that look like grammar stay values.
-        let tricky = req("echo", &["x on all --dry-run", "a \"b\" \\"], "role=web");
-        assert!(run_text(&tricky).is_ok(), "{:?}", run_text(&tricky));
-        // A selector carrying an option is refused, not run with it.
-        assert!(run_text(&req("uptime", &[], "all --dry-run")).is_err());
-        assert!(run_text(&req("uptime", &[], "")).is_err());
+        assert!(run_request(params(None, true)).is_ok_and(|r| r.options.dry_run));
+        assert_eq!(
+            run_request(params(Some(0), false)),
+            Err("timeout_secs must be at least 1".to_string())
+        );
     }
 
     #[test]

@@ -18,9 +18,6 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const METHOD_NOT_FOUND: i64 = -32601;
 /// JSON-RPC error code: the parameters are not what the method takes.
 pub const INVALID_PARAMS: i64 = -32602;
-/// Error code of a `job.run` the gateway did not submit (refused,
-/// unparsable): the message says why.
-pub const JOB_NOT_RUN: i64 = 1;
 
 /// A request the gateway sends.
 #[derive(Serialize, Debug)]
@@ -204,29 +201,67 @@ pub struct Block {
 }
 
 /// `job.run` params: a `run` on behalf of the caller of the `command`
-/// being answered.
-#[derive(Deserialize, Debug)]
+/// being answered. Typed, never text: no value can become an option or
+/// another selector.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct JobRunParams {
     pub command: String,
     #[serde(default)]
     pub args: Vec<String>,
     pub selector: String,
-    /// Whole seconds, as `run --timeout`.
+    /// Whole seconds, at least 1, as `run --timeout`.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// As `run --dry-run`: the plan is posted, nothing submitted.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
-/// `job.run` result: what the gateway posted for the caller while running
-/// it (the refusal, the approval request, the job's result), as text.
-#[derive(Serialize, Debug, Default)]
-pub struct JobRunResult {
-    pub replies: Vec<String>,
+/// `job.run` result: how the run ended. The channel saw everything `run`
+/// shows (a refusal, the approval request, the live job message).
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum JobRunResult {
+    /// Signed as the caller and submitted; its result was posted.
+    Submitted { job_id: String },
+    /// `dry_run`: the plan was posted, nothing submitted.
+    DryRun,
+    /// Refused by the policy, not approved, bad arguments or refused by the
+    /// controller: nothing runs.
+    NotSubmitted { reason: String },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_run_outcomes_are_tagged_objects() {
+        let check = |r: JobRunResult, want: &str| {
+            assert_eq!(serde_json::to_string(&r).ok().as_deref(), Some(want));
+        };
+        check(
+            JobRunResult::Submitted {
+                job_id: "01j".into(),
+            },
+            r#"{"outcome":"submitted","job_id":"01j"}"#,
+        );
+        check(JobRunResult::DryRun, r#"{"outcome":"dry_run"}"#);
+        check(
+            JobRunResult::NotSubmitted {
+                reason: "not approved".into(),
+            },
+            r#"{"outcome":"not_submitted","reason":"not approved"}"#,
+        );
+        // Options are typed fields; anything else is refused, not guessed.
+        assert!(
+            serde_json::from_str::<JobRunParams>(
+                r#"{"command":"uptime","selector":"all","batch":"5"}"#
+            )
+            .is_err()
+        );
+    }
 
     #[test]
     fn lines_are_requests_responses_or_named_errors() {

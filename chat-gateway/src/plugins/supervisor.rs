@@ -1,9 +1,9 @@
 //! One plugin process, supervised: started on first use, `initialize`d,
 //! called one command at a time, killed when a call times out or it breaks
 //! the protocol, and started again after a crash only once its backoff has
-//! passed (1 s, doubled per crash in a row, at most 60 s by default; no
-//! jitter: one local process has no herd to spread). While it is down, a
-//! call fails at once with "plugin NAME is not available".
+//! passed (about 1 s, doubled per crash in a row, at most 60 s by default,
+//! ±20 % as every reconnect in the gateway: [`crate::backoff`]). While it is
+//! down, a call fails at once with "plugin NAME is not available".
 
 use std::time::Duration;
 
@@ -20,11 +20,13 @@ use super::protocol::{
     JobRunResult, Message, PROTOCOL_VERSION, Request, Response,
 };
 use crate::adapters::BoxFuture;
+use crate::backoff::{Backoff, Jitter};
 
 /// How long a plugin that broke off is waited for, to report its exit status.
 const EXIT_GRACE: Duration = Duration::from_millis(500);
 
-/// Submits a job on behalf of the caller of the command being answered.
+/// Submits a job on behalf of the caller of the command being answered;
+/// `Err` when the request itself is malformed (nothing was posted).
 pub trait JobRunner: Send + Sync {
     fn run_as_caller(&self, req: JobRunParams) -> BoxFuture<'_, Result<JobRunResult, String>>;
 }
@@ -202,11 +204,13 @@ impl Plugin {
 
     /// Stops the process (dropping it kills it) and records the backoff.
     fn down(&self, state: &mut State, failures: u32, why: String) -> PluginError {
-        let wait = backoff(
-            failures,
-            self.spec.limits.restart_min,
-            self.spec.limits.restart_max,
-        );
+        let wait = Backoff {
+            first: self.spec.limits.restart_min,
+            factor: 2.0,
+            max: self.spec.limits.restart_max,
+            jitter: Jitter::PlusMinus20,
+        }
+        .delay(failures.saturating_sub(1));
         tracing::warn!(plugin = self.name(), failures, retry_in_ms = wait.as_millis() as u64, reason = %why, "plugin stopped");
         let old = std::mem::replace(
             state,
@@ -292,14 +296,6 @@ impl Plugin {
     }
 }
 
-/// The wait before restart number `failures` (1-based).
-pub fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
-    let factor = 1u32
-        .checked_shl(failures.saturating_sub(1).min(16))
-        .unwrap_or(u32::MAX);
-    min.saturating_mul(factor).min(max)
-}
-
 /// Sends one request and reads until its response, serving `job.run`
 /// requests in between (when `jobs` is given).
 async fn exchange<P: serde::Serialize>(
@@ -342,7 +338,7 @@ async fn exchange<P: serde::Serialize>(
                             Ok(r) => {
                                 Response::ok(rid, serde_json::to_value(r).unwrap_or(Value::Null))
                             }
-                            Err(why) => Response::err(rid, protocol::JOB_NOT_RUN, why),
+                            Err(why) => Response::err(rid, protocol::INVALID_PARAMS, why),
                         },
                     },
                     ("job.run", None) => Response::err(
@@ -418,14 +414,6 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_per_crash_up_to_its_cap() {
-        let (min, max) = (Duration::from_secs(1), Duration::from_secs(60));
-        let got: Vec<u64> = (1..=8).map(|n| backoff(n, min, max).as_secs()).collect();
-        assert_eq!(got, [1, 2, 4, 8, 16, 32, 60, 60]);
-        assert_eq!(backoff(u32::MAX, min, max), max);
-    }
 
     #[tokio::test]
     async fn lines_are_bounded_and_utf8() {

@@ -12,8 +12,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use fleetcmd_gateway::integrations::{
-    GiveUp, Integrations, Opsgenie, OpsgenieConfig, PagerDuty, PagerDutyConfig, Statuspage,
-    StatuspageConfig,
+    AlertHook, GiveUp, Integrations, Opsgenie, OpsgenieConfig, PagerDuty, PagerDutyConfig,
+    Statuspage, StatuspageConfig,
 };
 use fleetcmd_gateway::oncall::Oncall;
 use fleetcmd_proto::v1;
@@ -264,13 +264,21 @@ fn pd_body(action: &str, severity: &str, summary: &str, passing: u32, instances:
 #[tokio::test]
 async fn transitions_reach_every_integration_in_order_and_a_stuck_one_blocks_no_other() {
     let (url, fake) = fake().await;
-    let integrations = Integrations::from_config(
-        Some(&pd_config(&url, "")),
-        Some(&og_config(&url)),
-        Some(&sp_config(&url)),
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-    .expect("three integrations");
+    let ok = |e: String| -> AlertHook { panic!("{e}") };
+    let integrations = Integrations {
+        hooks: vec![
+            PagerDuty::new(&pd_config(&url, ""))
+                .unwrap_or_else(|e| panic!("{e}"))
+                .map(AlertHook::of)
+                .expect("routing key"),
+            Opsgenie::new(&og_config(&url))
+                .map(AlertHook::of)
+                .unwrap_or_else(ok),
+            Statuspage::new(&sp_config(&url))
+                .map(AlertHook::of)
+                .unwrap_or_else(ok),
+        ],
+    };
     // Statuspage hangs until released: the others must not wait for it.
     fake.held
         .lock()
@@ -603,11 +611,13 @@ async fn oncall_shows_who_is_on_call_and_a_refused_token_clearly() {
         &url,
         "[schedules]\nprimary = \"PI7DH85\"\nsecondary = \"PXYZ999\"\n",
     );
-    w.router.set_oncall(
-        Oncall::from_config(&cfg)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .expect("api token"),
-    );
+    w.router
+        .register_commands(std::sync::Arc::new(
+            Oncall::from_config(&cfg)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .expect("api token"),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
     let sent = ask(&w, "console:bob", "!oncall primary").await;
     assert_eq!(sent.len(), 1);
     let text = sent[0].text();
@@ -682,6 +692,11 @@ async fn oncall_shows_who_is_on_call_and_a_refused_token_clearly() {
 #[tokio::test]
 async fn oncall_without_an_api_token_says_what_to_configure() {
     let w = world();
+    w.router
+        .register_commands(std::sync::Arc::new(
+            fleetcmd_gateway::oncall::not_configured(),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
     let sent = ask(&w, "console:bob", "!oncall").await;
     assert_eq!(
         sent[0].text(),

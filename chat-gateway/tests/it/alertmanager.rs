@@ -9,11 +9,11 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use fleetcmd_gateway::adapters::webhook::SecretString;
 use fleetcmd_gateway::adapters::{AuthFailures, ChatSender};
 use fleetcmd_gateway::alertmanager::{
     ALERTMANAGER_PATH, AlertRoute, AlertmanagerConfig, MAX_BODY_BYTES, routes,
 };
+use fleetcmd_gateway::secret::SecretString;
 
 use crate::support::{RecordingSender, Sent, free_port, serve_http};
 

@@ -6,6 +6,7 @@
 //! Location; a wrong bot key is redirected to the sign-in page and a room
 //! the bot is not in is 404, as Campfire does).
 
+use fleetcmd_gateway::adapters::HttpInbound;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,8 +15,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fleetcmd_gateway::adapters::campfire::{CampfireAdapter, CampfireConfig, render};
-use fleetcmd_gateway::adapters::webhook::SecretString;
 use fleetcmd_gateway::adapters::{AuthFailures, ChatAdapter, Reply};
+use fleetcmd_gateway::secret::SecretString;
 use fleetcmd_gateway::serve;
 use serde_json::json;
 

@@ -169,10 +169,14 @@ fn every_adapter_enabled_at_once_parses_and_validates() {
         &format!("{head}{}", all_adapters("")),
     );
     let cfg = GatewayConfig::load(&file).unwrap_or_else(|e| panic!("{e}"));
-    assert!(!cfg.console.enabled);
-    assert!(cfg.slack.is_some() && cfg.mattermost.is_some());
-    assert!(cfg.irc.is_some() && cfg.xmpp.is_some());
-    assert!(cfg.campfire.is_some() && cfg.webhook.is_some());
+    use fleetcmd_gateway::adapters::{
+        campfire::CampfireConfig, console::ConsoleConfig, irc::IrcConfig,
+        mattermost::MattermostConfig, slack::SlackConfig, webhook::WebhookConfig, xmpp::XmppConfig,
+    };
+    assert!(cfg.section::<ConsoleConfig>().is_none());
+    assert!(cfg.section::<SlackConfig>().is_some() && cfg.section::<MattermostConfig>().is_some());
+    assert!(cfg.section::<IrcConfig>().is_some() && cfg.section::<XmppConfig>().is_some());
+    assert!(cfg.section::<CampfireConfig>().is_some() && cfg.section::<WebhookConfig>().is_some());
     if let Err(problems) = cfg.validate() {
         panic!("{problems:#?}");
     }
@@ -181,14 +185,18 @@ fn every_adapter_enabled_at_once_parses_and_validates() {
 
     // The relative secret files are read from gateway.toml's directory by
     // the adapters that can be built without a network.
-    let slack = cfg.slack.as_ref().map(|s| s.secrets(dir.path()));
+    let slack = cfg.section::<SlackConfig>().map(|s| s.secrets(dir.path()));
     assert!(matches!(slack, Some(Ok(_))), "{slack:?}");
-    let mut campfire = cfg.campfire.clone().unwrap_or_else(|| panic!("[campfire]"));
+    let mut campfire = cfg
+        .section::<CampfireConfig>()
+        .unwrap_or_else(|| panic!("[campfire]"));
     campfire.resolve_paths(dir.path());
     if let Err(e) = CampfireAdapter::new(&campfire) {
         panic!("{e}");
     }
-    let mut webhook = cfg.webhook.clone().unwrap_or_else(|| panic!("[webhook]"));
+    let mut webhook = cfg
+        .section::<WebhookConfig>()
+        .unwrap_or_else(|| panic!("[webhook]"));
     webhook.resolve_paths(dir.path());
     if let Err(e) = WebhookAdapter::new(&webhook) {
         panic!("{e}");

@@ -2,6 +2,7 @@
 //! trickling connections against the HTTP listener (from a client that
 //! never authenticates), and one chat user flooding long commands.
 
+use fleetcmd_gateway::adapters::HttpInbound;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

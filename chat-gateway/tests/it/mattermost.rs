@@ -7,6 +7,7 @@
 //! (`PostActionIntegrationRequest`). End to end through the router with a
 //! policy that binds Mattermost identities.
 
+use fleetcmd_gateway::adapters::HttpInbound;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1332,6 +1333,7 @@ fn job_result() -> Reply {
             duration_ms: 12,
             ..Default::default()
         }),
+        ..Default::default()
     };
     fleetcmd_gateway::render::job(&v1::Job {
         job_id: JOB.into(),

@@ -13,6 +13,7 @@
 //! The servers and fakes are the ones of each adapter's own tests
 //! (irc.rs, xmpp.rs, slack_fake.rs, mattermost.rs, campfire.rs, webhook.rs).
 
+use fleetcmd_gateway::adapters::HttpInbound;
 use std::time::Duration;
 
 use axum::http::StatusCode;

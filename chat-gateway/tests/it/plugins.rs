@@ -134,7 +134,10 @@ fn setup() -> Setup {
     let _ = &mut entries;
     let specs = load(&entries).unwrap_or_else(|e| panic!("{e}"));
     let router = router_for(4, &format!("{POLICY_BODY}\n{GRANTS}"), |_| {});
-    router.serve_plugins(PluginHost::new(specs));
+    // What the `plugin` component's build does with the registry.
+    router
+        .register_commands(Arc::new(PluginHost::new(specs)))
+        .unwrap_or_else(|e| panic!("{e}"));
     Setup {
         router,
         dir: path,
@@ -188,13 +191,16 @@ async fn the_python_example_answers_with_the_verified_caller_and_its_declared_se
     assert!(out.contains("hello alice from console in console"), "{out}");
     assert!(out.contains("hello Ada L from console"), "{out}");
     assert!(out.contains("token configured: yes"), "{out}");
-    let calls = reported(&s.router, "plugin_called");
+    let calls = reported(&s.router, "chat_command");
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(
         (calls[0].1.as_str(), calls[0].2.as_str()),
-        ("console:alice", "plugin:greet.greet")
+        ("console:alice", "greet")
     );
-    assert!(calls[0].3.contains("answered"), "{calls:?}");
+    assert!(
+        calls[0].3.contains("answered by plugin greet"),
+        "{calls:?}"
+    );
 }
 
 #[tokio::test]
@@ -202,29 +208,38 @@ async fn the_shell_example_answers() {
     let s = setup();
     let out = console(&s.router, "alice", &["clock"]).await;
     assert!(out.contains("on the gateway"), "{out}");
-    assert!(out.contains("(plugin clock)"), "{out}");
+    assert!(out.contains("clock: answered by plugin clock"), "{out}");
 }
 
 #[tokio::test]
 async fn plugin_commands_are_refused_audited_and_hidden_without_a_grant() {
     let s = setup();
-    let out = console(&s.router, "erin", &["clock", "help"]).await;
+    let mut out = console(&s.router, "erin", &["clock"]).await;
+    out.push_str(&console(&s.router, "erin", &["help"]).await);
+    out.push_str(&console(&s.router, "erin", &["help greet"]).await);
     assert!(
-        out.contains("refused: none of your roles grants `plugin:clock.clock`"),
+        out.contains("refused: `clock` needs a role here that may `plugin:clock.clock`"),
         "{out}"
     );
-    assert!(out.contains("greet [name] — Say hello"), "{out}");
+    let also = out
+        .lines()
+        .find(|l| l.contains("also: "))
+        .unwrap_or_default();
+    assert!(also.contains("greet [name]"), "{out}");
     assert!(
-        !out.contains("clock —"),
+        !also.contains("clock") && also.contains("loadcheck <selector>"),
         "help shows only usable plugin commands: {out}"
     );
+    assert!(out.contains("Say hello to the caller (plugin greet)"), "{out}");
     let denied = reported(&s.router, "chat_denied");
     assert!(
-        denied
-            .iter()
-            .any(|d| d.1 == "console:erin" && d.2 == "plugin:clock.clock"),
+        denied.iter().any(|d| d.1 == "console:erin"
+            && d.2 == "clock"
+            && d.3.contains("plugin:clock.clock")),
         "{denied:?}"
     );
+    // Nothing was called, so no call is audited.
+    assert!(reported(&s.router, "chat_command").is_empty());
 }
 
 #[tokio::test]
@@ -234,8 +249,10 @@ async fn a_plugins_job_runs_as_the_caller_and_is_refused_when_the_caller_may_not
     // audited, nothing submitted, and the plugin is told.
     let out = console(&s.router, "erin", &["loadcheck role=web"]).await;
     assert!(s.router.controller().submitted().is_empty(), "{out}");
-    assert!(out.contains("refused"), "{out}");
-    assert!(out.contains("the gateway posted 1 replies"), "{out}");
+    assert!(
+        out.contains("job not run: refused:"),
+        "the plugin is told why: {out}"
+    );
     let denied = reported(&s.router, "chat_denied");
     assert!(
         denied
@@ -259,6 +276,21 @@ async fn a_plugins_job_runs_as_the_caller_and_is_refused_when_the_caller_may_not
     assert!(
         out.contains("up 3 days"),
         "the result reached the chat: {out}"
+    );
+    let job_id = spec.id.as_str();
+    assert!(
+        out.contains(&format!("job {job_id} submitted as you")),
+        "the plugin got the job id: {out}"
+    );
+    // The plugin's call itself is audited once per caller.
+    let calls = reported(&s.router, "chat_command");
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.2 == "loadcheck")
+            .map(|c| c.1.as_str())
+            .collect::<Vec<_>>(),
+        ["console:erin", "console:alice"]
     );
 }
 
@@ -300,11 +332,11 @@ async fn a_hanging_plugin_times_out_and_is_stopped() {
         "{out}"
     );
     assert!(started.elapsed() < Duration::from_secs(10));
-    let calls = reported(&s.router, "plugin_called");
+    let calls = reported(&s.router, "chat_command");
     assert!(
         calls
             .iter()
-            .any(|c| c.2 == "plugin:hang.hang" && c.3.contains("did not answer")),
+            .any(|c| c.2 == "hang" && c.3.contains("did not answer")),
         "{calls:?}"
     );
 }

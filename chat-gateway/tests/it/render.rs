@@ -79,6 +79,7 @@ fn job_result_with_hostile_output_renders_inert() {
                 stdout_dropped: 3,
                 ..Default::default()
             }),
+            ..Default::default()
         }],
         ..Default::default()
     };

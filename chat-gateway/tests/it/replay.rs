@@ -4,16 +4,18 @@
 //! (`auth_failed`), for the generic webhooks and `/notify`. (Slack,
 //! Campfire and Mattermost have theirs next to their other tests.)
 
+use fleetcmd_gateway::adapters::HttpInbound;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use fleetcmd_gateway::adapters::webhook::{SecretString, WebhookAdapter, WebhookConfig, sign};
+use fleetcmd_gateway::adapters::webhook::{WebhookAdapter, WebhookConfig, sign};
 use fleetcmd_gateway::adapters::{
     AdapterError, AuthFailure, AuthFailures, BoxFuture, ChatAdapter, ChatSender, MessageRef, Reply,
 };
 use fleetcmd_gateway::notify::{NOTIFY_PATH, NotifyConfig};
+use fleetcmd_gateway::secret::SecretString;
 use fleetcmd_gateway::store::GatewayStore;
 use tokio::sync::{mpsc, oneshot};
 

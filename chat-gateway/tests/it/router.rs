@@ -357,6 +357,61 @@ async fn policy_signed_by_an_unknown_root_is_refused() {
     let _ = &w.root;
 }
 
+/// `jobs` pages through older jobs, ten a page, newest first; the next
+/// page is named while there is one (IRC shows no more than a page).
+#[tokio::test]
+async fn jobs_pages_through_older_jobs() {
+    let w = world();
+    for i in 0..23 {
+        let sent = ask(
+            &w,
+            "console:alice",
+            &format!("!run logs app.service {} on web-1", i + 1),
+        )
+        .await;
+        assert!(!sent.is_empty(), "job {i}");
+    }
+    let ids: Vec<String> = w
+        .router
+        .controller()
+        .submitted()
+        .iter()
+        .filter_map(|j| JobSpec::from_bytes(&j.spec).ok())
+        .map(|s| fleetcmd_core::ids::short_form(s.id.as_str()).to_string())
+        .collect();
+    assert_eq!(ids.len(), 23);
+    let page = |text: &str| -> Vec<String> {
+        ids.iter()
+            .filter(|id| text.contains(id.as_str()))
+            .cloned()
+            .collect()
+    };
+    let first = one_text(&ask(&w, "console:alice", "!jobs mine").await);
+    assert!(first.contains("your recent jobs page 1: 1-10"), "{first}");
+    assert!(first.contains("older: `jobs mine page 2`"), "{first}");
+    assert_eq!(page(&first), ids[13..].to_vec(), "the newest ten: {first}");
+    let second = one_text(&ask(&w, "console:alice", "!jobs mine page 2").await);
+    assert!(
+        second.contains("page 2: 11-20") && second.contains("`jobs mine page 3`"),
+        "{second}"
+    );
+    assert_eq!(page(&second), ids[3..13].to_vec(), "{second}");
+    let last = one_text(&ask(&w, "console:alice", "!jobs page 3").await);
+    assert!(last.contains("recent jobs page 3: 21-23"), "{last}");
+    assert!(!last.contains("older"), "{last}");
+    assert_eq!(page(&last), ids[..3].to_vec(), "{last}");
+    let beyond = one_text(&ask(&w, "console:alice", "!jobs mine page 4").await);
+    assert!(beyond.contains("page 4: none"), "{beyond}");
+    // Pages are of what the asker may see.
+    let bob = one_text(&ask(&w, "console:bob", "!jobs page 2").await);
+    assert!(
+        bob.contains("page 2: none") || bob.contains("page 2: 11-"),
+        "{bob}"
+    );
+    let bad = one_text(&ask(&w, "console:alice", "!jobs mine page 51").await);
+    assert!(bad.contains("a number from 1 to 50"), "{bad}");
+}
+
 #[tokio::test]
 async fn reads_need_a_role_and_show_visible_jobs() {
     let w = world();

@@ -7,6 +7,7 @@
 #[path = "slack_fake.rs"]
 pub(crate) mod fake;
 
+use fleetcmd_gateway::adapters::HttpInbound;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -104,7 +104,7 @@ version = {version}
 id = "gw"
 public_key = "{key}"
 may_sign = ["*"]
-vouches_for = ["console:*", "slack:*", "mattermost:*", "irc:*", "xmpp:*", "campfire:*", "webhook:*"]
+vouches_for = ["console:*", "slack:*", "mattermost:*", "irc:*", "xmpp:*", "matrix:*", "campfire:*", "webhook:*"]
 {body}"#,
         key = signer.public_key()
     )
@@ -223,6 +223,7 @@ pub fn failed_job(
                     duration_ms: 12,
                     ..Default::default()
                 }),
+                ..Default::default()
             },
             v1::Target {
                 agent_id: "web-2".into(),
@@ -233,6 +234,7 @@ pub fn failed_job(
                     duration_ms: 1500,
                     ..Default::default()
                 }),
+                ..Default::default()
             },
         ],
         ..Default::default()
@@ -409,6 +411,7 @@ impl ControllerApi for FakeController {
                     duration_ms: 7,
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .collect();
         Ok(v1::Job {
@@ -422,17 +425,22 @@ impl ControllerApi for FakeController {
             created_at_ms: 0,
             targets,
             reason: String::new(),
+            ..Default::default()
         })
     }
 
+    /// Newest first, at most `limit`, like the controller.
     async fn list_jobs(
         &self,
-        _limit: u32,
+        limit: u32,
         requester: Option<String>,
     ) -> Result<Vec<v1::Job>, ControllerError> {
         self.check()?;
         let mut out = Vec::new();
-        for j in self.submitted() {
+        for j in self.submitted().iter().rev() {
+            if out.len() >= limit as usize {
+                break;
+            }
             let Ok(spec) = JobSpec::from_bytes(&j.spec) else {
                 continue;
             };

@@ -3,6 +3,8 @@
 //! (`v1=hex(HMAC-SHA256(secret, "v1:" + ts + ":" + body))`), not with the
 //! adapter's own code, so a change of scheme on one side fails the test.
 
+use fleetcmd_gateway::adapters::HttpInbound;
+use fleetcmd_gateway::secret::SecretString;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,7 +13,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fleetcmd_gateway::adapters::webhook::{
-    Envelope, IncomingHookConfig, OutgoingHookConfig, SecretString, WebhookAdapter, WebhookConfig,
+    Envelope, IncomingHookConfig, OutgoingHookConfig, WebhookAdapter, WebhookConfig,
 };
 use fleetcmd_gateway::adapters::{AuthFailures, ChatAdapter, Reply};
 use fleetcmd_gateway::serve;

@@ -437,7 +437,7 @@ fn statuses(presence: &Element) -> Vec<u16> {
         .unwrap_or_default()
 }
 
-fn submitted(router: &Router<FakeController>) -> Vec<JobSpec> {
+pub(crate) fn submitted(router: &Router<FakeController>) -> Vec<JobSpec> {
     router
         .controller()
         .submitted()
@@ -823,6 +823,7 @@ fn target(
             duration_ms: 1234,
             ..Default::default()
         }),
+        ..Default::default()
     }
 }
 

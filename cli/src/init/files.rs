@@ -61,7 +61,44 @@ impl Plan {
         }
         v
     }
+
+    /// Whether two different people can be chat admins, so that one can
+    /// approve what the other asks: an approver is never the requester
+    /// (the same IRC nick under another user name is the same person), and
+    /// only chat users can approve. A pattern with `*` in its person part
+    /// (`irc:net:*!*@ops.example.com`) may match many people.
+    pub fn two_approvers_possible(&self) -> bool {
+        let mut people = std::collections::BTreeSet::new();
+        for admin in &self.chat_admins {
+            let person = fleetcmd_core::ids::Identity::parse(admin)
+                .map_or_else(|_| admin.clone(), |id| id.person());
+            if person.contains('*') {
+                return true;
+            }
+            people.insert(person);
+        }
+        people.len() >= 2
+    }
 }
+
+/// The line `restart` gets: one approval by someone else when two chat
+/// admins exist; otherwise commented out, since nobody could ever approve
+/// (and the restart would be unusable rather than guarded).
+fn restart_approvals(plan: &Plan) -> &'static str {
+    if plan.two_approvers_possible() {
+        "requires_approvals = 1          # by another chat admin (never the requester)\n"
+    } else {
+        "# One approval by someone else: enable it (and push the policy) once a\n\
+         # second chat admin is bound to `ops`; with one, nobody could approve.\n\
+         # requires_approvals = 1\n"
+    }
+}
+
+/// What init says about `restart` when it wrote no approval for it.
+pub const RESTART_APPROVAL_NOTE: &str = "restart runs without approval: an approver must be \
+     someone other than the requester, and fewer than two --chat-admin people exist; add a \
+     second to the policy's `ops` binding and uncomment `requires_approvals = 1` in \
+     policy.toml (then sign and push it)";
 
 fn toml_str(s: &str) -> String {
     // TOML basic strings take JSON's escapes for everything we write.
@@ -83,7 +120,7 @@ fn labels_text(labels: &BTreeMap<String, String>) -> String {
 
 /// The first signed policy: the operator administers everything, the chat
 /// admins run every command from their chats, a restart needs one
-/// approval.
+/// approval when someone can give it ([`restart_approvals`]).
 pub fn policy(plan: &Plan, gateway: &PublicKey, operator: &PublicKey) -> String {
     let mut s = String::new();
     let _ = write!(
@@ -123,12 +160,11 @@ args.unit = {{ kind = "pattern", pattern = "^[a-z0-9@._-]+\\.(service|timer|sock
 timeout = "10s"
 
 [commands.restart]
-description = "Restart a systemd service (needs one approval)"
+description = "Restart a systemd service"
 argv = ["/usr/bin/systemctl", "restart", "{{unit}}"]
 args.unit = {{ kind = "pattern", pattern = "^[a-z0-9@._-]+\\.service$" }}
 timeout = "2m"
-requires_approvals = 1          # by someone else whose role lists `restart`
-
+{restart_approvals}
 [roles.admin]
 commands = ["*"]
 may = ["*"]                     # read and cancel every job, audit, tokens, revocations
@@ -142,6 +178,7 @@ roles = ["admin"]
 "#,
         basic = crate::fleet::BASIC_COMMANDS,
         ops_channels = ops_channels(plan),
+        restart_approvals = restart_approvals(plan),
         gw_id = GATEWAY_SIGNER,
         gateway = gateway,
         gw_vouches = toml_list(&plan.gateway_vouches_for()),
@@ -295,17 +332,26 @@ state_dir = "state"
     s
 }
 
-/// The line to paste on a host: joins it under its name with its token.
-/// The token goes in the environment, not argv: another local user reads
-/// a process's arguments in /proc but not its environment (an outside test
-/// stole a token from the command line and joined first).
+/// The line that joins a host under its name with its token.
 pub fn join_line(plan: &Plan, host: &str, token: &str) -> String {
-    format!(
-        "FLEETCMD_JOIN_TOKEN={} fleetcmd-agent join --controller {} --name {}",
+    join_command(&plan.url, Some(host), token)
+}
+
+/// `fleetcmd-agent join` for a token, as `init`'s join files and `token
+/// create`'s hint write it. The token goes in the environment, not argv:
+/// another local user reads a process's arguments in /proc but not its
+/// environment (an outside test stole a token from the command line and
+/// joined first).
+pub fn join_command(url: &str, name: Option<&str>, token: &str) -> String {
+    let mut line = format!(
+        "FLEETCMD_JOIN_TOKEN={} fleetcmd-agent join --controller {}",
         shell_word(token),
-        shell_word(&plan.url),
-        shell_word(host)
-    )
+        shell_word(url),
+    );
+    if let Some(name) = name {
+        let _ = write!(line, " --name {}", shell_word(name));
+    }
+    line
 }
 
 /// `s` as one word for a POSIX shell (quoted only when it needs it).
@@ -351,7 +397,10 @@ mod tests {
             listen: "0.0.0.0:7443".parse().expect("addr"),
             tls_names: vec!["ctl.example.com".into()],
             operator: "alice".into(),
-            chat_admins: vec!["irc:libera:alice!*@ops.example.com".into()],
+            chat_admins: vec![
+                "irc:libera:alice!*@ops.example.com".into(),
+                "irc:libera:bob!*@ops.example.com".into(),
+            ],
             console: true,
             irc: Some(Irc {
                 server: "irc.example.com".into(),
@@ -406,6 +455,52 @@ mod tests {
         fleetcmd_core::policy::Policy::parse(&text).unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// `restart` needs an approval only when someone other than the
+    /// requester can give it; otherwise the line is there, commented out.
+    #[test]
+    fn restart_needs_an_approval_only_when_two_people_can_give_it() {
+        let check = |admins: &[&str], approvals: u32| {
+            let mut p = plan();
+            p.chat_admins = admins.iter().map(|a| a.to_string()).collect();
+            let text = policy(&p, &key(1).public_key(), &key(2).public_key());
+            let parsed =
+                fleetcmd_core::policy::Policy::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                parsed.command("restart").map(|c| c.requires_approvals),
+                Some(approvals),
+                "{admins:?}"
+            );
+            assert_eq!(p.two_approvers_possible(), approvals == 1, "{admins:?}");
+            if approvals == 0 {
+                assert!(
+                    text.contains("\n# requires_approvals = 1\n")
+                        && text.contains("second chat admin"),
+                    "{text}"
+                );
+            }
+        };
+        check(&[], 0);
+        check(&["irc:libera:alice!*@ops.example.com"], 0);
+        // One person under two user names and hosts is still one person.
+        check(
+            &[
+                "irc:libera:alice!*@ops.example.com",
+                "irc:libera:ALICE!~a@home.example.com",
+            ],
+            0,
+        );
+        check(
+            &[
+                "irc:libera:alice!*@ops.example.com",
+                "irc:libera:bob!*@ops.example.com",
+            ],
+            1,
+        );
+        check(&["slack:T1:U1", "slack:T1:U2"], 1);
+        // A pattern over nicks is anyone from that host.
+        check(&["irc:libera:*!*@ops.example.com"], 1);
+    }
+
     #[test]
     fn the_configs_pass_their_own_validation() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -425,8 +520,12 @@ mod tests {
             &gw,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(cfg.irc.map(|i| i.channels), Some(vec!["#ops".to_string()]));
-        assert!(cfg.console.enabled);
+        use fleetcmd_gateway::adapters::{console::ConsoleConfig, irc::IrcConfig};
+        assert_eq!(
+            cfg.section::<IrcConfig>().map(|i| i.channels),
+            Some(vec!["#ops".to_string()])
+        );
+        assert!(cfg.section::<ConsoleConfig>().is_some_and(|c| c.enabled));
     }
 
     #[test]
@@ -440,6 +539,10 @@ mod tests {
         assert_eq!(
             line,
             "FLEETCMD_JOIN_TOKEN=fct1_x fleetcmd-agent join --controller https://ctl.example.com:7443 --name web-1"
+        );
+        assert_eq!(
+            join_command("https://h:1", None, "fct1_y"),
+            "FLEETCMD_JOIN_TOKEN=fct1_y fleetcmd-agent join --controller https://h:1"
         );
     }
 }

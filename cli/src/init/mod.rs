@@ -8,6 +8,7 @@
 //! the certificates, take the policy and create the tokens through the same
 //! code paths as later `issue-cert`, `policy push` and `token create`.
 
+pub mod disk;
 pub mod files;
 
 use std::collections::BTreeMap;
@@ -28,7 +29,8 @@ use files::{GATEWAY_NAME, Irc, Plan};
 
 #[derive(Args, Debug)]
 pub struct InitArgs {
-    /// Directory to write everything into (must not exist, or be empty).
+    /// Directory to write everything into: a new path, or an empty
+    /// directory of yours that nobody else can write to.
     #[arg(long, default_value = "fleet")]
     pub dir: PathBuf,
     /// Where agents, operators and the gateway will reach the controller.
@@ -232,44 +234,18 @@ fn irc_plan(args: &InitArgs) -> Result<Irc, Failure> {
     })
 }
 
-/// The directory must be new or empty: init never replaces anything.
-fn prepare_dir(dir: &Path) -> Result<PathBuf, Failure> {
-    match std::fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(usage(format!(
-                    "{} is not empty: init writes a new fleet into a new directory",
-                    dir.display()
-                )));
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir)?,
-        Err(e) => return Err(usage(format!("{}: {e}", dir.display()))),
-    }
-    let dir = std::fs::canonicalize(dir)?;
-    for sub in ["admin", "controller", "operator", "gateway", "hosts"] {
-        std::fs::create_dir(dir.join(sub))?;
-    }
-    // Everything but the policy is someone's secret: the controller's
-    // directory holds its CA key and database.
-    set_mode(&dir.join("admin"), 0o700)?;
-    set_mode(&dir.join("controller"), 0o700)?;
-    set_mode(&dir.join("operator"), 0o700)?;
-    set_mode(&dir.join("gateway"), 0o700)?;
-    set_mode(&dir.join("hosts"), 0o700)?;
-    Ok(dir)
-}
-
-fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-}
-
 pub async fn run(args: InitArgs) -> Result<u8, Failure> {
     let plan = plan(&args)?;
     let token_ttl = fleetcmd_core::duration::parse_duration(&args.token_ttl)
         .map_err(|e| usage(format!("--token-ttl {:?}: {e}", args.token_ttl)))?;
-    let dir = prepare_dir(&args.dir)?;
+    // Everything but the policy and certificates is someone's secret: the
+    // controller's directory holds its CA key and database.
+    disk::private_umask();
+    let dir = disk::prepare_dir(
+        &args.dir,
+        &["admin", "controller", "operator", "gateway", "hosts"],
+    )
+    .map_err(|e| usage(format!("--dir {e}")))?;
     let written = write_fleet(&plan, &dir, token_ttl).await;
     if let Err(e) = written {
         // Nothing half-done: a failed init leaves no directory to trust.
@@ -284,7 +260,7 @@ async fn write_fleet(plan: &Plan, dir: &Path, token_ttl: Duration) -> Result<(),
     let root = keygen(&dir.join("admin/policy-root.key"))?;
     let gateway_sign = keygen(&dir.join("gateway/sign.key"))?;
     let controller_toml = dir.join("controller/controller.toml");
-    std::fs::write(
+    disk::write_public(
         &controller_toml,
         files::controller_toml(plan, &dir.join("controller/data"), &root.public_key()),
     )?;
@@ -322,12 +298,13 @@ async fn enrol(
         .issue_identity(Role::Operator, &plan.operator, config.operator_cert_ttl)?;
     write_identity(&op_dir, &plan.operator, &op, &ca_pem)?;
     let op_key = keygen(&op_dir.join(format!("{}.sign.key", plan.operator)))?;
-    std::fs::write(
-        op_dir.join(format!("{}.sign.pub", plan.operator)),
+    disk::write_public(
+        &op_dir.join(format!("{}.sign.pub", plan.operator)),
         format!("{}\n", op_key.public_key()),
     )?;
-    std::fs::write(
-        op_dir.join(format!("{}.env", plan.operator)),
+    // A shell runs it, and it says where the operator's keys are.
+    disk::write_secret(
+        &op_dir.join(format!("{}.env", plan.operator)),
         files::operator_env(plan, &op_dir),
     )?;
     // The gateway's certificate and config.
@@ -336,17 +313,17 @@ async fn enrol(
         .ca
         .issue_identity(Role::Gateway, GATEWAY_NAME, config.gateway_cert_ttl)?;
     write_identity(&gw_dir, GATEWAY_NAME, &gw, &ca_pem)?;
-    std::fs::write(
-        gw_dir.join("gateway.toml"),
+    disk::write_public(
+        &gw_dir.join("gateway.toml"),
         files::gateway_toml(plan, &root.public_key()),
     )?;
     // The first policy, signed by the root key, in the controller's store.
     let text = files::policy(plan, &gateway_sign.public_key(), &op_key.public_key());
     let policy_path = dir.join("policy.toml");
-    std::fs::write(&policy_path, &text)?;
+    disk::write_public(&policy_path, &text)?;
     let sig = sign_bundle(text.as_bytes(), root);
-    std::fs::write(
-        sig_path(&policy_path),
+    disk::write_public(
+        &sig_path(&policy_path),
         encode_sigs(std::slice::from_ref(&sig)),
     )?;
     let signed = pb::SignedPolicy {
@@ -374,11 +351,7 @@ async fn enrol(
             .await
             .map_err(|e| anyhow::anyhow!("join token for {host}: {e}"))?;
         let line = files::join_line(plan, host, token.expose());
-        write_private(
-            &dir.join(format!("hosts/{host}.join")),
-            format!("{line}\n").as_bytes(),
-            Existing::Refuse,
-        )?;
+        disk::write_secret(&dir.join(format!("hosts/{host}.join")), format!("{line}\n"))?;
     }
     Ok(())
 }
@@ -394,8 +367,8 @@ fn write_identity(
         id.key_pem.expose().as_bytes(),
         Existing::Refuse,
     )?;
-    std::fs::write(dir.join(format!("{name}.crt")), &id.cert_pem)?;
-    std::fs::write(dir.join("ca.crt"), ca_pem)?;
+    disk::write_public(&dir.join(format!("{name}.crt")), &id.cert_pem)?;
+    disk::write_public(&dir.join("ca.crt"), ca_pem)?;
     Ok(())
 }
 
@@ -403,22 +376,34 @@ fn print_next_steps(plan: &Plan, dir: &Path) {
     let d = dir.display();
     let mut hosts = String::new();
     for host in plan.hosts.keys() {
-        hosts.push_str(&format!("     {host}: {d}/hosts/{host}.join\n"));
+        // The file is named, not found through `hostname`: a host's name
+        // there is often its FQDN, not the --host name.
+        hosts.push_str(&format!(
+            "     {host}: copy {d}/hosts/{host}.join there, then: sh {host}.join\n"
+        ));
     }
     if hosts.is_empty() {
         hosts
             .push_str("     (no --host given: `fleetcmd token create --name HOST --labels ...`)\n");
     }
+    let approval = if plan.two_approvers_possible() {
+        String::new()
+    } else {
+        format!("\nNote: {}.\n", files::RESTART_APPROVAL_NOTE)
+    };
     println!(
         "fleetcmd init: a fleet in {d}\n\
          \n\
          1. start the controller:   fleetcmd-controller -c {d}/controller/controller.toml run\n\
-         2. on each host, paste its join line, then start the agent (fleetcmd-agent run):\n\
+         2. on each host, run its join file (HOST.join) with sh, then start the agent \
+         (fleetcmd-agent run):\n\
          {hosts}\
          3. start the gateway:      fleetcmd-gateway -c {d}/gateway/gateway.toml run\n\
          4. as {op}:                source {d}/operator/{op}.env && fleetcmd agents\n\
          \n\
          Keep {d}/admin/policy-root.key offline: it signs every policy.\n\
+         {approval}\
+         \n\
          Hosts' labels:\n{labels}",
         op = plan.operator,
         labels = files::describe_hosts(plan),

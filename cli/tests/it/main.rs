@@ -146,13 +146,21 @@ fn operator_commands_against_a_live_fleet() {
 
     let out = fleetcmd(
         &fleet,
-        &["token", "create", "--labels", "role=web", "--ttl", "10m"],
+        &[
+            "token", "create", "--labels", "role=web", "--ttl", "10m", "--name", "web-9",
+        ],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_string();
+    assert!(token.starts_with("fct1_"), "{token}");
+    // The hint joins with the token in the environment, never in argv.
+    let hint = text(&out.stderr);
     assert!(
-        text(&out.stdout).trim().starts_with("fct1_"),
-        "{}",
-        text(&out.stdout)
+        hint.contains(&format!(
+            "on the host: FLEETCMD_JOIN_TOKEN={token} fleetcmd-agent join --controller {} --name web-9\n",
+            fleet.url
+        )) && !hint.contains("--token"),
+        "{hint}"
     );
 
     let out = fleetcmd(&fleet, &["policy", "show"]);

@@ -66,6 +66,7 @@ pub fn reportable(kind: EventKind) -> bool {
     matches!(
         kind,
         EventKind::ChatDenied
+            | EventKind::ChatCommand
             | EventKind::AuthFailed
             | EventKind::ApprovalRequested
             | EventKind::ApprovalGiven
@@ -73,7 +74,6 @@ pub fn reportable(kind: EventKind) -> bool {
             | EventKind::ApprovalExpired
             | EventKind::ApprovalDropped
             | EventKind::JobCanceled
-            | EventKind::PluginCalled
     )
 }
 

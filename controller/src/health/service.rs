@@ -46,8 +46,8 @@ impl pb::health_server::Health for HealthSvc {
         let services = tokio::task::spawn_blocking(move || {
             // While agents reconnect after a start, show the instances as
             // they are now rather than as of the last tick.
-            if shared.settling() {
-                shared.health.refresh(&shared.list_agents("")?);
+            if shared.registry.settling() {
+                shared.health.refresh(&shared.registry.list_agents("")?);
             }
             shared
                 .health

@@ -32,12 +32,14 @@ def command(params):
         return {"lines": ["hello %s from %s in %s" % (name, caller["platform"], caller["channel"]),
                           "token configured: %s" % has_token]}
     if params["command"] == "loadcheck":
-        try:
-            out = ask_gateway("job.run", {"command": "uptime", "args": [], "selector": params["args"][0]})
-        except RuntimeError as e:
-            return {"lines": ["job not run: %s" % e]}
-        return {"lines": ["the gateway posted %d replies" % len(out["replies"])],
-                "blocks": [{"title": "last reply", "text": out["replies"][-1] if out["replies"] else ""}]}
+        # Runs as the caller: the policy, approvals and audit apply as if
+        # they had typed `run uptime on SELECTOR`; the channel sees the job.
+        out = ask_gateway("job.run", {"command": "uptime", "args": [], "selector": params["args"][0]})
+        if out["outcome"] == "submitted":
+            return {"lines": ["job %s submitted as you; its result is posted here" % out["job_id"]]}
+        if out["outcome"] == "dry_run":
+            return {"lines": ["dry run: nothing submitted"]}
+        return {"lines": ["job not run: %s" % out["reason"]]}
     raise ValueError("unknown command")
 
 

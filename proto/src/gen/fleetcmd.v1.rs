@@ -364,7 +364,8 @@ pub struct ListJobsRequest {
     pub limit: u32,
     #[prost(string, tag = "2")]
     pub requester: ::prost::alloc::string::String,
-    /// Only jobs in this state (empty = any).
+    /// Only jobs in this state, by name (`running`; empty = any). An unknown
+    /// name is INVALID_ARGUMENT.
     #[prost(string, tag = "3")]
     pub state: ::prost::alloc::string::String,
 }
@@ -390,6 +391,8 @@ pub struct Job {
     pub requester: ::prost::alloc::string::String,
     #[prost(string, tag = "6")]
     pub channel: ::prost::alloc::string::String,
+    /// `job_state`'s name in lower case (`succeeded`), for clients of
+    /// earlier versions; the two always agree.
     #[prost(string, tag = "7")]
     pub state: ::prost::alloc::string::String,
     #[prost(uint64, tag = "8")]
@@ -399,16 +402,21 @@ pub struct Job {
     /// Why the job was aborted, canceled or expired.
     #[prost(string, tag = "10")]
     pub reason: ::prost::alloc::string::String,
+    #[prost(enumeration = "JobState", tag = "11")]
+    pub job_state: i32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Target {
     #[prost(string, tag = "1")]
     pub agent_id: ::prost::alloc::string::String,
-    /// pending, dispatched, running, ok, failed, timed_out, refused, offline, canceled
+    /// `target_state`'s name in lower case (`timed_out`), for clients of
+    /// earlier versions; the two always agree.
     #[prost(string, tag = "2")]
     pub state: ::prost::alloc::string::String,
     #[prost(message, optional, tag = "3")]
     pub result: ::core::option::Option<JobResult>,
+    #[prost(enumeration = "TargetState", tag = "4")]
+    pub target_state: i32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListAgentsRequest {
@@ -899,6 +907,108 @@ impl Outcome {
             "OUTCOME_TIMED_OUT" => Some(Self::TimedOut),
             "OUTCOME_REFUSED" => Some(Self::Refused),
             "OUTCOME_CANCELED" => Some(Self::Canceled),
+            _ => None,
+        }
+    }
+}
+/// Where a job stands: RUNNING until every target ended, then exactly one
+/// of the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum JobState {
+    Unspecified = 0,
+    Running = 1,
+    /// Every target ended ok.
+    Succeeded = 2,
+    /// Every target ended, at least one not ok.
+    Failed = 3,
+    /// Error budget spent or a canary failed: pending targets skipped.
+    Aborted = 4,
+    Canceled = 5,
+    /// The signature expired before every target could start.
+    Expired = 6,
+}
+impl JobState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "JOB_STATE_UNSPECIFIED",
+            Self::Running => "JOB_STATE_RUNNING",
+            Self::Succeeded => "JOB_STATE_SUCCEEDED",
+            Self::Failed => "JOB_STATE_FAILED",
+            Self::Aborted => "JOB_STATE_ABORTED",
+            Self::Canceled => "JOB_STATE_CANCELED",
+            Self::Expired => "JOB_STATE_EXPIRED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "JOB_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "JOB_STATE_RUNNING" => Some(Self::Running),
+            "JOB_STATE_SUCCEEDED" => Some(Self::Succeeded),
+            "JOB_STATE_FAILED" => Some(Self::Failed),
+            "JOB_STATE_ABORTED" => Some(Self::Aborted),
+            "JOB_STATE_CANCELED" => Some(Self::Canceled),
+            "JOB_STATE_EXPIRED" => Some(Self::Expired),
+            _ => None,
+        }
+    }
+}
+/// Where one target of a job stands. PENDING, DISPATCHED and RUNNING are
+/// not final; a final state never changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum TargetState {
+    Unspecified = 0,
+    Pending = 1,
+    Dispatched = 2,
+    Running = 3,
+    Ok = 4,
+    Failed = 5,
+    TimedOut = 6,
+    Refused = 7,
+    Offline = 8,
+    Canceled = 9,
+    Skipped = 10,
+}
+impl TargetState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "TARGET_STATE_UNSPECIFIED",
+            Self::Pending => "TARGET_STATE_PENDING",
+            Self::Dispatched => "TARGET_STATE_DISPATCHED",
+            Self::Running => "TARGET_STATE_RUNNING",
+            Self::Ok => "TARGET_STATE_OK",
+            Self::Failed => "TARGET_STATE_FAILED",
+            Self::TimedOut => "TARGET_STATE_TIMED_OUT",
+            Self::Refused => "TARGET_STATE_REFUSED",
+            Self::Offline => "TARGET_STATE_OFFLINE",
+            Self::Canceled => "TARGET_STATE_CANCELED",
+            Self::Skipped => "TARGET_STATE_SKIPPED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "TARGET_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "TARGET_STATE_PENDING" => Some(Self::Pending),
+            "TARGET_STATE_DISPATCHED" => Some(Self::Dispatched),
+            "TARGET_STATE_RUNNING" => Some(Self::Running),
+            "TARGET_STATE_OK" => Some(Self::Ok),
+            "TARGET_STATE_FAILED" => Some(Self::Failed),
+            "TARGET_STATE_TIMED_OUT" => Some(Self::TimedOut),
+            "TARGET_STATE_REFUSED" => Some(Self::Refused),
+            "TARGET_STATE_OFFLINE" => Some(Self::Offline),
+            "TARGET_STATE_CANCELED" => Some(Self::Canceled),
+            "TARGET_STATE_SKIPPED" => Some(Self::Skipped),
             _ => None,
         }
     }

@@ -2,6 +2,7 @@
 //! list further, argument values are single argv elements (never a shell),
 //! and values starting with `-` or escaping their path prefix are refused.
 
+use fleetcmd_proto::v1::TargetState;
 use std::time::Duration;
 
 use fleetcmd_proto::v1 as pb;
@@ -70,8 +71,8 @@ async fn a_host_narrowing_is_enforced_by_its_agent() {
         .expect("submitted");
     assert_refused(&job, "narrow-1", "narrowed_by_host");
     assert_eq!(
-        target(&job, "dev-1").state,
-        "ok",
+        target(&job, "dev-1").target_state(),
+        TargetState::Ok,
         "dev-1 does not narrow: {job:?}"
     );
     assert!(m.exists(), "dev-1 created the marker");
@@ -92,7 +93,11 @@ async fn a_host_narrowing_is_enforced_by_its_agent() {
         .run("uptime", &[], "name=narrow-1")
         .await
         .expect("submitted");
-    assert_eq!(target(&job, "narrow-1").state, "ok", "{job:?}");
+    assert_eq!(
+        target(&job, "narrow-1").target_state(),
+        TargetState::Ok,
+        "{job:?}"
+    );
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
@@ -121,7 +126,7 @@ async fn shell_metacharacters_stay_literal_text() {
             .await
             .expect("submitted");
         let t = target(&job, "dev-1");
-        assert_eq!(t.state, "ok", "{job:?}");
+        assert_eq!(t.target_state(), TargetState::Ok, "{job:?}");
         assert_eq!(
             stdout(t),
             format!("{value}\n"),

@@ -4,6 +4,7 @@
 //! signed without the approvals it needs (a gateway bug or a stolen gateway
 //! key) is refused by the controller.
 
+use fleetcmd_proto::v1::JobState;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -295,7 +296,7 @@ async fn approvals_cannot_be_forged_by_a_signer_that_does_not_vouch_for_the_appr
         .expect("approved by carol, attested by the gateway")
         .into_inner();
     let job = fleet.wait_job(&ok.job_id).await;
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     let records = records_of(&fleet, &ok.job_id).await;
     assert!(
         records
@@ -429,6 +430,19 @@ async fn every_event_kind_is_recorded_from_a_real_flow() {
             .expect("the run finished")
             .expect("run task");
     }
+    // A registered command's call is reported and recorded (`chat_command`).
+    router
+        .register_commands(Arc::new(fleetcmd_gateway::prometheus::not_configured()))
+        .expect("query registered");
+    let out = Recorder::default();
+    router.handle(said("console:alice", "query up"), &out).await;
+    assert!(
+        out.texts()
+            .iter()
+            .any(|t| t.contains("needs a Prometheus server")),
+        "{:?}",
+        out.texts()
+    );
 
     // The agent's certificate (3 s) has been renewed at least once by now.
     let audit = pb::audit_client::AuditClient::new(fleet.operator().await);

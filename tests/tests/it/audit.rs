@@ -3,6 +3,7 @@
 //! record in the store is detected (and named), verifies offline from an
 //! export with only the public key, and is searchable.
 
+use fleetcmd_proto::v1::JobState;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,7 +49,7 @@ async fn real_flows_produce_their_audit_events() {
         .run("echo", &[("text", "hello")], "all")
         .await
         .expect("job");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     let forged = spec("uptime", &[], "all", "cli:admin");
     let forged_id = forged.id.to_string();
     let signed = fleetcmd_core::job::SignedJob::sign(&forged, "operator-dev", &stranger_key());

@@ -2,6 +2,7 @@
 //! CA, and the certificate's role must match the service; §2.4/§2.8: a
 //! caller may only submit jobs in the name it is entitled to.
 
+use fleetcmd_proto::v1::JobState;
 use std::collections::HashMap;
 
 use fleetcmd_proto::v1 as pb;
@@ -190,7 +191,8 @@ async fn every_rpc_but_join_requires_a_client_certificate() {
         fleet
             .controller
             .shared()
-            .current_policy()
+            .policy
+            .current()
             .expect("policy")
             .policy
             .version,
@@ -290,7 +292,8 @@ async fn certificates_are_confined_to_their_role() {
         fleet
             .controller
             .shared()
-            .current_policy()
+            .policy
+            .current()
             .expect("policy")
             .policy
             .version,
@@ -374,7 +377,7 @@ async fn requesters_cannot_be_spoofed() {
         .submit_and_wait(sign_op(&fleet, &s))
         .await
         .expect("own name accepted");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     assert!(ok.exists());
     fleet.fleet.shutdown().await.expect("shutdown");
 }

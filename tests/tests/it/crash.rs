@@ -4,6 +4,7 @@
 //! agent's result still arrives; an agent `kill -9`ed mid-job is restarted
 //! and its target ends `failed` with a clear reason instead of `running`.
 
+use fleetcmd_proto::v1::{JobState, TargetState};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -242,7 +243,10 @@ pub(crate) async fn setup() -> (World, Proc, Vec<Proc>) {
 }
 
 fn all_running(j: &pb::Job) -> bool {
-    j.targets.len() == 2 && j.targets.iter().all(|t| t.state == "running")
+    j.targets.len() == 2
+        && j.targets
+            .iter()
+            .all(|t| t.target_state() == TargetState::Running)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -252,12 +256,15 @@ async fn kill_9_of_the_controller_mid_job_loses_no_result() {
     world.wait_state(&id, all_running).await;
     ctl.kill9();
     let _ctl = world.controller();
-    let done = world.wait_state(&id, |j| j.state != "running").await;
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    let done = world
+        .wait_state(&id, |j| j.job_state() != JobState::Running)
+        .await;
+    assert_eq!(done.job_state(), JobState::Succeeded, "{done:?}");
     assert!(
         done.targets
             .iter()
-            .all(|t| t.state == "ok" && t.result.as_ref().is_some_and(|r| r.exit_code == Some(0))),
+            .all(|t| t.target_state() == TargetState::Ok
+                && t.result.as_ref().is_some_and(|r| r.exit_code == Some(0))),
         "{done:?}"
     );
 }
@@ -269,14 +276,16 @@ async fn an_agent_killed_mid_job_reports_it_after_restart() {
     world.wait_state(&id, all_running).await;
     agents.remove(0).kill9();
     let _a1 = world.agent("a-1");
-    let done = world.wait_state(&id, |j| j.state != "running").await;
-    assert_eq!(done.state, "failed", "{done:?}");
+    let done = world
+        .wait_state(&id, |j| j.job_state() != JobState::Running)
+        .await;
+    assert_eq!(done.job_state(), JobState::Failed, "{done:?}");
     let t = done
         .targets
         .iter()
         .find(|t| t.agent_id == "a-1")
         .expect("a-1");
-    assert_eq!(t.state, "failed", "{done:?}");
+    assert_eq!(t.target_state(), TargetState::Failed, "{done:?}");
     let r = t.result.clone().unwrap_or_default();
     assert_eq!(r.reason_code, "agent_restarted", "{r:?}");
     assert!(
@@ -288,5 +297,5 @@ async fn an_agent_killed_mid_job_reports_it_after_restart() {
         .iter()
         .find(|t| t.agent_id == "a-2")
         .expect("a-2");
-    assert_eq!(t2.state, "ok", "{done:?}");
+    assert_eq!(t2.target_state(), TargetState::Ok, "{done:?}");
 }

@@ -119,7 +119,10 @@ fn example_gateway_config_parses_and_names_missing_files() {
     let text = std::fs::read_to_string(&path).expect("read");
     let cfg = fleetcmd_gateway::config::GatewayConfig::parse(&text, &path)
         .expect("deploy/gateway.toml parses");
-    assert!(cfg.console.enabled);
+    assert!(
+        cfg.section::<fleetcmd_gateway::adapters::console::ConsoleConfig>()
+            .is_some_and(|c| c.enabled)
+    );
     // The example points at /etc paths that do not exist here: loading the
     // options must say which file is missing rather than fail vaguely.
     let err = cfg
@@ -159,13 +162,17 @@ fn example_gateway_adapter_sections_validate_all_enabled_at_once() {
     let all = format!("{head}\n#{uncommented}\n");
     let cfg = fleetcmd_gateway::config::GatewayConfig::parse(&all, &path)
         .unwrap_or_else(|e| panic!("all adapters enabled: {e}\n{all}"));
-    assert!(cfg.slack.is_some() && cfg.mattermost.is_some());
-    assert!(cfg.irc.is_some() && cfg.xmpp.is_some());
-    assert!(cfg.campfire.is_some() && cfg.webhook.is_some());
-    assert!(cfg.audit_channel.is_some() && cfg.notify.is_some());
-    assert!(cfg.prometheus.is_some());
-    assert!(cfg.alertmanager.is_some() && cfg.pagerduty.is_some());
-    assert!(cfg.opsgenie.is_some() && cfg.statuspage.is_some());
+    // Every registered chat platform and integration has its example
+    // section, and it parses as that component's config.
+    for entry in fleetcmd_gateway::registry::components() {
+        let section = cfg
+            .sections
+            .get(entry.name)
+            .unwrap_or_else(|| panic!("[{}] missing from deploy/gateway.toml", entry.name));
+        if let Err(e) = entry.parse(section, &cfg.base) {
+            panic!("[{}]: {e}", entry.name);
+        }
+    }
     // The example names secret files under /etc that do not exist here;
     // anything else wrong with the sections is a failure.
     if let Err(problems) = cfg.validate() {

@@ -7,7 +7,8 @@
 //! loopback. `controller` blocks run in one working
 //! directory; `each-host` blocks run once per host in its own mount and UTS
 //! namespace (its own /etc/fleetcmd, /var/lib/fleetcmd and host name), in a
-//! directory holding only its join file, as if copied there. Then alice, a
+//! directory holding only its join file, as if copied there, with the
+//! README's placeholder `HOST.join` naming that file. Then alice, a
 //! real IRC client on a real ngircd, types the README's chat command and
 //! both hosts answer.
 
@@ -283,10 +284,13 @@ async fn the_readme_takes_a_team_from_nothing_to_a_chat_answer_from_two_hosts() 
                     let join = format!("{host}.join");
                     std::fs::copy(work.join("fleet/hosts").join(&join), dir.join(&join))
                         .expect("the join file init wrote");
+                    // The host name is not the --host name: the join file
+                    // is named, not found through `hostname`.
                     let host_script = format!(
                         "mount -t tmpfs fleetcmd-etc /etc/fleetcmd\n\
                          mount -t tmpfs fleetcmd-state /var/lib/fleetcmd\n\
-                         hostname {host}\n{script}"
+                         hostname {host}.example.com\n{}",
+                        script.replace("HOST.join", &join)
                     );
                     run.block(
                         &format!("README block {i} on {host}"),

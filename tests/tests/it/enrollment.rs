@@ -2,6 +2,7 @@
 //! a revoked agent loses its live stream at once and every later call with
 //! its certificate is refused.
 
+use fleetcmd_proto::v1::JobState;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -53,6 +54,7 @@ fn agent_names(fleet: &TestFleet) -> Vec<String> {
     fleet
         .controller
         .shared()
+        .registry
         .list_agents("")
         .expect("list")
         .into_iter()
@@ -245,7 +247,7 @@ async fn a_revoked_agent_is_cut_off_at_once() {
     assert_eventually(Duration::from_secs(10), || {
         let shared = shared.clone();
         async move {
-            let list = shared.list_agents("").ok()?;
+            let list = shared.registry.list_agents("").ok()?;
             list.iter()
                 .filter(|a| a.agent_id == "dev-1" || a.agent_id == "dev-3")
                 .all(|a| a.last_seen_ms >= since)
@@ -268,7 +270,7 @@ async fn a_revoked_agent_is_cut_off_at_once() {
     let mut names: Vec<_> = job.targets.iter().map(|t| t.agent_id.as_str()).collect();
     names.sort();
     assert_eq!(names, ["dev-1", "dev-3"], "{job:?}");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
 
     // dev-2's certificate no longer opens a stream.
     let ch = fleetcmd_proto::channel::connect(&fleet.url, &fleet.agent_tls("dev-2"))

@@ -1,6 +1,7 @@
 //! ARCHITECTURE.md invariant 7: a command that outlives its timeout is killed with its whole
 //! process group, and output beyond the cap is dropped and counted.
 
+use fleetcmd_proto::v1::TargetState;
 use std::time::{Duration, Instant};
 
 use fleetcmd_proto::v1 as pb;
@@ -47,7 +48,7 @@ async fn a_timed_out_command_is_killed_with_its_children() {
 
     for job in [&tree, &capped] {
         let t = target(job, "dev-1");
-        assert_eq!(t.state, "timed_out", "{job:?}");
+        assert_eq!(t.target_state(), TargetState::TimedOut, "{job:?}");
         let r = result_of(job, "dev-1");
         assert_eq!(r.outcome, pb::Outcome::TimedOut as i32, "{r:?}");
         assert!(r.reason.contains("timed out"), "{r:?}");
@@ -69,7 +70,7 @@ async fn output_beyond_the_cap_is_dropped_and_counted() {
     let fleet = security_fleet(1).await;
     let job = fleet.run("flood", &[], "all").await.expect("submitted");
     let t = target(&job, "dev-1");
-    assert_eq!(t.state, "ok", "{job:?}");
+    assert_eq!(t.target_state(), TargetState::Ok, "{job:?}");
     let r = result_of(&job, "dev-1");
     assert_eq!(r.exit_code, Some(0));
     assert_eq!(r.stdout.len(), 1024 * 1024);

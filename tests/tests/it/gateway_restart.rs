@@ -8,6 +8,7 @@
 //! are dropped with the reason — and every approval request has exactly one
 //! end in the audit trail.
 
+use fleetcmd_proto::v1::JobState;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use fleetcmd_gateway::approvals::Approvals;
 use fleetcmd_gateway::owed::OwedJobs;
-use fleetcmd_gateway::store::GatewayStore;
+use fleetcmd_gateway::store::{GatewayStore, Seal};
 use fleetcmd_proto::v1 as pb;
 use fleetcmd_tests::*;
 
@@ -216,6 +217,12 @@ async fn asked_then_killed(
     (config, state, id)
 }
 
+/// A seal with a key of its own: enough to read raw records and plant
+/// damaged ones (what it writes, the gateway does not trust).
+fn any_seal() -> Seal {
+    Seal::new(Arc::new(stranger_key()))
+}
+
 /// The job id shown in a `job ID `COMMAND`` header line.
 fn shown_id(line: &str, command: &str) -> Option<String> {
     let rest = line.split("job ").nth(1)?;
@@ -315,7 +322,7 @@ async fn a_result_owed_when_the_gateway_was_killed_is_posted_once_after_a_restar
         "killed before the result: {before}"
     );
     let job = fleet.wait_job(&shown).await;
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
 
     let second = Gateway::start(&config, "alice");
     let resumed = second.resumed().await;
@@ -369,7 +376,7 @@ async fn an_approval_pending_when_the_gateway_was_killed_is_approved_after_a_res
     assert!(result.contains("console:alice"), "{result}");
     let job = fleet.wait_job(&id).await;
     assert_eq!(job.requester, "console:alice");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     let records = one_end(&fleet, &id, "approval_given").await;
     assert!(
         records
@@ -428,13 +435,14 @@ async fn requests_the_policy_no_longer_allows_and_damaged_records_are_dropped_wi
     const DAMAGED: &str = "0190aaaa-0000-7000-8000-000000000000";
     {
         let store = GatewayStore::open(&state).expect("state dir opens");
-        Approvals::persisted(&store)
+        let seal = any_seal();
+        Approvals::persisted(&store, &seal)
             .expect("approvals")
             .records()
             .expect("persisted")
             .put_raw(DAMAGED, b"{\"v\": 1, \"job_id\": ")
             .expect("damaged approval written");
-        OwedJobs::open(&store)
+        OwedJobs::open(&store, &seal)
             .expect("owed")
             .records()
             .put_raw("0190bbbb-0000-7000-8000-000000000000", b"\xff\xfe")
@@ -486,5 +494,125 @@ async fn requests_the_policy_no_longer_allows_and_damaged_records_are_dropped_wi
         "{resumed}"
     );
     drop(again);
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
+
+/// Stored approvals are evidence the gateway attests after a restart: a
+/// name added to a pending request while the gateway is down (by whoever
+/// can write `state_dir` but does not hold the signing key) is never
+/// attested; the request ends `approval_dropped`, nothing runs (found by an
+/// outside test: the job ran "approved by" someone who never approved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_approval_added_to_the_state_while_the_gateway_is_down_is_never_attested() {
+    let mut fleet = start_fleet(1).await;
+    push_policy(&mut fleet, 1).await;
+    let (config, state, id) = asked_then_killed(&fleet, "15m").await;
+    {
+        let store = GatewayStore::open(&state).expect("state dir opens");
+        let records = Approvals::persisted(&store, &any_seal()).expect("approvals");
+        let records = records.records().expect("persisted");
+        // Every record reads as unreadable under another seal: its key is
+        // all that is needed.
+        let key = records
+            .all()
+            .expect("records")
+            .into_iter()
+            .filter_map(Result::err)
+            .map(|u| u.key)
+            .find(|k| k.ends_with(&id))
+            .expect("the pending request's record");
+        let raw = records.get_raw(&key).expect("read").expect("stored");
+        let text = String::from_utf8(raw).expect("json");
+        let forged = text.replacen(
+            "\\\"approvals\\\":[]",
+            &format!(
+                "\\\"approvals\\\":[{{\\\"approver\\\":\\\"console:bob\\\",\\\"channel\\\":\\\"console\\\",\\\"approved_at\\\":{}}}]",
+                now()
+            ),
+            1,
+        );
+        assert_ne!(forged, text, "the record lists no approval yet: {text}");
+        records.put_raw(&key, forged.as_bytes()).expect("forged");
+    }
+    let bob = Gateway::start(&config, "bob");
+    let records = one_end(&fleet, &id, "approval_dropped").await;
+    assert!(
+        records
+            .iter()
+            .any(|(k, d)| k == "approval_dropped" && d.contains("seal does not verify")),
+        "{records:?}"
+    );
+    assert!(
+        !records.iter().any(|(k, _)| k == "approval_given"),
+        "{records:?}"
+    );
+    let mut jobs = pb::jobs_client::JobsClient::new(fleet.operator().await);
+    let found = jobs.get(pb::GetJobRequest { job_id: id.clone() }).await;
+    assert!(found.is_err(), "nothing was submitted: {found:?}");
+    drop(bob);
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
+
+/// `validate`, the documented pre-flight check, refuses the `state_dir`
+/// that `run` would refuse; and a store that cannot be read stops the
+/// gateway with what to do, not sled's bare text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn validate_checks_the_state_dir_and_a_broken_store_says_how_to_recover() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let fleet = start_fleet(1).await;
+    let state = fleet.path().join("gateway-state");
+    let config = gateway_config(&fleet, &state, "15m");
+    let validate = || {
+        Command::new(workspace_bin("fleetcmd-gateway"))
+            .arg("-c")
+            .arg(&config)
+            .arg("validate")
+            .output()
+            .expect("validate runs")
+    };
+    assert!(
+        validate().status.success(),
+        "a missing state_dir is created at start"
+    );
+    std::fs::create_dir(&state).expect("state dir");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let out = validate();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("writable by group or others"), "{err}");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    assert!(validate().status.success());
+
+    // A store whose files were damaged.
+    {
+        let store = GatewayStore::open(&state).expect("store created");
+        let records = OwedJobs::open(&store, &any_seal()).expect("owed");
+        for i in 0..50 {
+            records
+                .records()
+                .put_raw(&format!("k{i}"), &[b'x'; 200])
+                .expect("written");
+        }
+    }
+    let mode = std::fs::metadata(state.join("state.sled"))
+        .expect("store dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the store is private: {mode:o}");
+    let conf = state.join("state.sled").join("conf");
+    std::fs::write(&conf, b"segment_size: 1\nnot sled's configuration\n").expect("damaged");
+    let out = Command::new(workspace_bin("fleetcmd-gateway"))
+        .arg("-c")
+        .arg(&config)
+        .arg("run")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("cannot be read") && err.contains("move it aside"),
+        "{err}"
+    );
     fleet.fleet.shutdown().await.expect("shutdown");
 }

@@ -1,6 +1,7 @@
 //! The gRPC surface: reflection only for authenticated clients, the standard
 //! health service, and agent certificates renewed over the stream.
 
+use fleetcmd_proto::v1::JobState;
 use std::time::Duration;
 
 use fleetcmd_tests::*;
@@ -104,6 +105,6 @@ async fn agent_certificate_is_renewed_over_the_stream_and_used_after_a_restart()
         .run("echo", &[("text", "still here")], "all")
         .await
         .expect("job");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }

@@ -3,6 +3,7 @@
 //! mix-and-match, M-of-N roots, size limits, concurrent token use, failed-join
 //! rate limiting, renewal while the controller is down, clock skew.
 
+use fleetcmd_proto::v1::JobState;
 use std::time::Duration;
 
 use fleetcmd_core::policy_bundle::sign_bundle;
@@ -33,7 +34,7 @@ async fn wait_versions(fleet: &TestFleet, version: u64) {
     assert_eventually(Duration::from_secs(10), || {
         let shared = shared.clone();
         async move {
-            let l = shared.list_agents("").ok()?;
+            let l = shared.registry.list_agents("").ok()?;
             l.iter()
                 .filter(|a| !a.revoked)
                 .all(|a| a.online && a.policy_version == version)
@@ -102,6 +103,7 @@ async fn an_expired_policy_freezes_nothing_agents_refuse_and_report_it() {
         let shared = shared.clone();
         async move {
             shared
+                .registry
                 .list_agents("")
                 .ok()?
                 .into_iter()
@@ -124,7 +126,7 @@ async fn an_expired_policy_freezes_nothing_agents_refuse_and_report_it() {
         .run("mark", &[("path", m.to_str().expect("utf-8"))], "all")
         .await
         .expect("job");
-    assert_eq!(ok.state, "succeeded", "{ok:?}");
+    assert_eq!(ok.job_state(), JobState::Succeeded, "{ok:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
@@ -233,7 +235,8 @@ async fn oversized_jobs_bundles_and_unknown_fields_are_refused() {
         fleet
             .controller
             .shared()
-            .current_policy()
+            .policy
+            .current()
             .expect("policy")
             .policy
             .version,
@@ -281,6 +284,7 @@ async fn one_single_use_token_joined_concurrently_admits_exactly_one() {
         fleet
             .controller
             .shared()
+            .registry
             .list_agents("")
             .expect("list")
             .len(),
@@ -401,7 +405,7 @@ async fn renewal_survives_the_controller_being_down_when_it_is_due() {
         .run("echo", &[("text", "renewed")], "all")
         .await
         .expect("job");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     fleet.stop_agent("dev-1").await;
     fleet.start_agent("dev-1", None).expect("restart");
     fleet
@@ -448,6 +452,7 @@ async fn an_agent_with_a_skewed_clock_shows_it_in_its_health() {
         let shared = shared.clone();
         async move {
             shared
+                .registry
                 .list_agents("")
                 .ok()?
                 .into_iter()
@@ -489,7 +494,7 @@ async fn a_submit_the_caller_abandons_is_dispatched_or_not_stored() {
         if shared.get_job(id).is_ok() {
             stored += 1;
             let job = fleet.wait_job(id).await;
-            assert_eq!(job.state, "succeeded", "{job:?}");
+            assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
         }
     }
     assert!(

@@ -3,6 +3,7 @@
 //! checks this at submit, and each agent checks it again on its own (shown
 //! by injecting jobs as a compromised controller would).
 
+use fleetcmd_proto::v1::{JobState, TargetState};
 use std::time::Duration;
 
 use fleetcmd_core::job::{JobSpec, SignedJob};
@@ -168,7 +169,7 @@ async fn controller_refuses_forged_and_stale_jobs_at_submit() {
         .run("mark", &[("path", ok.to_str().expect("utf-8"))], "all")
         .await
         .expect("genuine job accepted");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     assert!(ok.exists());
     fleet.fleet.shutdown().await.expect("shutdown");
 }
@@ -181,7 +182,7 @@ async fn agents_refuse_forged_and_stale_jobs_on_their_own() {
         for agent in ["dev-1", "dev-2"] {
             assert_refused(&job, agent, f.code);
         }
-        assert_eq!(job.state, "failed", "{}: {job:?}", f.label);
+        assert_eq!(job.job_state(), JobState::Failed, "{}: {job:?}", f.label);
         f.markers.iter().for_each(|m| assert_absent(m));
     }
     // A genuine job for dev-1, redirected by the controller to dev-2.
@@ -199,7 +200,7 @@ async fn agents_refuse_forged_and_stale_jobs_on_their_own() {
     let ok = marker(&fleet, "agent-genuine");
     let (spec, job) = fleet.operator_job("mark", &[("path", ok.to_str().expect("utf-8"))], "all");
     let job = inject(&fleet, job, spec.id.as_str(), &["dev-1", "dev-2"]).await;
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     assert!(ok.exists());
     fleet.fleet.shutdown().await.expect("shutdown");
 }
@@ -225,7 +226,11 @@ async fn replayed_job_runs_once_even_across_an_agent_restart() {
         .submit_and_wait(job.clone())
         .await
         .expect("first submission");
-    assert_eq!(target(&first, "dev-1").state, "ok", "{first:?}");
+    assert_eq!(
+        target(&first, "dev-1").target_state(),
+        TargetState::Ok,
+        "{first:?}"
+    );
     assert_eq!(lines(&file), 1);
 
     // The controller refuses the same job id again.
@@ -262,7 +267,11 @@ async fn replayed_job_runs_once_even_across_an_agent_restart() {
         )
         .await
         .expect("fresh job");
-    assert_eq!(target(&fresh, "dev-1").state, "ok", "{fresh:?}");
+    assert_eq!(
+        target(&fresh, "dev-1").target_state(),
+        TargetState::Ok,
+        "{fresh:?}"
+    );
     assert_eq!(lines(&file), 2);
     fleet.fleet.shutdown().await.expect("shutdown");
 }
@@ -347,7 +356,7 @@ async fn a_job_runs_only_within_its_requesters_roles() {
         .run("mark", &[("path", ok.to_str().expect("utf-8"))], "role=web")
         .await
         .expect("within the role");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
@@ -380,6 +389,95 @@ async fn a_job_id_dated_far_from_its_making_is_refused_at_submit() {
     }
     // Made now: runs.
     let job = fleet.run("uptime", &[], "all").await.expect("a fresh id");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
+
+/// Core has no list of chat platforms (each adapter checks its own form):
+/// an agent built before a platform existed runs its users' jobs when the
+/// policy grants them, and still refuses an identity that is malformed
+/// whatever the platform.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_platform_core_never_heard_of_runs_jobs_and_malformed_identities_do_not() {
+    let mut fleet = security_fleet(1).await;
+    let text = security_policy(&fleet, fleet.policy_version + 1)
+        .replace(
+            "vouches_for = [\"console:*\"]",
+            "vouches_for = [\"console:*\", \"zulip:chat.example.com:*\"]",
+        )
+        .replace(
+            "subjects = [\"console:*\", \"cli:*\"]",
+            "subjects = [\"console:*\", \"cli:*\", \"zulip:chat.example.com:*\"]",
+        );
+    assert!(
+        text.contains("\"zulip:chat.example.com:*\"]\nroles"),
+        "{text}"
+    );
+    fleet.push_policy(&text).await.expect("policy pushed");
+    fleet
+        .wait_online(Duration::from_secs(10))
+        .await
+        .expect("agents take the policy");
+
+    let zulip_job = |name: &str| {
+        let m = marker(&fleet, name);
+        let mut s = spec(
+            "mark",
+            &[("path", m.to_str().expect("utf-8"))],
+            "all",
+            "zulip:chat.example.com:42",
+        );
+        s.channel = "zulip:chat.example.com:ops".into();
+        (s, m)
+    };
+
+    // Well-formed: accepted at submit and run by the agent.
+    let (s, m) = zulip_job("new-platform");
+    let job = SignedJob::sign(&s, fleet::GATEWAY_SIGNER, &fleet.gateway_key);
+    JobsClient::new(fleet.gateway().await)
+        .submit(to_pb(job))
+        .await
+        .expect("a job from a new platform is accepted");
+    let done = fleet.wait_job(s.id.as_str()).await;
+    assert_eq!(target(&done, "dev-1").state, "ok", "{done:?}");
+    assert!(m.exists(), "the new platform's job ran");
+
+    // Malformed identities, signed by the same trusted key over exactly
+    // these bytes: refused by the controller and, on its own, by the agent.
+    for (i, bad) in [
+        "Zulip:chat.example.com:42",
+        "zulip:",
+        "zulip:chat.example.com:",
+        "zu lip:42",
+        "zulip:chat.example.com:4\u{202e}2",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (s, m) = zulip_job(&format!("malformed-{i}"));
+        let text = String::from_utf8(s.to_bytes()).expect("a spec is JSON");
+        let forged = text.replace(
+            "\"zulip:chat.example.com:42\"",
+            &serde_json::to_string(bad).expect("json string"),
+        );
+        assert_ne!(forged, text, "the requester is in the spec");
+        let bytes = forged.into_bytes();
+        let job = SignedJob {
+            signature: fleet.gateway_key.sign(&bytes),
+            spec: bytes,
+            key_id: fleet::GATEWAY_SIGNER.into(),
+        };
+        let res = JobsClient::new(fleet.gateway().await)
+            .submit(to_pb(job.clone()))
+            .await;
+        assert_status(
+            res,
+            Code::PermissionDenied,
+            "malformed job spec: invalid identity",
+        );
+        let got = inject(&fleet, job, s.id.as_str(), &["dev-1"]).await;
+        assert_refused(&got, "dev-1", "malformed");
+        assert_absent(&m);
+    }
     fleet.fleet.shutdown().await.expect("shutdown");
 }

@@ -4,6 +4,7 @@
 //! refuses a db-only command even when a compromised controller hands it
 //! one signed for it directly.
 
+use fleetcmd_proto::v1::JobState;
 use std::time::Duration;
 
 use fleetcmd_proto::v1 as pb;
@@ -69,6 +70,7 @@ async fn a_host_that_labels_itself_role_db_gets_no_db_jobs_and_runs_no_db_comman
     let db: Vec<String> = fleet
         .controller
         .shared()
+        .registry
         .list_agents("role=db")
         .expect("list")
         .into_iter()
@@ -90,7 +92,7 @@ async fn a_host_that_labels_itself_role_db_gets_no_db_jobs_and_runs_no_db_comman
         .expect("submit");
     let targets: Vec<&str> = job.targets.iter().map(|t| t.agent_id.as_str()).collect();
     assert_eq!(targets, ["dev-2"], "{job:?}");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
 
     // A compromised controller hands dev-1 the db-only command, signed by
     // an operator for dev-1 by name, and a job whose selector is role=db:

@@ -1,6 +1,7 @@
 //! Live output: chunks stream to watchers while the command
 //! runs, and a watcher that stops reading stalls nobody.
 
+use fleetcmd_proto::v1::JobState;
 use std::time::{Duration, Instant};
 
 use fleetcmd_proto::v1 as pb;
@@ -57,12 +58,14 @@ async fn output_arrives_while_the_command_runs() {
                     String::from_utf8_lossy(&c.data).into_owned(),
                 ));
             }
-            Some(Event::Job(j)) if j.state != "running" => ended = Some((j, started.elapsed())),
+            Some(Event::Job(j)) if j.job_state() != JobState::Running => {
+                ended = Some((j, started.elapsed()))
+            }
             _ => {}
         }
     }
     let (job, at_end) = ended.expect("the stream ends with the finished job");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     let first = first_tick.expect("chunks arrived");
     assert!(
         first + Duration::from_millis(400) < at_end,
@@ -111,7 +114,7 @@ async fn a_watcher_that_stops_reading_stalls_no_one() {
         while let Some(ev) = reader.message().await.expect("event") {
             match ev.event {
                 Some(Event::Missed(n)) => missed += n,
-                Some(Event::Job(j)) if j.state != "running" => return (j, missed),
+                Some(Event::Job(j)) if j.job_state() != JobState::Running => return (j, missed),
                 _ => {}
             }
         }
@@ -119,7 +122,12 @@ async fn a_watcher_that_stops_reading_stalls_no_one() {
     })
     .await
     .expect("the reading watcher is not held up by the stuck one");
-    assert_eq!(done.0.state, "succeeded", "{:?}", done.0.state);
+    assert_eq!(
+        done.0.job_state(),
+        JobState::Succeeded,
+        "{:?}",
+        done.0.state
+    );
     eprintln!(
         "flood job seen finished by the reading watcher; missed {} events",
         done.1
@@ -129,7 +137,7 @@ async fn a_watcher_that_stops_reading_stalls_no_one() {
         .run("echo", &[("text", "after")], "all")
         .await
         .expect("job");
-    assert_eq!(next.state, "succeeded");
+    assert_eq!(next.job_state(), JobState::Succeeded);
     drop(stuck);
     fleet.fleet.shutdown().await.expect("shutdown");
 }

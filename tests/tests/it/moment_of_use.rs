@@ -6,6 +6,7 @@
 //! the audit trail. Also: the longest validity a job may be signed with
 //! (`max_job_lifetime`), and the canonical argument values reaching argv.
 
+use fleetcmd_proto::v1::TargetState;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -53,7 +54,7 @@ async fn wait_agent_policy(fleet: &TestFleet, version: u64) {
     assert_eventually(Duration::from_secs(15), || {
         let shared = shared.clone();
         async move {
-            let list = shared.list_agents("").ok()?;
+            let list = shared.registry.list_agents("").ok()?;
             list.iter()
                 .find(|a| a.agent_id == AGENT && a.online && a.policy_version == version)
                 .map(|_| ())
@@ -82,7 +83,7 @@ async fn hold_the_slot(fleet: &TestFleet) -> String {
         let id = wait.clone();
         async move {
             let j = shared.get_job(&id).ok()?;
-            (target(&j, AGENT).state == "running").then_some(())
+            (target(&j, AGENT).target_state() == TargetState::Running).then_some(())
         }
     })
     .await;
@@ -222,7 +223,7 @@ async fn a_queued_job_on_a_revoked_agent_never_starts() {
     // The controller records and audits the refusal it can no longer receive.
     let got = fleet.wait_job(&id).await;
     let t = target(&got, AGENT);
-    assert_eq!(t.state, "refused", "{t:?}");
+    assert_eq!(t.target_state(), TargetState::Refused, "{t:?}");
     assert_audited(&fleet, &id, "job_refused", "agent_revoked").await;
     // The slot frees only when the long job ends; the queued job is over
     // already and never starts.
@@ -277,7 +278,11 @@ async fn a_job_signed_for_ten_years_is_refused_by_controller_and_agents() {
         s.expires_at = s.not_before + 24 * 3600
     });
     let done = fleet.submit_and_wait(ok).await.expect("a day is allowed");
-    assert_eq!(target(&done, AGENT).state, "ok", "{done:?}");
+    assert_eq!(
+        target(&done, AGENT).target_state(),
+        TargetState::Ok,
+        "{done:?}"
+    );
     assert!(ok_path.exists());
     fleet.fleet.shutdown().await.expect("shutdown");
 }
@@ -291,7 +296,11 @@ async fn the_validated_value_is_the_value_passed() {
             .run("echo_int", &[("n", given)], "all")
             .await
             .expect("submitted");
-        assert_eq!(target(&job, AGENT).state, "ok", "{job:?}");
+        assert_eq!(
+            target(&job, AGENT).target_state(),
+            TargetState::Ok,
+            "{job:?}"
+        );
         assert_eq!(stdout(target(&job, AGENT)), passed, "{given}");
     }
     // Non-ASCII digits and bidi controls: refused by the controller and, when

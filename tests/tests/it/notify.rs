@@ -7,11 +7,11 @@
 use std::sync::{Arc, Mutex};
 
 use fleetcmd_cli::notify_cmd::{NotifyArgs, run};
-use fleetcmd_gateway::adapters::webhook::SecretString;
 use fleetcmd_gateway::adapters::{
     AdapterError, AuthFailures, BoxFuture, ChatSender, MessageRef, Reply,
 };
 use fleetcmd_gateway::notify::{NotifyConfig, routes};
+use fleetcmd_gateway::secret::SecretString;
 
 #[derive(Default)]
 struct Posted(Mutex<Vec<(String, Reply)>>);

@@ -5,6 +5,7 @@
 //! cannot take over an enrolled agent with a named join token, and an
 //! older certificate of a re-enrolled agent is refused.
 
+use fleetcmd_proto::v1::{JobState, TargetState};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -143,7 +144,10 @@ async fn alice_sleeps(fleet: &TestFleet, alice: &Operator, selector: &str) -> St
         let id = id.clone();
         async move {
             let j = shared.get_job(&id).ok()?;
-            j.targets.iter().any(|t| t.state == "running").then_some(())
+            j.targets
+                .iter()
+                .any(|t| t.target_state() == TargetState::Running)
+                .then_some(())
         }
     })
     .await;
@@ -293,8 +297,8 @@ async fn an_operator_reads_cancels_and_enrolls_only_what_its_roles_allow() {
             .shared()
             .get_job(&db_job)
             .expect("job")
-            .state,
-        "running",
+            .job_state(),
+        JobState::Running,
         "a refused cancel stopped nothing"
     );
 
@@ -453,6 +457,7 @@ fn labels_of(fleet: &TestFleet, agent: &str) -> String {
     let a = fleet
         .controller
         .shared()
+        .registry
         .list_agents(&format!("name={agent}"))
         .expect("list")
         .pop()

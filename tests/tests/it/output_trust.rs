@@ -4,6 +4,7 @@
 //! of it; and the `fleetcmd` binary escapes what the fleet sends before it
 //! reaches a terminal (`--raw` passes bytes through, to pipes only).
 
+use fleetcmd_proto::v1::{JobState, TargetState};
 use std::time::Duration;
 
 use fleetcmd_core::grammar::Limit;
@@ -66,7 +67,8 @@ async fn an_agent_that_is_not_a_target_cannot_write_into_a_jobs_output() {
     rogue.acked(&marker).await;
     let now = fleet.controller.shared().get_job(&id).expect("job");
     assert_eq!(
-        now.state, "running",
+        now.job_state(),
+        JobState::Running,
         "the forgeries must arrive while the job runs, or the test shows nothing"
     );
 
@@ -75,7 +77,7 @@ async fn an_agent_that_is_not_a_target_cannot_write_into_a_jobs_output() {
         while let Some(ev) = watch.message().await.expect("watch stream") {
             match ev.event {
                 Some(Event::Chunk(c)) => chunks.push(c),
-                Some(Event::Job(j)) if j.state != "running" => return j,
+                Some(Event::Job(j)) if j.job_state() != JobState::Running => return j,
                 _ => {}
             }
         }
@@ -89,7 +91,7 @@ async fn an_agent_that_is_not_a_target_cannot_write_into_a_jobs_output() {
     );
     let targets: Vec<&str> = end.targets.iter().map(|t| t.agent_id.as_str()).collect();
     assert_eq!(targets, ["dev-2"], "{end:?}");
-    assert_eq!(end.state, "succeeded", "{end:?}");
+    assert_eq!(end.job_state(), JobState::Succeeded, "{end:?}");
     assert!(!stdout(target(&end, "dev-2")).contains("forged"), "{end:?}");
     assert!(fleet.controller.shared().get_job(&marker).is_err());
     fleet.fleet.shutdown().await.expect("shutdown");
@@ -113,8 +115,10 @@ async fn a_result_for_a_target_not_yet_dispatched_is_not_recorded() {
         let job = shared.get_job(&id).ok();
         async move {
             let job = job?;
-            let (pending, started): (Vec<&pb::Target>, Vec<&pb::Target>) =
-                job.targets.iter().partition(|t| t.state == "pending");
+            let (pending, started): (Vec<&pb::Target>, Vec<&pb::Target>) = job
+                .targets
+                .iter()
+                .partition(|t| t.target_state() == TargetState::Pending);
             (started.len() == 1 && pending.len() == 1)
                 .then(|| (started[0].agent_id.clone(), pending[0].agent_id.clone()))
         }
@@ -126,9 +130,13 @@ async fn a_result_for_a_target_not_yet_dispatched_is_not_recorded() {
     rogue.send(forged_result(&id, &waiting)).await;
     rogue.acked(&id).await;
     let now = fleet.controller.shared().get_job(&id).expect("job");
-    assert_eq!(now.state, "running", "{now:?}");
+    assert_eq!(now.job_state(), JobState::Running, "{now:?}");
     let t = target(&now, &waiting);
-    assert_eq!(t.state, "pending", "a forged result was recorded: {t:?}");
+    assert_eq!(
+        t.target_state(),
+        TargetState::Pending,
+        "a forged result was recorded: {t:?}"
+    );
     assert!(t.result.is_none(), "{t:?}");
 
     // When its turn comes the target ends on what its real agent does (or
@@ -140,7 +148,11 @@ async fn a_result_for_a_target_not_yet_dispatched_is_not_recorded() {
         !stdout(target(&end, &waiting)).contains("forged"),
         "{end:?}"
     );
-    assert_eq!(target(&end, &first).state, "ok", "{end:?}");
+    assert_eq!(
+        target(&end, &first).target_state(),
+        TargetState::Ok,
+        "{end:?}"
+    );
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 

@@ -44,7 +44,7 @@ async fn fleet_with_logs() -> (TestFleet, PathBuf, PathBuf) {
     assert_eventually(Duration::from_secs(15), || {
         let shared = shared.clone();
         async move {
-            let list = shared.list_agents("").ok()?;
+            let list = shared.registry.list_agents("").ok()?;
             list.iter()
                 .find(|a| a.agent_id == AGENT && a.policy_version == version)
                 .map(|_| ())

@@ -3,6 +3,7 @@
 //! by the controller, and by every agent on its own (a compromised controller
 //! cannot widen the allow-list or roll it back).
 
+use fleetcmd_proto::v1::JobState;
 use std::time::Duration;
 
 use fleetcmd_core::policy_bundle::sign_bundle;
@@ -80,7 +81,7 @@ fn bad_bundles(fleet: &TestFleet) -> Vec<(&'static str, pb::SignedPolicy, Code)>
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn controller_refuses_rollback_and_forged_policies() {
     let fleet = security_fleet(1).await;
-    let before = fleet.controller.shared().current_policy().expect("policy");
+    let before = fleet.controller.shared().policy.current().expect("policy");
     let mut policy = PolicyClient::new(fleet.operator().await);
     for (label, bundle, code) in bad_bundles(&fleet) {
         let needle = if code == Code::FailedPrecondition {
@@ -89,7 +90,7 @@ async fn controller_refuses_rollback_and_forged_policies() {
             "policy bundle"
         };
         let status = assert_status(policy.push(bundle).await, code, needle);
-        let cur = fleet.controller.shared().current_policy().expect("policy");
+        let cur = fleet.controller.shared().policy.current().expect("policy");
         assert_eq!(
             cur.policy.version, fleet.policy_version,
             "{label}: {status:?}"
@@ -147,7 +148,7 @@ async fn agents_refuse_rollback_and_forged_policies_from_the_controller() {
         .run("mark", &[("path", ok.to_str().expect("utf-8"))], "all")
         .await
         .expect("submitted");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     assert!(ok.exists());
     // And the agents report the old version in their next heartbeats.
     let since = std::time::SystemTime::now()
@@ -158,7 +159,7 @@ async fn agents_refuse_rollback_and_forged_policies_from_the_controller() {
     let list = assert_eventually(Duration::from_secs(10), || {
         let shared = shared.clone();
         async move {
-            let list = shared.list_agents("").ok()?;
+            let list = shared.registry.list_agents("").ok()?;
             list.iter().all(|a| a.last_seen_ms >= since).then_some(list)
         }
     })

@@ -3,6 +3,7 @@
 //! free loopback port that scrapes them every second, and asks Prometheus'
 //! HTTP API for the fleet series, then asks again through chat (`query`).
 
+use fleetcmd_proto::v1::JobState;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -218,7 +219,7 @@ async fn a_real_prometheus_scrapes_fleet_metrics_and_chat_queries_it() {
         .run("echo", &[("text", "hi")], "all")
         .await
         .expect("job");
-    assert_eq!(job.state, "succeeded");
+    assert_eq!(job.job_state(), JobState::Succeeded);
     let controller = fleet.controller.metrics_addr().expect("controller metrics");
     let agents: Vec<SocketAddr> = fleet
         .agents
@@ -263,8 +264,10 @@ async fn a_real_prometheus_scrapes_fleet_metrics_and_chat_queries_it() {
 
     // The same through chat: `query` answers with a table of the series.
     let ctl = GrpcController::from_channel(fleet.gateway().await);
-    let router = Router::new(fleet.gateway_options().router_config(), ctl)
-        .with_prometheus(client(&server.url));
+    let router = Router::new(fleet.gateway_options().router_config(), ctl);
+    router
+        .register_commands(std::sync::Arc::new(client(&server.url)))
+        .unwrap_or_else(|e| panic!("{e}"));
     let reply = ask(
         &router,
         "console:alice",

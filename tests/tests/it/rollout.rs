@@ -1,6 +1,7 @@
 //! Jobs at fleet scale: batches, error budgets, canaries,
 //! offline targets and cancel, end to end with real agents.
 
+use fleetcmd_proto::v1::{JobState, TargetState};
 use std::time::Duration;
 
 use fleetcmd_core::grammar::Limit;
@@ -70,8 +71,8 @@ fn peak_concurrency(text: &str, runs: usize) -> i32 {
     peak
 }
 
-fn states(job: &pb::Job) -> Vec<String> {
-    let mut v: Vec<String> = job.targets.iter().map(|t| t.state.clone()).collect();
+fn states(job: &pb::Job) -> Vec<TargetState> {
+    let mut v: Vec<TargetState> = job.targets.iter().map(|t| t.target_state()).collect();
     v.sort();
     v
 }
@@ -90,7 +91,7 @@ async fn a_batch_never_exceeds_its_size_on_the_agents() {
         },
     );
     let done = fleet.submit_and_wait(job).await.expect("job");
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.job_state(), JobState::Succeeded, "{done:?}");
     // Replay the agents' own start/end stamps to find the peak concurrency.
     let text = std::fs::read_to_string(&log).expect("stamps");
     let peak = peak_concurrency(&text, 4);
@@ -115,8 +116,16 @@ async fn max_errors_zero_with_batch_one_runs_exactly_one_failing_target() {
         },
     );
     let done = fleet.submit_and_wait(job).await.expect("job");
-    assert_eq!(done.state, "aborted", "{done:?}");
-    assert_eq!(states(&done), ["failed", "skipped", "skipped"], "{done:?}");
+    assert_eq!(done.job_state(), JobState::Aborted, "{done:?}");
+    assert_eq!(
+        states(&done),
+        [
+            TargetState::Failed,
+            TargetState::Skipped,
+            TargetState::Skipped
+        ],
+        "{done:?}"
+    );
     assert!(
         done.reason.contains("more than the 0 allowed"),
         "{}",
@@ -138,8 +147,16 @@ async fn a_failing_canary_stops_the_rollout() {
         },
     );
     let done = fleet.submit_and_wait(job).await.expect("job");
-    assert_eq!(done.state, "aborted", "{done:?}");
-    assert_eq!(states(&done), ["failed", "skipped", "skipped"], "{done:?}");
+    assert_eq!(done.job_state(), JobState::Aborted, "{done:?}");
+    assert_eq!(
+        states(&done),
+        [
+            TargetState::Failed,
+            TargetState::Skipped,
+            TargetState::Skipped
+        ],
+        "{done:?}"
+    );
     assert!(done.reason.contains("canary"), "{}", done.reason);
     // A succeeding canary lets the rest through.
     let job = with_rollout(
@@ -152,7 +169,7 @@ async fn a_failing_canary_stops_the_rollout() {
         },
     );
     let done = fleet.submit_and_wait(job).await.expect("job");
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.job_state(), JobState::Succeeded, "{done:?}");
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
@@ -171,9 +188,13 @@ async fn a_target_offline_when_its_turn_comes_is_offline_not_skipped() {
         },
     );
     let done = fleet.submit_and_wait(job).await.expect("job");
-    assert_eq!(target(&done, "dev-3").state, "offline", "{done:?}");
-    assert_eq!(target(&done, "dev-1").state, "ok");
-    assert_eq!(done.state, "failed");
+    assert_eq!(
+        target(&done, "dev-3").target_state(),
+        TargetState::Offline,
+        "{done:?}"
+    );
+    assert_eq!(target(&done, "dev-1").target_state(), TargetState::Ok);
+    assert_eq!(done.job_state(), JobState::Failed);
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
@@ -218,12 +239,8 @@ async fn cancel_kills_running_targets_and_their_children_and_drops_queued_ones()
     .await
     .expect("cancel");
     let done = fleet.wait_job(&id).await;
-    assert_eq!(done.state, "canceled", "{done:?}");
-    assert_eq!(
-        states(&done),
-        ["canceled", "canceled", "canceled"],
-        "{done:?}"
-    );
+    assert_eq!(done.job_state(), JobState::Canceled, "{done:?}");
+    assert_eq!(states(&done), [TargetState::Canceled; 3], "{done:?}");
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "cancel took {:?}",
@@ -275,7 +292,7 @@ async fn an_agent_runs_at_most_its_job_limit_at_once_and_queues_the_rest() {
         );
     }
     for id in &ids {
-        assert_eq!(fleet.wait_job(id).await.state, "succeeded");
+        assert_eq!(fleet.wait_job(id).await.job_state(), JobState::Succeeded);
     }
     let text = std::fs::read_to_string(&log).expect("stamps");
     let peak = peak_concurrency(&text, 3);

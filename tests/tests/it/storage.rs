@@ -2,6 +2,7 @@
 //! writes fail closed on a full disk and recover, a corrupt database stops
 //! the controller with a clear message.
 
+use fleetcmd_proto::v1::JobState;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -211,7 +212,7 @@ async fn full_disk_fails_closed_and_recovers_when_space_returns() {
                 .run("mark", &[("path", probe.to_str().expect("utf-8"))], "all")
                 .await
                 .ok()?;
-            (j.state == "succeeded").then_some(j)
+            (j.job_state() == JobState::Succeeded).then_some(j)
         }
     })
     .await;
@@ -238,7 +239,7 @@ async fn a_corrupt_database_stops_the_controller_with_a_restore_hint() {
         .run("echo", &[("text", "x")], "all")
         .await
         .expect("job");
-    assert_eq!(job.state, "succeeded");
+    assert_eq!(job.job_state(), JobState::Succeeded);
     let data = fleet.dir.join("controller");
     let config = fleetcmd_controller::ControllerConfig {
         audit_export: Vec::new(),
@@ -337,8 +338,11 @@ async fn retention_deletes_old_and_oversize_finished_jobs_only() {
     shared.enforce_retention().await.expect("retention");
     assert!(shared.get_job(&ids[2]).is_err(), "older than the retention");
     assert_eq!(
-        shared.get_job(&running).expect("running job kept").state,
-        "running"
+        shared
+            .get_job(&running)
+            .expect("running job kept")
+            .job_state(),
+        JobState::Running
     );
     c.cancel(fleetcmd_proto::v1::CancelJobRequest {
         job_id: running,

@@ -2,6 +2,7 @@
 //! effects are easy to observe (a marker file, an appended line, a pid file),
 //! and shortcuts for the "compromised controller" injections.
 
+use fleetcmd_proto::v1::TargetState;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -123,7 +124,8 @@ pub fn result_of(job: &pb::Job, agent: &str) -> pb::JobResult {
 pub fn assert_refused(job: &pb::Job, agent: &str, code: &str) {
     let t = target(job, agent);
     assert_eq!(
-        t.state, "refused",
+        t.target_state(),
+        TargetState::Refused,
         "{agent} should have refused with {code}: {t:?}"
     );
     let r = result_of(job, agent);
@@ -170,7 +172,7 @@ pub async fn wait_offline(fleet: &TestFleet, name: &str) {
     assert_eventually(Duration::from_secs(10), || {
         let shared = shared.clone();
         async move {
-            let list = shared.list_agents("").ok()?;
+            let list = shared.registry.list_agents("").ok()?;
             list.iter()
                 .find(|a| a.agent_id == name)
                 .filter(|a| !a.online)
@@ -185,6 +187,7 @@ pub fn agent_info(fleet: &TestFleet, name: &str) -> pb::Agent {
     let list = fleet
         .controller
         .shared()
+        .registry
         .list_agents("")
         .expect("list agents");
     list.into_iter()

@@ -5,6 +5,7 @@
 //! Ed25519 key (as earlier versions made it) runs jobs and moves to a new
 //! P-256 key at its next certificate renewal.
 
+use fleetcmd_proto::v1::{JobState, TargetState};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -104,6 +105,7 @@ fn online(fleet: &TestFleet, name: &str) -> bool {
     fleet
         .controller
         .shared()
+        .registry
         .list_agents("")
         .expect("agents")
         .iter()
@@ -150,7 +152,7 @@ async fn an_ed25519_fleet_keeps_its_ca_and_its_agents_renew_into_p256_keys() {
         .run("echo", &[("text", "ed25519 agent")], "all")
         .await
         .expect("job");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     assert_eq!(job.targets.len(), 2, "{job:?}");
 
     // The renewal moves old-1 to a new P-256 key, written with its
@@ -209,11 +211,11 @@ async fn an_ed25519_fleet_keeps_its_ca_and_its_agents_renew_into_p256_keys() {
         .run("echo", &[("text", "p-256 agent")], "all")
         .await
         .expect("job");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     assert!(
         job.targets
             .iter()
-            .any(|t| t.agent_id == "old-1" && t.state == "ok"),
+            .any(|t| t.agent_id == "old-1" && t.target_state() == TargetState::Ok),
         "{job:?}"
     );
 

@@ -9,6 +9,7 @@
 //!
 //! Every attack is bounded in count and time and only talks to 127.0.0.1.
 
+use fleetcmd_proto::v1::JobState;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -96,7 +97,7 @@ fn watchdog(fleet: &TestFleet) -> Watchdog {
                 ..Observed::default()
             };
             while !stop.load(Ordering::Relaxed) {
-                let agents = shared.list_agents("").expect("listing agents");
+                let agents = shared.registry.list_agents("").expect("listing agents");
                 assert_eq!(agents.len(), expected, "{agents:?}");
                 let now = now_ms();
                 for a in &agents {
@@ -155,7 +156,7 @@ impl Watchdog {
             job_ms,
             job.state,
         );
-        assert_eq!(job.state, "succeeded", "{attack}: {job:?}");
+        assert_eq!(job.job_state(), JobState::Succeeded, "{attack}: {job:?}");
         assert!(
             seen.offline.is_empty(),
             "{attack}: agents went offline: {:?}",
@@ -758,7 +759,7 @@ async fn stalled_handshakes_are_dropped() {
         .run("echo", &[("text", "during")], "all")
         .await
         .expect("job during stalled handshakes");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     let during_ms = t.elapsed().as_millis();
 
     let mut closed_after = Vec::new();
@@ -1034,7 +1035,7 @@ async fn idle_connections_are_cheap() {
         .run("echo", &[("text", "busy")], "all")
         .await
         .expect("job while 1 000 connections are held");
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
     let job_ms = t.elapsed().as_millis();
     let hold_until = Instant::now() + HOLD;
     while Instant::now() < hold_until {

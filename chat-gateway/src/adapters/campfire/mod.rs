@@ -44,10 +44,12 @@ use serde::{Deserialize, Deserializer};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::render::{MAX_MESSAGE_BYTES, escape_html, inert, render};
-use super::webhook::{SecretString, http_client, read_limited};
 use super::{
     AdapterError, AuthFailures, BoxFuture, ChatAdapter, ChatSender, Incoming, MessageRef, Reply,
 };
+use crate::body::read_request as read_limited;
+use crate::http_client::http_client;
+use crate::secret::SecretString;
 use crate::store::{Refusal, ReplayGuard, ReplaySlot};
 use crate::unix_now;
 
@@ -416,34 +418,9 @@ impl CampfireAdapter {
         })
     }
 
-    /// `POST /campfire/{path_token}`, to be mounted on the gateway's HTTP
-    /// listener. Give Campfire `<gateway URL>/campfire/<path_token>` as the
-    /// bot's webhook URL.
-    pub fn routes(&self) -> axum::Router {
-        axum::Router::new()
-            .route(
-                &format!("{ROUTE_PREFIX}/{{token}}"),
-                axum::routing::post(webhook),
-            )
-            .with_state(self.shared.clone())
-    }
-
     /// A handle that ends `recv` for a graceful shutdown.
     pub fn closer(&self) -> Closer {
         Closer(self.shared.clone())
-    }
-
-    /// Reports webhooks refused for a wrong path token or a room path
-    /// without this bot's key to `to` (the gateway records them as
-    /// `auth_failed`). Set once; later calls are ignored.
-    pub fn report_auth_failures(&self, to: AuthFailures) {
-        let _ = self.shared.auth_failures.set(to);
-    }
-
-    /// Keeps routed message ids in `guard` (the gateway's, persisted in
-    /// its state directory) from now on.
-    pub fn use_replay_guard(&self, guard: ReplayGuard) {
-        self.shared.replay.set(guard);
     }
 
     /// The channel string of a Campfire room.
@@ -850,6 +827,52 @@ impl ChatSender for CampfireSender {
 
     fn can_edit(&self) -> bool {
         false
+    }
+}
+
+impl crate::adapters::HttpInbound for CampfireAdapter {
+    /// `POST /campfire/{path_token}`, to be mounted on the gateway's HTTP
+    /// listener. Give Campfire `<gateway URL>/campfire/<path_token>` as the
+    /// bot's webhook URL.
+    fn routes(&self) -> axum::Router {
+        axum::Router::new()
+            .route(
+                &format!("{ROUTE_PREFIX}/{{token}}"),
+                axum::routing::post(webhook),
+            )
+            .with_state(self.shared.clone())
+    }
+
+    /// Reports webhooks refused for a wrong path token or a room path
+    /// without this bot's key to `to` (the gateway records them as
+    /// `auth_failed`). Set once; later calls are ignored.
+    fn report_auth_failures(&self, to: AuthFailures) {
+        let _ = self.shared.auth_failures.set(to);
+    }
+
+    /// Keeps routed message ids in `guard` (the gateway's, persisted in
+    /// its state directory) from now on.
+    fn use_replay_guard(&self, guard: ReplayGuard) {
+        self.shared.replay.set(guard);
+    }
+}
+
+impl crate::registry::Component for CampfireConfig {
+    const NAME: &'static str = "campfire";
+    const CHAT: bool = true;
+
+    fn resolve_paths(&mut self, base: &Path) {
+        CampfireConfig::resolve_paths(self, base);
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        CampfireConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let a = CampfireAdapter::new(&self).map_err(|e| e.to_string())?;
+        cx.serve_http(Self::NAME, a);
+        Ok(())
     }
 }
 

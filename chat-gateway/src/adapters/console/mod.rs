@@ -162,3 +162,39 @@ pub fn render(id: &str, edited: bool, reply: &Reply) -> String {
     }
     s
 }
+
+/// `[console]`: the stdin/stdout adapter.
+#[derive(serde::Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Default false.
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+impl crate::registry::Component for ConsoleConfig {
+    const NAME: &'static str = "console";
+    const CHAT: bool = true;
+
+    fn validate(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let user = std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| "unknown".to_string());
+        let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+        let console =
+            ConsoleAdapter::new(stdin, tokio::io::stdout(), &user).map_err(|e| e.to_string())?;
+        cx.serve(Self::NAME, console);
+        Ok(())
+    }
+}

@@ -155,18 +155,16 @@ fn same_nick(a: &str, b: &str) -> bool {
     irc_lower(a) == irc_lower(b)
 }
 
-fn jitter_factor() -> f64 {
-    let mut b = [0u8; 4];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    0.8 + 0.4 * (u32::from_le_bytes(b) as f64 / u32::MAX as f64)
-}
-
 /// gRPC connection-backoff shape (as the agents use): min × 1.6ⁿ, capped
 /// at max, ±20 % jitter, so a restarted server is not hit by every client
 /// at once.
 pub(super) fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
-    let raw = min.as_secs_f64() * 1.6f64.powi(attempt.min(30) as i32);
-    Duration::from_secs_f64(raw.min(max.as_secs_f64()) * jitter_factor())
+    crate::backoff::Backoff {
+        first: min,
+        max,
+        ..crate::backoff::Backoff::RECONNECT
+    }
+    .delay(attempt)
 }
 
 /// Token bucket: `burst` lines at once, then one per `interval`.

@@ -710,6 +710,29 @@ impl ChatSender for IrcSender {
     }
 }
 
+impl crate::registry::Component for IrcConfig {
+    const NAME: &'static str = "irc";
+    const CHAT: bool = true;
+
+    fn resolve_paths(&mut self, base: &Path) {
+        IrcConfig::resolve_paths(self, base);
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        IrcConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let a = IrcAdapter::connect(&self)
+            .await
+            .map_err(|e| e.to_string())?;
+        let stop = a.stop_handle();
+        cx.on_stop(move || stop.stop());
+        cx.serve(Self::NAME, a);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

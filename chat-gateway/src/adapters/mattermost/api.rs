@@ -101,13 +101,14 @@ pub fn rate_limit_wait(resp: &Response, now_unix: u64) -> Duration {
 impl Api {
     /// A client for the server at `base` (e.g. `https://chat.example.com`).
     pub fn new(base: &str, token: Secret<String>) -> Result<Api, AdapterError> {
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls((*tls_config()?).clone())
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("fleetcmd-gateway/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| platform("mattermost http client", e.to_string()))?;
+        let http = crate::http_client::client(
+            "mattermost http client",
+            crate::http_client::ClientOptions {
+                timeout: REQUEST_TIMEOUT,
+                connect_timeout: Some(Duration::from_secs(10)),
+                follow_redirects: true,
+            },
+        )?;
         Ok(Api {
             http,
             base: base.trim_end_matches('/').to_string(),

@@ -154,25 +154,6 @@ impl MattermostAdapter {
         })
     }
 
-    /// The HTTP routes Mattermost calls: [`COMMAND_PATH`] (slash commands)
-    /// and [`ACTIONS_PATH`] (button clicks). Mount them on the gateway's
-    /// listener; `callback_url` must reach [`ACTIONS_PATH`].
-    pub fn routes(&self) -> axum::Router {
-        http::routes(self.http.clone())
-    }
-
-    /// Reports refused slash commands and forged button clicks to `to` (the
-    /// gateway records them as `auth_failed`). Set once.
-    pub fn report_auth_failures(&self, to: crate::adapters::AuthFailures) {
-        let _ = self.http.auth_failures.set(to);
-    }
-
-    /// Keeps routed trigger ids in `guard` (the gateway's, persisted in its
-    /// state directory) from now on.
-    pub fn use_replay_guard(&self, guard: crate::store::ReplayGuard) {
-        self.http.replay.set(guard);
-    }
-
     /// The bot's Mattermost user id.
     pub fn bot_user_id(&self) -> &str {
         &self.bot_user_id
@@ -334,5 +315,58 @@ impl ChatSender for MattermostSender {
             self.set_buttons(&msg.id, !reply.actions.is_empty());
             Ok(())
         })
+    }
+}
+
+impl crate::adapters::HttpInbound for MattermostAdapter {
+    /// The HTTP routes Mattermost calls: [`COMMAND_PATH`] (slash commands)
+    /// and [`ACTIONS_PATH`] (button clicks). Mount them on the gateway's
+    /// listener; `callback_url` must reach [`ACTIONS_PATH`].
+    fn routes(&self) -> axum::Router {
+        http::routes(self.http.clone())
+    }
+
+    /// Reports refused slash commands and forged button clicks to `to` (the
+    /// gateway records them as `auth_failed`). Set once.
+    fn report_auth_failures(&self, to: crate::adapters::AuthFailures) {
+        let _ = self.http.auth_failures.set(to);
+    }
+
+    /// Keeps routed trigger ids in `guard` (the gateway's, persisted in its
+    /// state directory) from now on.
+    fn use_replay_guard(&self, guard: crate::store::ReplayGuard) {
+        self.http.replay.set(guard);
+    }
+}
+
+impl crate::registry::Component for MattermostConfig {
+    const NAME: &'static str = "mattermost";
+    const CHAT: bool = true;
+
+    fn resolve_paths(&mut self, base: &std::path::Path) {
+        for f in [
+            &mut self.token_file,
+            &mut self.slash_tokens_file,
+            &mut self.action_secret_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if f.is_relative() {
+                *f = base.join(&*f);
+            }
+        }
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        super::prefixed(Self::NAME, MattermostConfig::validate(self))
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let a = MattermostAdapter::connect(&self)
+            .await
+            .map_err(|e| e.to_string())?;
+        cx.serve_http(Self::NAME, a);
+        Ok(())
     }
 }

@@ -72,21 +72,15 @@ impl Resume {
     }
 }
 
-/// A random fraction in [0, 1) for jitter.
-fn random_unit() -> f64 {
-    let mut b = [0u8; 4];
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
-        return 0.5;
-    }
-    f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
-}
-
 /// The delay before reconnect attempt `n` (0-based), with `unit` in [0, 1)
 /// choosing the jitter.
 pub fn backoff(n: u32, unit: f64) -> Duration {
-    let base = BACKOFF_BASE.as_secs_f64() * 1.6f64.powi(n.min(20) as i32);
-    let capped = base.min(BACKOFF_MAX.as_secs_f64());
-    Duration::from_secs_f64(capped * (0.8 + 0.4 * unit))
+    crate::backoff::Backoff {
+        first: BACKOFF_BASE,
+        max: BACKOFF_MAX,
+        ..crate::backoff::Backoff::RECONNECT
+    }
+    .delay_with(n, unit)
 }
 
 /// Runs until the receiving half is gone.
@@ -101,7 +95,7 @@ pub(crate) async fn run(ctx: WsCtx, tx: mpsc::Sender<Incoming>) {
         if tx.is_closed() {
             return;
         }
-        let wait = backoff(failures, random_unit());
+        let wait = backoff(failures, crate::backoff::random_unit());
         failures = failures.saturating_add(1);
         sleep(wait).await;
     }

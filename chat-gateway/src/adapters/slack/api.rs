@@ -84,13 +84,14 @@ impl Api {
         bot_token: Secret<String>,
         app_token: Option<Secret<String>>,
     ) -> Result<Api, AdapterError> {
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_config()?)
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(30))
-            .user_agent(concat!("fleetcmd-gateway/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| platform("slack http client", e.to_string()))?;
+        let http = crate::http_client::client(
+            "slack http client",
+            crate::http_client::ClientOptions {
+                timeout: Duration::from_secs(30),
+                connect_timeout: Some(Duration::from_secs(10)),
+                follow_redirects: true,
+            },
+        )?;
         Ok(Api {
             http,
             base: base.trim_end_matches('/').to_string(),
@@ -300,16 +301,10 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Duration {
 }
 
 async fn read_limited(mut resp: reqwest::Response, what: &str) -> Result<Vec<u8>, AdapterError> {
-    let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
+    crate::body::read_response(&mut resp, MAX_RESPONSE_BYTES)
         .await
-        .map_err(|e| platform(what, format!("reading the response: {}", e.without_url())))?
-    {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(platform(what, "response too large"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+        .map_err(|e| match e {
+            crate::body::BodyError::TooLarge(_) => platform(what, "response too large"),
+            e => platform(what, e.to_string()),
+        })
 }

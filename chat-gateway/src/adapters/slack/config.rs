@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use fleetcmd_core::crypto::Secret;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::adapters::AdapterError;
 
@@ -25,41 +25,9 @@ pub enum SlackMode {
     Events,
 }
 
-/// A secret given inline in the config file. Prints `[redacted]`.
-#[derive(Clone)]
-pub struct ConfigSecret(pub Secret<String>);
-
-impl ConfigSecret {
-    pub fn new(value: impl Into<String>) -> ConfigSecret {
-        ConfigSecret(Secret::new(value.into()))
-    }
-
-    pub fn expose(&self) -> &str {
-        self.0.expose()
-    }
-}
-
-impl std::fmt::Debug for ConfigSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-// Only so configs can be compared (GatewayConfig is `Eq`); never used to
-// check a secret presented by a peer.
-impl PartialEq for ConfigSecret {
-    fn eq(&self, other: &ConfigSecret) -> bool {
-        self.expose() == other.expose()
-    }
-}
-
-impl Eq for ConfigSecret {}
-
-impl<'de> Deserialize<'de> for ConfigSecret {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ConfigSecret, D::Error> {
-        String::deserialize(d).map(ConfigSecret::new)
-    }
-}
+/// A secret given inline in the config file (the one secret type of the
+/// gateway's config).
+pub use crate::secret::SecretString as ConfigSecret;
 
 fn default_api_base() -> String {
     DEFAULT_API_BASE.to_string()

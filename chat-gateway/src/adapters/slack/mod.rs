@@ -172,26 +172,6 @@ impl SlackAdapter {
         })
     }
 
-    /// Reports requests refused for a bad or stale signature to `to` (the
-    /// gateway records them as `auth_failed`). Set once; later calls are
-    /// ignored.
-    pub fn report_auth_failures(&self, to: crate::adapters::AuthFailures) {
-        let _ = self.http.auth_failures.set(to);
-    }
-
-    /// Keeps dedupe keys and request signatures in `guard` (the gateway's,
-    /// persisted in its state directory) from now on.
-    pub fn use_replay_guard(&self, guard: crate::store::ReplayGuard) {
-        self.inbound.use_replay_guard(guard);
-    }
-
-    /// The HTTP routes (`POST /slack/events`, `/slack/commands`,
-    /// `/slack/actions`), to mount at the root of the gateway's listener.
-    /// They refuse everything (401) when no signing secret is configured.
-    pub fn routes(&self) -> axum::Router {
-        http::routes(self.http.clone())
-    }
-
     /// A handle that ends `recv`.
     pub fn shutdown_handle(&self) -> SlackShutdown {
         SlackShutdown(self.close.clone())
@@ -385,5 +365,45 @@ impl ChatSender for SlackSender {
         reply: Reply,
     ) -> BoxFuture<'a, Result<(), AdapterError>> {
         Box::pin(self.update(msg, reply))
+    }
+}
+
+impl crate::adapters::HttpInbound for SlackAdapter {
+    /// The HTTP routes (`POST /slack/events`, `/slack/commands`,
+    /// `/slack/actions`), to mount at the root of the gateway's listener.
+    /// They refuse everything (401) when no signing secret is configured.
+    fn routes(&self) -> axum::Router {
+        http::routes(self.http.clone())
+    }
+
+    /// Reports requests refused for a bad or stale signature to `to` (the
+    /// gateway records them as `auth_failed`). Set once; later calls are
+    /// ignored.
+    fn report_auth_failures(&self, to: crate::adapters::AuthFailures) {
+        let _ = self.http.auth_failures.set(to);
+    }
+
+    /// Keeps dedupe keys and request signatures in `guard` (the gateway's,
+    /// persisted in its state directory) from now on.
+    fn use_replay_guard(&self, guard: crate::store::ReplayGuard) {
+        self.inbound.use_replay_guard(guard);
+    }
+}
+
+impl crate::registry::Component for SlackConfig {
+    const NAME: &'static str = "slack";
+    const CHAT: bool = true;
+
+    fn validate(&self) -> Vec<(String, String)> {
+        super::prefixed(Self::NAME, SlackConfig::validate(self))
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let secrets = self.secrets(cx.base()).map_err(|e| e.to_string())?;
+        let a = SlackAdapter::connect_with(&self, secrets)
+            .await
+            .map_err(|e| e.to_string())?;
+        cx.serve_http(Self::NAME, a);
+        Ok(())
     }
 }

@@ -38,15 +38,12 @@ const BACKOFF_CAP: Duration = Duration::from_secs(60);
 
 /// Delay before reconnect attempt `failures` (1-based), jittered ±20 %.
 pub fn backoff(failures: u32) -> Duration {
-    let exp = 1.6f64.powi(failures.saturating_sub(1).min(30) as i32);
-    let base = (BACKOFF_BASE.as_secs_f64() * exp).min(BACKOFF_CAP.as_secs_f64());
-    let mut b = [0u8; 4];
-    let r = if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_ok() {
-        f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX)
-    } else {
-        0.5
-    };
-    Duration::from_secs_f64(base * (0.8 + 0.4 * r))
+    crate::backoff::Backoff {
+        first: BACKOFF_BASE,
+        max: BACKOFF_CAP,
+        ..crate::backoff::Backoff::RECONNECT
+    }
+    .delay(failures.saturating_sub(1))
 }
 
 fn acceptable_ws_url(url: &str) -> Result<(), String> {

@@ -38,13 +38,16 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fleetcmd_core::crypto::Secret;
 use fleetcmd_core::ids::Identity;
-use futures_util::StreamExt;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
+
+use crate::secret::SecretString;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AdapterError, AuthFailures, BoxFuture, ChatAdapter, ChatSender, Incoming, MessageRef, Reply,
 };
+use crate::body::read_request as read_limited;
+use crate::http_client::http_client;
 use crate::render::sanitize;
 use crate::store::{Refusal, ReplayGuard, ReplaySlot};
 
@@ -78,33 +81,6 @@ pub mod defaults {
     }
     pub(super) fn max_attempts() -> u32 {
         MAX_ATTEMPTS
-    }
-}
-
-/// A secret from the config file: redacted in `Debug`, comparable so the
-/// config structs can derive `PartialEq`.
-#[derive(Clone, Debug)]
-pub struct SecretString(pub Secret<String>);
-
-impl SecretString {
-    pub fn new(s: impl Into<String>) -> SecretString {
-        SecretString(Secret::new(s.into()))
-    }
-    pub fn expose(&self) -> &str {
-        self.0.expose()
-    }
-}
-
-impl PartialEq for SecretString {
-    fn eq(&self, other: &SecretString) -> bool {
-        self.expose() == other.expose()
-    }
-}
-impl Eq for SecretString {}
-
-impl<'de> Deserialize<'de> for SecretString {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
-        String::deserialize(d).map(SecretString::new)
     }
 }
 
@@ -305,60 +281,23 @@ fn load_secret(
     file: &Option<PathBuf>,
     what: &str,
 ) -> Result<Secret<String>, AdapterError> {
-    let value = match (inline, file) {
-        (Some(s), _) => s.expose().trim().to_string(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|source| AdapterError::Io {
-                what: format!("{what} secret_file {}", path.display()),
-                source,
-            })?
-            .trim()
-            .to_string(),
-        (None, None) => String::new(),
-    };
-    if value.len() < MIN_SECRET_BYTES {
-        return Err(AdapterError::Platform {
+    let value = crate::secret::load_secret(inline, file, "secret").map_err(|message| {
+        AdapterError::Platform {
+            what: what.to_string(),
+            message,
+        }
+    })?;
+    match value {
+        Some(v) if v.expose().len() >= MIN_SECRET_BYTES => Ok(v),
+        _ => Err(AdapterError::Platform {
             what: what.to_string(),
             message: format!("secret shorter than {MIN_SECRET_BYTES} bytes"),
-        });
+        }),
     }
-    Ok(Secret::new(value))
-}
-
-/// An HTTP client with our rustls config (ring provider, Mozilla roots) and
-/// no redirects (a redirect is an error, never a silent re-POST elsewhere).
-pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client, AdapterError> {
-    let err = |message: String| AdapterError::Platform {
-        what: "http client".into(),
-        message,
-    };
-    let tls = crate::adapters::public_tls_config("http client")?;
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(timeout)
-        .user_agent(concat!("fleetcmd-gateway/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| err(e.to_string()))
 }
 
 fn status(code: StatusCode, text: &'static str) -> Response {
     (code, text).into_response()
-}
-
-/// Reads at most `limit` bytes of `body`: 413 when larger, 400 when the
-/// body cannot be read.
-pub(crate) async fn read_limited(body: Body, limit: usize) -> Result<Vec<u8>, Response> {
-    let mut stream = body.into_data_stream();
-    let mut buf = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| status(StatusCode::BAD_REQUEST, "unreadable body\n"))?;
-        if buf.len() + chunk.len() > limit {
-            return Err(status(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf)
 }
 
 /// The structured reply in JSON (raw data; the receiver escapes it).
@@ -766,32 +705,9 @@ impl WebhookAdapter {
         })
     }
 
-    /// `POST /webhook/{name}`, to be mounted on the gateway's HTTP listener.
-    pub fn routes(&self) -> axum::Router {
-        axum::Router::new()
-            .route(
-                &format!("{ROUTE_PREFIX}/{{name}}"),
-                axum::routing::post(incoming),
-            )
-            .with_state(self.shared.clone())
-    }
-
     /// A handle that ends `recv` for a graceful shutdown.
     pub fn closer(&self) -> Closer {
         Closer(self.shared.clone())
-    }
-
-    /// Reports refused requests (unknown hook, missing/bad/stale signature,
-    /// replay) to `to` (the gateway records them as `auth_failed`). Set
-    /// once; later calls are ignored.
-    pub fn report_auth_failures(&self, to: AuthFailures) {
-        let _ = self.shared.auth_failures.set(to);
-    }
-
-    /// Keeps accepted signatures in `guard` (the gateway's, persisted in
-    /// its state directory) instead of for this process only. Set once.
-    pub fn use_replay_guard(&self, guard: ReplayGuard) {
-        self.shared.replay.set(guard);
     }
 
     /// The sender, for notifications outside the router.
@@ -1066,6 +982,50 @@ impl ChatSender for WebhookSender {
 
     fn can_edit(&self) -> bool {
         false
+    }
+}
+
+impl crate::adapters::HttpInbound for WebhookAdapter {
+    /// `POST /webhook/{name}`, to be mounted on the gateway's HTTP listener.
+    fn routes(&self) -> axum::Router {
+        axum::Router::new()
+            .route(
+                &format!("{ROUTE_PREFIX}/{{name}}"),
+                axum::routing::post(incoming),
+            )
+            .with_state(self.shared.clone())
+    }
+
+    /// Reports refused requests (unknown hook, missing/bad/stale signature,
+    /// replay) to `to` (the gateway records them as `auth_failed`). Set
+    /// once; later calls are ignored.
+    fn report_auth_failures(&self, to: AuthFailures) {
+        let _ = self.shared.auth_failures.set(to);
+    }
+
+    /// Keeps accepted signatures in `guard` (the gateway's, persisted in
+    /// its state directory) instead of for this process only. Set once.
+    fn use_replay_guard(&self, guard: ReplayGuard) {
+        self.shared.replay.set(guard);
+    }
+}
+
+impl crate::registry::Component for WebhookConfig {
+    const NAME: &'static str = "webhook";
+    const CHAT: bool = true;
+
+    fn resolve_paths(&mut self, base: &Path) {
+        WebhookConfig::resolve_paths(self, base);
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        WebhookConfig::validate(self)
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let a = WebhookAdapter::new(&self).map_err(|e| e.to_string())?;
+        cx.serve_http(Self::NAME, a);
+        Ok(())
     }
 }
 

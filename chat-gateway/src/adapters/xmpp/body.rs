@@ -295,6 +295,7 @@ mod tests {
                         stdout: stdout.clone().into_bytes(),
                         ..v1::JobResult::default()
                     }),
+                    ..Default::default()
                 })
                 .collect(),
             ..v1::Job::default()

@@ -590,16 +590,12 @@ impl ChatAdapter for XmppAdapter {
 /// The delay before reconnect attempt `n` (1-based): 1 s × 1.6ⁿ⁻¹ ± 20 %,
 /// capped at [`BACKOFF_MAX`].
 pub fn backoff(n: u32, jitter_unit: f64) -> Duration {
-    let base = BACKOFF_BASE.as_secs_f64() * 1.6f64.powi(n.saturating_sub(1).min(30) as i32);
-    let capped = base.min(BACKOFF_MAX.as_secs_f64());
-    Duration::from_secs_f64(capped * (0.8 + 0.4 * jitter_unit.clamp(0.0, 1.0)))
-}
-
-fn jitter() -> f64 {
-    let mut b = [0u8; 4];
-    // Without randomness the backoff is merely not jittered.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX)
+    crate::backoff::Backoff {
+        first: BACKOFF_BASE,
+        max: BACKOFF_MAX,
+        ..crate::backoff::Backoff::RECONNECT
+    }
+    .delay_with(n.saturating_sub(1), jitter_unit)
 }
 
 /// Why a session ended.
@@ -633,7 +629,7 @@ impl Runner {
                     }
                     Err(e) => {
                         failures += 1;
-                        let wait = backoff(failures, jitter());
+                        let wait = backoff(failures, crate::backoff::random_unit());
                         tracing::warn!(error = %e, attempt = failures, retry_in_ms = wait.as_millis() as u64, "xmpp connect failed");
                         tokio::time::sleep(wait).await;
                         continue;
@@ -649,7 +645,7 @@ impl Runner {
                 Ended::ReceiverGone => return,
                 Ended::Lost(e) => {
                     failures += 1;
-                    let wait = backoff(failures, jitter());
+                    let wait = backoff(failures, crate::backoff::random_unit());
                     tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "xmpp connection lost; reconnecting");
                     tokio::time::sleep(wait).await;
                 }
@@ -735,6 +731,34 @@ impl Runner {
             }
         }
         self.shared.set_joined(rooms.joined());
+        Ok(())
+    }
+}
+
+impl crate::registry::Component for XmppConfig {
+    const NAME: &'static str = "xmpp";
+    const CHAT: bool = true;
+
+    fn resolve_paths(&mut self, base: &std::path::Path) {
+        for f in [&mut self.password_file, &mut self.ca_file]
+            .into_iter()
+            .flatten()
+        {
+            if f.is_relative() {
+                *f = base.join(&*f);
+            }
+        }
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        super::prefixed(Self::NAME, XmppConfig::validate(self))
+    }
+
+    async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
+        let a = XmppAdapter::connect(&self)
+            .await
+            .map_err(|e| e.to_string())?;
+        cx.serve(Self::NAME, a);
         Ok(())
     }
 }

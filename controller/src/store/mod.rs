@@ -6,9 +6,13 @@
 //! Writes are visible at once and durable after `flush`; callers flush before
 //! they acknowledge anything (a result, a join, a policy push).
 
+#[cfg(test)]
+pub mod conformance;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use fleetcmd_core::state::{JobState, Stop, TargetState, UnknownState};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +130,7 @@ pub struct JobRecord {
     pub created_at_ms: u64,
     /// Unix seconds after which unfinished targets are failed.
     pub deadline: u64,
-    pub state: String,
+    pub state: JobState,
     pub targets: Vec<String>,
     /// Rollout the requester signed (batch, error budget, canaries).
     #[serde(default)]
@@ -142,12 +146,12 @@ pub struct JobRecord {
     pub expires_at: u64,
     /// Set when the job was aborted, canceled or expired, with the reason.
     #[serde(default)]
-    pub stopped: Option<(String, String)>,
+    pub stopped: Option<(Stop, String)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TargetRecord {
-    pub state: String,
+    pub state: TargetState,
     /// The agent's `JobResult`, protobuf-encoded, once it arrived.
     #[serde(with = "b64::opt", default)]
     pub result: Option<Vec<u8>>,
@@ -158,12 +162,45 @@ pub struct TargetRecord {
 }
 
 impl TargetRecord {
-    pub fn new(state: &str, reason: &str) -> TargetRecord {
+    pub fn new(state: TargetState, reason: &str) -> TargetRecord {
         TargetRecord {
-            state: state.into(),
+            state,
             result: None,
             reason: reason.into(),
             dispatched_at: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+impl JobRecord {
+    /// A job record for tests: `uptime` on `targets` by cli:alice, a 1 KB
+    /// spec, no deadlines.
+    pub(crate) fn for_test(
+        id: &str,
+        created_at_ms: u64,
+        state: JobState,
+        targets: &[&str],
+    ) -> Self {
+        JobRecord {
+            id: id.into(),
+            spec: vec![b'x'; 1000],
+            signature: Vec::new(),
+            key_id: "k".into(),
+            command: "uptime".into(),
+            args: BTreeMap::new(),
+            selector: "all".into(),
+            requester: "cli:alice".into(),
+            channel: "cli:alice".into(),
+            created_at_ms,
+            deadline: 0,
+            state,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            rollout: Default::default(),
+            needs_approval: false,
+            target_deadline_secs: 0,
+            expires_at: 0,
+            stopped: None,
         }
     }
 }
@@ -189,7 +226,7 @@ struct TargetWire {
 fn encode_target(rec: &TargetRecord) -> Vec<u8> {
     use prost::Message;
     let wire = TargetWire {
-        state: rec.state.clone(),
+        state: rec.state.as_str().to_owned(),
         result: rec.result.clone(),
         reason: rec.reason.clone(),
         dispatched_at: rec.dispatched_at,
@@ -209,8 +246,15 @@ fn decode_target(key: &[u8], bytes: &[u8]) -> Result<TargetRecord, StoreError> {
                 key: String::from_utf8_lossy(key).into_owned(),
                 reason: e.to_string(),
             })?;
+            let state = w
+                .state
+                .parse()
+                .map_err(|e: UnknownState| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    reason: e.to_string(),
+                })?;
             Ok(TargetRecord {
-                state: w.state,
+                state,
                 result: w.result,
                 reason: w.reason,
                 dispatched_at: w.dispatched_at,
@@ -792,12 +836,12 @@ mod tests {
         let with_result = TargetRecord {
             result: Some((0..=255u8).collect()),
             dispatched_at: 1_764_000_000,
-            ..TargetRecord::new("failed", "exit code 2")
+            ..TargetRecord::new(TargetState::Failed, "exit code 2")
         };
         for rec in [
-            TargetRecord::new("dispatched", ""),
+            TargetRecord::new(TargetState::Dispatched, ""),
             with_result.clone(),
-            TargetRecord::new("skipped", "the job was aborted"),
+            TargetRecord::new(TargetState::Skipped, "the job was aborted"),
         ] {
             store.put_target("j1", "web-1", &rec).expect("put");
             assert_eq!(store.get_target("j1", "web-1").expect("get"), Some(rec));
@@ -943,7 +987,7 @@ mod tests {
                     "web-1",
                     &TargetRecord {
                         result: Some(vec![1, 2]),
-                        ..TargetRecord::new("ok", "")
+                        ..TargetRecord::new(TargetState::Ok, "")
                     },
                 )
                 .expect("put");

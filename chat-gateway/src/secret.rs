@@ -1,0 +1,155 @@
+//! Secrets from `gateway.toml`: given inline or as a file, redacted in
+//! `Debug`, never logged. Every component reads its tokens, keys and
+//! webhook secrets through this module.
+
+use std::path::{Path, PathBuf};
+
+use fleetcmd_core::crypto::Secret;
+use serde::{Deserialize, Deserializer};
+
+/// A secret from the config file: redacted in `Debug`, comparable so the
+/// config structs can derive `PartialEq`.
+#[derive(Clone, Debug)]
+pub struct SecretString(pub Secret<String>);
+
+impl SecretString {
+    pub fn new(s: impl Into<String>) -> SecretString {
+        SecretString(Secret::new(s.into()))
+    }
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+}
+
+impl PartialEq for SecretString {
+    fn eq(&self, other: &SecretString) -> bool {
+        self.expose() == other.expose()
+    }
+}
+impl Eq for SecretString {}
+
+impl<'de> Deserialize<'de> for SecretString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+        String::deserialize(d).map(SecretString::new)
+    }
+}
+
+/// A secret given inline or as a file: every problem, keyed `at.name`.
+pub fn check_secret(
+    p: &mut Vec<(String, String)>,
+    at: &str,
+    name: &str,
+    inline: &Option<SecretString>,
+    file: &Option<PathBuf>,
+) {
+    match (inline, file) {
+        (Some(_), Some(_)) => p.push((
+            format!("{at}.{name}"),
+            format!("give either `{name}` or `{name}_file`, not both"),
+        )),
+        (Some(s), None) if s.expose().trim().is_empty() => {
+            p.push((format!("{at}.{name}"), "must not be empty".into()))
+        }
+        (None, Some(f)) => match read_file(f) {
+            Ok(s) if s.is_empty() => p.push((
+                format!("{at}.{name}_file"),
+                format!("{}: empty", f.display()),
+            )),
+            Ok(_) => {}
+            Err(e) => p.push((format!("{at}.{name}_file"), e)),
+        },
+        _ => {}
+    }
+}
+
+/// The secret's value (read from the file when given), if any.
+pub fn load_secret(
+    inline: &Option<SecretString>,
+    file: &Option<PathBuf>,
+    key: &str,
+) -> Result<Option<Secret<String>>, String> {
+    match (inline, file) {
+        (Some(s), _) => Ok(Some(Secret::new(s.expose().trim().to_string()))),
+        (None, Some(f)) => read_file(f)
+            .map(|s| Some(Secret::new(s)))
+            .map_err(|e| format!("{key}_file: {e}")),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A secret file's value: its content with surrounding whitespace (the
+/// trailing newline editors add) removed. The one way secret files are
+/// read; the error names the file.
+pub fn read_file(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Where a secret's value comes from when it is not written in the file
+/// itself: `{ file = "…" }` or `{ env = "VAR" }` (an environment variable
+/// of the gateway).
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+}
+
+impl SecretSource {
+    /// Makes a relative file path relative to `base` (the config file's
+    /// directory).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        if let SecretSource::File(f) = self
+            && f.is_relative()
+        {
+            *f = base.join(&*f);
+        }
+    }
+
+    /// The value: one non-empty line (surrounding whitespace removed), so
+    /// it can be passed on as an environment variable.
+    pub fn load(&self) -> Result<Secret<String>, String> {
+        let (value, from) = match self {
+            SecretSource::File(path) => (read_file(path)?, path.display().to_string()),
+            SecretSource::Env(var) => (
+                std::env::var(var)
+                    .map(|v| v.trim().to_string())
+                    .map_err(|_| format!("environment variable {var} is not set"))?,
+                format!("${var}"),
+            ),
+        };
+        if value.is_empty() || value.contains(['\r', '\n', '\0']) {
+            return Err(format!("{from} must hold one non-empty line"));
+        }
+        Ok(Secret::new(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_source_gives_one_trimmed_line_or_names_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap_or_else(|e| panic!("{e}"));
+            SecretSource::File(PathBuf::from(name))
+        };
+        let load = |mut s: SecretSource| {
+            s.resolve_paths(dir.path());
+            s.load().map(|v| v.expose().clone())
+        };
+        assert_eq!(load(write("ok", "s3cret\n")), Ok("s3cret".to_string()));
+        let two = load(write("two", "a\nb\n")).unwrap_err();
+        assert!(two.ends_with("two must hold one non-empty line"), "{two}");
+        let empty = load(write("empty", "\n")).unwrap_err();
+        assert!(empty.ends_with("empty must hold one non-empty line"), "{empty}");
+        let missing = load(SecretSource::File("missing".into())).unwrap_err();
+        assert!(missing.contains("missing: "), "{missing}");
+        let unset = load(SecretSource::Env("FLEETCMD_TEST_UNSET_SECRET".into())).unwrap_err();
+        assert_eq!(unset, "environment variable FLEETCMD_TEST_UNSET_SECRET is not set");
+    }
+}
