@@ -146,10 +146,16 @@ mod tests {
         let two = load(write("two", "a\nb\n")).unwrap_err();
         assert!(two.ends_with("two must hold one non-empty line"), "{two}");
         let empty = load(write("empty", "\n")).unwrap_err();
-        assert!(empty.ends_with("empty must hold one non-empty line"), "{empty}");
+        assert!(
+            empty.ends_with("empty must hold one non-empty line"),
+            "{empty}"
+        );
         let missing = load(SecretSource::File("missing".into())).unwrap_err();
         assert!(missing.contains("missing: "), "{missing}");
         let unset = load(SecretSource::Env("FLEETCMD_TEST_UNSET_SECRET".into())).unwrap_err();
-        assert_eq!(unset, "environment variable FLEETCMD_TEST_UNSET_SECRET is not set");
+        assert_eq!(
+            unset,
+            "environment variable FLEETCMD_TEST_UNSET_SECRET is not set"
+        );
     }
 }

@@ -174,7 +174,12 @@ pub fn load(entries: &[PluginConfig]) -> Result<Vec<PluginSpec>, PluginConfigErr
 
 type Problems = Vec<(String, String)>;
 
-fn duration(key: String, v: &Option<String>, default: Duration, problems: &mut Problems) -> Duration {
+fn duration(
+    key: String,
+    v: &Option<String>,
+    default: Duration,
+    problems: &mut Problems,
+) -> Duration {
     match v.as_deref().map(fleetcmd_core::duration::parse_duration) {
         None => default,
         Some(Ok(d)) if !d.is_zero() => d,
@@ -190,8 +195,8 @@ fn duration(key: String, v: &Option<String>, default: Duration, problems: &mut P
 }
 
 fn load_one(e: &PluginConfig, key: &str) -> Result<PluginSpec, Problems> {
-    let manifest =
-        Manifest::load(&e.manifest).map_err(|m| vec![(format!("{key}.manifest"), m.to_string())])?;
+    let manifest = Manifest::load(&e.manifest)
+        .map_err(|m| vec![(format!("{key}.manifest"), m.to_string())])?;
     let mut problems = Vec::new();
     let mut secrets = Vec::new();
     for name in &manifest.secrets {

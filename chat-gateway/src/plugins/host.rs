@@ -56,7 +56,10 @@ impl PluginHost {
             return Reply::text(format!("{e}{}", asked_by(who)));
         }
         let jobs = AsCaller { ctx };
-        match plugin.call(call.verb, &args, &caller(call.msg), &jobs).await {
+        match plugin
+            .call(call.verb, &args, &caller(call.msg), &jobs)
+            .await
+        {
             Ok(result) => render(
                 plugin.name(),
                 call.verb,

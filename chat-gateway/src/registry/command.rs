@@ -163,7 +163,9 @@ pub enum CommandError {
     BuiltIn(String),
     #[error("command `{0}` is registered twice")]
     Duplicate(String),
-    #[error("command `{verb}`: no policy can grant `{action}` (a built-in permission or plugin:NAME.VERB)")]
+    #[error(
+        "command `{verb}`: no policy can grant `{action}` (a built-in permission or plugin:NAME.VERB)"
+    )]
     BadGuard { verb: String, action: String },
 }
 
@@ -285,7 +287,12 @@ mod tests {
     fn table_refuses_guards_no_policy_can_grant() {
         let mut t = CommandTable::default();
         let guarded = |action: &str| Arc::new(Fixed(vec!["v"], Guard::Action(action.into())));
-        for bad in ["audit.read_everything", "plugin:deploy.*", "plugin:Deploy.x", ""] {
+        for bad in [
+            "audit.read_everything",
+            "plugin:deploy.*",
+            "plugin:Deploy.x",
+            "",
+        ] {
             assert_eq!(
                 t.add(guarded(bad)),
                 Err(CommandError::BadGuard {

@@ -197,10 +197,7 @@ async fn the_python_example_answers_with_the_verified_caller_and_its_declared_se
         (calls[0].1.as_str(), calls[0].2.as_str()),
         ("console:alice", "greet")
     );
-    assert!(
-        calls[0].3.contains("answered by plugin greet"),
-        "{calls:?}"
-    );
+    assert!(calls[0].3.contains("answered by plugin greet"), "{calls:?}");
 }
 
 #[tokio::test]
@@ -230,12 +227,15 @@ async fn plugin_commands_are_refused_audited_and_hidden_without_a_grant() {
         !also.contains("clock") && also.contains("loadcheck <selector>"),
         "help shows only usable plugin commands: {out}"
     );
-    assert!(out.contains("Say hello to the caller (plugin greet)"), "{out}");
+    assert!(
+        out.contains("Say hello to the caller (plugin greet)"),
+        "{out}"
+    );
     let denied = reported(&s.router, "chat_denied");
     assert!(
-        denied.iter().any(|d| d.1 == "console:erin"
-            && d.2 == "clock"
-            && d.3.contains("plugin:clock.clock")),
+        denied
+            .iter()
+            .any(|d| d.1 == "console:erin" && d.2 == "clock" && d.3.contains("plugin:clock.clock")),
         "{denied:?}"
     );
     // Nothing was called, so no call is audited.
