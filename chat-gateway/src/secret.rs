@@ -143,16 +143,17 @@ mod tests {
             s.load().map(|v| v.expose().clone())
         };
         assert_eq!(load(write("ok", "s3cret\n")), Ok("s3cret".to_string()));
-        let two = load(write("two", "a\nb\n")).unwrap_err();
+        let two = load(write("two", "a\nb\n")).expect_err("refused");
         assert!(two.ends_with("two must hold one non-empty line"), "{two}");
-        let empty = load(write("empty", "\n")).unwrap_err();
+        let empty = load(write("empty", "\n")).expect_err("refused");
         assert!(
             empty.ends_with("empty must hold one non-empty line"),
             "{empty}"
         );
-        let missing = load(SecretSource::File("missing".into())).unwrap_err();
+        let missing = load(SecretSource::File("missing".into())).expect_err("refused");
         assert!(missing.contains("missing: "), "{missing}");
-        let unset = load(SecretSource::Env("FLEETCMD_TEST_UNSET_SECRET".into())).unwrap_err();
+        let unset =
+            load(SecretSource::Env("FLEETCMD_TEST_UNSET_SECRET".into())).expect_err("refused");
         assert_eq!(
             unset,
             "environment variable FLEETCMD_TEST_UNSET_SECRET is not set"
