@@ -34,6 +34,7 @@ pub mod launch;
 pub mod notify;
 pub mod oncall;
 pub mod owed;
+pub mod plugins;
 pub mod prometheus;
 pub mod registry;
 pub mod render;

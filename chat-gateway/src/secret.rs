@@ -91,13 +91,13 @@ pub fn check_secret(
         (Some(s), None) if s.expose().trim().is_empty() => {
             p.push((format!("{at}.{name}"), "must not be empty".into()))
         }
-        (None, Some(f)) => match read_private(f) {
-            Ok(s) if s.trim().is_empty() => p.push((
+        (None, Some(f)) => match read_file(f) {
+            Ok(s) if s.is_empty() => p.push((
                 format!("{at}.{name}_file"),
                 format!("{}: empty", f.display()),
             )),
             Ok(_) => {}
-            Err(e) => p.push((format!("{at}.{name}_file"), format!("{}: {e}", f.display()))),
+            Err(e) => p.push((format!("{at}.{name}_file"), e)),
         },
         _ => {}
     }
@@ -111,9 +111,92 @@ pub fn load_secret(
 ) -> Result<Option<Secret<String>>, String> {
     match (inline, file) {
         (Some(s), _) => Ok(Some(Secret::new(s.expose().trim().to_string()))),
-        (None, Some(f)) => read_private(f)
-            .map(|s| Some(Secret::new(s.trim().to_string())))
-            .map_err(|e| format!("{key}_file: {}: {e}", f.display())),
+        (None, Some(f)) => read_file(f)
+            .map(|s| Some(Secret::new(s)))
+            .map_err(|e| format!("{key}_file: {e}")),
         (None, None) => Ok(None),
+    }
+}
+
+/// A secret file's value: its content with surrounding whitespace (the
+/// trailing newline editors add) removed. The one way secret files are
+/// read (through [`read_private`]); the error names the file.
+pub fn read_file(path: &Path) -> Result<String, String> {
+    read_private(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Where a secret's value comes from when it is not written in the file
+/// itself: `{ file = "…" }` or `{ env = "VAR" }` (an environment variable
+/// of the gateway).
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+}
+
+impl SecretSource {
+    /// Makes a relative file path relative to `base` (the config file's
+    /// directory).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        if let SecretSource::File(f) = self
+            && f.is_relative()
+        {
+            *f = base.join(&*f);
+        }
+    }
+
+    /// The value: one non-empty line (surrounding whitespace removed), so
+    /// it can be passed on as an environment variable.
+    pub fn load(&self) -> Result<Secret<String>, String> {
+        let (value, from) = match self {
+            SecretSource::File(path) => (read_file(path)?, path.display().to_string()),
+            SecretSource::Env(var) => (
+                std::env::var(var)
+                    .map(|v| v.trim().to_string())
+                    .map_err(|_| format!("environment variable {var} is not set"))?,
+                format!("${var}"),
+            ),
+        };
+        if value.is_empty() || value.contains(['\r', '\n', '\0']) {
+            return Err(format!("{from} must hold one non-empty line"));
+        }
+        Ok(Secret::new(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_source_gives_one_trimmed_line_or_names_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let write = |name: &str, text: &str| {
+            write_private(&dir.path().join(name), text);
+            SecretSource::File(PathBuf::from(name))
+        };
+        let load = |mut s: SecretSource| {
+            s.resolve_paths(dir.path());
+            s.load().map(|v| v.expose().clone())
+        };
+        assert_eq!(load(write("ok", "s3cret\n")), Ok("s3cret".to_string()));
+        let two = load(write("two", "a\nb\n")).expect_err("refused");
+        assert!(two.ends_with("two must hold one non-empty line"), "{two}");
+        let empty = load(write("empty", "\n")).expect_err("refused");
+        assert!(
+            empty.ends_with("empty must hold one non-empty line"),
+            "{empty}"
+        );
+        let missing = load(SecretSource::File("missing".into())).expect_err("refused");
+        assert!(missing.contains("missing: "), "{missing}");
+        let unset =
+            load(SecretSource::Env("FLEETCMD_TEST_UNSET_SECRET".into())).expect_err("refused");
+        assert_eq!(
+            unset,
+            "environment variable FLEETCMD_TEST_UNSET_SECRET is not set"
+        );
     }
 }

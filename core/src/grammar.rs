@@ -380,6 +380,12 @@ fn tokenize(s: &str) -> Result<Vec<Word>, GrammarError> {
     Ok(words)
 }
 
+/// The words of a message, split and unquoted as [`parse`] does (for
+/// commands the grammar does not know itself, e.g. gateway plugins').
+pub fn words(text: &str) -> Result<Vec<String>, GrammarError> {
+    Ok(tokenize(text)?.into_iter().map(|w| w.text).collect())
+}
+
 /// Parses the command text (as returned by [`addressed`]).
 ///
 /// ```

@@ -187,6 +187,11 @@ pub struct Role {
     /// What the role may do besides running its commands (read every job,
     /// create tokens, revoke, …); empty = nothing more.
     pub may: Vec<Permission>,
+    /// Plugin commands the role may use: `may` entries `plugin:NAME.COMMAND`
+    /// or `plugin:NAME.*` (see [`PluginGrant`]). `*` in `may` does not
+    /// include them: a plugin reaches outside the fleet with its own
+    /// secrets, so each is granted by name.
+    pub plugins: Vec<PluginGrant>,
     /// With `tokens.create`: join tokens only for label sets this selects
     /// (`None` = any labels).
     pub token_labels: Option<Selector>,
@@ -242,6 +247,91 @@ impl Permission {
     pub fn parse(s: &str) -> Option<Permission> {
         Permission::ALL.into_iter().find(|p| p.as_str() == s)
     }
+}
+
+/// The prefix of a plugin action in a role's `may` list.
+pub const PLUGIN_ACTION_PREFIX: &str = "plugin:";
+
+/// A grant of plugin commands: `plugin:NAME.COMMAND`, or `plugin:NAME.*`
+/// for every command of plugin NAME.
+///
+/// ```
+/// use fleetcmd_core::policy::PluginGrant;
+/// let g = PluginGrant::parse("plugin:deploy.*").unwrap();
+/// assert!(g.allows("plugin:deploy.rollback"));
+/// assert!(!g.allows("plugin:deployer.status"));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PluginGrant {
+    pub plugin: String,
+    /// `None`: every command of the plugin.
+    pub command: Option<String>,
+}
+
+impl PluginGrant {
+    /// Parses a `may` entry that starts with `plugin:`; the error says
+    /// what is wrong with it.
+    pub fn parse(s: &str) -> Result<PluginGrant, String> {
+        let rest = s
+            .strip_prefix(PLUGIN_ACTION_PREFIX)
+            .ok_or_else(|| format!("a plugin action starts with \"{PLUGIN_ACTION_PREFIX}\""))?;
+        let (plugin, command) = rest.split_once('.').ok_or_else(|| {
+            format!("plugin action \"{s}\" must be plugin:NAME.COMMAND or plugin:NAME.*")
+        })?;
+        if !valid_plugin_part(plugin) {
+            return Err(format!(
+                "plugin action \"{s}\": plugin name \"{plugin}\" must be 1-64 of a-z, 0-9, _ and -, starting with a letter or digit"
+            ));
+        }
+        if command == "*" {
+            return Ok(PluginGrant {
+                plugin: plugin.to_string(),
+                command: None,
+            });
+        }
+        if !valid_plugin_part(command) {
+            return Err(format!(
+                "plugin action \"{s}\": command \"{command}\" must be * or 1-64 of a-z, 0-9, _ and -, starting with a letter or digit"
+            ));
+        }
+        Ok(PluginGrant {
+            plugin: plugin.to_string(),
+            command: Some(command.to_string()),
+        })
+    }
+
+    /// Whether this grant covers `action` (`plugin:NAME.COMMAND`).
+    pub fn allows(&self, action: &str) -> bool {
+        let Some((plugin, command)) = action
+            .strip_prefix(PLUGIN_ACTION_PREFIX)
+            .and_then(|r| r.split_once('.'))
+        else {
+            return false;
+        };
+        plugin == self.plugin && self.command.as_deref().is_none_or(|c| c == command)
+    }
+}
+
+impl fmt::Display for PluginGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{PLUGIN_ACTION_PREFIX}{}.{}",
+            self.plugin,
+            self.command.as_deref().unwrap_or("*")
+        )
+    }
+}
+
+/// A plugin or plugin command name: lowercase so that the action a policy
+/// names and the verb typed in chat cannot differ by case.
+pub fn valid_plugin_part(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-'))
 }
 
 impl fmt::Display for Permission {
@@ -568,16 +658,24 @@ impl Validator {
                 );
             }
             let mut may = BTreeSet::new();
+            let mut plugins = BTreeSet::new();
             for m in &r.may {
                 if m == "*" {
                     may.extend(Permission::ALL);
                 } else if let Some(p) = Permission::parse(m) {
                     may.insert(p);
+                } else if m.starts_with(PLUGIN_ACTION_PREFIX) {
+                    match PluginGrant::parse(m) {
+                        Ok(g) => {
+                            plugins.insert(g);
+                        }
+                        Err(e) => self.err(&[&path[..], &["may"]].concat(), e),
+                    }
                 } else {
                     self.err(
                         &[&path[..], &["may"]].concat(),
                         format!(
-                            "unknown permission \"{m}\"; known: *, {}",
+                            "unknown permission \"{m}\"; known: *, {}, plugin:NAME.COMMAND, plugin:NAME.*",
                             Permission::ALL.map(Permission::as_str).join(", ")
                         ),
                     );
@@ -601,6 +699,7 @@ impl Validator {
                     targets,
                     channels: r.channels,
                     may: may.into_iter().collect(),
+                    plugins: plugins.into_iter().collect(),
                     token_labels,
                 },
             );
@@ -1426,6 +1525,24 @@ argv = ["/bin/true"]
             Some(7),
             "roles.r.may",
             "unknown permission \"root\"; known: *, jobs.read_all,",
+        );
+        check(
+            "[roles.r]\ncommands = []\nmay = [\"plugin:Deploy.run\"]\n",
+            Some(7),
+            "roles.r.may",
+            "plugin name \"Deploy\" must be 1-64 of a-z",
+        );
+        check(
+            "[roles.r]\ncommands = []\nmay = [\"plugin:deploy\"]\n",
+            Some(7),
+            "roles.r.may",
+            "must be plugin:NAME.COMMAND or plugin:NAME.*",
+        );
+        check(
+            "[roles.r]\ncommands = []\nmay = [\"plugin:deploy.a.b\"]\n",
+            Some(7),
+            "roles.r.may",
+            "command \"a.b\" must be * or 1-64",
         );
         check(
             "[roles.r]\ncommands = []\nmay = [\"jobs.read_all\"]\ntoken_labels = \"role=web\"\n",

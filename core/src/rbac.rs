@@ -235,6 +235,25 @@ pub fn may(policy: &Policy, who: &Identity, channel: &str, perm: Permission) -> 
         .any(|r| in_channel(r, channel) && r.may.contains(&perm))
 }
 
+/// Whether one of `who`'s roles that applies in `channel` grants the
+/// action named `action` in its `may` list: a built-in permission
+/// (`audit.read_all`, also through `*`) or a plugin action
+/// (`plugin:NAME.COMMAND`, granted by `plugin:NAME.COMMAND` or
+/// `plugin:NAME.*`; `*` does not include plugins). The one rule for every
+/// chat command guarded by an action name, built-in or plugin. A channel of
+/// another platform than `who`'s grants nothing. Agents never ask this:
+/// such commands run in the gateway.
+pub fn may_action(policy: &Policy, who: &Identity, channel: &str, action: &str) -> bool {
+    let grants = |r: &Role| match Permission::parse(action) {
+        Some(perm) => r.may.contains(&perm),
+        None => r.plugins.iter().any(|g| g.allows(action)),
+    };
+    on_own_platform(who, channel)
+        && roles_of(policy, who)
+            .iter()
+            .any(|r| in_channel(r, channel) && grants(r))
+}
+
 /// What a read or cancel decision needs to know about a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JobFacts<'a> {
@@ -1055,6 +1074,61 @@ roles = ["staging"]
                 may(&p, &id(who), CLI_CHANNEL, perm),
                 expected,
                 "{who} {perm}"
+            );
+        }
+    }
+
+    #[test]
+    fn plugin_actions_are_granted_by_name_or_wildcard_in_their_channel_only() {
+        let p = Policy::parse(
+            r#"version = 1
+[roles.deployer]
+commands = []
+may = ["plugin:deploy.*", "plugin:tickets.show"]
+channels = ["slack:T1:COPS"]
+
+[roles.admin]
+commands = []
+may = ["*"]
+
+[[bindings]]
+subjects = ["slack:T1:U1"]
+roles = ["deployer"]
+[[bindings]]
+subjects = ["slack:T1:U2"]
+roles = ["admin"]
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let ops = "slack:T1:COPS";
+        for (who, channel, action, expected) in [
+            ("slack:T1:U1", ops, "plugin:deploy.rollback", true),
+            ("slack:T1:U1", ops, "plugin:deploy.status", true),
+            ("slack:T1:U1", ops, "plugin:tickets.show", true),
+            ("slack:T1:U1", ops, "plugin:tickets.close", false),
+            // A name that merely starts like a granted plugin is another plugin.
+            ("slack:T1:U1", ops, "plugin:deployer.status", false),
+            // The role applies only in its channel.
+            (
+                "slack:T1:U1",
+                "slack:T1:CRANDOM",
+                "plugin:deploy.rollback",
+                false,
+            ),
+            // `*` grants the built-in permissions, not plugins.
+            ("slack:T1:U2", ops, "plugin:deploy.rollback", false),
+            ("slack:T1:U3", ops, "plugin:deploy.rollback", false),
+            ("slack:T1:U1", ops, "deploy.rollback", false),
+            // Built-in permissions by the same rule, `*` included.
+            ("slack:T1:U2", ops, "audit.read_all", true),
+            ("slack:T1:U1", ops, "audit.read_all", false),
+            // Another platform's channel grants nothing.
+            ("slack:T1:U2", "irc:libera:#ops", "audit.read_all", false),
+        ] {
+            assert_eq!(
+                may_action(&p, &id(who), channel, action),
+                expected,
+                "{who} {channel} {action}"
             );
         }
     }

@@ -28,8 +28,8 @@ use std::sync::Arc;
 
 use fleetcmd_core::grammar::RunRequest;
 use fleetcmd_core::ids::Identity;
-use fleetcmd_core::policy::Policy;
-use fleetcmd_core::rbac::{in_channel, roles_of};
+use fleetcmd_core::policy::{Permission, PluginGrant, Policy};
+use fleetcmd_core::rbac::{in_channel, may_action, roles_of};
 use futures_util::future::BoxFuture;
 
 use crate::adapters::{Incoming, Reply};
@@ -57,7 +57,9 @@ pub enum Guard {
     /// `query`, `oncall`, `jobs`, …).
     AnyRoleHere,
     /// A role usable in the channel whose `may` lists this action name
-    /// (e.g. `audit.read_all`, or a plugin's `plugin:deploy.status`).
+    /// (e.g. `audit.read_all`, or a plugin's `plugin:deploy.status`), by
+    /// the policy's one rule ([`may_action`]: `*` grants the built-in
+    /// permissions, `plugin:NAME.*` every command of plugin NAME).
     Action(String),
 }
 
@@ -65,13 +67,24 @@ impl Guard {
     /// Whether `who` may call a command so guarded in `channel`, by the
     /// verified `policy`.
     pub fn admits(&self, policy: &Policy, who: &Identity, channel: &str) -> bool {
-        roles_of(policy, who)
-            .into_iter()
-            .filter(|r| in_channel(r, channel))
-            .any(|r| match self {
-                Guard::AnyRoleHere => true,
-                Guard::Action(action) => r.may.iter().any(|m| m.to_string() == *action),
-            })
+        match self {
+            Guard::AnyRoleHere => roles_of(policy, who)
+                .into_iter()
+                .any(|r| in_channel(r, channel)),
+            Guard::Action(action) => may_action(policy, who, channel, action),
+        }
+    }
+
+    /// Whether a policy can grant this guard at all: an action is a
+    /// built-in permission or one plugin command (`plugin:NAME.VERB`).
+    fn grantable(&self) -> bool {
+        match self {
+            Guard::AnyRoleHere => true,
+            Guard::Action(a) => {
+                Permission::parse(a).is_some()
+                    || PluginGrant::parse(a).is_ok_and(|g| g.command.is_some())
+            }
+        }
     }
 }
 
@@ -150,6 +163,10 @@ pub enum CommandError {
     BuiltIn(String),
     #[error("command `{0}` is registered twice")]
     Duplicate(String),
+    #[error(
+        "command `{verb}`: no policy can grant `{action}` (a built-in permission or plugin:NAME.VERB)"
+    )]
+    BadGuard { verb: String, action: String },
 }
 
 /// A registered verb: its spec and who answers it.
@@ -191,6 +208,14 @@ impl CommandTable {
             }
             if self.verbs.contains_key(&s.verb) || !seen.insert(s.verb.clone()) {
                 return Err(CommandError::Duplicate(s.verb.clone()));
+            }
+            if let Guard::Action(action) = &s.guard
+                && !s.guard.grantable()
+            {
+                return Err(CommandError::BadGuard {
+                    verb: s.verb.clone(),
+                    action: fleetcmd_core::terminal::excerpt(action),
+                });
             }
         }
         for spec in specs {
@@ -234,7 +259,7 @@ pub fn split_verb(text: &str) -> (&str, &str) {
 mod tests {
     use super::*;
 
-    struct Fixed(Vec<&'static str>);
+    struct Fixed(Vec<&'static str>, Guard);
 
     impl Commands for Fixed {
         fn commands(&self) -> Vec<CommandSpec> {
@@ -245,7 +270,7 @@ mod tests {
                     usage: v.to_string(),
                     summary: String::new(),
                     help: String::new(),
-                    guard: Guard::AnyRoleHere,
+                    guard: self.1.clone(),
                 })
                 .collect()
         }
@@ -255,7 +280,31 @@ mod tests {
     }
 
     fn add(t: &mut CommandTable, verbs: Vec<&'static str>) -> Result<(), CommandError> {
-        t.add(Arc::new(Fixed(verbs)))
+        t.add(Arc::new(Fixed(verbs, Guard::AnyRoleHere)))
+    }
+
+    #[test]
+    fn table_refuses_guards_no_policy_can_grant() {
+        let mut t = CommandTable::default();
+        let guarded = |action: &str| Arc::new(Fixed(vec!["v"], Guard::Action(action.into())));
+        for bad in [
+            "audit.read_everything",
+            "plugin:deploy.*",
+            "plugin:Deploy.x",
+            "",
+        ] {
+            assert_eq!(
+                t.add(guarded(bad)),
+                Err(CommandError::BadGuard {
+                    verb: "v".into(),
+                    action: bad.into()
+                }),
+                "{bad}"
+            );
+        }
+        assert_eq!(t.add(guarded("plugin:deploy.status")), Ok(()));
+        let mut t = CommandTable::default();
+        assert_eq!(t.add(guarded("audit.read_all")), Ok(()));
     }
 
     #[test]

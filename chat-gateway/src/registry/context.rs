@@ -22,8 +22,16 @@ pub struct BuildContext {
     replay: ReplayGuard,
     stops: Stops,
     senders: Vec<(String, Arc<dyn ChatSender>)>,
+    /// Chat adapters built so far, served only once every component is
+    /// built: a message read before a later component registered its
+    /// commands would be answered "unknown command" (found by the launcher
+    /// test of `[[plugin]]`: the console read `clock` before the plugin
+    /// component had registered it).
+    pending: Vec<PendingAdapter>,
     alert_hooks: Vec<AlertHook>,
 }
+
+type PendingAdapter = Box<dyn FnOnce(&mut Gateway<GrpcController>) + Send>;
 
 impl std::fmt::Debug for BuildContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,11 +66,17 @@ impl BuildContext {
             replay,
             stops,
             senders: Vec::new(),
+            pending: Vec::new(),
             alert_hooks: Vec::new(),
         }
     }
 
-    pub(crate) fn finish(self) -> Assembled {
+    /// Starts serving every chat adapter, now that every command is
+    /// registered.
+    pub(crate) fn finish(mut self) -> Assembled {
+        for serve in self.pending.drain(..) {
+            serve(&mut self.gw);
+        }
         Assembled {
             gw: self.gw,
             senders: self.senders,
@@ -89,10 +103,11 @@ impl BuildContext {
     }
 
     /// Serves `adapter` on the router under `name` (the channel scheme its
-    /// replies go to); its sender is then reachable by that name.
+    /// replies go to), once every component is built; its sender is
+    /// reachable by that name at once.
     pub fn serve(&mut self, name: &str, adapter: impl ChatAdapter) {
         self.senders.push((name.to_string(), adapter.sender()));
-        self.gw.add(adapter);
+        self.pending.push(Box::new(move |gw| gw.add(adapter)));
     }
 
     /// Serves `adapter` (see [`BuildContext::serve`]) and mounts its

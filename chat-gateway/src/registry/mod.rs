@@ -158,6 +158,7 @@ pub fn components() -> Vec<Entry> {
         entry::<crate::alertmanager::AlertmanagerConfig>(),
         entry::<crate::notify::NotifyConfig>(),
         entry::<crate::audit_feed::AuditChannelConfig>(),
+        entry::<crate::plugins::config::PluginsConfig>(),
     ]
 }
 

@@ -14,6 +14,7 @@ mod matrix;
 mod mattermost;
 mod multi;
 mod ngircd;
+mod plugins;
 mod registry;
 mod render;
 mod replay;

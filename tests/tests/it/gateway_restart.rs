@@ -34,7 +34,7 @@ fn is_end(kind: &str, detail: &str) -> bool {
 }
 
 /// A `fleetcmd-gateway run` process: its stdin, and what it printed.
-struct Gateway {
+pub(crate) struct Gateway {
     child: Child,
     stdin: ChildStdin,
     out: Arc<Mutex<String>>,
@@ -69,7 +69,7 @@ fn collect(stream: impl std::io::Read + Send + 'static, buf: Arc<Mutex<String>>)
 
 impl Gateway {
     /// Starts the gateway of `config` with the console user `user`.
-    fn start(config: &Path, user: &str) -> Gateway {
+    pub(crate) fn start(config: &Path, user: &str) -> Gateway {
         let mut child = Command::new(workspace_bin("fleetcmd-gateway"))
             .arg("-c")
             .arg(config)
@@ -95,7 +95,7 @@ impl Gateway {
         }
     }
 
-    fn say(&mut self, line: &str) {
+    pub(crate) fn say(&mut self, line: &str) {
         writeln!(self.stdin, "{line}").expect("gateway reads stdin");
         self.stdin.flush().expect("flush stdin");
     }
@@ -109,7 +109,7 @@ impl Gateway {
     }
 
     /// Waits for a stdout line for which `pick` returns something.
-    async fn line<T>(&self, what: &str, pick: impl Fn(&str) -> Option<T>) -> T {
+    pub(crate) async fn line<T>(&self, what: &str, pick: impl Fn(&str) -> Option<T>) -> T {
         let start = Instant::now();
         loop {
             if let Some(v) = self.stdout().lines().find_map(&pick) {
@@ -149,7 +149,7 @@ impl Gateway {
     }
 
     /// SIGKILL: no shutdown, nothing flushed that was not already.
-    fn kill9(mut self) -> String {
+    pub(crate) fn kill9(mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.stdout()
@@ -165,7 +165,11 @@ impl Drop for Gateway {
 
 /// Writes a gateway.toml for `fleet` with the console enabled and its
 /// state in `state_dir`; approval requests wait `approval_timeout`.
-fn gateway_config(fleet: &TestFleet, state_dir: &Path, approval_timeout: &str) -> PathBuf {
+pub(crate) fn gateway_config(
+    fleet: &TestFleet,
+    state_dir: &Path,
+    approval_timeout: &str,
+) -> PathBuf {
     let dir = &fleet.dir;
     let text = format!(
         r#"controller = "{url}"

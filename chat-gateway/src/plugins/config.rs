@@ -1,0 +1,276 @@
+//! `[[plugin]]` in `gateway.toml`: which plugins run, where the values of
+//! their declared secrets come from, and their limits. The commands and the
+//! secret *names* are the plugin's own, in its manifest.
+//!
+//! All `[[plugin]]` entries together are one registry component
+//! ([`PluginsConfig`]): its build starts the plugin host and registers
+//! every plugin's commands with the router.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetcmd_core::crypto::Secret;
+use serde::Deserialize;
+
+use super::manifest::Manifest;
+use crate::registry::{BuildContext, Component};
+use crate::secret::SecretSource;
+
+/// Every default of `[[plugin]]`, in one place.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// How long one `command` (including the jobs it runs) may take.
+    pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Address space of a plugin process (`RLIMIT_AS`), in MiB.
+    pub const MEMORY_MB: u64 = 512;
+    /// Bytes of reply text one call may post; more is cut and said so.
+    pub const REPLY_BYTES: usize = 16 * 1024;
+    /// Longest line a plugin may write on stdout; longer ones end it.
+    pub const LINE_BYTES: usize = 256 * 1024;
+    /// First wait before a crashed plugin is started again; doubled per
+    /// crash in a row, up to [`RESTART_MAX`].
+    pub const RESTART_MIN: Duration = Duration::from_secs(1);
+    pub const RESTART_MAX: Duration = Duration::from_secs(60);
+}
+
+/// One `[[plugin]]` entry as written.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The plugin's `plugin.toml`.
+    pub manifest: PathBuf,
+    /// Where each secret the manifest declares gets its value.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretSource>,
+    /// e.g. `30s`.
+    pub call_timeout: Option<String>,
+    pub memory_mb: Option<u64>,
+    pub reply_bytes: Option<usize>,
+    /// e.g. `1s`: the first wait before restarting a crashed plugin.
+    pub restart_min: Option<String>,
+}
+
+/// Every `[[plugin]]` entry: the registry component named `plugin`.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(transparent)]
+pub struct PluginsConfig(pub Vec<PluginConfig>);
+
+impl Component for PluginsConfig {
+    const NAME: &'static str = "plugin";
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for e in &mut self.0 {
+            if e.manifest.is_relative() {
+                e.manifest = base.join(&e.manifest);
+            }
+            for source in e.secrets.values_mut() {
+                source.resolve_paths(base);
+            }
+        }
+    }
+
+    /// Reads every manifest and secret: what is missing is said now, not
+    /// on the first call.
+    fn validate(&self) -> Vec<(String, String)> {
+        load(&self.0).err().map(|e| e.problems).unwrap_or_default()
+    }
+
+    fn enabled(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    async fn build(self, cx: &mut BuildContext) -> Result<(), String> {
+        let specs = load(&self.0).map_err(|e| e.to_string())?;
+        cx.commands(Arc::new(super::PluginHost::new(specs)))
+    }
+}
+
+/// A plugin ready to be supervised: its manifest, the secret values it
+/// declared and its limits.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    pub manifest: Manifest,
+    pub secrets: Vec<(String, Secret<String>)>,
+    pub limits: Limits,
+}
+
+/// The limits one plugin runs under.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub call_timeout: Duration,
+    pub memory_bytes: u64,
+    pub reply_bytes: usize,
+    pub line_bytes: usize,
+    pub restart_min: Duration,
+    pub restart_max: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            call_timeout: defaults::CALL_TIMEOUT,
+            memory_bytes: defaults::MEMORY_MB * 1024 * 1024,
+            reply_bytes: defaults::REPLY_BYTES,
+            line_bytes: defaults::LINE_BYTES,
+            restart_min: defaults::RESTART_MIN,
+            restart_max: defaults::RESTART_MAX,
+        }
+    }
+}
+
+/// Why `[[plugin]]` entries were refused: every problem with its key path
+/// (`plugin[1].secrets.TOKEN`).
+#[derive(thiserror::Error, Debug)]
+#[error("{}", problems.iter().map(|(k, m)| format!("{k}: {m}")).collect::<Vec<_>>().join("; "))]
+pub struct PluginConfigError {
+    pub problems: Vec<(String, String)>,
+}
+
+/// Loads every `[[plugin]]` entry: manifests read and checked, secret
+/// values read; plugin names and verbs unique across plugins.
+pub fn load(entries: &[PluginConfig]) -> Result<Vec<PluginSpec>, PluginConfigError> {
+    let mut problems = Vec::new();
+    let mut specs: Vec<PluginSpec> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let key = format!("plugin[{i}]");
+        match load_one(e, &key) {
+            Ok(spec) => {
+                if specs.iter().any(|s| s.manifest.name == spec.manifest.name) {
+                    problems.push((
+                        key.clone(),
+                        format!(
+                            "a plugin named \"{}\" is configured twice",
+                            spec.manifest.name
+                        ),
+                    ));
+                }
+                for c in &spec.manifest.commands {
+                    if let Some(other) =
+                        specs.iter().find(|s| s.manifest.command(&c.verb).is_some())
+                    {
+                        problems.push((
+                            key.clone(),
+                            format!(
+                                "verb \"{}\" is also plugin \"{}\"'s",
+                                c.verb, other.manifest.name
+                            ),
+                        ));
+                    }
+                }
+                specs.push(spec);
+            }
+            Err(mut p) => problems.append(&mut p),
+        }
+    }
+    if problems.is_empty() {
+        Ok(specs)
+    } else {
+        Err(PluginConfigError { problems })
+    }
+}
+
+type Problems = Vec<(String, String)>;
+
+fn duration(
+    key: String,
+    v: &Option<String>,
+    default: Duration,
+    problems: &mut Problems,
+) -> Duration {
+    match v.as_deref().map(fleetcmd_core::duration::parse_duration) {
+        None => default,
+        Some(Ok(d)) if !d.is_zero() => d,
+        Some(Ok(_)) => {
+            problems.push((key, "must be more than 0s".to_string()));
+            default
+        }
+        Some(Err(e)) => {
+            problems.push((key, e));
+            default
+        }
+    }
+}
+
+fn load_one(e: &PluginConfig, key: &str) -> Result<PluginSpec, Problems> {
+    let manifest = Manifest::load(&e.manifest)
+        .map_err(|m| vec![(format!("{key}.manifest"), m.to_string())])?;
+    let mut problems = Vec::new();
+    let mut secrets = Vec::new();
+    for name in &manifest.secrets {
+        let Some(source) = e.secrets.get(name) else {
+            problems.push((
+                format!("{key}.secrets"),
+                format!(
+                    "plugin \"{}\" declares secret {name}; give it as {name} = {{ file = \"…\" }} or {{ env = \"…\" }}",
+                    manifest.name
+                ),
+            ));
+            continue;
+        };
+        match source.load() {
+            Ok(v) => secrets.push((name.clone(), v)),
+            Err(err) => problems.push((format!("{key}.secrets.{name}"), err)),
+        }
+    }
+    for name in e.secrets.keys() {
+        if !manifest.secrets.contains(name) {
+            problems.push((
+                format!("{key}.secrets.{name}"),
+                format!(
+                    "plugin \"{}\" does not declare it in its manifest, so it is never passed",
+                    manifest.name
+                ),
+            ));
+        }
+    }
+    let defaults = Limits::default();
+    let limits = Limits {
+        call_timeout: duration(
+            format!("{key}.call_timeout"),
+            &e.call_timeout,
+            defaults.call_timeout,
+            &mut problems,
+        ),
+        restart_min: duration(
+            format!("{key}.restart_min"),
+            &e.restart_min,
+            defaults.restart_min,
+            &mut problems,
+        ),
+        memory_bytes: match e.memory_mb {
+            Some(mb) if !(16..=1024 * 1024).contains(&mb) => {
+                problems.push((
+                    format!("{key}.memory_mb"),
+                    format!("{mb} is not between 16 and 1048576"),
+                ));
+                0
+            }
+            Some(mb) => mb * 1024 * 1024,
+            None => defaults.memory_bytes,
+        },
+        reply_bytes: match e.reply_bytes {
+            Some(n) if !(256..=1024 * 1024).contains(&n) => {
+                problems.push((
+                    format!("{key}.reply_bytes"),
+                    format!("{n} is not between 256 and 1048576"),
+                ));
+                0
+            }
+            Some(n) => n,
+            None => defaults.reply_bytes,
+        },
+        ..defaults
+    };
+    if problems.is_empty() {
+        Ok(PluginSpec {
+            manifest,
+            secrets,
+            limits,
+        })
+    } else {
+        Err(problems)
+    }
+}

@@ -1,0 +1,357 @@
+//! A plugin's manifest: `plugin.toml` beside its executable. It travels
+//! with the plugin's code (its author knows the commands and the secrets it
+//! needs); which plugins run and where secret values come from is the
+//! operator's, in `gateway.toml` (see [`super::config`]).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use fleetcmd_core::policy::{PLUGIN_ACTION_PREFIX, valid_plugin_part};
+use serde::Deserialize;
+
+use super::protocol::PROTOCOL_VERSION;
+
+/// The manifest as written.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    name: String,
+    protocol: u32,
+    executable: PathBuf,
+    #[serde(default)]
+    secrets: Vec<String>,
+    #[serde(default)]
+    commands: Vec<RawCommand>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawCommand {
+    verb: String,
+    summary: String,
+    #[serde(default)]
+    help: Vec<String>,
+    #[serde(default)]
+    args: Vec<RawArg>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawArg {
+    name: String,
+    #[serde(default = "default_kind")]
+    kind: String,
+    #[serde(default)]
+    optional: bool,
+}
+
+fn default_kind() -> String {
+    "word".to_string()
+}
+
+/// A checked manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub name: String,
+    /// Absolute: relative paths are resolved against the manifest's folder.
+    pub executable: PathBuf,
+    /// Names of the environment variables the plugin needs.
+    pub secrets: Vec<String>,
+    pub commands: Vec<CommandSpec>,
+}
+
+/// One chat command a plugin serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandSpec {
+    pub verb: String,
+    pub summary: String,
+    pub help: Vec<String>,
+    pub args: Vec<ArgSpec>,
+}
+
+/// One positional argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArgSpec {
+    pub name: String,
+    pub kind: ArgKind,
+    pub optional: bool,
+}
+
+/// What an argument may be; the gateway checks it before the plugin is
+/// called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgKind {
+    /// One word (quotes make several words one).
+    Word,
+    /// A decimal integer.
+    Int,
+}
+
+impl CommandSpec {
+    /// The policy action that guards it: `plugin:NAME.VERB`.
+    pub fn action(&self, plugin: &str) -> String {
+        format!("{PLUGIN_ACTION_PREFIX}{plugin}.{}", self.verb)
+    }
+
+    /// `verb <a> [b]`.
+    pub fn usage(&self) -> String {
+        let mut s = self.verb.clone();
+        for a in &self.args {
+            let kind = match a.kind {
+                ArgKind::Word => "",
+                ArgKind::Int => ":int",
+            };
+            if a.optional {
+                s.push_str(&format!(" [{}{kind}]", a.name));
+            } else {
+                s.push_str(&format!(" <{}{kind}>", a.name));
+            }
+        }
+        s
+    }
+
+    /// Checks the words typed after the verb against the arguments.
+    pub fn check_args(&self, args: &[String]) -> Result<(), String> {
+        let required = self.args.iter().filter(|a| !a.optional).count();
+        if args.len() < required || args.len() > self.args.len() {
+            return Err(format!(
+                "{} takes {}{} argument{}; usage: {}",
+                self.verb,
+                if required == self.args.len() {
+                    String::new()
+                } else {
+                    format!("{required} to ")
+                },
+                self.args.len(),
+                if self.args.len() == 1 { "" } else { "s" },
+                self.usage()
+            ));
+        }
+        for (spec, value) in self.args.iter().zip(args) {
+            if spec.kind == ArgKind::Int && value.parse::<i64>().is_err() {
+                return Err(format!(
+                    "argument {} must be an integer, got `{}`; usage: {}",
+                    spec.name,
+                    fleetcmd_core::terminal::excerpt(value),
+                    self.usage()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a manifest was refused: every problem, each with its key.
+#[derive(thiserror::Error, Debug)]
+#[error("plugin manifest {}: {}", path.display(), problems.join("; "))]
+pub struct ManifestError {
+    pub path: PathBuf,
+    pub problems: Vec<String>,
+}
+
+/// Verbs a plugin may not take: the gateway's own.
+fn builtin_verb(verb: &str) -> bool {
+    fleetcmd_core::grammar::VERBS.iter().any(|v| v.verb == verb)
+}
+
+impl Manifest {
+    /// Reads and checks the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let fail = |p: String| ManifestError {
+            path: path.to_path_buf(),
+            problems: vec![p],
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Manifest::parse(&text, dir).map_err(|problems| ManifestError {
+            path: path.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// Parses manifest text; relative executables are taken from `dir`.
+    pub fn parse(text: &str, dir: &Path) -> Result<Manifest, Vec<String>> {
+        let raw: RawManifest = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+        let mut problems = Vec::new();
+        if !valid_plugin_part(&raw.name) {
+            problems.push(format!(
+                "name: \"{}\" must be 1-64 of a-z, 0-9, _ and -, starting with a letter or digit",
+                raw.name
+            ));
+        }
+        if raw.protocol != PROTOCOL_VERSION {
+            problems.push(format!(
+                "protocol: this gateway speaks protocol {PROTOCOL_VERSION}, the manifest asks for {}",
+                raw.protocol
+            ));
+        }
+        let executable = if raw.executable.is_absolute() {
+            raw.executable
+        } else {
+            dir.join(raw.executable)
+        };
+        let mut seen = BTreeSet::new();
+        for s in &raw.secrets {
+            let ok = !s.is_empty()
+                && s.bytes()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_')
+                && !s.as_bytes()[0].is_ascii_digit();
+            if !ok {
+                problems.push(format!(
+                    "secrets: \"{s}\" must be an environment variable name (A-Z, 0-9, _)"
+                ));
+            }
+            if s == "PATH" {
+                problems.push("secrets: PATH is set by the gateway".to_string());
+            }
+            if !seen.insert(s.clone()) {
+                problems.push(format!("secrets: \"{s}\" is listed twice"));
+            }
+        }
+        if raw.commands.is_empty() {
+            problems.push("commands: a plugin needs at least one command".to_string());
+        }
+        let mut verbs = BTreeSet::new();
+        let mut commands = Vec::new();
+        for (i, c) in raw.commands.into_iter().enumerate() {
+            let key = format!("commands[{i}]");
+            if !valid_plugin_part(&c.verb) {
+                problems.push(format!(
+                    "{key}.verb: \"{}\" must be 1-64 of a-z, 0-9, _ and -, starting with a letter or digit",
+                    c.verb
+                ));
+            } else if builtin_verb(&c.verb) {
+                problems.push(format!("{key}.verb: \"{}\" is a built-in command", c.verb));
+            }
+            if !verbs.insert(c.verb.clone()) {
+                problems.push(format!("{key}.verb: \"{}\" is listed twice", c.verb));
+            }
+            if c.summary.trim().is_empty() {
+                problems.push(format!("{key}.summary: must not be empty"));
+            }
+            let mut args = Vec::new();
+            let mut optional_seen = false;
+            for (j, a) in c.args.into_iter().enumerate() {
+                let akey = format!("{key}.args[{j}]");
+                let kind = match a.kind.as_str() {
+                    "word" => ArgKind::Word,
+                    "int" => ArgKind::Int,
+                    other => {
+                        problems.push(format!("{akey}.kind: \"{other}\" is not one of word, int"));
+                        ArgKind::Word
+                    }
+                };
+                if a.name.is_empty() {
+                    problems.push(format!("{akey}.name: must not be empty"));
+                }
+                if optional_seen && !a.optional {
+                    problems.push(format!("{akey}: a required argument after an optional one"));
+                }
+                optional_seen |= a.optional;
+                args.push(ArgSpec {
+                    name: a.name,
+                    kind,
+                    optional: a.optional,
+                });
+            }
+            commands.push(CommandSpec {
+                verb: c.verb,
+                summary: c.summary,
+                help: c.help,
+                args,
+            });
+        }
+        if problems.is_empty() {
+            Ok(Manifest {
+                name: raw.name,
+                executable,
+                secrets: raw.secrets,
+                commands,
+            })
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn command(&self, verb: &str) -> Option<&CommandSpec> {
+        self.commands.iter().find(|c| c.verb == verb)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "deploy"
+protocol = 1
+executable = "deploy.py"
+secrets = ["DEPLOY_TOKEN"]
+
+[[commands]]
+verb = "rollback"
+summary = "Roll an app back"
+help = ["rolls back to the previous release"]
+args = [{ name = "app" }, { name = "steps", kind = "int", optional = true }]
+"#;
+
+    #[test]
+    fn a_manifest_resolves_its_executable_and_checks_arguments() {
+        let m = Manifest::parse(GOOD, Path::new("/opt/p")).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(m.executable, Path::new("/opt/p/deploy.py"));
+        let c = m.command("rollback").unwrap_or_else(|| panic!("rollback"));
+        assert_eq!(c.usage(), "rollback <app> [steps:int]");
+        assert_eq!(c.action("deploy"), "plugin:deploy.rollback");
+        assert!(c.check_args(&["web".into()]).is_ok());
+        assert!(c.check_args(&["web".into(), "2".into()]).is_ok());
+        let e = c.check_args(&[]).err().unwrap_or_default();
+        assert!(e.contains("takes 1 to 2 arguments"), "{e}");
+        let e = c
+            .check_args(&["web".into(), "two".into()])
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("steps must be an integer, got `two`"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_named_at_once() {
+        let bad = r#"
+name = "Deploy"
+protocol = 2
+executable = "x"
+secrets = ["PATH", "lower"]
+[[commands]]
+verb = "run"
+summary = ""
+args = [{ name = "a", optional = true }, { name = "b", kind = "float" }]
+"#;
+        let problems = Manifest::parse(bad, Path::new("/"))
+            .err()
+            .unwrap_or_default();
+        for part in [
+            "name: \"Deploy\"",
+            "protocol: this gateway speaks protocol 1",
+            "PATH is set by the gateway",
+            "\"lower\" must be an environment variable name",
+            "\"run\" is a built-in command",
+            "summary: must not be empty",
+            "\"float\" is not one of word, int",
+            "a required argument after an optional one",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(part)),
+                "{part} not in {problems:?}"
+            );
+        }
+        let e = Manifest::parse(
+            "name = \"x\"\nprotocol = 1\nexecutable = \"x\"\nroutes = []\n",
+            Path::new("/"),
+        )
+        .err()
+        .unwrap_or_default();
+        assert!(
+            e.iter().any(|p| p.contains("unknown field `routes`")),
+            "{e:?}"
+        );
+    }
+}

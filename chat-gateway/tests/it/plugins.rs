@@ -1,0 +1,381 @@
+//! Plugins through the real gateway loop and the console adapter: the
+//! example plugins (examples/plugins), and plugins that crash, hang, flood
+//! or ask for a job their caller may not run.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetcmd_core::job::JobSpec;
+use fleetcmd_gateway::Gateway;
+use fleetcmd_gateway::adapters::console::ConsoleAdapter;
+use fleetcmd_gateway::plugins::PluginHost;
+use fleetcmd_gateway::plugins::config::{PluginConfig, load};
+use fleetcmd_gateway::router::Router;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{FakeController, POLICY_BODY, router_for};
+
+const GRANTS: &str = r#"
+[roles.plugins]
+commands = []
+may = ["plugin:greet.*", "plugin:clock.clock", "plugin:crash.*", "plugin:hang.*", "plugin:flood.*", "plugin:env.*"]
+
+[roles.greeter]
+commands = []
+may = ["plugin:greet.*"]
+
+[[bindings]]
+subjects = ["console:alice"]
+roles = ["plugins"]
+
+[[bindings]]
+subjects = ["console:erin"]
+roles = ["greeter"]
+"#;
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plugins")
+}
+
+/// A test plugin in `dir`: manifest and a Python body after the common
+/// JSON-RPC loop (`answer(params)` returns the command result).
+fn test_plugin(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        d.join("plugin.toml"),
+        format!("name = \"{name}\"\nprotocol = 1\nexecutable = \"p.py\"\n[[commands]]\nverb = \"{name}\"\nsummary = \"test\"\nargs = [{{ name = \"how\", optional = true }}]\n"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let script = format!(
+        r#"#!/usr/bin/env python3
+import json, os, sys
+with open("starts", "a") as f:
+    f.write("x")
+{body}
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg["method"] == "initialize":
+        result = {{"protocol_version": 1, "commands": ["{name}"]}}
+    else:
+        result = answer(msg["params"])
+    sys.stdout.write(json.dumps({{"jsonrpc": "2.0", "id": msg["id"], "result": result}}) + "\n")
+    sys.stdout.flush()
+"#
+    );
+    let exe = d.join("p.py");
+    std::fs::write(&exe, script).unwrap_or_else(|e| panic!("{e}"));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+    d.join("plugin.toml")
+}
+
+fn entry(manifest: PathBuf, extra: &str) -> PluginConfig {
+    toml::from_str(&format!(
+        "manifest = {:?}\n{extra}",
+        manifest.display().to_string()
+    ))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+struct Setup {
+    router: Arc<Router<FakeController>>,
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().to_path_buf();
+    let token = path.join("greet-token");
+    crate::support::write_private(&token, "s3cret\n");
+    let entries = vec![
+        entry(
+            examples().join("python/plugin.toml"),
+            &format!(
+                "secrets.GREET_TOKEN = {{ file = {:?} }}",
+                token.display().to_string()
+            ),
+        ),
+        entry(examples().join("shell/plugin.toml"), ""),
+        entry(
+            test_plugin(&path, "crash", "def answer(p):\n    sys.exit(3)\n"),
+            "restart_min = \"1s\"",
+        ),
+        entry(
+            test_plugin(
+                &path,
+                "hang",
+                "import time\ndef answer(p):\n    time.sleep(60)\n",
+            ),
+            "call_timeout = \"1s\"",
+        ),
+        entry(
+            test_plugin(
+                &path,
+                "flood",
+                "def answer(p):\n    if p['args']:\n        sys.stdout.write('x' * 1000000 + '\\n'); sys.stdout.flush()\n    return {'lines': ['y' * 100] * 2000}\n",
+            ),
+            "",
+        ),
+        entry(
+            test_plugin(
+                &path,
+                "env",
+                "def answer(p):\n    env = sorted(k.split(b'=')[0].decode() for k in open('/proc/self/environ','rb').read().split(b'\\0') if k)\n    fds = sorted(os.listdir('/proc/self/fd'))\n    try:\n        bytearray(4 << 30)\n        mem = 'unlimited'\n    except MemoryError:\n        mem = 'limited'\n    return {'lines': ['env ' + ','.join(env), 'fds ' + ','.join(fds), 'memory ' + mem]}\n",
+            ),
+            "memory_mb = 256",
+        ),
+    ];
+    // `env` is declared nowhere else; its call is granted to alice only.
+    let mut entries = entries;
+    let _ = &mut entries;
+    let specs = load(&entries).unwrap_or_else(|e| panic!("{e}"));
+    let router = router_for(4, &format!("{POLICY_BODY}\n{GRANTS}"), |_| {});
+    // What the `plugin` component's build does with the registry.
+    router
+        .register_commands(Arc::new(PluginHost::new(specs)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    Setup {
+        router,
+        dir: path,
+        _dir: dir,
+    }
+}
+
+/// Types `lines` as `who` on a console served by the real gateway loop
+/// and returns everything it printed once the input ended.
+async fn console(router: &Arc<Router<FakeController>>, who: &str, lines: &[&str]) -> String {
+    let mut gw = Gateway::new(router.clone());
+    let (mut user_in, adapter_in) = tokio::io::duplex(1 << 16);
+    let (adapter_out, mut user_out) = tokio::io::duplex(1 << 22);
+    let console = ConsoleAdapter::new(tokio::io::BufReader::new(adapter_in), adapter_out, who)
+        .unwrap_or_else(|e| panic!("{e}"));
+    gw.add(console);
+    let run = tokio::spawn(gw.run(None));
+    for l in lines {
+        user_in
+            .write_all(format!("{l}\n").as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    drop(user_in);
+    let reader = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = user_out.read_to_string(&mut text).await;
+        text
+    });
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .unwrap_or_else(|_| panic!("gateway did not stop"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    reader.await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn reported(router: &Router<FakeController>, kind: &str) -> Vec<(String, String, String, String)> {
+    router
+        .controller()
+        .reported()
+        .into_iter()
+        .filter(|r| r.0 == kind)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_python_example_answers_with_the_verified_caller_and_its_declared_secret() {
+    let s = setup();
+    let out = console(&s.router, "alice", &["greet", "greet \"Ada L\""]).await;
+    assert!(out.contains("hello alice from console in console"), "{out}");
+    assert!(out.contains("hello Ada L from console"), "{out}");
+    assert!(out.contains("token configured: yes"), "{out}");
+    let calls = reported(&s.router, "chat_command");
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(
+        (calls[0].1.as_str(), calls[0].2.as_str()),
+        ("console:alice", "greet")
+    );
+    assert!(calls[0].3.contains("answered by plugin greet"), "{calls:?}");
+}
+
+#[tokio::test]
+async fn the_shell_example_answers() {
+    let s = setup();
+    let out = console(&s.router, "alice", &["clock"]).await;
+    assert!(out.contains("on the gateway"), "{out}");
+    assert!(out.contains("clock: answered by plugin clock"), "{out}");
+}
+
+#[tokio::test]
+async fn plugin_commands_are_refused_audited_and_hidden_without_a_grant() {
+    let s = setup();
+    let mut out = console(&s.router, "erin", &["clock"]).await;
+    out.push_str(&console(&s.router, "erin", &["help"]).await);
+    out.push_str(&console(&s.router, "erin", &["help greet"]).await);
+    assert!(
+        out.contains("refused: `clock` needs a role here that may `plugin:clock.clock`"),
+        "{out}"
+    );
+    let also = out
+        .lines()
+        .find(|l| l.contains("also: "))
+        .unwrap_or_default();
+    assert!(also.contains("greet [name]"), "{out}");
+    assert!(
+        !also.contains("clock") && also.contains("loadcheck <selector>"),
+        "help shows only usable plugin commands: {out}"
+    );
+    assert!(
+        out.contains("Say hello to the caller (plugin greet)"),
+        "{out}"
+    );
+    let denied = reported(&s.router, "chat_denied");
+    assert!(
+        denied
+            .iter()
+            .any(|d| d.1 == "console:erin" && d.2 == "clock" && d.3.contains("plugin:clock.clock")),
+        "{denied:?}"
+    );
+    // Nothing was called, so no call is audited.
+    assert!(reported(&s.router, "chat_command").is_empty());
+}
+
+#[tokio::test]
+async fn a_plugins_job_runs_as_the_caller_and_is_refused_when_the_caller_may_not_run_it() {
+    let s = setup();
+    // erin may use the plugin but run no command: the job is refused,
+    // audited, nothing submitted, and the plugin is told.
+    let out = console(&s.router, "erin", &["loadcheck role=web"]).await;
+    assert!(s.router.controller().submitted().is_empty(), "{out}");
+    assert!(
+        out.contains("job not run: refused:"),
+        "the plugin is told why: {out}"
+    );
+    let denied = reported(&s.router, "chat_denied");
+    assert!(
+        denied
+            .iter()
+            .any(|d| d.1 == "console:erin" && d.2 == "uptime"),
+        "{denied:?}"
+    );
+    // alice may run uptime: the job is signed with her as requester.
+    let out = console(&s.router, "alice", &["loadcheck role=web"]).await;
+    let submitted = s.router.controller().submitted();
+    assert_eq!(submitted.len(), 1, "{out}");
+    let spec = JobSpec::from_bytes(&submitted[0].spec).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (
+            spec.requester.as_str(),
+            spec.command.as_str(),
+            spec.selector.as_str()
+        ),
+        ("console:alice", "uptime", "role=web")
+    );
+    assert!(
+        out.contains("up 3 days"),
+        "the result reached the chat: {out}"
+    );
+    let job_id = spec.id.as_str();
+    assert!(
+        out.contains(&format!("job {job_id} submitted as you")),
+        "the plugin got the job id: {out}"
+    );
+    // The plugin's call itself is audited once per caller.
+    let calls = reported(&s.router, "chat_command");
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.2 == "loadcheck")
+            .map(|c| c.1.as_str())
+            .collect::<Vec<_>>(),
+        ["console:erin", "console:alice"]
+    );
+}
+
+#[tokio::test]
+async fn a_crashing_plugin_is_not_available_the_gateway_keeps_serving_and_it_is_restarted_after_its_backoff()
+ {
+    let s = setup();
+    // One console per command: the gateway serves a console's commands
+    // concurrently, and these are about their order.
+    let mut out = String::new();
+    for c in ["crash", "crash", "greet"] {
+        out.push_str(&console(&s.router, "alice", &[c]).await);
+    }
+    assert!(out.contains("plugin crash is not available"), "{out}");
+    assert!(out.contains("exited with exit status: 3"), "{out}");
+    assert!(
+        out.contains("trying again in 1s"),
+        "the second call waits for the backoff: {out}"
+    );
+    assert!(out.contains("hello alice"), "other plugins go on: {out}");
+    let starts = s.dir.join("crash/starts");
+    assert_eq!(std::fs::read_to_string(&starts).unwrap_or_default(), "x");
+    // Once the backoff has passed, it is started again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&starts).unwrap_or_default() != "xx" {
+        assert!(tokio::time::Instant::now() < deadline, "not restarted");
+        let _ = console(&s.router, "alice", &["crash"]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_plugin_times_out_and_is_stopped() {
+    let s = setup();
+    let started = std::time::Instant::now();
+    let out = console(&s.router, "alice", &["hang"]).await;
+    assert!(
+        out.contains("plugin hang did not answer within 1s"),
+        "{out}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let calls = reported(&s.router, "chat_command");
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.2 == "hang" && c.3.contains("did not answer")),
+        "{calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_flooding_plugin_is_cut_and_an_overlong_line_stops_it() {
+    let s = setup();
+    let mut out = console(&s.router, "alice", &["flood"]).await;
+    out.push_str(&console(&s.router, "alice", &["flood big"]).await);
+    assert!(out.contains("(plugin output cut: "), "{out}");
+    assert!(
+        out.contains("over the 16384-byte limit of a reply"),
+        "{out}"
+    );
+    assert!(
+        out.len() < 200_000,
+        "the flood did not reach the chat: {} bytes",
+        out.len()
+    );
+    assert!(out.contains("it wrote a line over 262144 bytes"), "{out}");
+}
+
+#[tokio::test]
+async fn a_plugin_gets_only_path_and_its_declared_secrets_no_fds_and_bounded_memory() {
+    let s = setup();
+    let out = console(&s.router, "alice", &["env"]).await;
+    assert!(
+        out.contains("env PATH\n") || out.contains("env PATH "),
+        "{out}"
+    );
+    assert!(out.contains("memory limited"), "{out}");
+    let fds = out
+        .lines()
+        .find_map(|l| l.split("fds ").nth(1))
+        .unwrap_or_default()
+        .to_string();
+    let fds: Vec<&str> = fds.split(',').collect();
+    assert!(
+        fds.len() <= 4 && fds.iter().all(|f| ["0", "1", "2", "3"].contains(f)),
+        "{fds:?}"
+    );
+}

@@ -1,0 +1,169 @@
+//! Plugins through the real launcher: the `fleetcmd-gateway` binary reads
+//! `[[plugin]]` from gateway.toml (the registry component `plugin`), starts
+//! the example plugins, and serves their commands on its console, against a
+//! real controller and agent: a plugin's job runs as the caller, one the
+//! caller may not run is refused and audited with nothing submitted, and
+//! every call is audited as `chat_command` in the controller's trail.
+
+use std::path::Path;
+use std::time::Duration;
+
+use fleetcmd_proto::v1 as pb;
+use fleetcmd_tests::*;
+
+use crate::gateway_restart::{Gateway, gateway_config};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The dev policy with alice (everything, and both example plugins) and
+/// erin (the `greet` plugin only, no command).
+async fn push_plugin_policy(fleet: &mut TestFleet) {
+    let base = fleetcmd_cli::fleet::example_policy(
+        fleet.policy_version + 1,
+        &fleet.gateway_key.public_key(),
+        &fleet.operator_key.public_key(),
+    );
+    let text =
+        base.replace(
+            "may = [\"*\"]",
+            "may = [\"*\", \"plugin:greet.*\", \"plugin:clock.clock\"]",
+        )
+        .replace(
+            "subjects = [\"console:*\", \"cli:*\"]",
+            "subjects = [\"console:alice\", \"cli:*\"]",
+        ) + "\n[roles.greeter]\ncommands = []\nmay = [\"plugin:greet.*\"]\n\n\
+           [[bindings]]\nsubjects = [\"console:erin\"]\nroles = [\"greeter\"]\n";
+    fleet.fleet.push_policy(&text).await.expect("policy pushed");
+}
+
+/// `(kind, actor, command, detail)` of the audit records of `kinds`.
+async fn audited(fleet: &TestFleet, kinds: &[&str]) -> Vec<(String, String, String, String)> {
+    let mut audit = pb::audit_client::AuditClient::new(fleet.operator().await);
+    let records = audit
+        .search(pb::AuditSearchRequest {
+            kinds: kinds.iter().map(|k| k.to_string()).collect(),
+            limit: 200,
+            ..Default::default()
+        })
+        .await
+        .expect("audit search")
+        .into_inner()
+        .records;
+    records
+        .iter()
+        .filter_map(|r| serde_json::from_str::<serde_json::Value>(r).ok())
+        .map(|v| {
+            let f = |k: &str| v["event"][k].as_str().unwrap_or_default().to_string();
+            (f("kind"), f("actor"), f("command"), f("detail"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugins_in_gateway_toml_serve_the_console_of_the_real_gateway_binary() {
+    let mut fleet = start_fleet(1).await;
+    push_plugin_policy(&mut fleet).await;
+    let state = fleet.path().join("gateway-state");
+    let config = gateway_config(&fleet, &state, "15m");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plugins");
+    let token = fleet.path().join("greet.token");
+    std::fs::write(&token, "s3cret\n").expect("token written");
+    // Secret files are refused when other local users may read them.
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("token kept private");
+    let plugins = format!(
+        "\n[[plugin]]\nmanifest = {:?}\nsecrets.GREET_TOKEN = {{ file = {:?} }}\n\n\
+         [[plugin]]\nmanifest = {:?}\ncall_timeout = \"20s\"\n",
+        examples.join("python/plugin.toml").display().to_string(),
+        token.display().to_string(),
+        examples.join("shell/plugin.toml").display().to_string(),
+    );
+    let mut text = std::fs::read_to_string(&config).expect("gateway.toml");
+    text.push_str(&plugins);
+    std::fs::write(&config, text).expect("gateway.toml written");
+
+    // alice: both plugins, and a plugin's job runs on the agent as her.
+    let mut alice = Gateway::start(&config, "alice");
+    alice.say("clock");
+    alice
+        .line("the shell plugin's answer", |l| {
+            l.contains("on the gateway").then_some(())
+        })
+        .await;
+    alice.say("greet");
+    alice
+        .line("the python plugin's answer", |l| {
+            l.contains("token configured: yes").then_some(())
+        })
+        .await;
+    alice.say("loadcheck all");
+    let job = alice
+        .line("the job id the plugin was given", |l| {
+            let rest = l.split("job ").nth(1)?;
+            let (id, after) = rest.split_once(' ')?;
+            after
+                .starts_with("submitted as you")
+                .then(|| id.to_string())
+        })
+        .await;
+    let done = fleet.wait_job(&job).await;
+    assert_eq!(done.requester, "console:alice", "{done:?}");
+    assert_eq!(done.command, "uptime", "{done:?}");
+    assert_eq!(done.job_state(), pb::JobState::Succeeded, "{done:?}");
+    alice.kill9();
+
+    // erin may use `greet` but run no command: refused, nothing submitted.
+    let mut erin = Gateway::start(&config, "erin");
+    erin.say("loadcheck all");
+    let told = erin
+        .line("the refusal the plugin passed on", |l| {
+            l.contains("job not run: refused").then(|| l.to_string())
+        })
+        .await;
+    assert!(told.contains("nothing was submitted"), "{told}");
+    erin.say("clock");
+    erin.line("the plugin grant refusal", |l| {
+        l.contains("refused: `clock` needs a role here that may `plugin:clock.clock`")
+            .then_some(())
+    })
+    .await;
+    erin.kill9();
+
+    let records = assert_eventually(WAIT, || async {
+        let r = audited(&fleet, &["chat_command", "chat_denied"]).await;
+        let erin_denied = r
+            .iter()
+            .filter(|(k, who, _, _)| k == "chat_denied" && who == "console:erin")
+            .count();
+        (erin_denied >= 2).then_some(r)
+    })
+    .await;
+    let has = |kind: &str, who: &str, command: &str| {
+        records
+            .iter()
+            .any(|(k, w, c, _)| k == kind && w == who && c == command)
+    };
+    for command in ["clock", "greet", "loadcheck"] {
+        assert!(has("chat_command", "console:alice", command), "{records:?}");
+    }
+    assert!(
+        has("chat_command", "console:erin", "loadcheck"),
+        "{records:?}"
+    );
+    assert!(has("chat_denied", "console:erin", "uptime"), "{records:?}");
+    assert!(has("chat_denied", "console:erin", "clock"), "{records:?}");
+    assert!(!has("chat_command", "console:erin", "clock"), "{records:?}");
+    // erin's refused job never reached the controller.
+    let mut jobs = pb::jobs_client::JobsClient::new(fleet.operator().await);
+    let listed = jobs
+        .list(pb::ListJobsRequest::default())
+        .await
+        .expect("jobs listed")
+        .into_inner()
+        .jobs;
+    assert!(
+        listed.iter().all(|j| j.requester != "console:erin"),
+        "{listed:?}"
+    );
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
