@@ -8,6 +8,7 @@
 
 #[cfg(test)]
 pub mod conformance;
+pub mod postgres;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,6 +22,8 @@ pub enum StoreError {
         "database at {path}: {reason}; restore the directory from a backup or move it aside to start empty"
     )]
     Open { path: String, reason: String },
+    #[error("database {target}: {reason}")]
+    Connect { target: String, reason: String },
     #[error("database: {0}")]
     Backend(String),
     #[error("database record {key}: {reason}")]
