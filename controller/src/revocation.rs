@@ -16,7 +16,6 @@ use crate::error::{ApiError, ApiResult};
 use crate::pki::{Peer, Role};
 use crate::store::RevocationStore;
 
-
 /// One revocation: of one certificate (`serial`), or of every certificate
 /// of that role and name issued at or before `revoked_at`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,7 +336,7 @@ mod tests {
 
     #[test]
     fn revocations_survive_a_reopen_of_the_store() {
-        use crate::store::SledStore;
+        use crate::store::{SledStore, Store};
         let dir = tempfile::tempdir().expect("tempdir");
         let rec = CertRevocation {
             role: "gateway".into(),

@@ -28,7 +28,6 @@ use fleetcmd_core::ids::JobRef;
 
 use crate::store::{AuditDim as Dim, AuditIndexEntry, Order, Store, StoreError};
 
-
 /// How often the chain head is signed when records were added.
 pub const HEAD_INTERVAL: Duration = Duration::from_secs(60);
 /// Records a search examines at most per call; beyond it the page ends
@@ -44,7 +43,6 @@ pub enum AuditError {
     #[error("audit key {path}: {reason}")]
     Key { path: String, reason: String },
 }
-
 
 /// Kinds a client (the gateway) may report; the controller records the
 /// others itself.
@@ -270,7 +268,12 @@ impl Audit {
             None => Chain::genesis(),
         };
         let newest = tip.map_or(0, |r| r.seq);
-        for r in store.audit_records(newest.saturating_sub(999), newest + 1, Order::OldestFirst, 1000)? {
+        for r in store.audit_records(
+            newest.saturating_sub(999),
+            newest + 1,
+            Order::OldestFirst,
+            1000,
+        )? {
             store.audit_put_index(&index_entries(&r, false))?;
         }
         let last_signed = store.audit_last_head_seq()?.unwrap_or(0);
@@ -314,8 +317,7 @@ impl Audit {
         let mut chain = lock(&self.chain);
         let mut next = chain.clone();
         let rec = next.append(now_ms, event);
-        self.store
-            .audit_append(&rec, &index_entries(&rec, false))?;
+        self.store.audit_append(&rec, &index_entries(&rec, false))?;
         *chain = next;
         Ok(rec.seq)
     }
@@ -360,9 +362,9 @@ impl Audit {
     pub fn prune(&self, before_ms: u64, max_seq: u64, batch: usize) -> Result<u64, StoreError> {
         let tip = lock(&self.chain).seq;
         let limit = max_seq.min(tip.saturating_sub(1));
-        let candidates = self
-            .store
-            .audit_records(0, limit.saturating_add(1), Order::OldestFirst, batch)?;
+        let candidates =
+            self.store
+                .audit_records(0, limit.saturating_add(1), Order::OldestFirst, batch)?;
         let doomed: Vec<Record> = candidates
             .into_iter()
             .take_while(|r| r.time_ms < before_ms)
@@ -374,10 +376,8 @@ impl Audit {
         let checkpoint = SignedHead::sign(&Chain::after(last), now_ms(), &self.key);
         self.store.audit_put_head(&checkpoint)?;
         self.store.flush()?;
-        let index: Vec<AuditIndexEntry> = doomed
-            .iter()
-            .flat_map(|r| index_entries(r, true))
-            .collect();
+        let index: Vec<AuditIndexEntry> =
+            doomed.iter().flat_map(|r| index_entries(r, true)).collect();
         self.store.audit_remove_through(last.seq, &index)?;
         self.store.audit_remove_heads_before(last.seq)?;
         self.store.flush()?;

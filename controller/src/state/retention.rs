@@ -61,7 +61,7 @@ mod tests {
     use fleetcmd_core::state::JobState;
 
     use super::*;
-    use crate::store::{JobRecord, SledStore};
+    use crate::store::{JobRecord, JobStore, SledStore};
 
     fn ids(store: &dyn Store) -> Vec<String> {
         let mut v: Vec<String> = store

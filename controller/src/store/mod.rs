@@ -46,7 +46,8 @@ pub enum StoreError {
     Conflict { what: String, reason: String },
 }
 
-/// The controller's storage: every part, plus durability.
+/// The controller's storage: every part, plus durability. `Any`, so a
+/// test or tool that knows the backend can reach it (`SledStore::raw_tree`).
 pub trait Store:
     JobStore
     + TokenStore
@@ -57,7 +58,7 @@ pub trait Store:
     + RevocationStore
     + Send
     + Sync
-    + 'static
+    + std::any::Any
 {
     /// Blocks until everything written so far is durable.
     fn flush(&self) -> Result<(), StoreError>;

@@ -151,12 +151,7 @@ impl TargetRecord {
 impl JobRecord {
     /// A job record for tests: `uptime` on `targets` by cli:alice, a 1 KB
     /// spec, no deadlines.
-    pub fn for_test(
-        id: &str,
-        created_at_ms: u64,
-        state: JobState,
-        targets: &[&str],
-    ) -> Self {
+    pub fn for_test(id: &str, created_at_ms: u64, state: JobState, targets: &[&str]) -> Self {
         JobRecord {
             id: id.into(),
             spec: vec![b'x'; 1000],

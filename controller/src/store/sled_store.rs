@@ -209,6 +209,15 @@ impl SledStore {
         StoreError::Backend(e.to_string())
     }
 
+    /// A tree of the database by name, for tools that inspect the files
+    /// (the bench's size report) and tests that tamper with them; the
+    /// controller itself only uses the `Store` parts. Fetch it per use:
+    /// the handle changes after a reopen.
+    pub fn raw_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        let t = self.trees()?;
+        t.db.open_tree(name).map_err(|e| self.fail(e))
+    }
+
     fn get<T: DeserializeOwned>(
         &self,
         tree: &sled::Tree,
@@ -854,78 +863,12 @@ impl RevocationStore for SledStore {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use fleetcmd_core::state::TargetState;
+
+    use super::super::records::TARGET_V2;
     use super::*;
-
-    fn token(uses: u32) -> TokenRecord {
-        TokenRecord {
-            secret_hash: "ab".repeat(32),
-            expires_at: 100,
-            uses_left: uses,
-            labels: BTreeMap::new(),
-            name: None,
-            created_by: "t".into(),
-            replaces: None,
-        }
-    }
-
-    #[test]
-    fn single_use_token_is_consumed_exactly_once_under_concurrency() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = std::sync::Arc::new(SledStore::open(dir.path()).expect("open"));
-        store.put_token("t1", &token(1)).expect("put");
-        let winners: usize = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..8)
-                .map(|_| {
-                    let store = store.clone();
-                    s.spawn(move || {
-                        store
-                            .consume_token("t1", &"ab".repeat(32), 50)
-                            .expect("store")
-                            .is_ok() as usize
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("thread")).sum()
-        });
-        assert_eq!(winners, 1);
-        assert_eq!(
-            store
-                .consume_token("t1", &"ab".repeat(32), 50)
-                .expect("store"),
-            Err(TokenRefusal::Used)
-        );
-    }
-
-    #[test]
-    fn token_checks() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path()).expect("open");
-        store.put_token("t", &token(2)).expect("put");
-        assert_eq!(
-            store
-                .consume_token("t", &"cd".repeat(32), 50)
-                .expect("store"),
-            Err(TokenRefusal::Unknown)
-        );
-        assert_eq!(
-            store
-                .consume_token("nope", &"ab".repeat(32), 50)
-                .expect("store"),
-            Err(TokenRefusal::Unknown)
-        );
-        assert_eq!(
-            store
-                .consume_token("t", &"ab".repeat(32), 101)
-                .expect("store"),
-            Err(TokenRefusal::Expired)
-        );
-        assert!(
-            store
-                .consume_token("t", &"ab".repeat(32), 50)
-                .expect("store")
-                .is_ok()
-        );
-    }
 
     #[test]
     fn target_records_are_compact_and_json_ones_of_earlier_versions_still_read() {
@@ -997,57 +940,6 @@ mod tests {
     const A: &str = "01890a5d-ac96-774b-bcce-b302099a8057";
     const B: &str = "01890a5d-ac96-7001-8000-b302099a8057";
     const C: &str = "01890a5d-ac96-7002-8000-000000000001";
-
-    #[test]
-    fn a_short_id_names_one_job_and_is_freed_with_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path()).expect("open");
-        let short = "b302099a8057";
-        assert_eq!(store.job_id_by_short(short).expect("get"), None);
-        assert_eq!(store.claim_short_id(short, A).expect("claim"), None);
-        // Claiming it again for the same job is not a clash.
-        assert_eq!(store.claim_short_id(short, A).expect("claim"), None);
-        assert_eq!(
-            store.claim_short_id(short, B).expect("claim"),
-            Some(A.to_string())
-        );
-        assert_eq!(store.job_id_by_short(short).expect("get"), Some(A.into()));
-        // Retention deletes the job and frees its short id; deleting another
-        // job never takes a short id it does not hold.
-        store.delete_job(B).expect("delete");
-        assert_eq!(store.job_id_by_short(short).expect("get"), Some(A.into()));
-        store.delete_job(A).expect("delete");
-        assert_eq!(store.job_id_by_short(short).expect("get"), None);
-        assert_eq!(store.claim_short_id(short, B).expect("claim"), None);
-    }
-
-    #[test]
-    fn concurrent_claims_of_one_short_id_have_one_winner() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = std::sync::Arc::new(SledStore::open(dir.path()).expect("open"));
-        let ids: Vec<String> = (0..8)
-            .map(|i| format!("01890a5d-ac96-70{i:02}-8000-b302099a8057"))
-            .collect();
-        let winners: Vec<bool> = std::thread::scope(|s| {
-            let handles: Vec<_> = ids
-                .iter()
-                .map(|id| {
-                    let store = store.clone();
-                    s.spawn(move || {
-                        store
-                            .claim_short_id("b302099a8057", id)
-                            .expect("claim")
-                            .is_none()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("join"))
-                .collect()
-        });
-        assert_eq!(winners.iter().filter(|w| **w).count(), 1, "{winners:?}");
-    }
 
     #[test]
     fn a_store_of_an_earlier_version_is_indexed_once_at_open() {
