@@ -952,7 +952,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "audit_index",
             "audit_heads",
         ] {
-            let tree = store.tree(name)?;
+            let tree = store.raw_tree(name)?;
             let (mut count, mut bytes) = (0u64, 0u64);
             for kv in tree.iter() {
                 let (k, v) = kv.map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;

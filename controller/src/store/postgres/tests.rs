@@ -5,7 +5,7 @@ use fleetcmd_pg_harness::PgCluster;
 
 use super::migrate::{MIGRATIONS, Migration};
 use super::{PostgresOptions, PostgresStore};
-use crate::store::{Store, StoreError, TokenRecord, TokenRefusal, conformance};
+use crate::store::{AgentStore, JobStore, Store, StoreError, conformance};
 
 fn options(cluster: &PgCluster, url: &str) -> PostgresOptions {
     PostgresOptions {
@@ -24,82 +24,6 @@ fn fresh() -> PostgresStore {
 #[test]
 fn the_postgres_backend_passes_the_conformance_suite() {
     conformance::run_all(&mut || Box::new(fresh()));
-}
-
-#[test]
-fn a_single_use_token_is_consumed_once_under_concurrency() {
-    let store = std::sync::Arc::new(fresh());
-    let hash = "ab".repeat(32);
-    let token = TokenRecord {
-        secret_hash: hash.clone(),
-        expires_at: 100,
-        uses_left: 1,
-        labels: Default::default(),
-        name: Some("web-1".into()),
-        created_by: "alice".into(),
-        replaces: None,
-    };
-    store.put_token("t1", &token).expect("put");
-    let won: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..8)
-            .map(|_| {
-                let (store, hash) = (store.clone(), hash.clone());
-                s.spawn(move || store.consume_token("t1", &hash, 50).expect("store"))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("thread"))
-            .collect()
-    });
-    let winners: Vec<_> = won.iter().filter_map(|r| r.as_ref().ok()).collect();
-    assert_eq!(winners.len(), 1, "{won:?}");
-    // The winner gets the token as it was before its use.
-    assert_eq!(winners[0], &token);
-    assert!(
-        won.iter()
-            .filter(|r| r.is_err())
-            .all(|r| r == &Err(TokenRefusal::Used))
-    );
-    // A wrong secret is unknown, even for a used-up token.
-    assert_eq!(
-        store
-            .consume_token("t1", &"cd".repeat(32), 50)
-            .expect("store"),
-        Err(TokenRefusal::Unknown)
-    );
-}
-
-#[test]
-fn concurrent_claims_of_one_short_id_have_one_winner() {
-    let store = std::sync::Arc::new(fresh());
-    let ids: Vec<String> = (0..8)
-        .map(|i| format!("01890a5d-ac96-70{i:02}-8000-b302099a8057"))
-        .collect();
-    let results: Vec<Option<String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ids
-            .iter()
-            .map(|id| {
-                let store = store.clone();
-                s.spawn(move || store.claim_short_id("b302099a8057", id).expect("claim"))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("join"))
-            .collect()
-    });
-    let winner = store
-        .job_id_by_short("b302099a8057")
-        .expect("get")
-        .expect("claimed");
-    for (id, r) in ids.iter().zip(&results) {
-        if *id == winner {
-            assert_eq!(r, &None);
-        } else {
-            assert_eq!(r.as_deref(), Some(winner.as_str()), "{id}");
-        }
-    }
 }
 
 #[test]

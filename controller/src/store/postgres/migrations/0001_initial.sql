@@ -27,7 +27,7 @@ CREATE TABLE jobs (
     record jsonb NOT NULL
 );
 CREATE INDEX jobs_requester ON jobs (requester, id);
-CREATE INDEX jobs_running ON jobs (id) WHERE state = 'running';
+CREATE INDEX jobs_state ON jobs (state, id);
 
 -- A job's short id (the last 12 hex digits of its id) names one job.
 CREATE TABLE job_short (
@@ -56,18 +56,41 @@ CREATE TABLE policy (
     record jsonb NOT NULL
 );
 
--- The audit trail, sequenced by the database so that several controllers
--- write one chain.
+-- The audit trail: hash-chained records by sequence number (contiguous:
+-- the store checks each append against the newest under a lock), their
+-- search index, and signed chain heads.
 CREATE TABLE audit_log (
-    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    at_ms bigint NOT NULL,
-    kind text NOT NULL,
-    record bytea NOT NULL,
-    hash bytea NOT NULL
+    seq bigint PRIMARY KEY,
+    record jsonb NOT NULL
+);
+CREATE TABLE audit_index (
+    dim text COLLATE "C" NOT NULL,
+    value text COLLATE "C" NOT NULL,
+    time_ms bigint NOT NULL,
+    seq bigint NOT NULL,
+    PRIMARY KEY (dim, value, time_ms, seq)
+);
+CREATE INDEX audit_index_seq ON audit_index (seq);
+CREATE TABLE audit_heads (
+    seq bigint PRIMARY KEY,
+    record jsonb NOT NULL
 );
 
--- What health evaluation announced, silences and recent transitions.
-CREATE TABLE health (
+-- What health evaluation announced per service or HOST/CHECK, and each
+-- one's recent transitions.
+CREATE TABLE health_state (
+    name text COLLATE "C" PRIMARY KEY,
+    record jsonb NOT NULL
+);
+CREATE TABLE health_transitions (
+    name text COLLATE "C" NOT NULL,
+    at_ms bigint NOT NULL,
+    record jsonb NOT NULL,
+    PRIMARY KEY (name, at_ms)
+);
+
+-- Revoked operator and gateway certificates.
+CREATE TABLE revocations (
     key text COLLATE "C" PRIMARY KEY,
-    value bytea NOT NULL
+    record jsonb NOT NULL
 );
