@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use clap::Parser;
 use fleetcmd_controller::pki::{Ca, Role};
-use fleetcmd_controller::store::{AgentRecord, SledStore, Store};
+use fleetcmd_controller::store::{AgentRecord, AgentStore, SledStore, Store};
 use fleetcmd_core::crypto::SigningKey;
 use fleetcmd_core::ids::{Identity, JobId};
 use fleetcmd_core::job::{JobSpec, Rollout, SignedJob};

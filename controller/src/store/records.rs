@@ -243,9 +243,6 @@ pub struct PolicyRecord {
     pub signatures: Vec<(String, Vec<u8>)>,
 }
 
-/// The controller's storage. Every method is quick except `flush`, which
-/// blocks until everything written so far is on disk: call it through
-
 /// What was last announced for one service or `HOST/CHECK`, and its
 /// silence: survives a restart so an alert is neither repeated nor a
 /// silence forgotten.

@@ -863,8 +863,6 @@ impl RevocationStore for SledStore {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use fleetcmd_core::state::TargetState;
 
     use super::super::records::TARGET_V2;
