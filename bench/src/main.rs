@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use clap::Parser;
 use fleetcmd_controller::pki::{Ca, Role};
-use fleetcmd_controller::store::{AgentRecord, SledStore, Store};
+use fleetcmd_controller::store::{AgentRecord, AgentStore, SledStore, Store};
 use fleetcmd_core::crypto::SigningKey;
 use fleetcmd_core::ids::{Identity, JobId};
 use fleetcmd_core::job::{JobSpec, Rollout, SignedJob};
@@ -952,7 +952,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "audit_index",
             "audit_heads",
         ] {
-            let tree = store.tree(name)?;
+            let tree = store.raw_tree(name)?;
             let (mut count, mut bytes) = (0u64, 0u64);
             for kv in tree.iter() {
                 let (k, v) = kv.map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;

@@ -119,6 +119,8 @@ pub struct FleetOptions {
     pub controller_metrics: Option<SocketAddr>,
     /// Agents serve their own `/metrics` on `127.0.0.1:0`.
     pub agent_metrics: bool,
+    /// The controller's PostgreSQL store (`None`: the embedded one).
+    pub postgres: Option<fleetcmd_controller::config::PostgresConfig>,
 }
 
 impl FleetOptions {
@@ -138,6 +140,7 @@ impl FleetOptions {
             agent_checks: BTreeMap::new(),
             controller_metrics: None,
             agent_metrics: false,
+            postgres: None,
         }
     }
 }
@@ -221,6 +224,7 @@ impl Fleet {
             job_retention: opts.job_retention,
             job_store_max_bytes: opts.job_store_max_bytes,
             store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
+            postgres: opts.postgres.clone(),
             services: opts.services.clone(),
             host_alerts: None,
             metrics_listen: opts.controller_metrics,

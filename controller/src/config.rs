@@ -38,6 +38,18 @@ pub struct RawConfig {
     /// Bytes of the database's own page cache (sled's default is 1 GiB;
     /// recently written and read pages are also in the OS page cache).
     pub store_cache_bytes: u64,
+    /// Where the controller keeps its state: `sled` (embedded, in
+    /// `data_dir/db`; the default) or `postgres` (`postgres_url`).
+    pub store: String,
+    /// With `store = "postgres"`: `postgres://USER@HOST:PORT/DATABASE`
+    /// (libpq's URL or key=value form; `sslmode=require` to insist on TLS).
+    /// No password here: `postgres_password_file`.
+    pub postgres_url: String,
+    /// A file holding the database password (a trailing newline is ignored).
+    pub postgres_password_file: String,
+    /// PEM CA certificates for the server's TLS certificate, besides the
+    /// web PKI roots.
+    pub postgres_ca_file: String,
     /// `[services.NAME]`: services made of agents and one of their checks.
     pub services: std::collections::BTreeMap<String, crate::health::RawService>,
     /// `[host_alerts]`: alerts on single hosts' checks.
@@ -64,6 +76,10 @@ impl Default for RawConfig {
             audit_export: Vec::new(),
             audit_retention: "0".into(),
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
+            store: "sled".into(),
+            postgres_url: String::new(),
+            postgres_password_file: String::new(),
+            postgres_ca_file: String::new(),
             services: Default::default(),
             host_alerts: None,
             metrics_listen: String::new(),
@@ -89,10 +105,102 @@ pub struct ControllerConfig {
     /// `None`: keep the trail forever.
     pub audit_retention: Option<Duration>,
     pub store_cache_bytes: u64,
+    /// `Some`: the PostgreSQL store instead of the embedded one.
+    pub postgres: Option<PostgresConfig>,
     pub services: Vec<crate::health::ServiceConfig>,
     pub host_alerts: Option<crate::health::config::HostAlertsConfig>,
     /// `None`: no `/metrics` listener.
     pub metrics_listen: Option<SocketAddr>,
+}
+
+/// The PostgreSQL store's settings; the files are read at start.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    pub url: String,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl PostgresConfig {
+    /// The store's options, with the password and CA files read.
+    pub fn options(&self) -> Result<crate::store::postgres::PostgresOptions, String> {
+        let read = |key: &str, path: &Path| {
+            std::fs::read_to_string(path).map_err(|e| format!("{key} {}: {e}", path.display()))
+        };
+        Ok(crate::store::postgres::PostgresOptions {
+            url: self.url.clone(),
+            password: self
+                .password_file
+                .as_deref()
+                .map(|p| read("postgres_password_file", p))
+                .transpose()?
+                .map(|pw| pw.trim_end_matches(['\n', '\r']).to_owned()),
+            ca_pem: self
+                .ca_file
+                .as_deref()
+                .map(|p| read("postgres_ca_file", p))
+                .transpose()?,
+        })
+    }
+}
+
+/// The store settings' problems, each with its key.
+fn validate_store(raw: &RawConfig, problems: &mut Vec<String>) -> Option<PostgresConfig> {
+    let file = |key: &str, v: &str, problems: &mut Vec<String>| -> Option<PathBuf> {
+        if v.is_empty() {
+            return None;
+        }
+        if let Err(e) = std::fs::metadata(v) {
+            problems.push(format!("{key}: {v}: {e}"));
+        }
+        Some(PathBuf::from(v))
+    };
+    match raw.store.as_str() {
+        "sled" => {
+            for (key, v) in [
+                ("postgres_url", &raw.postgres_url),
+                ("postgres_password_file", &raw.postgres_password_file),
+                ("postgres_ca_file", &raw.postgres_ca_file),
+            ] {
+                if !v.is_empty() {
+                    problems.push(format!("{key}: only with store = \"postgres\""));
+                }
+            }
+            None
+        }
+        "postgres" => {
+            if raw.postgres_url.is_empty() {
+                problems.push("postgres_url: required with store = \"postgres\"".into());
+            } else {
+                // Never echo the URL: it may hold a password after all.
+                match raw.postgres_url.parse::<tokio_postgres::Config>() {
+                    Err(e) => problems.push(format!(
+                        "postgres_url: not a PostgreSQL URL: {}",
+                        crate::store::postgres::describe(&e)
+                    )),
+                    Ok(c) if c.get_password().is_some() => problems.push(
+                        "postgres_url: holds a password; put it in postgres_password_file".into(),
+                    ),
+                    Ok(_) => {}
+                }
+            }
+            Some(PostgresConfig {
+                url: raw.postgres_url.clone(),
+                password_file: file(
+                    "postgres_password_file",
+                    &raw.postgres_password_file,
+                    problems,
+                ),
+                ca_file: file("postgres_ca_file", &raw.postgres_ca_file, problems),
+            })
+        }
+        other => {
+            problems.push(format!(
+                "store: must be \"sled\" or \"postgres\", got {other:?}"
+            ));
+            None
+        }
+    }
 }
 
 /// Every problem found in a configuration file.
@@ -218,6 +326,7 @@ impl RawConfig {
                 })
                 .ok(),
         };
+        let postgres = validate_store(self, &mut problems);
         let mut names = std::collections::BTreeSet::new();
         let mut audit_export = Vec::new();
         for (i, e) in self.audit_export.iter().enumerate() {
@@ -254,6 +363,7 @@ impl RawConfig {
                 audit_export,
                 audit_retention,
                 store_cache_bytes: self.store_cache_bytes,
+                postgres,
                 services,
                 host_alerts,
                 metrics_listen,
@@ -299,6 +409,65 @@ mod tests {
             "c.toml: metrics_listen:",
         ] {
             assert!(text.contains(key), "{key} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn store_settings_are_checked_with_their_keys() {
+        let pw = tempfile::NamedTempFile::new().expect("password file");
+        let pw = pw.path().display().to_string();
+        // (settings, the problem expected; "" for none about the store)
+        let cases = [
+            ("", ""),
+            (
+                "store = \"mysql\"",
+                "store: must be \"sled\" or \"postgres\", got \"mysql\"",
+            ),
+            (
+                "store = \"postgres\"",
+                "postgres_url: required with store = \"postgres\"",
+            ),
+            (
+                "store = \"postgres\"\npostgres_url = \"postgres://fc:s3cret@db/fleet\"",
+                "postgres_url: holds a password; put it in postgres_password_file",
+            ),
+            (
+                "store = \"postgres\"\npostgres_url = \"postgres://fc@db:port/fleet\"",
+                "postgres_url: not a PostgreSQL URL",
+            ),
+            (
+                "store = \"postgres\"\npostgres_url = \"postgres://fc@db/fleet\"\npostgres_password_file = \"/nonexistent/pw\"",
+                "postgres_password_file: /nonexistent/pw:",
+            ),
+            (
+                "postgres_url = \"postgres://fc@db/fleet\"",
+                "postgres_url: only with store = \"postgres\"",
+            ),
+            (
+                &format!(
+                    "store = \"postgres\"\npostgres_url = \"postgres://fc@db/fleet\"\npostgres_password_file = {pw:?}"
+                ),
+                "",
+            ),
+        ];
+        for (settings, want) in cases {
+            let raw: RawConfig = toml::from_str(settings).expect("toml");
+            // No policy root: validation always fails, listing every problem.
+            let text = raw
+                .validate("c.toml")
+                .expect_err("no policy roots")
+                .to_string();
+            let store_problems: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("c.toml: store") || l.starts_with("c.toml: postgres"))
+                .collect();
+            if want.is_empty() {
+                assert!(store_problems.is_empty(), "{settings}: {store_problems:?}");
+            } else {
+                assert_eq!(store_problems.len(), 1, "{settings}: {text}");
+                assert!(store_problems[0].contains(want), "{settings}: {text}");
+            }
+            assert!(!text.contains("s3cret"), "no password echoed: {text}");
         }
     }
 

@@ -14,9 +14,7 @@ use fleetcmd_core::audit::{Event, EventKind};
 
 use crate::error::{ApiError, ApiResult};
 use crate::pki::{Peer, Role};
-use crate::store::Store;
-
-const TREE: &str = "revoked_certs";
+use crate::store::RevocationStore;
 
 /// One revocation: of one certificate (`serial`), or of every certificate
 /// of that role and name issued at or before `revoked_at`.
@@ -45,7 +43,7 @@ impl CertRevocation {
             }
     }
 
-    fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         format!(
             "{}/{}/{:020}/{}",
             self.role,
@@ -65,18 +63,8 @@ pub struct Revocations {
 
 impl Revocations {
     /// Loads every revocation from the store.
-    pub fn load(store: &dyn Store) -> ApiResult<Revocations> {
-        let mut list = Vec::new();
-        for kv in store.tree(TREE)?.iter() {
-            let (k, v) = kv.map_err(|e| ApiError::Internal(format!("reading {TREE}: {e}")))?;
-            let rec: CertRevocation = serde_json::from_slice(&v).map_err(|e| {
-                ApiError::Internal(format!(
-                    "{TREE} record {}: {e}",
-                    String::from_utf8_lossy(&k)
-                ))
-            })?;
-            list.push(rec);
-        }
+    pub fn load(store: &dyn RevocationStore) -> ApiResult<Revocations> {
+        let list = store.revocations()?;
         Ok(Revocations {
             list: RwLock::new(list),
             generation: tokio::sync::watch::channel(0).0,
@@ -100,12 +88,8 @@ impl Revocations {
 
     /// Writes `rec` to the store (the caller flushes before it calls
     /// [`Revocations::activate`]).
-    pub fn store(&self, store: &dyn Store, rec: &CertRevocation) -> ApiResult<()> {
-        let value = serde_json::to_vec(rec).expect("revocations serialize to JSON");
-        store
-            .tree(TREE)?
-            .insert(rec.key().as_bytes(), value)
-            .map_err(|e| ApiError::Internal(format!("writing {TREE}: {e}")))?;
+    pub fn store(&self, store: &dyn RevocationStore, rec: &CertRevocation) -> ApiResult<()> {
+        store.put_revocation(rec)?;
         Ok(())
     }
 
@@ -352,7 +336,7 @@ mod tests {
 
     #[test]
     fn revocations_survive_a_reopen_of_the_store() {
-        use crate::store::SledStore;
+        use crate::store::{SledStore, Store};
         let dir = tempfile::tempdir().expect("tempdir");
         let rec = CertRevocation {
             role: "gateway".into(),

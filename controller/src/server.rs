@@ -17,7 +17,8 @@ use crate::config::ControllerConfig;
 use crate::pki::{Ca, Role};
 use crate::service::Svc;
 use crate::state::Shared;
-use crate::store::SledStore;
+use crate::store::postgres::PostgresStore;
+use crate::store::{SledStore, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -43,6 +44,10 @@ pub enum StartError {
     Reflection(String),
     #[error("audit export {name}: {reason}")]
     Export { name: String, reason: String },
+    /// A setting that validated but could not be used at start (a
+    /// password file that became unreadable).
+    #[error("{0}")]
+    Config(String),
 }
 
 /// A running controller. Dropping it does not stop it: call `shutdown`.
@@ -175,12 +180,27 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
             .map_err(io(&config.data_dir))?;
     }
     let ca = Ca::load_or_create(&config.data_dir.join("pki"))?;
-    let db_path = config.data_dir.join("db");
-    let cache_bytes = config.store_cache_bytes;
-    let store =
-        tokio::task::spawn_blocking(move || SledStore::open_with_cache(&db_path, cache_bytes))
-            .await
-            .map_err(|e| crate::error::ApiError::Internal(e.to_string()))??;
+    let store: Arc<dyn Store> = match &config.postgres {
+        None => {
+            let db_path = config.data_dir.join("db");
+            let cache_bytes = config.store_cache_bytes;
+            Arc::new(
+                tokio::task::spawn_blocking(move || {
+                    SledStore::open_with_cache(&db_path, cache_bytes)
+                })
+                .await
+                .map_err(|e| crate::error::ApiError::Internal(e.to_string()))??,
+            )
+        }
+        Some(pg) => {
+            let opts = pg.options().map_err(StartError::Config)?;
+            Arc::new(
+                tokio::task::spawn_blocking(move || PostgresStore::open(&opts))
+                    .await
+                    .map_err(|e| crate::error::ApiError::Internal(e.to_string()))??,
+            )
+        }
+    };
     let server_id = ca.issue_server(&config.tls_names)?;
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(
@@ -211,7 +231,7 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         ),
         None => None,
     };
-    let shared = Arc::new(Shared::new(Arc::new(store), ca, config)?);
+    let shared = Arc::new(Shared::new(store, ca, config)?);
     let svc = Svc(shared.clone());
 
     let (health, health_svc) = tonic_health::server::health_reporter();

@@ -16,6 +16,8 @@ use fleetcmd_proto::v1 as pb;
 use tonic::transport::Channel;
 
 pub use fleetcmd_cli::fleet;
+/// A throwaway PostgreSQL (`pg::PgCluster`) for tests of the PostgreSQL store.
+pub use fleetcmd_pg_harness as pg;
 
 pub fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -1,15 +1,15 @@
-//! The audit trail's durable half: records in their own trees of
-//! the controller's database, so the `flush` that makes an action durable
-//! makes its audit record durable too; secondary indexes for search; chain
+//! The audit trail's durable half: records in the audit part of the
+//! controller's store (`AuditStore`), so the `flush` that makes an action
+//! durable makes its audit record durable too; secondary indexes for search; chain
 //! heads signed with the controller's audit key (generated on first start
 //! in `DATA_DIR/audit/`); and the one place events are logged, so the logs
 //! and the trail never disagree.
 //!
-//! Trees: `audit` (big-endian seq → record, in `codec`'s compact form), `audit_index`
-//! (`dim value 0x00 time seq` → empty; dims: actor, host, command, job,
-//! kind), `audit_heads` (seq → signed head JSON), `audit_meta` (exporter
-//! cursors). Records are never rewritten; the time of a record never
-//! decreases along the chain, so the records tree is also in time order.
+//! The store keeps records by seq (the sled backend in `codec`'s compact
+//! form), index entries (dims: actor, host, command, job, kind; this module
+//! decides which a record gets) and signed heads. Records are never
+//! rewritten; the time of a record never decreases along the chain, so
+//! seq order is also time order.
 
 pub mod codec;
 pub mod export;
@@ -26,13 +26,7 @@ use fleetcmd_core::audit::{
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
 use fleetcmd_core::ids::JobRef;
 
-use crate::store::{Store, StoreError};
-
-const RECORDS: &str = "audit";
-const INDEX: &str = "audit_index";
-const HEADS: &str = "audit_heads";
-#[allow(dead_code)]
-pub(crate) const META: &str = "audit_meta";
+use crate::store::{AuditDim as Dim, AuditIndexEntry, Order, Store, StoreError};
 
 /// How often the chain head is signed when records were added.
 pub const HEAD_INTERVAL: Duration = Duration::from_secs(60);
@@ -48,16 +42,6 @@ pub enum AuditError {
     Store(#[from] StoreError),
     #[error("audit key {path}: {reason}")]
     Key { path: String, reason: String },
-}
-
-impl From<sled::Error> for AuditError {
-    fn from(e: sled::Error) -> Self {
-        AuditError::Store(StoreError::Backend(e.to_string()))
-    }
-}
-
-fn backend(e: sled::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
 }
 
 /// Kinds a client (the gateway) may report; the controller records the
@@ -126,34 +110,6 @@ impl std::fmt::Debug for Audit {
     }
 }
 
-fn seq_key(seq: u64) -> [u8; 8] {
-    seq.to_be_bytes()
-}
-
-#[derive(Clone, Copy)]
-enum Dim {
-    Actor = b'a' as isize,
-    Host = b'h' as isize,
-    Command = b'c' as isize,
-    Job = b'j' as isize,
-    Kind = b'k' as isize,
-}
-
-fn index_prefix(dim: Dim, value: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(value.len() + 2);
-    k.push(dim as u8);
-    k.extend(value.bytes().filter(|b| *b != 0));
-    k.push(0);
-    k
-}
-
-fn index_key(dim: Dim, value: &str, time_ms: u64, seq: u64) -> Vec<u8> {
-    let mut k = index_prefix(dim, value);
-    k.extend_from_slice(&time_ms.to_be_bytes());
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
 /// The host an `agent:NAME` actor is, when the record is also about that
 /// host: then the actor index entry would duplicate the host entry (every
 /// per-agent result, `job_finished`), so it is left out and a search by that
@@ -167,44 +123,98 @@ fn actor_is_own_host(e: &Event) -> bool {
 /// The index entries of a record. `all` adds the actor entry that
 /// `actor_is_own_host` leaves out (earlier versions wrote it; retention
 /// removes it too).
-fn index_keys(r: &Record, all: bool) -> Vec<Vec<u8>> {
+fn index_entries(r: &Record, all: bool) -> Vec<AuditIndexEntry> {
     let e = &r.event;
-    let mut out = vec![index_key(Dim::Kind, e.kind.as_str(), r.time_ms, r.seq)];
+    let entry = |dim, value: &str| AuditIndexEntry {
+        dim,
+        value: value.to_owned(),
+        time_ms: r.time_ms,
+        seq: r.seq,
+    };
+    let mut out = vec![entry(Dim::Kind, e.kind.as_str())];
     if all || !actor_is_own_host(e) {
-        out.push(index_key(Dim::Actor, &e.actor, r.time_ms, r.seq));
+        out.push(entry(Dim::Actor, &e.actor));
     }
     if !e.command.is_empty() {
-        out.push(index_key(Dim::Command, &e.command, r.time_ms, r.seq));
+        out.push(entry(Dim::Command, &e.command));
     }
     if !e.job_id.is_empty() {
-        out.push(index_key(Dim::Job, &e.job_id, r.time_ms, r.seq));
+        out.push(entry(Dim::Job, &e.job_id));
     }
     for h in &e.hosts {
-        out.push(index_key(Dim::Host, h, r.time_ms, r.seq));
+        out.push(entry(Dim::Host, h));
     }
     out
 }
 
-fn decode_record(k: &[u8], v: &[u8]) -> Result<Record, StoreError> {
-    codec::decode(v).map_err(|reason| StoreError::Corrupt {
-        key: format!("audit/{}", seq_of(k)),
-        reason,
-    })
+/// Index entries read per store call while a search merges them.
+const INDEX_PAGE: usize = 512;
+
+/// One index range read newest first, a page at a time.
+struct IndexCursor<'a> {
+    store: &'a dyn Store,
+    dim: Dim,
+    value: String,
+    since_ms: u64,
+    /// Exclusive upper bound `(time, seq)` of the next page.
+    before: (u64, u64),
+    page: std::collections::VecDeque<(u64, u64)>,
+    done: bool,
 }
 
-/// The `time seq` suffix of an index key (big-endian, so it orders them).
-fn time_seq(k: &[u8]) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    let n = k.len().min(16);
-    b[16 - n..].copy_from_slice(&k[k.len() - n..]);
-    b
+impl IndexCursor<'_> {
+    fn peek(&mut self) -> Result<Option<(u64, u64)>, StoreError> {
+        if self.page.is_empty() && !self.done {
+            let page = self.store.audit_index_page(
+                self.dim,
+                &self.value,
+                self.since_ms,
+                self.before,
+                INDEX_PAGE,
+            )?;
+            self.done = page.len() < INDEX_PAGE;
+            if let Some(&last) = page.last() {
+                self.before = last;
+            }
+            self.page.extend(page);
+        }
+        Ok(self.page.front().copied())
+    }
 }
 
-fn seq_of(k: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    let n = k.len().min(8);
-    b[8 - n..].copy_from_slice(&k[k.len() - n..]);
-    u64::from_be_bytes(b)
+/// The stored records from a seq on, read a page at a time (verifying a
+/// whole trail never holds it in memory).
+struct VerifyRecords<'a> {
+    store: &'a dyn Store,
+    next: u64,
+    page: std::collections::VecDeque<Record>,
+    done: bool,
+}
+
+impl Iterator for VerifyRecords<'_> {
+    type Item = Result<Record, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.page.is_empty() && !self.done {
+            match self
+                .store
+                .audit_records(self.next, u64::MAX, Order::OldestFirst, INDEX_PAGE)
+            {
+                Ok(page) => {
+                    self.done = page.len() < INDEX_PAGE;
+                    if let Some(last) = page.last() {
+                        self.next = last.seq + 1;
+                    }
+                    self.page.extend(page);
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        self.page.pop_front().map(Ok)
+    }
 }
 
 /// Loads the audit key from `dir/audit.key`, creating it (and `audit.pub`)
@@ -252,24 +262,21 @@ impl Audit {
     /// (an index entry may have missed the last flush before a crash).
     pub fn open(store: Arc<dyn Store>, dir: &Path) -> Result<Audit, AuditError> {
         let key = load_or_create_key(dir)?;
-        let records = store.tree(RECORDS)?;
-        let chain = match records.last()? {
-            Some((k, v)) => Chain::after(&decode_record(&k, &v)?),
+        let tip = store.audit_last()?;
+        let chain = match &tip {
+            Some(last) => Chain::after(last),
             None => Chain::genesis(),
         };
-        let index = store.tree(INDEX)?;
-        for kv in records.iter().rev().take(1000) {
-            let (k, v) = kv?;
-            let r = decode_record(&k, &v)?;
-            for key in index_keys(&r, false) {
-                index.insert(key, &[][..])?;
-            }
+        let newest = tip.map_or(0, |r| r.seq);
+        for r in store.audit_records(
+            newest.saturating_sub(999),
+            newest + 1,
+            Order::OldestFirst,
+            1000,
+        )? {
+            store.audit_put_index(&index_entries(&r, false))?;
         }
-        let last_signed = store
-            .tree(HEADS)?
-            .last()?
-            .map(|(k, _)| seq_of(&k))
-            .unwrap_or(0);
+        let last_signed = store.audit_last_head_seq()?.unwrap_or(0);
         Ok(Audit {
             public: key.public_key(),
             key,
@@ -304,71 +311,30 @@ impl Audit {
 
     /// Appends without logging, at a given time (benchmarks, imports).
     pub fn append_at(&self, now_ms: u64, event: Event) -> Result<u64, StoreError> {
-        let records = self.store.tree(RECORDS)?;
-        let index = self.store.tree(INDEX)?;
-        // The chain lock covers the hash and the record's insert (records
-        // reach the log in sequence order), not the index: a job submitted
-        // to 10 000 hosts has 10 000 index entries, and every result being
-        // recorded meanwhile would wait for them.
-        let rec = {
-            let mut chain = lock(&self.chain);
-            let mut next = chain.clone();
-            let rec = next.append(now_ms, event);
-            records
-                .insert(seq_key(rec.seq), codec::encode(&rec))
-                .map_err(backend)?;
-            *chain = next;
-            rec
-        };
-        // Plain inserts, not a `sled::Batch`: sled 0.34 writes out and
-        // syncs its current log buffer before and after every batch (and
-        // takes a lock that stops every other tree operation meanwhile),
-        // which cost two log writes per audit record. The index does not
-        // need a batch's atomicity: it is made durable by the same flush
-        // as its record, and `open` re-indexes the newest records after a
-        // crash.
-        for k in index_keys(&rec, false) {
-            index.insert(k, &[][..]).map_err(backend)?;
-        }
+        // The chain lock covers the hash and the append (records reach the
+        // log in sequence order). The store refuses a record out of
+        // sequence; the tip only moves once it is stored.
+        let mut chain = lock(&self.chain);
+        let mut next = chain.clone();
+        let rec = next.append(now_ms, event);
+        self.store.audit_append(&rec, &index_entries(&rec, false))?;
+        *chain = next;
         Ok(rec.seq)
     }
 
     pub fn get(&self, seq: u64) -> Result<Option<Record>, StoreError> {
-        let k = seq_key(seq);
-        self.store
-            .tree(RECORDS)?
-            .get(k)
-            .map_err(backend)?
-            .map(|v| decode_record(&k, &v))
-            .transpose()
+        self.store.audit_get(seq)
     }
 
     /// Records with `seq >= from`, in order, at most `limit`.
     pub fn records_from(&self, from: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
         self.store
-            .tree(RECORDS)?
-            .range(seq_key(from)..)
-            .take(limit)
-            .map(|kv| {
-                let (k, v) = kv.map_err(backend)?;
-                decode_record(&k, &v)
-            })
-            .collect()
+            .audit_records(from, u64::MAX, Order::OldestFirst, limit)
     }
 
     /// Signed heads covering `seq >= from`.
     pub fn heads_from(&self, from: u64) -> Result<Vec<SignedHead>, StoreError> {
-        self.store
-            .tree(HEADS)?
-            .range(seq_key(from)..)
-            .map(|kv| {
-                let (k, v) = kv.map_err(backend)?;
-                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                    key: format!("audit_heads/{}", seq_of(&k)),
-                    reason: e.to_string(),
-                })
-            })
-            .collect()
+        self.store.audit_heads_from(from)
     }
 
     /// Signs the current head if records were added since the last one.
@@ -380,11 +346,7 @@ impl Audit {
             return Ok(None);
         }
         let head = SignedHead::sign(&chain, now_ms(), &self.key);
-        let json = serde_json::to_vec(&head).expect("signed heads serialize to JSON");
-        self.store
-            .tree(HEADS)?
-            .insert(seq_key(head.seq), json)
-            .map_err(backend)?;
+        self.store.audit_put_head(&head)?;
         *last = (chain.seq, Instant::now());
         Ok(Some(head))
     }
@@ -398,40 +360,28 @@ impl Audit {
     /// a crash part-way leaves records the checkpoint already covers, which
     /// the next call removes. Returns the number of records removed.
     pub fn prune(&self, before_ms: u64, max_seq: u64, batch: usize) -> Result<u64, StoreError> {
-        let records = self.store.tree(RECORDS)?;
         let tip = lock(&self.chain).seq;
         let limit = max_seq.min(tip.saturating_sub(1));
-        let mut last: Option<Record> = None;
-        let mut n = 0u64;
-        for kv in records.iter() {
-            let (k, v) = kv.map_err(backend)?;
-            let r = decode_record(&k, &v)?;
-            if r.seq > limit || r.time_ms >= before_ms || n as usize >= batch {
-                break;
-            }
-            last = Some(r);
-            n += 1;
-        }
-        let Some(last) = last else { return Ok(0) };
-        let heads = self.store.tree(HEADS)?;
-        let checkpoint = SignedHead::sign(&Chain::after(&last), now_ms(), &self.key);
-        let json = serde_json::to_vec(&checkpoint).expect("signed heads serialize to JSON");
-        heads.insert(seq_key(last.seq), json).map_err(backend)?;
+        let candidates =
+            self.store
+                .audit_records(0, limit.saturating_add(1), Order::OldestFirst, batch)?;
+        let doomed: Vec<Record> = candidates
+            .into_iter()
+            .take_while(|r| r.time_ms < before_ms)
+            .collect();
+        let Some(last) = doomed.last() else {
+            return Ok(0);
+        };
+        let n = doomed.len() as u64;
+        let checkpoint = SignedHead::sign(&Chain::after(last), now_ms(), &self.key);
+        self.store.audit_put_head(&checkpoint)?;
         self.store.flush()?;
-        let index = self.store.tree(INDEX)?;
-        for kv in records.range(..=seq_key(last.seq)) {
-            let (k, v) = kv.map_err(backend)?;
-            let r = decode_record(&k, &v)?;
-            for key in index_keys(&r, true) {
-                index.remove(key).map_err(backend)?;
-            }
-            records.remove(k).map_err(backend)?;
-        }
-        for kv in heads.range(..seq_key(last.seq)) {
-            let (k, _) = kv.map_err(backend)?;
-            heads.remove(k).map_err(backend)?;
-        }
+        let index: Vec<AuditIndexEntry> =
+            doomed.iter().flat_map(|r| index_entries(r, true)).collect();
+        self.store.audit_remove_through(last.seq, &index)?;
+        self.store.audit_remove_heads_before(last.seq)?;
         self.store.flush()?;
+        let last = last.clone();
         tracing::info!(
             removed = n,
             checkpoint_seq = last.seq,
@@ -442,12 +392,7 @@ impl Audit {
 
     /// The first record still stored (after retention), if any.
     pub fn first_seq(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .store
-            .tree(RECORDS)?
-            .first()
-            .map_err(backend)?
-            .map(|(k, _)| seq_of(&k)))
+        self.store.audit_first_seq()
     }
 
     /// Periodic work (called every second by the controller's sweeper):
@@ -472,27 +417,26 @@ impl Audit {
             Ok(o) => o,
             Err(broken) => return Ok(Err(broken)),
         };
-        let records = self.store.tree(RECORDS)?;
-        let iter = records.range(seq_key(opts.from.unwrap_or(0))..).map(
-            |kv| -> Result<Record, StoreError> {
-                let (k, v) = kv.map_err(backend)?;
-                decode_record(&k, &v)
-            },
-        );
+        let iter = VerifyRecords {
+            store: self.store.as_ref(),
+            next: opts.from.unwrap_or(0),
+            page: Default::default(),
+            done: false,
+        };
         Ok(verify_chain(iter, &heads, Some(&self.public), &opts))
     }
 
     /// The first seq whose time is `>= t` (records are in time order).
-    fn first_seq_at(&self, records: &sled::Tree, t: u64) -> Result<u64, StoreError> {
-        let first = match records.first().map_err(backend)? {
-            Some((k, _)) => seq_of(&k),
+    fn first_seq_at(&self, t: u64) -> Result<u64, StoreError> {
+        let first = match self.store.audit_first_seq()? {
+            Some(seq) => seq,
             None => return Ok(1),
         };
         let (mut lo, mut hi) = (first, lock(&self.chain).seq + 1);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let time = match records.get(seq_key(mid)).map_err(backend)? {
-                Some(v) => decode_record(&seq_key(mid), &v)?.time_ms,
+            let time = match self.store.audit_get(mid)? {
+                Some(r) => r.time_ms,
                 None => u64::MAX,
             };
             if time < t {
@@ -526,7 +470,6 @@ impl Audit {
         keep: &mut dyn FnMut(&Record) -> bool,
     ) -> Result<Page, StoreError> {
         let limit = limit.clamp(1, MAX_PAGE);
-        let records = self.store.tree(RECORDS)?;
         let mut out = Vec::new();
         let mut scanned = 0usize;
         let mut last_seen: Option<u64> = None;
@@ -564,48 +507,40 @@ impl Audit {
         };
         let mut stopped_early = false;
         if let Some((dim, value)) = dim {
-            let index = self.store.tree(INDEX)?;
             // An agent's own results are indexed under its host only
             // (`actor_is_own_host`): a search by `agent:NAME` reads both.
-            let mut prefixes = vec![index_prefix(dim, &value)];
+            let mut ranges = vec![(dim, value.clone())];
             if let (Dim::Actor, Some(host)) = (dim, value.strip_prefix("agent:")) {
-                prefixes.push(index_prefix(Dim::Host, host));
+                ranges.push((Dim::Host, host.to_owned()));
             }
-            let ranges = prefixes.into_iter().map(|prefix| {
-                let mut lo = prefix.clone();
-                lo.extend_from_slice(&f.since_ms.unwrap_or(0).to_be_bytes());
-                let mut hi = prefix;
-                match (before_seq, before_time) {
-                    (Some(s), Some(t)) if f.until_ms.is_none_or(|u| t < u) => {
-                        hi.extend_from_slice(&t.to_be_bytes());
-                        hi.extend_from_slice(&s.to_be_bytes());
-                    }
-                    _ => {
-                        hi.extend_from_slice(&f.until_ms.unwrap_or(u64::MAX).to_be_bytes());
-                        hi.extend_from_slice(&[0u8; 8]);
-                    }
-                }
-                index.range(lo..hi).keys().rev().peekable()
-            });
-            let mut ranges: Vec<_> = ranges.collect();
+            let before = match (before_seq, before_time) {
+                (Some(s), Some(t)) if f.until_ms.is_none_or(|u| t < u) => (t, s),
+                _ => (f.until_ms.unwrap_or(u64::MAX), 0),
+            };
+            let mut ranges: Vec<IndexCursor<'_>> = ranges
+                .into_iter()
+                .map(|(dim, value)| IndexCursor {
+                    store: self.store.as_ref(),
+                    dim,
+                    value,
+                    since_ms: f.since_ms.unwrap_or(0),
+                    before,
+                    page: Default::default(),
+                    done: false,
+                })
+                .collect();
             let mut previous: Option<u64> = None;
             loop {
-                // Newest first across the ranges: by the (time, seq) suffix.
-                let mut best: Option<(usize, [u8; 16])> = None;
+                // Newest first across the ranges: by (time, seq).
+                let mut best: Option<(usize, (u64, u64))> = None;
                 for (i, r) in ranges.iter_mut().enumerate() {
-                    let suffix = match r.peek() {
-                        None => continue,
-                        Some(Err(_)) => [u8::MAX; 16],
-                        Some(Ok(k)) => time_seq(k),
-                    };
-                    if best.is_none_or(|(_, b)| suffix > b) {
-                        best = Some((i, suffix));
+                    let Some(at) = r.peek()? else { continue };
+                    if best.is_none_or(|(_, b)| at > b) {
+                        best = Some((i, at));
                     }
                 }
-                let Some((i, _)) = best else { break };
-                let Some(k) = ranges[i].next() else { break };
-                let k = k.map_err(backend)?;
-                let seq = seq_of(&k);
+                let Some((i, (_, seq))) = best else { break };
+                ranges[i].page.pop_front();
                 if previous == Some(seq) {
                     continue; // indexed under both (written by earlier versions)
                 }
@@ -613,10 +548,9 @@ impl Audit {
                 if before_seq.is_some_and(|b| seq >= b) {
                     continue;
                 }
-                let Some(v) = records.get(seq_key(seq)).map_err(backend)? else {
+                let Some(r) = self.store.audit_get(seq)? else {
                     continue;
                 };
-                let r = decode_record(&seq_key(seq), &v)?;
                 if push(r, &mut out) {
                     stopped_early = true;
                     break;
@@ -624,24 +558,34 @@ impl Audit {
             }
         } else {
             let lo = match f.since_ms {
-                Some(t) => self.first_seq_at(&records, t)?,
+                Some(t) => self.first_seq_at(t)?,
                 None => 0,
             };
             let mut hi = match f.until_ms {
-                Some(t) => self.first_seq_at(&records, t)?,
+                Some(t) => self.first_seq_at(t)?,
                 None => u64::MAX,
             };
             if let Some(b) = before_seq {
                 hi = hi.min(b);
             }
-            if lo < hi {
-                for kv in records.range(seq_key(lo)..seq_key(hi)).rev() {
-                    let (k, v) = kv.map_err(backend)?;
-                    if push(decode_record(&k, &v)?, &mut out) {
+            'pages: while lo < hi {
+                let page = self
+                    .store
+                    .audit_records(lo, hi, Order::NewestFirst, INDEX_PAGE)?;
+                let Some(oldest) = page.last().map(|r| r.seq) else {
+                    break;
+                };
+                let full = page.len() >= INDEX_PAGE;
+                for r in page {
+                    if push(r, &mut out) {
                         stopped_early = true;
-                        break;
+                        break 'pages;
                     }
                 }
+                if !full {
+                    break;
+                }
+                hi = oldest;
             }
         }
         Ok(Page {

@@ -5,7 +5,7 @@
 //! Statuspage) and state changes and silences into the audit trail.
 //!
 //! What was last announced, silences and each service's recent transitions
-//! live in the store's `health` tree, so a restart neither repeats an alert
+//! live in the store's health part (`HealthStore`), so a restart neither repeats an alert
 //! nor forgets a silence.
 
 pub mod config;
@@ -17,10 +17,9 @@ use std::sync::{Arc, Mutex};
 use fleetcmd_core::audit::{Event, EventKind};
 use fleetcmd_core::health::{Alerting, Decision, ServiceState, evaluate};
 use fleetcmd_proto::v1 as pb;
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::store::{Store, StoreError};
+use crate::store::{HealthRecord, HealthTransition, Store, StoreError};
 pub use config::{RawService, ServiceConfig};
 
 /// Transitions kept per service.
@@ -28,33 +27,10 @@ const HISTORY_KEPT: usize = 200;
 /// Alert events buffered for slow watchers; one that falls further behind
 /// gets a fresh snapshot instead (`service::Watch`).
 const EVENTS_BUFFER: usize = 256;
-const TREE: &str = "health";
-
-/// What survives a restart for one service.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Persisted {
-    state: String,
-    since_ms: u64,
-    #[serde(default)]
-    silenced_until_ms: u64,
-    #[serde(default)]
-    silence_reason: String,
-    #[serde(default)]
-    silenced_by: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredTransition {
-    from: String,
-    to: String,
-    at_ms: u64,
-    passing: u32,
-    total: u32,
-}
 
 struct Runtime {
     alerting: Alerting,
-    persisted: Persisted,
+    persisted: HealthRecord,
     passing: u32,
     total: u32,
     instances: Vec<pb::ServiceInstance>,
@@ -62,7 +38,7 @@ struct Runtime {
 
 struct HostRuntime {
     alerting: Alerting,
-    persisted: Persisted,
+    persisted: HealthRecord,
     instance: pb::ServiceInstance,
     check: String,
 }
@@ -94,29 +70,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn backend(e: sled::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
-}
-
-fn state_key(name: &str) -> Vec<u8> {
-    format!("state/{name}").into_bytes()
-}
-
-fn history_prefix(name: &str) -> Vec<u8> {
-    format!("hist/{name}/").into_bytes()
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: e.to_string(),
-    })
-}
-
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("health records serialize to JSON")
-}
-
 impl Health {
     /// Loads what was announced before a restart. Services removed from
     /// the config keep their stored records until they come back.
@@ -125,15 +78,13 @@ impl Health {
         services: Vec<ServiceConfig>,
         host_alerts: Option<config::HostAlertsConfig>,
     ) -> Result<Health, StoreError> {
-        let tree = store.tree(TREE)?;
         let mut runtime = HashMap::new();
         for s in &services {
-            let key = state_key(&s.name);
-            let persisted: Persisted = match tree.get(&key).map_err(backend)? {
-                Some(v) => decode(&key, &v)?,
-                None => Persisted {
+            let persisted = match store.health_state(&s.name)? {
+                Some(p) => p,
+                None => HealthRecord {
                     state: ServiceState::Unknown.as_str().into(),
-                    ..Persisted::default()
+                    ..HealthRecord::default()
                 },
             };
             let announced = ServiceState::parse(&persisted.state).unwrap_or(ServiceState::Unknown);
@@ -219,7 +170,6 @@ impl Health {
     /// returns the audit events for announced state changes. Blocking
     /// (store writes): call from `spawn_blocking`.
     pub fn evaluate(&self, agents: &[pb::Agent], now_ms: u64) -> Result<Vec<Event>, StoreError> {
-        let tree = self.store.tree(TREE)?;
         let mut audit = Vec::new();
         let mut out = Vec::new();
         let agents = with_labels(agents);
@@ -238,19 +188,16 @@ impl Health {
                 Decision::Transition { from, to } => {
                     rt.persisted.state = to.as_str().into();
                     rt.persisted.since_ms = now_ms;
-                    tree.insert(state_key(&cfg.name), encode(&rt.persisted))
-                        .map_err(backend)?;
-                    let t = StoredTransition {
+                    self.store.put_health_state(&cfg.name, &rt.persisted)?;
+                    let t = HealthTransition {
                         from: from.as_str().into(),
                         to: to.as_str().into(),
                         at_ms: now_ms,
                         passing,
                         total,
                     };
-                    let mut key = history_prefix(&cfg.name);
-                    key.extend_from_slice(format!("{now_ms:020}").as_bytes());
-                    tree.insert(key, encode(&t)).map_err(backend)?;
-                    trim_history(&tree, &cfg.name)?;
+                    self.store
+                        .add_health_transition(&cfg.name, &t, HISTORY_KEPT)?;
                     audit.push(
                         Event::new(EventKind::ServiceChanged, "controller")
                             .detail(format!(
@@ -287,7 +234,7 @@ impl Health {
         }
         drop(runtime);
         if let Some(ha) = &self.host_alerts {
-            self.evaluate_hosts(ha, &agents, now_ms, &tree, &mut audit, &mut out)?;
+            self.evaluate_hosts(ha, &agents, now_ms, &mut audit, &mut out)?;
         }
         for ev in out {
             // No subscriber is fine: the state is stored and a watcher
@@ -303,7 +250,6 @@ impl Health {
         ha: &config::HostAlertsConfig,
         agents: &[(&pb::Agent, std::collections::BTreeMap<String, String>)],
         now_ms: u64,
-        tree: &sled::Tree,
         audit: &mut Vec<Event>,
         out: &mut Vec<pb::AlertEvent>,
     ) -> Result<(), StoreError> {
@@ -320,12 +266,11 @@ impl Health {
                 let rt = match hosts.entry(key.clone()) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(v) => {
-                        let skey = state_key(&key);
-                        let persisted: Persisted = match tree.get(&skey).map_err(backend)? {
-                            Some(b) => decode(&skey, &b)?,
-                            None => Persisted {
+                        let persisted = match self.store.health_state(&key)? {
+                            Some(p) => p,
+                            None => HealthRecord {
                                 state: ServiceState::Unknown.as_str().into(),
-                                ..Persisted::default()
+                                ..HealthRecord::default()
                             },
                         };
                         let announced =
@@ -360,8 +305,7 @@ impl Health {
                     Decision::Transition { from, to } => {
                         rt.persisted.state = to.as_str().into();
                         rt.persisted.since_ms = now_ms;
-                        tree.insert(state_key(&key), encode(&rt.persisted))
-                            .map_err(backend)?;
+                        self.store.put_health_state(&key, &rt.persisted)?;
                         audit.push(
                             Event::new(EventKind::ServiceChanged, "controller")
                                 .detail(format!("host check {key} {from} → {to}: {line}"))
@@ -407,7 +351,6 @@ impl Health {
     /// Every service (or the one named) with its recent transitions, worst
     /// first. Blocking (store reads).
     pub fn services(&self, name: &str, history: u32) -> Result<Vec<pb::Service>, StoreError> {
-        let tree = self.store.tree(TREE)?;
         if self.config(name).is_none()
             && let (Some(ha), Some(rt)) = (&self.host_alerts, lock(&self.hosts).get(name))
         {
@@ -424,23 +367,18 @@ impl Health {
             let Some(rt) = runtime.get(&cfg.name) else {
                 continue;
             };
-            let mut hist = Vec::new();
-            if history > 0 {
-                for kv in tree.scan_prefix(history_prefix(&cfg.name)).rev() {
-                    let (k, v) = kv.map_err(backend)?;
-                    let t: StoredTransition = decode(&k, &v)?;
-                    hist.push(pb::ServiceTransition {
-                        from: t.from,
-                        to: t.to,
-                        at_ms: t.at_ms,
-                        passing: t.passing,
-                        total: t.total,
-                    });
-                    if hist.len() >= history as usize {
-                        break;
-                    }
-                }
-            }
+            let hist: Vec<pb::ServiceTransition> = self
+                .store
+                .health_transitions(&cfg.name, history as usize)?
+                .into_iter()
+                .map(|t| pb::ServiceTransition {
+                    from: t.from,
+                    to: t.to,
+                    at_ms: t.at_ms,
+                    passing: t.passing,
+                    total: t.total,
+                })
+                .collect();
             out.push(service_pb(cfg, rt, &hist));
         }
         out.sort_by(|a, b| {
@@ -501,7 +439,6 @@ impl Health {
         reason: &str,
         by: &str,
     ) -> Result<bool, StoreError> {
-        let tree = self.store.tree(TREE)?;
         let mut runtime = lock(&self.runtime);
         let mut hosts = lock(&self.hosts);
         let persisted = match runtime.get_mut(name) {
@@ -514,8 +451,7 @@ impl Health {
         persisted.silenced_until_ms = until_ms;
         persisted.silence_reason = reason.into();
         persisted.silenced_by = by.into();
-        tree.insert(state_key(name), encode(persisted))
-            .map_err(backend)?;
+        self.store.put_health_state(name, persisted)?;
         Ok(true)
     }
 
@@ -587,20 +523,6 @@ fn observe(
     rt.total = total;
     rt.instances = instances;
     (passing, total)
-}
-
-fn trim_history(tree: &sled::Tree, name: &str) -> Result<(), StoreError> {
-    let keys: Vec<sled::IVec> = tree
-        .scan_prefix(history_prefix(name))
-        .keys()
-        .collect::<Result<_, _>>()
-        .map_err(backend)?;
-    if keys.len() > HISTORY_KEPT {
-        for k in &keys[..keys.len() - HISTORY_KEPT] {
-            tree.remove(k).map_err(backend)?;
-        }
-    }
-    Ok(())
 }
 
 fn service_pb(cfg: &ServiceConfig, rt: &Runtime, history: &[pb::ServiceTransition]) -> pb::Service {

@@ -521,9 +521,11 @@ impl Shared {
             // First sweep after start: pick up the jobs a previous run left.
             let running: Vec<String> = self
                 .store
-                .list_jobs(SWEEP_SCAN)?
+                .list_jobs(&crate::store::JobQuery {
+                    state: Some(JobState::Running),
+                    ..crate::store::JobQuery::newest(SWEEP_SCAN)
+                })?
                 .into_iter()
-                .filter(|j| j.state == JobState::Running)
                 .map(|j| j.id)
                 .collect();
             let mut runs = lock(&self.job_lock);

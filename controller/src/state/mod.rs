@@ -689,18 +689,6 @@ impl Shared {
             })?;
         let spec = &accepted.spec;
         let id = spec.id.to_string();
-        if self.store.get_job(&id)?.is_some() {
-            self.security_event(
-                Event::new(EventKind::JobRefused, spec.requester.to_string())
-                    .source(crate::audit::peer_actor(peer))
-                    .job(&id)
-                    .command(&spec.command)
-                    .detail("replayed job id"),
-            );
-            return Err(ApiError::AlreadyExists(format!(
-                "job {id} was already submitted"
-            )));
-        }
         // Resolve targets against the enrolment records' labels, never what
         // agents report about themselves (the agents re-check their own
         // granted labels).
@@ -723,18 +711,34 @@ impl Shared {
             targets.iter().map(|(a, _)| a.clone()).collect(),
             now_ms(),
         );
-        // A short id names one job: the submitter picks a new id and signs
-        // again (`ShortIdTaken` is ABORTED, which says so). Claimed last, so
-        // a refusal above leaves nothing behind.
+        // One transaction stores the job and claims its short id: a replayed
+        // id is refused (ALREADY_EXISTS), and a short id names one job (the
+        // submitter picks a new id and signs again: `ShortIdTaken` is
+        // ABORTED, which says so). Last, so a refusal above leaves nothing
+        // behind.
         let short = spec.id.short();
-        if let Some(holder) = self.store.claim_short_id(short.as_str(), &id)? {
-            tracing::info!(job_id = %id, holder = %holder, short_id = %short, "short id taken; job refused");
-            return Err(ApiError::ShortIdTaken {
-                job: id,
-                short: short.to_string(),
-            });
+        match self.store.create_job(short.as_str(), &record, &[])? {
+            Ok(()) => {}
+            Err(crate::store::JobClash::IdExists) => {
+                self.security_event(
+                    Event::new(EventKind::JobRefused, spec.requester.to_string())
+                        .source(crate::audit::peer_actor(peer))
+                        .job(&id)
+                        .command(&spec.command)
+                        .detail("replayed job id"),
+                );
+                return Err(ApiError::AlreadyExists(format!(
+                    "job {id} was already submitted"
+                )));
+            }
+            Err(crate::store::JobClash::ShortIdTaken { holder }) => {
+                tracing::info!(job_id = %id, holder = %holder, short_id = %short, "short id taken; job refused");
+                return Err(ApiError::ShortIdTaken {
+                    job: id,
+                    short: short.to_string(),
+                });
+            }
         }
-        self.store.put_job(&record)?;
         // Nothing runs without its audit record: same flush, before dispatch.
         let mut submitted = Event::new(EventKind::JobSubmitted, spec.requester.to_string())
             .source(crate::audit::peer_actor(peer))
@@ -952,33 +956,42 @@ impl Shared {
                     .map_err(|e| ApiError::InvalidArgument(format!("state filter: {e}")))?,
             )
         };
-        let filtered = !requester.is_empty() || state.is_some() || keep.is_some();
+        // The backend filters by requester and state; what the asker may
+        // read is checked here, page by page, so `limit` counts readable
+        // jobs.
+        let mut q = crate::store::JobQuery {
+            requester: (!requester.is_empty()).then(|| requester.to_owned()),
+            state,
+            limit: if keep.is_some() { LIST_PAGE } else { limit },
+            ..Default::default()
+        };
         let mut out = Vec::new();
-        for rec in self
-            .store
-            .list_jobs(if filtered { 10_000 } else { limit })?
-        {
-            if (!requester.is_empty() && rec.requester != requester)
-                || state.is_some_and(|s| rec.state != s)
-            {
-                continue;
-            }
-            if let Some(keep) = keep {
-                let facts = fleetcmd_core::rbac::JobFacts {
-                    requester: &rec.requester,
-                    command: &rec.command,
-                    selector: &rec.selector,
-                };
-                if !keep(facts) {
-                    continue;
+        let mut scanned = 0usize;
+        loop {
+            let page = self.store.list_jobs(&q)?;
+            let full = page.len() >= q.limit;
+            scanned += page.len();
+            q.after = page.last().map(|j| j.id.clone());
+            for rec in page {
+                if let Some(keep) = keep {
+                    let facts = fleetcmd_core::rbac::JobFacts {
+                        requester: &rec.requester,
+                        command: &rec.command,
+                        selector: &rec.selector,
+                    };
+                    if !keep(facts) {
+                        continue;
+                    }
+                }
+                out.push(self.job_to_proto(rec)?);
+                if out.len() >= limit {
+                    return Ok(out);
                 }
             }
-            out.push(self.job_to_proto(rec)?);
-            if out.len() >= limit {
-                break;
+            if !full || scanned >= LIST_SCAN {
+                return Ok(out);
             }
         }
-        Ok(out)
     }
 
     fn job_to_proto(&self, rec: JobRecord) -> ApiResult<pb::Job> {
@@ -996,6 +1009,11 @@ impl Shared {
         }))
     }
 }
+
+/// Jobs read per page when the asker's rights filter them.
+const LIST_PAGE: usize = 200;
+/// Jobs one listing reads at most, so one query cannot pin the controller.
+const LIST_SCAN: usize = 10_000;
 
 fn parse_selector(s: &str) -> ApiResult<Selector> {
     Selector::parse(s).map_err(|e| ApiError::InvalidArgument(format!("selector `{s}`: {e}")))

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::error::ApiResult;
-use crate::store::{JobRecord, Store};
+use crate::store::{JobQuery, Order, Store};
 
 /// Jobs looked at per store scan.
 const RETENTION_BATCH: usize = 500;
@@ -19,32 +19,29 @@ pub fn delete_old(
     now_ms: u64,
 ) -> ApiResult<usize> {
     let cutoff_ms = now_ms.saturating_sub(retention.as_millis() as u64);
+    let finished = |created_before_ms| JobQuery {
+        finished: Some(true),
+        created_before_ms,
+        order: Order::OldestFirst,
+        limit: RETENTION_BATCH,
+        ..JobQuery::default()
+    };
     let mut deleted = 0;
-    // Oldest first, so the age rule stops at the first young job.
-    'age: loop {
-        let batch = store.oldest_jobs(RETENTION_BATCH)?;
-        let mut progressed = false;
+    // The backend finds the finished jobs older than the cutoff, oldest
+    // first; deleted ones drop out of the next batch.
+    loop {
+        let batch = store.list_jobs(&finished(Some(cutoff_ms)))?;
         for j in &batch {
-            if j.created_at_ms >= cutoff_ms {
-                break 'age;
-            }
-            if j.state.is_terminal() {
-                store.delete_job(&j.id)?;
-                deleted += 1;
-                progressed = true;
-            }
+            store.delete_job(&j.id)?;
+            deleted += 1;
         }
-        if !progressed || batch.len() < RETENTION_BATCH {
+        if batch.len() < RETENTION_BATCH {
             break;
         }
     }
     let mut size = store.job_bytes()?;
     while size > max_bytes {
-        let batch: Vec<JobRecord> = store
-            .oldest_jobs(RETENTION_BATCH)?
-            .into_iter()
-            .filter(|j| j.state.is_terminal())
-            .collect();
+        let batch = store.list_jobs(&finished(None))?;
         if batch.is_empty() {
             break;
         }
@@ -64,11 +61,11 @@ mod tests {
     use fleetcmd_core::state::JobState;
 
     use super::*;
-    use crate::store::SledStore;
+    use crate::store::{JobRecord, JobStore, SledStore};
 
     fn ids(store: &dyn Store) -> Vec<String> {
         let mut v: Vec<String> = store
-            .list_jobs(100)
+            .list_jobs(&crate::store::JobQuery::newest(100))
             .expect("list")
             .into_iter()
             .map(|j| j.id)

@@ -1,46 +1,108 @@
 //! The conformance suite every `Store` backend must pass: plain functions
-//! over `&dyn Store`, so a second backend (PostgreSQL) proves itself by
-//! running these same functions against a fresh instance of itself, the
-//! way the sled backend does in `tests` below. Each function needs an
-//! empty store.
+//! over `&dyn Store`, one per promise of a part, so a second backend
+//! (PostgreSQL) proves itself by calling [`run_all`] with fresh, empty
+//! instances of itself, the way the sled backend does in `tests` below.
+//! Compiled for this crate's tests and with the `conformance` feature.
 
+use fleetcmd_core::audit::{Chain, Event, EventKind, Record, SignedHead};
 use fleetcmd_core::state::{JobState, Stop, TargetState};
 
-use super::{JobRecord, Store, TargetRecord, TokenRecord, TokenRefusal};
+use super::{
+    AgentRecord, AuditDim, AuditIndexEntry, HealthRecord, HealthTransition, JobClash, JobQuery,
+    JobRecord, Order, PolicyRecord, Store, StoreError, TargetRecord, TokenRecord, TokenRefusal,
+};
+use crate::revocation::CertRevocation;
+
+fn job_id(i: usize) -> String {
+    format!("0190ab12-34cd-7ef0-8123-{i:012x}")
+}
+
+fn ids(jobs: Vec<JobRecord>) -> Vec<String> {
+    jobs.into_iter().map(|j| j.id).collect()
+}
+
+fn create(store: &dyn Store, rec: &JobRecord) {
+    let short = &rec.id[rec.id.len() - 12..];
+    store
+        .create_job(short, rec, &[])
+        .expect("create_job")
+        .expect("no clash");
+}
 
 /// Every job state (and why a job stopped) is stored and read back as
-/// written; listings are newest first and oldest first; prefixes find ids.
-pub fn jobs_keep_their_states_and_order(store: &dyn Store) {
-    let ids: Vec<String> = (0..JobState::ALL.len())
-        .map(|i| format!("0190ab12-34cd-7ef0-8123-00000000000{i}"))
-        .collect();
+/// written; listings are newest or oldest first and filter by requester,
+/// state, finished and age in the backend, with a cursor; prefixes find ids.
+pub fn jobs_are_listed_by_the_backend(store: &dyn Store) {
+    let n = JobState::ALL.len();
     for (i, state) in JobState::ALL.into_iter().enumerate() {
-        let mut rec = JobRecord::for_test(&ids[i], i as u64, state, &["web-1"]);
+        let mut rec = JobRecord::for_test(&job_id(i), 1000 * i as u64, state, &["web-1"]);
         if state == JobState::Canceled {
             rec.stopped = Some((Stop::Canceled, "canceled by cli:alice".into()));
         }
-        store.put_job(&rec).expect("put_job");
-        assert_eq!(store.get_job(&ids[i]).expect("get_job"), Some(rec));
+        if i % 2 == 1 {
+            rec.requester = "irc:bob".into();
+        }
+        create(store, &rec);
+        assert_eq!(store.get_job(&job_id(i)).expect("get_job"), Some(rec));
     }
-    let newest: Vec<String> = store
-        .list_jobs(3)
-        .expect("list_jobs")
+    let q = |q: JobQuery| ids(store.list_jobs(&q).expect("list_jobs"));
+    assert_eq!(
+        q(JobQuery::newest(3)),
+        [job_id(n - 1), job_id(n - 2), job_id(n - 3)]
+    );
+    let oldest = JobQuery {
+        order: Order::OldestFirst,
+        ..JobQuery::newest(2)
+    };
+    assert_eq!(q(oldest.clone()), [job_id(0), job_id(1)]);
+    // The cursor continues where the last page ended.
+    let next = JobQuery {
+        after: Some(job_id(1)),
+        ..oldest
+    };
+    assert_eq!(q(next), [job_id(2), job_id(3)]);
+    let newest_after = JobQuery {
+        after: Some(job_id(2)),
+        ..JobQuery::newest(10)
+    };
+    assert_eq!(q(newest_after), [job_id(1), job_id(0)]);
+    let bob = JobQuery {
+        requester: Some("irc:bob".into()),
+        ..JobQuery::newest(100)
+    };
+    let want: Vec<String> = (0..n).rev().filter(|i| i % 2 == 1).map(job_id).collect();
+    assert_eq!(q(bob), want);
+    for (i, state) in JobState::ALL.into_iter().enumerate() {
+        let one = JobQuery {
+            state: Some(state),
+            ..JobQuery::newest(100)
+        };
+        assert_eq!(q(one), [job_id(i)], "{state}");
+    }
+    let finished = JobQuery {
+        finished: Some(true),
+        order: Order::OldestFirst,
+        created_before_ms: Some(1000 * (n as u64 - 1)),
+        limit: 100,
+        ..JobQuery::default()
+    };
+    let want: Vec<String> = JobState::ALL
         .into_iter()
-        .map(|j| j.id)
+        .enumerate()
+        .filter(|(i, s)| s.is_terminal() && *i < n - 1)
+        .map(|(i, _)| job_id(i))
         .collect();
-    assert_eq!(newest, [ids[5].clone(), ids[4].clone(), ids[3].clone()]);
-    let oldest: Vec<String> = store
-        .oldest_jobs(2)
-        .expect("oldest_jobs")
-        .into_iter()
-        .map(|j| j.id)
-        .collect();
-    assert_eq!(oldest, [ids[0].clone(), ids[1].clone()]);
+    assert_eq!(q(finished), want);
+    assert_eq!(q(JobQuery::newest(0)), Vec::<String>::new());
+    assert_eq!(
+        store.job_ids_with_prefix(&job_id(3), 2).expect("prefix"),
+        [job_id(3)]
+    );
     assert_eq!(
         store
-            .job_ids_with_prefix("0190ab12-34cd-7ef0-8123-000000000003", 2)
+            .job_ids_with_prefix("0190ab12-34cd", 2)
             .expect("prefix"),
-        [ids[3].clone()]
+        [job_id(0), job_id(1)]
     );
     assert_eq!(
         store
@@ -50,8 +112,9 @@ pub fn jobs_keep_their_states_and_order(store: &dyn Store) {
     );
 }
 
-/// Every target state is stored and read back; a batch write is read like
-/// single ones; a job's targets are listed by agent.
+/// Every target state is stored and read back with its result in one
+/// record; a batch write is read like single ones; a job's targets are
+/// listed by agent.
 pub fn targets_keep_their_states(store: &dyn Store) {
     let job = "0190ab12-34cd-7ef0-8123-456789abcdef";
     for (i, state) in TargetState::ALL.into_iter().enumerate() {
@@ -84,32 +147,88 @@ pub fn targets_keep_their_states(store: &dyn Store) {
     assert_eq!(store.get_target(job, "host-nope").expect("get"), None);
 }
 
-/// A short id names one job until the job is deleted with its targets.
-pub fn a_short_id_names_one_job_until_it_is_deleted(store: &dyn Store) {
+/// Creating a job is one transaction: a clash (its id, or its short id
+/// naming another job) writes nothing, not even the initial targets; a
+/// deleted job frees its records and short id.
+pub fn a_job_is_created_whole_or_not_at_all(store: &dyn Store) {
     let a = "01890a5d-ac96-774b-bcce-b302099a8057";
     let b = "01890a5d-ac96-7001-8000-b302099a8057";
     let short = "b302099a8057";
-    store
-        .put_job(&JobRecord::for_test(a, 1, JobState::Succeeded, &["web-1"]))
-        .expect("put");
-    store
-        .put_target(a, "web-1", &TargetRecord::new(TargetState::Ok, ""))
-        .expect("put target");
-    assert_eq!(store.claim_short_id(short, a).expect("claim"), None);
+    let dispatched = TargetRecord::new(TargetState::Dispatched, "");
+    let rec_a = JobRecord::for_test(a, 1, JobState::Running, &["web-1"]);
+    let rec_b = JobRecord::for_test(b, 2, JobState::Running, &["web-2"]);
     assert_eq!(
-        store.claim_short_id(short, b).expect("claim"),
-        Some(a.into())
+        store
+            .create_job(short, &rec_a, &[("web-1", &dispatched)])
+            .expect("create"),
+        Ok(())
     );
+    assert_eq!(store.job_id_by_short(short).expect("short"), Some(a.into()));
+    assert_eq!(store.targets(a).expect("targets").len(), 1);
+    assert_eq!(
+        store.create_job(short, &rec_a, &[]).expect("create"),
+        Err(JobClash::IdExists)
+    );
+    assert_eq!(
+        store
+            .create_job(short, &rec_b, &[("web-2", &dispatched)])
+            .expect("create"),
+        Err(JobClash::ShortIdTaken { holder: a.into() })
+    );
+    // Nothing of the refused job was written.
+    assert_eq!(store.get_job(b).expect("get"), None);
+    assert!(store.targets(b).expect("targets").is_empty());
+    // Deleting an unknown job frees nothing and takes no short id.
+    assert_eq!(store.delete_job(b).expect("delete"), 0);
+    assert_eq!(store.job_id_by_short(short).expect("short"), Some(a.into()));
     let before = store.job_bytes().expect("bytes");
-    assert!(store.delete_job(a).expect("delete") > 0);
-    assert!(store.job_bytes().expect("bytes") < before);
+    let freed = store.delete_job(a).expect("delete");
+    assert!(freed > 0);
+    assert_eq!(store.job_bytes().expect("bytes"), before - freed);
     assert_eq!(store.get_job(a).expect("get"), None);
     assert!(store.targets(a).expect("targets").is_empty());
     assert_eq!(store.job_id_by_short(short).expect("short"), None);
-    assert_eq!(store.claim_short_id(short, b).expect("claim"), None);
+    assert_eq!(
+        store.create_job(short, &rec_b, &[]).expect("create"),
+        Ok(())
+    );
 }
 
-/// A token is used at most as often as it allows, and not after it expired.
+/// Of concurrent creations of jobs sharing a short id exactly one wins.
+pub fn concurrent_creations_of_one_short_id_have_one_winner(store: &dyn Store) {
+    let recs: Vec<JobRecord> = (0..8)
+        .map(|i| {
+            let id = format!("01890a5d-ac96-70{i:02}-8000-b302099a8057");
+            JobRecord::for_test(&id, i, JobState::Running, &["web-1"])
+        })
+        .collect();
+    let winners = std::thread::scope(|s| {
+        let handles: Vec<_> = recs
+            .iter()
+            .map(|rec| {
+                s.spawn(move || {
+                    store
+                        .create_job("b302099a8057", rec, &[])
+                        .expect("create")
+                        .is_ok()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter(|_| true)
+            .map(|h| h.join().expect("thread") as usize)
+            .sum::<usize>()
+    });
+    assert_eq!(winners, 1);
+    assert_eq!(
+        store.list_jobs(&JobQuery::newest(100)).expect("list").len(),
+        1
+    );
+}
+
+/// A token is used at most as often as it allows, not after it expired,
+/// and a single use has one winner among concurrent callers.
 pub fn tokens_are_used_up_and_expire(store: &dyn Store) {
     let token = |uses_left, expires_at| TokenRecord {
         secret_hash: "ab".repeat(32),
@@ -122,6 +241,7 @@ pub fn tokens_are_used_up_and_expire(store: &dyn Store) {
     };
     store.put_token("t1", &token(2, 100)).expect("put");
     store.put_token("t2", &token(1, 10)).expect("put");
+    store.put_token("t3", &token(1, 100)).expect("put");
     let hash = "ab".repeat(32);
     for _ in 0..2 {
         assert!(
@@ -131,20 +251,263 @@ pub fn tokens_are_used_up_and_expire(store: &dyn Store) {
                 .is_ok()
         );
     }
-    let used = store.consume_token("t1", &hash, 50).expect("consume");
-    assert_eq!(used.map(|_| ()), Err(TokenRefusal::Used));
-    let expired = store.consume_token("t2", &hash, 50).expect("consume");
-    assert_eq!(expired.map(|_| ()), Err(TokenRefusal::Expired));
-    let unknown = store.consume_token("t3", &hash, 50).expect("consume");
-    assert_eq!(unknown.map(|_| ()), Err(TokenRefusal::Unknown));
+    let refusal = |id: &str, hash: &str| {
+        store
+            .consume_token(id, hash, 50)
+            .expect("consume")
+            .map(|_| ())
+    };
+    assert_eq!(refusal("t1", &hash), Err(TokenRefusal::Used));
+    assert_eq!(refusal("t2", &hash), Err(TokenRefusal::Expired));
+    assert_eq!(refusal("nope", &hash), Err(TokenRefusal::Unknown));
+    assert_eq!(refusal("t3", &"cd".repeat(32)), Err(TokenRefusal::Unknown));
+    let winners: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    store
+                        .consume_token("t3", &hash, 50)
+                        .expect("consume")
+                        .is_ok() as usize
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).sum()
+    });
+    assert_eq!(winners, 1);
+}
+
+/// Agents are enrolled, listed by id, and revoked by a rewrite.
+pub fn agents_are_enrolled_and_revoked(store: &dyn Store) {
+    let agent = |id: &str| AgentRecord {
+        id: id.into(),
+        labels: [("role".to_string(), "web".to_string())].into(),
+        revoked: false,
+        joined_at: 7,
+        version: "1.0".into(),
+        enrolment_cert: None,
+    };
+    assert_eq!(store.get_agent("web-1").expect("get"), None);
+    for id in ["web-2", "web-1"] {
+        store.put_agent(&agent(id)).expect("put");
+    }
+    let mut revoked = agent("web-2");
+    revoked.revoked = true;
+    store.put_agent(&revoked).expect("revoke");
+    assert_eq!(
+        store.get_agent("web-2").expect("get"),
+        Some(revoked.clone())
+    );
+    assert_eq!(
+        store.list_agents().expect("list"),
+        [agent("web-1"), revoked]
+    );
+}
+
+/// The policy is the last one put.
+pub fn the_policy_is_the_last_one_put(store: &dyn Store) {
+    assert_eq!(store.get_policy().expect("get"), None);
+    for version in [1, 2] {
+        let rec = PolicyRecord {
+            version,
+            bundle: vec![version as u8; 3],
+            signatures: vec![("k1".into(), vec![9; 64])],
+        };
+        store.put_policy(&rec).expect("put");
+        assert_eq!(store.get_policy().expect("get"), Some(rec));
+    }
+}
+
+fn event(i: u64) -> Event {
+    let mut e = Event::new(EventKind::ChatDenied, format!("cli:u{}", i % 2));
+    e.hosts = vec![format!("web-{i}")];
+    e
+}
+
+fn entries(r: &Record) -> Vec<AuditIndexEntry> {
+    vec![
+        AuditIndexEntry {
+            dim: AuditDim::Actor,
+            value: r.event.actor.clone(),
+            time_ms: r.time_ms,
+            seq: r.seq,
+        },
+        AuditIndexEntry {
+            dim: AuditDim::Host,
+            value: r.event.hosts[0].clone(),
+            time_ms: r.time_ms,
+            seq: r.seq,
+        },
+    ]
+}
+
+/// Audit records keep their order and contiguous sequence numbers (an
+/// append out of sequence is refused and writes nothing), the newest is the
+/// chain head, ranges read both ways, the index answers newest first
+/// within its bounds, retention removes the old end, heads are kept by seq.
+pub fn the_audit_log_is_one_contiguous_chain(store: &dyn Store) {
+    assert_eq!(store.audit_last().expect("last"), None);
+    let mut chain = Chain::genesis();
+    let mut recs = Vec::new();
+    for i in 1..=6 {
+        let r = chain.append(1000 + i * 10, event(i));
+        store.audit_append(&r, &entries(&r)).expect("append");
+        recs.push(r);
+    }
+    assert_eq!(store.audit_last().expect("last"), recs.last().cloned());
+    assert_eq!(store.audit_first_seq().expect("first"), Some(1));
+    // Out of sequence: a gap, and a repeat.
+    let mut ahead = chain.clone();
+    ahead.append(2000, event(7));
+    let gap = ahead.append(2000, event(8));
+    let err = store.audit_append(&gap, &[]).expect_err("gap");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    let err = store.audit_append(&recs[2], &[]).expect_err("repeat");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    assert_eq!(store.audit_get(3).expect("get"), Some(recs[2].clone()));
+    assert_eq!(store.audit_get(8).expect("get"), None);
+    let seqs = |rs: Vec<Record>| rs.into_iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(
+            store
+                .audit_records(2, 5, Order::OldestFirst, 10)
+                .expect("range")
+        ),
+        [2, 3, 4]
+    );
+    assert_eq!(
+        seqs(
+            store
+                .audit_records(0, u64::MAX, Order::NewestFirst, 2)
+                .expect("range")
+        ),
+        [6, 5]
+    );
+    // Index: actor cli:u1 has seqs 1, 3, 5.
+    let page = |since, before, limit| {
+        store
+            .audit_index_page(AuditDim::Actor, "cli:u1", since, before, limit)
+            .expect("index")
+    };
+    assert_eq!(
+        page(0, (u64::MAX, 0), 10),
+        [(1050, 5), (1030, 3), (1010, 1)]
+    );
+    assert_eq!(page(0, (1050, 5), 1), [(1030, 3)]);
+    assert_eq!(page(1020, (u64::MAX, 0), 10), [(1050, 5), (1030, 3)]);
+    // Index entries written again are not doubled.
+    store.audit_put_index(&entries(&recs[4])).expect("reindex");
+    assert_eq!(page(0, (u64::MAX, 0), 10).len(), 3);
+    // Heads.
+    let head = |seq: u64| SignedHead {
+        seq,
+        hash: recs[seq as usize - 1].hash.clone(),
+        time_ms: 5,
+        key_id: "k".into(),
+        signature: "00".into(),
+    };
+    assert_eq!(store.audit_last_head_seq().expect("head"), None);
+    for seq in [2, 4, 6] {
+        store.audit_put_head(&head(seq)).expect("head");
+    }
+    let heads = |from| {
+        store
+            .audit_heads_from(from)
+            .expect("heads")
+            .into_iter()
+            .map(|h| h.seq)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(heads(3), [4, 6]);
+    assert_eq!(store.audit_last_head_seq().expect("head"), Some(6));
+    // Retention: the old end goes, with its index entries and heads.
+    let old: Vec<AuditIndexEntry> = recs[..3].iter().flat_map(entries).collect();
+    store.audit_remove_through(3, &old).expect("remove");
+    store.audit_remove_heads_before(4).expect("remove heads");
+    assert_eq!(store.audit_first_seq().expect("first"), Some(4));
+    assert_eq!(page(0, (u64::MAX, 0), 10), [(1050, 5)]);
+    assert_eq!(heads(0), [4, 6]);
+    // The chain goes on from its head.
+    let r7 = chain.append(1070, event(7));
+    store.audit_append(&r7, &entries(&r7)).expect("append");
+    assert_eq!(store.audit_last().expect("last").map(|r| r.seq), Some(7));
+}
+
+/// Alerting state per name, and each name's transitions newest first,
+/// trimmed to the newest `keep`.
+pub fn health_state_and_history_are_kept(store: &dyn Store) {
+    assert_eq!(store.health_state("api").expect("get"), None);
+    let rec = HealthRecord {
+        state: "down".into(),
+        since_ms: 5,
+        silenced_until_ms: 9,
+        silence_reason: "maintenance".into(),
+        silenced_by: "irc:alice".into(),
+    };
+    store.put_health_state("api", &rec).expect("put");
+    store
+        .put_health_state("web-1/http", &HealthRecord::default())
+        .expect("put");
+    assert_eq!(store.health_state("api").expect("get"), Some(rec));
+    for at_ms in 1..=5 {
+        let t = HealthTransition {
+            from: "ok".into(),
+            to: "down".into(),
+            at_ms,
+            passing: 1,
+            total: 2,
+        };
+        store.add_health_transition("api", &t, 3).expect("add");
+    }
+    let at = |name, limit| {
+        store
+            .health_transitions(name, limit)
+            .expect("history")
+            .into_iter()
+            .map(|t| t.at_ms)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(at("api", 10), [5, 4, 3]);
+    assert_eq!(at("api", 2), [5, 4]);
+    assert_eq!(at("ap", 10), Vec::<u64>::new(), "names are not prefixes");
+}
+
+/// Every revocation put is read back.
+pub fn revocations_are_kept(store: &dyn Store) {
+    assert!(store.revocations().expect("list").is_empty());
+    let rev = |name: &str, serial: Option<&str>| CertRevocation {
+        role: "operator".into(),
+        name: name.into(),
+        serial: serial.map(Into::into),
+        revoked_at: 10,
+        by: "cli:root".into(),
+        reason: "left".into(),
+    };
+    let all = [
+        rev("alice", None),
+        rev("alice", Some("1f")),
+        rev("bob", None),
+    ];
+    for r in &all {
+        store.put_revocation(r).expect("put");
+    }
+    let mut got = store.revocations().expect("list");
+    got.sort_by(|a, b| (&a.name, &a.serial).cmp(&(&b.name, &b.serial)));
+    assert_eq!(got, all);
 }
 
 /// Every function above, each against a fresh store from `fresh`.
 pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
-    jobs_keep_their_states_and_order(fresh().as_ref());
+    jobs_are_listed_by_the_backend(fresh().as_ref());
     targets_keep_their_states(fresh().as_ref());
-    a_short_id_names_one_job_until_it_is_deleted(fresh().as_ref());
+    a_job_is_created_whole_or_not_at_all(fresh().as_ref());
+    concurrent_creations_of_one_short_id_have_one_winner(fresh().as_ref());
     tokens_are_used_up_and_expire(fresh().as_ref());
+    agents_are_enrolled_and_revoked(fresh().as_ref());
+    the_policy_is_the_last_one_put(fresh().as_ref());
+    the_audit_log_is_one_contiguous_chain(fresh().as_ref());
+    health_state_and_history_are_kept(fresh().as_ref());
+    revocations_are_kept(fresh().as_ref());
 }
 
 #[cfg(test)]

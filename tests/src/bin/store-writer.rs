@@ -7,7 +7,7 @@
 
 use std::io::Write;
 
-use fleetcmd_controller::store::{SledStore, Store};
+use fleetcmd_controller::store::{JobStore, SledStore, Store};
 
 fn main() {
     let mut args = std::env::args().skip(1);

@@ -254,7 +254,10 @@ async fn tampering_with_the_stored_trail_is_detected_and_named() {
     }
     let audit = shared.audit.clone();
     assert_eq!(first_bad(&audit), None);
-    let tree = shared.store.tree("audit").expect("audit tree");
+    let sled: &SledStore = (shared.store.as_ref() as &dyn std::any::Any)
+        .downcast_ref()
+        .expect("the test fleet runs on sled");
+    let tree = sled.raw_tree("audit").expect("audit tree");
     let key = |s: u64| s.to_be_bytes();
     let get = |s: u64| -> Vec<u8> { tree.get(key(s)).expect("get").expect("record").to_vec() };
     let n = audit.last_seq();

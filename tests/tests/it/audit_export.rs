@@ -24,6 +24,7 @@ fn config(data: &Path, exports: Vec<ExportConfig>) -> ControllerConfig {
         audit_export: exports,
         audit_retention: None,
         store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
+        postgres: None,
         services: Vec::new(),
         host_alerts: None,
         metrics_listen: None,

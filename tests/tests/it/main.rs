@@ -32,6 +32,7 @@ mod operators;
 mod output_trust;
 mod path_args;
 mod policy_trust;
+mod postgres;
 mod prometheus;
 mod python_api;
 mod rollout;

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fleetcmd_controller::store::{SledStore, Store};
+use fleetcmd_controller::store::{JobStore, SledStore};
 use fleetcmd_tests::crash::{job_key, record};
 
 const WRITER: &str = env!("CARGO_BIN_EXE_store-writer");
@@ -256,6 +256,7 @@ async fn a_corrupt_database_stops_the_controller_with_a_restore_hint() {
         job_retention: Duration::from_secs(86400),
         job_store_max_bytes: 1 << 30,
         store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
+        postgres: None,
         services: Vec::new(),
         host_alerts: None,
         metrics_listen: None,
