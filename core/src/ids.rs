@@ -306,6 +306,11 @@ pub struct Identity(String);
 /// Maximum length of an identity in bytes.
 pub const MAX_IDENTITY_BYTES: usize = 256;
 
+/// U+2800, the blank Braille pattern: a printable character every font
+/// draws as nothing. Output keeps it (Braille sparklines use the block);
+/// an identity refuses it, so two identities never differ by a blank.
+const BLANK_GLYPH: char = '\u{2800}';
+
 impl Identity {
     /// Parses `platform:rest`: a platform name ([`valid_platform`]), a
     /// non-empty rest, at most 256 bytes, no whitespace, control or
@@ -320,7 +325,7 @@ impl Identity {
             return Err(err("longer than 256 bytes"));
         }
         if s.chars()
-            .any(|c| c.is_whitespace() || crate::terminal::is_unsafe(c))
+            .any(|c| c.is_whitespace() || crate::terminal::is_unsafe(c) || c == BLANK_GLYPH)
         {
             return Err(err("contains whitespace, control or invisible characters"));
         }
@@ -652,6 +657,7 @@ mod tests {
             ("slack:T0001:U 1", false),
             ("slack:T0001:U\u{7}1", false),
             ("matrix:@a\u{202e}:b", false),
+            ("zz:a\u{2800}b", false),
             ("nocolon", false),
             (&format!("console:{}", "a".repeat(300)), false),
         ] {
