@@ -16,7 +16,7 @@ use fleetcmd_tests::*;
 
 use fleetcmd_tests::workspace_bin as bin;
 
-pub(crate) struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -38,7 +38,7 @@ impl Proc {
     }
 
     /// SIGKILL: no shutdown, no flush.
-    fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
