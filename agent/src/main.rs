@@ -257,3 +257,61 @@ async fn wait_for_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(urls: &[&str]) -> Controllers {
+        let urls: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
+        Controllers::parse("--controller", &urls).expect("valid")
+    }
+
+    #[test]
+    fn join_records_one_controller_or_all_of_them_in_the_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        // (config before, controllers given, config after or a piece of the error)
+        let cases: &[(&str, &[&str], Result<&str, &str>)] = &[
+            (
+                "# mine\ncontroller = \"https://old:1\"\nstate_dir = \"/s\"\n",
+                &["https://a:1", "https://b:1"],
+                Ok(
+                    "# mine\ncontrollers = [\"https://a:1\", \"https://b:1\"]\nstate_dir = \"/s\"\n",
+                ),
+            ),
+            (
+                "controllers = [\"https://a:1\", \"https://b:1\"]\nstate_dir = \"/s\"\n",
+                &["https://c:1"],
+                Ok("controller = \"https://c:1\"\nstate_dir = \"/s\"\n"),
+            ),
+            (
+                "controllers = [\n  \"https://a:1\",\n]\n",
+                &["https://c:1"],
+                Err("`controllers` spans several lines"),
+            ),
+            (
+                "state_dir = \"/s\"\n",
+                &["https://c:1"],
+                Err("no top-level `controller` or `controllers` line"),
+            ),
+        ];
+        for (before, given, want) in cases {
+            std::fs::write(&path, before).expect("write");
+            let got = record_controllers(&path, &list(given));
+            match (got, want) {
+                (Ok(()), Ok(after)) => {
+                    let text = std::fs::read_to_string(&path).expect("read");
+                    assert_eq!(&text, after, "{before}");
+                    // What was written is what `run` reads back.
+                    let raw: fleetcmd_agent::config::RawConfig =
+                        toml::from_str(&text).expect("toml");
+                    let config = raw.validate("agent.toml").expect("valid");
+                    assert_eq!(config.controllers, list(given));
+                }
+                (Err(e), Err(piece)) => assert!(e.to_string().contains(piece), "{before}: {e}"),
+                (got, want) => panic!("{before}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+}
