@@ -251,10 +251,10 @@ async fn an_agent_fails_over_to_the_second_controller_when_its_own_is_killed() {
     ctl_a.kill9();
     let moved = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            if let Some(online) = online_agents(&url_b, &op).await {
-                if online.iter().any(|a| a.agent_id == "a-1") {
-                    return online;
-                }
+            if let Some(online) = online_agents(&url_b, &op).await
+                && online.iter().any(|a| a.agent_id == "a-1")
+            {
+                return online;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
