@@ -146,31 +146,7 @@ async fn an_agent_fails_over_to_the_second_controller_when_its_own_is_killed() {
         ca.exists().then_some(())
     })
     .await;
-    let out = d.join("op");
-    let st = Command::new(bin("fleetcmd-controller"))
-        .arg("-c")
-        .arg(&cfg_a)
-        .args([
-            "issue-cert",
-            "--role",
-            "operator",
-            "--name",
-            "admin",
-            "--out",
-        ])
-        .arg(&out)
-        .stdout(Stdio::null())
-        .status()
-        .expect("issue-cert");
-    assert!(st.success(), "issue-cert");
-    let read = |f: &str| std::fs::read_to_string(out.join(f)).expect("operator file");
-    let op = ClientTls {
-        ca_pem: read("ca.crt"),
-        cert_pem: read("admin.crt"),
-        key_pem: read("admin.key"),
-    };
-    let op_key = fleetcmd_core::crypto::SigningKey::from_pkcs8_pem(&read("admin.sign.key"))
-        .expect("operator signing key");
+    let (op, op_key) = crate::crash::issue_operator(&cfg_a, &d.join("op"));
     let channel = |url: String| {
         let op = op.clone();
         async move {
