@@ -33,9 +33,12 @@ pub enum Cmd {
     Validate,
     /// Join the fleet with a token from `fleetcmd token create`.
     Join {
-        /// Controller address, e.g. https://ctl.example.com:7443 (default: the config's `controller`).
+        /// Controller address, e.g. https://ctl.example.com:7443; once per
+        /// controller of the fleet (joins through the first reachable, and
+        /// the agent fails over between them). Default: the config's
+        /// `controller` / `controllers`.
         #[arg(long)]
-        controller: Option<String>,
+        controller: Vec<String>,
         /// The join token.
         #[arg(long, env = "FLEETCMD_JOIN_TOKEN", hide_env_values = true)]
         token: String,

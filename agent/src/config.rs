@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::controllers::Controllers;
+
 /// Largest `max_output_bytes`: stdout and stderr of one job, kept in full,
 /// must fit one 4 MiB message to the controller.
 pub const MAX_OUTPUT_BYTES: usize = 3 * 512 * 1024;
@@ -13,8 +15,11 @@ pub const MAX_OUTPUT_BYTES: usize = 3 * 512 * 1024;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
-    /// `https://host:7443`.
+    /// `https://host:7443`: the one controller (or use `controllers`).
     pub controller: String,
+    /// Several controllers of one fleet (one database, one CA), dialled in
+    /// order: the next one when a connection is lost.
+    pub controllers: Vec<String>,
     pub state_dir: PathBuf,
     /// Facts this host reports about itself (`os = "debian-12"`): shown in
     /// `fleetcmd agents`, never used for targeting or `targets` rules —
@@ -40,6 +45,7 @@ impl Default for RawConfig {
     fn default() -> Self {
         RawConfig {
             controller: String::new(),
+            controllers: Vec::new(),
             state_dir: "/var/lib/fleetcmd/agent".into(),
             facts: BTreeMap::new(),
             labels: BTreeMap::new(),
@@ -55,7 +61,8 @@ impl Default for RawConfig {
 /// A validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    pub controller: String,
+    /// Where the agent connects: the first, and the next on a lost connection.
+    pub controllers: crate::controllers::Controllers,
     pub state_dir: PathBuf,
     /// What the host reports about itself; grants nothing.
     pub facts: BTreeMap<String, String>,
@@ -79,12 +86,28 @@ pub struct ConfigError {
 impl RawConfig {
     pub fn validate(&self, file: &str) -> Result<AgentConfig, ConfigError> {
         let mut problems = Vec::new();
-        if self.controller.is_empty() {
-            problems
-                .push("controller: required, e.g. \"https://ctl.example.com:7443\"".to_string());
-        } else if let Err(e) = fleetcmd_proto::channel::controller_url(&self.controller) {
-            problems.push(format!("controller: {e}"));
-        }
+        let controllers = match (self.controller.is_empty(), self.controllers.is_empty()) {
+            (true, true) => {
+                problems.push(
+                    "controller: required, e.g. \"https://ctl.example.com:7443\" (or `controllers = [...]` for several)"
+                        .to_string(),
+                );
+                None
+            }
+            (false, false) => {
+                problems.push(
+                    "controller, controllers: give one of them (put every address in `controllers`)"
+                        .to_string(),
+                );
+                None
+            }
+            (false, true) => Controllers::one(&self.controller)
+                .map_err(|p| problems.extend(p))
+                .ok(),
+            (true, false) => Controllers::parse("controllers", &self.controllers)
+                .map_err(|p| problems.extend(p))
+                .ok(),
+        };
         if self.state_dir.as_os_str().is_empty() || !self.state_dir.is_absolute() {
             problems.push(format!(
                 "state_dir: must be an absolute path, got {:?}",
@@ -163,14 +186,14 @@ impl RawConfig {
             },
         };
         let checks = crate::checks::config::validate_checks(&self.check, &mut problems);
-        if !problems.is_empty() {
+        let (Some(controllers), true) = (controllers, problems.is_empty()) else {
             return Err(ConfigError {
                 file: file.to_owned(),
                 problems,
             });
-        }
+        };
         Ok(AgentConfig {
-            controller: self.controller.clone(),
+            controllers,
             state_dir: self.state_dir.clone(),
             facts,
             allow: self.allow.clone(),
@@ -269,6 +292,39 @@ mod tests {
                 }
                 (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn one_controller_or_several_each_named_in_errors() {
+        let load = |text: &str| -> Result<AgentConfig, ConfigError> {
+            let raw: RawConfig = toml::from_str(text).expect("toml");
+            raw.validate("agent.toml")
+        };
+        let urls = |c: &AgentConfig| c.controllers.urls().to_vec();
+        let one = load("controller = \"https://a:7443\"").expect("one controller");
+        assert_eq!(urls(&one), ["https://a:7443"]);
+        let two = load("controllers = [\"https://a:7443\", \"https://b:7443\"]").expect("two");
+        assert_eq!(urls(&two), ["https://a:7443", "https://b:7443"]);
+        for (text, needle) in [
+            ("", "agent.toml: controller: required"),
+            (
+                "controller = \"https://a:7443\"\ncontrollers = [\"https://b:7443\"]",
+                "agent.toml: controller, controllers: give one of them",
+            ),
+            ("controllers = []", "agent.toml: controller: required"),
+            (
+                "controllers = [\"https://a:7443\", \"http://b:7443\"]",
+                "agent.toml: controllers[1]: ",
+            ),
+            (
+                "controllers = [\"https://a:7443\", \"https://a:7443\"]",
+                "agent.toml: controllers[1]: \"https://a:7443\" repeats controllers[0]",
+            ),
+            ("controller = \"http://a:7443\"", "agent.toml: controller: "),
+        ] {
+            let e = load(text).expect_err(text).to_string();
+            assert!(e.contains(needle), "{text}: {e}");
         }
     }
 }

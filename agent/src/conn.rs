@@ -30,6 +30,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::AgentConfig;
+use crate::controllers::Rotation;
 use crate::exec::{ExecLimits, Termination, execute};
 use crate::metrics::{Collector, HostMetrics};
 use crate::renewal::{Installed, Renewal};
@@ -218,11 +219,13 @@ async fn run(
 ) {
     let mut jobs = JoinSet::new();
     let mut attempt = 0u32;
+    let mut controllers = Rotation::new(inner.config.controllers.clone());
     loop {
         // Jobs are bound to the stream that delivered them: told here when
         // it ends, so that none still waiting for a slot starts after that.
         let (stream_tx, stream_rx) = watch::channel(Stream::Up);
-        let ended = session(&inner, &mut stop, &mut jobs, stream_rx).await;
+        let controller = controllers.current().to_owned();
+        let ended = session(&inner, &controller, &mut stop, &mut jobs, stream_rx).await;
         let _ = stream_tx.send(match &ended {
             Ok(()) => Stream::Ended("the agent is stopping".into()),
             Err(e) if e.refused => Stream::Refused(e.reason.clone()),
@@ -239,7 +242,11 @@ async fn run(
                 }
                 let wait = backoff(attempt);
                 attempt = attempt.saturating_add(1);
-                tracing::warn!(agent_id = %inner.agent_id, %reason, retry_in_ms = wait.as_millis() as u64, "controller connection lost");
+                // The next controller of the list (the same one when there
+                // is one), after the same backoff: a fleet whose
+                // controllers are all down is not dialled in a tight loop.
+                controllers.advance();
+                tracing::warn!(agent_id = %inner.agent_id, %controller, %reason, retry_in_ms = wait.as_millis() as u64, next = %controllers.current(), "controller connection lost");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stopped(&mut stop) => break,
@@ -293,13 +300,14 @@ fn msg(m: Out) -> pb::AgentMessage {
 /// One connection; returns Ok(()) only when asked to stop.
 async fn session(
     inner: &Arc<Inner>,
+    controller: &str,
     stop: &mut watch::Receiver<bool>,
     jobs: &mut JoinSet<()>,
     stream: watch::Receiver<Stream>,
 ) -> Result<(), SessionEnd> {
     let tls = inner.dir.client_tls().map_err(|e| end(false, e))?;
     let channel = tokio::select! {
-        c = fleetcmd_proto::channel::connect(&inner.config.controller, &tls) => c.map_err(|e| end(false, e))?,
+        c = fleetcmd_proto::channel::connect(controller, &tls) => c.map_err(|e| end(false, e))?,
         _ = stopped(stop) => return Ok(()),
     };
     let mut client = pb::agent_stream_client::AgentStreamClient::new(channel);
@@ -388,7 +396,7 @@ async fn session(
                         for r in unacked {
                             let _ = tx.send(msg(Out::Result(r))).await;
                         }
-                        tracing::info!(agent_id = %inner.agent_id, "connected to controller");
+                        tracing::info!(agent_id = %inner.agent_id, %controller, "connected to controller");
                     }
                     Some(In::Policy(p)) => {
                         let sigs: Vec<PolicySignature> = p.signatures.into_iter().map(|s| PolicySignature { key_id: s.key_id, signature: s.signature }).collect();

@@ -174,6 +174,32 @@ pub struct JoinOptions {
     pub state_dir: std::path::PathBuf,
 }
 
+/// Joins through the first of `controllers` that can be reached (`join
+/// --controller` given once per controller of the fleet): a controller
+/// that cannot be connected to is skipped, any other failure (a refused
+/// token, a pin mismatch) ends the join.
+pub async fn join_any(
+    opts: &JoinOptions,
+    controllers: &crate::controllers::Controllers,
+    now: u64,
+) -> Result<Identity, JoinError> {
+    let mut last = None;
+    for url in controllers.urls() {
+        let opts = JoinOptions {
+            controller: url.clone(),
+            ..opts.clone()
+        };
+        match join(&opts, now).await {
+            Err(e @ JoinError::Connect(..)) => {
+                tracing::warn!(controller = %url, error = %e, "controller unreachable; trying the next");
+                last = Some(e);
+            }
+            done => return done,
+        }
+    }
+    Err(last.expect("controllers is not empty, so the loop ran at least once"))
+}
+
 /// Joins the fleet and writes key, certificate, CA and pinned roots into the
 /// state directory.
 pub async fn join(opts: &JoinOptions, now: u64) -> Result<Identity, JoinError> {

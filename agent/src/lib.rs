@@ -8,6 +8,7 @@ pub mod checks;
 pub mod cli_args;
 pub mod config;
 pub mod conn;
+pub mod controllers;
 pub mod exec;
 pub mod exporter;
 pub mod join;

@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::Parser;
 
 use fleetcmd_agent::cli_args::{Cli, Cmd};
+use fleetcmd_agent::controllers::Controllers;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -21,13 +22,11 @@ fn main() -> ExitCode {
     // `join` may run before the config names a controller.
     let config = match (&cmd, fleetcmd_agent::config::load(&cli.config)) {
         (_, Ok(c)) => Some(c),
-        (
-            Cmd::Join {
-                controller: Some(_),
-                ..
-            },
-            Err(_),
-        ) if !cli.config.exists() => None,
+        (Cmd::Join { controller, .. }, Err(_))
+            if !controller.is_empty() && !cli.config.exists() =>
+        {
+            None
+        }
         (_, Err(e)) => {
             eprintln!("{e}");
             return ExitCode::from(64);
@@ -55,12 +54,15 @@ fn main() -> ExitCode {
                 .as_ref()
                 .map(|c| c.state_dir.clone())
                 .unwrap_or_else(|| "/var/lib/fleetcmd/agent".into());
-            let controller = controller
-                .or_else(|| config.as_ref().map(|c| c.controller.clone()))
-                .unwrap_or_default();
+            let controllers = match (controller.is_empty(), &config) {
+                (false, _) => Controllers::parse("--controller", &controller)
+                    .map_err(|p| anyhow::anyhow!("{}", p.join("; ")))?,
+                (true, Some(c)) => c.controllers.clone(),
+                (true, None) => anyhow::bail!("--controller URL is required without a config"),
+            };
             let name = name.unwrap_or_else(hostname);
             let opts = fleetcmd_agent::JoinOptions {
-                controller,
+                controller: controllers.first().to_owned(),
                 token,
                 name,
                 state_dir,
@@ -76,17 +78,17 @@ fn main() -> ExitCode {
             if new_config {
                 check_new_config(&cli.config)?;
             }
-            let id = fleetcmd_agent::join(&opts, now).await?;
+            let id = fleetcmd_agent::join::join_any(&opts, &controllers, now).await?;
             println!(
                 "joined as {} (state in {})",
                 id.agent_id,
                 opts.state_dir.display()
             );
             if new_config {
-                write_new_config(&cli.config, &opts.controller, &opts.state_dir)?;
-            } else if let Err(e) = record_controller(&cli.config, &opts.controller) {
+                write_new_config(&cli.config, &controllers, &opts.state_dir)?;
+            } else if let Err(e) = record_controllers(&cli.config, &controllers) {
                 eprintln!(
-                    "fleetcmd-agent: {}; set `controller` there by hand",
+                    "fleetcmd-agent: {}; set `controller` or `controllers` there by hand",
                     fleetcmd_core::error_chain::error_chain(e.as_ref())
                 );
             }
@@ -135,13 +137,14 @@ fn check_new_config(path: &std::path::Path) -> anyhow::Result<()> {
 /// (deploy/agent.toml shows every key).
 fn write_new_config(
     path: &std::path::Path,
-    controller: &str,
+    controllers: &Controllers,
     state_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     let text = format!(
         "# Written by `fleetcmd-agent join`; every key: deploy/agent.toml.\n\
-         controller = {controller:?}\n\
+         {}\n\
          state_dir = {:?}\n",
+        controllers_line(controllers),
         state_dir.display().to_string()
     );
     let mut f = std::fs::OpenOptions::new()
@@ -158,19 +161,34 @@ fn write_new_config(
     Ok(())
 }
 
-/// Keep the controller given to `join --controller` for `run`: rewrite the
-/// `controller = ...` line of an existing config in place (comments, mode and
-/// owner are kept).
-fn record_controller(config: &std::path::Path, controller: &str) -> anyhow::Result<()> {
+/// The agent.toml line naming `controllers`: `controller = "…"` for one
+/// (what older agents read), `controllers = ["…", …]` for several.
+fn controllers_line(controllers: &Controllers) -> String {
+    match controllers.urls() {
+        [one] => format!("controller = {one:?}"),
+        many => format!("controllers = {many:?}"),
+    }
+}
+
+/// Keep the controllers given to `join --controller` for `run`: rewrite the
+/// top-level `controller = ...` or `controllers = [...]` line of an
+/// existing config in place (comments, mode and owner are kept).
+fn record_controllers(config: &std::path::Path, controllers: &Controllers) -> anyhow::Result<()> {
     let Ok(text) = std::fs::read_to_string(config) else {
         return Ok(());
     };
-    let line = format!("controller = {controller:?}");
+    let line = controllers_line(controllers);
     let mut done = false;
     let mut out: Vec<&str> = Vec::new();
     for l in text.lines() {
         let key = l.split('=').next().unwrap_or("").trim();
-        if !done && key == "controller" && l.contains('=') {
+        if !done && (key == "controller" || key == "controllers") && l.contains('=') {
+            if key == "controllers" && !l.trim_end().ends_with(']') {
+                anyhow::bail!(
+                    "{}: `controllers` spans several lines; not rewritten",
+                    config.display()
+                );
+            }
             if l.trim() == line {
                 return Ok(());
             }
@@ -181,13 +199,16 @@ fn record_controller(config: &std::path::Path, controller: &str) -> anyhow::Resu
         }
     }
     if !done {
-        anyhow::bail!("{}: no top-level `controller` line", config.display());
+        anyhow::bail!(
+            "{}: no top-level `controller` or `controllers` line",
+            config.display()
+        );
     }
     let mut new = out.join("\n");
     new.push('\n');
     std::fs::write(config, new)
-        .map_err(|e| anyhow::anyhow!("{}: writing controller: {e}", config.display()))?;
-    println!("{}: controller = {controller:?}", config.display());
+        .map_err(|e| anyhow::anyhow!("{}: writing controllers: {e}", config.display()))?;
+    println!("{}: {line}", config.display());
     Ok(())
 }
 
@@ -233,6 +254,64 @@ async fn wait_for_signal() {
         }
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(urls: &[&str]) -> Controllers {
+        let urls: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
+        Controllers::parse("--controller", &urls).expect("valid")
+    }
+
+    #[test]
+    fn join_records_one_controller_or_all_of_them_in_the_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        // (config before, controllers given, config after or a piece of the error)
+        let cases: &[(&str, &[&str], Result<&str, &str>)] = &[
+            (
+                "# mine\ncontroller = \"https://old:1\"\nstate_dir = \"/s\"\n",
+                &["https://a:1", "https://b:1"],
+                Ok(
+                    "# mine\ncontrollers = [\"https://a:1\", \"https://b:1\"]\nstate_dir = \"/s\"\n",
+                ),
+            ),
+            (
+                "controllers = [\"https://a:1\", \"https://b:1\"]\nstate_dir = \"/s\"\n",
+                &["https://c:1"],
+                Ok("controller = \"https://c:1\"\nstate_dir = \"/s\"\n"),
+            ),
+            (
+                "controllers = [\n  \"https://a:1\",\n]\n",
+                &["https://c:1"],
+                Err("`controllers` spans several lines"),
+            ),
+            (
+                "state_dir = \"/s\"\n",
+                &["https://c:1"],
+                Err("no top-level `controller` or `controllers` line"),
+            ),
+        ];
+        for (before, given, want) in cases {
+            std::fs::write(&path, before).expect("write");
+            let got = record_controllers(&path, &list(given));
+            match (got, want) {
+                (Ok(()), Ok(after)) => {
+                    let text = std::fs::read_to_string(&path).expect("read");
+                    assert_eq!(&text, after, "{before}");
+                    // What was written is what `run` reads back.
+                    let raw: fleetcmd_agent::config::RawConfig =
+                        toml::from_str(&text).expect("toml");
+                    let config = raw.validate("agent.toml").expect("valid");
+                    assert_eq!(config.controllers, list(given));
+                }
+                (Err(e), Err(piece)) => assert!(e.to_string().contains(piece), "{before}: {e}"),
+                (got, want) => panic!("{before}: got {got:?}, want {want:?}"),
+            }
         }
     }
 }

@@ -371,7 +371,8 @@ impl Fleet {
     /// Starts an already joined agent from its state directory.
     pub fn start_agent(&mut self, name: &str, allow: Option<Vec<String>>) -> anyhow::Result<()> {
         let config = AgentConfig {
-            controller: self.url.clone(),
+            controllers: fleetcmd_agent::controllers::Controllers::one(&self.url)
+                .map_err(|p| anyhow::anyhow!("{}", p.join("; ")))?,
             state_dir: self.dir.join("agents").join(name),
             facts: BTreeMap::new(),
             allow,

@@ -701,7 +701,7 @@ async fn results_reach_the_controller_in_heartbeats_and_a_slow_check_does_not_de
         nagios("slow", &slow, "interval = \"4s\"\ntimeout = \"3s\"")
     ));
     let agent = fleetcmd_agent::spawn(fleetcmd_agent::AgentConfig {
-        controller: url,
+        controllers: fleetcmd_agent::controllers::Controllers::one(&url).expect("loopback url"),
         state_dir,
         facts: Default::default(),
         allow: None,

@@ -16,7 +16,7 @@ use fleetcmd_tests::*;
 
 use fleetcmd_tests::workspace_bin as bin;
 
-pub(crate) struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -38,7 +38,7 @@ impl Proc {
     }
 
     /// SIGKILL: no shutdown, no flush.
-    fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -152,31 +152,7 @@ pub(crate) async fn setup() -> (World, Proc, Vec<Proc>) {
         ca.exists().then_some(())
     })
     .await;
-    let out = world.dir.path().join("op");
-    let st = Command::new(bin("fleetcmd-controller"))
-        .arg("-c")
-        .arg(&world.controller_cfg)
-        .args([
-            "issue-cert",
-            "--role",
-            "operator",
-            "--name",
-            "admin",
-            "--out",
-        ])
-        .arg(&out)
-        .stdout(Stdio::null())
-        .status()
-        .expect("issue-cert");
-    assert!(st.success());
-    let read = |f: &str| std::fs::read_to_string(out.join(f)).expect("operator file");
-    world.op = ClientTls {
-        ca_pem: read("ca.crt"),
-        cert_pem: read("admin.crt"),
-        key_pem: read("admin.key"),
-    };
-    world.op_key = fleetcmd_core::crypto::SigningKey::from_pkcs8_pem(&read("admin.sign.key"))
-        .expect("operator signing key");
+    (world.op, world.op_key) = issue_operator(&world.controller_cfg, &world.dir.path().join("op"));
     let policy = fleetcmd_cli::fleet::example_policy(
         1,
         &world.op_key.public_key(),
@@ -240,6 +216,39 @@ pub(crate) async fn setup() -> (World, Proc, Vec<Proc>) {
     })
     .await;
     (world, ctl, agents)
+}
+
+/// `issue-cert --role operator --name admin` into `out`: the operator's
+/// TLS identity and its signing key.
+pub(crate) fn issue_operator(
+    controller_cfg: &std::path::Path,
+    out: &std::path::Path,
+) -> (ClientTls, fleetcmd_core::crypto::SigningKey) {
+    let st = Command::new(bin("fleetcmd-controller"))
+        .arg("-c")
+        .arg(controller_cfg)
+        .args([
+            "issue-cert",
+            "--role",
+            "operator",
+            "--name",
+            "admin",
+            "--out",
+        ])
+        .arg(out)
+        .stdout(Stdio::null())
+        .status()
+        .expect("issue-cert");
+    assert!(st.success());
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).expect("operator file");
+    let op = ClientTls {
+        ca_pem: read("ca.crt"),
+        cert_pem: read("admin.crt"),
+        key_pem: read("admin.key"),
+    };
+    let key = fleetcmd_core::crypto::SigningKey::from_pkcs8_pem(&read("admin.sign.key"))
+        .expect("operator signing key");
+    (op, key)
 }
 
 fn all_running(j: &pb::Job) -> bool {

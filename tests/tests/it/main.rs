@@ -12,6 +12,7 @@ mod docs;
 mod e2e;
 mod enrollment;
 mod exec_limits;
+mod failover;
 mod gateway_plugins;
 mod gateway_restart;
 mod grpc;
