@@ -793,9 +793,16 @@ fn every_commented_example_in_deploy_agent_toml_is_valid() {
                 }
                 line
             }
+            // `controllers` is the alternative to `controller`: with the
+            // example uncommented, the single address gives way to it.
+            None if line.starts_with("controller = ") => format!("# {line}"),
             None => line.to_owned(),
         })
         .collect();
+    assert!(
+        uncommented.iter().any(|l| l.starts_with("controllers = [")),
+        "the several-controllers example is checked too"
+    );
     assert_eq!(
         kinds,
         ["systemd", "tcp", "http", "disk", "load", "memory", "nagios"],
