@@ -358,15 +358,15 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if lead_sweep.is_leader() {
-                        if let Err(e) = sweep_state.sweep().await {
-                            tracing::error!(error = %e, "sweeping overdue jobs");
-                        }
+                    if lead_sweep.is_leader()
+                        && let Err(e) = sweep_state.sweep().await
+                    {
+                        tracing::error!(error = %e, "sweeping overdue jobs");
                     }
-                    if let Some(fence) = lead_audit.fence() {
-                        if let Err(e) = sweep_state.audit.tick(&fence).await {
-                            tracing::error!(error = %e, "signing the audit chain head");
-                        }
+                    if let Some(fence) = lead_audit.fence()
+                        && let Err(e) = sweep_state.audit.tick(&fence).await
+                    {
+                        tracing::error!(error = %e, "signing the audit chain head");
                     }
                     // Services are evaluated about once per heartbeat
                     // interval (at most every 5 s), when there are any.
@@ -510,10 +510,10 @@ impl RunningController {
         // The last signed head covers everything recorded up to shutdown
         // (by the holder of the audit-heads lease; then every lease is
         // released, so another controller takes over at once).
-        if let Some(fence) = self.leases.of(Singleton::AuditHeads).fence() {
-            if let Err(e) = self.shared.audit.sign_head_fenced(&fence) {
-                tracing::error!(error = %e, "signing the audit chain head at shutdown");
-            }
+        if let Some(fence) = self.leases.of(Singleton::AuditHeads).fence()
+            && let Err(e) = self.shared.audit.sign_head_fenced(&fence)
+        {
+            tracing::error!(error = %e, "signing the audit chain head at shutdown");
         }
         self.leases.stop().await;
         // Exporters finish the batch in hand; the rest goes after a restart.
