@@ -64,6 +64,35 @@ impl SledStore {
         }))
     }
 
+    /// Sets the expiry of `holder`'s lease at `term` (a renewal, or 0: a
+    /// release); `false`, and nothing written, when it is not held so.
+    fn lease_extend(
+        &self,
+        name: &str,
+        holder: &str,
+        term: u64,
+        expires_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let _turn = self.lease_lock();
+        let fence = Fence {
+            lease: name.to_owned(),
+            holder: holder.to_owned(),
+            term,
+        };
+        if !self.fence_holds(&fence)? {
+            return Ok(false);
+        }
+        self.lease_put(
+            name,
+            &Stored {
+                holder: holder.to_owned(),
+                term,
+                expires_ms,
+            },
+        )?;
+        Ok(true)
+    }
+
     fn lease_lock(&self) -> std::sync::MutexGuard<'_, ()> {
         self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -105,45 +134,11 @@ impl LeaseStore for SledStore {
         term: u64,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let _turn = self.lease_lock();
-        let fence = Fence {
-            lease: name.to_owned(),
-            holder: holder.to_owned(),
-            term,
-        };
-        if !self.fence_holds(&fence)? {
-            return Ok(false);
-        }
-        self.lease_put(
-            name,
-            &Stored {
-                holder: holder.to_owned(),
-                term,
-                expires_ms: now_ms().saturating_add(ms(ttl)),
-            },
-        )?;
-        Ok(true)
+        self.lease_extend(name, holder, term, now_ms().saturating_add(ms(ttl)))
     }
 
     fn lease_release(&self, name: &str, holder: &str, term: u64) -> Result<bool, StoreError> {
-        let _turn = self.lease_lock();
-        let fence = Fence {
-            lease: name.to_owned(),
-            holder: holder.to_owned(),
-            term,
-        };
-        if !self.fence_holds(&fence)? {
-            return Ok(false);
-        }
-        self.lease_put(
-            name,
-            &Stored {
-                holder: holder.to_owned(),
-                term,
-                expires_ms: 0,
-            },
-        )?;
-        Ok(true)
+        self.lease_extend(name, holder, term, 0)
     }
 
     fn lease_holder(&self, name: &str) -> Result<Option<Lease>, StoreError> {
