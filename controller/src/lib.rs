@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod keyfile;
+pub mod lease;
 pub mod metrics;
 pub mod pki;
 pub mod revocation;

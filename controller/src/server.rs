@@ -14,6 +14,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::auth::require;
 use crate::config::ControllerConfig;
+use crate::lease::{Leases, Singleton};
 use crate::pki::{Ca, Role};
 use crate::service::Svc;
 use crate::state::Shared;
@@ -57,6 +58,8 @@ pub struct RunningController {
     stop: watch::Sender<bool>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     sweeper: Option<JoinHandle<()>>,
+    /// The singletons' leases; released at shutdown.
+    leases: Leases,
     exporters: Vec<JoinHandle<()>>,
     dispatcher: Option<JoinHandle<()>>,
     metrics_addr: Option<SocketAddr>,
@@ -333,6 +336,20 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stopped(&mut stop_server).await;
     }));
+    // Singletons run only while this controller holds their lease (see
+    // `lease`); with one controller it always does.
+    let leases = Leases::start(
+        shared.store.clone(),
+        crate::lease::holder_id(),
+        crate::lease::LeaseTiming::default(),
+    );
+    let lead = |s| leases.of(s).clone();
+    let (lead_sweep, lead_retention, lead_health, lead_audit) = (
+        lead(Singleton::Sweeper),
+        lead(Singleton::Retention),
+        lead(Singleton::Health),
+        lead(Singleton::AuditHeads),
+    );
     let sweep_state = shared.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -341,15 +358,20 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if let Err(e) = sweep_state.sweep().await {
+                    if lead_sweep.is_leader()
+                        && let Err(e) = sweep_state.sweep().await
+                    {
                         tracing::error!(error = %e, "sweeping overdue jobs");
                     }
-                    if let Err(e) = sweep_state.audit.tick().await {
+                    if let Some(fence) = lead_audit.fence()
+                        && let Err(e) = sweep_state.audit.tick(&fence).await
+                    {
                         tracing::error!(error = %e, "signing the audit chain head");
                     }
                     // Services are evaluated about once per heartbeat
                     // interval (at most every 5 s), when there are any.
                     if !sweep_state.health.is_empty()
+                        && lead_health.is_leader()
                         && retention_ticks.is_multiple_of(health_every)
                     {
                         let s = sweep_state.clone();
@@ -363,7 +385,9 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
                         let _ = tokio::task::spawn_blocking(trim_heap).await;
                     }
                     retention_ticks += 1;
-                    if retention_ticks.is_multiple_of(RETENTION_EVERY_TICKS) {
+                    if retention_ticks.is_multiple_of(RETENTION_EVERY_TICKS)
+                        && lead_retention.is_leader()
+                    {
                         if let Err(e) = sweep_state.enforce_retention().await {
                             tracing::error!(error = %e, "enforcing job retention");
                         }
@@ -428,6 +452,7 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         stop,
         server: Some(server),
         sweeper: Some(sweeper),
+        leases,
         exporters,
         dispatcher: Some(dispatcher),
     })
@@ -482,10 +507,15 @@ impl RunningController {
                 Err(_) => tracing::warn!("metrics listener did not stop within 5 s"),
             }
         }
-        // The last signed head covers everything recorded up to shutdown.
-        if let Err(e) = self.shared.audit.sign_head() {
+        // The last signed head covers everything recorded up to shutdown
+        // (by the holder of the audit-heads lease; then every lease is
+        // released, so another controller takes over at once).
+        if let Some(fence) = self.leases.of(Singleton::AuditHeads).fence()
+            && let Err(e) = self.shared.audit.sign_head_fenced(&fence)
+        {
             tracing::error!(error = %e, "signing the audit chain head at shutdown");
         }
+        self.leases.stop().await;
         // Exporters finish the batch in hand; the rest goes after a restart.
         // One stuck on a slow sink is aborted: its batch was not
         // acknowledged, so the next start sends it again.

@@ -26,7 +26,7 @@ use fleetcmd_core::audit::{
 use fleetcmd_core::crypto::{PublicKey, SigningKey};
 use fleetcmd_core::ids::JobRef;
 
-use crate::store::{AuditDim as Dim, AuditIndexEntry, Order, Store, StoreError};
+use crate::store::{AuditDim as Dim, AuditIndexEntry, Fence, Order, Store, StoreError};
 
 /// How often the chain head is signed when records were added.
 pub const HEAD_INTERVAL: Duration = Duration::from_secs(60);
@@ -340,15 +340,42 @@ impl Audit {
     /// Signs the current head if records were added since the last one.
     /// Durable after the next flush.
     pub fn sign_head(&self) -> Result<Option<SignedHead>, StoreError> {
+        self.sign_with(|head| self.store.audit_put_head(head))
+    }
+
+    /// Signs the current head if it is new and stores it with `put`.
+    fn sign_with(
+        &self,
+        put: impl FnOnce(&SignedHead) -> Result<(), StoreError>,
+    ) -> Result<Option<SignedHead>, StoreError> {
         let chain = lock(&self.chain).clone();
         let mut last = lock(&self.last_head);
         if chain.seq == 0 || chain.seq <= last.0 {
             return Ok(None);
         }
         let head = SignedHead::sign(&chain, now_ms(), &self.key);
-        self.store.audit_put_head(&head)?;
+        put(&head)?;
         *last = (chain.seq, Instant::now());
         Ok(Some(head))
+    }
+
+    /// `sign_head` as the holder of the audit-heads lease: the store
+    /// refuses the write when `fence` is no longer the current grant (a
+    /// controller that lost its lease), and nothing is signed then.
+    pub fn sign_head_fenced(&self, fence: &Fence) -> Result<Option<SignedHead>, StoreError> {
+        self.sign_with(|head| {
+            if self.store.audit_put_head_fenced(fence, head)? {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict {
+                    what: format!("audit head {}", head.seq),
+                    reason: format!(
+                        "lease {} is no longer held at term {}",
+                        fence.lease, fence.term
+                    ),
+                })
+            }
+        })
     }
 
     /// Retention: removes the oldest records whose time is
@@ -395,12 +422,12 @@ impl Audit {
         self.store.audit_first_seq()
     }
 
-    /// Periodic work (called every second by the controller's sweeper):
-    /// signs the head every `HEAD_INTERVAL` when there is something new, and
-    /// makes it durable.
-    pub async fn tick(&self) -> Result<(), StoreError> {
+    /// Periodic work (called every second by the controller's sweeper
+    /// while it holds the audit-heads lease, `fence`): signs the head every
+    /// `HEAD_INTERVAL` when there is something new, and makes it durable.
+    pub async fn tick(&self, fence: &Fence) -> Result<(), StoreError> {
         let due = lock(&self.last_head).1.elapsed() >= HEAD_INTERVAL;
-        if due && self.sign_head()?.is_some() {
+        if due && self.sign_head_fenced(fence)?.is_some() {
             let store = self.store.clone();
             tokio::task::spawn_blocking(move || store.flush())
                 .await

@@ -8,8 +8,9 @@ use fleetcmd_core::audit::{Chain, Event, EventKind, Record, SignedHead};
 use fleetcmd_core::state::{JobState, Stop, TargetState};
 
 use super::{
-    AgentRecord, AuditDim, AuditIndexEntry, HealthRecord, HealthTransition, JobClash, JobQuery,
-    JobRecord, Order, PolicyRecord, Store, StoreError, TargetRecord, TokenRecord, TokenRefusal,
+    AgentRecord, AuditDim, AuditIndexEntry, Fence, HealthRecord, HealthTransition, JobClash,
+    JobQuery, JobRecord, Order, PolicyRecord, Store, StoreError, TargetRecord, TokenRecord,
+    TokenRefusal,
 };
 use crate::revocation::CertRevocation;
 
@@ -496,6 +497,151 @@ pub fn revocations_are_kept(store: &dyn Store) {
     assert_eq!(got, all);
 }
 
+/// Long enough that a lease outlives a few calls on a busy machine.
+const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(3);
+/// Short, for the expiry cases; the tests wait a little longer.
+const SHORT_TTL: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// A free lease goes to the first holder at term 1; a second holder is
+/// refused while it runs; the holder renews and re-acquires at the same
+/// term; once it expires the other holder takes it with a higher term; a
+/// release frees it at once.
+pub fn a_lease_has_one_holder_and_terms_grow(store: &dyn Store) {
+    assert_eq!(store.lease_holder("sweeper").expect("holder"), None);
+    let a = store
+        .lease_acquire("sweeper", "ctl-a", LEASE_TTL)
+        .expect("acquire")
+        .expect("a free lease is granted");
+    assert_eq!((a.holder.as_str(), a.term), ("ctl-a", 1));
+    assert_eq!(
+        store
+            .lease_acquire("sweeper", "ctl-b", LEASE_TTL)
+            .expect("acquire"),
+        None,
+        "a running lease is not granted to another holder"
+    );
+    // Another name is another lease.
+    let other = store
+        .lease_acquire("retention", "ctl-b", LEASE_TTL)
+        .expect("acquire")
+        .expect("another name is free");
+    assert_eq!(other.term, 1);
+    assert!(
+        store
+            .lease_renew("sweeper", "ctl-a", 1, LEASE_TTL)
+            .expect("renew")
+    );
+    let again = store
+        .lease_acquire("sweeper", "ctl-a", LEASE_TTL)
+        .expect("acquire")
+        .expect("the holder gets its own lease");
+    assert_eq!(again.term, 1, "extending a running lease keeps the term");
+    assert_eq!(
+        store.lease_holder("sweeper").expect("holder"),
+        Some(a.clone())
+    );
+
+    // Expiry, then a takeover at a higher term.
+    assert!(
+        store
+            .lease_renew("sweeper", "ctl-a", 1, SHORT_TTL)
+            .expect("renew")
+    );
+    std::thread::sleep(SHORT_TTL * 2);
+    assert_eq!(store.lease_holder("sweeper").expect("holder"), None);
+    let b = store
+        .lease_acquire("sweeper", "ctl-b", LEASE_TTL)
+        .expect("acquire")
+        .expect("an expired lease is granted");
+    assert_eq!((b.holder.as_str(), b.term), ("ctl-b", 2));
+
+    // A release frees it at once; the next grant has the next term.
+    assert!(!store.lease_release("sweeper", "ctl-a", 1).expect("release"));
+    assert!(store.lease_release("sweeper", "ctl-b", 2).expect("release"));
+    assert_eq!(store.lease_holder("sweeper").expect("holder"), None);
+    let a3 = store
+        .lease_acquire("sweeper", "ctl-a", LEASE_TTL)
+        .expect("acquire")
+        .expect("a released lease is granted");
+    assert_eq!(a3.term, 3);
+}
+
+/// A holder whose lease expired cannot renew it, even before anyone took
+/// it over, and not once it was (its old term is refused); its fenced
+/// writes are refused, the new holder's go through.
+pub fn a_stale_holder_is_refused(store: &dyn Store) {
+    let a = store
+        .lease_acquire("audit-heads", "ctl-a", SHORT_TTL)
+        .expect("acquire")
+        .expect("granted");
+    let fence_a = Fence {
+        lease: "audit-heads".into(),
+        holder: "ctl-a".into(),
+        term: a.term,
+    };
+    let head = |seq: u64| SignedHead {
+        seq,
+        hash: format!("{seq:064x}"),
+        time_ms: seq,
+        key_id: "k".into(),
+        signature: "00".into(),
+    };
+    let head1 = head(1);
+    assert!(
+        store
+            .audit_put_head_fenced(&fence_a, &head1)
+            .expect("fenced put")
+    );
+    std::thread::sleep(SHORT_TTL * 2);
+    assert!(
+        !store
+            .lease_renew("audit-heads", "ctl-a", a.term, LEASE_TTL)
+            .expect("renew"),
+        "an expired lease is not renewed"
+    );
+    let head2 = head(2);
+    assert!(
+        !store
+            .audit_put_head_fenced(&fence_a, &head2)
+            .expect("fenced put"),
+        "an expired holder's fenced write is refused"
+    );
+    let b = store
+        .lease_acquire("audit-heads", "ctl-b", LEASE_TTL)
+        .expect("acquire")
+        .expect("granted");
+    assert!(b.term > a.term);
+    assert!(
+        !store
+            .lease_renew("audit-heads", "ctl-a", a.term, LEASE_TTL)
+            .expect("renew"),
+        "the old term is not renewed after a takeover"
+    );
+    assert!(
+        !store
+            .audit_put_head_fenced(&fence_a, &head2)
+            .expect("fenced put"),
+        "the old term's fenced write is refused after a takeover"
+    );
+    let fence_b = Fence {
+        lease: "audit-heads".into(),
+        holder: "ctl-b".into(),
+        term: b.term,
+    };
+    assert!(
+        store
+            .audit_put_head_fenced(&fence_b, &head2)
+            .expect("fenced put")
+    );
+    let seqs: Vec<u64> = store
+        .audit_heads_from(0)
+        .expect("heads")
+        .iter()
+        .map(|h| h.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2], "only the fenced writes that held are stored");
+}
+
 /// Every function above, each against a fresh store from `fresh`.
 pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     jobs_are_listed_by_the_backend(fresh().as_ref());
@@ -508,6 +654,8 @@ pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     the_audit_log_is_one_contiguous_chain(fresh().as_ref());
     health_state_and_history_are_kept(fresh().as_ref());
     revocations_are_kept(fresh().as_ref());
+    a_lease_has_one_holder_and_terms_grow(fresh().as_ref());
+    a_stale_holder_is_refused(fresh().as_ref());
 }
 
 #[cfg(test)]

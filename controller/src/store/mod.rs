@@ -2,7 +2,9 @@
 //! parts: jobs with their targets and short ids ([`JobStore`]), join
 //! tokens ([`TokenStore`]), enrolled agents ([`AgentStore`]), the policy
 //! bundle ([`PolicyStore`]), the audit log ([`AuditStore`]), alerting state
-//! ([`HealthStore`]) and certificate revocations ([`RevocationStore`]).
+//! ([`HealthStore`]), certificate revocations ([`RevocationStore`]) and
+//! the leases under which one controller runs each singleton
+//! ([`LeaseStore`]).
 //! sled is the embedded default (`sled_store`); every backend passes the
 //! same `conformance` suite.
 //!
@@ -59,6 +61,7 @@ pub trait Store:
     + AuditStore
     + HealthStore
     + RevocationStore
+    + LeaseStore
     + Send
     + Sync
     + std::any::Any
@@ -287,4 +290,59 @@ pub trait HealthStore {
 pub trait RevocationStore {
     fn put_revocation(&self, rec: &crate::revocation::CertRevocation) -> Result<(), StoreError>;
     fn revocations(&self) -> Result<Vec<crate::revocation::CertRevocation>, StoreError>;
+}
+
+/// A lease as the store granted it: who holds it, and its fencing term.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub holder: String,
+    /// Grows by one each time the lease passes to a holder (a new holder,
+    /// or the same one after its lease expired): a write guarded by an
+    /// older term is refused.
+    pub term: u64,
+}
+
+/// What a write guarded by a lease names: the lease, its holder and the
+/// term that holder was granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub lease: String,
+    pub holder: String,
+    pub term: u64,
+}
+
+/// Named leases with fencing terms, so that among controllers sharing one
+/// database exactly one runs each singleton. Expiry is decided by the
+/// database's clock (PostgreSQL's `now()`), never by the callers' clocks.
+pub trait LeaseStore {
+    /// Takes `name` for `holder` for `ttl` if it is free, expired or held
+    /// by `holder` already (then it is extended with the same term); a new
+    /// grant gets the previous term plus one (1 for a new name). `None`:
+    /// another holder's lease is still running, nothing was written.
+    fn lease_acquire(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<Lease>, StoreError>;
+    /// Extends `holder`'s lease at `term` by `ttl` from now; `false` when
+    /// it is not held at that term any more (expired, or taken over), and
+    /// nothing was written.
+    fn lease_renew(
+        &self,
+        name: &str,
+        holder: &str,
+        term: u64,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError>;
+    /// Ends `holder`'s lease at `term` now (a clean shutdown), so another
+    /// holder takes over without waiting for the expiry; `false` when it
+    /// was not held at that term.
+    fn lease_release(&self, name: &str, holder: &str, term: u64) -> Result<bool, StoreError>;
+    /// The unexpired lease on `name`, if any.
+    fn lease_holder(&self, name: &str) -> Result<Option<Lease>, StoreError>;
+    /// Stores a signed audit head only while `fence` is the current,
+    /// unexpired grant of its lease, checked in the same statement as the
+    /// write; `false`: refused (a stale leader), nothing was written.
+    fn audit_put_head_fenced(&self, fence: &Fence, head: &SignedHead) -> Result<bool, StoreError>;
 }

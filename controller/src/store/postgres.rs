@@ -163,6 +163,9 @@ macro_rules! params {
     };
 }
 
+// After `params!`, which it uses.
+mod leases;
+
 /// Statement parameters, boxed so they can move to the store's runtime.
 type Params = Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>;
 

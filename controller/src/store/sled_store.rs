@@ -17,6 +17,8 @@ use super::{
 };
 use crate::revocation::CertRevocation;
 
+mod leases;
+
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         StoreError::Backend(e.to_string())
@@ -35,6 +37,9 @@ pub struct SledStore {
     cache_bytes: u64,
     inner: std::sync::RwLock<Option<std::sync::Arc<SledTrees>>>,
     closed: std::sync::atomic::AtomicBool,
+    /// Lease reads and writes take turns (a check and its write are one
+    /// step); one process holds the database, so this is all it takes.
+    leases: std::sync::Mutex<()>,
 }
 
 struct SledTrees {
@@ -174,6 +179,7 @@ impl SledStore {
             cache_bytes,
             inner: std::sync::RwLock::new(Some(std::sync::Arc::new(trees))),
             closed: std::sync::atomic::AtomicBool::new(false),
+            leases: std::sync::Mutex::new(()),
         })
     }
 

@@ -22,6 +22,7 @@ mod init;
 mod job_signatures;
 mod key_files;
 mod labels;
+mod leases;
 mod live;
 mod moment_of_use;
 // The gateway tests' real ngircd, one file for both test binaries.

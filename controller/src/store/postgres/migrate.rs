@@ -18,11 +18,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order; a new one is a new file and a new line.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("migrations/0001_initial.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "leases",
+        sql: include_str!("migrations/0002_leases.sql"),
+    },
+];
 
 /// The advisory lock key migrations hold ("fleetcmd" in ASCII).
 const LOCK_KEY: i64 = 0x666c_6565_7463_6d64;
