@@ -316,8 +316,34 @@ impl Audit {
         // sequence; the tip only moves once it is stored.
         let mut chain = lock(&self.chain);
         let mut next = chain.clone();
-        let rec = next.append(now_ms, event);
-        self.store.audit_append(&rec, &index_entries(&rec, false))?;
+        let rec = next.append(now_ms, event.clone());
+        match self.store.audit_append(&rec, &index_entries(&rec, false)) {
+            Ok(()) => {}
+            // The stored tip is not ours: a record we appended was lost
+            // with a write that failed before it was durable (never
+            // acknowledged: a full disk, the database reopened), or another
+            // writer appended. The chain goes on from what is stored —
+            // found by the full-disk test, whose chain stayed one ahead of
+            // the store and refused every record after the disk freed.
+            Err(StoreError::Conflict { .. }) => {
+                let stored = self.store.audit_last()?;
+                tracing::warn!(
+                    ours = chain.seq,
+                    stored = stored.as_ref().map_or(0, |r| r.seq),
+                    "audit chain resumed from the stored tip"
+                );
+                *chain = match &stored {
+                    Some(last) => Chain::after(last),
+                    None => Chain::genesis(),
+                };
+                next = chain.clone();
+                let rec = next.append(now_ms, event);
+                self.store.audit_append(&rec, &index_entries(&rec, false))?;
+                *chain = next;
+                return Ok(rec.seq);
+            }
+            Err(e) => return Err(e),
+        }
         *chain = next;
         Ok(rec.seq)
     }

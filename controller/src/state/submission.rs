@@ -286,9 +286,9 @@ restart = ["slack:T0001:U1"]
             args: BTreeMap::new(),
             selector: "role=web".into(),
             requester: Identity::parse(requester).unwrap_or_else(|e| panic!("{e}")),
-            // A CLI job's channel is its requester; a chat job's its room.
+            // A CLI job's channel is `cli`; a chat job's its room.
             channel: if requester.starts_with("cli:") {
-                requester.into()
+                fleetcmd_core::rbac::CLI_CHANNEL.into()
             } else {
                 "slack:T0001:C1".into()
             },

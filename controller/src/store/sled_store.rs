@@ -37,9 +37,12 @@ pub struct SledStore {
     cache_bytes: u64,
     inner: std::sync::RwLock<Option<std::sync::Arc<SledTrees>>>,
     closed: std::sync::atomic::AtomicBool,
-    /// Lease reads and writes take turns (a check and its write are one
-    /// step); one process holds the database, so this is all it takes.
-    leases: std::sync::Mutex<()>,
+    /// The grants of this open, by lease name: one process holds the
+    /// database, so a grant lives in memory and ends with the process (a
+    /// controller restarted after kill -9 leads at once, not after the dead
+    /// one's TTL); only each lease's term is stored. Checks and their
+    /// writes take turns under this lock.
+    leases: std::sync::Mutex<std::collections::HashMap<String, leases::Grant>>,
 }
 
 struct SledTrees {
@@ -179,7 +182,7 @@ impl SledStore {
             cache_bytes,
             inner: std::sync::RwLock::new(Some(std::sync::Arc::new(trees))),
             closed: std::sync::atomic::AtomicBool::new(false),
-            leases: std::sync::Mutex::new(()),
+            leases: std::sync::Mutex::default(),
         })
     }
 

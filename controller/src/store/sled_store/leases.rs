@@ -1,7 +1,7 @@
-//! Leases on sled: one process holds the database, so a mutex makes each
-//! check and its write one step. A lease is a `meta` record
-//! (`lease/NAME`: holder, term, expiry in Unix milliseconds of this
-//! machine's clock); terms survive a restart.
+//! Leases on sled: one process holds the database, so grants live in
+//! memory (a [`Grant`] per lease, under one mutex: each check and its write
+//! are one step) and end with the process; only the term is stored (`meta`
+//! record `lease/NAME`), so terms keep growing across restarts.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,12 +11,21 @@ use serde::{Deserialize, Serialize};
 use super::super::{Fence, Lease, LeaseStore, StoreError};
 use super::{SledStore, seq_key};
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Stored {
+/// A grant of this open: holder, term, expiry in Unix milliseconds.
+#[derive(Debug, Clone)]
+pub(crate) struct Grant {
     holder: String,
     term: u64,
     expires_ms: u64,
 }
+
+/// What is stored of a lease: its last term.
+#[derive(Debug, Serialize, Deserialize)]
+struct Stored {
+    term: u64,
+}
+
+type Grants<'a> = std::sync::MutexGuard<'a, std::collections::HashMap<String, Grant>>;
 
 fn key(name: &str) -> Vec<u8> {
     format!("lease/{name}").into_bytes()
@@ -34,38 +43,40 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl SledStore {
-    fn lease_get(&self, name: &str) -> Result<Option<Stored>, StoreError> {
+    /// The last term granted for `name`, by any open.
+    fn stored_term(&self, name: &str) -> Result<u64, StoreError> {
         let Some(v) = self
             .trees()?
             .meta
             .get(key(name))
             .map_err(|e| self.fail(e))?
         else {
-            return Ok(None);
+            return Ok(0);
         };
-        serde_json::from_slice(&v)
-            .map(Some)
+        // Records of an earlier version held holder and expiry too: only
+        // the term is read.
+        serde_json::from_slice::<Stored>(&v)
+            .map(|s| s.term)
             .map_err(|e| StoreError::Corrupt {
                 key: format!("meta/lease/{name}"),
                 reason: e.to_string(),
             })
     }
 
-    fn lease_put(&self, name: &str, rec: &Stored) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(rec).expect("a lease serializes to JSON");
+    fn store_term(&self, name: &str, term: u64) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(&Stored { term }).expect("a lease serializes to JSON");
         self.insert(&self.trees()?.meta, &key(name), json)
     }
 
-    /// Whether `fence` is the current, unexpired grant (the caller holds
-    /// the lease mutex).
-    fn fence_holds(&self, fence: &Fence) -> Result<bool, StoreError> {
-        Ok(self.lease_get(&fence.lease)?.is_some_and(|l| {
+    /// Whether `fence` is the current, unexpired grant.
+    fn fence_holds(grants: &Grants<'_>, fence: &Fence) -> bool {
+        grants.get(&fence.lease).is_some_and(|l| {
             l.holder == fence.holder && l.term == fence.term && l.expires_ms > now_ms()
-        }))
+        })
     }
 
     /// Sets the expiry of `holder`'s lease at `term` (a renewal, or 0: a
-    /// release); `false`, and nothing written, when it is not held so.
+    /// release); `false`, and nothing changed, when it is not held so.
     fn lease_extend(
         &self,
         name: &str,
@@ -73,27 +84,22 @@ impl SledStore {
         term: u64,
         expires_ms: u64,
     ) -> Result<bool, StoreError> {
-        let _turn = self.lease_lock();
+        let mut grants = self.lease_lock();
         let fence = Fence {
             lease: name.to_owned(),
             holder: holder.to_owned(),
             term,
         };
-        if !self.fence_holds(&fence)? {
+        if !Self::fence_holds(&grants, &fence) {
             return Ok(false);
         }
-        self.lease_put(
-            name,
-            &Stored {
-                holder: holder.to_owned(),
-                term,
-                expires_ms,
-            },
-        )?;
+        if let Some(g) = grants.get_mut(name) {
+            g.expires_ms = expires_ms;
+        }
         Ok(true)
     }
 
-    fn lease_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+    fn lease_lock(&self) -> Grants<'_> {
         self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -105,22 +111,23 @@ impl LeaseStore for SledStore {
         holder: &str,
         ttl: Duration,
     ) -> Result<Option<Lease>, StoreError> {
-        let _turn = self.lease_lock();
+        let mut grants = self.lease_lock();
         let now = now_ms();
-        let term = match self.lease_get(name)? {
-            None => 1,
+        let term = match grants.get(name) {
             Some(l) if l.expires_ms > now && l.holder == holder => l.term,
             Some(l) if l.expires_ms > now => return Ok(None),
             Some(l) => l.term + 1,
+            None => self.stored_term(name)? + 1,
         };
-        self.lease_put(
-            name,
-            &Stored {
+        self.store_term(name, term)?;
+        grants.insert(
+            name.to_owned(),
+            Grant {
                 holder: holder.to_owned(),
                 term,
                 expires_ms: now.saturating_add(ms(ttl)),
             },
-        )?;
+        );
         Ok(Some(Lease {
             holder: holder.to_owned(),
             term,
@@ -142,19 +149,19 @@ impl LeaseStore for SledStore {
     }
 
     fn lease_holder(&self, name: &str) -> Result<Option<Lease>, StoreError> {
-        let _turn = self.lease_lock();
         Ok(self
-            .lease_get(name)?
+            .lease_lock()
+            .get(name)
             .filter(|l| l.expires_ms > now_ms())
             .map(|l| Lease {
-                holder: l.holder,
+                holder: l.holder.clone(),
                 term: l.term,
             }))
     }
 
     fn audit_put_head_fenced(&self, fence: &Fence, head: &SignedHead) -> Result<bool, StoreError> {
-        let _turn = self.lease_lock();
-        if !self.fence_holds(fence)? {
+        let grants = self.lease_lock();
+        if !Self::fence_holds(&grants, fence) {
             return Ok(false);
         }
         let json = serde_json::to_vec(head).expect("signed heads serialize to JSON");
