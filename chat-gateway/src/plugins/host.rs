@@ -222,6 +222,7 @@ mod tests {
     #[test]
     fn a_job_request_is_the_run_it_names_and_nothing_more() {
         let params = |timeout_secs, dry_run| JobRunParams {
+            call: 1,
             command: "restart".into(),
             args: vec!["x on all --dry-run".into()],
             selector: "role=web".into(),

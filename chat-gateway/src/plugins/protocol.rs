@@ -206,6 +206,11 @@ pub struct Block {
 #[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct JobRunParams {
+    /// The id of the `command` request being answered: a `job.run` runs
+    /// as that call's caller only (one left in the pipe after its call
+    /// ended would otherwise run as the next caller — found by an outside
+    /// test).
+    pub call: u64,
     pub command: String,
     #[serde(default)]
     pub args: Vec<String>,

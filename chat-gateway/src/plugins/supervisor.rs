@@ -334,6 +334,14 @@ async fn exchange<P: serde::Serialize>(
                             protocol::INVALID_PARAMS,
                             format!("job.run params: {e}"),
                         ),
+                        Ok(p) if p.call != id => Response::err(
+                            rid,
+                            protocol::INVALID_PARAMS,
+                            format!(
+                                "job.run names call {}, but the command being answered is call {id}: nothing run",
+                                p.call
+                            ),
+                        ),
                         Ok(p) => match jobs.run_as_caller(p).await {
                             Ok(r) => {
                                 Response::ok(rid, serde_json::to_value(r).unwrap_or(Value::Null))

@@ -19,7 +19,7 @@ use crate::support::{FakeController, POLICY_BODY, router_for};
 const GRANTS: &str = r#"
 [roles.plugins]
 commands = []
-may = ["plugin:greet.*", "plugin:clock.clock", "plugin:crash.*", "plugin:hang.*", "plugin:flood.*", "plugin:env.*"]
+may = ["plugin:greet.*", "plugin:clock.clock", "plugin:crash.*", "plugin:hang.*", "plugin:flood.*", "plugin:env.*", "plugin:stale.*"]
 
 [roles.greeter]
 commands = []
@@ -53,9 +53,11 @@ fn test_plugin(dir: &Path, name: &str, body: &str) -> PathBuf {
 import json, os, sys
 with open("starts", "a") as f:
     f.write("x")
+CALL = [None]
 {body}
 for line in sys.stdin:
     msg = json.loads(line)
+    CALL[0] = msg["id"]
     if msg["method"] == "initialize":
         result = {{"protocol_version": 1, "commands": ["{name}"]}}
     else:
@@ -127,6 +129,16 @@ fn setup() -> Setup {
                 "def answer(p):\n    env = sorted(k.split(b'=')[0].decode() for k in open('/proc/self/environ','rb').read().split(b'\\0') if k)\n    fds = sorted(os.listdir('/proc/self/fd'))\n    try:\n        bytearray(4 << 30)\n        mem = 'unlimited'\n    except MemoryError:\n        mem = 'limited'\n    return {'lines': ['env ' + ','.join(env), 'fds ' + ','.join(fds), 'memory ' + mem]}\n",
             ),
             "memory_mb = 256",
+        ),
+        // Asks for a job naming the call it answered before this one (as a
+        // job.run left in the pipe after its call ended would).
+        entry(
+            test_plugin(
+                &path,
+                "stale",
+                "last = [None]\ndef answer(p):\n    mine = last[0]\n    last[0] = CALL[0]\n    if mine is None:\n        return {'lines': ['armed']}\n    sys.stdout.write(json.dumps({'jsonrpc': '2.0', 'id': 'j', 'method': 'job.run', 'params': {'call': mine, 'command': 'uptime', 'args': [], 'selector': 'all'}}) + '\\n'); sys.stdout.flush()\n    reply = json.loads(sys.stdin.readline())\n    return {'lines': ['job.run: ' + reply.get('error', {}).get('message', 'ran')]}\n",
+            ),
+            "",
         ),
     ];
     // `env` is declared nowhere else; its call is granted to alice only.
@@ -292,6 +304,22 @@ async fn a_plugins_job_runs_as_the_caller_and_is_refused_when_the_caller_may_not
             .collect::<Vec<_>>(),
         ["console:erin", "console:alice"]
     );
+}
+
+/// A `job.run` runs only as the caller of the call it names: one naming
+/// an earlier call (left in the pipe after that call ended, to run as
+/// whoever calls next — found by an outside test) runs nothing.
+#[tokio::test]
+async fn a_job_run_naming_another_call_runs_nothing() {
+    let s = setup();
+    let first = console(&s.router, "alice", &["stale"]).await;
+    assert!(first.contains("armed"), "{first}");
+    let second = console(&s.router, "alice", &["stale"]).await;
+    assert!(
+        second.contains("job.run: job.run names call") && second.contains("nothing run"),
+        "{second}"
+    );
+    assert!(s.router.controller().submitted().is_empty(), "{second}");
 }
 
 #[tokio::test]

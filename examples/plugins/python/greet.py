@@ -24,7 +24,7 @@ def ask_gateway(method, params):
     return reply["result"]
 
 
-def command(params):
+def command(params, call):
     caller = params["caller"]
     if params["command"] == "greet":
         name = params["args"][0] if params["args"] else caller["person"]
@@ -34,7 +34,8 @@ def command(params):
     if params["command"] == "loadcheck":
         # Runs as the caller: the policy, approvals and audit apply as if
         # they had typed `run uptime on SELECTOR`; the channel sees the job.
-        out = ask_gateway("job.run", {"command": "uptime", "args": [], "selector": params["args"][0]})
+        out = ask_gateway("job.run", {"call": call, "command": "uptime", "args": [],
+                                      "selector": params["args"][0]})
         if out["outcome"] == "submitted":
             return {"lines": ["job %s submitted as you; its result is posted here" % out["job_id"]]}
         if out["outcome"] == "dry_run":
@@ -49,7 +50,7 @@ for line in sys.stdin:
         result = {"protocol_version": 1, "commands": ["greet", "loadcheck"]}
     else:
         try:
-            result = command(msg["params"])
+            result = command(msg["params"], msg["id"])
         except Exception as e:  # answered as a JSON-RPC error, the plugin lives on
             send({"jsonrpc": "2.0", "id": msg["id"], "error": {"code": 2, "message": str(e)}})
             continue
