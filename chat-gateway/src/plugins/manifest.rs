@@ -149,6 +149,60 @@ pub struct ManifestError {
     pub problems: Vec<String>,
 }
 
+/// What the gateway will run must be what its operator installed: the
+/// plugin's folder, its manifest and its executable writable by their owner
+/// only (another local user could otherwise swap the plugin), and the
+/// executable a regular file inside the folder, not a symlink (found by an
+/// outside test: `/bin/sh`, `../other/…` and symlinks were accepted).
+fn on_disk(manifest: &Path, dir: &Path, executable: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut problems = Vec::new();
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    for (what, p) in [("its folder", dir), ("the manifest", manifest)] {
+        match std::fs::metadata(p) {
+            Ok(m) if m.mode() & 0o022 != 0 => problems.push(format!(
+                "{what} {} is writable by group or others (mode {:o}): chmod go-w it",
+                p.display(),
+                m.mode() & 0o777
+            )),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("{what} {}: {e}", p.display())),
+        }
+    }
+    match std::fs::symlink_metadata(executable) {
+        Err(e) => problems.push(format!("executable {}: {e}", executable.display())),
+        Ok(m) if !m.file_type().is_file() => problems.push(format!(
+            "executable {}: must be a regular file in the plugin's folder, not a symlink",
+            executable.display()
+        )),
+        Ok(m) => {
+            let inside = match (dir.canonicalize(), executable.canonicalize()) {
+                (Ok(d), Ok(e)) => e.starts_with(&d),
+                _ => false,
+            };
+            if !inside {
+                problems.push(format!(
+                    "executable {}: must be inside the plugin's folder {}",
+                    executable.display(),
+                    dir.display()
+                ));
+            }
+            if m.mode() & 0o022 != 0 {
+                problems.push(format!(
+                    "executable {} is writable by group or others (mode {:o}): chmod go-w it",
+                    executable.display(),
+                    m.mode() & 0o777
+                ));
+            }
+        }
+    }
+    problems
+}
+
 /// Verbs a plugin may not take: the gateway's own.
 fn builtin_verb(verb: &str) -> bool {
     fleetcmd_core::grammar::VERBS.iter().any(|v| v.verb == verb)
@@ -163,10 +217,19 @@ impl Manifest {
         };
         let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        Manifest::parse(&text, dir).map_err(|problems| ManifestError {
+        let manifest = Manifest::parse(&text, dir).map_err(|problems| ManifestError {
             path: path.to_path_buf(),
             problems,
-        })
+        })?;
+        let problems = on_disk(path, dir, &manifest.executable);
+        if problems.is_empty() {
+            Ok(manifest)
+        } else {
+            Err(ManifestError {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
     }
 
     /// Parses manifest text; relative executables are taken from `dir`.
@@ -353,5 +416,54 @@ args = [{ name = "a", optional = true }, { name = "b", kind = "float" }]
             e.iter().any(|p| p.contains("unknown field `routes`")),
             "{e:?}"
         );
+    }
+
+    /// The plugin on disk is what the operator installed: see [`on_disk`].
+    #[test]
+    fn what_runs_is_a_private_regular_file_inside_the_plugins_folder() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("p");
+        std::fs::create_dir(&dir).expect("dir");
+        let chmod = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+        chmod(&dir, 0o755);
+        let manifest = dir.join("plugin.toml");
+        let write = |exe: &str| {
+            std::fs::write(
+                &manifest,
+                format!("name = \"p\"\nprotocol = 1\nexecutable = \"{exe}\"\n[[commands]]\nverb = \"pp\"\nsummary = \"s\"\n"),
+            )
+            .expect("manifest");
+            chmod(&manifest, 0o644);
+        };
+        std::fs::write(dir.join("p.sh"), "#!/bin/sh\n").expect("exe");
+        chmod(&dir.join("p.sh"), 0o755);
+        write("p.sh");
+        Manifest::load(&manifest).unwrap_or_else(|e| panic!("{e}"));
+        let refused = |want: &str| {
+            let e = Manifest::load(&manifest).expect_err(want).to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        };
+        let other = root.path().join("other.sh");
+        std::fs::write(&other, "#!/bin/sh\n").expect("exe");
+        write(&other.display().to_string());
+        refused("must be inside the plugin's folder");
+        write("../other.sh");
+        refused("must be inside the plugin's folder");
+        std::os::unix::fs::symlink("/bin/sh", dir.join("link")).expect("symlink");
+        write("link");
+        refused("not a symlink");
+        write("p.sh");
+        chmod(&dir.join("p.sh"), 0o777);
+        refused("writable by group or others");
+        chmod(&dir.join("p.sh"), 0o755);
+        chmod(&dir, 0o777);
+        refused("its folder");
+        chmod(&dir, 0o755);
+        chmod(&manifest, 0o666);
+        let e = Manifest::load(&manifest).expect_err("manifest").to_string();
+        assert!(e.contains("the manifest"), "{e}");
     }
 }
