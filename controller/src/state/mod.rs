@@ -394,37 +394,35 @@ impl Shared {
             );
             ApiError::InvalidArgument(format!("malformed join token: {e}"))
         })?;
+        // Every refusal of the token: recorded (with the host it named, once
+        // known) and answered PERMISSION_DENIED.
+        let refused = |host: Option<&AgentId>, detail: String, message: String| {
+            let mut event =
+                Event::new(EventKind::TokenRefused, "anonymous").field("token_id", token.id_hex());
+            if let Some(h) = host {
+                event = event.host(h.as_str());
+            }
+            self.security_event(event.detail(detail));
+            ApiError::PermissionDenied(message)
+        };
         if token.ca_sha256 != self.ca.fingerprint() {
-            self.security_event(
-                Event::new(EventKind::TokenRefused, "anonymous")
-                    .field("token_id", token.id_hex())
-                    .detail("token pins another CA"),
-            );
-            return Err(ApiError::PermissionDenied(
+            return Err(refused(
+                None,
+                "token pins another CA".into(),
                 "join token was issued for another fleet CA".into(),
             ));
         }
         if token.roots_sha256 != roots_pin(&self.config.policy_roots) {
-            self.security_event(
-                Event::new(EventKind::TokenRefused, "anonymous")
-                    .field("token_id", token.id_hex())
-                    .detail("token pins other policy roots"),
-            );
-            return Err(ApiError::PermissionDenied(
+            return Err(refused(
+                None,
+                "token pins other policy roots".into(),
                 "join token pins other policy root keys".into(),
             ));
         }
         let rec = self
             .store
             .consume_token(&token.id_hex(), &hex(&token.secret_hash()), now_secs())?
-            .map_err(|r| {
-                self.security_event(
-                    Event::new(EventKind::TokenRefused, "anonymous")
-                        .field("token_id", token.id_hex())
-                        .detail(r.to_string()),
-                );
-                ApiError::PermissionDenied(r.to_string())
-            })?;
+            .map_err(|r| refused(None, r.to_string(), r.to_string()))?;
         // A token that names the agent may re-enrol that name (a reinstalled
         // host); a token without a name may only take a name nobody holds.
         let named_by_token = rec.name.is_some();
@@ -435,40 +433,30 @@ impl Shared {
         if named_by_token && current.as_ref().map(|a| a.joined_at) != rec.replaces {
             // The name was enrolled (again) after the token was made: its
             // creator's rights were checked against another enrolment.
-            self.security_event(
-                Event::new(EventKind::TokenRefused, "anonymous")
-                    .field("token_id", token.id_hex())
-                    .host(id.as_str())
-                    .detail(format!(
-                        "token was created for another enrolment of {id} than the current one"
-                    )),
-            );
-            return Err(ApiError::PermissionDenied(format!(
-                "agent name {id} was enrolled after this token was created; create a new token with `--name {id}`"
-            )));
+            return Err(refused(
+                Some(&id),
+                format!("token was created for another enrolment of {id} than the current one"),
+                format!(
+                    "agent name {id} was enrolled after this token was created; create a new token with `--name {id}`"
+                ),
+            ));
         }
         match current {
             Some(a) if a.revoked => {
-                self.security_event(
-                    Event::new(EventKind::TokenRefused, "anonymous")
-                        .field("token_id", token.id_hex())
-                        .host(id.as_str())
-                        .detail(format!("agent {id} is revoked")),
-                );
-                return Err(ApiError::PermissionDenied(format!(
-                    "agent {id} is revoked; pick another name"
-                )));
+                return Err(refused(
+                    Some(&id),
+                    format!("agent {id} is revoked"),
+                    format!("agent {id} is revoked; pick another name"),
+                ));
             }
             Some(_) if !named_by_token => {
-                self.security_event(
-                    Event::new(EventKind::TokenRefused, "anonymous")
-                        .field("token_id", token.id_hex())
-                        .host(id.as_str())
-                        .detail(format!("token tried to take enrolled name {id}")),
-                );
-                return Err(ApiError::PermissionDenied(format!(
-                    "agent name {id} is already enrolled; re-enrol it with a token created with `--name {id}`"
-                )));
+                return Err(refused(
+                    Some(&id),
+                    format!("token tried to take enrolled name {id}"),
+                    format!(
+                        "agent name {id} is already enrolled; re-enrol it with a token created with `--name {id}`"
+                    ),
+                ));
             }
             _ => {}
         }
