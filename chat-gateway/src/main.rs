@@ -27,6 +27,12 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Before any key is read: other processes of this user (plugins
+    // included) must not read this one's memory.
+    if let Err(e) = fleetcmd_gateway::plugins::sandbox::keep_own_memory_private() {
+        eprintln!("fleetcmd-gateway: cannot make this process non-dumpable: {e}");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
 
     let loaded =
         GatewayConfig::load(&cli.config).and_then(|c| c.options(&cli.config).map(|o| (c, o)));

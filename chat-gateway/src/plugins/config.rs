@@ -15,6 +15,7 @@ use fleetcmd_core::crypto::Secret;
 use serde::Deserialize;
 
 use super::manifest::Manifest;
+use super::sandbox::{self, Grants};
 use crate::registry::{BuildContext, Component};
 use crate::secret::SecretSource;
 
@@ -51,6 +52,25 @@ pub struct PluginConfig {
     pub reply_bytes: Option<usize>,
     /// e.g. `1s`: the first wait before restarting a crashed plugin.
     pub restart_min: Option<String>,
+    /// `false` runs the plugin without its sandbox, with every right of
+    /// the gateway's user (it could read the gateway's keys).
+    #[serde(default = "yes")]
+    pub sandbox: bool,
+    /// Paths the sandboxed plugin may read besides the system's share
+    /// and its own folder.
+    #[serde(default)]
+    pub read: Vec<PathBuf>,
+    /// Paths the sandboxed plugin may write (and read).
+    #[serde(default)]
+    pub write: Vec<PathBuf>,
+    /// The gateway's configuration directory, which no grant may expose
+    /// (set by `resolve_paths`).
+    #[serde(skip)]
+    pub gateway_dir: PathBuf,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Every `[[plugin]]` entry: the registry component named `plugin`.
@@ -66,6 +86,12 @@ impl Component for PluginsConfig {
             if e.manifest.is_relative() {
                 e.manifest = base.join(&e.manifest);
             }
+            for p in e.read.iter_mut().chain(e.write.iter_mut()) {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+            e.gateway_dir = base.to_path_buf();
             for source in e.secrets.values_mut() {
                 source.resolve_paths(base);
             }
@@ -95,6 +121,8 @@ pub struct PluginSpec {
     pub manifest: Manifest,
     pub secrets: Vec<(String, Secret<String>)>,
     pub limits: Limits,
+    /// What it may reach when sandboxed; `None`: `sandbox = false`.
+    pub sandbox: Option<Grants>,
 }
 
 /// The limits one plugin runs under.
@@ -264,13 +292,78 @@ fn load_one(e: &PluginConfig, key: &str) -> Result<PluginSpec, Problems> {
         },
         ..defaults
     };
+    let sandbox = grants(e, &manifest, key, &mut problems);
     if problems.is_empty() {
         Ok(PluginSpec {
             manifest,
             secrets,
             limits,
+            sandbox,
         })
     } else {
         Err(problems)
     }
+}
+
+/// The sandbox grants of one plugin: refused when this machine cannot
+/// sandbox, or when a grant would expose the gateway's configuration
+/// directory (where its keys usually are).
+fn grants(
+    e: &PluginConfig,
+    manifest: &Manifest,
+    key: &str,
+    problems: &mut Problems,
+) -> Option<Grants> {
+    if !e.sandbox {
+        if !e.read.is_empty() || !e.write.is_empty() {
+            problems.push((
+                format!("{key}.read"),
+                "read and write grant paths to a sandbox; with sandbox = false the plugin can reach everything the gateway can".to_string(),
+            ));
+        }
+        return None;
+    }
+    if let Err(why) = sandbox::available() {
+        problems.push((
+            format!("{key}.sandbox"),
+            format!(
+                "cannot sandbox plugin \"{}\": {why}; sandbox = false would run it with every right of the gateway's user, its keys included",
+                manifest.name
+            ),
+        ));
+    }
+    let grants = Grants {
+        folder: e
+            .manifest
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+        read: e.read.clone(),
+        write: e.write.clone(),
+    };
+    for (field, paths) in [("read", &e.read), ("write", &e.write)] {
+        for p in paths {
+            if !p.exists() {
+                problems.push((
+                    format!("{key}.{field}"),
+                    format!("{} does not exist", p.display()),
+                ));
+            }
+        }
+    }
+    if let Some(granted) = (!e.gateway_dir.as_os_str().is_empty())
+        .then(|| grants.exposing(&e.gateway_dir))
+        .flatten()
+    {
+        problems.push((
+            key.to_string(),
+            format!(
+                "plugin \"{}\" would be allowed to read {}, which holds the gateway's configuration and keys ({}); move the plugin or the grant out of it",
+                manifest.name,
+                granted.display(),
+                e.gateway_dir.display()
+            ),
+        ));
+    }
+    Some(grants)
 }

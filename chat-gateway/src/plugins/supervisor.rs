@@ -55,6 +55,8 @@ struct Conn {
     stdout: BufReader<ChildStdout>,
     next_id: u64,
     _stderr: StderrTask,
+    /// Its scratch directory lives as long as the process.
+    _sandbox: Option<super::sandbox::Sandbox>,
 }
 
 /// Logs the plugin's stderr, line by line (bounded); aborted with the conn.
@@ -232,7 +234,7 @@ impl Plugin {
     /// Spawns the process and runs `initialize`.
     async fn start(&self) -> Result<Conn, Broken> {
         let name = self.name();
-        let mut child = process::spawn(&self.spec).map_err(|e| {
+        let process::Spawned { mut child, sandbox } = process::spawn(&self.spec).map_err(|e| {
             Broken(format!(
                 "cannot start {}: {e}",
                 self.spec.manifest.executable.display()
@@ -257,6 +259,7 @@ impl Plugin {
             stdout: BufReader::new(stdout),
             next_id: 1,
             _stderr: stderr,
+            _sandbox: sandbox,
         };
         let params = InitializeParams {
             protocol_version: PROTOCOL_VERSION,

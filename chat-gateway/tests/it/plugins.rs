@@ -19,7 +19,7 @@ use crate::support::{FakeController, POLICY_BODY, router_for};
 const GRANTS: &str = r#"
 [roles.plugins]
 commands = []
-may = ["plugin:greet.*", "plugin:clock.clock", "plugin:crash.*", "plugin:hang.*", "plugin:flood.*", "plugin:env.*", "plugin:stale.*"]
+may = ["plugin:greet.*", "plugin:clock.clock", "plugin:crash.*", "plugin:hang.*", "plugin:flood.*", "plugin:env.*", "plugin:stale.*", "plugin:spy.*", "plugin:escape.*"]
 
 [roles.greeter]
 commands = []
@@ -42,7 +42,9 @@ fn examples() -> PathBuf {
 /// JSON-RPC loop (`answer(params)` returns the command result).
 fn test_plugin(dir: &Path, name: &str, body: &str) -> PathBuf {
     let d = dir.join(name);
-    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+    // `state/`: the one place the sandboxed plugin may write (granted by
+    // `entry`), where it counts its starts.
+    std::fs::create_dir_all(d.join("state")).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(
         d.join("plugin.toml"),
         format!("name = \"{name}\"\nprotocol = 1\nexecutable = \"p.py\"\n[[commands]]\nverb = \"{name}\"\nsummary = \"test\"\nargs = [{{ name = \"how\", optional = true }}]\n"),
@@ -51,7 +53,7 @@ fn test_plugin(dir: &Path, name: &str, body: &str) -> PathBuf {
     let script = format!(
         r#"#!/usr/bin/env python3
 import json, os, sys
-with open("starts", "a") as f:
+with open("state/starts", "a") as f:
     f.write("x")
 CALL = [None]
 {body}
@@ -75,8 +77,14 @@ for line in sys.stdin:
 }
 
 fn entry(manifest: PathBuf, extra: &str) -> PluginConfig {
+    let state = manifest.with_file_name("state");
+    let write = if state.is_dir() {
+        format!("write = [{:?}]\n", state.display().to_string())
+    } else {
+        String::new()
+    };
     toml::from_str(&format!(
-        "manifest = {:?}\n{extra}",
+        "manifest = {:?}\n{write}{extra}",
         manifest.display().to_string()
     ))
     .unwrap_or_else(|e| panic!("{e}"))
@@ -141,9 +149,9 @@ fn setup() -> Setup {
             "",
         ),
     ];
-    // `env` is declared nowhere else; its call is granted to alice only.
     let mut entries = entries;
-    let _ = &mut entries;
+    entries.push(entry(test_plugin(&path, "spy", &spy_body(&token)), ""));
+    entries.push(entry(test_plugin(&path, "escape", ESCAPE_BODY), ""));
     let specs = load(&entries).unwrap_or_else(|e| panic!("{e}"));
     let router = router_for(4, &format!("{POLICY_BODY}\n{GRANTS}"), |_| {});
     // What the `plugin` component's build does with the registry.
@@ -155,6 +163,84 @@ fn setup() -> Setup {
         dir: path,
         _dir: dir,
     }
+}
+
+/// A hostile plugin: tries, one line each, everything its sandbox must
+/// refuse — the gateway's files, memory, environment and process, another
+/// plugin's environment and secret file, writing outside its grants.
+/// The gateway here is this test process.
+fn spy_body(other_secret: &Path) -> String {
+    format!(
+        r#"import ctypes, glob
+GW = {gw}
+KEY = {key:?}
+OTHER_SECRET = {secret:?}
+def attempt(label, f):
+    try:
+        f()
+        return label + ' ALLOWED'
+    except Exception as e:
+        return label + ' refused (' + type(e).__name__ + ')'
+def ptrace():
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.ptrace(16, GW, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), 'ptrace')
+def greet_env():
+    found = [p for p in glob.glob('/proc/[0-9]*') if b'greet.py' in open(p + '/cmdline', 'rb').read()]
+    if not found:
+        return
+    open(found[0] + '/environ', 'rb').read()
+def answer(p):
+    return {{'lines': [
+        attempt('key', lambda: open(KEY).read()),
+        attempt('environ', lambda: open('/proc/%d/environ' % GW, 'rb').read()),
+        attempt('mem', lambda: open('/proc/%d/mem' % GW, 'rb')),
+        attempt('fds', lambda: [os.readlink('/proc/%d/fd/%s' % (GW, f)) for f in os.listdir('/proc/%d/fd' % GW)]),
+        attempt('signal', lambda: os.kill(GW, 0)),
+        attempt('ptrace', ptrace),
+        attempt('other-env', greet_env),
+        attempt('other-secret', lambda: open(OTHER_SECRET).read()),
+        attempt('write-tmp', lambda: open('/tmp/fleetcmd-plugin-spy-%d' % GW, 'w')),
+        attempt('scratch', lambda: open(os.environ['HOME'] + '/x', 'w').write('x')),
+        'uid %d' % os.getuid(),
+        [l for l in open('/proc/self/limits') if l.startswith('Max processes')][0].strip(),
+    ]}}
+"#,
+        gw = std::process::id(),
+        key = other_secret
+            .with_file_name("gateway.key")
+            .display()
+            .to_string(),
+        secret = other_secret.display().to_string(),
+    )
+}
+
+/// A plugin whose grandchild leaves its session and process group (as a
+/// daemonising script would), then, on `die`, exits.
+const ESCAPE_BODY: &str = r#"
+def answer(p):
+    if p['args'] == ['die']:
+        sys.exit(0)
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.execv('/bin/sleep', ['sleep', '4242.%d' % os.getppid()])
+        os._exit(0)
+    os.wait()
+    return {'lines': ['escaped']}
+"#;
+
+/// Processes of this machine running `sleep 4242.*` (the escapees).
+fn escapees() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .filter(|c| c.starts_with("sleep 4242."))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Types `lines` as `who` on a console served by the real gateway loop
@@ -339,7 +425,7 @@ async fn a_crashing_plugin_is_not_available_the_gateway_keeps_serving_and_it_is_
         "the second call waits for the backoff: {out}"
     );
     assert!(out.contains("hello alice"), "other plugins go on: {out}");
-    let starts = s.dir.join("crash/starts");
+    let starts = s.dir.join("crash/state/starts");
     assert_eq!(std::fs::read_to_string(&starts).unwrap_or_default(), "x");
     // Once the backoff has passed, it is started again.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -391,10 +477,7 @@ async fn a_flooding_plugin_is_cut_and_an_overlong_line_stops_it() {
 async fn a_plugin_gets_only_path_and_its_declared_secrets_no_fds_and_bounded_memory() {
     let s = setup();
     let out = console(&s.router, "alice", &["env"]).await;
-    assert!(
-        out.contains("env PATH\n") || out.contains("env PATH "),
-        "{out}"
-    );
+    assert!(out.contains("env HOME,PATH,TMPDIR\n"), "{out}");
     assert!(out.contains("memory limited"), "{out}");
     let fds = out
         .lines()
@@ -406,4 +489,70 @@ async fn a_plugin_gets_only_path_and_its_declared_secrets_no_fds_and_bounded_mem
         fds.len() <= 4 && fds.iter().all(|f| ["0", "1", "2", "3"].contains(f)),
         "{fds:?}"
     );
+}
+
+#[tokio::test]
+async fn a_sandboxed_plugin_cannot_reach_the_gateways_keys_memory_process_or_another_plugin() {
+    let s = setup();
+    crate::support::write_private(s.dir.join("gateway.key"), "PRIVATE KEY\n");
+    let out = console(&s.router, "alice", &["greet", "spy"]).await;
+    assert!(
+        out.contains("hello alice"),
+        "greet runs, for its environment: {out}"
+    );
+    for attack in [
+        "key",
+        "environ",
+        "mem",
+        "fds",
+        "signal",
+        "ptrace",
+        "other-env",
+        "other-secret",
+        "write-tmp",
+    ] {
+        assert!(
+            out.contains(&format!("{attack} refused")),
+            "{attack} must be refused: {out}"
+        );
+    }
+    assert!(
+        !out.contains("ALLOWED\n") || out.contains("scratch ALLOWED"),
+        "{out}"
+    );
+    assert!(
+        out.lines().filter(|l| l.contains("ALLOWED")).count() == 1,
+        "only its scratch directory is writable: {out}"
+    );
+    assert!(out.contains("uid 65534"), "unmapped user inside: {out}");
+    assert!(
+        out.contains("Max processes             64"),
+        "process limit: {out}"
+    );
+}
+
+#[tokio::test]
+async fn a_plugins_children_that_leave_its_session_die_with_it() {
+    let s = setup();
+    let out = console(&s.router, "alice", &["escape"]).await;
+    assert!(out.contains("escaped"), "{out}");
+    // It may take a moment to exec `sleep`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while escapees().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the escapee never ran"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = console(&s.router, "alice", &["escape die"]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !escapees().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "outlived the plugin: {:?}",
+            escapees()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
