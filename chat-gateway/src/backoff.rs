@@ -1,6 +1,7 @@
 //! Exponential backoff with jitter: the one shape every reconnect loop
-//! (Slack Socket Mode, Mattermost WebSocket, IRC, XMPP) and every retried
-//! HTTP request (PagerDuty, Opsgenie, Statuspage) waits by, so that a
+//! (Slack Socket Mode, Mattermost WebSocket, IRC, XMPP, Matrix `/sync`)
+//! and every retried HTTP request (PagerDuty, Opsgenie, Statuspage,
+//! outgoing webhooks, Campfire posts) waits by, so that a
 //! restarted server is not hit by every gateway at the same moment.
 
 use std::time::Duration;

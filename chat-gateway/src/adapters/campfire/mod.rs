@@ -738,7 +738,13 @@ impl Shared {
             if attempt >= POST_ATTEMPTS {
                 return Err(fail(format!("{why} after {attempt} attempts")));
             }
-            let backoff = Duration::from_millis(500 << (attempt - 1));
+            let backoff = crate::backoff::Backoff {
+                first: Duration::from_millis(500),
+                factor: 2.0,
+                max: MAX_RETRY_WAIT,
+                jitter: crate::backoff::Jitter::HalfToFull,
+            }
+            .delay(attempt - 1);
             let d = after.unwrap_or(backoff).min(MAX_RETRY_WAIT);
             tracing::debug!(
                 adapter = "campfire",

@@ -452,14 +452,25 @@ pub enum Attempt {
 /// How long to wait before attempt `attempt + 1`, or `None` to stop.
 /// Retried: 5xx, 429 (after `Retry-After`, at most [`MAX_RETRY_AFTER`]),
 /// timeouts and refused connections, with backoff doubling from
-/// [`BASE_BACKOFF`] to [`MAX_BACKOFF`]. Never retried: 2xx, 3xx, other 4xx.
-pub fn retry_wait(outcome: &Attempt, attempt: u32, max_attempts: u32) -> Option<Duration> {
+/// [`BASE_BACKOFF`] to [`MAX_BACKOFF`], jittered down to half
+/// (`unit` in [0, 1] picks where; 1: the full wait) so that many gateways
+/// do not retry in step. Never retried: 2xx, 3xx, other 4xx.
+pub fn retry_wait(
+    outcome: &Attempt,
+    attempt: u32,
+    max_attempts: u32,
+    unit: f64,
+) -> Option<Duration> {
     if attempt >= max_attempts {
         return None;
     }
-    let backoff = BASE_BACKOFF
-        .saturating_mul(1u32 << (attempt.saturating_sub(1)).min(16))
-        .min(MAX_BACKOFF);
+    let backoff = crate::backoff::Backoff {
+        first: BASE_BACKOFF,
+        factor: 2.0,
+        max: MAX_BACKOFF,
+        jitter: crate::backoff::Jitter::HalfToFull,
+    }
+    .delay_with(attempt.saturating_sub(1), unit);
     match outcome {
         Attempt::Status(429, after) => Some(
             after
@@ -522,7 +533,12 @@ impl Target {
                 Attempt::Connect => "cannot connect".into(),
                 Attempt::Other => "request failed".into(),
             };
-            match retry_wait(&outcome, attempt, self.max_attempts) {
+            match retry_wait(
+                &outcome,
+                attempt,
+                self.max_attempts,
+                crate::backoff::random_unit(),
+            ) {
                 Some(wait) => {
                     tracing::debug!(target_hook = %self.what, why, attempt, wait_ms = wait.as_millis() as u64, "retrying webhook post");
                     tokio::time::sleep(wait).await;
@@ -1065,14 +1081,24 @@ mod tests {
             (Attempt::Other, 1, None),
         ] {
             assert_eq!(
-                retry_wait(&outcome, attempt, 4),
+                retry_wait(&outcome, attempt, 4, 1.0),
                 expected,
                 "{outcome:?} #{attempt}"
             );
         }
         assert_eq!(
-            retry_wait(&Attempt::Status(500, None), 9, 20),
+            retry_wait(&Attempt::Status(500, None), 9, 20, 1.0),
             Some(MAX_BACKOFF)
+        );
+        // Jittered down to half, never more than the full wait; a
+        // server's Retry-After is not jittered.
+        assert_eq!(
+            retry_wait(&Attempt::Status(500, None), 3, 4, 0.0),
+            Some(ms(500))
+        );
+        assert_eq!(
+            retry_wait(&Attempt::Status(429, Some(2)), 1, 4, 0.0),
+            Some(ms(2000))
         );
     }
 
