@@ -11,7 +11,7 @@ use std::process::Stdio;
 use tokio::process::{Child, Command};
 
 use super::config::PluginSpec;
-use super::sandbox::{Sandbox, landlock};
+use super::sandbox::{Sandbox, landlock, seccomp};
 
 /// The only `PATH` a plugin gets.
 pub const PLUGIN_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -35,7 +35,7 @@ pub fn spawn(spec: &PluginSpec) -> io::Result<Spawned> {
     let sandbox = spec
         .sandbox
         .as_ref()
-        .map(|grants| Sandbox::prepare(&spec.manifest.name, grants))
+        .map(|sandbox| Sandbox::prepare(&spec.manifest.name, sandbox))
         .transpose()?;
     let mut cmd = Command::new(&spec.manifest.executable);
     cmd.env_clear()
@@ -79,14 +79,15 @@ pub fn spawn(spec: &PluginSpec) -> io::Result<Spawned> {
 
 /// Between fork and exec: new session; sandboxed, a new user and PID
 /// namespace whose process 1 becomes the plugin (the forked process stays
-/// outside as its reaper); no new privileges, the Landlock ruleset, the
-/// limits, every fd ≥ 3 close-on-exec.
+/// outside as its reaper, killed with the gateway); no new privileges, the
+/// Landlock ruleset and seccomp filter, the limits, every fd ≥ 3
+/// close-on-exec.
 #[allow(unsafe_code)]
 fn confine(cmd: &mut Command, memory_bytes: u64, ruleset: Option<std::os::fd::RawFd>) {
     let fd_limit = fd_limit();
     // SAFETY: the closure runs in the forked child before exec and calls
-    // only async-signal-safe syscall wrappers (setsid, unshare, fork,
-    // waitpid, _exit, prctl, setrlimit, syscall, fcntl); it reads errno
+    // only async-signal-safe syscall wrappers (setsid, getppid, unshare,
+    // fork, waitpid, _exit, prctl, setrlimit, syscall, fcntl); it reads errno
     // through `io::Error::last_os_error` (no allocation) and touches only
     // its captured `Copy` values.
     unsafe {
@@ -95,6 +96,22 @@ fn confine(cmd: &mut Command, memory_bytes: u64, ruleset: Option<std::os::fd::Ra
                 return Err(io::Error::last_os_error());
             }
             if ruleset.is_some() {
+                // Dies with the gateway (its forking thread), and with it
+                // the plugin's namespace; a gateway gone already: stop.
+                let gateway = libc::getppid();
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::getppid() != gateway {
+                    libc::_exit(127);
+                }
                 enter_namespaces()?;
             }
             if libc::prctl(
@@ -109,6 +126,7 @@ fn confine(cmd: &mut Command, memory_bytes: u64, ruleset: Option<std::os::fd::Ra
             }
             if let Some(fd) = ruleset {
                 landlock::restrict_self(fd)?;
+                seccomp::install()?;
                 set_limit(libc::RLIMIT_NPROC, MAX_PROCESSES)?;
             }
             set_limit(libc::RLIMIT_AS, memory_bytes)?;

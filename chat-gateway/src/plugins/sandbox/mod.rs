@@ -18,13 +18,18 @@
 //!   every process it started, including those that left its process
 //!   group or session. Inside, it runs as the unmapped user (`nobody`)
 //!   with no capabilities.
+//! - **seccomp** ([`seccomp`]): no `socket(AF_UNIX)` (Landlock does not
+//!   yet govern connecting to a Unix socket that has a path) and no
+//!   `io_uring`.
 //! - **Limits**: no new privileges, `RLIMIT_AS` per process and
 //!   `RLIMIT_NPROC` processes ([`process`](super::process) sets them).
+//!   The plugin's reaper dies with the gateway, and the plugin with it.
 //!
 //! `[[plugin]] sandbox = false` runs a plugin without the first two, with
 //! every right of the gateway's user; `validate` says so.
 
 pub mod landlock;
+pub mod seccomp;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -108,15 +113,112 @@ impl Grants {
         paths
     }
 
-    /// The granted path that would expose `secret` (the gateway's own
-    /// configuration directory, its state directory, a key), if any: a
-    /// grant on it or on a directory above it.
-    pub fn exposing(&self, secret: &Path) -> Option<PathBuf> {
-        self.readable()
-            .into_iter()
-            .chain(self.write.iter().cloned())
-            .find(|granted| secret.starts_with(granted))
+    /// The grants as the kernel will apply them — every path resolved
+    /// (symlinks, `..`, relative to the working directory) — checked
+    /// against what the plugin must never reach: none of `private` (the
+    /// gateway's configuration file and directory, keys, certificates,
+    /// state directory, secret files) may lie on or beneath a grant or the
+    /// system's share, no grant may lie beneath one of them, and no read
+    /// grant (or the plugin's folder) may lie beneath a write grant, where
+    /// the plugin could replace it with a link to anything. Every problem
+    /// is named.
+    pub fn resolved(&self, private: &Private) -> Result<Grants, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut resolve = |what: &str, p: &Path| match std::fs::canonicalize(p) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                problems.push(format!("{what} {}: {e}", p.display()));
+                None
+            }
+        };
+        let folder = resolve("plugin folder", &self.folder);
+        let read: Vec<PathBuf> = self
+            .read
+            .iter()
+            .filter_map(|p| resolve("read grant", p))
+            .collect();
+        let write: Vec<PathBuf> = self
+            .write
+            .iter()
+            .filter_map(|p| resolve("write grant", p))
+            .collect();
+        let canonical = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        let config_dir = canonical(&private.config_dir);
+        let private: Vec<PathBuf> = std::iter::once(config_dir.clone())
+            .chain(private.paths.iter().map(canonical))
+            .collect();
+        let granted = folder
+            .iter()
+            .map(|p| ("its folder", p))
+            .chain(read.iter().map(|p| ("read grant", p)))
+            .chain(write.iter().map(|p| ("write grant", p)));
+        for (what, g) in granted.clone() {
+            for p in &private {
+                if p.starts_with(g) {
+                    problems.push(format!(
+                        "{what} {} would let the plugin reach {}, which is the gateway's own",
+                        g.display(),
+                        p.display()
+                    ));
+                } else if g.starts_with(p) && p.is_dir() && *p != config_dir {
+                    problems.push(format!(
+                        "{what} {} lies inside {}, which is the gateway's own",
+                        g.display(),
+                        p.display()
+                    ));
+                }
+            }
+            if what != "write grant" {
+                if let Some(w) = write.iter().find(|w| g.starts_with(w)) {
+                    problems.push(format!(
+                        "{what} {} lies beneath write grant {}: the plugin could replace it",
+                        g.display(),
+                        w.display()
+                    ));
+                }
+            }
+        }
+        for system in SYSTEM_READ.iter().map(Path::new) {
+            for p in &private {
+                if p.starts_with(system) {
+                    problems.push(format!(
+                        "{} is the gateway's own, but every sandboxed plugin may read {}: move it",
+                        p.display(),
+                        system.display()
+                    ));
+                }
+            }
+        }
+        match (problems.is_empty(), folder) {
+            (true, Some(folder)) => Ok(Grants {
+                folder,
+                read,
+                write,
+            }),
+            _ => Err(problems),
+        }
     }
+}
+
+/// A plugin's sandbox as configured: what it is granted, and what is the
+/// gateway's own (checked at `validate` and again at every start).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Spec {
+    pub grants: Grants,
+    pub private: Private,
+}
+
+/// What is the gateway's own, which no plugin may reach.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Private {
+    /// The configuration directory: no grant on it or above it; plugin
+    /// folders and grants beneath it (`/etc/fleetcmd/plugins/NAME`) are
+    /// fine, checked against `paths`.
+    pub config_dir: PathBuf,
+    /// Files and directories no grant may be on, above or inside: the
+    /// configuration file, keys, certificates, secret files, the state
+    /// directory.
+    pub paths: Vec<PathBuf>,
 }
 
 /// Why a plugin cannot be sandboxed on this machine, or `Ok` with the
@@ -145,6 +247,39 @@ pub fn available() -> Result<u32, String> {
     Ok(abi)
 }
 
+/// Scratch directories are `TMPDIR/fleetcmd-plugin-GATEWAYPID-NAME-…`.
+const SCRATCH_PREFIX: &str = "fleetcmd-plugin-";
+
+/// Removes the scratch directories that gateways no longer running left
+/// behind (killed, so nothing removed them): only this user's, only of a
+/// gateway process id that no longer exists.
+pub fn remove_stale_scratch() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    let me = unsafe { libc::geteuid() };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let mine = std::os::unix::fs::MetadataExt::uid(&match e.path().symlink_metadata() {
+            Ok(m) if m.is_dir() => m,
+            _ => continue,
+        }) == me;
+        if mine && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A plugin's sandbox, made before its process starts: the Landlock
 /// ruleset (handed to the child as an fd) and the scratch directory,
 /// removed when this is dropped.
@@ -158,10 +293,16 @@ impl Sandbox {
     /// Builds the ruleset for `grants` and a fresh private scratch
     /// directory. Paths of the system's share that this machine lacks
     /// are skipped; a missing `read`/`write` grant is an error.
-    pub fn prepare(name: &str, grants: &Grants) -> io::Result<Sandbox> {
+    pub fn prepare(name: &str, spec: &Spec) -> io::Result<Sandbox> {
+        // Resolved again at every start: a link the plugin made since
+        // (where it may write) must not widen what it reaches.
+        let grants = &spec.grants.resolved(&spec.private).map_err(|problems| {
+            io::Error::new(io::ErrorKind::PermissionDenied, problems.join("; "))
+        })?;
         let abi = landlock::abi()?;
         let scratch = tempfile::Builder::new()
-            .prefix(&format!("fleetcmd-plugin-{name}-"))
+            .prefix(&format!("{SCRATCH_PREFIX}{}-{name}-", std::process::id()))
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()?;
         let mut ruleset = Ruleset::new(abi)?;
         for path in grants.readable() {
@@ -237,38 +378,70 @@ fn named(path: impl AsRef<Path>, e: io::Error) -> io::Error {
 mod tests {
     use super::*;
 
+    /// Every way the outside attack named a grant that reached the
+    /// gateway's keys: through a symlink, `..`, a grant below the
+    /// configuration directory holding the keys, the state directory, a
+    /// read grant beneath a write grant (replaceable by a link).
     #[test]
-    fn a_grant_on_or_above_a_secret_is_found_and_named() {
-        let g = Grants {
-            folder: PathBuf::from("/srv/plugins/greet"),
-            read: vec![PathBuf::from("/etc/fleetcmd")],
-            write: vec![PathBuf::from("/var/lib")],
+    fn grants_are_resolved_and_none_reaches_what_is_the_gateways() {
+        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let root = std::fs::canonicalize(t.path()).unwrap_or_else(|e| panic!("{e}"));
+        let dir = |p: &str| {
+            let d = root.join(p);
+            std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+            d
         };
-        assert_eq!(
-            g.exposing(Path::new("/etc/fleetcmd/gateway.key")),
-            Some(PathBuf::from("/etc/fleetcmd"))
-        );
-        assert_eq!(
-            g.exposing(Path::new("/var/lib/fleetcmd-gateway")),
-            Some(PathBuf::from("/var/lib"))
-        );
-        assert_eq!(
-            g.exposing(Path::new("/usr/local/etc/fleetcmd")),
-            Some(PathBuf::from("/usr"))
-        );
-        assert_eq!(g.exposing(Path::new("/etc/other/gateway.key")), None);
-        let narrow = Grants {
-            folder: PathBuf::from("/etc/fleetcmd/plugins/greet"),
-            ..Grants::default()
+        let config = dir("etc/fleetcmd");
+        let keys = dir("etc/fleetcmd/gateway");
+        std::fs::write(keys.join("sign.key"), "k").unwrap_or_else(|e| panic!("{e}"));
+        let state = dir("var/lib/fleetcmd");
+        let plugin = dir("etc/fleetcmd/plugins/greet");
+        let data = dir("var/lib/greet/data");
+        std::os::unix::fs::symlink(&config, root.join("link")).unwrap_or_else(|e| panic!("{e}"));
+        let private = Private {
+            config_dir: config.clone(),
+            paths: vec![
+                config.join("gateway.toml"),
+                keys.join("sign.key"),
+                state.clone(),
+            ],
         };
-        assert_eq!(narrow.exposing(Path::new("/etc/fleetcmd")), None);
-        let wide = Grants {
-            folder: PathBuf::from("/etc/fleetcmd"),
-            ..Grants::default()
+        let with = |read: Vec<PathBuf>, write: Vec<PathBuf>| Grants {
+            folder: plugin.clone(),
+            read,
+            write,
         };
-        assert_eq!(
-            wide.exposing(Path::new("/etc/fleetcmd/gateway.key")),
-            Some(PathBuf::from("/etc/fleetcmd"))
+        // Fine: a plugin folder below the configuration directory, grants
+        // elsewhere.
+        let ok = with(vec![data.clone()], vec![root.join("var/lib/greet")]);
+        assert!(
+            with(vec![data.clone()], vec![]).resolved(&private).is_ok(),
+            "{:?}",
+            with(vec![data.clone()], vec![]).resolved(&private)
+        );
+        let refused = |g: Grants, says: &str| {
+            let problems = g.resolved(&private).expect_err("must be refused");
+            assert!(
+                problems.iter().any(|p| p.contains(says)),
+                "{problems:?} should say {says}"
+            );
+        };
+        refused(ok, "lies beneath write grant");
+        refused(with(vec![root.join("link")], vec![]), "sign.key");
+        refused(
+            with(vec![plugin.join("../../gateway")], vec![]),
+            "sign.key",
+        );
+        refused(with(vec![keys.clone()], vec![]), "sign.key");
+        refused(with(vec![], vec![state.clone()]), "var/lib/fleetcmd");
+        refused(with(vec![state.join("..")], vec![]), "var/lib/fleetcmd");
+        refused(with(vec![root.join("nonexistent")], vec![]), "nonexistent");
+        refused(
+            Grants {
+                folder: keys.clone(),
+                ..Grants::default()
+            },
+            "sign.key",
         );
     }
 
@@ -284,13 +457,9 @@ mod tests {
             "/opt",
             "/srv",
         ] {
-            let g = Grants {
-                folder: PathBuf::from("/nonexistent/plugin"),
-                ..Grants::default()
-            };
-            assert_eq!(
-                g.exposing(Path::new(kept).join("gateway.key").as_path()),
-                None,
+            let key = Path::new(kept).join("gateway.key");
+            assert!(
+                !SYSTEM_READ.iter().any(|s| key.starts_with(s)),
                 "{kept}"
             );
         }
