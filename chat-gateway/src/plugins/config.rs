@@ -34,6 +34,11 @@ pub mod defaults {
     /// crash in a row, up to [`RESTART_MAX`].
     pub const RESTART_MIN: Duration = Duration::from_secs(1);
     pub const RESTART_MAX: Duration = Duration::from_secs(60);
+    /// Stderr lines of a plugin logged per second (a token bucket); the
+    /// rest are dropped and counted, so a plugin cannot flood the log.
+    pub const STDERR_LINES_PER_SEC: u32 = 20;
+    /// Stderr lines logged at once before the rate applies.
+    pub const STDERR_BURST: u32 = 100;
 }
 
 /// One `[[plugin]]` entry as written.
@@ -51,6 +56,11 @@ pub struct PluginConfig {
     pub reply_bytes: Option<usize>,
     /// e.g. `1s`: the first wait before restarting a crashed plugin.
     pub restart_min: Option<String>,
+    // What the operator lets the plugin ask for, whatever its manifest says.
+    /// The policy commands its `job.run` may name (`["uptime", "df"]`);
+    /// any other is refused and audited, even when the caller may run it.
+    /// Absent: whatever the caller may run; empty: no job at all.
+    pub may_run: Option<Vec<String>>,
 }
 
 /// Every `[[plugin]]` entry: the registry component named `plugin`.
@@ -64,7 +74,10 @@ impl Component for PluginsConfig {
     fn resolve_paths(&mut self, base: &Path) {
         for e in &mut self.0 {
             if e.manifest.is_relative() {
-                e.manifest = base.join(&e.manifest);
+                let joined = base.join(&e.manifest);
+                // Absolute, so the plugin (started in its own folder) is
+                // found whatever the gateway's working directory.
+                e.manifest = std::path::absolute(&joined).unwrap_or(joined);
             }
             for source in e.secrets.values_mut() {
                 source.resolve_paths(base);
@@ -95,6 +108,9 @@ pub struct PluginSpec {
     pub manifest: Manifest,
     pub secrets: Vec<(String, Secret<String>)>,
     pub limits: Limits,
+    /// `[[plugin]] may_run`: the only commands its `job.run` may name
+    /// (`None`: any its caller may run).
+    pub may_run: Option<Vec<String>>,
 }
 
 /// The limits one plugin runs under.
@@ -106,6 +122,8 @@ pub struct Limits {
     pub line_bytes: usize,
     pub restart_min: Duration,
     pub restart_max: Duration,
+    pub stderr_lines_per_sec: u32,
+    pub stderr_burst: u32,
 }
 
 impl Default for Limits {
@@ -117,6 +135,8 @@ impl Default for Limits {
             line_bytes: defaults::LINE_BYTES,
             restart_min: defaults::RESTART_MIN,
             restart_max: defaults::RESTART_MAX,
+            stderr_lines_per_sec: defaults::STDERR_LINES_PER_SEC,
+            stderr_burst: defaults::STDERR_BURST,
         }
     }
 }
@@ -130,7 +150,9 @@ pub struct PluginConfigError {
 }
 
 /// Loads every `[[plugin]]` entry: manifests read and checked, secret
-/// values read; plugin names and verbs unique across plugins.
+/// values read; plugin names and verbs unique across plugins, and no verb
+/// another component registers (`query`, `oncall`: the gateway would
+/// refuse to start on it, so `validate` names it first).
 pub fn load(entries: &[PluginConfig]) -> Result<Vec<PluginSpec>, PluginConfigError> {
     let mut problems = Vec::new();
     let mut specs: Vec<PluginSpec> = Vec::new();
@@ -148,6 +170,18 @@ pub fn load(entries: &[PluginConfig]) -> Result<Vec<PluginSpec>, PluginConfigErr
                     ));
                 }
                 for c in &spec.manifest.commands {
+                    if let Some((component, _)) = crate::registry::registered_verbs()
+                        .into_iter()
+                        .find(|(_, v)| *v == c.verb)
+                    {
+                        problems.push((
+                            key.clone(),
+                            format!(
+                                "verb \"{}\" of plugin \"{}\" is also the command of [{component}]",
+                                c.verb, spec.manifest.name
+                            ),
+                        ));
+                    }
                     if let Some(other) =
                         specs.iter().find(|s| s.manifest.command(&c.verb).is_some())
                     {
@@ -226,6 +260,26 @@ fn load_one(e: &PluginConfig, key: &str) -> Result<PluginSpec, Problems> {
             ));
         }
     }
+    if let Some(names) = &e.may_run {
+        let mut seen = std::collections::BTreeSet::new();
+        for n in names {
+            let ok = !n.is_empty()
+                && n.len() <= 64
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+            if !ok {
+                problems.push((
+                    format!("{key}.may_run"),
+                    format!(
+                        "{:?} is not a command name of the policy",
+                        fleetcmd_core::terminal::excerpt(n)
+                    ),
+                ));
+            } else if !seen.insert(n) {
+                problems.push((format!("{key}.may_run"), format!("{n:?} is listed twice")));
+            }
+        }
+    }
     let defaults = Limits::default();
     let limits = Limits {
         call_timeout: duration(
@@ -269,6 +323,7 @@ fn load_one(e: &PluginConfig, key: &str) -> Result<PluginSpec, Problems> {
             manifest,
             secrets,
             limits,
+            may_run: e.may_run.clone(),
         })
     } else {
         Err(problems)

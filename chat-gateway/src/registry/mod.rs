@@ -32,8 +32,8 @@ use futures_util::future::LocalBoxFuture;
 use serde::de::DeserializeOwned;
 
 pub use command::{
-    Call, CallContext, CommandError, CommandSpec, CommandTable, Commands, Guard, RunOutcome,
-    Unconfigured,
+    AuditKind, Call, CallContext, CommandError, CommandSpec, CommandTable, Commands, Guard,
+    RunOutcome, Unconfigured,
 };
 pub use context::BuildContext;
 
@@ -45,6 +45,9 @@ pub trait Component: DeserializeOwned + Send + 'static {
     const NAME: &'static str;
     /// A chat platform: the gateway needs at least one enabled.
     const CHAT: bool = false;
+    /// The chat verbs it registers (configured or not), so `validate` can
+    /// name a clash with a plugin's verb before anything is built.
+    const VERBS: &'static [&'static str] = &[];
     /// Makes relative file paths relative to the config file's directory.
     fn resolve_paths(&mut self, _base: &Path) {}
     /// Every problem, each with its full key path (`slack.app_token`).
@@ -68,6 +71,8 @@ pub trait Component: DeserializeOwned + Send + 'static {
 pub struct Entry {
     pub name: &'static str,
     pub chat: bool,
+    /// [`Component::VERBS`].
+    pub verbs: &'static [&'static str],
     parse: fn(&toml::Value, &Path) -> Result<Parsed, String>,
     absent: fn(&mut BuildContext) -> Result<(), String>,
 }
@@ -132,6 +137,7 @@ pub fn entry<T: Component>() -> Entry {
     Entry {
         name: T::NAME,
         chat: T::CHAT,
+        verbs: T::VERBS,
         parse: parse::<T>,
         absent: T::absent,
     }
@@ -162,7 +168,35 @@ pub fn components() -> Vec<Entry> {
     ]
 }
 
+/// Every verb a component registers, with the component's name.
+pub fn registered_verbs() -> Vec<(&'static str, &'static str)> {
+    components()
+        .iter()
+        .flat_map(|e| e.verbs.iter().map(move |v| (e.name, *v)))
+        .collect()
+}
+
 /// The registry entry named `name`.
 pub fn find(name: &str) -> Option<Entry> {
     components().into_iter().find(|e| e.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `validate` checks plugin verbs against [`Component::VERBS`]: each
+    /// integration declares exactly the verbs it registers.
+    #[test]
+    fn declared_verbs_are_the_registered_ones() {
+        let of = |u: command::Unconfigured| u.specs.into_iter().map(|s| s.verb).collect::<Vec<_>>();
+        let verbs = registered_verbs();
+        assert_eq!(
+            verbs,
+            [("prometheus", "query"), ("pagerduty", "oncall")],
+            "a component registers verbs it does not declare"
+        );
+        assert_eq!(of(crate::prometheus::not_configured()), ["query"]);
+        assert_eq!(of(crate::oncall::not_configured()), ["oncall"]);
+    }
 }
