@@ -99,6 +99,10 @@ pub struct GatewayConfig {
     /// resolved against it.
     #[serde(skip)]
     pub base: PathBuf,
+    /// The config file itself: inline secrets are refused when others may
+    /// read it.
+    #[serde(skip)]
+    pub file: PathBuf,
 }
 
 /// `[http]`: the listener for chat webhooks (used only when an adapter
@@ -166,6 +170,7 @@ impl GatewayConfig {
             message: e.to_string().trim_end().to_string(),
         })?;
         cfg.base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        cfg.file = file.to_path_buf();
         if !cfg.state_dir.as_os_str().is_empty() && cfg.state_dir.is_relative() {
             cfg.state_dir = cfg.base.join(&cfg.state_dir);
         }
@@ -297,11 +302,21 @@ impl GatewayConfig {
         }
         let mut adapter_problems: Vec<Problem> = Vec::new();
         let mut chat_enabled = false;
-        for entry in crate::registry::components() {
-            let Some(section) = self.sections.get(entry.name) else {
-                continue;
-            };
-            match entry.parse(section, &self.base) {
+        let (parsed, inline_secrets) = crate::secret::counting_inline(|| {
+            crate::registry::components()
+                .into_iter()
+                .filter_map(|entry| {
+                    let section = self.sections.get(entry.name)?;
+                    let parsed = entry.parse(section, &self.base);
+                    Some((entry, parsed))
+                })
+                .collect::<Vec<_>>()
+        });
+        if let Err(e) = crate::secret::check_inline_allowed(&self.file, inline_secrets) {
+            bad("secrets", e);
+        }
+        for (entry, parsed) in parsed {
+            match parsed {
                 Ok(parsed) => {
                     chat_enabled |= entry.chat && parsed.enabled;
                     adapter_problems.extend(
