@@ -238,7 +238,10 @@ mod tests {
         };
         chmod(0o644);
         let e = check_inline_allowed(&file, 2).expect_err("refused");
-        assert!(e.contains("holds 2 secret value(s) inline") && e.contains("mode 644"), "{e}");
+        assert!(
+            e.contains("holds 2 secret value(s) inline") && e.contains("mode 644"),
+            "{e}"
+        );
         assert_eq!(check_inline_allowed(&file, 0), Ok(()));
         chmod(0o640);
         assert_eq!(check_inline_allowed(&file, 2), Ok(()));
