@@ -20,7 +20,7 @@ use crate::support::{FakeController, POLICY_BODY, RecordingSender, Sent, msg, ro
 const GRANTS: &str = r#"
 [roles.plugins]
 commands = []
-may = ["plugin:probe.*", "plugin:limited.*", "plugin:gate.*", "plugin:rel.*"]
+may = ["plugin:probe.*", "plugin:limited.*", "plugin:gate.*", "plugin:rel.*", "plugin:early.*"]
 
 [[bindings]]
 subjects = ["console:alice", "console:carol"]
@@ -137,6 +137,37 @@ async fn a_protocol_break_is_audited_with_the_caller() {
             && d.2 == "probe"
             && d.3.contains("plugin probe: it was stopped")
             && d.3.contains("notification")),
+        "{denied:#?}"
+    );
+}
+
+/// F5: a `job.run` sent while the plugin is being started (answering
+/// `initialize`, before any call is its) runs nothing and is audited with
+/// the caller whose call started it.
+#[tokio::test]
+async fn a_job_run_during_initialize_is_refused_and_audited() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let early = r#"
+_loads = json.loads
+def hooked(s):
+    m = _loads(s)
+    if m.get("method") == "initialize":
+        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": "early", "method": "job.run", "params": {"call": m["id"], "command": "uptime", "selector": "all"}}) + "\n"); sys.stdout.flush()
+        sys.stdin.readline()
+    return m
+json.loads = hooked
+def answer(p):
+    return {"lines": ["answered"]}
+"#;
+    let router = router_with(vec![entry(test_plugin(dir.path(), "early", early), "")]);
+    let out = console(&router, "alice", &["early"]).await;
+    assert!(out.contains("answered"), "{out}");
+    assert!(router.controller().submitted().is_empty(), "{out}");
+    let denied = reported(&router, "chat_denied");
+    assert!(
+        denied.iter().any(|d| d.1 == "console:alice"
+            && d.2 == "early"
+            && d.3 == "plugin early: job.run refused: job.run is only allowed while answering a command"),
         "{denied:#?}"
     );
 }
