@@ -179,6 +179,9 @@ fn example_gateway_adapter_sections_validate_all_enabled_at_once() {
         let other: Vec<_> = problems
             .iter()
             .filter(|p| !(p.key.ends_with("_file") && p.message.contains("No such file")))
+            // The checkout's copy is 0644; the package installs it 0640
+            // (postinst), where its inline example values are accepted.
+            .filter(|p| !(p.key == "secrets" && p.message.contains("mode 644")))
             .collect();
         assert!(other.is_empty(), "{other:#?}");
     }
