@@ -257,8 +257,16 @@ async fn a_plugin_job_waiting_for_approval_does_not_hit_the_call_timeout() {
     })
     .await
     .unwrap_or_else(|_| panic!("no approval request posted: {:#?}", out.all()));
-    // Longer than the plugin's call timeout passes before anyone approves.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Longer than the plugin's call timeout passes before anyone approves:
+    // another call meanwhile waits its own timeout for its turn and is told
+    // the plugin is busy (the plugin is not stopped for it).
+    let waited = std::time::Instant::now();
+    let busy = console(&router, "carol", &["gate"]).await;
+    assert!(
+        busy.contains("plugin gate is busy answering another call"),
+        "{busy}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500).saturating_sub(waited.elapsed())).await;
     let approved = RecordingSender::default();
     router
         .handle(
