@@ -99,6 +99,10 @@ pub struct GatewayConfig {
     /// resolved against it.
     #[serde(skip)]
     pub base: PathBuf,
+    /// The config file itself: inline secrets are refused when others may
+    /// read it.
+    #[serde(skip)]
+    pub file: PathBuf,
 }
 
 /// `[http]`: the listener for chat webhooks (used only when an adapter
@@ -148,6 +152,25 @@ pub enum ConfigError {
     },
 }
 
+/// Every string under a key that names a secret or key file, at any depth.
+fn files_named_in(value: &toml::Value, out: &mut Vec<PathBuf>) {
+    let names_a_file = |k: &str| {
+        ["file", "key", "cert", "ca"].contains(&k) || k.ends_with("_file") || k.ends_with("_key")
+    };
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                match v {
+                    toml::Value::String(s) if names_a_file(k) => out.push(PathBuf::from(s)),
+                    _ => files_named_in(v, out),
+                }
+            }
+        }
+        toml::Value::Array(a) => a.iter().for_each(|v| files_named_in(v, out)),
+        _ => {}
+    }
+}
+
 fn list(problems: &[Problem]) -> String {
     problems
         .iter()
@@ -166,6 +189,7 @@ impl GatewayConfig {
             message: e.to_string().trim_end().to_string(),
         })?;
         cfg.base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        cfg.file = file.to_path_buf();
         if !cfg.state_dir.as_os_str().is_empty() && cfg.state_dir.is_relative() {
             cfg.state_dir = cfg.base.join(&cfg.state_dir);
         }
@@ -187,7 +211,7 @@ impl GatewayConfig {
                 )));
             };
             entry
-                .parse(section, &cfg.base)
+                .parse(section, &crate::registry::Paths::base(&cfg.base))
                 .map_err(|e| parse_error(format!("[{name}]: {e}")))?;
         }
         Ok(cfg)
@@ -196,12 +220,49 @@ impl GatewayConfig {
     /// The section of component `T`, typed, when the file has one.
     pub fn section<T: crate::registry::Component>(&self) -> Option<T> {
         let raw = self.sections.get(T::NAME)?;
-        match crate::registry::typed(raw, &self.base) {
+        match crate::registry::typed(raw, &self.paths()) {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!(section = T::NAME, error = %e, "section does not parse");
                 None
             }
+        }
+    }
+
+    /// Where sections resolve relative paths, and what is the gateway's
+    /// own: its configuration directory and file, TLS and signing keys,
+    /// certificates, state directory, and every file a section names
+    /// under a key called `file`, `*_file`, `key`, `*_key`, `cert` or
+    /// `ca` (secret files, client keys).
+    pub fn paths(&self) -> crate::registry::Paths {
+        let mut paths = vec![
+            self.file.clone(),
+            self.ca.clone(),
+            self.cert.clone(),
+            self.key.clone(),
+            self.signing_key.clone(),
+            self.state_dir.clone(),
+        ];
+        for section in self.sections.values() {
+            files_named_in(section, &mut paths);
+        }
+        let paths = paths
+            .into_iter()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(|p| {
+                if p.is_relative() {
+                    self.base.join(p)
+                } else {
+                    p
+                }
+            })
+            .collect();
+        crate::registry::Paths {
+            base: self.base.clone(),
+            private: crate::registry::Private {
+                config_dir: self.base.clone(),
+                paths,
+            },
         }
     }
 
@@ -297,11 +358,22 @@ impl GatewayConfig {
         }
         let mut adapter_problems: Vec<Problem> = Vec::new();
         let mut chat_enabled = false;
-        for entry in crate::registry::components() {
-            let Some(section) = self.sections.get(entry.name) else {
-                continue;
-            };
-            match entry.parse(section, &self.base) {
+        let paths = self.paths();
+        let (parsed, inline_secrets) = crate::secret::counting_inline(|| {
+            crate::registry::components()
+                .into_iter()
+                .filter_map(|entry| {
+                    let section = self.sections.get(entry.name)?;
+                    let parsed = entry.parse(section, &paths);
+                    Some((entry, parsed))
+                })
+                .collect::<Vec<_>>()
+        });
+        if let Err(e) = crate::secret::check_inline_allowed(&self.file, inline_secrets) {
+            bad("secrets", e);
+        }
+        for (entry, parsed) in parsed {
+            match parsed {
                 Ok(parsed) => {
                     chat_enabled |= entry.chat && parsed.enabled;
                     adapter_problems.extend(

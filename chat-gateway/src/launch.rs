@@ -82,12 +82,13 @@ pub async fn run(
     // A request accepted once is refused after a restart too.
     let replay = store.replay()?;
     let mut cx = BuildContext::new(base, Gateway::new(router.clone()), replay, stops.clone());
+    let paths = cfg.paths();
     for entry in components() {
         let component = entry.name;
         let failed = |message: String| LaunchError::Component { component, message };
         match cfg.sections.get(component) {
             Some(section) => {
-                let parsed = entry.parse(section, base).map_err(failed)?;
+                let parsed = entry.parse(section, &paths).map_err(failed)?;
                 if parsed.enabled {
                     parsed.build(&mut cx).await.map_err(failed)?;
                     tracing::info!(component, "enabled");

@@ -414,6 +414,7 @@ impl Commands for PromClient {
 
 impl crate::registry::Component for PrometheusConfig {
     const NAME: &'static str = "prometheus";
+    const VERBS: &'static [&'static str] = &["query"];
 
     fn validate(&self) -> Vec<(String, String)> {
         PrometheusConfig::validate(self)

@@ -35,7 +35,7 @@ use crate::controller::{ControllerApi, JOBS_SCAN};
 use crate::owed::{OwedJob, OwedJobs, StoredJob};
 use crate::registry::command::{Registered, split_verb};
 use crate::registry::{
-    Call, CallContext, CommandError, CommandSpec, CommandTable, Commands, Guard, RunOutcome,
+    Call, CallContext, CommandError, CommandSpec, CommandTable, Commands, RunOutcome,
 };
 use crate::render::{self, asked_by};
 
@@ -423,16 +423,7 @@ impl<C: ControllerApi> Router<C> {
             Err(e) => return Reply::text(format!("{e}{}", asked_by(who))),
         };
         if !r.spec.guard.admits(&p.policy, &msg.identity, &msg.channel) {
-            let (text, denied) = match &r.spec.guard {
-                Guard::AnyRoleHere => (
-                    "you have no roles in this channel".to_string(),
-                    format!("no role in {}", msg.channel),
-                ),
-                Guard::Action(a) => (
-                    format!("refused: `{verb}` needs a role here that may `{a}`"),
-                    format!("`{verb}` needs {a} in {}", msg.channel),
-                ),
-            };
+            let (text, denied) = r.spec.guard.refusal(verb, &msg.channel);
             tracing::info!(identity = who, channel = %msg.channel, verb, "registered command denied");
             self.report(event("chat_denied", msg, verb, "", denied))
                 .await;
@@ -1674,5 +1665,18 @@ impl<C: ControllerApi> CallContext for CallerRun<'_, C> {
         run: RunRequest,
     ) -> futures_util::future::BoxFuture<'a, RunOutcome> {
         Box::pin(self.router.run(self.msg, run, self.out))
+    }
+
+    fn audit<'a>(
+        &'a self,
+        kind: crate::registry::AuditKind,
+        command: &'a str,
+        job_id: &'a str,
+        detail: String,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(
+            self.router
+                .report(event(kind.as_str(), self.msg, command, job_id, detail)),
+        )
     }
 }

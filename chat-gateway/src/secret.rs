@@ -30,8 +30,48 @@ impl Eq for SecretString {}
 
 impl<'de> Deserialize<'de> for SecretString {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
-        String::deserialize(d).map(SecretString::new)
+        let s = String::deserialize(d).map(SecretString::new)?;
+        INLINE_SEEN.with(|n| n.set(n.get().map(|k| k + 1)));
+        Ok(s)
     }
+}
+
+thread_local! {
+    /// Inline secret values read inside [`counting_inline`] on this thread.
+    static INLINE_SEEN: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `parse` and counts the inline secret values it deserialized (the
+/// config types know which keys are secrets; this asks them without a list
+/// of key names that could drift).
+pub fn counting_inline<T>(parse: impl FnOnce() -> T) -> (T, usize) {
+    let before = INLINE_SEEN.with(|n| n.replace(Some(0)));
+    let out = parse();
+    let seen = INLINE_SEEN.with(|n| n.replace(before)).unwrap_or(0);
+    (out, seen)
+}
+
+/// Inline secret values are refused in a config file every local user may
+/// read (found by an outside test: tokens in a 0644 gateway.toml were
+/// accepted without a word); the file is checked like a secret file. A
+/// file that cannot be read here (a test's text) is not judged.
+pub fn check_inline_allowed(config: &Path, inline: usize) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if inline == 0 {
+        return Ok(());
+    }
+    let Ok(meta) = std::fs::metadata(config) else {
+        return Ok(());
+    };
+    let mode = meta.permissions().mode();
+    if mode & 0o007 == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "{} holds {inline} secret value(s) inline and is readable or writable by every local user (mode {:o}): chmod o-rwx it, or give each secret as `NAME_file` pointing at a private file",
+        config.display(),
+        mode & 0o777
+    ))
 }
 
 /// Whether a file holding a secret (a key, a token, a password) keeps it
@@ -170,6 +210,42 @@ impl SecretSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inline_secrets_are_refused_in_a_config_others_may_read() {
+        use std::os::unix::fs::PermissionsExt as _;
+        #[derive(Deserialize)]
+        struct Section {
+            token: Option<SecretString>,
+            #[allow(dead_code)]
+            url: String,
+        }
+        let (s, n) = counting_inline(|| {
+            toml::from_str::<Section>("token = \"t0k\"\nurl = \"x\"").map_err(|e| e.to_string())
+        });
+        assert!(s.is_ok_and(|s| s.token.is_some()));
+        assert_eq!(n, 1);
+        // Outside a count nothing is counted, and counts do not leak.
+        let _ = toml::from_str::<Section>("token = \"t0k\"\nurl = \"x\"");
+        assert_eq!(counting_inline(|| ()).1, 0);
+
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(&file, "").unwrap_or_else(|e| panic!("{e}"));
+        let chmod = |m| {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(m))
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        chmod(0o644);
+        let e = check_inline_allowed(&file, 2).expect_err("refused");
+        assert!(
+            e.contains("holds 2 secret value(s) inline") && e.contains("mode 644"),
+            "{e}"
+        );
+        assert_eq!(check_inline_allowed(&file, 0), Ok(()));
+        chmod(0o640);
+        assert_eq!(check_inline_allowed(&file, 2), Ok(()));
+    }
 
     #[test]
     fn a_secret_source_gives_one_trimmed_line_or_names_what_is_wrong() {

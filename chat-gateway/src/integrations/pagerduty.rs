@@ -321,6 +321,7 @@ impl Integration for PagerDuty {
 /// `routing_key`) and chat `oncall` (with an `api_token`).
 impl crate::registry::Component for PagerDutyConfig {
     const NAME: &'static str = "pagerduty";
+    const VERBS: &'static [&'static str] = &["oncall"];
 
     fn resolve_paths(&mut self, base: &Path) {
         PagerDutyConfig::resolve_paths(self, base);

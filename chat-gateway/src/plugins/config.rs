@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use super::manifest::Manifest;
 use super::sandbox::{self, Grants};
+use crate::registry::Private;
 use crate::registry::{BuildContext, Component};
 use crate::secret::SecretSource;
 
@@ -35,6 +36,11 @@ pub mod defaults {
     /// crash in a row, up to [`RESTART_MAX`].
     pub const RESTART_MIN: Duration = Duration::from_secs(1);
     pub const RESTART_MAX: Duration = Duration::from_secs(60);
+    /// Stderr lines of a plugin logged per second (a token bucket); the
+    /// rest are dropped and counted, so a plugin cannot flood the log.
+    pub const STDERR_LINES_PER_SEC: u32 = 20;
+    /// Stderr lines logged at once before the rate applies.
+    pub const STDERR_BURST: u32 = 100;
 }
 
 /// One `[[plugin]]` entry as written.
@@ -63,10 +69,15 @@ pub struct PluginConfig {
     /// Paths the sandboxed plugin may write (and read).
     #[serde(default)]
     pub write: Vec<PathBuf>,
-    /// The gateway's configuration directory, which no grant may expose
-    /// (set by `resolve_paths`).
+    /// What is the gateway's own, which no grant may reach (set by
+    /// `private_paths`).
     #[serde(skip)]
-    pub gateway_dir: PathBuf,
+    pub private: Private,
+    // What the operator lets the plugin ask for, whatever its manifest says.
+    /// The policy commands its `job.run` may name (`["uptime", "df"]`);
+    /// any other is refused and audited, even when the caller may run it.
+    /// Absent: whatever the caller may run; empty: no job at all.
+    pub may_run: Option<Vec<String>>,
 }
 
 fn yes() -> bool {
@@ -84,17 +95,27 @@ impl Component for PluginsConfig {
     fn resolve_paths(&mut self, base: &Path) {
         for e in &mut self.0 {
             if e.manifest.is_relative() {
-                e.manifest = base.join(&e.manifest);
+                let joined = base.join(&e.manifest);
+                // Absolute, so the plugin (started in its own folder) is
+                // found whatever the gateway's working directory.
+                e.manifest = std::path::absolute(&joined).unwrap_or(joined);
             }
             for p in e.read.iter_mut().chain(e.write.iter_mut()) {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
             }
-            e.gateway_dir = base.to_path_buf();
             for source in e.secrets.values_mut() {
                 source.resolve_paths(base);
             }
+        }
+    }
+
+    /// Every plugin's secret files are among them (`{ file = … }`), so
+    /// no plugin may be granted another's.
+    fn private_paths(&mut self, private: &Private) {
+        for e in &mut self.0 {
+            e.private = private.clone();
         }
     }
 
@@ -110,6 +131,7 @@ impl Component for PluginsConfig {
 
     async fn build(self, cx: &mut BuildContext) -> Result<(), String> {
         let specs = load(&self.0).map_err(|e| e.to_string())?;
+        sandbox::remove_stale_scratch();
         cx.commands(Arc::new(super::PluginHost::new(specs)))
     }
 }
@@ -122,7 +144,10 @@ pub struct PluginSpec {
     pub secrets: Vec<(String, Secret<String>)>,
     pub limits: Limits,
     /// What it may reach when sandboxed; `None`: `sandbox = false`.
-    pub sandbox: Option<Grants>,
+    pub sandbox: Option<sandbox::Spec>,
+    /// `[[plugin]] may_run`: the only commands its `job.run` may name
+    /// (`None`: any its caller may run).
+    pub may_run: Option<Vec<String>>,
 }
 
 /// The limits one plugin runs under.
@@ -134,6 +159,8 @@ pub struct Limits {
     pub line_bytes: usize,
     pub restart_min: Duration,
     pub restart_max: Duration,
+    pub stderr_lines_per_sec: u32,
+    pub stderr_burst: u32,
 }
 
 impl Default for Limits {
@@ -145,6 +172,8 @@ impl Default for Limits {
             line_bytes: defaults::LINE_BYTES,
             restart_min: defaults::RESTART_MIN,
             restart_max: defaults::RESTART_MAX,
+            stderr_lines_per_sec: defaults::STDERR_LINES_PER_SEC,
+            stderr_burst: defaults::STDERR_BURST,
         }
     }
 }
@@ -158,7 +187,9 @@ pub struct PluginConfigError {
 }
 
 /// Loads every `[[plugin]]` entry: manifests read and checked, secret
-/// values read; plugin names and verbs unique across plugins.
+/// values read; plugin names and verbs unique across plugins, and no verb
+/// another component registers (`query`, `oncall`: the gateway would
+/// refuse to start on it, so `validate` names it first).
 pub fn load(entries: &[PluginConfig]) -> Result<Vec<PluginSpec>, PluginConfigError> {
     let mut problems = Vec::new();
     let mut specs: Vec<PluginSpec> = Vec::new();
@@ -176,6 +207,18 @@ pub fn load(entries: &[PluginConfig]) -> Result<Vec<PluginSpec>, PluginConfigErr
                     ));
                 }
                 for c in &spec.manifest.commands {
+                    if let Some((component, _)) = crate::registry::registered_verbs()
+                        .into_iter()
+                        .find(|(_, v)| *v == c.verb)
+                    {
+                        problems.push((
+                            key.clone(),
+                            format!(
+                                "verb \"{}\" of plugin \"{}\" is also the command of [{component}]",
+                                c.verb, spec.manifest.name
+                            ),
+                        ));
+                    }
                     if let Some(other) =
                         specs.iter().find(|s| s.manifest.command(&c.verb).is_some())
                     {
@@ -254,6 +297,26 @@ fn load_one(e: &PluginConfig, key: &str) -> Result<PluginSpec, Problems> {
             ));
         }
     }
+    if let Some(names) = &e.may_run {
+        let mut seen = std::collections::BTreeSet::new();
+        for n in names {
+            let ok = !n.is_empty()
+                && n.len() <= 64
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+            if !ok {
+                problems.push((
+                    format!("{key}.may_run"),
+                    format!(
+                        "{:?} is not a command name of the policy",
+                        fleetcmd_core::terminal::excerpt(n)
+                    ),
+                ));
+            } else if !seen.insert(n) {
+                problems.push((format!("{key}.may_run"), format!("{n:?} is listed twice")));
+            }
+        }
+    }
     let defaults = Limits::default();
     let limits = Limits {
         call_timeout: duration(
@@ -292,28 +355,30 @@ fn load_one(e: &PluginConfig, key: &str) -> Result<PluginSpec, Problems> {
         },
         ..defaults
     };
-    let sandbox = grants(e, &manifest, key, &mut problems);
+    let sandbox = sandbox_spec(e, &manifest, key, &mut problems);
     if problems.is_empty() {
         Ok(PluginSpec {
             manifest,
             secrets,
             limits,
             sandbox,
+            may_run: e.may_run.clone(),
         })
     } else {
         Err(problems)
     }
 }
 
-/// The sandbox grants of one plugin: refused when this machine cannot
-/// sandbox, or when a grant would expose the gateway's configuration
-/// directory (where its keys usually are).
-fn grants(
+/// The sandbox of one plugin: refused when this machine cannot sandbox,
+/// or when a grant (resolved: links, `..`) would reach what is the
+/// gateway's own. `sandbox = false` is said loudly, at `validate` and at
+/// every start.
+fn sandbox_spec(
     e: &PluginConfig,
     manifest: &Manifest,
     key: &str,
     problems: &mut Problems,
-) -> Option<Grants> {
+) -> Option<sandbox::Spec> {
     if !e.sandbox {
         if !e.read.is_empty() || !e.write.is_empty() {
             problems.push((
@@ -321,6 +386,11 @@ fn grants(
                 "read and write grant paths to a sandbox; with sandbox = false the plugin can reach everything the gateway can".to_string(),
             ));
         }
+        tracing::warn!(
+            plugin = %manifest.name,
+            "sandbox = false: plugin {} runs with every right of the gateway's user — it can read the gateway's signing key, TLS key and state",
+            manifest.name
+        );
         return None;
     }
     if let Err(why) = sandbox::available() {
@@ -332,38 +402,20 @@ fn grants(
             ),
         ));
     }
-    let grants = Grants {
-        folder: e
-            .manifest
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default(),
-        read: e.read.clone(),
-        write: e.write.clone(),
+    let spec = sandbox::Spec {
+        grants: Grants {
+            folder: e
+                .manifest
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            read: e.read.clone(),
+            write: e.write.clone(),
+        },
+        private: e.private.clone(),
     };
-    for (field, paths) in [("read", &e.read), ("write", &e.write)] {
-        for p in paths {
-            if !p.exists() {
-                problems.push((
-                    format!("{key}.{field}"),
-                    format!("{} does not exist", p.display()),
-                ));
-            }
-        }
+    if let Err(refused) = spec.grants.resolved(&spec.private) {
+        problems.extend(refused.into_iter().map(|m| (key.to_string(), m)));
     }
-    if let Some(granted) = (!e.gateway_dir.as_os_str().is_empty())
-        .then(|| grants.exposing(&e.gateway_dir))
-        .flatten()
-    {
-        problems.push((
-            key.to_string(),
-            format!(
-                "plugin \"{}\" would be allowed to read {}, which holds the gateway's configuration and keys ({}); move the plugin or the grant out of it",
-                manifest.name,
-                granted.display(),
-                e.gateway_dir.display()
-            ),
-        ));
-    }
-    Some(grants)
+    Some(spec)
 }

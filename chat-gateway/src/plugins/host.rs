@@ -16,7 +16,7 @@ use super::manifest;
 use super::protocol::{Caller, CommandResult, JobRunParams, JobRunResult};
 use super::supervisor::{JobRunner, Plugin};
 use crate::adapters::{BoxFuture, CodeBlock, Incoming, Reply, Section};
-use crate::registry::{Call, CallContext, CommandSpec, Commands, Guard, RunOutcome};
+use crate::registry::{AuditKind, Call, CallContext, CommandSpec, Commands, Guard, RunOutcome};
 use crate::render::asked_by;
 
 /// Every configured plugin.
@@ -55,7 +55,12 @@ impl PluginHost {
         if let Err(e) = command.check_args(&args) {
             return Reply::text(format!("{e}{}", asked_by(who)));
         }
-        let jobs = AsCaller { ctx };
+        let jobs = AsCaller {
+            ctx,
+            plugin: plugin.name(),
+            verb: call.verb,
+            may_run: plugin.spec.may_run.as_deref(),
+        };
         match plugin
             .call(call.verb, &args, &caller(call.msg), &jobs)
             .await
@@ -201,16 +206,92 @@ pub fn job_result(outcome: RunOutcome) -> JobRunResult {
     }
 }
 
-/// `job.run` for one call, through the router's path for the caller.
+/// `job.run` for one call, through the router's path for the caller;
+/// every refusal audited as `chat_denied` and every job started as
+/// `chat_command`, each naming the plugin and its verb.
 struct AsCaller<'a> {
     ctx: &'a dyn CallContext,
+    plugin: &'a str,
+    verb: &'a str,
+    /// `[[plugin]] may_run`.
+    may_run: Option<&'a [String]>,
+}
+
+impl AsCaller<'_> {
+    async fn refuse(&self, command: &str, why: String) -> String {
+        self.ctx
+            .audit(
+                AuditKind::Denied,
+                command,
+                "",
+                format!(
+                    "via plugin {} ({}): job.run refused: {why}",
+                    self.plugin, self.verb
+                ),
+            )
+            .await;
+        why
+    }
 }
 
 impl JobRunner for AsCaller<'_> {
     fn run_as_caller(&self, req: JobRunParams) -> BoxFuture<'_, Result<JobRunResult, String>> {
         Box::pin(async move {
-            let run = run_request(req)?;
-            Ok(job_result(self.ctx.run_as_caller(run).await))
+            let command = fleetcmd_core::terminal::excerpt(&req.command);
+            if let Some(allowed) = self.may_run
+                && !allowed.contains(&req.command)
+            {
+                let why = format!(
+                    "plugin {} may not run `{command}` (its [[plugin]] may_run: {}); nothing run",
+                    self.plugin,
+                    if allowed.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        allowed.join(", ")
+                    }
+                );
+                return Err(self.refuse(&command, why).await);
+            }
+            let selector = fleetcmd_core::terminal::excerpt(&req.selector);
+            let run = match run_request(req) {
+                Ok(run) => run,
+                Err(why) => return Err(self.refuse(&command, why).await),
+            };
+            let outcome = self.ctx.run_as_caller(run).await;
+            match &outcome {
+                RunOutcome::Submitted { job_id } => {
+                    self.ctx
+                        .audit(
+                            AuditKind::Command,
+                            self.verb,
+                            job_id,
+                            format!(
+                                "job {job_id} ({command} on {selector}) started via plugin {}",
+                                self.plugin
+                            ),
+                        )
+                        .await;
+                }
+                RunOutcome::NotSubmitted { reason } => {
+                    self.refuse(&command, format!("not submitted: {reason}"))
+                        .await;
+                }
+                RunOutcome::DryRun => {}
+            }
+            Ok(job_result(outcome))
+        })
+    }
+
+    fn refused(&self, why: String) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.ctx
+                .audit(
+                    AuditKind::Denied,
+                    self.verb,
+                    "",
+                    format!("plugin {}: {why}", self.plugin),
+                )
+                .await;
         })
     }
 }

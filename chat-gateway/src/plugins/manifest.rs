@@ -191,6 +191,13 @@ fn on_disk(manifest: &Path, dir: &Path, executable: &Path) -> Vec<String> {
                     dir.display()
                 ));
             }
+            if m.mode() & 0o100 == 0 {
+                problems.push(format!(
+                    "executable {} is not executable by its owner (mode {:o}): chmod u+x it",
+                    executable.display(),
+                    m.mode() & 0o777
+                ));
+            }
             if m.mode() & 0o022 != 0 {
                 problems.push(format!(
                     "executable {} is writable by group or others (mode {:o}): chmod go-w it",
@@ -209,12 +216,18 @@ fn builtin_verb(verb: &str) -> bool {
 }
 
 impl Manifest {
-    /// Reads and checks the manifest at `path`.
+    /// Reads and checks the manifest at `path`. The executable comes out
+    /// absolute even for a relative `path`: the plugin starts in its own
+    /// folder, where a relative path would name another file (found by an
+    /// outside test: `-c gateway.toml` validated, then could not start it).
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
-        let fail = |p: String| ManifestError {
+        let fail = |path: &Path, p: String| ManifestError {
             path: path.to_path_buf(),
             problems: vec![p],
         };
+        let path = &std::path::absolute(path)
+            .map_err(|e| fail(path, format!("cannot make the path absolute: {e}")))?;
+        let fail = |p: String| fail(path, p);
         let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let manifest = Manifest::parse(&text, dir).map_err(|problems| ManifestError {

@@ -4,6 +4,12 @@
 //! passed (about 1 s, doubled per crash in a row, at most 60 s by default,
 //! ±20 % as every reconnect in the gateway: [`crate::backoff`]). While it is
 //! down, a call fails at once with "plugin NAME is not available".
+//!
+//! The call timeout bounds the plugin's own work: while the gateway serves
+//! its `job.run` (waiting for approvals, following the job), the clock
+//! stops; that wait is bounded by the approval window and the job's own
+//! timeout. Every refused request and every protocol break is reported to
+//! the [`JobRunner`] of the call, which audits it with the caller.
 
 use std::time::Duration;
 
@@ -29,6 +35,9 @@ const EXIT_GRACE: Duration = Duration::from_millis(500);
 /// `Err` when the request itself is malformed (nothing was posted).
 pub trait JobRunner: Send + Sync {
     fn run_as_caller(&self, req: JobRunParams) -> BoxFuture<'_, Result<JobRunResult, String>>;
+    /// Records that a request of the plugin was refused, or that it broke
+    /// the protocol, during this call (`why` says what it was).
+    fn refused(&self, why: String) -> BoxFuture<'_, ()>;
 }
 
 /// Why a call got no answer. The text is what the caller is told.
@@ -42,6 +51,10 @@ pub enum PluginError {
     },
     #[error("plugin {name} did not answer within {}s; it was stopped and will be started again", after.as_secs())]
     TimedOut { name: String, after: Duration },
+    #[error(
+        "plugin {name} is busy answering another call (it may be waiting for a job's approval); nothing was asked, try again later"
+    )]
+    Busy { name: String },
     #[error("plugin {name} is not available ({why}); it will be started again")]
     Failed { name: String, why: String },
     #[error("plugin {name} answered with an error: {message}")]
@@ -97,6 +110,30 @@ impl std::fmt::Debug for Plugin {
 /// What went wrong in one exchange (the process is then stopped).
 struct Broken(String);
 
+/// Why an exchange ended without an answer.
+enum Fault {
+    Broken(Broken),
+    /// The call's deadline passed while the plugin had the turn.
+    Late,
+}
+
+impl From<Broken> for Fault {
+    fn from(b: Broken) -> Fault {
+        Fault::Broken(b)
+    }
+}
+
+/// `io` bounded by `deadline`.
+async fn within<T>(
+    deadline: Instant,
+    io: impl std::future::Future<Output = Result<T, Broken>>,
+) -> Result<T, Fault> {
+    match tokio::time::timeout_at(deadline, io).await {
+        Ok(r) => r.map_err(Fault::Broken),
+        Err(_) => Err(Fault::Late),
+    }
+}
+
 impl Plugin {
     pub fn new(spec: PluginSpec) -> Plugin {
         Plugin {
@@ -121,12 +158,10 @@ impl Plugin {
     ) -> Result<CommandResult, PluginError> {
         let limits = self.spec.limits;
         let deadline = Instant::now() + limits.call_timeout;
-        let timed_out = || PluginError::TimedOut {
-            name: self.name().to_string(),
-            after: limits.call_timeout,
-        };
         let Ok(mut state) = tokio::time::timeout_at(deadline, self.state.lock()).await else {
-            return Err(timed_out());
+            return Err(PluginError::Busy {
+                name: self.name().to_string(),
+            });
         };
         let failures = match &*state {
             State::Running(_) => 0,
@@ -148,10 +183,14 @@ impl Plugin {
             }
         };
         if !matches!(*state, State::Running(_)) {
-            match tokio::time::timeout_at(deadline, self.start()).await {
-                Ok(Ok(conn)) => *state = State::Running(Box::new(conn)),
-                Ok(Err(Broken(why))) => return Err(self.down(&mut state, failures + 1, why)),
-                Err(_) => return Err(self.down_timed_out(&mut state, failures + 1)),
+            match self.start(jobs, deadline).await {
+                Ok(conn) => *state = State::Running(Box::new(conn)),
+                Err(Fault::Broken(Broken(why))) => {
+                    jobs.refused(format!("it could not be started: {why}"))
+                        .await;
+                    return Err(self.down(&mut state, failures + 1, why));
+                }
+                Err(Fault::Late) => return Err(self.down_timed_out(&mut state, failures + 1)),
             }
         }
         let State::Running(conn) = &mut *state else {
@@ -162,23 +201,28 @@ impl Plugin {
             args,
             caller,
         };
-        let exchange = tokio::time::timeout_at(
+        let exchange = exchange(
+            conn,
+            "command",
+            &params,
+            Serving::Call(jobs),
             deadline,
-            exchange(conn, "command", &params, Some(jobs), limits.line_bytes),
+            limits.line_bytes,
         )
         .await;
         match exchange {
-            Ok(Ok(Ok(value))) => {
+            Ok(Ok(value)) => {
                 serde_json::from_value::<CommandResult>(value).map_err(|e| PluginError::Answered {
                     name: self.name().to_string(),
                     message: format!("its result is not a command result: {e}"),
                 })
             }
-            Ok(Ok(Err(e))) => Err(PluginError::Answered {
+            Ok(Err(e)) => Err(PluginError::Answered {
                 name: self.name().to_string(),
                 message: e.message,
             }),
-            Ok(Err(Broken(why))) => {
+            Err(Fault::Broken(Broken(why))) => {
+                jobs.refused(format!("it was stopped: {why}")).await;
                 // A plugin that closed its output has usually exited: name
                 // its status (waited for briefly; a live one is killed).
                 let why = match tokio::time::timeout(EXIT_GRACE, conn.child.wait()).await {
@@ -187,7 +231,7 @@ impl Plugin {
                 };
                 Err(self.down(&mut state, failures + 1, why))
             }
-            Err(_) => Err(self.down_timed_out(&mut state, failures + 1)),
+            Err(Fault::Late) => Err(self.down_timed_out(&mut state, failures + 1)),
         }
         .inspect(|_| {
             if failures > 0 {
@@ -231,8 +275,9 @@ impl Plugin {
         }
     }
 
-    /// Spawns the process and runs `initialize`.
-    async fn start(&self) -> Result<Conn, Broken> {
+    /// Spawns the process and runs `initialize` (a request it sends
+    /// meanwhile is refused and reported to `jobs`).
+    async fn start(&self, jobs: &dyn JobRunner, deadline: Instant) -> Result<Conn, Fault> {
         let name = self.name();
         let process::Spawned { mut child, sandbox } = process::spawn(&self.spec).map_err(|e| {
             Broken(format!(
@@ -243,16 +288,25 @@ impl Plugin {
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
-            return Err(Broken("its pipes were not set up".to_string()));
+            return Err(Broken("its pipes were not set up".to_string()).into());
         };
-        let stderr_name = name.to_string();
-        let line_bytes = self.spec.limits.line_bytes;
-        let stderr = StderrTask(tokio::spawn(async move {
-            let mut r = BufReader::new(stderr);
-            while let Ok(Some(line)) = read_line(&mut r, line_bytes).await {
-                tracing::info!(plugin = %stderr_name, "stderr: {}", fleetcmd_core::terminal::excerpt(&line));
-            }
-        }));
+        let limits = self.spec.limits;
+        let line_bytes = limits.line_bytes;
+        let plugin = name.to_string();
+        let per_sec = limits.stderr_lines_per_sec;
+        let stderr = StderrTask(tokio::spawn(log_stderr(
+            BufReader::new(stderr),
+            StderrLimit::new(limits.stderr_burst, per_sec, Instant::now()),
+            line_bytes,
+            move |l| match l {
+                StderrLog::Line(line) => tracing::info!(plugin = %plugin, "stderr: {line}"),
+                StderrLog::Dropped(n) => tracing::warn!(
+                    plugin = %plugin,
+                    dropped = n,
+                    "stderr: {n} lines dropped (over {per_sec} lines/s)"
+                ),
+            },
+        )));
         let mut conn = Conn {
             child,
             stdin,
@@ -266,16 +320,23 @@ impl Plugin {
             plugin: name,
             gateway_version: env!("CARGO_PKG_VERSION"),
         };
-        let value = exchange(&mut conn, "initialize", &params, None, line_bytes)
-            .await?
-            .map_err(|e| Broken(format!("initialize failed: {}", e.message)))?;
+        let value = exchange(
+            &mut conn,
+            "initialize",
+            &params,
+            Serving::Start(jobs),
+            deadline,
+            line_bytes,
+        )
+        .await?
+        .map_err(|e| Broken(format!("initialize failed: {}", e.message)))?;
         let init: InitializeResult =
             serde_json::from_value(value).map_err(|e| Broken(format!("initialize result: {e}")))?;
         if init.protocol_version != PROTOCOL_VERSION {
-            return Err(Broken(format!(
+            return Err(Fault::Broken(Broken(format!(
                 "it speaks protocol {}, this gateway {PROTOCOL_VERSION}",
                 init.protocol_version
-            )));
+            ))));
         }
         let mut theirs = init.commands.clone();
         theirs.sort();
@@ -288,31 +349,47 @@ impl Plugin {
             .collect();
         ours.sort();
         if theirs != ours {
-            return Err(Broken(format!(
+            return Err(Fault::Broken(Broken(format!(
                 "it serves commands [{}], its manifest declares [{}]",
                 theirs.join(", "),
                 ours.join(", ")
-            )));
+            ))));
         }
         tracing::info!(plugin = name, "plugin started");
         Ok(conn)
     }
 }
 
-/// Sends one request and reads until its response, serving `job.run`
-/// requests in between (when `jobs` is given).
+/// What the plugin's requests are answered for during an exchange.
+#[derive(Clone, Copy)]
+enum Serving<'a> {
+    /// Starting (`initialize`): a `job.run` is refused, and reported.
+    Start(&'a dyn JobRunner),
+    /// Answering a `command`: its `job.run`s run as the call's caller.
+    Call(&'a dyn JobRunner),
+}
+
+/// Sends one request and reads until its response, serving the plugin's
+/// requests in between. The plugin's own time is bounded by `deadline`;
+/// the time the gateway spends on a `job.run` (approvals, the job) moves
+/// it on by as much.
 async fn exchange<P: serde::Serialize>(
     conn: &mut Conn,
     method: &str,
     params: &P,
-    jobs: Option<&dyn JobRunner>,
+    serving: Serving<'_>,
+    mut deadline: Instant,
     line_bytes: usize,
-) -> Result<Result<Value, protocol::RpcError>, Broken> {
+) -> Result<Result<Value, protocol::RpcError>, Fault> {
     let id = conn.next_id;
     conn.next_id += 1;
-    write_line(&mut conn.stdin, &Request::new(id, method, params)).await?;
+    within(
+        deadline,
+        write_line(&mut conn.stdin, &Request::new(id, method, params)),
+    )
+    .await?;
     loop {
-        let line = read_line(&mut conn.stdout, line_bytes)
+        let line = within(deadline, read_line(&mut conn.stdout, line_bytes))
             .await?
             .ok_or_else(|| Broken("it closed its output".to_string()))?;
         match protocol::parse_line(&line)
@@ -320,7 +397,7 @@ async fn exchange<P: serde::Serialize>(
         {
             Message::Response { id: got, outcome } => {
                 if got != id {
-                    return Err(Broken(format!("it answered request {got}, expected {id}")));
+                    return Err(Broken(format!("it answered request {got}, expected {id}")).into());
                 }
                 return Ok(outcome);
             }
@@ -329,42 +406,153 @@ async fn exchange<P: serde::Serialize>(
                 method,
                 params,
             } => {
-                let response = match (method.as_str(), jobs) {
-                    ("job.run", Some(jobs)) => match serde_json::from_value::<JobRunParams>(params)
-                    {
-                        Err(e) => Response::err(
-                            rid,
-                            protocol::INVALID_PARAMS,
-                            format!("job.run params: {e}"),
-                        ),
-                        Ok(p) if p.call != id => Response::err(
-                            rid,
-                            protocol::INVALID_PARAMS,
-                            format!(
-                                "job.run names call {}, but the command being answered is call {id}: nothing run",
-                                p.call
+                let (response, refused) = match (method.as_str(), serving) {
+                    ("job.run", Serving::Call(jobs)) => {
+                        let serving_since = Instant::now();
+                        let r = job_run(jobs, id, params).await;
+                        deadline += serving_since.elapsed();
+                        match r {
+                            Ok(result) => (
+                                Response::ok(
+                                    rid,
+                                    serde_json::to_value(result).unwrap_or(Value::Null),
+                                ),
+                                None,
                             ),
-                        ),
-                        Ok(p) => match jobs.run_as_caller(p).await {
-                            Ok(r) => {
-                                Response::ok(rid, serde_json::to_value(r).unwrap_or(Value::Null))
+                            // A refused run was audited where it was refused.
+                            Err((code, why, audited)) => {
+                                let again = (!audited).then(|| format!("job.run refused: {why}"));
+                                (Response::err(rid, code, why), again)
                             }
-                            Err(why) => Response::err(rid, protocol::INVALID_PARAMS, why),
-                        },
-                    },
-                    ("job.run", None) => Response::err(
-                        rid,
-                        protocol::METHOD_NOT_FOUND,
-                        "job.run is only allowed while answering a command",
-                    ),
-                    (other, _) => Response::err(
-                        rid,
-                        protocol::METHOD_NOT_FOUND,
-                        format!("unknown method {other:?}"),
-                    ),
+                        }
+                    }
+                    ("job.run", Serving::Start(_)) => {
+                        let why = "job.run is only allowed while answering a command";
+                        (
+                            Response::err(rid, protocol::METHOD_NOT_FOUND, why),
+                            Some(format!("job.run refused: {why}")),
+                        )
+                    }
+                    (other, _) => {
+                        let why = format!(
+                            "unknown method {:?}",
+                            fleetcmd_core::terminal::excerpt(other)
+                        );
+                        (
+                            Response::err(rid, protocol::METHOD_NOT_FOUND, why.clone()),
+                            Some(format!("request refused: {why}")),
+                        )
+                    }
                 };
-                write_line(&mut conn.stdin, &response).await?;
+                if let Some(why) = refused {
+                    let (Serving::Start(jobs) | Serving::Call(jobs)) = serving;
+                    jobs.refused(why).await;
+                }
+                within(deadline, write_line(&mut conn.stdin, &response)).await?;
             }
+        }
+    }
+}
+
+/// Serves one `job.run` of call `call`: `Err` is the error code, the
+/// message, and whether the runner already audited the refusal.
+async fn job_run(
+    jobs: &dyn JobRunner,
+    call: u64,
+    params: Value,
+) -> Result<JobRunResult, (i64, String, bool)> {
+    let p = serde_json::from_value::<JobRunParams>(params).map_err(|e| {
+        (
+            protocol::INVALID_PARAMS,
+            format!("job.run params: {e}"),
+            false,
+        )
+    })?;
+    if p.call != call {
+        return Err((
+            protocol::INVALID_PARAMS,
+            format!(
+                "job.run names call {}, but the command being answered is call {call}: nothing run",
+                p.call
+            ),
+            false,
+        ));
+    }
+    jobs.run_as_caller(p)
+        .await
+        .map_err(|why| (protocol::INVALID_PARAMS, why, true))
+}
+
+/// What of a plugin's stderr reaches the gateway log.
+#[derive(Debug, PartialEq, Eq)]
+enum StderrLog {
+    /// One line, cut and escaped.
+    Line(String),
+    /// Lines not logged since the last one that was (over the limit).
+    Dropped(u64),
+}
+
+/// A plugin's stderr into the gateway log, line by line: each line cut
+/// and escaped, at most what `limit` lets through, the rest dropped and
+/// counted (found by an outside test: 46 MB of log in 6 s).
+async fn log_stderr<R: tokio::io::AsyncBufRead + Unpin>(
+    mut r: R,
+    mut limit: StderrLimit,
+    line_bytes: usize,
+    mut log: impl FnMut(StderrLog),
+) {
+    let mut dropped = 0u64;
+    loop {
+        let line = match read_line(&mut r, line_bytes).await {
+            Ok(Some(line)) => line,
+            Ok(None) | Err(_) => break,
+        };
+        if !limit.take(Instant::now()) {
+            dropped += 1;
+            continue;
+        }
+        if dropped > 0 {
+            log(StderrLog::Dropped(dropped));
+            dropped = 0;
+        }
+        log(StderrLog::Line(fleetcmd_core::terminal::excerpt(&line)));
+    }
+    if dropped > 0 {
+        log(StderrLog::Dropped(dropped));
+    }
+}
+
+/// How many stderr lines of a plugin are logged: `burst` at once, then
+/// `per_sec` per second (a token bucket that drops rather than waits: a
+/// plugin must not slow down, nor flood the log).
+#[derive(Debug)]
+struct StderrLimit {
+    tokens: f64,
+    burst: f64,
+    per_sec: u32,
+    last: Instant,
+}
+
+impl StderrLimit {
+    fn new(burst: u32, per_sec: u32, now: Instant) -> StderrLimit {
+        StderrLimit {
+            tokens: f64::from(burst),
+            burst: f64::from(burst),
+            per_sec,
+            last: now,
+        }
+    }
+
+    /// Whether one more line may be logged at `now`.
+    fn take(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * f64::from(self.per_sec)).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }
@@ -425,6 +613,50 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stderr_lines_are_a_burst_then_a_rate() {
+        let t0 = Instant::now();
+        let mut l = StderrLimit::new(3, 2, t0);
+        let got: Vec<bool> = (0..5).map(|_| l.take(t0)).collect();
+        assert_eq!(got, [true, true, true, false, false]);
+        // Half a second later: one more (2 per second), not two.
+        let t1 = t0 + Duration::from_millis(500);
+        assert!(l.take(t1));
+        assert!(!l.take(t1));
+        // Idle for long: never more than the burst.
+        let t2 = t1 + Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| l.take(t2)).count(), 3);
+    }
+
+    /// The flood of the outside test, in small: 10,000 lines at once reach
+    /// the log as the burst and one count of the rest.
+    #[tokio::test]
+    async fn a_stderr_flood_is_logged_as_its_burst_and_a_count() {
+        let flood = "E\x1b[2J\n".repeat(10_000);
+        let mut logged = Vec::new();
+        log_stderr(
+            flood.as_bytes(),
+            StderrLimit::new(100, 20, Instant::now()),
+            1024,
+            |l| logged.push(l),
+        )
+        .await;
+        let lines = logged
+            .iter()
+            .filter(|l| matches!(l, StderrLog::Line(_)))
+            .count();
+        assert!((100..=110).contains(&lines), "{lines} lines logged");
+        let dropped: u64 = logged
+            .iter()
+            .map(|l| match l {
+                StderrLog::Dropped(n) => *n,
+                StderrLog::Line(_) => 0,
+            })
+            .sum();
+        assert_eq!(dropped + lines as u64, 10_000);
+        assert_eq!(logged.first(), Some(&StderrLog::Line("E\\x1b[2J".into())));
+    }
 
     #[tokio::test]
     async fn lines_are_bounded_and_utf8() {

@@ -75,6 +75,23 @@ impl Guard {
         }
     }
 
+    /// What a caller the guard refused is told, and the reason audited as
+    /// `chat_denied`. A refused action is answered exactly as an unknown
+    /// verb: the verbs and plugin names a role may not use stay hidden from
+    /// those without it, as in `help` (the audit record keeps the detail).
+    pub fn refusal(&self, verb: &str, channel: &str) -> (String, String) {
+        match self {
+            Guard::AnyRoleHere => (
+                "you have no roles in this channel".to_string(),
+                format!("no role in {channel}"),
+            ),
+            Guard::Action(a) => (
+                fleetcmd_core::grammar::GrammarError::UnknownCommand(verb.to_string()).to_string(),
+                format!("`{verb}` needs {a} in {channel}; answered as an unknown command"),
+            ),
+        }
+    }
+
     /// Whether a policy can grant this guard at all: an action is a
     /// built-in permission or one plugin command (`plugin:NAME.VERB`).
     fn grantable(&self) -> bool {
@@ -120,6 +137,35 @@ pub trait CallContext: Send + Sync {
     /// live job message. Nothing is signed unless the caller could have
     /// typed the same `run` themselves.
     fn run_as_caller<'a>(&'a self, run: RunRequest) -> BoxFuture<'a, RunOutcome>;
+    /// Records an event of this call in the audit trail as the caller, in
+    /// this channel: `kind` is `chat_denied` (a refused request of the
+    /// integration) or `chat_command` (a job it started: `job_id` set).
+    fn audit<'a>(
+        &'a self,
+        kind: AuditKind,
+        command: &'a str,
+        job_id: &'a str,
+        detail: String,
+    ) -> BoxFuture<'a, ()>;
+}
+
+/// The audit records a registered command may add to its call's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditKind {
+    /// `chat_denied`: something it asked for on the caller's behalf was
+    /// refused.
+    Denied,
+    /// `chat_command`: something it did for the caller (a job started).
+    Command,
+}
+
+impl AuditKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditKind::Denied => "chat_denied",
+            AuditKind::Command => "chat_command",
+        }
+    }
 }
 
 /// A set of chat commands contributed by one integration or plugin.
@@ -128,6 +174,11 @@ pub trait Commands: Send + Sync {
     fn commands(&self) -> Vec<CommandSpec>;
     /// Answers one admitted call of one of its verbs.
     fn call<'a>(&'a self, call: Call<'a>, ctx: &'a dyn CallContext) -> BoxFuture<'a, Reply>;
+    /// Whether `help` lists its verbs (those of an unconfigured integration
+    /// are not: only what is configured is offered).
+    fn listed(&self) -> bool {
+        true
+    }
 }
 
 /// The verbs of an integration whose section is missing or incomplete:
@@ -151,6 +202,10 @@ impl Commands for Unconfigured {
             crate::render::asked_by(call.msg.identity.as_str())
         ));
         Box::pin(async move { reply })
+    }
+
+    fn listed(&self) -> bool {
+        false
     }
 }
 
@@ -235,9 +290,13 @@ impl CommandTable {
         self.verbs.get(&verb.to_ascii_lowercase())
     }
 
-    /// Every registered verb, in name order.
+    /// Every registered verb `help` offers, in name order (not those of
+    /// an unconfigured integration: they only say what to configure).
     pub fn specs(&self) -> impl Iterator<Item = &CommandSpec> {
-        self.verbs.values().map(|r| &r.spec)
+        self.verbs
+            .values()
+            .filter(|r| r.by.listed())
+            .map(|r| &r.spec)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -26,14 +26,14 @@ pub mod command;
 pub mod context;
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use futures_util::future::LocalBoxFuture;
 use serde::de::DeserializeOwned;
 
 pub use command::{
-    Call, CallContext, CommandError, CommandSpec, CommandTable, Commands, Guard, RunOutcome,
-    Unconfigured,
+    AuditKind, Call, CallContext, CommandError, CommandSpec, CommandTable, Commands, Guard,
+    RunOutcome, Unconfigured,
 };
 pub use context::BuildContext;
 
@@ -45,8 +45,15 @@ pub trait Component: DeserializeOwned + Send + 'static {
     const NAME: &'static str;
     /// A chat platform: the gateway needs at least one enabled.
     const CHAT: bool = false;
+    /// The chat verbs it registers (configured or not), so `validate` can
+    /// name a clash with a plugin's verb before anything is built.
+    const VERBS: &'static [&'static str] = &[];
     /// Makes relative file paths relative to the config file's directory.
     fn resolve_paths(&mut self, _base: &Path) {}
+    /// Told what is the gateway's own before `validate` and `build`: a
+    /// component that hands paths to another process (the plugins'
+    /// sandboxes) must keep these out of its reach.
+    fn private_paths(&mut self, _private: &Private) {}
     /// Every problem, each with its full key path (`slack.app_token`).
     fn validate(&self) -> Vec<(String, String)>;
     /// Whether the section turns the component on (`[console] enabled =
@@ -68,7 +75,9 @@ pub trait Component: DeserializeOwned + Send + 'static {
 pub struct Entry {
     pub name: &'static str,
     pub chat: bool,
-    parse: fn(&toml::Value, &Path) -> Result<Parsed, String>,
+    /// [`Component::VERBS`].
+    pub verbs: &'static [&'static str],
+    parse: fn(&toml::Value, &Paths) -> Result<Parsed, String>,
     absent: fn(&mut BuildContext) -> Result<(), String>,
 }
 
@@ -90,9 +99,9 @@ impl std::fmt::Debug for Entry {
 
 impl Entry {
     /// Parses `section` (its shape: unknown keys are refused) with paths
-    /// resolved against `base`.
-    pub fn parse(&self, section: &toml::Value, base: &Path) -> Result<Parsed, String> {
-        (self.parse)(section, base)
+    /// resolved against `paths.base`.
+    pub fn parse(&self, section: &toml::Value, paths: &Paths) -> Result<Parsed, String> {
+        (self.parse)(section, paths)
     }
 
     /// Contributes what the component offers without a section.
@@ -108,18 +117,52 @@ impl Parsed {
     }
 }
 
+/// What a section's relative paths are resolved against, and what is the
+/// gateway's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Paths {
+    /// The config file's directory.
+    pub base: PathBuf,
+    pub private: Private,
+}
+
+impl Paths {
+    /// Paths resolved against `base`, nothing declared private (tests,
+    /// and parsing a section's shape only).
+    pub fn base(base: &Path) -> Paths {
+        Paths {
+            base: base.to_path_buf(),
+            private: Private::default(),
+        }
+    }
+}
+
+/// What is the gateway's own, which nothing it starts may reach.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Private {
+    /// The configuration directory: nothing on it or above it; folders
+    /// beneath it (`/etc/fleetcmd/plugins/NAME`) are fine, checked
+    /// against `paths`.
+    pub config_dir: PathBuf,
+    /// Files and directories nothing may be granted on, above or inside:
+    /// the configuration file, keys, certificates, secret files, the
+    /// state directory.
+    pub paths: Vec<PathBuf>,
+}
+
 /// The section as `T`, paths resolved.
-pub fn typed<T: Component>(section: &toml::Value, base: &Path) -> Result<T, String> {
+pub fn typed<T: Component>(section: &toml::Value, paths: &Paths) -> Result<T, String> {
     let mut c: T = section
         .clone()
         .try_into()
         .map_err(|e: toml::de::Error| e.message().trim_end().to_string())?;
-    c.resolve_paths(base);
+    c.resolve_paths(&paths.base);
+    c.private_paths(&paths.private);
     Ok(c)
 }
 
-fn parse<T: Component>(section: &toml::Value, base: &Path) -> Result<Parsed, String> {
-    let c: T = typed(section, base)?;
+fn parse<T: Component>(section: &toml::Value, paths: &Paths) -> Result<Parsed, String> {
+    let c: T = typed(section, paths)?;
     Ok(Parsed {
         enabled: c.enabled(),
         problems: c.validate(),
@@ -132,6 +175,7 @@ pub fn entry<T: Component>() -> Entry {
     Entry {
         name: T::NAME,
         chat: T::CHAT,
+        verbs: T::VERBS,
         parse: parse::<T>,
         absent: T::absent,
     }
@@ -162,7 +206,35 @@ pub fn components() -> Vec<Entry> {
     ]
 }
 
+/// Every verb a component registers, with the component's name.
+pub fn registered_verbs() -> Vec<(&'static str, &'static str)> {
+    components()
+        .iter()
+        .flat_map(|e| e.verbs.iter().map(move |v| (e.name, *v)))
+        .collect()
+}
+
 /// The registry entry named `name`.
 pub fn find(name: &str) -> Option<Entry> {
     components().into_iter().find(|e| e.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `validate` checks plugin verbs against [`Component::VERBS`]: each
+    /// integration declares exactly the verbs it registers.
+    #[test]
+    fn declared_verbs_are_the_registered_ones() {
+        let of = |u: command::Unconfigured| u.specs.into_iter().map(|s| s.verb).collect::<Vec<_>>();
+        let verbs = registered_verbs();
+        assert_eq!(
+            verbs,
+            [("prometheus", "query"), ("pagerduty", "oncall")],
+            "a component registers verbs it does not declare"
+        );
+        assert_eq!(of(crate::prometheus::not_configured()), ["query"]);
+        assert_eq!(of(crate::oncall::not_configured()), ["oncall"]);
+    }
 }

@@ -288,3 +288,36 @@ fn no_adapter_enabled_names_console_enabled() {
         );
     }
 }
+
+/// Inline secret values in a gateway.toml every local user may read are
+/// refused by `validate` (found by an outside test: they were accepted);
+/// the same file kept private, or the secret given as a file, passes.
+#[test]
+fn inline_secrets_in_a_world_readable_gateway_toml_are_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.path().join("gateway.toml");
+    let text = "controller = \"https://127.0.0.1:7443\"\nca = \"ca.pem\"\ncert = \"gw.pem\"\nkey = \"gw.key\"\nsigning_key = \"sign.key\"\nsigner_id = \"gw\"\npolicy_roots = [\"ed25519:AAAA\"]\n[console]\nenabled = true\n[notify]\nsecret = \"inline-hmac-secret\"\n";
+    std::fs::write(&file, text).unwrap_or_else(|e| panic!("{e}"));
+    let problems = |mode| {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("{e}"));
+        GatewayConfig::load(&file)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .validate()
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.key == "secrets")
+            .map(|p| p.message)
+            .collect::<Vec<_>>()
+    };
+    let shared = problems(0o644);
+    assert!(
+        shared.len() == 1
+            && shared[0].contains("holds 1 secret value(s) inline")
+            && shared[0].contains("mode 644"),
+        "{shared:?}"
+    );
+    assert_eq!(problems(0o600), Vec::<String>::new());
+}

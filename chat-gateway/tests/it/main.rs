@@ -14,6 +14,7 @@ mod matrix;
 mod mattermost;
 mod multi;
 mod ngircd;
+mod plugin_findings;
 mod plugins;
 mod registry;
 mod render;

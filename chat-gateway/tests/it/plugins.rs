@@ -40,7 +40,7 @@ fn examples() -> PathBuf {
 
 /// A test plugin in `dir`: manifest and a Python body after the common
 /// JSON-RPC loop (`answer(params)` returns the command result).
-fn test_plugin(dir: &Path, name: &str, body: &str) -> PathBuf {
+pub(crate) fn test_plugin(dir: &Path, name: &str, body: &str) -> PathBuf {
     let d = dir.join(name);
     // `state/`: the one place the sandboxed plugin may write (granted by
     // `entry`), where it counts its starts.
@@ -76,7 +76,7 @@ for line in sys.stdin:
     d.join("plugin.toml")
 }
 
-fn entry(manifest: PathBuf, extra: &str) -> PluginConfig {
+pub(crate) fn entry(manifest: PathBuf, extra: &str) -> PluginConfig {
     let state = manifest.with_file_name("state");
     let write = if state.is_dir() {
         format!("write = [{:?}]\n", state.display().to_string())
@@ -171,10 +171,11 @@ fn setup() -> Setup {
 /// The gateway here is this test process.
 fn spy_body(other_secret: &Path) -> String {
     format!(
-        r#"import ctypes, glob
+        r#"import ctypes, glob, socket
 GW = {gw}
 KEY = {key:?}
 OTHER_SECRET = {secret:?}
+SOCK = {sock:?}
 def attempt(label, f):
     try:
         f()
@@ -185,6 +186,14 @@ def ptrace():
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.ptrace(16, GW, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), 'ptrace')
+def unix_connect():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(SOCK)
+def io_uring():
+    libc = ctypes.CDLL(None, use_errno=True)
+    params = ctypes.create_string_buffer(120)
+    if libc.syscall(425, 4, params) < 0:
+        raise OSError(ctypes.get_errno(), 'io_uring_setup')
 def greet_env():
     found = [p for p in glob.glob('/proc/[0-9]*') if b'greet.py' in open(p + '/cmdline', 'rb').read()]
     if not found:
@@ -201,6 +210,8 @@ def answer(p):
         attempt('other-env', greet_env),
         attempt('other-secret', lambda: open(OTHER_SECRET).read()),
         attempt('write-tmp', lambda: open('/tmp/fleetcmd-plugin-spy-%d' % GW, 'w')),
+        attempt('unix-socket', unix_connect),
+        attempt('io-uring', io_uring),
         attempt('scratch', lambda: open(os.environ['HOME'] + '/x', 'w').write('x')),
         'uid %d' % os.getuid(),
         [l for l in open('/proc/self/limits') if l.startswith('Max processes')][0].strip(),
@@ -212,6 +223,10 @@ def answer(p):
             .display()
             .to_string(),
         secret = other_secret.display().to_string(),
+        sock = other_secret
+            .with_file_name("gateway.sock")
+            .display()
+            .to_string(),
     )
 }
 
@@ -245,7 +260,11 @@ fn escapees() -> Vec<String> {
 
 /// Types `lines` as `who` on a console served by the real gateway loop
 /// and returns everything it printed once the input ended.
-async fn console(router: &Arc<Router<FakeController>>, who: &str, lines: &[&str]) -> String {
+pub(crate) async fn console(
+    router: &Arc<Router<FakeController>>,
+    who: &str,
+    lines: &[&str],
+) -> String {
     let mut gw = Gateway::new(router.clone());
     let (mut user_in, adapter_in) = tokio::io::duplex(1 << 16);
     let (adapter_out, mut user_out) = tokio::io::duplex(1 << 22);
@@ -273,7 +292,10 @@ async fn console(router: &Arc<Router<FakeController>>, who: &str, lines: &[&str]
     reader.await.unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn reported(router: &Router<FakeController>, kind: &str) -> Vec<(String, String, String, String)> {
+pub(crate) fn reported(
+    router: &Router<FakeController>,
+    kind: &str,
+) -> Vec<(String, String, String, String)> {
     router
         .controller()
         .reported()
@@ -312,10 +334,10 @@ async fn plugin_commands_are_refused_audited_and_hidden_without_a_grant() {
     let mut out = console(&s.router, "erin", &["clock"]).await;
     out.push_str(&console(&s.router, "erin", &["help"]).await);
     out.push_str(&console(&s.router, "erin", &["help greet"]).await);
-    assert!(
-        out.contains("refused: `clock` needs a role here that may `plugin:clock.clock`"),
-        "{out}"
-    );
+    // Answered as an unknown verb: the plugin stays hidden (the audit
+    // record below keeps the detail).
+    assert!(out.contains("unknown command `clock`; try `help`"), "{out}");
+    assert!(!out.contains("plugin:clock"), "{out}");
     let also = out
         .lines()
         .find(|l| l.contains("also: "))
@@ -380,15 +402,21 @@ async fn a_plugins_job_runs_as_the_caller_and_is_refused_when_the_caller_may_not
         out.contains(&format!("job {job_id} submitted as you")),
         "the plugin got the job id: {out}"
     );
-    // The plugin's call itself is audited once per caller.
+    // The plugin's call itself is audited once per caller, and the job
+    // it started once more, naming the plugin.
     let calls = reported(&s.router, "chat_command");
     assert_eq!(
         calls
             .iter()
-            .filter(|c| c.2 == "loadcheck")
+            .filter(|c| c.2 == "loadcheck" && !c.3.contains("started via plugin"))
             .map(|c| c.1.as_str())
             .collect::<Vec<_>>(),
         ["console:erin", "console:alice"]
+    );
+    assert!(
+        calls.iter().any(|c| c.1 == "console:alice"
+            && c.3 == format!("job {job_id} (uptime on role=web) started via plugin greet")),
+        "{calls:#?}"
     );
 }
 
@@ -495,6 +523,10 @@ async fn a_plugin_gets_only_path_and_its_declared_secrets_no_fds_and_bounded_mem
 async fn a_sandboxed_plugin_cannot_reach_the_gateways_keys_memory_process_or_another_plugin() {
     let s = setup();
     crate::support::write_private(s.dir.join("gateway.key"), "PRIVATE KEY\n");
+    // A local service on a Unix socket with a path (Landlock does not
+    // govern connecting to one; the seccomp filter must).
+    let _listener = std::os::unix::net::UnixListener::bind(s.dir.join("gateway.sock"))
+        .unwrap_or_else(|e| panic!("{e}"));
     let out = console(&s.router, "alice", &["greet", "spy"]).await;
     assert!(
         out.contains("hello alice"),
@@ -510,6 +542,8 @@ async fn a_sandboxed_plugin_cannot_reach_the_gateways_keys_memory_process_or_ano
         "other-env",
         "other-secret",
         "write-tmp",
+        "unix-socket",
+        "io-uring",
     ] {
         assert!(
             out.contains(&format!("{attack} refused")),
@@ -554,5 +588,94 @@ async fn a_plugins_children_that_leave_its_session_die_with_it() {
             escapees()
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The outside attack's grants that reached the signing key, through the
+/// real configuration: the packaged layout (keys in a folder beneath the
+/// configuration directory), a link to the configuration directory, `..`,
+/// the state directory, the CA file, a read grant beneath a write grant. Each is refused by `validate`, naming it.
+#[test]
+fn grants_that_would_reach_what_is_the_gateways_are_refused_by_validate() {
+    use fleetcmd_gateway::config::GatewayConfig;
+    let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let root = std::fs::canonicalize(t.path()).unwrap_or_else(|e| panic!("{e}"));
+    let etc = root.join("etc/fleetcmd");
+    for d in ["gateway", "plugins", "state", "secrets"] {
+        std::fs::create_dir_all(etc.join(d)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    std::fs::create_dir_all(root.join("var/greet/data")).unwrap_or_else(|e| panic!("{e}"));
+    for f in [
+        "gateway/main.key",
+        "gateway/sign.key",
+        "gateway/gw.pem",
+        "ca.pem",
+        "secrets/greet.token",
+    ] {
+        crate::support::write_private(etc.join(f), "x\n");
+    }
+    std::os::unix::fs::symlink(&etc, root.join("link")).unwrap_or_else(|e| panic!("{e}"));
+    let manifest = test_plugin(
+        &etc.join("plugins"),
+        "greet2",
+        "def answer(p):\n    return {}\n",
+    );
+    let problems = |grants: &str| {
+        let text = format!(
+            "controller = \"https://127.0.0.1:7443\"\nca = \"ca.pem\"\ncert = \"gateway/gw.pem\"\nkey = \"gateway/main.key\"\nsigning_key = \"gateway/sign.key\"\nsigner_id = \"gw\"\npolicy_roots = [\"ed25519:AAAA\"]\nstate_dir = \"state\"\n[console]\nenabled = true\n[[plugin]]\nmanifest = {:?}\n{grants}\n",
+            manifest.display().to_string()
+        );
+        let file = etc.join("gateway.toml");
+        crate::support::write_private(&file, &text);
+        let all = GatewayConfig::load(&file)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .validate()
+            .err()
+            .unwrap_or_default();
+        all.into_iter()
+            .filter(|p| p.key.starts_with("plugin"))
+            .map(|p| p.message)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        problems(&format!(
+            "read = [{:?}]",
+            root.join("var/greet/data").display().to_string()
+        )),
+        Vec::<String>::new(),
+        "a grant elsewhere, and the plugin's folder beneath the configuration directory, are fine"
+    );
+    for (grants, says) in [
+        (
+            format!("read = [{:?}]", etc.join("gateway").display().to_string()),
+            "sign.key",
+        ),
+        (
+            format!("read = [{:?}]", root.join("link").display().to_string()),
+            "gateway.toml",
+        ),
+        (
+            format!(
+                "read = [{:?}]",
+                etc.join("plugins/../ca.pem").display().to_string()
+            ),
+            "ca.pem",
+        ),
+        ("write = [\"state\"]".to_string(), "state"),
+        ("read = [\"..\"]".to_string(), "would let the plugin reach"),
+        (
+            format!(
+                "write = [{:?}]\nread = [{:?}]",
+                root.join("var/greet").display().to_string(),
+                root.join("var/greet/data").display().to_string()
+            ),
+            "lies beneath write grant",
+        ),
+    ] {
+        let found = problems(&grants);
+        assert!(
+            found.iter().any(|m| m.contains(says)),
+            "{grants}: {found:?} should name {says}"
+        );
     }
 }

@@ -103,11 +103,13 @@ async fn registered_commands_are_guarded_audited_and_listed_only_for_those_admit
     let hidden = texts(&ask(&w, "console:bob", "!help secrets").await).join("\n");
     assert!(hidden.contains("not a command you may run"), "{hidden}");
 
-    // Guard refusals: answered, audited as chat_denied, the command not called.
+    // Guard refusals: answered (an action's as for an unknown verb, so
+    // what a role may not use stays hidden, as in help), audited as
+    // chat_denied, the command not called.
     let sent = texts(&ask(&w, "console:bob", "!secrets").await);
     assert_eq!(
         sent,
-        ["refused: `secrets` needs a role here that may `audit.read_all` — asked by console:bob"]
+        ["unknown command `secrets`; try `help` — asked by console:bob"]
     );
     let sent = texts(&ask(&w, "console:mallory", "!deploy uptime").await);
     assert_eq!(
@@ -121,7 +123,7 @@ async fn registered_commands_are_guarded_audited_and_listed_only_for_those_admit
             "chat_denied".into(),
             "console:bob".into(),
             "secrets".into(),
-            "`secrets` needs audit.read_all in console".into()
+            "`secrets` needs audit.read_all in console; answered as an unknown command".into()
         )),
         "{reports:#?}"
     );

@@ -169,7 +169,7 @@ fn example_gateway_adapter_sections_validate_all_enabled_at_once() {
             .sections
             .get(entry.name)
             .unwrap_or_else(|| panic!("[{}] missing from deploy/gateway.toml", entry.name));
-        if let Err(e) = entry.parse(section, &cfg.base) {
+        if let Err(e) = entry.parse(section, &cfg.paths()) {
             panic!("[{}]: {e}", entry.name);
         }
     }
@@ -179,6 +179,9 @@ fn example_gateway_adapter_sections_validate_all_enabled_at_once() {
         let other: Vec<_> = problems
             .iter()
             .filter(|p| !(p.key.ends_with("_file") && p.message.contains("No such file")))
+            // The checkout's copy is 0644; the package installs it 0640
+            // (postinst), where its inline example values are accepted.
+            .filter(|p| !(p.key == "secrets" && p.message.contains("mode 644")))
             .collect();
         assert!(other.is_empty(), "{other:#?}");
     }

@@ -3,7 +3,8 @@
 //! the example plugins, and serves their commands on its console, against a
 //! real controller and agent: a plugin's job runs as the caller, one the
 //! caller may not run is refused and audited with nothing submitted, and
-//! every call is audited as `chat_command` in the controller's trail.
+//! every call is audited as `chat_command` in the controller's trail; its
+//! plugins die with it when it is killed.
 
 use std::path::Path;
 use std::time::Duration;
@@ -26,7 +27,7 @@ async fn push_plugin_policy(fleet: &mut TestFleet) {
     let text =
         base.replace(
             "may = [\"*\"]",
-            "may = [\"*\", \"plugin:greet.*\", \"plugin:clock.clock\"]",
+            "may = [\"*\", \"plugin:greet.*\", \"plugin:clock.clock\", \"plugin:stay.*\"]",
         )
         .replace(
             "subjects = [\"console:*\", \"cli:*\"]",
@@ -34,6 +35,51 @@ async fn push_plugin_policy(fleet: &mut TestFleet) {
         ) + "\n[roles.greeter]\ncommands = []\nmay = [\"plugin:greet.*\"]\n\n\
            [[bindings]]\nsubjects = [\"console:erin\"]\nroles = [\"greeter\"]\n";
     fleet.fleet.push_policy(&text).await.expect("policy pushed");
+}
+
+/// A plugin that will not go: it ignores SIGTERM and SIGHUP, keeps running
+/// after its stdin ends, and leaves a daemon (own session) behind on its
+/// first call — what a killed gateway must still take down with it.
+fn stubborn_plugin(dir: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let d = dir.join("plugins/stay");
+    std::fs::create_dir_all(&d).expect("plugin folder");
+    std::fs::write(
+        d.join("plugin.toml"),
+        "name = \"stay\"\nprotocol = 1\nexecutable = \"stay.py\"\n[[commands]]\nverb = \"stay\"\nsummary = \"stays\"\n",
+    )
+    .expect("manifest");
+    std::fs::write(
+        d.join("stay.py"),
+        r#"#!/usr/bin/env python3
+import json, os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg["method"] == "initialize":
+        result = {"protocol_version": 1, "commands": ["stay"]}
+    else:
+        if os.fork() == 0:
+            os.setsid()
+            while True:
+                time.sleep(1)
+        result = {"lines": ["staying"]}
+    sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}) + "\n")
+    sys.stdout.flush()
+while True:
+    time.sleep(1)
+"#,
+    )
+    .expect("plugin");
+    for (p, mode) in [
+        (&d, 0o700),
+        (&d.join("plugin.toml"), 0o600),
+        (&d.join("stay.py"), 0o700),
+    ] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("modes");
+    }
+    d.join("plugin.toml")
 }
 
 /// `(kind, actor, command, detail)` of the audit records of `kinds`.
@@ -71,12 +117,15 @@ async fn plugins_in_gateway_toml_serve_the_console_of_the_real_gateway_binary() 
     // Secret files are refused when other local users may read them.
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .expect("token kept private");
+    let stay = stubborn_plugin(&fleet.path());
     let plugins = format!(
         "\n[[plugin]]\nmanifest = {:?}\nsecrets.GREET_TOKEN = {{ file = {:?} }}\n\n\
-         [[plugin]]\nmanifest = {:?}\ncall_timeout = \"20s\"\n",
+         [[plugin]]\nmanifest = {:?}\ncall_timeout = \"20s\"\n\n\
+         [[plugin]]\nmanifest = {:?}\n",
         examples.join("python/plugin.toml").display().to_string(),
         token.display().to_string(),
         examples.join("shell/plugin.toml").display().to_string(),
+        stay.display().to_string(),
     );
     let mut text = std::fs::read_to_string(&config).expect("gateway.toml");
     text.push_str(&plugins);
@@ -110,7 +159,38 @@ async fn plugins_in_gateway_toml_serve_the_console_of_the_real_gateway_binary() 
     assert_eq!(done.requester, "console:alice", "{done:?}");
     assert_eq!(done.command, "uptime", "{done:?}");
     assert_eq!(done.job_state(), pb::JobState::Succeeded, "{done:?}");
+    // Its plugins (HOME is their scratch directory, named after the
+    // gateway's pid) run while it does, and die with it: kill -9 leaves
+    // nothing that could stop them.
+    alice.say("stay");
+    alice
+        .line("the stubborn plugin's answer", |l| {
+            l.contains("staying").then_some(())
+        })
+        .await;
+    let scratch = format!("fleetcmd-plugin-{}-", alice.pid());
+    let plugins_of = |scratch: &str| -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        std::fs::read(e.path().join("environ"))
+                            .is_ok_and(|env| String::from_utf8_lossy(&env).contains(scratch))
+                    })
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        plugins_of(&format!("{scratch}stay-")).len() >= 2,
+        "the stubborn plugin and its daemon run under {scratch}"
+    );
     alice.kill9();
+    assert_eventually(Duration::from_secs(5), || async {
+        plugins_of(&scratch).is_empty().then_some(())
+    })
+    .await;
 
     // erin may use `greet` but run no command: refused, nothing submitted.
     let mut erin = Gateway::start(&config, "erin");
@@ -122,8 +202,9 @@ async fn plugins_in_gateway_toml_serve_the_console_of_the_real_gateway_binary() 
         .await;
     assert!(told.contains("nothing was submitted"), "{told}");
     erin.say("clock");
+    // Answered as an unknown verb: a plugin erin may not use stays hidden.
     erin.line("the plugin grant refusal", |l| {
-        l.contains("refused: `clock` needs a role here that may `plugin:clock.clock`")
+        l.contains("unknown command `clock`; try `help`")
             .then_some(())
     })
     .await;

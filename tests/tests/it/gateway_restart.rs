@@ -148,6 +148,10 @@ impl Gateway {
         self.logged("gateway state: resuming", 1).await
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no shutdown, nothing flushed that was not already.
     pub(crate) fn kill9(mut self) -> String {
         let _ = self.child.kill();

@@ -36,6 +36,8 @@ use std::path::{Path, PathBuf};
 
 use landlock::{Ruleset, fs};
 
+pub use crate::registry::Private;
+
 /// What the system offers every plugin to read and execute: programs,
 /// libraries, interpreters' own files, name resolution, certificates, time
 /// zones, and the kernel's world-readable views. Not `/etc` as a whole
@@ -168,14 +170,15 @@ impl Grants {
                     ));
                 }
             }
-            if what != "write grant" {
-                if let Some(w) = write.iter().find(|w| g.starts_with(w)) {
-                    problems.push(format!(
-                        "{what} {} lies beneath write grant {}: the plugin could replace it",
-                        g.display(),
-                        w.display()
-                    ));
-                }
+            if let Some(w) = write
+                .iter()
+                .find(|w| what != "write grant" && g.starts_with(w))
+            {
+                problems.push(format!(
+                    "{what} {} lies beneath write grant {}: the plugin could replace it",
+                    g.display(),
+                    w.display()
+                ));
             }
         }
         for system in SYSTEM_READ.iter().map(Path::new) {
@@ -206,19 +209,6 @@ impl Grants {
 pub struct Spec {
     pub grants: Grants,
     pub private: Private,
-}
-
-/// What is the gateway's own, which no plugin may reach.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Private {
-    /// The configuration directory: no grant on it or above it; plugin
-    /// folders and grants beneath it (`/etc/fleetcmd/plugins/NAME`) are
-    /// fine, checked against `paths`.
-    pub config_dir: PathBuf,
-    /// Files and directories no grant may be on, above or inside: the
-    /// configuration file, keys, certificates, secret files, the state
-    /// directory.
-    pub paths: Vec<PathBuf>,
 }
 
 /// Why a plugin cannot be sandboxed on this machine, or `Ok` with the
@@ -428,10 +418,7 @@ mod tests {
         };
         refused(ok, "lies beneath write grant");
         refused(with(vec![root.join("link")], vec![]), "sign.key");
-        refused(
-            with(vec![plugin.join("../../gateway")], vec![]),
-            "sign.key",
-        );
+        refused(with(vec![plugin.join("../../gateway")], vec![]), "sign.key");
         refused(with(vec![keys.clone()], vec![]), "sign.key");
         refused(with(vec![], vec![state.clone()]), "var/lib/fleetcmd");
         refused(with(vec![state.join("..")], vec![]), "var/lib/fleetcmd");
@@ -458,10 +445,7 @@ mod tests {
             "/srv",
         ] {
             let key = Path::new(kept).join("gateway.key");
-            assert!(
-                !SYSTEM_READ.iter().any(|s| key.starts_with(s)),
-                "{kept}"
-            );
+            assert!(!SYSTEM_READ.iter().any(|s| key.starts_with(s)), "{kept}");
         }
     }
 }
