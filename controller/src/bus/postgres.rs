@@ -11,6 +11,8 @@
 //! inbox gets [`Signal::Resync`]: what was sent meanwhile is read from the
 //! store. Signals queued while it was down are sent after it is back.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -102,14 +104,25 @@ async fn session(
         Err(e) => return Ended::Lost(crate::store::postgres::describe(&e)),
     };
     // The connection's messages: notifications go to `heard`; polling it
-    // also drives the client's statements. Aborted below with the session.
+    // also drives the client's statements, so it never waits: when `heard`
+    // is full (the follower is behind) a notification is dropped and
+    // `overflowed` asks for a resync instead — waiting would stall the
+    // `pg_notify` below, whose answer this same polling reads (found by the
+    // throughput benchmark: a controller hearing its own burst deadlocked).
+    // Aborted below with the session.
     let (heard_tx, mut heard) = mpsc::channel::<String>(INBOX);
+    let overflowed = Arc::new(AtomicBool::new(false));
+    let overflow = overflowed.clone();
     let driver = tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(n))) => {
-                    if heard_tx.send(n.payload().to_owned()).await.is_err() {
-                        return;
+                    match heard_tx.try_send(n.payload().to_owned()) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            overflow.store(true, Ordering::Release);
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => return,
                     }
                 }
                 Some(Ok(_)) => {}
@@ -154,14 +167,24 @@ async fn session(
                 }
             }
             heard = heard.recv() => match heard {
-                Some(payload) => match Signal::parse(&payload) {
-                    Ok(signal) => {
-                        if inbox.send(signal).await.is_err() {
+                Some(payload) => {
+                    let signal = match Signal::parse(&payload) {
+                        Ok(signal) => signal,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ignoring a bus signal");
+                            continue;
+                        }
+                    };
+                    if inbox.send(signal).await.is_err() {
+                        return Ended::Stopped;
+                    }
+                    if overflowed.swap(false, Ordering::AcqRel) {
+                        tracing::debug!("bus signals dropped while the follower was behind; resync");
+                        if inbox.send(Signal::Resync).await.is_err() {
                             return Ended::Stopped;
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "ignoring a bus signal"),
-                },
+                }
                 None => return Ended::WasUp,
             },
             _ = stop.changed() => return Ended::Stopped,
@@ -174,5 +197,139 @@ struct AbortOnDrop(JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use fleetcmd_pg_harness::PgCluster;
+    use tokio::sync::{mpsc, watch};
+
+    use super::*;
+
+    fn options(cluster: &PgCluster, url: &str) -> PostgresOptions {
+        PostgresOptions {
+            url: url.to_owned(),
+            password: Some(cluster.password().to_owned()),
+            ca_pem: None,
+        }
+    }
+
+    async fn next(inbox: &mut mpsc::Receiver<Signal>) -> Signal {
+        tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+            .await
+            .expect("a signal within 10 s")
+            .expect("the bus runs")
+    }
+
+    /// Two controllers' buses on one database: what one publishes both
+    /// hear (the sender too); a listener whose connection is killed
+    /// connects again and says `Resync`, and hears later signals.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn signals_reach_every_listener_and_a_cut_listener_resyncs() {
+        let (cluster, db) = tokio::task::spawn_blocking(|| {
+            let cluster = PgCluster::shared();
+            (cluster, cluster.fresh_database())
+        })
+        .await
+        .expect("cluster");
+        let (_stop_tx, stop) = watch::channel(false);
+        let mut a = start(&options(cluster, &db.url), stop.clone()).expect("bus a");
+        let mut b = start(&options(cluster, &db.url), stop.clone()).expect("bus b");
+        assert_eq!(next(&mut a.inbox).await, Signal::Resync);
+        assert_eq!(next(&mut b.inbox).await, Signal::Resync);
+        let job = Signal::Job("0190ab12-34cd-7ef0-8123-456789abcdef".into());
+        a.bus.publish(job.clone());
+        assert_eq!(next(&mut b.inbox).await, job);
+        assert_eq!(next(&mut a.inbox).await, job, "the sender hears itself");
+
+        // Cut both connections (the server ends every session of the
+        // database but ours).
+        let name = db.name.clone();
+        tokio::task::spawn_blocking(move || {
+            cluster.psql(
+                &name,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = 'fleetcmd-bus'",
+            )
+        })
+        .await
+        .expect("psql task")
+        .expect("terminate the bus sessions");
+        assert_eq!(next(&mut b.inbox).await, Signal::Resync, "b reconnected");
+        assert_eq!(next(&mut a.inbox).await, Signal::Resync, "a reconnected");
+        b.bus.publish(Signal::Policy);
+        assert_eq!(next(&mut a.inbox).await, Signal::Policy);
+    }
+
+    /// How long a signal takes from one controller's bus to another's, and
+    /// how many one bus sends per second (BENCHMARKS.md, "Controller bus").
+    /// Run: `cargo nextest run -p fleetcmd-controller bus_latency
+    /// --run-ignored all --no-capture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "benchmark (issue 19): prints numbers, asserts only that signals arrive"]
+    async fn bus_latency_and_throughput() {
+        let (cluster, db) = tokio::task::spawn_blocking(|| {
+            let cluster = PgCluster::shared();
+            (cluster, cluster.fresh_database())
+        })
+        .await
+        .expect("cluster");
+        let (_stop_tx, stop) = watch::channel(false);
+        let a = start(&options(cluster, &db.url), stop.clone()).expect("bus a");
+        let mut b = start(&options(cluster, &db.url), stop.clone()).expect("bus b");
+        assert_eq!(next(&mut b.inbox).await, Signal::Resync);
+        // a's listener is up once a hears its own signal.
+        let mut a_inbox = a.inbox;
+        assert_eq!(next(&mut a_inbox).await, Signal::Resync);
+        let mut lat = Vec::new();
+        for i in 0..200 {
+            let s = Signal::Job(format!("0190ab12-34cd-7ef0-8123-{i:012}"));
+            let t = Instant::now();
+            a.bus.publish(s.clone());
+            loop {
+                if next(&mut b.inbox).await == s {
+                    break;
+                }
+            }
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        let pct = |p: usize| lat[(lat.len() * p / 100).min(lat.len() - 1)];
+        eprintln!(
+            "bus latency over {} signals: p50 {:?} p99 {:?} max {:?}",
+            lat.len(),
+            pct(50),
+            pct(99),
+            lat[lat.len() - 1]
+        );
+        // a hears its own signals too: drained, as its follower would.
+        let drain = tokio::spawn(async move { while a_inbox.recv().await.is_some() {} });
+        // Rounds that fit the outbox (a full outbox drops signals).
+        let (rounds, per_round) = (10, 2_000);
+        let n = rounds * per_round;
+        let t = Instant::now();
+        for r in 0..rounds {
+            for i in 0..per_round {
+                a.bus
+                    .publish(Signal::Job(format!("0190ab12-34cd-7ef0-{r:04}-{i:012}")));
+            }
+            let mut got = 0;
+            while got < per_round {
+                match tokio::time::timeout(Duration::from_secs(10), b.inbox.recv()).await {
+                    Ok(Some(Signal::Job(_))) => got += 1,
+                    Ok(Some(_)) => {}
+                    other => panic!("round {r}: {got} of {per_round} signals, then {other:?}"),
+                }
+            }
+        }
+        let took = t.elapsed();
+        eprintln!(
+            "bus throughput: {n} signals in {took:?} = {:.0}/s",
+            n as f64 / took.as_secs_f64()
+        );
+        drain.abort();
     }
 }
