@@ -531,3 +531,50 @@ async fn two_controllers_appending_at_once_keep_one_audit_chain() {
         assert_eq!(v.records.to_string(), n, "{v:?}");
     }
 }
+
+/// Submit → result seen by a watcher, for a job on `b-1` only: submitted
+/// and watched on A (the job crosses to B and its result back) against
+/// submitted and watched on B (BENCHMARKS.md, "Controller bus").
+/// Run: `cargo nextest run -p fleetcmd-tests bus::cross_controller_latency
+/// --run-ignored all --no-capture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark (issue 19): prints numbers, asserts only that jobs succeed"]
+async fn cross_controller_latency() {
+    let fleet = two_controllers().await;
+    for (label, url) in [("on B (local)", &fleet.url_b), ("on A (via bus)", &fleet.url_a)] {
+        let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(url).await);
+        let mut lat = Vec::new();
+        for _ in 0..200 {
+            let job = fleet.job("uptime", "name=b-1");
+            let t = Instant::now();
+            let id = jobs.submit(job).await.expect("submit").into_inner().job_id;
+            let mut stream = jobs
+                .watch(pb::WatchJobRequest { job_id: id })
+                .await
+                .expect("watch")
+                .into_inner();
+            let mut done = None;
+            while let Some(ev) = stream.message().await.expect("event") {
+                match ev.event {
+                    Some(Event::Target(t)) if t.result.is_some() => {
+                        done.get_or_insert(t.target_state());
+                    }
+                    Some(Event::Job(j)) if j.job_state() != JobState::Running => {
+                        done.get_or_insert(target(&j, "b-1").target_state());
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            assert_eq!(done, Some(TargetState::Ok));
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        let pct = |p: usize| lat[(lat.len() * p / 100).min(lat.len() - 1)];
+        eprintln!(
+            "submit and watch {label}: 200 jobs, submit → result p50 {:?} p99 {:?}",
+            pct(50),
+            pct(99)
+        );
+    }
+}
