@@ -224,22 +224,35 @@ mod tests {
             .expect("the bus runs")
     }
 
-    /// Two controllers' buses on one database: what one publishes both
-    /// hear (the sender too); a listener whose connection is killed
-    /// connects again and says `Resync`, and hears later signals.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn signals_reach_every_listener_and_a_cut_listener_resyncs() {
+    /// Two buses on a fresh database, both listening (each has said
+    /// `Resync`); they run until the returned sender is dropped.
+    async fn two_buses() -> (
+        &'static PgCluster,
+        fleetcmd_pg_harness::Database,
+        watch::Sender<bool>,
+        PgBus,
+        PgBus,
+    ) {
         let (cluster, db) = tokio::task::spawn_blocking(|| {
             let cluster = PgCluster::shared();
             (cluster, cluster.fresh_database())
         })
         .await
         .expect("cluster");
-        let (_stop_tx, stop) = watch::channel(false);
+        let (stop_tx, stop) = watch::channel(false);
         let mut a = start(&options(cluster, &db.url), stop.clone()).expect("bus a");
-        let mut b = start(&options(cluster, &db.url), stop.clone()).expect("bus b");
+        let mut b = start(&options(cluster, &db.url), stop).expect("bus b");
         assert_eq!(next(&mut a.inbox).await, Signal::Resync);
         assert_eq!(next(&mut b.inbox).await, Signal::Resync);
+        (cluster, db, stop_tx, a, b)
+    }
+
+    /// Two controllers' buses on one database: what one publishes both
+    /// hear (the sender too); a listener whose connection is killed
+    /// connects again and says `Resync`, and hears later signals.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn signals_reach_every_listener_and_a_cut_listener_resyncs() {
+        let (cluster, db, _stop, mut a, mut b) = two_buses().await;
         let job = Signal::Job("0190ab12-34cd-7ef0-8123-456789abcdef".into());
         a.bus.publish(job.clone());
         assert_eq!(next(&mut b.inbox).await, job);
@@ -271,19 +284,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "benchmark (issue 19): prints numbers, asserts only that signals arrive"]
     async fn bus_latency_and_throughput() {
-        let (cluster, db) = tokio::task::spawn_blocking(|| {
-            let cluster = PgCluster::shared();
-            (cluster, cluster.fresh_database())
-        })
-        .await
-        .expect("cluster");
-        let (_stop_tx, stop) = watch::channel(false);
-        let a = start(&options(cluster, &db.url), stop.clone()).expect("bus a");
-        let mut b = start(&options(cluster, &db.url), stop.clone()).expect("bus b");
-        assert_eq!(next(&mut b.inbox).await, Signal::Resync);
-        // a's listener is up once a hears its own signal.
+        let (_cluster, _db, _stop, a, mut b) = two_buses().await;
         let mut a_inbox = a.inbox;
-        assert_eq!(next(&mut a_inbox).await, Signal::Resync);
         let mut lat = Vec::new();
         for i in 0..200 {
             let s = Signal::Job(format!("0190ab12-34cd-7ef0-8123-{i:012}"));

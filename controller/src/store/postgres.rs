@@ -352,27 +352,29 @@ fn target_columns(recs: &[(&str, &TargetRecord)]) -> Result<TargetColumns, Store
     Ok(cols)
 }
 
-const UPSERT_TARGETS: &str =
-    "INSERT INTO targets (job_id, agent, state, result, reason, dispatched_at)
+/// Writes the targets of `target_columns` ($2..$6) of job $1.
+macro_rules! upsert_targets {
+    () => {
+        "INSERT INTO targets (job_id, agent, state, result, reason, dispatched_at)
      SELECT $1, a, s, r, re, d
      FROM unnest($2::text[], $3::text[], $4::bytea[], $5::text[], $6::bigint[])
        AS t(a, s, r, re, d)
      ON CONFLICT (job_id, agent) DO UPDATE SET state = EXCLUDED.state,
        result = EXCLUDED.result, reason = EXCLUDED.reason,
-       dispatched_at = EXCLUDED.dispatched_at";
+       dispatched_at = EXCLUDED.dispatched_at"
+    };
+}
+
+const UPSERT_TARGETS: &str = upsert_targets!();
 
 /// `UPSERT_TARGETS` only where the target is pending (no row, or a
 /// `pending` one: $7); returns the agents written.
-const CLAIM_PENDING_TARGETS: &str =
-    "INSERT INTO targets (job_id, agent, state, result, reason, dispatched_at)
-     SELECT $1, a, s, r, re, d
-     FROM unnest($2::text[], $3::text[], $4::bytea[], $5::text[], $6::bigint[])
-       AS t(a, s, r, re, d)
-     ON CONFLICT (job_id, agent) DO UPDATE SET state = EXCLUDED.state,
-       result = EXCLUDED.result, reason = EXCLUDED.reason,
-       dispatched_at = EXCLUDED.dispatched_at
+const CLAIM_PENDING_TARGETS: &str = concat!(
+    upsert_targets!(),
+    "
      WHERE targets.state = $7
-     RETURNING agent";
+     RETURNING agent"
+);
 
 /// Rewrites targets whose stored state is $7; returns the agents written.
 const UPDATE_TARGETS_FROM: &str = "UPDATE targets SET state = t.s, result = t.r,

@@ -9,8 +9,7 @@
 //! The controllers share what an operator copies (see `failover`): the
 //! fleet CA, the audit key and the policy roots.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fleetcmd_core::crypto::SigningKey;
@@ -24,15 +23,10 @@ use pb::job_event::Event;
 use tonic::transport::Channel;
 
 use crate::crash::Proc;
-use crate::failover::{controller, free_port, online_agents, share_ca_and_audit_key, spawn};
-
-/// A command with output over time, for live output through the bus.
-const TICKS: &str = r#"
-[commands.ticks]
-description = "Three lines, 300 ms apart"
-argv = ["/bin/sh", "-c", "for i in 1 2 3; do echo tick $i; sleep 0.3; done"]
-timeout = "10s"
-"#;
+use crate::failover::{
+    controller, dump_logs, free_port, join_agent, join_token, online_agents,
+    postgres_controller_config, share_ca_and_audit_key, signed_policy, spawn,
+};
 
 struct TwoControllers {
     dir: tempfile::TempDir,
@@ -58,21 +52,16 @@ impl TwoControllers {
 
     fn policy(&self, version: u64) -> pb::SignedPolicy {
         let text = format!(
-            "{}{TICKS}",
+            "{}{}",
             fleetcmd_cli::fleet::example_policy(
                 version,
                 &self.op_key.public_key(),
                 &self.op_key.public_key()
-            )
+            ),
+            // `ticks`: output over time, for live output through the bus.
+            crate::live::EXTRA
         );
-        let sig = fleetcmd_core::policy_bundle::sign_bundle(text.as_bytes(), &self.admin);
-        pb::SignedPolicy {
-            bundle: text.into_bytes(),
-            signatures: vec![pb::PolicySignature {
-                key_id: sig.key_id,
-                signature: sig.signature,
-            }],
-        }
+        signed_policy(&text, &self.admin)
     }
 
     fn job(&self, command: &str, selector: &str) -> pb::SignedJob {
@@ -93,18 +82,10 @@ impl TwoControllers {
     }
 
     fn logs(&self) -> String {
-        ["ctl-a.log", "ctl-b.log", "a-1.log", "b-1.log"]
-            .iter()
-            .map(|f| {
-                let text = std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(25).collect();
-                format!(
-                    "--- {f}\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        dump_logs(
+            self.dir.path(),
+            &["ctl-a.log", "ctl-b.log", "a-1.log", "b-1.log"],
+        )
     }
 
     /// `SELECT` one value from the database.
@@ -115,23 +96,6 @@ impl TwoControllers {
             .trim()
             .to_owned()
     }
-}
-
-fn write_config(d: &Path, name: &str, port: u16, admin: &SigningKey, db: &pg::Database) -> PathBuf {
-    let path = d.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\npolicy_roots = [\"{}\"]\nheartbeat_interval = \"1s\"\n\
-             store = \"postgres\"\npostgres_url = \"{}\"\npostgres_password_file = \"{}\"\n",
-            d.join(name).display(),
-            admin.public_key(),
-            db.url,
-            pg::PgCluster::shared().password_file().display(),
-        ),
-    )
-    .expect("controller config");
-    path
 }
 
 /// Controllers A and B on one fresh database, policy 1 pushed on A before
@@ -150,8 +114,8 @@ async fn two_controllers() -> TwoControllers {
         .map_err(|f| f.error)
         .expect("admin key");
     let (port_a, port_b) = (free_port(), free_port());
-    let cfg_a = write_config(&d, "ctl-a", port_a, &admin, &db);
-    let cfg_b = write_config(&d, "ctl-b", port_b, &admin, &db);
+    let cfg_a = postgres_controller_config(&d, "ctl-a", port_a, &admin, cluster, &db);
+    let cfg_b = postgres_controller_config(&d, "ctl-b", port_b, &admin, cluster, &db);
     let mut procs = vec![controller(&cfg_a, &d.join("ctl-a.log"))];
     let ca = d.join("ctl-a/pki/ca.crt");
     assert_eventually(Duration::from_secs(20), || async {
@@ -178,17 +142,7 @@ async fn two_controllers() -> TwoControllers {
     procs.push(controller(&cfg_b, &d.join("ctl-b.log")));
     for (name, url) in [("a-1", fleet.url_a.clone()), ("b-1", fleet.url_b.clone())] {
         // Tokens made on A; b-1 uses its token on B (the store is shared).
-        let token = pb::tokens_client::TokensClient::new(fleet.channel(&fleet.url_a).await)
-            .create(pb::CreateTokenRequest {
-                ttl_secs: 600,
-                uses: 1,
-                name: name.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("token")
-            .into_inner()
-            .token;
+        let token = join_token(fleet.channel(&fleet.url_a).await, name).await;
         let cfg = d.join(format!("{name}.toml"));
         std::fs::write(
             &cfg,
@@ -199,15 +153,7 @@ async fn two_controllers() -> TwoControllers {
         )
         .expect("agent config");
         let _ = fleet.channel(&url).await;
-        let st = Command::new(bin("fleetcmd-agent"))
-            .arg("-c")
-            .arg(&cfg)
-            .args(["join", "--no-start", "--token", &token])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("join");
-        assert!(st.success(), "{name} joins through {url}");
+        assert!(join_agent(&cfg, &token), "{name} joins through {url}");
         procs.push(spawn(
             Command::new(bin("fleetcmd-agent"))
                 .arg("-c")
@@ -541,7 +487,10 @@ async fn two_controllers_appending_at_once_keep_one_audit_chain() {
 #[ignore = "benchmark (issue 19): prints numbers, asserts only that jobs succeed"]
 async fn cross_controller_latency() {
     let fleet = two_controllers().await;
-    for (label, url) in [("on B (local)", &fleet.url_b), ("on A (via bus)", &fleet.url_a)] {
+    for (label, url) in [
+        ("on B (local)", &fleet.url_b),
+        ("on A (via bus)", &fleet.url_a),
+    ] {
         let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(url).await);
         let mut lat = Vec::new();
         for _ in 0..200 {
