@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use fleetcmd_core::state::JobState;
+use fleetcmd_core::state::{JobState, TargetState};
 use fleetcmd_proto::v1 as pb;
 use prost::Message as _;
 use tokio::sync::mpsc;
@@ -95,18 +95,42 @@ impl Shared {
         let this = self.clone();
         let (id, target) = (id.to_owned(), target.map(str::to_owned));
         tokio::task::spawn_blocking(move || -> ApiResult<()> {
-            {
-                let mut runs = lock(&this.job_lock);
-                this.reload_run(&mut runs, &id)?;
-            }
-            if let Some(agent) = &target
+            let changed = match &target {
+                // A job created, canceled or finished: read all of it.
+                None => {
+                    let mut runs = lock(&this.job_lock);
+                    this.reload_run(&mut runs, &id)?;
+                    None
+                }
+                // One result: read that target alone (a signal per result
+                // of a 10 000-target job must not read the job's 10 000
+                // targets each time).
+                Some(agent) => {
+                    let rec = this.store.get_target(&id, agent)?;
+                    let mut runs = lock(&this.job_lock);
+                    if let Some(rec) = &rec
+                        && let Some(run) = this.run_of(&mut runs, &id)?
+                        && let Some(&i) = run.index.get(agent.as_str())
+                    {
+                        let (cached, _) = run.states[i];
+                        // The store is the truth, but `running` is known
+                        // only here and is stored as `dispatched`.
+                        let only_here =
+                            cached == TargetState::Running && rec.state == TargetState::Dispatched;
+                        if cached != rec.state && !cached.is_terminal() && !only_here {
+                            run.set(i, rec.state, rec.dispatched_at);
+                        }
+                    }
+                    rec.map(|rec| (agent.clone(), rec))
+                }
+            };
+            if let Some((agent, rec)) = changed
                 && this.watch.is_watched(&id)
-                && let Some(rec) = this.store.get_target(&id, agent)?
             {
                 this.watch.publish(
                     &id,
                     pb::job_event::Event::Target(pb::Target::new(
-                        agent.clone(),
+                        agent,
                         rec.state,
                         rec.result
                             .as_deref()
