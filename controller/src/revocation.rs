@@ -102,6 +102,20 @@ impl Revocations {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// Takes the store's revocations as they are now (another controller
+    /// revoked a certificate) and tells open streams when any is new.
+    pub fn reload(&self, store: &dyn RevocationStore) -> ApiResult<()> {
+        let stored = store.revocations()?;
+        let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
+        let new = stored.iter().any(|r| !list.contains(r));
+        *list = stored;
+        drop(list);
+        if new {
+            self.generation.send_modify(|g| *g += 1);
+        }
+        Ok(())
+    }
+
     /// Forwards `inner` until `peer`'s certificate is revoked, then ends the
     /// stream with `PERMISSION_DENIED`: a revoked operator or gateway keeps
     /// no open `Watch`.
@@ -214,6 +228,7 @@ pub async fn revoke(
     shared.audit.record(event)?;
     shared.flush_now().await?;
     shared.certs.activate(rec.clone());
+    shared.bus.publish(crate::bus::Signal::CertRevoked);
     tracing::warn!(role = %role, name, serial = ?rec.serial, "certificate revoked");
     Ok(rec)
 }

@@ -62,6 +62,8 @@ pub struct RunningController {
     leases: Leases,
     exporters: Vec<JoinHandle<()>>,
     dispatcher: Option<JoinHandle<()>>,
+    /// The bus connection and the task following it (several controllers).
+    bus_tasks: Vec<JoinHandle<()>>,
     metrics_addr: Option<SocketAddr>,
     metrics: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -234,7 +236,35 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         ),
         None => None,
     };
-    let shared = Arc::new(Shared::new(store, ca, config)?);
+    let (stop, mut stop_sweeper) = watch::channel(false);
+    // Several controllers on one database hear each other's changes over
+    // the bus (`crate::bus`); with the embedded store there is none.
+    let pg_bus = match &config.postgres {
+        Some(pg) => Some(crate::bus::postgres::start(
+            &pg.options().map_err(StartError::Config)?,
+            stop.subscribe(),
+        )?),
+        None => None,
+    };
+    let mut shared = Shared::new(store, ca, config)?;
+    let mut bus_tasks = Vec::new();
+    let mut inbox = None;
+    if let Some(b) = pg_bus {
+        shared.bus = b.bus;
+        bus_tasks.push(b.task);
+        inbox = Some(b.inbox);
+    }
+    let shared = Arc::new(shared);
+    if let Some(inbox) = inbox {
+        let mut stop_follow = stop.subscribe();
+        let follower = shared.clone();
+        bus_tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = follower.follow(inbox) => {}
+                _ = stopped(&mut stop_follow) => {}
+            }
+        }));
+    }
     let svc = Svc(shared.clone());
 
     let (health, health_svc) = tonic_health::server::health_reporter();
@@ -249,7 +279,6 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         .build_v1()
         .map_err(|e| StartError::Reflection(e.to_string()))?;
 
-    let (stop, mut stop_sweeper) = watch::channel(false);
     let mut stop_server = stop.subscribe();
     let router = Server::builder()
         .tls_config(tls)?
@@ -455,6 +484,7 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         leases,
         exporters,
         dispatcher: Some(dispatcher),
+        bus_tasks,
     })
 }
 
@@ -491,6 +521,9 @@ impl RunningController {
         }
         if let Some(dispatcher) = self.dispatcher.take() {
             let _ = dispatcher.await;
+        }
+        for task in self.bus_tasks.drain(..) {
+            let _ = task.await;
         }
         if let Some(server) = self.server.take() {
             match tokio::time::timeout(Duration::from_secs(10), server).await {

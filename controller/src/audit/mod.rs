@@ -35,6 +35,10 @@ pub const HEAD_INTERVAL: Duration = Duration::from_secs(60);
 pub const MAX_SCAN: usize = 200_000;
 /// Largest page.
 pub const MAX_PAGE: usize = 1000;
+/// Appends tried before a conflict is returned: each retry follows a
+/// record another writer stored in between, so this many in a row means
+/// the database is refusing for another reason.
+const APPEND_TRIES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -312,40 +316,44 @@ impl Audit {
     /// Appends without logging, at a given time (benchmarks, imports).
     pub fn append_at(&self, now_ms: u64, event: Event) -> Result<u64, StoreError> {
         // The chain lock covers the hash and the append (records reach the
-        // log in sequence order). The store refuses a record out of
-        // sequence; the tip only moves once it is stored.
+        // log in sequence order within this process). The store refuses a
+        // record out of sequence (PostgreSQL: the seq check and the insert
+        // under one advisory lock, for every controller); the tip only
+        // moves once a record is stored.
         let mut chain = lock(&self.chain);
-        let mut next = chain.clone();
-        let rec = next.append(now_ms, event.clone());
-        match self.store.audit_append(&rec, &index_entries(&rec, false)) {
-            Ok(()) => {}
-            // The stored tip is not ours: a record we appended was lost
-            // with a write that failed before it was durable (never
-            // acknowledged: a full disk, the database reopened), or another
-            // writer appended. The chain goes on from what is stored —
-            // found by the full-disk test, whose chain stayed one ahead of
-            // the store and refused every record after the disk freed.
-            Err(StoreError::Conflict { .. }) => {
-                let stored = self.store.audit_last()?;
-                tracing::warn!(
-                    ours = chain.seq,
-                    stored = stored.as_ref().map_or(0, |r| r.seq),
-                    "audit chain resumed from the stored tip"
-                );
-                *chain = match &stored {
-                    Some(last) => Chain::after(last),
-                    None => Chain::genesis(),
-                };
-                next = chain.clone();
-                let rec = next.append(now_ms, event);
-                self.store.audit_append(&rec, &index_entries(&rec, false))?;
-                *chain = next;
-                return Ok(rec.seq);
+        for attempt in 1..=APPEND_TRIES {
+            let mut next = chain.clone();
+            let rec = next.append(now_ms, event.clone());
+            match self.store.audit_append(&rec, &index_entries(&rec, false)) {
+                Ok(()) => {
+                    *chain = next;
+                    return Ok(rec.seq);
+                }
+                // The stored tip is not ours: another controller appended
+                // (several writers on one database), or a record we
+                // appended was lost with a write that failed before it was
+                // durable (never acknowledged: a full disk, the database
+                // reopened) — found by the full-disk test, whose chain
+                // stayed one ahead of the store and refused every record
+                // after the disk freed. The chain goes on from the stored
+                // tip: its hash is computed again over the record stored
+                // there, so two writers never fork it.
+                Err(StoreError::Conflict { .. }) if attempt < APPEND_TRIES => {
+                    let stored = self.store.audit_last()?;
+                    tracing::debug!(
+                        ours = chain.seq,
+                        stored = stored.as_ref().map_or(0, |r| r.seq),
+                        "audit chain resumed from the stored tip"
+                    );
+                    *chain = match &stored {
+                        Some(last) => Chain::after(last),
+                        None => Chain::genesis(),
+                    };
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
-        *chain = next;
-        Ok(rec.seq)
+        unreachable!("the last try returns")
     }
 
     pub fn get(&self, seq: u64) -> Result<Option<Record>, StoreError> {

@@ -94,6 +94,10 @@ impl Shared {
         let mut job_changed = false;
         let mut more = false;
         let mut budget = limit;
+        // Another controller sharing the store claimed a target this
+        // cache showed pending: the cache is read again before deciding on.
+        let mut stale = false;
+        let shared_store = self.bus.is_shared();
         loop {
             if run.job.stopped.is_none()
                 && now > run.job.expires_at + fleetcmd_core::job::CLOCK_SKEW_SECS
@@ -127,9 +131,13 @@ impl Shared {
                         .iter()
                         .map(|&i| (run.job.targets[i].as_str(), &rec))
                         .collect();
-                    self.store.put_targets(job_id, &writes)?;
+                    let written = self.write_pending(job_id, &writes)?;
                     for i in ended {
-                        run.set(i, end, 0);
+                        if written.contains(run.job.targets[i].as_str()) {
+                            run.set(i, end, 0);
+                        } else {
+                            stale = true;
+                        }
                     }
                 }
                 break;
@@ -156,33 +164,77 @@ impl Shared {
             let mut deferred = false;
             let mut sent_to = Vec::new();
             let mut offline = Vec::new();
-            let sent = self
-                .registry
-                .send_if_online(start.iter().map(|&i| run.job.targets[i].as_str()), &msg);
-            for (i, sent) in start.into_iter().zip(sent) {
-                if sent {
-                    sent_to.push(i);
-                } else if settling {
-                    deferred = true;
-                } else {
-                    offline.push(i);
-                }
-            }
             let dispatched = TargetRecord {
                 dispatched_at: now,
                 ..TargetRecord::new(TargetState::Dispatched, "")
             };
             let gone = TargetRecord::new(TargetState::Offline, "agent offline when its turn came");
-            let writes: Vec<(&str, &TargetRecord)> = sent_to
-                .iter()
-                .map(|&i| (run.job.targets[i].as_str(), &dispatched))
-                .chain(
-                    offline
-                        .iter()
-                        .map(|&i| (run.job.targets[i].as_str(), &gone)),
-                )
-                .collect();
-            self.store.put_targets(job_id, &writes)?;
+            if shared_store {
+                // Several controllers: a target is claimed in the store
+                // (pending → dispatched, one atomic step) before it is
+                // sent, so exactly one controller sends it. A target whose
+                // agent is not connected here stays pending for the
+                // controller it is connected to (the job's expiry ends it
+                // if no controller has it).
+                let here = self
+                    .registry
+                    .online_now(start.iter().map(|&i| run.job.targets[i].as_str()));
+                let mine: Vec<usize> = start
+                    .iter()
+                    .zip(here)
+                    .filter_map(|(&i, here)| here.then_some(i))
+                    .collect();
+                deferred = mine.len() < start.len();
+                let claims: Vec<(&str, &TargetRecord)> = mine
+                    .iter()
+                    .map(|&i| (run.job.targets[i].as_str(), &dispatched))
+                    .collect();
+                let claimed = self.write_pending(job_id, &claims)?;
+                let (won, lost): (Vec<usize>, Vec<usize>) = mine
+                    .into_iter()
+                    .partition(|&i| claimed.contains(run.job.targets[i].as_str()));
+                stale |= !lost.is_empty();
+                let sent = self
+                    .registry
+                    .send_if_online(won.iter().map(|&i| run.job.targets[i].as_str()), &msg);
+                for (i, sent) in won.into_iter().zip(sent) {
+                    if sent {
+                        sent_to.push(i);
+                    } else {
+                        offline.push(i);
+                    }
+                }
+                // Claimed but its queue was full or it just went away.
+                let writes: Vec<(&str, &TargetRecord)> = offline
+                    .iter()
+                    .map(|&i| (run.job.targets[i].as_str(), &gone))
+                    .collect();
+                self.store
+                    .put_targets_if(job_id, TargetState::Dispatched, &writes)?;
+            } else {
+                let sent = self
+                    .registry
+                    .send_if_online(start.iter().map(|&i| run.job.targets[i].as_str()), &msg);
+                for (i, sent) in start.into_iter().zip(sent) {
+                    if sent {
+                        sent_to.push(i);
+                    } else if settling {
+                        deferred = true;
+                    } else {
+                        offline.push(i);
+                    }
+                }
+                let writes: Vec<(&str, &TargetRecord)> = sent_to
+                    .iter()
+                    .map(|&i| (run.job.targets[i].as_str(), &dispatched))
+                    .chain(
+                        offline
+                            .iter()
+                            .map(|&i| (run.job.targets[i].as_str(), &gone)),
+                    )
+                    .collect();
+                self.store.put_targets(job_id, &writes)?;
+            }
             // One audit record per chunk and outcome, listing its hosts (the
             // host index still finds each of them).
             for (hosts, rec, kind) in [
@@ -215,10 +267,16 @@ impl Shared {
                     run.set(i, rec.state, rec.dispatched_at);
                 }
             }
-            if deferred {
-                break; // the sweeper tries again
+            if deferred || stale {
+                break; // the sweeper (and the bus) try again
             }
             // An offline target frees its slot at once: decide again.
+        }
+        if stale {
+            // Read again from the store (keeping what is only in memory)
+            // and decide again.
+            self.reload_run(&mut runs, job_id)?;
+            return Ok(true);
         }
         let finished = run.unfinished == 0;
         if finished {
@@ -260,8 +318,59 @@ impl Shared {
                 self.watch.publish(job_id, pb::job_event::Event::Job(job));
             }
             self.watch.forget(job_id);
+            // Watchers on other controllers get the whole job too.
+            self.bus.publish(crate::bus::Signal::Job(job_id.to_owned()));
         }
         Ok(more)
+    }
+
+    /// Writes records of pending targets: with several controllers only
+    /// those still pending in the store (`put_targets_if`), else all.
+    /// Returns the agents written.
+    fn write_pending(
+        &self,
+        job_id: &str,
+        writes: &[(&str, &TargetRecord)],
+    ) -> ApiResult<std::collections::HashSet<String>> {
+        if writes.is_empty() {
+            return Ok(Default::default());
+        }
+        if self.bus.is_shared() {
+            Ok(self
+                .store
+                .put_targets_if(job_id, TargetState::Pending, writes)?
+                .into_iter()
+                .collect())
+        } else {
+            self.store.put_targets(job_id, writes)?;
+            Ok(writes.iter().map(|(a, _)| (*a).to_owned()).collect())
+        }
+    }
+
+    /// Reads a cached running job again from the store (another controller
+    /// changed it), keeping `running` (known only here) for targets the
+    /// store still shows dispatched. `None` when it is no longer running.
+    pub(super) fn reload_run<'a>(
+        &self,
+        runs: &'a mut HashMap<String, Run>,
+        job_id: &str,
+    ) -> ApiResult<Option<&'a mut Run>> {
+        let old = runs.remove(job_id);
+        let Some(run) = self.run_of(runs, job_id)? else {
+            return Ok(None);
+        };
+        if let Some(old) = old {
+            for (agent, &i) in &old.index {
+                if old.states[i].0 == TargetState::Running
+                    && let Some(&j) = run.index.get(agent)
+                    && run.states[j].0 == TargetState::Dispatched
+                {
+                    let at = run.states[j].1;
+                    run.set(j, TargetState::Running, at);
+                }
+            }
+        }
+        Ok(Some(run))
     }
 
     /// Queues a job for the dispatcher (`dispatcher`), which advances it off
@@ -316,12 +425,20 @@ impl Shared {
             }
             let mut states = Vec::with_capacity(job.targets.len());
             let mut index = HashMap::with_capacity(job.targets.len());
+            // One read of every record (a round trip per target would be
+            // 10 000 of them on a network database).
+            let stored: HashMap<String, (TargetState, u64)> = self
+                .store
+                .targets(job_id)?
+                .into_iter()
+                .map(|(a, t)| (a, (t.state, t.dispatched_at)))
+                .collect();
             for (i, agent) in job.targets.iter().enumerate() {
                 // No record: not dispatched yet (`store_submission`).
-                let (state, at) = match self.store.get_target(job_id, agent)? {
-                    Some(t) => (t.state, t.dispatched_at),
-                    None => (TargetState::Pending, 0),
-                };
+                let (state, at) = stored
+                    .get(agent)
+                    .copied()
+                    .unwrap_or((TargetState::Pending, 0));
                 states.push((state, at));
                 index.insert(agent.clone(), i);
             }
@@ -363,6 +480,7 @@ impl Shared {
                 .hosts(running.iter().cloned()),
         )?;
         self.flush().await?;
+        self.bus.publish(crate::bus::Signal::Job(id.clone()));
         tracing::info!(job_id = %id, by, "job canceled");
         let msg = pb::ControllerMessage {
             msg: Some(pb::controller_message::Msg::Cancel(pb::CancelJob {
@@ -387,47 +505,81 @@ impl Shared {
         mut rec: TargetRecord,
     ) -> ApiResult<bool> {
         let mut runs = lock(&self.job_lock);
-        // A running job's target states are cached (and kept equal to the
-        // store's, but for `running`): no store read and decode per result.
-        // A running job that is not cached yet (a result right after a
-        // restart) is loaded first: its pending targets have no record.
-        let cached = self
-            .run_of(&mut runs, job)?
-            .and_then(|run| run.index.get(agent).map(|&i| run.states[i]));
-        let old = match cached {
-            Some(c) => Some(c),
-            None => self
-                .store
-                .get_target(job, agent)?
-                .map(|t| (t.state, t.dispatched_at)),
-        };
-        match old {
-            None => Ok(false),
-            Some((state, _)) if !state.can_become(rec.state) => Ok(false),
-            Some((_, dispatched_at)) => {
-                rec.dispatched_at = dispatched_at;
+        let shared = self.bus.is_shared();
+        // With several controllers the cache may be behind the store: one
+        // more try after reading it again.
+        let mut tries = if shared { 2 } else { 1 };
+        loop {
+            tries -= 1;
+            // A running job's target states are cached (and kept equal to
+            // the store's, but for `running`): no store read and decode per
+            // result. A running job that is not cached yet (a result right
+            // after a restart) is loaded first: its pending targets have no
+            // record.
+            let cached = self
+                .run_of(&mut runs, job)?
+                .and_then(|run| run.index.get(agent).map(|&i| run.states[i]));
+            let old = match cached {
+                Some(c) => Some(c),
+                None => self
+                    .store
+                    .get_target(job, agent)?
+                    .map(|t| (t.state, t.dispatched_at)),
+            };
+            let (state, dispatched_at) = match old {
+                Some((state, at)) if state.can_become(rec.state) => (state, at),
+                _ if tries > 0 => {
+                    self.reload_run(&mut runs, job)?;
+                    continue;
+                }
+                _ => return Ok(false),
+            };
+            rec.dispatched_at = dispatched_at;
+            if !shared {
                 self.store.put_target(job, agent, &rec)?;
-                if let Some(run) = runs.get_mut(job)
-                    && let Some(&i) = run.index.get(agent)
-                {
-                    run.set(i, rec.state, rec.dispatched_at);
-                }
-                drop(runs);
-                if self.watch.is_watched(job) {
-                    self.watch.publish(
-                        job,
-                        pb::job_event::Event::Target(pb::Target::new(
-                            agent.to_owned(),
-                            rec.state,
-                            rec.result
-                                .as_deref()
-                                .and_then(|b| pb::JobResult::decode(b).ok()),
-                        )),
-                    );
-                }
-                Ok(true)
+                break;
+            }
+            // Written only over the state this was decided from (`running`
+            // is stored as `dispatched`): a result another controller
+            // stored first is never overwritten.
+            let from = if state == TargetState::Running {
+                TargetState::Dispatched
+            } else {
+                state
+            };
+            if !self
+                .store
+                .put_targets_if(job, from, &[(agent, &rec)])?
+                .is_empty()
+            {
+                break;
+            }
+            self.reload_run(&mut runs, job)?;
+            if tries == 0 {
+                return Ok(false);
             }
         }
+        if let Some(run) = runs.get_mut(job)
+            && let Some(&i) = run.index.get(agent)
+        {
+            run.set(i, rec.state, rec.dispatched_at);
+        }
+        drop(runs);
+        // With several controllers the watchers (here too) hear it
+        // from the bus: the caller publishes `Signal::Target`.
+        if !shared && self.watch.is_watched(job) {
+            self.watch.publish(
+                job,
+                pb::job_event::Event::Target(pb::Target::new(
+                    agent.to_owned(),
+                    rec.state,
+                    rec.result
+                        .as_deref()
+                        .and_then(|b| pb::JobResult::decode(b).ok()),
+                )),
+            );
+        }
+        Ok(true)
     }
 
     /// Notes that an agent started a dispatched target. In memory only (the
@@ -470,6 +622,14 @@ impl Shared {
             Some(run) => run.index.get(agent).map(|&i| run.states[i].0),
             None => None,
         };
+        if state == Some(TargetState::Pending) && self.bus.is_shared() {
+            // Pending here, maybe dispatched by another controller (an
+            // agent that moved here with its output or result).
+            let state = self
+                .reload_run(&mut runs, job)?
+                .and_then(|run| run.index.get(agent).map(|&i| run.states[i].0));
+            return Ok(state.is_some_and(TargetState::is_active));
+        }
         Ok(state.is_some_and(TargetState::is_active))
     }
 
@@ -506,6 +666,10 @@ impl Shared {
         }
         self.audit_durable(convert::result_event(agent, &result, state))?;
         self.flush().await?;
+        self.bus.publish(crate::bus::Signal::Target {
+            job: job.clone(),
+            agent: agent.to_owned(),
+        });
         if self.advance_some(&job, INLINE_DISPATCH)? {
             self.kick(&job);
         }
@@ -565,6 +729,10 @@ impl Shared {
             );
             if self.update_target(&job, &agent, rec)? {
                 changed = true;
+                self.bus.publish(crate::bus::Signal::Target {
+                    job: job.clone(),
+                    agent: agent.clone(),
+                });
                 self.security_event(
                     Event::new(EventKind::JobFinished, "controller")
                         .job(&job)

@@ -28,6 +28,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::pki::{Ca, Peer, Role};
 pub mod convert;
 mod dispatch;
+mod follow;
 pub mod join_limiter;
 pub mod policy;
 mod registry;
@@ -98,6 +99,10 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Revoked operator and gateway certificates (`crate::revocation`).
     pub certs: Arc<crate::revocation::Revocations>,
+    /// Wake-ups for the other controllers on the same database
+    /// (`crate::bus`; `Bus::none()` with one controller). Set before the
+    /// controller serves.
+    pub bus: crate::bus::Bus,
 }
 
 /// A job `store_submission` wrote (not yet flushed).
@@ -179,6 +184,7 @@ impl Shared {
             join_limiter: JoinLimiter::default(),
             auth_limiter: crate::auth::AuthFailureLimiter::default(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            bus: crate::bus::Bus::none(),
         };
         if let Some(rec) = shared.store.get_policy()? {
             // The stored bundle was verified when pushed; verify again so a
@@ -298,6 +304,7 @@ impl Shared {
         tracing::info!(version = cur.policy.version, hash = %cur.hash, by = %by.name, "policy pushed");
         let msg = policy_message(&cur);
         self.registry.send_all(&msg);
+        self.bus.publish(crate::bus::Signal::Policy);
         Ok(cur)
     }
 
@@ -508,6 +515,7 @@ impl Shared {
                 "agent {id} was enrolled again; this certificate is no longer accepted"
             )),
         );
+        self.bus.publish(crate::bus::Signal::Agent(id.to_string()));
         tracing::info!(agent_id = %id, "agent joined");
         Ok(pb::JoinResponse {
             agent_id: id.to_string(),
@@ -568,6 +576,8 @@ impl Shared {
                 .detail(format!("{agent} revoked")),
         )?;
         self.flush().await?;
+        self.bus
+            .publish(crate::bus::Signal::Agent(agent.to_owned()));
         self.registry.mark_revoked(agent);
         self.registry.end_stream(
             agent,
@@ -608,6 +618,10 @@ impl Shared {
             self.flush().await?;
             for job in &refused {
                 self.kick(job);
+                self.bus.publish(crate::bus::Signal::Target {
+                    job: job.clone(),
+                    agent: agent.to_owned(),
+                });
             }
         }
         Ok(())
@@ -634,8 +648,10 @@ impl Shared {
         self.flush().await?;
         tracing::info!(job_id = %stored.id, command = %stored.command, requester = %stored.requester, targets = stored.targets.len(), "job submitted");
         self.metrics.job_submitted();
-        // Durable: answer now, dispatch off the request path.
+        // Durable: answer now, dispatch off the request path — here, and
+        // on every other controller for the agents connected there.
         self.kick(&stored.id);
+        self.bus.publish(crate::bus::Signal::Job(stored.id.clone()));
         Ok(pb::SubmitResponse {
             job_id: stored.id,
             targets: stored.targets,
@@ -845,7 +861,9 @@ impl Shared {
     /// if `agent` is a dispatched, unfinished target of that job: no agent
     /// can put lines into another host's job.
     pub fn live_chunk(&self, agent: &str, mut chunk: pb::OutputChunk) {
-        if !self.watch.is_watched(&chunk.job_id) {
+        // A watcher may be on another controller: with a shared store every
+        // chunk of an active target goes on the bus too.
+        if !self.watch.is_watched(&chunk.job_id) && !self.bus.is_shared() {
             return;
         }
         match self.is_active_target(&chunk.job_id, agent) {
@@ -864,6 +882,12 @@ impl Shared {
         }
         chunk.agent_id = agent.to_owned();
         let job = chunk.job_id.clone();
+        if self.bus.is_shared() {
+            // Every controller's watchers get it from the bus (this one's
+            // too: the bus delivers to its sender).
+            self.bus.publish(crate::bus::Signal::Output(chunk));
+            return;
+        }
         self.watch.publish(&job, pb::job_event::Event::Chunk(chunk));
     }
 

@@ -349,6 +349,43 @@ impl Registry {
             .collect()
     }
 
+    /// Whether each of `agents` is online here now.
+    pub fn online_now<'a>(&self, agents: impl IntoIterator<Item = &'a str>) -> Vec<bool> {
+        let live = lock(&self.live);
+        agents
+            .into_iter()
+            .map(|a| live.get(a).is_some_and(|l| self.online(l)))
+            .collect()
+    }
+
+    /// Takes an agent's record as another controller stored it (a join,
+    /// a revocation): the directory is updated, a revoked agent is refused
+    /// from now on, and a stream of a revoked or re-enrolled agent is ended.
+    pub fn adopt(&self, rec: AgentRecord) {
+        let id = rec.id.clone();
+        let before = self.enrolled(&id);
+        let revoked = rec.revoked;
+        let joined_at = rec.joined_at;
+        self.directory
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec);
+        if revoked {
+            self.mark_revoked(&id);
+            self.end_stream(
+                &id,
+                Status::permission_denied(format!("agent {id} was revoked")),
+            );
+        } else if before.is_some_and(|b| b.joined_at != joined_at) {
+            self.end_stream(
+                &id,
+                Status::permission_denied(format!(
+                    "agent {id} was enrolled again; this certificate is no longer accepted"
+                )),
+            );
+        }
+    }
+
     /// The enrolled, unrevoked agents whose granted labels `selector`
     /// and `narrow` (a command's `targets` rule) both match, in id order,
     /// each with whether it is online now.

@@ -643,9 +643,81 @@ pub fn a_stale_holder_is_refused(store: &dyn Store) {
 }
 
 /// Every function above, each against a fresh store from `fresh`.
+/// `put_targets_if`: a pending target is claimed once (of 8 threads
+/// racing for each target, exactly one wins it), a result lands only on the
+/// state it was decided from.
+pub fn a_pending_target_is_claimed_once(store: &dyn Store) {
+    let job = "0190ab12-34cd-7ef0-8123-456789abcdee";
+    let dispatched = TargetRecord {
+        dispatched_at: 7,
+        ..TargetRecord::new(TargetState::Dispatched, "")
+    };
+    let agents: Vec<String> = (0..16).map(|i| format!("host-{i:02}")).collect();
+    // A legacy `pending` record counts as pending.
+    store
+        .put_target(job, "host-00", &TargetRecord::new(TargetState::Pending, ""))
+        .expect("put");
+    let wins: Vec<Vec<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let recs: Vec<(&str, &TargetRecord)> =
+                        agents.iter().map(|a| (a.as_str(), &dispatched)).collect();
+                    store
+                        .put_targets_if(job, TargetState::Pending, &recs)
+                        .expect("claim")
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("claimer"))
+            .collect()
+    });
+    let mut all: Vec<String> = wins.into_iter().flatten().collect();
+    all.sort();
+    assert_eq!(all, agents, "every target claimed exactly once");
+    // Claimed: a second claim writes nothing.
+    assert!(
+        store
+            .put_targets_if(job, TargetState::Pending, &[("host-01", &dispatched)])
+            .expect("claim")
+            .is_empty()
+    );
+    // A result from `dispatched` lands once; a second one (decided from a
+    // stale `dispatched`) is refused and the first stays.
+    let ok = TargetRecord {
+        result: Some(vec![1]),
+        ..TargetRecord::new(TargetState::Ok, "")
+    };
+    let failed = TargetRecord::new(TargetState::Failed, "late");
+    assert_eq!(
+        store
+            .put_targets_if(job, TargetState::Dispatched, &[("host-01", &ok)])
+            .expect("result"),
+        vec!["host-01".to_owned()]
+    );
+    assert!(
+        store
+            .put_targets_if(job, TargetState::Dispatched, &[("host-01", &failed)])
+            .expect("stale result")
+            .is_empty()
+    );
+    assert_eq!(store.get_target(job, "host-01").expect("get"), Some(ok));
+    // No record and not pending-from: nothing is created.
+    assert!(
+        store
+            .put_targets_if(job, TargetState::Dispatched, &[("host-99", &failed)])
+            .expect("update")
+            .is_empty()
+    );
+    assert_eq!(store.get_target(job, "host-99").expect("get"), None);
+}
+
 pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     jobs_are_listed_by_the_backend(fresh().as_ref());
     targets_keep_their_states(fresh().as_ref());
+    a_pending_target_is_claimed_once(fresh().as_ref());
     a_job_is_created_whole_or_not_at_all(fresh().as_ref());
     concurrent_creations_of_one_short_id_have_one_winner(fresh().as_ref());
     tokens_are_used_up_and_expire(fresh().as_ref());

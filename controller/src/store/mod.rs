@@ -164,6 +164,19 @@ pub trait JobStore {
     /// and is dispatched again, which agents answer from their own record
     /// of the job id (at most once per agent).
     fn put_targets(&self, job: &str, recs: &[(&str, &TargetRecord)]) -> Result<(), StoreError>;
+    /// Writes each of `recs` only where the target's stored state is
+    /// still `from` (`Pending`: no record, or a pending one), each check
+    /// and write one atomic step; returns the agents whose record was
+    /// written. The claim that makes dispatch exactly-once among
+    /// controllers sharing the store: of two controllers claiming one
+    /// pending target, one gets it, and a result never overwrites one that
+    /// another controller stored first.
+    fn put_targets_if(
+        &self,
+        job: &str,
+        from: fleetcmd_core::state::TargetState,
+        recs: &[(&str, &TargetRecord)],
+    ) -> Result<Vec<String>, StoreError>;
     fn get_target(&self, job: &str, agent: &str) -> Result<Option<TargetRecord>, StoreError>;
     /// A job's target records, by agent name.
     fn targets(&self, job: &str) -> Result<Vec<(String, TargetRecord)>, StoreError>;

@@ -110,6 +110,35 @@ fn target_of(config: &tokio_postgres::Config) -> String {
     )
 }
 
+/// How to connect as `opts` says, under `application` (what
+/// `pg_stat_activity` shows): the parsed config, its TLS setup and the
+/// target for messages (host, port, database).
+pub(crate) fn connect_config(
+    opts: &PostgresOptions,
+    application: &str,
+) -> Result<
+    (
+        tokio_postgres::Config,
+        tokio_postgres_rustls::MakeRustlsConnect,
+        String,
+    ),
+    StoreError,
+> {
+    let mut config: tokio_postgres::Config =
+        opts.url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Connect {
+                target: "postgres_url".into(),
+                reason: format!("not a PostgreSQL URL: {}", describe(&e)),
+            })?;
+    if let Some(pw) = &opts.password {
+        config.password(pw.as_bytes());
+    }
+    config.application_name(application);
+    let target = target_of(&config);
+    Ok((config, tls(opts.ca_pem.as_deref())?, target))
+}
+
 fn int(v: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(v)
         .map_err(|_| StoreError::Backend(format!("{what} {v} is beyond the database's range")))
@@ -191,19 +220,8 @@ impl PostgresStore {
         opts: &PostgresOptions,
         migrations: &'static [migrate::Migration],
     ) -> Result<PostgresStore, StoreError> {
-        let mut config: tokio_postgres::Config =
-            opts.url
-                .parse()
-                .map_err(|e: tokio_postgres::Error| StoreError::Connect {
-                    target: "postgres_url".into(),
-                    reason: format!("not a PostgreSQL URL: {}", describe(&e)),
-                })?;
-        if let Some(pw) = &opts.password {
-            config.password(pw.as_bytes());
-        }
-        config.application_name("fleetcmd-controller");
-        let target = target_of(&config);
-        let bridge = Bridge::new(config, tls(opts.ca_pem.as_deref())?, target.clone())?;
+        let (config, tls, target) = connect_config(opts, "fleetcmd-controller")?;
+        let bridge = Bridge::new(config, tls, target.clone())?;
         bridge
             .call(move |conn| async move {
                 let mut client = conn.session().await?;
@@ -334,14 +352,37 @@ fn target_columns(recs: &[(&str, &TargetRecord)]) -> Result<TargetColumns, Store
     Ok(cols)
 }
 
-const UPSERT_TARGETS: &str =
-    "INSERT INTO targets (job_id, agent, state, result, reason, dispatched_at)
+/// Writes the targets of `target_columns` ($2..$6) of job $1.
+macro_rules! upsert_targets {
+    () => {
+        "INSERT INTO targets (job_id, agent, state, result, reason, dispatched_at)
      SELECT $1, a, s, r, re, d
      FROM unnest($2::text[], $3::text[], $4::bytea[], $5::text[], $6::bigint[])
        AS t(a, s, r, re, d)
      ON CONFLICT (job_id, agent) DO UPDATE SET state = EXCLUDED.state,
        result = EXCLUDED.result, reason = EXCLUDED.reason,
-       dispatched_at = EXCLUDED.dispatched_at";
+       dispatched_at = EXCLUDED.dispatched_at"
+    };
+}
+
+const UPSERT_TARGETS: &str = upsert_targets!();
+
+/// `UPSERT_TARGETS` only where the target is pending (no row, or a
+/// `pending` one: $7); returns the agents written.
+const CLAIM_PENDING_TARGETS: &str = concat!(
+    upsert_targets!(),
+    "
+     WHERE targets.state = $7
+     RETURNING agent"
+);
+
+/// Rewrites targets whose stored state is $7; returns the agents written.
+const UPDATE_TARGETS_FROM: &str = "UPDATE targets SET state = t.s, result = t.r,
+       reason = t.re, dispatched_at = t.d
+     FROM unnest($2::text[], $3::text[], $4::bytea[], $5::text[], $6::bigint[])
+       AS t(a, s, r, re, d)
+     WHERE targets.job_id = $1 AND targets.agent = t.a AND targets.state = $7
+     RETURNING targets.agent";
 
 const UPSERT_JOB: &str = "INSERT INTO jobs (id, created_at_ms, state, requester, command, record)
      VALUES ($1, $2, $3, $4, $5, $6)
@@ -565,6 +606,38 @@ impl JobStore for PostgresStore {
             params![job.to_owned(), agents, states, results, reasons, dispatched],
         )
         .map(drop)
+    }
+
+    fn put_targets_if(
+        &self,
+        job: &str,
+        from: fleetcmd_core::state::TargetState,
+        recs: &[(&str, &TargetRecord)],
+    ) -> Result<Vec<String>, StoreError> {
+        let (agents, states, results, reasons, dispatched) = target_columns(recs)?;
+        // One statement: the row lock of each target orders controllers
+        // racing for it, and the state is checked under that lock.
+        let sql = if from == fleetcmd_core::state::TargetState::Pending {
+            CLAIM_PENDING_TARGETS
+        } else {
+            UPDATE_TARGETS_FROM
+        };
+        Ok(self
+            .query(
+                sql,
+                params![
+                    job.to_owned(),
+                    agents,
+                    states,
+                    results,
+                    reasons,
+                    dispatched,
+                    from.as_str()
+                ],
+            )?
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect())
     }
 
     fn get_target(&self, job: &str, agent: &str) -> Result<Option<TargetRecord>, StoreError> {

@@ -587,6 +587,43 @@ impl JobStore for SledStore {
         Ok(())
     }
 
+    fn put_targets_if(
+        &self,
+        job: &str,
+        from: fleetcmd_core::state::TargetState,
+        recs: &[(&str, &TargetRecord)],
+    ) -> Result<Vec<String>, StoreError> {
+        let targets = &self.trees()?.targets;
+        let mut written = Vec::new();
+        for (agent, rec) in recs {
+            let key = target_key(job, agent);
+            let new = encode_target(rec);
+            // Compare-and-swap on the bytes read: a write in between makes
+            // the swap fail, and the state is checked again.
+            loop {
+                let old = targets.get(&key).map_err(|e| self.fail(e))?;
+                let state = match &old {
+                    Some(v) => decode_target(&key, v)?.state,
+                    None => fleetcmd_core::state::TargetState::Pending,
+                };
+                if state != from {
+                    break;
+                }
+                match targets
+                    .compare_and_swap(&key, old, Some(new.clone()))
+                    .map_err(|e| self.fail(e))?
+                {
+                    Ok(()) => {
+                        written.push((*agent).to_owned());
+                        break;
+                    }
+                    Err(_) => continue,
+                }
+            }
+        }
+        Ok(written)
+    }
+
     fn get_target(&self, job: &str, agent: &str) -> Result<Option<TargetRecord>, StoreError> {
         let key = target_key(job, agent);
         self.trees()?

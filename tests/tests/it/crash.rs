@@ -171,17 +171,7 @@ pub(crate) async fn setup() -> (World, Proc, Vec<Proc>) {
         .expect("policy pushed");
     let mut agents = Vec::new();
     for name in ["a-1", "a-2"] {
-        let token = pb::tokens_client::TokensClient::new(world.channel().await)
-            .create(pb::CreateTokenRequest {
-                ttl_secs: 600,
-                uses: 1,
-                name: name.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("token")
-            .into_inner()
-            .token;
+        let token = crate::failover::join_token(world.channel().await, name).await;
         std::fs::write(
             world.agent_cfg(name),
             format!(

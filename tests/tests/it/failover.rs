@@ -25,7 +25,7 @@ use fleetcmd_tests::*;
 
 use crate::crash::Proc;
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -33,7 +33,7 @@ fn free_port() -> u16 {
 }
 
 /// A real process whose stderr goes to `log` (read when a test fails).
-fn spawn(cmd: &mut Command, log: &Path) -> Proc {
+pub(crate) fn spawn(cmd: &mut Command, log: &Path) -> Proc {
     let log = std::fs::File::create(log).expect("log file");
     Proc(
         cmd.stdin(Stdio::null())
@@ -45,7 +45,7 @@ fn spawn(cmd: &mut Command, log: &Path) -> Proc {
     )
 }
 
-fn controller(config: &Path, log: &Path) -> Proc {
+pub(crate) fn controller(config: &Path, log: &Path) -> Proc {
     spawn(
         Command::new(bin("fleetcmd-controller"))
             .arg("-c")
@@ -56,7 +56,7 @@ fn controller(config: &Path, log: &Path) -> Proc {
 }
 
 /// Copies what a second controller must share with the first.
-fn share_ca_and_audit_key(from: &Path, to: &Path) {
+pub(crate) fn share_ca_and_audit_key(from: &Path, to: &Path) {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     for sub in ["pki", "audit"] {
         std::fs::DirBuilder::new()
@@ -72,7 +72,77 @@ fn share_ca_and_audit_key(from: &Path, to: &Path) {
     }
 }
 
-async fn online_agents(url: &str, op: &ClientTls) -> Option<Vec<pb::Agent>> {
+/// The config of a controller named `name` on the PostgreSQL database
+/// `db` of `cluster`: listening on `port`, its data in `d/NAME`, `admin`
+/// its policy root, heartbeats every second.
+pub(crate) fn postgres_controller_config(
+    d: &Path,
+    name: &str,
+    port: u16,
+    admin: &fleetcmd_core::crypto::SigningKey,
+    cluster: &pg::PgCluster,
+    db: &pg::Database,
+) -> std::path::PathBuf {
+    let path = d.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\npolicy_roots = [\"{}\"]\nheartbeat_interval = \"1s\"\n\
+             store = \"postgres\"\npostgres_url = \"{}\"\npostgres_password_file = \"{}\"\n",
+            d.join(name).display(),
+            admin.public_key(),
+            db.url,
+            cluster.password_file().display(),
+        ),
+    )
+    .expect("controller config");
+    path
+}
+
+/// A policy bundle signed by the policy root `admin`.
+pub(crate) fn signed_policy(
+    text: &str,
+    admin: &fleetcmd_core::crypto::SigningKey,
+) -> pb::SignedPolicy {
+    let sig = fleetcmd_core::policy_bundle::sign_bundle(text.as_bytes(), admin);
+    pb::SignedPolicy {
+        bundle: text.as_bytes().to_vec(),
+        signatures: vec![pb::PolicySignature {
+            key_id: sig.key_id,
+            signature: sig.signature,
+        }],
+    }
+}
+
+/// A one-use join token for the agent `name`, made through `ch`.
+pub(crate) async fn join_token(ch: tonic::transport::Channel, name: &str) -> String {
+    pb::tokens_client::TokensClient::new(ch)
+        .create(pb::CreateTokenRequest {
+            ttl_secs: 600,
+            uses: 1,
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("token")
+        .into_inner()
+        .token
+}
+
+/// `fleetcmd-agent -c CFG join --no-start --token TOKEN`; whether it joined.
+pub(crate) fn join_agent(cfg: &Path, token: &str) -> bool {
+    Command::new(bin("fleetcmd-agent"))
+        .arg("-c")
+        .arg(cfg)
+        .args(["join", "--no-start", "--token", token])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("join")
+        .success()
+}
+
+pub(crate) async fn online_agents(url: &str, op: &ClientTls) -> Option<Vec<pb::Agent>> {
     let ch = fleetcmd_proto::channel::connect(url, op).await.ok()?;
     Some(
         pb::agents_client::AgentsClient::new(ch)
@@ -87,8 +157,9 @@ async fn online_agents(url: &str, op: &ClientTls) -> Option<Vec<pb::Agent>> {
     )
 }
 
-fn dump_logs(dir: &Path) -> String {
-    ["ctl-a.log", "ctl-b.log", "agent.log"]
+/// The last lines of each of `files` in `dir`, for a failure message.
+pub(crate) fn dump_logs(dir: &Path, files: &[&str]) -> String {
+    files
         .iter()
         .map(|f| {
             let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
@@ -121,23 +192,10 @@ async fn an_agent_fails_over_to_the_second_controller_when_its_own_is_killed() {
         format!("https://127.0.0.1:{port_a}"),
         format!("https://127.0.0.1:{port_b}"),
     );
-    let write_config = |name: &str, port: u16| {
-        let path = d.join(format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\npolicy_roots = [\"{}\"]\nheartbeat_interval = \"1s\"\n\
-                 store = \"postgres\"\npostgres_url = \"{}\"\npostgres_password_file = \"{}\"\n",
-                d.join(name).display(),
-                admin.public_key(),
-                db.url,
-                cluster.password_file().display(),
-            ),
-        )
-        .expect("controller config");
-        path
-    };
-    let (cfg_a, cfg_b) = (write_config("ctl-a", port_a), write_config("ctl-b", port_b));
+    let (cfg_a, cfg_b) = (
+        postgres_controller_config(d, "ctl-a", port_a, &admin, cluster, &db),
+        postgres_controller_config(d, "ctl-b", port_b, &admin, cluster, &db),
+    );
 
     // Controller A makes the fleet: CA, operator certificate, policy, token.
     let ctl_a = controller(&cfg_a, &d.join("ctl-a.log"));
@@ -157,28 +215,11 @@ async fn an_agent_fails_over_to_the_second_controller_when_its_own_is_killed() {
         }
     };
     let policy = fleetcmd_cli::fleet::example_policy(1, &op_key.public_key(), &op_key.public_key());
-    let sig = fleetcmd_core::policy_bundle::sign_bundle(policy.as_bytes(), &admin);
     pb::policy_client::PolicyClient::new(channel(url_a.clone()).await)
-        .push(pb::SignedPolicy {
-            bundle: policy.into_bytes(),
-            signatures: vec![pb::PolicySignature {
-                key_id: sig.key_id,
-                signature: sig.signature,
-            }],
-        })
+        .push(signed_policy(&policy, &admin))
         .await
         .expect("policy pushed");
-    let token = pb::tokens_client::TokensClient::new(channel(url_a.clone()).await)
-        .create(pb::CreateTokenRequest {
-            ttl_secs: 600,
-            uses: 1,
-            name: "a-1".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("token")
-        .into_inner()
-        .token;
+    let token = join_token(channel(url_a.clone()).await, "a-1").await;
 
     // The agent knows both; it joins through the first reachable (A).
     let agent_cfg = d.join("agent.toml");
@@ -190,15 +231,7 @@ async fn an_agent_fails_over_to_the_second_controller_when_its_own_is_killed() {
         ),
     )
     .expect("agent config");
-    let st = Command::new(bin("fleetcmd-agent"))
-        .arg("-c")
-        .arg(&agent_cfg)
-        .args(["join", "--no-start", "--token", &token])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("join");
-    assert!(st.success(), "a-1 joins");
+    assert!(join_agent(&agent_cfg, &token), "a-1 joins");
     let cert_before = std::fs::read(d.join("a-1/agent.crt")).expect("the joined certificate");
     let _agent = spawn(
         Command::new(bin("fleetcmd-agent"))
@@ -236,7 +269,12 @@ async fn an_agent_fails_over_to_the_second_controller_when_its_own_is_killed() {
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("a-1 not online on B within 10 s\n{}", dump_logs(d)));
+    .unwrap_or_else(|_| {
+        panic!(
+            "a-1 not online on B within 10 s\n{}",
+            dump_logs(d, &["ctl-a.log", "ctl-b.log", "agent.log"])
+        )
+    });
     let took = killed.elapsed();
     eprintln!("a-1 online on controller B {took:?} after kill -9 of A");
     assert_eq!(moved[0].policy_version, 1, "{moved:?}");

@@ -10,7 +10,7 @@ use pb::job_event::Event;
 
 use crate::support::*;
 
-const EXTRA: &str = r#"
+pub(crate) const EXTRA: &str = r#"
 [commands.ticks]
 description = "Three lines, 300 ms apart"
 argv = ["/bin/sh", "-c", "for i in 1 2 3; do echo tick $i; sleep 0.3; done"]

@@ -6,6 +6,7 @@ mod approvals;
 mod audit;
 mod audit_export;
 mod authn;
+mod bus;
 mod crash;
 mod deploy;
 mod docs;

@@ -1,0 +1,529 @@
+//! One fleet across two `fleetcmd-controller` processes on one PostgreSQL
+//! database (`pg::PgCluster`), joined by the bus (`LISTEN`/`NOTIFY`):
+//! agent `a-1` streams to controller A only, `b-1` to controller B only.
+//! A job submitted on A runs on `b-1` and its live output and result are
+//! seen through A; every target is dispatched once; a revocation and a
+//! policy pushed on A reach B's agent; two controllers appending to the
+//! audit trail at once keep one chain that verifies.
+//!
+//! The controllers share what an operator copies (see `failover`): the
+//! fleet CA, the audit key and the policy roots.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fleetcmd_core::crypto::SigningKey;
+use fleetcmd_core::job::SignedJob;
+use fleetcmd_proto::channel::ClientTls;
+use fleetcmd_proto::v1 as pb;
+use fleetcmd_proto::v1::{JobState, TargetState};
+use fleetcmd_tests::workspace_bin as bin;
+use fleetcmd_tests::*;
+use pb::job_event::Event;
+use tonic::transport::Channel;
+
+use crate::crash::Proc;
+use crate::failover::{
+    controller, dump_logs, free_port, join_agent, join_token, online_agents,
+    postgres_controller_config, share_ca_and_audit_key, signed_policy, spawn,
+};
+
+struct TwoControllers {
+    dir: tempfile::TempDir,
+    cluster: &'static pg::PgCluster,
+    db: pg::Database,
+    url_a: String,
+    url_b: String,
+    op: ClientTls,
+    op_key: SigningKey,
+    admin: SigningKey,
+    _procs: Vec<Proc>,
+}
+
+impl TwoControllers {
+    async fn channel(&self, url: &str) -> Channel {
+        let (url, op) = (url.to_owned(), self.op.clone());
+        assert_eventually(Duration::from_secs(20), || {
+            let (url, op) = (url.clone(), op.clone());
+            async move { fleetcmd_proto::channel::connect(&url, &op).await.ok() }
+        })
+        .await
+    }
+
+    fn policy(&self, version: u64) -> pb::SignedPolicy {
+        let text = format!(
+            "{}{}",
+            fleetcmd_cli::fleet::example_policy(
+                version,
+                &self.op_key.public_key(),
+                &self.op_key.public_key()
+            ),
+            // `ticks`: output over time, for live output through the bus.
+            crate::live::EXTRA
+        );
+        signed_policy(&text, &self.admin)
+    }
+
+    fn job(&self, command: &str, selector: &str) -> pb::SignedJob {
+        let s = spec(command, &[], selector, "cli:admin");
+        to_pb(SignedJob::sign(
+            &s,
+            fleetcmd_cli::fleet::OPERATOR_SIGNER,
+            &self.op_key,
+        ))
+    }
+
+    /// The agent named `name` on its `online` listing of `url`, if online.
+    async fn online(&self, url: &str, name: &str) -> Option<pb::Agent> {
+        online_agents(url, &self.op)
+            .await?
+            .into_iter()
+            .find(|a| a.agent_id == name)
+    }
+
+    fn logs(&self) -> String {
+        dump_logs(
+            self.dir.path(),
+            &["ctl-a.log", "ctl-b.log", "a-1.log", "b-1.log"],
+        )
+    }
+
+    /// `SELECT` one value from the database.
+    fn sql(&self, sql: &str) -> String {
+        self.cluster
+            .psql(&self.db.name, sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .trim()
+            .to_owned()
+    }
+}
+
+/// Controllers A and B on one fresh database, policy 1 pushed on A before
+/// B starts, `a-1` joined and streaming to A only, `b-1` to B only.
+async fn two_controllers() -> TwoControllers {
+    init();
+    let (cluster, db) = tokio::task::spawn_blocking(|| {
+        let cluster = pg::PgCluster::shared();
+        (cluster, cluster.fresh_database())
+    })
+    .await
+    .expect("cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_owned();
+    let admin = fleetcmd_cli::policy_cmd::keygen(&d.join("admin.key"))
+        .map_err(|f| f.error)
+        .expect("admin key");
+    let (port_a, port_b) = (free_port(), free_port());
+    let cfg_a = postgres_controller_config(&d, "ctl-a", port_a, &admin, cluster, &db);
+    let cfg_b = postgres_controller_config(&d, "ctl-b", port_b, &admin, cluster, &db);
+    let mut procs = vec![controller(&cfg_a, &d.join("ctl-a.log"))];
+    let ca = d.join("ctl-a/pki/ca.crt");
+    assert_eventually(Duration::from_secs(20), || async {
+        ca.exists().then_some(())
+    })
+    .await;
+    let (op, op_key) = crate::crash::issue_operator(&cfg_a, &d.join("op"));
+    let mut fleet = TwoControllers {
+        dir,
+        cluster,
+        db,
+        url_a: format!("https://127.0.0.1:{port_a}"),
+        url_b: format!("https://127.0.0.1:{port_b}"),
+        op,
+        op_key,
+        admin,
+        _procs: Vec::new(),
+    };
+    pb::policy_client::PolicyClient::new(fleet.channel(&fleet.url_a).await)
+        .push(fleet.policy(1))
+        .await
+        .expect("policy pushed on A");
+    share_ca_and_audit_key(&d.join("ctl-a"), &d.join("ctl-b"));
+    procs.push(controller(&cfg_b, &d.join("ctl-b.log")));
+    for (name, url) in [("a-1", fleet.url_a.clone()), ("b-1", fleet.url_b.clone())] {
+        // Tokens made on A; b-1 uses its token on B (the store is shared).
+        let token = join_token(fleet.channel(&fleet.url_a).await, name).await;
+        let cfg = d.join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "controller = \"{url}\"\nstate_dir = \"{}\"\n",
+                d.join(name).display()
+            ),
+        )
+        .expect("agent config");
+        let _ = fleet.channel(&url).await;
+        assert!(join_agent(&cfg, &token), "{name} joins through {url}");
+        procs.push(spawn(
+            Command::new(bin("fleetcmd-agent"))
+                .arg("-c")
+                .arg(&cfg)
+                .arg("run"),
+            &d.join(format!("{name}.log")),
+        ));
+    }
+    fleet._procs = procs;
+    for (name, url) in [("a-1", &fleet.url_a), ("b-1", &fleet.url_b)] {
+        let up = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if fleet
+                    .online(url, name)
+                    .await
+                    .is_some_and(|a| a.policy_version == 1)
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(
+            up.is_ok(),
+            "{name} online on {url} with policy 1\n{}",
+            fleet.logs()
+        );
+    }
+    // Each enrolment reached the other controller: both list both agents.
+    let joined = Instant::now();
+    let both = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut ok = true;
+            for url in [&fleet.url_a, &fleet.url_b] {
+                let ch = fleet.channel(url).await;
+                let names: Vec<String> = pb::agents_client::AgentsClient::new(ch)
+                    .list(pb::ListAgentsRequest::default())
+                    .await
+                    .map(|r| r.into_inner().agents)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|a| a.agent_id)
+                    .collect();
+                ok &= names == ["a-1", "b-1"];
+            }
+            if ok {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        both.is_ok(),
+        "both controllers list both enrolments\n{}",
+        fleet.logs()
+    );
+    eprintln!(
+        "enrolments on both controllers after {:?}",
+        joined.elapsed()
+    );
+    fleet
+}
+
+/// Submits on `url` and follows the job there: its live output by agent,
+/// and the finished job.
+async fn run_and_watch(
+    fleet: &TwoControllers,
+    url: &str,
+    job: pb::SignedJob,
+) -> (pb::Job, Vec<(String, String)>) {
+    let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(url).await);
+    let id = jobs
+        .submit(job)
+        .await
+        .expect("submitted")
+        .into_inner()
+        .job_id;
+    let mut stream = jobs
+        .watch(pb::WatchJobRequest { job_id: id.clone() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut chunks = Vec::new();
+    let done = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(ev) = stream.message().await.expect("event") {
+            match ev.event {
+                Some(Event::Chunk(c)) => {
+                    chunks.push((c.agent_id, String::from_utf8_lossy(&c.data).into_owned()))
+                }
+                Some(Event::Job(j)) if j.job_state() != JobState::Running => return Some(j),
+                _ => {}
+            }
+        }
+        None
+    })
+    .await;
+    let job = match done {
+        Ok(Some(j)) => j,
+        _ => panic!("job {id} did not end on {url}\n{}", fleet.logs()),
+    };
+    (job, chunks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_submitted_on_one_controller_runs_on_the_other_controllers_agent_once() {
+    let fleet = two_controllers().await;
+    // Submitted and watched on A; b-1 is connected to B only.
+    let (job, chunks) = run_and_watch(&fleet, &fleet.url_a, fleet.job("ticks", "all")).await;
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
+    for name in ["a-1", "b-1"] {
+        let t = target(&job, name);
+        assert_eq!(t.target_state(), TargetState::Ok, "{job:?}");
+        assert!(stdout(t).contains("tick 3"), "{name}: {}", stdout(t));
+    }
+    // B's agent's live output reached the watcher on A.
+    let from_b: String = chunks
+        .iter()
+        .filter(|(agent, _)| agent == "b-1")
+        .map(|(_, text)| text.as_str())
+        .collect();
+    assert!(
+        from_b.contains("tick 1"),
+        "live output of b-1 seen on A: {chunks:?}"
+    );
+    // The same job read on B.
+    let on_b = pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_b).await)
+        .get(pb::GetJobRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .expect("get on B")
+        .into_inner();
+    assert_eq!(on_b.job_state(), JobState::Succeeded);
+
+    // Many jobs, submitted on both, each for both agents: every target is
+    // dispatched by exactly one controller, once, and has one result.
+    let mut ids = vec![job.job_id.clone()];
+    let mut clients = [
+        pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_a).await),
+        pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_b).await),
+    ];
+    for i in 0..20 {
+        let id = clients[i % 2]
+            .submit(fleet.job("uptime", "all"))
+            .await
+            .expect("submitted")
+            .into_inner()
+            .job_id;
+        ids.push(id);
+    }
+    for id in &ids {
+        let done = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let j = clients[0]
+                    .get(pb::GetJobRequest { job_id: id.clone() })
+                    .await
+                    .expect("get")
+                    .into_inner();
+                if j.job_state() != JobState::Running {
+                    return j;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("job {id} did not end\n{}", fleet.logs()));
+        assert_eq!(done.job_state(), JobState::Succeeded, "{done:?}");
+        // One `job_dispatched` record per host and job, whichever
+        // controller wrote it.
+        let dispatches = fleet.sql(&format!(
+            "SELECT string_agg(h, ',' ORDER BY h) FROM audit_log, \
+             jsonb_array_elements_text(record->'event'->'hosts') AS h \
+             WHERE record->'event'->>'kind' = 'job_dispatched' \
+             AND record->'event'->>'job_id' = '{id}'"
+        ));
+        assert_eq!(dispatches, "a-1,b-1", "job {id} dispatched once per host");
+        assert_eq!(
+            fleet.sql(&format!(
+                "SELECT count(*) FROM targets WHERE job_id = '{id}' AND result IS NOT NULL"
+            )),
+            "2"
+        );
+    }
+    // Neither agent refused a job as replayed (it was never sent twice).
+    for name in ["a-1", "b-1"] {
+        let log = std::fs::read_to_string(fleet.dir.path().join(format!("{name}.log")))
+            .unwrap_or_default();
+        assert!(!log.contains("replay"), "{name} saw a replay:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_and_a_policy_pushed_on_one_controller_reach_the_others_agents() {
+    let fleet = two_controllers().await;
+    // Policy 2 pushed on A: b-1, connected to B, runs it.
+    pb::policy_client::PolicyClient::new(fleet.channel(&fleet.url_a).await)
+        .push(fleet.policy(2))
+        .await
+        .expect("policy 2 pushed on A");
+    let pushed = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if fleet
+                .online(&fleet.url_b, "b-1")
+                .await
+                .is_some_and(|a| a.policy_version == 2)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "b-1 on B runs policy 2\n{}", fleet.logs());
+    eprintln!(
+        "policy on B's agent {:?} after the push on A",
+        pushed.elapsed()
+    );
+
+    // b-1 revoked on A: B ends its stream and refuses it from then on.
+    pb::agents_client::AgentsClient::new(fleet.channel(&fleet.url_a).await)
+        .revoke(pb::RevokeRequest {
+            agent_id: "b-1".into(),
+        })
+        .await
+        .expect("revoked on A");
+    let revoked = Instant::now();
+    let listed_revoked = |agents: Option<Vec<pb::Agent>>| {
+        agents.is_some_and(|all| all.iter().all(|a| a.agent_id != "b-1"))
+    };
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let ch = fleet.channel(&fleet.url_b).await;
+            let all = pb::agents_client::AgentsClient::new(ch)
+                .list(pb::ListAgentsRequest::default())
+                .await
+                .ok()
+                .map(|r| r.into_inner().agents);
+            if let Some(all) = &all
+                && all
+                    .iter()
+                    .any(|a| a.agent_id == "b-1" && a.revoked && !a.online)
+                && listed_revoked(online_agents(&fleet.url_b, &fleet.op).await)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        cut.is_ok(),
+        "b-1 cut off by B within 5 s of its revocation on A\n{}",
+        fleet.logs()
+    );
+    eprintln!(
+        "b-1 cut off on B {:?} after the revocation on A",
+        revoked.elapsed()
+    );
+    // Still out a moment later (its reconnects are refused by B).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(listed_revoked(online_agents(&fleet.url_b, &fleet.op).await));
+    // Policy 2 is also what B itself serves and checks jobs against.
+    let (job, _) = run_and_watch(&fleet, &fleet.url_b, fleet.job("uptime", "all")).await;
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
+    assert_eq!(
+        job.targets.len(),
+        1,
+        "a revoked agent is no target: {job:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_controllers_appending_at_once_keep_one_audit_chain() {
+    let fleet = two_controllers().await;
+    // Token creations on both at once: each is audited durably before it
+    // is answered.
+    let mut tasks = tokio::task::JoinSet::new();
+    for url in [&fleet.url_a, &fleet.url_b] {
+        for _ in 0..4 {
+            let mut tokens = pb::tokens_client::TokensClient::new(fleet.channel(url).await);
+            tasks.spawn(async move {
+                for _ in 0..25 {
+                    tokens
+                        .create(pb::CreateTokenRequest {
+                            ttl_secs: 60,
+                            uses: 1,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("token");
+                }
+            });
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("writer");
+    }
+    let count: u64 = fleet
+        .sql("SELECT count(*) FROM audit_log WHERE record->'event'->>'kind' = 'token_created'")
+        .parse()
+        .expect("count");
+    assert_eq!(count, 2 + 200, "every token audited once");
+    let (first, last, n) = (
+        fleet.sql("SELECT min(seq) FROM audit_log"),
+        fleet.sql("SELECT max(seq) FROM audit_log"),
+        fleet.sql("SELECT count(*) FROM audit_log"),
+    );
+    let span = last.parse::<u64>().expect("max") - first.parse::<u64>().expect("min") + 1;
+    assert_eq!(span.to_string(), n, "contiguous sequence numbers");
+    // The whole chain verifies, asked of either controller.
+    for url in [&fleet.url_a, &fleet.url_b] {
+        let v = pb::audit_client::AuditClient::new(fleet.channel(url).await)
+            .verify(pb::AuditVerifyRequest { from_seq: 0 })
+            .await
+            .expect("verify")
+            .into_inner();
+        assert!(v.ok, "the chain verifies on {url}: {v:?}");
+        assert_eq!(v.records.to_string(), n, "{v:?}");
+    }
+}
+
+/// Submit → result seen by a watcher, for a job on `b-1` only: submitted
+/// and watched on A (the job crosses to B and its result back) against
+/// submitted and watched on B (BENCHMARKS.md, "Controller bus").
+/// Run: `cargo nextest run -p fleetcmd-tests bus::cross_controller_latency
+/// --run-ignored all --no-capture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark (issue 19): prints numbers, asserts only that jobs succeed"]
+async fn cross_controller_latency() {
+    let fleet = two_controllers().await;
+    for (label, url) in [
+        ("on B (local)", &fleet.url_b),
+        ("on A (via bus)", &fleet.url_a),
+    ] {
+        let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(url).await);
+        let mut lat = Vec::new();
+        for _ in 0..200 {
+            let job = fleet.job("uptime", "name=b-1");
+            let t = Instant::now();
+            let id = jobs.submit(job).await.expect("submit").into_inner().job_id;
+            let mut stream = jobs
+                .watch(pb::WatchJobRequest { job_id: id })
+                .await
+                .expect("watch")
+                .into_inner();
+            let mut done = None;
+            while let Some(ev) = stream.message().await.expect("event") {
+                match ev.event {
+                    Some(Event::Target(t)) if t.result.is_some() => {
+                        done.get_or_insert(t.target_state());
+                    }
+                    Some(Event::Job(j)) if j.job_state() != JobState::Running => {
+                        done.get_or_insert(target(&j, "b-1").target_state());
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            assert_eq!(done, Some(TargetState::Ok));
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        let pct = |p: usize| lat[(lat.len() * p / 100).min(lat.len() - 1)];
+        eprintln!(
+            "submit and watch {label}: 200 jobs, submit → result p50 {:?} p99 {:?}",
+            pct(50),
+            pct(99)
+        );
+    }
+}
