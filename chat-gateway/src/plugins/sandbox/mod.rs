@@ -220,21 +220,56 @@ pub fn available() -> Result<u32, String> {
              landlock in the lsm= boot list)"
         )
     })?;
-    if std::fs::read_to_string("/proc/sys/user/max_user_namespaces").is_ok_and(|v| v.trim() == "0")
-    {
-        return Err(
-            "user namespaces are disabled (/proc/sys/user/max_user_namespaces is 0)".to_string(),
-        );
-    }
-    if std::fs::read_to_string("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
-        .is_ok_and(|v| v.trim() == "1")
-    {
-        return Err("AppArmor restricts unprivileged user namespaces \
-             (kernel.apparmor_restrict_unprivileged_userns = 1): give fleetcmd-gateway an \
-             AppArmor profile that allows `userns,`"
-            .to_string());
-    }
+    static PROBE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    PROBE.get_or_init(probe_namespaces).clone()?;
     Ok(abi)
+}
+
+/// Whether a process can really enter a new user and PID namespace here
+/// (sysctls, AppArmor, a container's seccomp profile or a missing kernel
+/// option can each forbid it): one tried with `/bin/sh -c :`, the reason
+/// named when it cannot.
+#[allow(unsafe_code)]
+fn probe_namespaces() -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.args(["-c", ":"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure makes one async-signal-safe syscall.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWPID) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let hint = || {
+        let read = |p: &str| std::fs::read_to_string(p).map(|v| v.trim().to_string());
+        if read("/proc/sys/user/max_user_namespaces").is_ok_and(|v| v == "0") {
+            " (/proc/sys/user/max_user_namespaces is 0)"
+        } else if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+            .is_ok_and(|v| v == "1")
+        {
+            " (kernel.apparmor_restrict_unprivileged_userns = 1: give fleetcmd-gateway an \
+             AppArmor profile that allows `userns,`)"
+        } else {
+            ""
+        }
+    };
+    match cmd.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!(
+            "a probe in a new user namespace ended with {s}{}",
+            hint()
+        )),
+        Err(e) => Err(format!(
+            "this process may not create user and PID namespaces: {e}{}",
+            hint()
+        )),
+    }
 }
 
 /// Scratch directories are `TMPDIR/fleetcmd-plugin-GATEWAYPID-NAME-…`.
