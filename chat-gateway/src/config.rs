@@ -152,6 +152,19 @@ pub enum ConfigError {
     },
 }
 
+/// `line N: ` of the first `[name]` or `[[name]]` header in `text` (a
+/// section's own errors come from its parsed value, which has no
+/// positions), or nothing when the section is written inline.
+fn section_line(text: &str, name: &str) -> String {
+    text.lines()
+        .position(|l| {
+            let l = l.trim();
+            l == format!("[{name}]") || l == format!("[[{name}]]")
+        })
+        .map(|i| format!("line {}: ", i + 1))
+        .unwrap_or_default()
+}
+
 /// Every string under a key that names a secret or key file, at any depth.
 fn files_named_in(value: &toml::Value, out: &mut Vec<PathBuf>) {
     let names_a_file = |k: &str| {
@@ -212,7 +225,7 @@ impl GatewayConfig {
             };
             entry
                 .parse(section, &crate::registry::Paths::base(&cfg.base))
-                .map_err(|e| parse_error(format!("[{name}]: {e}")))?;
+                .map_err(|e| parse_error(format!("{}[{name}]: {e}", section_line(text, name))))?;
         }
         Ok(cfg)
     }

@@ -321,3 +321,26 @@ fn inline_secrets_in_a_world_readable_gateway_toml_are_refused() {
     );
     assert_eq!(problems(0o600), Vec::<String>::new());
 }
+
+/// A section's own errors name the line of its header: its value has no
+/// positions of its own once parsed.
+#[test]
+fn a_bad_key_in_a_section_names_the_sections_line() {
+    let dir = fixture();
+    let file = dir.path().join("gateway.toml");
+    let text = format!(
+        "{}bogus = 1\n",
+        config("sign.pem", "cert.pem").replace("[console]", "\n\n[console]")
+    );
+    write(dir.path(), "gateway.toml", &text);
+    let line = text.lines().position(|l| l == "[console]").map(|i| i + 1);
+    let err = GatewayConfig::load(&file).expect_err("an unknown key is refused");
+    let said = err.to_string();
+    assert!(
+        said.contains(&format!(
+            "line {}: [console]: unknown field `bogus`",
+            line.unwrap_or(0)
+        )),
+        "{said}"
+    );
+}
