@@ -44,9 +44,8 @@ impl DevDatabase {
     /// when Debian's PostgreSQL server is not installed.
     pub async fn start() -> anyhow::Result<DevDatabase> {
         tokio::task::spawn_blocking(|| {
-            let cluster = PgCluster::start().map_err(|e| {
-                anyhow::anyhow!("--postgres: starting a local PostgreSQL: {e}")
-            })?;
+            let cluster = PgCluster::start()
+                .map_err(|e| anyhow::anyhow!("--postgres: starting a local PostgreSQL: {e}"))?;
             cluster
                 .psql("postgres", "CREATE DATABASE fleetcmd")
                 .map_err(|e| {
@@ -85,8 +84,12 @@ fn listen_for(first: SocketAddr, k: usize) -> anyhow::Result<SocketAddr> {
             .with_context(|| format!("finding a free port on {}", first.ip()))?;
         return Ok(l.local_addr()?);
     }
-    let port = u16::try_from(usize::from(first.port()) + k - 1)
-        .map_err(|_| anyhow::anyhow!("--listen port {} leaves no room for controller {k}", first.port()))?;
+    let port = u16::try_from(usize::from(first.port()) + k - 1).map_err(|_| {
+        anyhow::anyhow!(
+            "--listen port {} leaves no room for controller {k}",
+            first.port()
+        )
+    })?;
     Ok(SocketAddr::new(first.ip(), port))
 }
 
@@ -104,8 +107,9 @@ fn share_keys(from: &Path, to: &Path) -> anyhow::Result<()> {
     }
     for file in ["pki/ca.crt", "pki/ca.key", "audit/audit.key"] {
         let dst = to.join(file);
-        std::fs::copy(from.join(file), &dst)
-            .with_context(|| format!("copying {} to {}", from.join(file).display(), dst.display()))?;
+        std::fs::copy(from.join(file), &dst).with_context(|| {
+            format!("copying {} to {}", from.join(file).display(), dst.display())
+        })?;
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("chmod 600 {}", dst.display()))?;
     }
@@ -160,8 +164,8 @@ pub async fn start_controllers(fleet: &Fleet, n: usize) -> anyhow::Result<Vec<Ch
         std::fs::write(&config, child_config(fleet, listen, &data_dir)?)
             .with_context(|| format!("writing {}", config.display()))?;
         let log = fleet.dir.join(format!("controller-{k}.log"));
-        let stderr = std::fs::File::create(&log)
-            .with_context(|| format!("creating {}", log.display()))?;
+        let stderr =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.arg("dev-controller")
             .arg(&config)

@@ -8,6 +8,7 @@ mod audit_export;
 mod authn;
 mod crash;
 mod deploy;
+mod dev_ha;
 mod docs;
 mod e2e;
 mod enrollment;
