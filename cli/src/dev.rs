@@ -36,7 +36,7 @@ pub struct DevArgs {
     /// Number of controllers (needs --postgres): the first in this process,
     /// the others as child processes on ports after --listen's; agent dev-i
     /// prefers controller i (modulo N) and knows all of them. DIR/controllers
-    /// lists each one's URL and process id.
+    /// lists each one's URL, process id and /metrics URL.
     #[arg(long, default_value_t = 1)]
     pub controllers: usize,
 }
@@ -75,6 +75,9 @@ pub async fn run(args: DevArgs) -> Result<u8, Failure> {
     let db = if args.postgres {
         let db = crate::dev_cluster::DevDatabase::start().await?;
         opts.postgres = Some(db.config.clone());
+        // Every controller of a PostgreSQL dev fleet serves /metrics on
+        // loopback (listed in DIR/controllers).
+        opts.controller_metrics = Some(SocketAddr::new(args.listen.ip(), 0));
         Some(db)
     } else {
         None
@@ -97,7 +100,15 @@ pub async fn run(args: DevArgs) -> Result<u8, Failure> {
     };
     std::fs::write(
         dir.join("controllers"),
-        crate::dev_cluster::controllers_file(&fleet.url, &children),
+        crate::dev_cluster::controllers_file(
+            &fleet.url,
+            &fleet
+                .controller
+                .metrics_addr()
+                .map(|a| format!("http://{a}/metrics"))
+                .unwrap_or_else(|| "-".into()),
+            &children,
+        ),
     )?;
     std::fs::write(dir.join("env"), fleet.env_file())?;
     if let Some(db) = &db {

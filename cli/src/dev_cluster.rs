@@ -72,17 +72,24 @@ impl DevDatabase {
 pub struct Child {
     pub url: String,
     pub pid: u32,
+    /// `http://ADDR/metrics`.
+    pub metrics: String,
     pub log: PathBuf,
     process: tokio::process::Child,
+}
+
+/// A free port on `near`'s address.
+fn free_port(near: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind(SocketAddr::new(near.ip(), 0))
+        .with_context(|| format!("finding a free port on {}", near.ip()))?;
+    Ok(l.local_addr()?)
 }
 
 /// The address of controller number `k` (2…N): the first's port + k - 1
 /// when it has a fixed one, else a free port.
 fn listen_for(first: SocketAddr, k: usize) -> anyhow::Result<SocketAddr> {
     if first.port() == 0 {
-        let l = std::net::TcpListener::bind(SocketAddr::new(first.ip(), 0))
-            .with_context(|| format!("finding a free port on {}", first.ip()))?;
-        return Ok(l.local_addr()?);
+        return free_port(first);
     }
     let port = u16::try_from(usize::from(first.port()) + k - 1).map_err(|_| {
         anyhow::anyhow!(
@@ -117,7 +124,12 @@ fn share_keys(from: &Path, to: &Path) -> anyhow::Result<()> {
 }
 
 /// controller.toml of controller number `k`.
-fn child_config(fleet: &Fleet, listen: SocketAddr, data_dir: &Path) -> anyhow::Result<String> {
+fn child_config(
+    fleet: &Fleet,
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    data_dir: &Path,
+) -> anyhow::Result<String> {
     let cfg = &fleet.controller_config;
     let pg = cfg
         .postgres
@@ -143,6 +155,7 @@ fn child_config(fleet: &Fleet, listen: SocketAddr, data_dir: &Path) -> anyhow::R
         "heartbeat_interval",
         format!("{}ms", cfg.heartbeat_interval.as_millis()).into(),
     );
+    t.insert("metrics_listen", metrics.to_string().into());
     t.insert("store", "postgres".into());
     t.insert("postgres_url", pg.url.clone().into());
     if let Some(p) = &pg.password_file {
@@ -161,7 +174,8 @@ pub async fn start_controllers(fleet: &Fleet, n: usize) -> anyhow::Result<Vec<Ch
         let data_dir = fleet.dir.join(format!("controller-{k}"));
         share_keys(&fleet.controller_config.data_dir, &data_dir)?;
         let config = fleet.dir.join(format!("controller-{k}.toml"));
-        std::fs::write(&config, child_config(fleet, listen, &data_dir)?)
+        let metrics = free_port(listen)?;
+        std::fs::write(&config, child_config(fleet, listen, metrics, &data_dir)?)
             .with_context(|| format!("writing {}", config.display()))?;
         let log = fleet.dir.join(format!("controller-{k}.log"));
         let stderr =
@@ -181,6 +195,7 @@ pub async fn start_controllers(fleet: &Fleet, n: usize) -> anyhow::Result<Vec<Ch
         children.push(Child {
             url: format!("https://{listen}"),
             pid,
+            metrics: format!("http://{metrics}/metrics"),
             log,
             process,
         });
@@ -284,12 +299,13 @@ pub async fn wait_online(
     }
 }
 
-/// `DIR/controllers`: one `URL PID` line per controller, the first one
-/// (in-process) first — what a person or a test needs to stop one.
-pub fn controllers_file(first_url: &str, children: &[Child]) -> String {
-    let mut out = format!("{first_url} {}\n", std::process::id());
+/// `DIR/controllers`: one `URL PID METRICS_URL` line per controller, the
+/// first one (in-process) first — what a person or a test needs to watch
+/// or stop one.
+pub fn controllers_file(first_url: &str, first_metrics: &str, children: &[Child]) -> String {
+    let mut out = format!("{first_url} {} {first_metrics}\n", std::process::id());
     for c in children {
-        out.push_str(&format!("{} {}\n", c.url, c.pid));
+        out.push_str(&format!("{} {} {}\n", c.url, c.pid, c.metrics));
     }
     out
 }

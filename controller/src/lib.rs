@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod cli_args;
 pub mod config;
+pub mod controller_metrics;
 pub mod error;
 pub mod health;
 pub mod keyfile;

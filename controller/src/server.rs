@@ -434,7 +434,17 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
             source,
         })?;
         let mut stop_metrics = stop.subscribe();
-        let app = metrics_app(shared.clone());
+        let app = metrics_app(
+            shared.clone(),
+            ScrapeIdentity {
+                id: leases.holder.clone(),
+                address: addr.to_string(),
+                leases: Singleton::ALL
+                    .iter()
+                    .map(|s| (*s, leases.of(*s).clone()))
+                    .collect(),
+            },
+        );
         metrics = Some(tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stopped(&mut stop_metrics).await })
@@ -575,18 +585,62 @@ async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// Who answers a scrape: what `fleetcmd_controller_info` and the lease
+/// gauges say.
+struct ScrapeIdentity {
+    id: String,
+    address: String,
+    leases: Vec<(Singleton, crate::lease::Leadership)>,
+}
+
 /// `GET /metrics`. One scrape is rendered at a time (each is one blocking
 /// task: a copy of the registry, then text for every host); others wait.
-fn metrics_app(shared: Arc<Shared>) -> axum::Router {
+fn metrics_app(shared: Arc<Shared>, me: ScrapeIdentity) -> axum::Router {
     let gate = Arc::new(tokio::sync::Semaphore::new(1));
+    let me = Arc::new(me);
     axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || scrape(shared.clone(), gate.clone())),
+        axum::routing::get(move || scrape(shared.clone(), me.clone(), gate.clone())),
     )
+}
+
+/// This controller at the scrape; probes the store once (a lease read: one
+/// round trip, no table scan) and records its latency or failure.
+fn controller_snapshot(
+    shared: &Shared,
+    me: &ScrapeIdentity,
+) -> crate::controller_metrics::ControllerSnapshot {
+    let started = std::time::Instant::now();
+    let probe = shared.store.lease_holder(Singleton::Sweeper.lease_name());
+    shared
+        .metrics
+        .store_probe(probe.as_ref().map(|_| started.elapsed()).map_err(|_| ()));
+    if let Err(e) = &probe {
+        tracing::warn!(error = %e, "metrics scrape: the store probe failed");
+    }
+    crate::controller_metrics::ControllerSnapshot {
+        id: me.id.clone(),
+        address: me.address.clone(),
+        store: if shared.config.postgres.is_some() {
+            "postgres"
+        } else {
+            "sled"
+        },
+        leases: me
+            .leases
+            .iter()
+            .map(|(s, l)| crate::controller_metrics::LeaseState {
+                name: s.lease_name(),
+                term: l.fence().map(|f| f.term),
+            })
+            .collect(),
+        store_up: probe.is_ok(),
+    }
 }
 
 async fn scrape(
     shared: Arc<Shared>,
+    me: Arc<ScrapeIdentity>,
     gate: Arc<tokio::sync::Semaphore>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
@@ -594,7 +648,9 @@ async fn scrape(
     // Reading the registry (store + a short hold of the agents lock) and
     // rendering 10 000 hosts take milliseconds: off the async workers.
     let rendered = tokio::task::spawn_blocking(move || {
+        let controller = controller_snapshot(&shared, &me);
         let snapshot = crate::metrics::FleetSnapshot {
+            controller,
             agents: shared.registry.list_agents("")?,
             services: shared.health.services("", 0)?,
             now_ms: crate::audit::now_ms(),
