@@ -34,6 +34,7 @@ mod notify;
 mod operators;
 mod output_trust;
 mod path_args;
+mod pg_restart;
 mod policy_trust;
 mod postgres;
 mod prometheus;
