@@ -111,8 +111,12 @@ mod tests {
                 ],
                 store_up: false,
             },
+            fleet_unread: true,
             ..Default::default()
         });
+        // An unread store leaves out the fleet gauges: zero agents would
+        // read as every agent gone.
+        assert!(!text.contains("fleetcmd_agents_known"), "{text}");
         for line in [
             "fleetcmd_controller_info{controller=\"ctl-7-00ff\",address=\"127.0.0.1:7443\",store=\"postgres\"} 1.0",
             "fleetcmd_lease_held{lease=\"sweeper\"} 1.0",
@@ -135,5 +139,6 @@ mod tests {
         let text = Metrics::new().render(FleetSnapshot::default());
         assert!(!text.contains("fleetcmd_controller_info"), "{text}");
         assert!(!text.contains("fleetcmd_lease_held"), "{text}");
+        assert!(text.contains("fleetcmd_agents_known 0"), "{text}");
     }
 }

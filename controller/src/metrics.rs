@@ -44,6 +44,9 @@ pub struct FleetSnapshot {
     pub now_ms: u64,
     /// Which controller answers, its leases and its store.
     pub controller: crate::controller_metrics::ControllerSnapshot,
+    /// The store could not be read for this scrape: no fleet gauges (an
+    /// empty fleet would read as every agent gone).
+    pub fleet_unread: bool,
 }
 
 type Labels1 = [(&'static str, String); 1];
@@ -209,7 +212,9 @@ impl Metrics {
         fleet.register_collector(Box::new(crate::controller_metrics::ControllerCollector(
             snapshot.controller.clone(),
         )));
-        fleet.register_collector(Box::new(FleetCollector(snapshot)));
+        if !snapshot.fleet_unread {
+            fleet.register_collector(Box::new(FleetCollector(snapshot)));
+        }
         // Writing to a String cannot fail; an encoding error would be a bug
         // in a label or metric name of ours.
         if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)
