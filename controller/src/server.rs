@@ -616,9 +616,7 @@ fn metrics_app(shared: Arc<Shared>, me: ScrapeIdentity) -> axum::Router {
 /// round trip, no table scan) whose latency or failure is recorded.
 fn read_store(shared: &Shared) -> Option<(Vec<pb::Agent>, Vec<pb::Service>)> {
     let started = std::time::Instant::now();
-    let probe = shared
-        .store
-        .lease_holder(Singleton::Sweeper.lease_name());
+    let probe = shared.store.lease_holder(Singleton::Sweeper.lease_name());
     shared
         .metrics
         .store_probe(probe.as_ref().map(|_| started.elapsed()).map_err(|_| ()));
@@ -666,7 +664,9 @@ async fn scrape(
                 None
             }
             Err(_) => {
-                tracing::warn!("metrics scrape: the store did not answer within {SCRAPE_STORE_WAIT:?}");
+                tracing::warn!(
+                    "metrics scrape: the store did not answer within {SCRAPE_STORE_WAIT:?}"
+                );
                 shared.metrics.store_probe(Err(()));
                 None
             }

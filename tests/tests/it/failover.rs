@@ -25,7 +25,7 @@ use fleetcmd_tests::*;
 
 use crate::crash::Proc;
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -33,7 +33,7 @@ fn free_port() -> u16 {
 }
 
 /// A real process whose stderr goes to `log` (read when a test fails).
-fn spawn(cmd: &mut Command, log: &Path) -> Proc {
+pub(crate) fn spawn(cmd: &mut Command, log: &Path) -> Proc {
     let log = std::fs::File::create(log).expect("log file");
     Proc(
         cmd.stdin(Stdio::null())
@@ -45,7 +45,7 @@ fn spawn(cmd: &mut Command, log: &Path) -> Proc {
     )
 }
 
-fn controller(config: &Path, log: &Path) -> Proc {
+pub(crate) fn controller(config: &Path, log: &Path) -> Proc {
     spawn(
         Command::new(bin("fleetcmd-controller"))
             .arg("-c")
@@ -56,7 +56,7 @@ fn controller(config: &Path, log: &Path) -> Proc {
 }
 
 /// Copies what a second controller must share with the first.
-fn share_ca_and_audit_key(from: &Path, to: &Path) {
+pub(crate) fn share_ca_and_audit_key(from: &Path, to: &Path) {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     for sub in ["pki", "audit"] {
         std::fs::DirBuilder::new()

@@ -33,6 +33,7 @@ mod ngircd;
 mod notify;
 mod operators;
 mod output_trust;
+mod partition;
 mod path_args;
 mod pg_restart;
 mod policy_trust;
