@@ -103,7 +103,7 @@ fn listen_for(first: SocketAddr, k: usize) -> anyhow::Result<SocketAddr> {
 /// Copies what every controller of one fleet shares — the CA (agents pin
 /// it; each controller issues its own server certificate from it) and the
 /// audit signing key — from `from` into the new data directory `to`.
-fn share_keys(from: &Path, to: &Path) -> anyhow::Result<()> {
+pub fn share_keys(from: &Path, to: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     for sub in ["pki", "audit"] {
         std::fs::DirBuilder::new()

@@ -99,7 +99,18 @@ async fn run_on(
     key: &fleetcmd_core::crypto::SigningKey,
     agent: &str,
 ) -> pb::Job {
-    let s = spec("uptime", &[], &format!("name={agent}"), "cli:admin");
+    uptime_on(url, op, key, &format!("name={agent}")).await
+}
+
+/// Submits `uptime` for `selector` on the controller at `url`, signed by
+/// the operator's `key`; the job once it is no longer running.
+pub(crate) async fn uptime_on(
+    url: &str,
+    op: &ClientTls,
+    key: &fleetcmd_core::crypto::SigningKey,
+    selector: &str,
+) -> pb::Job {
+    let s = spec("uptime", &[], selector, "cli:admin");
     let job = SignedJob::sign(&s, fleetcmd_cli::fleet::OPERATOR_SIGNER, key);
     let ch = fleetcmd_proto::channel::connect(url, op)
         .await
@@ -134,18 +145,11 @@ fn assert_ran(job: &pb::Job, agent: &str) {
 }
 
 fn logs(dir: &Path) -> String {
-    ["dev.log", "controller-2.log", "controller-3.log"]
-        .iter()
-        .map(|f| {
-            let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(20).collect();
-            format!(
-                "--- {f}\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    crate::failover::log_tails(
+        dir,
+        &["dev.log", "controller-2.log", "controller-3.log"],
+        20,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

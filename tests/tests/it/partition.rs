@@ -114,18 +114,7 @@ async fn controller_id(metrics: &str) -> String {
 }
 
 fn log_tails(d: &Path) -> String {
-    ["ctl-a.log", "ctl-b.log"]
-        .iter()
-        .map(|f| {
-            let text = std::fs::read_to_string(d.join(f)).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(25).collect();
-            format!(
-                "--- {f}\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    crate::failover::log_tails(d, &["ctl-a.log", "ctl-b.log"], 25)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

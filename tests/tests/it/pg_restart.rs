@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use fleetcmd_controller::config::PostgresConfig;
 use fleetcmd_proto::v1 as pb;
 use fleetcmd_proto::v1::{JobState, TargetState};
 use fleetcmd_tests::*;
@@ -36,17 +35,7 @@ struct Outcome {
 /// Three agents on PostgreSQL; a job every 100 ms for 6 s; the server is
 /// down from 0.5 s to about 3 s (plus a 2 s job running across it).
 async fn restart_under_load() -> Outcome {
-    let (cluster, db) = tokio::task::spawn_blocking(|| {
-        let cluster = pg::PgCluster::shared();
-        (cluster, cluster.fresh_database())
-    })
-    .await
-    .expect("cluster");
-    let postgres = PostgresConfig {
-        url: db.url.clone(),
-        password_file: Some(cluster.password_file()),
-        ca_file: None,
-    };
+    let (cluster, db, postgres) = crate::postgres::fresh_store().await;
     let fleet = start_fleet_with(3, |o| o.postgres = Some(postgres)).await;
     let mut jobs = pb::jobs_client::JobsClient::new(fleet.operator().await);
     let (_, long) = fleet.operator_job("sleep", &[("seconds", "2")], "all");
