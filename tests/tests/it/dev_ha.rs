@@ -317,3 +317,27 @@ async fn dev_with_three_controllers_on_postgres_survives_a_kill_9_of_one() {
     })
     .await;
 }
+
+#[test]
+fn several_controllers_without_postgres_or_out_of_range_are_refused_with_the_reason() {
+    for (args, want) in [
+        (
+            &["--controllers", "2"][..],
+            "--controllers 2 needs --postgres: controllers share their state through PostgreSQL only",
+        ),
+        (
+            &["--controllers", "0", "--postgres"][..],
+            "--controllers must be between 1 and 9, got 0",
+        ),
+    ] {
+        let out = Command::new(bin("fleetcmd"))
+            .arg("dev")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("fleetcmd dev runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+}
