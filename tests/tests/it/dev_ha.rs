@@ -131,7 +131,7 @@ pub(crate) async fn uptime_on(
                 .await
                 .ok()?
                 .into_inner();
-            (j.job_state() != JobState::Running).then_some(j)
+            fleetcmd_cli::client::is_finished(&j).then_some(j)
         }
     })
     .await
