@@ -70,12 +70,14 @@ pub fn man_page(cmd: clap::Command, sub: Option<&str>, out: &mut dyn Write) -> a
         None => cmd,
         Some(sub) => {
             let name = cmd.get_name().to_string();
-            let found = cmd
-                .get_subcommands()
+            // Hidden subcommands (`fleetcmd dev-controller`, started by
+            // `fleetcmd dev`) have no page.
+            let pages = || cmd.get_subcommands().filter(|c| !c.is_hide_set());
+            let found = pages()
                 .find(|c| c.get_name() == sub)
                 .cloned()
                 .ok_or_else(|| {
-                    let known: Vec<&str> = cmd.get_subcommands().map(|c| c.get_name()).collect();
+                    let known: Vec<&str> = pages().map(|c| c.get_name()).collect();
                     anyhow::anyhow!(
                         "{name} has no subcommand {sub:?}; man pages: {}",
                         known.join(", ")

@@ -27,6 +27,12 @@ pub struct Cli {
 pub enum Cmd {
     /// Start a local fleet: controller, agents and a console chat on stdin/stdout.
     Dev(dev::DevArgs),
+    /// One extra controller of `fleetcmd dev --controllers N` (started by it).
+    #[command(hide = true)]
+    DevController {
+        /// The controller.toml `fleetcmd dev` wrote.
+        config: std::path::PathBuf,
+    },
     /// Write everything a team's fleet needs into one directory: policy
     /// root key, controller config and CA, operator identity, a first
     /// signed policy, gateway config and keys, one join line per host.

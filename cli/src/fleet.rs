@@ -167,6 +167,9 @@ pub struct Fleet {
     pub agent_max_concurrent_jobs: usize,
     /// Agents serve `/metrics` on loopback (`FleetOptions::agent_metrics`).
     pub agent_metrics: bool,
+    /// The controllers the next started agent knows, in the order it tries
+    /// them (`agent.toml`'s `controllers`); empty: only this fleet's `url`.
+    pub agent_controllers: Vec<String>,
     agent_checks: BTreeMap<String, Vec<fleetcmd_agent::checks::CheckConfig>>,
 }
 
@@ -283,6 +286,7 @@ impl Fleet {
             policy_version: 0,
             agent_max_concurrent_jobs: opts.agent_max_concurrent_jobs,
             agent_metrics: opts.agent_metrics,
+            agent_controllers: Vec::new(),
             agent_checks: opts.agent_checks.clone(),
         };
         let policy = example_policy(
@@ -343,6 +347,17 @@ impl Fleet {
         labels: BTreeMap<String, String>,
         allow: Option<Vec<String>>,
     ) -> anyhow::Result<()> {
+        self.join_agent(name, labels).await?;
+        self.start_agent(name, allow)
+    }
+
+    /// Creates a token and joins a new agent through the real Join RPC
+    /// (its state directory is written; it is not started).
+    pub async fn join_agent(
+        &mut self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> anyhow::Result<()> {
         let (token, _) = self
             .controller
             .shared()
@@ -365,14 +380,18 @@ impl Fleet {
         fleetcmd_agent::join(&opts, now())
             .await
             .with_context(|| format!("joining agent {name}"))?;
-        self.start_agent(name, allow)
+        Ok(())
     }
 
     /// Starts an already joined agent from its state directory.
     pub fn start_agent(&mut self, name: &str, allow: Option<Vec<String>>) -> anyhow::Result<()> {
+        let controllers = if self.agent_controllers.is_empty() {
+            fleetcmd_agent::controllers::Controllers::one(&self.url)
+        } else {
+            fleetcmd_agent::controllers::Controllers::parse("controllers", &self.agent_controllers)
+        };
         let config = AgentConfig {
-            controllers: fleetcmd_agent::controllers::Controllers::one(&self.url)
-                .map_err(|p| anyhow::anyhow!("{}", p.join("; ")))?,
+            controllers: controllers.map_err(|p| anyhow::anyhow!("{}", p.join("; ")))?,
             state_dir: self.dir.join("agents").join(name),
             facts: BTreeMap::new(),
             allow,

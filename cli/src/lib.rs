@@ -12,6 +12,7 @@ pub mod certs_cmd;
 pub mod cli_args;
 pub mod client;
 pub mod dev;
+pub mod dev_cluster;
 pub mod fleet;
 pub mod health_cmd;
 pub mod init;

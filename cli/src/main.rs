@@ -14,7 +14,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let is_dev = matches!(cli.cmd, Cmd::Dev(_));
-    let filter = if is_dev { "warn" } else { "error" };
+    let is_dev_controller = matches!(cli.cmd, Cmd::DevController { .. });
+    let filter = if is_dev_controller {
+        "info"
+    } else if is_dev {
+        "warn"
+    } else {
+        "error"
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -34,6 +41,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.cmd {
             Cmd::Dev(args) => dev::run(args).await,
+            Cmd::DevController { config } => fleetcmd_cli::dev_cluster::serve(&config).await,
             Cmd::Init(args) => fleetcmd_cli::init::run(args).await,
             Cmd::Agents {
                 action: Some(AgentsCmd::Revoke { id }),

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod bus;
 pub mod cli_args;
 pub mod config;
+pub mod controller_metrics;
 pub mod error;
 pub mod health;
 pub mod keyfile;

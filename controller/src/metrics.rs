@@ -42,6 +42,11 @@ pub struct FleetSnapshot {
     pub services: Vec<pb::Service>,
     /// Wall clock of the snapshot, Unix milliseconds (heartbeat ages).
     pub now_ms: u64,
+    /// Which controller answers, its leases and its store.
+    pub controller: crate::controller_metrics::ControllerSnapshot,
+    /// The store could not be read for this scrape: no fleet gauges (an
+    /// empty fleet would read as every agent gone).
+    pub fleet_unread: bool,
 }
 
 type Labels1 = [(&'static str, String); 1];
@@ -58,6 +63,8 @@ pub struct Metrics {
     job_duration: Histogram,
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: HistogramFamily<RpcLabels>,
+    store_probe_duration: Histogram,
+    store_probe_errors: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -91,6 +98,8 @@ impl Metrics {
         let job_duration = job_buckets();
         let rpc_requests = Family::<RpcLabels, Counter>::default();
         let rpc_duration = HistogramFamily::<RpcLabels>::new_with_constructor(rpc_buckets);
+        let store_probe_duration = rpc_buckets();
+        let store_probe_errors = Counter::default();
         // OpenMetrics adds `_total` to counter names.
         registry.register(
             "fleetcmd_jobs_submitted",
@@ -122,6 +131,16 @@ impl Metrics {
             "Time to the response headers of gRPC calls (streams: until they open)",
             rpc_duration.clone(),
         );
+        registry.register(
+            "fleetcmd_store_probe_duration_seconds",
+            "Round trip of the store probe made at each scrape (one lease read): the store's latency as this controller sees it",
+            store_probe_duration.clone(),
+        );
+        registry.register(
+            "fleetcmd_store_probe_errors",
+            "Store probes that failed (the store did not answer or refused)",
+            store_probe_errors.clone(),
+        );
         Metrics {
             registry,
             jobs_submitted,
@@ -130,6 +149,18 @@ impl Metrics {
             job_duration,
             rpc_requests,
             rpc_duration,
+            store_probe_duration,
+            store_probe_errors,
+        }
+    }
+
+    /// One store probe: its round trip, or that it failed.
+    pub fn store_probe(&self, result: Result<Duration, ()>) {
+        match result {
+            Ok(took) => self.store_probe_duration.observe(took.as_secs_f64()),
+            Err(()) => {
+                self.store_probe_errors.inc();
+            }
         }
     }
 
@@ -178,7 +209,12 @@ impl Metrics {
     pub fn render(&self, snapshot: FleetSnapshot) -> String {
         let mut out = String::new();
         let mut fleet = Registry::default();
-        fleet.register_collector(Box::new(FleetCollector(snapshot)));
+        fleet.register_collector(Box::new(crate::controller_metrics::ControllerCollector(
+            snapshot.controller.clone(),
+        )));
+        if !snapshot.fleet_unread {
+            fleet.register_collector(Box::new(FleetCollector(snapshot)));
+        }
         // Writing to a String cannot fail; an encoding error would be a bug
         // in a label or metric name of ours.
         if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)
@@ -196,7 +232,7 @@ impl Metrics {
 struct FleetCollector(FleetSnapshot);
 
 /// One gauge family: its descriptor, then one sample per row.
-fn gauge<L: EncodeLabelSet>(
+pub(crate) fn gauge<L: EncodeLabelSet>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -574,6 +610,7 @@ mod tests {
             agents: vec![agent("web-1", true), agent("db-1", false), revoked],
             services: Vec::new(),
             now_ms: 10_000,
+            ..Default::default()
         });
         for line in [
             "fleetcmd_agents_known 3.0",

@@ -463,7 +463,17 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
             source,
         })?;
         let mut stop_metrics = stop.subscribe();
-        let app = metrics_app(shared.clone());
+        let app = metrics_app(
+            shared.clone(),
+            ScrapeIdentity {
+                id: leases.holder.clone(),
+                address: addr.to_string(),
+                leases: Singleton::ALL
+                    .iter()
+                    .map(|s| (*s, leases.of(*s).clone()))
+                    .collect(),
+            },
+        );
         metrics = Some(tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stopped(&mut stop_metrics).await })
@@ -608,35 +618,126 @@ async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// Who answers a scrape: what `fleetcmd_controller_info` and the lease
+/// gauges say.
+struct ScrapeIdentity {
+    id: String,
+    address: String,
+    leases: Vec<(Singleton, crate::lease::Leadership)>,
+}
+
+/// How long a scrape waits for the store (probe, agents, services) before
+/// it answers without the fleet gauges and with `fleetcmd_store_up 0`: a
+/// database that is away must not take `/metrics` with it.
+const SCRAPE_STORE_WAIT: Duration = Duration::from_secs(2);
+
 /// `GET /metrics`. One scrape is rendered at a time (each is one blocking
 /// task: a copy of the registry, then text for every host); others wait.
-fn metrics_app(shared: Arc<Shared>) -> axum::Router {
+fn metrics_app(shared: Arc<Shared>, me: ScrapeIdentity) -> axum::Router {
     let gate = Arc::new(tokio::sync::Semaphore::new(1));
+    let me = Arc::new(me);
+    let store_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || scrape(shared.clone(), gate.clone())),
+        axum::routing::get(move || {
+            scrape(shared.clone(), me.clone(), gate.clone(), store_busy.clone())
+        }),
     )
+}
+
+/// What a scrape reads from the store, after one probe (a lease read: one
+/// round trip, no table scan) whose latency or failure is recorded.
+fn read_store(shared: &Shared) -> Option<(Vec<pb::Agent>, Vec<pb::Service>)> {
+    let started = std::time::Instant::now();
+    let probe = shared.store.lease_holder(Singleton::Sweeper.lease_name());
+    shared
+        .metrics
+        .store_probe(probe.as_ref().map(|_| started.elapsed()).map_err(|_| ()));
+    let read = probe.map_err(crate::error::ApiError::from).and_then(|_| {
+        Ok((
+            shared.registry.list_agents("")?,
+            shared.health.services("", 0)?,
+        ))
+    });
+    match read {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics scrape: reading the store");
+            None
+        }
+    }
 }
 
 async fn scrape(
     shared: Arc<Shared>,
+    me: Arc<ScrapeIdentity>,
     gate: Arc<tokio::sync::Semaphore>,
+    store_busy: Arc<std::sync::atomic::AtomicBool>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
+    use std::sync::atomic::Ordering;
     let _permit = gate.acquire_owned().await;
-    // Reading the registry (store + a short hold of the agents lock) and
-    // rendering 10 000 hosts take milliseconds: off the async workers.
+    // The store is read on the blocking pool with a deadline; a read that
+    // outlives it keeps `store_busy` set, so a hung database holds one
+    // blocking thread, not one per scrape.
+    let fleet = if store_busy.swap(true, Ordering::AcqRel) {
+        shared.metrics.store_probe(Err(()));
+        None
+    } else {
+        let (s, busy) = (shared.clone(), store_busy.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            let r = read_store(&s);
+            busy.store(false, Ordering::Release);
+            r
+        });
+        match tokio::time::timeout(SCRAPE_STORE_WAIT, read).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "metrics scrape: the store read task");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "metrics scrape: the store did not answer within {SCRAPE_STORE_WAIT:?}"
+                );
+                shared.metrics.store_probe(Err(()));
+                None
+            }
+        }
+    };
+    let controller = crate::controller_metrics::ControllerSnapshot {
+        id: me.id.clone(),
+        address: me.address.clone(),
+        store: if shared.config.postgres.is_some() {
+            "postgres"
+        } else {
+            "sled"
+        },
+        leases: me
+            .leases
+            .iter()
+            .map(|(s, l)| crate::controller_metrics::LeaseState {
+                name: s.lease_name(),
+                term: l.fence().map(|f| f.term),
+            })
+            .collect(),
+        store_up: fleet.is_some(),
+    };
+    // Rendering 10 000 hosts takes milliseconds: off the async workers.
     let rendered = tokio::task::spawn_blocking(move || {
-        let snapshot = crate::metrics::FleetSnapshot {
-            agents: shared.registry.list_agents("")?,
-            services: shared.health.services("", 0)?,
+        let store_read = fleet.is_some();
+        let (agents, services) = fleet.unwrap_or_default();
+        shared.metrics.render(crate::metrics::FleetSnapshot {
+            controller,
+            agents,
+            services,
             now_ms: crate::audit::now_ms(),
-        };
-        Ok::<_, crate::error::ApiError>(shared.metrics.render(snapshot))
+            fleet_unread: !store_read,
+        })
     })
     .await;
     match rendered {
-        Ok(Ok(text)) => (
+        Ok(text) => (
             [(
                 axum::http::header::CONTENT_TYPE,
                 crate::metrics::CONTENT_TYPE,
@@ -644,14 +745,6 @@ async fn scrape(
             text,
         )
             .into_response(),
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "metrics scrape: reading the agent registry");
-            (
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "could not read the agent registry\n",
-            )
-                .into_response()
-        }
         Err(e) => {
             tracing::error!(error = %e, "metrics scrape task");
             axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()

@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 
 use crate::crash::Proc;
 use crate::failover::{
-    controller, dump_logs, free_port, join_agent, join_token, online_agents,
+    controller, free_port, join_agent, join_token, log_tails, online_agents,
     postgres_controller_config, share_ca_and_audit_key, signed_policy, spawn,
 };
 
@@ -82,9 +82,10 @@ impl TwoControllers {
     }
 
     fn logs(&self) -> String {
-        dump_logs(
+        log_tails(
             self.dir.path(),
             &["ctl-a.log", "ctl-b.log", "a-1.log", "b-1.log"],
+            30,
         )
     }
 

@@ -16,7 +16,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fleetcmd_core::job::SignedJob;
 use fleetcmd_proto::channel::ClientTls;
 use fleetcmd_proto::v1 as pb;
 use fleetcmd_proto::v1::{JobState, TargetState};
@@ -55,21 +54,10 @@ pub(crate) fn controller(config: &Path, log: &Path) -> Proc {
     )
 }
 
-/// Copies what a second controller must share with the first.
+/// Copies what a second controller must share with the first (the same
+/// copy `fleetcmd dev --controllers N` makes).
 pub(crate) fn share_ca_and_audit_key(from: &Path, to: &Path) {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    for sub in ["pki", "audit"] {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(to.join(sub))
-            .expect("data dir");
-    }
-    for file in ["pki/ca.crt", "pki/ca.key", "audit/audit.key"] {
-        std::fs::copy(from.join(file), to.join(file)).expect(file);
-        std::fs::set_permissions(to.join(file), std::fs::Permissions::from_mode(0o600))
-            .expect(file);
-    }
+    fleetcmd_cli::dev_cluster::share_keys(from, to).expect("CA and audit key copied");
 }
 
 /// The config of a controller named `name` on the PostgreSQL database
@@ -157,13 +145,13 @@ pub(crate) async fn online_agents(url: &str, op: &ClientTls) -> Option<Vec<pb::A
     )
 }
 
-/// The last lines of each of `files` in `dir`, for a failure message.
-pub(crate) fn dump_logs(dir: &Path, files: &[&str]) -> String {
+/// The last `lines` lines of each log file in `dir`, for a failing test.
+pub(crate) fn log_tails(dir: &Path, files: &[&str], lines: usize) -> String {
     files
         .iter()
         .map(|f| {
             let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
             format!(
                 "--- {f}\n{}",
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
@@ -171,6 +159,10 @@ pub(crate) fn dump_logs(dir: &Path, files: &[&str]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+fn dump_logs(dir: &Path) -> String {
+    log_tails(dir, &["ctl-a.log", "ctl-b.log", "agent.log"], 30)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -269,12 +261,7 @@ async fn an_agent_fails_over_to_the_second_controller_when_its_own_is_killed() {
         }
     })
     .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "a-1 not online on B within 10 s\n{}",
-            dump_logs(d, &["ctl-a.log", "ctl-b.log", "agent.log"])
-        )
-    });
+    .unwrap_or_else(|_| panic!("a-1 not online on B within 10 s\n{}", dump_logs(d)));
     let took = killed.elapsed();
     eprintln!("a-1 online on controller B {took:?} after kill -9 of A");
     assert_eq!(moved[0].policy_version, 1, "{moved:?}");
@@ -285,28 +272,7 @@ async fn an_agent_fails_over_to_the_second_controller_when_its_own_is_killed() {
     );
 
     // A job submitted on the survivor runs on the agent.
-    let s = spec("uptime", &[], "all", "cli:admin");
-    let job = SignedJob::sign(&s, fleetcmd_cli::fleet::OPERATOR_SIGNER, &op_key);
-    let mut jobs = pb::jobs_client::JobsClient::new(channel(url_b.clone()).await);
-    let id = jobs
-        .submit(to_pb(job))
-        .await
-        .expect("submitted on B")
-        .into_inner()
-        .job_id;
-    let done = assert_eventually(Duration::from_secs(20), || {
-        let mut jobs = jobs.clone();
-        let id = id.clone();
-        async move {
-            let j = jobs
-                .get(pb::GetJobRequest { job_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (j.job_state() != JobState::Running).then_some(j)
-        }
-    })
-    .await;
+    let done = crate::dev_ha::uptime_on(&url_b, &op, &op_key, "all").await;
     assert_eq!(done.job_state(), JobState::Succeeded, "{done:?}");
     let t = target(&done, "a-1");
     assert_eq!(t.target_state(), TargetState::Ok, "{done:?}");

@@ -5,8 +5,9 @@ use fleetcmd_controller::config::PostgresConfig;
 use fleetcmd_proto::v1::{JobState, TargetState};
 use fleetcmd_tests::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_controller_on_postgresql_runs_a_job_and_stores_it_there() {
+/// This test process's cluster, a fresh database on it, and the
+/// controller's configuration for that database.
+pub(crate) async fn fresh_store() -> (&'static pg::PgCluster, pg::Database, PostgresConfig) {
     let (cluster, db) = tokio::task::spawn_blocking(|| {
         let cluster = pg::PgCluster::shared();
         (cluster, cluster.fresh_database())
@@ -18,6 +19,12 @@ async fn a_controller_on_postgresql_runs_a_job_and_stores_it_there() {
         password_file: Some(cluster.password_file()),
         ca_file: None,
     };
+    (cluster, db, postgres)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_on_postgresql_runs_a_job_and_stores_it_there() {
+    let (cluster, db, postgres) = fresh_store().await;
     let fleet = start_fleet_with(2, |o| o.postgres = Some(postgres)).await;
     let job = fleet.run("uptime", &[], "all").await.expect("submitted");
     assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
