@@ -206,9 +206,15 @@ impl pb::agent_stream_server::AgentStream for Svc {
                                     break "stream closed".to_string();
                                 }
                             }
-                            // Not acknowledged: the agent keeps it and sends it again.
+                            // Not acknowledged: the agent keeps it, and sends
+                            // every result it holds again when it reconnects —
+                            // so the stream is closed, or the result would wait
+                            // for a reconnect that might never come (found with
+                            // PostgreSQL restarted under load: targets stayed
+                            // `running` for good).
                             Err(e) => {
-                                tracing::error!(agent_id = %agent, %job_id, error = %e, "storing result")
+                                tracing::error!(agent_id = %agent, %job_id, error = %e, "storing result; closing the stream so the agent sends it again");
+                                break format!("storing a result failed: {e}");
                             }
                         }
                     }

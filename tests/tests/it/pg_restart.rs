@@ -3,14 +3,14 @@
 //! jobs while the server is stopped (fast shutdown: every connection cut)
 //! and started again. The controller is not restarted.
 //!
-//! What holds now (`…recovers_…`): every job the controller acknowledged
-//! is in the database; once the server is back, new jobs run on every agent
-//! and their results are stored.
-//! What does not hold yet (`…every_acknowledged_job_finishes…`, ignored):
-//! a job whose dispatch or results fell into the outage stays `pending` /
-//! `running` — the dispatcher does not retry a failed dispatch chunk and a
-//! result the store refused is not asked for again while the agent's stream
-//! stays open (controller/src/state/dispatch.rs; issue 19 item 4).
+//! `…recovers_…`: every job the controller acknowledged is in the
+//! database; once the server is back, new jobs run on every agent and
+//! their results are stored. `…every_acknowledged_job_finishes…`: jobs
+//! whose dispatch or results fell into the outage finish too, with every
+//! result stored — a result the store refused closes the agent's stream,
+//! so the agent reconnects and sends it again (it had stayed `running`
+//! for good), and the store-wide rescan dispatches what a failed chunk
+//! left `pending`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -177,7 +177,6 @@ async fn a_controller_recovers_from_a_postgresql_restart_without_being_restarted
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "issue 19 item 4: a dispatch chunk or a result that meets the stopped database is not retried (controller/src/state/dispatch.rs)"]
 async fn every_acknowledged_job_finishes_with_all_results_after_a_postgresql_restart() {
     let o = restart_under_load().await;
     o.all_finished_and_stored(&o.before).await;
