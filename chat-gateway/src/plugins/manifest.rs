@@ -162,6 +162,10 @@ fn on_disk(manifest: &Path, dir: &Path, executable: &Path) -> Vec<String> {
     } else {
         dir
     };
+    // SAFETY: geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    let me = unsafe { libc::geteuid() };
+    let foreign = |m: &std::fs::Metadata| m.uid() != 0 && m.uid() != me;
     for (what, p) in [("its folder", dir), ("the manifest", manifest)] {
         match std::fs::metadata(p) {
             Ok(m) if m.mode() & 0o022 != 0 => problems.push(format!(
@@ -169,8 +173,32 @@ fn on_disk(manifest: &Path, dir: &Path, executable: &Path) -> Vec<String> {
                 p.display(),
                 m.mode() & 0o777
             )),
+            Ok(m) if foreign(&m) => problems.push(format!(
+                "{what} {} belongs to user {}, neither root nor the gateway's user: that user could change the plugin",
+                p.display(),
+                m.uid()
+            )),
             Ok(_) => {}
             Err(e) => problems.push(format!("{what} {}: {e}", p.display())),
+        }
+    }
+    // Whoever may rename entries in a directory above the folder may put
+    // another folder in its place (found by the second outside attack).
+    if let Ok(real) = dir.canonicalize() {
+        for above in real.ancestors().skip(1) {
+            match std::fs::metadata(above) {
+                Ok(m) if foreign(&m) => problems.push(format!(
+                    "{} above the plugin's folder belongs to user {}: that user could replace the folder",
+                    above.display(),
+                    m.uid()
+                )),
+                Ok(m) if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 => problems.push(format!(
+                    "{} above the plugin's folder is writable by group or others without the sticky bit (mode {:o}): they could replace the folder",
+                    above.display(),
+                    m.mode() & 0o7777
+                )),
+                _ => {}
+            }
         }
     }
     match std::fs::symlink_metadata(executable) {
@@ -178,6 +206,11 @@ fn on_disk(manifest: &Path, dir: &Path, executable: &Path) -> Vec<String> {
         Ok(m) if !m.file_type().is_file() => problems.push(format!(
             "executable {}: must be a regular file in the plugin's folder, not a symlink",
             executable.display()
+        )),
+        Ok(m) if foreign(&m) => problems.push(format!(
+            "executable {} belongs to user {}, neither root nor the gateway's user: that user could change it",
+            executable.display(),
+            m.uid()
         )),
         Ok(m) => {
             let inside = match (dir.canonicalize(), executable.canonicalize()) {

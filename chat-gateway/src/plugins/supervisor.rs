@@ -66,7 +66,6 @@ struct Conn {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
-    next_id: u64,
     _stderr: StderrTask,
     /// Its scratch directory lives as long as the process.
     _sandbox: Option<super::sandbox::Sandbox>,
@@ -222,13 +221,16 @@ impl Plugin {
                 message: e.message,
             }),
             Err(Fault::Broken(Broken(why))) => {
-                jobs.refused(format!("it was stopped: {why}")).await;
                 // A plugin that closed its output has usually exited: name
-                // its status (waited for briefly; a live one is killed).
+                // its status (waited for briefly; a live one is killed),
+                // in the audit record too.
                 let why = match tokio::time::timeout(EXIT_GRACE, conn.child.wait()).await {
-                    Ok(Ok(status)) => format!("{why}: it exited with {status}"),
+                    Ok(Ok(status)) => {
+                        format!("{why}: {}", ended(status, self.spec.sandbox.is_some()))
+                    }
                     _ => why,
                 };
+                jobs.refused(format!("it was stopped: {why}")).await;
                 Err(self.down(&mut state, failures + 1, why))
             }
             Err(Fault::Late) => Err(self.down_timed_out(&mut state, failures + 1)),
@@ -311,7 +313,6 @@ impl Plugin {
             child,
             stdin,
             stdout: BufReader::new(stdout),
-            next_id: 1,
             _stderr: stderr,
             _sandbox: sandbox,
         };
@@ -369,6 +370,52 @@ enum Serving<'a> {
     Call(&'a dyn JobRunner),
 }
 
+/// The most the jobs a call asks for (their approvals included) may add
+/// to its `call_timeout`: the default approval window.
+pub const MAX_JOB_WAIT: Duration = Duration::from_secs(15 * 60);
+
+/// How a plugin process ended, said plainly. A sandboxed plugin's status
+/// is its reaper's, which exits with 128 + the signal that killed the
+/// plugin; SIGSYS there means its sandbox refused a system call (the
+/// second outside attack found it audited only as "closed its output").
+fn ended(status: std::process::ExitStatus, sandboxed: bool) -> String {
+    let signal = match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (_, Some(sig)) => Some(sig),
+        (Some(code), None) if sandboxed && code > 128 => Some(code - 128),
+        _ => None,
+    };
+    match signal {
+        Some(libc::SIGSYS) => {
+            "it was killed by SIGSYS: it made a system call its sandbox forbids".to_string()
+        }
+        Some(libc::SIGKILL) => "it was killed (SIGKILL; out of memory?)".to_string(),
+        Some(sig) => format!("it was killed by signal {sig}"),
+        None => format!("it exited with {status}"),
+    }
+}
+
+/// A request id the plugin cannot guess: random, below 2⁵³ so that every
+/// JSON implementation reads it exactly. A `job.run` names the call it
+/// belongs to by this id, so one written before a call began cannot name
+/// it (with ids counting 1, 2, 3 a plugin named the next caller's call in
+/// advance and ran a job as them — found by the second outside attack).
+fn request_id() -> u64 {
+    let mut b = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        // No randomness: a time-based id, still not one a plugin writes
+        // ahead of time with any certainty.
+        b = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            .to_le_bytes();
+    }
+    (u64::from_le_bytes(b) & ((1 << 53) - 1)).max(1)
+}
+
 /// Sends one request and reads until its response, serving the plugin's
 /// requests in between. The plugin's own time is bounded by `deadline`;
 /// the time the gateway spends on a `job.run` (approvals, the job) moves
@@ -381,8 +428,8 @@ async fn exchange<P: serde::Serialize>(
     mut deadline: Instant,
     line_bytes: usize,
 ) -> Result<Result<Value, protocol::RpcError>, Fault> {
-    let id = conn.next_id;
-    conn.next_id += 1;
+    let id = request_id();
+    let hard_end = deadline + MAX_JOB_WAIT;
     within(
         deadline,
         write_line(&mut conn.stdin, &Request::new(id, method, params)),
@@ -410,7 +457,11 @@ async fn exchange<P: serde::Serialize>(
                     ("job.run", Serving::Call(jobs)) => {
                         let serving_since = Instant::now();
                         let r = job_run(jobs, id, params).await;
-                        deadline += serving_since.elapsed();
+                        // Moved on by the gateway's own time, but a call
+                        // ends at most MAX_JOB_WAIT after it began plus the
+                        // plugin's own time (chained `job.run`s held a call,
+                        // and its caller's rights, for good — second attack).
+                        deadline = (deadline + serving_since.elapsed()).min(hard_end);
                         match r {
                             Ok(result) => (
                                 Response::ok(

@@ -19,7 +19,7 @@ use crate::support::{FakeController, POLICY_BODY, router_for};
 const GRANTS: &str = r#"
 [roles.plugins]
 commands = []
-may = ["plugin:greet.*", "plugin:clock.clock", "plugin:crash.*", "plugin:hang.*", "plugin:flood.*", "plugin:env.*", "plugin:stale.*", "plugin:spy.*", "plugin:escape.*"]
+may = ["plugin:greet.*", "plugin:clock.clock", "plugin:crash.*", "plugin:hang.*", "plugin:flood.*", "plugin:env.*", "plugin:stale.*", "plugin:spy.*", "plugin:escape.*", "plugin:ahead.*", "plugin:sys.*"]
 
 [roles.greeter]
 commands = []
@@ -78,7 +78,7 @@ for line in sys.stdin:
 
 pub(crate) fn entry(manifest: PathBuf, extra: &str) -> PluginConfig {
     let state = manifest.with_file_name("state");
-    let write = if state.is_dir() {
+    let write = if state.is_dir() && !extra.contains("write") {
         format!("write = [{:?}]\n", state.display().to_string())
     } else {
         String::new()
@@ -152,6 +152,25 @@ fn setup() -> Setup {
     let mut entries = entries;
     entries.push(entry(test_plugin(&path, "spy", &spy_body(&token)), ""));
     entries.push(entry(test_plugin(&path, "escape", ESCAPE_BODY), ""));
+    // Names, during one call, the id the next call would have if ids
+    // counted up; then reports the ids it saw.
+    entries.push(entry(
+        test_plugin(
+            &path,
+            "ahead",
+            "seen = []\ndef answer(p):\n    seen.append(CALL[0])\n    sys.stdout.write(json.dumps({'jsonrpc': '2.0', 'id': 'j', 'method': 'job.run', 'params': {'call': CALL[0] + 1, 'command': 'uptime', 'args': [], 'selector': 'all'}}) + '\\n'); sys.stdout.flush()\n    reply = json.loads(sys.stdin.readline())\n    return {'lines': ['ids ' + ','.join(str(i) for i in seen), 'job.run: ' + reply.get('error', {}).get('message', 'ran')]}\n",
+        ),
+        "",
+    ));
+    // Makes an x32 system call, which its sandbox kills.
+    entries.push(entry(
+        test_plugin(
+            &path,
+            "sys",
+            "import ctypes\ndef answer(p):\n    ctypes.CDLL(None).syscall(0x40000000 + 39)\n    return {'lines': ['survived']}\n",
+        ),
+        "",
+    ));
     let specs = load(&entries).unwrap_or_else(|e| panic!("{e}"));
     let router = router_for(4, &format!("{POLICY_BODY}\n{GRANTS}"), |_| {});
     // What the `plugin` component's build does with the registry.
@@ -189,6 +208,9 @@ def ptrace():
 def unix_connect():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(SOCK)
+def unix_dgram():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.sendto(b'x', SOCK + '.dgram')
 def io_uring():
     libc = ctypes.CDLL(None, use_errno=True)
     params = ctypes.create_string_buffer(120)
@@ -211,6 +233,7 @@ def answer(p):
         attempt('other-secret', lambda: open(OTHER_SECRET).read()),
         attempt('write-tmp', lambda: open('/tmp/fleetcmd-plugin-spy-%d' % GW, 'w')),
         attempt('unix-socket', unix_connect),
+        attempt('unix-dgram', unix_dgram),
         attempt('io-uring', io_uring),
         attempt('scratch', lambda: open(os.environ['HOME'] + '/x', 'w').write('x')),
         'uid %d' % os.getuid(),
@@ -426,6 +449,24 @@ async fn a_plugins_job_runs_as_the_caller_and_is_refused_when_the_caller_may_not
 #[tokio::test]
 async fn a_job_run_naming_another_call_runs_nothing() {
     let s = setup();
+    // Ids cannot be guessed: one named ahead of time runs nothing.
+    let ahead = console(&s.router, "alice", &["ahead", "ahead"]).await;
+    assert!(
+        ahead.matches("job.run: job.run names call").count() == 2,
+        "{ahead}"
+    );
+    let ids: Vec<u64> = ahead
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ids "))
+        .next_back()
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|i| i.parse().ok())
+        .collect();
+    assert!(
+        ids.len() == 2 && ids[1] != ids[0] + 1 && ids.iter().all(|&i| i > 1000),
+        "request ids must not count up: {ids:?}"
+    );
     let first = console(&s.router, "alice", &["stale"]).await;
     assert!(first.contains("armed"), "{first}");
     let second = console(&s.router, "alice", &["stale"]).await;
@@ -527,6 +568,8 @@ async fn a_sandboxed_plugin_cannot_reach_the_gateways_keys_memory_process_or_ano
     // govern connecting to one; the seccomp filter must).
     let _listener = std::os::unix::net::UnixListener::bind(s.dir.join("gateway.sock"))
         .unwrap_or_else(|e| panic!("{e}"));
+    let _datagrams = std::os::unix::net::UnixDatagram::bind(s.dir.join("gateway.sock.dgram"))
+        .unwrap_or_else(|e| panic!("{e}"));
     let out = console(&s.router, "alice", &["greet", "spy"]).await;
     assert!(
         out.contains("hello alice"),
@@ -543,6 +586,7 @@ async fn a_sandboxed_plugin_cannot_reach_the_gateways_keys_memory_process_or_ano
         "other-secret",
         "write-tmp",
         "unix-socket",
+        "unix-dgram",
         "io-uring",
     ] {
         assert!(
@@ -562,6 +606,21 @@ async fn a_sandboxed_plugin_cannot_reach_the_gateways_keys_memory_process_or_ano
     assert!(
         out.contains("Max processes             64"),
         "process limit: {out}"
+    );
+}
+
+#[tokio::test]
+async fn a_system_call_its_sandbox_kills_is_named_as_such() {
+    let s = setup();
+    let out = console(&s.router, "alice", &["sys"]).await;
+    assert!(
+        out.contains("SIGSYS") && out.contains("system call its sandbox forbids"),
+        "{out}"
+    );
+    let denied = reported(&s.router, "chat_denied");
+    assert!(
+        denied.iter().any(|r| format!("{r:?}").contains("SIGSYS")),
+        "audited with the reason: {denied:?}"
     );
 }
 
@@ -678,4 +737,73 @@ fn grants_that_would_reach_what_is_the_gateways_are_refused_by_validate() {
             "{grants}: {found:?} should name {says}"
         );
     }
+    // A second name of the signing key inside a grant: no path check can
+    // see it, so a key with more than one link is refused.
+    std::fs::hard_link(etc.join("gateway/sign.key"), root.join("var/greet/data/k"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let found = problems(&format!(
+        "read = [{:?}]",
+        root.join("var/greet/data").display().to_string()
+    ));
+    assert!(
+        found
+            .iter()
+            .any(|m| m.contains("sign.key has 2 hard links")),
+        "{found:?}"
+    );
+}
+
+/// One plugin may not write where another plugin's folder or grants are
+/// (it could replace the other's code and so read its secrets), and a
+/// plugin folder another local user owns, or can replace, is refused.
+#[test]
+fn a_plugin_that_could_change_another_or_be_changed_by_a_user_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let root = std::fs::canonicalize(t.path()).unwrap_or_else(|e| panic!("{e}"));
+    let plugins = root.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap_or_else(|e| panic!("{e}"));
+    let greet = test_plugin(&plugins, "greet", "def answer(p):\n    return {}\n");
+    let other = test_plugin(&root, "other", "def answer(p):\n    return {}\n");
+    let problems = |entries: Vec<PluginConfig>| match load(&entries) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems.into_iter().map(|(_, m)| m).collect::<Vec<_>>(),
+    };
+    let over = entry(
+        other.clone(),
+        &format!("write = [{:?}]", plugins.display().to_string()),
+    );
+    let found = problems(vec![entry(greet.clone(), ""), over]);
+    assert!(
+        found
+            .iter()
+            .any(|m| m.contains("plugin \"other\" may write") && m.contains("plugin \"greet\" has")),
+        "{found:?}"
+    );
+    assert_eq!(
+        problems(vec![entry(greet.clone(), ""), entry(other.clone(), "")]),
+        Vec::<String>::new()
+    );
+    // Owned by another user (as root, the test can make it so).
+    let folder = greet.parent().map(Path::to_path_buf).unwrap_or_default();
+    if std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata(&root).unwrap_or_else(|e| panic!("{e}")),
+    ) == 0
+    {
+        std::os::unix::fs::chown(&folder, Some(1000), None).unwrap_or_else(|e| panic!("{e}"));
+        let found = problems(vec![entry(greet.clone(), "")]);
+        assert!(
+            found.iter().any(|m| m.contains("belongs to user 1000")),
+            "{found:?}"
+        );
+        std::os::unix::fs::chown(&folder, Some(0), None).unwrap_or_else(|e| panic!("{e}"));
+    }
+    // A directory above it that others may write, without the sticky bit.
+    std::fs::set_permissions(&plugins, std::fs::Permissions::from_mode(0o777))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let found = problems(vec![entry(greet, "")]);
+    assert!(
+        found.iter().any(|m| m.contains("without the sticky bit")),
+        "{found:?}"
+    );
 }

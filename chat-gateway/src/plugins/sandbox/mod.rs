@@ -181,6 +181,21 @@ impl Grants {
                 ));
             }
         }
+        // A second name of a key or secret file may lie anywhere, a grant
+        // included, and no path check sees it (found by the second
+        // outside attack: a hard link of the signing key in a read grant).
+        for p in &private {
+            if let Ok(m) = std::fs::symlink_metadata(p)
+                && m.is_file()
+                && std::os::unix::fs::MetadataExt::nlink(&m) > 1
+            {
+                problems.push(format!(
+                    "{} has {} hard links: another name of it may lie where a plugin can read it; keep one",
+                    p.display(),
+                    std::os::unix::fs::MetadataExt::nlink(&m)
+                ));
+            }
+        }
         for system in SYSTEM_READ.iter().map(Path::new) {
             for p in &private {
                 if p.starts_with(system) {
