@@ -170,9 +170,12 @@ impl Grants {
                     ));
                 }
             }
+            // Beneath a write grant the plugin could swap a path for a
+            // link between this check and the kernel's open: no grant,
+            // folder or other write grant may lie there.
             if let Some(w) = write
                 .iter()
-                .find(|w| what != "write grant" && g.starts_with(w))
+                .find(|w| g.starts_with(w) && (what != "write grant" || g != *w))
             {
                 problems.push(format!(
                     "{what} {} lies beneath write grant {}: the plugin could replace it",
@@ -467,6 +470,10 @@ mod tests {
             );
         };
         refused(ok, "lies beneath write grant");
+        refused(
+            with(vec![], vec![root.join("var/lib/greet"), data.clone()]),
+            "write grant",
+        );
         refused(with(vec![root.join("link")], vec![]), "sign.key");
         refused(with(vec![plugin.join("../../gateway")], vec![]), "sign.key");
         refused(with(vec![keys.clone()], vec![]), "sign.key");
