@@ -472,7 +472,7 @@ mod tests {
         refused(ok, "lies beneath write grant");
         refused(
             with(vec![], vec![root.join("var/lib/greet"), data.clone()]),
-            "write grant",
+            "data lies beneath write grant",
         );
         refused(with(vec![root.join("link")], vec![]), "sign.key");
         refused(with(vec![plugin.join("../../gateway")], vec![]), "sign.key");
