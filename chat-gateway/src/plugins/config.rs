@@ -124,20 +124,9 @@ impl Component for PluginsConfig {
     /// Also where what is allowed but dangerous is said, once per check
     /// (`validate`, and every start, which validates first).
     fn validate(&self) -> Vec<(String, String)> {
-        for e in self.0.iter().filter(|e| !e.sandbox) {
-            tracing::warn!(
-                manifest = %e.manifest.display(),
-                "sandbox = false: this plugin runs with every right of the gateway's user — it can read the gateway's signing key, TLS key and state"
-            );
-        }
-        // SAFETY: geteuid has no preconditions.
-        #[allow(unsafe_code)]
-        let root = unsafe { libc::geteuid() } == 0;
-        if root && self.0.iter().any(|e| e.sandbox) {
-            tracing::warn!(
-                "the gateway runs as root: the kernel does not enforce a sandboxed plugin's process limit for root; run the gateway as its own user (the packages do)"
-            );
-        }
+        // Once per process: a start validates more than once.
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| warn_dangerous(&self.0));
         load(&self.0).err().map(|e| e.problems).unwrap_or_default()
     }
 
@@ -149,6 +138,26 @@ impl Component for PluginsConfig {
         let specs = load(&self.0).map_err(|e| e.to_string())?;
         sandbox::remove_stale_scratch();
         cx.commands(Arc::new(super::PluginHost::new(specs)))
+    }
+}
+
+/// What is allowed but dangerous, said: a plugin without its sandbox, and
+/// a gateway run as root (whose plugins' process limit the kernel does not
+/// enforce).
+fn warn_dangerous(entries: &[PluginConfig]) {
+    for e in entries.iter().filter(|e| !e.sandbox) {
+        tracing::warn!(
+            manifest = %e.manifest.display(),
+            "sandbox = false: this plugin runs with every right of the gateway's user — it can read the gateway's signing key, TLS key and state"
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && entries.iter().any(|e| e.sandbox) {
+        tracing::warn!(
+            "the gateway runs as root: the kernel does not enforce a sandboxed plugin's process limit for root; run the gateway as its own user (the packages do)"
+        );
     }
 }
 

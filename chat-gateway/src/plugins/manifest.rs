@@ -182,8 +182,61 @@ fn on_disk(manifest: &Path, dir: &Path, executable: &Path) -> Vec<String> {
             Err(e) => problems.push(format!("{what} {}: {e}", p.display())),
         }
     }
-    // Whoever may rename entries in a directory above the folder may put
-    // another folder in its place (found by the second outside attack).
+    // Everything inside the folder is the plugin too (a module it
+    // imports, a `__pycache__`): the same rules, every entry (found by the
+    // third outside attack: a 0666 module another user owned passed).
+    let mut seen = 0usize;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            seen += 1;
+            if seen > MAX_FOLDER_ENTRIES {
+                problems.push(format!(
+                    "its folder {} holds more than {MAX_FOLDER_ENTRIES} entries: too many to check",
+                    dir.display()
+                ));
+                return problems;
+            }
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if foreign(&m) {
+                problems.push(format!(
+                    "{} in the plugin's folder belongs to user {}, neither root nor the gateway's user: that user could change the plugin",
+                    e.path().display(),
+                    m.uid()
+                ));
+            } else if !m.file_type().is_symlink() && m.mode() & 0o022 != 0 {
+                problems.push(format!(
+                    "{} in the plugin's folder is writable by group or others (mode {:o}): chmod go-w it",
+                    e.path().display(),
+                    m.mode() & 0o777
+                ));
+            }
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    // Whoever may rename entries in a directory above the folder — as
+    // written (a link on the way) or as resolved — may put another folder
+    // in its place (found by the second and third outside attacks).
+    let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    for link in absolute.ancestors() {
+        if let Ok(m) = link.symlink_metadata()
+            && m.file_type().is_symlink()
+            && foreign(&m)
+        {
+            problems.push(format!(
+                "{} on the way to the plugin's folder is a link belonging to user {}",
+                link.display(),
+                m.uid()
+            ));
+        }
+    }
     if let Ok(real) = dir.canonicalize() {
         for above in real.ancestors().skip(1) {
             match std::fs::metadata(above) {
@@ -242,6 +295,10 @@ fn on_disk(manifest: &Path, dir: &Path, executable: &Path) -> Vec<String> {
     }
     problems
 }
+
+/// Entries of a plugin's folder checked at most (a `node_modules` can be
+/// large; more is refused rather than half checked).
+const MAX_FOLDER_ENTRIES: usize = 20_000;
 
 /// Verbs a plugin may not take: the gateway's own.
 fn builtin_verb(verb: &str) -> bool {

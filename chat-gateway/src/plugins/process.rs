@@ -87,7 +87,7 @@ fn confine(cmd: &mut Command, memory_bytes: u64, ruleset: Option<std::os::fd::Ra
     let fd_limit = fd_limit();
     // SAFETY: the closure runs in the forked child before exec and calls
     // only async-signal-safe syscall wrappers (setsid, getppid, unshare,
-    // fork, waitpid, _exit, prctl, setrlimit, syscall, fcntl); it reads errno
+    // fork, waitpid, signal, kill, _exit, prctl, setrlimit, syscall, fcntl); it reads errno
     // through `io::Error::last_os_error` (no allocation) and touches only
     // its captured `Copy` values.
     unsafe {
@@ -154,7 +154,7 @@ fn confine(cmd: &mut Command, memory_bytes: u64, ruleset: Option<std::os::fd::Ra
 /// with its parent (`PDEATHSIG`), and with it every process of the
 /// namespace. The parent never returns: it closes every fd (the plugin's
 /// pipes and the standard library's exec-error pipe are the plugin's
-/// alone) and exits as the plugin did.
+/// alone) and exits as the plugin did, of the same signal if one killed it.
 ///
 /// # Safety
 /// Only between fork and exec, in a single-threaded child.
@@ -200,7 +200,14 @@ unsafe fn enter_namespaces() -> io::Result<()> {
         if libc::WIFEXITED(status) {
             libc::_exit(libc::WEXITSTATUS(status));
         }
-        libc::_exit(128 + libc::WTERMSIG(status));
+        // Dies of the same signal, so the gateway tells a signal from an
+        // exit code (a plugin's `_exit(159)` was reported as SIGSYS —
+        // third outside attack). A signal that killed the plugin has a
+        // default action that kills.
+        let sig = libc::WTERMSIG(status);
+        libc::signal(sig, libc::SIG_DFL);
+        libc::kill(libc::getpid(), sig);
+        libc::_exit(128 + sig);
     }
 }
 

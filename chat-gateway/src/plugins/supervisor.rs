@@ -226,7 +226,7 @@ impl Plugin {
                 // in the audit record too.
                 let why = match tokio::time::timeout(EXIT_GRACE, conn.child.wait()).await {
                     Ok(Ok(status)) => {
-                        format!("{why}: {}", ended(status, self.spec.sandbox.is_some()))
+                        format!("{why}: {}", ended(status))
                     }
                     _ => why,
                 };
@@ -374,20 +374,12 @@ enum Serving<'a> {
 /// to its `call_timeout`: the default approval window.
 pub const MAX_JOB_WAIT: Duration = Duration::from_secs(15 * 60);
 
-/// How a plugin process ended, said plainly. A sandboxed plugin's status
-/// is its reaper's, which exits with 128 + the signal that killed the
-/// plugin; SIGSYS there means its sandbox refused a system call (the
-/// second outside attack found it audited only as "closed its output").
-fn ended(status: std::process::ExitStatus, sandboxed: bool) -> String {
-    let signal = match (
-        status.code(),
-        std::os::unix::process::ExitStatusExt::signal(&status),
-    ) {
-        (_, Some(sig)) => Some(sig),
-        (Some(code), None) if sandboxed && code > 128 => Some(code - 128),
-        _ => None,
-    };
-    match signal {
+/// How a plugin process ended, said plainly (a sandboxed plugin's status
+/// is its reaper's, which dies of the signal that killed the plugin).
+/// SIGSYS means its sandbox refused a system call (the second outside
+/// attack found it audited only as "closed its output").
+fn ended(status: std::process::ExitStatus) -> String {
+    match std::os::unix::process::ExitStatusExt::signal(&status) {
         Some(libc::SIGSYS) => {
             "it was killed by SIGSYS: it made a system call its sandbox forbids".to_string()
         }

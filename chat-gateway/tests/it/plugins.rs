@@ -19,7 +19,7 @@ use crate::support::{FakeController, POLICY_BODY, router_for};
 const GRANTS: &str = r#"
 [roles.plugins]
 commands = []
-may = ["plugin:greet.*", "plugin:clock.clock", "plugin:crash.*", "plugin:hang.*", "plugin:flood.*", "plugin:env.*", "plugin:stale.*", "plugin:spy.*", "plugin:escape.*", "plugin:ahead.*", "plugin:sys.*"]
+may = ["plugin:greet.*", "plugin:clock.clock", "plugin:crash.*", "plugin:hang.*", "plugin:flood.*", "plugin:env.*", "plugin:stale.*", "plugin:spy.*", "plugin:escape.*", "plugin:ahead.*", "plugin:sys.*", "plugin:exit159.*"]
 
 [roles.greeter]
 commands = []
@@ -162,6 +162,11 @@ fn setup() -> Setup {
         ),
         "",
     ));
+    // Exits with the code a reaper of old reported as SIGSYS.
+    entries.push(entry(
+        test_plugin(&path, "exit159", "def answer(p):\n    os._exit(159)\n"),
+        "",
+    ));
     // Makes an x32 system call, which its sandbox kills.
     entries.push(entry(
         test_plugin(
@@ -211,6 +216,9 @@ def unix_connect():
 def unix_dgram():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     a.sendto(b'x', SOCK + '.dgram')
+def unix_raw():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_RAW)
+    a.sendto(b'x', SOCK + '.dgram')
 def io_uring():
     libc = ctypes.CDLL(None, use_errno=True)
     params = ctypes.create_string_buffer(120)
@@ -234,6 +242,7 @@ def answer(p):
         attempt('write-tmp', lambda: open('/tmp/fleetcmd-plugin-spy-%d' % GW, 'w')),
         attempt('unix-socket', unix_connect),
         attempt('unix-dgram', unix_dgram),
+        attempt('unix-raw', unix_raw),
         attempt('io-uring', io_uring),
         attempt('scratch', lambda: open(os.environ['HOME'] + '/x', 'w').write('x')),
         'uid %d' % os.getuid(),
@@ -587,6 +596,7 @@ async fn a_sandboxed_plugin_cannot_reach_the_gateways_keys_memory_process_or_ano
         "write-tmp",
         "unix-socket",
         "unix-dgram",
+        "unix-raw",
         "io-uring",
     ] {
         assert!(
@@ -621,6 +631,12 @@ async fn a_system_call_its_sandbox_kills_is_named_as_such() {
     assert!(
         denied.iter().any(|r| format!("{r:?}").contains("SIGSYS")),
         "audited with the reason: {denied:?}"
+    );
+    // An exit code is not a signal.
+    let out = console(&s.router, "alice", &["exit159"]).await;
+    assert!(
+        out.contains("exited with exit status: 159") && !out.contains("SIGSYS"),
+        "{out}"
     );
 }
 
@@ -798,6 +814,20 @@ fn a_plugin_that_could_change_another_or_be_changed_by_a_user_is_refused() {
         );
         std::os::unix::fs::chown(&folder, Some(0), None).unwrap_or_else(|e| panic!("{e}"));
     }
+    // Anything inside the folder another user owns or others may write:
+    // a module the plugin imports is the plugin too.
+    let module = folder.join("lib.py");
+    std::fs::write(&module, "x = 1\n").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(&module, std::fs::Permissions::from_mode(0o666))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let found = problems(vec![entry(greet.clone(), "")]);
+    assert!(
+        found
+            .iter()
+            .any(|m| m.contains("lib.py in the plugin's folder is writable by group or others")),
+        "{found:?}"
+    );
+    std::fs::remove_file(&module).unwrap_or_else(|e| panic!("{e}"));
     // A directory above it that others may write, without the sticky bit.
     std::fs::set_permissions(&plugins, std::fs::Permissions::from_mode(0o777))
         .unwrap_or_else(|e| panic!("{e}"));

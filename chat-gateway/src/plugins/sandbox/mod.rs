@@ -144,10 +144,10 @@ impl Grants {
             .iter()
             .filter_map(|p| resolve("write grant", p))
             .collect();
-        let canonical = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
         let config_dir = canonical(&private.config_dir);
         let private: Vec<PathBuf> = std::iter::once(config_dir.clone())
-            .chain(private.paths.iter().map(canonical))
+            .chain(private.paths.iter().map(|p| canonical(p)))
             .collect();
         let granted = folder
             .iter()
@@ -181,6 +181,35 @@ impl Grants {
                     "{what} {} lies beneath write grant {}: the plugin could replace it",
                     g.display(),
                     w.display()
+                ));
+            }
+        }
+        // Where every plugin's scratch directory is made, and what every
+        // plugin reads and runs (its PATH, its interpreter): no grant on or
+        // above the first, no write grant on, above or inside the second
+        // (found by the third outside attack: `read = ["/tmp"]` read
+        // another plugin's scratch files; `write = ["/usr/local/bin"]`
+        // could plant a `python3` every Python plugin would run).
+        let scratch_parent = canonical(&std::env::temp_dir());
+        for (what, g) in granted.clone() {
+            if scratch_parent.starts_with(g) {
+                problems.push(format!(
+                    "{what} {} would reach every plugin's scratch directory in {}",
+                    g.display(),
+                    scratch_parent.display()
+                ));
+            }
+        }
+        for w in &write {
+            if let Some(system) = SYSTEM_READ
+                .iter()
+                .map(Path::new)
+                .find(|s| s.starts_with(w) || w.starts_with(s))
+            {
+                problems.push(format!(
+                    "write grant {} would let the plugin change {}, which every plugin reads and runs",
+                    w.display(),
+                    system.display()
                 ));
             }
         }
@@ -480,6 +509,14 @@ mod tests {
         refused(with(vec![], vec![state.clone()]), "var/lib/fleetcmd");
         refused(with(vec![state.join("..")], vec![]), "var/lib/fleetcmd");
         refused(with(vec![root.join("nonexistent")], vec![]), "nonexistent");
+        refused(
+            with(vec![std::env::temp_dir()], vec![]),
+            "scratch directory",
+        );
+        refused(
+            with(vec![], vec![PathBuf::from("/usr/local/bin")]),
+            "every plugin reads and runs",
+        );
         refused(
             Grants {
                 folder: keys.clone(),

@@ -59,7 +59,8 @@ const ARG1_LOW: u32 = 24;
 const AF_NETLINK: u32 = 16;
 const AF_VSOCK: u32 = 40;
 const SOCK_TYPE_MASK: u32 = 0xf;
-const SOCK_DGRAM: u32 = 2;
+const SOCK_STREAM: u32 = 1;
+const SOCK_SEQPACKET: u32 = 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,37 +92,43 @@ const DENY: u32 = RET_ERRNO | libc::EACCES as u32;
 /// killed: their numbers mean other calls. Refused with `EACCES`:
 /// `io_uring` (it opens sockets without `socket`), the kernel keyrings
 /// (the user's keys), `socket` of the families above, and
-/// `socketpair(AF_UNIX, SOCK_DGRAM)` — a datagram socket that can
-/// `sendto` any named Unix socket. A stream `socketpair` (asyncio's
-/// self-pipe) stays: it cannot be pointed anywhere else.
-const PROGRAM: [Insn; 25] = [
+/// a Unix `socketpair` of any type but stream and seqpacket (a datagram socket can
+/// `sendto` any named Unix socket; so can a raw one, which the kernel
+/// makes a datagram socket — found by the third outside attack): only
+/// stream and seqpacket pairs (asyncio's self-pipe) stay, which cannot
+/// be pointed anywhere else.
+const PROGRAM: [Insn; 26] = [
     /* 0 */ stmt(BPF_LD_W_ABS, ARCH),
     /* 1 */ jump(BPF_JEQ_K, arch::AUDIT, 1, 0),
     /* 2 */ stmt(BPF_RET_K, RET_KILL_PROCESS),
     /* 3 */ stmt(BPF_LD_W_ABS, NR),
     /* 4 */ jump(BPF_JSET_K, arch::X32_BIT, 0, 1),
     /* 5 */ stmt(BPF_RET_K, RET_KILL_PROCESS),
-    /* 6 */ jump(BPF_JEQ_K, arch::IO_URING_SETUP, 17, 0),
-    /* 7 */ jump(BPF_JEQ_K, arch::ADD_KEY, 16, 0),
-    /* 8 */ jump(BPF_JEQ_K, arch::REQUEST_KEY, 15, 0),
-    /* 9 */ jump(BPF_JEQ_K, arch::KEYCTL, 14, 0),
+    /* 6 */ jump(BPF_JEQ_K, arch::IO_URING_SETUP, 18, 0),
+    /* 7 */ jump(BPF_JEQ_K, arch::ADD_KEY, 17, 0),
+    /* 8 */ jump(BPF_JEQ_K, arch::REQUEST_KEY, 16, 0),
+    /* 9 */ jump(BPF_JEQ_K, arch::KEYCTL, 15, 0),
     /* 10 */ jump(BPF_JEQ_K, arch::SOCKET, 2, 0),
     /* 11 */ jump(BPF_JEQ_K, arch::SOCKETPAIR, 6, 0),
     /* 12 */ stmt(BPF_RET_K, RET_ALLOW),
     // socket(family, …)
     /* 13 */ stmt(BPF_LD_W_ABS, ARG0_LOW),
-    /* 14 */ jump(BPF_JEQ_K, libc::AF_UNIX as u32, 9, 0),
-    /* 15 */ jump(BPF_JEQ_K, AF_NETLINK, 8, 0),
-    /* 16 */ jump(BPF_JEQ_K, AF_VSOCK, 7, 0),
+    /* 14 */ jump(BPF_JEQ_K, libc::AF_UNIX as u32, 10, 0),
+    /* 15 */ jump(BPF_JEQ_K, AF_NETLINK, 9, 0),
+    /* 16 */ jump(BPF_JEQ_K, AF_VSOCK, 8, 0),
     /* 17 */ stmt(BPF_RET_K, RET_ALLOW),
-    // socketpair(family, type, …)
-    /* 18 */ stmt(BPF_LD_W_ABS, ARG0_LOW),
-    /* 19 */ jump(BPF_JEQ_K, libc::AF_UNIX as u32, 0, 3),
+    // socketpair(family, type, …): Unix pairs only of the connected
+    // kinds (any other type — datagram, or raw, which a Unix socket turns
+    // into datagram — can be pointed at a named socket).
+    /* 18 */
+    stmt(BPF_LD_W_ABS, ARG0_LOW),
+    /* 19 */ jump(BPF_JEQ_K, libc::AF_UNIX as u32, 0, 4),
     /* 20 */ stmt(BPF_LD_W_ABS, ARG1_LOW),
     /* 21 */ stmt(BPF_AND_K, SOCK_TYPE_MASK),
-    /* 22 */ jump(BPF_JEQ_K, SOCK_DGRAM, 1, 0),
-    /* 23 */ stmt(BPF_RET_K, RET_ALLOW),
-    /* 24 */ stmt(BPF_RET_K, DENY),
+    /* 22 */ jump(BPF_JEQ_K, SOCK_STREAM, 1, 0),
+    /* 23 */ jump(BPF_JEQ_K, SOCK_SEQPACKET, 0, 1),
+    /* 24 */ stmt(BPF_RET_K, RET_ALLOW),
+    /* 25 */ stmt(BPF_RET_K, DENY),
 ];
 
 #[repr(C)]
@@ -158,6 +165,9 @@ pub fn install() -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SOCK_DGRAM: u32 = 2;
+    const SOCK_RAW: u32 = 3;
 
     /// Runs the program on one call, as the kernel would.
     fn run(arch_id: u32, nr: u32, arg0: u32, arg1: u32) -> u32 {
@@ -218,6 +228,21 @@ mod tests {
                 "socketpair(AF_UNIX, SOCK_DGRAM|SOCK_CLOEXEC)",
                 call(arch::SOCKETPAIR, unix, SOCK_DGRAM | cloexec),
                 DENY,
+            ),
+            (
+                "socketpair(AF_UNIX, SOCK_RAW)",
+                call(arch::SOCKETPAIR, unix, SOCK_RAW),
+                DENY,
+            ),
+            (
+                "socketpair(AF_UNIX, SOCK_SEQPACKET)",
+                call(arch::SOCKETPAIR, unix, SOCK_SEQPACKET),
+                RET_ALLOW,
+            ),
+            (
+                "socketpair(AF_INET, SOCK_DGRAM)",
+                call(arch::SOCKETPAIR, inet, SOCK_DGRAM),
+                RET_ALLOW,
             ),
             (
                 "socketpair(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC)",
