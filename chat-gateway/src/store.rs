@@ -198,6 +198,7 @@ impl GatewayStore {
                 max: MAX_REPLAY_RECORDS,
                 flushing: self.flushing.clone(),
             }),
+            arbiter: None,
         };
         guard.prune(crate::unix_now())?;
         Ok(guard)
@@ -420,9 +421,13 @@ pub enum Refusal {
     /// Accepted before, inside its window: report it (`auth_failed`) and
     /// answer 409 or drop it.
     Replay,
-    /// Not recorded (full, or the disk failed; logged): answer 503 so the
-    /// sender retries later.
+    /// Not recorded (full, or the disk failed, or the claim among gateways
+    /// could not be made; logged): answer 503 so the sender retries later.
     Unavailable,
+    /// New here, but another gateway of this chat claimed it first and
+    /// acts on it (`crate::claims`; logged): answer as if handled, say
+    /// nothing in the chat, report nothing.
+    Elsewhere,
 }
 
 /// The replay guard an adapter was given by the gateway (persisted, shared),
@@ -462,6 +467,10 @@ impl std::fmt::Debug for ReplaySlot {
 #[derive(Clone)]
 pub struct ReplayGuard {
     inner: Arc<ReplayInner>,
+    /// Asked about every request recorded here as new, so that of several
+    /// gateways on one chat only one acts on it (`crate::claims`); `None`:
+    /// this gateway is alone (tests, `fleetcmd dev`).
+    arbiter: Option<Arc<dyn crate::claims::Arbiter>>,
 }
 
 struct ReplayInner {
@@ -607,17 +616,46 @@ impl ReplayGuard {
         Ok(())
     }
 
+    /// This guard, asking `arbiter` about every request it records as new
+    /// (several gateways on one chat: `crate::claims`).
+    pub fn with_arbiter(self, arbiter: Arc<dyn crate::claims::Arbiter>) -> ReplayGuard {
+        ReplayGuard {
+            arbiter: Some(arbiter),
+            ..self
+        }
+    }
+
     /// [`first_use`](Self::first_use) at the current time, as an inbound
-    /// path answers it: `Ok` to act on the request, else why not.
+    /// path answers it: `Ok` to act on the request, else why not. With an
+    /// arbiter, a request new here is then claimed among the gateways for
+    /// as long as it is kept here: lost, it is [`Refusal::Elsewhere`]; not
+    /// decided (the controller unreachable), its record here is forgotten
+    /// so the platform's next delivery is judged afresh, and it is
+    /// [`Refusal::Unavailable`]: a command must not run twice.
     pub async fn admit(&self, scope: &str, key: &str, keep_until: u64) -> Result<(), Refusal> {
-        match self
-            .first_use(scope, key, keep_until, crate::unix_now())
-            .await
-        {
-            Ok(Use::First) => Ok(()),
-            Ok(Use::Replay) => Err(Refusal::Replay),
+        let now = crate::unix_now();
+        match self.first_use(scope, key, keep_until, now).await {
+            Ok(Use::First) => {}
+            Ok(Use::Replay) => return Err(Refusal::Replay),
             Err(e) => {
                 tracing::error!(scope, error = %e, "request refused: replay record not kept");
+                return Err(Refusal::Unavailable);
+            }
+        }
+        let Some(arbiter) = &self.arbiter else {
+            return Ok(());
+        };
+        let claim = crate::claims::key("replay", &[scope, key]);
+        let ttl = std::time::Duration::from_secs(keep_until.saturating_sub(now));
+        match arbiter.claim(claim.clone(), ttl).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::info!(scope, %claim, "request handled by another gateway; not acted on here");
+                Err(Refusal::Elsewhere)
+            }
+            Err(e) => {
+                self.forget(scope, key);
+                tracing::error!(scope, %claim, error = %e, "request refused: cannot claim it among the gateways (the platform will deliver it again)");
                 Err(Refusal::Unavailable)
             }
         }
@@ -628,6 +666,7 @@ impl ReplayGuard {
         let inner = Arc::into_inner(self.inner).expect("only handle");
         ReplayGuard {
             inner: Arc::new(ReplayInner { max, ..inner }),
+            arbiter: self.arbiter,
         }
     }
 }

@@ -110,6 +110,8 @@ impl HttpState {
                 Some(StatusCode::CONFLICT)
             }
             Err(Refusal::Unavailable) => Some(StatusCode::SERVICE_UNAVAILABLE),
+            // Another gateway of this team answers it.
+            Err(Refusal::Elsewhere) => Some(StatusCode::OK),
         }
     }
 
@@ -223,6 +225,10 @@ async fn slash_command(
         );
     }
     if let Some(code) = st.delivered_again(&form.user_id, &form.trigger_id).await {
+        if code == StatusCode::OK {
+            // Another gateway answers it: say nothing here.
+            return code.into_response();
+        }
         return ephemeral(code, "this request was already received; it runs once");
     }
     let text = form.text.trim();
