@@ -108,7 +108,10 @@ pub async fn run<C: ControllerApi>(
     let mut backoff = BACKOFF_MIN;
     loop {
         let mut stream = match ctl.health_watch().await {
-            Ok(s) => s,
+            Ok(s) => {
+                tracing::info!("alerts: following the controller's health stream");
+                s
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "alerts: cannot follow the controller's health stream");
                 tokio::time::sleep(backoff).await;

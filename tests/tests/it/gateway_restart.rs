@@ -104,7 +104,7 @@ impl Gateway {
         self.out.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.err.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -127,7 +127,7 @@ impl Gateway {
 
     /// Waits until the gateway logged `n` lines containing `needle`; the
     /// last of them.
-    async fn logged(&self, needle: &str, n: usize) -> String {
+    pub(crate) async fn logged(&self, needle: &str, n: usize) -> String {
         let start = Instant::now();
         loop {
             let log = self.stderr();
