@@ -66,7 +66,10 @@ mod tests {
     #[test]
     fn keys_are_bounded_printable_and_keep_parts_apart() {
         let k = key("replay", &["slack", "event:Ev1"]);
-        assert!(k.starts_with("replay/") && k.len() == "replay/".len() + 64, "{k}");
+        assert!(
+            k.starts_with("replay/") && k.len() == "replay/".len() + 64,
+            "{k}"
+        );
         assert_eq!(k, key("replay", &["slack", "event:Ev1"]));
         assert_ne!(key("r", &["a", "bc"]), key("r", &["ab", "c"]));
         let hostile = key("replay", &["webhook", &"\u{0}\n\u{202e}x".repeat(1000)]);

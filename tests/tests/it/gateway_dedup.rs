@@ -94,11 +94,15 @@ async fn api(
         let mut calls = calls.lock().expect("calls");
         calls.push((method.clone(), parsed.clone()));
         match method.as_str() {
-            "auth.test" => json!({ "ok": true, "team_id": TEAM, "user_id": BOT_USER, "bot_id": "B0BOT", "team": "Acme", "user": "fleetcmd" }),
+            "auth.test" => {
+                json!({ "ok": true, "team_id": TEAM, "user_id": BOT_USER, "bot_id": "B0BOT", "team": "Acme", "user": "fleetcmd" })
+            }
             "chat.postMessage" => {
                 json!({ "ok": true, "channel": parsed["channel"], "ts": format!("1700000000.{:06}", calls.len()) })
             }
-            "chat.update" => json!({ "ok": true, "channel": parsed["channel"], "ts": parsed["ts"] }),
+            "chat.update" => {
+                json!({ "ok": true, "channel": parsed["channel"], "ts": parsed["ts"] })
+            }
             _ => json!({ "ok": false, "error": "unknown_method" }),
         }
     };
@@ -139,9 +143,7 @@ async fn deliver(port: u16, body: &str, retry: Option<u32>) -> u16 {
         .expect("gateway listens");
     conn.write_all(req.as_bytes()).await.expect("request sent");
     let mut answer = String::new();
-    conn.read_to_string(&mut answer)
-        .await
-        .expect("answer read");
+    conn.read_to_string(&mut answer).await.expect("answer read");
     answer
         .split_whitespace()
         .nth(1)
@@ -290,11 +292,12 @@ async fn one_slack_event_delivered_to_two_gateways_and_retried_runs_once_with_on
 
     // The same delivery to both gateways at once (two Event Subscription
     // URLs behind a load balancer that retried elsewhere, say).
-    let event = message_event("Ev0DEDUP01", "!run echo dedup-once on all", "1700000001.000100");
-    let (sa, sb) = tokio::join!(
-        deliver(port_a, &event, None),
-        deliver(port_b, &event, None)
+    let event = message_event(
+        "Ev0DEDUP01",
+        "!run echo dedup-once on all",
+        "1700000001.000100",
     );
+    let (sa, sb) = tokio::join!(deliver(port_a, &event, None), deliver(port_b, &event, None));
     assert_eq!((sa, sb), (200, 200));
     // Exactly one of them lost the claim and said so in its log.
     let lost = wait_for("lost claim in a log", [&a, &b], || async {
@@ -336,11 +339,12 @@ async fn one_slack_event_delivered_to_two_gateways_and_retried_runs_once_with_on
     .await;
     // Another event of the same text is another request: it runs, so the
     // gateways are not simply refusing everything after the first.
-    let again = message_event("Ev0DEDUP02", "!run echo dedup-once on all", "1700000002.000100");
-    let (sa, sb) = tokio::join!(
-        deliver(port_b, &again, None),
-        deliver(port_a, &again, None)
+    let again = message_event(
+        "Ev0DEDUP02",
+        "!run echo dedup-once on all",
+        "1700000002.000100",
     );
+    let (sa, sb) = tokio::join!(deliver(port_b, &again, None), deliver(port_a, &again, None));
     assert_eq!((sa, sb), (200, 200));
     let jobs = wait_for("two finished jobs", [&a, &b], || {
         let (fleet, requester) = (&fleet, &requester);
@@ -357,6 +361,17 @@ async fn one_slack_event_delivered_to_two_gateways_and_retried_runs_once_with_on
     })
     .await;
     assert_eq!(jobs.len(), 2, "one job per event: {jobs:#?}");
+    // Each job's reply, once.
+    wait_for("a reply to each job", [&a, &b], || async {
+        let posts = slack.calls("chat.postMessage", "C0OPS");
+        jobs.iter()
+            .all(|j| {
+                let short = fleetcmd_core::ids::short_form(&j.job_id);
+                posts.iter().any(|p| p.to_string().contains(&*short))
+            })
+            .then_some(())
+    })
+    .await;
     let posts = slack.calls("chat.postMessage", "C0OPS");
     assert_eq!(
         posts.len(),
