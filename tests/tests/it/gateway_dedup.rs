@@ -434,3 +434,51 @@ async fn one_health_alert_is_posted_once_by_two_gateways() {
         down[0]
     );
 }
+
+/// `Claims.Claim` answers gateway certificates only: the first claim of a
+/// key wins and the next loses; bad keys and times to live are refused
+/// with what was wrong; agent, operator and anonymous callers are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_gateways_claim_and_the_first_claim_of_a_key_wins() {
+    use pb::claims_client::ClaimsClient;
+    use tonic::Code;
+    let fleet = start_fleet(1).await;
+    let claim = |key: &str, ttl_secs: u32| pb::ClaimRequest {
+        key: key.into(),
+        ttl_secs,
+    };
+    let mut gateway = ClaimsClient::new(fleet.gateway().await);
+    let won = |r: Result<tonic::Response<pb::ClaimResponse>, tonic::Status>| {
+        r.expect("a gateway may claim").into_inner().won
+    };
+    assert!(won(gateway.claim(claim("replay/slack/Ev1", 60)).await));
+    assert!(!won(gateway.claim(claim("replay/slack/Ev1", 60)).await));
+    assert!(won(gateway.claim(claim("replay/slack/Ev2", 60)).await));
+    for (req, says) in [
+        (claim("", 60), "claim key is empty"),
+        (claim(&"k".repeat(257), 60), "257 bytes long"),
+        (claim("a\nb", 60), "control character"),
+        (claim("replay/slack/Ev3", 0), "ttl_secs 0"),
+        (claim("replay/slack/Ev3", 8 * 86_400), "ttl_secs 691200"),
+    ] {
+        let err = gateway.claim(req).await.expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(says), "{err:?}");
+    }
+    let agent = fleetcmd_proto::channel::connect(&fleet.url, &fleet.agent_tls("dev-1"))
+        .await
+        .expect("agent channel");
+    for (who, channel, code) in [
+        ("agent", agent, Code::PermissionDenied),
+        ("operator", fleet.operator().await, Code::PermissionDenied),
+        ("anonymous", fleet.anonymous().await, Code::Unauthenticated),
+    ] {
+        let err = ClaimsClient::new(channel)
+            .claim(claim("replay/slack/Ev9", 60))
+            .await
+            .expect_err(who);
+        assert_eq!(err.code(), code, "{who}: {err:?}");
+    }
+    // Nobody else took Ev9: the refused callers claimed nothing.
+    assert!(won(gateway.claim(claim("replay/slack/Ev9", 60)).await));
+}
