@@ -725,6 +725,75 @@ mod tests {
         assert!(moved[0].is_err(), "{moved:?}");
     }
 
+    /// Answers claims from a script: `Some(won)` per call, `None` for a
+    /// controller that cannot be reached; records the keys asked.
+    struct Scripted(std::sync::Mutex<(Vec<Option<bool>>, Vec<String>)>);
+
+    impl crate::claims::Arbiter for Scripted {
+        fn claim(
+            &self,
+            key: String,
+            _ttl: std::time::Duration,
+        ) -> crate::adapters::BoxFuture<'_, Result<bool, crate::controller::ControllerError>>
+        {
+            let mut s = self.0.lock().expect("script");
+            s.1.push(key);
+            let next = s.0.remove(0);
+            Box::pin(async move {
+                next.ok_or(crate::controller::ControllerError {
+                    code: tonic::Code::Unavailable,
+                    message: "connection refused".into(),
+                })
+            })
+        }
+    }
+
+    /// With an arbiter, a request new here is claimed among the gateways:
+    /// won, acted on; lost, `Elsewhere` and a replay here from then on
+    /// (never asked again); not decided, refused as busy and forgotten
+    /// here, so the platform's next delivery is judged afresh.
+    #[tokio::test]
+    async fn requests_new_here_are_claimed_among_the_gateways() {
+        let script = Arc::new(Scripted(std::sync::Mutex::new((
+            vec![Some(true), Some(false), None, Some(true)],
+            Vec::new(),
+        ))));
+        let guard = GatewayStore::temporary()
+            .and_then(|s| s.replay())
+            .expect("guard")
+            .with_arbiter(script.clone());
+        let until = crate::unix_now() + 600;
+        assert_eq!(guard.admit("slack", "event:Ev1", until).await, Ok(()));
+        assert_eq!(
+            guard.admit("slack", "event:Ev1", until).await,
+            Err(Refusal::Replay)
+        );
+        assert_eq!(
+            guard.admit("slack", "event:Ev2", until).await,
+            Err(Refusal::Elsewhere)
+        );
+        assert_eq!(
+            guard.admit("slack", "event:Ev2", until).await,
+            Err(Refusal::Replay),
+            "lost once, kept here: a retry is not asked about again"
+        );
+        assert_eq!(
+            guard.admit("slack", "event:Ev3", until).await,
+            Err(Refusal::Unavailable)
+        );
+        assert_eq!(
+            guard.admit("slack", "event:Ev3", until).await,
+            Ok(()),
+            "forgotten after the failed claim: the next delivery is claimed again"
+        );
+        let asked = script.0.lock().expect("script").1.clone();
+        assert_eq!(
+            asked,
+            ["event:Ev1", "event:Ev2", "event:Ev3", "event:Ev3"]
+                .map(|k| crate::claims::key("replay", &["slack", k]))
+        );
+    }
+
     #[tokio::test]
     async fn records_survive_a_reopen_until_their_window_ends() {
         let dir = tempfile::tempdir().expect("tempdir");
