@@ -47,8 +47,9 @@ pub(crate) struct HttpState {
     pub signer: Arc<ButtonSigner>,
     /// Where refused requests are reported (the gateway's audit reporter).
     pub auth_failures: std::sync::OnceLock<crate::adapters::AuthFailures>,
-    /// Trigger ids already routed (the gateway's persisted replay records).
-    pub replay: ReplaySlot,
+    /// Trigger ids (and, from the WebSocket, post ids) already routed: the
+    /// gateway's persisted replay records, shared with `ws.rs`.
+    pub replay: Arc<ReplaySlot>,
 }
 
 /// How long a trigger id is remembered. Mattermost signs nothing and puts
@@ -78,7 +79,7 @@ impl HttpState {
             compare_key,
             signer,
             auth_failures: std::sync::OnceLock::new(),
-            replay: ReplaySlot::default(),
+            replay: Arc::default(),
         })
     }
 
