@@ -172,17 +172,8 @@ async fn push_slack_policy(fleet: &mut TestFleet) {
 /// A gateway.toml for `fleet` with Slack in events mode on `port`, its
 /// state in `state` (each gateway its own).
 fn slack_gateway_config(fleet: &TestFleet, slack: &FakeSlack, state: &Path, port: u16) -> PathBuf {
-    let dir = &fleet.dir;
     let text = format!(
-        r#"controller = "{url}"
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-signing_key = "{sign}"
-signer_id = "{signer}"
-policy_roots = ["{root}"]
-state_dir = "{state}"
-
+        r#"{head}
 [http]
 listen = "127.0.0.1:{port}"
 
@@ -193,14 +184,7 @@ signing_secret = "{SECRET}"
 api_base = "{base}/api"
 team_id = "{TEAM}"
 "#,
-        url = fleet.url,
-        ca = dir.join("ca.crt").display(),
-        cert = dir.join("gateway.crt").display(),
-        key = dir.join("gateway.key").display(),
-        sign = dir.join("gateway-sign.key").display(),
-        signer = fleetcmd_cli::fleet::GATEWAY_SIGNER,
-        root = fleet.admin_key.public_key(),
-        state = state.display(),
+        head = crate::gateway_restart::gateway_toml_head(fleet, state),
         base = slack.base,
     );
     let path = fleet.path().join(format!("gateway-{port}.toml"));
