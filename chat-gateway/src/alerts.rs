@@ -8,6 +8,11 @@
 //! The stream is re-opened with backoff when it ends; the snapshot that
 //! starts each stream is not posted (it is the state, not a change), so a
 //! reconnect never repeats an alert.
+//!
+//! Several gateways on one chat all follow the stream: each post is
+//! claimed first (`crate::claims`, key: the channel and the announcement),
+//! so one of them posts it. When the claim cannot be made the alert is
+//! posted anyway: an alert posted twice is better than none.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +22,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::adapters::{ChatSender, Reply};
+use crate::claims::{self, Arbiter};
 use crate::controller::ControllerApi;
 use crate::router::Router;
 
@@ -102,7 +108,10 @@ pub async fn run<C: ControllerApi>(
     let mut backoff = BACKOFF_MIN;
     loop {
         let mut stream = match ctl.health_watch().await {
-            Ok(s) => s,
+            Ok(s) => {
+                tracing::info!("alerts: following the controller's health stream");
+                s
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "alerts: cannot follow the controller's health stream");
                 tokio::time::sleep(backoff).await;
@@ -124,18 +133,25 @@ pub async fn run<C: ControllerApi>(
             {
                 tracing::warn!("alerts: integrations are behind; dropped one event");
             }
-            post(&senders, &ev).await;
+            post(ctl, &senders, &ev).await;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
-async fn post(senders: &[(String, Arc<dyn ChatSender>)], ev: &v1::AlertEvent) {
+async fn post(
+    arbiter: &dyn Arbiter,
+    senders: &[(String, Arc<dyn ChatSender>)],
+    ev: &v1::AlertEvent,
+) {
     let (Some(reply), Some(s)) = (render(ev), ev.service.as_ref()) else {
         return;
     };
     for channel in &s.channels {
+        if !first_to_post(arbiter, channel, ev).await {
+            continue;
+        }
         let scheme = channel.split(':').next().unwrap_or_default();
         let Some((_, out)) = senders.iter().find(|(name, _)| name == scheme) else {
             tracing::warn!(
@@ -147,6 +163,27 @@ async fn post(senders: &[(String, Arc<dyn ChatSender>)], ev: &v1::AlertEvent) {
         };
         if let Err(e) = out.send(channel, reply.clone()).await {
             tracing::warn!(service = %s.name, %channel, error = %e, "alerts: post failed");
+        }
+    }
+}
+
+/// Whether this gateway posts `ev` to `channel`: it claimed the post, or
+/// the claim could not be made (posted anyway; logged).
+async fn first_to_post(arbiter: &dyn Arbiter, channel: &str, ev: &v1::AlertEvent) -> bool {
+    let s = ev.service.as_ref();
+    let name = s.map(|s| s.name.as_str()).unwrap_or_default();
+    let state = s.map(|s| s.state.as_str()).unwrap_or_default();
+    let (kind, at) = (ev.kind.to_string(), ev.at_ms.to_string());
+    let key = claims::key("alert", &[channel, name, &kind, &ev.from, state, &at]);
+    match arbiter.claim(key, claims::ALERT_TTL).await {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::info!(service = name, %channel, "alerts: posted by another gateway");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(service = name, %channel, error = %e, "alerts: cannot claim the post among the gateways; posting it anyway");
+            true
         }
     }
 }

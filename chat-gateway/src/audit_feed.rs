@@ -5,7 +5,9 @@
 //! The gateway polls the controller's `Audit.Search` for records newer than
 //! the last one it posted (kinds filtered there), newest first, and posts
 //! them oldest first in one message per poll. It starts at the current end
-//! of the trail: history is not replayed after a restart.
+//! of the trail: history is not replayed after a restart. With several
+//! gateways feeding one channel, each record is posted by the one that
+//! claims it at the controller (`crate::claims`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -185,7 +187,25 @@ pub async fn run<C: ControllerApi>(
             last_seq = newest.seq;
             since_ms = newest.time_ms;
         }
-        if let Err(e) = out.send(&channel, render(&fresh)).await {
+        // Several gateways may feed this channel: each record is posted by
+        // the one that claims it (`crate::claims`); when the claim cannot
+        // be made it is posted anyway.
+        let mut mine = Vec::with_capacity(fresh.len());
+        for r in fresh {
+            let key = crate::claims::key("audit", &[&channel, &r.seq.to_string()]);
+            match crate::claims::Arbiter::claim(ctl, key, crate::claims::ALERT_TTL).await {
+                Ok(false) => {}
+                Ok(true) => mine.push(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, seq = r.seq, "audit channel: cannot claim the record among the gateways; posting it anyway");
+                    mine.push(r);
+                }
+            }
+        }
+        if mine.is_empty() {
+            continue;
+        }
+        if let Err(e) = out.send(&channel, render(&mine)).await {
             tracing::warn!(error = %e, %channel, "audit channel: post failed");
         }
     }

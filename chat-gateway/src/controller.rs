@@ -11,6 +11,7 @@ use fleetcmd_proto::channel::{ChannelError, ClientTls, endpoint};
 use fleetcmd_proto::v1;
 use fleetcmd_proto::v1::agents_client::AgentsClient;
 use fleetcmd_proto::v1::audit_client::AuditClient;
+use fleetcmd_proto::v1::claims_client::ClaimsClient;
 use fleetcmd_proto::v1::health_client::HealthClient;
 use fleetcmd_proto::v1::jobs_client::JobsClient;
 use fleetcmd_proto::v1::policy_client::PolicyClient;
@@ -110,6 +111,14 @@ pub trait ControllerApi: Send + Sync + 'static {
         &self,
         req: v1::SilenceRequest,
     ) -> impl Future<Output = Result<u64, ControllerError>> + Send;
+    /// Claims `key` for `ttl_secs` among every gateway of the controller
+    /// (`crate::claims`); `true`: this gateway acts, `false`: another one
+    /// claimed it first.
+    fn claim(
+        &self,
+        key: String,
+        ttl_secs: u32,
+    ) -> impl Future<Output = Result<bool, ControllerError>> + Send;
 }
 
 /// The real controller over mTLS gRPC.
@@ -250,6 +259,14 @@ impl ControllerApi for GrpcController {
             .await?
             .into_inner()
             .until_ms)
+    }
+
+    async fn claim(&self, key: String, ttl_secs: u32) -> Result<bool, ControllerError> {
+        Ok(ClaimsClient::new(self.channel.clone())
+            .claim(v1::ClaimRequest { key, ttl_secs })
+            .await?
+            .into_inner()
+            .won)
     }
 
     async fn get_policy(&self) -> Result<v1::PolicyInfo, ControllerError> {

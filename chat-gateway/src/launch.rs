@@ -78,9 +78,12 @@ pub async fn run(
     // results it still owes the chat and the pending approvals, persisted so
     // a restart forgets none of them.
     let store = crate::store::GatewayStore::open(&cfg.state_dir)?;
+    // Several gateways on one chat act once on each request: the local
+    // record first, then a claim at the controller (`crate::claims`).
+    let arbiter: Arc<dyn crate::claims::Arbiter> = Arc::new(ctl.clone());
     let router = Arc::new(Router::new(opts.router_config(), ctl).with_store(&store)?);
     // A request accepted once is refused after a restart too.
-    let replay = store.replay()?;
+    let replay = store.replay()?.with_arbiter(arbiter);
     let mut cx = BuildContext::new(base, Gateway::new(router.clone()), replay, stops.clone());
     let paths = cfg.paths();
     for entry in components() {

@@ -24,6 +24,7 @@ pub mod approvals;
 pub mod audit_feed;
 pub mod backoff;
 pub mod body;
+pub mod claims;
 pub mod cli_args;
 pub mod config;
 pub mod controller;

@@ -204,6 +204,9 @@ async fn notify(
             return (StatusCode::CONFLICT, "replayed request\n".into());
         }
         Err(Refusal::Unavailable) => return (StatusCode::SERVICE_UNAVAILABLE, "busy\n".into()),
+        Err(Refusal::Elsewhere) => {
+            return (StatusCode::OK, "posted by another gateway\n".into());
+        }
     }
     let n: Notification = match serde_json::from_slice(&body) {
         Ok(n) => n,

@@ -198,6 +198,7 @@ impl GatewayStore {
                 max: MAX_REPLAY_RECORDS,
                 flushing: self.flushing.clone(),
             }),
+            arbiter: None,
         };
         guard.prune(crate::unix_now())?;
         Ok(guard)
@@ -420,9 +421,13 @@ pub enum Refusal {
     /// Accepted before, inside its window: report it (`auth_failed`) and
     /// answer 409 or drop it.
     Replay,
-    /// Not recorded (full, or the disk failed; logged): answer 503 so the
-    /// sender retries later.
+    /// Not recorded (full, or the disk failed, or the claim among gateways
+    /// could not be made; logged): answer 503 so the sender retries later.
     Unavailable,
+    /// New here, but another gateway of this chat claimed it first and
+    /// acts on it (`crate::claims`; logged): answer as if handled, say
+    /// nothing in the chat, report nothing.
+    Elsewhere,
 }
 
 /// The replay guard an adapter was given by the gateway (persisted, shared),
@@ -462,6 +467,10 @@ impl std::fmt::Debug for ReplaySlot {
 #[derive(Clone)]
 pub struct ReplayGuard {
     inner: Arc<ReplayInner>,
+    /// Asked about every request recorded here as new, so that of several
+    /// gateways on one chat only one acts on it (`crate::claims`); `None`:
+    /// this gateway is alone (tests, `fleetcmd dev`).
+    arbiter: Option<Arc<dyn crate::claims::Arbiter>>,
 }
 
 struct ReplayInner {
@@ -607,17 +616,46 @@ impl ReplayGuard {
         Ok(())
     }
 
+    /// This guard, asking `arbiter` about every request it records as new
+    /// (several gateways on one chat: `crate::claims`).
+    pub fn with_arbiter(self, arbiter: Arc<dyn crate::claims::Arbiter>) -> ReplayGuard {
+        ReplayGuard {
+            arbiter: Some(arbiter),
+            ..self
+        }
+    }
+
     /// [`first_use`](Self::first_use) at the current time, as an inbound
-    /// path answers it: `Ok` to act on the request, else why not.
+    /// path answers it: `Ok` to act on the request, else why not. With an
+    /// arbiter, a request new here is then claimed among the gateways for
+    /// as long as it is kept here: lost, it is [`Refusal::Elsewhere`]; not
+    /// decided (the controller unreachable), its record here is forgotten
+    /// so the platform's next delivery is judged afresh, and it is
+    /// [`Refusal::Unavailable`]: a command must not run twice.
     pub async fn admit(&self, scope: &str, key: &str, keep_until: u64) -> Result<(), Refusal> {
-        match self
-            .first_use(scope, key, keep_until, crate::unix_now())
-            .await
-        {
-            Ok(Use::First) => Ok(()),
-            Ok(Use::Replay) => Err(Refusal::Replay),
+        let now = crate::unix_now();
+        match self.first_use(scope, key, keep_until, now).await {
+            Ok(Use::First) => {}
+            Ok(Use::Replay) => return Err(Refusal::Replay),
             Err(e) => {
                 tracing::error!(scope, error = %e, "request refused: replay record not kept");
+                return Err(Refusal::Unavailable);
+            }
+        }
+        let Some(arbiter) = &self.arbiter else {
+            return Ok(());
+        };
+        let claim = crate::claims::key("replay", &[scope, key]);
+        let ttl = std::time::Duration::from_secs(keep_until.saturating_sub(now));
+        match arbiter.claim(claim.clone(), ttl).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::info!(scope, %claim, "request handled by another gateway; not acted on here");
+                Err(Refusal::Elsewhere)
+            }
+            Err(e) => {
+                self.forget(scope, key);
+                tracing::error!(scope, %claim, error = %e, "request refused: cannot claim it among the gateways (the platform will deliver it again)");
                 Err(Refusal::Unavailable)
             }
         }
@@ -628,6 +666,7 @@ impl ReplayGuard {
         let inner = Arc::into_inner(self.inner).expect("only handle");
         ReplayGuard {
             inner: Arc::new(ReplayInner { max, ..inner }),
+            arbiter: self.arbiter,
         }
     }
 }
@@ -684,6 +723,75 @@ mod tests {
         );
         let moved = other.all().expect("all");
         assert!(moved[0].is_err(), "{moved:?}");
+    }
+
+    /// Answers claims from a script: `Some(won)` per call, `None` for a
+    /// controller that cannot be reached; records the keys asked.
+    struct Scripted(std::sync::Mutex<(Vec<Option<bool>>, Vec<String>)>);
+
+    impl crate::claims::Arbiter for Scripted {
+        fn claim(
+            &self,
+            key: String,
+            _ttl: std::time::Duration,
+        ) -> crate::adapters::BoxFuture<'_, Result<bool, crate::controller::ControllerError>>
+        {
+            let mut s = self.0.lock().expect("script");
+            s.1.push(key);
+            let next = s.0.remove(0);
+            Box::pin(async move {
+                next.ok_or(crate::controller::ControllerError {
+                    code: tonic::Code::Unavailable,
+                    message: "connection refused".into(),
+                })
+            })
+        }
+    }
+
+    /// With an arbiter, a request new here is claimed among the gateways:
+    /// won, acted on; lost, `Elsewhere` and a replay here from then on
+    /// (never asked again); not decided, refused as busy and forgotten
+    /// here, so the platform's next delivery is judged afresh.
+    #[tokio::test]
+    async fn requests_new_here_are_claimed_among_the_gateways() {
+        let script = Arc::new(Scripted(std::sync::Mutex::new((
+            vec![Some(true), Some(false), None, Some(true)],
+            Vec::new(),
+        ))));
+        let guard = GatewayStore::temporary()
+            .and_then(|s| s.replay())
+            .expect("guard")
+            .with_arbiter(script.clone());
+        let until = crate::unix_now() + 600;
+        assert_eq!(guard.admit("slack", "event:Ev1", until).await, Ok(()));
+        assert_eq!(
+            guard.admit("slack", "event:Ev1", until).await,
+            Err(Refusal::Replay)
+        );
+        assert_eq!(
+            guard.admit("slack", "event:Ev2", until).await,
+            Err(Refusal::Elsewhere)
+        );
+        assert_eq!(
+            guard.admit("slack", "event:Ev2", until).await,
+            Err(Refusal::Replay),
+            "lost once, kept here: a retry is not asked about again"
+        );
+        assert_eq!(
+            guard.admit("slack", "event:Ev3", until).await,
+            Err(Refusal::Unavailable)
+        );
+        assert_eq!(
+            guard.admit("slack", "event:Ev3", until).await,
+            Ok(()),
+            "forgotten after the failed claim: the next delivery is claimed again"
+        );
+        let asked = script.0.lock().expect("script").1.clone();
+        assert_eq!(
+            asked,
+            ["event:Ev1", "event:Ev2", "event:Ev3", "event:Ev3"]
+                .map(|k| crate::claims::key("replay", &["slack", k]))
+        );
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@ pub mod access;
 pub mod audit;
 pub mod auth;
 pub mod bus;
+pub mod claims;
 pub mod cli_args;
 pub mod config;
 pub mod controller_metrics;

@@ -79,6 +79,8 @@ impl std::fmt::Debug for RunningController {
 const AGENT: &[Role] = &[Role::Agent];
 const CLIENTS: &[Role] = &[Role::Gateway, Role::Operator];
 const OPERATOR: &[Role] = &[Role::Operator];
+/// The `Claims` service: only gateways act on chat events and alerts.
+const GATEWAY: &[Role] = &[Role::Gateway];
 /// The sweeper ticks every second; retention runs once a minute.
 const RETENTION_EVERY_TICKS: u64 = 60;
 /// Sweeper ticks (seconds) between returns of free heap memory to the OS
@@ -356,6 +358,12 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             require(shared.clone(), CLIENTS),
+        ))
+        .add_service(InterceptedService::new(
+            pb::claims_server::ClaimsServer::new(crate::claims::ClaimsSvc(shared.clone()))
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES)
+                .max_encoding_message_size(SMALL_MESSAGE_BYTES),
+            require(shared.clone(), GATEWAY),
         ));
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))

@@ -1543,3 +1543,67 @@ async fn a_slash_command_delivered_twice_with_its_trigger_id_runs_once_and_is_re
     .await;
     task.abort();
 }
+
+/// Decides claims as the controller does (the first claim of a key wins),
+/// except `both`: a key every asker wins, the marker that each WebSocket
+/// got past the post before it.
+struct Referee {
+    both: String,
+    claimed: Mutex<std::collections::HashSet<String>>,
+}
+
+impl fleetcmd_gateway::claims::Arbiter for Referee {
+    fn claim(
+        &self,
+        key: String,
+        _ttl: Duration,
+    ) -> fleetcmd_gateway::adapters::BoxFuture<
+        '_,
+        Result<bool, fleetcmd_gateway::controller::ControllerError>,
+    > {
+        let won =
+            key == self.both || ok(self.claimed.lock().map_err(|e| e.to_string())).insert(key);
+        Box::pin(async move { Ok(won) })
+    }
+}
+
+/// Every gateway's WebSocket gets every post of its team: of two gateways
+/// (two adapters, each with its own replay records) on one Mattermost,
+/// the one that claims a post routes it and the other drops it.
+#[tokio::test]
+async fn two_gateways_on_one_team_route_each_websocket_post_once() {
+    let (f, base) = start_fake().await;
+    f.echo.store(false, Ordering::SeqCst);
+    let referee = Arc::new(Referee {
+        both: fleetcmd_gateway::claims::key("replay", &["mattermost-post", "m2"]),
+        claimed: Mutex::default(),
+    });
+    let mut adapters = Vec::new();
+    for _ in 0..2 {
+        let cfg = config(&base, "http://127.0.0.1:9/mattermost/actions", "");
+        let adapter = ok(
+            timeout(Duration::from_secs(10), MattermostAdapter::connect(&cfg))
+                .await
+                .map_err(|_| "connect timed out"),
+        );
+        let adapter = ok(adapter);
+        let guard = ok(fleetcmd_gateway::store::GatewayStore::temporary().and_then(|s| s.replay()));
+        adapter.use_replay_guard(guard.with_arbiter(referee.clone()));
+        adapters.push(adapter);
+    }
+    live(&f, 2).await;
+    say(&f, "m1", ALICE, "!whoami", json!({}));
+    say(&f, "m2", ALICE, "!help", json!({}));
+    // Each socket delivers in order: the adapter that routed m1 gets the
+    // marker m2 after it; the other gets m2 first, having dropped m1.
+    let mut firsts = Vec::new();
+    for a in &mut adapters {
+        firsts.push(next(a).await.text);
+    }
+    let winner = match firsts.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["!whoami", "!help"] => 0,
+        ["!help", "!whoami"] => 1,
+        _ => panic!("m1 must reach exactly one adapter: {firsts:?}"),
+    };
+    assert_eq!(next(&mut adapters[winner]).await.text, "!help");
+}

@@ -295,6 +295,8 @@ pub struct FakeController {
     /// Whether `watch` answers (with the job as `get_job` shows it, then
     /// the end of the stream); without it the router polls.
     pub watch: bool,
+    /// Keys claimed (`Claims.Claim`): the first claim of a key wins.
+    pub claims: Mutex<std::collections::HashSet<String>>,
 }
 
 impl FakeController {
@@ -312,6 +314,7 @@ impl FakeController {
             audit_requests: Mutex::new(Vec::new()),
             services: Vec::new(),
             silences: Mutex::new(Vec::new()),
+            claims: Mutex::default(),
             short_ids_taken: AtomicUsize::new(0),
             short_id_refused: Mutex::new(Vec::new()),
             watch: false,
@@ -532,6 +535,11 @@ impl ControllerApi for FakeController {
     ) -> Result<fleetcmd_gateway::controller::AlertEvents, ControllerError> {
         self.check()?;
         Ok(Box::pin(futures_util::stream::empty()))
+    }
+
+    async fn claim(&self, key: String, _ttl_secs: u32) -> Result<bool, ControllerError> {
+        self.check()?;
+        Ok(self.claims.lock().expect("claims").insert(key))
     }
 
     async fn silence(&self, req: v1::SilenceRequest) -> Result<u64, ControllerError> {

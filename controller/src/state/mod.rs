@@ -842,7 +842,8 @@ impl Shared {
     }
 
     /// Retention (`retention::delete_old`), then one flush for all it
-    /// deleted. Returns how many jobs were deleted.
+    /// deleted, then expired claims pruned. Returns how many jobs were
+    /// deleted.
     pub async fn enforce_retention(&self) -> ApiResult<usize> {
         let deleted = retention::delete_old(
             self.store.as_ref(),
@@ -853,6 +854,15 @@ impl Shared {
         if deleted > 0 {
             self.flush().await?;
             tracing::info!(deleted, "retention: old jobs deleted");
+        }
+        // Expired gateway claims (`claims.rs`): nobody can lose to them any
+        // more. A failure here costs space, never a job.
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.prune_claims()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(pruned = n, "retention: expired claims removed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention: pruning expired claims"),
+            Err(e) => tracing::warn!(error = %e, "retention: claim pruning task"),
         }
         Ok(deleted)
     }

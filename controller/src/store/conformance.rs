@@ -217,7 +217,6 @@ pub fn concurrent_creations_of_one_short_id_have_one_winner(store: &dyn Store) {
             .collect();
         handles
             .into_iter()
-            .filter(|_| true)
             .map(|h| h.join().expect("thread") as usize)
             .sum::<usize>()
     });
@@ -714,6 +713,61 @@ pub fn a_pending_target_is_claimed_once(store: &dyn Store) {
     assert_eq!(store.get_target(job, "host-99").expect("get"), None);
 }
 
+/// Claims: of 8 threads claiming one key exactly one wins; a held key is
+/// refused, another key is free; an expired claim is taken over by the
+/// next one and pruned; a key of the longest allowed length is kept whole.
+pub fn a_claim_has_one_winner_until_it_expires(store: &dyn Store) {
+    use crate::claims::{ClaimKey, MAX_CLAIM_KEY_BYTES};
+    let key = |k: &str| ClaimKey::parse(k).expect("a valid key");
+    let event = key("replay/slack/Ev0123456789");
+    let wins = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| store.claim(&event, LEASE_TTL).expect("claim")))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("claimer"))
+            .filter(|won| *won)
+            .count()
+    });
+    assert_eq!(wins, 1, "exactly one of 8 concurrent claims wins");
+    assert!(!store.claim(&event, LEASE_TTL).expect("claim"), "held");
+    let long = key(&"k".repeat(MAX_CLAIM_KEY_BYTES));
+    let almost = key(&format!("{}j", "k".repeat(MAX_CLAIM_KEY_BYTES - 1)));
+    assert!(store.claim(&long, LEASE_TTL).expect("claim"));
+    assert!(
+        store.claim(&almost, LEASE_TTL).expect("claim"),
+        "a long key is kept whole, not cut to a prefix another key shares"
+    );
+    assert!(!store.claim(&long, LEASE_TTL).expect("claim"));
+
+    // Expiry: taken over by the next claim, and pruned.
+    let short = key("alert/api/ok-down/1700000000000");
+    assert!(store.claim(&short, SHORT_TTL).expect("claim"));
+    assert!(!store.claim(&short, SHORT_TTL).expect("claim"));
+    std::thread::sleep(SHORT_TTL * 2);
+    assert!(
+        store.claim(&short, SHORT_TTL).expect("claim"),
+        "an expired claim is taken over"
+    );
+    let gone = key("audit/42");
+    assert!(store.claim(&gone, SHORT_TTL).expect("claim"));
+    std::thread::sleep(SHORT_TTL * 2);
+    assert_eq!(
+        store.prune_claims().expect("prune"),
+        2,
+        "the two expired claims are pruned, the running ones kept"
+    );
+    assert!(
+        !store.claim(&event, LEASE_TTL).expect("claim"),
+        "still held"
+    );
+    assert!(
+        store.claim(&gone, LEASE_TTL).expect("claim"),
+        "pruned, free"
+    );
+}
+
 pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     jobs_are_listed_by_the_backend(fresh().as_ref());
     targets_keep_their_states(fresh().as_ref());
@@ -728,6 +782,7 @@ pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     revocations_are_kept(fresh().as_ref());
     a_lease_has_one_holder_and_terms_grow(fresh().as_ref());
     a_stale_holder_is_refused(fresh().as_ref());
+    a_claim_has_one_winner_until_it_expires(fresh().as_ref());
 }
 
 #[cfg(test)]

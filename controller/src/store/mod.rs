@@ -4,7 +4,8 @@
 //! bundle ([`PolicyStore`]), the audit log ([`AuditStore`]), alerting state
 //! ([`HealthStore`]), certificate revocations ([`RevocationStore`]) and
 //! the leases under which one controller runs each singleton
-//! ([`LeaseStore`]).
+//! ([`LeaseStore`]) and the claims that let several gateways on one chat
+//! act once ([`ClaimStore`]).
 //! sled is the embedded default (`sled_store`); every backend passes the
 //! same `conformance` suite.
 //!
@@ -62,6 +63,7 @@ pub trait Store:
     + HealthStore
     + RevocationStore
     + LeaseStore
+    + ClaimStore
     + Send
     + Sync
     + std::any::Any
@@ -358,4 +360,23 @@ pub trait LeaseStore {
     /// unexpired grant of its lease, checked in the same statement as the
     /// write; `false`: refused (a stale leader), nothing was written.
     fn audit_put_head_fenced(&self, fence: &Fence, head: &SignedHead) -> Result<bool, StoreError>;
+}
+
+/// Keys claimed until an expiry, first come first served: how several
+/// gateways on one chat (each talking to any controller of one database)
+/// agree which of them acts on a chat event, an alert or an audit record.
+/// Keys are [`crate::claims::ClaimKey`]s (bounded, printable). Expiry is
+/// decided by the backend's clock (PostgreSQL's `now()`), as for leases.
+pub trait ClaimStore {
+    /// Claims `key` for `ttl` when no unexpired claim holds it (never
+    /// claimed, or its claim expired); `true`: this call made the claim.
+    /// Of concurrent claims of one key exactly one wins.
+    fn claim(
+        &self,
+        key: &crate::claims::ClaimKey,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError>;
+    /// Removes the expired claims (the retention singleton); returns how
+    /// many.
+    fn prune_claims(&self) -> Result<u64, StoreError>;
 }

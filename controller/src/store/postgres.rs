@@ -193,6 +193,7 @@ macro_rules! params {
 }
 
 // After `params!`, which it uses.
+mod claims;
 mod leases;
 
 /// Statement parameters, boxed so they can move to the store's runtime.

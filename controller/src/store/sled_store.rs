@@ -17,6 +17,7 @@ use super::{
 };
 use crate::revocation::CertRevocation;
 
+mod claims;
 mod leases;
 
 impl From<sled::Error> for StoreError {
@@ -58,6 +59,7 @@ struct SledTrees {
     audit_heads: sled::Tree,
     health: sled::Tree,
     revoked_certs: sled::Tree,
+    claims: sled::Tree,
 }
 
 /// `meta` key set once `job_short` holds every stored job's short id.
@@ -162,6 +164,7 @@ fn open_trees(path: &Path, cache_bytes: u64) -> Result<SledTrees, StoreError> {
         audit_heads: tree("audit_heads")?,
         health: tree("health")?,
         revoked_certs: tree("revoked_certs")?,
+        claims: tree("claims")?,
         db,
     };
     build_short_index(&trees).map_err(|e| open_err(&e))?;

@@ -104,7 +104,7 @@ impl Gateway {
         self.out.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.err.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -127,7 +127,7 @@ impl Gateway {
 
     /// Waits until the gateway logged `n` lines containing `needle`; the
     /// last of them.
-    async fn logged(&self, needle: &str, n: usize) -> String {
+    pub(crate) async fn logged(&self, needle: &str, n: usize) -> String {
         let start = Instant::now();
         loop {
             let log = self.stderr();
@@ -167,15 +167,11 @@ impl Drop for Gateway {
     }
 }
 
-/// Writes a gateway.toml for `fleet` with the console enabled and its
-/// state in `state_dir`; approval requests wait `approval_timeout`.
-pub(crate) fn gateway_config(
-    fleet: &TestFleet,
-    state_dir: &Path,
-    approval_timeout: &str,
-) -> PathBuf {
+/// The top of a gateway.toml for `fleet`: the controller, the gateway's
+/// certificate and signing key, the policy root, and `state_dir`.
+pub(crate) fn gateway_toml_head(fleet: &TestFleet, state_dir: &Path) -> String {
     let dir = &fleet.dir;
-    let text = format!(
+    format!(
         r#"controller = "{url}"
 ca = "{ca}"
 cert = "{cert}"
@@ -183,11 +179,7 @@ key = "{key}"
 signing_key = "{sign}"
 signer_id = "{signer}"
 policy_roots = ["{root}"]
-approval_timeout = "{approval_timeout}"
 state_dir = "{state}"
-
-[console]
-enabled = true
 "#,
         url = fleet.url,
         ca = dir.join("ca.crt").display(),
@@ -197,6 +189,19 @@ enabled = true
         signer = fleetcmd_cli::fleet::GATEWAY_SIGNER,
         root = fleet.admin_key.public_key(),
         state = state_dir.display(),
+    )
+}
+
+/// Writes a gateway.toml for `fleet` with the console enabled and its
+/// state in `state_dir`; approval requests wait `approval_timeout`.
+pub(crate) fn gateway_config(
+    fleet: &TestFleet,
+    state_dir: &Path,
+    approval_timeout: &str,
+) -> PathBuf {
+    let text = format!(
+        "{}approval_timeout = \"{approval_timeout}\"\n\n[console]\nenabled = true\n",
+        gateway_toml_head(fleet, state_dir)
     );
     let path = fleet.path().join("gateway.toml");
     std::fs::write(&path, text).expect("gateway.toml written");

@@ -24,7 +24,7 @@ use crate::support::Recorder;
 
 /// Exits with the code written in its state file (0 when there is none),
 /// with a first line and perfdata as a real plugin would.
-const PLUGIN: &str = r#"#!/bin/sh
+pub(crate) const PLUGIN: &str = r#"#!/bin/sh
 code=$(cat "$1" 2>/dev/null || echo 0)
 case "$code" in
   0) echo "APP OK - answering | latency=0.012s;0.5;1" ;;
@@ -35,14 +35,22 @@ exit "$code"
 
 /// The service over both dev agents, with `damping` (TOML keys).
 fn services(damping: &str) -> Vec<fleetcmd_controller::health::ServiceConfig> {
+    services_in("rec:#ops", damping)
+}
+
+/// Service `api` over the dev agents (check `app`), alerting `channel`.
+pub(crate) fn services_in(
+    channel: &str,
+    damping: &str,
+) -> Vec<fleetcmd_controller::health::ServiceConfig> {
     let text = format!(
-        "[api]\nselector = \"env=dev\"\ncheck = \"app\"\nchannels = [\"rec:#ops\"]\nremind = \"0\"\n{damping}\n"
+        "[api]\nselector = \"env=dev\"\ncheck = \"app\"\nchannels = [\"{channel}\"]\nremind = \"0\"\n{damping}\n"
     );
     let raw: BTreeMap<String, RawService> = toml::from_str(&text).expect("services toml");
     fleetcmd_controller::health::config::validate(&raw).expect("valid services")
 }
 
-fn check(plugin: &Path, state: &Path) -> CheckConfig {
+pub(crate) fn check(plugin: &Path, state: &Path) -> CheckConfig {
     CheckConfig {
         name: "app".into(),
         interval: Duration::from_millis(300),
@@ -54,11 +62,11 @@ fn check(plugin: &Path, state: &Path) -> CheckConfig {
     }
 }
 
-fn set(state: &Path, code: u8) {
+pub(crate) fn set(state: &Path, code: u8) {
     std::fs::write(state, format!("{code}\n")).expect("write check state");
 }
 
-async fn service(fleet: &TestFleet) -> Option<pb::Service> {
+pub(crate) async fn service(fleet: &TestFleet) -> Option<pb::Service> {
     pb::health_client::HealthClient::new(fleet.operator().await)
         .services(pb::ServicesRequest {
             name: "api".into(),

@@ -15,6 +15,7 @@ mod e2e;
 mod enrollment;
 mod exec_limits;
 mod failover;
+mod gateway_dedup;
 mod gateway_plugins;
 mod gateway_restart;
 mod grpc;

@@ -595,6 +595,8 @@ async fn webhook(
             return no_reply();
         }
         Err(Refusal::Unavailable) => return status(StatusCode::SERVICE_UNAVAILABLE, "busy\n"),
+        // Another gateway of this server answers it.
+        Err(Refusal::Elsewhere) => return no_reply(),
     }
     let channel = format!("campfire:{}:{room_id}", shared.server);
     // The correlation token travels as the message's thread: the router

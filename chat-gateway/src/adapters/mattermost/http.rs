@@ -47,8 +47,9 @@ pub(crate) struct HttpState {
     pub signer: Arc<ButtonSigner>,
     /// Where refused requests are reported (the gateway's audit reporter).
     pub auth_failures: std::sync::OnceLock<crate::adapters::AuthFailures>,
-    /// Trigger ids already routed (the gateway's persisted replay records).
-    pub replay: ReplaySlot,
+    /// Trigger ids (and, from the WebSocket, post ids) already routed: the
+    /// gateway's persisted replay records, shared with `ws.rs`.
+    pub replay: Arc<ReplaySlot>,
 }
 
 /// How long a trigger id is remembered. Mattermost signs nothing and puts
@@ -78,7 +79,7 @@ impl HttpState {
             compare_key,
             signer,
             auth_failures: std::sync::OnceLock::new(),
-            replay: ReplaySlot::default(),
+            replay: Arc::default(),
         })
     }
 
@@ -110,6 +111,8 @@ impl HttpState {
                 Some(StatusCode::CONFLICT)
             }
             Err(Refusal::Unavailable) => Some(StatusCode::SERVICE_UNAVAILABLE),
+            // Another gateway of this team answers it.
+            Err(Refusal::Elsewhere) => Some(StatusCode::OK),
         }
     }
 
@@ -223,6 +226,10 @@ async fn slash_command(
         );
     }
     if let Some(code) = st.delivered_again(&form.user_id, &form.trigger_id).await {
+        if code == StatusCode::OK {
+            // Another gateway answers it: say nothing here.
+            return code.into_response();
+        }
         return ephemeral(code, "this request was already received; it runs once");
     }
     let text = form.text.trim();

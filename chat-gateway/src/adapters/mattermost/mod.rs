@@ -134,6 +134,7 @@ impl MattermostAdapter {
             bot_username: me.username.clone(),
             team_id,
             tls: api::tls_config()?,
+            replay: http.replay.clone(),
         };
         let ws = tokio::spawn(ws::run(ctx, tx));
         tracing::info!(server = %cfg.server, bot = %me.username, "mattermost adapter started");

@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, connect_async_tls_with_config};
 
 use crate::adapters::Incoming;
+use crate::store::Refusal;
 
 /// First reconnect delay; multiplied by 1.6 per failed attempt, ±20 %
 /// jitter, capped (the backoff shape of ARCHITECTURE.md invariant 1).
@@ -44,6 +45,10 @@ pub(crate) struct WsCtx {
     pub bot_username: String,
     pub team_id: Option<String>,
     pub tls: Arc<rustls::ClientConfig>,
+    /// The gateway's replay records: a post is routed once, also across
+    /// restarts and among several gateways on one team (every gateway's
+    /// WebSocket gets every post; `crate::claims`).
+    pub replay: Arc<crate::store::ReplaySlot>,
 }
 
 /// State kept across reconnects.
@@ -236,6 +241,27 @@ async fn session(
             Ok(Some((post_id, msg))) => {
                 if !resume.first_time(&post_id) {
                     continue;
+                }
+                let until = crate::unix_now().saturating_add(super::http::DEDUPE_SECS);
+                match ctx
+                    .replay
+                    .get()
+                    .admit("mattermost-post", &post_id, until)
+                    .await
+                {
+                    Ok(()) => {}
+                    // Seen before a restart, or taken by another gateway.
+                    Err(Refusal::Replay | Refusal::Elsewhere) => continue,
+                    // Not recorded, or not decided among the gateways: a
+                    // WebSocket does not deliver it again, so it is
+                    // dropped (logged) rather than risk running it twice.
+                    Err(Refusal::Unavailable) => {
+                        tracing::error!(
+                            post_id,
+                            "mattermost websocket: post not routed; it cannot be recorded or claimed now"
+                        );
+                        continue;
+                    }
                 }
                 if tx.send(msg).await.is_err() {
                     return Ok(());

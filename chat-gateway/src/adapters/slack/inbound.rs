@@ -157,6 +157,7 @@ impl Inbound {
             Ok(()) => Ok(()),
             Err(Refusal::Replay) => Err(Skip::Duplicate),
             Err(Refusal::Unavailable) => Err(refused("dedupe record not kept")),
+            Err(Refusal::Elsewhere) => Err(Skip::Ignored("handled by another gateway")),
         }
     }
 

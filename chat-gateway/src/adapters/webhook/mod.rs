@@ -607,6 +607,8 @@ impl Shared {
                 Err((StatusCode::CONFLICT, "replayed request\n"))
             }
             Err(Refusal::Unavailable) => Err((StatusCode::SERVICE_UNAVAILABLE, "busy\n")),
+            // Another gateway of this chat answers it.
+            Err(Refusal::Elsewhere) => Err((StatusCode::OK, "handled by another gateway\n")),
         }
     }
 

@@ -29,6 +29,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "leases",
         sql: include_str!("migrations/0002_leases.sql"),
     },
+    Migration {
+        version: 3,
+        name: "claims",
+        sql: include_str!("migrations/0003_claims.sql"),
+    },
 ];
 
 /// The advisory lock key migrations hold ("fleetcmd" in ASCII).

@@ -1,0 +1,468 @@
+//! Several gateways on one chat act once (issue 19): two real
+//! `fleetcmd-gateway` processes, each with its own `state_dir`, on one
+//! controller, both serving one Slack app in events mode and posting to a
+//! local Slack (the Web API methods the adapter calls, `{"ok": …}`
+//! answers). The same signed Slack event delivered to both at once, and
+//! Slack's retries of it (`X-Slack-Retry-Num`) to both, run one job and get
+//! one reply; one health alert is posted to its channel once. What decides
+//! is the controller's `Claims` service: each gateway's local replay record
+//! says "new" for the event it has not seen.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use fleetcmd_proto::v1 as pb;
+use fleetcmd_tests::*;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::failover::free_port;
+use crate::gateway_restart::Gateway;
+
+const TEAM: &str = "T0TEAM";
+const BOT_USER: &str = "U0BOT";
+const BOT_TOKEN: &str = "xoxb-dedup-bot-token";
+const SECRET: &str = "dedup-signing-secret";
+const WAIT: Duration = Duration::from_secs(30);
+/// What a gateway logs when another one claimed a request first.
+const LOST: &str = "request handled by another gateway";
+/// What a gateway logs once its alert stream is open.
+const FOLLOWING: &str = "alerts: following the controller's health stream";
+
+/// Web API calls the local Slack received: (method, body).
+type Calls = Arc<Mutex<Vec<(String, Value)>>>;
+
+struct FakeSlack {
+    base: String,
+    calls: Calls,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeSlack {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeSlack {
+    async fn start() -> FakeSlack {
+        let calls = Calls::default();
+        let app = axum::Router::new()
+            .route("/api/{method}", post(api))
+            .with_state(calls.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the local Slack");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeSlack { base, calls, task }
+    }
+
+    /// Calls of `method` about `channel`.
+    fn calls(&self, method: &str, channel: &str) -> Vec<Value> {
+        self.calls
+            .lock()
+            .expect("calls")
+            .iter()
+            .filter(|(m, b)| m == method && b["channel"] == channel)
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+}
+
+/// The methods the adapter calls, answered as Slack does.
+async fn api(
+    State(calls): State<Calls>,
+    UrlPath(method): UrlPath<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if auth != Some(&format!("Bearer {BOT_TOKEN}")) {
+        return axum::Json(json!({ "ok": false, "error": "invalid_auth" })).into_response();
+    }
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let answer = {
+        let mut calls = calls.lock().expect("calls");
+        calls.push((method.clone(), parsed.clone()));
+        match method.as_str() {
+            "auth.test" => {
+                json!({ "ok": true, "team_id": TEAM, "user_id": BOT_USER, "bot_id": "B0BOT", "team": "Acme", "user": "fleetcmd" })
+            }
+            "chat.postMessage" => {
+                json!({ "ok": true, "channel": parsed["channel"], "ts": format!("1700000000.{:06}", calls.len()) })
+            }
+            "chat.update" => {
+                json!({ "ok": true, "channel": parsed["channel"], "ts": parsed["ts"] })
+            }
+            _ => json!({ "ok": false, "error": "unknown_method" }),
+        }
+    };
+    axum::Json(answer).into_response()
+}
+
+/// `v0=` + hex HMAC-SHA256 over `v0:TS:BODY`, as Slack signs.
+fn sign(ts: &str, body: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
+    let tag = ring::hmac::sign(&key, format!("v0:{ts}:{body}").as_bytes());
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("v0={hex}")
+}
+
+/// POSTs a signed Events API request to `port` (a retry when `retry` is
+/// set), over plain HTTP/1.1; the status code.
+async fn deliver(port: u16, body: &str, retry: Option<u32>) -> u16 {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+        .to_string();
+    let mut req = format!(
+        "POST /slack/events HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nx-slack-request-timestamp: {ts}\r\nx-slack-signature: {}\r\nconnection: close\r\n",
+        body.len(),
+        sign(&ts, body)
+    );
+    if let Some(n) = retry {
+        req.push_str(&format!(
+            "x-slack-retry-num: {n}\r\nx-slack-retry-reason: http_timeout\r\n"
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("gateway listens");
+    conn.write_all(req.as_bytes()).await.expect("request sent");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.expect("answer read");
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"))
+}
+
+/// The dev policy, with Slack users of the test team as admins.
+async fn push_slack_policy(fleet: &mut TestFleet) {
+    let text = fleetcmd_cli::fleet::example_policy(
+        fleet.policy_version + 1,
+        &fleet.gateway_key.public_key(),
+        &fleet.operator_key.public_key(),
+    )
+    .replace(
+        "subjects = [\"console:*\", \"cli:*\"]",
+        &format!("subjects = [\"console:*\", \"cli:*\", \"slack:{TEAM}:*\"]"),
+    )
+    .replace(
+        "vouches_for = [\"console:*\"]",
+        &format!("vouches_for = [\"console:*\", \"slack:{TEAM}:*\"]"),
+    );
+    fleet.fleet.push_policy(&text).await.expect("policy pushed");
+}
+
+/// A gateway.toml for `fleet` with Slack in events mode on `port`, its
+/// state in `state` (each gateway its own).
+fn slack_gateway_config(fleet: &TestFleet, slack: &FakeSlack, state: &Path, port: u16) -> PathBuf {
+    let text = format!(
+        r#"{head}
+[http]
+listen = "127.0.0.1:{port}"
+
+[slack]
+mode = "events"
+bot_token = "{BOT_TOKEN}"
+signing_secret = "{SECRET}"
+api_base = "{base}/api"
+team_id = "{TEAM}"
+"#,
+        head = crate::gateway_restart::gateway_toml_head(fleet, state),
+        base = slack.base,
+    );
+    let path = fleet.path().join(format!("gateway-{port}.toml"));
+    std::fs::write(&path, text).expect("gateway.toml written");
+    // It holds the Slack secrets inline: private, as the gateway requires.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod gateway.toml");
+    }
+    path
+}
+
+/// Two gateways on one Slack app and one controller, both listening.
+async fn two_gateways(fleet: &TestFleet, slack: &FakeSlack) -> [(Gateway, u16); 2] {
+    let start = |name: &str| {
+        let port = free_port();
+        let state = fleet.path().join(name);
+        let config = slack_gateway_config(fleet, slack, &state, port);
+        (Gateway::start(&config, "nobody"), port)
+    };
+    let gateways = [start("gateway-a"), start("gateway-b")];
+    for (gw, port) in &gateways {
+        gw.logged("HTTP listener for chat webhooks", 1).await;
+        assert_eventually(WAIT, || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", *port))
+                .await
+                .ok()
+        })
+        .await;
+    }
+    gateways
+}
+
+/// Waits for `check` like `assert_eventually`, naming `what` and showing
+/// both gateways' logs when it does not come.
+async fn wait_for<T, Fut: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    gateways: [&Gateway; 2],
+    mut check: impl FnMut() -> Fut,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "no {what} within {WAIT:?}; gateway a:\n{}\ngateway b:\n{}",
+            gateways[0].stderr(),
+            gateways[1].stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn message_event(event_id: &str, text: &str, ts: &str) -> String {
+    json!({
+        "token": "XXYYZZ", "team_id": TEAM, "api_app_id": "A0APP", "type": "event_callback",
+        "event_id": event_id, "event_time": 1_700_000_000,
+        "authorizations": [{ "team_id": TEAM, "user_id": BOT_USER, "is_bot": true }],
+        "event": {
+            "type": "message", "user": "U0ALICE", "text": text, "ts": ts,
+            "channel": "C0OPS", "channel_type": "channel", "team": TEAM,
+        },
+    })
+    .to_string()
+}
+
+async fn jobs_of(fleet: &TestFleet, requester: &str) -> Vec<pb::Job> {
+    pb::jobs_client::JobsClient::new(fleet.operator().await)
+        .list(pb::ListJobsRequest {
+            limit: 100,
+            requester: requester.into(),
+            state: String::new(),
+        })
+        .await
+        .expect("jobs listed")
+        .into_inner()
+        .jobs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_slack_event_delivered_to_two_gateways_and_retried_runs_once_with_one_reply() {
+    let mut fleet = start_fleet(1).await;
+    push_slack_policy(&mut fleet).await;
+    let slack = FakeSlack::start().await;
+    let [(a, port_a), (b, port_b)] = two_gateways(&fleet, &slack).await;
+
+    // The same delivery to both gateways at once (two Event Subscription
+    // URLs behind a load balancer that retried elsewhere, say).
+    let event = message_event(
+        "Ev0DEDUP01",
+        "!run echo dedup-once on all",
+        "1700000001.000100",
+    );
+    let (sa, sb) = tokio::join!(deliver(port_a, &event, None), deliver(port_b, &event, None));
+    assert_eq!((sa, sb), (200, 200));
+    // Exactly one of them lost the claim and said so in its log.
+    let lost = wait_for("lost claim in a log", [&a, &b], || async {
+        let n = [&a, &b]
+            .iter()
+            .filter(|g| g.stderr().contains(LOST))
+            .count();
+        (n > 0).then_some(n)
+    })
+    .await;
+    assert_eq!(lost, 1, "a:\n{}\nb:\n{}", a.stderr(), b.stderr());
+    // Slack's retries of it, to both: new requests (fresh signatures), the
+    // same event; acted on by nobody.
+    for (n, port) in [(1, port_a), (1, port_b), (2, port_b), (2, port_a)] {
+        assert_eq!(deliver(port, &event, Some(n)).await, 200);
+    }
+
+    let requester = format!("slack:{TEAM}:U0ALICE");
+    let job = wait_for("finished job", [&a, &b], || {
+        let (fleet, requester) = (&fleet, &requester);
+        async move {
+            let jobs = jobs_of(fleet, requester).await;
+            jobs.into_iter().find(fleetcmd_cli::client::is_finished)
+        }
+    })
+    .await;
+    // The result reached the chat: the one message edited with it.
+    let short = fleetcmd_core::ids::short_form(&job.job_id);
+    wait_for("result edited into the reply", [&a, &b], || {
+        let (slack, short) = (&slack, &short);
+        async move {
+            slack
+                .calls("chat.update", "C0OPS")
+                .iter()
+                .any(|c| c.to_string().contains(&**short))
+                .then_some(())
+        }
+    })
+    .await;
+    // Another event of the same text is another request: it runs, so the
+    // gateways are not simply refusing everything after the first.
+    let again = message_event(
+        "Ev0DEDUP02",
+        "!run echo dedup-once on all",
+        "1700000002.000100",
+    );
+    let (sa, sb) = tokio::join!(deliver(port_b, &again, None), deliver(port_a, &again, None));
+    assert_eq!((sa, sb), (200, 200));
+    let jobs = wait_for("two finished jobs", [&a, &b], || {
+        let (fleet, requester) = (&fleet, &requester);
+        async move {
+            let jobs = jobs_of(fleet, requester).await;
+            (jobs.len() >= 2 && jobs.iter().all(fleetcmd_cli::client::is_finished)).then_some(jobs)
+        }
+    })
+    .await;
+    // Both gateways have decided on every delivery (each lost one claim of
+    // the two events, or acted on it): the counts are final.
+    wait_for("second lost claim", [&a, &b], || async {
+        (a.stderr().matches(LOST).count() + b.stderr().matches(LOST).count() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(jobs.len(), 2, "one job per event: {jobs:#?}");
+    // Each job's reply, once.
+    wait_for("a reply to each job", [&a, &b], || async {
+        let posts = slack.calls("chat.postMessage", "C0OPS");
+        jobs.iter()
+            .all(|j| {
+                let short = fleetcmd_core::ids::short_form(&j.job_id);
+                posts.iter().any(|p| p.to_string().contains(&*short))
+            })
+            .then_some(())
+    })
+    .await;
+    let posts = slack.calls("chat.postMessage", "C0OPS");
+    assert_eq!(
+        posts.len(),
+        2,
+        "one reply per event, the result edited into it: {posts:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_health_alert_is_posted_once_by_two_gateways() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plugin = dir.path().join("check_app");
+    std::fs::write(&plugin, crate::health::PLUGIN).expect("plugin");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let state = dir.path().join("dev-1.state");
+    let channel = format!("slack:{TEAM}:C0ALERTS");
+    let fleet = start_fleet_with(1, |o| {
+        o.services = crate::health::services_in(&channel, "confirm = \"1s\"");
+        o.agent_checks.insert(
+            "dev-1".to_string(),
+            vec![crate::health::check(&plugin, &state)],
+        );
+    })
+    .await;
+    assert_eventually(WAIT, || async {
+        crate::health::service(&fleet)
+            .await
+            .filter(|s| s.state == "ok")
+    })
+    .await;
+    let slack = FakeSlack::start().await;
+    let [(a, _), (b, _)] = two_gateways(&fleet, &slack).await;
+    // Both follow the alert stream before anything happens.
+    for gw in [&a, &b] {
+        gw.logged(FOLLOWING, 1).await;
+    }
+
+    crate::health::set(&state, 2);
+    let down = wait_for("alert post", [&a, &b], || async {
+        let posts = slack.calls("chat.postMessage", "C0ALERTS");
+        (!posts.is_empty()).then_some(posts)
+    })
+    .await;
+    // The other gateway decided too: it lost the claim and logged it.
+    wait_for("lost alert claim in a log", [&a, &b], || async {
+        [&a, &b]
+            .iter()
+            .any(|g| g.stderr().contains("alerts: posted by another gateway"))
+            .then_some(())
+    })
+    .await;
+    let posts = slack.calls("chat.postMessage", "C0ALERTS");
+    assert_eq!(posts.len(), 1, "posted once: {posts:#?}");
+    assert!(
+        down[0].to_string().contains("api is down"),
+        "{:#?}",
+        down[0]
+    );
+}
+
+/// `Claims.Claim` answers gateway certificates only: the first claim of a
+/// key wins and the next loses; bad keys and times to live are refused
+/// with what was wrong; agent, operator and anonymous callers are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_gateways_claim_and_the_first_claim_of_a_key_wins() {
+    use pb::claims_client::ClaimsClient;
+    use tonic::Code;
+    let fleet = start_fleet(1).await;
+    let claim = |key: &str, ttl_secs: u32| pb::ClaimRequest {
+        key: key.into(),
+        ttl_secs,
+    };
+    let mut gateway = ClaimsClient::new(fleet.gateway().await);
+    let won = |r: Result<tonic::Response<pb::ClaimResponse>, tonic::Status>| {
+        r.expect("a gateway may claim").into_inner().won
+    };
+    assert!(won(gateway.claim(claim("replay/slack/Ev1", 60)).await));
+    assert!(!won(gateway.claim(claim("replay/slack/Ev1", 60)).await));
+    assert!(won(gateway.claim(claim("replay/slack/Ev2", 60)).await));
+    for (req, says) in [
+        (claim("", 60), "claim key is empty"),
+        (claim(&"k".repeat(257), 60), "257 bytes long"),
+        (claim("a\nb", 60), "control character"),
+        (claim("replay/slack/Ev3", 0), "ttl_secs 0"),
+        (claim("replay/slack/Ev3", 8 * 86_400), "ttl_secs 691200"),
+    ] {
+        let err = gateway.claim(req).await.expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(says), "{err:?}");
+    }
+    let agent = fleetcmd_proto::channel::connect(&fleet.url, &fleet.agent_tls("dev-1"))
+        .await
+        .expect("agent channel");
+    for (who, channel, code) in [
+        ("agent", agent, Code::PermissionDenied),
+        ("operator", fleet.operator().await, Code::PermissionDenied),
+        ("anonymous", fleet.anonymous().await, Code::Unauthenticated),
+    ] {
+        let err = ClaimsClient::new(channel)
+            .claim(claim("replay/slack/Ev9", 60))
+            .await
+            .expect_err(who);
+        assert_eq!(err.code(), code, "{who}: {err:?}");
+    }
+    // Nobody else took Ev9: the refused callers claimed nothing.
+    assert!(won(gateway.claim(claim("replay/slack/Ev9", 60)).await));
+}
