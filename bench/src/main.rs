@@ -12,9 +12,6 @@
 //! through the RPC, with a flush each, would dominate the run); a few join
 //! through `Enrollment.Join` with a token and a CSR, to time that path.
 
-mod sim;
-mod sys;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,7 +33,8 @@ use serde_json::json;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use crate::sim::{AgentIdentity, Dial, Stats};
+use fleetcmd_bench::sim::{self, AgentIdentity, Dial, Stats};
+use fleetcmd_bench::sys;
 
 #[derive(Parser, Debug)]
 #[command(about = "fleet-scale benchmark: real controller, N simulated agents over mTLS")]
@@ -260,40 +258,6 @@ fn labels(i: usize) -> Vec<(String, String)> {
     vec![("role".into(), role.into()), ("env".into(), "bench".into())]
 }
 
-/// Issues `names` agent identities from the CA on all cores.
-fn issue_agents(ca: &Ca, names: &[String]) -> anyhow::Result<Vec<AgentIdentity>> {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let chunk = names.len().div_ceil(threads).max(1);
-    let ttl = Duration::from_secs(7 * 86400);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = names
-            .chunks(chunk)
-            .map(|part| {
-                s.spawn(move || -> anyhow::Result<Vec<AgentIdentity>> {
-                    part.iter()
-                        .map(|name| {
-                            let id = ca.issue_identity(Role::Agent, name, ttl)?;
-                            Ok(AgentIdentity {
-                                name: name.clone(),
-                                cert_pem: id.cert_pem,
-                                key_pem: id.key_pem.expose().clone(),
-                            })
-                        })
-                        .collect()
-                })
-            })
-            .collect();
-        let mut out = Vec::with_capacity(names.len());
-        for h in handles {
-            out.extend(
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("issuing thread panicked"))??,
-            );
-        }
-        Ok(out)
-    })
-}
-
 async fn operator_channel(url: &str, tls: &ClientTls, limit: Duration) -> anyhow::Result<Channel> {
     let t = Instant::now();
     loop {
@@ -502,7 +466,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         key_pem: op.key_pem.expose().clone(),
     };
     let direct: Vec<String> = (1..=n - joined).map(|i| format!("bench-{i:05}")).collect();
-    let mut identities = tokio::task::block_in_place(|| issue_agents(&ca, &direct))?;
+    let mut identities = tokio::task::block_in_place(|| sim::issue_identities(&ca, &direct))?;
     let issue_time = t.elapsed();
     let t = Instant::now();
     {
@@ -615,10 +579,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // ---------------------------------------------------------------- connection storm
     let stats = Arc::new(Stats::default());
-    let dial = Arc::new(Dial {
-        url: url.clone(),
-        ca_pem: ca_pem.clone(),
-    });
+    let dial = Arc::new(Dial::one(url.clone(), ca_pem.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let self_pid = std::process::id().to_string();

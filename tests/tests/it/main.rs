@@ -17,6 +17,7 @@ mod failover;
 mod gateway_plugins;
 mod gateway_restart;
 mod grpc;
+mod ha_kill;
 mod hardening;
 mod health;
 mod init;
