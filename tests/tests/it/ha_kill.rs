@@ -116,7 +116,7 @@ async fn killing_one_of_three_controllers_mid_fan_out_loses_doubles_and_reruns_n
                         labels: BTreeMap::from([("env".to_owned(), "test".to_owned())]),
                         revoked: false,
                         joined_at: 0,
-                        version: String::new(),
+                        version: "bench".into(),
                         enrolment_cert: None,
                     })
                     .expect("agent registered");
@@ -241,6 +241,26 @@ async fn killing_one_of_three_controllers_mid_fan_out_loses_doubles_and_reruns_n
         on_a.iter().all(|a| now.get(a).is_some_and(|&c| c != 0))
     })
     .await;
+    let mut back: Vec<Duration> = stats
+        .first_welcomes_since(killed)
+        .into_iter()
+        .filter(|(a, _)| on_a.contains(a))
+        .map(|(_, t)| t)
+        .collect();
+    back.sort();
+    let mut why: BTreeMap<String, usize> = BTreeMap::new();
+    for f in stats.failures_between(killed, Instant::now()) {
+        *why.entry(f.chars().take(60).collect()).or_default() += 1;
+    }
+    eprintln!(
+        "A's {} agents on B or C {:?} after the kill: first {:?}, median {:?}, last {:?}; ended or failed connections since: {why:?}",
+        on_a.len(),
+        killed.elapsed(),
+        back.first(),
+        back.get(back.len() / 2),
+        back.last(),
+    );
+
     let now = stats.connected_to();
     let stranded: Vec<&usize> = on_a
         .iter()
@@ -254,12 +274,6 @@ async fn killing_one_of_three_controllers_mid_fan_out_loses_doubles_and_reruns_n
         stranded.iter().take(5).collect::<Vec<_>>(),
         dump_logs(d, &logs)
     );
-    eprintln!(
-        "A's {} agents on B or C {:?} after the kill",
-        on_a.len(),
-        killed.elapsed()
-    );
-
     // The job ends on the survivors, every target ok.
     let mut jobs = pb::jobs_client::JobsClient::new(channel(urls[1].clone()).await);
     let done = tokio::time::timeout(Duration::from_secs(45), async {
@@ -289,7 +303,10 @@ async fn killing_one_of_three_controllers_mid_fan_out_loses_doubles_and_reruns_n
         .targets
         .iter()
         .filter(|t| t.target_state() != TargetState::Ok)
-        .map(|t| format!("{}: {:?} {}", t.agent_id, t.target_state(), t.reason))
+        .map(|t| {
+            let why = t.result.as_ref().map_or("", |r| r.reason.as_str());
+            format!("{}: {:?} {why}", t.agent_id, t.target_state())
+        })
         .take(10)
         .collect();
     assert!(not_ok.is_empty(), "targets not ok: {not_ok:?}");
