@@ -400,6 +400,68 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    fn put_result_audited(
+        &self,
+        job: &str,
+        agent: &str,
+        from: fleetcmd_core::state::TargetState,
+        rec: &TargetRecord,
+        audit: &Record,
+        index: &[AuditIndexEntry],
+    ) -> Result<bool, StoreError> {
+        let (agents, states, results, reasons, dispatched) = target_columns(&[(agent, rec)])?;
+        let job = job.to_owned();
+        let from = from.as_str();
+        let audit = audit.clone();
+        let seq = int(audit.seq, "audit seq")?;
+        let cols = index_columns(index)?;
+        self.bridge.call(move |conn| async move {
+            let mut client = conn.session().await?;
+            let err = |e: tokio_postgres::Error| conn.error(&e);
+            let tx = client.transaction().await.map_err(err)?;
+            // The audit lock first, as every append takes it: the target's
+            // row lock is then taken by one appender at a time.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
+                .await
+                .map_err(err)?;
+            let last: Option<i64> = tx
+                .query_one("SELECT max(seq) FROM audit_log", &[])
+                .await
+                .map_err(err)?
+                .get(0);
+            if let Some(last) = last
+                && last.checked_add(1) != Some(seq)
+            {
+                return Err(StoreError::Conflict {
+                    what: format!("audit record {seq}"),
+                    reason: format!("the log ends at {last}: the next record is {}", last + 1),
+                });
+            }
+            let written = tx
+                .query(
+                    UPDATE_TARGETS_FROM,
+                    &[&job, &agents, &states, &results, &reasons, &dispatched, &from],
+                )
+                .await
+                .map_err(err)?;
+            if written.is_empty() {
+                // Dropped without commit: rolled back.
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO audit_log (seq, record) VALUES ($1, $2)",
+                &[&seq, &Json(&audit)],
+            )
+            .await
+            .map_err(err)?;
+            tx.execute(INSERT_INDEX, &[&cols.0, &cols.1, &cols.2, &cols.3])
+                .await
+                .map_err(err)?;
+            tx.commit().await.map_err(err)?;
+            Ok(true)
+        })
+    }
+
     fn close(&self) {
         self.bridge.close();
     }

@@ -116,7 +116,9 @@ async fn killing_one_of_three_controllers_mid_fan_out_loses_doubles_and_reruns_n
                         labels: BTreeMap::from([("env".to_owned(), "test".to_owned())]),
                         revoked: false,
                         joined_at: 0,
-                        version: "bench".into(),
+                        // As enrolled: the version is filled in by the
+                        // first controller each agent connects to.
+                        version: String::new(),
                         enrolment_cert: None,
                     })
                     .expect("agent registered");
