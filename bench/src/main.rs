@@ -34,7 +34,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use fleetcmd_bench::sim::{self, AgentIdentity, Dial, Stats};
+use fleetcmd_bench::sim::{self, AgentIdentity, Dial, Stats, wait_until};
 use fleetcmd_bench::sys;
 
 #[derive(Parser, Debug)]
@@ -483,18 +483,6 @@ fn signed(spec: &JobSpec, key: &SigningKey) -> pb::SignedJob {
         signature: j.signature,
         key_id: j.key_id,
     }
-}
-
-/// Waits until `cond` holds, polling every 20 ms, at most `limit`.
-async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    cond()
 }
 
 async fn online_count(ch: &Channel) -> anyhow::Result<(usize, usize)> {

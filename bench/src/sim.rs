@@ -538,6 +538,19 @@ impl Drop for Connected<'_> {
     }
 }
 
+/// Waits until `cond` (over what the agents observed) holds, polling
+/// every 20 ms, at most `limit`; whether it held.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
 /// Resolves once the watch turns true (or its sender is gone).
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use fleetcmd_bench::sim::{self, Dial, Stats};
+use fleetcmd_bench::sim::{self, Dial, Stats, wait_until};
 use fleetcmd_controller::pki::Ca;
 use fleetcmd_controller::store::postgres::{PostgresOptions, PostgresStore};
 use fleetcmd_controller::store::{AgentRecord, AgentStore};
@@ -43,18 +43,6 @@ use crate::failover::{
 
 const AGENTS: usize = 1000;
 const NAMES: [&str; 3] = ["ctl-a", "ctl-b", "ctl-c"];
-
-/// Polls `cond` every 50 ms for at most `limit`; whether it held.
-async fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cond()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_one_of_three_controllers_mid_fan_out_loses_doubles_and_reruns_nothing() {
@@ -182,7 +170,7 @@ async fn killing_one_of_three_controllers_mid_fan_out_loses_doubles_and_reruns_n
         ));
     }
     let t = Instant::now();
-    let all_on = within(Duration::from_secs(60), || {
+    let all_on = wait_until(Duration::from_secs(60), || {
         stats.connected_to().len() == AGENTS
     })
     .await;
@@ -222,7 +210,7 @@ async fn killing_one_of_three_controllers_mid_fan_out_loses_doubles_and_reruns_n
     let ids = [job_id.clone()];
 
     // Killed in the middle: some results stored, most not.
-    let quarter = within(Duration::from_secs(30), || {
+    let quarter = wait_until(Duration::from_secs(30), || {
         stats.acked_total(&ids) >= AGENTS / 4
     })
     .await;
@@ -238,7 +226,7 @@ async fn killing_one_of_three_controllers_mid_fan_out_loses_doubles_and_reruns_n
     eprintln!("A killed with {acked_at_kill} of {AGENTS} results acknowledged");
 
     // A's agents on B or C within 10 s.
-    let moved = within(Duration::from_secs(10), || {
+    let moved = wait_until(Duration::from_secs(10), || {
         let now = stats.connected_to();
         on_a.iter().all(|a| now.get(a).is_some_and(|&c| c != 0))
     })
@@ -358,7 +346,7 @@ async fn killing_one_of_three_controllers_mid_fan_out_loses_doubles_and_reruns_n
     let (received, acked) = stats.job(&job_id);
     assert_eq!(received.len(), AGENTS, "each agent admitted the job once");
     assert!(
-        within(Duration::from_secs(10), || stats.acked_total(&ids) == AGENTS).await,
+        wait_until(Duration::from_secs(10), || stats.acked_total(&ids) == AGENTS).await,
         "every result acknowledged once: {} of {AGENTS}",
         acked.len()
     );
