@@ -569,7 +569,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     let k = args.controllers;
     if k == 0 || (k > 1 && !args.postgres) {
-        bail!("--controllers {k}: at least 1, and more than 1 needs --postgres (one shared database)");
+        bail!(
+            "--controllers {k}: at least 1, and more than 1 needs --postgres (one shared database)"
+        );
     }
     let pg = if args.postgres {
         let t = Instant::now();
@@ -693,7 +695,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 cluster.password_file().display()
             ),
         };
-        let name = if i == 0 { "controller".to_owned() } else { format!("controller-{i}") };
+        let name = if i == 0 {
+            "controller".to_owned()
+        } else {
+            format!("controller-{i}")
+        };
         let config = work.join(format!("{name}.toml"));
         std::fs::write(
             &config,

@@ -733,17 +733,34 @@ pub fn a_result_and_its_audit_record_are_stored_together(store: &dyn Store) {
     let first = chain.append(1000, event(1));
     assert!(
         store
-            .put_result_audited(job, "host-1", TargetState::Dispatched, &ok, &first, &entries(&first))
+            .put_result_audited(
+                job,
+                "host-1",
+                TargetState::Dispatched,
+                &ok,
+                &first,
+                &entries(&first)
+            )
             .expect("stored")
     );
-    assert_eq!(store.get_target(job, "host-1").expect("get"), Some(ok.clone()));
+    assert_eq!(
+        store.get_target(job, "host-1").expect("get"),
+        Some(ok.clone())
+    );
     assert_eq!(store.audit_last().expect("last"), Some(first.clone()));
     // The same result again (decided from a stale `dispatched`): neither.
     let mut again = chain.clone();
     let second = again.append(1010, event(2));
     assert!(
         !store
-            .put_result_audited(job, "host-1", TargetState::Dispatched, &ok, &second, &entries(&second))
+            .put_result_audited(
+                job,
+                "host-1",
+                TargetState::Dispatched,
+                &ok,
+                &second,
+                &entries(&second)
+            )
             .expect("refused")
     );
     assert_eq!(store.audit_last().expect("last"), Some(first.clone()));
@@ -752,11 +769,21 @@ pub fn a_result_and_its_audit_record_are_stored_together(store: &dyn Store) {
         .put_result_audited(job, "host-2", TargetState::Dispatched, &ok, &first, &[])
         .expect_err("conflict");
     assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
-    assert_eq!(store.get_target(job, "host-2").expect("get"), Some(dispatched));
+    assert_eq!(
+        store.get_target(job, "host-2").expect("get"),
+        Some(dispatched)
+    );
     // And in sequence: both.
     assert!(
         store
-            .put_result_audited(job, "host-2", TargetState::Dispatched, &ok, &second, &entries(&second))
+            .put_result_audited(
+                job,
+                "host-2",
+                TargetState::Dispatched,
+                &ok,
+                &second,
+                &entries(&second)
+            )
             .expect("stored")
     );
     assert_eq!(store.audit_last().expect("last"), Some(second));

@@ -466,7 +466,15 @@ impl Store for PostgresStore {
             let written = tx
                 .query(
                     UPDATE_TARGETS_FROM,
-                    &[&job, &agents, &states, &results, &reasons, &dispatched, &from],
+                    &[
+                        &job,
+                        &agents,
+                        &states,
+                        &results,
+                        &reasons,
+                        &dispatched,
+                        &from,
+                    ],
                 )
                 .await
                 .map_err(err)?;

@@ -346,7 +346,9 @@ async fn killing_one_of_three_controllers_mid_fan_out_loses_doubles_and_reruns_n
     let (received, acked) = stats.job(&job_id);
     assert_eq!(received.len(), AGENTS, "each agent admitted the job once");
     assert!(
-        wait_until(Duration::from_secs(10), || stats.acked_total(&ids) == AGENTS).await,
+        wait_until(Duration::from_secs(10), || stats.acked_total(&ids)
+            == AGENTS)
+        .await,
         "every result acknowledged once: {} of {AGENTS}",
         acked.len()
     );

@@ -129,9 +129,8 @@ impl Bridge {
         // handshakes and agents' Welcomes — measured by the controller kill
         // test (tests/it/ha_kill.rs): A's agents took 8–10 s to be
         // welcomed by B and C during a fan-out, most of it waiting here.
-        let on_multi_thread_worker = tokio::runtime::Handle::try_current().is_ok_and(|h| {
-            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-        });
+        let on_multi_thread_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if on_multi_thread_worker {
             tokio::task::block_in_place(|| rx.recv()).map_err(|_| closed())?
         } else {
