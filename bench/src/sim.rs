@@ -1,19 +1,35 @@
 //! Simulated agents: minimal clients of `AgentStream.Connect`, one mTLS
 //! connection each. They are load generators, not agents: they send Hello,
 //! heartbeats with realistic metrics, and answer every `SignedJob` with
-//! `JobStarted` + a `JobResult` OK at once, verifying nothing (no signature,
-//! policy, replay or selector check, no process is started). They reconnect
-//! with the real agent's backoff (`fleetcmd_agent::conn::backoff`).
+//! `JobStarted` + a `JobResult` OK, verifying nothing (no signature, policy
+//! or selector check, no process is started).
+//!
+//! What they do as the real agent does (agent/src/conn.rs), because the
+//! controller's delivery guarantees are measured against it:
+//! - reconnect with the agent's backoff (`fleetcmd_agent::conn::backoff`),
+//!   dialling the next controller of their list after every ended or
+//!   failed connection (`fleetcmd_agent::controllers::Rotation`);
+//! - remember every job id they admitted: a job delivered again while it
+//!   runs is ignored, one whose result is not acknowledged yet is answered
+//!   with that stored result, and any other is refused as `replayed`
+//!   (counted in [`Stats::replays_refused`]); so a job is never run twice;
+//! - keep each result until the controller's `ResultAck` and send every
+//!   unacknowledged one again after each `Welcome` (on whichever controller).
+//!
+//! A simulated job answers at once, or after `Dial::job_time` scaled by the
+//! agent's index (so results of one fan-out arrive over that window).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fleetcmd_agent::controllers::{Controllers, Rotation};
 use fleetcmd_proto::v1 as pb;
 use pb::agent_message::Msg as Out;
 use pb::controller_message::Msg as In;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// TLS identity of one simulated agent.
@@ -21,6 +37,46 @@ pub struct AgentIdentity {
     pub name: String,
     pub cert_pem: String,
     pub key_pem: String,
+}
+
+/// Issues an agent identity per name from the fleet CA (valid a week), on
+/// all cores: joining thousands through `Enrollment.Join` would dominate a
+/// run. The names must also be registered in the store (`put_agent`).
+pub fn issue_identities(
+    ca: &fleetcmd_controller::pki::Ca,
+    names: &[String],
+) -> anyhow::Result<Vec<AgentIdentity>> {
+    use fleetcmd_controller::pki::Role;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let chunk = names.len().div_ceil(threads).max(1);
+    let ttl = Duration::from_secs(7 * 86400);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = names
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || -> anyhow::Result<Vec<AgentIdentity>> {
+                    part.iter()
+                        .map(|name| {
+                            let id = ca.issue_identity(Role::Agent, name, ttl)?;
+                            Ok(AgentIdentity {
+                                name: name.clone(),
+                                cert_pem: id.cert_pem,
+                                key_pem: id.key_pem.expose().clone(),
+                            })
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(names.len());
+        for h in handles {
+            out.extend(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("issuing thread panicked"))??,
+            );
+        }
+        Ok(out)
+    })
 }
 
 /// When each target of a job reached this side.
@@ -36,15 +92,28 @@ pub struct JobTimes {
 /// What the simulated agents observed, shared by all of them.
 #[derive(Default)]
 pub struct Stats {
-    /// (agent index, when) for every `Welcome` received.
-    pub welcomes: Mutex<Vec<(usize, Instant)>>,
+    /// (agent index, controller index in `Dial::urls`, when) for every
+    /// `Welcome` received.
+    pub welcomes: Mutex<Vec<(usize, usize, Instant)>>,
     /// (when, what) for every failed connection attempt or broken stream.
     pub failures: Mutex<Vec<(Instant, String)>>,
+    /// Agent index → the controller (index in `Dial::urls`) it is
+    /// connected to now (welcomed and the stream not ended).
+    pub on: Mutex<HashMap<usize, usize>>,
     pub connected: AtomicU64,
     pub policies: AtomicU64,
     pub heartbeats: AtomicU64,
     pub results_sent: AtomicU64,
     pub result_bytes: AtomicU64,
+    /// Jobs run (admitted: a job id not seen before by that agent).
+    pub executions: AtomicU64,
+    /// Jobs delivered again after their result was acknowledged: the real
+    /// agent refuses these as `replayed`; a controller that sends one sent
+    /// a finished target twice.
+    pub replays_refused: AtomicU64,
+    /// Jobs delivered again before their result was acknowledged, answered
+    /// with the stored result (the real agent does the same).
+    pub redelivered: AtomicU64,
     pub jobs: Mutex<HashMap<String, JobTimes>>,
 }
 
@@ -61,13 +130,18 @@ impl Stats {
     /// the time it took from `t0`.
     pub fn first_welcomes_since(&self, t0: Instant) -> HashMap<usize, Duration> {
         let mut out: HashMap<usize, Duration> = HashMap::new();
-        for (i, t) in lock(&self.welcomes).iter() {
+        for (i, _, t) in lock(&self.welcomes).iter() {
             if *t >= t0 {
                 let d = *t - t0;
                 out.entry(*i).and_modify(|e| *e = (*e).min(d)).or_insert(d);
             }
         }
         out
+    }
+
+    /// Agent index → the controller index it is connected to now.
+    pub fn connected_to(&self) -> HashMap<usize, usize> {
+        lock(&self.on).clone()
     }
 
     pub fn failures_between(&self, from: Instant, to: Instant) -> Vec<String> {
@@ -93,10 +167,40 @@ impl Stats {
     }
 }
 
-/// What every simulated agent needs to dial.
+/// What every simulated agent needs to dial, and how its jobs behave.
 pub struct Dial {
-    pub url: String,
+    /// The controllers, in the order every agent tries them (an agent
+    /// starts at `urls[index % len]`, so a fleet spreads over them).
+    pub urls: Vec<String>,
     pub ca_pem: String,
+    /// Zero: a job's result is sent at once. Otherwise agent `i` answers
+    /// after `job_time × (i mod 100) / 100`.
+    pub job_time: Duration,
+}
+
+impl Dial {
+    /// One controller, jobs answered at once.
+    pub fn one(url: String, ca_pem: String) -> Dial {
+        Dial {
+            urls: vec![url],
+            ca_pem,
+            job_time: Duration::ZERO,
+        }
+    }
+}
+
+/// One simulated agent's memory, kept across its connections (as the real
+/// agent keeps its seen job ids and spooled results across reconnects).
+#[derive(Default)]
+struct Memory {
+    /// Every job id admitted.
+    seen: HashSet<String>,
+    /// Admitted and not finished yet.
+    running: HashSet<String>,
+    /// Finished, result not acknowledged yet.
+    pending: BTreeMap<String, pb::JobResult>,
+    /// The current stream, when welcomed.
+    out: Option<mpsc::Sender<pb::AgentMessage>>,
 }
 
 /// Runs one simulated agent until `stop` turns true.
@@ -107,6 +211,17 @@ pub async fn run_agent(
     stats: Arc<Stats>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Ok(list) = Controllers::parse("urls", &dial.urls) else {
+        stats.fail(format!("bad controller list {:?}", dial.urls));
+        return;
+    };
+    let mut rotation = Rotation::new(list);
+    for _ in 0..idx % dial.urls.len() {
+        rotation.advance();
+    }
+    let memory = Arc::new(Mutex::new(Memory::default()));
+    // Simulated jobs still running; aborted when the agent stops.
+    let mut jobs = JoinSet::new();
     let mut attempt = 0u32;
     // Bounded: the loop ends when `stop` turns true (the harness always sets
     // it), and every wait inside selects on it.
@@ -114,7 +229,19 @@ pub async fn run_agent(
         if *stop.borrow() {
             return;
         }
-        let (welcomed, reason) = session(idx, &id, &dial, &stats, &mut stop).await;
+        let url = rotation.current().to_owned();
+        let on = dial.urls.iter().position(|u| *u == url).unwrap_or(0);
+        let ctx = Session {
+            idx,
+            on,
+            id: &id,
+            dial: &dial,
+            stats: &stats,
+            memory: &memory,
+        };
+        let (welcomed, reason) = session(&ctx, &url, &mut stop, &mut jobs).await;
+        lock(&memory).out = None;
+        lock(&stats.on).remove(&idx);
         if *stop.borrow() {
             return;
         }
@@ -124,6 +251,7 @@ pub async fn run_agent(
         }
         let wait = fleetcmd_agent::conn::backoff(attempt);
         attempt = attempt.saturating_add(1);
+        rotation.advance();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stopped(&mut stop) => return,
@@ -160,17 +288,83 @@ fn msg(m: Out) -> pb::AgentMessage {
     pb::AgentMessage { msg: Some(m) }
 }
 
+/// What one connection of one agent works with.
+struct Session<'a> {
+    idx: usize,
+    /// Index of the controller dialled, in `Dial::urls`.
+    on: usize,
+    id: &'a AgentIdentity,
+    dial: &'a Dial,
+    stats: &'a Arc<Stats>,
+    memory: &'a Arc<Mutex<Memory>>,
+}
+
+/// What an agent does with a delivered job (agent/src/conn.rs `handle_job`).
+enum Admit {
+    /// Not seen before: run it.
+    Run,
+    /// Seen and still running: its result will follow.
+    Running,
+    /// Seen, result not acknowledged: send that result again.
+    Resend(pb::JobResult),
+    /// Seen and acknowledged: refused as a replay.
+    Replayed,
+}
+
+fn admit(memory: &Mutex<Memory>, job_id: &str) -> Admit {
+    let mut m = lock(memory);
+    if m.seen.insert(job_id.to_owned()) {
+        m.running.insert(job_id.to_owned());
+        return Admit::Run;
+    }
+    if m.running.contains(job_id) {
+        Admit::Running
+    } else if let Some(r) = m.pending.get(job_id) {
+        Admit::Resend(r.clone())
+    } else {
+        Admit::Replayed
+    }
+}
+
+/// A job ends: its result is kept until acknowledged and sent on the
+/// current stream, if there is one (else after the next `Welcome`).
+async fn finish(memory: &Mutex<Memory>, stats: &Stats, job_id: String) {
+    let result = pb::JobResult {
+        job_id: job_id.clone(),
+        outcome: pb::Outcome::Ok as i32,
+        exit_code: Some(0),
+        stdout: b" 12:00:00 up 1 day,  3:04,  0 users,  load average: 0.12, 0.10, 0.05\n".to_vec(),
+        duration_ms: 1,
+        ..Default::default()
+    };
+    stats.result_bytes.fetch_add(
+        prost::Message::encoded_len(&result) as u64,
+        Ordering::Relaxed,
+    );
+    let out = {
+        let mut m = lock(memory);
+        m.running.remove(&job_id);
+        m.pending.insert(job_id, result.clone());
+        m.out.clone()
+    };
+    if let Some(tx) = out
+        && tx.send(msg(Out::Result(result))).await.is_ok()
+    {
+        stats.results_sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// One connection; returns (welcomed, why it ended). Returns on stop too.
 async fn session(
-    idx: usize,
-    id: &AgentIdentity,
-    dial: &Dial,
-    stats: &Stats,
+    cx: &Session<'_>,
+    url: &str,
     stop: &mut watch::Receiver<bool>,
+    jobs: &mut JoinSet<()>,
 ) -> (bool, String) {
+    let (idx, id, stats) = (cx.idx, cx.id, cx.stats);
     let ep = match fleetcmd_proto::channel::endpoint(
-        &dial.url,
-        &dial.ca_pem,
+        url,
+        &cx.dial.ca_pem,
         Some((&id.cert_pem, &id.key_pem)),
     ) {
         Ok(ep) => ep,
@@ -211,6 +405,8 @@ async fn session(
     loop {
         tokio::select! {
             _ = stopped(stop) => return (welcomed, "stopped".into()),
+            // Finished simulated jobs (their results went out in `finish`).
+            Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
             _ = heartbeat.tick(), if welcomed => {
                 let hb = pb::Heartbeat {
                     metrics: Some(metrics()),
@@ -236,12 +432,23 @@ async fn session(
                     Some(In::Welcome(w)) => {
                         welcomed = true;
                         connected_guard.set();
-                        lock(&stats.welcomes).push((idx, Instant::now()));
+                        lock(&stats.welcomes).push((idx, cx.on, Instant::now()));
+                        lock(&stats.on).insert(idx, cx.on);
                         // Spread heartbeats over the interval, as agents that
                         // connected at different times would be.
                         let every = Duration::from_secs(u64::from(w.heartbeat_secs.max(1)));
                         let phase = every.mul_f64((idx % 997) as f64 / 997.0);
                         heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + phase, every);
+                        // Every unacknowledged result again, to whichever
+                        // controller this is.
+                        let unacked: Vec<pb::JobResult> = {
+                            let mut m = lock(cx.memory);
+                            m.out = Some(tx.clone());
+                            m.pending.values().cloned().collect()
+                        };
+                        for r in unacked {
+                            let _ = tx.send(msg(Out::Result(r))).await;
+                        }
                     }
                     Some(In::Policy(_)) => {
                         stats.policies.fetch_add(1, Ordering::Relaxed);
@@ -252,24 +459,49 @@ async fn session(
                         let job_id = fleetcmd_core::job::JobSpec::from_bytes(&j.spec)
                             .map(|s| s.id.to_string())
                             .unwrap_or_default();
-                        lock(&stats.jobs).entry(job_id.clone()).or_default().received.push(now);
-                        let result = pb::JobResult {
-                            job_id: job_id.clone(),
-                            outcome: pb::Outcome::Ok as i32,
-                            exit_code: Some(0),
-                            stdout: b" 12:00:00 up 1 day,  3:04,  0 users,  load average: 0.12, 0.10, 0.05\n".to_vec(),
-                            duration_ms: 1,
-                            ..Default::default()
-                        };
-                        stats.result_bytes.fetch_add(prost::Message::encoded_len(&result) as u64, Ordering::Relaxed);
-                        let _ = tx.send(msg(Out::Started(pb::JobStarted { job_id }))).await;
-                        if tx.send(msg(Out::Result(result))).await.is_ok() {
-                            stats.results_sent.fetch_add(1, Ordering::Relaxed);
+                        match admit(cx.memory, &job_id) {
+                            Admit::Run => {
+                                stats.executions.fetch_add(1, Ordering::Relaxed);
+                                lock(&stats.jobs).entry(job_id.clone()).or_default().received.push(now);
+                                let _ = tx.send(msg(Out::Started(pb::JobStarted { job_id: job_id.clone() }))).await;
+                                let delay = cx.dial.job_time.mul_f64((idx % 100) as f64 / 100.0);
+                                if delay.is_zero() {
+                                    finish(cx.memory, stats, job_id).await;
+                                } else {
+                                    let (memory, stats) = (cx.memory.clone(), stats.clone());
+                                    jobs.spawn(async move {
+                                        tokio::time::sleep(delay).await;
+                                        finish(&memory, &stats, job_id).await;
+                                    });
+                                }
+                            }
+                            Admit::Running => {
+                                stats.redelivered.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Admit::Resend(r) => {
+                                stats.redelivered.fetch_add(1, Ordering::Relaxed);
+                                let _ = tx.send(msg(Out::Result(r))).await;
+                            }
+                            Admit::Replayed => {
+                                stats.replays_refused.fetch_add(1, Ordering::Relaxed);
+                                let refused = pb::JobResult {
+                                    job_id,
+                                    outcome: pb::Outcome::Refused as i32,
+                                    reason_code: "replayed".into(),
+                                    reason: "job id already seen".into(),
+                                    ..Default::default()
+                                };
+                                let _ = tx.send(msg(Out::Result(refused))).await;
+                            }
                         }
                     }
                     Some(In::Ack(a)) => {
                         let now = Instant::now();
-                        lock(&stats.jobs).entry(a.job_id).or_default().acked.push(now);
+                        // Counted once per job and agent: an acknowledgement
+                        // of a result sent again is not a second result.
+                        if lock(cx.memory).pending.remove(&a.job_id).is_some() {
+                            lock(&stats.jobs).entry(a.job_id).or_default().acked.push(now);
+                        }
                     }
                     Some(In::Renew(_)) | Some(In::Cancel(_)) | None => {}
                 }
@@ -304,6 +536,19 @@ impl Drop for Connected<'_> {
             self.counter.fetch_sub(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Waits until `cond` (over what the agents observed) holds, polling
+/// every 20 ms, at most `limit`; whether it held.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
 }
 
 /// Resolves once the watch turns true (or its sender is gone).

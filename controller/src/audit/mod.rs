@@ -356,6 +356,44 @@ impl Audit {
         unreachable!("the last try returns")
     }
 
+    /// Logs the event and appends it through `write`, which stores the
+    /// record together with another write it belongs with (one
+    /// transaction, e.g. `Store::put_result_audited`) and answers whether
+    /// that write applied. `Ok(None)`: it did not; neither was stored and
+    /// the chain did not move. A `Conflict` from `write` (another
+    /// controller appended first) is retried from the stored tip, as in
+    /// `record`.
+    pub fn record_with(
+        &self,
+        event: Event,
+        mut write: impl FnMut(&Record, &[AuditIndexEntry]) -> Result<bool, StoreError>,
+    ) -> Result<Option<u64>, StoreError> {
+        let now = now_ms();
+        let mut chain = lock(&self.chain);
+        for attempt in 1..=APPEND_TRIES {
+            let mut next = chain.clone();
+            let rec = next.append(now, event.clone());
+            match write(&rec, &index_entries(&rec, false)) {
+                Ok(true) => {
+                    *chain = next;
+                    drop(chain);
+                    log_event(&event);
+                    return Ok(Some(rec.seq));
+                }
+                Ok(false) => return Ok(None),
+                Err(StoreError::Conflict { .. }) if attempt < APPEND_TRIES => {
+                    let stored = self.store.audit_last()?;
+                    *chain = match &stored {
+                        Some(last) => Chain::after(last),
+                        None => Chain::genesis(),
+                    };
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the last try returns")
+    }
+
     pub fn get(&self, seq: u64) -> Result<Option<Record>, StoreError> {
         self.store.audit_get(seq)
     }

@@ -498,11 +498,16 @@ impl Shared {
     /// Writes a target's state if its current one may become it
     /// (`TargetState::can_become`: an ended target never changes, so at
     /// most one result per job and agent). Returns whether it was written.
+    /// `audit`: the record of this change, written with it (with several
+    /// controllers in one transaction: a controller killed in between
+    /// leaves neither, and the agent's copy of the result is then stored
+    /// by the controller it moves to).
     pub(super) fn update_target(
         &self,
         job: &str,
         agent: &str,
         mut rec: TargetRecord,
+        audit: Option<Event>,
     ) -> ApiResult<bool> {
         let mut runs = lock(&self.job_lock);
         let shared = self.bus.is_shared();
@@ -537,6 +542,9 @@ impl Shared {
             rec.dispatched_at = dispatched_at;
             if !shared {
                 self.store.put_target(job, agent, &rec)?;
+                if let Some(event) = audit {
+                    self.audit_durable(event)?;
+                }
                 break;
             }
             // Written only over the state this was decided from (`running`
@@ -547,11 +555,20 @@ impl Shared {
             } else {
                 state
             };
-            if !self
-                .store
-                .put_targets_if(job, from, &[(agent, &rec)])?
-                .is_empty()
-            {
+            let written = match &audit {
+                None => !self
+                    .store
+                    .put_targets_if(job, from, &[(agent, &rec)])?
+                    .is_empty(),
+                Some(event) => self
+                    .audit
+                    .record_with(event.clone(), |r, index| {
+                        self.store
+                            .put_result_audited(job, agent, from, &rec, r, index)
+                    })?
+                    .is_some(),
+            };
+            if written {
                 break;
             }
             self.reload_run(&mut runs, job)?;
@@ -660,11 +677,11 @@ impl Shared {
             result: Some(result.encode_to_vec()),
             ..TargetRecord::new(state, &result.reason)
         };
-        if !self.update_target(&job, agent, rec)? {
+        let event = convert::result_event(agent, &result, state);
+        if !self.update_target(&job, agent, rec, Some(event))? {
             tracing::debug!(job_id = %job, agent_id = agent, "result for an unknown or finished target ignored");
             return Ok(());
         }
-        self.audit_durable(convert::result_event(agent, &result, state))?;
         self.flush().await?;
         self.bus.publish(crate::bus::Signal::Target {
             job: job.clone(),
@@ -727,7 +744,7 @@ impl Shared {
                 TargetState::Failed,
                 "no result from the agent before the target's deadline",
             );
-            if self.update_target(&job, &agent, rec)? {
+            if self.update_target(&job, &agent, rec, None)? {
                 changed = true;
                 self.bus.publish(crate::bus::Signal::Target {
                     job: job.clone(),

@@ -603,7 +603,12 @@ impl Shared {
         };
         let mut refused = Vec::new();
         for job in queued {
-            if self.update_target(&job, agent, TargetRecord::new(TargetState::Refused, REASON))? {
+            if self.update_target(
+                &job,
+                agent,
+                TargetRecord::new(TargetState::Refused, REASON),
+                None,
+            )? {
                 self.audit_durable(
                     Event::new(EventKind::JobRefused, "controller")
                         .job(&job)

@@ -768,6 +768,82 @@ pub fn a_claim_has_one_winner_until_it_expires(store: &dyn Store) {
     );
 }
 
+/// `put_result_audited`: a result and its audit record land together, or
+/// neither does (the state moved on, or the record is not next in the
+/// chain).
+pub fn a_result_and_its_audit_record_are_stored_together(store: &dyn Store) {
+    let job = "0190ab12-34cd-7ef0-8123-456789abcdef";
+    let dispatched = TargetRecord {
+        dispatched_at: 7,
+        ..TargetRecord::new(TargetState::Dispatched, "")
+    };
+    store.put_target(job, "host-1", &dispatched).expect("put");
+    store.put_target(job, "host-2", &dispatched).expect("put");
+    let ok = TargetRecord {
+        result: Some(vec![1]),
+        ..TargetRecord::new(TargetState::Ok, "")
+    };
+    let mut chain = Chain::genesis();
+    let first = chain.append(1000, event(1));
+    assert!(
+        store
+            .put_result_audited(
+                job,
+                "host-1",
+                TargetState::Dispatched,
+                &ok,
+                &first,
+                &entries(&first)
+            )
+            .expect("stored")
+    );
+    assert_eq!(
+        store.get_target(job, "host-1").expect("get"),
+        Some(ok.clone())
+    );
+    assert_eq!(store.audit_last().expect("last"), Some(first.clone()));
+    // The same result again (decided from a stale `dispatched`): neither.
+    let mut again = chain.clone();
+    let second = again.append(1010, event(2));
+    assert!(
+        !store
+            .put_result_audited(
+                job,
+                "host-1",
+                TargetState::Dispatched,
+                &ok,
+                &second,
+                &entries(&second)
+            )
+            .expect("refused")
+    );
+    assert_eq!(store.audit_last().expect("last"), Some(first.clone()));
+    // A record out of sequence (a repeat of the first): neither.
+    let err = store
+        .put_result_audited(job, "host-2", TargetState::Dispatched, &ok, &first, &[])
+        .expect_err("conflict");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    assert_eq!(
+        store.get_target(job, "host-2").expect("get"),
+        Some(dispatched)
+    );
+    // And in sequence: both.
+    assert!(
+        store
+            .put_result_audited(
+                job,
+                "host-2",
+                TargetState::Dispatched,
+                &ok,
+                &second,
+                &entries(&second)
+            )
+            .expect("stored")
+    );
+    assert_eq!(store.audit_last().expect("last"), Some(second));
+    assert_eq!(store.get_target(job, "host-2").expect("get"), Some(ok));
+}
+
 pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     jobs_are_listed_by_the_backend(fresh().as_ref());
     targets_keep_their_states(fresh().as_ref());
@@ -778,6 +854,7 @@ pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     agents_are_enrolled_and_revoked(fresh().as_ref());
     the_policy_is_the_last_one_put(fresh().as_ref());
     the_audit_log_is_one_contiguous_chain(fresh().as_ref());
+    a_result_and_its_audit_record_are_stored_together(fresh().as_ref());
     health_state_and_history_are_kept(fresh().as_ref());
     revocations_are_kept(fresh().as_ref());
     a_lease_has_one_holder_and_terms_grow(fresh().as_ref());

@@ -70,6 +70,41 @@ pub trait Store:
 {
     /// Blocks until everything written so far is durable.
     fn flush(&self) -> Result<(), StoreError>;
+    /// A target's result and the audit record of it, one atomic step: the
+    /// target is written only where its stored state is still `from` (as
+    /// `put_targets_if`) and the record only where it is next in the
+    /// chain (as `audit_append`) — both or neither. `Ok(false)`: the state
+    /// was not `from`; `Conflict`: the record is not next; nothing was
+    /// written either way. With several controllers on one store, two
+    /// separate writes would let a controller killed between them leave a
+    /// stored result without its audit record (the agent's copy, sent
+    /// again to another controller, is then ignored as already stored).
+    /// This default checks both, then writes one after the other: for a
+    /// store with one writer, whose flush makes both durable before either
+    /// is acknowledged.
+    fn put_result_audited(
+        &self,
+        job: &str,
+        agent: &str,
+        from: fleetcmd_core::state::TargetState,
+        rec: &TargetRecord,
+        audit: &Record,
+        index: &[AuditIndexEntry],
+    ) -> Result<bool, StoreError> {
+        if let Some(last) = self.audit_last()?
+            && last.seq.checked_add(1) != Some(audit.seq)
+        {
+            return Err(StoreError::Conflict {
+                what: format!("audit record {}", audit.seq),
+                reason: format!("the log ends at {}", last.seq),
+            });
+        }
+        if self.put_targets_if(job, from, &[(agent, rec)])?.is_empty() {
+            return Ok(false);
+        }
+        self.audit_append(audit, index)?;
+        Ok(true)
+    }
     /// Releases the database (its files, locks or connections); later
     /// calls fail.
     fn close(&self);

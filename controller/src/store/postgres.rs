@@ -394,11 +394,98 @@ const UPSERT_JOB: &str = "INSERT INTO jobs (id, created_at_ms, state, requester,
 /// The advisory lock key audit appends hold ("fleetaud").
 const AUDIT_LOCK: i64 = 0x666c_6565_7461_7564;
 
+/// The audit append inside `tx`: takes the audit lock (appends take
+/// turns, so the check and the insert are one step even with several
+/// controllers), checks that `seq` is next, and inserts the record and its
+/// index entries. Nothing is committed here.
+async fn append_audit_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    conn: &conn::Conn,
+    seq: i64,
+    rec: &Record,
+    cols: &IndexColumns,
+) -> Result<(), StoreError> {
+    let err = |e: tokio_postgres::Error| conn.error(&e);
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
+        .await
+        .map_err(err)?;
+    let last: Option<i64> = tx
+        .query_one("SELECT max(seq) FROM audit_log", &[])
+        .await
+        .map_err(err)?
+        .get(0);
+    if let Some(last) = last
+        && last.checked_add(1) != Some(seq)
+    {
+        return Err(StoreError::Conflict {
+            what: format!("audit record {seq}"),
+            reason: format!("the log ends at {last}: the next record is {}", last + 1),
+        });
+    }
+    tx.execute(
+        "INSERT INTO audit_log (seq, record) VALUES ($1, $2)",
+        &[&seq, &Json(rec)],
+    )
+    .await
+    .map_err(err)?;
+    tx.execute(INSERT_INDEX, &[&cols.0, &cols.1, &cols.2, &cols.3])
+        .await
+        .map_err(err)?;
+    Ok(())
+}
+
 impl Store for PostgresStore {
     fn flush(&self) -> Result<(), StoreError> {
         // Every statement was committed (and so made durable) when it
         // returned.
         Ok(())
+    }
+
+    fn put_result_audited(
+        &self,
+        job: &str,
+        agent: &str,
+        from: fleetcmd_core::state::TargetState,
+        rec: &TargetRecord,
+        audit: &Record,
+        index: &[AuditIndexEntry],
+    ) -> Result<bool, StoreError> {
+        let (agents, states, results, reasons, dispatched) = target_columns(&[(agent, rec)])?;
+        let job = job.to_owned();
+        let from = from.as_str();
+        let audit = audit.clone();
+        let seq = int(audit.seq, "audit seq")?;
+        let cols = index_columns(index)?;
+        self.bridge.call(move |conn| async move {
+            let mut client = conn.session().await?;
+            let err = |e: tokio_postgres::Error| conn.error(&e);
+            let tx = client.transaction().await.map_err(err)?;
+            // The audit lock first (in `append_audit_in`), as every append
+            // takes it, then the target's row: a result that is not stored
+            // rolls the record back with it.
+            append_audit_in(&tx, &conn, seq, &audit, &cols).await?;
+            let written = tx
+                .query(
+                    UPDATE_TARGETS_FROM,
+                    &[
+                        &job,
+                        &agents,
+                        &states,
+                        &results,
+                        &reasons,
+                        &dispatched,
+                        &from,
+                    ],
+                )
+                .await
+                .map_err(err)?;
+            if written.is_empty() {
+                // Dropped without commit: rolled back.
+                return Ok(false);
+            }
+            tx.commit().await.map_err(err)?;
+            Ok(true)
+        })
     }
 
     fn close(&self) {
@@ -781,33 +868,7 @@ impl AuditStore for PostgresStore {
             let mut client = conn.session().await?;
             let err = |e: tokio_postgres::Error| conn.error(&e);
             let tx = client.transaction().await.map_err(err)?;
-            // Appends take turns, so the check below and the insert are
-            // one step even with several controllers.
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
-                .await
-                .map_err(err)?;
-            let last: Option<i64> = tx
-                .query_one("SELECT max(seq) FROM audit_log", &[])
-                .await
-                .map_err(err)?
-                .get(0);
-            if let Some(last) = last
-                && last.checked_add(1) != Some(seq)
-            {
-                return Err(StoreError::Conflict {
-                    what: format!("audit record {seq}"),
-                    reason: format!("the log ends at {last}: the next record is {}", last + 1),
-                });
-            }
-            tx.execute(
-                "INSERT INTO audit_log (seq, record) VALUES ($1, $2)",
-                &[&seq, &Json(&rec)],
-            )
-            .await
-            .map_err(err)?;
-            tx.execute(INSERT_INDEX, &[&cols.0, &cols.1, &cols.2, &cols.3])
-                .await
-                .map_err(err)?;
+            append_audit_in(&tx, &conn, seq, &rec, &cols).await?;
             tx.commit().await.map_err(err)
         })
     }

@@ -19,6 +19,7 @@ mod gateway_dedup;
 mod gateway_plugins;
 mod gateway_restart;
 mod grpc;
+mod ha_kill;
 mod hardening;
 mod health;
 mod init;

@@ -121,7 +121,21 @@ impl Bridge {
             // The caller may be gone (it never is: it waits below).
             let _ = tx.send(fut.await);
         });
-        rx.recv().map_err(|_| closed())?
+        // Store calls come from async handlers too (a result is stored on
+        // its agent stream's task): on a worker of a multi-thread runtime
+        // the wait is announced (`block_in_place`, the worker's other tasks
+        // move to another thread), so that results waiting for the one
+        // connection do not stall every worker, and with them TLS
+        // handshakes and agents' Welcomes — measured by the controller kill
+        // test (tests/it/ha_kill.rs): A's agents took 8–10 s to be
+        // welcomed by B and C during a fan-out, most of it waiting here.
+        let on_multi_thread_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if on_multi_thread_worker {
+            tokio::task::block_in_place(|| rx.recv()).map_err(|_| closed())?
+        } else {
+            rx.recv().map_err(|_| closed())?
+        }
     }
 
     /// Later calls fail; the connection is dropped.
