@@ -373,6 +373,46 @@ impl Shared {
         Ok(Some(run))
     }
 
+    /// With several controllers: sends `agent`, which just connected here,
+    /// every running job it is an active target of in the store
+    /// (dispatched or running) — the controller that claimed the target
+    /// may have died before the job reached the agent (found by the kill
+    /// test: targets a controller claimed just before its `kill -9` failed
+    /// at their deadline). The agent runs a job once: one it already has
+    /// is ignored, or answered with its result again.
+    pub(super) fn redeliver(&self, agent: &str) -> ApiResult<()> {
+        if !self.bus.is_shared() {
+            return Ok(());
+        }
+        let candidates: Vec<(String, pb::ControllerMessage)> = {
+            let runs = lock(&self.job_lock);
+            runs.iter()
+                .filter(|(_, run)| run.index.contains_key(agent))
+                .map(|(id, run)| {
+                    let msg = pb::ControllerMessage {
+                        msg: Some(pb::controller_message::Msg::Job(pb::SignedJob {
+                            spec: run.job.spec.clone(),
+                            signature: run.job.signature.clone(),
+                            key_id: run.job.key_id.clone(),
+                        })),
+                    };
+                    (id.clone(), msg)
+                })
+                .collect()
+        };
+        for (job, msg) in candidates {
+            if self
+                .store
+                .get_target(&job, agent)?
+                .is_some_and(|t| t.state.is_active())
+            {
+                tracing::info!(job_id = %job, agent_id = agent, "sending an active target's job again to its agent, connected here now");
+                self.registry.send_if_online([agent], &msg);
+            }
+        }
+        Ok(())
+    }
+
     /// Queues a job for the dispatcher (`dispatcher`), which advances it off
     /// the caller's task. When the queue is full the job still advances:
     /// the sweeper queues every running job each second.

@@ -557,8 +557,13 @@ impl Shared {
         tx: AgentTx,
     ) -> ApiResult<u64> {
         let first = self.policy.current().map(|cur| policy_message(&cur));
-        self.registry
-            .register(self.store.as_ref(), agent, hello, policy_version, tx, first)
+        let conn =
+            self.registry
+                .register(self.store.as_ref(), agent, hello, policy_version, tx, first)?;
+        if let Err(e) = self.redeliver(agent) {
+            tracing::warn!(agent_id = agent, error = %e, "looking for jobs to send again");
+        }
+        Ok(conn)
     }
 
     /// Revokes an agent: durable first, then its stream is closed and every
