@@ -162,10 +162,7 @@ fn on_disk(manifest: &Path, dir: &Path, executable: &Path) -> Vec<String> {
     } else {
         dir
     };
-    // SAFETY: geteuid has no preconditions.
-    #[allow(unsafe_code)]
-    let me = unsafe { libc::geteuid() };
-    let foreign = |m: &std::fs::Metadata| m.uid() != 0 && m.uid() != me;
+    let foreign = super::sandbox::owned_by_another_user;
     for (what, p) in [("its folder", dir), ("the manifest", manifest)] {
         match std::fs::metadata(p) {
             Ok(m) if m.mode() & 0o022 != 0 => problems.push(format!(
@@ -218,6 +215,30 @@ fn on_disk(manifest: &Path, dir: &Path, executable: &Path) -> Vec<String> {
             }
             if m.is_dir() {
                 stack.push(e.path());
+            }
+            // A link out of the folder: what it names is the plugin too
+            // (a link to a module another user owned ran that user's code
+            // with the plugin's secrets — fourth outside attack).
+            if m.file_type().is_symlink()
+                && let Ok(target) = e.path().canonicalize()
+                && !dir.canonicalize().is_ok_and(|d| target.starts_with(d))
+                && let Ok(t) = std::fs::metadata(&target)
+            {
+                if foreign(&t) {
+                    problems.push(format!(
+                        "{} in the plugin's folder links to {}, which belongs to user {}",
+                        e.path().display(),
+                        target.display(),
+                        t.uid()
+                    ));
+                } else if t.mode() & 0o022 != 0 {
+                    problems.push(format!(
+                        "{} in the plugin's folder links to {}, which group or others may write (mode {:o})",
+                        e.path().display(),
+                        target.display(),
+                        t.mode() & 0o777
+                    ));
+                }
             }
         }
     }

@@ -828,6 +828,27 @@ fn a_plugin_that_could_change_another_or_be_changed_by_a_user_is_refused() {
         "{found:?}"
     );
     std::fs::remove_file(&module).unwrap_or_else(|e| panic!("{e}"));
+    // A link out of the folder to a file another user owns (as root the
+    // test can make one).
+    if std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata(&root).unwrap_or_else(|e| panic!("{e}")),
+    ) == 0
+    {
+        let theirs = root.join("theirs.py");
+        std::fs::write(&theirs, "x = 1\n").unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::chown(&theirs, Some(1000), None).unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink(&theirs, folder.join("lib.py"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let found = problems(vec![entry(greet.clone(), "")]);
+        assert!(
+            found
+                .iter()
+                .any(|m| m.contains("lib.py in the plugin's folder links to")
+                    && m.contains("belongs to user 1000")),
+            "{found:?}"
+        );
+        std::fs::remove_file(folder.join("lib.py")).unwrap_or_else(|e| panic!("{e}"));
+    }
     // A directory above it that others may write, without the sticky bit.
     std::fs::set_permissions(&plugins, std::fs::Permissions::from_mode(0o777))
         .unwrap_or_else(|e| panic!("{e}"));

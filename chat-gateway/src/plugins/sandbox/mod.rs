@@ -84,6 +84,37 @@ pub const SYSTEM_READ: &[&str] = &[
 /// Devices every plugin may write (and read).
 pub const DEVICES_RW: &[&str] = &["/dev/null", "/dev/zero", "/dev/full"];
 
+/// What every sandboxed plugin may read (and run) on this machine: the
+/// system's share, with the `/etc/python3*` entries that exist (Debian's
+/// Python reads its `sitecustomize` there) and the devices. Every check of
+/// what the share exposes or what a grant could change uses this one list,
+/// the list Landlock is given (a write grant on `/etc/python3.11` passed a
+/// check that used only [`SYSTEM_READ`] — fourth outside attack).
+pub fn system_share() -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = SYSTEM_READ.iter().map(PathBuf::from).collect();
+    if let Ok(entries) = std::fs::read_dir("/etc") {
+        let mut python: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
+            .map(|e| e.path())
+            .collect();
+        python.sort();
+        paths.extend(python);
+    }
+    paths.extend(DEVICES_RW.iter().map(PathBuf::from));
+    paths
+}
+
+/// Whether a file belongs to neither root nor this process's user (who
+/// could then change what a plugin runs or reads).
+pub fn owned_by_another_user(m: &std::fs::Metadata) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    let me = unsafe { libc::geteuid() };
+    let owner = std::os::unix::fs::MetadataExt::uid(m);
+    owner != 0 && owner != me
+}
+
 /// What one plugin may reach besides the system's share.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grants {
@@ -100,16 +131,7 @@ impl Grants {
     /// of the system's share (`/etc/python3*` included: Debian's Python
     /// reads its `sitecustomize` there).
     pub fn readable(&self) -> Vec<PathBuf> {
-        let mut paths: Vec<PathBuf> = SYSTEM_READ.iter().map(PathBuf::from).collect();
-        if let Ok(entries) = std::fs::read_dir("/etc") {
-            let mut python: Vec<PathBuf> = entries
-                .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
-                .map(|e| e.path())
-                .collect();
-            python.sort();
-            paths.extend(python);
-        }
+        let mut paths = system_share();
         paths.push(self.folder.clone());
         paths.extend(self.read.iter().cloned());
         paths
@@ -200,12 +222,9 @@ impl Grants {
                 ));
             }
         }
+        let share = system_share();
         for w in &write {
-            if let Some(system) = SYSTEM_READ
-                .iter()
-                .map(Path::new)
-                .find(|s| s.starts_with(w) || w.starts_with(s))
-            {
+            if let Some(system) = share.iter().find(|s| s.starts_with(w) || w.starts_with(s)) {
                 problems.push(format!(
                     "write grant {} would let the plugin change {}, which every plugin reads and runs",
                     w.display(),
@@ -228,7 +247,27 @@ impl Grants {
                 ));
             }
         }
-        for system in SYSTEM_READ.iter().map(Path::new) {
+        // A grant another user owns, or any user may write, lets that
+        // user change what the plugin reads or runs (fourth attack).
+        for (what, g) in granted.clone().filter(|(what, _)| *what != "its folder") {
+            if let Ok(m) = std::fs::metadata(g) {
+                let mode = std::os::unix::fs::MetadataExt::mode(&m);
+                if owned_by_another_user(&m) {
+                    problems.push(format!(
+                        "{what} {} belongs to user {}, neither root nor the gateway's user",
+                        g.display(),
+                        std::os::unix::fs::MetadataExt::uid(&m)
+                    ));
+                } else if mode & 0o002 != 0 {
+                    problems.push(format!(
+                        "{what} {} is writable by every user (mode {:o})",
+                        g.display(),
+                        mode & 0o7777
+                    ));
+                }
+            }
+        }
+        for system in &share {
             for p in &private {
                 if p.starts_with(system) {
                     problems.push(format!(
@@ -517,6 +556,17 @@ mod tests {
             with(vec![], vec![PathBuf::from("/usr/local/bin")]),
             "every plugin reads and runs",
         );
+        if let Some(python) = system_share()
+            .into_iter()
+            .find(|p| p.starts_with("/etc/python3"))
+        {
+            refused(with(vec![], vec![python]), "every plugin reads and runs");
+        }
+        // A grant any user may write.
+        let open = dir("var/open");
+        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap_or_else(|e| panic!("{e}"));
+        refused(with(vec![open], vec![]), "writable by every user");
         refused(
             Grants {
                 folder: keys.clone(),
