@@ -99,16 +99,7 @@ fn confine(cmd: &mut Command, memory_bytes: u64, ruleset: Option<std::os::fd::Ra
                 // Dies with the gateway (its forking thread), and with it
                 // the plugin's namespace; a gateway gone already: stop.
                 let gateway = libc::getppid();
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0 as libc::c_ulong,
-                    0 as libc::c_ulong,
-                    0 as libc::c_ulong,
-                ) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
+                die_with_parent()?;
                 if libc::getppid() != gateway {
                     libc::_exit(127);
                 }
@@ -170,16 +161,7 @@ unsafe fn enter_namespaces() -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
         if pid == 0 {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0 as libc::c_ulong,
-                0 as libc::c_ulong,
-                0 as libc::c_ulong,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
+            die_with_parent()?;
             return Ok(());
         }
         libc::syscall(
@@ -209,6 +191,25 @@ unsafe fn enter_namespaces() -> io::Result<()> {
         libc::kill(libc::getpid(), sig);
         libc::_exit(128 + sig);
     }
+}
+
+/// SIGKILL when the parent (thread) dies. Async-signal-safe.
+#[allow(unsafe_code)]
+fn die_with_parent() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Sets both the soft and hard limit. Async-signal-safe.
