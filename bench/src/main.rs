@@ -257,26 +257,6 @@ fn print_per_controller(what: &str, v: &serde_json::Value) {
     );
 }
 
-/// Copies what another controller of the fleet must share with the first:
-/// the fleet CA (agents pin it; each controller issues its own server
-/// certificate from it) and the audit key (one key signs the trail).
-fn share_ca_and_audit_key(from: &Path, to: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    for sub in ["pki", "audit"] {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(to.join(sub))
-            .with_context(|| format!("creating {}", to.join(sub).display()))?;
-    }
-    for file in ["pki/ca.crt", "pki/ca.key", "audit/audit.key"] {
-        std::fs::copy(from.join(file), to.join(file))
-            .with_context(|| format!("copying {}", from.join(file).display()))?;
-        std::fs::set_permissions(to.join(file), std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(())
-}
-
 /// Bytes of every table of the database, with its indexes and TOAST.
 fn pg_bytes(cluster: &fleetcmd_pg_harness::PgCluster, db: &str) -> anyhow::Result<u64> {
     let sql = "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c \
@@ -765,7 +745,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The others share what an operator copies: the fleet CA and the
     // audit key (the database holds the rest).
     for i in 1..k {
-        share_ca_and_audit_key(&data, &data_of(i))?;
+        fleetcmd_cli::dev_cluster::share_keys(&data, &data_of(i))?;
         ctls[i].spawn()?;
         operator_channel(&urls[i], &operator_tls, Duration::from_secs(60)).await?;
         println!("controller {i}: pid {} ({})", ctls[i].pid(), urls[i]);

@@ -11,7 +11,7 @@ use std::process::Stdio;
 use tokio::process::{Child, Command};
 
 use super::config::PluginSpec;
-use super::sandbox::{Sandbox, landlock, seccomp};
+use super::sandbox::{Sandbox, landlock, seccomp, set_process_option};
 
 /// The only `PATH` a plugin gets.
 pub const PLUGIN_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -105,16 +105,7 @@ fn confine(cmd: &mut Command, memory_bytes: u64, ruleset: Option<std::os::fd::Ra
                 }
                 enter_namespaces()?;
             }
-            if libc::prctl(
-                libc::PR_SET_NO_NEW_PRIVS,
-                1 as libc::c_ulong,
-                0 as libc::c_ulong,
-                0 as libc::c_ulong,
-                0 as libc::c_ulong,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
+            set_process_option(libc::PR_SET_NO_NEW_PRIVS, 1)?;
             if let Some(fd) = ruleset {
                 landlock::restrict_self(fd)?;
                 seccomp::install()?;
@@ -194,22 +185,8 @@ unsafe fn enter_namespaces() -> io::Result<()> {
 }
 
 /// SIGKILL when the parent (thread) dies. Async-signal-safe.
-#[allow(unsafe_code)]
 fn die_with_parent() -> io::Result<()> {
-    // SAFETY: prctl with integer arguments only.
-    let r = unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_process_option(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong)
 }
 
 /// Sets both the soft and hard limit. Async-signal-safe.

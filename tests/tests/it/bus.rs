@@ -103,12 +103,7 @@ impl TwoControllers {
 /// B starts, `a-1` joined and streaming to A only, `b-1` to B only.
 async fn two_controllers() -> TwoControllers {
     init();
-    let (cluster, db) = tokio::task::spawn_blocking(|| {
-        let cluster = pg::PgCluster::shared();
-        (cluster, cluster.fresh_database())
-    })
-    .await
-    .expect("cluster");
+    let (cluster, db) = crate::postgres::fresh_database().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().to_owned();
     let admin = fleetcmd_cli::policy_cmd::keygen(&d.join("admin.key"))

@@ -168,12 +168,7 @@ fn dump_logs(dir: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_fails_over_to_the_second_controller_when_its_own_is_killed() {
     init();
-    let (cluster, db) = tokio::task::spawn_blocking(|| {
-        let cluster = pg::PgCluster::shared();
-        (cluster, cluster.fresh_database())
-    })
-    .await
-    .expect("cluster");
+    let (cluster, db) = crate::postgres::fresh_database().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let admin = fleetcmd_cli::policy_cmd::keygen(&d.join("admin.key"))

@@ -49,12 +49,7 @@ async fn killing_one_of_three_controllers_mid_fan_out_loses_doubles_and_reruns_n
     init();
     let started = Instant::now();
     fleetcmd_bench::sys::raise_nofile().expect("raising the open-files limit");
-    let (cluster, db) = tokio::task::spawn_blocking(|| {
-        let cluster = pg::PgCluster::shared();
-        (cluster, cluster.fresh_database())
-    })
-    .await
-    .expect("cluster");
+    let (cluster, db) = crate::postgres::fresh_database().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let logs: Vec<String> = NAMES.iter().map(|n| format!("{n}.log")).collect();

@@ -136,12 +136,7 @@ async fn a_leader_cut_off_from_postgresql_steps_down_and_the_other_takes_over_wi
         .expect("metrics veth pair");
     ip(&["-n", &ns.0, "link", "set", "lo", "up"]).expect("loopback in the namespace");
 
-    let (cluster, db) = tokio::task::spawn_blocking(|| {
-        let cluster = pg::PgCluster::shared();
-        (cluster, cluster.fresh_database())
-    })
-    .await
-    .expect("cluster");
+    let (cluster, db) = crate::postgres::fresh_database().await;
     let listener = tokio::net::TcpListener::bind((pg_host.as_str(), 0))
         .await
         .expect("relay listens on the host end of the veth");

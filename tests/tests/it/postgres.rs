@@ -5,15 +5,21 @@ use fleetcmd_controller::config::PostgresConfig;
 use fleetcmd_proto::v1::{JobState, TargetState};
 use fleetcmd_tests::*;
 
-/// This test process's cluster, a fresh database on it, and the
-/// controller's configuration for that database.
-pub(crate) async fn fresh_store() -> (&'static pg::PgCluster, pg::Database, PostgresConfig) {
-    let (cluster, db) = tokio::task::spawn_blocking(|| {
+/// This test process's cluster and a fresh database on it (started, and
+/// made, off the async workers).
+pub(crate) async fn fresh_database() -> (&'static pg::PgCluster, pg::Database) {
+    tokio::task::spawn_blocking(|| {
         let cluster = pg::PgCluster::shared();
         (cluster, cluster.fresh_database())
     })
     .await
-    .expect("cluster");
+    .expect("cluster")
+}
+
+/// This test process's cluster, a fresh database on it, and the
+/// controller's configuration for that database.
+pub(crate) async fn fresh_store() -> (&'static pg::PgCluster, pg::Database, PostgresConfig) {
+    let (cluster, db) = fresh_database().await;
     let postgres = PostgresConfig {
         url: db.url.clone(),
         password_file: Some(cluster.password_file()),

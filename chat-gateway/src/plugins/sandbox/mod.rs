@@ -460,13 +460,19 @@ impl Sandbox {
 /// running as the gateway's user — can no longer ptrace it or read its
 /// `/proc/PID/{mem,environ,fd}`, where its keys and secrets are. Only
 /// root keeps that. Also means no core dump with keys in it.
-#[allow(unsafe_code)]
 pub fn keep_own_memory_private() -> io::Result<()> {
+    set_process_option(libc::PR_SET_DUMPABLE, 0)
+}
+
+/// `prctl(option, value)` for the options that take one integer, its error
+/// named. Async-signal-safe: one syscall (also used between fork and exec).
+#[allow(unsafe_code)]
+pub fn set_process_option(option: libc::c_int, value: libc::c_ulong) -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     let r = unsafe {
         libc::prctl(
-            libc::PR_SET_DUMPABLE,
-            0 as libc::c_ulong,
+            option,
+            value,
             0 as libc::c_ulong,
             0 as libc::c_ulong,
             0 as libc::c_ulong,
