@@ -85,6 +85,15 @@ struct Inner {
     out: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
     collector: Arc<Mutex<Collector>>,
     running: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// Jobs admitted and not yet reported: from the moment their id is
+    /// recorded as seen (under the `seen` lock) until their result is in
+    /// `pending` — while they wait for a slot, are checked again, run, and
+    /// while their result is made. A copy of such a job (sent again by a
+    /// controller the agent reconnected to) is ignored: its result
+    /// follows. Without it, a copy arriving in one of those windows was
+    /// refused as `replayed`, a refusal the controller could store as the
+    /// target's result.
+    in_hand: Mutex<std::collections::HashSet<String>>,
     /// Bounds the jobs running at once (`max_concurrent_jobs`); the others
     /// wait here, already authorized, in arrival order.
     slots: Arc<tokio::sync::Semaphore>,
@@ -154,6 +163,7 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         out: Mutex::new(None),
         collector: Arc::new(Mutex::new(Collector::new())),
         running: Mutex::new(HashMap::new()),
+        in_hand: Mutex::new(std::collections::HashSet::new()),
         canceled_early: Mutex::new(std::collections::HashSet::new()),
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_jobs)),
         last_heartbeat: Mutex::new(None),
@@ -600,7 +610,10 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut stream: watch:
                         now,
                         p.max_job_lifetime.as_secs(),
                     ) {
-                        Ok(()) => Ok(cmd),
+                        Ok(()) => {
+                            lock(&inner.in_hand).insert(job_id.clone());
+                            Ok(cmd)
+                        }
                         Err(e) => Err(refused(
                             job_id.clone(),
                             "state_error",
@@ -614,9 +627,12 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut stream: watch:
     let result = match decision {
         // A redelivered job (e.g. after a controller restart) is answered
         // with the result this agent still holds: at most once per agent.
-        // Still running here: its result will follow; nothing to answer.
-        Err(r) if r.reason_code == "replayed" && lock(&inner.running).contains_key(&job_id) => {
-            tracing::debug!(agent_id = %inner.agent_id, job_id = %job_id, "redelivered job is still running");
+        // Still in hand here (waiting, running, or its result being
+        // made): its result will follow; nothing to answer. `in_hand` is
+        // asked before `pending`: `report` fills `pending` before it
+        // empties `in_hand`, so a copy always finds one of them.
+        Err(r) if r.reason_code == "replayed" && lock(&inner.in_hand).contains(&job_id) => {
+            tracing::debug!(agent_id = %inner.agent_id, job_id = %job_id, "redelivered job is still in hand");
             return;
         }
         Err(r) if r.reason_code == "replayed" && lock(&inner.pending).contains_key(&job_id) => {
@@ -758,6 +774,7 @@ fn report(inner: &Inner, result: pb::JobResult) {
         tracing::error!(agent_id = %inner.agent_id, job_id = %result.job_id, error = %e, "spooling a result");
     }
     lock(&inner.pending).insert(result.job_id.clone(), result.clone());
+    lock(&inner.in_hand).remove(&result.job_id);
     send(inner, msg(Out::Result(result)));
 }
 

@@ -165,45 +165,72 @@ fn child_config(
 }
 
 /// Starts controllers 2…`n` on the fleet's database and waits until each
-/// answers an operator.
+/// answers an operator. A port picked free may be taken by another program
+/// before the child binds it: a child that exits on "Address already in
+/// use" is started again on other free ports (a fixed `--listen` port is
+/// not changed: that error is reported).
 pub async fn start_controllers(fleet: &Fleet, n: usize) -> anyhow::Result<Vec<Child>> {
+    const TRIES: usize = 3;
     let exe = std::env::current_exe().context("finding the fleetcmd binary")?;
     let mut children = Vec::new();
     for k in 2..=n {
         let listen = listen_for(fleet.controller_config.listen, k)?;
-        let data_dir = fleet.dir.join(format!("controller-{k}"));
-        share_keys(&fleet.controller_config.data_dir, &data_dir)?;
-        let config = fleet.dir.join(format!("controller-{k}.toml"));
-        let metrics = free_port(listen)?;
-        std::fs::write(&config, child_config(fleet, listen, metrics, &data_dir)?)
-            .with_context(|| format!("writing {}", config.display()))?;
-        let log = fleet.dir.join(format!("controller-{k}.log"));
-        let stderr =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = tokio::process::Command::new(&exe);
-        cmd.arg("dev-controller")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .kill_on_drop(true);
-        die_with_parent(&mut cmd);
-        let process = cmd
-            .spawn()
-            .with_context(|| format!("starting controller {k} ({})", exe.display()))?;
-        let pid = process.id().context("a just started child has a pid")?;
-        children.push(Child {
-            url: format!("https://{listen}"),
-            pid,
-            metrics: format!("http://{metrics}/metrics"),
-            log,
-            process,
-        });
+        children.push(spawn_child(fleet, &exe, k, listen)?);
     }
-    for c in &mut children {
-        wait_answering(c, &fleet.operator_tls, Duration::from_secs(30)).await?;
+    for (k, c) in (2..).zip(children.iter_mut()) {
+        let mut tries = 1;
+        loop {
+            match wait_answering(c, &fleet.operator_tls, Duration::from_secs(30)).await {
+                Err(e)
+                    if tries < TRIES
+                        && fleet.controller_config.listen.port() == 0
+                        && e.to_string().contains("Address already in use") =>
+                {
+                    tracing::warn!(controller = k, error = %e, "a picked port was taken; trying others");
+                    tries += 1;
+                    let listen = listen_for(fleet.controller_config.listen, k)?;
+                    *c = spawn_child(fleet, &exe, k, listen)?;
+                }
+                other => break other?,
+            }
+        }
     }
     Ok(children)
+}
+
+/// Writes controller `k`'s configuration (listening on `listen`, metrics
+/// on a free port) and starts it.
+fn spawn_child(fleet: &Fleet, exe: &Path, k: usize, listen: SocketAddr) -> anyhow::Result<Child> {
+    let data_dir = fleet.dir.join(format!("controller-{k}"));
+    if !data_dir.join("pki/ca.crt").exists() {
+        share_keys(&fleet.controller_config.data_dir, &data_dir)?;
+    }
+    let config = fleet.dir.join(format!("controller-{k}.toml"));
+    let metrics = free_port(listen)?;
+    std::fs::write(&config, child_config(fleet, listen, metrics, &data_dir)?)
+        .with_context(|| format!("writing {}", config.display()))?;
+    let log = fleet.dir.join(format!("controller-{k}.log"));
+    let stderr =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("dev-controller")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true);
+    die_with_parent(&mut cmd);
+    let process = cmd
+        .spawn()
+        .with_context(|| format!("starting controller {k} ({})", exe.display()))?;
+    let pid = process.id().context("a just started child has a pid")?;
+    Ok(Child {
+        url: format!("https://{listen}"),
+        pid,
+        metrics: format!("http://{metrics}/metrics"),
+        log,
+        process,
+    })
 }
 
 /// The child gets SIGTERM when its parent dies, even by `kill -9`.

@@ -358,7 +358,7 @@ impl Audit {
 
     /// Logs the event and appends it through `write`, which stores the
     /// record together with another write it belongs with (one
-    /// transaction, e.g. `Store::put_result_audited`) and answers whether
+    /// transaction, e.g. `Store::put_targets_audited`) and answers whether
     /// that write applied. `Ok(None)`: it did not; neither was stored and
     /// the chain did not move. A `Conflict` from `write` (another
     /// controller appended first) is retried from the stored tip, as in

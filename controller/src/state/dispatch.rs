@@ -171,33 +171,35 @@ impl Shared {
             let gone = TargetRecord::new(TargetState::Offline, "agent offline when its turn came");
             if shared_store {
                 // Several controllers: a target is claimed in the store
-                // (pending → dispatched, one atomic step) before it is
-                // sent, so exactly one controller sends it. A target whose
-                // agent is not connected here stays pending for the
-                // controller it is connected to (the job's expiry ends it
-                // if no controller has it).
+                // (pending → dispatched, one atomic step with its
+                // `job_dispatched` record) before it is sent, so exactly
+                // one controller sends it, and a controller killed right
+                // after the claim leaves its record too (the agent gets
+                // the job again from the controller it reconnects to). A
+                // target whose agent is not connected here stays pending
+                // for the controller it is connected to (the job's expiry
+                // ends it if no controller has it).
                 let here = self
                     .registry
                     .online_now(start.iter().map(|&i| run.job.targets[i].as_str()));
-                let mine: Vec<usize> = start
+                let mut mine: Vec<usize> = start
                     .iter()
                     .zip(here)
                     .filter_map(|(&i, here)| here.then_some(i))
                     .collect();
                 deferred = mine.len() < start.len();
-                let claims: Vec<(&str, &TargetRecord)> = mine
-                    .iter()
-                    .map(|&i| (run.job.targets[i].as_str(), &dispatched))
-                    .collect();
-                let claimed = self.write_pending(job_id, &claims)?;
-                let (won, lost): (Vec<usize>, Vec<usize>) = mine
-                    .into_iter()
-                    .partition(|&i| claimed.contains(run.job.targets[i].as_str()));
-                stale |= !lost.is_empty();
+                stale |= self.write_audited(
+                    job_id,
+                    &run.job,
+                    &mut mine,
+                    TargetState::Pending,
+                    &dispatched,
+                    EventKind::JobDispatched,
+                )?;
                 let sent = self
                     .registry
-                    .send_if_online(won.iter().map(|&i| run.job.targets[i].as_str()), &msg);
-                for (i, sent) in won.into_iter().zip(sent) {
+                    .send_if_online(mine.iter().map(|&i| run.job.targets[i].as_str()), &msg);
+                for (i, sent) in mine.into_iter().zip(sent) {
                     if sent {
                         sent_to.push(i);
                     } else {
@@ -205,12 +207,14 @@ impl Shared {
                     }
                 }
                 // Claimed but its queue was full or it just went away.
-                let writes: Vec<(&str, &TargetRecord)> = offline
-                    .iter()
-                    .map(|&i| (run.job.targets[i].as_str(), &gone))
-                    .collect();
-                self.store
-                    .put_targets_if(job_id, TargetState::Dispatched, &writes)?;
+                self.write_audited(
+                    job_id,
+                    &run.job,
+                    &mut offline,
+                    TargetState::Dispatched,
+                    &gone,
+                    EventKind::JobFinished,
+                )?;
             } else {
                 let sent = self
                     .registry
@@ -234,25 +238,16 @@ impl Shared {
                     )
                     .collect();
                 self.store.put_targets(job_id, &writes)?;
-            }
-            // One audit record per chunk and outcome, listing its hosts (the
-            // host index still finds each of them).
-            for (hosts, rec, kind) in [
-                (&sent_to, &dispatched, EventKind::JobDispatched),
-                (&offline, &gone, EventKind::JobFinished),
-            ] {
-                if hosts.is_empty() {
-                    continue;
+                // One audit record per chunk and outcome, listing its hosts
+                // (the host index still finds each of them).
+                for (hosts, rec, kind) in [
+                    (&sent_to, &dispatched, EventKind::JobDispatched),
+                    (&offline, &gone, EventKind::JobFinished),
+                ] {
+                    if !hosts.is_empty() {
+                        self.security_event(targets_event(job_id, &run.job, hosts, rec, kind));
+                    }
                 }
-                self.security_event(
-                    Event::new(kind, "controller")
-                        .job(job_id)
-                        .command(&run.job.command)
-                        .hosts(hosts.iter().map(|&i| run.job.targets[i].clone()))
-                        .field("state", rec.state.as_str())
-                        .field("target_count", hosts.len())
-                        .detail(&rec.reason),
-                );
             }
             for (hosts, rec) in [(&sent_to, &dispatched), (&offline, &gone)] {
                 for &i in hosts {
@@ -322,6 +317,58 @@ impl Shared {
             self.bus.publish(crate::bus::Signal::Job(job_id.to_owned()));
         }
         Ok(more)
+    }
+
+    /// With several controllers: writes `rec` for the targets `hosts`
+    /// (indexes into the job's targets) whose stored state is still `from`,
+    /// and the audit record of them, in one step
+    /// (`Store::put_targets_audited`). Targets another controller changed
+    /// first drop out of `hosts` and the rest is tried again; returns
+    /// whether any dropped out (the run cache is stale).
+    fn write_audited(
+        &self,
+        job_id: &str,
+        job: &crate::store::JobRecord,
+        hosts: &mut Vec<usize>,
+        from: TargetState,
+        rec: &TargetRecord,
+        kind: EventKind,
+    ) -> ApiResult<bool> {
+        let mut dropped = false;
+        while !hosts.is_empty() {
+            let writes: Vec<(&str, &TargetRecord)> = hosts
+                .iter()
+                .map(|&i| (job.targets[i].as_str(), rec))
+                .collect();
+            let mut lost = Vec::new();
+            let written = self.audit.record_with(
+                targets_event(job_id, job, hosts, rec, kind),
+                |r, index| {
+                    Ok(
+                        match self
+                            .store
+                            .put_targets_audited(job_id, from, &writes, r, index)?
+                        {
+                            Ok(()) => true,
+                            Err(l) => {
+                                lost = l;
+                                false
+                            }
+                        },
+                    )
+                },
+            )?;
+            if written.is_some() {
+                break;
+            }
+            dropped = true;
+            if lost.is_empty() {
+                hosts.clear(); // cannot happen: nothing written, nothing named
+            } else {
+                hosts.retain(|&i| !lost.contains(&job.targets[i]));
+            }
+        }
+        Ok(dropped)
     }
 
     /// Writes records of pending targets: with several controllers only
@@ -604,7 +651,8 @@ impl Shared {
                     .audit
                     .record_with(event.clone(), |r, index| {
                         self.store
-                            .put_result_audited(job, agent, from, &rec, r, index)
+                            .put_targets_audited(job, from, &[(agent, &rec)], r, index)
+                            .map(|written| written.is_ok())
                     })?
                     .is_some(),
             };
@@ -832,4 +880,23 @@ fn outcome_state(o: i32) -> TargetState {
         Ok(pb::Outcome::Canceled) => TargetState::Canceled,
         _ => TargetState::Failed,
     }
+}
+
+/// The audit record of a dispatch chunk's targets that became `rec`: one
+/// per chunk and outcome, listing its hosts (the host index still finds
+/// each of them).
+fn targets_event(
+    job_id: &str,
+    job: &crate::store::JobRecord,
+    hosts: &[usize],
+    rec: &TargetRecord,
+    kind: EventKind,
+) -> Event {
+    Event::new(kind, "controller")
+        .job(job_id)
+        .command(&job.command)
+        .hosts(hosts.iter().map(|&i| job.targets[i].clone()))
+        .field("state", rec.state.as_str())
+        .field("target_count", hosts.len())
+        .detail(&rec.reason)
 }

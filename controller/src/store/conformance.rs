@@ -768,10 +768,10 @@ pub fn a_claim_has_one_winner_until_it_expires(store: &dyn Store) {
     );
 }
 
-/// `put_result_audited`: a result and its audit record land together, or
-/// neither does (the state moved on, or the record is not next in the
-/// chain).
-pub fn a_result_and_its_audit_record_are_stored_together(store: &dyn Store) {
+/// `put_targets_audited`: targets and their audit record land together,
+/// or none of them does (one target's state moved on, or the record is not
+/// next in the chain).
+pub fn targets_and_their_audit_record_are_stored_together(store: &dyn Store) {
     let job = "0190ab12-34cd-7ef0-8123-456789abcdef";
     let dispatched = TargetRecord {
         dispatched_at: 7,
@@ -785,17 +785,13 @@ pub fn a_result_and_its_audit_record_are_stored_together(store: &dyn Store) {
     };
     let mut chain = Chain::genesis();
     let first = chain.append(1000, event(1));
-    assert!(
-        store
-            .put_result_audited(
-                job,
-                "host-1",
-                TargetState::Dispatched,
-                &ok,
-                &first,
-                &entries(&first)
-            )
-            .expect("stored")
+    let audited = |agents: &[&str], from, rec: &TargetRecord, r: &Record| {
+        let writes: Vec<(&str, &TargetRecord)> = agents.iter().map(|a| (*a, rec)).collect();
+        store.put_targets_audited(job, from, &writes, r, &entries(r))
+    };
+    assert_eq!(
+        audited(&["host-1"], TargetState::Dispatched, &ok, &first).expect("stored"),
+        Ok(())
     );
     assert_eq!(
         store.get_target(job, "host-1").expect("get"),
@@ -805,42 +801,59 @@ pub fn a_result_and_its_audit_record_are_stored_together(store: &dyn Store) {
     // The same result again (decided from a stale `dispatched`): neither.
     let mut again = chain.clone();
     let second = again.append(1010, event(2));
-    assert!(
-        !store
-            .put_result_audited(
-                job,
-                "host-1",
-                TargetState::Dispatched,
-                &ok,
-                &second,
-                &entries(&second)
-            )
-            .expect("refused")
+    assert_eq!(
+        audited(&["host-1"], TargetState::Dispatched, &ok, &second).expect("refused"),
+        Err(vec!["host-1".to_owned()])
     );
     assert_eq!(store.audit_last().expect("last"), Some(first.clone()));
     // A record out of sequence (a repeat of the first): neither.
-    let err = store
-        .put_result_audited(job, "host-2", TargetState::Dispatched, &ok, &first, &[])
-        .expect_err("conflict");
+    let err = audited(&["host-2"], TargetState::Dispatched, &ok, &first).expect_err("conflict");
     assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
     assert_eq!(
         store.get_target(job, "host-2").expect("get"),
-        Some(dispatched)
+        Some(dispatched.clone())
     );
+    // A claim of several pending targets, one of them no longer pending
+    // (another controller claimed it first): none is claimed, no record,
+    // and the one that was not pending is named.
+    assert_eq!(
+        audited(
+            &["host-3", "host-1", "host-4"],
+            TargetState::Pending,
+            &dispatched,
+            &second
+        )
+        .expect("refused"),
+        Err(vec!["host-1".to_owned()])
+    );
+    assert_eq!(store.get_target(job, "host-3").expect("get"), None);
+    assert_eq!(store.get_target(job, "host-4").expect("get"), None);
+    assert_eq!(store.audit_last().expect("last"), Some(first.clone()));
+    // Without it: both claimed with the record.
+    assert_eq!(
+        audited(
+            &["host-3", "host-4"],
+            TargetState::Pending,
+            &dispatched,
+            &second
+        )
+        .expect("claimed"),
+        Ok(())
+    );
+    assert_eq!(store.audit_last().expect("last"), Some(second.clone()));
+    for host in ["host-3", "host-4"] {
+        assert_eq!(
+            store.get_target(job, host).expect("get"),
+            Some(dispatched.clone())
+        );
+    }
     // And in sequence: both.
-    assert!(
-        store
-            .put_result_audited(
-                job,
-                "host-2",
-                TargetState::Dispatched,
-                &ok,
-                &second,
-                &entries(&second)
-            )
-            .expect("stored")
+    let third = again.append(1020, event(3));
+    assert_eq!(
+        audited(&["host-2"], TargetState::Dispatched, &ok, &third).expect("stored"),
+        Ok(())
     );
-    assert_eq!(store.audit_last().expect("last"), Some(second));
+    assert_eq!(store.audit_last().expect("last"), Some(third));
     assert_eq!(store.get_target(job, "host-2").expect("get"), Some(ok));
 }
 
@@ -854,7 +867,7 @@ pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     agents_are_enrolled_and_revoked(fresh().as_ref());
     the_policy_is_the_last_one_put(fresh().as_ref());
     the_audit_log_is_one_contiguous_chain(fresh().as_ref());
-    a_result_and_its_audit_record_are_stored_together(fresh().as_ref());
+    targets_and_their_audit_record_are_stored_together(fresh().as_ref());
     health_state_and_history_are_kept(fresh().as_ref());
     revocations_are_kept(fresh().as_ref());
     a_lease_has_one_holder_and_terms_grow(fresh().as_ref());

@@ -70,27 +70,27 @@ pub trait Store:
 {
     /// Blocks until everything written so far is durable.
     fn flush(&self) -> Result<(), StoreError>;
-    /// A target's result and the audit record of it, one atomic step: the
-    /// target is written only where its stored state is still `from` (as
-    /// `put_targets_if`) and the record only where it is next in the
-    /// chain (as `audit_append`) — both or neither. `Ok(false)`: the state
-    /// was not `from`; `Conflict`: the record is not next; nothing was
-    /// written either way. With several controllers on one store, two
-    /// separate writes would let a controller killed between them leave a
-    /// stored result without its audit record (the agent's copy, sent
-    /// again to another controller, is then ignored as already stored).
-    /// This default checks both, then writes one after the other: for a
-    /// store with one writer, whose flush makes both durable before either
-    /// is acknowledged.
-    fn put_result_audited(
+    /// Targets of one job and the audit record of them, one atomic step:
+    /// every target of `recs` is written where its stored state is still
+    /// `from` (as `put_targets_if`) and the record where it is next in the
+    /// chain (as `audit_append`) — all or nothing. `Ok(Err(lost))`: the
+    /// targets in `lost` were not `from`; `Conflict`: the record is not
+    /// next; nothing was written either way. With several controllers on
+    /// one store, separate writes would let a controller killed between
+    /// them leave a claimed target without its `job_dispatched` record, or
+    /// a stored result without its `job_finished` one (the agent's copy,
+    /// sent again to another controller, is then ignored as already
+    /// stored). This default checks everything, then writes one after the
+    /// other: for a store with one writer, whose flush makes both durable
+    /// before either is acknowledged.
+    fn put_targets_audited(
         &self,
         job: &str,
-        agent: &str,
         from: fleetcmd_core::state::TargetState,
-        rec: &TargetRecord,
+        recs: &[(&str, &TargetRecord)],
         audit: &Record,
         index: &[AuditIndexEntry],
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Result<(), Vec<String>>, StoreError> {
         if let Some(last) = self.audit_last()?
             && last.seq.checked_add(1) != Some(audit.seq)
         {
@@ -99,11 +99,30 @@ pub trait Store:
                 reason: format!("the log ends at {}", last.seq),
             });
         }
-        if self.put_targets_if(job, from, &[(agent, rec)])?.is_empty() {
-            return Ok(false);
+        let mut lost = Vec::new();
+        for (agent, _) in recs {
+            let state = self
+                .get_target(job, agent)?
+                .map_or(fleetcmd_core::state::TargetState::Pending, |t| t.state);
+            if state != from {
+                lost.push((*agent).to_owned());
+            }
+        }
+        if !lost.is_empty() {
+            return Ok(Err(lost));
+        }
+        let written = self.put_targets_if(job, from, recs)?;
+        if written.len() != recs.len() {
+            // One writer: only a bug gets here. Say so rather than append
+            // a record of targets that were not all written.
+            return Err(StoreError::Backend(format!(
+                "{} of {} targets of job {job} changed while they were written",
+                recs.len() - written.len(),
+                recs.len()
+            )));
         }
         self.audit_append(audit, index)?;
-        Ok(true)
+        Ok(Ok(()))
     }
     /// Releases the database (its files, locks or connections); later
     /// calls fail.

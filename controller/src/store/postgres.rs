@@ -391,6 +391,16 @@ const UPSERT_JOB: &str = "INSERT INTO jobs (id, created_at_ms, state, requester,
        state = EXCLUDED.state, requester = EXCLUDED.requester,
        command = EXCLUDED.command, record = EXCLUDED.record";
 
+/// The statement that writes targets whose stored state is `from`
+/// (`$7`): a pending target may have no row yet.
+fn targets_from_sql(from: fleetcmd_core::state::TargetState) -> &'static str {
+    if from == fleetcmd_core::state::TargetState::Pending {
+        CLAIM_PENDING_TARGETS
+    } else {
+        UPDATE_TARGETS_FROM
+    }
+}
+
 /// The advisory lock key audit appends hold ("fleetaud").
 const AUDIT_LOCK: i64 = 0x666c_6565_7461_7564;
 
@@ -441,17 +451,17 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    fn put_result_audited(
+    fn put_targets_audited(
         &self,
         job: &str,
-        agent: &str,
         from: fleetcmd_core::state::TargetState,
-        rec: &TargetRecord,
+        recs: &[(&str, &TargetRecord)],
         audit: &Record,
         index: &[AuditIndexEntry],
-    ) -> Result<bool, StoreError> {
-        let (agents, states, results, reasons, dispatched) = target_columns(&[(agent, rec)])?;
+    ) -> Result<Result<(), Vec<String>>, StoreError> {
+        let (agents, states, results, reasons, dispatched) = target_columns(recs)?;
         let job = job.to_owned();
+        let sql = targets_from_sql(from);
         let from = from.as_str();
         let audit = audit.clone();
         let seq = int(audit.seq, "audit seq")?;
@@ -461,12 +471,12 @@ impl Store for PostgresStore {
             let err = |e: tokio_postgres::Error| conn.error(&e);
             let tx = client.transaction().await.map_err(err)?;
             // The audit lock first (in `append_audit_in`), as every append
-            // takes it, then the target's row: a result that is not stored
-            // rolls the record back with it.
+            // takes it, then the targets' rows: targets not all written
+            // roll the record back with them.
             append_audit_in(&tx, &conn, seq, &audit, &cols).await?;
-            let written = tx
+            let written: std::collections::HashSet<String> = tx
                 .query(
-                    UPDATE_TARGETS_FROM,
+                    sql,
                     &[
                         &job,
                         &agents,
@@ -478,13 +488,19 @@ impl Store for PostgresStore {
                     ],
                 )
                 .await
-                .map_err(err)?;
-            if written.is_empty() {
+                .map_err(err)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if written.len() < agents.len() {
                 // Dropped without commit: rolled back.
-                return Ok(false);
+                return Ok(Err(agents
+                    .into_iter()
+                    .filter(|a| !written.contains(a))
+                    .collect()));
             }
             tx.commit().await.map_err(err)?;
-            Ok(true)
+            Ok(Ok(()))
         })
     }
 
@@ -705,14 +721,9 @@ impl JobStore for PostgresStore {
         let (agents, states, results, reasons, dispatched) = target_columns(recs)?;
         // One statement: the row lock of each target orders controllers
         // racing for it, and the state is checked under that lock.
-        let sql = if from == fleetcmd_core::state::TargetState::Pending {
-            CLAIM_PENDING_TARGETS
-        } else {
-            UPDATE_TARGETS_FROM
-        };
         Ok(self
             .query(
-                sql,
+                targets_from_sql(from),
                 params![
                     job.to_owned(),
                     agents,

@@ -205,12 +205,6 @@ async fn agents_refuse_forged_and_stale_jobs_on_their_own() {
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
-fn lines(p: &std::path::Path) -> usize {
-    std::fs::read_to_string(p)
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replayed_job_runs_once_even_across_an_agent_restart() {
     let mut fleet = security_fleet(2).await;

@@ -239,6 +239,51 @@ async fn a_queued_job_on_a_revoked_agent_never_starts() {
     assert_absent(&path);
 }
 
+/// A controller an agent reconnects to sends it the jobs it is a target of
+/// again (several controllers: the one that sent it may have died). A copy
+/// that arrives while the job waits for its slot is ignored: the job runs
+/// once and its result, not a `replayed` refusal of the copy, is the
+/// target's (found in CI: a copy in that window was refused, and the
+/// refusal could be stored as the target's result).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_of_a_job_waiting_for_its_slot_is_ignored_and_it_runs_once() {
+    let fleet = one_slot_fleet().await;
+    let hold = hold_the_slot(&fleet).await;
+    let file = marker(&fleet, "copy-in-queue");
+    let s = spec(
+        "append",
+        &[("path", file.to_str().expect("utf-8"))],
+        "all",
+        "cli:admin",
+    );
+    let (id, job) = (s.id.to_string(), sign_op(&fleet, &s));
+    submit(&fleet, job.clone()).await;
+    wait_queued(&fleet, &id).await;
+    // The copy, as a controller's redelivery sends it.
+    fleet
+        .controller
+        .shared()
+        .inject_job_unchecked(to_pb(job), &id, &[AGENT])
+        .await
+        .expect("copy sent");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let waiting = fleet.controller.shared().get_job(&id).expect("job");
+    assert_eq!(
+        target(&waiting, AGENT).target_state(),
+        TargetState::Dispatched,
+        "the copy was answered while the job waited: {waiting:?}"
+    );
+    cancel(&fleet, &hold).await; // frees the slot
+    let got = fleet.wait_job(&id).await;
+    assert_eq!(
+        target(&got, AGENT).target_state(),
+        TargetState::Ok,
+        "{got:?}"
+    );
+    assert_eq!(lines(&file), 1, "the job ran once");
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_signed_for_ten_years_is_refused_by_controller_and_agents() {
     let fleet = security_fleet(1).await;

@@ -87,6 +87,14 @@ pub fn marker(fleet: &TestFleet, name: &str) -> PathBuf {
     fleet.path().join(name)
 }
 
+/// Lines in `p` (0 when it does not exist): what the `append` command
+/// counts runs with.
+pub fn lines(p: &Path) -> usize {
+    std::fs::read_to_string(p)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
 pub fn assert_absent(p: &Path) {
     assert!(
         !p.exists(),
