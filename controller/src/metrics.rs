@@ -65,6 +65,8 @@ pub struct Metrics {
     rpc_duration: HistogramFamily<RpcLabels>,
     store_probe_duration: Histogram,
     store_probe_errors: Counter,
+    result_batches: Counter,
+    results_batched: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -100,6 +102,8 @@ impl Metrics {
         let rpc_duration = HistogramFamily::<RpcLabels>::new_with_constructor(rpc_buckets);
         let store_probe_duration = rpc_buckets();
         let store_probe_errors = Counter::default();
+        let result_batches = Counter::default();
+        let results_batched = Counter::default();
         // OpenMetrics adds `_total` to counter names.
         registry.register(
             "fleetcmd_jobs_submitted",
@@ -141,6 +145,16 @@ impl Metrics {
             "Store probes that failed (the store did not answer or refused)",
             store_probe_errors.clone(),
         );
+        registry.register(
+            "fleetcmd_result_batches",
+            "Transactions that stored agents' results with several controllers (each stores the results queued meanwhile)",
+            result_batches.clone(),
+        );
+        registry.register(
+            "fleetcmd_results_batched",
+            "Agents' results stored in those transactions (divided by fleetcmd_result_batches_total: the mean batch)",
+            results_batched.clone(),
+        );
         Metrics {
             registry,
             jobs_submitted,
@@ -151,7 +165,15 @@ impl Metrics {
             rpc_duration,
             store_probe_duration,
             store_probe_errors,
+            result_batches,
+            results_batched,
         }
+    }
+
+    /// One transaction stored `results` agents' results.
+    pub fn result_batch(&self, results: usize) {
+        self.result_batches.inc();
+        self.results_batched.inc_by(results as u64);
     }
 
     /// One store probe: its round trip, or that it failed.

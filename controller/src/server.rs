@@ -62,6 +62,7 @@ pub struct RunningController {
     leases: Leases,
     exporters: Vec<JoinHandle<()>>,
     dispatcher: Option<JoinHandle<()>>,
+    ingester: Option<JoinHandle<()>>,
     /// The bus connection and the task following it (several controllers).
     bus_tasks: Vec<JoinHandle<()>>,
     metrics_addr: Option<SocketAddr>,
@@ -461,6 +462,19 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
             _ = stopped(&mut stop_dispatcher) => {}
         }
     });
+    // Agents' results, with several controllers, are stored in batches
+    // (see `state::ingest`).
+    let results = shared
+        .take_result_queue()
+        .expect("a new Shared has its result queue");
+    let mut stop_ingester = stop.subscribe();
+    let ingest_state = shared.clone();
+    let ingester = tokio::spawn(async move {
+        tokio::select! {
+            _ = ingest_state.ingester(results) => {}
+            _ = stopped(&mut stop_ingester) => {}
+        }
+    });
     // `/metrics` on its own listener and task: scrapes never share the gRPC
     // server's connections or limits.
     let mut metrics_addr = None;
@@ -502,6 +516,7 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         leases,
         exporters,
         dispatcher: Some(dispatcher),
+        ingester: Some(ingester),
         bus_tasks,
     })
 }
@@ -537,8 +552,11 @@ impl RunningController {
         if let Some(sweeper) = self.sweeper.take() {
             let _ = sweeper.await;
         }
-        if let Some(dispatcher) = self.dispatcher.take() {
-            let _ = dispatcher.await;
+        for task in [self.dispatcher.take(), self.ingester.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = task.await;
         }
         for task in self.bus_tasks.drain(..) {
             let _ = task.await;

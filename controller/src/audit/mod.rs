@@ -356,29 +356,38 @@ impl Audit {
         unreachable!("the last try returns")
     }
 
-    /// Logs the event and appends it through `write`, which stores the
-    /// record together with another write it belongs with (one
-    /// transaction, e.g. `Store::put_targets_audited`) and answers whether
-    /// that write applied. `Ok(None)`: it did not; neither was stored and
-    /// the chain did not move. A `Conflict` from `write` (another
-    /// controller appended first) is retried from the stored tip, as in
-    /// `record`.
+    /// Logs the events and appends them, in order, through `write`, which
+    /// stores the records (each with its index entries) together with
+    /// other writes they belong with (one transaction, e.g.
+    /// `Store::put_targets_audited`) and answers whether those writes
+    /// applied. `Ok(None)`: they did not; nothing was stored and the chain
+    /// did not move. A `Conflict` from `write` (another controller
+    /// appended first) is retried from the stored tip, as in `record`.
+    /// Returns the last record's sequence number.
     pub fn record_with(
         &self,
-        event: Event,
-        mut write: impl FnMut(&Record, &[AuditIndexEntry]) -> Result<bool, StoreError>,
+        events: &[Event],
+        mut write: impl FnMut(&[(Record, Vec<AuditIndexEntry>)]) -> Result<bool, StoreError>,
     ) -> Result<Option<u64>, StoreError> {
         let now = now_ms();
         let mut chain = lock(&self.chain);
         for attempt in 1..=APPEND_TRIES {
             let mut next = chain.clone();
-            let rec = next.append(now, event.clone());
-            match write(&rec, &index_entries(&rec, false)) {
+            let records: Vec<(Record, Vec<AuditIndexEntry>)> = events
+                .iter()
+                .map(|e| {
+                    let rec = next.append(now, e.clone());
+                    let index = index_entries(&rec, false);
+                    (rec, index)
+                })
+                .collect();
+            match write(&records) {
                 Ok(true) => {
+                    let last = next.seq;
                     *chain = next;
                     drop(chain);
-                    log_event(&event);
-                    return Ok(Some(rec.seq));
+                    events.iter().for_each(log_event);
+                    return Ok(Some(last));
                 }
                 Ok(false) => return Ok(None),
                 Err(StoreError::Conflict { .. }) if attempt < APPEND_TRIES => {

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::{Run, Shared, convert, lock, now_ms, now_secs, submission};
 use crate::error::{ApiError, ApiResult};
-use crate::store::TargetRecord;
+use crate::store::{TargetRecord, TargetWrite};
 
 /// Targets `advance` starts per hold of the job lock (and per
 /// `job_dispatched` audit record); results of the job are recorded between
@@ -336,19 +336,20 @@ impl Shared {
     ) -> ApiResult<bool> {
         let mut dropped = false;
         while !hosts.is_empty() {
-            let writes: Vec<(&str, &TargetRecord)> = hosts
+            let writes: Vec<TargetWrite<'_>> = hosts
                 .iter()
-                .map(|&i| (job.targets[i].as_str(), rec))
+                .map(|&i| TargetWrite {
+                    job: job_id,
+                    agent: &job.targets[i],
+                    rec,
+                })
                 .collect();
             let mut lost = Vec::new();
             let written = self.audit.record_with(
-                targets_event(job_id, job, hosts, rec, kind),
-                |r, index| {
+                &[targets_event(job_id, job, hosts, rec, kind)],
+                |records| {
                     Ok(
-                        match self
-                            .store
-                            .put_targets_audited(job_id, from, &writes, r, index)?
-                        {
+                        match self.store.put_targets_audited(from, &writes, records)? {
                             Ok(()) => true,
                             Err(l) => {
                                 lost = l;
@@ -365,7 +366,9 @@ impl Shared {
             if lost.is_empty() {
                 hosts.clear(); // cannot happen: nothing written, nothing named
             } else {
-                hosts.retain(|&i| !lost.contains(&job.targets[i]));
+                let lost: std::collections::HashSet<usize> =
+                    lost.into_iter().map(|k| hosts[k]).collect();
+                hosts.retain(|i| !lost.contains(i));
             }
         }
         Ok(dropped)
@@ -596,8 +599,13 @@ impl Shared {
         mut rec: TargetRecord,
         audit: Option<Event>,
     ) -> ApiResult<bool> {
-        let mut runs = lock(&self.job_lock);
         let shared = self.bus.is_shared();
+        if shared && let Some(event) = audit {
+            let written =
+                self.store_results(vec![(job.to_owned(), agent.to_owned(), rec, event)])?;
+            return Ok(written.first().copied().unwrap_or(false));
+        }
+        let mut runs = lock(&self.job_lock);
         // With several controllers the cache may be behind the store: one
         // more try after reading it again.
         let mut tries = if shared { 2 } else { 1 };
@@ -642,21 +650,11 @@ impl Shared {
             } else {
                 state
             };
-            let written = match &audit {
-                None => !self
-                    .store
-                    .put_targets_if(job, from, &[(agent, &rec)])?
-                    .is_empty(),
-                Some(event) => self
-                    .audit
-                    .record_with(event.clone(), |r, index| {
-                        self.store
-                            .put_targets_audited(job, from, &[(agent, &rec)], r, index)
-                            .map(|written| written.is_ok())
-                    })?
-                    .is_some(),
-            };
-            if written {
+            if !self
+                .store
+                .put_targets_if(job, from, &[(agent, &rec)])?
+                .is_empty()
+            {
                 break;
             }
             self.reload_run(&mut runs, job)?;
@@ -780,7 +778,7 @@ impl Shared {
             ..TargetRecord::new(state, &result.reason)
         };
         let event = convert::result_event(agent, &result, state);
-        if !self.update_target(&job, agent, rec, Some(event))? {
+        if !self.store_result(&job, agent, rec, event).await? {
             tracing::debug!(job_id = %job, agent_id = agent, "result for an unknown or finished target ignored");
             return Ok(());
         }

@@ -29,6 +29,7 @@ use crate::pki::{Ca, Peer, Role};
 pub mod convert;
 mod dispatch;
 mod follow;
+pub mod ingest;
 pub mod join_limiter;
 pub mod policy;
 mod registry;
@@ -87,6 +88,10 @@ pub struct Shared {
     /// Jobs to advance off the request path (`kick`, `dispatcher`).
     dispatch_tx: mpsc::Sender<String>,
     dispatch_rx: Mutex<Option<mpsc::Receiver<String>>>,
+    /// Results for the ingester (`ingest`), and whether it runs.
+    results_tx: mpsc::Sender<ingest::Ingest>,
+    results_rx: Mutex<Option<mpsc::Receiver<ingest::Ingest>>>,
+    ingesting: std::sync::atomic::AtomicBool,
     pub join_limiter: JoinLimiter,
     /// Caps audit records of failed authentications per source address.
     pub auth_limiter: crate::auth::AuthFailureLimiter,
@@ -158,6 +163,7 @@ impl Shared {
             }
         });
         let (dispatch_tx, dispatch_rx) = mpsc::channel(DISPATCH_QUEUE);
+        let (results_tx, results_rx) = mpsc::channel(ingest::QUEUE);
         let health = Arc::new(crate::health::Health::open(
             store.clone(),
             config.services.clone(),
@@ -171,6 +177,9 @@ impl Shared {
             flusher,
             dispatch_tx,
             dispatch_rx: Mutex::new(Some(dispatch_rx)),
+            results_tx,
+            results_rx: Mutex::new(Some(results_rx)),
+            ingesting: std::sync::atomic::AtomicBool::new(false),
             finished: Mutex::new((HashSet::new(), std::collections::VecDeque::new())),
             audit: Arc::new(audit),
             store,

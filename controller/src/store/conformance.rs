@@ -9,8 +9,8 @@ use fleetcmd_core::state::{JobState, Stop, TargetState};
 
 use super::{
     AgentRecord, AuditDim, AuditIndexEntry, Fence, HealthRecord, HealthTransition, JobClash,
-    JobQuery, JobRecord, Order, PolicyRecord, Store, StoreError, TargetRecord, TokenRecord,
-    TokenRefusal,
+    JobQuery, JobRecord, Order, PolicyRecord, Store, StoreError, TargetRecord, TargetWrite,
+    TokenRecord, TokenRefusal,
 };
 use crate::revocation::CertRevocation;
 
@@ -768,93 +768,155 @@ pub fn a_claim_has_one_winner_until_it_expires(store: &dyn Store) {
     );
 }
 
-/// `put_targets_audited`: targets and their audit record land together,
-/// or none of them does (one target's state moved on, or the record is not
-/// next in the chain).
-pub fn targets_and_their_audit_record_are_stored_together(store: &dyn Store) {
+/// `put_targets_audited`: targets (of any jobs) and their audit records
+/// land together, or none of them does (one target's state moved on, or
+/// the first record is not next in the chain).
+pub fn targets_and_their_audit_records_are_stored_together(store: &dyn Store) {
     let job = "0190ab12-34cd-7ef0-8123-456789abcdef";
+    let other = "0190ab12-34cd-7ef0-8123-456789abcde0";
     let dispatched = TargetRecord {
         dispatched_at: 7,
         ..TargetRecord::new(TargetState::Dispatched, "")
     };
-    store.put_target(job, "host-1", &dispatched).expect("put");
-    store.put_target(job, "host-2", &dispatched).expect("put");
+    for (j, a) in [(job, "host-1"), (job, "host-2"), (other, "host-1")] {
+        store.put_target(j, a, &dispatched).expect("put");
+    }
     let ok = TargetRecord {
         result: Some(vec![1]),
         ..TargetRecord::new(TargetState::Ok, "")
     };
     let mut chain = Chain::genesis();
-    let first = chain.append(1000, event(1));
-    let audited = |agents: &[&str], from, rec: &TargetRecord, r: &Record| {
-        let writes: Vec<(&str, &TargetRecord)> = agents.iter().map(|a| (*a, rec)).collect();
-        store.put_targets_audited(job, from, &writes, r, &entries(r))
+    let with_index = |r: Record| {
+        let index = entries(&r);
+        (r, index)
     };
+    let audited = |writes: &[(&str, &str)],
+                   from,
+                   rec: &TargetRecord,
+                   records: &[(Record, Vec<AuditIndexEntry>)]| {
+        let writes: Vec<TargetWrite<'_>> = writes
+            .iter()
+            .map(|(job, agent)| TargetWrite { job, agent, rec })
+            .collect();
+        store.put_targets_audited(from, &writes, records)
+    };
+    let first = with_index(chain.append(1000, event(1)));
     assert_eq!(
-        audited(&["host-1"], TargetState::Dispatched, &ok, &first).expect("stored"),
+        audited(
+            &[(job, "host-1")],
+            TargetState::Dispatched,
+            &ok,
+            std::slice::from_ref(&first)
+        )
+        .expect("stored"),
         Ok(())
     );
     assert_eq!(
         store.get_target(job, "host-1").expect("get"),
         Some(ok.clone())
     );
-    assert_eq!(store.audit_last().expect("last"), Some(first.clone()));
-    // The same result again (decided from a stale `dispatched`): neither.
+    assert_eq!(store.audit_last().expect("last"), Some(first.0.clone()));
+    // The same result again (decided from a stale `dispatched`), in a
+    // batch with one that is still dispatched: none, and the stale one is
+    // named.
     let mut again = chain.clone();
-    let second = again.append(1010, event(2));
+    let second = with_index(again.append(1010, event(2)));
+    let third = with_index(again.append(1010, event(3)));
     assert_eq!(
-        audited(&["host-1"], TargetState::Dispatched, &ok, &second).expect("refused"),
-        Err(vec!["host-1".to_owned()])
+        audited(
+            &[(other, "host-1"), (job, "host-1")],
+            TargetState::Dispatched,
+            &ok,
+            &[second.clone(), third.clone()]
+        )
+        .expect("refused"),
+        Err(vec![1])
     );
-    assert_eq!(store.audit_last().expect("last"), Some(first.clone()));
-    // A record out of sequence (a repeat of the first): neither.
-    let err = audited(&["host-2"], TargetState::Dispatched, &ok, &first).expect_err("conflict");
+    assert_eq!(store.audit_last().expect("last"), Some(first.0.clone()));
+    assert_eq!(
+        store.get_target(other, "host-1").expect("get"),
+        Some(dispatched.clone())
+    );
+    // A record out of sequence (a repeat of the first): none.
+    let err = audited(
+        &[(job, "host-2")],
+        TargetState::Dispatched,
+        &ok,
+        std::slice::from_ref(&first),
+    )
+    .expect_err("conflict");
     assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
     assert_eq!(
         store.get_target(job, "host-2").expect("get"),
         Some(dispatched.clone())
     );
+    // One target twice in one step: refused, nothing written.
+    assert!(
+        audited(
+            &[(job, "host-2"), (job, "host-2")],
+            TargetState::Dispatched,
+            &ok,
+            std::slice::from_ref(&second)
+        )
+        .is_err()
+    );
+    assert_eq!(store.audit_last().expect("last"), Some(first.0.clone()));
     // A claim of several pending targets, one of them no longer pending
     // (another controller claimed it first): none is claimed, no record,
     // and the one that was not pending is named.
     assert_eq!(
         audited(
-            &["host-3", "host-1", "host-4"],
+            &[(job, "host-3"), (job, "host-1"), (job, "host-4")],
             TargetState::Pending,
             &dispatched,
-            &second
+            std::slice::from_ref(&second)
         )
         .expect("refused"),
-        Err(vec!["host-1".to_owned()])
+        Err(vec![1])
     );
     assert_eq!(store.get_target(job, "host-3").expect("get"), None);
     assert_eq!(store.get_target(job, "host-4").expect("get"), None);
-    assert_eq!(store.audit_last().expect("last"), Some(first.clone()));
+    assert_eq!(store.audit_last().expect("last"), Some(first.0.clone()));
     // Without it: both claimed with the record.
     assert_eq!(
         audited(
-            &["host-3", "host-4"],
+            &[(job, "host-3"), (job, "host-4")],
             TargetState::Pending,
             &dispatched,
-            &second
+            std::slice::from_ref(&second)
         )
         .expect("claimed"),
         Ok(())
     );
-    assert_eq!(store.audit_last().expect("last"), Some(second.clone()));
+    assert_eq!(store.audit_last().expect("last"), Some(second.0.clone()));
     for host in ["host-3", "host-4"] {
         assert_eq!(
             store.get_target(job, host).expect("get"),
             Some(dispatched.clone())
         );
     }
-    // And in sequence: both.
-    let third = again.append(1020, event(3));
+    // And a batch of results of two jobs with a record each: all, the
+    // records in sequence.
+    let mut tail = Chain::after(&second.0);
+    let third = with_index(tail.append(1020, event(3)));
+    let fourth = with_index(tail.append(1020, event(4)));
     assert_eq!(
-        audited(&["host-2"], TargetState::Dispatched, &ok, &third).expect("stored"),
+        audited(
+            &[(job, "host-2"), (other, "host-1")],
+            TargetState::Dispatched,
+            &ok,
+            &[third.clone(), fourth.clone()]
+        )
+        .expect("stored"),
         Ok(())
     );
-    assert_eq!(store.audit_last().expect("last"), Some(third));
-    assert_eq!(store.get_target(job, "host-2").expect("get"), Some(ok));
+    assert_eq!(store.audit_last().expect("last"), Some(fourth.0));
+    assert_eq!(store.audit_get(third.0.seq).expect("get"), Some(third.0));
+    assert_eq!(
+        store.get_target(job, "host-2").expect("get"),
+        Some(ok.clone())
+    );
+    assert_eq!(store.get_target(other, "host-1").expect("get"), Some(ok));
 }
 
 pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
@@ -867,7 +929,7 @@ pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     agents_are_enrolled_and_revoked(fresh().as_ref());
     the_policy_is_the_last_one_put(fresh().as_ref());
     the_audit_log_is_one_contiguous_chain(fresh().as_ref());
-    targets_and_their_audit_record_are_stored_together(fresh().as_ref());
+    targets_and_their_audit_records_are_stored_together(fresh().as_ref());
     health_state_and_history_are_kept(fresh().as_ref());
     revocations_are_kept(fresh().as_ref());
     a_lease_has_one_holder_and_terms_grow(fresh().as_ref());

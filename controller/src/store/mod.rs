@@ -52,6 +52,27 @@ pub enum StoreError {
     Conflict { what: String, reason: String },
 }
 
+/// One target's new record, for `Store::put_targets_audited`.
+#[derive(Debug, Clone, Copy)]
+pub struct TargetWrite<'a> {
+    pub job: &'a str,
+    pub agent: &'a str,
+    pub rec: &'a TargetRecord,
+}
+
+/// Refuses writes that name one (job, target) twice: which of them would
+/// win is not defined (one PostgreSQL statement may not change a row twice).
+fn check_distinct(writes: &[TargetWrite<'_>]) -> Result<(), StoreError> {
+    let mut seen = std::collections::HashSet::new();
+    match writes.iter().find(|w| !seen.insert((w.job, w.agent))) {
+        Some(w) => Err(StoreError::Backend(format!(
+            "target {} of job {} written twice in one step",
+            w.agent, w.job
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The controller's storage: every part, plus durability. `Any`, so a
 /// test or tool that knows the backend can reach it (`SledStore::raw_tree`).
 pub trait Store:
@@ -70,58 +91,65 @@ pub trait Store:
 {
     /// Blocks until everything written so far is durable.
     fn flush(&self) -> Result<(), StoreError>;
-    /// Targets of one job and the audit record of them, one atomic step:
-    /// every target of `recs` is written where its stored state is still
-    /// `from` (as `put_targets_if`) and the record where it is next in the
-    /// chain (as `audit_append`) — all or nothing. `Ok(Err(lost))`: the
-    /// targets in `lost` were not `from`; `Conflict`: the record is not
-    /// next; nothing was written either way. With several controllers on
-    /// one store, separate writes would let a controller killed between
-    /// them leave a claimed target without its `job_dispatched` record, or
-    /// a stored result without its `job_finished` one (the agent's copy,
+    /// Targets and the audit records of them, one atomic step: every write
+    /// is applied where the target's stored state is still `from` (as
+    /// `put_targets_if`) and the records — each with its index entries,
+    /// in sequence — where the first is next in the chain (as
+    /// `audit_append`); all or nothing. `Ok(Err(lost))`: the writes at
+    /// the indexes `lost` found another state; `Conflict`: the first
+    /// record is not next; nothing was written either way. A write names
+    /// each (job, target) at most once. With several controllers on one
+    /// store, separate writes would let a controller killed between them
+    /// leave a claimed target without its `job_dispatched` record, or a
+    /// stored result without its `job_finished` one (the agent's copy,
     /// sent again to another controller, is then ignored as already
-    /// stored). This default checks everything, then writes one after the
-    /// other: for a store with one writer, whose flush makes both durable
-    /// before either is acknowledged.
+    /// stored); and one call stores a batch of results in one
+    /// transaction. This default checks everything, then writes one after
+    /// the other: for a store with one writer, whose flush makes all of it
+    /// durable before any is acknowledged.
     fn put_targets_audited(
         &self,
-        job: &str,
         from: fleetcmd_core::state::TargetState,
-        recs: &[(&str, &TargetRecord)],
-        audit: &Record,
-        index: &[AuditIndexEntry],
-    ) -> Result<Result<(), Vec<String>>, StoreError> {
-        if let Some(last) = self.audit_last()?
-            && last.seq.checked_add(1) != Some(audit.seq)
+        writes: &[TargetWrite<'_>],
+        audit: &[(Record, Vec<AuditIndexEntry>)],
+    ) -> Result<Result<(), Vec<usize>>, StoreError> {
+        check_distinct(writes)?;
+        if let (Some(last), Some((first, _))) = (self.audit_last()?, audit.first())
+            && last.seq.checked_add(1) != Some(first.seq)
         {
             return Err(StoreError::Conflict {
-                what: format!("audit record {}", audit.seq),
+                what: format!("audit record {}", first.seq),
                 reason: format!("the log ends at {}", last.seq),
             });
         }
         let mut lost = Vec::new();
-        for (agent, _) in recs {
+        for (i, w) in writes.iter().enumerate() {
             let state = self
-                .get_target(job, agent)?
+                .get_target(w.job, w.agent)?
                 .map_or(fleetcmd_core::state::TargetState::Pending, |t| t.state);
             if state != from {
-                lost.push((*agent).to_owned());
+                lost.push(i);
             }
         }
         if !lost.is_empty() {
             return Ok(Err(lost));
         }
-        let written = self.put_targets_if(job, from, recs)?;
-        if written.len() != recs.len() {
-            // One writer: only a bug gets here. Say so rather than append
-            // a record of targets that were not all written.
-            return Err(StoreError::Backend(format!(
-                "{} of {} targets of job {job} changed while they were written",
-                recs.len() - written.len(),
-                recs.len()
-            )));
+        for w in writes {
+            if self
+                .put_targets_if(w.job, from, &[(w.agent, w.rec)])?
+                .is_empty()
+            {
+                // One writer: only a bug gets here. Say so rather than
+                // append a record of a target that was not written.
+                return Err(StoreError::Backend(format!(
+                    "target {} of job {} changed while it was written",
+                    w.agent, w.job
+                )));
+            }
         }
-        self.audit_append(audit, index)?;
+        for (rec, index) in audit {
+            self.audit_append(rec, index)?;
+        }
         Ok(Ok(()))
     }
     /// Releases the database (its files, locks or connections); later

@@ -23,7 +23,8 @@ use fleetcmd_core::state::JobState;
 use super::{
     AgentRecord, AgentStore, AuditDim, AuditIndexEntry, AuditStore, HealthRecord, HealthStore,
     HealthTransition, JobClash, JobQuery, JobRecord, JobStore, Order, PolicyRecord, PolicyStore,
-    RevocationStore, Store, StoreError, TargetRecord, TokenRecord, TokenRefusal, TokenStore,
+    RevocationStore, Store, StoreError, TargetRecord, TargetWrite, TokenRecord, TokenRefusal,
+    TokenStore,
 };
 use crate::revocation::CertRevocation;
 use conn::Bridge;
@@ -391,6 +392,39 @@ const UPSERT_JOB: &str = "INSERT INTO jobs (id, created_at_ms, state, requester,
        state = EXCLUDED.state, requester = EXCLUDED.requester,
        command = EXCLUDED.command, record = EXCLUDED.record";
 
+/// `put_targets_audited`'s columns: job, agent, state, result, reason,
+/// dispatch time ($1..$6).
+type WriteColumns = (
+    Vec<String>,
+    Vec<String>,
+    Vec<&'static str>,
+    Vec<Option<Vec<u8>>>,
+    Vec<String>,
+    Vec<i64>,
+);
+
+/// Writes targets of any jobs ($1..$6) only where the target is pending
+/// (no row, or a `pending` one: $7); returns the (job, agent) written.
+const CLAIM_PENDING_WRITES: &str =
+    "INSERT INTO targets (job_id, agent, state, result, reason, dispatched_at)
+     SELECT j, a, s, r, re, d
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::bigint[])
+       AS t(j, a, s, r, re, d)
+     ON CONFLICT (job_id, agent) DO UPDATE SET state = EXCLUDED.state,
+       result = EXCLUDED.result, reason = EXCLUDED.reason,
+       dispatched_at = EXCLUDED.dispatched_at
+     WHERE targets.state = $7
+     RETURNING job_id, agent";
+
+/// Rewrites targets of any jobs ($1..$6) whose stored state is $7; returns
+/// the (job, agent) written.
+const UPDATE_WRITES_FROM: &str = "UPDATE targets SET state = t.s, result = t.r,
+       reason = t.re, dispatched_at = t.d
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::bigint[])
+       AS t(j, a, s, r, re, d)
+     WHERE targets.job_id = t.j AND targets.agent = t.a AND targets.state = $7
+     RETURNING targets.job_id, targets.agent";
+
 /// The statement that writes targets whose stored state is `from`
 /// (`$7`): a pending target may have no row yet.
 fn targets_from_sql(from: fleetcmd_core::state::TargetState) -> &'static str {
@@ -406,16 +440,18 @@ const AUDIT_LOCK: i64 = 0x666c_6565_7461_7564;
 
 /// The audit append inside `tx`: takes the audit lock (appends take
 /// turns, so the check and the insert are one step even with several
-/// controllers), checks that `seq` is next, and inserts the record and its
-/// index entries. Nothing is committed here.
+/// controllers), checks that the first of `records` is next, and inserts
+/// them (in sequence) and their index entries. Nothing is committed here.
 async fn append_audit_in(
     tx: &tokio_postgres::Transaction<'_>,
     conn: &conn::Conn,
-    seq: i64,
-    rec: &Record,
+    records: &[(i64, Record)],
     cols: &IndexColumns,
 ) -> Result<(), StoreError> {
     let err = |e: tokio_postgres::Error| conn.error(&e);
+    let Some((seq, _)) = records.first() else {
+        return Ok(());
+    };
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
         .await
         .map_err(err)?;
@@ -425,16 +461,18 @@ async fn append_audit_in(
         .map_err(err)?
         .get(0);
     if let Some(last) = last
-        && last.checked_add(1) != Some(seq)
+        && last.checked_add(1) != Some(*seq)
     {
         return Err(StoreError::Conflict {
             what: format!("audit record {seq}"),
             reason: format!("the log ends at {last}: the next record is {}", last + 1),
         });
     }
+    let seqs: Vec<i64> = records.iter().map(|(s, _)| *s).collect();
+    let bodies: Vec<Json<&Record>> = records.iter().map(|(_, r)| Json(r)).collect();
     tx.execute(
-        "INSERT INTO audit_log (seq, record) VALUES ($1, $2)",
-        &[&seq, &Json(rec)],
+        "INSERT INTO audit_log (seq, record) SELECT * FROM unnest($1::bigint[], $2::jsonb[])",
+        &[&seqs, &bodies],
     )
     .await
     .map_err(err)?;
@@ -453,50 +491,54 @@ impl Store for PostgresStore {
 
     fn put_targets_audited(
         &self,
-        job: &str,
         from: fleetcmd_core::state::TargetState,
-        recs: &[(&str, &TargetRecord)],
-        audit: &Record,
-        index: &[AuditIndexEntry],
-    ) -> Result<Result<(), Vec<String>>, StoreError> {
-        let (agents, states, results, reasons, dispatched) = target_columns(recs)?;
-        let job = job.to_owned();
-        let sql = targets_from_sql(from);
+        writes: &[TargetWrite<'_>],
+        audit: &[(Record, Vec<AuditIndexEntry>)],
+    ) -> Result<Result<(), Vec<usize>>, StoreError> {
+        super::check_distinct(writes)?;
+        let mut cols = WriteColumns::default();
+        for w in writes {
+            cols.0.push(w.job.to_owned());
+            cols.1.push(w.agent.to_owned());
+            cols.2.push(w.rec.state.as_str());
+            cols.3.push(w.rec.result.clone());
+            cols.4.push(w.rec.reason.clone());
+            cols.5.push(int(w.rec.dispatched_at, "dispatch time")?);
+        }
+        let sql = if from == fleetcmd_core::state::TargetState::Pending {
+            CLAIM_PENDING_WRITES
+        } else {
+            UPDATE_WRITES_FROM
+        };
         let from = from.as_str();
-        let audit = audit.clone();
-        let seq = int(audit.seq, "audit seq")?;
-        let cols = index_columns(index)?;
+        let records: Vec<(i64, Record)> = audit
+            .iter()
+            .map(|(r, _)| Ok((int(r.seq, "audit seq")?, r.clone())))
+            .collect::<Result<_, StoreError>>()?;
+        let index: Vec<AuditIndexEntry> = audit.iter().flat_map(|(_, i)| i.clone()).collect();
+        let index = index_columns(&index)?;
         self.bridge.call(move |conn| async move {
             let mut client = conn.session().await?;
             let err = |e: tokio_postgres::Error| conn.error(&e);
             let tx = client.transaction().await.map_err(err)?;
             // The audit lock first (in `append_audit_in`), as every append
             // takes it, then the targets' rows: targets not all written
-            // roll the record back with them.
-            append_audit_in(&tx, &conn, seq, &audit, &cols).await?;
-            let written: std::collections::HashSet<String> = tx
+            // roll the records back with them.
+            append_audit_in(&tx, &conn, &records, &index).await?;
+            let written: std::collections::HashSet<(String, String)> = tx
                 .query(
                     sql,
-                    &[
-                        &job,
-                        &agents,
-                        &states,
-                        &results,
-                        &reasons,
-                        &dispatched,
-                        &from,
-                    ],
+                    &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &from],
                 )
                 .await
                 .map_err(err)?
                 .iter()
-                .map(|r| r.get(0))
+                .map(|r| (r.get(0), r.get(1)))
                 .collect();
-            if written.len() < agents.len() {
+            if written.len() < cols.0.len() {
                 // Dropped without commit: rolled back.
-                return Ok(Err(agents
-                    .into_iter()
-                    .filter(|a| !written.contains(a))
+                return Ok(Err((0..cols.0.len())
+                    .filter(|&i| !written.contains(&(cols.0[i].clone(), cols.1[i].clone())))
                     .collect()));
             }
             tx.commit().await.map_err(err)?;
@@ -872,14 +914,13 @@ impl PolicyStore for PostgresStore {
 
 impl AuditStore for PostgresStore {
     fn audit_append(&self, rec: &Record, index: &[AuditIndexEntry]) -> Result<(), StoreError> {
-        let rec = rec.clone();
-        let seq = int(rec.seq, "audit seq")?;
+        let records = [(int(rec.seq, "audit seq")?, rec.clone())];
         let cols = index_columns(index)?;
         self.bridge.call(move |conn| async move {
             let mut client = conn.session().await?;
             let err = |e: tokio_postgres::Error| conn.error(&e);
             let tx = client.transaction().await.map_err(err)?;
-            append_audit_in(&tx, &conn, seq, &rec, &cols).await?;
+            append_audit_in(&tx, &conn, &records, &cols).await?;
             tx.commit().await.map_err(err)
         })
     }
