@@ -229,7 +229,7 @@ async fn run(
 ) {
     let mut jobs = JoinSet::new();
     let mut attempt = 0u32;
-    let mut controllers = Rotation::new(inner.config.controllers.clone());
+    let mut controllers = Rotation::new(inner.config.controllers.clone(), &inner.agent_id);
     loop {
         // Jobs are bound to the stream that delivered them: told here when
         // it ends, so that none still waiting for a slot starts after that.

@@ -5,8 +5,11 @@
 //! Every controller in the list serves the same fleet (one database, one
 //! CA): the agent's pinned CA, key and certificate are the same whichever
 //! it reaches. It dials the first; when a connection ends or cannot be
-//! made it waits its backoff and dials the next in order, wrapping around,
-//! and stays with the one that answers.
+//! made it waits its backoff and dials the next, wrapping around, and
+//! stays with the one that answers. "The next" after the first is spread:
+//! the others are tried in list order rotated by a hash of the agent's
+//! name, so when a controller stops, its agents spread over the others
+//! instead of all moving to the one listed after it.
 
 /// Most controller addresses an agent keeps.
 pub const MAX_CONTROLLERS: usize = 16;
@@ -80,27 +83,50 @@ fn check(url: &str) -> Result<(), String> {
 }
 
 /// Which controller the agent dials: the first, then after every ended or
-/// failed connection the next one, wrapping around.
+/// failed connection the next one in its order, wrapping around.
 #[derive(Debug, Clone)]
 pub struct Rotation {
     controllers: Controllers,
+    /// Indexes into `controllers`: the first, then the others rotated by
+    /// the agent's spread.
+    order: Vec<usize>,
     at: usize,
 }
 
 impl Rotation {
-    pub fn new(controllers: Controllers) -> Rotation {
-        Rotation { controllers, at: 0 }
+    /// `agent`: the agent's name, which spreads the order of the others.
+    pub fn new(controllers: Controllers, agent: &str) -> Rotation {
+        let mut rest: Vec<usize> = (1..controllers.len()).collect();
+        if !rest.is_empty() {
+            let by = (spread(agent) % rest.len() as u64) as usize;
+            rest.rotate_left(by);
+        }
+        let mut order = vec![0];
+        order.extend(rest);
+        Rotation {
+            controllers,
+            order,
+            at: 0,
+        }
     }
 
     /// The address to dial now.
     pub fn current(&self) -> &str {
-        &self.controllers.0[self.at]
+        &self.controllers.0[self.order[self.at]]
     }
 
     /// The connection to `current` ended or could not be made: move on.
     pub fn advance(&mut self) {
-        self.at = (self.at + 1) % self.controllers.len();
+        self.at = (self.at + 1) % self.order.len();
     }
+}
+
+/// A stable hash of the agent's name (FNV-1a): the same agent keeps its
+/// order across restarts and versions.
+fn spread(agent: &str) -> u64 {
+    agent.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -146,30 +172,54 @@ mod tests {
     }
 
     #[test]
-    fn rotation_moves_to_the_next_controller_and_wraps() {
+    fn rotation_starts_with_the_first_tries_every_other_once_and_wraps() {
+        let list = Controllers::parse(
+            "controllers",
+            &urls(&["https://a:1", "https://b:1", "https://c:1", "https://d:1"]),
+        )
+        .expect("valid");
+        for agent in ["web-1", "web-2", "db-7", ""] {
+            let mut r = Rotation::new(list.clone(), agent);
+            let mut seen = vec![r.current().to_owned()];
+            for _ in 0..4 {
+                r.advance();
+                seen.push(r.current().to_owned());
+            }
+            assert_eq!(seen[0], "https://a:1", "{agent}: {seen:?}");
+            assert_eq!(seen[4], "https://a:1", "{agent}: wraps: {seen:?}");
+            let mut others = seen[1..4].to_vec();
+            others.sort();
+            assert_eq!(others, urls(&["https://b:1", "https://c:1", "https://d:1"]));
+            // Stable: the same agent, the same order.
+            let mut again = Rotation::new(list.clone(), agent);
+            again.advance();
+            assert_eq!(again.current(), seen[1], "{agent}");
+        }
+        let mut single = Rotation::new(Controllers::one("https://a:1").expect("valid"), "x");
+        single.advance();
+        assert_eq!(single.current(), "https://a:1");
+    }
+
+    /// When the first controller stops, its agents spread over the others:
+    /// of 900 agents listing a, b, c, each of b and c is next for about
+    /// half (found by the kill test: all of a stopped controller's agents
+    /// moved to the one listed after it).
+    #[test]
+    fn the_agents_of_a_stopped_controller_spread_over_the_others() {
         let list = Controllers::parse(
             "controllers",
             &urls(&["https://a:1", "https://b:1", "https://c:1"]),
         )
         .expect("valid");
-        let mut r = Rotation::new(list);
-        let mut seen = vec![r.current().to_owned()];
-        for _ in 0..4 {
+        let mut next = std::collections::BTreeMap::<String, usize>::new();
+        for i in 0..900 {
+            let mut r = Rotation::new(list.clone(), &format!("sim-{i}"));
             r.advance();
-            seen.push(r.current().to_owned());
+            *next.entry(r.current().to_owned()).or_default() += 1;
         }
-        assert_eq!(
-            seen,
-            urls(&[
-                "https://a:1",
-                "https://b:1",
-                "https://c:1",
-                "https://a:1",
-                "https://b:1"
-            ])
-        );
-        let mut single = Rotation::new(Controllers::one("https://a:1").expect("valid"));
-        single.advance();
-        assert_eq!(single.current(), "https://a:1");
+        assert_eq!(next.len(), 2, "{next:?}");
+        for (url, n) in &next {
+            assert!((350..=550).contains(n), "{url}: {n} of 900 ({next:?})");
+        }
     }
 }

@@ -211,14 +211,16 @@ pub async fn run_agent(
     stats: Arc<Stats>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Ok(list) = Controllers::parse("urls", &dial.urls) else {
+    // Agent `idx` lists controller `idx % n` first, as `fleetcmd dev`
+    // writes the lists of its agents.
+    let mut urls = dial.urls.clone();
+    let first = idx % urls.len().max(1);
+    urls.rotate_left(first);
+    let Ok(list) = Controllers::parse("urls", &urls) else {
         stats.fail(format!("bad controller list {:?}", dial.urls));
         return;
     };
-    let mut rotation = Rotation::new(list);
-    for _ in 0..idx % dial.urls.len() {
-        rotation.advance();
-    }
+    let mut rotation = Rotation::new(list, &id.name);
     let memory = Arc::new(Mutex::new(Memory::default()));
     // Simulated jobs still running; aborted when the agent stops.
     let mut jobs = JoinSet::new();
