@@ -389,6 +389,7 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
         lead(Singleton::AuditHeads),
     );
     let sweep_state = shared.clone();
+    let me = leases.holder.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let health_every = sweep_state.config.heartbeat_interval.as_secs().clamp(1, 5);
@@ -400,6 +401,18 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
                         && let Err(e) = sweep_state.sweep().await
                     {
                         tracing::error!(error = %e, "sweeping overdue jobs");
+                    }
+                    // Every controller (not a singleton): which agents
+                    // it has, and which the others have (`state::presence`).
+                    if sweep_state.bus.is_shared()
+                        && retention_ticks.is_multiple_of(crate::state::presence::INTERVAL.as_secs())
+                    {
+                        let (s, me) = (sweep_state.clone(), me.clone());
+                        match tokio::task::spawn_blocking(move || s.presence_tick(&me)).await {
+                            Ok(Err(e)) => tracing::warn!(error = %e, "presence"),
+                            Err(e) => tracing::warn!(error = %e, "presence"),
+                            Ok(Ok(())) => {}
+                        }
                     }
                     if let Some(fence) = lead_audit.fence()
                         && let Err(e) = sweep_state.audit.tick(&fence).await

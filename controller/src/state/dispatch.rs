@@ -10,7 +10,7 @@
 //! the recently finished set. Reaches agents only through the registry and
 //! watchers only through the watch hub.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,7 +65,8 @@ impl Shared {
         // results, and the first output a chat channel shows, come back
         // while the rest of a large fan-out is still going out.
         let mut chunk = FIRST_DISPATCH_CHUNK;
-        while self.advance_some(job_id, chunk)? {
+        let mut later = HashSet::new();
+        while self.advance_some(job_id, chunk, &mut later)? {
             // Each chunk's dispatch records are made durable before the
             // next chunk goes out. Otherwise the first results' flush
             // would have to write the whole fan-out's records first (a
@@ -78,7 +79,16 @@ impl Shared {
 
     /// One step of `advance` that starts at most `limit` targets. Returns
     /// whether the rollout allows more to start right now (call again).
-    pub(super) fn advance_some(&self, job_id: &str, limit: usize) -> ApiResult<bool> {
+    ///
+    /// `later`: targets left pending in this pass (their agent is
+    /// connected to another controller, or this one is settling), not
+    /// proposed again until the next pass — so the others go on starting.
+    pub(super) fn advance_some(
+        &self,
+        job_id: &str,
+        limit: usize,
+        later: &mut HashSet<usize>,
+    ) -> ApiResult<bool> {
         let mut runs = lock(&self.job_lock);
         let Some(run) = self.run_of(&mut runs, job_id)? else {
             return Ok(false);
@@ -142,14 +152,18 @@ impl Shared {
                 }
                 break;
             }
-            if decision.start.is_empty() {
+            let mut proposed = decision.start.into_iter().filter(|i| !later.contains(i));
+            let Some(first) = proposed.next() else {
                 break;
-            }
+            };
             if budget == 0 {
                 more = true;
                 break;
             }
-            let start: Vec<usize> = decision.start.into_iter().take(budget).collect();
+            let start: Vec<usize> = std::iter::once(first)
+                .chain(proposed)
+                .take(budget)
+                .collect();
             budget -= start.len();
             let msg = pb::ControllerMessage {
                 msg: Some(pb::controller_message::Msg::Job(pb::SignedJob {
@@ -161,7 +175,6 @@ impl Shared {
             // Right after a (re)start the agents are still reconnecting:
             // leave their targets pending rather than call them offline.
             let settling = self.registry.settling();
-            let mut deferred = false;
             let mut sent_to = Vec::new();
             let mut offline = Vec::new();
             let dispatched = TargetRecord {
@@ -177,17 +190,36 @@ impl Shared {
                 // after the claim leaves its record too (the agent gets
                 // the job again from the controller it reconnects to). A
                 // target whose agent is not connected here stays pending
-                // for the controller it is connected to (the job's expiry
-                // ends it if no controller has it).
+                // for the controller it is connected to, and is left for
+                // later in this pass; one whose agent is connected to no
+                // controller (`presence`) ends offline.
                 let here = self
                     .registry
                     .online_now(start.iter().map(|&i| run.job.targets[i].as_str()));
-                let mut mine: Vec<usize> = start
-                    .iter()
-                    .zip(here)
-                    .filter_map(|(&i, here)| here.then_some(i))
-                    .collect();
-                deferred = mine.len() < start.len();
+                let (here, elsewhere): (Vec<_>, Vec<_>) =
+                    start.iter().copied().zip(here).partition(|(_, here)| *here);
+                let mut mine: Vec<usize> = here.into_iter().map(|(i, _)| i).collect();
+                let elsewhere: Vec<usize> = elsewhere.into_iter().map(|(i, _)| i).collect();
+                // Connected to no controller (`presence`): offline now, as
+                // one controller ends its own absent agents' targets.
+                let mut nowhere: Vec<usize> = if settling {
+                    Vec::new()
+                } else {
+                    elsewhere
+                        .iter()
+                        .copied()
+                        .filter(|&i| self.presence.nowhere(&run.job.targets[i]))
+                        .collect()
+                };
+                later.extend(elsewhere.iter().filter(|i| !nowhere.contains(i)));
+                stale |= self.write_audited(
+                    job_id,
+                    &run.job,
+                    &mut nowhere,
+                    TargetState::Pending,
+                    &gone,
+                    EventKind::JobFinished,
+                )?;
                 stale |= self.write_audited(
                     job_id,
                     &run.job,
@@ -215,6 +247,7 @@ impl Shared {
                     &gone,
                     EventKind::JobFinished,
                 )?;
+                offline.extend(nowhere);
             } else {
                 let sent = self
                     .registry
@@ -223,7 +256,7 @@ impl Shared {
                     if sent {
                         sent_to.push(i);
                     } else if settling {
-                        deferred = true;
+                        later.insert(i);
                     } else {
                         offline.push(i);
                     }
@@ -262,9 +295,11 @@ impl Shared {
                     run.set(i, rec.state, rec.dispatched_at);
                 }
             }
-            if deferred || stale {
-                break; // the sweeper (and the bus) try again
+            if stale {
+                break; // read again below
             }
+            // What was left for later is tried by the next pass (the
+            // sweeper's, the bus's, a result's).
             // An offline target frees its slot at once: decide again.
         }
         if stale {
@@ -787,7 +822,7 @@ impl Shared {
             job: job.clone(),
             agent: agent.to_owned(),
         });
-        if self.advance_some(&job, INLINE_DISPATCH)? {
+        if self.advance_some(&job, INLINE_DISPATCH, &mut HashSet::new())? {
             self.kick(&job);
         }
         Ok(())

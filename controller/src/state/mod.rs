@@ -32,6 +32,7 @@ mod follow;
 pub mod ingest;
 pub mod join_limiter;
 pub mod policy;
+pub mod presence;
 mod registry;
 mod retention;
 pub use policy::CurrentPolicy;
@@ -108,6 +109,8 @@ pub struct Shared {
     /// (`crate::bus`; `Bus::none()` with one controller). Set before the
     /// controller serves.
     pub bus: crate::bus::Bus,
+    /// Which agents are connected to some controller (several controllers).
+    pub presence: presence::PresenceView,
 }
 
 /// A job `store_submission` wrote (not yet flushed).
@@ -194,6 +197,7 @@ impl Shared {
             auth_limiter: crate::auth::AuthFailureLimiter::default(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             bus: crate::bus::Bus::none(),
+            presence: presence::PresenceView::default(),
         };
         if let Some(rec) = shared.store.get_policy()? {
             // The stored bundle was verified when pushed; verify again so a

@@ -358,6 +358,15 @@ impl Registry {
             .collect()
     }
 
+    /// The agents online here now (for the presence table).
+    pub fn online_ids(&self) -> Vec<String> {
+        let live = lock(&self.live);
+        live.iter()
+            .filter(|(_, l)| self.online(l))
+            .map(|(a, _)| a.clone())
+            .collect()
+    }
+
     /// Takes an agent's record as another controller stored it (a join,
     /// a revocation): the directory is updated, a revoked agent is refused
     /// from now on, and a stream of a revoked or re-enrolled agent is ended.

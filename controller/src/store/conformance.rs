@@ -9,8 +9,8 @@ use fleetcmd_core::state::{JobState, Stop, TargetState};
 
 use super::{
     AgentRecord, AuditDim, AuditIndexEntry, Fence, HealthRecord, HealthTransition, JobClash,
-    JobQuery, JobRecord, Order, PolicyRecord, Store, StoreError, TargetRecord, TargetWrite,
-    TokenRecord, TokenRefusal,
+    JobQuery, JobRecord, Order, PolicyRecord, Presence, Store, StoreError, TargetRecord,
+    TargetWrite, TokenRecord, TokenRefusal,
 };
 use crate::revocation::CertRevocation;
 
@@ -919,6 +919,48 @@ pub fn targets_and_their_audit_records_are_stored_together(store: &dyn Store) {
     assert_eq!(store.get_target(other, "host-1").expect("get"), Some(ok));
 }
 
+/// Presence: each controller's entry replaces its last one; only entries
+/// written within the freshness window are read.
+pub fn presence_entries_replace_each_other_and_go_stale(store: &dyn Store) {
+    use std::time::Duration;
+    let entry = |controller: &str, settling, agents: &[&str]| Presence {
+        controller: controller.to_owned(),
+        settling,
+        agents: agents.iter().map(|a| (*a).to_owned()).collect(),
+    };
+    assert_eq!(
+        store.presence(Duration::from_secs(60)).expect("read"),
+        vec![]
+    );
+    store
+        .put_presence(&entry("ctl-a", true, &["web-1"]))
+        .expect("put");
+    store
+        .put_presence(&entry("ctl-b", false, &[]))
+        .expect("put");
+    store
+        .put_presence(&entry("ctl-a", false, &["web-1", "web-2"]))
+        .expect("put");
+    let mut got = store.presence(Duration::from_secs(60)).expect("read");
+    got.sort_by(|x, y| x.controller.cmp(&y.controller));
+    assert_eq!(
+        got,
+        vec![
+            entry("ctl-a", false, &["web-1", "web-2"]),
+            entry("ctl-b", false, &[])
+        ]
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    store
+        .put_presence(&entry("ctl-b", false, &["db-1"]))
+        .expect("put");
+    assert_eq!(
+        store.presence(Duration::from_millis(200)).expect("read"),
+        vec![entry("ctl-b", false, &["db-1"])],
+        "ctl-a's entry is stale"
+    );
+}
+
 pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     jobs_are_listed_by_the_backend(fresh().as_ref());
     targets_keep_their_states(fresh().as_ref());
@@ -930,6 +972,7 @@ pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     the_policy_is_the_last_one_put(fresh().as_ref());
     the_audit_log_is_one_contiguous_chain(fresh().as_ref());
     targets_and_their_audit_records_are_stored_together(fresh().as_ref());
+    presence_entries_replace_each_other_and_go_stale(fresh().as_ref());
     health_state_and_history_are_kept(fresh().as_ref());
     revocations_are_kept(fresh().as_ref());
     a_lease_has_one_holder_and_terms_grow(fresh().as_ref());

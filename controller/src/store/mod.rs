@@ -85,6 +85,7 @@ pub trait Store:
     + RevocationStore
     + LeaseStore
     + ClaimStore
+    + PresenceStore
     + Send
     + Sync
     + std::any::Any
@@ -442,6 +443,29 @@ pub trait LeaseStore {
     /// unexpired grant of its lease, checked in the same statement as the
     /// write; `false`: refused (a stale leader), nothing was written.
     fn audit_put_head_fenced(&self, fence: &Fence, head: &SignedHead) -> Result<bool, StoreError>;
+}
+
+/// One controller's entry in the presence table: the agents connected to
+/// it when it wrote, and whether it was still settling then (agents
+/// reconnecting after it started: its list is not yet whole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub controller: String,
+    pub settling: bool,
+    pub agents: Vec<String>,
+}
+
+/// Which agents are connected to which controller, with several
+/// controllers on one store: each controller writes its whole list every
+/// few seconds, so a controller can tell an agent connected to another
+/// from one connected to none. Freshness is decided by the backend's clock
+/// (PostgreSQL's `now()`), as for leases.
+pub trait PresenceStore {
+    /// Replaces `controller`'s entry (stamped now); entries not written for
+    /// a day are removed.
+    fn put_presence(&self, entry: &Presence) -> Result<(), StoreError>;
+    /// The entries written within `fresh`, by controller.
+    fn presence(&self, fresh: std::time::Duration) -> Result<Vec<Presence>, StoreError>;
 }
 
 /// Keys claimed until an expiry, first come first served: how several

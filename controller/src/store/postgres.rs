@@ -196,6 +196,7 @@ macro_rules! params {
 // After `params!`, which it uses.
 mod claims;
 mod leases;
+mod presence;
 
 /// Statement parameters, boxed so they can move to the store's runtime.
 type Params = Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>;

@@ -19,6 +19,7 @@ use crate::revocation::CertRevocation;
 
 mod claims;
 mod leases;
+mod presence;
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -60,6 +61,7 @@ struct SledTrees {
     health: sled::Tree,
     revoked_certs: sled::Tree,
     claims: sled::Tree,
+    presence: sled::Tree,
 }
 
 /// `meta` key set once `job_short` holds every stored job's short id.
@@ -165,6 +167,7 @@ fn open_trees(path: &Path, cache_bytes: u64) -> Result<SledTrees, StoreError> {
         health: tree("health")?,
         revoked_certs: tree("revoked_certs")?,
         claims: tree("claims")?,
+        presence: tree("presence")?,
         db,
     };
     build_short_index(&trees).map_err(|e| open_err(&e))?;

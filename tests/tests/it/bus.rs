@@ -523,3 +523,51 @@ async fn cross_controller_latency() {
         );
     }
 }
+
+/// An agent connected to no controller: its target ends `offline` when its
+/// turn comes, as with one controller, and the job ends — not pending
+/// until the job expires because some other controller might have it.
+/// Each controller writes which agents it has to the presence table
+/// (`state::presence`), so A knows `b-1` is on neither A nor B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_whose_agent_is_connected_to_no_controller_ends_offline() {
+    let mut fleet = two_controllers().await;
+    // b-1 stops (its process is the last one started).
+    fleet._procs.pop().expect("b-1").kill9();
+    let gone = tokio::time::timeout(Duration::from_secs(15), async {
+        while fleet.online(&fleet.url_b, "b-1").await.is_some() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "b-1 offline on B\n{}", fleet.logs());
+    let started = Instant::now();
+    let (job, _) = run_and_watch(&fleet, &fleet.url_a, fleet.job("uptime", "all")).await;
+    let took = started.elapsed();
+    let state = |name: &str| {
+        job.targets
+            .iter()
+            .find(|t| t.agent_id == name)
+            .map(|t| t.target_state())
+    };
+    assert_eq!(state("a-1"), Some(TargetState::Ok), "{job:?}");
+    assert_eq!(state("b-1"), Some(TargetState::Offline), "{job:?}");
+    // The job may live 10 minutes; b-1 counts as connected nowhere once
+    // it was missing from every controller's list for 10 s.
+    assert!(
+        took < Duration::from_secs(30),
+        "the job ended {took:?} after its submission\n{}",
+        fleet.logs()
+    );
+    // Exactly one `job_finished` record for b-1's target.
+    assert_eq!(
+        fleet.sql(&format!(
+            "SELECT count(*) FROM audit_log, jsonb_array_elements_text(record->'event'->'hosts') AS h \
+             WHERE record->'event'->>'kind' = 'job_finished' AND record->'event'->>'job_id' = '{}' \
+             AND h = 'b-1'",
+            job.job_id
+        )),
+        "1"
+    );
+    eprintln!("job with an agent connected nowhere ended in {took:?}");
+}

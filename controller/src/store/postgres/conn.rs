@@ -1,6 +1,7 @@
-//! The connection behind the PostgreSQL store: a runtime of its own (one
-//! worker thread, `fleetcmd-pg`) that owns the tokio-postgres client and
-//! connects again when the server went away (a restart, a fail-over), and
+//! The connections behind the PostgreSQL store: a runtime of its own (one
+//! worker thread, `fleetcmd-pg`) that owns a few tokio-postgres clients
+//! (`POOL`) and connects again when the server went away (a restart, a
+//! fail-over), and
 //! `Bridge::call`, which runs one operation there and waits for it.
 //!
 //! The `Store` trait is synchronous and is called from async workers as
@@ -23,11 +24,20 @@ pub(super) struct Conn {
     tls: MakeRustlsConnect,
     /// Where, for messages: host, port and database, never the password.
     pub(super) target: String,
-    /// One client, one operation at a time: a transaction needs the client
-    /// to itself. (A pool is the next step when one connection is the
-    /// bottleneck; measure first.)
-    client: Mutex<Option<Client>>,
+    /// A few clients, each one operation at a time (a transaction needs
+    /// its client to itself): a dispatch claim or a read does not wait
+    /// behind a batch of results on another (BENCHMARKS.md: with one
+    /// connection, a fan-out's claims queued behind its results). Each is
+    /// connected on first use.
+    clients: Vec<Mutex<Option<Client>>>,
+    /// Where the next session starts looking for a free client.
+    next: std::sync::atomic::AtomicUsize,
 }
+
+/// Connections per controller to the database. Writes that must take
+/// turns (audit appends) take them under a database lock whatever the
+/// connection; more connections would mostly wait on that lock.
+pub(super) const POOL: usize = 4;
 
 /// The client of one operation; derefs to a connected `Client`.
 pub(super) struct Session<'a>(MutexGuard<'a, Option<Client>>);
@@ -48,7 +58,14 @@ impl std::ops::DerefMut for Session<'_> {
 impl Conn {
     /// The client, connected again first if the last one was closed.
     pub(super) async fn session(&self) -> Result<Session<'_>, StoreError> {
-        let mut guard = self.client.lock().await;
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let free = (0..self.clients.len())
+            .map(|k| &self.clients[(start + k) % self.clients.len()])
+            .find_map(|c| c.try_lock().ok());
+        let mut guard = match free {
+            Some(g) => g,
+            None => self.clients[start % self.clients.len()].lock().await,
+        };
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             let (client, connection) = self
                 .config
@@ -97,7 +114,8 @@ impl Bridge {
                 config,
                 tls,
                 target,
-                client: Mutex::new(None),
+                clients: (0..POOL).map(|_| Mutex::new(None)).collect(),
+                next: std::sync::atomic::AtomicUsize::new(0),
             }),
             closed: AtomicBool::new(false),
         })
@@ -145,7 +163,9 @@ impl Bridge {
         if let Some(rt) = &self.rt {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             rt.spawn(async move {
-                conn.client.lock().await.take();
+                for c in &conn.clients {
+                    c.lock().await.take();
+                }
                 let _ = tx.send(());
             });
             let _ = rx.recv();

@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "claims",
         sql: include_str!("migrations/0003_claims.sql"),
     },
+    Migration {
+        version: 4,
+        name: "presence",
+        sql: include_str!("migrations/0004_presence.sql"),
+    },
 ];
 
 /// The advisory lock key migrations hold ("fleetcmd" in ASCII).
