@@ -467,27 +467,13 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
     let queue = shared
         .take_dispatch_queue()
         .expect("a new Shared has its dispatch queue");
-    let mut stop_dispatcher = stop.subscribe();
-    let dispatch_state = shared.clone();
-    let dispatcher = tokio::spawn(async move {
-        tokio::select! {
-            _ = dispatch_state.dispatcher(queue) => {}
-            _ = stopped(&mut stop_dispatcher) => {}
-        }
-    });
+    let dispatcher = until_stopped(shared.clone().dispatcher(queue), &stop);
     // Agents' results, with several controllers, are stored in batches
     // (see `state::ingest`).
     let results = shared
         .take_result_queue()
         .expect("a new Shared has its result queue");
-    let mut stop_ingester = stop.subscribe();
-    let ingest_state = shared.clone();
-    let ingester = tokio::spawn(async move {
-        tokio::select! {
-            _ = ingest_state.ingester(results) => {}
-            _ = stopped(&mut stop_ingester) => {}
-        }
-    });
+    let ingester = until_stopped(shared.clone().ingester(results), &stop);
     // `/metrics` on its own listener and task: scrapes never share the gRPC
     // server's connections or limits.
     let mut metrics_addr = None;
@@ -789,4 +775,18 @@ async fn scrape(
             axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
     }
+}
+
+/// Spawns `task`, ended when `stop` turns true.
+fn until_stopped(
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+    stop: &watch::Sender<bool>,
+) -> JoinHandle<()> {
+    let mut stop = stop.subscribe();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = task => {}
+            _ = stopped(&mut stop) => {}
+        }
+    })
 }

@@ -646,22 +646,7 @@ impl Shared {
         let mut tries = if shared { 2 } else { 1 };
         loop {
             tries -= 1;
-            // A running job's target states are cached (and kept equal to
-            // the store's, but for `running`): no store read and decode per
-            // result. A running job that is not cached yet (a result right
-            // after a restart) is loaded first: its pending targets have no
-            // record.
-            let cached = self
-                .run_of(&mut runs, job)?
-                .and_then(|run| run.index.get(agent).map(|&i| run.states[i]));
-            let old = match cached {
-                Some(c) => Some(c),
-                None => self
-                    .store
-                    .get_target(job, agent)?
-                    .map(|t| (t.state, t.dispatched_at)),
-            };
-            let (state, dispatched_at) = match old {
+            let (state, dispatched_at) = match self.target_state(&mut runs, job, agent)? {
                 Some((state, at)) if state.can_become(rec.state) => (state, at),
                 _ if tries > 0 => {
                     self.reload_run(&mut runs, job)?;
@@ -718,6 +703,30 @@ impl Shared {
             );
         }
         Ok(true)
+    }
+
+    /// A target's state and when it was dispatched. A running job's target
+    /// states are cached (and kept equal to the store's, but for
+    /// `running`): no store read and decode per result. A running job that
+    /// is not cached yet (a result right after a restart) is loaded first:
+    /// its pending targets have no record. `None`: no such target, or its
+    /// job ended and the store has no record of it.
+    pub(super) fn target_state(
+        &self,
+        runs: &mut HashMap<String, Run>,
+        job: &str,
+        agent: &str,
+    ) -> ApiResult<Option<(TargetState, u64)>> {
+        let cached = self
+            .run_of(runs, job)?
+            .and_then(|run| run.index.get(agent).map(|&i| run.states[i]));
+        Ok(match cached {
+            Some(c) => Some(c),
+            None => self
+                .store
+                .get_target(job, agent)?
+                .map(|t| (t.state, t.dispatched_at)),
+        })
     }
 
     /// Notes that an agent started a dispatched target. In memory only (the

@@ -208,16 +208,7 @@ impl Shared {
         job: &str,
         agent: &str,
     ) -> ApiResult<Option<u64>> {
-        let cached = self
-            .run_of(runs, job)?
-            .and_then(|run| run.index.get(agent).map(|&i| run.states[i]));
-        let state = match cached {
-            Some(c) => Some(c),
-            None => self
-                .store
-                .get_target(job, agent)?
-                .map(|t| (t.state, t.dispatched_at)),
-        };
+        let state = self.target_state(runs, job, agent)?;
         Ok(state
             .filter(|(s, _)| matches!(s, TargetState::Dispatched | TargetState::Running))
             .map(|(_, at)| at))
