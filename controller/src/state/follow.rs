@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use fleetcmd_core::state::{JobState, TargetState};
+use fleetcmd_core::state::{JobState, Stop, TargetState};
 use fleetcmd_proto::v1 as pb;
 use prost::Message as _;
 use tokio::sync::mpsc;
@@ -99,7 +99,29 @@ impl Shared {
                 // A job created, canceled or finished: read all of it.
                 None => {
                     let mut runs = lock(&this.job_lock);
-                    this.reload_run(&mut runs, &id)?;
+                    let canceled: Vec<String> = match this.reload_run(&mut runs, &id)? {
+                        Some(run) if matches!(run.job.stopped, Some((Stop::Canceled, _))) => run
+                            .job
+                            .targets
+                            .iter()
+                            .zip(&run.states)
+                            .filter(|(_, s)| s.0.is_active())
+                            .map(|(a, _)| a.clone())
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    drop(runs);
+                    // Canceled through another controller: the running
+                    // targets of agents connected here are told to stop
+                    // (found by an outside test: they ran to their end).
+                    let msg = pb::ControllerMessage {
+                        msg: Some(pb::controller_message::Msg::Cancel(pb::CancelJob {
+                            job_id: id.clone(),
+                        })),
+                    };
+                    for agent in &canceled {
+                        this.registry.send(agent, msg.clone());
+                    }
                     None
                 }
                 // One result: read that target alone (a signal per result

@@ -301,7 +301,23 @@ impl Shared {
                 ApiError::FailedPrecondition(e.to_string())
             })?;
         }
-        self.store.put_policy(&cur.record)?;
+        if !self.store.put_policy(&cur.record)? {
+            // Another controller stored this version or a newer one first.
+            let stored = self.store.get_policy()?.map_or(0, |p| p.version);
+            let why = format!(
+                "policy version {} is not newer than the stored version {stored} (pushed through another controller)",
+                cur.policy.version
+            );
+            self.security_event(
+                Event::new(EventKind::PolicyRefused, crate::audit::peer_actor(by))
+                    .detail(&why)
+                    .field("version", cur.policy.version)
+                    .field("current_version", stored)
+                    .field("hash", &cur.hash),
+            );
+            self.bus.publish(crate::bus::Signal::Policy);
+            return Err(ApiError::FailedPrecondition(why));
+        }
         self.audit_durable(
             Event::new(EventKind::PolicyPushed, crate::audit::peer_actor(by))
                 .field("version", cur.policy.version)

@@ -307,15 +307,45 @@ pub fn agents_are_enrolled_and_revoked(store: &dyn Store) {
 /// The policy is the last one put.
 pub fn the_policy_is_the_last_one_put(store: &dyn Store) {
     assert_eq!(store.get_policy().expect("get"), None);
+    let rec = |version: u64, fill: u8| PolicyRecord {
+        version,
+        bundle: vec![fill; 3],
+        signatures: vec![("k1".into(), vec![9; 64])],
+    };
     for version in [1, 2] {
-        let rec = PolicyRecord {
-            version,
-            bundle: vec![version as u8; 3],
-            signatures: vec![("k1".into(), vec![9; 64])],
-        };
-        store.put_policy(&rec).expect("put");
-        assert_eq!(store.get_policy().expect("get"), Some(rec));
+        assert!(store.put_policy(&rec(version, version as u8)).expect("put"));
+        assert_eq!(
+            store.get_policy().expect("get"),
+            Some(rec(version, version as u8))
+        );
     }
+    // The same version again (another bundle) and an older one: refused.
+    assert!(!store.put_policy(&rec(2, 7)).expect("put"));
+    assert!(!store.put_policy(&rec(1, 7)).expect("put"));
+    assert_eq!(store.get_policy().expect("get"), Some(rec(2, 2)));
+}
+
+/// Of 8 threads pushing bundles of one new version at once, exactly one
+/// is stored.
+pub fn concurrent_pushes_of_one_version_have_one_winner(store: &dyn Store) {
+    let wins = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for fill in 0..8u8 {
+            let wins = &wins;
+            s.spawn(move || {
+                let rec = PolicyRecord {
+                    version: 5,
+                    bundle: vec![fill; 3],
+                    signatures: vec![("k1".into(), vec![9; 64])],
+                };
+                if store.put_policy(&rec).expect("put") {
+                    wins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert_eq!(wins.into_inner(), 1);
+    assert_eq!(store.get_policy().expect("get").map(|p| p.version), Some(5));
 }
 
 fn event(i: u64) -> Event {
@@ -970,6 +1000,7 @@ pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     tokens_are_used_up_and_expire(fresh().as_ref());
     agents_are_enrolled_and_revoked(fresh().as_ref());
     the_policy_is_the_last_one_put(fresh().as_ref());
+    concurrent_pushes_of_one_version_have_one_winner(fresh().as_ref());
     the_audit_log_is_one_contiguous_chain(fresh().as_ref());
     targets_and_their_audit_records_are_stored_together(fresh().as_ref());
     presence_entries_replace_each_other_and_go_stale(fresh().as_ref());

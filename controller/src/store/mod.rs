@@ -289,7 +289,12 @@ pub trait AgentStore {
 
 /// The one current policy bundle.
 pub trait PolicyStore {
-    fn put_policy(&self, rec: &PolicyRecord) -> Result<(), StoreError>;
+    /// Stores `rec` where the stored policy is older (or there is none),
+    /// one atomic step; `false`: the stored version is `rec`'s or newer
+    /// and nothing was written. Of two controllers pushing one version at
+    /// once, one wins (found by an outside test: both were accepted and
+    /// the fleet stayed split between two bundles of one version).
+    fn put_policy(&self, rec: &PolicyRecord) -> Result<bool, StoreError>;
     fn get_policy(&self) -> Result<Option<PolicyRecord>, StoreError>;
 }
 

@@ -898,14 +898,19 @@ impl AgentStore for PostgresStore {
 }
 
 impl PolicyStore for PostgresStore {
-    fn put_policy(&self, rec: &PolicyRecord) -> Result<(), StoreError> {
-        self.execute(
-            "INSERT INTO policy (singleton, version, record) VALUES (true, $1, $2)
-             ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version,
-               record = EXCLUDED.record",
-            params![int(rec.version, "policy version")?, Json(rec.clone())],
-        )
-        .map(drop)
+    fn put_policy(&self, rec: &PolicyRecord) -> Result<bool, StoreError> {
+        // One statement: the row lock orders two pushes, and the version
+        // is compared under it.
+        Ok(!self
+            .query(
+                "INSERT INTO policy (singleton, version, record) VALUES (true, $1, $2)
+                 ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version,
+                   record = EXCLUDED.record
+                 WHERE policy.version < EXCLUDED.version
+                 RETURNING 1",
+                params![int(rec.version, "policy version")?, Json(rec.clone())],
+            )?
+            .is_empty())
     }
 
     fn get_policy(&self) -> Result<Option<PolicyRecord>, StoreError> {

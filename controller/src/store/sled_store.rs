@@ -411,8 +411,27 @@ impl AgentStore for SledStore {
 }
 
 impl PolicyStore for SledStore {
-    fn put_policy(&self, rec: &PolicyRecord) -> Result<(), StoreError> {
-        self.insert(&self.trees()?.meta, b"policy", encode(rec))
+    fn put_policy(&self, rec: &PolicyRecord) -> Result<bool, StoreError> {
+        let meta = &self.trees()?.meta;
+        let new = encode(rec);
+        // Compare-and-swap on the bytes read: a write in between makes the
+        // swap fail, and the version is compared again.
+        loop {
+            let old = meta.get(b"policy").map_err(|e| self.fail(e))?;
+            if let Some(v) = &old {
+                let stored: PolicyRecord = decode(b"policy", v)?;
+                if stored.version >= rec.version {
+                    return Ok(false);
+                }
+            }
+            if meta
+                .compare_and_swap(b"policy", old, Some(new.clone()))
+                .map_err(|e| self.fail(e))?
+                .is_ok()
+            {
+                return Ok(true);
+            }
+        }
     }
 
     fn get_policy(&self) -> Result<Option<PolicyRecord>, StoreError> {

@@ -571,3 +571,147 @@ async fn a_target_whose_agent_is_connected_to_no_controller_ends_offline() {
     );
     eprintln!("job with an agent connected nowhere ended in {took:?}");
 }
+
+/// Two bundles of one version pushed at once, one through each
+/// controller: one push wins, the other is refused (and audited), and both
+/// controllers serve the winner (found by an outside test: both were
+/// accepted, and the controllers — and their agents — stayed split between
+/// two bundles of one version until a newer one was pushed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_bundles_of_one_version_pushed_at_once_have_one_winner() {
+    let fleet = two_controllers().await;
+    let bundle = |tag: &str| {
+        let mut p = fleet.policy(2);
+        // Another bundle of the same version: a comment changes its bytes
+        // (and its hash), signed again.
+        let text = format!("{}\n# {tag}\n", String::from_utf8_lossy(&p.bundle));
+        p = signed_policy(&text, &fleet.admin);
+        p
+    };
+    let (pa, pb_) = (bundle("pushed on A"), bundle("pushed on B"));
+    let mut ca = pb::policy_client::PolicyClient::new(fleet.channel(&fleet.url_a).await);
+    let mut cb = pb::policy_client::PolicyClient::new(fleet.channel(&fleet.url_b).await);
+    let (ra, rb) = tokio::join!(ca.push(pa), cb.push(pb_));
+    let won: Vec<String> = [&ra, &rb]
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|i| i.get_ref().hash.clone()))
+        .collect();
+    assert_eq!(won.len(), 1, "one push wins: {ra:?} {rb:?}");
+    let refused = [ra, rb]
+        .into_iter()
+        .find_map(Result::err)
+        .expect("one refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("not newer"), "{refused:?}");
+    // Both controllers serve the winner.
+    let served = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let a = ca
+                .get(pb::GetPolicyRequest {})
+                .await
+                .map(|r| r.into_inner().hash);
+            let b = cb
+                .get(pb::GetPolicyRequest {})
+                .await
+                .map(|r| r.into_inner().hash);
+            if matches!((&a, &b), (Ok(a), Ok(b)) if *a == won[0] && *b == won[0]) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        served.is_ok(),
+        "both controllers serve {}\n{}",
+        won[0],
+        fleet.logs()
+    );
+    assert_eq!(
+        fleet.sql("SELECT count(*) FROM audit_log WHERE record->'event'->>'kind' = 'policy_pushed' AND record->'event'->'fields'->>'version' = '2'"),
+        "1",
+        "one policy_pushed record for version 2"
+    );
+}
+
+/// A job canceled through one controller stops on every agent, also those
+/// connected to the other (found by an outside test: only the canceling
+/// controller's agents were told; the others ran to their end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_canceled_on_one_controller_stops_on_the_others_agents() {
+    let fleet = two_controllers().await;
+    let s = spec("sleep", &[("seconds", "30")], "all", "cli:admin");
+    let job = to_pb(SignedJob::sign(
+        &s,
+        fleetcmd_cli::fleet::OPERATOR_SIGNER,
+        &fleet.op_key,
+    ));
+    let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_a).await);
+    let id = jobs
+        .submit(job)
+        .await
+        .expect("submitted")
+        .into_inner()
+        .job_id;
+    // Both sent (b-1 through B: A sees it `dispatched`; `running` is known
+    // only where it was dispatched), then started.
+    let sent = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let j = jobs
+                .get(pb::GetJobRequest { job_id: id.clone() })
+                .await
+                .expect("get")
+                .into_inner();
+            if j.targets.iter().all(|t| {
+                matches!(
+                    t.target_state(),
+                    TargetState::Dispatched | TargetState::Running
+                )
+            }) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(sent.is_ok(), "both targets sent\n{}", fleet.logs());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    jobs.cancel(pb::CancelJobRequest {
+        job_id: id.clone(),
+        requested_by: String::new(),
+    })
+    .await
+    .expect("cancel on A");
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let j = jobs
+                .get(pb::GetJobRequest { job_id: id.clone() })
+                .await
+                .expect("get")
+                .into_inner();
+            if j.job_state() != JobState::Running {
+                return j;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the job did not end within 10 s of its cancel\n{}",
+            fleet.logs()
+        )
+    });
+    for t in &ended.targets {
+        assert_eq!(t.target_state(), TargetState::Canceled, "{ended:?}");
+    }
+    eprintln!(
+        "both targets canceled {:?} after the cancel",
+        started.elapsed()
+    );
+}
