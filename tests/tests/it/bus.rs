@@ -215,6 +215,37 @@ async fn two_controllers() -> TwoControllers {
     fleet
 }
 
+/// Job `id` as `jobs` shows it once `done` holds of it (asked every
+/// 50 ms); `None` when it does not within `limit`.
+async fn job_when(
+    jobs: &mut pb::jobs_client::JobsClient<Channel>,
+    id: &str,
+    limit: Duration,
+    done: impl Fn(&pb::Job) -> bool,
+) -> Option<pb::Job> {
+    tokio::time::timeout(limit, async {
+        loop {
+            let j = jobs
+                .get(pb::GetJobRequest {
+                    job_id: id.to_owned(),
+                })
+                .await
+                .expect("get")
+                .into_inner();
+            if done(&j) {
+                return j;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .ok()
+}
+
+fn has_ended(j: &pb::Job) -> bool {
+    j.job_state() != JobState::Running
+}
+
 /// Submits on `url` and follows the job there: its live output by agent,
 /// and the finished job.
 async fn run_and_watch(
@@ -303,21 +334,9 @@ async fn a_job_submitted_on_one_controller_runs_on_the_other_controllers_agent_o
         ids.push(id);
     }
     for id in &ids {
-        let done = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let j = clients[0]
-                    .get(pb::GetJobRequest { job_id: id.clone() })
-                    .await
-                    .expect("get")
-                    .into_inner();
-                if j.job_state() != JobState::Running {
-                    return j;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("job {id} did not end\n{}", fleet.logs()));
+        let done = job_when(&mut clients[0], id, Duration::from_secs(30), has_ended)
+            .await
+            .unwrap_or_else(|| panic!("job {id} did not end\n{}", fleet.logs()));
         assert_eq!(done.job_state(), JobState::Succeeded, "{done:?}");
         // One `job_dispatched` record per host and job, whichever
         // controller wrote it.
@@ -659,26 +678,16 @@ async fn a_job_canceled_on_one_controller_stops_on_the_others_agents() {
         .job_id;
     // Both sent (b-1 through B: A sees it `dispatched`; `running` is known
     // only where it was dispatched), then started.
-    let sent = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            let j = jobs
-                .get(pb::GetJobRequest { job_id: id.clone() })
-                .await
-                .expect("get")
-                .into_inner();
-            if j.targets.iter().all(|t| {
-                matches!(
-                    t.target_state(),
-                    TargetState::Dispatched | TargetState::Running
-                )
-            }) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    let sent = job_when(&mut jobs, &id, Duration::from_secs(15), |j| {
+        j.targets.iter().all(|t| {
+            matches!(
+                t.target_state(),
+                TargetState::Dispatched | TargetState::Running
+            )
+        })
     })
     .await;
-    assert!(sent.is_ok(), "both targets sent\n{}", fleet.logs());
+    assert!(sent.is_some(), "both targets sent\n{}", fleet.logs());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let started = Instant::now();
     jobs.cancel(pb::CancelJobRequest {
@@ -687,26 +696,14 @@ async fn a_job_canceled_on_one_controller_stops_on_the_others_agents() {
     })
     .await
     .expect("cancel on A");
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let j = jobs
-                .get(pb::GetJobRequest { job_id: id.clone() })
-                .await
-                .expect("get")
-                .into_inner();
-            if j.job_state() != JobState::Running {
-                return j;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "the job did not end within 10 s of its cancel\n{}",
-            fleet.logs()
-        )
-    });
+    let ended = job_when(&mut jobs, &id, Duration::from_secs(10), has_ended)
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the job did not end within 10 s of its cancel\n{}",
+                fleet.logs()
+            )
+        });
     for t in &ended.targets {
         assert_eq!(t.target_state(), TargetState::Canceled, "{ended:?}");
     }
