@@ -384,10 +384,24 @@ async fn every_event_kind_is_recorded_from_a_real_flow() {
 
     // Approvals: one approved, one denied, one left to expire.
     let ctl = GrpcController::from_channel(fleet.gateway().await);
-    let mut cfg = fleet.gateway_options().router_config();
-    cfg.approval_window = Duration::from_millis(1500);
-    let router = Arc::new(Router::new(cfg, ctl));
+    // A short approval window only where the request is left to expire:
+    // an `approve` or `deny` that comes late on a loaded machine would
+    // otherwise find it expired (seen once in CI).
+    let router_with = |window| {
+        let mut cfg = fleet.gateway_options().router_config();
+        cfg.approval_window = window;
+        Arc::new(Router::new(cfg, ctl.clone()))
+    };
+    let (decided, expiring) = (
+        router_with(Duration::from_secs(60)),
+        router_with(Duration::from_millis(1500)),
+    );
     for decision in ["approve", "deny", "expire"] {
+        let router = if decision == "expire" {
+            &expiring
+        } else {
+            &decided
+        };
         let out = Arc::new(Recorder::default());
         let task = {
             let (router, out) = (router.clone(), out.clone());
@@ -430,6 +444,7 @@ async fn every_event_kind_is_recorded_from_a_real_flow() {
             .expect("the run finished")
             .expect("run task");
     }
+    let router = decided;
     // A registered command's call is reported and recorded (`chat_command`).
     router
         .register_commands(Arc::new(fleetcmd_gateway::prometheus::not_configured()))
