@@ -6,12 +6,15 @@
 //! before it starts; results kept until the controller acknowledges them
 //! (sent again after a reconnect).
 //!
-//! A job waiting for a slot is bound to the stream that delivered it: the
-//! agent learns that it was revoked only from the controller closing that
-//! stream, so when it ends (for any reason: it cannot tell a revocation
-//! from a network failure until it reconnects) every job still waiting is
-//! refused (`agent_revoked` on permission denied, else `stream_ended`) and
-//! never starts. Jobs already running are not affected.
+//! A job waiting for a slot follows the agent's link to the controllers
+//! (`crate::link`): the agent learns that it was revoked only from a
+//! controller refusing it, so a job starts only while a controller accepts
+//! the agent. When the stream that delivered it is lost (a controller
+//! killed, the network) the job waits for the next welcome — from the same
+//! controller or another of the list — and starts then; it is refused
+//! (`agent_revoked`) if a controller refuses the agent first, and
+//! (`stream_ended`) if the agent stops or is not welcomed again before the
+//! job expires. Jobs already running are not affected.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -20,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fleetcmd_core::authorize::{
     AgentContext, AuthorizedCommand, Refusal, Stream, authorize, recheck,
 };
-use fleetcmd_core::job::{JobSpec, SignedJob};
+use fleetcmd_core::job::{CLOCK_SKEW_SECS, JobSpec, SignedJob};
 use fleetcmd_core::policy_bundle::PolicySignature;
 use fleetcmd_proto::v1 as pb;
 use pb::agent_message::Msg as Out;
@@ -32,6 +35,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::config::AgentConfig;
 use crate::controllers::Rotation;
 use crate::exec::{ExecLimits, Termination, execute};
+use crate::link::{LinkRx, LinkTx};
 use crate::metrics::{Collector, HostMetrics};
 use crate::renewal::{Installed, Renewal};
 use crate::state::{PolicyStore, SeenSet, StateDir, StateError};
@@ -230,17 +234,16 @@ async fn run(
     let mut jobs = JoinSet::new();
     let mut attempt = 0u32;
     let mut controllers = Rotation::new(inner.config.controllers.clone(), &inner.agent_id);
+    // Jobs waiting for a slot follow it: told here when a stream ends and
+    // in `session` when a controller welcomes the agent.
+    let (link, link_rx) = LinkTx::new();
     loop {
-        // Jobs are bound to the stream that delivered them: told here when
-        // it ends, so that none still waiting for a slot starts after that.
-        let (stream_tx, stream_rx) = watch::channel(Stream::Up);
         let controller = controllers.current().to_owned();
-        let ended = session(&inner, &controller, &mut stop, &mut jobs, stream_rx).await;
-        let _ = stream_tx.send(match &ended {
-            Ok(()) => Stream::Ended("the agent is stopping".into()),
-            Err(e) if e.refused => Stream::Refused(e.reason.clone()),
-            Err(e) => Stream::Ended(e.reason.clone()),
-        });
+        let ended = session(&inner, &controller, &mut stop, &mut jobs, &link, &link_rx).await;
+        match &ended {
+            Ok(()) => link.stopping(),
+            Err(e) => link.ended(e.refused, &e.reason),
+        }
         match ended {
             Ok(()) => break,
             Err(SessionEnd {
@@ -313,7 +316,8 @@ async fn session(
     controller: &str,
     stop: &mut watch::Receiver<bool>,
     jobs: &mut JoinSet<()>,
-    stream: watch::Receiver<Stream>,
+    link: &LinkTx,
+    link_rx: &LinkRx,
 ) -> Result<(), SessionEnd> {
     let tls = inner.dir.client_tls().map_err(|e| end(false, e))?;
     let channel = tokio::select! {
@@ -387,6 +391,7 @@ async fn session(
                 match m.msg {
                     Some(In::Welcome(w)) => {
                         welcomed = true;
+                        link.welcomed();
                         let granted: BTreeMap<String, String> = w.labels.into_iter().collect();
                         if granted != inner.labels {
                             // The controller's record changed since this
@@ -417,8 +422,8 @@ async fn session(
                     }
                     Some(In::Job(j)) => {
                         let inner = inner.clone();
-                        let stream = stream.clone();
-                        jobs.spawn(async move { handle_job(inner, j, stream).await });
+                        let link = link_rx.clone();
+                        jobs.spawn(async move { handle_job(inner, j, link).await });
                     }
                     Some(In::Cancel(c)) => {
                         // Not running (yet, or any more): the controller's
@@ -536,19 +541,6 @@ fn refused(job_id: String, code: &str, reason: String) -> pb::JobResult {
     }
 }
 
-/// What a queued job knows about its stream once it stops waiting.
-async fn stream_ended(stream: &mut watch::Receiver<Stream>) {
-    // A dropped sender: the connection loop is gone, so is the stream.
-    let _ = stream.wait_for(|s| *s != Stream::Up).await;
-}
-
-fn stream_now(stream: &watch::Receiver<Stream>) -> Stream {
-    if stream.has_changed().is_err() {
-        return Stream::Ended("the agent is stopping".into());
-    }
-    stream.borrow().clone()
-}
-
 /// [`recheck`] against the agent's current policy, labels and clock.
 fn check_at_start(
     inner: &Inner,
@@ -570,7 +562,7 @@ fn check_at_start(
     recheck(cmd, &ctx, now_secs(), stream)
 }
 
-async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut stream: watch::Receiver<Stream>) {
+async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut link: LinkRx) {
     let job = SignedJob {
         spec: signed.spec,
         signature: signed.signature,
@@ -584,6 +576,9 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut stream: watch:
         .or_else(|_| JobSpec::id_of_unparsed(&job.spec).ok_or(()))
         .unwrap_or_default();
     let now = now_secs();
+    // Refusals of the agent counted before this job was admitted: one
+    // after it means the job never starts (`crate::link`).
+    let refusals = crate::link::refusals(&link);
     let decision = {
         let policy = lock(&inner.policy);
         match policy.current() {
@@ -648,14 +643,24 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut stream: watch:
         Ok(admitted) => {
             // Wait for a slot; a cancel meanwhile still reaches the job (it
             // is marked canceled early and ends as soon as it starts). A
-            // stream that ends meanwhile ends the wait: the job will be
-            // refused. (The semaphore is closed only at shutdown.)
+            // refusal of the agent or its stopping ends the wait: the job
+            // will be refused. A lost stream does not: the job waits for
+            // the slot, then for the next welcome (`crate::link`). (The
+            // semaphore is closed only at shutdown.)
             let _slot = tokio::select! {
                 slot = inner.slots.clone().acquire_owned() => slot.ok(),
-                () = stream_ended(&mut stream) => None,
+                () = crate::link::doomed(&mut link, refusals) => None,
             };
+            let until_expiry = Duration::from_secs(
+                admitted
+                    .expires_at()
+                    .saturating_add(CLOCK_SKEW_SECS)
+                    .saturating_sub(now_secs())
+                    + 1,
+            );
+            let stream = crate::link::settle(&mut link, refusals, until_expiry).await;
             // Everything that authorized the job, again, now.
-            let cmd = match check_at_start(&inner, &admitted, &stream_now(&stream)) {
+            let cmd = match check_at_start(&inner, &admitted, &stream) {
                 Ok(cmd) => cmd,
                 Err(r) => {
                     tracing::warn!(target: "fleetcmd::security", agent_id = %inner.agent_id, job_id = %job_id, reason = %r, "queued job refused at the moment of use");

@@ -12,6 +12,7 @@ pub mod controllers;
 pub mod exec;
 pub mod exporter;
 pub mod join;
+pub mod link;
 pub mod metrics;
 pub mod renewal;
 pub mod spool;

@@ -102,6 +102,12 @@ impl TwoControllers {
 /// Controllers A and B on one fresh database, policy 1 pushed on A before
 /// B starts, `a-1` joined and streaming to A only, `b-1` to B only.
 async fn two_controllers() -> TwoControllers {
+    two_controllers_with(false).await
+}
+
+/// As `two_controllers`; with `b_fails_over`, `b-1` knows both controllers
+/// (B first) and has one job slot.
+async fn two_controllers_with(b_fails_over: bool) -> TwoControllers {
     init();
     let (cluster, db) = crate::postgres::fresh_database().await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -140,12 +146,17 @@ async fn two_controllers() -> TwoControllers {
         // Tokens made on A; b-1 uses its token on B (the store is shared).
         let token = join_token(fleet.channel(&fleet.url_a).await, name).await;
         let cfg = d.join(format!("{name}.toml"));
+        let dial = if b_fails_over && name == "b-1" {
+            format!(
+                "controllers = [\"{url}\", \"{}\"]\nmax_concurrent_jobs = 1\n",
+                fleet.url_a
+            )
+        } else {
+            format!("controller = \"{url}\"\n")
+        };
         std::fs::write(
             &cfg,
-            format!(
-                "controller = \"{url}\"\nstate_dir = \"{}\"\n",
-                d.join(name).display()
-            ),
+            format!("{dial}state_dir = \"{}\"\n", d.join(name).display()),
         )
         .expect("agent config");
         let _ = fleet.channel(&url).await;
@@ -710,5 +721,88 @@ async fn a_job_canceled_on_one_controller_stops_on_the_others_agents() {
     eprintln!(
         "both targets canceled {:?} after the cancel",
         started.elapsed()
+    );
+}
+
+/// A job waiting on an agent for its slot when the controller that sent
+/// it is killed runs once the agent is welcomed by another controller —
+/// it is not refused (found by an outside test: every such job was refused
+/// `stream_ended` and stored as the target's result, so one controller
+/// crash failed the jobs it had just dispatched).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_queued_on_an_agent_whose_controller_is_killed_runs_after_it_fails_over() {
+    let mut fleet = two_controllers_with(true).await;
+    let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_a).await);
+    let submit = |command: &str, args: &[(&str, &str)]| {
+        let s = spec(command, args, "name=b-1", "cli:admin");
+        to_pb(SignedJob::sign(
+            &s,
+            fleetcmd_cli::fleet::OPERATOR_SIGNER,
+            &fleet.op_key,
+        ))
+    };
+    // b-1's only slot is held by a 4 s sleep; the second job waits for it.
+    let hold = jobs
+        .submit(submit("sleep", &[("seconds", "4")]))
+        .await
+        .expect("hold submitted")
+        .into_inner()
+        .job_id;
+    let queued = jobs
+        .submit(submit("echo", &[("text", "after the failover")]))
+        .await
+        .expect("queued submitted")
+        .into_inner()
+        .job_id;
+    for id in [&hold, &queued] {
+        let sent = job_when(&mut jobs, id, Duration::from_secs(15), |j| {
+            j.targets
+                .iter()
+                .all(|t| t.target_state() != TargetState::Pending)
+        })
+        .await;
+        assert!(sent.is_some(), "{id} sent to b-1\n{}", fleet.logs());
+    }
+    // The copy is on the agent (sent on B's stream), waiting for the slot.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = Instant::now();
+    fleet._procs.remove(1).kill9(); // controller B
+    for id in [&hold, &queued] {
+        let ended = job_when(&mut jobs, id, Duration::from_secs(30), has_ended)
+            .await
+            .unwrap_or_else(|| panic!("{id} did not end on A\n{}", fleet.logs()));
+        let t = &ended.targets[0];
+        assert_eq!(
+            t.target_state(),
+            TargetState::Ok,
+            "{id}: {t:?}\n{}",
+            fleet.logs()
+        );
+    }
+    eprintln!(
+        "both jobs ended ok {:?} after B was killed",
+        killed.elapsed()
+    );
+    // Once: one `job_finished` record each, and the echo ran once.
+    for id in [&hold, &queued] {
+        assert_eq!(
+            fleet.sql(&format!(
+                "SELECT count(*) FROM audit_log WHERE record->'event'->>'kind' = 'job_finished' \
+                 AND record->'event'->>'job_id' = '{id}'"
+            )),
+            "1",
+            "{id}"
+        );
+    }
+    let got = jobs
+        .get(pb::GetJobRequest {
+            job_id: queued.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        String::from_utf8_lossy(&got.targets[0].result.as_ref().expect("result").stdout).trim(),
+        "after the failover"
     );
 }
