@@ -195,6 +195,22 @@ async fn start_more_controllers(
     Ok(children)
 }
 
+/// The dev fleet's services: `[services.NAME]` of every controller it
+/// starts (with several, whichever holds the health lease judges them).
+pub(crate) const DEMO_SERVICES: &str = r#"
+[fleet-disk]
+selector = "all"
+check = "disk"
+channels = ["console:dev"]
+confirm = "5s"
+
+[web]
+selector = "role=web"
+check = "load"
+channels = ["console:dev"]
+confirm = "5s"
+"#;
+
 /// Checks on every dev agent (`disk`, `load`) and two services over them,
 /// alerting into the console, so `!health` and `!status` show something
 /// real. Quicker damping than the defaults: it is a demo.
@@ -215,19 +231,6 @@ crit = "8,6,4"
 per_cpu = true
 interval = "10s"
 "#;
-    const SERVICES: &str = r#"
-[fleet-disk]
-selector = "all"
-check = "disk"
-channels = ["console:dev"]
-confirm = "5s"
-
-[web]
-selector = "role=web"
-check = "load"
-channels = ["console:dev"]
-confirm = "5s"
-"#;
     #[derive(serde::Deserialize)]
     struct Checks {
         check: Vec<fleetcmd_agent::checks::config::RawCheck>,
@@ -236,7 +239,7 @@ confirm = "5s"
     let mut problems = Vec::new();
     let checks = fleetcmd_agent::checks::config::validate_checks(&raw.check, &mut problems);
     let services: std::collections::BTreeMap<String, fleetcmd_controller::health::RawService> =
-        toml::from_str(SERVICES)?;
+        toml::from_str(DEMO_SERVICES)?;
     match fleetcmd_controller::health::config::validate(&services) {
         Ok(s) if problems.is_empty() => opts.services = s,
         Ok(_) => Err(anyhow::anyhow!("dev checks: {}", problems.join("; ")))?,

@@ -156,6 +156,14 @@ fn child_config(
         format!("{}ms", cfg.heartbeat_interval.as_millis()).into(),
     );
     t.insert("metrics_listen", metrics.to_string().into());
+    // The same services on every controller: whichever holds the health
+    // lease judges them (the dev fleet's are the demo's).
+    if !cfg.services.is_empty() {
+        t.insert(
+            "services",
+            toml::from_str::<toml::Value>(crate::dev::DEMO_SERVICES)?,
+        );
+    }
     t.insert("store", "postgres".into());
     t.insert("postgres_url", pg.url.clone().into());
     if let Some(p) = &pg.password_file {

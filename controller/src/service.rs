@@ -352,7 +352,7 @@ impl pb::agents_server::Agents for Svc {
         req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         Ok(Response::new(pb::ListAgentsResponse {
-            agents: self.0.registry.list_agents(&req.into_inner().selector)?,
+            agents: self.0.fleet_agents(&req.into_inner().selector)?,
         }))
     }
 

@@ -244,7 +244,9 @@ impl Shared {
         if self.health.is_empty() {
             return Ok(());
         }
-        let agents = self.registry.list_agents("")?;
+        // Fleet-wide: agents connected to other controllers count with
+        // their controllers' last word (`presence`).
+        let agents = self.fleet_agents("")?;
         if self.registry.settling() {
             // Shown, not judged: nothing is announced while agents reconnect.
             self.health.refresh(&agents);

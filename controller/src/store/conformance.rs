@@ -8,8 +8,8 @@ use fleetcmd_core::audit::{Chain, Event, EventKind, Record, SignedHead};
 use fleetcmd_core::state::{JobState, Stop, TargetState};
 
 use super::{
-    AgentRecord, AuditDim, AuditIndexEntry, Fence, HealthRecord, HealthTransition, JobClash,
-    JobQuery, JobRecord, Order, PolicyRecord, Presence, Store, StoreError, TargetRecord,
+    AgentLive, AgentRecord, AuditDim, AuditIndexEntry, Fence, HealthRecord, HealthTransition,
+    JobClash, JobQuery, JobRecord, Order, PolicyRecord, Presence, Store, StoreError, TargetRecord,
     TargetWrite, TokenRecord, TokenRefusal,
 };
 use crate::revocation::CertRevocation;
@@ -991,6 +991,47 @@ pub fn presence_entries_replace_each_other_and_go_stale(store: &dyn Store) {
     );
 }
 
+/// Agents' live rows: one per agent, replaced by the next write (whoever
+/// writes it), all read, or only those written lately.
+pub fn agent_live_rows_are_one_per_agent_and_read_by_age(store: &dyn Store) {
+    use std::time::Duration;
+    let row = |agent: &str, controller: &str, data: &[u8]| AgentLive {
+        agent: agent.to_owned(),
+        controller: controller.to_owned(),
+        data: data.to_vec(),
+    };
+    assert_eq!(store.agents_live(None).expect("read"), vec![]);
+    store
+        .put_agents_live(&[row("web-1", "ctl-a", b"one"), row("web-2", "ctl-a", b"")])
+        .expect("put");
+    store.put_agents_live(&[]).expect("nothing to put");
+    // web-1 moved to ctl-b: its row is ctl-b's now.
+    store
+        .put_agents_live(&[row("web-1", "ctl-b", &[0, 255, 10])])
+        .expect("put");
+    let mut got = store.agents_live(None).expect("read");
+    got.sort_by(|x, y| x.agent.cmp(&y.agent));
+    assert_eq!(
+        got,
+        vec![
+            row("web-1", "ctl-b", &[0, 255, 10]),
+            row("web-2", "ctl-a", b"")
+        ]
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    store
+        .put_agents_live(&[row("db-1", "ctl-b", b"db")])
+        .expect("put");
+    assert_eq!(
+        store
+            .agents_live(Some(Duration::from_millis(200)))
+            .expect("read"),
+        vec![row("db-1", "ctl-b", b"db")],
+        "only the row written within 200 ms"
+    );
+    assert_eq!(store.agents_live(None).expect("read").len(), 3);
+}
+
 pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     jobs_are_listed_by_the_backend(fresh().as_ref());
     targets_keep_their_states(fresh().as_ref());
@@ -1004,6 +1045,7 @@ pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     the_audit_log_is_one_contiguous_chain(fresh().as_ref());
     targets_and_their_audit_records_are_stored_together(fresh().as_ref());
     presence_entries_replace_each_other_and_go_stale(fresh().as_ref());
+    agent_live_rows_are_one_per_agent_and_read_by_age(fresh().as_ref());
     health_state_and_history_are_kept(fresh().as_ref());
     revocations_are_kept(fresh().as_ref());
     a_lease_has_one_holder_and_terms_grow(fresh().as_ref());

@@ -471,6 +471,24 @@ pub trait PresenceStore {
     fn put_presence(&self, entry: &Presence) -> Result<(), StoreError>;
     /// The entries written within `fresh`, by controller.
     fn presence(&self, fresh: std::time::Duration) -> Result<Vec<Presence>, StoreError>;
+    /// Replaces these agents' live rows (stamped now), each with the
+    /// controller that wrote it.
+    fn put_agents_live(&self, rows: &[AgentLive]) -> Result<(), StoreError>;
+    /// The live rows written within `since` (every row with `None`).
+    fn agents_live(&self, since: Option<std::time::Duration>)
+    -> Result<Vec<AgentLive>, StoreError>;
+}
+
+/// What the controller an agent is connected to knows of it — the figures,
+/// check results and versions of its heartbeats, as an encoded
+/// `pb::Agent` without labels — for the other controllers' agent lists and
+/// health evaluation. Written when it changes (and now and then), one row
+/// per agent, by the controller it is connected to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentLive {
+    pub agent: String,
+    pub controller: String,
+    pub data: Vec<u8>,
 }
 
 /// Keys claimed until an expiry, first come first served: how several

@@ -62,6 +62,7 @@ struct SledTrees {
     revoked_certs: sled::Tree,
     claims: sled::Tree,
     presence: sled::Tree,
+    agent_live: sled::Tree,
 }
 
 /// `meta` key set once `job_short` holds every stored job's short id.
@@ -168,6 +169,7 @@ fn open_trees(path: &Path, cache_bytes: u64) -> Result<SledTrees, StoreError> {
         revoked_certs: tree("revoked_certs")?,
         claims: tree("claims")?,
         presence: tree("presence")?,
+        agent_live: tree("agent_live")?,
         db,
     };
     build_short_index(&trees).map_err(|e| open_err(&e))?;

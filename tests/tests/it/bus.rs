@@ -28,6 +28,13 @@ use crate::failover::{
     postgres_controller_config, share_ca_and_audit_key, signed_policy, spawn,
 };
 
+/// Service `up` over every agent (its check `ok`), in both controllers'
+/// config.
+const SERVICE: &str = "\n[services.up]\nselector = \"all\"\ncheck = \"ok\"\nconfirm = \"1s\"\n";
+/// Check `ok` of every agent: always passes, every second.
+const CHECK: &str =
+    "\n[[check]]\nname = \"ok\"\nkind = \"nagios\"\ncommand = [\"/bin/true\"]\ninterval = \"1s\"\n";
+
 struct TwoControllers {
     dir: tempfile::TempDir,
     cluster: &'static pg::PgCluster,
@@ -118,6 +125,13 @@ async fn two_controllers_with(b_fails_over: bool) -> TwoControllers {
     let (port_a, port_b) = (free_port(), free_port());
     let cfg_a = postgres_controller_config(&d, "ctl-a", port_a, &admin, cluster, &db);
     let cfg_b = postgres_controller_config(&d, "ctl-b", port_b, &admin, cluster, &db);
+    // One service over both agents, the same on both controllers (whichever
+    // holds the health lease judges it): check `ok` of every agent.
+    for cfg in [&cfg_a, &cfg_b] {
+        let mut text = std::fs::read_to_string(cfg).expect("controller config");
+        text.push_str(SERVICE);
+        std::fs::write(cfg, text).expect("controller config");
+    }
     let mut procs = vec![controller(&cfg_a, &d.join("ctl-a.log"))];
     let ca = d.join("ctl-a/pki/ca.crt");
     assert_eventually(Duration::from_secs(20), || async {
@@ -156,7 +170,7 @@ async fn two_controllers_with(b_fails_over: bool) -> TwoControllers {
         };
         std::fs::write(
             &cfg,
-            format!("{dial}state_dir = \"{}\"\n", d.join(name).display()),
+            format!("{dial}state_dir = \"{}\"\n{CHECK}", d.join(name).display()),
         )
         .expect("agent config");
         let _ = fleet.channel(&url).await;
@@ -805,4 +819,159 @@ async fn a_job_queued_on_an_agent_whose_controller_is_killed_runs_after_it_fails
         String::from_utf8_lossy(&got.targets[0].result.as_ref().expect("result").stdout).trim(),
         "after the failover"
     );
+}
+
+/// With agents on different controllers, each controller lists the other's
+/// agent online with what its controller knows of it (version, policy,
+/// check results), and the health lease holder judges a service over both
+/// from both agents' checks (found by an outside test: each controller
+/// listed the other's agents offline, and the health lease holder judged
+/// them failing — "down" alerts for a fleet that was fine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_and_health_are_fleet_wide_across_controllers() {
+    let fleet = two_controllers().await;
+    // Each controller lists both agents online, with policy 1 and the
+    // other's check result.
+    let listed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let mut ok = true;
+            for url in [&fleet.url_a, &fleet.url_b] {
+                for name in ["a-1", "b-1"] {
+                    ok &= fleet.online(url, name).await.is_some_and(|a| {
+                        a.policy_version == 1
+                            && !a.version.is_empty()
+                            && a.checks.iter().any(|c| c.name == "ok")
+                    });
+                }
+            }
+            if ok {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        listed.is_ok(),
+        "both agents online with their checks on both controllers\n{}",
+        fleet.logs()
+    );
+    // The health lease holder judges `up` from both: 2 of 2 pass.
+    let service = |url: String| {
+        let fleet = &fleet;
+        async move {
+            pb::health_client::HealthClient::new(fleet.channel(&url).await)
+                .services(pb::ServicesRequest {
+                    name: "up".into(),
+                    history: 10,
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .services
+                .pop()
+        }
+    };
+    let judged = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            for url in [&fleet.url_a, &fleet.url_b] {
+                if let Some(s) = service(url.clone()).await
+                    && s.total == 2
+                    && s.state != "unknown"
+                {
+                    return s;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no controller judged `up` over both agents\n{}",
+            fleet.logs()
+        )
+    });
+    assert_eq!(
+        (judged.state.as_str(), judged.passing),
+        ("ok", 2),
+        "{judged:?}\n{}",
+        fleet.logs()
+    );
+    // And it never was judged otherwise.
+    assert_eq!(
+        fleet.sql(
+            "SELECT count(*) FROM health_transitions WHERE name = 'up' \
+             AND record->>'to' NOT IN ('ok', 'unknown')"
+        ),
+        "0",
+        "{}",
+        fleet.sql("SELECT string_agg(record::text, ' ') FROM health_transitions")
+    );
+}
+
+/// A controller stopped (SIGSTOP) for longer than its presence entry
+/// stays fresh keeps its agents: a job submitted on the other controller
+/// meanwhile waits for them and runs once it resumes (found by an outside
+/// test: their targets ended `offline` ~16 s after the stop, though the
+/// agents never left it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_controllers_agents_are_not_called_offline() {
+    let fleet = two_controllers().await;
+    let b = fleet._procs[1].0.id().to_string();
+    // B has written that b-1 is connected to it (every 2 s).
+    let listed = tokio::time::timeout(Duration::from_secs(10), async {
+        while fleet.sql("SELECT count(*) FROM presence WHERE 'b-1' = ANY(agents)") != "1" {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(listed.is_ok(), "B lists b-1\n{}", fleet.logs());
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &b])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {b}");
+    };
+    signal("-STOP");
+    let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_a).await);
+    let id = jobs
+        .submit(fleet.job("uptime", "all"))
+        .await
+        .expect("submitted on A")
+        .into_inner()
+        .job_id;
+    // Past FRESH (6 s) + GRACE (10 s), when b-1 used to count as connected
+    // nowhere.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let during = jobs
+        .get(pb::GetJobRequest { job_id: id.clone() })
+        .await
+        .expect("get")
+        .into_inner();
+    signal("-CONT");
+    let b1 = |j: &pb::Job| {
+        j.targets
+            .iter()
+            .find(|t| t.agent_id == "b-1")
+            .map(|t| t.target_state())
+    };
+    assert_eq!(
+        b1(&during),
+        Some(TargetState::Pending),
+        "{during:?}\n{}",
+        fleet.logs()
+    );
+    let ended = job_when(&mut jobs, &id, Duration::from_secs(30), has_ended)
+        .await
+        .unwrap_or_else(|| panic!("the job did not end after B resumed\n{}", fleet.logs()));
+    for t in &ended.targets {
+        assert_eq!(
+            t.target_state(),
+            TargetState::Ok,
+            "{ended:?}\n{}",
+            fleet.logs()
+        );
+    }
 }

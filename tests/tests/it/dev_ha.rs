@@ -201,6 +201,14 @@ async fn dev_with_three_controllers_on_postgres_survives_a_kill_9_of_one() {
         ctls[1].pid, ctls[2].pid,
         "controllers 2 and 3 are their own processes"
     );
+    // Every controller has the services: whichever takes the health lease
+    // judges them (found by an outside test: only the first had them).
+    for k in [2, 3] {
+        let cfg = read(&format!("controller-{k}.toml"));
+        for service in ["[services.fleet-disk]", "[services.web]"] {
+            assert!(cfg.contains(service), "controller-{k}.toml: {cfg}");
+        }
+    }
 
     // dev-i prefers controller i.
     for (i, c) in ctls.iter().enumerate() {

@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "presence",
         sql: include_str!("migrations/0004_presence.sql"),
     },
+    Migration {
+        version: 5,
+        name: "agent_live",
+        sql: include_str!("migrations/0005_agent_live.sql"),
+    },
 ];
 
 /// The advisory lock key migrations hold ("fleetcmd" in ASCII).

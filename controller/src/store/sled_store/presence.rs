@@ -1,12 +1,13 @@
 //! Presence on sled: tree `presence`, controller → written-at in Unix
 //! milliseconds (8 bytes, big-endian), a settling byte, then the agents'
 //! names separated by newlines (a name never holds one). One controller
-//! writes a sled store; the tree is there so the conformance suite holds
-//! for every backend.
+//! writes a sled store; the trees are there so the conformance suite holds
+//! for every backend. Tree `agent_live`: agent → written-at (8 bytes), the
+//! controller's name's length (2 bytes, big-endian), the name, the data.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::super::{Presence, PresenceStore, StoreError};
+use super::super::{AgentLive, Presence, PresenceStore, StoreError};
 use super::SledStore;
 
 /// Entries not written for this long are removed.
@@ -59,6 +60,59 @@ impl PresenceStore for SledStore {
                     .filter(|n| !n.is_empty())
                     .map(str::to_owned)
                     .collect(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn put_agents_live(&self, rows: &[AgentLive]) -> Result<(), StoreError> {
+        let tree = &self.trees()?.agent_live;
+        let now = now_ms().to_be_bytes();
+        for r in rows {
+            let name = r.controller.as_bytes();
+            let len = u16::try_from(name.len()).map_err(|_| {
+                StoreError::Backend(format!("controller name of {} bytes", name.len()))
+            })?;
+            let mut v = Vec::with_capacity(10 + name.len() + r.data.len());
+            v.extend_from_slice(&now);
+            v.extend_from_slice(&len.to_be_bytes());
+            v.extend_from_slice(name);
+            v.extend_from_slice(&r.data);
+            tree.insert(r.agent.as_bytes(), v)
+                .map_err(|e| self.fail(e))?;
+        }
+        Ok(())
+    }
+
+    fn agents_live(&self, since: Option<Duration>) -> Result<Vec<AgentLive>, StoreError> {
+        let tree = &self.trees()?.agent_live;
+        let from = since.map_or(0, |d| {
+            now_ms().saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        });
+        let mut out = Vec::new();
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(|e| self.fail(e))?;
+            if written_at(&v) < from {
+                continue;
+            }
+            let agent = String::from_utf8_lossy(&k).into_owned();
+            let corrupt = |reason: &str| StoreError::Corrupt {
+                key: format!("agent_live/{agent}"),
+                reason: reason.to_owned(),
+            };
+            let len = v
+                .get(8..10)
+                .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+                .ok_or_else(|| corrupt("shorter than its header"))?;
+            let name = v
+                .get(10..10 + len)
+                .ok_or_else(|| corrupt("shorter than its controller name"))?;
+            out.push(AgentLive {
+                controller: std::str::from_utf8(name)
+                    .map_err(|e| corrupt(&e.to_string()))?
+                    .to_owned(),
+                data: v[10 + len..].to_vec(),
+                agent,
             });
         }
         Ok(out)
