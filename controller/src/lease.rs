@@ -137,13 +137,13 @@ impl Leadership {
 /// controller takes over at once after a clean shutdown).
 pub async fn keep(
     store: Arc<dyn Store>,
-    singleton: Singleton,
+    name: String,
     holder: String,
     timing: LeaseTiming,
     leadership: Leadership,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let name = singleton.lease_name();
+    let name: Arc<str> = name.into();
     let mut tick = tokio::time::interval(timing.renew_every());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -153,20 +153,19 @@ pub async fn keep(
         }
         let sent = Instant::now();
         let held = leadership.held().filter(|h| sent < h.until);
-        let s = store.clone();
-        let h = holder.clone();
+        let (s, h, n) = (store.clone(), holder.clone(), name.clone());
         let step = match &held {
             Some(held) => {
                 let term = held.fence.term;
                 tokio::task::spawn_blocking(move || {
-                    s.lease_renew(name, &h, term, timing.ttl)
+                    s.lease_renew(&n, &h, term, timing.ttl)
                         .map(|ok| ok.then_some(term))
                 })
                 .await
             }
             None => {
                 tokio::task::spawn_blocking(move || {
-                    s.lease_acquire(name, &h, timing.ttl)
+                    s.lease_acquire(&n, &h, timing.ttl)
                         .map(|l| l.map(|l| l.term))
                 })
                 .await
@@ -175,11 +174,11 @@ pub async fn keep(
         match step {
             Ok(Ok(Some(term))) => {
                 if held.as_ref().is_none_or(|h| h.fence.term != term) {
-                    tracing::info!(lease = name, term, "leading");
+                    tracing::info!(lease = %name, term, "leading");
                 }
                 leadership.set(Some(Held {
                     fence: Fence {
-                        lease: name.to_owned(),
+                        lease: name.to_string(),
                         holder: holder.clone(),
                         term,
                     },
@@ -189,7 +188,7 @@ pub async fn keep(
             Ok(Ok(None)) => {
                 if held.is_some() {
                     tracing::warn!(
-                        lease = name,
+                        lease = %name,
                         "lease lost to another controller; stepping down"
                     );
                 }
@@ -197,25 +196,29 @@ pub async fn keep(
             }
             // Leadership runs out by itself at `until`; the next tick tries
             // again.
-            Ok(Err(e)) => tracing::warn!(lease = name, error = %e, "renewing the lease"),
-            Err(e) => tracing::error!(lease = name, error = %e, "lease task"),
+            Ok(Err(e)) => tracing::warn!(lease = %name, error = %e, "renewing the lease"),
+            Err(e) => tracing::error!(lease = %name, error = %e, "lease task"),
         }
     }
     if let Some(held) = leadership.held() {
         leadership.set(None);
         let term = held.fence.term;
+        let n = name.clone();
         let released =
-            tokio::task::spawn_blocking(move || store.lease_release(name, &holder, term)).await;
+            tokio::task::spawn_blocking(move || store.lease_release(&n, &holder, term)).await;
         if let Ok(Err(e)) = released {
-            tracing::warn!(lease = name, error = %e, "releasing the lease; it expires by itself");
+            tracing::warn!(lease = %name, error = %e, "releasing the lease; it expires by itself");
         }
     }
 }
 
-/// The leaderships of every singleton of one controller, and their keepers.
+/// The leaderships of every singleton of one controller (and of its
+/// audit exporters, `audit-export:NAME`), and their keepers.
 pub struct Leases {
     pub holder: String,
     by_singleton: Vec<(Singleton, Leadership)>,
+    store: Arc<dyn Store>,
+    timing: LeaseTiming,
     stop: tokio::sync::watch::Sender<bool>,
     keepers: tokio::task::JoinSet<()>,
 }
@@ -230,7 +233,7 @@ impl Leases {
             let l = Leadership::default();
             keepers.spawn(keep(
                 store.clone(),
-                s,
+                s.lease_name().to_owned(),
                 holder.clone(),
                 timing,
                 l.clone(),
@@ -241,9 +244,25 @@ impl Leases {
         Leases {
             holder,
             by_singleton,
+            store,
+            timing,
             stop,
             keepers,
         }
+    }
+
+    /// Keeps one more lease, `name` (not a singleton's), from now on.
+    pub fn keep_named(&mut self, name: String) -> Leadership {
+        let l = Leadership::default();
+        self.keepers.spawn(keep(
+            self.store.clone(),
+            name,
+            self.holder.clone(),
+            self.timing,
+            l.clone(),
+            self.stop.subscribe(),
+        ));
+        l
     }
 
     pub fn of(&self, s: Singleton) -> &Leadership {

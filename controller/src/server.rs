@@ -376,7 +376,7 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
     }));
     // Singletons run only while this controller holds their lease (see
     // `lease`); with one controller it always does.
-    let leases = Leases::start(
+    let mut leases = Leases::start(
         shared.store.clone(),
         crate::lease::holder_id(),
         crate::lease::LeaseTiming::default(),
@@ -453,13 +453,19 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
     });
     let mut exporters = Vec::new();
     for cfg in &shared.config.audit_export {
-        let exporter =
-            crate::audit::export::Exporter::new(cfg, shared.audit.clone()).map_err(|reason| {
-                StartError::Export {
-                    name: cfg.name.clone(),
-                    reason,
-                }
-            })?;
+        // Each exporter under a lease of its own: with several controllers
+        // configured alike, one exports and the next resumes after it.
+        let lead = leases.keep_named(crate::audit::export::lease_name(&cfg.name));
+        let exporter = crate::audit::export::Exporter::new(
+            cfg,
+            shared.audit.clone(),
+            shared.store.clone(),
+            lead,
+        )
+        .map_err(|reason| StartError::Export {
+            name: cfg.name.clone(),
+            reason,
+        })?;
         exporters.push(tokio::spawn(exporter.run(stop.subscribe())));
     }
     // Jobs are dispatched off the request path (Submit answers once the job
@@ -583,10 +589,11 @@ impl RunningController {
         {
             tracing::error!(error = %e, "signing the audit chain head at shutdown");
         }
-        self.leases.stop().await;
-        // Exporters finish the batch in hand; the rest goes after a restart.
-        // One stuck on a slow sink is aborted: its batch was not
-        // acknowledged, so the next start sends it again.
+        // Exporters finish the batch in hand (storing its cursor under their
+        // lease, so before the leases are released); the rest goes after a
+        // restart, or to the controller that takes the lease. One stuck on
+        // a slow sink is aborted: its batch was not acknowledged, so it is
+        // sent again.
         for mut e in self.exporters.drain(..) {
             if tokio::time::timeout(Duration::from_secs(15), &mut e)
                 .await
@@ -596,6 +603,7 @@ impl RunningController {
                 e.abort();
             }
         }
+        self.leases.stop().await;
         let store = self.shared.store.clone();
         tokio::task::spawn_blocking(move || {
             let flushed = store.flush();
@@ -622,11 +630,15 @@ async fn prune_audit(shared: &Arc<Shared>) -> Result<u64, StartError> {
     let dir = crate::audit::export::Exporter::cursor_dir(&shared.audit);
     let mut max_seq = u64::MAX;
     for e in &shared.config.audit_export {
-        let c = crate::audit::export::Cursor::load(&dir, &e.name).map_err(|reason| {
-            StartError::Export {
-                name: e.name.clone(),
-                reason,
-            }
+        let (store, dir, name) = (shared.store.clone(), dir.clone(), e.name.clone());
+        let c = tokio::task::spawn_blocking(move || {
+            crate::audit::export::cursor_of(store.as_ref(), &dir, &name)
+        })
+        .await
+        .map_err(|e| crate::error::ApiError::Internal(e.to_string()))?
+        .map_err(|reason| StartError::Export {
+            name: e.name.clone(),
+            reason,
         })?;
         max_seq = max_seq.min(c.records);
     }

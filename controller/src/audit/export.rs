@@ -4,10 +4,14 @@
 //! Elasticsearch/OpenSearch `_bulk` endpoint or a Splunk HTTP Event
 //! Collector, so a copy lives outside the controller's reach.
 //!
-//! Each exporter remembers the last sequence number a sink accepted in a
-//! small cursor file (`DATA/audit/export/NAME.cursor`, written atomically
-//! after the sink acknowledged), so a restart resumes where it stopped:
-//! nothing is skipped. Duplicates are avoided per sink: the file sink reads
+//! Each exporter remembers the last sequence number a sink accepted in the
+//! store (`LeaseStore::put_export_cursor_fenced`, written after the sink
+//! acknowledged), so a restart resumes where it stopped: nothing is
+//! skipped. It runs only while its controller holds the lease
+//! `audit-export:NAME`: with several controllers configured alike exactly
+//! one exports at a time, and when it dies the next holder resumes from
+//! the stored cursor (a cursor file of an earlier version,
+//! `DATA/audit/export/NAME.cursor`, is read once when the store has none). Duplicates are avoided per sink: the file sink reads
 //! its own last line back, Elasticsearch documents use the sequence number
 //! as `_id` with `create` (a repeat is a 409, counted as done); for stdout,
 //! syslog and Splunk a crash between the sink's acknowledgement and the
@@ -28,6 +32,8 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::Audit;
+use crate::lease::Leadership;
+use crate::store::Store;
 
 /// Records per batch sent to a sink.
 pub const DEFAULT_BATCH: usize = 500;
@@ -320,55 +326,47 @@ pub enum SinkError {
 
 /// Progress of one exporter: the last record and head sequence numbers its
 /// sink acknowledged.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Cursor {
-    pub records: u64,
-    pub heads: u64,
+pub use crate::store::ExportCursor as Cursor;
+
+/// The cursor file of an earlier version (`DIR/NAME.cursor`, `records=N
+/// heads=M`); a missing file is the start of the trail.
+pub fn legacy_cursor(dir: &Path, name: &str) -> Result<Cursor, String> {
+    let path = dir.join(format!("{name}.cursor"));
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Cursor::default()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let mut c = Cursor::default();
+    for part in text.split_whitespace() {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{}: bad cursor {text:?}", path.display()))?;
+        let n: u64 = v
+            .parse()
+            .map_err(|_| format!("{}: bad cursor {text:?}", path.display()))?;
+        match k {
+            "records" => c.records = n,
+            "heads" => c.heads = n,
+            _ => return Err(format!("{}: bad cursor {text:?}", path.display())),
+        }
+    }
+    Ok(c)
 }
 
-impl Cursor {
-    fn path(dir: &Path, name: &str) -> PathBuf {
-        dir.join(format!("{name}.cursor"))
+/// Where exporter `name` stands: its stored cursor, or (none stored yet)
+/// the cursor file an earlier version wrote in `dir`. Blocking.
+pub fn cursor_of(store: &dyn Store, dir: &Path, name: &str) -> Result<Cursor, String> {
+    match store.export_cursor(name) {
+        Ok(Some(c)) => Ok(c),
+        Ok(None) => legacy_cursor(dir, name),
+        Err(e) => Err(format!("reading the export cursor: {e}")),
     }
+}
 
-    /// Reads the cursor; a missing file is the start of the trail.
-    pub fn load(dir: &Path, name: &str) -> Result<Cursor, String> {
-        let path = Cursor::path(dir, name);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Cursor::default()),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
-        let mut c = Cursor::default();
-        for part in text.split_whitespace() {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("{}: bad cursor {text:?}", path.display()))?;
-            let n: u64 = v
-                .parse()
-                .map_err(|_| format!("{}: bad cursor {text:?}", path.display()))?;
-            match k {
-                "records" => c.records = n,
-                "heads" => c.heads = n,
-                _ => return Err(format!("{}: bad cursor {text:?}", path.display())),
-            }
-        }
-        Ok(c)
-    }
-
-    /// Writes the cursor durably (temp file, fsync, rename, fsync dir).
-    pub fn store(&self, dir: &Path, name: &str) -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let path = Cursor::path(dir, name);
-        let tmp = dir.join(format!(".{name}.cursor.tmp"));
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            writeln!(f, "records={} heads={}", self.records, self.heads)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(dir)?.sync_all()
-    }
+/// The lease an exporter runs under.
+pub fn lease_name(name: &str) -> String {
+    format!("audit-export:{name}")
 }
 
 /// A destination for exported lines.
@@ -750,10 +748,13 @@ fn last_record_in(path: &Path) -> Option<u64> {
         })
 }
 
-/// One exporter: reads the trail after its cursor and feeds its sink.
+/// One exporter: reads the trail after its cursor and feeds its sink,
+/// while `lead` says this controller holds its lease.
 pub struct Exporter {
     pub name: String,
     pub audit: Arc<Audit>,
+    pub store: Arc<dyn Store>,
+    pub lead: Leadership,
     pub sink: Sink,
     pub batch: usize,
     pub cursor_dir: PathBuf,
@@ -776,28 +777,74 @@ impl Exporter {
         audit.dir().join("export")
     }
 
-    /// An exporter for `cfg` over `audit`; opens the sink.
-    pub fn new(cfg: &ExportConfig, audit: Arc<Audit>) -> Result<Exporter, String> {
+    /// An exporter for `cfg` over `audit`, running while `lead` holds its
+    /// lease (`lease_name`); opens the sink.
+    pub fn new(
+        cfg: &ExportConfig,
+        audit: Arc<Audit>,
+        store: Arc<dyn Store>,
+        lead: Leadership,
+    ) -> Result<Exporter, String> {
         Ok(Exporter {
             name: cfg.name.clone(),
             cursor_dir: Exporter::cursor_dir(&audit),
             sink: Sink::open(cfg)?,
             audit,
+            store,
+            lead,
             batch: cfg.batch,
             retry_initial: cfg.retry_initial,
             retry_max: cfg.retry_max,
         })
     }
 
-    /// Runs until `stop` turns true (finishing the batch in hand).
+    /// Runs until `stop` turns true (finishing the batch in hand): waits
+    /// for the lease, exports from the stored cursor while it holds it,
+    /// and waits again when it is lost.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut cursor = match Cursor::load(&self.cursor_dir, &self.name) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(exporter = %self.name, error = %e, "audit export cursor unreadable; not exporting");
+        loop {
+            loop {
+                if *stop.borrow() {
+                    return;
+                }
+                if self.lead.is_leader() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+            let (store, dir, name) = (
+                self.store.clone(),
+                self.cursor_dir.clone(),
+                self.name.clone(),
+            );
+            let start = tokio::task::spawn_blocking(move || cursor_of(store.as_ref(), &dir, &name))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|c| c);
+            let cursor = match start {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(exporter = %self.name, error = %e, "audit export cursor unreadable; trying again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.retry_max) => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
+            };
+            tracing::info!(exporter = %self.name, records = cursor.records, "exporting the audit trail");
+            if self.export(cursor, &mut stop).await {
                 return;
             }
-        };
+        }
+    }
+
+    /// Exports from `cursor` while this controller leads; `true` when
+    /// asked to stop, `false` when the lease was lost.
+    async fn export(&mut self, mut cursor: Cursor, stop: &mut watch::Receiver<bool>) -> bool {
         if let Some(seq) = self.sink.already_has()
             && seq > cursor.records
         {
@@ -807,7 +854,11 @@ impl Exporter {
         let mut backoff = self.retry_initial;
         loop {
             if *stop.borrow() {
-                return;
+                return true;
+            }
+            if !self.lead.is_leader() {
+                tracing::warn!(exporter = %self.name, "audit export lease lost; another controller exports");
+                return false;
             }
             let lines = match self.next_lines(cursor).await {
                 Ok(l) => l,
@@ -833,8 +884,8 @@ impl Exporter {
                             cursor.records = cursor.records.max(l.seq);
                         }
                     }
-                    if let Err(e) = cursor.store(&self.cursor_dir, &self.name) {
-                        tracing::error!(exporter = %self.name, error = %e, "writing the export cursor failed");
+                    if !self.keep_cursor(cursor).await {
+                        return false;
                     }
                 }
                 Err(e) => {
@@ -845,6 +896,35 @@ impl Exporter {
                     }
                     backoff = (backoff * 2).min(self.retry_max);
                 }
+            }
+        }
+    }
+
+    /// Stores the cursor under the lease; `false` when the lease is no
+    /// longer this controller's (the write was refused).
+    async fn keep_cursor(&self, cursor: Cursor) -> bool {
+        let Some(fence) = self.lead.fence() else {
+            return false;
+        };
+        let (store, name) = (self.store.clone(), self.name.clone());
+        let put = tokio::task::spawn_blocking(move || {
+            store.put_export_cursor_fenced(&fence, &name, cursor)
+        })
+        .await;
+        match put {
+            Ok(Ok(true)) => true,
+            Ok(Ok(false)) => {
+                tracing::warn!(exporter = %self.name, "the export cursor was refused: the lease moved; another controller exports");
+                false
+            }
+            // Not stored: the next start sends this batch again.
+            Ok(Err(e)) => {
+                tracing::error!(exporter = %self.name, error = %e, "writing the export cursor failed");
+                true
+            }
+            Err(e) => {
+                tracing::error!(exporter = %self.name, error = %e, "export cursor task");
+                true
             }
         }
     }

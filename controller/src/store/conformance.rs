@@ -8,9 +8,9 @@ use fleetcmd_core::audit::{Chain, Event, EventKind, Record, SignedHead};
 use fleetcmd_core::state::{JobState, Stop, TargetState};
 
 use super::{
-    AgentLive, AgentRecord, AuditDim, AuditIndexEntry, Fence, HealthRecord, HealthTransition,
-    JobClash, JobQuery, JobRecord, Order, PolicyRecord, Presence, Store, StoreError, TargetRecord,
-    TargetWrite, TokenRecord, TokenRefusal,
+    AgentLive, AgentRecord, AuditDim, AuditIndexEntry, ExportCursor, Fence, HealthRecord,
+    HealthTransition, JobClash, JobQuery, JobRecord, Order, PolicyRecord, Presence, Store,
+    StoreError, TargetRecord, TargetWrite, TokenRecord, TokenRefusal,
 };
 use crate::revocation::CertRevocation;
 
@@ -1032,6 +1032,71 @@ pub fn agent_live_rows_are_one_per_agent_and_read_by_age(store: &dyn Store) {
     assert_eq!(store.agents_live(None).expect("read").len(), 3);
 }
 
+/// An exporter's cursor is written only under the current grant of its
+/// lease, and read back as written.
+pub fn export_cursors_are_written_only_under_their_lease(store: &dyn Store) {
+    let lease = "audit-export:siem";
+    assert_eq!(store.export_cursor("siem").expect("read"), None);
+    let a = store
+        .lease_acquire(lease, "ctl-a", SHORT_TTL)
+        .expect("acquire")
+        .expect("granted");
+    let fence_a = Fence {
+        lease: lease.into(),
+        holder: "ctl-a".into(),
+        term: a.term,
+    };
+    let at = |records, heads| ExportCursor { records, heads };
+    assert!(
+        store
+            .put_export_cursor_fenced(&fence_a, "siem", at(500, 3))
+            .expect("put")
+    );
+    assert_eq!(store.export_cursor("siem").expect("read"), Some(at(500, 3)));
+    // Another name's lease does not fence this one.
+    let other = Fence {
+        lease: "audit-heads".into(),
+        ..fence_a.clone()
+    };
+    assert!(
+        !store
+            .put_export_cursor_fenced(&other, "siem", at(9, 9))
+            .expect("put")
+    );
+    std::thread::sleep(SHORT_TTL * 2);
+    assert!(
+        !store
+            .put_export_cursor_fenced(&fence_a, "siem", at(700, 4))
+            .expect("put"),
+        "an expired holder's cursor is refused"
+    );
+    let b = store
+        .lease_acquire(lease, "ctl-b", LEASE_TTL)
+        .expect("acquire")
+        .expect("granted");
+    let fence_b = Fence {
+        lease: lease.into(),
+        holder: "ctl-b".into(),
+        term: b.term,
+    };
+    assert!(
+        store
+            .put_export_cursor_fenced(&fence_b, "siem", at(1000, 5))
+            .expect("put")
+    );
+    assert!(
+        !store
+            .put_export_cursor_fenced(&fence_a, "siem", at(1, 1))
+            .expect("put"),
+        "the old term stays refused"
+    );
+    assert_eq!(
+        store.export_cursor("siem").expect("read"),
+        Some(at(1000, 5))
+    );
+    assert_eq!(store.export_cursor("other").expect("read"), None);
+}
+
 pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     jobs_are_listed_by_the_backend(fresh().as_ref());
     targets_keep_their_states(fresh().as_ref());
@@ -1046,6 +1111,7 @@ pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     targets_and_their_audit_records_are_stored_together(fresh().as_ref());
     presence_entries_replace_each_other_and_go_stale(fresh().as_ref());
     agent_live_rows_are_one_per_agent_and_read_by_age(fresh().as_ref());
+    export_cursors_are_written_only_under_their_lease(fresh().as_ref());
     health_state_and_history_are_kept(fresh().as_ref());
     revocations_are_kept(fresh().as_ref());
     a_lease_has_one_holder_and_terms_grow(fresh().as_ref());

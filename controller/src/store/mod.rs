@@ -448,6 +448,27 @@ pub trait LeaseStore {
     /// unexpired grant of its lease, checked in the same statement as the
     /// write; `false`: refused (a stale leader), nothing was written.
     fn audit_put_head_fenced(&self, fence: &Fence, head: &SignedHead) -> Result<bool, StoreError>;
+    /// Stores audit exporter `name`'s cursor (the last record and head
+    /// sequence numbers its sink acknowledged) only while `fence` is the
+    /// current, unexpired grant of its lease, as `audit_put_head_fenced`:
+    /// with several controllers the holder of `audit-export:NAME` runs the
+    /// export and the next holder resumes from here. `false`: refused.
+    fn put_export_cursor_fenced(
+        &self,
+        fence: &Fence,
+        name: &str,
+        cursor: ExportCursor,
+    ) -> Result<bool, StoreError>;
+    /// Exporter `name`'s stored cursor, if any.
+    fn export_cursor(&self, name: &str) -> Result<Option<ExportCursor>, StoreError>;
+}
+
+/// Where an audit exporter stands: the last record and signed-head
+/// sequence numbers its sink acknowledged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExportCursor {
+    pub records: u64,
+    pub heads: u64,
 }
 
 /// One controller's entry in the presence table: the agents connected to

@@ -63,6 +63,7 @@ struct SledTrees {
     claims: sled::Tree,
     presence: sled::Tree,
     agent_live: sled::Tree,
+    export_cursors: sled::Tree,
 }
 
 /// `meta` key set once `job_short` holds every stored job's short id.
@@ -170,6 +171,7 @@ fn open_trees(path: &Path, cache_bytes: u64) -> Result<SledTrees, StoreError> {
         claims: tree("claims")?,
         presence: tree("presence")?,
         agent_live: tree("agent_live")?,
+        export_cursors: tree("export_cursors")?,
         db,
     };
     build_short_index(&trees).map_err(|e| open_err(&e))?;

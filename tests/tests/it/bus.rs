@@ -109,12 +109,13 @@ impl TwoControllers {
 /// Controllers A and B on one fresh database, policy 1 pushed on A before
 /// B starts, `a-1` joined and streaming to A only, `b-1` to B only.
 async fn two_controllers() -> TwoControllers {
-    two_controllers_with(false).await
+    two_controllers_with(false, "").await
 }
 
 /// As `two_controllers`; with `b_fails_over`, `b-1` knows both controllers
-/// (B first) and has one job slot.
-async fn two_controllers_with(b_fails_over: bool) -> TwoControllers {
+/// (B first) and has one job slot; `controller_toml` is added to both
+/// controllers' config.
+async fn two_controllers_with(b_fails_over: bool, controller_toml: &str) -> TwoControllers {
     init();
     let (cluster, db) = crate::postgres::fresh_database().await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -130,6 +131,7 @@ async fn two_controllers_with(b_fails_over: bool) -> TwoControllers {
     for cfg in [&cfg_a, &cfg_b] {
         let mut text = std::fs::read_to_string(cfg).expect("controller config");
         text.push_str(SERVICE);
+        text.push_str(controller_toml);
         std::fs::write(cfg, text).expect("controller config");
     }
     let mut procs = vec![controller(&cfg_a, &d.join("ctl-a.log"))];
@@ -745,7 +747,7 @@ async fn a_job_canceled_on_one_controller_stops_on_the_others_agents() {
 /// crash failed the jobs it had just dispatched).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_queued_on_an_agent_whose_controller_is_killed_runs_after_it_fails_over() {
-    let mut fleet = two_controllers_with(true).await;
+    let mut fleet = two_controllers_with(true, "").await;
     let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_a).await);
     let submit = |command: &str, args: &[(&str, &str)]| {
         let s = spec(command, args, "name=b-1", "cli:admin");
@@ -974,4 +976,93 @@ async fn a_stalled_controllers_agents_are_not_called_offline() {
             fleet.logs()
         );
     }
+}
+
+/// One `[[audit_export]]` configured alike on both controllers: one exports
+/// at a time (the holder of its lease), and when it is killed the other
+/// takes the lease and resumes from the stored cursor — the file holds
+/// every record once, in order, through the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_audit_export_fails_over_to_the_other_controller_without_gap_or_duplicate() {
+    let trail = tempfile::tempdir().expect("tempdir");
+    let path = trail.path().join("trail.jsonl");
+    let mut fleet = two_controllers_with(
+        false,
+        &format!(
+            "\n[[audit_export]]\nname = \"trail\"\nkind = \"file\"\npath = \"{}\"\n",
+            path.display()
+        ),
+    )
+    .await;
+    let records = |fleet: &TwoControllers| -> Vec<u64> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(
+                |l| match serde_json::from_str::<fleetcmd_core::audit::ExportLine>(l) {
+                    Ok(fleetcmd_core::audit::ExportLine::Record(r)) => Some(r.seq),
+                    Ok(_) => None,
+                    Err(e) => panic!("{l}: {e}\n{}", fleet.logs()),
+                },
+            )
+            .collect()
+    };
+    let exported_all = |fleet: &TwoControllers| {
+        let last: u64 = fleet
+            .sql("SELECT coalesce(max(seq), 0) FROM audit_log")
+            .parse()
+            .expect("seq");
+        let got = records(fleet);
+        (got.last() == Some(&last)).then_some(got)
+    };
+    run_and_watch(&fleet, &fleet.url_a, fleet.job("uptime", "all")).await;
+    let before = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(got) = exported_all(&fleet) {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("exported before the kill\n{}", fleet.logs()));
+    // Kill the exporting controller (its lease holder is `ctl-PID-…`).
+    let holder = fleet.sql("SELECT holder FROM leases WHERE name = 'audit-export:trail'");
+    let pid = |i: usize| fleet._procs[i].0.id();
+    let (killed, survivor) = if holder.starts_with(&format!("ctl-{}-", pid(0))) {
+        (0, fleet.url_b.clone())
+    } else {
+        assert!(
+            holder.starts_with(&format!("ctl-{}-", pid(1))),
+            "holder {holder}"
+        );
+        (1, fleet.url_a.clone())
+    };
+    fleet._procs.remove(killed).kill9();
+    let killed_at = Instant::now();
+    // More records on the survivor meanwhile.
+    run_and_watch(&fleet, &survivor, fleet.job("uptime", "all")).await;
+    // The survivor takes the lease (TTL 15 s) and exports the rest.
+    let after = tokio::time::timeout(Duration::from_secs(40), async {
+        loop {
+            if let Some(got) = exported_all(&fleet)
+                && got.len() > before.len()
+            {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("exported after the kill\n{}", fleet.logs()));
+    let want: Vec<u64> = (1..=*after.last().expect("records")).collect();
+    assert_eq!(after, want, "every record once, in order");
+    let cursor = fleet.sql("SELECT records FROM export_cursors WHERE name = 'trail'");
+    assert_eq!(cursor, after.last().expect("records").to_string());
+    eprintln!(
+        "export resumed on the survivor {:?} after the kill ({} records before, {} after)",
+        killed_at.elapsed(),
+        before.len(),
+        after.len()
+    );
 }

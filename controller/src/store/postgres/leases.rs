@@ -8,7 +8,7 @@ use std::time::Duration;
 use fleetcmd_core::audit::SignedHead;
 use tokio_postgres::types::Json;
 
-use super::super::{Fence, Lease, LeaseStore, StoreError};
+use super::super::{ExportCursor, Fence, Lease, LeaseStore, StoreError};
 use super::{PostgresStore, int, uint};
 
 fn ttl_ms(ttl: Duration) -> i64 {
@@ -109,5 +109,44 @@ impl LeaseStore for PostgresStore {
             ],
         )?;
         Ok(n == 1)
+    }
+
+    fn put_export_cursor_fenced(
+        &self,
+        fence: &Fence,
+        name: &str,
+        cursor: ExportCursor,
+    ) -> Result<bool, StoreError> {
+        // Fenced as the audit head is: the lease row is locked by the check.
+        let n = self.execute(
+            "INSERT INTO export_cursors (name, records, heads)
+             SELECT $1::text, $2::bigint, $3::bigint FROM leases
+             WHERE leases.name = $4 AND holder = $5 AND term = $6 AND expires_at > now()
+             FOR SHARE
+             ON CONFLICT (name) DO UPDATE SET records = EXCLUDED.records, heads = EXCLUDED.heads",
+            params![
+                name.to_owned(),
+                int(cursor.records, "export cursor")?,
+                int(cursor.heads, "export cursor")?,
+                fence.lease.clone(),
+                fence.holder.clone(),
+                int(fence.term, "lease term")?
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn export_cursor(&self, name: &str) -> Result<Option<ExportCursor>, StoreError> {
+        let rows = self.query(
+            "SELECT records, heads FROM export_cursors WHERE name = $1",
+            params![name.to_owned()],
+        )?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        Ok(Some(ExportCursor {
+            records: uint(r.get(0), "export cursor")?,
+            heads: uint(r.get(1), "export cursor")?,
+        }))
     }
 }

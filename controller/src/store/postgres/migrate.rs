@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "agent_live",
         sql: include_str!("migrations/0005_agent_live.sql"),
     },
+    Migration {
+        version: 6,
+        name: "export_cursors",
+        sql: include_str!("migrations/0006_export_cursors.sql"),
+    },
 ];
 
 /// The advisory lock key migrations hold ("fleetcmd" in ASCII).

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fleetcmd_core::audit::SignedHead;
 use serde::{Deserialize, Serialize};
 
-use super::super::{Fence, Lease, LeaseStore, StoreError};
+use super::super::{ExportCursor, Fence, Lease, LeaseStore, StoreError};
 use super::{SledStore, seq_key};
 
 /// A grant of this open: holder, term, expiry in Unix milliseconds.
@@ -167,5 +167,45 @@ impl LeaseStore for SledStore {
         let json = serde_json::to_vec(head).expect("signed heads serialize to JSON");
         self.insert(&self.trees()?.audit_heads, &seq_key(head.seq), json)?;
         Ok(true)
+    }
+
+    fn put_export_cursor_fenced(
+        &self,
+        fence: &Fence,
+        name: &str,
+        cursor: ExportCursor,
+    ) -> Result<bool, StoreError> {
+        let grants = self.lease_lock();
+        if !Self::fence_holds(&grants, fence) {
+            return Ok(false);
+        }
+        let mut v = cursor.records.to_be_bytes().to_vec();
+        v.extend_from_slice(&cursor.heads.to_be_bytes());
+        self.insert(&self.trees()?.export_cursors, name.as_bytes(), v)?;
+        Ok(true)
+    }
+
+    fn export_cursor(&self, name: &str) -> Result<Option<ExportCursor>, StoreError> {
+        let Some(v) = self
+            .trees()?
+            .export_cursors
+            .get(name.as_bytes())
+            .map_err(|e| self.fail(e))?
+        else {
+            return Ok(None);
+        };
+        let n = |at: usize| {
+            v.get(at..at + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: format!("export_cursors/{name}"),
+                    reason: format!("{} bytes, expected 16", v.len()),
+                })
+        };
+        Ok(Some(ExportCursor {
+            records: n(0)?,
+            heads: n(8)?,
+        }))
     }
 }
