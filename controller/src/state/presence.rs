@@ -79,6 +79,9 @@ struct View {
     /// What this controller last wrote of its agents: a fingerprint
     /// without the figures, and when.
     written: HashMap<String, (u64, Instant)>,
+    /// A fingerprint of this controller's last list written whole: an
+    /// unchanged list is only stamped again (`touch_presence`).
+    listed: Option<u64>,
 }
 
 struct Snapshot {
@@ -182,6 +185,33 @@ impl PresenceView {
         }
     }
 
+    /// Writes this controller's list, whole when it changed since the last
+    /// write (or was never written), else only stamps it.
+    fn put_list(
+        &self,
+        store: &dyn crate::store::Store,
+        me: &str,
+        settling: bool,
+        agents: Vec<String>,
+    ) -> Result<(), crate::store::StoreError> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        agents.hash(&mut h);
+        let fp = h.finish();
+        let same = lock(&self.0).listed == Some(fp);
+        if same && store.touch_presence(me, settling)? {
+            return Ok(());
+        }
+        // Forgotten first: a failed write is written whole next time.
+        lock(&self.0).listed = None;
+        store.put_presence(&Presence {
+            controller: me.to_owned(),
+            settling,
+            agents,
+        })?;
+        lock(&self.0).listed = Some(fp);
+        Ok(())
+    }
+
     fn live_read(&self) -> bool {
         lock(&self.0).live_read
     }
@@ -274,11 +304,11 @@ impl Shared {
             let live: Vec<AgentLive> = rows.iter().map(|(r, _)| r.clone()).collect();
             self.store.put_agents_live(&live)?;
             self.presence.written(&rows);
-            self.store.put_presence(&Presence {
-                controller: me.to_owned(),
-                settling: self.registry.settling(),
-                agents: here.into_iter().map(|a| a.agent_id).collect(),
-            })?;
+            let mut agents: Vec<String> = here.into_iter().map(|a| a.agent_id).collect();
+            agents.sort_unstable();
+            let settling = self.registry.settling();
+            self.presence
+                .put_list(self.store.as_ref(), me, settling, agents)?;
             let since = self.presence.live_read().then_some(LIVE_OVERLAP);
             Ok::<_, crate::error::ApiError>(Read {
                 me: me.to_owned(),

@@ -989,6 +989,25 @@ pub fn presence_entries_replace_each_other_and_go_stale(store: &dyn Store) {
         vec![entry("ctl-b", false, &["db-1"])],
         "ctl-a's entry is stale"
     );
+    // A touch stamps an entry again, with its agents, and sets settling.
+    assert!(store.touch_presence("ctl-a", true).expect("touch"));
+    let mut got = store.presence(Duration::from_millis(200)).expect("read");
+    got.sort_by(|x, y| x.controller.cmp(&y.controller));
+    assert_eq!(
+        got,
+        vec![
+            entry("ctl-a", true, &["web-1", "web-2"]),
+            entry("ctl-b", false, &["db-1"])
+        ]
+    );
+    assert!(
+        !store.touch_presence("ctl-c", false).expect("touch"),
+        "no entry to touch"
+    );
+    assert_eq!(
+        store.presence(Duration::from_secs(60)).expect("read").len(),
+        2
+    );
 }
 
 /// Agents' live rows: one per agent, replaced by the next write (whoever

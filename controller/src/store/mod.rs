@@ -490,6 +490,10 @@ pub trait PresenceStore {
     /// Replaces `controller`'s entry (stamped now); entries not written for
     /// a day are removed.
     fn put_presence(&self, entry: &Presence) -> Result<(), StoreError>;
+    /// Stamps `controller`'s entry now, with `settling`, keeping its
+    /// agents (what a controller writes when its list did not change);
+    /// `false` when it has no entry (nothing was written).
+    fn touch_presence(&self, controller: &str, settling: bool) -> Result<bool, StoreError>;
     /// The entries written within `fresh`, by controller.
     fn presence(&self, fresh: std::time::Duration) -> Result<Vec<Presence>, StoreError>;
     /// Replaces these agents' live rows (stamped now), each with the

@@ -26,6 +26,14 @@ impl PresenceStore for PostgresStore {
         .map(drop)
     }
 
+    fn touch_presence(&self, controller: &str, settling: bool) -> Result<bool, StoreError> {
+        let n = self.execute(
+            "UPDATE presence SET settling = $2, written_at = now() WHERE controller = $1",
+            params![controller.to_owned(), settling],
+        )?;
+        Ok(n == 1)
+    }
+
     fn presence(&self, fresh: Duration) -> Result<Vec<Presence>, StoreError> {
         let fresh_ms = i64::try_from(fresh.as_millis()).unwrap_or(i64::MAX);
         Ok(self

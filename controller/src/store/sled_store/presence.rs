@@ -38,6 +38,22 @@ impl PresenceStore for SledStore {
         Ok(())
     }
 
+    fn touch_presence(&self, controller: &str, settling: bool) -> Result<bool, StoreError> {
+        let tree = &self.trees()?.presence;
+        let Some(old) = tree.get(controller.as_bytes()).map_err(|e| self.fail(e))? else {
+            return Ok(false);
+        };
+        if old.len() < 9 {
+            return Ok(false);
+        }
+        let mut v = now_ms().to_be_bytes().to_vec();
+        v.push(u8::from(settling));
+        v.extend_from_slice(&old[9..]);
+        tree.insert(controller.as_bytes(), v)
+            .map_err(|e| self.fail(e))?;
+        Ok(true)
+    }
+
     fn presence(&self, fresh: Duration) -> Result<Vec<Presence>, StoreError> {
         let tree = &self.trees()?.presence;
         let since = now_ms().saturating_sub(u64::try_from(fresh.as_millis()).unwrap_or(u64::MAX));
