@@ -11,10 +11,13 @@
 //! controller refusing it, so a job starts only while a controller accepts
 //! the agent. When the stream that delivered it is lost (a controller
 //! killed, the network) the job waits for the next welcome — from the same
-//! controller or another of the list — and starts then; it is refused
-//! (`agent_revoked`) if a controller refuses the agent first, and
-//! (`stream_ended`) if the agent stops or is not welcomed again before the
-//! job expires. Jobs already running are not affected.
+//! controller or another of the list — and for that controller to send it
+//! again (it does for every target still active: the job was not canceled
+//! or ended meanwhile), and starts then; it is refused (`agent_revoked`)
+//! if a controller refuses the agent first, and (`stream_ended`) if the
+//! agent stops or it is not sent again before the job expires. A job
+//! canceled before it started never starts. Jobs already running are not
+//! affected.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -97,7 +100,12 @@ struct Inner {
     /// follows. Without it, a copy arriving in one of those windows was
     /// refused as `replayed`, a refusal the controller could store as the
     /// target's result.
-    in_hand: Mutex<std::collections::HashSet<String>>,
+    /// With each, the stream (`crate::link` generation) that last
+    /// delivered it: a job that waited through a lost connection starts
+    /// only once the current stream delivered it again.
+    in_hand: Mutex<HashMap<String, u64>>,
+    /// Told whenever a copy or a cancel of a job in hand arrives.
+    job_news: tokio::sync::Notify,
     /// Bounds the jobs running at once (`max_concurrent_jobs`); the others
     /// wait here, already authorized, in arrival order.
     slots: Arc<tokio::sync::Semaphore>,
@@ -167,7 +175,8 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         out: Mutex::new(None),
         collector: Arc::new(Mutex::new(Collector::new())),
         running: Mutex::new(HashMap::new()),
-        in_hand: Mutex::new(std::collections::HashSet::new()),
+        in_hand: Mutex::new(HashMap::new()),
+        job_news: tokio::sync::Notify::new(),
         canceled_early: Mutex::new(std::collections::HashSet::new()),
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_jobs)),
         last_heartbeat: Mutex::new(None),
@@ -436,6 +445,7 @@ async fn session(
                             // It may be between its checks and its start.
                             None => {
                                 lock(&inner.canceled_early).insert(c.job_id);
+                                inner.job_news.notify_waiters();
                             }
                         }
                     }
@@ -541,6 +551,53 @@ fn refused(job_id: String, code: &str, reason: String) -> pb::JobResult {
     }
 }
 
+/// How long a job that waited through a lost connection waits, once the
+/// agent is welcomed again, for that controller to send it again.
+const DELIVERED_AGAIN_WAIT: Duration = Duration::from_secs(15);
+
+/// What a job admitted earlier may start under now (`crate::link`): the
+/// link settled, and — when the stream up now is not the one that last
+/// delivered the job — a copy of it sent on the current stream, the
+/// controller's word that its target is still active (not canceled or
+/// ended while the agent was away).
+async fn settle_delivered(
+    inner: &Inner,
+    job_id: &str,
+    link: &mut LinkRx,
+    refusals: u64,
+    until_expiry: Duration,
+) -> Stream {
+    let deadline = tokio::time::Instant::now() + until_expiry;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let stream = crate::link::settle(link, refusals, left).await;
+        if stream != Stream::Up {
+            return stream;
+        }
+        let again = inner.job_news.notified();
+        tokio::pin!(again);
+        again.as_mut().enable();
+        let now = crate::link::generation(link);
+        // Sent again on this stream, or canceled (it then ends unstarted).
+        if lock(&inner.in_hand).get(job_id) == Some(&now)
+            || lock(&inner.canceled_early).contains(job_id)
+        {
+            return Stream::Up;
+        }
+        let wait = DELIVERED_AGAIN_WAIT
+            .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        tokio::select! {
+            () = &mut again => {}
+            _ = link.changed() => {}
+            () = tokio::time::sleep(wait) => {
+                return Stream::Ended(
+                    "the stream that delivered it ended, and the controller the agent reconnected to did not send it again (canceled or ended meanwhile)".into(),
+                );
+            }
+        }
+    }
+}
+
 /// [`recheck`] against the agent's current policy, labels and clock.
 fn check_at_start(
     inner: &Inner,
@@ -606,7 +663,8 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut link: LinkRx) 
                         p.max_job_lifetime.as_secs(),
                     ) {
                         Ok(()) => {
-                            lock(&inner.in_hand).insert(job_id.clone());
+                            lock(&inner.in_hand)
+                                .insert(job_id.clone(), crate::link::generation(&link));
                             Ok(cmd)
                         }
                         Err(e) => Err(refused(
@@ -626,7 +684,14 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut link: LinkRx) 
         // made): its result will follow; nothing to answer. `in_hand` is
         // asked before `pending`: `report` fills `pending` before it
         // empties `in_hand`, so a copy always finds one of them.
-        Err(r) if r.reason_code == "replayed" && lock(&inner.in_hand).contains(&job_id) => {
+        Err(r)
+            if r.reason_code == "replayed"
+                && let Some(by) = lock(&inner.in_hand).get_mut(&job_id) =>
+        {
+            // Delivered again on the stream up now: a job that waits
+            // through a lost connection may start (`settle_delivered`).
+            *by = crate::link::generation(&link);
+            inner.job_news.notify_waiters();
             tracing::debug!(agent_id = %inner.agent_id, job_id = %job_id, "redelivered job is still in hand");
             return;
         }
@@ -658,7 +723,21 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut link: LinkRx) 
                     .saturating_sub(now_secs())
                     + 1,
             );
-            let stream = crate::link::settle(&mut link, refusals, until_expiry).await;
+            let stream = settle_delivered(&inner, &job_id, &mut link, refusals, until_expiry).await;
+            // Canceled while it waited: it never starts.
+            if lock(&inner.canceled_early).remove(&job_id) {
+                tracing::info!(agent_id = %inner.agent_id, job_id = %job_id, "job canceled before it started");
+                report(
+                    &inner,
+                    pb::JobResult {
+                        job_id: job_id.clone(),
+                        outcome: pb::Outcome::Canceled as i32,
+                        reason: "canceled before it started".into(),
+                        ..Default::default()
+                    },
+                );
+                return;
+            }
             // Everything that authorized the job, again, now.
             let cmd = match check_at_start(&inner, &admitted, &stream) {
                 Ok(cmd) => cmd,
@@ -670,6 +749,8 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut link: LinkRx) 
                     return;
                 }
             };
+            // The host's own record of what ran, and for whom.
+            tracing::info!(agent_id = %inner.agent_id, job_id = %job_id, command = %cmd.spec().command, requester = %cmd.spec().requester, "job starting");
             if let Err(e) = inner.spool.started(&job_id) {
                 tracing::error!(agent_id = %inner.agent_id, job_id = %job_id, error = %e, "spooling a start marker");
             }

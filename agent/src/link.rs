@@ -13,6 +13,12 @@
 //! Refusals are counted, not only shown: a job compares the count with the
 //! one at its admission, so a refusal followed at once by another lost
 //! connection is never missed (a watch shows only the newest value).
+//!
+//! A welcome is not the whole answer: the job may have been canceled, or
+//! its target ended, while the agent was away. So a job delivered on an
+//! earlier stream starts only once the controller of the current one sends
+//! it again (it sends every job whose target is still active to an agent
+//! that connects: `Shared::redeliver`); `crate::conn` waits for that copy.
 
 use std::time::Duration;
 
@@ -23,6 +29,8 @@ use tokio::sync::watch;
 pub struct Link {
     /// A controller welcomed the agent and its stream is still up.
     pub up: bool,
+    /// Welcomes since the agent started: which stream is up.
+    pub generation: u64,
     /// Why the last stream ended (shown in a refusal).
     pub last_end: String,
     /// Refusals by a controller since the agent started, and the last one's
@@ -51,7 +59,10 @@ impl LinkTx {
 
     /// A controller welcomed the agent.
     pub fn welcomed(&self) {
-        self.0.send_modify(|l| l.up = true);
+        self.0.send_modify(|l| {
+            l.up = true;
+            l.generation += 1;
+        });
     }
 
     /// The stream ended; `refused` when the controller refused the agent.
@@ -92,6 +103,11 @@ fn decided(l: &Link, refusals_at_admission: u64) -> Option<Stream> {
 /// The refusal count now (taken when a job is admitted).
 pub fn refusals(rx: &LinkRx) -> u64 {
     rx.borrow().refusals
+}
+
+/// The stream up now (its generation).
+pub fn generation(rx: &LinkRx) -> u64 {
+    rx.borrow().generation
 }
 
 /// Resolves when the job must not start whatever happens next: a refusal

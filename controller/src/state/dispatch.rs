@@ -458,30 +458,36 @@ impl Shared {
         Ok(Some(run))
     }
 
-    /// With several controllers: sends `agent`, which just connected here,
-    /// every running job it is an active target of in the store
-    /// (dispatched or running) — the controller that claimed the target
-    /// may have died before the job reached the agent (found by the kill
-    /// test: targets a controller claimed just before its `kill -9` failed
-    /// at their deadline). The agent runs a job once: one it already has
-    /// is ignored, or answered with its result again.
+    /// Sends `agent`, which just connected here, every running job it is
+    /// an active target of in the store (dispatched or running). With
+    /// several controllers the one that claimed the target may have died
+    /// before the job reached the agent (found by the kill test: targets a
+    /// controller claimed just before its `kill -9` failed at their
+    /// deadline). And the copy is the agent's word that the target is
+    /// still active: a job the agent held, waiting for a slot, when its
+    /// stream was lost starts only once the controller it reconnected to
+    /// sends it again — not if it was canceled or ended meanwhile
+    /// (`agent::conn::settle_delivered`). The agent runs a job once: one it
+    /// already has is ignored, or answered with its result again.
     pub(super) fn redeliver(&self, agent: &str) -> ApiResult<()> {
-        if !self.bus.is_shared() {
-            return Ok(());
-        }
         let candidates: Vec<(String, pb::ControllerMessage)> = {
             let runs = lock(&self.job_lock);
             runs.iter()
                 .filter(|(_, run)| run.index.contains_key(agent))
                 .map(|(id, run)| {
-                    let msg = pb::ControllerMessage {
-                        msg: Some(pb::controller_message::Msg::Job(pb::SignedJob {
+                    // A canceled job's active target is told to stop
+                    // instead: the agent may hold the job, waiting, from
+                    // before it connected here.
+                    let msg = if matches!(run.job.stopped, Some((Stop::Canceled, _))) {
+                        pb::controller_message::Msg::Cancel(pb::CancelJob { job_id: id.clone() })
+                    } else {
+                        pb::controller_message::Msg::Job(pb::SignedJob {
                             spec: run.job.spec.clone(),
                             signature: run.job.signature.clone(),
                             key_id: run.job.key_id.clone(),
-                        })),
+                        })
                     };
-                    (id.clone(), msg)
+                    (id.clone(), pb::ControllerMessage { msg: Some(msg) })
                 })
                 .collect()
         };
@@ -491,7 +497,7 @@ impl Shared {
                 .get_target(&job, agent)?
                 .is_some_and(|t| t.state.is_active())
             {
-                tracing::info!(job_id = %job, agent_id = agent, "sending an active target's job again to its agent, connected here now");
+                tracing::info!(job_id = %job, agent_id = agent, "sending an active target's job (or its cancel) again to its agent, connected here now");
                 self.registry.send_if_online([agent], &msg);
             }
         }

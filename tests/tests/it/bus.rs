@@ -177,13 +177,9 @@ async fn two_controllers_with(b_fails_over: bool, controller_toml: &str) -> TwoC
         .expect("agent config");
         let _ = fleet.channel(&url).await;
         assert!(join_agent(&cfg, &token), "{name} joins through {url}");
-        procs.push(spawn(
-            Command::new(bin("fleetcmd-agent"))
-                .arg("-c")
-                .arg(&cfg)
-                .arg("run"),
-            &d.join(format!("{name}.log")),
-        ));
+        let mut agent = Command::new(bin("fleetcmd-agent"));
+        agent.arg("-c").arg(&cfg).arg("run");
+        procs.push(spawn(&mut agent, &d.join(format!("{name}.log"))));
     }
     fleet._procs = procs;
     for (name, url) in [("a-1", &fleet.url_a), ("b-1", &fleet.url_b)] {
@@ -1064,5 +1060,82 @@ async fn an_audit_export_fails_over_to_the_other_controller_without_gap_or_dupli
         killed_at.elapsed(),
         before.len(),
         after.len()
+    );
+}
+
+/// A job queued on an agent (its only slot busy) that is canceled while
+/// the agent is away — its controller killed, the agent not yet on the
+/// other — never starts: once welcomed again, the agent starts a job it
+/// held only when that controller sends it again, which it does only for
+/// targets still active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_canceled_while_its_agent_fails_over_never_starts() {
+    let mut fleet = two_controllers_with(true, "").await;
+    let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_a).await);
+    let sign = |command: &str, args: &[(&str, &str)]| {
+        let s = spec(command, args, "name=b-1", "cli:admin");
+        to_pb(SignedJob::sign(
+            &s,
+            fleetcmd_cli::fleet::OPERATOR_SIGNER,
+            &fleet.op_key,
+        ))
+    };
+    let hold = jobs
+        .submit(sign("sleep", &[("seconds", "4")]))
+        .await
+        .expect("hold submitted")
+        .into_inner()
+        .job_id;
+    let queued = jobs
+        .submit(sign("echo", &[("text", "must not run")]))
+        .await
+        .expect("queued submitted")
+        .into_inner()
+        .job_id;
+    for id in [&hold, &queued] {
+        let sent = job_when(&mut jobs, id, Duration::from_secs(15), |j| {
+            j.targets
+                .iter()
+                .all(|t| t.target_state() != TargetState::Pending)
+        })
+        .await;
+        assert!(sent.is_some(), "{id} sent to b-1\n{}", fleet.logs());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fleet._procs.remove(1).kill9(); // controller B
+    jobs.cancel(pb::CancelJobRequest {
+        job_id: queued.clone(),
+        requested_by: String::new(),
+    })
+    .await
+    .expect("cancel on A");
+    assert!(
+        fleet.online(&fleet.url_a, "b-1").await.is_none(),
+        "the cancel came before b-1 reached A (the case under test)"
+    );
+    let held = job_when(&mut jobs, &hold, Duration::from_secs(30), has_ended)
+        .await
+        .unwrap_or_else(|| panic!("the hold job did not end on A\n{}", fleet.logs()));
+    assert_eq!(held.targets[0].target_state(), TargetState::Ok, "{held:?}");
+    // The slot is free now; give the queued job every chance to start.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = std::fs::read_to_string(fleet.dir.path().join("b-1.log")).expect("b-1.log");
+    let started = |id: &str| {
+        log.lines()
+            .any(|l| l.contains("job starting") && l.contains(id))
+    };
+    assert!(started(&hold), "the hold job's start is logged\n{log}");
+    assert!(!started(&queued), "the canceled job started\n{log}");
+    let got = jobs
+        .get(pb::GetJobRequest {
+            job_id: queued.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        got.targets[0].target_state(),
+        TargetState::Canceled,
+        "{got:?}"
     );
 }

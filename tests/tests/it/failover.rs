@@ -31,12 +31,14 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
-/// A real process whose stderr goes to `log` (read when a test fails).
+/// A real process whose output goes to `log` (read when a test fails).
 pub(crate) fn spawn(cmd: &mut Command, log: &Path) -> Proc {
     let log = std::fs::File::create(log).expect("log file");
+    // The binaries log to stdout (and errors to stderr): both go to `log`.
+    let out = log.try_clone().expect("log file");
     Proc(
         cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(out)
             .stderr(log)
             .env("RUST_LOG", "info")
             .spawn()
