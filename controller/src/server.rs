@@ -253,6 +253,7 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
     let mut bus_tasks = Vec::new();
     let mut inbox = None;
     if let Some(b) = pg_bus {
+        shared.health.forward_through(b.bus.clone());
         shared.bus = b.bus;
         bus_tasks.push(b.task);
         inbox = Some(b.inbox);
@@ -422,11 +423,13 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
                     // Services are evaluated about once per heartbeat
                     // interval (at most every 5 s), when there are any.
                     if !sweep_state.health.is_empty()
-                        && lead_health.is_leader()
                         && retention_ticks.is_multiple_of(health_every)
                     {
-                        let s = sweep_state.clone();
-                        match tokio::task::spawn_blocking(move || s.health_tick()).await {
+                        // The holder judges; the others show what it
+                        // stored (with several controllers).
+                        let (s, judge) = (sweep_state.clone(), lead_health.is_leader());
+                        let tick = move || if judge { s.health_tick() } else { s.health_follow() };
+                        match tokio::task::spawn_blocking(tick).await {
                             Ok(Err(e)) => tracing::error!(error = %e, "evaluating services"),
                             Err(e) => tracing::error!(error = %e, "evaluating services"),
                             Ok(Ok(())) => {}

@@ -57,6 +57,10 @@ pub enum Signal {
     /// A line of live output, for watchers on other controllers (not
     /// stored: best effort, like a watcher that lags).
     Output(pb::OutputChunk),
+    /// A service alert announced by the `health` lease holder, for the
+    /// alert watchers (gateways) on every controller; its instances
+    /// trimmed to the failing ones that fit (`Health::forwarded`).
+    Alert(Box<pb::AlertEvent>),
     /// Signals may have been missed (the listener connected again): read
     /// everything again.
     Resync,
@@ -82,6 +86,10 @@ impl Signal {
             Signal::Output(chunk) => format!(
                 "o:{}",
                 base64::engine::general_purpose::STANDARD_NO_PAD.encode(chunk.encode_to_vec())
+            ),
+            Signal::Alert(ev) => format!(
+                "l:{}",
+                base64::engine::general_purpose::STANDARD_NO_PAD.encode(ev.encode_to_vec())
             ),
             Signal::Resync => "r:".into(),
         }
@@ -120,6 +128,14 @@ impl Signal {
                 let chunk =
                     pb::OutputChunk::decode(bytes.as_slice()).map_err(|_| bad("output chunk"))?;
                 Ok(Signal::Output(chunk))
+            }
+            "l" => {
+                let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+                    .decode(rest)
+                    .map_err(|_| bad("alert is not base64"))?;
+                let ev =
+                    pb::AlertEvent::decode(bytes.as_slice()).map_err(|_| bad("alert event"))?;
+                Ok(Signal::Alert(Box::new(ev)))
             }
             _ => Err(bad("unknown kind")),
         }
@@ -182,6 +198,17 @@ mod tests {
             Signal::Policy,
             Signal::CertRevoked,
             Signal::Output(chunk),
+            Signal::Alert(Box::new(pb::AlertEvent {
+                kind: pb::alert_event::Kind::Transition as i32,
+                service: Some(pb::Service {
+                    name: "web".into(),
+                    state: "down".into(),
+                    ..Default::default()
+                }),
+                from: "ok".into(),
+                summary: "web is down".into(),
+                ..Default::default()
+            })),
             Signal::Resync,
         ] {
             assert_eq!(Signal::parse(&s.encode()), Ok(s.clone()), "{s:?}");

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use fleetcmd_core::audit::{Event, EventKind};
 use fleetcmd_core::health::{Alerting, Decision, ServiceState, evaluate};
 use fleetcmd_proto::v1 as pb;
+use prost::Message as _;
 use tokio::sync::broadcast;
 
 use crate::store::{HealthRecord, HealthTransition, Store, StoreError};
@@ -56,6 +57,10 @@ pub struct Health {
     /// shutdown waits for open streams; watchers reconnect to the next).
     closed: tokio::sync::watch::Sender<bool>,
     store: Arc<dyn Store>,
+    /// With several controllers: announcements go through the bus to the
+    /// watchers of every controller (this one's too), not only to this
+    /// one's (`forward_through`).
+    bus: std::sync::OnceLock<crate::bus::Bus>,
 }
 
 impl std::fmt::Debug for Health {
@@ -107,6 +112,7 @@ impl Health {
             events: broadcast::channel(EVENTS_BUFFER).0,
             closed: tokio::sync::watch::channel(false).0,
             store,
+            bus: std::sync::OnceLock::new(),
         })
     }
 
@@ -237,11 +243,56 @@ impl Health {
             self.evaluate_hosts(ha, &agents, now_ms, &mut audit, &mut out)?;
         }
         for ev in out {
-            // No subscriber is fine: the state is stored and a watcher
-            // starting later gets it in its snapshot.
-            let _ = self.events.send(ev);
+            match self.bus.get() {
+                // Every controller's watchers, this one's through the bus
+                // too (found by an outside test: a gateway on another
+                // controller than the lease holder got no alert at all).
+                Some(bus) => bus.publish(crate::bus::Signal::Alert(Box::new(forwarded(ev)))),
+                None => self.announce(ev),
+            }
         }
         Ok(audit)
+    }
+
+    /// Sends announcements through `bus` (several controllers) from now on.
+    pub fn forward_through(&self, bus: crate::bus::Bus) {
+        let _ = self.bus.set(bus);
+    }
+
+    /// Hands an announcement to this controller's watchers. No subscriber
+    /// is fine: the state is stored and a watcher starting later gets it
+    /// in its snapshot.
+    pub fn announce(&self, ev: pb::AlertEvent) {
+        let _ = self.events.send(ev);
+    }
+
+    /// With several controllers, the controllers that do not hold the
+    /// `health` lease show what the holder stored: each service's
+    /// announced state, since when and its silence, and its instances as
+    /// the agents (fleet-wide) report them now. A controller that takes
+    /// the lease then starts from the stored state, not from what it
+    /// judged when it last held it. Blocking (store reads).
+    pub fn follow_store(&self, agents: &[pb::Agent]) -> Result<(), StoreError> {
+        let mut stored = Vec::with_capacity(self.services.len());
+        for cfg in &self.services {
+            stored.push(self.store.health_state(&cfg.name)?);
+        }
+        {
+            let mut runtime = lock(&self.runtime);
+            for (cfg, rec) in self.services.iter().zip(stored) {
+                let (Some(rt), Some(rec)) = (runtime.get_mut(&cfg.name), rec) else {
+                    continue;
+                };
+                if rec != rt.persisted {
+                    let announced =
+                        ServiceState::parse(&rec.state).unwrap_or(ServiceState::Unknown);
+                    rt.alerting = Alerting::new(announced, rec.since_ms);
+                    rt.persisted = rec;
+                }
+            }
+        }
+        self.refresh(agents);
+        Ok(())
     }
 
     /// `[host_alerts]`: each (online host, named check) on its own.
@@ -523,6 +574,49 @@ fn observe(
     rt.total = total;
     rt.instances = instances;
     (passing, total)
+}
+
+/// Failing instances an announcement carries through the bus at most (its
+/// payload is bounded); `passing` and `total` stay whole.
+const FORWARDED_INSTANCES: usize = 20;
+
+/// `ev` as the bus carries it: the service's failing instances only (the
+/// first that fit, each summary one short line), no history.
+fn forwarded(mut ev: pb::AlertEvent) -> pb::AlertEvent {
+    let fits = |ev: &pb::AlertEvent| {
+        // base64 of the encoding, plus the kind prefix.
+        ev.encoded_len() * 4 / 3 + 8 < crate::bus::MAX_PAYLOAD
+    };
+    if let Some(s) = ev.service.as_mut() {
+        s.history.clear();
+        s.instances.retain(|i| {
+            let passes = i.online
+                && matches!(
+                    pb::CheckState::try_from(i.state),
+                    Ok(pb::CheckState::Ok | pb::CheckState::Warning)
+                );
+            !passes
+        });
+        s.instances.truncate(FORWARDED_INSTANCES);
+        for i in &mut s.instances {
+            if let Some(line) = i.summary.lines().next() {
+                i.summary = line.chars().take(160).collect();
+            }
+        }
+    }
+    while !fits(&ev) {
+        match ev.service.as_mut() {
+            Some(s) if !s.instances.is_empty() => {
+                let keep = s.instances.len() / 2;
+                s.instances.truncate(keep);
+            }
+            _ => {
+                ev.summary = ev.summary.chars().take(500).collect();
+                break;
+            }
+        }
+    }
+    ev
 }
 
 fn service_pb(cfg: &ServiceConfig, rt: &Runtime, history: &[pb::ServiceTransition]) -> pb::Service {

@@ -47,7 +47,7 @@ impl pb::health_server::Health for HealthSvc {
             // While agents reconnect after a start, show the instances as
             // they are now rather than as of the last tick.
             if shared.registry.settling() {
-                shared.health.refresh(&shared.fleet_agents("")?);
+                shared.health.refresh(&shared.health_agents()?);
             }
             shared
                 .health

@@ -68,6 +68,10 @@ impl Shared {
                         crate::error::ApiError::Internal(format!("revocations task: {e}"))
                     })?
             }
+            Signal::Alert(ev) => {
+                self.health.announce(*ev);
+                Ok(())
+            }
             Signal::Output(chunk) => {
                 let job = chunk.job_id.clone();
                 self.watch.publish(&job, pb::job_event::Event::Chunk(chunk));

@@ -246,7 +246,7 @@ impl Shared {
         }
         // Fleet-wide: agents connected to other controllers count with
         // their controllers' last word (`presence`).
-        let agents = self.fleet_agents("")?;
+        let agents = self.health_agents()?;
         if self.registry.settling() {
             // Shown, not judged: nothing is announced while agents reconnect.
             self.health.refresh(&agents);
@@ -256,6 +256,17 @@ impl Shared {
             self.security_event(event);
         }
         Ok(())
+    }
+
+    /// With several controllers, on those that do not hold the `health`
+    /// lease: services as the holder stored them (`Health::follow_store`).
+    /// Blocking.
+    pub fn health_follow(&self) -> ApiResult<()> {
+        if self.health.is_empty() || !self.bus.is_shared() {
+            return Ok(());
+        }
+        let agents = self.health_agents()?;
+        Ok(self.health.follow_store(&agents)?)
     }
 
     async fn flush(&self) -> ApiResult<()> {

@@ -71,6 +71,9 @@ struct View {
     /// Agents in the other controllers' fresh entries of the last read,
     /// and when that read was (Unix ms).
     elsewhere: HashSet<String>,
+    /// The same of the entries written within `LISTED` (health counts a
+    /// stalled controller's agents with their last word for that long).
+    elsewhere_listed: HashSet<String>,
     read_at_ms: u64,
     /// What the other controllers last wrote of their agents (all rows
     /// once, then those written lately).
@@ -116,9 +119,10 @@ impl PresenceView {
     }
 
     /// Shows each agent of `agents` that is not online here but connected
-    /// to another controller (its fresh entry names it) as online, with
-    /// what that controller last wrote of it.
-    pub fn fill_elsewhere(&self, agents: &mut [pb::Agent]) {
+    /// to another controller (its fresh entry names it; with `listed`, an
+    /// entry of the last `LISTED`) as online, with what that controller
+    /// last wrote of it.
+    pub fn fill_elsewhere(&self, agents: &mut [pb::Agent], listed: bool) {
         let v = lock(&self.0);
         let fresh = v
             .history
@@ -127,8 +131,13 @@ impl PresenceView {
         if !fresh {
             return;
         }
+        let elsewhere = if listed {
+            &v.elsewhere_listed
+        } else {
+            &v.elsewhere
+        };
         for a in agents.iter_mut() {
-            if a.online || a.revoked || !v.elsewhere.contains(&a.agent_id) {
+            if a.online || a.revoked || !elsewhere.contains(&a.agent_id) {
                 continue;
             }
             if let Some(l) = v.live.get(&a.agent_id) {
@@ -219,6 +228,12 @@ impl PresenceView {
     fn set(&self, read: Read) {
         let now = Instant::now();
         let mut v = lock(&self.0);
+        v.elsewhere_listed = read
+            .listed
+            .iter()
+            .filter(|e| e.controller != read.me)
+            .flat_map(|e| e.agents.iter().cloned())
+            .collect();
         v.history.push_back(Snapshot {
             read_at: now,
             settling: read.fresh.iter().any(|e| e.settling),
@@ -333,9 +348,21 @@ impl Shared {
     /// here, or (with several controllers) online on another controller,
     /// with what that one last wrote of them.
     pub fn fleet_agents(&self, selector: &str) -> ApiResult<Vec<pb::Agent>> {
+        self.fleet_agents_as(selector, false)
+    }
+
+    /// The agents as health judges them: as `fleet_agents`, but an agent of
+    /// a controller that stopped writing less than `LISTED` ago counts with
+    /// its last word (a controller's pause is not its agents' failure; the
+    /// same rule keeps their targets pending).
+    pub fn health_agents(&self) -> ApiResult<Vec<pb::Agent>> {
+        self.fleet_agents_as("", true)
+    }
+
+    fn fleet_agents_as(&self, selector: &str, listed: bool) -> ApiResult<Vec<pb::Agent>> {
         let mut agents = self.registry.list_agents(selector)?;
         if self.bus.is_shared() {
-            self.presence.fill_elsewhere(&mut agents);
+            self.presence.fill_elsewhere(&mut agents, listed);
         }
         Ok(agents)
     }
@@ -442,10 +469,13 @@ mod tests {
             "b's agents are still connected to it"
         );
         assert!(view.nowhere("web-3"));
-        // Not online, though: b has not said so lately.
+        // Not online in listings, though: b has not said so lately; health
+        // counts it with its last word.
         let mut agents = vec![offline("web-2")];
-        view.fill_elsewhere(&mut agents);
+        view.fill_elsewhere(&mut agents, false);
         assert!(!agents[0].online);
+        view.fill_elsewhere(&mut agents, true);
+        assert!(agents[0].online);
     }
 
     fn offline(id: &str) -> pb::Agent {
@@ -508,7 +538,7 @@ mod tests {
             },
             offline("web-4"),
         ];
-        view.fill_elsewhere(&mut agents);
+        view.fill_elsewhere(&mut agents, false);
         let online: Vec<bool> = agents.iter().map(|a| a.online).collect();
         assert_eq!(online, [true, true, true, false, false, false]);
         assert_eq!(agents[0].checks[0].summary, "here", "this controller's own");
@@ -524,7 +554,7 @@ mod tests {
         // Stale snapshots: nobody is online elsewhere.
         age(&view, FRESH);
         let mut again = vec![offline("web-2")];
-        view.fill_elsewhere(&mut again);
+        view.fill_elsewhere(&mut again, false);
         assert!(!again[0].online);
     }
 

@@ -31,9 +31,14 @@ use crate::failover::{
 /// Service `up` over every agent (its check `ok`), in both controllers'
 /// config.
 const SERVICE: &str = "\n[services.up]\nselector = \"all\"\ncheck = \"ok\"\nconfirm = \"1s\"\n";
-/// Check `ok` of every agent: always passes, every second.
-const CHECK: &str =
-    "\n[[check]]\nname = \"ok\"\nkind = \"nagios\"\ncommand = [\"/bin/true\"]\ninterval = \"1s\"\n";
+/// Check `ok` of an agent: passes every second unless the file `down`
+/// exists (then CRITICAL).
+fn check(down: &std::path::Path) -> String {
+    format!(
+        "\n[[check]]\nname = \"ok\"\nkind = \"nagios\"\ncommand = [\"/bin/sh\", \"-c\", \"test ! -e {} || exit 2\"]\ninterval = \"1s\"\n",
+        down.display()
+    )
+}
 
 struct TwoControllers {
     dir: tempfile::TempDir,
@@ -172,7 +177,11 @@ async fn two_controllers_with(b_fails_over: bool, controller_toml: &str) -> TwoC
         };
         std::fs::write(
             &cfg,
-            format!("{dial}state_dir = \"{}\"\n{CHECK}", d.join(name).display()),
+            format!(
+                "{dial}state_dir = \"{}\"\n{}",
+                d.join(name).display(),
+                check(&d.join(format!("{name}.down")))
+            ),
         )
         .expect("agent config");
         let _ = fleet.channel(&url).await;
@@ -1137,5 +1146,110 @@ async fn a_job_canceled_while_its_agent_fails_over_never_starts() {
         got.targets[0].target_state(),
         TargetState::Canceled,
         "{got:?}"
+    );
+}
+
+/// A service alert judged by the `health` lease holder reaches the alert
+/// watchers of both controllers, and both show the stored state (found by
+/// an outside test: a gateway on the other controller got no alert, and
+/// each controller answered `health` with its own view).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_alert_reaches_the_watchers_of_every_controller() {
+    let fleet = two_controllers().await;
+    let service = |url: String| {
+        let fleet = &fleet;
+        async move {
+            pb::health_client::HealthClient::new(fleet.channel(&url).await)
+                .services(pb::ServicesRequest {
+                    name: "up".into(),
+                    history: 0,
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .services
+                .pop()
+        }
+    };
+    // Judged ok on both, from both agents.
+    let ok = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let mut both = true;
+            for url in [&fleet.url_a, &fleet.url_b] {
+                both &= service(url.clone())
+                    .await
+                    .is_some_and(|s| s.state == "ok" && s.passing == 2);
+            }
+            if both {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        ok.is_ok(),
+        "`up` ok 2/2 on both controllers\n{}",
+        fleet.logs()
+    );
+    let mut watches = Vec::new();
+    for url in [&fleet.url_a, &fleet.url_b] {
+        let stream = pb::health_client::HealthClient::new(fleet.channel(url).await)
+            .watch(pb::HealthWatchRequest {})
+            .await
+            .expect("watch")
+            .into_inner();
+        watches.push((url.clone(), stream));
+    }
+    // b-1's check fails.
+    std::fs::write(fleet.dir.path().join("b-1.down"), "").expect("down file");
+    for (url, mut stream) in watches {
+        let got = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(ev) = stream.message().await.expect("alert event") {
+                if ev.kind() == pb::alert_event::Kind::Transition
+                    && ev
+                        .service
+                        .as_ref()
+                        .is_some_and(|s| s.name == "up" && s.state != "ok")
+                {
+                    return Some(ev);
+                }
+            }
+            None
+        })
+        .await;
+        let ev = match got {
+            Ok(Some(ev)) => ev,
+            _ => panic!("no `up` transition on {url}\n{}", fleet.logs()),
+        };
+        let s = ev.service.expect("service");
+        assert_eq!((s.passing, s.total), (1, 2), "{s:?}");
+        // The failing instance comes with it; the passing one not.
+        let ids: Vec<&str> = s.instances.iter().map(|i| i.agent_id.as_str()).collect();
+        assert_eq!(ids, ["b-1"], "{s:?}");
+    }
+    // Both answer `health` with the stored state.
+    let same = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let (a, b) = (
+                service(fleet.url_a.clone()).await,
+                service(fleet.url_b.clone()).await,
+            );
+            if let (Some(a), Some(b)) = (a, b)
+                && a.state != "ok"
+                && a.state == b.state
+                && a.since_ms == b.since_ms
+                && (a.passing, b.passing) == (1, 1)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        same.is_ok(),
+        "both controllers show the stored state\n{}",
+        fleet.logs()
     );
 }
