@@ -50,9 +50,16 @@ impl Shared {
             Signal::Target { job, agent } => self.job_changed(&job, Some(&agent)).await,
             Signal::Agent(id) => {
                 let this = self.clone();
-                tokio::task::spawn_blocking(move || this.agent_changed(&id))
+                let agent = id.clone();
+                let revoked_here = tokio::task::spawn_blocking(move || this.agent_changed(&agent))
                     .await
-                    .map_err(|e| crate::error::ApiError::Internal(format!("agent task: {e}")))?
+                    .map_err(|e| crate::error::ApiError::Internal(format!("agent task: {e}")))??;
+                // Revoked on another controller while connected here: this
+                // one closed its stream and knows what it had started.
+                if revoked_here {
+                    self.refuse_queued_on_revoked(&id).await?;
+                }
+                Ok(())
             }
             Signal::Policy => {
                 let this = self.clone();
@@ -183,11 +190,15 @@ impl Shared {
 
     /// Takes an agent's record as stored (enrolled, enrolled again or
     /// revoked elsewhere).
-    fn agent_changed(&self, id: &str) -> ApiResult<()> {
-        if let Some(rec) = self.store.get_agent(id)? {
-            self.registry.adopt(rec);
-        }
-        Ok(())
+    /// Whether the agent was revoked while connected here (its stream is
+    /// closed now).
+    fn agent_changed(&self, id: &str) -> ApiResult<bool> {
+        let Some(rec) = self.store.get_agent(id)? else {
+            return Ok(false);
+        };
+        let newly_revoked = rec.revoked && self.registry.online_now([id]).first() == Some(&true);
+        self.registry.adopt(rec);
+        Ok(newly_revoked)
     }
 
     /// Takes the stored policy when it is newer than the one here:

@@ -625,44 +625,64 @@ impl Shared {
         self.flush().await?;
         self.bus
             .publish(crate::bus::Signal::Agent(agent.to_owned()));
+        let here = self.registry.online_now([agent]).first() == Some(&true);
         self.registry.mark_revoked(agent);
         self.registry.end_stream(
             agent,
             Status::permission_denied(format!("agent {agent} was revoked")),
         );
-        self.refuse_queued_on_revoked(agent).await
+        if here {
+            self.refuse_queued_on_revoked(agent).await?;
+        }
+        Ok(())
     }
 
-    /// The jobs a revoked agent was sent but had not reported starting: it
-    /// starts none of them (a job is bound to the stream that delivered it,
-    /// and that stream has just been closed), and it cannot report that
-    /// any more, so they are recorded and audited as refused here.
-    async fn refuse_queued_on_revoked(&self, agent: &str) -> ApiResult<()> {
-        const REASON: &str = "agent revoked before it reported starting the job; an agent starts no job after the stream that delivered it ends";
-        let queued: Vec<String> = {
+    /// The jobs a revoked agent, whose stream this controller just closed,
+    /// was sent but had not reported starting: it starts none of them (a
+    /// controller refused it: `agent::link`), and it cannot report that
+    /// any more, so they are recorded and audited as refused here. Only the
+    /// controller the agent was connected to knows which of its targets
+    /// had started (`running` is known there alone): another leaves them
+    /// to that one, or to their deadline (found by an outside test: a
+    /// target that ran was recorded refused, "before it reported
+    /// starting", by a controller the agent was not connected to).
+    pub(super) async fn refuse_queued_on_revoked(&self, agent: &str) -> ApiResult<()> {
+        const REASON: &str = "agent revoked before it reported starting the job; an agent starts no job after a controller refuses it";
+        const RAN: &str = "agent revoked while the job ran; its result cannot be received";
+        let active: Vec<(String, TargetState)> = {
             let runs = lock(&self.job_lock);
             runs.iter()
                 .filter_map(|(id, run)| {
                     let &i = run.index.get(agent)?;
-                    (run.states[i].0 == TargetState::Dispatched).then(|| id.clone())
+                    let state = run.states[i].0;
+                    state.is_active().then(|| (id.clone(), state))
                 })
                 .collect()
         };
         let mut refused = Vec::new();
-        for job in queued {
-            if self.update_target(
-                &job,
-                agent,
-                TargetRecord::new(TargetState::Refused, REASON),
-                None,
-            )? {
-                self.audit_durable(
+        for (job, state) in active {
+            // Started (it reported so): it ran, or runs; its end is unknown.
+            let (rec, event) = if state == TargetState::Running {
+                (
+                    TargetRecord::new(TargetState::Failed, RAN),
+                    Event::new(EventKind::JobFinished, "controller")
+                        .job(&job)
+                        .host(agent)
+                        .field("outcome", "failed")
+                        .detail(RAN),
+                )
+            } else {
+                (
+                    TargetRecord::new(TargetState::Refused, REASON),
                     Event::new(EventKind::JobRefused, "controller")
                         .job(&job)
                         .host(agent)
                         .field("reason_code", "agent_revoked")
                         .detail(REASON),
-                )?;
+                )
+            };
+            if self.update_target(&job, agent, rec, None)? {
+                self.audit_durable(event)?;
                 refused.push(job);
             }
         }

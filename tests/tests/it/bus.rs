@@ -1253,3 +1253,118 @@ async fn a_service_alert_reaches_the_watchers_of_every_controller() {
         fleet.logs()
     );
 }
+
+/// An agent revoked through a controller it is not connected to: the
+/// controller it is connected to closes its stream and records what it
+/// knows — the queued job refused (never started), the running one failed
+/// as "revoked while the job ran" — not the revoking controller, which
+/// does not know which had started (found by an outside test: a target
+/// that ran was recorded refused, "before it reported starting").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_agents_targets_are_recorded_by_the_controller_that_knows_them() {
+    let fleet = two_controllers_with(true, "").await;
+    let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_a).await);
+    let sign = |command: &str, args: &[(&str, &str)]| {
+        let s = spec(command, args, "name=b-1", "cli:admin");
+        to_pb(SignedJob::sign(
+            &s,
+            fleetcmd_cli::fleet::OPERATOR_SIGNER,
+            &fleet.op_key,
+        ))
+    };
+    let running = jobs
+        .submit(sign("sleep", &[("seconds", "8")]))
+        .await
+        .expect("submitted")
+        .into_inner()
+        .job_id;
+    let queued = jobs
+        .submit(sign("echo", &[("text", "never")]))
+        .await
+        .expect("submitted")
+        .into_inner()
+        .job_id;
+    // The sleep has started on b-1 (its log says so), the echo waits.
+    let log = fleet.dir.path().join("b-1.log");
+    let started = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text
+                .lines()
+                .any(|l| l.contains("job starting") && l.contains(&running))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(started.is_ok(), "the sleep started\n{}", fleet.logs());
+    // A has read both targets back as dispatched (its catch-up scan).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // B, which holds b-1's stream, is stopped while A revokes b-1: A does
+    // not know which target started, and records neither.
+    let b = fleet._procs[1].0.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &b])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {b}");
+    };
+    signal("-STOP");
+    let revoked = pb::agents_client::AgentsClient::new(fleet.channel(&fleet.url_a).await)
+        .revoke(pb::RevokeRequest {
+            agent_id: "b-1".into(),
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut still = Vec::new();
+    for id in [&running, &queued] {
+        still.push(
+            jobs.get(pb::GetJobRequest { job_id: id.clone() })
+                .await
+                .expect("get")
+                .into_inner(),
+        );
+    }
+    signal("-CONT");
+    revoked.expect("revoked on A");
+    for j in &still {
+        assert!(
+            matches!(
+                j.targets[0].target_state(),
+                TargetState::Dispatched | TargetState::Running
+            ),
+            "A recorded a target of an agent connected to B: {j:?}"
+        );
+    }
+    let state_of = |j: &pb::Job| {
+        let t = &j.targets[0];
+        (
+            t.target_state(),
+            t.result
+                .as_ref()
+                .map(|r| r.reason.clone())
+                .unwrap_or_default(),
+        )
+    };
+    for (id, want, reason) in [
+        (&running, TargetState::Failed, "revoked while the job ran"),
+        (&queued, TargetState::Refused, "before it reported starting"),
+    ] {
+        let ended = job_when(&mut jobs, id, Duration::from_secs(15), has_ended)
+            .await
+            .unwrap_or_else(|| panic!("{id} did not end\n{}", fleet.logs()));
+        let (state, why) = state_of(&ended);
+        assert_eq!(state, want, "{ended:?}\n{}", fleet.logs());
+        assert!(why.contains(reason), "{why}");
+    }
+    let text = std::fs::read_to_string(&log).expect("b-1.log");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("job starting") && l.contains(&queued)),
+        "the queued job started\n{text}"
+    );
+}
