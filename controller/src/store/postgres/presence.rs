@@ -28,7 +28,10 @@ impl PresenceStore for PostgresStore {
 
     fn touch_presence(&self, controller: &str, settling: bool) -> Result<bool, StoreError> {
         let n = self.execute(
-            "UPDATE presence SET settling = $2, written_at = now() WHERE controller = $1",
+            "WITH forgotten AS (
+                 DELETE FROM presence WHERE written_at < now() - interval '1 day'
+             )
+             UPDATE presence SET settling = $2, written_at = now() WHERE controller = $1",
             params![controller.to_owned(), settling],
         )?;
         Ok(n == 1)

@@ -28,14 +28,7 @@ impl PresenceStore for SledStore {
         v.extend_from_slice(entry.agents.join("\n").as_bytes());
         tree.insert(entry.controller.as_bytes(), v)
             .map_err(|e| self.fail(e))?;
-        let now = now_ms();
-        for kv in tree.iter() {
-            let (k, v) = kv.map_err(|e| self.fail(e))?;
-            if written_at(&v).saturating_add(FORGET_MS) < now {
-                tree.remove(&k).map_err(|e| self.fail(e))?;
-            }
-        }
-        Ok(())
+        self.forget_old_presence(&tree)
     }
 
     fn touch_presence(&self, controller: &str, settling: bool) -> Result<bool, StoreError> {
@@ -51,6 +44,7 @@ impl PresenceStore for SledStore {
         v.extend_from_slice(&old[9..]);
         tree.insert(controller.as_bytes(), v)
             .map_err(|e| self.fail(e))?;
+        self.forget_old_presence(tree)?;
         Ok(true)
     }
 
@@ -132,6 +126,20 @@ impl PresenceStore for SledStore {
             });
         }
         Ok(out)
+    }
+}
+
+impl SledStore {
+    /// Removes the entries not written for `FORGET_MS`.
+    fn forget_old_presence(&self, tree: &sled::Tree) -> Result<(), StoreError> {
+        let now = now_ms();
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(|e| self.fail(e))?;
+            if written_at(&v).saturating_add(FORGET_MS) < now {
+                tree.remove(&k).map_err(|e| self.fail(e))?;
+            }
+        }
+        Ok(())
     }
 }
 
