@@ -278,6 +278,42 @@ fn has_ended(j: &pb::Job) -> bool {
     j.job_state() != JobState::Running
 }
 
+/// Through A, b-1's only slot (`two_controllers_with(true, ..)`) held by
+/// `sleep hold_secs` and an `echo text` queued behind it, both sent to
+/// b-1: their job ids.
+async fn hold_and_queue(
+    fleet: &TwoControllers,
+    jobs: &mut pb::jobs_client::JobsClient<Channel>,
+    hold_secs: &str,
+    text: &str,
+) -> (String, String) {
+    let mut ids = Vec::new();
+    for (command, args) in [("sleep", ("seconds", hold_secs)), ("echo", ("text", text))] {
+        let s = spec(command, &[args], "name=b-1", "cli:admin");
+        let job = to_pb(SignedJob::sign(
+            &s,
+            fleetcmd_cli::fleet::OPERATOR_SIGNER,
+            &fleet.op_key,
+        ));
+        let id = jobs
+            .submit(job)
+            .await
+            .expect("submitted")
+            .into_inner()
+            .job_id;
+        let sent = job_when(jobs, &id, Duration::from_secs(15), |j| {
+            j.targets
+                .iter()
+                .all(|t| t.target_state() != TargetState::Pending)
+        })
+        .await;
+        assert!(sent.is_some(), "{id} sent to b-1\n{}", fleet.logs());
+        ids.push(id);
+    }
+    let queued = ids.pop().expect("queued");
+    (ids.pop().expect("hold"), queued)
+}
+
 /// Submits on `url` and follows the job there: its live output by agent,
 /// and the finished job.
 async fn run_and_watch(
@@ -754,36 +790,8 @@ async fn a_job_canceled_on_one_controller_stops_on_the_others_agents() {
 async fn a_job_queued_on_an_agent_whose_controller_is_killed_runs_after_it_fails_over() {
     let mut fleet = two_controllers_with(true, "").await;
     let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_a).await);
-    let submit = |command: &str, args: &[(&str, &str)]| {
-        let s = spec(command, args, "name=b-1", "cli:admin");
-        to_pb(SignedJob::sign(
-            &s,
-            fleetcmd_cli::fleet::OPERATOR_SIGNER,
-            &fleet.op_key,
-        ))
-    };
     // b-1's only slot is held by a 4 s sleep; the second job waits for it.
-    let hold = jobs
-        .submit(submit("sleep", &[("seconds", "4")]))
-        .await
-        .expect("hold submitted")
-        .into_inner()
-        .job_id;
-    let queued = jobs
-        .submit(submit("echo", &[("text", "after the failover")]))
-        .await
-        .expect("queued submitted")
-        .into_inner()
-        .job_id;
-    for id in [&hold, &queued] {
-        let sent = job_when(&mut jobs, id, Duration::from_secs(15), |j| {
-            j.targets
-                .iter()
-                .all(|t| t.target_state() != TargetState::Pending)
-        })
-        .await;
-        assert!(sent.is_some(), "{id} sent to b-1\n{}", fleet.logs());
-    }
+    let (hold, queued) = hold_and_queue(&fleet, &mut jobs, "4", "after the failover").await;
     // The copy is on the agent (sent on B's stream), waiting for the slot.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let killed = Instant::now();
@@ -1081,35 +1089,7 @@ async fn an_audit_export_fails_over_to_the_other_controller_without_gap_or_dupli
 async fn a_job_canceled_while_its_agent_fails_over_never_starts() {
     let mut fleet = two_controllers_with(true, "").await;
     let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_a).await);
-    let sign = |command: &str, args: &[(&str, &str)]| {
-        let s = spec(command, args, "name=b-1", "cli:admin");
-        to_pb(SignedJob::sign(
-            &s,
-            fleetcmd_cli::fleet::OPERATOR_SIGNER,
-            &fleet.op_key,
-        ))
-    };
-    let hold = jobs
-        .submit(sign("sleep", &[("seconds", "4")]))
-        .await
-        .expect("hold submitted")
-        .into_inner()
-        .job_id;
-    let queued = jobs
-        .submit(sign("echo", &[("text", "must not run")]))
-        .await
-        .expect("queued submitted")
-        .into_inner()
-        .job_id;
-    for id in [&hold, &queued] {
-        let sent = job_when(&mut jobs, id, Duration::from_secs(15), |j| {
-            j.targets
-                .iter()
-                .all(|t| t.target_state() != TargetState::Pending)
-        })
-        .await;
-        assert!(sent.is_some(), "{id} sent to b-1\n{}", fleet.logs());
-    }
+    let (hold, queued) = hold_and_queue(&fleet, &mut jobs, "4", "must not run").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     fleet._procs.remove(1).kill9(); // controller B
     jobs.cancel(pb::CancelJobRequest {
@@ -1264,26 +1244,7 @@ async fn a_service_alert_reaches_the_watchers_of_every_controller() {
 async fn a_revoked_agents_targets_are_recorded_by_the_controller_that_knows_them() {
     let fleet = two_controllers_with(true, "").await;
     let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_a).await);
-    let sign = |command: &str, args: &[(&str, &str)]| {
-        let s = spec(command, args, "name=b-1", "cli:admin");
-        to_pb(SignedJob::sign(
-            &s,
-            fleetcmd_cli::fleet::OPERATOR_SIGNER,
-            &fleet.op_key,
-        ))
-    };
-    let running = jobs
-        .submit(sign("sleep", &[("seconds", "8")]))
-        .await
-        .expect("submitted")
-        .into_inner()
-        .job_id;
-    let queued = jobs
-        .submit(sign("echo", &[("text", "never")]))
-        .await
-        .expect("submitted")
-        .into_inner()
-        .job_id;
+    let (running, queued) = hold_and_queue(&fleet, &mut jobs, "8", "never").await;
     // The sleep has started on b-1 (its log says so), the echo waits.
     let log = fleet.dir.path().join("b-1.log");
     let started = tokio::time::timeout(Duration::from_secs(15), async {
