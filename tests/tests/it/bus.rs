@@ -101,6 +101,20 @@ impl TwoControllers {
         )
     }
 
+    /// Service `up` as controller `url` shows it.
+    async fn service_up(&self, url: String) -> Option<pb::Service> {
+        pb::health_client::HealthClient::new(self.channel(&url).await)
+            .services(pb::ServicesRequest {
+                name: "up".into(),
+                history: 0,
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .services
+            .pop()
+    }
+
     /// `SELECT` one value from the database.
     fn sql(&self, sql: &str) -> String {
         self.cluster
@@ -872,21 +886,7 @@ async fn agents_and_health_are_fleet_wide_across_controllers() {
         fleet.logs()
     );
     // The health lease holder judges `up` from both: 2 of 2 pass.
-    let service = |url: String| {
-        let fleet = &fleet;
-        async move {
-            pb::health_client::HealthClient::new(fleet.channel(&url).await)
-                .services(pb::ServicesRequest {
-                    name: "up".into(),
-                    history: 10,
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .services
-                .pop()
-        }
-    };
+    let service = |url: String| fleet.service_up(url);
     let judged = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             for url in [&fleet.url_a, &fleet.url_b] {
@@ -1136,21 +1136,7 @@ async fn a_job_canceled_while_its_agent_fails_over_never_starts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_service_alert_reaches_the_watchers_of_every_controller() {
     let fleet = two_controllers().await;
-    let service = |url: String| {
-        let fleet = &fleet;
-        async move {
-            pb::health_client::HealthClient::new(fleet.channel(&url).await)
-                .services(pb::ServicesRequest {
-                    name: "up".into(),
-                    history: 0,
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .services
-                .pop()
-        }
-    };
+    let service = |url: String| fleet.service_up(url);
     // Judged ok on both, from both agents.
     let ok = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
