@@ -321,9 +321,13 @@ impl Audit {
         // under one advisory lock, for every controller); the tip only
         // moves once a record is stored.
         let mut chain = lock(&self.chain);
+        // The event moves into each try's record and back out of it on a
+        // conflict: no copy per append (1 % of the controller's samples
+        // during durable ingest).
+        let mut event = event;
         for attempt in 1..=APPEND_TRIES {
             let mut next = chain.clone();
-            let rec = next.append(now_ms, event.clone());
+            let rec = next.append(now_ms, event);
             match self.store.audit_append(&rec, &index_entries(&rec, false)) {
                 Ok(()) => {
                     *chain = next;
@@ -339,6 +343,7 @@ impl Audit {
                 // tip: its hash is computed again over the record stored
                 // there, so two writers never fork it.
                 Err(StoreError::Conflict { .. }) if attempt < APPEND_TRIES => {
+                    event = rec.event;
                     let stored = self.store.audit_last()?;
                     tracing::debug!(
                         ours = chain.seq,
