@@ -1068,6 +1068,49 @@ mod tests {
         assert_eq!(lookups(&store), want);
     }
 
+    /// The tip an append checks against is the one this open wrote, but
+    /// read again when the log changed past it: a record written into the
+    /// tree directly (the append of that seq is refused, the next one
+    /// continues after it), and retention that emptied the log (any seq
+    /// continues an empty log).
+    #[test]
+    fn audit_appends_follow_the_stored_tip_after_outside_writes_and_retention() {
+        use fleetcmd_core::audit::{Chain, Event, EventKind};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let event = |i: u64| Event::new(EventKind::ChatDenied, format!("console:u{i}"));
+        let mut chain = Chain::genesis();
+        let recs: Vec<Record> = (1..=3).map(|i| chain.append(i, event(i))).collect();
+        for r in &recs {
+            store.audit_append(r, &[]).expect("append");
+        }
+        // Record 4 written past the store (a tool on the raw tree).
+        let mut outside = chain.clone();
+        let r4 = outside.append(4, event(4));
+        store
+            .raw_tree("audit")
+            .expect("tree")
+            .insert(seq_key(4), crate::audit::codec::encode(&r4))
+            .expect("raw insert");
+        let err = store.audit_append(&r4, &[]).expect_err("seq 4 exists");
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+        let r5 = outside.append(5, event(5));
+        store.audit_append(&r5, &[]).expect("5 follows the stored 4");
+        // Retention removes every record: the next append may have any seq.
+        store.audit_remove_through(5, &[]).expect("remove");
+        assert_eq!(store.audit_last().expect("last"), None);
+        let r9 = Chain::after(&r5).append(9, event(9));
+        let later = Record { seq: 9, ..r9 };
+        store.audit_append(&later, &[]).expect("an empty log takes any seq");
+        assert_eq!(store.audit_last().expect("last").map(|r| r.seq), Some(9));
+        // Out of sequence after it is refused again.
+        let mut gap = later.clone();
+        gap.seq = 11;
+        let err = store.audit_append(&gap, &[]).expect_err("gap");
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    }
+
     #[test]
     fn records_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
