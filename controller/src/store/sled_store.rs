@@ -1102,13 +1102,17 @@ mod tests {
         let err = store.audit_append(&r4, &[]).expect_err("seq 4 exists");
         assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
         let r5 = outside.append(5, event(5));
-        store.audit_append(&r5, &[]).expect("5 follows the stored 4");
+        store
+            .audit_append(&r5, &[])
+            .expect("5 follows the stored 4");
         // Retention removes every record: the next append may have any seq.
         store.audit_remove_through(5, &[]).expect("remove");
         assert_eq!(store.audit_last().expect("last"), None);
         let r9 = Chain::after(&r5).append(9, event(9));
         let later = Record { seq: 9, ..r9 };
-        store.audit_append(&later, &[]).expect("an empty log takes any seq");
+        store
+            .audit_append(&later, &[])
+            .expect("an empty log takes any seq");
         assert_eq!(store.audit_last().expect("last").map(|r| r.seq), Some(9));
         // Out of sequence after it is refused again.
         let mut gap = later.clone();
