@@ -663,9 +663,6 @@ impl Shared {
             rec.dispatched_at = dispatched_at;
             if !shared {
                 self.store.put_target(job, agent, &rec)?;
-                if let Some(event) = audit {
-                    self.audit_durable(event)?;
-                }
                 break;
             }
             // Written only over the state this was decided from (`running`
@@ -694,6 +691,14 @@ impl Shared {
             run.set(i, rec.state, rec.dispatched_at);
         }
         drop(runs);
+        // One controller: the audit record after the job lock is let go.
+        // Its append and index entries cost more than the rest of storing
+        // a result, and under the lock every other result of the job and
+        // its dispatch waited for them. Nothing is acknowledged before the
+        // caller's flush, which makes both durable.
+        if !shared && let Some(event) = audit {
+            self.audit_durable(event)?;
+        }
         // With several controllers the watchers (here too) hear it
         // from the bus: the caller publishes `Signal::Target`.
         if !shared && self.watch.is_watched(job) {

@@ -165,8 +165,14 @@ impl Registry {
     /// issued before the name's last enrolment (the name's previous holder
     /// is refused after a re-enrolment).
     pub fn agent_cert_current(&self, peer: &Peer) -> bool {
-        self.enrolled(&peer.name)
-            .and_then(|rec| rec.enrolment_cert)
+        // Asked for every message an agent sends: looked at in place, not
+        // copied out of the directory (`enrolled` clones the entry).
+        self.directory
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .agents
+            .get(&peer.name)
+            .and_then(|rec| rec.enrolment_cert.as_ref())
             .is_none_or(|cert| cert.admits(&peer.serial, peer.issued_at))
     }
 

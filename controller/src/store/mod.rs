@@ -329,6 +329,17 @@ pub trait AuditStore {
     /// Writes index entries again (idempotent): after a crash an entry may
     /// have missed the flush that made its record durable.
     fn audit_put_index(&self, index: &[AuditIndexEntry]) -> Result<(), StoreError>;
+    /// Whether a record's index entries may be written after it
+    /// (`audit_put_index`), once the appender has let go of the chain:
+    /// where a record and its entries become durable by the same flush
+    /// anyway, and a crash between the two leaves at most the newest
+    /// records unindexed, which `Audit::open` indexes again (one process
+    /// writes the store). A job to 10 000 hosts has 10 000 entries, and
+    /// every other append would wait for them. `false` (the default):
+    /// the entries go with the record, in `audit_append`.
+    fn audit_index_after_append(&self) -> bool {
+        false
+    }
     /// The newest record: the chain's tip.
     fn audit_last(&self) -> Result<Option<Record>, StoreError>;
     /// The oldest record still stored (after retention).
