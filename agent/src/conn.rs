@@ -359,6 +359,10 @@ async fn session(
     loop {
         tokio::select! {
             _ = stopped(stop) => return Ok(()),
+            // A check's first result or change of state goes out at once.
+            () = inner.checks.changed(), if welcomed => {
+                heartbeat.reset_immediately();
+            }
             _ = heartbeat.tick(), if welcomed => {
                 let hb = {
                     let metrics = Some(collect(inner).await);

@@ -188,12 +188,28 @@ pub(crate) fn humantime(d: Duration) -> String {
 
 /// The latest result of every check, in config order; read by the
 /// heartbeat. Checks that have not finished a first run are left out.
+/// A first result or a change of state is also told (`changed`), so the
+/// agent sends it at once rather than at the next heartbeat (found by an
+/// outside test: a new agent's instances were judged "no check named …"
+/// for a heartbeat interval, and alerted on).
 #[derive(Debug, Clone, Default)]
-pub struct Latest(Arc<Mutex<Vec<Option<pb::CheckResult>>>>);
+pub struct Latest(
+    Arc<Mutex<Vec<Option<pb::CheckResult>>>>,
+    Arc<tokio::sync::Notify>,
+);
 
 impl Latest {
     fn with_len(n: usize) -> Latest {
-        Latest(Arc::new(Mutex::new(vec![None; n])))
+        Latest(
+            Arc::new(Mutex::new(vec![None; n])),
+            Arc::new(tokio::sync::Notify::new()),
+        )
+    }
+
+    /// Resolves after a check's first result or change of state (one
+    /// wake-up for any number of changes since the last).
+    pub async fn changed(&self) {
+        self.1.notified().await;
     }
 
     /// Never waits on a running check: the lock is only held to copy or
@@ -207,7 +223,12 @@ impl Latest {
         let mut all = lock(&self.0);
         let slot = all.get_mut(index)?;
         let previous = slot.as_ref().map(|r| r.state);
+        let state = result.state;
         *slot = Some(result);
+        drop(all);
+        if previous != Some(state) {
+            self.1.notify_one();
+        }
         previous
     }
 }
@@ -321,5 +342,32 @@ mod tests {
         let names: Vec<String> = latest.snapshot().into_iter().map(|r| r.name).collect();
         assert_eq!(names, ["a", "c"]);
         assert_eq!(latest.store(7, result("x", pb::CheckState::Ok)), None);
+    }
+
+    #[tokio::test]
+    async fn a_first_result_and_a_change_of_state_are_told_a_repeat_is_not() {
+        let latest = Latest::with_len(1);
+        let result = |state: pb::CheckState| pb::CheckResult {
+            name: "disk".into(),
+            state: state as i32,
+            ..Default::default()
+        };
+        let told = |latest: &Latest| {
+            let latest = latest.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(50), latest.changed())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(!told(&latest).await, "nothing yet");
+        latest.store(0, result(pb::CheckState::Ok));
+        assert!(told(&latest).await, "a first result");
+        latest.store(0, result(pb::CheckState::Ok));
+        assert!(!told(&latest).await, "the same state again");
+        latest.store(0, result(pb::CheckState::Critical));
+        latest.store(0, result(pb::CheckState::Ok));
+        assert!(told(&latest).await, "changes");
+        assert!(!told(&latest).await, "one wake-up for both");
     }
 }

@@ -410,3 +410,54 @@ async fn a_flapping_service_is_announced_once_and_then_held() {
     );
     w.alert_task.abort();
 }
+
+/// A check's first result and its changes of state reach the controller
+/// at once, not at the next heartbeat (here 60 s apart): a new agent is
+/// not judged "no check named …" for a heartbeat interval (found by an
+/// outside test: that was alerted on), and a failure is seen in seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_results_reach_the_controller_before_the_next_heartbeat() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plugin = dir.path().join("check_app");
+    std::fs::write(&plugin, PLUGIN).expect("plugin");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let state = dir.path().join("dev-1.state");
+    set(&state, 0);
+    let fleet = start_fleet_with(1, |o| {
+        o.heartbeat = Duration::from_secs(60);
+        o.agent_checks
+            .insert("dev-1".into(), vec![check(&plugin, &state)]);
+    })
+    .await;
+    let app_state = |fleet: &TestFleet| {
+        let shared = fleet.controller.shared().clone();
+        async move {
+            let agents = shared.registry.list_agents("").ok()?;
+            let a = agents.into_iter().find(|a| a.agent_id == "dev-1")?;
+            a.checks
+                .into_iter()
+                .find(|c| c.name == "app")
+                .map(|c| c.state())
+        }
+    };
+    let started = std::time::Instant::now();
+    assert_eventually(Duration::from_secs(10), || async {
+        (app_state(&fleet).await == Some(pb::CheckState::Ok)).then_some(())
+    })
+    .await;
+    let first = started.elapsed();
+    set(&state, 2);
+    let changed = std::time::Instant::now();
+    assert_eventually(Duration::from_secs(10), || async {
+        (app_state(&fleet).await == Some(pb::CheckState::Critical)).then_some(())
+    })
+    .await;
+    eprintln!(
+        "first result seen after {first:?}; the failure {:?} after it began",
+        changed.elapsed()
+    );
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
