@@ -16,8 +16,11 @@
 //! or ended meanwhile), and starts then; it is refused (`agent_revoked`)
 //! if a controller refuses the agent first, and (`stream_ended`) if the
 //! agent stops or it is not sent again before the job expires. A job
-//! canceled before it started never starts. Jobs already running are not
-//! affected.
+//! canceled before it started never starts. A job that waited for its slot
+//! starts only after the controller it is connected to answers a start
+//! check (`start_check`): one that is stopped cannot pass on a revocation
+//! or a cancel, so after 5 s without an answer the agent leaves it for the
+//! next. Jobs already running are not affected.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -106,6 +109,13 @@ struct Inner {
     in_hand: Mutex<HashMap<String, u64>>,
     /// Told whenever a copy or a cancel of a job in hand arrives.
     job_news: tokio::sync::Notify,
+    /// Questions before a start (`StartCheck`) waiting for their answer.
+    start_answers: Mutex<HashMap<String, tokio::sync::oneshot::Sender<pb::StartAnswer>>>,
+    /// Whether the controller of the stream up now answers them.
+    answers_start_checks: std::sync::atomic::AtomicBool,
+    /// Told to leave the controller of the stream up now (it did not
+    /// answer a start check in time).
+    leave: tokio::sync::Notify,
     /// Bounds the jobs running at once (`max_concurrent_jobs`); the others
     /// wait here, already authorized, in arrival order.
     slots: Arc<tokio::sync::Semaphore>,
@@ -177,6 +187,9 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         running: Mutex::new(HashMap::new()),
         in_hand: Mutex::new(HashMap::new()),
         job_news: tokio::sync::Notify::new(),
+        start_answers: Mutex::new(HashMap::new()),
+        answers_start_checks: std::sync::atomic::AtomicBool::new(false),
+        leave: tokio::sync::Notify::new(),
         canceled_early: Mutex::new(std::collections::HashSet::new()),
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_jobs)),
         last_heartbeat: Mutex::new(None),
@@ -359,6 +372,9 @@ async fn session(
     loop {
         tokio::select! {
             _ = stopped(stop) => return Ok(()),
+            () = inner.leave.notified() => {
+                return Err(end(welcomed, "the controller did not answer a start check in time; trying the next"));
+            }
             // A check's first result or change of state goes out at once.
             () = inner.checks.changed(), if welcomed => {
                 heartbeat.reset_immediately();
@@ -404,6 +420,9 @@ async fn session(
                 match m.msg {
                     Some(In::Welcome(w)) => {
                         welcomed = true;
+                        inner
+                            .answers_start_checks
+                            .store(w.answers_start_checks, std::sync::atomic::Ordering::SeqCst);
                         link.welcomed();
                         let granted: BTreeMap<String, String> = w.labels.into_iter().collect();
                         if granted != inner.labels {
@@ -451,6 +470,11 @@ async fn session(
                                 lock(&inner.canceled_early).insert(c.job_id);
                                 inner.job_news.notify_waiters();
                             }
+                        }
+                    }
+                    Some(In::StartAnswer(a)) => {
+                        if let Some(tx) = lock(&inner.start_answers).remove(&a.job_id) {
+                            let _ = tx.send(a);
                         }
                     }
                     Some(In::Ack(a)) => {
@@ -570,8 +594,10 @@ async fn settle_delivered(
     link: &mut LinkRx,
     refusals: u64,
     until_expiry: Duration,
+    waited: bool,
 ) -> Stream {
     let deadline = tokio::time::Instant::now() + until_expiry;
+    let admitted_on = lock(&inner.in_hand).get(job_id).copied();
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let stream = crate::link::settle(link, refusals, left).await;
@@ -582,11 +608,31 @@ async fn settle_delivered(
         tokio::pin!(again);
         again.as_mut().enable();
         let now = crate::link::generation(link);
-        // Sent again on this stream, or canceled (it then ends unstarted).
-        if lock(&inner.in_hand).get(job_id) == Some(&now)
-            || lock(&inner.canceled_early).contains(job_id)
-        {
+        // Canceled: it then ends unstarted.
+        if lock(&inner.canceled_early).contains(job_id) {
             return Stream::Up;
+        }
+        // Sent again on this stream (or never lost): ask first when it
+        // waited, or came through a lost connection.
+        if lock(&inner.in_hand).get(job_id) == Some(&now) {
+            if !waited && admitted_on == Some(now) {
+                return Stream::Up;
+            }
+            match start_check(inner, job_id, link).await {
+                StartCheck::Go => return Stream::Up,
+                StartCheck::NoGo(why) => {
+                    if lock(&inner.canceled_early).contains(job_id) {
+                        return Stream::Up;
+                    }
+                    return Stream::Ended(format!("the controller said not to start it: {why}"));
+                }
+                // Left that controller: wait for the next one.
+                StartCheck::NoAnswer => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let _ = tokio::time::timeout(left, link.changed()).await;
+                    continue;
+                }
+            }
         }
         let wait = DELIVERED_AGAIN_WAIT
             .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
@@ -598,6 +644,59 @@ async fn settle_delivered(
                     "the stream that delivered it ended, and the controller the agent reconnected to did not send it again (canceled or ended meanwhile)".into(),
                 );
             }
+        }
+    }
+}
+
+/// How long an agent waits for the answer to a start check before it
+/// leaves that controller.
+const START_CHECK_WAIT: Duration = Duration::from_secs(5);
+
+enum StartCheck {
+    Go,
+    NoGo(String),
+    /// No answer in time: the stream is being left.
+    NoAnswer,
+}
+
+/// Asks the controller of the stream up now whether `job_id` is still to
+/// run (`pb::StartCheck`): it may have been canceled, or the agent
+/// revoked, through another controller while that one could not pass it
+/// on (stopped, cut off). One that does not answer in time is left: the
+/// next one refuses a revoked agent, or sends the job (or its cancel)
+/// again. A controller that does not answer start checks at all (an
+/// earlier version) is not asked.
+async fn start_check(inner: &Inner, job_id: &str, link: &mut LinkRx) -> StartCheck {
+    if !inner
+        .answers_start_checks
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return StartCheck::Go;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    lock(&inner.start_answers).insert(job_id.to_owned(), tx);
+    send(
+        inner,
+        msg(Out::StartCheck(pb::StartCheck {
+            job_id: job_id.to_owned(),
+        })),
+    );
+    let answer = tokio::select! {
+        a = tokio::time::timeout(START_CHECK_WAIT, rx) => a.ok().and_then(Result::ok),
+        // The stream ended meanwhile: ask again on the next.
+        _ = link.changed() => {
+            lock(&inner.start_answers).remove(job_id);
+            return StartCheck::NoAnswer;
+        }
+    };
+    lock(&inner.start_answers).remove(job_id);
+    match answer {
+        Some(a) if a.go => StartCheck::Go,
+        Some(a) => StartCheck::NoGo(a.reason),
+        None => {
+            tracing::warn!(agent_id = %inner.agent_id, job_id, "the controller did not answer a start check within 5 s; leaving it");
+            inner.leave.notify_waiters();
+            StartCheck::NoAnswer
         }
     }
 }
@@ -716,9 +815,15 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut link: LinkRx) 
             // will be refused. A lost stream does not: the job waits for
             // the slot, then for the next welcome (`crate::link`). (The
             // semaphore is closed only at shutdown.)
-            let _slot = tokio::select! {
-                slot = inner.slots.clone().acquire_owned() => slot.ok(),
-                () = crate::link::doomed(&mut link, refusals) => None,
+            let (_slot, waited) = match inner.slots.clone().try_acquire_owned() {
+                Ok(slot) => (Some(slot), false),
+                Err(_) => {
+                    let slot = tokio::select! {
+                        slot = inner.slots.clone().acquire_owned() => slot.ok(),
+                        () = crate::link::doomed(&mut link, refusals) => None,
+                    };
+                    (slot, true)
+                }
             };
             let until_expiry = Duration::from_secs(
                 admitted
@@ -727,7 +832,8 @@ async fn handle_job(inner: Arc<Inner>, signed: pb::SignedJob, mut link: LinkRx) 
                     .saturating_sub(now_secs())
                     + 1,
             );
-            let stream = settle_delivered(&inner, &job_id, &mut link, refusals, until_expiry).await;
+            let stream =
+                settle_delivered(&inner, &job_id, &mut link, refusals, until_expiry, waited).await;
             // Canceled while it waited: it never starts.
             if lock(&inner.canceled_early).remove(&job_id) {
                 tracing::info!(agent_id = %inner.agent_id, job_id = %job_id, "job canceled before it started");

@@ -505,7 +505,8 @@ async fn session(
                             lock(&stats.jobs).entry(a.job_id).or_default().acked.push(now);
                         }
                     }
-                    Some(In::Renew(_)) | Some(In::Cancel(_)) | None => {}
+                    // Simulated agents run a job at once: they never ask a start check.
+                    Some(In::Renew(_)) | Some(In::Cancel(_)) | Some(In::StartAnswer(_)) | None => {}
                 }
             }
         }

@@ -147,6 +147,7 @@ impl pb::agent_stream_server::AgentStream for Svc {
                 agent_id: agent.clone(),
                 heartbeat_secs: self.0.config.heartbeat_interval.as_secs().max(1) as u32,
                 labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                answers_start_checks: true,
             })),
         };
         tx.try_send(Box::new(Ok(welcome)))
@@ -184,6 +185,21 @@ impl pb::agent_stream_server::AgentStream for Svc {
                         shared.registry.heartbeat(&agent, conn, hb)
                     }
                     Some(AgentMsg::Chunk(c)) => shared.live_chunk(&agent, c),
+                    // Answered off this loop (a store read), on the stream.
+                    Some(AgentMsg::StartCheck(c)) => {
+                        let (shared, agent, tx) = (shared.clone(), agent.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let answer = tokio::task::spawn_blocking(move || {
+                                shared.start_answer(&agent, c.job_id)
+                            })
+                            .await;
+                            if let Ok(msgs) = answer {
+                                for m in msgs {
+                                    let _ = tx.send(Box::new(Ok(m))).await;
+                                }
+                            }
+                        });
+                    }
                     Some(AgentMsg::Started(s)) => {
                         if let Err(e) = shared.record_started(&agent, &s.job_id) {
                             tracing::warn!(agent_id = %agent, error = %e, "recording job start");

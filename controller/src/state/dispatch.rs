@@ -772,6 +772,55 @@ impl Shared {
         Ok(())
     }
 
+    /// The answer to an agent's `StartCheck` (a job it held, waiting for a
+    /// slot, is about to start): go while its target is active and the job
+    /// not canceled; for a canceled one, the cancel first, then no. The
+    /// store is read again (the target may have been changed through
+    /// another controller). Blocking.
+    pub fn start_answer(&self, agent: &str, job_id: String) -> Vec<pb::ControllerMessage> {
+        let no = |job_id: String, why: &str| pb::ControllerMessage {
+            msg: Some(pb::controller_message::Msg::StartAnswer(pb::StartAnswer {
+                job_id,
+                go: false,
+                reason: why.to_owned(),
+            })),
+        };
+        if self.registry.record(agent).is_none_or(|r| r.revoked) {
+            return vec![no(job_id, "the agent is revoked")];
+        }
+        let stored = self
+            .store
+            .get_job(&job_id)
+            .and_then(|j| Ok((j, self.store.get_target(&job_id, agent)?)));
+        match stored {
+            Ok((Some(job), _)) if matches!(job.stopped, Some((Stop::Canceled, _))) => vec![
+                pb::ControllerMessage {
+                    msg: Some(pb::controller_message::Msg::Cancel(pb::CancelJob {
+                        job_id: job_id.clone(),
+                    })),
+                },
+                no(job_id, "the job was canceled"),
+            ],
+            Ok((Some(_), Some(t))) if t.state.is_active() => vec![pb::ControllerMessage {
+                msg: Some(pb::controller_message::Msg::StartAnswer(pb::StartAnswer {
+                    job_id,
+                    go: true,
+                    reason: String::new(),
+                })),
+            }],
+            Ok((Some(_), Some(t))) => vec![no(
+                job_id,
+                &format!("its target is {} here", t.state.as_str()),
+            )],
+            Ok(_) => vec![no(job_id, "no such job or target here")],
+            // Not known now: no answer; the agent asks the next controller.
+            Err(e) => {
+                tracing::warn!(agent_id = agent, %job_id, error = %e, "answering a start check");
+                Vec::new()
+            }
+        }
+    }
+
     /// Whether `agent` is a target of `job` that was dispatched and has not
     /// finished: the only agent whose output and result for it count.
     pub(super) fn is_active_target(&self, job: &str, agent: &str) -> ApiResult<bool> {

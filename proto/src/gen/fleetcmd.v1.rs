@@ -32,7 +32,7 @@ pub struct JoinResponse {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AgentMessage {
-    #[prost(oneof = "agent_message::Msg", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "agent_message::Msg", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub msg: ::core::option::Option<agent_message::Msg>,
 }
 /// Nested message and enum types in `AgentMessage`.
@@ -51,7 +51,29 @@ pub mod agent_message {
         Started(super::JobStarted),
         #[prost(message, tag = "6")]
         Chunk(super::OutputChunk),
+        #[prost(message, tag = "7")]
+        StartCheck(super::StartCheck),
     }
+}
+/// Before it starts a job that waited for a slot, an agent asks the
+/// controller it is connected to whether the job's target is still to run
+/// (not canceled, not ended, the agent not revoked). No answer within a few
+/// seconds: the agent leaves that controller (it may be stopped and unable
+/// to pass on a revocation or a cancel) and asks the next one.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StartCheck {
+    #[prost(string, tag = "1")]
+    pub job_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StartAnswer {
+    #[prost(string, tag = "1")]
+    pub job_id: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub go: bool,
+    /// Why not, when not.
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
 }
 /// A piece of a running command's output, as it is produced (live output;
 /// the full output also comes in the JobResult).
@@ -228,7 +250,7 @@ pub struct RenewRequest {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControllerMessage {
-    #[prost(oneof = "controller_message::Msg", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "controller_message::Msg", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub msg: ::core::option::Option<controller_message::Msg>,
 }
 /// Nested message and enum types in `ControllerMessage`.
@@ -247,6 +269,8 @@ pub mod controller_message {
         Ack(super::ResultAck),
         #[prost(message, tag = "6")]
         Cancel(super::CancelJob),
+        #[prost(message, tag = "7")]
+        StartAnswer(super::StartAnswer),
     }
 }
 /// Stop a running job: the agent kills its process group (and cgroup).
@@ -269,6 +293,10 @@ pub struct Welcome {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+    /// The controller answers `StartCheck` (an agent does not ask one that
+    /// does not say so).
+    #[prost(bool, tag = "4")]
+    pub answers_start_checks: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RenewResponse {

@@ -101,6 +101,35 @@ impl TwoControllers {
         )
     }
 
+    /// Whether b-1's log has a `job starting` line for job `id`.
+    fn b1_started(&self, id: &str) -> bool {
+        std::fs::read_to_string(self.dir.path().join("b-1.log"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("job starting") && l.contains(id))
+    }
+
+    /// Waits (up to 15 s) until b-1 has started job `id`.
+    async fn b1_starts(&self, id: &str) {
+        let started = tokio::time::timeout(Duration::from_secs(15), async {
+            while !self.b1_started(id) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(started.is_ok(), "b-1 started {id}\n{}", self.logs());
+    }
+
+    /// SIGSTOP (`-STOP`) or SIGCONT (`-CONT`) to controller B.
+    fn signal_b(&self, sig: &str) {
+        let b = self._procs[1].0.id().to_string();
+        let ok = Command::new("kill")
+            .args([sig, &b])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {b}");
+    }
+
     /// Service `up` as controller `url` shows it.
     async fn service_up(&self, url: String) -> Option<pb::Service> {
         pb::health_client::HealthClient::new(self.channel(&url).await)
@@ -933,7 +962,6 @@ async fn agents_and_health_are_fleet_wide_across_controllers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stalled_controllers_agents_are_not_called_offline() {
     let fleet = two_controllers().await;
-    let b = fleet._procs[1].0.id().to_string();
     // B has written that b-1 is connected to it (every 2 s).
     let listed = tokio::time::timeout(Duration::from_secs(10), async {
         while fleet.sql("SELECT count(*) FROM presence WHERE 'b-1' = ANY(agents)") != "1" {
@@ -942,14 +970,7 @@ async fn a_stalled_controllers_agents_are_not_called_offline() {
     })
     .await;
     assert!(listed.is_ok(), "B lists b-1\n{}", fleet.logs());
-    let signal = |sig: &str| {
-        let ok = Command::new("kill")
-            .args([sig, &b])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill {sig} {b}");
-    };
-    signal("-STOP");
+    fleet.signal_b("-STOP");
     let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_a).await);
     let id = jobs
         .submit(fleet.job("uptime", "all"))
@@ -965,7 +986,7 @@ async fn a_stalled_controllers_agents_are_not_called_offline() {
         .await
         .expect("get")
         .into_inner();
-    signal("-CONT");
+    fleet.signal_b("-CONT");
     let b1 = |j: &pb::Job| {
         j.targets
             .iter()
@@ -1232,34 +1253,12 @@ async fn a_revoked_agents_targets_are_recorded_by_the_controller_that_knows_them
     let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_a).await);
     let (running, queued) = hold_and_queue(&fleet, &mut jobs, "8", "never").await;
     // The sleep has started on b-1 (its log says so), the echo waits.
-    let log = fleet.dir.path().join("b-1.log");
-    let started = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text
-                .lines()
-                .any(|l| l.contains("job starting") && l.contains(&running))
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(started.is_ok(), "the sleep started\n{}", fleet.logs());
+    fleet.b1_starts(&running).await;
     // A has read both targets back as dispatched (its catch-up scan).
     tokio::time::sleep(Duration::from_secs(3)).await;
     // B, which holds b-1's stream, is stopped while A revokes b-1: A does
     // not know which target started, and records neither.
-    let b = fleet._procs[1].0.id().to_string();
-    let signal = |sig: &str| {
-        let ok = Command::new("kill")
-            .args([sig, &b])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill {sig} {b}");
-    };
-    signal("-STOP");
+    fleet.signal_b("-STOP");
     let revoked = pb::agents_client::AgentsClient::new(fleet.channel(&fleet.url_a).await)
         .revoke(pb::RevokeRequest {
             agent_id: "b-1".into(),
@@ -1275,7 +1274,7 @@ async fn a_revoked_agents_targets_are_recorded_by_the_controller_that_knows_them
                 .into_inner(),
         );
     }
-    signal("-CONT");
+    fleet.signal_b("-CONT");
     revoked.expect("revoked on A");
     for j in &still {
         assert!(
@@ -1307,11 +1306,68 @@ async fn a_revoked_agents_targets_are_recorded_by_the_controller_that_knows_them
         assert_eq!(state, want, "{ended:?}\n{}", fleet.logs());
         assert!(why.contains(reason), "{why}");
     }
-    let text = std::fs::read_to_string(&log).expect("b-1.log");
     assert!(
-        !text
-            .lines()
-            .any(|l| l.contains("job starting") && l.contains(&queued)),
-        "the queued job started\n{text}"
+        !fleet.b1_started(&queued),
+        "the queued job started\n{}",
+        fleet.logs()
     );
+}
+
+/// While an agent's controller is stopped it cannot pass anything on, so
+/// before a job that waited for a slot starts, the agent asks that
+/// controller (`StartCheck`); with no answer within 5 s it leaves it for
+/// the next, which refuses a revoked agent or sends a canceled job's
+/// cancel (found by an outside test: a revoked agent started its queued
+/// job 19 s after the revocation, and a canceled one ran to `ok`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queued_job_does_not_start_on_a_stalled_controllers_word() {
+    for revoke in [true, false] {
+        let fleet = two_controllers_with(true, "").await;
+        let mut jobs = pb::jobs_client::JobsClient::new(fleet.channel(&fleet.url_a).await);
+        let (hold, queued) = hold_and_queue(&fleet, &mut jobs, "3", "must not run").await;
+        fleet.b1_starts(&hold).await;
+        fleet.signal_b("-STOP");
+        if revoke {
+            pb::agents_client::AgentsClient::new(fleet.channel(&fleet.url_a).await)
+                .revoke(pb::RevokeRequest {
+                    agent_id: "b-1".into(),
+                })
+                .await
+                .expect("revoked on A");
+        } else {
+            jobs.cancel(pb::CancelJobRequest {
+                job_id: queued.clone(),
+                requested_by: String::new(),
+            })
+            .await
+            .expect("canceled on A");
+        }
+        // The hold ends 3 s after it started; then the start check goes
+        // unanswered for 5 s and b-1 moves to A.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        let started = fleet.b1_started(&queued);
+        fleet.signal_b("-CONT");
+        assert!(
+            !started,
+            "revoke {revoke}: the queued job started on a stalled controller's word\n{}",
+            fleet.logs()
+        );
+        let log = std::fs::read_to_string(fleet.dir.path().join("b-1.log")).expect("log");
+        assert!(
+            log.contains("did not answer a start check"),
+            "revoke {revoke}: {log}"
+        );
+        if !revoke {
+            // On A now: the cancel came with it, and the job never started.
+            let ended = job_when(&mut jobs, &queued, Duration::from_secs(15), has_ended)
+                .await
+                .unwrap_or_else(|| panic!("{queued} did not end\n{}", fleet.logs()));
+            assert_eq!(
+                ended.targets[0].target_state(),
+                TargetState::Canceled,
+                "{ended:?}"
+            );
+            assert!(!fleet.b1_started(&queued));
+        }
+    }
 }
