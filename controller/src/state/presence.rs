@@ -228,6 +228,17 @@ impl PresenceView {
     fn set(&self, read: Read) {
         let now = Instant::now();
         let mut v = lock(&self.0);
+        // A gap in the readings (this controller was stopped, or its ticks
+        // could not run) is as good as a failure: its old snapshots say
+        // nothing of now (found by an outside test: right after a
+        // 10-minute stop, agents that had just joined elsewhere were
+        // called offline on the first reading).
+        if v.history
+            .back()
+            .is_some_and(|s| now.duration_since(s.read_at) > FRESH)
+        {
+            v.whole_since = None;
+        }
         v.elsewhere_listed = read
             .listed
             .iter()
@@ -389,6 +400,16 @@ mod tests {
         }
     }
 
+    /// `over` of regular readings (every `INTERVAL`) of `entries`.
+    fn readings(view: &PresenceView, over: Duration, entries: Vec<Presence>) {
+        let mut passed = Duration::ZERO;
+        while passed < over {
+            age(view, INTERVAL);
+            view.set(read(entries.clone()));
+            passed += INTERVAL;
+        }
+    }
+
     /// Makes every snapshot read (and the run of good ticks) `ago` older.
     fn age(view: &PresenceView, ago: Duration) {
         let mut v = lock(&view.0);
@@ -409,11 +430,11 @@ mod tests {
             entry("b", false, &["web-2"]),
         ]));
         assert!(!view.nowhere("web-3"), "not read for a grace yet");
-        age(&view, GRACE);
-        view.set(read(vec![
-            entry("a", false, &["web-1"]),
-            entry("b", false, &["web-2"]),
-        ]));
+        readings(
+            &view,
+            GRACE,
+            vec![entry("a", false, &["web-1"]), entry("b", false, &["web-2"])],
+        );
         assert!(!view.nowhere("web-1"));
         assert!(!view.nowhere("web-2"));
         assert!(view.nowhere("web-3"));
@@ -423,11 +444,11 @@ mod tests {
             entry("b", false, &[]),
         ]));
         assert!(!view.nowhere("web-2"), "gone for less than a grace");
-        age(&view, GRACE + Duration::from_secs(1));
-        view.set(read(vec![
-            entry("a", false, &["web-1"]),
-            entry("b", false, &[]),
-        ]));
+        readings(
+            &view,
+            GRACE + Duration::from_secs(1),
+            vec![entry("a", false, &["web-1"]), entry("b", false, &[])],
+        );
         assert!(view.nowhere("web-2"), "gone for more than a grace");
         // A controller settling: nothing is nowhere.
         view.set(read(vec![
@@ -438,8 +459,7 @@ mod tests {
         // A failed tick (the database was away): a grace of good ones first.
         let view = PresenceView::default();
         view.set(read(vec![entry("a", false, &[])]));
-        age(&view, GRACE);
-        view.set(read(vec![entry("a", false, &[])]));
+        readings(&view, GRACE, vec![entry("a", false, &[])]);
         assert!(view.nowhere("web-3"));
         view.failed();
         view.set(read(vec![entry("a", false, &[])]));
@@ -447,6 +467,18 @@ mod tests {
         // Stale: no fresh snapshot.
         age(&view, GRACE + FRESH);
         assert!(!view.nowhere("web-3"), "the snapshots are stale");
+        // Read again after that gap: a grace of regular readings first.
+        view.set(read(vec![entry("a", false, &[])]));
+        assert!(!view.nowhere("web-3"), "just after a gap in the readings");
+        readings(&view, GRACE - INTERVAL, vec![entry("a", false, &[])]);
+        assert!(!view.nowhere("web-3"), "less than a grace of readings");
+        readings(&view, INTERVAL, vec![entry("a", false, &[])]);
+        assert!(view.nowhere("web-3"), "a grace of regular readings");
+        // A stop of the readings longer than FRESH (this controller was
+        // stopped) starts the grace again.
+        age(&view, FRESH + Duration::from_secs(1));
+        view.set(read(vec![entry("a", false, &[])]));
+        assert!(!view.nowhere("web-3"), "just after a stop of the readings");
     }
 
     #[test]
@@ -461,9 +493,10 @@ mod tests {
                 live: Vec::new(),
             })
         };
-        stalled(&view);
-        age(&view, GRACE + Duration::from_secs(1));
-        stalled(&view);
+        for _ in 0..6 {
+            age(&view, INTERVAL);
+            stalled(&view);
+        }
         assert!(
             !view.nowhere("web-2"),
             "b's agents are still connected to it"
