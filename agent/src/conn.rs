@@ -154,6 +154,16 @@ impl AgentHandle {
             let _ = m.await;
         }
     }
+
+    /// Ends the agent at once, as a crash would: nothing more is sent
+    /// (no refusal of its queued jobs, no goodbye). For tests of what a
+    /// controller does with an agent that vanished.
+    pub fn abort(self) {
+        self.task.abort();
+        if let Some(m) = self.metrics {
+            m.abort();
+        }
+    }
 }
 
 /// Loads the joined state and starts the connection loop.

@@ -414,6 +414,13 @@ impl Fleet {
         }
     }
 
+    /// Ends one agent at once, as a crash would (`AgentHandle::abort`).
+    pub fn kill_agent(&mut self, name: &str) {
+        if let Some(pos) = self.agents.iter().position(|a| a.agent_id == name) {
+            self.agents.remove(pos).abort();
+        }
+    }
+
     /// Stops the controller, keeps it down for `downtime`, and starts it
     /// again on the same address and data directory (agents reconnect).
     pub async fn restart_controller(&mut self, downtime: Duration) -> anyhow::Result<()> {

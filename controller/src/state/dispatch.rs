@@ -919,9 +919,10 @@ impl Shared {
             }
         }
         let now = now_secs();
-        let (ids, overdue): (Vec<String>, Vec<(String, String)>) = {
+        let (ids, overdue, revoked) = {
             let runs = lock(&self.job_lock);
             let mut overdue = Vec::new();
+            let mut revoked = HashSet::new();
             for (id, run) in runs.iter() {
                 let limit = run
                     .job
@@ -937,11 +938,37 @@ impl Shared {
                         if now > since + limit {
                             overdue.push((id.clone(), agent.clone()));
                         }
+                        if self.registry.is_revoked(agent) {
+                            revoked.insert(agent.clone());
+                        }
                     }
                 }
             }
-            (runs.keys().cloned().collect(), overdue)
+            let ids: Vec<String> = runs.keys().cloned().collect();
+            (ids, overdue, revoked)
         };
+        // A revoked agent connected to no controller: none is left to
+        // record its active targets (the one that held its stream records
+        // them when the revocation reaches it; `refuse_queued_on_revoked`),
+        // and none will take its result, so they end now rather than at
+        // their deadline (found by an outside test: they showed `running`
+        // for up to an hour).
+        let settling = self.registry.settling();
+        let shared = self.bus.is_shared();
+        let stranded: Vec<String> = revoked
+            .into_iter()
+            .filter(|a| {
+                !settling
+                    && self.registry.online_now([a.as_str()]).first() != Some(&true)
+                    && (!shared || self.presence.nowhere(a))
+            })
+            .collect();
+        for agent in stranded {
+            // One controller knows which targets started: its agents
+            // report it and it stores it. With several, a target that
+            // started on another controller is still `dispatched` here.
+            self.refuse_queued_on_revoked(&agent, !shared).await?;
+        }
         let mut changed = false;
         for (job, agent) in overdue {
             let rec = TargetRecord::new(

@@ -57,7 +57,7 @@ impl Shared {
                 // Revoked on another controller while connected here: this
                 // one closed its stream and knows what it had started.
                 if revoked_here {
-                    self.refuse_queued_on_revoked(&id).await?;
+                    self.refuse_queued_on_revoked(&id, true).await?;
                 }
                 Ok(())
             }

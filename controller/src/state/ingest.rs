@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use fleetcmd_core::audit::Event;
+use fleetcmd_core::audit::{Event, EventKind};
 use fleetcmd_core::state::TargetState;
 use tokio::sync::{mpsc, oneshot};
 
@@ -34,6 +34,25 @@ pub(super) const QUEUE: usize = 4096;
 /// Tries of a batch whose targets another controller changed meanwhile
 /// (each drops those targets and tries the rest again).
 const TRIES: usize = 3;
+
+/// A result to store: job, agent, the target's record, its audit record.
+type Item = (String, String, TargetRecord, Event);
+
+/// What is stored instead of a revoked agent's result: its target failed.
+/// The agent ran the job (it sent a result), but nothing a revoked agent
+/// says is taken as true, nor audited as its word.
+pub(super) fn revoked_result(job: &str, agent: &str) -> (TargetRecord, Event) {
+    const WHY: &str =
+        "agent revoked before its result was stored; a revoked agent's result is not accepted";
+    (
+        TargetRecord::new(TargetState::Failed, WHY),
+        Event::new(EventKind::JobFinished, "controller")
+            .job(job)
+            .host(agent)
+            .field("outcome", TargetState::Failed.as_str())
+            .detail(WHY),
+    )
+}
 
 /// One agent's result for its target, waiting to be stored.
 pub struct Ingest {
@@ -57,6 +76,11 @@ impl Shared {
         rec: TargetRecord,
         event: Event,
     ) -> ApiResult<bool> {
+        let (rec, event) = if self.registry.is_revoked(agent) {
+            revoked_result(job, agent)
+        } else {
+            (rec, event)
+        };
         if !self.bus.is_shared() || !self.ingesting.load(Ordering::Acquire) {
             return self.update_target(job, agent, rec, Some(event));
         }
@@ -95,9 +119,12 @@ impl Shared {
                 .map(|i| ((i.job, i.agent, i.rec, i.event), i.reply))
                 .unzip();
             let shared = self.clone();
-            let stored = tokio::task::spawn_blocking(move || shared.store_results(items))
-                .await
-                .unwrap_or_else(|e| Err(ApiError::Internal(format!("result batch: {e}"))));
+            let stored = tokio::task::spawn_blocking(move || {
+                let items = shared.screen_revoked(items)?;
+                shared.store_results(items)
+            })
+            .await
+            .unwrap_or_else(|e| Err(ApiError::Internal(format!("result batch: {e}"))));
             self.metrics.result_batch(replies.len());
             match stored {
                 Ok(written) => {
@@ -116,14 +143,38 @@ impl Shared {
         }
     }
 
+    /// The batch with every result of an agent the store says is revoked
+    /// replaced by its target's failure (`revoked_result`): one read for
+    /// the batch. This controller's own view of revocations can be behind
+    /// the store — it learns of one on the bus, and a controller that was
+    /// stopped reads the results waiting in its sockets before the bus
+    /// (found by an outside test: a controller resumed after a revocation
+    /// stored a revoked agent's results as `ok`, audited as the agent's).
+    /// Blocking.
+    fn screen_revoked(&self, mut items: Vec<Item>) -> ApiResult<Vec<Item>> {
+        let mut agents: Vec<&str> = items.iter().map(|i| i.1.as_str()).collect();
+        agents.sort_unstable();
+        agents.dedup();
+        let revoked: HashSet<String> = self
+            .store
+            .get_agents(&agents)?
+            .into_iter()
+            .filter(|a| a.revoked)
+            .map(|a| a.id)
+            .collect();
+        for (job, agent, rec, event) in &mut items {
+            if revoked.contains(agent.as_str()) {
+                (*rec, *event) = revoked_result(job, agent);
+            }
+        }
+        Ok(items)
+    }
+
     /// Stores each result whose target is still active (dispatched or
     /// running), all of them and their audit records in one transaction;
     /// results of targets that ended (another controller stored one first)
     /// are left out. Returns, per result, whether it was stored. Blocking.
-    pub(super) fn store_results(
-        &self,
-        mut items: Vec<(String, String, TargetRecord, Event)>,
-    ) -> ApiResult<Vec<bool>> {
+    pub(super) fn store_results(&self, mut items: Vec<Item>) -> ApiResult<Vec<bool>> {
         let mut runs = lock(&self.job_lock);
         let mut written = vec![false; items.len()];
         // Which results to write: one per target (a second one in the same

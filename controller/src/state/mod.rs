@@ -632,7 +632,7 @@ impl Shared {
             Status::permission_denied(format!("agent {agent} was revoked")),
         );
         if here {
-            self.refuse_queued_on_revoked(agent).await?;
+            self.refuse_queued_on_revoked(agent, true).await?;
         }
         Ok(())
     }
@@ -646,9 +646,20 @@ impl Shared {
     /// to that one, or to their deadline (found by an outside test: a
     /// target that ran was recorded refused, "before it reported
     /// starting", by a controller the agent was not connected to).
-    pub(super) async fn refuse_queued_on_revoked(&self, agent: &str) -> ApiResult<()> {
+    ///
+    /// With `knows_starts` false (several controllers, and the agent was
+    /// not connected here: the sweeper's call for an agent connected to
+    /// none), a target not known to have started may have started on the
+    /// controller the agent was connected to, so it is recorded failed
+    /// with that said, not refused.
+    pub(super) async fn refuse_queued_on_revoked(
+        &self,
+        agent: &str,
+        knows_starts: bool,
+    ) -> ApiResult<()> {
         const REASON: &str = "agent revoked before it reported starting the job; an agent starts no job after a controller refuses it";
         const RAN: &str = "agent revoked while the job ran; its result cannot be received";
+        const UNKNOWN: &str = "agent revoked while connected to no controller; whether it had started the job is not known, and its result cannot be received";
         let active: Vec<(String, TargetState)> = {
             let runs = lock(&self.job_lock);
             runs.iter()
@@ -662,15 +673,20 @@ impl Shared {
         let mut refused = Vec::new();
         for (job, state) in active {
             // Started (it reported so): it ran, or runs; its end is unknown.
-            let (rec, event) = if state == TargetState::Running {
+            let failed = |why: &str| {
                 (
-                    TargetRecord::new(TargetState::Failed, RAN),
+                    TargetRecord::new(TargetState::Failed, why),
                     Event::new(EventKind::JobFinished, "controller")
                         .job(&job)
                         .host(agent)
                         .field("outcome", "failed")
-                        .detail(RAN),
+                        .detail(why),
                 )
+            };
+            let (rec, event) = if state == TargetState::Running {
+                failed(RAN)
+            } else if !knows_starts {
+                failed(UNKNOWN)
             } else {
                 (
                     TargetRecord::new(TargetState::Refused, REASON),

@@ -300,8 +300,15 @@ pub fn agents_are_enrolled_and_revoked(store: &dyn Store) {
     );
     assert_eq!(
         store.list_agents().expect("list"),
-        [agent("web-1"), revoked]
+        [agent("web-1"), revoked.clone()]
     );
+    // Several at once, unknown ids left out.
+    let mut some = store
+        .get_agents(&["web-2", "nobody", "web-1"])
+        .expect("get some");
+    some.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(some, [agent("web-1"), revoked]);
+    assert_eq!(store.get_agents(&[]).expect("get none"), []);
 }
 
 /// The policy is the last one put.

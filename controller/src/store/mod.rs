@@ -285,6 +285,14 @@ pub trait AgentStore {
     fn get_agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
     /// Every agent, by id.
     fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    /// The enrolled agents among `ids` (unknown ids are left out), in one
+    /// read where the backend can (what a batch of results checks for
+    /// revocations).
+    fn get_agents(&self, ids: &[&str]) -> Result<Vec<AgentRecord>, StoreError> {
+        ids.iter()
+            .filter_map(|id| self.get_agent(id).transpose())
+            .collect()
+    }
 }
 
 /// The one current policy bundle.

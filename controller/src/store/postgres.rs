@@ -895,6 +895,14 @@ impl AgentStore for PostgresStore {
     fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
         self.records("SELECT record FROM agents ORDER BY id", params![])
     }
+
+    fn get_agents(&self, ids: &[&str]) -> Result<Vec<AgentRecord>, StoreError> {
+        let ids: Vec<String> = ids.iter().map(|&id| id.to_owned()).collect();
+        self.records(
+            "SELECT record FROM agents WHERE id = ANY($1) ORDER BY id",
+            params![ids],
+        )
+    }
 }
 
 impl PolicyStore for PostgresStore {

@@ -1318,7 +1318,10 @@ async fn a_revoked_agents_targets_are_recorded_by_the_controller_that_knows_them
 /// controller (`StartCheck`); with no answer within 5 s it leaves it for
 /// the next, which refuses a revoked agent or sends a canceled job's
 /// cancel (found by an outside test: a revoked agent started its queued
-/// job 19 s after the revocation, and a canceled one ran to `ok`).
+/// job 19 s after the revocation, and a canceled one ran to `ok`). When
+/// the stopped controller resumes, it does not take the revoked agent's
+/// result that waited in its socket as `ok`, and the revoked agent's
+/// queued target ends once it is connected nowhere (a third outside test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_queued_job_does_not_start_on_a_stalled_controllers_word() {
     for revoke in [true, false] {
@@ -1357,7 +1360,27 @@ async fn a_queued_job_does_not_start_on_a_stalled_controllers_word() {
             log.contains("did not answer a start check"),
             "revoke {revoke}: {log}"
         );
-        if !revoke {
+        if revoke {
+            // The hold's result waited in B's socket while B was stopped:
+            // B must not store a revoked agent's word as `ok` when it
+            // resumes. b-1, refused everywhere, is connected to no
+            // controller: its queued target ends within seconds of that,
+            // not at its deadline (an hour). Found by an outside test.
+            for id in [&hold, &queued] {
+                let ended = job_when(&mut jobs, id, Duration::from_secs(45), has_ended)
+                    .await
+                    .unwrap_or_else(|| panic!("{id} did not end\n{}", fleet.logs()));
+                let t = &ended.targets[0];
+                let why = t.result.as_ref().map(|r| r.reason.as_str()).unwrap_or("");
+                assert!(
+                    matches!(t.target_state(), TargetState::Failed | TargetState::Refused)
+                        && why.contains("revoked"),
+                    "{id}: {ended:?}\n{}",
+                    fleet.logs()
+                );
+            }
+            assert!(!fleet.b1_started(&queued));
+        } else {
             // On A now: the cancel came with it, and the job never started.
             let ended = job_when(&mut jobs, &queued, Duration::from_secs(15), has_ended)
                 .await

@@ -239,6 +239,45 @@ async fn a_queued_job_on_a_revoked_agent_never_starts() {
     assert_absent(&path);
 }
 
+/// An agent revoked while connected to no controller cannot hear of it,
+/// and no controller is left to hear from it: its active targets end at
+/// the next sweep — the queued job as refused (it had not reported
+/// starting, and a refused agent starts nothing), the running one as
+/// failed — not at their deadline (found by an outside test: they showed
+/// `running` for up to an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_agent_connected_nowhere_has_its_targets_ended() {
+    let mut fleet = one_slot_fleet().await;
+    let hold = hold_the_slot(&fleet).await;
+    let (id, job, path) = mark_job(&fleet, "revoked-offline", |_| {});
+    submit(&fleet, job).await;
+    wait_queued(&fleet, &id).await;
+    fleet.kill_agent(AGENT);
+    let mut agents = pb::agents_client::AgentsClient::new(fleet.operator().await);
+    agents
+        .revoke(pb::RevokeRequest {
+            agent_id: AGENT.into(),
+        })
+        .await
+        .expect("operator revokes");
+    for (job, want, why) in [
+        (
+            &id,
+            TargetState::Refused,
+            "revoked before it reported starting",
+        ),
+        (&hold, TargetState::Failed, "revoked while the job ran"),
+    ] {
+        let got = fleet.wait_job(job).await;
+        let t = target(&got, AGENT);
+        let reason = t.result.as_ref().map(|r| r.reason.as_str()).unwrap_or("");
+        assert_eq!(t.target_state(), want, "{t:?}");
+        assert!(reason.contains(why), "{t:?}");
+    }
+    assert_absent(&path);
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
+
 /// A controller an agent reconnects to sends it the jobs it is a target of
 /// again (several controllers: the one that sent it may have died). A copy
 /// that arrives while the job waits for its slot is ignored: the job runs
