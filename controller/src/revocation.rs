@@ -248,6 +248,14 @@ pub fn unrecorded_warning(data_dir: &std::path::Path, rec: &CertRevocation) -> O
             "no {what} is recorded in {}: check the name; revoked all the same",
             path.display()
         )),
+        // With several controllers each records what it issued on its own
+        // host: one that issued nothing has no file, which says nothing
+        // of a certificate another one issued (found by an outside test:
+        // the warning made a correct revocation look doubtful).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!(
+            "this controller has issued no certificates ({} does not exist), so it cannot check the {what}; if another controller issued it, its pki/issued.jsonl records it; revoked all the same",
+            path.display()
+        )),
         Err(e) => Some(format!(
             "could not check {} for a {what} ({e}); revoked all the same",
             path.display()
@@ -280,6 +288,26 @@ mod tests {
             serial: serial.into(),
             issued_at,
         }
+    }
+
+    #[test]
+    fn a_controller_that_issued_nothing_says_so_not_that_it_failed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rec = CertRevocation {
+            role: "operator".into(),
+            name: "admin".into(),
+            serial: Some("60239d".into()),
+            revoked_at: 1,
+            by: "cli:root".into(),
+            reason: String::new(),
+        };
+        let warning = unrecorded_warning(dir.path(), &rec).expect("a warning");
+        assert!(
+            warning.contains("this controller has issued no certificates")
+                && warning.contains("if another controller issued it")
+                && !warning.contains("could not check"),
+            "{warning}"
+        );
     }
 
     #[test]
