@@ -12,7 +12,12 @@
 //! Several gateways on one chat all follow the stream: each post is
 //! claimed first (`crate::claims`, key: the channel and the announcement),
 //! so one of them posts it. When the claim cannot be made the alert is
-//! posted anyway: an alert posted twice is better than none.
+//! posted anyway: an alert posted twice is better than none. The gateway
+//! that posted says so with a second claim (`alert-posted/…`); each one
+//! that lost the first claim checks back after [`CONFIRM_WAIT`] by making
+//! that second claim itself: winning it means no gateway posted — the
+//! winner died between its claim and its post, or could not post — and it
+//! posts the alert late rather than lose it (`Confirmations`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +35,13 @@ use crate::router::Router;
 pub const MAX_INSTANCES: usize = 10;
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a gateway that lost an alert's claim waits before it checks
+/// that the winner posted it: longer than a post takes with the adapters'
+/// retries of a rate-limited platform.
+pub const CONFIRM_WAIT: Duration = Duration::from_secs(120);
+/// Alerts waiting for that check at most; beyond, the oldest is dropped
+/// with a warning (a storm of alerts, each lost claim kept 2 minutes).
+const MAX_UNCONFIRMED: usize = 1000;
 
 /// The chat message for an alert event; `None` for events that are not
 /// posted (snapshots, silenced services).
@@ -106,6 +118,7 @@ pub async fn run<C: ControllerApi>(
 ) {
     let ctl = router.controller();
     let mut backoff = BACKOFF_MIN;
+    let mut unconfirmed = Confirmations::default();
     loop {
         let mut stream = match ctl.health_watch().await {
             Ok(s) => {
@@ -119,13 +132,22 @@ pub async fn run<C: ControllerApi>(
                 continue;
             }
         };
-        while let Some(item) = stream.next().await {
+        loop {
+            let due = unconfirmed.next_due();
+            let item = tokio::select! {
+                item = stream.next() => item,
+                () = sleep_until(due), if due.is_some() => {
+                    unconfirmed.check_due(ctl, &senders, tokio::time::Instant::now()).await;
+                    continue;
+                }
+            };
             let ev = match item {
-                Ok(ev) => ev,
-                Err(e) => {
+                Some(Ok(ev)) => ev,
+                Some(Err(e)) => {
                     tracing::warn!(error = %e, "alerts: health stream failed");
                     break;
                 }
+                None => break,
             };
             backoff = BACKOFF_MIN;
             if let Some(tx) = &integrations
@@ -133,57 +155,165 @@ pub async fn run<C: ControllerApi>(
             {
                 tracing::warn!("alerts: integrations are behind; dropped one event");
             }
-            post(ctl, &senders, &ev).await;
+            post(ctl, &senders, &ev, &mut unconfirmed).await;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    if let Some(at) = due {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+/// Posts `ev` to each of its channels this gateway wins the claim of; a
+/// lost claim is kept in `unconfirmed` for the check that the winner
+/// posted it.
 async fn post(
     arbiter: &dyn Arbiter,
     senders: &[(String, Arc<dyn ChatSender>)],
     ev: &v1::AlertEvent,
+    unconfirmed: &mut Confirmations,
 ) {
     let (Some(reply), Some(s)) = (render(ev), ev.service.as_ref()) else {
         return;
     };
     for channel in &s.channels {
-        if !first_to_post(arbiter, channel, ev).await {
-            continue;
+        let post = AlertPost::new(channel, ev, reply.clone());
+        match arbiter.claim(post.key("alert"), claims::ALERT_TTL).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(service = %s.name, %channel, "alerts: posted by another gateway");
+                unconfirmed.push(post, tokio::time::Instant::now() + CONFIRM_WAIT);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(service = %s.name, %channel, error = %e, "alerts: cannot claim the post among the gateways; posting it anyway");
+            }
         }
+        post.send(arbiter, senders).await;
+    }
+}
+
+/// One alert for one channel, as posted.
+struct AlertPost {
+    channel: String,
+    service: String,
+    /// What names the announcement: the channel, the service, the kind,
+    /// the old and new state, its time.
+    parts: [String; 6],
+    reply: Reply,
+}
+
+impl AlertPost {
+    fn new(channel: &str, ev: &v1::AlertEvent, reply: Reply) -> AlertPost {
+        let s = ev.service.as_ref();
+        let service = s.map(|s| s.name.clone()).unwrap_or_default();
+        let state = s.map(|s| s.state.clone()).unwrap_or_default();
+        AlertPost {
+            channel: channel.to_owned(),
+            parts: [
+                channel.to_owned(),
+                service.clone(),
+                ev.kind.to_string(),
+                ev.from.clone(),
+                state,
+                ev.at_ms.to_string(),
+            ],
+            service,
+            reply,
+        }
+    }
+
+    /// The claim key of `kind` (`alert`: who posts; `alert-posted`: it
+    /// was posted) for this announcement in this channel.
+    fn key(&self, kind: &str) -> String {
+        let parts: Vec<&str> = self.parts.iter().map(String::as_str).collect();
+        claims::key(kind, &parts)
+    }
+
+    /// Posts it, and once posted says so (`alert-posted`) for the gateways
+    /// that lost the claim; a failed post says nothing, so one of them
+    /// posts it after [`CONFIRM_WAIT`].
+    async fn send(&self, arbiter: &dyn Arbiter, senders: &[(String, Arc<dyn ChatSender>)]) {
+        if !self.deliver(senders).await {
+            return;
+        }
+        if let Err(e) = arbiter
+            .claim(self.key("alert-posted"), claims::ALERT_TTL)
+            .await
+        {
+            tracing::warn!(service = %self.service, channel = %self.channel, error = %e, "alerts: cannot tell the other gateways this alert was posted; one may post it again");
+        }
+    }
+
+    /// Posts it through the adapter of its channel's scheme; whether it
+    /// was posted.
+    async fn deliver(&self, senders: &[(String, Arc<dyn ChatSender>)]) -> bool {
+        let (service, channel) = (&self.service, &self.channel);
         let scheme = channel.split(':').next().unwrap_or_default();
         let Some((_, out)) = senders.iter().find(|(name, _)| name == scheme) else {
-            tracing::warn!(
-                service = %s.name,
-                %channel,
-                "alerts: no enabled adapter posts to this channel"
-            );
-            continue;
+            tracing::warn!(%service, %channel, "alerts: no enabled adapter posts to this channel");
+            return false;
         };
-        if let Err(e) = out.send(channel, reply.clone()).await {
-            tracing::warn!(service = %s.name, %channel, error = %e, "alerts: post failed");
+        match out.send(channel, self.reply.clone()).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(%service, %channel, error = %e, "alerts: post failed");
+                false
+            }
         }
     }
 }
 
-/// Whether this gateway posts `ev` to `channel`: it claimed the post, or
-/// the claim could not be made (posted anyway; logged).
-async fn first_to_post(arbiter: &dyn Arbiter, channel: &str, ev: &v1::AlertEvent) -> bool {
-    let s = ev.service.as_ref();
-    let name = s.map(|s| s.name.as_str()).unwrap_or_default();
-    let state = s.map(|s| s.state.as_str()).unwrap_or_default();
-    let (kind, at) = (ev.kind.to_string(), ev.at_ms.to_string());
-    let key = claims::key("alert", &[channel, name, &kind, &ev.from, state, &at]);
-    match arbiter.claim(key, claims::ALERT_TTL).await {
-        Ok(true) => true,
-        Ok(false) => {
-            tracing::info!(service = name, %channel, "alerts: posted by another gateway");
-            false
+/// The alerts this gateway lost the claim of, each until its check that
+/// the winner posted it is due.
+#[derive(Default)]
+struct Confirmations(std::collections::VecDeque<(tokio::time::Instant, AlertPost)>);
+
+impl Confirmations {
+    fn push(&mut self, post: AlertPost, due: tokio::time::Instant) {
+        if self.0.len() >= MAX_UNCONFIRMED
+            && let Some((_, old)) = self.0.pop_front()
+        {
+            tracing::warn!(service = %old.service, channel = %old.channel, "alerts: too many alerts to check; not checking that this one was posted");
         }
-        Err(e) => {
-            tracing::warn!(service = name, %channel, error = %e, "alerts: cannot claim the post among the gateways; posting it anyway");
-            true
+        self.0.push_back((due, post));
+    }
+
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        self.0.front().map(|(due, _)| *due)
+    }
+
+    /// For each alert due at `now`: claims `alert-posted` itself; winning
+    /// means no gateway posted it, so this one does (as when the claim
+    /// cannot be made: posted twice is better than none).
+    async fn check_due(
+        &mut self,
+        arbiter: &dyn Arbiter,
+        senders: &[(String, Arc<dyn ChatSender>)],
+        now: tokio::time::Instant,
+    ) {
+        while self.0.front().is_some_and(|(due, _)| *due <= now) {
+            let Some((_, post)) = self.0.pop_front() else {
+                break;
+            };
+            let (service, channel) = (&post.service, &post.channel);
+            match arbiter
+                .claim(post.key("alert-posted"), claims::ALERT_TTL)
+                .await
+            {
+                Ok(false) => continue,
+                Ok(true) => {
+                    tracing::warn!(%service, %channel, "alerts: the gateway that claimed this alert did not post it; posting it late");
+                }
+                Err(e) => {
+                    tracing::warn!(%service, %channel, error = %e, "alerts: cannot check that another gateway posted this alert; posting it");
+                }
+            }
+            post.deliver(senders).await;
         }
     }
 }
@@ -244,6 +374,106 @@ mod tests {
             .chain(r.lines.iter().map(String::as_str))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// The controller's claims as several gateways share them: the first
+    /// claim of a key wins.
+    #[derive(Default)]
+    struct SharedClaims(std::sync::Mutex<std::collections::HashSet<String>>);
+
+    impl Arbiter for SharedClaims {
+        fn claim(
+            &self,
+            key: String,
+            _ttl: Duration,
+        ) -> crate::adapters::BoxFuture<'_, Result<bool, crate::controller::ControllerError>>
+        {
+            let won = self.0.lock().expect("claims").insert(key);
+            Box::pin(async move { Ok(won) })
+        }
+    }
+
+    /// A chat that records what is posted to it.
+    #[derive(Default)]
+    struct Posted(std::sync::Mutex<Vec<(String, String)>>);
+
+    impl ChatSender for Posted {
+        fn send<'a>(
+            &'a self,
+            channel: &'a str,
+            reply: Reply,
+        ) -> crate::adapters::BoxFuture<
+            'a,
+            Result<crate::adapters::MessageRef, crate::adapters::AdapterError>,
+        > {
+            self.0
+                .lock()
+                .expect("posted")
+                .push((channel.to_owned(), reply.header));
+            Box::pin(async move {
+                Ok(crate::adapters::MessageRef {
+                    channel: channel.to_owned(),
+                    id: "1".into(),
+                })
+            })
+        }
+        fn edit<'a>(
+            &'a self,
+            _msg: &'a crate::adapters::MessageRef,
+            _reply: Reply,
+        ) -> crate::adapters::BoxFuture<'a, Result<(), crate::adapters::AdapterError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn gateway(chat: &Arc<Posted>) -> Vec<(String, Arc<dyn ChatSender>)> {
+        vec![("irc".into(), chat.clone() as Arc<dyn ChatSender>)]
+    }
+
+    /// Two gateways on one chat post an alert once; when the one that won
+    /// the claim dies before posting, the other posts it after
+    /// `CONFIRM_WAIT`, once (a claim had no owner: the alert was lost).
+    #[tokio::test]
+    async fn an_alert_is_posted_once_even_when_its_claimer_dies_before_posting() {
+        use v1::alert_event::Kind;
+        for winner_dies in [false, true] {
+            let claims = SharedClaims::default();
+            let chat = Arc::new(Posted::default());
+            let ev = event(Kind::Transition, "degraded", false);
+            let (mut a, mut b) = (Confirmations::default(), Confirmations::default());
+            if winner_dies {
+                // A claims, then dies before it posts.
+                let reply = render(&ev).expect("posted");
+                let post = AlertPost::new("irc:#ops", &ev, reply);
+                assert!(
+                    claims
+                        .claim(post.key("alert"), claims::ALERT_TTL)
+                        .await
+                        .unwrap()
+                );
+            } else {
+                post(&claims, &gateway(&chat), &ev, &mut a).await;
+            }
+            post(&claims, &gateway(&chat), &ev, &mut b).await;
+            let posted_at_once = chat.0.lock().unwrap().len();
+            assert_eq!(
+                posted_at_once,
+                usize::from(!winner_dies),
+                "dies {winner_dies}"
+            );
+            assert!(a.next_due().is_none(), "the winner has nothing to check");
+            let due = b.next_due().expect("the loser checks back");
+            assert!(due >= tokio::time::Instant::now() + CONFIRM_WAIT - Duration::from_secs(5));
+            b.check_due(&claims, &gateway(&chat), due - Duration::from_secs(1))
+                .await;
+            assert_eq!(chat.0.lock().unwrap().len(), posted_at_once, "not due yet");
+            b.check_due(&claims, &gateway(&chat), due).await;
+            assert!(b.next_due().is_none());
+            let posted = chat.0.lock().unwrap().clone();
+            assert_eq!(posted.len(), 1, "dies {winner_dies}: {posted:?}");
+            assert_eq!(posted[0].0, "irc:#ops");
+            assert!(posted[0].1.contains("DEGRADED"), "{posted:?}");
+        }
     }
 
     #[test]
