@@ -449,13 +449,13 @@ mod tests {
                     claims
                         .claim(post.key("alert"), claims::ALERT_TTL)
                         .await
-                        .unwrap()
+                        .expect("claimed")
                 );
             } else {
                 post(&claims, &gateway(&chat), &ev, &mut a).await;
             }
             post(&claims, &gateway(&chat), &ev, &mut b).await;
-            let posted_at_once = chat.0.lock().unwrap().len();
+            let posted_at_once = chat.0.lock().expect("posted").len();
             assert_eq!(
                 posted_at_once,
                 usize::from(!winner_dies),
@@ -466,10 +466,14 @@ mod tests {
             assert!(due >= tokio::time::Instant::now() + CONFIRM_WAIT - Duration::from_secs(5));
             b.check_due(&claims, &gateway(&chat), due - Duration::from_secs(1))
                 .await;
-            assert_eq!(chat.0.lock().unwrap().len(), posted_at_once, "not due yet");
+            assert_eq!(
+                chat.0.lock().expect("posted").len(),
+                posted_at_once,
+                "not due yet"
+            );
             b.check_due(&claims, &gateway(&chat), due).await;
             assert!(b.next_due().is_none());
-            let posted = chat.0.lock().unwrap().clone();
+            let posted = chat.0.lock().expect("posted").clone();
             assert_eq!(posted.len(), 1, "dies {winner_dies}: {posted:?}");
             assert_eq!(posted[0].0, "irc:#ops");
             assert!(posted[0].1.contains("DEGRADED"), "{posted:?}");
