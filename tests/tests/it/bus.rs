@@ -132,16 +132,7 @@ impl TwoControllers {
 
     /// Service `up` as controller `url` shows it.
     async fn service_up(&self, url: String) -> Option<pb::Service> {
-        pb::health_client::HealthClient::new(self.channel(&url).await)
-            .services(pb::ServicesRequest {
-                name: "up".into(),
-                history: 0,
-            })
-            .await
-            .ok()?
-            .into_inner()
-            .services
-            .pop()
+        crate::health::service_named(self.channel(&url).await, "up", 0).await
     }
 
     /// `SELECT` one value from the database.

@@ -67,10 +67,20 @@ pub(crate) fn set(state: &Path, code: u8) {
 }
 
 pub(crate) async fn service(fleet: &TestFleet) -> Option<pb::Service> {
-    pb::health_client::HealthClient::new(fleet.operator().await)
+    service_named(fleet.operator().await, "api", 20).await
+}
+
+/// Service `name` with `history` transitions, as the controller behind
+/// `channel` shows it.
+pub(crate) async fn service_named(
+    channel: tonic::transport::Channel,
+    name: &str,
+    history: u32,
+) -> Option<pb::Service> {
+    pb::health_client::HealthClient::new(channel)
         .services(pb::ServicesRequest {
-            name: "api".into(),
-            history: 20,
+            name: name.into(),
+            history,
         })
         .await
         .ok()?
