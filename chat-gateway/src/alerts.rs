@@ -149,9 +149,6 @@ async fn post(
         return;
     };
     for channel in &s.channels {
-        if !first_to_post(arbiter, channel, ev).await {
-            continue;
-        }
         let scheme = channel.split(':').next().unwrap_or_default();
         let Some((_, out)) = senders.iter().find(|(name, _)| name == scheme) else {
             tracing::warn!(
@@ -161,6 +158,10 @@ async fn post(
             );
             continue;
         };
+        // A standby of a connection chat leaves it to the holder.
+        if !out.active() || !first_to_post(arbiter, channel, ev).await {
+            continue;
+        }
         if let Err(e) = out.send(channel, reply.clone()).await {
             tracing::warn!(service = %s.name, %channel, error = %e, "alerts: post failed");
         }

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
@@ -465,4 +465,266 @@ async fn only_gateways_claim_and_the_first_claim_of_a_key_wins() {
     }
     // Nobody else took Ev9: the refused callers claimed nothing.
     assert!(won(gateway.claim(claim("replay/slack/Ev9", 60)).await));
+}
+
+// ------------------------------------------------- connection chats (IRC)
+
+/// The chat lease of the IRC tests: short, so a takeover after a crash is
+/// quick to see, and long enough that a clean handover (a release, then
+/// the standby's next attempt within `ttl/3`) is told apart from one
+/// after the lease ran out (at least `2*ttl/3` after the kill).
+const IRC_LEASE_SECS: u64 = 9;
+
+/// A gateway.toml for `fleet` with the same `[irc]` section on every
+/// gateway (one nick on one server), its state in `state`.
+fn irc_gateway_config(fleet: &TestFleet, irc_port: u16, state: &Path, name: &str) -> PathBuf {
+    let text = format!(
+        r##"{head}chat_lease = "{IRC_LEASE_SECS}s"
+
+[irc]
+server = "127.0.0.1"
+port = {irc_port}
+tls = false
+nick = "fleetcmd"
+network = "{network}"
+channels = ["#ops"]
+interval_ms = 50
+burst = 20
+"##,
+        head = crate::gateway_restart::gateway_toml_head(fleet, state),
+        network = crate::ngircd::NETWORK,
+    );
+    let path = fleet.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("gateway.toml written");
+    path
+}
+
+/// The dev policy, with IRC users of the test network as admins.
+async fn push_irc_policy(fleet: &mut TestFleet) {
+    let net = crate::ngircd::NETWORK;
+    let text = fleetcmd_cli::fleet::example_policy(
+        fleet.policy_version + 1,
+        &fleet.gateway_key.public_key(),
+        &fleet.operator_key.public_key(),
+    )
+    .replace(
+        "subjects = [\"console:*\", \"cli:*\"]",
+        &format!("subjects = [\"console:*\", \"cli:*\", \"irc:{net}:*\"]"),
+    )
+    .replace(
+        "vouches_for = [\"console:*\"]",
+        &format!("vouches_for = [\"console:*\", \"irc:{net}:*\"]"),
+    );
+    fleet.fleet.push_policy(&text).await.expect("policy pushed");
+}
+
+/// alice on IRC: registered, in `#ops`, reading what comes.
+struct Alice {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    out: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Alice {
+    async fn join(port: u16) -> Alice {
+        use tokio::io::AsyncBufReadExt;
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("irc");
+        let (r, w) = s.into_split();
+        let mut a = Alice {
+            lines: tokio::io::BufReader::new(r).lines(),
+            out: w,
+        };
+        a.send("NICK alice\r\nUSER alice 0 * :alice\r\nJOIN #ops\r\n")
+            .await;
+        a.until("alice in #ops", |l| l.split(' ').nth(1) == Some("366"))
+            .await;
+        a
+    }
+
+    async fn send(&mut self, text: &str) {
+        self.out.write_all(text.as_bytes()).await.expect("irc send");
+    }
+
+    /// Reads lines (answering PINGs) until one satisfies `done`; every
+    /// line read.
+    async fn until(&mut self, what: &str, mut done: impl FnMut(&str) -> bool) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let line = tokio::time::timeout(left, self.lines.next_line())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("IRC: no {what} within {WAIT:?}; saw:\n{}", seen.join("\n"))
+                })
+                .expect("irc read")
+                .expect("irc connection open");
+            if let Some(p) = line.strip_prefix("PING ") {
+                self.send(&format!("PONG {p}\r\n")).await;
+            }
+            let stop = done(&line);
+            seen.push(line);
+            if stop {
+                return seen;
+            }
+        }
+    }
+
+    /// Waits until the bot (nick `fleetcmd`) has joined `#ops`.
+    async fn bot_joined(&mut self) {
+        self.until("bot JOIN", |l| {
+            l.starts_with(":fleetcmd!") && l.contains(" JOIN ")
+        })
+        .await;
+    }
+
+    /// Says `!run echo WORD on all` and waits for the bot's reply with
+    /// the output; every line the channel saw meanwhile.
+    async fn run_echo(&mut self, word: &str) -> Vec<String> {
+        self.send(&format!("PRIVMSG #ops :!run echo {word} on all\r\n"))
+            .await;
+        self.until(&format!("reply with {word}"), |l| {
+            l.starts_with(":fleetcmd!") && l.contains(" PRIVMSG #ops :") && l.contains(word)
+        })
+        .await
+    }
+}
+
+/// Which of two gateways started together holds the chat: the one that
+/// logged "holding the chat"; the other must not have.
+async fn the_holder(gateways: [&Gateway; 2]) -> usize {
+    const HOLDING: &str = "chat irc: holding the chat";
+    let holders = wait_for("a holder", gateways, || async {
+        let holders: Vec<usize> = (0..2)
+            .filter(|i| gateways[*i].stderr().contains(HOLDING))
+            .collect();
+        (!holders.is_empty()).then_some(holders)
+    })
+    .await;
+    assert_eq!(holders.len(), 1, "one holder: {holders:?}");
+    holders[0]
+}
+
+/// alice's jobs on IRC (her identity is `irc:NETWORK:alice!…`).
+async fn irc_jobs(fleet: &TestFleet) -> Vec<pb::Job> {
+    let me = format!("irc:{}:alice", crate::ngircd::NETWORK);
+    jobs_of(fleet, "")
+        .await
+        .into_iter()
+        .filter(|j| j.requester.starts_with(&me))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
+    let mut fleet = start_fleet(1).await;
+    push_irc_policy(&mut fleet).await;
+    let ngircd = crate::ngircd::Ngircd::start(None).await;
+    let mut alice = Alice::join(ngircd.port).await;
+    let configs: Vec<PathBuf> = ["irc-a", "irc-b"]
+        .iter()
+        .map(|n| irc_gateway_config(&fleet, ngircd.port, &fleet.path().join(n), n))
+        .collect();
+    // Both start at once: one holds the chat and connects, the other
+    // stands by, naming the holder.
+    let mut gws: Vec<Option<Gateway>> = configs
+        .iter()
+        .map(|c| Some(Gateway::start(c, "nobody")))
+        .collect();
+    alice.bot_joined().await;
+    let first = {
+        let [Some(a), Some(b)] = [&gws[0], &gws[1]] else {
+            unreachable!("both started")
+        };
+        let first = the_holder([a, b]).await;
+        [a, b][1 - first]
+            .logged("chat irc: standing by: held by", 1)
+            .await;
+        first
+    };
+    // One command, one job, one reply, from the one bot.
+    let seen = alice.run_echo("lease-one").await;
+    // A second command, answered after the first: had a second bot been
+    // connected, its job for the first would be in by now.
+    let seen2 = alice.run_echo("lease-two").await;
+    let jobs = irc_jobs(&fleet).await;
+    assert_eq!(jobs.len(), 2, "one job per command: {jobs:#?}");
+    let from_bots: Vec<&String> = seen
+        .iter()
+        .chain(&seen2)
+        .filter(|l| l.contains(" PRIVMSG #ops :") && !l.starts_with(":alice!"))
+        .collect();
+    assert!(
+        from_bots.iter().all(|l| l.starts_with(":fleetcmd!")),
+        "only the holder speaks: {from_bots:#?}"
+    );
+    let replies = from_bots
+        .iter()
+        .filter(|l| l.contains("lease-one") && l.contains("job "))
+        .count();
+    assert!(
+        replies <= 1,
+        "one reply to the first command: {from_bots:#?}"
+    );
+
+    // kill -9 the holder: the standby connects once the lease runs out.
+    let killed = Instant::now();
+    gws[first].take().expect("holder").kill9();
+    alice.bot_joined().await;
+    let took = killed.elapsed();
+    let bound = Duration::from_secs(IRC_LEASE_SECS * 4 / 3 + 5);
+    assert!(
+        took < bound,
+        "standby took over after {took:?} (bound {bound:?})"
+    );
+    let second = 1 - first;
+    alice.run_echo("lease-three").await;
+    assert_eq!(
+        irc_jobs(&fleet).await.len(),
+        3,
+        "the third command ran once"
+    );
+
+    // The killed one comes back as the standby; a clean stop (SIGTERM) of
+    // the holder releases the lease and it takes over at once.
+    gws[first] = Some(Gateway::start(&configs[first], "nobody"));
+    gws[first]
+        .as_ref()
+        .expect("restarted")
+        .logged("chat irc: standing by: held by", 1)
+        .await;
+    let holder = gws[second].as_ref().expect("holder");
+    let stopped = Instant::now();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &holder.pid().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    alice
+        .until("the holder's QUIT", |l| {
+            l.starts_with(":fleetcmd!") && l.contains(" QUIT ")
+        })
+        .await;
+    alice.bot_joined().await;
+    let took = stopped.elapsed();
+    // Released: the standby's next attempt (within ttl/3) takes it; had
+    // it run out instead, that would be at least 2*ttl/3 after the stop.
+    let bound = Duration::from_secs(IRC_LEASE_SECS / 3 + 2);
+    assert!(
+        took < bound,
+        "handover after a clean stop took {took:?} (bound {bound:?}); old holder:\n{}",
+        holder.stderr()
+    );
+    assert!(
+        holder.stderr().contains("chat irc: lease released"),
+        "{}",
+        holder.stderr()
+    );
+    alice.run_echo("lease-four").await;
+    assert_eq!(
+        irc_jobs(&fleet).await.len(),
+        4,
+        "the fourth command ran once"
+    );
 }

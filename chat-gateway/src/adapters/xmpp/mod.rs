@@ -754,12 +754,21 @@ impl crate::registry::Component for XmppConfig {
         super::prefixed(Self::NAME, XmppConfig::validate(self))
     }
 
+    /// Connected only while this gateway holds the lease of this JID
+    /// (`crate::standby`); dropping the adapter closes its stream.
     async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
-        let a = XmppAdapter::connect(&self)
-            .await
-            .map_err(|e| e.to_string())?;
-        cx.serve(Self::NAME, a);
-        Ok(())
+        let jid = self.jid.to_lowercase();
+        let cfg = std::sync::Arc::new(self);
+        let connect: crate::standby::ConnectFn<XmppAdapter> = std::sync::Arc::new(move || {
+            let cfg = cfg.clone();
+            Box::pin(async move {
+                Ok(crate::standby::Connected {
+                    adapter: XmppAdapter::connect(&cfg).await?,
+                    stop: None,
+                })
+            })
+        });
+        crate::standby::serve(cx, Self::NAME, &[&jid], connect).await
     }
 }
 
