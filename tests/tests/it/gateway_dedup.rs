@@ -728,3 +728,123 @@ async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
         "the fourth command ran once"
     );
 }
+
+/// A `Claims.Hold` request.
+fn hold_req(name: &str, holder: &str, term: u64, release: bool) -> pb::HoldRequest {
+    pb::HoldRequest {
+        name: name.into(),
+        holder: holder.into(),
+        term,
+        ttl_secs: 30,
+        release,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_certificate_cannot_touch_a_controller_lease_or_another_gateways() {
+    let fleet = start_fleet(0).await;
+    let store = fleet.fleet.controller.shared().store.clone();
+    let health = {
+        let store = store.clone();
+        assert_eventually(WAIT, move || {
+            let store = store.clone();
+            async move { store.lease_holder("health").ok().flatten() }
+        })
+        .await
+    };
+    let mut gw = pb::claims_client::ClaimsClient::new(fleet.gateway().await);
+    // Renew and release `health` as its holder, at its term and around it:
+    // never held (they name `gateway/health`, which nobody holds).
+    for term in [health.term, health.term + 1, 1] {
+        for release in [false, true] {
+            let got = gw
+                .hold(hold_req("health", &health.holder, term, release))
+                .await
+                .expect("answered")
+                .into_inner();
+            assert!(!got.held, "term {term} release {release}: {got:?}");
+        }
+    }
+    // Taking `health` takes `gateway/health`; the controller keeps its own.
+    let got = gw
+        .hold(hold_req("health", "gw-a", 0, false))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert!(got.held);
+    let now = store.lease_holder("health").expect("read").expect("held");
+    assert_eq!(now.holder, health.holder);
+    assert!(now.term >= health.term);
+    // `gateway/…` names are prefixed again: no way into another prefix.
+    let got = gw
+        .hold(hold_req("gateway/irc/x", "gw-a", 0, false))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert!(got.held);
+    assert!(
+        store
+            .lease_holder("gateway/gateway/irc/x")
+            .expect("read")
+            .is_some_and(|l| l.holder == "gw-a")
+    );
+    // Another gateway's running lease: not taken, not renewed, not
+    // released; the answer names the holder.
+    let mine = gw
+        .hold(hold_req("irc/chat", "gw-a", 0, false))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert!(mine.held && mine.term > 0);
+    let theirs = gw
+        .hold(hold_req("irc/chat", "gw-b", 0, false))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!((theirs.held, theirs.holder.as_str()), (false, "gw-a"));
+    for release in [false, true] {
+        let got = gw
+            .hold(hold_req("irc/chat", "gw-b", mine.term, release))
+            .await
+            .expect("answered")
+            .into_inner();
+        assert!(!got.held, "release {release}: {got:?}");
+    }
+    let still = store
+        .lease_holder("gateway/irc/chat")
+        .expect("read")
+        .expect("held");
+    assert_eq!((still.holder.as_str(), still.term), ("gw-a", mine.term));
+    // Bad requests are refused, saying what was wrong.
+    for (req, says) in [
+        (
+            hold_req("irc/chat", "gw a", 0, false),
+            "lease holder has a non-printable byte at 2",
+        ),
+        (
+            hold_req("", "gw-a", 0, false),
+            "lease name: claim key is empty",
+        ),
+        (
+            hold_req("irc/chat", "gw-a", 0, true),
+            "lease release needs the term",
+        ),
+        (
+            pb::HoldRequest {
+                ttl_secs: 3600,
+                ..hold_req("irc/chat", "gw-a", 0, false)
+            },
+            "lease ttl_secs 3600 is outside 5 to 300",
+        ),
+    ] {
+        let e = gw.hold(req).await.expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains(says), "{}", e.message());
+    }
+    // Operators and agents may not hold anything.
+    let e = pb::claims_client::ClaimsClient::new(fleet.operator().await)
+        .hold(hold_req("irc/chat", "op", 0, false))
+        .await
+        .expect_err("operator refused");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+}
