@@ -610,6 +610,26 @@ mod tests {
             "state_dir = \"\"\n[console]\nenabled = true",
             &["state_dir"],
         );
+        for bad in ["4s", "301s", "soon"] {
+            check(
+                &format!("chat_lease = \"{bad}\"\n[console]\nenabled = true"),
+                &["chat_lease"],
+            );
+        }
+        check("chat_lease = \"5m\"\n[console]\nenabled = true", &[]);
+    }
+
+    #[test]
+    fn chat_lease_defaults_to_thirty_seconds_and_says_its_bounds() {
+        let cfg =
+            GatewayConfig::parse(&text(""), Path::new("g.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.chat_lease_ttl(), Ok(std::time::Duration::from_secs(30)));
+        let cfg = GatewayConfig::parse(&text("chat_lease = \"2s\""), Path::new("g.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            cfg.chat_lease_ttl(),
+            Err("must be between 5s and 300s".to_string())
+        );
     }
 
     #[test]

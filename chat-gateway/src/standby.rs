@@ -711,4 +711,202 @@ mod tests {
             Decision::Expired
         );
     }
+
+    /// The lease of the fake controller and its gateways: short, so the
+    /// test runs in real time.
+    const FAKE_TTL: Duration = Duration::from_millis(300);
+
+    /// The controller's lease rules, in memory: one lease, and a switch
+    /// that makes it unreachable.
+    #[derive(Default)]
+    struct FakeController {
+        lease: std::sync::Mutex<(String, u64, Option<Instant>)>,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl LeaseApi for FakeController {
+        fn hold(
+            &self,
+            req: v1::HoldRequest,
+        ) -> BoxFuture<'_, Result<v1::HoldResponse, ControllerError>> {
+            let answer = if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                Err(ControllerError {
+                    code: tonic::Code::Unavailable,
+                    message: "down".into(),
+                })
+            } else {
+                let mut l = self.lease.lock().expect("lease");
+                let now = Instant::now();
+                let live = l.2.is_some_and(|until| until > now);
+                let ttl = FAKE_TTL;
+                let mine = live && l.0 == req.holder;
+                let held = match (req.release, req.term) {
+                    (false, 0) if !live || mine => {
+                        if !mine {
+                            l.1 += 1;
+                        }
+                        l.0 = req.holder.clone();
+                        l.2 = Some(now + ttl);
+                        true
+                    }
+                    (false, t) if mine && t == l.1 => {
+                        l.2 = Some(now + ttl);
+                        true
+                    }
+                    (true, t) if mine && t == l.1 => {
+                        l.2 = None;
+                        true
+                    }
+                    _ => false,
+                };
+                Ok(v1::HoldResponse {
+                    held,
+                    term: if held { l.1 } else { 0 },
+                    holder: if held { String::new() } else { l.0.clone() },
+                })
+            };
+            Box::pin(std::future::ready(answer))
+        }
+    }
+
+    /// Connections alive now, and the most ever alive at once.
+    #[derive(Default)]
+    struct Live {
+        now: std::sync::atomic::AtomicUsize,
+        max: std::sync::atomic::AtomicUsize,
+    }
+
+    /// A chat connection that delivers nothing and counts itself alive
+    /// until dropped.
+    struct FakeChat(Arc<Live>);
+
+    impl Drop for FakeChat {
+        fn drop(&mut self) {
+            self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl ChatAdapter for FakeChat {
+        async fn recv(&mut self) -> Option<Incoming> {
+            std::future::pending().await
+        }
+
+        fn sender(&self) -> Arc<dyn ChatSender> {
+            Arc::new(NoSender)
+        }
+    }
+
+    struct NoSender;
+
+    impl ChatSender for NoSender {
+        fn send<'a>(
+            &'a self,
+            _: &'a str,
+            _: Reply,
+        ) -> BoxFuture<'a, Result<MessageRef, AdapterError>> {
+            Box::pin(std::future::ready(Err(AdapterError::UnknownMessage(
+                "none".into(),
+            ))))
+        }
+
+        fn edit<'a>(
+            &'a self,
+            _: &'a MessageRef,
+            _: Reply,
+        ) -> BoxFuture<'a, Result<(), AdapterError>> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+    }
+
+    /// One gateway's standby on `ctl`: its stop switch and its serving task.
+    fn gateway(
+        ctl: &Arc<FakeController>,
+        live: &Arc<Live>,
+        holder: &str,
+    ) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let timing = Timing { ttl: FAKE_TTL };
+        let lease = Lease {
+            api: ctl.clone(),
+            name: "irc/x".into(),
+            chat: "irc",
+            holder: holder.into(),
+            timing,
+        };
+        let (held_tx, held) = watch::channel(None);
+        let (stop_tx, stop) = watch::channel(false);
+        let live2 = live.clone();
+        let connect: ConnectFn<FakeChat> = Arc::new(move || {
+            let live = live2.clone();
+            Box::pin(async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                let n = live.now.fetch_add(1, SeqCst) + 1;
+                live.max.fetch_max(n, SeqCst);
+                Ok(Connected {
+                    adapter: FakeChat(live),
+                    stop: None,
+                })
+            })
+        });
+        let mut standby = Standby {
+            lease: lease.clone(),
+            connect,
+            active: None,
+            held,
+            stop: stop.clone(),
+            sender: Arc::new(SwitchSender {
+                chat: "irc",
+                current: RwLock::new(None),
+            }),
+        };
+        let keeper = tokio::spawn(lease.keep(Keeper::new(timing), held_tx, stop));
+        let task = tokio::spawn(async move {
+            while standby.recv().await.is_some() {}
+            keeper.abort();
+        });
+        (stop_tx, task)
+    }
+
+    async fn until(what: &str, mut ok: impl FnMut() -> bool) {
+        let start = std::time::Instant::now();
+        while !ok() {
+            assert!(start.elapsed() < s(10), "no {what} within 10 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn two_gateways_on_a_fake_controller_connect_one_at_a_time() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let ctl = Arc::new(FakeController::default());
+        let live = Arc::new(Live::default());
+        let (stop_a, task_a) = gateway(&ctl, &live, "gw-a");
+        let (stop_b, task_b) = gateway(&ctl, &live, "gw-b");
+        until("connection", || live.now.load(SeqCst) == 1).await;
+        // Many renewals later, still one.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(live.now.load(SeqCst), 1);
+        // The controller goes away: the holder disconnects (after 2/3 of
+        // the lease) and nobody connects while it is away.
+        ctl.down.store(true, SeqCst);
+        until("disconnection", || live.now.load(SeqCst) == 0).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(live.now.load(SeqCst), 0);
+        // Back: one connects again.
+        ctl.down.store(false, SeqCst);
+        until("reconnection", || live.now.load(SeqCst) == 1).await;
+        // The holder stops cleanly: it releases, the other takes over.
+        let holder = ctl.lease.lock().expect("lease").0.clone();
+        if holder == "gw-a" {
+            stop_a.send_replace(true);
+            task_a.await.expect("a ends");
+        } else {
+            stop_b.send_replace(true);
+            task_b.await.expect("b ends");
+        }
+        until("takeover", || {
+            live.now.load(SeqCst) == 1 && ctl.lease.lock().expect("lease").0 != holder
+        })
+        .await;
+        assert_eq!(live.max.load(SeqCst), 1, "never two connections at once");
+    }
 }
