@@ -372,6 +372,27 @@ pub struct Connected<A> {
 pub type ConnectFn<A> =
     Arc<dyn Fn() -> BoxFuture<'static, Result<Connected<A>, AdapterError>> + Send + Sync>;
 
+/// A [`ConnectFn`] for an adapter built from `cfg` by `connect`, whose
+/// connection closes when it is dropped.
+pub fn connect_fn<C, A, F, Fut>(cfg: C, connect: F) -> ConnectFn<A>
+where
+    C: Send + Sync + 'static,
+    A: ChatAdapter,
+    F: Fn(Arc<C>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<A, AdapterError>> + Send + 'static,
+{
+    let cfg = Arc::new(cfg);
+    Arc::new(move || {
+        let adapter = connect(cfg.clone());
+        Box::pin(async move {
+            Ok(Connected {
+                adapter: adapter.await?,
+                stop: None,
+            })
+        })
+    })
+}
+
 /// A connection adapter that is connected only while this gateway holds
 /// its chat's lease; what the router serves in its place.
 pub struct Standby<A: ChatAdapter> {

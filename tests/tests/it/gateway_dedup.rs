@@ -22,6 +22,7 @@ use fleetcmd_tests::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::docs::IrcUser;
 use crate::failover::free_port;
 use crate::gateway_restart::Gateway;
 
@@ -151,8 +152,9 @@ async fn deliver(port: u16, body: &str, retry: Option<u32>) -> u16 {
         .unwrap_or_else(|| panic!("no status line in {answer:?}"))
 }
 
-/// The dev policy, with Slack users of the test team as admins.
-async fn push_slack_policy(fleet: &mut TestFleet) {
+/// The dev policy, with the chat users matching `subjects` (`slack:T…:*`)
+/// as admins, vouched for by the gateway.
+async fn push_policy_for(fleet: &mut TestFleet, subjects: &str) {
     let text = fleetcmd_cli::fleet::example_policy(
         fleet.policy_version + 1,
         &fleet.gateway_key.public_key(),
@@ -160,13 +162,18 @@ async fn push_slack_policy(fleet: &mut TestFleet) {
     )
     .replace(
         "subjects = [\"console:*\", \"cli:*\"]",
-        &format!("subjects = [\"console:*\", \"cli:*\", \"slack:{TEAM}:*\"]"),
+        &format!("subjects = [\"console:*\", \"cli:*\", \"{subjects}\"]"),
     )
     .replace(
         "vouches_for = [\"console:*\"]",
-        &format!("vouches_for = [\"console:*\", \"slack:{TEAM}:*\"]"),
+        &format!("vouches_for = [\"console:*\", \"{subjects}\"]"),
     );
     fleet.fleet.push_policy(&text).await.expect("policy pushed");
+}
+
+/// The dev policy, with Slack users of the test team as admins.
+async fn push_slack_policy(fleet: &mut TestFleet) {
+    push_policy_for(fleet, &format!("slack:{TEAM}:*")).await;
 }
 
 /// A gateway.toml for `fleet` with Slack in events mode on `port`, its
@@ -501,94 +508,33 @@ burst = 20
 
 /// The dev policy, with IRC users of the test network as admins.
 async fn push_irc_policy(fleet: &mut TestFleet) {
-    let net = crate::ngircd::NETWORK;
-    let text = fleetcmd_cli::fleet::example_policy(
-        fleet.policy_version + 1,
-        &fleet.gateway_key.public_key(),
-        &fleet.operator_key.public_key(),
-    )
-    .replace(
-        "subjects = [\"console:*\", \"cli:*\"]",
-        &format!("subjects = [\"console:*\", \"cli:*\", \"irc:{net}:*\"]"),
-    )
-    .replace(
-        "vouches_for = [\"console:*\"]",
-        &format!("vouches_for = [\"console:*\", \"irc:{net}:*\"]"),
-    );
-    fleet.fleet.push_policy(&text).await.expect("policy pushed");
+    push_policy_for(fleet, &format!("irc:{}:*", crate::ngircd::NETWORK)).await;
 }
 
-/// alice on IRC: registered, in `#ops`, reading what comes.
-struct Alice {
-    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
-    out: tokio::net::tcp::OwnedWriteHalf,
+/// alice on IRC, in `#ops` (NAMES read).
+async fn alice_in_ops(port: u16) -> IrcUser {
+    let mut alice = IrcUser::connect(port, "alice").await;
+    alice.send("JOIN #ops\r\n").await;
+    alice.until(|l| l.split(' ').nth(1) == Some("366")).await;
+    alice
 }
 
-impl Alice {
-    async fn join(port: u16) -> Alice {
-        use tokio::io::AsyncBufReadExt;
-        let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("irc");
-        let (r, w) = s.into_split();
-        let mut a = Alice {
-            lines: tokio::io::BufReader::new(r).lines(),
-            out: w,
-        };
-        a.send("NICK alice\r\nUSER alice 0 * :alice\r\nJOIN #ops\r\n")
-            .await;
-        a.until("alice in #ops", |l| l.split(' ').nth(1) == Some("366"))
-            .await;
-        a
-    }
-
-    async fn send(&mut self, text: &str) {
-        self.out.write_all(text.as_bytes()).await.expect("irc send");
-    }
-
-    /// Reads lines (answering PINGs) until one satisfies `done`; every
-    /// line read.
-    async fn until(&mut self, what: &str, mut done: impl FnMut(&str) -> bool) -> Vec<String> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let line = tokio::time::timeout(left, self.lines.next_line())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!("IRC: no {what} within {WAIT:?}; saw:\n{}", seen.join("\n"))
-                })
-                .expect("irc read")
-                .expect("irc connection open");
-            if let Some(p) = line.strip_prefix("PING ") {
-                self.send(&format!("PONG {p}\r\n")).await;
-            }
-            let stop = done(&line);
-            seen.push(line);
-            if stop {
-                return seen;
-            }
-        }
-    }
-
-    /// Waits until the bot (nick `fleetcmd`) has joined `#ops`.
-    async fn bot_joined(&mut self) {
-        self.until("bot JOIN", |l| {
-            l.starts_with(":fleetcmd!") && l.contains(" JOIN ")
-        })
+/// Waits until the bot (nick `fleetcmd`) has joined `#ops`.
+async fn bot_joined(alice: &mut IrcUser) {
+    alice
+        .until(|l| l.starts_with(":fleetcmd!") && l.contains(" JOIN "))
         .await;
-    }
+}
 
-    /// Says `!run echo WORD on all` and waits for the bot's reply with
-    /// the output; every line the channel saw meanwhile.
-    async fn run_echo(&mut self, word: &str) -> Vec<String> {
-        self.send(&format!("PRIVMSG #ops :!run echo {word} on all\r\n"))
-            .await;
-        self.until(&format!("reply with {word}"), |l| {
-            l.starts_with(":fleetcmd!") && l.contains(" PRIVMSG #ops :") && l.contains(word)
-        })
+/// alice says `!run echo WORD on all` and waits for the bot's reply with
+/// the output; every line the channel saw meanwhile.
+async fn run_echo(alice: &mut IrcUser, word: &str) -> Vec<String> {
+    alice
+        .send(&format!("PRIVMSG #ops :!run echo {word} on all\r\n"))
+        .await;
+    alice
+        .until(|l| l.starts_with(":fleetcmd!") && l.contains(" PRIVMSG #ops :") && l.contains(word))
         .await
-    }
 }
 
 /// Which of two gateways started together holds the chat: the one that
@@ -621,7 +567,7 @@ async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
     let mut fleet = start_fleet(1).await;
     push_irc_policy(&mut fleet).await;
     let ngircd = crate::ngircd::Ngircd::start(None).await;
-    let mut alice = Alice::join(ngircd.port).await;
+    let mut alice = alice_in_ops(ngircd.port).await;
     let configs: Vec<PathBuf> = ["irc-a", "irc-b"]
         .iter()
         .map(|n| irc_gateway_config(&fleet, ngircd.port, &fleet.path().join(n), n))
@@ -632,7 +578,7 @@ async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
         .iter()
         .map(|c| Some(Gateway::start(c, "nobody")))
         .collect();
-    alice.bot_joined().await;
+    bot_joined(&mut alice).await;
     let first = {
         let [Some(a), Some(b)] = [&gws[0], &gws[1]] else {
             unreachable!("both started")
@@ -644,10 +590,10 @@ async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
         first
     };
     // One command, one job, one reply, from the one bot.
-    let seen = alice.run_echo("lease-one").await;
+    let seen = run_echo(&mut alice, "lease-one").await;
     // A second command, answered after the first: had a second bot been
     // connected, its job for the first would be in by now.
-    let seen2 = alice.run_echo("lease-two").await;
+    let seen2 = run_echo(&mut alice, "lease-two").await;
     let jobs = irc_jobs(&fleet).await;
     assert_eq!(jobs.len(), 2, "one job per command: {jobs:#?}");
     let from_bots: Vec<&String> = seen
@@ -671,15 +617,16 @@ async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
     // kill -9 the holder: the standby connects once the lease runs out.
     let killed = Instant::now();
     gws[first].take().expect("holder").kill9();
-    alice.bot_joined().await;
+    bot_joined(&mut alice).await;
     let took = killed.elapsed();
     let bound = Duration::from_secs(IRC_LEASE_SECS * 4 / 3 + 5);
+    eprintln!("irc: the standby answered {took:?} after kill -9 of the holder");
     assert!(
         took < bound,
         "standby took over after {took:?} (bound {bound:?})"
     );
     let second = 1 - first;
-    alice.run_echo("lease-three").await;
+    run_echo(&mut alice, "lease-three").await;
     assert_eq!(
         irc_jobs(&fleet).await.len(),
         3,
@@ -702,12 +649,11 @@ async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
         .expect("kill -TERM");
     assert!(term.success());
     alice
-        .until("the holder's QUIT", |l| {
-            l.starts_with(":fleetcmd!") && l.contains(" QUIT ")
-        })
+        .until(|l| l.starts_with(":fleetcmd!") && l.contains(" QUIT "))
         .await;
-    alice.bot_joined().await;
+    bot_joined(&mut alice).await;
     let took = stopped.elapsed();
+    eprintln!("irc: the standby answered {took:?} after SIGTERM of the holder");
     // Released: the standby's next attempt (within ttl/3) takes it; had
     // it run out instead, that would be at least 2*ttl/3 after the stop.
     let bound = Duration::from_secs(IRC_LEASE_SECS / 3 + 2);
@@ -721,7 +667,7 @@ async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
         "{}",
         holder.stderr()
     );
-    alice.run_echo("lease-four").await;
+    run_echo(&mut alice, "lease-four").await;
     assert_eq!(
         irc_jobs(&fleet).await.len(),
         4,

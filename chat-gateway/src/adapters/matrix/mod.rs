@@ -259,16 +259,11 @@ impl crate::registry::Component for MatrixConfig {
     /// sync.
     async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
         let account = [self.homeserver.clone(), self.user_id.clone()];
-        let cfg = std::sync::Arc::new(self);
-        let connect: crate::standby::ConnectFn<MatrixAdapter> = std::sync::Arc::new(move || {
-            let cfg = cfg.clone();
-            Box::pin(async move {
-                Ok(crate::standby::Connected {
-                    adapter: MatrixAdapter::connect(&cfg).await?,
-                    stop: None,
-                })
-            })
-        });
+        let connect =
+            crate::standby::connect_fn(
+                self,
+                |cfg| async move { MatrixAdapter::connect(&cfg).await },
+            );
         crate::standby::serve(cx, Self::NAME, &[&account[0], &account[1]], connect).await
     }
 }

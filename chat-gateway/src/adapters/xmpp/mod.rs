@@ -758,16 +758,8 @@ impl crate::registry::Component for XmppConfig {
     /// (`crate::standby`); dropping the adapter closes its stream.
     async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
         let jid = self.jid.to_lowercase();
-        let cfg = std::sync::Arc::new(self);
-        let connect: crate::standby::ConnectFn<XmppAdapter> = std::sync::Arc::new(move || {
-            let cfg = cfg.clone();
-            Box::pin(async move {
-                Ok(crate::standby::Connected {
-                    adapter: XmppAdapter::connect(&cfg).await?,
-                    stop: None,
-                })
-            })
-        });
+        let connect =
+            crate::standby::connect_fn(self, |cfg| async move { XmppAdapter::connect(&cfg).await });
         crate::standby::serve(cx, Self::NAME, &[&jid], connect).await
     }
 }
