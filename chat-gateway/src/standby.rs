@@ -303,6 +303,11 @@ impl Lease {
                 tracing::info!(chat, lease = %self.name, "chat {chat}: standing by: held by {by}");
             }
             Decision::Lost(by) => {
+                let by = if by.is_empty() {
+                    "nobody (it ran out)"
+                } else {
+                    by
+                };
                 tracing::warn!(chat, lease = %self.name, "chat {chat}: lease lost to {by}; disconnecting");
                 held.send_replace(None);
             }
