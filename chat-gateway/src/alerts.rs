@@ -182,6 +182,13 @@ async fn post(
     };
     for channel in &s.channels {
         let post = AlertPost::new(channel, ev, reply.clone());
+        // A standby of a connection chat (`crate::standby`) leaves the
+        // post to the holder, unclaimed, and checks it was posted should
+        // it hold the chat by then (the holder may die before posting).
+        if post.sender(senders).is_some_and(|out| !out.active()) {
+            unconfirmed.push(post, tokio::time::Instant::now() + CONFIRM_WAIT);
+            continue;
+        }
         match arbiter.claim(post.key("alert"), claims::ALERT_TTL).await {
             Ok(true) => {}
             Ok(false) => {
@@ -234,6 +241,18 @@ impl AlertPost {
         claims::key(kind, &parts)
     }
 
+    /// The adapter of its channel's scheme, if one is enabled.
+    fn sender<'a>(
+        &self,
+        senders: &'a [(String, Arc<dyn ChatSender>)],
+    ) -> Option<&'a Arc<dyn ChatSender>> {
+        let scheme = self.channel.split(':').next().unwrap_or_default();
+        senders
+            .iter()
+            .find(|(name, _)| name == scheme)
+            .map(|(_, out)| out)
+    }
+
     /// Posts it, and once posted says so (`alert-posted`) for the gateways
     /// that lost the claim; a failed post says nothing, so one of them
     /// posts it after [`CONFIRM_WAIT`].
@@ -253,8 +272,7 @@ impl AlertPost {
     /// was posted.
     async fn deliver(&self, senders: &[(String, Arc<dyn ChatSender>)]) -> bool {
         let (service, channel) = (&self.service, &self.channel);
-        let scheme = channel.split(':').next().unwrap_or_default();
-        let Some((_, out)) = senders.iter().find(|(name, _)| name == scheme) else {
+        let Some(out) = self.sender(senders) else {
             tracing::warn!(%service, %channel, "alerts: no enabled adapter posts to this channel");
             return false;
         };
@@ -300,6 +318,10 @@ impl Confirmations {
             let Some((_, post)) = self.0.pop_front() else {
                 break;
             };
+            // Still a standby: the holder has it.
+            if post.sender(senders).is_some_and(|out| !out.active()) {
+                continue;
+            }
             let (service, channel) = (&post.service, &post.channel);
             match arbiter
                 .claim(post.key("alert-posted"), claims::ALERT_TTL)
@@ -393,11 +415,19 @@ mod tests {
         }
     }
 
-    /// A chat that records what is posted to it.
+    /// A chat that records what is posted to it; `.1`: this gateway
+    /// stands by on it (`crate::standby`).
     #[derive(Default)]
-    struct Posted(std::sync::Mutex<Vec<(String, String)>>);
+    struct Posted(
+        std::sync::Mutex<Vec<(String, String)>>,
+        std::sync::atomic::AtomicBool,
+    );
 
     impl ChatSender for Posted {
+        fn active(&self) -> bool {
+            !self.1.load(std::sync::atomic::Ordering::Relaxed)
+        }
+
         fn send<'a>(
             &'a self,
             channel: &'a str,
@@ -477,6 +507,55 @@ mod tests {
             assert_eq!(posted.len(), 1, "dies {winner_dies}: {posted:?}");
             assert_eq!(posted[0].0, "irc:#ops");
             assert!(posted[0].1.contains("DEGRADED"), "{posted:?}");
+        }
+    }
+
+    /// A standby of a connection chat claims nothing and posts nothing;
+    /// holding the chat by the time the check is due, it posts an alert
+    /// the holder claimed and never posted — and only then.
+    #[tokio::test]
+    async fn a_standby_posts_an_alert_only_if_it_holds_the_chat_and_nobody_posted() {
+        use v1::alert_event::Kind;
+        for (holder_posts, holds_by_then) in [(true, true), (false, false), (false, true)] {
+            let claims = SharedClaims::default();
+            let (holder, standby) = (Arc::new(Posted::default()), Arc::new(Posted::default()));
+            standby.1.store(true, std::sync::atomic::Ordering::Relaxed);
+            let ev = event(Kind::Transition, "degraded", false);
+            let mut pending = Confirmations::default();
+            post(&claims, &gateway(&standby), &ev, &mut pending).await;
+            assert!(
+                claims.0.lock().expect("claims").is_empty(),
+                "a standby claimed"
+            );
+            if holder_posts {
+                post(
+                    &claims,
+                    &gateway(&holder),
+                    &ev,
+                    &mut Confirmations::default(),
+                )
+                .await;
+            } else {
+                // The holder claims, then dies before it posts.
+                let post = AlertPost::new("irc:#ops", &ev, render(&ev).expect("posted"));
+                assert!(
+                    claims
+                        .claim(post.key("alert"), claims::ALERT_TTL)
+                        .await
+                        .expect("claimed")
+                );
+            }
+            if holds_by_then {
+                standby.1.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+            let due = pending.next_due().expect("checks back");
+            pending.check_due(&claims, &gateway(&standby), due).await;
+            let late = standby.0.lock().expect("posted").len();
+            let want = usize::from(!holder_posts && holds_by_then);
+            assert_eq!(
+                late, want,
+                "holder posts {holder_posts}, holds {holds_by_then}"
+            );
         }
     }
 

@@ -187,6 +187,10 @@ pub async fn run<C: ControllerApi>(
             last_seq = newest.seq;
             since_ms = newest.time_ms;
         }
+        // A standby of a connection chat leaves them to the holder.
+        if !out.active() {
+            continue;
+        }
         // Several gateways may feed this channel: each record is posted by
         // the one that claims it (`crate::claims`); when the claim cannot
         // be made it is posted anyway.

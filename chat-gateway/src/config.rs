@@ -46,6 +46,10 @@ pub mod defaults {
     pub(super) fn approval_timeout() -> String {
         APPROVAL_TIMEOUT.to_string()
     }
+    pub const CHAT_LEASE: &str = "30s";
+    pub(super) fn chat_lease() -> String {
+        CHAT_LEASE.to_string()
+    }
     pub(super) fn state_dir() -> std::path::PathBuf {
         crate::store::DEFAULT_STATE_DIR.into()
     }
@@ -83,6 +87,11 @@ pub struct GatewayConfig {
     /// How long an approval request waits, e.g. `15m`.
     #[serde(default = "defaults::approval_timeout")]
     pub approval_timeout: String,
+    /// How long a gateway's hold on an IRC, XMPP or Matrix chat account
+    /// runs without a renewal (`crate::standby`), e.g. `30s`: a standby
+    /// gateway takes over a crashed one's chat within about 4/3 of it.
+    #[serde(default = "defaults::chat_lease")]
+    pub chat_lease: String,
     /// Where the gateway keeps its state (replay records of every inbound
     /// path), default [`crate::store::DEFAULT_STATE_DIR`]; created 0700.
     #[serde(default = "defaults::state_dir")]
@@ -193,6 +202,20 @@ fn list(problems: &[Problem]) -> String {
 }
 
 impl GatewayConfig {
+    /// `chat_lease` as a duration, within what the controller grants.
+    pub fn chat_lease_ttl(&self) -> Result<std::time::Duration, String> {
+        let (min, max) = (crate::standby::MIN_TTL, crate::standby::MAX_TTL);
+        match parse_duration(&self.chat_lease) {
+            Ok(d) if (min..=max).contains(&d) => Ok(d),
+            Ok(_) => Err(format!(
+                "must be between {}s and {}s",
+                min.as_secs(),
+                max.as_secs()
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Parses TOML text (shape only).
     /// Relative paths in adapter sections are made relative to `file`'s
     /// directory here, so `validate`, `options` and the adapters agree.
@@ -368,6 +391,9 @@ impl GatewayConfig {
                 "must be between 10s and 24h".to_string(),
             ),
             Err(e) => bad("approval_timeout", e),
+        }
+        if let Err(e) = self.chat_lease_ttl() {
+            bad("chat_lease", e);
         }
         let mut adapter_problems: Vec<Problem> = Vec::new();
         let mut chat_enabled = false;
@@ -583,6 +609,26 @@ mod tests {
         check(
             "state_dir = \"\"\n[console]\nenabled = true",
             &["state_dir"],
+        );
+        for bad in ["4s", "301s", "soon"] {
+            check(
+                &format!("chat_lease = \"{bad}\"\n[console]\nenabled = true"),
+                &["chat_lease"],
+            );
+        }
+        check("chat_lease = \"5m\"\n[console]\nenabled = true", &[]);
+    }
+
+    #[test]
+    fn chat_lease_defaults_to_thirty_seconds_and_says_its_bounds() {
+        let cfg =
+            GatewayConfig::parse(&text(""), Path::new("g.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.chat_lease_ttl(), Ok(std::time::Duration::from_secs(30)));
+        let cfg = GatewayConfig::parse(&text("chat_lease = \"2s\""), Path::new("g.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            cfg.chat_lease_ttl(),
+            Err("must be between 5s and 300s".to_string())
         );
     }
 

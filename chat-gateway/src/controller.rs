@@ -142,6 +142,15 @@ impl GrpcController {
     pub fn from_channel(channel: Channel) -> GrpcController {
         GrpcController { channel }
     }
+
+    /// Takes, renews or releases a connection chat's lease
+    /// (`Claims.Hold`, `crate::standby`).
+    pub async fn hold(&self, req: v1::HoldRequest) -> Result<v1::HoldResponse, ControllerError> {
+        Ok(ClaimsClient::new(self.channel.clone())
+            .hold(req)
+            .await?
+            .into_inner())
+    }
 }
 
 impl ControllerApi for GrpcController {

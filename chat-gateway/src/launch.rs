@@ -84,7 +84,23 @@ pub async fn run(
     let router = Arc::new(Router::new(opts.router_config(), ctl).with_store(&store)?);
     // A request accepted once is refused after a restart too.
     let replay = store.replay()?.with_arbiter(arbiter);
-    let mut cx = BuildContext::new(base, Gateway::new(router.clone()), replay, stops.clone());
+    // Connection chats (IRC, XMPP, Matrix) connect only while this
+    // gateway holds their lease (`crate::standby`).
+    let chat_lease = crate::standby::Timing {
+        ttl: cfg
+            .chat_lease_ttl()
+            .map_err(|message| LaunchError::Component {
+                component: "chat_lease",
+                message,
+            })?,
+    };
+    let mut cx = BuildContext::new(
+        base,
+        Gateway::new(router.clone()),
+        replay,
+        stops.clone(),
+        chat_lease,
+    );
     let paths = cfg.paths();
     for entry in components() {
         let component = entry.name;

@@ -42,6 +42,7 @@ pub mod render;
 pub mod resume;
 pub mod router;
 pub mod secret;
+pub mod standby;
 pub mod store;
 
 use adapters::{AuthFailure, AuthFailures, ChatAdapter};

@@ -5,6 +5,14 @@
 //! time to live ends, whichever controller of the database it reaches
 //! (`store::ClaimStore`). Gateway certificates only (the interceptor in
 //! `server.rs`): agents and operators have nothing to arbitrate.
+//!
+//! Connection chats (IRC, XMPP, Matrix) give every connection every
+//! message, IRC with no id to claim, so their gateways `Hold` a lease on
+//! the chat account instead (`store::LeaseStore`, fencing terms, the
+//! database's clock) and only the holder connects. A gateway's lease is
+//! stored as [`GATEWAY_LEASE_PREFIX`] and its name: whatever name a gateway
+//! sends, it can never take, renew or release a controller singleton's
+//! lease (`health`, `sweeper`, `audit-export:…`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,6 +77,122 @@ pub fn parse_ttl(secs: u32) -> Result<Duration, ClaimError> {
     Ok(ttl)
 }
 
+/// What every gateway lease is stored under, apart from the controller's
+/// own singleton leases.
+pub const GATEWAY_LEASE_PREFIX: &str = "gateway/";
+/// Longest holder id, in bytes (a host name, a pid and a random part).
+pub const MAX_HOLDER_BYTES: usize = 128;
+/// Shortest gateway lease: renewed every third of it, so shorter would
+/// mean a renewal a second or more often from every gateway.
+pub const MIN_HOLD_TTL: Duration = Duration::from_secs(5);
+/// Longest gateway lease: a crashed holder keeps its chat silent this long.
+pub const MAX_HOLD_TTL: Duration = Duration::from_secs(300);
+
+/// Why a `Hold` request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HoldError {
+    #[error("lease name: {0}")]
+    Name(ClaimError),
+    #[error("lease holder is empty")]
+    EmptyHolder,
+    #[error("lease holder is {0} bytes long, more than {MAX_HOLDER_BYTES}")]
+    HolderTooLong(usize),
+    #[error("lease holder has a non-printable byte at {0}")]
+    HolderNotPrintable(usize),
+    #[error(
+        "lease ttl_secs {0} is outside {min} to {max}",
+        min = MIN_HOLD_TTL.as_secs(),
+        max = MAX_HOLD_TTL.as_secs()
+    )]
+    Ttl(u32),
+    #[error("lease release needs the term it was granted (term 0 given)")]
+    ReleaseWithoutTerm,
+}
+
+/// What a valid `Hold` request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldOp {
+    /// Take the lease (or extend one's own running lease).
+    Acquire,
+    /// Extend the grant of this term.
+    Renew(u64),
+    /// Give up the grant of this term now.
+    Release(u64),
+}
+
+/// A checked `Hold` request: `lease` is the stored name, prefixed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub lease: String,
+    pub holder: String,
+    pub ttl: Duration,
+    pub op: HoldOp,
+}
+
+impl Hold {
+    pub fn parse(req: &pb::HoldRequest) -> Result<Hold, HoldError> {
+        let name = ClaimKey::parse(&req.name).map_err(HoldError::Name)?;
+        let holder = &req.holder;
+        if holder.is_empty() {
+            return Err(HoldError::EmptyHolder);
+        }
+        if holder.len() > MAX_HOLDER_BYTES {
+            return Err(HoldError::HolderTooLong(holder.len()));
+        }
+        if let Some(i) = holder.bytes().position(|b| !b.is_ascii_graphic()) {
+            return Err(HoldError::HolderNotPrintable(i));
+        }
+        let ttl = Duration::from_secs(u64::from(req.ttl_secs));
+        if !(MIN_HOLD_TTL..=MAX_HOLD_TTL).contains(&ttl) {
+            return Err(HoldError::Ttl(req.ttl_secs));
+        }
+        let op = match (req.release, req.term) {
+            (true, 0) => return Err(HoldError::ReleaseWithoutTerm),
+            (true, t) => HoldOp::Release(t),
+            (false, 0) => HoldOp::Acquire,
+            (false, t) => HoldOp::Renew(t),
+        };
+        Ok(Hold {
+            lease: format!("{GATEWAY_LEASE_PREFIX}{}", name.as_str()),
+            holder: holder.clone(),
+            ttl,
+            op,
+        })
+    }
+
+    /// Runs the request against the store.
+    pub fn apply(
+        &self,
+        store: &dyn crate::store::Store,
+    ) -> Result<pb::HoldResponse, crate::store::StoreError> {
+        let (name, holder) = (self.lease.as_str(), self.holder.as_str());
+        let (held, term) = match self.op {
+            HoldOp::Acquire => match store.lease_acquire(name, holder, self.ttl)? {
+                Some(l) => (true, l.term),
+                None => (false, 0),
+            },
+            HoldOp::Renew(t) => {
+                let ok = store.lease_renew(name, holder, t, self.ttl)?;
+                (ok, if ok { t } else { 0 })
+            }
+            HoldOp::Release(t) => {
+                let ok = store.lease_release(name, holder, t)?;
+                (ok, if ok { t } else { 0 })
+            }
+        };
+        // Who holds it instead, for the standby's log line.
+        let holder = if held || matches!(self.op, HoldOp::Release(_)) {
+            String::new()
+        } else {
+            store
+                .lease_holder(name)?
+                .map(|l| l.holder)
+                .unwrap_or_default()
+        };
+        Ok(pb::HoldResponse { held, term, holder })
+    }
+}
+
 #[derive(Clone)]
 pub struct ClaimsSvc(pub Arc<Shared>);
 
@@ -88,6 +212,20 @@ impl pb::claims_server::Claims for ClaimsSvc {
             .map_err(|e| ApiError::Internal(format!("claim task: {e}")))?
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::ClaimResponse { won }))
+    }
+
+    async fn hold(
+        &self,
+        req: Request<pb::HoldRequest>,
+    ) -> Result<Response<pb::HoldResponse>, Status> {
+        let hold =
+            Hold::parse(req.get_ref()).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let store = self.0.store.clone();
+        let resp = tokio::task::spawn_blocking(move || hold.apply(store.as_ref()))
+            .await
+            .map_err(|e| ApiError::Internal(format!("hold task: {e}")))?
+            .map_err(ApiError::from)?;
+        Ok(Response::new(resp))
     }
 }
 
@@ -110,5 +248,104 @@ mod tests {
         assert_eq!(parse_ttl(0), Err(ClaimError::Ttl(0)));
         assert_eq!(parse_ttl(7 * 86_400 + 1), Err(ClaimError::Ttl(604_801)));
         assert_eq!(parse_ttl(3600), Ok(Duration::from_secs(3600)));
+    }
+
+    fn req(name: &str, holder: &str, term: u64, ttl_secs: u32, release: bool) -> pb::HoldRequest {
+        pb::HoldRequest {
+            name: name.into(),
+            holder: holder.into(),
+            term,
+            ttl_secs,
+            release,
+        }
+    }
+
+    #[test]
+    fn hold_requests_are_checked_and_namespaced() {
+        let ok = Hold::parse(&req("irc/abc", "gw-1", 0, 30, false)).expect("valid");
+        assert_eq!(ok.lease, "gateway/irc/abc");
+        assert_eq!(ok.op, HoldOp::Acquire);
+        assert_eq!(
+            Hold::parse(&req("health", "gw-1", 7, 30, false)).map(|h| (h.lease, h.op)),
+            Ok(("gateway/health".to_string(), HoldOp::Renew(7)))
+        );
+        let long = "h".repeat(MAX_HOLDER_BYTES + 1);
+        for (r, want) in [
+            (
+                req("", "gw", 0, 30, false),
+                HoldError::Name(ClaimError::EmptyKey),
+            ),
+            (
+                req("a\nb", "gw", 0, 30, false),
+                HoldError::Name(ClaimError::ControlCharacter(1)),
+            ),
+            (req("irc/x", "", 0, 30, false), HoldError::EmptyHolder),
+            (
+                req("irc/x", &long, 0, 30, false),
+                HoldError::HolderTooLong(129),
+            ),
+            (
+                req("irc/x", "gw 1", 0, 30, false),
+                HoldError::HolderNotPrintable(2),
+            ),
+            (req("irc/x", "gw", 0, 4, false), HoldError::Ttl(4)),
+            (req("irc/x", "gw", 0, 301, false), HoldError::Ttl(301)),
+            (
+                req("irc/x", "gw", 0, 30, true),
+                HoldError::ReleaseWithoutTerm,
+            ),
+        ] {
+            assert_eq!(Hold::parse(&r), Err(want.clone()), "{r:?}");
+        }
+        assert_eq!(
+            HoldError::Ttl(4).to_string(),
+            "lease ttl_secs 4 is outside 5 to 300"
+        );
+    }
+
+    #[test]
+    fn a_gateway_lease_never_touches_a_controller_lease() {
+        use crate::store::{LeaseStore, SledStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let ttl = Duration::from_secs(30);
+        let ctl = store
+            .lease_acquire("health", "controller-1", ttl)
+            .expect("acquire")
+            .expect("free");
+        let hold = |r: pb::HoldRequest| {
+            Hold::parse(&r)
+                .expect("valid request")
+                .apply(&store)
+                .expect("store")
+        };
+        // Renew and release of `health` at the controller's term touch
+        // `gateway/health`, which nobody holds.
+        for release in [false, true] {
+            let got = hold(req("health", "controller-1", ctl.term, 30, release));
+            assert!(!got.held, "release={release}: {got:?}");
+        }
+        // Acquiring `health` takes `gateway/health`, not the controller's.
+        let got = hold(req("health", "gw-1", 0, 30, false));
+        assert!(got.held);
+        let still = store.lease_holder("health").expect("read").expect("held");
+        assert_eq!(still, ctl);
+        // A second gateway stands by and is told who holds it.
+        let other = hold(req("irc/a", "gw-1", 0, 30, false));
+        assert!(other.held);
+        let lost = hold(req("irc/a", "gw-2", 0, 30, false));
+        assert_eq!(
+            (lost.held, lost.term, lost.holder.as_str()),
+            (false, 0, "gw-1")
+        );
+        // Nor can it renew or release the first one's grant.
+        let renew = hold(req("irc/a", "gw-2", other.term, 30, false));
+        assert!(!renew.held);
+        let release = hold(req("irc/a", "gw-2", other.term, 30, true));
+        assert!(!release.held);
+        // The holder's release frees it at once for the standby.
+        assert!(hold(req("irc/a", "gw-1", other.term, 30, true)).held);
+        let taken = hold(req("irc/a", "gw-2", 0, 30, false));
+        assert!(taken.held && taken.term > other.term, "{taken:?}");
     }
 }

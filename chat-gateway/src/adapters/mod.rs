@@ -254,6 +254,13 @@ pub trait ChatSender: Send + Sync {
     fn ack_grace(&self) -> std::time::Duration {
         std::time::Duration::ZERO
     }
+
+    /// Whether this gateway posts to the chat now: a connection chat
+    /// whose lease another gateway holds does not (`crate::standby`), so
+    /// alerts and audit records are left to the holder, unclaimed.
+    fn active(&self) -> bool {
+        true
+    }
 }
 
 /// A chat platform connection.

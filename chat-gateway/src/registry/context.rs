@@ -29,6 +29,7 @@ pub struct BuildContext {
     /// component had registered it).
     pending: Vec<PendingAdapter>,
     alert_hooks: Vec<AlertHook>,
+    chat_lease: crate::standby::Timing,
 }
 
 type PendingAdapter = Box<dyn FnOnce(&mut Gateway<GrpcController>) + Send>;
@@ -59,6 +60,7 @@ impl BuildContext {
         gw: Gateway<GrpcController>,
         replay: ReplayGuard,
         stops: Stops,
+        chat_lease: crate::standby::Timing,
     ) -> BuildContext {
         BuildContext {
             base: base.to_path_buf(),
@@ -68,7 +70,14 @@ impl BuildContext {
             senders: Vec::new(),
             pending: Vec::new(),
             alert_hooks: Vec::new(),
+            chat_lease,
         }
+    }
+
+    /// The lease under which connection chats (IRC, XMPP, Matrix) connect
+    /// (`crate::standby`, `chat_lease` in gateway.toml).
+    pub fn chat_lease(&self) -> crate::standby::Timing {
+        self.chat_lease
     }
 
     /// Starts serving every chat adapter, now that every command is

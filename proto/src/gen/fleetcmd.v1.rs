@@ -782,6 +782,39 @@ pub struct ClaimResponse {
     #[prost(bool, tag = "1")]
     pub won: bool,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HoldRequest {
+    /// The chat account's lease, e.g. `irc/HASH`: the rules of a claim key.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Who asks: one gateway process (host, pid, a random part); 1 to 128
+    /// printable bytes.
+    #[prost(string, tag = "2")]
+    pub holder: ::prost::alloc::string::String,
+    /// 0: acquire (or extend one's own running lease); otherwise renew or
+    /// release the grant of this term.
+    #[prost(uint64, tag = "3")]
+    pub term: u64,
+    /// How long the lease runs from now, 5 to 300 s.
+    #[prost(uint32, tag = "4")]
+    pub ttl_secs: u32,
+    /// Give the lease up now (with `term`), so a standby takes over at once.
+    #[prost(bool, tag = "5")]
+    pub release: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HoldResponse {
+    /// true: `holder` holds the lease at `term` for `ttl_secs` from now (for
+    /// a release: it was held and is released now).
+    #[prost(bool, tag = "1")]
+    pub held: bool,
+    /// The term granted (0 when not held).
+    #[prost(uint64, tag = "2")]
+    pub term: u64,
+    /// Who holds it when `held` is false and someone does (for the log).
+    #[prost(string, tag = "3")]
+    pub holder: ::prost::alloc::string::String,
+}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AuditVerifyRequest {
     /// 0 = from the first stored record (after a retention checkpoint).
@@ -4102,6 +4135,28 @@ pub mod claims_client {
             req.extensions_mut().insert(GrpcMethod::new("fleetcmd.v1.Claims", "Claim"));
             self.inner.unary(req, path, codec).await
         }
+        /// A connection chat (IRC, XMPP, Matrix) delivers every message to every
+        /// connection, with no id to claim: the gateways of one chat account hold
+        /// a lease on it instead, and only the holder connects. Stored under the
+        /// `gateway/` prefix, so no gateway can touch a controller's own leases.
+        pub async fn hold(
+            &mut self,
+            request: impl tonic::IntoRequest<super::HoldRequest>,
+        ) -> std::result::Result<tonic::Response<super::HoldResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/fleetcmd.v1.Claims/Hold");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("fleetcmd.v1.Claims", "Hold"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -4121,6 +4176,14 @@ pub mod claims_server {
             &self,
             request: tonic::Request<super::ClaimRequest>,
         ) -> std::result::Result<tonic::Response<super::ClaimResponse>, tonic::Status>;
+        /// A connection chat (IRC, XMPP, Matrix) delivers every message to every
+        /// connection, with no id to claim: the gateways of one chat account hold
+        /// a lease on it instead, and only the holder connects. Stored under the
+        /// `gateway/` prefix, so no gateway can touch a controller's own leases.
+        async fn hold(
+            &self,
+            request: tonic::Request<super::HoldRequest>,
+        ) -> std::result::Result<tonic::Response<super::HoldResponse>, tonic::Status>;
     }
     /// Several gateways on one chat act once: before a gateway acts on
     /// something every gateway of that chat sees (an inbound chat event with its
@@ -4234,6 +4297,49 @@ pub mod claims_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ClaimSvc(inner);
+                        let codec = crate::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fleetcmd.v1.Claims/Hold" => {
+                    #[allow(non_camel_case_types)]
+                    struct HoldSvc<T: Claims>(pub Arc<T>);
+                    impl<T: Claims> tonic::server::UnaryService<super::HoldRequest>
+                    for HoldSvc<T> {
+                        type Response = super::HoldResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::HoldRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Claims>::hold(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = HoldSvc(inner);
                         let codec = crate::codec::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -135,13 +135,13 @@ impl Run {
 }
 
 /// A user on IRC: registers, joins, says something, reads what comes.
-struct IrcUser {
+pub(crate) struct IrcUser {
     lines: tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
     out: tokio::net::tcp::OwnedWriteHalf,
 }
 
 impl IrcUser {
-    async fn connect(port: u16, nick: &str) -> IrcUser {
+    pub(crate) async fn connect(port: u16, nick: &str) -> IrcUser {
         let s = TcpStream::connect(("127.0.0.1", port)).await.expect("irc");
         let (r, w) = s.into_split();
         let mut u = IrcUser {
@@ -154,12 +154,12 @@ impl IrcUser {
         u
     }
 
-    async fn send(&mut self, text: &str) {
+    pub(crate) async fn send(&mut self, text: &str) {
         self.out.write_all(text.as_bytes()).await.expect("irc send");
     }
 
     /// Reads lines (answering PINGs) until one satisfies `done`; all read.
-    async fn until(&mut self, mut done: impl FnMut(&str) -> bool) -> Vec<String> {
+    pub(crate) async fn until(&mut self, mut done: impl FnMut(&str) -> bool) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut seen = Vec::new();
         loop {

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
@@ -22,6 +22,7 @@ use fleetcmd_tests::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::docs::IrcUser;
 use crate::failover::free_port;
 use crate::gateway_restart::Gateway;
 
@@ -151,8 +152,9 @@ async fn deliver(port: u16, body: &str, retry: Option<u32>) -> u16 {
         .unwrap_or_else(|| panic!("no status line in {answer:?}"))
 }
 
-/// The dev policy, with Slack users of the test team as admins.
-async fn push_slack_policy(fleet: &mut TestFleet) {
+/// The dev policy, with the chat users matching `subjects` (`slack:T…:*`)
+/// as admins, vouched for by the gateway.
+async fn push_policy_for(fleet: &mut TestFleet, subjects: &str) {
     let text = fleetcmd_cli::fleet::example_policy(
         fleet.policy_version + 1,
         &fleet.gateway_key.public_key(),
@@ -160,13 +162,18 @@ async fn push_slack_policy(fleet: &mut TestFleet) {
     )
     .replace(
         "subjects = [\"console:*\", \"cli:*\"]",
-        &format!("subjects = [\"console:*\", \"cli:*\", \"slack:{TEAM}:*\"]"),
+        &format!("subjects = [\"console:*\", \"cli:*\", \"{subjects}\"]"),
     )
     .replace(
         "vouches_for = [\"console:*\"]",
-        &format!("vouches_for = [\"console:*\", \"slack:{TEAM}:*\"]"),
+        &format!("vouches_for = [\"console:*\", \"{subjects}\"]"),
     );
     fleet.fleet.push_policy(&text).await.expect("policy pushed");
+}
+
+/// The dev policy, with Slack users of the test team as admins.
+async fn push_slack_policy(fleet: &mut TestFleet) {
+    push_policy_for(fleet, &format!("slack:{TEAM}:*")).await;
 }
 
 /// A gateway.toml for `fleet` with Slack in events mode on `port`, its
@@ -465,4 +472,325 @@ async fn only_gateways_claim_and_the_first_claim_of_a_key_wins() {
     }
     // Nobody else took Ev9: the refused callers claimed nothing.
     assert!(won(gateway.claim(claim("replay/slack/Ev9", 60)).await));
+}
+
+// ------------------------------------------------- connection chats (IRC)
+
+/// The chat lease of the IRC tests: short, so a takeover after a crash is
+/// quick to see, and long enough that a clean handover (a release, then
+/// the standby's next attempt within `ttl/3`) is told apart from one
+/// after the lease ran out (at least `2*ttl/3` after the kill).
+const IRC_LEASE_SECS: u64 = 9;
+
+/// A gateway.toml for `fleet` with the same `[irc]` section on every
+/// gateway (one nick on one server), its state in `state`.
+fn irc_gateway_config(fleet: &TestFleet, irc_port: u16, state: &Path, name: &str) -> PathBuf {
+    let text = format!(
+        r##"{head}chat_lease = "{IRC_LEASE_SECS}s"
+
+[irc]
+server = "127.0.0.1"
+port = {irc_port}
+tls = false
+nick = "fleetcmd"
+network = "{network}"
+channels = ["#ops"]
+interval_ms = 50
+burst = 20
+"##,
+        head = crate::gateway_restart::gateway_toml_head(fleet, state),
+        network = crate::ngircd::NETWORK,
+    );
+    let path = fleet.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("gateway.toml written");
+    path
+}
+
+/// The dev policy, with IRC users of the test network as admins.
+async fn push_irc_policy(fleet: &mut TestFleet) {
+    push_policy_for(fleet, &format!("irc:{}:*", crate::ngircd::NETWORK)).await;
+}
+
+/// alice on IRC, in `#ops` (NAMES read).
+async fn alice_in_ops(port: u16) -> IrcUser {
+    let mut alice = IrcUser::connect(port, "alice").await;
+    alice.send("JOIN #ops\r\n").await;
+    alice.until(|l| l.split(' ').nth(1) == Some("366")).await;
+    alice
+}
+
+/// Waits until the bot (nick `fleetcmd`) has joined `#ops`.
+async fn bot_joined(alice: &mut IrcUser) {
+    alice
+        .until(|l| l.starts_with(":fleetcmd!") && l.contains(" JOIN "))
+        .await;
+}
+
+/// alice says `!run echo WORD on all` and waits for the bot's reply with
+/// the output; every line the channel saw meanwhile.
+async fn run_echo(alice: &mut IrcUser, word: &str) -> Vec<String> {
+    alice
+        .send(&format!("PRIVMSG #ops :!run echo {word} on all\r\n"))
+        .await;
+    alice
+        .until(|l| l.starts_with(":fleetcmd!") && l.contains(" PRIVMSG #ops :") && l.contains(word))
+        .await
+}
+
+/// Which of two gateways started together holds the chat: the one that
+/// logged "holding the chat"; the other must not have.
+async fn the_holder(gateways: [&Gateway; 2]) -> usize {
+    const HOLDING: &str = "chat irc: holding the chat";
+    let holders = wait_for("a holder", gateways, || async {
+        let holders: Vec<usize> = (0..2)
+            .filter(|i| gateways[*i].stderr().contains(HOLDING))
+            .collect();
+        (!holders.is_empty()).then_some(holders)
+    })
+    .await;
+    assert_eq!(holders.len(), 1, "one holder: {holders:?}");
+    holders[0]
+}
+
+/// alice's jobs on IRC (her identity is `irc:NETWORK:alice!…`).
+async fn irc_jobs(fleet: &TestFleet) -> Vec<pb::Job> {
+    let me = format!("irc:{}:alice", crate::ngircd::NETWORK);
+    jobs_of(fleet, "")
+        .await
+        .into_iter()
+        .filter(|j| j.requester.starts_with(&me))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
+    let mut fleet = start_fleet(1).await;
+    push_irc_policy(&mut fleet).await;
+    let ngircd = crate::ngircd::Ngircd::start(None).await;
+    let mut alice = alice_in_ops(ngircd.port).await;
+    let configs: Vec<PathBuf> = ["irc-a", "irc-b"]
+        .iter()
+        .map(|n| irc_gateway_config(&fleet, ngircd.port, &fleet.path().join(n), n))
+        .collect();
+    // Both start at once: one holds the chat and connects, the other
+    // stands by, naming the holder.
+    let mut gws: Vec<Option<Gateway>> = configs
+        .iter()
+        .map(|c| Some(Gateway::start(c, "nobody")))
+        .collect();
+    bot_joined(&mut alice).await;
+    let first = {
+        let [Some(a), Some(b)] = [&gws[0], &gws[1]] else {
+            unreachable!("both started")
+        };
+        let first = the_holder([a, b]).await;
+        [a, b][1 - first]
+            .logged("chat irc: standing by: held by", 1)
+            .await;
+        first
+    };
+    // One command, one job, one reply, from the one bot.
+    let seen = run_echo(&mut alice, "lease-one").await;
+    // A second command, answered after the first: had a second bot been
+    // connected, its job for the first would be in by now.
+    let seen2 = run_echo(&mut alice, "lease-two").await;
+    let jobs = irc_jobs(&fleet).await;
+    assert_eq!(jobs.len(), 2, "one job per command: {jobs:#?}");
+    let from_bots: Vec<&String> = seen
+        .iter()
+        .chain(&seen2)
+        .filter(|l| l.contains(" PRIVMSG #ops :") && !l.starts_with(":alice!"))
+        .collect();
+    assert!(
+        from_bots.iter().all(|l| l.starts_with(":fleetcmd!")),
+        "only the holder speaks: {from_bots:#?}"
+    );
+    let replies = from_bots
+        .iter()
+        .filter(|l| l.contains("lease-one") && l.contains("job "))
+        .count();
+    assert!(
+        replies <= 1,
+        "one reply to the first command: {from_bots:#?}"
+    );
+
+    // kill -9 the holder: the standby connects once the lease runs out.
+    let killed = Instant::now();
+    gws[first].take().expect("holder").kill9();
+    bot_joined(&mut alice).await;
+    let took = killed.elapsed();
+    let bound = Duration::from_secs(IRC_LEASE_SECS * 4 / 3 + 5);
+    eprintln!("irc: the standby answered {took:?} after kill -9 of the holder");
+    assert!(
+        took < bound,
+        "standby took over after {took:?} (bound {bound:?})"
+    );
+    let second = 1 - first;
+    run_echo(&mut alice, "lease-three").await;
+    assert_eq!(
+        irc_jobs(&fleet).await.len(),
+        3,
+        "the third command ran once"
+    );
+
+    // The killed one comes back as the standby; a clean stop (SIGTERM) of
+    // the holder releases the lease and it takes over at once.
+    gws[first] = Some(Gateway::start(&configs[first], "nobody"));
+    gws[first]
+        .as_ref()
+        .expect("restarted")
+        .logged("chat irc: standing by: held by", 1)
+        .await;
+    let holder = gws[second].as_ref().expect("holder");
+    let stopped = Instant::now();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &holder.pid().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    alice
+        .until(|l| l.starts_with(":fleetcmd!") && l.contains(" QUIT "))
+        .await;
+    bot_joined(&mut alice).await;
+    let took = stopped.elapsed();
+    eprintln!("irc: the standby answered {took:?} after SIGTERM of the holder");
+    // Released: the standby's next attempt (within ttl/3) takes it; had
+    // it run out instead, that would be at least 2*ttl/3 after the stop.
+    let bound = Duration::from_secs(IRC_LEASE_SECS / 3 + 2);
+    assert!(
+        took < bound,
+        "handover after a clean stop took {took:?} (bound {bound:?}); old holder:\n{}",
+        holder.stderr()
+    );
+    assert!(
+        holder.stderr().contains("chat irc: lease released"),
+        "{}",
+        holder.stderr()
+    );
+    run_echo(&mut alice, "lease-four").await;
+    assert_eq!(
+        irc_jobs(&fleet).await.len(),
+        4,
+        "the fourth command ran once"
+    );
+}
+
+/// A `Claims.Hold` request.
+fn hold_req(name: &str, holder: &str, term: u64, release: bool) -> pb::HoldRequest {
+    pb::HoldRequest {
+        name: name.into(),
+        holder: holder.into(),
+        term,
+        ttl_secs: 30,
+        release,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_certificate_cannot_touch_a_controller_lease_or_another_gateways() {
+    let fleet = start_fleet(0).await;
+    let store = fleet.fleet.controller.shared().store.clone();
+    let health = {
+        let store = store.clone();
+        assert_eventually(WAIT, move || {
+            let store = store.clone();
+            async move { store.lease_holder("health").ok().flatten() }
+        })
+        .await
+    };
+    let mut gw = pb::claims_client::ClaimsClient::new(fleet.gateway().await);
+    // Renew and release `health` as its holder, at its term and around it:
+    // never held (they name `gateway/health`, which nobody holds).
+    for term in [health.term, health.term + 1, 1] {
+        for release in [false, true] {
+            let got = gw
+                .hold(hold_req("health", &health.holder, term, release))
+                .await
+                .expect("answered")
+                .into_inner();
+            assert!(!got.held, "term {term} release {release}: {got:?}");
+        }
+    }
+    // Taking `health` takes `gateway/health`; the controller keeps its own.
+    let got = gw
+        .hold(hold_req("health", "gw-a", 0, false))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert!(got.held);
+    let now = store.lease_holder("health").expect("read").expect("held");
+    assert_eq!(now.holder, health.holder);
+    assert!(now.term >= health.term);
+    // `gateway/…` names are prefixed again: no way into another prefix.
+    let got = gw
+        .hold(hold_req("gateway/irc/x", "gw-a", 0, false))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert!(got.held);
+    assert!(
+        store
+            .lease_holder("gateway/gateway/irc/x")
+            .expect("read")
+            .is_some_and(|l| l.holder == "gw-a")
+    );
+    // Another gateway's running lease: not taken, not renewed, not
+    // released; the answer names the holder.
+    let mine = gw
+        .hold(hold_req("irc/chat", "gw-a", 0, false))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert!(mine.held && mine.term > 0);
+    let theirs = gw
+        .hold(hold_req("irc/chat", "gw-b", 0, false))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!((theirs.held, theirs.holder.as_str()), (false, "gw-a"));
+    for release in [false, true] {
+        let got = gw
+            .hold(hold_req("irc/chat", "gw-b", mine.term, release))
+            .await
+            .expect("answered")
+            .into_inner();
+        assert!(!got.held, "release {release}: {got:?}");
+    }
+    let still = store
+        .lease_holder("gateway/irc/chat")
+        .expect("read")
+        .expect("held");
+    assert_eq!((still.holder.as_str(), still.term), ("gw-a", mine.term));
+    // Bad requests are refused, saying what was wrong.
+    for (req, says) in [
+        (
+            hold_req("irc/chat", "gw a", 0, false),
+            "lease holder has a non-printable byte at 2",
+        ),
+        (
+            hold_req("", "gw-a", 0, false),
+            "lease name: claim key is empty",
+        ),
+        (
+            hold_req("irc/chat", "gw-a", 0, true),
+            "lease release needs the term",
+        ),
+        (
+            pb::HoldRequest {
+                ttl_secs: 3600,
+                ..hold_req("irc/chat", "gw-a", 0, false)
+            },
+            "lease ttl_secs 3600 is outside 5 to 300",
+        ),
+    ] {
+        let e = gw.hold(req).await.expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains(says), "{}", e.message());
+    }
+    // Operators and agents may not hold anything.
+    let e = pb::claims_client::ClaimsClient::new(fleet.operator().await)
+        .hold(hold_req("irc/chat", "op", 0, false))
+        .await
+        .expect_err("operator refused");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
 }

@@ -722,14 +722,28 @@ impl crate::registry::Component for IrcConfig {
         IrcConfig::validate(self)
     }
 
+    /// Connected only while this gateway holds the lease of the nick on
+    /// this server (`crate::standby`); a stop says QUIT.
     async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
-        let a = IrcAdapter::connect(&self)
-            .await
-            .map_err(|e| e.to_string())?;
-        let stop = a.stop_handle();
-        cx.on_stop(move || stop.stop());
-        cx.serve(Self::NAME, a);
-        Ok(())
+        let account = [
+            self.server.to_ascii_lowercase(),
+            self.effective_port().to_string(),
+            self.nick.to_ascii_lowercase(),
+        ];
+        let cfg = Arc::new(self);
+        let connect: crate::standby::ConnectFn<IrcAdapter> = Arc::new(move || {
+            let cfg = cfg.clone();
+            Box::pin(async move {
+                let a = IrcAdapter::connect(&cfg).await?;
+                let stop = a.stop_handle();
+                Ok(crate::standby::Connected {
+                    adapter: a,
+                    stop: Some(Box::new(move || stop.stop())),
+                })
+            })
+        });
+        let account: Vec<&str> = account.iter().map(String::as_str).collect();
+        crate::standby::serve(cx, Self::NAME, &account, connect).await
     }
 }
 

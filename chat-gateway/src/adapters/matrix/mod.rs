@@ -254,11 +254,16 @@ impl crate::registry::Component for MatrixConfig {
         super::prefixed(Self::NAME, MatrixConfig::validate(self))
     }
 
+    /// Connected only while this gateway holds the lease of this user on
+    /// this homeserver (`crate::standby`); dropping the adapter stops its
+    /// sync.
     async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
-        let a = MatrixAdapter::connect(&self)
-            .await
-            .map_err(|e| e.to_string())?;
-        cx.serve(Self::NAME, a);
-        Ok(())
+        let account = [self.homeserver.clone(), self.user_id.clone()];
+        let connect =
+            crate::standby::connect_fn(
+                self,
+                |cfg| async move { MatrixAdapter::connect(&cfg).await },
+            );
+        crate::standby::serve(cx, Self::NAME, &[&account[0], &account[1]], connect).await
     }
 }

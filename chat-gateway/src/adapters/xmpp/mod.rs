@@ -754,12 +754,13 @@ impl crate::registry::Component for XmppConfig {
         super::prefixed(Self::NAME, XmppConfig::validate(self))
     }
 
+    /// Connected only while this gateway holds the lease of this JID
+    /// (`crate::standby`); dropping the adapter closes its stream.
     async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
-        let a = XmppAdapter::connect(&self)
-            .await
-            .map_err(|e| e.to_string())?;
-        cx.serve(Self::NAME, a);
-        Ok(())
+        let jid = self.jid.to_lowercase();
+        let connect =
+            crate::standby::connect_fn(self, |cfg| async move { XmppAdapter::connect(&cfg).await });
+        crate::standby::serve(cx, Self::NAME, &[&jid], connect).await
     }
 }
 
