@@ -182,10 +182,17 @@ async fn post(
     };
     for channel in &s.channels {
         let post = AlertPost::new(channel, ev, reply.clone());
+        // Only a gateway that can post to the channel claims it (found by
+        // an outside test: gateways without the channel's adapter won
+        // claims and posted nothing).
+        let Some(out) = post.sender(senders) else {
+            tracing::warn!(service = %s.name, %channel, "alerts: no enabled adapter posts to this channel");
+            continue;
+        };
         // A standby of a connection chat (`crate::standby`) leaves the
         // post to the holder, unclaimed, and checks it was posted should
         // it hold the chat by then (the holder may die before posting).
-        if post.sender(senders).is_some_and(|out| !out.active()) {
+        if !out.active() {
             unconfirmed.push(post, tokio::time::Instant::now() + CONFIRM_WAIT);
             continue;
         }
@@ -319,7 +326,7 @@ impl Confirmations {
                 break;
             };
             // Still a standby: the holder has it.
-            if post.sender(senders).is_some_and(|out| !out.active()) {
+            if post.sender(senders).is_none_or(|out| !out.active()) {
                 continue;
             }
             let (service, channel) = (&post.service, &post.channel);
@@ -522,6 +529,9 @@ mod tests {
             standby.1.store(true, std::sync::atomic::Ordering::Relaxed);
             let ev = event(Kind::Transition, "degraded", false);
             let mut pending = Confirmations::default();
+            // A gateway without the channel's adapter claims nothing.
+            post(&claims, &[], &ev, &mut pending).await;
+            assert!(pending.next_due().is_none());
             post(&claims, &gateway(&standby), &ev, &mut pending).await;
             assert!(
                 claims.0.lock().expect("claims").is_empty(),

@@ -130,7 +130,13 @@ pub struct Hold {
 }
 
 impl Hold {
-    pub fn parse(req: &pb::HoldRequest) -> Result<Hold, HoldError> {
+    /// Checks `req`, made by the gateway certificate named `caller`: the
+    /// stored holder is `caller:HOLDER`, so a lease is kept, extended and
+    /// released only under the certificate that took it (found by an
+    /// outside test: another gateway certificate, told the holder id when
+    /// it stood by, renewed and released the chat's lease and kept every
+    /// gateway off the chat).
+    pub fn parse(req: &pb::HoldRequest, caller: &str) -> Result<Hold, HoldError> {
         let name = ClaimKey::parse(&req.name).map_err(HoldError::Name)?;
         let holder = &req.holder;
         if holder.is_empty() {
@@ -154,7 +160,7 @@ impl Hold {
         };
         Ok(Hold {
             lease: format!("{GATEWAY_LEASE_PREFIX}{}", name.as_str()),
-            holder: holder.clone(),
+            holder: format!("{caller}:{holder}"),
             ttl,
             op,
         })
@@ -218,8 +224,11 @@ impl pb::claims_server::Claims for ClaimsSvc {
         &self,
         req: Request<pb::HoldRequest>,
     ) -> Result<Response<pb::HoldResponse>, Status> {
-        let hold =
-            Hold::parse(req.get_ref()).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let caller = crate::auth::peer_of(&req).map(|p| p.name).ok_or_else(|| {
+            ApiError::PermissionDenied("a gateway certificate is required".into())
+        })?;
+        let hold = Hold::parse(req.get_ref(), &caller)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         let store = self.0.store.clone();
         let resp = tokio::task::spawn_blocking(move || hold.apply(store.as_ref()))
             .await
@@ -262,11 +271,12 @@ mod tests {
 
     #[test]
     fn hold_requests_are_checked_and_namespaced() {
-        let ok = Hold::parse(&req("irc/abc", "gw-1", 0, 30, false)).expect("valid");
+        let ok = Hold::parse(&req("irc/abc", "gw-1", 0, 30, false), "main").expect("valid");
         assert_eq!(ok.lease, "gateway/irc/abc");
+        assert_eq!(ok.holder, "main:gw-1");
         assert_eq!(ok.op, HoldOp::Acquire);
         assert_eq!(
-            Hold::parse(&req("health", "gw-1", 7, 30, false)).map(|h| (h.lease, h.op)),
+            Hold::parse(&req("health", "gw-1", 7, 30, false), "main").map(|h| (h.lease, h.op)),
             Ok(("gateway/health".to_string(), HoldOp::Renew(7)))
         );
         let long = "h".repeat(MAX_HOLDER_BYTES + 1);
@@ -295,7 +305,7 @@ mod tests {
                 HoldError::ReleaseWithoutTerm,
             ),
         ] {
-            assert_eq!(Hold::parse(&r), Err(want.clone()), "{r:?}");
+            assert_eq!(Hold::parse(&r, "main"), Err(want.clone()), "{r:?}");
         }
         assert_eq!(
             HoldError::Ttl(4).to_string(),
@@ -313,12 +323,13 @@ mod tests {
             .lease_acquire("health", "controller-1", ttl)
             .expect("acquire")
             .expect("free");
-        let hold = |r: pb::HoldRequest| {
-            Hold::parse(&r)
+        let hold_as = |caller: &str, r: pb::HoldRequest| {
+            Hold::parse(&r, caller)
                 .expect("valid request")
                 .apply(&store)
                 .expect("store")
         };
+        let hold = |r: pb::HoldRequest| hold_as("main", r);
         // Renew and release of `health` at the controller's term touch
         // `gateway/health`, which nobody holds.
         for release in [false, true] {
@@ -336,7 +347,20 @@ mod tests {
         let lost = hold(req("irc/a", "gw-2", 0, 30, false));
         assert_eq!(
             (lost.held, lost.term, lost.holder.as_str()),
-            (false, 0, "gw-1")
+            (false, 0, "main:gw-1")
+        );
+        // Another gateway certificate, told the holder id, can neither
+        // extend, renew nor release that lease.
+        for (term, release) in [(0, false), (other.term, false), (other.term, true)] {
+            let got = hold_as("evil", req("irc/a", "gw-1", term, 30, release));
+            assert!(!got.held, "term {term} release {release}: {got:?}");
+        }
+        assert_eq!(
+            store
+                .lease_holder("gateway/irc/a")
+                .expect("read")
+                .map(|l| l.holder),
+            Some("main:gw-1".to_string())
         );
         // Nor can it renew or release the first one's grant.
         let renew = hold(req("irc/a", "gw-2", other.term, 30, false));

@@ -947,12 +947,14 @@ impl Shared {
             let ids: Vec<String> = runs.keys().cloned().collect();
             (ids, overdue, revoked)
         };
-        // A revoked agent connected to no controller: none is left to
-        // record its active targets (the one that held its stream records
-        // them when the revocation reaches it; `refuse_queued_on_revoked`),
-        // and none will take its result, so they end now rather than at
-        // their deadline (found by an outside test: they showed `running`
-        // for up to an hour).
+        // A revoked agent connected to no running controller: none is
+        // left to record its active targets (the one that held its stream
+        // records them when the revocation reaches it;
+        // `refuse_queued_on_revoked`), and none will take its result, so
+        // they end now rather than at their deadline (found by an outside
+        // test: they showed `running` for up to an hour). Only fresh
+        // entries count: a stopped or dead controller's list keeps no
+        // revoked agent anywhere (`PresenceView::in_no_fresh_entry`).
         let settling = self.registry.settling();
         let shared = self.bus.is_shared();
         let stranded: Vec<String> = revoked
@@ -960,7 +962,7 @@ impl Shared {
             .filter(|a| {
                 !settling
                     && self.registry.online_now([a.as_str()]).first() != Some(&true)
-                    && (!shared || self.presence.nowhere(a))
+                    && (!shared || self.presence.in_no_fresh_entry(a))
             })
             .collect();
         for agent in stranded {

@@ -118,6 +118,21 @@ impl PresenceView {
                 .all(|s| !s.settling && !s.agents.contains(agent))
     }
 
+    /// Whether `agent` is in no other controller's fresh entry, as of a
+    /// reading within `FRESH`; `false` when that is not known. What
+    /// counts for a revoked agent: every running controller refuses it and
+    /// ends its stream, so only a stopped or dead controller can list it,
+    /// and that one's list does not keep it somewhere (found by an outside
+    /// test: a revoked agent's targets waited out `LISTED`, or their
+    /// deadline, after its controller was killed).
+    pub fn in_no_fresh_entry(&self, agent: &str) -> bool {
+        let v = lock(&self.0);
+        v.history
+            .back()
+            .is_some_and(|s| s.read_at.elapsed() < FRESH)
+            && !v.elsewhere.contains(agent)
+    }
+
     /// Shows each agent of `agents` that is not online here but connected
     /// to another controller (its fresh entry names it; with `listed`, an
     /// entry of the last `LISTED`) as online, with what that controller
@@ -479,6 +494,24 @@ mod tests {
         age(&view, FRESH + Duration::from_secs(1));
         view.set(read(vec![entry("a", false, &[])]));
         assert!(!view.nowhere("web-3"), "just after a stop of the readings");
+    }
+
+    #[test]
+    fn only_fresh_entries_keep_an_agent_in_a_fresh_entry() {
+        let view = PresenceView::default();
+        assert!(!view.in_no_fresh_entry("web-1"), "nothing read yet");
+        // B stopped writing 30 s ago: listed, not fresh.
+        view.set(Read {
+            me: "a".into(),
+            fresh: vec![entry("c", false, &["web-2"])],
+            listed: vec![entry("b", false, &["web-1"]), entry("c", false, &["web-2"])],
+            live: Vec::new(),
+        });
+        assert!(view.in_no_fresh_entry("web-1"));
+        assert!(!view.in_no_fresh_entry("web-2"));
+        assert!(!view.nowhere("web-1"), "still listed for the offline rule");
+        age(&view, FRESH);
+        assert!(!view.in_no_fresh_entry("web-1"), "the reading is stale");
     }
 
     #[test]

@@ -732,7 +732,7 @@ async fn a_gateway_certificate_cannot_touch_a_controller_lease_or_another_gatewa
         store
             .lease_holder("gateway/gateway/irc/x")
             .expect("read")
-            .is_some_and(|l| l.holder == "gw-a")
+            .is_some_and(|l| l.holder == "dev:gw-a")
     );
     // Another gateway's running lease: not taken, not renewed, not
     // released; the answer names the holder.
@@ -747,7 +747,7 @@ async fn a_gateway_certificate_cannot_touch_a_controller_lease_or_another_gatewa
         .await
         .expect("answered")
         .into_inner();
-    assert_eq!((theirs.held, theirs.holder.as_str()), (false, "gw-a"));
+    assert_eq!((theirs.held, theirs.holder.as_str()), (false, "dev:gw-a"));
     for release in [false, true] {
         let got = gw
             .hold(hold_req("irc/chat", "gw-b", mine.term, release))
@@ -760,7 +760,48 @@ async fn a_gateway_certificate_cannot_touch_a_controller_lease_or_another_gatewa
         .lease_holder("gateway/irc/chat")
         .expect("read")
         .expect("held");
-    assert_eq!((still.holder.as_str(), still.term), ("gw-a", mine.term));
+    assert_eq!((still.holder.as_str(), still.term), ("dev:gw-a", mine.term));
+    // Another gateway certificate, told the holder id, cannot take, extend
+    // or release it either (found by an outside test: it renewed and
+    // released the chat's lease, then held it and kept every gateway off
+    // the chat).
+    let evil = fleet
+        .fleet
+        .controller
+        .shared()
+        .ca
+        .issue_identity(fleetcmd_controller::pki::Role::Gateway, "evil", WAIT)
+        .expect("issued");
+    let evil = fleetcmd_proto::channel::connect(
+        &fleet.url,
+        &fleetcmd_proto::channel::ClientTls {
+            ca_pem: fleet.gateway_tls.ca_pem.clone(),
+            cert_pem: evil.cert_pem,
+            key_pem: evil.key_pem.expose().clone(),
+        },
+    )
+    .await
+    .expect("evil connects");
+    let mut evil = pb::claims_client::ClaimsClient::new(evil);
+    for (holder, term, release) in [
+        ("gw-a", 0, false),
+        ("dev:gw-a", 0, false),
+        ("gw-a", mine.term, false),
+        ("gw-a", mine.term, true),
+        ("dev:gw-a", mine.term, true),
+    ] {
+        let got = evil
+            .hold(hold_req("irc/chat", holder, term, release))
+            .await
+            .expect("answered")
+            .into_inner();
+        assert!(!got.held, "{holder} {term} {release}: {got:?}");
+    }
+    let still = store
+        .lease_holder("gateway/irc/chat")
+        .expect("read")
+        .expect("held");
+    assert_eq!((still.holder.as_str(), still.term), ("dev:gw-a", mine.term));
     // Bad requests are refused, saying what was wrong.
     for (req, says) in [
         (
