@@ -312,7 +312,7 @@ impl Lease {
                 held.send_replace(None);
             }
             Decision::Expired => {
-                tracing::warn!(chat, lease = %self.name, "chat {chat}: lease not renewed in time (controller unreachable?); disconnecting");
+                tracing::warn!(chat, lease = %self.name, "chat {chat}: lease not renewed in time (the controller unreachable, or this gateway was stopped or starved); disconnecting without reading what waits on the connection: commands typed meanwhile are not run here, and another gateway may hold the chat now");
                 held.send_replace(None);
             }
             Decision::Keep => {}

@@ -13,6 +13,13 @@ use tonic::{Request, Status};
 use crate::pki::{Peer, Role, peer_from_cert};
 use crate::state::Shared;
 
+/// `a gateway`, `an operator`, `an agent`: a role as a sentence names it.
+fn with_article(role: Role) -> String {
+    let role = role.to_string();
+    let vowel = role.starts_with(['a', 'e', 'i', 'o', 'u']);
+    format!("{} {role}", if vowel { "an" } else { "a" })
+}
+
 /// Reads the authenticated peer from a request, if it presented a certificate.
 pub fn peer_of<T>(req: &Request<T>) -> Option<Peer> {
     let certs = req.peer_certs()?;
@@ -43,13 +50,13 @@ pub fn require(
         if !roles.contains(&peer.role) {
             shared.security_event(auth_failed(&req, crate::audit::peer_actor(&peer)).detail(
                 format!(
-                    "wrong role: a {} certificate called a service for {roles:?}",
-                    peer.role
+                    "wrong role: {} certificate called a service for {roles:?}",
+                    with_article(peer.role)
                 ),
             ));
             return Err(Status::permission_denied(format!(
-                "a {} certificate may not call this service",
-                peer.role
+                "{} certificate may not call this service",
+                with_article(peer.role)
             )));
         }
         if peer.role == Role::Agent && shared.registry.is_revoked(&peer.name) {

@@ -32,7 +32,9 @@ pub const MAX_CLAIM_TTL: Duration = Duration::from_secs(7 * 86_400);
 
 /// A key that may be claimed: 1 to [`MAX_CLAIM_KEY_BYTES`] bytes without
 /// control characters (so it is safe in a log line and in a PostgreSQL
-/// `text`, which holds no NUL). Built only by [`ClaimKey::parse`].
+/// `text`, which holds no NUL) or invisible and format characters
+/// (`fleetcmd_core::terminal::is_format`). Built only by
+/// [`ClaimKey::parse`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimKey(String);
 
@@ -45,6 +47,8 @@ pub enum ClaimError {
     KeyTooLong(usize),
     #[error("claim key has a control character at byte {0}")]
     ControlCharacter(usize),
+    #[error("claim key has an invisible or format character (U+{1:04X}) at byte {0}")]
+    FormatCharacter(usize, u32),
     #[error("claim ttl_secs {0} is outside 1 to {max}", max = MAX_CLAIM_TTL.as_secs())]
     Ttl(u32),
 }
@@ -59,6 +63,14 @@ impl ClaimKey {
         }
         if let Some((i, _)) = key.char_indices().find(|(_, c)| c.is_control()) {
             return Err(ClaimError::ControlCharacter(i));
+        }
+        // Bidi overrides, zero-width characters and the like make a
+        // name in a log line read as another (found by an outside test).
+        if let Some((i, c)) = key
+            .char_indices()
+            .find(|&(_, c)| fleetcmd_core::terminal::is_format(c))
+        {
+            return Err(ClaimError::FormatCharacter(i, u32::from(c)));
         }
         Ok(ClaimKey(key.to_owned()))
     }
@@ -251,6 +263,8 @@ mod tests {
             (&format!("{long}k"), ClaimError::KeyTooLong(257)),
             ("slack/a\0b", ClaimError::ControlCharacter(7)),
             ("slack/a\nb", ClaimError::ControlCharacter(7)),
+            ("irc/x\u{202e}", ClaimError::FormatCharacter(5, 0x202e)),
+            ("irc/\u{200b}x", ClaimError::FormatCharacter(4, 0x200b)),
         ] {
             assert_eq!(ClaimKey::parse(key), Err(want.clone()), "{key:?}");
         }

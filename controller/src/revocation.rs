@@ -242,6 +242,11 @@ pub fn unrecorded_warning(data_dir: &std::path::Path, rec: &CertRevocation) -> O
         Some(s) => format!("{} certificate {} with serial {s}", rec.role, rec.name),
         None => format!("{} certificate named {}", rec.role, rec.name),
     };
+    let a = if rec.role.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
     match std::fs::read_to_string(&path) {
         Ok(log) if issued_in(&log, rec) => None,
         Ok(_) => Some(format!(
@@ -257,7 +262,7 @@ pub fn unrecorded_warning(data_dir: &std::path::Path, rec: &CertRevocation) -> O
             path.display()
         )),
         Err(e) => Some(format!(
-            "could not check {} for a {what} ({e}); revoked all the same",
+            "could not check {} for {a} {what} ({e}); revoked all the same",
             path.display()
         )),
     }
