@@ -6,8 +6,10 @@
 //! the leases under which one controller runs each singleton
 //! ([`LeaseStore`]) and the claims that let several gateways on one chat
 //! act once ([`ClaimStore`]).
-//! sled is the embedded default (`sled_store`); every backend passes the
-//! same `conformance` suite.
+//! sled is the embedded default (`sled_store`), redb the other embedded
+//! choice (`redb_store`; the two share their byte `layout` and their
+//! in-memory `local_leases`); every backend passes the same `conformance`
+//! suite.
 //!
 //! Architecture invariant: no part hands out a backend's handle (a tree, a
 //! connection); queries (jobs by requester and state, newest first; ids by
@@ -21,8 +23,11 @@
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+mod layout;
+mod local_leases;
 pub mod postgres;
 mod records;
+mod redb_store;
 mod sled_store;
 
 use fleetcmd_core::audit::{Record, SignedHead};
@@ -32,7 +37,8 @@ pub use records::{
     AgentRecord, HealthRecord, HealthTransition, JobRecord, PolicyRecord, TargetRecord,
     TokenRecord, TokenRefusal,
 };
-pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
+pub use redb_store::{REDB_FILE, RedbStore};
+pub use sled_store::{DEFAULT_CACHE_BYTES, SLED_DIR, SledStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
