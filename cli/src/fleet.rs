@@ -228,6 +228,7 @@ impl Fleet {
             job_store_max_bytes: opts.job_store_max_bytes,
             store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
             postgres: opts.postgres.clone(),
+            embedded: Default::default(),
             services: opts.services.clone(),
             host_alerts: None,
             metrics_listen: opts.controller_metrics,

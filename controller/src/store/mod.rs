@@ -23,6 +23,7 @@
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+mod embedded;
 mod layout;
 mod local_leases;
 pub mod postgres;
@@ -33,6 +34,7 @@ mod sled_store;
 use fleetcmd_core::audit::{Record, SignedHead};
 use fleetcmd_core::state::JobState;
 
+pub use embedded::Embedded;
 pub use records::{
     AgentRecord, HealthRecord, HealthTransition, JobRecord, PolicyRecord, TargetRecord,
     TokenRecord, TokenRefusal,
@@ -158,6 +160,14 @@ pub trait Store:
             self.audit_append(rec, index)?;
         }
         Ok(Ok(()))
+    }
+    /// Whether agents' results should be stored in batches
+    /// (`put_targets_audited`, one call per batch) even with one controller:
+    /// where each call costs a transaction, so one per batch is cheaper
+    /// than a target write and an audit append per result. `false` (the
+    /// default): one controller writes each result itself.
+    fn batches_results(&self) -> bool {
+        false
     }
     /// Releases the database (its files, locks or connections); later
     /// calls fail.

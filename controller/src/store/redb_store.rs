@@ -417,6 +417,12 @@ impl Store for RedbStore {
         })
     }
 
+    /// A write transaction per call: one per batch of results beats two
+    /// per result (the target, then its audit record).
+    fn batches_results(&self) -> bool {
+        true
+    }
+
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         *self.inner.write().unwrap_or_else(|p| p.into_inner()) = None;
@@ -939,3 +945,6 @@ impl RevocationStore for RedbStore {
         self.all(REVOKED_CERTS)
     }
 }
+
+#[cfg(test)]
+mod tests;
