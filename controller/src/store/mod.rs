@@ -217,6 +217,38 @@ impl JobQuery {
         }
     }
 
+    /// The answer from a scan of jobs in this query's order and after its
+    /// cursor (a backend without secondary indexes: the embedded ones):
+    /// the jobs that pass the filters, up to the limit; oldest first, the
+    /// scan stops at the first job created at or after
+    /// `created_before_ms` (ids order jobs by creation).
+    pub fn take_from(
+        &self,
+        scan: impl Iterator<Item = Result<JobRecord, StoreError>>,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let mut out = Vec::new();
+        if self.limit == 0 {
+            return Ok(out);
+        }
+        for rec in scan {
+            let rec = rec?;
+            if self.order == Order::OldestFirst
+                && self
+                    .created_before_ms
+                    .is_some_and(|t| rec.created_at_ms >= t)
+            {
+                break;
+            }
+            if self.matches(&rec) {
+                out.push(rec);
+                if out.len() >= self.limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether `rec` passes the filters (not the cursor or the limit);
     /// backends that cannot filter in their query language use this.
     pub fn matches(&self, rec: &JobRecord) -> bool {

@@ -190,11 +190,14 @@ fn bytes_in(
     Ok(t.get(key)?.map(|v| v.value().to_vec()))
 }
 
+/// A key and its value, read out of a transaction.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// The keys and values starting with `prefix`, in key order.
 fn prefixed(
     t: &impl ReadableTable<&'static [u8], &'static [u8]>,
     prefix: &[u8],
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Fail> {
+) -> Result<Vec<KeyValue>, Fail> {
     let range = match prefix_end(prefix) {
         Some(end) => t.range(prefix..end.as_slice())?,
         None => t.range(prefix..)?,
@@ -592,9 +595,6 @@ impl JobStore for RedbStore {
 
     fn list_jobs(&self, q: &JobQuery) -> Result<Vec<JobRecord>, StoreError> {
         use std::ops::Bound::{Excluded, Unbounded};
-        if q.limit == 0 {
-            return Ok(Vec::new());
-        }
         self.read(|tx| {
             let t = tx.open_table(JOBS)?;
             let after = q.after.as_deref().map(str::as_bytes);
@@ -609,26 +609,10 @@ impl JobStore for RedbStore {
                 Order::NewestFirst => Box::new(range.rev()),
                 Order::OldestFirst => Box::new(range),
             };
-            // No secondary indexes: the scan decodes jobs newest (or
-            // oldest) first and stops at the limit, and, oldest first, at
-            // the first job created after `created_before_ms`.
-            let mut out = Vec::new();
-            for kv in iter {
-                let (k, v) = kv?;
-                let rec: JobRecord = decode(k.value(), v.value())?;
-                if q.order == Order::OldestFirst
-                    && q.created_before_ms.is_some_and(|t| rec.created_at_ms >= t)
-                {
-                    break;
-                }
-                if q.matches(&rec) {
-                    out.push(rec);
-                    if out.len() >= q.limit {
-                        break;
-                    }
-                }
-            }
-            Ok(out)
+            Ok(q.take_from(iter.map(|kv| {
+                let (k, v) = kv.map_err(|e| self.fail(Fail::Db(e.into())))?;
+                decode(k.value(), v.value())
+            }))?)
         })
     }
 

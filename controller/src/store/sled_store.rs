@@ -460,10 +460,6 @@ impl JobStore for SledStore {
 
     fn list_jobs(&self, q: &JobQuery) -> Result<Vec<JobRecord>, StoreError> {
         use std::ops::Bound::{Excluded, Unbounded};
-        let mut out = Vec::new();
-        if q.limit == 0 {
-            return Ok(out);
-        }
         let t = self.trees()?;
         let after = q.after.as_deref().map(str::as_bytes);
         let iter: KvIter = match (q.order, after) {
@@ -474,25 +470,10 @@ impl JobStore for SledStore {
                 Box::new(t.jobs.range::<&[u8], _>((Excluded(a), Unbounded)))
             }
         };
-        // No secondary indexes: the scan decodes jobs newest (or oldest)
-        // first and stops at the limit, and, oldest first, at the first job
-        // created after `created_before_ms` (ids order jobs by creation).
-        for kv in iter {
+        q.take_from(iter.map(|kv| {
             let (k, v) = kv.map_err(|e| self.fail(e))?;
-            let rec: JobRecord = decode(&k, &v)?;
-            if q.order == Order::OldestFirst
-                && q.created_before_ms.is_some_and(|t| rec.created_at_ms >= t)
-            {
-                break;
-            }
-            if q.matches(&rec) {
-                out.push(rec);
-                if out.len() >= q.limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
+            decode(&k, &v)
+        }))
     }
 
     fn delete_job(&self, id: &str) -> Result<u64, StoreError> {

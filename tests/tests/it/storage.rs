@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fleetcmd_controller::store::{DEFAULT_CACHE_BYTES, Embedded, JobStore};
+use fleetcmd_controller::store::{DEFAULT_CACHE_BYTES, Embedded};
 use fleetcmd_tests::crash::{job_key, record};
 
 const WRITER: &str = env!("CARGO_BIN_EXE_store-writer");
