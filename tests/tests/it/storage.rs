@@ -263,6 +263,40 @@ async fn full_disk_fails_closed_and_recovers_when_space_returns() {
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
+/// One controller on redb (`store = "redb"`) stores agents' results
+/// through the batching ingester: a job to every agent succeeds with each
+/// agent's output, the state is in `db.redb` (no sled directory), and it
+/// is all there again after a restart of the controller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_on_redb_runs_jobs_and_keeps_their_results_across_a_restart() {
+    let mut fleet = fleetcmd_tests::start_fleet_with(3, |o| o.embedded = Embedded::Redb).await;
+    let job = fleet
+        .run("echo", &[("text", "on redb")], "all")
+        .await
+        .expect("job");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
+    assert_eq!(job.targets.len(), 3, "{job:?}");
+    for t in &job.targets {
+        assert!(fleetcmd_tests::stdout(t).contains("on redb"), "{t:?}");
+    }
+    let data = fleet.dir.join("controller");
+    assert!(
+        Embedded::Redb.path(&data).is_file(),
+        "db.redb in the data dir"
+    );
+    assert!(!Embedded::Sled.path(&data).exists(), "no sled directory");
+    fleet
+        .restart_controller(Duration::ZERO)
+        .await
+        .expect("restart");
+    let again = fleet.controller.shared().get_job(&job.job_id).expect("job");
+    assert_eq!(again.job_state(), JobState::Succeeded, "{again:?}");
+    for t in &again.targets {
+        assert!(fleetcmd_tests::stdout(t).contains("on redb"), "{t:?}");
+    }
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_database_stops_the_controller_with_a_restore_hint() {
     let fleet = fleetcmd_tests::start_fleet(1).await;
