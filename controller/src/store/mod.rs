@@ -29,6 +29,7 @@ mod local_leases;
 pub mod postgres;
 mod records;
 mod redb_store;
+mod reopening;
 mod sled_store;
 
 use fleetcmd_core::audit::{Record, SignedHead};

@@ -12,8 +12,8 @@
 //! that never wait for the writer.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use fleetcmd_core::audit::{Record, SignedHead};
 use fleetcmd_core::state::TargetState;
@@ -29,6 +29,7 @@ use super::layout::{
 };
 use super::local_leases::LocalLeases;
 use super::records::{decode, decode_target, encode, encode_target};
+use super::reopening::Reopening;
 use super::{
     AgentRecord, AgentStore, AuditDim, AuditIndexEntry, AuditStore, HealthRecord, HealthStore,
     HealthTransition, JobClash, JobQuery, JobRecord, JobStore, Order, PolicyRecord, PolicyStore,
@@ -123,8 +124,7 @@ from_redb!(
 pub struct RedbStore {
     path: PathBuf,
     cache_bytes: u64,
-    inner: RwLock<Option<Arc<Database>>>,
-    closed: AtomicBool,
+    db: Reopening<Database>,
     /// The grants of this open (one process holds the file).
     leases: LocalLeases,
     /// Write transactions committed by this open, and how many of them the
@@ -225,8 +225,7 @@ impl RedbStore {
         Ok(RedbStore {
             path: path.to_owned(),
             cache_bytes,
-            inner: RwLock::new(Some(Arc::new(db))),
-            closed: AtomicBool::new(false),
+            db: Reopening::new(db),
             leases: LocalLeases::default(),
             written: AtomicU64::new(0),
             durable: Mutex::new(0),
@@ -240,25 +239,8 @@ impl RedbStore {
 
     /// The open database, reopening it if an I/O error poisoned the last one.
     fn db(&self) -> Result<Arc<Database>, StoreError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(StoreError::Backend("the store is closed".into()));
-        }
-        if let Some(d) = self
-            .inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            return Ok(d.clone());
-        }
-        let mut w = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(d) = w.as_ref() {
-            return Ok(d.clone());
-        }
-        let d = Arc::new(open_db(&self.path, self.cache_bytes)?);
-        tracing::warn!(path = %self.path.display(), "database reopened after an I/O error");
-        *w = Some(d.clone());
-        Ok(d)
+        self.db
+            .get(&self.path, || open_db(&self.path, self.cache_bytes))
     }
 
     /// Maps a failure; an I/O error drops the handle so the next call
@@ -271,7 +253,7 @@ impl RedbStore {
                     e,
                     redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed
                 ) {
-                    *self.inner.write().unwrap_or_else(|p| p.into_inner()) = None;
+                    self.db.drop_handle();
                 }
                 StoreError::Backend(e.to_string())
             }
@@ -427,8 +409,7 @@ impl Store for RedbStore {
     }
 
     fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.db.close();
     }
 }
 

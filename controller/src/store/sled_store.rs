@@ -13,6 +13,7 @@ use super::layout::{
 };
 use super::local_leases::LocalLeases;
 use super::records::{decode, decode_target, encode, encode_target};
+use super::reopening::Reopening;
 use super::{
     AgentRecord, AgentStore, AuditDim, AuditIndexEntry, AuditStore, HealthRecord, HealthStore,
     HealthTransition, JobClash, JobQuery, JobRecord, JobStore, Order, PolicyRecord, PolicyStore,
@@ -40,8 +41,7 @@ impl From<sled::Error> for StoreError {
 pub struct SledStore {
     path: std::path::PathBuf,
     cache_bytes: u64,
-    inner: std::sync::RwLock<Option<std::sync::Arc<SledTrees>>>,
-    closed: std::sync::atomic::AtomicBool,
+    inner: Reopening<SledTrees>,
     /// The grants of this open (one process holds the database).
     leases: LocalLeases,
 }
@@ -204,40 +204,22 @@ impl SledStore {
         Ok(SledStore {
             path: path.to_owned(),
             cache_bytes,
-            inner: std::sync::RwLock::new(Some(std::sync::Arc::new(trees))),
-            closed: std::sync::atomic::AtomicBool::new(false),
+            inner: Reopening::new(trees),
             leases: LocalLeases::default(),
         })
     }
 
     /// The open database, reopening it if an I/O error poisoned the last one.
     fn trees(&self) -> Result<std::sync::Arc<SledTrees>, StoreError> {
-        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(StoreError::Backend("the store is closed".into()));
-        }
-        if let Some(t) = self
-            .inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            return Ok(t.clone());
-        }
-        let mut w = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = w.as_ref() {
-            return Ok(t.clone());
-        }
-        let t = std::sync::Arc::new(open_trees(&self.path, self.cache_bytes)?);
-        tracing::warn!(path = %self.path.display(), "database reopened after an I/O error");
-        *w = Some(t.clone());
-        Ok(t)
+        self.inner
+            .get(&self.path, || open_trees(&self.path, self.cache_bytes))
     }
 
     /// Maps a sled error; an I/O error drops the poisoned handle so the next
     /// call reopens the database.
     fn fail(&self, e: sled::Error) -> StoreError {
         if matches!(e, sled::Error::Io(_)) {
-            *self.inner.write().unwrap_or_else(|p| p.into_inner()) = None;
+            self.inner.drop_handle();
         }
         StoreError::Backend(e.to_string())
     }
@@ -301,9 +283,7 @@ impl Store for SledStore {
     }
 
     fn close(&self) {
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Release);
-        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.inner.close();
     }
 }
 
