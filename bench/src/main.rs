@@ -23,7 +23,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use fleetcmd_controller::pki::{Ca, Role};
 use fleetcmd_controller::store::postgres::{PostgresOptions, PostgresStore};
-use fleetcmd_controller::store::{AgentRecord, AgentStore, SledStore, Store};
+use fleetcmd_controller::store::{AgentRecord, AgentStore, Embedded, SledStore, Store};
 use fleetcmd_core::crypto::SigningKey;
 use fleetcmd_core::ids::{Identity, JobId};
 use fleetcmd_core::job::{JobSpec, Rollout, SignedJob};
@@ -91,6 +91,10 @@ struct Args {
     /// a temporary directory, loopback, then `fsync = on`), not sled.
     #[arg(long)]
     postgres: bool,
+    /// The embedded store of the controller without --postgres: sled or
+    /// redb.
+    #[arg(long, default_value = "sled", value_parser = ["sled", "redb"])]
+    store: String,
 }
 
 fn now_secs() -> u64 {
@@ -553,6 +557,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "--controllers {k}: at least 1, and more than 1 needs --postgres (one shared database)"
         );
     }
+    let embedded = match args.store.as_str() {
+        "redb" if args.postgres => bail!("--store redb: not with --postgres"),
+        "redb" => Embedded::Redb,
+        _ => Embedded::Sled,
+    };
     let pg = if args.postgres {
         let t = Instant::now();
         let cluster = tokio::task::block_in_place(fleetcmd_pg_harness::PgCluster::start)
@@ -589,6 +598,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let data = data_of(0);
+    let db_path = embedded.path(&data);
     let hb = Duration::from_secs(args.heartbeat_secs.max(1));
     let phase_limit = Duration::from_secs(args.phase_timeout_secs);
     let mut out = serde_json::Map::new();
@@ -636,7 +646,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let pg = match &pg {
         None => {
-            let store = SledStore::open(&data.join("db"))?;
+            std::fs::create_dir_all(&data)?;
+            let store = embedded.open(&data, fleetcmd_controller::store::DEFAULT_CACHE_BYTES)?;
             for (i, id) in identities.iter().enumerate() {
                 store.put_agent(&record(i, id))?;
             }
@@ -668,7 +679,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             l.local_addr()?.port()
         };
         let store = match &pg {
-            None => String::new(),
+            None => format!("store = \"{}\"\n", embedded.name()),
             Some((cluster, db)) => format!(
                 "store = \"postgres\"\npostgres_url = \"{}\"\npostgres_password_file = \"{}\"\n",
                 db.url,
@@ -710,7 +721,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         issue_time.as_secs_f64(),
         register_time.as_secs_f64()
     );
-    let (db_before_apparent, db_before_alloc) = sys::du(&data.join("db"));
+    let (db_before_apparent, db_before_alloc) = sys::du(&db_path);
     let pg_before = match &pg {
         Some((cluster, db)) => pg_bytes(cluster, &db.name)?,
         None => 0,
@@ -1171,11 +1182,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "result_logical_bytes": result_logical, "ratio_to_logical": per_result / result_logical,
         }));
     } else {
-        let (db_apparent, db_alloc) = sys::du(&data.join("db"));
+        let (db_apparent, db_alloc) = sys::du(&db_path);
         let (audit_apparent, _) = sys::du(&data.join("audit"));
-        // What the database holds, tree by tree.
+        // What the database holds, tree by tree (sled's).
         let mut trees = serde_json::Map::new();
-        {
+        if embedded == Embedded::Sled {
             let store = tokio::task::spawn_blocking({
                 let p = data.join("db");
                 move || SledStore::open(&p)

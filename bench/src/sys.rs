@@ -68,6 +68,12 @@ pub fn fd_count(pid: &str) -> usize {
 /// (apparent bytes, allocated bytes) of every file under `dir`.
 pub fn du(dir: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
+    // One file (redb's database): its own sizes.
+    if let Ok(m) = std::fs::metadata(dir)
+        && m.is_file()
+    {
+        return (m.len(), m.blocks() * 512);
+    }
     let mut apparent = 0;
     let mut allocated = 0;
     let mut stack = vec![dir.to_owned()];

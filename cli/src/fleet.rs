@@ -121,6 +121,8 @@ pub struct FleetOptions {
     pub agent_metrics: bool,
     /// The controller's PostgreSQL store (`None`: the embedded one).
     pub postgres: Option<fleetcmd_controller::config::PostgresConfig>,
+    /// The embedded store without `postgres` (sled by default).
+    pub embedded: fleetcmd_controller::store::Embedded,
 }
 
 impl FleetOptions {
@@ -141,6 +143,7 @@ impl FleetOptions {
             controller_metrics: None,
             agent_metrics: false,
             postgres: None,
+            embedded: Default::default(),
         }
     }
 }
@@ -228,6 +231,7 @@ impl Fleet {
             job_store_max_bytes: opts.job_store_max_bytes,
             store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
             postgres: opts.postgres.clone(),
+            embedded: opts.embedded,
             services: opts.services.clone(),
             host_alerts: None,
             metrics_listen: opts.controller_metrics,

@@ -35,11 +35,13 @@ pub struct RawConfig {
     /// Audit records older than this are removed (a signed checkpoint keeps
     /// the rest verifiable); `0` keeps them forever.
     pub audit_retention: String,
-    /// Bytes of the database's own page cache (sled's default is 1 GiB;
-    /// recently written and read pages are also in the OS page cache).
+    /// Bytes of the embedded database's own page cache (sled's or redb's;
+    /// sled's own default is 1 GiB; recently written and read pages are
+    /// also in the OS page cache).
     pub store_cache_bytes: u64,
     /// Where the controller keeps its state: `sled` (embedded, in
-    /// `data_dir/db`; the default) or `postgres` (`postgres_url`).
+    /// `data_dir/db`; the default), `redb` (embedded, in
+    /// `data_dir/db.redb`) or `postgres` (`postgres_url`).
     pub store: String,
     /// With `store = "postgres"`: `postgres://USER@HOST:PORT/DATABASE`
     /// (libpq's URL or key=value form; `sslmode=require` to insist on TLS).
@@ -107,6 +109,8 @@ pub struct ControllerConfig {
     pub store_cache_bytes: u64,
     /// `Some`: the PostgreSQL store instead of the embedded one.
     pub postgres: Option<PostgresConfig>,
+    /// The embedded store, when `postgres` is `None`.
+    pub embedded: crate::store::Embedded,
     pub services: Vec<crate::health::ServiceConfig>,
     pub host_alerts: Option<crate::health::config::HostAlertsConfig>,
     /// `None`: no `/metrics` listener.
@@ -145,7 +149,11 @@ impl PostgresConfig {
 }
 
 /// The store settings' problems, each with its key.
-fn validate_store(raw: &RawConfig, problems: &mut Vec<String>) -> Option<PostgresConfig> {
+fn validate_store(
+    raw: &RawConfig,
+    problems: &mut Vec<String>,
+) -> (crate::store::Embedded, Option<PostgresConfig>) {
+    use crate::store::Embedded;
     let file = |key: &str, v: &str, problems: &mut Vec<String>| -> Option<PathBuf> {
         if v.is_empty() {
             return None;
@@ -155,8 +163,13 @@ fn validate_store(raw: &RawConfig, problems: &mut Vec<String>) -> Option<Postgre
         }
         Some(PathBuf::from(v))
     };
-    match raw.store.as_str() {
-        "sled" => {
+    let embedded = match raw.store.as_str() {
+        "sled" => Embedded::Sled,
+        "redb" => Embedded::Redb,
+        _ => Embedded::default(),
+    };
+    let pg = match raw.store.as_str() {
+        "sled" | "redb" => {
             for (key, v) in [
                 ("postgres_url", &raw.postgres_url),
                 ("postgres_password_file", &raw.postgres_password_file),
@@ -196,11 +209,12 @@ fn validate_store(raw: &RawConfig, problems: &mut Vec<String>) -> Option<Postgre
         }
         other => {
             problems.push(format!(
-                "store: must be \"sled\" or \"postgres\", got {other:?}"
+                "store: must be \"sled\", \"redb\" or \"postgres\", got {other:?}"
             ));
             None
         }
-    }
+    };
+    (embedded, pg)
 }
 
 /// Every problem found in a configuration file.
@@ -326,7 +340,7 @@ impl RawConfig {
                 })
                 .ok(),
         };
-        let postgres = validate_store(self, &mut problems);
+        let (embedded, postgres) = validate_store(self, &mut problems);
         let mut names = std::collections::BTreeSet::new();
         let mut audit_export = Vec::new();
         for (i, e) in self.audit_export.iter().enumerate() {
@@ -364,6 +378,7 @@ impl RawConfig {
                 audit_retention,
                 store_cache_bytes: self.store_cache_bytes,
                 postgres,
+                embedded,
                 services,
                 host_alerts,
                 metrics_listen,
@@ -421,7 +436,7 @@ mod tests {
             ("", ""),
             (
                 "store = \"mysql\"",
-                "store: must be \"sled\" or \"postgres\", got \"mysql\"",
+                "store: must be \"sled\", \"redb\" or \"postgres\", got \"mysql\"",
             ),
             (
                 "store = \"postgres\"",
@@ -441,6 +456,11 @@ mod tests {
             ),
             (
                 "postgres_url = \"postgres://fc@db/fleet\"",
+                "postgres_url: only with store = \"postgres\"",
+            ),
+            ("store = \"redb\"", ""),
+            (
+                "store = \"redb\"\npostgres_url = \"postgres://fc@db/fleet\"",
                 "postgres_url: only with store = \"postgres\"",
             ),
             (
@@ -468,6 +488,17 @@ mod tests {
                 assert!(store_problems[0].contains(want), "{settings}: {text}");
             }
             assert!(!text.contains("s3cret"), "no password echoed: {text}");
+        }
+        for (settings, want) in [
+            ("", crate::store::Embedded::Sled),
+            ("store = \"sled\"", crate::store::Embedded::Sled),
+            ("store = \"redb\"", crate::store::Embedded::Redb),
+        ] {
+            let raw: RawConfig = toml::from_str(settings).expect("toml");
+            let mut problems = Vec::new();
+            let (embedded, pg) = validate_store(&raw, &mut problems);
+            assert_eq!((embedded, pg.is_none()), (want, true), "{settings}");
+            assert!(problems.is_empty(), "{settings}: {problems:?}");
         }
     }
 

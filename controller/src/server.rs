@@ -18,8 +18,8 @@ use crate::lease::{Leases, Singleton};
 use crate::pki::{Ca, Role};
 use crate::service::Svc;
 use crate::state::Shared;
+use crate::store::Store;
 use crate::store::postgres::PostgresStore;
-use crate::store::{SledStore, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -190,15 +190,11 @@ pub async fn start(config: ControllerConfig) -> Result<RunningController, StartE
     let ca = Ca::load_or_create(&config.data_dir.join("pki"))?;
     let store: Arc<dyn Store> = match &config.postgres {
         None => {
-            let db_path = config.data_dir.join("db");
+            let (embedded, data_dir) = (config.embedded, config.data_dir.clone());
             let cache_bytes = config.store_cache_bytes;
-            Arc::new(
-                tokio::task::spawn_blocking(move || {
-                    SledStore::open_with_cache(&db_path, cache_bytes)
-                })
+            tokio::task::spawn_blocking(move || embedded.open(&data_dir, cache_bytes))
                 .await
-                .map_err(|e| crate::error::ApiError::Internal(e.to_string()))??,
-            )
+                .map_err(|e| crate::error::ApiError::Internal(e.to_string()))??
         }
         Some(pg) => {
             let opts = pg.options().map_err(StartError::Config)?;
@@ -751,7 +747,7 @@ async fn scrape(
         store: if shared.config.postgres.is_some() {
             "postgres"
         } else {
-            "sled"
+            shared.config.embedded.name()
         },
         leases: me
             .leases

@@ -656,6 +656,7 @@ async fn results_reach_the_controller_in_heartbeats_and_a_slow_check_does_not_de
         audit_retention: None,
         store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
         postgres: None,
+        embedded: Default::default(),
         services: Vec::new(),
         host_alerts: None,
         metrics_listen: None,

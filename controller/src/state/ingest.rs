@@ -10,9 +10,10 @@
 //! stored are the next batch, so the round trips are paid once per batch.
 //! Agent streams queue their result (`Ingest`) and wait for its answer
 //! before acknowledging it, as they waited for their own transaction
-//! before. One controller on the embedded store writes each result itself
+//! before. One controller on sled writes each result itself
 //! (`update_target`): its writes are in memory and one flush makes many
-//! durable (`Shared::flush`).
+//! durable (`Shared::flush`); a store whose every write is a transaction
+//! (redb: `Store::batches_results`) gets batches with one controller too.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -67,8 +68,8 @@ pub struct Ingest {
 impl Shared {
     /// Stores `rec` (an agent's result) and its audit `event` with the
     /// other results queued meanwhile, when the ingester runs (`ingester`;
-    /// several controllers), else on its own (`update_target`). Returns
-    /// whether it was stored.
+    /// several controllers, or a store that batches results), else on its
+    /// own (`update_target`). Returns whether it was stored.
     pub(super) async fn store_result(
         &self,
         job: &str,
@@ -81,7 +82,8 @@ impl Shared {
         } else {
             (rec, event)
         };
-        if !self.bus.is_shared() || !self.ingesting.load(Ordering::Acquire) {
+        let batched = self.bus.is_shared() || self.store.batches_results();
+        if !batched || !self.ingesting.load(Ordering::Acquire) {
             return self.update_target(job, agent, rec, Some(event));
         }
         let (reply, answer) = oneshot::channel();

@@ -1147,7 +1147,7 @@ pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::SledStore;
+    use crate::store::{RedbStore, SledStore};
 
     #[test]
     fn the_sled_backend_passes_the_conformance_suite() {
@@ -1155,6 +1155,17 @@ mod tests {
         super::run_all(&mut || {
             let dir = tempfile::tempdir().expect("tempdir");
             let store = SledStore::open(dir.path()).expect("open");
+            dirs.push(dir);
+            Box::new(store)
+        });
+    }
+
+    #[test]
+    fn the_redb_backend_passes_the_conformance_suite() {
+        let mut dirs = Vec::new();
+        super::run_all(&mut || {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = RedbStore::open(&dir.path().join("db.redb")).expect("open");
             dirs.push(dir);
             Box::new(store)
         });

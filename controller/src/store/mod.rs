@@ -6,8 +6,10 @@
 //! the leases under which one controller runs each singleton
 //! ([`LeaseStore`]) and the claims that let several gateways on one chat
 //! act once ([`ClaimStore`]).
-//! sled is the embedded default (`sled_store`); every backend passes the
-//! same `conformance` suite.
+//! sled is the embedded default (`sled_store`), redb the other embedded
+//! choice (`redb_store`; the two share their byte `layout` and their
+//! in-memory `local_leases`); every backend passes the same `conformance`
+//! suite.
 //!
 //! Architecture invariant: no part hands out a backend's handle (a tree, a
 //! connection); queries (jobs by requester and state, newest first; ids by
@@ -21,18 +23,25 @@
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+mod embedded;
+mod layout;
+mod local_leases;
 pub mod postgres;
 mod records;
+mod redb_store;
+mod reopening;
 mod sled_store;
 
 use fleetcmd_core::audit::{Record, SignedHead};
 use fleetcmd_core::state::JobState;
 
+pub use embedded::Embedded;
 pub use records::{
     AgentRecord, HealthRecord, HealthTransition, JobRecord, PolicyRecord, TargetRecord,
     TokenRecord, TokenRefusal,
 };
-pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
+pub use redb_store::{REDB_FILE, RedbStore};
+pub use sled_store::{DEFAULT_CACHE_BYTES, SLED_DIR, SledStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -153,6 +162,14 @@ pub trait Store:
         }
         Ok(Ok(()))
     }
+    /// Whether agents' results should be stored in batches
+    /// (`put_targets_audited`, one call per batch) even with one controller:
+    /// where each call costs a transaction, so one per batch is cheaper
+    /// than a target write and an audit append per result. `false` (the
+    /// default): one controller writes each result itself.
+    fn batches_results(&self) -> bool {
+        false
+    }
     /// Releases the database (its files, locks or connections); later
     /// calls fail.
     fn close(&self);
@@ -199,6 +216,38 @@ impl JobQuery {
             limit,
             ..JobQuery::default()
         }
+    }
+
+    /// The answer from a scan of jobs in this query's order and after its
+    /// cursor (a backend without secondary indexes: the embedded ones):
+    /// the jobs that pass the filters, up to the limit; oldest first, the
+    /// scan stops at the first job created at or after
+    /// `created_before_ms` (ids order jobs by creation).
+    pub fn take_from(
+        &self,
+        scan: impl Iterator<Item = Result<JobRecord, StoreError>>,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let mut out = Vec::new();
+        if self.limit == 0 {
+            return Ok(out);
+        }
+        for rec in scan {
+            let rec = rec?;
+            if self.order == Order::OldestFirst
+                && self
+                    .created_before_ms
+                    .is_some_and(|t| rec.created_at_ms >= t)
+            {
+                break;
+            }
+            if self.matches(&rec) {
+                out.push(rec);
+                if out.len() >= self.limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Whether `rec` passes the filters (not the cursor or the limit);

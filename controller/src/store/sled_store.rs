@@ -1,15 +1,19 @@
-//! The embedded backend: one sled database, one tree per kind of record.
-//! Keys are ordered for range scans: jobs by id (UUIDv7, so by time),
-//! targets by `job/agent`, audit records by big-endian seq, audit index
-//! entries by `dim value 0x00 time seq`; `job_short` maps each job's short
-//! id to its full id.
+//! The embedded backend: one sled database, one tree per kind of record,
+//! keys and values as `layout` lays them out; `job_short` maps each job's
+//! short id to its full id.
 
 use std::path::Path;
 
 use fleetcmd_core::audit::{Record, SignedHead};
 use serde::de::DeserializeOwned;
 
+use super::layout::{
+    decode_head, decode_record, encode_head, history_key, history_prefix, index_key, index_range,
+    seq_key, seq_of, short_of, state_key, target_key, targets_prefix, time_of,
+};
+use super::local_leases::LocalLeases;
 use super::records::{decode, decode_target, encode, encode_target};
+use super::reopening::Reopening;
 use super::{
     AgentRecord, AgentStore, AuditDim, AuditIndexEntry, AuditStore, HealthRecord, HealthStore,
     HealthTransition, JobClash, JobQuery, JobRecord, JobStore, Order, PolicyRecord, PolicyStore,
@@ -37,14 +41,9 @@ impl From<sled::Error> for StoreError {
 pub struct SledStore {
     path: std::path::PathBuf,
     cache_bytes: u64,
-    inner: std::sync::RwLock<Option<std::sync::Arc<SledTrees>>>,
-    closed: std::sync::atomic::AtomicBool,
-    /// The grants of this open, by lease name: one process holds the
-    /// database, so a grant lives in memory and ends with the process (a
-    /// controller restarted after kill -9 leads at once, not after the dead
-    /// one's TTL); only each lease's term is stored. Checks and their
-    /// writes take turns under this lock.
-    leases: std::sync::Mutex<std::collections::HashMap<String, leases::Grant>>,
+    inner: Reopening<SledTrees>,
+    /// The grants of this open (one process holds the database).
+    leases: LocalLeases,
 }
 
 struct SledTrees {
@@ -88,14 +87,6 @@ enum AuditTip {
 /// `meta` key set once `job_short` holds every stored job's short id.
 const SHORT_INDEX_BUILT: &[u8] = b"job_short_index_v1";
 
-/// The short id of a stored job id; `None` for a key that is not a job id.
-fn short_of(id: &[u8]) -> Option<String> {
-    let id = std::str::from_utf8(id).ok()?;
-    fleetcmd_core::ids::JobId::parse(id)
-        .ok()
-        .map(|j| j.short().to_string())
-}
-
 /// Indexes the jobs of a store written before `job_short` existed, once.
 /// Two old jobs could share a short id (nothing refused it then): the
 /// older keeps it, and the newer is still found by its full id or a prefix.
@@ -138,6 +129,9 @@ impl std::fmt::Debug for SledStore {
 /// default is 1 GiB, which a controller with a few hundred thousand results
 /// fills, and the OS page cache holds the same pages again anyway.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The directory the sled store keeps in the data dir.
+pub const SLED_DIR: &str = "db";
 
 /// How long `open` waits for the database's file lock.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -210,40 +204,22 @@ impl SledStore {
         Ok(SledStore {
             path: path.to_owned(),
             cache_bytes,
-            inner: std::sync::RwLock::new(Some(std::sync::Arc::new(trees))),
-            closed: std::sync::atomic::AtomicBool::new(false),
-            leases: std::sync::Mutex::default(),
+            inner: Reopening::new(trees),
+            leases: LocalLeases::default(),
         })
     }
 
     /// The open database, reopening it if an I/O error poisoned the last one.
     fn trees(&self) -> Result<std::sync::Arc<SledTrees>, StoreError> {
-        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(StoreError::Backend("the store is closed".into()));
-        }
-        if let Some(t) = self
-            .inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            return Ok(t.clone());
-        }
-        let mut w = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = w.as_ref() {
-            return Ok(t.clone());
-        }
-        let t = std::sync::Arc::new(open_trees(&self.path, self.cache_bytes)?);
-        tracing::warn!(path = %self.path.display(), "database reopened after an I/O error");
-        *w = Some(t.clone());
-        Ok(t)
+        self.inner
+            .get(&self.path, || open_trees(&self.path, self.cache_bytes))
     }
 
     /// Maps a sled error; an I/O error drops the poisoned handle so the next
     /// call reopens the database.
     fn fail(&self, e: sled::Error) -> StoreError {
         if matches!(e, sled::Error::Io(_)) {
-            *self.inner.write().unwrap_or_else(|p| p.into_inner()) = None;
+            self.inner.drop_handle();
         }
         StoreError::Backend(e.to_string())
     }
@@ -298,71 +274,6 @@ fn tx_outcome<T, E>(
     }
 }
 
-fn target_key(job: &str, agent: &str) -> Vec<u8> {
-    format!("{job}/{agent}").into_bytes()
-}
-
-fn seq_key(seq: u64) -> [u8; 8] {
-    seq.to_be_bytes()
-}
-
-/// The seq of an audit record or head key, or the last 8 bytes of an
-/// index key.
-fn seq_of(k: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    let n = k.len().min(8);
-    b[8 - n..].copy_from_slice(&k[k.len() - n..]);
-    u64::from_be_bytes(b)
-}
-
-/// The time of an index key (the 8 bytes before its seq).
-fn time_of(k: &[u8]) -> u64 {
-    if k.len() < 16 {
-        return 0;
-    }
-    seq_of(&k[..k.len() - 8])
-}
-
-fn dim_byte(dim: AuditDim) -> u8 {
-    match dim {
-        AuditDim::Actor => b'a',
-        AuditDim::Host => b'h',
-        AuditDim::Command => b'c',
-        AuditDim::Job => b'j',
-        AuditDim::Kind => b'k',
-    }
-}
-
-fn index_prefix(dim: AuditDim, value: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(value.len() + 2);
-    k.push(dim_byte(dim));
-    k.extend(value.bytes().filter(|b| *b != 0));
-    k.push(0);
-    k
-}
-
-fn index_key(e: &AuditIndexEntry) -> Vec<u8> {
-    let mut k = index_prefix(e.dim, &e.value);
-    k.extend_from_slice(&e.time_ms.to_be_bytes());
-    k.extend_from_slice(&e.seq.to_be_bytes());
-    k
-}
-
-fn decode_record(k: &[u8], v: &[u8]) -> Result<Record, StoreError> {
-    crate::audit::codec::decode(v).map_err(|reason| StoreError::Corrupt {
-        key: format!("audit/{}", seq_of(k)),
-        reason,
-    })
-}
-
-fn state_key(name: &str) -> Vec<u8> {
-    format!("state/{name}").into_bytes()
-}
-
-fn history_prefix(name: &str) -> Vec<u8> {
-    format!("hist/{name}/").into_bytes()
-}
-
 type KvIter = Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>>;
 
 impl Store for SledStore {
@@ -372,9 +283,7 @@ impl Store for SledStore {
     }
 
     fn close(&self) {
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Release);
-        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.inner.close();
     }
 }
 
@@ -531,10 +440,6 @@ impl JobStore for SledStore {
 
     fn list_jobs(&self, q: &JobQuery) -> Result<Vec<JobRecord>, StoreError> {
         use std::ops::Bound::{Excluded, Unbounded};
-        let mut out = Vec::new();
-        if q.limit == 0 {
-            return Ok(out);
-        }
         let t = self.trees()?;
         let after = q.after.as_deref().map(str::as_bytes);
         let iter: KvIter = match (q.order, after) {
@@ -545,31 +450,16 @@ impl JobStore for SledStore {
                 Box::new(t.jobs.range::<&[u8], _>((Excluded(a), Unbounded)))
             }
         };
-        // No secondary indexes: the scan decodes jobs newest (or oldest)
-        // first and stops at the limit, and, oldest first, at the first job
-        // created after `created_before_ms` (ids order jobs by creation).
-        for kv in iter {
+        q.take_from(iter.map(|kv| {
             let (k, v) = kv.map_err(|e| self.fail(e))?;
-            let rec: JobRecord = decode(&k, &v)?;
-            if q.order == Order::OldestFirst
-                && q.created_before_ms.is_some_and(|t| rec.created_at_ms >= t)
-            {
-                break;
-            }
-            if q.matches(&rec) {
-                out.push(rec);
-                if out.len() >= q.limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
+            decode(&k, &v)
+        }))
     }
 
     fn delete_job(&self, id: &str) -> Result<u64, StoreError> {
         use sled::Transactional;
         let t = self.trees()?;
-        let prefix = format!("{id}/");
+        let prefix = targets_prefix(id);
         let keys: Vec<sled::IVec> = t
             .targets
             .scan_prefix(prefix.as_bytes())
@@ -684,7 +574,7 @@ impl JobStore for SledStore {
     }
 
     fn targets(&self, job: &str) -> Result<Vec<(String, TargetRecord)>, StoreError> {
-        let prefix = format!("{job}/");
+        let prefix = targets_prefix(job);
         self.trees()?
             .targets
             .scan_prefix(prefix.as_bytes())
@@ -817,15 +707,9 @@ impl AuditStore for SledStore {
         before: (u64, u64),
         limit: usize,
     ) -> Result<Vec<(u64, u64)>, StoreError> {
-        let prefix = index_prefix(dim, value);
-        let mut lo = prefix.clone();
-        lo.extend_from_slice(&since_ms.to_be_bytes());
-        let mut hi = prefix;
-        hi.extend_from_slice(&before.0.to_be_bytes());
-        hi.extend_from_slice(&before.1.to_be_bytes());
-        if lo >= hi {
+        let Some((lo, hi)) = index_range(dim, value, since_ms, before) else {
             return Ok(Vec::new());
-        }
+        };
         self.trees()?
             .audit_index
             .range(lo..hi)
@@ -865,8 +749,11 @@ impl AuditStore for SledStore {
     }
 
     fn audit_put_head(&self, head: &SignedHead) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(head).expect("signed heads serialize to JSON");
-        self.insert(&self.trees()?.audit_heads, &seq_key(head.seq), json)
+        self.insert(
+            &self.trees()?.audit_heads,
+            &seq_key(head.seq),
+            encode_head(head),
+        )
     }
 
     fn audit_heads_from(&self, from: u64) -> Result<Vec<SignedHead>, StoreError> {
@@ -875,10 +762,7 @@ impl AuditStore for SledStore {
             .range(seq_key(from)..)
             .map(|kv| {
                 let (k, v) = kv.map_err(|e| self.fail(e))?;
-                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                    key: format!("audit_heads/{}", seq_of(&k)),
-                    reason: e.to_string(),
-                })
+                decode_head(&k, &v)
             })
             .collect()
     }
@@ -929,9 +813,7 @@ impl HealthStore for SledStore {
         keep: usize,
     ) -> Result<(), StoreError> {
         let t = self.trees()?;
-        let mut key = history_prefix(name);
-        key.extend_from_slice(format!("{:020}", tr.at_ms).as_bytes());
-        self.insert(&t.health, &key, encode(tr))?;
+        self.insert(&t.health, &history_key(name, tr.at_ms), encode(tr))?;
         let keys: Vec<sled::IVec> = t
             .health
             .scan_prefix(history_prefix(name))

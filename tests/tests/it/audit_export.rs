@@ -25,6 +25,7 @@ fn config(data: &Path, exports: Vec<ExportConfig>) -> ControllerConfig {
         audit_retention: None,
         store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
         postgres: None,
+        embedded: Default::default(),
         services: Vec::new(),
         host_alerts: None,
         metrics_listen: None,

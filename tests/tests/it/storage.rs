@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fleetcmd_controller::store::{JobStore, SledStore};
+use fleetcmd_controller::store::{DEFAULT_CACHE_BYTES, Embedded};
 use fleetcmd_tests::crash::{job_key, record};
 
 const WRITER: &str = env!("CARGO_BIN_EXE_store-writer");
@@ -24,6 +24,19 @@ fn pseudo_random(seed: &mut u64) -> u64 {
 /// cycle count for the long run recorded in BENCHMARKS.md.
 #[test]
 fn every_acknowledged_result_survives_kill_9_loops() {
+    crash_loop(Embedded::Sled, 90);
+}
+
+/// The same crash loop against the redb store (its commits without an
+/// fsync, made durable by `flush`'s), shorter by default.
+#[test]
+fn every_acknowledged_result_survives_kill_9_loops_on_redb() {
+    crash_loop(Embedded::Redb, 45);
+}
+
+/// Up to `FLEETCMD_CRASH_CYCLES` kills (200) within `FLEETCMD_CRASH_SECS`
+/// (`default_secs`) of the writer on `backend`.
+fn crash_loop(backend: Embedded, default_secs: u64) {
     let cycles: u64 = std::env::var("FLEETCMD_CRASH_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -32,10 +45,9 @@ fn every_acknowledged_result_survives_kill_9_loops() {
         std::env::var("FLEETCMD_CRASH_SECS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(90),
+            .unwrap_or(default_secs),
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("db");
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
     let mut acked: Option<u64> = None;
     let mut checked_upto = 0u64;
@@ -44,8 +56,9 @@ fn every_acknowledged_result_survives_kill_9_loops() {
     while kills < cycles && start.elapsed() < budget {
         let first = acked.map_or(0, |a| a + 1);
         let mut child = Command::new(WRITER)
-            .arg(&db)
+            .arg(dir.path())
             .arg(first.to_string())
+            .arg(backend.name())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -80,19 +93,22 @@ fn every_acknowledged_result_survives_kill_9_loops() {
         );
         kills += 1;
         // Reopen and check everything acknowledged so far.
-        let store = match SledStore::open(&db) {
+        let store = match backend.open(dir.path(), DEFAULT_CACHE_BYTES) {
             Ok(s) => s,
             Err(e) => {
                 // Kept for a post-mortem (sled's crash recovery failed once
                 // in ~1 000 runs of this test): its files and their sizes
                 // go into the failure, the directory stays on disk.
-                let again = SledStore::open(&db).err().map(|e| e.to_string());
+                let again = backend
+                    .open(dir.path(), DEFAULT_CACHE_BYTES)
+                    .err()
+                    .map(|e| e.to_string());
                 let kept = dir.keep();
                 panic!(
                     "database does not reopen after kill {kills}: {e} (a second open: {}); kept in {}: {}",
                     again.as_deref().unwrap_or("succeeded"),
                     kept.display(),
-                    listing(&kept.join("db"))
+                    listing(&kept)
                 );
             }
         };
@@ -118,7 +134,8 @@ fn every_acknowledged_result_survives_kill_9_loops() {
         drop(store);
     }
     eprintln!(
-        "crash loop: {kills} kills in {:.1}s, {} records acknowledged, {total_checked} record checks",
+        "crash loop ({}): {kills} kills in {:.1}s, {} records acknowledged, {total_checked} record checks",
+        backend.name(),
         start.elapsed().as_secs_f64(),
         acked.map_or(0, |a| a + 1)
     );
@@ -246,6 +263,40 @@ async fn full_disk_fails_closed_and_recovers_when_space_returns() {
     fleet.fleet.shutdown().await.expect("shutdown");
 }
 
+/// One controller on redb (`store = "redb"`) stores agents' results
+/// through the batching ingester: a job to every agent succeeds with each
+/// agent's output, the state is in `db.redb` (no sled directory), and it
+/// is all there again after a restart of the controller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_on_redb_runs_jobs_and_keeps_their_results_across_a_restart() {
+    let mut fleet = fleetcmd_tests::start_fleet_with(3, |o| o.embedded = Embedded::Redb).await;
+    let job = fleet
+        .run("echo", &[("text", "on redb")], "all")
+        .await
+        .expect("job");
+    assert_eq!(job.job_state(), JobState::Succeeded, "{job:?}");
+    assert_eq!(job.targets.len(), 3, "{job:?}");
+    for t in &job.targets {
+        assert!(fleetcmd_tests::stdout(t).contains("on redb"), "{t:?}");
+    }
+    let data = fleet.dir.join("controller");
+    assert!(
+        Embedded::Redb.path(&data).is_file(),
+        "db.redb in the data dir"
+    );
+    assert!(!Embedded::Sled.path(&data).exists(), "no sled directory");
+    fleet
+        .restart_controller(Duration::ZERO)
+        .await
+        .expect("restart");
+    let again = fleet.controller.shared().get_job(&job.job_id).expect("job");
+    assert_eq!(again.job_state(), JobState::Succeeded, "{again:?}");
+    for t in &again.targets {
+        assert!(fleetcmd_tests::stdout(t).contains("on redb"), "{t:?}");
+    }
+    fleet.fleet.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_database_stops_the_controller_with_a_restore_hint() {
     let fleet = fleetcmd_tests::start_fleet(1).await;
@@ -271,6 +322,7 @@ async fn a_corrupt_database_stops_the_controller_with_a_restore_hint() {
         job_store_max_bytes: 1 << 30,
         store_cache_bytes: fleetcmd_controller::store::DEFAULT_CACHE_BYTES,
         postgres: None,
+        embedded: Default::default(),
         services: Vec::new(),
         host_alerts: None,
         metrics_listen: None,

@@ -3,23 +3,12 @@
 //! compare-and-swap, so of concurrent claims one wins and the others see
 //! its write.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use super::super::layout::{claim_expiry, claim_value, ms, now_ms};
 use super::super::{ClaimStore, StoreError};
 use super::SledStore;
 use crate::claims::ClaimKey;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// The expiry stored in `v`; a value of another length counts as expired.
-fn expiry(v: &[u8]) -> u64 {
-    v.try_into().map(u64::from_be_bytes).unwrap_or(0)
-}
 
 impl ClaimStore for SledStore {
     fn claim(&self, key: &ClaimKey, ttl: Duration) -> Result<bool, StoreError> {
@@ -28,12 +17,10 @@ impl ClaimStore for SledStore {
         loop {
             let now = now_ms();
             let old = tree.get(k).map_err(|e| self.fail(e))?;
-            if old.as_deref().is_some_and(|v| expiry(v) > now) {
+            if old.as_deref().is_some_and(|v| claim_expiry(v) > now) {
                 return Ok(false);
             }
-            let until = now
-                .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
-                .to_be_bytes();
+            let until = claim_value(now.saturating_add(ms(ttl)));
             match tree
                 .compare_and_swap(k, old.as_deref(), Some(&until[..]))
                 .map_err(|e| self.fail(e))?
@@ -54,7 +41,7 @@ impl ClaimStore for SledStore {
             let (k, v) = kv.map_err(|e| self.fail(e))?;
             // Only the expired value: a claim that took the key over
             // meanwhile stays.
-            if expiry(&v) <= now
+            if claim_expiry(&v) <= now
                 && tree
                     .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)
                     .map_err(|e| self.fail(e))?
