@@ -93,6 +93,8 @@ struct Snapshot {
     settling: bool,
     /// The agents of every entry written within `LISTED`.
     agents: HashSet<String>,
+    /// The agents of the entries written within `FRESH`.
+    fresh: HashSet<String>,
 }
 
 /// One tick's reading of the store.
@@ -118,19 +120,22 @@ impl PresenceView {
                 .all(|s| !s.settling && !s.agents.contains(agent))
     }
 
-    /// Whether `agent` is in no other controller's fresh entry, as of a
-    /// reading within `FRESH`; `false` when that is not known. What
+    /// Whether `agent` was in no fresh entry for the last `GRACE` of
+    /// whole, fresh snapshots; `false` when that is not known. What
     /// counts for a revoked agent: every running controller refuses it and
     /// ends its stream, so only a stopped or dead controller can list it,
-    /// and that one's list does not keep it somewhere (found by an outside
-    /// test: a revoked agent's targets waited out `LISTED`, or their
-    /// deadline, after its controller was killed).
+    /// and that one's list does not keep it somewhere for `LISTED` (found
+    /// by an outside test: a revoked agent's targets waited out `LISTED`,
+    /// or their deadline, after its controller was killed). The grace
+    /// keeps a controller that is only slow to write (a loaded machine)
+    /// from losing its agents' targets to this rule.
     pub fn in_no_fresh_entry(&self, agent: &str) -> bool {
         let v = lock(&self.0);
-        v.history
-            .back()
-            .is_some_and(|s| s.read_at.elapsed() < FRESH)
-            && !v.elsewhere.contains(agent)
+        v.whole_since.is_some_and(|since| since.elapsed() >= GRACE)
+            && v.history
+                .back()
+                .is_some_and(|s| s.read_at.elapsed() < FRESH)
+            && v.history.iter().all(|s| !s.fresh.contains(agent))
     }
 
     /// Shows each agent of `agents` that is not online here but connected
@@ -264,6 +269,11 @@ impl PresenceView {
             read_at: now,
             settling: read.fresh.iter().any(|e| e.settling),
             agents: read.listed.into_iter().flat_map(|e| e.agents).collect(),
+            fresh: read
+                .fresh
+                .iter()
+                .flat_map(|e| e.agents.iter().cloned())
+                .collect(),
         });
         while v
             .history
@@ -500,18 +510,29 @@ mod tests {
     fn only_fresh_entries_keep_an_agent_in_a_fresh_entry() {
         let view = PresenceView::default();
         assert!(!view.in_no_fresh_entry("web-1"), "nothing read yet");
-        // B stopped writing 30 s ago: listed, not fresh.
-        view.set(Read {
+        // B stopped writing a while ago: listed, not fresh.
+        let stale_b = || Read {
             me: "a".into(),
             fresh: vec![entry("c", false, &["web-2"])],
             listed: vec![entry("b", false, &["web-1"]), entry("c", false, &["web-2"])],
             live: Vec::new(),
-        });
+        };
+        view.set(stale_b());
+        assert!(!view.in_no_fresh_entry("web-1"), "not for a grace yet");
+        let mut passed = Duration::ZERO;
+        while passed < GRACE {
+            age(&view, INTERVAL);
+            view.set(stale_b());
+            passed += INTERVAL;
+        }
         assert!(view.in_no_fresh_entry("web-1"));
         assert!(!view.in_no_fresh_entry("web-2"));
         assert!(!view.nowhere("web-1"), "still listed for the offline rule");
+        // B writes once more: in a fresh entry again within the grace.
+        view.set(read(vec![entry("b", false, &["web-1"])]));
+        assert!(!view.in_no_fresh_entry("web-1"));
         age(&view, FRESH);
-        assert!(!view.in_no_fresh_entry("web-1"), "the reading is stale");
+        assert!(!view.in_no_fresh_entry("web-3"), "the reading is stale");
     }
 
     #[test]
