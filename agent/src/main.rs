@@ -32,7 +32,7 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fleetcmd-agent: starting the runtime: {e}");
@@ -256,6 +256,19 @@ async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// The agent's runtime: one worker thread, whatever the host's core count
+/// (a job's process and its output are waited on, never computed; a
+/// default runtime starts a worker per core, and each thread costs the
+/// agent stack and allocator memory: 64 of them on a 64-core host).
+/// Blocking work (files, `sysinfo`) runs on tokio's blocking pool as
+/// before.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
 }
 
 #[cfg(test)]

@@ -127,7 +127,7 @@ fn actor_is_own_host(e: &Event) -> bool {
 /// The index entries of a record. `all` adds the actor entry that
 /// `actor_is_own_host` leaves out (earlier versions wrote it; retention
 /// removes it too).
-fn index_entries(r: &Record, all: bool) -> Vec<AuditIndexEntry> {
+pub(crate) fn index_entries(r: &Record, all: bool) -> Vec<AuditIndexEntry> {
     let e = &r.event;
     let entry = |dim, value: &str| AuditIndexEntry {
         dim,
@@ -326,50 +326,45 @@ impl Audit {
         // host, and results for a dispatch chunk's 256.
         let index_apart = self.store.audit_index_after_append();
         let mut chain = lock(&self.chain);
-        // The event moves into each try's record and back out of it on a
-        // conflict: no copy per append (1 % of the controller's samples
-        // during durable ingest).
-        let mut event = event;
-        for attempt in 1..=APPEND_TRIES {
-            let mut next = chain.clone();
-            let rec = next.append(now_ms, event);
-            let index = index_entries(&rec, false);
-            let with_record: &[AuditIndexEntry] = if index_apart { &[] } else { &index };
-            match self.store.audit_append(&rec, with_record) {
-                Ok(()) => {
-                    *chain = next;
-                    drop(chain);
-                    if index_apart {
-                        self.store.audit_put_index(&index)?;
-                    }
-                    return Ok(rec.seq);
+        let mut next = chain.clone();
+        let rec = next.append(now_ms, event);
+        let index = index_entries(&rec, false);
+        let with_record: &[AuditIndexEntry] = if index_apart { &[] } else { &index };
+        match self.store.audit_append(&rec, with_record) {
+            Ok(()) => {
+                *chain = next;
+                drop(chain);
+                if index_apart {
+                    self.store.audit_put_index(&index)?;
                 }
-                // The stored tip is not ours: another controller appended
-                // (several writers on one database), or a record we
-                // appended was lost with a write that failed before it was
-                // durable (never acknowledged: a full disk, the database
-                // reopened) — found by the full-disk test, whose chain
-                // stayed one ahead of the store and refused every record
-                // after the disk freed. The chain goes on from the stored
-                // tip: its hash is computed again over the record stored
-                // there, so two writers never fork it.
-                Err(StoreError::Conflict { .. }) if attempt < APPEND_TRIES => {
-                    event = rec.event;
-                    let stored = self.store.audit_last()?;
-                    tracing::debug!(
-                        ours = chain.seq,
-                        stored = stored.as_ref().map_or(0, |r| r.seq),
-                        "audit chain resumed from the stored tip"
-                    );
-                    *chain = match &stored {
-                        Some(last) => Chain::after(last),
-                        None => Chain::genesis(),
-                    };
-                }
-                Err(e) => return Err(e),
+                Ok(rec.seq)
             }
+            // The stored tip is not ours: another controller appended
+            // (several writers on one database), or a record we appended
+            // was lost with a write that failed before it was durable
+            // (never acknowledged: a full disk, the database reopened) —
+            // found by the full-disk test, whose chain stayed one ahead of
+            // the store and refused every record after the disk freed. The
+            // chain goes on from the stored tip: the record is made again
+            // after it, under the store's append lock, so two writers
+            // never fork the chain and this one cannot lose again (a
+            // writer that only reread the tip and tried again lost to one
+            // that never needs to, 64 times in a row, in CI). The event
+            // moves into the record and back out of it: no copy per
+            // append.
+            Err(StoreError::Conflict { .. }) => {
+                let ours = chain.seq;
+                let rec = self.store.audit_append_at_tip(now_ms, rec.event)?;
+                tracing::debug!(
+                    ours,
+                    stored = rec.seq,
+                    "audit chain resumed from the stored tip"
+                );
+                *chain = Chain::after(&rec);
+                Ok(rec.seq)
+            }
+            Err(e) => Err(e),
         }
-        unreachable!("the last try returns")
     }
 
     /// Logs the events and appends them, in order, through `write`, which

@@ -468,6 +468,13 @@ pub fn the_audit_log_is_one_contiguous_chain(store: &dyn Store) {
     let r7 = chain.append(1070, event(7));
     store.audit_append(&r7, &entries(&r7)).expect("append");
     assert_eq!(store.audit_last().expect("last").map(|r| r.seq), Some(7));
+    // A writer that lost a race appends at the stored tip, wherever its
+    // own chain was (here: still at 6): the record follows the tip.
+    let at_tip = store
+        .audit_append_at_tip(2100, event(8))
+        .expect("at the tip");
+    assert_eq!(at_tip, Chain::after(&r7).append(2100, event(8)));
+    assert_eq!(store.audit_last().expect("last"), Some(at_tip));
 }
 
 /// Alerting state per name, and each name's transitions newest first,

@@ -383,6 +383,27 @@ pub trait AuditStore {
     /// `StoreError::Conflict` and nothing is written: the stored sequence
     /// numbers are contiguous and one chain.
     fn audit_append(&self, rec: &Record, index: &[AuditIndexEntry]) -> Result<(), StoreError>;
+    /// Appends `event` after the stored tip, whatever it is, as one step
+    /// under the store's append lock: the record (`Chain::after` the tip,
+    /// at `now_ms`) is made once the tip can no longer move, so it cannot
+    /// lose a race. What a writer that lost one to another writer does
+    /// (found in CI: with two controllers appending at once, one lost 64
+    /// races in a row — the other never rereads its tip — and failed a
+    /// request). Returns the stored record. This default reads, makes and
+    /// appends: for a store with one writer.
+    fn audit_append_at_tip(
+        &self,
+        now_ms: u64,
+        event: fleetcmd_core::audit::Event,
+    ) -> Result<Record, StoreError> {
+        let mut chain = match self.audit_last()? {
+            Some(last) => fleetcmd_core::audit::Chain::after(&last),
+            None => fleetcmd_core::audit::Chain::genesis(),
+        };
+        let rec = chain.append(now_ms, event);
+        self.audit_append(&rec, &crate::audit::index_entries(&rec, false))?;
+        Ok(rec)
+    }
     /// Writes index entries again (idempotent): after a crash an entry may
     /// have missed the flush that made its record durable.
     fn audit_put_index(&self, index: &[AuditIndexEntry]) -> Result<(), StoreError>;

@@ -939,6 +939,40 @@ impl AuditStore for PostgresStore {
         })
     }
 
+    fn audit_append_at_tip(
+        &self,
+        now_ms: u64,
+        event: fleetcmd_core::audit::Event,
+    ) -> Result<Record, StoreError> {
+        self.bridge.call(move |conn| async move {
+            let mut client = conn.session().await?;
+            let err = |e: tokio_postgres::Error| conn.error(&e);
+            let tx = client.transaction().await.map_err(err)?;
+            // The lock first: the tip read under it is the tip appended to.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
+                .await
+                .map_err(err)?;
+            let tip = tx
+                .query_opt(
+                    "SELECT record FROM audit_log ORDER BY seq DESC LIMIT 1",
+                    &[],
+                )
+                .await
+                .map_err(err)?
+                .map(|row| row.get::<_, Json<Record>>(0).0);
+            let mut chain = match &tip {
+                Some(last) => fleetcmd_core::audit::Chain::after(last),
+                None => fleetcmd_core::audit::Chain::genesis(),
+            };
+            let rec = chain.append(now_ms, event);
+            let records = [(int(rec.seq, "audit seq")?, rec.clone())];
+            let cols = index_columns(&crate::audit::index_entries(&rec, false))?;
+            append_audit_in(&tx, &conn, &records, &cols).await?;
+            tx.commit().await.map_err(err)?;
+            Ok(rec)
+        })
+    }
+
     fn audit_put_index(&self, index: &[AuditIndexEntry]) -> Result<(), StoreError> {
         let (dims, values, times, seqs) = index_columns(index)?;
         self.execute(INSERT_INDEX, params![dims, values, times, seqs])

@@ -569,7 +569,7 @@ async fn two_controllers_appending_at_once_keep_one_audit_chain() {
         }
     }
     while let Some(r) = tasks.join_next().await {
-        r.expect("writer");
+        r.unwrap_or_else(|e| panic!("writer: {e}\n{}", fleet.logs()));
     }
     let count: u64 = fleet
         .sql("SELECT count(*) FROM audit_log WHERE record->'event'->>'kind' = 'token_created'")
