@@ -154,9 +154,12 @@ pub async fn run(args: DevArgs) -> Result<u8, Failure> {
         None,
     ));
     gw.add(adapter);
+    let children = std::sync::Arc::new(tokio::sync::Mutex::new(children));
+    let reaper = tokio::spawn(crate::dev_cluster::report_exits(children.clone()));
     let result = gw.run(None).await;
+    reaper.abort();
     fleet.shutdown().await?;
-    crate::dev_cluster::stop(children).await;
+    crate::dev_cluster::stop(std::mem::take(&mut *children.lock().await)).await;
     drop(db);
     result?;
     Ok(0)

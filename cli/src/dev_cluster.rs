@@ -345,6 +345,27 @@ pub fn controllers_file(first_url: &str, first_metrics: &str, children: &[Child]
     out
 }
 
+/// Reaps and reports a child that ends while the dev fleet runs (killed
+/// by a person or a test to watch a failover), every 2 s until the task
+/// is dropped: without it the child stayed a zombie until `fleetcmd dev`
+/// ended (found by an outside test). Said on stderr, beside the console.
+pub async fn report_exits(children: std::sync::Arc<tokio::sync::Mutex<Vec<Child>>>) {
+    let mut told = std::collections::HashSet::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for c in children.lock().await.iter_mut() {
+            if let Ok(Some(status)) = c.process.try_wait()
+                && told.insert(c.pid)
+            {
+                eprintln!(
+                    "fleetcmd dev: controller {} (pid {}) exited ({status}); its agents move to the others",
+                    c.url, c.pid
+                );
+            }
+        }
+    }
+}
+
 /// Stops the children: SIGTERM, then SIGKILL after 10 s. One already dead
 /// (killed by a person or a test) is only reaped.
 pub async fn stop(children: Vec<Child>) {

@@ -301,6 +301,17 @@ async fn dev_with_three_controllers_on_postgres_survives_a_kill_9_of_one() {
             .contains(&"dev-1".to_owned())
     );
     assert_ran(&run_on(&ctls[0].url, &op, &key, "dev-1").await, "dev-1");
+    // `fleetcmd dev` reaps the killed controller and says so on stderr (it
+    // stayed a zombie until dev ended: found by an outside test).
+    let reaped = tokio::time::timeout(Duration::from_secs(10), async {
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(reaped.is_ok(), "controller {pid} not reaped\n{}", dump());
+    let said = std::fs::read_to_string(tmp.path().join("dev.log")).unwrap_or_default();
+    assert!(said.contains(&format!("(pid {pid}) exited")), "{said}");
 
     // End of input ends the dev fleet, with the controllers it started.
     drop(dev.stdin.take());
