@@ -265,6 +265,48 @@ impl Leases {
         l
     }
 
+    /// The fence of singleton `s` now: the held one, or — when its keeper
+    /// has not been granted it yet (a controller stopped right after it
+    /// started) — one acquisition tried at once. `None` when another
+    /// controller holds it or the store fails.
+    pub async fn fence_now(&self, s: Singleton) -> Option<Fence> {
+        let leadership = self.of(s);
+        if let Some(fence) = leadership.fence() {
+            return Some(fence);
+        }
+        let sent = Instant::now();
+        let (store, holder, timing) = (self.store.clone(), self.holder.clone(), self.timing);
+        let name = s.lease_name();
+        let granted =
+            tokio::task::spawn_blocking(move || store.lease_acquire(name, &holder, timing.ttl))
+                .await;
+        let term = match granted {
+            Ok(Ok(Some(lease))) => lease.term,
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => {
+                tracing::warn!(lease = name, error = %e, "acquiring the lease");
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(lease = name, error = %e, "lease task");
+                return None;
+            }
+        };
+        // The same holder acquiring again keeps the term, so this agrees
+        // with whatever the keeper is doing at the same moment; the keeper
+        // renews it from here and releases it at `stop`.
+        let fence = Fence {
+            lease: name.to_owned(),
+            holder: self.holder.clone(),
+            term,
+        };
+        leadership.set(Some(Held {
+            fence: fence.clone(),
+            until: sent + self.timing.lead_for(),
+        }));
+        Some(fence)
+    }
+
     pub fn of(&self, s: Singleton) -> &Leadership {
         &self
             .by_singleton

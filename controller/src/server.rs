@@ -581,9 +581,10 @@ impl RunningController {
             }
         }
         // The last signed head covers everything recorded up to shutdown
-        // (by the holder of the audit-heads lease; then every lease is
-        // released, so another controller takes over at once).
-        if let Some(fence) = self.leases.of(Singleton::AuditHeads).fence()
+        // (by the holder of the audit-heads lease — taken now if nobody
+        // holds it yet, as after a stop right after start; then every lease
+        // is released, so another controller takes over at once).
+        if let Some(fence) = self.leases.fence_now(Singleton::AuditHeads).await
             && let Err(e) = self.shared.audit.sign_head_fenced(&fence)
         {
             tracing::error!(error = %e, "signing the audit chain head at shutdown");

@@ -245,3 +245,53 @@ async fn a_holder_cut_off_from_the_database_steps_down_and_its_old_term_is_refus
     let heads = store_a.audit_heads_from(0).expect("heads");
     assert!(heads.is_empty(), "no stale write was stored: {heads:?}");
 }
+
+/// A controller stopped before its keeper's next round (one started a
+/// moment ago) still signs the audit head at shutdown: `fence_now` takes a
+/// lease nobody holds at once, never one another controller holds, and
+/// `stop` releases what it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fence_now_takes_a_free_lease_at_once_and_never_a_held_one() {
+    let (cluster, db, _) = tokio::task::spawn_blocking(database)
+        .await
+        .expect("database");
+    let store_a = open_async(cluster, db.url.clone()).await;
+    let store_b = open_async(cluster, db.url.clone()).await;
+    let mut a = Leases::start(store_a.clone(), "ctl-a".into(), TIMING);
+    until(SLACK, "the first controller leads every singleton", || {
+        leads_all(&a)
+    })
+    .await;
+    // B's keepers try once at start, then only every 20 s.
+    let slow = LeaseTiming {
+        ttl: Duration::from_secs(60),
+    };
+    let mut b = Leases::start(store_b.clone(), "ctl-b".into(), slow);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(leads_none(&b), "a leads everything");
+    assert_eq!(b.fence_now(Singleton::AuditHeads).await, None);
+    let held = a.fence_now(Singleton::AuditHeads).await.expect("a leads");
+    assert_eq!(Some(&held), a.of(Singleton::AuditHeads).fence().as_ref());
+
+    a.stop().await;
+    let fence = tokio::time::timeout(Duration::from_secs(5), b.fence_now(Singleton::AuditHeads))
+        .await
+        .expect("at once, not at the keeper's next round")
+        .expect("a free lease is taken");
+    assert!(fence.term > held.term, "{fence:?} after {held:?}");
+    assert!(
+        store_b
+            .audit_put_head_fenced(&fence, &head(1))
+            .expect("put head"),
+        "the fence taken is the current grant"
+    );
+    assert_eq!(b.of(Singleton::AuditHeads).fence(), Some(fence));
+    b.stop().await;
+    assert_eq!(
+        store_a
+            .lease_holder(Singleton::AuditHeads.lease_name())
+            .expect("holder"),
+        None,
+        "released at stop"
+    );
+}
