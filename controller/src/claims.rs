@@ -92,6 +92,10 @@ pub fn parse_ttl(secs: u32) -> Result<Duration, ClaimError> {
 /// What every gateway lease is stored under, apart from the controller's
 /// own singleton leases.
 pub const GATEWAY_LEASE_PREFIX: &str = "gateway/";
+/// A gateway lease that ended this long ago is removed by retention
+/// (`LeaseStore::prune_leases`): its holder is long gone, and a gateway
+/// certificate could otherwise grow the table by naming leases.
+pub const GATEWAY_LEASE_KEPT: Duration = Duration::from_secs(3600);
 /// Longest holder id, in bytes (a host name, a pid and a random part).
 pub const MAX_HOLDER_BYTES: usize = 128;
 /// Shortest gateway lease: renewed every third of it, so shorter would

@@ -44,7 +44,9 @@ pub mod submission;
 pub mod watch;
 pub use registry::Registry;
 
-use crate::store::{AgentRecord, JobRecord, PolicyRecord, Store, TargetRecord, TokenRecord};
+use crate::store::{
+    AgentRecord, JobRecord, PolicyRecord, Store, StoreError, TargetRecord, TokenRecord,
+};
 
 /// Outbound messages queued for one agent's stream. Bounded: when an agent
 /// does not drain its stream, dispatch to it fails fast (the target is marked
@@ -930,7 +932,7 @@ impl Shared {
     }
 
     /// Retention (`retention::delete_old`), then one flush for all it
-    /// deleted, then expired claims pruned. Returns how many jobs were
+    /// deleted, then expired claims and long-ended gateway leases pruned. Returns how many jobs were
     /// deleted.
     pub async fn enforce_retention(&self) -> ApiResult<usize> {
         let deleted = retention::delete_old(
@@ -944,15 +946,33 @@ impl Shared {
             tracing::info!(deleted, "retention: old jobs deleted");
         }
         // Expired gateway claims (`claims.rs`): nobody can lose to them any
-        // more. A failure here costs space, never a job.
-        let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.prune_claims()).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::debug!(pruned = n, "retention: expired claims removed"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "retention: pruning expired claims"),
-            Err(e) => tracing::warn!(error = %e, "retention: claim pruning task"),
-        }
+        // more; gateway chat leases that ended an hour ago, likewise.
+        self.prune_quietly("expired claims", |s| s.prune_claims())
+            .await;
+        self.prune_quietly("ended gateway leases", |s| {
+            s.prune_leases(
+                crate::claims::GATEWAY_LEASE_PREFIX,
+                crate::claims::GATEWAY_LEASE_KEPT,
+            )
+        })
+        .await;
         Ok(deleted)
+    }
+
+    /// One of retention's pruning steps, off the runtime. A failure here
+    /// costs space, never a job: it is logged, not returned.
+    async fn prune_quietly(
+        &self,
+        what: &'static str,
+        step: impl FnOnce(&dyn Store) -> Result<u64, StoreError> + Send + 'static,
+    ) {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || step(store.as_ref())).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(pruned = n, "retention: {what} removed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention: pruning {what}"),
+            Err(e) => tracing::warn!(error = %e, "retention: pruning {what} (task)"),
+        }
     }
 
     /// Forwards a chunk of live output from `agent` to the job's watchers,

@@ -87,6 +87,21 @@ struct View {
     listed: Option<u64>,
 }
 
+impl View {
+    /// Whether `holds` for every snapshot of the last `GRACE`, when the
+    /// snapshots have been whole for that long and the newest is fresh;
+    /// `false` when that is not known.
+    fn throughout_grace(&self, holds: impl Fn(&Snapshot) -> bool) -> bool {
+        self.whole_since
+            .is_some_and(|since| since.elapsed() >= GRACE)
+            && self
+                .history
+                .back()
+                .is_some_and(|s| s.read_at.elapsed() < FRESH)
+            && self.history.iter().all(holds)
+    }
+}
+
 struct Snapshot {
     read_at: Instant,
     /// Some controller with a fresh entry was settling.
@@ -110,14 +125,7 @@ impl PresenceView {
     /// `GRACE` of whole, fresh snapshots tells; `false` when that is not
     /// known.
     pub fn nowhere(&self, agent: &str) -> bool {
-        let v = lock(&self.0);
-        v.whole_since.is_some_and(|since| since.elapsed() >= GRACE)
-            && v.history
-                .back()
-                .is_some_and(|s| s.read_at.elapsed() < FRESH)
-            && v.history
-                .iter()
-                .all(|s| !s.settling && !s.agents.contains(agent))
+        lock(&self.0).throughout_grace(|s| !s.settling && !s.agents.contains(agent))
     }
 
     /// Whether `agent` was in no fresh entry for the last `GRACE` of
@@ -130,12 +138,7 @@ impl PresenceView {
     /// keeps a controller that is only slow to write (a loaded machine)
     /// from losing its agents' targets to this rule.
     pub fn in_no_fresh_entry(&self, agent: &str) -> bool {
-        let v = lock(&self.0);
-        v.whole_since.is_some_and(|since| since.elapsed() >= GRACE)
-            && v.history
-                .back()
-                .is_some_and(|s| s.read_at.elapsed() < FRESH)
-            && v.history.iter().all(|s| !s.fresh.contains(agent))
+        lock(&self.0).throughout_grace(|s| !s.fresh.contains(agent))
     }
 
     /// Shows each agent of `agents` that is not online here but connected

@@ -9,7 +9,7 @@ use fleetcmd_core::state::{JobState, Stop, TargetState};
 
 use super::{
     AgentLive, AgentRecord, AuditDim, AuditIndexEntry, ExportCursor, Fence, HealthRecord,
-    HealthTransition, JobClash, JobQuery, JobRecord, Order, PolicyRecord, Presence, Store,
+    HealthTransition, JobClash, JobQuery, JobRecord, Lease, Order, PolicyRecord, Presence, Store,
     StoreError, TargetRecord, TargetWrite, TokenRecord, TokenRefusal,
 };
 use crate::revocation::CertRevocation;
@@ -609,6 +609,68 @@ pub fn a_lease_has_one_holder_and_terms_grow(store: &dyn Store) {
     assert_eq!(a3.term, 3);
 }
 
+/// Leases under a prefix that ended long enough ago are pruned, term and
+/// all; running ones, recently ended ones and other names are kept; an
+/// old holder cannot touch the next grant of a pruned name.
+pub fn ended_leases_under_a_prefix_are_pruned(store: &dyn Store) {
+    let grant = |name: &str, holder: &str, ttl| {
+        store
+            .lease_acquire(name, holder, ttl)
+            .expect("acquire")
+            .expect("granted")
+    };
+    // `gateway/old` twice, so its term is 2 before it is pruned.
+    grant("gateway/old", "gw-a:1", SHORT_TTL);
+    std::thread::sleep(SHORT_TTL * 2);
+    assert_eq!(grant("gateway/old", "gw-a:2", SHORT_TTL).term, 2);
+    grant("gateway/50%_off", "gw-b:1", SHORT_TTL);
+    grant("gateway/running", "gw-b:1", LEASE_TTL);
+    grant("gatewayx", "gw-b:1", SHORT_TTL);
+    grant("sweeper", "ctl-a", SHORT_TTL);
+    std::thread::sleep(SHORT_TTL * 2);
+    assert_eq!(
+        store.prune_leases("gateway/", LEASE_TTL).expect("prune"),
+        0,
+        "nothing ended that long ago"
+    );
+    std::thread::sleep(SHORT_TTL);
+    assert_eq!(
+        store
+            .prune_leases("gateway/", SHORT_TTL / 2)
+            .expect("prune"),
+        2,
+        "the two ended gateway leases, not the running one nor other names"
+    );
+    assert_eq!(
+        store.lease_holder("gateway/running").expect("holder"),
+        Some(Lease {
+            holder: "gw-b:1".into(),
+            term: 1
+        })
+    );
+    assert_eq!(
+        grant("sweeper", "ctl-b", LEASE_TTL).term,
+        2,
+        "another name keeps its term"
+    );
+    assert_eq!(grant("gatewayx", "gw-c:1", LEASE_TTL).term, 2);
+    let fresh = grant("gateway/old", "gw-c:1", LEASE_TTL);
+    assert_eq!(fresh.term, 1, "a pruned name starts again");
+    assert!(
+        !store
+            .lease_renew("gateway/old", "gw-a:1", 1, LEASE_TTL)
+            .expect("renew")
+            && !store
+                .lease_release("gateway/old", "gw-a:1", 1)
+                .expect("release"),
+        "an old holder cannot renew or release the new grant"
+    );
+    assert_eq!(
+        store.lease_holder("gateway/old").expect("holder"),
+        Some(fresh)
+    );
+}
+
 /// A holder whose lease expired cannot renew it, even before anyone took
 /// it over, and not once it was (its old term is refused); its fenced
 /// writes are refused, the new holder's go through.
@@ -1149,6 +1211,7 @@ pub fn run_all(fresh: &mut dyn FnMut() -> Box<dyn Store>) {
     revocations_are_kept(fresh().as_ref());
     a_lease_has_one_holder_and_terms_grow(fresh().as_ref());
     a_stale_holder_is_refused(fresh().as_ref());
+    ended_leases_under_a_prefix_are_pruned(fresh().as_ref());
     a_claim_has_one_winner_until_it_expires(fresh().as_ref());
 }
 

@@ -10,7 +10,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use fleetcmd_core::audit::Record;
 
-use super::{AgentLive, AuditDim, AuditIndexEntry, ExportCursor, Presence, StoreError};
+use super::{
+    AgentLive, AuditDim, AuditIndexEntry, ExportCursor, Presence, StoreError, TokenRecord,
+    TokenRefusal,
+};
 
 /// The wall clock in Unix milliseconds: the embedded stores' clock for
 /// leases, claims and presence (one process holds the file).
@@ -31,6 +34,29 @@ pub(crate) fn short_of(id: &[u8]) -> Option<String> {
     fleetcmd_core::ids::JobId::parse(id)
         .ok()
         .map(|j| j.short().to_string())
+}
+
+/// The embedded stores' rule for using a join token: `rec` as stored,
+/// and what to store back (one use fewer), or why it is refused. Hashes
+/// are compared, not secrets: timing reveals nothing an attacker can
+/// steer, since they cannot choose SHA-256 outputs.
+pub(crate) fn use_token(
+    rec: &TokenRecord,
+    secret_hash: &str,
+    now: u64,
+) -> Result<TokenRecord, TokenRefusal> {
+    if rec.secret_hash != secret_hash {
+        return Err(TokenRefusal::Unknown);
+    }
+    if now > rec.expires_at {
+        return Err(TokenRefusal::Expired);
+    }
+    if rec.uses_left == 0 {
+        return Err(TokenRefusal::Used);
+    }
+    let mut next = rec.clone();
+    next.uses_left -= 1;
+    Ok(next)
 }
 
 pub(crate) fn target_key(job: &str, agent: &str) -> Vec<u8> {

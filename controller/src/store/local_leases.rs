@@ -37,6 +37,13 @@ pub(crate) fn encode_term(term: u64) -> Vec<u8> {
     serde_json::to_vec(&Stored { term }).expect("a lease serializes to JSON")
 }
 
+/// The lease name of a `meta` key made by [`term_key`].
+pub(crate) fn name_of_term_key(key: &[u8]) -> Option<String> {
+    std::str::from_utf8(key.strip_prefix(b"lease/")?)
+        .ok()
+        .map(str::to_owned)
+}
+
 /// The term in a stored value. Records of an earlier version held holder
 /// and expiry too: only the term is read.
 pub(crate) fn decode_term(name: &str, v: &[u8]) -> Result<u64, StoreError> {
@@ -132,6 +139,30 @@ impl LocalLeases {
                 holder: l.holder.clone(),
                 term: l.term,
             })
+    }
+
+    /// `LeaseStore::prune_leases` over the stored lease names `names`
+    /// (those with the prefix): removes with `remove` each one whose grant
+    /// ended `ended_for` ago or that this open never granted, and its
+    /// grant, holding the grants meanwhile (no acquisition in between).
+    pub(crate) fn prune(
+        &self,
+        names: Vec<String>,
+        ended_for: Duration,
+        mut remove: impl FnMut(&str) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let mut grants = self.lock();
+        let before = now_ms().saturating_sub(ms(ended_for));
+        let mut pruned = 0;
+        for name in names {
+            if grants.get(&name).is_some_and(|g| g.expires_ms > before) {
+                continue;
+            }
+            remove(&name)?;
+            grants.remove(&name);
+            pruned += 1;
+        }
+        Ok(pruned)
     }
 
     /// Runs `write` only while `fence` is the current, unexpired grant,

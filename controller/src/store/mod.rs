@@ -533,6 +533,17 @@ pub trait LeaseStore {
     fn lease_release(&self, name: &str, holder: &str, term: u64) -> Result<bool, StoreError>;
     /// The unexpired lease on `name`, if any.
     fn lease_holder(&self, name: &str) -> Result<Option<Lease>, StoreError>;
+    /// Removes the leases named `prefix…` that ended more than
+    /// `ended_for` ago, term and all (an embedded store: those this open
+    /// has not granted within `ended_for`), so the next grant of such a
+    /// name starts at term 1; returns how many. Only for leases whose
+    /// holder names are unique per process (gateway chat leases,
+    /// `CERTNAME:HOLDER` with a random holder) and whose terms fence no
+    /// stored write: an old holder can then neither renew nor release the
+    /// new grant, whatever its term. What keeps the rows a gateway
+    /// certificate can make by naming leases from growing forever.
+    fn prune_leases(&self, prefix: &str, ended_for: std::time::Duration)
+    -> Result<u64, StoreError>;
     /// Stores a signed audit head only while `fence` is the current,
     /// unexpired grant of its lease, checked in the same statement as the
     /// write; `false`: refused (a stale leader), nothing was written.

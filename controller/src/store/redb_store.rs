@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use super::layout::{
     decode_head, decode_record, encode_head, history_key, history_prefix, index_key, index_range,
     prefix_end, seq_key, seq_of, short_of, state_key, target_key, targets_prefix, time_of,
+    use_token,
 };
 use super::local_leases::LocalLeases;
 use super::records::{decode, decode_target, encode, encode_target};
@@ -447,19 +448,10 @@ impl TokenStore for RedbStore {
             let Some(rec) = get_in::<TokenRecord>(&t, id.as_bytes())? else {
                 return Ok(Err(TokenRefusal::Unknown));
             };
-            // Comparing hashes, not secrets: timing reveals nothing an
-            // attacker can steer, since they cannot choose SHA-256 outputs.
-            if rec.secret_hash != secret_hash {
-                return Ok(Err(TokenRefusal::Unknown));
-            }
-            if now > rec.expires_at {
-                return Ok(Err(TokenRefusal::Expired));
-            }
-            if rec.uses_left == 0 {
-                return Ok(Err(TokenRefusal::Used));
-            }
-            let mut next = rec.clone();
-            next.uses_left -= 1;
+            let next = match use_token(&rec, secret_hash, now) {
+                Ok(next) => next,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
             t.insert(id.as_bytes(), encode(&next).as_slice())?;
             Ok(Ok(rec))
         })

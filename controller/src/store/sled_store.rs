@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::layout::{
     decode_head, decode_record, encode_head, history_key, history_prefix, index_key, index_range,
-    seq_key, seq_of, short_of, state_key, target_key, targets_prefix, time_of,
+    seq_key, seq_of, short_of, state_key, target_key, targets_prefix, time_of, use_token,
 };
 use super::local_leases::LocalLeases;
 use super::records::{decode, decode_target, encode, encode_target};
@@ -304,19 +304,10 @@ impl TokenStore for SledStore {
                 return Ok(Err(TokenRefusal::Unknown));
             };
             let rec: TokenRecord = decode(id.as_bytes(), &old)?;
-            // Comparing hashes, not secrets: timing reveals nothing an
-            // attacker can steer, since they cannot choose SHA-256 outputs.
-            if rec.secret_hash != secret_hash {
-                return Ok(Err(TokenRefusal::Unknown));
-            }
-            if now > rec.expires_at {
-                return Ok(Err(TokenRefusal::Expired));
-            }
-            if rec.uses_left == 0 {
-                return Ok(Err(TokenRefusal::Used));
-            }
-            let mut next = rec.clone();
-            next.uses_left -= 1;
+            let next = match use_token(&rec, secret_hash, now) {
+                Ok(next) => next,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
             match t
                 .tokens
                 .compare_and_swap(id.as_bytes(), Some(old), Some(encode(&next)))

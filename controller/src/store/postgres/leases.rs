@@ -90,6 +90,16 @@ impl LeaseStore for PostgresStore {
             .transpose()
     }
 
+    fn prune_leases(&self, prefix: &str, ended_for: Duration) -> Result<u64, StoreError> {
+        // `left(...) = $1`, not LIKE: a name may hold `%` or `_`.
+        self.execute(
+            "DELETE FROM leases
+             WHERE left(name, char_length($1)) = $1
+               AND expires_at <= now() - $2::bigint * interval '1 millisecond'",
+            params![prefix.to_owned(), ttl_ms(ended_for)],
+        )
+    }
+
     fn audit_put_head_fenced(&self, fence: &Fence, head: &SignedHead) -> Result<bool, StoreError> {
         // The lease row is locked (FOR SHARE) by the check, so a takeover
         // waits for this write to commit, or this write sees it and is

@@ -7,9 +7,10 @@
 use std::time::Duration;
 
 use fleetcmd_core::audit::SignedHead;
+use redb::ReadableTable;
 
-use super::super::layout::{cursor_value, decode_cursor, encode_head, seq_key};
-use super::super::local_leases::{decode_term, encode_term, term_key};
+use super::super::layout::{cursor_value, decode_cursor, encode_head, prefix_end, seq_key};
+use super::super::local_leases::{decode_term, encode_term, name_of_term_key, term_key};
 use super::super::{ExportCursor, Fence, Lease, LeaseStore, StoreError};
 use super::{AUDIT_HEADS, EXPORT_CURSORS, META, RedbStore, bytes_in};
 
@@ -48,6 +49,28 @@ impl LeaseStore for RedbStore {
 
     fn lease_holder(&self, name: &str) -> Result<Option<Lease>, StoreError> {
         Ok(self.leases.holder(name))
+    }
+
+    fn prune_leases(&self, prefix: &str, ended_for: Duration) -> Result<u64, StoreError> {
+        let start = term_key(prefix);
+        let names: Vec<String> = self.read(|tx| {
+            let t = tx.open_table(META)?;
+            let mut names = Vec::new();
+            let range = match prefix_end(&start) {
+                Some(end) => t.range(start.as_slice()..end.as_slice())?,
+                None => t.range(start.as_slice()..)?,
+            };
+            for kv in range {
+                names.extend(name_of_term_key(kv?.0.value()));
+            }
+            Ok(names)
+        })?;
+        self.leases.prune(names, ended_for, |name| {
+            self.write(|tx| {
+                tx.open_table(META)?.remove(term_key(name).as_slice())?;
+                Ok(())
+            })
+        })
     }
 
     fn audit_put_head_fenced(&self, fence: &Fence, head: &SignedHead) -> Result<bool, StoreError> {

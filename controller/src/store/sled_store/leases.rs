@@ -6,7 +6,7 @@ use std::time::Duration;
 use fleetcmd_core::audit::SignedHead;
 
 use super::super::layout::{cursor_value, decode_cursor, encode_head, seq_key};
-use super::super::local_leases::{decode_term, encode_term, term_key};
+use super::super::local_leases::{decode_term, encode_term, name_of_term_key, term_key};
 use super::super::{ExportCursor, Fence, Lease, LeaseStore, StoreError};
 use super::SledStore;
 
@@ -57,6 +57,20 @@ impl LeaseStore for SledStore {
 
     fn lease_holder(&self, name: &str) -> Result<Option<Lease>, StoreError> {
         Ok(self.leases.holder(name))
+    }
+
+    fn prune_leases(&self, prefix: &str, ended_for: Duration) -> Result<u64, StoreError> {
+        let meta = self.trees()?.meta.clone();
+        let mut names = Vec::new();
+        for kv in meta.scan_prefix(term_key(prefix)) {
+            let (k, _) = kv.map_err(|e| self.fail(e))?;
+            names.extend(name_of_term_key(&k));
+        }
+        self.leases.prune(names, ended_for, |name| {
+            meta.remove(term_key(name))
+                .map(drop)
+                .map_err(|e| self.fail(e))
+        })
     }
 
     fn audit_put_head_fenced(&self, fence: &Fence, head: &SignedHead) -> Result<bool, StoreError> {
