@@ -99,6 +99,9 @@ pub enum Answer {
     NotHeld(String),
     /// No answer (unreachable, timed out, refused).
     Failed(String),
+    /// The controller does not know `Claims.Hold`: a version older than
+    /// this gateway (a rolling upgrade that did the gateways first).
+    Unsupported,
 }
 
 impl From<Result<v1::HoldResponse, ControllerError>> for Answer {
@@ -106,6 +109,7 @@ impl From<Result<v1::HoldResponse, ControllerError>> for Answer {
         match r {
             Ok(r) if r.held => Answer::Held(r.term),
             Ok(r) => Answer::NotHeld(r.holder),
+            Err(e) if e.code == tonic::Code::Unimplemented => Answer::Unsupported,
             Err(e) => Answer::Failed(e.to_string()),
         }
     }
@@ -162,7 +166,7 @@ impl Keeper {
 
     /// Takes the answer to a call sent at `sent`, at `now`.
     pub fn answer(&mut self, now: Instant, sent: Instant, answer: Answer) -> Decision {
-        self.failing = matches!(answer, Answer::Failed(_));
+        self.failing = matches!(answer, Answer::Failed(_) | Answer::Unsupported);
         match (self.held, answer) {
             (None, Answer::Held(term)) => {
                 self.held = Some((term, sent));
@@ -186,7 +190,10 @@ impl Keeper {
                     Decision::HeldBy(by)
                 }
             }
-            (_, Answer::Failed(_)) => self.tick(now),
+            // A controller of an older version answers a renewal (the
+            // gateway failed over to it mid-upgrade): no renewal, as when
+            // it is unreachable.
+            (_, Answer::Failed(_) | Answer::Unsupported) => self.tick(now),
         }
     }
 
@@ -339,15 +346,26 @@ impl Lease {
                 a = self.call(term, false, keeper.call_limit(now)) => a,
                 _ = stop.wait_for(|s| *s) => return,
             };
-            if let Answer::Failed(e) = &answer {
-                tracing::warn!(chat = self.chat, lease = %self.name, error = %e, "chat {}: cannot reach the controller for the chat's lease", self.chat);
-            }
+            self.warn_failed(&answer);
             let d = keeper.answer(Instant::now(), now, answer);
             self.publish(&d, &held);
             tokio::select! {
                 _ = tokio::time::sleep(keeper.next_in(Instant::now())) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
+        }
+    }
+
+    fn warn_failed(&self, answer: &Answer) {
+        let chat = self.chat;
+        match answer {
+            Answer::Failed(e) => {
+                tracing::warn!(chat, lease = %self.name, error = %e, "chat {chat}: cannot reach the controller for the chat's lease");
+            }
+            Answer::Unsupported => {
+                tracing::warn!(chat, lease = %self.name, "chat {chat}: the controller does not arbitrate chat leases (Claims.Hold: a version older than this gateway); upgrade the controllers");
+            }
+            Answer::Held(_) | Answer::NotHeld(_) => {}
         }
     }
 
@@ -361,6 +379,7 @@ impl Lease {
             Answer::Failed(e) => {
                 tracing::warn!(chat = self.chat, error = %e, "chat {}: lease not released; a standby takes over when it runs out", self.chat);
             }
+            Answer::Unsupported => {}
         }
     }
 }
@@ -402,6 +421,9 @@ where
 /// its chat's lease; what the router serves in its place.
 pub struct Standby<A: ChatAdapter> {
     lease: Lease,
+    /// `false`: connected without a lease (an older controller), nothing
+    /// to release.
+    leased: bool,
     connect: ConnectFn<A>,
     active: Option<Connected<A>>,
     held: watch::Receiver<Option<u64>>,
@@ -437,7 +459,7 @@ impl<A: ChatAdapter> Standby<A> {
     async fn finish(&mut self) -> Option<Incoming> {
         self.disconnect().await;
         let term = *self.held.borrow();
-        if let Some(term) = term {
+        if let Some(term) = term.filter(|_| self.leased) {
             self.lease.release(term).await;
         }
         None
@@ -583,13 +605,30 @@ pub async fn serve<A: ChatAdapter>(
         holder: holder_id(),
         timing: cx.chat_lease(),
     };
-    let (active, keeper) = first_hold(&lease, &connect).await?;
-    let (held_tx, held) = watch::channel(keeper.term());
+    let (active, first) = first_hold(&lease, &connect).await?;
+    let (held_tx, held) = watch::channel(match &first {
+        First::Leased(keeper) => keeper.term(),
+        First::Unleased => Some(0),
+    });
     let (stop_tx, stop) = watch::channel(false);
     cx.on_stop(move || {
         stop_tx.send_replace(true);
     });
-    cx.background(lease.clone().keep(keeper, held_tx, stop.clone()));
+    let leased = match first {
+        First::Leased(keeper) => {
+            cx.background(lease.clone().keep(keeper, held_tx, stop.clone()));
+            true
+        }
+        // Connected for the life of the process, as before chat leases.
+        First::Unleased => {
+            let mut stop = stop.clone();
+            cx.background(async move {
+                let _ = stop.wait_for(|s| *s).await;
+                drop(held_tx);
+            });
+            false
+        }
+    };
     let sender = Arc::new(SwitchSender {
         chat,
         current: RwLock::new(active.as_ref().map(|c| c.adapter.sender())),
@@ -598,6 +637,7 @@ pub async fn serve<A: ChatAdapter>(
         chat,
         Standby {
             lease,
+            leased,
             connect,
             active,
             held,
@@ -608,26 +648,49 @@ pub async fn serve<A: ChatAdapter>(
     Ok(())
 }
 
-/// The first attempt: connects at once when the lease is taken.
+/// How the first attempt went.
+enum First {
+    /// The controller arbitrates the chat: keep the lease from here.
+    Leased(Keeper),
+    /// The controller is older than chat leases: this gateway connects
+    /// without one (run one gateway per such chat until the controllers
+    /// are upgraded).
+    Unleased,
+}
+
+/// The first attempt: connects at once when the lease is taken, or when
+/// the controller is too old to know leases.
 async fn first_hold<A: ChatAdapter>(
     lease: &Lease,
     connect: &ConnectFn<A>,
-) -> Result<(Option<Connected<A>>, Keeper), String> {
+) -> Result<(Option<Connected<A>>, First), String> {
     let mut keeper = Keeper::new(lease.timing);
     let sent = Instant::now();
     let limit = lease.timing.renew_every().min(Duration::from_secs(5));
     let answer = lease.call(0, false, limit).await;
-    if let Answer::Failed(e) = &answer {
-        tracing::warn!(chat = lease.chat, error = %e, "chat {}: cannot reach the controller for the chat's lease; connecting once it answers", lease.chat);
+    let chat = lease.chat;
+    match &answer {
+        Answer::Failed(e) => {
+            tracing::warn!(chat, error = %e, "chat {chat}: cannot reach the controller for the chat's lease; connecting once it answers");
+        }
+        Answer::Unsupported => {
+            tracing::warn!(
+                chat,
+                "chat {chat}: the controller does not arbitrate chat leases (Claims.Hold: a version older than this gateway); connecting without a lease: run one gateway for this chat until the controllers are upgraded, then restart it"
+            );
+            let c = connect().await.map_err(|e| e.to_string())?;
+            return Ok((Some(c), First::Unleased));
+        }
+        Answer::Held(_) | Answer::NotHeld(_) => {}
     }
     let d = keeper.answer(Instant::now(), sent, answer);
     let (dummy, _) = watch::channel(None);
     lease.publish(&d, &dummy);
     let Some(term) = keeper.term() else {
-        return Ok((None, keeper));
+        return Ok((None, First::Leased(keeper)));
     };
     match connect().await {
-        Ok(c) => Ok((Some(c), keeper)),
+        Ok(c) => Ok((Some(c), First::Leased(keeper))),
         Err(e) => {
             lease.release(term).await;
             Err(e.to_string())
@@ -875,6 +938,7 @@ mod tests {
         });
         let mut standby = Standby {
             lease: lease.clone(),
+            leased: true,
             connect,
             active: None,
             held,
@@ -898,6 +962,60 @@ mod tests {
             assert!(start.elapsed() < s(10), "no {what} within 10 s");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// A controller older than chat leases.
+    struct OldController(std::sync::atomic::AtomicUsize);
+
+    impl LeaseApi for OldController {
+        fn hold(
+            &self,
+            _: v1::HoldRequest,
+        ) -> BoxFuture<'_, Result<v1::HoldResponse, ControllerError>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(std::future::ready(Err(ControllerError::from(
+                tonic::Status::unimplemented("unknown method Hold"),
+            ))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gateway_newer_than_its_controller_connects_without_a_lease() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let old = Arc::new(OldController(Default::default()));
+        let lease = Lease {
+            api: old.clone(),
+            name: "irc/x".into(),
+            chat: "irc",
+            holder: "gw-a".into(),
+            timing: Timing { ttl: FAKE_TTL },
+        };
+        let live = Arc::new(Live::default());
+        let live2 = live.clone();
+        let connect: ConnectFn<FakeChat> = Arc::new(move || {
+            let live = live2.clone();
+            Box::pin(async move {
+                live.now.fetch_add(1, SeqCst);
+                Ok(Connected {
+                    adapter: FakeChat(live),
+                    stop: None,
+                })
+            })
+        });
+        let (active, first) = first_hold(&lease, &connect).await.expect("starts");
+        assert!(active.is_some(), "connected at once");
+        assert!(matches!(first, First::Unleased));
+        assert_eq!(live.now.load(SeqCst), 1);
+        assert_eq!(old.0.load(SeqCst), 1, "asked once");
+
+        // A holder whose renewal reaches an older controller (failed over
+        // mid-upgrade) goes on as if it were unreachable.
+        let (mut k, t0) = keeper();
+        k.answer(t0, t0, Answer::Held(4));
+        let at = t0 + s(10);
+        assert_eq!(k.answer(at, at, Answer::Unsupported), Decision::Keep);
+        assert_eq!(k.next_in(at), s(1));
+        assert_eq!(k.tick(t0 + s(20)), Decision::Expired);
     }
 
     #[tokio::test]
