@@ -1065,8 +1065,17 @@ async fn an_audit_export_fails_over_to_the_other_controller_without_gap_or_dupli
     };
     fleet._procs.remove(killed).kill9();
     let killed_at = Instant::now();
-    // More records on the survivor meanwhile.
-    run_and_watch(&fleet, &survivor, fleet.job("uptime", "all")).await;
+    // More records on the survivor meanwhile, from a job on its own agent:
+    // the killed controller's agent knows no other controller, and its
+    // target would wait out the dead one's list (`LISTED`, 60 s) — found
+    // under load, when that list was written after the agent connected.
+    let own = ["b-1", "a-1"][killed];
+    run_and_watch(
+        &fleet,
+        &survivor,
+        fleet.job("uptime", &format!("name={own}")),
+    )
+    .await;
     // The survivor takes the lease (TTL 15 s) and exports the rest.
     let after = tokio::time::timeout(Duration::from_secs(40), async {
         loop {
