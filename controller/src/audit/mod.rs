@@ -35,11 +35,6 @@ pub const HEAD_INTERVAL: Duration = Duration::from_secs(60);
 pub const MAX_SCAN: usize = 200_000;
 /// Largest page.
 pub const MAX_PAGE: usize = 1000;
-/// Appends tried before a conflict is returned: each retry follows a
-/// record another writer stored in between, so this many in a row means
-/// the database is refusing for another reason.
-const APPEND_TRIES: usize = 64;
-
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error(transparent)]
@@ -122,6 +117,23 @@ fn actor_is_own_host(e: &Event) -> bool {
     e.actor
         .strip_prefix("agent:")
         .is_some_and(|name| e.hosts.iter().any(|h| h == name))
+}
+
+/// The records of `events` appended to `chain` at `now_ms`, each with
+/// its index entries.
+pub(crate) fn make_records(
+    chain: &mut Chain,
+    now_ms: u64,
+    events: &[Event],
+) -> Vec<(Record, Vec<AuditIndexEntry>)> {
+    events
+        .iter()
+        .map(|e| {
+            let rec = chain.append(now_ms, e.clone());
+            let index = index_entries(&rec, false);
+            (rec, index)
+        })
+        .collect()
 }
 
 /// The index entries of a record. `all` adds the actor entry that
@@ -367,51 +379,51 @@ impl Audit {
         }
     }
 
-    /// Logs the events and appends them, in order, through `write`, which
-    /// stores the records (each with its index entries) together with
-    /// other writes they belong with (one transaction, e.g.
-    /// `Store::put_targets_audited`) and answers whether those writes
-    /// applied. `Ok(None)`: they did not; nothing was stored and the chain
-    /// did not move. A `Conflict` from `write` (another controller
-    /// appended first) is retried from the stored tip, as in `record`.
+    /// Stores `writes` (target writes from state `from`, as
+    /// `Store::put_targets_audited`) with the records of `events`, in
+    /// order, in one atomic step, then logs the events. `Ok(Err(lost))`:
+    /// the writes at those indexes found another state; nothing was
+    /// stored and the chain did not move. When another controller
+    /// appended first (`Conflict`), the records are made again after the
+    /// stored tip under the store's append lock, as in `append_at`.
     /// Returns the last record's sequence number.
-    pub fn record_with(
+    pub fn record_targets(
         &self,
         events: &[Event],
-        mut write: impl FnMut(&[(Record, Vec<AuditIndexEntry>)]) -> Result<bool, StoreError>,
-    ) -> Result<Option<u64>, StoreError> {
+        from: fleetcmd_core::state::TargetState,
+        writes: &[crate::store::TargetWrite<'_>],
+    ) -> Result<Result<u64, Vec<usize>>, StoreError> {
         let now = now_ms();
         let mut chain = lock(&self.chain);
-        for attempt in 1..=APPEND_TRIES {
-            let mut next = chain.clone();
-            let records: Vec<(Record, Vec<AuditIndexEntry>)> = events
-                .iter()
-                .map(|e| {
-                    let rec = next.append(now, e.clone());
-                    let index = index_entries(&rec, false);
-                    (rec, index)
-                })
-                .collect();
-            match write(&records) {
-                Ok(true) => {
-                    let last = next.seq;
-                    *chain = next;
-                    drop(chain);
-                    events.iter().for_each(log_event);
-                    return Ok(Some(last));
+        let mut next = chain.clone();
+        let records = make_records(&mut next, now, events);
+        let stored = match self.store.put_targets_audited(from, writes, &records) {
+            Ok(Ok(())) => next,
+            Ok(Err(lost)) => return Ok(Err(lost)),
+            Err(StoreError::Conflict { .. }) => {
+                drop(records);
+                match self
+                    .store
+                    .put_targets_audited_at_tip(from, writes, now, events)?
+                {
+                    Ok(stored) => {
+                        tracing::debug!(
+                            ours = chain.seq,
+                            stored = stored.seq,
+                            "audit chain resumed from the stored tip"
+                        );
+                        stored
+                    }
+                    Err(lost) => return Ok(Err(lost)),
                 }
-                Ok(false) => return Ok(None),
-                Err(StoreError::Conflict { .. }) if attempt < APPEND_TRIES => {
-                    let stored = self.store.audit_last()?;
-                    *chain = match &stored {
-                        Some(last) => Chain::after(last),
-                        None => Chain::genesis(),
-                    };
-                }
-                Err(e) => return Err(e),
             }
-        }
-        unreachable!("the last try returns")
+            Err(e) => return Err(e),
+        };
+        let last = stored.seq;
+        *chain = stored;
+        drop(chain);
+        events.iter().for_each(log_event);
+        Ok(Ok(last))
     }
 
     pub fn get(&self, seq: u64) -> Result<Option<Record>, StoreError> {

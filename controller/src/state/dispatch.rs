@@ -379,24 +379,14 @@ impl Shared {
                     rec,
                 })
                 .collect();
-            let mut lost = Vec::new();
-            let written = self.audit.record_with(
+            let written = self.audit.record_targets(
                 &[targets_event(job_id, job, hosts, rec, kind)],
-                |records| {
-                    Ok(
-                        match self.store.put_targets_audited(from, &writes, records)? {
-                            Ok(()) => true,
-                            Err(l) => {
-                                lost = l;
-                                false
-                            }
-                        },
-                    )
-                },
+                from,
+                &writes,
             )?;
-            if written.is_some() {
+            let Err(lost) = written else {
                 break;
-            }
+            };
             dropped = true;
             if lost.is_empty() {
                 hosts.clear(); // cannot happen: nothing written, nothing named

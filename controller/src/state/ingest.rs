@@ -211,26 +211,13 @@ impl Shared {
                 })
                 .collect();
             let events: Vec<Event> = todo.iter().map(|&i| items[i].3.clone()).collect();
-            let mut lost = Vec::new();
             // `running` is stored as `dispatched`: each is written only
             // over it, so a result another controller stored first is
             // never overwritten.
-            let stored = self.audit.record_with(&events, |records| {
-                Ok(
-                    match self.store.put_targets_audited(
-                        TargetState::Dispatched,
-                        &writes,
-                        records,
-                    )? {
-                        Ok(()) => true,
-                        Err(l) => {
-                            lost = l;
-                            false
-                        }
-                    },
-                )
-            })?;
-            if stored.is_some() {
+            let stored = self
+                .audit
+                .record_targets(&events, TargetState::Dispatched, &writes)?;
+            let Err(lost) = stored else {
                 for &i in &todo {
                     written[i] = true;
                     let (job, agent, rec, _) = &items[i];
@@ -241,7 +228,7 @@ impl Shared {
                     }
                 }
                 break;
-            }
+            };
             // Targets another controller ended first: their jobs are read
             // again and the rest is tried again.
             let lost: HashSet<usize> = lost.into_iter().map(|k| todo[k]).collect();

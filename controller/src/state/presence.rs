@@ -14,7 +14,7 @@
 //!   every `REFRESH` for the figures that change with every heartbeat).
 //!
 //! Fail-safe: an agent counts as connected nowhere only when no snapshot
-//! of the last `GRACE` names it, every tick of the last `GRACE` succeeded
+//! of the last `OFFLINE_GRACE` (20 s) names it, every tick of that time succeeded
 //! (after a database outage or a restart the agents are still coming
 //! back), the newest snapshot is fresh and no controller is settling
 //! (agents reconnecting after it started: its list is not whole).
@@ -49,7 +49,15 @@ const LISTED: Duration = Duration::from_secs(60);
 /// How long an agent must be missing from every snapshot, and the ticks
 /// must have succeeded, before it counts as connected nowhere: an agent
 /// whose stream just ended (a controller stopped, a store error closed
-/// it) is back within its first backoffs.
+/// it) is back within its first backoffs, and a controller under load
+/// lists the agents that connect to it a tick or more late (found under
+/// load: an agent connected to a controller killed before it ever listed
+/// it reconnected to another within 6 s and was listed there later still
+/// — missing for more than 10 s, its target was called offline).
+const OFFLINE_GRACE: Duration = Duration::from_secs(20);
+/// How long a revoked agent must be in no fresh entry before its targets
+/// end (`in_no_fresh_entry`): no running controller lists it, so only a
+/// slow write is waited for.
 const GRACE: Duration = Duration::from_secs(10);
 /// An agent's live row is written again after this even when nothing but
 /// its figures changed.
@@ -64,7 +72,7 @@ pub struct PresenceView(Mutex<View>);
 
 #[derive(Default)]
 struct View {
-    /// Snapshots of the last `GRACE`, oldest first.
+    /// Snapshots of the last `OFFLINE_GRACE`, oldest first.
     history: VecDeque<Snapshot>,
     /// Since when every tick succeeded (`None`: the last one failed).
     whole_since: Option<Instant>,
@@ -88,17 +96,21 @@ struct View {
 }
 
 impl View {
-    /// Whether `holds` for every snapshot of the last `GRACE`, when the
+    /// Whether `holds` for every snapshot of the last `grace`, when the
     /// snapshots have been whole for that long and the newest is fresh;
     /// `false` when that is not known.
-    fn throughout_grace(&self, holds: impl Fn(&Snapshot) -> bool) -> bool {
+    fn throughout(&self, grace: Duration, holds: impl Fn(&Snapshot) -> bool) -> bool {
         self.whole_since
-            .is_some_and(|since| since.elapsed() >= GRACE)
+            .is_some_and(|since| since.elapsed() >= grace)
             && self
                 .history
                 .back()
                 .is_some_and(|s| s.read_at.elapsed() < FRESH)
-            && self.history.iter().all(holds)
+            && self
+                .history
+                .iter()
+                .filter(|s| s.read_at.elapsed() <= grace)
+                .all(holds)
     }
 }
 
@@ -122,10 +134,10 @@ struct Read {
 
 impl PresenceView {
     /// Whether `agent` is connected to no controller, as far as the last
-    /// `GRACE` of whole, fresh snapshots tells; `false` when that is not
+    /// `OFFLINE_GRACE` of whole, fresh snapshots tells; `false` when that is not
     /// known.
     pub fn nowhere(&self, agent: &str) -> bool {
-        lock(&self.0).throughout_grace(|s| !s.settling && !s.agents.contains(agent))
+        lock(&self.0).throughout(OFFLINE_GRACE, |s| !s.settling && !s.agents.contains(agent))
     }
 
     /// Whether `agent` was in no fresh entry for the last `GRACE` of
@@ -138,7 +150,7 @@ impl PresenceView {
     /// keeps a controller that is only slow to write (a loaded machine)
     /// from losing its agents' targets to this rule.
     pub fn in_no_fresh_entry(&self, agent: &str) -> bool {
-        lock(&self.0).throughout_grace(|s| !s.fresh.contains(agent))
+        lock(&self.0).throughout(GRACE, |s| !s.fresh.contains(agent))
     }
 
     /// Shows each agent of `agents` that is not online here but connected
@@ -281,7 +293,7 @@ impl PresenceView {
         while v
             .history
             .front()
-            .is_some_and(|s| now.duration_since(s.read_at) > GRACE)
+            .is_some_and(|s| now.duration_since(s.read_at) > OFFLINE_GRACE)
         {
             v.history.pop_front();
         }
@@ -460,7 +472,7 @@ mod tests {
         assert!(!view.nowhere("web-3"), "not read for a grace yet");
         readings(
             &view,
-            GRACE,
+            OFFLINE_GRACE,
             vec![entry("a", false, &["web-1"]), entry("b", false, &["web-2"])],
         );
         assert!(!view.nowhere("web-1"));
@@ -474,7 +486,7 @@ mod tests {
         assert!(!view.nowhere("web-2"), "gone for less than a grace");
         readings(
             &view,
-            GRACE + Duration::from_secs(1),
+            OFFLINE_GRACE + Duration::from_secs(1),
             vec![entry("a", false, &["web-1"]), entry("b", false, &[])],
         );
         assert!(view.nowhere("web-2"), "gone for more than a grace");
@@ -487,18 +499,22 @@ mod tests {
         // A failed tick (the database was away): a grace of good ones first.
         let view = PresenceView::default();
         view.set(read(vec![entry("a", false, &[])]));
-        readings(&view, GRACE, vec![entry("a", false, &[])]);
+        readings(&view, OFFLINE_GRACE, vec![entry("a", false, &[])]);
         assert!(view.nowhere("web-3"));
         view.failed();
         view.set(read(vec![entry("a", false, &[])]));
         assert!(!view.nowhere("web-3"), "just after a failure");
         // Stale: no fresh snapshot.
-        age(&view, GRACE + FRESH);
+        age(&view, OFFLINE_GRACE + FRESH);
         assert!(!view.nowhere("web-3"), "the snapshots are stale");
         // Read again after that gap: a grace of regular readings first.
         view.set(read(vec![entry("a", false, &[])]));
         assert!(!view.nowhere("web-3"), "just after a gap in the readings");
-        readings(&view, GRACE - INTERVAL, vec![entry("a", false, &[])]);
+        readings(
+            &view,
+            OFFLINE_GRACE - INTERVAL,
+            vec![entry("a", false, &[])],
+        );
         assert!(!view.nowhere("web-3"), "less than a grace of readings");
         readings(&view, INTERVAL, vec![entry("a", false, &[])]);
         assert!(view.nowhere("web-3"), "a grace of regular readings");
@@ -550,7 +566,7 @@ mod tests {
                 live: Vec::new(),
             })
         };
-        for _ in 0..6 {
+        for _ in 0..=OFFLINE_GRACE.as_secs() / INTERVAL.as_secs() {
             age(&view, INTERVAL);
             stalled(&view);
         }

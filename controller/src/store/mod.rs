@@ -162,6 +162,30 @@ pub trait Store:
         }
         Ok(Ok(()))
     }
+    /// `put_targets_audited` with the records made from `events` (at
+    /// `now_ms`) after the stored tip, whatever it is, under the store's
+    /// append lock: they are made once the tip can no longer move, so this
+    /// cannot lose a race to another writer. What a writer that lost one
+    /// does (as `audit_append_at_tip`; a writer that only reread the tip
+    /// and tried again could lose to a busy one every time). Returns the
+    /// chain after the last record stored. This default reads, makes and
+    /// writes: for a store with one writer.
+    fn put_targets_audited_at_tip(
+        &self,
+        from: fleetcmd_core::state::TargetState,
+        writes: &[TargetWrite<'_>],
+        now_ms: u64,
+        events: &[fleetcmd_core::audit::Event],
+    ) -> Result<Result<fleetcmd_core::audit::Chain, Vec<usize>>, StoreError> {
+        let mut chain = match self.audit_last()? {
+            Some(last) => fleetcmd_core::audit::Chain::after(&last),
+            None => fleetcmd_core::audit::Chain::genesis(),
+        };
+        let audit = crate::audit::make_records(&mut chain, now_ms, events);
+        Ok(self
+            .put_targets_audited(from, writes, &audit)?
+            .map(|()| chain))
+    }
     /// Whether agents' results should be stored in batches
     /// (`put_targets_audited`, one call per batch) even with one controller:
     /// where each call costs a transaction, so one per batch is cheaper

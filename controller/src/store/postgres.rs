@@ -483,19 +483,60 @@ async fn append_audit_in(
     Ok(())
 }
 
-impl Store for PostgresStore {
-    fn flush(&self) -> Result<(), StoreError> {
-        // Every statement was committed (and so made durable) when it
-        // returned.
-        Ok(())
-    }
+/// Under the audit lock in `tx`: the records of `events` made after the
+/// stored tip (at `now_ms`) and appended. The lock first: the tip read
+/// under it is the tip appended to. Returns the chain after them and the
+/// records.
+async fn append_at_tip_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    conn: &conn::Conn,
+    now_ms: u64,
+    events: &[fleetcmd_core::audit::Event],
+) -> Result<(fleetcmd_core::audit::Chain, Vec<Record>), StoreError> {
+    let err = |e: tokio_postgres::Error| conn.error(&e);
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
+        .await
+        .map_err(err)?;
+    let tip = tx
+        .query_opt(
+            "SELECT record FROM audit_log ORDER BY seq DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(err)?
+        .map(|row| row.get::<_, Json<Record>>(0).0);
+    let mut chain = match &tip {
+        Some(last) => fleetcmd_core::audit::Chain::after(last),
+        None => fleetcmd_core::audit::Chain::genesis(),
+    };
+    let made = crate::audit::make_records(&mut chain, now_ms, events);
+    let records: Vec<(i64, Record)> = made
+        .iter()
+        .map(|(r, _)| Ok((int(r.seq, "audit seq")?, r.clone())))
+        .collect::<Result<_, StoreError>>()?;
+    let index: Vec<AuditIndexEntry> = made.into_iter().flat_map(|(_, i)| i).collect();
+    append_audit_in(tx, conn, &records, &index_columns(&index)?).await?;
+    Ok((chain, records.into_iter().map(|(_, r)| r).collect()))
+}
 
-    fn put_targets_audited(
+/// The audit records of a target write: made by the caller, or to be made
+/// after the stored tip under the lock (`append_at_tip_in`).
+enum AuditPart {
+    Made(Vec<(i64, Record)>, IndexColumns),
+    AtTip(u64, Vec<fleetcmd_core::audit::Event>),
+}
+
+impl PostgresStore {
+    /// `Store::put_targets_audited` and its `_at_tip` form: the records
+    /// and the target writes in one transaction. Returns the chain after
+    /// the records made at the tip (`None` for records made by the
+    /// caller).
+    fn targets_audited(
         &self,
         from: fleetcmd_core::state::TargetState,
         writes: &[TargetWrite<'_>],
-        audit: &[(Record, Vec<AuditIndexEntry>)],
-    ) -> Result<Result<(), Vec<usize>>, StoreError> {
+        audit: AuditPart,
+    ) -> Result<Result<Option<fleetcmd_core::audit::Chain>, Vec<usize>>, StoreError> {
         super::check_distinct(writes)?;
         let mut cols = WriteColumns::default();
         for w in writes {
@@ -512,12 +553,6 @@ impl Store for PostgresStore {
             UPDATE_WRITES_FROM
         };
         let from = from.as_str();
-        let records: Vec<(i64, Record)> = audit
-            .iter()
-            .map(|(r, _)| Ok((int(r.seq, "audit seq")?, r.clone())))
-            .collect::<Result<_, StoreError>>()?;
-        let index: Vec<AuditIndexEntry> = audit.iter().flat_map(|(_, i)| i.clone()).collect();
-        let index = index_columns(&index)?;
         self.bridge.call(move |conn| async move {
             let mut client = conn.session().await?;
             let err = |e: tokio_postgres::Error| conn.error(&e);
@@ -525,7 +560,15 @@ impl Store for PostgresStore {
             // The audit lock first (in `append_audit_in`), as every append
             // takes it, then the targets' rows: targets not all written
             // roll the records back with them.
-            append_audit_in(&tx, &conn, &records, &index).await?;
+            let chain = match &audit {
+                AuditPart::Made(records, index) => {
+                    append_audit_in(&tx, &conn, records, index).await?;
+                    None
+                }
+                AuditPart::AtTip(now_ms, events) => {
+                    Some(append_at_tip_in(&tx, &conn, *now_ms, events).await?.0)
+                }
+            };
             let written: std::collections::HashSet<(String, String)> = tx
                 .query(
                     sql,
@@ -543,8 +586,44 @@ impl Store for PostgresStore {
                     .collect()));
             }
             tx.commit().await.map_err(err)?;
-            Ok(Ok(()))
+            Ok(Ok(chain))
         })
+    }
+}
+
+impl Store for PostgresStore {
+    fn flush(&self) -> Result<(), StoreError> {
+        // Every statement was committed (and so made durable) when it
+        // returned.
+        Ok(())
+    }
+
+    fn put_targets_audited(
+        &self,
+        from: fleetcmd_core::state::TargetState,
+        writes: &[TargetWrite<'_>],
+        audit: &[(Record, Vec<AuditIndexEntry>)],
+    ) -> Result<Result<(), Vec<usize>>, StoreError> {
+        let records: Vec<(i64, Record)> = audit
+            .iter()
+            .map(|(r, _)| Ok((int(r.seq, "audit seq")?, r.clone())))
+            .collect::<Result<_, StoreError>>()?;
+        let index: Vec<AuditIndexEntry> = audit.iter().flat_map(|(_, i)| i.clone()).collect();
+        let audit = AuditPart::Made(records, index_columns(&index)?);
+        Ok(self.targets_audited(from, writes, audit)?.map(drop))
+    }
+
+    fn put_targets_audited_at_tip(
+        &self,
+        from: fleetcmd_core::state::TargetState,
+        writes: &[TargetWrite<'_>],
+        now_ms: u64,
+        events: &[fleetcmd_core::audit::Event],
+    ) -> Result<Result<fleetcmd_core::audit::Chain, Vec<usize>>, StoreError> {
+        let audit = AuditPart::AtTip(now_ms, events.to_vec());
+        Ok(self
+            .targets_audited(from, writes, audit)?
+            .map(|chain| chain.expect("records made at the tip give the chain after them")))
     }
 
     fn close(&self) {
@@ -948,28 +1027,10 @@ impl AuditStore for PostgresStore {
             let mut client = conn.session().await?;
             let err = |e: tokio_postgres::Error| conn.error(&e);
             let tx = client.transaction().await.map_err(err)?;
-            // The lock first: the tip read under it is the tip appended to.
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
-                .await
-                .map_err(err)?;
-            let tip = tx
-                .query_opt(
-                    "SELECT record FROM audit_log ORDER BY seq DESC LIMIT 1",
-                    &[],
-                )
-                .await
-                .map_err(err)?
-                .map(|row| row.get::<_, Json<Record>>(0).0);
-            let mut chain = match &tip {
-                Some(last) => fleetcmd_core::audit::Chain::after(last),
-                None => fleetcmd_core::audit::Chain::genesis(),
-            };
-            let rec = chain.append(now_ms, event);
-            let records = [(int(rec.seq, "audit seq")?, rec.clone())];
-            let cols = index_columns(&crate::audit::index_entries(&rec, false))?;
-            append_audit_in(&tx, &conn, &records, &cols).await?;
+            let (_, mut made) = append_at_tip_in(&tx, &conn, now_ms, &[event]).await?;
             tx.commit().await.map_err(err)?;
-            Ok(rec)
+            made.pop()
+                .ok_or_else(|| StoreError::Backend("no audit record made".into()))
         })
     }
 
