@@ -769,23 +769,29 @@ fn bot_posts(alice: &User) -> usize {
         .count()
 }
 
-/// What alice saw said in the room, one line per message (a correction
-/// marked), for failure messages.
+/// The bot's comings and goings in the room that alice saw.
+fn bot_presences(alice: &User) -> usize {
+    alice.seen.iter().filter(|el| bot_presence(el)).count()
+}
+
+/// What alice saw in the room, one line per message (a correction
+/// marked) and per coming or going of the bot, for failure messages.
 fn room_log(alice: &User) -> String {
-    alice
-        .seen
-        .iter()
-        .filter(|el| el.name == "message")
-        .filter_map(|el| {
-            let body = body_of(el)?;
-            let fix = if el.child("replace", NS_CORRECT).is_some() {
-                " (correction)"
-            } else {
-                ""
-            };
-            Some(format!("{}{fix}: {body}\n", from_of(el)))
-        })
-        .collect()
+    let line = |el: &Element| {
+        let from = from_of(el);
+        if bot_presence(el) {
+            let what = el.attr("type").unwrap_or("joined");
+            return Some(format!("{from}: {what}\n"));
+        }
+        let body = body_of(el).filter(|_| el.name == "message")?;
+        let fix = if el.child("replace", NS_CORRECT).is_some() {
+            " (correction)"
+        } else {
+            ""
+        };
+        Some(format!("{from}{fix}: {body}\n"))
+    };
+    alice.seen.iter().filter_map(line).collect()
 }
 
 /// Occupants other than alice and the bot that spoke or showed up in the
@@ -842,6 +848,10 @@ async fn two_gateways_on_one_xmpp_room_run_a_command_once_and_hand_over() {
         "one reply per command:\n{}",
         room_log(&alice)
     );
+    // The bot joined once and stayed: a second session of the account
+    // (the same resource) would push it out, and come back when pushed
+    // out itself.
+    assert_eq!(bot_presences(&alice), 1, "{}", room_log(&alice));
 
     // kill -9 the holder: the room sees it go at once (its socket closes),
     // and the standby connects once the lease runs out.
@@ -907,6 +917,8 @@ async fn two_gateways_on_one_xmpp_room_run_a_command_once_and_hand_over() {
         "one reply per command:\n{}",
         room_log(&alice)
     );
+    // Joined, killed, joined, stopped, joined: nobody else's session.
+    assert_eq!(bot_presences(&alice), 5, "{}", room_log(&alice));
     let strangers = strangers(&alice);
     assert!(
         strangers.is_empty(),
