@@ -234,6 +234,18 @@ impl XmppConfig {
         bad
     }
 
+    /// The account the chat's lease is named after (`crate::standby`): the
+    /// bare JID. Gateways that give the bot different resources
+    /// (`bot@example.com/gw1`, `/gw2`) are still one account: each
+    /// resource is a session of its own, in every room under the same
+    /// nick, and each session would run every command.
+    pub fn lease_account(&self) -> String {
+        match Jid::parse(&self.jid) {
+            Ok(j) => j.bare().to_string(),
+            Err(_) => self.jid.to_lowercase(),
+        }
+    }
+
     /// Validates, then reads the files the config names.
     pub fn client_options(&self) -> Result<ClientOptions, AdapterError> {
         let problems = self.validate();
@@ -754,10 +766,10 @@ impl crate::registry::Component for XmppConfig {
         super::prefixed(Self::NAME, XmppConfig::validate(self))
     }
 
-    /// Connected only while this gateway holds the lease of this JID
+    /// Connected only while this gateway holds the lease of this account
     /// (`crate::standby`); dropping the adapter closes its stream.
     async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
-        let jid = self.jid.to_lowercase();
+        let jid = self.lease_account();
         let connect =
             crate::standby::connect_fn(self, |cfg| async move { XmppAdapter::connect(&cfg).await });
         crate::standby::serve(cx, Self::NAME, &[&jid], connect).await
@@ -848,6 +860,22 @@ tls = "required"
             .unwrap_or_default();
         assert!(e.contains("missing"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_lease_is_the_accounts_whatever_the_resource() {
+        let account = |jid: &str| XmppConfig::new(jid, "pw").lease_account();
+        // Found by the two-gateway test: `/gw1` and `/gw2` held two leases,
+        // both joined the room and every command ran twice.
+        for jid in [
+            "bot@example.com",
+            "bot@example.com/gw1",
+            "Bot@Example.COM/gw2",
+            "bot@example.com./fleetcmd",
+        ] {
+            assert_eq!(account(jid), "bot@example.com", "{jid}");
+        }
+        assert_ne!(account("bot@example.com"), account("bot2@example.com"));
     }
 
     #[test]
