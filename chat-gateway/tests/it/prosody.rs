@@ -220,9 +220,27 @@ Component "anon.localhost" "muc"
         }
     }
 
+    /// The server's debug log, oldest first.
+    pub(crate) fn server_log(&self) -> String {
+        std::fs::read_to_string(self.path("prosody.log")).unwrap_or_default()
+    }
+
+    /// How each ended session of `full_jid` ended, oldest first, as the
+    /// server logged it: "" for a client that closed its stream, else the
+    /// reason ("unexpected eof while reading": the connection dropped).
+    pub(crate) fn ended_sessions(&self, full_jid: &str) -> Vec<String> {
+        let bare = full_jid.split('/').next().unwrap_or(full_jid);
+        let unbound = format!("Unbinding resource for {full_jid} ({bare})");
+        self.server_log()
+            .lines()
+            .filter_map(|l| l.split_once(&unbound))
+            .map(|(_, why)| why.trim_start_matches(": ").to_string())
+            .collect()
+    }
+
     pub(crate) fn logs(&self) -> String {
         let out = std::fs::read_to_string(self.path("stdout.log")).unwrap_or_default();
-        let log = std::fs::read_to_string(self.path("prosody.log")).unwrap_or_default();
+        let log = self.server_log();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
         format!(
             "{out}\n--- prosody.log (last lines, newest first) ---\n{}",

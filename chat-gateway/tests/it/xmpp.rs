@@ -14,7 +14,7 @@ use fleetcmd_gateway::adapters::xmpp::rooms::HIDDEN_JIDS_WARNING;
 use fleetcmd_gateway::adapters::xmpp::stanza::NS_CORRECT;
 use fleetcmd_gateway::adapters::xmpp::xml::{Element, NS_CLIENT};
 use fleetcmd_gateway::adapters::xmpp::{XmppAdapter, XmppConfig, body};
-use fleetcmd_gateway::adapters::{Action, Reply};
+use fleetcmd_gateway::adapters::{Action, ChatAdapter, Reply};
 use fleetcmd_gateway::router::Router;
 use fleetcmd_gateway::serve;
 use fleetcmd_proto::v1;
@@ -214,6 +214,42 @@ async fn direct_messages_are_answered_in_the_direct_chat() {
         assert_eq!(jobs[0].channel, "xmpp:alice@localhost");
         assert_eq!(jobs[0].requester.as_str(), "xmpp:alice@localhost");
         gw.abort();
+    })
+    .await;
+}
+
+/// What the gateway does to a connection when another gateway is to take
+/// over the account (a stop signal, a lost lease): a goodbye, so the
+/// server does not keep a session the bot left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_closes_the_stream_and_leaves_the_room_at_once() {
+    within(async {
+        let p = Prosody::start().await;
+        let mut alice = User::login(&p, "alice").await;
+        alice.join(OPS, "alice").await;
+        let mut bot = XmppAdapter::connect(&p.bot_config(&[OPS]))
+            .await
+            .unwrap_or_else(|e| panic!("bot connect: {e}\n{}", p.logs()));
+        assert!(bot.wait_joined(&[jid(OPS)], WAIT).await);
+        bot.stop_handle().stop();
+        let ended = tokio::time::timeout(WAIT, async { while bot.recv().await.is_some() {} }).await;
+        assert!(ended.is_ok(), "recv still open after a stop");
+        alice
+            .wait_for("the bot leaving", |el| {
+                from_of(el) == format!("{OPS}/{NICK}") && el.attr("type") == Some("unavailable")
+            })
+            .await;
+        // The server saw a goodbye, not a dropped connection.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let ended = loop {
+            let ended = p.ended_sessions(&format!("{BOT}/{NICK}"));
+            if !ended.is_empty() {
+                break ended;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{}", p.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(ended, [""], "{}", p.logs());
     })
     .await;
 }

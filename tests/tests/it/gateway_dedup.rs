@@ -905,6 +905,22 @@ async fn two_gateways_on_one_xmpp_room_run_a_command_once_and_hand_over() {
         holder.stderr()
     );
     holder.logged("chat xmpp: lease released", 1).await;
+    // The killed holder's connection dropped; the stopped one said
+    // goodbye (closed its stream), so the server kept no session of it.
+    let ended = wait_for(
+        "the stopped holder's session ended",
+        [holder, gws[first].as_ref().expect("the new holder")],
+        || async {
+            let ended = prosody.ended_sessions(&format!("{BOT}/{NICK}"));
+            (ended.len() >= 2).then_some(ended)
+        },
+    )
+    .await;
+    assert_eq!(ended.len(), 2, "two sessions ended: {ended:?}");
+    assert_eq!(
+        ended[1], "",
+        "the stopped holder closed its stream: {ended:?}"
+    );
     xmpp_run_echo(&mut alice, "lease-four").await;
     assert_eq!(
         jobs_of(&fleet, XMPP_ALICE).await.len(),
