@@ -16,6 +16,7 @@ mod multi;
 mod ngircd;
 mod plugin_findings;
 mod plugins;
+mod prosody;
 mod registry;
 mod render;
 mod replay;

@@ -11,7 +11,7 @@
 //! reported once, through the gateway's shared auth-failure reporter.
 //!
 //! The servers and fakes are the ones of each adapter's own tests
-//! (irc.rs, xmpp.rs, slack_fake.rs, mattermost.rs, campfire.rs, webhook.rs).
+//! (irc.rs, prosody.rs, slack_fake.rs, mattermost.rs, campfire.rs, webhook.rs).
 
 use fleetcmd_gateway::adapters::HttpInbound;
 use std::time::Duration;
@@ -30,7 +30,7 @@ use serde_json::json;
 use tokio::time::{Instant, sleep, timeout};
 
 use crate::support::FakeController;
-use crate::{campfire, irc, mattermost, slack, support, webhook, xmpp};
+use crate::{campfire, irc, mattermost, prosody, slack, support, webhook};
 
 /// The whole test, servers included, finishes well within this.
 const TEST_TIMEOUT: Duration = Duration::from_secs(40);
@@ -53,7 +53,7 @@ fn mattermost_id() -> String {
 fn identities() -> Vec<(String, String)> {
     vec![
         (IRC_ID.to_string(), "irc:test:#ops".to_string()),
-        (XMPP_ID.to_string(), format!("xmpp:{}", xmpp::OPS)),
+        (XMPP_ID.to_string(), format!("xmpp:{}", prosody::OPS)),
         (SLACK_ID.to_string(), "slack:T0TEAM:C0OPS".to_string()),
         (
             mattermost_id(),
@@ -143,8 +143,10 @@ async fn one_gateway_serves_every_adapter_at_once_on_one_router() {
 
 async fn every_adapter_at_once() {
     // ---- the chat servers: real ngircd and prosody, local fakes
-    let (ngircd, prosody) =
-        tokio::join!(crate::ngircd::Ngircd::start(None), xmpp::Prosody::start());
+    let (ngircd, prosody) = tokio::join!(
+        crate::ngircd::Ngircd::start(None),
+        prosody::Prosody::start()
+    );
     let slack_fake = slack::fake::Fake::start().await;
     let (mm_fake, mm_base) = mattermost::start_fake().await;
     let (campfire_fake, campfire_url, _campfire_task) = campfire::fake_campfire().await;
@@ -167,11 +169,13 @@ async fn every_adapter_at_once() {
         .unwrap_or_else(|e| panic!("irc connect: {e}"));
     gw.add(irc_bot);
 
-    let xmpp_bot = XmppAdapter::connect(&prosody.bot_config(&[xmpp::OPS]))
+    let xmpp_bot = XmppAdapter::connect(&prosody.bot_config(&[prosody::OPS]))
         .await
         .unwrap_or_else(|e| panic!("xmpp connect: {e}"));
     assert!(
-        xmpp_bot.wait_joined(&[xmpp::jid(xmpp::OPS)], WAIT).await,
+        xmpp_bot
+            .wait_joined(&[prosody::jid(prosody::OPS)], WAIT)
+            .await,
         "the bot joined only {:?}",
         xmpp_bot.joined_rooms()
     );
@@ -218,8 +222,8 @@ async fn every_adapter_at_once() {
         })
         .await;
     mattermost::live(&mm_fake, 1).await;
-    let mut xmpp_alice = xmpp::User::login(&prosody, "alice").await;
-    xmpp_alice.join(xmpp::OPS, "alice").await;
+    let mut xmpp_alice = prosody::User::login(&prosody, "alice").await;
+    xmpp_alice.join(prosody::OPS, "alice").await;
 
     // ---- every platform's user at the same time
     let irc_user = async {
@@ -244,19 +248,19 @@ async fn every_adapter_at_once() {
     };
 
     let xmpp_user = async {
-        xmpp_alice.say(xmpp::OPS, "!whoami").await;
-        let who = xmpp_alice.bot_reply(xmpp::OPS, "you are").await;
-        let who = xmpp::body_of(&who).unwrap_or_default();
+        xmpp_alice.say(prosody::OPS, "!whoami").await;
+        let who = xmpp_alice.bot_reply(prosody::OPS, "you are").await;
+        let who = prosody::body_of(&who).unwrap_or_default();
         assert_eq!(who, format!("you are {XMPP_ID}\n  roles: oncall"));
-        xmpp_alice.say(xmpp::OPS, "!run uptime on all").await;
-        let posted = xmpp_alice.bot_reply(xmpp::OPS, "2 targets").await;
-        let posted = xmpp::body_of(&posted).unwrap_or_default();
+        xmpp_alice.say(prosody::OPS, "!run uptime on all").await;
+        let posted = xmpp_alice.bot_reply(prosody::OPS, "2 targets").await;
+        let posted = prosody::body_of(&posted).unwrap_or_default();
         assert!(
             posted.contains(&format!("`uptime` on all by {XMPP_ID}")),
             "{posted}"
         );
-        let done = xmpp_alice.bot_reply(xmpp::OPS, "succeeded").await;
-        let done = xmpp::body_of(&done).unwrap_or_default();
+        let done = xmpp_alice.bot_reply(prosody::OPS, "succeeded").await;
+        let done = prosody::body_of(&done).unwrap_or_default();
         assert!(
             done.contains(&format!("succeeded (2/2 ok) — asked by {XMPP_ID}")),
             "{done}"

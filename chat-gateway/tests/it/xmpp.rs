@@ -1,255 +1,36 @@
-//! The XMPP adapter against a REAL prosody, started by each test on a free
-//! loopback port with its own config, data directory and a throwaway CA
-//! (STARTTLS is required by the server). The users (alice, mallory) are
-//! ordinary XMPP clients built on the adapter's public client module; the
-//! bot runs the whole gateway loop (`serve`) against the fake controller
-//! with a policy that binds `xmpp:alice@localhost`.
+//! The XMPP adapter against a REAL prosody (`crate::prosody`), started by
+//! each test. The users (alice, mallory) are ordinary XMPP clients built on
+//! the adapter's public client module; the bot runs the whole gateway loop
+//! (`serve`) against the fake controller with a policy that binds
+//! `xmpp:alice@localhost`.
 
-use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleetcmd_core::job::JobSpec;
-use fleetcmd_gateway::adapters::xmpp::client::{ClientError, Connection, Reader, TlsMode, Writer};
+use fleetcmd_gateway::adapters::xmpp::client::{ClientError, Connection, TlsMode};
 use fleetcmd_gateway::adapters::xmpp::jid::Jid;
 use fleetcmd_gateway::adapters::xmpp::rooms::HIDDEN_JIDS_WARNING;
-use fleetcmd_gateway::adapters::xmpp::stanza::{self, NS_CORRECT, NS_MUC_USER};
+use fleetcmd_gateway::adapters::xmpp::stanza::NS_CORRECT;
 use fleetcmd_gateway::adapters::xmpp::xml::{Element, NS_CLIENT};
 use fleetcmd_gateway::adapters::xmpp::{XmppAdapter, XmppConfig, body};
-use fleetcmd_gateway::adapters::{Action, Reply};
+use fleetcmd_gateway::adapters::{Action, ChatAdapter, Reply};
 use fleetcmd_gateway::router::Router;
 use fleetcmd_gateway::serve;
 use fleetcmd_proto::v1;
-use tokio::process::{Child, Command};
 
-use crate::support::{FakeController, free_port, router_for};
+use crate::prosody::{
+    BOT, NICK, OPS, PASSWORD, Prosody, User, WAIT, body_of, bot_said_in, from_of, jid,
+};
+use crate::support::{FakeController, router_for};
 
-const PROSODY: &str = "/usr/bin/prosody";
-const PROSODYCTL: &str = "/usr/bin/prosodyctl";
-pub(crate) const OPS: &str = "ops@conference.localhost";
 const SECRET_ROOM: &str = "secret@anon.localhost";
-const BOT: &str = "fleetbot@localhost";
-const NICK: &str = "fleetcmd";
-const PASSWORD: &str = "correct horse battery staple";
 /// Every test finishes well within this.
 const TEST_TIMEOUT: Duration = Duration::from_secs(20);
-/// One expected stanza.
-const WAIT: Duration = Duration::from_secs(10);
 
 async fn within<F: std::future::Future<Output = ()>>(f: F) {
     if tokio::time::timeout(TEST_TIMEOUT, f).await.is_err() {
         panic!("test did not finish within {TEST_TIMEOUT:?}");
-    }
-}
-
-/// A prosody server in a temporary directory.
-pub(crate) struct Prosody {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Prosody {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.path("certs/ca.pem")
-    }
-
-    pub(crate) async fn start() -> Prosody {
-        Prosody::start_with("").await
-    }
-
-    /// `extra` is Lua appended to the global section (later settings win).
-    async fn start_with(extra: &str) -> Prosody {
-        for bin in [PROSODY, PROSODYCTL] {
-            assert!(
-                Path::new(bin).exists(),
-                "{bin} not found: the XMPP adapter tests need a real prosody; install it with `apt-get install -y prosody`"
-            );
-        }
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let p = Prosody {
-            dir,
-            port: free_port(),
-            child: None,
-        };
-        p.write_certs();
-        p.write_config(extra);
-        // Accounts: registered with prosodyctl (hashed, as in production).
-        let mut regs = Vec::new();
-        for user in ["alice", "mallory", "fleetbot"] {
-            let mut cmd = Command::new(PROSODYCTL);
-            cmd.arg("--config")
-                .arg(p.path("prosody.cfg.lua"))
-                .args(["register", user, "localhost", PASSWORD])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true);
-            regs.push((user, cmd.output()));
-        }
-        for (user, out) in regs {
-            let out = tokio::time::timeout(Duration::from_secs(10), out)
-                .await
-                .unwrap_or_else(|_| panic!("prosodyctl register {user}: timed out"))
-                .unwrap_or_else(|e| panic!("prosodyctl register {user}: {e}"));
-            assert!(
-                out.status.success(),
-                "prosodyctl register {user}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let mut p = p;
-        p.spawn().await;
-        p
-    }
-
-    fn write_certs(&self) {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-        };
-        let certs = self.path("certs");
-        std::fs::create_dir_all(&certs).unwrap_or_else(|e| panic!("{e}"));
-        let ca_key = KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("{e}"));
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "fleetcmd xmpp test CA");
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_cert = ca.self_signed(&ca_key).unwrap_or_else(|e| panic!("{e}"));
-        let issuer = Issuer::new(ca, ca_key);
-        let key = KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
-        let mut leaf = CertificateParams::new(vec![
-            "localhost".to_string(),
-            "conference.localhost".to_string(),
-            "anon.localhost".to_string(),
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-        leaf.distinguished_name
-            .push(DnType::CommonName, "localhost");
-        let cert = leaf
-            .signed_by(&key, &issuer)
-            .unwrap_or_else(|e| panic!("{e}"));
-        for (name, pem) in [
-            ("ca.pem", ca_cert.pem()),
-            ("server.crt", cert.pem()),
-            ("server.key", key.serialize_pem()),
-        ] {
-            std::fs::write(certs.join(name), pem).unwrap_or_else(|e| panic!("{e}"));
-        }
-    }
-
-    fn write_config(&self, extra: &str) {
-        let d = self.dir.path().display();
-        let cfg = format!(
-            r#"-- written by fleetcmd's XMPP adapter tests
-pidfile = "{d}/prosody.pid"
-data_path = "{d}/data"
-certificates = "{d}/certs"
-run_as_root = true
-interfaces = {{ "127.0.0.1" }}
-c2s_ports = {{ {port} }}
-c2s_direct_tls_ports = {{ }}
-s2s_ports = {{ }}
-component_ports = {{ }}
-http_ports = {{ }}
-https_ports = {{ }}
-modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "posix" }}
-modules_disabled = {{ "s2s" }}
-authentication = "internal_hashed"
-storage = "internal"
-c2s_require_encryption = true
-allow_registration = false
-log = {{ debug = "{d}/prosody.log" }}
-ssl = {{ certificate = "{d}/certs/server.crt"; key = "{d}/certs/server.key" }}
-{extra}
-
-VirtualHost "localhost"
-
--- Real JIDs visible to every occupant: the bot can identify people.
-Component "conference.localhost" "muc"
-    muc_room_default_public_jids = true
-
--- Real JIDs only for moderators: the bot (a participant) cannot.
-Component "anon.localhost" "muc"
-    muc_room_default_public_jids = false
-    muc_room_locking = false
-"#,
-            port = self.port
-        );
-        std::fs::create_dir_all(self.path("data")).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(self.path("prosody.cfg.lua"), cfg).unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    /// Starts prosody in the foreground and waits for its port.
-    async fn spawn(&mut self) {
-        let log = std::fs::File::create(self.path("stdout.log")).unwrap_or_else(|e| panic!("{e}"));
-        let err = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        let child = Command::new(PROSODY)
-            .arg("--config")
-            .arg(self.path("prosody.cfg.lua"))
-            .arg("-F")
-            .stdout(log)
-            .stderr(err)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {PROSODY}: {e}"));
-        self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("prosody exited with {status}: {}", self.logs());
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "prosody did not listen on {} within 10 s: {}",
-                self.port,
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill().await;
-        }
-    }
-
-    fn logs(&self) -> String {
-        let out = std::fs::read_to_string(self.path("stdout.log")).unwrap_or_default();
-        let log = std::fs::read_to_string(self.path("prosody.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        format!(
-            "{out}\n--- prosody.log (last lines, newest first) ---\n{}",
-            tail.join("\n")
-        )
-    }
-
-    fn config(&self, jid: &str) -> XmppConfig {
-        let mut cfg = XmppConfig::new(jid, PASSWORD);
-        cfg.host = Some("127.0.0.1".into());
-        cfg.port = Some(self.port);
-        cfg.ca_file = Some(self.ca());
-        cfg.keepalive_secs = 5;
-        cfg
-    }
-
-    pub(crate) fn bot_config(&self, rooms: &[&str]) -> XmppConfig {
-        let mut cfg = self.config(BOT);
-        cfg.rooms = rooms.iter().map(|r| r.to_string()).collect();
-        cfg.nick = NICK.to_string();
-        cfg
     }
 }
 
@@ -288,153 +69,6 @@ async fn start_bot(
         adapter.joined_rooms()
     );
     tokio::spawn(serve(router, adapter))
-}
-
-pub(crate) fn jid(s: &str) -> Jid {
-    Jid::parse(s).unwrap_or_else(|e| panic!("{e}"))
-}
-
-pub(crate) fn body_of(el: &Element) -> Option<String> {
-    el.child("body", NS_CLIENT).map(Element::text)
-}
-
-fn from_of(el: &Element) -> &str {
-    el.attr("from").unwrap_or_default()
-}
-
-/// A message the bot posted in `room`.
-fn bot_said_in(room: &str, el: &Element) -> Option<String> {
-    (el.name == "message"
-        && el.attr("type") == Some("groupchat")
-        && from_of(el) == format!("{room}/{NICK}"))
-    .then(|| body_of(el))
-    .flatten()
-}
-
-/// An ordinary XMPP user.
-pub(crate) struct User {
-    reader: Reader,
-    writer: Writer,
-    name: String,
-    /// Stanzas read but not yet matched by `wait_for`.
-    backlog: VecDeque<Element>,
-    /// Everything received, for failure messages and "never" assertions.
-    seen: Vec<Element>,
-}
-
-impl User {
-    pub(crate) async fn login(p: &Prosody, name: &str) -> User {
-        let opts = p
-            .config(&format!("{name}@localhost/test"))
-            .client_options()
-            .unwrap_or_else(|e| panic!("{e}"));
-        let conn = Connection::connect(&opts)
-            .await
-            .unwrap_or_else(|e| panic!("{name} login: {e}\n{}", p.logs()));
-        let mut u = User {
-            reader: conn.reader,
-            writer: conn.writer,
-            name: name.to_string(),
-            backlog: VecDeque::new(),
-            seen: Vec::new(),
-        };
-        u.send("<presence/>").await;
-        u
-    }
-
-    async fn send(&mut self, xml: &str) {
-        self.writer
-            .send(xml)
-            .await
-            .unwrap_or_else(|e| panic!("{} send: {e}", self.name));
-    }
-
-    pub(crate) async fn say(&mut self, room: &str, text: &str) {
-        let xml = stanza::message(&jid(room), "groupchat", &stanza::new_id(), text, None);
-        self.send(&xml).await;
-    }
-
-    async fn tell(&mut self, to: &str, text: &str) {
-        let xml = stanza::message(&jid(to), "chat", &stanza::new_id(), text, None);
-        self.send(&xml).await;
-    }
-
-    /// The first stanza (backlog first) matching `pred`, within [`WAIT`].
-    async fn wait_for(&mut self, what: &str, pred: impl Fn(&Element) -> bool) -> Element {
-        if let Some(i) = self.backlog.iter().position(&pred)
-            && let Some(el) = self.backlog.remove(i)
-        {
-            return el;
-        }
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let next = tokio::time::timeout_at(deadline, self.reader.next()).await;
-            match next {
-                Ok(Ok(el)) => {
-                    self.seen.push(el.clone());
-                    if pred(&el) {
-                        return el;
-                    }
-                    self.backlog.push_back(el);
-                }
-                Ok(Err(e)) => panic!("{}: stream ended waiting for {what}: {e}", self.name),
-                Err(_) => panic!(
-                    "{}: no {what} within {WAIT:?}; received:\n{:#?}",
-                    self.name,
-                    self.seen.iter().rev().take(12).collect::<Vec<_>>()
-                ),
-            }
-        }
-    }
-
-    /// The body of the next message the bot posts in `room` containing `needle`.
-    pub(crate) async fn bot_reply(&mut self, room: &str, needle: &str) -> Element {
-        self.wait_for(
-            &format!("a message from the bot containing {needle:?}"),
-            |el| bot_said_in(room, el).is_some_and(|b| b.contains(needle)),
-        )
-        .await
-    }
-
-    /// Joins `room` as `nick`; unlocks the room if this created it.
-    pub(crate) async fn join(&mut self, room: &str, nick: &str) {
-        self.send(&stanza::join(&jid(room), nick)).await;
-        let me = format!("{room}/{nick}");
-        let presence = self
-            .wait_for(&format!("self-presence in {room}"), |el| {
-                el.name == "presence"
-                    && from_of(el) == me
-                    && (el.attr("type") == Some("error") || statuses(el).contains(&110))
-            })
-            .await;
-        assert_ne!(
-            presence.attr("type"),
-            Some("error"),
-            "{} could not join {room}: {presence:#?}",
-            self.name
-        );
-        let codes = statuses(&presence);
-        assert!(codes.contains(&110), "{presence:#?}");
-        if codes.contains(&201) {
-            self.send(&stanza::instant_room(&jid(room))).await;
-            self.wait_for("the instant-room result", |el| {
-                el.name == "iq" && el.attr("type") == Some("result") && from_of(el) == room
-            })
-            .await;
-        }
-    }
-}
-
-fn statuses(presence: &Element) -> Vec<u16> {
-    presence
-        .child("x", NS_MUC_USER)
-        .map(|x| {
-            x.elements()
-                .filter(|c| c.name == "status")
-                .filter_map(|c| c.attr("code").and_then(|c| c.parse().ok()))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 pub(crate) fn submitted(router: &Router<FakeController>) -> Vec<JobSpec> {
@@ -580,6 +214,42 @@ async fn direct_messages_are_answered_in_the_direct_chat() {
         assert_eq!(jobs[0].channel, "xmpp:alice@localhost");
         assert_eq!(jobs[0].requester.as_str(), "xmpp:alice@localhost");
         gw.abort();
+    })
+    .await;
+}
+
+/// What the gateway does to a connection when another gateway is to take
+/// over the account (a stop signal, a lost lease): a goodbye, so the
+/// server does not keep a session the bot left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_closes_the_stream_and_leaves_the_room_at_once() {
+    within(async {
+        let p = Prosody::start().await;
+        let mut alice = User::login(&p, "alice").await;
+        alice.join(OPS, "alice").await;
+        let mut bot = XmppAdapter::connect(&p.bot_config(&[OPS]))
+            .await
+            .unwrap_or_else(|e| panic!("bot connect: {e}\n{}", p.logs()));
+        assert!(bot.wait_joined(&[jid(OPS)], WAIT).await);
+        bot.stop_handle().stop();
+        let ended = tokio::time::timeout(WAIT, async { while bot.recv().await.is_some() {} }).await;
+        assert!(ended.is_ok(), "recv still open after a stop");
+        alice
+            .wait_for("the bot leaving", |el| {
+                from_of(el) == format!("{OPS}/{NICK}") && el.attr("type") == Some("unavailable")
+            })
+            .await;
+        // The server saw a goodbye, not a dropped connection.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let ended = loop {
+            let ended = p.ended_sessions(&format!("{BOT}/{NICK}"));
+            if !ended.is_empty() {
+                break ended;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{}", p.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(ended, [""], "{}", p.logs());
     })
     .await;
 }

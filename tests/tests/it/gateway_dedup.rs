@@ -17,6 +17,8 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use fleetcmd_gateway::adapters::xmpp::stanza::NS_CORRECT;
+use fleetcmd_gateway::adapters::xmpp::xml::Element;
 use fleetcmd_proto::v1 as pb;
 use fleetcmd_tests::*;
 use serde_json::{Value, json};
@@ -25,6 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::docs::IrcUser;
 use crate::failover::free_port;
 use crate::gateway_restart::Gateway;
+use crate::prosody::{BOT, NICK, OPS, PASSWORD, Prosody, User, body_of, bot_said_in, from_of};
 
 const TEAM: &str = "T0TEAM";
 const BOT_USER: &str = "U0BOT";
@@ -476,17 +479,17 @@ async fn only_gateways_claim_and_the_first_claim_of_a_key_wins() {
 
 // ------------------------------------------------- connection chats (IRC)
 
-/// The chat lease of the IRC tests: short, so a takeover after a crash is
-/// quick to see, and long enough that a clean handover (a release, then
-/// the standby's next attempt within `ttl/3`) is told apart from one
-/// after the lease ran out (at least `2*ttl/3` after the kill).
-const IRC_LEASE_SECS: u64 = 9;
+/// The chat lease of the IRC and XMPP tests: short, so a takeover after a
+/// crash is quick to see, and long enough that a clean handover (a
+/// release, then the standby's next attempt within `ttl/3`) is told apart
+/// from one after the lease ran out (at least `2*ttl/3` after the kill).
+const CHAT_LEASE_SECS: u64 = 9;
 
 /// A gateway.toml for `fleet` with the same `[irc]` section on every
 /// gateway (one nick on one server), its state in `state`.
 fn irc_gateway_config(fleet: &TestFleet, irc_port: u16, state: &Path, name: &str) -> PathBuf {
     let text = format!(
-        r##"{head}chat_lease = "{IRC_LEASE_SECS}s"
+        r##"{head}chat_lease = "{CHAT_LEASE_SECS}s"
 
 [irc]
 server = "127.0.0.1"
@@ -537,13 +540,13 @@ async fn run_echo(alice: &mut IrcUser, word: &str) -> Vec<String> {
         .await
 }
 
-/// Which of two gateways started together holds the chat: the one that
-/// logged "holding the chat"; the other must not have.
-async fn the_holder(gateways: [&Gateway; 2]) -> usize {
-    const HOLDING: &str = "chat irc: holding the chat";
+/// Which of two gateways started together holds `chat` (`irc`, `xmpp`):
+/// the one that logged "holding the chat"; the other must not have.
+async fn the_holder(gateways: [&Gateway; 2], chat: &str) -> usize {
+    let holding = format!("chat {chat}: holding the chat");
     let holders = wait_for("a holder", gateways, || async {
         let holders: Vec<usize> = (0..2)
-            .filter(|i| gateways[*i].stderr().contains(HOLDING))
+            .filter(|i| gateways[*i].stderr().contains(&holding))
             .collect();
         (!holders.is_empty()).then_some(holders)
     })
@@ -583,7 +586,7 @@ async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
         let [Some(a), Some(b)] = [&gws[0], &gws[1]] else {
             unreachable!("both started")
         };
-        let first = the_holder([a, b]).await;
+        let first = the_holder([a, b], "irc").await;
         [a, b][1 - first]
             .logged("chat irc: standing by: held by", 1)
             .await;
@@ -619,7 +622,7 @@ async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
     gws[first].take().expect("holder").kill9();
     bot_joined(&mut alice).await;
     let took = killed.elapsed();
-    let bound = Duration::from_secs(IRC_LEASE_SECS * 4 / 3 + 5);
+    let bound = Duration::from_secs(CHAT_LEASE_SECS * 4 / 3 + 5);
     eprintln!("irc: the standby answered {took:?} after kill -9 of the holder");
     assert!(
         took < bound,
@@ -643,11 +646,7 @@ async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
         .await;
     let holder = gws[second].as_ref().expect("holder");
     let stopped = Instant::now();
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &holder.pid().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(term.success());
+    sigterm(holder);
     alice
         .until(|l| l.starts_with(":fleetcmd!") && l.contains(" QUIT "))
         .await;
@@ -656,7 +655,7 @@ async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
     eprintln!("irc: the standby answered {took:?} after SIGTERM of the holder");
     // Released: the standby's next attempt (within ttl/3) takes it; had
     // it run out instead, that would be at least 2*ttl/3 after the stop.
-    let bound = Duration::from_secs(IRC_LEASE_SECS / 3 + 2);
+    let bound = Duration::from_secs(CHAT_LEASE_SECS / 3 + 2);
     assert!(
         took < bound,
         "handover after a clean stop took {took:?} (bound {bound:?}); old holder:\n{}",
@@ -673,6 +672,283 @@ async fn two_gateways_on_one_irc_channel_run_a_command_once_and_hand_over() {
         4,
         "the fourth command ran once"
     );
+}
+
+// ------------------------------------------------ connection chats (XMPP)
+
+/// alice's identity on the test prosody.
+const XMPP_ALICE: &str = "xmpp:alice@localhost";
+
+/// A gateway.toml for `fleet` with the same `[xmpp]` section on every
+/// gateway (one JID with one resource, one nick, one room on `prosody`),
+/// its state in `state`.
+fn xmpp_gateway_config(fleet: &TestFleet, prosody: &Prosody, state: &Path, name: &str) -> PathBuf {
+    let text = format!(
+        r#"{head}chat_lease = "{CHAT_LEASE_SECS}s"
+
+[xmpp]
+jid = "{BOT}"
+password = "{PASSWORD}"
+host = "127.0.0.1"
+port = {port}
+ca_file = "{ca}"
+rooms = ["{OPS}"]
+nick = "{NICK}"
+keepalive_secs = 5
+"#,
+        head = crate::gateway_restart::gateway_toml_head(fleet, state),
+        port = prosody.port,
+        ca = prosody.ca().display(),
+    );
+    let path = fleet.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("gateway.toml written");
+    // It holds the XMPP password inline: private, as the gateway requires.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod gateway.toml");
+    }
+    path
+}
+
+/// alice in the room, before any bot (she creates it).
+async fn alice_in_room(prosody: &Prosody) -> User {
+    let mut alice = User::login(prosody, "alice").await;
+    alice.join(OPS, "alice").await;
+    alice
+}
+
+/// The bot's presence in the room under its nickname, or a variant of it
+/// (`fleetcmd_`: what a second session of the account would get).
+fn bot_presence(el: &Element) -> bool {
+    el.name == "presence" && from_of(el).starts_with(&format!("{OPS}/{NICK}"))
+}
+
+/// Waits until the bot joins the room, under its own nickname.
+async fn xmpp_bot_joined(alice: &mut User) {
+    let el = alice
+        .wait_within(WAIT, "the bot joining the room", |el| {
+            bot_presence(el) && el.attr("type").is_none()
+        })
+        .await;
+    assert_eq!(
+        from_of(&el),
+        format!("{OPS}/{NICK}"),
+        "the bot joined under another nickname: {el:#?}"
+    );
+}
+
+/// Waits until the bot's session leaves the room.
+async fn xmpp_bot_left(alice: &mut User) {
+    alice
+        .wait_within(WAIT, "the bot leaving the room", |el| {
+            bot_presence(el) && el.attr("type") == Some("unavailable")
+        })
+        .await;
+}
+
+/// alice says `!run echo WORD on all` in the room and waits for the
+/// bot's result, which shows the output.
+async fn xmpp_run_echo(alice: &mut User, word: &str) {
+    alice.say(OPS, &format!("!run echo {word} on all")).await;
+    alice
+        .wait_within(WAIT, &format!("the bot's result of {word}"), |el| {
+            bot_said_in(OPS, el).is_some_and(|b| b.contains(word))
+        })
+        .await;
+}
+
+/// The messages the bot posted anew in the room (one per job: the
+/// results are XEP-0308 corrections of them).
+fn bot_posts(alice: &User) -> usize {
+    alice
+        .seen
+        .iter()
+        .filter(|el| bot_said_in(OPS, el).is_some())
+        .filter(|el| el.child("replace", NS_CORRECT).is_none())
+        .count()
+}
+
+/// The bot's comings and goings in the room that alice saw.
+fn bot_presences(alice: &User) -> usize {
+    alice.seen.iter().filter(|el| bot_presence(el)).count()
+}
+
+/// What alice saw in the room, one line per message (a correction
+/// marked) and per coming or going of the bot, for failure messages.
+fn room_log(alice: &User) -> String {
+    let line = |el: &Element| {
+        let from = from_of(el);
+        if bot_presence(el) {
+            let what = el.attr("type").unwrap_or("joined");
+            return Some(format!("{from}: {what}\n"));
+        }
+        let body = body_of(el).filter(|_| el.name == "message")?;
+        let fix = if el.child("replace", NS_CORRECT).is_some() {
+            " (correction)"
+        } else {
+            ""
+        };
+        Some(format!("{from}{fix}: {body}\n"))
+    };
+    alice.seen.iter().filter_map(line).collect()
+}
+
+/// Occupants other than alice and the bot that spoke or showed up in the
+/// room (a second bot session would be one).
+fn strangers(alice: &User) -> Vec<&Element> {
+    let known = [format!("{OPS}/alice"), format!("{OPS}/{NICK}")];
+    alice
+        .seen
+        .iter()
+        .filter(|el| {
+            let from = from_of(el);
+            from.starts_with(&format!("{OPS}/")) && !known.iter().any(|k| k == from)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_one_xmpp_room_run_a_command_once_and_hand_over() {
+    let mut fleet = start_fleet(1).await;
+    push_policy_for(&mut fleet, XMPP_ALICE).await;
+    let prosody = Prosody::start().await;
+    let mut alice = alice_in_room(&prosody).await;
+    let configs: Vec<PathBuf> = ["xmpp-a", "xmpp-b"]
+        .iter()
+        .map(|n| xmpp_gateway_config(&fleet, &prosody, &fleet.path().join(n), n))
+        .collect();
+    // Both start at once: one holds the chat and connects, the other
+    // stands by, naming the holder.
+    let mut gws: Vec<Option<Gateway>> = configs
+        .iter()
+        .map(|c| Some(Gateway::start(c, "nobody")))
+        .collect();
+    xmpp_bot_joined(&mut alice).await;
+    let first = {
+        let [Some(a), Some(b)] = [&gws[0], &gws[1]] else {
+            unreachable!("both started")
+        };
+        let first = the_holder([a, b], "xmpp").await;
+        [a, b][1 - first]
+            .logged("chat xmpp: standing by: held by", 1)
+            .await;
+        first
+    };
+    // One command, one job, one reply, from the one bot.
+    xmpp_run_echo(&mut alice, "lease-one").await;
+    // A second command, answered after the first: had a second bot been
+    // connected, its job for the first would be in by now.
+    xmpp_run_echo(&mut alice, "lease-two").await;
+    let jobs = jobs_of(&fleet, XMPP_ALICE).await;
+    assert_eq!(jobs.len(), 2, "one job per command: {jobs:#?}");
+    assert_eq!(
+        bot_posts(&alice),
+        2,
+        "one reply per command:\n{}",
+        room_log(&alice)
+    );
+    // The bot joined once and stayed: a second session of the account
+    // (the same resource) would push it out, and come back when pushed
+    // out itself.
+    assert_eq!(bot_presences(&alice), 1, "{}", room_log(&alice));
+
+    // kill -9 the holder: the room sees it go at once (its socket closes),
+    // and the standby connects once the lease runs out.
+    let killed = Instant::now();
+    gws[first].take().expect("holder").kill9();
+    xmpp_bot_left(&mut alice).await;
+    let gone = killed.elapsed();
+    xmpp_bot_joined(&mut alice).await;
+    let took = killed.elapsed();
+    let bound = Duration::from_secs(CHAT_LEASE_SECS * 4 / 3 + 5);
+    eprintln!(
+        "xmpp: the room saw the holder go {gone:?} and the standby join {took:?} after kill -9 of the holder"
+    );
+    assert!(
+        took < bound,
+        "standby took over after {took:?} (bound {bound:?})"
+    );
+    let second = 1 - first;
+    xmpp_run_echo(&mut alice, "lease-three").await;
+    assert_eq!(
+        jobs_of(&fleet, XMPP_ALICE).await.len(),
+        3,
+        "the third command ran once"
+    );
+
+    // The killed one comes back as the standby; a clean stop (SIGTERM) of
+    // the holder closes its session and releases the lease, and the
+    // standby takes over at its next attempt.
+    gws[first] = Some(Gateway::start(&configs[first], "nobody"));
+    gws[first]
+        .as_ref()
+        .expect("restarted")
+        .logged("chat xmpp: standing by: held by", 1)
+        .await;
+    let holder = gws[second].as_ref().expect("holder");
+    let stopped = Instant::now();
+    sigterm(holder);
+    xmpp_bot_left(&mut alice).await;
+    let gone = stopped.elapsed();
+    xmpp_bot_joined(&mut alice).await;
+    let took = stopped.elapsed();
+    eprintln!(
+        "xmpp: the room saw the holder go {gone:?} and the standby join {took:?} after SIGTERM of the holder"
+    );
+    // Released: the standby's next attempt (within ttl/3) takes it; had
+    // it run out instead, that would be at least 2*ttl/3 after the stop.
+    let bound = Duration::from_secs(CHAT_LEASE_SECS / 3 + 2);
+    assert!(
+        took < bound,
+        "handover after a clean stop took {took:?} (bound {bound:?}); old holder:\n{}",
+        holder.stderr()
+    );
+    holder.logged("chat xmpp: lease released", 1).await;
+    // The killed holder's connection dropped; the stopped one said
+    // goodbye (closed its stream), so the server kept no session of it.
+    let ended = wait_for(
+        "the stopped holder's session ended",
+        [holder, gws[first].as_ref().expect("the new holder")],
+        || async {
+            let ended = prosody.ended_sessions(&format!("{BOT}/{NICK}"));
+            (ended.len() >= 2).then_some(ended)
+        },
+    )
+    .await;
+    assert_eq!(ended.len(), 2, "two sessions ended: {ended:?}");
+    assert_eq!(
+        ended[1], "",
+        "the stopped holder closed its stream: {ended:?}"
+    );
+    xmpp_run_echo(&mut alice, "lease-four").await;
+    assert_eq!(
+        jobs_of(&fleet, XMPP_ALICE).await.len(),
+        4,
+        "the fourth command ran once"
+    );
+    assert_eq!(
+        bot_posts(&alice),
+        4,
+        "one reply per command:\n{}",
+        room_log(&alice)
+    );
+    // Joined, killed, joined, stopped, joined: nobody else's session.
+    assert_eq!(bot_presences(&alice), 5, "{}", room_log(&alice));
+    let strangers = strangers(&alice);
+    assert!(
+        strangers.is_empty(),
+        "only alice and one bot: {strangers:#?}"
+    );
+}
+
+/// Stops `gw` cleanly, as systemd does.
+fn sigterm(gw: &Gateway) {
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &gw.pid().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
 }
 
 /// A `Claims.Hold` request.

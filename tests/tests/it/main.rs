@@ -42,6 +42,11 @@ mod pg_restart;
 mod policy_trust;
 mod postgres;
 mod prometheus;
+// The gateway tests' real prosody and XMPP user, one file for both test
+// binaries.
+#[path = "../../../chat-gateway/tests/it/prosody.rs"]
+#[allow(dead_code)] // the rest serves the gateway's XMPP tests
+mod prosody;
 mod python_api;
 mod rollout;
 mod short_ids;

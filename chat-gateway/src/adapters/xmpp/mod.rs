@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use fleetcmd_core::crypto::Secret;
 use serde::Deserialize;
-use tokio::sync::{Mutex, Notify, mpsc};
+use tokio::sync::{Mutex, Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -232,6 +232,18 @@ impl XmppConfig {
             bad.push(("max_stanza_bytes".into(), "must be 4096..=16777216".into()));
         }
         bad
+    }
+
+    /// The account the chat's lease is named after (`crate::standby`): the
+    /// bare JID. Gateways that give the bot different resources
+    /// (`bot@example.com/gw1`, `/gw2`) are still one account: each
+    /// resource is a session of its own, in every room under the same
+    /// nick, and each session would run every command.
+    pub fn lease_account(&self) -> String {
+        match Jid::parse(&self.jid) {
+            Ok(j) => j.bare().to_string(),
+            Err(_) => self.jid.to_lowercase(),
+        }
     }
 
     /// Validates, then reads the files the config names.
@@ -476,12 +488,26 @@ impl ChatSender for XmppSender {
     }
 }
 
-/// The XMPP adapter (receiving half). Dropping it stops the connection.
+/// The XMPP adapter (receiving half). Dropping it stops the connection
+/// (the socket closes, with no goodbye); [`XmppStop`] ends it cleanly.
 pub struct XmppAdapter {
     rx: mpsc::Receiver<Incoming>,
     sender: Arc<XmppSender>,
     jid: Jid,
     task: JoinHandle<()>,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+/// Stops the adapter: closes the stream (`</stream:stream>`: the server
+/// ends the session and takes the bot out of its rooms at once, as a
+/// client logging out) and ends `recv`.
+#[derive(Clone, Debug)]
+pub struct XmppStop(Arc<watch::Sender<bool>>);
+
+impl XmppStop {
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl std::fmt::Debug for XmppAdapter {
@@ -517,6 +543,7 @@ impl XmppAdapter {
             changed: Notify::new(),
         });
         let (tx, rx) = mpsc::channel(INCOMING_QUEUE);
+        let (stop, stopped) = watch::channel(false);
         let jid = opts.jid.clone();
         let run = Runner {
             shared: shared.clone(),
@@ -525,6 +552,7 @@ impl XmppAdapter {
             nick: cfg.nick.clone(),
             keepalive: Duration::from_secs(cfg.keepalive_secs),
             tx,
+            stopped,
         };
         let task = tokio::spawn(run.run(first));
         Ok(XmppAdapter {
@@ -539,7 +567,13 @@ impl XmppAdapter {
             }),
             jid,
             task,
+            stop: Arc::new(stop),
         })
+    }
+
+    /// What ends this adapter cleanly, from outside its `recv`.
+    pub fn stop_handle(&self) -> XmppStop {
+        XmppStop(self.stop.clone())
     }
 
     /// The bot's bare JID.
@@ -598,10 +632,19 @@ pub fn backoff(n: u32, jitter_unit: f64) -> Duration {
     .delay_with(n.saturating_sub(1), jitter_unit)
 }
 
+/// Returns once [`XmppStop`] was used (never, if the adapter is gone).
+async fn stop_asked(stopped: &mut watch::Receiver<bool>) {
+    if stopped.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Why a session ended.
 enum Ended {
     /// The adapter was dropped.
     ReceiverGone,
+    /// [`XmppStop`]: the stream is closed.
+    Stopped,
     Lost(ClientError),
 }
 
@@ -613,13 +656,19 @@ struct Runner {
     nick: String,
     keepalive: Duration,
     tx: mpsc::Sender<Incoming>,
+    stopped: watch::Receiver<bool>,
 }
 
 impl Runner {
+    /// Ends when the adapter is dropped or stopped; dropping `tx` then
+    /// ends the adapter's `recv`.
     async fn run(self, first: Connection) {
         let mut next = Some(first);
         let mut failures = 0u32;
         loop {
+            if *self.stopped.borrow() {
+                return;
+            }
             let conn = match next.take() {
                 Some(c) => c,
                 None => match Connection::connect(&self.opts).await {
@@ -631,7 +680,7 @@ impl Runner {
                         failures += 1;
                         let wait = backoff(failures, crate::backoff::random_unit());
                         tracing::warn!(error = %e, attempt = failures, retry_in_ms = wait.as_millis() as u64, "xmpp connect failed");
-                        tokio::time::sleep(wait).await;
+                        self.pause(wait).await;
                         continue;
                     }
                 },
@@ -642,13 +691,32 @@ impl Runner {
             self.shared.set_joined(Vec::new());
             self.shared.changed.notify_waiters();
             match ended {
-                Ended::ReceiverGone => return,
+                Ended::ReceiverGone | Ended::Stopped => return,
                 Ended::Lost(e) => {
                     failures += 1;
                     let wait = backoff(failures, crate::backoff::random_unit());
                     tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "xmpp connection lost; reconnecting");
-                    tokio::time::sleep(wait).await;
+                    self.pause(wait).await;
                 }
+            }
+        }
+    }
+
+    /// Sleeps `wait`, or less when the adapter is stopped meanwhile.
+    async fn pause(&self, wait: Duration) {
+        let mut stopped = self.stopped.clone();
+        let _ = tokio::time::timeout(wait, stop_asked(&mut stopped)).await;
+    }
+
+    /// Closes the stream politely, then the connection; at most
+    /// [`WRITE_TIMEOUT`], as a dead server may not take the bytes.
+    async fn close(&self) {
+        let writer = self.shared.writer.lock().await.take();
+        if let Some(mut w) = writer {
+            match tokio::time::timeout(WRITE_TIMEOUT, w.close()).await {
+                Ok(Ok(())) => tracing::info!("xmpp stream closed"),
+                Ok(Err(e)) => tracing::debug!(error = %e, "xmpp stream not closed cleanly"),
+                Err(_) => tracing::debug!("xmpp stream not closed within the write timeout"),
             }
         }
     }
@@ -678,8 +746,13 @@ impl Runner {
         let mut tick = tokio::time::interval_at(Instant::now() + self.keepalive, self.keepalive);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_rx = Instant::now();
+        let mut stopped = self.stopped.clone();
         loop {
             tokio::select! {
+                () = stop_asked(&mut stopped) => {
+                    self.close().await;
+                    return Ended::Stopped;
+                }
                 r = reader.next() => {
                     let el = match r {
                         Ok(el) => el,
@@ -754,12 +827,22 @@ impl crate::registry::Component for XmppConfig {
         super::prefixed(Self::NAME, XmppConfig::validate(self))
     }
 
-    /// Connected only while this gateway holds the lease of this JID
-    /// (`crate::standby`); dropping the adapter closes its stream.
+    /// Connected only while this gateway holds the lease of this account
+    /// (`crate::standby`); a stop closes the stream.
     async fn build(self, cx: &mut crate::registry::BuildContext) -> Result<(), String> {
-        let jid = self.jid.to_lowercase();
-        let connect =
-            crate::standby::connect_fn(self, |cfg| async move { XmppAdapter::connect(&cfg).await });
+        let jid = self.lease_account();
+        let cfg = Arc::new(self);
+        let connect: crate::standby::ConnectFn<XmppAdapter> = Arc::new(move || {
+            let cfg = cfg.clone();
+            Box::pin(async move {
+                let a = XmppAdapter::connect(&cfg).await?;
+                let stop = a.stop_handle();
+                Ok(crate::standby::Connected {
+                    adapter: a,
+                    stop: Some(Box::new(move || stop.stop())),
+                })
+            })
+        });
         crate::standby::serve(cx, Self::NAME, &[&jid], connect).await
     }
 }
@@ -848,6 +931,22 @@ tls = "required"
             .unwrap_or_default();
         assert!(e.contains("missing"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_lease_is_the_accounts_whatever_the_resource() {
+        let account = |jid: &str| XmppConfig::new(jid, "pw").lease_account();
+        // Found by the two-gateway test: `/gw1` and `/gw2` held two leases,
+        // both joined the room and every command ran twice.
+        for jid in [
+            "bot@example.com",
+            "bot@example.com/gw1",
+            "Bot@Example.COM/gw2",
+            "bot@example.com./fleetcmd",
+        ] {
+            assert_eq!(account(jid), "bot@example.com", "{jid}");
+        }
+        assert_ne!(account("bot@example.com"), account("bot2@example.com"));
     }
 
     #[test]
