@@ -12,19 +12,15 @@ use fleetcmd_gateway::adapters::matrix::rooms::E2EE_REFUSAL;
 use fleetcmd_gateway::adapters::matrix::{MatrixAdapter, MatrixConfig};
 use fleetcmd_gateway::router::Router;
 use fleetcmd_gateway::serve;
-use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use serde_json::json;
 
 use crate::support::{FakeController, router_with_extra};
-use crate::synapse::{SHARED_SECRET, Synapse, matrix_dir};
+use crate::synapse::{Synapse, User, text_of};
 use crate::xmpp::submitted;
 
 /// Every test finishes well within this (Synapse's start included; about
 /// 10 to 25 s each on 2 cores).
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
-/// One expected message, in seconds (for user.py).
-const WAIT_SECS: u64 = 20;
 
 const BINDINGS: &str = r#"
 [[bindings]]
@@ -41,126 +37,6 @@ async fn within<F: std::future::Future<Output = ()>>(f: F) {
     if tokio::time::timeout(TEST_TIMEOUT, f).await.is_err() {
         panic!("test did not finish within {TEST_TIMEOUT:?}");
     }
-}
-
-/// One matrix-nio client.
-struct User {
-    id: String,
-    _child: Child,
-    stdin: ChildStdin,
-    stdout: Lines<BufReader<ChildStdout>>,
-}
-
-impl User {
-    async fn spawn(hs: &Synapse) -> User {
-        let mut child = Command::new(&hs.python)
-            .arg(matrix_dir().join("user.py"))
-            .args([&hs.url, SHARED_SECRET])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("user.py: {e}"));
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        User {
-            id: String::new(),
-            _child: child,
-            stdin,
-            stdout,
-        }
-    }
-
-    async fn ask(&mut self, req: Value) -> Value {
-        let mut line = req.to_string();
-        line.push('\n');
-        self.stdin
-            .write_all(line.as_bytes())
-            .await
-            .expect("to user.py");
-        let answer = self
-            .stdout
-            .next_line()
-            .await
-            .expect("from user.py")
-            .unwrap_or_else(|| panic!("user.py ended at {req}"));
-        let v: Value = serde_json::from_str(&answer).expect("user.py answers JSON");
-        match v.get("ok") {
-            Some(ok) => ok.clone(),
-            None => panic!("user.py {req}: {v}"),
-        }
-    }
-
-    /// Registers every name in `names` (password `pw-NAME`).
-    async fn register(&mut self, names: &[&str]) {
-        for n in names {
-            self.ask(json!({"op": "register", "user": n, "password": format!("pw-{n}")}))
-                .await;
-        }
-    }
-
-    async fn login(hs: &Synapse, name: &str) -> User {
-        let mut u = User::spawn(hs).await;
-        let id = u
-            .ask(json!({"op": "login", "user": name, "password": format!("pw-{name}")}))
-            .await;
-        u.id = id.as_str().unwrap_or_default().to_string();
-        u
-    }
-
-    async fn create_room(&mut self, alias: &str, encrypted: bool, invite: &[String]) -> String {
-        let v = self
-            .ask(json!({"op": "create_room", "alias": alias, "encrypted": encrypted, "invite": invite}))
-            .await;
-        v.as_str().unwrap_or_default().to_string()
-    }
-
-    async fn join(&mut self, room: &str) {
-        self.ask(json!({"op": "join", "room": room})).await;
-    }
-
-    async fn say(&mut self, room: &str, text: &str) -> String {
-        let v = self
-            .ask(json!({"op": "say", "room": room, "text": text}))
-            .await;
-        v.as_str().unwrap_or_default().to_string()
-    }
-
-    async fn react(&mut self, room: &str, event: &str, key: &str) {
-        self.ask(json!({"op": "react", "room": room, "event_id": event, "key": key}))
-            .await;
-    }
-
-    /// The first event from the bot in `room` whose text (or edited text)
-    /// contains `needle`.
-    async fn bot_said(&mut self, room: &str, needle: &str) -> Value {
-        self.ask(
-            json!({"op": "wait", "room": room, "sender": Synapse::user_id("bot"),
-                        "contains": needle, "timeout": WAIT_SECS}),
-        )
-        .await
-    }
-
-    async fn everything_bot_said(&mut self, room: &str) -> Vec<Value> {
-        let v = self
-            .ask(json!({"op": "events", "room": room, "sender": Synapse::user_id("bot")}))
-            .await;
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e["type"] == "m.room.message")
-            .cloned()
-            .collect()
-    }
-}
-
-fn text_of(ev: &Value) -> String {
-    let c = &ev["content"];
-    c["m.new_content"]["body"]
-        .as_str()
-        .or(c["body"].as_str())
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Registers the bot and the humans, logs alice in, and has her create

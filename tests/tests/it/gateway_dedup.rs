@@ -28,6 +28,7 @@ use crate::docs::IrcUser;
 use crate::failover::free_port;
 use crate::gateway_restart::Gateway;
 use crate::prosody::{BOT, NICK, OPS, PASSWORD, Prosody, User, body_of, bot_said_in, from_of};
+use crate::synapse::{self, Synapse, text_of};
 
 const TEAM: &str = "T0TEAM";
 const BOT_USER: &str = "U0BOT";
@@ -479,8 +480,8 @@ async fn only_gateways_claim_and_the_first_claim_of_a_key_wins() {
 
 // ------------------------------------------------- connection chats (IRC)
 
-/// The chat lease of the IRC and XMPP tests: short, so a takeover after a
-/// crash is quick to see, and long enough that a clean handover (a
+/// The chat lease of the IRC, XMPP and Matrix tests: short, so a takeover
+/// after a crash is quick to see, and long enough that a clean handover (a
 /// release, then the standby's next attempt within `ttl/3`) is told apart
 /// from one after the lease ran out (at least `2*ttl/3` after the kill).
 const CHAT_LEASE_SECS: u64 = 9;
@@ -540,8 +541,9 @@ async fn run_echo(alice: &mut IrcUser, word: &str) -> Vec<String> {
         .await
 }
 
-/// Which of two gateways started together holds `chat` (`irc`, `xmpp`):
-/// the one that logged "holding the chat"; the other must not have.
+/// Which of two gateways started together holds `chat` (`irc`, `xmpp`,
+/// `matrix`): the one that logged "holding the chat"; the other must not
+/// have.
 async fn the_holder(gateways: [&Gateway; 2], chat: &str) -> usize {
     let holding = format!("chat {chat}: holding the chat");
     let holders = wait_for("a holder", gateways, || async {
@@ -942,6 +944,249 @@ async fn two_gateways_on_one_xmpp_room_run_a_command_once_and_hand_over() {
         strangers.is_empty(),
         "only alice and one bot: {strangers:#?}"
     );
+}
+
+// ---------------------------------------------- connection chats (Matrix)
+
+/// alice's identity on the test Synapse.
+const MATRIX_ALICE: &str = "matrix:@alice:localhost";
+/// The room the bot serves, by alias (alice creates it as `ops`).
+const MATRIX_OPS: &str = "#ops:localhost";
+/// How often alice types `!whoami` while she waits for a bot to answer.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// Longest the whole Matrix test may take once Synapse's venv is made
+/// (about a minute on 2 cores; its waits are bounded one by one too).
+const MATRIX_TEST_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// A gateway.toml for `fleet` with the same `[matrix]` section on every
+/// gateway (one bot account on `hs`, one room), its state in `state`.
+fn matrix_gateway_config(fleet: &TestFleet, hs: &Synapse, state: &Path, name: &str) -> PathBuf {
+    let password = fleet.path().join("matrix-password");
+    std::fs::write(&password, "pw-bot\n").expect("password written");
+    // Readable by the gateway only, as it requires.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod matrix-password");
+    }
+    let text = format!(
+        r#"{head}chat_lease = "{CHAT_LEASE_SECS}s"
+
+[matrix]
+homeserver = "{url}"
+user_id = "{bot}"
+password_file = "{password}"
+rooms = ["{MATRIX_OPS}"]
+"#,
+        head = crate::gateway_restart::gateway_toml_head(fleet, state),
+        url = hs.url,
+        bot = Synapse::user_id("bot"),
+        password = password.display(),
+    );
+    let path = fleet.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("gateway.toml written");
+    path
+}
+
+/// Registers the bot and alice; alice creates the room with the bot
+/// invited (each gateway's connection joins it). alice and the room's id.
+async fn alice_in_matrix_room(hs: &Synapse) -> (synapse::User, String) {
+    synapse::User::spawn(hs)
+        .await
+        .register(&["bot", "alice"])
+        .await;
+    let mut alice = synapse::User::login(hs, "alice").await;
+    let room = alice
+        .create_room("ops", false, &[Synapse::user_id("bot")])
+        .await;
+    (alice, room)
+}
+
+/// The bot's answers to `!whoami` that alice saw.
+async fn whoami_answers(alice: &mut synapse::User, room: &str) -> usize {
+    let said = alice.everything_bot_said(room).await;
+    said.iter()
+        .filter(|e| text_of(e).starts_with("you are "))
+        .count()
+}
+
+/// alice types `!whoami` every [`PROBE_EVERY`] until a bot answers one:
+/// how long after `since` the first answer came, and how many she typed.
+/// A bot reads the room from where it was when it connected, so this is
+/// when a connected bot is listening.
+async fn first_answer(
+    alice: &mut synapse::User,
+    room: &str,
+    since: Instant,
+    gateways: &[&Gateway],
+) -> (Duration, usize) {
+    let before = whoami_answers(alice, room).await;
+    let mut typed = 0;
+    loop {
+        alice.say(room, "!whoami").await;
+        typed += 1;
+        let next = Instant::now() + PROBE_EVERY;
+        while Instant::now() < next {
+            if whoami_answers(alice, room).await > before {
+                return (since.elapsed(), typed);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let logs: Vec<String> = gateways.iter().map(|g| g.stderr()).collect();
+        assert!(
+            since.elapsed() < WAIT,
+            "no bot answered `!whoami` within {WAIT:?}; gateways:\n{}",
+            logs.join("\n-----\n")
+        );
+    }
+}
+
+/// alice says `!run echo WORD on all` and waits for the bot's message
+/// that shows it.
+async fn matrix_run_echo(alice: &mut synapse::User, room: &str, word: &str) {
+    alice.say(room, &format!("!run echo {word} on all")).await;
+    alice.bot_said(room, word).await;
+}
+
+/// The messages the bot posted anew in the room about jobs (one per job:
+/// the progress and the result are `m.replace` edits of it; the answers
+/// to `!whoami` left out).
+async fn matrix_job_posts(alice: &mut synapse::User, room: &str) -> Vec<String> {
+    let said = alice.everything_bot_said(room).await;
+    said.iter()
+        .filter(|e| e["content"]["m.relates_to"]["rel_type"] != "m.replace")
+        .map(text_of)
+        .filter(|t| !t.starts_with("you are "))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_one_matrix_room_run_a_command_once_and_hand_over() {
+    // Made once per target directory (pip, a minute or more): not the
+    // test's time.
+    tokio::task::spawn_blocking(crate::synapse::venv_python)
+        .await
+        .expect("venv");
+    tokio::time::timeout(MATRIX_TEST_TIMEOUT, matrix_handover())
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the Matrix handover did not finish within {MATRIX_TEST_TIMEOUT:?}")
+        });
+}
+
+/// The body of the Matrix test: the IRC and XMPP tests' steps, with a bot
+/// that stays a member of the room throughout (its account's membership is
+/// the homeserver's, not a connection's), so alice sees a takeover only by
+/// being answered.
+async fn matrix_handover() {
+    let mut fleet = start_fleet(1).await;
+    push_policy_for(&mut fleet, MATRIX_ALICE).await;
+    let hs = Synapse::start().await;
+    let (mut alice, room) = alice_in_matrix_room(&hs).await;
+    let configs: Vec<PathBuf> = ["matrix-a", "matrix-b"]
+        .iter()
+        .map(|n| matrix_gateway_config(&fleet, &hs, &fleet.path().join(n), n))
+        .collect();
+    // Both start at once: one holds the chat and connects, the other
+    // stands by, naming the holder.
+    let started = Instant::now();
+    let mut probes = 0;
+    let mut gws: Vec<Option<Gateway>> = configs
+        .iter()
+        .map(|c| Some(Gateway::start(c, "nobody")))
+        .collect();
+    let first = {
+        let [Some(a), Some(b)] = [&gws[0], &gws[1]] else {
+            unreachable!("both started")
+        };
+        let first = the_holder([a, b], "matrix").await;
+        [a, b][1 - first]
+            .logged("chat matrix: standing by: held by", 1)
+            .await;
+        let (took, typed) = first_answer(&mut alice, &room, started, &[a, b]).await;
+        eprintln!(
+            "matrix: the holder answered {took:?} after both gateways started ({typed} `!whoami` typed meanwhile)"
+        );
+        probes += typed;
+        first
+    };
+    // One command, one job, one reply, from the one bot.
+    matrix_run_echo(&mut alice, &room, "lease-one").await;
+    // A second command, answered after the first: had a second bot been
+    // connected, its job for the first would be in by now.
+    matrix_run_echo(&mut alice, &room, "lease-two").await;
+    let jobs = jobs_of(&fleet, MATRIX_ALICE).await;
+    assert_eq!(jobs.len(), 2, "one job per command: {jobs:#?}");
+    let posts = matrix_job_posts(&mut alice, &room).await;
+    assert_eq!(posts.len(), 2, "one reply per command: {posts:#?}");
+
+    // kill -9 the holder: the standby connects once the lease runs out,
+    // and reads the room from there (what the killed one read before is
+    // history to it).
+    let killed = Instant::now();
+    gws[first].take().expect("holder").kill9();
+    let second = 1 - first;
+    let standby = gws[second].as_ref().expect("standby");
+    let (took, typed) = first_answer(&mut alice, &room, killed, &[standby]).await;
+    probes += typed;
+    eprintln!(
+        "matrix: the standby answered {took:?} after kill -9 of the holder ({typed} `!whoami` typed meanwhile)"
+    );
+    let bound = Duration::from_secs(CHAT_LEASE_SECS * 4 / 3 + 5);
+    assert!(
+        took < bound,
+        "standby took over after {took:?} (bound {bound:?}):\n{}",
+        standby.stderr()
+    );
+    standby.logged("chat matrix: holding the chat", 1).await;
+    matrix_run_echo(&mut alice, &room, "lease-three").await;
+    let jobs = jobs_of(&fleet, MATRIX_ALICE).await;
+    assert_eq!(
+        jobs.len(),
+        3,
+        "the third command ran once, the first two not again: {jobs:#?}"
+    );
+
+    // The killed one comes back as the standby; a clean stop (SIGTERM) of
+    // the holder releases the lease, and the standby takes over at its
+    // next attempt.
+    gws[first] = Some(Gateway::start(&configs[first], "nobody"));
+    let restarted = gws[first].as_ref().expect("restarted");
+    restarted
+        .logged("chat matrix: standing by: held by", 1)
+        .await;
+    let holder = gws[second].as_ref().expect("holder");
+    let stopped = Instant::now();
+    sigterm(holder);
+    // Released after disconnecting: whoever answers from here on is the
+    // other gateway.
+    holder.logged("chat matrix: lease released", 1).await;
+    let (took, typed) = first_answer(&mut alice, &room, stopped, &[holder, restarted]).await;
+    probes += typed;
+    eprintln!(
+        "matrix: the standby answered {took:?} after SIGTERM of the holder ({typed} `!whoami` typed meanwhile)"
+    );
+    // Released: the standby's next attempt (within ttl/3) takes it; had
+    // it run out instead, that would be at least 2*ttl/3 after the stop,
+    // which is the bound (the margin is for a loaded machine).
+    let bound = Duration::from_secs(CHAT_LEASE_SECS * 2 / 3);
+    assert!(
+        took < bound,
+        "handover after a clean stop took {took:?} (bound {bound:?}); old holder:\n{}\nnew holder:\n{}",
+        holder.stderr(),
+        restarted.stderr()
+    );
+    restarted.logged("chat matrix: holding the chat", 1).await;
+    matrix_run_echo(&mut alice, &room, "lease-four").await;
+    let jobs = jobs_of(&fleet, MATRIX_ALICE).await;
+    assert_eq!(jobs.len(), 4, "the fourth command ran once: {jobs:#?}");
+    let posts = matrix_job_posts(&mut alice, &room).await;
+    assert_eq!(posts.len(), 4, "one reply per command: {posts:#?}");
+    // A bot reads the room from where it was when it connected: what was
+    // typed while none was listening is never answered.
+    let answered = whoami_answers(&mut alice, &room).await;
+    eprintln!("matrix: {answered} of {probes} `!whoami` answered");
+    assert!(answered <= probes, "one answer per `!whoami` at most");
 }
 
 /// Stops `gw` cleanly, as systemd does.

@@ -52,6 +52,11 @@ mod rollout;
 mod short_ids;
 mod storage;
 mod support;
+// The gateway tests' real Synapse and matrix-nio user, one file for both
+// test binaries.
+#[path = "../../../chat-gateway/tests/it/synapse.rs"]
+#[allow(dead_code)] // the rest serves the gateway's Matrix tests
+mod synapse;
 mod systemd;
 mod tls_migration;
 mod transport;
